@@ -1,0 +1,1 @@
+//! Autograd: Tensor, tape, backward (issue 3).

@@ -1,0 +1,82 @@
+//! The two backends (CPU and CUDA) and the element types they compute on.
+//!
+//! Every op trait is `trait XKernel<E: Elem>: Backend` and is implemented once for [`Cpu`]
+//! (E = f32) and once for [`crate::Cuda`] (E = f32 and bf16). Buffers are `[E]` slices on the
+//! CPU and `CudaSlice<E>` on CUDA, both named `B::Buf<E>` in the traits.
+
+use half::bf16;
+
+/// Element types an op can take as activations/weights.
+pub trait Elem: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
+    /// Name used in kernel symbols: `<op>_<fwd|bwd>_<NAME>`.
+    const NAME: &'static str;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Elem for bf16 {
+    const NAME: &'static str = "bf16";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Elem for u8 {
+    const NAME: &'static str = "u8";
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(x: f32) -> Self {
+        x as u8
+    }
+}
+
+impl Elem for u32 {
+    const NAME: &'static str = "u32";
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(x: f32) -> Self {
+        x as u32
+    }
+}
+
+/// A device that ops run on. `Buf<E>` is how it holds a buffer of `E`.
+pub trait Backend {
+    type Buf<E: Elem>: ?Sized;
+    /// Number of elements in a buffer (for shape checks shared by both devices).
+    fn len<E: Elem>(buf: &Self::Buf<E>) -> usize;
+    /// Human-readable device name for errors.
+    fn device_name(&self) -> String;
+}
+
+/// The CPU backend: rayon across rows/tiles, `gemm` for matrix products. Computes in f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf<E: Elem> = [E];
+    fn len<E: Elem>(buf: &[E]) -> usize {
+        buf.len()
+    }
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+}

@@ -1,0 +1,28 @@
+//! tuna-kernels: every op of tuna, forward and backward, on the CPU (rayon, `gemm`) and on
+//! CUDA (hand-written kernels compiled by NVRTC, cuBLAS for GEMMs), side by side.
+//!
+//! Each op family lives in `ops/<op>/`: `mod.rs` (parameters, the op's trait with forward and
+//! backward declared together, shape checks, tests), `cpu.rs` and `cuda.rs`; its CUDA source is
+//! `kernels/<op>.cu` at the workspace root, embedded at build time.
+//!
+//! Conventions shared by every op:
+//! - CPU computes in f32; CUDA takes f32 or bf16 activations with fp32 accumulation, fp32
+//!   saved statistics and fp32 parameter gradients.
+//! - Every backward **accumulates** (`+=`) into every gradient buffer it is given; the caller
+//!   zeroes them. Gradient accumulation across micro-batches is therefore free.
+//! - Shapes are runtime values checked against buffer lengths; a mismatch is
+//!   [`Error::Shape`] naming the op, the tensor, and both sizes.
+
+#![allow(clippy::too_many_arguments)]
+
+pub mod backend;
+pub mod cuda;
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod testing;
+
+pub use backend::{Backend, Cpu, Elem};
+pub use cuda::Cuda;
+pub use device::Device;
+pub use error::{Error, Result};

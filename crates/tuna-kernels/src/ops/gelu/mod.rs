@@ -1,0 +1,144 @@
+//! GELU, tanh approximation (GPT-2) and exact erf form (BERT), forward and backward.
+
+mod cpu;
+mod cuda;
+
+use crate::backend::{Backend, Elem};
+use crate::error::{check_len, Result};
+
+/// Which GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum GeluKind {
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, GPT-2's `gelu_new`.
+    Tanh = 0,
+    /// `0.5 x (1 + erf(x / sqrt(2)))`, BERT's `gelu`.
+    Erf = 1,
+}
+
+/// Kernel parameters, mirrored by `struct GeluParams` in `kernels/gelu.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct GeluParams {
+    pub n: u64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// GELU on a device: forward and backward together.
+pub trait GeluKernel<E: Elem>: Backend {
+    /// `y = gelu(x)`, elementwise.
+    fn gelu_fwd(&self, kind: GeluKind, x: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
+    /// `dx += dy * gelu'(x)`.
+    fn gelu_bwd(&self, kind: GeluKind, x: &Self::Buf<E>, dy: &Self::Buf<E>, dx: &mut Self::Buf<E>) -> Result<()>;
+}
+
+fn check(n: usize, others: &[(&'static str, usize)]) -> Result<GeluParams> {
+    for &(name, len) in others {
+        check_len("gelu", name, len, n, || format!("same length as x ({n})"))?;
+    }
+    Ok(GeluParams { n: n as u64, kind: 0, _pad: 0 })
+}
+
+pub(crate) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+pub(crate) const GELU_C: f32 = 0.044_715;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
+    use crate::{Cpu, Cuda};
+    use half::bf16;
+
+    fn ref_fwd(kind: GeluKind, x: f64) -> f64 {
+        match kind {
+            GeluKind::Tanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            GeluKind::Erf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        }
+    }
+    fn ref_grad(kind: GeluKind, x: f64) -> f64 {
+        match kind {
+            GeluKind::Tanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let u = c * (x + 0.044715 * x * x * x);
+                let t = u.tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            GeluKind::Erf => {
+                let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+                cdf + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+        }
+    }
+    const KINDS: [GeluKind; 2] = [GeluKind::Tanh, GeluKind::Erf];
+
+    #[test]
+    fn reference_gradient_matches_central_differences() {
+        let mut rng = Rng::new(1);
+        for kind in KINDS {
+            for _ in 0..200 {
+                let x = rng.uniform(-6.0, 6.0) as f64;
+                let h = 1e-5;
+                let fd = (ref_fwd(kind, x + h) - ref_fwd(kind, x - h)) / (2.0 * h);
+                Tol::GRAD_CHECK.assert_close(&format!("gelu {kind:?} at {x}"), &[ref_grad(kind, x)], &[fd]);
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_matches_f64_reference() {
+        let n = 4099; // not a multiple of any chunk size
+        let mut rng = Rng::new(2);
+        let x = rng.vec(n, -8.0, 8.0);
+        let dy = rng.vec(n, -1.0, 1.0);
+        for kind in KINDS {
+            let mut y = vec![0.0; n];
+            Cpu.gelu_fwd(kind, &x, &mut y).unwrap();
+            let want: Vec<f64> = x.iter().map(|&v| ref_fwd(kind, v as f64)).collect();
+            Tol::F32.assert_close(&format!("gelu {kind:?} fwd"), &y, &want);
+            let mut dx = vec![0.5; n]; // backward accumulates
+            Cpu.gelu_bwd(kind, &x, &dy, &mut dx).unwrap();
+            let want: Vec<f64> = (0..n).map(|i| 0.5 + dy[i] as f64 * ref_grad(kind, x[i] as f64)).collect();
+            Tol::F32.assert_close(&format!("gelu {kind:?} bwd"), &dx, &want);
+        }
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let e = Cpu.gelu_fwd(GeluKind::Erf, &[0.0; 3], &mut [0.0; 4]).unwrap_err();
+        assert!(e.to_string().contains("gelu") && e.to_string().contains("`y`"), "{e}");
+    }
+
+    #[test]
+    fn cuda_matches_cpu() {
+        let Some(dev) = cuda_or_skip("gelu::cuda_matches_cpu") else { return };
+        let n = 5003;
+        let mut rng = Rng::new(3);
+        let x = round_bf16(&rng.vec(n, -6.0, 6.0));
+        let dy = round_bf16(&rng.vec(n, -1.0, 1.0));
+        for kind in KINDS {
+            let (mut y, mut dx) = (vec![0.0; n], vec![0.0; n]);
+            Cpu.gelu_fwd(kind, &x, &mut y).unwrap();
+            Cpu.gelu_bwd(kind, &x, &dy, &mut dx).unwrap();
+            // f32
+            let (xd, dyd) = (dev.upload(&x).unwrap(), dev.upload(&dy).unwrap());
+            let (mut yd, mut dxd) = (dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
+            GeluKernel::<f32>::gelu_fwd(&*dev, kind, &xd, &mut yd).unwrap();
+            GeluKernel::<f32>::gelu_bwd(&*dev, kind, &xd, &dyd, &mut dxd).unwrap();
+            Tol::CUDA_F32.assert_close("gelu cuda f32 fwd", &dev.download(&yd).unwrap(), &y);
+            Tol::CUDA_F32.assert_close("gelu cuda f32 bwd", &dev.download(&dxd).unwrap(), &dx);
+            // bf16
+            let to_b = |v: &[f32]| v.iter().map(|&a| bf16::from_f32(a)).collect::<Vec<_>>();
+            let to_f = |v: Vec<bf16>| v.into_iter().map(f32::from).collect::<Vec<_>>();
+            let (xb, dyb) = (dev.upload(&to_b(&x)).unwrap(), dev.upload(&to_b(&dy)).unwrap());
+            let (mut yb, mut dxb) = (dev.zeros::<bf16>(n).unwrap(), dev.zeros::<bf16>(n).unwrap());
+            <Cuda as GeluKernel<bf16>>::gelu_fwd(&dev, kind, &xb, &mut yb).unwrap();
+            <Cuda as GeluKernel<bf16>>::gelu_bwd(&dev, kind, &xb, &dyb, &mut dxb).unwrap();
+            Tol::CUDA_BF16.assert_close("gelu cuda bf16 fwd", &to_f(dev.download(&yb).unwrap()), &y);
+            Tol::CUDA_BF16.assert_close("gelu cuda bf16 bwd", &to_f(dev.download(&dxb).unwrap()), &dx);
+        }
+    }
+}

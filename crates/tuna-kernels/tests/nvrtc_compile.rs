@@ -1,0 +1,49 @@
+//! Compile check: every embedded kernel compiles with NVRTC for sm_80 and sm_90, and ptxas'
+//! registers, spills and shared memory per kernel are printed.
+//!
+//! Needs libnvrtc (CUDA 13.0) on the loader path; no GPU. Without NVRTC the test says so by
+//! name and skips, except under CI (`CI=true`), where a missing NVRTC is a failure:
+//! `.ci/run` installs it from PyPI.
+
+use tuna_kernels::cuda::compile::{compile, nvrtc_present, nvrtc_version, parse_ptxas_log};
+use tuna_kernels::cuda::sources::ALL;
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !nvrtc_present() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but libnvrtc was not found: .ci/run must install nvidia-cuda-nvrtc==13.0.* and set LD_LIBRARY_PATH");
+        }
+        tuna_kernels::testing::note_skip("nvrtc_compile::every_kernel_compiles_for_sm80_and_sm90", "libnvrtc not found");
+        return;
+    }
+    let (ma, mi) = nvrtc_version().expect("nvrtcVersion");
+    println!("NVRTC {ma}.{mi}; {} kernel sources", ALL.len());
+    assert!(!ALL.is_empty(), "no kernels embedded");
+    let mut failures = Vec::new();
+    let mut table = String::from("arch   kernel                                   regs  spill(st/ld)  stack  smem\n");
+    for arch in [80u32, 90] {
+        for k in ALL {
+            match compile(k, arch, true) {
+                Ok(c) => {
+                    let res = parse_ptxas_log(&c.log);
+                    assert!(!res.is_empty(), "kernels/{}.cu for sm_{arch}: no ptxas report in log:\n{}", k.name, c.log);
+                    for r in res {
+                        let flag = if r.spill_stores + r.spill_loads > 0 { "  SPILLS" } else { "" };
+                        table += &format!(
+                            "sm_{arch}  {:<40} {:>4}  {:>5}/{:<5}  {:>5}  {:>5}{flag}\n",
+                            r.function, r.registers, r.spill_stores, r.spill_loads, r.stack_bytes, r.smem_bytes
+                        );
+                    }
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+    }
+    println!("{table}");
+    // Also into the skip/report log so CI shows the table even though the harness captures stdout.
+    if let Ok(path) = std::env::var("TUNA_KERNEL_REPORT") {
+        std::fs::write(path, &table).expect("write kernel report");
+    }
+    assert!(failures.is_empty(), "{} kernel compile failures:\n{}", failures.len(), failures.join("\n\n"));
+}

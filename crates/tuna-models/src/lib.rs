@@ -1,0 +1,1 @@
+//! Models: GPT-2, Llama, BERT (issue 4).

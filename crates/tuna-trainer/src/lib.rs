@@ -1,0 +1,1 @@
+//! Trainer: data, loop, optimizer, checkpoints (issue 6).

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: builds the workspace and runs every test with cargo-nextest (cargo test where
+# nextest is missing). CUDA tests without a GPU skip by name: the list is printed at the end, with
+# the kernel compile report (registers, spills, shared memory per kernel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .nvrtc/nvidia/cu13/lib ]; then
+  export LD_LIBRARY_PATH="$PWD/.nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+mkdir -p target
+export TUNA_SKIP_LOG="$PWD/target/skipped-tests.txt"
+export TUNA_KERNEL_REPORT="$PWD/target/kernel-report.txt"
+rm -f "$TUNA_SKIP_LOG" "$TUNA_KERNEL_REPORT"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
+if [ -f "$TUNA_KERNEL_REPORT" ]; then
+  echo "== kernel compile report (NVRTC, ptxas -v) =="
+  cat "$TUNA_KERNEL_REPORT"
+fi
+if [ -f "$TUNA_SKIP_LOG" ]; then
+  echo "== $(wc -l < "$TUNA_SKIP_LOG") tests skipped, by name =="
+  sort "$TUNA_SKIP_LOG"
+fi
