@@ -1,4 +1,13 @@
 //! The op set of DESIGN.md, one module per op family.
 
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
 pub mod gelu;
+pub mod grad;
+pub mod layernorm;
 pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;

@@ -1,0 +1,202 @@
+//! Fused attention, FlashAttention-2 style (tiled, online softmax, never a full T x S score
+//! matrix), forward and backward, with causal or bidirectional masking, a key padding mask,
+//! grouped-query attention, and prefix-KV injection.
+//!
+//! Layouts (row-major):
+//! - `q`, `o`, `dq`, `d_o`: `[batch, q_len, heads, head_dim]`
+//! - `k`, `v`, `dk`, `dv`: `[batch, kv_len, kv_heads, head_dim]`; query head `h` reads KV head
+//!   `h / (heads / kv_heads)`.
+//! - prefix `pk`, `pv`: `[prefix_len, kv_heads, head_dim]`, one buffer shared by the whole batch,
+//!   read in place (never concatenated into K/V); their gradients `dpk`, `dpv` (f32, same shape)
+//!   are summed over the batch.
+//! - `key_mask`: `[batch, kv_len]` u8, 1 = attend, 0 = padding. Prefix keys are never masked.
+//! - `lse`: `[batch, heads, q_len]` f32, the natural log-sum-exp of the scaled scores of each
+//!   query row, saved by the forward for the backward.
+//!
+//! Masking: query `i` has absolute position `kv_len - q_len + i` (so `q_len < kv_len` is a
+//! query block after a KV cache). Under `causal` it sees content keys `j <= kv_len - q_len + i`;
+//! it always sees every prefix key. A query row that sees no key at all (fully padded, no
+//! prefix) outputs zeros, has `lse = -inf`, and gets zero gradients.
+//!
+//! Backward accumulates (`+=`) into `dq`, `dk`, `dv`, `dpk`, `dpv`.
+
+mod cpu;
+mod cuda;
+
+use crate::backend::{Backend, Elem};
+use crate::error::{check_len, Error, Result};
+
+/// Kernel parameters, mirrored by `struct AttnParams` in `kernels/attention.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    pub batch: u32,
+    /// Query heads.
+    pub heads: u32,
+    /// Key/value heads; divides `heads` (GQA when smaller).
+    pub kv_heads: u32,
+    /// Queries per sequence (T).
+    pub q_len: u32,
+    /// Content keys per sequence (S >= T).
+    pub kv_len: u32,
+    /// Prefix positions (0 = none).
+    pub prefix_len: u32,
+    pub head_dim: u32,
+    /// 1 = causal.
+    pub causal: u32,
+    /// 1 = a key padding mask is given.
+    pub has_mask: u32,
+    /// Score scale, usually `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+impl AttnParams {
+    /// Self-attention over `len` tokens with no prefix and no mask; scale `1/sqrt(head_dim)`.
+    pub fn new(batch: usize, heads: usize, kv_heads: usize, len: usize, head_dim: usize, causal: bool) -> Self {
+        AttnParams {
+            batch: batch as u32,
+            heads: heads as u32,
+            kv_heads: kv_heads as u32,
+            q_len: len as u32,
+            kv_len: len as u32,
+            prefix_len: 0,
+            head_dim: head_dim as u32,
+            causal: causal as u32,
+            has_mask: 0,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+    pub fn q_elems(&self) -> usize {
+        self.batch as usize * self.q_len as usize * self.heads as usize * self.head_dim as usize
+    }
+    pub fn kv_elems(&self) -> usize {
+        self.batch as usize * self.kv_len as usize * self.kv_heads as usize * self.head_dim as usize
+    }
+    pub fn prefix_elems(&self) -> usize {
+        self.prefix_len as usize * self.kv_heads as usize * self.head_dim as usize
+    }
+    pub fn lse_elems(&self) -> usize {
+        self.batch as usize * self.heads as usize * self.q_len as usize
+    }
+    /// Multiply-adds of the forward pass (QK^T and PV, counting masked blocks too): `2 * 2 * B*H*T*(P+S)*D` FLOPs.
+    pub fn fwd_flops(&self) -> f64 {
+        4.0 * self.batch as f64
+            * self.heads as f64
+            * self.q_len as f64
+            * (self.prefix_len + self.kv_len) as f64
+            * self.head_dim as f64
+    }
+
+    /// Validate the parameters themselves.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Invalid { op: "attention", msg });
+        if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
+            return bad(format!("heads {}, kv_heads {}, head_dim {} must be positive", self.heads, self.kv_heads, self.head_dim));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad(format!("heads {} not divisible by kv_heads {}", self.heads, self.kv_heads));
+        }
+        if self.q_len > self.kv_len {
+            return bad(format!("q_len {} exceeds kv_len {}", self.q_len, self.kv_len));
+        }
+        if !(self.scale.is_finite()) {
+            return bad(format!("scale {} is not finite", self.scale));
+        }
+        Ok(())
+    }
+}
+
+/// The inputs of attention on backend `B`.
+pub struct AttnInputs<'a, B: Backend + ?Sized, E: Elem> {
+    pub q: &'a B::Buf<E>,
+    pub k: &'a B::Buf<E>,
+    pub v: &'a B::Buf<E>,
+    /// Prefix keys and values `(pk, pv)`, present iff `prefix_len > 0`.
+    pub prefix: Option<(&'a B::Buf<E>, &'a B::Buf<E>)>,
+    /// Key padding mask, present iff `has_mask == 1`.
+    pub key_mask: Option<&'a B::Buf<u8>>,
+}
+
+impl<B: Backend + ?Sized, E: Elem> Clone for AttnInputs<'_, B, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized, E: Elem> Copy for AttnInputs<'_, B, E> {}
+
+/// The gradient buffers the backward accumulates into.
+pub struct AttnGrads<'a, B: Backend + ?Sized, E: Elem> {
+    pub dq: &'a mut B::Buf<E>,
+    pub dk: &'a mut B::Buf<E>,
+    pub dv: &'a mut B::Buf<E>,
+    /// `(dpk, dpv)` in f32, present iff `prefix_len > 0`.
+    pub dprefix: Option<(&'a mut B::Buf<f32>, &'a mut B::Buf<f32>)>,
+}
+
+/// Fused attention on a device: forward and backward together.
+pub trait AttentionKernel<E: Elem>: Backend {
+    /// Writes `o` and `lse`.
+    fn attn_fwd(&self, p: &AttnParams, x: AttnInputs<'_, Self, E>, o: &mut Self::Buf<E>, lse: &mut Self::Buf<f32>) -> Result<()>;
+    /// Accumulates into `g` the gradients of `sum(o * d_o)`.
+    fn attn_bwd(
+        &self,
+        p: &AttnParams,
+        x: AttnInputs<'_, Self, E>,
+        o: &Self::Buf<E>,
+        d_o: &Self::Buf<E>,
+        lse: &Self::Buf<f32>,
+        g: AttnGrads<'_, Self, E>,
+    ) -> Result<()>;
+}
+
+/// Check the parameters and every input's length; shared by both devices.
+pub fn check_inputs<B: Backend + ?Sized, E: Elem>(p: &AttnParams, x: &AttnInputs<'_, B, E>) -> Result<()> {
+    p.validate()?;
+    let shape = || format!("{p:?}");
+    check_len("attention", "q", B::len(x.q), p.q_elems(), shape)?;
+    check_len("attention", "k", B::len(x.k), p.kv_elems(), shape)?;
+    check_len("attention", "v", B::len(x.v), p.kv_elems(), shape)?;
+    match (&x.prefix, p.prefix_len) {
+        (None, 0) => {}
+        (Some((pk, pv)), n) if n > 0 => {
+            check_len("attention", "prefix_k", B::len(*pk), p.prefix_elems(), shape)?;
+            check_len("attention", "prefix_v", B::len(*pv), p.prefix_elems(), shape)?;
+        }
+        (Some(_), _) => return Err(Error::Invalid { op: "attention", msg: "prefix buffers given with prefix_len 0".into() }),
+        (None, n) => return Err(Error::Invalid { op: "attention", msg: format!("prefix_len {n} but no prefix buffers") }),
+    }
+    match (&x.key_mask, p.has_mask) {
+        (None, 0) => {}
+        (Some(m), 1) => check_len("attention", "key_mask", B::len(*m), p.batch as usize * p.kv_len as usize, shape)?,
+        _ => return Err(Error::Invalid { op: "attention", msg: "key_mask presence and has_mask disagree".into() }),
+    }
+    Ok(())
+}
+
+/// Check the backward's extra buffers.
+pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
+    p: &AttnParams,
+    o: &B::Buf<E>,
+    d_o: &B::Buf<E>,
+    lse: &B::Buf<f32>,
+    g: &AttnGrads<'_, B, E>,
+) -> Result<()> {
+    let shape = || format!("{p:?}");
+    check_len("attention", "o", B::len(o), p.q_elems(), shape)?;
+    check_len("attention", "d_o", B::len(d_o), p.q_elems(), shape)?;
+    check_len("attention", "lse", B::len(lse), p.lse_elems(), shape)?;
+    check_len("attention", "dq", B::len(&*g.dq), p.q_elems(), shape)?;
+    check_len("attention", "dk", B::len(&*g.dk), p.kv_elems(), shape)?;
+    check_len("attention", "dv", B::len(&*g.dv), p.kv_elems(), shape)?;
+    match (&g.dprefix, p.prefix_len) {
+        (None, 0) => Ok(()),
+        (Some((a, b)), n) if n > 0 => {
+            check_len("attention", "dprefix_k", B::len(&**a), p.prefix_elems(), shape)?;
+            check_len("attention", "dprefix_v", B::len(&**b), p.prefix_elems(), shape)
+        }
+        _ => Err(Error::Invalid { op: "attention", msg: "prefix gradients must be given iff prefix_len > 0".into() }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! cross_entropy: in progress (see issue 2).

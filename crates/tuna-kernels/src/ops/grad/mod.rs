@@ -1,0 +1,1 @@
+//! grad: in progress (see issue 2).

@@ -1,0 +1,1 @@
+//! layernorm: in progress (see issue 2).

@@ -1,0 +1,1 @@
+//! rmsnorm: in progress (see issue 2).
