@@ -48,6 +48,16 @@ impl Elem for u8 {
     }
 }
 
+impl Elem for i32 {
+    const NAME: &'static str = "i32";
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(x: f32) -> Self {
+        x as i32
+    }
+}
+
 impl Elem for u32 {
     const NAME: &'static str = "u32";
     fn to_f32(self) -> f32 {

@@ -24,6 +24,7 @@ impl CudaElem for f32 {}
 impl CudaElem for half::bf16 {}
 impl CudaElem for u8 {}
 impl CudaElem for u32 {}
+impl CudaElem for i32 {}
 
 /// Number of CUDA devices, or why there are none. Never panics.
 pub fn probe() -> Result<usize> {
