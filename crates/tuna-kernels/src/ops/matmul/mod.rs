@@ -1,1 +1,139 @@
-//! matmul
+//! Matrix multiply `C = alpha * op(A) op(B) (+ C)`, row-major, forward and backward. CPU through
+//! the `gemm` crate, CUDA through cuBLAS (`cublasGemmEx`, bf16 or f32 in, fp32 accumulate).
+//!
+//! `op(A)` is `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`. `op(B)` is `[k, n]`: B is
+//! stored `[k, n]`, or `[n, k]` when `trans_b` (a Hugging Face `nn.Linear` weight `[out, in]` is
+//! `trans_b`; GPT-2's Conv1D `[in, out]` is not). The backward computes only the gradients asked
+//! for, so a frozen weight costs no `dW` product.
+
+mod cpu;
+mod cuda;
+#[cfg(test)]
+mod tests;
+
+use crate::backend::{Backend, Elem};
+use crate::error::{check_len, Error, Result};
+
+/// Shape and mode of one product.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatmulParams {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// Forward adds into `C` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl MatmulParams {
+    /// `C[m,n] = A[m,k] B[k,n]`.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        MatmulParams { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, accumulate: false }
+    }
+    /// `y[m,n] = x[m,k] W^T` for a weight stored `[n, k]` (an `nn.Linear`).
+    pub fn linear(m: usize, n: usize, k: usize) -> Self {
+        MatmulParams { trans_b: true, ..Self::new(m, n, k) }
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// A logical `[rows, cols]` operand: stored row-major `[rows, cols]`, or `[cols, rows]` when
+/// `transposed`. Both backends express every product of forward and backward with these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct View {
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl View {
+    pub fn t(self) -> View {
+        View { rows: self.cols, cols: self.rows, transposed: !self.transposed }
+    }
+    /// (row stride, column stride) in elements.
+    pub fn strides(self) -> (isize, isize) {
+        if self.transposed {
+            (1, self.rows as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
+    }
+}
+
+/// Which operands feed a product `dst[M,N] (+)= alpha * x[M,K] y[K,N]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operand {
+    A,
+    B,
+    DC,
+}
+
+/// One product of the backward, `dst (+)= alpha * x y`, in terms of views of A, B and dC;
+/// `dst` is the gradient's own (contiguous) storage.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Product {
+    pub x: (Operand, View),
+    pub y: (Operand, View),
+}
+
+impl MatmulParams {
+    pub(crate) fn view_a(&self) -> View {
+        View { rows: self.m, cols: self.k, transposed: self.trans_a }
+    }
+    pub(crate) fn view_b(&self) -> View {
+        View { rows: self.k, cols: self.n, transposed: self.trans_b }
+    }
+    pub(crate) fn view_dc(&self) -> View {
+        View { rows: self.m, cols: self.n, transposed: false }
+    }
+    /// dop(A) = dC op(B)^T, written into A's storage (transposed when `trans_a`).
+    pub(crate) fn grad_a(&self) -> Product {
+        if self.trans_a {
+            // dA[k,m] = op(B) dC^T
+            Product { x: (Operand::B, self.view_b()), y: (Operand::DC, self.view_dc().t()) }
+        } else {
+            Product { x: (Operand::DC, self.view_dc()), y: (Operand::B, self.view_b().t()) }
+        }
+    }
+    /// dop(B) = op(A)^T dC, written into B's storage.
+    pub(crate) fn grad_b(&self) -> Product {
+        if self.trans_b {
+            // dB[n,k] = dC^T op(A)
+            Product { x: (Operand::DC, self.view_dc().t()), y: (Operand::A, self.view_a()) }
+        } else {
+            Product { x: (Operand::A, self.view_a().t()), y: (Operand::DC, self.view_dc()) }
+        }
+    }
+}
+
+/// Matmul on a device: forward and backward together.
+pub trait MatmulKernel<E: Elem>: Backend {
+    /// `c = alpha * op(a) op(b)`, or `c += ...` when `p.accumulate`.
+    fn matmul_fwd(&self, p: &MatmulParams, a: &Self::Buf<E>, b: &Self::Buf<E>, c: &mut Self::Buf<E>) -> Result<()>;
+    /// Accumulates `da += alpha * dop(A)` and `db += alpha * dop(B)` for the gradients given.
+    /// `da` is an activation gradient (type E); `db` is a weight gradient (f32). Either may be
+    /// `None` (a frozen weight: no `dW` product is run).
+    fn matmul_bwd(
+        &self,
+        p: &MatmulParams,
+        a: &Self::Buf<E>,
+        b: &Self::Buf<E>,
+        dc: &Self::Buf<E>,
+        da: Option<&mut Self::Buf<E>>,
+        db: Option<&mut Self::Buf<f32>>,
+    ) -> Result<()>;
+}
+
+pub(crate) fn check(p: &MatmulParams, a: usize, b: usize, c: usize) -> Result<()> {
+    if p.m == 0 || p.n == 0 || p.k == 0 {
+        return Err(Error::Invalid { op: "matmul", msg: format!("empty product m={} n={} k={}", p.m, p.n, p.k) });
+    }
+    let d = || format!("m={} n={} k={} trans_a={} trans_b={}", p.m, p.n, p.k, p.trans_a, p.trans_b);
+    check_len("matmul", "a", a, p.m * p.k, d)?;
+    check_len("matmul", "b", b, p.k * p.n, d)?;
+    check_len("matmul", "c", c, p.m * p.n, d)
+}

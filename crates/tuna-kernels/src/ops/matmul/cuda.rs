@@ -1,0 +1,115 @@
+//! Matmul on CUDA through cuBLAS `cublasGemmEx`: f32 or bf16 operands, f32 or E output, fp32
+//! compute (`CUBLAS_COMPUTE_32F`, no TF32, so f32 results track the CPU closely).
+
+use super::{check, MatmulKernel, MatmulParams, Operand, View};
+use crate::backend::Elem;
+use crate::cuda::{Cuda, CudaElem};
+use crate::error::{check_len, Error, Result};
+use cudarc::cublas::sys as cb;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+fn dtype<E: Elem>() -> cb::cudaDataType {
+    match E::NAME {
+        "bf16" => cb::cudaDataType::CUDA_R_16BF,
+        _ => cb::cudaDataType::CUDA_R_32F,
+    }
+}
+
+/// cuBLAS operation and leading dimension for a row-major logical view read column-major.
+fn op_ld(v: View) -> (cb::cublasOperation_t, i32) {
+    if v.transposed {
+        (cb::cublasOperation_t::CUBLAS_OP_T, v.rows as i32)
+    } else {
+        (cb::cublasOperation_t::CUBLAS_OP_N, v.cols as i32)
+    }
+}
+
+impl Cuda {
+    /// Row-major `dst[M,N] = alpha * x y (+ dst)`, computed column-major as `dst^T = y^T x^T`.
+    fn gemm_ex<X: CudaElem, D: CudaElem>(
+        &self,
+        dst: &mut CudaSlice<D>,
+        x: (&CudaSlice<X>, View),
+        y: (&CudaSlice<X>, View),
+        alpha: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (m, n, k) = (x.1.rows, y.1.cols, x.1.cols);
+        if [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+            return Err(Error::Invalid { op: "matmul", msg: format!("dimension over i32 in {m}x{n}x{k}") });
+        }
+        let (op_y, ld_y) = op_ld(y.1);
+        let (op_x, ld_x) = op_ld(x.1);
+        let beta: f32 = if accumulate { 1.0 } else { 0.0 };
+        let blas = self.blas()?;
+        let stream = self.stream();
+        let (py, _gy) = y.0.device_ptr(stream);
+        let (px, _gx) = x.0.device_ptr(stream);
+        let (pd, _gd) = dst.device_ptr_mut(stream);
+        // SAFETY: the pointers are live device buffers on this handle's stream whose lengths were
+        // checked against the views; alpha/beta are host f32 (default pointer mode); the data
+        // types name the buffers' element types.
+        let st = unsafe {
+            cb::cublasGemmEx(
+                *blas.handle(),
+                op_y,
+                op_x,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                py as *const _,
+                dtype::<X>(),
+                ld_y,
+                px as *const _,
+                dtype::<X>(),
+                ld_x,
+                &beta as *const f32 as *const _,
+                pd as *mut _,
+                dtype::<D>(),
+                n as i32,
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if st != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::cuda(format!("cublasGemmEx {m}x{n}x{k}"), st));
+        }
+        Ok(())
+    }
+}
+
+impl<E: CudaElem> MatmulKernel<E> for Cuda {
+    fn matmul_fwd(&self, p: &MatmulParams, a: &CudaSlice<E>, b: &CudaSlice<E>, c: &mut CudaSlice<E>) -> Result<()> {
+        check(p, a.len(), b.len(), c.len())?;
+        self.gemm_ex(c, (a, p.view_a()), (b, p.view_b()), p.alpha, p.accumulate)
+    }
+
+    fn matmul_bwd(
+        &self,
+        p: &MatmulParams,
+        a: &CudaSlice<E>,
+        b: &CudaSlice<E>,
+        dc: &CudaSlice<E>,
+        da: Option<&mut CudaSlice<E>>,
+        db: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        check(p, a.len(), b.len(), dc.len())?;
+        let pick = |o: Operand| match o {
+            Operand::A => a,
+            Operand::B => b,
+            Operand::DC => dc,
+        };
+        if let Some(da) = da {
+            check_len("matmul", "da", da.len(), p.m * p.k, || "same as a".into())?;
+            let pr = p.grad_a();
+            self.gemm_ex(da, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), p.alpha, true)?;
+        }
+        if let Some(db) = db {
+            check_len("matmul", "db", db.len(), p.k * p.n, || "same as b".into())?;
+            let pr = p.grad_b();
+            self.gemm_ex(db, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), p.alpha, true)?;
+        }
+        Ok(())
+    }
+}

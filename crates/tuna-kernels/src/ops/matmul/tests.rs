@@ -1,0 +1,161 @@
+//! Matmul tests: CPU against an f64 reference for every transpose combination, backward against
+//! the reference formulas (proven by finite differences), and CUDA against the CPU.
+
+use super::*;
+use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
+use crate::{Cpu, Cuda};
+use half::bf16;
+
+/// Element (r, c) of a logical view of `buf`.
+fn at(buf: &[f64], v: View, r: usize, c: usize) -> f64 {
+    if v.transposed { buf[c * v.rows + r] } else { buf[r * v.cols + c] }
+}
+
+fn ref_fwd(p: &MatmulParams, a: &[f64], b: &[f64]) -> Vec<f64> {
+    let (va, vb) = (p.view_a(), p.view_b());
+    let mut c = vec![0.0; p.m * p.n];
+    for i in 0..p.m {
+        for j in 0..p.n {
+            c[i * p.n + j] = p.alpha as f64 * (0..p.k).map(|l| at(a, va, i, l) * at(b, vb, l, j)).sum::<f64>();
+        }
+    }
+    c
+}
+
+/// Gradients of `sum(C * dC)` with respect to A's and B's storage.
+fn ref_bwd(p: &MatmulParams, a: &[f64], b: &[f64], dc: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let (va, vb) = (p.view_a(), p.view_b());
+    let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
+    let al = p.alpha as f64;
+    for i in 0..p.m {
+        for j in 0..p.n {
+            for l in 0..p.k {
+                let g = al * dc[i * p.n + j];
+                let ia = if va.transposed { l * p.m + i } else { i * p.k + l };
+                let ib = if vb.transposed { j * p.k + l } else { l * p.n + j };
+                da[ia] += g * at(b, vb, l, j);
+                db[ib] += g * at(a, va, i, l);
+            }
+        }
+    }
+    (da, db)
+}
+
+fn params(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> MatmulParams {
+    MatmulParams { m, n, k, trans_a: ta, trans_b: tb, alpha: 0.75, accumulate: false }
+}
+
+const TRANS: [(bool, bool); 4] = [(false, false), (true, false), (false, true), (true, true)];
+
+#[test]
+fn reference_backward_matches_central_differences() {
+    let mut rng = Rng::new(10);
+    for (ta, tb) in TRANS {
+        let p = params(3, 4, 5, ta, tb);
+        let a: Vec<f64> = rng.vec(15, -1.0, 1.0).into_iter().map(f64::from).collect();
+        let b: Vec<f64> = rng.vec(20, -1.0, 1.0).into_iter().map(f64::from).collect();
+        let dc: Vec<f64> = rng.vec(12, -1.0, 1.0).into_iter().map(f64::from).collect();
+        let loss = |a: &[f64], b: &[f64]| ref_fwd(&p, a, b).iter().zip(&dc).map(|(c, d)| c * d).sum::<f64>();
+        let (da, db) = ref_bwd(&p, &a, &b, &dc);
+        let h = 1e-6;
+        let fd = |x: &[f64], i: usize, is_a: bool| {
+            let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+            xp[i] += h;
+            xm[i] -= h;
+            if is_a { (loss(&xp, &b) - loss(&xm, &b)) / (2.0 * h) } else { (loss(&a, &xp) - loss(&a, &xm)) / (2.0 * h) }
+        };
+        let fda: Vec<f64> = (0..a.len()).map(|i| fd(&a, i, true)).collect();
+        let fdb: Vec<f64> = (0..b.len()).map(|i| fd(&b, i, false)).collect();
+        Tol::GRAD_CHECK.assert_close(&format!("ref dA ta={ta} tb={tb}"), &da, &fda);
+        Tol::GRAD_CHECK.assert_close(&format!("ref dB ta={ta} tb={tb}"), &db, &fdb);
+    }
+}
+
+#[test]
+fn cpu_matches_f64_reference() {
+    let mut rng = Rng::new(11);
+    // ragged sizes: none a multiple of the microkernel tiles; one large enough to go parallel
+    for (m, n, k) in [(37, 53, 29), (1, 17, 3), (130, 97, 71)] {
+        for (ta, tb) in TRANS {
+            let p = params(m, n, k, ta, tb);
+            let (a, b, dc) = (rng.vec(m * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0), rng.vec(m * n, -1.0, 1.0));
+            let (a64, b64, dc64) = (crate::testing::to_f64(&a), crate::testing::to_f64(&b), crate::testing::to_f64(&dc));
+            let what = format!("matmul {m}x{n}x{k} ta={ta} tb={tb}");
+            // forward, overwrite then accumulate
+            let mut c = vec![9.0; m * n];
+            Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap();
+            let want = ref_fwd(&p, &a64, &b64);
+            Tol::F32_LONG.assert_close(&format!("{what} fwd"), &c, &want);
+            Cpu.matmul_fwd(&MatmulParams { accumulate: true, ..p }, &a, &b, &mut c).unwrap();
+            let want2: Vec<f64> = want.iter().map(|w| 2.0 * w).collect();
+            Tol::F32_LONG.assert_close(&format!("{what} fwd accumulate"), &c, &want2);
+            // backward accumulates into nonzero grads
+            let (mut da, mut db) = (vec![1.0; a.len()], vec![-1.0; b.len()]);
+            Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap();
+            let (rda, rdb) = ref_bwd(&p, &a64, &b64, &dc64);
+            let rda: Vec<f64> = rda.iter().map(|g| g + 1.0).collect();
+            let rdb: Vec<f64> = rdb.iter().map(|g| g - 1.0).collect();
+            Tol::F32_LONG.assert_close(&format!("{what} dA"), &da, &rda);
+            Tol::F32_LONG.assert_close(&format!("{what} dB"), &db, &rdb);
+        }
+    }
+}
+
+#[test]
+fn frozen_weight_skips_db() {
+    let p = MatmulParams::linear(4, 3, 5);
+    let (a, b, dc) = (vec![1.0; 20], vec![1.0; 15], vec![1.0; 12]);
+    let mut da = vec![0.0; 20];
+    Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), None).unwrap();
+    assert!(da.iter().all(|&g| (g - 3.0).abs() < 1e-6), "{da:?}");
+}
+
+#[test]
+fn shape_errors_name_the_tensor() {
+    let p = MatmulParams::new(2, 3, 4);
+    let e = Cpu.matmul_fwd(&p, &[0.0; 8], &[0.0; 11], &mut [0.0; 6]).unwrap_err().to_string();
+    assert!(e.contains("`b`") && e.contains("12") && e.contains("11"), "{e}");
+    let e = Cpu.matmul_bwd(&p, &[0.0; 8], &[0.0; 12], &[0.0; 6], None, Some(&mut [0.0; 3])).unwrap_err().to_string();
+    assert!(e.contains("`db`"), "{e}");
+    assert!(Cpu.matmul_fwd(&MatmulParams::new(0, 3, 4), &[], &[0.0; 12], &mut []).is_err());
+}
+
+#[test]
+fn cuda_matches_cpu() {
+    let Some(dev) = cuda_or_skip("matmul::cuda_matches_cpu") else { return };
+    let mut rng = Rng::new(12);
+    for (m, n, k) in [(37, 53, 29), (130, 97, 71)] {
+        for (ta, tb) in TRANS {
+            let p = params(m, n, k, ta, tb);
+            let a = round_bf16(&rng.vec(m * k, -1.0, 1.0));
+            let b = round_bf16(&rng.vec(k * n, -1.0, 1.0));
+            let dc = round_bf16(&rng.vec(m * n, -1.0, 1.0));
+            let mut c = vec![0.0; m * n];
+            Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap();
+            let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
+            Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap();
+            let what = format!("cuda matmul {m}x{n}x{k} ta={ta} tb={tb}");
+            // f32
+            let (ad, bd, dcd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&dc).unwrap());
+            let mut cd = dev.zeros::<f32>(m * n).unwrap();
+            let (mut dad, mut dbd) = (dev.zeros::<f32>(a.len()).unwrap(), dev.zeros::<f32>(b.len()).unwrap());
+            MatmulKernel::<f32>::matmul_fwd(&*dev, &p, &ad, &bd, &mut cd).unwrap();
+            MatmulKernel::<f32>::matmul_bwd(&*dev, &p, &ad, &bd, &dcd, Some(&mut dad), Some(&mut dbd)).unwrap();
+            Tol::CUDA_F32.assert_close(&format!("{what} f32 fwd"), &dev.download(&cd).unwrap(), &c);
+            Tol::CUDA_F32.assert_close(&format!("{what} f32 dA"), &dev.download(&dad).unwrap(), &da);
+            Tol::CUDA_F32.assert_close(&format!("{what} f32 dB"), &dev.download(&dbd).unwrap(), &db);
+            // bf16 operands, fp32 accumulate; dB in f32
+            let tb16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+            let (ab, bb, dcb) = (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap(), dev.upload(&tb16(&dc)).unwrap());
+            let mut cb = dev.zeros::<bf16>(m * n).unwrap();
+            let (mut dab, mut dbb) = (dev.zeros::<bf16>(a.len()).unwrap(), dev.zeros::<f32>(b.len()).unwrap());
+            <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &p, &ab, &bb, &mut cb).unwrap();
+            <Cuda as MatmulKernel<bf16>>::matmul_bwd(&dev, &p, &ab, &bb, &dcb, Some(&mut dab), Some(&mut dbb)).unwrap();
+            let f = |v: Vec<bf16>| v.into_iter().map(f32::from).collect::<Vec<_>>();
+            Tol::CUDA_BF16.assert_close(&format!("{what} bf16 fwd"), &f(dev.download(&cb).unwrap()), &c);
+            Tol::CUDA_BF16.assert_close(&format!("{what} bf16 dA"), &f(dev.download(&dab).unwrap()), &da);
+            // dB is an f32 output of bf16 inputs: only the inputs were rounded, so f32 tolerance holds
+            Tol::CUDA_F32.assert_close(&format!("{what} bf16 dB (f32 out)"), &dev.download(&dbb).unwrap(), &db);
+        }
+    }
+}
