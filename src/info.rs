@@ -1,0 +1,70 @@
+//! `tuna info`: devices found, kernels compiled in, and the build.
+
+use std::fmt::Write as _;
+use tuna_kernels::cuda::{compile, probe, sources};
+
+/// The report `tuna info` prints. Never panics, with or without a CUDA driver.
+pub fn report() -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "tuna {} ({} build, {} {})", env!("CARGO_PKG_VERSION"), build_profile(), std::env::consts::ARCH, std::env::consts::OS);
+    let _ = writeln!(s, "\ndevices:");
+    let _ = writeln!(
+        s,
+        "  cpu: {} rayon threads, {} available cores, AVX-512F {}",
+        rayon_threads(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        if avx512() { "yes" } else { "no" }
+    );
+    match probe() {
+        Ok(n) => {
+            for i in 0..n {
+                match tuna_kernels::Cuda::new(i) {
+                    Ok(d) => {
+                        let _ = writeln!(s, "  cuda:{i}: {} (sm_{})", d.name(), d.arch());
+                    }
+                    Err(e) => {
+                        let _ = writeln!(s, "  cuda:{i}: present but cannot be opened: {e}");
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "  cuda: none: {e}");
+        }
+    }
+    let _ = writeln!(s, "  default device (auto): {}", tuna_kernels::Device::auto());
+    let _ = writeln!(s, "\nkernels compiled in ({} CUDA sources, embedded):", sources::ALL.len());
+    for k in sources::ALL {
+        let syms = k.src.matches("extern \"C\" __global__").count();
+        let pre: Vec<String> = k.precompiled_ptx.iter().map(|(a, _)| format!("sm_{a}")).collect();
+        let how = if pre.is_empty() { "NVRTC at first use".to_string() } else { format!("nvcc PTX for {}", pre.join(", ")) };
+        let _ = writeln!(s, "  {:<16} {:>3} kernel templates  hash {:016x}  {how}", k.name, syms, k.hash);
+    }
+    let _ = writeln!(s, "\nNVRTC: {}", match compile::nvrtc_version() {
+        Some((a, b)) => format!("{a}.{b} found"),
+        None => "not found (needed only to run on a GPU; see scripts/install-nvrtc.sh)".into(),
+    });
+    let _ = writeln!(s, "kernel cache: {}", compile::cache_dir().display());
+    s
+}
+
+fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) { "debug" } else { "release" }
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    })
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
