@@ -19,6 +19,9 @@ mod cuda;
 #[cfg(test)]
 mod tests;
 
+// The launch scheme is shared with rmsnorm, whose kernels use the same `kernels/norm.cuh`.
+pub(crate) use cuda::{param_chunks, partials_launch, row_launch};
+
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};
 
@@ -91,13 +94,18 @@ pub(crate) enum Extent {
 /// Check the parameters and the length of every `(name, extent, len)`; shared by both devices.
 pub(crate) fn check(p: &LayerNormParams, bufs: &[(&'static str, Extent, usize)]) -> Result<()> {
     p.validate()?;
+    check_extents("layernorm", p.rows, p.dim, bufs)
+}
+
+/// The length checks of a row-wise norm over `[rows, dim]` (shared with rmsnorm).
+pub(crate) fn check_extents(op: &'static str, rows: u32, dim: u32, bufs: &[(&'static str, Extent, usize)]) -> Result<()> {
     for &(name, extent, len) in bufs {
         let want = match extent {
-            Extent::Full => p.elems(),
-            Extent::Dim => p.dim as usize,
-            Extent::Rows => p.rows as usize,
+            Extent::Full => rows as usize * dim as usize,
+            Extent::Dim => dim as usize,
+            Extent::Rows => rows as usize,
         };
-        check_len("layernorm", name, len, want, || format!("rows {}, dim {}", p.rows, p.dim))?;
+        check_len(op, name, len, want, || format!("rows {rows}, dim {dim}"))?;
     }
     Ok(())
 }
