@@ -98,7 +98,12 @@ pub(crate) fn check(p: &LayerNormParams, bufs: &[(&'static str, Extent, usize)])
 }
 
 /// The length checks of a row-wise norm over `[rows, dim]` (shared with rmsnorm).
-pub(crate) fn check_extents(op: &'static str, rows: u32, dim: u32, bufs: &[(&'static str, Extent, usize)]) -> Result<()> {
+pub(crate) fn check_extents(
+    op: &'static str,
+    rows: u32,
+    dim: u32,
+    bufs: &[(&'static str, Extent, usize)],
+) -> Result<()> {
     for &(name, extent, len) in bufs {
         let want = match extent {
             Extent::Full => rows as usize * dim as usize,

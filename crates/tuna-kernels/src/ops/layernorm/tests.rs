@@ -140,7 +140,8 @@ where
     let down = |d: &cudarc::driver::CudaSlice<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
     let (rows, dim) = (p.rows as usize, p.dim as usize);
     let (xd, gd, bd, dyd) = (up(x), up(g), up(b), up(dy));
-    let (mut yd, mut md, mut rd) = (dev.zeros::<E>(rows * dim).unwrap(), dev.zeros(rows).unwrap(), dev.zeros(rows).unwrap());
+    let (mut yd, mut md, mut rd) =
+        (dev.zeros::<E>(rows * dim).unwrap(), dev.zeros(rows).unwrap(), dev.zeros(rows).unwrap());
     dev.layernorm_fwd(p, &xd, &gd, &bd, &mut yd, &mut md, &mut rd).unwrap();
     let mut dxd = up(&vec![0.25; rows * dim]);
     let (mut dgd, mut dbd) = (dev.upload(&vec![0.5f32; dim]).unwrap(), dev.upload(&vec![-0.5f32; dim]).unwrap());
@@ -181,7 +182,15 @@ fn cuda_matches_cpu() {
     let mut rng = Rng::new(13);
     // (rows, dim, eps): warp kernel at dim 1, 33, 769, 1024; block kernel at 1025, 2077;
     // 33001 rows make the partials use 33-row chunks (1001 of them) instead of 32.
-    let cases = [(37, 1, 1e-5), (300, 33, 1e-12), (61, 769, 1e-5), (9, 1024, 1e-5), (13, 1025, 1e-12), (70, 2077, 1e-5), (33001, 5, 1e-5)];
+    let cases = [
+        (37, 1, 1e-5),
+        (300, 33, 1e-12),
+        (61, 769, 1e-5),
+        (9, 1024, 1e-5),
+        (13, 1025, 1e-12),
+        (70, 2077, 1e-5),
+        (33001, 5, 1e-5),
+    ];
     for (rows, dim, eps) in cases {
         let p = LayerNormParams::new(rows, dim, eps);
         // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.

@@ -33,7 +33,10 @@ fn bwd_row(x: &[f32], gamma: &[f32], rstd: f32, dy: &[f32], dx: &mut [f32], dg: 
 
 impl RmsNormKernel<f32> for Cpu {
     fn rmsnorm_fwd(&self, p: &RmsNormParams, x: &[f32], gamma: &[f32], y: &mut [f32], rstd: &mut [f32]) -> Result<()> {
-        check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())])?;
+        check(
+            p,
+            &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())],
+        )?;
         let d = p.dim as usize;
         y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((y, x), r)| {
             *r = fwd_row(x, gamma, p.eps, y);

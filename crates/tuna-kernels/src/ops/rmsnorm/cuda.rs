@@ -20,7 +20,10 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
         y: &mut CudaSlice<E>,
         rstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())])?;
+        check(
+            p,
+            &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())],
+        )?;
         if p.rows == 0 {
             return Ok(());
         }

@@ -150,7 +150,15 @@ fn cuda_matches_cpu() {
     let mut rng = Rng::new(23);
     // (rows, dim, eps): warp kernel at dim 1, 33, 576 (SmolLM2-135M), 1024; block kernel at 1025,
     // 2077; 33001 rows make the partials use 33-row chunks (1001 of them) instead of 32.
-    let cases = [(37, 1, 1e-5), (300, 33, 1e-6), (61, 576, 1e-5), (9, 1024, 1e-5), (13, 1025, 1e-6), (70, 2077, 1e-5), (33001, 5, 1e-5)];
+    let cases = [
+        (37, 1, 1e-5),
+        (300, 33, 1e-6),
+        (61, 576, 1e-5),
+        (9, 1024, 1e-5),
+        (13, 1025, 1e-6),
+        (70, 2077, 1e-5),
+        (33001, 5, 1e-5),
+    ];
     for (rows, dim, eps) in cases {
         let p = RmsNormParams::new(rows, dim, eps);
         // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.
