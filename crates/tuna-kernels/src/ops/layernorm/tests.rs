@@ -174,24 +174,11 @@ fn compare(what: &str, act: Tol, params: Tol, got: &Outs, want: &Outs) {
     params.assert_close(&format!("{what} dbeta"), &got.db, &want.db);
 }
 
-/// Warp-per-row (dim <= 1024) and block-per-row (dim > 1024) kernels; rows that leave a partial
-/// last block of rows and a partial last chunk of parameter-gradient partials.
-#[test]
-fn cuda_matches_cpu() {
-    let Some(dev) = cuda_or_skip("layernorm::cuda_matches_cpu") else { return };
-    let mut rng = Rng::new(13);
-    // (rows, dim, eps): warp kernel at dim 1, 33, 769, 1024; block kernel at 1025, 2077;
-    // 33001 rows make the partials use 33-row chunks (1001 of them) instead of 32.
-    let cases = [
-        (37, 1, 1e-5),
-        (300, 33, 1e-12),
-        (61, 769, 1e-5),
-        (9, 1024, 1e-5),
-        (13, 1025, 1e-12),
-        (70, 2077, 1e-5),
-        (33001, 5, 1e-5),
-    ];
-    for (rows, dim, eps) in cases {
+/// CUDA against CPU, f32 and bf16, at each `(rows, dim, eps)`.
+fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
+    let Some(dev) = cuda_or_skip(test) else { return };
+    let mut rng = Rng::new(seed);
+    for &(rows, dim, eps) in cases {
         let p = LayerNormParams::new(rows, dim, eps);
         // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.
         let params = if rows > 10_000 { Tol::new("cuda-f32 33k-row sums", 2e-3, 1e-3) } else { Tol::CUDA_F32 };
@@ -203,4 +190,23 @@ fn cuda_matches_cpu() {
         let want = run_cpu(&p, &x, &g, &b, &dy);
         compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &run_cuda::<bf16>(&dev, &p, &x, &g, &b, &dy), &want);
     }
+}
+
+/// The warp-per-row kernels (dim <= 1024), with rows that leave a partial last block of 8 rows
+/// and a partial last chunk of parameter-gradient partials; 33001 rows make the partials use
+/// 33-row chunks (1001 of them) instead of 32.
+#[test]
+fn cuda_warp_per_row_matches_cpu() {
+    let cases = [(37, 1, 1e-5), (300, 33, 1e-12), (61, 769, 1e-5), (9, 1024, 1e-5), (33001, 5, 1e-5)];
+    cuda_cases("layernorm::cuda_warp_per_row_matches_cpu", 13, &cases);
+}
+
+/// The block-per-row kernels (dim > 1024).
+#[test]
+fn cuda_block_per_row_matches_cpu() {
+    cuda_cases(
+        "layernorm::cuda_block_per_row_matches_cpu",
+        113,
+        &[(13, 1025, 1e-12), (70, 2077, 1e-5), (3, 4096, 1e-5)],
+    );
 }

@@ -142,24 +142,11 @@ fn compare(what: &str, act: Tol, params: Tol, got: &Outs, want: &Outs) {
     params.assert_close(&format!("{what} dgamma"), &got.3, &want.3);
 }
 
-/// Warp-per-row (dim <= 1024) and block-per-row (dim > 1024) kernels; rows that leave a partial
-/// last block of rows and a partial last chunk of dgamma partials.
-#[test]
-fn cuda_matches_cpu() {
-    let Some(dev) = cuda_or_skip("rmsnorm::cuda_matches_cpu") else { return };
-    let mut rng = Rng::new(23);
-    // (rows, dim, eps): warp kernel at dim 1, 33, 576 (SmolLM2-135M), 1024; block kernel at 1025,
-    // 2077; 33001 rows make the partials use 33-row chunks (1001 of them) instead of 32.
-    let cases = [
-        (37, 1, 1e-5),
-        (300, 33, 1e-6),
-        (61, 576, 1e-5),
-        (9, 1024, 1e-5),
-        (13, 1025, 1e-6),
-        (70, 2077, 1e-5),
-        (33001, 5, 1e-5),
-    ];
-    for (rows, dim, eps) in cases {
+/// CUDA against CPU, f32 and bf16, at each `(rows, dim, eps)`.
+fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
+    let Some(dev) = cuda_or_skip(test) else { return };
+    let mut rng = Rng::new(seed);
+    for &(rows, dim, eps) in cases {
         let p = RmsNormParams::new(rows, dim, eps);
         // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.
         let params = if rows > 10_000 { Tol::new("cuda-f32 33k-row sums", 2e-3, 1e-3) } else { Tol::CUDA_F32 };
@@ -171,4 +158,19 @@ fn cuda_matches_cpu() {
         let want = run_cpu(&p, &x, &g, &dy);
         compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &run_cuda::<bf16>(&dev, &p, &x, &g, &dy), &want);
     }
+}
+
+/// The warp-per-row kernels (dim <= 1024), with rows that leave a partial last block of 8 rows
+/// and a partial last chunk of parameter-gradient partials; 33001 rows make the partials use
+/// 33-row chunks (1001 of them) instead of 32.
+#[test]
+fn cuda_warp_per_row_matches_cpu() {
+    let cases = [(37, 1, 1e-5), (300, 33, 1e-6), (61, 576, 1e-5), (9, 1024, 1e-5), (33001, 5, 1e-5)];
+    cuda_cases("rmsnorm::cuda_warp_per_row_matches_cpu", 23, &cases);
+}
+
+/// The block-per-row kernels (dim > 1024).
+#[test]
+fn cuda_block_per_row_matches_cpu() {
+    cuda_cases("rmsnorm::cuda_block_per_row_matches_cpu", 123, &[(13, 1025, 1e-6), (70, 2077, 1e-5), (3, 4096, 1e-5)]);
 }
