@@ -1,0 +1,212 @@
+//! LayerNorm tests: f64 reference (proven by central differences), CPU against it, shape errors,
+//! and CUDA against CPU for both row-kernel configurations, f32 and bf16.
+
+use super::*;
+use crate::cuda::CudaElem;
+use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
+use crate::{Cpu, Cuda};
+use half::bf16;
+
+/// f64 forward: `(y, mean, rstd)`.
+fn ref_fwd(x: &[f64], gamma: &[f64], beta: &[f64], dim: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut y, mut mean, mut rstd) = (vec![0.0; x.len()], vec![], vec![]);
+    for (r, row) in x.chunks(dim).enumerate() {
+        let m = row.iter().sum::<f64>() / dim as f64;
+        let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / dim as f64;
+        let rs = 1.0 / (var + eps).sqrt();
+        for i in 0..dim {
+            y[r * dim + i] = (row[i] - m) * rs * gamma[i] + beta[i];
+        }
+        mean.push(m);
+        rstd.push(rs);
+    }
+    (y, mean, rstd)
+}
+
+/// f64 gradients of `sum(y * dy)`: `(dx, dgamma, dbeta)`.
+fn ref_bwd(x: &[f64], gamma: &[f64], dy: &[f64], dim: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (_, mean, rstd) = ref_fwd(x, gamma, &vec![0.0; dim], dim, eps);
+    let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; dim], vec![0.0; dim]);
+    for r in 0..mean.len() {
+        let s = r * dim;
+        let xh: Vec<f64> = (0..dim).map(|i| (x[s + i] - mean[r]) * rstd[r]).collect();
+        let g: Vec<f64> = (0..dim).map(|i| dy[s + i] * gamma[i]).collect();
+        let mg = g.iter().sum::<f64>() / dim as f64;
+        let mgx = (0..dim).map(|i| g[i] * xh[i]).sum::<f64>() / dim as f64;
+        for i in 0..dim {
+            dx[s + i] = rstd[r] * (g[i] - mg - xh[i] * mgx);
+            dg[i] += dy[s + i] * xh[i];
+            db[i] += dy[s + i];
+        }
+    }
+    (dx, dg, db)
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
+/// Random inputs `(x, gamma, beta, dy)`; `x` has a per-row offset so the mean matters.
+fn inputs(rng: &mut Rng, rows: usize, dim: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut x = rng.normal_vec(rows * dim, 1.5);
+    for row in x.chunks_mut(dim) {
+        let off = rng.uniform(-3.0, 3.0);
+        row.iter_mut().for_each(|v| *v += off);
+    }
+    (x, rng.vec(dim, 0.5, 1.5), rng.vec(dim, -0.5, 0.5), rng.vec(rows * dim, -1.0, 1.0))
+}
+
+#[test]
+fn reference_gradient_matches_central_differences() {
+    let (rows, dim, eps) = (3, 7, 1e-5);
+    let mut rng = Rng::new(11);
+    let (x, g, b, dy) = inputs(&mut rng, rows, dim);
+    let (x, g, b, dy) = (f64s(&x), f64s(&g), f64s(&b), f64s(&dy));
+    let loss = |x: &[f64], g: &[f64], b: &[f64]| -> f64 {
+        ref_fwd(x, g, b, dim, eps).0.iter().zip(&dy).map(|(y, d)| y * d).sum()
+    };
+    let (dx, dg, db) = ref_bwd(&x, &g, &dy, dim, eps);
+    let h = 1e-5;
+    let fd = |v: &[f64], i: usize, f: &dyn Fn(&[f64]) -> f64| {
+        let (mut p, mut m) = (v.to_vec(), v.to_vec());
+        p[i] += h;
+        m[i] -= h;
+        (f(&p) - f(&m)) / (2.0 * h)
+    };
+    let fdx: Vec<f64> = (0..x.len()).map(|i| fd(&x, i, &|v| loss(v, &g, &b))).collect();
+    let fdg: Vec<f64> = (0..dim).map(|i| fd(&g, i, &|v| loss(&x, v, &b))).collect();
+    let fdb: Vec<f64> = (0..dim).map(|i| fd(&b, i, &|v| loss(&x, &g, v))).collect();
+    Tol::GRAD_CHECK.assert_close("layernorm ref dx", &dx, &fdx);
+    Tol::GRAD_CHECK.assert_close("layernorm ref dgamma", &dg, &fdg);
+    Tol::GRAD_CHECK.assert_close("layernorm ref dbeta", &db, &fdb);
+}
+
+#[test]
+fn cpu_matches_f64_reference() {
+    let mut rng = Rng::new(12);
+    for (rows, dim, eps) in [(37, 1, 1e-5), (19, 33, 1e-12), (64, 769, 1e-5), (7, 1024, 1e-12), (5, 2077, 1e-5)] {
+        let p = LayerNormParams::new(rows, dim, eps);
+        let (x, g, b, dy) = inputs(&mut rng, rows, dim);
+        let (mut y, mut mean, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
+        Cpu.layernorm_fwd(&p, &x, &g, &b, &mut y, &mut mean, &mut rstd).unwrap();
+        let (wy, wm, wr) = ref_fwd(&f64s(&x), &f64s(&g), &f64s(&b), dim, eps as f64);
+        let what = format!("layernorm [{rows}, {dim}] eps {eps:e}");
+        Tol::F32.assert_close(&format!("{what} y"), &y, &wy);
+        Tol::F32.assert_close(&format!("{what} mean"), &mean, &wm);
+        Tol::F32.assert_close(&format!("{what} rstd"), &rstd, &wr);
+
+        // backward accumulates: start every gradient nonzero
+        let (mut dx, mut dg, mut db) = (vec![0.25; rows * dim], vec![0.5; dim], vec![-0.5; dim]);
+        Cpu.layernorm_bwd(&p, &x, &g, &mean, &rstd, &dy, &mut dx, &mut dg, &mut db).unwrap();
+        let (wdx, wdg, wdb) = ref_bwd(&f64s(&x), &f64s(&g), &f64s(&dy), dim, eps as f64);
+        let plus = |w: Vec<f64>, c: f64| w.into_iter().map(|v| v + c).collect::<Vec<_>>();
+        Tol::F32.assert_close(&format!("{what} dx"), &dx, &plus(wdx, 0.25));
+        Tol::F32.assert_close(&format!("{what} dgamma"), &dg, &plus(wdg, 0.5));
+        Tol::F32.assert_close(&format!("{what} dbeta"), &db, &plus(wdb, -0.5));
+    }
+}
+
+#[test]
+fn shape_mismatch_is_an_error() {
+    let p = LayerNormParams::new(2, 3, 1e-5);
+    let (x, mut y, mut m, mut r) = (vec![0.0; 6], vec![0.0; 6], vec![0.0; 2], vec![0.0; 2]);
+    let e = Cpu.layernorm_fwd(&p, &x, &[1.0; 4], &[0.0; 3], &mut y, &mut m, &mut r).unwrap_err();
+    assert!(e.to_string().contains("layernorm") && e.to_string().contains("`gamma`"), "{e}");
+    let e = Cpu.layernorm_fwd(&p, &x, &[1.0; 3], &[0.0; 3], &mut y, &mut m, &mut [0.0; 3]).unwrap_err();
+    assert!(e.to_string().contains("`rstd`"), "{e}");
+    let (mut dx, mut dg) = (vec![0.0; 6], vec![0.0; 3]);
+    let e = Cpu.layernorm_bwd(&p, &x, &[1.0; 3], &m, &r, &x, &mut dx, &mut dg, &mut [0.0; 2]).unwrap_err();
+    assert!(e.to_string().contains("`dbeta`"), "{e}");
+    let bad = LayerNormParams::new(2, 0, 1e-5);
+    let e = Cpu.layernorm_fwd(&bad, &[], &[], &[], &mut [], &mut m, &mut r).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+}
+
+/// Everything one forward + backward produces, widened to f32.
+struct Outs {
+    y: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    dx: Vec<f32>,
+    dg: Vec<f32>,
+    db: Vec<f32>,
+}
+
+fn run_cuda<E: CudaElem>(dev: &Cuda, p: &LayerNormParams, x: &[f32], g: &[f32], b: &[f32], dy: &[f32]) -> Outs
+where
+    Cuda: LayerNormKernel<E>,
+{
+    let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
+    let down = |d: &cudarc::driver::CudaSlice<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+    let (rows, dim) = (p.rows as usize, p.dim as usize);
+    let (xd, gd, bd, dyd) = (up(x), up(g), up(b), up(dy));
+    let (mut yd, mut md, mut rd) =
+        (dev.zeros::<E>(rows * dim).unwrap(), dev.zeros(rows).unwrap(), dev.zeros(rows).unwrap());
+    dev.layernorm_fwd(p, &xd, &gd, &bd, &mut yd, &mut md, &mut rd).unwrap();
+    let mut dxd = up(&vec![0.25; rows * dim]);
+    let (mut dgd, mut dbd) = (dev.upload(&vec![0.5f32; dim]).unwrap(), dev.upload(&vec![-0.5f32; dim]).unwrap());
+    dev.layernorm_bwd(p, &xd, &gd, &md, &rd, &dyd, &mut dxd, &mut dgd, &mut dbd).unwrap();
+    Outs {
+        y: down(&yd),
+        mean: dev.download(&md).unwrap(),
+        rstd: dev.download(&rd).unwrap(),
+        dx: down(&dxd),
+        dg: dev.download(&dgd).unwrap(),
+        db: dev.download(&dbd).unwrap(),
+    }
+}
+
+fn run_cpu(p: &LayerNormParams, x: &[f32], g: &[f32], b: &[f32], dy: &[f32]) -> Outs {
+    let (rows, dim) = (p.rows as usize, p.dim as usize);
+    let (mut y, mut mean, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
+    Cpu.layernorm_fwd(p, x, g, b, &mut y, &mut mean, &mut rstd).unwrap();
+    let (mut dx, mut dg, mut db) = (vec![0.25; rows * dim], vec![0.5; dim], vec![-0.5; dim]);
+    Cpu.layernorm_bwd(p, x, g, &mean, &rstd, dy, &mut dx, &mut dg, &mut db).unwrap();
+    Outs { y, mean, rstd, dx, dg, db }
+}
+
+fn compare(what: &str, act: Tol, params: Tol, got: &Outs, want: &Outs) {
+    act.assert_close(&format!("{what} y"), &got.y, &want.y);
+    Tol::CUDA_F32.assert_close(&format!("{what} mean"), &got.mean, &want.mean);
+    Tol::CUDA_F32.assert_close(&format!("{what} rstd"), &got.rstd, &want.rstd);
+    act.assert_close(&format!("{what} dx"), &got.dx, &want.dx);
+    params.assert_close(&format!("{what} dgamma"), &got.dg, &want.dg);
+    params.assert_close(&format!("{what} dbeta"), &got.db, &want.db);
+}
+
+/// CUDA against CPU, f32 and bf16, at each `(rows, dim, eps)`.
+fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
+    let Some(dev) = cuda_or_skip(test) else { return };
+    let mut rng = Rng::new(seed);
+    for &(rows, dim, eps) in cases {
+        let p = LayerNormParams::new(rows, dim, eps);
+        // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.
+        let params = if rows > 10_000 { Tol::new("cuda-f32 33k-row sums", 2e-3, 1e-3) } else { Tol::CUDA_F32 };
+        let (x, g, b, dy) = inputs(&mut rng, rows, dim);
+        let what = format!("layernorm cuda [{rows}, {dim}]");
+        let want = run_cpu(&p, &x, &g, &b, &dy);
+        compare(&format!("{what} f32"), Tol::CUDA_F32, params, &run_cuda::<f32>(&dev, &p, &x, &g, &b, &dy), &want);
+        let (x, g, b, dy) = (round_bf16(&x), round_bf16(&g), round_bf16(&b), round_bf16(&dy));
+        let want = run_cpu(&p, &x, &g, &b, &dy);
+        compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &run_cuda::<bf16>(&dev, &p, &x, &g, &b, &dy), &want);
+    }
+}
+
+/// The warp-per-row kernels (dim <= 1024), with rows that leave a partial last block of 8 rows
+/// and a partial last chunk of parameter-gradient partials; 33001 rows make the partials use
+/// 33-row chunks (1001 of them) instead of 32.
+#[test]
+fn cuda_warp_per_row_matches_cpu() {
+    let cases = [(37, 1, 1e-5), (300, 33, 1e-12), (61, 769, 1e-5), (9, 1024, 1e-5), (33001, 5, 1e-5)];
+    cuda_cases("layernorm::cuda_warp_per_row_matches_cpu", 13, &cases);
+}
+
+/// The block-per-row kernels (dim > 1024).
+#[test]
+fn cuda_block_per_row_matches_cpu() {
+    cuda_cases(
+        "layernorm::cuda_block_per_row_matches_cpu",
+        113,
+        &[(13, 1025, 1e-12), (70, 2077, 1e-5), (3, 4096, 1e-5)],
+    );
+}

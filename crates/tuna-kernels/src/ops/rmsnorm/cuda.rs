@@ -1,0 +1,81 @@
+//! RMSNorm on CUDA: launch glue for `kernels/rmsnorm.cu`, with layernorm's launch scheme
+//! (warp-per-row for `dim <= 1024`, block-per-row above; dgamma from partials + reduction).
+
+use super::{check, RmsNormKernel, RmsNormParams};
+use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
+use crate::error::{Error, Result};
+use crate::ops::layernorm::Extent::{Dim, Full, Rows};
+use crate::ops::layernorm::{param_chunks, partials_launch, row_launch};
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+
+// SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct RmsNormParams` in rmsnorm.cu.
+unsafe impl DeviceRepr for RmsNormParams {}
+
+impl<E: CudaElem> RmsNormKernel<E> for Cuda {
+    fn rmsnorm_fwd(
+        &self,
+        p: &RmsNormParams,
+        x: &CudaSlice<E>,
+        gamma: &CudaSlice<E>,
+        y: &mut CudaSlice<E>,
+        rstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check(
+            p,
+            &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())],
+        )?;
+        if p.rows == 0 {
+            return Ok(());
+        }
+        let (variant, cfg) = row_launch(p.rows, p.dim);
+        let f = self.function("rmsnorm", &symbol::<E>("rmsnorm", &format!("fwd_{variant}")))?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(x).arg(gamma).arg(y).arg(rstd);
+        // SAFETY: arguments match rmsnorm_fwd_<variant>_<E>(RmsNormParams, const T* x, gamma, T* y,
+        // float* rstd); every length was checked against p above, and the kernel touches rows < p.rows only.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("rmsnorm_fwd", e))?;
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        p: &RmsNormParams,
+        x: &CudaSlice<E>,
+        gamma: &CudaSlice<E>,
+        rstd: &CudaSlice<f32>,
+        dy: &CudaSlice<E>,
+        dx: &mut CudaSlice<E>,
+        dgamma: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("rstd", Rows, rstd.len())])?;
+        check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len()), ("dgamma", Dim, dgamma.len())])?;
+        if p.rows == 0 {
+            return Ok(());
+        }
+        let (variant, cfg) = row_launch(p.rows, p.dim);
+        let f = self.function("rmsnorm", &symbol::<E>("rmsnorm", &format!("bwd_{variant}")))?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(x).arg(gamma).arg(rstd).arg(dy).arg(dx);
+        // SAFETY: arguments match rmsnorm_bwd_<variant>_<E>(RmsNormParams, const T* x, gamma,
+        // const float* rstd, const T* dy, T* dx); lengths checked against p above.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("rmsnorm_bwd", e))?;
+
+        let (chunk_rows, chunks) = param_chunks(p.rows);
+        let mut part = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
+        let f = self.function("rmsnorm", &symbol::<E>("rmsnorm", "bwd_params"))?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(&chunk_rows).arg(x).arg(rstd).arg(dy).arg(&mut part);
+        // SAFETY: arguments match rmsnorm_bwd_params_<E>(RmsNormParams, u32 chunk_rows, const T* x,
+        // const float* rstd, const T* dy, float* part_g); the grid has `chunks` rows of blocks, each
+        // writing row blockIdx.y < chunks of the [chunks, dim] partials.
+        unsafe { b.launch(partials_launch(p.dim, chunks)) }.map_err(|e| Error::cuda("rmsnorm_bwd_params", e))?;
+
+        let f = self.function("rmsnorm", &symbol::<f32>("rmsnorm", "bwd_reduce"))?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(&chunks).arg(&part).arg(dgamma);
+        // SAFETY: arguments match rmsnorm_bwd_reduce_f32(RmsNormParams, u32 chunks, const float* part
+        // [chunks, dim], float* grad [dim]); one thread per column j < dim.
+        unsafe { b.launch(grid_1d(p.dim as usize, 256)) }.map_err(|e| Error::cuda("rmsnorm_bwd_reduce", e))?;
+        Ok(())
+    }
+}
