@@ -23,7 +23,10 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
 
 fn main() {
     let peak: f64 = std::env::var("TUNA_PEAK_GFLOPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300.0);
-    println!("CPU matmul, {} rayon threads, peak ~{peak} GFLOP/s f32 (best of repeated runs over 1 s)\n", rayon::current_num_threads());
+    println!(
+        "CPU matmul, {} rayon threads, peak ~{peak} GFLOP/s f32 (best of repeated runs over 1 s)\n",
+        rayon::current_num_threads()
+    );
     println!("| shape | what | m x n x k | ms | GFLOP/s | % of peak |");
     println!("|---|---|---|---:|---:|---:|");
     // (name, tokens, in, out): linear layers y[tokens, out] = x[tokens, in] W^T

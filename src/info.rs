@@ -6,7 +6,14 @@ use tuna_kernels::cuda::{compile, probe, sources};
 /// The report `tuna info` prints. Never panics, with or without a CUDA driver.
 pub fn report() -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "tuna {} ({} build, {} {})", env!("CARGO_PKG_VERSION"), build_profile(), std::env::consts::ARCH, std::env::consts::OS);
+    let _ = writeln!(
+        s,
+        "tuna {} ({} build, {} {})",
+        env!("CARGO_PKG_VERSION"),
+        build_profile(),
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
     let _ = writeln!(s, "\ndevices:");
     let _ = writeln!(
         s,
@@ -37,25 +44,35 @@ pub fn report() -> String {
     for k in sources::ALL {
         let syms = k.src.matches("extern \"C\" __global__").count();
         let pre: Vec<String> = k.precompiled_ptx.iter().map(|(a, _)| format!("sm_{a}")).collect();
-        let how = if pre.is_empty() { "NVRTC at first use".to_string() } else { format!("nvcc PTX for {}", pre.join(", ")) };
+        let how =
+            if pre.is_empty() { "NVRTC at first use".to_string() } else { format!("nvcc PTX for {}", pre.join(", ")) };
         let _ = writeln!(s, "  {:<16} {:>3} kernel templates  hash {:016x}  {how}", k.name, syms, k.hash);
     }
-    let _ = writeln!(s, "\nNVRTC: {}", match compile::nvrtc_version() {
-        Some((a, b)) => format!("{a}.{b} found"),
-        None => "not found (needed only to run on a GPU; see scripts/install-nvrtc.sh)".into(),
-    });
+    let _ = writeln!(
+        s,
+        "\nNVRTC: {}",
+        match compile::nvrtc_version() {
+            Some((a, b)) => format!("{a}.{b} found"),
+            None => "not found (needed only to run on a GPU; see scripts/install-nvrtc.sh)".into(),
+        }
+    );
     let _ = writeln!(s, "kernel cache: {}", compile::cache_dir().display());
     s
 }
 
 fn build_profile() -> &'static str {
-    if cfg!(debug_assertions) { "debug" } else { "release" }
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    })
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 fn avx512() -> bool {

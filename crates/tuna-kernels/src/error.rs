@@ -24,7 +24,11 @@ pub enum Error {
     Compile { kernel: String, arch: String, log: String },
     /// Reading or writing the kernel cache.
     #[error("kernel cache {path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

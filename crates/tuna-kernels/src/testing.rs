@@ -90,7 +90,10 @@ impl Tol {
         if !bad.is_empty() {
             panic!(
                 "{what}: mismatches beyond tolerance {} (atol {:e}, rtol {:e}); worst abs err {worst:.3e}; first:\n{}",
-                self.name, self.atol, self.rtol, bad.join("\n")
+                self.name,
+                self.atol,
+                self.rtol,
+                bad.join("\n")
             );
         }
     }

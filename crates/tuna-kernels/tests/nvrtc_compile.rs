@@ -14,7 +14,10 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true but libnvrtc was not found: .ci/run must install nvidia-cuda-nvrtc==13.0.* and set LD_LIBRARY_PATH");
         }
-        tuna_kernels::testing::note_skip("nvrtc_compile::every_kernel_compiles_for_sm80_and_sm90", "libnvrtc not found");
+        tuna_kernels::testing::note_skip(
+            "nvrtc_compile::every_kernel_compiles_for_sm80_and_sm90",
+            "libnvrtc not found",
+        );
         return;
     }
     let (ma, mi) = nvrtc_version().expect("nvrtcVersion");

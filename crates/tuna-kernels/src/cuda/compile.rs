@@ -52,9 +52,7 @@ pub fn compile(k: &KernelSource, arch: u32, verbose: bool) -> Result<Compiled> {
     // SAFETY: `prog` is a live program created above; options are plain strings.
     let status = unsafe { nvrtc::compile_program(prog, &opts) };
     // SAFETY: reading the log of a live program.
-    let log = unsafe { nvrtc::get_program_log(prog) }
-        .map(|l| cstr_vec(&l))
-        .unwrap_or_default();
+    let log = unsafe { nvrtc::get_program_log(prog) }.map(|l| cstr_vec(&l)).unwrap_or_default();
     let result = match status {
         Err(e) => Err(fail(format!("{e:?}\n{log}"))),
         Ok(()) => {
@@ -87,9 +85,9 @@ pub fn cache_dir() -> PathBuf {
     if let Ok(d) = std::env::var("TUNA_KERNEL_CACHE") {
         return d.into();
     }
-    let base = std::env::var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())).join(".cache")
-    });
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/tmp".into())).join(".cache"));
     base.join("tuna").join("kernels")
 }
 

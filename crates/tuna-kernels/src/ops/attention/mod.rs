@@ -91,7 +91,10 @@ impl AttnParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid { op: "attention", msg });
         if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
-            return bad(format!("heads {}, kv_heads {}, head_dim {} must be positive", self.heads, self.kv_heads, self.head_dim));
+            return bad(format!(
+                "heads {}, kv_heads {}, head_dim {} must be positive",
+                self.heads, self.kv_heads, self.head_dim
+            ));
         }
         if self.heads % self.kv_heads != 0 {
             return bad(format!("heads {} not divisible by kv_heads {}", self.heads, self.kv_heads));
@@ -136,7 +139,13 @@ pub struct AttnGrads<'a, B: Backend + ?Sized, E: Elem> {
 /// Fused attention on a device: forward and backward together.
 pub trait AttentionKernel<E: Elem>: Backend {
     /// Writes `o` and `lse`.
-    fn attn_fwd(&self, p: &AttnParams, x: AttnInputs<'_, Self, E>, o: &mut Self::Buf<E>, lse: &mut Self::Buf<f32>) -> Result<()>;
+    fn attn_fwd(
+        &self,
+        p: &AttnParams,
+        x: AttnInputs<'_, Self, E>,
+        o: &mut Self::Buf<E>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()>;
     /// Accumulates into `g` the gradients of `sum(o * d_o)`.
     fn attn_bwd(
         &self,
@@ -162,8 +171,12 @@ pub fn check_inputs<B: Backend + ?Sized, E: Elem>(p: &AttnParams, x: &AttnInputs
             check_len("attention", "prefix_k", B::len(*pk), p.prefix_elems(), shape)?;
             check_len("attention", "prefix_v", B::len(*pv), p.prefix_elems(), shape)?;
         }
-        (Some(_), _) => return Err(Error::Invalid { op: "attention", msg: "prefix buffers given with prefix_len 0".into() }),
-        (None, n) => return Err(Error::Invalid { op: "attention", msg: format!("prefix_len {n} but no prefix buffers") }),
+        (Some(_), _) => {
+            return Err(Error::Invalid { op: "attention", msg: "prefix buffers given with prefix_len 0".into() })
+        }
+        (None, n) => {
+            return Err(Error::Invalid { op: "attention", msg: format!("prefix_len {n} but no prefix buffers") })
+        }
     }
     match (&x.key_mask, p.has_mask) {
         (None, 0) => {}

@@ -7,7 +7,14 @@ use crate::error::{check_len, Result};
 
 /// `dst[rows, cols] = beta_dst * dst + alpha * x y`, all row-major except as the views say.
 /// `accumulate` keeps `dst`; otherwise it is overwritten.
-pub(crate) fn gemm_views(dst: &mut [f32], x: (&[f32], View), y: (&[f32], View), alpha: f32, accumulate: bool, parallel: bool) {
+pub(crate) fn gemm_views(
+    dst: &mut [f32],
+    x: (&[f32], View),
+    y: (&[f32], View),
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (xv, yv) = (x.1, y.1);
     debug_assert_eq!(xv.cols, yv.rows);
     let (m, n, k) = (xv.rows, yv.cols, xv.cols);

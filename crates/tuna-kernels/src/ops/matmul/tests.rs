@@ -8,7 +8,11 @@ use half::bf16;
 
 /// Element (r, c) of a logical view of `buf`.
 fn at(buf: &[f64], v: View, r: usize, c: usize) -> f64 {
-    if v.transposed { buf[c * v.rows + r] } else { buf[r * v.cols + c] }
+    if v.transposed {
+        buf[c * v.rows + r]
+    } else {
+        buf[r * v.cols + c]
+    }
 }
 
 fn ref_fwd(p: &MatmulParams, a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -62,7 +66,11 @@ fn reference_backward_matches_central_differences() {
             let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
             xp[i] += h;
             xm[i] -= h;
-            if is_a { (loss(&xp, &b) - loss(&xm, &b)) / (2.0 * h) } else { (loss(&a, &xp) - loss(&a, &xm)) / (2.0 * h) }
+            if is_a {
+                (loss(&xp, &b) - loss(&xm, &b)) / (2.0 * h)
+            } else {
+                (loss(&a, &xp) - loss(&a, &xm)) / (2.0 * h)
+            }
         };
         let fda: Vec<f64> = (0..a.len()).map(|i| fd(&a, i, true)).collect();
         let fdb: Vec<f64> = (0..b.len()).map(|i| fd(&b, i, false)).collect();
@@ -79,7 +87,8 @@ fn cpu_matches_f64_reference() {
         for (ta, tb) in TRANS {
             let p = params(m, n, k, ta, tb);
             let (a, b, dc) = (rng.vec(m * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0), rng.vec(m * n, -1.0, 1.0));
-            let (a64, b64, dc64) = (crate::testing::to_f64(&a), crate::testing::to_f64(&b), crate::testing::to_f64(&dc));
+            let (a64, b64, dc64) =
+                (crate::testing::to_f64(&a), crate::testing::to_f64(&b), crate::testing::to_f64(&dc));
             let what = format!("matmul {m}x{n}x{k} ta={ta} tb={tb}");
             // forward, overwrite then accumulate
             let mut c = vec![9.0; m * n];
@@ -146,7 +155,8 @@ fn cuda_matches_cpu() {
             Tol::CUDA_F32.assert_close(&format!("{what} f32 dB"), &dev.download(&dbd).unwrap(), &db);
             // bf16 operands, fp32 accumulate; dB in f32
             let tb16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
-            let (ab, bb, dcb) = (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap(), dev.upload(&tb16(&dc)).unwrap());
+            let (ab, bb, dcb) =
+                (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap(), dev.upload(&tb16(&dc)).unwrap());
             let mut cb = dev.zeros::<bf16>(m * n).unwrap();
             let (mut dab, mut dbb) = (dev.zeros::<bf16>(a.len()).unwrap(), dev.zeros::<f32>(b.len()).unwrap());
             <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &p, &ab, &bb, &mut cb).unwrap();
