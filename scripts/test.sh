@@ -21,6 +21,6 @@ if [ -f "$TUNA_KERNEL_REPORT" ]; then
   cat "$TUNA_KERNEL_REPORT"
 fi
 if [ -f "$TUNA_SKIP_LOG" ]; then
-  echo "== $(wc -l < "$TUNA_SKIP_LOG") tests skipped, by name =="
+  echo "== $(wc -l < "$TUNA_SKIP_LOG") tests skipped their CUDA or NVRTC work (the runner counts them as passed), by name =="
   sort "$TUNA_SKIP_LOG"
 fi
