@@ -62,7 +62,7 @@ impl EmbedParams {
         self.n_prompt as usize * self.hidden as usize
     }
     pub fn out_elems(&self) -> usize {
-        self.batch as usize * self.out_len() as usize * self.hidden as usize
+        self.batch as usize * self.out_len() * self.hidden as usize
     }
 
     /// Validate the parameters themselves.
