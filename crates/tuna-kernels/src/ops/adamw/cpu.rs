@@ -18,7 +18,14 @@ fn update(k: &AdamWKernelParams, x: &mut f32, g: f32, m: &mut f32, v: &mut f32) 
 }
 
 impl AdamWKernel for Cpu {
-    fn adamw_step(&self, p: &AdamWParams, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
+    fn adamw_step(
+        &self,
+        p: &AdamWParams,
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<()> {
         let k = check::<Cpu>(p, params, grads, m, v)?;
         params
             .par_chunks_mut(CHUNK)

@@ -94,7 +94,13 @@ pub trait AdamWKernel: Backend {
 }
 
 /// Shape checks shared by both devices; returns the kernel parameters.
-fn check<B: Backend + ?Sized>(p: &AdamWParams, params: &B::Buf<f32>, grads: &B::Buf<f32>, m: &B::Buf<f32>, v: &B::Buf<f32>) -> Result<AdamWKernelParams> {
+fn check<B: Backend + ?Sized>(
+    p: &AdamWParams,
+    params: &B::Buf<f32>,
+    grads: &B::Buf<f32>,
+    m: &B::Buf<f32>,
+    v: &B::Buf<f32>,
+) -> Result<AdamWKernelParams> {
     let n = B::len(params);
     let detail = || format!("same length as params ({n})");
     check_len("adamw", "grads", B::len(grads), n, detail)?;
@@ -156,7 +162,9 @@ mod tests {
         let e = Cpu.adamw_step(&AdamWParams::new(1e-3), &mut x, &[0.0; 4], &mut m, &mut v).unwrap_err().to_string();
         assert!(e.contains("adamw") && e.contains("`v`"), "{e}");
         let mut v = vec![0.0; 4];
-        let e = Cpu.adamw_step(&AdamWParams { step: 0, ..AdamWParams::new(1e-3) }, &mut x, &[0.0; 4], &mut m, &mut v).unwrap_err();
+        let e = Cpu
+            .adamw_step(&AdamWParams { step: 0, ..AdamWParams::new(1e-3) }, &mut x, &[0.0; 4], &mut m, &mut v)
+            .unwrap_err();
         assert!(e.to_string().contains("step"), "{e}");
     }
 
@@ -166,7 +174,8 @@ mod tests {
         let (n, steps) = (70_001, 5); // not a multiple of the 256-thread block
         let (p, params, grads) = setup(n, steps);
         let (mut x, mut m, mut v) = (params.clone(), vec![0.0; n], vec![0.0; n]);
-        let (mut xd, mut md, mut vd) = (dev.upload(&params).unwrap(), dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
+        let (mut xd, mut md, mut vd) =
+            (dev.upload(&params).unwrap(), dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
         for (s, g) in grads.iter().enumerate() {
             let ps = AdamWParams { step: s as u32 + 1, ..p };
             Cpu.adamw_step(&ps, &mut x, g, &mut m, &mut v).unwrap();

@@ -30,13 +30,23 @@ fn launch_rows(p: &CeParams) -> Result<Option<u32>> {
         return Ok(None);
     }
     if p.rows > i32::MAX as u32 {
-        return Err(Error::Unsupported { op: "cross_entropy", device: "cuda".into(), msg: format!("{} rows exceed 2^31-1 blocks", p.rows) });
+        return Err(Error::Unsupported {
+            op: "cross_entropy",
+            device: "cuda".into(),
+            msg: format!("{} rows exceed 2^31-1 blocks", p.rows),
+        });
     }
     Ok(Some(p.rows))
 }
 
 impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
-    fn ce_fwd(&self, p: &CeParams, logits: &CudaSlice<E>, targets: &CudaSlice<i32>, loss: &mut CudaSlice<f32>) -> Result<()> {
+    fn ce_fwd(
+        &self,
+        p: &CeParams,
+        logits: &CudaSlice<E>,
+        targets: &CudaSlice<i32>,
+        loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
         let f = self.function("cross_entropy", &symbol::<E>("cross_entropy", "fwd"))?;
@@ -44,11 +54,18 @@ impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
         b.arg(p).arg(logits).arg(targets).arg(loss);
         // SAFETY: arguments match cross_entropy_fwd_<E>(CeParams, const T*, const int*, float*);
         // lengths checked against `p`; one block per row; out-of-range targets are never indexed.
-        unsafe { b.launch(grid_rows(rows as usize, block_for(p.vocab), 0)) }.map_err(|e| Error::cuda("cross_entropy_fwd", e))?;
+        unsafe { b.launch(grid_rows(rows as usize, block_for(p.vocab), 0)) }
+            .map_err(|e| Error::cuda("cross_entropy_fwd", e))?;
         Ok(())
     }
 
-    fn ce_fwd_bwd(&self, p: &CeParams, logits: &mut CudaSlice<E>, targets: &CudaSlice<i32>, loss: &mut CudaSlice<f32>) -> Result<()> {
+    fn ce_fwd_bwd(
+        &self,
+        p: &CeParams,
+        logits: &mut CudaSlice<E>,
+        targets: &CudaSlice<i32>,
+        loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
         let f = self.function("cross_entropy", &symbol::<E>("cross_entropy", "bwd"))?;
@@ -56,7 +73,8 @@ impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
         b.arg(p).arg(logits).arg(targets).arg(loss);
         // SAFETY: arguments match cross_entropy_bwd_<E>(CeParams, T*, const int*, float*); lengths
         // checked; each block reads and overwrites only its own row of logits.
-        unsafe { b.launch(grid_rows(rows as usize, block_for(p.vocab), 0)) }.map_err(|e| Error::cuda("cross_entropy_bwd", e))?;
+        unsafe { b.launch(grid_rows(rows as usize, block_for(p.vocab), 0)) }
+            .map_err(|e| Error::cuda("cross_entropy_bwd", e))?;
         Ok(())
     }
 }

@@ -60,7 +60,10 @@ impl CeParams {
             return Err(Error::Invalid { op: "cross_entropy", msg: "vocab must be positive".into() });
         }
         if !self.grad_scale.is_finite() {
-            return Err(Error::Invalid { op: "cross_entropy", msg: format!("grad_scale {} is not finite", self.grad_scale) });
+            return Err(Error::Invalid {
+                op: "cross_entropy",
+                msg: format!("grad_scale {} is not finite", self.grad_scale),
+            });
         }
         Ok(())
     }
@@ -69,10 +72,22 @@ impl CeParams {
 /// Softmax cross-entropy on a device: the loss alone, and the loss fused with its backward.
 pub trait CrossEntropyKernel<E: Elem>: Backend {
     /// Writes the per-row losses `loss` (`[rows]`, 0 for ignored rows); `logits` are untouched.
-    fn ce_fwd(&self, p: &CeParams, logits: &Self::Buf<E>, targets: &Self::Buf<i32>, loss: &mut Self::Buf<f32>) -> Result<()>;
+    fn ce_fwd(
+        &self,
+        p: &CeParams,
+        logits: &Self::Buf<E>,
+        targets: &Self::Buf<i32>,
+        loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
     /// Writes the per-row losses and OVERWRITES `logits` with
     /// `p.grad_scale * (softmax - onehot(target))` (zero rows for ignored targets).
-    fn ce_fwd_bwd(&self, p: &CeParams, logits: &mut Self::Buf<E>, targets: &Self::Buf<i32>, loss: &mut Self::Buf<f32>) -> Result<()>;
+    fn ce_fwd_bwd(
+        &self,
+        p: &CeParams,
+        logits: &mut Self::Buf<E>,
+        targets: &Self::Buf<i32>,
+        loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
 }
 
 /// Check that every target is `ignore_index` or in `0..vocab`; the error names the first bad row.
@@ -93,7 +108,12 @@ pub fn count_valid(targets: &[i32], ignore_index: i32) -> usize {
 }
 
 /// Shape checks shared by both devices and both entry points.
-fn check<B: Backend + ?Sized, E: Elem>(p: &CeParams, logits: &B::Buf<E>, targets: &B::Buf<i32>, loss: &B::Buf<f32>) -> Result<()> {
+fn check<B: Backend + ?Sized, E: Elem>(
+    p: &CeParams,
+    logits: &B::Buf<E>,
+    targets: &B::Buf<i32>,
+    loss: &B::Buf<f32>,
+) -> Result<()> {
     p.validate()?;
     let shape = || format!("{p:?}");
     check_len("cross_entropy", "logits", B::len(logits), p.logits_elems(), shape)?;

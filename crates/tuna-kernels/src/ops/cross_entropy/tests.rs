@@ -34,7 +34,9 @@ fn reference(logits: &[f64], targets: &[i32], vocab: usize, scale: f64) -> (Vec<
         let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
         loss.push(s.ln() + m - x[t as usize]);
-        grad.extend(x.iter().enumerate().map(|(j, v)| scale * ((v - m).exp() / s - if j == t as usize { 1.0 } else { 0.0 })));
+        grad.extend(
+            x.iter().enumerate().map(|(j, v)| scale * ((v - m).exp() / s - if j == t as usize { 1.0 } else { 0.0 })),
+        );
     }
     (loss, grad)
 }
@@ -140,7 +142,9 @@ fn cuda_matches_cpu() {
     let Some(dev) = cuda_or_skip("cross_entropy::cuda_matches_cpu") else { return };
     // Both launch configurations (256 threads up to SMALL_VOCAB, 1024 above), ragged vocabs and
     // the block-size boundary; rows include ignored targets.
-    for (seed, rows, vocab) in [(10, 29, 1000), (11, 7, 4096), (12, 7, 4097), (13, 5, 50257), (14, 4, 49152), (15, 3, 31)] {
+    for (seed, rows, vocab) in
+        [(10, 29, 1000), (11, 7, 4096), (12, 7, 4097), (13, 5, 50257), (14, 4, 49152), (15, 3, 31)]
+    {
         let expected_block = if vocab as u32 <= SMALL_VOCAB { 256 } else { 1024 };
         assert_eq!(block_for(vocab as u32), expected_block);
         let (logits, targets) = case(seed, rows, vocab);

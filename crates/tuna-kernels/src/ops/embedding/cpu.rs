@@ -2,7 +2,10 @@
 //! tokens by id (backward, deterministic: each table row is summed by one task in token order),
 //! and over prompt rows (prompt gradient).
 
-use super::{check_bwd, check_fwd, source, token_position, validate_at, validate_ids, EmbedParams, EmbeddingKernel, SoftPrompt, Source};
+use super::{
+    check_bwd, check_fwd, source, token_position, validate_at, validate_ids, EmbedParams, EmbeddingKernel, SoftPrompt,
+    Source,
+};
 use crate::backend::Cpu;
 use crate::error::Result;
 use rayon::prelude::*;
@@ -73,7 +76,8 @@ impl EmbeddingKernel<f32> for Cpu {
 /// `d_table[ids[i]] += d_out[position of token i]`, grouping tokens by id with a counting sort so
 /// that each table row is owned by one task (no data race, same order every run).
 fn table_grad(p: &EmbedParams, ids: &[u32], at: Option<&[u32]>, d_out: &[f32], d_table: &mut [f32]) {
-    let (h, seq, n, len, vocab) = (p.hidden as usize, p.seq as usize, p.n_prompt as usize, p.out_len(), p.vocab as usize);
+    let (h, seq, n, len, vocab) =
+        (p.hidden as usize, p.seq as usize, p.n_prompt as usize, p.out_len(), p.vocab as usize);
     let mut start = vec![0usize; vocab + 1];
     for &id in ids {
         start[id as usize + 1] += 1;

@@ -73,12 +73,14 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
             b.arg(p).arg(ids).arg(at).arg(d_out).arg(d_table);
             // SAFETY: arguments match embedding_bwd_table_<E>(EmbedParams, const u32*, const u32*,
             // const T*, float*); lengths checked; one block per token, ids >= vocab are skipped.
-            unsafe { b.launch(grid_rows(grid as usize, BLOCK, 0)) }.map_err(|e| Error::cuda("embedding_bwd_table", e))?;
+            unsafe { b.launch(grid_rows(grid as usize, BLOCK, 0)) }
+                .map_err(|e| Error::cuda("embedding_bwd_table", e))?;
         }
         if let Some(d_prompt) = d_prompt {
             // check_bwd allows d_prompt only with n_prompt > 0, and hidden > 0.
             let cols = (p.hidden as usize).div_ceil(PROMPT_BLOCK as usize) as u32;
-            let cfg = LaunchConfig { grid_dim: (p.n_prompt, cols, 1), block_dim: (PROMPT_BLOCK, 1, 1), shared_mem_bytes: 0 };
+            let cfg =
+                LaunchConfig { grid_dim: (p.n_prompt, cols, 1), block_dim: (PROMPT_BLOCK, 1, 1), shared_mem_bytes: 0 };
             let f = self.function("embedding", &symbol::<E>("embedding", "bwd_prompt"))?;
             let mut b = self.stream().launch_builder(&f);
             b.arg(p).arg(at).arg(d_out).arg(d_prompt);

@@ -42,7 +42,14 @@ pub struct EmbedParams {
 impl EmbedParams {
     /// A plain lookup, no soft prompt.
     pub fn new(batch: usize, seq: usize, vocab: usize, hidden: usize) -> Self {
-        EmbedParams { batch: batch as u32, seq: seq as u32, vocab: vocab as u32, hidden: hidden as u32, n_prompt: 0, _pad: 0 }
+        EmbedParams {
+            batch: batch as u32,
+            seq: seq as u32,
+            vocab: vocab as u32,
+            hidden: hidden as u32,
+            n_prompt: 0,
+            _pad: 0,
+        }
     }
     /// The same lookup with `n` soft-prompt vectors inserted into every row.
     pub fn with_prompt(self, n: usize) -> Self {
@@ -117,7 +124,10 @@ pub trait EmbeddingKernel<E: Elem>: Backend {
 pub fn validate_ids(ids: &[u32], vocab: usize) -> Result<()> {
     match ids.iter().position(|&id| id as usize >= vocab) {
         None => Ok(()),
-        Some(i) => Err(Error::Invalid { op: "embedding", msg: format!("ids[{i}] = {} is out of range for vocab {vocab}", ids[i]) }),
+        Some(i) => Err(Error::Invalid {
+            op: "embedding",
+            msg: format!("ids[{i}] = {} is out of range for vocab {vocab}", ids[i]),
+        }),
     }
 }
 
@@ -209,7 +219,9 @@ fn check_bwd<B: Backend + ?Sized, E: Elem>(
 fn check_prompt_presence(p: &EmbedParams, given: bool) -> Result<()> {
     match (given, p.n_prompt) {
         (true, 0) => Err(Error::Invalid { op: "embedding", msg: "soft prompt given with n_prompt 0".into() }),
-        (false, n) if n > 0 => Err(Error::Invalid { op: "embedding", msg: format!("n_prompt {n} but no soft prompt / `at` given") }),
+        (false, n) if n > 0 => {
+            Err(Error::Invalid { op: "embedding", msg: format!("n_prompt {n} but no soft prompt / `at` given") })
+        }
         _ => Ok(()),
     }
 }

@@ -23,7 +23,17 @@ fn case(seed: u64, batch: usize, seq: usize, vocab: usize, hidden: usize, n: usi
     let ids = (0..p.ids_elems()).map(|_| rng.below(vocab) as u32).collect();
     let prompt = rng.normal_vec(p.prompt_elems(), 1.0);
     // First row PEFT layout, last row after the whole sequence, others anywhere.
-    let at = (0..batch).map(|b| if b == 0 { 0 } else if b == batch - 1 { seq as u32 } else { rng.below(seq + 1) as u32 }).collect();
+    let at = (0..batch)
+        .map(|b| {
+            if b == 0 {
+                0
+            } else if b == batch - 1 {
+                seq as u32
+            } else {
+                rng.below(seq + 1) as u32
+            }
+        })
+        .collect();
     Case { p, table, ids, prompt, at }
 }
 
@@ -166,10 +176,18 @@ where
     Cpu.embed_fwd(&c.p, &c.table, &c.ids, sp(c), &mut out).unwrap();
     let has_prompt = c.p.n_prompt > 0;
     let (mut dt, mut dp) = (vec![0.5; c.p.table_elems()], vec![0.5; c.p.prompt_elems()]);
-    Cpu.embed_bwd(&c.p, &c.ids, has_prompt.then_some(&c.at[..]), &d_out, Some(&mut dt), has_prompt.then_some(&mut dp[..]))
-        .unwrap();
+    Cpu.embed_bwd(
+        &c.p,
+        &c.ids,
+        has_prompt.then_some(&c.at[..]),
+        &d_out,
+        Some(&mut dt),
+        has_prompt.then_some(&mut dp[..]),
+    )
+    .unwrap();
 
-    let (table, ids, at) = (dev.upload(&to_e(&c.table)).unwrap(), dev.upload(&c.ids).unwrap(), dev.upload(&c.at).unwrap());
+    let (table, ids, at) =
+        (dev.upload(&to_e(&c.table)).unwrap(), dev.upload(&c.ids).unwrap(), dev.upload(&c.at).unwrap());
     let prompt = dev.upload(&to_e(if has_prompt { &c.prompt } else { &[0.0] })).unwrap();
     let mut out_d = dev.zeros::<E>(c.p.out_elems()).unwrap();
     let spd = has_prompt.then_some(SoftPrompt { vectors: &prompt, at: &at });
@@ -177,9 +195,13 @@ where
     tol.assert_close(&format!("{what} fwd"), &to_f(dev.download(&out_d).unwrap()), &out);
 
     let d_out_d = dev.upload(&to_e(&d_out)).unwrap();
-    let (mut dt_d, mut dp_d) = (dev.upload(&vec![0.5f32; c.p.table_elems()]).unwrap(), dev.upload(&vec![0.5f32; c.p.prompt_elems().max(1)]).unwrap());
+    let (mut dt_d, mut dp_d) = (
+        dev.upload(&vec![0.5f32; c.p.table_elems()]).unwrap(),
+        dev.upload(&vec![0.5f32; c.p.prompt_elems().max(1)]).unwrap(),
+    );
     let dp_arg = has_prompt.then_some(&mut dp_d);
-    EmbeddingKernel::<E>::embed_bwd(dev, &c.p, &ids, has_prompt.then_some(&at), &d_out_d, Some(&mut dt_d), dp_arg).unwrap();
+    EmbeddingKernel::<E>::embed_bwd(dev, &c.p, &ids, has_prompt.then_some(&at), &d_out_d, Some(&mut dt_d), dp_arg)
+        .unwrap();
     tol.assert_close(&format!("{what} d_table"), &dev.download(&dt_d).unwrap(), &dt);
     if has_prompt {
         tol.assert_close(&format!("{what} d_prompt"), &dev.download(&dp_d).unwrap(), &dp);

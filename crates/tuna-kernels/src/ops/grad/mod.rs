@@ -57,7 +57,11 @@ pub fn clip_factor(sq: f32, max_norm: f32) -> f32 {
     (max_norm / (sq.sqrt() + CLIP_EPS)).min(1.0)
 }
 
-fn check_accumulate<B: Backend + ?Sized, E: Elem>(dst: &B::Buf<f32>, src: &B::Buf<E>, scale: f32) -> Result<GradParams> {
+fn check_accumulate<B: Backend + ?Sized, E: Elem>(
+    dst: &B::Buf<f32>,
+    src: &B::Buf<E>,
+    scale: f32,
+) -> Result<GradParams> {
     let n = B::len(dst);
     check_len("grad_accumulate", "src", B::len(src), n, || format!("same length as dst ({n})"))?;
     if !scale.is_finite() {
@@ -79,7 +83,10 @@ fn check_acc(op: &'static str, acc_len: usize) -> Result<()> {
 fn check_clip(acc_len: usize, max_norm: f32, n: usize) -> Result<GradParams> {
     check_acc("grad_clip", acc_len)?;
     if !(max_norm.is_finite() && max_norm > 0.0) {
-        return Err(Error::Invalid { op: "grad_clip", msg: format!("max_norm {max_norm} must be positive and finite") });
+        return Err(Error::Invalid {
+            op: "grad_clip",
+            msg: format!("max_norm {max_norm} must be positive and finite"),
+        });
     }
     Ok(GradParams { n: n as u64, scale: 1.0, max_norm })
 }
