@@ -1,1 +1,189 @@
-//! adamw: in progress (see issue 2).
+//! AdamW, fused: one pass over f32 parameters, gradients and moments, with decoupled weight decay
+//! exactly as PyTorch's `torch.optim.AdamW`:
+//!
+//! ```text
+//! p -= lr * wd * p
+//! m = beta1 * m + (1 - beta1) * g
+//! v = beta2 * v + (1 - beta2) * g^2
+//! p -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+//! ```
+//!
+//! An optimizer has no backward, and works on fp32 masters only (E = f32 on both devices), so its
+//! trait is not generic over the element type. The kernel symbol is `adamw_step_f32`.
+
+mod cpu;
+mod cuda;
+
+use crate::backend::Backend;
+use crate::error::{check_len, Error, Result};
+
+/// The hyperparameters of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u32,
+}
+
+impl AdamWParams {
+    /// PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01) at `lr`, step 1.
+    pub fn new(lr: f32) -> Self {
+        AdamWParams { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1 }
+    }
+
+    /// Validate, and compute the kernel parameters for `n` elements (bias corrections in f64).
+    pub fn kernel_params(&self, n: usize) -> Result<AdamWKernelParams> {
+        let bad = |msg: String| Err(Error::Invalid { op: "adamw", msg });
+        if self.step == 0 {
+            return bad("step is 1-based; got 0".into());
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad(format!("betas ({}, {}) must be in [0, 1)", self.beta1, self.beta2));
+        }
+        if ![self.lr, self.eps, self.weight_decay].iter().all(|x| x.is_finite()) {
+            return bad(format!("lr {}, eps {}, weight_decay {} must be finite", self.lr, self.eps, self.weight_decay));
+        }
+        let bc = |beta: f32| (1.0 - (beta as f64).powi(self.step.min(i32::MAX as u32) as i32)) as f32;
+        Ok(AdamWKernelParams {
+            n: n as u64,
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            bias_c1: bc(self.beta1),
+            bias_c2: bc(self.beta2),
+            _pad: 0,
+        })
+    }
+}
+
+/// Kernel parameters, mirrored by `struct AdamWKernelParams` in `kernels/adamw.cu`; both devices
+/// compute from these, so they apply the same bias corrections.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWKernelParams {
+    pub n: u64,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// `1 - beta1^step`.
+    pub bias_c1: f32,
+    /// `1 - beta2^step`.
+    pub bias_c2: f32,
+    pub _pad: u32,
+}
+
+/// The fused AdamW step on a device.
+pub trait AdamWKernel: Backend {
+    /// Updates `params`, `m` and `v` in place from `grads` (all `[n]` f32).
+    fn adamw_step(
+        &self,
+        p: &AdamWParams,
+        params: &mut Self::Buf<f32>,
+        grads: &Self::Buf<f32>,
+        m: &mut Self::Buf<f32>,
+        v: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+}
+
+/// Shape checks shared by both devices; returns the kernel parameters.
+fn check<B: Backend + ?Sized>(
+    p: &AdamWParams,
+    params: &B::Buf<f32>,
+    grads: &B::Buf<f32>,
+    m: &B::Buf<f32>,
+    v: &B::Buf<f32>,
+) -> Result<AdamWKernelParams> {
+    let n = B::len(params);
+    let detail = || format!("same length as params ({n})");
+    check_len("adamw", "grads", B::len(grads), n, detail)?;
+    check_len("adamw", "m", B::len(m), n, detail)?;
+    check_len("adamw", "v", B::len(v), n, detail)?;
+    p.kernel_params(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{cuda_or_skip, to_f64, Rng, Tol};
+    use crate::Cpu;
+
+    /// PyTorch's AdamW, in f64, over the given steps (grads[s] at step s + 1).
+    fn reference(p: &AdamWParams, params: &[f64], grads: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (lr, b1, b2, eps, wd) = (p.lr as f64, p.beta1 as f64, p.beta2 as f64, p.eps as f64, p.weight_decay as f64);
+        let n = params.len();
+        let (mut x, mut m, mut v) = (params.to_vec(), vec![0.0; n], vec![0.0; n]);
+        for (s, g) in grads.iter().enumerate() {
+            let t = (s + 1) as i32;
+            for i in 0..n {
+                x[i] -= lr * wd * x[i];
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let (mhat, vhat) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+                x[i] -= lr * mhat / (vhat.sqrt() + eps);
+            }
+        }
+        (x, m, v)
+    }
+
+    fn setup(n: usize, steps: usize) -> (AdamWParams, Vec<f32>, Vec<Vec<f32>>) {
+        let mut rng = Rng::new(1);
+        let p = AdamWParams { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 1 };
+        let params = rng.normal_vec(n, 1.0);
+        let grads = (0..steps).map(|_| rng.normal_vec(n, 0.5)).collect();
+        (p, params, grads)
+    }
+
+    #[test]
+    fn cpu_matches_f64_reference_over_several_steps() {
+        let (n, steps) = (10_007, 7);
+        let (p, params, grads) = setup(n, steps);
+        let (mut x, mut m, mut v) = (params.clone(), vec![0.0; n], vec![0.0; n]);
+        for (s, g) in grads.iter().enumerate() {
+            Cpu.adamw_step(&AdamWParams { step: s as u32 + 1, ..p }, &mut x, g, &mut m, &mut v).unwrap();
+        }
+        let grads64: Vec<Vec<f64>> = grads.iter().map(|g| to_f64(g)).collect();
+        let (rx, rm, rv) = reference(&p, &to_f64(&params), &grads64);
+        Tol::F32.assert_close("adamw params", &x, &rx);
+        Tol::F32.assert_close("adamw m", &m, &rm);
+        Tol::F32.assert_close("adamw v", &v, &rv);
+    }
+
+    #[test]
+    fn bad_parameters_and_shapes_are_errors() {
+        let (mut x, mut m, mut v) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 3]);
+        let e = Cpu.adamw_step(&AdamWParams::new(1e-3), &mut x, &[0.0; 4], &mut m, &mut v).unwrap_err().to_string();
+        assert!(e.contains("adamw") && e.contains("`v`"), "{e}");
+        let mut v = vec![0.0; 4];
+        let e = Cpu
+            .adamw_step(&AdamWParams { step: 0, ..AdamWParams::new(1e-3) }, &mut x, &[0.0; 4], &mut m, &mut v)
+            .unwrap_err();
+        assert!(e.to_string().contains("step"), "{e}");
+    }
+
+    #[test]
+    fn cuda_matches_cpu() {
+        let Some(dev) = cuda_or_skip("adamw::cuda_matches_cpu") else { return };
+        let (n, steps) = (70_001, 5); // not a multiple of the 256-thread block
+        let (p, params, grads) = setup(n, steps);
+        let (mut x, mut m, mut v) = (params.clone(), vec![0.0; n], vec![0.0; n]);
+        let (mut xd, mut md, mut vd) =
+            (dev.upload(&params).unwrap(), dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
+        for (s, g) in grads.iter().enumerate() {
+            let ps = AdamWParams { step: s as u32 + 1, ..p };
+            Cpu.adamw_step(&ps, &mut x, g, &mut m, &mut v).unwrap();
+            let gd = dev.upload(g).unwrap();
+            dev.adamw_step(&ps, &mut xd, &gd, &mut md, &mut vd).unwrap();
+        }
+        Tol::CUDA_F32.assert_close("adamw cuda params", &dev.download(&xd).unwrap(), &x);
+        Tol::CUDA_F32.assert_close("adamw cuda m", &dev.download(&md).unwrap(), &m);
+        Tol::CUDA_F32.assert_close("adamw cuda v", &dev.download(&vd).unwrap(), &v);
+    }
+}

@@ -1,0 +1,176 @@
+//! Cross-entropy tests: CPU against an f64 reference, the reference gradient against finite
+//! differences, ignore/all-ignored/invalid targets, shape errors, and CUDA against the CPU for both
+//! block sizes.
+
+use super::cuda::{block_for, SMALL_VOCAB};
+use super::*;
+use crate::cuda::CudaElem;
+use crate::testing::{cuda_or_skip, round_bf16, to_f64, Rng, Tol};
+use crate::{Cpu, Cuda};
+use half::bf16;
+
+/// Random logits (some rows shifted far from 0, to exercise the max subtraction) and targets with
+/// about a quarter ignored.
+fn case(seed: u64, rows: usize, vocab: usize) -> (Vec<f32>, Vec<i32>) {
+    let mut rng = Rng::new(seed);
+    let mut logits = rng.normal_vec(rows * vocab, 3.0);
+    for (r, row) in logits.chunks_mut(vocab).enumerate() {
+        let shift = [0.0, 80.0, -60.0][r % 3];
+        row.iter_mut().for_each(|x| *x += shift);
+    }
+    let targets = (0..rows).map(|_| if rng.below(4) == 0 { IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
+    (logits, targets)
+}
+
+/// f64 reference: per-row loss and the gradient `scale * (softmax - onehot)`.
+fn reference(logits: &[f64], targets: &[i32], vocab: usize, scale: f64) -> (Vec<f64>, Vec<f64>) {
+    let (mut loss, mut grad) = (Vec::new(), Vec::new());
+    for (x, &t) in logits.chunks(vocab).zip(targets) {
+        if t == IGNORE_INDEX {
+            loss.push(0.0);
+            grad.extend(std::iter::repeat_n(0.0, vocab));
+            continue;
+        }
+        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
+        loss.push(s.ln() + m - x[t as usize]);
+        grad.extend(
+            x.iter().enumerate().map(|(j, v)| scale * ((v - m).exp() / s - if j == t as usize { 1.0 } else { 0.0 })),
+        );
+    }
+    (loss, grad)
+}
+
+#[test]
+fn cpu_matches_f64_reference() {
+    // vocab 1000: not a multiple of any block; 50257: GPT-2's (sums over 50k terms: F32_LONG).
+    for (seed, rows, vocab, tol) in [(1, 37, 1000, Tol::F32), (2, 5, 50257, Tol::F32_LONG)] {
+        let (logits, targets) = case(seed, rows, vocab);
+        let scale = 1.0 / count_valid(&targets, IGNORE_INDEX).max(1) as f32;
+        let p = CeParams::new(rows, vocab).with_grad_scale(scale);
+        let (want_loss, want_grad) = reference(&to_f64(&logits), &targets, vocab, scale as f64);
+        let mut loss = vec![f32::NAN; rows];
+        Cpu.ce_fwd(&p, &logits, &targets, &mut loss).unwrap();
+        tol.assert_close(&format!("ce fwd loss vocab {vocab}"), &loss, &want_loss);
+        let (mut grad, mut loss2) = (logits.clone(), vec![f32::NAN; rows]);
+        Cpu.ce_fwd_bwd(&p, &mut grad, &targets, &mut loss2).unwrap();
+        tol.assert_close(&format!("ce fwd_bwd loss vocab {vocab}"), &loss2, &want_loss);
+        tol.assert_close(&format!("ce fwd_bwd grad vocab {vocab}"), &grad, &want_grad);
+    }
+}
+
+#[test]
+fn reference_gradient_matches_central_differences() {
+    let (rows, vocab) = (4, 7);
+    let (logits, mut targets) = case(3, rows, vocab);
+    targets[0] = 2; // at least one valid row
+    let x = to_f64(&logits);
+    let n_valid = count_valid(&targets, IGNORE_INDEX) as f64;
+    let mean_loss = |x: &[f64]| reference(x, &targets, vocab, 1.0).0.iter().sum::<f64>() / n_valid;
+    let (_, grad) = reference(&x, &targets, vocab, 1.0 / n_valid);
+    let h = 1e-6;
+    let fd: Vec<f64> = (0..x.len())
+        .map(|i| {
+            let (mut up, mut dn) = (x.clone(), x.clone());
+            up[i] += h;
+            dn[i] -= h;
+            (mean_loss(&up) - mean_loss(&dn)) / (2.0 * h)
+        })
+        .collect();
+    Tol::GRAD_CHECK.assert_close("ce reference grad vs fd", &grad, &fd);
+}
+
+#[test]
+fn all_ignored_rows_give_zero_loss_and_gradient() {
+    let (rows, vocab) = (6, 333);
+    let (mut logits, _) = case(4, rows, vocab);
+    let targets = vec![IGNORE_INDEX; rows];
+    assert_eq!(count_valid(&targets, IGNORE_INDEX), 0);
+    let mut loss = vec![1.0; rows];
+    Cpu.ce_fwd_bwd(&CeParams::new(rows, vocab), &mut logits, &targets, &mut loss).unwrap();
+    assert!(loss.iter().all(|&l| l == 0.0) && logits.iter().all(|&g| g == 0.0));
+    // A custom ignore index.
+    let (mut logits, _) = case(5, 2, 5);
+    let p = CeParams::new(2, 5).with_ignore_index(-1);
+    Cpu.ce_fwd_bwd(&p, &mut logits, &[-1, 3], &mut loss[..2]).unwrap();
+    assert!(loss[0] == 0.0 && logits[..5].iter().all(|&g| g == 0.0) && loss[1] > 0.0);
+}
+
+#[test]
+fn invalid_target_is_an_error_before_writing() {
+    let (mut logits, _) = case(6, 3, 10);
+    let before = logits.clone();
+    let mut loss = vec![7.0; 3];
+    for bad in [10, -1] {
+        let e = Cpu.ce_fwd_bwd(&CeParams::new(3, 10), &mut logits, &[0, bad, 1], &mut loss).unwrap_err().to_string();
+        assert!(e.contains("targets[1]") && e.contains(&bad.to_string()), "{e}");
+        assert!(logits == before && loss == [7.0; 3], "written before the target check");
+    }
+    assert!(validate_targets(&[0, 9, IGNORE_INDEX], 10, IGNORE_INDEX).is_ok());
+}
+
+#[test]
+fn shape_mismatch_is_an_error() {
+    let e = Cpu.ce_fwd(&CeParams::new(2, 3), &[0.0; 6], &[0, 1], &mut [0.0; 3]).unwrap_err().to_string();
+    assert!(e.contains("cross_entropy") && e.contains("`loss`"), "{e}");
+    let e = Cpu.ce_fwd_bwd(&CeParams::new(2, 3), &mut [0.0; 5], &[0, 1], &mut [0.0; 2]).unwrap_err().to_string();
+    assert!(e.contains("`logits`"), "{e}");
+}
+
+/// CUDA (E = f32 or bf16 logits, rounded through bf16 first) against the CPU on one case.
+fn cuda_case<E: CudaElem>(dev: &Cuda, logits: &[f32], targets: &[i32], p: &CeParams, tol: Tol, what: &str)
+where
+    Cuda: CrossEntropyKernel<E>,
+{
+    let rows = p.rows as usize;
+    let (mut want_grad, mut want_loss) = (logits.to_vec(), vec![0.0; rows]);
+    Cpu.ce_fwd_bwd(p, &mut want_grad, targets, &mut want_loss).unwrap();
+    let xe: Vec<E> = logits.iter().map(|&v| E::from_f32(v)).collect();
+    let (mut x, t) = (dev.upload(&xe).unwrap(), dev.upload(targets).unwrap());
+    let mut loss = dev.upload(&vec![f32::NAN; rows]).unwrap();
+    CrossEntropyKernel::<E>::ce_fwd(dev, p, &x, &t, &mut loss).unwrap();
+    tol.assert_close(&format!("{what} fwd loss"), &dev.download(&loss).unwrap(), &want_loss);
+    let mut loss = dev.upload(&vec![f32::NAN; rows]).unwrap();
+    CrossEntropyKernel::<E>::ce_fwd_bwd(dev, p, &mut x, &t, &mut loss).unwrap();
+    tol.assert_close(&format!("{what} fwd_bwd loss"), &dev.download(&loss).unwrap(), &want_loss);
+    let grad: Vec<f32> = dev.download(&x).unwrap().into_iter().map(|g| g.to_f32()).collect();
+    tol.assert_close(&format!("{what} fwd_bwd grad"), &grad, &want_grad);
+}
+
+#[test]
+fn cuda_matches_cpu() {
+    let Some(dev) = cuda_or_skip("cross_entropy::cuda_matches_cpu") else { return };
+    // Both launch configurations (256 threads up to SMALL_VOCAB, 1024 above), ragged vocabs and
+    // the block-size boundary; rows include ignored targets.
+    for (seed, rows, vocab) in
+        [(10, 29, 1000), (11, 7, 4096), (12, 7, 4097), (13, 5, 50257), (14, 4, 49152), (15, 3, 31)]
+    {
+        let expected_block = if vocab as u32 <= SMALL_VOCAB { 256 } else { 1024 };
+        assert_eq!(block_for(vocab as u32), expected_block);
+        let (logits, targets) = case(seed, rows, vocab);
+        let logits = round_bf16(&logits);
+        let scale = 1.0 / count_valid(&targets, IGNORE_INDEX).max(1) as f32;
+        let p = CeParams::new(rows, vocab).with_grad_scale(scale);
+        let tag = format!("ce cuda vocab {vocab} block {expected_block}");
+        cuda_case::<f32>(&dev, &logits, &targets, &p, Tol::CUDA_F32, &format!("{tag} f32"));
+        cuda_case::<bf16>(&dev, &logits, &targets, &p, Tol::CUDA_BF16, &format!("{tag} bf16"));
+    }
+    // All ignored, both block sizes.
+    for vocab in [300, 5000] {
+        let (logits, _) = case(16, 3, vocab);
+        let targets = vec![IGNORE_INDEX; 3];
+        cuda_case::<f32>(&dev, &logits, &targets, &CeParams::new(3, vocab), Tol::CUDA_F32, "ce cuda all ignored");
+    }
+}
+
+#[test]
+fn cuda_invalid_target_gives_nan_loss_and_zero_gradient() {
+    let Some(dev) = cuda_or_skip("cross_entropy::cuda_invalid_target_gives_nan_loss_and_zero_gradient") else { return };
+    let (logits, _) = case(17, 3, 50);
+    let (mut x, t) = (dev.upload(&logits).unwrap(), dev.upload(&[1i32, 50, 2]).unwrap());
+    let mut loss = dev.zeros::<f32>(3).unwrap();
+    CrossEntropyKernel::<f32>::ce_fwd_bwd(&*dev, &CeParams::new(3, 50), &mut x, &t, &mut loss).unwrap();
+    let (loss, grad) = (dev.download(&loss).unwrap(), dev.download(&x).unwrap());
+    assert!(loss[0].is_finite() && loss[1].is_nan() && loss[2].is_finite(), "{loss:?}");
+    assert!(grad[50..100].iter().all(|&g| g == 0.0));
+}

@@ -1,0 +1,85 @@
+//! Gradient bookkeeping on CUDA: launch glue for `kernels/grad.cu` (grid-stride kernels).
+//!
+//! `grad_zero` is a stream memset. `grad_sq_norm_acc` runs at most [`NORM_MAX_BLOCKS`] blocks,
+//! each summing its grid-stride share in f32, reducing over the block, and adding to `acc` with
+//! one `atomicAdd` (so the last bits of the norm vary with the order of the blocks).
+
+use super::{check_acc, check_accumulate, check_cast, check_clip, GradKernel, GradNormKernel, GradParams};
+use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+// SAFETY: #[repr(C)] plain-old-data (u64, f32, f32) mirrored field by field by `struct GradParams` in grad.cu.
+unsafe impl DeviceRepr for GradParams {}
+
+const BLOCK: u32 = 256;
+/// Most blocks of the squared-norm kernel (bounds the atomics per tensor).
+pub const NORM_MAX_BLOCKS: usize = 1024;
+
+impl<E: CudaElem> GradKernel<E> for Cuda {
+    fn grad_accumulate(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<E>, scale: f32) -> Result<()> {
+        let p = check_accumulate::<Cuda, E>(dst, src, scale)?;
+        if p.n == 0 {
+            return Ok(());
+        }
+        let f = self.function("grad", &symbol::<E>("grad", "accumulate"))?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&p).arg(dst).arg(src);
+        // SAFETY: arguments match grad_accumulate_<E>(GradParams, float*, const T*); both buffers
+        // have p.n elements (checked); the kernel guards i < n.
+        unsafe { b.launch(grid_1d(p.n as usize, BLOCK)) }.map_err(|e| Error::cuda("grad_accumulate", e))?;
+        Ok(())
+    }
+
+    fn cast(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<E>) -> Result<()> {
+        let p = check_cast::<Cuda, E>(src, dst)?;
+        if p.n == 0 {
+            return Ok(());
+        }
+        let f = self.function("grad", &symbol::<E>("grad", "cast"))?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&p).arg(src).arg(dst);
+        // SAFETY: arguments match grad_cast_<E>(GradParams, const float*, T*); both buffers have
+        // p.n elements (checked); the kernel guards i < n.
+        unsafe { b.launch(grid_1d(p.n as usize, BLOCK)) }.map_err(|e| Error::cuda("cast", e))?;
+        Ok(())
+    }
+}
+
+impl GradNormKernel for Cuda {
+    fn grad_zero(&self, dst: &mut CudaSlice<f32>) -> Result<()> {
+        self.stream().memset_zeros(dst).map_err(|e| Error::cuda("grad_zero", e))
+    }
+
+    fn grad_sq_norm_acc(&self, src: &CudaSlice<f32>, acc: &mut CudaSlice<f32>) -> Result<()> {
+        check_acc("grad_sq_norm_acc", acc.len())?;
+        let n = src.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let p = GradParams { n: n as u64, scale: 1.0, max_norm: 0.0 };
+        let blocks = n.div_ceil(BLOCK as usize).min(NORM_MAX_BLOCKS) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let f = self.function("grad", "grad_sqnorm_f32")?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&p).arg(src).arg(acc);
+        // SAFETY: arguments match grad_sqnorm_f32(GradParams, const float*, float*); src has p.n
+        // elements and acc one (checked); grid-stride loop guards i < n.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("grad_sq_norm_acc", e))?;
+        Ok(())
+    }
+
+    fn grad_clip(&self, acc: &CudaSlice<f32>, max_norm: f32, dst: &mut CudaSlice<f32>) -> Result<()> {
+        let p = check_clip(acc.len(), max_norm, dst.len())?;
+        if p.n == 0 {
+            return Ok(());
+        }
+        let f = self.function("grad", "grad_clip_f32")?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&p).arg(acc).arg(dst);
+        // SAFETY: arguments match grad_clip_f32(GradParams, const float*, float*); acc has one
+        // element and dst p.n (checked); the kernel guards i < n.
+        unsafe { b.launch(grid_1d(p.n as usize, BLOCK)) }.map_err(|e| Error::cuda("grad_clip", e))?;
+        Ok(())
+    }
+}
