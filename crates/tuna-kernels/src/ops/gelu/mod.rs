@@ -120,12 +120,13 @@ mod tests {
         let x = round_bf16(&rng.vec(n, -6.0, 6.0));
         let dy = round_bf16(&rng.vec(n, -1.0, 1.0));
         for kind in KINDS {
-            let (mut y, mut dx) = (vec![0.0; n], vec![0.0; n]);
+            // backward accumulates: dx starts nonzero on both devices
+            let (mut y, mut dx) = (vec![0.0; n], vec![0.5; n]);
             Cpu.gelu_fwd(kind, &x, &mut y).unwrap();
             Cpu.gelu_bwd(kind, &x, &dy, &mut dx).unwrap();
             // f32
             let (xd, dyd) = (dev.upload(&x).unwrap(), dev.upload(&dy).unwrap());
-            let (mut yd, mut dxd) = (dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
+            let (mut yd, mut dxd) = (dev.zeros::<f32>(n).unwrap(), dev.upload(&vec![0.5f32; n]).unwrap());
             GeluKernel::<f32>::gelu_fwd(&*dev, kind, &xd, &mut yd).unwrap();
             GeluKernel::<f32>::gelu_bwd(&*dev, kind, &xd, &dyd, &mut dxd).unwrap();
             Tol::CUDA_F32.assert_close("gelu cuda f32 fwd", &dev.download(&yd).unwrap(), &y);
@@ -134,7 +135,7 @@ mod tests {
             let to_b = |v: &[f32]| v.iter().map(|&a| bf16::from_f32(a)).collect::<Vec<_>>();
             let to_f = |v: Vec<bf16>| v.into_iter().map(f32::from).collect::<Vec<_>>();
             let (xb, dyb) = (dev.upload(&to_b(&x)).unwrap(), dev.upload(&to_b(&dy)).unwrap());
-            let (mut yb, mut dxb) = (dev.zeros::<bf16>(n).unwrap(), dev.zeros::<bf16>(n).unwrap());
+            let (mut yb, mut dxb) = (dev.zeros::<bf16>(n).unwrap(), dev.upload(&to_b(&vec![0.5; n])).unwrap());
             <Cuda as GeluKernel<bf16>>::gelu_fwd(&dev, kind, &xb, &mut yb).unwrap();
             <Cuda as GeluKernel<bf16>>::gelu_bwd(&dev, kind, &xb, &dyb, &mut dxb).unwrap();
             Tol::CUDA_BF16.assert_close("gelu cuda bf16 fwd", &to_f(dev.download(&yb).unwrap()), &y);

@@ -8,10 +8,17 @@ use crate::error::{check_len, Error, Result};
 use cudarc::cublas::sys as cb;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
-fn dtype<E: Elem>() -> cb::cudaDataType {
+/// The cuBLAS data type of `E`; only f32 and bf16 have one here (the integer `CudaElem`s must not
+/// reach cuBLAS, which would read them as 4-byte floats past the end of their buffers).
+fn dtype<E: Elem>(dev: &Cuda) -> Result<cb::cudaDataType> {
     match E::NAME {
-        "bf16" => cb::cudaDataType::CUDA_R_16BF,
-        _ => cb::cudaDataType::CUDA_R_32F,
+        "bf16" => Ok(cb::cudaDataType::CUDA_R_16BF),
+        "f32" => Ok(cb::cudaDataType::CUDA_R_32F),
+        other => Err(Error::Unsupported {
+            op: "matmul",
+            device: crate::Backend::device_name(dev),
+            msg: format!("element type {other} (f32 and bf16 only)"),
+        }),
     }
 }
 
@@ -40,8 +47,12 @@ impl Cuda {
         }
         let (op_y, ld_y) = op_ld(y.1);
         let (op_x, ld_x) = op_ld(x.1);
+        let (tx, td) = (dtype::<X>(self)?, dtype::<D>(self)?);
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
         let blas = self.blas()?;
+        // cuBLAS runs in the calling thread's current context; a thread that made no cudarc call
+        // yet has none (cudarc's own launches bind it the same way).
+        self.context().bind_to_thread().map_err(|e| Error::cuda("bind context", e))?;
         let stream = self.stream();
         let (py, _gy) = y.0.device_ptr(stream);
         let (px, _gx) = x.0.device_ptr(stream);
@@ -59,14 +70,14 @@ impl Cuda {
                 k as i32,
                 &alpha as *const f32 as *const _,
                 py as *const _,
-                dtype::<X>(),
+                tx,
                 ld_y,
                 px as *const _,
-                dtype::<X>(),
+                tx,
                 ld_x,
                 &beta as *const f32 as *const _,
                 pd as *mut _,
-                dtype::<D>(),
+                td,
                 n as i32,
                 cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

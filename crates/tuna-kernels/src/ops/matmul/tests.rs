@@ -141,16 +141,23 @@ fn cuda_matches_cpu() {
             let dc = round_bf16(&rng.vec(m * n, -1.0, 1.0));
             let mut c = vec![0.0; m * n];
             Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap();
-            let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
+            // backward accumulates (cuBLAS beta = 1): start both gradients nonzero
+            let (da0, db0) = (vec![0.5; a.len()], vec![-0.5; b.len()]);
+            let (mut da, mut db) = (da0.clone(), db0.clone());
             Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap();
+            // forward with accumulate (beta = 1) on top of `c`: 2c
+            let pacc = MatmulParams { accumulate: true, ..p };
+            let c2: Vec<f32> = c.iter().map(|v| 2.0 * v).collect();
             let what = format!("cuda matmul {m}x{n}x{k} ta={ta} tb={tb}");
             // f32
             let (ad, bd, dcd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&dc).unwrap());
             let mut cd = dev.zeros::<f32>(m * n).unwrap();
-            let (mut dad, mut dbd) = (dev.zeros::<f32>(a.len()).unwrap(), dev.zeros::<f32>(b.len()).unwrap());
+            let (mut dad, mut dbd) = (dev.upload(&da0).unwrap(), dev.upload(&db0).unwrap());
             MatmulKernel::<f32>::matmul_fwd(&*dev, &p, &ad, &bd, &mut cd).unwrap();
-            MatmulKernel::<f32>::matmul_bwd(&*dev, &p, &ad, &bd, &dcd, Some(&mut dad), Some(&mut dbd)).unwrap();
             Tol::CUDA_F32.assert_close(&format!("{what} f32 fwd"), &dev.download(&cd).unwrap(), &c);
+            MatmulKernel::<f32>::matmul_fwd(&*dev, &pacc, &ad, &bd, &mut cd).unwrap();
+            Tol::CUDA_F32.assert_close(&format!("{what} f32 fwd accumulate"), &dev.download(&cd).unwrap(), &c2);
+            MatmulKernel::<f32>::matmul_bwd(&*dev, &p, &ad, &bd, &dcd, Some(&mut dad), Some(&mut dbd)).unwrap();
             Tol::CUDA_F32.assert_close(&format!("{what} f32 dA"), &dev.download(&dad).unwrap(), &da);
             Tol::CUDA_F32.assert_close(&format!("{what} f32 dB"), &dev.download(&dbd).unwrap(), &db);
             // bf16 operands, fp32 accumulate; dB in f32
@@ -158,14 +165,27 @@ fn cuda_matches_cpu() {
             let (ab, bb, dcb) =
                 (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap(), dev.upload(&tb16(&dc)).unwrap());
             let mut cb = dev.zeros::<bf16>(m * n).unwrap();
-            let (mut dab, mut dbb) = (dev.zeros::<bf16>(a.len()).unwrap(), dev.zeros::<f32>(b.len()).unwrap());
-            <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &p, &ab, &bb, &mut cb).unwrap();
-            <Cuda as MatmulKernel<bf16>>::matmul_bwd(&dev, &p, &ab, &bb, &dcb, Some(&mut dab), Some(&mut dbb)).unwrap();
+            let (mut dab, mut dbb) = (dev.upload(&tb16(&da0)).unwrap(), dev.upload(&db0).unwrap());
             let f = |v: Vec<bf16>| v.into_iter().map(f32::from).collect::<Vec<_>>();
+            <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &p, &ab, &bb, &mut cb).unwrap();
             Tol::CUDA_BF16.assert_close(&format!("{what} bf16 fwd"), &f(dev.download(&cb).unwrap()), &c);
+            <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &pacc, &ab, &bb, &mut cb).unwrap();
+            Tol::CUDA_BF16.assert_close(&format!("{what} bf16 fwd accumulate"), &f(dev.download(&cb).unwrap()), &c2);
+            <Cuda as MatmulKernel<bf16>>::matmul_bwd(&dev, &p, &ab, &bb, &dcb, Some(&mut dab), Some(&mut dbb)).unwrap();
             Tol::CUDA_BF16.assert_close(&format!("{what} bf16 dA"), &f(dev.download(&dab).unwrap()), &da);
             // dB is an f32 output of bf16 inputs: only the inputs were rounded, so f32 tolerance holds
             Tol::CUDA_F32.assert_close(&format!("{what} bf16 dB (f32 out)"), &dev.download(&dbb).unwrap(), &db);
         }
     }
+}
+
+/// cuBLAS has no integer GEMM here: an integer element type is an error, not a read of 4-byte
+/// floats past the end of 1-byte buffers.
+#[test]
+fn cuda_rejects_integer_elements() {
+    let Some(dev) = cuda_or_skip("matmul::cuda_rejects_integer_elements") else { return };
+    let p = MatmulParams::new(2, 3, 4);
+    let (a, b, mut c) = (dev.zeros::<u8>(8).unwrap(), dev.zeros::<u8>(12).unwrap(), dev.zeros::<u8>(6).unwrap());
+    let e = MatmulKernel::<u8>::matmul_fwd(&*dev, &p, &a, &b, &mut c).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }

@@ -29,6 +29,11 @@ fn launch<E: CudaElem>(
     if p.tokens() == 0 {
         return Ok(());
     }
+    // One block per token: grid_rows casts to u32, and grid.x is at most 2^31 - 1.
+    if p.tokens() > i32::MAX as usize {
+        let msg = format!("{} tokens > {} (one block per token)", p.tokens(), i32::MAX);
+        return Err(Error::Unsupported { op: "rope", device: crate::Backend::device_name(dev), msg });
+    }
     let cfg: LaunchConfig = grid_rows(p.tokens(), BLOCK, p.head_dim * 4);
     let f = dev.function("rope", &symbol::<E>("rope", dir))?;
     let mut b = dev.stream().launch_builder(&f);
