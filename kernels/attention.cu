@@ -16,6 +16,7 @@ struct AttnParams {
 #define ATTN_WARPS 8      // warps per block (256 threads)
 #define ATTN_RPW 4        // rows per warp: ATTN_TILE / ATTN_WARPS
 #define ATTN_LOG2E 1.4426950408889634f
+static_assert(ATTN_RPW * ATTN_WARPS == ATTN_TILE, "each warp owns ATTN_RPW of the tile's rows");
 
 // Copy 32 rows of D elements (global row r at src[base + r*stride]) into shared dst with row
 // pitch `pitch`, widening to f32; rows at or beyond `nvalid` are zero-filled (never garbage,

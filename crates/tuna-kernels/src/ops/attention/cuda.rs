@@ -17,6 +17,8 @@ const TILE: usize = 32;
 const THREADS: u32 = 256;
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_SMEM: u32 = 48 * 1024;
+/// Largest grid y/z dimension (heads and kv_heads ride y, batch rides z).
+const MAX_GRID_Z: u32 = 65535;
 
 /// Head dims with compiled kernels; each is its own launch configuration (template instance).
 pub const HEAD_DIMS: [u32; 3] = [32, 64, 128];
@@ -32,15 +34,16 @@ pub fn bwd_smem_bytes(d: usize) -> u32 {
     (4 * (4 * TILE * (d + 1) + 2 * TILE * (TILE + 1) + 2 * TILE)) as u32
 }
 
-fn check_head_dim(dev: &Cuda, p: &AttnParams) -> Result<()> {
-    if HEAD_DIMS.contains(&p.head_dim) {
-        return Ok(());
+/// Head dims without a kernel, and batches beyond the grid's z limit, are unsupported here.
+fn check_supported(dev: &Cuda, p: &AttnParams) -> Result<()> {
+    let unsupported = |msg: String| Err(Error::Unsupported { op: "attention", device: dev.device_name(), msg });
+    if !HEAD_DIMS.contains(&p.head_dim) {
+        return unsupported(format!("head_dim {} has no CUDA kernel (supported: {HEAD_DIMS:?})", p.head_dim));
     }
-    Err(Error::Unsupported {
-        op: "attention",
-        device: dev.device_name(),
-        msg: format!("head_dim {} has no CUDA kernel (supported: {HEAD_DIMS:?})", p.head_dim),
-    })
+    if p.batch > MAX_GRID_Z || p.heads > MAX_GRID_Z {
+        return unsupported(format!("batch {} or heads {} exceeds the grid limit {MAX_GRID_Z}", p.batch, p.heads));
+    }
+    Ok(())
 }
 
 /// The kernel `attention_<dir>_d<D>_<dtype>`, allowed `smem` bytes of dynamic shared memory.
@@ -70,7 +73,7 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         let shape = || format!("{p:?}");
         crate::error::check_len("attention", "o", o.len(), p.q_elems(), shape)?;
         crate::error::check_len("attention", "lse", lse.len(), p.lse_elems(), shape)?;
-        check_head_dim(self, p)?;
+        check_supported(self, p)?;
         if p.lse_elems() == 0 {
             return Ok(());
         }
@@ -106,7 +109,7 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
     ) -> Result<()> {
         check_inputs(p, &x)?;
         check_bwd(p, o, d_o, lse, &g)?;
-        check_head_dim(self, p)?;
+        check_supported(self, p)?;
         if p.q_elems() == 0 {
             return Ok(()); // no query, no gradient: nothing to add
         }
