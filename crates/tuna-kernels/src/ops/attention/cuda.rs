@@ -1,1 +1,189 @@
-//! in progress
+//! Fused attention on CUDA: launch glue for `kernels/attention.cu` (shared-memory-tiled SIMT
+//! FlashAttention-2 forward; backward as delta preprocess, key-block main kernel, dq add).
+
+use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, AttnParams};
+use crate::backend::{Backend, Elem};
+use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
+use crate::error::{Error, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+// SAFETY: #[repr(C)] plain-old-data (nine u32 and one f32), mirrored field by field by
+// `struct AttnParams` in attention.cu.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// Rows per tile (queries and keys) and threads per block, as `ATTN_TILE` and 8 warps in the .cu.
+const TILE: usize = 32;
+const THREADS: u32 = 256;
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SMEM: u32 = 48 * 1024;
+/// Largest grid y/z dimension (heads and kv_heads ride y, batch rides z).
+const MAX_GRID_Z: u32 = 65535;
+
+/// Head dims with compiled kernels; each is its own launch configuration (template instance).
+pub const HEAD_DIMS: [u32; 3] = [32, 64, 128];
+
+/// Dynamic shared bytes of the forward: Qs[32][D], Ks[32][D+1], Vs[32][D] in f32.
+pub fn fwd_smem_bytes(d: usize) -> u32 {
+    (4 * TILE * (3 * d + 1)) as u32
+}
+
+/// Dynamic shared bytes of the main backward: Ks, Vs, Qs, dOs [32][D+1], Ps, dSs [32][33],
+/// lse and delta [32], in f32.
+pub fn bwd_smem_bytes(d: usize) -> u32 {
+    (4 * (4 * TILE * (d + 1) + 2 * TILE * (TILE + 1) + 2 * TILE)) as u32
+}
+
+/// Head dims without a kernel, and batches beyond the grid's z limit, are unsupported here.
+fn check_supported(dev: &Cuda, p: &AttnParams) -> Result<()> {
+    let unsupported = |msg: String| Err(Error::Unsupported { op: "attention", device: dev.device_name(), msg });
+    if !HEAD_DIMS.contains(&p.head_dim) {
+        return unsupported(format!("head_dim {} has no CUDA kernel (supported: {HEAD_DIMS:?})", p.head_dim));
+    }
+    if p.batch > MAX_GRID_Z || p.heads > MAX_GRID_Z {
+        return unsupported(format!("batch {} or heads {} exceeds the grid limit {MAX_GRID_Z}", p.batch, p.heads));
+    }
+    Ok(())
+}
+
+/// The kernel `attention_<dir>_d<D>_<dtype>`, allowed `smem` bytes of dynamic shared memory.
+fn tiled_function<E: Elem>(dev: &Cuda, dir: &str, p: &AttnParams, smem: u32) -> Result<CudaFunction> {
+    let f = dev.function("attention", &symbol::<E>("attention", &format!("{dir}_d{}", p.head_dim)))?;
+    if smem > DEFAULT_SMEM {
+        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| Error::cuda(format!("attention_{dir}: allow {smem} B of shared memory"), e))?;
+    }
+    Ok(f)
+}
+
+/// 256 threads per block over a 3-D grid `(x, y, z)` with `smem` dynamic shared bytes.
+fn grid3(x: usize, y: u32, z: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (x as u32, y, z), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem }
+}
+
+/// Null-safe stand-ins for an absent prefix (the kernels never read them when `prefix_len` is 0)
+/// and an absent mask (never read when `has_mask` is 0).
+fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaSlice<E>, &'a CudaSlice<E>) {
+    x.prefix.unwrap_or((x.q, x.q))
+}
+
+impl<E: CudaElem> AttentionKernel<E> for Cuda {
+    fn attn_fwd(&self, p: &AttnParams, x: AttnInputs<'_, Self, E>, o: &mut CudaSlice<E>, lse: &mut CudaSlice<f32>) -> Result<()> {
+        check_inputs(p, &x)?;
+        let shape = || format!("{p:?}");
+        crate::error::check_len("attention", "o", o.len(), p.q_elems(), shape)?;
+        crate::error::check_len("attention", "lse", lse.len(), p.lse_elems(), shape)?;
+        check_supported(self, p)?;
+        if p.lse_elems() == 0 {
+            return Ok(());
+        }
+        let smem = fwd_smem_bytes(p.head_dim as usize);
+        let f = tiled_function::<E>(self, "fwd", p, smem)?;
+        let dummy_mask;
+        let mask = match x.key_mask {
+            Some(m) => m,
+            None => {
+                dummy_mask = self.zeros::<u8>(1)?;
+                &dummy_mask
+            }
+        };
+        let (pk, pv) = prefix_or(&x);
+        let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask).arg(o).arg(lse);
+        // SAFETY: the arguments match attention_fwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, o,
+        // lse); every length was checked against `p` above, absent prefix/mask are never read
+        // (prefix_len 0, has_mask 0), and `smem` is what the kernel's shared tiles need.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("attention_fwd", e))?;
+        Ok(())
+    }
+
+    fn attn_bwd(
+        &self,
+        p: &AttnParams,
+        x: AttnInputs<'_, Self, E>,
+        o: &CudaSlice<E>,
+        d_o: &CudaSlice<E>,
+        lse: &CudaSlice<f32>,
+        g: AttnGrads<'_, Self, E>,
+    ) -> Result<()> {
+        check_inputs(p, &x)?;
+        check_bwd(p, o, d_o, lse, &g)?;
+        check_supported(self, p)?;
+        if p.q_elems() == 0 {
+            return Ok(()); // no query, no gradient: nothing to add
+        }
+        let mut delta = self.zeros::<f32>(p.lse_elems())?;
+        self.launch_bwd_pre::<E>(p, o, d_o, &mut delta)?;
+        let mut dq_acc = self.zeros::<f32>(p.q_elems())?;
+        self.launch_bwd_main(p, x, d_o, lse, &delta, &mut dq_acc, g.dk, g.dv, g.dprefix)?;
+        let f = self.function("attention", &symbol::<E>("attention", "dq_add"))?;
+        let n = p.q_elems() as u64;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&n).arg(&dq_acc).arg(g.dq);
+        // SAFETY: matches attention_dq_add_<E>(u64 n, const float*, T*); both buffers hold n
+        // elements (dq checked by check_bwd, dq_acc allocated with q_elems).
+        unsafe { b.launch(grid_1d(p.q_elems(), THREADS)) }.map_err(|e| Error::cuda("attention_dq_add", e))?;
+        Ok(())
+    }
+}
+
+impl Cuda {
+    /// delta[b,h,i] = sum_d dO * O, one warp per query row.
+    fn launch_bwd_pre<E: CudaElem>(&self, p: &AttnParams, o: &CudaSlice<E>, d_o: &CudaSlice<E>, delta: &mut CudaSlice<f32>) -> Result<()> {
+        let f = self.function("attention", &symbol::<E>("attention", "bwd_pre"))?;
+        let warps_per_block = (THREADS / 32) as usize;
+        let cfg = grid3(p.lse_elems().div_ceil(warps_per_block), 1, 1, 0);
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(o).arg(d_o).arg(delta);
+        // SAFETY: matches attention_bwd_pre_<E>(AttnParams, o, d_o, delta); o and d_o hold
+        // q_elems, delta lse_elems (one per row; the kernel returns for rows past the end).
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("attention_bwd_pre", e))?;
+        Ok(())
+    }
+
+    /// The key-block kernel: dK, dV (or dpK, dpV) accumulated, dQ added into `dq_acc`.
+    fn launch_bwd_main<E: CudaElem>(
+        &self,
+        p: &AttnParams,
+        x: AttnInputs<'_, Self, E>,
+        d_o: &CudaSlice<E>,
+        lse: &CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        dq_acc: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<E>,
+        dv: &mut CudaSlice<E>,
+        dprefix: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    ) -> Result<()> {
+        let smem = bwd_smem_bytes(p.head_dim as usize);
+        let f = tiled_function::<E>(self, "bwd", p, smem)?;
+        let dummy_mask;
+        let mask = match x.key_mask {
+            Some(m) => m,
+            None => {
+                dummy_mask = self.zeros::<u8>(1)?;
+                &dummy_mask
+            }
+        };
+        let (mut dummy_k, mut dummy_v);
+        let (dpk, dpv) = match dprefix {
+            Some(pair) => pair,
+            None => {
+                (dummy_k, dummy_v) = (self.zeros::<f32>(1)?, self.zeros::<f32>(1)?);
+                (&mut dummy_k, &mut dummy_v)
+            }
+        };
+        let (pk, pv) = prefix_or(&x);
+        let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
+        let cfg = grid3(blocks, p.kv_heads, p.batch, smem);
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask);
+        b.arg(d_o).arg(lse).arg(delta).arg(dq_acc).arg(dk).arg(dv).arg(dpk).arg(dpv);
+        // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, d_o, lse,
+        // delta, dq_acc, dk, dv, dpk, dpv); lengths were checked by check_inputs/check_bwd and
+        // the scratch buffers were allocated from `p`; absent prefix/mask buffers are never
+        // touched (no prefix block exists when prefix_len is 0; has_mask 0 skips the mask).
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("attention_bwd", e))?;
+        Ok(())
+    }
+}

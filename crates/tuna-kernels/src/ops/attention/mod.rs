@@ -213,3 +213,4 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)] mod cuda_tests;
