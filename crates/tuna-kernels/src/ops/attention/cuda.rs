@@ -68,7 +68,13 @@ fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaSlice<E>, &'a
 }
 
 impl<E: CudaElem> AttentionKernel<E> for Cuda {
-    fn attn_fwd(&self, p: &AttnParams, x: AttnInputs<'_, Self, E>, o: &mut CudaSlice<E>, lse: &mut CudaSlice<f32>) -> Result<()> {
+    fn attn_fwd(
+        &self,
+        p: &AttnParams,
+        x: AttnInputs<'_, Self, E>,
+        o: &mut CudaSlice<E>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         check_inputs(p, &x)?;
         let shape = || format!("{p:?}");
         crate::error::check_len("attention", "o", o.len(), p.q_elems(), shape)?;
@@ -130,7 +136,13 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
 
 impl Cuda {
     /// delta[b,h,i] = sum_d dO * O, one warp per query row.
-    fn launch_bwd_pre<E: CudaElem>(&self, p: &AttnParams, o: &CudaSlice<E>, d_o: &CudaSlice<E>, delta: &mut CudaSlice<f32>) -> Result<()> {
+    fn launch_bwd_pre<E: CudaElem>(
+        &self,
+        p: &AttnParams,
+        o: &CudaSlice<E>,
+        d_o: &CudaSlice<E>,
+        delta: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let f = self.function("attention", &symbol::<E>("attention", "bwd_pre"))?;
         let warps_per_block = (THREADS / 32) as usize;
         let cfg = grid3(p.lse_elems().div_ceil(warps_per_block), 1, 1, 0);

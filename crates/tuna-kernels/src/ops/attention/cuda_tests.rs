@@ -160,7 +160,13 @@ fn ref_bwd(c: &Case, d: &Data, o: &[f32]) -> Grads<f64> {
     let (dh, scale) = (c.head_dim, c.params().scale as f64);
     let z = |n: usize| vec![0.0f64; n];
     let p = c.params();
-    let mut g = Grads { dq: z(p.q_elems()), dk: z(p.kv_elems()), dv: z(p.kv_elems()), dpk: z(p.prefix_elems()), dpv: z(p.prefix_elems()) };
+    let mut g = Grads {
+        dq: z(p.q_elems()),
+        dk: z(p.kv_elems()),
+        dv: z(p.kv_elems()),
+        dpk: z(p.prefix_elems()),
+        dpv: z(p.prefix_elems()),
+    };
     for b in 0..c.batch {
         for i in 0..c.q_len {
             for h in 0..c.heads {
@@ -267,7 +273,17 @@ fn check_case(dev: &Cuda, name: &str, c: Case) {
     }
 }
 
-const fn case(batch: usize, heads: usize, kv_heads: usize, q_len: usize, kv_len: usize, prefix: usize, head_dim: usize, causal: bool, mask: bool) -> Case {
+const fn case(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    prefix: usize,
+    head_dim: usize,
+    causal: bool,
+    mask: bool,
+) -> Case {
     Case { batch, heads, kv_heads, q_len, kv_len, prefix, head_dim, causal, mask }
 }
 
@@ -300,7 +316,8 @@ fn cuda_head_dim_24_is_unsupported() {
     let Some(dev) = cuda_or_skip("attention::cuda_head_dim_24_is_unsupported") else { return };
     let p = AttnParams::new(1, 2, 2, 5, 24, true);
     let z = |n: usize| dev.zeros::<f32>(n).unwrap();
-    let (q, k, v, mut o, mut lse) = (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()), z(p.q_elems()), z(p.lse_elems()));
+    let (q, k, v, mut o, mut lse) =
+        (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()), z(p.q_elems()), z(p.lse_elems()));
     let x = AttnInputs::<Cuda, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None };
     let e = AttentionKernel::<f32>::attn_fwd(&*dev, &p, x, &mut o, &mut lse).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 24"), "{e}");

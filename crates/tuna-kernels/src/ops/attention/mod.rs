@@ -212,5 +212,6 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
 }
 
 #[cfg(test)]
+mod cuda_tests;
+#[cfg(test)]
 mod tests;
-#[cfg(test)] mod cuda_tests;
