@@ -276,6 +276,7 @@ fn cpu_matches_reference_gqa_and_prefix() {
     check_case("mqa 4/1 prefix 70 bidir", &Data::new(9, 1, 4, 1, 129, 129, 70, 32, false, Pad::None));
     check_case("gqa prefix 5 right pad", &Data::new(10, 2, 6, 2, 37, 37, 5, 24, false, Pad::Right));
     check_case("mha prefix 70 causal d128", &Data::new(11, 2, 2, 2, 64, 64, 70, 128, true, Pad::None));
+    check_case("gqa prefix 150 (two blocks) causal", &Data::new(21, 2, 4, 2, 37, 37, 150, 32, true, Pad::Right));
 }
 
 #[test]

@@ -6,9 +6,9 @@ use crate::ops::attention::AttnParams;
 use std::sync::OnceLock;
 
 /// Query rows per tile.
-pub const BQ: usize = 64;
+pub const BQ: usize = 128;
 /// Keys per tile.
-pub const BK: usize = 64;
+pub const BK: usize = 128;
 
 /// Sizes, strides and masking of one call.
 pub struct Geo<'a> {
