@@ -1,1 +1,370 @@
-//! in progress
+//! Attention tests: an f64 reference (full score matrix), proven by central differences, and
+//! the CPU kernel against it over a grid of masking, GQA, prefix, KV-cache and ragged shapes.
+
+use super::cpu::{attn_bwd_mode, BwdMode};
+use super::*;
+use crate::testing::{to_f64, Rng, Tol};
+use crate::Cpu;
+
+/// Which key padding mask a case uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pad {
+    None,
+    /// Each sequence keeps a random number of leading keys (at least one).
+    Right,
+    /// Each sequence drops a random number of leading keys; batch 0 drops all of them.
+    Left,
+}
+
+/// Inputs of one case, in f32.
+struct Data {
+    p: AttnParams,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    pk: Vec<f32>,
+    pv: Vec<f32>,
+    mask: Vec<u8>,
+    d_o: Vec<f32>,
+}
+
+impl Data {
+    #[allow(clippy::too_many_arguments)]
+    fn new(seed: u64, b: usize, h: usize, kvh: usize, t: usize, s: usize, pre: usize, d: usize, causal: bool, pad: Pad) -> Self {
+        let mut p = AttnParams::new(b, h, kvh, t, d, causal);
+        p.kv_len = s as u32;
+        p.prefix_len = pre as u32;
+        p.has_mask = (pad != Pad::None) as u32;
+        let mut rng = Rng::new(seed);
+        let mut mask = vec![1u8; if pad == Pad::None { 0 } else { b * s }];
+        for (bi, row) in mask.chunks_mut(s.max(1)).enumerate() {
+            match pad {
+                Pad::Right => row[1 + rng.below(s)..].fill(0),
+                Pad::Left => row[..if bi == 0 { s } else { rng.below(s) }].fill(0),
+                Pad::None => {}
+            }
+        }
+        Data {
+            q: rng.normal_vec(p.q_elems(), 1.0),
+            k: rng.normal_vec(p.kv_elems(), 1.0),
+            v: rng.normal_vec(p.kv_elems(), 1.0),
+            pk: rng.normal_vec(p.prefix_elems(), 1.0),
+            pv: rng.normal_vec(p.prefix_elems(), 1.0),
+            d_o: rng.normal_vec(p.q_elems(), 1.0),
+            mask,
+            p,
+        }
+    }
+    fn inputs(&self) -> AttnInputs<'_, Cpu, f32> {
+        AttnInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            prefix: (self.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
+            key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
+        }
+    }
+    fn reference(&self) -> Ref<'_> {
+        Ref { p: self.p, mask: &self.mask, q: to_f64(&self.q), k: to_f64(&self.k), v: to_f64(&self.v), pk: to_f64(&self.pk), pv: to_f64(&self.pv) }
+    }
+}
+
+/// The f64 reference, over one full score row at a time.
+struct Ref<'a> {
+    p: AttnParams,
+    mask: &'a [u8],
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    pk: Vec<f64>,
+    pv: Vec<f64>,
+}
+
+/// Gradients from the reference.
+struct RefGrads {
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+    dpk: Vec<f64>,
+    dpv: Vec<f64>,
+}
+
+impl Ref<'_> {
+    fn dims(&self) -> [usize; 7] {
+        let p = &self.p;
+        [p.batch, p.heads, p.kv_heads, p.q_len, p.kv_len, p.prefix_len, p.head_dim].map(|x| x as usize)
+    }
+    /// Visible keys of query (b, i): `(is_prefix, j, offset of its row in k/v or pk/pv)`.
+    fn keys(&self, b: usize, i: usize, kvh: usize) -> Vec<(bool, usize)> {
+        let [_, _, kvhs, t, s, pre, d] = self.dims();
+        let mut out: Vec<(bool, usize)> = (0..pre).map(|j| (true, (j * kvhs + kvh) * d)).collect();
+        for j in 0..s {
+            let causal_ok = self.p.causal == 0 || j <= s - t + i;
+            let mask_ok = self.p.has_mask == 0 || self.mask[b * s + j] == 1;
+            if causal_ok && mask_ok {
+                out.push((false, ((b * s + j) * kvhs + kvh) * d));
+            }
+        }
+        out
+    }
+    /// Softmax probabilities and lse of query (b, i, h) over `keys`.
+    fn probs(&self, qoff: usize, keys: &[(bool, usize)]) -> (Vec<f64>, f64) {
+        let d = self.p.head_dim as usize;
+        let sc: Vec<f64> = keys
+            .iter()
+            .map(|&(pre, off)| {
+                let kk = if pre { &self.pk } else { &self.k };
+                (0..d).map(|c| self.q[qoff + c] * kk[off + c]).sum::<f64>() * self.p.scale as f64
+            })
+            .collect();
+        let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+        (sc.iter().map(|x| (x - m).exp() / z).collect(), m + z.ln())
+    }
+    fn val(&self, pre: bool, off: usize, c: usize) -> f64 {
+        if pre { self.pv[off + c] } else { self.v[off + c] }
+    }
+    fn fwd(&self) -> (Vec<f64>, Vec<f64>) {
+        let [bs, hs, kvhs, t, _, _, d] = self.dims();
+        let (mut o, mut lse) = (vec![0.0; self.p.q_elems()], vec![f64::NEG_INFINITY; self.p.lse_elems()]);
+        for b in 0..bs {
+            for h in 0..hs {
+                for i in 0..t {
+                    let keys = self.keys(b, i, h / (hs / kvhs));
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let qoff = ((b * t + i) * hs + h) * d;
+                    let (pr, l) = self.probs(qoff, &keys);
+                    lse[(b * hs + h) * t + i] = l;
+                    for (&pj, &(pre, off)) in pr.iter().zip(&keys) {
+                        (0..d).for_each(|c| o[qoff + c] += pj * self.val(pre, off, c));
+                    }
+                }
+            }
+        }
+        (o, lse)
+    }
+    /// Gradients of `sum(o * d_o)`.
+    fn bwd(&self, d_o: &[f64]) -> RefGrads {
+        let [bs, hs, kvhs, t, _, _, d] = self.dims();
+        let mut g = RefGrads {
+            dq: vec![0.0; self.q.len()],
+            dk: vec![0.0; self.k.len()],
+            dv: vec![0.0; self.v.len()],
+            dpk: vec![0.0; self.pk.len()],
+            dpv: vec![0.0; self.pv.len()],
+        };
+        for b in 0..bs {
+            for h in 0..hs {
+                for i in 0..t {
+                    let keys = self.keys(b, i, h / (hs / kvhs));
+                    let qoff = ((b * t + i) * hs + h) * d;
+                    let (pr, _) = self.probs(qoff, &keys);
+                    let dp: Vec<f64> = keys.iter().map(|&(pre, off)| (0..d).map(|c| d_o[qoff + c] * self.val(pre, off, c)).sum()).collect();
+                    let delta: f64 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    let sc = self.p.scale as f64;
+                    for ((&pj, &dpj), &(pre, off)) in pr.iter().zip(&dp).zip(&keys) {
+                        let ds = pj * (dpj - delta) * sc;
+                        let (kk, dk, dv) = if pre { (&self.pk, &mut g.dpk, &mut g.dpv) } else { (&self.k, &mut g.dk, &mut g.dv) };
+                        for c in 0..d {
+                            g.dq[qoff + c] += ds * kk[off + c];
+                            dk[off + c] += ds * self.q[qoff + c];
+                            dv[off + c] += pj * d_o[qoff + c];
+                        }
+                    }
+                }
+            }
+        }
+        g
+    }
+}
+
+#[test]
+fn reference_gradients_match_central_differences() {
+    let data = Data::new(11, 2, 4, 2, 3, 5, 2, 3, true, Pad::Left);
+    let r = data.reference();
+    let d_o = to_f64(&data.d_o);
+    let g = r.bwd(&d_o);
+    let loss = |r: &Ref| r.fwd().0.iter().zip(&d_o).map(|(a, b)| a * b).sum::<f64>();
+    let eps = 1e-6;
+    type Pick = for<'a, 'b> fn(&'a mut Ref<'b>) -> &'a mut Vec<f64>;
+    let cases: [(&str, Pick, &Vec<f64>); 5] = [
+        ("dq", |r| &mut r.q, &g.dq),
+        ("dk", |r| &mut r.k, &g.dk),
+        ("dv", |r| &mut r.v, &g.dv),
+        ("dpk", |r| &mut r.pk, &g.dpk),
+        ("dpv", |r| &mut r.pv, &g.dpv),
+    ];
+    for (name, pick, analytic) in cases {
+        let mut r = data.reference();
+        let numeric: Vec<f64> = (0..analytic.len())
+            .map(|i| {
+                let x = pick(&mut r)[i];
+                pick(&mut r)[i] = x + eps;
+                let up = loss(&r);
+                pick(&mut r)[i] = x - eps;
+                let down = loss(&r);
+                pick(&mut r)[i] = x;
+                (up - down) / (2.0 * eps)
+            })
+            .collect();
+        Tol::GRAD_CHECK.assert_close(&format!("reference {name} vs central differences"), analytic, &numeric);
+    }
+}
+
+/// Runs the CPU forward and every backward split on `data` and compares with the reference.
+fn check_case(what: &str, data: &Data) {
+    let p = data.p;
+    let r = data.reference();
+    let (o_ref, lse_ref) = r.fwd();
+    let (mut o, mut lse) = (vec![0.0f32; p.q_elems()], vec![0.0f32; p.lse_elems()]);
+    Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap();
+    Tol::F32_LONG.assert_close(&format!("{what}: o"), &o, &o_ref);
+    for (i, (&got, &want)) in lse.iter().zip(&lse_ref).enumerate() {
+        if want == f64::NEG_INFINITY {
+            assert_eq!(got, f32::NEG_INFINITY, "{what}: lse[{i}] of a row that sees nothing");
+        } else {
+            Tol::F32_LONG.assert_close(&format!("{what}: lse[{i}]"), &[got], &[want]);
+        }
+    }
+    let g = r.bwd(&to_f64(&data.d_o));
+    // Backward accumulates: start every gradient at a nonzero value.
+    let mut rng = Rng::new(99);
+    let starts: Vec<Vec<f32>> = [p.q_elems(), p.kv_elems(), p.kv_elems(), p.prefix_elems(), p.prefix_elems()]
+        .iter()
+        .map(|&n| rng.vec(n, -1.0, 1.0))
+        .collect();
+    let want: Vec<Vec<f64>> = [&g.dq, &g.dk, &g.dv, &g.dpk, &g.dpv]
+        .iter()
+        .zip(&starts)
+        .map(|(grad, s0)| grad.iter().zip(s0).map(|(a, &b)| a + b as f64).collect())
+        .collect();
+    let names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"];
+    let mut first: Option<Vec<Vec<f32>>> = None;
+    for mode in [BwdMode::Split, BwdMode::Fused, BwdMode::Auto] {
+        let mut got = starts.clone();
+        let [dq, dk, dv, dpk, dpv] = &mut got[..] else { unreachable!() };
+        let grads = AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix: (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..])) };
+        attn_bwd_mode(&p, data.inputs(), &o, &data.d_o, &lse, grads, mode).unwrap();
+        for ((name, gv), wv) in names.iter().zip(&got).zip(&want) {
+            Tol::F32_LONG.assert_close(&format!("{what} ({mode:?}): {name}"), gv, wv);
+        }
+        first.get_or_insert(got);
+    }
+}
+
+#[test]
+fn cpu_matches_reference_mha_causal_and_bidirectional() {
+    check_case("mha causal d32 t37", &Data::new(1, 2, 4, 4, 37, 37, 0, 32, true, Pad::None));
+    check_case("mha bidir d64 t70", &Data::new(2, 2, 3, 3, 70, 70, 0, 64, false, Pad::None));
+    check_case("mha causal d128 t129", &Data::new(3, 1, 2, 2, 129, 129, 0, 128, true, Pad::None));
+}
+
+#[test]
+fn cpu_matches_reference_padding_masks() {
+    // Left padding under causal leaves early rows (and all of batch 0) seeing nothing.
+    check_case("left pad causal", &Data::new(4, 3, 2, 2, 70, 70, 0, 32, true, Pad::Left));
+    check_case("left pad bidir", &Data::new(5, 3, 2, 1, 37, 37, 0, 24, false, Pad::Left));
+    check_case("right pad bidir gqa", &Data::new(6, 2, 4, 1, 129, 129, 0, 24, false, Pad::Right));
+    check_case("right pad causal", &Data::new(7, 2, 6, 2, 130, 130, 0, 64, true, Pad::Right));
+}
+
+#[test]
+fn cpu_matches_reference_gqa_and_prefix() {
+    check_case("gqa 6/2 prefix 5 left pad", &Data::new(8, 2, 6, 2, 70, 70, 5, 64, true, Pad::Left));
+    check_case("mqa 4/1 prefix 70 bidir", &Data::new(9, 1, 4, 1, 129, 129, 70, 32, false, Pad::None));
+    check_case("gqa prefix 5 right pad", &Data::new(10, 2, 6, 2, 37, 37, 5, 24, false, Pad::Right));
+    check_case("mha prefix 70 causal d128", &Data::new(11, 2, 2, 2, 64, 64, 70, 128, true, Pad::None));
+    check_case("gqa prefix 150 (two blocks) causal", &Data::new(21, 2, 4, 2, 37, 37, 150, 32, true, Pad::Right));
+}
+
+#[test]
+fn cpu_matches_reference_kv_cache() {
+    check_case("q_len 1 after 70", &Data::new(12, 2, 4, 2, 1, 70, 0, 64, true, Pad::None));
+    check_case("q_len 1 prefix 70", &Data::new(13, 1, 4, 2, 1, 129, 70, 128, true, Pad::Left));
+    check_case("q_len 37 after 129", &Data::new(14, 2, 6, 2, 37, 129, 5, 64, true, Pad::Left));
+    check_case("q_len 70 after 200 bidir", &Data::new(15, 1, 4, 4, 70, 200, 0, 24, false, Pad::Right));
+}
+
+#[test]
+fn prefix_equals_concatenated_keys() {
+    // Prefix keys behave exactly like content keys placed before the sequence (causal too,
+    // since the query offset grows by the prefix length).
+    let data = Data::new(16, 2, 4, 2, 37, 37, 5, 32, true, Pad::None);
+    let p = data.p;
+    let (kvr, pre, s) = ((p.kv_heads * p.head_dim) as usize, 5, 37);
+    let cat = |pb: &[f32], cb: &[f32]| -> Vec<f32> {
+        (0..2).flat_map(|b| pb.iter().chain(&cb[b * s * kvr..][..s * kvr]).copied().collect::<Vec<_>>()).collect()
+    };
+    let (k2, v2) = (cat(&data.pk, &data.k), cat(&data.pv, &data.v));
+    let mut p2 = p;
+    p2.prefix_len = 0;
+    p2.kv_len = (pre + s) as u32;
+    let (mut o, mut lse) = (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()]);
+    let (mut o2, mut lse2) = (o.clone(), lse.clone());
+    Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap();
+    let x2 = AttnInputs::<Cpu, f32> { q: &data.q, k: &k2, v: &v2, prefix: None, key_mask: None };
+    Cpu.attn_fwd(&p2, x2, &mut o2, &mut lse2).unwrap();
+    Tol::F32.assert_close("prefix vs concatenated: o", &o, &o2);
+    Tol::F32.assert_close("prefix vs concatenated: lse", &lse, &lse2);
+}
+
+#[test]
+fn zero_length_prefix_is_no_prefix() {
+    // prefix_len 0 means no prefix: buffers given anyway are an error, not silently read.
+    let data = Data::new(17, 1, 2, 2, 5, 5, 0, 8, true, Pad::None);
+    let (mut o, mut lse) = (vec![0.0; data.p.q_elems()], vec![0.0; data.p.lse_elems()]);
+    let mut x = data.inputs();
+    x.prefix = Some((&[], &[]));
+    let e = Cpu.attn_fwd(&data.p, x, &mut o, &mut lse).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    check_case("prefix_len 0", &data);
+}
+
+#[test]
+fn backward_is_deterministic() {
+    let data = Data::new(18, 2, 4, 2, 70, 70, 5, 32, true, Pad::Right);
+    let p = data.p;
+    let (mut o, mut lse) = (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()]);
+    Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap();
+    let run = || {
+        let (mut dq, mut dk, mut dv) = (vec![0.0; p.q_elems()], vec![0.0; p.kv_elems()], vec![0.0; p.kv_elems()]);
+        let (mut dpk, mut dpv) = (vec![0.0; p.prefix_elems()], vec![0.0; p.prefix_elems()]);
+        let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: Some((&mut dpk, &mut dpv)) };
+        Cpu.attn_bwd(&p, data.inputs(), &o, &data.d_o, &lse, g).unwrap();
+        [dq, dk, dv, dpk, dpv]
+    };
+    assert!(run() == run(), "two backward runs differ");
+}
+
+#[test]
+fn shape_mismatch_names_the_tensor() {
+    let data = Data::new(19, 1, 2, 1, 4, 6, 2, 8, false, Pad::None);
+    let p = data.p;
+    let (mut o, mut lse) = (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()]);
+    let mut x = data.inputs();
+    x.v = &data.v[1..];
+    let e = Cpu.attn_fwd(&p, x, &mut o, &mut lse).unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }) && e.to_string().contains("`v`"), "{e}");
+    let e = Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse[1..]).unwrap_err();
+    assert!(e.to_string().contains("`lse`"), "{e}");
+    let (mut dq, mut dk, mut dv) = (vec![0.0; p.q_elems()], vec![0.0; p.kv_elems() + 1], vec![0.0; p.kv_elems()]);
+    let (mut dpk, mut dpv) = (vec![0.0; p.prefix_elems()], vec![0.0; p.prefix_elems()]);
+    let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: Some((&mut dpk, &mut dpv)) };
+    let e = Cpu.attn_bwd(&p, data.inputs(), &o, &data.d_o, &lse, g).unwrap_err();
+    assert!(e.to_string().contains("`dk`"), "{e}");
+}
+
+#[test]
+fn invalid_params_are_rejected() {
+    let data = Data::new(20, 1, 6, 4, 4, 4, 0, 8, false, Pad::None);
+    let (mut o, mut lse) = (vec![0.0; data.p.q_elems()], vec![0.0; data.p.lse_elems()]);
+    let e = Cpu.attn_fwd(&data.p, data.inputs(), &mut o, &mut lse).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("divisible"), "{e}");
+    let mut p = data.p;
+    p.kv_heads = 2;
+    p.q_len = 5; // q_len > kv_len
+    let e = Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+}

@@ -1,0 +1,240 @@
+//! Attention backward on the CPU: race-free and deterministic (no atomics). Each pass owns the
+//! gradient rows it writes; tiles recompute `P = exp(S - lse)` and `dS = P * (dP - delta)`.
+//!
+//! - pass `dq`: rayon over (batch, head, query block), looping over KV blocks: `dq += scale dS K`.
+//! - pass `dkv`: rayon over (batch, kv head, content key block), looping over the group's heads
+//!   and query blocks: `dv += P^T dO`, `dk += scale dS^T Q`.
+//! - pass `dprefix`: rayon over (kv head, prefix block), looping over every batch, group head
+//!   and query block, so the batch reduction happens inside the task.
+//!
+//! When there are enough (batch, kv head) pairs to keep every thread busy, the `Fused` split
+//! runs the `dkv` pass per (batch, kv head) and adds `dq` there too (that task owns those `dq`
+//! rows), leaving the `dq` pass only the prefix blocks: 5 tile products per content tile
+//! instead of 7.
+
+use super::tile::{self, matmul, Geo, KvBlock, SharedMut, View, BK, BQ};
+use super::Src;
+use crate::backend::Cpu;
+use crate::ops::attention::AttnGrads;
+use rayon::prelude::*;
+
+/// How the backward splits its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BwdMode {
+    /// `Fused` when batch * kv_heads >= 2 * threads, else `Split`.
+    Auto,
+    Split,
+    Fused,
+}
+
+/// Everything a backward tile reads.
+#[derive(Clone, Copy)]
+struct Bwd<'a> {
+    x: Src<'a>,
+    d_o: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+struct Scratch {
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(d: usize) -> Self {
+        Scratch { s: vec![0.0; BQ * BK], dp: vec![0.0; BQ * BK], dk: vec![0.0; BK * d], dv: vec![0.0; BK * d] }
+    }
+}
+
+/// Recompute one tile: `P` into `sc.s` and `dS` into `sc.dp` (each `bq x blk.n`). Returns `bq`.
+fn tile_grads(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: &mut Scratch) -> usize {
+    let (i0, bq) = g.q_rows(qb);
+    let (n, d) = (blk.n, g.d);
+    let (kp, vp) = a.x.kv(g, b, blk, h / g.group);
+    let qo = g.q_off(b, i0, h);
+    let (s, dp) = (&mut sc.s[..bq * n], &mut sc.dp[..bq * n]);
+    // SAFETY: s and dp hold bq x n; query rows i0..i0+bq of q/d_o and key rows j0..j0+n of
+    // k/v (or the prefix) lie inside buffers whose lengths check_inputs/check_bwd verified.
+    unsafe {
+        matmul(bq, n, d, s.as_mut_ptr(), n, false, View::rows(a.x.q[qo..].as_ptr(), g.q_rs()), View::cols(kp, g.kv_rs()), g.scale);
+        matmul(bq, n, d, dp.as_mut_ptr(), n, false, View::rows(a.d_o[qo..].as_ptr(), g.q_rs()), View::cols(vp, g.kv_rs()), 1.0);
+    }
+    g.apply_mask(s, b, i0, bq, blk);
+    let lo = g.lse_off(b, h, i0);
+    tile::softmax_grad(s, dp, n, &a.lse[lo..][..bq], &a.delta[lo..][..bq]);
+    bq
+}
+
+/// `dq rows (b, i0.., h) += scale * dS K` for the tile in `sc`.
+///
+/// # Safety
+/// No other concurrent task writes those `dq` rows; `dq` has `q_elems` floats.
+unsafe fn add_dq(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: &Scratch, dq: SharedMut) {
+    let (i0, bq) = g.q_rows(qb);
+    let (kp, _) = a.x.kv(g, b, blk, h / g.group);
+    // SAFETY: the caller owns these dq rows; dS is bq x n; key rows lie in their buffer.
+    unsafe {
+        let dst = dq.0.add(g.q_off(b, i0, h));
+        matmul(bq, g.d, blk.n, dst, g.q_rs(), true, View::rows(sc.dp.as_ptr(), blk.n), View::rows(kp, g.kv_rs()), g.scale);
+    }
+}
+
+/// `dv_t += P^T dO`, `dk_t += scale dS^T Q` into the task-local `sc.dk`, `sc.dv` (`n x d`).
+fn add_dkv_tile(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, n: usize, bq: usize, sc: &mut Scratch) {
+    let qo = g.q_off(b, g.q_rows(qb).0, h);
+    let d = g.d;
+    // SAFETY: dk/dv scratch hold n x d; P and dS are bq x n; query rows lie in q and d_o.
+    unsafe {
+        let (do_v, q_v) = (View::rows(a.d_o[qo..].as_ptr(), g.q_rs()), View::rows(a.x.q[qo..].as_ptr(), g.q_rs()));
+        matmul(n, d, bq, sc.dv.as_mut_ptr(), d, true, View::cols(sc.s.as_ptr(), n), do_v, 1.0);
+        matmul(n, d, bq, sc.dk.as_mut_ptr(), d, true, View::cols(sc.dp.as_ptr(), n), q_v, g.scale);
+    }
+}
+
+/// `dst rows (stride kv_rs) += src (n x d)`.
+///
+/// # Safety
+/// No other concurrent task writes those rows, which lie inside `dst`'s buffer.
+unsafe fn add_rows(g: &Geo, dst: *mut f32, src: &[f32], n: usize) {
+    for (r, row) in src[..n * g.d].chunks_exact(g.d).enumerate() {
+        // SAFETY: per the contract.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * g.kv_rs()), g.d) };
+        out.iter_mut().zip(row).for_each(|(y, x)| *y += x);
+    }
+}
+
+/// Gradients of content key block `kb` of (b, kvh); with `dq`, also its `dq` contributions.
+///
+/// # Safety
+/// No concurrent task writes dk/dv rows (b, block, kvh), nor (if given) dq rows of (b, group heads).
+unsafe fn content_block(g: &Geo, a: Bwd, b: usize, kvh: usize, kb: usize, sc: &mut Scratch, out: [SharedMut; 2], dq: Option<SharedMut>) {
+    let j0 = kb * BK;
+    let blk = KvBlock { j0, n: BK.min(g.s - j0), prefix: false };
+    if g.all_padded(b, blk) {
+        return;
+    }
+    sc.dk[..blk.n * g.d].fill(0.0);
+    sc.dv[..blk.n * g.d].fill(0.0);
+    for h in kvh * g.group..(kvh + 1) * g.group {
+        for qb in g.first_q_seeing(j0) / BQ..g.q_blocks() {
+            let bq = tile_grads(g, a, b, h, qb, blk, sc);
+            add_dkv_tile(g, a, b, h, qb, blk.n, bq, sc);
+            if let Some(dq) = dq {
+                // SAFETY: forwarded from this function's contract.
+                unsafe { add_dq(g, a, b, h, qb, blk, sc, dq) };
+            }
+        }
+    }
+    let off = g.kv_off(b, blk, kvh);
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        add_rows(g, out[0].0.add(off), &sc.dk, blk.n);
+        add_rows(g, out[1].0.add(off), &sc.dv, blk.n);
+    }
+}
+
+/// Gradients of prefix block `pb` of KV head `kvh`, summed over the batch.
+///
+/// # Safety
+/// No concurrent task writes dpk/dpv rows (block, kvh).
+unsafe fn prefix_block(g: &Geo, a: Bwd, kvh: usize, pb: usize, sc: &mut Scratch, out: [SharedMut; 2]) {
+    let j0 = pb * BK;
+    let blk = KvBlock { j0, n: BK.min(g.p - j0), prefix: true };
+    sc.dk[..blk.n * g.d].fill(0.0);
+    sc.dv[..blk.n * g.d].fill(0.0);
+    for b in 0..g.batch {
+        for h in kvh * g.group..(kvh + 1) * g.group {
+            for qb in 0..g.q_blocks() {
+                let bq = tile_grads(g, a, b, h, qb, blk, sc);
+                add_dkv_tile(g, a, b, h, qb, blk.n, bq, sc);
+            }
+        }
+    }
+    let off = g.kv_off(0, blk, kvh);
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        add_rows(g, out[0].0.add(off), &sc.dk, blk.n);
+        add_rows(g, out[1].0.add(off), &sc.dv, blk.n);
+    }
+}
+
+/// `delta[b, h, i] = sum_d dO * O` in the `lse` layout.
+fn deltas(g: &Geo, o: &[f32], d_o: &[f32]) -> Vec<f32> {
+    let mut delta = vec![0.0f32; g.batch * g.heads * g.t];
+    delta.par_chunks_mut(g.t.max(1)).enumerate().for_each(|(bh, row)| {
+        let (b, h) = (bh / g.heads, bh % g.heads);
+        for (i, y) in row.iter_mut().enumerate() {
+            let off = g.q_off(b, i, h);
+            *y = o[off..][..g.d].iter().zip(&d_o[off..][..g.d]).map(|(a, b)| a * b).sum();
+        }
+    });
+    delta
+}
+
+/// Runs the passes; buffers were checked by the caller.
+pub(super) fn backward(g: &Geo, x: Src, o: &[f32], d_o: &[f32], lse: &[f32], grads: AttnGrads<'_, Cpu, f32>, mode: BwdMode) {
+    let delta = deltas(g, o, d_o);
+    let a = Bwd { x, d_o, lse, delta: &delta };
+    let mode = match mode {
+        BwdMode::Auto if g.batch * g.kv_heads >= 2 * rayon::current_num_threads() => BwdMode::Fused,
+        BwdMode::Auto => BwdMode::Split,
+        m => m,
+    };
+    let fused = mode == BwdMode::Fused;
+    let dq = SharedMut(grads.dq.as_mut_ptr());
+    let dkv = [SharedMut(grads.dk.as_mut_ptr()), SharedMut(grads.dv.as_mut_ptr())];
+    let d = g.d;
+    let (nqb, nkb) = (g.q_blocks(), g.s.div_ceil(BK));
+    // Pass dq: prefix blocks always; content blocks unless the fused dkv pass adds them.
+    if g.p > 0 || !fused {
+        (0..g.batch * g.heads * nqb).into_par_iter().for_each_init(
+            || Scratch::new(d),
+            |sc, task| {
+                let (bh, qb) = (task / nqb, task % nqb);
+                let (b, h) = (bh / g.heads, bh % g.heads);
+                let (i0, bq) = g.q_rows(qb);
+                let content = g.content_blocks(b, i0, bq).filter(|_| !fused);
+                for blk in g.prefix_blocks().chain(content) {
+                    tile_grads(g, a, b, h, qb, blk, sc);
+                    // SAFETY: tasks differ in (b, h, qb): disjoint dq rows.
+                    unsafe { add_dq(g, a, b, h, qb, blk, sc, dq) };
+                }
+            },
+        );
+    }
+    if fused {
+        (0..g.batch * g.kv_heads).into_par_iter().for_each_init(
+            || Scratch::new(d),
+            |sc, bk| {
+                for kb in 0..nkb {
+                    // SAFETY: tasks differ in (b, kvh): disjoint dk/dv rows and dq rows (each
+                    // query head belongs to one kv head); the dq pass above has finished.
+                    unsafe { content_block(g, a, bk / g.kv_heads, bk % g.kv_heads, kb, sc, dkv, Some(dq)) };
+                }
+            },
+        );
+    } else {
+        (0..g.batch * g.kv_heads * nkb).into_par_iter().for_each_init(
+            || Scratch::new(d),
+            |sc, task| {
+                let (bk, kb) = (task / nkb, task % nkb);
+                // SAFETY: tasks differ in (b, kvh, kb): disjoint dk/dv rows; no dq writes.
+                unsafe { content_block(g, a, bk / g.kv_heads, bk % g.kv_heads, kb, sc, dkv, None) };
+            },
+        );
+    }
+    if let Some((dpk, dpv)) = grads.dprefix {
+        let out = [SharedMut(dpk.as_mut_ptr()), SharedMut(dpv.as_mut_ptr())];
+        let npb = g.p.div_ceil(BK);
+        (0..g.kv_heads * npb).into_par_iter().for_each_init(
+            || Scratch::new(d),
+            |sc, task| {
+                // SAFETY: tasks differ in (kvh, pb): disjoint dpk/dpv rows.
+                unsafe { prefix_block(g, a, task / npb, task % npb, sc, out) };
+            },
+        );
+    }
+}

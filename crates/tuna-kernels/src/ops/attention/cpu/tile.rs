@@ -1,0 +1,355 @@
+//! Tile-level building blocks of CPU attention: the problem geometry, KV blocks and their
+//! masks, strided `gemm` tile products, and the vectorized per-tile softmax arithmetic
+//! (compiled for AVX-512 / AVX2 and picked at run time).
+
+use crate::ops::attention::AttnParams;
+use std::sync::OnceLock;
+
+/// Query rows per tile.
+pub const BQ: usize = 128;
+/// Keys per tile.
+pub const BK: usize = 128;
+
+/// Sizes, strides and masking of one call.
+pub struct Geo<'a> {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    pub t: usize,
+    pub s: usize,
+    pub p: usize,
+    pub d: usize,
+    pub scale: f32,
+    pub causal: bool,
+    pub mask: Option<&'a [u8]>,
+}
+
+/// One block of keys: `n` rows starting at `j0`, of the prefix or of the content.
+#[derive(Clone, Copy, Debug)]
+pub struct KvBlock {
+    pub j0: usize,
+    pub n: usize,
+    pub prefix: bool,
+}
+
+impl<'a> Geo<'a> {
+    pub fn new(p: &AttnParams, mask: Option<&'a [u8]>) -> Self {
+        Geo {
+            batch: p.batch as usize,
+            heads: p.heads as usize,
+            kv_heads: p.kv_heads as usize,
+            group: (p.heads / p.kv_heads) as usize,
+            t: p.q_len as usize,
+            s: p.kv_len as usize,
+            p: p.prefix_len as usize,
+            d: p.head_dim as usize,
+            scale: p.scale,
+            causal: p.causal == 1,
+            mask,
+        }
+    }
+    /// Row stride of `q`, `o`, `dq`, `d_o`.
+    pub fn q_rs(&self) -> usize {
+        self.heads * self.d
+    }
+    /// Row stride of `k`, `v`, prefix, and their gradients.
+    pub fn kv_rs(&self) -> usize {
+        self.kv_heads * self.d
+    }
+    pub fn q_off(&self, b: usize, i: usize, h: usize) -> usize {
+        ((b * self.t + i) * self.heads + h) * self.d
+    }
+    /// Offset of key row `j` of KV head `kvh` in `k`/`v` (content) or in the prefix buffers.
+    pub fn kv_off(&self, b: usize, blk: KvBlock, kvh: usize) -> usize {
+        if blk.prefix {
+            (blk.j0 * self.kv_heads + kvh) * self.d
+        } else {
+            ((b * self.s + blk.j0) * self.kv_heads + kvh) * self.d
+        }
+    }
+    pub fn lse_off(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.heads + h) * self.t + i
+    }
+    /// Query blocks per sequence.
+    pub fn q_blocks(&self) -> usize {
+        self.t.div_ceil(BQ)
+    }
+    /// Rows `(i0, bq)` of query block `qb`.
+    pub fn q_rows(&self, qb: usize) -> (usize, usize) {
+        let i0 = qb * BQ;
+        (i0, BQ.min(self.t - i0))
+    }
+    pub fn prefix_blocks(&self) -> impl Iterator<Item = KvBlock> {
+        let p = self.p;
+        (0..p).step_by(BK).map(move |j0| KvBlock { j0, n: BK.min(p - j0), prefix: true })
+    }
+    /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all.
+    pub fn content_blocks(&self, b: usize, i0: usize, bq: usize) -> impl Iterator<Item = KvBlock> + '_ {
+        let end = if self.causal { (self.s - self.t + i0 + bq).min(self.s) } else { self.s };
+        (0..end)
+            .step_by(BK)
+            .map(move |j0| KvBlock { j0, n: BK.min(self.s - j0), prefix: false })
+            .filter(move |blk| !self.all_padded(b, *blk))
+    }
+    /// Whether every key of a content block is padding.
+    pub fn all_padded(&self, b: usize, blk: KvBlock) -> bool {
+        match self.mask {
+            Some(m) if !blk.prefix => m[b * self.s + blk.j0..][..blk.n].iter().all(|&x| x == 0),
+            _ => false,
+        }
+    }
+    /// First query row that can see content key `j0` (causal), else 0.
+    pub fn first_q_seeing(&self, j0: usize) -> usize {
+        if self.causal {
+            j0.saturating_sub(self.s - self.t)
+        } else {
+            0
+        }
+    }
+
+    /// Sets to `-inf` the scores of `tile` (`bq x blk.n`, rows of query `i0 + r`) that the
+    /// causal rule or the padding mask hides.
+    pub fn apply_mask(&self, tile: &mut [f32], b: usize, i0: usize, bq: usize, blk: KvBlock) {
+        if blk.prefix {
+            return;
+        }
+        let n = blk.n;
+        if let Some(m) = self.mask {
+            let m = &m[b * self.s + blk.j0..][..n];
+            if m.contains(&0) {
+                for row in tile[..bq * n].chunks_exact_mut(n) {
+                    for (x, &keep) in row.iter_mut().zip(m) {
+                        if keep == 0 {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+        if self.causal {
+            let off = self.s - self.t;
+            for (r, row) in tile[..bq * n].chunks_exact_mut(n).enumerate() {
+                // Query i0 + r sees content keys j <= off + i0 + r.
+                let first_hidden = (off + i0 + r + 1).saturating_sub(blk.j0);
+                if first_hidden < n {
+                    row[first_hidden..].fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+    }
+}
+
+/// A strided read-only matrix view: element `(r, c)` at `ptr + r*rs + c*cs`.
+#[derive(Clone, Copy)]
+pub struct View {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    pub fn rows(ptr: *const f32, rs: usize) -> Self {
+        View { ptr, rs, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with row stride `rs`.
+    pub fn cols(ptr: *const f32, rs: usize) -> Self {
+        View { ptr, rs: 1, cs: rs }
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] beta * lhs (m x k) * rhs (k x n)`, one thread.
+///
+/// # Safety
+/// `dst` must be valid for writes (and reads if `accumulate`) of every element `r*dst_rs + c`
+/// with `r < m`, `c < n`, not aliased by `lhs`/`rhs`, and `lhs`/`rhs` valid for reads of every
+/// element their strides address for `m x k` and `k x n`.
+pub unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32) {
+    let st = |x: usize| x as isize;
+    // SAFETY: forwarded from this function's contract; gemm computes dst := 1*dst + beta*lhs*rhs.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, st(dst_rs), accumulate,
+            lhs.ptr, st(lhs.cs), st(lhs.rs), rhs.ptr, st(rhs.cs), st(rhs.rs),
+            1.0, beta, false, false, false, gemm::Parallelism::None,
+        )
+    }
+}
+
+/// A raw pointer that rayon tasks share to write disjoint rows of one output buffer.
+#[derive(Clone, Copy)]
+pub struct SharedMut(pub *mut f32);
+// SAFETY: every use writes rows that no other concurrent task touches (documented at each use).
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Level {
+    Avx512,
+    Avx2,
+    Base,
+}
+
+fn level() -> Level {
+    static L: OnceLock<Level> = OnceLock::new();
+    *L.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                return Level::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Level::Avx2;
+            }
+        }
+        Level::Base
+    })
+}
+
+const LANES: usize = 16;
+
+/// `e^x` for `x <= 88` (relative error ~2e-7); `0` for `x < -88` and for `-inf`. Written as
+/// straight-line float/int arithmetic so loops over it vectorize.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 split (Cody-Waite) so n * LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-88.03, 88.03); // keeps n in [-127, 127]
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    let f = x - n * LN2_HI - n * LN2_LO; // |f| <= ln2 / 2
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    let ni = shifted.to_bits() as i32 - 0x4B40_0000;
+    // n = -127 gives the bit pattern 0 (the value 0.0): underflow to exactly zero.
+    p * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// `row[c] = exp(row[c] - sub)` in place; returns the sum.
+#[inline(always)]
+fn exp_sub_sum(row: &mut [f32], sub: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for k in 0..LANES {
+            c[k] = fast_exp(c[k] - sub);
+            acc[k] += c[k];
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - sub);
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Online softmax over one score tile (`rows x n`): turns scores into `exp(s - m_new)`,
+/// updates the running max `m` and sum `l`, and writes each row's rescale factor to `alpha`.
+#[inline(always)]
+fn online_softmax_impl(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+    for (r, row) in tile.chunks_exact_mut(n).enumerate() {
+        let m_new = m[r].max(row_max(row));
+        if m_new == f32::NEG_INFINITY {
+            row.fill(0.0); // nothing visible to this row yet
+            alpha[r] = 1.0;
+            continue;
+        }
+        let a = fast_exp(m[r] - m_new);
+        l[r] = l[r] * a + exp_sub_sum(row, m_new);
+        m[r] = m_new;
+        alpha[r] = a;
+    }
+}
+
+/// Backward tile: `p = exp(s - lse)` in `tile`, `ds = p * (dp - delta)` in `dp`, row by row.
+/// A row with `lse = -inf` (it saw nothing) gets zeros.
+#[inline(always)]
+fn softmax_grad_impl(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
+    for (r, (row, dprow)) in tile.chunks_exact_mut(n).zip(dp.chunks_exact_mut(n)).enumerate() {
+        let sub = if lse[r] == f32::NEG_INFINITY { f32::INFINITY } else { lse[r] };
+        let dl = delta[r];
+        for (x, g) in row.iter_mut().zip(dprow.iter_mut()) {
+            *x = fast_exp(*x - sub);
+            *g = *x * (*g - dl);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn online_softmax_avx512(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+    online_softmax_impl(tile, n, m, l, alpha)
+}
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn online_softmax_avx2(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+    online_softmax_impl(tile, n, m, l, alpha)
+}
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn softmax_grad_avx512(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
+    softmax_grad_impl(tile, dp, n, lse, delta)
+}
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_grad_avx2(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
+    softmax_grad_impl(tile, dp, n, lse, delta)
+}
+
+/// See [`online_softmax_impl`]; dispatches on the CPU's vector width.
+pub fn online_softmax(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match level() {
+        // SAFETY: `level` detected these target features on this CPU.
+        Level::Avx512 => return unsafe { online_softmax_avx512(tile, n, m, l, alpha) },
+        // SAFETY: as above.
+        Level::Avx2 => return unsafe { online_softmax_avx2(tile, n, m, l, alpha) },
+        Level::Base => {}
+    }
+    online_softmax_impl(tile, n, m, l, alpha)
+}
+
+/// See [`softmax_grad_impl`]; dispatches on the CPU's vector width.
+pub fn softmax_grad(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match level() {
+        // SAFETY: `level` detected these target features on this CPU.
+        Level::Avx512 => return unsafe { softmax_grad_avx512(tile, dp, n, lse, delta) },
+        // SAFETY: as above.
+        Level::Avx2 => return unsafe { softmax_grad_avx2(tile, dp, n, lse, delta) },
+        Level::Base => {}
+    }
+    softmax_grad_impl(tile, dp, n, lse, delta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_accurate_and_underflows_to_zero() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (fast_exp(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 3e-7 * want + 1e-37, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+    }
+}
