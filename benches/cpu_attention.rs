@@ -76,7 +76,14 @@ impl Case {
                 row[t / 2 + rng.below(t / 2)..].fill(0); // keep between half and all tokens
             }
         }
-        Case { q: rng.normal_vec(p.q_elems(), 1.0), k: rng.normal_vec(p.kv_elems(), 1.0), v: rng.normal_vec(p.kv_elems(), 1.0), d_o: rng.normal_vec(p.q_elems(), 1.0), mask, p }
+        Case {
+            q: rng.normal_vec(p.q_elems(), 1.0),
+            k: rng.normal_vec(p.kv_elems(), 1.0),
+            v: rng.normal_vec(p.kv_elems(), 1.0),
+            d_o: rng.normal_vec(p.q_elems(), 1.0),
+            mask,
+            p,
+        }
     }
     /// FLOPs of the (query, key) pairs the masks leave visible: the work that matters.
     fn useful_fwd_flops(&self) -> f64 {
@@ -91,7 +98,13 @@ impl Case {
         4.0 * (self.p.heads * self.p.head_dim) as f64 * visible as f64
     }
     fn x(&self) -> AttnInputs<'_, Cpu, f32> {
-        AttnInputs { q: &self.q, k: &self.k, v: &self.v, prefix: None, key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]) }
+        AttnInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            prefix: None,
+            key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
+        }
     }
     fn fwd(&self, o: &mut [f32], lse: &mut [f32]) {
         Cpu.attn_fwd(&self.p, self.x(), o, lse).expect("attention forward");
@@ -103,7 +116,11 @@ impl Case {
     }
     fn buffers(&self) -> (Vec<f32>, Vec<f32>, [Vec<f32>; 3]) {
         let p = &self.p;
-        (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()], [vec![0.0; p.q_elems()], vec![0.0; p.kv_elems()], vec![0.0; p.kv_elems()]])
+        (
+            vec![0.0; p.q_elems()],
+            vec![0.0; p.lse_elems()],
+            [vec![0.0; p.q_elems()], vec![0.0; p.kv_elems()], vec![0.0; p.kv_elems()]],
+        )
     }
 }
 
@@ -115,7 +132,27 @@ fn matmul_gflops() -> f64 {
     let secs = time(5, || {
         // SAFETY: a, b, c are n x n row-major buffers that outlive the call; c aliases neither.
         unsafe {
-            gemm::gemm(n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize, b.as_ptr(), 1, n as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::Rayon(threads))
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
         }
     });
     2.0 * (n * n * n) as f64 / secs / 1e9
@@ -147,9 +184,20 @@ fn main() {
         });
         let fl = c.p.fwd_flops();
         let (gf, gfb) = (fl / tf / 1e9, 3.5 * fl / tfb / 1e9);
-        let mask = if causal { "causal" } else if padded { "bidir + pad" } else { "bidir" };
+        let mask = if causal {
+            "causal"
+        } else if padded {
+            "bidir + pad"
+        } else {
+            "bidir"
+        };
         let useful = 3.5 * c.useful_fwd_flops() / tfb / 1e9;
-        println!("| {name} | {b} | {h} | {t} | {d} | {mask} | {:.2} | {gf:.0} | {:.2} | {gfb:.0} | {:.2} | {useful:.0} |", tf * 1e3, tfb * 1e3, gfb / mm);
+        println!(
+            "| {name} | {b} | {h} | {t} | {d} | {mask} | {:.2} | {gf:.0} | {:.2} | {gfb:.0} | {:.2} | {useful:.0} |",
+            tf * 1e3,
+            tfb * 1e3,
+            gfb / mm
+        );
     }
     println!("\nPeak extra heap bytes per call (B=1, H=12, D=64, causal; inputs/outputs excluded):\n");
     println!("| T | fwd bytes | bwd bytes | a T x T f32 score matrix would be |");

@@ -74,7 +74,9 @@ unsafe fn fwd_task(g: &Geo, x: Src, b: usize, h: usize, qb: usize, sc: &mut FwdS
             }
         }
         // SAFETY: `acc` holds bq x d; `s` bq x n; value rows j0..j0+n lie in their buffer.
-        unsafe { matmul(bq, d, n, acc.as_mut_ptr(), d, true, View::rows(s.as_ptr(), n), View::rows(vp, g.kv_rs()), 1.0) };
+        unsafe {
+            matmul(bq, d, n, acc.as_mut_ptr(), d, true, View::rows(s.as_ptr(), n), View::rows(vp, g.kv_rs()), 1.0)
+        };
     }
     for r in 0..bq {
         let (m, l) = (sc.m[r], sc.l[r]);

@@ -30,7 +30,18 @@ struct Data {
 
 impl Data {
     #[allow(clippy::too_many_arguments)]
-    fn new(seed: u64, b: usize, h: usize, kvh: usize, t: usize, s: usize, pre: usize, d: usize, causal: bool, pad: Pad) -> Self {
+    fn new(
+        seed: u64,
+        b: usize,
+        h: usize,
+        kvh: usize,
+        t: usize,
+        s: usize,
+        pre: usize,
+        d: usize,
+        causal: bool,
+        pad: Pad,
+    ) -> Self {
         let mut p = AttnParams::new(b, h, kvh, t, d, causal);
         p.kv_len = s as u32;
         p.prefix_len = pre as u32;
@@ -65,7 +76,15 @@ impl Data {
         }
     }
     fn reference(&self) -> Ref<'_> {
-        Ref { p: self.p, mask: &self.mask, q: to_f64(&self.q), k: to_f64(&self.k), v: to_f64(&self.v), pk: to_f64(&self.pk), pv: to_f64(&self.pv) }
+        Ref {
+            p: self.p,
+            mask: &self.mask,
+            q: to_f64(&self.q),
+            k: to_f64(&self.k),
+            v: to_f64(&self.v),
+            pk: to_f64(&self.pk),
+            pv: to_f64(&self.pv),
+        }
     }
 }
 
@@ -122,7 +141,11 @@ impl Ref<'_> {
         (sc.iter().map(|x| (x - m).exp() / z).collect(), m + z.ln())
     }
     fn val(&self, pre: bool, off: usize, c: usize) -> f64 {
-        if pre { self.pv[off + c] } else { self.v[off + c] }
+        if pre {
+            self.pv[off + c]
+        } else {
+            self.v[off + c]
+        }
     }
     fn fwd(&self) -> (Vec<f64>, Vec<f64>) {
         let [bs, hs, kvhs, t, _, _, d] = self.dims();
@@ -161,12 +184,16 @@ impl Ref<'_> {
                     let keys = self.keys(b, i, h / (hs / kvhs));
                     let qoff = ((b * t + i) * hs + h) * d;
                     let (pr, _) = self.probs(qoff, &keys);
-                    let dp: Vec<f64> = keys.iter().map(|&(pre, off)| (0..d).map(|c| d_o[qoff + c] * self.val(pre, off, c)).sum()).collect();
+                    let dp: Vec<f64> = keys
+                        .iter()
+                        .map(|&(pre, off)| (0..d).map(|c| d_o[qoff + c] * self.val(pre, off, c)).sum())
+                        .collect();
                     let delta: f64 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
                     let sc = self.p.scale as f64;
                     for ((&pj, &dpj), &(pre, off)) in pr.iter().zip(&dp).zip(&keys) {
                         let ds = pj * (dpj - delta) * sc;
-                        let (kk, dk, dv) = if pre { (&self.pk, &mut g.dpk, &mut g.dpv) } else { (&self.k, &mut g.dk, &mut g.dv) };
+                        let (kk, dk, dv) =
+                            if pre { (&self.pk, &mut g.dpk, &mut g.dpv) } else { (&self.k, &mut g.dk, &mut g.dv) };
                         for c in 0..d {
                             g.dq[qoff + c] += ds * kk[off + c];
                             dk[off + c] += ds * self.q[qoff + c];
@@ -245,7 +272,8 @@ fn check_case(what: &str, data: &Data) {
     for mode in [BwdMode::Split, BwdMode::Fused, BwdMode::Auto] {
         let mut got = starts.clone();
         let [dq, dk, dv, dpk, dpv] = &mut got[..] else { unreachable!() };
-        let grads = AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix: (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..])) };
+        let grads =
+            AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix: (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..])) };
         attn_bwd_mode(&p, data.inputs(), &o, &data.d_o, &lse, grads, mode).unwrap();
         for ((name, gv), wv) in names.iter().zip(&got).zip(&want) {
             Tol::F32_LONG.assert_close(&format!("{what} ({mode:?}): {name}"), gv, wv);

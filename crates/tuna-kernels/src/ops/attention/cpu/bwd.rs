@@ -59,8 +59,28 @@ fn tile_grads(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: 
     // SAFETY: s and dp hold bq x n; query rows i0..i0+bq of q/d_o and key rows j0..j0+n of
     // k/v (or the prefix) lie inside buffers whose lengths check_inputs/check_bwd verified.
     unsafe {
-        matmul(bq, n, d, s.as_mut_ptr(), n, false, View::rows(a.x.q[qo..].as_ptr(), g.q_rs()), View::cols(kp, g.kv_rs()), g.scale);
-        matmul(bq, n, d, dp.as_mut_ptr(), n, false, View::rows(a.d_o[qo..].as_ptr(), g.q_rs()), View::cols(vp, g.kv_rs()), 1.0);
+        matmul(
+            bq,
+            n,
+            d,
+            s.as_mut_ptr(),
+            n,
+            false,
+            View::rows(a.x.q[qo..].as_ptr(), g.q_rs()),
+            View::cols(kp, g.kv_rs()),
+            g.scale,
+        );
+        matmul(
+            bq,
+            n,
+            d,
+            dp.as_mut_ptr(),
+            n,
+            false,
+            View::rows(a.d_o[qo..].as_ptr(), g.q_rs()),
+            View::cols(vp, g.kv_rs()),
+            1.0,
+        );
     }
     g.apply_mask(s, b, i0, bq, blk);
     let lo = g.lse_off(b, h, i0);
@@ -78,7 +98,17 @@ unsafe fn add_dq(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, s
     // SAFETY: the caller owns these dq rows; dS is bq x n; key rows lie in their buffer.
     unsafe {
         let dst = dq.0.add(g.q_off(b, i0, h));
-        matmul(bq, g.d, blk.n, dst, g.q_rs(), true, View::rows(sc.dp.as_ptr(), blk.n), View::rows(kp, g.kv_rs()), g.scale);
+        matmul(
+            bq,
+            g.d,
+            blk.n,
+            dst,
+            g.q_rs(),
+            true,
+            View::rows(sc.dp.as_ptr(), blk.n),
+            View::rows(kp, g.kv_rs()),
+            g.scale,
+        );
     }
 }
 
@@ -110,7 +140,16 @@ unsafe fn add_rows(g: &Geo, dst: *mut f32, src: &[f32], n: usize) {
 ///
 /// # Safety
 /// No concurrent task writes dk/dv rows (b, block, kvh), nor (if given) dq rows of (b, group heads).
-unsafe fn content_block(g: &Geo, a: Bwd, b: usize, kvh: usize, kb: usize, sc: &mut Scratch, out: [SharedMut; 2], dq: Option<SharedMut>) {
+unsafe fn content_block(
+    g: &Geo,
+    a: Bwd,
+    b: usize,
+    kvh: usize,
+    kb: usize,
+    sc: &mut Scratch,
+    out: [SharedMut; 2],
+    dq: Option<SharedMut>,
+) {
     let j0 = kb * BK;
     let blk = KvBlock { j0, n: BK.min(g.s - j0), prefix: false };
     if g.all_padded(b, blk) {
@@ -175,7 +214,15 @@ fn deltas(g: &Geo, o: &[f32], d_o: &[f32]) -> Vec<f32> {
 }
 
 /// Runs the passes; buffers were checked by the caller.
-pub(super) fn backward(g: &Geo, x: Src, o: &[f32], d_o: &[f32], lse: &[f32], grads: AttnGrads<'_, Cpu, f32>, mode: BwdMode) {
+pub(super) fn backward(
+    g: &Geo,
+    x: Src,
+    o: &[f32],
+    d_o: &[f32],
+    lse: &[f32],
+    grads: AttnGrads<'_, Cpu, f32>,
+    mode: BwdMode,
+) {
     let delta = deltas(g, o, d_o);
     let a = Bwd { x, d_o, lse, delta: &delta };
     let mode = match mode {

@@ -165,14 +165,40 @@ impl View {
 /// `dst` must be valid for writes (and reads if `accumulate`) of every element `r*dst_rs + c`
 /// with `r < m`, `c < n`, not aliased by `lhs`/`rhs`, and `lhs`/`rhs` valid for reads of every
 /// element their strides address for `m x k` and `k x n`.
-pub unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32) {
+pub unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    beta: f32,
+) {
     let st = |x: usize| x as isize;
     // SAFETY: forwarded from this function's contract; gemm computes dst := 1*dst + beta*lhs*rhs.
     unsafe {
         gemm::gemm(
-            m, n, k, dst, 1, st(dst_rs), accumulate,
-            lhs.ptr, st(lhs.cs), st(lhs.rs), rhs.ptr, st(rhs.cs), st(rhs.rs),
-            1.0, beta, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            st(dst_rs),
+            accumulate,
+            lhs.ptr,
+            st(lhs.cs),
+            st(lhs.rs),
+            rhs.ptr,
+            st(rhs.cs),
+            st(rhs.rs),
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         )
     }
 }
