@@ -80,7 +80,7 @@ impl Tol {
             let (g, w): (f64, f64) = (g.into(), w.into());
             let err = (g - w).abs();
             let lim = self.atol + self.rtol * w.abs();
-            if !(err <= lim) {
+            if err.is_nan() || err > lim {
                 if bad.len() < 8 {
                     bad.push(format!("  [{i}] got {g:.7e} want {w:.7e} (err {err:.2e} > {lim:.2e})"));
                 }

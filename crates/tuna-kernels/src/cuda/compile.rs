@@ -25,6 +25,15 @@ pub fn nvrtc_version() -> Option<(i32, i32)> {
     (r == sys::nvrtcResult::NVRTC_SUCCESS).then_some((ma, mi))
 }
 
+/// The NVRTC options every kernel is compiled with (the cache key includes them).
+fn options(arch: u32) -> Vec<String> {
+    let mut o = vec![format!("--gpu-architecture=sm_{arch}"), "--std=c++17".into(), "-lineinfo".into()];
+    if let Ok(inc) = std::env::var("TUNA_CUDA_INCLUDE") {
+        o.push(format!("--include-path={inc}"));
+    }
+    o
+}
+
 /// The result of one compilation: a cubin for a real arch, plus the compiler log.
 #[derive(Debug)]
 pub struct Compiled {
@@ -42,12 +51,9 @@ pub fn compile(k: &KernelSource, arch: u32, verbose: bool) -> Result<Compiled> {
     let src = CString::new(k.src).map_err(|e| fail(e.to_string()))?;
     let name = CString::new(format!("{}.cu", k.name)).unwrap();
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
-    let mut opts = vec![format!("--gpu-architecture={arch_s}"), "--std=c++17".into(), "-lineinfo".into()];
+    let mut opts = options(arch);
     if verbose {
         opts.push("--ptxas-options=-v".into());
-    }
-    if let Ok(inc) = std::env::var("TUNA_CUDA_INCLUDE") {
-        opts.push(format!("--include-path={inc}"));
     }
     // SAFETY: `prog` is a live program created above; options are plain strings.
     let status = unsafe { nvrtc::compile_program(prog, &opts) };
@@ -96,7 +102,12 @@ pub fn cache_dir() -> PathBuf {
 /// not an error: the kernel is still returned.
 pub fn cached_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
     let dir = cache_dir();
-    let path = dir.join(format!("{}-{:016x}-sm{arch}.cubin", k.name, k.hash));
+    // Key: the source hash, NVRTC's version and the options, so a new compiler or new flags never
+    // reuse a stale cubin.
+    let (ma, mi) = nvrtc_version().unwrap_or((0, 0));
+    let key = format!("{:016x}|{ma}.{mi}|{}", k.hash, options(arch).join(" "));
+    let key = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let path = dir.join(format!("{}-{key:016x}-sm{arch}.cubin", k.name));
     if let Ok(bytes) = std::fs::read(&path) {
         if !bytes.is_empty() {
             return Ok(bytes);
@@ -104,7 +115,7 @@ pub fn cached_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
     }
     let c = compile(k, arch, false)?;
     if std::fs::create_dir_all(&dir).is_ok() {
-        let tmp = dir.join(format!(".{}-{}.tmp", k.name, std::process::id()));
+        let tmp = dir.join(format!(".{}-{}-{:?}.tmp", k.name, std::process::id(), std::thread::current().id()));
         if std::fs::write(&tmp, &c.cubin).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
