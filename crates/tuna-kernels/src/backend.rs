@@ -26,6 +26,18 @@ impl Elem for f32 {
     }
 }
 
+impl Elem for f64 {
+    const NAME: &'static str = "f64";
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x as f64
+    }
+}
+
 impl Elem for bf16 {
     const NAME: &'static str = "bf16";
     #[inline(always)]
@@ -68,6 +80,44 @@ impl Elem for u32 {
     }
 }
 
+/// The float types the CPU backend computes in: f32 for training, f64 for gradient checks
+/// (central differences need the precision). Every CPU kernel is generic over it.
+pub trait CpuFloat:
+    Elem
+    + num_traits::Float
+    + num_traits::FloatConst
+    + num_traits::NumAssign
+    + std::iter::Sum
+    + Into<f64>
+{
+    /// A constant, rounded to this type.
+    fn c(x: f64) -> Self;
+    /// `erf`, through libm.
+    fn erf(self) -> Self;
+}
+
+impl CpuFloat for f32 {
+    #[inline(always)]
+    fn c(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+}
+
+impl CpuFloat for f64 {
+    #[inline(always)]
+    fn c(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+}
+
 /// A device that ops run on. `Buf<E>` is how it holds a buffer of `E`.
 pub trait Backend {
     type Buf<E: Elem>: ?Sized;
@@ -77,7 +127,8 @@ pub trait Backend {
     fn device_name(&self) -> String;
 }
 
-/// The CPU backend: rayon across rows/tiles, `gemm` for matrix products. Computes in f32.
+/// The CPU backend: rayon across rows/tiles, `gemm` for matrix products. Computes in f32, or in
+/// f64 for gradient checks ([`CpuFloat`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 

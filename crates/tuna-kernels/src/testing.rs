@@ -63,6 +63,8 @@ impl Tol {
     pub const CUDA_F32: Tol = Tol { name: "cuda-f32", atol: 1e-4, rtol: 1e-3 };
     /// CUDA bf16 against CPU f32 on bf16-rounded inputs: bf16 has 8 mantissa bits (~4e-3).
     pub const CUDA_BF16: Tol = Tol { name: "cuda-bf16", atol: 2e-2, rtol: 2e-2 };
+    /// f64 CPU kernel against an f64 reference: only summation order differs.
+    pub const F64: Tol = Tol { name: "f64", atol: 1e-12, rtol: 1e-10 };
     /// Central finite differences in f64.
     pub const GRAD_CHECK: Tol = Tol { name: "grad-check", atol: 1e-6, rtol: 1e-5 };
 
