@@ -174,3 +174,28 @@ fn cuda_invalid_target_gives_nan_loss_and_zero_gradient() {
     assert!(loss[0].is_finite() && loss[1].is_nan() && loss[2].is_finite(), "{loss:?}");
     assert!(grad[50..100].iter().all(|&g| g == 0.0));
 }
+
+#[test]
+fn cuda_nan_logit_gives_nan_loss() {
+    let Some(dev) = cuda_or_skip("cross_entropy::cuda_nan_logit_gives_nan_loss") else { return };
+    // NaN logits at every element one thread of the block strides over (and only there), so that
+    // thread's running max stays -inf: its NaN sum must still reach the loss, as on the CPU.
+    // vocab 31 < 256 threads; vocab 1000 (256 threads: thread 255); vocab 5000 (1024: thread 1023).
+    for (vocab, nan_at) in [(31, vec![5]), (1000, vec![255, 511, 767]), (5000, vec![1023, 2047, 3071, 4095])] {
+        let (mut logits, _) = case(18, 2, vocab);
+        nan_at.iter().for_each(|&i| logits[i] = f32::NAN);
+        let (targets, p) = ([0, 1], CeParams::new(2, vocab));
+        let mut want = [0.0; 2];
+        Cpu.ce_fwd(&p, &logits, &targets, &mut want).unwrap();
+        assert!(want[0].is_nan() && want[1].is_finite(), "cpu vocab {vocab}: {want:?}");
+        let (mut x, t) = (dev.upload(&logits).unwrap(), dev.upload(&targets).unwrap());
+        let mut loss = dev.zeros::<f32>(2).unwrap();
+        CrossEntropyKernel::<f32>::ce_fwd(&*dev, &p, &x, &t, &mut loss).unwrap();
+        let fwd = dev.download(&loss).unwrap();
+        CrossEntropyKernel::<f32>::ce_fwd_bwd(&*dev, &p, &mut x, &t, &mut loss).unwrap();
+        let fwd_bwd = dev.download(&loss).unwrap();
+        for l in [fwd, fwd_bwd] {
+            assert!(l[0].is_nan() && l[1].is_finite(), "cuda vocab {vocab} (block {}): {l:?}", block_for(vocab as u32));
+        }
+    }
+}
