@@ -18,9 +18,11 @@ struct CeParams {
 #define CE_NAN __int_as_float(0x7fc00000)
 
 // Merge (m2, s2) into the running (m, s): s is a sum of exp(x - m).
+// A side with m == -inf saw no element, or only -inf and NaN logits: its s is 0, or NaN from a
+// NaN logit, and is added (not dropped) so that a NaN reaches the loss. Never exp(-inf - -inf).
 __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2) {
-    if (m2 == TUNA_NEG_INF) return;  // nothing (or only -inf logits) on the other side
-    if (m == TUNA_NEG_INF) { m = m2; s = s2; return; }
+    if (m2 == TUNA_NEG_INF) { s += s2; return; }
+    if (m == TUNA_NEG_INF) { m = m2; s += s2; return; }
     const float mx = fmaxf(m, m2);
     s = s * expf(m - mx) + s2 * expf(m2 - mx);
     m = mx;
