@@ -10,12 +10,16 @@ use half::bf16;
 pub trait Elem: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
     /// Name used in kernel symbols: `<op>_<fwd|bwd>_<NAME>`.
     const NAME: &'static str;
+    /// The type saved statistics and parameter gradients are kept in for ops on this element
+    /// type: f32 for f32 and bf16 (fp32 accumulation), f64 for f64.
+    type Acc: Elem;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
 }
 
 impl Elem for f32 {
     const NAME: &'static str = "f32";
+    type Acc = f32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -28,6 +32,7 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     const NAME: &'static str = "f64";
+    type Acc = f64;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
@@ -40,6 +45,7 @@ impl Elem for f64 {
 
 impl Elem for bf16 {
     const NAME: &'static str = "bf16";
+    type Acc = f32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -52,6 +58,7 @@ impl Elem for bf16 {
 
 impl Elem for u8 {
     const NAME: &'static str = "u8";
+    type Acc = f32;
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -62,6 +69,7 @@ impl Elem for u8 {
 
 impl Elem for i32 {
     const NAME: &'static str = "i32";
+    type Acc = f32;
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -72,6 +80,7 @@ impl Elem for i32 {
 
 impl Elem for u32 {
     const NAME: &'static str = "u32";
+    type Acc = f32;
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -91,6 +100,8 @@ pub trait CpuFloat:
     fn erf(self) -> Self;
 }
 
+// f32's accumulator is f32 and f64's is f64, so a CPU kernel generic over `F: CpuFloat` keeps
+// statistics and parameter gradients in `F`.
 impl CpuFloat for f32 {
     #[inline(always)]
     fn c(x: f64) -> Self {

@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub use cudarc;
 pub use sources::KernelSource;
 
-/// Element types with CUDA kernels (f32, bf16, and the integer types of ids and masks).
-pub trait CudaElem: Elem + DeviceRepr + ValidAsZeroBits + Unpin {}
+/// Element types with CUDA kernels (f32, bf16, and the integer types of ids and masks); all
+/// accumulate in f32.
+pub trait CudaElem: Elem<Acc = f32> + DeviceRepr + ValidAsZeroBits + Unpin {}
 impl CudaElem for f32 {}
 impl CudaElem for half::bf16 {}
 impl CudaElem for u8 {}
