@@ -96,18 +96,24 @@ impl AttnParams {
                 self.heads, self.kv_heads, self.head_dim
             ));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("heads {} not divisible by kv_heads {}", self.heads, self.kv_heads));
         }
         if self.q_len > self.kv_len {
             return bad(format!("q_len {} exceeds kv_len {}", self.q_len, self.kv_len));
         }
-        if !(self.scale.is_finite()) {
+        if !self.scale.is_finite() {
             return bad(format!("scale {} is not finite", self.scale));
         }
         Ok(())
     }
 }
+
+/// Prefix keys and values `(pk, pv)` on backend `B`.
+pub type PrefixKv<'a, B, E> = (&'a <B as Backend>::Buf<E>, &'a <B as Backend>::Buf<E>);
+
+/// Prefix key and value gradients `(dpk, dpv)` on backend `B`, always f32.
+pub type PrefixGrads<'a, B> = (&'a mut <B as Backend>::Buf<f32>, &'a mut <B as Backend>::Buf<f32>);
 
 /// The inputs of attention on backend `B`.
 pub struct AttnInputs<'a, B: Backend + ?Sized, E: Elem> {
@@ -115,7 +121,7 @@ pub struct AttnInputs<'a, B: Backend + ?Sized, E: Elem> {
     pub k: &'a B::Buf<E>,
     pub v: &'a B::Buf<E>,
     /// Prefix keys and values `(pk, pv)`, present iff `prefix_len > 0`.
-    pub prefix: Option<(&'a B::Buf<E>, &'a B::Buf<E>)>,
+    pub prefix: Option<PrefixKv<'a, B, E>>,
     /// Key padding mask, present iff `has_mask == 1`.
     pub key_mask: Option<&'a B::Buf<u8>>,
 }
@@ -133,7 +139,7 @@ pub struct AttnGrads<'a, B: Backend + ?Sized, E: Elem> {
     pub dk: &'a mut B::Buf<E>,
     pub dv: &'a mut B::Buf<E>,
     /// `(dpk, dpv)` in f32, present iff `prefix_len > 0`.
-    pub dprefix: Option<(&'a mut B::Buf<f32>, &'a mut B::Buf<f32>)>,
+    pub dprefix: Option<PrefixGrads<'a, B>>,
 }
 
 /// Fused attention on a device: forward and backward together.

@@ -1,5 +1,7 @@
 //! Attention tests: an f64 reference (full score matrix), proven by central differences, and
 //! the CPU kernel against it over a grid of masking, GQA, prefix, KV-cache and ragged shapes.
+//! `Pad`, `Data` and `grad_starts` are shared with `cuda_tests.rs`, which checks CUDA against
+//! the CPU kernel proven here.
 
 use super::cpu::{attn_bwd_mode, BwdMode};
 use super::*;
@@ -8,29 +10,36 @@ use crate::Cpu;
 
 /// Which key padding mask a case uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Pad {
+pub(super) enum Pad {
     None,
     /// Each sequence keeps a random number of leading keys (at least one).
     Right,
     /// Each sequence drops a random number of leading keys; batch 0 drops all of them.
     Left,
+    /// Each key dropped with probability 1/4 (holes inside tiles), key 0 of sequence 0 always,
+    /// and, when batch > 1, every key of the last sequence (fully masked rows unless a prefix
+    /// is present).
+    Scattered,
 }
 
 /// Inputs of one case, in f32.
-struct Data {
-    p: AttnParams,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    pk: Vec<f32>,
-    pv: Vec<f32>,
-    mask: Vec<u8>,
-    d_o: Vec<f32>,
+#[derive(Clone)]
+pub(super) struct Data {
+    pub(super) p: AttnParams,
+    pub(super) q: Vec<f32>,
+    pub(super) k: Vec<f32>,
+    pub(super) v: Vec<f32>,
+    pub(super) pk: Vec<f32>,
+    pub(super) pv: Vec<f32>,
+    pub(super) mask: Vec<u8>,
+    pub(super) d_o: Vec<f32>,
 }
 
 impl Data {
+    /// Seeded random inputs: `b` sequences, `h` query and `kvh` KV heads, `t` queries after
+    /// `s` keys, `pre` prefix positions, head dim `d`.
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(super) fn new(
         seed: u64,
         b: usize,
         h: usize,
@@ -52,6 +61,15 @@ impl Data {
             match pad {
                 Pad::Right => row[1 + rng.below(s)..].fill(0),
                 Pad::Left => row[..if bi == 0 { s } else { rng.below(s) }].fill(0),
+                Pad::Scattered => {
+                    row.iter_mut().for_each(|m| *m = (rng.unit() >= 0.25) as u8);
+                    if bi == 0 {
+                        row[0] = 0;
+                    }
+                    if b > 1 && bi == b - 1 {
+                        row.fill(0);
+                    }
+                }
                 Pad::None => {}
             }
         }
@@ -66,7 +84,7 @@ impl Data {
             p,
         }
     }
-    fn inputs(&self) -> AttnInputs<'_, Cpu, f32> {
+    pub(super) fn inputs(&self) -> AttnInputs<'_, Cpu, f32> {
         AttnInputs {
             q: &self.q,
             k: &self.k,
@@ -240,6 +258,15 @@ fn reference_gradients_match_central_differences() {
     }
 }
 
+/// Nonzero starting gradients `[dq, dk, dv, dpk, dpv]` for `p`, since the backward accumulates.
+pub(super) fn grad_starts(p: &AttnParams, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::new(seed);
+    [p.q_elems(), p.kv_elems(), p.kv_elems(), p.prefix_elems(), p.prefix_elems()]
+        .iter()
+        .map(|&n| rng.vec(n, -1.0, 1.0))
+        .collect()
+}
+
 /// Runs the CPU forward and every backward split on `data` and compares with the reference.
 fn check_case(what: &str, data: &Data) {
     let p = data.p;
@@ -256,12 +283,7 @@ fn check_case(what: &str, data: &Data) {
         }
     }
     let g = r.bwd(&to_f64(&data.d_o));
-    // Backward accumulates: start every gradient at a nonzero value.
-    let mut rng = Rng::new(99);
-    let starts: Vec<Vec<f32>> = [p.q_elems(), p.kv_elems(), p.kv_elems(), p.prefix_elems(), p.prefix_elems()]
-        .iter()
-        .map(|&n| rng.vec(n, -1.0, 1.0))
-        .collect();
+    let starts = grad_starts(&p, 99);
     let want: Vec<Vec<f64>> = [&g.dq, &g.dk, &g.dv, &g.dpk, &g.dpv]
         .iter()
         .zip(&starts)
@@ -296,6 +318,9 @@ fn cpu_matches_reference_padding_masks() {
     check_case("left pad bidir", &Data::new(5, 3, 2, 1, 37, 37, 0, 24, false, Pad::Left));
     check_case("right pad bidir gqa", &Data::new(6, 2, 4, 1, 129, 129, 0, 24, false, Pad::Right));
     check_case("right pad causal", &Data::new(7, 2, 6, 2, 130, 130, 0, 64, true, Pad::Right));
+    // Holes inside tiles, and a last sequence with no key at all.
+    check_case("scattered causal gqa", &Data::new(22, 3, 6, 2, 70, 70, 0, 32, true, Pad::Scattered));
+    check_case("scattered bidir kv-cache", &Data::new(23, 2, 4, 4, 37, 129, 0, 64, false, Pad::Scattered));
 }
 
 #[test]
