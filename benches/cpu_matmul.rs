@@ -29,6 +29,17 @@ fn main() {
     );
     println!("| shape | what | m x n x k | ms | GFLOP/s | % of peak |");
     println!("|---|---|---|---:|---:|---:|");
+    // square products, both layouts of B, for scale
+    let mut rng = Rng::new(1);
+    for (name, tb) in [("square A B", false), ("square A B^T", true)] {
+        let n = 1024;
+        let p = MatmulParams { trans_b: tb, ..MatmulParams::new(n, n, n) };
+        let (a, b) = (rng.vec(n * n, -1.0, 1.0), rng.vec(n * n, -1.0, 1.0));
+        let mut c = vec![0.0; n * n];
+        let secs = time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
+        let g = p.flops() / secs / 1e9;
+        println!("| {name} | fwd | {n} x {n} x {n} | {:.2} | {g:.1} | {:.0}% |", secs * 1e3, 100.0 * g / peak);
+    }
     // (name, tokens, in, out): linear layers y[tokens, out] = x[tokens, in] W^T
     let shapes = [
         ("GPT-2 small qkv (8x128 tok)", 1024, 768, 2304),
@@ -37,7 +48,6 @@ fn main() {
         ("MiniLM qkv (16x128 tok)", 2048, 384, 1152),
         ("MiniLM mlp up (16x128 tok)", 2048, 384, 1536),
     ];
-    let mut rng = Rng::new(1);
     for (name, m, k, n) in shapes {
         let p = MatmulParams::linear(m, n, k);
         let (a, b, dc) = (rng.vec(m * k, -1.0, 1.0), rng.vec(n * k, -1.0, 1.0), rng.vec(m * n, -1.0, 1.0));
