@@ -147,3 +147,36 @@ impl Backend for Cpu {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 }
+
+/// Owned buffers of `E` on a backend: allocation and host transfers (what the autograd crate's
+/// tensors hold). The CPU owns a `Vec<E>`; CUDA a `CudaSlice<E>`.
+pub trait Alloc<E: Elem>: Backend {
+    type Owned;
+    fn buf(o: &Self::Owned) -> &Self::Buf<E>;
+    fn buf_mut(o: &mut Self::Owned) -> &mut Self::Buf<E>;
+    /// `n` zeros.
+    fn zeros(&self, n: usize) -> crate::Result<Self::Owned>;
+    /// A copy of a host slice.
+    fn from_host(&self, host: &[E]) -> crate::Result<Self::Owned>;
+    /// A host copy (synchronizes a device).
+    fn to_host(&self, o: &Self::Owned) -> crate::Result<Vec<E>>;
+}
+
+impl<E: Elem> Alloc<E> for Cpu {
+    type Owned = Vec<E>;
+    fn buf(o: &Vec<E>) -> &[E] {
+        o
+    }
+    fn buf_mut(o: &mut Vec<E>) -> &mut [E] {
+        o
+    }
+    fn zeros(&self, n: usize) -> crate::Result<Vec<E>> {
+        Ok(vec![E::default(); n])
+    }
+    fn from_host(&self, host: &[E]) -> crate::Result<Vec<E>> {
+        Ok(host.to_vec())
+    }
+    fn to_host(&self, o: &Vec<E>) -> crate::Result<Vec<E>> {
+        Ok(o.clone())
+    }
+}

@@ -22,7 +22,7 @@ pub mod error;
 pub mod ops;
 pub mod testing;
 
-pub use backend::{Backend, Cpu, CpuFloat, Elem};
+pub use backend::{Alloc, Backend, Cpu, CpuFloat, Elem};
 pub use cuda::Cuda;
 pub use device::Device;
 pub use error::{Error, Result};

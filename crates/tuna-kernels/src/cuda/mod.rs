@@ -169,6 +169,25 @@ impl Backend for Cuda {
     }
 }
 
+impl<E: CudaElem> crate::backend::Alloc<E> for Cuda {
+    type Owned = CudaSlice<E>;
+    fn buf(o: &CudaSlice<E>) -> &CudaSlice<E> {
+        o
+    }
+    fn buf_mut(o: &mut CudaSlice<E>) -> &mut CudaSlice<E> {
+        o
+    }
+    fn zeros(&self, n: usize) -> Result<CudaSlice<E>> {
+        Cuda::zeros(self, n)
+    }
+    fn from_host(&self, host: &[E]) -> Result<CudaSlice<E>> {
+        self.upload(host)
+    }
+    fn to_host(&self, o: &CudaSlice<E>) -> Result<Vec<E>> {
+        self.download(o)
+    }
+}
+
 /// A 1-D launch of `n` threads in blocks of `block`.
 pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).max(1) as u32;
