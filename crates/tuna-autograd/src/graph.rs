@@ -1,0 +1,127 @@
+//! The tape: a node per recorded op, linked to the nodes of its inputs, run in reverse
+//! topological order by `backward`. An op records itself only when gradients are enabled and
+//! one of its inputs needs a gradient; its backward closure holds only what it will use, and
+//! is dropped (freeing what it saved) as soon as it has run.
+
+use crate::error::{Error, Result};
+use crate::stats::{self, SavedBytes};
+use crate::tensor::{GradCell, Tensor};
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::rc::Rc;
+use tuna_kernels::{Alloc, Elem};
+
+type BackwardFn = Box<dyn FnOnce() -> Result<()>>;
+
+/// One recorded op (opaque outside the crate).
+pub struct Node {
+    pub(crate) kind: &'static str,
+    parents: Vec<Rc<Node>>,
+    backward: RefCell<Option<BackwardFn>>,
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops are being recorded on this thread.
+pub fn grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Run `f` with recording switched off (evaluation, generation); restored afterwards, even on panic.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
+    f()
+}
+
+/// Anything that can be an input of a recorded op (tensors of any element type).
+pub trait Input {
+    fn needs_grad(&self) -> bool;
+    #[doc(hidden)]
+    fn tape_node(&self) -> Option<Rc<Node>>;
+}
+
+impl<B: Alloc<E> + 'static, E: Elem> Input for Tensor<B, E> {
+    fn needs_grad(&self) -> bool {
+        self.requires_grad()
+    }
+    fn tape_node(&self) -> Option<Rc<Node>> {
+        self.node()
+    }
+}
+
+/// Whether an op over `inputs` must record itself.
+pub(crate) fn recording(inputs: &[&dyn Input]) -> bool {
+    grad_enabled() && inputs.iter().any(|t| t.needs_grad())
+}
+
+/// Record op `kind` over `inputs`: its output gets a gradient cell, and `make` receives that cell
+/// and returns the backward closure (which reads the output's gradient and accumulates into the
+/// inputs' cells). Returns the node to attach to the output tensor.
+pub(crate) fn record<B: Alloc<E> + 'static, E: Elem>(
+    kind: &'static str,
+    inputs: &[&dyn Input],
+    out_cell: Rc<GradCell<B, E>>,
+    make: impl FnOnce(Rc<GradCell<B, E>>) -> BackwardFn,
+) -> Rc<Node> {
+    stats::recorded(kind);
+    let parents = inputs.iter().filter_map(|t| t.tape_node()).collect();
+    Rc::new(Node { kind, parents, backward: RefCell::new(Some(make(out_cell))) })
+}
+
+/// A tensor kept for the backward pass, counted in [`stats::Stats::saved_bytes`] until dropped.
+pub(crate) struct Saved<B: Alloc<E>, E: Elem> {
+    pub(crate) t: Tensor<B, E>,
+    _bytes: SavedBytes,
+}
+
+impl<B: Alloc<E> + 'static, E: Elem> Saved<B, E> {
+    pub(crate) fn new(t: &Tensor<B, E>) -> Self {
+        Saved { t: t.clone(), _bytes: SavedBytes::new(t.bytes()) }
+    }
+}
+
+/// Count one backward kernel launch of `kind`.
+pub(crate) fn launched(kind: &'static str) {
+    stats::launched(kind)
+}
+
+/// Run the backward closures reachable from `root`, each once, in reverse topological order.
+pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
+    if root.backward.borrow().is_none() {
+        return Err(Error::Backward(format!(
+            "the graph behind this loss (last op `{}`) was already differentiated; build it again",
+            root.kind
+        )));
+    }
+    // Iterative post-order DFS: children (inputs) before parents (outputs).
+    let mut order: Vec<Rc<Node>> = Vec::new();
+    let mut seen: HashSet<*const Node> = HashSet::new();
+    let mut stack: Vec<(Rc<Node>, usize)> = vec![(root.clone(), 0)];
+    seen.insert(Rc::as_ptr(&root));
+    while let Some((node, i)) = stack.pop() {
+        if i < node.parents.len() {
+            let child = node.parents[i].clone();
+            stack.push((node, i + 1));
+            if seen.insert(Rc::as_ptr(&child)) {
+                stack.push((child, 0));
+            }
+        } else {
+            order.push(node);
+        }
+    }
+    for node in order.into_iter().rev() {
+        let f = node.backward.borrow_mut().take();
+        if let Some(f) = f {
+            f()?;
+        }
+    }
+    Ok(())
+}
