@@ -40,8 +40,12 @@ fn check(n: usize, others: &[(&'static str, usize)]) -> Result<GeluParams> {
     Ok(GeluParams { n: n as u64, kind: 0, _pad: 0 })
 }
 
-pub(crate) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-pub(crate) const GELU_C: f32 = 0.044_715;
+/// `sqrt(2/pi)`; rounds to the f32 `0.797_884_6` the f32 kernels always used.
+pub(crate) const SQRT_2_OVER_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+/// The cubic coefficient of the tanh approximation.
+pub(crate) const GELU_C: f64 = 0.044_715;
+/// `1/sqrt(2 pi)`; rounds to the f32 `0.398_942_3` the f32 kernels always used.
+pub(crate) const FRAC_1_SQRT_2PI: f64 = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
 
 #[cfg(test)]
 mod tests {
@@ -104,6 +108,35 @@ mod tests {
             let want: Vec<f64> = (0..n).map(|i| 0.5 + dy[i] as f64 * ref_grad(kind, x[i] as f64)).collect();
             Tol::F32.assert_close(&format!("gelu {kind:?} bwd"), &dx, &want);
         }
+    }
+
+    #[test]
+    fn cpu_f64_matches_f64_reference() {
+        let n = 4099;
+        let mut rng = Rng::new(4);
+        let x = crate::testing::to_f64(&rng.vec(n, -8.0, 8.0));
+        let dy = crate::testing::to_f64(&rng.vec(n, -1.0, 1.0));
+        for kind in KINDS {
+            let mut y = vec![0.0f64; n];
+            Cpu.gelu_fwd(kind, &x, &mut y).unwrap();
+            let want: Vec<f64> = x.iter().map(|&v| ref_fwd(kind, v)).collect();
+            Tol::F64.assert_close(&format!("gelu {kind:?} f64 fwd"), &y, &want);
+            let mut dx = vec![0.5f64; n]; // backward accumulates
+            Cpu.gelu_bwd(kind, &x, &dy, &mut dx).unwrap();
+            let want: Vec<f64> = (0..n).map(|i| 0.5 + dy[i] * ref_grad(kind, x[i])).collect();
+            Tol::F64.assert_close(&format!("gelu {kind:?} f64 bwd"), &dx, &want);
+        }
+    }
+
+    /// The f64 constants round to the f32 literals the f32 kernels used before they were
+    /// generic, so the f32 path computes the same bits.
+    #[test]
+    fn f32_constants_unchanged() {
+        assert_eq!(SQRT_2_OVER_PI as f32, 0.797_884_6f32);
+        assert_eq!(GELU_C as f32, 0.044_715f32);
+        assert_eq!(FRAC_1_SQRT_2PI as f32, 0.398_942_3f32);
+        assert!((SQRT_2_OVER_PI - (2.0 / std::f64::consts::PI).sqrt()).abs() < 1e-16);
+        assert!((FRAC_1_SQRT_2PI - 1.0 / (2.0 * std::f64::consts::PI).sqrt()).abs() < 1e-16);
     }
 
     #[test]

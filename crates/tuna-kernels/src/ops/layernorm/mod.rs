@@ -1,8 +1,8 @@
 //! LayerNorm over the last dim (GPT-2, BERT), forward and backward.
 //!
 //! Layouts (row-major): `x`, `y`, `dy`, `dx`: `[rows, dim]` (E); `gamma`, `beta`: `[dim]` (E);
-//! `mean`, `rstd`: `[rows]` f32, written by the forward and read by the backward;
-//! `dgamma`, `dbeta`: `[dim]` f32.
+//! `mean`, `rstd`: `[rows]` (`E::Acc`: f32 for f32/bf16, f64 for f64), written by the forward and
+//! read by the backward; `dgamma`, `dbeta`: `[dim]` (`E::Acc`).
 //!
 //! - forward: `mean = sum(x)/dim`, `rstd = 1/sqrt(sum((x-mean)^2)/dim + eps)` (biased variance,
 //!   as PyTorch), `y = (x-mean)*rstd*gamma + beta`.
@@ -65,8 +65,8 @@ pub trait LayerNormKernel<E: Elem>: Backend {
         gamma: &Self::Buf<E>,
         beta: &Self::Buf<E>,
         y: &mut Self::Buf<E>,
-        mean: &mut Self::Buf<f32>,
-        rstd: &mut Self::Buf<f32>,
+        mean: &mut Self::Buf<E::Acc>,
+        rstd: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
     /// Accumulates into `dx`, `dgamma` and `dbeta` the gradients of `sum(y * dy)`.
     fn layernorm_bwd(
@@ -74,12 +74,12 @@ pub trait LayerNormKernel<E: Elem>: Backend {
         p: &LayerNormParams,
         x: &Self::Buf<E>,
         gamma: &Self::Buf<E>,
-        mean: &Self::Buf<f32>,
-        rstd: &Self::Buf<f32>,
+        mean: &Self::Buf<E::Acc>,
+        rstd: &Self::Buf<E::Acc>,
         dy: &Self::Buf<E>,
         dx: &mut Self::Buf<E>,
-        dgamma: &mut Self::Buf<f32>,
-        dbeta: &mut Self::Buf<f32>,
+        dgamma: &mut Self::Buf<E::Acc>,
+        dbeta: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
 }
 

@@ -1,17 +1,18 @@
 //! Matmul on the CPU through the `gemm` crate (runtime-dispatched AVX-512/AVX2 microkernels,
-//! rayon across both threads).
+//! rayon across both threads), generic over f32 and f64 ([`CpuFloat`]; `gemm` dispatches on the
+//! type to its f32 or f64 microkernels).
 
 use super::{check, MatmulKernel, MatmulParams, Operand, Product, View};
-use crate::backend::Cpu;
+use crate::backend::{Cpu, CpuFloat};
 use crate::error::{check_len, Result};
 
 /// `dst[rows, cols] = beta_dst * dst + alpha * x y`, all row-major except as the views say.
 /// `accumulate` keeps `dst`; otherwise it is overwritten.
-pub(crate) fn gemm_views(
-    dst: &mut [f32],
-    x: (&[f32], View),
-    y: (&[f32], View),
-    alpha: f32,
+pub(crate) fn gemm_views<F: CpuFloat>(
+    dst: &mut [F],
+    x: (&[F], View),
+    y: (&[F], View),
+    alpha: F,
     accumulate: bool,
     parallel: bool,
 ) {
@@ -43,7 +44,7 @@ pub(crate) fn gemm_views(
             y.0.as_ptr(),
             ycs,
             yrs,
-            1.0,
+            F::one(),
             alpha,
             false,
             false,
@@ -53,21 +54,23 @@ pub(crate) fn gemm_views(
     }
 }
 
-impl MatmulKernel<f32> for Cpu {
-    fn matmul_fwd(&self, p: &MatmulParams, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
+// `Acc = F` restates CpuFloat's own supertrait bound, which rustc does not use to normalize
+// `F::Acc` in the trait's signature.
+impl<F: CpuFloat<Acc = F>> MatmulKernel<F> for Cpu {
+    fn matmul_fwd(&self, p: &MatmulParams, a: &[F], b: &[F], c: &mut [F]) -> Result<()> {
         check(p, a.len(), b.len(), c.len())?;
-        gemm_views(c, (a, p.view_a()), (b, p.view_b()), p.alpha, p.accumulate, true);
+        gemm_views(c, (a, p.view_a()), (b, p.view_b()), F::c(p.alpha as f64), p.accumulate, true);
         Ok(())
     }
 
     fn matmul_bwd(
         &self,
         p: &MatmulParams,
-        a: &[f32],
-        b: &[f32],
-        dc: &[f32],
-        da: Option<&mut [f32]>,
-        db: Option<&mut [f32]>,
+        a: &[F],
+        b: &[F],
+        dc: &[F],
+        da: Option<&mut [F]>,
+        db: Option<&mut [F]>,
     ) -> Result<()> {
         check(p, a.len(), b.len(), dc.len())?;
         let pick = |o: Operand| match o {
@@ -75,8 +78,8 @@ impl MatmulKernel<f32> for Cpu {
             Operand::B => b,
             Operand::DC => dc,
         };
-        let run = |dst: &mut [f32], pr: Product| {
-            gemm_views(dst, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), p.alpha, true, true)
+        let run = |dst: &mut [F], pr: Product| {
+            gemm_views(dst, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), F::c(p.alpha as f64), true, true)
         };
         if let Some(da) = da {
             check_len("matmul", "da", da.len(), p.m * p.k, || "same as a".into())?;

@@ -115,8 +115,8 @@ pub trait MatmulKernel<E: Elem>: Backend {
     /// `c = alpha * op(a) op(b)`, or `c += ...` when `p.accumulate`.
     fn matmul_fwd(&self, p: &MatmulParams, a: &Self::Buf<E>, b: &Self::Buf<E>, c: &mut Self::Buf<E>) -> Result<()>;
     /// Accumulates `da += alpha * dop(A)` and `db += alpha * dop(B)` for the gradients given.
-    /// `da` is an activation gradient (type E); `db` is a weight gradient (f32). Either may be
-    /// `None` (a frozen weight: no `dW` product is run).
+    /// `da` is an activation gradient (type E); `db` is a weight gradient (`E::Acc`: f32 for f32
+    /// and bf16, f64 for f64). Either may be `None` (a frozen weight: no `dW` product is run).
     fn matmul_bwd(
         &self,
         p: &MatmulParams,
@@ -124,7 +124,7 @@ pub trait MatmulKernel<E: Elem>: Backend {
         b: &Self::Buf<E>,
         dc: &Self::Buf<E>,
         da: Option<&mut Self::Buf<E>>,
-        db: Option<&mut Self::Buf<f32>>,
+        db: Option<&mut Self::Buf<E::Acc>>,
     ) -> Result<()>;
 }
 

@@ -1,8 +1,9 @@
 //! RMSNorm on the CPU: rayon over rows (forward) and over fixed chunks of rows (backward, whose
 //! per-chunk dgamma partials are then summed in chunk order, so results are reproducible).
+//! Generic over f32 and f64 ([`CpuFloat`]); statistics and parameter gradients are in the same type.
 
 use super::{check, RmsNormKernel, RmsNormParams};
-use crate::backend::Cpu;
+use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use crate::ops::layernorm::Extent::{Dim, Full, Rows};
 use rayon::prelude::*;
@@ -11,9 +12,9 @@ use rayon::prelude::*;
 const CHUNK_ELEMS: usize = 16 * 1024;
 
 /// Normalize one row: writes `y` and returns `rstd`.
-fn fwd_row(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) -> f32 {
-    let ms = x.iter().map(|&v| v * v).sum::<f32>() / x.len() as f32;
-    let rstd = 1.0 / (ms + eps).sqrt();
+fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], eps: F, y: &mut [F]) -> F {
+    let ms = x.iter().map(|&v| v * v).sum::<F>() / F::c(x.len() as f64);
+    let rstd = F::one() / (ms + eps).sqrt();
     for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
         *y = x * rstd * g;
     }
@@ -21,9 +22,9 @@ fn fwd_row(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) -> f32 {
 }
 
 /// One row of the backward: `dx += ...`, `dgamma += dy*xhat`.
-fn bwd_row(x: &[f32], gamma: &[f32], rstd: f32, dy: &[f32], dx: &mut [f32], dg: &mut [f32]) {
-    let sgx: f32 = x.iter().zip(gamma).zip(dy).map(|((&x, &g), &dy)| dy * g * (x * rstd)).sum();
-    let mgx = sgx / x.len() as f32;
+fn bwd_row<F: CpuFloat>(x: &[F], gamma: &[F], rstd: F, dy: &[F], dx: &mut [F], dg: &mut [F]) {
+    let sgx: F = x.iter().zip(gamma).zip(dy).map(|((&x, &g), &dy)| dy * g * (x * rstd)).sum();
+    let mgx = sgx / F::c(x.len() as f64);
     for i in 0..x.len() {
         let xh = x[i] * rstd;
         dx[i] += rstd * (dy[i] * gamma[i] - xh * mgx);
@@ -31,15 +32,17 @@ fn bwd_row(x: &[f32], gamma: &[f32], rstd: f32, dy: &[f32], dx: &mut [f32], dg: 
     }
 }
 
-impl RmsNormKernel<f32> for Cpu {
-    fn rmsnorm_fwd(&self, p: &RmsNormParams, x: &[f32], gamma: &[f32], y: &mut [f32], rstd: &mut [f32]) -> Result<()> {
+// `Acc = F` restates CpuFloat's own supertrait bound, which rustc does not use to normalize
+// `F::Acc` in the trait's signature.
+impl<F: CpuFloat<Acc = F>> RmsNormKernel<F> for Cpu {
+    fn rmsnorm_fwd(&self, p: &RmsNormParams, x: &[F], gamma: &[F], y: &mut [F], rstd: &mut [F]) -> Result<()> {
         check(
             p,
             &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())],
         )?;
         let d = p.dim as usize;
         y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((y, x), r)| {
-            *r = fwd_row(x, gamma, p.eps, y);
+            *r = fwd_row(x, gamma, F::c(p.eps as f64), y);
         });
         Ok(())
     }
@@ -47,23 +50,23 @@ impl RmsNormKernel<f32> for Cpu {
     fn rmsnorm_bwd(
         &self,
         p: &RmsNormParams,
-        x: &[f32],
-        gamma: &[f32],
-        rstd: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
-        dgamma: &mut [f32],
+        x: &[F],
+        gamma: &[F],
+        rstd: &[F],
+        dy: &[F],
+        dx: &mut [F],
+        dgamma: &mut [F],
     ) -> Result<()> {
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("rstd", Rows, rstd.len())])?;
         check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len()), ("dgamma", Dim, dgamma.len())])?;
         let d = p.dim as usize;
         let rows = (CHUNK_ELEMS / d).max(1);
-        let partials: Vec<Vec<f32>> = dx
+        let partials: Vec<Vec<F>> = dx
             .par_chunks_mut(rows * d)
             .zip(x.par_chunks(rows * d).zip(dy.par_chunks(rows * d)))
             .zip(rstd.par_chunks(rows))
             .map(|((dx, (x, dy)), rstd)| {
-                let mut dg = vec![0.0f32; d];
+                let mut dg = vec![F::zero(); d];
                 for (r, &rs) in rstd.iter().enumerate() {
                     let s = r * d..(r + 1) * d;
                     bwd_row(&x[s.clone()], gamma, rs, &dy[s.clone()], &mut dx[s], &mut dg);
@@ -72,7 +75,7 @@ impl RmsNormKernel<f32> for Cpu {
             })
             .collect();
         for dg in &partials {
-            dgamma.iter_mut().zip(dg).for_each(|(a, b)| *a += b);
+            dgamma.iter_mut().zip(dg).for_each(|(a, &b)| *a += b);
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! RMSNorm over the last dim (Llama), forward and backward.
 //!
 //! Layouts (row-major): `x`, `y`, `dy`, `dx`: `[rows, dim]` (E); `gamma`: `[dim]` (E);
-//! `rstd`: `[rows]` f32, written by the forward and read by the backward; `dgamma`: `[dim]` f32.
+//! `rstd`: `[rows]` (`E::Acc`: f32 for f32/bf16, f64 for f64), written by the forward and read by
+//! the backward; `dgamma`: `[dim]` (`E::Acc`).
 //!
 //! - forward: `rstd = 1/sqrt(mean(x^2) + eps)`, `y = x*rstd*gamma`.
 //! - backward, with `xhat = x*rstd` and `g = dy*gamma`: `dx += rstd * (g - xhat*mean(g*xhat))`,
@@ -55,7 +56,7 @@ pub trait RmsNormKernel<E: Elem>: Backend {
         x: &Self::Buf<E>,
         gamma: &Self::Buf<E>,
         y: &mut Self::Buf<E>,
-        rstd: &mut Self::Buf<f32>,
+        rstd: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
     /// Accumulates into `dx` and `dgamma` the gradients of `sum(y * dy)`.
     fn rmsnorm_bwd(
@@ -63,10 +64,10 @@ pub trait RmsNormKernel<E: Elem>: Backend {
         p: &RmsNormParams,
         x: &Self::Buf<E>,
         gamma: &Self::Buf<E>,
-        rstd: &Self::Buf<f32>,
+        rstd: &Self::Buf<E::Acc>,
         dy: &Self::Buf<E>,
         dx: &mut Self::Buf<E>,
-        dgamma: &mut Self::Buf<f32>,
+        dgamma: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
 }
 

@@ -5,7 +5,8 @@
 //! `pos`: `[batch * seq]` u32, each token's absolute position (so left padding and tokens after a
 //! prefix or KV cache get their true positions). With `D = head_dim` (even), for `i < D/2`:
 //! `inv_freq[i] = 1 / theta^(2i/D)` as Hugging Face computes it in f32 (see [`inv_freq`]),
-//! `angle = (pos as f32) * inv_freq[i]` in f32, `c, s = cos, sin(angle)` in f32, and
+//! `angle = (pos as f32) * inv_freq[i]` in f32, `c, s = cos, sin(angle)` in f32 (the f64 CPU
+//! kernel takes the same f32 angle and computes cos/sin and the rotation in f64), and
 //! - forward: `y[i] = x[i] c - x[i+D/2] s`, `y[i+D/2] = x[i+D/2] c + x[i] s`;
 //! - backward (the transposed rotation, accumulated): `dx[i] += dy[i] c + dy[i+D/2] s`,
 //!   `dx[i+D/2] += dy[i+D/2] c - dy[i] s`.

@@ -56,6 +56,33 @@ fn cpu_matches_f64_reference() {
     Tol::F32.assert_close("swiglu bwd dup", &du, &want_u);
 }
 
+/// The f64 kernels against the f64 reference (elementwise: no summation at all).
+#[test]
+fn cpu_f64_matches_f64_reference() {
+    let n = 40_961;
+    let mut rng = Rng::new(34);
+    let f = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+    let (gate, up, dy) = (f(rng.vec(n, -20.0, 20.0)), f(rng.vec(n, -3.0, 3.0)), f(rng.vec(n, -1.0, 1.0)));
+    let mut y = vec![0.0f64; n];
+    Cpu.silu_fwd(&gate, &mut y).unwrap();
+    let want: Vec<f64> = gate.iter().map(|&g| silu(g)).collect();
+    Tol::F64.assert_close("silu f64 fwd", &y, &want);
+    let mut dx = vec![0.5f64; n]; // backward accumulates
+    Cpu.silu_bwd(&gate, &dy, &mut dx).unwrap();
+    let want: Vec<f64> = (0..n).map(|i| 0.5 + dy[i] * silu_grad(gate[i])).collect();
+    Tol::F64.assert_close("silu f64 bwd", &dx, &want);
+
+    Cpu.swiglu_fwd(&gate, &up, &mut y).unwrap();
+    let want: Vec<f64> = (0..n).map(|i| silu(gate[i]) * up[i]).collect();
+    Tol::F64.assert_close("swiglu f64 fwd", &y, &want);
+    let (mut dg, mut du) = (vec![0.25f64; n], vec![-0.25f64; n]);
+    Cpu.swiglu_bwd(&gate, &up, &dy, &mut dg, &mut du).unwrap();
+    let want_g: Vec<f64> = (0..n).map(|i| 0.25 + dy[i] * up[i] * silu_grad(gate[i])).collect();
+    let want_u: Vec<f64> = (0..n).map(|i| -0.25 + dy[i] * silu(gate[i])).collect();
+    Tol::F64.assert_close("swiglu f64 bwd dgate", &dg, &want_g);
+    Tol::F64.assert_close("swiglu f64 bwd dup", &du, &want_u);
+}
+
 #[test]
 fn shape_mismatch_is_an_error() {
     let e = Cpu.silu_fwd(&[0.0; 3], &mut [0.0; 4]).unwrap_err();
