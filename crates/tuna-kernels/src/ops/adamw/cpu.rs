@@ -1,32 +1,56 @@
-//! AdamW on the CPU: rayon over fixed-size chunks.
+//! AdamW on the CPU: rayon over fixed-size chunks. Generic over the float ([`CpuFloat`]): f32
+//! (the same arithmetic as `adamw.cu`), or f64 for an f64 training loop.
 
-use super::{check, AdamWKernel, AdamWKernelParams, AdamWParams};
-use crate::backend::Cpu;
+use super::{check, AdamWKernel, AdamWParams};
+use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use rayon::prelude::*;
 
 const CHUNK: usize = 16 * 1024;
 
-/// One element's update; the same arithmetic as `adamw.cu`.
+/// The step's constants in F. For f32 they equal the kernel parameters' fields exactly (the bias
+/// corrections are rounded from the same f64 values); for f64 nothing is rounded to f32 but the
+/// f32 hyperparameters themselves.
+struct Hyper<F> {
+    lr: F,
+    beta1: F,
+    beta2: F,
+    eps: F,
+    weight_decay: F,
+    bias_c1: F,
+    bias_c2: F,
+}
+
+impl<F: CpuFloat> Hyper<F> {
+    fn new(p: &AdamWParams) -> Self {
+        let (bc1, bc2) = p.bias_corrections();
+        let w = |x: f32| F::c(x as f64);
+        Hyper {
+            lr: w(p.lr),
+            beta1: w(p.beta1),
+            beta2: w(p.beta2),
+            eps: w(p.eps),
+            weight_decay: w(p.weight_decay),
+            bias_c1: F::c(bc1),
+            bias_c2: F::c(bc2),
+        }
+    }
+}
+
+/// One element's update; for f32 the same arithmetic as `adamw.cu`.
 #[inline]
-fn update(k: &AdamWKernelParams, x: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+fn update<F: CpuFloat>(k: &Hyper<F>, x: &mut F, g: F, m: &mut F, v: &mut F) {
     *x -= k.lr * k.weight_decay * *x;
-    *m = k.beta1 * *m + (1.0 - k.beta1) * g;
-    *v = k.beta2 * *v + (1.0 - k.beta2) * g * g;
+    *m = k.beta1 * *m + (F::one() - k.beta1) * g;
+    *v = k.beta2 * *v + (F::one() - k.beta2) * g * g;
     let (mhat, vhat) = (*m / k.bias_c1, *v / k.bias_c2);
     *x -= k.lr * mhat / (vhat.sqrt() + k.eps);
 }
 
-impl AdamWKernel for Cpu {
-    fn adamw_step(
-        &self,
-        p: &AdamWParams,
-        params: &mut [f32],
-        grads: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-    ) -> Result<()> {
-        let k = check::<Cpu>(p, params, grads, m, v)?;
+impl<F: CpuFloat> AdamWKernel<F> for Cpu {
+    fn adamw_step(&self, p: &AdamWParams, params: &mut [F], grads: &[F], m: &mut [F], v: &mut [F]) -> Result<()> {
+        check::<Cpu, F>(p, params, grads, m, v)?;
+        let k = Hyper::<F>::new(p);
         params
             .par_chunks_mut(CHUNK)
             .zip(grads.par_chunks(CHUNK))

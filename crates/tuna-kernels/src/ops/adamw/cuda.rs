@@ -11,7 +11,7 @@ unsafe impl DeviceRepr for AdamWKernelParams {}
 
 const BLOCK: u32 = 256;
 
-impl AdamWKernel for Cuda {
+impl AdamWKernel<f32> for Cuda {
     fn adamw_step(
         &self,
         p: &AdamWParams,
@@ -20,7 +20,7 @@ impl AdamWKernel for Cuda {
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let k = check::<Cuda>(p, params, grads, m, v)?;
+        let k = check::<Cuda, f32>(p, params, grads, m, v)?;
         if k.n == 0 {
             return Ok(());
         }

@@ -8,13 +8,15 @@
 //! p -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
 //! ```
 //!
-//! An optimizer has no backward, and works on fp32 masters only (E = f32 on both devices), so its
-//! trait is not generic over the element type. The kernel symbol is `adamw_step_f32`.
+//! An optimizer has no backward. It works on masters of a float type F: f32 on both devices, and
+//! f64 on the CPU (an f64 training loop, for gradient checks of whole models). The hyperparameters
+//! are f32 on every F; the f64 CPU step widens them and computes its bias corrections in f64. The
+//! kernel symbol is `adamw_step_f32`.
 
 mod cpu;
 mod cuda;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};
 
 /// The hyperparameters of one optimizer step.
@@ -47,7 +49,7 @@ impl AdamWParams {
         if ![self.lr, self.eps, self.weight_decay].iter().all(|x| x.is_finite()) {
             return bad(format!("lr {}, eps {}, weight_decay {} must be finite", self.lr, self.eps, self.weight_decay));
         }
-        let bc = |beta: f32| (1.0 - (beta as f64).powi(self.step.min(i32::MAX as u32) as i32)) as f32;
+        let (bc1, bc2) = self.bias_corrections();
         Ok(AdamWKernelParams {
             n: n as u64,
             lr: self.lr,
@@ -55,10 +57,16 @@ impl AdamWParams {
             beta2: self.beta2,
             eps: self.eps,
             weight_decay: self.weight_decay,
-            bias_c1: bc(self.beta1),
-            bias_c2: bc(self.beta2),
+            bias_c1: bc1 as f32,
+            bias_c2: bc2 as f32,
             _pad: 0,
         })
+    }
+
+    /// `(1 - beta1^step, 1 - beta2^step)` in f64.
+    pub fn bias_corrections(&self) -> (f64, f64) {
+        let bc = |beta: f32| 1.0 - (beta as f64).powi(self.step.min(i32::MAX as u32) as i32);
+        (bc(self.beta1), bc(self.beta2))
     }
 }
 
@@ -80,26 +88,26 @@ pub struct AdamWKernelParams {
     pub _pad: u32,
 }
 
-/// The fused AdamW step on a device.
-pub trait AdamWKernel: Backend {
-    /// Updates `params`, `m` and `v` in place from `grads` (all `[n]` f32).
+/// The fused AdamW step on a device, on masters of float type `F`.
+pub trait AdamWKernel<F: Elem>: Backend {
+    /// Updates `params`, `m` and `v` in place from `grads` (all `[n]` of F).
     fn adamw_step(
         &self,
         p: &AdamWParams,
-        params: &mut Self::Buf<f32>,
-        grads: &Self::Buf<f32>,
-        m: &mut Self::Buf<f32>,
-        v: &mut Self::Buf<f32>,
+        params: &mut Self::Buf<F>,
+        grads: &Self::Buf<F>,
+        m: &mut Self::Buf<F>,
+        v: &mut Self::Buf<F>,
     ) -> Result<()>;
 }
 
 /// Shape checks shared by both devices; returns the kernel parameters.
-fn check<B: Backend + ?Sized>(
+fn check<B: Backend + ?Sized, F: Elem>(
     p: &AdamWParams,
-    params: &B::Buf<f32>,
-    grads: &B::Buf<f32>,
-    m: &B::Buf<f32>,
-    v: &B::Buf<f32>,
+    params: &B::Buf<F>,
+    grads: &B::Buf<F>,
+    m: &B::Buf<F>,
+    v: &B::Buf<F>,
 ) -> Result<AdamWKernelParams> {
     let n = B::len(params);
     let detail = || format!("same length as params ({n})");
@@ -113,7 +121,7 @@ fn check<B: Backend + ?Sized>(
 mod tests {
     use super::*;
     use crate::testing::{cuda_or_skip, to_f64, Rng, Tol};
-    use crate::Cpu;
+    use crate::{Cpu, CpuFloat};
 
     /// PyTorch's AdamW, in f64, over the given steps (grads[s] at step s + 1).
     fn reference(p: &AdamWParams, params: &[f64], grads: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -141,24 +149,35 @@ mod tests {
         (p, params, grads)
     }
 
-    #[test]
-    fn cpu_matches_f64_reference_over_several_steps() {
+    /// Several CPU steps on F (f32, or f64 for an f64 training loop) against the f64 reference.
+    fn cpu_case<F: CpuFloat>(tol: Tol) {
         let (n, steps) = (10_007, 7);
         let (p, params, grads) = setup(n, steps);
-        let (mut x, mut m, mut v) = (params.clone(), vec![0.0; n], vec![0.0; n]);
+        let conv = |v: &[f32]| v.iter().map(|&x| F::c(x as f64)).collect::<Vec<F>>();
+        let (mut x, mut m, mut v) = (conv(&params), vec![F::zero(); n], vec![F::zero(); n]);
         for (s, g) in grads.iter().enumerate() {
-            Cpu.adamw_step(&AdamWParams { step: s as u32 + 1, ..p }, &mut x, g, &mut m, &mut v).unwrap();
+            Cpu.adamw_step(&AdamWParams { step: s as u32 + 1, ..p }, &mut x, &conv(g), &mut m, &mut v).unwrap();
         }
         let grads64: Vec<Vec<f64>> = grads.iter().map(|g| to_f64(g)).collect();
         let (rx, rm, rv) = reference(&p, &to_f64(&params), &grads64);
-        Tol::F32.assert_close("adamw params", &x, &rx);
-        Tol::F32.assert_close("adamw m", &m, &rm);
-        Tol::F32.assert_close("adamw v", &v, &rv);
+        tol.assert_close(&format!("adamw {} params", F::NAME), &x, &rx);
+        tol.assert_close(&format!("adamw {} m", F::NAME), &m, &rm);
+        tol.assert_close(&format!("adamw {} v", F::NAME), &v, &rv);
+    }
+
+    #[test]
+    fn cpu_matches_f64_reference_over_several_steps() {
+        cpu_case::<f32>(Tol::F32);
+    }
+
+    #[test]
+    fn cpu_f64_matches_f64_reference_over_several_steps() {
+        cpu_case::<f64>(Tol::F64);
     }
 
     #[test]
     fn bad_parameters_and_shapes_are_errors() {
-        let (mut x, mut m, mut v) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 3]);
+        let (mut x, mut m, mut v) = (vec![0.0f32; 4], vec![0.0; 4], vec![0.0; 3]);
         let e = Cpu.adamw_step(&AdamWParams::new(1e-3), &mut x, &[0.0; 4], &mut m, &mut v).unwrap_err().to_string();
         assert!(e.contains("adamw") && e.contains("`v`"), "{e}");
         let mut v = vec![0.0; 4];

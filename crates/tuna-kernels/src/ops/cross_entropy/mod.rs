@@ -36,6 +36,8 @@ pub struct CeParams {
     /// Targets equal to this are ignored (loss 0, zero gradient).
     pub ignore_index: i32,
     /// Factor on the gradient written by `ce_fwd_bwd` (1 / number of valid rows for a mean).
+    /// An f32 on every element type: an f64 run (gradient checks) gets it widened, so a scale such
+    /// as 1/3 carries f32 rounding (~6e-8 relative); use 1 or a power of two there.
     pub grad_scale: f32,
 }
 
@@ -71,13 +73,14 @@ impl CeParams {
 
 /// Softmax cross-entropy on a device: the loss alone, and the loss fused with its backward.
 pub trait CrossEntropyKernel<E: Elem>: Backend {
-    /// Writes the per-row losses `loss` (`[rows]`, 0 for ignored rows); `logits` are untouched.
+    /// Writes the per-row losses `loss` (`[rows]` in `E::Acc`: f32 for f32/bf16, f64 for f64; 0 for
+    /// ignored rows); `logits` are untouched.
     fn ce_fwd(
         &self,
         p: &CeParams,
         logits: &Self::Buf<E>,
         targets: &Self::Buf<i32>,
-        loss: &mut Self::Buf<f32>,
+        loss: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
     /// Writes the per-row losses and OVERWRITES `logits` with
     /// `p.grad_scale * (softmax - onehot(target))` (zero rows for ignored targets).
@@ -86,7 +89,7 @@ pub trait CrossEntropyKernel<E: Elem>: Backend {
         p: &CeParams,
         logits: &mut Self::Buf<E>,
         targets: &Self::Buf<i32>,
-        loss: &mut Self::Buf<f32>,
+        loss: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
 }
 
@@ -112,7 +115,7 @@ fn check<B: Backend + ?Sized, E: Elem>(
     p: &CeParams,
     logits: &B::Buf<E>,
     targets: &B::Buf<i32>,
-    loss: &B::Buf<f32>,
+    loss: &B::Buf<E::Acc>,
 ) -> Result<()> {
     p.validate()?;
     let shape = || format!("{p:?}");

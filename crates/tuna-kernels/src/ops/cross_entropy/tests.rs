@@ -6,7 +6,7 @@ use super::cuda::{block_for, SMALL_VOCAB};
 use super::*;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, to_f64, Rng, Tol};
-use crate::{Cpu, Cuda};
+use crate::{Cpu, CpuFloat, Cuda};
 use half::bf16;
 
 /// Random logits (some rows shifted far from 0, to exercise the max subtraction) and targets with
@@ -41,22 +41,45 @@ fn reference(logits: &[f64], targets: &[i32], vocab: usize, scale: f64) -> (Vec<
     (loss, grad)
 }
 
+/// The CPU loss and fused gradient on F (f32, or f64 for gradient checks) against the f64
+/// reference, at vocab 1000 (not a multiple of any block) with `tol`, and at GPT-2's 50257 with
+/// `long_tol` (sums over 50k terms).
+fn cpu_case<F: CpuFloat>(tol: Tol, long_tol: Tol) {
+    for (seed, rows, vocab, tol) in [(1, 37, 1000, tol), (2, 5, 50257, long_tol)] {
+        let (logits32, targets) = case(seed, rows, vocab);
+        let logits: Vec<F> = logits32.iter().map(|&x| F::c(x as f64)).collect();
+        // A power-of-two scale (the kernel takes it as an f32; see CeParams::grad_scale).
+        let scale = 0.25f32;
+        let p = CeParams::new(rows, vocab).with_grad_scale(scale);
+        let (want_loss, want_grad) = reference(&to_f64(&logits32), &targets, vocab, scale as f64);
+        let what = |t: &str| format!("ce {} {t} vocab {vocab}", F::NAME);
+        let mut loss = vec![F::nan(); rows];
+        Cpu.ce_fwd(&p, &logits, &targets, &mut loss).unwrap();
+        tol.assert_close(&what("fwd loss"), &loss, &want_loss);
+        let (mut grad, mut loss2) = (logits.clone(), vec![F::nan(); rows]);
+        Cpu.ce_fwd_bwd(&p, &mut grad, &targets, &mut loss2).unwrap();
+        tol.assert_close(&what("fwd_bwd loss"), &loss2, &want_loss);
+        tol.assert_close(&what("fwd_bwd grad"), &grad, &want_grad);
+    }
+}
+
 #[test]
 fn cpu_matches_f64_reference() {
-    // vocab 1000: not a multiple of any block; 50257: GPT-2's (sums over 50k terms: F32_LONG).
-    for (seed, rows, vocab, tol) in [(1, 37, 1000, Tol::F32), (2, 5, 50257, Tol::F32_LONG)] {
-        let (logits, targets) = case(seed, rows, vocab);
-        let scale = 1.0 / count_valid(&targets, IGNORE_INDEX).max(1) as f32;
-        let p = CeParams::new(rows, vocab).with_grad_scale(scale);
-        let (want_loss, want_grad) = reference(&to_f64(&logits), &targets, vocab, scale as f64);
-        let mut loss = vec![f32::NAN; rows];
-        Cpu.ce_fwd(&p, &logits, &targets, &mut loss).unwrap();
-        tol.assert_close(&format!("ce fwd loss vocab {vocab}"), &loss, &want_loss);
-        let (mut grad, mut loss2) = (logits.clone(), vec![f32::NAN; rows]);
-        Cpu.ce_fwd_bwd(&p, &mut grad, &targets, &mut loss2).unwrap();
-        tol.assert_close(&format!("ce fwd_bwd loss vocab {vocab}"), &loss2, &want_loss);
-        tol.assert_close(&format!("ce fwd_bwd grad vocab {vocab}"), &grad, &want_grad);
-    }
+    cpu_case::<f32>(Tol::F32, Tol::F32_LONG);
+    // The mean-over-valid-rows scale of training, as an f32.
+    let (rows, vocab) = (37, 1000);
+    let (logits, targets) = case(1, rows, vocab);
+    let scale = 1.0 / count_valid(&targets, IGNORE_INDEX).max(1) as f32;
+    let p = CeParams::new(rows, vocab).with_grad_scale(scale);
+    let (_, want_grad) = reference(&to_f64(&logits), &targets, vocab, scale as f64);
+    let (mut grad, mut loss) = (logits.clone(), vec![f32::NAN; rows]);
+    Cpu.ce_fwd_bwd(&p, &mut grad, &targets, &mut loss).unwrap();
+    Tol::F32.assert_close("ce fwd_bwd grad, mean scale", &grad, &want_grad);
+}
+
+#[test]
+fn cpu_f64_matches_f64_reference() {
+    cpu_case::<f64>(Tol::F64, Tol::F64);
 }
 
 #[test]
@@ -111,9 +134,9 @@ fn invalid_target_is_an_error_before_writing() {
 
 #[test]
 fn shape_mismatch_is_an_error() {
-    let e = Cpu.ce_fwd(&CeParams::new(2, 3), &[0.0; 6], &[0, 1], &mut [0.0; 3]).unwrap_err().to_string();
+    let e = Cpu.ce_fwd(&CeParams::new(2, 3), &[0.0f32; 6], &[0, 1], &mut [0.0; 3]).unwrap_err().to_string();
     assert!(e.contains("cross_entropy") && e.contains("`loss`"), "{e}");
-    let e = Cpu.ce_fwd_bwd(&CeParams::new(2, 3), &mut [0.0; 5], &[0, 1], &mut [0.0; 2]).unwrap_err().to_string();
+    let e = Cpu.ce_fwd_bwd(&CeParams::new(2, 3), &mut [0.0f32; 5], &[0, 1], &mut [0.0; 2]).unwrap_err().to_string();
     assert!(e.contains("`logits`"), "{e}");
 }
 

@@ -1,12 +1,13 @@
 //! Embedding on the CPU: rayon over output rows (forward), over table rows after grouping the
 //! tokens by id (backward, deterministic: each table row is summed by one task in token order),
-//! and over prompt rows (prompt gradient).
+//! and over prompt rows (prompt gradient). Generic over the float ([`CpuFloat`]): f32, or f64 for
+//! gradient checks.
 
 use super::{
     check_bwd, check_fwd, source, token_position, validate_at, validate_ids, EmbedParams, EmbeddingKernel, SoftPrompt,
     Source,
 };
-use crate::backend::Cpu;
+use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use rayon::prelude::*;
 
@@ -15,16 +16,16 @@ fn at_of(at: Option<&[u32]>, b: usize) -> usize {
     at.map_or(0, |a| a[b] as usize)
 }
 
-impl EmbeddingKernel<f32> for Cpu {
+impl<F: CpuFloat> EmbeddingKernel<F> for Cpu {
     fn embed_fwd(
         &self,
         p: &EmbedParams,
-        table: &[f32],
+        table: &[F],
         ids: &[u32],
-        prompt: Option<SoftPrompt<'_, Self, f32>>,
-        out: &mut [f32],
+        prompt: Option<SoftPrompt<'_, Self, F>>,
+        out: &mut [F],
     ) -> Result<()> {
-        check_fwd::<Cpu, f32>(p, table, ids, prompt.as_ref(), out)?;
+        check_fwd::<Cpu, F>(p, table, ids, prompt.as_ref(), out)?;
         validate_ids(ids, p.vocab as usize)?;
         if let Some(sp) = &prompt {
             validate_at(sp.at, p.seq as usize)?;
@@ -48,11 +49,11 @@ impl EmbeddingKernel<f32> for Cpu {
         p: &EmbedParams,
         ids: &[u32],
         at: Option<&[u32]>,
-        d_out: &[f32],
-        d_table: Option<&mut [f32]>,
-        d_prompt: Option<&mut [f32]>,
+        d_out: &[F],
+        d_table: Option<&mut [F]>,
+        d_prompt: Option<&mut [F]>,
     ) -> Result<()> {
-        check_bwd::<Cpu, f32>(p, ids, at, d_out, d_table.as_deref(), d_prompt.as_deref())?;
+        check_bwd::<Cpu, F>(p, ids, at, d_out, d_table.as_deref(), d_prompt.as_deref())?;
         validate_ids(ids, p.vocab as usize)?;
         if let Some(at) = at {
             validate_at(at, p.seq as usize)?;
@@ -75,7 +76,7 @@ impl EmbeddingKernel<f32> for Cpu {
 
 /// `d_table[ids[i]] += d_out[position of token i]`, grouping tokens by id with a counting sort so
 /// that each table row is owned by one task (no data race, same order every run).
-fn table_grad(p: &EmbedParams, ids: &[u32], at: Option<&[u32]>, d_out: &[f32], d_table: &mut [f32]) {
+fn table_grad<F: CpuFloat>(p: &EmbedParams, ids: &[u32], at: Option<&[u32]>, d_out: &[F], d_table: &mut [F]) {
     let (h, seq, n, len, vocab) =
         (p.hidden as usize, p.seq as usize, p.n_prompt as usize, p.out_len(), p.vocab as usize);
     let mut start = vec![0usize; vocab + 1];

@@ -8,8 +8,9 @@
 //! - `out`, `d_out`: `[batch, seq + n_prompt, hidden]` (E). For row `b`, positions `0..at` hold
 //!   `table[ids[b, 0..at]]`, then the `n_prompt` prompt vectors, then `table[ids[b, at..]]`.
 //!
-//! The backward accumulates (`+=`) only into the gradients asked for: `d_table` (f32, a scatter-add
-//! of `d_out` rows by id) and `d_prompt` (f32, summed over the batch). With neither it does nothing.
+//! The backward accumulates (`+=`) only into the gradients asked for: `d_table` (`E::Acc`: f32 for
+//! f32/bf16, f64 for f64; a scatter-add of `d_out` rows by id) and `d_prompt` (`E::Acc`, summed over
+//! the batch). With neither it does nothing.
 //!
 //! Ids must be `< vocab`: the CPU checks them (an [`Error::Invalid`] naming the position, before
 //! anything is written). A CUDA kernel cannot return an error, so the CUDA launchers expect ids
@@ -115,8 +116,8 @@ pub trait EmbeddingKernel<E: Elem>: Backend {
         ids: &Self::Buf<u32>,
         at: Option<&Self::Buf<u32>>,
         d_out: &Self::Buf<E>,
-        d_table: Option<&mut Self::Buf<f32>>,
-        d_prompt: Option<&mut Self::Buf<f32>>,
+        d_table: Option<&mut Self::Buf<E::Acc>>,
+        d_prompt: Option<&mut Self::Buf<E::Acc>>,
     ) -> Result<()>;
 }
 
@@ -193,8 +194,8 @@ fn check_bwd<B: Backend + ?Sized, E: Elem>(
     ids: &B::Buf<u32>,
     at: Option<&B::Buf<u32>>,
     d_out: &B::Buf<E>,
-    d_table: Option<&B::Buf<f32>>,
-    d_prompt: Option<&B::Buf<f32>>,
+    d_table: Option<&B::Buf<E::Acc>>,
+    d_prompt: Option<&B::Buf<E::Acc>>,
 ) -> Result<()> {
     p.validate()?;
     let shape = || format!("{p:?}");

@@ -4,7 +4,7 @@
 use super::*;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, to_f64, Rng, Tol};
-use crate::{Cpu, Cuda};
+use crate::{Cpu, CpuFloat, Cuda};
 use half::bf16;
 
 /// A random case: table, ids (with repeats), prompt, insertion points.
@@ -79,35 +79,64 @@ fn sp<'a>(c: &'a Case) -> Option<SoftPrompt<'a, Cpu, f32>> {
     (c.p.n_prompt > 0).then_some(SoftPrompt { vectors: &c.prompt, at: &c.at })
 }
 
-#[test]
-fn cpu_fwd_matches_reference() {
+/// `v` converted to the float under test.
+fn conv<F: CpuFloat>(v: &[f32]) -> Vec<F> {
+    v.iter().map(|&x| F::c(x as f64)).collect()
+}
+
+/// The CPU forward on F (f32, or f64 for gradient checks) against the f64 reference.
+fn cpu_fwd_case<F: CpuFloat>(tol: Tol) {
     for (seed, n) in [(1, 5), (2, 0)] {
         let c = case(seed, 4, 7, 13, 37, n);
-        let mut out = vec![f32::NAN; c.p.out_elems()];
-        Cpu.embed_fwd(&c.p, &c.table, &c.ids, sp(&c), &mut out).unwrap();
+        let (table, prompt) = (conv::<F>(&c.table), conv::<F>(&c.prompt));
+        let sp = (n > 0).then_some(SoftPrompt::<Cpu, F> { vectors: &prompt, at: &c.at });
+        let mut out = vec![F::nan(); c.p.out_elems()];
+        Cpu.embed_fwd(&c.p, &table, &c.ids, sp, &mut out).unwrap();
         let want = ref_fwd(&c.p, &to_f64(&c.table), &c.ids, &to_f64(&c.prompt), &c.at);
-        Tol::F32.assert_close(&format!("embedding fwd n_prompt {n}"), &out, &want);
+        tol.assert_close(&format!("embedding fwd {} n_prompt {n}", F::NAME), &out, &want);
     }
 }
 
 #[test]
-fn cpu_bwd_accumulates_and_matches_reference() {
+fn cpu_fwd_matches_reference() {
+    cpu_fwd_case::<f32>(Tol::F32);
+}
+
+#[test]
+fn cpu_f64_fwd_matches_reference() {
+    cpu_fwd_case::<f64>(Tol::F64);
+}
+
+/// The CPU backward on F against the f64 reference, accumulating onto nonzero gradients.
+fn cpu_bwd_case<F: CpuFloat>(tol: Tol) {
     let c = case(3, 5, 9, 6, 41, 3); // vocab 6 < 45 tokens: ids repeat
-    let d_out = Rng::new(4).normal_vec(c.p.out_elems(), 1.0);
-    let (dt_ref, dp_ref) = ref_bwd(&c.p, &c.ids, &c.at, &to_f64(&d_out));
-    let (mut dt, mut dp) = (vec![0.25; c.p.table_elems()], vec![-0.5; c.p.prompt_elems()]);
+    let d_out32 = Rng::new(4).normal_vec(c.p.out_elems(), 1.0);
+    let d_out = conv::<F>(&d_out32);
+    let (dt_ref, dp_ref) = ref_bwd(&c.p, &c.ids, &c.at, &to_f64(&d_out32));
+    let (mut dt, mut dp) = (vec![F::c(0.25); c.p.table_elems()], vec![F::c(-0.5); c.p.prompt_elems()]);
     Cpu.embed_bwd(&c.p, &c.ids, Some(&c.at), &d_out, Some(&mut dt), Some(&mut dp)).unwrap();
     let shift = |v: &[f64], s: f64| v.iter().map(|x| x + s).collect::<Vec<_>>();
-    Tol::F32.assert_close("embedding d_table", &dt, &shift(&dt_ref, 0.25));
-    Tol::F32.assert_close("embedding d_prompt", &dp, &shift(&dp_ref, -0.5));
+    let what = |t: &str| format!("embedding {} {t}", F::NAME);
+    tol.assert_close(&what("d_table"), &dt, &shift(&dt_ref, 0.25));
+    tol.assert_close(&what("d_prompt"), &dp, &shift(&dp_ref, -0.5));
     // Only one gradient asked for: the other buffer is not touched (it is not even passed).
-    let mut dp_only = vec![0.0; c.p.prompt_elems()];
+    let mut dp_only = vec![F::zero(); c.p.prompt_elems()];
     Cpu.embed_bwd(&c.p, &c.ids, Some(&c.at), &d_out, None, Some(&mut dp_only)).unwrap();
-    Tol::F32.assert_close("embedding d_prompt alone", &dp_only, &dp_ref);
-    let mut dt_only = vec![0.0; c.p.table_elems()];
+    tol.assert_close(&what("d_prompt alone"), &dp_only, &dp_ref);
+    let mut dt_only = vec![F::zero(); c.p.table_elems()];
     Cpu.embed_bwd(&c.p, &c.ids, Some(&c.at), &d_out, Some(&mut dt_only), None).unwrap();
-    Tol::F32.assert_close("embedding d_table alone", &dt_only, &dt_ref);
+    tol.assert_close(&what("d_table alone"), &dt_only, &dt_ref);
     Cpu.embed_bwd(&c.p, &c.ids, Some(&c.at), &d_out, None, None).unwrap();
+}
+
+#[test]
+fn cpu_bwd_accumulates_and_matches_reference() {
+    cpu_bwd_case::<f32>(Tol::F32);
+}
+
+#[test]
+fn cpu_f64_bwd_accumulates_and_matches_reference() {
+    cpu_bwd_case::<f64>(Tol::F64);
 }
 
 #[test]
@@ -140,7 +169,7 @@ fn bad_ids_and_positions_are_errors_before_writing() {
     let e = Cpu.embed_fwd(&c.p, &c.table, &c.ids, sp(&c), &mut out).unwrap_err().to_string();
     assert!(e.contains("ids[4]") && e.contains("vocab 4"), "{e}");
     assert!(out.iter().all(|&v| v == 7.0), "out written before the id check");
-    let d_out = vec![1.0; c.p.out_elems()];
+    let d_out = vec![1.0f32; c.p.out_elems()];
     let e = Cpu.embed_bwd(&c.p, &c.ids, Some(&c.at), &d_out, None, None).unwrap_err().to_string();
     assert!(e.contains("ids[4]"), "{e}");
     c.ids[4] = 0;
@@ -156,8 +185,8 @@ fn shape_mismatch_is_an_error() {
     let mut out = vec![0.0; c.p.out_elems() - 1];
     let e = Cpu.embed_fwd(&c.p, &c.table, &c.ids, sp(&c), &mut out).unwrap_err().to_string();
     assert!(e.contains("embedding") && e.contains("`out`"), "{e}");
-    let d_out = vec![0.0; c.p.out_elems()];
-    let mut dp = vec![0.0; 3];
+    let d_out = vec![0.0f32; c.p.out_elems()];
+    let mut dp = vec![0.0f32; 3];
     let e = Cpu.embed_bwd(&c.p, &c.ids, Some(&c.at), &d_out, None, Some(&mut dp)).unwrap_err().to_string();
     assert!(e.contains("`d_prompt`"), "{e}");
     let e = Cpu.embed_fwd(&c.p, &c.table, &c.ids, None, &mut out).unwrap_err().to_string();

@@ -18,7 +18,7 @@ pub const NORM_MAX_BLOCKS: usize = 1024;
 
 impl<E: CudaElem> GradKernel<E> for Cuda {
     fn grad_accumulate(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<E>, scale: f32) -> Result<()> {
-        let p = check_accumulate::<Cuda, E>(dst, src, scale)?;
+        let p = check_accumulate::<Cuda, E>(dst, src, scale as f64)?;
         if p.n == 0 {
             return Ok(());
         }
@@ -46,7 +46,7 @@ impl<E: CudaElem> GradKernel<E> for Cuda {
     }
 }
 
-impl GradNormKernel for Cuda {
+impl GradNormKernel<f32> for Cuda {
     fn grad_zero(&self, dst: &mut CudaSlice<f32>) -> Result<()> {
         self.stream().memset_zeros(dst).map_err(|e| Error::cuda("grad_zero", e))
     }
@@ -70,7 +70,7 @@ impl GradNormKernel for Cuda {
     }
 
     fn grad_clip(&self, acc: &CudaSlice<f32>, max_norm: f32, dst: &mut CudaSlice<f32>) -> Result<()> {
-        let p = check_clip(acc.len(), max_norm, dst.len())?;
+        let p = check_clip(acc.len(), max_norm as f64, dst.len())?;
         if p.n == 0 {
             return Ok(());
         }

@@ -1,6 +1,6 @@
 //! Gradient bookkeeping around the optimizer step: zeroing, the fused scale-and-accumulate of
-//! micro-batch gradients into f32, casting f32 masters to the compute type, the global gradient
-//! norm, and clipping by it without a host round trip.
+//! micro-batch gradients into the accumulator type, casting masters to the compute type, the
+//! global gradient norm, and clipping by it without a host round trip.
 //!
 //! A training step with clipping runs, on the device's stream and with no host sync:
 //! `grad_zero(acc)`; `grad_sq_norm_acc(g, acc)` for every parameter gradient `g`; then
@@ -10,14 +10,16 @@
 //!
 //! These are not forward/backward ops: their kernel symbols are `grad_<accumulate|cast>_<f32|bf16>`
 //! and `grad_<sqnorm|clip>_f32`. [`GradKernel`] is generic over the source/destination element
-//! type (f32 on the CPU, f32 and bf16 on CUDA); [`GradNormKernel`] works on f32 gradients only.
+//! type E, with masters and gradients in `E::Acc` (CPU: E = f32 or f64, `E::Acc = E`; CUDA: f32
+//! and bf16, `E::Acc = f32`). [`GradNormKernel`] is generic over the gradients' float type (CPU:
+//! f32 and f64; CUDA: f32 only).
 
 mod cpu;
 mod cuda;
 #[cfg(test)]
 mod tests;
 
-use crate::backend::{Backend, Elem};
+use crate::backend::{Backend, CpuFloat, Elem};
 use crate::error::{check_len, Error, Result};
 
 /// The `1e-6` added to the norm before dividing, as PyTorch's `clip_grad_norm_`.
@@ -34,53 +36,56 @@ pub struct GradParams {
     pub max_norm: f32,
 }
 
-/// Accumulation and casting between f32 gradients/masters and element type `E`.
+/// Accumulation and casting between gradients/masters (`E::Acc`) and element type `E`.
 pub trait GradKernel<E: Elem>: Backend {
-    /// `dst += scale * src` (`dst` f32, `src` E), for micro-batch gradients.
-    fn grad_accumulate(&self, dst: &mut Self::Buf<f32>, src: &Self::Buf<E>, scale: f32) -> Result<()>;
+    /// `dst += scale * src` (`dst` and `scale` in `E::Acc`, `src` E), for micro-batch gradients.
+    fn grad_accumulate(&self, dst: &mut Self::Buf<E::Acc>, src: &Self::Buf<E>, scale: E::Acc) -> Result<()>;
     /// `dst = src` converted to E (round to nearest even for bf16), e.g. bf16 copies of f32 masters.
-    fn cast(&self, src: &Self::Buf<f32>, dst: &mut Self::Buf<E>) -> Result<()>;
+    fn cast(&self, src: &Self::Buf<E::Acc>, dst: &mut Self::Buf<E>) -> Result<()>;
 }
 
-/// Zeroing, global norm and clipping of f32 gradients.
-pub trait GradNormKernel: Backend {
+/// Zeroing, global norm and clipping of gradients of float type `F`.
+pub trait GradNormKernel<F: Elem>: Backend {
     /// `dst = 0`.
-    fn grad_zero(&self, dst: &mut Self::Buf<f32>) -> Result<()>;
+    fn grad_zero(&self, dst: &mut Self::Buf<F>) -> Result<()>;
     /// `acc[0] += sum(src^2)`; call once per parameter tensor.
-    fn grad_sq_norm_acc(&self, src: &Self::Buf<f32>, acc: &mut Self::Buf<f32>) -> Result<()>;
+    fn grad_sq_norm_acc(&self, src: &Self::Buf<F>, acc: &mut Self::Buf<F>) -> Result<()>;
     /// `dst *= min(1, max_norm / (sqrt(acc[0]) + 1e-6))`, with `acc` read where it lives.
-    fn grad_clip(&self, acc: &Self::Buf<f32>, max_norm: f32, dst: &mut Self::Buf<f32>) -> Result<()>;
+    fn grad_clip(&self, acc: &Self::Buf<F>, max_norm: F, dst: &mut Self::Buf<F>) -> Result<()>;
 }
 
-/// The clip factor for a squared norm `sq` (the same f32 arithmetic as `grad.cu`).
-pub fn clip_factor(sq: f32, max_norm: f32) -> f32 {
-    (max_norm / (sq.sqrt() + CLIP_EPS)).min(1.0)
+/// The clip factor for a squared norm `sq` (for f32, the same arithmetic as `grad.cu`).
+pub fn clip_factor<F: CpuFloat>(sq: F, max_norm: F) -> F {
+    // F::c(1e-6) is CLIP_EPS for f32, and exactly PyTorch's 1e-6 for f64.
+    (max_norm / (sq.sqrt() + F::c(1e-6))).min(F::one())
 }
 
+/// Checks `grad_accumulate`'s lengths and scale (given in f64 whatever the device's type).
 fn check_accumulate<B: Backend + ?Sized, E: Elem>(
-    dst: &B::Buf<f32>,
+    dst: &B::Buf<E::Acc>,
     src: &B::Buf<E>,
-    scale: f32,
+    scale: f64,
 ) -> Result<GradParams> {
     let n = B::len(dst);
     check_len("grad_accumulate", "src", B::len(src), n, || format!("same length as dst ({n})"))?;
     if !scale.is_finite() {
         return Err(Error::Invalid { op: "grad_accumulate", msg: format!("scale {scale} is not finite") });
     }
-    Ok(GradParams { n: n as u64, scale, max_norm: 0.0 })
+    Ok(GradParams { n: n as u64, scale: scale as f32, max_norm: 0.0 })
 }
 
-fn check_cast<B: Backend + ?Sized, E: Elem>(src: &B::Buf<f32>, dst: &B::Buf<E>) -> Result<GradParams> {
+fn check_cast<B: Backend + ?Sized, E: Elem>(src: &B::Buf<E::Acc>, dst: &B::Buf<E>) -> Result<GradParams> {
     let n = B::len(src);
     check_len("cast", "dst", B::len(dst), n, || format!("same length as src ({n})"))?;
     Ok(GradParams { n: n as u64, scale: 1.0, max_norm: 0.0 })
 }
 
 fn check_acc(op: &'static str, acc_len: usize) -> Result<()> {
-    check_len(op, "acc", acc_len, 1, || "one f32: the running sum of squares".into())
+    check_len(op, "acc", acc_len, 1, || "one element: the running sum of squares".into())
 }
 
-fn check_clip(acc_len: usize, max_norm: f32, n: usize) -> Result<GradParams> {
+/// Checks `grad_clip`'s `acc` and `max_norm` (given in f64 whatever the device's type).
+fn check_clip(acc_len: usize, max_norm: f64, n: usize) -> Result<GradParams> {
     check_acc("grad_clip", acc_len)?;
     if !(max_norm.is_finite() && max_norm > 0.0) {
         return Err(Error::Invalid {
@@ -88,5 +93,5 @@ fn check_clip(acc_len: usize, max_norm: f32, n: usize) -> Result<GradParams> {
             msg: format!("max_norm {max_norm} must be positive and finite"),
         });
     }
-    Ok(GradParams { n: n as u64, scale: 1.0, max_norm })
+    Ok(GradParams { n: n as u64, scale: 1.0, max_norm: max_norm as f32 })
 }

@@ -5,7 +5,7 @@ use super::cuda::NORM_MAX_BLOCKS;
 use super::*;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
-use crate::{Cpu, Cuda};
+use crate::{Cpu, CpuFloat, Cuda};
 use half::bf16;
 
 /// Ragged tensor sizes: 1 element, less than a warp, not a multiple of 256, and (CUDA) more than
@@ -21,77 +21,113 @@ fn f64_norm(ts: &[Vec<f32>]) -> f64 {
     ts.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
 }
 
-#[test]
-fn k_micro_batch_accumulations_equal_one_sum() {
+/// `v` converted to the float under test.
+fn conv<F: CpuFloat>(v: &[f32]) -> Vec<F> {
+    v.iter().map(|&x| F::c(x as f64)).collect()
+}
+
+/// Micro-batch accumulation and cast on F (f32, or f64 for gradient checks) against f64.
+fn accumulate_case<F: CpuFloat>(tol: Tol) {
     let (n, k) = (5003, 5);
     let mut rng = Rng::new(1);
     let micro: Vec<Vec<f32>> = (0..k).map(|_| rng.normal_vec(n, 1.0)).collect();
-    let mut dst = rng.normal_vec(n, 1.0); // garbage until zeroed
+    let mut dst = conv::<F>(&rng.normal_vec(n, 1.0)); // garbage until zeroed
     Cpu.grad_zero(&mut dst).unwrap();
     for g in &micro {
-        Cpu.grad_accumulate(&mut dst, &g[..], 1.0 / k as f32).unwrap();
+        Cpu.grad_accumulate(&mut dst, &conv::<F>(g)[..], F::one() / F::c(k as f64)).unwrap();
     }
     let want: Vec<f64> = (0..n).map(|i| micro.iter().map(|g| g[i] as f64).sum::<f64>() / k as f64).collect();
-    Tol::F32.assert_close("grad accumulate mean of micro-batches", &dst, &want);
+    tol.assert_close(&format!("grad {} accumulate mean of micro-batches", F::NAME), &dst, &want);
     // Accumulation keeps what is there.
-    Cpu.grad_accumulate(&mut dst, &micro[0][..], 2.0).unwrap();
+    Cpu.grad_accumulate(&mut dst, &conv::<F>(&micro[0])[..], F::c(2.0)).unwrap();
     let want: Vec<f64> = (0..n).map(|i| want[i] + 2.0 * micro[0][i] as f64).collect();
-    Tol::F32.assert_close("grad accumulate on top", &dst, &want);
-    let mut copy = vec![0.0; n];
+    tol.assert_close(&format!("grad {} accumulate on top", F::NAME), &dst, &want);
+    let mut copy = vec![F::zero(); n];
     Cpu.cast(&dst, &mut copy).unwrap();
-    assert_eq!(copy, dst);
+    assert!(copy == dst);
+}
+
+#[test]
+fn k_micro_batch_accumulations_equal_one_sum() {
+    accumulate_case::<f32>(Tol::F32);
+}
+
+#[test]
+fn f64_k_micro_batch_accumulations_equal_one_sum() {
+    accumulate_case::<f64>(Tol::F64);
+}
+
+/// The squared norm over several tensors on F against f64.
+fn global_norm_case<F: CpuFloat>(tol: Tol) {
+    let ts = tensors(2, 0.3);
+    let mut acc = vec![F::c(123.0)];
+    Cpu.grad_zero(&mut acc).unwrap();
+    for t in &ts {
+        Cpu.grad_sq_norm_acc(&conv::<F>(t), &mut acc).unwrap();
+    }
+    tol.assert_close(&format!("global grad norm {}", F::NAME), &[acc[0].sqrt()], &[f64_norm(&ts)]);
 }
 
 #[test]
 fn global_norm_over_several_tensors_matches_f64() {
-    let ts = tensors(2, 0.3);
-    let mut acc = vec![123.0f32];
-    Cpu.grad_zero(&mut acc).unwrap();
-    for t in &ts {
-        Cpu.grad_sq_norm_acc(t, &mut acc).unwrap();
+    global_norm_case::<f32>(Tol::F32);
+}
+
+#[test]
+fn f64_global_norm_over_several_tensors_matches_f64() {
+    global_norm_case::<f64>(Tol::F64);
+}
+
+/// Clipping on F against f64, above and below the threshold, and the norm after clipping.
+fn clip_case<F: CpuFloat>(tol: Tol) {
+    let ts = tensors(3, 0.3);
+    let norm = f64_norm(&ts);
+    let acc = [F::c(norm * norm)];
+    for max_norm in [norm / 4.0, norm * 2.0] {
+        let factor = (max_norm / (norm + 1e-6)).min(1.0);
+        for t in &ts {
+            let mut g = conv::<F>(t);
+            Cpu.grad_clip(&acc, F::c(max_norm), &mut g).unwrap();
+            let want: Vec<f64> = t.iter().map(|&x| x as f64 * factor).collect();
+            tol.assert_close(&format!("clip {} to {max_norm}", F::NAME), &g, &want);
+            if factor == 1.0 {
+                assert!(g == conv::<F>(t), "clipping below the threshold changed the gradient");
+            }
+        }
     }
-    Tol::F32.assert_close("global grad norm", &[acc[0].sqrt()], &[f64_norm(&ts)]);
+    // After clipping above the threshold, the global norm is max_norm (less the 1e-6 epsilon's share).
+    let max_norm = F::c(norm / 3.0);
+    let mut acc2 = [F::zero()];
+    for t in &ts {
+        let mut g = conv::<F>(t);
+        Cpu.grad_clip(&acc, max_norm, &mut g).unwrap();
+        Cpu.grad_sq_norm_acc(&g, &mut acc2).unwrap();
+    }
+    let want = max_norm.into() * norm / (norm + 1e-6);
+    tol.assert_close(&format!("norm after clipping {}", F::NAME), &[acc2[0].sqrt()], &[want]);
 }
 
 #[test]
 fn clip_matches_f64_reference_and_is_a_noop_below_threshold() {
-    let ts = tensors(3, 0.3);
-    let norm = f64_norm(&ts);
-    let acc = [(norm * norm) as f32];
-    for max_norm in [norm / 4.0, norm * 2.0] {
-        let factor = (max_norm / (norm + 1e-6)).min(1.0);
-        for t in &ts {
-            let mut g = t.clone();
-            Cpu.grad_clip(&acc, max_norm as f32, &mut g).unwrap();
-            let want: Vec<f64> = t.iter().map(|&x| x as f64 * factor).collect();
-            Tol::F32.assert_close(&format!("clip to {max_norm}"), &g, &want);
-            if factor == 1.0 {
-                assert_eq!(&g, t, "clipping below the threshold changed the gradient");
-            }
-        }
-    }
-    // After clipping above the threshold, the global norm is max_norm.
-    let max_norm = (norm / 3.0) as f32;
-    let mut acc2 = [0.0f32];
-    for t in &ts {
-        let mut g = t.clone();
-        Cpu.grad_clip(&acc, max_norm, &mut g).unwrap();
-        Cpu.grad_sq_norm_acc(&g, &mut acc2).unwrap();
-    }
-    Tol::F32.assert_close("norm after clipping", &[acc2[0].sqrt()], &[max_norm as f64]);
+    clip_case::<f32>(Tol::F32);
+}
+
+#[test]
+fn f64_clip_matches_f64_reference_and_is_a_noop_below_threshold() {
+    clip_case::<f64>(Tol::F64);
 }
 
 #[test]
 fn bad_lengths_and_parameters_are_errors() {
-    let e = Cpu.grad_accumulate(&mut [0.0; 3], &[0.0; 4][..], 1.0).unwrap_err().to_string();
+    let e = Cpu.grad_accumulate(&mut [0.0f32; 3], &[0.0f32; 4][..], 1.0).unwrap_err().to_string();
     assert!(e.contains("grad_accumulate") && e.contains("`src`"), "{e}");
-    let e = Cpu.cast(&[0.0; 3], &mut [0.0f32; 2][..]).unwrap_err().to_string();
+    let e = Cpu.cast(&[0.0f32; 3], &mut [0.0f32; 2][..]).unwrap_err().to_string();
     assert!(e.contains("`dst`"), "{e}");
-    let e = Cpu.grad_sq_norm_acc(&[0.0; 3], &mut [0.0; 2]).unwrap_err().to_string();
+    let e = Cpu.grad_sq_norm_acc(&[0.0f32; 3], &mut [0.0; 2]).unwrap_err().to_string();
     assert!(e.contains("grad_sq_norm_acc") && e.contains("`acc`"), "{e}");
-    let e = Cpu.grad_clip(&[1.0], 0.0, &mut [0.0; 2]).unwrap_err().to_string();
+    let e = Cpu.grad_clip(&[1.0f32], 0.0, &mut [0.0; 2]).unwrap_err().to_string();
     assert!(e.contains("max_norm"), "{e}");
-    let e = Cpu.grad_clip(&[], 1.0, &mut [0.0; 2]).unwrap_err().to_string();
+    let e = Cpu.grad_clip(&[], 1.0f32, &mut [0.0; 2]).unwrap_err().to_string();
     assert!(e.contains("`acc`"), "{e}");
 }
 
