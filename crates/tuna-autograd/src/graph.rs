@@ -9,9 +9,10 @@ use crate::tensor::{GradCell, Tensor};
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::rc::Rc;
+use std::sync::Arc;
 use tuna_kernels::{Alloc, Elem};
 
-type BackwardFn = Box<dyn FnOnce() -> Result<()>>;
+pub(crate) type BackwardFn = Box<dyn FnOnce() -> Result<()>>;
 
 /// One recorded op (opaque outside the crate).
 pub struct Node {
@@ -62,18 +63,26 @@ pub(crate) fn recording(inputs: &[&dyn Input]) -> bool {
     grad_enabled() && inputs.iter().any(|t| t.needs_grad())
 }
 
-/// Record op `kind` over `inputs`: its output gets a gradient cell, and `make` receives that cell
-/// and returns the backward closure (which reads the output's gradient and accumulates into the
-/// inputs' cells). Returns the node to attach to the output tensor.
-pub(crate) fn record<B: Alloc<E> + 'static, E: Elem>(
+/// Build an op's output tensor. When gradients are enabled and an input needs one, the op is
+/// recorded: `make` receives the output's gradient cell and returns the backward closure, which
+/// reads that gradient and accumulates into the inputs' cells. `make` is not called otherwise, so
+/// an unrecorded op saves nothing.
+pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
     kind: &'static str,
     inputs: &[&dyn Input],
-    out_cell: Rc<GradCell<B, E>>,
+    dev: &Arc<B>,
+    shape: Vec<usize>,
+    data: B::Owned,
     make: impl FnOnce(Rc<GradCell<B, E>>) -> BackwardFn,
-) -> Rc<Node> {
+) -> Tensor<B, E> {
+    if !recording(inputs) {
+        return Tensor::from_op(dev, shape, data, None);
+    }
     stats::recorded(kind);
+    let cell = GradCell::new(crate::tensor::numel(&shape));
     let parents = inputs.iter().filter_map(|t| t.tape_node()).collect();
-    Rc::new(Node { kind, parents, backward: RefCell::new(Some(make(out_cell))) })
+    let node = Rc::new(Node { kind, parents, backward: RefCell::new(Some(make(cell.clone()))) });
+    Tensor::from_op(dev, shape, data, Some((cell, node)))
 }
 
 /// A tensor kept for the backward pass, counted in [`stats::Stats::saved_bytes`] until dropped.

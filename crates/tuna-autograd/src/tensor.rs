@@ -21,7 +21,7 @@ pub(crate) struct GradCell<B: Alloc<E>, E: Elem> {
 }
 
 impl<B: Alloc<E>, E: Elem> GradCell<B, E> {
-    fn new(len: usize) -> Rc<Self> {
+    pub(crate) fn new(len: usize) -> Rc<Self> {
         Rc::new(GradCell { buf: RefCell::new(None), len })
     }
     /// Run `f` on the gradient buffer (zeroed first if absent); kernels accumulate into it.
@@ -118,10 +118,28 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
         Self::constant(&self.inner.dev, &self.inner.shape, &self.to_vec()?)
     }
 
-    /// An op's output: recorded on the tape with `node` when it is `Some`.
-    pub(crate) fn from_op(dev: &Arc<B>, shape: Vec<usize>, data: B::Owned, node: Option<Rc<Node>>) -> Self {
-        let grad = node.is_some();
-        Self::build(dev.clone(), shape, data, grad, node)
+    /// An op's output, with its gradient cell and tape node when the op was recorded.
+    pub(crate) fn from_op(
+        dev: &Arc<B>,
+        shape: Vec<usize>,
+        data: B::Owned,
+        rec: Option<(Rc<GradCell<B, E>>, Rc<Node>)>,
+    ) -> Self {
+        let (grad, node) = match rec {
+            Some((c, n)) => (Some(c), Some(n)),
+            None => (None, None),
+        };
+        Tensor {
+            inner: Rc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                name: None,
+                shape,
+                dev: dev.clone(),
+                data: RefCell::new(data),
+                grad,
+                node,
+            }),
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -156,6 +174,10 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     /// The data as a buffer the kernels take.
     pub fn data(&self) -> Ref<'_, B::Owned> {
         self.inner.data.borrow()
+    }
+    /// The data as the kernels' buffer type (`[E]` on the CPU, `CudaSlice<E>` on CUDA).
+    pub fn buf(&self) -> Ref<'_, B::Buf<E>> {
+        Ref::map(self.inner.data.borrow(), |d| B::buf(d))
     }
     /// Mutable data: for optimizer updates of leaves. Changing an input of a recorded op before its
     /// backward runs gives wrong gradients, as in any tape.
