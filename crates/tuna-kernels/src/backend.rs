@@ -92,7 +92,7 @@ impl Elem for u32 {
 /// The float types the CPU backend computes in: f32 for training, f64 for gradient checks
 /// (central differences need the precision). Every CPU kernel is generic over it.
 pub trait CpuFloat:
-    Elem + num_traits::Float + num_traits::FloatConst + num_traits::NumAssign + std::iter::Sum + Into<f64>
+    Elem<Acc = Self> + num_traits::Float + num_traits::FloatConst + num_traits::NumAssign + std::iter::Sum + Into<f64>
 {
     /// A constant, rounded to this type.
     fn c(x: f64) -> Self;
