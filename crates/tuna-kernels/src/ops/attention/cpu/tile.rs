@@ -13,7 +13,8 @@ pub const BQ: usize = 128;
 /// Keys per tile.
 pub const BK: usize = 128;
 
-/// Sizes, strides and masking of one call.
+/// Sizes, strides and masking of one call. The small accessors are `#[inline]` because the
+/// generic kernels that call them are instantiated in the calling crate.
 pub struct Geo<'a> {
     pub batch: usize,
     pub heads: usize,
@@ -54,17 +55,21 @@ impl<'a> Geo<'a> {
         }
     }
     /// Row stride of `q`, `o`, `dq`, `d_o`.
+    #[inline]
     pub fn q_rs(&self) -> usize {
         self.heads * self.d
     }
     /// Row stride of `k`, `v`, prefix, and their gradients.
+    #[inline]
     pub fn kv_rs(&self) -> usize {
         self.kv_heads * self.d
     }
+    #[inline]
     pub fn q_off(&self, b: usize, i: usize, h: usize) -> usize {
         ((b * self.t + i) * self.heads + h) * self.d
     }
     /// Offset of key row `j` of KV head `kvh` in `k`/`v` (content) or in the prefix buffers.
+    #[inline]
     pub fn kv_off(&self, b: usize, blk: KvBlock, kvh: usize) -> usize {
         if blk.prefix {
             (blk.j0 * self.kv_heads + kvh) * self.d
@@ -72,23 +77,28 @@ impl<'a> Geo<'a> {
             ((b * self.s + blk.j0) * self.kv_heads + kvh) * self.d
         }
     }
+    #[inline]
     pub fn lse_off(&self, b: usize, h: usize, i: usize) -> usize {
         (b * self.heads + h) * self.t + i
     }
     /// Query blocks per sequence.
+    #[inline]
     pub fn q_blocks(&self) -> usize {
         self.t.div_ceil(BQ)
     }
     /// Rows `(i0, bq)` of query block `qb`.
+    #[inline]
     pub fn q_rows(&self, qb: usize) -> (usize, usize) {
         let i0 = qb * BQ;
         (i0, BQ.min(self.t - i0))
     }
+    #[inline]
     pub fn prefix_blocks(&self) -> impl Iterator<Item = KvBlock> {
         let p = self.p;
         (0..p).step_by(BK).map(move |j0| KvBlock { j0, n: BK.min(p - j0), prefix: true })
     }
     /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all.
+    #[inline]
     pub fn content_blocks(&self, b: usize, i0: usize, bq: usize) -> impl Iterator<Item = KvBlock> + '_ {
         let end = if self.causal { (self.s - self.t + i0 + bq).min(self.s) } else { self.s };
         (0..end)
@@ -97,6 +107,7 @@ impl<'a> Geo<'a> {
             .filter(move |blk| !self.all_padded(b, *blk))
     }
     /// Whether every key of a content block is padding.
+    #[inline]
     pub fn all_padded(&self, b: usize, blk: KvBlock) -> bool {
         match self.mask {
             Some(m) if !blk.prefix => m[b * self.s + blk.j0..][..blk.n].iter().all(|&x| x == 0),
@@ -104,6 +115,7 @@ impl<'a> Geo<'a> {
         }
     }
     /// First query row that can see content key `j0` (causal), else 0.
+    #[inline]
     pub fn first_q_seeing(&self, j0: usize) -> usize {
         if self.causal {
             j0.saturating_sub(self.s - self.t)
