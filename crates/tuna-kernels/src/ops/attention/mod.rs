@@ -7,10 +7,10 @@
 //! - `k`, `v`, `dk`, `dv`: `[batch, kv_len, kv_heads, head_dim]`; query head `h` reads KV head
 //!   `h / (heads / kv_heads)`.
 //! - prefix `pk`, `pv`: `[prefix_len, kv_heads, head_dim]`, one buffer shared by the whole batch,
-//!   read in place (never concatenated into K/V); their gradients `dpk`, `dpv` (f32, same shape)
-//!   are summed over the batch.
+//!   read in place (never concatenated into K/V); their gradients `dpk`, `dpv` (`E::Acc`: f32
+//!   for f32/bf16, f64 for f64; same shape) are summed over the batch.
 //! - `key_mask`: `[batch, kv_len]` u8, 1 = attend, 0 = padding. Prefix keys are never masked.
-//! - `lse`: `[batch, heads, q_len]` f32, the natural log-sum-exp of the scaled scores of each
+//! - `lse`: `[batch, heads, q_len]` in `E::Acc`, the natural log-sum-exp of the scaled scores of each
 //!   query row, saved by the forward for the backward.
 //!
 //! Masking: query `i` has absolute position `kv_len - q_len + i` (so `q_len < kv_len` is a
@@ -112,8 +112,10 @@ impl AttnParams {
 /// Prefix keys and values `(pk, pv)` on backend `B`.
 pub type PrefixKv<'a, B, E> = (&'a <B as Backend>::Buf<E>, &'a <B as Backend>::Buf<E>);
 
-/// Prefix key and value gradients `(dpk, dpv)` on backend `B`, always f32.
-pub type PrefixGrads<'a, B> = (&'a mut <B as Backend>::Buf<f32>, &'a mut <B as Backend>::Buf<f32>);
+/// Prefix key and value gradients `(dpk, dpv)` on backend `B` for element type `E`, in `E::Acc`
+/// (parameter gradients: f32 for f32 and bf16, f64 for f64).
+pub type PrefixGrads<'a, B, E> =
+    (&'a mut <B as Backend>::Buf<<E as Elem>::Acc>, &'a mut <B as Backend>::Buf<<E as Elem>::Acc>);
 
 /// The inputs of attention on backend `B`.
 pub struct AttnInputs<'a, B: Backend + ?Sized, E: Elem> {
@@ -138,19 +140,19 @@ pub struct AttnGrads<'a, B: Backend + ?Sized, E: Elem> {
     pub dq: &'a mut B::Buf<E>,
     pub dk: &'a mut B::Buf<E>,
     pub dv: &'a mut B::Buf<E>,
-    /// `(dpk, dpv)` in f32, present iff `prefix_len > 0`.
-    pub dprefix: Option<PrefixGrads<'a, B>>,
+    /// `(dpk, dpv)` in `E::Acc`, present iff `prefix_len > 0`.
+    pub dprefix: Option<PrefixGrads<'a, B, E>>,
 }
 
 /// Fused attention on a device: forward and backward together.
 pub trait AttentionKernel<E: Elem>: Backend {
-    /// Writes `o` and `lse`.
+    /// Writes `o` and `lse` (`lse` in `E::Acc`).
     fn attn_fwd(
         &self,
         p: &AttnParams,
         x: AttnInputs<'_, Self, E>,
         o: &mut Self::Buf<E>,
-        lse: &mut Self::Buf<f32>,
+        lse: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
     /// Accumulates into `g` the gradients of `sum(o * d_o)`.
     fn attn_bwd(
@@ -159,7 +161,7 @@ pub trait AttentionKernel<E: Elem>: Backend {
         x: AttnInputs<'_, Self, E>,
         o: &Self::Buf<E>,
         d_o: &Self::Buf<E>,
-        lse: &Self::Buf<f32>,
+        lse: &Self::Buf<E::Acc>,
         g: AttnGrads<'_, Self, E>,
     ) -> Result<()>;
 }
@@ -197,7 +199,7 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
     p: &AttnParams,
     o: &B::Buf<E>,
     d_o: &B::Buf<E>,
-    lse: &B::Buf<f32>,
+    lse: &B::Buf<E::Acc>,
     g: &AttnGrads<'_, B, E>,
 ) -> Result<()> {
     let shape = || format!("{p:?}");

@@ -1,10 +1,12 @@
 //! Attention tests: an f64 reference (full score matrix), proven by central differences, and
-//! the CPU kernel against it over a grid of masking, GQA, prefix, KV-cache and ragged shapes.
+//! the CPU kernel against it over a grid of masking, GQA, prefix, KV-cache and ragged shapes,
+//! in f32 and (a subset) in f64.
 //! `Pad`, `Data` and `grad_starts` are shared with `cuda_tests.rs`, which checks CUDA against
 //! the CPU kernel proven here.
 
 use super::cpu::{attn_bwd_mode, BwdMode};
 use super::*;
+use crate::backend::CpuFloat;
 use crate::testing::{to_f64, Rng, Tol};
 use crate::Cpu;
 
@@ -102,6 +104,32 @@ impl Data {
             v: to_f64(&self.v),
             pk: to_f64(&self.pk),
             pv: to_f64(&self.pv),
+        }
+    }
+}
+
+/// The float inputs of a [`Data`] in the kernel's type `F` (exact: every f32 is an f64).
+struct Cast<F> {
+    q: Vec<F>,
+    k: Vec<F>,
+    v: Vec<F>,
+    pk: Vec<F>,
+    pv: Vec<F>,
+    d_o: Vec<F>,
+}
+
+impl<F: CpuFloat> Cast<F> {
+    fn new(d: &Data) -> Self {
+        let c = |x: &[f32]| x.iter().map(|&v| F::c(v.into())).collect();
+        Cast { q: c(&d.q), k: c(&d.k), v: c(&d.v), pk: c(&d.pk), pv: c(&d.pv), d_o: c(&d.d_o) }
+    }
+    fn inputs<'a>(&'a self, d: &'a Data) -> AttnInputs<'a, Cpu, F> {
+        AttnInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            prefix: (d.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
+            key_mask: (d.p.has_mask == 1).then_some(&d.mask[..]),
         }
     }
 }
@@ -267,19 +295,25 @@ pub(super) fn grad_starts(p: &AttnParams, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Runs the CPU forward and every backward split on `data` and compares with the reference.
+/// Runs the f32 CPU forward and every backward split on `data` and compares with the reference.
 fn check_case(what: &str, data: &Data) {
+    check_case_in::<f32>(what, data, Tol::F32_LONG);
+}
+
+/// [`check_case`] with the kernel computing in `F`, compared with tolerance `tol`.
+fn check_case_in<F: CpuFloat>(what: &str, data: &Data, tol: Tol) {
+    let what = format!("{what} [{}]", F::NAME);
     let p = data.p;
-    let r = data.reference();
+    let (x, r) = (Cast::<F>::new(data), data.reference());
     let (o_ref, lse_ref) = r.fwd();
-    let (mut o, mut lse) = (vec![0.0f32; p.q_elems()], vec![0.0f32; p.lse_elems()]);
-    Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap();
-    Tol::F32_LONG.assert_close(&format!("{what}: o"), &o, &o_ref);
+    let (mut o, mut lse) = (vec![F::zero(); p.q_elems()], vec![F::zero(); p.lse_elems()]);
+    Cpu.attn_fwd(&p, x.inputs(data), &mut o, &mut lse).unwrap();
+    tol.assert_close(&format!("{what}: o"), &o, &o_ref);
     for (i, (&got, &want)) in lse.iter().zip(&lse_ref).enumerate() {
         if want == f64::NEG_INFINITY {
-            assert_eq!(got, f32::NEG_INFINITY, "{what}: lse[{i}] of a row that sees nothing");
+            assert!(got == F::neg_infinity(), "{what}: lse[{i}] = {got:?} of a row that sees nothing");
         } else {
-            Tol::F32_LONG.assert_close(&format!("{what}: lse[{i}]"), &[got], &[want]);
+            tol.assert_close(&format!("{what}: lse[{i}]"), &[got], &[want]);
         }
     }
     let g = r.bwd(&to_f64(&data.d_o));
@@ -290,17 +324,16 @@ fn check_case(what: &str, data: &Data) {
         .map(|(grad, s0)| grad.iter().zip(s0).map(|(a, &b)| a + b as f64).collect())
         .collect();
     let names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"];
-    let mut first: Option<Vec<Vec<f32>>> = None;
+    let starts: Vec<Vec<F>> = starts.iter().map(|s| s.iter().map(|&v| F::c(v.into())).collect()).collect();
     for mode in [BwdMode::Split, BwdMode::Fused, BwdMode::Auto] {
         let mut got = starts.clone();
         let [dq, dk, dv, dpk, dpv] = &mut got[..] else { unreachable!() };
         let grads =
-            AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix: (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..])) };
-        attn_bwd_mode(&p, data.inputs(), &o, &data.d_o, &lse, grads, mode).unwrap();
+            AttnGrads::<Cpu, F> { dq, dk, dv, dprefix: (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..])) };
+        attn_bwd_mode(&p, x.inputs(data), &o, &x.d_o, &lse, grads, mode).unwrap();
         for ((name, gv), wv) in names.iter().zip(&got).zip(&want) {
-            Tol::F32_LONG.assert_close(&format!("{what} ({mode:?}): {name}"), gv, wv);
+            tol.assert_close(&format!("{what} ({mode:?}): {name}"), gv, wv);
         }
-        first.get_or_insert(got);
     }
 }
 
@@ -338,6 +371,27 @@ fn cpu_matches_reference_kv_cache() {
     check_case("q_len 1 prefix 70", &Data::new(13, 1, 4, 2, 1, 129, 70, 128, true, Pad::Left));
     check_case("q_len 37 after 129", &Data::new(14, 2, 6, 2, 37, 129, 5, 64, true, Pad::Left));
     check_case("q_len 70 after 200 bidir", &Data::new(15, 1, 4, 4, 70, 200, 0, 24, false, Pad::Right));
+}
+
+/// The f64 kernel against the f64 reference, to f64 rounding: a subset of the f32 grid covering
+/// causal and bidirectional, several query/key tiles, GQA/MQA, prefix (one and two blocks),
+/// every padding kind (fully masked rows included) and KV-cache query blocks. This is what makes
+/// the f64 CPU kernel usable for central-difference gradient checks.
+#[test]
+fn cpu_f64_matches_reference() {
+    let cases = [
+        ("mha causal d32 t37", Data::new(1, 2, 4, 4, 37, 37, 0, 32, true, Pad::None)),
+        ("right pad bidir gqa t129", Data::new(6, 2, 4, 1, 129, 129, 0, 24, false, Pad::Right)),
+        ("scattered causal gqa", Data::new(22, 3, 6, 2, 70, 70, 0, 32, true, Pad::Scattered)),
+        ("scattered bidir kv-cache", Data::new(23, 2, 4, 4, 37, 129, 0, 64, false, Pad::Scattered)),
+        ("gqa 6/2 prefix 5 left pad", Data::new(8, 2, 6, 2, 70, 70, 5, 64, true, Pad::Left)),
+        ("gqa prefix 150 (two blocks) causal", Data::new(21, 2, 4, 2, 37, 37, 150, 32, true, Pad::Right)),
+        ("q_len 1 prefix 70", Data::new(13, 1, 4, 2, 1, 129, 70, 128, true, Pad::Left)),
+        ("q_len 37 after 129 prefix 5", Data::new(14, 2, 6, 2, 37, 129, 5, 64, true, Pad::Left)),
+    ];
+    for (what, data) in &cases {
+        check_case_in::<f64>(what, data, Tol::F64);
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@
 
 use super::tile::{self, matmul, Geo, KvBlock, SharedMut, View, BK, BQ};
 use super::Src;
-use crate::backend::Cpu;
+use crate::backend::{Cpu, CpuFloat};
 use crate::ops::attention::AttnGrads;
 use rayon::prelude::*;
 
@@ -28,29 +28,44 @@ pub enum BwdMode {
 }
 
 /// Everything a backward tile reads.
-#[derive(Clone, Copy)]
-struct Bwd<'a> {
-    x: Src<'a>,
-    d_o: &'a [f32],
-    lse: &'a [f32],
-    delta: &'a [f32],
+struct Bwd<'a, F> {
+    x: Src<'a, F>,
+    d_o: &'a [F],
+    lse: &'a [F],
+    delta: &'a [F],
 }
 
-struct Scratch {
-    s: Vec<f32>,
-    dp: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
+impl<F> Clone for Bwd<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F> Copy for Bwd<'_, F> {}
+
+struct Scratch<F> {
+    s: Vec<F>,
+    dp: Vec<F>,
+    dk: Vec<F>,
+    dv: Vec<F>,
 }
 
-impl Scratch {
+impl<F: CpuFloat> Scratch<F> {
     fn new(d: usize) -> Self {
-        Scratch { s: vec![0.0; BQ * BK], dp: vec![0.0; BQ * BK], dk: vec![0.0; BK * d], dv: vec![0.0; BK * d] }
+        let z = F::zero();
+        Scratch { s: vec![z; BQ * BK], dp: vec![z; BQ * BK], dk: vec![z; BK * d], dv: vec![z; BK * d] }
     }
 }
 
 /// Recompute one tile: `P` into `sc.s` and `dS` into `sc.dp` (each `bq x blk.n`). Returns `bq`.
-fn tile_grads(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: &mut Scratch) -> usize {
+fn tile_grads<F: CpuFloat>(
+    g: &Geo,
+    a: Bwd<F>,
+    b: usize,
+    h: usize,
+    qb: usize,
+    blk: KvBlock,
+    sc: &mut Scratch<F>,
+) -> usize {
     let (i0, bq) = g.q_rows(qb);
     let (n, d) = (blk.n, g.d);
     let (kp, vp) = a.x.kv(g, b, blk, h / g.group);
@@ -68,7 +83,7 @@ fn tile_grads(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: 
             false,
             View::rows(a.x.q[qo..].as_ptr(), g.q_rs()),
             View::cols(kp, g.kv_rs()),
-            g.scale,
+            F::c(g.scale.into()),
         );
         matmul(
             bq,
@@ -79,7 +94,7 @@ fn tile_grads(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: 
             false,
             View::rows(a.d_o[qo..].as_ptr(), g.q_rs()),
             View::cols(vp, g.kv_rs()),
-            1.0,
+            F::one(),
         );
     }
     g.apply_mask(s, b, i0, bq, blk);
@@ -92,7 +107,17 @@ fn tile_grads(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: 
 ///
 /// # Safety
 /// No other concurrent task writes those `dq` rows; `dq` has `q_elems` floats.
-unsafe fn add_dq(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, sc: &Scratch, dq: SharedMut) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_dq<F: CpuFloat>(
+    g: &Geo,
+    a: Bwd<F>,
+    b: usize,
+    h: usize,
+    qb: usize,
+    blk: KvBlock,
+    sc: &Scratch<F>,
+    dq: SharedMut<F>,
+) {
     let (i0, bq) = g.q_rows(qb);
     let (kp, _) = a.x.kv(g, b, blk, h / g.group);
     // SAFETY: the caller owns these dq rows; dS is bq x n; key rows lie in their buffer.
@@ -107,20 +132,30 @@ unsafe fn add_dq(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, blk: KvBlock, s
             true,
             View::rows(sc.dp.as_ptr(), blk.n),
             View::rows(kp, g.kv_rs()),
-            g.scale,
+            F::c(g.scale.into()),
         );
     }
 }
 
 /// `dv_t += P^T dO`, `dk_t += scale dS^T Q` into the task-local `sc.dk`, `sc.dv` (`n x d`).
-fn add_dkv_tile(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, n: usize, bq: usize, sc: &mut Scratch) {
+#[allow(clippy::too_many_arguments)]
+fn add_dkv_tile<F: CpuFloat>(
+    g: &Geo,
+    a: Bwd<F>,
+    b: usize,
+    h: usize,
+    qb: usize,
+    n: usize,
+    bq: usize,
+    sc: &mut Scratch<F>,
+) {
     let qo = g.q_off(b, g.q_rows(qb).0, h);
     let d = g.d;
     // SAFETY: dk/dv scratch hold n x d; P and dS are bq x n; query rows lie in q and d_o.
     unsafe {
         let (do_v, q_v) = (View::rows(a.d_o[qo..].as_ptr(), g.q_rs()), View::rows(a.x.q[qo..].as_ptr(), g.q_rs()));
-        matmul(n, d, bq, sc.dv.as_mut_ptr(), d, true, View::cols(sc.s.as_ptr(), n), do_v, 1.0);
-        matmul(n, d, bq, sc.dk.as_mut_ptr(), d, true, View::cols(sc.dp.as_ptr(), n), q_v, g.scale);
+        matmul(n, d, bq, sc.dv.as_mut_ptr(), d, true, View::cols(sc.s.as_ptr(), n), do_v, F::one());
+        matmul(n, d, bq, sc.dk.as_mut_ptr(), d, true, View::cols(sc.dp.as_ptr(), n), q_v, F::c(g.scale.into()));
     }
 }
 
@@ -128,11 +163,11 @@ fn add_dkv_tile(g: &Geo, a: Bwd, b: usize, h: usize, qb: usize, n: usize, bq: us
 ///
 /// # Safety
 /// No other concurrent task writes those rows, which lie inside `dst`'s buffer.
-unsafe fn add_rows(g: &Geo, dst: *mut f32, src: &[f32], n: usize) {
+unsafe fn add_rows<F: CpuFloat>(g: &Geo, dst: *mut F, src: &[F], n: usize) {
     for (r, row) in src[..n * g.d].chunks_exact(g.d).enumerate() {
         // SAFETY: per the contract.
         let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * g.kv_rs()), g.d) };
-        out.iter_mut().zip(row).for_each(|(y, x)| *y += x);
+        out.iter_mut().zip(row).for_each(|(y, &x)| *y += x);
     }
 }
 
@@ -140,23 +175,23 @@ unsafe fn add_rows(g: &Geo, dst: *mut f32, src: &[f32], n: usize) {
 ///
 /// # Safety
 /// No concurrent task writes dk/dv rows (b, block, kvh), nor (if given) dq rows of (b, group heads).
-unsafe fn content_block(
+unsafe fn content_block<F: CpuFloat>(
     g: &Geo,
-    a: Bwd,
+    a: Bwd<F>,
     b: usize,
     kvh: usize,
     kb: usize,
-    sc: &mut Scratch,
-    out: [SharedMut; 2],
-    dq: Option<SharedMut>,
+    sc: &mut Scratch<F>,
+    out: [SharedMut<F>; 2],
+    dq: Option<SharedMut<F>>,
 ) {
     let j0 = kb * BK;
     let blk = KvBlock { j0, n: BK.min(g.s - j0), prefix: false };
     if g.all_padded(b, blk) {
         return;
     }
-    sc.dk[..blk.n * g.d].fill(0.0);
-    sc.dv[..blk.n * g.d].fill(0.0);
+    sc.dk[..blk.n * g.d].fill(F::zero());
+    sc.dv[..blk.n * g.d].fill(F::zero());
     for h in kvh * g.group..(kvh + 1) * g.group {
         for qb in g.first_q_seeing(j0) / BQ..g.q_blocks() {
             let bq = tile_grads(g, a, b, h, qb, blk, sc);
@@ -179,11 +214,18 @@ unsafe fn content_block(
 ///
 /// # Safety
 /// No concurrent task writes dpk/dpv rows (block, kvh).
-unsafe fn prefix_block(g: &Geo, a: Bwd, kvh: usize, pb: usize, sc: &mut Scratch, out: [SharedMut; 2]) {
+unsafe fn prefix_block<F: CpuFloat>(
+    g: &Geo,
+    a: Bwd<F>,
+    kvh: usize,
+    pb: usize,
+    sc: &mut Scratch<F>,
+    out: [SharedMut<F>; 2],
+) {
     let j0 = pb * BK;
     let blk = KvBlock { j0, n: BK.min(g.p - j0), prefix: true };
-    sc.dk[..blk.n * g.d].fill(0.0);
-    sc.dv[..blk.n * g.d].fill(0.0);
+    sc.dk[..blk.n * g.d].fill(F::zero());
+    sc.dv[..blk.n * g.d].fill(F::zero());
     for b in 0..g.batch {
         for h in kvh * g.group..(kvh + 1) * g.group {
             for qb in 0..g.q_blocks() {
@@ -201,26 +243,26 @@ unsafe fn prefix_block(g: &Geo, a: Bwd, kvh: usize, pb: usize, sc: &mut Scratch,
 }
 
 /// `delta[b, h, i] = sum_d dO * O` in the `lse` layout.
-fn deltas(g: &Geo, o: &[f32], d_o: &[f32]) -> Vec<f32> {
-    let mut delta = vec![0.0f32; g.batch * g.heads * g.t];
+fn deltas<F: CpuFloat>(g: &Geo, o: &[F], d_o: &[F]) -> Vec<F> {
+    let mut delta = vec![F::zero(); g.batch * g.heads * g.t];
     delta.par_chunks_mut(g.t.max(1)).enumerate().for_each(|(bh, row)| {
         let (b, h) = (bh / g.heads, bh % g.heads);
         for (i, y) in row.iter_mut().enumerate() {
             let off = g.q_off(b, i, h);
-            *y = o[off..][..g.d].iter().zip(&d_o[off..][..g.d]).map(|(a, b)| a * b).sum();
+            *y = o[off..][..g.d].iter().zip(&d_o[off..][..g.d]).map(|(&a, &b)| a * b).sum();
         }
     });
     delta
 }
 
 /// Runs the passes; buffers were checked by the caller.
-pub(super) fn backward(
+pub(super) fn backward<F: CpuFloat>(
     g: &Geo,
-    x: Src,
-    o: &[f32],
-    d_o: &[f32],
-    lse: &[f32],
-    grads: AttnGrads<'_, Cpu, f32>,
+    x: Src<F>,
+    o: &[F],
+    d_o: &[F],
+    lse: &[F],
+    grads: AttnGrads<'_, Cpu, F>,
     mode: BwdMode,
 ) {
     let delta = deltas(g, o, d_o);

@@ -1,8 +1,11 @@
 //! Tile-level building blocks of CPU attention: the problem geometry, KV blocks and their
 //! masks, strided `gemm` tile products, and the vectorized per-tile softmax arithmetic
-//! (compiled for AVX-512 / AVX2 and picked at run time).
+//! (for f32: a vectorizable exp, compiled for AVX-512 / AVX2 and picked at run time; for f64:
+//! the same loops with `f64::exp`, for gradient checks).
 
+use crate::backend::CpuFloat;
 use crate::ops::attention::AttnParams;
+use std::any::TypeId;
 use std::sync::OnceLock;
 
 /// Query rows per tile.
@@ -10,7 +13,8 @@ pub const BQ: usize = 128;
 /// Keys per tile.
 pub const BK: usize = 128;
 
-/// Sizes, strides and masking of one call.
+/// Sizes, strides and masking of one call. The small accessors are `#[inline]` because the
+/// generic kernels that call them are instantiated in the calling crate.
 pub struct Geo<'a> {
     pub batch: usize,
     pub heads: usize,
@@ -51,17 +55,21 @@ impl<'a> Geo<'a> {
         }
     }
     /// Row stride of `q`, `o`, `dq`, `d_o`.
+    #[inline]
     pub fn q_rs(&self) -> usize {
         self.heads * self.d
     }
     /// Row stride of `k`, `v`, prefix, and their gradients.
+    #[inline]
     pub fn kv_rs(&self) -> usize {
         self.kv_heads * self.d
     }
+    #[inline]
     pub fn q_off(&self, b: usize, i: usize, h: usize) -> usize {
         ((b * self.t + i) * self.heads + h) * self.d
     }
     /// Offset of key row `j` of KV head `kvh` in `k`/`v` (content) or in the prefix buffers.
+    #[inline]
     pub fn kv_off(&self, b: usize, blk: KvBlock, kvh: usize) -> usize {
         if blk.prefix {
             (blk.j0 * self.kv_heads + kvh) * self.d
@@ -69,23 +77,28 @@ impl<'a> Geo<'a> {
             ((b * self.s + blk.j0) * self.kv_heads + kvh) * self.d
         }
     }
+    #[inline]
     pub fn lse_off(&self, b: usize, h: usize, i: usize) -> usize {
         (b * self.heads + h) * self.t + i
     }
     /// Query blocks per sequence.
+    #[inline]
     pub fn q_blocks(&self) -> usize {
         self.t.div_ceil(BQ)
     }
     /// Rows `(i0, bq)` of query block `qb`.
+    #[inline]
     pub fn q_rows(&self, qb: usize) -> (usize, usize) {
         let i0 = qb * BQ;
         (i0, BQ.min(self.t - i0))
     }
+    #[inline]
     pub fn prefix_blocks(&self) -> impl Iterator<Item = KvBlock> {
         let p = self.p;
         (0..p).step_by(BK).map(move |j0| KvBlock { j0, n: BK.min(p - j0), prefix: true })
     }
     /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all.
+    #[inline]
     pub fn content_blocks(&self, b: usize, i0: usize, bq: usize) -> impl Iterator<Item = KvBlock> + '_ {
         let end = if self.causal { (self.s - self.t + i0 + bq).min(self.s) } else { self.s };
         (0..end)
@@ -94,6 +107,7 @@ impl<'a> Geo<'a> {
             .filter(move |blk| !self.all_padded(b, *blk))
     }
     /// Whether every key of a content block is padding.
+    #[inline]
     pub fn all_padded(&self, b: usize, blk: KvBlock) -> bool {
         match self.mask {
             Some(m) if !blk.prefix => m[b * self.s + blk.j0..][..blk.n].iter().all(|&x| x == 0),
@@ -101,6 +115,7 @@ impl<'a> Geo<'a> {
         }
     }
     /// First query row that can see content key `j0` (causal), else 0.
+    #[inline]
     pub fn first_q_seeing(&self, j0: usize) -> usize {
         if self.causal {
             j0.saturating_sub(self.s - self.t)
@@ -111,7 +126,7 @@ impl<'a> Geo<'a> {
 
     /// Sets to `-inf` the scores of `tile` (`bq x blk.n`, rows of query `i0 + r`) that the
     /// causal rule or the padding mask hides.
-    pub fn apply_mask(&self, tile: &mut [f32], b: usize, i0: usize, bq: usize, blk: KvBlock) {
+    pub fn apply_mask<F: CpuFloat>(&self, tile: &mut [F], b: usize, i0: usize, bq: usize, blk: KvBlock) {
         if blk.prefix {
             return;
         }
@@ -122,7 +137,7 @@ impl<'a> Geo<'a> {
                 for row in tile[..bq * n].chunks_exact_mut(n) {
                     for (x, &keep) in row.iter_mut().zip(m) {
                         if keep == 0 {
-                            *x = f32::NEG_INFINITY;
+                            *x = F::neg_infinity();
                         }
                     }
                 }
@@ -134,7 +149,7 @@ impl<'a> Geo<'a> {
                 // Query i0 + r sees content keys j <= off + i0 + r.
                 let first_hidden = (off + i0 + r + 1).saturating_sub(blk.j0);
                 if first_hidden < n {
-                    row[first_hidden..].fill(f32::NEG_INFINITY);
+                    row[first_hidden..].fill(F::neg_infinity());
                 }
             }
         }
@@ -142,19 +157,25 @@ impl<'a> Geo<'a> {
 }
 
 /// A strided read-only matrix view: element `(r, c)` at `ptr + r*rs + c*cs`.
-#[derive(Clone, Copy)]
-pub struct View {
-    pub ptr: *const f32,
+pub struct View<F> {
+    pub ptr: *const F,
     pub rs: usize,
     pub cs: usize,
 }
 
-impl View {
-    pub fn rows(ptr: *const f32, rs: usize) -> Self {
+impl<F> Clone for View<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F> Copy for View<F> {}
+
+impl<F> View<F> {
+    pub fn rows(ptr: *const F, rs: usize) -> Self {
         View { ptr, rs, cs: 1 }
     }
     /// The transpose of a row-major matrix with row stride `rs`.
-    pub fn cols(ptr: *const f32, rs: usize) -> Self {
+    pub fn cols(ptr: *const F, rs: usize) -> Self {
         View { ptr, rs: 1, cs: rs }
     }
 }
@@ -165,16 +186,16 @@ impl View {
 /// `dst` must be valid for writes (and reads if `accumulate`) of every element `r*dst_rs + c`
 /// with `r < m`, `c < n`, not aliased by `lhs`/`rhs`, and `lhs`/`rhs` valid for reads of every
 /// element their strides address for `m x k` and `k x n`.
-pub unsafe fn matmul(
+pub unsafe fn matmul<F: CpuFloat>(
     m: usize,
     n: usize,
     k: usize,
-    dst: *mut f32,
+    dst: *mut F,
     dst_rs: usize,
     accumulate: bool,
-    lhs: View,
-    rhs: View,
-    beta: f32,
+    lhs: View<F>,
+    rhs: View<F>,
+    beta: F,
 ) {
     let st = |x: usize| x as isize;
     // SAFETY: forwarded from this function's contract; gemm computes dst := 1*dst + beta*lhs*rhs.
@@ -193,7 +214,7 @@ pub unsafe fn matmul(
             rhs.ptr,
             st(rhs.cs),
             st(rhs.rs),
-            1.0,
+            F::one(),
             beta,
             false,
             false,
@@ -204,12 +225,18 @@ pub unsafe fn matmul(
 }
 
 /// A raw pointer that rayon tasks share to write disjoint rows of one output buffer.
-#[derive(Clone, Copy)]
-pub struct SharedMut(pub *mut f32);
-// SAFETY: every use writes rows that no other concurrent task touches (documented at each use).
-unsafe impl Send for SharedMut {}
+pub struct SharedMut<F>(pub *mut F);
+impl<F> Clone for SharedMut<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F> Copy for SharedMut<F> {}
+// SAFETY: every use writes rows that no other concurrent task touches (documented at each use),
+// and the element types are plain floats (Send + Sync).
+unsafe impl<F: Send + Sync> Send for SharedMut<F> {}
 // SAFETY: as above.
-unsafe impl Sync for SharedMut {}
+unsafe impl<F: Send + Sync> Sync for SharedMut<F> {}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Level {
@@ -254,50 +281,57 @@ fn fast_exp(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
+fn row_max<F: CpuFloat>(row: &[F]) -> F {
+    let mut acc = [F::neg_infinity(); LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for k in 0..LANES {
             acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
         }
     }
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    acc.iter().copied().fold(tail, f32::max)
+    let tail = chunks.remainder().iter().copied().fold(F::neg_infinity(), F::max);
+    acc.iter().copied().fold(tail, F::max)
 }
 
 /// `row[c] = exp(row[c] - sub)` in place; returns the sum.
 #[inline(always)]
-fn exp_sub_sum(row: &mut [f32], sub: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
+fn exp_sub_sum<F: CpuFloat>(row: &mut [F], sub: F, exp: impl Fn(F) -> F) -> F {
+    let mut acc = [F::zero(); LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for k in 0..LANES {
-            c[k] = fast_exp(c[k] - sub);
+            c[k] = exp(c[k] - sub);
             acc[k] += c[k];
         }
     }
-    let mut tail = 0.0;
+    let mut tail = F::zero();
     for x in chunks.into_remainder() {
-        *x = fast_exp(*x - sub);
+        *x = exp(*x - sub);
         tail += *x;
     }
-    acc.iter().sum::<f32>() + tail
+    acc.iter().copied().sum::<F>() + tail
 }
 
 /// Online softmax over one score tile (`rows x n`): turns scores into `exp(s - m_new)`,
 /// updates the running max `m` and sum `l`, and writes each row's rescale factor to `alpha`.
 #[inline(always)]
-fn online_softmax_impl(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+fn online_softmax_impl<F: CpuFloat>(
+    tile: &mut [F],
+    n: usize,
+    m: &mut [F],
+    l: &mut [F],
+    alpha: &mut [F],
+    exp: impl Fn(F) -> F + Copy,
+) {
     for (r, row) in tile.chunks_exact_mut(n).enumerate() {
         let m_new = m[r].max(row_max(row));
-        if m_new == f32::NEG_INFINITY {
-            row.fill(0.0); // nothing visible to this row yet
-            alpha[r] = 1.0;
+        if m_new == F::neg_infinity() {
+            row.fill(F::zero()); // nothing visible to this row yet
+            alpha[r] = F::one();
             continue;
         }
-        let a = fast_exp(m[r] - m_new);
-        l[r] = l[r] * a + exp_sub_sum(row, m_new);
+        let a = exp(m[r] - m_new);
+        l[r] = l[r] * a + exp_sub_sum(row, m_new, exp);
         m[r] = m_new;
         alpha[r] = a;
     }
@@ -306,12 +340,19 @@ fn online_softmax_impl(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32],
 /// Backward tile: `p = exp(s - lse)` in `tile`, `ds = p * (dp - delta)` in `dp`, row by row.
 /// A row with `lse = -inf` (it saw nothing) gets zeros.
 #[inline(always)]
-fn softmax_grad_impl(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
+fn softmax_grad_impl<F: CpuFloat>(
+    tile: &mut [F],
+    dp: &mut [F],
+    n: usize,
+    lse: &[F],
+    delta: &[F],
+    exp: impl Fn(F) -> F,
+) {
     for (r, (row, dprow)) in tile.chunks_exact_mut(n).zip(dp.chunks_exact_mut(n)).enumerate() {
-        let sub = if lse[r] == f32::NEG_INFINITY { f32::INFINITY } else { lse[r] };
+        let sub = if lse[r] == F::neg_infinity() { F::infinity() } else { lse[r] };
         let dl = delta[r];
         for (x, g) in row.iter_mut().zip(dprow.iter_mut()) {
-            *x = fast_exp(*x - sub);
+            *x = exp(*x - sub);
             *g = *x * (*g - dl);
         }
     }
@@ -320,26 +361,26 @@ fn softmax_grad_impl(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], de
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn online_softmax_avx512(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
-    online_softmax_impl(tile, n, m, l, alpha)
+    online_softmax_impl(tile, n, m, l, alpha, fast_exp)
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn online_softmax_avx2(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
-    online_softmax_impl(tile, n, m, l, alpha)
+    online_softmax_impl(tile, n, m, l, alpha, fast_exp)
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn softmax_grad_avx512(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
-    softmax_grad_impl(tile, dp, n, lse, delta)
+    softmax_grad_impl(tile, dp, n, lse, delta, fast_exp)
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn softmax_grad_avx2(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
-    softmax_grad_impl(tile, dp, n, lse, delta)
+    softmax_grad_impl(tile, dp, n, lse, delta, fast_exp)
 }
 
-/// See [`online_softmax_impl`]; dispatches on the CPU's vector width.
-pub fn online_softmax(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+/// [`online_softmax_impl`] in f32 with [`fast_exp`], dispatched on the CPU's vector width.
+fn online_softmax_f32(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match level() {
         // SAFETY: `level` detected these target features on this CPU.
@@ -348,11 +389,11 @@ pub fn online_softmax(tile: &mut [f32], n: usize, m: &mut [f32], l: &mut [f32], 
         Level::Avx2 => return unsafe { online_softmax_avx2(tile, n, m, l, alpha) },
         Level::Base => {}
     }
-    online_softmax_impl(tile, n, m, l, alpha)
+    online_softmax_impl(tile, n, m, l, alpha, fast_exp)
 }
 
-/// See [`softmax_grad_impl`]; dispatches on the CPU's vector width.
-pub fn softmax_grad(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
+/// [`softmax_grad_impl`] in f32 with [`fast_exp`], dispatched on the CPU's vector width.
+fn softmax_grad_f32(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], delta: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     match level() {
         // SAFETY: `level` detected these target features on this CPU.
@@ -361,7 +402,41 @@ pub fn softmax_grad(tile: &mut [f32], dp: &mut [f32], n: usize, lse: &[f32], del
         Level::Avx2 => return unsafe { softmax_grad_avx2(tile, dp, n, lse, delta) },
         Level::Base => {}
     }
-    softmax_grad_impl(tile, dp, n, lse, delta)
+    softmax_grad_impl(tile, dp, n, lse, delta, fast_exp)
+}
+
+/// `x` as an f32 slice when `F` is f32 (the check folds away at compile time).
+#[inline(always)]
+fn as_f32<F: CpuFloat>(x: &[F]) -> Option<&[f32]> {
+    // SAFETY: F is f32 (same TypeId), so the memory is a valid [f32] of the same length,
+    // borrowed for the same lifetime.
+    (TypeId::of::<F>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
+/// Mutable [`as_f32`].
+#[inline(always)]
+fn as_f32_mut<F: CpuFloat>(x: &mut [F]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`; the exclusive borrow of `x` moves into the result.
+    (TypeId::of::<F>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
+}
+
+/// See [`online_softmax_impl`]: f32 takes the vectorized [`fast_exp`] path, f64 the plain one
+/// with `f64::exp` (full precision, for gradient checks).
+pub fn online_softmax<F: CpuFloat>(tile: &mut [F], n: usize, m: &mut [F], l: &mut [F], alpha: &mut [F]) {
+    if let (Some(t), Some(m), Some(l), Some(a)) = (as_f32_mut(tile), as_f32_mut(m), as_f32_mut(l), as_f32_mut(alpha)) {
+        return online_softmax_f32(t, n, m, l, a);
+    }
+    online_softmax_impl(tile, n, m, l, alpha, F::exp)
+}
+
+/// See [`softmax_grad_impl`]: f32 takes the vectorized [`fast_exp`] path, f64 the plain one.
+pub fn softmax_grad<F: CpuFloat>(tile: &mut [F], dp: &mut [F], n: usize, lse: &[F], delta: &[F]) {
+    if let (Some(t), Some(g), Some(s), Some(d)) = (as_f32_mut(tile), as_f32_mut(dp), as_f32(lse), as_f32(delta)) {
+        return softmax_grad_f32(t, g, n, s, d);
+    }
+    softmax_grad_impl(tile, dp, n, lse, delta, F::exp)
 }
 
 #[cfg(test)]
