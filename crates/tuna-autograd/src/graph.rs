@@ -64,25 +64,61 @@ pub(crate) fn recording(inputs: &[&dyn Input]) -> bool {
 }
 
 /// Build an op's output tensor. When gradients are enabled and an input needs one, the op is
-/// recorded: `make` receives the output's gradient cell and returns the backward closure, which
-/// reads that gradient and accumulates into the inputs' cells. `make` is not called otherwise, so
-/// an unrecorded op saves nothing.
+/// recorded: `make` receives the output's gradient cell and the output's data (for the few
+/// backwards that read their own output; holding it keeps only the data alive, counted with
+/// [`SavedBytes`]) and returns the backward closure, which reads the output's gradient and
+/// accumulates into the inputs' cells. `make` is not called otherwise, so an unrecorded op
+/// saves nothing.
 pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
     kind: &'static str,
     inputs: &[&dyn Input],
     dev: &Arc<B>,
     shape: Vec<usize>,
     data: B::Owned,
-    make: impl FnOnce(Rc<GradCell<B, E>>) -> BackwardFn,
+    make: impl FnOnce(Rc<GradCell<B, E>>, &OutData<B, E>) -> BackwardFn,
 ) -> Tensor<B, E> {
+    let data = Rc::new(RefCell::new(data));
     if !recording(inputs) {
         return Tensor::from_op(dev, shape, data, None);
     }
     stats::recorded(kind);
-    let cell = GradCell::new(crate::tensor::numel(&shape));
+    let n = crate::tensor::numel(&shape);
+    let cell = GradCell::new(n);
+    let out = OutData { data: data.clone(), bytes: n * std::mem::size_of::<E>() };
     let parents = inputs.iter().filter_map(|t| t.tape_node()).collect();
-    let node = Rc::new(Node { kind, parents, backward: RefCell::new(Some(make(cell.clone()))) });
+    let node = Rc::new(Node { kind, parents, backward: RefCell::new(Some(make(cell.clone(), &out))) });
     Tensor::from_op(dev, shape, data, Some((cell, node)))
+}
+
+/// An op's own output data, offered to its backward.
+pub(crate) struct OutData<B: Alloc<E>, E: Elem> {
+    data: Rc<RefCell<B::Owned>>,
+    bytes: usize,
+}
+
+impl<B: Alloc<E>, E: Elem> OutData<B, E> {
+    /// Keep the output's data for the backward (counted as saved bytes until dropped).
+    pub(crate) fn save(&self) -> SavedOut<B, E> {
+        SavedOut { data: self.data.clone(), _bytes: SavedBytes::new(self.bytes) }
+    }
+}
+
+/// An op's output data kept by its backward.
+pub(crate) struct SavedOut<B: Alloc<E>, E: Elem> {
+    pub(crate) data: Rc<RefCell<B::Owned>>,
+    _bytes: SavedBytes,
+}
+
+/// A raw buffer (statistics such as row log-sum-exps) kept by a backward, counted until dropped.
+pub(crate) struct SavedBuf<T> {
+    pub(crate) buf: T,
+    _bytes: SavedBytes,
+}
+
+impl<T> SavedBuf<T> {
+    pub(crate) fn new(buf: T, bytes: usize) -> Self {
+        SavedBuf { buf, _bytes: SavedBytes::new(bytes) }
+    }
 }
 
 /// A tensor kept for the backward pass, counted in [`stats::Stats::saved_bytes`] until dropped.

@@ -10,11 +10,13 @@
 pub mod error;
 pub mod gradcheck;
 pub mod graph;
+pub mod ints;
 pub mod ops;
 pub mod stats;
 pub mod tensor;
 
 pub use error::{Error, Result};
 pub use graph::{grad_enabled, no_grad};
+pub use ints::Ints;
 pub use tensor::{Float, Tensor};
 pub use tuna_kernels::{Cpu, Device};

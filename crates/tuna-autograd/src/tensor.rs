@@ -6,11 +6,11 @@ use std::cell::{Ref, RefCell, RefMut};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tuna_kernels::{Alloc, Elem};
+use tuna_kernels::{Alloc, CpuFloat, Elem};
 
 /// Element types a differentiable tensor can hold: its gradient has the same type
 /// (f32 and f64; f64 on the CPU is for gradient checks).
-pub trait Float: Elem<Acc = Self> {}
+pub trait Float: CpuFloat {}
 impl Float for f32 {}
 impl Float for f64 {}
 
@@ -43,7 +43,9 @@ pub(crate) struct Inner<B: Alloc<E>, E: Elem> {
     pub(crate) name: Option<Rc<str>>,
     pub(crate) shape: Vec<usize>,
     pub(crate) dev: Arc<B>,
-    pub(crate) data: RefCell<B::Owned>,
+    /// Shared so that an op's backward can keep its own output's data without keeping the
+    /// output tensor (and so its node) alive.
+    pub(crate) data: Rc<RefCell<B::Owned>>,
     pub(crate) grad: Option<Rc<GradCell<B, E>>>,
     pub(crate) node: Option<Rc<Node>>,
 }
@@ -87,7 +89,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 name: None,
                 shape,
                 dev,
-                data: RefCell::new(data),
+                data: Rc::new(RefCell::new(data)),
                 grad: g,
                 node,
             }),
@@ -122,7 +124,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     pub(crate) fn from_op(
         dev: &Arc<B>,
         shape: Vec<usize>,
-        data: B::Owned,
+        data: Rc<RefCell<B::Owned>>,
         rec: Option<(Rc<GradCell<B, E>>, Rc<Node>)>,
     ) -> Self {
         let (grad, node) = match rec {
@@ -135,7 +137,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 name: None,
                 shape,
                 dev: dev.clone(),
-                data: RefCell::new(data),
+                data,
                 grad,
                 node,
             }),

@@ -1,6 +1,6 @@
 //! Activations: GELU (tanh, erf), SiLU, SwiGLU.
 
-use super::{zeros, Kernels};
+use super::{zeros, GradSlot, Kernels};
 use crate::error::{same_shape, Result};
 use crate::graph::{launched, output, Saved};
 use crate::tensor::{Float, Tensor};
@@ -11,7 +11,7 @@ pub fn gelu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, kind: GeluKind) -> Result
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
     dev.gelu_fwd(kind, &x.buf(), B::buf_mut(&mut y))?;
-    Ok(output("gelu", &[x], dev, x.shape().to_vec(), y, |out| {
+    Ok(output("gelu", &[x], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, cx) = (Saved::new(x), x.cell().expect("recorded: x needs a gradient"));
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
@@ -27,7 +27,7 @@ pub fn silu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
     dev.silu_fwd(&x.buf(), B::buf_mut(&mut y))?;
-    Ok(output("silu", &[x], dev, x.shape().to_vec(), y, |out| {
+    Ok(output("silu", &[x], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, cx) = (Saved::new(x), x.cell().expect("recorded: x needs a gradient"));
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
@@ -44,7 +44,7 @@ pub fn swiglu<B: Kernels<E>, E: Float>(gate: &Tensor<B, E>, up: &Tensor<B, E>) -
     let dev = gate.device();
     let mut y = zeros::<B, E>(dev, gate.numel())?;
     dev.swiglu_fwd(&gate.buf(), &up.buf(), B::buf_mut(&mut y))?;
-    Ok(output("swiglu", &[gate, up], dev, gate.shape().to_vec(), y, |out| {
+    Ok(output("swiglu", &[gate, up], dev, gate.shape().to_vec(), y, |out, _| {
         // Both inputs are read by either gradient (dgate needs up, dup needs gate).
         let (gs, us) = (Saved::new(gate), Saved::new(up));
         let (cg, cu) = (gate.cell(), up.cell());
@@ -54,18 +54,8 @@ pub fn swiglu<B: Kernels<E>, E: Float>(gate: &Tensor<B, E>, up: &Tensor<B, E>) -
             let dev = gs.t.device();
             let n = gs.t.numel();
             // The kernel writes both gradients; a scratch buffer stands in for one not wanted.
-            let mut scratch_g = None;
-            let mut scratch_u = None;
-            let mut dg_guard = cg.as_ref().map(|c| c.buf.borrow_mut());
-            let mut du_guard = cu.as_ref().map(|c| c.buf.borrow_mut());
-            let dg: &mut B::Buf<E> = match dg_guard.as_mut() {
-                Some(b) => B::buf_mut(b.get_or_insert(zeros::<B, E>(dev, n)?)),
-                None => B::buf_mut(scratch_g.insert(zeros::<B, E>(dev, n)?)),
-            };
-            let du: &mut B::Buf<E> = match du_guard.as_mut() {
-                Some(b) => B::buf_mut(b.get_or_insert(zeros::<B, E>(dev, n)?)),
-                None => B::buf_mut(scratch_u.insert(zeros::<B, E>(dev, n)?)),
-            };
+            let (mut sg, mut su) = (GradSlot::new(&**dev, &cg, n)?, GradSlot::new(&**dev, &cu, n)?);
+            let (dg, du) = (sg.buf(), su.buf());
             Ok(dev.swiglu_bwd(&gs.t.buf(), &us.t.buf(), B::buf(&g), dg, du)?)
         })
     }))

@@ -54,7 +54,7 @@ pub fn embedding<B: Kernels<E>, E: Float>(
     if let Some(pr) = &prompt {
         inputs.push(pr.vectors);
     }
-    Ok(output("embedding", &inputs, dev, shape, out, |out_cell| {
+    Ok(output("embedding", &inputs, dev, shape, out, |out_cell, _| {
         let (ids, dev) = (ids.clone(), dev.clone());
         let at = prompt.as_ref().map(|pr| pr.at.clone());
         let (ct, cp) = (table.cell(), prompt.as_ref().and_then(|pr| pr.vectors.cell()));

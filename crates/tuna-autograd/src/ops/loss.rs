@@ -1,12 +1,11 @@
 //! Softmax cross-entropy, fused with its backward.
 
-use super::{zeros, Kernels};
+use super::{host, upload, zeros, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::cross_entropy::{count_valid, validate_targets, CeParams};
-use tuna_kernels::Elem;
 
 /// Mean cross-entropy of `logits` (`[rows, vocab]`, or any shape whose last dim is the vocab)
 /// against `targets` (`[rows]`), over the rows whose target is not `ignore_index` (0 if none).
@@ -39,16 +38,16 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
             launched("cross_entropy.copy");
             logits.detach()?
         };
-        dev.ce_fwd_bwd(&p, B::buf_mut(&mut holder.data_mut()), targets.buf(), B::buf_mut(&mut loss_rows))?;
+        dev.ce_fwd_bwd(&p, B::buf_mut(&mut *holder.data_mut()), targets.buf(), B::buf_mut(&mut loss_rows))?;
         Some(holder)
     } else {
         dev.ce_fwd(&p, &logits.buf(), targets.buf(), B::buf_mut(&mut loss_rows))?;
         None
     };
-    let sum: f64 = dev.to_host(&loss_rows)?.iter().map(|&l| l.into()).sum();
+    let sum: f64 = host::<B, E>(&dev, &loss_rows)?.into_iter().map(Into::<f64>::into).sum();
     let mean = if valid == 0 { 0.0 } else { sum / valid as f64 };
-    let value = dev.from_host(&[E::from_f64(mean)])?;
-    Ok(output("cross_entropy", &[&logits], &dev, vec![], value, |out| {
+    let value = upload::<B, E>(&dev, &[E::c(mean)])?;
+    Ok(output("cross_entropy", &[&logits], &dev, vec![], value, |out, _| {
         let holder = grad_holder.expect("recorded");
         let cl = logits.cell().expect("recorded");
         let dev2 = dev.clone();
@@ -58,8 +57,8 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
                 return Ok(());
             }
             launched("cross_entropy.bwd");
-            let upstream = dev2.to_host(&g)?[0];
-            let scale = upstream / E::from_f64(valid as f64);
+            let upstream = host::<B, E>(&dev2, &g)?[0];
+            let scale = upstream / E::c(valid as f64);
             cl.accumulate(&dev2, |dl| Ok(dev2.grad_accumulate(dl, &holder.buf(), scale)?))
         })
     }))

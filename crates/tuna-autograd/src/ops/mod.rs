@@ -6,20 +6,96 @@
 //! need one, and counting each backward kernel launch by kind.
 
 pub mod act;
+pub mod attention;
+pub mod embed;
+pub mod loss;
+pub mod rope;
 
 use crate::error::Result;
-use crate::tensor::Float;
+use crate::tensor::{Float, GradCell};
+use tuna_kernels::ops::attention::AttentionKernel;
+use tuna_kernels::ops::cross_entropy::CrossEntropyKernel;
+use tuna_kernels::ops::embedding::EmbeddingKernel;
 use tuna_kernels::ops::gelu::GeluKernel;
+use tuna_kernels::ops::grad::GradKernel;
+use tuna_kernels::ops::rope::RopeKernel;
 use tuna_kernels::ops::swiglu::SwigluKernel;
 use tuna_kernels::Alloc;
 
 /// Every kernel an autograd op may call, for element type `E`: implemented by `Cpu` (f32, f64)
 /// and `Cuda` (f32).
-pub trait Kernels<E: Float>: Alloc<E> + GeluKernel<E> + SwigluKernel<E> + 'static {}
+pub trait Kernels<E: Float>:
+    Alloc<E>
+    + Alloc<u32>
+    + Alloc<i32>
+    + Alloc<u8>
+    + AttentionKernel<E>
+    + CrossEntropyKernel<E>
+    + EmbeddingKernel<E>
+    + GeluKernel<E>
+    + GradKernel<E>
+    + RopeKernel<E>
+    + SwigluKernel<E>
+    + 'static
+{
+}
 
-impl<B, E: Float> Kernels<E> for B where B: Alloc<E> + GeluKernel<E> + SwigluKernel<E> + 'static {}
+impl<B, E: Float> Kernels<E> for B where
+    B: Alloc<E>
+        + Alloc<u32>
+        + Alloc<i32>
+        + Alloc<u8>
+        + AttentionKernel<E>
+        + CrossEntropyKernel<E>
+        + EmbeddingKernel<E>
+        + GeluKernel<E>
+        + GradKernel<E>
+        + RopeKernel<E>
+        + SwigluKernel<E>
+        + 'static
+{
+}
 
 /// `n` zeros of `E` on `dev`.
 pub(crate) fn zeros<B: Alloc<E>, E: Float>(dev: &B, n: usize) -> Result<B::Owned> {
     Ok(dev.zeros(n)?)
+}
+
+/// A host copy of an `E` buffer.
+pub(crate) fn host<B: Alloc<E>, E: Float>(dev: &B, o: &B::Owned) -> Result<Vec<E>> {
+    Ok(dev.to_host(o)?)
+}
+
+/// An `E` buffer holding `values`.
+pub(crate) fn upload<B: Alloc<E>, E: Float>(dev: &B, values: &[E]) -> Result<B::Owned> {
+    Ok(dev.from_host(values)?)
+}
+
+/// Where a backward kernel writes one input's gradient: that input's gradient buffer (allocated
+/// zeroed at first use), or a scratch buffer when the input needs no gradient but the kernel
+/// writes one anyway.
+pub(crate) enum GradSlot<'a, B: Alloc<E>, E: Float> {
+    Cell(std::cell::RefMut<'a, Option<B::Owned>>),
+    Scratch(B::Owned),
+}
+
+impl<'a, B: Alloc<E>, E: Float> GradSlot<'a, B, E> {
+    pub(crate) fn new(dev: &B, cell: &'a Option<std::rc::Rc<GradCell<B, E>>>, n: usize) -> Result<Self> {
+        Ok(match cell {
+            Some(c) => {
+                let mut g = c.buf.borrow_mut();
+                if g.is_none() {
+                    *g = Some(dev.zeros(n)?);
+                }
+                GradSlot::Cell(g)
+            }
+            None => GradSlot::Scratch(dev.zeros(n)?),
+        })
+    }
+    pub(crate) fn buf(&mut self) -> &mut B::Buf<E> {
+        match self {
+            GradSlot::Cell(g) => B::buf_mut(g.as_mut().expect("allocated in new")),
+            GradSlot::Scratch(o) => B::buf_mut(o),
+        }
+    }
 }

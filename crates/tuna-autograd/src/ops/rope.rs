@@ -20,7 +20,7 @@ pub fn rope<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, pos: &Ints<B, u32>, theta
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
     dev.rope_fwd(&p, pos.buf(), &x.buf(), B::buf_mut(&mut y))?;
-    Ok(output("rope", &[x], dev, x.shape().to_vec(), y, |out| {
+    Ok(output("rope", &[x], dev, x.shape().to_vec(), y, |out, _| {
         // The backward is the inverse rotation of dy: it needs the positions, not x.
         let (pos, cx, dev) = (pos.clone(), x.cell().expect("recorded"), dev.clone());
         Box::new(move || {

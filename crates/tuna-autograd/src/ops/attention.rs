@@ -1,0 +1,125 @@
+//! Fused attention with optional prefix keys/values and key padding mask.
+
+use super::{zeros, GradSlot, Kernels};
+use crate::error::{Error, Result};
+use crate::graph::{launched, output, Input, Saved, SavedBuf};
+use crate::ints::Ints;
+use crate::tensor::{Float, Tensor};
+use tuna_kernels::ops::attention::{AttnGrads, AttnInputs, AttnParams};
+
+/// Options of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnOptions {
+    pub causal: bool,
+    /// Score scale; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+}
+
+/// Per-layer prefix keys and values (`[prefix_len, kv_heads, head_dim]` each), shared by the batch.
+pub struct Prefix<'a, B: Kernels<E>, E: Float> {
+    pub k: &'a Tensor<B, E>,
+    pub v: &'a Tensor<B, E>,
+}
+
+fn dims4(op_what: &'static str, t: &[usize]) -> Result<[usize; 4]> {
+    match *t {
+        [a, b, c, d] => Ok([a, b, c, d]),
+        _ => Err(Error::Shape { op: "attention", what: op_what, left: t.to_vec(), right: vec![] }),
+    }
+}
+
+/// `softmax(q k^T * scale + mask) v` over the prefix keys then the content keys.
+///
+/// `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`: `[batch, kv_len, kv_heads, head_dim]`;
+/// `mask`: `[batch, kv_len]` (1 = attend). Returns `[batch, q_len, heads, head_dim]`.
+pub fn attention<B: Kernels<E>, E: Float>(
+    q: &Tensor<B, E>,
+    k: &Tensor<B, E>,
+    v: &Tensor<B, E>,
+    prefix: Option<Prefix<'_, B, E>>,
+    mask: Option<&Ints<B, u8>>,
+    opt: AttnOptions,
+) -> Result<Tensor<B, E>> {
+    let [b, t, h, d] = dims4("q must be [batch, q_len, heads, head_dim]", q.shape())?;
+    let [bk, s, kvh, dk] = dims4("k must be [batch, kv_len, kv_heads, head_dim]", k.shape())?;
+    if [bk, dk] != [b, d] || v.shape() != k.shape() {
+        return Err(Error::Shape { op: "attention", what: "k/v vs q (batch, head_dim)", left: k.shape().to_vec(), right: q.shape().to_vec() });
+    }
+    let mut p = AttnParams::new(b, h, kvh, s, d, opt.causal);
+    p.q_len = t as u32;
+    if let Some(sc) = opt.scale {
+        p.scale = sc;
+    }
+    if let Some(pr) = &prefix {
+        let ps = pr.k.shape();
+        if ps.len() != 3 || ps[1..] != [kvh, d] || pr.v.shape() != ps {
+            return Err(Error::Shape { op: "attention", what: "prefix k/v vs [prefix_len, kv_heads, head_dim]", left: ps.to_vec(), right: vec![0, kvh, d] });
+        }
+        p.prefix_len = ps[0] as u32;
+    }
+    if let Some(m) = mask {
+        if m.shape() != [b, s] {
+            return Err(Error::Shape { op: "attention", what: "mask vs [batch, kv_len]", left: m.shape().to_vec(), right: vec![b, s] });
+        }
+        p.has_mask = 1;
+    }
+    let dev = q.device();
+    let mut o = zeros::<B, E>(dev, p.q_elems())?;
+    let mut lse = zeros::<B, E>(dev, p.lse_elems())?;
+    {
+        let (qb, kb, vb) = (q.buf(), k.buf(), v.buf());
+        let pkv = prefix.as_ref().map(|pr| (pr.k.buf(), pr.v.buf()));
+        let x = AttnInputs {
+            q: &*qb,
+            k: &*kb,
+            v: &*vb,
+            prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
+            key_mask: mask.map(|m| m.buf()),
+        };
+        dev.attn_fwd(&p, x, B::buf_mut(&mut o), B::buf_mut(&mut lse))?;
+    }
+    let mut inputs: Vec<&dyn Input> = vec![q, k, v];
+    if let Some(pr) = &prefix {
+        inputs.extend([pr.k as &dyn Input, pr.v as &dyn Input]);
+    }
+    let shape = q.shape().to_vec();
+    Ok(output("attention", &inputs, dev, shape, o, |out, o_data| {
+        // FlashAttention's backward recomputes the probabilities: it needs q, k, v (and the
+        // prefix), the output, the row log-sum-exps and the mask.
+        let (qs, ks, vs) = (Saved::new(q), Saved::new(k), Saved::new(v));
+        let ps = prefix.as_ref().map(|pr| (Saved::new(pr.k), Saved::new(pr.v)));
+        let os = o_data.save();
+        let lse = SavedBuf::new(lse, p.lse_elems() * std::mem::size_of::<E>());
+        let mask = mask.cloned();
+        let (cq, ck, cv) = (q.cell(), k.cell(), v.cell());
+        let pcells = prefix.as_ref().map(|pr| (pr.k.cell(), pr.v.cell()));
+        let dev = dev.clone();
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("attention.bwd");
+            // The kernel writes dq, dk, dv (and the prefix gradients when there is a prefix);
+            // a scratch buffer stands in for an input that needs no gradient.
+            let mut sq = GradSlot::new(&*dev, &cq, p.q_elems())?;
+            let mut sk = GradSlot::new(&*dev, &ck, p.kv_elems())?;
+            let mut sv = GradSlot::new(&*dev, &cv, p.kv_elems())?;
+            let mut sp = match &pcells {
+                Some((a, b)) => Some((GradSlot::new(&*dev, a, p.prefix_elems())?, GradSlot::new(&*dev, b, p.prefix_elems())?)),
+                None => None,
+            };
+            let dprefix = sp.as_mut().map(|(a, b)| (a.buf(), b.buf()));
+            let (dq, dk, dv) = (sq.buf(), sk.buf(), sv.buf());
+            let (qb, kb, vb) = (qs.t.buf(), ks.t.buf(), vs.t.buf());
+            let pkv = ps.as_ref().map(|(a, b)| (a.t.buf(), b.t.buf()));
+            let x = AttnInputs {
+                q: &*qb,
+                k: &*kb,
+                v: &*vb,
+                prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
+                key_mask: mask.as_ref().map(|m| m.buf()),
+            };
+            let o = os.data.borrow();
+            let grads = AttnGrads { dq, dk, dv, dprefix };
+            Ok(dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(&lse.buf), grads)?)
+        })
+    }))
+}
