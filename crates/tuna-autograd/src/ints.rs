@@ -28,9 +28,16 @@ impl<B: Alloc<T>, T: Elem> Ints<B, T> {
     pub fn new(dev: &Arc<B>, shape: &[usize], values: &[T]) -> Result<Self> {
         let expected: usize = shape.iter().product();
         if expected != values.len() {
-            return Err(Error::Data { name: "integer tensor".into(), len: values.len(), shape: shape.to_vec(), expected });
+            return Err(Error::Data {
+                name: "integer tensor".into(),
+                len: values.len(),
+                shape: shape.to_vec(),
+                expected,
+            });
         }
-        Ok(Ints { inner: Rc::new(Inner { shape: shape.to_vec(), host: values.to_vec(), data: dev.from_host(values)? }) })
+        Ok(Ints {
+            inner: Rc::new(Inner { shape: shape.to_vec(), host: values.to_vec(), data: dev.from_host(values)? }),
+        })
     }
     pub fn shape(&self) -> &[usize] {
         &self.inner.shape

@@ -43,7 +43,12 @@ pub fn attention<B: Kernels<E>, E: Float>(
     let [b, t, h, d] = dims4("q must be [batch, q_len, heads, head_dim]", q.shape())?;
     let [bk, s, kvh, dk] = dims4("k must be [batch, kv_len, kv_heads, head_dim]", k.shape())?;
     if [bk, dk] != [b, d] || v.shape() != k.shape() {
-        return Err(Error::Shape { op: "attention", what: "k/v vs q (batch, head_dim)", left: k.shape().to_vec(), right: q.shape().to_vec() });
+        return Err(Error::Shape {
+            op: "attention",
+            what: "k/v vs q (batch, head_dim)",
+            left: k.shape().to_vec(),
+            right: q.shape().to_vec(),
+        });
     }
     let mut p = AttnParams::new(b, h, kvh, s, d, opt.causal);
     p.q_len = t as u32;
@@ -53,13 +58,23 @@ pub fn attention<B: Kernels<E>, E: Float>(
     if let Some(pr) = &prefix {
         let ps = pr.k.shape();
         if ps.len() != 3 || ps[1..] != [kvh, d] || pr.v.shape() != ps {
-            return Err(Error::Shape { op: "attention", what: "prefix k/v vs [prefix_len, kv_heads, head_dim]", left: ps.to_vec(), right: vec![0, kvh, d] });
+            return Err(Error::Shape {
+                op: "attention",
+                what: "prefix k/v vs [prefix_len, kv_heads, head_dim]",
+                left: ps.to_vec(),
+                right: vec![0, kvh, d],
+            });
         }
         p.prefix_len = ps[0] as u32;
     }
     if let Some(m) = mask {
         if m.shape() != [b, s] {
-            return Err(Error::Shape { op: "attention", what: "mask vs [batch, kv_len]", left: m.shape().to_vec(), right: vec![b, s] });
+            return Err(Error::Shape {
+                op: "attention",
+                what: "mask vs [batch, kv_len]",
+                left: m.shape().to_vec(),
+                right: vec![b, s],
+            });
         }
         p.has_mask = 1;
     }
@@ -103,7 +118,9 @@ pub fn attention<B: Kernels<E>, E: Float>(
             let mut sk = GradSlot::new(&*dev, &ck, p.kv_elems())?;
             let mut sv = GradSlot::new(&*dev, &cv, p.kv_elems())?;
             let mut sp = match &pcells {
-                Some((a, b)) => Some((GradSlot::new(&*dev, a, p.prefix_elems())?, GradSlot::new(&*dev, b, p.prefix_elems())?)),
+                Some((a, b)) => {
+                    Some((GradSlot::new(&*dev, a, p.prefix_elems())?, GradSlot::new(&*dev, b, p.prefix_elems())?))
+                }
                 None => None,
             };
             let dprefix = sp.as_mut().map(|(a, b)| (a.buf(), b.buf()));

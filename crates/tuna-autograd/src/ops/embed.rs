@@ -22,19 +22,39 @@ pub fn embedding<B: Kernels<E>, E: Float>(
     prompt: Option<Prompt<'_, B, E>>,
 ) -> Result<Tensor<B, E>> {
     let [vocab, hidden] = *table.shape() else {
-        return Err(Error::Shape { op: "embedding", what: "table must be [vocab, hidden]", left: table.shape().to_vec(), right: vec![] });
+        return Err(Error::Shape {
+            op: "embedding",
+            what: "table must be [vocab, hidden]",
+            left: table.shape().to_vec(),
+            right: vec![],
+        });
     };
     let [batch, seq] = *ids.shape() else {
-        return Err(Error::Shape { op: "embedding", what: "ids must be [batch, seq]", left: ids.shape().to_vec(), right: vec![] });
+        return Err(Error::Shape {
+            op: "embedding",
+            what: "ids must be [batch, seq]",
+            left: ids.shape().to_vec(),
+            right: vec![],
+        });
     };
     validate_ids(ids.host(), vocab)?;
     let mut p = EmbedParams::new(batch, seq, vocab, hidden);
     if let Some(pr) = &prompt {
         if pr.vectors.shape().len() != 2 || pr.vectors.shape()[1] != hidden {
-            return Err(Error::Shape { op: "embedding", what: "prompt vectors vs [n, hidden]", left: pr.vectors.shape().to_vec(), right: vec![0, hidden] });
+            return Err(Error::Shape {
+                op: "embedding",
+                what: "prompt vectors vs [n, hidden]",
+                left: pr.vectors.shape().to_vec(),
+                right: vec![0, hidden],
+            });
         }
         if pr.at.shape() != [batch] {
-            return Err(Error::Shape { op: "embedding", what: "prompt positions vs [batch]", left: pr.at.shape().to_vec(), right: vec![batch] });
+            return Err(Error::Shape {
+                op: "embedding",
+                what: "prompt positions vs [batch]",
+                left: pr.at.shape().to_vec(),
+                right: vec![batch],
+            });
         }
         validate_at(pr.at.host(), seq)?;
         p = p.with_prompt(pr.vectors.shape()[0]);

@@ -12,7 +12,8 @@ use tuna_kernels::ops::cross_entropy::{count_valid, validate_targets, CeParams};
 ///
 /// When recorded, the gradient is computed in the same kernel as the loss and written over the
 /// logits' own buffer (taken by value): no second `[rows, vocab]` buffer exists. Where another
-/// clone of `logits` is still alive, its data is copied first (counted as `cross_entropy.copy`).
+/// clone of `logits` is still alive, or a backward kept its data, the data is copied first
+/// (counted as `cross_entropy.copy`).
 pub fn cross_entropy<B: Kernels<E>, E: Float>(
     logits: Tensor<B, E>,
     targets: &Ints<B, i32>,
@@ -21,7 +22,12 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     let vocab = *logits.shape().last().unwrap_or(&0);
     let rows = if vocab == 0 { 0 } else { logits.numel() / vocab };
     if targets.shape() != [rows] {
-        return Err(Error::Shape { op: "cross_entropy", what: "targets vs logits rows", left: targets.shape().to_vec(), right: vec![rows] });
+        return Err(Error::Shape {
+            op: "cross_entropy",
+            what: "targets vs logits rows",
+            left: targets.shape().to_vec(),
+            right: vec![rows],
+        });
     }
     validate_targets(targets.host(), vocab, ignore_index)?;
     let valid = count_valid(targets.host(), ignore_index);
@@ -32,7 +38,10 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     let mut loss_rows = zeros::<B, E>(&dev, rows)?;
     let recording = crate::graph::recording(&[&logits]);
     let grad_holder = if recording {
-        let holder = if std::rc::Rc::strong_count(&logits.inner) == 1 {
+        // In place only where nothing else can see the logits: no other clone of the tensor and
+        // no backward holding its data (an op that saved its own output).
+        let sole = std::rc::Rc::strong_count(&logits.inner) == 1 && std::rc::Rc::strong_count(&logits.inner.data) == 1;
+        let holder = if sole {
             logits.clone()
         } else {
             launched("cross_entropy.copy");

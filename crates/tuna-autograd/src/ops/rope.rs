@@ -11,10 +11,20 @@ use tuna_kernels::ops::rope::RopeParams;
 /// with base `theta`.
 pub fn rope<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, pos: &Ints<B, u32>, theta: f32) -> Result<Tensor<B, E>> {
     let [b, t, h, d] = *x.shape() else {
-        return Err(Error::Shape { op: "rope", what: "x must be [batch, seq, heads, head_dim]", left: x.shape().to_vec(), right: vec![] });
+        return Err(Error::Shape {
+            op: "rope",
+            what: "x must be [batch, seq, heads, head_dim]",
+            left: x.shape().to_vec(),
+            right: vec![],
+        });
     };
     if pos.shape() != [b, t] {
-        return Err(Error::Shape { op: "rope", what: "positions vs x's [batch, seq]", left: pos.shape().to_vec(), right: vec![b, t] });
+        return Err(Error::Shape {
+            op: "rope",
+            what: "positions vs x's [batch, seq]",
+            left: pos.shape().to_vec(),
+            right: vec![b, t],
+        });
     }
     let p = RopeParams::new(b, t, h, d, theta);
     let dev = x.device();
