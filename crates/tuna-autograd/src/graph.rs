@@ -90,6 +90,23 @@ pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
     Tensor::from_op(dev, shape, data, Some((cell, node)))
 }
 
+/// Like [`output`], for an op whose output shares its input's storage (a reshape).
+pub(crate) fn output_shared<B: Alloc<E> + 'static, E: Elem>(
+    kind: &'static str,
+    x: &Tensor<B, E>,
+    shape: Vec<usize>,
+    make: impl FnOnce(Rc<GradCell<B, E>>) -> BackwardFn,
+) -> Tensor<B, E> {
+    let data = x.inner.data.clone();
+    if !recording(&[x]) {
+        return Tensor::from_op(x.device(), shape, data, None);
+    }
+    stats::recorded(kind);
+    let cell = GradCell::new(crate::tensor::numel(&shape));
+    let node = Rc::new(Node { kind, parents: x.node().into_iter().collect(), backward: RefCell::new(Some(make(cell.clone()))) });
+    Tensor::from_op(x.device(), shape, data, Some((cell, node)))
+}
+
 /// An op's own output data, offered to its backward.
 pub(crate) struct OutData<B: Alloc<E>, E: Elem> {
     data: Rc<RefCell<B::Owned>>,

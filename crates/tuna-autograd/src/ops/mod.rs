@@ -10,6 +10,7 @@ pub mod attention;
 pub mod embed;
 pub mod loss;
 pub mod rope;
+pub mod shape;
 
 use crate::error::Result;
 use crate::tensor::{Float, GradCell};
