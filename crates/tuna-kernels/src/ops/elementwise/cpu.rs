@@ -2,7 +2,7 @@
 //! `dbias` is reduced in fixed row chunks (independent of the thread count) added in order.
 
 use super::{check_bias, check_cols, check_flat, check_pool, BiasParams, ColsParams, ElementwiseKernel, PoolParams};
-use crate::backend::{CpuFloat, Cpu};
+use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use rayon::prelude::*;
 
@@ -189,7 +189,7 @@ impl<F: CpuFloat<Acc = F>> ElementwiseKernel<F> for Cpu {
                 }
             }
             let n = mask_count::<F>(mask);
-            y.iter_mut().for_each(|y| *y = *y / n);
+            y.iter_mut().for_each(|y| *y /= n);
         });
         Ok(())
     }

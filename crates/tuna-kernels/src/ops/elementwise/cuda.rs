@@ -99,7 +99,11 @@ impl Cuda {
         let mut b = self.stream().launch_builder(&f);
         b.arg(p).arg(&chunk_rows).arg(dy).arg(&mut part);
         let gx = p.cols.div_ceil(BIAS_PART_COLS as u64) as u32;
-        let cfg = LaunchConfig { grid_dim: (gx, chunks, 1), block_dim: (BIAS_PART_COLS, BIAS_PART_ROWS, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (gx, chunks, 1),
+            block_dim: (BIAS_PART_COLS, BIAS_PART_ROWS, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: matches add_bias_bwd_partials_<E>(BiasParams, u64 chunk_rows, const T* dy [rows, cols],
         // float* part [chunks, cols]); block y < chunks covers rows < chunks*chunk_rows, clipped to p.rows.
         unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("add_bias_bwd_partials", e))?;
@@ -114,17 +118,29 @@ impl Cuda {
     }
 
     /// The column copy kernel `<op>_<dir>_<E>(ColsParams, src, dst)` over `[rows, width]`.
-    fn cols<E: CudaElem>(&self, p: &ColsParams, op: &str, dir: &str, src: &CudaSlice<E>, dst: &mut CudaSlice<E>) -> Result<()> {
+    fn cols<E: CudaElem>(
+        &self,
+        p: &ColsParams,
+        op: &str,
+        dir: &str,
+        src: &CudaSlice<E>,
+        dst: &mut CudaSlice<E>,
+    ) -> Result<()> {
         if p.rows == 0 || p.width == 0 {
             return Ok(());
         }
         self.launch_two(op, dir, p, src, dst, grid_cols_rows(p.width, p.rows, MAX_GRID_X))
     }
 
-    /// Launches `sum_rows_masked_mean_<dir>_<E>(PoolParams, a, mask, b)`, where `(a, b)` is
-    /// `(x, y)` forward and `(dy, dx)` backward (the mask comes second, after the params, in
-    /// the backward: the callers order the arguments).
-    fn launch_pool<E: CudaElem>(&self, dir: &str, p: &PoolParams, cfg: LaunchConfig, args: PoolArgs<'_, E>) -> Result<()> {
+    /// Launches `sum_rows_masked_mean_<dir>_<E>` with its buffers in the kernel's order:
+    /// `(x, mask, y)` forward, `(mask, dy, dx)` backward.
+    fn launch_pool<E: CudaElem>(
+        &self,
+        dir: &str,
+        p: &PoolParams,
+        cfg: LaunchConfig,
+        args: PoolArgs<'_, E>,
+    ) -> Result<()> {
         let f = self.function("elementwise", &symbol::<E>("sum_rows_masked_mean", dir))?;
         let mut b = self.stream().launch_builder(&f);
         b.arg(p);

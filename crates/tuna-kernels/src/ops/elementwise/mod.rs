@@ -114,8 +114,7 @@ pub trait ElementwiseKernel<E: Elem>: Backend {
     fn scale_bwd(&self, s: f64, dy: &Self::Buf<E>, da: &mut Self::Buf<E>) -> Result<()>;
 
     /// `y[r, c] = x[r, c] + bias[c]`.
-    fn add_bias_fwd(&self, p: &BiasParams, x: &Self::Buf<E>, bias: &Self::Buf<E>, y: &mut Self::Buf<E>)
-        -> Result<()>;
+    fn add_bias_fwd(&self, p: &BiasParams, x: &Self::Buf<E>, bias: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
     /// `dx += dy`, `dbias += sum_rows dy` (deterministic reduction).
     fn add_bias_bwd(
         &self,
@@ -164,14 +163,20 @@ fn check_flat(op: &'static str, first: (&'static str, usize), others: &[(&'stati
 /// `add_bias` tensors: `(name, len, is_bias)`; full tensors are `rows*cols`, bias ones `cols`.
 fn check_bias(p: &BiasParams, tensors: &[(&'static str, usize, bool)]) -> Result<()> {
     for &(name, len, is_bias) in tensors {
-        let (want, what) = if is_bias { (p.cols as usize, "[cols]") } else { (prod(&[p.rows, p.cols]), "[rows, cols]") };
+        let (want, what) =
+            if is_bias { (p.cols as usize, "[cols]") } else { (prod(&[p.rows, p.cols]), "[rows, cols]") };
         check_len("add_bias", name, len, want, || format!("{what} with rows {}, cols {}", p.rows, p.cols))?;
     }
     Ok(())
 }
 
 /// `slice_cols`/`concat_cols`: validates `off + width <= cols`, then the wide and narrow tensors.
-fn check_cols(op: &'static str, p: &ColsParams, wide: (&'static str, usize), narrow: (&'static str, usize)) -> Result<()> {
+fn check_cols(
+    op: &'static str,
+    p: &ColsParams,
+    wide: (&'static str, usize),
+    narrow: (&'static str, usize),
+) -> Result<()> {
     if p.off.checked_add(p.width).is_none_or(|end| end > p.cols) {
         let msg = format!("columns {}..{}+{} outside a tensor of {} columns", p.off, p.off, p.width, p.cols);
         return Err(Error::Invalid { op, msg });

@@ -30,7 +30,14 @@ pub(super) fn ref_dbias(dy: &[f64], cols: usize) -> Vec<f64> {
     g
 }
 /// `dst[r, dst_off + c] = src[r, src_off + c]` for `c < width`, on a copy of `dst`.
-fn ref_copy(src: &[f64], (sc, so): (usize, usize), dst: &[f64], (dc, doff): (usize, usize), rows: usize, w: usize) -> Vec<f64> {
+fn ref_copy(
+    src: &[f64],
+    (sc, so): (usize, usize),
+    dst: &[f64],
+    (dc, doff): (usize, usize),
+    rows: usize,
+    w: usize,
+) -> Vec<f64> {
     let mut out = dst.to_vec();
     for r in 0..rows {
         for c in 0..w {
@@ -120,7 +127,7 @@ fn reference_gradients_match_central_differences() {
     let p = ColsParams::new(rows, 7, 2, 4);
     let (x, dy) = (f64s(&rng.vec(p.wide(), -2.0, 2.0)), f64s(&rng.vec(p.narrow(), -1.0, 1.0)));
     let slice_grad = ref_concat(&dy, &vec![0.0; p.wide()], &p);
-    fd_check("slice_cols", &[x.clone()], &dy, |i| ref_slice(&i[0], &p), &[slice_grad]);
+    fd_check("slice_cols", std::slice::from_ref(&x), &dy, |i| ref_slice(&i[0], &p), &[slice_grad]);
     let (xn, dyw) = (f64s(&rng.vec(p.narrow(), -2.0, 2.0)), f64s(&rng.vec(p.wide(), -1.0, 1.0)));
     fd_check("concat_cols", &[xn], &dyw, |i| ref_concat(&i[0], &x, &p), &[ref_slice(&dyw, &p)]);
 
@@ -228,7 +235,8 @@ fn pool<F: CpuFloat<Acc = F>>(tol: Tol, p: PoolParams) {
     let (batch, seq, hid) = (p.batch as usize, p.seq as usize, p.hidden as usize);
     let mut rng = Rng::new(5 + seq as u64);
     let m = mask(&mut rng, batch, seq);
-    let (x, dy, g0) = (rng.vec(batch * seq * hid, -3.0, 3.0), rng.vec(batch * hid, -1.0, 1.0), rng.vec(batch * seq * hid, -1.0, 1.0));
+    let (x, dy, g0) =
+        (rng.vec(batch * seq * hid, -3.0, 3.0), rng.vec(batch * hid, -1.0, 1.0), rng.vec(batch * seq * hid, -1.0, 1.0));
     let mut y = vec![F::zero(); batch * hid];
     Cpu.sum_rows_masked_mean_fwd(&p, &cast::<F>(&x), &m, &mut y).unwrap();
     tol.assert_close("sum_rows_masked_mean fwd", &y, &ref_pool(&f64s(&x), &m, &p));
