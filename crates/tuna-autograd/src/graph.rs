@@ -103,7 +103,11 @@ pub(crate) fn output_shared<B: Alloc<E> + 'static, E: Elem>(
     }
     stats::recorded(kind);
     let cell = GradCell::new(crate::tensor::numel(&shape));
-    let node = Rc::new(Node { kind, parents: x.node().into_iter().collect(), backward: RefCell::new(Some(make(cell.clone()))) });
+    let node = Rc::new(Node {
+        kind,
+        parents: x.node().into_iter().collect(),
+        backward: RefCell::new(Some(make(cell.clone()))),
+    });
     Tensor::from_op(x.device(), shape, data, Some((cell, node)))
 }
 

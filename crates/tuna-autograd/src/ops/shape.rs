@@ -10,7 +10,12 @@ use tuna_kernels::CpuFloat;
 /// flows back unchanged.
 pub fn reshape<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, shape: &[usize]) -> Result<Tensor<B, E>> {
     if numel(shape) != x.numel() {
-        return Err(Error::Shape { op: "reshape", what: "element counts differ", left: x.shape().to_vec(), right: shape.to_vec() });
+        return Err(Error::Shape {
+            op: "reshape",
+            what: "element counts differ",
+            left: x.shape().to_vec(),
+            right: shape.to_vec(),
+        });
     }
     Ok(output_shared("reshape", x, shape.to_vec(), |out| {
         let (cx, dev) = (x.cell().expect("recorded"), x.device().clone());
