@@ -99,3 +99,24 @@ fn frozen_inputs_get_no_gradient() {
     assert!(w.grad().unwrap().is_some());
     let _ = Cpu;
 }
+
+#[test]
+fn elementwise_glue() {
+    use tuna_autograd::ops::elem::{add, add_bias, concat_cols, mean_pool, mul, scale, slice_cols};
+    use tuna_autograd::ops::shape::reshape;
+    let mut rng = Rng::new(15);
+    let a = param(&mut rng, "a", &[4, 6], 1.0);
+    let b = param(&mut rng, "b", &[4, 6], 1.0);
+    let bias = param(&mut rng, "bias", &[6], 1.0);
+    check(&[&a, &b], || reduce(add(&a, &b)?, 16), H, GRAD_TOL, 24).unwrap();
+    check(&[&a, &b], || reduce(mul(&a, &b)?, 17), H, GRAD_TOL, 24).unwrap();
+    check(&[&a], || reduce(scale(&a, -0.75)?, 18), H, GRAD_TOL, 24).unwrap();
+    check(&[&a, &bias], || reduce(add_bias(&a, &bias)?, 19), H, GRAD_TOL, 24).unwrap();
+    let f = || {
+        let (x, y, z) = (slice_cols(&a, 0, 2)?, slice_cols(&a, 2, 3)?, slice_cols(&b, 5, 1)?);
+        reduce(concat_cols(&[&z, &x, &y])?, 20)
+    };
+    check(&[&a, &b], f, H, GRAD_TOL, 24).unwrap();
+    let mask = Ints::new(&cpu(), &[2, 2], &[1u8, 0, 1, 1]).unwrap();
+    check(&[&a], || reduce(mean_pool(&reshape(&a, &[2, 2, 6])?, &mask)?, 21), H, GRAD_TOL, 24).unwrap();
+}

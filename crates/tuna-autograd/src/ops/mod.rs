@@ -7,6 +7,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod elem;
 pub mod embed;
 pub mod loss;
 pub mod rope;
@@ -16,6 +17,7 @@ use crate::error::Result;
 use crate::tensor::{Float, GradCell};
 use tuna_kernels::ops::attention::AttentionKernel;
 use tuna_kernels::ops::cross_entropy::CrossEntropyKernel;
+use tuna_kernels::ops::elementwise::ElementwiseKernel;
 use tuna_kernels::ops::embedding::EmbeddingKernel;
 use tuna_kernels::ops::gelu::GeluKernel;
 use tuna_kernels::ops::grad::GradKernel;
@@ -32,6 +34,7 @@ pub trait Kernels<E: Float>:
     + Alloc<u8>
     + AttentionKernel<E>
     + CrossEntropyKernel<E>
+    + ElementwiseKernel<E>
     + EmbeddingKernel<E>
     + GeluKernel<E>
     + GradKernel<E>
@@ -48,6 +51,7 @@ impl<B, E: Float> Kernels<E> for B where
         + Alloc<u8>
         + AttentionKernel<E>
         + CrossEntropyKernel<E>
+        + ElementwiseKernel<E>
         + EmbeddingKernel<E>
         + GeluKernel<E>
         + GradKernel<E>

@@ -1,0 +1,199 @@
+//! Elementwise glue: add, mul, scale, bias, column slices and concatenation, masked mean pooling.
+
+use super::{zeros, GradSlot, Kernels};
+use crate::error::{same_shape, Error, Result};
+use crate::graph::{launched, output, Input, Saved};
+use crate::ints::Ints;
+use crate::tensor::{Float, Tensor};
+use tuna_kernels::ops::elementwise::{BiasParams, ColsParams, PoolParams};
+
+/// `a + b` (same shapes).
+pub fn add<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+    same_shape("add", "a vs b", a.shape(), b.shape())?;
+    let dev = a.device();
+    let mut y = zeros::<B, E>(dev, a.numel())?;
+    dev.add_fwd(&a.buf(), &b.buf(), B::buf_mut(&mut y))?;
+    Ok(output("add", &[a, b], dev, a.shape().to_vec(), y, |out, _| {
+        let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            for c in [&ca, &cb].into_iter().flatten() {
+                launched("add.bwd");
+                c.accumulate(&dev, |d| Ok(dev.scale_bwd(1.0, B::buf(&g), d)?))?;
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// `a * b` elementwise (same shapes).
+pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+    same_shape("mul", "a vs b", a.shape(), b.shape())?;
+    let dev = a.device();
+    let mut y = zeros::<B, E>(dev, a.numel())?;
+    dev.mul_fwd(&a.buf(), &b.buf(), B::buf_mut(&mut y))?;
+    Ok(output("mul", &[a, b], dev, a.shape().to_vec(), y, |out, _| {
+        let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
+        // da needs b, db needs a: save only what a wanted gradient reads.
+        let a_s = cb.is_some().then(|| Saved::new(a));
+        let b_s = ca.is_some().then(|| Saved::new(b));
+        let n = a.numel();
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            if let (Some(ca), Some(bs)) = (&ca, &b_s) {
+                launched("mul.bwd");
+                ca.accumulate(&dev, |da| {
+                    let mut tmp = zeros::<B, E>(&dev, n)?;
+                    dev.mul_fwd(B::buf(&g), &bs.t.buf(), B::buf_mut(&mut tmp))?;
+                    Ok(dev.scale_bwd(1.0, B::buf(&tmp), da)?)
+                })?;
+            }
+            if let (Some(cb), Some(as_)) = (&cb, &a_s) {
+                launched("mul.bwd");
+                cb.accumulate(&dev, |db| {
+                    let mut tmp = zeros::<B, E>(&dev, n)?;
+                    dev.mul_fwd(B::buf(&g), &as_.t.buf(), B::buf_mut(&mut tmp))?;
+                    Ok(dev.scale_bwd(1.0, B::buf(&tmp), db)?)
+                })?;
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// `s * a`.
+pub fn scale<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, s: f64) -> Result<Tensor<B, E>> {
+    let dev = a.device();
+    let mut y = zeros::<B, E>(dev, a.numel())?;
+    dev.scale_fwd(s, &a.buf(), B::buf_mut(&mut y))?;
+    Ok(output("scale", &[a], dev, a.shape().to_vec(), y, |out, _| {
+        let (ca, dev) = (a.cell().expect("recorded"), dev.clone());
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("scale.bwd");
+            ca.accumulate(&dev, |d| Ok(dev.scale_bwd(s, B::buf(&g), d)?))
+        })
+    }))
+}
+
+/// `x + bias` with `bias` (`[cols]`) added to every row of `x` (`[.., cols]`).
+pub fn add_bias<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, bias: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+    let cols = *x.shape().last().unwrap_or(&0);
+    same_shape("add_bias", "bias vs x's last dim", bias.shape(), &[cols])?;
+    let p = BiasParams::new(x.numel() / cols.max(1), cols);
+    let dev = x.device();
+    let mut y = zeros::<B, E>(dev, x.numel())?;
+    dev.add_bias_fwd(&p, &x.buf(), &bias.buf(), B::buf_mut(&mut y))?;
+    Ok(output("add_bias", &[x, bias], dev, x.shape().to_vec(), y, |out, _| {
+        let (cx, cb, dev) = (x.cell(), bias.cell(), dev.clone());
+        let n = x.numel();
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            match &cb {
+                Some(cb) => {
+                    launched("add_bias.bwd_bias");
+                    let mut sx = GradSlot::new(&*dev, &cx, n)?;
+                    cb.accumulate(&dev, |db| Ok(dev.add_bias_bwd(&p, B::buf(&g), sx.buf(), db)?))
+                }
+                None => {
+                    let cx = cx.as_ref().expect("recorded: x or bias needs a gradient");
+                    launched("add_bias.bwd_x");
+                    cx.accumulate(&dev, |dx| Ok(dev.scale_bwd(1.0, B::buf(&g), dx)?))
+                }
+            }
+        })
+    }))
+}
+
+/// Columns `off..off + width` of `x` (`[rows, cols]`, any leading dims) as `[.., width]`.
+pub fn slice_cols<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, off: usize, width: usize) -> Result<Tensor<B, E>> {
+    let cols = *x.shape().last().unwrap_or(&0);
+    let rows = x.numel() / cols.max(1);
+    let p = ColsParams::new(rows, cols, off, width);
+    let dev = x.device();
+    let mut y = zeros::<B, E>(dev, rows * width)?;
+    dev.slice_cols_fwd(&p, &x.buf(), B::buf_mut(&mut y))?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().ok_or_else(|| Error::Shape {
+        op: "slice_cols",
+        what: "x has no dims",
+        left: vec![],
+        right: vec![],
+    })? = width;
+    Ok(output("slice_cols", &[x], dev, shape, y, |out, _| {
+        let (cx, dev) = (x.cell().expect("recorded"), dev.clone());
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("slice_cols.bwd");
+            cx.accumulate(&dev, |dx| Ok(dev.slice_cols_bwd(&p, B::buf(&g), dx)?))
+        })
+    }))
+}
+
+/// Concatenate tensors `[.., w_i]` along the last dim (equal leading dims).
+pub fn concat_cols<B: Kernels<E>, E: Float>(xs: &[&Tensor<B, E>]) -> Result<Tensor<B, E>> {
+    let first =
+        xs.first().ok_or_else(|| Error::Shape { op: "concat_cols", what: "no inputs", left: vec![], right: vec![] })?;
+    let lead = &first.shape()[..first.shape().len().saturating_sub(1)];
+    let rows: usize = lead.iter().product();
+    let mut cols = 0;
+    for x in xs {
+        let s = x.shape();
+        same_shape("concat_cols", "leading dims", &s[..s.len().saturating_sub(1)], lead)?;
+        cols += s.last().copied().unwrap_or(0);
+    }
+    let dev = first.device();
+    let mut y = zeros::<B, E>(dev, rows * cols)?;
+    let mut params = Vec::with_capacity(xs.len());
+    let mut off = 0;
+    for x in xs {
+        let w = *x.shape().last().unwrap_or(&0);
+        let p = ColsParams::new(rows, cols, off, w);
+        dev.concat_cols_fwd(&p, &x.buf(), B::buf_mut(&mut y))?;
+        params.push(p);
+        off += w;
+    }
+    let mut shape = lead.to_vec();
+    shape.push(cols);
+    let inputs: Vec<&dyn Input> = xs.iter().map(|x| *x as &dyn Input).collect();
+    Ok(output("concat_cols", &inputs, dev, shape, y, |out, _| {
+        let cells: Vec<_> = xs.iter().map(|x| x.cell()).collect();
+        let dev = dev.clone();
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            for (c, p) in cells.iter().zip(&params) {
+                if let Some(c) = c {
+                    launched("concat_cols.bwd");
+                    c.accumulate(&dev, |dx| Ok(dev.concat_cols_bwd(p, B::buf(&g), dx)?))?;
+                }
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// Masked mean over the sequence (sentence-transformers' pooling): `x` `[batch, seq, hidden]`,
+/// `mask` `[batch, seq]` (1 = token) -> `[batch, hidden]`.
+pub fn mean_pool<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, mask: &Ints<B, u8>) -> Result<Tensor<B, E>> {
+    let [b, s, h] = *x.shape() else {
+        return Err(Error::Shape {
+            op: "mean_pool",
+            what: "x must be [batch, seq, hidden]",
+            left: x.shape().to_vec(),
+            right: vec![],
+        });
+    };
+    same_shape("mean_pool", "mask vs [batch, seq]", mask.shape(), &[b, s])?;
+    let p = PoolParams::new(b, s, h);
+    let dev = x.device();
+    let mut y = zeros::<B, E>(dev, b * h)?;
+    dev.sum_rows_masked_mean_fwd(&p, &x.buf(), mask.buf(), B::buf_mut(&mut y))?;
+    Ok(output("mean_pool", &[x], dev, vec![b, h], y, |out, _| {
+        let (cx, dev, mask) = (x.cell().expect("recorded"), dev.clone(), mask.clone());
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("mean_pool.bwd");
+            cx.accumulate(&dev, |dx| Ok(dev.sum_rows_masked_mean_bwd(&p, mask.buf(), B::buf(&g), dx)?))
+        })
+    }))
+}
