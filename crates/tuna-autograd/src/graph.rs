@@ -142,7 +142,9 @@ impl<T> SavedBuf<T> {
     }
 }
 
-/// A tensor kept for the backward pass, counted in [`stats::Stats::saved_bytes`] until dropped.
+/// A tensor kept for the backward pass. An activation (an op's output) is counted in
+/// [`stats::Stats::saved_bytes`] until dropped; a leaf (a weight, an input) is not, since it
+/// lives on whether or not a backward keeps it.
 pub(crate) struct Saved<B: Alloc<E>, E: Elem> {
     pub(crate) t: Tensor<B, E>,
     _bytes: SavedBytes,
@@ -150,7 +152,7 @@ pub(crate) struct Saved<B: Alloc<E>, E: Elem> {
 
 impl<B: Alloc<E> + 'static, E: Elem> Saved<B, E> {
     pub(crate) fn new(t: &Tensor<B, E>) -> Self {
-        Saved { t: t.clone(), _bytes: SavedBytes::new(t.bytes()) }
+        Saved { t: t.clone(), _bytes: SavedBytes::new(if t.is_leaf() { 0 } else { t.bytes() }) }
     }
 }
 

@@ -9,7 +9,9 @@ pub mod act;
 pub mod attention;
 pub mod elem;
 pub mod embed;
+pub mod linear;
 pub mod loss;
+pub mod norm;
 pub mod rope;
 pub mod shape;
 
@@ -21,6 +23,9 @@ use tuna_kernels::ops::elementwise::ElementwiseKernel;
 use tuna_kernels::ops::embedding::EmbeddingKernel;
 use tuna_kernels::ops::gelu::GeluKernel;
 use tuna_kernels::ops::grad::GradKernel;
+use tuna_kernels::ops::layernorm::LayerNormKernel;
+use tuna_kernels::ops::matmul::MatmulKernel;
+use tuna_kernels::ops::rmsnorm::RmsNormKernel;
 use tuna_kernels::ops::rope::RopeKernel;
 use tuna_kernels::ops::swiglu::SwigluKernel;
 use tuna_kernels::Alloc;
@@ -38,6 +43,9 @@ pub trait Kernels<E: Float>:
     + EmbeddingKernel<E>
     + GeluKernel<E>
     + GradKernel<E>
+    + LayerNormKernel<E>
+    + MatmulKernel<E>
+    + RmsNormKernel<E>
     + RopeKernel<E>
     + SwigluKernel<E>
     + 'static
@@ -55,6 +63,12 @@ impl<B, E: Float> Kernels<E> for B where
         + EmbeddingKernel<E>
         + GeluKernel<E>
         + GradKernel<E>
+        + LayerNormKernel<E>
+        + MatmulKernel<E>
+        + RmsNormKernel<E>
+    + LayerNormKernel<E>
+    + MatmulKernel<E>
+    + RmsNormKernel<E>
         + RopeKernel<E>
         + SwigluKernel<E>
         + 'static

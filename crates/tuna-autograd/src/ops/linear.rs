@@ -1,0 +1,88 @@
+//! Matrix products: `matmul` and the `linear` layer built on it. A frozen weight costs no `dW`
+//! product, and its input is not kept for one.
+
+use super::elem::add_bias;
+use super::{zeros, Kernels};
+use crate::error::{Error, Result};
+use crate::graph::{launched, output, Saved};
+use crate::tensor::{Float, Tensor};
+pub use tuna_kernels::ops::matmul::MatmulParams;
+
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[out, in]`: PyTorch's `nn.Linear` (BERT, Llama).
+    OutIn,
+    /// `[in, out]`: GPT-2's `Conv1D`.
+    InOut,
+}
+
+/// `alpha * op(a) op(b)` as `[m, n]`, the operands' buffers read as `p` says (their own shapes
+/// only need the right element counts). Backward kinds: `matmul.dA`, `matmul.dB`.
+pub fn matmul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>, p: MatmulParams) -> Result<Tensor<B, E>> {
+    product(a, b, p, vec![p.m, p.n], ("matmul.dA", "matmul.dB"))
+}
+
+/// `x W^T (+ bias)` over the last dim of `x` (`[.., in] -> [.., out]`). Backward kinds:
+/// `linear.dX` and `linear.dW` (and `add_bias.*` for the bias).
+pub fn linear<B: Kernels<E>, E: Float>(
+    x: &Tensor<B, E>,
+    w: &Tensor<B, E>,
+    layout: WeightLayout,
+    bias: Option<&Tensor<B, E>>,
+) -> Result<Tensor<B, E>> {
+    let [r, c] = *w.shape() else {
+        return Err(Error::Shape { op: "linear", what: "weight must be 2-D", left: w.shape().to_vec(), right: vec![] });
+    };
+    let (out, inp) = match layout {
+        WeightLayout::OutIn => (r, c),
+        WeightLayout::InOut => (c, r),
+    };
+    let k = *x.shape().last().unwrap_or(&0);
+    if k != inp {
+        return Err(Error::Shape { op: "linear", what: "x's last dim vs the weight's input dim", left: x.shape().to_vec(), right: w.shape().to_vec() });
+    }
+    let m = x.numel() / inp.max(1);
+    let p = MatmulParams { trans_b: layout == WeightLayout::OutIn, ..MatmulParams::new(m, out, inp) };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("checked non-empty") = out;
+    let y = product(x, w, p, shape, ("linear.dX", "linear.dW"))?;
+    match bias {
+        Some(b) => add_bias(&y, b),
+        None => Ok(y),
+    }
+}
+
+fn product<B: Kernels<E>, E: Float>(
+    a: &Tensor<B, E>,
+    b: &Tensor<B, E>,
+    p: MatmulParams,
+    shape: Vec<usize>,
+    kinds: (&'static str, &'static str),
+) -> Result<Tensor<B, E>> {
+    if a.numel() != p.m * p.k || b.numel() != p.k * p.n {
+        return Err(Error::Shape { op: "matmul", what: "operand sizes vs m*k and k*n", left: a.shape().to_vec(), right: b.shape().to_vec() });
+    }
+    let dev = a.device();
+    let mut c = zeros::<B, E>(dev, p.m * p.n)?;
+    dev.matmul_fwd(&MatmulParams { accumulate: false, ..p }, &a.buf(), &b.buf(), B::buf_mut(&mut c))?;
+    Ok(output("matmul", &[a, b], dev, shape, c, |out, _| {
+        let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
+        // dA needs B, dB needs A: keep only what a wanted gradient reads.
+        let a_s = cb.is_some().then(|| Saved::new(a));
+        let b_s = ca.is_some().then(|| Saved::new(b));
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            let (ab, bb) = (a_s.as_ref().map(|s| s.t.buf()), b_s.as_ref().map(|s| s.t.buf()));
+            if let Some(ca) = &ca {
+                launched(kinds.0);
+                ca.accumulate(&dev, |da| Ok(dev.matmul_bwd(&p, None, bb.as_deref(), B::buf(&g), Some(da), None)?))?;
+            }
+            if let Some(cb) = &cb {
+                launched(kinds.1);
+                cb.accumulate(&dev, |db| Ok(dev.matmul_bwd(&p, ab.as_deref(), None, B::buf(&g), None, Some(db))?))?;
+            }
+            Ok(())
+        })
+    }))
+}

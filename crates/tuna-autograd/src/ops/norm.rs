@@ -1,0 +1,86 @@
+//! LayerNorm and RMSNorm over the last dim. Frozen weights get no parameter-gradient kernel.
+
+use super::{zeros, GradSlot, Kernels};
+use crate::error::{same_shape, Result};
+use crate::graph::{launched, output, Saved, SavedBuf};
+use crate::tensor::{Float, Tensor};
+use tuna_kernels::ops::layernorm::LayerNormParams;
+use tuna_kernels::ops::rmsnorm::RmsNormParams;
+
+fn rows_dim<B: Kernels<E>, E: Float>(op: &'static str, x: &Tensor<B, E>, gamma: &Tensor<B, E>) -> Result<(usize, usize)> {
+    let dim = *x.shape().last().unwrap_or(&0);
+    same_shape(op, "gamma vs x's last dim", gamma.shape(), &[dim])?;
+    Ok((x.numel() / dim.max(1), dim))
+}
+
+/// `(x - mean) / sqrt(var + eps) * gamma + beta` per row.
+pub fn layernorm<B: Kernels<E>, E: Float>(
+    x: &Tensor<B, E>,
+    gamma: &Tensor<B, E>,
+    beta: &Tensor<B, E>,
+    eps: f32,
+) -> Result<Tensor<B, E>> {
+    let (rows, dim) = rows_dim("layernorm", x, gamma)?;
+    same_shape("layernorm", "beta vs gamma", beta.shape(), gamma.shape())?;
+    let p = LayerNormParams::new(rows, dim, eps);
+    let dev = x.device();
+    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let (mut mean, mut rstd) = (zeros::<B, E>(dev, rows)?, zeros::<B, E>(dev, rows)?);
+    dev.layernorm_fwd(&p, &x.buf(), &gamma.buf(), &beta.buf(), B::buf_mut(&mut y), B::buf_mut(&mut mean), B::buf_mut(&mut rstd))?;
+    Ok(output("layernorm", &[x, gamma, beta], dev, x.shape().to_vec(), y, |out, _| {
+        let (xs, gs) = (Saved::new(x), Saved::new(gamma));
+        let stats = SavedBuf::new((mean, rstd), 2 * rows * std::mem::size_of::<E>());
+        let (cx, cg, cb, dev) = (x.cell(), gamma.cell(), beta.cell(), dev.clone());
+        let n = x.numel();
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("layernorm.bwd");
+            if cg.is_some() || cb.is_some() {
+                launched("layernorm.dW");
+            }
+            let mut sx = GradSlot::new(&*dev, &cx, n)?;
+            let mut dg = cg.as_ref().map(|c| c.buf.borrow_mut());
+            let mut db = cb.as_ref().map(|c| c.buf.borrow_mut());
+            let dgamma = match dg.as_mut() {
+                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
+                None => None,
+            };
+            let dbeta = match db.as_mut() {
+                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
+                None => None,
+            };
+            let (mean, rstd) = &stats.buf;
+            Ok(dev.layernorm_bwd(&p, &xs.t.buf(), &gs.t.buf(), B::buf(mean), B::buf(rstd), B::buf(&g), sx.buf(), dgamma, dbeta)?)
+        })
+    }))
+}
+
+/// `x / sqrt(mean(x^2) + eps) * gamma` per row (Llama).
+pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, eps: f32) -> Result<Tensor<B, E>> {
+    let (rows, dim) = rows_dim("rmsnorm", x, gamma)?;
+    let p = RmsNormParams::new(rows, dim, eps);
+    let dev = x.device();
+    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let mut rstd = zeros::<B, E>(dev, rows)?;
+    dev.rmsnorm_fwd(&p, &x.buf(), &gamma.buf(), B::buf_mut(&mut y), B::buf_mut(&mut rstd))?;
+    Ok(output("rmsnorm", &[x, gamma], dev, x.shape().to_vec(), y, |out, _| {
+        let (xs, gs) = (Saved::new(x), Saved::new(gamma));
+        let rstd = SavedBuf::new(rstd, rows * std::mem::size_of::<E>());
+        let (cx, cg, dev) = (x.cell(), gamma.cell(), dev.clone());
+        let n = x.numel();
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("rmsnorm.bwd");
+            if cg.is_some() {
+                launched("rmsnorm.dW");
+            }
+            let mut sx = GradSlot::new(&*dev, &cx, n)?;
+            let mut dg = cg.as_ref().map(|c| c.buf.borrow_mut());
+            let dgamma = match dg.as_mut() {
+                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
+                None => None,
+            };
+            Ok(dev.rmsnorm_bwd(&p, &xs.t.buf(), &gs.t.buf(), B::buf(&rstd.buf), B::buf(&g), sx.buf(), dgamma)?)
+        })
+    }))
+}
