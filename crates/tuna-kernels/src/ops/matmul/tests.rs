@@ -140,8 +140,11 @@ fn cpu_f64_matches_f64_reference() {
     }
 }
 
+/// Operands `(a, b, dc)` and their f64 reference gradients `(dA, dB)`.
+type Case = ((Vec<f32>, Vec<f32>, Vec<f32>), (Vec<f64>, Vec<f64>));
+
 /// Random `(a, b, dc)` for `p`, and their f64 reference gradients `(dA, dB)`.
-fn case(rng: &mut Rng, p: &MatmulParams) -> ((Vec<f32>, Vec<f32>, Vec<f32>), (Vec<f64>, Vec<f64>)) {
+fn case(rng: &mut Rng, p: &MatmulParams) -> Case {
     let (a, b, dc) = (rng.vec(p.m * p.k, -1.0, 1.0), rng.vec(p.k * p.n, -1.0, 1.0), rng.vec(p.m * p.n, -1.0, 1.0));
     let f = crate::testing::to_f64;
     let grads = ref_bwd(p, &f(&a), &f(&b), &f(&dc));
