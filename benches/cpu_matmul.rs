@@ -54,7 +54,7 @@ fn main() {
         let mut c = vec![0.0; m * n];
         let (mut da, mut db) = (vec![0.0; m * k], vec![0.0; n * k]);
         let fwd = time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
-        let bwd = time(|| Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap());
+        let bwd = time(|| Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap());
         for (what, secs, flops) in [("fwd", fwd, p.flops()), ("bwd dX+dW", bwd, 2.0 * p.flops())] {
             let g = flops / secs / 1e9;
             println!("| {name} | {what} | {m} x {n} x {k} | {:.2} | {g:.1} | {:.0}% |", secs * 1e3, 100.0 * g / peak);

@@ -22,8 +22,8 @@ fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], beta: &[F], eps: F, y: &mut [F]) -
     (mean, rstd)
 }
 
-/// One row of the backward: `dx += ...`, `dgamma += dy*xhat`, `dbeta += dy`.
-fn bwd_row<F: CpuFloat>(x: &[F], gamma: &[F], mean: F, rstd: F, dy: &[F], dx: &mut [F], dg: &mut [F], db: &mut [F]) {
+/// One row of the input gradient: `dx += rstd * (g - mean(g) - xhat*mean(g*xhat))`.
+fn dx_row<F: CpuFloat>(x: &[F], gamma: &[F], mean: F, rstd: F, dy: &[F], dx: &mut [F]) {
     let n = F::c(x.len() as f64);
     let (mut sg, mut sgx) = (F::zero(), F::zero());
     for ((&x, &g), &dy) in x.iter().zip(gamma).zip(dy) {
@@ -35,8 +35,17 @@ fn bwd_row<F: CpuFloat>(x: &[F], gamma: &[F], mean: F, rstd: F, dy: &[F], dx: &m
     for i in 0..x.len() {
         let xh = (x[i] - mean) * rstd;
         dx[i] += rstd * (dy[i] * gamma[i] - mg - xh * mgx);
-        dg[i] += dy[i] * xh;
-        db[i] += dy[i];
+    }
+}
+
+/// One row of the parameter gradients: `dg += dy*xhat`, `db += dy`; an empty `dg` or `db` (a
+/// gradient not asked for) is skipped.
+fn param_row<F: CpuFloat>(x: &[F], mean: F, rstd: F, dy: &[F], dg: &mut [F], db: &mut [F]) {
+    for ((g, &x), &dy) in dg.iter_mut().zip(x).zip(dy) {
+        *g += dy * ((x - mean) * rstd);
+    }
+    for (b, &dy) in db.iter_mut().zip(dy) {
+        *b += dy;
     }
 }
 
@@ -75,32 +84,50 @@ impl<F: CpuFloat<Acc = F>> LayerNormKernel<F> for Cpu {
         rstd: &[F],
         dy: &[F],
         dx: &mut [F],
-        dgamma: &mut [F],
-        dbeta: &mut [F],
+        dgamma: Option<&mut [F]>,
+        dbeta: Option<&mut [F]>,
     ) -> Result<()> {
         use Extent::*;
         let ins = [("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("mean", Rows, mean.len())];
         check(p, &ins)?;
         check(p, &[("rstd", Rows, rstd.len()), ("dy", Full, dy.len()), ("dx", Full, dx.len())])?;
-        check(p, &[("dgamma", Dim, dgamma.len()), ("dbeta", Dim, dbeta.len())])?;
+        let (lg, lb) = (dgamma.as_deref().map_or(0, <[F]>::len), dbeta.as_deref().map_or(0, <[F]>::len));
+        if dgamma.is_some() {
+            check(p, &[("dgamma", Dim, lg)])?;
+        }
+        if dbeta.is_some() {
+            check(p, &[("dbeta", Dim, lb)])?;
+        }
         let d = p.dim as usize;
+        if dgamma.is_none() && dbeta.is_none() {
+            // frozen gamma and beta: dx only, no partial sums
+            dx.par_chunks_mut(d)
+                .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+                .zip(mean.par_iter().zip(rstd))
+                .for_each(|((dx, (x, dy)), (&m, &r))| dx_row(x, gamma, m, r, dy, dx));
+            return Ok(());
+        }
         let rows = (CHUNK_ELEMS / d).max(1);
+        // per-chunk partials, empty for a gradient not asked for
         let partials: Vec<(Vec<F>, Vec<F>)> = dx
             .par_chunks_mut(rows * d)
             .zip(x.par_chunks(rows * d).zip(dy.par_chunks(rows * d)))
             .zip(mean.par_chunks(rows).zip(rstd.par_chunks(rows)))
             .map(|((dx, (x, dy)), (mean, rstd))| {
-                let (mut dg, mut db) = (vec![F::zero(); d], vec![F::zero(); d]);
+                let (mut dg, mut db) = (vec![F::zero(); lg], vec![F::zero(); lb]);
                 for r in 0..mean.len() {
                     let s = r * d..(r + 1) * d;
-                    bwd_row(&x[s.clone()], gamma, mean[r], rstd[r], &dy[s.clone()], &mut dx[s], &mut dg, &mut db);
+                    dx_row(&x[s.clone()], gamma, mean[r], rstd[r], &dy[s.clone()], &mut dx[s.clone()]);
+                    param_row(&x[s.clone()], mean[r], rstd[r], &dy[s], &mut dg, &mut db);
                 }
                 (dg, db)
             })
             .collect();
-        for (dg, db) in &partials {
-            dgamma.iter_mut().zip(dg).for_each(|(a, &b)| *a += b);
-            dbeta.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
+        if let Some(dgamma) = dgamma {
+            partials.iter().for_each(|(dg, _)| dgamma.iter_mut().zip(dg).for_each(|(a, &b)| *a += b));
+        }
+        if let Some(dbeta) = dbeta {
+            partials.iter().for_each(|(_, db)| dbeta.iter_mut().zip(db).for_each(|(a, &b)| *a += b));
         }
         Ok(())
     }

@@ -74,13 +74,18 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
         rstd: &CudaSlice<f32>,
         dy: &CudaSlice<E>,
         dx: &mut CudaSlice<E>,
-        dgamma: &mut CudaSlice<f32>,
-        dbeta: &mut CudaSlice<f32>,
+        dgamma: Option<&mut CudaSlice<f32>>,
+        dbeta: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         use Extent::*;
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("mean", Rows, mean.len())])?;
         check(p, &[("rstd", Rows, rstd.len()), ("dy", Full, dy.len()), ("dx", Full, dx.len())])?;
-        check(p, &[("dgamma", Dim, dgamma.len()), ("dbeta", Dim, dbeta.len())])?;
+        if let Some(g) = dgamma.as_deref() {
+            check(p, &[("dgamma", Dim, g.len())])?;
+        }
+        if let Some(b) = dbeta.as_deref() {
+            check(p, &[("dbeta", Dim, b.len())])?;
+        }
         if p.rows == 0 {
             return Ok(());
         }
@@ -91,7 +96,11 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
         // SAFETY: arguments match layernorm_bwd_<variant>_<E>(LayerNormParams, const T* x, gamma,
         // const float* mean, rstd, const T* dy, T* dx); lengths checked against p above.
         unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("layernorm_bwd", e))?;
+        if dgamma.is_none() && dbeta.is_none() {
+            return Ok(()); // frozen gamma and beta: no partials, no reduction
+        }
 
+        // The partials kernel writes both; a gradient not asked for only fills scratch.
         let (chunk_rows, chunks) = param_chunks(p.rows);
         let mut part_g = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
         let mut part_b = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
@@ -105,6 +114,7 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
 
         let f = self.function("layernorm", &symbol::<f32>("layernorm", "bwd_reduce"))?;
         for (part, grad) in [(&part_g, dgamma), (&part_b, dbeta)] {
+            let Some(grad) = grad else { continue };
             let mut b = self.stream().launch_builder(&f);
             b.arg(p).arg(&chunks).arg(part).arg(grad);
             // SAFETY: arguments match layernorm_bwd_reduce_f32(LayerNormParams, u32 chunks, const float*

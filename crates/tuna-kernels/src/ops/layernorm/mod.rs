@@ -10,9 +10,14 @@
 //!   `dx += rstd * (g - mean(g) - xhat*mean(g*xhat))`, `dgamma += sum_rows dy*xhat`,
 //!   `dbeta += sum_rows dy`.
 //!
+//! `dgamma` and `dbeta` are each optional (a frozen parameter): with both `None` no
+//! parameter-gradient work runs at all (CPU: no partial sums; CUDA: no partials or reduction
+//! launch); with one `None` only the other is reduced.
+//!
 //! On CUDA, `dim <= 1024` runs one warp per row and larger dims one block per row; dgamma and
 //! dbeta are reduced without atomics (per-chunk partials in a scratch buffer, then a reduction
-//! kernel), so results are bitwise reproducible.
+//! kernel), so results are bitwise reproducible. The partials kernel computes both partials, so
+//! with only one gradient asked for the other's partials go to scratch and are not reduced.
 
 mod cpu;
 mod cuda;
@@ -68,7 +73,8 @@ pub trait LayerNormKernel<E: Elem>: Backend {
         mean: &mut Self::Buf<E::Acc>,
         rstd: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
-    /// Accumulates into `dx`, `dgamma` and `dbeta` the gradients of `sum(y * dy)`.
+    /// Accumulates into `dx`, and into `dgamma` and `dbeta` where given, the gradients of
+    /// `sum(y * dy)`. A `None` parameter gradient is not computed.
     fn layernorm_bwd(
         &self,
         p: &LayerNormParams,
@@ -78,8 +84,8 @@ pub trait LayerNormKernel<E: Elem>: Backend {
         rstd: &Self::Buf<E::Acc>,
         dy: &Self::Buf<E>,
         dx: &mut Self::Buf<E>,
-        dgamma: &mut Self::Buf<E::Acc>,
-        dbeta: &mut Self::Buf<E::Acc>,
+        dgamma: Option<&mut Self::Buf<E::Acc>>,
+        dbeta: Option<&mut Self::Buf<E::Acc>>,
     ) -> Result<()>;
 }
 

@@ -2,6 +2,7 @@
 //! and CUDA against CPU for both row-kernel configurations, f32 and bf16.
 
 use super::*;
+use crate::backend::CpuFloat;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
 use crate::{Cpu, Cuda};
@@ -97,7 +98,7 @@ fn cpu_matches_f64_reference() {
 
         // backward accumulates: start every gradient nonzero
         let (mut dx, mut dg, mut db) = (vec![0.25; rows * dim], vec![0.5; dim], vec![-0.5; dim]);
-        Cpu.layernorm_bwd(&p, &x, &g, &mean, &rstd, &dy, &mut dx, &mut dg, &mut db).unwrap();
+        Cpu.layernorm_bwd(&p, &x, &g, &mean, &rstd, &dy, &mut dx, Some(&mut dg), Some(&mut db)).unwrap();
         let (wdx, wdg, wdb) = ref_bwd(&f64s(&x), &f64s(&g), &f64s(&dy), dim, eps as f64);
         let plus = |w: Vec<f64>, c: f64| w.into_iter().map(|v| v + c).collect::<Vec<_>>();
         Tol::F32.assert_close(&format!("{what} dx"), &dx, &plus(wdx, 0.25));
@@ -124,13 +125,51 @@ fn cpu_f64_matches_f64_reference() {
         Tol::F64.assert_close(&format!("{what} rstd"), &rstd, &wr);
 
         let (mut dx, mut dg, mut db) = (vec![0.25f64; rows * dim], vec![0.5f64; dim], vec![-0.5f64; dim]);
-        Cpu.layernorm_bwd(&p, &x, &g, &mean, &rstd, &dy, &mut dx, &mut dg, &mut db).unwrap();
+        Cpu.layernorm_bwd(&p, &x, &g, &mean, &rstd, &dy, &mut dx, Some(&mut dg), Some(&mut db)).unwrap();
         let (wdx, wdg, wdb) = ref_bwd(&x, &g, &dy, dim, eps as f64);
         let plus = |w: Vec<f64>, c: f64| w.into_iter().map(|v| v + c).collect::<Vec<_>>();
         Tol::F64.assert_close(&format!("{what} dx"), &dx, &plus(wdx, 0.25));
         Tol::F64.assert_close(&format!("{what} dgamma"), &dg, &plus(wdg, 0.5));
         Tol::F64.assert_close(&format!("{what} dbeta"), &db, &plus(wdb, -0.5));
     }
+}
+
+/// Which parameter gradients a backward asks for: (dgamma, dbeta).
+const SUBSETS: [(bool, bool); 4] = [(true, true), (false, false), (true, false), (false, true)];
+
+/// Each subset of {dgamma, dbeta} in `F`: dx is bitwise the full call's (the frozen path runs
+/// the same row arithmetic), the gradients asked for match the reference (accumulating), and
+/// those not asked for are untouched.
+fn cpu_subsets<F: CpuFloat<Acc = F>>(tol: Tol, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let fv = |v: &[f32]| v.iter().map(|&a| F::c(a as f64)).collect::<Vec<F>>();
+    for (rows, dim, eps) in [(37, 1, 1e-5), (64, 769, 1e-5), (5, 2077, 1e-12)] {
+        let p = LayerNormParams::new(rows, dim, eps);
+        let (x, g, b, dy) = inputs(&mut rng, rows, dim);
+        let (x, g, b, dy) = (fv(&x), fv(&g), fv(&b), fv(&dy));
+        let (mut y, mut mean, mut rstd) = (fv(&vec![0.0; rows * dim]), fv(&vec![0.0; rows]), fv(&vec![0.0; rows]));
+        Cpu.layernorm_fwd(&p, &x, &g, &b, &mut y, &mut mean, &mut rstd).unwrap();
+        let w = |v: &[F]| v.iter().map(|&a| a.into()).collect::<Vec<f64>>();
+        let (_, wdg, wdb) = ref_bwd(&w(&x), &w(&g), &w(&dy), dim, eps as f64);
+        let mut full_dx = None;
+        for (want_g, want_b) in SUBSETS {
+            let (mut dx, mut dg, mut db) = (fv(&vec![0.25; rows * dim]), fv(&vec![0.5; dim]), fv(&vec![-0.5; dim]));
+            let (og, ob) = (want_g.then_some(&mut dg[..]), want_b.then_some(&mut db[..]));
+            Cpu.layernorm_bwd(&p, &x, &g, &mean, &rstd, &dy, &mut dx, og, ob).unwrap();
+            let what = format!("layernorm {} [{rows}, {dim}] dgamma {want_g} dbeta {want_b}", F::NAME);
+            let dx = w(&dx);
+            assert!(full_dx.get_or_insert_with(|| dx.clone()) == &dx, "{what}: dx differs from the full call");
+            let expect = |on: bool, r: &[f64], c: f64| r.iter().map(|v| if on { v + c } else { c }).collect::<Vec<_>>();
+            tol.assert_close(&format!("{what} dgamma"), &w(&dg), &expect(want_g, &wdg, 0.5));
+            tol.assert_close(&format!("{what} dbeta"), &w(&db), &expect(want_b, &wdb, -0.5));
+        }
+    }
+}
+
+#[test]
+fn cpu_optional_param_grads() {
+    cpu_subsets::<f32>(Tol::F32, 15);
+    cpu_subsets::<f64>(Tol::F64, 16);
 }
 
 #[test]
@@ -142,8 +181,12 @@ fn shape_mismatch_is_an_error() {
     let e = Cpu.layernorm_fwd(&p, &x, &[1.0; 3], &[0.0; 3], &mut y, &mut m, &mut [0.0; 3]).unwrap_err();
     assert!(e.to_string().contains("`rstd`"), "{e}");
     let (mut dx, mut dg) = (vec![0.0; 6], vec![0.0; 3]);
-    let e = Cpu.layernorm_bwd(&p, &x, &[1.0; 3], &m, &r, &x, &mut dx, &mut dg, &mut [0.0; 2]).unwrap_err();
+    let e = Cpu.layernorm_bwd(&p, &x, &[1.0; 3], &m, &r, &x, &mut dx, Some(&mut dg), Some(&mut [0.0; 2])).unwrap_err();
     assert!(e.to_string().contains("`dbeta`"), "{e}");
+    let e = Cpu.layernorm_bwd(&p, &x, &[1.0; 3], &m, &r, &x, &mut dx, None, Some(&mut [0.0; 2])).unwrap_err();
+    assert!(e.to_string().contains("`dbeta`"), "{e}");
+    let e = Cpu.layernorm_bwd(&p, &x, &[1.0; 3], &m, &r, &x, &mut dx, Some(&mut [0.0; 4]), None).unwrap_err();
+    assert!(e.to_string().contains("`dgamma`"), "{e}");
     let bad = LayerNormParams::new(2, 0, 1e-5);
     let e = LayerNormKernel::<f32>::layernorm_fwd(&Cpu, &bad, &[], &[], &[], &mut [], &mut m, &mut r).unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e}");
@@ -159,7 +202,16 @@ struct Outs {
     db: Vec<f32>,
 }
 
-fn run_cuda<E: CudaElem>(dev: &Cuda, p: &LayerNormParams, x: &[f32], g: &[f32], b: &[f32], dy: &[f32]) -> Outs
+/// `want`: which of (dgamma, dbeta) the backward asks for; the others keep their start values.
+fn run_cuda<E: CudaElem>(
+    dev: &Cuda,
+    p: &LayerNormParams,
+    want: (bool, bool),
+    x: &[f32],
+    g: &[f32],
+    b: &[f32],
+    dy: &[f32],
+) -> Outs
 where
     Cuda: LayerNormKernel<E>,
 {
@@ -172,7 +224,8 @@ where
     dev.layernorm_fwd(p, &xd, &gd, &bd, &mut yd, &mut md, &mut rd).unwrap();
     let mut dxd = up(&vec![0.25; rows * dim]);
     let (mut dgd, mut dbd) = (dev.upload(&vec![0.5f32; dim]).unwrap(), dev.upload(&vec![-0.5f32; dim]).unwrap());
-    dev.layernorm_bwd(p, &xd, &gd, &md, &rd, &dyd, &mut dxd, &mut dgd, &mut dbd).unwrap();
+    dev.layernorm_bwd(p, &xd, &gd, &md, &rd, &dyd, &mut dxd, want.0.then_some(&mut dgd), want.1.then_some(&mut dbd))
+        .unwrap();
     Outs {
         y: down(&yd),
         mean: dev.download(&md).unwrap(),
@@ -183,12 +236,13 @@ where
     }
 }
 
-fn run_cpu(p: &LayerNormParams, x: &[f32], g: &[f32], b: &[f32], dy: &[f32]) -> Outs {
+fn run_cpu(p: &LayerNormParams, want: (bool, bool), x: &[f32], g: &[f32], b: &[f32], dy: &[f32]) -> Outs {
     let (rows, dim) = (p.rows as usize, p.dim as usize);
     let (mut y, mut mean, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
     Cpu.layernorm_fwd(p, x, g, b, &mut y, &mut mean, &mut rstd).unwrap();
     let (mut dx, mut dg, mut db) = (vec![0.25; rows * dim], vec![0.5; dim], vec![-0.5; dim]);
-    Cpu.layernorm_bwd(p, x, g, &mean, &rstd, dy, &mut dx, &mut dg, &mut db).unwrap();
+    let (og, ob) = (want.0.then_some(&mut dg[..]), want.1.then_some(&mut db[..]));
+    Cpu.layernorm_bwd(p, x, g, &mean, &rstd, dy, &mut dx, og, ob).unwrap();
     Outs { y, mean, rstd, dx, dg, db }
 }
 
@@ -201,7 +255,7 @@ fn compare(what: &str, act: Tol, params: Tol, got: &Outs, want: &Outs) {
     params.assert_close(&format!("{what} dbeta"), &got.db, &want.db);
 }
 
-/// CUDA against CPU, f32 and bf16, at each `(rows, dim, eps)`.
+/// CUDA against CPU, f32 and bf16, for every subset of parameter gradients, at each `(rows, dim, eps)`.
 fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
     let Some(dev) = cuda_or_skip(test) else { return };
     let mut rng = Rng::new(seed);
@@ -210,12 +264,17 @@ fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
         // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.
         let params = if rows > 10_000 { Tol::new("cuda-f32 33k-row sums", 2e-3, 1e-3) } else { Tol::CUDA_F32 };
         let (x, g, b, dy) = inputs(&mut rng, rows, dim);
-        let what = format!("layernorm cuda [{rows}, {dim}]");
-        let want = run_cpu(&p, &x, &g, &b, &dy);
-        compare(&format!("{what} f32"), Tol::CUDA_F32, params, &run_cuda::<f32>(&dev, &p, &x, &g, &b, &dy), &want);
-        let (x, g, b, dy) = (round_bf16(&x), round_bf16(&g), round_bf16(&b), round_bf16(&dy));
-        let want = run_cpu(&p, &x, &g, &b, &dy);
-        compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &run_cuda::<bf16>(&dev, &p, &x, &g, &b, &dy), &want);
+        let (xb, gb, bb, dyb) = (round_bf16(&x), round_bf16(&g), round_bf16(&b), round_bf16(&dy));
+        // every subset of parameter gradients, including none (frozen gamma and beta)
+        for want in SUBSETS {
+            let what = format!("layernorm cuda [{rows}, {dim}] grads {want:?}");
+            let cpu = run_cpu(&p, want, &x, &g, &b, &dy);
+            let got = run_cuda::<f32>(&dev, &p, want, &x, &g, &b, &dy);
+            compare(&format!("{what} f32"), Tol::CUDA_F32, params, &got, &cpu);
+            let cpu = run_cpu(&p, want, &xb, &gb, &bb, &dyb);
+            let got = run_cuda::<bf16>(&dev, &p, want, &xb, &gb, &bb, &dyb);
+            compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &got, &cpu);
+        }
     }
 }
 

@@ -2,9 +2,9 @@
 //! rayon across both threads), generic over f32 and f64 ([`CpuFloat`]; `gemm` dispatches on the
 //! type to its f32 or f64 microkernels).
 
-use super::{check, MatmulKernel, MatmulParams, Operand, Product, View};
+use super::{check, check_bwd, pick, MatmulKernel, MatmulParams, Product, View};
 use crate::backend::{Cpu, CpuFloat};
-use crate::error::{check_len, Result};
+use crate::error::Result;
 
 /// `dst[rows, cols] = beta_dst * dst + alpha * x y`, all row-major except as the views say.
 /// `accumulate` keeps `dst`; otherwise it is overwritten.
@@ -66,28 +66,24 @@ impl<F: CpuFloat<Acc = F>> MatmulKernel<F> for Cpu {
     fn matmul_bwd(
         &self,
         p: &MatmulParams,
-        a: &[F],
-        b: &[F],
+        a: Option<&[F]>,
+        b: Option<&[F]>,
         dc: &[F],
         da: Option<&mut [F]>,
         db: Option<&mut [F]>,
     ) -> Result<()> {
-        check(p, a.len(), b.len(), dc.len())?;
-        let pick = |o: Operand| match o {
-            Operand::A => a,
-            Operand::B => b,
-            Operand::DC => dc,
-        };
-        let run = |dst: &mut [F], pr: Product| {
-            gemm_views(dst, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), F::c(p.alpha as f64), true, true)
+        let len = |x: Option<&[F]>| x.map(<[F]>::len);
+        check_bwd(p, len(a), len(b), dc.len(), len(da.as_deref()), len(db.as_deref()))?;
+        let run = |dst: &mut [F], pr: Product| -> Result<()> {
+            let (x, y) = (pick(pr.x.0, a, b, dc)?, pick(pr.y.0, a, b, dc)?);
+            gemm_views(dst, (x, pr.x.1), (y, pr.y.1), F::c(p.alpha as f64), true, true);
+            Ok(())
         };
         if let Some(da) = da {
-            check_len("matmul", "da", da.len(), p.m * p.k, || "same as a".into())?;
-            run(da, p.grad_a());
+            run(da, p.grad_a())?;
         }
         if let Some(db) = db {
-            check_len("matmul", "db", db.len(), p.k * p.n, || "same as b".into())?;
-            run(db, p.grad_b());
+            run(db, p.grad_b())?;
         }
         Ok(())
     }

@@ -1,10 +1,10 @@
 //! Matmul on CUDA through cuBLAS `cublasGemmEx`: f32 or bf16 operands, f32 or E output, fp32
 //! compute (`CUBLAS_COMPUTE_32F`, no TF32, so f32 results track the CPU closely).
 
-use super::{check, MatmulKernel, MatmulParams, Operand, View};
+use super::{check, check_bwd, pick, MatmulKernel, MatmulParams, View};
 use crate::backend::Elem;
 use crate::cuda::{Cuda, CudaElem};
-use crate::error::{check_len, Error, Result};
+use crate::error::{Error, Result};
 use cudarc::cublas::sys as cb;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
@@ -99,27 +99,23 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
     fn matmul_bwd(
         &self,
         p: &MatmulParams,
-        a: &CudaSlice<E>,
-        b: &CudaSlice<E>,
+        a: Option<&CudaSlice<E>>,
+        b: Option<&CudaSlice<E>>,
         dc: &CudaSlice<E>,
         da: Option<&mut CudaSlice<E>>,
         db: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        check(p, a.len(), b.len(), dc.len())?;
-        let pick = |o: Operand| match o {
-            Operand::A => a,
-            Operand::B => b,
-            Operand::DC => dc,
-        };
+        let (la, lb) = (a.map(CudaSlice::len), b.map(CudaSlice::len));
+        check_bwd(p, la, lb, dc.len(), da.as_deref().map(CudaSlice::len), db.as_deref().map(CudaSlice::len))?;
         if let Some(da) = da {
-            check_len("matmul", "da", da.len(), p.m * p.k, || "same as a".into())?;
             let pr = p.grad_a();
-            self.gemm_ex(da, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), p.alpha, true)?;
+            let (x, y) = (pick(pr.x.0, a, b, dc)?, pick(pr.y.0, a, b, dc)?);
+            self.gemm_ex(da, (x, pr.x.1), (y, pr.y.1), p.alpha, true)?;
         }
         if let Some(db) = db {
-            check_len("matmul", "db", db.len(), p.k * p.n, || "same as b".into())?;
             let pr = p.grad_b();
-            self.gemm_ex(db, (pick(pr.x.0), pr.x.1), (pick(pr.y.0), pr.y.1), p.alpha, true)?;
+            let (x, y) = (pick(pr.x.0, a, b, dc)?, pick(pr.y.0, a, b, dc)?);
+            self.gemm_ex(db, (x, pr.x.1), (y, pr.y.1), p.alpha, true)?;
         }
         Ok(())
     }

@@ -116,12 +116,17 @@ pub trait MatmulKernel<E: Elem>: Backend {
     fn matmul_fwd(&self, p: &MatmulParams, a: &Self::Buf<E>, b: &Self::Buf<E>, c: &mut Self::Buf<E>) -> Result<()>;
     /// Accumulates `da += alpha * dop(A)` and `db += alpha * dop(B)` for the gradients given.
     /// `da` is an activation gradient (type E); `db` is a weight gradient (`E::Acc`: f32 for f32
-    /// and bf16, f64 for f64). Either may be `None` (a frozen weight: no `dW` product is run).
+    /// and bf16, f64 for f64). Either may be `None` (a frozen weight: no `dW` product is run);
+    /// both `None` is a no-op after the length checks.
+    ///
+    /// Only the operands a requested gradient needs are required: `b` iff `da` is asked for, `a`
+    /// iff `db` is (so a frozen weight's input need not be kept). A missing required operand is
+    /// [`Error::Invalid`] naming it; an operand given but not needed is length-checked, then ignored.
     fn matmul_bwd(
         &self,
         p: &MatmulParams,
-        a: &Self::Buf<E>,
-        b: &Self::Buf<E>,
+        a: Option<&Self::Buf<E>>,
+        b: Option<&Self::Buf<E>>,
         dc: &Self::Buf<E>,
         da: Option<&mut Self::Buf<E>>,
         db: Option<&mut Self::Buf<E::Acc>>,
@@ -129,11 +134,58 @@ pub trait MatmulKernel<E: Elem>: Backend {
 }
 
 pub(crate) fn check(p: &MatmulParams, a: usize, b: usize, c: usize) -> Result<()> {
+    check_lens(p, [("a", Some(a), p.m * p.k), ("b", Some(b), p.k * p.n), ("c", Some(c), p.m * p.n)])
+}
+
+/// The backward's checks, shared by both devices, all before any product runs: parameters, the
+/// length of every buffer given, and that each requested gradient has the operand it needs (`b`
+/// for `da`, `a` for `db`).
+pub(crate) fn check_bwd(
+    p: &MatmulParams,
+    a: Option<usize>,
+    b: Option<usize>,
+    dc: usize,
+    da: Option<usize>,
+    db: Option<usize>,
+) -> Result<()> {
+    let (mk, kn) = (p.m * p.k, p.k * p.n);
+    check_lens(p, [("a", a, mk), ("b", b, kn), ("dc", Some(dc), p.m * p.n), ("da", da, mk), ("db", db, kn)])?;
+    if da.is_some() && b.is_none() {
+        return Err(missing("b", "da"));
+    }
+    if db.is_some() && a.is_none() {
+        return Err(missing("a", "db"));
+    }
+    Ok(())
+}
+
+/// Non-empty product, and `(name, length if given, expected)` for each buffer.
+fn check_lens<const N: usize>(p: &MatmulParams, bufs: [(&'static str, Option<usize>, usize); N]) -> Result<()> {
     if p.m == 0 || p.n == 0 || p.k == 0 {
         return Err(Error::Invalid { op: "matmul", msg: format!("empty product m={} n={} k={}", p.m, p.n, p.k) });
     }
     let d = || format!("m={} n={} k={} trans_a={} trans_b={}", p.m, p.n, p.k, p.trans_a, p.trans_b);
-    check_len("matmul", "a", a, p.m * p.k, d)?;
-    check_len("matmul", "b", b, p.k * p.n, d)?;
-    check_len("matmul", "c", c, p.m * p.n, d)
+    for (name, len, want) in bufs {
+        if let Some(len) = len {
+            check_len("matmul", name, len, want, d)?;
+        }
+    }
+    Ok(())
+}
+
+fn missing(operand: &str, grad: &str) -> Error {
+    Error::Invalid {
+        op: "matmul",
+        msg: format!("operand `{operand}` is required to compute `{grad}` but was not given"),
+    }
+}
+
+/// The buffer behind `o` in a backward product; a missing operand is the error [`check_bwd`]
+/// reports (it has already been checked, so this is only the non-panicking fallback).
+pub(crate) fn pick<'a, T: ?Sized>(o: Operand, a: Option<&'a T>, b: Option<&'a T>, dc: &'a T) -> Result<&'a T> {
+    match o {
+        Operand::A => a.ok_or_else(|| missing("a", "db")),
+        Operand::B => b.ok_or_else(|| missing("b", "da")),
+        Operand::DC => Ok(dc),
+    }
 }

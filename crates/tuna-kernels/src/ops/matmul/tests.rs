@@ -100,7 +100,7 @@ fn cpu_matches_f64_reference() {
             Tol::F32_LONG.assert_close(&format!("{what} fwd accumulate"), &c, &want2);
             // backward accumulates into nonzero grads
             let (mut da, mut db) = (vec![1.0; a.len()], vec![-1.0; b.len()]);
-            Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap();
+            Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap();
             let (rda, rdb) = ref_bwd(&p, &a64, &b64, &dc64);
             let rda: Vec<f64> = rda.iter().map(|g| g + 1.0).collect();
             let rdb: Vec<f64> = rdb.iter().map(|g| g - 1.0).collect();
@@ -130,7 +130,7 @@ fn cpu_f64_matches_f64_reference() {
             Tol::F64.assert_close(&format!("{what} fwd accumulate"), &c, &want2);
             // backward accumulates into nonzero grads; dB is the f64 weight gradient (E::Acc)
             let (mut da, mut db) = (vec![1.0f64; a.len()], vec![-1.0f64; b.len()]);
-            Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap();
+            Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap();
             let (rda, rdb) = ref_bwd(&p, &a, &b, &dc);
             let rda: Vec<f64> = rda.iter().map(|g| g + 1.0).collect();
             let rdb: Vec<f64> = rdb.iter().map(|g| g - 1.0).collect();
@@ -140,13 +140,71 @@ fn cpu_f64_matches_f64_reference() {
     }
 }
 
+/// Operands `(a, b, dc)` and their f64 reference gradients `(dA, dB)`.
+type Case = ((Vec<f32>, Vec<f32>, Vec<f32>), (Vec<f64>, Vec<f64>));
+
+/// Random `(a, b, dc)` for `p`, and their f64 reference gradients `(dA, dB)`.
+fn case(rng: &mut Rng, p: &MatmulParams) -> Case {
+    let (a, b, dc) = (rng.vec(p.m * p.k, -1.0, 1.0), rng.vec(p.k * p.n, -1.0, 1.0), rng.vec(p.m * p.n, -1.0, 1.0));
+    let f = crate::testing::to_f64;
+    let grads = ref_bwd(p, &f(&a), &f(&b), &f(&dc));
+    ((a, b, dc), grads)
+}
+
+/// A frozen weight: `dX` only, without `a` (the input a frozen layer need not keep).
 #[test]
-fn frozen_weight_skips_db() {
+fn dx_only_needs_no_a() {
+    let mut rng = Rng::new(14);
+    for (ta, tb) in TRANS {
+        let p = params(37, 23, 19, ta, tb);
+        let ((_, b, dc), (rda, _)) = case(&mut rng, &p);
+        let mut da = vec![1.0f32; p.m * p.k];
+        Cpu.matmul_bwd(&p, None, Some(&b[..]), &dc, Some(&mut da), None).unwrap();
+        let rda: Vec<f64> = rda.iter().map(|g| g + 1.0).collect();
+        Tol::F32_LONG.assert_close(&format!("dA only ta={ta} tb={tb}"), &da, &rda);
+    }
+}
+
+/// A weight whose input needs no gradient (the first layer): `dW` only, without `b`.
+#[test]
+fn dw_only_needs_no_b() {
+    let mut rng = Rng::new(15);
+    for (ta, tb) in TRANS {
+        let p = params(37, 23, 19, ta, tb);
+        let ((a, _, dc), (_, rdb)) = case(&mut rng, &p);
+        let mut db = vec![-1.0f32; p.k * p.n];
+        Cpu.matmul_bwd(&p, Some(&a[..]), None, &dc, None, Some(&mut db)).unwrap();
+        let rdb: Vec<f64> = rdb.iter().map(|g| g - 1.0).collect();
+        Tol::F32_LONG.assert_close(&format!("dB only ta={ta} tb={tb}"), &db, &rdb);
+    }
+}
+
+/// No gradient asked for: nothing runs, even without operands (lengths still checked if given).
+#[test]
+fn no_gradients_is_a_no_op() {
     let p = MatmulParams::linear(4, 3, 5);
-    let (a, b, dc) = (vec![1.0f32; 20], vec![1.0; 15], vec![1.0; 12]);
-    let mut da = vec![0.0; 20];
-    Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), None).unwrap();
-    assert!(da.iter().all(|&g| (g - 3.0).abs() < 1e-6), "{da:?}");
+    MatmulKernel::<f32>::matmul_bwd(&Cpu, &p, None, None, &[1.0; 12], None, None).unwrap();
+    MatmulKernel::<f64>::matmul_bwd(&Cpu, &p, Some(&[1.0; 20][..]), Some(&[1.0; 15][..]), &[1.0; 12], None, None)
+        .unwrap();
+    let e = MatmulKernel::<f32>::matmul_bwd(&Cpu, &p, Some(&[1.0; 19][..]), None, &[1.0; 12], None, None).unwrap_err();
+    assert!(e.to_string().contains("`a`"), "{e}");
+}
+
+/// A requested gradient without the operand it needs is `Invalid`, naming the operand, and
+/// nothing is written (all checks run before any product).
+#[test]
+fn missing_required_operand_is_an_error() {
+    let p = MatmulParams::linear(4, 3, 5);
+    let (a, b, dc) = (vec![1.0f32; 20], vec![1.0f32; 15], vec![1.0f32; 12]);
+    let (mut da, mut db) = (vec![0.0f32; 20], vec![0.0f32; 15]);
+    let e = Cpu.matmul_bwd(&p, Some(&a[..]), None, &dc, Some(&mut da), None).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("`b`"), "{e}");
+    let e = Cpu.matmul_bwd(&p, None, Some(&b[..]), &dc, None, Some(&mut db)).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("`a`"), "{e}");
+    // dA is computable but dB is not: the error comes before dA is touched
+    let e = Cpu.matmul_bwd(&p, None, Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap_err();
+    assert!(e.to_string().contains("`a`"), "{e}");
+    assert!(da.iter().chain(&db).all(|&g| g == 0.0));
 }
 
 #[test]
@@ -154,7 +212,10 @@ fn shape_errors_name_the_tensor() {
     let p = MatmulParams::new(2, 3, 4);
     let e = Cpu.matmul_fwd(&p, &[0.0; 8], &[0.0; 11], &mut [0.0; 6]).unwrap_err().to_string();
     assert!(e.contains("`b`") && e.contains("12") && e.contains("11"), "{e}");
-    let e = Cpu.matmul_bwd(&p, &[0.0; 8], &[0.0; 12], &[0.0; 6], None, Some(&mut [0.0; 3])).unwrap_err().to_string();
+    let e = Cpu
+        .matmul_bwd(&p, Some(&[0.0; 8][..]), Some(&[0.0; 12][..]), &[0.0; 6], None, Some(&mut [0.0; 3]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`db`"), "{e}");
     assert!(Cpu.matmul_fwd(&MatmulParams::new(0, 3, 4), &[], &[0.0; 12], &mut []).is_err());
 }
@@ -174,7 +235,7 @@ fn cuda_matches_cpu() {
             // backward accumulates (cuBLAS beta = 1): start both gradients nonzero
             let (da0, db0) = (vec![0.5; a.len()], vec![-0.5; b.len()]);
             let (mut da, mut db) = (da0.clone(), db0.clone());
-            Cpu.matmul_bwd(&p, &a, &b, &dc, Some(&mut da), Some(&mut db)).unwrap();
+            Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap();
             // forward with accumulate (beta = 1) on top of `c`: 2c
             let pacc = MatmulParams { accumulate: true, ..p };
             let c2: Vec<f32> = c.iter().map(|v| 2.0 * v).collect();
@@ -187,7 +248,8 @@ fn cuda_matches_cpu() {
             Tol::CUDA_F32.assert_close(&format!("{what} f32 fwd"), &dev.download(&cd).unwrap(), &c);
             MatmulKernel::<f32>::matmul_fwd(&*dev, &pacc, &ad, &bd, &mut cd).unwrap();
             Tol::CUDA_F32.assert_close(&format!("{what} f32 fwd accumulate"), &dev.download(&cd).unwrap(), &c2);
-            MatmulKernel::<f32>::matmul_bwd(&*dev, &p, &ad, &bd, &dcd, Some(&mut dad), Some(&mut dbd)).unwrap();
+            MatmulKernel::<f32>::matmul_bwd(&*dev, &p, Some(&ad), Some(&bd), &dcd, Some(&mut dad), Some(&mut dbd))
+                .unwrap();
             Tol::CUDA_F32.assert_close(&format!("{what} f32 dA"), &dev.download(&dad).unwrap(), &da);
             Tol::CUDA_F32.assert_close(&format!("{what} f32 dB"), &dev.download(&dbd).unwrap(), &db);
             // bf16 operands, fp32 accumulate; dB in f32
@@ -201,11 +263,58 @@ fn cuda_matches_cpu() {
             Tol::CUDA_BF16.assert_close(&format!("{what} bf16 fwd"), &f(dev.download(&cb).unwrap()), &c);
             <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &pacc, &ab, &bb, &mut cb).unwrap();
             Tol::CUDA_BF16.assert_close(&format!("{what} bf16 fwd accumulate"), &f(dev.download(&cb).unwrap()), &c2);
-            <Cuda as MatmulKernel<bf16>>::matmul_bwd(&dev, &p, &ab, &bb, &dcb, Some(&mut dab), Some(&mut dbb)).unwrap();
+            <Cuda as MatmulKernel<bf16>>::matmul_bwd(
+                &dev,
+                &p,
+                Some(&ab),
+                Some(&bb),
+                &dcb,
+                Some(&mut dab),
+                Some(&mut dbb),
+            )
+            .unwrap();
             Tol::CUDA_BF16.assert_close(&format!("{what} bf16 dA"), &f(dev.download(&dab).unwrap()), &da);
             // dB is an f32 output of bf16 inputs: only the inputs were rounded, so f32 tolerance holds
             Tol::CUDA_F32.assert_close(&format!("{what} bf16 dB (f32 out)"), &dev.download(&dbb).unwrap(), &db);
         }
+    }
+}
+
+/// CUDA with one gradient and only the operand it needs (f32 and bf16), against the CPU.
+#[test]
+fn cuda_single_gradients_match_cpu() {
+    let Some(dev) = cuda_or_skip("matmul::cuda_single_gradients_match_cpu") else { return };
+    let mut rng = Rng::new(16);
+    let tb16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let f = |v: Vec<bf16>| v.into_iter().map(f32::from).collect::<Vec<_>>();
+    for (ta, tb) in TRANS {
+        let p = params(37, 53, 29, ta, tb);
+        let a = round_bf16(&rng.vec(p.m * p.k, -1.0, 1.0));
+        let b = round_bf16(&rng.vec(p.k * p.n, -1.0, 1.0));
+        let dc = round_bf16(&rng.vec(p.m * p.n, -1.0, 1.0));
+        let (da0, db0) = (vec![0.5f32; a.len()], vec![-0.5f32; b.len()]);
+        let (mut da, mut db) = (da0.clone(), db0.clone());
+        Cpu.matmul_bwd(&p, None, Some(&b[..]), &dc, Some(&mut da), None).unwrap();
+        Cpu.matmul_bwd(&p, Some(&a[..]), None, &dc, None, Some(&mut db)).unwrap();
+        let what = format!("cuda matmul single grads ta={ta} tb={tb}");
+        // f32
+        let (ad, bd, dcd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&dc).unwrap());
+        let (mut dad, mut dbd) = (dev.upload(&da0).unwrap(), dev.upload(&db0).unwrap());
+        MatmulKernel::<f32>::matmul_bwd(&*dev, &p, None, Some(&bd), &dcd, Some(&mut dad), None).unwrap();
+        MatmulKernel::<f32>::matmul_bwd(&*dev, &p, Some(&ad), None, &dcd, None, Some(&mut dbd)).unwrap();
+        MatmulKernel::<f32>::matmul_bwd(&*dev, &p, None, None, &dcd, None, None).unwrap();
+        Tol::CUDA_F32.assert_close(&format!("{what} f32 dA"), &dev.download(&dad).unwrap(), &da);
+        Tol::CUDA_F32.assert_close(&format!("{what} f32 dB"), &dev.download(&dbd).unwrap(), &db);
+        let e = MatmulKernel::<f32>::matmul_bwd(&*dev, &p, Some(&ad), None, &dcd, Some(&mut dad), None).unwrap_err();
+        assert!(e.to_string().contains("`b`"), "{e}");
+        // bf16
+        let (ab, bb, dcb) =
+            (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap(), dev.upload(&tb16(&dc)).unwrap());
+        let (mut dab, mut dbb) = (dev.upload(&tb16(&da0)).unwrap(), dev.upload(&db0).unwrap());
+        <Cuda as MatmulKernel<bf16>>::matmul_bwd(&dev, &p, None, Some(&bb), &dcb, Some(&mut dab), None).unwrap();
+        <Cuda as MatmulKernel<bf16>>::matmul_bwd(&dev, &p, Some(&ab), None, &dcb, None, Some(&mut dbb)).unwrap();
+        Tol::CUDA_BF16.assert_close(&format!("{what} bf16 dA"), &f(dev.download(&dab).unwrap()), &da);
+        Tol::CUDA_F32.assert_close(&format!("{what} bf16 dB (f32 out)"), &dev.download(&dbb).unwrap(), &db);
     }
 }
 

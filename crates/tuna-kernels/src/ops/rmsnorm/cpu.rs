@@ -21,14 +21,20 @@ fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], eps: F, y: &mut [F]) -> F {
     rstd
 }
 
-/// One row of the backward: `dx += ...`, `dgamma += dy*xhat`.
-fn bwd_row<F: CpuFloat>(x: &[F], gamma: &[F], rstd: F, dy: &[F], dx: &mut [F], dg: &mut [F]) {
+/// One row of the input gradient: `dx += rstd * (g - xhat*mean(g*xhat))`.
+fn dx_row<F: CpuFloat>(x: &[F], gamma: &[F], rstd: F, dy: &[F], dx: &mut [F]) {
     let sgx: F = x.iter().zip(gamma).zip(dy).map(|((&x, &g), &dy)| dy * g * (x * rstd)).sum();
     let mgx = sgx / F::c(x.len() as f64);
     for i in 0..x.len() {
         let xh = x[i] * rstd;
         dx[i] += rstd * (dy[i] * gamma[i] - xh * mgx);
-        dg[i] += dy[i] * xh;
+    }
+}
+
+/// One row of the parameter gradient: `dg += dy*xhat`.
+fn dgamma_row<F: CpuFloat>(x: &[F], rstd: F, dy: &[F], dg: &mut [F]) {
+    for ((g, &x), &dy) in dg.iter_mut().zip(x).zip(dy) {
+        *g += dy * (x * rstd);
     }
 }
 
@@ -55,11 +61,20 @@ impl<F: CpuFloat<Acc = F>> RmsNormKernel<F> for Cpu {
         rstd: &[F],
         dy: &[F],
         dx: &mut [F],
-        dgamma: &mut [F],
+        dgamma: Option<&mut [F]>,
     ) -> Result<()> {
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("rstd", Rows, rstd.len())])?;
-        check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len()), ("dgamma", Dim, dgamma.len())])?;
+        check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len())])?;
         let d = p.dim as usize;
+        let Some(dgamma) = dgamma else {
+            // frozen gamma: dx only, no partial sums
+            dx.par_chunks_mut(d)
+                .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+                .zip(rstd.par_iter())
+                .for_each(|((dx, (x, dy)), &r)| dx_row(x, gamma, r, dy, dx));
+            return Ok(());
+        };
+        check(p, &[("dgamma", Dim, dgamma.len())])?;
         let rows = (CHUNK_ELEMS / d).max(1);
         let partials: Vec<Vec<F>> = dx
             .par_chunks_mut(rows * d)
@@ -69,7 +84,8 @@ impl<F: CpuFloat<Acc = F>> RmsNormKernel<F> for Cpu {
                 let mut dg = vec![F::zero(); d];
                 for (r, &rs) in rstd.iter().enumerate() {
                     let s = r * d..(r + 1) * d;
-                    bwd_row(&x[s.clone()], gamma, rs, &dy[s.clone()], &mut dx[s], &mut dg);
+                    dx_row(&x[s.clone()], gamma, rs, &dy[s.clone()], &mut dx[s.clone()]);
+                    dgamma_row(&x[s.clone()], rs, &dy[s], &mut dg);
                 }
                 dg
             })

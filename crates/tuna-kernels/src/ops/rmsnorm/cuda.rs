@@ -45,10 +45,13 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
         rstd: &CudaSlice<f32>,
         dy: &CudaSlice<E>,
         dx: &mut CudaSlice<E>,
-        dgamma: &mut CudaSlice<f32>,
+        dgamma: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("rstd", Rows, rstd.len())])?;
-        check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len()), ("dgamma", Dim, dgamma.len())])?;
+        check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len())])?;
+        if let Some(g) = dgamma.as_deref() {
+            check(p, &[("dgamma", Dim, g.len())])?;
+        }
         if p.rows == 0 {
             return Ok(());
         }
@@ -59,6 +62,9 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
         // SAFETY: arguments match rmsnorm_bwd_<variant>_<E>(RmsNormParams, const T* x, gamma,
         // const float* rstd, const T* dy, T* dx); lengths checked against p above.
         unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("rmsnorm_bwd", e))?;
+        let Some(dgamma) = dgamma else {
+            return Ok(()); // frozen gamma: no partials, no reduction
+        };
 
         let (chunk_rows, chunks) = param_chunks(p.rows);
         let mut part = self.zeros::<f32>(chunks as usize * p.dim as usize)?;

@@ -8,6 +8,9 @@
 //! - backward, with `xhat = x*rstd` and `g = dy*gamma`: `dx += rstd * (g - xhat*mean(g*xhat))`,
 //!   `dgamma += sum_rows dy*xhat`.
 //!
+//! `dgamma` is optional (a frozen gamma): with `None` no parameter-gradient work runs (CPU: no
+//! partial sums; CUDA: no partials or reduction launch).
+//!
 //! CUDA uses the launch scheme of layernorm (`kernels/norm.cuh`): one warp per row for
 //! `dim <= 1024`, one block per row above, and dgamma from per-chunk partials in a scratch buffer
 //! reduced by a second kernel (no atomics: bitwise reproducible).
@@ -58,7 +61,7 @@ pub trait RmsNormKernel<E: Elem>: Backend {
         y: &mut Self::Buf<E>,
         rstd: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;
-    /// Accumulates into `dx` and `dgamma` the gradients of `sum(y * dy)`.
+    /// Accumulates into `dx`, and into `dgamma` when given, the gradients of `sum(y * dy)`.
     fn rmsnorm_bwd(
         &self,
         p: &RmsNormParams,
@@ -67,7 +70,7 @@ pub trait RmsNormKernel<E: Elem>: Backend {
         rstd: &Self::Buf<E::Acc>,
         dy: &Self::Buf<E>,
         dx: &mut Self::Buf<E>,
-        dgamma: &mut Self::Buf<E::Acc>,
+        dgamma: Option<&mut Self::Buf<E::Acc>>,
     ) -> Result<()>;
 }
 

@@ -2,6 +2,7 @@
 //! and CUDA against CPU for both row-kernel configurations, f32 and bf16.
 
 use super::*;
+use crate::backend::CpuFloat;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
 use crate::{Cpu, Cuda};
@@ -86,7 +87,7 @@ fn cpu_matches_f64_reference() {
 
         // backward accumulates: start every gradient nonzero
         let (mut dx, mut dg) = (vec![0.25; rows * dim], vec![0.5; dim]);
-        Cpu.rmsnorm_bwd(&p, &x, &g, &rstd, &dy, &mut dx, &mut dg).unwrap();
+        Cpu.rmsnorm_bwd(&p, &x, &g, &rstd, &dy, &mut dx, Some(&mut dg)).unwrap();
         let (wdx, wdg) = ref_bwd(&f64s(&x), &f64s(&g), &f64s(&dy), dim, eps as f64);
         let plus = |w: Vec<f64>, c: f64| w.into_iter().map(|v| v + c).collect::<Vec<_>>();
         Tol::F32.assert_close(&format!("{what} dx"), &dx, &plus(wdx, 0.25));
@@ -111,12 +112,41 @@ fn cpu_f64_matches_f64_reference() {
         Tol::F64.assert_close(&format!("{what} rstd"), &rstd, &wr);
 
         let (mut dx, mut dg) = (vec![0.25f64; rows * dim], vec![0.5f64; dim]);
-        Cpu.rmsnorm_bwd(&p, &x, &g, &rstd, &dy, &mut dx, &mut dg).unwrap();
+        Cpu.rmsnorm_bwd(&p, &x, &g, &rstd, &dy, &mut dx, Some(&mut dg)).unwrap();
         let (wdx, wdg) = ref_bwd(&x, &g, &dy, dim, eps as f64);
         let plus = |w: Vec<f64>, c: f64| w.into_iter().map(|v| v + c).collect::<Vec<_>>();
         Tol::F64.assert_close(&format!("{what} dx"), &dx, &plus(wdx, 0.25));
         Tol::F64.assert_close(&format!("{what} dgamma"), &dg, &plus(wdg, 0.5));
     }
+}
+
+/// A frozen gamma in `F`: dx is bitwise the full call's (the frozen path runs the same row
+/// arithmetic) and `dgamma` is untouched, with or without it asked for.
+fn cpu_frozen_gamma<F: CpuFloat<Acc = F>>(tol: Tol, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let fv = |v: &[f32]| v.iter().map(|&a| F::c(a as f64)).collect::<Vec<F>>();
+    let w = |v: &[F]| v.iter().map(|&a| a.into()).collect::<Vec<f64>>();
+    for (rows, dim, eps) in [(37, 1, 1e-5), (64, 769, 1e-5), (5, 2077, 1e-6)] {
+        let p = RmsNormParams::new(rows, dim, eps);
+        let (x, g, dy) = inputs(&mut rng, rows, dim);
+        let (x, g, dy) = (fv(&x), fv(&g), fv(&dy));
+        let (mut y, mut rstd) = (fv(&vec![0.0; rows * dim]), fv(&vec![0.0; rows]));
+        Cpu.rmsnorm_fwd(&p, &x, &g, &mut y, &mut rstd).unwrap();
+        let (wdx, _) = ref_bwd(&w(&x), &w(&g), &w(&dy), dim, eps as f64);
+        let what = format!("rmsnorm {} [{rows}, {dim}] frozen gamma", F::NAME);
+        let (mut full_dx, mut dg) = (fv(&vec![0.25; rows * dim]), fv(&vec![0.5; dim]));
+        Cpu.rmsnorm_bwd(&p, &x, &g, &rstd, &dy, &mut full_dx, Some(&mut dg)).unwrap();
+        let mut dx = fv(&vec![0.25; rows * dim]);
+        Cpu.rmsnorm_bwd(&p, &x, &g, &rstd, &dy, &mut dx, None).unwrap();
+        assert!(w(&dx) == w(&full_dx), "{what}: dx differs from the full call");
+        tol.assert_close(&format!("{what} dx"), &w(&dx), &wdx.iter().map(|v| v + 0.25).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn cpu_frozen_gamma_computes_dx_only() {
+    cpu_frozen_gamma::<f32>(Tol::F32, 25);
+    cpu_frozen_gamma::<f64>(Tol::F64, 26);
 }
 
 #[test]
@@ -127,8 +157,12 @@ fn shape_mismatch_is_an_error() {
     assert!(e.to_string().contains("rmsnorm") && e.to_string().contains("`gamma`"), "{e}");
     let e = Cpu.rmsnorm_fwd(&p, &x, &[1.0; 3], &mut y, &mut [0.0; 3]).unwrap_err();
     assert!(e.to_string().contains("`rstd`"), "{e}");
-    let e = Cpu.rmsnorm_bwd(&p, &x, &[1.0; 3], &r, &x, &mut [0.0; 5], &mut [0.0; 3]).unwrap_err();
+    let e = Cpu.rmsnorm_bwd(&p, &x, &[1.0; 3], &r, &x, &mut [0.0; 5], Some(&mut [0.0; 3])).unwrap_err();
     assert!(e.to_string().contains("`dx`"), "{e}");
+    let e = Cpu.rmsnorm_bwd(&p, &x, &[1.0; 3], &r, &x, &mut [0.0; 5], None).unwrap_err();
+    assert!(e.to_string().contains("`dx`"), "{e}");
+    let e = Cpu.rmsnorm_bwd(&p, &x, &[1.0; 3], &r, &x, &mut [0.0; 6], Some(&mut [0.0; 4])).unwrap_err();
+    assert!(e.to_string().contains("`dgamma`"), "{e}");
     let bad = RmsNormParams::new(2, 0, 1e-5);
     let e = RmsNormKernel::<f32>::rmsnorm_fwd(&Cpu, &bad, &[], &[], &mut [], &mut r).unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e}");
@@ -137,7 +171,8 @@ fn shape_mismatch_is_an_error() {
 /// Everything one forward + backward produces, widened to f32: `(y, rstd, dx, dgamma)`.
 type Outs = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
-fn run_cuda<E: CudaElem>(dev: &Cuda, p: &RmsNormParams, x: &[f32], g: &[f32], dy: &[f32]) -> Outs
+/// `want_dg`: whether the backward asks for dgamma (if not, it keeps its start value).
+fn run_cuda<E: CudaElem>(dev: &Cuda, p: &RmsNormParams, want_dg: bool, x: &[f32], g: &[f32], dy: &[f32]) -> Outs
 where
     Cuda: RmsNormKernel<E>,
 {
@@ -148,16 +183,16 @@ where
     let (mut yd, mut rd) = (dev.zeros::<E>(rows * dim).unwrap(), dev.zeros(rows).unwrap());
     dev.rmsnorm_fwd(p, &xd, &gd, &mut yd, &mut rd).unwrap();
     let (mut dxd, mut dgd) = (up(&vec![0.25; rows * dim]), dev.upload(&vec![0.5f32; dim]).unwrap());
-    dev.rmsnorm_bwd(p, &xd, &gd, &rd, &dyd, &mut dxd, &mut dgd).unwrap();
+    dev.rmsnorm_bwd(p, &xd, &gd, &rd, &dyd, &mut dxd, want_dg.then_some(&mut dgd)).unwrap();
     (down(&yd), dev.download(&rd).unwrap(), down(&dxd), dev.download(&dgd).unwrap())
 }
 
-fn run_cpu(p: &RmsNormParams, x: &[f32], g: &[f32], dy: &[f32]) -> Outs {
+fn run_cpu(p: &RmsNormParams, want_dg: bool, x: &[f32], g: &[f32], dy: &[f32]) -> Outs {
     let (rows, dim) = (p.rows as usize, p.dim as usize);
     let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
     Cpu.rmsnorm_fwd(p, x, g, &mut y, &mut rstd).unwrap();
     let (mut dx, mut dg) = (vec![0.25; rows * dim], vec![0.5; dim]);
-    Cpu.rmsnorm_bwd(p, x, g, &rstd, dy, &mut dx, &mut dg).unwrap();
+    Cpu.rmsnorm_bwd(p, x, g, &rstd, dy, &mut dx, want_dg.then_some(&mut dg[..])).unwrap();
     (y, rstd, dx, dg)
 }
 
@@ -168,7 +203,7 @@ fn compare(what: &str, act: Tol, params: Tol, got: &Outs, want: &Outs) {
     params.assert_close(&format!("{what} dgamma"), &got.3, &want.3);
 }
 
-/// CUDA against CPU, f32 and bf16, at each `(rows, dim, eps)`.
+/// CUDA against CPU, f32 and bf16, with and without dgamma, at each `(rows, dim, eps)`.
 fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
     let Some(dev) = cuda_or_skip(test) else { return };
     let mut rng = Rng::new(seed);
@@ -177,12 +212,22 @@ fn cuda_cases(test: &str, seed: u64, cases: &[(usize, usize, f32)]) {
         // Sums over 33k rows in a different order: f32 rounding of sums of magnitude ~200.
         let params = if rows > 10_000 { Tol::new("cuda-f32 33k-row sums", 2e-3, 1e-3) } else { Tol::CUDA_F32 };
         let (x, g, dy) = inputs(&mut rng, rows, dim);
-        let what = format!("rmsnorm cuda [{rows}, {dim}]");
-        let want = run_cpu(&p, &x, &g, &dy);
-        compare(&format!("{what} f32"), Tol::CUDA_F32, params, &run_cuda::<f32>(&dev, &p, &x, &g, &dy), &want);
-        let (x, g, dy) = (round_bf16(&x), round_bf16(&g), round_bf16(&dy));
-        let want = run_cpu(&p, &x, &g, &dy);
-        compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &run_cuda::<bf16>(&dev, &p, &x, &g, &dy), &want);
+        let (xb, gb, dyb) = (round_bf16(&x), round_bf16(&g), round_bf16(&dy));
+        // with dgamma, and with a frozen gamma (no partials or reduction launched)
+        for want_dg in [true, false] {
+            let what = format!("rmsnorm cuda [{rows}, {dim}] dgamma {want_dg}");
+            let cpu = run_cpu(&p, want_dg, &x, &g, &dy);
+            compare(
+                &format!("{what} f32"),
+                Tol::CUDA_F32,
+                params,
+                &run_cuda::<f32>(&dev, &p, want_dg, &x, &g, &dy),
+                &cpu,
+            );
+            let cpu = run_cpu(&p, want_dg, &xb, &gb, &dyb);
+            let got = run_cuda::<bf16>(&dev, &p, want_dg, &xb, &gb, &dyb);
+            compare(&format!("{what} bf16"), Tol::CUDA_BF16, params, &got, &cpu);
+        }
     }
 }
 
