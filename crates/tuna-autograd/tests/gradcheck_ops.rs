@@ -120,3 +120,28 @@ fn elementwise_glue() {
     let mask = Ints::new(&cpu(), &[2, 2], &[1u8, 0, 1, 1]).unwrap();
     check(&[&a], || reduce(mean_pool(&reshape(&a, &[2, 2, 6])?, &mask)?, 21), H, GRAD_TOL, 24).unwrap();
 }
+
+#[test]
+fn linear_matmul_and_norms() {
+    use tuna_autograd::ops::linear::{linear, matmul, MatmulParams, WeightLayout};
+    use tuna_autograd::ops::norm::{layernorm, rmsnorm};
+    let mut rng = Rng::new(23);
+    let x = param(&mut rng, "x", &[2, 3, 5], 1.0);
+    let w_oi = param(&mut rng, "w_out_in", &[4, 5], 0.5);
+    let w_io = param(&mut rng, "w_in_out", &[5, 4], 0.5);
+    let bias = param(&mut rng, "bias", &[4], 0.5);
+    check(&[&x, &w_oi, &bias], || reduce(linear(&x, &w_oi, WeightLayout::OutIn, Some(&bias))?, 24), H, GRAD_TOL, 30)
+        .unwrap();
+    check(&[&x, &w_io], || reduce(linear(&x, &w_io, WeightLayout::InOut, None)?, 25), H, GRAD_TOL, 30).unwrap();
+    // x's 30 values read as A stored [k=5, m=6] (trans_a), times B = w_io [5, 4], scaled by 0.5
+    let p = MatmulParams { trans_a: true, alpha: 0.5, ..MatmulParams::new(6, 4, 5) };
+    check(&[&x, &w_io], || reduce(matmul(&x, &w_io, p)?, 26), H, GRAD_TOL, 30).unwrap();
+    let gamma = param(&mut rng, "gamma", &[5], 1.0);
+    let beta = param(&mut rng, "beta", &[5], 1.0);
+    check(&[&x, &gamma, &beta], || reduce(layernorm(&x, &gamma, &beta, 1e-5)?, 27), H, GRAD_TOL, 30).unwrap();
+    check(&[&x, &gamma], || reduce(rmsnorm(&x, &gamma, 1e-5)?, 28), H, GRAD_TOL, 30).unwrap();
+    // frozen weights: only x trains, through the dX-only kernels
+    let (g0, b0) = (constant(&mut rng, &[5], 1.0), constant(&mut rng, &[5], 1.0));
+    check(&[&x], || reduce(layernorm(&x, &g0, &b0, 1e-5)?, 29), H, GRAD_TOL, 30).unwrap();
+    check(&[&x], || reduce(rmsnorm(&x, &g0, 1e-5)?, 30), H, GRAD_TOL, 30).unwrap();
+}

@@ -156,7 +156,8 @@ pub trait Alloc<E: Elem>: Backend {
     fn buf_mut(o: &mut Self::Owned) -> &mut Self::Buf<E>;
     /// `n` zeros.
     fn zeros(&self, n: usize) -> crate::Result<Self::Owned>;
-    /// A copy of a host slice.
+    /// A copy of a host slice (a method: the device does the allocating).
+    #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, host: &[E]) -> crate::Result<Self::Owned>;
     /// A host copy (synchronizes a device).
     fn to_host(&self, o: &Self::Owned) -> crate::Result<Vec<E>>;

@@ -40,7 +40,12 @@ pub fn linear<B: Kernels<E>, E: Float>(
     };
     let k = *x.shape().last().unwrap_or(&0);
     if k != inp {
-        return Err(Error::Shape { op: "linear", what: "x's last dim vs the weight's input dim", left: x.shape().to_vec(), right: w.shape().to_vec() });
+        return Err(Error::Shape {
+            op: "linear",
+            what: "x's last dim vs the weight's input dim",
+            left: x.shape().to_vec(),
+            right: w.shape().to_vec(),
+        });
     }
     let m = x.numel() / inp.max(1);
     let p = MatmulParams { trans_b: layout == WeightLayout::OutIn, ..MatmulParams::new(m, out, inp) };
@@ -61,7 +66,12 @@ fn product<B: Kernels<E>, E: Float>(
     kinds: (&'static str, &'static str),
 ) -> Result<Tensor<B, E>> {
     if a.numel() != p.m * p.k || b.numel() != p.k * p.n {
-        return Err(Error::Shape { op: "matmul", what: "operand sizes vs m*k and k*n", left: a.shape().to_vec(), right: b.shape().to_vec() });
+        return Err(Error::Shape {
+            op: "matmul",
+            what: "operand sizes vs m*k and k*n",
+            left: a.shape().to_vec(),
+            right: b.shape().to_vec(),
+        });
     }
     let dev = a.device();
     let mut c = zeros::<B, E>(dev, p.m * p.n)?;

@@ -66,9 +66,9 @@ impl<B, E: Float> Kernels<E> for B where
         + LayerNormKernel<E>
         + MatmulKernel<E>
         + RmsNormKernel<E>
-    + LayerNormKernel<E>
-    + MatmulKernel<E>
-    + RmsNormKernel<E>
+        + LayerNormKernel<E>
+        + MatmulKernel<E>
+        + RmsNormKernel<E>
         + RopeKernel<E>
         + SwigluKernel<E>
         + 'static

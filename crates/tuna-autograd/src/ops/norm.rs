@@ -7,7 +7,11 @@ use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::layernorm::LayerNormParams;
 use tuna_kernels::ops::rmsnorm::RmsNormParams;
 
-fn rows_dim<B: Kernels<E>, E: Float>(op: &'static str, x: &Tensor<B, E>, gamma: &Tensor<B, E>) -> Result<(usize, usize)> {
+fn rows_dim<B: Kernels<E>, E: Float>(
+    op: &'static str,
+    x: &Tensor<B, E>,
+    gamma: &Tensor<B, E>,
+) -> Result<(usize, usize)> {
     let dim = *x.shape().last().unwrap_or(&0);
     same_shape(op, "gamma vs x's last dim", gamma.shape(), &[dim])?;
     Ok((x.numel() / dim.max(1), dim))
@@ -26,7 +30,15 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
     let (mut mean, mut rstd) = (zeros::<B, E>(dev, rows)?, zeros::<B, E>(dev, rows)?);
-    dev.layernorm_fwd(&p, &x.buf(), &gamma.buf(), &beta.buf(), B::buf_mut(&mut y), B::buf_mut(&mut mean), B::buf_mut(&mut rstd))?;
+    dev.layernorm_fwd(
+        &p,
+        &x.buf(),
+        &gamma.buf(),
+        &beta.buf(),
+        B::buf_mut(&mut y),
+        B::buf_mut(&mut mean),
+        B::buf_mut(&mut rstd),
+    )?;
     Ok(output("layernorm", &[x, gamma, beta], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, gs) = (Saved::new(x), Saved::new(gamma));
         let stats = SavedBuf::new((mean, rstd), 2 * rows * std::mem::size_of::<E>());
@@ -50,7 +62,17 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
                 None => None,
             };
             let (mean, rstd) = &stats.buf;
-            Ok(dev.layernorm_bwd(&p, &xs.t.buf(), &gs.t.buf(), B::buf(mean), B::buf(rstd), B::buf(&g), sx.buf(), dgamma, dbeta)?)
+            Ok(dev.layernorm_bwd(
+                &p,
+                &xs.t.buf(),
+                &gs.t.buf(),
+                B::buf(mean),
+                B::buf(rstd),
+                B::buf(&g),
+                sx.buf(),
+                dgamma,
+                dbeta,
+            )?)
         })
     }))
 }
