@@ -74,6 +74,9 @@ impl<B: Alloc<E> + 'static, E: Elem> std::fmt::Debug for Tensor<B, E> {
     }
 }
 
+/// A recorded op's output: its gradient cell and tape node.
+pub(crate) type Recorded<B, E> = (Rc<GradCell<B, E>>, Rc<Node>);
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) fn numel(shape: &[usize]) -> usize {
@@ -125,7 +128,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
         dev: &Arc<B>,
         shape: Vec<usize>,
         data: Rc<RefCell<B::Owned>>,
-        rec: Option<(Rc<GradCell<B, E>>, Rc<Node>)>,
+        rec: Option<Recorded<B, E>>,
     ) -> Self {
         let (grad, node) = match rec {
             Some((c, n)) => (Some(c), Some(n)),

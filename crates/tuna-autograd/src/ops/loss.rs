@@ -20,7 +20,7 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     ignore_index: i32,
 ) -> Result<Tensor<B, E>> {
     let vocab = *logits.shape().last().unwrap_or(&0);
-    let rows = if vocab == 0 { 0 } else { logits.numel() / vocab };
+    let rows = logits.numel().checked_div(vocab).unwrap_or(0);
     if targets.shape() != [rows] {
         return Err(Error::Shape {
             op: "cross_entropy",
