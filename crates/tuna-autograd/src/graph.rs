@@ -125,34 +125,50 @@ impl<B: Alloc<E>, E: Elem> OutData<B, E> {
 }
 
 /// An op's output data kept by its backward.
+///
+/// The saved wrappers expose their contents through methods, never public fields: a `move`
+/// closure that named a field would capture only that field (edition 2021's disjoint capture)
+/// and drop the byte counter at once.
 pub(crate) struct SavedOut<B: Alloc<E>, E: Elem> {
-    pub(crate) data: Rc<RefCell<B::Owned>>,
+    data: Rc<RefCell<B::Owned>>,
     _bytes: SavedBytes,
+}
+
+impl<B: Alloc<E>, E: Elem> SavedOut<B, E> {
+    pub(crate) fn data(&self) -> std::cell::Ref<'_, B::Owned> {
+        self.data.borrow()
+    }
 }
 
 /// A raw buffer (statistics such as row log-sum-exps) kept by a backward, counted until dropped.
 pub(crate) struct SavedBuf<T> {
-    pub(crate) buf: T,
+    buf: T,
     _bytes: SavedBytes,
 }
 
 impl<T> SavedBuf<T> {
+    pub(crate) fn buf(&self) -> &T {
+        &self.buf
+    }
     pub(crate) fn new(buf: T, bytes: usize) -> Self {
         SavedBuf { buf, _bytes: SavedBytes::new(bytes) }
     }
 }
 
-/// A tensor kept for the backward pass. An activation (an op's output) is counted in
-/// [`stats::Stats::saved_bytes`] until dropped; a leaf (a weight, an input) is not, since it
-/// lives on whether or not a backward keeps it.
+/// A tensor kept for the backward pass. An activation (an op's output, recorded or not) is
+/// counted in [`stats::Stats::saved_bytes`] until dropped; a tensor the caller made (a weight,
+/// an input) is not, since it lives on whether or not a backward keeps it.
 pub(crate) struct Saved<B: Alloc<E>, E: Elem> {
-    pub(crate) t: Tensor<B, E>,
+    t: Tensor<B, E>,
     _bytes: SavedBytes,
 }
 
 impl<B: Alloc<E> + 'static, E: Elem> Saved<B, E> {
     pub(crate) fn new(t: &Tensor<B, E>) -> Self {
-        Saved { t: t.clone(), _bytes: SavedBytes::new(if t.is_leaf() { 0 } else { t.bytes() }) }
+        Saved { t: t.clone(), _bytes: SavedBytes::new(if t.is_activation() { t.bytes() } else { 0 }) }
+    }
+    pub(crate) fn t(&self) -> &Tensor<B, E> {
+        &self.t
     }
 }
 

@@ -48,6 +48,8 @@ pub(crate) struct Inner<B: Alloc<E>, E: Elem> {
     pub(crate) data: Rc<RefCell<B::Owned>>,
     pub(crate) grad: Option<Rc<GradCell<B, E>>>,
     pub(crate) node: Option<Rc<Node>>,
+    /// Produced by an op (recorded or not), as opposed to created by the caller (weights, inputs).
+    pub(crate) activation: bool,
 }
 
 /// A tensor on backend `B` holding `E`s. Cloning is cheap (shared storage).
@@ -95,6 +97,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 data: Rc::new(RefCell::new(data)),
                 grad: g,
                 node,
+                activation: false,
             }),
         }
     }
@@ -143,6 +146,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 data,
                 grad,
                 node,
+                activation: true,
             }),
         }
     }
@@ -170,6 +174,10 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     /// Whether this is a leaf (not produced by a recorded op).
     pub fn is_leaf(&self) -> bool {
         self.inner.node.is_none()
+    }
+    /// Whether an op produced this tensor (an activation), rather than the caller.
+    pub fn is_activation(&self) -> bool {
+        self.inner.activation
     }
     /// Bytes of this tensor's data.
     pub fn bytes(&self) -> usize {

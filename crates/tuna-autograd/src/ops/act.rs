@@ -16,8 +16,8 @@ pub fn gelu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, kind: GeluKind) -> Result
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
             launched("gelu.bwd");
-            let dev = xs.t.device();
-            cx.accumulate(dev, |dx| Ok(dev.gelu_bwd(kind, &xs.t.buf(), B::buf(&g), dx)?))
+            let dev = xs.t().device();
+            cx.accumulate(dev, |dx| Ok(dev.gelu_bwd(kind, &xs.t().buf(), B::buf(&g), dx)?))
         })
     }))
 }
@@ -32,8 +32,8 @@ pub fn silu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
             launched("silu.bwd");
-            let dev = xs.t.device();
-            cx.accumulate(dev, |dx| Ok(dev.silu_bwd(&xs.t.buf(), B::buf(&g), dx)?))
+            let dev = xs.t().device();
+            cx.accumulate(dev, |dx| Ok(dev.silu_bwd(&xs.t().buf(), B::buf(&g), dx)?))
         })
     }))
 }
@@ -51,12 +51,12 @@ pub fn swiglu<B: Kernels<E>, E: Float>(gate: &Tensor<B, E>, up: &Tensor<B, E>) -
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
             launched("swiglu.bwd");
-            let dev = gs.t.device();
-            let n = gs.t.numel();
+            let dev = gs.t().device();
+            let n = gs.t().numel();
             // The kernel writes both gradients; a scratch buffer stands in for one not wanted.
             let (mut sg, mut su) = (GradSlot::new(&**dev, &cg, n)?, GradSlot::new(&**dev, &cu, n)?);
             let (dg, du) = (sg.buf(), su.buf());
-            Ok(dev.swiglu_bwd(&gs.t.buf(), &us.t.buf(), B::buf(&g), dg, du)?)
+            Ok(dev.swiglu_bwd(&gs.t().buf(), &us.t().buf(), B::buf(&g), dg, du)?)
         })
     }))
 }

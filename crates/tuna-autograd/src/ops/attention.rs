@@ -125,8 +125,8 @@ pub fn attention<B: Kernels<E>, E: Float>(
             };
             let dprefix = sp.as_mut().map(|(a, b)| (a.buf(), b.buf()));
             let (dq, dk, dv) = (sq.buf(), sk.buf(), sv.buf());
-            let (qb, kb, vb) = (qs.t.buf(), ks.t.buf(), vs.t.buf());
-            let pkv = ps.as_ref().map(|(a, b)| (a.t.buf(), b.t.buf()));
+            let (qb, kb, vb) = (qs.t().buf(), ks.t().buf(), vs.t().buf());
+            let pkv = ps.as_ref().map(|(a, b)| (a.t().buf(), b.t().buf()));
             let x = AttnInputs {
                 q: &*qb,
                 k: &*kb,
@@ -134,9 +134,9 @@ pub fn attention<B: Kernels<E>, E: Float>(
                 prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
                 key_mask: mask.as_ref().map(|m| m.buf()),
             };
-            let o = os.data.borrow();
+            let o = os.data();
             let grads = AttnGrads { dq, dk, dv, dprefix };
-            Ok(dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(&lse.buf), grads)?)
+            Ok(dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(lse.buf()), grads)?)
         })
     }))
 }

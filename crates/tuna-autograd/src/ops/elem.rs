@@ -44,7 +44,7 @@ pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
                 launched("mul.bwd");
                 ca.accumulate(&dev, |da| {
                     let mut tmp = zeros::<B, E>(&dev, n)?;
-                    dev.mul_fwd(B::buf(&g), &bs.t.buf(), B::buf_mut(&mut tmp))?;
+                    dev.mul_fwd(B::buf(&g), &bs.t().buf(), B::buf_mut(&mut tmp))?;
                     Ok(dev.scale_bwd(1.0, B::buf(&tmp), da)?)
                 })?;
             }
@@ -52,7 +52,7 @@ pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
                 launched("mul.bwd");
                 cb.accumulate(&dev, |db| {
                     let mut tmp = zeros::<B, E>(&dev, n)?;
-                    dev.mul_fwd(B::buf(&g), &as_.t.buf(), B::buf_mut(&mut tmp))?;
+                    dev.mul_fwd(B::buf(&g), &as_.t().buf(), B::buf_mut(&mut tmp))?;
                     Ok(dev.scale_bwd(1.0, B::buf(&tmp), db)?)
                 })?;
             }

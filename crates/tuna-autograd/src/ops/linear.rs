@@ -83,7 +83,7 @@ fn product<B: Kernels<E>, E: Float>(
         let b_s = ca.is_some().then(|| Saved::new(b));
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
-            let (ab, bb) = (a_s.as_ref().map(|s| s.t.buf()), b_s.as_ref().map(|s| s.t.buf()));
+            let (ab, bb) = (a_s.as_ref().map(|s| s.t().buf()), b_s.as_ref().map(|s| s.t().buf()));
             if let Some(ca) = &ca {
                 launched(kinds.0);
                 ca.accumulate(&dev, |da| Ok(dev.matmul_bwd(&p, None, bb.as_deref(), B::buf(&g), Some(da), None)?))?;

@@ -2,7 +2,7 @@
 
 use super::{host, upload, zeros, Kernels};
 use crate::error::{Error, Result};
-use crate::graph::{launched, output};
+use crate::graph::{launched, output, Saved};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::cross_entropy::{count_valid, validate_targets, CeParams};
@@ -57,7 +57,8 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     let mean = if valid == 0 { 0.0 } else { sum / valid as f64 };
     let value = upload::<B, E>(&dev, &[E::c(mean)])?;
     Ok(output("cross_entropy", &[&logits], &dev, vec![], value, |out, _| {
-        let holder = grad_holder.expect("recorded");
+        // The gradient, computed in the forward; counted as saved until the backward has used it.
+        let holder = Saved::new(&grad_holder.expect("recorded"));
         let cl = logits.cell().expect("recorded");
         let dev2 = dev.clone();
         Box::new(move || {
@@ -68,7 +69,7 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
             launched("cross_entropy.bwd");
             let upstream = host::<B, E>(&dev2, &g)?[0];
             let scale = upstream / E::c(valid as f64);
-            cl.accumulate(&dev2, |dl| Ok(dev2.grad_accumulate(dl, &holder.buf(), scale)?))
+            cl.accumulate(&dev2, |dl| Ok(dev2.grad_accumulate(dl, &holder.t().buf(), scale)?))
         })
     }))
 }

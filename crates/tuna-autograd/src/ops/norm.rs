@@ -61,11 +61,11 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
                 Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
                 None => None,
             };
-            let (mean, rstd) = &stats.buf;
+            let (mean, rstd) = stats.buf();
             Ok(dev.layernorm_bwd(
                 &p,
-                &xs.t.buf(),
-                &gs.t.buf(),
+                &xs.t().buf(),
+                &gs.t().buf(),
                 B::buf(mean),
                 B::buf(rstd),
                 B::buf(&g),
@@ -102,7 +102,7 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
                 Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
                 None => None,
             };
-            Ok(dev.rmsnorm_bwd(&p, &xs.t.buf(), &gs.t.buf(), B::buf(&rstd.buf), B::buf(&g), sx.buf(), dgamma)?)
+            Ok(dev.rmsnorm_bwd(&p, &xs.t().buf(), &gs.t().buf(), B::buf(rstd.buf()), B::buf(&g), sx.buf(), dgamma)?)
         })
     }))
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the autograd tests.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::sync::Arc;
 use tuna_autograd::Tensor;
 use tuna_kernels::testing::Rng;
