@@ -1,1 +1,10 @@
-//! Models: GPT-2, Llama, BERT (issue 4).
+//! tuna-models: GPT-2, Llama and BERT on tuna's autograd; loading from Hugging Face folders and
+//! GGUF files; tokenizers; generation; adaptation methods (later).
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod hf;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

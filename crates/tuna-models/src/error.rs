@@ -1,0 +1,35 @@
+//! The models crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An op failed.
+    #[error(transparent)]
+    Autograd(#[from] tuna_autograd::Error),
+    /// A kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] tuna_kernels::Error),
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+    /// A file is malformed (truncated, bad header, bad JSON): names the file and what is wrong.
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// A tensor the model needs is missing from the checkpoint.
+    #[error("{path}: missing tensor `{name}` (expected shape {expected:?})")]
+    MissingTensor { path: PathBuf, name: String, expected: Vec<usize> },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A model type or tensor type tuna does not support.
+    #[error("{path}: unsupported {what}")]
+    Unsupported { path: PathBuf, what: String },
+    /// Tokenizer failures.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

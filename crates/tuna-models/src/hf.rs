@@ -1,0 +1,1 @@
+//! hf: in progress (issue 4).
