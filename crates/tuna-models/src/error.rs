@@ -14,7 +14,11 @@ pub enum Error {
     Kernel(#[from] tuna_kernels::Error),
     /// A file could not be read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A file is malformed (truncated, bad header, bad JSON): names the file and what is wrong.
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },

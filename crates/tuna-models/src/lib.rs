@@ -6,5 +6,6 @@ pub mod error;
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

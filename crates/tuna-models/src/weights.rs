@@ -1,0 +1,39 @@
+//! The interface between checkpoint readers (Hugging Face safetensors, GGUF) and the models:
+//! named f32 tensors under Hugging Face names, with the file they came from for errors.
+
+use crate::error::{Error, Result};
+use std::borrow::Cow;
+use std::path::Path;
+
+/// A source of named tensors, converted to f32 (dequantized where quantized). Names are Hugging
+/// Face's (e.g. `model.layers.0.self_attn.q_proj.weight`), whatever the file format.
+pub trait WeightSource {
+    /// The file (or folder) errors should name.
+    fn path(&self) -> &Path;
+    /// Every float tensor's name (non-float tensors are skipped by the readers).
+    fn names(&self) -> Vec<String>;
+    /// Shape of `name`, if present.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The values of `name` as f32: borrowed from the memory map where the file holds aligned
+    /// f32 (zero-copy), converted otherwise. `None` if absent.
+    fn get(&self, name: &str) -> Option<Result<Cow<'_, [f32]>>>;
+
+    /// `name` with exactly `expected` shape, or an error naming the tensor, its expected shape and
+    /// what was found.
+    fn require(&self, name: &str, expected: &[usize]) -> Result<Cow<'_, [f32]>> {
+        match self.shape(name) {
+            None => Err(Error::MissingTensor {
+                path: self.path().to_path_buf(),
+                name: name.into(),
+                expected: expected.to_vec(),
+            }),
+            Some(s) if s != expected => Err(Error::TensorShape {
+                path: self.path().to_path_buf(),
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: s,
+            }),
+            Some(_) => self.get(name).expect("shape() said present"),
+        }
+    }
+}
