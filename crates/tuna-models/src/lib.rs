@@ -1,10 +1,15 @@
 //! tuna-models: GPT-2, Llama and BERT on tuna's autograd; loading from Hugging Face folders and
 //! GGUF files; tokenizers; generation; adaptation methods (later).
 
+pub mod bert;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
+pub mod gpt2;
 pub mod hf;
+pub mod llama;
+pub mod params;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,1 @@
+//! gpt2: in progress (issue 4).

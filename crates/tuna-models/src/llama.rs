@@ -1,0 +1,1 @@
+//! llama: in progress (issue 4).
