@@ -12,6 +12,7 @@ pub mod gradcheck;
 pub mod graph;
 pub mod ints;
 pub mod ops;
+pub mod optim;
 pub mod stats;
 pub mod tensor;
 

@@ -116,3 +116,33 @@ fn saved_activations_are_freed_by_backward_and_no_grad_records_nothing() {
     l.backward().unwrap();
     assert!(l.backward().unwrap_err().to_string().contains("already differentiated"));
 }
+
+#[test]
+fn adamw_and_clipping_train_the_prefix() {
+    use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
+    let m = Tiny::<f64>::new(9, Train::PrefixOnly);
+    let params = m.trainable();
+    let base: Vec<Vec<f64>> = params.iter().map(|p| p.to_vec().unwrap()).collect();
+    let frozen_before = m.blocks[0].wq.to_vec().unwrap();
+    let mut opt = AdamW::new(&params, AdamWParams { weight_decay: 0.0, ..AdamWParams::new(0.05) }).unwrap();
+    let first = m.loss(&IDS, 2).unwrap().to_vec().unwrap()[0];
+    let mut last = first;
+    for step in 0..15 {
+        let loss = m.loss(&IDS, 2).unwrap();
+        last = loss.to_vec().unwrap()[0];
+        loss.backward().unwrap();
+        // the norm reported is the f64 norm of all gradients; clipping brings it to max_norm
+        let want: f64 =
+            params.iter().map(|p| p.grad().unwrap().unwrap().iter().map(|g| g * g).sum::<f64>()).sum::<f64>().sqrt();
+        let norm = clip_grad_norm(&params, 0.5).unwrap();
+        assert!((norm - want).abs() <= 1e-12 * want.max(1.0), "step {step}: {norm} vs {want}");
+        let after: f64 =
+            params.iter().map(|p| p.grad().unwrap().unwrap().iter().map(|g| g * g).sum::<f64>()).sum::<f64>().sqrt();
+        assert!(after <= 0.5 + 1e-9, "clipped norm {after}");
+        opt.step().unwrap();
+        assert!(params.iter().all(|p| p.grad().unwrap().is_none()), "step zeroes the gradients");
+    }
+    assert!(last < first - 0.05, "loss did not fall: {first} -> {last}");
+    assert!(params.iter().zip(&base).all(|(p, b)| p.to_vec().unwrap() != *b), "every trainable tensor moved");
+    assert_eq!(m.blocks[0].wq.to_vec().unwrap(), frozen_before, "a frozen weight is bit-identical");
+}

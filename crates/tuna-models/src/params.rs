@@ -72,4 +72,3 @@ impl WeightSource for MemWeights {
         self.tensors.get(name).map(|(_, v)| Ok(std::borrow::Cow::Borrowed(v.as_slice())))
     }
 }
-
