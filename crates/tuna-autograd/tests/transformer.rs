@@ -3,15 +3,17 @@
 //! the freeing of saved activations.
 
 mod common;
+use common::cpu;
 use common::tiny::{Tiny, Train};
 use tuna_autograd::gradcheck::{check, GRAD_TOL};
 use tuna_autograd::{no_grad, stats};
+use tuna_kernels::Cpu;
 
 const IDS: [u32; 10] = [1, 4, 2, 9, 3, 7, 7, 0, 10, 5];
 
 #[test]
 fn two_block_transformer_passes_the_gradient_check() {
-    let m = Tiny::<f64>::new(1, Train::All);
+    let m = Tiny::<Cpu, f64>::new(&cpu(), 1, Train::All);
     let params = m.trainable();
     assert_eq!(params.len(), 2 + 2 * 13 + 3);
     let r = check(&params, || m.loss(&IDS, 2), 1e-5, GRAD_TOL, 6).unwrap();
@@ -25,7 +27,7 @@ struct Run {
 }
 
 fn run(train: Train) -> Run {
-    let m = Tiny::<f64>::new(7, train);
+    let m = Tiny::<Cpu, f64>::new(&cpu(), 7, train);
     stats::reset();
     let loss = m.loss(&IDS, 2).unwrap();
     let lv = loss.to_vec().unwrap()[0];
@@ -75,9 +77,9 @@ fn frozen_base_launches_no_dw_and_saves_less() {
 fn micro_batches_accumulate_to_the_full_batch() {
     // one batch of 2 rows against 2 micro-batches of 1 row, each loss halved (both rows have
     // the same number of valid targets, so the full-batch mean is the mean of the halves)
-    let full = Tiny::<f64>::new(3, Train::All);
+    let full = Tiny::<Cpu, f64>::new(&cpu(), 3, Train::All);
     full.loss(&IDS, 2).unwrap().backward().unwrap();
-    let micro = Tiny::<f64>::new(3, Train::All);
+    let micro = Tiny::<Cpu, f64>::new(&cpu(), 3, Train::All);
     for row in IDS.chunks(5) {
         let l = micro.loss(row, 1).unwrap();
         tuna_autograd::ops::elem::scale(&l, 0.5).unwrap().backward().unwrap();
@@ -95,7 +97,7 @@ fn micro_batches_accumulate_to_the_full_batch() {
 
 #[test]
 fn saved_activations_are_freed_by_backward_and_no_grad_records_nothing() {
-    let m = Tiny::<f32>::new(5, Train::PrefixOnly);
+    let m = Tiny::<Cpu, f32>::new(&cpu(), 5, Train::PrefixOnly);
     let base = stats::snapshot().saved_bytes;
     let loss = m.loss(&IDS, 2).unwrap();
     assert!(stats::snapshot().saved_bytes > base, "{:?} base {base}", stats::snapshot());
@@ -120,7 +122,7 @@ fn saved_activations_are_freed_by_backward_and_no_grad_records_nothing() {
 #[test]
 fn adamw_and_clipping_train_the_prefix() {
     use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
-    let m = Tiny::<f64>::new(9, Train::PrefixOnly);
+    let m = Tiny::<Cpu, f64>::new(&cpu(), 9, Train::PrefixOnly);
     let params = m.trainable();
     let base: Vec<Vec<f64>> = params.iter().map(|p| p.to_vec().unwrap()).collect();
     let frozen_before = m.blocks[0].wq.to_vec().unwrap();

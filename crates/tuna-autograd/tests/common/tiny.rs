@@ -2,7 +2,6 @@
 //! linear, rope, attention with prefix, gelu, residual adds, cross-entropy), for composition,
 //! frozen-base accounting and accumulation tests.
 
-use super::cpu;
 use std::sync::Arc;
 use tuna_autograd::ops::act::{gelu, GeluKind};
 use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
@@ -13,9 +12,9 @@ use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::norm::layernorm;
 use tuna_autograd::ops::rope::rope;
 use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Result, Tensor};
 use tuna_kernels::testing::Rng;
-use tuna_kernels::Cpu;
 
 pub const V: usize = 11;
 pub const C: usize = 8;
@@ -26,25 +25,26 @@ pub const FF: usize = 12;
 pub const N_PROMPT: usize = 2;
 pub const N_PREFIX: usize = 3;
 
-pub struct Block<E: Float> {
-    pub ln1: (Tensor<Cpu, E>, Tensor<Cpu, E>),
-    pub wq: Tensor<Cpu, E>,
-    pub wk: Tensor<Cpu, E>,
-    pub wv: Tensor<Cpu, E>,
-    pub wo: Tensor<Cpu, E>,
-    pub ln2: (Tensor<Cpu, E>, Tensor<Cpu, E>),
-    pub w1: Tensor<Cpu, E>,
-    pub b1: Tensor<Cpu, E>,
-    pub w2: Tensor<Cpu, E>,
-    pub prefix: (Tensor<Cpu, E>, Tensor<Cpu, E>),
+pub struct Block<B: Kernels<E>, E: Float> {
+    pub ln1: (Tensor<B, E>, Tensor<B, E>),
+    pub wq: Tensor<B, E>,
+    pub wk: Tensor<B, E>,
+    pub wv: Tensor<B, E>,
+    pub wo: Tensor<B, E>,
+    pub ln2: (Tensor<B, E>, Tensor<B, E>),
+    pub w1: Tensor<B, E>,
+    pub b1: Tensor<B, E>,
+    pub w2: Tensor<B, E>,
+    pub prefix: (Tensor<B, E>, Tensor<B, E>),
 }
 
-pub struct Tiny<E: Float> {
-    pub table: Tensor<Cpu, E>,
-    pub prompt: Tensor<Cpu, E>,
-    pub blocks: Vec<Block<E>>,
-    pub lnf: (Tensor<Cpu, E>, Tensor<Cpu, E>),
-    pub head: Tensor<Cpu, E>,
+pub struct Tiny<B: Kernels<E>, E: Float> {
+    pub dev: Arc<B>,
+    pub table: Tensor<B, E>,
+    pub prompt: Tensor<B, E>,
+    pub blocks: Vec<Block<B, E>>,
+    pub lnf: (Tensor<B, E>, Tensor<B, E>),
+    pub head: Tensor<B, E>,
 }
 
 /// Which tensors train.
@@ -55,50 +55,58 @@ pub enum Train {
     PrefixOnly,
 }
 
-fn make<E: Float>(rng: &mut Rng, name: &str, shape: &[usize], scale: f32, trainable: bool) -> Tensor<Cpu, E> {
+fn make<B: Kernels<E>, E: Float>(
+    dev: &Arc<B>,
+    rng: &mut Rng,
+    name: &str,
+    shape: &[usize],
+    scale: f32,
+    trainable: bool,
+) -> Tensor<B, E> {
     let n: usize = shape.iter().product();
     let v: Vec<E> = (0..n).map(|_| E::from_f32(rng.normal() * scale)).collect();
     if trainable {
-        Tensor::param(&cpu(), name, shape, &v).unwrap()
+        Tensor::param(dev, name, shape, &v).unwrap()
     } else {
-        Tensor::constant(&cpu(), shape, &v).unwrap()
+        Tensor::constant(dev, shape, &v).unwrap()
     }
 }
 
-fn ln<E: Float>(rng: &mut Rng, name: &str, t: bool) -> (Tensor<Cpu, E>, Tensor<Cpu, E>) {
+fn ln<B: Kernels<E>, E: Float>(dev: &Arc<B>, rng: &mut Rng, name: &str, t: bool) -> (Tensor<B, E>, Tensor<B, E>) {
     let g: Vec<E> = (0..C).map(|_| E::from_f32(1.0 + 0.1 * rng.normal())).collect();
     let b: Vec<E> = (0..C).map(|_| E::from_f32(0.1 * rng.normal())).collect();
     if t {
         (
-            Tensor::param(&cpu(), &format!("{name}.g"), &[C], &g).unwrap(),
-            Tensor::param(&cpu(), &format!("{name}.b"), &[C], &b).unwrap(),
+            Tensor::param(dev, &format!("{name}.g"), &[C], &g).unwrap(),
+            Tensor::param(dev, &format!("{name}.b"), &[C], &b).unwrap(),
         )
     } else {
-        (Tensor::constant(&cpu(), &[C], &g).unwrap(), Tensor::constant(&cpu(), &[C], &b).unwrap())
+        (Tensor::constant(dev, &[C], &g).unwrap(), Tensor::constant(dev, &[C], &b).unwrap())
     }
 }
 
-impl<E: Float> Tiny<E> {
+impl<B: Kernels<E>, E: Float> Tiny<B, E> {
     /// The same weights (from `seed`) whatever `train` says; only which ones need a gradient differs.
-    pub fn new(seed: u64, train: Train) -> Self {
+    pub fn new(dev: &Arc<B>, seed: u64, train: Train) -> Self {
         let mut rng = Rng::new(seed);
         let w = train == Train::All;
-        let table = make(&mut rng, "table", &[V, C], 1.0, w);
-        let prompt = make(&mut rng, "prompt", &[N_PROMPT, C], 1.0, train != Train::PrefixOnly);
+        let table = make(dev, &mut rng, "table", &[V, C], 1.0, w);
+        let prompt = make(dev, &mut rng, "prompt", &[N_PROMPT, C], 1.0, train != Train::PrefixOnly);
         let s = 1.0 / (C as f32).sqrt();
         let blocks = (0..2)
             .map(|i| Block {
-                ln1: ln(&mut rng, &format!("b{i}.ln1"), w),
-                wq: make(&mut rng, &format!("b{i}.wq"), &[C, C], s, w),
-                wk: make(&mut rng, &format!("b{i}.wk"), &[KV_HEADS * D, C], s, w),
-                wv: make(&mut rng, &format!("b{i}.wv"), &[KV_HEADS * D, C], s, w),
-                wo: make(&mut rng, &format!("b{i}.wo"), &[C, C], s, w),
-                ln2: ln(&mut rng, &format!("b{i}.ln2"), w),
-                w1: make(&mut rng, &format!("b{i}.w1"), &[C, FF], s, w),
-                b1: make(&mut rng, &format!("b{i}.b1"), &[FF], 0.1, w),
-                w2: make(&mut rng, &format!("b{i}.w2"), &[C, FF], 1.0 / (FF as f32).sqrt(), w),
+                ln1: ln(dev, &mut rng, &format!("b{i}.ln1"), w),
+                wq: make(dev, &mut rng, &format!("b{i}.wq"), &[C, C], s, w),
+                wk: make(dev, &mut rng, &format!("b{i}.wk"), &[KV_HEADS * D, C], s, w),
+                wv: make(dev, &mut rng, &format!("b{i}.wv"), &[KV_HEADS * D, C], s, w),
+                wo: make(dev, &mut rng, &format!("b{i}.wo"), &[C, C], s, w),
+                ln2: ln(dev, &mut rng, &format!("b{i}.ln2"), w),
+                w1: make(dev, &mut rng, &format!("b{i}.w1"), &[C, FF], s, w),
+                b1: make(dev, &mut rng, &format!("b{i}.b1"), &[FF], 0.1, w),
+                w2: make(dev, &mut rng, &format!("b{i}.w2"), &[C, FF], 1.0 / (FF as f32).sqrt(), w),
                 prefix: (
                     make(
+                        dev,
                         &mut rng,
                         &format!("b{i}.prefix_k"),
                         &[N_PREFIX, KV_HEADS, D],
@@ -106,6 +114,7 @@ impl<E: Float> Tiny<E> {
                         train != Train::PromptOnly,
                     ),
                     make(
+                        dev,
                         &mut rng,
                         &format!("b{i}.prefix_v"),
                         &[N_PREFIX, KV_HEADS, D],
@@ -115,13 +124,13 @@ impl<E: Float> Tiny<E> {
                 ),
             })
             .collect();
-        let lnf = ln(&mut rng, "lnf", w);
-        let head = make(&mut rng, "head", &[V, C], s, w);
-        Tiny { table, prompt, blocks, lnf, head }
+        let lnf = ln(dev, &mut rng, "lnf", w);
+        let head = make(dev, &mut rng, "head", &[V, C], s, w);
+        Tiny { dev: dev.clone(), table, prompt, blocks, lnf, head }
     }
 
     /// Every trainable tensor.
-    pub fn trainable(&self) -> Vec<&Tensor<Cpu, E>> {
+    pub fn trainable(&self) -> Vec<&Tensor<B, E>> {
         let mut v = vec![&self.table, &self.prompt];
         for b in &self.blocks {
             v.extend([
@@ -145,15 +154,15 @@ impl<E: Float> Tiny<E> {
     }
 
     /// Mean next-token loss of `ids` (`[batch, seq]`), the prompt first, targets shifted by one.
-    pub fn loss(&self, ids: &[u32], batch: usize) -> Result<Tensor<Cpu, E>> {
-        let dev: Arc<Cpu> = cpu();
+    pub fn loss(&self, ids: &[u32], batch: usize) -> Result<Tensor<B, E>> {
+        let dev = &self.dev;
         let seq = ids.len() / batch;
         let t = seq + N_PROMPT;
-        let ids_t = Ints::new(&dev, &[batch, seq], ids)?;
-        let at = Ints::new(&dev, &[batch], &vec![0u32; batch])?;
+        let ids_t = Ints::new(dev, &[batch, seq], ids)?;
+        let at = Ints::new(dev, &[batch], &vec![0u32; batch])?;
         let mut x = embedding(&self.table, &ids_t, Some(Prompt { vectors: &self.prompt, at: &at }))?;
         let pos: Vec<u32> = (0..batch).flat_map(|_| (N_PREFIX as u32)..(N_PREFIX + t) as u32).collect();
-        let pos = Ints::new(&dev, &[batch, t], &pos)?;
+        let pos = Ints::new(dev, &[batch, t], &pos)?;
         for b in &self.blocks {
             let h = layernorm(&x, &b.ln1.0, &b.ln1.1, 1e-5)?;
             let q =
@@ -180,7 +189,7 @@ impl<E: Float> Tiny<E> {
                 targets[r * t + N_PROMPT + i] = ids[r * seq + i + 1] as i32;
             }
         }
-        let targets = Ints::new(&dev, &[batch * t], &targets)?;
+        let targets = Ints::new(dev, &[batch * t], &targets)?;
         cross_entropy(reshape(&logits, &[batch * t, V])?, &targets, -100)
     }
 }
