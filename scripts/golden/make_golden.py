@@ -200,7 +200,7 @@ def make_arch(arch, config, out_dir):
     golden["loss"] = loss.float().reshape(())
     golden.update({k: v.float().contiguous() for k, v in outs.items()})
     golden.update({f"grad.{n}": g.float().contiguous() for n, g in grads.items()})
-    save_file(golden, str(out_dir / "golden.safetensors"), metadata={"arch": arch, "seed": str(SEED)})
+    save_file(golden, str(out_dir / "golden.safetensors"), metadata={"arch": arch})  # one key: safetensors writes a map in hash order
 
     with safetensors.safe_open(str(out_dir / "model.safetensors"), "pt") as f:
         saved = set(f.keys())

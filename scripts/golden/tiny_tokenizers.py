@@ -2,8 +2,12 @@
 
 One per architecture, in the style of the real ones: GPT-2 byte-level BPE, Llama SentencePiece-like
 BPE (Metaspace, <s> prepended, <unk>), BERT WordPiece (lowercasing normalizer, [CLS] ... [SEP]).
-Training is deterministic (no randomness involved); the result is committed anyway.
+Runs give identical files (checked): BPE training is deterministic once ids are renumbered; the
+WordPiece vocabulary is built directly.
 """
+
+import json
+from collections import Counter
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -50,17 +54,20 @@ def build_tokenizer(arch: str) -> Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
                                       initial_alphabet=[], show_progress=False)
     elif arch == "bert":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        # The WordPiece trainer breaks ties in hash order (a different vocabulary each run): the vocabulary
+        # is built here instead, as BERT's looks: characters, "##" characters, whole words, some suffixes.
+        tok = Tokenizer(models.WordPiece(wordpiece_vocab(), unk_token="[UNK]", max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=None, lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(vocab_size=VOCAB,
-                                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                                            show_progress=False)
+        tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        trainer = None
     else:
         raise ValueError(arch)
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    if trainer is not None:
+        tok.train_from_iterator(CORPUS, trainer=trainer)
+        tok = canonical_ids(tok)
     if arch == "llama":
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -72,6 +79,33 @@ def build_tokenizer(arch: str) -> Tokenizer:
             special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     assert tok.get_vocab_size() <= VOCAB, (arch, tok.get_vocab_size())
     return tok
+
+
+def wordpiece_vocab() -> dict:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    norm = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for line in CORPUS for w, _ in pre.pre_tokenize_str(norm.normalize_str(line)))
+    chars = sorted({c for w in counts for c in w})
+    pieces = specials + chars + ["##" + c for c in chars] + ["##ing", "##ers", "##ics", "##ed"]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces += words[: VOCAB - len(pieces)]
+    return {p: i for i, p in enumerate(pieces)}
+
+
+def canonical_ids(tok: Tokenizer) -> Tokenizer:
+    """Renumbers the vocabulary deterministically: the trainers number the initial alphabet in hash-map
+    order, which changes from run to run. Special tokens keep ids 0..n-1, then the single characters
+    (with or without the "##" prefix) sorted, then the learned tokens in the order they were learned."""
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    specials = [t["content"] for t in sorted(data["added_tokens"], key=lambda t: t["id"])]
+    assert [vocab[t] for t in specials] == list(range(len(specials))), specials
+    rest = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
+    single = sorted(t for t in rest if len(t.removeprefix("##")) == 1)
+    learned = [t for t in rest if len(t.removeprefix("##")) != 1]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(specials + single + learned)}
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def tokens_record(arch: str, tok: Tokenizer) -> dict:
