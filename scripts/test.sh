@@ -11,10 +11,14 @@ mkdir -p target
 export TUNA_SKIP_LOG="$PWD/target/skipped-tests.txt"
 export TUNA_KERNEL_REPORT="$PWD/target/kernel-report.txt"
 rm -f "$TUNA_SKIP_LOG" "$TUNA_KERNEL_REPORT"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  # nextest does not run doctests (the README's examples are doctests): run them first, so the
+  # runner's last summary is nextest's
+  cargo test --workspace --doc || status=$?
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
 if [ -f "$TUNA_KERNEL_REPORT" ]; then
   echo "== kernel compile report (NVRTC, ptxas -v) =="
@@ -24,3 +28,4 @@ if [ -f "$TUNA_SKIP_LOG" ]; then
   echo "== $(wc -l < "$TUNA_SKIP_LOG") tests skipped their CUDA or NVRTC work (the runner counts them as passed), by name =="
   sort "$TUNA_SKIP_LOG"
 fi
+exit "$status"

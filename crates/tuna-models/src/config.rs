@@ -120,7 +120,17 @@ impl ModelConfig {
         let parse_err = |e: serde_json::Error| fmt(format!("{ty} config: {e}"));
         Ok(match ty {
             "gpt2" => ModelConfig::Gpt2(serde_json::from_value(v.clone()).map_err(parse_err)?),
-            "llama" => ModelConfig::Llama(serde_json::from_value(v.clone()).map_err(parse_err)?),
+            "llama" => {
+                // transformers 5 writes `rope_parameters: {rope_theta, ...}` instead of a top-level
+                // `rope_theta`; accept both.
+                let mut v = v.clone();
+                if v.get("rope_theta").is_none() {
+                    if let Some(t) = v.get("rope_parameters").and_then(|r| r.get("rope_theta")).cloned() {
+                        v["rope_theta"] = t;
+                    }
+                }
+                ModelConfig::Llama(serde_json::from_value(v).map_err(parse_err)?)
+            }
             "bert" => ModelConfig::Bert(serde_json::from_value(v.clone()).map_err(parse_err)?),
             other => {
                 return Err(Error::Unsupported {
@@ -153,6 +163,8 @@ mod tests {
         assert!(matches!(g, ModelConfig::Gpt2(ref c) if c.inner() == 3072 && c.layer_norm_epsilon == 1e-5));
         let l = ModelConfig::from_json(r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000.0,"tie_word_embeddings":true}"#, p).unwrap();
         assert!(matches!(l, ModelConfig::Llama(ref c) if c.kv_heads() == 3 && c.head_dim() == 64));
+        let l5 = ModelConfig::from_json(r#"{"model_type":"llama","vocab_size":96,"hidden_size":32,"intermediate_size":48,"num_hidden_layers":2,"num_attention_heads":4,"rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#, p).unwrap();
+        assert!(matches!(l5, ModelConfig::Llama(ref c) if c.rope_theta == 1e5), "{l5:?}");
         let b = ModelConfig::from_json(r#"{"model_type":"bert","vocab_size":30522,"hidden_size":384,"num_hidden_layers":6,"num_attention_heads":12,"intermediate_size":1536,"max_position_embeddings":512}"#, p).unwrap();
         assert!(matches!(b, ModelConfig::Bert(ref c) if c.layer_norm_eps == 1e-12 && c.head_dim() == 32));
         let e = ModelConfig::from_json(r#"{"model_type":"t5"}"#, p).unwrap_err().to_string();
