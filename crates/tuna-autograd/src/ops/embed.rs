@@ -1,6 +1,6 @@
 //! Embedding lookup with soft-prompt injection.
 
-use super::{zeros, Kernels};
+use super::{zeros, GradSlot, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Input};
 use crate::ints::Ints;
@@ -81,16 +81,9 @@ pub fn embedding<B: Kernels<E>, E: Float>(
         Box::new(move || {
             let Some(g) = out_cell.take() else { return Ok(()) };
             launched("embedding.bwd");
-            let mut gt = ct.as_ref().map(|c| c.buf.borrow_mut());
-            let mut gp = cp.as_ref().map(|c| c.buf.borrow_mut());
-            let dt = match gt.as_mut() {
-                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, p.table_elems())?))),
-                None => None,
-            };
-            let dp = match gp.as_mut() {
-                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, p.prompt_elems())?))),
-                None => None,
-            };
+            let mut st = GradSlot::optional(&*dev, &ct, p.table_elems())?;
+            let mut sp = GradSlot::optional(&*dev, &cp, p.prompt_elems())?;
+            let (dt, dp) = (st.as_mut().map(|s| s.buf()), sp.as_mut().map(|s| s.buf()));
             Ok(dev.embed_bwd(&p, ids.buf(), at.as_ref().map(|a| a.buf()), B::buf(&g), dt, dp)?)
         })
     }))

@@ -111,6 +111,10 @@ impl<'a, B: Alloc<E>, E: Float> GradSlot<'a, B, E> {
             None => GradSlot::Scratch(dev.zeros(n)?),
         })
     }
+    /// The slot of an input's gradient if it needs one, else `None` (the kernel skips it).
+    pub(crate) fn optional(dev: &B, cell: &'a Option<std::rc::Rc<GradCell<B, E>>>, n: usize) -> Result<Option<Self>> {
+        cell.as_ref().map(|_| Self::new(dev, cell, n)).transpose()
+    }
     pub(crate) fn buf(&mut self) -> &mut B::Buf<E> {
         match self {
             GradSlot::Cell(g) => B::buf_mut(g.as_mut().expect("allocated in new")),

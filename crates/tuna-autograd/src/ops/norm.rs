@@ -51,16 +51,9 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
                 launched("layernorm.dW");
             }
             let mut sx = GradSlot::new(&*dev, &cx, n)?;
-            let mut dg = cg.as_ref().map(|c| c.buf.borrow_mut());
-            let mut db = cb.as_ref().map(|c| c.buf.borrow_mut());
-            let dgamma = match dg.as_mut() {
-                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
-                None => None,
-            };
-            let dbeta = match db.as_mut() {
-                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
-                None => None,
-            };
+            let mut sg = GradSlot::optional(&*dev, &cg, dim)?;
+            let mut sb = GradSlot::optional(&*dev, &cb, dim)?;
+            let (dgamma, dbeta) = (sg.as_mut().map(|s| s.buf()), sb.as_mut().map(|s| s.buf()));
             let (mean, rstd) = stats.buf();
             Ok(dev.layernorm_bwd(
                 &p,
@@ -97,11 +90,8 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
                 launched("rmsnorm.dW");
             }
             let mut sx = GradSlot::new(&*dev, &cx, n)?;
-            let mut dg = cg.as_ref().map(|c| c.buf.borrow_mut());
-            let dgamma = match dg.as_mut() {
-                Some(b) => Some(B::buf_mut(b.get_or_insert(zeros::<B, E>(&dev, dim)?))),
-                None => None,
-            };
+            let mut sg = GradSlot::optional(&*dev, &cg, dim)?;
+            let dgamma = sg.as_mut().map(|s| s.buf());
             Ok(dev.rmsnorm_bwd(&p, &xs.t().buf(), &gs.t().buf(), B::buf(rstd.buf()), B::buf(&g), sx.buf(), dgamma)?)
         })
     }))
