@@ -116,8 +116,12 @@ fn prefixed_and_bare_names_both_resolve() {
 #[test]
 fn unaligned_f32_is_copied() {
     // Hand-made file: a 1-element f16 first, so the f32 after it starts 2 bytes off alignment.
-    let mut header = r#"{"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"F32","shape":[2],"data_offsets":[2,10]}}"#.to_string();
-    while header.len() % 8 != 0 {
+    let mut header = concat!(
+        r#"{"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"#,
+        r#""b":{"dtype":"F32","shape":[2],"data_offsets":[2,10]}}"#
+    )
+    .to_string();
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
