@@ -1,1 +1,0 @@
-//! hf: in progress (issue 4).
