@@ -1,1 +1,0 @@
-//! gguf: in progress (issue 4).
