@@ -31,6 +31,10 @@ pub enum Error {
     /// A model type or tensor type tuna does not support.
     #[error("{path}: unsupported {what}")]
     Unsupported { path: PathBuf, what: String },
+    /// An API argument out of its domain (a sampling temperature <= 0, labels of the wrong
+    /// length, an empty prompt): says which and why.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// Tokenizer failures.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -1,1 +1,0 @@
-//! llama: in progress (issue 4).

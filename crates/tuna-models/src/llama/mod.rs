@@ -1,0 +1,246 @@
+//! Llama (SmolLM2 and kin) on tuna's autograd: RMSNorm, RoPE (rotate_half) at explicit per-token
+//! positions, grouped-query causal attention with a key padding mask and a KV cache, SwiGLU MLP.
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::generate::{CausalLm, KvCache};
+use crate::params::Loader;
+use std::sync::Arc;
+use tuna_autograd::ops::act::swiglu;
+use tuna_autograd::ops::attention::{attention, AttnOptions};
+use tuna_autograd::ops::elem::{add, slice_cols};
+use tuna_autograd::ops::embed::embedding;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::norm::rmsnorm;
+use tuna_autograd::ops::rope::rope;
+use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{Float, Ints, Tensor};
+
+/// The label Hugging Face's loss ignores.
+pub const IGNORE_INDEX: i32 = -100;
+
+/// One decoder layer's weights (all `[out, in]`, no biases).
+pub struct LlamaLayer<B: Kernels<E>, E: Float> {
+    pub input_layernorm: Tensor<B, E>,
+    pub q_proj: Tensor<B, E>,
+    pub k_proj: Tensor<B, E>,
+    pub v_proj: Tensor<B, E>,
+    pub o_proj: Tensor<B, E>,
+    pub post_attention_layernorm: Tensor<B, E>,
+    pub gate_proj: Tensor<B, E>,
+    pub up_proj: Tensor<B, E>,
+    pub down_proj: Tensor<B, E>,
+}
+
+/// A Llama causal language model.
+pub struct Llama<B: Kernels<E>, E: Float> {
+    pub cfg: LlamaConfig,
+    pub dev: Arc<B>,
+    pub embed_tokens: Tensor<B, E>,
+    pub layers: Vec<LlamaLayer<B, E>>,
+    pub norm: Tensor<B, E>,
+    /// `lm_head.weight`, or the same tensor as `embed_tokens` when tied.
+    pub lm_head: Tensor<B, E>,
+}
+
+impl<B: Kernels<E>, E: Float> Llama<B, E> {
+    /// Load every weight under its Hugging Face name through `loader` (which decides what trains).
+    /// The head is `lm_head.weight` unless `tie_word_embeddings` is set or the checkpoint has no
+    /// `lm_head.weight`, in which case it is `embed_tokens` itself (one tensor, one gradient).
+    pub fn load(cfg: &LlamaConfig, loader: &mut Loader<'_, B, E>) -> Result<Self> {
+        let (hidden, vocab, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        if heads == 0 || kvh == 0 || hd == 0 || heads % kvh != 0 {
+            return Err(Error::Format {
+                path: loader.src.path().to_path_buf(),
+                msg: format!("llama config: {heads} attention heads cannot share {kvh} key/value heads of dim {hd}"),
+            });
+        }
+        let embed_tokens = loader.load("model.embed_tokens.weight", &[vocab, hidden])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let mut w = |name: &str, shape: &[usize]| loader.load(&format!("model.layers.{i}.{name}.weight"), shape);
+            layers.push(LlamaLayer {
+                input_layernorm: w("input_layernorm", &[hidden])?,
+                q_proj: w("self_attn.q_proj", &[heads * hd, hidden])?,
+                k_proj: w("self_attn.k_proj", &[kvh * hd, hidden])?,
+                v_proj: w("self_attn.v_proj", &[kvh * hd, hidden])?,
+                o_proj: w("self_attn.o_proj", &[hidden, heads * hd])?,
+                post_attention_layernorm: w("post_attention_layernorm", &[hidden])?,
+                gate_proj: w("mlp.gate_proj", &[inter, hidden])?,
+                up_proj: w("mlp.up_proj", &[inter, hidden])?,
+                down_proj: w("mlp.down_proj", &[hidden, inter])?,
+            });
+        }
+        let norm = loader.load("model.norm.weight", &[hidden])?;
+        let untied = !cfg.tie_word_embeddings && loader.src.shape("lm_head.weight").is_some();
+        let lm_head = if untied { loader.load("lm_head.weight", &[vocab, hidden])? } else { embed_tokens.clone() };
+        Ok(Llama { cfg: cfg.clone(), dev: loader.dev.clone(), embed_tokens, layers, norm, lm_head })
+    }
+
+    /// Logits `[batch, seq, vocab]` of `ids` (`[batch, seq]`) at `positions` (`[batch, seq]`, the
+    /// RoPE position of each token: after left padding or a cache they need not start at 0).
+    ///
+    /// `mask` (`[batch, cached + seq]`, 1 = attend) marks padding keys; with a `cache` it covers
+    /// the cached tokens too. With a cache, the new keys and values are appended to it and the
+    /// queries see every cached key (causally, the new tokens following the cached ones).
+    pub fn forward(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<Tensor<B, E>> {
+        let x = embedding(&self.embed_tokens, ids, None)?;
+        let h = self.hidden(x, positions, mask, cache)?;
+        self.head(&h)
+    }
+
+    /// The last layer's normalized hidden states `[batch, seq, hidden]` from input embeddings `x`
+    /// (`[batch, seq, hidden]`: token embeddings, or with soft prompt vectors inserted).
+    pub fn hidden(
+        &self,
+        mut x: Tensor<B, E>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        mut cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<Tensor<B, E>> {
+        let &[batch, seq, _] = x.shape() else {
+            return Err(shape_err("input embeddings must be [batch, seq, hidden]", x.shape(), &[]));
+        };
+        if let Some(c) = &cache {
+            if c.n_layers() != self.layers.len() || c.batch().is_some_and(|b| b != batch) {
+                let have = [c.n_layers(), c.batch().unwrap_or(batch)];
+                return Err(shape_err(
+                    "cache [layers, batch] vs the model and input",
+                    &have,
+                    &[self.layers.len(), batch],
+                ));
+            }
+        }
+        let (heads, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let (eps, theta) = (self.cfg.rms_norm_eps as f32, self.cfg.rope_theta as f32);
+        let opt = AttnOptions { causal: true, scale: None };
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = rmsnorm(&x, &l.input_layernorm, eps)?;
+            let proj = |w: &Tensor<B, E>, n: usize| -> Result<Tensor<B, E>> {
+                Ok(reshape(&linear(&h, w, WeightLayout::OutIn, None)?, &[batch, seq, n, hd])?)
+            };
+            let q = rope(&proj(&l.q_proj, heads)?, positions, theta)?;
+            let k = rope(&proj(&l.k_proj, kvh)?, positions, theta)?;
+            let v = proj(&l.v_proj, kvh)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let a = reshape(&attention(&q, &k, &v, None, mask, opt)?, &[batch, seq, heads * hd])?;
+            x = add(&x, &linear(&a, &l.o_proj, WeightLayout::OutIn, None)?)?;
+            let h = rmsnorm(&x, &l.post_attention_layernorm, eps)?;
+            let gate = linear(&h, &l.gate_proj, WeightLayout::OutIn, None)?;
+            let up = linear(&h, &l.up_proj, WeightLayout::OutIn, None)?;
+            x = add(&x, &linear(&swiglu(&gate, &up)?, &l.down_proj, WeightLayout::OutIn, None)?)?;
+        }
+        Ok(rmsnorm(&x, &self.norm, eps)?)
+    }
+
+    /// Logits `[.., vocab]` of hidden states `[.., hidden]`.
+    pub fn head(&self, h: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        Ok(linear(h, &self.lm_head, WeightLayout::OutIn, None)?)
+    }
+
+    /// Hugging Face's causal LM loss with positions `0..seq` and no padding: see [`Llama::loss_with`].
+    pub fn loss(&self, ids: &Ints<B, u32>, labels: &[i32]) -> Result<Tensor<B, E>> {
+        let &[batch, seq] = ids.shape() else {
+            return Err(shape_err("ids must be [batch, seq]", ids.shape(), &[]));
+        };
+        let positions = Ints::new(&self.dev, &[batch, seq], &positions(batch, seq, 0))?;
+        self.loss_with(ids, &positions, None, labels)
+    }
+
+    /// Hugging Face's causal LM loss: the mean cross-entropy of the logits at `i` against
+    /// `labels[i + 1]` (`labels` `[batch, seq]`, row-major), over the labels not
+    /// [`IGNORE_INDEX`].
+    pub fn loss_with(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        labels: &[i32],
+    ) -> Result<Tensor<B, E>> {
+        let &[batch, seq] = ids.shape() else {
+            return Err(shape_err("ids must be [batch, seq]", ids.shape(), &[]));
+        };
+        if labels.len() != batch * seq {
+            return Err(Error::InvalidArgument(format!(
+                "llama loss: {} labels for ids of shape [{batch}, {seq}]",
+                labels.len()
+            )));
+        }
+        let logits = self.forward(ids, positions, mask, None)?;
+        let vocab = self.cfg.vocab_size;
+        let targets = shifted_targets(labels, batch, seq);
+        let targets = Ints::new(&self.dev, &[batch * seq], &targets)?;
+        Ok(cross_entropy(reshape(&logits, &[batch * seq, vocab])?, &targets, IGNORE_INDEX)?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Llama<B, E> {
+    fn new_cache(&self) -> KvCache<B, E> {
+        KvCache::new(self.layers.len())
+    }
+
+    fn logits_step(&self, ids: &[u32], positions: &[u32], cache: &mut KvCache<B, E>) -> Result<Vec<E>> {
+        let t = ids.len();
+        if t == 0 || positions.len() != t {
+            return Err(Error::InvalidArgument(format!("logits_step: {t} ids with {} positions", positions.len())));
+        }
+        let ids = Ints::new(&self.dev, &[1, t], ids)?;
+        let pos = Ints::new(&self.dev, &[1, t], positions)?;
+        let x = embedding(&self.embed_tokens, &ids, None)?;
+        let h = self.hidden(x, &pos, None, Some(cache))?;
+        // Only the last position goes through the head.
+        let hidden = self.cfg.hidden_size;
+        let last = slice_cols(&reshape(&h, &[1, t * hidden])?, (t - 1) * hidden, hidden)?;
+        Ok(self.head(&last)?.to_vec()?)
+    }
+}
+
+/// Positions `start..start + seq` for each of `batch` rows, row-major.
+pub fn positions(batch: usize, seq: usize, start: u32) -> Vec<u32> {
+    (0..batch).flat_map(|_| start..start + seq as u32).collect()
+}
+
+/// Hugging Face's positions under a padding mask (`[batch, len]`, 1 = token): each token's count of
+/// tokens before it in its row (`cumsum(mask) - 1`), and 1 at padding (as transformers fills it).
+pub fn positions_from_mask(mask: &[u8], batch: usize, len: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(batch * len);
+    for row in mask.chunks(len.max(1)).take(batch) {
+        let mut n = 0u32;
+        for &m in row {
+            n += (m != 0) as u32;
+            out.push(if m != 0 { n - 1 } else { 1 });
+        }
+    }
+    out
+}
+
+/// Targets for the logits at each position: the next label in the row, [`IGNORE_INDEX`] at each
+/// row's last position (HF shifts logits and labels; the mean over the kept rows is the same).
+fn shifted_targets(labels: &[i32], batch: usize, seq: usize) -> Vec<i32> {
+    let mut t = vec![IGNORE_INDEX; batch * seq];
+    for r in 0..batch {
+        for i in 0..seq.saturating_sub(1) {
+            t[r * seq + i] = labels[r * seq + i + 1];
+        }
+    }
+    t
+}
+
+fn shape_err(what: &'static str, left: &[usize], right: &[usize]) -> Error {
+    tuna_autograd::Error::Shape { op: "llama", what, left: left.to_vec(), right: right.to_vec() }.into()
+}
+
+#[cfg(test)]
+mod tests;
