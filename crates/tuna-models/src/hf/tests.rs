@@ -267,7 +267,7 @@ pub(crate) fn minilm_dir() -> Option<PathBuf> {
 #[test]
 fn minilm_folder_when_present() {
     let Some(d) = minilm_dir() else {
-        println!("SKIPPED minilm_folder_when_present: .assets/all-MiniLM-L6-v2 absent");
+        tuna_kernels::testing::note_skip("minilm_folder_when_present", ".assets/all-MiniLM-L6-v2 absent");
         return;
     };
     let ck = HfCheckpoint::open(&d).unwrap();

@@ -8,7 +8,7 @@ fn asset(test: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        println!("SKIPPED {test}: {} is absent (fetch it with the assets script)", p.display());
+        tuna_kernels::testing::note_skip(test, &format!("{} is absent (fetch it with the assets script)", p.display()));
         None
     }
 }
