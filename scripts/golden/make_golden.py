@@ -170,6 +170,12 @@ def make_arch(arch, config, out_dir):
         tensors["token_type_ids"] = torch.zeros_like(input_ids)
     else:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
+        # A left-padded row's first real token would be predicted from a padding position, whose
+        # query sees only padding keys (HF's eager attention then spreads uniformly over every key;
+        # tuna's fused attention outputs zeros): not a meaningful prediction, so it is ignored too.
+        after_pad = torch.zeros_like(attention_mask, dtype=torch.bool)
+        after_pad[:, 1:] = attention_mask[:, :-1] == 0
+        labels = labels.masked_fill(after_pad, -100)
         next_token = torch.full_like(labels, -100)
         next_token[:, :-1] = labels[:, 1:]
         tensors["labels"] = labels
@@ -228,7 +234,7 @@ def make_arch(arch, config, out_dir):
             "attention_mask": "int64 [2, 7], 1 = real token",
             "position_ids": "int64 [2, 7], 0..6 for every row (HF's default, padded rows too); passed explicitly",
             **({"token_type_ids": "int64 [2, 7], all 0"} if arch == "bert" else
-               {"labels": "int64 [2, 7], HF convention (unshifted), -100 at pads",
+               {"labels": "int64 [2, 7], HF convention (unshifted), -100 at pads and at the first real token after left padding (predicted from a padding position)",
                 "next_token_labels": "int64 [2, 7], target of logits[b, t], -100 at pads and the last position"}),
         },
         "loss": (
