@@ -8,4 +8,5 @@ pub use tuna_kernels as kernels;
 pub use tuna_models as models;
 pub use tuna_trainer as trainer;
 
+pub mod generate_cmd;
 pub mod info;
