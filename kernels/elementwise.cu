@@ -1,6 +1,7 @@
 // elementwise.cu: the glue ops of a transformer block, forward and backward, f32 and bf16:
-// add, mul, scale (flat, grid-stride); add_bias (columns x rows grid; dbias from per-chunk
-// partials and an in-order reduction, no atomics); slice_cols / concat_cols (one copy kernel);
+// add, mul, scale, tanh (flat, grid-stride; tanh's backward reads the forward's output);
+// add_bias (columns x rows grid; dbias from per-chunk partials and an in-order reduction, no
+// atomics); slice_cols / concat_cols (one copy kernel);
 // sum_rows_masked_mean (BERT mean pooling; each block counts its batch row's mask).
 // Backwards accumulate (`+=`) into every gradient; forwards overwrite their outputs.
 #include "common.cuh"
@@ -66,6 +67,17 @@ __device__ void scale_fwd(const FlatParams p, const T* a, T* y) {
 template <typename T>
 __device__ void scale_bwd(const FlatParams p, const T* dy, T* da) {
     for (u64_t i = gtid(); i < p.n; i += gstride()) acc(da, i, p.s * ld(dy, i));
+}
+template <typename T>
+__device__ void tanh_fwd(const FlatParams p, const T* x, T* y) {
+    for (u64_t i = gtid(); i < p.n; i += gstride()) st(y, i, tanhf(ld(x, i)));
+}
+template <typename T>
+__device__ void tanh_bwd(const FlatParams p, const T* y, const T* dy, T* dx) {
+    for (u64_t i = gtid(); i < p.n; i += gstride()) {
+        const float t = ld(y, i);
+        acc(dx, i, ld(dy, i) * (1.f - t * t));
+    }
 }
 
 // ---- add_bias: x over columns, y over rows (grid-stride: gridDim.y is capped at 65535) ----
@@ -175,6 +187,10 @@ __device__ void masked_mean_bwd(const PoolParams p, const u8_t* mask, const T* d
     extern "C" __global__ void scale_fwd_##NAME(const FlatParams p, const T* a, T* y) { scale_fwd(p, a, y); }  \
     extern "C" __global__ void scale_bwd_##NAME(const FlatParams p, const T* dy, T* da) {                      \
         scale_bwd(p, dy, da);                                                                                  \
+    }                                                                                                          \
+    extern "C" __global__ void tanh_fwd_##NAME(const FlatParams p, const T* x, T* y) { tanh_fwd(p, x, y); }    \
+    extern "C" __global__ void tanh_bwd_##NAME(const FlatParams p, const T* y, const T* dy, T* dx) {           \
+        tanh_bwd(p, y, dy, dx);                                                                                \
     }                                                                                                          \
     extern "C" __global__ void add_bias_fwd_##NAME(const BiasParams p, const T* x, const T* bias, T* y) {      \
         add_bias_fwd(p, x, bias, y);                                                                           \

@@ -102,7 +102,7 @@ fn frozen_inputs_get_no_gradient() {
 
 #[test]
 fn elementwise_glue() {
-    use tuna_autograd::ops::elem::{add, add_bias, concat_cols, mean_pool, mul, scale, slice_cols};
+    use tuna_autograd::ops::elem::{add, add_bias, concat_cols, mean_pool, mul, scale, slice_cols, tanh};
     use tuna_autograd::ops::shape::reshape;
     let mut rng = Rng::new(15);
     let a = param(&mut rng, "a", &[4, 6], 1.0);
@@ -111,6 +111,8 @@ fn elementwise_glue() {
     check(&[&a, &b], || reduce(add(&a, &b)?, 16), H, GRAD_TOL, 24).unwrap();
     check(&[&a, &b], || reduce(mul(&a, &b)?, 17), H, GRAD_TOL, 24).unwrap();
     check(&[&a], || reduce(scale(&a, -0.75)?, 18), H, GRAD_TOL, 24).unwrap();
+    // tanh's backward reads its output: scale the input so some elements saturate
+    check(&[&a], || reduce(tanh(&scale(&a, 1.8)?)?, 22), H, GRAD_TOL, 24).unwrap();
     check(&[&a, &bias], || reduce(add_bias(&a, &bias)?, 19), H, GRAD_TOL, 24).unwrap();
     let f = || {
         let (x, y, z) = (slice_cols(&a, 0, 2)?, slice_cols(&a, 2, 3)?, slice_cols(&b, 5, 1)?);

@@ -1,1 +1,175 @@
-//! bert: in progress (issue 4).
+//! BERT encoder on tuna's autograd (e.g. all-MiniLM-L6-v2): word + position + token-type-0
+//! embeddings and LayerNorm, post-LN blocks with bidirectional attention under the key padding
+//! mask, GELU (erf); the pooler (dense + tanh of the first token) and sentence-transformers' masked
+//! mean pooling.
+
+use crate::config::BertConfig;
+use crate::error::{Error, Result};
+use crate::gpt2::{batch_seq, Norm};
+use crate::params::Loader;
+use tuna_autograd::ops::act::{gelu, GeluKind};
+use tuna_autograd::ops::attention::{attention, AttnOptions};
+use tuna_autograd::ops::elem::{add, mean_pool, slice_cols, tanh};
+use tuna_autograd::ops::embed::embedding;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::norm::layernorm;
+use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{Float, Ints, Tensor};
+
+/// An `nn.Linear`: weight `[out, in]`, bias `[out]`.
+pub struct Dense<B: Kernels<E>, E: Float> {
+    pub weight: Tensor<B, E>,
+    pub bias: Tensor<B, E>,
+}
+
+/// One encoder layer (`encoder.layer.N`).
+pub struct BertLayer<B: Kernels<E>, E: Float> {
+    pub query: Dense<B, E>,
+    pub key: Dense<B, E>,
+    pub value: Dense<B, E>,
+    pub attn_out: Dense<B, E>,
+    pub attn_norm: Norm<B, E>,
+    pub intermediate: Dense<B, E>,
+    pub output: Dense<B, E>,
+    pub out_norm: Norm<B, E>,
+}
+
+/// BERT: embeddings, encoder, and the pooler when the checkpoint has one.
+pub struct Bert<B: Kernels<E>, E: Float> {
+    pub cfg: BertConfig,
+    pub word: Tensor<B, E>,
+    pub position: Tensor<B, E>,
+    pub token_type: Tensor<B, E>,
+    pub emb_norm: Norm<B, E>,
+    pub layers: Vec<BertLayer<B, E>>,
+    pub pooler: Option<Dense<B, E>>,
+    /// The checkpoint the weights came from (named by the missing-pooler error).
+    pub path: std::path::PathBuf,
+}
+
+/// `name`, bare (`BertModel`) or under the `bert.` prefix (task heads' checkpoints).
+fn names(name: &str) -> [String; 2] {
+    [name.to_string(), format!("bert.{name}")]
+}
+
+fn load<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, shape: &[usize]) -> Result<Tensor<B, E>> {
+    let [a, b] = names(name);
+    l.load_any(&[&a, &b], shape)
+}
+
+fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize) -> Result<Norm<B, E>> {
+    Ok(Norm { weight: load(l, &format!("{name}.weight"), &[c])?, bias: load(l, &format!("{name}.bias"), &[c])? })
+}
+
+fn dense<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Dense<B, E>> {
+    Ok(Dense { weight: load(l, &format!("{name}.weight"), &[o, i])?, bias: load(l, &format!("{name}.bias"), &[o])? })
+}
+
+impl<B: Kernels<E>, E: Float> Dense<B, E> {
+    fn apply(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        Ok(linear(x, &self.weight, WeightLayout::OutIn, Some(&self.bias))?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Bert<B, E> {
+    /// Every tensor of `cfg`'s encoder from `loader`'s source (Hugging Face names, with or without
+    /// `bert.`); the pooler only if `pooler.dense.weight` is present. A missing or mis-shaped
+    /// tensor is an error naming it.
+    pub fn load(cfg: &BertConfig, loader: &mut Loader<'_, B, E>) -> Result<Self> {
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let word = load(loader, "embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?;
+        let position = load(loader, "embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?;
+        let token_type = load(loader, "embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?;
+        let emb_norm = norm(loader, "embeddings.LayerNorm", h)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(BertLayer {
+                query: dense(loader, &format!("{p}.attention.self.query"), h, h)?,
+                key: dense(loader, &format!("{p}.attention.self.key"), h, h)?,
+                value: dense(loader, &format!("{p}.attention.self.value"), h, h)?,
+                attn_out: dense(loader, &format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: norm(loader, &format!("{p}.attention.output.LayerNorm"), h)?,
+                intermediate: dense(loader, &format!("{p}.intermediate.dense"), h, ff)?,
+                output: dense(loader, &format!("{p}.output.dense"), ff, h)?,
+                out_norm: norm(loader, &format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        let has_pooler = names("pooler.dense.weight").iter().any(|n| loader.src.shape(n).is_some());
+        let pooler = if has_pooler { Some(dense(loader, "pooler.dense", h, h)?) } else { None };
+        let path = loader.src.path().to_path_buf();
+        Ok(Bert { cfg: cfg.clone(), word, position, token_type, emb_norm, layers, pooler, path })
+    }
+
+    /// `last_hidden_state` `[batch, seq, hidden]` of `ids` (`[batch, seq]`, token type 0,
+    /// positions `0..seq`), attending to the keys where `attention_mask` (`[batch, seq]`) is 1.
+    pub fn forward(&self, ids: &Ints<B, u32>, attention_mask: &Ints<B, u8>) -> Result<Tensor<B, E>> {
+        let (b, t) = batch_seq(ids)?;
+        let (hid, heads, d) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.head_dim());
+        let eps = self.cfg.layer_norm_eps as f32;
+        let dev = self.word.device();
+        let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        let pos = Ints::new(dev, &[b, t], &pos)?;
+        let types = Ints::new(dev, &[b, t], &vec![0u32; b * t])?;
+        let x = add(&embedding(&self.word, ids, None)?, &embedding(&self.position, &pos, None)?)?;
+        let x = add(&x, &embedding(&self.token_type, &types, None)?)?;
+        let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
+        let opt = AttnOptions { causal: false, scale: None };
+        for l in &self.layers {
+            let heads4 = |y: Tensor<B, E>| -> Result<Tensor<B, E>> { Ok(reshape(&y, &[b, t, heads, d])?) };
+            let (q, k, v) = (heads4(l.query.apply(&x)?)?, heads4(l.key.apply(&x)?)?, heads4(l.value.apply(&x)?)?);
+            let a = attention(&q, &k, &v, None, Some(attention_mask), opt)?;
+            let a = l.attn_out.apply(&reshape(&a, &[b, t, hid])?)?;
+            x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
+            let f = gelu(&l.intermediate.apply(&x)?, GeluKind::Erf)?;
+            x = layernorm(&add(&l.output.apply(&f)?, &x)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;
+        }
+        Ok(x)
+    }
+
+    /// `pooler_output` `[batch, hidden]`: `tanh(dense(h[:, 0]))`. An error naming
+    /// `pooler.dense.weight` if the checkpoint had no pooler.
+    pub fn pooler(&self, h: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        let Some(p) = &self.pooler else {
+            return Err(Error::MissingTensor {
+                path: self.path.clone(),
+                name: "pooler.dense.weight".into(),
+                expected: vec![self.cfg.hidden_size, self.cfg.hidden_size],
+            });
+        };
+        let [b, t, hid] = *h.shape() else {
+            return Err(tuna_autograd::Error::Shape {
+                op: "bert pooler",
+                what: "h must be [batch, seq, hidden]",
+                left: h.shape().to_vec(),
+                right: vec![],
+            }
+            .into());
+        };
+        let first = slice_cols(&reshape(h, &[b, t * hid])?, 0, hid)?;
+        Ok(tanh(&p.apply(&first)?)?)
+    }
+
+    /// sentence-transformers' embedding: the mean of `h` (`[batch, seq, hidden]`) over the tokens
+    /// where `mask` is 1, `[batch, hidden]`.
+    pub fn mean_pooled(&self, h: &Tensor<B, E>, mask: &Ints<B, u8>) -> Result<Tensor<B, E>> {
+        Ok(mean_pool(h, mask)?)
+    }
+}
+
+/// Cosine similarity of two host vectors (0 when either is all zeros), accumulated in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        (ab / (aa.sqrt() * bb.sqrt())) as f32
+    }
+}

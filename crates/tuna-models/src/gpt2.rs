@@ -1,1 +1,227 @@
-//! gpt2: in progress (issue 4).
+//! GPT-2 on tuna's autograd: learned positions, pre-LN blocks with a fused qkv `Conv1D`, causal
+//! attention, GELU (tanh), and logits through the tied token embedding.
+//!
+//! Positions are an explicit input. Hugging Face uses `0..T-1` when no `position_ids` are passed
+//! (even with left padding); its `generate` derives them from the attention mask instead
+//! (`cumsum(mask) - 1`, pads set to 1). [`Gpt2::positions`] and [`Gpt2::positions_from_mask`]
+//! build each. With a key padding mask, a left-pad query sees no key at all: its attention output
+//! is zeros (Hugging Face's is arbitrary there); real tokens are unaffected either way.
+
+use crate::config::Gpt2Config;
+use crate::error::Result;
+use crate::params::Loader;
+use std::sync::Arc;
+use tuna_autograd::ops::act::{gelu, GeluKind};
+use tuna_autograd::ops::attention::{attention, AttnOptions};
+use tuna_autograd::ops::elem::{add, slice_cols};
+use tuna_autograd::ops::embed::embedding;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::norm::layernorm;
+use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{Float, Ints, Tensor};
+
+/// The label Hugging Face's losses ignore.
+pub const IGNORE_INDEX: i32 = -100;
+
+/// A LayerNorm's weight and bias.
+pub struct Norm<B: Kernels<E>, E: Float> {
+    pub weight: Tensor<B, E>,
+    pub bias: Tensor<B, E>,
+}
+
+/// A GPT-2 `Conv1D`: weight `[in, out]`, bias `[out]`.
+pub struct Conv1D<B: Kernels<E>, E: Float> {
+    pub weight: Tensor<B, E>,
+    pub bias: Tensor<B, E>,
+}
+
+/// One pre-LN transformer block (`h.N`).
+pub struct Gpt2Block<B: Kernels<E>, E: Float> {
+    pub ln_1: Norm<B, E>,
+    /// `attn.c_attn`: `[C, 3C]`, columns q | k | v.
+    pub c_attn: Conv1D<B, E>,
+    pub attn_proj: Conv1D<B, E>,
+    pub ln_2: Norm<B, E>,
+    pub c_fc: Conv1D<B, E>,
+    pub mlp_proj: Conv1D<B, E>,
+}
+
+/// GPT-2 with its language-model head (tied to `wte`).
+pub struct Gpt2<B: Kernels<E>, E: Float> {
+    pub cfg: Gpt2Config,
+    pub wte: Tensor<B, E>,
+    pub wpe: Tensor<B, E>,
+    pub blocks: Vec<Gpt2Block<B, E>>,
+    pub ln_f: Norm<B, E>,
+}
+
+/// `name`, under the bare `GPT2Model` name or `GPT2LMHeadModel`'s `transformer.` prefix.
+fn load<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, shape: &[usize]) -> Result<Tensor<B, E>> {
+    l.load_any(&[name, &format!("transformer.{name}")], shape)
+}
+
+fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize) -> Result<Norm<B, E>> {
+    Ok(Norm { weight: load(l, &format!("{name}.weight"), &[c])?, bias: load(l, &format!("{name}.bias"), &[c])? })
+}
+
+fn conv<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Conv1D<B, E>> {
+    Ok(Conv1D { weight: load(l, &format!("{name}.weight"), &[i, o])?, bias: load(l, &format!("{name}.bias"), &[o])? })
+}
+
+impl<B: Kernels<E>, E: Float> Conv1D<B, E> {
+    fn apply(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        Ok(linear(x, &self.weight, WeightLayout::InOut, Some(&self.bias))?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Norm<B, E> {
+    fn apply(&self, x: &Tensor<B, E>, eps: f32) -> Result<Tensor<B, E>> {
+        Ok(layernorm(x, &self.weight, &self.bias, eps)?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
+    /// Every tensor of `cfg`'s model from `loader`'s source (Hugging Face names, with or without
+    /// the `transformer.` prefix); a missing or mis-shaped tensor is an error naming it.
+    pub fn load(cfg: &Gpt2Config, loader: &mut Loader<'_, B, E>) -> Result<Self> {
+        let (c, ff) = (cfg.n_embd, cfg.inner());
+        let wte = load(loader, "wte.weight", &[cfg.vocab_size, c])?;
+        let wpe = load(loader, "wpe.weight", &[cfg.n_positions, c])?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("h.{i}");
+            blocks.push(Gpt2Block {
+                ln_1: norm(loader, &format!("{p}.ln_1"), c)?,
+                c_attn: conv(loader, &format!("{p}.attn.c_attn"), c, 3 * c)?,
+                attn_proj: conv(loader, &format!("{p}.attn.c_proj"), c, c)?,
+                ln_2: norm(loader, &format!("{p}.ln_2"), c)?,
+                c_fc: conv(loader, &format!("{p}.mlp.c_fc"), c, ff)?,
+                mlp_proj: conv(loader, &format!("{p}.mlp.c_proj"), ff, c)?,
+            });
+        }
+        let ln_f = norm(loader, "ln_f", c)?;
+        Ok(Gpt2 { cfg: cfg.clone(), wte, wpe, blocks, ln_f })
+    }
+
+    fn dev(&self) -> &Arc<B> {
+        self.wte.device()
+    }
+
+    /// Hugging Face's default positions: `0..seq` in every row.
+    pub fn positions(&self, batch: usize, seq: usize) -> Result<Ints<B, u32>> {
+        let v: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
+        Ok(Ints::new(self.dev(), &[batch, seq], &v)?)
+    }
+
+    /// Positions from an attention mask as Hugging Face's `generate` makes them: `cumsum(mask) - 1`
+    /// for real tokens (so a left-padded row starts at 0), 1 for padding.
+    pub fn positions_from_mask(&self, mask: &Ints<B, u8>) -> Result<Ints<B, u32>> {
+        let seq = mask.shape().last().copied().unwrap_or(0);
+        let mut v = Vec::with_capacity(mask.host().len());
+        for row in mask.host().chunks(seq.max(1)) {
+            let mut n = 0u32;
+            for &m in row {
+                n += (m != 0) as u32;
+                v.push(if m != 0 { n - 1 } else { 1 });
+            }
+        }
+        Ok(Ints::new(self.dev(), mask.shape(), &v)?)
+    }
+
+    /// Final hidden states `[batch, seq, n_embd]` (after `ln_f`) of `ids` (`[batch, seq]`) at
+    /// `positions` (`[batch, seq]`), attending only to keys where `mask` (`[batch, seq]`) is 1.
+    pub fn hidden(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+    ) -> Result<Tensor<B, E>> {
+        let (c, h, d, eps) =
+            (self.cfg.n_embd, self.cfg.n_head, self.cfg.head_dim(), self.cfg.layer_norm_epsilon as f32);
+        let (b, t) = batch_seq(ids)?;
+        let mut x = add(&embedding(&self.wte, ids, None)?, &embedding(&self.wpe, positions, None)?)?;
+        let opt = AttnOptions { causal: true, scale: None };
+        for blk in &self.blocks {
+            let qkv = blk.c_attn.apply(&blk.ln_1.apply(&x, eps)?)?;
+            let split =
+                |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
+            let a = attention(&split(0)?, &split(1)?, &split(2)?, None, mask, opt)?;
+            x = add(&x, &blk.attn_proj.apply(&reshape(&a, &[b, t, c])?)?)?;
+            let f = gelu(&blk.c_fc.apply(&blk.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
+            x = add(&x, &blk.mlp_proj.apply(&f)?)?;
+        }
+        self.ln_f.apply(&x, eps)
+    }
+
+    /// Logits `[batch, seq, vocab]` (`x wte^T`) of `ids` at `positions`, no padding mask.
+    pub fn forward(&self, ids: &Ints<B, u32>, positions: &Ints<B, u32>) -> Result<Tensor<B, E>> {
+        self.forward_masked(ids, positions, None)
+    }
+
+    /// Logits `[batch, seq, vocab]` with a key padding mask (1 = token).
+    pub fn forward_masked(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+    ) -> Result<Tensor<B, E>> {
+        Ok(linear(&self.hidden(ids, positions, mask)?, &self.wte, WeightLayout::OutIn, None)?)
+    }
+
+    /// Hugging Face's causal LM loss with default positions and no mask: mean cross-entropy of
+    /// `logits[:, :-1]` against `labels[:, 1:]` (`[batch, seq]`), labels of -100 ignored.
+    pub fn loss(&self, ids: &Ints<B, u32>, labels: &Ints<B, i32>) -> Result<Tensor<B, E>> {
+        let (b, t) = batch_seq(ids)?;
+        self.loss_masked(ids, &self.positions(b, t)?, None, labels)
+    }
+
+    /// The causal LM loss at explicit positions, with an optional key padding mask.
+    pub fn loss_masked(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        labels: &Ints<B, i32>,
+    ) -> Result<Tensor<B, E>> {
+        let logits = self.forward_masked(ids, positions, mask)?;
+        let ((b, t), v) = (batch_seq(ids)?, self.cfg.vocab_size);
+        let targets = Ints::new(self.dev(), &[b * t], &shift_labels(labels.host(), b, t, labels.shape())?)?;
+        Ok(cross_entropy(reshape(&logits, &[b * t, v])?, &targets, IGNORE_INDEX)?)
+    }
+}
+
+/// `(batch, seq)` of `ids`, or a shape error.
+pub(crate) fn batch_seq<B: tuna_kernels::Alloc<u32>>(ids: &Ints<B, u32>) -> Result<(usize, usize)> {
+    match *ids.shape() {
+        [b, t] => Ok((b, t)),
+        _ => Err(tuna_autograd::Error::Shape {
+            op: "model input",
+            what: "ids must be [batch, seq]",
+            left: ids.shape().to_vec(),
+            right: vec![],
+        }
+        .into()),
+    }
+}
+
+/// Row `r`, position `i` gets `labels[r, i + 1]`; the last position of each row is ignored.
+fn shift_labels(labels: &[i32], b: usize, t: usize, shape: &[usize]) -> Result<Vec<i32>> {
+    if shape != [b, t] {
+        return Err(tuna_autograd::Error::Shape {
+            op: "gpt2 loss",
+            what: "labels vs ids [batch, seq]",
+            left: shape.to_vec(),
+            right: vec![b, t],
+        }
+        .into());
+    }
+    let mut out = vec![IGNORE_INDEX; b * t];
+    if t > 0 {
+        for r in 0..b {
+            out[r * t..(r + 1) * t - 1].copy_from_slice(&labels[r * t + 1..(r + 1) * t]);
+        }
+    }
+    Ok(out)
+}

@@ -1,4 +1,4 @@
-//! Elementwise glue: add, mul, scale, bias, column slices and concatenation, masked mean pooling.
+//! Elementwise glue: add, mul, scale, tanh, bias, column slices and concatenation, masked mean pooling.
 
 use super::{zeros, GradSlot, Kernels};
 use crate::error::{same_shape, Error, Result};
@@ -72,6 +72,22 @@ pub fn scale<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, s: f64) -> Result<Tensor
             let Some(g) = out.take() else { return Ok(()) };
             launched("scale.bwd");
             ca.accumulate(&dev, |d| Ok(dev.scale_bwd(s, B::buf(&g), d)?))
+        })
+    }))
+}
+
+/// `tanh(x)`, elementwise (BERT's pooler). The backward reads the output, not `x`.
+pub fn tanh<B: Kernels<E>, E: Float>(x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+    let dev = x.device();
+    let mut y = zeros::<B, E>(dev, x.numel())?;
+    dev.tanh_fwd(&x.buf(), B::buf_mut(&mut y))?;
+    Ok(output("tanh", &[x], dev, x.shape().to_vec(), y, |out, y_data| {
+        let (cx, dev, ys) = (x.cell().expect("recorded"), dev.clone(), y_data.save());
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("tanh.bwd");
+            let y = ys.data();
+            cx.accumulate(&dev, |dx| Ok(dev.tanh_bwd(B::buf(&*y), B::buf(&g), dx)?))
         })
     }))
 }

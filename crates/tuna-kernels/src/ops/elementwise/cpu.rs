@@ -106,6 +106,24 @@ impl<F: CpuFloat<Acc = F>> ElementwiseKernel<F> for Cpu {
         Ok(())
     }
 
+    fn tanh_fwd(&self, x: &[F], y: &mut [F]) -> Result<()> {
+        check_flat("tanh", ("x", x.len()), &[("y", y.len())])?;
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+            y.iter_mut().zip(x).for_each(|(y, &x)| *y = x.tanh());
+        });
+        Ok(())
+    }
+
+    fn tanh_bwd(&self, y: &[F], dy: &[F], dx: &mut [F]) -> Result<()> {
+        check_flat("tanh", ("y", y.len()), &[("dy", dy.len()), ("dx", dx.len())])?;
+        dx.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (y, dy))| {
+            for ((dx, &y), &d) in dx.iter_mut().zip(y).zip(dy) {
+                *dx += d * (F::one() - y * y);
+            }
+        });
+        Ok(())
+    }
+
     fn add_bias_fwd(&self, p: &BiasParams, x: &[F], bias: &[F], y: &mut [F]) -> Result<()> {
         check_bias(p, &[("x", x.len(), false), ("bias", bias.len(), true), ("y", y.len(), false)])?;
         if y.is_empty() {

@@ -205,6 +205,16 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
         self.launch_flat("scale", "bwd", flat(n, s as f32), &[dy], &mut [da])
     }
 
+    fn tanh_fwd(&self, x: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+        let n = check_flat("tanh", ("x", x.len()), &[("y", y.len())])?;
+        self.launch_flat("tanh", "fwd", flat(n, 1.0), &[x], &mut [y])
+    }
+
+    fn tanh_bwd(&self, y: &CudaSlice<E>, dy: &CudaSlice<E>, dx: &mut CudaSlice<E>) -> Result<()> {
+        let n = check_flat("tanh", ("y", y.len()), &[("dy", dy.len()), ("dx", dx.len())])?;
+        self.launch_flat("tanh", "bwd", flat(n, 1.0), &[y, dy], &mut [dx])
+    }
+
     fn add_bias_fwd(&self, p: &BiasParams, x: &CudaSlice<E>, bias: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
         check_bias(p, &[("x", x.len(), false), ("bias", bias.len(), true), ("y", y.len(), false)])?;
         if y.is_empty() {

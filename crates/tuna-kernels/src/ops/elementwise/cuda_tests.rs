@@ -38,7 +38,7 @@ fn flat_case<E: CudaElem>(dev: &Cuda, n: usize) {
     let (a, b, dy, g0a, g0b) = (v(-3.0, 3.0), v(-3.0, 3.0), v(-1.0, 1.0), v(-1.0, 1.0), v(-1.0, 1.0));
     let (ad, bd, dyd) = (up::<E>(dev, &a), up::<E>(dev, &b), up::<E>(dev, &dy));
     let s = -0.37;
-    for op in ["add", "mul", "scale"] {
+    for op in ["add", "mul", "scale", "tanh"] {
         let (mut y, mut da, mut db) = (vec![0.0f32; n], g0a.clone(), g0b.clone());
         let (mut yd, mut dad, mut dbd) = (dev.zeros::<E>(n).unwrap(), up::<E>(dev, &g0a), up::<E>(dev, &g0b));
         match op {
@@ -53,6 +53,13 @@ fn flat_case<E: CudaElem>(dev: &Cuda, n: usize) {
                 Cpu.mul_bwd(&a, &b, &dy, &mut da, &mut db).unwrap();
                 ElementwiseKernel::<E>::mul_fwd(dev, &ad, &bd, &mut yd).unwrap();
                 ElementwiseKernel::<E>::mul_bwd(dev, &ad, &bd, &dyd, &mut dad, &mut dbd).unwrap();
+            }
+            "tanh" => {
+                // the backward reads the forward's output: each device its own
+                Cpu.tanh_fwd(&a, &mut y).unwrap();
+                Cpu.tanh_bwd(&y, &dy, &mut da).unwrap();
+                ElementwiseKernel::<E>::tanh_fwd(dev, &ad, &mut yd).unwrap();
+                ElementwiseKernel::<E>::tanh_bwd(dev, &yd, &dyd, &mut dad).unwrap();
             }
             _ => {
                 Cpu.scale_fwd(s, &a, &mut y).unwrap();

@@ -1,8 +1,9 @@
 //! Elementwise glue ops of a transformer block, forward and backward: `add`, `mul`, `scale`,
-//! `add_bias`, column slices and concatenation, and masked mean pooling over the sequence.
+//! `tanh`, `add_bias`, column slices and concatenation, and masked mean pooling over the sequence.
 //!
 //! Layouts (row-major):
-//! - `add`, `mul`, `scale`: `a`, `b`, `y` and their gradients all of one length.
+//! - `add`, `mul`, `scale`, `tanh`: `a`, `b`, `y` and their gradients all of one length. `tanh`'s
+//!   backward reads the forward's output `y` (`dx += dy * (1 - y^2)`), not `x`.
 //! - `add_bias`: `x`, `y`, `dx`, `dy`: `[rows, cols]` (E); `bias`: `[cols]` (E); `dbias`: `[cols]`
 //!   (`E::Acc`, a parameter gradient). `dbias += sum_rows dy` is reduced without atomics on both
 //!   devices (fixed per-chunk partials, then the chunks in order), so it is bitwise reproducible.
@@ -112,6 +113,10 @@ pub trait ElementwiseKernel<E: Elem>: Backend {
     fn scale_fwd(&self, s: f64, a: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
     /// `da += s * dy`.
     fn scale_bwd(&self, s: f64, dy: &Self::Buf<E>, da: &mut Self::Buf<E>) -> Result<()>;
+    /// `y = tanh(x)` (BERT's pooler).
+    fn tanh_fwd(&self, x: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
+    /// `dx += dy * (1 - y^2)`, from the forward's output `y`.
+    fn tanh_bwd(&self, y: &Self::Buf<E>, dy: &Self::Buf<E>, dx: &mut Self::Buf<E>) -> Result<()>;
 
     /// `y[r, c] = x[r, c] + bias[c]`.
     fn add_bias_fwd(&self, p: &BiasParams, x: &Self::Buf<E>, bias: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;

@@ -55,6 +55,10 @@ pub(super) fn ref_concat(x: &[f64], y0: &[f64], p: &ColsParams) -> Vec<f64> {
     let (cols, off, w) = (p.cols as usize, p.off as usize, p.width as usize);
     ref_copy(x, (w, 0), y0, (cols, off), p.rows as usize, w)
 }
+/// `dx = dy * (1 - y^2)` from tanh's output `y`.
+pub(super) fn ref_tanh_bwd(y: &[f64], dy: &[f64]) -> Vec<f64> {
+    y.iter().zip(dy).map(|(y, d)| d * (1.0 - y * y)).collect()
+}
 fn count(mask: &[u8]) -> f64 {
     mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0)
 }
@@ -117,7 +121,10 @@ fn reference_gradients_match_central_differences() {
     let (da, db) = (dy.iter().zip(&b).map(|(d, b)| d * b).collect(), dy.iter().zip(&a).map(|(d, a)| d * a).collect());
     fd_check("mul", &[a.clone(), b.clone()], &dy, mul, &[da, db]);
     let scale = |i: &[Vec<f64>]| i[0].iter().map(|a| 0.37 * a).collect::<Vec<_>>();
-    fd_check("scale", &[a], &dy, scale, &[dy.iter().map(|d| 0.37 * d).collect()]);
+    fd_check("scale", std::slice::from_ref(&a), &dy, scale, &[dy.iter().map(|d| 0.37 * d).collect()]);
+    let tanh = |i: &[Vec<f64>]| i[0].iter().map(|a| a.tanh()).collect::<Vec<_>>();
+    let a = [a];
+    fd_check("tanh", &a, &dy, tanh, &[ref_tanh_bwd(&tanh(&a), &dy)]);
 
     let (rows, cols) = (3, 5);
     let (x, bias, dy) = (f64s(&rng.vec(15, -2.0, 2.0)), f64s(&rng.vec(cols, -1.0, 1.0)), f64s(&rng.vec(15, -1.0, 1.0)));
@@ -167,6 +174,14 @@ fn flat_ops<F: CpuFloat<Acc = F>>(tol: Tol) {
     tol.assert_close("scale fwd", &y, &a64.iter().map(|a| s * a).collect::<Vec<_>>());
     Cpu.scale_bwd(s, &dyf, &mut da).unwrap();
     tol.assert_close("scale bwd", &da, &plus(&g0a, &dy64.iter().map(|d| s * d).collect::<Vec<_>>()));
+
+    // tanh: forward from x, backward from the forward's output (saturated inputs included)
+    let mut da = cast::<F>(&g0a);
+    Cpu.tanh_fwd(&af, &mut y).unwrap();
+    let want_y: Vec<f64> = a64.iter().map(|a| a.tanh()).collect();
+    tol.assert_close("tanh fwd", &y, &want_y);
+    Cpu.tanh_bwd(&y, &dyf, &mut da).unwrap();
+    tol.assert_close("tanh bwd", &da, &plus(&g0a, &ref_tanh_bwd(&want_y, &dy64)));
 }
 
 #[test]
@@ -260,6 +275,8 @@ fn shape_mismatches_name_the_tensor() {
     assert!(e.contains("add") && e.contains("`y`"), "{e}");
     let e = msg(Cpu.mul_bwd(&[0.0f64; 3], &[0.0; 3], &[0.0; 3], &mut [0.0; 3], &mut [0.0; 2]).unwrap_err());
     assert!(e.contains("mul") && e.contains("`db`"), "{e}");
+    let e = msg(Cpu.tanh_bwd(&[0.0f32; 3], &[0.0; 2], &mut [0.0; 3]).unwrap_err());
+    assert!(e.contains("tanh") && e.contains("`dy`"), "{e}");
     let p = BiasParams::new(2, 3);
     let e = msg(Cpu.add_bias_fwd(&p, &[0.0f32; 6], &[0.0; 2], &mut [0.0; 6]).unwrap_err());
     assert!(e.contains("add_bias") && e.contains("`bias`"), "{e}");
