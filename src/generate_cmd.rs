@@ -64,7 +64,11 @@ pub fn run(s: &GenerateSettings) -> Result<String> {
     } else if s.model.is_dir() {
         let ck = HfCheckpoint::open(&s.model)?;
         let ModelConfig::Llama(cfg) = ck.config().clone() else {
-            bail!("--model {}: `tuna generate` runs Llama-family models so far (found {:?})", s.model.display(), ck.config());
+            bail!(
+                "--model {}: `tuna generate` runs Llama-family models so far (found {:?})",
+                s.model.display(),
+                ck.config()
+            );
         };
         let tf = ck.tokenizer_file().with_context(|| format!("{}: no tokenizer.json", s.model.display()))?;
         let tok = Tok::Hf(tuna_models::tokenizer::Tokenizer::from_file(tf)?.without_padding_and_truncation());

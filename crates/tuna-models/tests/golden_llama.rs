@@ -2,7 +2,7 @@
 //! random model (GQA, tied embeddings, a left-padded row), in f32 on the CPU.
 
 mod golden_common;
-use golden_common::{assert_rel, fixture, Golden};
+use golden_common::{assert_rel, check_grads, fixture, Golden};
 use std::sync::Arc;
 use tuna_autograd::Ints;
 use tuna_kernels::Cpu;
@@ -43,13 +43,5 @@ fn llama_matches_hugging_face() {
     let loss = model.loss_with(&ids, &pos, Some(&mask_t), &labels).unwrap();
     assert_rel("llama loss", 1e-5, &loss.to_vec().unwrap(), &g.f32("loss"));
     loss.backward().unwrap();
-    let mut checked = 0;
-    for (name, p) in &loader.loaded {
-        let key = format!("grad.{name}");
-        assert!(g.names().contains(&key), "no golden gradient for `{name}`");
-        assert_rel(&key, 1e-4, &p.grad().unwrap().expect("a gradient"), &g.f32(&key));
-        checked += 1;
-    }
-    let golden_grads = g.names().iter().filter(|n| n.starts_with("grad.")).count();
-    assert_eq!(checked, golden_grads, "every parameter of the Hugging Face model was compared");
+    check_grads(&g, &loader.loaded);
 }

@@ -4,7 +4,9 @@
 
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
+use tuna_autograd::Tensor;
 use tuna_kernels::testing::Tol;
+use tuna_kernels::Cpu;
 
 pub fn fixture(arch: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch)
@@ -49,4 +51,29 @@ impl Golden {
 pub fn assert_rel(what: &str, rel: f64, got: &[f32], want: &[f32]) {
     let max = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
     Tol::new("golden relative, atol = rel * max|ref|", rel * max.max(1e-30), rel).assert_close(what, got, want);
+}
+
+/// Every parameter's gradient against Hugging Face's (stored under the name HF uses, with or
+/// without the `transformer.` prefix). Per tensor, 1e-4 relative with a floor of 1e-4 of the
+/// tensor's largest value; and a global floor of 1e-6 of the largest gradient of the model,
+/// since some gradients are zero in exact arithmetic (BERT's attention key biases: softmax is
+/// shift-invariant) and hold only rounding noise in both (the fixture's meta.json says so).
+pub fn check_grads(g: &Golden, loaded: &[(String, Tensor<Cpu, f32>)]) {
+    let key_of = |name: &str| {
+        let names = g.names();
+        [format!("grad.{name}"), format!("grad.transformer.{name}")]
+            .into_iter()
+            .find(|k| names.contains(k))
+            .unwrap_or_else(|| panic!("no golden gradient for `{name}`"))
+    };
+    let global = loaded.iter().map(|(n, _)| g.f32(&key_of(n))).flatten().fold(0.0f64, |m, v| m.max((v as f64).abs()));
+    for (name, p) in loaded {
+        let key = key_of(name);
+        let want = g.f32(&key);
+        let max = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+        let tol = Tol::new("golden grads", (1e-4 * max).max(1e-6 * global), 1e-4);
+        tol.assert_close(&key, &p.grad().unwrap().expect("a gradient"), &want);
+    }
+    let golden = g.names().iter().filter(|n| n.starts_with("grad.")).count();
+    assert_eq!(loaded.len(), golden, "every parameter of the Hugging Face model was compared");
 }
