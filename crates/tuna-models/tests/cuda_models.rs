@@ -1,0 +1,54 @@
+//! The models on CUDA (f32) against the CPU on the Hugging Face fixtures: GPT-2 and Llama logits,
+//! BERT hidden states. Skips by name without a GPU.
+
+mod golden_common;
+use golden_common::{fixture, Golden};
+use std::sync::Arc;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{no_grad, Ints};
+use tuna_kernels::testing::{cuda_or_skip, Tol};
+use tuna_kernels::Cpu;
+use tuna_models::bert::Bert;
+use tuna_models::config::ModelConfig;
+use tuna_models::gpt2::Gpt2;
+use tuna_models::hf::HfCheckpoint;
+use tuna_models::llama::Llama;
+use tuna_models::params::Loader;
+
+fn ints<B: Kernels<f32>, T: tuna_kernels::Elem>(
+    dev: &Arc<B>,
+    g: &Golden,
+    name: &str,
+    f: impl Fn(i64) -> T,
+) -> Ints<B, T>
+where
+    B: tuna_kernels::Alloc<T>,
+{
+    let v: Vec<T> = g.i64(name).into_iter().map(f).collect();
+    Ints::new(dev, &g.shape(name), &v).unwrap()
+}
+
+fn outputs<B: Kernels<f32>>(dev: &Arc<B>, arch: &str) -> Vec<f32> {
+    let ck = HfCheckpoint::open(fixture(arch)).unwrap();
+    let g = Golden::open(arch);
+    let ids = ints(dev, &g, "input_ids", |v| v as u32);
+    let mask = ints(dev, &g, "attention_mask", |v| v as u8);
+    let pos = ints(dev, &g, "position_ids", |v| v as u32);
+    let mut loader = Loader::<B, f32>::frozen(&ck, dev);
+    no_grad(|| match ck.config() {
+        ModelConfig::Gpt2(c) => Gpt2::load(c, &mut loader).unwrap().forward(&ids, &pos).unwrap().to_vec().unwrap(),
+        ModelConfig::Llama(c) => {
+            Llama::load(c, &mut loader).unwrap().forward(&ids, &pos, Some(&mask), None).unwrap().to_vec().unwrap()
+        }
+        ModelConfig::Bert(c) => Bert::load(c, &mut loader).unwrap().forward(&ids, &mask).unwrap().to_vec().unwrap(),
+    })
+}
+
+#[test]
+fn cuda_models_match_cpu() {
+    let Some(dev) = cuda_or_skip("models::cuda_models_match_cpu") else { return };
+    let cpu = Arc::new(Cpu);
+    for arch in ["gpt2", "llama", "bert"] {
+        Tol::CUDA_F32.assert_close(&format!("{arch} on cuda"), &outputs(&dev, arch), &outputs(&cpu, arch));
+    }
+}
