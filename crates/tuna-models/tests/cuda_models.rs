@@ -15,15 +15,12 @@ use tuna_models::hf::HfCheckpoint;
 use tuna_models::llama::Llama;
 use tuna_models::params::Loader;
 
-fn ints<B: Kernels<f32>, T: tuna_kernels::Elem>(
+fn ints<B: Kernels<f32> + tuna_kernels::Alloc<T>, T: tuna_kernels::Elem>(
     dev: &Arc<B>,
     g: &Golden,
     name: &str,
     f: impl Fn(i64) -> T,
-) -> Ints<B, T>
-where
-    B: tuna_kernels::Alloc<T>,
-{
+) -> Ints<B, T> {
     let v: Vec<T> = g.i64(name).into_iter().map(f).collect();
     Ints::new(dev, &g.shape(name), &v).unwrap()
 }

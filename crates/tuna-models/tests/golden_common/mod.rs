@@ -66,7 +66,7 @@ pub fn check_grads(g: &Golden, loaded: &[(String, Tensor<Cpu, f32>)]) {
             .find(|k| names.contains(k))
             .unwrap_or_else(|| panic!("no golden gradient for `{name}`"))
     };
-    let global = loaded.iter().map(|(n, _)| g.f32(&key_of(n))).flatten().fold(0.0f64, |m, v| m.max((v as f64).abs()));
+    let global = loaded.iter().flat_map(|(n, _)| g.f32(&key_of(n))).fold(0.0f64, |m, v| m.max((v as f64).abs()));
     for (name, p) in loaded {
         let key = key_of(name);
         let want = g.f32(&key);
