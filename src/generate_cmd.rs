@@ -1,13 +1,15 @@
-//! `tuna generate`: text from a Llama-family model (a Hugging Face folder or a GGUF file).
+//! `tuna generate`: text from a decoder: a Llama-family model (a Hugging Face folder or a GGUF
+//! file) or GPT-2 (a Hugging Face folder), picked by the folder's `config.json`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tuna_autograd::ops::Kernels;
 use tuna_kernels::{Cpu, Cuda, Device};
-use tuna_models::config::ModelConfig;
-use tuna_models::generate::{generate, Sampling};
+use tuna_models::config::{Gpt2Config, LlamaConfig, ModelConfig};
+use tuna_models::generate::{generate, CausalLm, Sampling};
 use tuna_models::gguf::GgufFile;
+use tuna_models::gpt2::Gpt2;
 use tuna_models::hf::HfCheckpoint;
 use tuna_models::llama::Llama;
 use tuna_models::params::Loader;
@@ -22,6 +24,12 @@ pub struct GenerateSettings {
     /// Wrap the prompt in the ChatML template (`<|im_start|>user ... assistant`).
     pub chat: bool,
     pub device: Device,
+}
+
+/// The decoders `tuna generate` runs, with their configurations.
+enum Arch {
+    Llama(LlamaConfig),
+    Gpt2(Gpt2Config),
 }
 
 /// Text tokenization for either source.
@@ -58,21 +66,24 @@ pub fn run(s: &GenerateSettings) -> Result<String> {
             bail!("--model {}: a file must be a .gguf; otherwise give a Hugging Face folder", s.model.display());
         }
         let g = GgufFile::open(&s.model)?;
-        let cfg = g.llama_config()?;
+        let cfg = Arch::Llama(g.llama_config()?);
         let tok = Tok::Raw(g.build_tokenizer()?);
         (Box::new(g), cfg, tok)
     } else if s.model.is_dir() {
         let ck = HfCheckpoint::open(&s.model)?;
-        let ModelConfig::Llama(cfg) = ck.config().clone() else {
-            bail!(
-                "--model {}: `tuna generate` runs Llama-family models so far (found {:?})",
-                s.model.display(),
-                ck.config()
-            );
+        let cfg = match ck.config().clone() {
+            ModelConfig::Llama(c) => Arch::Llama(c),
+            ModelConfig::Gpt2(c) => Arch::Gpt2(c),
+            other => bail!(
+                "--model {}: `tuna generate` runs decoders (Llama family, GPT-2), not {other:?}",
+                s.model.display()
+            ),
         };
         let tf = ck.tokenizer_file().with_context(|| format!("{}: no tokenizer.json", s.model.display()))?;
         let tok = Tok::Hf(tuna_models::tokenizer::Tokenizer::from_file(tf)?.without_padding_and_truncation());
         (Box::new(ck), cfg, tok)
+    } else if !s.model.exists() {
+        bail!("--model {}: no such file or folder", s.model.display());
     } else {
         bail!(
             "--model {}: not a folder or a .gguf file (hub ids need a model hub, which this machine cannot reach)",
@@ -96,11 +107,27 @@ pub fn run(s: &GenerateSettings) -> Result<String> {
 fn run_on<B: Kernels<f32>>(
     dev: &Arc<B>,
     src: &dyn WeightSource,
-    cfg: &tuna_models::config::LlamaConfig,
+    arch: &Arch,
     ids: &[u32],
     s: &GenerateSettings,
     eos: Option<u32>,
 ) -> Result<Vec<u32>> {
-    let model = Llama::<B, f32>::load(cfg, &mut Loader::frozen(src, dev))?;
-    Ok(generate(&model, ids, s.max_new_tokens, &s.sampling, eos)?)
+    let mut loader = Loader::frozen(src, dev);
+    let model: Box<dyn CausalLm<B, f32>> = match arch {
+        Arch::Llama(cfg) => Box::new(Llama::<B, f32>::load(cfg, &mut loader)?),
+        Arch::Gpt2(cfg) => {
+            // Learned positions end at n_positions: the last new token is never fed back.
+            if ids.len() + s.max_new_tokens > cfg.n_positions + 1 {
+                bail!(
+                    "{}: a {}-token prompt plus {} new tokens exceeds GPT-2's {} positions (n_positions)",
+                    s.model.display(),
+                    ids.len(),
+                    s.max_new_tokens,
+                    cfg.n_positions
+                );
+            }
+            Box::new(Gpt2::<B, f32>::load(cfg, &mut loader)?)
+        }
+    };
+    Ok(generate(&*model, ids, s.max_new_tokens, &s.sampling, eos)?)
 }

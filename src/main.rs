@@ -15,7 +15,7 @@ struct Cli {
 enum Command {
     /// Print the devices found, the kernels compiled in, and the build.
     Info,
-    /// Generate text from a Llama-family model: a Hugging Face folder or a .gguf file.
+    /// Generate text from a decoder: a Llama-family or GPT-2 Hugging Face folder, or a Llama .gguf file.
     Generate(GenerateArgs),
 }
 

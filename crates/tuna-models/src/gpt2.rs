@@ -6,9 +6,13 @@
 //! (`cumsum(mask) - 1`, pads set to 1). [`Gpt2::positions`] and [`Gpt2::positions_from_mask`]
 //! build each. With a key padding mask, a left-pad query sees no key at all: its attention output
 //! is zeros (Hugging Face's is arbitrary there); real tokens are unaffected either way.
+//!
+//! With a [`KvCache`], each layer's keys and values are appended to it and new tokens attend to
+//! every cached one; their positions are absolute (learned `wpe` rows), continuing after the cache.
 
 use crate::config::Gpt2Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::generate::{CausalLm, KvCache};
 use crate::params::Loader;
 use std::sync::Arc;
 use tuna_autograd::ops::act::{gelu, GeluKind};
@@ -138,16 +142,51 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         positions: &Ints<B, u32>,
         mask: Option<&Ints<B, u8>>,
     ) -> Result<Tensor<B, E>> {
+        self.hidden_cached(ids, positions, mask, None)
+    }
+
+    /// [`Gpt2::hidden`] with an optional `cache`: the new keys and values are appended to it and
+    /// the queries see every cached key (causally, the new tokens following the cached ones).
+    /// `positions` are absolute (after `cache.len()` cached tokens they usually start there), and
+    /// `mask` (`[batch, cached + seq]`, 1 = attend) then covers the cached tokens too.
+    pub fn hidden_cached(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        mut cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<Tensor<B, E>> {
         let (c, h, d, eps) =
             (self.cfg.n_embd, self.cfg.n_head, self.cfg.head_dim(), self.cfg.layer_norm_epsilon as f32);
         let (b, t) = batch_seq(ids)?;
+        if let Some(cc) = &cache {
+            if cc.n_layers() != self.blocks.len() || cc.batch().is_some_and(|cb| cb != b) {
+                return Err(tuna_autograd::Error::Shape {
+                    op: "gpt2",
+                    what: "cache [layers, batch] vs the model and input",
+                    left: vec![cc.n_layers(), cc.batch().unwrap_or(b)],
+                    right: vec![self.blocks.len(), b],
+                }
+                .into());
+            }
+        }
+        if let Some(&p) = positions.host().iter().find(|&&p| p as usize >= self.cfg.n_positions) {
+            return Err(Error::InvalidArgument(format!(
+                "gpt2: position {p} is beyond the model's {} learned positions (n_positions)",
+                self.cfg.n_positions
+            )));
+        }
         let mut x = add(&embedding(&self.wte, ids, None)?, &embedding(&self.wpe, positions, None)?)?;
         let opt = AttnOptions { causal: true, scale: None };
-        for blk in &self.blocks {
+        for (l, blk) in self.blocks.iter().enumerate() {
             let qkv = blk.c_attn.apply(&blk.ln_1.apply(&x, eps)?)?;
             let split =
                 |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
-            let a = attention(&split(0)?, &split(1)?, &split(2)?, None, mask, opt)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cc) => cc.append(l, &split(1)?, &split(2)?)?,
+                None => (split(1)?, split(2)?),
+            };
+            let a = attention(&split(0)?, &k, &v, None, mask, opt)?;
             x = add(&x, &blk.attn_proj.apply(&reshape(&a, &[b, t, c])?)?)?;
             let f = gelu(&blk.c_fc.apply(&blk.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
             x = add(&x, &blk.mlp_proj.apply(&f)?)?;
@@ -167,7 +206,23 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         positions: &Ints<B, u32>,
         mask: Option<&Ints<B, u8>>,
     ) -> Result<Tensor<B, E>> {
-        Ok(linear(&self.hidden(ids, positions, mask)?, &self.wte, WeightLayout::OutIn, None)?)
+        self.head(&self.hidden(ids, positions, mask)?)
+    }
+
+    /// Logits `[batch, seq, vocab]` through an optional KV cache: see [`Gpt2::hidden_cached`].
+    pub fn forward_cached(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<Tensor<B, E>> {
+        self.head(&self.hidden_cached(ids, positions, mask, cache)?)
+    }
+
+    /// Logits `[.., vocab]` of hidden states `[.., n_embd]` through the tied head (`x wte^T`).
+    pub fn head(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        Ok(linear(x, &self.wte, WeightLayout::OutIn, None)?)
     }
 
     /// Hugging Face's causal LM loss with default positions and no mask: mean cross-entropy of
@@ -189,6 +244,26 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         let ((b, t), v) = (batch_seq(ids)?, self.cfg.vocab_size);
         let targets = Ints::new(self.dev(), &[b * t], &shift_labels(labels.host(), b, t, labels.shape())?)?;
         Ok(cross_entropy(reshape(&logits, &[b * t, v])?, &targets, IGNORE_INDEX)?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Gpt2<B, E> {
+    fn new_cache(&self) -> KvCache<B, E> {
+        KvCache::new(self.blocks.len())
+    }
+
+    fn logits_step(&self, ids: &[u32], positions: &[u32], cache: &mut KvCache<B, E>) -> Result<Vec<E>> {
+        let t = ids.len();
+        if t == 0 || positions.len() != t {
+            return Err(Error::InvalidArgument(format!("logits_step: {t} ids with {} positions", positions.len())));
+        }
+        let ids = Ints::new(self.dev(), &[1, t], ids)?;
+        let pos = Ints::new(self.dev(), &[1, t], positions)?;
+        let h = self.hidden_cached(&ids, &pos, None, Some(cache))?;
+        // Only the last position goes through the head.
+        let c = self.cfg.n_embd;
+        let last = slice_cols(&reshape(&h, &[1, t * c])?, (t - 1) * c, c)?;
+        Ok(self.head(&last)?.to_vec()?)
     }
 }
 

@@ -1,11 +1,13 @@
 //! GPT-2 on tiny random checkpoints: shapes under both name prefixes, the shifted causal LM loss,
-//! a gradient check of the whole loss, causality, left padding, and load errors naming tensors.
+//! a gradient check of the whole loss, causality, left padding, load errors naming tensors, and
+//! the KV cache (incremental logits, greedy generation against repeated full forwards).
 
 mod common;
 use common::{cpu, gpt2_cfg, gpt2_weights, max_diff};
 use tuna_autograd::gradcheck::{check, GRAD_TOL};
-use tuna_autograd::Ints;
+use tuna_autograd::{no_grad, Ints};
 use tuna_kernels::Cpu;
+use tuna_models::generate::{argmax, generate, CausalLm, KvCache, Sampling};
 use tuna_models::gpt2::Gpt2;
 use tuna_models::params::{Loader, MemWeights};
 use tuna_models::Error;
@@ -138,4 +140,104 @@ fn missing_or_misshaped_tensors_are_named() {
             if name == "h.0.attn.c_attn.weight" && (expected.clone(), found.clone()) == want),
         "{e}"
     );
+}
+
+/// Full-forward logits of the last token of `seq` (positions from 0).
+fn last_logits(m: &Gpt2<Cpu, f64>, seq: &[u32]) -> Vec<f64> {
+    let t = seq.len();
+    let l = no_grad(|| m.forward(&ids(seq, 1), &m.positions(1, t).unwrap())).unwrap().to_vec().unwrap();
+    l[(t - 1) * gpt2_cfg().vocab_size..].to_vec()
+}
+
+/// Two rows (row 1 left-padded by two, the mask growing with the cache) fed through the cache in
+/// steps of 3, 1, 2, 1 and 1 tokens give the full forward's logits at every real token.
+#[test]
+fn kv_cache_steps_match_full_forward() {
+    let m = frozen(&gpt2_weights(&gpt2_cfg(), 7, ""));
+    let v = gpt2_cfg().vocab_size;
+    let (b, t) = (2, 8);
+    let x = [4u32, 8, 1, 12, 3, 3, 7, 0, 0, 0, 2, 9, 11, 5, 6, 1];
+    let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1];
+    let mask_t = Ints::new(&cpu(), &[b, t], &mask).unwrap();
+    let pos = m.positions_from_mask(&mask_t).unwrap().host().to_vec();
+    let full = no_grad(|| m.forward_masked(&ids(&x, b), &Ints::new(&cpu(), &[b, t], &pos).unwrap(), Some(&mask_t)))
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let mut cache = m.new_cache();
+    let mut start = 0;
+    for chunk in [3, 1, 2, 1, 1] {
+        let cols = |v: &[u32]| -> Vec<u32> { (0..b).flat_map(|r| v[r * t + start..][..chunk].to_vec()).collect() };
+        let seen: Vec<u8> = (0..b).flat_map(|r| mask[r * t..r * t + start + chunk].to_vec()).collect();
+        let step = no_grad(|| {
+            m.forward_cached(
+                &ids(&cols(&x), b),
+                &Ints::new(&cpu(), &[b, chunk], &cols(&pos)).unwrap(),
+                Some(&Ints::new(&cpu(), &[b, start + chunk], &seen).unwrap()),
+                Some(&mut cache),
+            )
+        })
+        .unwrap();
+        assert_eq!(step.shape(), [b, chunk, v]);
+        let step = step.to_vec().unwrap();
+        for r in 0..b {
+            for i in (0..chunk).filter(|&i| mask[r * t + start + i] == 1) {
+                let (a, f) = (&step[(r * chunk + i) * v..][..v], &full[(r * t + start + i) * v..][..v]);
+                assert!(max_diff(a, f) < 1e-10, "row {r} token {}: {}", start + i, max_diff(a, f));
+            }
+        }
+        start += chunk;
+        assert_eq!(cache.len(), start);
+    }
+    // Without the cache the last step alone would see no context: the cache must matter.
+    let alone = m.forward(&ids(&x[t - 1..t], 1), &Ints::new(&cpu(), &[1, 1], &[7]).unwrap()).unwrap();
+    assert!(max_diff(&alone.to_vec().unwrap(), &full[(t - 1) * v..t * v]) > 1e-3);
+
+    // A cache of the wrong batch, or for another layer count, is refused.
+    let one = |p: u32| (ids(&[1], 1), Ints::new(&cpu(), &[1, 1], &[p]).unwrap());
+    let (i1, p1) = one(8);
+    let e = m.forward_cached(&i1, &p1, None, Some(&mut cache)).unwrap_err().to_string();
+    assert!(e.contains("cache"), "{e}");
+    let mut wrong = KvCache::new(3);
+    let e = m.forward_cached(&i1, &p1, None, Some(&mut wrong)).unwrap_err().to_string();
+    assert!(e.contains("cache"), "{e}");
+    assert!(wrong.is_empty() && cache.len() == t, "a refused step must leave the caches alone");
+}
+
+/// `logits_step` in pieces of 3, 2 and 1 tokens gives the full forward's last logits each time.
+#[test]
+fn logits_step_matches_full_forward_last_token() {
+    let m = frozen(&gpt2_weights(&gpt2_cfg(), 8, "transformer."));
+    let seq = [2u32, 9, 11, 5, 6, 0];
+    let mut cache = m.new_cache();
+    let mut start = 0;
+    for n in [3, 2, 1] {
+        let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        let got = no_grad(|| m.logits_step(&seq[start..start + n], &pos, &mut cache)).unwrap();
+        start += n;
+        let want = last_logits(&m, &seq[..start]);
+        assert!(max_diff(&got, &want) < 1e-10, "after {start}: {}", max_diff(&got, &want));
+    }
+    assert!(m.logits_step(&[1, 2], &[6], &mut cache).unwrap_err().to_string().contains("positions"));
+    assert!(m.logits_step(&[], &[], &mut cache).is_err());
+}
+
+#[test]
+fn greedy_generation_equals_repeated_full_forwards() {
+    let m = frozen(&gpt2_weights(&gpt2_cfg(), 9, ""));
+    let prompt = [1u32, 5, 2];
+    // n_positions is 10: the 7th new token is the last that fits (it is never fed back).
+    let got = generate(&m, &prompt, 7, &Sampling::Greedy, None).unwrap();
+    let mut seq = prompt.to_vec();
+    for _ in 0..7 {
+        seq.push(argmax(&last_logits(&m, &seq)) as u32);
+    }
+    assert_eq!(got, seq[3..]);
+    // eos stops generation after emitting it.
+    let eos = got[2];
+    let first = got.iter().position(|&x| x == eos).unwrap();
+    assert_eq!(generate(&m, &prompt, 7, &Sampling::Greedy, Some(eos)).unwrap(), got[..=first]);
+    // Going past the learned positions is an error, not a panic.
+    let e = generate(&m, &prompt, 9, &Sampling::Greedy, None).unwrap_err().to_string();
+    assert!(e.contains("n_positions"), "{e}");
 }
