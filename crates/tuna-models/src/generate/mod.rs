@@ -22,7 +22,7 @@ pub enum Sampling {
     Sample { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64 },
 }
 
-/// A decoder generation can drive (Llama; GPT-2 later).
+/// A decoder generation can drive (Llama; GPT-2).
 pub trait CausalLm<B: Kernels<E>, E: Float> {
     /// An empty cache for this model.
     fn new_cache(&self) -> KvCache<B, E>;
