@@ -8,8 +8,14 @@ use tuna_autograd::Tensor;
 use tuna_kernels::testing::Tol;
 use tuna_kernels::Cpu;
 
+/// The fixture folder of `arch`: under `$TUNA_FIXTURES_DIR` where set (the GPU harness sets it:
+/// test binaries built here run on a machine where the build-time `CARGO_MANIFEST_DIR` does not
+/// exist), else this crate's `tests/fixtures`.
 pub fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch)
+    match std::env::var_os("TUNA_FIXTURES_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join(arch),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch),
+    }
 }
 
 /// The golden tensors of one fixture.

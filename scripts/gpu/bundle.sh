@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Builds here (the CPU machine, with cargo) everything the GPU machine needs for
+# scripts/gpu/check.sh, into the ignored folder gpu-bundle/:
+#   bin/tuna                              the release CLI
+#   tests/tuna-kernels-lib                tuna-kernels' lib tests (every kernel's CUDA-vs-CPU test)
+#   tests/tuna-autograd-cuda              tuna-autograd --test cuda
+#   tests/tuna-models-cuda_models         tuna-models --test cuda_models
+#   fixtures/                             crates/tuna-models/tests/fixtures (read via TUNA_FIXTURES_DIR)
+#   MANIFEST.txt                          commit, build date, files and sizes
+# Release builds, debug info stripped, so the bundle stays well under the device tool's 64 MiB
+# carry limit (checked: the script fails above it). Then: one device run with carry ["gpu-bundle"]
+# and command `bash scripts/gpu/check.sh $OUT/gpu` (see README.md, "### GPU").
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+LIMIT_MIB=64
+B=gpu-bundle
+rm -rf "$B"
+mkdir -p "$B/bin" "$B/tests"
+
+# `cargo ... --message-format=json` prints one JSON object per artifact; pick the executable of
+# the wanted target. Arguments: <output name> <cargo args...>
+build() {
+  local name="$1"; shift
+  local exe
+  exe="$(cargo "$@" --release --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+exes = [m["executable"] for m in map(json.loads, sys.stdin)
+        if m.get("reason") == "compiler-artifact" and m.get("executable")]
+if len(exes) != 1:
+    sys.exit("expected one executable, got %r" % exes)
+print(exes[0])
+')"
+  echo "$name <- ${exe#"$PWD/"}"
+  cp "$exe" "$B/$name"
+  strip --strip-debug "$B/$name"
+}
+
+build bin/tuna                      build -p tuna --bin tuna
+build tests/tuna-kernels-lib        test --no-run -p tuna-kernels --lib
+build tests/tuna-autograd-cuda      test --no-run -p tuna-autograd --test cuda
+build tests/tuna-models-cuda_models test --no-run -p tuna-models --test cuda_models
+cp -r crates/tuna-models/tests/fixtures "$B/fixtures"
+
+{
+  echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!gpu-bundle' 2>/dev/null || echo '+dirty')"
+  echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -srm)"
+  echo "rustc: $(rustc --version)"
+  (cd "$B" && find . -type f ! -name MANIFEST.txt -printf '%s\t%P\n' | sort -k2)
+} >"$B/MANIFEST.txt"
+
+kib="$(du -sk "$B" | cut -f1)"
+echo "gpu-bundle: $((kib / 1024)) MiB ($kib KiB; limit ${LIMIT_MIB} MiB for everything carried)"
+du -sh "$B"/bin/* "$B"/tests/* "$B/fixtures"
+if [ "$kib" -ge $((LIMIT_MIB * 1024)) ]; then
+  echo "gpu-bundle is over ${LIMIT_MIB} MiB: the device tool will not carry it" >&2
+  exit 1
+fi
+# The plan, and a strict check that check.sh finds every file it needs.
+bash scripts/gpu/check.sh /tmp/tuna-gpu-dry-run --dry-run --strict >/dev/null
+echo "check.sh --dry-run --strict: the bundle is complete"

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Every CUDA check in one run on the GPU machine (no cargo, no network there): run from the repo
+# root with gpu-bundle/ (made here by scripts/gpu/bundle.sh) carried along.
+#
+#   bash scripts/gpu/check.sh <out-dir>                    # on the GPU machine, e.g. $OUT/gpu
+#   bash scripts/gpu/check.sh <out-dir> --dry-run          # anywhere: print the plan, check the bundle
+#   bash scripts/gpu/check.sh <out-dir> --dry-run --strict # the same, exit 1 if the bundle is incomplete
+#
+# Steps: nvidia-smi and `tuna info` (into env.txt); each test binary that holds CUDA tests, with
+# TUNA_REQUIRE_CUDA=1 (a CUDA test that cannot run fails instead of skipping) and the libtest
+# filter `cuda`; `tuna generate --device cuda` on the tiny GPT-2 and Llama fixtures. Each step has a
+# time cap (the sum is under 7 minutes); a PASS/FAIL table is printed last and written to
+# <out-dir>/summary.txt. Exit status: 0 when every step passed, 1 otherwise, 2 on a usage error.
+#
+# Files written to <out-dir> (the device tool brings back at most 8 files, 2 folders down): env.txt,
+# one log per test binary, generate.log, summary.txt, and kernel-cache.tar.gz (the NVRTC cubins
+# compiled during the run; TUNA_KERNEL_CACHE points at <out-dir>/kernel-cache, packed at the end).
+#
+# The dry run writes nothing. It always lists the whole plan, and reports the bundle's missing
+# files by name; it exits 0 even when files are missing (it is a plan, and the workspace test runs
+# it without a bundle), unless --strict is given (bundle.sh runs it so).
+#
+# Not here yet: the attention-vs-SDPA and training-step-vs-PEFT benchmarks that DESIGN.md's
+# "Testing on a GPU" asks for are the GPU issue's next work; they become further steps below.
+set -uo pipefail
+
+usage() { echo "usage: $0 <out-dir> [--dry-run [--strict]]" >&2; exit 2; }
+out="" dry=0 strict=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run) dry=1 ;;
+    --strict) strict=1 ;;
+    -*) usage ;;
+    *) [ -z "$out" ] || usage; out="$a" ;;
+  esac
+done
+[ -n "$out" ] || usage
+[ "$strict" = 0 ] || [ "$dry" = 1 ] || usage
+
+cd "$(dirname "$0")/../.." || exit 2
+root="$PWD"
+out="$(realpath -m "$out")"
+bundle="$(realpath -m "${TUNA_GPU_BUNDLE:-$root/gpu-bundle}")" # TUNA_GPU_BUNDLE: another bundle (tests)
+
+# The test binaries: "<log name>|<path in the bundle>|<time cap, s>". bundle.sh writes these names.
+TESTS=(
+  "tuna-kernels-lib|tests/tuna-kernels-lib|150"
+  "tuna-autograd-cuda|tests/tuna-autograd-cuda|80"
+  "tuna-models-cuda_models|tests/tuna-models-cuda_models|80"
+)
+TUNA="$bundle/bin/tuna"
+FIXTURES="$bundle/fixtures"
+GENERATE_MODELS=(gpt2 llama)
+
+# CUDA 13.0's libraries on the GPU machine (NVRTC, cuBLAS); the driver's libcuda is on the
+# loader's default path there. PyTorch's pip-installed CUDA 13 libraries are a last resort.
+lib_dirs=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+  [ -d "$d" ] && lib_dirs+=("$d")
+done
+if [ "$dry" = 1 ] && [ ${#lib_dirs[@]} = 0 ]; then
+  lib_dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
+fi
+ld_path="$(IFS=:; echo "${lib_dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+ENV_VARS=(
+  "LD_LIBRARY_PATH=$ld_path"
+  "TUNA_REQUIRE_CUDA=1"
+  "TUNA_KERNEL_CACHE=$out/kernel-cache"
+  "TUNA_FIXTURES_DIR=$FIXTURES"
+  "TUNA_SKIP_LOG=$out/skipped.txt"
+  "RUST_BACKTRACE=1"
+)
+
+# ---- the bundle ----
+required=("$TUNA")
+for t in "${TESTS[@]}"; do IFS='|' read -r _ rel _ <<<"$t"; required+=("$bundle/$rel"); done
+for m in "${GENERATE_MODELS[@]}"; do required+=("$FIXTURES/$m/config.json"); done
+missing=()
+for f in "${required[@]}"; do [ -f "$f" ] || missing+=("${f#"$root/"}"); done
+
+# ---- the plan: one line per step, "<name>|<cap s>|<log file>|<command>" ----
+q() { local s; s="$(printf '%q ' "$@")"; printf '%s' "${s% }"; }
+STEPS=()
+STEPS+=("nvidia-smi|20|env.txt|nvidia-smi")
+STEPS+=("tuna-info|30|env.txt|$(q "$TUNA" info)")
+for t in "${TESTS[@]}"; do
+  IFS='|' read -r name rel cap <<<"$t"
+  STEPS+=("$name|$cap|$name.log|$(q "$bundle/$rel" cuda --test-threads=4)")
+done
+for m in "${GENERATE_MODELS[@]}"; do
+  STEPS+=("generate-$m-cuda|25|generate.log|$(q "$TUNA" generate --model "$FIXTURES/$m" --prompt "hello world" --max-new-tokens 8 --device cuda)")
+done
+
+if [ "$dry" = 1 ]; then
+  echo "GPU check plan (dry run; nothing is run or written)"
+  echo "repo root: $root"
+  echo "out dir:   $out"
+  echo "environment:"
+  for v in "${ENV_VARS[@]}"; do echo "  export $(q "$v")"; done
+  i=0
+  for s in "${STEPS[@]}"; do
+    IFS='|' read -r name cap log cmd <<<"$s"
+    i=$((i + 1))
+    echo "step $i: $name (cap ${cap}s, log $out/$log)"
+    echo "  \$ timeout $cap $cmd"
+  done
+  echo "step $((i + 1)): pack the kernel cache"
+  echo "  \$ tar -C $(q "$out") -czf $(q "$out/kernel-cache.tar.gz") kernel-cache && rm -rf $(q "$out/kernel-cache")"
+  echo "then: the PASS/FAIL table, also in $out/summary.txt; exit 1 if any step failed"
+  if [ ${#missing[@]} = 0 ]; then
+    echo "bundle: complete ($(du -sh "$bundle" | cut -f1) in ${bundle#"$root/"})"
+  else
+    echo "bundle: MISSING ${#missing[@]} file(s) in $bundle (make them with: bash scripts/gpu/bundle.sh):"
+    for f in "${missing[@]}"; do echo "  missing: $f"; done
+    [ "$strict" = 1 ] && exit 1
+  fi
+  exit 0
+fi
+
+# ---- the real run ----
+if [ ${#missing[@]} != 0 ]; then
+  echo "gpu check: the bundle is incomplete; run 'bash scripts/gpu/bundle.sh' on the build machine and carry gpu-bundle" >&2
+  for f in "${missing[@]}"; do echo "  missing: $f" >&2; done
+  exit 1
+fi
+mkdir -p "$out" || exit 2
+for v in "${ENV_VARS[@]}"; do export "${v?}"; done
+rm -f "$out/skipped.txt"
+chmod u+x "$TUNA" "$bundle"/tests/* 2>/dev/null
+start_all=$SECONDS
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -srm)"
+  echo "bundle: $(cat "$bundle/MANIFEST.txt" 2>/dev/null | head -3 | tr '\n' ' ')"
+  for v in "${ENV_VARS[@]}"; do echo "env: $v"; done
+  echo "libnvrtc: $(ls "${lib_dirs[@]/%//libnvrtc.so*}" 2>/dev/null | tr '\n' ' ')"
+} >"$out/env.txt"
+
+results=()
+fails=0
+for s in "${STEPS[@]}"; do
+  IFS='|' read -r name cap log cmd <<<"$s"
+  echo "== $name: $cmd" | tee -a "$out/$log"
+  t0=$SECONDS
+  eval "timeout --kill-after=10 $cap $cmd" >>"$out/$log" 2>&1
+  rc=$?
+  dt=$((SECONDS - t0))
+  verdict=PASS note=""
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    verdict=FAIL note="timed out after ${cap}s"
+  elif [ $rc != 0 ]; then
+    verdict=FAIL note="exit $rc"
+  fi
+  if [ "$log" = "$name.log" ]; then # a test binary: add libtest's count; no test run is a failure
+    summary="$(grep -E '^test result:' "$out/$log" | tail -1 |
+      sed -e 's/^test result: //' -e 's/; 0 ignored//' -e 's/; 0 measured//' -e 's/; finished in .*//')"
+    note="${note:+$note; }${summary:-no test result line}"
+    if [ $verdict = PASS ] && ! grep -qE '^test result: ok\. [1-9]' "$out/$log"; then
+      verdict=FAIL note="no test matched the filter; $note"
+    fi
+  fi
+  [ $verdict = FAIL ] && fails=$((fails + 1))
+  echo "   $verdict in ${dt}s ${note}"
+  results+=("$(printf '%-26s %-4s %5ss  %s' "$name" "$verdict" "$dt" "$note")")
+done
+
+if [ -d "$out/kernel-cache" ]; then
+  tar -C "$out" -czf "$out/kernel-cache.tar.gz" kernel-cache && rm -rf "$out/kernel-cache"
+fi
+
+{
+  echo
+  echo "== GPU check summary ($(head -1 "$out/env.txt" | cut -d' ' -f2), $((SECONDS - start_all))s) =="
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+  printf '%-26s %-4s %6s  %s\n' step result time note
+  for r in "${results[@]}"; do echo "$r"; done
+  if [ -s "$out/skipped.txt" ]; then
+    echo "skipped (should be none with TUNA_REQUIRE_CUDA=1): $(wc -l <"$out/skipped.txt")"
+    sed 's/^/  /' "$out/skipped.txt"
+  fi
+  if [ $fails = 0 ]; then echo "ALL PASS"; else echo "$fails step(s) FAILED: logs in $out"; fi
+} | tee "$out/summary.txt"
+[ $fails = 0 ]
