@@ -66,3 +66,36 @@ fn embedding_with_the_table_as_its_prompt() {
     let at = Ints::new(&cpu(), &[1], &[1u32]).unwrap();
     check(&[&t], || ce(embedding(&t, &ids, Some(Prompt { vectors: &t, at: &at }))?), H, GRAD_TOL, 64).unwrap();
 }
+
+/// Two losses over one shared activation: differentiating the second after the first has freed
+/// the shared part of the graph must fail loudly, not silently drop the second's gradient.
+#[test]
+fn second_loss_over_a_freed_shared_graph_is_an_error() {
+    let mut rng = Rng::new(16);
+    let x = param(&mut rng, "x", &[2, 3], 1.0);
+    let h = mul(&x, &x).unwrap();
+    let l1 = ce(h.clone()).unwrap();
+    let l2 = ce(add(&h, &h).unwrap()).unwrap();
+    l1.backward().unwrap();
+    let e = l2.backward().expect_err("the shared `mul` node was already differentiated");
+    assert!(e.to_string().contains("already differentiated"), "{e}");
+}
+
+/// A parameter listed twice counts once in the global norm and is clipped once.
+#[test]
+fn clip_grad_norm_with_a_parameter_listed_twice() {
+    use tuna_autograd::optim::clip_grad_norm;
+    let x = tuna_autograd::Tensor::<tuna_kernels::Cpu, f64>::param(&cpu(), "x", &[2], &[0.0, 0.0]).unwrap();
+    let w = tuna_autograd::Tensor::constant(&cpu(), &[2], &[3.0, 4.0]).unwrap();
+    let y = mul(&x, &w).unwrap();
+    let l = ce(tuna_autograd::ops::shape::reshape(&y, &[1, 2]).unwrap()).unwrap();
+    l.backward().unwrap();
+    let g = x.grad().unwrap().unwrap();
+    let norm = (g[0] * g[0] + g[1] * g[1]).sqrt();
+    let reported = clip_grad_norm(&[&x, &x], norm / 2.0).unwrap();
+    assert!((reported - norm).abs() < 1e-12, "norm {reported} vs {norm}");
+    let c = x.grad().unwrap().unwrap();
+    let clipped = (c[0] * c[0] + c[1] * c[1]).sqrt();
+    // PyTorch divides by norm + 1e-6.
+    assert!((clipped - norm / 2.0).abs() < 1e-5, "clipped to {clipped}, wanted {}", norm / 2.0);
+}
