@@ -201,6 +201,15 @@ pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
             order.push(node);
         }
     }
+    // A node reached here that has already run (a graph shared with a loss differentiated
+    // before) would pass no gradient on: refuse rather than silently lose it.
+    if let Some(done) = order.iter().find(|n| n.backward.borrow().is_none()) {
+        return Err(Error::Backward(format!(
+            "part of the graph behind this loss (op `{}`) was already differentiated by another loss; \
+             sum the losses and differentiate once, or build the graph again",
+            done.kind
+        )));
+    }
     for node in order.into_iter().rev() {
         let f = node.backward.borrow_mut().take();
         if let Some(f) = f {

@@ -25,9 +25,12 @@ pub fn zero_grad<B: Kernels<E>, E: Float>(params: &[&Tensor<B, E>]) {
 /// is scaled by `max_norm / norm` on the device. Returns the norm before clipping (one host read).
 pub fn clip_grad_norm<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>], max_norm: f64) -> Result<f64> {
     let Some(first) = params.first() else { return Ok(0.0) };
+    // A tensor listed twice counts once (and is clipped once).
+    let mut seen = std::collections::HashSet::new();
+    let params: Vec<_> = params.iter().filter(|p| seen.insert(p.id())).collect();
     let dev = first.device().clone();
     let mut acc = zeros::<B, E>(&dev, 1)?;
-    for p in params {
+    for p in &params {
         if let Some(r) = p.with_grad(|g| dev.grad_sq_norm_acc(g, B::buf_mut(&mut acc))) {
             r?;
         }

@@ -170,6 +170,22 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
                 .into());
             }
         }
+        // Checked before any layer appends to the cache, so that an error leaves it as it was.
+        let kv_len = cache.as_ref().map_or(0, |cc| cc.len()) + t;
+        for (what, have, want) in [
+            ("mask vs [batch, cached + seq]", mask.map(|m| m.shape()), [b, kv_len]),
+            ("positions vs [batch, seq]", Some(positions.shape()), [b, t]),
+        ] {
+            if let Some(have) = have.filter(|&s| s != want) {
+                return Err(tuna_autograd::Error::Shape {
+                    op: "gpt2",
+                    what,
+                    left: have.to_vec(),
+                    right: want.to_vec(),
+                }
+                .into());
+            }
+        }
         if let Some(&p) = positions.host().iter().find(|&&p| p as usize >= self.cfg.n_positions) {
             return Err(Error::InvalidArgument(format!(
                 "gpt2: position {p} is beyond the model's {} learned positions (n_positions)",
@@ -240,10 +256,11 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         mask: Option<&Ints<B, u8>>,
         labels: &Ints<B, i32>,
     ) -> Result<Tensor<B, E>> {
-        let logits = self.forward_masked(ids, positions, mask)?;
         let ((b, t), v) = (batch_seq(ids)?, self.cfg.vocab_size);
+        // No other handle on the logits may live: cross_entropy then writes its gradient over them.
+        let logits = reshape(&self.forward_masked(ids, positions, mask)?, &[b * t, v])?;
         let targets = Ints::new(self.dev(), &[b * t], &shift_labels(labels.host(), b, t, labels.shape())?)?;
-        Ok(cross_entropy(reshape(&logits, &[b * t, v])?, &targets, IGNORE_INDEX)?)
+        Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
     }
 }
 

@@ -241,3 +241,28 @@ fn greedy_generation_equals_repeated_full_forwards() {
     let e = generate(&m, &prompt, 9, &Sampling::Greedy, None).unwrap_err().to_string();
     assert!(e.contains("n_positions"), "{e}");
 }
+
+#[test]
+fn a_failed_cached_forward_leaves_the_cache_as_it_was() {
+    let m = frozen(&gpt2_weights(&gpt2_cfg(), 21, ""));
+    let mut cache: KvCache<Cpu, f64> = m.new_cache();
+    no_grad(|| m.forward_cached(&ids(&[3, 4], 1), &m.positions(1, 2).unwrap(), None, Some(&mut cache))).unwrap();
+    // The mask must cover the 2 cached tokens plus the new one: [1, 3], not [1, 1].
+    let mask = Ints::new(&cpu(), &[1, 1], &[1u8]).unwrap();
+    let pos = Ints::new(&cpu(), &[1, 1], &[2u32]).unwrap();
+    assert!(no_grad(|| m.forward_cached(&ids(&[5], 1), &pos, Some(&mask), Some(&mut cache))).is_err());
+    for i in 0..cache.n_layers() {
+        assert_eq!(cache.layer(i).unwrap().0.shape()[1], 2, "layer {i} was appended to by a failed forward");
+    }
+}
+
+#[test]
+fn the_loss_computes_its_gradient_in_the_logits_buffer() {
+    let w = gpt2_weights(&gpt2_cfg(), 22, "");
+    let m: Gpt2<Cpu, f64> = Gpt2::load(&gpt2_cfg(), &mut Loader::with_trainable(&w, &cpu(), |_| true)).unwrap();
+    tuna_autograd::stats::reset();
+    let labels = Ints::new(&cpu(), &[1, 4], &[1i32, 2, 3, 4]).unwrap();
+    let loss = m.loss(&ids(&[1, 2, 3, 4], 1), &labels).unwrap();
+    assert_eq!(tuna_autograd::stats::snapshot().launches("cross_entropy.copy"), 0, "the logits were copied");
+    loss.backward().unwrap();
+}

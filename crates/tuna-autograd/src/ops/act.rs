@@ -56,7 +56,8 @@ pub fn swiglu<B: Kernels<E>, E: Float>(gate: &Tensor<B, E>, up: &Tensor<B, E>) -
             // The kernel writes both gradients; a scratch buffer stands in for one not wanted.
             let (mut sg, mut su) = (GradSlot::new(&**dev, &cg, n)?, GradSlot::new(&**dev, &cu, n)?);
             let (dg, du) = (sg.buf(), su.buf());
-            Ok(dev.swiglu_bwd(&gs.t().buf(), &us.t().buf(), B::buf(&g), dg, du)?)
+            dev.swiglu_bwd(&gs.t().buf(), &us.t().buf(), B::buf(&g), dg, du)?;
+            GradSlot::finish(&**dev, [Some(sg), Some(su)])
         })
     }))
 }

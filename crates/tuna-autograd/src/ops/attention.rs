@@ -136,7 +136,9 @@ pub fn attention<B: Kernels<E>, E: Float>(
             };
             let o = os.data();
             let grads = AttnGrads { dq, dk, dv, dprefix };
-            Ok(dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(lse.buf()), grads)?)
+            dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(lse.buf()), grads)?;
+            let (sa, sb) = sp.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+            GradSlot::finish(&*dev, [Some(sq), Some(sk), Some(sv), sa, sb])
         })
     }))
 }

@@ -106,10 +106,12 @@ pub fn add_bias<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, bias: &Tensor<B, E>) 
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
             match &cb {
-                Some(cb) => {
+                Some(_) => {
                     launched("add_bias.bwd_bias");
                     let mut sx = GradSlot::new(&*dev, &cx, n)?;
-                    cb.accumulate(&dev, |db| Ok(dev.add_bias_bwd(&p, B::buf(&g), sx.buf(), db)?))
+                    let mut sb = GradSlot::new(&*dev, &cb, cols)?;
+                    dev.add_bias_bwd(&p, B::buf(&g), sx.buf(), sb.buf())?;
+                    GradSlot::finish(&*dev, [Some(sx), Some(sb)])
                 }
                 None => {
                     let cx = cx.as_ref().expect("recorded: x or bias needs a gradient");

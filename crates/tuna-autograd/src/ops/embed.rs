@@ -84,7 +84,8 @@ pub fn embedding<B: Kernels<E>, E: Float>(
             let mut st = GradSlot::optional(&*dev, &ct, p.table_elems())?;
             let mut sp = GradSlot::optional(&*dev, &cp, p.prompt_elems())?;
             let (dt, dp) = (st.as_mut().map(|s| s.buf()), sp.as_mut().map(|s| s.buf()));
-            Ok(dev.embed_bwd(&p, ids.buf(), at.as_ref().map(|a| a.buf()), B::buf(&g), dt, dp)?)
+            dev.embed_bwd(&p, ids.buf(), at.as_ref().map(|a| a.buf()), B::buf(&g), dt, dp)?;
+            GradSlot::finish(&*dev, [st, sp])
         })
     }))
 }

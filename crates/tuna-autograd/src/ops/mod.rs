@@ -92,22 +92,28 @@ pub(crate) fn upload<B: Alloc<E>, E: Float>(dev: &B, values: &[E]) -> Result<B::
 
 /// Where a backward kernel writes one input's gradient: that input's gradient buffer (allocated
 /// zeroed at first use), or a scratch buffer when the input needs no gradient but the kernel
-/// writes one anyway.
+/// writes one anyway, or a scratch buffer added to the input's gradient by
+/// [`GradSlot::finish`] when another slot of the same kernel already holds that gradient (one
+/// tensor passed as two inputs: `swiglu(&x, &x)`, attention with `k = v`).
 pub(crate) enum GradSlot<'a, B: Alloc<E>, E: Float> {
     Cell(std::cell::RefMut<'a, Option<B::Owned>>),
     Scratch(B::Owned),
+    Deferred(std::rc::Rc<GradCell<B, E>>, B::Owned),
 }
 
 impl<'a, B: Alloc<E>, E: Float> GradSlot<'a, B, E> {
     pub(crate) fn new(dev: &B, cell: &'a Option<std::rc::Rc<GradCell<B, E>>>, n: usize) -> Result<Self> {
         Ok(match cell {
-            Some(c) => {
-                let mut g = c.buf.borrow_mut();
-                if g.is_none() {
-                    *g = Some(dev.zeros(n)?);
+            Some(c) => match c.buf.try_borrow_mut() {
+                Ok(mut g) => {
+                    if g.is_none() {
+                        *g = Some(dev.zeros(n)?);
+                    }
+                    GradSlot::Cell(g)
                 }
-                GradSlot::Cell(g)
-            }
+                // Another slot of this kernel holds the same gradient: the same tensor is two inputs.
+                Err(_) => GradSlot::Deferred(c.clone(), dev.zeros(n)?),
+            },
             None => GradSlot::Scratch(dev.zeros(n)?),
         })
     }
@@ -118,7 +124,23 @@ impl<'a, B: Alloc<E>, E: Float> GradSlot<'a, B, E> {
     pub(crate) fn buf(&mut self) -> &mut B::Buf<E> {
         match self {
             GradSlot::Cell(g) => B::buf_mut(g.as_mut().expect("allocated in new")),
-            GradSlot::Scratch(o) => B::buf_mut(o),
+            GradSlot::Scratch(o) | GradSlot::Deferred(_, o) => B::buf_mut(o),
         }
+    }
+}
+
+impl<B: Kernels<E>, E: Float> GradSlot<'_, B, E> {
+    /// After the kernel: release every slot, then add each deferred scratch into its gradient.
+    pub(crate) fn finish(dev: &B, slots: impl IntoIterator<Item = Option<Self>>) -> Result<()> {
+        let mut deferred = Vec::new();
+        for s in slots.into_iter().flatten() {
+            if let GradSlot::Deferred(c, o) = s {
+                deferred.push((c, o));
+            }
+        }
+        for (c, o) in deferred {
+            c.accumulate(dev, |d| Ok(dev.grad_accumulate(d, B::buf(&o), <E as tuna_kernels::CpuFloat>::c(1.0))?))?;
+        }
+        Ok(())
     }
 }

@@ -55,7 +55,7 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
             let mut sb = GradSlot::optional(&*dev, &cb, dim)?;
             let (dgamma, dbeta) = (sg.as_mut().map(|s| s.buf()), sb.as_mut().map(|s| s.buf()));
             let (mean, rstd) = stats.buf();
-            Ok(dev.layernorm_bwd(
+            dev.layernorm_bwd(
                 &p,
                 &xs.t().buf(),
                 &gs.t().buf(),
@@ -65,7 +65,8 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
                 sx.buf(),
                 dgamma,
                 dbeta,
-            )?)
+            )?;
+            GradSlot::finish(&*dev, [Some(sx), sg, sb])
         })
     }))
 }
@@ -92,7 +93,8 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
             let mut sx = GradSlot::new(&*dev, &cx, n)?;
             let mut sg = GradSlot::optional(&*dev, &cg, dim)?;
             let dgamma = sg.as_mut().map(|s| s.buf());
-            Ok(dev.rmsnorm_bwd(&p, &xs.t().buf(), &gs.t().buf(), B::buf(rstd.buf()), B::buf(&g), sx.buf(), dgamma)?)
+            dev.rmsnorm_bwd(&p, &xs.t().buf(), &gs.t().buf(), B::buf(rstd.buf()), B::buf(&g), sx.buf(), dgamma)?;
+            GradSlot::finish(&*dev, [Some(sx), sg])
         })
     }))
 }

@@ -120,6 +120,16 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
                 ));
             }
         }
+        // Checked before any layer appends to the cache, so that an error leaves it as it was.
+        let kv_len = cache.as_ref().map_or(0, |c| c.len()) + seq;
+        if let Some(m) = mask {
+            if m.shape() != [batch, kv_len] {
+                return Err(shape_err("mask vs [batch, cached + seq]", m.shape(), &[batch, kv_len]));
+            }
+        }
+        if positions.shape() != [batch, seq] {
+            return Err(shape_err("positions vs [batch, seq]", positions.shape(), &[batch, seq]));
+        }
         let (heads, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let (eps, theta) = (self.cfg.rms_norm_eps as f32, self.cfg.rope_theta as f32);
         let opt = AttnOptions { causal: true, scale: None };
@@ -178,11 +188,12 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
                 labels.len()
             )));
         }
-        let logits = self.forward(ids, positions, mask, None)?;
         let vocab = self.cfg.vocab_size;
+        // No other handle on the logits may live: cross_entropy then writes its gradient over them.
+        let logits = reshape(&self.forward(ids, positions, mask, None)?, &[batch * seq, vocab])?;
         let targets = shifted_targets(labels, batch, seq);
         let targets = Ints::new(&self.dev, &[batch * seq], &targets)?;
-        Ok(cross_entropy(reshape(&logits, &[batch * seq, vocab])?, &targets, IGNORE_INDEX)?)
+        Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
     }
 }
 

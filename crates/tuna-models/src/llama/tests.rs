@@ -354,3 +354,29 @@ fn untied_lm_head_is_used() {
     let forced = model::<f64>(&w, true);
     assert_eq!(forced.lm_head.id(), forced.embed_tokens.id());
 }
+
+#[test]
+fn a_failed_cached_forward_leaves_the_cache_as_it_was() {
+    let w = weights(21);
+    let m = model::<f64>(&w, true);
+    let mut cache = m.new_cache();
+    no_grad(|| m.forward(&ints(&[1, 2], &[3, 4]), &ints(&[1, 2], &[0, 1]), None, Some(&mut cache))).unwrap();
+    // The mask must cover the 2 cached tokens plus the new one: [1, 3], not [1, 1].
+    let bad = no_grad(|| {
+        m.forward(&ints(&[1, 1], &[5]), &ints(&[1, 1], &[2]), Some(&ints(&[1, 1], &[1u8])), Some(&mut cache))
+    });
+    assert!(bad.is_err());
+    for i in 0..LAYERS {
+        assert_eq!(cache.layer(i).unwrap().0.shape()[1], 2, "layer {i} was appended to by a failed forward");
+    }
+}
+
+#[test]
+fn the_loss_computes_its_gradient_in_the_logits_buffer() {
+    let w = weights(22);
+    let m: Llama<Cpu, f64> = Llama::load(&cfg(true), &mut Loader::with_trainable(&w, &dev(), |_| true)).unwrap();
+    tuna_autograd::stats::reset();
+    let loss = m.loss(&ints(&[1, 4], &[1, 2, 3, 4]), &[1, 2, 3, 4]).unwrap();
+    assert_eq!(tuna_autograd::stats::snapshot().launches("cross_entropy.copy"), 0, "the logits were copied");
+    loss.backward().unwrap();
+}
