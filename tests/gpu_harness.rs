@@ -31,7 +31,12 @@ fn dry_run_lists_the_whole_plan_without_a_bundle() {
     let (out, bundle) = (tmp.join("out"), tmp.join("no-bundle"));
     let r = check_sh(&out, &bundle, &[]);
     let stdout = String::from_utf8_lossy(&r.stdout);
-    assert!(r.status.success(), "dry run must exit 0 without a bundle: {:?}\n{stdout}{}", r.status, String::from_utf8_lossy(&r.stderr));
+    assert!(
+        r.status.success(),
+        "dry run must exit 0 without a bundle: {:?}\n{stdout}{}",
+        r.status,
+        String::from_utf8_lossy(&r.stderr)
+    );
 
     let steps: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("$ ")).collect();
     assert!(steps.iter().any(|l| l.contains("nvidia-smi")), "no nvidia-smi step:\n{stdout}");
@@ -51,7 +56,10 @@ fn dry_run_lists_the_whole_plan_without_a_bundle() {
     }
     assert!(stdout.contains("bundle: MISSING"), "{stdout}");
     for bin in TEST_BINARIES {
-        assert!(stdout.contains(&format!("missing: {}/tests/{bin}", bundle.display())), "{bin} not reported missing:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("missing: {}/tests/{bin}", bundle.display())),
+            "{bin} not reported missing:\n{stdout}"
+        );
     }
     assert!(!out.exists(), "the dry run must write nothing");
 }
@@ -64,7 +72,8 @@ fn strict_dry_run_fails_on_an_incomplete_bundle_and_passes_on_a_complete_one() {
     assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stdout));
 
     // the files check.sh needs, empty: the plan is then complete
-    let mut files = vec!["bin/tuna".to_string(), "fixtures/gpt2/config.json".into(), "fixtures/llama/config.json".into()];
+    let mut files =
+        vec!["bin/tuna".to_string(), "fixtures/gpt2/config.json".into(), "fixtures/llama/config.json".into()];
     files.extend(TEST_BINARIES.iter().map(|b| format!("tests/{b}")));
     for f in &files {
         let p = bundle.join(f);
