@@ -63,6 +63,18 @@ fn grid3(x: usize, y: u32, z: u32, smem: u32) -> LaunchConfig {
 
 /// Null-safe stand-ins for an absent prefix (the kernels never read them when `prefix_len` is 0)
 /// and an absent mask (never read when `has_mask` is 0).
+/// The key mask, or a 1-element stand-in (never read: `has_mask` is 0) kept alive in `slot`.
+fn mask_or_dummy<'a>(
+    dev: &Cuda,
+    mask: Option<&'a CudaSlice<u8>>,
+    slot: &'a mut Option<CudaSlice<u8>>,
+) -> Result<&'a CudaSlice<u8>> {
+    Ok(match mask {
+        Some(m) => m,
+        None => slot.insert(dev.zeros::<u8>(1)?),
+    })
+}
+
 fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaSlice<E>, &'a CudaSlice<E>) {
     x.prefix.unwrap_or((x.q, x.q))
 }
@@ -85,14 +97,8 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         }
         let smem = fwd_smem_bytes(p.head_dim as usize);
         let f = tiled_function::<E>(self, "fwd", p, smem)?;
-        let dummy_mask;
-        let mask = match x.key_mask {
-            Some(m) => m,
-            None => {
-                dummy_mask = self.zeros::<u8>(1)?;
-                &dummy_mask
-            }
-        };
+        let mut dummy_mask = None;
+        let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (pk, pv) = prefix_or(&x);
         let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
         let mut b = self.stream().launch_builder(&f);
@@ -169,14 +175,8 @@ impl Cuda {
     ) -> Result<()> {
         let smem = bwd_smem_bytes(p.head_dim as usize);
         let f = tiled_function::<E>(self, "bwd", p, smem)?;
-        let dummy_mask;
-        let mask = match x.key_mask {
-            Some(m) => m,
-            None => {
-                dummy_mask = self.zeros::<u8>(1)?;
-                &dummy_mask
-            }
-        };
+        let mut dummy_mask = None;
+        let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (mut dummy_k, mut dummy_v);
         let (dpk, dpv) = match dprefix {
             Some(pair) => pair,
