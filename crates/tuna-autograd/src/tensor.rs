@@ -27,10 +27,14 @@ impl<B: Alloc<E>, E: Elem> GradCell<B, E> {
     /// Run `f` on the gradient buffer (zeroed first if absent); kernels accumulate into it.
     pub(crate) fn accumulate(&self, dev: &B, f: impl FnOnce(&mut B::Buf<E>) -> Result<()>) -> Result<()> {
         let mut g = self.buf.borrow_mut();
+        f(B::buf_mut(self.ensure(dev, &mut g)?))
+    }
+    /// The gradient buffer behind `g` (this cell's, borrowed), allocated zeroed if absent.
+    pub(crate) fn ensure<'g>(&self, dev: &B, g: &'g mut Option<B::Owned>) -> Result<&'g mut B::Owned> {
         if g.is_none() {
             *g = Some(dev.zeros(self.len)?);
         }
-        f(B::buf_mut(g.as_mut().expect("just set")))
+        Ok(g.as_mut().expect("just set"))
     }
     /// Take the buffer out (frees a non-leaf gradient once its node has used it).
     pub(crate) fn take(&self) -> Option<B::Owned> {
@@ -121,7 +125,8 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
         Ok(Self::build(dev.clone(), shape.to_vec(), dev.zeros(numel(shape))?, requires_grad, None))
     }
 
-    /// The same data as a leaf that needs no gradient (cuts the graph; shares storage by copy).
+    /// A copy of the data as a leaf that needs no gradient (cuts the graph). The copy goes through
+    /// the host.
     pub fn detach(&self) -> Result<Self> {
         Self::constant(&self.inner.dev, &self.inner.shape, &self.to_vec()?)
     }

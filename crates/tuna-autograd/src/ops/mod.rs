@@ -102,17 +102,16 @@ pub(crate) enum GradSlot<'a, B: Alloc<E>, E: Float> {
 }
 
 impl<'a, B: Alloc<E>, E: Float> GradSlot<'a, B, E> {
+    /// `n` sizes the scratch of an input without a gradient; a gradient cell knows its own length.
     pub(crate) fn new(dev: &B, cell: &'a Option<std::rc::Rc<GradCell<B, E>>>, n: usize) -> Result<Self> {
         Ok(match cell {
             Some(c) => match c.buf.try_borrow_mut() {
                 Ok(mut g) => {
-                    if g.is_none() {
-                        *g = Some(dev.zeros(n)?);
-                    }
+                    c.ensure(dev, &mut g)?;
                     GradSlot::Cell(g)
                 }
                 // Another slot of this kernel holds the same gradient: the same tensor is two inputs.
-                Err(_) => GradSlot::Deferred(c.clone(), dev.zeros(n)?),
+                Err(_) => GradSlot::Deferred(c.clone(), dev.zeros(c.len)?),
             },
             None => GradSlot::Scratch(dev.zeros(n)?),
         })
