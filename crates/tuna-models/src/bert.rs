@@ -3,6 +3,7 @@
 //! mask, GELU (erf); the pooler (dense + tanh of the first token) and sentence-transformers' masked
 //! mean pooling.
 
+use crate::adapt::{layer_prefix, Adapt};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::gpt2::{batch_seq, Norm};
@@ -46,6 +47,8 @@ pub struct Bert<B: Kernels<E>, E: Float> {
     pub pooler: Option<Dense<B, E>>,
     /// The checkpoint the weights came from (named by the missing-pooler error).
     pub path: std::path::PathBuf,
+    /// The adaptation method in place (empty: the base model).
+    pub adapt: Adapt<B, E>,
 }
 
 /// `name`, bare (`BertModel`) or under the `bert.` prefix (task heads' checkpoints).
@@ -69,6 +72,20 @@ fn dense<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize
 impl<B: Kernels<E>, E: Float> Dense<B, E> {
     fn apply(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
         Ok(linear(x, &self.weight, WeightLayout::OutIn, Some(&self.bias))?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> BertLayer<B, E> {
+    /// The layer's dense layers under their Hugging Face module names (within the layer).
+    pub fn dense_named(&self) -> [(&'static str, &Dense<B, E>); 6] {
+        [
+            ("attention.self.query", &self.query),
+            ("attention.self.key", &self.key),
+            ("attention.self.value", &self.value),
+            ("attention.output.dense", &self.attn_out),
+            ("intermediate.dense", &self.intermediate),
+            ("output.dense", &self.output),
+        ]
     }
 }
 
@@ -99,33 +116,68 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let has_pooler = names("pooler.dense.weight").iter().any(|n| loader.src.shape(n).is_some());
         let pooler = if has_pooler { Some(dense(loader, "pooler.dense", h, h)?) } else { None };
         let path = loader.src.path().to_path_buf();
-        Ok(Bert { cfg: cfg.clone(), word, position, token_type, emb_norm, layers, pooler, path })
+        Ok(Bert { cfg: cfg.clone(), word, position, token_type, emb_norm, layers, pooler, path, adapt: Adapt::default() })
     }
 
     /// `last_hidden_state` `[batch, seq, hidden]` of `ids` (`[batch, seq]`, token type 0,
     /// positions `0..seq`), attending to the keys where `attention_mask` (`[batch, seq]`) is 1.
+    /// With a soft prompt the output is longer: see [`Bert::encode`], which also returns the mask.
     pub fn forward(&self, ids: &Ints<B, u32>, attention_mask: &Ints<B, u8>) -> Result<Tensor<B, E>> {
+        Ok(self.encode(ids, attention_mask)?.0)
+    }
+
+    /// [`Bert::forward`] through the adaptation, with the mask of its output positions: a soft
+    /// prompt's `n` vectors are inserted before each row's first real token (the output and mask
+    /// gain `n` columns) and, with a prompt or prefix, content positions start at `n`.
+    pub fn encode(&self, ids: &Ints<B, u32>, attention_mask: &Ints<B, u8>) -> Result<(Tensor<B, E>, Ints<B, u8>)> {
         let (b, t) = batch_seq(ids)?;
+        if attention_mask.shape() != [b, t] {
+            return Err(tuna_autograd::Error::Shape {
+                op: "bert",
+                what: "attention_mask vs ids [batch, seq]",
+                left: attention_mask.shape().to_vec(),
+                right: vec![b, t],
+            }
+            .into());
+        }
         let (hid, heads, d) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.head_dim());
         let eps = self.cfg.layer_norm_eps as f32;
         let dev = self.word.device();
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
         let pos = Ints::new(dev, &[b, t], &pos)?;
+        let prep = self.adapt.prepare(dev, &pos, Some(attention_mask), 0)?;
+        let (pos, mask) = (&prep.positions, prep.mask.clone().expect("a mask was given"));
+        let t = pos.shape()[1];
+        if let Some(&p) = pos.host().iter().find(|&&p| p as usize >= self.cfg.max_position_embeddings) {
+            return Err(Error::InvalidArgument(format!(
+                "bert: position {p} is beyond the model's {} learned positions (max_position_embeddings)",
+                self.cfg.max_position_embeddings
+            )));
+        }
         let types = Ints::new(dev, &[b, t], &vec![0u32; b * t])?;
-        let x = add(&embedding(&self.word, ids, None)?, &embedding(&self.position, &pos, None)?)?;
+        let x = add(&self.adapt.embed(&self.word, ids, &prep)?, &embedding(&self.position, pos, None)?)?;
         let x = add(&x, &embedding(&self.token_type, &types, None)?)?;
         let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
         let opt = AttnOptions { causal: false, scale: None };
-        for l in &self.layers {
+        let prefix = self.adapt.prefix_kv()?;
+        let ad = &self.adapt;
+        for (i, l) in self.layers.iter().enumerate() {
+            let dense = |name: &str, x: &Tensor<B, E>, dn: &Dense<B, E>| {
+                let w = (&dn.weight, Some(&dn.bias));
+                ad.linear(|| format!("encoder.layer.{i}.{name}"), x, w.0, WeightLayout::OutIn, w.1)
+            };
             let heads4 = |y: Tensor<B, E>| -> Result<Tensor<B, E>> { Ok(reshape(&y, &[b, t, heads, d])?) };
-            let (q, k, v) = (heads4(l.query.apply(&x)?)?, heads4(l.key.apply(&x)?)?, heads4(l.value.apply(&x)?)?);
-            let a = attention(&q, &k, &v, None, Some(attention_mask), opt)?;
-            let a = l.attn_out.apply(&reshape(&a, &[b, t, hid])?)?;
+            let q = heads4(dense("attention.self.query", &x, &l.query)?)?;
+            let k = heads4(dense("attention.self.key", &x, &l.key)?)?;
+            let v = heads4(dense("attention.self.value", &x, &l.value)?)?;
+            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&mask), opt)?;
+            let a = ad.sublayer(i, false, dense("attention.output.dense", &reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
             x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
-            let f = gelu(&l.intermediate.apply(&x)?, GeluKind::Erf)?;
-            x = layernorm(&add(&l.output.apply(&f)?, &x)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;
+            let f = gelu(&dense("intermediate.dense", &x, &l.intermediate)?, GeluKind::Erf)?;
+            let f = ad.sublayer(i, true, dense("output.dense", &f, &l.output)?)?;
+            x = layernorm(&add(&f, &x)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;
         }
-        Ok(x)
+        Ok((x, mask))
     }
 
     /// `pooler_output` `[batch, hidden]`: `tanh(dense(h[:, 0]))`. An error naming

@@ -10,6 +10,7 @@
 //! With a [`KvCache`], each layer's keys and values are appended to it and new tokens attend to
 //! every cached one; their positions are absolute (learned `wpe` rows), continuing after the cache.
 
+use crate::adapt::{layer_prefix, Adapt, Prepared};
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 use crate::generate::{CausalLm, KvCache};
@@ -59,6 +60,8 @@ pub struct Gpt2<B: Kernels<E>, E: Float> {
     pub wpe: Tensor<B, E>,
     pub blocks: Vec<Gpt2Block<B, E>>,
     pub ln_f: Norm<B, E>,
+    /// The adaptation method in place (empty: the base model).
+    pub adapt: Adapt<B, E>,
 }
 
 /// `name`, under the bare `GPT2Model` name or `GPT2LMHeadModel`'s `transformer.` prefix.
@@ -72,12 +75,6 @@ fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize)
 
 fn conv<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Conv1D<B, E>> {
     Ok(Conv1D { weight: load(l, &format!("{name}.weight"), &[i, o])?, bias: load(l, &format!("{name}.bias"), &[o])? })
-}
-
-impl<B: Kernels<E>, E: Float> Conv1D<B, E> {
-    fn apply(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
-        Ok(linear(x, &self.weight, WeightLayout::InOut, Some(&self.bias))?)
-    }
 }
 
 impl<B: Kernels<E>, E: Float> Norm<B, E> {
@@ -106,7 +103,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
             });
         }
         let ln_f = norm(loader, "ln_f", c)?;
-        Ok(Gpt2 { cfg: cfg.clone(), wte, wpe, blocks, ln_f })
+        Ok(Gpt2 { cfg: cfg.clone(), wte, wpe, blocks, ln_f, adapt: Adapt::default() })
     }
 
     fn dev(&self) -> &Arc<B> {
@@ -154,60 +151,73 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         ids: &Ints<B, u32>,
         positions: &Ints<B, u32>,
         mask: Option<&Ints<B, u8>>,
-        mut cache: Option<&mut KvCache<B, E>>,
+        cache: Option<&mut KvCache<B, E>>,
     ) -> Result<Tensor<B, E>> {
+        Ok(self.hidden_prepared(ids, positions, mask, cache)?.0)
+    }
+
+    /// [`Gpt2::hidden_cached`] through the adaptation: with a soft prompt the output has its `n`
+    /// virtual positions too (inserted before each row's first real token), and with a prompt or
+    /// prefix the content positions are shifted past the virtual tokens, as PEFT does. Returns
+    /// the prepared inputs too (for widening labels).
+    fn hidden_prepared(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        mut cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<(Tensor<B, E>, Prepared<B, E>)> {
         let (c, h, d, eps) =
             (self.cfg.n_embd, self.cfg.n_head, self.cfg.head_dim(), self.cfg.layer_norm_epsilon as f32);
-        let (b, t) = batch_seq(ids)?;
+        let (b, t_ids) = batch_seq(ids)?;
         if let Some(cc) = &cache {
             if cc.n_layers() != self.blocks.len() || cc.batch().is_some_and(|cb| cb != b) {
-                return Err(tuna_autograd::Error::Shape {
-                    op: "gpt2",
-                    what: "cache [layers, batch] vs the model and input",
-                    left: vec![cc.n_layers(), cc.batch().unwrap_or(b)],
-                    right: vec![self.blocks.len(), b],
-                }
-                .into());
+                return Err(shape_error("cache [layers, batch] vs the model and input", &[cc.n_layers(), cc.batch().unwrap_or(b)], &[self.blocks.len(), b]));
             }
         }
+        let cached = cache.as_ref().map_or(0, |cc| cc.len());
+        let content_cached = cached.saturating_sub(if cached > 0 { self.adapt.prompt_len() } else { 0 });
         // Checked before any layer appends to the cache, so that an error leaves it as it was.
-        let kv_len = cache.as_ref().map_or(0, |cc| cc.len()) + t;
         for (what, have, want) in [
-            ("mask vs [batch, cached + seq]", mask.map(|m| m.shape()), [b, kv_len]),
-            ("positions vs [batch, seq]", Some(positions.shape()), [b, t]),
+            ("mask vs [batch, cached + seq]", mask.map(|m| m.shape()), [b, content_cached + t_ids]),
+            ("positions vs [batch, seq]", Some(positions.shape()), [b, t_ids]),
         ] {
             if let Some(have) = have.filter(|&s| s != want) {
-                return Err(tuna_autograd::Error::Shape {
-                    op: "gpt2",
-                    what,
-                    left: have.to_vec(),
-                    right: want.to_vec(),
-                }
-                .into());
+                return Err(shape_error(what, have, &want));
             }
         }
+        let prep = self.adapt.prepare(self.dev(), positions, mask, cached)?;
+        let (positions, mask) = (&prep.positions, prep.mask.as_ref());
+        let t = positions.shape()[1];
         if let Some(&p) = positions.host().iter().find(|&&p| p as usize >= self.cfg.n_positions) {
             return Err(Error::InvalidArgument(format!(
                 "gpt2: position {p} is beyond the model's {} learned positions (n_positions)",
                 self.cfg.n_positions
             )));
         }
-        let mut x = add(&embedding(&self.wte, ids, None)?, &embedding(&self.wpe, positions, None)?)?;
+        let tok = self.adapt.embed(&self.wte, ids, &prep)?;
+        let mut x = add(&tok, &embedding(&self.wpe, positions, None)?)?;
         let opt = AttnOptions { causal: true, scale: None };
+        let prefix = self.adapt.prefix_kv()?;
+        let ad = &self.adapt;
         for (l, blk) in self.blocks.iter().enumerate() {
-            let qkv = blk.c_attn.apply(&blk.ln_1.apply(&x, eps)?)?;
+            let conv = |name: &str, x: &Tensor<B, E>, cv: &Conv1D<B, E>| {
+                ad.linear(|| format!("transformer.h.{l}.{name}"), x, &cv.weight, WeightLayout::InOut, Some(&cv.bias))
+            };
+            let qkv = conv("attn.c_attn", &blk.ln_1.apply(&x, eps)?, &blk.c_attn)?;
             let split =
                 |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
             let (k, v) = match cache.as_deref_mut() {
                 Some(cc) => cc.append(l, &split(1)?, &split(2)?)?,
                 None => (split(1)?, split(2)?),
             };
-            let a = attention(&split(0)?, &k, &v, None, mask, opt)?;
-            x = add(&x, &blk.attn_proj.apply(&reshape(&a, &[b, t, c])?)?)?;
-            let f = gelu(&blk.c_fc.apply(&blk.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
-            x = add(&x, &blk.mlp_proj.apply(&f)?)?;
+            let a = attention(&split(0)?, &k, &v, layer_prefix(&prefix, l), mask, opt)?;
+            let a = conv("attn.c_proj", &reshape(&a, &[b, t, c])?, &blk.attn_proj)?;
+            x = add(&x, &ad.sublayer(l, false, a)?)?;
+            let f = gelu(&conv("mlp.c_fc", &blk.ln_2.apply(&x, eps)?, &blk.c_fc)?, GeluKind::Tanh)?;
+            x = add(&x, &ad.sublayer(l, true, conv("mlp.c_proj", &f, &blk.mlp_proj)?)?)?;
         }
-        self.ln_f.apply(&x, eps)
+        Ok((self.ln_f.apply(&x, eps)?, prep))
     }
 
     /// Logits `[batch, seq, vocab]` (`x wte^T`) of `ids` at `positions`, no padding mask.
@@ -257,9 +267,16 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         labels: &Ints<B, i32>,
     ) -> Result<Tensor<B, E>> {
         let ((b, t), v) = (batch_seq(ids)?, self.cfg.vocab_size);
+        if labels.shape() != [b, t] {
+            return Err(shape_error("labels vs ids [batch, seq]", labels.shape(), &[b, t]));
+        }
+        let (hid, prep) = self.hidden_prepared(ids, positions, mask, None)?;
+        // With a soft prompt the sequence is longer by its virtual tokens (labels ignored there).
+        let labels = self.adapt.widen_labels(labels.host(), b, &prep);
+        let t = labels.len() / b.max(1usize);
         // No other handle on the logits may live: cross_entropy then writes its gradient over them.
-        let logits = reshape(&self.forward_masked(ids, positions, mask)?, &[b * t, v])?;
-        let targets = Ints::new(self.dev(), &[b * t], &shift_labels(labels.host(), b, t, labels.shape())?)?;
+        let logits = reshape(&self.head(&hid)?, &[b * t, v])?;
+        let targets = Ints::new(self.dev(), &[b * t], &shift_labels(&labels, b, t, &[b, t])?)?;
         Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
     }
 }
@@ -277,11 +294,15 @@ impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Gpt2<B, E> {
         let ids = Ints::new(self.dev(), &[1, t], ids)?;
         let pos = Ints::new(self.dev(), &[1, t], positions)?;
         let h = self.hidden_cached(&ids, &pos, None, Some(cache))?;
-        // Only the last position goes through the head.
-        let c = self.cfg.n_embd;
+        // Only the last position goes through the head (a soft prompt may have lengthened the row).
+        let (c, t) = (self.cfg.n_embd, h.shape()[1]);
         let last = slice_cols(&reshape(&h, &[1, t * c])?, (t - 1) * c, c)?;
         Ok(self.head(&last)?.to_vec()?)
     }
+}
+
+fn shape_error(what: &'static str, left: &[usize], right: &[usize]) -> Error {
+    tuna_autograd::Error::Shape { op: "gpt2", what, left: left.to_vec(), right: right.to_vec() }.into()
 }
 
 /// `(batch, seq)` of `ids`, or a shape error.

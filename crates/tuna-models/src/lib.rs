@@ -1,6 +1,7 @@
 //! tuna-models: GPT-2, Llama and BERT on tuna's autograd; loading from Hugging Face folders and
-//! GGUF files; tokenizers; generation; adaptation methods (later).
+//! GGUF files; tokenizers; generation; adaptation methods.
 
+pub mod adapt;
 pub mod bert;
 pub mod config;
 pub mod error;

@@ -1,6 +1,7 @@
 //! Llama (SmolLM2 and kin) on tuna's autograd: RMSNorm, RoPE (rotate_half) at explicit per-token
 //! positions, grouped-query causal attention with a key padding mask and a KV cache, SwiGLU MLP.
 
+use crate::adapt::{layer_prefix, Adapt, Prepared};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::generate::{CausalLm, KvCache};
@@ -9,7 +10,6 @@ use std::sync::Arc;
 use tuna_autograd::ops::act::swiglu;
 use tuna_autograd::ops::attention::{attention, AttnOptions};
 use tuna_autograd::ops::elem::{add, slice_cols};
-use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::norm::rmsnorm;
@@ -43,6 +43,8 @@ pub struct Llama<B: Kernels<E>, E: Float> {
     pub norm: Tensor<B, E>,
     /// `lm_head.weight`, or the same tensor as `embed_tokens` when tied.
     pub lm_head: Tensor<B, E>,
+    /// The adaptation method in place (empty: the base model).
+    pub adapt: Adapt<B, E>,
 }
 
 impl<B: Kernels<E>, E: Float> Llama<B, E> {
@@ -77,7 +79,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let norm = loader.load("model.norm.weight", &[hidden])?;
         let untied = !cfg.tie_word_embeddings && loader.src.shape("lm_head.weight").is_some();
         let lm_head = if untied { loader.load("lm_head.weight", &[vocab, hidden])? } else { embed_tokens.clone() };
-        Ok(Llama { cfg: cfg.clone(), dev: loader.dev.clone(), embed_tokens, layers, norm, lm_head })
+        Ok(Llama { cfg: cfg.clone(), dev: loader.dev.clone(), embed_tokens, layers, norm, lm_head, adapt: Adapt::default() })
     }
 
     /// Logits `[batch, seq, vocab]` of `ids` (`[batch, seq]`) at `positions` (`[batch, seq]`, the
@@ -86,6 +88,10 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
     /// `mask` (`[batch, cached + seq]`, 1 = attend) marks padding keys; with a `cache` it covers
     /// the cached tokens too. With a cache, the new keys and values are appended to it and the
     /// queries see every cached key (causally, the new tokens following the cached ones).
+    ///
+    /// With a soft prompt in [`Llama::adapt`], the output has `n` more positions (the virtual
+    /// tokens, inserted before each row's first real token); with a prompt or a prefix the content
+    /// positions are shifted past the virtual tokens, as PEFT does.
     pub fn forward(
         &self,
         ids: &Ints<B, u32>,
@@ -93,13 +99,33 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         mask: Option<&Ints<B, u8>>,
         cache: Option<&mut KvCache<B, E>>,
     ) -> Result<Tensor<B, E>> {
-        let x = embedding(&self.embed_tokens, ids, None)?;
-        let h = self.hidden(x, positions, mask, cache)?;
+        let (h, _) = self.hidden_of_ids(ids, positions, mask, cache)?;
         self.head(&h)
     }
 
+    /// The last hidden states of `ids` through the adaptation, with the prepared inputs (for the
+    /// widened labels).
+    fn hidden_of_ids(
+        &self,
+        ids: &Ints<B, u32>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<(Tensor<B, E>, Prepared<B, E>)> {
+        if positions.shape() != ids.shape() {
+            return Err(shape_err("positions vs ids [batch, seq]", positions.shape(), ids.shape()));
+        }
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        let prep = self.adapt.prepare(&self.dev, positions, mask, cached)?;
+        let x = self.adapt.embed(&self.embed_tokens, ids, &prep)?;
+        let h = self.hidden(x, &prep.positions, prep.mask.as_ref(), cache)?;
+        Ok((h, prep))
+    }
+
     /// The last layer's normalized hidden states `[batch, seq, hidden]` from input embeddings `x`
-    /// (`[batch, seq, hidden]`: token embeddings, or with soft prompt vectors inserted).
+    /// (`[batch, seq, hidden]`: token embeddings, or with soft prompt vectors inserted). The
+    /// adaptation's prefix, LoRA and adapters apply here; positions and mask are taken as given
+    /// (see [`Adapt::prepare`] for the virtual tokens' shift).
     pub fn hidden(
         &self,
         mut x: Tensor<B, E>,
@@ -133,24 +159,31 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let (heads, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let (eps, theta) = (self.cfg.rms_norm_eps as f32, self.cfg.rope_theta as f32);
         let opt = AttnOptions { causal: true, scale: None };
+        let prefix = self.adapt.prefix_kv()?;
+        let ad = &self.adapt;
         for (i, l) in self.layers.iter().enumerate() {
-            let h = rmsnorm(&x, &l.input_layernorm, eps)?;
-            let proj = |w: &Tensor<B, E>, n: usize| -> Result<Tensor<B, E>> {
-                Ok(reshape(&linear(&h, w, WeightLayout::OutIn, None)?, &[batch, seq, n, hd])?)
+            let lin = |name: &str, x: &Tensor<B, E>, w: &Tensor<B, E>| {
+                ad.linear(|| format!("model.layers.{i}.{name}"), x, w, WeightLayout::OutIn, None)
             };
-            let q = rope(&proj(&l.q_proj, heads)?, positions, theta)?;
-            let k = rope(&proj(&l.k_proj, kvh)?, positions, theta)?;
-            let v = proj(&l.v_proj, kvh)?;
+            let h = rmsnorm(&x, &l.input_layernorm, eps)?;
+            let proj = |name: &str, w: &Tensor<B, E>, n: usize| -> Result<Tensor<B, E>> {
+                Ok(reshape(&lin(name, &h, w)?, &[batch, seq, n, hd])?)
+            };
+            let q = rope(&proj("self_attn.q_proj", &l.q_proj, heads)?, positions, theta)?;
+            let k = rope(&proj("self_attn.k_proj", &l.k_proj, kvh)?, positions, theta)?;
+            let v = proj("self_attn.v_proj", &l.v_proj, kvh)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, &k, &v)?,
                 None => (k, v),
             };
-            let a = reshape(&attention(&q, &k, &v, None, mask, opt)?, &[batch, seq, heads * hd])?;
-            x = add(&x, &linear(&a, &l.o_proj, WeightLayout::OutIn, None)?)?;
+            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), mask, opt)?;
+            let a = reshape(&a, &[batch, seq, heads * hd])?;
+            x = add(&x, &ad.sublayer(i, false, lin("self_attn.o_proj", &a, &l.o_proj)?)?)?;
             let h = rmsnorm(&x, &l.post_attention_layernorm, eps)?;
-            let gate = linear(&h, &l.gate_proj, WeightLayout::OutIn, None)?;
-            let up = linear(&h, &l.up_proj, WeightLayout::OutIn, None)?;
-            x = add(&x, &linear(&swiglu(&gate, &up)?, &l.down_proj, WeightLayout::OutIn, None)?)?;
+            let gate = lin("mlp.gate_proj", &h, &l.gate_proj)?;
+            let up = lin("mlp.up_proj", &h, &l.up_proj)?;
+            let down = lin("mlp.down_proj", &swiglu(&gate, &up)?, &l.down_proj)?;
+            x = add(&x, &ad.sublayer(i, true, down)?)?;
         }
         Ok(rmsnorm(&x, &self.norm, eps)?)
     }
@@ -189,9 +222,13 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
             )));
         }
         let vocab = self.cfg.vocab_size;
+        let (h, prep) = self.hidden_of_ids(ids, positions, mask, None)?;
+        // With a soft prompt the sequence is longer by its virtual tokens (labels ignored there).
+        let labels = self.adapt.widen_labels(labels, batch, &prep);
+        let seq = labels.len() / batch.max(1usize);
         // No other handle on the logits may live: cross_entropy then writes its gradient over them.
-        let logits = reshape(&self.forward(ids, positions, mask, None)?, &[batch * seq, vocab])?;
-        let targets = shifted_targets(labels, batch, seq);
+        let logits = reshape(&self.head(&h)?, &[batch * seq, vocab])?;
+        let targets = shifted_targets(&labels, batch, seq);
         let targets = Ints::new(&self.dev, &[batch * seq], &targets)?;
         Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
     }
@@ -209,10 +246,9 @@ impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Llama<B, E> {
         }
         let ids = Ints::new(&self.dev, &[1, t], ids)?;
         let pos = Ints::new(&self.dev, &[1, t], positions)?;
-        let x = embedding(&self.embed_tokens, &ids, None)?;
-        let h = self.hidden(x, &pos, None, Some(cache))?;
-        // Only the last position goes through the head.
-        let hidden = self.cfg.hidden_size;
+        let (h, _) = self.hidden_of_ids(&ids, &pos, None, Some(cache))?;
+        // Only the last position goes through the head (a soft prompt may have lengthened the row).
+        let (hidden, t) = (self.cfg.hidden_size, h.shape()[1]);
         let last = slice_cols(&reshape(&h, &[1, t * hidden])?, (t - 1) * hidden, hidden)?;
         Ok(self.head(&last)?.to_vec()?)
     }

@@ -1,0 +1,141 @@
+//! Choosing a method: [`Method`] describes it, [`Method::apply`] installs it on a model.
+
+use super::{Adaptable, Houlsby, Lora, LoraConfig, PrefixKind, PrefixTuning, SoftPrompt};
+use crate::error::{Error, Result};
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::Float;
+
+/// How a soft prompt starts (PEFT's `prompt_tuning_init`, plus tuna's CLASS_LABELS).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInit {
+    /// N(0, 1), as PEFT's RANDOM (nn.Embedding's init).
+    Random,
+    /// Embeddings of `n` tokens drawn uniformly from the vocabulary.
+    SampleVocab,
+    /// Embeddings of these tokens (a tokenized text), repeated or cut to `n`.
+    Text(Vec<u32>),
+    /// Embeddings of the label words' tokens, repeated or cut to `n`.
+    ClassLabels(Vec<u32>),
+}
+
+/// An adaptation method and its hyperparameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Method {
+    /// Train base weights: all, or those whose name matches one of `patterns` (see
+    /// [`full_finetune_predicate`]). Chosen when the model is loaded, not installed here.
+    Full { patterns: Vec<String> },
+    Prompt { n: usize, init: PromptInit },
+    /// Prefix tuning; `projection: Some(h)` reparameterizes through an MLP of hidden size `h`.
+    Prefix { n: usize, projection: Option<usize> },
+    /// P-tuning v2: deep prompts (a prefix at every layer), no reparameterization.
+    PTuningV2 { n: usize },
+    Houlsby { bottleneck: usize },
+    Lora(LoraConfig),
+}
+
+impl Method {
+    /// A short name for tables and file names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Full { .. } => "full",
+            Method::Prompt { .. } => "prompt",
+            Method::Prefix { projection: None, .. } => "prefix",
+            Method::Prefix { projection: Some(_), .. } => "prefix-mlp",
+            Method::PTuningV2 { .. } => "ptuning-v2",
+            Method::Houlsby { .. } => "houlsby",
+            Method::Lora(_) => "lora",
+        }
+    }
+
+    /// Install the method's new parameters on `model` (seeded). Full fine-tuning installs nothing.
+    pub fn apply<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(&self, model: &mut M, seed: u64) -> Result<()> {
+        let s = model.shape();
+        let dev = model.input_embeddings().device().clone();
+        match self {
+            Method::Full { .. } => {}
+            Method::Prompt { n, init } => {
+                if *n == 0 {
+                    return Err(Error::InvalidArgument("prompt tuning needs at least one virtual token".into()));
+                }
+                let p = SoftPrompt::init(&dev, *n, init, model.input_embeddings(), seed)?;
+                model.adapt_mut().prompt = Some(p);
+            }
+            Method::Prefix { n, projection } => {
+                let dims = (s.layers, s.kv_heads, s.head_dim, s.hidden);
+                let p = PrefixTuning::new(&dev, PrefixKind::Prefix, *n, dims, *projection, seed)?;
+                model.adapt_mut().prefix = Some(p);
+            }
+            Method::PTuningV2 { n } => {
+                let dims = (s.layers, s.kv_heads, s.head_dim, s.hidden);
+                let p = PrefixTuning::new(&dev, PrefixKind::PTuningV2, *n, dims, None, seed)?;
+                model.adapt_mut().prefix = Some(p);
+            }
+            Method::Houlsby { bottleneck } => {
+                if *bottleneck == 0 {
+                    return Err(Error::InvalidArgument("houlsby adapters need a bottleneck of at least 1".into()));
+                }
+                model.adapt_mut().houlsby = Some(Houlsby::new(&dev, s.layers, s.hidden, *bottleneck, seed)?);
+            }
+            Method::Lora(cfg) => {
+                let targets: Vec<_> = model.linears().into_iter().filter(|m| cfg.targets_module(&m.name)).collect();
+                if targets.is_empty() {
+                    let names: Vec<String> = model.linears().iter().take(8).map(|m| m.name.clone()).collect();
+                    return Err(Error::InvalidArgument(format!(
+                        "lora: no linear matches the targets {:?} (modules are named like {names:?})",
+                        cfg.targets
+                    )));
+                }
+                for (k, m) in targets.into_iter().enumerate() {
+                    let l = Lora::new(&dev, &m.name, &m.weight, m.layout, cfg, seed.wrapping_add(k as u64 * 0x9e37))?;
+                    model.adapt_mut().lora.insert(m.name, l);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which base weights full fine-tuning trains: all when `patterns` is empty, otherwise those whose
+/// name contains one of the patterns (`*` matches any run of characters).
+pub fn full_finetune_predicate(patterns: &[String]) -> impl Fn(&str) -> bool + 'static {
+    let patterns = patterns.to_vec();
+    move |name: &str| patterns.is_empty() || patterns.iter().any(|p| glob_contains(p, name))
+}
+
+/// Whether `name` contains a match of `pat` (`*` = any run, including empty).
+fn glob_contains(pat: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pat.split('*').collect();
+    (0..=name.len()).filter(|&i| name.is_char_boundary(i)).any(|start| {
+        let mut pos = start;
+        for (k, part) in parts.iter().enumerate() {
+            if k == 0 {
+                if !name[pos..].starts_with(part) {
+                    return false;
+                }
+                pos += part.len();
+            } else {
+                match name[pos..].find(part) {
+                    Some(off) => pos += off + part.len(),
+                    None => return false,
+                }
+            }
+        }
+        true
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_finetune_patterns() {
+        let all = full_finetune_predicate(&[]);
+        assert!(all("anything"));
+        let p = full_finetune_predicate(&["layers.1.*proj".into(), "norm".into()]);
+        assert!(p("model.layers.1.self_attn.q_proj.weight"));
+        assert!(!p("model.layers.0.self_attn.q_proj.weight"));
+        assert!(p("model.norm.weight"));
+        assert!(!p("model.embed_tokens.weight"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Adaptation methods, hooked into GPT-2, Llama and BERT: soft prompts (prompt tuning), per-layer
+//! prefix keys/values (prefix tuning, P-tuning v2), Houlsby adapters and LoRA; full fine-tuning
+//! is a choice of trainable base weights at load time ([`full_finetune_predicate`]).
+//!
+//! Every model holds an [`Adapt`] (empty by default) that its forward consults at four points: the
+//! input embeddings (soft prompt inserted next to the content, also under left padding), each
+//! attention (prefix keys/values through the fused kernel's prefix input), each linear (LoRA's
+//! low-rank update), and each sublayer output (Houlsby bottlenecks). Generation goes through the
+//! same forward, so every method works with the KV cache.
+//!
+//! Positions follow Hugging Face PEFT: with `n` virtual tokens (prompt or prefix) the content
+//! takes positions `n..`; a soft prompt takes `0..n` (after a prefix's, when both are present).
+//! Checkpoints: [`peft`] reads and writes PEFT's `adapter_config.json` +
+//! `adapter_model.safetensors` (and tuna's documented Houlsby format).
+
+mod build;
+mod houlsby;
+mod lora;
+mod model;
+pub mod peft;
+mod prefix;
+mod prompt;
+
+pub use build::{full_finetune_predicate, Method, PromptInit};
+pub use houlsby::{Houlsby, HoulsbyBlock};
+pub use lora::{Lora, LoraConfig};
+pub use model::{Adaptable, Arch, LinearModule, ModelShape};
+pub use prefix::{PrefixKind, PrefixParams, PrefixTuning};
+pub use prompt::SoftPrompt;
+
+use crate::error::{Error, Result};
+use crate::generate::SplitMix64;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tuna_autograd::ops::attention::Prefix;
+use tuna_autograd::ops::embed::{embedding, Prompt};
+use tuna_autograd::ops::linear::WeightLayout;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{Float, Ints, Tensor};
+
+/// The label Hugging Face's losses ignore (also given to the virtual positions of a soft prompt).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// The adaptation state of one model: what is inserted or added where. Empty = the base model.
+pub struct Adapt<B: Kernels<E>, E: Float> {
+    pub prompt: Option<SoftPrompt<B, E>>,
+    pub prefix: Option<PrefixTuning<B, E>>,
+    pub houlsby: Option<Houlsby<B, E>>,
+    /// LoRA updates by Hugging Face module name (`model.layers.0.self_attn.q_proj`).
+    pub lora: BTreeMap<String, Lora<B, E>>,
+    /// Extra trainable tensors that travel with the adapter (e.g. a classification head), by name.
+    pub extra: Vec<(String, Tensor<B, E>)>,
+    training: Cell<bool>,
+    dropout_rng: RefCell<SplitMix64>,
+}
+
+impl<B: Kernels<E>, E: Float> Default for Adapt<B, E> {
+    fn default() -> Self {
+        Adapt {
+            prompt: None,
+            prefix: None,
+            houlsby: None,
+            lora: BTreeMap::new(),
+            extra: Vec::new(),
+            training: Cell::new(false),
+            dropout_rng: RefCell::new(SplitMix64::new(0x5eed)),
+        }
+    }
+}
+
+/// Inputs of one forward after the adaptation's bookkeeping: positions shifted past the virtual
+/// tokens, the mask widened by the soft prompt, and where the prompt goes in each row.
+pub struct Prepared<B: Kernels<E>, E: Float> {
+    pub positions: Ints<B, u32>,
+    pub mask: Option<Ints<B, u8>>,
+    /// Insertion column of the soft prompt per row (`None`: nothing inserted in this forward).
+    pub at: Option<Ints<B, u32>>,
+    _e: std::marker::PhantomData<E>,
+}
+
+impl<B: Kernels<E>, E: Float> Adapt<B, E> {
+    /// No adaptation at all (the base model's own forward).
+    pub fn is_empty(&self) -> bool {
+        self.prompt.is_none() && self.prefix.is_none() && self.houlsby.is_none() && self.lora.is_empty()
+    }
+
+    /// Virtual tokens of the soft prompt (0 without one).
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// Prefix positions per layer (0 without a prefix).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.n)
+    }
+
+    /// Switch training-only behavior (LoRA dropout) on or off; off after construction.
+    pub fn set_training(&self, on: bool) {
+        self.training.set(on);
+    }
+
+    pub fn training(&self) -> bool {
+        self.training.get()
+    }
+
+    /// Reseed the dropout masks (the trainer does this per step, so a resumed run draws the same).
+    pub fn seed_dropout(&self, seed: u64) {
+        *self.dropout_rng.borrow_mut() = SplitMix64::new(seed);
+    }
+
+    /// Every trainable tensor of the adaptation, by its checkpoint name (LoRA and prompt names are
+    /// PEFT's; the prefix MLP keeps its unprojected weights; Houlsby and extras are tuna's).
+    pub fn params(&self) -> Vec<(String, Tensor<B, E>)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.prompt {
+            out.push(("prompt_embeddings".to_string(), p.vectors.clone()));
+        }
+        if let Some(p) = &self.prefix {
+            out.extend(p.params());
+        }
+        if let Some(h) = &self.houlsby {
+            out.extend(h.params());
+        }
+        for (name, l) in &self.lora {
+            out.push((format!("base_model.model.{name}.lora_A.weight"), l.a.clone()));
+            out.push((format!("base_model.model.{name}.lora_B.weight"), l.b.clone()));
+        }
+        out.extend(self.extra.iter().cloned());
+        out
+    }
+
+    /// Shift positions, widen the mask and place the soft prompt for a forward of `[batch, seq]`
+    /// tokens after `cached` tokens already in a KV cache (0 without one). `positions` are the
+    /// content's own (`0..` from each row's first real token); `mask` (`[batch, cached + seq]`,
+    /// content only) may left-pad: the prompt goes right before each row's first real token.
+    pub fn prepare(
+        &self,
+        dev: &Arc<B>,
+        positions: &Ints<B, u32>,
+        mask: Option<&Ints<B, u8>>,
+        cached: usize,
+    ) -> Result<Prepared<B, E>> {
+        let (np, nx) = (self.prompt_len(), self.prefix_len());
+        let none = Prepared { positions: positions.clone(), mask: mask.cloned(), at: None, _e: Default::default() };
+        if np == 0 && nx == 0 {
+            return Ok(none);
+        }
+        let &[batch, seq] = positions.shape() else {
+            return Err(Error::InvalidArgument(format!("positions must be [batch, seq], got {:?}", positions.shape())));
+        };
+        // With a prompt, the cache (if any) holds it already: the cached part of the mask widens.
+        let insert = np > 0 && cached == 0;
+        let lead = leading_pads(mask, batch);
+        let new_mask = match mask {
+            Some(m) if np > 0 => {
+                let w = m.shape()[1];
+                let mut v = Vec::with_capacity(batch * (w + np));
+                for (r, row) in m.host().chunks(w.max(1)).take(batch).enumerate() {
+                    v.extend_from_slice(&row[..lead[r]]);
+                    v.extend(std::iter::repeat_n(1u8, np));
+                    v.extend_from_slice(&row[lead[r]..]);
+                }
+                Some(Ints::new(dev, &[batch, w + np], &v)?)
+            }
+            _ => mask.cloned(),
+        };
+        let shift = (np + nx) as u32;
+        let width = seq + if insert { np } else { 0 };
+        let mut pos = Vec::with_capacity(batch * width);
+        for (r, row) in positions.host().chunks(seq.max(1)).take(batch).enumerate() {
+            // Columns of the content before the prompt: the row's left padding (in this forward).
+            let pads = if insert { lead[r].min(seq) } else { 0 };
+            pos.extend_from_slice(&row[..pads]);
+            if insert {
+                pos.extend((0..np as u32).map(|i| nx as u32 + i));
+            }
+            pos.extend(row[pads..].iter().map(|&p| p + shift));
+        }
+        let at = if insert {
+            let at: Vec<u32> = lead.iter().map(|&l| l.min(seq) as u32).collect();
+            Some(Ints::new(dev, &[batch], &at)?)
+        } else {
+            None
+        };
+        Ok(Prepared { positions: Ints::new(dev, &[batch, width], &pos)?, mask: new_mask, at, _e: Default::default() })
+    }
+
+    /// The token embeddings of `ids` with the soft prompt inserted where `prep` says.
+    pub fn embed(&self, table: &Tensor<B, E>, ids: &Ints<B, u32>, prep: &Prepared<B, E>) -> Result<Tensor<B, E>> {
+        let prompt = match (&self.prompt, &prep.at) {
+            (Some(p), Some(at)) => Some(Prompt { vectors: &p.vectors, at }),
+            _ => None,
+        };
+        Ok(embedding(table, ids, prompt)?)
+    }
+
+    /// Labels `[batch, seq]` widened to the prompt-inserted sequence: [`IGNORE_INDEX`] at the
+    /// virtual positions (as PEFT extends them).
+    pub fn widen_labels(&self, labels: &[i32], batch: usize, prep: &Prepared<B, E>) -> Vec<i32> {
+        let (Some(at), np) = (&prep.at, self.prompt_len()) else { return labels.to_vec() };
+        let seq = labels.len() / batch.max(1);
+        let mut out = Vec::with_capacity(labels.len() + batch * np);
+        for (r, row) in labels.chunks(seq.max(1)).take(batch).enumerate() {
+            let a = at.host()[r] as usize;
+            out.extend_from_slice(&row[..a]);
+            out.extend(std::iter::repeat_n(IGNORE_INDEX, np));
+            out.extend_from_slice(&row[a..]);
+        }
+        out
+    }
+
+    /// Each layer's prefix keys and values (`[n, kv_heads, head_dim]`), computed once per forward
+    /// (through the MLP when reparameterized). Empty without a prefix.
+    pub fn prefix_kv(&self) -> Result<Vec<(Tensor<B, E>, Tensor<B, E>)>> {
+        match &self.prefix {
+            Some(p) => p.layer_kv(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// `x W (+ bias)` for the module `name` (evaluated only when LoRA is on), plus LoRA's update.
+    pub fn linear(
+        &self,
+        name: impl FnOnce() -> String,
+        x: &Tensor<B, E>,
+        w: &Tensor<B, E>,
+        layout: WeightLayout,
+        bias: Option<&Tensor<B, E>>,
+    ) -> Result<Tensor<B, E>> {
+        let y = tuna_autograd::ops::linear::linear(x, w, layout, bias)?;
+        if self.lora.is_empty() {
+            return Ok(y);
+        }
+        match self.lora.get(&name()) {
+            Some(l) => l.add_update(y, x, self.training.get(), &self.dropout_rng),
+            None => Ok(y),
+        }
+    }
+
+    /// A sublayer's output after the layer-`i` adapter (`ffn` false: after attention).
+    pub fn sublayer(&self, i: usize, ffn: bool, y: Tensor<B, E>) -> Result<Tensor<B, E>> {
+        match &self.houlsby {
+            Some(h) => h.apply(i, ffn, y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A layer's prefix for the attention op, from [`Adapt::prefix_kv`]'s list.
+pub fn layer_prefix<B: Kernels<E>, E: Float>(kv: &[(Tensor<B, E>, Tensor<B, E>)], i: usize) -> Option<Prefix<'_, B, E>> {
+    kv.get(i).map(|(k, v)| Prefix { k, v })
+}
+
+/// Per row, the count of leading zeros of the mask (the left padding; 0 without a mask).
+fn leading_pads<B: Kernels<E>, E: Float>(mask: Option<&Ints<B, u8>>, batch: usize) -> Vec<usize> {
+    match mask {
+        None => vec![0; batch],
+        Some(m) => {
+            let w = m.shape().get(1).copied().unwrap_or(0);
+            m.host().chunks(w.max(1)).take(batch).map(|row| row.iter().take_while(|&&x| x == 0).count()).collect()
+        }
+    }
+}
+
+/// Standard normal draws (Box-Muller over SplitMix64), for initializations.
+pub(crate) fn normal(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
+            let u2 = rng.next_f64();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// A trainable tensor from f32 host values.
+pub(crate) fn param<B: Kernels<E>, E: Float>(dev: &Arc<B>, name: &str, shape: &[usize], v: &[f32]) -> Result<Tensor<B, E>> {
+    let host: Vec<E> = v.iter().map(|&x| E::from_f32(x)).collect();
+    Ok(Tensor::param(dev, name, shape, &host)?)
+}
+
+#[cfg(test)]
+mod tests;

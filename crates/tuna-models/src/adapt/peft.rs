@@ -1,0 +1,1 @@
+//! PEFT checkpoints (filled in next).
