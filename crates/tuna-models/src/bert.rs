@@ -116,7 +116,17 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let has_pooler = names("pooler.dense.weight").iter().any(|n| loader.src.shape(n).is_some());
         let pooler = if has_pooler { Some(dense(loader, "pooler.dense", h, h)?) } else { None };
         let path = loader.src.path().to_path_buf();
-        Ok(Bert { cfg: cfg.clone(), word, position, token_type, emb_norm, layers, pooler, path, adapt: Adapt::default() })
+        Ok(Bert {
+            cfg: cfg.clone(),
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+            pooler,
+            path,
+            adapt: Adapt::default(),
+        })
     }
 
     /// `last_hidden_state` `[batch, seq, hidden]` of `ids` (`[batch, seq]`, token type 0,
@@ -171,7 +181,8 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
             let k = heads4(dense("attention.self.key", &x, &l.key)?)?;
             let v = heads4(dense("attention.self.value", &x, &l.value)?)?;
             let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&mask), opt)?;
-            let a = ad.sublayer(i, false, dense("attention.output.dense", &reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
+            let a =
+                ad.sublayer(i, false, dense("attention.output.dense", &reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
             x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
             let f = gelu(&dense("intermediate.dense", &x, &l.intermediate)?, GeluKind::Erf)?;
             let f = ad.sublayer(i, true, dense("output.dense", &f, &l.output)?)?;

@@ -172,7 +172,11 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         let (b, t_ids) = batch_seq(ids)?;
         if let Some(cc) = &cache {
             if cc.n_layers() != self.blocks.len() || cc.batch().is_some_and(|cb| cb != b) {
-                return Err(shape_error("cache [layers, batch] vs the model and input", &[cc.n_layers(), cc.batch().unwrap_or(b)], &[self.blocks.len(), b]));
+                return Err(shape_error(
+                    "cache [layers, batch] vs the model and input",
+                    &[cc.n_layers(), cc.batch().unwrap_or(b)],
+                    &[self.blocks.len(), b],
+                ));
             }
         }
         let cached = cache.as_ref().map_or(0, |cc| cc.len());

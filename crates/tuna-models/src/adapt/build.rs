@@ -23,13 +23,25 @@ pub enum PromptInit {
 pub enum Method {
     /// Train base weights: all, or those whose name matches one of `patterns` (see
     /// [`full_finetune_predicate`]). Chosen when the model is loaded, not installed here.
-    Full { patterns: Vec<String> },
-    Prompt { n: usize, init: PromptInit },
+    Full {
+        patterns: Vec<String>,
+    },
+    Prompt {
+        n: usize,
+        init: PromptInit,
+    },
     /// Prefix tuning; `projection: Some(h)` reparameterizes through an MLP of hidden size `h`.
-    Prefix { n: usize, projection: Option<usize> },
+    Prefix {
+        n: usize,
+        projection: Option<usize>,
+    },
     /// P-tuning v2: deep prompts (a prefix at every layer), no reparameterization.
-    PTuningV2 { n: usize },
-    Houlsby { bottleneck: usize },
+    PTuningV2 {
+        n: usize,
+    },
+    Houlsby {
+        bottleneck: usize,
+    },
     Lora(LoraConfig),
 }
 
@@ -61,12 +73,12 @@ impl Method {
                 model.adapt_mut().prompt = Some(p);
             }
             Method::Prefix { n, projection } => {
-                let dims = (s.layers, s.kv_heads, s.head_dim, s.hidden);
+                let dims = (s.layers, s.kv_heads, s.head_dim);
                 let p = PrefixTuning::new(&dev, PrefixKind::Prefix, *n, dims, *projection, seed)?;
                 model.adapt_mut().prefix = Some(p);
             }
             Method::PTuningV2 { n } => {
-                let dims = (s.layers, s.kv_heads, s.head_dim, s.hidden);
+                let dims = (s.layers, s.kv_heads, s.head_dim);
                 let p = PrefixTuning::new(&dev, PrefixKind::PTuningV2, *n, dims, None, seed)?;
                 model.adapt_mut().prefix = Some(p);
             }
@@ -89,6 +101,7 @@ impl Method {
                     let l = Lora::new(&dev, &m.name, &m.weight, m.layout, cfg, seed.wrapping_add(k as u64 * 0x9e37))?;
                     model.adapt_mut().lora.insert(m.name, l);
                 }
+                model.adapt_mut().lora_config = Some(cfg.clone());
             }
         }
         Ok(())

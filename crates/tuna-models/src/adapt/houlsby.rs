@@ -39,9 +39,19 @@ impl<B: Kernels<E>, E: Float> Houlsby<B, E> {
         let mut rng = SplitMix64::new(seed);
         let mut block = |name: String| -> Result<HoulsbyBlock<B, E>> {
             Ok(HoulsbyBlock {
-                down: param(dev, &format!("{name}.down.weight"), &[bottleneck, hidden], &normal(&mut rng, bottleneck * hidden, INIT_STD))?,
+                down: param(
+                    dev,
+                    &format!("{name}.down.weight"),
+                    &[bottleneck, hidden],
+                    &normal(&mut rng, bottleneck * hidden, INIT_STD),
+                )?,
                 down_bias: param(dev, &format!("{name}.down.bias"), &[bottleneck], &vec![0.0; bottleneck])?,
-                up: param(dev, &format!("{name}.up.weight"), &[hidden, bottleneck], &normal(&mut rng, bottleneck * hidden, INIT_STD))?,
+                up: param(
+                    dev,
+                    &format!("{name}.up.weight"),
+                    &[hidden, bottleneck],
+                    &normal(&mut rng, bottleneck * hidden, INIT_STD),
+                )?,
                 up_bias: param(dev, &format!("{name}.up.bias"), &[hidden], &vec![0.0; hidden])?,
             })
         };

@@ -49,7 +49,14 @@ pub struct Lora<B: Kernels<E>, E: Float> {
 impl<B: Kernels<E>, E: Float> Lora<B, E> {
     /// A LoRA update for `base` (`[out, in]` or `[in, out]` as `layout` says) with PEFT's init:
     /// `A` Kaiming-uniform (a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), `B` zero, so the model starts unchanged.
-    pub fn new(dev: &Arc<B>, name: &str, base: &Tensor<B, E>, layout: WeightLayout, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(
+        dev: &Arc<B>,
+        name: &str,
+        base: &Tensor<B, E>,
+        layout: WeightLayout,
+        cfg: &LoraConfig,
+        seed: u64,
+    ) -> Result<Self> {
         let (out, inp) = out_in(base, layout)?;
         if cfg.r == 0 {
             return Err(Error::InvalidArgument(format!("lora: rank 0 for {name}")));
@@ -62,7 +69,14 @@ impl<B: Kernels<E>, E: Float> Lora<B, E> {
         Ok(Self::from_parts(a, b, cfg.scale(), cfg.dropout, base.clone(), layout))
     }
 
-    pub fn from_parts(a: Tensor<B, E>, b: Tensor<B, E>, scale: f64, dropout: f32, base: Tensor<B, E>, layout: WeightLayout) -> Self {
+    pub fn from_parts(
+        a: Tensor<B, E>,
+        b: Tensor<B, E>,
+        scale: f64,
+        dropout: f32,
+        base: Tensor<B, E>,
+        layout: WeightLayout,
+    ) -> Self {
         Lora { a, b, scale, dropout, base, layout, merged: Cell::new(false) }
     }
 
@@ -71,11 +85,18 @@ impl<B: Kernels<E>, E: Float> Lora<B, E> {
     }
 
     /// `y + scale * B A dropout(x)` (just `y` while merged).
-    pub(crate) fn add_update(&self, y: Tensor<B, E>, x: &Tensor<B, E>, training: bool, rng: &RefCell<SplitMix64>) -> Result<Tensor<B, E>> {
+    pub(crate) fn add_update(
+        &self,
+        y: Tensor<B, E>,
+        x: &Tensor<B, E>,
+        training: bool,
+        rng: &RefCell<SplitMix64>,
+    ) -> Result<Tensor<B, E>> {
         if self.merged.get() {
             return Ok(y);
         }
-        let x = if training && self.dropout > 0.0 { dropout(x, self.dropout, &mut rng.borrow_mut())? } else { x.clone() };
+        let x =
+            if training && self.dropout > 0.0 { dropout(x, self.dropout, &mut rng.borrow_mut())? } else { x.clone() };
         let h = linear(&x, &self.a, WeightLayout::OutIn, None)?;
         let d = linear(&h, &self.b, WeightLayout::OutIn, None)?;
         Ok(add(&y, &scale(&d, self.scale)?)?)

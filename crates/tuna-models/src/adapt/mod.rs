@@ -49,6 +49,8 @@ pub struct Adapt<B: Kernels<E>, E: Float> {
     pub houlsby: Option<Houlsby<B, E>>,
     /// LoRA updates by Hugging Face module name (`model.layers.0.self_attn.q_proj`).
     pub lora: BTreeMap<String, Lora<B, E>>,
+    /// The LoRA hyperparameters (saved in the adapter config).
+    pub lora_config: Option<LoraConfig>,
     /// Extra trainable tensors that travel with the adapter (e.g. a classification head), by name.
     pub extra: Vec<(String, Tensor<B, E>)>,
     training: Cell<bool>,
@@ -62,6 +64,7 @@ impl<B: Kernels<E>, E: Float> Default for Adapt<B, E> {
             prefix: None,
             houlsby: None,
             lora: BTreeMap::new(),
+            lora_config: None,
             extra: Vec::new(),
             training: Cell::new(false),
             dropout_rng: RefCell::new(SplitMix64::new(0x5eed)),
@@ -248,7 +251,10 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
 }
 
 /// A layer's prefix for the attention op, from [`Adapt::prefix_kv`]'s list.
-pub fn layer_prefix<B: Kernels<E>, E: Float>(kv: &[(Tensor<B, E>, Tensor<B, E>)], i: usize) -> Option<Prefix<'_, B, E>> {
+pub fn layer_prefix<B: Kernels<E>, E: Float>(
+    kv: &[(Tensor<B, E>, Tensor<B, E>)],
+    i: usize,
+) -> Option<Prefix<'_, B, E>> {
     kv.get(i).map(|(k, v)| Prefix { k, v })
 }
 
@@ -275,7 +281,12 @@ pub(crate) fn normal(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
 }
 
 /// A trainable tensor from f32 host values.
-pub(crate) fn param<B: Kernels<E>, E: Float>(dev: &Arc<B>, name: &str, shape: &[usize], v: &[f32]) -> Result<Tensor<B, E>> {
+pub(crate) fn param<B: Kernels<E>, E: Float>(
+    dev: &Arc<B>,
+    name: &str,
+    shape: &[usize],
+    v: &[f32],
+) -> Result<Tensor<B, E>> {
     let host: Vec<E> = v.iter().map(|&x| E::from_f32(x)).collect();
     Ok(Tensor::param(dev, name, shape, &host)?)
 }

@@ -146,7 +146,12 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Gpt2<B, E> {
         let mut out = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("transformer.h.{i}");
-            for (n, c) in [("attn.c_attn", &b.c_attn), ("attn.c_proj", &b.attn_proj), ("mlp.c_fc", &b.c_fc), ("mlp.c_proj", &b.mlp_proj)] {
+            for (n, c) in [
+                ("attn.c_attn", &b.c_attn),
+                ("attn.c_proj", &b.attn_proj),
+                ("mlp.c_fc", &b.c_fc),
+                ("mlp.c_proj", &b.mlp_proj),
+            ] {
                 out.push(lin(format!("{p}.{n}"), &c.weight, WeightLayout::InOut));
             }
         }
@@ -161,7 +166,12 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Gpt2<B, E> {
                 out.push((format!("{p}.{n}.weight"), norm.weight.clone()));
                 out.push((format!("{p}.{n}.bias"), norm.bias.clone()));
             }
-            for (n, c) in [("attn.c_attn", &b.c_attn), ("attn.c_proj", &b.attn_proj), ("mlp.c_fc", &b.c_fc), ("mlp.c_proj", &b.mlp_proj)] {
+            for (n, c) in [
+                ("attn.c_attn", &b.c_attn),
+                ("attn.c_proj", &b.attn_proj),
+                ("mlp.c_fc", &b.c_fc),
+                ("mlp.c_proj", &b.mlp_proj),
+            ] {
                 out.push((format!("{p}.{n}.weight"), c.weight.clone()));
                 out.push((format!("{p}.{n}.bias"), c.bias.clone()));
             }

@@ -1,1 +1,363 @@
-//! PEFT checkpoints (filled in next).
+//! Adapter checkpoints in Hugging Face PEFT's format (`adapter_config.json` +
+//! `adapter_model.safetensors`; facts in `tests/fixtures/peft/SPEC.md`, checked against peft
+//! 0.21.2), plus tuna's own Houlsby format (see [`super::Houlsby`]).
+//!
+//! One method per folder, as in PEFT. Beside PEFT's two files tuna writes `tuna_base.json` (the
+//! base model's dimensions, so that loading onto another model is a clear error even where
+//! PEFT's config does not say, e.g. the vocabulary) and, when the adaptation has extra tensors
+//! (a classification head), `tuna_extra.safetensors`. PEFT ignores both.
+
+use super::{Adapt, Adaptable, Lora, LoraConfig, ModelShape, PrefixKind, PrefixParams, PrefixTuning, SoftPrompt};
+use crate::error::{Error, Result};
+use crate::hf::st_file::StFile;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{Float, Tensor};
+
+pub const CONFIG: &str = "adapter_config.json";
+pub const WEIGHTS: &str = "adapter_model.safetensors";
+pub const BASE: &str = "tuna_base.json";
+pub const EXTRA: &str = "tuna_extra.safetensors";
+
+/// Write `model`'s adaptation into `dir` (created if needed; each file replaced atomically).
+/// `base_name` goes to `base_model_name_or_path`.
+pub fn save<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(model: &M, dir: &Path, base_name: &str) -> Result<()> {
+    let (config, tensors) = to_peft(model.adapt(), &model.shape(), base_name)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    write_atomic(&dir.join(CONFIG), pretty_sorted(&config).as_bytes())?;
+    write_atomic(&dir.join(WEIGHTS), &safetensors_bytes(&tensors)?)?;
+    write_atomic(&dir.join(BASE), pretty_sorted(&base_json(&model.shape())).as_bytes())?;
+    let extra = &model.adapt().extra;
+    let extra_path = dir.join(EXTRA);
+    if extra.is_empty() {
+        let _ = std::fs::remove_file(&extra_path);
+    } else {
+        let t = extra.iter().map(|(n, t)| Ok((n.clone(), host(t)?))).collect::<Result<Vec<_>>>()?;
+        write_atomic(&extra_path, &safetensors_bytes(&t)?)?;
+    }
+    Ok(())
+}
+
+/// Read the adapter in `dir` and install it on `model` (replacing any adaptation it had). Errors
+/// name the file and what disagrees with the model (hidden size, layers, heads, vocabulary,
+/// module names, tensor shapes).
+pub fn load<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(model: &mut M, dir: &Path) -> Result<()> {
+    let cfg_path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
+    let cfg: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Format { path: cfg_path.clone(), msg: format!("invalid JSON: {e}") })?;
+    let shape = model.shape();
+    check_base(dir, &shape)?;
+    let w_path = dir.join(WEIGHTS);
+    let tensors = read_tensors(&w_path)?;
+    let dev = model.input_embeddings().device().clone();
+    let fmt = |msg: String| Error::Format { path: cfg_path.clone(), msg };
+    let peft_type = cfg.get("peft_type").and_then(Value::as_str).ok_or_else(|| fmt("no `peft_type`".into()))?;
+    let int = |k: &str| cfg.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    let mismatch = |what: &str, adapter: usize, base: usize| {
+        fmt(format!("adapter made for a model with {what} {adapter}, but this model has {base}"))
+    };
+    let get = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
+        let (s, v) = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: w_path.clone(),
+            name: name.into(),
+            expected: want.to_vec(),
+        })?;
+        if s != want {
+            return Err(Error::TensorShape {
+                path: w_path.clone(),
+                name: name.into(),
+                expected: want.to_vec(),
+                found: s.clone(),
+            });
+        }
+        Ok(v.clone())
+    };
+    let mut ad = Adapt::<B, E>::default();
+    match peft_type {
+        "PROMPT_TUNING" => {
+            let n = int("num_virtual_tokens").ok_or_else(|| fmt("no `num_virtual_tokens`".into()))?;
+            if let Some(td) = int("token_dim").filter(|&d| d != shape.hidden) {
+                return Err(mismatch("hidden size (token_dim)", td, shape.hidden));
+            }
+            let v = get("prompt_embeddings", &[n, shape.hidden])?;
+            ad.prompt = Some(SoftPrompt { vectors: super::param(&dev, "prompt_embeddings", &[n, shape.hidden], &v)? });
+        }
+        "PREFIX_TUNING" => {
+            let n = int("num_virtual_tokens").ok_or_else(|| fmt("no `num_virtual_tokens`".into()))?;
+            let token_dim = shape.kv_heads * shape.head_dim;
+            if let Some(l) = int("num_layers").filter(|&l| l != shape.layers) {
+                return Err(mismatch("layer count (num_layers)", l, shape.layers));
+            }
+            if let Some(td) = int("token_dim").filter(|&d| d != token_dim) {
+                return Err(mismatch("key/value width (token_dim = kv_heads x head_dim)", td, token_dim));
+            }
+            let width = shape.layers * 2 * token_dim;
+            let v = get("prompt_embeddings", &[n, width])?;
+            // A projected prefix loads as its table (PEFT does the same: the MLP is not saved).
+            let kind = if cfg.get("prefix_projection") == Some(&Value::Bool(true)) {
+                PrefixKind::Prefix
+            } else {
+                PrefixKind::PTuningV2
+            };
+            ad.prefix = Some(PrefixTuning {
+                n,
+                layers: shape.layers,
+                kv_heads: shape.kv_heads,
+                head_dim: shape.head_dim,
+                kind,
+                params: PrefixParams::Direct(super::param(&dev, "prompt_embeddings", &[n, width], &v)?),
+            });
+        }
+        "LORA" => {
+            let r = int("r").ok_or_else(|| fmt("no `r`".into()))?;
+            let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+            let rslora = cfg.get("use_rslora") == Some(&Value::Bool(true));
+            let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+            let dropout = cfg.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+            if cfg.get("use_dora") == Some(&Value::Bool(true)) {
+                return Err(Error::Unsupported { path: cfg_path.clone(), what: "DoRA (use_dora: true)".into() });
+            }
+            let targets: Vec<String> = match cfg.get("target_modules") {
+                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                Some(Value::String(s)) => vec![s.clone()],
+                _ => Vec::new(),
+            };
+            let linears = model.linears();
+            for key in tensors.keys().filter(|k| k.ends_with(".lora_A.weight")) {
+                let module = key.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
+                let m = linears.iter().find(|m| m.name == module).ok_or_else(|| Error::Format {
+                    path: w_path.clone(),
+                    msg: format!("`{key}`: this model has no linear `{module}`"),
+                })?;
+                let (out, inp) = super::lora::out_in(&m.weight, m.layout)?;
+                let a = get(key, &[r, inp])?;
+                let b = get(&key.replace(".lora_A.weight", ".lora_B.weight"), &[out, r])?;
+                let a = super::param(&dev, &format!("{module}.lora_A"), &[r, inp], &a)?;
+                let b = super::param(&dev, &format!("{module}.lora_B"), &[out, r], &b)?;
+                ad.lora.insert(module.to_string(), Lora::from_parts(a, b, scale, dropout, m.weight.clone(), m.layout));
+            }
+            if ad.lora.is_empty() {
+                return Err(Error::Format { path: w_path.clone(), msg: "no `*.lora_A.weight` tensors".into() });
+            }
+            ad.lora_config = Some(LoraConfig { r, alpha, dropout, targets });
+        }
+        "HOULSBY" => {
+            let bn = int("bottleneck_size").ok_or_else(|| fmt("no `bottleneck_size`".into()))?;
+            if let Some(l) = int("num_layers").filter(|&l| l != shape.layers) {
+                return Err(mismatch("layer count (num_layers)", l, shape.layers));
+            }
+            if let Some(td) = int("token_dim").filter(|&d| d != shape.hidden) {
+                return Err(mismatch("hidden size (token_dim)", td, shape.hidden));
+            }
+            let h = super::Houlsby::<B, E>::new(&dev, shape.layers, shape.hidden, bn, 0)?;
+            for (name, t) in h.params() {
+                let v = get(&name, t.shape())?;
+                *t.data_mut() = dev.from_host(&v.iter().map(|&x| E::from_f32(x)).collect::<Vec<_>>())?;
+            }
+            ad.houlsby = Some(h);
+        }
+        other => {
+            return Err(Error::Unsupported { path: cfg_path.clone(), what: format!("peft_type {other}") });
+        }
+    }
+    let extra_path = dir.join(EXTRA);
+    if extra_path.exists() {
+        for (name, (s, v)) in read_tensors(&extra_path)? {
+            ad.extra.push((name.clone(), super::param(&dev, &name, &s, &v)?));
+        }
+    }
+    *model.adapt_mut() = ad;
+    Ok(())
+}
+
+/// PEFT's config and tensors for an adaptation.
+fn to_peft<B: Kernels<E>, E: Float>(
+    ad: &Adapt<B, E>,
+    s: &ModelShape,
+    base_name: &str,
+) -> Result<(Value, Vec<(String, (Vec<usize>, Vec<f32>))>)> {
+    let used = [ad.prompt.is_some(), ad.prefix.is_some(), ad.houlsby.is_some(), !ad.lora.is_empty()];
+    if used.iter().filter(|&&u| u).count() != 1 {
+        return Err(Error::InvalidArgument(
+            "a PEFT adapter folder holds exactly one method (prompt, prefix, houlsby or lora)".into(),
+        ));
+    }
+    let task = if s.arch == super::Arch::Bert { "FEATURE_EXTRACTION" } else { "CAUSAL_LM" };
+    let common = json!({
+        "auto_mapping": null, "base_model_name_or_path": base_name, "inference_mode": true,
+        "modules_to_save": null, "peft_version": "0.21.2", "revision": null, "task_type": task,
+    });
+    let mut cfg = common.as_object().cloned().unwrap_or_default();
+    let mut tensors = Vec::new();
+    let put = |cfg: &mut Map<String, Value>, v: Value| cfg.extend(v.as_object().cloned().unwrap_or_default());
+    if let Some(p) = &ad.prompt {
+        put(
+            &mut cfg,
+            json!({
+                "peft_type": "PROMPT_TUNING", "num_virtual_tokens": p.len(), "token_dim": s.hidden,
+                "num_transformer_submodules": 1, "num_attention_heads": s.heads, "num_layers": s.layers,
+                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": null, "tokenizer_kwargs": null,
+                "tokenizer_name_or_path": null,
+            }),
+        );
+        tensors.push(("prompt_embeddings".to_string(), host(&p.vectors)?));
+    }
+    if let Some(p) = &ad.prefix {
+        let token_dim = p.kv_heads * p.head_dim;
+        let enc = match &p.params {
+            PrefixParams::Mlp { w1, .. } => w1.shape()[0],
+            PrefixParams::Direct(_) => token_dim,
+        };
+        put(
+            &mut cfg,
+            json!({
+                "peft_type": "PREFIX_TUNING", "num_virtual_tokens": p.n, "token_dim": token_dim,
+                "num_transformer_submodules": 1, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
+                "encoder_hidden_size": enc, "init_weights": null,
+                "prefix_projection": matches!(p.params, PrefixParams::Mlp { .. }),
+            }),
+        );
+        // Saved after the projection, as PEFT does.
+        let table = tuna_autograd::no_grad(|| p.table())?;
+        tensors.push(("prompt_embeddings".to_string(), host(&table)?));
+    }
+    if let Some(h) = &ad.houlsby {
+        put(
+            &mut cfg,
+            json!({
+                "peft_type": "HOULSBY", "bottleneck_size": h.bottleneck, "num_layers": h.layers.len(),
+                "token_dim": s.hidden, "non_linearity": "gelu_tanh",
+                "placement": "after the attention output projection and after the feed-forward, before each residual add",
+            }),
+        );
+        for (n, t) in h.params() {
+            tensors.push((n, host(&t)?));
+        }
+    }
+    if !ad.lora.is_empty() {
+        let c = ad
+            .lora_config
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("LoRA adapters without their LoraConfig".into()))?;
+        put(&mut cfg, lora_config_json(&c, s.arch == super::Arch::Gpt2));
+        for (name, l) in &ad.lora {
+            tensors.push((format!("base_model.model.{name}.lora_A.weight"), host(&l.a)?));
+            tensors.push((format!("base_model.model.{name}.lora_B.weight"), host(&l.b)?));
+        }
+    }
+    Ok((Value::Object(cfg), tensors))
+}
+
+/// LoRA's full config as PEFT 0.21.2 writes it (every field, defaults where tuna has no choice).
+fn lora_config_json(c: &LoraConfig, conv1d: bool) -> Value {
+    json!({
+        "peft_type": "LORA", "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
+        "bias": "none", "corda_config": null, "ensure_weight_tying": false, "eva_config": null,
+        "exclude_modules": null, "fan_in_fan_out": conv1d, "init_lora_weights": true, "kasa_config": null,
+        "layer_replication": null, "layers_pattern": null, "layers_to_transform": null, "loftq_config": {},
+        "lora_alpha": c.alpha, "lora_bias": false, "lora_dropout": c.dropout, "lora_ga_config": null,
+        "megatron_config": null, "megatron_core": "megatron.core", "monteclora_config": null,
+        "qalora_group_size": 16, "r": c.r, "rank_pattern": {}, "target_modules": c.targets,
+        "target_parameters": null, "trainable_token_indices": null, "use_bdlora": null, "use_dora": false,
+        "use_qalora": false, "use_rslora": false, "velora_config": null,
+    })
+}
+
+fn base_json(s: &ModelShape) -> Value {
+    json!({
+        "arch": s.arch.name(), "hidden_size": s.hidden, "num_layers": s.layers, "num_heads": s.heads,
+        "num_kv_heads": s.kv_heads, "head_dim": s.head_dim, "vocab_size": s.vocab,
+    })
+}
+
+/// Compare `tuna_base.json` (when present) with the model.
+fn check_base(dir: &Path, s: &ModelShape) -> Result<()> {
+    let path = dir.join(BASE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Format { path: path.clone(), msg: format!("invalid JSON: {e}") })?;
+    if let Some(a) = v.get("arch").and_then(Value::as_str).filter(|&a| a != s.arch.name()) {
+        return Err(Error::Format {
+            path,
+            msg: format!("adapter made for a {a} model, this model is {}", s.arch.name()),
+        });
+    }
+    for (k, have) in [
+        ("hidden_size", s.hidden),
+        ("num_layers", s.layers),
+        ("num_heads", s.heads),
+        ("num_kv_heads", s.kv_heads),
+        ("head_dim", s.head_dim),
+        ("vocab_size", s.vocab),
+    ] {
+        if let Some(want) = v.get(k).and_then(Value::as_u64).filter(|&w| w as usize != have) {
+            return Err(Error::Format {
+                path,
+                msg: format!("adapter made for a model with {k} {want}, but this model has {have}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every float tensor of a safetensors file as f32 host values.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    let f = StFile::open(path)?;
+    let mut out = BTreeMap::new();
+    for (name, e) in &f.tensors {
+        out.insert(name.clone(), (e.shape.clone(), f.read(name, e)?.into_owned()));
+    }
+    Ok(out)
+}
+
+/// A safetensors file of f32 tensors with PEFT's metadata (`{"format": "pt"}`).
+pub fn safetensors_bytes(tensors: &[(String, (Vec<usize>, Vec<f32>))]) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, (s, v))| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidArgument(format!("safetensors: {e}")))?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::InvalidArgument(format!("safetensors: {e}")))
+}
+
+/// `path` replaced atomically: written to a temporary file in the same folder, synced, renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+/// JSON with sorted keys and two-space indentation, no trailing newline (as PEFT writes it).
+pub fn pretty_sorted(v: &Value) -> String {
+    fn sort(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, sort(v))).collect();
+                Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    serde_json::to_string_pretty(&sort(v)).unwrap_or_default()
+}
+
+fn host<B: Kernels<E>, E: Float>(t: &Tensor<B, E>) -> Result<(Vec<usize>, Vec<f32>)> {
+    Ok((t.shape().to_vec(), t.to_vec()?.into_iter().map(|x| tuna_kernels::Elem::to_f32(x)).collect()))
+}

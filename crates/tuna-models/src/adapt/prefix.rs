@@ -4,7 +4,7 @@
 //! The table of all layers' keys and values is `[n, layers * 2 * kv_heads * head_dim]` (PEFT's
 //! `prompt_embeddings`): column block `2i` holds layer `i`'s keys and block `2i + 1` its values,
 //! each `[n, kv_heads, head_dim]` row-major. With the reparameterization the table is
-//! `Linear(tanh(Linear(E)))` of an `[n, hidden]` embedding `E` (PEFT's `prefix_projection`).
+//! `Linear(tanh(Linear(E)))` of an `[n, kv_heads * head_dim]` embedding `E` (PEFT's `prefix_projection`).
 
 use super::{normal, param};
 use crate::error::{Error, Result};
@@ -27,7 +27,7 @@ pub enum PrefixKind {
 pub enum PrefixParams<B: Kernels<E>, E: Float> {
     /// The table itself, trained directly.
     Direct(Tensor<B, E>),
-    /// `w2 tanh(w1 emb + b1) + b2`: `emb` `[n, hidden]`, `w1` `[enc, hidden]`, `w2` `[width, enc]`.
+    /// `w2 tanh(w1 emb + b1) + b2`: `emb` `[n, token_dim]`, `w1` `[enc, token_dim]`, `w2` `[width, enc]`.
     Mlp { emb: Tensor<B, E>, w1: Tensor<B, E>, b1: Tensor<B, E>, w2: Tensor<B, E>, b2: Tensor<B, E> },
 }
 
@@ -47,13 +47,13 @@ impl<B: Kernels<E>, E: Float> PrefixTuning<B, E> {
     }
 
     /// A new prefix: the table N(0, 1) (PEFT's nn.Embedding init) or, with `encoder_hidden`, an
-    /// MLP from an `[n, hidden]` embedding (PyTorch-default Linear init: U(+-1/sqrt(fan_in))).
-    #[allow(clippy::too_many_arguments)]
+    /// MLP from an `[n, kv_heads * head_dim]` embedding (PEFT's `token_dim`, which is the hidden size
+    /// without grouped-query attention), PyTorch-default Linear init: U(+-1/sqrt(fan_in)).
     pub fn new(
         dev: &Arc<B>,
         kind: PrefixKind,
         n: usize,
-        (layers, kv_heads, head_dim, hidden): (usize, usize, usize, usize),
+        (layers, kv_heads, head_dim): (usize, usize, usize),
         encoder_hidden: Option<usize>,
         seed: u64,
     ) -> Result<Self> {
@@ -62,8 +62,11 @@ impl<B: Kernels<E>, E: Float> PrefixTuning<B, E> {
         }
         let mut rng = SplitMix64::new(seed);
         let width = layers * 2 * kv_heads * head_dim;
+        let hidden = kv_heads * head_dim;
         let params = match encoder_hidden {
-            None => PrefixParams::Direct(param(dev, "prompt_embeddings", &[n, width], &normal(&mut rng, n * width, 1.0))?),
+            None => {
+                PrefixParams::Direct(param(dev, "prompt_embeddings", &[n, width], &normal(&mut rng, n * width, 1.0))?)
+            }
             Some(enc) => {
                 let mut uni = |fan_in: usize, len: usize| -> Vec<f32> {
                     let b = 1.0 / (fan_in as f64).sqrt();
@@ -72,7 +75,12 @@ impl<B: Kernels<E>, E: Float> PrefixTuning<B, E> {
                 let (w1, b1) = (uni(hidden, enc * hidden), uni(hidden, enc));
                 let (w2, b2) = (uni(enc, width * enc), uni(enc, width));
                 PrefixParams::Mlp {
-                    emb: param(dev, "prompt_encoder.embedding.weight", &[n, hidden], &normal(&mut rng, n * hidden, 1.0))?,
+                    emb: param(
+                        dev,
+                        "prompt_encoder.embedding.weight",
+                        &[n, hidden],
+                        &normal(&mut rng, n * hidden, 1.0),
+                    )?,
                     w1: param(dev, "prompt_encoder.transform.0.weight", &[enc, hidden], &w1)?,
                     b1: param(dev, "prompt_encoder.transform.0.bias", &[enc], &b1)?,
                     w2: param(dev, "prompt_encoder.transform.2.weight", &[width, enc], &w2)?,

@@ -18,7 +18,7 @@
 //! So models may ask for either form. Heads outside the base model (`lm_head.weight`,
 //! `cls.predictions.…`) are stored unprefixed and found by rule 1.
 
-mod st_file;
+pub(crate) mod st_file;
 #[cfg(test)]
 mod tests;
 

@@ -79,7 +79,15 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let norm = loader.load("model.norm.weight", &[hidden])?;
         let untied = !cfg.tie_word_embeddings && loader.src.shape("lm_head.weight").is_some();
         let lm_head = if untied { loader.load("lm_head.weight", &[vocab, hidden])? } else { embed_tokens.clone() };
-        Ok(Llama { cfg: cfg.clone(), dev: loader.dev.clone(), embed_tokens, layers, norm, lm_head, adapt: Adapt::default() })
+        Ok(Llama {
+            cfg: cfg.clone(),
+            dev: loader.dev.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            adapt: Adapt::default(),
+        })
     }
 
     /// Logits `[batch, seq, vocab]` of `ids` (`[batch, seq]`) at `positions` (`[batch, seq]`, the

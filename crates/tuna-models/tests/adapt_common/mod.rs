@@ -1,0 +1,183 @@
+//! The tiny Hugging Face fixtures (GPT-2, Llama with GQA, BERT) as adaptable models, with one loss
+//! per architecture, for the adaptation tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use tuna_autograd::ops::elem::mean_pool;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::{Float, Ints, Tensor};
+use tuna_kernels::Cpu;
+use tuna_models::adapt::{Adapt, Adaptable, LoraConfig, Method, ModelShape, PromptInit};
+use tuna_models::bert::Bert;
+use tuna_models::config::ModelConfig;
+use tuna_models::generate::{CausalLm, KvCache};
+use tuna_models::gpt2::Gpt2;
+use tuna_models::hf::HfCheckpoint;
+use tuna_models::llama::Llama;
+use tuna_models::params::Loader;
+
+pub const ARCHS: [&str; 3] = ["gpt2", "llama", "bert"];
+
+pub fn fixture(arch: &str) -> PathBuf {
+    match std::env::var_os("TUNA_FIXTURES_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join(arch),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch),
+    }
+}
+
+/// One of the three fixture models.
+pub enum Model<E: Float> {
+    Gpt2(Gpt2<Cpu, E>),
+    Llama(Llama<Cpu, E>),
+    Bert(Bert<Cpu, E>),
+}
+
+/// The fixture model of `arch`, frozen (or with base weights trainable as `trainable` says).
+pub fn load<E: Float>(arch: &str, trainable: impl Fn(&str) -> bool + 'static) -> Model<E> {
+    let ck = HfCheckpoint::open(fixture(arch)).unwrap();
+    let dev = Arc::new(Cpu);
+    let mut l = Loader::<Cpu, E>::with_trainable(&ck, &dev, trainable);
+    match ck.config().clone() {
+        ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::load(&c, &mut l).unwrap()),
+        ModelConfig::Llama(c) => Model::Llama(Llama::load(&c, &mut l).unwrap()),
+        ModelConfig::Bert(c) => Model::Bert(Bert::load(&c, &mut l).unwrap()),
+    }
+}
+
+pub fn frozen<E: Float>(arch: &str) -> Model<E> {
+    load(arch, |_| false)
+}
+
+macro_rules! each {
+    ($m:expr, $x:ident => $body:expr) => {
+        match $m {
+            Model::Gpt2($x) => $body,
+            Model::Llama($x) => $body,
+            Model::Bert($x) => $body,
+        }
+    };
+}
+
+impl<E: Float> Model<E> {
+    pub fn shape(&self) -> ModelShape {
+        each!(self, m => m.shape())
+    }
+    pub fn adapt(&self) -> &Adapt<Cpu, E> {
+        each!(self, m => m.adapt())
+    }
+    pub fn named_weights(&self) -> Vec<(String, Tensor<Cpu, E>)> {
+        each!(self, m => m.named_weights())
+    }
+    pub fn apply(&mut self, method: &Method, seed: u64) {
+        each!(self, m => method.apply(m, seed)).unwrap()
+    }
+    pub fn is_decoder(&self) -> bool {
+        !matches!(self, Model::Bert(_))
+    }
+
+    /// Output per position: logits `[batch, seq', vocab]` for decoders, the last hidden states for
+    /// BERT, with content `positions` (`0..` from each row's first token) and an optional mask.
+    pub fn outputs(&self, ids: &[u32], batch: usize, mask: Option<&[u8]>) -> Tensor<Cpu, E> {
+        let dev = Arc::new(Cpu);
+        let seq = ids.len() / batch;
+        let ids = Ints::new(&dev, &[batch, seq], ids).unwrap();
+        let pos = tuna_models::llama::positions_from_mask(&mask_or_ones(mask, ids.host().len()), batch, seq);
+        let pos = Ints::new(&dev, &[batch, seq], &pos).unwrap();
+        let mask = mask.map(|m| Ints::new(&dev, &[batch, seq], m).unwrap());
+        match self {
+            Model::Gpt2(m) => m.forward_masked(&ids, &pos, mask.as_ref()).unwrap(),
+            Model::Llama(m) => m.forward(&ids, &pos, mask.as_ref(), None).unwrap(),
+            Model::Bert(m) => {
+                let mask = mask.unwrap_or_else(|| Ints::new(&dev, &[batch, seq], &vec![1u8; batch * seq]).unwrap());
+                m.forward(&ids, &mask).unwrap()
+            }
+        }
+    }
+
+    /// A training loss: next-token cross-entropy for decoders; for BERT, cross-entropy of a fixed
+    /// random 3-class head over the mean-pooled states against `classes` (the sequence's first
+    /// token mod 3 when `None`).
+    pub fn loss(&self, ids: &[u32], batch: usize) -> Tensor<Cpu, E> {
+        let dev = Arc::new(Cpu);
+        let seq = ids.len() / batch;
+        let t = Ints::new(&dev, &[batch, seq], ids).unwrap();
+        let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+        match self {
+            Model::Gpt2(m) => m.loss(&t, &Ints::new(&dev, &[batch, seq], &labels).unwrap()).unwrap(),
+            Model::Llama(m) => m.loss(&t, &labels).unwrap(),
+            Model::Bert(m) => {
+                let mask = Ints::new(&dev, &[batch, seq], &vec![1u8; batch * seq]).unwrap();
+                let (h, mask) = m.encode(&t, &mask).unwrap();
+                let pooled = mean_pool(&h, &mask).unwrap();
+                let hid = m.cfg.hidden_size;
+                let w: Vec<E> = (0..3 * hid).map(|i| E::c(((i * 7919) % 13) as f64 / 13.0 - 0.5)).collect();
+                let w = Tensor::constant(&dev, &[3, hid], &w).unwrap();
+                let logits = reshape(&linear(&pooled, &w, WeightLayout::OutIn, None).unwrap(), &[batch, 3]).unwrap();
+                let classes: Vec<i32> = (0..batch).map(|r| (ids[r * seq] % 3) as i32).collect();
+                cross_entropy(logits, &Ints::new(&dev, &[batch], &classes).unwrap(), -100).unwrap()
+            }
+        }
+    }
+
+    /// Logits of the last position after feeding `ids` (one sequence) through the KV cache in
+    /// two steps (prefill of all but the last token, then the last).
+    pub fn cached_last_logits(&self, ids: &[u32]) -> Vec<E> {
+        fn run<E: Float, M: CausalLm<Cpu, E>>(m: &M, ids: &[u32]) -> Vec<E> {
+            let mut cache: KvCache<Cpu, E> = m.new_cache();
+            let n = ids.len();
+            let pos: Vec<u32> = (0..n as u32).collect();
+            m.logits_step(&ids[..n - 1], &pos[..n - 1], &mut cache).unwrap();
+            m.logits_step(&ids[n - 1..], &pos[n - 1..], &mut cache).unwrap()
+        }
+        match self {
+            Model::Gpt2(m) => run(m, ids),
+            Model::Llama(m) => run(m, ids),
+            Model::Bert(_) => panic!("BERT does not generate"),
+        }
+    }
+}
+
+pub fn mask_or_ones(mask: Option<&[u8]>, n: usize) -> Vec<u8> {
+    mask.map_or_else(|| vec![1; n], |m| m.to_vec())
+}
+
+/// Every parameter-efficient method, small, for the tiny fixtures.
+pub fn peft_methods(arch: &str) -> Vec<Method> {
+    let targets: Vec<String> = match arch {
+        "gpt2" => vec!["c_attn".into(), "c_fc".into()],
+        "llama" => vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        _ => vec!["query".into(), "value".into()],
+    };
+    vec![
+        Method::Prompt { n: 3, init: PromptInit::SampleVocab },
+        Method::Prefix { n: 3, projection: None },
+        Method::Prefix { n: 2, projection: Some(8) },
+        Method::PTuningV2 { n: 2 },
+        Method::Houlsby { bottleneck: 4 },
+        Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets }),
+    ]
+}
+
+/// Deterministic token ids in `3..vocab`.
+pub fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..n as u64).map(|i| (3 + (i * 31 + seed * 17 + (i * i) % 7) % (vocab as u64 - 3)) as u32).collect()
+}
+
+/// Add seeded noise of `std` to every adapter tensor, so no method sits at an identity init.
+pub fn perturb<E: Float>(a: &Adapt<Cpu, E>, std: f64) {
+    for (k, (_, t)) in a.params().iter().enumerate() {
+        let mut v = t.to_vec().unwrap();
+        for (i, x) in v.iter_mut().enumerate() {
+            let r = ((i as u64 * 2654435761 + k as u64 * 97) % 1000) as f64 / 1000.0 - 0.5;
+            *x = E::c((*x).into() + 2.0 * std * r);
+        }
+        *t.data_mut() = v;
+    }
+}
+
+pub fn f64s<E: Float>(v: &[E]) -> Vec<f64> {
+    v.iter().map(|&x| x.into()).collect()
+}
