@@ -1,1 +1,8 @@
-//! Trainer: data, loop, optimizer, checkpoints (issue 6).
+//! tuna-trainer: the model-independent parts of training — data files ([`data`]), batching with a
+//! resumable cursor ([`batch`]), the learning-rate schedule ([`schedule`]), atomic checkpoints
+//! ([`checkpoint`]), the metrics log and summary formatting ([`metrics`]) and the progress line
+//! ([`progress`]). The training loop and the CLI build on these.
+
+pub mod data;
+
+pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
