@@ -4,5 +4,7 @@
 //! ([`progress`]). The training loop and the CLI build on these.
 
 pub mod data;
+pub mod schedule;
 
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
+pub use schedule::{Decay, Schedule};
