@@ -3,8 +3,12 @@
 //! ([`checkpoint`]), the metrics log and summary formatting ([`metrics`]) and the progress line
 //! ([`progress`]). The training loop and the CLI build on these.
 
+pub mod checkpoint;
 pub mod data;
 pub mod schedule;
 
+pub use checkpoint::{
+    fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
+};
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
 pub use schedule::{Decay, Schedule};
