@@ -3,10 +3,14 @@
 //! ([`checkpoint`]), the metrics log and summary formatting ([`metrics`]) and the progress line
 //! ([`progress`]). The training loop and the CLI build on these.
 
+pub mod batch;
 pub mod checkpoint;
 pub mod data;
 pub mod schedule;
 
+pub use batch::{
+    Batch, BatchConfig, BatchError, Batcher, Cursor, Encoded, PadSide, SplitMix64, Truncate, IGNORE_INDEX,
+};
 pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
 };
