@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod data;
+pub mod metrics;
 pub mod schedule;
 
 pub use batch::{
@@ -15,4 +16,5 @@ pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
 };
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
+pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
 pub use schedule::{Decay, Schedule};
