@@ -7,6 +7,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod data;
 pub mod metrics;
+pub mod progress;
 pub mod schedule;
 
 pub use batch::{
@@ -17,4 +18,5 @@ pub use checkpoint::{
 };
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
+pub use progress::Progress;
 pub use schedule::{Decay, Schedule};
