@@ -1,0 +1,340 @@
+//! Checkpoints: atomic `step-NNNNNN/` directories with a checksummed manifest, pruning to the newest
+//! few plus the best, and finding the newest one that is intact; also `write_atomic` for single files.
+//!
+//! Layout of `dir/step-000123/`: the caller's files plus `manifest.json`
+//! (`{"format":1,"step":123,"files":[{"name","size","fnv1a64"}],"metrics":{..}}`). A save writes
+//! everything into `dir/.tmp-step-000123/`, fsyncs each file and the manifest, renames the directory
+//! into place and fsyncs `dir`; a killed save leaves only a `.tmp-*` directory, which readers ignore
+//! and the next save deletes. One run writes to a directory at a time.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The manifest format written by this version.
+pub const FORMAT: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+
+/// FNV-1a 64: a small non-cryptographic checksum, enough to catch torn or garbled files.
+#[derive(Clone, Debug)]
+pub struct Fnv64(u64);
+
+impl Fnv64 {
+    pub fn new() -> Fnv64 {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64::new()
+    }
+}
+
+/// FNV-1a 64 of `bytes`.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h = Fnv64::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Errors saving or loading checkpoints; each names the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A filesystem operation failed.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A file name that is empty, has a path separator, starts with '.', is repeated or is `manifest.json`.
+    #[error("checkpoint file name {name:?} is not allowed (empty, a path, hidden, repeated or {MANIFEST:?})")]
+    BadName { name: String },
+    /// A checkpoint that fails verification (bad manifest, missing, short or altered file).
+    #[error("{}: {msg}", path.display())]
+    Corrupt { path: PathBuf, msg: String },
+    /// A file asked of a loaded checkpoint that it does not hold.
+    #[error("{}: no file {name:?} in this checkpoint", path.display())]
+    NoFile { path: PathBuf, name: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.into(), source }
+}
+
+/// Whether a larger or a smaller metric is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Min,
+    Max,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    /// 16 lowercase hex digits.
+    pub fnv1a64: String,
+}
+
+/// The contents of `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub step: u64,
+    pub files: Vec<FileEntry>,
+    pub metrics: Map<String, Value>,
+}
+
+/// A verified checkpoint with its files' bytes.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl Loaded {
+    pub fn step(&self) -> u64 {
+        self.manifest.step
+    }
+    /// The bytes of file `name`.
+    pub fn file(&self, name: &str) -> Result<&[u8], CheckpointError> {
+        self.files
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| CheckpointError::NoFile { path: self.dir.clone(), name: name.into() })
+    }
+    /// The files by name.
+    pub fn files(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.files
+    }
+}
+
+/// The newest intact checkpoint, and a warning for each newer one that was skipped.
+#[derive(Debug)]
+pub struct LatestValid {
+    pub checkpoint: Option<Loaded>,
+    pub warnings: Vec<String>,
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    // Directory fsync makes a rename durable on Unix; other systems cannot open a directory as a file.
+    if cfg!(unix) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(path))
+}
+
+/// Replaces `path` with `bytes` atomically: a temporary file in the same directory, fsync, rename,
+/// fsync of the directory. Readers see the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| CheckpointError::BadName { name: path.display().to_string() })?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    write_synced(&tmp, bytes)?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    fsync_dir(parent)
+}
+
+/// The checkpoint directory of one run.
+#[derive(Clone, Debug)]
+pub struct Checkpoints {
+    dir: PathBuf,
+    keep_last: usize,
+    best: Option<(String, Direction)>,
+}
+
+impl Checkpoints {
+    /// Creates `dir` if needed. `keep_last` = 0 keeps every checkpoint; `best` also keeps the one with
+    /// the best value of that metric (checkpoints without it, or with a non-finite value, never win).
+    pub fn open(dir: &Path, keep_last: usize, best: Option<(&str, Direction)>) -> Result<Checkpoints, CheckpointError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        Ok(Checkpoints { dir: dir.into(), keep_last, best: best.map(|(m, d)| (m.to_string(), d)) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory a checkpoint of `step` has.
+    pub fn step_dir(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("step-{step:06}"))
+    }
+
+    /// Saves `files` and `metrics` as checkpoint `step` (replacing one of the same step), then prunes.
+    /// Returns the checkpoint's directory.
+    pub fn save(
+        &self,
+        step: u64,
+        files: &[(&str, &[u8])],
+        metrics: &Map<String, Value>,
+    ) -> Result<PathBuf, CheckpointError> {
+        let mut names: Vec<&str> = Vec::new();
+        for &(name, _) in files {
+            let bad = name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) || name == MANIFEST;
+            if bad || names.contains(&name) {
+                return Err(CheckpointError::BadName { name: name.into() });
+            }
+            names.push(name);
+        }
+        self.clean_tmp()?;
+        let tmp = self.dir.join(format!(".tmp-step-{step:06}"));
+        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let mut entries = Vec::new();
+        for &(name, bytes) in files {
+            write_synced(&tmp.join(name), bytes)?;
+            entries.push(FileEntry {
+                name: name.into(),
+                size: bytes.len() as u64,
+                fnv1a64: format!("{:016x}", fnv1a64(bytes)),
+            });
+        }
+        let manifest = Manifest { format: FORMAT, step, files: entries, metrics: metrics.clone() };
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| CheckpointError::Corrupt { path: tmp.clone(), msg: e.to_string() })?;
+        write_synced(&tmp.join(MANIFEST), &json)?;
+        fsync_dir(&tmp)?;
+        let target = self.step_dir(step);
+        if target.exists() {
+            // A directory cannot be renamed over a non-empty one: move the old one aside, as a tmp dir
+            // (deleted below) when intact, else as `corrupt-step-N-<secs>` for the user to inspect.
+            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let old = match self.load(step) {
+                Ok(_) => self.dir.join(format!(".tmp-replaced-step-{step:06}")),
+                Err(_) => self.dir.join(format!("corrupt-step-{step:06}-{secs}")),
+            };
+            fs::rename(&target, &old).map_err(io(&target))?;
+        }
+        fs::rename(&tmp, &target).map_err(io(&target))?;
+        fsync_dir(&self.dir)?;
+        self.clean_tmp()?;
+        self.prune()?;
+        Ok(target)
+    }
+
+    fn clean_tmp(&self) -> Result<(), CheckpointError> {
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let path = entry.map_err(io(&self.dir))?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-")) && path.is_dir() {
+                fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The steps that have a `step-N` directory, ascending (intact or not).
+    pub fn steps(&self) -> Result<Vec<u64>, CheckpointError> {
+        let mut steps = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let name = entry.file_name();
+            let step = name.to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok());
+            if let (Some(step), true) = (step, entry.path().is_dir()) {
+                steps.push(step);
+            }
+        }
+        steps.sort_unstable();
+        Ok(steps)
+    }
+
+    fn read_manifest(&self, step: u64) -> Result<Manifest, CheckpointError> {
+        let dir = self.step_dir(step);
+        let path = dir.join(MANIFEST);
+        let bytes = fs::read(&path).map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: format!("bad manifest: {e}") })?;
+        if m.format != FORMAT || m.step != step {
+            let msg =
+                format!("manifest says format {} step {}, expected format {FORMAT} step {step}", m.format, m.step);
+            return Err(CheckpointError::Corrupt { path, msg });
+        }
+        Ok(m)
+    }
+
+    /// Loads checkpoint `step`, checking every file's size and checksum against the manifest.
+    pub fn load(&self, step: u64) -> Result<Loaded, CheckpointError> {
+        let manifest = self.read_manifest(step)?;
+        let dir = self.step_dir(step);
+        let mut files = BTreeMap::new();
+        for f in &manifest.files {
+            let path = dir.join(&f.name);
+            let corrupt = |msg: String| CheckpointError::Corrupt { path: path.clone(), msg };
+            let bytes = fs::read(&path).map_err(|e| corrupt(e.to_string()))?;
+            if bytes.len() as u64 != f.size {
+                return Err(corrupt(format!("{} bytes, manifest says {}", bytes.len(), f.size)));
+            }
+            let sum = format!("{:016x}", fnv1a64(&bytes));
+            if sum != f.fnv1a64 {
+                return Err(corrupt(format!("checksum {sum}, manifest says {}", f.fnv1a64)));
+            }
+            files.insert(f.name.clone(), bytes);
+        }
+        Ok(Loaded { dir, manifest, files })
+    }
+
+    /// The newest checkpoint that verifies; newer ones that do not are skipped with a warning each and
+    /// left on disk for the user to inspect.
+    pub fn latest_valid(&self) -> Result<LatestValid, CheckpointError> {
+        let mut warnings = Vec::new();
+        for step in self.steps()?.into_iter().rev() {
+            match self.load(step) {
+                Ok(c) => return Ok(LatestValid { checkpoint: Some(c), warnings }),
+                Err(e) => warnings.push(format!("skipping checkpoint step {step}: {e}")),
+            }
+        }
+        Ok(LatestValid { checkpoint: None, warnings })
+    }
+
+    /// The step whose manifest holds the best value of the `best` metric, if any does.
+    pub fn best_step(&self) -> Result<Option<u64>, CheckpointError> {
+        let Some((metric, dir)) = &self.best else { return Ok(None) };
+        let mut best: Option<(u64, f64)> = None;
+        for step in self.steps()? {
+            let Ok(m) = self.read_manifest(step) else { continue };
+            let Some(v) = m.metrics.get(metric).and_then(Value::as_f64).filter(|v| v.is_finite()) else { continue };
+            let better = best.is_none_or(|(_, b)| if *dir == Direction::Min { v < b } else { v > b });
+            if better {
+                best = Some((step, v));
+            }
+        }
+        Ok(best.map(|(s, _)| s))
+    }
+
+    /// Deletes every checkpoint but the newest `keep_last` and the best.
+    fn prune(&self) -> Result<(), CheckpointError> {
+        if self.keep_last == 0 {
+            return Ok(());
+        }
+        let steps = self.steps()?;
+        let best = self.best_step()?;
+        for &step in &steps[..steps.len().saturating_sub(self.keep_last)] {
+            if Some(step) != best {
+                let d = self.step_dir(step);
+                fs::remove_dir_all(&d).map_err(io(&d))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "checkpoint_tests.rs"]
+mod tests;
