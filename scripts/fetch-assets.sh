@@ -149,6 +149,32 @@ else
   echo "fetch-assets: installed $RT"
 fi
 
+# The polarity task `tuna compare` runs by default: the fresh/rotten review sentences (12,808; the
+# 1,097 plot summaries are dropped), shuffled with a fixed seed, 80% train / 20% eval, as JSONL
+# {"text", "label"}. Derived from the verified CSV, so it needs no checksum of its own.
+POL=$ASSETS/polarity
+if [ -f "$POL/train.jsonl" ] && [ -f "$POL/eval.jsonl" ]; then
+  echo "fetch-assets: present: $POL"
+else
+  mkdir -p "$POL"
+  python3 - "$RT" "$POL" <<'PY'
+import bz2, csv, io, json, random, sys, os
+src, out = sys.argv[1], sys.argv[2]
+rows = [(r["text"].strip(), r["category"]) for r in csv.DictReader(io.TextIOWrapper(bz2.open(src), encoding="utf-8"))
+        if r["category"] in ("fresh", "rotten") and r["text"].strip()]
+random.Random(1234).shuffle(rows)
+cut = len(rows) * 4 // 5
+for name, part in (("train", rows[:cut]), ("eval", rows[cut:])):
+    tmp = os.path.join(out, f".{name}.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text, label in part:
+            f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+    os.replace(tmp, os.path.join(out, f"{name}.jsonl"))
+print(f"fetch-assets: polarity: {cut} train / {len(rows) - cut} eval sentences")
+PY
+  echo "fetch-assets: installed $POL"
+fi
+
 if [ $RECORD = 1 ]; then
   for name in "${!NEW_SUMS[@]}"; do echo "${NEW_SUMS[$name]}  $name"; done | sort -k2 >"$SUMS"
   echo "fetch-assets: recorded $(wc -l <"$SUMS") checksums in $SUMS"

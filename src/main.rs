@@ -17,6 +17,79 @@ enum Command {
     Info,
     /// Generate text from a decoder: a Llama-family or GPT-2 Hugging Face folder, or a Llama .gguf file.
     Generate(GenerateArgs),
+    /// Train one adaptation method on a task: checkpoints, metrics, and a PEFT adapter (or model) at the end.
+    Train(TrainArgs),
+    /// Evaluate a model, with an adapter, on a data file (loss, accuracy or perplexity).
+    Eval(EvalArgs),
+    /// Write an adapter as a PEFT folder, or merged into the base model as a Hugging Face folder.
+    Export(ExportArgs),
+    /// Train several methods with the same data and budget and print the trade-off table (also
+    /// JSON and SVG). Without --model/--train: all-MiniLM-L6-v2 on movie-review polarity.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora.
+    #[arg(long)]
+    method: String,
+    #[command(flatten)]
+    method_args: tuna::train_cmd::MethodArgs,
+    #[command(flatten)]
+    run: tuna::train_cmd::RunArgs,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// Comma-separated methods.
+    #[arg(long, default_value = "full,prompt,prefix,houlsby,lora")]
+    methods: String,
+    #[command(flatten)]
+    method_args: tuna::train_cmd::MethodArgs,
+    #[command(flatten)]
+    run: tuna::train_cmd::RunArgs,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// An adapter folder (PEFT format, or a `tuna train` run's `adapter/`).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "classify")]
+    task: String,
+    #[arg(long)]
+    data: std::path::PathBuf,
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    #[arg(long, default_value = "prompt")]
+    prompt_field: String,
+    #[arg(long, default_value = "completion")]
+    completion_field: String,
+    #[arg(long, default_value = "label")]
+    label_field: String,
+    #[arg(long)]
+    labels: Option<String>,
+    #[arg(long)]
+    verbalizers: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long)]
+    model: std::path::PathBuf,
+    #[arg(long)]
+    adapter: std::path::PathBuf,
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Merge LoRA into the base weights and write a Hugging Face model folder.
+    #[arg(long)]
+    merged: bool,
 }
 
 #[derive(clap::Args)]
@@ -51,7 +124,9 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // Bad data exits with 2, a non-finite loss with 3 (scripts can tell them apart).
+            let code = e.downcast_ref::<tuna::trainer::TrainError>().map_or(1, |t| t.exit_code());
+            std::process::ExitCode::from(code)
         }
     }
 }
@@ -73,6 +148,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: Device::parse(&a.device).map_err(|e| anyhow::anyhow!(e))?,
             };
             println!("{}", tuna::generate_cmd::run(&settings)?);
+        }
+        Command::Train(a) => {
+            let method = a.method_args.method(&a.method)?;
+            let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
+            let summary = tuna::trainer::train(&cfg)?;
+            tuna::train_cmd::print_summary(&summary);
+        }
+        Command::Eval(a) => {
+            let task = a.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
+            let fields = tuna::trainer::Fields {
+                text: a.text_field,
+                prompt: a.prompt_field,
+                completion: a.completion_field,
+                label: a.label_field,
+            };
+            let m = tuna::trainer::load_adapted(&a.model, a.adapter.as_deref())?;
+            let e = tuna::trainer::eval_file(
+                &m,
+                task,
+                &a.data,
+                &fields,
+                a.labels.as_deref(),
+                a.verbalizers.as_deref(),
+                a.batch_size,
+                a.max_len,
+            )?;
+            println!("{}", tuna::trainer::describe_eval(&e));
+        }
+        Command::Export(a) => {
+            let m = tuna::trainer::load_adapted(&a.model, Some(&a.adapter))?;
+            if a.merged {
+                let ad = m.adapt();
+                if ad.prompt.is_some() || ad.prefix.is_some() || ad.houlsby.is_some() {
+                    anyhow::bail!("--merged: only LoRA merges into the base weights; prompt, prefix and adapter methods stay an adapter folder");
+                }
+                tuna::trainer::export_merged(&m, &a.out)?;
+            } else {
+                let base = a.model.display().to_string();
+                match &m.net {
+                    tuna::trainer::model::Net::Gpt2(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
+                    tuna::trainer::model::Net::Llama(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
+                    tuna::trainer::model::Net::Bert(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
+                }
+            }
+            println!("wrote {}", a.out.display());
+        }
+        Command::Compare(a) => {
+            let methods: Vec<String> = a.methods.split(',').map(|m| m.trim().to_string()).collect();
+            for m in &methods {
+                a.method_args.method(m)?;
+            }
+            let passthrough = tuna::compare_cmd::passthrough_args(std::env::args().skip(2).collect());
+            let (args, out) = tuna::compare_cmd::with_defaults(&a.run, passthrough)?;
+            let runs = tuna::compare_cmd::run(&methods, &args, &out)?;
+            let paths = tuna::compare_cmd::write(&runs, &out)?;
+            println!("{}", tuna::compare_cmd::table(&runs));
+            println!("wrote {}, {}, {}", paths[0].display(), paths[1].display(), paths[2].display());
         }
     }
     Ok(())

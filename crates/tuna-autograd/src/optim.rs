@@ -67,6 +67,43 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
         Ok(AdamW { hp: AdamWParams { step: 0, ..hp }, params: params.iter().map(|p| (*p).clone()).collect(), moments })
     }
 
+    /// The first and second moments of each parameter, in the order given to [`AdamW::new`]
+    /// (host copies, for checkpoints).
+    pub fn moments(&self) -> Result<Vec<(Vec<E>, Vec<E>)>> {
+        let dev = match self.params.first() {
+            Some(p) => p.device().clone(),
+            None => return Ok(Vec::new()),
+        };
+        self.moments.iter().map(|(m, v)| Ok((dev.to_host(m)?, dev.to_host(v)?))).collect()
+    }
+
+    /// Restore moments saved by [`AdamW::moments`] and the step count (`hp.step`); an error names
+    /// the parameter whose length disagrees.
+    pub fn load_moments(&mut self, moments: &[(Vec<E>, Vec<E>)], step: u32) -> Result<()> {
+        if moments.len() != self.params.len() {
+            return Err(Error::Backward(format!(
+                "AdamW: {} saved moment pairs for {} parameters",
+                moments.len(),
+                self.params.len()
+            )));
+        }
+        for (i, (p, (m, v))) in self.params.iter().zip(moments).enumerate() {
+            if m.len() != p.numel() || v.len() != p.numel() {
+                return Err(Error::Backward(format!(
+                    "AdamW: saved moments of parameter #{i} ({:?}) have {} / {} values, the parameter {}",
+                    p.name(),
+                    m.len(),
+                    v.len(),
+                    p.numel()
+                )));
+            }
+            let dev = p.device();
+            self.moments[i] = (dev.from_host(m)?, dev.from_host(v)?);
+        }
+        self.hp.step = step;
+        Ok(())
+    }
+
     /// One update of every parameter that has a gradient, then zero the gradients.
     pub fn step(&mut self) -> Result<()> {
         self.hp.step += 1;

@@ -160,7 +160,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
     /// virtual positions too (inserted before each row's first real token), and with a prompt or
     /// prefix the content positions are shifted past the virtual tokens, as PEFT does. Returns
     /// the prepared inputs too (for widening labels).
-    fn hidden_prepared(
+    pub fn hidden_prepared(
         &self,
         ids: &Ints<B, u32>,
         positions: &Ints<B, u32>,

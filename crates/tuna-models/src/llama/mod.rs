@@ -107,13 +107,13 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         mask: Option<&Ints<B, u8>>,
         cache: Option<&mut KvCache<B, E>>,
     ) -> Result<Tensor<B, E>> {
-        let (h, _) = self.hidden_of_ids(ids, positions, mask, cache)?;
+        let (h, _) = self.hidden_states(ids, positions, mask, cache)?;
         self.head(&h)
     }
 
     /// The last hidden states of `ids` through the adaptation, with the prepared inputs (for the
     /// widened labels).
-    fn hidden_of_ids(
+    pub fn hidden_states(
         &self,
         ids: &Ints<B, u32>,
         positions: &Ints<B, u32>,
@@ -230,7 +230,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
             )));
         }
         let vocab = self.cfg.vocab_size;
-        let (h, prep) = self.hidden_of_ids(ids, positions, mask, None)?;
+        let (h, prep) = self.hidden_states(ids, positions, mask, None)?;
         // With a soft prompt the sequence is longer by its virtual tokens (labels ignored there).
         let labels = self.adapt.widen_labels(labels, batch, &prep);
         let seq = labels.len() / batch.max(1usize);
@@ -254,7 +254,7 @@ impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Llama<B, E> {
         }
         let ids = Ints::new(&self.dev, &[1, t], ids)?;
         let pos = Ints::new(&self.dev, &[1, t], positions)?;
-        let (h, _) = self.hidden_of_ids(&ids, &pos, None, Some(cache))?;
+        let (h, _) = self.hidden_states(&ids, &pos, None, Some(cache))?;
         // Only the last position goes through the head (a soft prompt may have lengthened the row).
         let (hidden, t) = (self.cfg.hidden_size, h.shape()[1]);
         let last = slice_cols(&reshape(&h, &[1, t * hidden])?, (t - 1) * hidden, hidden)?;

@@ -1,0 +1,49 @@
+//! The trainer's error type: each variant says what went wrong and where (file, line, step).
+
+use crate::batch::BatchError;
+use crate::checkpoint::CheckpointError;
+use crate::data::DataError;
+use crate::metrics::MetricsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Malformed or unreadable data (names the file, line and field); exit code 2.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The model or adapter could not be loaded or run.
+    #[error(transparent)]
+    Model(#[from] tuna_models::Error),
+    #[error(transparent)]
+    Autograd(#[from] tuna_autograd::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// The loss became NaN or infinite; the run stopped before updating any weight.
+    #[error("step {step}: the training loss is {loss} (not finite); stopped without applying this step. The last good checkpoint is kept{where_}")]
+    NonFinite { step: u64, loss: f64, where_: String },
+    /// A setting or input out of its domain.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TrainError {
+    /// The process exit code for this error: 2 for bad data, 3 for a non-finite loss, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TrainError::Data(_) => 2,
+            TrainError::NonFinite { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

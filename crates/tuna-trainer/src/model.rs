@@ -1,0 +1,254 @@
+//! The model a run trains: GPT-2, Llama (Hugging Face folder or GGUF) or BERT, with its tokenizer,
+//! the adaptation method installed, and the task heads (verbalizer rows or a classification head).
+
+use crate::error::{Result, TrainError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tuna_autograd::ops::elem::{mean_pool, slice_cols};
+use tuna_autograd::ops::embed::embedding;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::{Ints, Tensor};
+use tuna_kernels::Cpu;
+use tuna_models::adapt::{full_finetune_predicate, Adapt, Adaptable, Method, ModelShape, PromptInit};
+use tuna_models::bert::Bert;
+use tuna_models::config::ModelConfig;
+use tuna_models::gguf::GgufFile;
+use tuna_models::gpt2::Gpt2;
+use tuna_models::hf::HfCheckpoint;
+use tuna_models::llama::{positions_from_mask, Llama};
+use tuna_models::params::Loader;
+use tuna_models::weights::WeightSource;
+
+/// One of the supported architectures, on the CPU in f32.
+pub enum Net {
+    Gpt2(Gpt2<Cpu, f32>),
+    Llama(Llama<Cpu, f32>),
+    Bert(Bert<Cpu, f32>),
+}
+
+macro_rules! each {
+    ($m:expr, $x:ident => $body:expr) => {
+        match $m {
+            Net::Gpt2($x) => $body,
+            Net::Llama($x) => $body,
+            Net::Bert($x) => $body,
+        }
+    };
+}
+
+/// A loaded model with its tokenizer and the base weights that train (full fine-tuning).
+pub struct Model {
+    pub net: Net,
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Whether `encode` adds the tokenizer's special tokens (BERT's [CLS]/[SEP]; not for GGUF).
+    pub add_special: bool,
+    /// Base weights that train, by Hugging Face name (empty unless full fine-tuning).
+    pub trainable_base: Vec<(String, Tensor<Cpu, f32>)>,
+    pub source: PathBuf,
+    pub dev: Arc<Cpu>,
+}
+
+impl Model {
+    /// Load `path` (a Hugging Face folder or a Llama `.gguf`), training the base weights
+    /// `method` says (full fine-tuning), and install `method` (seeded).
+    /// A TEXT or CLASS_LABELS prompt init given with no tokens takes them from `init_text`.
+    pub fn load(path: &Path, method: &Method, seed: u64, init_text: Option<&str>) -> Result<Model> {
+        let dev = Arc::new(Cpu);
+        let trainable: Box<dyn Fn(&str) -> bool> = match method {
+            Method::Full { patterns } => Box::new(full_finetune_predicate(patterns)),
+            _ => Box::new(|_| false),
+        };
+        let (net, tokenizer, add_special, loaded) = if path.is_file() {
+            if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                return Err(TrainError::Invalid(format!(
+                    "--model {}: a file must be a .gguf; otherwise give a Hugging Face folder",
+                    path.display()
+                )));
+            }
+            let g = GgufFile::open(path)?;
+            let cfg = g.llama_config()?;
+            let tok = g.build_tokenizer()?;
+            let mut l = Loader::with_trainable(&g as &dyn WeightSource, &dev, trainable);
+            let net = Net::Llama(Llama::load(&cfg, &mut l)?);
+            (net, tok, false, l.loaded)
+        } else if path.is_dir() {
+            let ck = HfCheckpoint::open(path)?;
+            let tok = tuna_models::tokenizer::Tokenizer::from_file(path.join("tokenizer.json"))?
+                .without_padding_and_truncation()
+                .inner()
+                .clone();
+            let mut l = Loader::with_trainable(&ck as &dyn WeightSource, &dev, trainable);
+            let net = match ck.config().clone() {
+                ModelConfig::Gpt2(c) => Net::Gpt2(Gpt2::load(&c, &mut l)?),
+                ModelConfig::Llama(c) => Net::Llama(Llama::load(&c, &mut l)?),
+                ModelConfig::Bert(c) => Net::Bert(Bert::load(&c, &mut l)?),
+            };
+            (net, tok, true, l.loaded)
+        } else {
+            return Err(TrainError::Invalid(format!(
+                "--model {}: no such file or folder (give a Hugging Face folder or a .gguf file)",
+                path.display()
+            )));
+        };
+        let trainable_base = loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut m = Model { net, tokenizer, add_special, trainable_base, source: path.to_path_buf(), dev };
+        let mut method = m.resolve(method)?;
+        if let Method::Prompt { init: PromptInit::Text(ids) | PromptInit::ClassLabels(ids), .. } = &mut method {
+            if ids.is_empty() {
+                let text = init_text
+                    .ok_or_else(|| TrainError::Invalid("the prompt init needs a text (--prompt-init-text)".into()))?;
+                *ids = m.encode(text)?;
+            }
+        }
+        each!(&mut m.net, n => method.apply(n, seed))?;
+        Ok(m)
+    }
+
+    /// `method` with LoRA's default targets filled in (the attention query and value projections,
+    /// PEFT's defaults) when none were given.
+    fn resolve(&self, method: &Method) -> Result<Method> {
+        Ok(match method {
+            Method::Lora(c) if c.targets.is_empty() => {
+                let t: &[&str] = match self.net {
+                    Net::Gpt2(_) => &["c_attn"],
+                    Net::Llama(_) => &["q_proj", "v_proj"],
+                    Net::Bert(_) => &["query", "value"],
+                };
+                Method::Lora(tuna_models::adapt::LoraConfig {
+                    targets: t.iter().map(|s| s.to_string()).collect(),
+                    ..c.clone()
+                })
+            }
+            m => m.clone(),
+        })
+    }
+
+    pub fn shape(&self) -> ModelShape {
+        each!(&self.net, n => n.shape())
+    }
+    pub fn adapt(&self) -> &Adapt<Cpu, f32> {
+        each!(&self.net, n => n.adapt())
+    }
+    pub fn adapt_mut(&mut self) -> &mut Adapt<Cpu, f32> {
+        each!(&mut self.net, n => n.adapt_mut())
+    }
+    pub fn named_weights(&self) -> Vec<(String, Tensor<Cpu, f32>)> {
+        each!(&self.net, n => n.named_weights())
+    }
+    pub fn is_decoder(&self) -> bool {
+        !matches!(self.net, Net::Bert(_))
+    }
+
+    /// Every tensor the optimizer updates, by checkpoint name: trained base weights, then the
+    /// adaptation's tensors (including a classification head in `adapt.extra`).
+    pub fn trainable(&self) -> Vec<(String, Tensor<Cpu, f32>)> {
+        let mut v = self.trainable_base.clone();
+        v.extend(self.adapt().params());
+        v
+    }
+
+    /// Parameters of the base model (each tensor once).
+    pub fn base_param_count(&self) -> usize {
+        self.named_weights().iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self
+            .tokenizer
+            .encode(text, self.add_special)
+            .map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// The id padding uses (masked out everywhere; the tokenizer's pad token where it has one).
+    pub fn pad_id(&self) -> u32 {
+        ["[PAD]", "<pad>", "<|endoftext|>", "</s>"].iter().find_map(|t| self.tokenizer.token_to_id(t)).unwrap_or(0)
+    }
+
+    /// Hugging Face's causal LM loss of `ids` (`[batch, seq]`, left-padded under `mask`) against
+    /// `labels` (unshifted, -100 ignored), positions from the mask.
+    pub fn lm_loss(&self, ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Tensor<Cpu, f32>> {
+        let seq = ids.len() / batch.max(1);
+        let (t, m, pos) = self.inputs(ids, mask, batch)?;
+        Ok(match &self.net {
+            Net::Gpt2(g) => g.loss_masked(&t, &pos, Some(&m), &Ints::new(&self.dev, &[batch, seq], labels)?)?,
+            Net::Llama(l) => l.loss_with(&t, &pos, Some(&m), labels)?,
+            Net::Bert(_) => {
+                return Err(TrainError::Invalid(
+                    "the lm and completion tasks need a decoder (GPT-2, Llama), not BERT".into(),
+                ))
+            }
+        })
+    }
+
+    /// Class scores `[batch, classes]`: for decoders the head's logits of the verbalizer tokens at
+    /// the last position (rows are left-padded); for BERT `head` (`classifier.weight` `[C, hidden]`
+    /// and `classifier.bias`) over the mask-weighted mean of the last hidden states.
+    pub fn class_scores(&self, ids: &[u32], mask: &[u8], batch: usize, verbalizer: &[u32]) -> Result<Tensor<Cpu, f32>> {
+        let (t, m, pos) = self.inputs(ids, mask, batch)?;
+        let last = |h: Tensor<Cpu, f32>| -> Result<Tensor<Cpu, f32>> {
+            let (s, hid) = (h.shape()[1], h.shape()[2]);
+            Ok(slice_cols(&reshape(&h, &[batch, s * hid])?, (s - 1) * hid, hid)?)
+        };
+        let verb = |table: &Tensor<Cpu, f32>, h: &Tensor<Cpu, f32>| -> Result<Tensor<Cpu, f32>> {
+            let ids = Ints::new(&self.dev, &[1, verbalizer.len()], verbalizer)?;
+            let rows = reshape(&embedding(table, &ids, None)?, &[verbalizer.len(), table.shape()[1]])?;
+            Ok(linear(h, &rows, WeightLayout::OutIn, None)?)
+        };
+        match &self.net {
+            Net::Gpt2(g) => {
+                let (h, _) = g.hidden_prepared(&t, &pos, Some(&m), None)?;
+                verb(&g.wte, &last(h)?)
+            }
+            Net::Llama(l) => {
+                let (h, _) = l.hidden_states(&t, &pos, Some(&m), None)?;
+                verb(&l.lm_head, &last(h)?)
+            }
+            Net::Bert(b) => {
+                let (h, m) = b.encode(&t, &m)?;
+                let pooled = mean_pool(&h, &m)?;
+                let find = |n: &str| b.adapt.extra.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone());
+                let (Some(w), Some(bias)) = (find("classifier.weight"), find("classifier.bias")) else {
+                    return Err(TrainError::Invalid(
+                        "BERT classification needs its head (classifier.weight/bias)".into(),
+                    ));
+                };
+                Ok(linear(&pooled, &w, WeightLayout::OutIn, Some(&bias))?)
+            }
+        }
+    }
+
+    /// Add a trainable classification head for BERT (`[classes, hidden]`, small seeded init).
+    pub fn add_head(&mut self, classes: usize, seed: u64) -> Result<()> {
+        let hidden = self.shape().hidden;
+        let mut rng = crate::batch::SplitMix64::new(seed ^ 0x4ead);
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let w: Vec<f32> = (0..classes * hidden).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let w = Tensor::param(&self.dev, "classifier.weight", &[classes, hidden], &w)?;
+        let b = Tensor::param(&self.dev, "classifier.bias", &[classes], &vec![0.0; classes])?;
+        let extra = &mut self.adapt_mut().extra;
+        extra.retain(|(n, _)| !n.starts_with("classifier."));
+        extra.push(("classifier.weight".into(), w));
+        extra.push(("classifier.bias".into(), b));
+        Ok(())
+    }
+
+    fn inputs(
+        &self,
+        ids: &[u32],
+        mask: &[u8],
+        batch: usize,
+    ) -> Result<(Ints<Cpu, u32>, Ints<Cpu, u8>, Ints<Cpu, u32>)> {
+        let seq = ids.len() / batch.max(1);
+        let t = Ints::new(&self.dev, &[batch, seq], ids)?;
+        let m = Ints::new(&self.dev, &[batch, seq], mask)?;
+        let pos = match self.net {
+            // BERT takes positions 0..seq itself (right padding).
+            Net::Bert(_) => (0..batch).flat_map(|_| 0..seq as u32).collect(),
+            _ => positions_from_mask(mask, batch, seq),
+        };
+        Ok((t, m, Ints::new(&self.dev, &[batch, seq], &pos)?))
+    }
+}

@@ -1,0 +1,550 @@
+//! The training loop: micro-batches with gradient accumulation, AdamW with warmup and decay,
+//! clipping, evaluation, early stopping, metrics, atomic checkpoints and bit-for-bit resume.
+//!
+//! Output folder: `metrics.jsonl`, `checkpoints/step-N/` (trainable tensors, AdamW moments,
+//! `state.json` with the data cursor), `adapter/` (the final PEFT folder; `model/` for full
+//! fine-tuning: a Hugging Face folder of the trained model) and `summary.json`.
+
+use crate::batch::{BatchConfig, Batcher, Cursor, PadSide, Truncate};
+use crate::checkpoint::{Checkpoints, Direction};
+use crate::data::{self, Fields, Task};
+use crate::error::{Result, TrainError};
+use crate::metrics::{MetricsLog, Split};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::schedule::{Decay, Schedule};
+use crate::task::TaskSpec;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tuna_autograd::ops::elem::scale;
+use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
+use tuna_autograd::Tensor;
+use tuna_kernels::Cpu;
+use tuna_models::adapt::{peft, Method};
+
+/// Everything a run needs (validated by the CLI).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub method: Method,
+    pub task: Task,
+    pub fields: Fields,
+    pub train: PathBuf,
+    pub eval: Option<PathBuf>,
+    /// Comma-separated class labels (default: those of the training data, sorted).
+    pub labels: Option<String>,
+    /// Comma-separated verbalizer words for decoders (default: the labels).
+    pub verbalizers: Option<String>,
+    /// Text of a TEXT prompt init (CLASS_LABELS uses the verbalizers or labels).
+    pub prompt_init_text: Option<String>,
+    pub batch_size: usize,
+    /// Rows per forward/backward (gradient accumulation over `batch_size / micro_batch` passes).
+    pub micro_batch: usize,
+    pub max_len: usize,
+    pub steps: u64,
+    pub lr: f64,
+    pub warmup: u64,
+    pub decay: Decay,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub clip: Option<f64>,
+    pub eval_every: u64,
+    pub save_every: u64,
+    /// Stop after this many evaluations without improvement.
+    pub patience: Option<u64>,
+    pub keep_last: usize,
+    /// Use at most this many examples of each file (the first ones).
+    pub max_train_examples: Option<usize>,
+    pub max_eval_examples: Option<usize>,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub progress: bool,
+}
+
+/// The numbers a run ends with (also `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub method: String,
+    pub model: String,
+    pub task: String,
+    pub trainable_params: usize,
+    pub base_params: usize,
+    pub steps: u64,
+    pub final_train_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_perplexity: Option<f64>,
+    pub train_tokens: u64,
+    pub train_seconds: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_bytes: u64,
+    /// Bytes of the exported adapter (or trained model) weights.
+    pub checkpoint_bytes: u64,
+    pub stopped_early: bool,
+    pub export: String,
+}
+
+/// Evaluation results.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvalMetrics {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+    pub perplexity: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: u64,
+    cursor: Cursor,
+    fingerprint: u64,
+    best: Option<f64>,
+    evals_since_best: u64,
+    train_tokens: u64,
+    train_seconds: f64,
+    last_loss: f64,
+}
+
+const TRAINABLE: &str = "trainable.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+
+/// The metric early stopping and "best" follow: accuracy (higher) for classification, else loss.
+fn best_metric(task: Task) -> (&'static str, Direction) {
+    if task == Task::Classify {
+        ("eval_accuracy", Direction::Max)
+    } else {
+        ("eval_loss", Direction::Min)
+    }
+}
+
+/// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
+pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
+    let train_records = limit(data::load(&cfg.train, cfg.task, &cfg.fields)?, cfg.max_train_examples);
+    let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &cfg.labels) {
+        (Some(t), _, _) => Some(t.clone()),
+        (None, Some(v), _) | (None, None, Some(v)) => Some(v.replace(',', " ")),
+        _ => Some(crate::data::LabelSet::from_examples(&train_records).labels().join(" ")),
+    };
+    let mut model = Model::load(&cfg.model, &cfg.method, cfg.seed, words.as_deref())?;
+    let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;
+    let eval_set = match &cfg.eval {
+        Some(p) => Some((p.clone(), limit(data::load(p, cfg.task, &cfg.fields)?, cfg.max_eval_examples))),
+        None => None,
+    };
+    if cfg.task == Task::Classify && !model.is_decoder() {
+        model.add_head(spec.labels.as_ref().map_or(2, |l| l.len()), cfg.seed)?;
+    }
+    let train_enc = spec.encode(&model, &train_records, &cfg.train)?;
+    let eval_enc = match &eval_set {
+        Some((p, r)) => Some(spec.encode(&model, r, p)?),
+        None => None,
+    };
+    let batch_cfg = |shuffle: bool| BatchConfig {
+        batch_size: cfg.batch_size,
+        max_len: Some(cfg.max_len),
+        truncate: Truncate::for_task(cfg.task),
+        pad_side: if model.is_decoder() { PadSide::Left } else { PadSide::Right },
+        pad_id: model.pad_id(),
+        shuffle,
+        bucket_window: if shuffle { 50 } else { 0 },
+        drop_last: false,
+        seed: cfg.seed,
+    };
+    let mut batcher = Batcher::new(train_enc, batch_cfg(true))?;
+    let eval_batcher = match eval_enc {
+        Some(e) => Some(Batcher::new(e, batch_cfg(false))?),
+        None => None,
+    };
+    let schedule = Schedule {
+        peak_lr: cfg.lr,
+        warmup_steps: cfg.warmup,
+        total_steps: cfg.steps,
+        decay: cfg.decay,
+        min_lr_ratio: cfg.min_lr_ratio,
+    };
+    schedule.validate().map_err(TrainError::Invalid)?;
+    let params = model.trainable();
+    if params.is_empty() {
+        return Err(TrainError::Invalid("nothing to train: the method and patterns select no tensor".into()));
+    }
+    let refs: Vec<&Tensor<Cpu, f32>> = params.iter().map(|(_, t)| t).collect();
+    let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
+    let mut opt = AdamW::new(&refs, hp)?;
+    std::fs::create_dir_all(&cfg.out).map_err(|e| TrainError::Io { path: cfg.out.clone(), source: e })?;
+    let (metric_name, dir) = best_metric(cfg.task);
+    let ckpts = Checkpoints::open(&cfg.out.join("checkpoints"), cfg.keep_last, Some((metric_name, dir)))?;
+
+    let mut st = State {
+        step: 0,
+        cursor: Cursor::default(),
+        fingerprint: batcher.fingerprint(),
+        best: None,
+        evals_since_best: 0,
+        train_tokens: 0,
+        train_seconds: 0.0,
+        last_loss: f64::NAN,
+    };
+    let mut resumed_from = None;
+    if cfg.resume {
+        let latest = ckpts.latest_valid()?;
+        for w in &latest.warnings {
+            eprintln!("warning: {w}");
+        }
+        if let Some(ck) = latest.checkpoint {
+            let saved: State = serde_json::from_slice(ck.file(STATE)?)
+                .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
+            if saved.fingerprint != st.fingerprint {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the checkpoint was made with other data or batching settings (fingerprint {:x} vs {:x}): resume with the same data and flags",
+                    ck.dir.display(),
+                    saved.fingerprint,
+                    st.fingerprint
+                )));
+            }
+            restore(&ck.dir, ck.file(TRAINABLE)?, ck.file(OPTIMIZER)?, &params, &mut opt, saved.step)?;
+            eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
+            resumed_from = Some(saved.step);
+            st = saved;
+        }
+    }
+    let mut log = MetricsLog::open(&cfg.out.join("metrics.jsonl"), resumed_from)?;
+    let mut progress = Progress::new(cfg.steps, cfg.progress);
+    let mut stopped_early = false;
+    model.adapt().set_training(true);
+    while st.step < cfg.steps {
+        let t0 = Instant::now();
+        let batch = batcher.next_batch(&mut st.cursor);
+        let micro = batch.split(cfg.micro_batch.max(1))?;
+        let total_terms: usize = micro.iter().map(|m| spec.terms(&model, m)).sum();
+        let mut loss_sum = 0.0f64;
+        for (k, mb) in micro.iter().enumerate() {
+            model.adapt().seed_dropout(cfg.seed ^ (st.step << 8) ^ k as u64);
+            let (loss, terms) = spec.loss(&model, mb)?;
+            let w = terms as f64 / total_terms.max(1) as f64;
+            let l = loss.to_vec()?[0] as f64;
+            if !l.is_finite() {
+                return Err(non_finite(st.step + 1, l, &ckpts));
+            }
+            loss_sum += l * w;
+            if terms > 0 {
+                scale(&loss, w)?.backward()?;
+            }
+        }
+        let grad_norm = match cfg.clip {
+            Some(c) => clip_grad_norm(&refs, c)?,
+            None => f64::NAN,
+        };
+        if grad_norm.is_nan() && cfg.clip.is_some() || grad_norm.is_infinite() {
+            return Err(non_finite(st.step + 1, grad_norm, &ckpts));
+        }
+        let lr = schedule.lr(st.step);
+        opt.hp.lr = lr as f32;
+        opt.step()?;
+        st.step += 1;
+        st.train_tokens += batch.real_tokens as u64;
+        st.train_seconds += t0.elapsed().as_secs_f64();
+        st.last_loss = loss_sum;
+        let tps = st.train_tokens as f64 / st.train_seconds.max(1e-9);
+        let mut m = Map::new();
+        m.insert("loss".into(), json!(loss_sum));
+        m.insert("lr".into(), json!(lr));
+        m.insert("tokens".into(), json!(batch.real_tokens));
+        if cfg.clip.is_some() {
+            m.insert("grad_norm".into(), json!(grad_norm));
+        }
+        log.log(st.step, Split::Train, &m)?;
+        progress.update(st.step, loss_sum, tps);
+
+        let last = st.step == cfg.steps;
+        let mut metrics = Map::new();
+        if let Some(eb) = &eval_batcher {
+            if st.step % cfg.eval_every.max(1) == 0 || last {
+                let e = evaluate(&model, &spec, eb)?;
+                let mut em = Map::new();
+                em.insert("loss".into(), json!(e.loss));
+                if let Some(a) = e.accuracy {
+                    em.insert("accuracy".into(), json!(a));
+                }
+                if let Some(p) = e.perplexity {
+                    em.insert("perplexity".into(), json!(p));
+                }
+                log.log(st.step, Split::Eval, &em)?;
+                progress.println(&format!("step {}: eval {}", st.step, describe(&e)));
+                let v = if dir == Direction::Max { e.accuracy.unwrap_or(0.0) } else { e.loss };
+                metrics.insert(metric_name.into(), json!(v));
+                let better = st.best.is_none_or(|b| if dir == Direction::Max { v > b } else { v < b });
+                if better {
+                    st.best = Some(v);
+                    st.evals_since_best = 0;
+                } else {
+                    st.evals_since_best += 1;
+                }
+                if cfg.patience.is_some_and(|p| st.evals_since_best >= p) {
+                    stopped_early = true;
+                }
+            }
+        }
+        if st.step % cfg.save_every.max(1) == 0 || last || stopped_early || !metrics.is_empty() {
+            save(&ckpts, &st, &params, &opt, &metrics)?;
+        }
+        if stopped_early {
+            progress.println(&format!(
+                "early stop at step {}: no improvement in {} evaluations",
+                st.step, st.evals_since_best
+            ));
+            break;
+        }
+    }
+    progress.finish();
+    model.adapt().set_training(false);
+    let final_eval = match &eval_batcher {
+        Some(eb) => Some(evaluate(&model, &spec, eb)?),
+        None => None,
+    };
+    let (export, bytes) = export(&model, &cfg.out)?;
+    let summary = RunSummary {
+        method: cfg.method.name().into(),
+        model: cfg.model.display().to_string(),
+        task: format!("{:?}", cfg.task).to_lowercase(),
+        trainable_params: params.iter().map(|(_, t)| t.numel()).sum(),
+        base_params: model.base_param_count(),
+        steps: st.step,
+        final_train_loss: st.last_loss,
+        eval_loss: final_eval.map(|e| e.loss),
+        eval_accuracy: final_eval.and_then(|e| e.accuracy),
+        eval_perplexity: final_eval.and_then(|e| e.perplexity),
+        train_tokens: st.train_tokens,
+        train_seconds: st.train_seconds,
+        tokens_per_s: st.train_tokens as f64 / st.train_seconds.max(1e-9),
+        peak_rss_bytes: peak_rss_bytes(),
+        checkpoint_bytes: bytes,
+        stopped_early,
+        export: export.display().to_string(),
+    };
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    crate::checkpoint::write_atomic(&cfg.out.join("summary.json"), text.as_bytes())?;
+    Ok(summary)
+}
+
+fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
+    if let Some(n) = n {
+        v.truncate(n);
+    }
+    v
+}
+
+fn describe(e: &EvalMetrics) -> String {
+    let mut s = format!("loss {:.4}", e.loss);
+    if let Some(a) = e.accuracy {
+        s += &format!(" accuracy {:.4}", a);
+    }
+    if let Some(p) = e.perplexity {
+        s += &format!(" perplexity {:.3}", p);
+    }
+    s
+}
+
+fn non_finite(step: u64, loss: f64, ckpts: &Checkpoints) -> TrainError {
+    let where_ = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
+        Some(s) => format!(" ({})", ckpts.step_dir(s).display()),
+        None => " (none was written yet)".into(),
+    };
+    TrainError::NonFinite { step, loss, where_ }
+}
+
+/// Mean loss (and accuracy, perplexity) over `eb`'s examples in order, under no_grad.
+pub fn evaluate(model: &Model, spec: &TaskSpec, eb: &Batcher) -> Result<EvalMetrics> {
+    let (mut sum, mut n, mut correct, mut rows) = (0.0, 0usize, 0usize, 0usize);
+    for rows_idx in eb.plan(0) {
+        let b = eb.make_batch(&rows_idx);
+        let (s, k, c) = spec.eval_batch(model, &b)?;
+        sum += s;
+        n += k;
+        correct += c;
+        rows += b.batch;
+    }
+    let loss = sum / n.max(1) as f64;
+    Ok(if spec.task == Task::Classify {
+        EvalMetrics { loss, accuracy: Some(correct as f64 / rows.max(1) as f64), perplexity: None }
+    } else {
+        EvalMetrics { loss, accuracy: None, perplexity: Some(loss.exp()) }
+    })
+}
+
+fn save(
+    ckpts: &Checkpoints,
+    st: &State,
+    params: &[(String, Tensor<Cpu, f32>)],
+    opt: &AdamW<Cpu, f32>,
+    metrics: &Map<String, Value>,
+) -> Result<()> {
+    let weights: Vec<_> =
+        params.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
+    let mut moments = Vec::new();
+    for ((n, t), (m, v)) in params.iter().zip(opt.moments()?) {
+        moments.push((format!("{n}.m"), (t.shape().to_vec(), m)));
+        moments.push((format!("{n}.v"), (t.shape().to_vec(), v)));
+    }
+    let w = peft::safetensors_bytes(&weights)?;
+    let o = peft::safetensors_bytes(&moments)?;
+    let s = serde_json::to_vec_pretty(st).unwrap_or_default();
+    ckpts.save(st.step, &[(TRAINABLE, &w), (OPTIMIZER, &o), (STATE, &s)], metrics)?;
+    Ok(())
+}
+
+fn restore(
+    dir: &Path,
+    w: &[u8],
+    o: &[u8],
+    params: &[(String, Tensor<Cpu, f32>)],
+    opt: &mut AdamW<Cpu, f32>,
+    step: u64,
+) -> Result<()> {
+    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+        let bad = |e: String| TrainError::Invalid(format!("{}: {e}", dir.join(what).display()));
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                if v.dtype() != safetensors::Dtype::F32 {
+                    return Err(bad(format!("tensor `{n}` is {:?}, not F32", v.dtype())));
+                }
+                let f = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                Ok((n, (v.shape().to_vec(), f)))
+            })
+            .collect()
+    };
+    let weights = read(w, TRAINABLE)?;
+    let moments = read(o, OPTIMIZER)?;
+    let mut mom = Vec::new();
+    for (n, t) in params {
+        let get = |k: &str| {
+            weights
+                .get(k)
+                .or_else(|| moments.get(k))
+                .filter(|(s, _)| s == t.shape())
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "{}: no tensor `{k}` of shape {:?}: the checkpoint is from another method or model",
+                        dir.display(),
+                        t.shape()
+                    ))
+                })
+        };
+        *t.data_mut() = get(n)?;
+        mom.push((get(&format!("{n}.m"))?, get(&format!("{n}.v"))?));
+    }
+    opt.load_moments(&mom, step as u32)?;
+    Ok(())
+}
+
+/// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
+/// the trained model. Returns its path and the bytes of its weights file.
+pub fn export(model: &Model, out: &Path) -> Result<(PathBuf, u64)> {
+    let (dir, file) = if model.adapt().is_empty() {
+        let d = out.join("model");
+        export_merged(model, &d)?;
+        (d.clone(), d.join("model.safetensors"))
+    } else {
+        let d = out.join("adapter");
+        let base = model.source.display().to_string();
+        match &model.net {
+            crate::model::Net::Gpt2(n) => peft::save(n, &d, &base)?,
+            crate::model::Net::Llama(n) => peft::save(n, &d, &base)?,
+            crate::model::Net::Bert(n) => peft::save(n, &d, &base)?,
+        }
+        (d.clone(), d.join(peft::WEIGHTS))
+    };
+    let extra = std::fs::metadata(dir.join(peft::EXTRA)).map(|m| m.len()).unwrap_or(0);
+    let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) + extra;
+    Ok((dir, bytes))
+}
+
+/// A Hugging Face folder of the model as it is now (LoRA merged in): every base weight under its
+/// name in `model.safetensors`, with the source folder's config and tokenizer copied.
+pub fn export_merged(model: &Model, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.to_path_buf(), source: e })?;
+    for l in model.adapt().lora.values() {
+        l.merge()?;
+    }
+    let t: Vec<_> = model
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| Ok((n, (t.shape().to_vec(), t.to_vec()?))))
+        .collect::<Result<_>>()?;
+    for l in model.adapt().lora.values() {
+        l.unmerge()?;
+    }
+    peft::write_atomic(&dir.join("model.safetensors"), &peft::safetensors_bytes(&t)?)?;
+    if model.source.is_dir() {
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            let src = model.source.join(f);
+            if src.exists() {
+                let bytes = std::fs::read(&src).map_err(|e| TrainError::Io { path: src.clone(), source: e })?;
+                peft::write_atomic(&dir.join(f), &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// This process's peak resident set (VmHWM), 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable.
+pub fn load_adapted(model: &Path, adapter: Option<&Path>) -> Result<Model> {
+    let mut m = Model::load(model, &Method::Full { patterns: vec!["\u{0}".into()] }, 0, None)?;
+    if let Some(a) = adapter {
+        match &mut m.net {
+            crate::model::Net::Gpt2(n) => peft::load(n, a)?,
+            crate::model::Net::Llama(n) => peft::load(n, a)?,
+            crate::model::Net::Bert(n) => peft::load(n, a)?,
+        }
+    }
+    Ok(m)
+}
+
+/// Evaluate `model` (adapted) on `data` for `task`: what `tuna eval` prints.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_file(
+    model: &Model,
+    task: Task,
+    data_path: &Path,
+    fields: &Fields,
+    labels: Option<&str>,
+    verbalizers: Option<&str>,
+    batch_size: usize,
+    max_len: usize,
+) -> Result<EvalMetrics> {
+    let records = data::load(data_path, task, fields)?;
+    let spec = TaskSpec::new(model, task, &records, labels, verbalizers)?;
+    let enc = spec.encode(model, &records, data_path)?;
+    let cfg = BatchConfig {
+        batch_size,
+        max_len: Some(max_len),
+        truncate: Truncate::for_task(task),
+        pad_side: if model.is_decoder() { PadSide::Left } else { PadSide::Right },
+        pad_id: model.pad_id(),
+        shuffle: false,
+        bucket_window: 0,
+        drop_last: false,
+        seed: 0,
+    };
+    evaluate(model, &spec, &Batcher::new(enc, cfg)?)
+}
+
+/// A one-line description of evaluation results.
+pub fn describe_eval(e: &EvalMetrics) -> String {
+    describe(e)
+}

