@@ -193,7 +193,8 @@ impl RunArgs {
             max_len: self.max_len,
             steps: self.steps,
             lr,
-            warmup: self.warmup,
+            // The default warmup (10) must not exceed a short run.
+            warmup: self.warmup.min(self.steps),
             decay,
             min_lr_ratio: self.min_lr_ratio,
             weight_decay: self.weight_decay,

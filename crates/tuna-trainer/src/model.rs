@@ -98,7 +98,7 @@ impl Model {
             if ids.is_empty() {
                 let text = init_text
                     .ok_or_else(|| TrainError::Invalid("the prompt init needs a text (--prompt-init-text)".into()))?;
-                *ids = m.encode(text)?;
+                *ids = m.encode_plain(text)?;
             }
         }
         each!(&mut m.net, n => method.apply(n, seed))?;
@@ -159,6 +159,12 @@ impl Model {
             .tokenizer
             .encode(text, self.add_special)
             .map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` without special tokens (verbalizer words, prompt-init text).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self.tokenizer.encode(text, false).map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
         Ok(e.get_ids().to_vec())
     }
 

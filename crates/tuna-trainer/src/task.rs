@@ -45,7 +45,7 @@ impl TaskSpec {
                 return Err(TrainError::Invalid(format!("{} verbalizer words for {} labels", words.len(), set.len())));
             }
             for w in &words {
-                let ids = model.encode(&format!(" {w}"))?;
+                let ids = model.encode_plain(&format!(" {w}"))?;
                 let first =
                     *ids.first().ok_or_else(|| TrainError::Invalid(format!("verbalizer `{w}` has no tokens")))?;
                 if verbalizer.contains(&first) {

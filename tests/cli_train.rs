@@ -1,0 +1,288 @@
+//! `tuna train`, `eval`, `export` and `compare` end to end on the committed tiny Llama fixture:
+//! a SIGKILLed run resumes to the uninterrupted run's losses bit for bit, a corrupt latest
+//! checkpoint falls back to the previous one, malformed data exits 2 naming file and line without
+//! touching checkpoints, a non-finite loss exits 3 naming the step, and compare writes its table,
+//! JSON and SVG.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/tuna-models/tests/fixtures").join(name).display().to_string()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tuna-cli-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const SENTENCES: [&str; 6] = [
+    "The cat sat on the mat.",
+    "A dog ran in the park.",
+    "The bird sang a song.",
+    "The cat ran to the dog.",
+    "A bird sat on the park bench.",
+    "The dog sang on the mat.",
+];
+
+/// A JSONL file of `n` lm or classify records.
+fn data(dir: &Path, name: &str, n: usize, classify: bool) -> String {
+    let p = dir.join(name);
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let t = SENTENCES[i % SENTENCES.len()];
+            if classify {
+                let label = if t.contains("cat") { "cat" } else { "other" };
+                format!("{{\"text\": \"{t}\", \"label\": \"{label}\"}}")
+            } else {
+                format!("{{\"text\": \"{t}\"}}")
+            }
+        })
+        .collect();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p.display().to_string()
+}
+
+fn train_args(out: &Path, train: &str, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "train",
+        "--model",
+        &fixture("llama"),
+        "--task",
+        "lm",
+        "--train",
+        train,
+        "--method",
+        "lora",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--steps",
+        &steps.to_string(),
+        "--warmup",
+        "2",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "3",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "7",
+        "--quiet",
+        "--out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(out.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// `args` with `flag`'s value replaced (or appended).
+fn set(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.to_string(),
+        None => args.extend([flag.to_string(), value.to_string()]),
+    }
+    args
+}
+
+fn tuna(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).output().expect("run tuna")
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status.code());
+    err.into_owned()
+}
+
+/// The training lines of a metrics log, as written (exact float text).
+fn train_lines(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"split\":\"train\""))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn sigkill_then_resume_reproduces_the_uninterrupted_losses() {
+    let d = tmp("resume");
+    let train = data(&d, "train.jsonl", 24, false);
+    let (a, b) = (d.join("a"), d.join("b"));
+    ok(&tuna(&train_args(&a, &train, 40, &[])));
+    let want = train_lines(&a);
+    assert_eq!(want.len(), 40);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tuna")).args(train_args(&b, &train, 40, &[])).spawn().unwrap();
+    let start = Instant::now();
+    // Kill once a few checkpoints exist and before the end.
+    while !b.join("checkpoints/step-000005").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let done = train_lines(&b).len();
+    assert!(done < 40, "the run finished before it was killed ({done} steps)");
+    let err = ok(&tuna(&train_args(&b, &train, 40, &["--resume"])));
+    assert!(err.contains("resuming from"), "{err}");
+    assert_eq!(train_lines(&b), want, "resumed losses differ from the uninterrupted run");
+}
+
+#[test]
+fn a_corrupt_latest_checkpoint_falls_back_with_a_warning() {
+    let d = tmp("corrupt");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    ok(&tuna(&train_args(&out, &train, 6, &[])));
+    let want = train_lines(&out);
+    // Garble the newest checkpoint's weights; resuming must use step 5 and redo step 6.
+    let newest = out.join("checkpoints/step-000006/trainable.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0xff;
+    std::fs::write(&newest, bytes).unwrap();
+    let err = ok(&tuna(&train_args(&out, &train, 6, &["--resume"])));
+    assert!(err.contains("warning") && err.contains("step-000006"), "{err}");
+    assert!(err.contains("step 5"), "{err}");
+    assert_eq!(train_lines(&out), want);
+}
+
+#[test]
+fn malformed_data_exits_2_naming_file_and_line_and_keeps_checkpoints() {
+    let d = tmp("malformed");
+    let good = data(&d, "good.jsonl", 8, true);
+    let out = d.join("run");
+    let cls = |train: &str, extra: &[&str]| {
+        let mut a = train_args(&out, train, 2, extra);
+        let i = a.iter().position(|x| x == "lm").unwrap();
+        a[i] = "classify".into();
+        a
+    };
+    ok(&tuna(&cls(&good, &[])));
+    let ck = out.join("checkpoints/step-000002/trainable.safetensors");
+    let before = std::fs::read(&ck).unwrap();
+    let cases = [
+        ("badjson.jsonl", "{\"text\": \"ok\", \"label\": \"cat\"}\n{\"text\": \"broken\n", ":2:"),
+        ("missing.jsonl", "{\"text\": \"ok\", \"label\": \"cat\"}\n{\"text\": \"no label\"}\n", "label"),
+        ("empty.jsonl", "", "empty.jsonl"),
+        ("unknown.jsonl", "{\"text\": \"ok\", \"label\": \"cat\"}\n{\"text\": \"x\", \"label\": \"zebra\"}\n", "zebra"),
+    ];
+    for (name, text, needle) in cases {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        let o = tuna(&cls(&p.display().to_string(), &["--resume", "--labels", "cat,other"]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(name) && err.contains(needle), "{name}: {err}");
+        if name != "empty.jsonl" {
+            assert!(err.contains(":2"), "{name}: the line is named: {err}");
+        }
+    }
+    assert_eq!(std::fs::read(&ck).unwrap(), before, "a checkpoint changed");
+}
+
+#[test]
+fn a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let d = tmp("nan");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    // An absurd learning rate drives the weights to infinity within a few steps.
+    let mut a = train_args(&out, &train, 20, &[]);
+    for (f, v) in [("--lr", "1e30"), ("--warmup", "0"), ("--clip", "0"), ("--method", "full")] {
+        a = set(a, f, v);
+    }
+    let o = tuna(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("step ") && err.contains("not finite"), "{err}");
+    let steps = train_lines(&out).len();
+    assert!(steps < 20, "{err}");
+    assert!(
+        out.join(format!("checkpoints/step-{steps:06}/manifest.json")).exists(),
+        "last good checkpoint kept: {err}"
+    );
+}
+
+#[test]
+fn train_eval_export_and_compare_on_a_tiny_model() {
+    let d = tmp("compare");
+    let train = data(&d, "train.jsonl", 12, true);
+    let out = d.join("cmp");
+    let args: Vec<String> = [
+        "compare",
+        "--model",
+        &fixture("llama"),
+        "--task",
+        "classify",
+        "--train",
+        &train,
+        "--eval",
+        &train,
+        "--methods",
+        "prompt,lora,full",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([out.display().to_string()])
+    .collect();
+    let o = tuna(&args);
+    ok(&o);
+    let table = String::from_utf8_lossy(&o.stdout);
+    for m in ["| prompt |", "| lora |", "| full |", "eval accuracy", "tokens/s"] {
+        assert!(table.contains(m), "{m} missing from:\n{table}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 3);
+    assert!(json[0]["trainable_params"].as_u64().unwrap() > 0);
+    let svg = std::fs::read_to_string(out.join("compare.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<circle").count() == 3, "{svg}");
+
+    // The LoRA run's adapter evaluates and exports (PEFT folder and merged model).
+    let adapter = out.join("lora/adapter");
+    let o = tuna(
+        &["eval", "--model", &fixture("llama"), "--adapter", &adapter.display().to_string(), "--data", &train]
+            .map(String::from),
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = d.join("merged");
+    ok(&tuna(
+        &[
+            "export",
+            "--model",
+            &fixture("llama"),
+            "--adapter",
+            &adapter.display().to_string(),
+            "--merged",
+            "--out",
+            &merged.display().to_string(),
+        ]
+        .map(String::from),
+    ));
+    assert!(merged.join("model.safetensors").exists() && merged.join("config.json").exists());
+    // The merged model evaluates like base + adapter.
+    let base_plus = tuna(
+        &["eval", "--model", &fixture("llama"), "--adapter", &adapter.display().to_string(), "--data", &train]
+            .map(String::from),
+    );
+    let merged_eval = tuna(&["eval", "--model", &merged.display().to_string(), "--data", &train].map(String::from));
+    let (x, y) = (String::from_utf8_lossy(&base_plus.stdout), String::from_utf8_lossy(&merged_eval.stdout));
+    let loss = |s: &str| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap();
+    assert!((loss(&x) - loss(&y)).abs() < 1e-4, "{x} vs {y}");
+}
