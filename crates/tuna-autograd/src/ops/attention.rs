@@ -67,6 +67,9 @@ pub fn attention<B: Kernels<E>, E: Float>(
         }
         p.prefix_len = ps[0] as u32;
     }
+    // A prefix of zero positions adds no keys: attend without one (the kernels refuse empty
+    // prefix buffers, and an empty prefix has no gradient to receive).
+    let prefix = prefix.filter(|pr| pr.k.shape()[0] > 0);
     if let Some(m) = mask {
         if m.shape() != [b, s] {
             return Err(Error::Shape {
