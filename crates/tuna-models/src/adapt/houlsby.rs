@@ -30,8 +30,9 @@ pub struct Houlsby<B: Kernels<E>, E: Float> {
     pub layers: Vec<(HoulsbyBlock<B, E>, HoulsbyBlock<B, E>)>,
 }
 
-/// Standard deviation of the initial weights: small, so each adapter starts within about 1e-4 of
-/// the identity while both matrices get gradients from the first step.
+/// Standard deviation of the initial weights: small, so each adapter starts near the identity
+/// (measured: a whole tiny model's outputs move by 1e-3 to 2e-3 of their largest value, see
+/// tests/adapt.rs) while both matrices get gradients from the first step.
 const INIT_STD: f64 = 1e-2;
 
 impl<B: Kernels<E>, E: Float> Houlsby<B, E> {
