@@ -20,6 +20,9 @@ use tuna_models::llama::{positions_from_mask, Llama};
 use tuna_models::params::Loader;
 use tuna_models::weights::WeightSource;
 
+/// A batch's ids, mask and positions on the device.
+type Inputs = (Ints<Cpu, u32>, Ints<Cpu, u8>, Ints<Cpu, u32>);
+
 /// One of the supported architectures, on the CPU in f32.
 pub enum Net {
     Gpt2(Gpt2<Cpu, f32>),
@@ -241,12 +244,7 @@ impl Model {
         Ok(())
     }
 
-    fn inputs(
-        &self,
-        ids: &[u32],
-        mask: &[u8],
-        batch: usize,
-    ) -> Result<(Ints<Cpu, u32>, Ints<Cpu, u8>, Ints<Cpu, u32>)> {
+    fn inputs(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Inputs> {
         let seq = ids.len() / batch.max(1);
         let t = Ints::new(&self.dev, &[batch, seq], ids)?;
         let m = Ints::new(&self.dev, &[batch, seq], mask)?;

@@ -261,7 +261,7 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         let last = st.step == cfg.steps;
         let mut metrics = Map::new();
         if let Some(eb) = &eval_batcher {
-            if st.step % cfg.eval_every.max(1) == 0 || last {
+            if st.step.is_multiple_of(cfg.eval_every.max(1)) || last {
                 let e = evaluate(&model, &spec, eb)?;
                 let mut em = Map::new();
                 em.insert("loss".into(), json!(e.loss));
@@ -287,7 +287,7 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
                 }
             }
         }
-        if st.step % cfg.save_every.max(1) == 0 || last || stopped_early || !metrics.is_empty() {
+        if st.step.is_multiple_of(cfg.save_every.max(1)) || last || stopped_early || !metrics.is_empty() {
             save(&ckpts, &st, &params, &opt, &metrics)?;
         }
         if stopped_early {
@@ -403,7 +403,7 @@ fn restore(
     opt: &mut AdamW<Cpu, f32>,
     step: u64,
 ) -> Result<()> {
-    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, peft::HostTensor>> {
         let bad = |e: String| TrainError::Invalid(format!("{}: {e}", dir.join(what).display()));
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         st.tensors()

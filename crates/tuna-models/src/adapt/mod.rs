@@ -39,6 +39,9 @@ use tuna_autograd::ops::linear::WeightLayout;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
 
+/// One layer's prefix `(keys, values)`, each `[n, kv_heads, head_dim]`.
+pub type LayerKv<B, E> = (Tensor<B, E>, Tensor<B, E>);
+
 /// The label Hugging Face's losses ignore (also given to the virtual positions of a soft prompt).
 pub const IGNORE_INDEX: i32 = -100;
 
@@ -215,7 +218,7 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
 
     /// Each layer's prefix keys and values (`[n, kv_heads, head_dim]`), computed once per forward
     /// (through the MLP when reparameterized). Empty without a prefix.
-    pub fn prefix_kv(&self) -> Result<Vec<(Tensor<B, E>, Tensor<B, E>)>> {
+    pub fn prefix_kv(&self) -> Result<Vec<LayerKv<B, E>>> {
         match &self.prefix {
             Some(p) => p.layer_kv(),
             None => Ok(Vec::new()),
@@ -251,10 +254,7 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
 }
 
 /// A layer's prefix for the attention op, from [`Adapt::prefix_kv`]'s list.
-pub fn layer_prefix<B: Kernels<E>, E: Float>(
-    kv: &[(Tensor<B, E>, Tensor<B, E>)],
-    i: usize,
-) -> Option<Prefix<'_, B, E>> {
+pub fn layer_prefix<B: Kernels<E>, E: Float>(kv: &[LayerKv<B, E>], i: usize) -> Option<Prefix<'_, B, E>> {
     kv.get(i).map(|(k, v)| Prefix { k, v })
 }
 

@@ -16,6 +16,9 @@ use std::path::Path;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
 
+/// A tensor on the host: shape and f32 values.
+pub type HostTensor = (Vec<usize>, Vec<f32>);
+
 pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 pub const BASE: &str = "tuna_base.json";
@@ -178,7 +181,7 @@ fn to_peft<B: Kernels<E>, E: Float>(
     ad: &Adapt<B, E>,
     s: &ModelShape,
     base_name: &str,
-) -> Result<(Value, Vec<(String, (Vec<usize>, Vec<f32>))>)> {
+) -> Result<(Value, Vec<(String, HostTensor)>)> {
     let used = [ad.prompt.is_some(), ad.prefix.is_some(), ad.houlsby.is_some(), !ad.lora.is_empty()];
     if used.iter().filter(|&&u| u).count() != 1 {
         return Err(Error::InvalidArgument(
@@ -304,7 +307,7 @@ fn check_base(dir: &Path, s: &ModelShape) -> Result<()> {
 }
 
 /// Every float tensor of a safetensors file as f32 host values.
-pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let f = StFile::open(path)?;
     let mut out = BTreeMap::new();
     for (name, e) in &f.tensors {
@@ -314,7 +317,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32
 }
 
 /// A safetensors file of f32 tensors with PEFT's metadata (`{"format": "pt"}`).
-pub fn safetensors_bytes(tensors: &[(String, (Vec<usize>, Vec<f32>))]) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(tensors: &[(String, HostTensor)]) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, (s, v))| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
@@ -358,6 +361,6 @@ pub fn pretty_sorted(v: &Value) -> String {
     serde_json::to_string_pretty(&sort(v)).unwrap_or_default()
 }
 
-fn host<B: Kernels<E>, E: Float>(t: &Tensor<B, E>) -> Result<(Vec<usize>, Vec<f32>)> {
+fn host<B: Kernels<E>, E: Float>(t: &Tensor<B, E>) -> Result<HostTensor> {
     Ok((t.shape().to_vec(), t.to_vec()?.into_iter().map(|x| tuna_kernels::Elem::to_f32(x)).collect()))
 }

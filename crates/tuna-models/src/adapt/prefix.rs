@@ -103,7 +103,7 @@ impl<B: Kernels<E>, E: Float> PrefixTuning<B, E> {
     }
 
     /// Each layer's `(keys, values)`, `[n, kv_heads, head_dim]`.
-    pub fn layer_kv(&self) -> Result<Vec<(Tensor<B, E>, Tensor<B, E>)>> {
+    pub fn layer_kv(&self) -> Result<Vec<super::LayerKv<B, E>>> {
         let t = self.table()?;
         let w = self.kv_heads * self.head_dim;
         let shape = [self.n, self.kv_heads, self.head_dim];
