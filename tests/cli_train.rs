@@ -286,3 +286,26 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
     let loss = |s: &str| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap();
     assert!((loss(&x) - loss(&y)).abs() < 1e-4, "{x} vs {y}");
 }
+
+#[test]
+fn bert_classification_head_travels_with_the_export() {
+    let d = tmp("bert");
+    let train = data(&d, "train.jsonl", 12, true);
+    let out = d.join("full");
+    let mut a = train_args(&out, &train, 3, &[]);
+    for (f, v) in
+        [("--model", fixture("bert").as_str()), ("--task", "classify"), ("--method", "full"), ("--lr", "1e-3")]
+    {
+        a = set(a, f, v);
+    }
+    ok(&tuna(&a));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let acc = summary["eval_accuracy"].as_f64();
+    assert!(acc.is_none(), "no eval file was given");
+    let model = out.join("model");
+    assert!(model.join("tuna_extra.safetensors").exists(), "the classification head is exported");
+    let o = tuna(&["eval", "--model", &model.display().to_string(), "--data", &train].map(String::from));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && s.contains("accuracy"), "{s} {}", String::from_utf8_lossy(&o.stderr));
+}

@@ -445,6 +445,7 @@ fn restore(
 /// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
 /// the trained model. Returns its path and the bytes of its weights file.
 pub fn export(model: &Model, out: &Path) -> Result<(PathBuf, u64)> {
+    // Full fine-tuning: nothing but (perhaps) a task head in the adaptation.
     let (dir, file) = if model.adapt().is_empty() {
         let d = out.join("model");
         export_merged(model, &d)?;
@@ -480,6 +481,13 @@ pub fn export_merged(model: &Model, dir: &Path) -> Result<()> {
         l.unmerge()?;
     }
     peft::write_atomic(&dir.join("model.safetensors"), &peft::safetensors_bytes(&t)?)?;
+    // A task head (BERT classification) travels beside the model, as with adapters.
+    let extra = &model.adapt().extra;
+    if !extra.is_empty() {
+        let e: Vec<_> =
+            extra.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
+        peft::write_atomic(&dir.join(peft::EXTRA), &peft::safetensors_bytes(&e)?)?;
+    }
     if model.source.is_dir() {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
             let src = model.source.join(f);
@@ -505,6 +513,14 @@ pub fn peak_rss_bytes() -> u64 {
 /// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable.
 pub fn load_adapted(model: &Path, adapter: Option<&Path>) -> Result<Model> {
     let mut m = Model::load(model, &Method::Full { patterns: vec!["\u{0}".into()] }, 0, None)?;
+    // A fully fine-tuned model folder may carry its task head.
+    let head = model.join(peft::EXTRA);
+    if adapter.is_none() && head.exists() {
+        for (name, (s, v)) in peft::read_tensors(&head)? {
+            let t = Tensor::constant(&m.dev, &s, &v)?;
+            m.adapt_mut().extra.push((name, t));
+        }
+    }
     if let Some(a) = adapter {
         match &mut m.net {
             crate::model::Net::Gpt2(n) => peft::load(n, a)?,
