@@ -24,6 +24,9 @@ pub struct GenerateSettings {
     /// Wrap the prompt in the ChatML template (`<|im_start|>user ... assistant`).
     pub chat: bool,
     pub device: Device,
+    /// An adapter folder (PEFT format or tuna's) applied to the model: soft prompts and prefixes
+    /// go through the KV cache like the tokens.
+    pub adapter: Option<PathBuf>,
 }
 
 /// The decoders `tuna generate` runs, with their configurations.
@@ -114,7 +117,13 @@ fn run_on<B: Kernels<f32>>(
 ) -> Result<Vec<u32>> {
     let mut loader = Loader::frozen(src, dev);
     let model: Box<dyn CausalLm<B, f32>> = match arch {
-        Arch::Llama(cfg) => Box::new(Llama::<B, f32>::load(cfg, &mut loader)?),
+        Arch::Llama(cfg) => {
+            let mut m = Llama::<B, f32>::load(cfg, &mut loader)?;
+            if let Some(a) = &s.adapter {
+                tuna_models::adapt::peft::load(&mut m, a)?;
+            }
+            Box::new(m)
+        }
         Arch::Gpt2(cfg) => {
             // Learned positions end at n_positions: the last new token is never fed back.
             if ids.len() + s.max_new_tokens > cfg.n_positions + 1 {
@@ -126,7 +135,11 @@ fn run_on<B: Kernels<f32>>(
                     cfg.n_positions
                 );
             }
-            Box::new(Gpt2::<B, f32>::load(cfg, &mut loader)?)
+            let mut m = Gpt2::<B, f32>::load(cfg, &mut loader)?;
+            if let Some(a) = &s.adapter {
+                tuna_models::adapt::peft::load(&mut m, a)?;
+            }
+            Box::new(m)
         }
     };
     Ok(generate(&*model, ids, s.max_new_tokens, &s.sampling, eos)?)

@@ -117,6 +117,9 @@ struct GenerateArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// An adapter folder (PEFT's format, or a `tuna train` run's `adapter/`).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -145,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_new_tokens: a.max_new_tokens,
                 sampling,
                 chat: a.chat,
+                adapter: a.adapter,
                 device: Device::parse(&a.device).map_err(|e| anyhow::anyhow!(e))?,
             };
             println!("{}", tuna::generate_cmd::run(&settings)?);

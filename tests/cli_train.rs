@@ -229,7 +229,7 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
         "--eval",
         &train,
         "--methods",
-        "prompt,lora,full",
+        "prompt,prefix,lora,full",
         "--steps",
         "3",
         "--batch-size",
@@ -244,16 +244,35 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
     let o = tuna(&args);
     ok(&o);
     let table = String::from_utf8_lossy(&o.stdout);
-    for m in ["| prompt |", "| lora |", "| full |", "eval accuracy", "tokens/s"] {
+    for m in ["| prompt |", "| prefix |", "| lora |", "| full |", "eval accuracy", "tokens/s"] {
         assert!(table.contains(m), "{m} missing from:\n{table}");
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
-    assert_eq!(json.as_array().unwrap().len(), 3);
+    assert_eq!(json.as_array().unwrap().len(), 4);
     assert!(json[0]["trainable_params"].as_u64().unwrap() > 0);
     let svg = std::fs::read_to_string(out.join("compare.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.matches("<circle").count() == 3, "{svg}");
+    assert!(svg.starts_with("<svg") && svg.matches("<circle").count() == 4, "{svg}");
 
+    // Generation with the trained soft prompt and prefix in place (through the KV cache).
+    for m in ["prompt", "prefix"] {
+        let a = out.join(m).join("adapter").display().to_string();
+        let o = tuna(
+            &[
+                "generate",
+                "--model",
+                &fixture("llama"),
+                "--adapter",
+                &a,
+                "--prompt",
+                "The cat",
+                "--max-new-tokens",
+                "3",
+            ]
+            .map(String::from),
+        );
+        assert!(o.status.success() && !o.stdout.is_empty(), "{m}: {}", String::from_utf8_lossy(&o.stderr));
+    }
     // The LoRA run's adapter evaluates and exports (PEFT folder and merged model).
     let adapter = out.join("lora/adapter");
     let o = tuna(
