@@ -1,7 +1,8 @@
 //! The `tuna` command line.
 
 use clap::{Parser, Subcommand};
-use tuna::kernels::Device;
+use std::sync::Arc;
+use tuna::kernels::{Cpu, Cuda, Device};
 use tuna::models::generate::Sampling;
 
 #[derive(Parser)]
@@ -122,6 +123,11 @@ struct GenerateArgs {
     adapter: Option<std::path::PathBuf>,
 }
 
+/// `--device`, parsed.
+fn device(s: &str) -> anyhow::Result<Device> {
+    Device::parse(s).map_err(|e| anyhow::anyhow!(e))
+}
+
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -156,7 +162,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => {
             let method = a.method_args.method(&a.method)?;
             let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
-            let summary = tuna::trainer::train(&cfg)?;
+            let summary = match device(&a.run.device)? {
+                Device::Cpu => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
+                Device::Cuda(n) => tuna::trainer::train(&Arc::new(Cuda::new(n)?), &cfg)?,
+            };
             tuna::train_cmd::print_summary(&summary);
         }
         Command::Eval(a) => {
@@ -167,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 completion: a.completion_field,
                 label: a.label_field,
             };
-            let m = tuna::trainer::load_adapted(&a.model, a.adapter.as_deref())?;
+            let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
             let e = tuna::trainer::eval_file(
                 &m,
                 task,
@@ -181,7 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", tuna::trainer::describe_eval(&e));
         }
         Command::Export(a) => {
-            let m = tuna::trainer::load_adapted(&a.model, Some(&a.adapter))?;
+            let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;
             if a.merged {
                 let ad = m.adapt();
                 if ad.prompt.is_some() || ad.prefix.is_some() || ad.houlsby.is_some() {

@@ -16,6 +16,8 @@ pub enum TrainError {
     #[error(transparent)]
     Autograd(#[from] tuna_autograd::Error),
     #[error(transparent)]
+    Kernel(#[from] tuna_kernels::Error),
+    #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Batch(#[from] BatchError),

@@ -8,8 +8,8 @@ use tuna_autograd::ops::elem::{mean_pool, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::optim::OptimKernels;
 use tuna_autograd::{Ints, Tensor};
-use tuna_kernels::Cpu;
 use tuna_models::adapt::{full_finetune_predicate, Adapt, Adaptable, Method, ModelShape, PromptInit};
 use tuna_models::bert::Bert;
 use tuna_models::config::ModelConfig;
@@ -21,13 +21,17 @@ use tuna_models::params::Loader;
 use tuna_models::weights::WeightSource;
 
 /// A batch's ids, mask and positions on the device.
-type Inputs = (Ints<Cpu, u32>, Ints<Cpu, u8>, Ints<Cpu, u32>);
+type Inputs<B> = (Ints<B, u32>, Ints<B, u8>, Ints<B, u32>);
 
-/// One of the supported architectures, on the CPU in f32.
-pub enum Net {
-    Gpt2(Gpt2<Cpu, f32>),
-    Llama(Llama<Cpu, f32>),
-    Bert(Bert<Cpu, f32>),
+/// The backends a run can train on (the CPU, CUDA): every op and the optimizer kernels in f32.
+pub trait Backend: OptimKernels<f32> {}
+impl<B: OptimKernels<f32>> Backend for B {}
+
+/// One of the supported architectures, in f32 on backend `B`.
+pub enum Net<B: Backend> {
+    Gpt2(Gpt2<B, f32>),
+    Llama(Llama<B, f32>),
+    Bert(Bert<B, f32>),
 }
 
 macro_rules! each {
@@ -41,23 +45,23 @@ macro_rules! each {
 }
 
 /// A loaded model with its tokenizer and the base weights that train (full fine-tuning).
-pub struct Model {
-    pub net: Net,
+pub struct Model<B: Backend> {
+    pub net: Net<B>,
     pub tokenizer: tokenizers::Tokenizer,
     /// Whether `encode` adds the tokenizer's special tokens (BERT's [CLS]/[SEP]; not for GGUF).
     pub add_special: bool,
     /// Base weights that train, by Hugging Face name (empty unless full fine-tuning).
-    pub trainable_base: Vec<(String, Tensor<Cpu, f32>)>,
+    pub trainable_base: Vec<(String, Tensor<B, f32>)>,
     pub source: PathBuf,
-    pub dev: Arc<Cpu>,
+    pub dev: Arc<B>,
 }
 
-impl Model {
+impl<B: Backend> Model<B> {
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`), training the base weights
     /// `method` says (full fine-tuning), and install `method` (seeded).
     /// A TEXT or CLASS_LABELS prompt init given with no tokens takes them from `init_text`.
-    pub fn load(path: &Path, method: &Method, seed: u64, init_text: Option<&str>) -> Result<Model> {
-        let dev = Arc::new(Cpu);
+    pub fn load(dev: &Arc<B>, path: &Path, method: &Method, seed: u64, init_text: Option<&str>) -> Result<Model<B>> {
+        let dev = dev.clone();
         let trainable: Box<dyn Fn(&str) -> bool> = match method {
             Method::Full { patterns } => Box::new(full_finetune_predicate(patterns)),
             _ => Box::new(|_| false),
@@ -130,13 +134,13 @@ impl Model {
     pub fn shape(&self) -> ModelShape {
         each!(&self.net, n => n.shape())
     }
-    pub fn adapt(&self) -> &Adapt<Cpu, f32> {
+    pub fn adapt(&self) -> &Adapt<B, f32> {
         each!(&self.net, n => n.adapt())
     }
-    pub fn adapt_mut(&mut self) -> &mut Adapt<Cpu, f32> {
+    pub fn adapt_mut(&mut self) -> &mut Adapt<B, f32> {
         each!(&mut self.net, n => n.adapt_mut())
     }
-    pub fn named_weights(&self) -> Vec<(String, Tensor<Cpu, f32>)> {
+    pub fn named_weights(&self) -> Vec<(String, Tensor<B, f32>)> {
         each!(&self.net, n => n.named_weights())
     }
     pub fn is_decoder(&self) -> bool {
@@ -145,7 +149,7 @@ impl Model {
 
     /// Every tensor the optimizer updates, by checkpoint name: trained base weights, then the
     /// adaptation's tensors (including a classification head in `adapt.extra`).
-    pub fn trainable(&self) -> Vec<(String, Tensor<Cpu, f32>)> {
+    pub fn trainable(&self) -> Vec<(String, Tensor<B, f32>)> {
         let mut v = self.trainable_base.clone();
         v.extend(self.adapt().params());
         v
@@ -178,7 +182,7 @@ impl Model {
 
     /// Hugging Face's causal LM loss of `ids` (`[batch, seq]`, left-padded under `mask`) against
     /// `labels` (unshifted, -100 ignored), positions from the mask.
-    pub fn lm_loss(&self, ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Tensor<Cpu, f32>> {
+    pub fn lm_loss(&self, ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Tensor<B, f32>> {
         let seq = ids.len() / batch.max(1);
         let (t, m, pos) = self.inputs(ids, mask, batch)?;
         Ok(match &self.net {
@@ -195,13 +199,13 @@ impl Model {
     /// Class scores `[batch, classes]`: for decoders the head's logits of the verbalizer tokens at
     /// the last position (rows are left-padded); for BERT `head` (`classifier.weight` `[C, hidden]`
     /// and `classifier.bias`) over the mask-weighted mean of the last hidden states.
-    pub fn class_scores(&self, ids: &[u32], mask: &[u8], batch: usize, verbalizer: &[u32]) -> Result<Tensor<Cpu, f32>> {
+    pub fn class_scores(&self, ids: &[u32], mask: &[u8], batch: usize, verbalizer: &[u32]) -> Result<Tensor<B, f32>> {
         let (t, m, pos) = self.inputs(ids, mask, batch)?;
-        let last = |h: Tensor<Cpu, f32>| -> Result<Tensor<Cpu, f32>> {
+        let last = |h: Tensor<B, f32>| -> Result<Tensor<B, f32>> {
             let (s, hid) = (h.shape()[1], h.shape()[2]);
             Ok(slice_cols(&reshape(&h, &[batch, s * hid])?, (s - 1) * hid, hid)?)
         };
-        let verb = |table: &Tensor<Cpu, f32>, h: &Tensor<Cpu, f32>| -> Result<Tensor<Cpu, f32>> {
+        let verb = |table: &Tensor<B, f32>, h: &Tensor<B, f32>| -> Result<Tensor<B, f32>> {
             let ids = Ints::new(&self.dev, &[1, verbalizer.len()], verbalizer)?;
             let rows = reshape(&embedding(table, &ids, None)?, &[verbalizer.len(), table.shape()[1]])?;
             Ok(linear(h, &rows, WeightLayout::OutIn, None)?)
@@ -244,7 +248,7 @@ impl Model {
         Ok(())
     }
 
-    fn inputs(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Inputs> {
+    fn inputs(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Inputs<B>> {
         let seq = ids.len() / batch.max(1);
         let t = Ints::new(&self.dev, &[batch, seq], ids)?;
         let m = Ints::new(&self.dev, &[batch, seq], mask)?;

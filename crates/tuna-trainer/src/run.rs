@@ -10,18 +10,18 @@ use crate::checkpoint::{Checkpoints, Direction};
 use crate::data::{self, Fields, Task};
 use crate::error::{Result, TrainError};
 use crate::metrics::{MetricsLog, Split};
-use crate::model::Model;
+use crate::model::{Backend, Model, Net};
 use crate::progress::Progress;
 use crate::schedule::{Decay, Schedule};
 use crate::task::TaskSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use tuna_autograd::ops::elem::scale;
 use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
 use tuna_autograd::Tensor;
-use tuna_kernels::Cpu;
 use tuna_models::adapt::{peft, Method};
 
 /// Everything a run needs (validated by the CLI).
@@ -121,14 +121,14 @@ fn best_metric(task: Task) -> (&'static str, Direction) {
 }
 
 /// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
-pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
+pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
     let train_records = limit(data::load(&cfg.train, cfg.task, &cfg.fields)?, cfg.max_train_examples);
     let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &cfg.labels) {
         (Some(t), _, _) => Some(t.clone()),
         (None, Some(v), _) | (None, None, Some(v)) => Some(v.replace(',', " ")),
         _ => Some(crate::data::LabelSet::from_examples(&train_records).labels().join(" ")),
     };
-    let mut model = Model::load(&cfg.model, &cfg.method, cfg.seed, words.as_deref())?;
+    let mut model = Model::load(dev, &cfg.model, &cfg.method, cfg.seed, words.as_deref())?;
     let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;
     let eval_set = match &cfg.eval {
         Some(p) => Some((p.clone(), limit(data::load(p, cfg.task, &cfg.fields)?, cfg.max_eval_examples))),
@@ -170,7 +170,7 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     if params.is_empty() {
         return Err(TrainError::Invalid("nothing to train: the method and patterns select no tensor".into()));
     }
-    let refs: Vec<&Tensor<Cpu, f32>> = params.iter().map(|(_, t)| t).collect();
+    let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
     let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
     let mut opt = AdamW::new(&refs, hp)?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| TrainError::Io { path: cfg.out.clone(), source: e })?;
@@ -356,7 +356,7 @@ fn non_finite(step: u64, loss: f64, ckpts: &Checkpoints) -> TrainError {
 }
 
 /// Mean loss (and accuracy, perplexity) over `eb`'s examples in order, under no_grad.
-pub fn evaluate(model: &Model, spec: &TaskSpec, eb: &Batcher) -> Result<EvalMetrics> {
+pub fn evaluate<B: Backend>(model: &Model<B>, spec: &TaskSpec, eb: &Batcher) -> Result<EvalMetrics> {
     let (mut sum, mut n, mut correct, mut rows) = (0.0, 0usize, 0usize, 0usize);
     for rows_idx in eb.plan(0) {
         let b = eb.make_batch(&rows_idx);
@@ -374,11 +374,11 @@ pub fn evaluate(model: &Model, spec: &TaskSpec, eb: &Batcher) -> Result<EvalMetr
     })
 }
 
-fn save(
+fn save<B: Backend>(
     ckpts: &Checkpoints,
     st: &State,
-    params: &[(String, Tensor<Cpu, f32>)],
-    opt: &AdamW<Cpu, f32>,
+    params: &[(String, Tensor<B, f32>)],
+    opt: &AdamW<B, f32>,
     metrics: &Map<String, Value>,
 ) -> Result<()> {
     let weights: Vec<_> =
@@ -395,12 +395,12 @@ fn save(
     Ok(())
 }
 
-fn restore(
+fn restore<B: Backend>(
     dir: &Path,
     w: &[u8],
     o: &[u8],
-    params: &[(String, Tensor<Cpu, f32>)],
-    opt: &mut AdamW<Cpu, f32>,
+    params: &[(String, Tensor<B, f32>)],
+    opt: &mut AdamW<B, f32>,
     step: u64,
 ) -> Result<()> {
     let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, peft::HostTensor>> {
@@ -435,7 +435,7 @@ fn restore(
                     ))
                 })
         };
-        *t.data_mut() = get(n)?;
+        *t.data_mut() = t.device().from_host(&get(n)?)?;
         mom.push((get(&format!("{n}.m"))?, get(&format!("{n}.v"))?));
     }
     opt.load_moments(&mom, step as u32)?;
@@ -444,7 +444,7 @@ fn restore(
 
 /// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
 /// the trained model. Returns its path and the bytes of its weights file.
-pub fn export(model: &Model, out: &Path) -> Result<(PathBuf, u64)> {
+pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)> {
     // Full fine-tuning: nothing but (perhaps) a task head in the adaptation.
     let (dir, file) = if model.adapt().is_empty() {
         let d = out.join("model");
@@ -454,9 +454,9 @@ pub fn export(model: &Model, out: &Path) -> Result<(PathBuf, u64)> {
         let d = out.join("adapter");
         let base = model.source.display().to_string();
         match &model.net {
-            crate::model::Net::Gpt2(n) => peft::save(n, &d, &base)?,
-            crate::model::Net::Llama(n) => peft::save(n, &d, &base)?,
-            crate::model::Net::Bert(n) => peft::save(n, &d, &base)?,
+            Net::Gpt2(n) => peft::save(n, &d, &base)?,
+            Net::Llama(n) => peft::save(n, &d, &base)?,
+            Net::Bert(n) => peft::save(n, &d, &base)?,
         }
         (d.clone(), d.join(peft::WEIGHTS))
     };
@@ -467,7 +467,7 @@ pub fn export(model: &Model, out: &Path) -> Result<(PathBuf, u64)> {
 
 /// A Hugging Face folder of the model as it is now (LoRA merged in): every base weight under its
 /// name in `model.safetensors`, with the source folder's config and tokenizer copied.
-pub fn export_merged(model: &Model, dir: &Path) -> Result<()> {
+pub fn export_merged<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.to_path_buf(), source: e })?;
     for l in model.adapt().lora.values() {
         l.merge()?;
@@ -511,8 +511,8 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable.
-pub fn load_adapted(model: &Path, adapter: Option<&Path>) -> Result<Model> {
-    let mut m = Model::load(model, &Method::Full { patterns: vec!["\u{0}".into()] }, 0, None)?;
+pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Model<B>> {
+    let mut m = Model::load(dev, model, &Method::Full { patterns: vec!["\u{0}".into()] }, 0, None)?;
     // A fully fine-tuned model folder may carry its task head.
     let head = model.join(peft::EXTRA);
     if adapter.is_none() && head.exists() {
@@ -523,9 +523,9 @@ pub fn load_adapted(model: &Path, adapter: Option<&Path>) -> Result<Model> {
     }
     if let Some(a) = adapter {
         match &mut m.net {
-            crate::model::Net::Gpt2(n) => peft::load(n, a)?,
-            crate::model::Net::Llama(n) => peft::load(n, a)?,
-            crate::model::Net::Bert(n) => peft::load(n, a)?,
+            Net::Gpt2(n) => peft::load(n, a)?,
+            Net::Llama(n) => peft::load(n, a)?,
+            Net::Bert(n) => peft::load(n, a)?,
         }
     }
     Ok(m)
@@ -534,7 +534,7 @@ pub fn load_adapted(model: &Path, adapter: Option<&Path>) -> Result<Model> {
 /// Evaluate `model` (adapted) on `data` for `task`: what `tuna eval` prints.
 #[allow(clippy::too_many_arguments)]
 pub fn eval_file(
-    model: &Model,
+    model: &Model<impl Backend>,
     task: Task,
     data_path: &Path,
     fields: &Fields,

@@ -4,11 +4,10 @@
 use crate::batch::{Batch, Encoded, IGNORE_INDEX};
 use crate::data::{Example, LabelSet, Record, Task};
 use crate::error::{Result, TrainError};
-use crate::model::Model;
+use crate::model::{Backend, Model};
 use std::path::Path;
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::{Ints, Tensor};
-use tuna_kernels::Cpu;
 
 /// What the loss needs besides the batch: the classes and their verbalizer tokens.
 pub struct TaskSpec {
@@ -22,7 +21,7 @@ impl TaskSpec {
     /// The task's spec for `model`: classes from `labels` (or the training records), verbalizer
     /// tokens from `verbalizers` (comma-separated words, default the labels) with a leading space.
     pub fn new(
-        model: &Model,
+        model: &Model<impl Backend>,
         task: Task,
         records: &[Record],
         labels: Option<&str>,
@@ -58,7 +57,7 @@ impl TaskSpec {
     }
 
     /// Token ids and targets of each record (`path` for errors naming a record's line).
-    pub fn encode(&self, model: &Model, records: &[Record], path: &Path) -> Result<Vec<Encoded>> {
+    pub fn encode(&self, model: &Model<impl Backend>, records: &[Record], path: &Path) -> Result<Vec<Encoded>> {
         records
             .iter()
             .map(|r| {
@@ -106,7 +105,7 @@ impl TaskSpec {
 
     /// The loss of `b` (a mean over its targets or rows) and its weight in the full batch's
     /// mean: `(loss, terms)`.
-    pub fn loss(&self, model: &Model, b: &Batch) -> Result<(Tensor<Cpu, f32>, usize)> {
+    pub fn loss<B: Backend>(&self, model: &Model<B>, b: &Batch) -> Result<(Tensor<B, f32>, usize)> {
         match self.task {
             Task::Classify => {
                 let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
@@ -123,7 +122,7 @@ impl TaskSpec {
     }
 
     /// Loss terms of a batch (what [`TaskSpec::loss`] returns as the weight), without running it.
-    pub fn terms(&self, model: &Model, b: &Batch) -> usize {
+    pub fn terms(&self, model: &Model<impl Backend>, b: &Batch) -> usize {
         match self.task {
             Task::Classify => b.batch,
             _ => lm_labels(model, b).iter().filter(|&&l| l != IGNORE_INDEX).count(),
@@ -131,7 +130,7 @@ impl TaskSpec {
     }
 
     /// `(summed loss, terms, correct)` of a batch under no_grad (correct: classification only).
-    pub fn eval_batch(&self, model: &Model, b: &Batch) -> Result<(f64, usize, usize)> {
+    pub fn eval_batch(&self, model: &Model<impl Backend>, b: &Batch) -> Result<(f64, usize, usize)> {
         tuna_autograd::no_grad(|| {
             if self.task == Task::Classify {
                 let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
@@ -150,7 +149,7 @@ impl TaskSpec {
 
 /// Unshifted causal-LM labels of a batch: the targets, with each left-padded row's first real
 /// token ignored when nothing precedes it (no soft prompt): it would be predicted from padding.
-fn lm_labels(model: &Model, b: &Batch) -> Vec<i32> {
+fn lm_labels(model: &Model<impl Backend>, b: &Batch) -> Vec<i32> {
     let mut labels = b.targets.clone();
     if model.adapt().prompt_len() == 0 {
         for (row, m) in labels.chunks_mut(b.seq.max(1)).zip(b.mask.chunks(b.seq.max(1))) {

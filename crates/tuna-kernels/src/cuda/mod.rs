@@ -31,7 +31,7 @@ impl CudaElem for i32 {}
 pub fn probe() -> Result<usize> {
     // SAFETY: only attempts to dlopen libcuda's candidate names.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::NoCuda("no CUDA driver library (libcuda.so) found; running on the CPU".into()));
+        return Err(Error::NoCuda("no CUDA driver library (libcuda.so) found (use --device cpu)".into()));
     }
     // cudarc may panic while binding symbols of a broken or too-old driver: turn that into an error.
     let r = std::panic::catch_unwind(|| {
