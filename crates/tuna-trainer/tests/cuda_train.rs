@@ -1,0 +1,100 @@
+//! Training on CUDA against the CPU: every method, a few steps on the tiny Llama (lm) and BERT
+//! (classify) fixtures, the same losses to a named tolerance. Skips by name without a GPU.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use tuna_kernels::testing::{cuda_or_skip, Tol};
+use tuna_kernels::Cpu;
+use tuna_models::adapt::{LoraConfig, Method, PromptInit};
+use tuna_trainer::{Decay, Fields, Task, TrainConfig};
+
+fn fixture(arch: &str) -> PathBuf {
+    match std::env::var_os("TUNA_FIXTURES_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join(arch),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(arch),
+    }
+}
+
+fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
+    let classify = arch == "bert";
+    let data = dir.join("train.jsonl");
+    let lines: Vec<String> = ["The cat sat on the mat.", "A dog ran in the park.", "The bird sang a song."]
+        .iter()
+        .cycle()
+        .take(8)
+        .enumerate()
+        .map(|(i, t)| format!("{{\"text\": \"{t}\", \"label\": \"{}\"}}", if i % 2 == 0 { "a" } else { "b" }))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    TrainConfig {
+        model: fixture(arch),
+        method,
+        task: if classify { Task::Classify } else { Task::Lm },
+        fields: Fields::default(),
+        train: data.clone(),
+        eval: Some(data),
+        labels: None,
+        verbalizers: None,
+        prompt_init_text: None,
+        batch_size: 4,
+        micro_batch: 2,
+        max_len: 32,
+        steps: 3,
+        lr: 1e-2,
+        warmup: 1,
+        decay: Decay::Cosine,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.0,
+        clip: Some(1.0),
+        eval_every: 3,
+        save_every: 3,
+        patience: None,
+        keep_last: 1,
+        max_train_examples: None,
+        max_eval_examples: None,
+        seed: 3,
+        out: dir.join("run"),
+        resume: false,
+        progress: false,
+    }
+}
+
+fn losses(dir: &std::path::Path) -> Vec<f32> {
+    std::fs::read_to_string(dir.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn every_method_trains_on_cuda_like_on_the_cpu() {
+    let Some(cuda) = cuda_or_skip("tuna-trainer::every_method_trains_on_cuda_like_on_the_cpu") else { return };
+    let methods = |arch: &str| {
+        let t: &[&str] = if arch == "bert" { &["query", "value"] } else { &["q_proj", "v_proj"] };
+        vec![
+            Method::Full { patterns: vec![] },
+            Method::Prompt { n: 3, init: PromptInit::SampleVocab },
+            Method::Prefix { n: 3, projection: None },
+            Method::Prefix { n: 2, projection: Some(8) },
+            Method::Houlsby { bottleneck: 4 },
+            Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: t.iter().map(|s| s.to_string()).collect() }),
+        ]
+    };
+    // f32 on both; summation orders differ (cuBLAS vs gemm, block reductions), and three optimizer
+    // steps amplify that a little.
+    let tol = Tol::new("CUDA vs CPU training losses, 3 steps", 1e-4, 1e-3);
+    for arch in ["llama", "bert"] {
+        for m in methods(arch) {
+            let base = std::env::temp_dir().join(format!("tuna-cuda-train-{}-{arch}-{}", std::process::id(), m.name()));
+            let (c, g) = (base.join("cpu"), base.join("cuda"));
+            for d in [&c, &g] {
+                std::fs::create_dir_all(d).unwrap();
+            }
+            tuna_trainer::train(&Arc::new(Cpu), &config(arch, m.clone(), &c)).unwrap();
+            tuna_trainer::train(&cuda, &config(arch, m.clone(), &g)).unwrap();
+            tol.assert_close(&format!("{arch} {}", m.name()), &losses(&g), &losses(&c));
+            std::fs::remove_dir_all(&base).ok();
+        }
+    }
+}
