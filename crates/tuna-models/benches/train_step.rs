@@ -1,0 +1,343 @@
+//! Training-step throughput and peak memory of one (model, method) configuration on the CPU:
+//! random seeded weights at MiniLM or SmolLM2-135M shape, random tokens, W warmup + N timed steps
+//! (forward, backward, AdamW), one JSON line out. Its PyTorch + PEFT peer is
+//! `scripts/bench/train_step.py` (same JSON); `scripts/bench/train_step.sh` runs both.
+//!
+//! Run: `cargo bench -p tuna-models --bench train_step -- --model minilm --method lora
+//! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S]`.
+//!
+//! MiniLM is a sequence classifier (mean-pooled encoder output, a trainable 2-class linear head,
+//! cross-entropy); SmolLM2 is a causal LM (Hugging Face's shifted loss over every token). Tokens
+//! per second count content tokens only (`batch * seq * steps / time`), never virtual ones.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tuna_autograd::ops::elem::mean_pool;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::optim::AdamW;
+use tuna_autograd::{Ints, Tensor};
+use tuna_kernels::ops::adamw::AdamWParams;
+use tuna_kernels::testing::Rng;
+use tuna_kernels::Cpu;
+use tuna_models::adapt::{Adaptable, LoraConfig, Method, PromptInit};
+use tuna_models::bert::Bert;
+use tuna_models::config::{BertConfig, LlamaConfig};
+use tuna_models::llama::Llama;
+use tuna_models::params::Loader;
+use tuna_models::weights::WeightSource;
+
+type Res<T> = std::result::Result<T, Box<dyn Error>>;
+type T32 = Tensor<Cpu, f32>;
+
+/// Parsed command line.
+struct Args {
+    model: String,
+    method: String,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    layers: Option<usize>,
+    seed: u64,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a =
+        Args { model: "minilm".into(), method: "lora".into(), batch: 16, seq: 64, steps: 10, warmup: 2, layers: None, seed: 0 };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        if k == "--bench" {
+            continue; // cargo bench passes it
+        }
+        let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--model" => a.model = v,
+            "--method" => a.method = v,
+            "--batch" => a.batch = v.parse()?,
+            "--seq" => a.seq = v.parse()?,
+            "--steps" => a.steps = v.parse()?,
+            "--warmup" => a.warmup = v.parse()?,
+            "--layers" => a.layers = Some(v.parse()?),
+            "--seed" => a.seed = v.parse()?,
+            _ => return Err(format!("unknown argument {k}").into()),
+        }
+    }
+    if a.batch == 0 || a.seq == 0 || a.steps == 0 {
+        return Err("batch, seq and steps must be at least 1".into());
+    }
+    Ok(a)
+}
+
+/// A weight source that draws each tensor when it is asked for (seeded by name), so the process
+/// never holds a second copy of the model: peak memory is the model's, as for PyTorch's
+/// `from_config`. Matrices ~ N(0, 0.02) (Hugging Face's init), norm weights 1, biases 0.
+struct RandomWeights {
+    path: PathBuf,
+    shapes: BTreeMap<String, Vec<usize>>,
+    seed: u64,
+}
+
+impl RandomWeights {
+    fn new(seed: u64) -> Self {
+        RandomWeights { path: PathBuf::from("random/model.safetensors"), shapes: BTreeMap::new(), seed }
+    }
+    fn add(&mut self, name: String, shape: &[usize]) {
+        self.shapes.insert(name, shape.to_vec());
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn names(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+    fn get(&self, name: &str) -> Option<tuna_models::Result<Cow<'_, [f32]>>> {
+        let shape = self.shapes.get(name)?;
+        let n: usize = shape.iter().product();
+        let is_norm = name.contains("LayerNorm") || name.contains("layernorm") || name.ends_with("norm.weight");
+        let v = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if is_norm {
+            vec![1.0; n]
+        } else {
+            let h = name.bytes().fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            let mut rng = Rng::new(h);
+            (0..n).map(|_| 0.02 * rng.normal()).collect()
+        };
+        Some(Ok(Cow::Owned(v)))
+    }
+}
+
+fn minilm_cfg() -> BertConfig {
+    BertConfig {
+        vocab_size: 30522,
+        hidden_size: 384,
+        num_hidden_layers: 6,
+        num_attention_heads: 12,
+        intermediate_size: 1536,
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    }
+}
+
+fn smollm2_cfg(layers: Option<usize>) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: layers.unwrap_or(30),
+        num_attention_heads: 9,
+        num_key_value_heads: Some(3),
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e5,
+        tie_word_embeddings: true,
+        max_position_embeddings: 8192,
+        head_dim: None,
+    }
+}
+
+fn bert_weights(cfg: &BertConfig, seed: u64) -> RandomWeights {
+    let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut w = RandomWeights::new(seed);
+    let norm = |w: &mut RandomWeights, n: &str| {
+        w.add(format!("{n}.weight"), &[h]);
+        w.add(format!("{n}.bias"), &[h]);
+    };
+    w.add("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, h]);
+    w.add("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, h]);
+    w.add("embeddings.token_type_embeddings.weight".into(), &[cfg.type_vocab_size, h]);
+    norm(&mut w, "embeddings.LayerNorm");
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        let lin = |w: &mut RandomWeights, n: String, out: usize, inp: usize| {
+            w.add(format!("{n}.weight"), &[out, inp]);
+            w.add(format!("{n}.bias"), &[out]);
+        };
+        for n in ["query", "key", "value"] {
+            lin(&mut w, format!("{p}.attention.self.{n}"), h, h);
+        }
+        lin(&mut w, format!("{p}.attention.output.dense"), h, h);
+        norm(&mut w, &format!("{p}.attention.output.LayerNorm"));
+        lin(&mut w, format!("{p}.intermediate.dense"), ff, h);
+        lin(&mut w, format!("{p}.output.dense"), h, ff);
+        norm(&mut w, &format!("{p}.output.LayerNorm"));
+    }
+    w
+}
+
+fn llama_weights(cfg: &LlamaConfig, seed: u64) -> RandomWeights {
+    let (h, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+    let mut w = RandomWeights::new(seed);
+    w.add("model.embed_tokens.weight".into(), &[cfg.vocab_size, h]);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        w.add(format!("{p}.input_layernorm.weight"), &[h]);
+        w.add(format!("{p}.post_attention_layernorm.weight"), &[h]);
+        w.add(format!("{p}.self_attn.q_proj.weight"), &[q, h]);
+        w.add(format!("{p}.self_attn.k_proj.weight"), &[kv, h]);
+        w.add(format!("{p}.self_attn.v_proj.weight"), &[kv, h]);
+        w.add(format!("{p}.self_attn.o_proj.weight"), &[h, q]);
+        w.add(format!("{p}.mlp.gate_proj.weight"), &[ff, h]);
+        w.add(format!("{p}.mlp.up_proj.weight"), &[ff, h]);
+        w.add(format!("{p}.mlp.down_proj.weight"), &[h, ff]);
+    }
+    w.add("model.norm.weight".into(), &[h]);
+    w
+}
+
+/// The method, with the hyperparameters the PyTorch + PEFT peer uses.
+fn method(name: &str, lora_targets: &[&str]) -> Res<Method> {
+    Ok(match name {
+        "full" => Method::Full { patterns: vec![] },
+        "prompt" => Method::Prompt { n: 20, init: PromptInit::Random },
+        "prefix" => Method::Prefix { n: 20, projection: None },
+        "lora" => Method::Lora(LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: lora_targets.iter().map(|s| s.to_string()).collect(),
+        }),
+        other => return Err(format!("unknown method {other} (full|prompt|prefix|lora)").into()),
+    })
+}
+
+/// What one step needs: the trainable tensors and a closure computing the loss.
+struct Job {
+    params: Vec<T32>,
+    loss: Box<dyn Fn() -> Res<T32>>,
+}
+
+fn random_ids(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.below(vocab) as u32).collect()
+}
+
+fn minilm_job(a: &Args, dev: &Arc<Cpu>) -> Res<Job> {
+    let cfg = minilm_cfg();
+    let m = method(&a.method, &["query", "value"])?;
+    let weights = Box::leak(Box::new(bert_weights(&cfg, a.seed)));
+    let full = matches!(m, Method::Full { .. });
+    let mut loader = Loader::<Cpu, f32>::with_trainable(&*weights, dev, move |_| full);
+    let mut model = Bert::load(&cfg, &mut loader)?;
+    m.apply(&mut model, a.seed)?;
+    let mut params: Vec<T32> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
+    params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
+    // the classification head trains in every method
+    let mut rng = Rng::new(a.seed ^ 0x4ead);
+    let h = cfg.hidden_size;
+    let hw: Vec<f32> = (0..2 * h).map(|_| 0.02 * rng.normal()).collect();
+    let head_w = Tensor::param(dev, "classifier.weight", &[2, h], &hw)?;
+    let head_b = Tensor::param(dev, "classifier.bias", &[2], &[0.0, 0.0])?;
+    params.push(head_w.clone());
+    params.push(head_b.clone());
+    let (b, t) = (a.batch, a.seq);
+    let ids = Ints::new(dev, &[b, t], &random_ids(&mut rng, b * t, cfg.vocab_size))?;
+    let mask = Ints::new(dev, &[b, t], &vec![1u8; b * t])?;
+    let targets: Vec<i32> = (0..b).map(|_| rng.below(2) as i32).collect();
+    let targets = Ints::new(dev, &[b], &targets)?;
+    let loss = move || -> Res<T32> {
+        let (hid, mask) = model.encode(&ids, &mask)?;
+        let pooled = mean_pool(&hid, &mask)?;
+        let logits = linear(&pooled, &head_w, WeightLayout::OutIn, Some(&head_b))?;
+        Ok(cross_entropy(logits, &targets, -100)?)
+    };
+    Ok(Job { params, loss: Box::new(loss) })
+}
+
+fn smollm2_job(a: &Args, dev: &Arc<Cpu>) -> Res<Job> {
+    let cfg = smollm2_cfg(a.layers);
+    let m = method(&a.method, &["q_proj", "v_proj"])?;
+    let weights = Box::leak(Box::new(llama_weights(&cfg, a.seed)));
+    let full = matches!(m, Method::Full { .. });
+    let mut loader = Loader::<Cpu, f32>::with_trainable(&*weights, dev, move |_| full);
+    let mut model = Llama::load(&cfg, &mut loader)?;
+    m.apply(&mut model, a.seed)?;
+    let mut params: Vec<T32> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
+    params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
+    let mut rng = Rng::new(a.seed ^ 0x70c5);
+    let (b, t) = (a.batch, a.seq);
+    let ids_host = random_ids(&mut rng, b * t, cfg.vocab_size);
+    let labels: Vec<i32> = ids_host.iter().map(|&i| i as i32).collect();
+    let ids = Ints::new(dev, &[b, t], &ids_host)?;
+    let loss = move || -> Res<T32> { Ok(model.loss(&ids, &labels)?) };
+    Ok(Job { params, loss: Box::new(loss) })
+}
+
+/// VmHWM (peak resident set) in MiB, from /proc/self/status.
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() -> Res<()> {
+    let a = parse_args()?;
+    let dev = Arc::new(Cpu);
+    let job = match a.model.as_str() {
+        "minilm" => minilm_job(&a, &dev)?,
+        "smollm2" => smollm2_job(&a, &dev)?,
+        other => return Err(format!("unknown model {other} (minilm|smollm2)").into()),
+    };
+    let trainable: usize = job.params.iter().map(|t| t.numel()).sum();
+    let refs: Vec<&T32> = job.params.iter().collect();
+    let mut opt = AdamW::new(&refs, AdamWParams::new(1e-4))?;
+    // per-phase seconds over the timed steps: forward, backward, optimizer
+    let (mut fwd, mut bwd, mut upd) = (0.0f64, 0.0f64, 0.0f64);
+    let mut last_loss = f32::NAN;
+    let mut start = Instant::now();
+    for step in 0..a.warmup + a.steps {
+        if step == a.warmup {
+            (fwd, bwd, upd) = (0.0, 0.0, 0.0);
+            start = Instant::now();
+        }
+        let t0 = Instant::now();
+        let loss = (job.loss)()?;
+        let t1 = Instant::now();
+        loss.backward()?;
+        let t2 = Instant::now();
+        opt.step()?;
+        let t3 = Instant::now();
+        last_loss = loss.to_vec()?[0];
+        fwd += (t1 - t0).as_secs_f64();
+        bwd += (t2 - t1).as_secs_f64();
+        upd += (t3 - t2).as_secs_f64();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = a.steps as f64;
+    let tokens = (a.batch * a.seq * a.steps) as f64;
+    let layers = match a.model.as_str() {
+        "minilm" => minilm_cfg().num_hidden_layers,
+        _ => smollm2_cfg(a.layers).num_hidden_layers,
+    };
+    println!(
+        "{{\"side\":\"tuna\",\"model\":\"{}\",\"method\":\"{}\",\"layers\":{layers},\"batch\":{},\"seq\":{},\"steps\":{},\
+\"tokens_per_s\":{:.1},\"step_ms\":{:.2},\"fwd_ms\":{:.2},\"bwd_ms\":{:.2},\"opt_ms\":{:.2},\"peak_rss_mb\":{:.1},\
+\"trainable\":{trainable},\"threads\":{},\"loss\":{last_loss:.5}}}",
+        a.model,
+        a.method,
+        a.batch,
+        a.seq,
+        a.steps,
+        tokens / secs,
+        1e3 * secs / n,
+        1e3 * fwd / n,
+        1e3 * bwd / n,
+        1e3 * upd / n,
+        peak_rss_mb(),
+        rayon::current_num_threads(),
+    );
+    Ok(())
+}
