@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const TEST_BINARIES: [&str; 3] = ["tuna-kernels-lib", "tuna-autograd-cuda", "tuna-models-cuda_models"];
+const TEST_BINARIES: [&str; 4] =
+    ["tuna-kernels-lib", "tuna-autograd-cuda", "tuna-models-cuda_models", "tuna-trainer-cuda_train"];
 
 fn check_sh(out: &Path, bundle: &Path, extra: &[&str]) -> Output {
     Command::new("bash")

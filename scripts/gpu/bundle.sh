@@ -5,6 +5,7 @@
 #   tests/tuna-kernels-lib                tuna-kernels' lib tests (every kernel's CUDA-vs-CPU test)
 #   tests/tuna-autograd-cuda              tuna-autograd --test cuda
 #   tests/tuna-models-cuda_models         tuna-models --test cuda_models
+#   tests/tuna-trainer-cuda_train         tuna-trainer --test cuda_train (training, every method)
 #   fixtures/                             crates/tuna-models/tests/fixtures (read via TUNA_FIXTURES_DIR)
 #   MANIFEST.txt                          commit, build date, files and sizes
 # Release builds, debug info stripped, so the bundle stays well under the device tool's 64 MiB
@@ -39,6 +40,7 @@ build bin/tuna                      build -p tuna --bin tuna
 build tests/tuna-kernels-lib        test --no-run -p tuna-kernels --lib
 build tests/tuna-autograd-cuda      test --no-run -p tuna-autograd --test cuda
 build tests/tuna-models-cuda_models test --no-run -p tuna-models --test cuda_models
+build tests/tuna-trainer-cuda_train test --no-run -p tuna-trainer --test cuda_train
 cp -r crates/tuna-models/tests/fixtures "$B/fixtures"
 
 {

@@ -9,7 +9,7 @@
 # Steps: nvidia-smi and `tuna info` (into env.txt); each test binary that holds CUDA tests, with
 # TUNA_REQUIRE_CUDA=1 (a CUDA test that cannot run fails instead of skipping) and the libtest
 # filter `cuda`; `tuna generate --device cuda` on the tiny GPT-2 and Llama fixtures. Each step has a
-# time cap (the sum is under 7 minutes); a PASS/FAIL table is printed last and written to
+# time cap (the sum is under 8 minutes); a PASS/FAIL table is printed last and written to
 # <out-dir>/summary.txt. Exit status: 0 when every step passed, 1 otherwise, 2 on a usage error.
 #
 # Files written to <out-dir> (the device tool brings back at most 8 files, 2 folders down): env.txt,
@@ -47,6 +47,7 @@ TESTS=(
   "tuna-kernels-lib|tests/tuna-kernels-lib|150"
   "tuna-autograd-cuda|tests/tuna-autograd-cuda|80"
   "tuna-models-cuda_models|tests/tuna-models-cuda_models|80"
+  "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|45"
 )
 TUNA="$bundle/bin/tuna"
 FIXTURES="$bundle/fixtures"
