@@ -47,6 +47,12 @@ fn dry_run_lists_the_whole_plan_without_a_bundle() {
         assert!(steps.iter().any(|l| l.contains(&want)), "no step runs `{want}`:\n{stdout}");
     }
     assert!(steps.iter().any(|l| l.contains("/bin/tuna generate") && l.contains("--device cuda")), "{stdout}");
+    // the attention benchmark, SDPA at the same shapes, and the table, after every test
+    let pos = |needle: &str| steps.iter().position(|l| l.contains(needle));
+    let (tests_end, tuna, sdpa, table) =
+        (pos("tuna-trainer-cuda_train"), pos("bin/cuda_attention"), pos("attn_sdpa.py"), pos("attn_table.py"));
+    assert!(tests_end < tuna && tuna < sdpa && sdpa < table && tests_end.is_some(), "{stdout}");
+    assert!(steps.iter().any(|l| l.contains("logs.tar.gz")), "the logs are packed (8-file limit):\n{stdout}");
     for var in [
         "TUNA_REQUIRE_CUDA=1".to_string(),
         format!("TUNA_KERNEL_CACHE={}/kernel-cache", out.display()),
@@ -73,8 +79,14 @@ fn strict_dry_run_fails_on_an_incomplete_bundle_and_passes_on_a_complete_one() {
     assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stdout));
 
     // the files check.sh needs, empty: the plan is then complete
-    let mut files =
-        vec!["bin/tuna".to_string(), "fixtures/gpt2/config.json".into(), "fixtures/llama/config.json".into()];
+    let mut files = vec![
+        "bin/tuna".to_string(),
+        "bin/cuda_attention".into(),
+        "scripts/attn_sdpa.py".into(),
+        "scripts/attn_table.py".into(),
+        "fixtures/gpt2/config.json".into(),
+        "fixtures/llama/config.json".into(),
+    ];
     files.extend(TEST_BINARIES.iter().map(|b| format!("tests/{b}")));
     for f in &files {
         let p = bundle.join(f);

@@ -6,6 +6,8 @@
 #   tests/tuna-autograd-cuda              tuna-autograd --test cuda
 #   tests/tuna-models-cuda_models         tuna-models --test cuda_models
 #   tests/tuna-trainer-cuda_train         tuna-trainer --test cuda_train (training, every method)
+#   bin/cuda_attention                    the attention benchmark (benches/cuda_attention.rs)
+#   scripts/attn_sdpa.py, attn_table.py   PyTorch SDPA at the same shapes, and the joined table
 #   fixtures/                             crates/tuna-models/tests/fixtures (read via TUNA_FIXTURES_DIR)
 #   MANIFEST.txt                          commit, build date, files and sizes
 # Release builds, debug info stripped, so the bundle stays well under the device tool's 64 MiB
@@ -41,6 +43,8 @@ build tests/tuna-kernels-lib        test --no-run -p tuna-kernels --lib
 build tests/tuna-autograd-cuda      test --no-run -p tuna-autograd --test cuda
 build tests/tuna-models-cuda_models test --no-run -p tuna-models --test cuda_models
 build tests/tuna-trainer-cuda_train test --no-run -p tuna-trainer --test cuda_train
+build bin/cuda_attention            bench --no-run -p tuna-kernels --bench cuda_attention
+mkdir -p "$B/scripts" && cp scripts/gpu/attn_sdpa.py scripts/gpu/attn_table.py "$B/scripts/"
 cp -r crates/tuna-models/tests/fixtures "$B/fixtures"
 
 {

@@ -9,19 +9,21 @@
 # Steps: nvidia-smi and `tuna info` (into env.txt); each test binary that holds CUDA tests, with
 # TUNA_REQUIRE_CUDA=1 (a CUDA test that cannot run fails instead of skipping) and the libtest
 # filter `cuda`; `tuna generate --device cuda` on the tiny GPT-2 and Llama fixtures. Each step has a
-# time cap (the sum is under 8 minutes); a PASS/FAIL table is printed last and written to
+# time cap (the caps sum to about 8 minutes); a PASS/FAIL table is printed last and written to
 # <out-dir>/summary.txt. Exit status: 0 when every step passed, 1 otherwise, 2 on a usage error.
 #
-# Files written to <out-dir> (the device tool brings back at most 8 files, 2 folders down): env.txt,
-# one log per test binary, generate.log, summary.txt, and kernel-cache.tar.gz (the NVRTC cubins
-# compiled during the run; TUNA_KERNEL_CACHE points at <out-dir>/kernel-cache, packed at the end).
+# Files written to <out-dir> (the device tool brings back at most 8 files, 2 folders down):
+# summary.txt (the PASS/FAIL table and the attention table), logs.tar.gz (env.txt, one log per test
+# binary, generate.log, bench.log with every benchmark JSON line, attention.md), and
+# kernel-cache.tar.gz (the NVRTC cubins compiled during the run; TUNA_KERNEL_CACHE points at
+# <out-dir>/kernel-cache, packed at the end).
 #
 # The dry run writes nothing. It always lists the whole plan, and reports the bundle's missing
 # files by name; it exits 0 even when files are missing (it is a plan, and the workspace test runs
 # it without a bundle), unless --strict is given (bundle.sh runs it so).
 #
-# Not here yet: the attention-vs-SDPA and training-step-vs-PEFT benchmarks that DESIGN.md's
-# "Testing on a GPU" asks for are the GPU issue's next work; they become further steps below.
+# Then the attention benchmark against PyTorch SDPA (benches/cuda_attention.rs, scripts/gpu/attn_sdpa.py)
+# and their table. Not here yet: the training-step benchmark against PyTorch + PEFT on the GPU.
 set -uo pipefail
 
 usage() { echo "usage: $0 <out-dir> [--dry-run [--strict]]" >&2; exit 2; }
@@ -44,12 +46,15 @@ bundle="$(realpath -m "${TUNA_GPU_BUNDLE:-$root/gpu-bundle}")" # TUNA_GPU_BUNDLE
 
 # The test binaries: "<log name>|<path in the bundle>|<time cap, s>". bundle.sh writes these names.
 TESTS=(
-  "tuna-kernels-lib|tests/tuna-kernels-lib|150"
-  "tuna-autograd-cuda|tests/tuna-autograd-cuda|80"
-  "tuna-models-cuda_models|tests/tuna-models-cuda_models|80"
+  "tuna-kernels-lib|tests/tuna-kernels-lib|120"
+  "tuna-autograd-cuda|tests/tuna-autograd-cuda|60"
+  "tuna-models-cuda_models|tests/tuna-models-cuda_models|60"
   "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|45"
 )
 TUNA="$bundle/bin/tuna"
+# PyTorch's Python on the GPU machine (TUNA_PYTHON overrides).
+PY="${TUNA_PYTHON:-python3}"
+for p in /opt/torch/.venv/bin/python; do [ -z "${TUNA_PYTHON:-}" ] && [ -x "$p" ] && PY="$p"; done
 FIXTURES="$bundle/fixtures"
 GENERATE_MODELS=(gpt2 llama)
 
@@ -74,7 +79,7 @@ ENV_VARS=(
 )
 
 # ---- the bundle ----
-required=("$TUNA")
+required=("$TUNA" "$bundle/bin/cuda_attention" "$bundle/scripts/attn_sdpa.py" "$bundle/scripts/attn_table.py")
 for t in "${TESTS[@]}"; do IFS='|' read -r _ rel _ <<<"$t"; required+=("$bundle/$rel"); done
 for m in "${GENERATE_MODELS[@]}"; do required+=("$FIXTURES/$m/config.json"); done
 missing=()
@@ -90,8 +95,13 @@ for t in "${TESTS[@]}"; do
   STEPS+=("$name|$cap|$name.log|$(q "$bundle/$rel" cuda --test-threads=4)")
 done
 for m in "${GENERATE_MODELS[@]}"; do
-  STEPS+=("generate-$m-cuda|25|generate.log|$(q "$TUNA" generate --model "$FIXTURES/$m" --prompt "hello world" --max-new-tokens 8 --device cuda)")
+  STEPS+=("generate-$m-cuda|20|generate.log|$(q "$TUNA" generate --model "$FIXTURES/$m" --prompt "hello world" --max-new-tokens 8 --device cuda)")
 done
+# Attention against PyTorch SDPA (bf16; FlashAttention-2 backend without a prefix): JSON lines into
+# bench.log, then the joined table (also appended to summary.txt).
+STEPS+=("bench-attention-tuna|60|bench.log|$(q "$bundle/bin/cuda_attention")")
+STEPS+=("bench-attention-sdpa|45|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
+STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.py" "$out/bench.log" "$out/bench.log")")
 
 if [ "$dry" = 1 ]; then
   echo "GPU check plan (dry run; nothing is run or written)"
@@ -106,8 +116,9 @@ if [ "$dry" = 1 ]; then
     echo "step $i: $name (cap ${cap}s, log $out/$log)"
     echo "  \$ timeout $cap $cmd"
   done
-  echo "step $((i + 1)): pack the kernel cache"
+  echo "step $((i + 1)): pack the kernel cache and the logs (the device tool brings back at most 8 files)"
   echo "  \$ tar -C $(q "$out") -czf $(q "$out/kernel-cache.tar.gz") kernel-cache && rm -rf $(q "$out/kernel-cache")"
+  echo "  \$ tar -C $(q "$out") -czf $(q "$out/logs.tar.gz") *.log *.md env.txt skipped.txt"
   echo "then: the PASS/FAIL table, also in $out/summary.txt; exit 1 if any step failed"
   if [ ${#missing[@]} = 0 ]; then
     echo "bundle: complete ($(du -sh "$bundle" | cut -f1) in ${bundle#"$root/"})"
@@ -180,6 +191,13 @@ fi
     echo "skipped (should be none with TUNA_REQUIRE_CUDA=1): $(wc -l <"$out/skipped.txt")"
     sed 's/^/  /' "$out/skipped.txt"
   fi
-  if [ $fails = 0 ]; then echo "ALL PASS"; else echo "$fails step(s) FAILED: logs in $out"; fi
+  if [ $fails = 0 ]; then echo "ALL PASS"; else echo "$fails step(s) FAILED: logs in $out/logs.tar.gz"; fi
+  if [ -s "$out/attention.md" ]; then
+    echo
+    echo "attention vs PyTorch SDPA (bf16, 16k tokens per batch; TFLOP/s as FlashAttention counts):"
+    grep '^|' "$out/attention.md"
+  fi
 } | tee "$out/summary.txt"
+# The device tool brings back at most 8 files: the logs travel as one archive.
+(cd "$out" && tar -czf logs.tar.gz -- $(ls *.log *.md env.txt skipped.txt 2>/dev/null) && rm -f -- *.log *.md env.txt skipped.txt)
 [ $fails = 0 ]

@@ -47,8 +47,16 @@ struct Args {
 }
 
 fn parse_args() -> Res<Args> {
-    let mut a =
-        Args { model: "minilm".into(), method: "lora".into(), batch: 16, seq: 64, steps: 10, warmup: 2, layers: None, seed: 0 };
+    let mut a = Args {
+        model: "minilm".into(),
+        method: "lora".into(),
+        batch: 16,
+        seq: 64,
+        steps: 10,
+        warmup: 2,
+        layers: None,
+        seed: 0,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--bench" {
@@ -110,7 +118,9 @@ impl WeightSource for RandomWeights {
         } else if is_norm {
             vec![1.0; n]
         } else {
-            let h = name.bytes().fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            let h = name
+                .bytes()
+                .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
             let mut rng = Rng::new(h);
             (0..n).map(|_| 0.02 * rng.normal()).collect()
         };

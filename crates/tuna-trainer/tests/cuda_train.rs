@@ -78,7 +78,12 @@ fn every_method_trains_on_cuda_like_on_the_cpu() {
             Method::Prefix { n: 3, projection: None },
             Method::Prefix { n: 2, projection: Some(8) },
             Method::Houlsby { bottleneck: 4 },
-            Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: t.iter().map(|s| s.to_string()).collect() }),
+            Method::Lora(LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                targets: t.iter().map(|s| s.to_string()).collect(),
+            }),
         ]
     };
     // f32 on both; summation orders differ (cuBLAS vs gemm, block reductions), and three optimizer
