@@ -43,7 +43,7 @@ build tests/tuna-kernels-lib        test --no-run -p tuna-kernels --lib
 build tests/tuna-autograd-cuda      test --no-run -p tuna-autograd --test cuda
 build tests/tuna-models-cuda_models test --no-run -p tuna-models --test cuda_models
 build tests/tuna-trainer-cuda_train test --no-run -p tuna-trainer --test cuda_train
-build bin/cuda_attention            bench --no-run -p tuna-kernels --bench cuda_attention
+build bin/cuda_attention            test --no-run -p tuna-kernels --bench cuda_attention
 mkdir -p "$B/scripts" && cp scripts/gpu/attn_sdpa.py scripts/gpu/attn_table.py "$B/scripts/"
 cp -r crates/tuna-models/tests/fixtures "$B/fixtures"
 
