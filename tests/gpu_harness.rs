@@ -53,6 +53,10 @@ fn dry_run_lists_the_whole_plan_without_a_bundle() {
         (pos("tuna-trainer-cuda_train"), pos("bin/cuda_attention"), pos("attn_sdpa.py"), pos("attn_table.py"));
     assert!(tests_end < tuna && tuna < sdpa && sdpa < table && tests_end.is_some(), "{stdout}");
     assert!(steps.iter().any(|l| l.contains("logs.tar.gz")), "the logs are packed (8-file limit):\n{stdout}");
+    // the training-step benchmark, both sides, on CUDA, then its table
+    let (tuna_train, peft_train, train_table) =
+        (pos("bin/train_step --device cuda"), pos("train_step.py --device cuda"), pos("train_table.py"));
+    assert!(table < tuna_train && tuna_train < peft_train && peft_train < train_table, "{stdout}");
     for var in [
         "TUNA_REQUIRE_CUDA=1".to_string(),
         format!("TUNA_KERNEL_CACHE={}/kernel-cache", out.display()),
@@ -82,8 +86,11 @@ fn strict_dry_run_fails_on_an_incomplete_bundle_and_passes_on_a_complete_one() {
     let mut files = vec![
         "bin/tuna".to_string(),
         "bin/cuda_attention".into(),
+        "bin/train_step".into(),
         "scripts/attn_sdpa.py".into(),
         "scripts/attn_table.py".into(),
+        "scripts/train_step.py".into(),
+        "scripts/train_table.py".into(),
         "fixtures/gpt2/config.json".into(),
         "fixtures/llama/config.json".into(),
     ];

@@ -101,8 +101,26 @@ def build(args):
         ids = torch.randint(0, cfg.vocab_size, (b, t))
         step_loss = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
         layers = cfg.num_hidden_layers
+    elif args.model == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(n_layer=args.layers or 12, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         attn_implementation="sdpa")
+        model = GPT2LMHeadModel(cfg)
+        if args.method != "full":
+            model = get_peft_model(model, peft_config(args.method, TaskType.CAUSAL_LM, ["c_attn"]))
+        ids = torch.randint(0, cfg.vocab_size, (b, t))
+        step_loss = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        layers = cfg.n_layer
     else:
         raise ValueError(f"unknown model {args.model}")
+    if args.device == "cuda":
+        model = model.cuda()
+        dev_ids = ids.cuda()
+        if args.model == "minilm":
+            m2, t2 = mask.cuda(), targets.cuda()
+            step_loss = lambda: model(dev_ids, m2, t2, n_prompt)  # noqa: E731
+        else:
+            step_loss = lambda: model(input_ids=dev_ids, labels=dev_ids).loss  # noqa: E731
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, step_loss, layers
@@ -110,7 +128,9 @@ def build(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["minilm", "smollm2"], required=True)
+    ap.add_argument("--model", choices=["minilm", "smollm2", "gpt2"], required=True)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: f32 eager PyTorch + PEFT on the GPU (the GPU check's peer)")
     ap.add_argument("--method", choices=["full", "prompt", "prefix", "lora"], required=True)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
@@ -136,11 +156,15 @@ def main():
             start = time.perf_counter()
         t0 = time.perf_counter()
         loss = step_loss()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            loss.item()  # as the tuna side, each step ends reading the loss back
         t3 = time.perf_counter()
         fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
     secs = time.perf_counter() - start
@@ -152,7 +176,7 @@ def main():
         "fwd_ms": round(1e3 * fwd / n, 2), "bwd_ms": round(1e3 * bwd / n, 2), "opt_ms": round(1e3 * upd / n, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "trainable": sum(p.numel() for p in params),
         "threads": torch.get_num_threads(), "loss": round(loss.item(), 5),
-        "attn": "sdpa", "adamw": args.adamw,
+        "attn": "sdpa", "adamw": args.adamw, "device": args.device,
     }))
 
 

@@ -7,7 +7,9 @@
 #   tests/tuna-models-cuda_models         tuna-models --test cuda_models
 #   tests/tuna-trainer-cuda_train         tuna-trainer --test cuda_train (training, every method)
 #   bin/cuda_attention                    the attention benchmark (benches/cuda_attention.rs)
+#   bin/train_step                        the training-step benchmark (crates/tuna-models/benches/train_step.rs)
 #   scripts/attn_sdpa.py, attn_table.py   PyTorch SDPA at the same shapes, and the joined table
+#   scripts/train_step.py, train_table.py PyTorch + PEFT training steps, and the joined table
 #   fixtures/                             crates/tuna-models/tests/fixtures (read via TUNA_FIXTURES_DIR)
 #   MANIFEST.txt                          commit, build date, files and sizes
 # Release builds, debug info stripped, so the bundle stays well under the device tool's 64 MiB
@@ -44,7 +46,9 @@ build tests/tuna-autograd-cuda      test --no-run -p tuna-autograd --test cuda
 build tests/tuna-models-cuda_models test --no-run -p tuna-models --test cuda_models
 build tests/tuna-trainer-cuda_train test --no-run -p tuna-trainer --test cuda_train
 build bin/cuda_attention            test --no-run -p tuna-kernels --bench cuda_attention
-mkdir -p "$B/scripts" && cp scripts/gpu/attn_sdpa.py scripts/gpu/attn_table.py "$B/scripts/"
+build bin/train_step                test --no-run -p tuna-models --bench train_step
+mkdir -p "$B/scripts"
+cp scripts/gpu/attn_sdpa.py scripts/gpu/attn_table.py scripts/gpu/train_table.py scripts/bench/train_step.py "$B/scripts/"
 cp -r crates/tuna-models/tests/fixtures "$B/fixtures"
 
 {

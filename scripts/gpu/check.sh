@@ -9,7 +9,8 @@
 # Steps: nvidia-smi and `tuna info` (into env.txt); each test binary that holds CUDA tests, with
 # TUNA_REQUIRE_CUDA=1 (a CUDA test that cannot run fails instead of skipping) and the libtest
 # filter `cuda`; `tuna generate --device cuda` on the tiny GPT-2 and Llama fixtures. Each step has a
-# time cap (the caps sum to about 8 minutes); a PASS/FAIL table is printed last and written to
+# time cap (the caps sum to under 10 minutes; a passing run takes about half); a PASS/FAIL table is
+# printed last and written to
 # <out-dir>/summary.txt. Exit status: 0 when every step passed, 1 otherwise, 2 on a usage error.
 #
 # Files written to <out-dir> (the device tool brings back at most 8 files, 2 folders down):
@@ -23,7 +24,8 @@
 # it without a bundle), unless --strict is given (bundle.sh runs it so).
 #
 # Then the attention benchmark against PyTorch SDPA (benches/cuda_attention.rs, scripts/gpu/attn_sdpa.py)
-# and their table. Not here yet: the training-step benchmark against PyTorch + PEFT on the GPU.
+# and the training-step benchmark against PyTorch + PEFT (crates/tuna-models/benches/train_step.rs,
+# scripts/bench/train_step.py; GPT-2 small shape), each with its table.
 set -uo pipefail
 
 usage() { echo "usage: $0 <out-dir> [--dry-run [--strict]]" >&2; exit 2; }
@@ -46,9 +48,9 @@ bundle="$(realpath -m "${TUNA_GPU_BUNDLE:-$root/gpu-bundle}")" # TUNA_GPU_BUNDLE
 
 # The test binaries: "<log name>|<path in the bundle>|<time cap, s>". bundle.sh writes these names.
 TESTS=(
-  "tuna-kernels-lib|tests/tuna-kernels-lib|120"
-  "tuna-autograd-cuda|tests/tuna-autograd-cuda|60"
-  "tuna-models-cuda_models|tests/tuna-models-cuda_models|60"
+  "tuna-kernels-lib|tests/tuna-kernels-lib|90"
+  "tuna-autograd-cuda|tests/tuna-autograd-cuda|45"
+  "tuna-models-cuda_models|tests/tuna-models-cuda_models|45"
   "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|45"
 )
 TUNA="$bundle/bin/tuna"
@@ -79,7 +81,8 @@ ENV_VARS=(
 )
 
 # ---- the bundle ----
-required=("$TUNA" "$bundle/bin/cuda_attention" "$bundle/scripts/attn_sdpa.py" "$bundle/scripts/attn_table.py")
+required=("$TUNA" "$bundle/bin/cuda_attention" "$bundle/bin/train_step")
+for f in attn_sdpa.py attn_table.py train_step.py train_table.py; do required+=("$bundle/scripts/$f"); done
 for t in "${TESTS[@]}"; do IFS='|' read -r _ rel _ <<<"$t"; required+=("$bundle/$rel"); done
 for m in "${GENERATE_MODELS[@]}"; do required+=("$FIXTURES/$m/config.json"); done
 missing=()
@@ -88,20 +91,29 @@ for f in "${required[@]}"; do [ -f "$f" ] || missing+=("${f#"$root/"}"); done
 # ---- the plan: one line per step, "<name>|<cap s>|<log file>|<command>" ----
 q() { local s; s="$(printf '%q ' "$@")"; printf '%s' "${s% }"; }
 STEPS=()
-STEPS+=("nvidia-smi|20|env.txt|nvidia-smi")
-STEPS+=("tuna-info|30|env.txt|$(q "$TUNA" info)")
+STEPS+=("nvidia-smi|15|env.txt|nvidia-smi")
+STEPS+=("tuna-info|15|env.txt|$(q "$TUNA" info)")
 for t in "${TESTS[@]}"; do
   IFS='|' read -r name rel cap <<<"$t"
   STEPS+=("$name|$cap|$name.log|$(q "$bundle/$rel" cuda --test-threads=4)")
 done
 for m in "${GENERATE_MODELS[@]}"; do
-  STEPS+=("generate-$m-cuda|20|generate.log|$(q "$TUNA" generate --model "$FIXTURES/$m" --prompt "hello world" --max-new-tokens 8 --device cuda)")
+  STEPS+=("generate-$m-cuda|15|generate.log|$(q "$TUNA" generate --model "$FIXTURES/$m" --prompt "hello world" --max-new-tokens 8 --device cuda)")
 done
 # Attention against PyTorch SDPA (bf16; FlashAttention-2 backend without a prefix): JSON lines into
 # bench.log, then the joined table (also appended to summary.txt).
-STEPS+=("bench-attention-tuna|60|bench.log|$(q "$bundle/bin/cuda_attention")")
-STEPS+=("bench-attention-sdpa|45|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
+STEPS+=("bench-attention-tuna|45|bench.log|$(q "$bundle/bin/cuda_attention")")
+STEPS+=("bench-attention-sdpa|40|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
 STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.py" "$out/bench.log" "$out/bench.log")")
+# Training steps of a GPT-2-small-shaped model (random weights), 8 x 1024 tokens, tuna against
+# PyTorch + PEFT eager (f32 on both sides): full fine-tuning, and prompt tuning at 8 x 1004 (the 20
+# virtual tokens fill the 1024 learned positions). JSON lines into train.log, then the table.
+for m in "full|1024" "prompt|1004"; do
+  IFS='|' read -r meth seq <<<"$m"
+  STEPS+=("bench-train-tuna-$meth|40|train.log|$(q "$bundle/bin/train_step" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2)")
+  STEPS+=("bench-train-peft-$meth|40|train.log|$(q "$PY" "$bundle/scripts/train_step.py" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2)")
+done
+STEPS+=("train-table|10|train.md|$(q "$PY" "$bundle/scripts/train_table.py" "$out/train.log")")
 
 if [ "$dry" = 1 ]; then
   echo "GPU check plan (dry run; nothing is run or written)"
@@ -196,6 +208,11 @@ fi
     echo
     echo "attention vs PyTorch SDPA (bf16, 16k tokens per batch; TFLOP/s as FlashAttention counts):"
     grep '^|' "$out/attention.md"
+  fi
+  if [ -s "$out/train.md" ]; then
+    echo
+    echo "training steps, GPT-2 small shape, f32, vs PyTorch + PEFT eager (MFU against the bf16 dense peak):"
+    grep '^|' "$out/train.md"
   fi
 } | tee "$out/summary.txt"
 # The device tool brings back at most 8 files: the logs travel as one archive.

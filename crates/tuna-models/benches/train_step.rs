@@ -4,7 +4,8 @@
 //! `scripts/bench/train_step.py` (same JSON); `scripts/bench/train_step.sh` runs both.
 //!
 //! Run: `cargo bench -p tuna-models --bench train_step -- --model minilm --method lora
-//! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S]`.
+//! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S] [--device cpu|cuda]`.
+//! `--model gpt2` is GPT-2 small (the GPU check's training-step shape, `--device cuda`).
 //!
 //! MiniLM is a sequence classifier (mean-pooled encoder output, a trainable 2-class linear head,
 //! cross-entropy); SmolLM2 is a causal LM (Hugging Face's shifted loss over every token). Tokens
@@ -20,19 +21,21 @@ use tuna_autograd::ops::elem::mean_pool;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::optim::AdamW;
+use tuna_autograd::optim::OptimKernels;
 use tuna_autograd::{Ints, Tensor};
 use tuna_kernels::ops::adamw::AdamWParams;
 use tuna_kernels::testing::Rng;
-use tuna_kernels::Cpu;
+use tuna_kernels::{Cpu, Cuda};
 use tuna_models::adapt::{Adaptable, LoraConfig, Method, PromptInit};
 use tuna_models::bert::Bert;
-use tuna_models::config::{BertConfig, LlamaConfig};
+use tuna_models::config::{BertConfig, Gpt2Config, LlamaConfig};
+use tuna_models::gpt2::Gpt2;
 use tuna_models::llama::Llama;
 use tuna_models::params::Loader;
 use tuna_models::weights::WeightSource;
 
 type Res<T> = std::result::Result<T, Box<dyn Error>>;
-type T32 = Tensor<Cpu, f32>;
+type T32<B> = Tensor<B, f32>;
 
 /// Parsed command line.
 struct Args {
@@ -44,6 +47,7 @@ struct Args {
     warmup: usize,
     layers: Option<usize>,
     seed: u64,
+    device: String,
 }
 
 fn parse_args() -> Res<Args> {
@@ -56,6 +60,7 @@ fn parse_args() -> Res<Args> {
         warmup: 2,
         layers: None,
         seed: 0,
+        device: "cpu".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -72,6 +77,7 @@ fn parse_args() -> Res<Args> {
             "--warmup" => a.warmup = v.parse()?,
             "--layers" => a.layers = Some(v.parse()?),
             "--seed" => a.seed = v.parse()?,
+            "--device" => a.device = v,
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -224,24 +230,24 @@ fn method(name: &str, lora_targets: &[&str]) -> Res<Method> {
 }
 
 /// What one step needs: the trainable tensors and a closure computing the loss.
-struct Job {
-    params: Vec<T32>,
-    loss: Box<dyn Fn() -> Res<T32>>,
+struct Job<B: OptimKernels<f32>> {
+    params: Vec<T32<B>>,
+    loss: Box<dyn Fn() -> Res<T32<B>>>,
 }
 
 fn random_ids(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.below(vocab) as u32).collect()
 }
 
-fn minilm_job(a: &Args, dev: &Arc<Cpu>) -> Res<Job> {
+fn minilm_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = minilm_cfg();
     let m = method(&a.method, &["query", "value"])?;
     let weights = Box::leak(Box::new(bert_weights(&cfg, a.seed)));
     let full = matches!(m, Method::Full { .. });
-    let mut loader = Loader::<Cpu, f32>::with_trainable(&*weights, dev, move |_| full);
+    let mut loader = Loader::<B, f32>::with_trainable(&*weights, dev, move |_| full);
     let mut model = Bert::load(&cfg, &mut loader)?;
     m.apply(&mut model, a.seed)?;
-    let mut params: Vec<T32> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
+    let mut params: Vec<T32<B>> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
     params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
     // the classification head trains in every method
     let mut rng = Rng::new(a.seed ^ 0x4ead);
@@ -256,7 +262,7 @@ fn minilm_job(a: &Args, dev: &Arc<Cpu>) -> Res<Job> {
     let mask = Ints::new(dev, &[b, t], &vec![1u8; b * t])?;
     let targets: Vec<i32> = (0..b).map(|_| rng.below(2) as i32).collect();
     let targets = Ints::new(dev, &[b], &targets)?;
-    let loss = move || -> Res<T32> {
+    let loss = move || -> Res<T32<B>> {
         let (hid, mask) = model.encode(&ids, &mask)?;
         let pooled = mean_pool(&hid, &mask)?;
         let logits = linear(&pooled, &head_w, WeightLayout::OutIn, Some(&head_b))?;
@@ -265,22 +271,78 @@ fn minilm_job(a: &Args, dev: &Arc<Cpu>) -> Res<Job> {
     Ok(Job { params, loss: Box::new(loss) })
 }
 
-fn smollm2_job(a: &Args, dev: &Arc<Cpu>) -> Res<Job> {
+fn smollm2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = smollm2_cfg(a.layers);
     let m = method(&a.method, &["q_proj", "v_proj"])?;
     let weights = Box::leak(Box::new(llama_weights(&cfg, a.seed)));
     let full = matches!(m, Method::Full { .. });
-    let mut loader = Loader::<Cpu, f32>::with_trainable(&*weights, dev, move |_| full);
+    let mut loader = Loader::<B, f32>::with_trainable(&*weights, dev, move |_| full);
     let mut model = Llama::load(&cfg, &mut loader)?;
     m.apply(&mut model, a.seed)?;
-    let mut params: Vec<T32> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
+    let mut params: Vec<T32<B>> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
     params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
     let mut rng = Rng::new(a.seed ^ 0x70c5);
     let (b, t) = (a.batch, a.seq);
     let ids_host = random_ids(&mut rng, b * t, cfg.vocab_size);
     let labels: Vec<i32> = ids_host.iter().map(|&i| i as i32).collect();
     let ids = Ints::new(dev, &[b, t], &ids_host)?;
-    let loss = move || -> Res<T32> { Ok(model.loss(&ids, &labels)?) };
+    let loss = move || -> Res<T32<B>> { Ok(model.loss(&ids, &labels)?) };
+    Ok(Job { params, loss: Box::new(loss) })
+}
+
+/// GPT-2 small (124M): 12 layers, width 768, 12 heads, 1024 positions, tied head.
+fn gpt2_cfg(layers: Option<usize>) -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: 50257,
+        n_positions: 1024,
+        n_embd: 768,
+        n_layer: layers.unwrap_or(12),
+        n_head: 12,
+        n_inner: None,
+        layer_norm_epsilon: 1e-5,
+    }
+}
+
+fn gpt2_weights(cfg: &Gpt2Config, seed: u64) -> RandomWeights {
+    let (c, ff) = (cfg.n_embd, cfg.inner());
+    let mut w = RandomWeights::new(seed);
+    w.add("wte.weight".into(), &[cfg.vocab_size, c]);
+    w.add("wpe.weight".into(), &[cfg.n_positions, c]);
+    for i in 0..cfg.n_layer {
+        let p = format!("h.{i}");
+        for n in ["ln_1", "ln_2"] {
+            w.add(format!("{p}.{n}.weight"), &[c]);
+            w.add(format!("{p}.{n}.bias"), &[c]);
+        }
+        for (n, i_, o) in [("attn.c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_fc", c, ff), ("mlp.c_proj", ff, c)]
+        {
+            w.add(format!("{p}.{n}.weight"), &[i_, o]);
+            w.add(format!("{p}.{n}.bias"), &[o]);
+        }
+    }
+    w.add("ln_f.weight".into(), &[c]);
+    w.add("ln_f.bias".into(), &[c]);
+    w
+}
+
+/// GPT-2 small as a causal LM (labels = input ids), the GPU issue's training-step shape.
+fn gpt2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
+    let cfg = gpt2_cfg(a.layers);
+    let m = method(&a.method, &["c_attn"])?;
+    let weights = Box::leak(Box::new(gpt2_weights(&cfg, a.seed)));
+    let full = matches!(m, Method::Full { .. });
+    let mut loader = Loader::<B, f32>::with_trainable(&*weights, dev, move |_| full);
+    let mut model = Gpt2::load(&cfg, &mut loader)?;
+    m.apply(&mut model, a.seed)?;
+    let mut params: Vec<T32<B>> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
+    params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
+    let mut rng = Rng::new(a.seed ^ 0x6972);
+    let (b, t) = (a.batch, a.seq);
+    let ids_host = random_ids(&mut rng, b * t, cfg.vocab_size);
+    let labels: Vec<i32> = ids_host.iter().map(|&i| i as i32).collect();
+    let ids = Ints::new(dev, &[b, t], &ids_host)?;
+    let labels = Ints::new(dev, &[b, t], &labels)?;
+    let loss = move || -> Res<T32<B>> { Ok(model.loss(&ids, &labels)?) };
     Ok(Job { params, loss: Box::new(loss) })
 }
 
@@ -295,14 +357,24 @@ fn peak_rss_mb() -> f64 {
 
 fn main() -> Res<()> {
     let a = parse_args()?;
-    let dev = Arc::new(Cpu);
+    match a.device.as_str() {
+        "cpu" => run(&a, &Arc::new(Cpu)),
+        "cuda" => run(&a, &Arc::new(Cuda::new(0)?)),
+        other => Err(format!("unknown device {other} (cpu|cuda)").into()),
+    }
+}
+
+/// Warmup and timed steps on `dev`. On CUDA the per-phase times are host-side (launches are
+/// asynchronous); the step time is exact, as each step ends reading the loss back.
+fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
     let job = match a.model.as_str() {
-        "minilm" => minilm_job(&a, &dev)?,
-        "smollm2" => smollm2_job(&a, &dev)?,
-        other => return Err(format!("unknown model {other} (minilm|smollm2)").into()),
+        "minilm" => minilm_job(a, dev)?,
+        "smollm2" => smollm2_job(a, dev)?,
+        "gpt2" => gpt2_job(a, dev)?,
+        other => return Err(format!("unknown model {other} (minilm|smollm2|gpt2)").into()),
     };
     let trainable: usize = job.params.iter().map(|t| t.numel()).sum();
-    let refs: Vec<&T32> = job.params.iter().collect();
+    let refs: Vec<&T32<B>> = job.params.iter().collect();
     let mut opt = AdamW::new(&refs, AdamWParams::new(1e-4))?;
     // per-phase seconds over the timed steps: forward, backward, optimizer
     let (mut fwd, mut bwd, mut upd) = (0.0f64, 0.0f64, 0.0f64);
@@ -330,12 +402,13 @@ fn main() -> Res<()> {
     let tokens = (a.batch * a.seq * a.steps) as f64;
     let layers = match a.model.as_str() {
         "minilm" => minilm_cfg().num_hidden_layers,
+        "gpt2" => gpt2_cfg(a.layers).n_layer,
         _ => smollm2_cfg(a.layers).num_hidden_layers,
     };
     println!(
         "{{\"side\":\"tuna\",\"model\":\"{}\",\"method\":\"{}\",\"layers\":{layers},\"batch\":{},\"seq\":{},\"steps\":{},\
 \"tokens_per_s\":{:.1},\"step_ms\":{:.2},\"fwd_ms\":{:.2},\"bwd_ms\":{:.2},\"opt_ms\":{:.2},\"peak_rss_mb\":{:.1},\
-\"trainable\":{trainable},\"threads\":{},\"loss\":{last_loss:.5}}}",
+\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"loss\":{last_loss:.5}}}",
         a.model,
         a.method,
         a.batch,
@@ -348,6 +421,7 @@ fn main() -> Res<()> {
         1e3 * upd / n,
         peak_rss_mb(),
         rayon::current_num_threads(),
+        a.device,
     );
     Ok(())
 }
