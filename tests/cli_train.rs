@@ -328,3 +328,42 @@ fn bert_classification_head_travels_with_the_export() {
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && s.contains("accuracy"), "{s} {}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// LoRA on the real SmolLM2 GGUF (asset): a merged export is a Hugging Face folder (config and
+/// tokenizer written from the GGUF) that evaluates like base + adapter.
+#[test]
+fn smollm2_gguf_lora_exports_a_merged_hugging_face_folder() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(".assets/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        tuna_kernels::testing::note_skip(
+            "cli_train::smollm2_gguf_lora_exports_a_merged_hugging_face_folder",
+            "asset absent (scripts/fetch-assets.sh)",
+        );
+        return;
+    }
+    let d = tmp("smol");
+    let train = data(&d, "train.jsonl", 4, false);
+    let out = d.join("run");
+    let mut a = train_args(&out, &train, 1, &[]);
+    for (f, v) in [("--model", gguf.to_str().unwrap()), ("--batch-size", "2"), ("--lr", "1e-2"), ("--save-every", "1")]
+    {
+        a = set(a, f, v);
+    }
+    ok(&tuna(&a));
+    let adapter = out.join("adapter").display().to_string();
+    let merged = d.join("merged").display().to_string();
+    ok(&tuna(
+        &["export", "--model", gguf.to_str().unwrap(), "--adapter", &adapter, "--merged", "--out", &merged]
+            .map(String::from),
+    ));
+    let eval = |args: &[&str]| {
+        let mut v: Vec<String> = ["eval", "--task", "lm", "--data", &train].map(String::from).to_vec();
+        v.extend(args.iter().map(|s| s.to_string()));
+        let o = tuna(&v);
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{s} {}", String::from_utf8_lossy(&o.stderr));
+        s.split_whitespace().nth(1).and_then(|x| x.parse::<f64>().ok()).unwrap()
+    };
+    let (x, y) = (eval(&["--model", gguf.to_str().unwrap(), "--adapter", &adapter]), eval(&["--model", &merged]));
+    assert!((x - y).abs() < 1e-3 * x.abs(), "base + adapter {x} vs merged {y}");
+}

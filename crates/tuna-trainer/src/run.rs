@@ -488,6 +488,21 @@ pub fn export_merged<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
             extra.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
         peft::write_atomic(&dir.join(peft::EXTRA), &peft::safetensors_bytes(&e)?)?;
     }
+    if let (false, Net::Llama(l)) = (model.source.is_dir(), &model.net) {
+        // A GGUF source: write the Hugging Face config and tokenizer it implies.
+        let c = &l.cfg;
+        let cfg = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.kv_heads(), "head_dim": c.head_dim(), "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta, "tie_word_embeddings": l.lm_head.id() == l.embed_tokens.id(),
+            "max_position_embeddings": c.max_position_embeddings, "torch_dtype": "float32",
+        });
+        peft::write_atomic(&dir.join("config.json"), peft::pretty_sorted(&cfg).as_bytes())?;
+        let tok = model.tokenizer.to_string(true).map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
+        peft::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+    }
     if model.source.is_dir() {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
             let src = model.source.join(f);
