@@ -53,39 +53,53 @@ struct CompareArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
+    /// The base model: a Hugging Face folder (or a `--merged` export) or a Llama .gguf.
     #[arg(long)]
     model: std::path::PathBuf,
     /// An adapter folder (PEFT format, or a `tuna train` run's `adapter/`).
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
+    /// lm, completion or classify.
     #[arg(long, default_value = "classify")]
     task: String,
+    /// The data: .jsonl or .csv, as for `tuna train`.
     #[arg(long)]
     data: std::path::PathBuf,
+    /// The field holding the text (lm, classify).
     #[arg(long, default_value = "text")]
     text_field: String,
+    /// The field holding the prompt (completion).
     #[arg(long, default_value = "prompt")]
     prompt_field: String,
+    /// The field holding the completion (completion).
     #[arg(long, default_value = "completion")]
     completion_field: String,
+    /// The field holding the label (classify).
     #[arg(long, default_value = "label")]
     label_field: String,
+    /// Comma-separated labels, in the order training used (default: those in the data, sorted).
     #[arg(long)]
     labels: Option<String>,
+    /// Comma-separated verbalizer words for decoders (default: the labels).
     #[arg(long)]
     verbalizers: Option<String>,
+    /// Examples per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Tokens per example at most.
     #[arg(long, default_value_t = 128)]
     max_len: usize,
 }
 
 #[derive(clap::Args)]
 struct ExportArgs {
+    /// The base model the adapter was trained on (folder or .gguf).
     #[arg(long)]
     model: std::path::PathBuf,
+    /// The adapter folder (e.g. a `tuna train` run's `adapter/`).
     #[arg(long)]
     adapter: std::path::PathBuf,
+    /// The folder to write.
     #[arg(long)]
     out: std::path::PathBuf,
     /// Merge LoRA into the base weights and write a Hugging Face model folder.

@@ -16,6 +16,7 @@ pub struct MethodArgs {
     /// (--prompt-init-text), labels (the label words).
     #[arg(long, default_value = "vocab")]
     pub prompt_init: String,
+    /// The text a `text` prompt init copies the token embeddings of (repeated or cut to n).
     #[arg(long)]
     pub prompt_init_text: Option<String>,
     /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp).
@@ -24,10 +25,13 @@ pub struct MethodArgs {
     /// Houlsby adapters' bottleneck.
     #[arg(long, default_value_t = 32)]
     pub bottleneck: usize,
+    /// LoRA's rank.
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
+    /// LoRA's alpha (the update is scaled by alpha / r).
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
+    /// Dropout on LoRA's input during training.
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
     /// Comma-separated module names LoRA adapts (default: the attention query and value).
@@ -87,14 +91,19 @@ pub struct RunArgs {
     /// Training data: .jsonl (one object per line) or .csv (header row).
     #[arg(long)]
     pub train: Option<PathBuf>,
+    /// Evaluation data (same format); evaluated every --eval-every steps and at the end.
     #[arg(long)]
     pub eval: Option<PathBuf>,
+    /// The field (JSON key or CSV column) holding the text (lm, classify).
     #[arg(long, default_value = "text")]
     pub text_field: String,
+    /// The field holding the prompt (completion).
     #[arg(long, default_value = "prompt")]
     pub prompt_field: String,
+    /// The field holding the completion (completion: the loss covers only it).
     #[arg(long, default_value = "completion")]
     pub completion_field: String,
+    /// The field holding the label (classify).
     #[arg(long, default_value = "label")]
     pub label_field: String,
     /// Comma-separated labels (default: those in the training data, sorted).
@@ -103,30 +112,37 @@ pub struct RunArgs {
     /// Comma-separated words decoders score for each label (default: the labels).
     #[arg(long)]
     pub verbalizers: Option<String>,
+    /// Examples per optimizer step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Rows per forward/backward pass (gradient accumulation); default: the batch size.
     #[arg(long)]
     pub micro_batch: Option<usize>,
+    /// Tokens per example at most (longer ones are truncated; completion keeps the end).
     #[arg(long, default_value_t = 128)]
     pub max_len: usize,
+    /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
     /// Peak learning rate (default: 3e-2 for prompt/prefix methods, 1e-3 for houlsby and lora, 5e-5 for full).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Linear warmup steps (at most --steps).
     #[arg(long, default_value_t = 10)]
     pub warmup: u64,
     /// cosine, linear or constant.
     #[arg(long, default_value = "cosine")]
     pub decay: String,
+    /// The decay ends at this fraction of the peak learning rate.
     #[arg(long, default_value_t = 0.1)]
     pub min_lr_ratio: f64,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// Evaluate every N steps (with --eval).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
     /// Checkpoint every N steps (also at each evaluation and the end).
@@ -138,10 +154,13 @@ pub struct RunArgs {
     /// Checkpoints kept besides the best.
     #[arg(long, default_value_t = 2)]
     pub keep_last: usize,
+    /// Use only the first N training examples.
     #[arg(long)]
     pub max_train_examples: Option<usize>,
+    /// Use only the first N evaluation examples.
     #[arg(long)]
     pub max_eval_examples: Option<usize>,
+    /// Seeds the data order, the new parameters' init and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder (metrics.jsonl, checkpoints/, adapter/ or model/, summary.json).
