@@ -191,13 +191,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 label: a.label_field,
             };
             let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
+            // Labels and verbalizers as training had them, unless given.
+            let saved = a.adapter.as_ref().unwrap_or(&a.model).join(tuna::trainer::TASK_FILE);
+            let saved: serde_json::Value =
+                std::fs::read_to_string(&saved).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            let from_run = |k: &str| saved.get(k).and_then(|v| v.as_str()).map(String::from);
+            let labels = a.labels.clone().or_else(|| from_run("labels"));
+            let verbalizers = a.verbalizers.clone().or_else(|| from_run("verbalizers"));
             let e = tuna::trainer::eval_file(
                 &m,
                 task,
                 &a.data,
                 &fields,
-                a.labels.as_deref(),
-                a.verbalizers.as_deref(),
+                labels.as_deref(),
+                verbalizers.as_deref(),
                 a.batch_size,
                 a.max_len,
             )?;
@@ -218,6 +225,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tuna::trainer::model::Net::Llama(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
                     tuna::trainer::model::Net::Bert(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
                 }
+            }
+            // The task file (class order, verbalizers) travels on.
+            let task = a.adapter.join(tuna::trainer::TASK_FILE);
+            if task.exists() {
+                std::fs::copy(&task, a.out.join(tuna::trainer::TASK_FILE))?;
             }
             println!("wrote {}", a.out.display());
         }

@@ -283,6 +283,29 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
             .map(String::from),
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"), "{}", String::from_utf8_lossy(&o.stderr));
+    // The class order travels with the adapter: data holding one class still scores both.
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("tuna_task.json")).unwrap()).unwrap();
+    assert_eq!(task["labels"], "cat,other");
+    let cats = d.join("cats.jsonl");
+    std::fs::write(&cats, "{\"text\": \"The cat sat.\", \"label\": \"cat\"}\n").unwrap();
+    let o = tuna(
+        &[
+            "eval",
+            "--model",
+            &fixture("llama"),
+            "--adapter",
+            &adapter.display().to_string(),
+            "--data",
+            &cats.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("accuracy"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let merged = d.join("merged");
     ok(&tuna(
         &[

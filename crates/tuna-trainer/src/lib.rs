@@ -28,7 +28,7 @@ pub use model::Model;
 pub use progress::Progress;
 pub use run::{
     describe_eval, eval_file, evaluate, export, export_merged, load_adapted, train, EvalMetrics, RunSummary,
-    TrainConfig,
+    TrainConfig, TASK_FILE,
 };
 pub use schedule::{Decay, Schedule};
 pub use task::TaskSpec;

@@ -108,6 +108,8 @@ struct State {
 }
 
 const TRAINABLE: &str = "trainable.safetensors";
+/// Beside an export: the task, labels (in training's class order) and verbalizers.
+pub const TASK_FILE: &str = "tuna_task.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
 
@@ -305,6 +307,13 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         None => None,
     };
     let (export, bytes) = export(&model, &cfg.out)?;
+    // The task travels with the export, so that `tuna eval` scores classes in training's order.
+    let task_json = json!({
+        "task": format!("{:?}", cfg.task).to_lowercase(),
+        "labels": spec.labels.as_ref().map(|l| l.labels().join(",")),
+        "verbalizers": cfg.verbalizers,
+    });
+    crate::checkpoint::write_atomic(&export.join(TASK_FILE), peft::pretty_sorted(&task_json).as_bytes())?;
     let summary = RunSummary {
         method: cfg.method.name().into(),
         model: cfg.model.display().to_string(),
