@@ -27,6 +27,26 @@ enum Command {
     /// Train several methods with the same data and budget and print the trade-off table (also
     /// JSON and SVG). Without --model/--train: all-MiniLM-L6-v2 on movie-review polarity.
     Compare(CompareArgs),
+    /// Time a few training steps per op kind (forward and backward), like `train` but writing
+    /// nothing: where a method's step time goes on this model and data.
+    Profile(ProfileArgs),
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora.
+    #[arg(long)]
+    method: String,
+    /// Steps run before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup_steps: u64,
+    /// Steps measured.
+    #[arg(long, default_value_t = 5)]
+    profile_steps: u64,
+    #[command(flatten)]
+    method_args: tuna::train_cmd::MethodArgs,
+    #[command(flatten)]
+    run: tuna::train_cmd::RunArgs,
 }
 
 #[derive(clap::Args)]
@@ -232,6 +252,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::copy(&task, a.out.join(tuna::trainer::TASK_FILE))?;
             }
             println!("wrote {}", a.out.display());
+        }
+        Command::Profile(a) => {
+            let method = a.method_args.method(&a.method)?;
+            let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
+            let p = match device(&a.run.device)? {
+                Device::Cpu => tuna::trainer::profile(&Arc::new(Cpu), &cfg, a.warmup_steps, a.profile_steps)?,
+                Device::Cuda(n) => {
+                    tuna::trainer::profile(&Arc::new(Cuda::new(n)?), &cfg, a.warmup_steps, a.profile_steps)?
+                }
+            };
+            print!("{}", tuna::train_cmd::profile_table(&p));
         }
         Command::Compare(a) => {
             let methods: Vec<String> = a.methods.split(',').map(|m| m.trim().to_string()).collect();

@@ -254,3 +254,32 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
 pub fn pct(s: &tuna_trainer::RunSummary) -> f64 {
     100.0 * s.trainable_params as f64 / s.base_params.max(1) as f64
 }
+
+/// A profile as a markdown table: per op kind, calls and milliseconds per step, and the share of
+/// the step; then the optimizer and what no op accounts for.
+pub fn profile_table(p: &tuna_trainer::Profile) -> String {
+    let pct = |ms: f64| 100.0 * ms / p.step_ms.max(1e-12);
+    let mut s = format!(
+        "{} steps measured: {:.1} ms per step, {:.0} tokens/s (times per step; an op's forward time runs from the previous op's end)\n\n",
+        p.steps, p.step_ms, p.tokens_per_s
+    );
+    s += "| op | forward calls | forward ms | backward calls | backward ms | % of step |\n|---|---:|---:|---:|---:|---:|\n";
+    let mut accounted = p.optimizer_ms;
+    for r in &p.rows {
+        let t = r.forward_ms + r.backward_ms;
+        accounted += t;
+        s += &format!(
+            "| {} | {} | {:.2} | {} | {:.2} | {:.1}% |\n",
+            r.kind,
+            r.forward_calls,
+            r.forward_ms,
+            r.backward_calls,
+            r.backward_ms,
+            pct(t)
+        );
+    }
+    s += &format!("| optimizer (clip, AdamW) | | | | {:.2} | {:.1}% |\n", p.optimizer_ms, pct(p.optimizer_ms));
+    let rest = (p.step_ms - accounted).max(0.0);
+    s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% |\n", rest, pct(rest));
+    s
+}

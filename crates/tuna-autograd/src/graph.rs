@@ -78,6 +78,7 @@ pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
     make: impl FnOnce(Rc<GradCell<B, E>>, &OutData<B, E>) -> BackwardFn,
 ) -> Tensor<B, E> {
     let data = Rc::new(RefCell::new(data));
+    stats::forward_done(kind);
     if !recording(inputs) {
         return Tensor::from_op(dev, shape, data, None);
     }
@@ -98,6 +99,7 @@ pub(crate) fn output_shared<B: Alloc<E> + 'static, E: Elem>(
     make: impl FnOnce(Rc<GradCell<B, E>>) -> BackwardFn,
 ) -> Tensor<B, E> {
     let data = x.inner.data.clone();
+    stats::forward_done(kind);
     if !recording(&[x]) {
         return Tensor::from_op(x.device(), shape, data, None);
     }
@@ -210,10 +212,15 @@ pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
             done.kind
         )));
     }
+    let timed = stats::profiling();
     for node in order.into_iter().rev() {
         let f = node.backward.borrow_mut().take();
         if let Some(f) = f {
+            let t0 = timed.then(std::time::Instant::now);
             f()?;
+            if let Some(t0) = t0 {
+                stats::backward_done(node.kind, t0.elapsed().as_nanos() as u64);
+            }
         }
     }
     Ok(())

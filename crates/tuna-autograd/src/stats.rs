@@ -1,8 +1,17 @@
 //! Counters that make the tape's economy visible: bytes of saved activations (now and at peak)
-//! and backward kernels launched, by kind. Per thread, like the tape itself.
+//! and backward kernels launched, by kind; and, when profiling is on, wall time per op kind,
+//! forward and backward. Per thread, like the tape itself.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Calls and total wall time of one op kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OpTime {
+    pub calls: u64,
+    pub nanos: u64,
+}
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
@@ -14,6 +23,13 @@ pub struct Stats {
     pub backward_launches: BTreeMap<&'static str, u64>,
     /// Ops recorded on the tape, by kind.
     pub recorded: BTreeMap<&'static str, u64>,
+    /// With [`set_profiling`] on: forward time by op kind, each op charged the wall time since the
+    /// previous op finished (or since [`mark`]), so host work between ops lands on the next op.
+    pub forward_time: BTreeMap<&'static str, OpTime>,
+    /// With profiling on: each backward closure's wall time, by the op kind that recorded it.
+    pub backward_time: BTreeMap<&'static str, OpTime>,
+    profiling: bool,
+    last_mark: Option<Instant>,
 }
 
 impl Stats {
@@ -36,14 +52,66 @@ pub fn snapshot() -> Stats {
     STATS.with(|s| s.borrow().clone())
 }
 
-/// Zero the launch and record counters and set the peak to the bytes held now.
+/// Zero the launch, record and time counters and set the peak to the bytes held now.
 pub fn reset() {
     STATS.with(|s| {
         let mut s = s.borrow_mut();
         s.backward_launches.clear();
         s.recorded.clear();
+        s.forward_time.clear();
+        s.backward_time.clear();
         s.peak_saved_bytes = s.saved_bytes;
     })
+}
+
+/// Switch per-op timing on or off (off by default: it reads the clock twice per op). Times are
+/// host wall time: exact on the CPU; on CUDA they are launch times unless the device synchronizes.
+pub fn set_profiling(on: bool) {
+    STATS.with(|s| {
+        let mut s = s.borrow_mut();
+        s.profiling = on;
+        s.last_mark = on.then(Instant::now);
+    })
+}
+
+/// Start the clock the next op's forward time is measured from (call before a forward pass).
+pub fn mark() {
+    STATS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.profiling {
+            s.last_mark = Some(Instant::now());
+        }
+    })
+}
+
+fn add(map: &mut BTreeMap<&'static str, OpTime>, kind: &'static str, nanos: u64) {
+    let t = map.entry(kind).or_default();
+    t.calls += 1;
+    t.nanos += nanos;
+}
+
+/// An op of `kind` has just produced its output: charge it the time since the last mark.
+pub(crate) fn forward_done(kind: &'static str) {
+    STATS.with(|s| {
+        let mut s = s.borrow_mut();
+        if !s.profiling {
+            return;
+        }
+        let now = Instant::now();
+        let ns = s.last_mark.map_or(0, |m| (now - m).as_nanos() as u64);
+        add(&mut s.forward_time, kind, ns);
+        s.last_mark = Some(now);
+    })
+}
+
+/// Whether per-op timing is on.
+pub(crate) fn profiling() -> bool {
+    STATS.with(|s| s.borrow().profiling)
+}
+
+/// A backward closure of an op of `kind` took `nanos`.
+pub(crate) fn backward_done(kind: &'static str, nanos: u64) {
+    STATS.with(|s| add(&mut s.borrow_mut().backward_time, kind, nanos))
 }
 
 pub(crate) fn launched(kind: &'static str) {

@@ -27,8 +27,8 @@ pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, Metri
 pub use model::Model;
 pub use progress::Progress;
 pub use run::{
-    describe_eval, eval_file, evaluate, export, export_merged, load_adapted, train, EvalMetrics, RunSummary,
-    TrainConfig, TASK_FILE,
+    describe_eval, eval_file, evaluate, export, export_merged, load_adapted, profile, train, EvalMetrics, Profile,
+    ProfileRow, RunSummary, TrainConfig, TASK_FILE,
 };
 pub use schedule::{Decay, Schedule};
 pub use task::TaskSpec;

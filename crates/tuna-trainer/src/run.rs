@@ -122,8 +122,17 @@ fn best_metric(task: Task) -> (&'static str, Direction) {
     }
 }
 
-/// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
-pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
+/// What a run works on: the model with its method installed, the task, the batches.
+struct Setup<B: Backend> {
+    model: Model<B>,
+    spec: TaskSpec,
+    batcher: Batcher,
+    eval_batcher: Option<Batcher>,
+    params: Vec<(String, Tensor<B, f32>)>,
+}
+
+/// Load the data, the model (installing the method) and the task; check the schedule.
+fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
     let train_records = limit(data::load(&cfg.train, cfg.task, &cfg.fields)?, cfg.max_train_examples);
     let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &cfg.labels) {
         (Some(t), _, _) => Some(t.clone()),
@@ -155,11 +164,20 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         drop_last: false,
         seed: cfg.seed,
     };
-    let mut batcher = Batcher::new(train_enc, batch_cfg(true))?;
+    let batcher = Batcher::new(train_enc, batch_cfg(true))?;
     let eval_batcher = match eval_enc {
         Some(e) => Some(Batcher::new(e, batch_cfg(false))?),
         None => None,
     };
+    let params = model.trainable();
+    if params.is_empty() {
+        return Err(TrainError::Invalid("nothing to train: the method and patterns select no tensor".into()));
+    }
+    Ok(Setup { model, spec, batcher, eval_batcher, params })
+}
+
+/// The learning-rate schedule `cfg` asks for, checked.
+fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
     let schedule = Schedule {
         peak_lr: cfg.lr,
         warmup_steps: cfg.warmup,
@@ -168,10 +186,13 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         min_lr_ratio: cfg.min_lr_ratio,
     };
     schedule.validate().map_err(TrainError::Invalid)?;
-    let params = model.trainable();
-    if params.is_empty() {
-        return Err(TrainError::Invalid("nothing to train: the method and patterns select no tensor".into()));
-    }
+    Ok(schedule)
+}
+
+/// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
+pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
+    let Setup { model, spec, mut batcher, eval_batcher, params } = setup(dev, cfg)?;
+    let schedule = schedule_of(cfg)?;
     let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
     let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
     let mut opt = AdamW::new(&refs, hp)?;
@@ -587,4 +608,93 @@ pub fn eval_file(
 /// A one-line description of evaluation results.
 pub fn describe_eval(e: &EvalMetrics) -> String {
     describe(e)
+}
+
+/// One op kind's share of a profiled step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfileRow {
+    pub kind: String,
+    pub forward_calls: u64,
+    pub forward_ms: f64,
+    pub backward_calls: u64,
+    pub backward_ms: f64,
+}
+
+/// Where a training step's time goes, per op kind, averaged over the measured steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    pub steps: u64,
+    pub step_ms: f64,
+    pub optimizer_ms: f64,
+    pub tokens_per_s: f64,
+    /// Sorted by total time, largest first; times per step.
+    pub rows: Vec<ProfileRow>,
+}
+
+/// Run `warmup` then `steps` training steps of `cfg` (no checkpoints, nothing written) with
+/// per-op timing on (see [`tuna_autograd::stats::set_profiling`]) and report where the time went.
+pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: u64) -> Result<Profile> {
+    use tuna_autograd::stats;
+    let Setup { model, spec, mut batcher, params, .. } = setup(dev, cfg)?;
+    let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
+    let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
+    let mut opt = AdamW::new(&refs, hp)?;
+    let mut cursor = Cursor::default();
+    model.adapt().set_training(true);
+    let (mut total, mut optimizer, mut tokens) = (0.0f64, 0.0f64, 0usize);
+    for i in 0..warmup + steps {
+        if i == warmup {
+            stats::reset();
+            stats::set_profiling(true);
+        }
+        let batch = batcher.next_batch(&mut cursor);
+        let t0 = Instant::now();
+        stats::mark();
+        let micro = batch.split(cfg.micro_batch.max(1))?;
+        let total_terms: usize = micro.iter().map(|m| spec.terms(&model, m)).sum();
+        for mb in &micro {
+            let (loss, terms) = spec.loss(&model, mb)?;
+            if terms > 0 {
+                scale(&loss, terms as f64 / total_terms.max(1) as f64)?.backward()?;
+            }
+            stats::mark();
+        }
+        let t1 = Instant::now();
+        if let Some(c) = cfg.clip {
+            clip_grad_norm(&refs, c)?;
+        }
+        opt.step()?;
+        let _ = params[0].1.to_vec()?; // a device finishes the step before the clock stops
+        if i >= warmup {
+            total += t0.elapsed().as_secs_f64();
+            optimizer += t1.elapsed().as_secs_f64();
+            tokens += batch.real_tokens;
+        }
+    }
+    stats::set_profiling(false);
+    let snap = stats::snapshot();
+    let n = steps.max(1) as f64;
+    let mut kinds: Vec<&'static str> = snap.forward_time.keys().chain(snap.backward_time.keys()).copied().collect();
+    kinds.sort();
+    kinds.dedup();
+    let ms = |t: Option<&stats::OpTime>| t.map_or(0.0, |t| t.nanos as f64 / 1e6 / n);
+    let calls = |t: Option<&stats::OpTime>| t.map_or(0, |t| t.calls / steps.max(1));
+    let mut rows: Vec<ProfileRow> = kinds
+        .into_iter()
+        .map(|k| ProfileRow {
+            kind: k.to_string(),
+            forward_calls: calls(snap.forward_time.get(k)),
+            forward_ms: ms(snap.forward_time.get(k)),
+            backward_calls: calls(snap.backward_time.get(k)),
+            backward_ms: ms(snap.backward_time.get(k)),
+        })
+        .collect();
+    rows.sort_by(|a, b| (b.forward_ms + b.backward_ms).total_cmp(&(a.forward_ms + a.backward_ms)));
+    Ok(Profile {
+        steps,
+        step_ms: 1e3 * total / n,
+        optimizer_ms: 1e3 * optimizer / n,
+        tokens_per_s: tokens as f64 / total.max(1e-9),
+        rows,
+    })
 }

@@ -9,7 +9,8 @@ const CHUNK: usize = 16 * 1024;
 
 #[inline]
 fn sigmoid<F: CpuFloat>(x: F) -> F {
-    F::one() / (F::one() + (-x).exp())
+    // exp_fast: vectorizable in f32 (relative error ~2e-7), libm in f64.
+    F::one() / (F::one() + (-x).exp_fast())
 }
 
 /// `silu'(x) = s * (1 + x * (1 - s))` with `s = sigmoid(x)`.
