@@ -36,6 +36,22 @@ impl<B: Alloc<E>, E: Elem> GradCell<B, E> {
         }
         Ok(g.as_mut().expect("just set"))
     }
+    /// Add a whole gradient `g` (of this cell's length): moved in when the cell is empty (no
+    /// zeroing, no copy), added with `add` otherwise.
+    pub(crate) fn accumulate_owned(
+        &self,
+        g: B::Owned,
+        add: impl FnOnce(&mut B::Buf<E>, &B::Buf<E>) -> Result<()>,
+    ) -> Result<()> {
+        let mut cur = self.buf.borrow_mut();
+        match cur.as_mut() {
+            None => {
+                *cur = Some(g);
+                Ok(())
+            }
+            Some(c) => add(B::buf_mut(c), B::buf(&g)),
+        }
+    }
     /// Take the buffer out (frees a non-leaf gradient once its node has used it).
     pub(crate) fn take(&self) -> Option<B::Owned> {
         self.buf.borrow_mut().take()

@@ -22,7 +22,8 @@ pub fn reshape<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, shape: &[usize]) -> Re
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
             launched("reshape.bwd");
-            cx.accumulate(&dev, |dx| Ok(dev.grad_accumulate(dx, B::buf(&g), <E as CpuFloat>::c(1.0))?))
+            // The gradient buffer moves to the input when it has none yet (the usual case).
+            cx.accumulate_owned(g, |dx, g| Ok(dev.grad_accumulate(dx, g, <E as CpuFloat>::c(1.0))?))
         })
     }))
 }
