@@ -393,3 +393,22 @@ fn smollm2_gguf_lora_exports_a_merged_hugging_face_folder() {
     let (x, y) = (eval(&["--model", gguf.to_str().unwrap(), "--adapter", &adapter]), eval(&["--model", &merged]));
     assert!((x - y).abs() < 1e-3 * x.abs(), "base + adapter {x} vs merged {y}");
 }
+
+#[test]
+fn profile_prints_per_op_times() {
+    let d = tmp("profile");
+    let train = data(&d, "train.jsonl", 8, false);
+    let args: Vec<String> =
+        ["profile", "--method", "lora", "--model", &fixture("llama"), "--task", "lm", "--train", &train]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--batch-size", "4", "--profile-steps", "2", "--warmup-steps", "1"].map(String::from))
+            .collect();
+    let o = tuna(&args);
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for row in ["| matmul |", "| attention |", "| rmsnorm |", "| optimizer (clip, AdamW) |", "2 steps measured"] {
+        assert!(s.contains(row), "{row} missing:\n{s}");
+    }
+    assert!(!s.contains("wrote"), "profile writes nothing:\n{s}");
+}
