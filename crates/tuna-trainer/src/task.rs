@@ -109,9 +109,7 @@ impl TaskSpec {
         match self.task {
             Task::Classify => {
                 let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
-                let classes: Vec<i32> = b.classes.iter().map(|&c| c as i32).collect();
-                let t = Ints::new(&model.dev, &[b.batch], &classes)?;
-                Ok((cross_entropy(scores, &t, IGNORE_INDEX)?, b.batch))
+                Ok((class_loss(model, b, scores)?, b.batch))
             }
             _ => {
                 let labels = lm_labels(model, b);
@@ -137,14 +135,22 @@ impl TaskSpec {
                 let s = scores.to_vec()?;
                 let c = s.len() / b.batch.max(1);
                 let correct = s.chunks(c.max(1)).zip(&b.classes).filter(|(row, &k)| argmax(row) == k as usize).count();
-                let (loss, n) = self.loss(model, b)?;
-                Ok((loss.to_vec()?[0] as f64 * n as f64, n, correct))
+                // The loss from the same scores: one forward per batch.
+                let loss = class_loss(model, b, scores)?;
+                Ok((loss.to_vec()?[0] as f64 * b.batch as f64, b.batch, correct))
             } else {
                 let (loss, n) = self.loss(model, b)?;
                 Ok((loss.to_vec()?[0] as f64 * n as f64, n, 0))
             }
         })
     }
+}
+
+/// Mean cross-entropy of class `scores` (`[batch, classes]`) against the batch's classes.
+fn class_loss<B: Backend>(model: &Model<B>, b: &Batch, scores: Tensor<B, f32>) -> Result<Tensor<B, f32>> {
+    let classes: Vec<i32> = b.classes.iter().map(|&c| c as i32).collect();
+    let t = Ints::new(&model.dev, &[b.batch], &classes)?;
+    Ok(cross_entropy(scores, &t, IGNORE_INDEX)?)
 }
 
 /// Unshifted causal-LM labels of a batch: the targets, with each left-padded row's first real
