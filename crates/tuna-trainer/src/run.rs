@@ -5,7 +5,7 @@
 //! `state.json` with the data cursor), `adapter/` (the final PEFT folder; `model/` for full
 //! fine-tuning: a Hugging Face folder of the trained model) and `summary.json`.
 
-use crate::batch::{BatchConfig, Batcher, Cursor, PadSide, Truncate};
+use crate::batch::{Batch, BatchConfig, Batcher, Cursor, PadSide, Truncate};
 use crate::checkpoint::{Checkpoints, Direction};
 use crate::data::{self, Fields, Task};
 use crate::error::{Result, TrainError};
@@ -240,21 +240,9 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     while st.step < cfg.steps {
         let t0 = Instant::now();
         let batch = batcher.next_batch(&mut st.cursor);
-        let micro = batch.split(cfg.micro_batch.max(1))?;
-        let total_terms: usize = micro.iter().map(|m| spec.terms(&model, m)).sum();
-        let mut loss_sum = 0.0f64;
-        for (k, mb) in micro.iter().enumerate() {
-            model.adapt().seed_dropout(cfg.seed ^ (st.step << 8) ^ k as u64);
-            let (loss, terms) = spec.loss(&model, mb)?;
-            let w = terms as f64 / total_terms.max(1) as f64;
-            let l = loss.to_vec()?[0] as f64;
-            if !l.is_finite() {
-                return Err(non_finite(st.step + 1, l, &ckpts));
-            }
-            loss_sum += l * w;
-            if terms > 0 {
-                scale(&loss, w)?.backward()?;
-            }
+        let loss_sum = accumulate_grads(&model, &spec, &batch, cfg.micro_batch, cfg.seed ^ (st.step << 8))?;
+        if !loss_sum.is_finite() {
+            return Err(non_finite(st.step + 1, loss_sum, &ckpts));
         }
         let grad_norm = match cfg.clip {
             Some(c) => clip_grad_norm(&refs, c)?,
@@ -357,6 +345,38 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     crate::checkpoint::write_atomic(&cfg.out.join("summary.json"), text.as_bytes())?;
     Ok(summary)
+}
+
+/// Forward and backward of `batch` in micro-batches of `micro` rows, each loss weighted by its
+/// share of the batch's loss terms (so the accumulated gradients are the full batch's). Returns the
+/// batch's mean loss; at the first non-finite micro-batch loss it stops and returns that loss,
+/// before its backward. Dropout is seeded per micro-batch from `seed`.
+fn accumulate_grads<B: Backend>(
+    model: &Model<B>,
+    spec: &TaskSpec,
+    batch: &Batch,
+    micro: usize,
+    seed: u64,
+) -> Result<f64> {
+    let micro = batch.split(micro.max(1))?;
+    let total_terms: usize = micro.iter().map(|m| spec.terms(model, m)).sum();
+    let mut loss_sum = 0.0f64;
+    for (k, mb) in micro.iter().enumerate() {
+        model.adapt().seed_dropout(seed ^ k as u64);
+        let (loss, terms) = spec.loss(model, mb)?;
+        let w = terms as f64 / total_terms.max(1) as f64;
+        let l = loss.to_vec()?[0] as f64;
+        if !l.is_finite() {
+            return Ok(l);
+        }
+        loss_sum += l * w;
+        if terms > 0 {
+            scale(&loss, w)?.backward()?;
+        }
+        // Profiling: the next forward op is timed from here, not from before this backward.
+        tuna_autograd::stats::mark();
+    }
+    Ok(loss_sum)
 }
 
 fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
@@ -650,15 +670,7 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
         let batch = batcher.next_batch(&mut cursor);
         let t0 = Instant::now();
         stats::mark();
-        let micro = batch.split(cfg.micro_batch.max(1))?;
-        let total_terms: usize = micro.iter().map(|m| spec.terms(&model, m)).sum();
-        for mb in &micro {
-            let (loss, terms) = spec.loss(&model, mb)?;
-            if terms > 0 {
-                scale(&loss, terms as f64 / total_terms.max(1) as f64)?.backward()?;
-            }
-            stats::mark();
-        }
+        accumulate_grads(&model, &spec, &batch, cfg.micro_batch, cfg.seed ^ (i << 8))?;
         let t1 = Instant::now();
         if let Some(c) = cfg.clip {
             clip_grad_norm(&refs, c)?;
