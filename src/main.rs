@@ -239,12 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 tuna::trainer::export_merged(&m, &a.out)?;
             } else {
-                let base = a.model.display().to_string();
-                match &m.net {
-                    tuna::trainer::model::Net::Gpt2(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
-                    tuna::trainer::model::Net::Llama(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
-                    tuna::trainer::model::Net::Bert(n) => tuna::models::adapt::peft::save(n, &a.out, &base)?,
-                }
+                m.save_adapter(&a.out, &a.model.display().to_string())?;
             }
             // The task file (class order, verbalizers) travels on.
             let task = a.adapter.join(tuna::trainer::TASK_FILE);

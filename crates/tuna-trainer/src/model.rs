@@ -61,11 +61,18 @@ impl<B: Backend> Model<B> {
     /// `method` says (full fine-tuning), and install `method` (seeded).
     /// A TEXT or CLASS_LABELS prompt init given with no tokens takes them from `init_text`.
     pub fn load(dev: &Arc<B>, path: &Path, method: &Method, seed: u64, init_text: Option<&str>) -> Result<Model<B>> {
-        let dev = dev.clone();
-        let trainable: Box<dyn Fn(&str) -> bool> = match method {
-            Method::Full { patterns } => Box::new(full_finetune_predicate(patterns)),
-            _ => Box::new(|_| false),
+        let mut m = match method {
+            Method::Full { patterns } => Model::open(dev, path, full_finetune_predicate(patterns))?,
+            _ => Model::open(dev, path, |_| false)?,
         };
+        m.install(method, seed, init_text)?;
+        Ok(m)
+    }
+
+    /// Load `path` (a Hugging Face folder or a Llama `.gguf`) with its tokenizer; the base weights
+    /// named as `trainable` says train. No adaptation is installed.
+    pub fn open(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Model<B>> {
+        let dev = dev.clone();
         let (net, tokenizer, add_special, loaded) = if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
                 return Err(TrainError::Invalid(format!(
@@ -94,22 +101,37 @@ impl<B: Backend> Model<B> {
             (net, tok, true, l.loaded)
         } else {
             return Err(TrainError::Invalid(format!(
-                "--model {}: no such file or folder (give a Hugging Face folder or a .gguf file)",
+                "--model {}: no such file or folder (give a Hugging Face folder or a .gguf file; a hub id needs \
+                 a model hub, which this machine cannot reach)",
                 path.display()
             )));
         };
         let trainable_base = loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        let mut m = Model { net, tokenizer, add_special, trainable_base, source: path.to_path_buf(), dev };
-        let mut method = m.resolve(method)?;
+        Ok(Model { net, tokenizer, add_special, trainable_base, source: path.to_path_buf(), dev })
+    }
+
+    /// Install `method`'s new parameters (seeded); see [`Model::load`] for `init_text`.
+    pub fn install(&mut self, method: &Method, seed: u64, init_text: Option<&str>) -> Result<()> {
+        let mut method = self.resolve(method)?;
         if let Method::Prompt { init: PromptInit::Text(ids) | PromptInit::ClassLabels(ids), .. } = &mut method {
             if ids.is_empty() {
                 let text = init_text
                     .ok_or_else(|| TrainError::Invalid("the prompt init needs a text (--prompt-init-text)".into()))?;
-                *ids = m.encode_plain(text)?;
+                *ids = self.encode_plain(text)?;
             }
         }
-        each!(&mut m.net, n => method.apply(n, seed))?;
-        Ok(m)
+        each!(&mut self.net, n => method.apply(n, seed))?;
+        Ok(())
+    }
+
+    /// Install the adapter saved in `dir` (PEFT's format or tuna's), replacing any adaptation.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        Ok(each!(&mut self.net, n => tuna_models::adapt::peft::load(n, dir))?)
+    }
+
+    /// Save the adaptation into `dir` as a PEFT folder (`base_name` names the base model in it).
+    pub fn save_adapter(&self, dir: &Path, base_name: &str) -> Result<()> {
+        Ok(each!(&self.net, n => tuna_models::adapt::peft::save(n, dir, base_name))?)
     }
 
     /// `method` with LoRA's default targets filled in (the attention query and value projections,

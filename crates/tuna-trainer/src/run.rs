@@ -502,12 +502,7 @@ pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)
         (d.clone(), d.join("model.safetensors"))
     } else {
         let d = out.join("adapter");
-        let base = model.source.display().to_string();
-        match &model.net {
-            Net::Gpt2(n) => peft::save(n, &d, &base)?,
-            Net::Llama(n) => peft::save(n, &d, &base)?,
-            Net::Bert(n) => peft::save(n, &d, &base)?,
-        }
+        model.save_adapter(&d, &model.source.display().to_string())?;
         (d.clone(), d.join(peft::WEIGHTS))
     };
     let extra = std::fs::metadata(dir.join(peft::EXTRA)).map(|m| m.len()).unwrap_or(0);
@@ -577,7 +572,7 @@ pub fn peak_rss_bytes() -> u64 {
 
 /// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable.
 pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Model<B>> {
-    let mut m = Model::load(dev, model, &Method::Full { patterns: vec!["\u{0}".into()] }, 0, None)?;
+    let mut m = Model::open(dev, model, |_| false)?;
     // A fully fine-tuned model folder may carry its task head.
     let head = model.join(peft::EXTRA);
     if adapter.is_none() && head.exists() {
@@ -587,11 +582,7 @@ pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Pat
         }
     }
     if let Some(a) = adapter {
-        match &mut m.net {
-            Net::Gpt2(n) => peft::load(n, a)?,
-            Net::Llama(n) => peft::load(n, a)?,
-            Net::Bert(n) => peft::load(n, a)?,
-        }
+        m.load_adapter(a)?;
     }
     Ok(m)
 }
