@@ -333,16 +333,29 @@ pub fn safetensors_bytes(tensors: &[(String, HostTensor)]) -> Result<Vec<u8>> {
     safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::InvalidArgument(format!("safetensors: {e}")))
 }
 
-/// `path` replaced atomically: written to a temporary file in the same folder, synced, renamed.
+/// `path` replaced atomically: written to a temporary file in the same folder, synced, renamed,
+/// and the folder synced (so the rename is durable). Readers see the old file or the new one,
+/// never a torn one. The one implementation tuna's crates use (the trainer's checkpoint module
+/// calls it too).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| Error::Io { path: p, source: e }
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    // Directory fsync makes the rename durable on Unix; other systems cannot open a folder as a file.
+    if cfg!(unix) {
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
+    }
     Ok(())
 }
 
