@@ -153,7 +153,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let (hid, heads, d) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.head_dim());
         let eps = self.cfg.layer_norm_eps as f32;
         let dev = self.word.device();
-        let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        let pos = crate::llama::positions(b, t, 0);
         let pos = Ints::new(dev, &[b, t], &pos)?;
         let prep = self.adapt.prepare(dev, &pos, Some(attention_mask), 0)?;
         let (pos, mask) = (&prep.positions, prep.mask.clone().expect("a mask was given"));

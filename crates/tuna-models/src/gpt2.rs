@@ -112,22 +112,15 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
 
     /// Hugging Face's default positions: `0..seq` in every row.
     pub fn positions(&self, batch: usize, seq: usize) -> Result<Ints<B, u32>> {
-        let v: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
-        Ok(Ints::new(self.dev(), &[batch, seq], &v)?)
+        Ok(Ints::new(self.dev(), &[batch, seq], &crate::llama::positions(batch, seq, 0))?)
     }
 
     /// Positions from an attention mask as Hugging Face's `generate` makes them: `cumsum(mask) - 1`
     /// for real tokens (so a left-padded row starts at 0), 1 for padding.
     pub fn positions_from_mask(&self, mask: &Ints<B, u8>) -> Result<Ints<B, u32>> {
         let seq = mask.shape().last().copied().unwrap_or(0);
-        let mut v = Vec::with_capacity(mask.host().len());
-        for row in mask.host().chunks(seq.max(1)) {
-            let mut n = 0u32;
-            for &m in row {
-                n += (m != 0) as u32;
-                v.push(if m != 0 { n - 1 } else { 1 });
-            }
-        }
+        let rows = mask.host().len() / seq.max(1);
+        let v = crate::llama::positions_from_mask(mask.host(), rows, seq);
         Ok(Ints::new(self.dev(), mask.shape(), &v)?)
     }
 

@@ -276,7 +276,7 @@ impl<B: Backend> Model<B> {
         let m = Ints::new(&self.dev, &[batch, seq], mask)?;
         let pos = match self.net {
             // BERT takes positions 0..seq itself (right padding).
-            Net::Bert(_) => (0..batch).flat_map(|_| 0..seq as u32).collect(),
+            Net::Bert(_) => tuna_models::llama::positions(batch, seq, 0),
             _ => positions_from_mask(mask, batch, seq),
         };
         Ok((t, m, Ints::new(&self.dev, &[batch, seq], &pos)?))
