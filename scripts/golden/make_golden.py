@@ -158,6 +158,19 @@ def max_rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
+def rounding_report(f32, f64):
+    """How far f32 rounding alone moves each quantity: `f32` and `f64` are (loss, outputs dict,
+    grads dict) of the same computation in each precision."""
+    (loss, outs, grads), (loss64, outs64, grads64) = f32, f64
+    rounding = {"loss": max_rel(loss, loss64)}
+    rounding.update({k: max_rel(v, outs64[k]) for k, v in outs.items()})
+    # Per-parameter relative numbers mislead where a gradient is zero in exact arithmetic (attention key
+    # biases: a constant added to every score of a row), so grads get one scale for the whole model.
+    rounding["grads_max_abs_diff"] = max(float((g.double() - grads64[n]).abs().max()) for n, g in grads.items())
+    rounding["grads_max_abs"] = max(float(g.abs().max()) for g in grads.values())
+    return rounding
+
+
 def make_arch(arch, config, out_dir):
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -189,12 +202,7 @@ def make_arch(arch, config, out_dir):
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     with softmax_in_input_dtype():
         loss64, outs64, grads64 = run(arch, model64, tensors, probe)
-    rounding = {"loss": max_rel(loss, loss64)}
-    rounding.update({k: max_rel(v, outs64[k]) for k, v in outs.items()})
-    # Per-parameter relative numbers mislead where a gradient is zero in exact arithmetic (attention key
-    # biases: a constant added to every score of a row), so grads get one scale for the whole model.
-    rounding["grads_max_abs_diff"] = max(float((g.double() - grads64[n]).abs().max()) for n, g in grads.items())
-    rounding["grads_max_abs"] = max(float(g.abs().max()) for g in grads.values())
+    rounding = rounding_report((loss, outs, grads), (loss64, outs64, grads64))
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
