@@ -4,6 +4,7 @@
 //! save/load in PEFT's format.
 
 mod adapt_common;
+mod golden_common;
 
 use adapt_common::{frozen, ids, load, peft_methods, perturb, Model, ARCHS};
 use std::sync::Arc;

@@ -2,7 +2,6 @@
 //! per architecture, for the adaptation tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use tuna_autograd::ops::elem::mean_pool;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
@@ -21,12 +20,8 @@ use tuna_models::params::Loader;
 
 pub const ARCHS: [&str; 3] = ["gpt2", "llama", "bert"];
 
-pub fn fixture(arch: &str) -> PathBuf {
-    match std::env::var_os("TUNA_FIXTURES_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join(arch),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch),
-    }
-}
+/// The fixture folder of `arch` (the golden tests' lookup: `$TUNA_FIXTURES_DIR` or this crate's).
+pub use crate::golden_common::fixture;
 
 /// One of the three fixture models.
 pub enum Model<E: Float> {
