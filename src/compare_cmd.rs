@@ -13,14 +13,12 @@ pub fn run(methods: &[String], train_args: &[String], out: &Path) -> Result<Vec<
     let mut all = Vec::new();
     for m in methods {
         let dir = out.join(m);
-        // A fresh run per method: an old folder would be resumed or mixed in.
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-        }
         eprintln!("== {m}");
+        // A fresh run per method: an old run in the method's folder is replaced (only the files a
+        // run writes), never resumed or mixed in; a run still writing there makes this one fail.
         let status = std::process::Command::new(&exe)
             .arg("train")
-            .args(["--method", m])
+            .args(["--method", m, "--overwrite"])
             .arg("--out")
             .arg(&dir)
             .args(train_args)
@@ -132,7 +130,8 @@ pub fn write(runs: &[RunSummary], out: &Path) -> Result<[PathBuf; 3]> {
     Ok(paths)
 }
 
-/// The command line after `compare` without `--methods` and `--out` (given per method).
+/// The command line after `compare` without `--methods` and `--out` (given per method) and the
+/// folder-mode flags (each method's run is new).
 pub fn passthrough_args(args: Vec<String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut skip = false;
@@ -143,6 +142,8 @@ pub fn passthrough_args(args: Vec<String>) -> Vec<String> {
         }
         if a == "--methods" || a == "--out" {
             skip = true;
+        } else if ["--overwrite", "--resume", "--resume-or-start"].contains(&a.as_str()) {
+            // Each method's run is new (see `run`).
         } else if !(a.starts_with("--methods=") || a.starts_with("--out=")) {
             out.push(a);
         }

@@ -46,26 +46,30 @@ fn run_on<B: Backend>(dev: &Arc<B>, s: &GenerateSettings) -> Result<String> {
     let tok = &m.tokenizer;
     let eos =
         tok.token_to_id("<|im_end|>").or_else(|| tok.token_to_id("</s>")).or_else(|| tok.token_to_id("<|endoftext|>"));
+    let not_a_decoder =
+        || anyhow!("--model {}: `tuna generate` runs decoders (Llama family, GPT-2), not BERT", s.model.display());
+    if !m.is_decoder() {
+        return Err(not_a_decoder());
+    }
+    // Positions end at the model's limit (past the virtual tokens of a prompt or prefix); the last
+    // new token is never fed back, so it may take the position after the last.
+    let (virt, limit) = (m.virtual_tokens(), m.max_positions());
+    if virt + ids.len() + s.max_new_tokens > limit + 1 {
+        let room = (limit + 1).saturating_sub(virt + ids.len());
+        bail!(
+            "{}: a {}-token prompt{} plus {} new tokens exceeds the model's {limit} positions: \
+             use --max-new-tokens {room} or less{}",
+            s.model.display(),
+            ids.len(),
+            if virt > 0 { format!(" and {virt} virtual tokens") } else { String::new() },
+            s.max_new_tokens,
+            if room == 0 { " (the prompt alone fills the context: shorten it)" } else { "" }
+        );
+    }
     let out = match &m.net {
         Net::Llama(l) => generate(l, &ids, s.max_new_tokens, &s.sampling, eos)?,
-        Net::Gpt2(g) => {
-            // Learned positions end at n_positions (past the virtual tokens of a prompt or prefix):
-            // the last new token is never fed back.
-            let virt = g.adapt.prompt_len() + g.adapt.prefix_len();
-            if virt + ids.len() + s.max_new_tokens > g.cfg.n_positions + 1 {
-                bail!(
-                    "{}: a {}-token prompt plus {} new tokens exceeds GPT-2's {} positions (n_positions)",
-                    s.model.display(),
-                    virt + ids.len(),
-                    s.max_new_tokens,
-                    g.cfg.n_positions
-                );
-            }
-            generate(g, &ids, s.max_new_tokens, &s.sampling, eos)?
-        }
-        Net::Bert(_) => {
-            bail!("--model {}: `tuna generate` runs decoders (Llama family, GPT-2), not BERT", s.model.display())
-        }
+        Net::Gpt2(g) => generate(g, &ids, s.max_new_tokens, &s.sampling, eos)?,
+        Net::Bert(_) => return Err(not_a_decoder()),
     };
     tok.decode(&out, true).map_err(|e| anyhow!("tokenizer: {e}"))
 }

@@ -8,6 +8,7 @@ pub use tuna_kernels as kernels;
 pub use tuna_models as models;
 pub use tuna_trainer as trainer;
 
+pub mod cli;
 pub mod compare_cmd;
 pub mod generate_cmd;
 pub mod info;

@@ -97,18 +97,19 @@ struct EvalArgs {
     /// The field holding the label (classify).
     #[arg(long, default_value = "label")]
     label_field: String,
-    /// Comma-separated labels, in the order training used (default: those in the data, sorted).
+    /// Comma-separated labels, in the order training used (default: the adapter's tuna_task.json,
+    /// else those in the data, sorted); given beside a task file, they must agree with it.
     #[arg(long)]
     labels: Option<String>,
-    /// Comma-separated verbalizer words for decoders (default: the labels).
+    /// Comma-separated verbalizer words for decoders (default: the task file's, else the labels).
     #[arg(long)]
     verbalizers: Option<String>,
     /// Examples per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Tokens per example at most.
-    #[arg(long, default_value_t = 128)]
-    max_len: usize,
+    /// Tokens per example at most (default: 128, or what the model's positions leave room for).
+    #[arg(long)]
+    max_len: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +126,9 @@ struct ExportArgs {
     /// Merge LoRA into the base weights and write a Hugging Face model folder.
     #[arg(long)]
     merged: bool,
+    /// Write into a non-empty --out (replacing the files the export writes; never the base model's folder).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(clap::Args)]
@@ -135,13 +139,17 @@ struct GenerateArgs {
     /// The prompt text.
     #[arg(long)]
     prompt: String,
+    /// New tokens at most (the prompt, virtual tokens and new tokens must fit the model's positions).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sample at this temperature (greedy when absent).
+    /// Sample at this temperature (> 0). Greedy when none of --temperature, --top-k, --top-p is
+    /// given; with only --top-k or --top-p the temperature is 1.
     #[arg(long)]
     temperature: Option<f32>,
+    /// Sample from the k most likely tokens (k >= 1).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches p (0 < p <= 1).
     #[arg(long)]
     top_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
@@ -166,7 +174,7 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", tuna::cli::error_chain(&e));
             // Bad data exits with 2, a non-finite loss with 3 (scripts can tell them apart).
             let code = e.downcast_ref::<tuna::trainer::TrainError>().map_or(1, |t| t.exit_code());
             std::process::ExitCode::from(code)
@@ -178,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => print!("{}", tuna::info::report()),
         Command::Generate(a) => {
+            tuna::cli::check_sampling(a.temperature, a.top_k, a.top_p)?;
             let sampling = match a.temperature {
                 None if a.top_k.is_none() && a.top_p.is_none() => Sampling::Greedy,
                 t => Sampling::Sample { temperature: t.unwrap_or(1.0), top_k: a.top_k, top_p: a.top_p, seed: a.seed },
@@ -211,13 +220,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 label: a.label_field,
             };
             let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
-            // Labels and verbalizers as training had them, unless given.
-            let saved = a.adapter.as_ref().unwrap_or(&a.model).join(tuna::trainer::TASK_FILE);
-            let saved: serde_json::Value =
-                std::fs::read_to_string(&saved).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-            let from_run = |k: &str| saved.get(k).and_then(|v| v.as_str()).map(String::from);
-            let labels = a.labels.clone().or_else(|| from_run("labels"));
-            let verbalizers = a.verbalizers.clone().or_else(|| from_run("verbalizers"));
+            // Labels and verbalizers as training had them (the export's task file), unless given.
+            let saved_in = a.adapter.as_ref().unwrap_or(&a.model);
+            let saved = tuna::trainer::TaskFile::read(saved_in)?;
+            let given =
+                |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();
+            let labels = tuna::cli::agree(
+                "--labels",
+                given("--labels", &a.labels)?,
+                saved.as_ref().and_then(|t| t.labels.clone()),
+                saved_in,
+            )?;
+            let verbalizers = tuna::cli::agree(
+                "--verbalizers",
+                given("--verbalizers", &a.verbalizers)?,
+                saved.and_then(|t| t.verbalizers),
+                saved_in,
+            )?;
             let e = tuna::trainer::eval_file(
                 &m,
                 task,
@@ -231,6 +250,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", tuna::trainer::describe_eval(&e));
         }
         Command::Export(a) => {
+            // Where the export goes, checked before any work: never the base model's folder (or
+            // the adapter's), a non-empty folder only with --overwrite, one writer at a time.
+            tuna::cli::check_export_target(&a.out, &a.model, &a.adapter, a.overwrite)?;
+            let lock = tuna::trainer::lock(&a.out)?;
             let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;
             if a.merged {
                 let ad = m.adapt();
@@ -242,10 +265,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 m.save_adapter(&a.out, &a.model.display().to_string())?;
             }
             // The task file (class order, verbalizers) travels on.
-            let task = a.adapter.join(tuna::trainer::TASK_FILE);
-            if task.exists() {
-                std::fs::copy(&task, a.out.join(tuna::trainer::TASK_FILE))?;
+            if let Some(t) = tuna::trainer::TaskFile::read(&a.adapter)? {
+                t.write(&a.out)?;
             }
+            lock.remove();
             println!("wrote {}", a.out.display());
         }
         Command::Profile(a) => {
@@ -260,6 +283,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", tuna::train_cmd::profile_table(&p));
         }
         Command::Compare(a) => {
+            if a.run.resume || a.run.resume_or_start {
+                anyhow::bail!(
+                    "compare trains every method anew (replacing its folder's run); --resume is for tuna train"
+                );
+            }
             let methods: Vec<String> = a.methods.split(',').map(|m| m.trim().to_string()).collect();
             for m in &methods {
                 a.method_args.method(m)?;

@@ -4,7 +4,25 @@
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use tuna_models::adapt::{LoraConfig, Method, PromptInit};
-use tuna_trainer::{Decay, Fields, Task, TrainConfig};
+use tuna_trainer::{Decay, Fields, OutMode, Task, TrainConfig};
+
+/// `Err` with `msg` unless `ok`: the range checks of the flags below.
+fn require(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!(msg())
+    }
+}
+
+/// A comma-separated flag value as a list: entries trimmed, an empty entry an error naming the flag.
+pub fn list_flag(flag: &str, value: &str) -> Result<Vec<String>> {
+    let items: Vec<String> = value.split(',').map(|x| x.trim().to_string()).collect();
+    if let Some(i) = items.iter().position(String::is_empty) {
+        bail!("{flag} {value:?}: entry {} is empty (entries are comma-separated words)", i + 1);
+    }
+    Ok(items)
+}
 
 /// Which adaptation method and its hyperparameters.
 #[derive(clap::Args, Clone, Debug)]
@@ -31,7 +49,7 @@ pub struct MethodArgs {
     /// LoRA's alpha (the update is scaled by alpha / r).
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
-    /// Dropout on LoRA's input during training.
+    /// Dropout on LoRA's input during training (0 to below 1).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
     /// Comma-separated module names LoRA adapts (default: the attention query and value).
@@ -44,16 +62,40 @@ pub struct MethodArgs {
 }
 
 impl MethodArgs {
-    /// The method named `name` (full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby, lora).
+    /// The method named `name` (full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby, lora), its
+    /// settings range-checked.
     pub fn method(&self, name: &str) -> Result<Method> {
-        let list = |s: &Option<String>| -> Vec<String> {
-            s.as_deref()
-                .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
-                .unwrap_or_default()
+        let list = |flag: &str, s: &Option<String>| -> Result<Vec<String>> {
+            s.as_deref().map_or(Ok(Vec::new()), |v| list_flag(flag, v))
         };
         let n = self.virtual_tokens;
+        let positive = |flag: &str, v: usize| require(v > 0, || format!("{flag} {v}: expected at least 1"));
+        match name {
+            "prompt" | "prefix" | "prefix-mlp" | "ptuning-v2" => positive("--virtual-tokens", n)?,
+            "houlsby" => positive("--bottleneck", self.bottleneck)?,
+            "lora" => {
+                positive("--lora-r", self.lora_r)?;
+                let (a, d) = (self.lora_alpha, self.lora_dropout);
+                require(a.is_finite() && a > 0.0, || format!("--lora-alpha {a}: expected a positive number"))?;
+                require((0.0..1.0).contains(&d), || format!("--lora-dropout {d}: expected 0 <= p < 1"))?;
+            }
+            _ => {}
+        }
+        if name == "prefix-mlp" {
+            positive("--prefix-hidden", self.prefix_hidden)?;
+        }
+        if name == "prompt" {
+            let needs_text = self.prompt_init == "text";
+            require(!needs_text || self.prompt_init_text.as_deref().is_some_and(|t| !t.trim().is_empty()), || {
+                "--prompt-init text needs --prompt-init-text \"...\" (the words whose embeddings start the prompt)"
+                    .into()
+            })?;
+            require(needs_text || self.prompt_init_text.is_none(), || {
+                format!("--prompt-init-text is used only with --prompt-init text (not {})", self.prompt_init)
+            })?;
+        }
         Ok(match name {
-            "full" => Method::Full { patterns: list(&self.train_patterns) },
+            "full" => Method::Full { patterns: list("--train-patterns", &self.train_patterns)? },
             "prompt" => {
                 let init = match self.prompt_init.as_str() {
                     "random" => PromptInit::Random,
@@ -72,7 +114,7 @@ impl MethodArgs {
                 r: self.lora_r,
                 alpha: self.lora_alpha,
                 dropout: self.lora_dropout,
-                targets: list(&self.lora_targets),
+                targets: list("--lora-targets", &self.lora_targets)?,
             }),
             other => bail!("unknown method `{other}`: full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora"),
         })
@@ -115,43 +157,44 @@ pub struct RunArgs {
     /// Examples per optimizer step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Rows per forward/backward pass (gradient accumulation); default: the batch size.
+    /// Rows per forward/backward pass (gradient accumulation; 1 to --batch-size); default: the batch size.
     #[arg(long)]
     pub micro_batch: Option<usize>,
-    /// Tokens per example at most (longer ones are truncated; completion keeps the end).
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
+    /// Tokens per example at most (longer ones are truncated; completion keeps the end); with the
+    /// virtual tokens it must fit the model's positions. Default: 128, or what the model has room for.
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
     /// Peak learning rate (default: 3e-2 for prompt/prefix methods, 1e-3 for houlsby and lora, 5e-5 for full).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Linear warmup steps (at most --steps).
+    /// Linear warmup steps (more than --steps is cut to --steps).
     #[arg(long, default_value_t = 10)]
     pub warmup: u64,
     /// cosine, linear or constant.
     #[arg(long, default_value = "cosine")]
     pub decay: String,
-    /// The decay ends at this fraction of the peak learning rate.
+    /// The decay ends at this fraction of the peak learning rate (0 to 1).
     #[arg(long, default_value_t = 0.1)]
     pub min_lr_ratio: f64,
-    /// AdamW's decoupled weight decay.
+    /// AdamW's decoupled weight decay (0 or more).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
-    /// Evaluate every N steps (with --eval).
+    /// Evaluate every N steps (N >= 1; with --eval; also at the end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
-    /// Checkpoint every N steps (also at each evaluation and the end).
+    /// Checkpoint every N steps (N >= 1; also at each evaluation and the end).
     #[arg(long, default_value_t = 50)]
     pub save_every: u64,
-    /// Stop after this many evaluations without improvement.
+    /// Stop after this many evaluations without improvement (1 or more).
     #[arg(long)]
     pub patience: Option<u64>,
-    /// Checkpoints kept besides the best.
+    /// Checkpoints kept besides the best (0 keeps every checkpoint).
     #[arg(long, default_value_t = 2)]
     pub keep_last: usize,
     /// Use only the first N training examples.
@@ -166,9 +209,15 @@ pub struct RunArgs {
     /// Output folder (metrics.jsonl, checkpoints/, adapter/ or model/, summary.json).
     #[arg(long, default_value = "runs/tuna")]
     pub out: PathBuf,
-    /// Continue from the latest valid checkpoint in --out.
-    #[arg(long)]
+    /// Continue from the latest valid checkpoint in --out (none is an error).
+    #[arg(long, conflicts_with_all = ["overwrite", "resume_or_start"])]
     pub resume: bool,
+    /// Continue from the latest valid checkpoint in --out, or start a new run where --out holds none.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume_or_start: bool,
+    /// Replace the run --out holds (its checkpoints, metrics, summary and export; other files stay).
+    #[arg(long)]
+    pub overwrite: bool,
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
@@ -189,6 +238,14 @@ impl RunArgs {
             Method::Houlsby { .. } | Method::Lora(_) => 1e-3,
             _ => 3e-2,
         });
+        self.check_ranges(lr)?;
+        let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
+        let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
+            (true, _, _) => OutMode::Resume,
+            (_, true, _) => OutMode::ResumeOrStart,
+            (_, _, true) => OutMode::Overwrite,
+            _ => OutMode::New,
+        };
         Ok(TrainConfig {
             model,
             method,
@@ -201,8 +258,8 @@ impl RunArgs {
             },
             train,
             eval: self.eval.clone(),
-            labels: self.labels.clone(),
-            verbalizers: self.verbalizers.clone(),
+            labels: list("--labels", &self.labels)?,
+            verbalizers: list("--verbalizers", &self.verbalizers)?,
             prompt_init_text: init_text,
             batch_size: self.batch_size,
             micro_batch: self.micro_batch.unwrap_or(self.batch_size),
@@ -223,9 +280,43 @@ impl RunArgs {
             max_eval_examples: self.max_eval_examples,
             seed: self.seed,
             out: self.out.clone(),
-            resume: self.resume,
+            out_mode,
             progress: !self.quiet,
         })
+    }
+
+    /// Every numeric flag in its range (`lr`: the learning rate in force, given or default).
+    fn check_ranges(&self, lr: f64) -> Result<()> {
+        let at_least_1 = |flag: &str, v: u64| require(v >= 1, || format!("{flag} {v}: expected at least 1"));
+        at_least_1("--batch-size", self.batch_size as u64)?;
+        at_least_1("--steps", self.steps)?;
+        at_least_1("--eval-every", self.eval_every)?;
+        at_least_1("--save-every", self.save_every)?;
+        if let Some(p) = self.patience {
+            at_least_1("--patience", p)?;
+        }
+        for (flag, v) in
+            [("--max-train-examples", self.max_train_examples), ("--max-eval-examples", self.max_eval_examples)]
+        {
+            if let Some(v) = v {
+                at_least_1(flag, v as u64)?;
+            }
+        }
+        if let Some(m) = self.micro_batch {
+            let b = self.batch_size;
+            require(m >= 1 && m <= b, || format!("--micro-batch {m}: expected 1 to --batch-size ({b})"))?;
+        }
+        if let Some(m) = self.max_len {
+            at_least_1("--max-len", m as u64)?;
+        }
+        require(lr.is_finite() && lr > 0.0, || format!("--lr {lr}: expected a positive number"))?;
+        let r = self.min_lr_ratio;
+        require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {r}: expected 0 to 1"))?;
+        let wd = self.weight_decay;
+        require(wd.is_finite() && wd >= 0.0, || format!("--weight-decay {wd}: expected 0 or more"))?;
+        let c = self.clip;
+        require(c.is_finite() && c >= 0.0, || format!("--clip {c}: expected 0 (off) or a positive norm"))?;
+        Ok(())
     }
 }
 

@@ -56,5 +56,17 @@ fn gpt2_beyond_its_positions_is_refused_up_front() {
     let out = tuna_generate(&fixture("gpt2"), 100, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("n_positions") && stderr.contains("64 positions"), "{stderr}");
+    assert!(stderr.contains("64 positions") && stderr.contains("--max-new-tokens 60 or less"), "{stderr}");
+}
+
+#[test]
+fn every_decoder_is_bounded_by_its_context_before_generating() {
+    // Llama's RoPE has no table to run off, but its context (64 in the fixture) bounds it all the same:
+    // a million new tokens is refused at once instead of running on with nothing printed.
+    let t0 = std::time::Instant::now();
+    let out = tuna_generate(&fixture("llama"), 1_000_000, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("1000000 new tokens exceeds the model's 64 positions"), "{stderr}");
+    assert!(t0.elapsed().as_secs() < 30, "refused up front");
 }

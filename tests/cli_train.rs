@@ -286,7 +286,7 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
     // The class order travels with the adapter: data holding one class still scores both.
     let task: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(adapter.join("tuna_task.json")).unwrap()).unwrap();
-    assert_eq!(task["labels"], "cat,other");
+    assert_eq!(task["labels"], serde_json::json!(["cat", "other"]));
     let cats = d.join("cats.jsonl");
     std::fs::write(&cats, "{\"text\": \"The cat sat.\", \"label\": \"cat\"}\n").unwrap();
     let o = tuna(

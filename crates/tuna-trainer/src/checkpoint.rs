@@ -197,20 +197,12 @@ impl Checkpoints {
         self.clean_tmp()?;
         let tmp = self.dir.join(format!(".tmp-step-{step:06}"));
         fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let mut entries = Vec::new();
-        for &(name, bytes) in files {
-            write_synced(&tmp.join(name), bytes)?;
-            entries.push(FileEntry {
-                name: name.into(),
-                size: bytes.len() as u64,
-                fnv1a64: format!("{:016x}", fnv1a64(bytes)),
-            });
+        // A failed save (a full disk, a file-size limit) leaves nothing behind to fill the disk.
+        let written = self.write_tmp(&tmp, step, files, metrics);
+        if written.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
         }
-        let manifest = Manifest { format: FORMAT, step, files: entries, metrics: metrics.clone() };
-        let json = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| CheckpointError::Corrupt { path: tmp.clone(), msg: e.to_string() })?;
-        write_synced(&tmp.join(MANIFEST), &json)?;
-        fsync_dir(&tmp)?;
+        written?;
         let target = self.step_dir(step);
         if target.exists() {
             // A directory cannot be renamed over a non-empty one: move the old one aside, as a tmp dir
@@ -227,6 +219,30 @@ impl Checkpoints {
         self.clean_tmp()?;
         self.prune()?;
         Ok(target)
+    }
+
+    /// Writes `files` and the manifest into `tmp`, each synced, then syncs `tmp`.
+    fn write_tmp(
+        &self,
+        tmp: &Path,
+        step: u64,
+        files: &[(&str, &[u8])],
+        metrics: &Map<String, Value>,
+    ) -> Result<(), CheckpointError> {
+        let mut entries = Vec::new();
+        for &(name, bytes) in files {
+            write_synced(&tmp.join(name), bytes)?;
+            entries.push(FileEntry {
+                name: name.into(),
+                size: bytes.len() as u64,
+                fnv1a64: format!("{:016x}", fnv1a64(bytes)),
+            });
+        }
+        let manifest = Manifest { format: FORMAT, step, files: entries, metrics: metrics.clone() };
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| CheckpointError::Corrupt { path: tmp.to_path_buf(), msg: e.to_string() })?;
+        write_synced(&tmp.join(MANIFEST), &json)?;
+        fsync_dir(tmp)
     }
 
     fn clean_tmp(&self) -> Result<(), CheckpointError> {
@@ -308,6 +324,9 @@ impl Checkpoints {
         let mut best: Option<(u64, f64)> = None;
         for step in self.steps()? {
             let Ok(m) = self.read_manifest(step) else { continue };
+            if !self.looks_valid(step) {
+                continue;
+            }
             let Some(v) = m.metrics.get(metric).and_then(Value::as_f64).filter(|v| v.is_finite()) else { continue };
             let better = best.is_none_or(|(_, b)| if *dir == Direction::Min { v < b } else { v > b });
             if better {
@@ -317,12 +336,23 @@ impl Checkpoints {
         Ok(best.map(|(s, _)| s))
     }
 
-    /// Deletes every checkpoint but the newest `keep_last` and the best.
+    /// Whether checkpoint `step` looks whole without reading its data: its manifest parses, names
+    /// this step, and every file it lists exists with the listed size. (Resuming verifies the
+    /// checksums too; this is what pruning trusts.)
+    pub fn looks_valid(&self, step: u64) -> bool {
+        let Ok(m) = self.read_manifest(step) else { return false };
+        let dir = self.step_dir(step);
+        m.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.is_file() && md.len() == f.size))
+    }
+
+    /// Deletes every checkpoint but the newest `keep_last` and the best. Only checkpoints that look
+    /// valid count and are deleted: a stray or broken `step-N` folder never displaces a good one
+    /// (it stays for the user to inspect).
     fn prune(&self) -> Result<(), CheckpointError> {
         if self.keep_last == 0 {
             return Ok(());
         }
-        let steps = self.steps()?;
+        let steps: Vec<u64> = self.steps()?.into_iter().filter(|&s| self.looks_valid(s)).collect();
         let best = self.best_step()?;
         for &step in &steps[..steps.len().saturating_sub(self.keep_last)] {
             if Some(step) != best {

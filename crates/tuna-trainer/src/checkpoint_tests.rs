@@ -142,3 +142,23 @@ fn write_atomic_replaces_whole_files() {
     assert_eq!(names.len(), 1, "no temporary left: {names:?}");
     let _ = fs::remove_dir_all(&d);
 }
+
+#[test]
+fn pruning_ignores_folders_that_are_not_valid_checkpoints() {
+    // An empty `step-000099` (or one whose file is short) must not displace the valid checkpoints.
+    let d = tmpdir("prune-invalid");
+    let c = Checkpoints::open(&d, 1, None).expect("open");
+    save(&c, 1, 1.0);
+    fs::create_dir_all(d.join("step-000099")).expect("stray folder");
+    save(&c, 2, 1.0);
+    assert_eq!(c.steps().expect("steps"), [2, 99], "the valid step 2 is kept, the stray folder left alone");
+    assert!(c.looks_valid(2) && !c.looks_valid(99));
+    // A checkpoint whose file was truncated does not count either.
+    save(&c, 150, 1.0);
+    let f = d.join("step-000150/weights.bin");
+    fs::write(&f, b"short").expect("truncate");
+    save(&c, 3, 1.0);
+    assert_eq!(c.steps().expect("steps"), [3, 99, 150]);
+    assert_eq!(c.latest_valid().expect("scan").checkpoint.expect("one").step(), 3);
+    let _ = fs::remove_dir_all(&d);
+}

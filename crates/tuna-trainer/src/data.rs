@@ -19,6 +19,17 @@ pub enum Task {
     Classify,
 }
 
+impl Task {
+    /// The name the CLI and the files use (`lm`, `completion`, `classify`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Lm => "lm",
+            Task::Completion => "completion",
+            Task::Classify => "classify",
+        }
+    }
+}
+
 impl FromStr for Task {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -247,18 +258,22 @@ impl LabelSet {
     /// A comma-separated list such as `"neg,pos"`, kept in the order given (index 0 first); labels are
     /// trimmed; an empty label or a repeated one is an error.
     pub fn parse(list: &str) -> Result<LabelSet, DataError> {
-        let err = |msg: String| DataError::BadLabelList { list: list.into(), msg };
-        let mut labels: Vec<String> = Vec::new();
-        for l in list.split(',').map(str::trim) {
+        LabelSet::from_list(list.split(',').map(|l| l.trim().to_string()).collect())
+    }
+
+    /// Labels in the order given (index 0 first), kept exactly as they are (commas and spaces
+    /// included: `tuna_task.json` stores them as a list); an empty label or a repeated one is an error.
+    pub fn from_list(list: Vec<String>) -> Result<LabelSet, DataError> {
+        let err = |msg: String| DataError::BadLabelList { list: list.join(","), msg };
+        for (i, l) in list.iter().enumerate() {
             if l.is_empty() {
                 return Err(err("empty label".into()));
             }
-            if labels.iter().any(|x| x == l) {
+            if list[..i].contains(l) {
                 return Err(err(format!("label {l:?} given twice")));
             }
-            labels.push(l.into());
         }
-        Ok(LabelSet { labels })
+        Ok(LabelSet { labels: list })
     }
 
     /// The index of `label`; an unknown label is an error naming the file and line it came from.

@@ -29,6 +29,12 @@ pub enum TrainError {
     /// A setting or input out of its domain.
     #[error("{0}")]
     Invalid(String),
+    /// The output folder is locked by another running process (named by its PID).
+    #[error("{}: in use by {holder} (another tuna run writing this folder): wait for it to finish or choose another --out", dir.display())]
+    Locked { dir: std::path::PathBuf, holder: String },
+    /// Resuming onto a base model other than the one the checkpoint was trained on.
+    #[error("{}: the checkpoint was trained on another base model ({what}); resume with the model it was made with", dir.display())]
+    OtherBase { dir: std::path::PathBuf, what: String },
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -8,10 +8,13 @@ pub mod batch;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod fingerprint;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod run;
+pub mod run_dir;
 pub mod schedule;
 pub mod task;
 
@@ -28,7 +31,8 @@ pub use model::Model;
 pub use progress::Progress;
 pub use run::{
     describe_eval, eval_file, evaluate, export, export_merged, load_adapted, profile, train, EvalMetrics, Profile,
-    ProfileRow, RunSummary, TrainConfig, TASK_FILE,
+    ProfileRow, RunSummary, TrainConfig,
 };
+pub use run_dir::{existing_run, lock, FolderLock, OutMode};
 pub use schedule::{Decay, Schedule};
-pub use task::TaskSpec;
+pub use task::{TaskFile, TaskSpec, TASK_FILE};

@@ -58,15 +58,12 @@ pub struct Model<B: Backend> {
 
 impl<B: Backend> Model<B> {
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`), training the base weights
-    /// `method` says (full fine-tuning), and install `method` (seeded).
-    /// A TEXT or CLASS_LABELS prompt init given with no tokens takes them from `init_text`.
-    pub fn load(dev: &Arc<B>, path: &Path, method: &Method, seed: u64, init_text: Option<&str>) -> Result<Model<B>> {
-        let mut m = match method {
-            Method::Full { patterns } => Model::open(dev, path, full_finetune_predicate(patterns))?,
-            _ => Model::open(dev, path, |_| false)?,
-        };
-        m.install(method, seed, init_text)?;
-        Ok(m)
+    /// `method` says (full fine-tuning); the method itself is installed by [`Model::install`].
+    pub fn open_for(dev: &Arc<B>, path: &Path, method: &Method) -> Result<Model<B>> {
+        match method {
+            Method::Full { patterns } => Model::open(dev, path, full_finetune_predicate(patterns)),
+            _ => Model::open(dev, path, |_| false),
+        }
     }
 
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`) with its tokenizer; the base weights
@@ -110,7 +107,8 @@ impl<B: Backend> Model<B> {
         Ok(Model { net, tokenizer, add_special, trainable_base, source: path.to_path_buf(), dev })
     }
 
-    /// Install `method`'s new parameters (seeded); see [`Model::load`] for `init_text`.
+    /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt init given with
+    /// no tokens takes them from `init_text`.
     pub fn install(&mut self, method: &Method, seed: u64, init_text: Option<&str>) -> Result<()> {
         let mut method = self.resolve(method)?;
         if let Method::Prompt { init: PromptInit::Text(ids) | PromptInit::ClassLabels(ids), .. } = &mut method {
@@ -169,6 +167,23 @@ impl<B: Backend> Model<B> {
         !matches!(self.net, Net::Bert(_))
     }
 
+    /// The positions the model has (GPT-2's `n_positions`, `max_position_embeddings` otherwise:
+    /// learned position tables end there, and Llama's RoPE was trained up to there).
+    pub fn max_positions(&self) -> usize {
+        match &self.net {
+            Net::Gpt2(g) => g.cfg.n_positions,
+            Net::Llama(l) => l.cfg.max_position_embeddings,
+            Net::Bert(b) => b.cfg.max_position_embeddings,
+        }
+    }
+
+    /// Positions the installed adaptation takes before the content (PEFT's rule: with `n` virtual
+    /// tokens of a soft prompt or prefix, the content starts at position `n`).
+    pub fn virtual_tokens(&self) -> usize {
+        let a = self.adapt();
+        a.prompt.as_ref().map_or(0, |p| p.len()) + a.prefix.as_ref().map_or(0, |p| p.n)
+    }
+
     /// Every tensor the optimizer updates, by checkpoint name: trained base weights, then the
     /// adaptation's tensors (including a classification head in `adapt.extra`).
     pub fn trainable(&self) -> Vec<(String, Tensor<B, f32>)> {
@@ -189,6 +204,25 @@ impl<B: Backend> Model<B> {
             .encode(text, self.add_special)
             .map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
         Ok(e.get_ids().to_vec())
+    }
+
+    /// The ids [`Model::encode`] gives `text`, of which the caller keeps the first `keep` (or with
+    /// `from_end` the last `keep`), without tokenizing all of a long text: only a window of about
+    /// 16 bytes per kept token is tokenized, cut at a whitespace where there is one, and widened
+    /// until it yields `keep` tokens and a margin. Tokenizers split words at whitespace, so the kept
+    /// tokens are those of the whole text (a 10 MB line costs a window, not gigabytes).
+    pub fn encode_window(&self, text: &str, keep: usize, from_end: bool) -> Result<Vec<u32>> {
+        const MARGIN: usize = 16;
+        let mut budget = (keep + MARGIN) * 16;
+        while budget < text.len() {
+            let window = if from_end { tail(text, budget) } else { head(text, budget) };
+            let ids = self.encode(window)?;
+            if ids.len() >= keep + MARGIN {
+                return Ok(ids);
+            }
+            budget *= 2;
+        }
+        self.encode(text)
     }
 
     /// Token ids of `text` without special tokens (verbalizer words, prompt-init text).
@@ -280,5 +314,51 @@ impl<B: Backend> Model<B> {
             _ => positions_from_mask(mask, batch, seq),
         };
         Ok((t, m, Ints::new(&self.dev, &[batch, seq], &pos)?))
+    }
+}
+
+/// The start of `text`: about `bytes` bytes, ending before a whitespace in the window's second half
+/// when there is one (else at a character boundary).
+fn head(text: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let w = &text[..end];
+    match w.char_indices().rev().take_while(|&(i, _)| i >= end / 2).find(|(_, c)| c.is_whitespace()) {
+        Some((i, _)) => &text[..i],
+        None => w,
+    }
+}
+
+/// The end of `text`: about `bytes` bytes, starting at a whitespace in the window's first half
+/// when there is one (else at a character boundary).
+fn tail(text: &str, bytes: usize) -> &str {
+    let mut start = text.len().saturating_sub(bytes);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let w = &text[start..];
+    let half = w.len() / 2;
+    match w.char_indices().take_while(|&(i, _)| i <= half).find(|(_, c)| c.is_whitespace()) {
+        Some((i, _)) => &w[i..],
+        None => w,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{head, tail};
+
+    #[test]
+    fn windows_cut_at_whitespace_and_character_boundaries() {
+        assert_eq!(head("one two three", 9), "one two");
+        assert_eq!(tail("one two three", 9), " three");
+        assert_eq!(head("abcdef", 3), "abc");
+        assert_eq!(tail("abcdef", 3), "def");
+        // Never inside a multi-byte character.
+        assert_eq!(head("ééé", 3), "é");
+        assert_eq!(tail("ééé", 3), "é");
+        assert_eq!(head("short", 100), "short");
     }
 }

@@ -9,11 +9,14 @@ use crate::batch::{Batch, BatchConfig, Batcher, Cursor, PadSide, Truncate};
 use crate::checkpoint::{Checkpoints, Direction};
 use crate::data::{self, Fields, Task};
 use crate::error::{Result, TrainError};
+use crate::fingerprint::BaseFingerprint;
+use crate::limits::{method_virtual_tokens, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
 use crate::model::{Backend, Model, Net};
 use crate::progress::Progress;
+use crate::run_dir::{self, OutMode};
 use crate::schedule::{Decay, Schedule};
-use crate::task::TaskSpec;
+use crate::task::{TaskFile, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -33,16 +36,18 @@ pub struct TrainConfig {
     pub fields: Fields,
     pub train: PathBuf,
     pub eval: Option<PathBuf>,
-    /// Comma-separated class labels (default: those of the training data, sorted).
-    pub labels: Option<String>,
-    /// Comma-separated verbalizer words for decoders (default: the labels).
-    pub verbalizers: Option<String>,
+    /// Class labels in class order (default: those of the training data, sorted).
+    pub labels: Option<Vec<String>>,
+    /// Verbalizer words for decoders, one per label (default: the labels).
+    pub verbalizers: Option<Vec<String>>,
     /// Text of a TEXT prompt init (CLASS_LABELS uses the verbalizers or labels).
     pub prompt_init_text: Option<String>,
     pub batch_size: usize,
     /// Rows per forward/backward (gradient accumulation over `batch_size / micro_batch` passes).
     pub micro_batch: usize,
-    pub max_len: usize,
+    /// Tokens per example at most; `None`: [`crate::limits::DEFAULT_MAX_LEN`] or what the model's
+    /// positions leave room for. Checked against the positions before the first step.
+    pub max_len: Option<usize>,
     pub steps: u64,
     pub lr: f64,
     pub warmup: u64,
@@ -60,7 +65,8 @@ pub struct TrainConfig {
     pub max_eval_examples: Option<usize>,
     pub seed: u64,
     pub out: PathBuf,
-    pub resume: bool,
+    /// A new run, replacing an old one, or resuming one (see [`OutMode`]).
+    pub out_mode: OutMode,
     pub progress: bool,
 }
 
@@ -105,11 +111,12 @@ struct State {
     train_tokens: u64,
     train_seconds: f64,
     last_loss: f64,
+    /// The base model trained on (absent in checkpoints from before it was recorded).
+    #[serde(default)]
+    base: Option<BaseFingerprint>,
 }
 
 const TRAINABLE: &str = "trainable.safetensors";
-/// Beside an export: the task, labels (in training's class order) and verbalizers.
-pub const TASK_FILE: &str = "tuna_task.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
 
@@ -134,12 +141,16 @@ struct Setup<B: Backend> {
 /// Load the data, the model (installing the method) and the task; check the schedule.
 fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
     let train_records = limit(data::load(&cfg.train, cfg.task, &cfg.fields)?, cfg.max_train_examples);
+    // A TEXT init has its text (checked by the CLI); CLASS_LABELS takes the label words.
     let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &cfg.labels) {
-        (Some(t), _, _) => Some(t.clone()),
-        (None, Some(v), _) | (None, None, Some(v)) => Some(v.replace(',', " ")),
-        _ => Some(crate::data::LabelSet::from_examples(&train_records).labels().join(" ")),
+        (Some(t), _, _) => t.clone(),
+        (None, Some(v), _) | (None, None, Some(v)) => v.join(" "),
+        _ => crate::data::LabelSet::from_examples(&train_records).labels().join(" "),
     };
-    let mut model = Model::load(dev, &cfg.model, &cfg.method, cfg.seed, words.as_deref())?;
+    let mut model = Model::open_for(dev, &cfg.model, &cfg.method)?;
+    // Lengths against the model's positions before anything is allocated for the method.
+    let max_len = resolve_max_len(cfg.max_len, model.max_positions(), method_virtual_tokens(&cfg.method))?;
+    model.install(&cfg.method, cfg.seed, Some(&words))?;
     let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;
     let eval_set = match &cfg.eval {
         Some(p) => Some((p.clone(), limit(data::load(p, cfg.task, &cfg.fields)?, cfg.max_eval_examples))),
@@ -148,22 +159,12 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
     if cfg.task == Task::Classify && !model.is_decoder() {
         model.add_head(spec.labels.as_ref().map_or(2, |l| l.len()), cfg.seed)?;
     }
-    let train_enc = spec.encode(&model, &train_records, &cfg.train)?;
+    let train_enc = spec.encode(&model, &train_records, &cfg.train, max_len)?;
     let eval_enc = match &eval_set {
-        Some((p, r)) => Some(spec.encode(&model, r, p)?),
+        Some((p, r)) => Some(spec.encode(&model, r, p, max_len)?),
         None => None,
     };
-    let batch_cfg = |shuffle: bool| BatchConfig {
-        batch_size: cfg.batch_size,
-        max_len: Some(cfg.max_len),
-        truncate: Truncate::for_task(cfg.task),
-        pad_side: if model.is_decoder() { PadSide::Left } else { PadSide::Right },
-        pad_id: model.pad_id(),
-        shuffle,
-        bucket_window: if shuffle { 50 } else { 0 },
-        drop_last: false,
-        seed: cfg.seed,
-    };
+    let batch_cfg = |shuffle: bool| batch_config(&model, cfg.task, cfg.batch_size, max_len, shuffle, cfg.seed);
     let batcher = Batcher::new(train_enc, batch_cfg(true))?;
     let eval_batcher = match eval_enc {
         Some(e) => Some(Batcher::new(e, batch_cfg(false))?),
@@ -191,12 +192,15 @@ fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
 
 /// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
 pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
+    // The folder first: a second run on it, or a new run over an old one, fails before any work.
+    let _lock = run_dir::lock(&cfg.out)?;
+    run_dir::prepare(&cfg.out, cfg.out_mode)?;
     let Setup { model, spec, mut batcher, eval_batcher, params } = setup(dev, cfg)?;
     let schedule = schedule_of(cfg)?;
+    let base = BaseFingerprint::of(&model)?;
     let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
     let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
     let mut opt = AdamW::new(&refs, hp)?;
-    std::fs::create_dir_all(&cfg.out).map_err(|e| TrainError::Io { path: cfg.out.clone(), source: e })?;
     let (metric_name, dir) = best_metric(cfg.task);
     let ckpts = Checkpoints::open(&cfg.out.join("checkpoints"), cfg.keep_last, Some((metric_name, dir)))?;
 
@@ -209,16 +213,28 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         train_tokens: 0,
         train_seconds: 0.0,
         last_loss: f64::NAN,
+        base: Some(base.clone()),
     };
     let mut resumed_from = None;
-    if cfg.resume {
+    if matches!(cfg.out_mode, OutMode::Resume | OutMode::ResumeOrStart) {
         let latest = ckpts.latest_valid()?;
         for w in &latest.warnings {
             eprintln!("warning: {w}");
         }
+        if latest.checkpoint.is_none() {
+            nothing_to_resume(cfg, &latest.warnings)?;
+        }
         if let Some(ck) = latest.checkpoint {
             let saved: State = serde_json::from_slice(ck.file(STATE)?)
                 .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
+            match saved.base.as_ref().map(|b| b.difference(&base)) {
+                Some(Some(what)) => return Err(TrainError::OtherBase { dir: ck.dir.clone(), what }),
+                Some(None) => {}
+                None => eprintln!(
+                    "warning: {}: made before checkpoints recorded their base model; not checked",
+                    ck.dir.display()
+                ),
+            }
             if saved.fingerprint != st.fingerprint {
                 return Err(TrainError::Invalid(format!(
                     "{}: the checkpoint was made with other data or batching settings (fingerprint {:x} vs {:x}): resume with the same data and flags",
@@ -230,7 +246,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
             restore(&ck.dir, ck.file(TRAINABLE)?, ck.file(OPTIMIZER)?, &params, &mut opt, saved.step)?;
             eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
             resumed_from = Some(saved.step);
-            st = saved;
+            st = State { base: Some(base), ..saved };
         }
     }
     let mut log = MetricsLog::open(&cfg.out.join("metrics.jsonl"), resumed_from)?;
@@ -317,16 +333,16 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     };
     let (export, bytes) = export(&model, &cfg.out)?;
     // The task travels with the export, so that `tuna eval` scores classes in training's order.
-    let task_json = json!({
-        "task": format!("{:?}", cfg.task).to_lowercase(),
-        "labels": spec.labels.as_ref().map(|l| l.labels().join(",")),
-        "verbalizers": cfg.verbalizers,
-    });
-    crate::checkpoint::write_atomic(&export.join(TASK_FILE), peft::pretty_sorted(&task_json).as_bytes())?;
+    TaskFile {
+        task: cfg.task.name().to_string(),
+        labels: spec.labels.as_ref().map(|l| l.labels().to_vec()),
+        verbalizers: cfg.verbalizers.clone(),
+    }
+    .write(&export)?;
     let summary = RunSummary {
         method: cfg.method.name().into(),
         model: cfg.model.display().to_string(),
-        task: format!("{:?}", cfg.task).to_lowercase(),
+        task: cfg.task.name().to_string(),
         trainable_params: params.iter().map(|(_, t)| t.numel()).sum(),
         base_params: model.base_param_count(),
         steps: st.step,
@@ -377,6 +393,26 @@ fn accumulate_grads<B: Backend>(
         tuna_autograd::stats::mark();
     }
     Ok(loss_sum)
+}
+
+/// `--resume` found no valid checkpoint: an error, unless `--resume-or-start` and the folder holds
+/// no run (starting anew there would overwrite the old run's log).
+fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result<()> {
+    let found = run_dir::existing_run(&cfg.out);
+    let why = if skipped.is_empty() { "no checkpoint".to_string() } else { format!("{} corrupt", skipped.len()) };
+    match cfg.out_mode {
+        OutMode::ResumeOrStart if found.is_empty() => Ok(()),
+        OutMode::ResumeOrStart => Err(TrainError::Invalid(format!(
+            "{}: nothing to resume ({why}), but the folder holds a run ({}): --overwrite starts anew",
+            cfg.out.display(),
+            found.join(", ")
+        ))),
+        _ => Err(TrainError::Invalid(format!(
+            "{}: nothing to resume ({why}; see the warnings above): --resume-or-start starts a new run where \
+             there is none, --overwrite replaces the folder's run",
+            cfg.out.display()
+        ))),
+    }
 }
 
 fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
@@ -594,26 +630,39 @@ pub fn eval_file(
     task: Task,
     data_path: &Path,
     fields: &Fields,
-    labels: Option<&str>,
-    verbalizers: Option<&str>,
+    labels: Option<&[String]>,
+    verbalizers: Option<&[String]>,
     batch_size: usize,
-    max_len: usize,
+    max_len: Option<usize>,
 ) -> Result<EvalMetrics> {
+    let max_len = resolve_max_len(max_len, model.max_positions(), model.virtual_tokens())?;
     let records = data::load(data_path, task, fields)?;
     let spec = TaskSpec::new(model, task, &records, labels, verbalizers)?;
-    let enc = spec.encode(model, &records, data_path)?;
-    let cfg = BatchConfig {
+    let enc = spec.encode(model, &records, data_path, max_len)?;
+    evaluate(model, &spec, &Batcher::new(enc, batch_config(model, task, batch_size, max_len, false, 0))?)
+}
+
+/// How a run's batches are made: shuffled and bucketed by length for training, in order for
+/// evaluation; padded on the side the architecture expects.
+fn batch_config<B: Backend>(
+    model: &Model<B>,
+    task: Task,
+    batch_size: usize,
+    max_len: usize,
+    shuffle: bool,
+    seed: u64,
+) -> BatchConfig {
+    BatchConfig {
         batch_size,
         max_len: Some(max_len),
         truncate: Truncate::for_task(task),
         pad_side: if model.is_decoder() { PadSide::Left } else { PadSide::Right },
         pad_id: model.pad_id(),
-        shuffle: false,
-        bucket_window: 0,
+        shuffle,
+        bucket_window: if shuffle { 50 } else { 0 },
         drop_last: false,
-        seed: 0,
-    };
-    evaluate(model, &spec, &Batcher::new(enc, cfg)?)
+        seed,
+    }
 }
 
 /// A one-line description of evaluation results.

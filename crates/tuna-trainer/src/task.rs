@@ -5,6 +5,7 @@ use crate::batch::{Batch, Encoded, IGNORE_INDEX};
 use crate::data::{Example, LabelSet, Record, Task};
 use crate::error::{Result, TrainError};
 use crate::model::{Backend, Model};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::{Ints, Tensor};
@@ -24,22 +25,26 @@ impl TaskSpec {
         model: &Model<impl Backend>,
         task: Task,
         records: &[Record],
-        labels: Option<&str>,
-        verbalizers: Option<&str>,
+        labels: Option<&[String]>,
+        verbalizers: Option<&[String]>,
     ) -> Result<TaskSpec> {
         if task != Task::Classify {
             return Ok(TaskSpec { task, labels: None, verbalizer: Vec::new() });
         }
         let set = match labels {
-            Some(l) => LabelSet::parse(l)?,
+            Some(l) => LabelSet::from_list(l.to_vec())?,
             None => LabelSet::from_examples(records),
         };
+        if set.len() < 2 {
+            return Err(TrainError::Invalid(format!(
+                "classification needs at least 2 classes; {} ({}): give --labels to list the others",
+                if labels.is_some() { "--labels lists one" } else { "the data has one" },
+                set.labels().join(", ")
+            )));
+        }
         let mut verbalizer = Vec::new();
         if model.is_decoder() {
-            let words: Vec<String> = match verbalizers {
-                Some(v) => v.split(',').map(|w| w.trim().to_string()).collect(),
-                None => set.labels().to_vec(),
-            };
+            let words: Vec<String> = verbalizers.map_or_else(|| set.labels().to_vec(), <[String]>::to_vec);
             if words.len() != set.len() {
                 return Err(TrainError::Invalid(format!("{} verbalizer words for {} labels", words.len(), set.len())));
             }
@@ -47,8 +52,14 @@ impl TaskSpec {
                 let ids = model.encode_plain(&format!(" {w}"))?;
                 let first =
                     *ids.first().ok_or_else(|| TrainError::Invalid(format!("verbalizer `{w}` has no tokens")))?;
-                if verbalizer.contains(&first) {
-                    return Err(TrainError::Invalid(format!("verbalizer words share their first token: `{w}`")));
+                if let Some(j) = verbalizer.iter().position(|&t| t == first) {
+                    let tok = model.tokenizer.id_to_token(first).unwrap_or_default();
+                    return Err(TrainError::Invalid(format!(
+                        "verbalizers `{}` and `{w}` both start with token {tok:?} (id {first}): a class is scored by \
+                         its word's first token, so give --verbalizers whose words start differently (e.g. \
+                         `negative,positive` for labels 0,1)",
+                        words[j]
+                    )));
                 }
                 verbalizer.push(first);
             }
@@ -56,8 +67,16 @@ impl TaskSpec {
         Ok(TaskSpec { task, labels: Some(set), verbalizer })
     }
 
-    /// Token ids and targets of each record (`path` for errors naming a record's line).
-    pub fn encode(&self, model: &Model<impl Backend>, records: &[Record], path: &Path) -> Result<Vec<Encoded>> {
+    /// Token ids and targets of each record (`path` for errors naming a record's line). Rows are
+    /// cut to `max_len` later by the batcher (the start kept, or the end for `completion`); only
+    /// the part of a long text that can survive that cut is tokenized.
+    pub fn encode(
+        &self,
+        model: &Model<impl Backend>,
+        records: &[Record],
+        path: &Path,
+        max_len: usize,
+    ) -> Result<Vec<Encoded>> {
         records
             .iter()
             .map(|r| {
@@ -66,15 +85,15 @@ impl TaskSpec {
                 };
                 Ok(match (&r.ex, self.task) {
                     (Example::Text(t), Task::Lm) => {
-                        let ids = model.encode(t)?;
+                        let ids = model.encode_window(t, max_len, false)?;
                         if ids.len() < 2 {
                             return Err(empty("text (at least 2 tokens)"));
                         }
                         Encoded { targets: ids.iter().map(|&i| i as i32).collect(), ids, class: None }
                     }
                     (Example::Completion { prompt, completion }, Task::Completion) => {
-                        let p = model.encode(prompt)?;
-                        let c = model.encode(completion)?;
+                        let p = model.encode_window(prompt, max_len, true)?;
+                        let c = model.encode_window(completion, max_len, true)?;
                         if c.is_empty() {
                             return Err(empty("completion"));
                         }
@@ -85,7 +104,7 @@ impl TaskSpec {
                     (Example::Labeled { text, label }, Task::Classify) => {
                         let set = self.labels.as_ref().expect("classify has labels");
                         let class = set.index(label, path, r.line)?;
-                        let ids = model.encode(text)?;
+                        let ids = model.encode_window(text, max_len, false)?;
                         if ids.is_empty() {
                             return Err(empty("text"));
                         }
@@ -146,6 +165,55 @@ impl TaskSpec {
     }
 }
 
+/// `tuna_task.json`, written beside an export: the task, the classes in training's order and the
+/// verbalizer words, so `tuna eval` scores classes as training did. Labels and words are JSON lists
+/// (a label may hold commas or spaces); files from before kept them as one comma-separated string,
+/// which still reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFile {
+    pub task: String,
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub labels: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub verbalizers: Option<Vec<String>>,
+}
+
+/// The task file's name.
+pub const TASK_FILE: &str = "tuna_task.json";
+
+impl TaskFile {
+    /// The task file in `dir`, `None` when there is none; a malformed one is an error naming it.
+    pub fn read(dir: &Path) -> Result<Option<TaskFile>> {
+        let path = dir.join(TASK_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(TrainError::Io { path, source }),
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Write it into `dir` (atomically; keys sorted).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let v = serde_json::to_value(self).map_err(|e| TrainError::Invalid(format!("{TASK_FILE}: {e}")))?;
+        let text = tuna_models::adapt::peft::pretty_sorted(&v);
+        Ok(crate::checkpoint::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?)
+    }
+}
+
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(Option::<ListOrCsv>::deserialize(d)?.map(|v| match v {
+        ListOrCsv::List(l) => l,
+        ListOrCsv::Csv(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
+    }))
+}
+
 /// Mean cross-entropy of class `scores` (`[batch, classes]`) against the batch's classes.
 fn class_loss<B: Backend>(model: &Model<B>, b: &Batch, scores: Tensor<B, f32>) -> Result<Tensor<B, f32>> {
     let classes: Vec<i32> = b.classes.iter().map(|&c| c as i32).collect();
@@ -175,4 +243,32 @@ fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_files_keep_labels_with_commas_and_spaces_and_read_the_old_string_form() {
+        let d = std::env::temp_dir().join(format!("tuna-taskfile-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let f = TaskFile {
+            task: "classify".into(),
+            labels: Some(vec!["a, b".into(), " padded ".into()]),
+            verbalizers: Some(vec!["yes".into(), "no".into()]),
+        };
+        f.write(&d).unwrap();
+        assert_eq!(TaskFile::read(&d).unwrap(), Some(f));
+        std::fs::write(d.join(TASK_FILE), r#"{"labels": "cat,other", "task": "classify", "verbalizers": null}"#)
+            .unwrap();
+        let old = TaskFile::read(&d).unwrap().unwrap();
+        assert_eq!(old.labels, Some(vec!["cat".to_string(), "other".to_string()]));
+        assert_eq!(old.verbalizers, None);
+        std::fs::write(d.join(TASK_FILE), "{not json").unwrap();
+        let e = TaskFile::read(&d).unwrap_err().to_string();
+        assert!(e.contains(TASK_FILE), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+        assert_eq!(TaskFile::read(&d).unwrap(), None);
+    }
 }

@@ -38,7 +38,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         prompt_init_text: None,
         batch_size: 4,
         micro_batch: 2,
-        max_len: 32,
+        max_len: Some(32),
         steps: 3,
         lr: 1e-2,
         warmup: 1,
@@ -54,7 +54,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         max_eval_examples: None,
         seed: 3,
         out: dir.join("run"),
-        resume: false,
+        out_mode: tuna_trainer::OutMode::New,
         progress: false,
     }
 }

@@ -1,0 +1,132 @@
+//! The base model's fingerprint, recorded in every checkpoint so that `--resume` onto another base
+//! model (another architecture, fewer layers, other weights under the same names) is refused with
+//! a message that says which of these differs.
+
+use crate::checkpoint::Fnv64;
+use crate::error::Result;
+use crate::model::{Backend, Model};
+use serde::{Deserialize, Serialize};
+
+/// Tensors larger than this are not hashed (a copy of a large embedding would raise the run's peak
+/// memory); the smaller ones (norms, biases, small projections) spread across the layers are.
+const MAX_HASHED_NUMEL: usize = 1 << 20;
+/// How many tensors the content hash reads, evenly spaced in the model's order.
+const HASHED_TENSORS: usize = 8;
+
+/// What identifies a base model: its dimensions, its tensors' names and shapes, and the values of a
+/// few sampled tensors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseFingerprint {
+    pub arch: String,
+    /// Layers, hidden size, heads, KV heads, head dim and vocabulary, as one readable line.
+    pub dims: String,
+    /// Number of base tensors.
+    pub tensors: usize,
+    /// FNV-1a 64 of every tensor's name and shape, in order (16 hex digits).
+    pub names_hash: String,
+    /// FNV-1a 64 of the sampled tensors' values (16 hex digits).
+    pub content_hash: String,
+}
+
+impl BaseFingerprint {
+    /// The fingerprint of `model`'s base weights as loaded (call before any training step).
+    pub fn of<B: Backend>(model: &Model<B>) -> Result<BaseFingerprint> {
+        let s = model.shape();
+        let weights = model.named_weights();
+        let mut names = Fnv64::new();
+        for (n, t) in &weights {
+            names.write(format!("{n}:{:?};", t.shape()).as_bytes());
+        }
+        let mut content = Fnv64::new();
+        for i in sampled(&weights.iter().map(|(_, t)| t.numel()).collect::<Vec<_>>()) {
+            let (n, t) = &weights[i];
+            content.write(n.as_bytes());
+            for v in t.to_vec()? {
+                content.write(&v.to_bits().to_le_bytes());
+            }
+        }
+        Ok(BaseFingerprint {
+            arch: s.arch.name().to_string(),
+            dims: format!(
+                "{} layers, hidden {}, {} heads, {} kv heads, head dim {}, vocab {}",
+                s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.vocab
+            ),
+            tensors: weights.len(),
+            names_hash: format!("{:016x}", names.finish()),
+            content_hash: format!("{:016x}", content.finish()),
+        })
+    }
+
+    /// What differs between the fingerprint a checkpoint recorded (`self`) and the model's now
+    /// (`now`), in words; `None` when they agree.
+    pub fn difference(&self, now: &BaseFingerprint) -> Option<String> {
+        if self.arch != now.arch {
+            return Some(format!("it was a {} model, this one is {}", self.arch, now.arch));
+        }
+        if self.dims != now.dims {
+            return Some(format!("it had {}; this one has {}", self.dims, now.dims));
+        }
+        if self.tensors != now.tensors || self.names_hash != now.names_hash {
+            return Some(format!(
+                "its {} tensors had other names or shapes than this model's {}",
+                self.tensors, now.tensors
+            ));
+        }
+        if self.content_hash != now.content_hash {
+            return Some("same names and shapes, but other weight values".into());
+        }
+        None
+    }
+}
+
+/// Indices of the tensors the content hash reads: up to [`HASHED_TENSORS`] of those with at most
+/// [`MAX_HASHED_NUMEL`] elements, evenly spaced in order; the smallest tensor when none is small.
+fn sampled(numels: &[usize]) -> Vec<usize> {
+    let small: Vec<usize> = (0..numels.len()).filter(|&i| numels[i] <= MAX_HASHED_NUMEL).collect();
+    if small.is_empty() {
+        return (0..numels.len()).min_by_key(|&i| numels[i]).into_iter().collect();
+    }
+    let k = small.len().min(HASHED_TENSORS);
+    let mut picked: Vec<usize> = (0..k).map(|j| small[j * (small.len() - 1) / (k - 1).max(1)]).collect();
+    picked.dedup();
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_spreads_over_the_small_tensors_and_falls_back_to_the_smallest() {
+        assert_eq!(sampled(&[]), Vec::<usize>::new());
+        assert_eq!(sampled(&[10]), [0]);
+        let big = MAX_HASHED_NUMEL + 1;
+        assert_eq!(sampled(&[big, 5, big, 7]), [1, 3]);
+        assert_eq!(sampled(&[big, big + 1]), [0]);
+        let many = vec![1; 100];
+        let s = sampled(&many);
+        assert_eq!(s.len(), HASHED_TENSORS);
+        assert_eq!((s[0], s[s.len() - 1]), (0, 99));
+    }
+
+    #[test]
+    fn differences_name_what_changed() {
+        let a = BaseFingerprint {
+            arch: "llama".into(),
+            dims: "2 layers".into(),
+            tensors: 10,
+            names_hash: "1".into(),
+            content_hash: "2".into(),
+        };
+        assert_eq!(a.difference(&a.clone()), None);
+        let other = |f: fn(&mut BaseFingerprint)| {
+            let mut b = a.clone();
+            f(&mut b);
+            a.difference(&b).unwrap()
+        };
+        assert!(other(|b| b.arch = "gpt2".into()).contains("llama model, this one is gpt2"));
+        assert!(other(|b| b.dims = "1 layers".into()).contains("it had 2 layers; this one has 1 layers"));
+        assert!(other(|b| b.names_hash = "3".into()).contains("other names or shapes"));
+        assert!(other(|b| b.content_hash = "3".into()).contains("other weight values"));
+    }
+}
