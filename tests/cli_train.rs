@@ -4,114 +4,12 @@
 //! touching checkpoints, a non-finite loss exits 3 naming the step, and compare writes its table,
 //! JSON and SVG.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/tuna-models/tests/fixtures").join(name).display().to_string()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tuna-cli-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-const SENTENCES: [&str; 6] = [
-    "The cat sat on the mat.",
-    "A dog ran in the park.",
-    "The bird sang a song.",
-    "The cat ran to the dog.",
-    "A bird sat on the park bench.",
-    "The dog sang on the mat.",
-];
-
-/// A JSONL file of `n` lm or classify records.
-fn data(dir: &Path, name: &str, n: usize, classify: bool) -> String {
-    let p = dir.join(name);
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let t = SENTENCES[i % SENTENCES.len()];
-            if classify {
-                let label = if t.contains("cat") { "cat" } else { "other" };
-                format!("{{\"text\": \"{t}\", \"label\": \"{label}\"}}")
-            } else {
-                format!("{{\"text\": \"{t}\"}}")
-            }
-        })
-        .collect();
-    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    p.display().to_string()
-}
-
-fn train_args(out: &Path, train: &str, steps: u64, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--model",
-        &fixture("llama"),
-        "--task",
-        "lm",
-        "--train",
-        train,
-        "--method",
-        "lora",
-        "--batch-size",
-        "4",
-        "--micro-batch",
-        "2",
-        "--steps",
-        &steps.to_string(),
-        "--warmup",
-        "2",
-        "--save-every",
-        "1",
-        "--keep-last",
-        "3",
-        "--lr",
-        "1e-2",
-        "--seed",
-        "7",
-        "--quiet",
-        "--out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push(out.display().to_string());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-/// `args` with `flag`'s value replaced (or appended).
-fn set(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
-    match args.iter().position(|a| a == flag) {
-        Some(i) => args[i + 1] = value.to_string(),
-        None => args.extend([flag.to_string(), value.to_string()]),
-    }
-    args
-}
-
-fn tuna(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).output().expect("run tuna")
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}: {err}", out.status.code());
-    err.into_owned()
-}
-
-/// The training lines of a metrics log, as written (exact float text).
-fn train_lines(out: &Path) -> Vec<String> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("\"split\":\"train\""))
-        .map(String::from)
-        .collect()
-}
 
 #[test]
 fn sigkill_then_resume_reproduces_the_uninterrupted_losses() {

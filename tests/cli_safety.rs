@@ -1,0 +1,403 @@
+//! Runs that cannot lose each other's work, through the binary: the output folder's lock, a new run
+//! over an old one, exports that never overwrite a model or a folder unasked, resumes onto another
+//! base model, pruning past folders that are not checkpoints, labels that read back, lengths checked
+//! against the model's positions, a failed write that leaves nothing behind, flags out of range,
+//! and a 10 MB line in bounded memory. (The README's error table lists each case.)
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use tuna::models::adapt::peft;
+
+/// Asserts `out` failed with `needle` in its stderr; returns the stderr.
+fn fails(out: &Output, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected a failure mentioning {needle:?}, got success: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Every file under `dir` (relative path, bytes), sorted: a folder's exact state.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push((p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    // The lock file holds the PID of the last process that took the lock: not the run's data.
+    v.retain(|(p, _)| p != Path::new(".tuna.lock"));
+    v.sort();
+    v
+}
+
+/// Asserts two snapshots are equal, naming the files that differ (not their bytes).
+fn same(a: &[(PathBuf, Vec<u8>)], b: &[(PathBuf, Vec<u8>)], what: &str) {
+    let names = |v: &[(PathBuf, Vec<u8>)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+    assert_eq!(names(a), names(b), "{what}: other files");
+    for ((p, x), (_, y)) in a.iter().zip(b) {
+        assert!(x == y, "{what}: {} changed", p.display());
+    }
+}
+
+/// A copy of fixture `name` in `dir` with its weights passed through `edit` (and its config through
+/// `config`).
+fn model_copy(
+    dir: &Path,
+    name: &str,
+    edit: impl Fn(&mut std::collections::BTreeMap<String, peft::HostTensor>),
+    config: impl Fn(&mut serde_json::Value),
+) -> String {
+    let src = PathBuf::from(fixture(name));
+    let dst = dir.join(format!("{name}-copy"));
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["tokenizer.json", "config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let mut t = peft::read_tensors(&src.join("model.safetensors")).unwrap();
+    edit(&mut t);
+    let t: Vec<_> = t.into_iter().collect();
+    std::fs::write(dst.join("model.safetensors"), peft::safetensors_bytes(&t).unwrap()).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
+    config(&mut c);
+    std::fs::write(dst.join("config.json"), c.to_string()).unwrap();
+    dst.display().to_string()
+}
+
+#[test]
+fn a_second_run_on_a_locked_folder_is_refused_naming_the_holder() {
+    let d = tmp("lock");
+    let train = data(&d, "train.jsonl", 24, false);
+    let out = d.join("run");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_tuna")).args(train_args(&out, &train, 5000, &[])).spawn().unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |s| s.lines().count()) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the first run logged no step");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let holder = format!("process {}", first.id());
+    for extra in [&["--resume"][..], &["--overwrite"], &[]] {
+        fails(&tuna(&train_args(&out, &train, 5000, extra)), &holder);
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The kill released the lock: the run resumes.
+    let err = ok(&tuna(&train_args(&out, &train, 3, &["--resume-or-start"])));
+    assert!(err.contains("resuming from"), "{err}");
+}
+
+#[test]
+fn a_new_run_over_an_old_one_needs_resume_or_overwrite() {
+    let d = tmp("old-run");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    ok(&tuna(&train_args(&out, &train, 6, &[])));
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let before = snapshot(&out);
+    let err = fails(&tuna(&train_args(&out, &train, 2, &[])), "already holds a run");
+    assert!(err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    same(&snapshot(&out), &before, "the refused run changed the old run");
+    // --overwrite replaces the old run's outputs (its higher steps too), and only those.
+    ok(&tuna(&train_args(&out, &train, 2, &["--overwrite"])));
+    let steps: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(steps.iter().all(|s| s == "step-000001" || s == "step-000002"), "{steps:?}");
+    assert_eq!(train_lines(&out).len(), 2);
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn export_never_overwrites_the_base_model_or_a_folder_unasked() {
+    let d = tmp("export");
+    let base = model_copy(&d, "llama", |_| {}, |_| {});
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let mut a = train_args(&out, &train, 2, &[]);
+    a = set(a, "--model", &base);
+    ok(&tuna(&a));
+    let adapter = out.join("adapter").display().to_string();
+    let before = snapshot(Path::new(&base));
+    let export = |to: &str, extra: &[&str]| {
+        let mut v = s(&["export", "--model", &base, "--adapter", &adapter, "--out", to]);
+        v.extend(s(extra));
+        tuna(&v)
+    };
+    fails(&export(&base, &["--merged"]), "the base model's folder");
+    fails(&export(&base, &["--merged", "--overwrite"]), "the base model's folder");
+    fails(&export(&adapter, &["--overwrite"]), "the adapter's own folder");
+    same(&snapshot(Path::new(&base)), &before, "the base model");
+    let dest = d.join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::write(dest.join("keep.txt"), "x").unwrap();
+    fails(&export(&dest.display().to_string(), &["--merged"]), "not empty");
+    assert!(!dest.join("model.safetensors").exists());
+    ok(&export(&dest.display().to_string(), &["--merged", "--overwrite"]));
+    assert!(dest.join("model.safetensors").exists() && !dest.join(".tuna.lock").exists());
+    // An empty or missing folder needs nothing.
+    ok(&export(&d.join("fresh").display().to_string(), &[]));
+}
+
+#[test]
+fn resuming_onto_another_base_model_is_refused_saying_what_differs() {
+    let d = tmp("other-base");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    let base = model_copy(&d, "llama", |_| {}, |_| {});
+    ok(&tuna(&set(train_args(&out, &train, 3, &[]), "--model", &base)));
+    let negated = model_copy(
+        &d.join("neg"),
+        "llama",
+        |t| t.values_mut().for_each(|(_, v)| v.iter_mut().for_each(|x| *x = -*x)),
+        |_| {},
+    );
+    let one_layer = model_copy(
+        &d.join("one"),
+        "llama",
+        |t| t.retain(|n, _| !n.starts_with("model.layers.1.")),
+        |c| c["num_hidden_layers"] = 1.into(),
+    );
+    let resume = |model: &str| tuna(&set(train_args(&out, &train, 6, &["--resume"]), "--model", model));
+    fails(&resume(&negated), "other weight values");
+    fails(&resume(&one_layer), "it had 2 layers");
+    fails(&resume(&fixture("gpt2")), "it was a llama model, this one is gpt2");
+    let err = ok(&resume(&base));
+    assert!(err.contains("resuming from"), "{err}");
+}
+
+#[test]
+fn pruning_and_resume_count_only_valid_checkpoints() {
+    let d = tmp("prune");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    // --resume with nothing to resume is an error; --resume-or-start starts.
+    fails(&tuna(&train_args(&out, &train, 2, &["--resume"])), "nothing to resume");
+    ok(&tuna(&train_args(&out, &train, 2, &["--resume-or-start"])));
+    std::fs::create_dir_all(out.join("checkpoints/step-000099")).unwrap();
+    let err = ok(&tuna(&set(train_args(&out, &train, 4, &["--resume"]), "--keep-last", "1")));
+    assert!(err.contains("step 2"), "resumed from the valid step 2: {err}");
+    assert!(out.join("checkpoints/step-000004/manifest.json").exists(), "the valid newest survives pruning");
+    assert!(out.join("checkpoints/step-000099").exists(), "the stray folder is left for the user");
+    // Every checkpoint corrupt: --resume refuses instead of silently starting over.
+    for e in std::fs::read_dir(out.join("checkpoints")).unwrap() {
+        let _ = std::fs::remove_file(e.unwrap().path().join("manifest.json"));
+    }
+    let log = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    fails(&tuna(&train_args(&out, &train, 6, &["--resume"])), "nothing to resume");
+    fails(&tuna(&train_args(&out, &train, 6, &["--resume-or-start"])), "--overwrite starts anew");
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), log, "the log was rewritten");
+}
+
+#[test]
+fn labels_with_commas_and_spaces_read_back_and_eval_refuses_another_order() {
+    let d = tmp("labels");
+    let train = d.join("train.jsonl");
+    let rows: Vec<String> = (0..8)
+        .map(|i| {
+            let label = if i % 2 == 0 { "good, really" } else { " meh " };
+            format!("{{\"text\": \"{}\", \"label\": \"{label}\"}}", SENTENCES[i % SENTENCES.len()])
+        })
+        .collect();
+    std::fs::write(&train, rows.join("\n")).unwrap();
+    let train = train.display().to_string();
+    let out = d.join("run");
+    let mut a = train_args(&out, &train, 2, &["--verbalizers", "cat,other"]);
+    a = set(a, "--task", "classify");
+    ok(&tuna(&a));
+    let adapter = out.join("adapter").display().to_string();
+    let eval = |extra: &[&str]| {
+        let mut v = s(&["eval", "--model", &fixture("llama"), "--adapter", &adapter, "--data", &train]);
+        v.extend(s(extra));
+        tuna(&v)
+    };
+    ok(&eval(&[]));
+    // The classes sorted are " meh " then "good, really"; a reversed --labels would swap them.
+    let cls = d.join("cls.jsonl");
+    std::fs::write(&cls, "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"y\"}\n").unwrap();
+    let mut b = train_args(&d.join("run2"), &cls.display().to_string(), 1, &["--verbalizers", "cat,other"]);
+    b = set(b, "--task", "classify");
+    ok(&tuna(&b));
+    let adapter2 = d.join("run2/adapter").display().to_string();
+    let o = tuna(&s(&[
+        "eval",
+        "--model",
+        &fixture("llama"),
+        "--adapter",
+        &adapter2,
+        "--data",
+        &cls.display().to_string(),
+        "--labels",
+        "y,x",
+    ]));
+    fails(&o, "--labels y,x disagrees with training's x,y");
+}
+
+#[test]
+fn lengths_are_checked_against_the_positions_before_the_first_step() {
+    let d = tmp("lengths");
+    let long: String = (0..200).map(|i| SENTENCES[i % SENTENCES.len()]).collect::<Vec<_>>().join(" ");
+    let train = d.join("train.jsonl");
+    std::fs::write(&train, format!("{{\"text\": \"short one\"}}\n{{\"text\": \"{long}\"}}\n")).unwrap();
+    let train = train.display().to_string();
+    for model in ["gpt2", "llama"] {
+        let out = d.join(model);
+        let a = set(set(train_args(&out, &train, 4, &[]), "--model", &fixture(model)), "--batch-size", "1");
+        let a = set(a, "--micro-batch", "1");
+        // The default --max-len fits the 64 positions, so the long example trains.
+        ok(&tuna(&a));
+        // An explicit one that does not is refused before any step (nothing logged).
+        let bad =
+            set(set(a.clone(), "--max-len", "128"), "--out", &d.join(format!("{model}-bad")).display().to_string());
+        fails(&tuna(&bad), "--max-len 128 exceeds the model's 64 positions: use --max-len 64 or less");
+        assert!(!d.join(format!("{model}-bad/metrics.jsonl")).exists());
+    }
+    // Prompt tuning's virtual tokens count, and absurd counts fail at once.
+    let out = d.join("prompt");
+    let a = set(train_args(&out, &train, 2, &["--max-len", "50"]), "--method", "prompt");
+    fails(&tuna(&a), "--max-len 50 + 20 virtual tokens exceeds the model's 64 positions: use --max-len 44 or less");
+    let t0 = Instant::now();
+    fails(&tuna(&set(a, "--virtual-tokens", "100000")), "100000 virtual tokens leave no room");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+/// `tuna` under a file-size limit of `kib` KiB (SIGXFSZ ignored, so a write past it fails with EFBIG,
+/// as on a full disk).
+fn tuna_limited(kib: u64, args: &[String]) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_tuna"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Names in `dir` (recursively) that are temporary files or folders.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.contains(".tmp") {
+            v.push(p.display().to_string());
+        }
+        if p.is_dir() {
+            v.extend(leftovers(&p));
+        }
+    }
+    v
+}
+
+#[test]
+fn a_write_that_fails_midway_leaves_no_temporary_files_and_the_last_checkpoint() {
+    let d = tmp("full-disk");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    // Full fine-tuning: a checkpoint (weights + two moments) is ~230 KB, the log ~1.5 KB.
+    let a = set(train_args(&out, &train, 12, &[]), "--method", "full");
+    ok(&tuna(&a));
+    let a = set(a, "--steps", "14");
+    // The checkpoint cannot be written; the log rewrite can.
+    let err = fails(&tuna_limited(64, &[a.clone(), s(&["--resume"])].concat()), "File too large");
+    assert!(leftovers(&out).is_empty(), "{:?} after: {err}", leftovers(&out));
+    // Not even the log's rewrite fits (1 KiB): still nothing left behind.
+    assert!(std::fs::metadata(out.join("metrics.jsonl")).unwrap().len() > 1024);
+    fails(&tuna_limited(1, &[a.clone(), s(&["--resume"])].concat()), "File too large");
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+    // The last good checkpoint resumes.
+    let err = ok(&tuna(&[a, s(&["--resume"])].concat()));
+    assert!(err.contains("step 12"), "{err}");
+}
+
+#[test]
+fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
+    let d = tmp("flags");
+    let train = data(&d, "train.jsonl", 8, true);
+    let out = d.join("run");
+    let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
+    let cases: [(&[(&str, &str)], &str); 13] = [
+        (&[("--lora-dropout", "2")], "--lora-dropout 2"),
+        (&[("--clip", "NaN")], "--clip NaN"),
+        (&[("--clip", "-1")], "--clip -1"),
+        (&[("--weight-decay", "-5")], "--weight-decay -5"),
+        (&[("--micro-batch", "0")], "--micro-batch 0"),
+        (&[("--micro-batch", "5")], "--micro-batch 5: expected 1 to --batch-size (4)"),
+        (&[("--verbalizers", "The,")], "--verbalizers \"The,\": entry 2 is empty"),
+        (&[("--method", "prompt"), ("--prompt-init", "text")], "--prompt-init text needs --prompt-init-text"),
+        (&[("--eval-every", "0")], "--eval-every 0"),
+        (&[("--save-every", "0")], "--save-every 0"),
+        (&[("--method", "prefix-mlp"), ("--prefix-hidden", "0")], "--prefix-hidden 0: expected at least 1"),
+        (&[("--lr", "-1")], "--lr -1"),
+        (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
+    ];
+    for (flags, needle) in cases {
+        // A negative value is given as `--flag=-1` (clap reads a separate `-1` as a flag).
+        let a = flags.iter().fold(cls.clone(), |a, (f, v)| {
+            if v.starts_with('-') {
+                let mut a = a;
+                if let Some(i) = a.iter().position(|x| x == f) {
+                    a.drain(i..i + 2);
+                }
+                [a, vec![format!("{f}={v}")]].concat()
+            } else {
+                set(a, f, v)
+            }
+        });
+        fails(&tuna(&a), needle);
+        assert!(!out.exists(), "{needle}: the refused run wrote {}", out.display());
+    }
+    // One class is no classification task.
+    let one = d.join("one.jsonl");
+    std::fs::write(&one, "{\"text\": \"a cat\", \"label\": \"cat\"}\n{\"text\": \"the cat\", \"label\": \"cat\"}\n")
+        .unwrap();
+    fails(&tuna(&set(cls.clone(), "--train", &one.display().to_string())), "at least 2 classes");
+    // Numeric labels whose words share a first token name both words and the token.
+    let nums = d.join("nums.jsonl");
+    std::fs::write(&nums, "{\"text\": \"a cat\", \"label\": \"10\"}\n{\"text\": \"a dog\", \"label\": \"11\"}\n")
+        .unwrap();
+    let o = tuna(&set(cls.clone(), "--train", &nums.display().to_string()));
+    fails(&o, "verbalizers `10` and `11` both start with token");
+    // An OS error says its reason once.
+    let err = fails(&tuna(&set(cls, "--train", "/no/such/file.jsonl")), "/no/such/file.jsonl");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    // Sampling flags.
+    let g = |f: &str, v: &str| {
+        tuna(&s(&["generate", "--model", &fixture("llama"), "--prompt", "The cat", "--max-new-tokens", "2", f, v]))
+    };
+    fails(&g("--top-p", "1.5"), "--top-p 1.5");
+    fails(&g("--temperature", "0"), "--temperature 0");
+    fails(&g("--top-k", "0"), "--top-k 0");
+}
+
+#[test]
+fn a_10_mb_single_line_trains_in_bounded_memory() {
+    let d = tmp("long-line");
+    let line: String = SENTENCES.iter().cycle().take(500_000).copied().collect::<Vec<_>>().join(" ");
+    assert!(line.len() > 10_000_000);
+    let train = d.join("train.jsonl");
+    std::fs::write(&train, format!("{{\"text\": \"{line}\"}}\n{{\"text\": \"{}\"}}\n", SENTENCES[0])).unwrap();
+    let out = d.join("run");
+    let a = set(set(train_args(&out, &train.display().to_string(), 1, &[]), "--max-len", "32"), "--batch-size", "2");
+    ok(&tuna(&set(a, "--micro-batch", "2")));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let peak = summary["peak_rss_bytes"].as_u64().unwrap();
+    // Tokenizing the whole line took ~1.5 GiB; the window keeps the process near the data's size.
+    assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+}
