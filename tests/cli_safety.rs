@@ -177,6 +177,10 @@ fn resuming_onto_another_base_model_is_refused_saying_what_differs() {
     fails(&resume(&negated), "other weight values");
     fails(&resume(&one_layer), "it had 2 layers");
     fails(&resume(&fixture("gpt2")), "it was a llama model, this one is gpt2");
+    // The same base with fewer LoRA targets would drop the others' trained tensors.
+    let fewer =
+        [set(train_args(&out, &train, 6, &["--resume"]), "--model", &base), s(&["--lora-targets", "q_proj"])].concat();
+    fails(&tuna(&fewer), "v_proj.lora_A.weight`, which this run does not");
     let err = ok(&resume(&base));
     assert!(err.contains("resuming from"), "{err}");
 }

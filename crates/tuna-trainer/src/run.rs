@@ -505,6 +505,13 @@ fn restore<B: Backend>(
     };
     let weights = read(w, TRAINABLE)?;
     let moments = read(o, OPTIMIZER)?;
+    // Every tensor the checkpoint trained must train now: none is dropped silently.
+    if let Some(extra) = weights.keys().find(|k| !params.iter().any(|(n, _)| n == *k)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: the checkpoint trains `{extra}`, which this run does not: it is from another method or model",
+            dir.join(TRAINABLE).display()
+        )));
+    }
     let mut mom = Vec::new();
     for (n, t) in params {
         let get = |k: &str| {
