@@ -51,6 +51,10 @@ pub struct Bert<B: Kernels<E>, E: Float> {
     pub adapt: Adapt<B, E>,
 }
 
+/// Tensors BERT checkpoints carry that the encoder does not compute with (see
+/// [`Loader::finish`]): the pretraining heads and the position-id buffer (when stored as floats).
+pub const KNOWN_UNUSED: &[&str] = &["cls.*", "embeddings.position_ids"];
+
 /// `name`, bare (`BertModel`) or under the `bert.` prefix (task heads' checkpoints).
 fn names(name: &str) -> [String; 2] {
     [name.to_string(), format!("bert.{name}")]
@@ -92,7 +96,7 @@ impl<B: Kernels<E>, E: Float> BertLayer<B, E> {
 impl<B: Kernels<E>, E: Float> Bert<B, E> {
     /// Every tensor of `cfg`'s encoder from `loader`'s source (Hugging Face names, with or without
     /// `bert.`); the pooler only if `pooler.dense.weight` is present. A missing or mis-shaped
-    /// tensor is an error naming it.
+    /// tensor is an error naming it, and so are tensors it does not use (beyond [`KNOWN_UNUSED`]).
     pub fn load(cfg: &BertConfig, loader: &mut Loader<'_, B, E>) -> Result<Self> {
         let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let word = load(loader, "embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?;
@@ -115,6 +119,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         }
         let has_pooler = names("pooler.dense.weight").iter().any(|n| loader.src.shape(n).is_some());
         let pooler = if has_pooler { Some(dense(loader, "pooler.dense", h, h)?) } else { None };
+        loader.finish(KNOWN_UNUSED)?;
         let path = loader.src.path().to_path_buf();
         Ok(Bert {
             cfg: cfg.clone(),

@@ -41,3 +41,15 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How many names an error lists before it only counts the rest.
+const NAMES_SHOWN: usize = 5;
+
+/// A few of `names`, back-quoted, and how many there are in all: "`a`, `b` (2 in all)" or
+/// "`a`, `b`, `c`, `d`, `e` and 7 more (12 in all)". For errors about sets of tensors or modules.
+pub(crate) fn some_names<S: AsRef<str>>(names: &[S]) -> String {
+    let shown: Vec<String> = names.iter().take(NAMES_SHOWN).map(|n| format!("`{}`", n.as_ref())).collect();
+    let more = names.len().saturating_sub(NAMES_SHOWN);
+    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+    format!("{}{more} ({} in all)", shown.join(", "), names.len())
+}

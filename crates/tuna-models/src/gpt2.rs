@@ -64,6 +64,10 @@ pub struct Gpt2<B: Kernels<E>, E: Float> {
     pub adapt: Adapt<B, E>,
 }
 
+/// Tensors GPT-2 checkpoints carry that the model does not compute with (see
+/// [`Loader::finish`]): older `transformers`' causal-mask buffers and the head, tied to `wte`.
+pub const KNOWN_UNUSED: &[&str] = &["h.*.attn.bias", "h.*.attn.masked_bias", "lm_head.weight"];
+
 /// `name`, under the bare `GPT2Model` name or `GPT2LMHeadModel`'s `transformer.` prefix.
 fn load<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, shape: &[usize]) -> Result<Tensor<B, E>> {
     l.load_any(&[name, &format!("transformer.{name}")], shape)
@@ -85,7 +89,8 @@ impl<B: Kernels<E>, E: Float> Norm<B, E> {
 
 impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
     /// Every tensor of `cfg`'s model from `loader`'s source (Hugging Face names, with or without
-    /// the `transformer.` prefix); a missing or mis-shaped tensor is an error naming it.
+    /// the `transformer.` prefix); a missing or mis-shaped tensor is an error naming it, and so
+    /// are tensors it does not use (beyond [`KNOWN_UNUSED`]).
     pub fn load(cfg: &Gpt2Config, loader: &mut Loader<'_, B, E>) -> Result<Self> {
         let (c, ff) = (cfg.n_embd, cfg.inner());
         let wte = load(loader, "wte.weight", &[cfg.vocab_size, c])?;
@@ -103,6 +108,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
             });
         }
         let ln_f = norm(loader, "ln_f", c)?;
+        loader.finish(KNOWN_UNUSED)?;
         Ok(Gpt2 { cfg: cfg.clone(), wte, wpe, blocks, ln_f, adapt: Adapt::default() })
     }
 

@@ -1,9 +1,12 @@
 //! Turning checkpoint tensors into autograd tensors: every weight a model loads goes through
 //! [`Loader`], which decides (by name) whether it trains, and records it for optimizers,
-//! counting and saving.
+//! counting and saving; [`Loader::finish`] then refuses a checkpoint holding tensors the model
+//! did not take (a checkpoint for another configuration must not load with part of it ignored).
 
-use crate::error::Result;
+use crate::error::{some_names, Error, Result};
+use crate::hf::BASE_PREFIXES;
 use crate::weights::WeightSource;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
@@ -18,17 +21,19 @@ pub struct Loader<'a, B: Kernels<E>, E: Float> {
     trainable: Box<TrainPredicate>,
     /// Every tensor loaded, in load order, with its name.
     pub loaded: Vec<(String, Tensor<B, E>)>,
+    /// The source's names (as [`WeightSource::names`] lists them) of the tensors loaded.
+    taken: BTreeSet<String>,
 }
 
 impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
     /// A loader where nothing trains (inference, and the base of every PEFT method).
     pub fn frozen(src: &'a dyn WeightSource, dev: &Arc<B>) -> Self {
-        Loader { src, dev: dev.clone(), trainable: Box::new(|_| false), loaded: Vec::new() }
+        Self::with_trainable(src, dev, |_| false)
     }
 
     /// A loader where the weights named as `trainable` says train (full fine-tuning: `|_| true`).
     pub fn with_trainable(src: &'a dyn WeightSource, dev: &Arc<B>, trainable: impl Fn(&str) -> bool + 'static) -> Self {
-        Loader { src, dev: dev.clone(), trainable: Box::new(trainable), loaded: Vec::new() }
+        Loader { src, dev: dev.clone(), trainable: Box::new(trainable), loaded: Vec::new(), taken: BTreeSet::new() }
     }
 
     /// Tensor `name` with exactly `shape` (error naming the tensor, expected and found shapes).
@@ -41,6 +46,7 @@ impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
             Tensor::constant(&self.dev, shape, &host)?
         };
         self.loaded.push((name.to_string(), t.clone()));
+        self.taken.extend(self.src.stored_name(name));
         Ok(t)
     }
 
@@ -49,6 +55,48 @@ impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
     pub fn load_any(&mut self, names: &[&str], shape: &[usize]) -> Result<Tensor<B, E>> {
         let name = names.iter().find(|n| self.src.shape(n).is_some()).unwrap_or(&names[0]);
         self.load(name, shape)
+    }
+
+    /// The end of a model's load: every tensor of the source that no [`Loader::load`] took is an
+    /// error naming a few of them and their count, unless `known_unused` names it. Patterns are
+    /// Hugging Face names where `*` stands for any run of characters (`h.*.attn.bias`), matched
+    /// with or without a base prefix ([`BASE_PREFIXES`]): the buffers and heads real checkpoints
+    /// carry that the architecture does not compute with.
+    pub fn finish(&self, known_unused: &[&str]) -> Result<()> {
+        let unexpected: Vec<String> = self
+            .src
+            .names()
+            .into_iter()
+            .filter(|n| !self.taken.contains(n) && !is_known_unused(n, known_unused))
+            .collect();
+        if unexpected.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Format {
+            path: self.src.path().to_path_buf(),
+            msg: format!(
+                "tensors the model does not use: {}; the checkpoint holds more than its configuration describes \
+                 (more layers, other modules or another architecture?)",
+                some_names(&unexpected)
+            ),
+        })
+    }
+}
+
+/// Whether `name` (or `name` without a base prefix) matches one of `patterns`.
+fn is_known_unused(name: &str, patterns: &[&str]) -> bool {
+    let bare = BASE_PREFIXES.iter().find_map(|p| name.strip_prefix(p));
+    patterns
+        .iter()
+        .any(|p| glob(p.as_bytes(), name.as_bytes()) || bare.is_some_and(|b| glob(p.as_bytes(), b.as_bytes())))
+}
+
+/// `pattern` matches all of `s`, `*` standing for any run of characters (possibly empty).
+fn glob(pattern: &[u8], s: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
     }
 }
 
@@ -70,5 +118,21 @@ impl WeightSource for MemWeights {
     }
     fn get(&self, name: &str) -> Option<Result<std::borrow::Cow<'_, [f32]>>> {
         self.tensors.get(name).map(|(_, v)| Ok(std::borrow::Cow::Borrowed(v.as_slice())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_unused_patterns_match_whole_names_with_or_without_the_base_prefix() {
+        let p = ["h.*.attn.bias", "cls.*", "lm_head.weight"];
+        for yes in ["h.0.attn.bias", "transformer.h.11.attn.bias", "cls.predictions.bias", "lm_head.weight"] {
+            assert!(is_known_unused(yes, &p), "{yes}");
+        }
+        for no in ["h.0.attn.c_attn.bias", "h.0.attn.bias.x", "xcls.a", "model.lm_head.weight.0", "lm_head.bias"] {
+            assert!(!is_known_unused(no, &p), "{no}");
+        }
     }
 }

@@ -18,6 +18,13 @@ pub trait WeightSource {
     /// f32 (zero-copy), converted otherwise. `None` if absent.
     fn get(&self, name: &str) -> Option<Result<Cow<'_, [f32]>>>;
 
+    /// The name, as [`WeightSource::names`] lists it, that a lookup of `name` reads (`None` if
+    /// absent). Sources that resolve names (a Hugging Face folder's optional base prefix) say which
+    /// stored tensor a request took, so that the tensors no request took can be told.
+    fn stored_name(&self, name: &str) -> Option<String> {
+        self.shape(name).map(|_| name.to_string())
+    }
+
     /// `name` with exactly `expected` shape, or an error naming the tensor, its expected shape and
     /// what was found.
     fn require(&self, name: &str, expected: &[usize]) -> Result<Cow<'_, [f32]>> {

@@ -2,9 +2,11 @@
 //! layer, `y + up(gelu(down(y)))` with a small bottleneck, initialized near identity.
 //!
 //! Checkpoint format (tuna's own; PEFT has no Houlsby adapters): `adapter_config.json` with
-//! `"peft_type": "HOULSBY"`, `"bottleneck_size"`, `"num_layers"`, `"token_dim"`, and tensors
-//! `houlsby.layers.<i>.<attn|ffn>.<down|up>.<weight|bias>` in `adapter_model.safetensors`
-//! (`down.weight` `[bottleneck, hidden]`, `up.weight` `[hidden, bottleneck]`, PyTorch `[out, in]`).
+//! `"peft_type": "HOULSBY"`, `"bottleneck_size"`, `"num_layers"`, `"token_dim"`,
+//! `"non_linearity"` ([`NON_LINEARITY`]) and `"placement"` ([`PLACEMENT`]), which a loaded
+//! adapter must agree with, and tensors `houlsby.layers.<i>.<attn|ffn>.<down|up>.<weight|bias>` in
+//! `adapter_model.safetensors` (`down.weight` `[bottleneck, hidden]`, `up.weight`
+//! `[hidden, bottleneck]`, PyTorch `[out, in]`).
 
 use super::{normal, param};
 use crate::error::Result;
@@ -15,6 +17,12 @@ use tuna_autograd::ops::elem::add;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
+
+/// The bottleneck's non-linearity, as the config names it (GELU, tanh approximation).
+pub const NON_LINEARITY: &str = "gelu_tanh";
+/// Where the adapters sit, as the config says it.
+pub const PLACEMENT: &str =
+    "after the attention output projection and after the feed-forward, before each residual add";
 
 /// One bottleneck: `down` `[b, hidden]`, `up` `[hidden, b]`, with biases.
 pub struct HoulsbyBlock<B: Kernels<E>, E: Float> {

@@ -27,10 +27,10 @@ impl LoraConfig {
         self.alpha / self.r as f64
     }
 
-    /// Whether module `name` is a target: its last dotted component equals a target, or the
-    /// whole name ends with `.target` (PEFT's suffix rule).
+    /// Whether module `name` is a target: it equals a target, or the whole name ends with
+    /// `.target` (PEFT's rule for a list).
     pub fn targets_module(&self, name: &str) -> bool {
-        self.targets.iter().any(|t| name == t || name.ends_with(&format!(".{t}")))
+        super::targets::list_names(&self.targets, name)
     }
 }
 

@@ -11,15 +11,19 @@
 //! Positions follow Hugging Face PEFT: with `n` virtual tokens (prompt or prefix) the content
 //! takes positions `n..`; a soft prompt takes `0..n` (after a prefix's, when both are present).
 //! Checkpoints: [`peft`] reads and writes PEFT's `adapter_config.json` +
-//! `adapter_model.safetensors` (and tuna's documented Houlsby format).
+//! `adapter_model.safetensors` (and tuna's documented Houlsby format); every config field is
+//! honored or refused by name (`peft_fields`).
 
 mod build;
 mod houlsby;
 mod lora;
 mod model;
 pub mod peft;
+mod peft_fields;
+mod peft_load;
 mod prefix;
 mod prompt;
+mod targets;
 
 pub use build::{full_finetune_predicate, Method, PromptInit};
 pub use houlsby::{Houlsby, HoulsbyBlock};

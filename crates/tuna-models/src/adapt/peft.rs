@@ -7,7 +7,8 @@
 //! PEFT's config does not say, e.g. the vocabulary) and, when the adaptation has extra tensors
 //! (a classification head), `tuna_extra.safetensors`. PEFT ignores both.
 
-use super::{Adapt, Adaptable, Lora, LoraConfig, ModelShape, PrefixKind, PrefixParams, PrefixTuning, SoftPrompt};
+use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING};
+use super::{Adapt, Adaptable, LoraConfig, ModelShape, PrefixParams};
 use crate::error::{Error, Result};
 use crate::hf::st_file::StFile;
 use serde_json::{json, Map, Value};
@@ -43,137 +44,32 @@ pub fn save<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(model: &M, dir: &Path, 
     Ok(())
 }
 
-/// Read the adapter in `dir` and install it on `model` (replacing any adaptation it had). Errors
-/// name the file and what disagrees with the model (hidden size, layers, heads, vocabulary,
-/// module names, tensor shapes).
+/// Read the adapter in `dir` and install it on `model` (replacing any adaptation it had). Every
+/// field of `adapter_config.json` is honored or refused by name (see `peft_fields`: e.g.
+/// `rank_pattern`, `use_dora` or an unknown field with a value are errors); errors name the file
+/// and what disagrees with the model (hidden size, layers, heads, vocabulary, module names,
+/// `target_modules`, tensor shapes), a tensor the adapter does not use, or a tensor holding NaN
+/// or infinite values.
 pub fn load<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(model: &mut M, dir: &Path) -> Result<()> {
     let cfg_path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
-    let cfg: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Format { path: cfg_path.clone(), msg: format!("invalid JSON: {e}") })?;
-    let shape = model.shape();
-    check_base(dir, &shape)?;
-    let w_path = dir.join(WEIGHTS);
-    let tensors = read_tensors(&w_path)?;
-    let dev = model.input_embeddings().device().clone();
-    let fmt = |msg: String| Error::Format { path: cfg_path.clone(), msg };
-    let peft_type = cfg.get("peft_type").and_then(Value::as_str).ok_or_else(|| fmt("no `peft_type`".into()))?;
-    let int = |k: &str| cfg.get(k).and_then(Value::as_u64).map(|v| v as usize);
-    let mismatch = |what: &str, adapter: usize, base: usize| {
-        fmt(format!("adapter made for a model with {what} {adapter}, but this model has {base}"))
-    };
-    let get = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
-        let (s, v) = tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            path: w_path.clone(),
-            name: name.into(),
-            expected: want.to_vec(),
-        })?;
-        if s != want {
-            return Err(Error::TensorShape {
-                path: w_path.clone(),
-                name: name.into(),
-                expected: want.to_vec(),
-                found: s.clone(),
-            });
-        }
-        Ok(v.clone())
-    };
-    let mut ad = Adapt::<B, E>::default();
-    match peft_type {
-        "PROMPT_TUNING" => {
-            let n = int("num_virtual_tokens").ok_or_else(|| fmt("no `num_virtual_tokens`".into()))?;
-            if let Some(td) = int("token_dim").filter(|&d| d != shape.hidden) {
-                return Err(mismatch("hidden size (token_dim)", td, shape.hidden));
-            }
-            let v = get("prompt_embeddings", &[n, shape.hidden])?;
-            ad.prompt = Some(SoftPrompt { vectors: super::param(&dev, "prompt_embeddings", &[n, shape.hidden], &v)? });
-        }
-        "PREFIX_TUNING" => {
-            let n = int("num_virtual_tokens").ok_or_else(|| fmt("no `num_virtual_tokens`".into()))?;
-            let token_dim = shape.kv_heads * shape.head_dim;
-            if let Some(l) = int("num_layers").filter(|&l| l != shape.layers) {
-                return Err(mismatch("layer count (num_layers)", l, shape.layers));
-            }
-            if let Some(td) = int("token_dim").filter(|&d| d != token_dim) {
-                return Err(mismatch("key/value width (token_dim = kv_heads x head_dim)", td, token_dim));
-            }
-            let width = shape.layers * 2 * token_dim;
-            let v = get("prompt_embeddings", &[n, width])?;
-            // A projected prefix loads as its table (PEFT does the same: the MLP is not saved).
-            let kind = if cfg.get("prefix_projection") == Some(&Value::Bool(true)) {
-                PrefixKind::Prefix
-            } else {
-                PrefixKind::PTuningV2
-            };
-            ad.prefix = Some(PrefixTuning {
-                n,
-                layers: shape.layers,
-                kv_heads: shape.kv_heads,
-                head_dim: shape.head_dim,
-                kind,
-                params: PrefixParams::Direct(super::param(&dev, "prompt_embeddings", &[n, width], &v)?),
-            });
-        }
-        "LORA" => {
-            let r = int("r").ok_or_else(|| fmt("no `r`".into()))?;
-            let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-            let rslora = cfg.get("use_rslora") == Some(&Value::Bool(true));
-            let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-            let dropout = cfg.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
-            if cfg.get("use_dora") == Some(&Value::Bool(true)) {
-                return Err(Error::Unsupported { path: cfg_path.clone(), what: "DoRA (use_dora: true)".into() });
-            }
-            let targets: Vec<String> = match cfg.get("target_modules") {
-                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-                Some(Value::String(s)) => vec![s.clone()],
-                _ => Vec::new(),
-            };
-            let linears = model.linears();
-            for key in tensors.keys().filter(|k| k.ends_with(".lora_A.weight")) {
-                let module = key.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
-                let m = linears.iter().find(|m| m.name == module).ok_or_else(|| Error::Format {
-                    path: w_path.clone(),
-                    msg: format!("`{key}`: this model has no linear `{module}`"),
-                })?;
-                let (out, inp) = super::lora::out_in(&m.weight, m.layout)?;
-                let a = get(key, &[r, inp])?;
-                let b = get(&key.replace(".lora_A.weight", ".lora_B.weight"), &[out, r])?;
-                let a = super::param(&dev, &format!("{module}.lora_A"), &[r, inp], &a)?;
-                let b = super::param(&dev, &format!("{module}.lora_B"), &[out, r], &b)?;
-                ad.lora.insert(module.to_string(), Lora::from_parts(a, b, scale, dropout, m.weight.clone(), m.layout));
-            }
-            if ad.lora.is_empty() {
-                return Err(Error::Format { path: w_path.clone(), msg: "no `*.lora_A.weight` tensors".into() });
-            }
-            ad.lora_config = Some(LoraConfig { r, alpha, dropout, targets });
-        }
-        "HOULSBY" => {
-            let bn = int("bottleneck_size").ok_or_else(|| fmt("no `bottleneck_size`".into()))?;
-            if let Some(l) = int("num_layers").filter(|&l| l != shape.layers) {
-                return Err(mismatch("layer count (num_layers)", l, shape.layers));
-            }
-            if let Some(td) = int("token_dim").filter(|&d| d != shape.hidden) {
-                return Err(mismatch("hidden size (token_dim)", td, shape.hidden));
-            }
-            let h = super::Houlsby::<B, E>::new(&dev, shape.layers, shape.hidden, bn, 0)?;
-            for (name, t) in h.params() {
-                let v = get(&name, t.shape())?;
-                *t.data_mut() = dev.from_host(&v.iter().map(|&x| E::from_f32(x)).collect::<Vec<_>>())?;
-            }
-            ad.houlsby = Some(h);
-        }
-        other => {
-            return Err(Error::Unsupported { path: cfg_path.clone(), what: format!("peft_type {other}") });
-        }
-    }
-    let extra_path = dir.join(EXTRA);
-    if extra_path.exists() {
-        for (name, (s, v)) in read_tensors(&extra_path)? {
-            ad.extra.push((name.clone(), super::param(&dev, &name, &s, &v)?));
-        }
-    }
+    let cfg = read_config(&cfg_path)?;
+    let f = Fields::new(&cfg_path, &cfg);
+    let peft_type = f.peft_type()?;
+    f.check_all(peft_type)?;
+    check_base(dir, &model.shape())?;
+    let ad = super::peft_load::adaptation(model, &f, peft_type, dir)?;
     *model.adapt_mut() = ad;
     Ok(())
+}
+
+/// `adapter_config.json` as a JSON object.
+fn read_config(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let fmt = |msg: String| Error::Format { path: path.to_path_buf(), msg };
+    match serde_json::from_str(&text).map_err(|e| fmt(format!("invalid JSON: {e}")))? {
+        Value::Object(m) => Ok(m),
+        other => Err(fmt(format!("expected a JSON object, found {other}"))),
+    }
 }
 
 /// PEFT's config and tensors for an adaptation.
@@ -200,7 +96,7 @@ fn to_peft<B: Kernels<E>, E: Float>(
         put(
             &mut cfg,
             json!({
-                "peft_type": "PROMPT_TUNING", "num_virtual_tokens": p.len(), "token_dim": s.hidden,
+                "peft_type": PROMPT_TUNING, "num_virtual_tokens": p.len(), "token_dim": s.hidden,
                 "num_transformer_submodules": 1, "num_attention_heads": s.heads, "num_layers": s.layers,
                 "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": null, "tokenizer_kwargs": null,
                 "tokenizer_name_or_path": null,
@@ -217,7 +113,7 @@ fn to_peft<B: Kernels<E>, E: Float>(
         put(
             &mut cfg,
             json!({
-                "peft_type": "PREFIX_TUNING", "num_virtual_tokens": p.n, "token_dim": token_dim,
+                "peft_type": PREFIX_TUNING, "num_virtual_tokens": p.n, "token_dim": token_dim,
                 "num_transformer_submodules": 1, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
                 "encoder_hidden_size": enc, "init_weights": null,
                 "prefix_projection": matches!(p.params, PrefixParams::Mlp { .. }),
@@ -231,9 +127,9 @@ fn to_peft<B: Kernels<E>, E: Float>(
         put(
             &mut cfg,
             json!({
-                "peft_type": "HOULSBY", "bottleneck_size": h.bottleneck, "num_layers": h.layers.len(),
-                "token_dim": s.hidden, "non_linearity": "gelu_tanh",
-                "placement": "after the attention output projection and after the feed-forward, before each residual add",
+                "peft_type": HOULSBY, "bottleneck_size": h.bottleneck, "num_layers": h.layers.len(),
+                "token_dim": s.hidden, "non_linearity": super::houlsby::NON_LINEARITY,
+                "placement": super::houlsby::PLACEMENT,
             }),
         );
         for (n, t) in h.params() {
@@ -255,9 +151,9 @@ fn to_peft<B: Kernels<E>, E: Float>(
 }
 
 /// LoRA's full config as PEFT 0.21.2 writes it (every field, defaults where tuna has no choice).
-fn lora_config_json(c: &LoraConfig, conv1d: bool) -> Value {
+pub(crate) fn lora_config_json(c: &LoraConfig, conv1d: bool) -> Value {
     json!({
-        "peft_type": "LORA", "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
+        "peft_type": LORA, "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
         "bias": "none", "corda_config": null, "ensure_weight_tying": false, "eva_config": null,
         "exclude_modules": null, "fan_in_fan_out": conv1d, "init_lora_weights": true, "kasa_config": null,
         "layer_replication": null, "layers_pattern": null, "layers_to_transform": null, "loftq_config": {},
@@ -349,9 +245,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .map_err(io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    if written.is_err() {
+        // A full disk or a read-only folder leaves no temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     // Directory fsync makes the rename durable on Unix; other systems cannot open a folder as a file.
     if cfg!(unix) {
         std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;

@@ -168,4 +168,8 @@ impl WeightSource for HfCheckpoint {
     fn get(&self, name: &str) -> Option<Result<Cow<'_, [f32]>>> {
         self.entry(name).map(|(f, stored, e)| f.read(stored, e))
     }
+
+    fn stored_name(&self, name: &str) -> Option<String> {
+        self.resolve(name).map(str::to_string)
+    }
 }

@@ -21,6 +21,11 @@ use tuna_autograd::{Float, Ints, Tensor};
 /// The label Hugging Face's loss ignores.
 pub const IGNORE_INDEX: i32 = -100;
 
+/// Tensors Llama checkpoints carry that the model does not compute with (see
+/// [`Loader::finish`]): older `transformers`' rotary-frequency buffers, and `lm_head.weight` when
+/// `tie_word_embeddings` makes the head the embeddings (as in `transformers`).
+pub const KNOWN_UNUSED: &[&str] = &["layers.*.self_attn.rotary_emb.inv_freq", "lm_head.weight"];
+
 /// One decoder layer's weights (all `[out, in]`, no biases).
 pub struct LlamaLayer<B: Kernels<E>, E: Float> {
     pub input_layernorm: Tensor<B, E>,
@@ -51,6 +56,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
     /// Load every weight under its Hugging Face name through `loader` (which decides what trains).
     /// The head is `lm_head.weight` unless `tie_word_embeddings` is set or the checkpoint has no
     /// `lm_head.weight`, in which case it is `embed_tokens` itself (one tensor, one gradient).
+    /// Tensors it does not use (beyond [`KNOWN_UNUSED`]) are an error naming them.
     pub fn load(cfg: &LlamaConfig, loader: &mut Loader<'_, B, E>) -> Result<Self> {
         let (hidden, vocab, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
@@ -79,6 +85,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let norm = loader.load("model.norm.weight", &[hidden])?;
         let untied = !cfg.tie_word_embeddings && loader.src.shape("lm_head.weight").is_some();
         let lm_head = if untied { loader.load("lm_head.weight", &[vocab, hidden])? } else { embed_tokens.clone() };
+        loader.finish(KNOWN_UNUSED)?;
         Ok(Llama {
             cfg: cfg.clone(),
             dev: loader.dev.clone(),

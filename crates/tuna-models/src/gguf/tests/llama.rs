@@ -222,3 +222,40 @@ fn tokenizer_metadata_and_byte_level_bpe() {
     assert_eq!(tok.decode(&[1, 13, 14, 5, 8, 4, 9], false).unwrap(), "<|im_start|>hello world");
     assert_eq!(tok.decode(&[1, 13], true).unwrap(), "hello");
 }
+
+/// Load the synthetic llama GGUF as a model; the error's text if any.
+fn load_llama(w: &Writer, tag: &str) -> Result<(), String> {
+    let tmp = w.temp(tag);
+    let g = GgufFile::open(&tmp.0).map_err(|e| e.to_string())?;
+    let cfg = g.llama_config().map_err(|e| e.to_string())?;
+    let dev = std::sync::Arc::new(tuna_kernels::Cpu);
+    let model = crate::llama::Llama::<tuna_kernels::Cpu, f32>::load(&cfg, &mut crate::params::Loader::frozen(&g, &dev));
+    model.map(drop).map_err(|e| e.to_string())
+}
+
+#[test]
+fn tensors_the_model_does_not_use_are_an_error_naming_them() {
+    let layer = |l| ramp(HIDDEN * HIDDEN, l);
+    let kv = || ramp(KV_HEADS * HEAD_DIM * HIDDEN, 0);
+    let make = || llama_writer(&[layer(0), layer(1)], &[kv(), kv()]);
+    load_llama(&make(), "llama-all-used").unwrap();
+    // One block less in the metadata than in the tensors: the second block's nine are unused.
+    let mut fewer = make();
+    fewer.kvs.retain(|(k, _)| k != "llama.block_count");
+    fewer.kv("llama.block_count", MetaValue::U32(1));
+    let e = load_llama(&fewer, "llama-one-block").unwrap_err();
+    assert!(e.contains("llama-one-block") && e.contains("tensors the model does not use: `model.layers.1."), "{e}");
+    assert!(e.contains(" and 4 more (9 in all)"), "{e}");
+    // A bias the architecture has no place for (under its Hugging Face name), and RoPE scaling
+    // factors tuna does not apply: refused, not ignored.
+    let mut extra = make();
+    extra.f32("blk.0.attn_q.bias", &[HIDDEN], &ramp(HIDDEN, 2));
+    extra.f32("rope_freqs.weight", &[HEAD_DIM / 2], &ramp(HEAD_DIM / 2, 3));
+    let e = load_llama(&extra, "llama-extra").unwrap_err();
+    assert!(
+        e.contains(
+            "tensors the model does not use: `model.layers.0.self_attn.q_proj.bias`, `rope_freqs.weight` (2 in all)"
+        ),
+        "{e}"
+    );
+}
