@@ -32,6 +32,7 @@ pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod ops;
+pub mod rng;
 pub mod testing;
 
 pub use backend::{Alloc, Backend, Cpu, CpuFloat, Elem};

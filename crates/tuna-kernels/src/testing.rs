@@ -1,22 +1,19 @@
 //! Test support shared by every op's tests (and by the higher crates): a seeded RNG, named
 //! tolerances with a checker that prints the first mismatches, and the CUDA skip rule.
 
+use crate::rng::{SplitMix64, GOLDEN};
 use std::sync::{Arc, OnceLock};
 
-/// SplitMix64: a tiny seeded generator, so tests are reproducible with no extra dependency.
+/// Test inputs from [`SplitMix64`], so tests are reproducible with no extra dependency.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(SplitMix64::new(seed ^ GOLDEN))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {

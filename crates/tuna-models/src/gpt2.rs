@@ -27,8 +27,7 @@ use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
 
-/// The label Hugging Face's losses ignore.
-pub const IGNORE_INDEX: i32 = -100;
+use crate::IGNORE_INDEX;
 
 /// A LayerNorm's weight and bias.
 pub struct Norm<B: Kernels<E>, E: Float> {

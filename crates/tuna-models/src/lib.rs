@@ -15,3 +15,5 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
+/// The label a loss ignores (PyTorch's and Hugging Face's -100), defined by the kernel crate.
+pub use tuna_kernels::ops::cross_entropy::IGNORE_INDEX;

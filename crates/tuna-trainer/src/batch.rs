@@ -8,7 +8,8 @@ use crate::checkpoint::Fnv64;
 use crate::data::Task;
 
 /// The target id of a position that carries no loss (padding, prompt tokens, classification text).
-pub const IGNORE_INDEX: i32 = -100;
+pub use tuna_kernels::ops::cross_entropy::IGNORE_INDEX;
+pub use tuna_kernels::rng::SplitMix64;
 
 /// One tokenized example. `targets` are per-token label ids aligned index for index with `ids`
 /// (`IGNORE_INDEX` = no loss; what they mean — shifted next tokens or not — is the trainer's choice);
@@ -99,46 +100,6 @@ pub enum BatchError {
     /// Some examples have a class and others not.
     #[error("example {index} has no class but example 0 has one, or the reverse")]
     MixedClasses { index: usize },
-}
-
-/// A SplitMix64 generator (Steele, Lea, Flood 2014): tiny, fast, and the same on every platform.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-    /// An independent stream for `(seed, epoch)`.
-    pub fn for_epoch(seed: u64, epoch: u64) -> SplitMix64 {
-        SplitMix64(mix(seed) ^ mix(epoch.wrapping_add(GOLDEN)))
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(GOLDEN);
-        mix(self.0)
-    }
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-    /// Uniform in [0, n) by multiply-shift (bias below 2^-40 for any n a batcher sees); `n` > 0.
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-    /// Fisher-Yates.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
 }
 
 /// Where the next batch comes from: batch `index` of epoch `epoch`'s order. The trainer saves it in

@@ -292,7 +292,7 @@ impl<B: Backend> Model<B> {
     /// Add a trainable classification head for BERT (`[classes, hidden]`, small seeded init).
     pub fn add_head(&mut self, classes: usize, seed: u64) -> Result<()> {
         let hidden = self.shape().hidden;
-        let mut rng = crate::batch::SplitMix64::new(seed ^ 0x4ead);
+        let mut rng = tuna_kernels::rng::SplitMix64::new(seed ^ 0x4ead);
         let bound = 1.0 / (hidden as f64).sqrt();
         let w: Vec<f32> = (0..classes * hidden).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
         let w = Tensor::param(&self.dev, "classifier.weight", &[classes, hidden], &w)?;

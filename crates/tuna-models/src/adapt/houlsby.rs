@@ -10,7 +10,7 @@
 
 use super::{normal, param};
 use crate::error::Result;
-use crate::generate::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 use std::sync::Arc;
 use tuna_autograd::ops::act::{gelu, GeluKind};
 use tuna_autograd::ops::elem::add;

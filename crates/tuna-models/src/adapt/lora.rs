@@ -3,7 +3,7 @@
 
 use super::param;
 use crate::error::{Error, Result};
-use crate::generate::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use tuna_autograd::ops::elem::{add, mul, scale};

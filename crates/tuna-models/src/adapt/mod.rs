@@ -33,7 +33,7 @@ pub use prefix::{PrefixKind, PrefixParams, PrefixTuning};
 pub use prompt::SoftPrompt;
 
 use crate::error::{Error, Result};
-use crate::generate::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,8 +46,7 @@ use tuna_autograd::{Float, Ints, Tensor};
 /// One layer's prefix `(keys, values)`, each `[n, kv_heads, head_dim]`.
 pub type LayerKv<B, E> = (Tensor<B, E>, Tensor<B, E>);
 
-/// The label Hugging Face's losses ignore (also given to the virtual positions of a soft prompt).
-pub const IGNORE_INDEX: i32 = -100;
+use crate::IGNORE_INDEX;
 
 /// The adaptation state of one model: what is inserted or added where. Empty = the base model.
 pub struct Adapt<B: Kernels<E>, E: Float> {

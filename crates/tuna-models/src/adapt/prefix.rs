@@ -8,7 +8,7 @@
 
 use super::{normal, param};
 use crate::error::{Error, Result};
-use crate::generate::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 use std::sync::Arc;
 use tuna_autograd::ops::elem::{slice_cols, tanh};
 use tuna_autograd::ops::linear::{linear, WeightLayout};

@@ -2,7 +2,7 @@
 
 use super::{normal, param, PromptInit};
 use crate::error::{Error, Result};
-use crate::generate::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 use std::sync::Arc;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};

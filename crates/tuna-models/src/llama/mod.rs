@@ -18,8 +18,7 @@ use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
 
-/// The label Hugging Face's loss ignores.
-pub const IGNORE_INDEX: i32 = -100;
+use crate::IGNORE_INDEX;
 
 /// Tensors Llama checkpoints carry that the model does not compute with (see
 /// [`Loader::finish`]): older `transformers`' rotary-frequency buffers, and `lm_head.weight` when
