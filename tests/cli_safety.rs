@@ -10,7 +10,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use tuna::models::adapt::peft;
+use tuna::models::io;
 
 /// Asserts `out` failed with `needle` in its stderr; returns the stderr.
 fn fails(out: &Output, needle: &str) -> String {
@@ -59,7 +59,7 @@ fn same(a: &[(PathBuf, Vec<u8>)], b: &[(PathBuf, Vec<u8>)], what: &str) {
 fn model_copy(
     dir: &Path,
     name: &str,
-    edit: impl Fn(&mut std::collections::BTreeMap<String, peft::HostTensor>),
+    edit: impl Fn(&mut std::collections::BTreeMap<String, io::HostTensor>),
     config: impl Fn(&mut serde_json::Value),
 ) -> String {
     let src = PathBuf::from(fixture(name));
@@ -68,10 +68,10 @@ fn model_copy(
     for f in ["tokenizer.json", "config.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
-    let mut t = peft::read_tensors(&src.join("model.safetensors")).unwrap();
+    let mut t = io::read_tensors(&src.join("model.safetensors")).unwrap();
     edit(&mut t);
     let t: Vec<_> = t.into_iter().collect();
-    std::fs::write(dst.join("model.safetensors"), peft::safetensors_bytes(&t).unwrap()).unwrap();
+    std::fs::write(dst.join("model.safetensors"), io::safetensors_bytes(&t).unwrap()).unwrap();
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
     config(&mut c);

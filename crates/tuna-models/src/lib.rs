@@ -9,6 +9,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf;
+pub mod io;
 pub mod llama;
 pub mod params;
 pub mod tokenizer;

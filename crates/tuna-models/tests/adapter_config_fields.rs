@@ -12,6 +12,7 @@ use golden_common::fixture;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use tuna_models::io;
 use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method};
 
 /// An adapter folder in the temporary directory, removed when dropped.
@@ -83,10 +84,10 @@ impl Folder {
     /// The folder with `file`'s tensor `name` changed by `f` (added when absent).
     fn edit_tensor(self, file: &str, name: &str, f: impl Fn(&mut (Vec<usize>, Vec<f32>))) -> Self {
         let path = self.0.join(file);
-        let mut t = if path.exists() { peft::read_tensors(&path).unwrap() } else { Default::default() };
+        let mut t = if path.exists() { io::read_tensors(&path).unwrap() } else { Default::default() };
         f(t.entry(name.to_string()).or_insert_with(|| (vec![2], vec![0.0; 2])));
         let list: Vec<_> = t.into_iter().collect();
-        std::fs::write(&path, peft::safetensors_bytes(&list).unwrap()).unwrap();
+        std::fs::write(&path, io::safetensors_bytes(&list).unwrap()).unwrap();
         self
     }
 }

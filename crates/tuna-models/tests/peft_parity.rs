@@ -13,6 +13,7 @@ use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::{Ints, Tensor};
 use tuna_kernels::Cpu;
+use tuna_models::io;
 use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method, PrefixParams, PromptInit};
 
 const CASES: [(&str, &str); 11] = [
@@ -243,7 +244,7 @@ fn adapters_tuna_saves_load_in_peft() {
         }
         // The outputs PEFT was compared with are tuna's of today (to rounding: the thread count
         // may change the summation order).
-        let outs = |d: &std::path::Path| peft::read_tensors(&d.join(case).join("tuna_outputs.safetensors")).unwrap();
+        let outs = |d: &std::path::Path| io::read_tensors(&d.join(case).join("tuna_outputs.safetensors")).unwrap();
         for (name, (_, want)) in outs(&saved_dir()) {
             assert_rel(&format!("{case} {name}"), 1e-5, &outs(&tmp)[&name].1, &want);
         }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tuna_kernels::Cpu;
-use tuna_models::adapt::peft;
+use tuna_models::io;
 use tuna_models::bert::Bert;
 use tuna_models::config::ModelConfig;
 use tuna_models::gpt2::Gpt2;
@@ -42,10 +42,10 @@ fn folder(arch: &str, config: impl Fn(&mut Value), tensors: impl Fn(&mut Tensors
     let mut c: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     config(&mut c);
     std::fs::write(d.join("config.json"), serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    let mut t = peft::read_tensors(&src.join("model.safetensors")).unwrap();
+    let mut t = io::read_tensors(&src.join("model.safetensors")).unwrap();
     tensors(&mut t);
     let list: Vec<_> = t.into_iter().collect();
-    std::fs::write(d.join("model.safetensors"), peft::safetensors_bytes(&list).unwrap()).unwrap();
+    std::fs::write(d.join("model.safetensors"), io::safetensors_bytes(&list).unwrap()).unwrap();
     Folder(d)
 }
 

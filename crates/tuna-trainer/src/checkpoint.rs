@@ -142,12 +142,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Replaces `path` with `bytes` atomically: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. Readers see the old file or the new one, never a torn one. (The
-/// implementation is `tuna_models::adapt::peft::write_atomic`, which adapter exports use too.)
+/// implementation is `tuna_models::io::write_atomic`, which adapter exports use too.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     if path.file_name().is_none() {
         return Err(CheckpointError::BadName { name: path.display().to_string() });
     }
-    tuna_models::adapt::peft::write_atomic(path, bytes).map_err(|e| match e {
+    tuna_models::io::write_atomic(path, bytes).map_err(|e| match e {
         tuna_models::Error::Io { path, source } => CheckpointError::Io { path, source },
         other => CheckpointError::Corrupt { path: path.to_path_buf(), msg: other.to_string() },
     })

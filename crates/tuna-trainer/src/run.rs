@@ -26,6 +26,7 @@ use tuna_autograd::ops::elem::scale;
 use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
 use tuna_autograd::Tensor;
 use tuna_models::adapt::{peft, Method};
+use tuna_models::io;
 
 /// Everything a run needs (validated by the CLI).
 #[derive(Debug, Clone)]
@@ -474,8 +475,8 @@ fn save<B: Backend>(
         moments.push((format!("{n}.m"), (t.shape().to_vec(), m)));
         moments.push((format!("{n}.v"), (t.shape().to_vec(), v)));
     }
-    let w = peft::safetensors_bytes(&weights)?;
-    let o = peft::safetensors_bytes(&moments)?;
+    let w = io::safetensors_bytes(&weights)?;
+    let o = io::safetensors_bytes(&moments)?;
     let s = serde_json::to_vec_pretty(st).unwrap_or_default();
     ckpts.save(st.step, &[(TRAINABLE, &w), (OPTIMIZER, &o), (STATE, &s)], metrics)?;
     Ok(())
@@ -489,7 +490,7 @@ fn restore<B: Backend>(
     opt: &mut AdamW<B, f32>,
     step: u64,
 ) -> Result<()> {
-    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, peft::HostTensor>> {
+    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, io::HostTensor>> {
         let bad = |e: String| TrainError::Invalid(format!("{}: {e}", dir.join(what).display()));
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         st.tensors()
@@ -568,13 +569,13 @@ pub fn export_merged<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
     for l in model.adapt().lora.values() {
         l.unmerge()?;
     }
-    peft::write_atomic(&dir.join("model.safetensors"), &peft::safetensors_bytes(&t)?)?;
+    io::write_atomic(&dir.join("model.safetensors"), &io::safetensors_bytes(&t)?)?;
     // A task head (BERT classification) travels beside the model, as with adapters.
     let extra = &model.adapt().extra;
     if !extra.is_empty() {
         let e: Vec<_> =
             extra.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
-        peft::write_atomic(&dir.join(peft::EXTRA), &peft::safetensors_bytes(&e)?)?;
+        io::write_atomic(&dir.join(peft::EXTRA), &io::safetensors_bytes(&e)?)?;
     }
     if let (false, Net::Llama(l)) = (model.source.is_dir(), &model.net) {
         // A GGUF source: write the Hugging Face config and tokenizer it implies.
@@ -587,16 +588,16 @@ pub fn export_merged<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
             "rope_theta": c.rope_theta, "tie_word_embeddings": l.lm_head.id() == l.embed_tokens.id(),
             "max_position_embeddings": c.max_position_embeddings, "torch_dtype": "float32",
         });
-        peft::write_atomic(&dir.join("config.json"), peft::pretty_sorted(&cfg).as_bytes())?;
+        io::write_atomic(&dir.join("config.json"), io::pretty_sorted(&cfg).as_bytes())?;
         let tok = model.tokenizer.to_string(true).map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
-        peft::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+        io::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
     }
     if model.source.is_dir() {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
             let src = model.source.join(f);
             if src.exists() {
                 let bytes = std::fs::read(&src).map_err(|e| TrainError::Io { path: src.clone(), source: e })?;
-                peft::write_atomic(&dir.join(f), &bytes)?;
+                io::write_atomic(&dir.join(f), &bytes)?;
             }
         }
     }
@@ -619,7 +620,7 @@ pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Pat
     // A fully fine-tuned model folder may carry its task head.
     let head = model.join(peft::EXTRA);
     if adapter.is_none() && head.exists() {
-        for (name, (s, v)) in peft::read_tensors(&head)? {
+        for (name, (s, v)) in io::read_tensors(&head)? {
             let t = Tensor::constant(&m.dev, &s, &v)?;
             m.adapt_mut().extra.push((name, t));
         }

@@ -196,7 +196,7 @@ impl TaskFile {
     /// Write it into `dir` (atomically; keys sorted).
     pub fn write(&self, dir: &Path) -> Result<()> {
         let v = serde_json::to_value(self).map_err(|e| TrainError::Invalid(format!("{TASK_FILE}: {e}")))?;
-        let text = tuna_models::adapt::peft::pretty_sorted(&v);
+        let text = tuna_models::io::pretty_sorted(&v);
         Ok(crate::checkpoint::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?)
     }
 }

@@ -3,7 +3,8 @@
 //! taken (an unexpected one is an error naming it), and adapter tensors holding NaN or infinite
 //! values are refused at load, naming the file and the tensor.
 
-use super::peft::{read_tensors, HostTensor, EXTRA, WEIGHTS};
+use super::peft::{EXTRA, WEIGHTS};
+use crate::io::{read_tensors, HostTensor};
 use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING};
 use super::targets::{peft_default, Targets};
 use super::{param, Adapt, Adaptable, Arch, Houlsby, LinearModule, Lora, LoraConfig, ModelShape};
