@@ -1,5 +1,5 @@
-//! Checks and formatting the command line shares: error chains printed once, sampling flags in
-//! range, `tuna eval`'s labels against the task file, and where `tuna export` may write.
+//! Checks and formatting the command line shares: error chains printed once, `tuna eval`'s labels
+//! against the task file, and where `tuna export` may write.
 
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -19,20 +19,6 @@ pub fn error_chain(e: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line
-}
-
-/// `tuna generate`'s sampling flags in range.
-pub fn check_sampling(temperature: Option<f32>, top_k: Option<usize>, top_p: Option<f32>) -> Result<()> {
-    if let Some(t) = temperature.filter(|t| !(t.is_finite() && *t > 0.0)) {
-        bail!("--temperature {t}: expected a positive number (leave it out for greedy decoding)");
-    }
-    if top_k == Some(0) {
-        bail!("--top-k 0: expected at least 1");
-    }
-    if let Some(p) = top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
-        bail!("--top-p {p}: expected 0 < p <= 1");
-    }
-    Ok(())
 }
 
 /// What `tuna eval` uses for `flag` (labels or verbalizers): the value given, the task file's
@@ -55,19 +41,55 @@ pub fn agree(
     }
 }
 
-/// Where `tuna export` may write: not the base model's folder nor the adapter's, and a non-empty
-/// folder only with `overwrite`.
-pub fn check_export_target(out: &Path, model: &Path, adapter: &Path, overwrite: bool) -> Result<()> {
+/// The task `tuna eval` scores: `--task` when given (it must agree with the task file's), else the
+/// task file's, else classify. An unknown task in the file is an error naming it.
+pub fn eval_task(given: Option<&str>, saved: Option<&tuna_trainer::TaskFile>, dir: &Path) -> Result<tuna_trainer::Task> {
+    let file = dir.join(tuna_trainer::TASK_FILE);
+    let saved: Option<tuna_trainer::Task> = match saved {
+        Some(t) => Some(t.task.parse().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?),
+        None => None,
+    };
+    let given: Option<tuna_trainer::Task> = match given {
+        Some(g) => Some(g.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?),
+        None => None,
+    };
+    match (given, saved) {
+        (Some(g), Some(s)) if g != s => {
+            bail!("--task {}: the adapter was trained for {} ({})", g.name(), s.name(), file.display())
+        }
+        (g, s) => Ok(g.or(s).unwrap_or(tuna_trainer::Task::Classify)),
+    }
+}
+
+/// The folder holding the base model: the model's own for a Hugging Face folder, the file's for a
+/// `.gguf` (a bare `model.gguf`'s parent is "", the current folder).
+fn model_folder(model: &Path) -> &Path {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        match model.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    } else {
+        model
+    }
+}
+
+/// Where `tuna export` may never write: the base model's folder or the adapter's own (checked
+/// before the folder is locked, so no lock file lands there either).
+pub fn check_export_target(out: &Path, model: &Path, adapter: &Path) -> Result<()> {
     let canon = |p: &Path| std::fs::canonicalize(p).ok();
     let out_c = canon(out);
-    // A .gguf's folder holds the base model too.
-    let model_dir = if model.is_file() { model.parent().unwrap_or(Path::new(".")) } else { model };
-    if out_c.is_some() && out_c == canon(model_dir) {
+    if out_c.is_some() && out_c == canon(model_folder(model)) {
         bail!("--out {}: that is the base model's folder; export into another folder", out.display());
     }
     if out_c.is_some() && out_c == canon(adapter) {
         bail!("--out {}: that is the adapter's own folder; export into another folder", out.display());
     }
+    Ok(())
+}
+
+/// A non-empty export folder needs `overwrite` (checked under the folder's lock, which it ignores).
+pub fn check_export_empty(out: &Path, overwrite: bool) -> Result<()> {
     let non_empty = std::fs::read_dir(out)
         .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name() != tuna_trainer::run_dir::LOCK_FILE))
         .unwrap_or(false);
@@ -95,6 +117,13 @@ mod tests {
     }
 
     #[test]
+    fn a_gguf_models_folder_is_its_parent_even_when_bare() {
+        assert_eq!(model_folder(Path::new("model.gguf")), Path::new("."));
+        assert_eq!(model_folder(Path::new("a/b/model.gguf")), Path::new("a/b"));
+        assert_eq!(model_folder(Path::new("a/llama")), Path::new("a/llama"));
+    }
+
+    #[test]
     fn eval_labels_must_agree_with_the_task_file() {
         let v = |s: &[&str]| Some(s.iter().map(|x| x.to_string()).collect::<Vec<_>>());
         let d = Path::new("run/adapter");
@@ -103,16 +132,5 @@ mod tests {
         assert_eq!(agree("--labels", v(&["cat", "other"]), v(&["cat", "other"]), d).unwrap(), v(&["cat", "other"]));
         let e = agree("--labels", v(&["other", "cat"]), v(&["cat", "other"]), d).unwrap_err().to_string();
         assert!(e.contains("--labels other,cat disagrees with training's cat,other"), "{e}");
-    }
-
-    #[test]
-    fn sampling_flags_out_of_range_are_refused() {
-        assert!(check_sampling(None, None, None).is_ok());
-        assert!(check_sampling(Some(0.7), Some(5), Some(0.9)).is_ok());
-        for (t, k, p) in
-            [(Some(0.0), None, None), (Some(f32::NAN), None, None), (None, Some(0), None), (None, None, Some(1.5))]
-        {
-            assert!(check_sampling(t, k, p).is_err(), "{t:?} {k:?} {p:?}");
-        }
     }
 }

@@ -6,8 +6,27 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tuna_trainer::RunSummary;
 
+/// The files a comparison writes in its folder besides one run folder per method.
+pub const FILES: [&str; 3] = ["compare.md", "compare.json", "compare.svg"];
+
+/// A comparison's folder that holds an earlier comparison (its table or a method's run) is replaced
+/// only with `overwrite`.
+pub fn check_out(out: &Path, methods: &[String], overwrite: bool) -> Result<()> {
+    let mut found: Vec<String> = FILES.iter().filter(|f| out.join(f).exists()).map(|f| f.to_string()).collect();
+    found.extend(methods.iter().filter(|m| !tuna_trainer::existing_run(&out.join(m)).is_empty()).map(|m| format!("{m}/")));
+    if !found.is_empty() && !overwrite {
+        bail!(
+            "{} already holds a comparison ({}): pass --overwrite to replace it, or choose another --out",
+            out.display(),
+            found.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Run `methods` with the same `train_args` (everything but `--method` and `--out`), each into
-/// `out/<method>/`; returns the summaries in order.
+/// `out/<method>/` (replacing a run there: [`check_out`] has refused that unless asked); returns
+/// the summaries in order.
 pub fn run(methods: &[String], train_args: &[String], out: &Path) -> Result<Vec<RunSummary>> {
     let exe = std::env::current_exe().context("locating the tuna binary")?;
     let mut all = Vec::new();

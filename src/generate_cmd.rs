@@ -54,16 +54,19 @@ fn run_on<B: Backend>(dev: &Arc<B>, s: &GenerateSettings) -> Result<String> {
     // Positions end at the model's limit (past the virtual tokens of a prompt or prefix); the last
     // new token is never fed back, so it may take the position after the last.
     let (virt, limit) = (m.virtual_tokens(), m.max_positions());
-    if virt + ids.len() + s.max_new_tokens > limit + 1 {
+    if virt.saturating_add(ids.len()).saturating_add(s.max_new_tokens) > limit + 1 {
         let room = (limit + 1).saturating_sub(virt + ids.len());
+        let fix = if room == 0 {
+            "the prompt alone fills the context: shorten it".to_string()
+        } else {
+            format!("use --max-new-tokens {room} or less")
+        };
         bail!(
-            "{}: a {}-token prompt{} plus {} new tokens exceeds the model's {limit} positions: \
-             use --max-new-tokens {room} or less{}",
+            "{}: a {}-token prompt{} plus {} new tokens exceeds the model's {limit} positions: {fix}",
             s.model.display(),
             ids.len(),
             if virt > 0 { format!(" and {virt} virtual tokens") } else { String::new() },
             s.max_new_tokens,
-            if room == 0 { " (the prompt alone fills the context: shorten it)" } else { "" }
         );
     }
     let out = match &m.net {

@@ -79,9 +79,10 @@ struct EvalArgs {
     /// An adapter folder (PEFT format, or a `tuna train` run's `adapter/`).
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
-    /// lm, completion or classify.
-    #[arg(long, default_value = "classify")]
-    task: String,
+    /// lm, completion or classify (default: the task the adapter was trained on, from its
+    /// tuna_task.json; else classify).
+    #[arg(long)]
+    task: Option<String>,
     /// The data: .jsonl or .csv, as for `tuna train`.
     #[arg(long)]
     data: std::path::PathBuf,
@@ -186,11 +187,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => print!("{}", tuna::info::report()),
         Command::Generate(a) => {
-            tuna::cli::check_sampling(a.temperature, a.top_k, a.top_p)?;
             let sampling = match a.temperature {
                 None if a.top_k.is_none() && a.top_p.is_none() => Sampling::Greedy,
                 t => Sampling::Sample { temperature: t.unwrap_or(1.0), top_k: a.top_k, top_p: a.top_p, seed: a.seed },
             };
+            sampling.validate()?;
             let settings = tuna::generate_cmd::GenerateSettings {
                 model: a.model,
                 prompt: a.prompt,
@@ -212,17 +213,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::train_cmd::print_summary(&summary);
         }
         Command::Eval(a) => {
-            let task = a.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
+            // The task, labels and verbalizers as training had them (the export's task file),
+            // unless given; given ones must agree with it.
+            let saved_in = a.adapter.as_ref().unwrap_or(&a.model);
+            let saved = tuna::trainer::TaskFile::read(saved_in)?;
+            let task = tuna::cli::eval_task(a.task.as_deref(), saved.as_ref(), saved_in)?;
             let fields = tuna::trainer::Fields {
                 text: a.text_field,
                 prompt: a.prompt_field,
                 completion: a.completion_field,
                 label: a.label_field,
             };
+            if !(1..=tuna::train_cmd::MAX_BATCH as usize).contains(&a.batch_size) {
+                anyhow::bail!("--batch-size {}: expected 1 to {}", a.batch_size, tuna::train_cmd::MAX_BATCH);
+            }
             let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
-            // Labels and verbalizers as training had them (the export's task file), unless given.
-            let saved_in = a.adapter.as_ref().unwrap_or(&a.model);
-            let saved = tuna::trainer::TaskFile::read(saved_in)?;
             let given =
                 |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();
             let labels = tuna::cli::agree(
@@ -231,10 +236,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 saved.as_ref().and_then(|t| t.labels.clone()),
                 saved_in,
             )?;
+            // Training's verbalizers default to its labels.
             let verbalizers = tuna::cli::agree(
                 "--verbalizers",
                 given("--verbalizers", &a.verbalizers)?,
-                saved.and_then(|t| t.verbalizers),
+                saved.and_then(|t| t.verbalizers.or(t.labels)),
                 saved_in,
             )?;
             let e = tuna::trainer::eval_file(
@@ -250,10 +256,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", tuna::trainer::describe_eval(&e));
         }
         Command::Export(a) => {
-            // Where the export goes, checked before any work: never the base model's folder (or
-            // the adapter's), a non-empty folder only with --overwrite, one writer at a time.
-            tuna::cli::check_export_target(&a.out, &a.model, &a.adapter, a.overwrite)?;
-            let lock = tuna::trainer::lock(&a.out)?;
+            // Where the export goes, checked before any work: one writer at a time (the lock is
+            // taken first, so two exports cannot both find the folder empty), never the base
+            // model's folder (or the adapter's), a non-empty folder only with --overwrite.
+            tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
+            let _lock = tuna::trainer::lock(&a.out)?;
+            tuna::cli::check_export_empty(&a.out, a.overwrite)?;
             let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;
             if a.merged {
                 let ad = m.adapt();
@@ -268,12 +276,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(t) = tuna::trainer::TaskFile::read(&a.adapter)? {
                 t.write(&a.out)?;
             }
-            lock.remove();
             println!("wrote {}", a.out.display());
         }
         Command::Profile(a) => {
             let method = a.method_args.method(&a.method)?;
             let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
+            if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
+                anyhow::bail!("--warmup-steps 0 to 1000000 and --profile-steps 1 to 1000000 (got {} and {})", a.warmup_steps, a.profile_steps);
+            }
             let p = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::profile(&Arc::new(Cpu), &cfg, a.warmup_steps, a.profile_steps)?,
                 Device::Cuda(n) => {
@@ -284,16 +294,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Compare(a) => {
             if a.run.resume || a.run.resume_or_start {
-                anyhow::bail!(
-                    "compare trains every method anew (replacing its folder's run); --resume is for tuna train"
-                );
+                anyhow::bail!("compare trains every method anew; --resume is for tuna train");
             }
-            let methods: Vec<String> = a.methods.split(',').map(|m| m.trim().to_string()).collect();
-            for m in &methods {
+            let methods = tuna::train_cmd::list_flag("--methods", &a.methods)?;
+            for (i, m) in methods.iter().enumerate() {
                 a.method_args.method(m)?;
+                if methods[..i].contains(m) {
+                    anyhow::bail!("--methods {}: `{m}` is listed twice", a.methods);
+                }
             }
             let passthrough = tuna::compare_cmd::passthrough_args(std::env::args().skip(2).collect());
             let (args, out) = tuna::compare_cmd::with_defaults(&a.run, passthrough)?;
+            // The comparison's folder is one run: locked while it runs, and replaced only when told.
+            tuna::trainer::run_dir::refuse_unsafe_out(&out)?;
+            let _lock = tuna::trainer::lock(&out)?;
+            tuna::compare_cmd::check_out(&out, &methods, a.run.overwrite)?;
             let runs = tuna::compare_cmd::run(&methods, &args, &out)?;
             let paths = tuna::compare_cmd::write(&runs, &out)?;
             println!("{}", tuna::compare_cmd::table(&runs));

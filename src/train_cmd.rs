@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use tuna_models::adapt::{LoraConfig, Method, PromptInit};
 use tuna_trainer::{Decay, Fields, OutMode, Task, TrainConfig};
 
+/// The largest `--batch-size` (examples per step) and `--steps` accepted.
+pub const MAX_BATCH: u64 = 1 << 16;
+pub const MAX_STEPS: u64 = 1 << 40;
+
 /// `Err` with `msg` unless `ok`: the range checks of the flags below.
 fn require(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if ok {
@@ -76,7 +80,7 @@ impl MethodArgs {
             "lora" => {
                 positive("--lora-r", self.lora_r)?;
                 let (a, d) = (self.lora_alpha, self.lora_dropout);
-                require(a.is_finite() && a > 0.0, || format!("--lora-alpha {a}: expected a positive number"))?;
+                require(a.is_finite() && a > 0.0 && a <= 1e6, || format!("--lora-alpha {a}: expected 0 < alpha <= 1e6"))?;
                 require((0.0..1.0).contains(&d), || format!("--lora-dropout {d}: expected 0 <= p < 1"))?;
             }
             _ => {}
@@ -206,7 +210,8 @@ pub struct RunArgs {
     /// Seeds the data order, the new parameters' init and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder (metrics.jsonl, checkpoints/, adapter/ or model/, summary.json).
+    /// Output folder (metrics.jsonl, checkpoints/, adapter/ or model/, summary.json); for compare,
+    /// the comparison's folder (default runs/compare), one subfolder per method.
     #[arg(long, default_value = "runs/tuna")]
     pub out: PathBuf,
     /// Continue from the latest valid checkpoint in --out (none is an error).
@@ -288,8 +293,11 @@ impl RunArgs {
     /// Every numeric flag in its range (`lr`: the learning rate in force, given or default).
     fn check_ranges(&self, lr: f64) -> Result<()> {
         let at_least_1 = |flag: &str, v: u64| require(v >= 1, || format!("{flag} {v}: expected at least 1"));
-        at_least_1("--batch-size", self.batch_size as u64)?;
-        at_least_1("--steps", self.steps)?;
+        let in_range = |flag: &str, v: u64, max: u64| {
+            require((1..=max).contains(&v), || format!("{flag} {v}: expected 1 to {max}"))
+        };
+        in_range("--batch-size", self.batch_size as u64, MAX_BATCH)?;
+        in_range("--steps", self.steps, MAX_STEPS)?;
         at_least_1("--eval-every", self.eval_every)?;
         at_least_1("--save-every", self.save_every)?;
         if let Some(p) = self.patience {
@@ -306,16 +314,15 @@ impl RunArgs {
             let b = self.batch_size;
             require(m >= 1 && m <= b, || format!("--micro-batch {m}: expected 1 to --batch-size ({b})"))?;
         }
-        if let Some(m) = self.max_len {
-            at_least_1("--max-len", m as u64)?;
-        }
-        require(lr.is_finite() && lr > 0.0, || format!("--lr {lr}: expected a positive number"))?;
+        // Checked as the f32 the optimizer computes with.
+        let f32_ok = |v: f64| (v as f32).is_finite();
+        require(f32_ok(lr) && lr > 0.0, || format!("--lr {lr}: expected a positive number"))?;
         let r = self.min_lr_ratio;
         require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {r}: expected 0 to 1"))?;
         let wd = self.weight_decay;
-        require(wd.is_finite() && wd >= 0.0, || format!("--weight-decay {wd}: expected 0 or more"))?;
+        require(f32_ok(wd) && wd >= 0.0, || format!("--weight-decay {wd}: expected 0 or more"))?;
         let c = self.clip;
-        require(c.is_finite() && c >= 0.0, || format!("--clip {c}: expected 0 (off) or a positive norm"))?;
+        require(f32_ok(c) && c >= 0.0, || format!("--clip {c}: expected 0 (off) or a positive norm"))?;
         Ok(())
     }
 }

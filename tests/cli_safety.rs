@@ -149,7 +149,8 @@ fn export_never_overwrites_the_base_model_or_a_folder_unasked() {
     fails(&export(&dest.display().to_string(), &["--merged"]), "not empty");
     assert!(!dest.join("model.safetensors").exists());
     ok(&export(&dest.display().to_string(), &["--merged", "--overwrite"]));
-    assert!(dest.join("model.safetensors").exists() && !dest.join(".tuna.lock").exists());
+    assert!(dest.join("model.safetensors").exists());
+    assert_eq!(std::fs::read_to_string(dest.join("keep.txt")).unwrap(), "x");
     // An empty or missing folder needs nothing.
     ok(&export(&d.join("fresh").display().to_string(), &[]));
 }
@@ -175,12 +176,20 @@ fn resuming_onto_another_base_model_is_refused_saying_what_differs() {
     );
     let resume = |model: &str| tuna(&set(train_args(&out, &train, 6, &["--resume"]), "--model", model));
     fails(&resume(&negated), "other weight values");
+    // One tensor changed by 1% is caught too (every tensor is sampled).
+    let scaled = model_copy(
+        &d.join("scaled"),
+        "llama",
+        |t| t.get_mut("model.layers.1.mlp.down_proj.weight").unwrap().1.iter_mut().for_each(|x| *x *= 1.01),
+        |_| {},
+    );
+    fails(&resume(&scaled), "other weight values");
     fails(&resume(&one_layer), "it had 2 layers");
     fails(&resume(&fixture("gpt2")), "it was a llama model, this one is gpt2");
     // The same base with fewer LoRA targets would drop the others' trained tensors.
     let fewer =
         [set(train_args(&out, &train, 6, &["--resume"]), "--model", &base), s(&["--lora-targets", "q_proj"])].concat();
-    fails(&tuna(&fewer), "v_proj.lora_A.weight`, which this run does not");
+    fails(&tuna(&fewer), "--method and its settings was");
     let err = ok(&resume(&base));
     assert!(err.contains("resuming from"), "{err}");
 }
@@ -276,7 +285,7 @@ fn lengths_are_checked_against_the_positions_before_the_first_step() {
     let a = set(train_args(&out, &train, 2, &["--max-len", "50"]), "--method", "prompt");
     fails(&tuna(&a), "--max-len 50 + 20 virtual tokens exceeds the model's 64 positions: use --max-len 44 or less");
     let t0 = Instant::now();
-    fails(&tuna(&set(a, "--virtual-tokens", "100000")), "100000 virtual tokens leave no room");
+    fails(&tuna(&set(a, "--virtual-tokens", "100000")), "100000 virtual tokens leave 0 of the model's 64 positions");
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
@@ -378,15 +387,29 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let o = tuna(&set(cls.clone(), "--train", &nums.display().to_string()));
     fails(&o, "verbalizers `10` and `11` both start with token");
     // An OS error says its reason once.
-    let err = fails(&tuna(&set(cls, "--train", "/no/such/file.jsonl")), "/no/such/file.jsonl");
+    let err = fails(&tuna(&set(cls.clone(), "--train", "/no/such/file.jsonl")), "/no/such/file.jsonl");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
     // Sampling flags.
     let g = |f: &str, v: &str| {
-        tuna(&s(&["generate", "--model", &fixture("llama"), "--prompt", "The cat", "--max-new-tokens", "2", f, v]))
+        let base = s(&["generate", "--model", &fixture("llama"), "--prompt", "The cat", "--max-new-tokens", "2"]);
+        tuna(&set(base, f, v))
     };
-    fails(&g("--top-p", "1.5"), "--top-p 1.5");
-    fails(&g("--temperature", "0"), "--temperature 0");
-    fails(&g("--top-k", "0"), "--top-k 0");
+    fails(&g("--top-p", "1.5"), "top_p must be in (0, 1], got 1.5");
+    fails(&g("--temperature", "0"), "temperature must be positive");
+    fails(&g("--top-k", "0"), "top_k must be at least 1");
+    // Sizes that would overflow or exhaust memory are refused, not panics or aborts.
+    let huge = u64::MAX.to_string();
+    fails(&tuna(&set(cls.clone(), "--batch-size", &huge)), "--batch-size");
+    fails(&tuna(&set(cls.clone(), "--lora-r", "1000000000")), "--lora-r 1000000000: at most");
+    fails(&g("--max-new-tokens", &huge), "exceeds the model's 64 positions");
+    // `tuna profile` takes train's flags: the same command line with its own verb.
+    let prof = [s(&["profile"]), cls[1..].to_vec(), s(&["--warmup-steps", &huge])].concat();
+    fails(&tuna(&prof), "--warmup-steps");
+    // A loss needs two tokens: lm with one is refused, not trained at loss 0.
+    let lm = set(cls.clone(), "--task", "lm");
+    fails(&tuna(&set(lm.clone(), "--max-len", "1")), "--max-len 1: the task needs at least 2 tokens");
+    let p = set(set(lm, "--method", "prefix"), "--virtual-tokens", "63");
+    fails(&tuna(&p), "63 virtual tokens leave 1 of the model's 64 positions");
 }
 
 #[test]
@@ -404,4 +427,140 @@ fn a_10_mb_single_line_trains_in_bounded_memory() {
     let peak = summary["peak_rss_bytes"].as_u64().unwrap();
     // Tokenizing the whole line took ~1.5 GiB; the window keeps the process near the data's size.
     assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+}
+
+#[test]
+fn overwrite_deletes_only_what_tuna_wrote_and_only_after_the_new_inputs_load() {
+    let d = tmp("overwrite");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    ok(&tuna(&train_args(&out, &train, 3, &[])));
+    std::fs::write(out.join("adapter/README.md"), "my notes").unwrap();
+    std::fs::create_dir_all(out.join("checkpoints/my-best")).unwrap();
+    std::fs::write(out.join("checkpoints/my-best/keep"), "k").unwrap();
+    let before = snapshot(&out);
+    // A new run whose data fails to load deletes nothing.
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{not json\n").unwrap();
+    fails(&tuna(&train_args(&out, &bad.display().to_string(), 3, &["--overwrite"])), "bad.jsonl");
+    same(&snapshot(&out), &before, "a failed --overwrite");
+    // A model inside what the run writes is refused, not deleted.
+    let inside = out.join("model");
+    std::fs::create_dir_all(&inside).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(Path::new(&fixture("llama")).join(f), inside.join(f)).unwrap();
+    }
+    let a = set(train_args(&out, &train, 3, &["--overwrite"]), "--model", &inside.display().to_string());
+    fails(&tuna(&a), "which this run writes");
+    assert!(inside.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&inside).unwrap();
+    ok(&tuna(&train_args(&out, &train, 2, &["--overwrite"])));
+    assert_eq!(std::fs::read_to_string(out.join("adapter/README.md")).unwrap(), "my notes");
+    assert_eq!(std::fs::read_to_string(out.join("checkpoints/my-best/keep")).unwrap(), "k");
+    assert!(!out.join("checkpoints/step-000003").exists(), "the old run's checkpoints went");
+}
+
+#[test]
+fn unsafe_output_folders_and_lock_links_are_refused() {
+    let d = tmp("unsafe-out");
+    let train = data(&d, "train.jsonl", 8, false);
+    let file = d.join("afile");
+    std::fs::write(&file, "x").unwrap();
+    fails(&tuna(&train_args(&file, &train, 2, &[])), "not a folder");
+    let model = model_copy(&d, "llama", |_| {}, |_| {});
+    fails(&tuna(&train_args(Path::new(&model), &train, 2, &[])), "a model's folder");
+    let victim = d.join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let out = d.join("linked");
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join(".tuna.lock")).unwrap();
+    fails(&tuna(&train_args(&out, &train, 2, &[])), "not a plain file");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let run = d.join("run");
+    ok(&tuna(&train_args(&run, &train, 2, &[])));
+    fails(&tuna(&train_args(&run.join("checkpoints/mine"), &train, 2, &[])), "inside another run's checkpoints/");
+}
+
+#[test]
+fn a_resume_keeps_the_settings_it_started_with_and_its_own_step() {
+    let d = tmp("settings");
+    let train = data(&d, "train.jsonl", 12, false);
+    let out = d.join("run");
+    ok(&tuna(&train_args(&out, &train, 3, &[])));
+    let resume = |extra: &[&str]| train_args(&out, &train, 6, &[&["--resume"][..], extra].concat());
+    fails(&tuna(&resume(&["--lora-alpha", "64"])), "--method and its settings was");
+    fails(&tuna(&set(resume(&[]), "--lr", "0.5")), "--lr was 0.01, now 0.5");
+    // A state.json edited to another step (checksums recomputed) is caught by its folder's step.
+    let ck = out.join("checkpoints/step-000003");
+    let state = std::fs::read_to_string(ck.join("state.json")).unwrap().replacen("\"step\": 3", "\"step\": 2", 1);
+    std::fs::write(ck.join("state.json"), &state).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("manifest.json")).unwrap()).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["name"] == "state.json" {
+            f["size"] = state.len().into();
+            f["fnv1a64"] = format!("{:016x}", tuna::trainer::fnv1a64(state.as_bytes())).into();
+        }
+    }
+    std::fs::write(ck.join("manifest.json"), m.to_string()).unwrap();
+    fails(&tuna(&resume(&[])), "state.json says step 2 but the checkpoint is step 3");
+}
+
+#[test]
+fn eval_takes_the_task_and_verbalizers_training_used() {
+    let d = tmp("eval-task");
+    let lm = data(&d, "lm.jsonl", 8, false);
+    let cls = data(&d, "cls.jsonl", 8, true);
+    let out = d.join("lm");
+    ok(&tuna(&train_args(&out, &lm, 2, &[])));
+    let adapter = out.join("adapter").display().to_string();
+    let eval = |data: &str, extra: &[&str]| {
+        tuna(&[s(&["eval", "--model", &fixture("llama"), "--adapter", &adapter, "--data", data]), s(extra)].concat())
+    };
+    let o = eval(&lm, &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"), "{}", String::from_utf8_lossy(&o.stderr));
+    fails(&eval(&cls, &["--task", "classify"]), "--task classify: the adapter was trained for lm");
+    // Trained without --verbalizers: the verbalizers were the labels, in their order.
+    let out = d.join("cls");
+    ok(&tuna(&set(train_args(&out, &cls, 2, &["--verbalizers", "cat,other"]), "--task", "classify")));
+    let adapter2 = out.join("adapter").display().to_string();
+    let o = tuna(&s(&[
+        "eval",
+        "--model",
+        &fixture("llama"),
+        "--adapter",
+        &adapter2,
+        "--data",
+        &cls,
+        "--verbalizers",
+        "other,cat",
+    ]));
+    fails(&o, "--verbalizers other,cat disagrees with training's cat,other");
+}
+
+#[test]
+fn compare_replaces_an_earlier_comparison_only_when_told() {
+    let d = tmp("compare");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("cmp").display().to_string();
+    let args = |extra: &[&str]| {
+        let base = s(&[
+            "compare",
+            "--model",
+            &fixture("llama"),
+            "--task",
+            "lm",
+            "--train",
+            &train,
+            "--methods",
+            "lora,prompt",
+        ]);
+        [base, s(&["--steps", "2", "--batch-size", "4", "--quiet", "--out", &out]), s(extra)].concat()
+    };
+    ok(&tuna(&args(&[])));
+    let before = std::fs::read(Path::new(&out).join("lora/metrics.jsonl")).unwrap();
+    fails(&tuna(&args(&[])), "already holds a comparison");
+    assert_eq!(std::fs::read(Path::new(&out).join("lora/metrics.jsonl")).unwrap(), before);
+    ok(&tuna(&args(&["--overwrite"])));
+    fails(&tuna(&set(args(&["--overwrite"]), "--methods", "lora,lora")), "`lora` is listed twice");
 }

@@ -52,8 +52,9 @@ pub struct Bert<B: Kernels<E>, E: Float> {
 }
 
 /// Tensors BERT checkpoints carry that the encoder does not compute with (see
-/// [`Loader::finish`]): the pretraining heads and the position-id buffer (when stored as floats).
-pub const KNOWN_UNUSED: &[&str] = &["cls.*", "embeddings.position_ids"];
+/// [`Loader::finish`]): the pretraining heads, task heads (a sequence classifier's, a QA model's:
+/// tuna trains its own) and the position-id buffer (when stored as floats).
+pub const KNOWN_UNUSED: &[&str] = &["cls.*", "classifier.*", "qa_outputs.*", "embeddings.position_ids"];
 
 /// `name`, bare (`BertModel`) or under the `bert.` prefix (task heads' checkpoints).
 fn names(name: &str) -> [String; 2] {

@@ -118,7 +118,8 @@ impl ModelConfig {
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| fmt(format!("invalid JSON: {e}")))?;
         let ty = v.get("model_type").and_then(|t| t.as_str()).ok_or_else(|| fmt("no `model_type`".into()))?;
         let parse_err = |e: serde_json::Error| fmt(format!("{ty} config: {e}"));
-        Ok(match ty {
+        check_computation(&v, ty).map_err(fmt)?;
+        let cfg = match ty {
             "gpt2" => ModelConfig::Gpt2(serde_json::from_value(v.clone()).map_err(parse_err)?),
             "llama" => {
                 // transformers 5 writes `rope_parameters: {rope_theta, ...}` instead of a top-level
@@ -138,13 +139,114 @@ impl ModelConfig {
                     what: format!("architecture `model_type: {other}` (tuna runs gpt2, llama, bert)"),
                 })
             }
-        })
+        };
+        cfg.check_dims().map_err(fmt)?;
+        Ok(cfg)
+    }
+
+    /// Dimensions a model can be built from: no zero sizes, heads that divide the width (unless
+    /// Llama gives its head dim), key/value heads that divide the query heads.
+    pub fn check_dims(&self) -> std::result::Result<(), String> {
+        let (sizes, heads, kv, width, explicit_head_dim): (Vec<(&str, usize)>, usize, usize, usize, bool) = match self {
+            ModelConfig::Gpt2(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("n_positions", c.n_positions),
+                    ("n_layer", c.n_layer),
+                    ("n_embd", c.n_embd),
+                    ("n_head", c.n_head),
+                ],
+                c.n_head,
+                c.n_head,
+                c.n_embd,
+                false,
+            ),
+            ModelConfig::Llama(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("hidden_size", c.hidden_size),
+                    ("intermediate_size", c.intermediate_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("num_key_value_heads", c.kv_heads()),
+                    ("max_position_embeddings", c.max_position_embeddings),
+                    ("head_dim", c.head_dim.unwrap_or(1)),
+                ],
+                c.num_attention_heads,
+                c.kv_heads(),
+                c.hidden_size,
+                c.head_dim.is_some(),
+            ),
+            ModelConfig::Bert(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("hidden_size", c.hidden_size),
+                    ("intermediate_size", c.intermediate_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("max_position_embeddings", c.max_position_embeddings),
+                ],
+                c.num_attention_heads,
+                c.num_attention_heads,
+                c.hidden_size,
+                false,
+            ),
+        };
+        if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{k}` is 0"));
+        }
+        if !explicit_head_dim && width % heads != 0 {
+            return Err(format!("the width {width} is not a multiple of the {heads} attention heads"));
+        }
+        if heads % kv != 0 {
+            return Err(format!("the {heads} attention heads are not a multiple of the {kv} key/value heads"));
+        }
+        Ok(())
     }
 
     /// Read and parse `config.json`.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
         Self::from_json(&text, path)
+    }
+}
+
+/// Settings of `config.json` that change what the model computes, with the values tuna implements
+/// (absent or null also means the default): any other value is refused by name rather than
+/// computed differently from Hugging Face.
+const COMPUTATION: &[(&str, &str, &[&str])] = &[
+    ("llama", "hidden_act", &["\"silu\""]),
+    ("llama", "rope_scaling", &[]),
+    ("llama", "attention_bias", &["false"]),
+    ("llama", "mlp_bias", &["false"]),
+    ("gpt2", "activation_function", &["\"gelu_new\"", "\"gelu_pytorch_tanh\""]),
+    ("gpt2", "scale_attn_weights", &["true"]),
+    ("gpt2", "scale_attn_by_inverse_layer_idx", &["false"]),
+    ("gpt2", "add_cross_attention", &["false"]),
+    ("bert", "hidden_act", &["\"gelu\""]),
+    ("bert", "position_embedding_type", &["\"absolute\""]),
+    ("bert", "is_decoder", &["false"]),
+    ("bert", "add_cross_attention", &["false"]),
+];
+
+/// Refuse a `config.json` of `ty` whose settings ask for a computation tuna does not implement
+/// (a RoPE scaling, another activation, biases the architecture has not), naming the setting.
+fn check_computation(v: &serde_json::Value, ty: &str) -> std::result::Result<(), String> {
+    for (_, key, allowed) in COMPUTATION.iter().filter(|(t, _, _)| *t == ty) {
+        let Some(x) = v.get(*key).filter(|x| !x.is_null()) else { continue };
+        if !allowed.contains(&x.to_string().as_str()) {
+            return Err(format!(
+                "`{key}` {x} is not supported by tuna (it computes {}), so the model would differ from Hugging Face's",
+                if allowed.is_empty() { "without it".to_string() } else { allowed.join(" or ") }
+            ));
+        }
+    }
+    // transformers 5 keeps the RoPE variant in `rope_parameters.rope_type`.
+    match v.get("rope_parameters").and_then(|r| r.get("rope_type")) {
+        Some(t) if t != "default" => {
+            Err(format!("`rope_parameters.rope_type` {t} is not supported by tuna (it computes \"default\" RoPE)"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -172,5 +274,32 @@ mod tests {
         let e = ModelConfig::from_json(r#"{"model_type":"gpt2","n_embd":768}"#, p).unwrap_err().to_string();
         assert!(e.contains("vocab_size"), "{e}");
         assert!(ModelConfig::from_json("{", p).unwrap_err().to_string().contains("invalid JSON"));
+    }
+
+    #[test]
+    fn settings_that_change_the_computation_and_impossible_dims_are_refused_by_name() {
+        let p = Path::new("config.json");
+        let llama = r#""model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2"#;
+        assert!(ModelConfig::from_json(&format!("{{{llama}}}"), p).is_ok());
+        for (extra, needle) in [
+            (r#","rope_scaling":{"rope_type":"linear","factor":4}"#, "`rope_scaling`"),
+            (r#","rope_parameters":{"rope_type":"llama3","rope_theta":1e4}"#, "`rope_parameters.rope_type` \"llama3\""),
+            (r#","hidden_act":"relu""#, "`hidden_act` \"relu\""),
+            (r#","attention_bias":true"#, "`attention_bias` true"),
+            (r#","num_key_value_heads":3"#, "not a multiple of the 3 key/value heads"),
+        ] {
+            let e = ModelConfig::from_json(&format!("{{{llama}{extra}}}"), p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let zero = llama.replace(r#""num_attention_heads":2"#, r#""num_attention_heads":0"#);
+        let e = ModelConfig::from_json(&format!("{{{zero}}}"), p).unwrap_err().to_string();
+        assert!(e.contains("`num_attention_heads` is 0"), "{e}");
+        let gpt2 = r#"{"model_type":"gpt2","vocab_size":10,"n_positions":8,"n_embd":8,"n_layer":1,"n_head":2,"activation_function":"relu"}"#;
+        assert!(ModelConfig::from_json(gpt2, p).unwrap_err().to_string().contains("`activation_function` \"relu\""));
+        let gpt2 = r#"{"model_type":"gpt2","vocab_size":10,"n_positions":8,"n_embd":8,"n_layer":1,"n_head":3}"#;
+        assert!(ModelConfig::from_json(gpt2, p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a multiple of the 3 attention heads"));
     }
 }

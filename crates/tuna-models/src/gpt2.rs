@@ -65,7 +65,8 @@ pub struct Gpt2<B: Kernels<E>, E: Float> {
 
 /// Tensors GPT-2 checkpoints carry that the model does not compute with (see
 /// [`Loader::finish`]): older `transformers`' causal-mask buffers and the head, tied to `wte`.
-pub const KNOWN_UNUSED: &[&str] = &["h.*.attn.bias", "h.*.attn.masked_bias", "lm_head.weight"];
+/// A sequence classifier's head (`score`) is not loaded either: tuna scores with its own.
+pub const KNOWN_UNUSED: &[&str] = &["h.*.attn.bias", "h.*.attn.masked_bias", "lm_head.weight", "score.weight"];
 
 /// `name`, under the bare `GPT2Model` name or `GPT2LMHeadModel`'s `transformer.` prefix.
 fn load<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, shape: &[usize]) -> Result<Tensor<B, E>> {

@@ -13,11 +13,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tuna_kernels::Cpu;
-use tuna_models::io;
 use tuna_models::bert::Bert;
 use tuna_models::config::ModelConfig;
 use tuna_models::gpt2::Gpt2;
 use tuna_models::hf::HfCheckpoint;
+use tuna_models::io;
 use tuna_models::llama::Llama;
 use tuna_models::params::Loader;
 
@@ -88,11 +88,25 @@ fn a_config_with_fewer_layers_than_the_weights_is_an_error_naming_them() {
 fn a_tensor_the_architecture_has_no_place_for_is_an_error() {
     let e = load(&folder("llama", |_| {}, |t| add(t, "model.layers.0.self_attn.q_proj.bias", &[32]))).unwrap_err();
     assert!(e.contains("tensors the model does not use: `model.layers.0.self_attn.q_proj.bias` (1 in all)"), "{e}");
-    let e = load(&folder("bert", |_| {}, |t| add(t, "classifier.weight", &[2, 32]))).unwrap_err();
-    assert!(e.contains("`classifier.weight` (1 in all)"), "{e}");
-    // A task head the language model has no place for (a sequence classifier's `score`).
-    let e = load(&folder("gpt2", |_| {}, |t| add(t, "score.weight", &[3, 32]))).unwrap_err();
-    assert!(e.contains("`score.weight` (1 in all)"), "{e}");
+    let e = load(&folder("bert", |_| {}, |t| add(t, "encoder.layer.0.output.dense.extra", &[2, 32]))).unwrap_err();
+    assert!(e.contains("`encoder.layer.0.output.dense.extra` (1 in all)"), "{e}");
+}
+
+#[test]
+fn task_heads_of_hugging_face_checkpoints_load_without_them() {
+    // A sequence classifier's or QA model's head is not the base model's: tuna trains its own.
+    load(&folder(
+        "bert",
+        |_| {},
+        |t| {
+            add(t, "classifier.weight", &[2, 32]);
+            add(t, "classifier.bias", &[2]);
+            add(t, "qa_outputs.weight", &[2, 32]);
+        },
+    ))
+    .unwrap();
+    load(&folder("gpt2", |_| {}, |t| add(t, "score.weight", &[3, 32]))).unwrap();
+    load(&folder("llama", |_| {}, |t| add(t, "score.weight", &[3, 32]))).unwrap();
 }
 
 #[test]

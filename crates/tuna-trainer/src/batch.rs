@@ -268,7 +268,7 @@ impl Batcher {
     /// The batch at `cursor`, advancing it; a finished epoch rolls over to the next one first.
     pub fn next_batch(&mut self, cursor: &mut Cursor) -> Batch {
         if cursor.index >= self.batches_per_epoch() {
-            *cursor = Cursor { epoch: cursor.epoch + 1, index: 0 };
+            *cursor = Cursor { epoch: cursor.epoch.saturating_add(1), index: 0 };
         }
         if self.plan.as_ref().is_none_or(|(e, _)| *e != cursor.epoch) {
             self.plan = Some((cursor.epoch, self.plan(cursor.epoch)));

@@ -217,7 +217,7 @@ impl Checkpoints {
         fs::rename(&tmp, &target).map_err(io(&target))?;
         fsync_dir(&self.dir)?;
         self.clean_tmp()?;
-        self.prune()?;
+        self.prune(step)?;
         Ok(target)
     }
 
@@ -261,7 +261,9 @@ impl Checkpoints {
         for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
             let entry = entry.map_err(io(&self.dir))?;
             let name = entry.file_name();
+            // Only names this module writes (`step-000007`, not `step-7` or `step-0000007`).
             let step = name.to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<u64>().ok());
+            let step = step.filter(|s| name.to_str() == Some(&format!("step-{s:06}")));
             if let (Some(step), true) = (step, entry.path().is_dir()) {
                 steps.push(step);
             }
@@ -318,43 +320,58 @@ impl Checkpoints {
         Ok(LatestValid { checkpoint: None, warnings })
     }
 
-    /// The step whose manifest holds the best value of the `best` metric, if any does.
+    /// The step whose manifest holds the best value of the `best` metric, if any does (among
+    /// the checkpoints that look valid).
     pub fn best_step(&self) -> Result<Option<u64>, CheckpointError> {
-        let Some((metric, dir)) = &self.best else { return Ok(None) };
+        Ok(self.best_of(&self.valid_manifests(|_| true)?))
+    }
+
+    /// The checkpoints that [look valid](Checkpoints::looks_valid) among the steps `keep` accepts,
+    /// ascending, with their manifests (each read once).
+    fn valid_manifests(&self, keep: impl Fn(u64) -> bool) -> Result<Vec<(u64, Manifest)>, CheckpointError> {
+        Ok(self.steps()?.into_iter().filter(|&s| keep(s)).filter_map(|s| Some((s, self.manifest_if_valid(s)?))).collect())
+    }
+
+    /// The best of `checkpoints` by the `best` metric (a missing or non-finite value never wins).
+    fn best_of(&self, checkpoints: &[(u64, Manifest)]) -> Option<u64> {
+        let (metric, dir) = self.best.as_ref()?;
         let mut best: Option<(u64, f64)> = None;
-        for step in self.steps()? {
-            let Ok(m) = self.read_manifest(step) else { continue };
-            if !self.looks_valid(step) {
-                continue;
-            }
+        for (step, m) in checkpoints {
             let Some(v) = m.metrics.get(metric).and_then(Value::as_f64).filter(|v| v.is_finite()) else { continue };
             let better = best.is_none_or(|(_, b)| if *dir == Direction::Min { v < b } else { v > b });
             if better {
-                best = Some((step, v));
+                best = Some((*step, v));
             }
         }
-        Ok(best.map(|(s, _)| s))
+        best.map(|(s, _)| s)
     }
 
     /// Whether checkpoint `step` looks whole without reading its data: its manifest parses, names
     /// this step, and every file it lists exists with the listed size. (Resuming verifies the
     /// checksums too; this is what pruning trusts.)
     pub fn looks_valid(&self, step: u64) -> bool {
-        let Ok(m) = self.read_manifest(step) else { return false };
-        let dir = self.step_dir(step);
-        m.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.is_file() && md.len() == f.size))
+        self.manifest_if_valid(step).is_some()
     }
 
-    /// Deletes every checkpoint but the newest `keep_last` and the best. Only checkpoints that look
-    /// valid count and are deleted: a stray or broken `step-N` folder never displaces a good one
-    /// (it stays for the user to inspect).
-    fn prune(&self) -> Result<(), CheckpointError> {
+    /// The manifest of checkpoint `step` when it [looks valid](Checkpoints::looks_valid).
+    fn manifest_if_valid(&self, step: u64) -> Option<Manifest> {
+        let m = self.read_manifest(step).ok()?;
+        let dir = self.step_dir(step);
+        let whole = m.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.is_file() && md.len() == f.size));
+        whole.then_some(m)
+    }
+
+    /// After saving `saved`: deletes every checkpoint up to it but the newest `keep_last` and the
+    /// best. Only checkpoints that look valid count and are deleted, and none above `saved` (left
+    /// from before a resume, which passed them over as corrupt): a stray or broken `step-N` folder
+    /// never displaces a good one, and the checkpoint just saved is always kept.
+    fn prune(&self, saved: u64) -> Result<(), CheckpointError> {
         if self.keep_last == 0 {
             return Ok(());
         }
-        let steps: Vec<u64> = self.steps()?.into_iter().filter(|&s| self.looks_valid(s)).collect();
-        let best = self.best_step()?;
-        for &step in &steps[..steps.len().saturating_sub(self.keep_last)] {
+        let valid = self.valid_manifests(|s| s <= saved)?;
+        let best = self.best_of(&valid);
+        for &(step, _) in &valid[..valid.len().saturating_sub(self.keep_last)] {
             if Some(step) != best {
                 let d = self.step_dir(step);
                 fs::remove_dir_all(&d).map_err(io(&d))?;

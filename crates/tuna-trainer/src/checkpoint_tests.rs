@@ -162,3 +162,25 @@ fn pruning_ignores_folders_that_are_not_valid_checkpoints() {
     assert_eq!(c.latest_valid().expect("scan").checkpoint.expect("one").step(), 3);
     let _ = fs::remove_dir_all(&d);
 }
+
+#[test]
+fn pruning_after_a_resume_never_deletes_the_checkpoint_just_saved() {
+    // Steps 400 (good) and 500 (right sizes, wrong checksum): a resume passes 500 over and saves
+    // 450; pruning to one must keep 450 (and 400 or not), never leave only the corrupt 500.
+    let d = tmpdir("prune-after-resume");
+    let c = Checkpoints::open(&d, 1, Some(("eval_loss", Direction::Min))).expect("open");
+    save(&c, 400, 2.0);
+    let c0 = Checkpoints::open(&d, 0, None).expect("open");
+    save(&c0, 500, 0.1); // the best metric, then corrupted in place
+    let f = d.join("step-000500/weights.bin");
+    let mut bytes = fs::read(&f).expect("read");
+    bytes[0] ^= 0xff;
+    fs::write(&f, bytes).expect("write");
+    assert_eq!(c.latest_valid().expect("scan").checkpoint.expect("one").step(), 400);
+    save(&c, 450, 3.0);
+    let steps = c.steps().expect("steps");
+    assert!(steps.contains(&450), "{steps:?}");
+    assert!(steps.contains(&500), "the corrupt newer one is left to inspect: {steps:?}");
+    assert_eq!(c.latest_valid().expect("scan").checkpoint.expect("one").step(), 450);
+    let _ = fs::remove_dir_all(&d);
+}

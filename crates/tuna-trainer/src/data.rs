@@ -255,12 +255,6 @@ impl LabelSet {
         LabelSet { labels: set.into_iter().map(String::from).collect() }
     }
 
-    /// A comma-separated list such as `"neg,pos"`, kept in the order given (index 0 first); labels are
-    /// trimmed; an empty label or a repeated one is an error.
-    pub fn parse(list: &str) -> Result<LabelSet, DataError> {
-        LabelSet::from_list(list.split(',').map(|l| l.trim().to_string()).collect())
-    }
-
     /// Labels in the order given (index 0 first), kept exactly as they are (commas and spaces
     /// included: `tuna_task.json` stores them as a list); an empty label or a repeated one is an error.
     pub fn from_list(list: Vec<String>) -> Result<LabelSet, DataError> {
@@ -387,10 +381,10 @@ mod tests {
         assert_eq!(s.index("pos", p, 1).expect("known"), 1);
         let e = s.index("meh", p, 7).expect_err("unknown");
         assert_eq!(e.to_string(), "eval.csv:7: label \"meh\" is not one of [neg, pos]");
-        let s = LabelSet::parse(" pos , neg").expect("parse");
+        let s = LabelSet::from_list(vec!["pos".into(), "neg".into()]).expect("list");
         assert_eq!(s.index("neg", p, 1).expect("known"), 1);
-        assert!(LabelSet::parse("a,,b").is_err());
-        assert!(LabelSet::parse("a,b,a").is_err());
+        assert!(LabelSet::from_list(vec!["a".into(), String::new()]).is_err());
+        assert!(LabelSet::from_list(vec!["a".into(), "b".into(), "a".into()]).is_err());
         assert_eq!("classify".parse::<Task>(), Ok(Task::Classify));
         assert!("cls".parse::<Task>().is_err());
     }

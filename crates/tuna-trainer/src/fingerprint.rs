@@ -7,14 +7,12 @@ use crate::error::Result;
 use crate::model::{Backend, Model};
 use serde::{Deserialize, Serialize};
 
-/// Tensors larger than this are not hashed (a copy of a large embedding would raise the run's peak
-/// memory); the smaller ones (norms, biases, small projections) spread across the layers are.
-const MAX_HASHED_NUMEL: usize = 1 << 20;
-/// How many tensors the content hash reads, evenly spaced in the model's order.
-const HASHED_TENSORS: usize = 8;
+/// Values the content hash reads from each tensor, evenly strided over it.
+const SAMPLES_PER_TENSOR: usize = 4096;
 
-/// What identifies a base model: its dimensions, its tensors' names and shapes, and the values of a
-/// few sampled tensors.
+/// What identifies a base model: its dimensions, its tensors' names and shapes, and a strided
+/// sample of every tensor's values (a whole tensor scaled or replaced changes it; one weight edited
+/// alone may not).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseFingerprint {
     pub arch: String,
@@ -24,7 +22,7 @@ pub struct BaseFingerprint {
     pub tensors: usize,
     /// FNV-1a 64 of every tensor's name and shape, in order (16 hex digits).
     pub names_hash: String,
-    /// FNV-1a 64 of the sampled tensors' values (16 hex digits).
+    /// FNV-1a 64 of `SAMPLES_PER_TENSOR` strided values of every tensor (16 hex digits).
     pub content_hash: String,
 }
 
@@ -38,11 +36,12 @@ impl BaseFingerprint {
             names.write(format!("{n}:{:?};", t.shape()).as_bytes());
         }
         let mut content = Fnv64::new();
-        for i in sampled(&weights.iter().map(|(_, t)| t.numel()).collect::<Vec<_>>()) {
-            let (n, t) = &weights[i];
-            content.write(n.as_bytes());
-            for v in t.to_vec()? {
-                content.write(&v.to_bits().to_le_bytes());
+        for (_, t) in &weights {
+            // One tensor on the host at a time (a copy), so the peak stays one tensor's size.
+            let v = t.to_vec()?;
+            let stride = (v.len() / SAMPLES_PER_TENSOR).max(1);
+            for x in v.iter().step_by(stride) {
+                content.write(&x.to_bits().to_le_bytes());
             }
         }
         Ok(BaseFingerprint {
@@ -79,35 +78,9 @@ impl BaseFingerprint {
     }
 }
 
-/// Indices of the tensors the content hash reads: up to [`HASHED_TENSORS`] of those with at most
-/// [`MAX_HASHED_NUMEL`] elements, evenly spaced in order; the smallest tensor when none is small.
-fn sampled(numels: &[usize]) -> Vec<usize> {
-    let small: Vec<usize> = (0..numels.len()).filter(|&i| numels[i] <= MAX_HASHED_NUMEL).collect();
-    if small.is_empty() {
-        return (0..numels.len()).min_by_key(|&i| numels[i]).into_iter().collect();
-    }
-    let k = small.len().min(HASHED_TENSORS);
-    let mut picked: Vec<usize> = (0..k).map(|j| small[j * (small.len() - 1) / (k - 1).max(1)]).collect();
-    picked.dedup();
-    picked
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sampling_spreads_over_the_small_tensors_and_falls_back_to_the_smallest() {
-        assert_eq!(sampled(&[]), Vec::<usize>::new());
-        assert_eq!(sampled(&[10]), [0]);
-        let big = MAX_HASHED_NUMEL + 1;
-        assert_eq!(sampled(&[big, 5, big, 7]), [1, 3]);
-        assert_eq!(sampled(&[big, big + 1]), [0]);
-        let many = vec![1; 100];
-        let s = sampled(&many);
-        assert_eq!(s.len(), HASHED_TENSORS);
-        assert_eq!((s[0], s[s.len() - 1]), (0, 99));
-    }
 
     #[test]
     fn differences_name_what_changed() {

@@ -48,7 +48,7 @@ macro_rules! each {
 pub struct Model<B: Backend> {
     pub net: Net<B>,
     pub tokenizer: tokenizers::Tokenizer,
-    /// Whether `encode` adds the tokenizer's special tokens (BERT's [CLS]/[SEP]; not for GGUF).
+    /// Whether `encode` adds the tokenizer's special tokens (BERT's `[CLS]`/`[SEP]`; not for GGUF).
     pub add_special: bool,
     /// Base weights that train, by Hugging Face name (empty unless full fine-tuning).
     pub trainable_base: Vec<(String, Tensor<B, f32>)>,
@@ -180,8 +180,7 @@ impl<B: Backend> Model<B> {
     /// Positions the installed adaptation takes before the content (PEFT's rule: with `n` virtual
     /// tokens of a soft prompt or prefix, the content starts at position `n`).
     pub fn virtual_tokens(&self) -> usize {
-        let a = self.adapt();
-        a.prompt.as_ref().map_or(0, |p| p.len()) + a.prefix.as_ref().map_or(0, |p| p.n)
+        self.adapt().prompt_len() + self.adapt().prefix_len()
     }
 
     /// Every tensor the optimizer updates, by checkpoint name: trained base weights, then the
@@ -207,18 +206,30 @@ impl<B: Backend> Model<B> {
     }
 
     /// The ids [`Model::encode`] gives `text`, of which the caller keeps the first `keep` (or with
-    /// `from_end` the last `keep`), without tokenizing all of a long text: only a window of about
-    /// 16 bytes per kept token is tokenized, cut at a whitespace where there is one, and widened
-    /// until it yields `keep` tokens and a margin. Tokenizers split words at whitespace, so the kept
-    /// tokens are those of the whole text (a 10 MB line costs a window, not gigabytes).
+    /// `from_end` the last `keep`), without tokenizing all of a long text. A window of about 16
+    /// bytes per kept token is tokenized, cut at a whitespace, and doubled until it yields `keep`
+    /// tokens and a margin. Tokenizers split words at whitespace, so the kept tokens are those of
+    /// the whole text. A window never grows past [`MAX_WINDOW`] bytes: a text with no whitespace
+    /// in that span, or whose tokens average more than that over `keep`, is cut there (at a
+    /// character), which can change the tokens at the cut: only a text of that size is read.
     pub fn encode_window(&self, text: &str, keep: usize, from_end: bool) -> Result<Vec<u32>> {
         const MARGIN: usize = 16;
         let mut budget = (keep + MARGIN) * 16;
         while budget < text.len() {
-            let window = if from_end { tail(text, budget) } else { head(text, budget) };
-            let ids = self.encode(window)?;
-            if ids.len() >= keep + MARGIN {
-                return Ok(ids);
+            let last = budget >= MAX_WINDOW;
+            let cut = if from_end { tail(text, budget) } else { head(text, budget) };
+            match cut {
+                Some(w) => {
+                    let ids = self.encode(w)?;
+                    if ids.len() >= keep + MARGIN || last {
+                        return Ok(ids);
+                    }
+                }
+                None if last => {
+                    let w = if from_end { tail_chars(text, budget) } else { head_chars(text, budget) };
+                    return self.encode(w);
+                }
+                None => {}
             }
             budget *= 2;
         }
@@ -317,48 +328,55 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// The start of `text`: about `bytes` bytes, ending before a whitespace in the window's second half
-/// when there is one (else at a character boundary).
-fn head(text: &str, bytes: usize) -> &str {
+/// The most bytes of one example [`Model::encode_window`] tokenizes.
+pub const MAX_WINDOW: usize = 1 << 20;
+
+/// The first `bytes` bytes of `text` (fewer, to end at a character).
+fn head_chars(text: &str, bytes: usize) -> &str {
     let mut end = bytes.min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let w = &text[..end];
-    match w.char_indices().rev().take_while(|&(i, _)| i >= end / 2).find(|(_, c)| c.is_whitespace()) {
-        Some((i, _)) => &text[..i],
-        None => w,
-    }
+    &text[..end]
 }
 
-/// The end of `text`: about `bytes` bytes, starting at a whitespace in the window's first half
-/// when there is one (else at a character boundary).
-fn tail(text: &str, bytes: usize) -> &str {
+/// The last `bytes` bytes of `text` (fewer, to start at a character).
+fn tail_chars(text: &str, bytes: usize) -> &str {
     let mut start = text.len().saturating_sub(bytes);
     while !text.is_char_boundary(start) {
         start += 1;
     }
-    let w = &text[start..];
-    let half = w.len() / 2;
-    match w.char_indices().take_while(|&(i, _)| i <= half).find(|(_, c)| c.is_whitespace()) {
-        Some((i, _)) => &w[i..],
-        None => w,
-    }
+    &text[start..]
+}
+
+/// The start of `text` up to its last whitespace within the first `bytes` bytes (exclusive);
+/// `None` when there is none.
+fn head(text: &str, bytes: usize) -> Option<&str> {
+    let w = head_chars(text, bytes);
+    w.char_indices().rev().find(|(_, c)| c.is_whitespace()).map(|(i, _)| &text[..i]).filter(|h| !h.is_empty())
+}
+
+/// The end of `text` from its first whitespace within the last `bytes` bytes (inclusive); `None`
+/// when there is none.
+fn tail(text: &str, bytes: usize) -> Option<&str> {
+    let w = tail_chars(text, bytes);
+    w.char_indices().find(|(_, c)| c.is_whitespace()).map(|(i, _)| &w[i..])
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{head, tail};
+    use super::{head, head_chars, tail, tail_chars};
 
     #[test]
     fn windows_cut_at_whitespace_and_character_boundaries() {
-        assert_eq!(head("one two three", 9), "one two");
-        assert_eq!(tail("one two three", 9), " three");
-        assert_eq!(head("abcdef", 3), "abc");
-        assert_eq!(tail("abcdef", 3), "def");
+        assert_eq!(head("one two three", 9), Some("one two"));
+        assert_eq!(tail("one two three", 9), Some(" three"));
+        assert_eq!(head("abcdef", 3), None);
+        assert_eq!(tail("abcdef", 3), None);
+        assert_eq!(head_chars("abcdef", 3), "abc");
+        assert_eq!(tail_chars("abcdef", 3), "def");
         // Never inside a multi-byte character.
-        assert_eq!(head("ééé", 3), "é");
-        assert_eq!(tail("ééé", 3), "é");
-        assert_eq!(head("short", 100), "short");
+        assert_eq!(head_chars("ééé", 3), "é");
+        assert_eq!(tail_chars("ééé", 3), "é");
     }
 }

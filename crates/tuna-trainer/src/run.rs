@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoints, Direction};
 use crate::data::{self, Fields, Task};
 use crate::error::{Result, TrainError};
 use crate::fingerprint::BaseFingerprint;
-use crate::limits::{method_virtual_tokens, resolve_max_len};
+use crate::limits::{check_method_size, method_virtual_tokens, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
 use crate::model::{Backend, Model, Net};
 use crate::progress::Progress;
@@ -19,6 +19,7 @@ use crate::schedule::{Decay, Schedule};
 use crate::task::{TaskFile, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -115,6 +116,43 @@ struct State {
     /// The base model trained on (absent in checkpoints from before it was recorded).
     #[serde(default)]
     base: Option<BaseFingerprint>,
+    /// The settings that shape the run's numbers, by flag (absent in older checkpoints): a
+    /// resumed run keeps them, so it continues as the uninterrupted run would have.
+    #[serde(default)]
+    settings: Option<BTreeMap<String, String>>,
+}
+
+/// The settings of `cfg` a resumed run must share with the run it continues (the data, seed and
+/// batching are in the batcher's fingerprint; the base model in [`BaseFingerprint`]).
+fn settings_of(cfg: &TrainConfig) -> BTreeMap<String, String> {
+    let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    BTreeMap::from([
+        ("--method and its settings".to_string(), s(&cfg.method)),
+        ("--task".into(), s(&cfg.task)),
+        ("--labels".into(), s(&cfg.labels)),
+        ("--verbalizers".into(), s(&cfg.verbalizers)),
+        ("--prompt-init-text".into(), s(&cfg.prompt_init_text)),
+        ("--micro-batch".into(), s(&cfg.micro_batch)),
+        ("--steps".into(), s(&cfg.steps)),
+        ("--lr".into(), s(&cfg.lr)),
+        ("--warmup".into(), s(&cfg.warmup)),
+        ("--decay".into(), s(&cfg.decay)),
+        ("--min-lr-ratio".into(), s(&cfg.min_lr_ratio)),
+        ("--weight-decay".into(), s(&cfg.weight_decay)),
+        ("--clip".into(), s(&cfg.clip)),
+        ("--eval (given or not)".into(), s(&cfg.eval.is_some())),
+        ("--eval-every".into(), s(&cfg.eval_every)),
+        ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),
+        ("--patience".into(), s(&cfg.patience)),
+    ])
+}
+
+/// The settings that differ between a checkpoint's run (`saved`) and this one, by flag.
+fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    now.iter()
+        .filter(|(k, v)| saved.get(*k).is_some_and(|s| s != *v))
+        .map(|(k, v)| format!("{k} was {}, now {v}", saved[k]))
+        .collect()
 }
 
 const TRAINABLE: &str = "trainable.safetensors";
@@ -150,7 +188,9 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
     };
     let mut model = Model::open_for(dev, &cfg.model, &cfg.method)?;
     // Lengths against the model's positions before anything is allocated for the method.
-    let max_len = resolve_max_len(cfg.max_len, model.max_positions(), method_virtual_tokens(&cfg.method))?;
+    let max_len =
+        resolve_max_len(cfg.max_len, model.max_positions(), method_virtual_tokens(&cfg.method), min_len(cfg.task))?;
+    check_method_size(&cfg.method, model.shape().hidden)?;
     model.install(&cfg.method, cfg.seed, Some(&words))?;
     let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;
     let eval_set = match &cfg.eval {
@@ -194,10 +234,20 @@ fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
 /// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
 pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
     // The folder first: a second run on it, or a new run over an old one, fails before any work.
+    if cfg.out_mode == OutMode::Resume && !cfg.out.is_dir() {
+        return Err(TrainError::Invalid(format!("--resume: {}: no such folder (nothing to resume)", cfg.out.display())));
+    }
+    run_dir::refuse_unsafe_out(&cfg.out)?;
     let _lock = run_dir::lock(&cfg.out)?;
-    run_dir::prepare(&cfg.out, cfg.out_mode)?;
+    let inputs: Vec<&Path> =
+        [Some(cfg.model.as_path()), Some(cfg.train.as_path()), cfg.eval.as_deref()].into_iter().flatten().collect();
+    run_dir::check(&cfg.out, cfg.out_mode, &inputs)?;
     let Setup { model, spec, mut batcher, eval_batcher, params } = setup(dev, cfg)?;
     let schedule = schedule_of(cfg)?;
+    if cfg.out_mode == OutMode::Overwrite {
+        // Only now that the new run's model and data have loaded does the old run go.
+        run_dir::clear(&cfg.out)?;
+    }
     let base = BaseFingerprint::of(&model)?;
     let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
     let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
@@ -215,6 +265,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         train_seconds: 0.0,
         last_loss: f64::NAN,
         base: Some(base.clone()),
+        settings: Some(settings_of(cfg)),
     };
     let mut resumed_from = None;
     if matches!(cfg.out_mode, OutMode::Resume | OutMode::ResumeOrStart) {
@@ -236,6 +287,33 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
                     ck.dir.display()
                 ),
             }
+            if saved.step != ck.step() {
+                return Err(TrainError::Invalid(format!(
+                    "{}: {STATE} says step {} but the checkpoint is step {}: it was edited; resume from another",
+                    ck.dir.display(),
+                    saved.step,
+                    ck.step()
+                )));
+            }
+            if let Some(old) = &saved.settings {
+                let mut changed = changed_settings(old, st.settings.as_ref().unwrap_or(old));
+                // Extending (or shortening) a run is allowed, but it is no longer the run it was.
+                if let Some(i) = changed.iter().position(|c| c.starts_with("--steps ")) {
+                    eprintln!(
+                        "warning: {}: the learning-rate schedule changes from here on, so the run no longer \
+                         matches an uninterrupted one",
+                        changed.remove(i)
+                    );
+                }
+                if !changed.is_empty() {
+                    return Err(TrainError::Invalid(format!(
+                        "{}: a resumed run keeps the settings it started with, so it continues as it would have run; \
+                         changed: {}. Resume with the same flags, or start a new run (--overwrite or another --out)",
+                        ck.dir.display(),
+                        changed.join("; ")
+                    )));
+                }
+            }
             if saved.fingerprint != st.fingerprint {
                 return Err(TrainError::Invalid(format!(
                     "{}: the checkpoint was made with other data or batching settings (fingerprint {:x} vs {:x}): resume with the same data and flags",
@@ -247,7 +325,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
             restore(&ck.dir, ck.file(TRAINABLE)?, ck.file(OPTIMIZER)?, &params, &mut opt, saved.step)?;
             eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
             resumed_from = Some(saved.step);
-            st = State { base: Some(base), ..saved };
+            st = State { base: Some(base), settings: st.settings, ..saved };
         }
     }
     let mut log = MetricsLog::open(&cfg.out.join("metrics.jsonl"), resumed_from)?;
@@ -399,7 +477,8 @@ fn accumulate_grads<B: Backend>(
 /// `--resume` found no valid checkpoint: an error, unless `--resume-or-start` and the folder holds
 /// no run (starting anew there would overwrite the old run's log).
 fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result<()> {
-    let found = run_dir::existing_run(&cfg.out);
+    // A run killed before its first checkpoint left only its log: starting anew loses nothing.
+    let found: Vec<&str> = run_dir::existing_run(&cfg.out).into_iter().filter(|&n| n != "metrics.jsonl").collect();
     let why = if skipped.is_empty() { "no checkpoint".to_string() } else { format!("{} corrupt", skipped.len()) };
     match cfg.out_mode {
         OutMode::ResumeOrStart if found.is_empty() => Ok(()),
@@ -453,7 +532,15 @@ pub fn evaluate<B: Backend>(model: &Model<B>, spec: &TaskSpec, eb: &Batcher) -> 
         correct += c;
         rows += b.batch;
     }
-    let loss = sum / n.max(1) as f64;
+    if n == 0 {
+        return Err(TrainError::Invalid("evaluation: no token or example to score (each was cut to nothing)".into()));
+    }
+    let loss = sum / n as f64;
+    if !loss.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "evaluation: the loss is {loss}: the model or adapter computes non-finite values"
+        )));
+    }
     Ok(if spec.task == Task::Classify {
         EvalMetrics { loss, accuracy: Some(correct as f64 / rows.max(1) as f64), perplexity: None }
     } else {
@@ -593,7 +680,7 @@ pub fn export_merged<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
         io::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
     }
     if model.source.is_dir() {
-        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        for f in run_dir::MODEL_FILES {
             let src = model.source.join(f);
             if src.exists() {
                 let bytes = std::fs::read(&src).map_err(|e| TrainError::Io { path: src.clone(), source: e })?;
@@ -643,7 +730,7 @@ pub fn eval_file(
     batch_size: usize,
     max_len: Option<usize>,
 ) -> Result<EvalMetrics> {
-    let max_len = resolve_max_len(max_len, model.max_positions(), model.virtual_tokens())?;
+    let max_len = resolve_max_len(max_len, model.max_positions(), model.virtual_tokens(), min_len(task))?;
     let records = data::load(data_path, task, fields)?;
     let spec = TaskSpec::new(model, task, &records, labels, verbalizers)?;
     let enc = spec.encode(model, &records, data_path, max_len)?;

@@ -1,6 +1,7 @@
 //! A run's output folder: an exclusive lock held for the whole run (a second process is refused,
 //! naming the holder's PID), and the rule that a folder already holding a run is continued
-//! (`--resume`) or replaced (`--overwrite`), never silently mixed with a new one.
+//! (`--resume`) or replaced (`--overwrite`, only after the new run's inputs have loaded), never
+//! silently mixed with a new one.
 
 use crate::error::{Result, TrainError};
 use std::fs::{File, OpenOptions, TryLockError};
@@ -33,13 +34,6 @@ pub struct FolderLock {
     pub path: PathBuf,
 }
 
-impl FolderLock {
-    /// Release the lock and delete the lock file, for a folder that is handed on (an export).
-    pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// Lock `dir` (created if needed) for this process. Another holder (another `tuna` writing the same
 /// folder) is an error naming its PID; the lock is released by the OS when the holder exits, so a
 /// killed run never leaves a stale lock.
@@ -48,8 +42,15 @@ pub fn lock(dir: &Path) -> Result<FolderLock> {
         let p = p.to_path_buf();
         move |source| TrainError::Io { path: p, source }
     };
+    if dir.exists() && !dir.is_dir() {
+        return Err(TrainError::Invalid(format!("{}: not a folder", dir.display())));
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join(LOCK_FILE);
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        // Never write a PID through a link into someone else's file.
+        return Err(TrainError::Invalid(format!("{}: not a plain file (a link?): remove it", path.display())));
+    }
     let mut file =
         OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
     match file.try_lock() {
@@ -88,26 +89,120 @@ pub fn existing_run(dir: &Path) -> Vec<&'static str> {
         .collect()
 }
 
-/// Apply `mode` to `dir` (which this process has locked): refuse a new run over an old one, or
-/// delete the old run's outputs for `Overwrite`. Files tuna does not write are never touched.
-pub fn prepare(dir: &Path, mode: OutMode) -> Result<()> {
+/// Check `mode` against `dir` before any work: a new run over an old one is refused, and so is a
+/// run whose `inputs` (model, data) lie inside the outputs an `--overwrite` would delete (or a
+/// new run would replace). Nothing is deleted here: see [`clear`].
+pub fn check(dir: &Path, mode: OutMode, inputs: &[&Path]) -> Result<()> {
     let found = existing_run(dir);
+    let outputs: Vec<PathBuf> = RUN_OUTPUTS.iter().filter_map(|n| std::fs::canonicalize(dir.join(n)).ok()).collect();
+    for input in inputs {
+        let Ok(input) = std::fs::canonicalize(input) else { continue };
+        if let Some(o) = outputs.iter().find(|o| input.starts_with(o)) {
+            return Err(TrainError::Invalid(format!(
+                "{} is inside {}, which this run writes: choose another --out",
+                input.display(),
+                o.display()
+            )));
+        }
+    }
     match mode {
         OutMode::New if !found.is_empty() => Err(TrainError::Invalid(format!(
             "{} already holds a run ({}): pass --resume to continue it, --overwrite to replace it, or choose another --out",
             dir.display(),
             found.join(", ")
         ))),
-        OutMode::Overwrite => {
-            for name in found {
-                let p = dir.join(name);
-                let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                r.map_err(|source| TrainError::Io { path: p, source })?;
-            }
-            Ok(())
-        }
         _ => Ok(()),
     }
+}
+
+/// The Hugging Face files a `model/` export copies or writes beside `model.safetensors`.
+pub const MODEL_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// Whether `name` inside the run output `output` is something tuna writes there.
+fn written_by_tuna(output: &str, name: &str) -> bool {
+    use tuna_models::adapt::peft;
+    match output {
+        "adapter" => [peft::CONFIG, peft::WEIGHTS, peft::BASE, peft::EXTRA, crate::task::TASK_FILE].contains(&name),
+        "model" => {
+            MODEL_FILES.contains(&name) || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
+        }
+        "checkpoints" => {
+            // `step-NNNNNN` exactly as the checkpoint module names them, its temporary and
+            // set-aside folders.
+            let step = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok());
+            step.is_some_and(|s| name == format!("step-{s:06}"))
+                || name.starts_with(".tmp-")
+                || name.starts_with("corrupt-step-")
+        }
+        _ => false,
+    }
+}
+
+/// Output folders no run may use: the filesystem's root, a model's folder (a `config.json` at its
+/// top), and a folder inside another run's `checkpoints/`. Checked before the folder is locked, so
+/// not even a lock file lands there.
+pub fn refuse_unsafe_out(dir: &Path) -> Result<()> {
+    let Some(canon) = canonical_to_be(dir) else { return Ok(()) };
+    let bad = |why: &str| Err(TrainError::Invalid(format!("--out {}: {why}; choose another folder", dir.display())));
+    if canon.parent().is_none() {
+        return bad("the filesystem's root");
+    }
+    if canon.join("config.json").is_file() {
+        return bad("a model's folder (it holds config.json)");
+    }
+    let in_checkpoints = canon.ancestors().skip(1).any(|a| {
+        a.file_name().is_some_and(|n| n == "checkpoints") && a.parent().is_some_and(|p| p.join(LOCK_FILE).exists())
+    });
+    if in_checkpoints {
+        return bad("inside another run's checkpoints/");
+    }
+    Ok(())
+}
+
+/// `dir` made absolute with its links resolved, through its nearest existing ancestor when it does
+/// not exist yet (the folder a run is about to create).
+fn canonical_to_be(dir: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(dir).ok()?;
+    let mut missing = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(at) {
+            return Some(missing.iter().rev().fold(c, |p: PathBuf, m| p.join(m)));
+        }
+        missing.push(at.file_name()?.to_owned());
+        at = at.parent()?;
+    }
+}
+
+/// Delete the outputs of the run `dir` holds, and only what tuna writes: the log and summary, and
+/// inside `adapter/`, `model/` and `checkpoints/` the files and checkpoint folders tuna names (the
+/// folders themselves only when nothing else is left in them). For `--overwrite`, once the new
+/// run's model and data have loaded.
+pub fn clear(dir: &Path) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| TrainError::Io { path: p, source }
+    };
+    for name in existing_run(dir) {
+        let p = dir.join(name);
+        if !p.is_dir() {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+            continue;
+        }
+        for entry in std::fs::read_dir(&p).map_err(io(&p))? {
+            let e = entry.map_err(io(&p))?.path();
+            let file = e.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !written_by_tuna(name, file) {
+                continue;
+            }
+            let is_dir = std::fs::symlink_metadata(&e).map(|m| m.is_dir()).unwrap_or(false);
+            let r = if is_dir { std::fs::remove_dir_all(&e) } else { std::fs::remove_file(&e) };
+            r.map_err(io(&e))?;
+        }
+        // Left in place when it still holds files of yours.
+        let _ = std::fs::remove_dir(&p);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -135,19 +230,25 @@ mod tests {
     #[test]
     fn a_new_run_over_an_old_one_is_refused_and_overwrite_removes_only_run_outputs() {
         let d = tmp("prepare");
-        prepare(&d, OutMode::New).unwrap();
+        check(&d, OutMode::New, &[]).unwrap();
         std::fs::create_dir_all(d.join("checkpoints")).unwrap();
         std::fs::write(d.join("metrics.jsonl"), b"").unwrap();
         // An empty checkpoints/ and an empty log are no run.
         assert!(existing_run(&d).is_empty());
-        prepare(&d, OutMode::New).unwrap();
+        check(&d, OutMode::New, &[]).unwrap();
         std::fs::create_dir_all(d.join("checkpoints/step-000001")).unwrap();
         std::fs::write(d.join("metrics.jsonl"), b"{}\n").unwrap();
         std::fs::write(d.join("notes.txt"), b"mine").unwrap();
-        let err = prepare(&d, OutMode::New).unwrap_err().to_string();
+        let err = check(&d, OutMode::New, &[]).unwrap_err().to_string();
         assert!(err.contains("metrics.jsonl, checkpoints") && err.contains("--overwrite"), "{err}");
-        prepare(&d, OutMode::Resume).unwrap();
-        prepare(&d, OutMode::Overwrite).unwrap();
+        check(&d, OutMode::Resume, &[]).unwrap();
+        check(&d, OutMode::Overwrite, &[]).unwrap();
+        // An input inside what the run writes (a model exported into `model/`) is refused.
+        std::fs::create_dir_all(d.join("model")).unwrap();
+        std::fs::write(d.join("model/config.json"), b"{}").unwrap();
+        let err = check(&d, OutMode::Overwrite, &[&d.join("model")]).unwrap_err().to_string();
+        assert!(err.contains("which this run writes"), "{err}");
+        clear(&d).unwrap();
         assert!(existing_run(&d).is_empty());
         assert_eq!(std::fs::read(d.join("notes.txt")).unwrap(), b"mine");
     }

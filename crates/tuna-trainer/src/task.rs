@@ -81,13 +81,13 @@ impl TaskSpec {
             .iter()
             .map(|r| {
                 let empty = |what: &str| {
-                    TrainError::Invalid(format!("{}:{}: the {what} has no tokens", path.display(), r.line))
+                    TrainError::Invalid(format!("{}:{}: the {what}", path.display(), r.line))
                 };
                 Ok(match (&r.ex, self.task) {
                     (Example::Text(t), Task::Lm) => {
                         let ids = model.encode_window(t, max_len, false)?;
                         if ids.len() < 2 {
-                            return Err(empty("text (at least 2 tokens)"));
+                            return Err(empty(&format!("text has {} token(s); lm needs at least 2", ids.len())));
                         }
                         Encoded { targets: ids.iter().map(|&i| i as i32).collect(), ids, class: None }
                     }
@@ -95,7 +95,7 @@ impl TaskSpec {
                         let p = model.encode_window(prompt, max_len, true)?;
                         let c = model.encode_window(completion, max_len, true)?;
                         if c.is_empty() {
-                            return Err(empty("completion"));
+                            return Err(empty("completion has no tokens"));
                         }
                         let mut targets = vec![IGNORE_INDEX; p.len()];
                         targets.extend(c.iter().map(|&i| i as i32));
@@ -106,7 +106,7 @@ impl TaskSpec {
                         let class = set.index(label, path, r.line)?;
                         let ids = model.encode_window(text, max_len, false)?;
                         if ids.is_empty() {
-                            return Err(empty("text"));
+                            return Err(empty("text has no tokens"));
                         }
                         Encoded { ids, targets: Vec::new(), class: Some(class) }
                     }

@@ -213,6 +213,9 @@ impl LoraFields {
     fn read(f: &Fields<'_>, arch: Arch) -> Result<Self> {
         let r = f.need_count("r")?;
         let alpha = f.number("lora_alpha")?.unwrap_or(DEFAULT_LORA_ALPHA);
+        if !(alpha > 0.0 && alpha <= 1e6) {
+            return Err(f.err(format!("`lora_alpha` is {alpha}: expected 0 < alpha <= 1e6")));
+        }
         let rslora = f.flag("use_rslora")?.unwrap_or(false);
         let dropout = f.number("lora_dropout")?.unwrap_or(0.0);
         if !(0.0..1.0).contains(&dropout) {

@@ -81,6 +81,13 @@ where
     })
 }
 
+impl Sampling {
+    /// Checks the settings: a positive finite temperature, `top_k` at least 1, `top_p` in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        validate(self)
+    }
+}
+
 fn validate(s: &Sampling) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(format!("sampling: {m}")));
     if let Sampling::Sample { temperature, top_k, top_p, .. } = *s {

@@ -124,7 +124,11 @@ impl GgufFile {
                 })?
             }
         };
-        Ok(LlamaConfig {
+        // A RoPE scaling (linear, YaRN, Llama 3's) is a computation tuna does not implement.
+        if let Some(t) = self.meta("llama.rope.scaling.type").and_then(|t| t.as_str()).filter(|&t| t != "none") {
+            return Err(self.format_err(format!("`llama.rope.scaling.type` {t:?} is not supported by tuna")));
+        }
+        let cfg = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: self.need_usize("llama.feed_forward_length")?,
@@ -136,8 +140,10 @@ impl GgufFile {
             tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
             max_position_embeddings: self.meta_usize("llama.context_length")?.unwrap_or(2048),
             // Only when it differs from hidden / heads, as Hugging Face configs write it.
-            head_dim: self.meta_usize("llama.attention.key_length")?.filter(|&k| k != hidden / heads),
-        })
+            head_dim: self.meta_usize("llama.attention.key_length")?.filter(|&k| Some(k) != hidden.checked_div(heads)),
+        };
+        crate::config::ModelConfig::Llama(cfg.clone()).check_dims().map_err(|e| self.format_err(e))?;
+        Ok(cfg)
     }
 
     /// Heads to un-permute `which` over: query heads for Q, KV heads for K.

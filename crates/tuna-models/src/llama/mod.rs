@@ -23,7 +23,8 @@ use crate::IGNORE_INDEX;
 /// Tensors Llama checkpoints carry that the model does not compute with (see
 /// [`Loader::finish`]): older `transformers`' rotary-frequency buffers, and `lm_head.weight` when
 /// `tie_word_embeddings` makes the head the embeddings (as in `transformers`).
-pub const KNOWN_UNUSED: &[&str] = &["layers.*.self_attn.rotary_emb.inv_freq", "lm_head.weight"];
+/// A sequence classifier's head (`score`) is not loaded either: tuna scores with its own.
+pub const KNOWN_UNUSED: &[&str] = &["layers.*.self_attn.rotary_emb.inv_freq", "lm_head.weight", "score.weight"];
 
 /// One decoder layer's weights (all `[out, in]`, no biases).
 pub struct LlamaLayer<B: Kernels<E>, E: Float> {
