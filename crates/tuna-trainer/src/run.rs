@@ -713,6 +713,15 @@ pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Pat
         }
     }
     if let Some(a) = adapter {
+        // A run's folder holds its adapter one level down.
+        if !a.join(peft::CONFIG).exists() && a.join("adapter").join(peft::CONFIG).exists() {
+            return Err(TrainError::Invalid(format!(
+                "--adapter {}: no {} here; a tuna run keeps its adapter in {}",
+                a.display(),
+                peft::CONFIG,
+                a.join("adapter").display()
+            )));
+        }
         m.load_adapter(a)?;
     }
     Ok(m)
