@@ -227,7 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !(1..=tuna::train_cmd::MAX_BATCH as usize).contains(&a.batch_size) {
                 anyhow::bail!("--batch-size {}: expected 1 to {}", a.batch_size, tuna::train_cmd::MAX_BATCH);
             }
-            let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
+            let m = tuna::models::model::AnyModel::open_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
             let given =
                 |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();
             let labels = tuna::cli::agree(
@@ -262,13 +262,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
             let _lock = tuna::trainer::lock(&a.out)?;
             tuna::cli::check_export_empty(&a.out, a.overwrite)?;
-            let m = tuna::trainer::load_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;
+            let m =
+                tuna::models::model::AnyModel::<Cpu, f32>::open_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;
             if a.merged {
-                let ad = m.adapt();
-                if ad.prompt.is_some() || ad.prefix.is_some() || ad.houlsby.is_some() {
-                    anyhow::bail!("--merged: only LoRA merges into the base weights; prompt, prefix and adapter methods stay an adapter folder");
-                }
-                tuna::trainer::export_merged(&m, &a.out)?;
+                m.save_merged(&a.out).map_err(|e| anyhow::anyhow!("--merged: {e}"))?;
             } else {
                 m.save_adapter(&a.out, &a.model.display().to_string())?;
             }
@@ -282,7 +279,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let method = a.method_args.method(&a.method)?;
             let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
             if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
-                anyhow::bail!("--warmup-steps 0 to 1000000 and --profile-steps 1 to 1000000 (got {} and {})", a.warmup_steps, a.profile_steps);
+                anyhow::bail!(
+                    "--warmup-steps 0 to 1000000 and --profile-steps 1 to 1000000 (got {} and {})",
+                    a.warmup_steps,
+                    a.profile_steps
+                );
             }
             let p = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::profile(&Arc::new(Cpu), &cfg, a.warmup_steps, a.profile_steps)?,

@@ -11,6 +11,7 @@ pub mod gpt2;
 pub mod hf;
 pub mod io;
 pub mod llama;
+pub mod model;
 pub mod params;
 pub mod tokenizer;
 pub mod weights;

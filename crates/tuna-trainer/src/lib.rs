@@ -30,7 +30,7 @@ pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, Metri
 pub use model::Model;
 pub use progress::Progress;
 pub use run::{
-    describe_eval, eval_file, evaluate, export, export_merged, load_adapted, profile, train, EvalMetrics, Profile,
+    describe_eval, eval_file, evaluate, export, load_adapted, profile, train, EvalMetrics, Profile,
     ProfileRow, RunSummary, TrainConfig,
 };
 pub use run_dir::{existing_run, lock, FolderLock, OutMode};

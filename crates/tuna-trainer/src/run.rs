@@ -12,7 +12,7 @@ use crate::error::{Result, TrainError};
 use crate::fingerprint::BaseFingerprint;
 use crate::limits::{check_method_size, method_virtual_tokens, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
-use crate::model::{Backend, Model, Net};
+use crate::model::{Backend, Model};
 use crate::progress::Progress;
 use crate::run_dir::{self, OutMode};
 use crate::schedule::{Decay, Schedule};
@@ -235,7 +235,10 @@ fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
 pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
     // The folder first: a second run on it, or a new run over an old one, fails before any work.
     if cfg.out_mode == OutMode::Resume && !cfg.out.is_dir() {
-        return Err(TrainError::Invalid(format!("--resume: {}: no such folder (nothing to resume)", cfg.out.display())));
+        return Err(TrainError::Invalid(format!(
+            "--resume: {}: no such folder (nothing to resume)",
+            cfg.out.display()
+        )));
     }
     run_dir::refuse_unsafe_out(&cfg.out)?;
     let _lock = run_dir::lock(&cfg.out)?;
@@ -629,7 +632,7 @@ pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)
     // Full fine-tuning: nothing but (perhaps) a task head in the adaptation.
     let (dir, file) = if model.adapt().is_empty() {
         let d = out.join("model");
-        export_merged(model, &d)?;
+        model.save_merged(&d)?;
         (d.clone(), d.join("model.safetensors"))
     } else {
         let d = out.join("adapter");
@@ -639,56 +642,6 @@ pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)
     let extra = std::fs::metadata(dir.join(peft::EXTRA)).map(|m| m.len()).unwrap_or(0);
     let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) + extra;
     Ok((dir, bytes))
-}
-
-/// A Hugging Face folder of the model as it is now (LoRA merged in): every base weight under its
-/// name in `model.safetensors`, with the source folder's config and tokenizer copied.
-pub fn export_merged<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.to_path_buf(), source: e })?;
-    for l in model.adapt().lora.values() {
-        l.merge()?;
-    }
-    let t: Vec<_> = model
-        .named_weights()
-        .into_iter()
-        .map(|(n, t)| Ok((n, (t.shape().to_vec(), t.to_vec()?))))
-        .collect::<Result<_>>()?;
-    for l in model.adapt().lora.values() {
-        l.unmerge()?;
-    }
-    io::write_atomic(&dir.join("model.safetensors"), &io::safetensors_bytes(&t)?)?;
-    // A task head (BERT classification) travels beside the model, as with adapters.
-    let extra = &model.adapt().extra;
-    if !extra.is_empty() {
-        let e: Vec<_> =
-            extra.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
-        io::write_atomic(&dir.join(peft::EXTRA), &io::safetensors_bytes(&e)?)?;
-    }
-    if let (false, Net::Llama(l)) = (model.source.is_dir(), &model.net) {
-        // A GGUF source: write the Hugging Face config and tokenizer it implies.
-        let c = &l.cfg;
-        let cfg = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.kv_heads(), "head_dim": c.head_dim(), "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta, "tie_word_embeddings": l.lm_head.id() == l.embed_tokens.id(),
-            "max_position_embeddings": c.max_position_embeddings, "torch_dtype": "float32",
-        });
-        io::write_atomic(&dir.join("config.json"), io::pretty_sorted(&cfg).as_bytes())?;
-        let tok = model.tokenizer.to_string(true).map_err(|e| TrainError::Invalid(format!("tokenizer: {e}")))?;
-        io::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
-    }
-    if model.source.is_dir() {
-        for f in run_dir::MODEL_FILES {
-            let src = model.source.join(f);
-            if src.exists() {
-                let bytes = std::fs::read(&src).map_err(|e| TrainError::Io { path: src.clone(), source: e })?;
-                io::write_atomic(&dir.join(f), &bytes)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// This process's peak resident set (VmHWM), 0 where /proc is unavailable.
@@ -701,30 +654,10 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable.
+/// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable
+/// (see [`tuna_models::model::AnyModel::open_adapted`]).
 pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Model<B>> {
-    let mut m = Model::open(dev, model, |_| false)?;
-    // A fully fine-tuned model folder may carry its task head.
-    let head = model.join(peft::EXTRA);
-    if adapter.is_none() && head.exists() {
-        for (name, (s, v)) in io::read_tensors(&head)? {
-            let t = Tensor::constant(&m.dev, &s, &v)?;
-            m.adapt_mut().extra.push((name, t));
-        }
-    }
-    if let Some(a) = adapter {
-        // A run's folder holds its adapter one level down.
-        if !a.join(peft::CONFIG).exists() && a.join("adapter").join(peft::CONFIG).exists() {
-            return Err(TrainError::Invalid(format!(
-                "--adapter {}: no {} here; a tuna run keeps its adapter in {}",
-                a.display(),
-                peft::CONFIG,
-                a.join("adapter").display()
-            )));
-        }
-        m.load_adapter(a)?;
-    }
-    Ok(m)
+    Ok(Model::open_adapted(dev, model, adapter)?)
 }
 
 /// Evaluate `model` (adapted) on `data` for `task`: what `tuna eval` prints.

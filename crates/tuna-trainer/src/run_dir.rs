@@ -115,16 +115,13 @@ pub fn check(dir: &Path, mode: OutMode, inputs: &[&Path]) -> Result<()> {
     }
 }
 
-/// The Hugging Face files a `model/` export copies or writes beside `model.safetensors`.
-pub const MODEL_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
-
 /// Whether `name` inside the run output `output` is something tuna writes there.
 fn written_by_tuna(output: &str, name: &str) -> bool {
     use tuna_models::adapt::peft;
     match output {
         "adapter" => [peft::CONFIG, peft::WEIGHTS, peft::BASE, peft::EXTRA, crate::task::TASK_FILE].contains(&name),
         "model" => {
-            MODEL_FILES.contains(&name) || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
+            tuna_models::model::HF_FILES.contains(&name) || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
         }
         "checkpoints" => {
             // `step-NNNNNN` exactly as the checkpoint module names them, its temporary and

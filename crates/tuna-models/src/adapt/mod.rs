@@ -24,6 +24,7 @@ mod peft_load;
 mod prefix;
 mod prompt;
 mod targets;
+pub use targets::default_lora_targets;
 
 pub use build::{full_finetune_predicate, Method, PromptInit};
 pub use houlsby::{Houlsby, HoulsbyBlock};

@@ -79,12 +79,16 @@ impl Targets {
 /// PEFT's `target_modules` when a LoRA config has none (its per-model default mapping, checked
 /// against PEFT 0.21.2: see `tests/fixtures/peft/SPEC.md`).
 pub(crate) fn peft_default(arch: Arch) -> Targets {
-    let names: &[&str] = match arch {
+    Targets::Names(default_lora_targets(arch).iter().map(|s| s.to_string()).collect())
+}
+
+/// PEFT's default LoRA targets for an architecture: the attention's query and value projections.
+pub fn default_lora_targets(arch: Arch) -> &'static [&'static str] {
+    match arch {
         Arch::Gpt2 => &["c_attn"],
         Arch::Llama => &["q_proj", "v_proj"],
         Arch::Bert => &["query", "value"],
-    };
-    Targets::Names(names.iter().map(|s| s.to_string()).collect())
+    }
 }
 
 /// Whether the list `targets` names module `name`: equal to an entry, or ending with "." + entry.

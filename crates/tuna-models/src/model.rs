@@ -1,0 +1,505 @@
+//! One interface over the architectures: [`AnyModel`] opens a Hugging Face folder or a Llama GGUF
+//! file with its tokenizer, installs or loads an adaptation, and computes what training, evaluation
+//! and generation need (the causal-LM loss, class scores through verbalizer rows or a BERT head,
+//! positions, the context limit) and writes a Hugging Face folder of itself. Code above this crate
+//! names no architecture.
+
+use crate::adapt::{full_finetune_predicate, peft, Adapt, Adaptable, LoraConfig, Method, ModelShape, PromptInit};
+use crate::bert::Bert;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::{generate, Sampling};
+use crate::gguf::GgufFile;
+use crate::gpt2::Gpt2;
+use crate::hf::HfCheckpoint;
+use crate::llama::{positions_from_mask, Llama};
+use crate::params::Loader;
+use crate::weights::WeightSource;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tuna_autograd::ops::elem::{mean_pool, slice_cols};
+use tuna_autograd::ops::embed::embedding;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::shape::reshape;
+use tuna_autograd::ops::Kernels;
+use tuna_autograd::{Float, Ints, Tensor};
+
+/// A batch's ids, mask and positions on the device.
+type Inputs<B> = (Ints<B, u32>, Ints<B, u8>, Ints<B, u32>);
+
+/// One of the supported architectures, on backend `B` in element type `E`.
+pub enum Net<B: Kernels<E>, E: Float> {
+    Gpt2(Gpt2<B, E>),
+    Llama(Llama<B, E>),
+    Bert(Bert<B, E>),
+}
+
+macro_rules! each {
+    ($m:expr, $x:ident => $body:expr) => {
+        match $m {
+            Net::Gpt2($x) => $body,
+            Net::Llama($x) => $body,
+            Net::Bert($x) => $body,
+        }
+    };
+}
+
+/// A loaded model of any supported architecture, with its tokenizer and the base weights that
+/// train (full fine-tuning): the one interface the trainer, the CLI and the benches use.
+pub struct AnyModel<B: Kernels<E>, E: Float> {
+    pub net: Net<B, E>,
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Whether `encode` adds the tokenizer's special tokens (BERT's `[CLS]`/`[SEP]`; not for GGUF).
+    pub add_special: bool,
+    /// Base weights that train, by Hugging Face name (empty unless full fine-tuning).
+    pub trainable_base: Vec<(String, Tensor<B, E>)>,
+    pub source: PathBuf,
+    pub dev: Arc<B>,
+}
+
+impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
+    /// Load `path` (a Hugging Face folder or a Llama `.gguf`), training the base weights
+    /// `method` says (full fine-tuning); the method itself is installed by [`AnyModel::install`].
+    pub fn open_for(dev: &Arc<B>, path: &Path, method: &Method) -> Result<Self> {
+        match method {
+            Method::Full { patterns } => Self::open(dev, path, full_finetune_predicate(patterns)),
+            _ => Self::open(dev, path, |_| false),
+        }
+    }
+
+    /// Load `path` (a Hugging Face folder or a Llama `.gguf`) with its tokenizer; the base weights
+    /// named as `trainable` says train. No adaptation is installed.
+    pub fn open(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Self> {
+        let dev = dev.clone();
+        let (net, tokenizer, add_special, loaded) = if path.is_file() {
+            if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: "a model file must be a .gguf; otherwise give a Hugging Face folder".into(),
+                });
+            }
+            let g = GgufFile::open(path)?;
+            let cfg = g.llama_config()?;
+            let tok = g.build_tokenizer()?;
+            let mut l = Loader::with_trainable(&g as &dyn WeightSource, &dev, trainable);
+            let net = Net::Llama(Llama::load(&cfg, &mut l)?);
+            (net, tok, false, l.loaded)
+        } else if path.is_dir() {
+            let ck = HfCheckpoint::open(path)?;
+            let tok = crate::tokenizer::Tokenizer::from_file(path.join("tokenizer.json"))?
+                .without_padding_and_truncation()
+                .inner()
+                .clone();
+            let mut l = Loader::with_trainable(&ck as &dyn WeightSource, &dev, trainable);
+            let net = match ck.config().clone() {
+                ModelConfig::Gpt2(c) => Net::Gpt2(Gpt2::load(&c, &mut l)?),
+                ModelConfig::Llama(c) => Net::Llama(Llama::load(&c, &mut l)?),
+                ModelConfig::Bert(c) => Net::Bert(Bert::load(&c, &mut l)?),
+            };
+            (net, tok, true, l.loaded)
+        } else {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                msg: "no such file or folder (give a Hugging Face folder or a .gguf file; a hub id needs a model \
+                      hub, which this machine cannot reach)"
+                    .into(),
+            });
+        };
+        let trainable_base = loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: path.to_path_buf(), dev })
+    }
+
+    /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt init given with
+    /// no tokens takes them from `init_text`.
+    pub fn install(&mut self, method: &Method, seed: u64, init_text: Option<&str>) -> Result<()> {
+        let mut method = self.resolve(method)?;
+        if let Method::Prompt { init: PromptInit::Text(ids) | PromptInit::ClassLabels(ids), .. } = &mut method {
+            if ids.is_empty() {
+                let text = init_text.ok_or_else(|| {
+                    Error::InvalidArgument("the prompt init needs a text (--prompt-init-text)".into())
+                })?;
+                *ids = self.encode_plain(text)?;
+            }
+        }
+        each!(&mut self.net, n => method.apply(n, seed))?;
+        Ok(())
+    }
+
+    /// Install the adapter saved in `dir` (PEFT's format or tuna's), replacing any adaptation.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        Ok(each!(&mut self.net, n => crate::adapt::peft::load(n, dir))?)
+    }
+
+    /// Save the adaptation into `dir` as a PEFT folder (`base_name` names the base model in it).
+    pub fn save_adapter(&self, dir: &Path, base_name: &str) -> Result<()> {
+        Ok(each!(&self.net, n => crate::adapt::peft::save(n, dir, base_name))?)
+    }
+
+    /// `method` with LoRA's default targets filled in (the attention query and value projections,
+    /// PEFT's defaults) when none were given.
+    fn resolve(&self, method: &Method) -> Result<Method> {
+        Ok(match method {
+            Method::Lora(c) if c.targets.is_empty() => {
+                let t = crate::adapt::default_lora_targets(self.shape().arch);
+                Method::Lora(LoraConfig { targets: t.iter().map(|s| s.to_string()).collect(), ..c.clone() })
+            }
+            m => m.clone(),
+        })
+    }
+
+    pub fn shape(&self) -> ModelShape {
+        each!(&self.net, n => n.shape())
+    }
+    pub fn adapt(&self) -> &Adapt<B, E> {
+        each!(&self.net, n => n.adapt())
+    }
+    pub fn adapt_mut(&mut self) -> &mut Adapt<B, E> {
+        each!(&mut self.net, n => n.adapt_mut())
+    }
+    pub fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
+        each!(&self.net, n => n.named_weights())
+    }
+    pub fn is_decoder(&self) -> bool {
+        !matches!(self.net, Net::Bert(_))
+    }
+
+    /// The positions the model has (GPT-2's `n_positions`, `max_position_embeddings` otherwise:
+    /// learned position tables end there, and Llama's RoPE was trained up to there).
+    pub fn max_positions(&self) -> usize {
+        match &self.net {
+            Net::Gpt2(g) => g.cfg.n_positions,
+            Net::Llama(l) => l.cfg.max_position_embeddings,
+            Net::Bert(b) => b.cfg.max_position_embeddings,
+        }
+    }
+
+    /// Positions the installed adaptation takes before the content (PEFT's rule: with `n` virtual
+    /// tokens of a soft prompt or prefix, the content starts at position `n`).
+    pub fn virtual_tokens(&self) -> usize {
+        self.adapt().prompt_len() + self.adapt().prefix_len()
+    }
+
+    /// Every tensor the optimizer updates, by checkpoint name: trained base weights, then the
+    /// adaptation's tensors (including a classification head in `adapt.extra`).
+    pub fn trainable(&self) -> Vec<(String, Tensor<B, E>)> {
+        let mut v = self.trainable_base.clone();
+        v.extend(self.adapt().params());
+        v
+    }
+
+    /// Parameters of the base model (each tensor once).
+    pub fn base_param_count(&self) -> usize {
+        self.named_weights().iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self.tokenizer.encode(text, self.add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// The ids [`AnyModel::encode`] gives `text`, of which the caller keeps the first `keep` (or with
+    /// `from_end` the last `keep`), without tokenizing all of a long text. A window of about 16
+    /// bytes per kept token is tokenized, cut at a whitespace, and doubled until it yields `keep`
+    /// tokens and a margin. Tokenizers split words at whitespace, so the kept tokens are those of
+    /// the whole text. A window never grows past [`MAX_WINDOW`] bytes: a text with no whitespace
+    /// in that span, or whose tokens average more than that over `keep`, is cut there (at a
+    /// character), which can change the tokens at the cut: only a text of that size is read.
+    pub fn encode_window(&self, text: &str, keep: usize, from_end: bool) -> Result<Vec<u32>> {
+        const MARGIN: usize = 16;
+        let mut budget = (keep + MARGIN) * 16;
+        while budget < text.len() {
+            let last = budget >= MAX_WINDOW;
+            let cut = if from_end { tail(text, budget) } else { head(text, budget) };
+            match cut {
+                Some(w) => {
+                    let ids = self.encode(w)?;
+                    if ids.len() >= keep + MARGIN || last {
+                        return Ok(ids);
+                    }
+                }
+                None if last => {
+                    let w = if from_end { tail_chars(text, budget) } else { head_chars(text, budget) };
+                    return self.encode(w);
+                }
+                None => {}
+            }
+            budget *= 2;
+        }
+        self.encode(text)
+    }
+
+    /// Token ids of `text` without special tokens (verbalizer words, prompt-init text).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// The id padding uses (masked out everywhere; the tokenizer's pad token where it has one).
+    pub fn pad_id(&self) -> u32 {
+        ["[PAD]", "<pad>", "<|endoftext|>", "</s>"].iter().find_map(|t| self.tokenizer.token_to_id(t)).unwrap_or(0)
+    }
+
+    /// Hugging Face's causal LM loss of `ids` (`[batch, seq]`, left-padded under `mask`) against
+    /// `labels` (unshifted, -100 ignored), positions from the mask.
+    pub fn lm_loss(&self, ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Tensor<B, E>> {
+        let seq = ids.len() / batch.max(1);
+        let (t, m, pos) = self.inputs(ids, mask, batch)?;
+        Ok(match &self.net {
+            Net::Gpt2(g) => g.loss_masked(&t, &pos, Some(&m), &Ints::new(&self.dev, &[batch, seq], labels)?)?,
+            Net::Llama(l) => l.loss_with(&t, &pos, Some(&m), labels)?,
+            Net::Bert(_) => {
+                return Err(Error::InvalidArgument(
+                    "the lm and completion tasks need a decoder (GPT-2, Llama), not BERT".into(),
+                ))
+            }
+        })
+    }
+
+    /// Class scores `[batch, classes]`: for decoders the head's logits of the verbalizer tokens at
+    /// the last position (rows are left-padded); for BERT `head` (`classifier.weight` `[C, hidden]`
+    /// and `classifier.bias`) over the mask-weighted mean of the last hidden states.
+    pub fn class_scores(&self, ids: &[u32], mask: &[u8], batch: usize, verbalizer: &[u32]) -> Result<Tensor<B, E>> {
+        let (t, m, pos) = self.inputs(ids, mask, batch)?;
+        let last = |h: Tensor<B, E>| -> Result<Tensor<B, E>> {
+            let (s, hid) = (h.shape()[1], h.shape()[2]);
+            Ok(slice_cols(&reshape(&h, &[batch, s * hid])?, (s - 1) * hid, hid)?)
+        };
+        let verb = |table: &Tensor<B, E>, h: &Tensor<B, E>| -> Result<Tensor<B, E>> {
+            let ids = Ints::new(&self.dev, &[1, verbalizer.len()], verbalizer)?;
+            let rows = reshape(&embedding(table, &ids, None)?, &[verbalizer.len(), table.shape()[1]])?;
+            Ok(linear(h, &rows, WeightLayout::OutIn, None)?)
+        };
+        match &self.net {
+            Net::Gpt2(g) => {
+                let (h, _) = g.hidden_prepared(&t, &pos, Some(&m), None)?;
+                verb(&g.wte, &last(h)?)
+            }
+            Net::Llama(l) => {
+                let (h, _) = l.hidden_states(&t, &pos, Some(&m), None)?;
+                verb(&l.lm_head, &last(h)?)
+            }
+            Net::Bert(b) => {
+                let (h, m) = b.encode(&t, &m)?;
+                let pooled = mean_pool(&h, &m)?;
+                let find = |n: &str| b.adapt.extra.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone());
+                let (Some(w), Some(bias)) = (find("classifier.weight"), find("classifier.bias")) else {
+                    return Err(Error::InvalidArgument(
+                        "BERT classification needs its head (classifier.weight/bias)".into(),
+                    ));
+                };
+                Ok(linear(&pooled, &w, WeightLayout::OutIn, Some(&bias))?)
+            }
+        }
+    }
+
+    /// Add a trainable classification head for BERT (`[classes, hidden]`, small seeded init).
+    pub fn add_head(&mut self, classes: usize, seed: u64) -> Result<()> {
+        let hidden = self.shape().hidden;
+        let mut rng = tuna_kernels::rng::SplitMix64::new(seed ^ 0x4ead);
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let w: Vec<E> =
+            (0..classes * hidden).map(|_| E::from_f32(((rng.next_f64() * 2.0 - 1.0) * bound) as f32)).collect();
+        let w = Tensor::param(&self.dev, "classifier.weight", &[classes, hidden], &w)?;
+        let b = Tensor::param(&self.dev, "classifier.bias", &[classes], &vec![E::from_f32(0.0); classes])?;
+        let extra = &mut self.adapt_mut().extra;
+        extra.retain(|(n, _)| !n.starts_with("classifier."));
+        extra.push(("classifier.weight".into(), w));
+        extra.push(("classifier.bias".into(), b));
+        Ok(())
+    }
+
+    fn inputs(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Inputs<B>> {
+        let seq = ids.len() / batch.max(1);
+        let t = Ints::new(&self.dev, &[batch, seq], ids)?;
+        let m = Ints::new(&self.dev, &[batch, seq], mask)?;
+        let pos = match self.net {
+            // BERT takes positions 0..seq itself (right padding).
+            Net::Bert(_) => crate::llama::positions(batch, seq, 0),
+            _ => positions_from_mask(mask, batch, seq),
+        };
+        Ok((t, m, Ints::new(&self.dev, &[batch, seq], &pos)?))
+    }
+
+    /// `model` (a Hugging Face folder or a `.gguf`) with the adapter in `adapter` (a PEFT folder or
+    /// tuna's) installed, nothing trainable. Without an adapter, a fully fine-tuned model's task
+    /// head (`tuna_extra.safetensors` beside it) is installed.
+    pub fn open_adapted(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let mut m = Self::open(dev, model, |_| false)?;
+        let head = model.join(peft::EXTRA);
+        if adapter.is_none() && head.exists() {
+            for (name, (s, v)) in crate::io::read_tensors(&head)? {
+                let v: Vec<E> = v.into_iter().map(E::from_f32).collect();
+                let t = Tensor::constant(&m.dev, &s, &v)?;
+                m.adapt_mut().extra.push((name, t));
+            }
+        }
+        if let Some(a) = adapter {
+            // A tuna run's folder holds its adapter one level down.
+            if !a.join(peft::CONFIG).exists() && a.join("adapter").join(peft::CONFIG).exists() {
+                return Err(Error::Format {
+                    path: a.to_path_buf(),
+                    msg: format!(
+                        "no {} here; a tuna run keeps its adapter in {}",
+                        peft::CONFIG,
+                        a.join("adapter").display()
+                    ),
+                });
+            }
+            m.load_adapter(a)?;
+        }
+        Ok(m)
+    }
+
+    /// Write a Hugging Face folder of the model as it is now into `dir` (created if needed): every
+    /// base weight under its name in `model.safetensors` with LoRA merged in, a task head beside it
+    /// (`tuna_extra.safetensors`), and the source's config and tokenizer (for a GGUF source, the
+    /// Hugging Face config and tokenizer it implies). Prompt, prefix and Houlsby adaptations do not
+    /// merge into base weights: they are an error.
+    pub fn save_merged(&self, dir: &Path) -> Result<()> {
+        let ad = self.adapt();
+        if ad.prompt.is_some() || ad.prefix.is_some() || ad.houlsby.is_some() {
+            return Err(Error::InvalidArgument(
+                "only LoRA merges into the base weights; prompt, prefix and adapter methods stay an adapter folder"
+                    .into(),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+        let host = |t: &Tensor<B, E>| -> Result<crate::io::HostTensor> {
+            Ok((t.shape().to_vec(), t.to_vec()?.into_iter().map(|x| x.to_f32()).collect()))
+        };
+        for l in ad.lora.values() {
+            l.merge()?;
+        }
+        let weights = self.named_weights().into_iter().map(|(n, t)| Ok((n, host(&t)?))).collect::<Result<Vec<_>>>();
+        for l in ad.lora.values() {
+            l.unmerge()?;
+        }
+        crate::io::write_atomic(&dir.join("model.safetensors"), &crate::io::safetensors_bytes(&weights?)?)?;
+        if !ad.extra.is_empty() {
+            let e = ad.extra.iter().map(|(n, t)| Ok((n.clone(), host(t)?))).collect::<Result<Vec<_>>>()?;
+            crate::io::write_atomic(&dir.join(peft::EXTRA), &crate::io::safetensors_bytes(&e)?)?;
+        }
+        if let (false, Net::Llama(l)) = (self.source.is_dir(), &self.net) {
+            // A GGUF source: the Hugging Face config and tokenizer it implies.
+            let c = &l.cfg;
+            let cfg = serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.kv_heads(), "head_dim": c.head_dim(), "rms_norm_eps": c.rms_norm_eps,
+                "rope_theta": c.rope_theta, "tie_word_embeddings": l.lm_head.id() == l.embed_tokens.id(),
+                "max_position_embeddings": c.max_position_embeddings, "torch_dtype": "float32",
+            });
+            crate::io::write_atomic(&dir.join("config.json"), crate::io::pretty_sorted(&cfg).as_bytes())?;
+            let tok = self.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            crate::io::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+        } else {
+            for f in HF_FILES {
+                let src = self.source.join(f);
+                if src.exists() {
+                    let bytes = std::fs::read(&src).map_err(|e| Error::Io { path: src.clone(), source: e })?;
+                    crate::io::write_atomic(&dir.join(f), &bytes)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The token generation stops after: ChatML's end of turn, `</s>` or GPT-2's end of text.
+    pub fn eos_id(&self) -> Option<u32> {
+        ["<|im_end|>", "</s>", "<|endoftext|>"].iter().find_map(|t| self.tokenizer.token_to_id(t))
+    }
+
+    /// Up to `max_new_tokens` tokens after `prompt` (see [`crate::generate::generate`]), through the
+    /// installed adaptation. Refused up front when the prompt, the virtual tokens and the new tokens
+    /// do not fit the model's positions (the last new token is never fed back, so it may take the
+    /// position after the last), and for BERT, which does not generate.
+    pub fn generate(&self, prompt: &[u32], max_new_tokens: usize, sampling: &Sampling) -> Result<Vec<u32>> {
+        let (virt, limit) = (self.virtual_tokens(), self.max_positions());
+        let not_a_decoder =
+            || Error::InvalidArgument("generation needs a decoder (Llama family, GPT-2), not BERT".into());
+        if !self.is_decoder() {
+            return Err(not_a_decoder());
+        }
+        if virt.saturating_add(prompt.len()).saturating_add(max_new_tokens) > limit + 1 {
+            let room = (limit + 1).saturating_sub(virt + prompt.len());
+            let fix = if room == 0 {
+                "the prompt alone fills the context: shorten it".to_string()
+            } else {
+                format!("use --max-new-tokens {room} or less")
+            };
+            let virt = if virt > 0 { format!(" and {virt} virtual tokens") } else { String::new() };
+            return Err(Error::Format {
+                path: self.source.clone(),
+                msg: format!(
+                    "a {}-token prompt{virt} plus {max_new_tokens} new tokens exceeds the model's {limit} positions: {fix}",
+                    prompt.len()
+                ),
+            });
+        }
+        let eos = self.eos_id();
+        match &self.net {
+            Net::Llama(l) => generate(l, prompt, max_new_tokens, sampling, eos),
+            Net::Gpt2(g) => generate(g, prompt, max_new_tokens, sampling, eos),
+            Net::Bert(_) => Err(not_a_decoder()),
+        }
+    }
+}
+
+/// The Hugging Face files a model folder carries beside its weights, copied by
+/// [`AnyModel::save_merged`].
+pub const HF_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// The most bytes of one example [`AnyModel::encode_window`] tokenizes.
+pub const MAX_WINDOW: usize = 1 << 20;
+
+/// The first `bytes` bytes of `text` (fewer, to end at a character).
+fn head_chars(text: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The last `bytes` bytes of `text` (fewer, to start at a character).
+fn tail_chars(text: &str, bytes: usize) -> &str {
+    let mut start = text.len().saturating_sub(bytes);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// The start of `text` up to its last whitespace within the first `bytes` bytes (exclusive);
+/// `None` when there is none.
+fn head(text: &str, bytes: usize) -> Option<&str> {
+    let w = head_chars(text, bytes);
+    w.char_indices().rev().find(|(_, c)| c.is_whitespace()).map(|(i, _)| &text[..i]).filter(|h| !h.is_empty())
+}
+
+/// The end of `text` from its first whitespace within the last `bytes` bytes (inclusive); `None`
+/// when there is none.
+fn tail(text: &str, bytes: usize) -> Option<&str> {
+    let w = tail_chars(text, bytes);
+    w.char_indices().find(|(_, c)| c.is_whitespace()).map(|(i, _)| &w[i..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{head, head_chars, tail, tail_chars};
+
+    #[test]
+    fn windows_cut_at_whitespace_and_character_boundaries() {
+        assert_eq!(head("one two three", 9), Some("one two"));
+        assert_eq!(tail("one two three", 9), Some(" three"));
+        assert_eq!(head("abcdef", 3), None);
+        assert_eq!(tail("abcdef", 3), None);
+        assert_eq!(head_chars("abcdef", 3), "abc");
+        assert_eq!(tail_chars("abcdef", 3), "def");
+        // Never inside a multi-byte character.
+        assert_eq!(head_chars("ééé", 3), "é");
+        assert_eq!(tail_chars("ééé", 3), "é");
+    }
+}
