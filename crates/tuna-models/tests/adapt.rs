@@ -6,7 +6,7 @@
 mod adapt_common;
 mod golden_common;
 
-use adapt_common::{frozen, ids, load, peft_methods, perturb, Model, ARCHS};
+use adapt_common::{frozen, ids, load, peft_methods, perturb, Fixture, Model, Net, ARCHS};
 use std::sync::Arc;
 use tuna_autograd::optim::{AdamW, AdamWParams};
 use tuna_autograd::{no_grad, Float, Ints, Tensor};
@@ -15,13 +15,13 @@ use tuna_kernels::Cpu;
 use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method, PrefixKind, PrefixParams, PrefixTuning, PromptInit};
 use tuna_models::generate::{generate, Sampling};
 
-/// `expr` with `$x` bound to the inner model of a [`Model`], whatever its architecture.
+/// `expr` with `$x` bound to the architecture inside a model's [`Net`], whatever it is.
 macro_rules! on {
     ($m:expr, $x:ident => $body:expr) => {
         match $m {
-            Model::Gpt2($x) => $body,
-            Model::Llama($x) => $body,
-            Model::Bert($x) => $body,
+            Net::Gpt2($x) => $body,
+            Net::Llama($x) => $body,
+            Net::Bert($x) => $body,
         }
     };
 }
@@ -196,10 +196,10 @@ fn generation_through_the_kv_cache() {
             let cached = no_grad(|| m.cached_last_logits(&x));
             assert_rel(&format!("{what}: cached vs full last logits"), 1e-5, &cached, last);
             let argmax = (0..vocab).fold(0, |b, i| if last[i] > last[b] { i } else { b }) as u32;
-            let out = match &m {
-                Model::Gpt2(g) => gen(g, &x),
-                Model::Llama(l) => gen(l, &x),
-                Model::Bert(_) => unreachable!(),
+            let out = match &m.net {
+                Net::Gpt2(g) => gen(g, &x),
+                Net::Llama(l) => gen(l, &x),
+                Net::Bert(_) => unreachable!(),
             };
             assert_eq!(out.len(), 4, "{what}: generated {out:?}");
             assert!(out.iter().all(|&t| (t as usize) < vocab), "{what}: generated {out:?}");
@@ -230,7 +230,7 @@ fn left_padding_keeps_the_soft_prompt_next_to_the_content() {
             let np = m.adapt().prompt_len();
             let vocab = m.shape().vocab;
             let (s0, s1) = (ids(6, vocab, 5), ids(4, vocab, 6));
-            let left = !matches!(m, Model::Bert(_));
+            let left = !matches!(m.net, Net::Bert(_));
             let (row1, mask1): (Vec<u32>, Vec<u8>) = if left {
                 ([0, 0].iter().chain(&s1).copied().collect(), vec![0, 0, 1, 1, 1, 1])
             } else {
@@ -248,7 +248,7 @@ fn left_padding_keeps_the_soft_prompt_next_to_the_content() {
             let alone1 = host(&out_f32(&m, &s1, 1, None));
             let real = if left { &v[(t + 2) * w..2 * t * w] } else { &v[t * w..(2 * t - 2) * w] };
             assert_rel(&format!("{what}: padded row 1 (prompt rows and content) vs alone"), 1e-5, real, &alone1);
-            if let Model::Bert(b) = &m {
+            if let Net::Bert(b) = &m.net {
                 let dev = Arc::new(Cpu);
                 let x = Ints::new(&dev, &[1, 6], &[0, 0, s1[0], s1[1], s1[2], s1[3]]).unwrap();
                 let mk = Ints::new(&dev, &[1, 6], &[0, 0, 1, 1, 1, 1]).unwrap();
@@ -320,7 +320,7 @@ fn zero_length_prefix_equals_no_prefix() {
         let s = m.shape();
         let width = s.layers * 2 * s.kv_heads * s.head_dim;
         let table = Tensor::param(&Arc::new(Cpu), "prompt_embeddings", &[0, width], &[]).unwrap();
-        on!(&mut m, inner => {
+        on!(&mut m.net, inner => {
             inner.adapt_mut().prefix = Some(PrefixTuning {
                 n: 0,
                 layers: s.layers,
@@ -374,9 +374,9 @@ fn peft_roundtrip_for_every_method() {
             let x = ids(12, m.shape().vocab, 10);
             let want = host(&out_f32(&m, &x, 2, None));
             let dir = root.join(what.replace('/', "_"));
-            on!(&m, inner => peft::save(inner, &dir, arch)).unwrap_or_else(|e| panic!("{what}: save: {e}"));
+            on!(&m.net, inner => peft::save(inner, &dir, arch)).unwrap_or_else(|e| panic!("{what}: save: {e}"));
             let mut fresh = frozen::<f32>(arch);
-            on!(&mut fresh, inner => peft::load(inner, &dir)).unwrap_or_else(|e| panic!("{what}: load: {e}"));
+            on!(&mut fresh.net, inner => peft::load(inner, &dir)).unwrap_or_else(|e| panic!("{what}: load: {e}"));
             if matches!(method, Method::Prefix { projection: Some(_), .. }) {
                 let names: Vec<String> = fresh.adapt().params().into_iter().map(|(n, _)| n).collect();
                 assert_eq!(names, ["prompt_embeddings"], "{what}: a projected prefix loads as its table");
@@ -385,7 +385,7 @@ fn peft_roundtrip_for_every_method() {
         }
         let mut both = with_method::<f32>(arch, &Method::Prompt { n: 2, init: PromptInit::SampleVocab }, 1);
         both.apply(&lora_of(arch, 0.0), 2);
-        let e = on!(&both, inner => peft::save(inner, &root.join("both"), arch)).unwrap_err().to_string();
+        let e = on!(&both.net, inner => peft::save(inner, &root.join("both"), arch)).unwrap_err().to_string();
         assert!(e.contains("exactly one method"), "{arch}: {e}");
     }
     std::fs::remove_dir_all(&root).ok();

@@ -7,13 +7,13 @@
 mod adapt_common;
 mod golden_common;
 
-use adapt_common::{frozen, Model};
+use adapt_common::{frozen, Model, Net};
 use golden_common::fixture;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tuna_models::io;
 use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method};
+use tuna_models::io;
 
 /// An adapter folder in the temporary directory, removed when dropped.
 struct Folder(PathBuf);
@@ -47,12 +47,7 @@ fn copy(case: &str, tag: &str) -> Folder {
 fn saved(arch: &str, method: Method, tag: &str) -> Folder {
     let d = temp_dir(tag);
     let mut m = frozen::<f32>(arch);
-    match &mut m {
-        Model::Gpt2(x) => method.apply(x, 7).and_then(|_| peft::save(x, &d, arch)),
-        Model::Llama(x) => method.apply(x, 7).and_then(|_| peft::save(x, &d, arch)),
-        Model::Bert(x) => method.apply(x, 7).and_then(|_| peft::save(x, &d, arch)),
-    }
-    .unwrap();
+    m.install(&method, 7, None).and_then(|_| m.save_adapter(&d, arch)).unwrap();
     Folder(d)
 }
 
@@ -95,12 +90,7 @@ impl Folder {
 /// The fixture model `arch` with the adapter in `dir`.
 fn load(arch: &str, dir: &Path) -> Result<Model<f32>, String> {
     let mut m = frozen::<f32>(arch);
-    match &mut m {
-        Model::Gpt2(x) => peft::load(x, dir),
-        Model::Llama(x) => peft::load(x, dir),
-        Model::Bert(x) => peft::load(x, dir),
-    }
-    .map_err(|e| e.to_string())?;
+    m.load_adapter(dir).map_err(|e| e.to_string())?;
     Ok(m)
 }
 
@@ -320,7 +310,7 @@ fn all_linear_loads_when_every_linear_has_its_tensors() {
     let method = Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: all });
     let f = saved("gpt2", method, "all-linear").set("target_modules", json!("all-linear"));
     let m = load("gpt2", &f.0).unwrap();
-    let Model::Gpt2(g) = &m else { unreachable!() };
+    let Net::Gpt2(g) = &m.net else { unreachable!() };
     let cfg = g.adapt().lora_config.clone().unwrap();
     // Saved again, the targets are the modules by name (a list means the same to PEFT).
     assert_eq!(cfg.targets.len(), 8, "{:?}", cfg.targets);
@@ -345,13 +335,13 @@ fn fan_in_fan_out_must_match_the_layer_kind() {
 fn rslora_is_honored_and_survives_a_save() {
     let f = copy("llama_lora", "rslora").set("use_rslora", json!(true));
     let m = load("llama", &f.0).unwrap();
-    let Model::Llama(l) = &m else { unreachable!() };
+    let Net::Llama(l) = &m.net else { unreachable!() };
     // r 4, alpha 8: 8 / sqrt(4) = 4 (plain LoRA: 2).
     assert!(l.adapt().lora.values().all(|x| x.scale == 4.0));
     let again = temp_dir("rslora-again");
     peft::save(l, &again, "llama").unwrap();
     let m2 = load("llama", &again).unwrap();
-    let Model::Llama(l2) = &m2 else { unreachable!() };
+    let Net::Llama(l2) = &m2.net else { unreachable!() };
     assert!(l2.adapt().lora.values().all(|x| x.scale == 4.0));
     std::fs::remove_dir_all(&again).ok();
 }

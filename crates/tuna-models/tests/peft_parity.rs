@@ -6,15 +6,15 @@
 mod adapt_common;
 mod golden_common;
 
-use adapt_common::{frozen, perturb, Model};
+use adapt_common::{frozen, perturb, Fixture, Model, Net};
 use golden_common::{assert_rel, fixture, Golden};
 use std::sync::Arc;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::{Ints, Tensor};
 use tuna_kernels::Cpu;
-use tuna_models::io;
 use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method, PrefixParams, PromptInit};
+use tuna_models::io;
 
 const CASES: [(&str, &str); 11] = [
     ("gpt2_prompt", "gpt2"),
@@ -37,12 +37,7 @@ fn case_dir(case: &str) -> std::path::PathBuf {
 fn load_case(case: &str, arch: &str) -> Model<f32> {
     let mut m = frozen::<f32>(arch);
     let dir = case_dir(case);
-    match &mut m {
-        Model::Gpt2(x) => peft::load(x, &dir),
-        Model::Llama(x) => peft::load(x, &dir),
-        Model::Bert(x) => peft::load(x, &dir),
-    }
-    .unwrap_or_else(|e| panic!("{case}: {e}"));
+    m.load_adapter(&dir).unwrap_or_else(|e| panic!("{case}: {e}"));
     m
 }
 
@@ -54,8 +49,8 @@ fn ids_of(g: &Golden) -> (Vec<u32>, usize) {
 /// PEFT's loss: the causal LM loss with labels = input_ids, or BERT's `sum(hidden * probe)`.
 fn loss(m: &Model<f32>, g: &Golden) -> Tensor<Cpu, f32> {
     let (ids, b) = ids_of(g);
-    match m {
-        Model::Bert(_) => {
+    match &m.net {
+        Net::Bert(_) => {
             let h = m.outputs(&ids, b, None);
             let probe = Tensor::constant(&Arc::new(Cpu), &[1, h.numel()], &g.f32("probe")).unwrap();
             let flat = reshape(&h, &[1, h.numel()]).unwrap();
@@ -143,10 +138,10 @@ fn prefix_projection_mlp_matches_peft() {
             w2: p("transform.2.weight"),
             b2: p("transform.2.bias"),
         };
-        match &mut m {
-            Model::Gpt2(x) => x.adapt_mut().prefix.as_mut().unwrap().params = mlp,
-            Model::Llama(x) => x.adapt_mut().prefix.as_mut().unwrap().params = mlp,
-            Model::Bert(_) => unreachable!(),
+        match &mut m.net {
+            Net::Gpt2(x) => x.adapt_mut().prefix.as_mut().unwrap().params = mlp,
+            Net::Llama(x) => x.adapt_mut().prefix.as_mut().unwrap().params = mlp,
+            Net::Bert(_) => unreachable!(),
         }
         let (ids, b) = ids_of(&g);
         let out = tuna_autograd::no_grad(|| m.outputs(&ids, b, None));
@@ -187,20 +182,10 @@ fn write_tuna_adapters(dir: &std::path::Path) {
     for (case, arch, method) in tuna_adapters() {
         let mut m = frozen::<f32>(arch);
         let seed = case.len() as u64 * 1009;
-        match &mut m {
-            Model::Gpt2(x) => method.apply(x, seed),
-            Model::Llama(x) => method.apply(x, seed),
-            Model::Bert(x) => method.apply(x, seed),
-        }
-        .unwrap();
+        m.install(&method, seed, None).unwrap();
         perturb(m.adapt(), 0.4);
         let d = dir.join(case);
-        match &m {
-            Model::Gpt2(x) => peft::save(x, &d, arch),
-            Model::Llama(x) => peft::save(x, &d, arch),
-            Model::Bert(x) => peft::save(x, &d, arch),
-        }
-        .unwrap();
+        m.save_adapter(&d, arch).unwrap();
         let g = Golden::open(&format!("peft/{arch}_lora"));
         let (ids, b) = ids_of(&g);
         let out = tuna_autograd::no_grad(|| m.outputs(&ids, b, None));
@@ -258,7 +243,7 @@ fn adapters_tuna_saves_load_in_peft() {
 #[test]
 fn adapter_for_another_base_is_a_clear_error() {
     let mut gpt2 = frozen::<f32>("gpt2");
-    let Model::Gpt2(m) = &mut gpt2 else { unreachable!() };
+    let Net::Gpt2(m) = &mut gpt2.net else { unreachable!() };
     // A Llama prefix (2 layers, token_dim 16) on GPT-2 (token_dim 32).
     let e = peft::load(m, &case_dir("llama_prefix")).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json") && e.contains("token_dim"), "{e}");
@@ -268,7 +253,7 @@ fn adapter_for_another_base_is_a_clear_error() {
     // tuna_base.json names the vocabulary: a tuna adapter saved for another vocabulary.
     let tmp = std::env::temp_dir().join(format!("tuna-peft-vocab-{}", std::process::id()));
     let mut llama = frozen::<f32>("llama");
-    let Model::Llama(l) = &mut llama else { unreachable!() };
+    let Net::Llama(l) = &mut llama.net else { unreachable!() };
     Method::Prompt { n: 2, init: PromptInit::Random }.apply(l, 1).unwrap();
     peft::save(l, &tmp, "llama").unwrap();
     let base =

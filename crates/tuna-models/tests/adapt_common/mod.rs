@@ -9,83 +9,56 @@ use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::{Float, Ints, Tensor};
 use tuna_kernels::Cpu;
-use tuna_models::adapt::{Adapt, Adaptable, LoraConfig, Method, ModelShape, PromptInit};
-use tuna_models::bert::Bert;
-use tuna_models::config::ModelConfig;
+use tuna_models::adapt::{Adapt, LoraConfig, Method, PromptInit};
 use tuna_models::generate::{CausalLm, KvCache};
-use tuna_models::gpt2::Gpt2;
-use tuna_models::hf::HfCheckpoint;
-use tuna_models::llama::Llama;
-use tuna_models::params::Loader;
+use tuna_models::model::AnyModel;
+pub use tuna_models::model::Net;
 
 pub const ARCHS: [&str; 3] = ["gpt2", "llama", "bert"];
 
 /// The fixture folder of `arch` (the golden tests' lookup: `$TUNA_FIXTURES_DIR` or this crate's).
 pub use crate::golden_common::fixture;
 
-/// One of the three fixture models.
-pub enum Model<E: Float> {
-    Gpt2(Gpt2<Cpu, E>),
-    Llama(Llama<Cpu, E>),
-    Bert(Bert<Cpu, E>),
-}
+/// The fixture models, as the one model interface every caller of the crate uses.
+pub type Model<E> = AnyModel<Cpu, E>;
 
 /// The fixture model of `arch`, frozen (or with base weights trainable as `trainable` says).
 pub fn load<E: Float>(arch: &str, trainable: impl Fn(&str) -> bool + 'static) -> Model<E> {
-    let ck = HfCheckpoint::open(fixture(arch)).unwrap();
-    let dev = Arc::new(Cpu);
-    let mut l = Loader::<Cpu, E>::with_trainable(&ck, &dev, trainable);
-    match ck.config().clone() {
-        ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::load(&c, &mut l).unwrap()),
-        ModelConfig::Llama(c) => Model::Llama(Llama::load(&c, &mut l).unwrap()),
-        ModelConfig::Bert(c) => Model::Bert(Bert::load(&c, &mut l).unwrap()),
-    }
+    AnyModel::open(&Arc::new(Cpu), &fixture(arch), trainable).unwrap()
 }
 
 pub fn frozen<E: Float>(arch: &str) -> Model<E> {
     load(arch, |_| false)
 }
 
-macro_rules! each {
-    ($m:expr, $x:ident => $body:expr) => {
-        match $m {
-            Model::Gpt2($x) => $body,
-            Model::Llama($x) => $body,
-            Model::Bert($x) => $body,
-        }
-    };
+/// What the adaptation tests compute on a fixture model beyond the model interface: outputs per
+/// position, a loss per architecture, and the KV cache's last logits.
+pub trait Fixture<E: Float> {
+    /// Install `method` (seeded).
+    fn apply(&mut self, method: &Method, seed: u64);
+    fn outputs(&self, ids: &[u32], batch: usize, mask: Option<&[u8]>) -> Tensor<Cpu, E>;
+    fn loss(&self, ids: &[u32], batch: usize) -> Tensor<Cpu, E>;
+    fn cached_last_logits(&self, ids: &[u32]) -> Vec<E>;
 }
 
-impl<E: Float> Model<E> {
-    pub fn shape(&self) -> ModelShape {
-        each!(self, m => m.shape())
-    }
-    pub fn adapt(&self) -> &Adapt<Cpu, E> {
-        each!(self, m => m.adapt())
-    }
-    pub fn named_weights(&self) -> Vec<(String, Tensor<Cpu, E>)> {
-        each!(self, m => m.named_weights())
-    }
-    pub fn apply(&mut self, method: &Method, seed: u64) {
-        each!(self, m => method.apply(m, seed)).unwrap()
-    }
-    pub fn is_decoder(&self) -> bool {
-        !matches!(self, Model::Bert(_))
+impl<E: Float> Fixture<E> for Model<E> {
+    fn apply(&mut self, method: &Method, seed: u64) {
+        self.install(method, seed, None).unwrap()
     }
 
     /// Output per position: logits `[batch, seq', vocab]` for decoders, the last hidden states for
     /// BERT, with content `positions` (`0..` from each row's first token) and an optional mask.
-    pub fn outputs(&self, ids: &[u32], batch: usize, mask: Option<&[u8]>) -> Tensor<Cpu, E> {
+    fn outputs(&self, ids: &[u32], batch: usize, mask: Option<&[u8]>) -> Tensor<Cpu, E> {
         let dev = Arc::new(Cpu);
         let seq = ids.len() / batch;
         let ids = Ints::new(&dev, &[batch, seq], ids).unwrap();
         let pos = tuna_models::llama::positions_from_mask(&mask_or_ones(mask, ids.host().len()), batch, seq);
         let pos = Ints::new(&dev, &[batch, seq], &pos).unwrap();
         let mask = mask.map(|m| Ints::new(&dev, &[batch, seq], m).unwrap());
-        match self {
-            Model::Gpt2(m) => m.forward_masked(&ids, &pos, mask.as_ref()).unwrap(),
-            Model::Llama(m) => m.forward(&ids, &pos, mask.as_ref(), None).unwrap(),
-            Model::Bert(m) => {
+        match &self.net {
+            Net::Gpt2(m) => m.forward_masked(&ids, &pos, mask.as_ref()).unwrap(),
+            Net::Llama(m) => m.forward(&ids, &pos, mask.as_ref(), None).unwrap(),
+            Net::Bert(m) => {
                 let mask = mask.unwrap_or_else(|| Ints::new(&dev, &[batch, seq], &vec![1u8; batch * seq]).unwrap());
                 m.forward(&ids, &mask).unwrap()
             }
@@ -95,15 +68,15 @@ impl<E: Float> Model<E> {
     /// A training loss: next-token cross-entropy for decoders; for BERT, cross-entropy of a fixed
     /// random 3-class head over the mean-pooled states against `classes` (the sequence's first
     /// token mod 3 when `None`).
-    pub fn loss(&self, ids: &[u32], batch: usize) -> Tensor<Cpu, E> {
+    fn loss(&self, ids: &[u32], batch: usize) -> Tensor<Cpu, E> {
         let dev = Arc::new(Cpu);
         let seq = ids.len() / batch;
         let t = Ints::new(&dev, &[batch, seq], ids).unwrap();
         let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
-        match self {
-            Model::Gpt2(m) => m.loss(&t, &Ints::new(&dev, &[batch, seq], &labels).unwrap()).unwrap(),
-            Model::Llama(m) => m.loss(&t, &labels).unwrap(),
-            Model::Bert(m) => {
+        match &self.net {
+            Net::Gpt2(m) => m.loss(&t, &Ints::new(&dev, &[batch, seq], &labels).unwrap()).unwrap(),
+            Net::Llama(m) => m.loss(&t, &labels).unwrap(),
+            Net::Bert(m) => {
                 let mask = Ints::new(&dev, &[batch, seq], &vec![1u8; batch * seq]).unwrap();
                 let (h, mask) = m.encode(&t, &mask).unwrap();
                 let pooled = mean_pool(&h, &mask).unwrap();
@@ -119,7 +92,7 @@ impl<E: Float> Model<E> {
 
     /// Logits of the last position after feeding `ids` (one sequence) through the KV cache in
     /// two steps (prefill of all but the last token, then the last).
-    pub fn cached_last_logits(&self, ids: &[u32]) -> Vec<E> {
+    fn cached_last_logits(&self, ids: &[u32]) -> Vec<E> {
         fn run<E: Float, M: CausalLm<Cpu, E>>(m: &M, ids: &[u32]) -> Vec<E> {
             let mut cache: KvCache<Cpu, E> = m.new_cache();
             let n = ids.len();
@@ -127,10 +100,10 @@ impl<E: Float> Model<E> {
             m.logits_step(&ids[..n - 1], &pos[..n - 1], &mut cache).unwrap();
             m.logits_step(&ids[n - 1..], &pos[n - 1..], &mut cache).unwrap()
         }
-        match self {
-            Model::Gpt2(m) => run(m, ids),
-            Model::Llama(m) => run(m, ids),
-            Model::Bert(_) => panic!("BERT does not generate"),
+        match &self.net {
+            Net::Gpt2(m) => run(m, ids),
+            Net::Llama(m) => run(m, ids),
+            Net::Bert(_) => panic!("BERT does not generate"),
         }
     }
 }
