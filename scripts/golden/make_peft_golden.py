@@ -69,7 +69,7 @@ def case_configs():
                                                            prompt_tuning_init="RANDOM")),
         "gpt2_prefix": ("gpt2", lambda: PrefixTuningConfig(task_type=c, num_virtual_tokens=3, prefix_projection=False)),
         "llama_prefix": ("llama", lambda: PrefixTuningConfig(task_type=c, num_virtual_tokens=3, prefix_projection=False)),
-        # Not in the brief: DESIGN.md says PEFT cannot prefix-tune BERT, but peft 0.21.2 + transformers 5.24 can.
+        # Not in the brief: PEFT was expected not to prefix-tune BERT, but peft 0.21.2 + transformers 5.24 can.
         "bert_prefix": ("bert", lambda: PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=3,
                                                            prefix_projection=False)),
         "gpt2_prefix_proj": ("gpt2", lambda: PrefixTuningConfig(task_type=c, num_virtual_tokens=3, prefix_projection=True,

@@ -1,4 +1,4 @@
-//! all-MiniLM-L6-v2 (`scripts/fetch-assets.sh`): the mean-pooled cosine of DESIGN.md's sentence
+//! all-MiniLM-L6-v2 (`scripts/fetch-assets.sh`): the mean-pooled cosine of the reference sentence
 //! pair is 0.7553. Skips by name when the asset is absent.
 
 use std::path::PathBuf;

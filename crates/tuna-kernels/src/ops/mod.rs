@@ -1,4 +1,4 @@
-//! The op set of DESIGN.md, one module per op family.
+//! tuna's op set (the README's op table), one module per op family.
 
 pub mod adamw;
 pub mod attention;

@@ -258,7 +258,7 @@ fn fp8_tensor_errors_when_read() {
     assert!(e.contains("model.safetensors") && e.contains("F8_E4M3") && e.contains("`x`"), "{e}");
 }
 
-/// The all-MiniLM-L6-v2 folder, if fetched into `.assets/` (see DESIGN.md "Assets").
+/// The all-MiniLM-L6-v2 folder, if fetched into `.assets/` (fetched by `scripts/fetch-assets.sh`).
 pub(crate) fn minilm_dir() -> Option<PathBuf> {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.assets/all-MiniLM-L6-v2");
     d.join("model.safetensors").is_file().then_some(d)
