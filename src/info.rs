@@ -57,7 +57,31 @@ pub fn report() -> String {
         }
     );
     let _ = writeln!(s, "kernel cache: {}", compile::cache_dir().display());
+    let _ = writeln!(s, "\nbuild:");
+    for (what, value) in build() {
+        let note = match what {
+            "cpu features:" => " (enabled at compile time)",
+            "profile:" if cfg!(debug_assertions) => ", debug assertions on",
+            "profile:" => ", debug assertions off",
+            "cuda archs:" => " (TUNA_CUDA_ARCHS: nvcc PTX precompiled for these where nvcc was found)",
+            _ => "",
+        };
+        let _ = writeln!(s, "  {what:<15} {value}{note}");
+    }
     s
+}
+
+/// What the build compiled in (set by the root `build.rs`): `(label, value)` in print order.
+pub fn build() -> [(&'static str, &'static str); 7] {
+    [
+        ("version:", env!("CARGO_PKG_VERSION")),
+        ("git revision:", env!("TUNA_GIT_REV")),
+        ("profile:", env!("TUNA_BUILD_PROFILE")),
+        ("target:", env!("TUNA_TARGET")),
+        ("cpu features:", env!("TUNA_TARGET_FEATURES")),
+        ("cuda archs:", env!("TUNA_CUDA_ARCHS")),
+        ("rustc:", env!("TUNA_RUSTC")),
+    ]
 }
 
 fn build_profile() -> &'static str {

@@ -1,4 +1,5 @@
-//! `tuna info` runs without a GPU, says so plainly, and lists the embedded kernels.
+//! `tuna info` runs without a GPU, says so plainly, lists the embedded kernels, and says how the
+//! binary was built.
 
 use std::process::Command;
 
@@ -10,6 +11,24 @@ fn info_reports_devices_and_kernels() {
     assert!(s.contains("cpu:"), "{s}");
     assert!(s.contains("cuda"), "{s}");
     assert!(s.contains("gelu"), "kernel list missing: {s}");
+    // the build section, compiled in by build.rs
+    let build = s.split("\nbuild:\n").nth(1).unwrap_or_else(|| panic!("no build section: {s}"));
+    let value = |label: &str| {
+        let line = build.lines().find_map(|l| l.trim_start().strip_prefix(label));
+        let v = line.map(str::trim).unwrap_or_else(|| panic!("no `{label}` line: {s}"));
+        assert!(!v.is_empty(), "`{label}` is empty: {s}");
+        v.to_string()
+    };
+    assert_eq!(value("version:"), env!("CARGO_PKG_VERSION"));
+    let rev = value("git revision:");
+    let hash = rev.strip_suffix("-dirty").unwrap_or(&rev);
+    assert!(rev == "unknown" || (hash.len() >= 7 && hash.chars().all(|c| c.is_ascii_hexdigit())), "{s}");
+    let assertions = if cfg!(debug_assertions) { "debug assertions on" } else { "debug assertions off" };
+    assert!(value("profile:").contains(assertions), "{s}");
+    assert!(value("target:").contains(std::env::consts::ARCH), "{s}");
+    value("cpu features:");
+    assert!(value("cuda archs:").starts_with(env!("TUNA_CUDA_ARCHS")), "{s}");
+    assert!(value("rustc:").starts_with("rustc "), "{s}");
     if tuna_kernels::cuda::probe().is_err() {
         assert!(s.contains("cuda: none") && s.contains("default device (auto): cpu"), "{s}");
     }

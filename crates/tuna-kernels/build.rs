@@ -31,7 +31,16 @@ fn fnv1a(s: &str) -> u64 {
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let kdir = manifest.join("../../kernels").canonicalize().expect("kernels/ at the workspace root");
+    // `kernels/` here: in the workspace a symlink to the root's kernels/, in a packaged crate the
+    // files themselves. A checkout without symlinks (git's core.symlinks=false) has a plain file
+    // there instead: then the workspace root's folder.
+    let kdir = ["kernels", "../../kernels"]
+        .iter()
+        .map(|d| manifest.join(d))
+        .find(|d| d.join("common.cuh").is_file())
+        .unwrap_or_else(|| panic!("no kernels/ (*.cu, common.cuh) in {} or at the workspace root", manifest.display()))
+        .canonicalize()
+        .expect("canonical kernels/ path");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", kdir.display());
     println!("cargo:rerun-if-env-changed=TUNA_NVCC");

@@ -159,7 +159,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let (hid, heads, d) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.head_dim());
         let eps = self.cfg.layer_norm_eps as f32;
         let dev = self.word.device();
-        let pos = crate::llama::positions(b, t, 0);
+        let pos = crate::positions::positions(b, t, 0);
         let pos = Ints::new(dev, &[b, t], &pos)?;
         let prep = self.adapt.prepare(dev, &pos, Some(attention_mask), 0)?;
         let (pos, mask) = (&prep.positions, prep.mask.clone().expect("a mask was given"));

@@ -118,7 +118,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
 
     /// Hugging Face's default positions: `0..seq` in every row.
     pub fn positions(&self, batch: usize, seq: usize) -> Result<Ints<B, u32>> {
-        Ok(Ints::new(self.dev(), &[batch, seq], &crate::llama::positions(batch, seq, 0))?)
+        Ok(Ints::new(self.dev(), &[batch, seq], &crate::positions::positions(batch, seq, 0))?)
     }
 
     /// Positions from an attention mask as Hugging Face's `generate` makes them: `cumsum(mask) - 1`
@@ -126,7 +126,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
     pub fn positions_from_mask(&self, mask: &Ints<B, u8>) -> Result<Ints<B, u32>> {
         let seq = mask.shape().last().copied().unwrap_or(0);
         let rows = mask.host().len() / seq.max(1);
-        let v = crate::llama::positions_from_mask(mask.host(), rows, seq);
+        let v = crate::positions::positions_from_mask(mask.host(), rows, seq);
         Ok(Ints::new(self.dev(), mask.shape(), &v)?)
     }
 

@@ -13,6 +13,7 @@ pub mod io;
 pub mod llama;
 pub mod model;
 pub mod params;
+pub mod positions;
 pub mod tokenizer;
 pub mod weights;
 

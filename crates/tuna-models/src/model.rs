@@ -12,7 +12,8 @@ use crate::generate::{generate, Sampling};
 use crate::gguf::GgufFile;
 use crate::gpt2::Gpt2;
 use crate::hf::HfCheckpoint;
-use crate::llama::{positions_from_mask, Llama};
+use crate::llama::Llama;
+use crate::positions::positions_from_mask;
 use crate::params::Loader;
 use crate::weights::WeightSource;
 use std::path::{Path, PathBuf};
@@ -315,7 +316,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let m = Ints::new(&self.dev, &[batch, seq], mask)?;
         let pos = match self.net {
             // BERT takes positions 0..seq itself (right padding).
-            Net::Bert(_) => crate::llama::positions(batch, seq, 0),
+            Net::Bert(_) => crate::positions::positions(batch, seq, 0),
             _ => positions_from_mask(mask, batch, seq),
         };
         Ok((t, m, Ints::new(&self.dev, &[batch, seq], &pos)?))

@@ -52,7 +52,7 @@ impl<E: Float> Fixture<E> for Model<E> {
         let dev = Arc::new(Cpu);
         let seq = ids.len() / batch;
         let ids = Ints::new(&dev, &[batch, seq], ids).unwrap();
-        let pos = tuna_models::llama::positions_from_mask(&mask_or_ones(mask, ids.host().len()), batch, seq);
+        let pos = tuna_models::positions::positions_from_mask(&mask_or_ones(mask, ids.host().len()), batch, seq);
         let pos = Ints::new(&dev, &[batch, seq], &pos).unwrap();
         let mask = mask.map(|m| Ints::new(&dev, &[batch, seq], m).unwrap());
         match &self.net {
