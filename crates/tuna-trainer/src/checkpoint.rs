@@ -329,7 +329,12 @@ impl Checkpoints {
     /// The checkpoints that [look valid](Checkpoints::looks_valid) among the steps `keep` accepts,
     /// ascending, with their manifests (each read once).
     fn valid_manifests(&self, keep: impl Fn(u64) -> bool) -> Result<Vec<(u64, Manifest)>, CheckpointError> {
-        Ok(self.steps()?.into_iter().filter(|&s| keep(s)).filter_map(|s| Some((s, self.manifest_if_valid(s)?))).collect())
+        Ok(self
+            .steps()?
+            .into_iter()
+            .filter(|&s| keep(s))
+            .filter_map(|s| Some((s, self.manifest_if_valid(s)?)))
+            .collect())
     }
 
     /// The best of `checkpoints` by the `best` metric (a missing or non-finite value never wins).
@@ -357,7 +362,8 @@ impl Checkpoints {
     fn manifest_if_valid(&self, step: u64) -> Option<Manifest> {
         let m = self.read_manifest(step).ok()?;
         let dir = self.step_dir(step);
-        let whole = m.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.is_file() && md.len() == f.size));
+        let whole =
+            m.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.is_file() && md.len() == f.size));
         whole.then_some(m)
     }
 

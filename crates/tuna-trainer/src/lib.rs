@@ -1,21 +1,28 @@
 //! tuna-trainer: the model-independent parts of training — data files ([`data`]), batching with a
 //! resumable cursor ([`batch`]), the learning-rate schedule ([`schedule`]), atomic checkpoints
 //! ([`checkpoint`]), the metrics log and summary formatting ([`metrics`]) and the progress line
-//! ([`progress`]); the model a run trains ([`model`]), tasks and losses ([`task`]) and the training
-//! loop with checkpoints and resume ([`run`]).
+//! ([`progress`]); the model a run trains ([`model`]), tasks and losses ([`task`]); and a run split
+//! by concern: its settings and summary ([`config`]), its output folder ([`run_dir`]), the loop
+//! ([`run`]), its resumable state (`state`), evaluation ([`eval`]), the export ([`export`]) and
+//! profiling ([`profile`]).
 
 pub mod batch;
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod export;
 pub mod fingerprint;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod profile;
 pub mod progress;
 pub mod run;
 pub mod run_dir;
 pub mod schedule;
+mod state;
 pub mod task;
 
 pub use batch::{
@@ -24,15 +31,16 @@ pub use batch::{
 pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
 };
+pub use config::{RunSummary, TrainConfig};
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
 pub use error::TrainError;
+pub use eval::{describe_eval, eval_file, evaluate, EvalMetrics};
+pub use export::{export, load_adapted, peak_rss_bytes};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
 pub use model::Model;
+pub use profile::{profile, Profile, ProfileRow};
 pub use progress::Progress;
-pub use run::{
-    describe_eval, eval_file, evaluate, export, load_adapted, profile, train, EvalMetrics, Profile,
-    ProfileRow, RunSummary, TrainConfig,
-};
+pub use run::train;
 pub use run_dir::{existing_run, lock, FolderLock, OutMode};
 pub use schedule::{Decay, Schedule};
 pub use task::{TaskFile, TaskSpec, TASK_FILE};

@@ -121,7 +121,8 @@ fn written_by_tuna(output: &str, name: &str) -> bool {
     match output {
         "adapter" => [peft::CONFIG, peft::WEIGHTS, peft::BASE, peft::EXTRA, crate::task::TASK_FILE].contains(&name),
         "model" => {
-            tuna_models::model::HF_FILES.contains(&name) || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
+            tuna_models::model::HF_FILES.contains(&name)
+                || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
         }
         "checkpoints" => {
             // `step-NNNNNN` exactly as the checkpoint module names them, its temporary and

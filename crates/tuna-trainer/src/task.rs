@@ -80,9 +80,7 @@ impl TaskSpec {
         records
             .iter()
             .map(|r| {
-                let empty = |what: &str| {
-                    TrainError::Invalid(format!("{}:{}: the {what}", path.display(), r.line))
-                };
+                let empty = |what: &str| TrainError::Invalid(format!("{}:{}: the {what}", path.display(), r.line));
                 Ok(match (&r.ex, self.task) {
                     (Example::Text(t), Task::Lm) => {
                         let ids = model.encode_window(t, max_len, false)?;

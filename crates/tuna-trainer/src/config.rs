@@ -1,0 +1,75 @@
+//! What a run is asked to do ([`TrainConfig`], validated by the CLI) and what it ends with
+//! ([`RunSummary`], also `summary.json`).
+
+use crate::data::{Fields, Task};
+use crate::run_dir::OutMode;
+use crate::schedule::Decay;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use tuna_models::adapt::Method;
+
+/// Everything a run needs (validated by the CLI).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub method: Method,
+    pub task: Task,
+    pub fields: Fields,
+    pub train: PathBuf,
+    pub eval: Option<PathBuf>,
+    /// Class labels in class order (default: those of the training data, sorted).
+    pub labels: Option<Vec<String>>,
+    /// Verbalizer words for decoders, one per label (default: the labels).
+    pub verbalizers: Option<Vec<String>>,
+    /// Text of a TEXT prompt init (CLASS_LABELS uses the verbalizers or labels).
+    pub prompt_init_text: Option<String>,
+    pub batch_size: usize,
+    /// Rows per forward/backward (gradient accumulation over `batch_size / micro_batch` passes).
+    pub micro_batch: usize,
+    /// Tokens per example at most; `None`: [`crate::limits::DEFAULT_MAX_LEN`] or what the model's
+    /// positions leave room for. Checked against the positions before the first step.
+    pub max_len: Option<usize>,
+    pub steps: u64,
+    pub lr: f64,
+    pub warmup: u64,
+    pub decay: Decay,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub clip: Option<f64>,
+    pub eval_every: u64,
+    pub save_every: u64,
+    /// Stop after this many evaluations without improvement.
+    pub patience: Option<u64>,
+    pub keep_last: usize,
+    /// Use at most this many examples of each file (the first ones).
+    pub max_train_examples: Option<usize>,
+    pub max_eval_examples: Option<usize>,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// A new run, replacing an old one, or resuming one (see [`OutMode`]).
+    pub out_mode: OutMode,
+    pub progress: bool,
+}
+
+/// The numbers a run ends with (also `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub method: String,
+    pub model: String,
+    pub task: String,
+    pub trainable_params: usize,
+    pub base_params: usize,
+    pub steps: u64,
+    pub final_train_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_perplexity: Option<f64>,
+    pub train_tokens: u64,
+    pub train_seconds: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_bytes: u64,
+    /// Bytes of the exported adapter (or trained model) weights.
+    pub checkpoint_bytes: u64,
+    pub stopped_early: bool,
+    pub export: String,
+}

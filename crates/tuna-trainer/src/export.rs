@@ -1,0 +1,42 @@
+//! What a run leaves: the final export (a PEFT adapter folder, or a Hugging Face folder of a fully
+//! fine-tuned model), opening an export again, and the process's peak memory for the summary.
+
+use crate::error::Result;
+use crate::model::{Backend, Model};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tuna_models::adapt::peft;
+
+/// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
+/// the trained model. Returns its path and the bytes of its weights file.
+pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)> {
+    // Full fine-tuning: nothing but (perhaps) a task head in the adaptation.
+    let (dir, file) = if model.adapt().is_empty() {
+        let d = out.join("model");
+        model.save_merged(&d)?;
+        (d.clone(), d.join("model.safetensors"))
+    } else {
+        let d = out.join("adapter");
+        model.save_adapter(&d, &model.source.display().to_string())?;
+        (d.clone(), d.join(peft::WEIGHTS))
+    };
+    let extra = std::fs::metadata(dir.join(peft::EXTRA)).map(|m| m.len()).unwrap_or(0);
+    let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) + extra;
+    Ok((dir, bytes))
+}
+
+/// This process's peak resident set (VmHWM), 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable
+/// (see [`tuna_models::model::AnyModel::open_adapted`]).
+pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Model<B>> {
+    Ok(Model::open_adapted(dev, model, adapter)?)
+}

@@ -1,0 +1,100 @@
+//! Tests of the loop's parts: micro-batches of unequal sizes give the full batch's gradient and
+//! loss, and a step's outcome says when nothing was updated.
+
+use super::*;
+use crate::data::Fields;
+use crate::schedule::Decay;
+use tuna_kernels::Cpu;
+use tuna_models::adapt::{LoraConfig, Method};
+
+fn config(task: Task, dir: &Path) -> TrainConfig {
+    let data = dir.join("train.jsonl");
+    // Ragged rows (left-padded in a batch), two classes.
+    let texts = ["The cat sat on the mat and the dog ran.", "A dog ran.", "The bird sang a song in the park.", "Hi."];
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{{\"text\": \"{t}\", \"label\": \"{}\"}}", if i % 2 == 0 { "cat" } else { "other" }))
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures/llama");
+    TrainConfig {
+        model: fixture,
+        method: Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec![] }),
+        task,
+        fields: Fields::default(),
+        train: data,
+        eval: None,
+        labels: None,
+        verbalizers: Some(vec!["cat".into(), "other".into()]),
+        prompt_init_text: None,
+        batch_size: 4,
+        micro_batch: 4,
+        max_len: Some(32),
+        steps: 1,
+        lr: 1e-2,
+        warmup: 0,
+        decay: Decay::Constant,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.0,
+        clip: None,
+        eval_every: 1,
+        save_every: 1,
+        patience: None,
+        keep_last: 1,
+        max_train_examples: None,
+        max_eval_examples: None,
+        seed: 5,
+        out: dir.join("run"),
+        out_mode: OutMode::New,
+        progress: false,
+    }
+}
+
+/// The batch's loss and every trainable tensor's gradient with micro-batches of `micro` rows
+/// (perturbed LoRA weights, so every gradient is non-zero).
+fn grads(task: Task, micro: usize) -> (f64, Vec<Vec<f32>>) {
+    let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-{task:?}-{micro}", std::process::id()));
+    let cfg = config(task, &dir);
+    let mut s = setup(&Arc::new(Cpu), &cfg).unwrap();
+    for (i, (_, t)) in s.params.iter().enumerate() {
+        let v: Vec<f32> = (0..t.numel()).map(|j| ((i * 31 + j * 7) % 11) as f32 / 50.0 - 0.1).collect();
+        *t.data_mut() = v;
+    }
+    let batch = s.batcher.next_batch(&mut Cursor::default());
+    assert_eq!(batch.batch, 4);
+    let loss = accumulate_grads(&s.model, &s.spec, &batch, micro, 0).unwrap();
+    let g = s.params.iter_mut().map(|(_, t)| t.grad().unwrap().expect("a gradient")).collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    (loss, g)
+}
+
+#[test]
+fn unequal_micro_batches_give_the_full_batchs_gradient() {
+    // f32 on the CPU: the sums run in another order, so equal to rounding (named tolerance).
+    const TOL: f32 = 2e-5;
+    for task in [Task::Lm, Task::Classify] {
+        let (loss, full) = grads(task, 4);
+        for micro in [3, 1] {
+            let (l, g) = grads(task, micro);
+            assert!((l - loss).abs() <= 1e-5 * loss.abs().max(1.0), "{task:?} micro {micro}: loss {l} vs {loss}");
+            for (a, b) in g.iter().zip(&full) {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= TOL * scale, "{task:?} micro {micro}: {x} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_step_is_applied_only_with_a_finite_loss_and_clipped_norm() {
+    let out = |loss: f64, grad_norm: f64| StepOutcome { loss, grad_norm, forward_backward_s: 0.0 };
+    assert!(out(1.0, f64::NAN).applied(None));
+    assert!(out(1.0, 2.0).applied(Some(1.0)));
+    assert!(!out(f64::NAN, 2.0).applied(Some(1.0)));
+    assert!(!out(1.0, f64::INFINITY).applied(Some(1.0)));
+    assert!(!out(1.0, f64::NAN).applied(Some(1.0)));
+}

@@ -1,0 +1,259 @@
+//! A run's resumable state in its checkpoints: `state.json` (step, data cursor, best metric,
+//! totals, the base model's fingerprint and the settings a resumed run must keep), the trainable
+//! tensors and the AdamW moments; saving them, and checking and restoring a run from them.
+
+use crate::batch::Cursor;
+use crate::checkpoint::{Checkpoints, Loaded};
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::fingerprint::BaseFingerprint;
+use crate::model::Backend;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tuna_autograd::optim::AdamW;
+use tuna_autograd::Tensor;
+use tuna_models::io;
+
+/// What `state.json` holds: where the run is and what it ran on.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct State {
+    pub(crate) step: u64,
+    pub(crate) cursor: Cursor,
+    pub(crate) fingerprint: u64,
+    pub(crate) best: Option<f64>,
+    pub(crate) evals_since_best: u64,
+    pub(crate) train_tokens: u64,
+    pub(crate) train_seconds: f64,
+    pub(crate) last_loss: f64,
+    /// The base model trained on (absent in checkpoints from before it was recorded).
+    #[serde(default)]
+    pub(crate) base: Option<BaseFingerprint>,
+    /// The settings that shape the run's numbers, by flag (absent in older checkpoints): a
+    /// resumed run keeps them, so it continues as the uninterrupted run would have.
+    #[serde(default)]
+    pub(crate) settings: Option<BTreeMap<String, String>>,
+}
+
+impl State {
+    /// Record an evaluation's value `v` of the metric that picks the best (better: higher for
+    /// `Max`); returns whether `patience` evaluations without improvement have passed.
+    pub(crate) fn record_eval(&mut self, v: f64, dir: crate::checkpoint::Direction, patience: Option<u64>) -> bool {
+        use crate::checkpoint::Direction;
+        let better = self.best.is_none_or(|b| if dir == Direction::Max { v > b } else { v < b });
+        if better {
+            self.best = Some(v);
+            self.evals_since_best = 0;
+        } else {
+            self.evals_since_best += 1;
+        }
+        patience.is_some_and(|p| self.evals_since_best >= p)
+    }
+}
+
+/// The settings of `cfg` a resumed run must share with the run it continues (the data, seed and
+/// batching are in the batcher's fingerprint; the base model in [`BaseFingerprint`]).
+pub(crate) fn settings_of(cfg: &TrainConfig) -> BTreeMap<String, String> {
+    let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    BTreeMap::from([
+        ("--method and its settings".to_string(), s(&cfg.method)),
+        ("--task".into(), s(&cfg.task)),
+        ("--labels".into(), s(&cfg.labels)),
+        ("--verbalizers".into(), s(&cfg.verbalizers)),
+        ("--prompt-init-text".into(), s(&cfg.prompt_init_text)),
+        ("--micro-batch".into(), s(&cfg.micro_batch)),
+        ("--steps".into(), s(&cfg.steps)),
+        ("--lr".into(), s(&cfg.lr)),
+        ("--warmup".into(), s(&cfg.warmup)),
+        ("--decay".into(), s(&cfg.decay)),
+        ("--min-lr-ratio".into(), s(&cfg.min_lr_ratio)),
+        ("--weight-decay".into(), s(&cfg.weight_decay)),
+        ("--clip".into(), s(&cfg.clip)),
+        ("--eval (given or not)".into(), s(&cfg.eval.is_some())),
+        ("--eval-every".into(), s(&cfg.eval_every)),
+        ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),
+        ("--patience".into(), s(&cfg.patience)),
+    ])
+}
+
+/// The settings that differ between a checkpoint's run (`saved`) and this one, by flag.
+pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    now.iter()
+        .filter(|(k, v)| saved.get(*k).is_some_and(|s| s != *v))
+        .map(|(k, v)| format!("{k} was {}, now {v}", saved[k]))
+        .collect()
+}
+
+pub(crate) const TRAINABLE: &str = "trainable.safetensors";
+pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
+pub(crate) const STATE: &str = "state.json";
+
+/// The state of checkpoint `ck`, checked against this run (`now`): the same base model, a state
+/// that agrees with its checkpoint's step, the same settings (a changed `--steps` only warns) and
+/// the same data and batching.
+pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
+    let saved: State = serde_json::from_slice(ck.file(STATE)?)
+        .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
+    match (&saved.base, &now.base) {
+        (Some(b), Some(base)) => {
+            if let Some(what) = b.difference(base) {
+                return Err(TrainError::OtherBase { dir: ck.dir.clone(), what });
+            }
+        }
+        _ => eprintln!("warning: {}: made before checkpoints recorded their base model; not checked", ck.dir.display()),
+    }
+    if saved.step != ck.step() {
+        return Err(TrainError::Invalid(format!(
+            "{}: {STATE} says step {} but the checkpoint is step {}: it was edited; resume from another",
+            ck.dir.display(),
+            saved.step,
+            ck.step()
+        )));
+    }
+    if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
+        let mut changed = changed_settings(old, new);
+        // Extending (or shortening) a run is allowed, but it is no longer the run it was.
+        if let Some(i) = changed.iter().position(|c| c.starts_with("--steps ")) {
+            eprintln!(
+                "warning: {}: the learning-rate schedule changes from here on, so the run no longer matches an \
+                 uninterrupted one",
+                changed.remove(i)
+            );
+        }
+        if !changed.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "{}: a resumed run keeps the settings it started with, so it continues as it would have run; \
+                 changed: {}. Resume with the same flags, or start a new run (--overwrite or another --out)",
+                ck.dir.display(),
+                changed.join("; ")
+            )));
+        }
+    }
+    if saved.fingerprint != now.fingerprint {
+        return Err(TrainError::Invalid(format!(
+            "{}: the checkpoint was made with other data or batching settings (fingerprint {:x} vs {:x}): resume \
+             with the same data and flags",
+            ck.dir.display(),
+            saved.fingerprint,
+            now.fingerprint
+        )));
+    }
+    Ok(saved)
+}
+
+/// Checkpoint `st`, the trainable tensors and the AdamW moments (with `metrics` in the manifest).
+pub(crate) fn save<B: Backend>(
+    ckpts: &Checkpoints,
+    st: &State,
+    params: &[(String, Tensor<B, f32>)],
+    opt: &AdamW<B, f32>,
+    metrics: &Map<String, Value>,
+) -> Result<()> {
+    let weights: Vec<_> =
+        params.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
+    let mut moments = Vec::new();
+    for ((n, t), (m, v)) in params.iter().zip(opt.moments()?) {
+        moments.push((format!("{n}.m"), (t.shape().to_vec(), m)));
+        moments.push((format!("{n}.v"), (t.shape().to_vec(), v)));
+    }
+    let w = io::safetensors_bytes(&weights)?;
+    let o = io::safetensors_bytes(&moments)?;
+    let s = serde_json::to_vec_pretty(st).unwrap_or_default();
+    ckpts.save(st.step, &[(TRAINABLE, &w), (OPTIMIZER, &o), (STATE, &s)], metrics)?;
+    Ok(())
+}
+
+/// The trainable tensors and AdamW moments of a checkpoint (its files `w` and `o`) into `params`
+/// and `opt`; a tensor the checkpoint trains that `params` lacks is an error.
+pub(crate) fn restore<B: Backend>(
+    dir: &Path,
+    w: &[u8],
+    o: &[u8],
+    params: &[(String, Tensor<B, f32>)],
+    opt: &mut AdamW<B, f32>,
+    step: u64,
+) -> Result<()> {
+    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, io::HostTensor>> {
+        let bad = |e: String| TrainError::Invalid(format!("{}: {e}", dir.join(what).display()));
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                if v.dtype() != safetensors::Dtype::F32 {
+                    return Err(bad(format!("tensor `{n}` is {:?}, not F32", v.dtype())));
+                }
+                let f = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                Ok((n, (v.shape().to_vec(), f)))
+            })
+            .collect()
+    };
+    let weights = read(w, TRAINABLE)?;
+    let moments = read(o, OPTIMIZER)?;
+    // Every tensor the checkpoint trained must train now: none is dropped silently.
+    if let Some(extra) = weights.keys().find(|k| !params.iter().any(|(n, _)| n == *k)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: the checkpoint trains `{extra}`, which this run does not: it is from another method or model",
+            dir.join(TRAINABLE).display()
+        )));
+    }
+    let mut mom = Vec::new();
+    for (n, t) in params {
+        let get = |k: &str| {
+            weights
+                .get(k)
+                .or_else(|| moments.get(k))
+                .filter(|(s, _)| s == t.shape())
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "{}: no tensor `{k}` of shape {:?}: the checkpoint is from another method or model",
+                        dir.display(),
+                        t.shape()
+                    ))
+                })
+        };
+        *t.data_mut() = t.device().from_host(&get(n)?)?;
+        mom.push((get(&format!("{n}.m"))?, get(&format!("{n}.v"))?));
+    }
+    opt.load_moments(&mom, step as u32)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Direction;
+
+    #[test]
+    fn changed_settings_name_the_flag_and_both_values() {
+        let a = BTreeMap::from([("--lr".to_string(), "0.01".to_string()), ("--clip".into(), "Some(1.0)".into())]);
+        let mut b = a.clone();
+        assert!(changed_settings(&a, &b).is_empty());
+        b.insert("--lr".into(), "0.5".into());
+        b.insert("--new-flag".into(), "x".into()); // unknown to an older checkpoint: not a change
+        assert_eq!(changed_settings(&a, &b), ["--lr was 0.01, now 0.5"]);
+    }
+
+    #[test]
+    fn evaluations_track_the_best_and_the_patience() {
+        let mut st = State {
+            step: 0,
+            cursor: Cursor::default(),
+            fingerprint: 0,
+            best: None,
+            evals_since_best: 0,
+            train_tokens: 0,
+            train_seconds: 0.0,
+            last_loss: 0.0,
+            base: None,
+            settings: None,
+        };
+        assert!(!st.record_eval(0.5, Direction::Max, Some(2)));
+        assert!(!st.record_eval(0.4, Direction::Max, Some(2)));
+        assert!(st.record_eval(0.5, Direction::Max, Some(2)), "two evaluations without improvement");
+        assert!(!st.record_eval(0.6, Direction::Max, Some(2)));
+        assert_eq!((st.best, st.evals_since_best), (Some(0.6), 0));
+        assert!(!st.record_eval(0.1, Direction::Min, None));
+    }
+}
