@@ -3,8 +3,8 @@
 //! ([`checkpoint`]), the metrics log and summary formatting ([`metrics`]) and the progress line
 //! ([`progress`]); the model a run trains ([`model`]), tasks and losses ([`task`]); and a run split
 //! by concern: its settings and summary ([`config`]), its output folder ([`run_dir`]), the loop
-//! ([`run`]), its resumable state (`state`), evaluation ([`eval`]), the export ([`export`]) and
-//! profiling ([`profile`]).
+//! ([`run`]), its resumable state (`state`), evaluation ([`eval`]), the export ([`mod@export`]) and
+//! profiling ([`mod@profile`]).
 
 pub mod batch;
 pub mod checkpoint;
