@@ -54,6 +54,11 @@ mod tests {
         let mut r = SplitMix64::new(1234567);
         assert_eq!(r.next_u64(), 6457827717110365317);
         assert_eq!(r.next_u64(), 3203168211198807973);
+        let mut r = SplitMix64::new(0);
+        assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+        let mut r = SplitMix64::new(3);
+        assert!((0..1000).all(|_| r.below(7) < 7));
         let mut r = SplitMix64::new(7);
         let n = 100_000;
         let xs: Vec<f64> = (0..n).map(|_| r.next_f64()).collect();
