@@ -260,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // taken first, so two exports cannot both find the folder empty), never the base
             // model's folder (or the adapter's), a non-empty folder only with --overwrite.
             tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
+            tuna::trainer::run_dir::refuse_export_into_run(&a.out)?;
             let _lock = tuna::trainer::lock(&a.out)?;
             tuna::cli::check_export_empty(&a.out, a.overwrite)?;
             let m =
@@ -269,6 +270,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 m.save_adapter(&a.out, &a.model.display().to_string())?;
             }
+            // Replacing an export of the other kind leaves none of its files to be read as this one.
+            tuna::cli::remove_other_export(&a.out, a.merged)?;
             // The task file (class order, verbalizers) travels on.
             if let Some(t) = tuna::trainer::TaskFile::read(&a.adapter)? {
                 t.write(&a.out)?;

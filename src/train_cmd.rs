@@ -316,7 +316,7 @@ impl RunArgs {
         }
         // Checked as the f32 the optimizer computes with.
         let f32_ok = |v: f64| (v as f32).is_finite();
-        require(f32_ok(lr) && lr > 0.0, || format!("--lr {lr}: expected a positive number"))?;
+        require(f32_ok(lr) && lr > 0.0, || format!("--lr {lr:e}: expected a positive number below 3.4e38 (an f32)"))?;
         let r = self.min_lr_ratio;
         require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {r}: expected 0 to 1"))?;
         let wd = self.weight_decay;

@@ -564,3 +564,57 @@ fn compare_replaces_an_earlier_comparison_only_when_told() {
     ok(&tuna(&args(&["--overwrite"])));
     fails(&tuna(&set(args(&["--overwrite"]), "--methods", "lora,lora")), "`lora` is listed twice");
 }
+
+#[test]
+fn links_runs_and_checkpoints_are_never_written_through() {
+    let d = tmp("links");
+    let train = data(&d, "train.jsonl", 12, false);
+    let (a, b) = (d.join("a"), d.join("b"));
+    ok(&tuna(&train_args(&a, &train, 2, &[])));
+    std::fs::create_dir_all(&b).unwrap();
+    std::os::unix::fs::symlink(a.join("checkpoints"), b.join("checkpoints")).unwrap();
+    let before = snapshot(&a);
+    fails(&tuna(&train_args(&b, &train, 2, &["--overwrite"])), "a link; a run writes only into its own folder");
+    same(&snapshot(&a), &before, "the linked run");
+    // An export never goes into a run's folder or its checkpoints.
+    let adapter = a.join("adapter").display().to_string();
+    let export = |to: &Path| {
+        tuna(&s(&[
+            "export",
+            "--model",
+            &fixture("llama"),
+            "--adapter",
+            &adapter,
+            "--out",
+            &to.display().to_string(),
+            "--overwrite",
+        ]))
+    };
+    fails(&export(&a.join("checkpoints/step-000002")), "inside a run's checkpoints/");
+    fails(&export(&a), "it holds a training run");
+    same(&snapshot(&a), &before, "the run after refused exports");
+}
+
+#[test]
+fn a_resume_may_extend_the_steps_but_not_change_its_evaluation_data() {
+    let d = tmp("resume-steps");
+    let train = data(&d, "train.jsonl", 12, false);
+    let other = data(&d, "other.jsonl", 6, false);
+    let out = d.join("run");
+    // --warmup defaults to 10 and is cut to the 4 steps: extending to 8 changes both, with a warning.
+    let base = |steps: &str| {
+        let a = train_args(&out, &train, 4, &[]);
+        let i = a.iter().position(|x| x == "--warmup").unwrap();
+        let mut a = [&a[..i], &a[i + 2..]].concat();
+        a = set(a, "--steps", steps);
+        set(a, "--eval", &train)
+    };
+    ok(&tuna(&base("4")));
+    let err = ok(&tuna(&[base("8"), s(&["--resume"])].concat()));
+    assert!(err.contains("--steps was 4, now 8") && err.contains("resuming from"), "{err}");
+    fails(&tuna(&[base("2"), s(&["--resume"])].concat()), "already at step 8, past --steps 2");
+    fails(&tuna(&[set(base("8"), "--eval", &other), s(&["--resume"])].concat()), "--eval (its data) was");
+    // Absurd counts are refused by name, never an arithmetic panic.
+    let huge = set(set(base("8"), "--method", "prompt"), "--virtual-tokens", &u64::MAX.to_string());
+    fails(&tuna(&set(huge, "--out", &d.join("huge").display().to_string())), "virtual tokens leave");
+}

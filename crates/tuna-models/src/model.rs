@@ -286,7 +286,9 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 let find = |n: &str| b.adapt.extra.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone());
                 let (Some(w), Some(bias)) = (find("classifier.weight"), find("classifier.bias")) else {
                     return Err(Error::InvalidArgument(
-                        "BERT classification needs its head (classifier.weight/bias)".into(),
+                        "BERT classification needs its head (classifier.weight/bias, in tuna_extra.safetensors beside the \
+                         adapter or the model)"
+                            .into(),
                     ));
                 };
                 Ok(linear(&pooled, &w, WeightLayout::OutIn, Some(&bias))?)
@@ -423,8 +425,8 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         if !self.is_decoder() {
             return Err(not_a_decoder());
         }
-        if virt.saturating_add(prompt.len()).saturating_add(max_new_tokens) > limit + 1 {
-            let room = (limit + 1).saturating_sub(virt + prompt.len());
+        if virt.saturating_add(prompt.len()).saturating_add(max_new_tokens) > limit.saturating_add(1) {
+            let room = limit.saturating_add(1).saturating_sub(virt.saturating_add(prompt.len()));
             let fix = if room == 0 {
                 "the prompt alone fills the context: shorten it".to_string()
             } else {

@@ -377,12 +377,27 @@ impl Checkpoints {
         }
         let valid = self.valid_manifests(|s| s <= saved)?;
         let best = self.best_of(&valid);
-        for &(step, _) in &valid[..valid.len().saturating_sub(self.keep_last)] {
-            if Some(step) != best {
-                let d = self.step_dir(step);
-                fs::remove_dir_all(&d).map_err(io(&d))?;
+        for (step, m) in &valid[..valid.len().saturating_sub(self.keep_last)] {
+            if Some(*step) != best {
+                let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+                self.delete(*step, &names)?;
             }
         }
+        Ok(())
+    }
+
+    /// Deletes checkpoint `step`'s `files` and its manifest, then its folder if nothing else is in
+    /// it (a file of yours keeps the folder).
+    pub fn delete(&self, step: u64, files: &[&str]) -> Result<(), CheckpointError> {
+        let d = self.step_dir(step);
+        for name in files.iter().copied().chain([MANIFEST]) {
+            let p = d.join(name);
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        let _ = fs::remove_dir(&d);
         Ok(())
     }
 }

@@ -184,3 +184,17 @@ fn pruning_after_a_resume_never_deletes_the_checkpoint_just_saved() {
     assert_eq!(c.latest_valid().expect("scan").checkpoint.expect("one").step(), 450);
     let _ = fs::remove_dir_all(&d);
 }
+
+#[test]
+fn pruning_deletes_a_checkpoints_files_but_not_yours() {
+    let d = tmpdir("prune-yours");
+    let c = Checkpoints::open(&d, 1, None).expect("open");
+    save(&c, 1, 1.0);
+    fs::write(d.join("step-000001/notes.txt"), b"mine").expect("write");
+    save(&c, 2, 1.0);
+    assert_eq!(fs::read(d.join("step-000001/notes.txt")).expect("kept"), b"mine");
+    assert!(!d.join("step-000001/weights.bin").exists() && !d.join("step-000001/manifest.json").exists());
+    save(&c, 3, 1.0);
+    assert!(!d.join("step-000002").exists(), "an emptied folder goes too");
+    let _ = fs::remove_dir_all(&d);
+}

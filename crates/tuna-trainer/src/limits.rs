@@ -45,7 +45,7 @@ pub fn method_virtual_tokens(method: &Method) -> usize {
 /// [`DEFAULT_MAX_LEN`] or the room left, whichever is smaller. At least `min_len` tokens (2 for
 /// `lm` and `completion`: one is predicted from the other; 1 for `classify`).
 pub fn resolve_max_len(asked: Option<usize>, max_positions: usize, virtual_: usize, min_len: usize) -> Result<usize> {
-    if virtual_ + min_len > max_positions {
+    if virtual_.saturating_add(min_len) > max_positions {
         return Err(TrainError::Invalid(format!(
             "{virtual_} virtual tokens leave {} of the model's {max_positions} positions for text, fewer than the \
              {min_len} the task needs: use fewer virtual tokens",

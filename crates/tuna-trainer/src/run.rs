@@ -198,7 +198,7 @@ fn start_or_resume<B: Backend>(
         train_seconds: 0.0,
         last_loss: f64::NAN,
         base: Some(BaseFingerprint::of(&s.model)?),
-        settings: Some(settings_of(cfg)),
+        settings: Some(settings_of(cfg, s.eval_batcher.as_ref().map(Batcher::fingerprint))),
     };
     if !matches!(cfg.out_mode, OutMode::Resume | OutMode::ResumeOrStart) {
         return Ok((st, None));

@@ -93,6 +93,17 @@ pub fn existing_run(dir: &Path) -> Vec<&'static str> {
 /// run whose `inputs` (model, data) lie inside the outputs an `--overwrite` would delete (or a
 /// new run would replace). Nothing is deleted here: see [`clear`].
 pub fn check(dir: &Path, mode: OutMode, inputs: &[&Path]) -> Result<()> {
+    // A linked `checkpoints/` (or export folder) would make this run write into, or delete from,
+    // wherever it leads: another run's folder.
+    for name in RUN_OUTPUTS {
+        let p = dir.join(name);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(TrainError::Invalid(format!(
+                "{}: a link; a run writes only into its own folder: remove the link or choose another --out",
+                p.display()
+            )));
+        }
+    }
     let found = existing_run(dir);
     let outputs: Vec<PathBuf> = RUN_OUTPUTS.iter().filter_map(|n| std::fs::canonicalize(dir.join(n)).ok()).collect();
     for input in inputs {
@@ -114,6 +125,9 @@ pub fn check(dir: &Path, mode: OutMode, inputs: &[&Path]) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// The files of a checkpoint folder: what the trainer saves and the manifest.
+const CHECKPOINT_FILES: [&str; 4] = ["trainable.safetensors", "optimizer.safetensors", "state.json", "manifest.json"];
 
 /// Whether `name` inside the run output `output` is something tuna writes there.
 fn written_by_tuna(output: &str, name: &str) -> bool {
@@ -148,11 +162,33 @@ pub fn refuse_unsafe_out(dir: &Path) -> Result<()> {
     if canon.join("config.json").is_file() {
         return bad("a model's folder (it holds config.json)");
     }
-    let in_checkpoints = canon.ancestors().skip(1).any(|a| {
-        a.file_name().is_some_and(|n| n == "checkpoints") && a.parent().is_some_and(|p| p.join(LOCK_FILE).exists())
-    });
-    if in_checkpoints {
+    if inside_checkpoints(&canon) {
         return bad("inside another run's checkpoints/");
+    }
+    Ok(())
+}
+
+/// Whether the absolute `dir` is (or lies inside) a run's `checkpoints/` folder.
+pub fn inside_checkpoints(dir: &Path) -> bool {
+    dir.ancestors().any(|a| {
+        a.file_name().is_some_and(|n| n == "checkpoints") && a.parent().is_some_and(|p| p.join(LOCK_FILE).exists())
+    })
+}
+
+/// Where an export may not go: a run's folder or its `checkpoints/` (resolving links; a folder
+/// that does not exist yet is judged by where it will be).
+pub fn refuse_export_into_run(dir: &Path) -> Result<()> {
+    let Some(canon) = canonical_to_be(dir) else { return Ok(()) };
+    if inside_checkpoints(&canon) {
+        return Err(TrainError::Invalid(format!("--out {}: inside a run's checkpoints/", dir.display())));
+    }
+    let run = existing_run(dir);
+    if !run.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "--out {}: it holds a training run ({}); export into another folder",
+            dir.display(),
+            run.join(", ")
+        )));
     }
     Ok(())
 }
@@ -194,8 +230,19 @@ pub fn clear(dir: &Path) -> Result<()> {
                 continue;
             }
             let is_dir = std::fs::symlink_metadata(&e).map(|m| m.is_dir()).unwrap_or(false);
-            let r = if is_dir { std::fs::remove_dir_all(&e) } else { std::fs::remove_file(&e) };
-            r.map_err(io(&e))?;
+            if is_dir {
+                // A checkpoint's (or a temporary) folder: its files as the checkpoint module
+                // writes them, then the folder when nothing of yours is left in it.
+                for f in CHECKPOINT_FILES {
+                    let _ = std::fs::remove_file(e.join(f));
+                }
+                if e.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-")) {
+                    std::fs::remove_dir_all(&e).map_err(io(&e))?;
+                }
+                let _ = std::fs::remove_dir(&e);
+            } else {
+                std::fs::remove_file(&e).map_err(io(&e))?;
+            }
         }
         // Left in place when it still holds files of yours.
         let _ = std::fs::remove_dir(&p);

@@ -54,10 +54,12 @@ impl State {
 
 /// The settings of `cfg` a resumed run must share with the run it continues (the data, seed and
 /// batching are in the batcher's fingerprint; the base model in [`BaseFingerprint`]).
-pub(crate) fn settings_of(cfg: &TrainConfig) -> BTreeMap<String, String> {
+/// `eval_data` is the evaluation batches' fingerprint (the data and how it is cut), when there is one.
+pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap<String, String> {
     let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
     BTreeMap::from([
-        ("--method and its settings".to_string(), s(&cfg.method)),
+        ("--eval (its data)".to_string(), eval_data.map_or("none".into(), |f| format!("{f:016x}"))),
+        ("--method and its settings".into(), s(&cfg.method)),
         ("--task".into(), s(&cfg.task)),
         ("--labels".into(), s(&cfg.labels)),
         ("--verbalizers".into(), s(&cfg.verbalizers)),
@@ -70,7 +72,6 @@ pub(crate) fn settings_of(cfg: &TrainConfig) -> BTreeMap<String, String> {
         ("--min-lr-ratio".into(), s(&cfg.min_lr_ratio)),
         ("--weight-decay".into(), s(&cfg.weight_decay)),
         ("--clip".into(), s(&cfg.clip)),
-        ("--eval (given or not)".into(), s(&cfg.eval.is_some())),
         ("--eval-every".into(), s(&cfg.eval_every)),
         ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),
         ("--patience".into(), s(&cfg.patience)),
@@ -113,12 +114,16 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     }
     if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
         let mut changed = changed_settings(old, new);
-        // Extending (or shortening) a run is allowed, but it is no longer the run it was.
-        if let Some(i) = changed.iter().position(|c| c.starts_with("--steps ")) {
+        // Extending (or shortening) a run is allowed, but it is no longer the run it was; the
+        // warmup follows (it is cut to the steps when longer).
+        let schedule: Vec<String> =
+            changed.iter().filter(|c| c.starts_with("--steps ") || c.starts_with("--warmup ")).cloned().collect();
+        if schedule.iter().any(|c| c.starts_with("--steps ")) {
+            changed.retain(|c| !schedule.contains(c));
             eprintln!(
                 "warning: {}: the learning-rate schedule changes from here on, so the run no longer matches an \
                  uninterrupted one",
-                changed.remove(i)
+                schedule.join("; ")
             );
         }
         if !changed.is_empty() {
@@ -127,6 +132,16 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
                  changed: {}. Resume with the same flags, or start a new run (--overwrite or another --out)",
                 ck.dir.display(),
                 changed.join("; ")
+            )));
+        }
+    }
+    if let Some(steps) = now.settings.as_ref().and_then(|s| s.get("--steps")).and_then(|s| s.parse::<u64>().ok()) {
+        if saved.step > steps {
+            return Err(TrainError::Invalid(format!(
+                "{}: the run is already at step {}, past --steps {steps}: resume with --steps {} or more",
+                ck.dir.display(),
+                saved.step,
+                saved.step
             )));
         }
     }

@@ -42,6 +42,18 @@ impl TaskSpec {
                 set.labels().join(", ")
             )));
         }
+        // A loaded classification head (BERT) scores exactly the classes it was trained for.
+        if let Some((_, w)) = model.adapt().extra.iter().find(|(n, _)| n == "classifier.weight") {
+            if w.shape()[0] != set.len() {
+                return Err(TrainError::Invalid(format!(
+                    "the classification head (classifier.weight, {}) has {} classes, the labels are {} ({})",
+                    tuna_models::adapt::peft::EXTRA,
+                    w.shape()[0],
+                    set.len(),
+                    set.labels().join(", ")
+                )));
+            }
+        }
         let mut verbalizer = Vec::new();
         if model.is_decoder() {
             let words: Vec<String> = verbalizers.map_or_else(|| set.labels().to_vec(), <[String]>::to_vec);
