@@ -96,8 +96,13 @@ fn a_second_run_on_a_locked_folder_is_refused_naming_the_holder() {
     }
     first.kill().unwrap();
     first.wait().unwrap();
-    // The kill released the lock: the run resumes.
-    let err = ok(&tuna(&train_args(&out, &train, 3, &["--resume-or-start"])));
+    // The kill released the lock: the run resumes (for one more step than its newest checkpoint).
+    let newest = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .max()
+        .expect("a checkpoint");
+    let err = ok(&tuna(&train_args(&out, &train, newest + 1, &["--resume-or-start"])));
     assert!(err.contains("resuming from"), "{err}");
 }
 
