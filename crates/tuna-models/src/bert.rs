@@ -7,22 +7,20 @@ use crate::adapt::{layer_prefix, Adapt};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::gpt2::{batch_seq, Norm};
+use crate::linear::Linear;
 use crate::params::Loader;
 use tuna_autograd::ops::act::{gelu, GeluKind};
 use tuna_autograd::ops::attention::{attention, AttnOptions};
 use tuna_autograd::ops::elem::{add, mean_pool, slice_cols, tanh};
 use tuna_autograd::ops::embed::embedding;
-use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::linear::WeightLayout;
 use tuna_autograd::ops::norm::layernorm;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
 
-/// An `nn.Linear`: weight `[out, in]`, bias `[out]`.
-pub struct Dense<B: Kernels<E>, E: Float> {
-    pub weight: Tensor<B, E>,
-    pub bias: Tensor<B, E>,
-}
+/// A BERT dense layer: weight `[out, in]` and bias.
+pub type Dense<B, E> = Linear<B, E>;
 
 /// One encoder layer (`encoder.layer.N`).
 pub struct BertLayer<B: Kernels<E>, E: Float> {
@@ -70,27 +68,20 @@ fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize)
     Ok(Norm { weight: load(l, &format!("{name}.weight"), &[c])?, bias: load(l, &format!("{name}.bias"), &[c])? })
 }
 
+/// Dense `name` (bare or under `bert.` in the file), named as `BertModel`'s module.
 fn dense<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Dense<B, E>> {
-    Ok(Dense { weight: load(l, &format!("{name}.weight"), &[o, i])?, bias: load(l, &format!("{name}.bias"), &[o])? })
-}
-
-impl<B: Kernels<E>, E: Float> Dense<B, E> {
-    fn apply(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
-        Ok(linear(x, &self.weight, WeightLayout::OutIn, Some(&self.bias))?)
-    }
+    Ok(Linear {
+        name: name.to_string(),
+        weight: load(l, &format!("{name}.weight"), &[o, i])?,
+        bias: Some(load(l, &format!("{name}.bias"), &[o])?),
+        layout: WeightLayout::OutIn,
+    })
 }
 
 impl<B: Kernels<E>, E: Float> BertLayer<B, E> {
-    /// The layer's dense layers under their Hugging Face module names (within the layer).
-    pub fn dense_named(&self) -> [(&'static str, &Dense<B, E>); 6] {
-        [
-            ("attention.self.query", &self.query),
-            ("attention.self.key", &self.key),
-            ("attention.self.value", &self.value),
-            ("attention.output.dense", &self.attn_out),
-            ("intermediate.dense", &self.intermediate),
-            ("output.dense", &self.output),
-        ]
+    /// The layer's dense layers, in order.
+    pub fn linears(&self) -> [&Dense<B, E>; 6] {
+        [&self.query, &self.key, &self.value, &self.attn_out, &self.intermediate, &self.output]
     }
 }
 
@@ -178,20 +169,16 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let prefix = self.adapt.prefix_kv()?;
         let ad = &self.adapt;
         for (i, l) in self.layers.iter().enumerate() {
-            let dense = |name: &str, x: &Tensor<B, E>, dn: &Dense<B, E>| {
-                let w = (&dn.weight, Some(&dn.bias));
-                ad.linear(|| format!("encoder.layer.{i}.{name}"), x, w.0, WeightLayout::OutIn, w.1)
-            };
+            let dense = |x: &Tensor<B, E>, dn: &Dense<B, E>| ad.linear(dn, x);
             let heads4 = |y: Tensor<B, E>| -> Result<Tensor<B, E>> { Ok(reshape(&y, &[b, t, heads, d])?) };
-            let q = heads4(dense("attention.self.query", &x, &l.query)?)?;
-            let k = heads4(dense("attention.self.key", &x, &l.key)?)?;
-            let v = heads4(dense("attention.self.value", &x, &l.value)?)?;
+            let q = heads4(dense(&x, &l.query)?)?;
+            let k = heads4(dense(&x, &l.key)?)?;
+            let v = heads4(dense(&x, &l.value)?)?;
             let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&mask), opt)?;
-            let a =
-                ad.sublayer(i, false, dense("attention.output.dense", &reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
+            let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
             x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
-            let f = gelu(&dense("intermediate.dense", &x, &l.intermediate)?, GeluKind::Erf)?;
-            let f = ad.sublayer(i, true, dense("output.dense", &f, &l.output)?)?;
+            let f = gelu(&dense(&x, &l.intermediate)?, GeluKind::Erf)?;
+            let f = ad.sublayer(i, true, dense(&f, &l.output)?)?;
             x = layernorm(&add(&f, &x)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;
         }
         Ok((x, mask))

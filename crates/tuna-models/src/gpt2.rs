@@ -14,6 +14,7 @@ use crate::adapt::{layer_prefix, Adapt, Prepared};
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 use crate::generate::{CausalLm, KvCache};
+use crate::linear::Linear;
 use crate::params::Loader;
 use std::sync::Arc;
 use tuna_autograd::ops::act::{gelu, GeluKind};
@@ -35,11 +36,8 @@ pub struct Norm<B: Kernels<E>, E: Float> {
     pub bias: Tensor<B, E>,
 }
 
-/// A GPT-2 `Conv1D`: weight `[in, out]`, bias `[out]`.
-pub struct Conv1D<B: Kernels<E>, E: Float> {
-    pub weight: Tensor<B, E>,
-    pub bias: Tensor<B, E>,
-}
+/// GPT-2's Conv1D: a linear layer whose weight is stored `[in, out]`.
+pub type Conv1D<B, E> = Linear<B, E>;
 
 /// One pre-LN transformer block (`h.N`).
 pub struct Gpt2Block<B: Kernels<E>, E: Float> {
@@ -77,8 +75,22 @@ fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize)
     Ok(Norm { weight: load(l, &format!("{name}.weight"), &[c])?, bias: load(l, &format!("{name}.bias"), &[c])? })
 }
 
+/// Conv1D `name` (bare or prefixed in the file), named `transformer.<name>` as GPT2LMHeadModel's
+/// modules are.
 fn conv<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Conv1D<B, E>> {
-    Ok(Conv1D { weight: load(l, &format!("{name}.weight"), &[i, o])?, bias: load(l, &format!("{name}.bias"), &[o])? })
+    Ok(Linear {
+        name: format!("transformer.{name}"),
+        weight: load(l, &format!("{name}.weight"), &[i, o])?,
+        bias: Some(load(l, &format!("{name}.bias"), &[o])?),
+        layout: WeightLayout::InOut,
+    })
+}
+
+impl<B: Kernels<E>, E: Float> Gpt2Block<B, E> {
+    /// The block's Conv1D layers, in order.
+    pub fn linears(&self) -> [&Conv1D<B, E>; 4] {
+        [&self.c_attn, &self.attn_proj, &self.c_fc, &self.mlp_proj]
+    }
 }
 
 impl<B: Kernels<E>, E: Float> Norm<B, E> {
@@ -204,10 +216,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         let prefix = self.adapt.prefix_kv()?;
         let ad = &self.adapt;
         for (l, blk) in self.blocks.iter().enumerate() {
-            let conv = |name: &str, x: &Tensor<B, E>, cv: &Conv1D<B, E>| {
-                ad.linear(|| format!("transformer.h.{l}.{name}"), x, &cv.weight, WeightLayout::InOut, Some(&cv.bias))
-            };
-            let qkv = conv("attn.c_attn", &blk.ln_1.apply(&x, eps)?, &blk.c_attn)?;
+            let qkv = ad.linear(&blk.c_attn, &blk.ln_1.apply(&x, eps)?)?;
             let split =
                 |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
             let (k, v) = match cache.as_deref_mut() {
@@ -215,10 +224,10 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
                 None => (split(1)?, split(2)?),
             };
             let a = attention(&split(0)?, &k, &v, layer_prefix(&prefix, l), mask, opt)?;
-            let a = conv("attn.c_proj", &reshape(&a, &[b, t, c])?, &blk.attn_proj)?;
+            let a = ad.linear(&blk.attn_proj, &reshape(&a, &[b, t, c])?)?;
             x = add(&x, &ad.sublayer(l, false, a)?)?;
-            let f = gelu(&conv("mlp.c_fc", &blk.ln_2.apply(&x, eps)?, &blk.c_fc)?, GeluKind::Tanh)?;
-            x = add(&x, &ad.sublayer(l, true, conv("mlp.c_proj", &f, &blk.mlp_proj)?)?)?;
+            let f = gelu(&ad.linear(&blk.c_fc, &blk.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
+            x = add(&x, &ad.sublayer(l, true, ad.linear(&blk.mlp_proj, &f)?)?)?;
         }
         Ok((self.ln_f.apply(&x, eps)?, prep))
     }

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod gpt2;
 pub mod hf;
 pub mod io;
+pub mod linear;
 pub mod llama;
 pub mod model;
 pub mod params;

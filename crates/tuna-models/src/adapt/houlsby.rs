@@ -10,13 +10,13 @@
 
 use super::{normal, param};
 use crate::error::Result;
-use tuna_kernels::rng::SplitMix64;
 use std::sync::Arc;
 use tuna_autograd::ops::act::{gelu, GeluKind};
 use tuna_autograd::ops::elem::add;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
+use tuna_kernels::rng::SplitMix64;
 
 /// The bottleneck's non-linearity, as the config names it (GELU, tanh approximation).
 pub const NON_LINEARITY: &str = "gelu_tanh";

@@ -3,13 +3,13 @@
 
 use super::param;
 use crate::error::{Error, Result};
-use tuna_kernels::rng::SplitMix64;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use tuna_autograd::ops::elem::{add, mul, scale};
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
+use tuna_kernels::rng::SplitMix64;
 
 /// Which linears get LoRA and how.
 #[derive(Debug, Clone, PartialEq)]

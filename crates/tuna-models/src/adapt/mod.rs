@@ -34,15 +34,14 @@ pub use prefix::{PrefixKind, PrefixParams, PrefixTuning};
 pub use prompt::SoftPrompt;
 
 use crate::error::{Error, Result};
-use tuna_kernels::rng::SplitMix64;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tuna_autograd::ops::attention::Prefix;
 use tuna_autograd::ops::embed::{embedding, Prompt};
-use tuna_autograd::ops::linear::WeightLayout;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
+use tuna_kernels::rng::SplitMix64;
 
 /// One layer's prefix `(keys, values)`, each `[n, kv_heads, head_dim]`.
 pub type LayerKv<B, E> = (Tensor<B, E>, Tensor<B, E>);
@@ -229,20 +228,13 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         }
     }
 
-    /// `x W (+ bias)` for the module `name` (evaluated only when LoRA is on), plus LoRA's update.
-    pub fn linear(
-        &self,
-        name: impl FnOnce() -> String,
-        x: &Tensor<B, E>,
-        w: &Tensor<B, E>,
-        layout: WeightLayout,
-        bias: Option<&Tensor<B, E>>,
-    ) -> Result<Tensor<B, E>> {
-        let y = tuna_autograd::ops::linear::linear(x, w, layout, bias)?;
+    /// `x W (+ bias)` of `lin`, plus the LoRA update of the module it names (if any).
+    pub fn linear(&self, lin: &crate::linear::Linear<B, E>, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        let y = lin.apply(x)?;
         if self.lora.is_empty() {
             return Ok(y);
         }
-        match self.lora.get(&name()) {
+        match self.lora.get(&lin.name) {
             Some(l) => l.add_update(y, x, self.training.get(), &self.dropout_rng),
             None => Ok(y),
         }

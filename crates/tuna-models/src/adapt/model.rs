@@ -6,7 +6,6 @@ use super::Adapt;
 use crate::bert::Bert;
 use crate::gpt2::Gpt2;
 use crate::llama::Llama;
-use tuna_autograd::ops::linear::WeightLayout;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
 
@@ -40,12 +39,9 @@ pub struct ModelShape {
     pub vocab: usize,
 }
 
-/// A linear layer by its Hugging Face module name (`model.layers.0.self_attn.q_proj`).
-pub struct LinearModule<B: Kernels<E>, E: Float> {
-    pub name: String,
-    pub weight: Tensor<B, E>,
-    pub layout: WeightLayout,
-}
+/// A linear layer by its Hugging Face module name (`model.layers.0.self_attn.q_proj`): the layer
+/// as the architecture loaded it.
+pub type LinearModule<B, E> = crate::linear::Linear<B, E>;
 
 /// A model the adaptation methods apply to.
 pub trait Adaptable<B: Kernels<E>, E: Float> {
@@ -58,10 +54,6 @@ pub trait Adaptable<B: Kernels<E>, E: Float> {
     fn linears(&self) -> Vec<LinearModule<B, E>>;
     /// Every base weight by its Hugging Face name (tied weights once), in model order.
     fn named_weights(&self) -> Vec<(String, Tensor<B, E>)>;
-}
-
-fn lin<B: Kernels<E>, E: Float>(name: String, w: &Tensor<B, E>, layout: WeightLayout) -> LinearModule<B, E> {
-    LinearModule { name, weight: w.clone(), layout }
 }
 
 impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Llama<B, E> {
@@ -87,22 +79,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Llama<B, E> {
         &self.embed_tokens
     }
     fn linears(&self) -> Vec<LinearModule<B, E>> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            for (n, w) in [
-                ("self_attn.q_proj", &l.q_proj),
-                ("self_attn.k_proj", &l.k_proj),
-                ("self_attn.v_proj", &l.v_proj),
-                ("self_attn.o_proj", &l.o_proj),
-                ("mlp.gate_proj", &l.gate_proj),
-                ("mlp.up_proj", &l.up_proj),
-                ("mlp.down_proj", &l.down_proj),
-            ] {
-                out.push(lin(format!("{p}.{n}"), w, WeightLayout::OutIn));
-            }
-        }
-        out
+        self.layers.iter().flat_map(|l| l.linears().map(Clone::clone)).collect()
     }
     fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
@@ -111,7 +88,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Llama<B, E> {
             out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.clone()));
             out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
         }
-        out.extend(self.linears().into_iter().map(|m| (format!("{}.weight", m.name), m.weight)));
+        out.extend(self.linears().iter().flat_map(|m| m.named_weights()));
         out.push(("model.norm.weight".into(), self.norm.clone()));
         if self.lm_head.id() != self.embed_tokens.id() {
             out.push(("lm_head.weight".into(), self.lm_head.clone()));
@@ -143,19 +120,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Gpt2<B, E> {
         &self.wte
     }
     fn linears(&self) -> Vec<LinearModule<B, E>> {
-        let mut out = Vec::new();
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            for (n, c) in [
-                ("attn.c_attn", &b.c_attn),
-                ("attn.c_proj", &b.attn_proj),
-                ("mlp.c_fc", &b.c_fc),
-                ("mlp.c_proj", &b.mlp_proj),
-            ] {
-                out.push(lin(format!("{p}.{n}"), &c.weight, WeightLayout::InOut));
-            }
-        }
-        out
+        self.blocks.iter().flat_map(|b| b.linears().map(Clone::clone)).collect()
     }
     fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
         let t = |n: &str| format!("transformer.{n}");
@@ -166,15 +131,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Gpt2<B, E> {
                 out.push((format!("{p}.{n}.weight"), norm.weight.clone()));
                 out.push((format!("{p}.{n}.bias"), norm.bias.clone()));
             }
-            for (n, c) in [
-                ("attn.c_attn", &b.c_attn),
-                ("attn.c_proj", &b.attn_proj),
-                ("mlp.c_fc", &b.c_fc),
-                ("mlp.c_proj", &b.mlp_proj),
-            ] {
-                out.push((format!("{p}.{n}.weight"), c.weight.clone()));
-                out.push((format!("{p}.{n}.bias"), c.bias.clone()));
-            }
+            out.extend(b.linears().iter().flat_map(|m| m.named_weights()));
         }
         out.push((t("ln_f.weight"), self.ln_f.weight.clone()));
         out.push((t("ln_f.bias"), self.ln_f.bias.clone()));
@@ -205,14 +162,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Bert<B, E> {
         &self.word
     }
     fn linears(&self) -> Vec<LinearModule<B, E>> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("encoder.layer.{i}");
-            for (n, d) in l.dense_named() {
-                out.push(lin(format!("{p}.{n}"), &d.weight, WeightLayout::OutIn));
-            }
-        }
-        out
+        self.layers.iter().flat_map(|l| l.linears().map(Clone::clone)).collect()
     }
     fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
         let mut out = vec![
@@ -224,18 +174,14 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Bert<B, E> {
         ];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("encoder.layer.{i}");
-            for (n, d) in l.dense_named() {
-                out.push((format!("{p}.{n}.weight"), d.weight.clone()));
-                out.push((format!("{p}.{n}.bias"), d.bias.clone()));
-            }
+            out.extend(l.linears().iter().flat_map(|m| m.named_weights()));
             for (n, norm) in [("attention.output.LayerNorm", &l.attn_norm), ("output.LayerNorm", &l.out_norm)] {
                 out.push((format!("{p}.{n}.weight"), norm.weight.clone()));
                 out.push((format!("{p}.{n}.bias"), norm.bias.clone()));
             }
         }
         if let Some(p) = &self.pooler {
-            out.push(("pooler.dense.weight".into(), p.weight.clone()));
-            out.push(("pooler.dense.bias".into(), p.bias.clone()));
+            out.extend(p.named_weights());
         }
         out
     }

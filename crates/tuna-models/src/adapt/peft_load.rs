@@ -4,12 +4,12 @@
 //! values are refused at load, naming the file and the tensor.
 
 use super::peft::{EXTRA, WEIGHTS};
-use crate::io::{read_tensors, HostTensor};
 use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING};
 use super::targets::{peft_default, Targets};
 use super::{param, Adapt, Adaptable, Arch, Houlsby, LinearModule, Lora, LoraConfig, ModelShape};
 use super::{PrefixKind, PrefixParams, PrefixTuning, SoftPrompt};
 use crate::error::{some_names, Error, Result};
+use crate::io::{read_tensors, HostTensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

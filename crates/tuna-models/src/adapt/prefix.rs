@@ -8,13 +8,13 @@
 
 use super::{normal, param};
 use crate::error::{Error, Result};
-use tuna_kernels::rng::SplitMix64;
 use std::sync::Arc;
 use tuna_autograd::ops::elem::{slice_cols, tanh};
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
+use tuna_kernels::rng::SplitMix64;
 
 /// What the prefix is called (both train the same way; P-tuning v2 has no reparameterization).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

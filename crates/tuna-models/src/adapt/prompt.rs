@@ -2,10 +2,10 @@
 
 use super::{normal, param, PromptInit};
 use crate::error::{Error, Result};
-use tuna_kernels::rng::SplitMix64;
 use std::sync::Arc;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
+use tuna_kernels::rng::SplitMix64;
 
 /// A soft prompt: `vectors` `[n, hidden]`.
 pub struct SoftPrompt<B: Kernels<E>, E: Float> {

@@ -5,6 +5,7 @@ use crate::adapt::{layer_prefix, Adapt, Prepared};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::generate::{CausalLm, KvCache};
+use crate::linear::Linear;
 use crate::params::Loader;
 use std::sync::Arc;
 use tuna_autograd::ops::act::swiglu;
@@ -29,14 +30,21 @@ pub const KNOWN_UNUSED: &[&str] = &["layers.*.self_attn.rotary_emb.inv_freq", "l
 /// One decoder layer's weights (all `[out, in]`, no biases).
 pub struct LlamaLayer<B: Kernels<E>, E: Float> {
     pub input_layernorm: Tensor<B, E>,
-    pub q_proj: Tensor<B, E>,
-    pub k_proj: Tensor<B, E>,
-    pub v_proj: Tensor<B, E>,
-    pub o_proj: Tensor<B, E>,
+    pub q_proj: Linear<B, E>,
+    pub k_proj: Linear<B, E>,
+    pub v_proj: Linear<B, E>,
+    pub o_proj: Linear<B, E>,
     pub post_attention_layernorm: Tensor<B, E>,
-    pub gate_proj: Tensor<B, E>,
-    pub up_proj: Tensor<B, E>,
-    pub down_proj: Tensor<B, E>,
+    pub gate_proj: Linear<B, E>,
+    pub up_proj: Linear<B, E>,
+    pub down_proj: Linear<B, E>,
+}
+
+impl<B: Kernels<E>, E: Float> LlamaLayer<B, E> {
+    /// The layer's linears, in order.
+    pub fn linears(&self) -> [&Linear<B, E>; 7] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
 }
 
 /// A Llama causal language model.
@@ -69,17 +77,34 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let embed_tokens = loader.load("model.embed_tokens.weight", &[vocab, hidden])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let mut w = |name: &str, shape: &[usize]| loader.load(&format!("model.layers.{i}.{name}.weight"), shape);
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear<B, E>> {
+                let name = format!("{p}.{name}");
+                let weight = loader.load(&format!("{name}.weight"), &[out, inp])?;
+                Ok(Linear { name, weight, bias: None, layout: WeightLayout::OutIn })
+            };
+            let (q_proj, k_proj, v_proj) = (
+                lin("self_attn.q_proj", heads * hd, hidden)?,
+                lin("self_attn.k_proj", kvh * hd, hidden)?,
+                lin("self_attn.v_proj", kvh * hd, hidden)?,
+            );
+            let o_proj = lin("self_attn.o_proj", hidden, heads * hd)?;
+            let (gate_proj, up_proj, down_proj) = (
+                lin("mlp.gate_proj", inter, hidden)?,
+                lin("mlp.up_proj", inter, hidden)?,
+                lin("mlp.down_proj", hidden, inter)?,
+            );
+            let mut norm = |name: &str| loader.load(&format!("{p}.{name}.weight"), &[hidden]);
             layers.push(LlamaLayer {
-                input_layernorm: w("input_layernorm", &[hidden])?,
-                q_proj: w("self_attn.q_proj", &[heads * hd, hidden])?,
-                k_proj: w("self_attn.k_proj", &[kvh * hd, hidden])?,
-                v_proj: w("self_attn.v_proj", &[kvh * hd, hidden])?,
-                o_proj: w("self_attn.o_proj", &[hidden, heads * hd])?,
-                post_attention_layernorm: w("post_attention_layernorm", &[hidden])?,
-                gate_proj: w("mlp.gate_proj", &[inter, hidden])?,
-                up_proj: w("mlp.up_proj", &[inter, hidden])?,
-                down_proj: w("mlp.down_proj", &[hidden, inter])?,
+                input_layernorm: norm("input_layernorm")?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                gate_proj,
+                up_proj,
+                down_proj,
             });
         }
         let norm = loader.load("model.norm.weight", &[hidden])?;
@@ -177,27 +202,24 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let prefix = self.adapt.prefix_kv()?;
         let ad = &self.adapt;
         for (i, l) in self.layers.iter().enumerate() {
-            let lin = |name: &str, x: &Tensor<B, E>, w: &Tensor<B, E>| {
-                ad.linear(|| format!("model.layers.{i}.{name}"), x, w, WeightLayout::OutIn, None)
-            };
             let h = rmsnorm(&x, &l.input_layernorm, eps)?;
-            let proj = |name: &str, w: &Tensor<B, E>, n: usize| -> Result<Tensor<B, E>> {
-                Ok(reshape(&lin(name, &h, w)?, &[batch, seq, n, hd])?)
+            let proj = |w: &Linear<B, E>, n: usize| -> Result<Tensor<B, E>> {
+                Ok(reshape(&ad.linear(w, &h)?, &[batch, seq, n, hd])?)
             };
-            let q = rope(&proj("self_attn.q_proj", &l.q_proj, heads)?, positions, theta)?;
-            let k = rope(&proj("self_attn.k_proj", &l.k_proj, kvh)?, positions, theta)?;
-            let v = proj("self_attn.v_proj", &l.v_proj, kvh)?;
+            let q = rope(&proj(&l.q_proj, heads)?, positions, theta)?;
+            let k = rope(&proj(&l.k_proj, kvh)?, positions, theta)?;
+            let v = proj(&l.v_proj, kvh)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, &k, &v)?,
                 None => (k, v),
             };
             let a = attention(&q, &k, &v, layer_prefix(&prefix, i), mask, opt)?;
             let a = reshape(&a, &[batch, seq, heads * hd])?;
-            x = add(&x, &ad.sublayer(i, false, lin("self_attn.o_proj", &a, &l.o_proj)?)?)?;
+            x = add(&x, &ad.sublayer(i, false, ad.linear(&l.o_proj, &a)?)?)?;
             let h = rmsnorm(&x, &l.post_attention_layernorm, eps)?;
-            let gate = lin("mlp.gate_proj", &h, &l.gate_proj)?;
-            let up = lin("mlp.up_proj", &h, &l.up_proj)?;
-            let down = lin("mlp.down_proj", &swiglu(&gate, &up)?, &l.down_proj)?;
+            let gate = ad.linear(&l.gate_proj, &h)?;
+            let up = ad.linear(&l.up_proj, &h)?;
+            let down = ad.linear(&l.down_proj, &swiglu(&gate, &up)?)?;
             x = add(&x, &ad.sublayer(i, true, down)?)?;
         }
         Ok(rmsnorm(&x, &self.norm, eps)?)
