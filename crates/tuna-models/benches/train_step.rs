@@ -341,7 +341,6 @@ fn gpt2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let ids_host = random_ids(&mut rng, b * t, cfg.vocab_size);
     let labels: Vec<i32> = ids_host.iter().map(|&i| i as i32).collect();
     let ids = Ints::new(dev, &[b, t], &ids_host)?;
-    let labels = Ints::new(dev, &[b, t], &labels)?;
     let loss = move || -> Res<T32<B>> { Ok(model.loss(&ids, &labels)?) };
     Ok(Job { params, loss: Box::new(loss) })
 }

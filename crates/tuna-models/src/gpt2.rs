@@ -164,14 +164,14 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         mask: Option<&Ints<B, u8>>,
         cache: Option<&mut KvCache<B, E>>,
     ) -> Result<Tensor<B, E>> {
-        Ok(self.hidden_prepared(ids, positions, mask, cache)?.0)
+        Ok(self.hidden_states(ids, positions, mask, cache)?.0)
     }
 
     /// [`Gpt2::hidden_cached`] through the adaptation: with a soft prompt the output has its `n`
     /// virtual positions too (inserted before each row's first real token), and with a prompt or
     /// prefix the content positions are shifted past the virtual tokens, as PEFT does. Returns
     /// the prepared inputs too (for widening labels).
-    pub fn hidden_prepared(
+    pub fn hidden_states(
         &self,
         ids: &Ints<B, u32>,
         positions: &Ints<B, u32>,
@@ -265,30 +265,32 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
 
     /// Hugging Face's causal LM loss with default positions and no mask: mean cross-entropy of
     /// `logits[:, :-1]` against `labels[:, 1:]` (`[batch, seq]`), labels of -100 ignored.
-    pub fn loss(&self, ids: &Ints<B, u32>, labels: &Ints<B, i32>) -> Result<Tensor<B, E>> {
+    pub fn loss(&self, ids: &Ints<B, u32>, labels: &[i32]) -> Result<Tensor<B, E>> {
         let (b, t) = batch_seq(ids)?;
         self.loss_masked(ids, &self.positions(b, t)?, None, labels)
     }
 
-    /// The causal LM loss at explicit positions, with an optional key padding mask.
+    /// The causal LM loss at explicit positions, with an optional key padding mask: the mean
+    /// cross-entropy of the logits at `i` against `labels[i + 1]` (`labels` `[batch, seq]`,
+    /// row-major), over the labels not [`IGNORE_INDEX`].
     pub fn loss_masked(
         &self,
         ids: &Ints<B, u32>,
         positions: &Ints<B, u32>,
         mask: Option<&Ints<B, u8>>,
-        labels: &Ints<B, i32>,
+        labels: &[i32],
     ) -> Result<Tensor<B, E>> {
         let ((b, t), v) = (batch_seq(ids)?, self.cfg.vocab_size);
-        if labels.shape() != [b, t] {
-            return Err(shape_error("labels vs ids [batch, seq]", labels.shape(), &[b, t]));
+        if labels.len() != b * t {
+            return Err(shape_error("labels vs ids [batch, seq]", &[labels.len()], &[b, t]));
         }
-        let (hid, prep) = self.hidden_prepared(ids, positions, mask, None)?;
+        let (hid, prep) = self.hidden_states(ids, positions, mask, None)?;
         // With a soft prompt the sequence is longer by its virtual tokens (labels ignored there).
-        let labels = self.adapt.widen_labels(labels.host(), b, &prep);
+        let labels = self.adapt.widen_labels(labels, b, &prep);
         let t = labels.len() / b.max(1usize);
         // No other handle on the logits may live: cross_entropy then writes its gradient over them.
         let logits = reshape(&self.head(&hid)?, &[b * t, v])?;
-        let targets = Ints::new(self.dev(), &[b * t], &shift_labels(&labels, b, t, &[b, t])?)?;
+        let targets = Ints::new(self.dev(), &[b * t], &crate::positions::next_token_targets(&labels, b, t))?;
         Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
     }
 }
@@ -329,24 +331,4 @@ pub(crate) fn batch_seq<B: tuna_kernels::Alloc<u32>>(ids: &Ints<B, u32>) -> Resu
         }
         .into()),
     }
-}
-
-/// Row `r`, position `i` gets `labels[r, i + 1]`; the last position of each row is ignored.
-fn shift_labels(labels: &[i32], b: usize, t: usize, shape: &[usize]) -> Result<Vec<i32>> {
-    if shape != [b, t] {
-        return Err(tuna_autograd::Error::Shape {
-            op: "gpt2 loss",
-            what: "labels vs ids [batch, seq]",
-            left: shape.to_vec(),
-            right: vec![b, t],
-        }
-        .into());
-    }
-    let mut out = vec![IGNORE_INDEX; b * t];
-    if t > 0 {
-        for r in 0..b {
-            out[r * t..(r + 1) * t - 1].copy_from_slice(&labels[r * t + 1..(r + 1) * t]);
-        }
-    }
-    Ok(out)
 }

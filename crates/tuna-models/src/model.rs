@@ -244,11 +244,10 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// Hugging Face's causal LM loss of `ids` (`[batch, seq]`, left-padded under `mask`) against
     /// `labels` (unshifted, -100 ignored), positions from the mask.
     pub fn lm_loss(&self, ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Tensor<B, E>> {
-        let seq = ids.len() / batch.max(1);
         let (t, m, pos) = self.inputs(ids, mask, batch)?;
         Ok(match &self.net {
-            Net::Gpt2(g) => g.loss_masked(&t, &pos, Some(&m), &Ints::new(&self.dev, &[batch, seq], labels)?)?,
-            Net::Llama(l) => l.loss_with(&t, &pos, Some(&m), labels)?,
+            Net::Gpt2(g) => g.loss_masked(&t, &pos, Some(&m), labels)?,
+            Net::Llama(l) => l.loss_masked(&t, &pos, Some(&m), labels)?,
             Net::Bert(_) => {
                 return Err(Error::InvalidArgument(
                     "the lm and completion tasks need a decoder (GPT-2, Llama), not BERT".into(),
@@ -273,7 +272,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         };
         match &self.net {
             Net::Gpt2(g) => {
-                let (h, _) = g.hidden_prepared(&t, &pos, Some(&m), None)?;
+                let (h, _) = g.hidden_states(&t, &pos, Some(&m), None)?;
                 verb(&g.wte, &last(h)?)
             }
             Net::Llama(l) => {

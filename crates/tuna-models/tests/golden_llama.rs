@@ -40,7 +40,7 @@ fn llama_matches_hugging_face() {
     };
     assert_rel("llama logits", 1e-5, &keep(&logits), &keep(&want));
 
-    let loss = model.loss_with(&ids, &pos, Some(&mask_t), &labels).unwrap();
+    let loss = model.loss_masked(&ids, &pos, Some(&mask_t), &labels).unwrap();
     assert_rel("llama loss", 1e-5, &loss.to_vec().unwrap(), &g.f32("loss"));
     loss.backward().unwrap();
     check_grads(&g, &loader.loaded);

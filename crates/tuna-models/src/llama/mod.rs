@@ -230,19 +230,19 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         Ok(linear(h, &self.lm_head, WeightLayout::OutIn, None)?)
     }
 
-    /// Hugging Face's causal LM loss with positions `0..seq` and no padding: see [`Llama::loss_with`].
+    /// Hugging Face's causal LM loss with positions `0..seq` and no padding: see [`Llama::loss_masked`].
     pub fn loss(&self, ids: &Ints<B, u32>, labels: &[i32]) -> Result<Tensor<B, E>> {
         let &[batch, seq] = ids.shape() else {
             return Err(shape_err("ids must be [batch, seq]", ids.shape(), &[]));
         };
         let positions = Ints::new(&self.dev, &[batch, seq], &positions(batch, seq, 0))?;
-        self.loss_with(ids, &positions, None, labels)
+        self.loss_masked(ids, &positions, None, labels)
     }
 
     /// Hugging Face's causal LM loss: the mean cross-entropy of the logits at `i` against
     /// `labels[i + 1]` (`labels` `[batch, seq]`, row-major), over the labels not
     /// [`IGNORE_INDEX`].
-    pub fn loss_with(
+    pub fn loss_masked(
         &self,
         ids: &Ints<B, u32>,
         positions: &Ints<B, u32>,
@@ -265,7 +265,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let seq = labels.len() / batch.max(1usize);
         // No other handle on the logits may live: cross_entropy then writes its gradient over them.
         let logits = reshape(&self.head(&h)?, &[batch * seq, vocab])?;
-        let targets = shifted_targets(&labels, batch, seq);
+        let targets = crate::positions::next_token_targets(&labels, batch, seq);
         let targets = Ints::new(&self.dev, &[batch * seq], &targets)?;
         Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
     }
@@ -292,18 +292,6 @@ impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Llama<B, E> {
 }
 
 pub use crate::positions::{positions, positions_from_mask};
-
-/// Targets for the logits at each position: the next label in the row, [`IGNORE_INDEX`] at each
-/// row's last position (HF shifts logits and labels; the mean over the kept rows is the same).
-fn shifted_targets(labels: &[i32], batch: usize, seq: usize) -> Vec<i32> {
-    let mut t = vec![IGNORE_INDEX; batch * seq];
-    for r in 0..batch {
-        for i in 0..seq.saturating_sub(1) {
-            t[r * seq + i] = labels[r * seq + i + 1];
-        }
-    }
-    t
-}
 
 fn shape_err(what: &'static str, left: &[usize], right: &[usize]) -> Error {
     tuna_autograd::Error::Shape { op: "llama", what, left: left.to_vec(), right: right.to_vec() }.into()

@@ -157,7 +157,7 @@ fn gradient_check_all_weights() {
     let labels = [-100, -100, 3, 12, 0, 4, 4, 9, 2, 11];
     check(
         &params,
-        || m.loss_with(&ids, &pos, Some(&mask), &labels).map_err(|e| tuna_autograd::Error::Backward(e.to_string())),
+        || m.loss_masked(&ids, &pos, Some(&mask), &labels).map_err(|e| tuna_autograd::Error::Backward(e.to_string())),
         1e-5,
         GRAD_TOL,
         3,

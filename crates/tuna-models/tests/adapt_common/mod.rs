@@ -74,7 +74,7 @@ impl<E: Float> Fixture<E> for Model<E> {
         let t = Ints::new(&dev, &[batch, seq], ids).unwrap();
         let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
         match &self.net {
-            Net::Gpt2(m) => m.loss(&t, &Ints::new(&dev, &[batch, seq], &labels).unwrap()).unwrap(),
+            Net::Gpt2(m) => m.loss(&t, &labels).unwrap(),
             Net::Llama(m) => m.loss(&t, &labels).unwrap(),
             Net::Bert(m) => {
                 let mask = Ints::new(&dev, &[batch, seq], &vec![1u8; batch * seq]).unwrap();
