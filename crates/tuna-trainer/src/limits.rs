@@ -32,14 +32,6 @@ pub fn min_len(task: crate::data::Task) -> usize {
     }
 }
 
-/// The positions `method` puts before the content: `n` for prompt and prefix methods, else 0.
-pub fn method_virtual_tokens(method: &Method) -> usize {
-    match method {
-        Method::Prompt { n, .. } | Method::Prefix { n, .. } | Method::PTuningV2 { n } => *n,
-        _ => 0,
-    }
-}
-
 /// The tokens per example: `asked` (`--max-len`) when it fits in `max_positions` beside `virtual_`
 /// tokens, an error naming the largest that fits when it does not; without `asked`,
 /// [`DEFAULT_MAX_LEN`] or the room left, whichever is smaller. At least `min_len` tokens (2 for

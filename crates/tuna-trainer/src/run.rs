@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::eval::{batch_config, describe, evaluate, EvalMetrics};
 use crate::export::{export, peak_rss_bytes};
 use crate::fingerprint::BaseFingerprint;
-use crate::limits::{check_method_size, method_virtual_tokens, min_len, resolve_max_len};
+use crate::limits::{check_method_size, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
 use crate::model::{Backend, Model};
 use crate::progress::Progress;
@@ -58,8 +58,7 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
     };
     let mut model = Model::open_for(dev, &cfg.model, &cfg.method)?;
     // Lengths against the model's positions before anything is allocated for the method.
-    let max_len =
-        resolve_max_len(cfg.max_len, model.max_positions(), method_virtual_tokens(&cfg.method), min_len(cfg.task))?;
+    let max_len = resolve_max_len(cfg.max_len, model.max_positions(), cfg.method.virtual_tokens(), min_len(cfg.task))?;
     check_method_size(&cfg.method, model.shape().hidden)?;
     model.install(&cfg.method, cfg.seed, Some(&words))?;
     let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;

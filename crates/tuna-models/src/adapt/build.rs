@@ -46,6 +46,15 @@ pub enum Method {
 }
 
 impl Method {
+    /// The positions the method puts before the content: `n` virtual tokens for prompt and prefix
+    /// methods (PEFT's rule: the content then starts at position `n`), else 0.
+    pub fn virtual_tokens(&self) -> usize {
+        match self {
+            Method::Prompt { n, .. } | Method::Prefix { n, .. } | Method::PTuningV2 { n } => *n,
+            _ => 0,
+        }
+    }
+
     /// A short name for tables and file names.
     pub fn name(&self) -> &'static str {
         match self {
