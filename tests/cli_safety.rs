@@ -25,6 +25,11 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
+/// `tuna eval` of `adapter` (on the tiny Llama) over `data`, with `extra` flags.
+fn eval_args(adapter: &str, data: &str, extra: &[&str]) -> Vec<String> {
+    [s(&["eval", "--model", &fixture("llama"), "--adapter", adapter, "--data", data]), s(extra)].concat()
+}
+
 /// Every file under `dir` (relative path, bytes), sorted: a folder's exact state.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     fn walk(root: &Path, d: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
@@ -252,17 +257,7 @@ fn labels_with_commas_and_spaces_read_back_and_eval_refuses_another_order() {
     b = set(b, "--task", "classify");
     ok(&tuna(&b));
     let adapter2 = d.join("run2/adapter").display().to_string();
-    let o = tuna(&s(&[
-        "eval",
-        "--model",
-        &fixture("llama"),
-        "--adapter",
-        &adapter2,
-        "--data",
-        &cls.display().to_string(),
-        "--labels",
-        "y,x",
-    ]));
+    let o = tuna(&eval_args(&adapter2, &cls.display().to_string(), &["--labels", "y,x"]));
     fails(&o, "--labels y,x disagrees with training's x,y");
 }
 
@@ -529,17 +524,7 @@ fn eval_takes_the_task_and_verbalizers_training_used() {
     let out = d.join("cls");
     ok(&tuna(&set(train_args(&out, &cls, 2, &["--verbalizers", "cat,other"]), "--task", "classify")));
     let adapter2 = out.join("adapter").display().to_string();
-    let o = tuna(&s(&[
-        "eval",
-        "--model",
-        &fixture("llama"),
-        "--adapter",
-        &adapter2,
-        "--data",
-        &cls,
-        "--verbalizers",
-        "other,cat",
-    ]));
+    let o = tuna(&eval_args(&adapter2, &cls, &["--verbalizers", "other,cat"]));
     fails(&o, "--verbalizers other,cat disagrees with training's cat,other");
 }
 
