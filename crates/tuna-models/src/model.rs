@@ -46,7 +46,8 @@ macro_rules! each {
 }
 
 /// A loaded model of any supported architecture, with its tokenizer and the base weights that
-/// train (full fine-tuning): the one interface the trainer, the CLI and the benches use.
+/// train (full fine-tuning): the one interface the trainer and the CLI use (the training-step
+/// bench still builds architectures from random weights directly).
 pub struct AnyModel<B: Kernels<E>, E: Float> {
     pub net: Net<B, E>,
     pub tokenizer: tokenizers::Tokenizer,
