@@ -17,8 +17,6 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use tuna_autograd::ops::elem::mean_pool;
-use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::optim::AdamW;
 use tuna_autograd::optim::OptimKernels;
@@ -26,12 +24,9 @@ use tuna_autograd::{Ints, Tensor};
 use tuna_kernels::ops::adamw::AdamWParams;
 use tuna_kernels::testing::Rng;
 use tuna_kernels::{Cpu, Cuda};
-use tuna_models::adapt::{Adaptable, LoraConfig, Method, PromptInit};
-use tuna_models::bert::Bert;
-use tuna_models::config::{BertConfig, Gpt2Config, LlamaConfig};
-use tuna_models::gpt2::Gpt2;
-use tuna_models::llama::Llama;
-use tuna_models::params::Loader;
+use tuna_models::adapt::{LoraConfig, Method, PromptInit};
+use tuna_models::config::{BertConfig, Gpt2Config, LlamaConfig, ModelConfig};
+use tuna_models::model::AnyModel;
 use tuna_models::weights::WeightSource;
 
 type Res<T> = std::result::Result<T, Box<dyn Error>>;
@@ -239,55 +234,59 @@ fn random_ids(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.below(vocab) as u32).collect()
 }
 
+/// The bench's model through the one model interface: `cfg` with `weights`, `method` installed
+/// (a full fine-tune trains every base weight). No text is tokenized, so the tokenizer is empty.
+fn open<B: OptimKernels<f32>>(
+    dev: &Arc<B>,
+    cfg: ModelConfig,
+    weights: RandomWeights,
+    method: &Method,
+    seed: u64,
+) -> Res<AnyModel<B, f32>> {
+    let weights = Box::leak(Box::new(weights));
+    let full = matches!(method, Method::Full { .. });
+    let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
+    let mut model = AnyModel::from_source(dev, &cfg, &*weights, tokenizer, false, move |_| full)?;
+    model.install(method, seed, None)?;
+    Ok(model)
+}
+
 fn minilm_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = minilm_cfg();
     let m = method(&a.method, &["query", "value"])?;
-    let weights = Box::leak(Box::new(bert_weights(&cfg, a.seed)));
-    let full = matches!(m, Method::Full { .. });
-    let mut loader = Loader::<B, f32>::with_trainable(&*weights, dev, move |_| full);
-    let mut model = Bert::load(&cfg, &mut loader)?;
-    m.apply(&mut model, a.seed)?;
-    let mut params: Vec<T32<B>> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
-    params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
+    let weights = bert_weights(&cfg, a.seed);
+    let vocab = cfg.vocab_size;
+    let mut model = open(dev, ModelConfig::Bert(cfg), weights, &m, a.seed)?;
     // the classification head trains in every method
+    model.add_head(2, a.seed)?;
+    let params: Vec<T32<B>> = model.trainable().into_iter().map(|(_, t)| t).collect();
     let mut rng = Rng::new(a.seed ^ 0x4ead);
-    let h = cfg.hidden_size;
-    let hw: Vec<f32> = (0..2 * h).map(|_| 0.02 * rng.normal()).collect();
-    let head_w = Tensor::param(dev, "classifier.weight", &[2, h], &hw)?;
-    let head_b = Tensor::param(dev, "classifier.bias", &[2], &[0.0, 0.0])?;
-    params.push(head_w.clone());
-    params.push(head_b.clone());
     let (b, t) = (a.batch, a.seq);
-    let ids = Ints::new(dev, &[b, t], &random_ids(&mut rng, b * t, cfg.vocab_size))?;
-    let mask = Ints::new(dev, &[b, t], &vec![1u8; b * t])?;
+    let ids = random_ids(&mut rng, b * t, vocab);
+    let mask = vec![1u8; b * t];
     let targets: Vec<i32> = (0..b).map(|_| rng.below(2) as i32).collect();
     let targets = Ints::new(dev, &[b], &targets)?;
-    let loss = move || -> Res<T32<B>> {
-        let (hid, mask) = model.encode(&ids, &mask)?;
-        let pooled = mean_pool(&hid, &mask)?;
-        let logits = linear(&pooled, &head_w, WeightLayout::OutIn, Some(&head_b))?;
-        Ok(cross_entropy(logits, &targets, -100)?)
-    };
+    let loss = move || -> Res<T32<B>> { Ok(cross_entropy(model.class_scores(&ids, &mask, b, &[])?, &targets, -100)?) };
+    Ok(Job { params, loss: Box::new(loss) })
+}
+
+/// A causal LM job (labels = input ids) on `model`.
+fn lm_job<B: OptimKernels<f32>>(model: AnyModel<B, f32>, a: &Args, vocab: usize, seed: u64) -> Res<Job<B>> {
+    let params: Vec<T32<B>> = model.trainable().into_iter().map(|(_, t)| t).collect();
+    let mut rng = Rng::new(seed);
+    let (b, t) = (a.batch, a.seq);
+    let ids = random_ids(&mut rng, b * t, vocab);
+    let labels: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let mask = vec![1u8; b * t];
+    let loss = move || -> Res<T32<B>> { Ok(model.lm_loss(&ids, &mask, &labels, b)?) };
     Ok(Job { params, loss: Box::new(loss) })
 }
 
 fn smollm2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = smollm2_cfg(a.layers);
     let m = method(&a.method, &["q_proj", "v_proj"])?;
-    let weights = Box::leak(Box::new(llama_weights(&cfg, a.seed)));
-    let full = matches!(m, Method::Full { .. });
-    let mut loader = Loader::<B, f32>::with_trainable(&*weights, dev, move |_| full);
-    let mut model = Llama::load(&cfg, &mut loader)?;
-    m.apply(&mut model, a.seed)?;
-    let mut params: Vec<T32<B>> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
-    params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
-    let mut rng = Rng::new(a.seed ^ 0x70c5);
-    let (b, t) = (a.batch, a.seq);
-    let ids_host = random_ids(&mut rng, b * t, cfg.vocab_size);
-    let labels: Vec<i32> = ids_host.iter().map(|&i| i as i32).collect();
-    let ids = Ints::new(dev, &[b, t], &ids_host)?;
-    let loss = move || -> Res<T32<B>> { Ok(model.loss(&ids, &labels)?) };
-    Ok(Job { params, loss: Box::new(loss) })
+    let (weights, vocab) = (llama_weights(&cfg, a.seed), cfg.vocab_size);
+    lm_job(open(dev, ModelConfig::Llama(cfg), weights, &m, a.seed)?, a, vocab, a.seed ^ 0x70c5)
 }
 
 /// GPT-2 small (124M): 12 layers, width 768, 12 heads, 1024 positions, tied head.
@@ -329,20 +328,8 @@ fn gpt2_weights(cfg: &Gpt2Config, seed: u64) -> RandomWeights {
 fn gpt2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = gpt2_cfg(a.layers);
     let m = method(&a.method, &["c_attn"])?;
-    let weights = Box::leak(Box::new(gpt2_weights(&cfg, a.seed)));
-    let full = matches!(m, Method::Full { .. });
-    let mut loader = Loader::<B, f32>::with_trainable(&*weights, dev, move |_| full);
-    let mut model = Gpt2::load(&cfg, &mut loader)?;
-    m.apply(&mut model, a.seed)?;
-    let mut params: Vec<T32<B>> = model.adapt().params().into_iter().map(|(_, t)| t).collect();
-    params.extend(loader.loaded.iter().filter(|(_, t)| t.requires_grad()).map(|(_, t)| t.clone()));
-    let mut rng = Rng::new(a.seed ^ 0x6972);
-    let (b, t) = (a.batch, a.seq);
-    let ids_host = random_ids(&mut rng, b * t, cfg.vocab_size);
-    let labels: Vec<i32> = ids_host.iter().map(|&i| i as i32).collect();
-    let ids = Ints::new(dev, &[b, t], &ids_host)?;
-    let loss = move || -> Res<T32<B>> { Ok(model.loss(&ids, &labels)?) };
-    Ok(Job { params, loss: Box::new(loss) })
+    let (weights, vocab) = (gpt2_weights(&cfg, a.seed), cfg.vocab_size);
+    lm_job(open(dev, ModelConfig::Gpt2(cfg), weights, &m, a.seed)?, a, vocab, a.seed ^ 0x6972)
 }
 
 /// VmHWM (peak resident set) in MiB, from /proc/self/status.

@@ -46,8 +46,7 @@ macro_rules! each {
 }
 
 /// A loaded model of any supported architecture, with its tokenizer and the base weights that
-/// train (full fine-tuning): the one interface the trainer and the CLI use (the training-step
-/// bench still builds architectures from random weights directly).
+/// train (full fine-tuning): the one interface the trainer, the CLI and the training-step bench use.
 pub struct AnyModel<B: Kernels<E>, E: Float> {
     pub net: Net<B, E>,
     pub tokenizer: tokenizers::Tokenizer,
@@ -72,8 +71,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`) with its tokenizer; the base weights
     /// named as `trainable` says train. No adaptation is installed.
     pub fn open(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Self> {
-        let dev = dev.clone();
-        let (net, tokenizer, add_special, loaded) = if path.is_file() {
+        let mut m = Self::open_source(dev, path, trainable)?;
+        // The folder (or the .gguf) the user named, which exports copy their files from.
+        m.source = path.to_path_buf();
+        Ok(m)
+    }
+
+    fn open_source(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Self> {
+        if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
                 return Err(Error::Format {
                     path: path.to_path_buf(),
@@ -81,34 +86,45 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 });
             }
             let g = GgufFile::open(path)?;
-            let cfg = g.llama_config()?;
-            let tok = g.build_tokenizer()?;
-            let mut l = Loader::with_trainable(&g as &dyn WeightSource, &dev, trainable);
-            let net = Net::Llama(Llama::load(&cfg, &mut l)?);
-            (net, tok, false, l.loaded)
+            let cfg = ModelConfig::Llama(g.llama_config()?);
+            Self::from_source(dev, &cfg, &g, g.build_tokenizer()?, false, trainable)
         } else if path.is_dir() {
             let ck = HfCheckpoint::open(path)?;
             let tok = crate::tokenizer::Tokenizer::from_file(path.join("tokenizer.json"))?
                 .without_padding_and_truncation()
                 .inner()
                 .clone();
-            let mut l = Loader::with_trainable(&ck as &dyn WeightSource, &dev, trainable);
-            let net = match ck.config().clone() {
-                ModelConfig::Gpt2(c) => Net::Gpt2(Gpt2::load(&c, &mut l)?),
-                ModelConfig::Llama(c) => Net::Llama(Llama::load(&c, &mut l)?),
-                ModelConfig::Bert(c) => Net::Bert(Bert::load(&c, &mut l)?),
-            };
-            (net, tok, true, l.loaded)
+            Self::from_source(dev, &ck.config().clone(), &ck, tok, true, trainable)
         } else {
-            return Err(Error::Format {
+            Err(Error::Format {
                 path: path.to_path_buf(),
                 msg: "no such file or folder (give a Hugging Face folder or a .gguf file; a hub id needs a model \
                       hub, which this machine cannot reach)"
                     .into(),
-            });
+            })
+        }
+    }
+
+    /// The model `cfg` describes, its weights from `src` (a checkpoint, or weights made in code;
+    /// [`AnyModel::source`] is then `src`'s path), with `tokenizer` (`add_special`: whether
+    /// [`AnyModel::encode`] adds its special tokens); the base weights named as `trainable` says
+    /// train.
+    pub fn from_source(
+        dev: &Arc<B>,
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        tokenizer: tokenizers::Tokenizer,
+        add_special: bool,
+        trainable: impl Fn(&str) -> bool + 'static,
+    ) -> Result<Self> {
+        let mut l = Loader::with_trainable(src, dev, trainable);
+        let net = match cfg {
+            ModelConfig::Gpt2(c) => Net::Gpt2(Gpt2::load(c, &mut l)?),
+            ModelConfig::Llama(c) => Net::Llama(Llama::load(c, &mut l)?),
+            ModelConfig::Bert(c) => Net::Bert(Bert::load(c, &mut l)?),
         };
-        let trainable_base = loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: path.to_path_buf(), dev })
+        let trainable_base = l.loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: src.path().to_path_buf(), dev: dev.clone() })
     }
 
     /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt init given with
