@@ -246,7 +246,7 @@ fn open<B: OptimKernels<f32>>(
     let weights = Box::leak(Box::new(weights));
     let full = matches!(method, Method::Full { .. });
     let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
-    let mut model = AnyModel::from_source(dev, &cfg, &*weights, tokenizer, false, move |_| full)?;
+    let mut model = AnyModel::from_source(dev, &cfg, &*weights, weights.path(), tokenizer, false, move |_| full)?;
     model.install(method, seed, None)?;
     Ok(model)
 }

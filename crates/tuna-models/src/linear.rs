@@ -1,6 +1,7 @@
-//! A linear layer as loaded: its weight, optional bias and layout, and the Hugging Face module name
-//! it was loaded under (`model.layers.0.self_attn.q_proj`): the one place each architecture spells
-//! it, which the forward's LoRA lookup, `named_weights` and saving all read.
+//! A linear layer as loaded: its weight, optional bias and layout, and its Hugging Face module name
+//! (`model.layers.0.self_attn.q_proj`; normalized: GPT-2's `transformer.h.N...` and BERT's
+//! `encoder.layer.N...` whichever prefix the file used), set once where each architecture loads it
+//! and read by the forward's LoRA lookup, `named_weights` and saving.
 
 use crate::error::Result;
 use tuna_autograd::ops::linear::WeightLayout;
@@ -9,7 +10,7 @@ use tuna_autograd::{Float, Tensor};
 
 /// A linear layer and its module name.
 pub struct Linear<B: Kernels<E>, E: Float> {
-    /// The module name, as PEFT's keys and the checkpoint name it (without `.weight`).
+    /// The module name as PEFT's keys and `named_weights` spell it (without `.weight`).
     pub name: String,
     pub weight: Tensor<B, E>,
     pub bias: Option<Tensor<B, E>>,

@@ -71,13 +71,6 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`) with its tokenizer; the base weights
     /// named as `trainable` says train. No adaptation is installed.
     pub fn open(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Self> {
-        let mut m = Self::open_source(dev, path, trainable)?;
-        // The folder (or the .gguf) the user named, which exports copy their files from.
-        m.source = path.to_path_buf();
-        Ok(m)
-    }
-
-    fn open_source(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Self> {
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
                 return Err(Error::Format {
@@ -87,14 +80,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             }
             let g = GgufFile::open(path)?;
             let cfg = ModelConfig::Llama(g.llama_config()?);
-            Self::from_source(dev, &cfg, &g, g.build_tokenizer()?, false, trainable)
+            Self::from_source(dev, &cfg, &g, path, g.build_tokenizer()?, false, trainable)
         } else if path.is_dir() {
             let ck = HfCheckpoint::open(path)?;
             let tok = crate::tokenizer::Tokenizer::from_file(path.join("tokenizer.json"))?
                 .without_padding_and_truncation()
                 .inner()
                 .clone();
-            Self::from_source(dev, &ck.config().clone(), &ck, tok, true, trainable)
+            Self::from_source(dev, &ck.config().clone(), &ck, path, tok, true, trainable)
         } else {
             Err(Error::Format {
                 path: path.to_path_buf(),
@@ -105,14 +98,16 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         }
     }
 
-    /// The model `cfg` describes, its weights from `src` (a checkpoint, or weights made in code;
-    /// [`AnyModel::source`] is then `src`'s path), with `tokenizer` (`add_special`: whether
-    /// [`AnyModel::encode`] adds its special tokens); the base weights named as `trainable` says
-    /// train.
+    /// The model `cfg` describes, its weights from `src` (a checkpoint, or weights made in code),
+    /// with `tokenizer` (`add_special`: whether [`AnyModel::encode`] adds its special tokens); the
+    /// base weights named as `trainable` says train. `source` is the folder (or `.gguf`) the model
+    /// came from: a merged export copies a folder's config and tokenizer files, and writes those a
+    /// `.gguf` implies.
     pub fn from_source(
         dev: &Arc<B>,
         cfg: &ModelConfig,
         src: &dyn WeightSource,
+        source: &Path,
         tokenizer: tokenizers::Tokenizer,
         add_special: bool,
         trainable: impl Fn(&str) -> bool + 'static,
@@ -124,7 +119,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             ModelConfig::Bert(c) => Net::Bert(Bert::load(c, &mut l)?),
         };
         let trainable_base = l.loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: src.path().to_path_buf(), dev: dev.clone() })
+        Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: source.to_path_buf(), dev: dev.clone() })
     }
 
     /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt init given with

@@ -9,7 +9,7 @@ use crate::data::Task;
 
 /// The target id of a position that carries no loss (padding, prompt tokens, classification text).
 pub use tuna_kernels::ops::cross_entropy::IGNORE_INDEX;
-pub use tuna_kernels::rng::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 
 /// One tokenized example. `targets` are per-token label ids aligned index for index with `ids`
 /// (`IGNORE_INDEX` = no loss; what they mean — shifted next tokens or not — is the trainer's choice);

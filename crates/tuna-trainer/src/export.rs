@@ -1,10 +1,9 @@
 //! What a run leaves: the final export (a PEFT adapter folder, or a Hugging Face folder of a fully
-//! fine-tuned model), opening an export again, and the process's peak memory for the summary.
+//! fine-tuned model), and the process's peak memory for the summary.
 
 use crate::error::Result;
 use crate::model::{Backend, Model};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use tuna_models::adapt::peft;
 
 /// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
@@ -33,10 +32,4 @@ pub fn peak_rss_bytes() -> u64 {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// A base model with the adapter in `adapter` (a PEFT or tuna folder) installed, nothing trainable
-/// (see [`tuna_models::model::AnyModel::open_adapted`]).
-pub fn load_adapted<B: Backend>(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Model<B>> {
-    Ok(Model::open_adapted(dev, model, adapter)?)
 }

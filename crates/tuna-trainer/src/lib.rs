@@ -25,9 +25,7 @@ pub mod schedule;
 mod state;
 pub mod task;
 
-pub use batch::{
-    Batch, BatchConfig, BatchError, Batcher, Cursor, Encoded, PadSide, SplitMix64, Truncate, IGNORE_INDEX,
-};
+pub use batch::{Batch, BatchConfig, BatchError, Batcher, Cursor, Encoded, PadSide, Truncate, IGNORE_INDEX};
 pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
 };
@@ -35,7 +33,7 @@ pub use config::{RunSummary, TrainConfig};
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
 pub use error::TrainError;
 pub use eval::{describe_eval, eval_file, evaluate, EvalMetrics};
-pub use export::{export, load_adapted, peak_rss_bytes};
+pub use export::{export, peak_rss_bytes};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
 pub use model::Model;
 pub use profile::{profile, Profile, ProfileRow};

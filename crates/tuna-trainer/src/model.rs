@@ -2,7 +2,7 @@
 //! adaptation and the task heads) in f32, on a backend that has the optimizer's kernels.
 
 use tuna_autograd::optim::OptimKernels;
-pub use tuna_models::model::{AnyModel, Net};
+pub use tuna_models::model::AnyModel;
 
 /// The backends a run can train on (the CPU, CUDA): every op and the optimizer kernels in f32.
 pub trait Backend: OptimKernels<f32> {}

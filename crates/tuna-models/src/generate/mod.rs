@@ -2,10 +2,9 @@
 //! sequence, prefilling the prompt once and then feeding one token per step through a KV cache.
 
 mod cache;
-mod rng;
 
 pub use cache::KvCache;
-pub use rng::SplitMix64;
+use tuna_kernels::rng::SplitMix64;
 
 use crate::error::{Error, Result};
 use tuna_autograd::ops::Kernels;

@@ -78,33 +78,24 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear<B, E>> {
+            // In the checkpoint's order: the trainable list follows it, and so does the order the
+            // global gradient norm sums in.
+            let norm = |l: &mut Loader<'_, B, E>, name: &str| l.load(&format!("{p}.{name}.weight"), &[hidden]);
+            let lin = |l: &mut Loader<'_, B, E>, name: &str, out: usize, inp: usize| -> Result<Linear<B, E>> {
                 let name = format!("{p}.{name}");
-                let weight = loader.load(&format!("{name}.weight"), &[out, inp])?;
+                let weight = l.load(&format!("{name}.weight"), &[out, inp])?;
                 Ok(Linear { name, weight, bias: None, layout: WeightLayout::OutIn })
             };
-            let (q_proj, k_proj, v_proj) = (
-                lin("self_attn.q_proj", heads * hd, hidden)?,
-                lin("self_attn.k_proj", kvh * hd, hidden)?,
-                lin("self_attn.v_proj", kvh * hd, hidden)?,
-            );
-            let o_proj = lin("self_attn.o_proj", hidden, heads * hd)?;
-            let (gate_proj, up_proj, down_proj) = (
-                lin("mlp.gate_proj", inter, hidden)?,
-                lin("mlp.up_proj", inter, hidden)?,
-                lin("mlp.down_proj", hidden, inter)?,
-            );
-            let mut norm = |name: &str| loader.load(&format!("{p}.{name}.weight"), &[hidden]);
             layers.push(LlamaLayer {
-                input_layernorm: norm("input_layernorm")?,
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                post_attention_layernorm: norm("post_attention_layernorm")?,
-                gate_proj,
-                up_proj,
-                down_proj,
+                input_layernorm: norm(loader, "input_layernorm")?,
+                q_proj: lin(loader, "self_attn.q_proj", heads * hd, hidden)?,
+                k_proj: lin(loader, "self_attn.k_proj", kvh * hd, hidden)?,
+                v_proj: lin(loader, "self_attn.v_proj", kvh * hd, hidden)?,
+                o_proj: lin(loader, "self_attn.o_proj", hidden, heads * hd)?,
+                post_attention_layernorm: norm(loader, "post_attention_layernorm")?,
+                gate_proj: lin(loader, "mlp.gate_proj", inter, hidden)?,
+                up_proj: lin(loader, "mlp.up_proj", inter, hidden)?,
+                down_proj: lin(loader, "mlp.down_proj", hidden, inter)?,
             });
         }
         let norm = loader.load("model.norm.weight", &[hidden])?;
@@ -291,7 +282,7 @@ impl<B: Kernels<E>, E: Float> CausalLm<B, E> for Llama<B, E> {
     }
 }
 
-pub use crate::positions::{positions, positions_from_mask};
+use crate::positions::positions;
 
 fn shape_err(what: &'static str, left: &[usize], right: &[usize]) -> Error {
     tuna_autograd::Error::Shape { op: "llama", what, left: left.to_vec(), right: right.to_vec() }.into()

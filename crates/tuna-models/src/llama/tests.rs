@@ -4,6 +4,7 @@
 use super::*;
 use crate::generate::{generate, Sampling};
 use crate::params::MemWeights;
+use crate::positions::positions_from_mask;
 use std::collections::BTreeMap;
 use tuna_autograd::gradcheck::{check, GRAD_TOL};
 use tuna_autograd::no_grad;

@@ -1,4 +1,0 @@
-//! The seeded generator sampling uses: the kernel crate's SplitMix64 (reproducible across
-//! platforms and runs).
-
-pub use tuna_kernels::rng::SplitMix64;
