@@ -38,7 +38,7 @@ template <typename T, int D>
 __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v, const T* pk,
                          const T* pv, const u8_t* mask, T* o, float* lse) {
     constexpr int C = D / 32;
-    extern __shared__ float smem[];
+    TUNA_DYN_SMEM(float, smem);
     float* Qs = smem;
     float* Ks = Qs + ATTN_TILE * D;
     float* Vs = Ks + ATTN_TILE * (D + 1);

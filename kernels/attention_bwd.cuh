@@ -17,7 +17,7 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
                          const T* pv, const u8_t* mask, const T* d_o, const float* lse,
                          const float* delta, float* dq_acc, T* dk, T* dv, float* dpk, float* dpv) {
     constexpr int C = D / 32, DP = D + 1, PP = ATTN_TILE + 1;
-    extern __shared__ float smem[];
+    TUNA_DYN_SMEM(float, smem);
     float* Ks = smem;
     float* Vs = Ks + ATTN_TILE * DP;
     float* Qs = Vs + ATTN_TILE * DP;
@@ -26,7 +26,7 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
     float* dSs = Ps + ATTN_TILE * PP;
     float* lse_s = dSs + ATTN_TILE * PP;
     float* dl_s = lse_s + ATTN_TILE;
-    __shared__ int key_ok_s[ATTN_TILE];
+    TUNA_SHARED(int, key_ok_s, [ATTN_TILE]);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int b = blockIdx.z, kvh = blockIdx.y;

@@ -1,7 +1,17 @@
 // common.cuh: shared definitions for every tuna kernel.
 // No CUDA headers are included (NVRTC 13.0 would need cuda_bf16.h on its include path and has
 // no <stdint.h>): bf16 is a raw 16-bit type converted with PTX instructions (sm_80+).
+// Built with TUNA_EMULATE (the emulated device, crates/tuna-kernels/emu/emu.cuh), the same
+// sources compile as host C++: emu.cuh defines the shared-memory macros and the bf16 rounding.
 #pragma once
+
+#ifndef TUNA_EMULATE
+// Shared memory, spelled as macros so that the emulator can give each block its own copy:
+// TUNA_SHARED(float, s, [8][33]) is `__shared__ float s[8][33]`, TUNA_DYN_SMEM(float, smem) is
+// `extern __shared__ float smem[]` (the launch's dynamic shared memory).
+#define TUNA_SHARED(T, name, dims) __shared__ T name dims
+#define TUNA_DYN_SMEM(T, name) extern __shared__ T name[]
+#endif
 
 typedef unsigned short bf16_t;
 typedef unsigned char u8_t;
@@ -15,9 +25,13 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((unsigned int)h) << 16);
 }
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+#ifdef TUNA_EMULATE
+    return tuna_emu_f32_to_bf16_rn(f);  // bit-exact cvt.rn.bf16.f32
+#else
     unsigned short r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;
+#endif
 }
 
 // load/store of element types as f32: `ld(p, i)` and `st(p, i, v)` are overloaded per type, so

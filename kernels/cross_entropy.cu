@@ -39,7 +39,8 @@ __device__ __forceinline__ void ms_warp(float& m, float& s) {
 // Max and sum of exp(x - max) over one row of `vocab`; every thread gets the result.
 template <typename T>
 __device__ void ce_row_stats(const T* x, u32_t vocab, float& M, float& S) {
-    __shared__ float sm[32], ss[32];
+    TUNA_SHARED(float, sm, [32]);
+    TUNA_SHARED(float, ss, [32]);
     float m = TUNA_NEG_INF, s = 0.f;
     for (u32_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float v = ld(x, i);

@@ -92,7 +92,7 @@ __device__ void add_bias_fwd(const BiasParams p, const T* x, const T* bias, T* y
 // Block (BIAS_PART_COLS, BIAS_PART_ROWS); grid (ceil(cols / BIAS_PART_COLS), chunks).
 template <typename T>
 __device__ void add_bias_bwd_partials(const BiasParams p, u64_t chunk_rows, const T* dy, float* part) {
-    __shared__ float s[BIAS_PART_ROWS][BIAS_PART_COLS + 1];
+    TUNA_SHARED(float, s, [BIAS_PART_ROWS][BIAS_PART_COLS + 1]);
     const u32_t tx = threadIdx.x, ty = threadIdx.y;
     const u64_t c = (u64_t)blockIdx.x * BIAS_PART_COLS + tx;
     const u64_t r0 = (u64_t)blockIdx.y * chunk_rows;
@@ -139,7 +139,7 @@ __device__ __forceinline__ float mask_count(const u8_t* m, u64_t seq, float* scr
 // x over hidden columns: each thread sums its column over the sequence.
 template <typename T>
 __device__ void masked_mean_fwd(const PoolParams p, const T* x, const u8_t* mask, T* y) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     const u64_t h = gtid();
     for (u64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
         const u8_t* m = mask + b * p.seq;
@@ -157,7 +157,7 @@ __device__ void masked_mean_fwd(const PoolParams p, const T* x, const u8_t* mask
 // x over the seq*hidden elements of a batch row (grid-stride).
 template <typename T>
 __device__ void masked_mean_bwd(const PoolParams p, const u8_t* mask, const T* dy, T* dx) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     const u64_t per = p.seq * p.hidden;
     for (u64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
         const u8_t* m = mask + b * p.seq;

@@ -22,7 +22,7 @@ __device__ void grad_cast(const GradParams p, const float* src, T* dst) {
 }
 
 extern "C" __global__ void grad_sqnorm_f32(const GradParams p, const float* src, float* acc) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     float s = 0.f;
     for (u64_t i = grad_first(); i < p.n; i += grad_stride()) s += src[i] * src[i];
     s = block_sum(s, scratch);

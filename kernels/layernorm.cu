@@ -16,7 +16,7 @@ struct LayerNormParams {
 template <typename T, bool WARP>
 __device__ void layernorm_fwd(const LayerNormParams p, const T* x, const T* gamma, const T* beta, T* y,
                               float* mean, float* rstd) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     const NormLane l = norm_lane<WARP>();
     if (l.row >= p.rows) return;  // uniform across the warp (WARP) or the block
     const T* xr = x + l.row * p.dim;
@@ -41,7 +41,7 @@ __device__ void layernorm_fwd(const LayerNormParams p, const T* x, const T* gamm
 template <typename T, bool WARP>
 __device__ void layernorm_bwd(const LayerNormParams p, const T* x, const T* gamma, const float* mean,
                               const float* rstd, const T* dy, T* dx) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     const NormLane l = norm_lane<WARP>();
     if (l.row >= p.rows) return;
     const u64_t off = l.row * p.dim;

@@ -53,8 +53,8 @@ __device__ __forceinline__ float norm_row_sum(float v, float* scratch) {
 template <typename T, bool CENTERED>
 __device__ void norm_param_partials(u64_t rows, u32_t dim, u32_t chunk_rows, const T* x, const float* mean,
                                     const float* rstd, const T* dy, float* part_g, float* part_b) {
-    __shared__ float sg[NORM_PART_ROWS][NORM_PART_COLS + 1];
-    __shared__ float sb[NORM_PART_ROWS][NORM_PART_COLS + 1];
+    TUNA_SHARED(float, sg, [NORM_PART_ROWS][NORM_PART_COLS + 1]);
+    TUNA_SHARED(float, sb, [NORM_PART_ROWS][NORM_PART_COLS + 1]);
     const u32_t tx = threadIdx.x, ty = threadIdx.y;
     const u32_t j = blockIdx.x * NORM_PART_COLS + tx;
     const u64_t r0 = (u64_t)blockIdx.y * chunk_rows;

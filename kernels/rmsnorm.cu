@@ -14,7 +14,7 @@ struct RmsNormParams {
 
 template <typename T, bool WARP>
 __device__ void rmsnorm_fwd(const RmsNormParams p, const T* x, const T* gamma, T* y, float* rstd) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     const NormLane l = norm_lane<WARP>();
     if (l.row >= p.rows) return;  // uniform across the warp (WARP) or the block
     const T* xr = x + l.row * p.dim;
@@ -33,7 +33,7 @@ __device__ void rmsnorm_fwd(const RmsNormParams p, const T* x, const T* gamma, T
 template <typename T, bool WARP>
 __device__ void rmsnorm_bwd(const RmsNormParams p, const T* x, const T* gamma, const float* rstd, const T* dy,
                             T* dx) {
-    __shared__ float scratch[32];
+    TUNA_SHARED(float, scratch, [32]);
     const NormLane l = norm_lane<WARP>();
     if (l.row >= p.rows) return;
     const u64_t off = l.row * p.dim;

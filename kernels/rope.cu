@@ -20,7 +20,7 @@ struct RopeParams {
 
 template <typename T, bool BWD>
 __device__ void rope_apply(const RopeParams p, const u32_t* pos, const T* in, T* out) {
-    extern __shared__ float rope_cs[];  // [0, D/2): cos, [D/2, D): sin
+    TUNA_DYN_SMEM(float, rope_cs);  // [0, D/2): cos, [D/2, D): sin
     const u32_t half = p.head_dim / 2;
     const u64_t tok = blockIdx.x;
     if (tok >= (u64_t)p.batch * p.seq) return;  // uniform across the block

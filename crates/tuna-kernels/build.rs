@@ -2,6 +2,11 @@
 //! keyed by a hash of the expanded source. Where `nvcc` is on PATH (or `TUNA_NVCC` names it),
 //! it also precompiles PTX for each arch in `TUNA_CUDA_ARCHS` (default "80,90"); without nvcc,
 //! kernels are compiled at first use by NVRTC (see `src/cuda/compile.rs`).
+//!
+//! With the `emulator` feature it also builds the emulated CUDA device (`emu/`): every
+//! `kernels/*.cu` (and `emu/test_kernels.cu`) compiled as host C++ against `emu/emu.cuh`, plus the
+//! runtime `emu/emu.cpp`, into the static library `libtuna_emu.a` linked into this crate (see
+//! `build_emulator` below and `src/cuda/emu.rs`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -99,4 +104,473 @@ fn main() {
     }
     gen.push_str("];\n");
     std::fs::write(out.join("kernels.rs"), gen).unwrap();
+
+    if std::env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
+        emulator::build(&manifest, &kdir, &names, &out);
+    }
+}
+
+/// The emulated CUDA device (feature `emulator`).
+///
+/// For each `kernels/<stem>.cu` (and `emu/test_kernels.cu`, module `emu_test_kernels`):
+/// 1. `$CXX -E -P -DTUNA_EMULATE` of the file alone (macros expanded, no emu.cuh) is scanned for
+///    the `extern "C" __global__` definitions (name, `__launch_bounds__`) and the structs passed
+///    to them by value (name, fields);
+/// 2. a wrapper `k_<stem>.cpp` includes emu.cuh, then the .cu inside `namespace tuna_emu_mod_<stem>`,
+///    then its kernel table (`tuna_emu::Kern<&kernel>` unpacks the `void** args` with the types
+///    the compiler sees) and struct table (`sizeof`/`offsetof` as the compiler lays them out);
+/// 3. `registry.cpp` lists the modules; everything plus emu.cpp is compiled (in parallel, an
+///    object reused while its wrapper, the scanned source, emu.cuh and the flags are unchanged)
+///    and archived with `ar` into `$OUT_DIR/emu/libtuna_emu.a`.
+///
+/// Environment: `TUNA_EMU_CXX` (compiler, default `c++`), `TUNA_EMU_AR` (default `ar`),
+/// `TUNA_EMU_OPT` (optimization flags, default `-O2`), `TUNA_EMU_CXXFLAGS` (extra flags),
+/// `TUNA_EMU_CXXSTDLIB` (C++ runtime to link, default `stdc++`; `c++` for libc++),
+/// `TUNA_EMU_SANITIZE=1` (`-fsanitize=address,undefined`: run the binaries with the ASan runtime
+/// preloaded, e.g. through `emu/asan-run.sh`; see there).
+mod emulator {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+
+    const ENV: &[&str] = &[
+        "TUNA_EMU_CXX",
+        "TUNA_EMU_AR",
+        "TUNA_EMU_OPT",
+        "TUNA_EMU_CXXFLAGS",
+        "TUNA_EMU_CXXSTDLIB",
+        "TUNA_EMU_SANITIZE",
+    ];
+
+    struct Kernel {
+        name: String,
+        bounds: u32,
+    }
+    struct Struct {
+        name: String,
+        fields: Vec<String>,
+    }
+    struct Scan {
+        kernels: Vec<Kernel>,
+        structs: Vec<Struct>,
+    }
+
+    fn env(name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn build(manifest: &Path, kdir: &Path, names: &[String], out: &Path) {
+        for e in ENV {
+            println!("cargo:rerun-if-env-changed={e}");
+        }
+        let emu = manifest.join("emu");
+        let edir = out.join("emu");
+        std::fs::create_dir_all(&edir).unwrap();
+        for f in ["emu.cuh", "emu.cpp", "test_kernels.cu"] {
+            assert!(emu.join(f).is_file(), "emulator source emu/{f} missing in {}", manifest.display());
+            println!("cargo:rerun-if-changed={}", emu.join(f).display());
+        }
+        for entry in std::fs::read_dir(kdir).unwrap().flatten() {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+        let cxx = env("TUNA_EMU_CXX").unwrap_or_else(|| "c++".into());
+        let sanitize = env("TUNA_EMU_SANITIZE").is_some_and(|v| v != "0");
+
+        let mut flags: Vec<String> = [
+            "-std=c++20",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-pthread",
+            "-fno-math-errno",
+            "-ffp-contract=off",
+            "-g1",
+            "-Wall",
+            "-Wextra",
+            "-Wno-unknown-pragmas",
+            "-Wno-unused-parameter",
+            "-Wno-unused-function",
+            "-DTUNA_EMULATE",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        flags.extend(env("TUNA_EMU_OPT").unwrap_or_else(|| "-O2".into()).split_whitespace().map(String::from));
+        if sanitize {
+            flags.extend(
+                ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
+        }
+        if let Some(extra) = env("TUNA_EMU_CXXFLAGS") {
+            flags.extend(extra.split_whitespace().map(String::from));
+        }
+        flags.push(format!("-I{}", emu.display()));
+        flags.push(format!("-I{}", kdir.display()));
+        let emu_cuh = std::fs::read_to_string(emu.join("emu.cuh")).unwrap();
+
+        // (module ident, source file)
+        let mut modules: Vec<(String, PathBuf)> = names
+            .iter()
+            .map(|n| (ident(n.trim_end_matches(".cu")), kdir.join(n)))
+            .collect();
+        modules.push(("emu_test_kernels".into(), emu.join("test_kernels.cu")));
+
+        let mut jobs: Vec<(PathBuf, PathBuf, String)> = Vec::new(); // (source, object, cache key)
+        let mut registry = String::from("// Generated by build.rs: the emulator's modules.\n#include \"emu.cuh\"\n");
+        let mut seen_structs: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+        for (id, src) in &modules {
+            let pre = preprocess(&cxx, kdir, src);
+            let scan = scan(&pre, src);
+            for st in &scan.structs {
+                if let Some((other, fields)) = seen_structs.get(&st.name) {
+                    assert!(
+                        *fields == st.fields,
+                        "kernel parameter struct {} differs between {other} and {}",
+                        st.name,
+                        src.display()
+                    );
+                }
+                seen_structs.insert(st.name.clone(), (src.display().to_string(), st.fields.clone()));
+            }
+            let wrapper = wrapper(id, src, &scan);
+            let cpp = edir.join(format!("k_{id}.cpp"));
+            write_if_changed(&cpp, &wrapper);
+            let key = format!("{:016x}", super::fnv1a(&format!("{wrapper}\n{pre}\n{emu_cuh}\n{cxx} {flags:?}")));
+            jobs.push((cpp, edir.join(format!("k_{id}.o")), key));
+            writeln!(registry, "extern const ::tuna_emu::Module tuna_emu_module_{id};").unwrap();
+        }
+        registry.push_str("namespace tuna_emu {\nextern const Module* const modules[] = {\n");
+        for (id, _) in &modules {
+            writeln!(registry, "    &::tuna_emu_module_{id},").unwrap();
+        }
+        writeln!(registry, "    nullptr}};\nextern const size_t module_count = {};\n}}", modules.len()).unwrap();
+        let reg = edir.join("registry.cpp");
+        write_if_changed(&reg, &registry);
+        let key = format!("{:016x}", super::fnv1a(&format!("{registry}\n{emu_cuh}\n{cxx} {flags:?}")));
+        jobs.push((reg, edir.join("registry.o"), key));
+        let rt = std::fs::read_to_string(emu.join("emu.cpp")).unwrap();
+        let key = format!("{:016x}", super::fnv1a(&format!("{rt}\n{emu_cuh}\n{cxx} {flags:?}")));
+        jobs.push((emu.join("emu.cpp"), edir.join("emu.o"), key));
+
+        compile_all(&cxx, &flags, &jobs);
+
+        let lib = edir.join("libtuna_emu.a");
+        let _ = std::fs::remove_file(&lib);
+        let ar = env("TUNA_EMU_AR").unwrap_or_else(|| "ar".into());
+        let st = Command::new(&ar)
+            .arg("crs")
+            .arg(&lib)
+            .args(jobs.iter().map(|j| &j.1))
+            .status()
+            .unwrap_or_else(|e| panic!("emulator: cannot run {ar}: {e} (set TUNA_EMU_AR)"));
+        assert!(st.success(), "emulator: {ar} failed to archive {}", lib.display());
+
+        println!("cargo:rustc-link-search=native={}", edir.display());
+        println!("cargo:rustc-link-lib=static=tuna_emu");
+        let stdlib = env("TUNA_EMU_CXXSTDLIB").unwrap_or_else(|| {
+            if std::env::var("CARGO_CFG_TARGET_VENDOR").as_deref() == Ok("apple") { "c++".into() } else { "stdc++".into() }
+        });
+        println!("cargo:rustc-link-lib=dylib={stdlib}");
+        if sanitize {
+            // The instrumented objects need the sanitizer runtimes. ASan's must also come first in
+            // the process's library list: run the binaries through emu/asan-run.sh (LD_PRELOAD).
+            println!("cargo:rustc-link-lib=dylib=asan");
+            println!("cargo:rustc-link-lib=dylib=ubsan");
+        }
+        println!("cargo:rustc-env=TUNA_EMU_LIB={}", lib.display());
+        println!("cargo:rustc-env=TUNA_EMU_SANITIZED={}", sanitize as u8);
+    }
+
+    fn ident(s: &str) -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+    }
+
+    fn write_if_changed(path: &Path, text: &str) {
+        if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+            std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
+    }
+
+    fn preprocess(cxx: &str, kdir: &Path, src: &Path) -> String {
+        let o = Command::new(cxx)
+            .args(["-E", "-P", "-x", "c++", "-std=c++20", "-DTUNA_EMULATE"])
+            .arg(format!("-I{}", kdir.display()))
+            .arg(src)
+            .output()
+            .unwrap_or_else(|e| panic!("emulator: cannot run the C++ compiler `{cxx}`: {e} (set TUNA_EMU_CXX)"));
+        assert!(
+            o.status.success(),
+            "emulator: `{cxx} -E` failed on {}:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("preprocessed source is UTF-8")
+    }
+
+    /// Tokens: identifiers/numbers, string and char literals, single punctuation characters.
+    fn tokens(s: &str) -> Vec<String> {
+        let b = s.as_bytes();
+        let mut v = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            if c.is_ascii_whitespace() {
+                i += 1;
+            } else if c == b'/' && b.get(i + 1) == Some(&b'/') {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            } else if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                let st = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
+                    i += 1;
+                }
+                v.push(s[st..i].to_string());
+            } else if c == b'"' || c == b'\'' {
+                let st = i;
+                i += 1;
+                while i < b.len() && b[i] != c {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                v.push(s[st..i.min(b.len())].to_string());
+            } else {
+                v.push((c as char).to_string());
+                i += 1;
+            }
+        }
+        v
+    }
+
+    /// Index of the token closing the bracket opened at `open`.
+    fn close(t: &[String], open: usize) -> usize {
+        let (o, c) = match t[open].as_str() {
+            "(" => ("(", ")"),
+            "{" => ("{", "}"),
+            "[" => ("[", "]"),
+            x => panic!("not a bracket: {x}"),
+        };
+        let mut d = 0;
+        for (i, x) in t.iter().enumerate().skip(open) {
+            if x == o {
+                d += 1;
+            } else if x == c {
+                d -= 1;
+                if d == 0 {
+                    return i;
+                }
+            }
+        }
+        panic!("unbalanced {o}");
+    }
+
+    /// Split at top-level occurrences of `sep` (outside (), [], {}, <>).
+    fn split<'a>(t: &'a [String], sep: &str) -> Vec<&'a [String]> {
+        let mut parts = Vec::new();
+        let (mut d, mut st) = (0i32, 0);
+        for (i, x) in t.iter().enumerate() {
+            match x.as_str() {
+                "(" | "[" | "{" | "<" => d += 1,
+                ")" | "]" | "}" | ">" => d -= 1,
+                _ if x == sep && d == 0 => {
+                    parts.push(&t[st..i]);
+                    st = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&t[st..]);
+        parts.into_iter().filter(|p| !p.is_empty()).collect()
+    }
+
+    fn is_ident(x: &str) -> bool {
+        x.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+    }
+
+    fn scan(pre: &str, src: &Path) -> Scan {
+        let t = tokens(pre);
+        let file = src.display();
+        // structs at namespace scope
+        let mut structs = Vec::new();
+        let mut depth = 0;
+        let mut i = 0;
+        while i < t.len() {
+            match t[i].as_str() {
+                "{" => depth += 1,
+                "}" => depth -= 1,
+                "struct" if depth == 0 && i + 2 < t.len() && is_ident(&t[i + 1]) && t[i + 2] == "{" => {
+                    let end = close(&t, i + 2);
+                    let body = &t[i + 3..end];
+                    let mut fields = Vec::new();
+                    for decl in split(body, ";") {
+                        assert!(
+                            !decl.iter().any(|x| x == "{" || x == "(" || x == ":" || x == "static"),
+                            "emulator: struct {} in {file}: only plain data members are supported",
+                            t[i + 1]
+                        );
+                        for d in split(decl, ",") {
+                            let upto = d.iter().position(|x| x == "[" || x == "=").unwrap_or(d.len());
+                            let name = d[..upto].iter().rev().find(|x| is_ident(x)).expect("field name");
+                            fields.push(name.clone());
+                        }
+                    }
+                    structs.push(Struct { name: t[i + 1].clone(), fields });
+                    i = end;
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        // extern "C" __global__ definitions
+        let mut kernels = Vec::new();
+        let mut used = Vec::new();
+        let skip = ["__global__", "__device__", "__host__", "void", "static", "inline", "__forceinline__"];
+        let mut i = 0;
+        while i + 1 < t.len() {
+            if !(t[i] == "extern" && t[i + 1] == "\"C\"") {
+                i += 1;
+                continue;
+            }
+            assert!(t.get(i + 2).map(String::as_str) != Some("{"), "emulator: extern \"C\" {{ }} blocks are not supported ({file})");
+            let mut j = i + 2;
+            let (mut global, mut bounds) = (false, 0u32);
+            while j < t.len() {
+                if t[j] == "__launch_bounds__" {
+                    let end = close(&t, j + 1);
+                    bounds = t[j + 2].trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap_or_else(|_| {
+                        panic!("emulator: __launch_bounds__({}) in {file}: expected a number", t[j + 2])
+                    });
+                    j = end + 1;
+                } else if skip.contains(&t[j].as_str()) {
+                    global |= t[j] == "__global__";
+                    j += 1;
+                } else {
+                    break;
+                }
+            }
+            if !(global && is_ident(&t[j]) && t.get(j + 1).map(String::as_str) == Some("(")) {
+                i = j;
+                continue;
+            }
+            let pend = close(&t, j + 1);
+            if t.get(pend + 1).map(String::as_str) == Some("{") {
+                for p in split(&t[j + 2..pend], ",") {
+                    if p.iter().any(|x| x == "*" || x == "&" || x == "[") {
+                        continue;
+                    }
+                    for x in p {
+                        if structs.iter().any(|s: &Struct| &s.name == x) && !used.contains(x) {
+                            used.push(x.clone());
+                        }
+                    }
+                }
+                kernels.push(Kernel { name: t[j].clone(), bounds });
+            }
+            i = pend + 1;
+        }
+        assert!(!kernels.is_empty(), "emulator: no extern \"C\" __global__ kernels found in {file}");
+        structs.retain(|s| used.contains(&s.name));
+        Scan { kernels, structs }
+    }
+
+    fn wrapper(id: &str, src: &Path, scan: &Scan) -> String {
+        let path = src.display().to_string();
+        assert!(!path.contains('"'), "emulator: source path {path} contains a quote");
+        let ns = format!("tuna_emu_mod_{id}");
+        let mut w = format!(
+            "// Generated by build.rs from {path}: the kernels compiled for the emulated device.\n\
+             #include \"emu.cuh\"\nnamespace {ns} {{\n#include \"{path}\"\n}}  // namespace {ns}\n\n\
+             namespace {ns} {{\nstatic const ::tuna_emu::KernelEntry tuna_emu_kernels[] = {{\n"
+        );
+        for k in &scan.kernels {
+            writeln!(w, "    TUNA_EMU_KERNEL({}, {}),", k.name, k.bounds).unwrap();
+        }
+        w.push_str("};\n");
+        for (n, s) in scan.structs.iter().enumerate() {
+            write!(w, "static const unsigned long long tuna_emu_offsets_{n}[] = {{").unwrap();
+            for f in &s.fields {
+                write!(w, "offsetof({}, {f}), ", s.name).unwrap();
+            }
+            w.push_str("};\n");
+        }
+        if !scan.structs.is_empty() {
+            w.push_str("static const ::tuna_emu::StructEntry tuna_emu_structs[] = {\n");
+            for (n, s) in scan.structs.iter().enumerate() {
+                writeln!(
+                    w,
+                    "    {{\"{0}\", sizeof({0}), alignof({0}), {1}, tuna_emu_offsets_{n}}},",
+                    s.name,
+                    s.fields.len()
+                )
+                .unwrap();
+            }
+            w.push_str("};\n");
+        }
+        let file = src.file_name().unwrap().to_string_lossy();
+        let structs = if scan.structs.is_empty() {
+            "nullptr, 0".to_string()
+        } else {
+            format!("{ns}::tuna_emu_structs, {}", scan.structs.len())
+        };
+        write!(
+            w,
+            "}}  // namespace {ns}\n\nextern const ::tuna_emu::Module tuna_emu_module_{id};\n\
+             const ::tuna_emu::Module tuna_emu_module_{id} = {{\"{file}\", {ns}::tuna_emu_kernels, {}, {structs}}};\n",
+            scan.kernels.len()
+        )
+        .unwrap();
+        w
+    }
+
+    /// Compile every (source, object) whose cache key changed, NUM_JOBS at a time.
+    fn compile_all(cxx: &str, flags: &[String], jobs: &[(PathBuf, PathBuf, String)]) {
+        let par: usize = std::env::var("NUM_JOBS").ok().and_then(|n| n.parse().ok()).unwrap_or(2).max(1);
+        let mut todo: Vec<&(PathBuf, PathBuf, String)> = jobs
+            .iter()
+            .filter(|(_, obj, key)| {
+                !(obj.is_file() && std::fs::read_to_string(obj.with_extension("key")).ok().as_deref() == Some(key))
+            })
+            .collect();
+        todo.reverse();
+        let mut running: Vec<(Child, &(PathBuf, PathBuf, String))> = Vec::new();
+        let mut failures = Vec::new();
+        while !todo.is_empty() || !running.is_empty() {
+            while running.len() < par {
+                let Some(job) = todo.pop() else { break };
+                let _ = std::fs::remove_file(job.1.with_extension("key"));
+                let child = Command::new(cxx)
+                    .args(flags)
+                    .arg("-c")
+                    .arg(&job.0)
+                    .arg("-o")
+                    .arg(&job.1)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("emulator: cannot run the C++ compiler `{cxx}`: {e} (set TUNA_EMU_CXX)"));
+                running.push((child, job));
+            }
+            let (child, job) = running.remove(0);
+            let o = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            if o.status.success() {
+                for line in stderr.lines().filter(|l| l.contains("warning:")) {
+                    println!("cargo:warning=emulator: {line}");
+                }
+                std::fs::write(job.1.with_extension("key"), &job.2).unwrap();
+            } else {
+                failures.push(format!("{} {} -c {}:\n{stderr}", cxx, flags.join(" "), job.0.display()));
+            }
+        }
+        assert!(failures.is_empty(), "emulator: C++ compile failed:\n{}", failures.join("\n"));
+    }
 }

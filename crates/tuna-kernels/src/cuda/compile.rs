@@ -101,6 +101,16 @@ pub fn cache_dir() -> PathBuf {
 /// and written to the cache atomically (temp file + rename). A cache that cannot be written is
 /// not an error: the kernel is still returned.
 pub fn cached_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
+    cubin(k, arch, true)
+}
+
+/// The cubin for `k` on `sm_<arch>` compiled now, replacing the cache entry (for a cached cubin
+/// the driver refused to load).
+pub fn recompile_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
+    cubin(k, arch, false)
+}
+
+fn cubin(k: &KernelSource, arch: u32, reuse: bool) -> Result<Vec<u8>> {
     let dir = cache_dir();
     // Key: the source hash, NVRTC's version and the options, so a new compiler or new flags never
     // reuse a stale cubin.
@@ -108,8 +118,8 @@ pub fn cached_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
     let key = format!("{:016x}|{ma}.{mi}|{}", k.hash, options(arch).join(" "));
     let key = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let path = dir.join(format!("{}-{key:016x}-sm{arch}.cubin", k.name));
-    if let Ok(bytes) = std::fs::read(&path) {
-        if !bytes.is_empty() {
+    if reuse {
+        if let Some(bytes) = std::fs::read(&path).ok().filter(|b| !b.is_empty()) {
             return Ok(bytes);
         }
     }

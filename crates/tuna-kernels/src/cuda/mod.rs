@@ -1,22 +1,40 @@
-//! The CUDA backend: context, stream, the loaded-module cache, cuBLAS, and launch helpers.
+//! The CUDA backend: a device layer with two implementations behind one [`Cuda`] type: the real
+//! device (cudarc: context, stream, loaded-module cache, cuBLAS) and, in builds with the
+//! `emulator` feature, the emulated device (host memory, `kernels/*.cu` compiled as host C++,
+//! GEMM on the CPU) that tests select with `TUNA_CUDA_EMULATE=1`. Launchers describe each
+//! launch once ([`Launch`]) and either device runs it.
 //!
 //! Nothing here panics on a machine without a driver: [`probe`] checks for `libcuda` before any
 //! context is made (cudarc's `CudaContext::new` would panic), and [`Cuda::new`] returns
 //! [`Error::NoCuda`] with the reason.
 
+pub mod buf;
 pub mod compile;
+#[cfg(feature = "emulator")]
+pub mod emu;
+pub mod launch;
 pub mod sources;
 
 use crate::backend::{Backend, Elem};
 use crate::error::{Error, Result};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
-};
+use buf::Mem;
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use launch::Arg;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+pub use buf::CudaBuf;
 pub use cudarc;
+pub use launch::{IntoArg, KernelArg, Launch};
 pub use sources::KernelSource;
+
+/// The environment variable that makes [`Cuda::new`] open the emulated device.
+pub const EMULATE_ENV: &str = "TUNA_CUDA_EMULATE";
+
+/// Dynamic shared memory a kernel may use without opting in (larger launches raise the kernel's
+/// limit first).
+pub const DEFAULT_DYN_SMEM: u32 = 48 * 1024;
 
 /// Element types with CUDA kernels (f32, bf16, and the integer types of ids and masks); all
 /// accumulate in f32.
@@ -46,13 +64,29 @@ pub fn probe() -> Result<usize> {
     }
 }
 
-/// One CUDA device: its context, one stream that every op runs on, loaded modules, cuBLAS.
+/// Whether `TUNA_CUDA_EMULATE` asks for the emulated device (`1`, `true` or `yes`).
+pub fn emulation_requested() -> bool {
+    std::env::var(EMULATE_ENV).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+}
+
+/// One CUDA device: real or emulated. Every op runs on its one stream, in order.
 pub struct Cuda {
     ordinal: usize,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
     arch: u32,
     name: String,
+    layer: Layer,
+}
+
+enum Layer {
+    Real(Real),
+    #[cfg(feature = "emulator")]
+    Emu,
+}
+
+/// The real device layer: context, stream, loaded modules, cuBLAS.
+struct Real {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: OnceLock<Result<cudarc::cublas::CudaBlas, String>>,
@@ -65,8 +99,12 @@ impl std::fmt::Debug for Cuda {
 }
 
 impl Cuda {
-    /// Open device `ordinal`, or say why not.
+    /// Open device `ordinal`, or say why not. With `TUNA_CUDA_EMULATE=1` this is the emulated
+    /// device ([`Cuda::emulated`]).
     pub fn new(ordinal: usize) -> Result<Cuda> {
+        if emulation_requested() {
+            return Cuda::emulated();
+        }
         let n = probe()?;
         if ordinal >= n {
             return Err(Error::NoCuda(format!("device cuda:{ordinal} requested, {n} present")));
@@ -75,18 +113,30 @@ impl Cuda {
         let (ma, mi) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let stream = ctx.default_stream();
-        Ok(Cuda {
-            ordinal,
-            ctx,
-            stream,
-            arch: (ma * 10 + mi) as u32,
-            name,
-            modules: Mutex::default(),
-            functions: Mutex::default(),
-            blas: OnceLock::new(),
-        })
+        let real = Real { ctx, stream, modules: Mutex::default(), functions: Mutex::default(), blas: OnceLock::new() };
+        Ok(Cuda { ordinal, arch: (ma * 10 + mi) as u32, name, layer: Layer::Real(real) })
     }
 
+    /// The emulated device: host memory, the kernels compiled as host C++ (one fiber per CUDA
+    /// thread, exact-size NaN-poisoned shared memory), GEMM on the CPU. It reports sm_90. Only in
+    /// builds with the `emulator` feature; otherwise [`Error::NoCuda`] says so.
+    pub fn emulated() -> Result<Cuda> {
+        #[cfg(feature = "emulator")]
+        {
+            Ok(Cuda { ordinal: 0, arch: 90, name: "emulated on the CPU".into(), layer: Layer::Emu })
+        }
+        #[cfg(not(feature = "emulator"))]
+        {
+            Err(Error::NoCuda(format!(
+                "{EMULATE_ENV} is set but this build has no emulated device (build with the `emulator` feature)"
+            )))
+        }
+    }
+
+    /// Whether this is the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        !matches!(self.layer, Layer::Real(_))
+    }
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
@@ -97,71 +147,222 @@ impl Cuda {
     pub fn name(&self) -> &str {
         &self.name
     }
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+
+    #[cfg_attr(not(feature = "emulator"), allow(unused_variables))]
+    fn real(&self, what: &str) -> Result<&Real> {
+        match &self.layer {
+            Layer::Real(r) => Ok(r),
+            #[cfg(feature = "emulator")]
+            Layer::Emu => Err(Error::Unsupported {
+                op: "cuda",
+                device: self.device_name(),
+                msg: format!("{what} needs a real CUDA device"),
+            }),
+        }
     }
 
-    /// cuBLAS on this device's stream, created at first use.
+    /// The driver context (a real device only).
+    pub fn context(&self) -> Result<&Arc<CudaContext>> {
+        Ok(&self.real("the driver context")?.ctx)
+    }
+    /// The stream every op runs on (a real device only).
+    pub fn stream(&self) -> Result<&Arc<CudaStream>> {
+        Ok(&self.real("a stream")?.stream)
+    }
+
+    /// cuBLAS on this device's stream, created at first use (a real device only).
     pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
-        self.blas
-            .get_or_init(|| cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(|e| format!("{e:?}")))
+        let real = self.real("cuBLAS")?;
+        real.blas
+            .get_or_init(|| cudarc::cublas::CudaBlas::new(real.stream.clone()).map_err(|e| format!("{e:?}")))
             .as_ref()
             .map_err(|e| Error::Cuda { context: "cublasCreate".into(), msg: e.clone() })
     }
 
-    /// Kernel `function` of `kernels/<module>.cu`, compiling/loading the module on first use:
-    /// nvcc-precompiled PTX for this arch where build.rs made one, else an NVRTC cubin from the
-    /// disk cache or compiled now.
+    /// Kernel `function` of `kernels/<module>.cu` on the real device, compiling/loading the module
+    /// on first use: nvcc-precompiled PTX for this arch where build.rs made one, else an NVRTC
+    /// cubin from the disk cache or compiled now.
     pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+        let real = self.real("loading a kernel")?;
         let key = format!("{module}::{function}");
-        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+        if let Some(f) = real.functions.lock().unwrap().get(&key) {
             return Ok(f.clone());
         }
-        let m = self.module(module)?;
+        let m = self.module(real, module)?;
         let f = m.load_function(function).map_err(|e| Error::cuda(format!("load {key}"), e))?;
-        self.functions.lock().unwrap().insert(key, f.clone());
+        real.functions.lock().unwrap().insert(key, f.clone());
         Ok(f)
     }
 
-    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
-        if let Some(m) = self.modules.lock().unwrap().get(name) {
+    fn module(&self, real: &Real, name: &'static str) -> Result<Arc<CudaModule>> {
+        if let Some(m) = real.modules.lock().unwrap().get(name) {
             return Ok(m.clone());
         }
         let src = sources::source(name)
             .ok_or_else(|| Error::Invalid { op: "cuda module", msg: format!("no kernels/{name}.cu embedded") })?;
-        let image = match src.precompiled_ptx.iter().find(|(a, _)| *a == self.arch) {
-            Some((_, ptx)) => cudarc::nvrtc::Ptx::from_src(*ptx),
-            None => cudarc::nvrtc::Ptx::from_binary(compile::cached_cubin(src, self.arch)?),
+        let m = match src.precompiled_ptx.iter().find(|(a, _)| *a == self.arch) {
+            Some((_, ptx)) => real
+                .ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(*ptx))
+                .map_err(|e| Error::cuda(format!("load module {name}"), e))?,
+            None => {
+                let cubin = compile::cached_cubin(src, self.arch)?;
+                match real.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
+                    Ok(m) => m,
+                    // A cached cubin the driver refuses (written by another driver or toolkit, or
+                    // damaged): compile it again, replacing the cache entry, and load that.
+                    Err(first) => {
+                        let cubin = compile::recompile_cubin(src, self.arch)?;
+                        real.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| {
+                            Error::cuda(format!("load module {name} (recompiled after: {first:?})"), e)
+                        })?
+                    }
+                }
+            }
         };
-        let m = self.ctx.load_module(image).map_err(|e| Error::cuda(format!("load module {name}"), e))?;
-        self.modules.lock().unwrap().insert(name, m.clone());
+        real.modules.lock().unwrap().insert(name, m.clone());
         Ok(m)
     }
 
-    /// Copy a host slice to a new device buffer.
-    pub fn upload<E: CudaElem>(&self, host: &[E]) -> Result<CudaSlice<E>> {
-        self.stream.clone_htod(host).map_err(|e| Error::cuda("upload", e))
+    /// Run one launch on this device.
+    ///
+    /// # Safety
+    /// The launch's arguments must be, in order, what the kernel's C signature declares (by-value
+    /// structs laid out as the C structs; buffers of the element types its pointers name), every
+    /// buffer must hold what the kernel indexes for this grid, and the dynamic shared memory must
+    /// be what the kernel's shared arrays need. The launchers state why each of theirs is.
+    pub unsafe fn launch(&self, mut l: Launch<'_>, cfg: LaunchConfig) -> Result<()> {
+        let what = launch::describe(&l.kernel, &cfg);
+        match &self.layer {
+            Layer::Real(real) => {
+                let f = self.function(l.module, &l.kernel)?;
+                let smem = cfg.shared_mem_bytes;
+                if smem > DEFAULT_DYN_SMEM {
+                    f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                        .map_err(|e| Error::cuda(format!("{what}: allow {smem} B of shared memory"), e))?;
+                }
+                let args = &mut l.args;
+                let mut b = real.stream.launch_builder(&f);
+                for a in args.iter_mut() {
+                    match a {
+                        Arg::Val(bytes) => {
+                            cudarc::driver::PushKernelArg::arg(&mut b, &*bytes);
+                        }
+                        Arg::In(x) => x.push_real(&mut b)?,
+                        Arg::Out(x) => x.push_real_mut(&mut b)?,
+                    }
+                }
+                // SAFETY: the caller guarantees the arguments match the kernel (this function's
+                // contract); cudarc records the buffers' reads and writes on the stream.
+                unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(what, e))?;
+                Ok(())
+            }
+            #[cfg(feature = "emulator")]
+            Layer::Emu => {
+                // The kernel's C signature, as the emulator compiled it: every by-value argument
+                // must have its parameter's size (a Rust struct that drifted from its C twin shows
+                // here), every buffer a pointer's.
+                if let Some(sizes) = emu::kernel_params(&l.kernel) {
+                    let given: Vec<u32> = l
+                        .args
+                        .iter()
+                        .map(|a| match a {
+                            Arg::Val(bytes) => bytes.size as u32,
+                            Arg::In(_) | Arg::Out(_) => std::mem::size_of::<*const u8>() as u32,
+                        })
+                        .collect();
+                    if given != sizes {
+                        return Err(Error::Cuda {
+                            context: what,
+                            msg: format!("argument sizes {given:?} do not match the kernel's parameters {sizes:?}"),
+                        });
+                    }
+                }
+                // kernelParams semantics: each entry points at the argument's value; for a buffer
+                // the value is its host pointer, kept in `slots` (sized first: no reallocation).
+                let mut slots: Vec<*mut std::ffi::c_void> = Vec::with_capacity(l.args.len());
+                for a in l.args.iter_mut() {
+                    slots.push(match a {
+                        Arg::Val(bytes) => bytes as *mut launch::ArgBytes as *mut std::ffi::c_void,
+                        Arg::In(x) => x.host_ptr()?,
+                        Arg::Out(x) => x.host_ptr_mut()?,
+                    });
+                }
+                let mut params: Vec<*mut std::ffi::c_void> = Vec::with_capacity(slots.len());
+                for (a, slot) in l.args.iter().zip(slots.iter_mut()) {
+                    params.push(match a {
+                        Arg::Val(_) => *slot,
+                        Arg::In(_) | Arg::Out(_) => slot as *mut *mut std::ffi::c_void as *mut std::ffi::c_void,
+                    });
+                }
+                let (g, b) = (cfg.grid_dim, cfg.block_dim);
+                // SAFETY: `params` follows cuLaunchKernel's convention over values that live until
+                // the call returns (the bytes in `l.args`, the pointers in `slots`, the buffers
+                // borrowed by `l`); the caller guarantees they match the kernel.
+                unsafe { emu::launch(&l.kernel, [g.0, g.1, g.2], [b.0, b.1, b.2], cfg.shared_mem_bytes, &mut params) }
+                    .map_err(|msg| Error::Cuda { context: what, msg })
+            }
+        }
     }
-    /// Copy a device buffer to a new host vector (synchronizes the stream).
-    pub fn download<E: CudaElem>(&self, dev: &CudaSlice<E>) -> Result<Vec<E>> {
-        self.stream.clone_dtoh(dev).map_err(|e| Error::cuda("download", e))
+
+    /// Copy a host slice to a new device buffer (an empty slice gives an empty buffer, as on the CPU).
+    pub fn upload<E: CudaElem>(&self, host: &[E]) -> Result<CudaBuf<E>> {
+        if host.is_empty() {
+            return self.zeros(0);
+        }
+        let mem = match &self.layer {
+            Layer::Real(r) => Mem::Real(r.stream.clone_htod(host).map_err(|e| Error::cuda("upload", e))?),
+            #[cfg(feature = "emulator")]
+            Layer::Emu => Mem::Emu(host.to_vec()),
+        };
+        Ok(CudaBuf { mem, len: host.len() })
+    }
+    /// Copy a device buffer to a new host vector (synchronizes the stream). The copy is of the
+    /// buffer's [`CudaBuf::len`] elements.
+    pub fn download<E: CudaElem>(&self, dev: &CudaBuf<E>) -> Result<Vec<E>> {
+        match (&self.layer, &dev.mem) {
+            (Layer::Real(_), Mem::Real(_)) if dev.len == 0 => Ok(Vec::new()),
+            (Layer::Real(r), Mem::Real(s)) => r.stream.clone_dtoh(s).map_err(|e| Error::cuda("download", e)),
+            #[cfg(feature = "emulator")]
+            (Layer::Emu, Mem::Emu(v)) => Ok(v.clone()),
+            _ => Err(Error::Invalid { op: "download", msg: "the buffer belongs to another device layer".into() }),
+        }
     }
     /// A zeroed device buffer of `n` elements.
-    pub fn zeros<E: CudaElem>(&self, n: usize) -> Result<CudaSlice<E>> {
-        self.stream.alloc_zeros::<E>(n).map_err(|e| Error::cuda("alloc", e))
+    pub fn zeros<E: CudaElem>(&self, n: usize) -> Result<CudaBuf<E>> {
+        let mem = match &self.layer {
+            // The driver cannot allocate zero bytes: an empty buffer holds one element it never shows.
+            Layer::Real(r) => Mem::Real(r.stream.alloc_zeros::<E>(n.max(1)).map_err(|e| Error::cuda("alloc", e))?),
+            #[cfg(feature = "emulator")]
+            Layer::Emu => Mem::Emu(vec![E::default(); n]),
+        };
+        Ok(CudaBuf { mem, len: n })
     }
-    /// Wait for all work on the stream.
+    /// Set every element of `buf` to zero, in stream order.
+    pub fn memset_zeros<E: CudaElem>(&self, buf: &mut CudaBuf<E>) -> Result<()> {
+        match (&self.layer, &mut buf.mem) {
+            (Layer::Real(r), Mem::Real(s)) => r.stream.memset_zeros(s).map_err(|e| Error::cuda("memset", e)),
+            #[cfg(feature = "emulator")]
+            (Layer::Emu, Mem::Emu(v)) => {
+                v.fill(E::default());
+                Ok(())
+            }
+            _ => Err(Error::Invalid { op: "memset", msg: "the buffer belongs to another device layer".into() }),
+        }
+    }
+    /// Wait for all work on the stream (the emulated device runs each launch to completion).
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| Error::cuda("synchronize", e))
+        match &self.layer {
+            Layer::Real(r) => r.stream.synchronize().map_err(|e| Error::cuda("synchronize", e)),
+            #[cfg(feature = "emulator")]
+            Layer::Emu => Ok(()),
+        }
     }
 }
 
 impl Backend for Cuda {
-    type Buf<E: Elem> = CudaSlice<E>;
-    fn len<E: Elem>(buf: &CudaSlice<E>) -> usize {
+    type Buf<E: Elem> = CudaBuf<E>;
+    fn len<E: Elem>(buf: &CudaBuf<E>) -> usize {
         buf.len()
     }
     fn device_name(&self) -> String {
@@ -170,20 +371,20 @@ impl Backend for Cuda {
 }
 
 impl<E: CudaElem> crate::backend::Alloc<E> for Cuda {
-    type Owned = CudaSlice<E>;
-    fn buf(o: &CudaSlice<E>) -> &CudaSlice<E> {
+    type Owned = CudaBuf<E>;
+    fn buf(o: &CudaBuf<E>) -> &CudaBuf<E> {
         o
     }
-    fn buf_mut(o: &mut CudaSlice<E>) -> &mut CudaSlice<E> {
+    fn buf_mut(o: &mut CudaBuf<E>) -> &mut CudaBuf<E> {
         o
     }
-    fn zeros(&self, n: usize) -> Result<CudaSlice<E>> {
+    fn zeros(&self, n: usize) -> Result<CudaBuf<E>> {
         Cuda::zeros(self, n)
     }
-    fn from_host(&self, host: &[E]) -> Result<CudaSlice<E>> {
+    fn from_host(&self, host: &[E]) -> Result<CudaBuf<E>> {
         self.upload(host)
     }
-    fn to_host(&self, o: &CudaSlice<E>) -> Result<Vec<E>> {
+    fn to_host(&self, o: &CudaBuf<E>) -> Result<Vec<E>> {
         self.download(o)
     }
 }

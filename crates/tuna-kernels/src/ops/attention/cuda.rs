@@ -5,18 +5,16 @@ use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, Att
 use crate::backend::{Backend, Elem};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
 use crate::error::{Error, Result};
-use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::cuda::{CudaBuf, KernelArg, Launch};
+use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data (nine u32 and one f32), mirrored field by field by
 // `struct AttnParams` in attention.cu.
-unsafe impl DeviceRepr for AttnParams {}
+unsafe impl KernelArg for AttnParams {}
 
 /// Rows per tile (queries and keys) and threads per block, as `ATTN_TILE` and 8 warps in the .cu.
 const TILE: usize = 32;
 const THREADS: u32 = 256;
-/// Dynamic shared memory a kernel may use without opting in.
-const DEFAULT_SMEM: u32 = 48 * 1024;
 /// Largest grid y/z dimension (heads and kv_heads ride y, batch rides z).
 const MAX_GRID_Z: u32 = 65535;
 
@@ -46,14 +44,9 @@ fn check_supported(dev: &Cuda, p: &AttnParams) -> Result<()> {
     Ok(())
 }
 
-/// The kernel `attention_<dir>_d<D>_<dtype>`, allowed `smem` bytes of dynamic shared memory.
-fn tiled_function<E: Elem>(dev: &Cuda, dir: &str, p: &AttnParams, smem: u32) -> Result<CudaFunction> {
-    let f = dev.function("attention", &symbol::<E>("attention", &format!("{dir}_d{}", p.head_dim)))?;
-    if smem > DEFAULT_SMEM {
-        f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(|e| Error::cuda(format!("attention_{dir}: allow {smem} B of shared memory"), e))?;
-    }
-    Ok(f)
+/// The kernel `attention_<dir>_d<D>_<dtype>`.
+fn tiled<'a, E: Elem>(dir: &str, p: &AttnParams) -> Launch<'a> {
+    Launch::new("attention", symbol::<E>("attention", &format!("{dir}_d{}", p.head_dim)))
 }
 
 /// 256 threads per block over a 3-D grid `(x, y, z)` with `smem` dynamic shared bytes.
@@ -66,16 +59,16 @@ fn grid3(x: usize, y: u32, z: u32, smem: u32) -> LaunchConfig {
 /// The key mask, or a 1-element stand-in (never read: `has_mask` is 0) kept alive in `slot`.
 fn mask_or_dummy<'a>(
     dev: &Cuda,
-    mask: Option<&'a CudaSlice<u8>>,
-    slot: &'a mut Option<CudaSlice<u8>>,
-) -> Result<&'a CudaSlice<u8>> {
+    mask: Option<&'a CudaBuf<u8>>,
+    slot: &'a mut Option<CudaBuf<u8>>,
+) -> Result<&'a CudaBuf<u8>> {
     Ok(match mask {
         Some(m) => m,
         None => slot.insert(dev.zeros::<u8>(1)?),
     })
 }
 
-fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaSlice<E>, &'a CudaSlice<E>) {
+fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaBuf<E>, &'a CudaBuf<E>) {
     x.prefix.unwrap_or((x.q, x.q))
 }
 
@@ -84,8 +77,8 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         &self,
         p: &AttnParams,
         x: AttnInputs<'_, Self, E>,
-        o: &mut CudaSlice<E>,
-        lse: &mut CudaSlice<f32>,
+        o: &mut CudaBuf<E>,
+        lse: &mut CudaBuf<f32>,
     ) -> Result<()> {
         check_inputs(p, &x)?;
         let shape = || format!("{p:?}");
@@ -96,17 +89,16 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
             return Ok(());
         }
         let smem = fwd_smem_bytes(p.head_dim as usize);
-        let f = tiled_function::<E>(self, "fwd", p, smem)?;
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (pk, pv) = prefix_or(&x);
         let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = tiled::<E>("fwd", p);
         b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask).arg(o).arg(lse);
         // SAFETY: the arguments match attention_fwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, o,
         // lse); every length was checked against `p` above, absent prefix/mask are never read
         // (prefix_len 0, has_mask 0), and `smem` is what the kernel's shared tiles need.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("attention_fwd", e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 
@@ -114,9 +106,9 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         &self,
         p: &AttnParams,
         x: AttnInputs<'_, Self, E>,
-        o: &CudaSlice<E>,
-        d_o: &CudaSlice<E>,
-        lse: &CudaSlice<f32>,
+        o: &CudaBuf<E>,
+        d_o: &CudaBuf<E>,
+        lse: &CudaBuf<f32>,
         g: AttnGrads<'_, Self, E>,
     ) -> Result<()> {
         check_inputs(p, &x)?;
@@ -129,13 +121,12 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         self.launch_bwd_pre::<E>(p, o, d_o, &mut delta)?;
         let mut dq_acc = self.zeros::<f32>(p.q_elems())?;
         self.launch_bwd_main(p, x, d_o, lse, &delta, &mut dq_acc, g.dk, g.dv, g.dprefix)?;
-        let f = self.function("attention", &symbol::<E>("attention", "dq_add"))?;
         let n = p.q_elems() as u64;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("attention", symbol::<E>("attention", "dq_add"));
         b.arg(&n).arg(&dq_acc).arg(g.dq);
         // SAFETY: matches attention_dq_add_<E>(u64 n, const float*, T*); both buffers hold n
         // elements (dq checked by check_bwd, dq_acc allocated with q_elems).
-        unsafe { b.launch(grid_1d(p.q_elems(), THREADS)) }.map_err(|e| Error::cuda("attention_dq_add", e))?;
+        unsafe { self.launch(b, grid_1d(p.q_elems(), THREADS)) }?;
         Ok(())
     }
 }
@@ -145,18 +136,17 @@ impl Cuda {
     fn launch_bwd_pre<E: CudaElem>(
         &self,
         p: &AttnParams,
-        o: &CudaSlice<E>,
-        d_o: &CudaSlice<E>,
-        delta: &mut CudaSlice<f32>,
+        o: &CudaBuf<E>,
+        d_o: &CudaBuf<E>,
+        delta: &mut CudaBuf<f32>,
     ) -> Result<()> {
-        let f = self.function("attention", &symbol::<E>("attention", "bwd_pre"))?;
         let warps_per_block = (THREADS / 32) as usize;
         let cfg = grid3(p.lse_elems().div_ceil(warps_per_block), 1, 1, 0);
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("attention", symbol::<E>("attention", "bwd_pre"));
         b.arg(p).arg(o).arg(d_o).arg(delta);
         // SAFETY: matches attention_bwd_pre_<E>(AttnParams, o, d_o, delta); o and d_o hold
         // q_elems, delta lse_elems (one per row; the kernel returns for rows past the end).
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("attention_bwd_pre", e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 
@@ -165,16 +155,15 @@ impl Cuda {
         &self,
         p: &AttnParams,
         x: AttnInputs<'_, Self, E>,
-        d_o: &CudaSlice<E>,
-        lse: &CudaSlice<f32>,
-        delta: &CudaSlice<f32>,
-        dq_acc: &mut CudaSlice<f32>,
-        dk: &mut CudaSlice<E>,
-        dv: &mut CudaSlice<E>,
-        dprefix: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+        d_o: &CudaBuf<E>,
+        lse: &CudaBuf<f32>,
+        delta: &CudaBuf<f32>,
+        dq_acc: &mut CudaBuf<f32>,
+        dk: &mut CudaBuf<E>,
+        dv: &mut CudaBuf<E>,
+        dprefix: Option<(&mut CudaBuf<f32>, &mut CudaBuf<f32>)>,
     ) -> Result<()> {
         let smem = bwd_smem_bytes(p.head_dim as usize);
-        let f = tiled_function::<E>(self, "bwd", p, smem)?;
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (mut dummy_k, mut dummy_v);
@@ -188,14 +177,14 @@ impl Cuda {
         let (pk, pv) = prefix_or(&x);
         let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
         let cfg = grid3(blocks, p.kv_heads, p.batch, smem);
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = tiled::<E>("bwd", p);
         b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask);
         b.arg(d_o).arg(lse).arg(delta).arg(dq_acc).arg(dk).arg(dv).arg(dpk).arg(dpv);
         // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, d_o, lse,
         // delta, dq_acc, dk, dv, dpk, dpv); lengths were checked by check_inputs/check_bwd and
         // the scratch buffers were allocated from `p`; absent prefix/mask buffers are never
         // touched (no prefix block exists when prefix_len is 0; has_mask 0 skips the mask).
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("attention_bwd", e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 }

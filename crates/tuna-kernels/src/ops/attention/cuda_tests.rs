@@ -9,7 +9,7 @@ use super::*;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Tol};
 use crate::{Cpu, Cuda};
-use cudarc::driver::CudaSlice;
+use crate::cuda::CudaBuf;
 use half::bf16;
 
 /// Gradient names, in the order of `grad_starts`: dq, dk, dv, dpk, dpv.
@@ -28,7 +28,7 @@ struct Out {
 fn run_cuda<E: CudaElem>(dev: &Cuda, d: &Data, starts: &[Vec<f32>]) -> Out {
     let p = d.p;
     let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
-    let down = |v: &CudaSlice<E>| dev.download(v).unwrap().into_iter().map(E::to_f32).collect::<Vec<f32>>();
+    let down = |v: &CudaBuf<E>| dev.download(v).unwrap().into_iter().map(E::to_f32).collect::<Vec<f32>>();
     let (q, k, v, d_o) = (up(&d.q), up(&d.k), up(&d.v), up(&d.d_o));
     let prefix = (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv)));
     let mask = (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap());

@@ -7,11 +7,11 @@
 use super::{check, CeParams, CrossEntropyKernel};
 use crate::cuda::{grid_rows, symbol, Cuda, CudaElem};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use crate::cuda::{CudaBuf, KernelArg, Launch};
 
 // SAFETY: #[repr(C)] plain-old-data (u32, u32, i32, f32) mirrored field by field by `struct CeParams`
 // in cross_entropy.cu.
-unsafe impl DeviceRepr for CeParams {}
+unsafe impl KernelArg for CeParams {}
 
 /// Largest vocabulary served by 256-thread blocks.
 pub const SMALL_VOCAB: u32 = 4096;
@@ -43,38 +43,34 @@ impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
     fn ce_fwd(
         &self,
         p: &CeParams,
-        logits: &CudaSlice<E>,
-        targets: &CudaSlice<i32>,
-        loss: &mut CudaSlice<f32>,
+        logits: &CudaBuf<E>,
+        targets: &CudaBuf<i32>,
+        loss: &mut CudaBuf<f32>,
     ) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
-        let f = self.function("cross_entropy", &symbol::<E>("cross_entropy", "fwd"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("cross_entropy", &symbol::<E>("cross_entropy", "fwd"));
         b.arg(p).arg(logits).arg(targets).arg(loss);
         // SAFETY: arguments match cross_entropy_fwd_<E>(CeParams, const T*, const int*, float*);
         // lengths checked against `p`; one block per row; out-of-range targets are never indexed.
-        unsafe { b.launch(grid_rows(rows as usize, block_for(p.vocab), 0)) }
-            .map_err(|e| Error::cuda("cross_entropy_fwd", e))?;
+        unsafe { self.launch(b, grid_rows(rows as usize, block_for(p.vocab), 0)) }?;
         Ok(())
     }
 
     fn ce_fwd_bwd(
         &self,
         p: &CeParams,
-        logits: &mut CudaSlice<E>,
-        targets: &CudaSlice<i32>,
-        loss: &mut CudaSlice<f32>,
+        logits: &mut CudaBuf<E>,
+        targets: &CudaBuf<i32>,
+        loss: &mut CudaBuf<f32>,
     ) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
-        let f = self.function("cross_entropy", &symbol::<E>("cross_entropy", "bwd"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("cross_entropy", &symbol::<E>("cross_entropy", "bwd"));
         b.arg(p).arg(logits).arg(targets).arg(loss);
         // SAFETY: arguments match cross_entropy_bwd_<E>(CeParams, T*, const int*, float*); lengths
         // checked; each block reads and overwrites only its own row of logits.
-        unsafe { b.launch(grid_rows(rows as usize, block_for(p.vocab), 0)) }
-            .map_err(|e| Error::cuda("cross_entropy_bwd", e))?;
+        unsafe { self.launch(b, grid_rows(rows as usize, block_for(p.vocab), 0)) }?;
         Ok(())
     }
 }

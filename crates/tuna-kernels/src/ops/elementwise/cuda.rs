@@ -6,15 +6,16 @@
 use super::{check_bias, check_cols, check_flat, check_pool};
 use super::{BiasParams, ColsParams, ElementwiseKernel, FlatParams, PoolParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::error::Result;
+use crate::cuda::{CudaBuf, KernelArg, Launch};
+use cudarc::driver::LaunchConfig;
 
 // SAFETY (all four): #[repr(C)] plain-old-data structs mirrored field by field by the structs of
 // the same names in elementwise.cu (u64 fields, then f32/u32: no padding differences).
-unsafe impl DeviceRepr for FlatParams {}
-unsafe impl DeviceRepr for BiasParams {}
-unsafe impl DeviceRepr for ColsParams {}
-unsafe impl DeviceRepr for PoolParams {}
+unsafe impl KernelArg for FlatParams {}
+unsafe impl KernelArg for BiasParams {}
+unsafe impl KernelArg for ColsParams {}
+unsafe impl KernelArg for PoolParams {}
 
 /// Threads per block of the flat and row-shaped kernels.
 const BLOCK: u32 = 256;
@@ -49,14 +50,13 @@ impl Cuda {
         op: &str,
         dir: &str,
         p: FlatParams,
-        ins: &[&CudaSlice<E>],
-        outs: &mut [&mut CudaSlice<E>],
+        ins: &[&CudaBuf<E>],
+        outs: &mut [&mut CudaBuf<E>],
     ) -> Result<()> {
         if p.n == 0 {
             return Ok(());
         }
-        let f = self.function("elementwise", &symbol::<E>(op, dir))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("elementwise", &symbol::<E>(op, dir));
         b.arg(&p);
         for x in ins {
             b.arg(*x);
@@ -67,36 +67,34 @@ impl Cuda {
         // SAFETY: every flat kernel takes (FlatParams, const T* inputs..., T* outputs...) in the
         // order the callers below pass them; each buffer was checked to hold p.n elements and
         // the kernel touches indices < p.n only.
-        unsafe { b.launch(grid_1d(p.n as usize, BLOCK)) }.map_err(|e| Error::cuda(format!("{op}_{dir}"), e))?;
+        unsafe { self.launch(b, grid_1d(p.n as usize, BLOCK)) }?;
         Ok(())
     }
 
     /// Launches `<op>_<dir>_<E>(P, const T* src, T* dst)` with `cfg`.
-    fn launch_two<E: CudaElem, P: DeviceRepr>(
+    fn launch_two<E: CudaElem, P: KernelArg>(
         &self,
         op: &str,
         dir: &str,
         p: &P,
-        src: &CudaSlice<E>,
-        dst: &mut CudaSlice<E>,
+        src: &CudaBuf<E>,
+        dst: &mut CudaBuf<E>,
         cfg: LaunchConfig,
     ) -> Result<()> {
-        let f = self.function("elementwise", &symbol::<E>(op, dir))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("elementwise", &symbol::<E>(op, dir));
         b.arg(p).arg(src).arg(dst);
         // SAFETY: the callers pass the kernel's own params struct and the (src, dst) buffers its
         // signature names; their lengths were checked against p by the callers, and the kernels
         // index within the shapes p describes.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("{op}_{dir}"), e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 
     /// `dbias += sum_rows dy`: partials per chunk of rows, then the chunks in order.
-    fn bias_grad<E: CudaElem>(&self, p: &BiasParams, dy: &CudaSlice<E>, dbias: &mut CudaSlice<f32>) -> Result<()> {
+    fn bias_grad<E: CudaElem>(&self, p: &BiasParams, dy: &CudaBuf<E>, dbias: &mut CudaBuf<f32>) -> Result<()> {
         let (chunk_rows, chunks) = bias_chunks(p.rows);
         let mut part = self.zeros::<f32>(chunks as usize * p.cols as usize)?;
-        let f = self.function("elementwise", &symbol::<E>("add_bias", "bwd_partials"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("elementwise", &symbol::<E>("add_bias", "bwd_partials"));
         b.arg(p).arg(&chunk_rows).arg(dy).arg(&mut part);
         let gx = p.cols.div_ceil(BIAS_PART_COLS as u64) as u32;
         let cfg = LaunchConfig {
@@ -106,14 +104,13 @@ impl Cuda {
         };
         // SAFETY: matches add_bias_bwd_partials_<E>(BiasParams, u64 chunk_rows, const T* dy [rows, cols],
         // float* part [chunks, cols]); block y < chunks covers rows < chunks*chunk_rows, clipped to p.rows.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("add_bias_bwd_partials", e))?;
+        unsafe { self.launch(b, cfg) }?;
 
-        let f = self.function("elementwise", "add_bias_bwd_reduce_f32")?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("elementwise", "add_bias_bwd_reduce_f32");
         b.arg(p).arg(&chunks).arg(&part).arg(dbias);
         // SAFETY: matches add_bias_bwd_reduce_f32(BiasParams, u32 chunks, const float* part [chunks, cols],
         // float* dbias [cols]); one thread per column c < p.cols.
-        unsafe { b.launch(grid_1d(p.cols as usize, BLOCK)) }.map_err(|e| Error::cuda("add_bias_bwd_reduce", e))?;
+        unsafe { self.launch(b, grid_1d(p.cols as usize, BLOCK)) }?;
         Ok(())
     }
 
@@ -123,8 +120,8 @@ impl Cuda {
         p: &ColsParams,
         op: &str,
         dir: &str,
-        src: &CudaSlice<E>,
-        dst: &mut CudaSlice<E>,
+        src: &CudaBuf<E>,
+        dst: &mut CudaBuf<E>,
     ) -> Result<()> {
         if p.rows == 0 || p.width == 0 {
             return Ok(());
@@ -141,8 +138,7 @@ impl Cuda {
         cfg: LaunchConfig,
         args: PoolArgs<'_, E>,
     ) -> Result<()> {
-        let f = self.function("elementwise", &symbol::<E>("sum_rows_masked_mean", dir))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("elementwise", &symbol::<E>("sum_rows_masked_mean", dir));
         b.arg(p);
         match args {
             PoolArgs::Fwd { x, mask, y } => b.arg(x).arg(mask).arg(y),
@@ -151,15 +147,15 @@ impl Cuda {
         // SAFETY: forward matches sum_rows_masked_mean_fwd_<E>(PoolParams, const T* x, const u8* mask, T* y),
         // backward sum_rows_masked_mean_bwd_<E>(PoolParams, const u8* mask, const T* dy, T* dx); lengths
         // were checked against p by the callers; kernels index b < batch, t < seq, h < hidden only.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("sum_rows_masked_mean_{dir}"), e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 }
 
 /// The buffers of one pooling launch.
 enum PoolArgs<'a, E> {
-    Fwd { x: &'a CudaSlice<E>, mask: &'a CudaSlice<u8>, y: &'a mut CudaSlice<E> },
-    Bwd { mask: &'a CudaSlice<u8>, dy: &'a CudaSlice<E>, dx: &'a mut CudaSlice<E> },
+    Fwd { x: &'a CudaBuf<E>, mask: &'a CudaBuf<u8>, y: &'a mut CudaBuf<E> },
+    Bwd { mask: &'a CudaBuf<u8>, dy: &'a CudaBuf<E>, dx: &'a mut CudaBuf<E> },
 }
 
 fn flat(n: usize, s: f32) -> FlatParams {
@@ -167,74 +163,73 @@ fn flat(n: usize, s: f32) -> FlatParams {
 }
 
 impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
-    fn add_fwd(&self, a: &CudaSlice<E>, b: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn add_fwd(&self, a: &CudaBuf<E>, b: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("add", ("a", a.len()), &[("b", b.len()), ("y", y.len())])?;
         self.launch_flat("add", "fwd", flat(n, 1.0), &[a, b], &mut [y])
     }
 
-    fn add_bwd(&self, dy: &CudaSlice<E>, da: &mut CudaSlice<E>, db: &mut CudaSlice<E>) -> Result<()> {
+    fn add_bwd(&self, dy: &CudaBuf<E>, da: &mut CudaBuf<E>, db: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("add", ("dy", dy.len()), &[("da", da.len()), ("db", db.len())])?;
         self.launch_flat("add", "bwd", flat(n, 1.0), &[dy], &mut [da, db])
     }
 
-    fn mul_fwd(&self, a: &CudaSlice<E>, b: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn mul_fwd(&self, a: &CudaBuf<E>, b: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("mul", ("a", a.len()), &[("b", b.len()), ("y", y.len())])?;
         self.launch_flat("mul", "fwd", flat(n, 1.0), &[a, b], &mut [y])
     }
 
     fn mul_bwd(
         &self,
-        a: &CudaSlice<E>,
-        b: &CudaSlice<E>,
-        dy: &CudaSlice<E>,
-        da: &mut CudaSlice<E>,
-        db: &mut CudaSlice<E>,
+        a: &CudaBuf<E>,
+        b: &CudaBuf<E>,
+        dy: &CudaBuf<E>,
+        da: &mut CudaBuf<E>,
+        db: &mut CudaBuf<E>,
     ) -> Result<()> {
         let others = [("b", b.len()), ("dy", dy.len()), ("da", da.len()), ("db", db.len())];
         let n = check_flat("mul", ("a", a.len()), &others)?;
         self.launch_flat("mul", "bwd", flat(n, 1.0), &[a, b, dy], &mut [da, db])
     }
 
-    fn scale_fwd(&self, s: f64, a: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn scale_fwd(&self, s: f64, a: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("scale", ("a", a.len()), &[("y", y.len())])?;
         self.launch_flat("scale", "fwd", flat(n, s as f32), &[a], &mut [y])
     }
 
-    fn scale_bwd(&self, s: f64, dy: &CudaSlice<E>, da: &mut CudaSlice<E>) -> Result<()> {
+    fn scale_bwd(&self, s: f64, dy: &CudaBuf<E>, da: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("scale", ("dy", dy.len()), &[("da", da.len())])?;
         self.launch_flat("scale", "bwd", flat(n, s as f32), &[dy], &mut [da])
     }
 
-    fn tanh_fwd(&self, x: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn tanh_fwd(&self, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("tanh", ("x", x.len()), &[("y", y.len())])?;
         self.launch_flat("tanh", "fwd", flat(n, 1.0), &[x], &mut [y])
     }
 
-    fn tanh_bwd(&self, y: &CudaSlice<E>, dy: &CudaSlice<E>, dx: &mut CudaSlice<E>) -> Result<()> {
+    fn tanh_bwd(&self, y: &CudaBuf<E>, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) -> Result<()> {
         let n = check_flat("tanh", ("y", y.len()), &[("dy", dy.len()), ("dx", dx.len())])?;
         self.launch_flat("tanh", "bwd", flat(n, 1.0), &[y, dy], &mut [dx])
     }
 
-    fn add_bias_fwd(&self, p: &BiasParams, x: &CudaSlice<E>, bias: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn add_bias_fwd(&self, p: &BiasParams, x: &CudaBuf<E>, bias: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         check_bias(p, &[("x", x.len(), false), ("bias", bias.len(), true), ("y", y.len(), false)])?;
         if y.is_empty() {
             return Ok(());
         }
-        let f = self.function("elementwise", &symbol::<E>("add_bias", "fwd"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("elementwise", &symbol::<E>("add_bias", "fwd"));
         b.arg(p).arg(x).arg(bias).arg(y);
         // SAFETY: matches add_bias_fwd_<E>(BiasParams, const T* x, const T* bias, T* y); lengths checked
         // above; threads touch columns c < cols of rows r < rows only.
-        unsafe { b.launch(grid_cols_rows(p.cols, p.rows, MAX_GRID_X)) }.map_err(|e| Error::cuda("add_bias_fwd", e))?;
+        unsafe { self.launch(b, grid_cols_rows(p.cols, p.rows, MAX_GRID_X)) }?;
         Ok(())
     }
 
     fn add_bias_bwd(
         &self,
         p: &BiasParams,
-        dy: &CudaSlice<E>,
-        dx: &mut CudaSlice<E>,
-        dbias: &mut CudaSlice<f32>,
+        dy: &CudaBuf<E>,
+        dx: &mut CudaBuf<E>,
+        dbias: &mut CudaBuf<f32>,
     ) -> Result<()> {
         check_bias(p, &[("dy", dy.len(), false), ("dx", dx.len(), false), ("dbias", dbias.len(), true)])?;
         if dy.is_empty() {
@@ -245,22 +240,22 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
         self.bias_grad(p, dy, dbias)
     }
 
-    fn slice_cols_fwd(&self, p: &ColsParams, x: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn slice_cols_fwd(&self, p: &ColsParams, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         check_cols("slice_cols", p, ("x", x.len()), ("y", y.len()))?;
         self.cols(p, "slice_cols", "fwd", x, y)
     }
 
-    fn slice_cols_bwd(&self, p: &ColsParams, dy: &CudaSlice<E>, dx: &mut CudaSlice<E>) -> Result<()> {
+    fn slice_cols_bwd(&self, p: &ColsParams, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) -> Result<()> {
         check_cols("slice_cols", p, ("dx", dx.len()), ("dy", dy.len()))?;
         self.cols(p, "slice_cols", "bwd", dy, dx)
     }
 
-    fn concat_cols_fwd(&self, p: &ColsParams, x: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn concat_cols_fwd(&self, p: &ColsParams, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         check_cols("concat_cols", p, ("y", y.len()), ("x", x.len()))?;
         self.cols(p, "concat_cols", "fwd", x, y)
     }
 
-    fn concat_cols_bwd(&self, p: &ColsParams, dy: &CudaSlice<E>, dx: &mut CudaSlice<E>) -> Result<()> {
+    fn concat_cols_bwd(&self, p: &ColsParams, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) -> Result<()> {
         check_cols("concat_cols", p, ("dy", dy.len()), ("dx", dx.len()))?;
         self.cols(p, "concat_cols", "bwd", dy, dx)
     }
@@ -268,9 +263,9 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
     fn sum_rows_masked_mean_fwd(
         &self,
         p: &PoolParams,
-        x: &CudaSlice<E>,
-        mask: &CudaSlice<u8>,
-        y: &mut CudaSlice<E>,
+        x: &CudaBuf<E>,
+        mask: &CudaBuf<u8>,
+        y: &mut CudaBuf<E>,
     ) -> Result<()> {
         check_pool(p, ("x", x.len()), ("y", y.len()), mask.len())?;
         if y.is_empty() {
@@ -283,9 +278,9 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
     fn sum_rows_masked_mean_bwd(
         &self,
         p: &PoolParams,
-        mask: &CudaSlice<u8>,
-        dy: &CudaSlice<E>,
-        dx: &mut CudaSlice<E>,
+        mask: &CudaBuf<u8>,
+        dy: &CudaBuf<E>,
+        dx: &mut CudaBuf<E>,
     ) -> Result<()> {
         check_pool(p, ("dx", dx.len()), ("dy", dy.len()), mask.len())?;
         if dx.is_empty() {

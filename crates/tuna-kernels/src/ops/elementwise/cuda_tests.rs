@@ -7,7 +7,7 @@ use super::*;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
 use crate::{Cpu, Cuda};
-use cudarc::driver::CudaSlice;
+use crate::cuda::CudaBuf;
 use half::bf16;
 
 /// Inputs as the element type sees them: rounded through bf16 for bf16.
@@ -18,10 +18,10 @@ fn prep<E: Elem>(v: Vec<f32>) -> Vec<f32> {
         v
     }
 }
-fn up<E: CudaElem>(dev: &Cuda, v: &[f32]) -> CudaSlice<E> {
+fn up<E: CudaElem>(dev: &Cuda, v: &[f32]) -> CudaBuf<E> {
     dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<_>>()).unwrap()
 }
-fn down<E: CudaElem>(dev: &Cuda, d: &CudaSlice<E>) -> Vec<f32> {
+fn down<E: CudaElem>(dev: &Cuda, d: &CudaBuf<E>) -> Vec<f32> {
     dev.download(d).unwrap().into_iter().map(E::to_f32).collect()
 }
 fn tol<E: Elem>() -> Tol {

@@ -9,10 +9,11 @@
 use super::{check_bwd, check_fwd, EmbedParams, EmbeddingKernel, SoftPrompt};
 use crate::cuda::{grid_rows, symbol, Cuda, CudaElem};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::cuda::{CudaBuf, KernelArg, Launch};
+use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data (six u32) mirrored field by field by `struct EmbedParams` in embedding.cu.
-unsafe impl DeviceRepr for EmbedParams {}
+unsafe impl KernelArg for EmbedParams {}
 
 const BLOCK: u32 = 256;
 const PROMPT_BLOCK: u32 = 128;
@@ -30,10 +31,10 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
     fn embed_fwd(
         &self,
         p: &EmbedParams,
-        table: &CudaSlice<E>,
-        ids: &CudaSlice<u32>,
+        table: &CudaBuf<E>,
+        ids: &CudaBuf<u32>,
         prompt: Option<SoftPrompt<'_, Self, E>>,
-        out: &mut CudaSlice<E>,
+        out: &mut CudaBuf<E>,
     ) -> Result<()> {
         check_fwd::<Cuda, E>(p, table, ids, prompt.as_ref(), out)?;
         let rows = p.batch as usize * p.out_len();
@@ -44,23 +45,22 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
         // Without a prompt the kernel never reads `prompt` or `at` (n_prompt == 0): pass valid
         // device pointers of the right types in their place.
         let (vectors, at) = prompt.map_or((table, ids), |sp| (sp.vectors, sp.at));
-        let f = self.function("embedding", &symbol::<E>("embedding", "fwd"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("embedding", &symbol::<E>("embedding", "fwd"));
         b.arg(p).arg(table).arg(ids).arg(vectors).arg(at).arg(out);
         // SAFETY: arguments match embedding_fwd_<E>(EmbedParams, const T*, const u32*, const T*,
         // const u32*, T*); every length was checked against `p`, one block per output row.
-        unsafe { b.launch(grid_rows(grid as usize, BLOCK, 0)) }.map_err(|e| Error::cuda("embedding_fwd", e))?;
+        unsafe { self.launch(b, grid_rows(grid as usize, BLOCK, 0)) }?;
         Ok(())
     }
 
     fn embed_bwd(
         &self,
         p: &EmbedParams,
-        ids: &CudaSlice<u32>,
-        at: Option<&CudaSlice<u32>>,
-        d_out: &CudaSlice<E>,
-        d_table: Option<&mut CudaSlice<f32>>,
-        d_prompt: Option<&mut CudaSlice<f32>>,
+        ids: &CudaBuf<u32>,
+        at: Option<&CudaBuf<u32>>,
+        d_out: &CudaBuf<E>,
+        d_table: Option<&mut CudaBuf<f32>>,
+        d_prompt: Option<&mut CudaBuf<f32>>,
     ) -> Result<()> {
         check_bwd::<Cuda, E>(p, ids, at, d_out, d_table.as_deref(), d_prompt.as_deref())?;
         // `at` is read only when n_prompt > 0, in which case it is present (checked above).
@@ -68,25 +68,22 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
         let tokens = p.ids_elems();
         if let Some(d_table) = d_table.filter(|_| tokens > 0) {
             let grid = blocks(tokens, "tokens")?;
-            let f = self.function("embedding", &symbol::<E>("embedding", "bwd_table"))?;
-            let mut b = self.stream().launch_builder(&f);
+            let mut b = Launch::new("embedding", &symbol::<E>("embedding", "bwd_table"));
             b.arg(p).arg(ids).arg(at).arg(d_out).arg(d_table);
             // SAFETY: arguments match embedding_bwd_table_<E>(EmbedParams, const u32*, const u32*,
             // const T*, float*); lengths checked; one block per token, ids >= vocab are skipped.
-            unsafe { b.launch(grid_rows(grid as usize, BLOCK, 0)) }
-                .map_err(|e| Error::cuda("embedding_bwd_table", e))?;
+            unsafe { self.launch(b, grid_rows(grid as usize, BLOCK, 0)) }?;
         }
         if let Some(d_prompt) = d_prompt {
             // check_bwd allows d_prompt only with n_prompt > 0, and hidden > 0.
             let cols = (p.hidden as usize).div_ceil(PROMPT_BLOCK as usize) as u32;
             let cfg =
                 LaunchConfig { grid_dim: (p.n_prompt, cols, 1), block_dim: (PROMPT_BLOCK, 1, 1), shared_mem_bytes: 0 };
-            let f = self.function("embedding", &symbol::<E>("embedding", "bwd_prompt"))?;
-            let mut b = self.stream().launch_builder(&f);
+            let mut b = Launch::new("embedding", &symbol::<E>("embedding", "bwd_prompt"));
             b.arg(p).arg(at).arg(d_out).arg(d_prompt);
             // SAFETY: arguments match embedding_bwd_prompt_<E>(EmbedParams, const u32*, const T*,
             // float*); lengths checked; threads past `hidden` return before any access.
-            unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("embedding_bwd_prompt", e))?;
+            unsafe { self.launch(b, cfg) }?;
         }
         Ok(())
     }

@@ -3,11 +3,12 @@
 
 use super::{check, Extent, LayerNormKernel, LayerNormParams};
 use crate::cuda::{grid_1d, grid_rows, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::error::Result;
+use crate::cuda::{CudaBuf, KernelArg, Launch};
+use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct LayerNormParams` in layernorm.cu.
-unsafe impl DeviceRepr for LayerNormParams {}
+unsafe impl KernelArg for LayerNormParams {}
 
 /// Largest `dim` that runs one warp per row.
 pub(crate) const WARP_MAX_DIM: u32 = 1024;
@@ -41,12 +42,12 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
     fn layernorm_fwd(
         &self,
         p: &LayerNormParams,
-        x: &CudaSlice<E>,
-        gamma: &CudaSlice<E>,
-        beta: &CudaSlice<E>,
-        y: &mut CudaSlice<E>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
+        x: &CudaBuf<E>,
+        gamma: &CudaBuf<E>,
+        beta: &CudaBuf<E>,
+        y: &mut CudaBuf<E>,
+        mean: &mut CudaBuf<f32>,
+        rstd: &mut CudaBuf<f32>,
     ) -> Result<()> {
         use Extent::*;
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("beta", Dim, beta.len())])?;
@@ -55,27 +56,26 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let f = self.function("layernorm", &symbol::<E>("layernorm", &format!("fwd_{variant}")))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("layernorm", &symbol::<E>("layernorm", &format!("fwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(beta).arg(y).arg(mean).arg(rstd);
         // SAFETY: arguments match layernorm_fwd_<variant>_<E>(LayerNormParams, const T* x, gamma, beta,
         // T* y, float* mean, float* rstd); every length was checked against p above, and the kernel
         // touches rows < p.rows only.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("layernorm_fwd", e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 
     fn layernorm_bwd(
         &self,
         p: &LayerNormParams,
-        x: &CudaSlice<E>,
-        gamma: &CudaSlice<E>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
-        dy: &CudaSlice<E>,
-        dx: &mut CudaSlice<E>,
-        dgamma: Option<&mut CudaSlice<f32>>,
-        dbeta: Option<&mut CudaSlice<f32>>,
+        x: &CudaBuf<E>,
+        gamma: &CudaBuf<E>,
+        mean: &CudaBuf<f32>,
+        rstd: &CudaBuf<f32>,
+        dy: &CudaBuf<E>,
+        dx: &mut CudaBuf<E>,
+        dgamma: Option<&mut CudaBuf<f32>>,
+        dbeta: Option<&mut CudaBuf<f32>>,
     ) -> Result<()> {
         use Extent::*;
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("mean", Rows, mean.len())])?;
@@ -90,12 +90,11 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let f = self.function("layernorm", &symbol::<E>("layernorm", &format!("bwd_{variant}")))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("layernorm", &symbol::<E>("layernorm", &format!("bwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(mean).arg(rstd).arg(dy).arg(dx);
         // SAFETY: arguments match layernorm_bwd_<variant>_<E>(LayerNormParams, const T* x, gamma,
         // const float* mean, rstd, const T* dy, T* dx); lengths checked against p above.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("layernorm_bwd", e))?;
+        unsafe { self.launch(b, cfg) }?;
         if dgamma.is_none() && dbeta.is_none() {
             return Ok(()); // frozen gamma and beta: no partials, no reduction
         }
@@ -104,22 +103,20 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
         let (chunk_rows, chunks) = param_chunks(p.rows);
         let mut part_g = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
         let mut part_b = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
-        let f = self.function("layernorm", &symbol::<E>("layernorm", "bwd_params"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("layernorm", &symbol::<E>("layernorm", "bwd_params"));
         b.arg(p).arg(&chunk_rows).arg(x).arg(mean).arg(rstd).arg(dy).arg(&mut part_g).arg(&mut part_b);
         // SAFETY: arguments match layernorm_bwd_params_<E>(LayerNormParams, u32 chunk_rows, const T* x,
         // const float* mean, rstd, const T* dy, float* part_g, part_b); the grid has `chunks` rows of
         // blocks, each writing row blockIdx.y < chunks of the [chunks, dim] partials.
-        unsafe { b.launch(partials_launch(p.dim, chunks)) }.map_err(|e| Error::cuda("layernorm_bwd_params", e))?;
+        unsafe { self.launch(b, partials_launch(p.dim, chunks)) }?;
 
-        let f = self.function("layernorm", &symbol::<f32>("layernorm", "bwd_reduce"))?;
         for (part, grad) in [(&part_g, dgamma), (&part_b, dbeta)] {
             let Some(grad) = grad else { continue };
-            let mut b = self.stream().launch_builder(&f);
+            let mut b = Launch::new("layernorm", symbol::<f32>("layernorm", "bwd_reduce"));
             b.arg(p).arg(&chunks).arg(part).arg(grad);
             // SAFETY: arguments match layernorm_bwd_reduce_f32(LayerNormParams, u32 chunks, const float*
             // part [chunks, dim], float* grad [dim]); one thread per column j < dim.
-            unsafe { b.launch(grid_1d(p.dim as usize, 256)) }.map_err(|e| Error::cuda("layernorm_bwd_reduce", e))?;
+            unsafe { self.launch(b, grid_1d(p.dim as usize, 256)) }?;
         }
         Ok(())
     }

@@ -216,7 +216,7 @@ where
     Cuda: LayerNormKernel<E>,
 {
     let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
-    let down = |d: &cudarc::driver::CudaSlice<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+    let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
     let (rows, dim) = (p.rows as usize, p.dim as usize);
     let (xd, gd, bd, dyd) = (up(x), up(g), up(b), up(dy));
     let (mut yd, mut md, mut rd) =

@@ -1,12 +1,15 @@
 //! Matmul on CUDA through cuBLAS `cublasGemmEx`: f32 or bf16 operands, f32 or E output, fp32
-//! compute (`CUBLAS_COMPUTE_32F`, no TF32, so f32 results track the CPU closely).
+//! compute (`CUBLAS_COMPUTE_32F`, no TF32, so f32 results track the CPU closely). On the emulated
+//! device the same product runs on the CPU in f32 (the operands widened, the result rounded to
+//! the output type once, as cuBLAS does).
 
 use super::{check, check_bwd, pick, MatmulKernel, MatmulParams, View};
 use crate::backend::Elem;
 use crate::cuda::{Cuda, CudaElem};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys as cb;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use crate::cuda::CudaBuf;
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 /// The cuBLAS data type of `E`; only f32 and bf16 have one here (the integer `CudaElem`s must not
 /// reach cuBLAS, which would read them as 4-byte floats past the end of their buffers).
@@ -35,9 +38,9 @@ impl Cuda {
     /// Row-major `dst[M,N] = alpha * x y (+ dst)`, computed column-major as `dst^T = y^T x^T`.
     fn gemm_ex<X: CudaElem, D: CudaElem>(
         &self,
-        dst: &mut CudaSlice<D>,
-        x: (&CudaSlice<X>, View),
-        y: (&CudaSlice<X>, View),
+        dst: &mut CudaBuf<D>,
+        x: (&CudaBuf<X>, View),
+        y: (&CudaBuf<X>, View),
         alpha: f32,
         accumulate: bool,
     ) -> Result<()> {
@@ -45,18 +48,22 @@ impl Cuda {
         if [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
             return Err(Error::Invalid { op: "matmul", msg: format!("dimension over i32 in {m}x{n}x{k}") });
         }
+        let (tx, td) = (dtype::<X>(self)?, dtype::<D>(self)?);
+        if self.is_emulated() {
+            return emulated_gemm(dst, x, y, alpha, accumulate);
+        }
         let (op_y, ld_y) = op_ld(y.1);
         let (op_x, ld_x) = op_ld(x.1);
-        let (tx, td) = (dtype::<X>(self)?, dtype::<D>(self)?);
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
         let blas = self.blas()?;
         // cuBLAS runs in the calling thread's current context; a thread that made no cudarc call
         // yet has none (cudarc's own launches bind it the same way).
-        self.context().bind_to_thread().map_err(|e| Error::cuda("bind context", e))?;
-        let stream = self.stream();
-        let (py, _gy) = y.0.device_ptr(stream);
-        let (px, _gx) = x.0.device_ptr(stream);
-        let (pd, _gd) = dst.device_ptr_mut(stream);
+        self.context()?.bind_to_thread().map_err(|e| Error::cuda("bind context", e))?;
+        let stream = self.stream()?;
+        let on_device = || Error::Invalid { op: "matmul", msg: "an emulated buffer given to a real device".into() };
+        let (py, _gy) = y.0.as_cuda_slice().ok_or_else(on_device)?.device_ptr(stream);
+        let (px, _gx) = x.0.as_cuda_slice().ok_or_else(on_device)?.device_ptr(stream);
+        let (pd, _gd) = dst.as_cuda_slice_mut().ok_or_else(on_device)?.device_ptr_mut(stream);
         // SAFETY: the pointers are live device buffers on this handle's stream whose lengths were
         // checked against the views; alpha/beta are host f32 (default pointer mode); the data
         // types name the buffers' element types.
@@ -90,8 +97,28 @@ impl Cuda {
     }
 }
 
+/// The emulated device's product: `dst = alpha * x y (+ dst)` in f32 on the host.
+fn emulated_gemm<X: CudaElem, D: CudaElem>(
+    dst: &mut CudaBuf<D>,
+    x: (&CudaBuf<X>, View),
+    y: (&CudaBuf<X>, View),
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let on_host = || Error::Invalid { op: "matmul", msg: "a real device's buffer given to the emulated one".into() };
+    let widen = |b: &CudaBuf<X>| b.host().map(|h| h.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()).ok_or_else(on_host);
+    let (xf, yf) = (widen(x.0)?, widen(y.0)?);
+    let out = dst.host_mut().ok_or_else(on_host)?;
+    let mut acc: Vec<f32> = if accumulate { out.iter().map(|v| v.to_f32()).collect() } else { vec![0.0; out.len()] };
+    super::cpu::gemm_views::<f32>(&mut acc, (&xf, x.1), (&yf, y.1), alpha, accumulate, true);
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = D::from_f32(a);
+    }
+    Ok(())
+}
+
 impl<E: CudaElem> MatmulKernel<E> for Cuda {
-    fn matmul_fwd(&self, p: &MatmulParams, a: &CudaSlice<E>, b: &CudaSlice<E>, c: &mut CudaSlice<E>) -> Result<()> {
+    fn matmul_fwd(&self, p: &MatmulParams, a: &CudaBuf<E>, b: &CudaBuf<E>, c: &mut CudaBuf<E>) -> Result<()> {
         check(p, a.len(), b.len(), c.len())?;
         self.gemm_ex(c, (a, p.view_a()), (b, p.view_b()), p.alpha, p.accumulate)
     }
@@ -99,14 +126,14 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
     fn matmul_bwd(
         &self,
         p: &MatmulParams,
-        a: Option<&CudaSlice<E>>,
-        b: Option<&CudaSlice<E>>,
-        dc: &CudaSlice<E>,
-        da: Option<&mut CudaSlice<E>>,
-        db: Option<&mut CudaSlice<f32>>,
+        a: Option<&CudaBuf<E>>,
+        b: Option<&CudaBuf<E>>,
+        dc: &CudaBuf<E>,
+        da: Option<&mut CudaBuf<E>>,
+        db: Option<&mut CudaBuf<f32>>,
     ) -> Result<()> {
-        let (la, lb) = (a.map(CudaSlice::len), b.map(CudaSlice::len));
-        check_bwd(p, la, lb, dc.len(), da.as_deref().map(CudaSlice::len), db.as_deref().map(CudaSlice::len))?;
+        let (la, lb) = (a.map(CudaBuf::len), b.map(CudaBuf::len));
+        check_bwd(p, la, lb, dc.len(), da.as_deref().map(CudaBuf::len), db.as_deref().map(CudaBuf::len))?;
         if let Some(da) = da {
             let pr = p.grad_a();
             let (x, y) = (pick(pr.x.0, a, b, dc)?, pick(pr.y.0, a, b, dc)?);

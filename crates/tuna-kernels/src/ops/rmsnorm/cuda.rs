@@ -3,22 +3,22 @@
 
 use super::{check, RmsNormKernel, RmsNormParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::layernorm::Extent::{Dim, Full, Rows};
 use crate::ops::layernorm::{param_chunks, partials_launch, row_launch};
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use crate::cuda::{CudaBuf, KernelArg, Launch};
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct RmsNormParams` in rmsnorm.cu.
-unsafe impl DeviceRepr for RmsNormParams {}
+unsafe impl KernelArg for RmsNormParams {}
 
 impl<E: CudaElem> RmsNormKernel<E> for Cuda {
     fn rmsnorm_fwd(
         &self,
         p: &RmsNormParams,
-        x: &CudaSlice<E>,
-        gamma: &CudaSlice<E>,
-        y: &mut CudaSlice<E>,
-        rstd: &mut CudaSlice<f32>,
+        x: &CudaBuf<E>,
+        gamma: &CudaBuf<E>,
+        y: &mut CudaBuf<E>,
+        rstd: &mut CudaBuf<f32>,
     ) -> Result<()> {
         check(
             p,
@@ -28,24 +28,23 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let f = self.function("rmsnorm", &symbol::<E>("rmsnorm", &format!("fwd_{variant}")))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("rmsnorm", &symbol::<E>("rmsnorm", &format!("fwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(y).arg(rstd);
         // SAFETY: arguments match rmsnorm_fwd_<variant>_<E>(RmsNormParams, const T* x, gamma, T* y,
         // float* rstd); every length was checked against p above, and the kernel touches rows < p.rows only.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("rmsnorm_fwd", e))?;
+        unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
 
     fn rmsnorm_bwd(
         &self,
         p: &RmsNormParams,
-        x: &CudaSlice<E>,
-        gamma: &CudaSlice<E>,
-        rstd: &CudaSlice<f32>,
-        dy: &CudaSlice<E>,
-        dx: &mut CudaSlice<E>,
-        dgamma: Option<&mut CudaSlice<f32>>,
+        x: &CudaBuf<E>,
+        gamma: &CudaBuf<E>,
+        rstd: &CudaBuf<f32>,
+        dy: &CudaBuf<E>,
+        dx: &mut CudaBuf<E>,
+        dgamma: Option<&mut CudaBuf<f32>>,
     ) -> Result<()> {
         check(p, &[("x", Full, x.len()), ("gamma", Dim, gamma.len()), ("rstd", Rows, rstd.len())])?;
         check(p, &[("dy", Full, dy.len()), ("dx", Full, dx.len())])?;
@@ -56,32 +55,29 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let f = self.function("rmsnorm", &symbol::<E>("rmsnorm", &format!("bwd_{variant}")))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("rmsnorm", &symbol::<E>("rmsnorm", &format!("bwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(rstd).arg(dy).arg(dx);
         // SAFETY: arguments match rmsnorm_bwd_<variant>_<E>(RmsNormParams, const T* x, gamma,
         // const float* rstd, const T* dy, T* dx); lengths checked against p above.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda("rmsnorm_bwd", e))?;
+        unsafe { self.launch(b, cfg) }?;
         let Some(dgamma) = dgamma else {
             return Ok(()); // frozen gamma: no partials, no reduction
         };
 
         let (chunk_rows, chunks) = param_chunks(p.rows);
         let mut part = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
-        let f = self.function("rmsnorm", &symbol::<E>("rmsnorm", "bwd_params"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("rmsnorm", &symbol::<E>("rmsnorm", "bwd_params"));
         b.arg(p).arg(&chunk_rows).arg(x).arg(rstd).arg(dy).arg(&mut part);
         // SAFETY: arguments match rmsnorm_bwd_params_<E>(RmsNormParams, u32 chunk_rows, const T* x,
         // const float* rstd, const T* dy, float* part_g); the grid has `chunks` rows of blocks, each
         // writing row blockIdx.y < chunks of the [chunks, dim] partials.
-        unsafe { b.launch(partials_launch(p.dim, chunks)) }.map_err(|e| Error::cuda("rmsnorm_bwd_params", e))?;
+        unsafe { self.launch(b, partials_launch(p.dim, chunks)) }?;
 
-        let f = self.function("rmsnorm", &symbol::<f32>("rmsnorm", "bwd_reduce"))?;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = Launch::new("rmsnorm", &symbol::<f32>("rmsnorm", "bwd_reduce"));
         b.arg(p).arg(&chunks).arg(&part).arg(dgamma);
         // SAFETY: arguments match rmsnorm_bwd_reduce_f32(RmsNormParams, u32 chunks, const float* part
         // [chunks, dim], float* grad [dim]); one thread per column j < dim.
-        unsafe { b.launch(grid_1d(p.dim as usize, 256)) }.map_err(|e| Error::cuda("rmsnorm_bwd_reduce", e))?;
+        unsafe { self.launch(b, grid_1d(p.dim as usize, 256)) }?;
         Ok(())
     }
 }

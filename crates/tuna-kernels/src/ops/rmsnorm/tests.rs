@@ -177,7 +177,7 @@ where
     Cuda: RmsNormKernel<E>,
 {
     let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
-    let down = |d: &cudarc::driver::CudaSlice<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+    let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
     let (rows, dim) = (p.rows as usize, p.dim as usize);
     let (xd, gd, dyd) = (up(x), up(g), up(dy));
     let (mut yd, mut rd) = (dev.zeros::<E>(rows * dim).unwrap(), dev.zeros(rows).unwrap());

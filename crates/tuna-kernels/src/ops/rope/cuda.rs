@@ -4,10 +4,11 @@
 use super::{check, RopeKernel, RopeParams};
 use crate::cuda::{grid_rows, symbol, Cuda, CudaElem};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::cuda::{CudaBuf, KernelArg, Launch};
+use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct RopeParams` in rope.cu.
-unsafe impl DeviceRepr for RopeParams {}
+unsafe impl KernelArg for RopeParams {}
 
 const BLOCK: u32 = 128;
 /// Largest head_dim whose cos/sin fit the default 48 KiB of dynamic shared memory.
@@ -18,9 +19,9 @@ fn launch<E: CudaElem>(
     dev: &Cuda,
     dir: &str,
     p: &RopeParams,
-    pos: &CudaSlice<u32>,
-    inp: &CudaSlice<E>,
-    out: &mut CudaSlice<E>,
+    pos: &CudaBuf<u32>,
+    inp: &CudaBuf<E>,
+    out: &mut CudaBuf<E>,
 ) -> Result<()> {
     if p.head_dim > MAX_HEAD_DIM {
         let msg = format!("head_dim {} > {MAX_HEAD_DIM}", p.head_dim);
@@ -35,23 +36,22 @@ fn launch<E: CudaElem>(
         return Err(Error::Unsupported { op: "rope", device: crate::Backend::device_name(dev), msg });
     }
     let cfg: LaunchConfig = grid_rows(p.tokens(), BLOCK, p.head_dim * 4);
-    let f = dev.function("rope", &symbol::<E>("rope", dir))?;
-    let mut b = dev.stream().launch_builder(&f);
+    let mut b = Launch::new("rope", &symbol::<E>("rope", dir));
     b.arg(p).arg(pos).arg(inp).arg(out);
     // SAFETY: arguments match rope_<dir>_<E>(RopeParams, const u32* pos, const T* in, T* out);
     // pos has batch*seq entries and in/out batch*seq*heads*head_dim (checked by the caller),
     // one block per token, and head_dim floats of dynamic shared memory as the kernel uses.
-    unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("rope_{dir}"), e))?;
+    unsafe { dev.launch(b, cfg) }?;
     Ok(())
 }
 
 impl<E: CudaElem> RopeKernel<E> for Cuda {
-    fn rope_fwd(&self, p: &RopeParams, pos: &CudaSlice<u32>, x: &CudaSlice<E>, y: &mut CudaSlice<E>) -> Result<()> {
+    fn rope_fwd(&self, p: &RopeParams, pos: &CudaBuf<u32>, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         check(p, pos.len(), &[("x", x.len()), ("y", y.len())])?;
         launch(self, "fwd", p, pos, x, y)
     }
 
-    fn rope_bwd(&self, p: &RopeParams, pos: &CudaSlice<u32>, dy: &CudaSlice<E>, dx: &mut CudaSlice<E>) -> Result<()> {
+    fn rope_bwd(&self, p: &RopeParams, pos: &CudaBuf<u32>, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) -> Result<()> {
         check(p, pos.len(), &[("dy", dy.len()), ("dx", dx.len())])?;
         launch(self, "bwd", p, pos, dy, dx)
     }

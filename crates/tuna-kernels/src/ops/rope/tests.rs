@@ -167,7 +167,7 @@ where
     Cuda: RopeKernel<E>,
 {
     let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
-    let down = |d: &cudarc::driver::CudaSlice<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+    let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
     let (posd, xd, dyd) = (dev.upload(pos).unwrap(), up(x), up(dy));
     let (mut yd, mut dxd) = (dev.zeros::<E>(p.elems()).unwrap(), up(start));
     dev.rope_fwd(p, &posd, &xd, &mut yd).unwrap();

@@ -111,7 +111,7 @@ where
     Cuda: SwigluKernel<E>,
 {
     let upl = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
-    let down = |d: &cudarc::driver::CudaSlice<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+    let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
     let n = gate.len();
     let (g, u, d) = (upl(gate), upl(up), upl(dy));
     let (mut sy, mut y) = (dev.zeros::<E>(n).unwrap(), dev.zeros::<E>(n).unwrap());

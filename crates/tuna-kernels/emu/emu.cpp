@@ -1,0 +1,885 @@
+// emu.cpp: the runtime of the emulated CUDA device (cargo feature `emulator`; see emu.cuh).
+//
+// Execution model
+// - A launch runs its blocks in order x, then y, then z, on the calling OS thread (or on
+//   TUNA_EMU_THREADS worker threads taking blocks from a shared counter). Concurrent launches
+//   from several OS threads are independent: all per-launch and per-block state lives in
+//   objects owned by the launch/worker, fiber stacks in a thread_local pool.
+// - Within a block, every CUDA thread is a fiber with its own stack (x86-64: a 20-instruction
+//   context switch below; elsewhere, or with -DTUNA_EMU_UCONTEXT, ucontext). A scheduler loop
+//   (on the worker's own stack) runs ready fibers in FIFO order; a fiber runs until it exits or
+//   blocks at a barrier, then control returns to the scheduler. Stacks come from a free list, so
+//   a fiber that never blocks hands its (cache-hot) stack to the next one.
+// - __syncthreads: a block barrier. It completes when all threads of the block wait at it, at
+//   the same call site. A thread that exits while others wait (or that others reach after it
+//   exited), or threads at two different __syncthreads sites, are a fault (error 3).
+// - warp ops (shuffles, votes, __syncwarp): a barrier per warp over the op's mask. Each lane
+//   deposits its value; the last lane of the mask to arrive completes the op and wakes the
+//   others, and each lane reads its result from the deposited values (double-buffered by
+//   generation, so a fast lane's next op never overwrites values a slow lane still reads).
+//   Lanes of the mask that do not exist (a partial last warp) are an invalid launch (error 2);
+//   lanes that exited, a lane outside its own mask, a shuffle from a lane outside the mask,
+//   or a different op/mask joining an op in flight are faults (error 3).
+// - No runnable fiber while some have not exited: a deadlock, reported with where each waits.
+// - Shared memory: per block, a fresh malloc of exactly the launch's dyn_smem bytes and one per
+//   static __shared__ declaration, filled with 0xff (NaN), freed when the block ends (so
+//   AddressSanitizer sees overruns of either).
+#include "emu.cuh"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define TUNA_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TUNA_EMU_ASAN 1
+#endif
+#endif
+#ifdef TUNA_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if !defined(__x86_64__) && !defined(TUNA_EMU_UCONTEXT)
+#define TUNA_EMU_UCONTEXT 1
+#endif
+#ifdef TUNA_EMU_UCONTEXT
+#include <ucontext.h>
+#endif
+
+#define TUNA_EMU_API extern "C" __attribute__((visibility("default")))
+
+namespace tuna_emu {
+
+// The generated registry (build.rs): every compiled .cu module.
+extern const Module* const modules[];
+extern const size_t module_count;
+
+__thread ThreadCtx* cur = nullptr;
+
+namespace {
+
+constexpr unsigned MAX_THREADS = 1024;
+constexpr size_t MAX_DYN_SMEM = 227 * 1024;    // sm_80/sm_90 opt-in maximum per block
+constexpr size_t MAX_STATIC_SMEM = 48 * 1024;  // static __shared__ limit
+
+// ---- context switch -------------------------------------------------------------------------
+#ifndef TUNA_EMU_UCONTEXT
+extern "C" void tuna_emu_ctx_swap(void** save_sp, void* to_sp);
+extern "C" void tuna_emu_ctx_start();
+// tuna_emu_ctx_swap(save, to): push the callee-saved registers and MXCSR/x87 control word on the
+// current stack, store the stack pointer in *save, load `to` and pop the same from there.
+// A fresh stack (ctx_init) is laid out so that the first swap "returns" into tuna_emu_ctx_start,
+// which calls r12(r13) and never returns.
+asm(R"(
+    .text
+    .p2align 4
+    .globl tuna_emu_ctx_swap
+    .hidden tuna_emu_ctx_swap
+    .type tuna_emu_ctx_swap,@function
+tuna_emu_ctx_swap:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size tuna_emu_ctx_swap, .-tuna_emu_ctx_swap
+
+    .p2align 4
+    .globl tuna_emu_ctx_start
+    .hidden tuna_emu_ctx_start
+    .type tuna_emu_ctx_start,@function
+tuna_emu_ctx_start:
+    .cfi_startproc
+    .cfi_undefined rip
+    xorl %ebp, %ebp
+    movq %r13, %rdi
+    andq $-16, %rsp
+    callq *%r12
+    ud2
+    .cfi_endproc
+    .size tuna_emu_ctx_start, .-tuna_emu_ctx_start
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+inline void ctx_switch(Context& from, Context& to) { tuna_emu_ctx_swap(&from.sp, to.sp); }
+void ctx_init(Context& c, char* lo, size_t size, void (*fn)(void*), void* arg) {
+    uint64_t* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(lo + size)) & ~uintptr_t(15));
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    *--sp = 0;                                                // alignment slot
+    *--sp = reinterpret_cast<uint64_t>(&tuna_emu_ctx_start);  // "return address" of the first swap
+    *--sp = 0;                                                // rbp
+    *--sp = 0;                                                // rbx
+    *--sp = reinterpret_cast<uint64_t>(fn);                   // r12
+    *--sp = reinterpret_cast<uint64_t>(arg);                  // r13
+    *--sp = 0;                                                // r14
+    *--sp = 0;                                                // r15
+    *--sp = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+void fiber_main(void* p);
+void uc_entry(unsigned hi, unsigned lo) {
+    fiber_main(reinterpret_cast<void*>((uintptr_t(hi) << 32) | uintptr_t(lo)));
+    abort();
+}
+void ctx_init(Context& c, char* lo, size_t size, void (*)(void*), void* arg) {  // always fiber_main
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = lo;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(arg);
+    makecontext(&c.uc, reinterpret_cast<void (*)()>(uc_entry), 2, unsigned(a >> 32), unsigned(a & 0xffffffffu));
+}
+#endif
+
+#ifdef TUNA_EMU_ASAN
+inline void asan_start(void** fake, const void* bottom, size_t size) { __sanitizer_start_switch_fiber(fake, bottom, size); }
+inline void asan_finish(void* fake, const void** bottom, size_t* size) {
+    __sanitizer_finish_switch_fiber(fake, bottom, size);
+}
+inline void asan_unpoison(void* p, size_t n) { __asan_unpoison_memory_region(p, n); }
+constexpr size_t DEFAULT_STACK = 512 * 1024;
+#else
+inline void asan_start(void**, const void*, size_t) {}
+inline void asan_finish(void*, const void**, size_t*) {}
+inline void asan_unpoison(void*, size_t) {}
+constexpr size_t DEFAULT_STACK = 64 * 1024;
+#endif
+
+// ---- configuration (environment, read once) --------------------------------------------------
+size_t env_num(const char* name, size_t dflt) {
+    const char* v = getenv(name);
+    if (!v || !*v) return dflt;
+    char* end = nullptr;
+    const unsigned long long n = strtoull(v, &end, 10);
+    return (end && *end == 0 && n > 0) ? size_t(n) : dflt;
+}
+struct Config {
+    size_t stack_bytes;
+    unsigned workers;
+    bool reverse;
+    Config() {
+        const size_t page = size_t(sysconf(_SC_PAGESIZE));
+        stack_bytes = (env_num("TUNA_EMU_STACK_KB", DEFAULT_STACK / 1024) * 1024 + page - 1) / page * page;
+        workers = unsigned(std::min<size_t>(env_num("TUNA_EMU_THREADS", 1), 64));
+        const char* s = getenv("TUNA_EMU_SCHEDULE");
+        reverse = s && std::string_view(s) == "reverse";
+    }
+};
+const Config& config() {
+    static const Config c;
+    return c;
+}
+
+// ---- fiber stacks: a per-OS-thread pool, each with a guard page below -------------------------
+struct Stack {
+    char* lo = nullptr;  // usable [lo, lo + size)
+    size_t size = 0;
+};
+struct Pool {
+    std::vector<Stack> free_, all_;
+    size_t page = size_t(sysconf(_SC_PAGESIZE));
+    ~Pool() {
+        for (const Stack& s : all_) munmap(s.lo - page, s.size + page);
+    }
+    Stack get() {
+        if (!free_.empty()) {
+            Stack s = free_.back();
+            free_.pop_back();
+            return s;
+        }
+        const size_t size = config().stack_bytes;
+        void* m = mmap(nullptr, size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) {
+            fprintf(stderr, "tuna emulator: cannot map a %zu-byte fiber stack\n", size);
+            abort();
+        }
+        mprotect(m, page, PROT_NONE);  // overflow faults instead of corrupting the next stack
+        Stack s{static_cast<char*>(m) + page, size};
+        all_.push_back(s);
+        return s;
+    }
+    void put(Stack s) { free_.push_back(s); }
+};
+thread_local Pool pool;
+
+// ---- per-launch, per-block, per-thread state ---------------------------------------------------
+enum class St : uint8_t { Fresh, Ready, Running, Bar, Warp, Done, Dead };
+
+struct Launch {
+    const KernelEntry* k;
+    void* const* args;
+    Dim3 grid, block;
+    size_t dyn;
+    unsigned long long nblocks;
+    std::atomic<unsigned long long> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    int code = 0;
+    std::string msg;
+};
+
+struct Thread : ThreadCtx {
+    Context ctx;
+    Stack stack;
+    St st = St::Fresh;
+    uint64_t result = 0;         // of the last warp op
+    const char* site = nullptr;  // where it waits
+    void* fake = nullptr;        // ASan's fake stack while switched out
+};
+
+// A warp op in flight: the lanes of `mask` that have joined so far and their operands.
+struct PendingOp {
+    unsigned mask, arrived, first;
+    int kind;
+    const char* site;
+    uint64_t val[32];
+    unsigned param[32], width[32];
+};
+constexpr unsigned MAX_WARP_OPS = 4;  // ops with different masks in flight at once in one warp
+struct Warp {
+    unsigned exists = 0, exited = 0, nops = 0;
+    PendingOp ops[MAX_WARP_OPS];
+};
+
+struct Block : BlockCtx {
+    Launch* L = nullptr;
+    unsigned n = 0;
+    std::vector<Thread> th;
+    std::vector<Warp> warps;
+    std::vector<unsigned> rq;  // ring of ready threads (each is queued at most once)
+    unsigned rq_head = 0, rq_len = 0;
+    unsigned done = 0, first_done = 0;
+    unsigned bar_count = 0, bar_first = 0;
+    const char* bar_site = nullptr;
+    void* dyn = nullptr;
+    bool dyn_alloc = false;
+    std::vector<std::pair<const void*, void*>> statics;
+    size_t static_bytes = 0;
+    Context sched;
+    void* sched_fake = nullptr;
+    const void* sched_bottom = nullptr;
+    size_t sched_size = 0;
+    bool failed = false;
+    int code = 0;
+    std::string msg;
+
+    void push(unsigned i) {
+        rq[(rq_head + rq_len) % n] = i;
+        ++rq_len;
+    }
+    unsigned pop() {
+        const unsigned i = rq[rq_head];
+        rq_head = (rq_head + 1) % n;
+        --rq_len;
+        return i;
+    }
+};
+
+inline Thread& self() { return *static_cast<Thread*>(cur); }
+inline Block& blk_of(Thread& t) { return *static_cast<Block*>(t.blk); }
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+std::string where(const Block& b, const Thread& t) {
+    return fmt("kernel %s, block (%u,%u,%u), thread (%u,%u,%u)", b.L->k->name, b.bid.x, b.bid.y, b.bid.z, t.tid.x,
+               t.tid.y, t.tid.z);
+}
+std::string tid_str(const Thread& t) { return fmt("(%u,%u,%u)", t.tid.x, t.tid.y, t.tid.z); }
+const char* op_name(int kind) {
+    switch (kind) {
+        case OP_SHFL_IDX: return "__shfl_sync";
+        case OP_SHFL_XOR: return "__shfl_xor_sync";
+        case OP_SHFL_DOWN: return "__shfl_down_sync";
+        case OP_SHFL_UP: return "__shfl_up_sync";
+        case OP_BALLOT: return "__ballot_sync";
+        case OP_ANY: return "__any_sync";
+        case OP_ALL: return "__all_sync";
+        case OP_SYNCWARP: return "__syncwarp";
+        default: return "warp op";
+    }
+}
+bool same_site(const char* a, const char* b) { return a == b || (a && b && strcmp(a, b) == 0); }
+
+// Switch from fiber `t` to the scheduler; returns when the scheduler resumes t.
+void to_scheduler(Thread& t, bool finished) {
+    Block& b = blk_of(t);
+    asan_start(finished ? nullptr : &t.fake, b.sched_bottom, b.sched_size);
+    ctx_switch(t.ctx, b.sched);
+    asan_finish(t.fake, &b.sched_bottom, &b.sched_size);
+}
+
+// Ends the fiber with an error; the block is abandoned.
+[[noreturn]] void fail(int code, std::string msg) {
+    Thread& t = self();
+    Block& b = blk_of(t);
+    if (!b.failed) {
+        b.failed = true;
+        b.code = code;
+        b.msg = std::move(msg);
+    }
+    t.st = St::Dead;
+    to_scheduler(t, true);
+    __builtin_unreachable();
+}
+
+void thread_exit(Thread& t) {
+    Block& b = blk_of(t);
+    Warp& w = b.warps[t.lin / 32];
+    const unsigned bit = 1u << t.lane;
+    if (b.bar_count) {
+        fail(3, fmt("%s exited while %u thread(s) wait at __syncthreads (%s), e.g. thread %s: a barrier in divergent "
+                    "code (a thread that returns early must not skip a __syncthreads the others reach)",
+                    where(b, t).c_str(), b.bar_count, b.bar_site, tid_str(b.th[b.bar_first]).c_str()));
+    }
+    for (unsigned i = 0; i < w.nops; ++i) {
+        const PendingOp& op = w.ops[i];
+        if (op.mask & bit)
+            fail(3, fmt("%s exited while lanes 0x%08x of its warp wait for it at %s (%s, mask 0x%08x): a warp op with "
+                        "inactive lanes",
+                        where(b, t).c_str(), op.arrived, op_name(op.kind), op.site, op.mask));
+    }
+    w.exited |= bit;
+    if (b.done++ == 0) b.first_done = t.lin;
+    t.st = St::Done;
+}
+
+void fiber_main(void* p) {
+    Thread& t = *static_cast<Thread*>(p);
+    Block& b = blk_of(t);
+    asan_finish(nullptr, &b.sched_bottom, &b.sched_size);
+    b.L->k->run(b.L->args);
+    thread_exit(t);
+    to_scheduler(t, true);
+    __builtin_unreachable();
+}
+
+void* alloc_poisoned(size_t bytes, size_t align) {
+    void* p = nullptr;
+    if (align <= alignof(std::max_align_t)) {
+        p = malloc(bytes);
+    } else if (posix_memalign(&p, align, bytes) != 0) {
+        p = nullptr;
+    }
+    if (!p) {
+        if (bytes) {
+            fprintf(stderr, "tuna emulator: out of memory allocating %zu bytes of shared memory\n", bytes);
+            abort();
+        }
+        static char empty;
+        return &empty;  // malloc(0) may return null; nothing may be accessed through it anyway
+    }
+    memset(p, 0xff, bytes);
+    return p;
+}
+
+void release_smem(Block& b) {
+    if (b.dyn_alloc && b.dyn) free(b.dyn);  // (not the `empty` fallback: dyn_alloc is set by malloc)
+    b.dyn = nullptr;
+    b.dyn_alloc = false;
+    for (auto& [tag, p] : b.statics) free(p);
+    b.statics.clear();
+    b.static_bytes = 0;
+}
+
+std::string deadlock_report(Block& b) {
+    std::string s = fmt("deadlock in kernel %s, block (%u,%u,%u): no thread can run;", b.L->k->name, b.bid.x, b.bid.y,
+                        b.bid.z);
+    if (b.bar_count)
+        s += fmt(" %u thread(s) wait at __syncthreads (%s), e.g. thread %s;", b.bar_count, b.bar_site,
+                 tid_str(b.th[b.bar_first]).c_str());
+    for (size_t wi = 0; wi < b.warps.size(); ++wi) {
+        const Warp& w = b.warps[wi];
+        for (unsigned i = 0; i < w.nops; ++i) {
+            const PendingOp& op = w.ops[i];
+            s += fmt(" warp %zu: lanes 0x%08x wait at %s (%s, mask 0x%08x), e.g. thread %s;", wi, op.arrived,
+                     op_name(op.kind), op.site, op.mask, tid_str(b.th[op.first]).c_str());
+            const unsigned missing = op.mask & ~op.arrived;
+            for (unsigned l = 0; l < 32; ++l) {
+                if (!(missing >> l & 1u)) continue;
+                const Thread& o = b.th[wi * 32 + l];
+                s += fmt(" its lane %u, thread %s, waits at %s;", l, tid_str(o).c_str(),
+                         o.st == St::Bar ? "__syncthreads" : "another warp op");
+                s += fmt(" (%s)", o.site ? o.site : "?");
+                break;
+            }
+        }
+    }
+    if (b.done) s += fmt(" %u thread(s) exited, e.g. thread %s", b.done, tid_str(b.th[b.first_done]).c_str());
+    return s;
+}
+
+void setup_block(Block& b, Launch& L, unsigned long long idx) {
+    b.L = &L;
+    b.gdim = L.grid;
+    b.bdim = L.block;
+    b.bid = Dim3{unsigned(idx % L.grid.x), unsigned((idx / L.grid.x) % L.grid.y),
+                 unsigned(idx / (unsigned long long)L.grid.x / L.grid.y)};
+    const unsigned n = L.block.x * L.block.y * L.block.z;
+    b.n = n;
+    if (b.th.size() < n) b.th.resize(n);
+    if (b.rq.size() < n) b.rq.resize(n);
+    const unsigned nw = (n + 31) / 32;
+    b.warps.resize(nw);
+    for (unsigned w = 0; w < nw; ++w) {
+        Warp& x = b.warps[w];
+        const unsigned lanes = std::min(32u, n - w * 32);
+        x.exists = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+        x.exited = x.nops = 0;
+    }
+    unsigned i = 0;
+    for (unsigned z = 0; z < L.block.z; ++z)
+        for (unsigned y = 0; y < L.block.y; ++y)
+            for (unsigned x = 0; x < L.block.x; ++x, ++i) {
+                Thread& t = b.th[i];
+                t.tid = Dim3{x, y, z};
+                t.blk = &b;
+                t.lin = i;
+                t.lane = i & 31;
+                t.st = St::Fresh;
+                t.site = nullptr;
+                t.fake = nullptr;
+                t.stack = Stack{};
+            }
+    b.rq_head = b.rq_len = 0;
+    for (unsigned k = 0; k < n; ++k) b.push(config().reverse ? n - 1 - k : k);
+    b.done = b.first_done = 0;
+    b.bar_count = b.bar_first = 0;
+    b.bar_site = nullptr;
+    b.dyn = nullptr;
+    b.dyn_alloc = false;
+    b.failed = false;
+    b.code = 0;
+    b.msg.clear();
+}
+
+void run_block(Block& b) {
+    while (b.rq_len && !b.failed) {
+        Thread& t = b.th[b.pop()];
+        if (t.st == St::Fresh) {
+            t.stack = pool.get();
+            ctx_init(t.ctx, t.stack.lo, t.stack.size, fiber_main, &t);
+        }
+        t.st = St::Running;
+        cur = &t;
+        asan_start(&b.sched_fake, t.stack.lo, t.stack.size);
+        ctx_switch(b.sched, t.ctx);
+        asan_finish(b.sched_fake, nullptr, nullptr);
+        cur = nullptr;
+        if (t.st == St::Done || t.st == St::Dead) {
+            pool.put(t.stack);
+            t.stack = Stack{};
+        }
+    }
+    if (!b.failed && b.done < b.n) {
+        b.failed = true;
+        b.code = 3;
+        b.msg = deadlock_report(b);
+    }
+    if (b.failed) {
+        // Abandoned fibers: their stacks go back to the pool (ASan: with their frames unpoisoned).
+        for (unsigned i = 0; i < b.n; ++i) {
+            Thread& t = b.th[i];
+            if (t.stack.lo) {
+                asan_unpoison(t.stack.lo, t.stack.size);
+                pool.put(t.stack);
+                t.stack = Stack{};
+            }
+        }
+    }
+    release_smem(b);
+}
+
+void worker(Launch& L) {
+    thread_local std::unique_ptr<Block> cached;
+    if (!cached) cached = std::make_unique<Block>();
+    Block& b = *cached;
+    while (!L.failed.load(std::memory_order_relaxed)) {
+        const unsigned long long idx = L.next.fetch_add(1, std::memory_order_relaxed);
+        if (idx >= L.nblocks) break;
+        setup_block(b, L, idx);
+        run_block(b);
+        if (b.failed) {
+            std::lock_guard<std::mutex> g(L.mu);
+            if (!L.code) {
+                L.code = b.code;
+                L.msg = b.msg;
+            }
+            L.failed = true;
+        }
+    }
+    b.L = nullptr;
+}
+
+// ---- registry -------------------------------------------------------------------------------------
+struct Registry {
+    std::vector<const KernelEntry*> kernels;
+    std::unordered_map<std::string_view, size_t> by_name;
+    std::unordered_map<std::string_view, const StructEntry*> structs;
+    std::vector<const StructEntry*> struct_list;
+    std::unique_ptr<std::atomic<unsigned long long>[]> launches;
+    Registry() {
+        for (size_t m = 0; m < module_count; ++m) {
+            const Module& mod = *modules[m];
+            for (size_t i = 0; i < mod.nkernels; ++i) {
+                if (by_name.emplace(mod.kernels[i].name, kernels.size()).second) kernels.push_back(&mod.kernels[i]);
+            }
+            for (size_t i = 0; i < mod.nstructs; ++i) {
+                if (structs.emplace(mod.structs[i].name, &mod.structs[i]).second) struct_list.push_back(&mod.structs[i]);
+            }
+        }
+        launches.reset(new std::atomic<unsigned long long>[kernels.size()]);
+        for (size_t i = 0; i < kernels.size(); ++i) launches[i] = 0;
+    }
+};
+const Registry& reg() {
+    static const Registry r;
+    return r;
+}
+
+void write_err(char* err, size_t len, const std::string& msg) {
+    if (!err || !len) return;
+    const size_t n = std::min(len - 1, msg.size());
+    memcpy(err, msg.data(), n);
+    err[n] = 0;
+}
+
+int launch(const char* name, const unsigned grid[3], const unsigned block[3], unsigned dyn, void** args,
+           std::string& msg) {
+    if (!name) {
+        msg = "unknown kernel (null name)";
+        return 1;
+    }
+    const Registry& r = reg();
+    const auto it = r.by_name.find(name);
+    if (it == r.by_name.end()) {
+        msg = fmt("unknown kernel '%s': not an extern \"C\" __global__ function of any compiled kernels/*.cu", name);
+        return 1;
+    }
+    const KernelEntry& k = *r.kernels[it->second];
+    if (!grid || !block) {
+        msg = fmt("invalid launch of kernel %s: null grid or block", name);
+        return 2;
+    }
+    const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
+    if (!grid[0] || !grid[1] || !grid[2] || grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535) {
+        msg = fmt("invalid launch of kernel %s: grid (%u,%u,%u) (each dim >= 1; x < 2^31, y and z <= 65535)", name, grid[0],
+                  grid[1], grid[2]);
+        return 2;
+    }
+    if (!threads || block[0] > 1024 || block[1] > 1024 || block[2] > 64 || threads > MAX_THREADS) {
+        msg = fmt("invalid launch of kernel %s: block (%u,%u,%u) (each dim >= 1; x, y <= 1024, z <= 64, at most 1024 "
+                  "threads)",
+                  name, block[0], block[1], block[2]);
+        return 2;
+    }
+    if (k.max_threads && threads > k.max_threads) {
+        msg = fmt("invalid launch of kernel %s: block of %llu threads exceeds its __launch_bounds__(%u)", name, threads,
+                  k.max_threads);
+        return 2;
+    }
+    if (dyn > MAX_DYN_SMEM) {
+        msg = fmt("invalid launch of kernel %s: %u bytes of dynamic shared memory exceed %zu", name, dyn, MAX_DYN_SMEM);
+        return 2;
+    }
+    if (k.nparams && !args) {
+        msg = fmt("invalid launch of kernel %s: null args for %u parameters", name, k.nparams);
+        return 2;
+    }
+    for (unsigned i = 0; i < k.nparams; ++i) {
+        if (!args[i]) {
+            msg = fmt("invalid launch of kernel %s: args[%u] is null (it must point at the argument's value)", name, i);
+            return 2;
+        }
+    }
+    r.launches[it->second].fetch_add(1, std::memory_order_relaxed);
+
+    Launch L;
+    L.k = &k;
+    L.args = args;
+    L.grid = Dim3{grid[0], grid[1], grid[2]};
+    L.block = Dim3{block[0], block[1], block[2]};
+    L.dyn = dyn;
+    L.nblocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    const unsigned nw = unsigned(std::min<unsigned long long>(config().workers, L.nblocks));
+    std::vector<std::thread> helpers;
+    for (unsigned i = 1; i < nw; ++i) helpers.emplace_back([&L] { worker(L); });
+    worker(L);
+    for (auto& h : helpers) h.join();
+    if (L.code) {
+        msg = L.msg;
+        return L.code;
+    }
+    return 0;
+}
+
+}  // namespace
+
+// ---- entry points of kernel code (emu.cuh) ------------------------------------------------------------
+void syncthreads(const char* site) {
+    Thread& t = self();
+    Block& b = blk_of(t);
+    if (b.done) {
+        fail(3, fmt("%s reached __syncthreads (%s) after %u thread(s) of the block exited, e.g. thread %s: a barrier "
+                    "in divergent code",
+                    where(b, t).c_str(), site, b.done, tid_str(b.th[b.first_done]).c_str()));
+    }
+    if (b.bar_count == 0) {
+        b.bar_site = site;
+        b.bar_first = t.lin;
+    } else if (!same_site(site, b.bar_site)) {
+        fail(3, fmt("%s waits at __syncthreads (%s) while thread %s waits at a different __syncthreads (%s): divergent "
+                    "barriers",
+                    where(b, t).c_str(), site, tid_str(b.th[b.bar_first]).c_str(), b.bar_site));
+    }
+    t.site = site;
+    if (++b.bar_count == b.n) {
+        b.bar_count = 0;
+        const bool rev = config().reverse;
+        for (unsigned k = 0; k < b.n; ++k) {
+            const unsigned i = rev ? b.n - 1 - k : k;
+            if (b.th[i].st == St::Bar) {
+                b.th[i].st = St::Ready;
+                b.push(i);
+            }
+        }
+        return;  // the last thread to arrive runs on
+    }
+    t.st = St::Bar;
+    to_scheduler(t, false);
+}
+
+uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned param, unsigned width) {
+    Thread& t = self();
+    Block& b = blk_of(t);
+    const unsigned wi = t.lin / 32, bit = 1u << t.lane;
+    Warp& w = b.warps[wi];
+    if (mask & ~w.exists) {
+        fail(2, fmt("invalid launch: %s: %s (%s) with mask 0x%08x, but warp %u has only %d lane(s) (0x%08x): the block "
+                    "(%u threads) must be a multiple of 32 threads for this kernel's warp ops",
+                    where(b, t).c_str(), op_name(kind), site, mask, wi, __builtin_popcount(w.exists), w.exists, b.n));
+    }
+    if (!(mask & bit))
+        fail(3, fmt("%s: %s (%s) with mask 0x%08x, which excludes the calling lane %u", where(b, t).c_str(), op_name(kind),
+                    site, mask, t.lane));
+    if (mask & w.exited) {
+        fail(3, fmt("%s: %s (%s) with mask 0x%08x, but lanes 0x%08x of the mask have exited: a warp op with inactive "
+                    "lanes",
+                    where(b, t).c_str(), op_name(kind), site, mask, mask & w.exited));
+    }
+    PendingOp* op = nullptr;
+    for (unsigned i = 0; i < w.nops; ++i)
+        if (w.ops[i].mask == mask) op = &w.ops[i];
+    if (op) {
+        if (op->kind != kind) {
+            fail(3, fmt("%s: %s (%s) with mask 0x%08x while lanes 0x%08x of its warp wait at %s (%s) with the same mask: "
+                        "divergent warp ops",
+                        where(b, t).c_str(), op_name(kind), site, mask, op->arrived, op_name(op->kind), op->site));
+        }
+    } else {
+        if (w.nops == MAX_WARP_OPS) {
+            fail(3, fmt("%s: %s (%s) with mask 0x%08x: more than %u warp ops with different masks in flight in one warp "
+                        "(an emulator limit)",
+                        where(b, t).c_str(), op_name(kind), site, mask, MAX_WARP_OPS));
+        }
+        op = &w.ops[w.nops++];
+        op->mask = mask;
+        op->arrived = 0;
+        op->first = t.lin;
+        op->kind = kind;
+        op->site = site;
+    }
+    op->val[t.lane] = v;
+    op->param[t.lane] = param;
+    op->width[t.lane] = width;
+    op->arrived |= bit;
+    if (op->arrived != mask) {
+        t.site = site;
+        t.st = St::Warp;
+        to_scheduler(t, false);
+        return t.result;  // written by the lane that completed the op
+    }
+    // Complete: every lane's result, then wake the others.
+    unsigned votes = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if ((mask >> l & 1u) && op->val[l]) votes |= 1u << l;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1u)) continue;
+        Thread& o = b.th[wi * 32 + l];
+        const unsigned wd = op->width[l], p = op->param[l], base = l & ~(wd - 1);
+        unsigned src = l;
+        switch (kind) {
+            case OP_SHFL_IDX: src = base + (p & (wd - 1)); break;
+            case OP_SHFL_XOR: src = (l ^ p) < base + wd ? l ^ p : l; break;  // later group: own value
+            case OP_SHFL_DOWN: src = (l & (wd - 1)) + p < wd ? l + p : l; break;
+            case OP_SHFL_UP: src = (l & (wd - 1)) >= p ? l - p : l; break;
+            default: break;
+        }
+        switch (kind) {
+            case OP_BALLOT: o.result = votes; break;
+            case OP_ANY: o.result = votes != 0; break;
+            case OP_ALL: o.result = votes == mask; break;
+            case OP_SYNCWARP: o.result = 0; break;
+            default:
+                if (!(mask >> src & 1u)) {
+                    fail(3, fmt("%s: %s (%s) reads lane %u, which is not in mask 0x%08x (undefined on the device)",
+                                where(b, o).c_str(), op_name(kind), site, src, mask));
+                }
+                o.result = op->val[src];
+        }
+        if (l != t.lane) {
+            o.st = St::Ready;
+            b.push(o.lin);
+        }
+    }
+    *op = w.ops[--w.nops];  // remove (order of the others does not matter)
+    return t.result;
+}
+
+unsigned activemask() {
+    Thread& t = self();
+    const Warp& w = blk_of(t).warps[t.lin / 32];
+    return w.exists & ~w.exited;  // the lanes that have not exited (no notion of convergence here)
+}
+
+void fault(const char* site, const char* what) {
+    Thread& t = self();
+    fail(3, fmt("%s: %s at %s", where(blk_of(t), t).c_str(), what, site));
+}
+
+void* dyn_smem() {
+    Thread& t = self();
+    Block& b = blk_of(t);
+    if (!b.dyn) {
+        b.dyn = alloc_poisoned(b.L->dyn, 16);
+        b.dyn_alloc = b.L->dyn != 0;
+    }
+    return b.dyn;
+}
+
+void* static_smem(const void* tag, size_t bytes, size_t align, const char* name, const char* site) {
+    Thread& t = self();
+    Block& b = blk_of(t);
+    for (const auto& [k, p] : b.statics)
+        if (k == tag) return p;
+    if (b.static_bytes + bytes > MAX_STATIC_SMEM || b.static_bytes + bytes + b.L->dyn > MAX_DYN_SMEM) {
+        fail(2, fmt("invalid launch: %s: __shared__ %s (%s, %zu bytes) brings static shared memory to %zu bytes (limit "
+                    "%zu) with %zu dynamic bytes (limit %zu together)",
+                    where(b, t).c_str(), name, site, bytes, b.static_bytes + bytes, MAX_STATIC_SMEM, b.L->dyn,
+                    MAX_DYN_SMEM));
+    }
+    void* p = alloc_poisoned(bytes, align);
+    b.statics.emplace_back(tag, p);
+    b.static_bytes += bytes;
+    return p;
+}
+
+}  // namespace tuna_emu
+
+// ---- the C ABI ----------------------------------------------------------------------------------------
+TUNA_EMU_API int tuna_emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3], unsigned dyn_smem,
+                                 void** args, char* err, size_t err_len) {
+    std::string msg;
+    int rc;
+    try {
+        rc = tuna_emu::launch(kernel, grid, block, dyn_smem, args, msg);
+    } catch (const std::exception& e) {
+        msg = std::string("emulator internal error: ") + e.what();
+        rc = 3;
+    }
+    if (rc) tuna_emu::write_err(err, err_len, msg);
+    else if (err && err_len) err[0] = 0;
+    return rc;
+}
+
+TUNA_EMU_API int tuna_emu_struct_layout(const char* name, unsigned long long* size, unsigned long long* offsets,
+                                        size_t max_fields, size_t* nfields) {
+    if (!name) return 1;
+    const auto& r = tuna_emu::reg();
+    const auto it = r.structs.find(name);
+    if (it == r.structs.end()) return 1;
+    const tuna_emu::StructEntry& s = *it->second;
+    if (size) *size = s.size;
+    if (offsets)
+        for (size_t i = 0; i < s.nfields && i < max_fields; ++i) offsets[i] = s.offsets[i];
+    if (nfields) *nfields = s.nfields;
+    return 0;
+}
+
+TUNA_EMU_API size_t tuna_emu_kernel_count(void) { return tuna_emu::reg().kernels.size(); }
+
+TUNA_EMU_API const char* tuna_emu_kernel_name(size_t i) {
+    const auto& r = tuna_emu::reg();
+    return i < r.kernels.size() ? r.kernels[i]->name : nullptr;
+}
+
+TUNA_EMU_API unsigned long long tuna_emu_launches(const char* kernel) {
+    if (!kernel) return 0;
+    const auto& r = tuna_emu::reg();
+    const auto it = r.by_name.find(kernel);
+    return it == r.by_name.end() ? 0 : r.launches[it->second].load(std::memory_order_relaxed);
+}
+
+// Extensions (not in the lead's ABI; used by the Rust shim's checks and the tests):
+// the byte sizes of a kernel's parameters (returns the count, -1 if unknown; writes up to max),
+TUNA_EMU_API long tuna_emu_kernel_params(const char* kernel, unsigned* sizes, size_t max) {
+    if (!kernel) return -1;
+    const auto& r = tuna_emu::reg();
+    const auto it = r.by_name.find(kernel);
+    if (it == r.by_name.end()) return -1;
+    const tuna_emu::KernelEntry& k = *r.kernels[it->second];
+    if (sizes)
+        for (size_t i = 0; i < k.nparams && i < max; ++i) sizes[i] = k.param_sizes[i];
+    return long(k.nparams);
+}
+// the parameter structs registered (every struct passed by value to a kernel), by index.
+TUNA_EMU_API size_t tuna_emu_struct_count(void) { return tuna_emu::reg().struct_list.size(); }
+TUNA_EMU_API const char* tuna_emu_struct_name(size_t i) {
+    const auto& r = tuna_emu::reg();
+    return i < r.struct_list.size() ? r.struct_list[i]->name : nullptr;
+}

@@ -1,0 +1,82 @@
+//! Device buffers of the CUDA backend: device memory on a GPU, or host memory on the emulated
+//! device. Ops see one type, [`CudaBuf`], whichever device layer made it.
+
+use crate::cuda::CudaElem;
+use cudarc::driver::CudaSlice;
+
+/// A buffer of `E` on a CUDA device (real or emulated). Made by [`crate::Cuda`]'s `zeros` and
+/// `upload`; read back with `download`.
+pub struct CudaBuf<E> {
+    pub(crate) mem: Mem<E>,
+    /// Elements the buffer holds (a zero-length buffer on a real device is a one-element
+    /// allocation, since the driver cannot allocate zero bytes).
+    pub(crate) len: usize,
+}
+
+pub(crate) enum Mem<E> {
+    /// Device memory (cudarc tracks the stream's reads and writes of it).
+    Real(CudaSlice<E>),
+    /// Host memory standing in for device memory on the emulated device.
+    #[cfg_attr(not(feature = "emulator"), allow(dead_code))]
+    Emu(Vec<E>),
+}
+
+impl<E> CudaBuf<E> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The device memory, on a real device (`None` on the emulated one); one element long for an
+    /// empty buffer.
+    pub fn as_cuda_slice(&self) -> Option<&CudaSlice<E>> {
+        match &self.mem {
+            Mem::Real(s) => Some(s),
+            Mem::Emu(_) => None,
+        }
+    }
+    /// The host memory of an emulated buffer (`None` on a real device).
+    pub(crate) fn host(&self) -> Option<&[E]> {
+        match &self.mem {
+            Mem::Emu(v) => Some(v),
+            Mem::Real(_) => None,
+        }
+    }
+    pub(crate) fn host_mut(&mut self) -> Option<&mut [E]> {
+        match &mut self.mem {
+            Mem::Emu(v) => Some(v),
+            Mem::Real(_) => None,
+        }
+    }
+    pub(crate) fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<E>> {
+        match &mut self.mem {
+            Mem::Real(s) => Some(s),
+            Mem::Emu(_) => None,
+        }
+    }
+    /// Whether this buffer lives on the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.mem, Mem::Emu(_))
+    }
+}
+
+impl<E: CudaElem> std::fmt::Debug for CudaBuf<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_emulated() { "emulated" } else { "device" };
+        write!(f, "CudaBuf<{}>({} elements, {kind})", E::NAME, self.len())
+    }
+}
+
+/// A device-side copy (on a real device: an allocation and a copy on the buffer's stream;
+/// panics where the driver fails, as cudarc's `CudaSlice::clone` does).
+impl<E: CudaElem> Clone for CudaBuf<E> {
+    fn clone(&self) -> Self {
+        let mem = match &self.mem {
+            Mem::Real(s) => Mem::Real(s.clone()),
+            Mem::Emu(v) => Mem::Emu(v.clone()),
+        };
+        CudaBuf { mem, len: self.len }
+    }
+}
