@@ -1,5 +1,7 @@
 // attention.cu: fused attention (FlashAttention-2 algorithm), forward and backward, f32 and bf16,
-// head dims 32/64/128. Shared-memory-tiled SIMT kernels with fp32 math; no T x S matrix is ever
+// any head dim up to 256: kernels are compiled for tile widths D = 32, 64, 96, 128, 192, 256 and a
+// head dim below the width is zero-padded in the shared tiles (padded columns add nothing to a
+// score and are never stored). Shared-memory-tiled SIMT kernels with fp32 math; no T x S matrix is ever
 // written to global memory. Layouts and masking rules: crates/tuna-kernels/src/ops/attention/mod.rs.
 //
 // Tiles are 32 rows (one key per lane in the forward, one query row per lane in the backward's
@@ -18,15 +20,15 @@ struct AttnParams {
 #define ATTN_LOG2E 1.4426950408889634f
 static_assert(ATTN_RPW * ATTN_WARPS == ATTN_TILE, "each warp owns ATTN_RPW of the tile's rows");
 
-// Copy 32 rows of D elements (global row r at src[base + r*stride]) into shared dst with row
-// pitch `pitch`, widening to f32; rows at or beyond `nvalid` are zero-filled (never garbage,
-// since masked probabilities multiply them).
+// Copy 32 rows of `hd` elements (global row r at src[base + r*stride]) into shared dst, D columns
+// with row pitch `pitch`, widening to f32; rows at or beyond `nvalid` and columns at or beyond
+// `hd` are zero-filled (never garbage, since masked probabilities multiply them).
 template <typename T, int D>
 __device__ __forceinline__ void attn_load_tile(float* dst, int pitch, const T* src, long long base,
-                                               long long stride, int nvalid) {
+                                               long long stride, int nvalid, int hd) {
     for (int idx = threadIdx.x; idx < ATTN_TILE * D; idx += blockDim.x) {
         const int r = idx / D, d = idx % D;
-        dst[r * pitch + d] = r < nvalid ? ld(src, base + r * stride + d) : 0.f;
+        dst[r * pitch + d] = r < nvalid && d < hd ? ld(src, base + r * stride + d) : 0.f;
     }
 }
 
@@ -45,9 +47,9 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTN_TILE;
     const int T_ = p.q_len, S = p.kv_len, P = p.prefix_len, off = S - T_;
-    const int kvh = h / (p.heads / p.kv_heads);
-    const long long qs = (long long)p.heads * D, ks = (long long)p.kv_heads * D;
-    attn_load_tile<T, D>(Qs, D, q, ((long long)b * T_ + q0) * qs + (long long)h * D, qs, min(ATTN_TILE, T_ - q0));
+    const int kvh = h / (p.heads / p.kv_heads), HD = p.head_dim;
+    const long long qs = (long long)p.heads * HD, ks = (long long)p.kv_heads * HD;
+    attn_load_tile<T, D>(Qs, D, q, ((long long)b * T_ + q0) * qs + (long long)h * HD, qs, min(ATTN_TILE, T_ - q0), HD);
 
     float m[ATTN_RPW], l[ATTN_RPW], acc[ATTN_RPW][C];
 #pragma unroll
@@ -68,13 +70,13 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
         const int nk = min(ATTN_TILE, (pre ? P : S) - k0);
         __syncthreads();  // the previous tile is no longer read
         if (pre) {
-            const long long base = ((long long)k0 * p.kv_heads + kvh) * D;
-            attn_load_tile<T, D>(Ks, D + 1, pk, base, ks, nk);
-            attn_load_tile<T, D>(Vs, D, pv, base, ks, nk);
+            const long long base = ((long long)k0 * p.kv_heads + kvh) * HD;
+            attn_load_tile<T, D>(Ks, D + 1, pk, base, ks, nk, HD);
+            attn_load_tile<T, D>(Vs, D, pv, base, ks, nk, HD);
         } else {
-            const long long base = (((long long)b * S + k0) * p.kv_heads + kvh) * D;
-            attn_load_tile<T, D>(Ks, D + 1, k, base, ks, nk);
-            attn_load_tile<T, D>(Vs, D, v, base, ks, nk);
+            const long long base = (((long long)b * S + k0) * p.kv_heads + kvh) * HD;
+            attn_load_tile<T, D>(Ks, D + 1, k, base, ks, nk, HD);
+            attn_load_tile<T, D>(Vs, D, v, base, ks, nk, HD);
         }
         __syncthreads();
 
@@ -124,9 +126,10 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
         const int i = q0 + warp * ATTN_RPW + r;
         if (i >= T_) continue;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that saw no key outputs zeros
-        const long long ob = (((long long)b * T_ + i) * p.heads + h) * D;
+        const long long ob = (((long long)b * T_ + i) * p.heads + h) * HD;
 #pragma unroll
-        for (int c = 0; c < C; ++c) st(o, ob + lane + 32 * c, acc[r][c] * inv);
+        for (int c = 0; c < C; ++c)
+            if (lane + 32 * c < HD) st(o, ob + lane + 32 * c, acc[r][c] * inv);
         if (lane == 0)
             lse[((long long)b * p.heads + h) * T_ + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) / ATTN_LOG2E : TUNA_NEG_INF;
     }
@@ -172,7 +175,10 @@ __device__ void attn_dq_add(const u64_t n, const float* dq_acc, T* dq) {
 #define ATTN_EMIT(T, NAME)                                                                        \
     ATTN_EMIT_D(T, NAME, 32)                                                                      \
     ATTN_EMIT_D(T, NAME, 64)                                                                      \
+    ATTN_EMIT_D(T, NAME, 96)                                                                      \
     ATTN_EMIT_D(T, NAME, 128)                                                                     \
+    ATTN_EMIT_D(T, NAME, 192)                                                                     \
+    ATTN_EMIT_D(T, NAME, 256)                                                                     \
     extern "C" __global__ void attention_bwd_pre_##NAME(const AttnParams p, const T* o,          \
                                                         const T* d_o, float* delta) {             \
         attn_bwd_pre<T>(p, o, d_o, delta);                                                        \

@@ -36,14 +36,15 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
     const int k0 = (pre ? blockIdx.x : blockIdx.x - n_pb) * ATTN_TILE;
     const int nk = min(ATTN_TILE, (pre ? P : S) - k0);
     const int group = p.heads / p.kv_heads;
-    const long long qs = (long long)p.heads * D, ks = (long long)p.kv_heads * D;
+    const int HD = p.head_dim;  // <= D; columns HD..D-1 of the tiles are zero
+    const long long qs = (long long)p.heads * HD, ks = (long long)p.kv_heads * HD;
     const float sl2 = p.scale * ATTN_LOG2E;
 
     {
-        const long long base = pre ? ((long long)k0 * p.kv_heads + kvh) * D
-                                   : (((long long)b * S + k0) * p.kv_heads + kvh) * D;
-        attn_load_tile<T, D>(Ks, DP, pre ? pk : k, base, ks, nk);
-        attn_load_tile<T, D>(Vs, DP, pre ? pv : v, base, ks, nk);
+        const long long base = pre ? ((long long)k0 * p.kv_heads + kvh) * HD
+                                   : (((long long)b * S + k0) * p.kv_heads + kvh) * HD;
+        attn_load_tile<T, D>(Ks, DP, pre ? pk : k, base, ks, nk, HD);
+        attn_load_tile<T, D>(Vs, DP, pre ? pv : v, base, ks, nk, HD);
         if (tid < ATTN_TILE)
             key_ok_s[tid] = tid < nk && (pre || !p.has_mask || mask[(long long)b * S + k0 + tid] != 0);
         // the __syncthreads at the top of the first q-block iteration publishes these
@@ -63,9 +64,9 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
         for (int qb = qb_first; qb < n_qb; ++qb) {
             const int q0 = qb * ATTN_TILE, nq = min(ATTN_TILE, T_ - q0);
             __syncthreads();  // previous q block's tiles are no longer read
-            const long long qbase = ((long long)b * T_ + q0) * qs + (long long)h * D;
-            attn_load_tile<T, D>(Qs, DP, q, qbase, qs, nq);
-            attn_load_tile<T, D>(dOs, DP, d_o, qbase, qs, nq);
+            const long long qbase = ((long long)b * T_ + q0) * qs + (long long)h * HD;
+            attn_load_tile<T, D>(Qs, DP, q, qbase, qs, nq, HD);
+            attn_load_tile<T, D>(dOs, DP, d_o, qbase, qs, nq, HD);
             if (tid < ATTN_TILE) {
                 const long long li = ((long long)b * p.heads + h) * T_ + q0 + tid;
                 lse_s[tid] = tid < nq ? lse[li] * ATTN_LOG2E : TUNA_NEG_INF;
@@ -135,9 +136,10 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
 #pragma unroll
                     for (int c = 0; c < C; ++c) a[c] += ds * Ks[key * DP + lane + 32 * c];
                 }
-                const long long qi = (((long long)b * T_ + q0 + il) * p.heads + h) * D;
+                const long long qi = (((long long)b * T_ + q0 + il) * p.heads + h) * HD;
 #pragma unroll
-                for (int c = 0; c < C; ++c) atomicAdd(dq_acc + qi + lane + 32 * c, a[c] * p.scale);
+                for (int c = 0; c < C; ++c)
+                    if (lane + 32 * c < HD) atomicAdd(dq_acc + qi + lane + 32 * c, a[c] * p.scale);
             }
         }
     }
@@ -148,16 +150,18 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
         if (key >= nk) continue;
         const int j = k0 + key;
         if (pre) {
-            const long long pi = ((long long)j * p.kv_heads + kvh) * D;
+            const long long pi = ((long long)j * p.kv_heads + kvh) * HD;
 #pragma unroll
             for (int c = 0; c < C; ++c) {
+                if (lane + 32 * c >= HD) continue;
                 atomicAdd(dpk + pi + lane + 32 * c, dK[kk][c] * p.scale);
                 atomicAdd(dpv + pi + lane + 32 * c, dV[kk][c]);
             }
         } else {
-            const long long ki = (((long long)b * S + j) * p.kv_heads + kvh) * D;
+            const long long ki = (((long long)b * S + j) * p.kv_heads + kvh) * HD;
 #pragma unroll
             for (int c = 0; c < C; ++c) {
+                if (lane + 32 * c >= HD) continue;
                 acc(dk, ki + lane + 32 * c, dK[kk][c] * p.scale);
                 acc(dv, ki + lane + 32 * c, dV[kk][c]);
             }

@@ -1,5 +1,6 @@
 //! Fused attention on CUDA: launch glue for `kernels/attention.cu` (shared-memory-tiled SIMT
-//! FlashAttention-2 forward; backward as delta preprocess, key-block main kernel, dq add).
+//! FlashAttention-2 forward; backward as delta preprocess, key-block main kernel, dq add), for
+//! every head dim up to 256 on the tile widths of [`TILE_WIDTHS`].
 
 use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use crate::backend::{Backend, Elem};
@@ -18,35 +19,44 @@ const THREADS: u32 = 256;
 /// Largest grid y/z dimension (heads and kv_heads ride y, batch rides z).
 const MAX_GRID_Z: u32 = 65535;
 
-/// Head dims with compiled kernels; each is its own launch configuration (template instance).
-pub const HEAD_DIMS: [u32; 3] = [32, 64, 128];
+/// Tile widths with compiled kernels (`attention_<dir>_d<W>_<dtype>`); each is its own launch
+/// configuration (template instance). A head dim runs on the smallest width that holds it, its
+/// columns zero-padded in shared memory (80 on 96, 4 on 32).
+pub const TILE_WIDTHS: [u32; 6] = [32, 64, 96, 128, 192, 256];
 
-/// Dynamic shared bytes of the forward: Qs[32][D], Ks[32][D+1], Vs[32][D] in f32.
-pub fn fwd_smem_bytes(d: usize) -> u32 {
-    (4 * TILE * (3 * d + 1)) as u32
+/// The tile width a head dim runs on, `None` above the largest.
+pub fn tile_width(head_dim: u32) -> Option<u32> {
+    TILE_WIDTHS.iter().copied().find(|&w| head_dim <= w)
 }
 
-/// Dynamic shared bytes of the main backward: Ks, Vs, Qs, dOs [32][D+1], Ps, dSs [32][33],
-/// lse and delta [32], in f32.
-pub fn bwd_smem_bytes(d: usize) -> u32 {
-    (4 * (4 * TILE * (d + 1) + 2 * TILE * (TILE + 1) + 2 * TILE)) as u32
+/// Dynamic shared bytes of the forward at tile width `w`: Qs[32][w], Ks[32][w+1], Vs[32][w] in f32.
+pub fn fwd_smem_bytes(w: usize) -> u32 {
+    (4 * TILE * (3 * w + 1)) as u32
 }
 
-/// Head dims without a kernel, and batches beyond the grid's z limit, are unsupported here.
-fn check_supported(dev: &Cuda, p: &AttnParams) -> Result<()> {
+/// Dynamic shared bytes of the main backward at tile width `w`: Ks, Vs, Qs, dOs [32][w+1], Ps, dSs
+/// [32][33], lse and delta [32], in f32.
+pub fn bwd_smem_bytes(w: usize) -> u32 {
+    (4 * (4 * TILE * (w + 1) + 2 * TILE * (TILE + 1) + 2 * TILE)) as u32
+}
+
+/// The tile width for `p`; head dims above the largest width, and batches beyond the grid's z
+/// limit, are unsupported here.
+fn check_supported(dev: &Cuda, p: &AttnParams) -> Result<u32> {
     let unsupported = |msg: String| Err(Error::Unsupported { op: "attention", device: dev.device_name(), msg });
-    if !HEAD_DIMS.contains(&p.head_dim) {
-        return unsupported(format!("head_dim {} has no CUDA kernel (supported: {HEAD_DIMS:?})", p.head_dim));
-    }
+    let Some(w) = tile_width(p.head_dim) else {
+        let max = TILE_WIDTHS[TILE_WIDTHS.len() - 1];
+        return unsupported(format!("head_dim {} has no CUDA kernel (at most {max})", p.head_dim));
+    };
     if p.batch > MAX_GRID_Z || p.heads > MAX_GRID_Z {
         return unsupported(format!("batch {} or heads {} exceeds the grid limit {MAX_GRID_Z}", p.batch, p.heads));
     }
-    Ok(())
+    Ok(w)
 }
 
-/// The kernel `attention_<dir>_d<D>_<dtype>`.
-fn tiled<'a, E: Elem>(dir: &str, p: &AttnParams) -> Launch<'a> {
-    Launch::new("attention", symbol::<E>("attention", &format!("{dir}_d{}", p.head_dim)))
+/// The kernel `attention_<dir>_d<W>_<dtype>` of tile width `w`.
+fn tiled<'a, E: Elem>(dir: &str, w: u32) -> Launch<'a> {
+    Launch::new("attention", symbol::<E>("attention", &format!("{dir}_d{w}")))
 }
 
 /// 256 threads per block over a 3-D grid `(x, y, z)` with `smem` dynamic shared bytes.
@@ -84,16 +94,16 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         let shape = || format!("{p:?}");
         crate::error::check_len("attention", "o", o.len(), p.q_elems(), shape)?;
         crate::error::check_len("attention", "lse", lse.len(), p.lse_elems(), shape)?;
-        check_supported(self, p)?;
+        let w = check_supported(self, p)?;
         if p.lse_elems() == 0 {
             return Ok(());
         }
-        let smem = fwd_smem_bytes(p.head_dim as usize);
+        let smem = fwd_smem_bytes(w as usize);
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (pk, pv) = prefix_or(&x);
         let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
-        let mut b = tiled::<E>("fwd", p);
+        let mut b = tiled::<E>("fwd", w);
         b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask).arg(o).arg(lse);
         // SAFETY: the arguments match attention_fwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, o,
         // lse); every length was checked against `p` above, absent prefix/mask are never read
@@ -113,14 +123,14 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
     ) -> Result<()> {
         check_inputs(p, &x)?;
         check_bwd(p, o, d_o, lse, &g)?;
-        check_supported(self, p)?;
+        let w = check_supported(self, p)?;
         if p.q_elems() == 0 {
             return Ok(()); // no query, no gradient: nothing to add
         }
         let mut delta = self.zeros::<f32>(p.lse_elems())?;
         self.launch_bwd_pre::<E>(p, o, d_o, &mut delta)?;
         let mut dq_acc = self.zeros::<f32>(p.q_elems())?;
-        self.launch_bwd_main(p, x, d_o, lse, &delta, &mut dq_acc, g.dk, g.dv, g.dprefix)?;
+        self.launch_bwd_main(p, w, x, d_o, lse, &delta, &mut dq_acc, g.dk, g.dv, g.dprefix)?;
         let n = p.q_elems() as u64;
         let mut b = Launch::new("attention", symbol::<E>("attention", "dq_add"));
         b.arg(&n).arg(&dq_acc).arg(g.dq);
@@ -154,6 +164,7 @@ impl Cuda {
     fn launch_bwd_main<E: CudaElem>(
         &self,
         p: &AttnParams,
+        w: u32,
         x: AttnInputs<'_, Self, E>,
         d_o: &CudaBuf<E>,
         lse: &CudaBuf<f32>,
@@ -163,7 +174,7 @@ impl Cuda {
         dv: &mut CudaBuf<E>,
         dprefix: Option<(&mut CudaBuf<f32>, &mut CudaBuf<f32>)>,
     ) -> Result<()> {
-        let smem = bwd_smem_bytes(p.head_dim as usize);
+        let smem = bwd_smem_bytes(w as usize);
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (mut dummy_k, mut dummy_v);
@@ -177,7 +188,7 @@ impl Cuda {
         let (pk, pv) = prefix_or(&x);
         let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
         let cfg = grid3(blocks, p.kv_heads, p.batch, smem);
-        let mut b = tiled::<E>("bwd", p);
+        let mut b = tiled::<E>("bwd", w);
         b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask);
         b.arg(d_o).arg(lse).arg(delta).arg(dq_acc).arg(dk).arg(dv).arg(dpk).arg(dpv);
         // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, d_o, lse,

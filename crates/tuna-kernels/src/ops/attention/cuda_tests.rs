@@ -146,18 +146,39 @@ fn cuda_d128_matches_cpu() {
     check_case(&dev, "gqa6/2 causal mask", Data::new(130, 2, 6, 2, 129, 129, 0, 128, true, Pad::Scattered));
 }
 
+/// Head dims between the tile widths run zero-padded on the next width: the tiny fixtures' 4 and 8,
+/// and the real models' 80 and 96.
 #[test]
-fn cuda_head_dim_24_is_unsupported() {
-    let Some(dev) = cuda_or_skip("attention::cuda_head_dim_24_is_unsupported") else { return };
-    let p = AttnParams::new(1, 2, 2, 5, 24, true);
+fn cuda_padded_head_dims_match_cpu() {
+    let Some(dev) = cuda_or_skip("attention::cuda_padded_head_dims_match_cpu") else { return };
+    check_case(&dev, "d4 mha causal mask", Data::new(4, 2, 2, 2, 9, 9, 0, 4, true, Pad::Scattered));
+    check_case(&dev, "d8 gqa4/2 causal prefix3", Data::new(8, 2, 4, 2, 7, 7, 3, 8, true, Pad::None));
+    check_case(&dev, "d24 gqa2/1 bidir kv-cache prefix5", Data::new(24, 1, 2, 1, 5, 40, 5, 24, false, Pad::Scattered));
+    check_case(&dev, "d80 mha causal", Data::new(80, 1, 2, 2, 33, 33, 0, 80, true, Pad::None));
+    check_case(&dev, "d96 gqa2/1 bidir prefix4 mask", Data::new(96, 2, 2, 1, 20, 20, 4, 96, false, Pad::Scattered));
+}
+
+#[test]
+fn cuda_widest_head_dims_match_cpu() {
+    let Some(dev) = cuda_or_skip("attention::cuda_widest_head_dims_match_cpu") else { return };
+    check_case(&dev, "d160 mha causal prefix3", Data::new(160, 1, 2, 2, 33, 33, 3, 160, true, Pad::None));
+    check_case(&dev, "d256 gqa2/1 causal mask", Data::new(256, 2, 2, 1, 35, 35, 0, 256, true, Pad::Scattered));
+}
+
+#[test]
+fn cuda_head_dim_257_is_unsupported() {
+    let Some(dev) = cuda_or_skip("attention::cuda_head_dim_257_is_unsupported") else { return };
+    let p = AttnParams::new(1, 2, 2, 5, 257, true);
+    assert_eq!(super::cuda::tile_width(256), Some(256));
+    assert_eq!(super::cuda::tile_width(257), None);
     let z = |n: usize| dev.zeros::<f32>(n).unwrap();
     let (q, k, v, mut o, mut lse) =
         (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()), z(p.q_elems()), z(p.lse_elems()));
     let x = AttnInputs::<Cuda, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None };
     let e = AttentionKernel::<f32>::attn_fwd(&*dev, &p, x, &mut o, &mut lse).unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 24"), "{e}");
+    assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 257"), "{e}");
     let (mut dq, mut dk, mut dv) = (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()));
     let g = AttnGrads::<Cuda, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: None };
     let e = AttentionKernel::<f32>::attn_bwd(&*dev, &p, x, &o, &o, &lse, g).unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 24"), "{e}");
+    assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 257"), "{e}");
 }
