@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test command: builds the workspace and runs every test with cargo-nextest (cargo test where
-# nextest is missing), then every example of examples/. CUDA tests without a GPU skip by name:
-# the list is printed at the end, with the kernel compile report (registers, spills, shared
-# memory per kernel).
+# nextest is missing), then every example of examples/. The CUDA tests run on the emulated CUDA
+# device (kernels/*.cu compiled as host C++, the `emulator` feature of tuna-kernels, selected by
+# TUNA_CUDA_EMULATE=1; set TUNA_CUDA_EMULATE=0 on a machine with a GPU to test the real one).
+# Printed at the end: which kernels ran on the emulated device, the kernel compile report
+# (NVRTC: registers, spills, shared memory per kernel) and any test that skipped, by name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .nvrtc/nvidia/cu13/lib ]; then
@@ -11,23 +13,37 @@ fi
 mkdir -p target
 export TUNA_SKIP_LOG="$PWD/target/skipped-tests.txt"
 export TUNA_KERNEL_REPORT="$PWD/target/kernel-report.txt"
-rm -f "$TUNA_SKIP_LOG" "$TUNA_KERNEL_REPORT"
+export TUNA_CUDA_EMULATE="${TUNA_CUDA_EMULATE:-1}"
+export TUNA_EMU_LAUNCH_LOG="$PWD/target/emu-launches.txt"
+rm -f "$TUNA_SKIP_LOG" "$TUNA_KERNEL_REPORT" "$TUNA_EMU_LAUNCH_LOG" "$TUNA_EMU_LAUNCH_LOG.kernels"
+features=(--features tuna-kernels/emulator)
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest does not run doctests (the README's examples are doctests): run them first, so the
   # runner's last summary is nextest's
-  cargo test --workspace --doc || status=$?
-  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+  cargo test --workspace "${features[@]}" --doc || status=$?
+  cargo nextest run --workspace "${features[@]}" --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@" || status=$?
+  cargo test --workspace "${features[@]}" --no-fail-fast "$@" || status=$?
 fi
 # The root package's examples (examples/*.rs), each run to completion: a failing one fails the
 # command. fused_kernel's CUDA half skips by name without a GPU (listed below with the tests').
 for f in examples/*.rs; do
   ex=$(basename "$f" .rs)
   echo "== cargo run --example $ex =="
-  cargo run --quiet --example "$ex" || { echo "FAILED: example $ex"; status=1; }
+  cargo run --quiet "${features[@]}" --example "$ex" || { echo "FAILED: example $ex"; status=1; }
 done
+if [ -f "$TUNA_EMU_LAUNCH_LOG.kernels" ]; then
+  total=$(grep -c . "$TUNA_EMU_LAUNCH_LOG.kernels")
+  ran=$(cut -d' ' -f1 "$TUNA_EMU_LAUNCH_LOG" | sort -u | grep -c .)
+  configs=$(sort -u "$TUNA_EMU_LAUNCH_LOG" | grep -c .)
+  echo "== emulated CUDA device: $ran of $total kernels ran through their launchers, in $configs launch configurations (kernel, block, shared memory) =="
+  never=$(cut -d' ' -f1 "$TUNA_EMU_LAUNCH_LOG" | sort -u | comm -13 - <(sort -u "$TUNA_EMU_LAUNCH_LOG.kernels"))
+  if [ -n "$never" ]; then
+    echo "never launched:"
+    echo "$never" | sed 's/^/  /'
+  fi
+fi
 if [ -f "$TUNA_KERNEL_REPORT" ]; then
   echo "== kernel compile report (NVRTC, ptxas -v) =="
   cat "$TUNA_KERNEL_REPORT"

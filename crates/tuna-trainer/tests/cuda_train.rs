@@ -1,5 +1,6 @@
-//! Training on CUDA against the CPU: every method, a few steps on the tiny Llama (lm) and BERT
-//! (classify) fixtures, the same losses to a named tolerance. Skips by name without a GPU.
+//! Training on CUDA against the CPU: every method, three steps on the tiny GPT-2 and Llama (lm)
+//! and BERT (classify) fixtures, the same losses to a named tolerance. Runs on the emulated device
+//! (`TUNA_CUDA_EMULATE=1`, the `emulator` feature) in CI; skips by name without any CUDA device.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,7 +72,11 @@ fn losses(dir: &std::path::Path) -> Vec<f32> {
 fn every_method_trains_on_cuda_like_on_the_cpu() {
     let Some(cuda) = cuda_or_skip("tuna-trainer::every_method_trains_on_cuda_like_on_the_cpu") else { return };
     let methods = |arch: &str| {
-        let t: &[&str] = if arch == "bert" { &["query", "value"] } else { &["q_proj", "v_proj"] };
+        let t: &[&str] = match arch {
+            "bert" => &["query", "value"],
+            "gpt2" => &["c_attn"],
+            _ => &["q_proj", "v_proj"],
+        };
         vec![
             Method::Full { patterns: vec![] },
             Method::Prompt { n: 3, init: PromptInit::SampleVocab },
@@ -89,7 +94,7 @@ fn every_method_trains_on_cuda_like_on_the_cpu() {
     // f32 on both; summation orders differ (cuBLAS vs gemm, block reductions), and three optimizer
     // steps amplify that a little.
     let tol = Tol::new("CUDA vs CPU training losses, 3 steps", 1e-4, 1e-3);
-    for arch in ["llama", "bert"] {
+    for arch in ["gpt2", "llama", "bert"] {
         for m in methods(arch) {
             let base = std::env::temp_dir().join(format!("tuna-cuda-train-{}-{arch}-{}", std::process::id(), m.name()));
             let (c, g) = (base.join("cpu"), base.join("cuda"));

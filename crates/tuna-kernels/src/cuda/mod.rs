@@ -14,6 +14,8 @@ pub mod compile;
 pub mod emu;
 pub mod launch;
 pub mod sources;
+#[cfg(feature = "emulator")]
+mod emu_log;
 
 use crate::backend::{Backend, Elem};
 use crate::error::{Error, Result};
@@ -296,6 +298,7 @@ impl Cuda {
                     });
                 }
                 let (g, b) = (cfg.grid_dim, cfg.block_dim);
+                emu_log::launched(&l.kernel, &cfg);
                 // SAFETY: `params` follows cuLaunchKernel's convention over values that live until
                 // the call returns (the bytes in `l.args`, the pointers in `slots`, the buffers
                 // borrowed by `l`); the caller guarantees they match the kernel.
