@@ -2,7 +2,8 @@
 //! benchmark shapes (16k tokens per batch, model width 2048: head dim 64 x 32 heads or 128 x 16),
 //! causal and not, sequence 512 to 8192, and with 20 to 200 prefix positions. One JSON line per
 //! case (for `scripts/gpu/attn_table.py`, which sets them beside PyTorch SDPA's from
-//! `scripts/gpu/attn_sdpa.py`). Without a GPU it says so and exits 0.
+//! `scripts/gpu/attn_sdpa.py`). The inputs are drawn and uploaded once (every case has the same
+//! 16k x 2048 elements per tensor) and reused by every case. Without a GPU it says so and exits 0.
 //!
 //! Run: `cargo bench -p tuna-kernels --bench cuda_attention [-- --quick]`
 
@@ -10,6 +11,7 @@ use half::bf16;
 use std::time::Instant;
 use tuna_kernels::ops::attention::{AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use tuna_kernels::testing::Rng;
+use tuna_kernels::cuda::CudaBuf;
 use tuna_kernels::Cuda;
 
 /// FLOPs of one forward as FlashAttention counts them: 4 * B * H * T * S * D over the visible
@@ -38,20 +40,47 @@ fn time(dev: &Cuda, reps: usize, mut f: impl FnMut()) -> f64 {
     t[reps / 2]
 }
 
-fn case(dev: &Cuda, t: usize, d: usize, causal: bool, prefix: usize, reps: usize) {
-    let tokens = 16 * 1024;
-    let (b, h) = ((tokens / t).max(1), 2048 / d);
+/// Tokens per batch and model width of every case.
+const TOKENS: usize = 16 * 1024;
+const WIDTH: usize = 2048;
+/// Prefix lengths measured.
+const PREFIXES: [usize; 2] = [20, 200];
+
+/// The benchmark's inputs on the device, drawn once: q, k, v and dO of TOKENS x WIDTH elements
+/// each, and for each prefix length its keys and values (length x WIDTH).
+struct Inputs {
+    q: CudaBuf<bf16>,
+    k: CudaBuf<bf16>,
+    v: CudaBuf<bf16>,
+    d_o: CudaBuf<bf16>,
+    prefixes: Vec<(usize, CudaBuf<bf16>, CudaBuf<bf16>)>,
+}
+
+impl Inputs {
+    fn new(dev: &Cuda) -> Inputs {
+        let mut rng = Rng::new(11);
+        let mut up = |n: usize| {
+            let v: Vec<bf16> = rng.normal_vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
+            dev.upload(&v).expect("upload")
+        };
+        let n = TOKENS * WIDTH;
+        let (q, k, v, d_o) = (up(n), up(n), up(n), up(n));
+        let prefixes = PREFIXES.iter().map(|&l| (l, up(l * WIDTH), up(l * WIDTH))).collect();
+        Inputs { q, k, v, d_o, prefixes }
+    }
+}
+
+fn case(dev: &Cuda, inp: &Inputs, t: usize, d: usize, causal: bool, prefix: usize, reps: usize) {
+    assert!(TOKENS % t == 0 && WIDTH % d == 0, "case shape");
+    let (b, h) = (TOKENS / t, WIDTH / d);
     let mut p = AttnParams::new(b, h, h, t, d, causal);
     p.prefix_len = prefix as u32;
-    let mut rng = Rng::new(11);
-    let up = |n: usize, rng: &mut Rng| {
-        let v: Vec<bf16> = rng.normal_vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
-        dev.upload(&v).expect("upload")
-    };
-    let (q, k, v, d_o) =
-        (up(p.q_elems(), &mut rng), up(p.kv_elems(), &mut rng), up(p.kv_elems(), &mut rng), up(p.q_elems(), &mut rng));
-    let pk = (prefix > 0).then(|| (up(prefix * h * d, &mut rng), up(prefix * h * d, &mut rng)));
-    let x = AttnInputs::<Cuda, bf16> { q: &q, k: &k, v: &v, prefix: pk.as_ref().map(|(a, b)| (a, b)), key_mask: None };
+    let (q, k, v, d_o) = (&inp.q, &inp.k, &inp.v, &inp.d_o);
+    let pk = (prefix > 0).then(|| {
+        let (_, pk, pv) = inp.prefixes.iter().find(|(l, ..)| *l == prefix).expect("a prefix drawn for this length");
+        (pk, pv)
+    });
+    let x = AttnInputs::<Cuda, bf16> { q, k, v, prefix: pk, key_mask: None };
     let mut o = dev.zeros::<bf16>(p.q_elems()).expect("alloc");
     let mut lse = dev.zeros::<f32>(p.lse_elems()).expect("alloc");
     let (mut dq, mut dk, mut dv) = (
@@ -72,7 +101,7 @@ fn case(dev: &Cuda, t: usize, d: usize, causal: bool, prefix: usize, reps: usize
             dv: &mut dv,
             dprefix: dp.as_mut().map(|(a, b)| (a, b)),
         };
-        <Cuda as AttentionKernel<bf16>>::attn_bwd(dev, &p, x, &o, &d_o, &lse, g).expect("attention backward")
+        <Cuda as AttentionKernel<bf16>>::attn_bwd(dev, &p, x, &o, d_o, &lse, g).expect("attention backward")
     });
     let f = fwd_flops(&p, prefix);
     println!(
@@ -95,14 +124,15 @@ fn main() {
     };
     let seqs: &[usize] = if quick { &[512, 2048] } else { &[512, 1024, 2048, 4096, 8192] };
     let reps = if quick { 3 } else { 10 };
+    let inputs = Inputs::new(&dev);
     for &d in &[64, 128] {
         for &causal in &[false, true] {
             for &t in seqs {
-                case(&dev, t, d, causal, 0, reps);
+                case(&dev, &inputs, t, d, causal, 0, reps);
             }
         }
     }
-    for &prefix in &[20, 200] {
-        case(&dev, 2048, 128, true, prefix, reps);
+    for prefix in PREFIXES {
+        case(&dev, &inputs, 2048, 128, true, prefix, reps);
     }
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tuna_autograd::ops::elem::scale;
 use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
-use tuna_autograd::Tensor;
+use tuna_autograd::{no_grad, Tensor};
 
 /// The metric early stopping and "best" follow: accuracy (higher) for classification, else loss.
 fn best_metric(task: Task) -> (&'static str, Direction) {
@@ -256,35 +256,54 @@ fn finish<B: Backend>(cfg: &TrainConfig, s: &Setup<B>, st: &State, stopped_early
 }
 
 /// Forward and backward of `batch` in micro-batches of `micro` rows, each loss weighted by its
-/// share of the batch's loss terms (so the accumulated gradients are the full batch's). Returns the
-/// batch's mean loss; at the first non-finite micro-batch loss it stops and returns that loss,
-/// before its backward. Dropout is seeded per micro-batch from `seed`.
+/// share of the batch's loss terms (so the accumulated gradients are the full batch's). The losses
+/// stay on the device until [`PendingLoss::read`], so a step waits for the device once, not once
+/// per micro-batch. Dropout is seeded per micro-batch from `seed`.
 pub(crate) fn accumulate_grads<B: Backend>(
     model: &Model<B>,
     spec: &TaskSpec,
     batch: &Batch,
     micro: usize,
     seed: u64,
-) -> Result<f64> {
+) -> Result<PendingLoss<B>> {
     let micro = batch.split(micro.max(1))?;
     let total_terms: usize = micro.iter().map(|m| spec.terms(model, m)).sum();
-    let mut loss_sum = 0.0f64;
+    let mut losses = Vec::with_capacity(micro.len());
     for (k, mb) in micro.iter().enumerate() {
         model.adapt().seed_dropout(seed ^ k as u64);
         let (loss, terms) = spec.loss(model, mb)?;
         let w = terms as f64 / total_terms.max(1) as f64;
-        let l = loss.to_vec()?[0] as f64;
-        if !l.is_finite() {
-            return Ok(l);
-        }
-        loss_sum += l * w;
         if terms > 0 {
             scale(&loss, w)?.backward()?;
         }
+        // The loss's value without its graph (x * 1 is exact), so the micro-batch's activations
+        // are freed now; read with the others at the end of the step.
+        losses.push((no_grad(|| scale(&loss, 1.0))?, w));
         // Profiling: the next forward op is timed from here, not from before this backward.
         tuna_autograd::stats::mark();
     }
-    Ok(loss_sum)
+    Ok(PendingLoss { losses })
+}
+
+/// A step's micro-batch losses and weights, still on the device.
+pub(crate) struct PendingLoss<B: Backend> {
+    losses: Vec<(Tensor<B, f32>, f64)>,
+}
+
+impl<B: Backend> PendingLoss<B> {
+    /// The batch's mean loss (the weighted sum, in f64, in micro-batch order), or the first
+    /// non-finite micro-batch loss. The first read waits for the device; the others are ready.
+    pub(crate) fn read(self) -> Result<f64> {
+        let mut sum = 0.0f64;
+        for (loss, w) in self.losses {
+            let l = loss.to_vec()?[0] as f64;
+            if !l.is_finite() {
+                return Ok(l);
+            }
+            sum += l * w;
+        }
+        Ok(sum)
+    }
 }
 
 /// AdamW over `params` with `cfg`'s learning rate and weight decay.
@@ -325,16 +344,18 @@ pub(crate) fn training_step<B: Backend>(
     let t0 = Instant::now();
     // Profiling: the first forward op is timed from here.
     tuna_autograd::stats::mark();
-    let loss = accumulate_grads(&s.model, &s.spec, batch, cfg.micro_batch, seed)?;
+    let pending = accumulate_grads(&s.model, &s.spec, batch, cfg.micro_batch, seed)?;
     let forward_backward_s = t0.elapsed().as_secs_f64();
-    let mut out = StepOutcome { loss, grad_norm: f64::NAN, forward_backward_s };
-    if !loss.is_finite() {
-        return Ok(out);
-    }
     let refs: Vec<&Tensor<B, f32>> = s.params.iter().map(|(_, t)| t).collect();
-    if let Some(c) = cfg.clip {
-        out.grad_norm = clip_grad_norm(&refs, c)?;
-    }
+    // The step's one wait for the device: the clip's norm read (or, without clipping, the loss's).
+    // A non-finite loss gives non-finite gradients and norm: nothing is updated either way.
+    let grad_norm = match cfg.clip {
+        Some(c) => clip_grad_norm(&refs, c)?,
+        None => f64::NAN,
+    };
+    let loss = pending.read()?;
+    let grad_norm = if loss.is_finite() { grad_norm } else { f64::NAN };
+    let out = StepOutcome { loss, grad_norm, forward_backward_s };
     if out.applied(cfg.clip) {
         opt.hp.lr = lr as f32;
         opt.step()?;

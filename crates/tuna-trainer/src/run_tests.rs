@@ -64,7 +64,7 @@ fn grads(task: Task, micro: usize) -> (f64, Vec<Vec<f32>>) {
     }
     let batch = s.batcher.next_batch(&mut Cursor::default());
     assert_eq!(batch.batch, 4);
-    let loss = accumulate_grads(&s.model, &s.spec, &batch, micro, 0).unwrap();
+    let loss = accumulate_grads(&s.model, &s.spec, &batch, micro, 0).unwrap().read().unwrap();
     let g = s.params.iter_mut().map(|(_, t)| t.grad().unwrap().expect("a gradient")).collect();
     let _ = std::fs::remove_dir_all(&dir);
     (loss, g)

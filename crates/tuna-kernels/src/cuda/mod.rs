@@ -66,6 +66,28 @@ pub fn probe() -> Result<usize> {
     }
 }
 
+/// Let the device's stream-ordered memory pool (which cudarc allocates from where the driver has
+/// one) keep what is freed instead of returning it to the driver at each synchronization, so a
+/// training step after the first maps no new memory. Best effort: a driver without pools, or one
+/// that refuses, leaves the default (the allocations still work).
+fn keep_freed_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: the context is current on this thread and cu_device names its device; the pool
+    // handle is written by the driver before it is read (only on success); the attribute value
+    // is a u64 as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD takes, alive for the call.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+            let mut threshold = u64::MAX;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+            let _ = sys::cuMemPoolSetAttribute(pool.assume_init(), attr, &mut threshold as *mut u64 as *mut std::ffi::c_void);
+        }
+    }
+}
+
 /// Whether `TUNA_CUDA_EMULATE` asks for the emulated device (`1`, `true` or `yes`).
 pub fn emulation_requested() -> bool {
     std::env::var(EMULATE_ENV).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
@@ -115,6 +137,7 @@ impl Cuda {
         let (ma, mi) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let stream = ctx.default_stream();
+        keep_freed_memory(&ctx);
         let real = Real { ctx, stream, modules: Mutex::default(), functions: Mutex::default(), blas: OnceLock::new() };
         Ok(Cuda { ordinal, arch: (ma * 10 + mi) as u32, name, layer: Layer::Real(real) })
     }
