@@ -11,10 +11,16 @@
 #   scripts/attn_sdpa.py, attn_table.py   PyTorch SDPA at the same shapes, and the joined table
 #   scripts/train_step.py, train_table.py PyTorch + PEFT training steps, and the joined table
 #   fixtures/                             crates/tuna-models/tests/fixtures (read via TUNA_FIXTURES_DIR)
+#   kernel-cache/                         every kernel compiled here by NVRTC 13.0 for sm_90 (the GPU
+#                                         machines' arch and NVRTC), so the device compiles nothing
 #   MANIFEST.txt                          commit, build date, files and sizes
 # Release builds, debug info stripped, so the bundle stays well under the device tool's 64 MiB
-# carry limit (checked: the script fails above it). Then: one device run with carry ["gpu-bundle"]
-# and command `bash scripts/gpu/check.sh $OUT/gpu` (see README.md, "### GPU").
+# carry limit (checked: the script fails above it). The binaries carry the emulated CUDA device too
+# (feature tuna-kernels/emulator; off unless TUNA_CUDA_EMULATE=1), and before it finishes the script
+# runs the bundle's own CUDA test binaries and generate steps on it (check.sh --emulated), so a
+# bundle that passes here fails on the GPU only for what the emulator cannot see. Then: one device
+# run with carry ["gpu-bundle"] and command `bash scripts/gpu/check.sh $OUT/gpu` (see README.md,
+# "### GPU").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LIMIT_MIB=64
@@ -27,7 +33,7 @@ mkdir -p "$B/bin" "$B/tests"
 build() {
   local name="$1"; shift
   local exe
-  exe="$(cargo "$@" --release --message-format=json-render-diagnostics | python3 -c '
+  exe="$(cargo "$@" --release --features tuna-kernels/emulator --message-format=json-render-diagnostics | python3 -c '
 import json, sys
 exes = [m["executable"] for m in map(json.loads, sys.stdin)
         if m.get("reason") == "compiler-artifact" and m.get("executable")]
@@ -50,6 +56,11 @@ build bin/train_step                test --no-run -p tuna-models --bench train_s
 mkdir -p "$B/scripts"
 cp scripts/gpu/attn_sdpa.py scripts/gpu/attn_table.py scripts/gpu/train_table.py scripts/bench/train_step.py "$B/scripts/"
 cp -r crates/tuna-models/tests/fixtures "$B/fixtures"
+# Every kernel for sm_90 with this machine's NVRTC 13.0 (scripts/install-nvrtc.sh), into the bundle.
+if [ -d .nvrtc/nvidia/cu13/lib ]; then
+  export LD_LIBRARY_PATH="$PWD/.nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+TUNA_KERNEL_CACHE="$PWD/$B/kernel-cache" cargo run --quiet --release -p tuna-kernels --example precompile -- 90
 
 {
   echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!gpu-bundle' 2>/dev/null || echo '+dirty')"
@@ -68,3 +79,6 @@ fi
 # The plan, and a strict check that check.sh finds every file it needs.
 bash scripts/gpu/check.sh /tmp/tuna-gpu-dry-run --dry-run --strict >/dev/null
 echo "check.sh --dry-run --strict: the bundle is complete"
+# The bundle's CUDA steps on the emulated device (a few minutes on 2 cores).
+rm -rf /tmp/tuna-gpu-emulated
+bash scripts/gpu/check.sh /tmp/tuna-gpu-emulated --emulated

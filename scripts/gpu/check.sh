@@ -5,6 +5,8 @@
 #   bash scripts/gpu/check.sh <out-dir>                    # on the GPU machine, e.g. $OUT/gpu
 #   bash scripts/gpu/check.sh <out-dir> --dry-run          # anywhere: print the plan, check the bundle
 #   bash scripts/gpu/check.sh <out-dir> --dry-run --strict # the same, exit 1 if the bundle is incomplete
+#   bash scripts/gpu/check.sh <out-dir> --emulated         # here: the test and generate steps on the
+#                                                          # emulated CUDA device (TUNA_CUDA_EMULATE=1)
 #
 # Steps: nvidia-smi and `tuna info` (into env.txt); each test binary that holds CUDA tests, with
 # TUNA_REQUIRE_CUDA=1 (a CUDA test that cannot run fails instead of skipping) and the libtest
@@ -28,18 +30,20 @@
 # scripts/bench/train_step.py; GPT-2 small shape), each with its table.
 set -uo pipefail
 
-usage() { echo "usage: $0 <out-dir> [--dry-run [--strict]]" >&2; exit 2; }
-out="" dry=0 strict=0
+usage() { echo "usage: $0 <out-dir> [--dry-run [--strict] | --emulated]" >&2; exit 2; }
+out="" dry=0 strict=0 emulated=0
 for a in "$@"; do
   case "$a" in
     --dry-run) dry=1 ;;
     --strict) strict=1 ;;
+    --emulated) emulated=1 ;;
     -*) usage ;;
     *) [ -z "$out" ] || usage; out="$a" ;;
   esac
 done
 [ -n "$out" ] || usage
 [ "$strict" = 0 ] || [ "$dry" = 1 ] || usage
+[ "$emulated" = 0 ] || [ "$dry" = 0 ] || usage
 
 cd "$(dirname "$0")/../.." || exit 2
 root="$PWD"
@@ -74,6 +78,7 @@ ld_path="$(IFS=:; echo "${lib_dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ENV_VARS=(
   "LD_LIBRARY_PATH=$ld_path"
   "TUNA_REQUIRE_CUDA=1"
+  "TUNA_CUDA_EMULATE=$emulated"
   "TUNA_KERNEL_CACHE=$out/kernel-cache"
   "TUNA_FIXTURES_DIR=$FIXTURES"
   "TUNA_SKIP_LOG=$out/skipped.txt"
@@ -93,15 +98,18 @@ q() { local s; s="$(printf '%q ' "$@")"; printf '%s' "${s% }"; }
 STEPS=()
 STEPS+=("nvidia-smi|15|env.txt|nvidia-smi")
 STEPS+=("tuna-info|15|env.txt|$(q "$TUNA" info)")
+# On the emulated device (--emulated) every cap is 6x: kernels run as host C++ on 2 cores.
+scale=$((emulated ? 6 : 1))
 for t in "${TESTS[@]}"; do
   IFS='|' read -r name rel cap <<<"$t"
-  STEPS+=("$name|$cap|$name.log|$(q "$bundle/$rel" cuda --test-threads=4)")
+  STEPS+=("$name|$((cap * scale))|$name.log|$(q "$bundle/$rel" cuda --test-threads=4)")
 done
 for m in "${GENERATE_MODELS[@]}"; do
   STEPS+=("generate-$m-cuda|15|generate.log|$(q "$TUNA" generate --model "$FIXTURES/$m" --prompt "hello world" --max-new-tokens 8 --device cuda)")
 done
 # Attention against PyTorch SDPA (bf16; FlashAttention-2 backend without a prefix): JSON lines into
 # bench.log, then the joined table (also appended to summary.txt).
+if [ "$emulated" = 0 ]; then # the benchmarks: a real GPU only
 STEPS+=("bench-attention-tuna|45|bench.log|$(q "$bundle/bin/cuda_attention")")
 STEPS+=("bench-attention-sdpa|40|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
 STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.py" "$out/bench.log" "$out/bench.log")")
@@ -114,6 +122,8 @@ for m in "full|1024" "prompt|1004"; do
   STEPS+=("bench-train-peft-$meth|40|train.log|$(q "$PY" "$bundle/scripts/train_step.py" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2)")
 done
 STEPS+=("train-table|10|train.md|$(q "$PY" "$bundle/scripts/train_table.py" "$out/train.log")")
+fi
+[ "$emulated" = 0 ] || STEPS=("${STEPS[@]:2}") # no nvidia-smi, no tuna info steps
 
 if [ "$dry" = 1 ]; then
   echo "GPU check plan (dry run; nothing is run or written)"
@@ -150,6 +160,10 @@ if [ ${#missing[@]} != 0 ]; then
 fi
 mkdir -p "$out" || exit 2
 for v in "${ENV_VARS[@]}"; do export "${v?}"; done
+# The kernels the bundle precompiled (NVRTC 13.0, sm_90): the run loads them instead of compiling.
+if [ -d "$bundle/kernel-cache" ]; then
+  mkdir -p "$out/kernel-cache" && cp "$bundle/kernel-cache"/* "$out/kernel-cache/" 2>/dev/null
+fi
 rm -f "$out/skipped.txt"
 chmod u+x "$TUNA" "$bundle"/tests/* 2>/dev/null
 start_all=$SECONDS
@@ -195,7 +209,7 @@ fi
 
 {
   echo
-  echo "== GPU check summary ($(head -1 "$out/env.txt" | cut -d' ' -f2), $((SECONDS - start_all))s) =="
+  echo "== $([ "$emulated" = 1 ] && echo 'emulated CUDA device' || echo GPU) check summary ($(head -1 "$out/env.txt" | cut -d' ' -f2), $((SECONDS - start_all))s) =="
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
   printf '%-26s %-4s %6s  %s\n' step result time note
   for r in "${results[@]}"; do echo "$r"; done
