@@ -121,7 +121,7 @@ fn main() {
 ///    the compiler sees) and struct table (`sizeof`/`offsetof` as the compiler lays them out);
 /// 3. `registry.cpp` lists the modules; everything plus emu.cpp is compiled (in parallel, an
 ///    object reused while its wrapper, the scanned source, emu.cuh and the flags are unchanged)
-///    and archived with `ar` into `$OUT_DIR/emu/libtuna_emu.a`.
+///    and archived with `ar` into `$OUT_DIR/emu/libtuna_emu.a` (`emu-asan/` when sanitized).
 ///
 /// Environment: `TUNA_EMU_CXX` (compiler, default `c++`), `TUNA_EMU_AR` (default `ar`),
 /// `TUNA_EMU_OPT` (optimization flags, default `-O2`), `TUNA_EMU_CXXFLAGS` (extra flags),
@@ -164,8 +164,10 @@ mod emulator {
         for e in ENV {
             println!("cargo:rerun-if-env-changed={e}");
         }
+        let sanitize = env("TUNA_EMU_SANITIZE").is_some_and(|v| v != "0");
         let emu = manifest.join("emu");
-        let edir = out.join("emu");
+        // sanitized objects apart, so that switching back and forth does not recompile everything
+        let edir = out.join(if sanitize { "emu-asan" } else { "emu" });
         std::fs::create_dir_all(&edir).unwrap();
         for f in ["emu.cuh", "emu.cpp", "test_kernels.cu"] {
             assert!(emu.join(f).is_file(), "emulator source emu/{f} missing in {}", manifest.display());
@@ -175,7 +177,6 @@ mod emulator {
             println!("cargo:rerun-if-changed={}", entry.path().display());
         }
         let cxx = env("TUNA_EMU_CXX").unwrap_or_else(|| "c++".into());
-        let sanitize = env("TUNA_EMU_SANITIZE").is_some_and(|v| v != "0");
 
         let mut flags: Vec<String> = [
             "-std=c++20",
@@ -211,10 +212,8 @@ mod emulator {
         let emu_cuh = std::fs::read_to_string(emu.join("emu.cuh")).unwrap();
 
         // (module ident, source file)
-        let mut modules: Vec<(String, PathBuf)> = names
-            .iter()
-            .map(|n| (ident(n.trim_end_matches(".cu")), kdir.join(n)))
-            .collect();
+        let mut modules: Vec<(String, PathBuf)> =
+            names.iter().map(|n| (ident(n.trim_end_matches(".cu")), kdir.join(n))).collect();
         modules.push(("emu_test_kernels".into(), emu.join("test_kernels.cu")));
 
         let mut jobs: Vec<(PathBuf, PathBuf, String)> = Vec::new(); // (source, object, cache key)
@@ -270,7 +269,11 @@ mod emulator {
         println!("cargo:rustc-link-search=native={}", edir.display());
         println!("cargo:rustc-link-lib=static=tuna_emu");
         let stdlib = env("TUNA_EMU_CXXSTDLIB").unwrap_or_else(|| {
-            if std::env::var("CARGO_CFG_TARGET_VENDOR").as_deref() == Ok("apple") { "c++".into() } else { "stdc++".into() }
+            if std::env::var("CARGO_CFG_TARGET_VENDOR").as_deref() == Ok("apple") {
+                "c++".into()
+            } else {
+                "stdc++".into()
+            }
         });
         println!("cargo:rustc-link-lib=dylib={stdlib}");
         if sanitize {
@@ -328,7 +331,10 @@ mod emulator {
                     i += 1;
                 }
                 i += 2;
-            } else if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            } else if c.is_ascii_alphanumeric()
+                || c == b'_'
+                || c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+            {
                 let st = i;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
                     i += 1;
@@ -423,7 +429,7 @@ mod emulator {
                         }
                     }
                     structs.push(Struct { name: t[i + 1].clone(), fields });
-                    i = end;
+                    i = end + 1;
                     continue;
                 }
                 _ => {}
@@ -440,15 +446,19 @@ mod emulator {
                 i += 1;
                 continue;
             }
-            assert!(t.get(i + 2).map(String::as_str) != Some("{"), "emulator: extern \"C\" {{ }} blocks are not supported ({file})");
+            assert!(
+                t.get(i + 2).map(String::as_str) != Some("{"),
+                "emulator: extern \"C\" {{ }} blocks are not supported ({file})"
+            );
             let mut j = i + 2;
             let (mut global, mut bounds) = (false, 0u32);
             while j < t.len() {
                 if t[j] == "__launch_bounds__" {
                     let end = close(&t, j + 1);
-                    bounds = t[j + 2].trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap_or_else(|_| {
-                        panic!("emulator: __launch_bounds__({}) in {file}: expected a number", t[j + 2])
-                    });
+                    bounds =
+                        t[j + 2].trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap_or_else(|_| {
+                            panic!("emulator: __launch_bounds__({}) in {file}: expected a number", t[j + 2])
+                        });
                     j = end + 1;
                 } else if skip.contains(&t[j].as_str()) {
                     global |= t[j] == "__global__";
@@ -556,7 +566,9 @@ mod emulator {
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
-                    .unwrap_or_else(|e| panic!("emulator: cannot run the C++ compiler `{cxx}`: {e} (set TUNA_EMU_CXX)"));
+                    .unwrap_or_else(|e| {
+                        panic!("emulator: cannot run the C++ compiler `{cxx}`: {e} (set TUNA_EMU_CXX)")
+                    });
                 running.push((child, job));
             }
             let (child, job) = running.remove(0);

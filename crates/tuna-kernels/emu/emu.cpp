@@ -79,10 +79,11 @@ constexpr size_t MAX_STATIC_SMEM = 48 * 1024;  // static __shared__ limit
 #ifndef TUNA_EMU_UCONTEXT
 extern "C" void tuna_emu_ctx_swap(void** save_sp, void* to_sp);
 extern "C" void tuna_emu_ctx_start();
-// tuna_emu_ctx_swap(save, to): push the callee-saved registers and MXCSR/x87 control word on the
-// current stack, store the stack pointer in *save, load `to` and pop the same from there.
-// A fresh stack (ctx_init) is laid out so that the first swap "returns" into tuna_emu_ctx_start,
-// which calls r12(r13) and never returns.
+// tuna_emu_ctx_swap(save, to): push the callee-saved registers on the current stack, store the
+// stack pointer in *save, load `to` and pop the same from there. (MXCSR and the x87 control word
+// are not switched: every fiber of a worker shares its floating-point environment, which kernel
+// code never changes.) A fresh stack (ctx_init) is laid out so that the first swap "returns"
+// into tuna_emu_ctx_start, which calls r12(r13) and never returns.
 asm(R"(
     .text
     .p2align 4
@@ -96,14 +97,8 @@ tuna_emu_ctx_swap:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -133,12 +128,9 @@ struct Context {
     void* sp = nullptr;
 };
 inline void ctx_switch(Context& from, Context& to) { tuna_emu_ctx_swap(&from.sp, to.sp); }
+inline void* ctx_sp(const Context& c) { return c.sp; }
 void ctx_init(Context& c, char* lo, size_t size, void (*fn)(void*), void* arg) {
     uint64_t* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(lo + size)) & ~uintptr_t(15));
-    uint32_t mxcsr;
-    uint16_t fpucw;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
     *--sp = 0;                                                // alignment slot
     *--sp = reinterpret_cast<uint64_t>(&tuna_emu_ctx_start);  // "return address" of the first swap
     *--sp = 0;                                                // rbp
@@ -147,7 +139,6 @@ void ctx_init(Context& c, char* lo, size_t size, void (*fn)(void*), void* arg) {
     *--sp = reinterpret_cast<uint64_t>(arg);                  // r13
     *--sp = 0;                                                // r14
     *--sp = 0;                                                // r15
-    *--sp = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
     c.sp = sp;
 }
 #else
@@ -155,6 +146,7 @@ struct Context {
     ucontext_t uc;
 };
 inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void* ctx_sp(const Context&) { return nullptr; }  // unknown: the whole stack
 void fiber_main(void* p);
 void uc_entry(unsigned hi, unsigned lo) {
     fiber_main(reinterpret_cast<void*>((uintptr_t(hi) << 32) | uintptr_t(lo)));
@@ -237,7 +229,16 @@ struct Pool {
         all_.push_back(s);
         return s;
     }
-    void put(Stack s) { free_.push_back(s); }
+    // `sp`: where the stack's last fiber stopped. Under ASan, the frames above it never returned
+    // (the fiber ended or was abandoned), so their redzones are still poisoned: unpoison them, as
+    // ASan's prologues expect unused stack to be.
+    void put(Stack s, void* sp) {
+        char* from = static_cast<char*>(sp);
+        if (!from || from < s.lo || from > s.lo + s.size) from = s.lo;
+        from = std::max(s.lo, from - 256);
+        asan_unpoison(from, size_t(s.lo + s.size - from));
+        free_.push_back(s);
+    }
 };
 thread_local Pool pool;
 
@@ -285,7 +286,7 @@ struct Block : BlockCtx {
     unsigned n = 0;
     std::vector<Thread> th;
     std::vector<Warp> warps;
-    std::vector<unsigned> rq;  // ring of ready threads (each is queued at most once)
+    std::vector<unsigned> rq;  // ring of ready threads (each queued at most once), MAX_THREADS long
     unsigned rq_head = 0, rq_len = 0;
     unsigned done = 0, first_done = 0;
     unsigned bar_count = 0, bar_first = 0;
@@ -296,19 +297,28 @@ struct Block : BlockCtx {
     size_t static_bytes = 0;
     Context sched;
     void* sched_fake = nullptr;
-    const void* sched_bottom = nullptr;
+    const void* sched_bottom = nullptr;  // the scheduler's stack (ASan), learned on its first switch
     size_t sched_size = 0;
+    bool from_sched = false;  // the switch in progress leaves the scheduler
+    Stack pending;            // the stack of a fiber that ended, released once switched away from
+    Context* pending_ctx = nullptr;
     bool failed = false;
     int code = 0;
     std::string msg;
 
+    static constexpr unsigned RQ_MASK = MAX_THREADS - 1;
     void push(unsigned i) {
-        rq[(rq_head + rq_len) % n] = i;
+        rq[(rq_head + rq_len) & RQ_MASK] = i;
+        ++rq_len;
+    }
+    void push_front(unsigned i) {
+        rq_head = (rq_head - 1) & RQ_MASK;
+        rq[rq_head] = i;
         ++rq_len;
     }
     unsigned pop() {
         const unsigned i = rq[rq_head];
-        rq_head = (rq_head + 1) % n;
+        rq_head = (rq_head + 1) & RQ_MASK;
         --rq_len;
         return i;
     }
@@ -346,12 +356,53 @@ const char* op_name(int kind) {
 }
 bool same_site(const char* a, const char* b) { return a == b || (a && b && strcmp(a, b) == 0); }
 
-// Switch from fiber `t` to the scheduler; returns when the scheduler resumes t.
-void to_scheduler(Thread& t, bool finished) {
+void fiber_main(void* p);
+
+// Runs on a fiber's stack right after a switch to it (ASan bookkeeping; the stack of a fiber that
+// ended is free now that nothing runs on it).
+void arrived(Block& b, void* fake) {
+    const void* bottom = nullptr;
+    size_t size = 0;
+    asan_finish(fake, &bottom, &size);
+    if (b.from_sched) {
+        b.sched_bottom = bottom;
+        b.sched_size = size;
+        b.from_sched = false;
+    }
+    if (b.pending.lo) {
+        pool.put(b.pending, ctx_sp(*b.pending_ctx));
+        b.pending = Stack{};
+    }
+}
+
+// Fiber `t` stops running (it waits, ended or faulted): switch straight to the next ready fiber,
+// or back to the scheduler when none is (or the block failed). Returns when t is resumed.
+void switch_away(Thread& t, bool finished) {
     Block& b = blk_of(t);
-    asan_start(finished ? nullptr : &t.fake, b.sched_bottom, b.sched_size);
-    ctx_switch(t.ctx, b.sched);
-    asan_finish(t.fake, &b.sched_bottom, &b.sched_size);
+    Context* to = &b.sched;
+    const void* bottom = b.sched_bottom;
+    size_t size = b.sched_size;
+    cur = nullptr;
+    if (!b.failed && b.rq_len) {
+        Thread& next = b.th[b.pop()];
+        if (next.st == St::Fresh) {
+            next.stack = pool.get();
+            ctx_init(next.ctx, next.stack.lo, next.stack.size, fiber_main, &next);
+        }
+        next.st = St::Running;
+        cur = &next;
+        to = &next.ctx;
+        bottom = next.stack.lo;
+        size = next.stack.size;
+    }
+    if (finished) {
+        b.pending = t.stack;  // released by whoever runs next
+        b.pending_ctx = &t.ctx;
+        t.stack = Stack{};
+    }
+    asan_start(finished ? nullptr : &t.fake, bottom, size);
+    ctx_switch(t.ctx, *to);
+    arrived(b, t.fake);
 }
 
 // Ends the fiber with an error; the block is abandoned.
@@ -364,7 +415,7 @@ void to_scheduler(Thread& t, bool finished) {
         b.msg = std::move(msg);
     }
     t.st = St::Dead;
-    to_scheduler(t, true);
+    switch_away(t, true);
     __builtin_unreachable();
 }
 
@@ -392,10 +443,10 @@ void thread_exit(Thread& t) {
 void fiber_main(void* p) {
     Thread& t = *static_cast<Thread*>(p);
     Block& b = blk_of(t);
-    asan_finish(nullptr, &b.sched_bottom, &b.sched_size);
+    arrived(b, nullptr);
     b.L->k->run(b.L->args);
     thread_exit(t);
-    to_scheduler(t, true);
+    switch_away(t, true);
     __builtin_unreachable();
 }
 
@@ -463,7 +514,7 @@ void setup_block(Block& b, Launch& L, unsigned long long idx) {
     const unsigned n = L.block.x * L.block.y * L.block.z;
     b.n = n;
     if (b.th.size() < n) b.th.resize(n);
-    if (b.rq.size() < n) b.rq.resize(n);
+    if (b.rq.size() < MAX_THREADS) b.rq.resize(MAX_THREADS);
     const unsigned nw = (n + 31) / 32;
     b.warps.resize(nw);
     for (unsigned w = 0; w < nw; ++w) {
@@ -493,12 +544,16 @@ void setup_block(Block& b, Launch& L, unsigned long long idx) {
     b.bar_site = nullptr;
     b.dyn = nullptr;
     b.dyn_alloc = false;
+    b.from_sched = false;
+    b.pending = Stack{};
     b.failed = false;
     b.code = 0;
     b.msg.clear();
 }
 
 void run_block(Block& b) {
+    // Fibers switch among themselves; control comes back here when none is ready (normally:
+    // all ended) or the block failed.
     while (b.rq_len && !b.failed) {
         Thread& t = b.th[b.pop()];
         if (t.st == St::Fresh) {
@@ -507,13 +562,14 @@ void run_block(Block& b) {
         }
         t.st = St::Running;
         cur = &t;
+        b.from_sched = true;
         asan_start(&b.sched_fake, t.stack.lo, t.stack.size);
         ctx_switch(b.sched, t.ctx);
         asan_finish(b.sched_fake, nullptr, nullptr);
         cur = nullptr;
-        if (t.st == St::Done || t.st == St::Dead) {
-            pool.put(t.stack);
-            t.stack = Stack{};
+        if (b.pending.lo) {
+            pool.put(b.pending, ctx_sp(*b.pending_ctx));
+            b.pending = Stack{};
         }
     }
     if (!b.failed && b.done < b.n) {
@@ -526,8 +582,7 @@ void run_block(Block& b) {
         for (unsigned i = 0; i < b.n; ++i) {
             Thread& t = b.th[i];
             if (t.stack.lo) {
-                asan_unpoison(t.stack.lo, t.stack.size);
-                pool.put(t.stack);
+                pool.put(t.stack, ctx_sp(t.ctx));
                 t.stack = Stack{};
             }
         }
@@ -691,7 +746,7 @@ void syncthreads(const char* site) {
         return;  // the last thread to arrive runs on
     }
     t.st = St::Bar;
-    to_scheduler(t, false);
+    switch_away(t, false);
 }
 
 uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned param, unsigned width) {
@@ -741,7 +796,7 @@ uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned
     if (op->arrived != mask) {
         t.site = site;
         t.st = St::Warp;
-        to_scheduler(t, false);
+        switch_away(t, false);
         return t.result;  // written by the lane that completed the op
     }
     // Complete: every lane's result, then wake the others.
@@ -772,12 +827,16 @@ uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned
                 }
                 o.result = op->val[src];
         }
-        if (l != t.lane) {
-            o.st = St::Ready;
-            b.push(o.lin);
-        }
     }
-    *op = w.ops[--w.nops];  // remove (order of the others does not matter)
+    // The other lanes run next (the warp stays hot in cache), in lane order.
+    for (unsigned l = 32; l-- > 0;) {
+        if (!(mask >> l & 1u) || l == t.lane) continue;
+        Thread& o = b.th[wi * 32 + l];
+        o.st = St::Ready;
+        b.push_front(o.lin);
+    }
+    if (op != &w.ops[w.nops - 1]) *op = w.ops[w.nops - 1];  // remove (the others' order does not matter)
+    --w.nops;
     return t.result;
 }
 

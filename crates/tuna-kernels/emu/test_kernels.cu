@@ -126,9 +126,9 @@ extern "C" __global__ void emu_test_shfl_exited(float* out) {
     if (threadIdx.x & 1) return;
     out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (float)threadIdx.x, 2);
 }
-// Lanes 0..15 wait at __syncthreads, lanes 16..31 at __syncwarp: a deadlock.
+// In every warp, lanes 0..15 wait at __syncthreads, lanes 16..31 at __syncwarp: a deadlock.
 extern "C" __global__ void emu_test_deadlock(float* out) {
-    if (threadIdx.x < 16) __syncthreads();
+    if ((threadIdx.x & 31) < 16) __syncthreads();
     else __syncwarp();
     out[threadIdx.x] = 1.f;
 }

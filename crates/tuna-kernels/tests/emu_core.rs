@@ -25,7 +25,9 @@ impl Args {
     fn v<T: Copy>(mut self, x: T) -> Self {
         let mut cell = vec![0u64; size_of::<T>().div_ceil(8).max(1)];
         // SAFETY: the cell has at least size_of::<T>() bytes; T is Copy (plain data here).
-        unsafe { std::ptr::copy_nonoverlapping(&x as *const T as *const u8, cell.as_mut_ptr() as *mut u8, size_of::<T>()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(&x as *const T as *const u8, cell.as_mut_ptr() as *mut u8, size_of::<T>())
+        };
         self.0.push(cell);
         self
     }
@@ -97,15 +99,17 @@ fn every_kernel_symbol_is_registered() {
         for (i, _) in src.match_indices("extern \"C\" __global__ void ") {
             n_extern += 1;
             let rest = &src[i + "extern \"C\" __global__ void ".len()..];
-            let rest = rest.strip_prefix("__launch_bounds__(").map(|r| r.split_once(") ").unwrap().1).unwrap_or(rest);
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#').collect();
+            let rest = rest.strip_prefix("__launch_bounds__(").map(|r| r.split_once(')').unwrap().1).unwrap_or(rest);
+            let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            let name: String =
+                rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#').collect();
             if !name.contains('#') {
                 assert!(set.contains(name.as_str()), "{}: kernel {name} not compiled in", path.display());
             }
         }
         assert!(n_extern > 0, "{}: no kernels", path.display());
     }
-    assert!(files >= 12, "only {files} .cu files found");
+    assert_eq!(files, tuna_kernels::cuda::sources::ALL.len(), ".cu files vs the sources embedded for NVRTC");
 
     // The defined C symbols of the library are exactly the registered kernels (plus the C ABI).
     let lib = env!("TUNA_EMU_LIB");
@@ -194,7 +198,11 @@ fn struct_layouts_match_rust() {
     // Every struct a kernel takes by value is checked above.
     let checked: BTreeSet<&str> = rust.iter().map(|r| r.0).collect();
     let known: BTreeSet<String> = emu::structs().into_iter().collect();
-    assert_eq!(known.iter().map(String::as_str).collect::<BTreeSet<_>>(), checked, "structs the kernels take vs checked");
+    assert_eq!(
+        known.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        checked,
+        "structs the kernels take vs checked"
+    );
     assert_eq!(emu::struct_layout("NormLane"), None, "not a kernel parameter");
     assert_eq!(emu::struct_layout("NoSuchStruct"), None);
 }
@@ -216,7 +224,8 @@ fn thread_and_block_ids_and_struct_arguments() {
                 for tz in 0..block[2] {
                     for ty in 0..block[1] {
                         for tx in 0..block[0] {
-                            let want = [tx, ty, tz, bx, by, bz, block[0], block[1], block[2], grid[0], grid[1], grid[2]];
+                            let want =
+                                [tx, ty, tz, bx, by, bz, block[0], block[1], block[2], grid[0], grid[1], grid[2]];
                             assert_eq!(&out[12 * g..12 * g + 12], &want, "thread {g}");
                             g += 1;
                         }
@@ -295,11 +304,28 @@ fn bf16_rn(x: f32) -> u16 {
 #[test]
 fn bf16_conversion_is_round_to_nearest_even() {
     let mut bits: Vec<u32> = vec![
-        0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, // zeros, infinities
-        0x7f7f_ffff, 0xff7f_ffff, 0x7f7f_8000, 0x7f7f_7fff, // max finite: rounds to inf / stays
-        0x3f80_8000, 0x3f81_8000, 0x3f80_8001, 0x3f80_7fff, // ties to even, above, below
-        0x0000_0001, 0x0000_8000, 0x0001_8000, 0x807f_ffff, // subnormals
-        0x7fc0_0000, 0x7f80_0001, 0xffff_ffff, 0x7fff_ffff, 0xff80_0001, 0x7fbf_ffff, // NaNs
+        0,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000, // zeros, infinities
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0x7f7f_8000,
+        0x7f7f_7fff, // max finite: rounds to inf / stays
+        0x3f80_8000,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x3f80_7fff, // ties to even, above, below
+        0x0000_0001,
+        0x0000_8000,
+        0x0001_8000,
+        0x807f_ffff, // subnormals
+        0x7fc0_0000,
+        0x7f80_0001,
+        0xffff_ffff,
+        0x7fff_ffff,
+        0xff80_0001,
+        0x7fbf_ffff, // NaNs
     ];
     let mut rng = Rng::new(11);
     bits.extend((0..1 << 16).map(|_| rng.next_u64() as u32));
@@ -353,7 +379,15 @@ fn invalid_launches_are_error_2() {
     expect_err(2, k, [1, 1, 1], [1, 1, 65], 0, a(&mut out), &[k, "block"]);
     expect_err(2, k, [1, 1, 1], [64, 32, 1], 0, a(&mut out), &[k, "1024 threads"]);
     expect_err(2, k, [1, 1, 1], [32, 1, 1], 227 * 1024 + 4, a(&mut out), &[k, "dynamic shared memory"]);
-    expect_err(2, "emu_test_bounds", [1, 1, 1], [128, 1, 1], 0, a(&mut out), &["emu_test_bounds", "__launch_bounds__(64)"]);
+    expect_err(
+        2,
+        "emu_test_bounds",
+        [1, 1, 1],
+        [128, 1, 1],
+        0,
+        a(&mut out),
+        &["emu_test_bounds", "__launch_bounds__(64)"],
+    );
     ok("emu_test_bounds", [1, 1, 1], [64, 1, 1], 0, a(&mut out));
     // wrong number of arguments (checked by the shim against the kernel's parameters)
     expect_err(2, k, [1, 1, 1], [32, 1, 1], 0, a(&mut out).v(1u32), &[k, "2 argument(s) given, it takes 1"]);
@@ -378,7 +412,13 @@ fn invalid_launches_are_error_2() {
         [48, 1, 1],
         0,
         args,
-        &["layernorm_fwd_block_f32", "block (0,0,0)", "thread (32,0,0)", "multiple of 32", "__shfl_xor_sync"],
+        &[
+            "layernorm_fwd_block_f32",
+            "block (0,0,0)",
+            "warp 1 has only 16 lane(s)",
+            "multiple of 32",
+            "__shfl_xor_sync",
+        ],
     );
 }
 
@@ -413,8 +453,24 @@ fn faulty_kernels_are_error_3() {
         a(&mut out),
         &["emu_test_shfl_exited", "__shfl_xor_sync", "exited"],
     );
-    expect_err(3, "emu_test_deadlock", [1, 1, 1], [64, 1, 1], 0, a(&mut out), &["deadlock", "emu_test_deadlock", "__syncwarp"]);
-    expect_err(3, "emu_test_trap", [3, 1, 1], [32, 1, 1], 0, a(&mut out), &["__trap()", "block (1,0,0), thread (5,0,0)"]);
+    expect_err(
+        3,
+        "emu_test_deadlock",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        a(&mut out),
+        &["deadlock", "emu_test_deadlock", "__syncwarp"],
+    );
+    expect_err(
+        3,
+        "emu_test_trap",
+        [3, 1, 1],
+        [32, 1, 1],
+        0,
+        a(&mut out),
+        &["__trap()", "block (1,0,0), thread (5,0,0)"],
+    );
     // The emulator stays usable after faults.
     let before = emu::launches("emu_test_bounds");
     ok("emu_test_bounds", [1, 1, 1], [64, 1, 1], 0, a(&mut out));
@@ -466,11 +522,7 @@ fn layernorm_case(rows: usize, dim: usize, block: bool, bf16_io: bool) {
     let (mut ry, mut rm, mut rr) = (vec![0f32; rows * dim], vec![0f32; rows], vec![0f32; rows]);
     Cpu.layernorm_fwd(&p, &x, &g, &b, &mut ry, &mut rm, &mut rr).unwrap();
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    let (grid, name) = if block {
-        ([rows as u32, 1, 1], "block")
-    } else {
-        ([rows.div_ceil(8) as u32, 1, 1], "warp")
-    };
+    let (grid, name) = if block { ([rows as u32, 1, 1], "block") } else { ([rows.div_ceil(8) as u32, 1, 1], "warp") };
     let y = if bf16_io {
         let (xb, gb, bb) = (bf(&x), bf(&g), bf(&b));
         let mut yb = vec![bf16::ZERO; rows * dim];
@@ -569,6 +621,154 @@ fn cross_entropy_matches_cpu() {
     }
 }
 
+/// The other kernel families once each, as their launchers configure them, against the CPU op or
+/// a few-line reference (so that an ASan run covers them too).
+#[test]
+fn other_kernels_match_references() {
+    use tuna_kernels::ops::elementwise::{BiasParams, PoolParams};
+    use tuna_kernels::ops::embedding::EmbedParams;
+    use tuna_kernels::ops::grad::GradParams;
+    use tuna_kernels::ops::rmsnorm::{RmsNormKernel, RmsNormParams};
+    use tuna_kernels::ops::rope::{RopeKernel, RopeParams};
+    let mut rng = Rng::new(99);
+
+    // rmsnorm forward, warp and block variants
+    for (rows, dim, block) in [(21usize, 320usize, false), (3, 3000, true)] {
+        let (x, g) = (rng.normal_vec(rows * dim, 1.0), rng.normal_vec(dim, 1.0));
+        let p = RmsNormParams::new(rows, dim, 1e-6);
+        let (mut ry, mut rr) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        Cpu.rmsnorm_fwd(&p, &x, &g, &mut ry, &mut rr).unwrap();
+        let (mut y, mut r) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        let (name, grid) = if block { ("block", rows as u32) } else { ("warp", rows.div_ceil(8) as u32) };
+        let args = Args::default().v(p).p(&x).p(&g).m(&mut y).m(&mut r);
+        ok(&format!("rmsnorm_fwd_{name}_f32"), [grid, 1, 1], [256, 1, 1], 0, args);
+        Tol::CUDA_F32.assert_close(&format!("rmsnorm {name} y"), &y, &ry);
+        Tol::CUDA_F32.assert_close(&format!("rmsnorm {name} rstd"), &r, &rr);
+    }
+
+    // rope forward: one block per token, head_dim floats of dynamic shared memory
+    let p = RopeParams::new(2, 9, 3, 64, 10000.0);
+    let n = p.tokens() * 3 * 64;
+    let x = rng.normal_vec(n, 1.0);
+    let pos: Vec<u32> = (0..p.tokens() as u32).map(|i| i * 7 % 50).collect();
+    let mut ry = vec![0f32; n];
+    Cpu.rope_fwd(&p, &pos, &x, &mut ry).unwrap();
+    let mut y = vec![0f32; n];
+    ok("rope_fwd_f32", [p.tokens() as u32, 1, 1], [128, 1, 1], 64 * 4, Args::default().v(p).p(&pos).p(&x).m(&mut y));
+    Tol::CUDA_F32.assert_close("rope fwd", &y, &ry);
+
+    // masked mean pooling, forward and backward
+    let (b, t, h) = (3usize, 40usize, 300usize);
+    let pp = PoolParams::new(b, t, h);
+    let x = rng.normal_vec(b * t * h, 1.0);
+    let mut mask: Vec<u8> = (0..b * t).map(|i| (i % 3 != 0) as u8).collect();
+    mask[2 * t..].fill(0); // a row with nothing: divides by 1
+    let cnt = |bb: usize| (mask[bb * t..(bb + 1) * t].iter().map(|&m| m as f32).sum::<f32>()).max(1.0);
+    let want: Vec<f32> = (0..b * h)
+        .map(|i| {
+            let (bb, hh) = (i / h, i % h);
+            (0..t).map(|tt| mask[bb * t + tt] as f32 * x[(bb * t + tt) * h + hh]).sum::<f32>() / cnt(bb)
+        })
+        .collect();
+    let mut y = vec![0f32; b * h];
+    let gx = h.div_ceil(256) as u32;
+    ok(
+        "sum_rows_masked_mean_fwd_f32",
+        [gx, b as u32, 1],
+        [256, 1, 1],
+        0,
+        Args::default().v(pp).p(&x).p(&mask).m(&mut y),
+    );
+    Tol::CUDA_F32.assert_close("masked mean fwd", &y, &want);
+    let dy = rng.normal_vec(b * h, 1.0);
+    let mut dx = vec![1f32; b * t * h];
+    let gx = (t * h).div_ceil(256).min(64) as u32;
+    ok(
+        "sum_rows_masked_mean_bwd_f32",
+        [gx, b as u32, 1],
+        [256, 1, 1],
+        0,
+        Args::default().v(pp).p(&mask).p(&dy).m(&mut dx),
+    );
+    let want: Vec<f32> = (0..b * t * h)
+        .map(|i| {
+            let (bb, tt, hh) = (i / (t * h), i / h % t, i % h);
+            1.0 + mask[bb * t + tt] as f32 / cnt(bb) * dy[bb * h + hh]
+        })
+        .collect();
+    Tol::CUDA_F32.assert_close("masked mean bwd", &dx, &want);
+
+    // add_bias backward: per-chunk partials, then the in-order reduction
+    let (rows, cols) = (100usize, 70usize);
+    let bp = BiasParams::new(rows, cols);
+    let dy = rng.normal_vec(rows * cols, 1.0);
+    let chunk_rows = (rows as u64).div_ceil(1024).max(32);
+    let chunks = (rows as u64).div_ceil(chunk_rows) as u32;
+    let mut part = vec![0f32; chunks as usize * cols];
+    let args = Args::default().v(bp).v(chunk_rows).p(&dy).m(&mut part);
+    ok("add_bias_bwd_partials_f32", [cols.div_ceil(32) as u32, chunks, 1], [32, 8, 1], 0, args);
+    let mut db = vec![0.25f32; cols];
+    ok("add_bias_bwd_reduce_f32", [1, 1, 1], [256, 1, 1], 0, Args::default().v(bp).v(chunks).p(&part).m(&mut db));
+    let want: Vec<f32> = (0..cols).map(|c| 0.25 + (0..rows).map(|r| dy[r * cols + c]).sum::<f32>()).collect();
+    Tol::CUDA_F32.assert_close("add_bias dbias", &db, &want);
+
+    // squared gradient norm: block sums and one atomicAdd per block
+    let g = rng.normal_vec(5000, 1.0);
+    let mut acc = vec![0f32];
+    let gp = GradParams { n: g.len() as u64, scale: 1.0, max_norm: 0.0 };
+    ok(
+        "grad_sqnorm_f32",
+        [g.len().div_ceil(256) as u32, 1, 1],
+        [256, 1, 1],
+        0,
+        Args::default().v(gp).p(&g).m(&mut acc),
+    );
+    Tol::CUDA_F32.assert_close("grad sqnorm", &acc, &[g.iter().map(|v| v * v).sum::<f32>()]);
+
+    // embedding with a soft prompt: forward rows, and the table gradient (atomics)
+    let ep = EmbedParams { batch: 2, seq: 5, vocab: 11, hidden: 300, n_prompt: 3, _pad: 0 };
+    let (hid, len) = (300usize, 8usize);
+    let table = rng.normal_vec(11 * hid, 1.0);
+    let prompt = rng.normal_vec(3 * hid, 1.0);
+    let ids: Vec<u32> = vec![1, 4, 4, 10, 0, 7, 7, 7, 2, 3];
+    let at: Vec<u32> = vec![0, 9]; // the second clamps to seq: the prompt goes last
+    let mut out = vec![0f32; 2 * len * hid];
+    ok(
+        "embedding_fwd_f32",
+        [2 * len as u32, 1, 1],
+        [256, 1, 1],
+        0,
+        Args::default().v(ep).p(&table).p(&ids).p(&prompt).p(&at).m(&mut out),
+    );
+    for bb in 0..2 {
+        let a = at[bb].min(5) as usize;
+        for tt in 0..len {
+            let src = if tt >= a && tt < a + 3 {
+                &prompt[(tt - a) * hid..(tt - a + 1) * hid]
+            } else {
+                let j = if tt < a { tt } else { tt - 3 };
+                let id = ids[bb * 5 + j] as usize;
+                &table[id * hid..(id + 1) * hid]
+            };
+            assert_eq!(&out[(bb * len + tt) * hid..(bb * len + tt + 1) * hid], src, "embedding row {bb},{tt}");
+        }
+    }
+    let mut dt = vec![0f32; 11 * hid];
+    ok("embedding_bwd_table_f32", [10, 1, 1], [256, 1, 1], 0, Args::default().v(ep).p(&ids).p(&at).p(&out).m(&mut dt));
+    let mut want = vec![0f32; 11 * hid];
+    for bb in 0..2 {
+        let a = at[bb].min(5) as usize;
+        for j in 0..5 {
+            let tt = if j < a { j } else { j + 3 };
+            let id = ids[bb * 5 + j] as usize;
+            for k in 0..hid {
+                want[id * hid + k] += out[(bb * len + tt) * hid + k];
+            }
+        }
+    }
+    Tol::CUDA_F32.assert_close("embedding d_table", &dt, &want);
+}
+
 // ---- attention: against the CPU op, and the retired dev/attention_emu double reference ----------
 
 enum Buf {
@@ -650,7 +850,13 @@ fn attention_emu(
     let fs = (4 * tile * (3 * c.d + 1)) as u32;
     let bs = (4 * (4 * tile * (c.d + 1) + 2 * tile * (tile + 1) + 2 * tile)) as u32;
     let fwd = Args::default().v(p).v(qp).v(kp).v(vp).v(pkp).v(pvp).v(mask_v.as_mut_ptr()).v(op).m(&mut lse);
-    ok(&format!("attention_fwd_d{}_{dt}", c.d), [c.t.div_ceil(32) as u32, c.h as u32, c.b as u32], [256, 1, 1], fs, fwd);
+    ok(
+        &format!("attention_fwd_d{}_{dt}", c.d),
+        [c.t.div_ceil(32) as u32, c.h as u32, c.b as u32],
+        [256, 1, 1],
+        fs,
+        fwd,
+    );
     let mut delta = vec![0f32; nl];
     let mut dq_acc = vec![0f32; nq];
     ok(
@@ -829,7 +1035,8 @@ fn attention_forward_d32_matches_cpu() {
     let mut p = AttnParams::new(2, 4, 2, 50, 32, true);
     p.kv_len = 50;
     let mut rng = Rng::new(77);
-    let (q, k, v) = (rng.normal_vec(p.q_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0));
+    let (q, k, v) =
+        (rng.normal_vec(p.q_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0));
     let mut ro = vec![0f32; p.q_elems()];
     let mut rl = vec![0f32; p.lse_elems()];
     let inputs: AttnInputs<'_, Cpu, f32> = AttnInputs { q: &q, k: &k, v: &v, prefix: None, key_mask: None };
@@ -861,7 +1068,8 @@ fn launches_from_many_threads_at_once() {
     let want: Vec<Vec<f32>> = (0..4).map(|s| layernorm_emu(40, 1100, s)).collect();
     let before = emu::launches("layernorm_fwd_block_f32");
     let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..4).map(|s| sc.spawn(move || (0..3).map(|_| layernorm_emu(40, 1100, s)).collect())).collect();
+        let hs: Vec<_> =
+            (0..4).map(|s| sc.spawn(move || (0..3).map(|_| layernorm_emu(40, 1100, s)).collect())).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (s, runs) in got.iter().enumerate() {
@@ -909,7 +1117,8 @@ fn speed() {
     });
     use tuna_kernels::ops::attention::AttnParams;
     let ap = AttnParams::new(1, 8, 8, 256, 64, true);
-    let (q, k, v) = (rng.normal_vec(ap.q_elems(), 1.0), rng.normal_vec(ap.kv_elems(), 1.0), rng.normal_vec(ap.kv_elems(), 1.0));
+    let (q, k, v) =
+        (rng.normal_vec(ap.q_elems(), 1.0), rng.normal_vec(ap.kv_elems(), 1.0), rng.normal_vec(ap.kv_elems(), 1.0));
     let (mut o, mut lse) = (vec![0f32; ap.q_elems()], vec![0f32; ap.lse_elems()]);
     let dummy = [0u8];
     time("attention_fwd_d64_f32 B1 H8 T256 causal", 3, &mut || {
