@@ -33,6 +33,15 @@ for f in examples/*.rs; do
   echo "== cargo run --example $ex =="
   cargo run --quiet "${features[@]}" --example "$ex" || { echo "FAILED: example $ex"; status=1; }
 done
+# The emulated device again under AddressSanitizer and UBSan (emulator objects built with
+# -fsanitize=address,undefined, the test binaries run with ASan's runtime preloaded): the emulator's
+# own tests and every kernel's CUDA-vs-CPU test. Its own target folder, so the main build is not
+# rebuilt afterwards.
+echo "== emulated CUDA device under ASan + UBSan: emu_core and the kernels' CUDA tests =="
+asan=(env TUNA_EMU_SANITIZE=1 CARGO_TARGET_DIR="$PWD/target/asan"
+  CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/crates/tuna-kernels/emu/asan-run.sh")
+"${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --test emu_core || status=$?
+"${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --lib cuda || status=$?
 if [ -f "$TUNA_EMU_LAUNCH_LOG.kernels" ]; then
   total=$(grep -c . "$TUNA_EMU_LAUNCH_LOG.kernels")
   ran=$(cut -d' ' -f1 "$TUNA_EMU_LAUNCH_LOG" | sort -u | grep -c .)

@@ -226,7 +226,7 @@ pub struct RunArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
-    /// cpu, cuda or cuda:N (CUDA training is f32 and has not yet run on a GPU: see the README).
+    /// cpu, cuda or cuda:N (CUDA training is f32, tested on the emulated CUDA device but not yet on a GPU: see the README).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
