@@ -22,22 +22,18 @@ pub fn report() -> String {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         if avx512() { "yes" } else { "no" }
     );
-    match probe() {
-        Ok(n) => {
-            for i in 0..n {
-                match tuna_kernels::Cuda::new(i) {
-                    Ok(d) => {
-                        let _ = writeln!(s, "  cuda:{i}: {} (sm_{})", d.name(), d.arch());
-                    }
-                    Err(e) => {
-                        let _ = writeln!(s, "  cuda:{i}: present but cannot be opened: {e}");
-                    }
-                }
+    if tuna_kernels::cuda::emulation_requested() {
+        // --device cuda opens the emulated device, whatever GPUs exist.
+        match tuna_kernels::Cuda::emulated() {
+            Ok(d) => {
+                let _ = writeln!(s, "  cuda: {} (TUNA_CUDA_EMULATE=1: --device cuda runs there)", d.name());
+            }
+            Err(e) => {
+                let _ = writeln!(s, "  cuda: none: {e}");
             }
         }
-        Err(e) => {
-            let _ = writeln!(s, "  cuda: none: {e}");
-        }
+    } else {
+        cuda_devices(&mut s);
     }
     let _ = writeln!(s, "  default device (auto): {}", tuna_kernels::Device::auto());
     let _ = writeln!(s, "\nkernels compiled in ({} CUDA sources, embedded):", sources::ALL.len());
@@ -107,5 +103,26 @@ fn avx512() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// One line per CUDA device the driver reports, or why there is none.
+fn cuda_devices(s: &mut String) {
+    match probe() {
+        Ok(n) => {
+            for i in 0..n {
+                match tuna_kernels::Cuda::new(i) {
+                    Ok(d) => {
+                        let _ = writeln!(s, "  cuda:{i}: {} (sm_{})", d.name(), d.arch());
+                    }
+                    Err(e) => {
+                        let _ = writeln!(s, "  cuda:{i}: present but cannot be opened: {e}");
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "  cuda: none: {e}");
+        }
     }
 }
