@@ -71,7 +71,7 @@ impl Inputs {
 }
 
 fn case(dev: &Cuda, inp: &Inputs, t: usize, d: usize, causal: bool, prefix: usize, reps: usize) {
-    assert!(TOKENS % t == 0 && WIDTH % d == 0, "case shape");
+    assert!(TOKENS.is_multiple_of(t) && WIDTH.is_multiple_of(d), "case shape");
     let (b, h) = (TOKENS / t, WIDTH / d);
     let mut p = AttnParams::new(b, h, h, t, d, causal);
     p.prefix_len = prefix as u32;

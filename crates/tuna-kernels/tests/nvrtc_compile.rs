@@ -50,3 +50,28 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     }
     assert!(failures.is_empty(), "{} kernel compile failures:\n{}", failures.len(), failures.join("\n\n"));
 }
+
+/// A cached cubin the driver refuses is compiled again: the recompiling path ignores the cache
+/// entry (here a damaged one) and replaces it with a real cubin, which the reusing path then reads.
+#[test]
+fn a_damaged_cache_entry_is_replaced_by_recompiling() {
+    use tuna_kernels::cuda::compile::{cache_path, cubin_in};
+    if !nvrtc_present() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but libnvrtc was not found");
+        }
+        tuna_kernels::testing::note_skip("nvrtc_compile::a_damaged_cache_entry_is_replaced_by_recompiling", "libnvrtc not found");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tuna-cubin-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = ALL.iter().find(|k| k.name == "gelu").expect("kernels/gelu.cu embedded");
+    let path = cache_path(&dir, k, 90);
+    std::fs::write(&path, b"not a cubin").unwrap();
+    assert_eq!(cubin_in(&dir, k, 90, true).unwrap(), b"not a cubin", "the reusing path reads the entry");
+    let fresh = cubin_in(&dir, k, 90, false).unwrap();
+    assert_eq!(&fresh[..4], b"\x7fELF", "a cubin is an ELF image");
+    assert_eq!(std::fs::read(&path).unwrap(), fresh, "the damaged entry was replaced");
+    assert_eq!(cubin_in(&dir, k, 90, true).unwrap(), fresh);
+    std::fs::remove_dir_all(&dir).ok();
+}

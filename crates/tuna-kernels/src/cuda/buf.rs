@@ -80,3 +80,36 @@ impl<E: CudaElem> Clone for CudaBuf<E> {
         CudaBuf { mem, len: self.len }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::elementwise::ElementwiseKernel;
+    use crate::ops::gelu::{GeluKernel, GeluKind};
+    use crate::ops::matmul::{MatmulKernel, MatmulParams};
+    use crate::testing::cuda_or_skip;
+
+    /// Empty buffers work as on the CPU: they upload, download, and ops over zero elements succeed
+    /// (or are refused exactly as the CPU refuses them) (the driver cannot allocate zero bytes; a real device's
+    /// empty buffer is a hidden one-element allocation).
+    #[test]
+    fn cuda_zero_length_buffers_work_as_on_the_cpu() {
+        let Some(dev) = cuda_or_skip("cuda::buf::cuda_zero_length_buffers_work_as_on_the_cpu") else { return };
+        let x = dev.upload::<f32>(&[]).unwrap();
+        assert_eq!((x.len(), x.is_empty()), (0, true));
+        assert!(dev.download(&x).unwrap().is_empty());
+        let mut y = dev.zeros::<f32>(0).unwrap();
+        dev.gelu_fwd(GeluKind::Tanh, &x, &mut y).unwrap();
+        dev.memset_zeros(&mut y).unwrap();
+        assert!(dev.download(&y.clone()).unwrap().is_empty());
+        // An empty product is refused on both devices alike (the shared shape check).
+        let b = dev.upload(&[1.0f32; 6]).unwrap();
+        let mut c = dev.zeros::<f32>(0).unwrap();
+        let p = MatmulParams::new(0, 2, 3);
+        let on_cuda = dev.matmul_fwd(&p, &x, &b, &mut c).unwrap_err().to_string();
+        let on_cpu = crate::Cpu.matmul_fwd(&p, &[], &[1.0f32; 6], &mut []).unwrap_err().to_string();
+        assert_eq!(on_cuda, on_cpu);
+        let mut z = dev.zeros::<f32>(0).unwrap();
+        dev.add_fwd(&x, &y, &mut z).unwrap();
+        assert!(dev.download(&z).unwrap().is_empty());
+    }
+}

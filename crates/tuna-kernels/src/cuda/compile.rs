@@ -101,30 +101,35 @@ pub fn cache_dir() -> PathBuf {
 /// and written to the cache atomically (temp file + rename). A cache that cannot be written is
 /// not an error: the kernel is still returned.
 pub fn cached_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
-    cubin(k, arch, true)
+    cubin_in(&cache_dir(), k, arch, true)
 }
 
 /// The cubin for `k` on `sm_<arch>` compiled now, replacing the cache entry (for a cached cubin
 /// the driver refused to load).
 pub fn recompile_cubin(k: &KernelSource, arch: u32) -> Result<Vec<u8>> {
-    cubin(k, arch, false)
+    cubin_in(&cache_dir(), k, arch, false)
 }
 
-fn cubin(k: &KernelSource, arch: u32, reuse: bool) -> Result<Vec<u8>> {
-    let dir = cache_dir();
-    // Key: the source hash, NVRTC's version and the options, so a new compiler or new flags never
-    // reuse a stale cubin.
+/// Where the cubin for `k` on `sm_<arch>` is cached in `dir`. The name holds a hash of the source,
+/// NVRTC's version and the options, so a new compiler or new flags never reuse a stale cubin.
+pub fn cache_path(dir: &std::path::Path, k: &KernelSource, arch: u32) -> PathBuf {
     let (ma, mi) = nvrtc_version().unwrap_or((0, 0));
     let key = format!("{:016x}|{ma}.{mi}|{}", k.hash, options(arch).join(" "));
     let key = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    let path = dir.join(format!("{}-{key:016x}-sm{arch}.cubin", k.name));
+    dir.join(format!("{}-{key:016x}-sm{arch}.cubin", k.name))
+}
+
+/// The cubin for `k` on `sm_<arch>` with `dir` as the cache: the cached file where `reuse` and it
+/// is there, else compiled now and written atomically (temp file + rename) over the entry.
+pub fn cubin_in(dir: &std::path::Path, k: &KernelSource, arch: u32, reuse: bool) -> Result<Vec<u8>> {
+    let path = cache_path(dir, k, arch);
     if reuse {
         if let Some(bytes) = std::fs::read(&path).ok().filter(|b| !b.is_empty()) {
             return Ok(bytes);
         }
     }
     let c = compile(k, arch, false)?;
-    if std::fs::create_dir_all(&dir).is_ok() {
+    if std::fs::create_dir_all(dir).is_ok() {
         let tmp = dir.join(format!(".{}-{}-{:?}.tmp", k.name, std::process::id(), std::thread::current().id()));
         if std::fs::write(&tmp, &c.cubin).is_ok() {
             let _ = std::fs::rename(&tmp, &path);

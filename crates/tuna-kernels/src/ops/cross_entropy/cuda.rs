@@ -49,7 +49,7 @@ impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
     ) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
-        let mut b = Launch::new("cross_entropy", &symbol::<E>("cross_entropy", "fwd"));
+        let mut b = Launch::new("cross_entropy", symbol::<E>("cross_entropy", "fwd"));
         b.arg(p).arg(logits).arg(targets).arg(loss);
         // SAFETY: arguments match cross_entropy_fwd_<E>(CeParams, const T*, const int*, float*);
         // lengths checked against `p`; one block per row; out-of-range targets are never indexed.
@@ -66,7 +66,7 @@ impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
     ) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
-        let mut b = Launch::new("cross_entropy", &symbol::<E>("cross_entropy", "bwd"));
+        let mut b = Launch::new("cross_entropy", symbol::<E>("cross_entropy", "bwd"));
         b.arg(p).arg(logits).arg(targets).arg(loss);
         // SAFETY: arguments match cross_entropy_bwd_<E>(CeParams, T*, const int*, float*); lengths
         // checked; each block reads and overwrites only its own row of logits.

@@ -56,7 +56,7 @@ impl Cuda {
         if p.n == 0 {
             return Ok(());
         }
-        let mut b = Launch::new("elementwise", &symbol::<E>(op, dir));
+        let mut b = Launch::new("elementwise", symbol::<E>(op, dir));
         b.arg(&p);
         for x in ins {
             b.arg(*x);
@@ -81,7 +81,7 @@ impl Cuda {
         dst: &mut CudaBuf<E>,
         cfg: LaunchConfig,
     ) -> Result<()> {
-        let mut b = Launch::new("elementwise", &symbol::<E>(op, dir));
+        let mut b = Launch::new("elementwise", symbol::<E>(op, dir));
         b.arg(p).arg(src).arg(dst);
         // SAFETY: the callers pass the kernel's own params struct and the (src, dst) buffers its
         // signature names; their lengths were checked against p by the callers, and the kernels
@@ -94,7 +94,7 @@ impl Cuda {
     fn bias_grad<E: CudaElem>(&self, p: &BiasParams, dy: &CudaBuf<E>, dbias: &mut CudaBuf<f32>) -> Result<()> {
         let (chunk_rows, chunks) = bias_chunks(p.rows);
         let mut part = self.zeros::<f32>(chunks as usize * p.cols as usize)?;
-        let mut b = Launch::new("elementwise", &symbol::<E>("add_bias", "bwd_partials"));
+        let mut b = Launch::new("elementwise", symbol::<E>("add_bias", "bwd_partials"));
         b.arg(p).arg(&chunk_rows).arg(dy).arg(&mut part);
         let gx = p.cols.div_ceil(BIAS_PART_COLS as u64) as u32;
         let cfg = LaunchConfig {
@@ -138,7 +138,7 @@ impl Cuda {
         cfg: LaunchConfig,
         args: PoolArgs<'_, E>,
     ) -> Result<()> {
-        let mut b = Launch::new("elementwise", &symbol::<E>("sum_rows_masked_mean", dir));
+        let mut b = Launch::new("elementwise", symbol::<E>("sum_rows_masked_mean", dir));
         b.arg(p);
         match args {
             PoolArgs::Fwd { x, mask, y } => b.arg(x).arg(mask).arg(y),
@@ -216,7 +216,7 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
         if y.is_empty() {
             return Ok(());
         }
-        let mut b = Launch::new("elementwise", &symbol::<E>("add_bias", "fwd"));
+        let mut b = Launch::new("elementwise", symbol::<E>("add_bias", "fwd"));
         b.arg(p).arg(x).arg(bias).arg(y);
         // SAFETY: matches add_bias_fwd_<E>(BiasParams, const T* x, const T* bias, T* y); lengths checked
         // above; threads touch columns c < cols of rows r < rows only.

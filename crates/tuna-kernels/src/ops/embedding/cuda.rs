@@ -45,7 +45,7 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
         // Without a prompt the kernel never reads `prompt` or `at` (n_prompt == 0): pass valid
         // device pointers of the right types in their place.
         let (vectors, at) = prompt.map_or((table, ids), |sp| (sp.vectors, sp.at));
-        let mut b = Launch::new("embedding", &symbol::<E>("embedding", "fwd"));
+        let mut b = Launch::new("embedding", symbol::<E>("embedding", "fwd"));
         b.arg(p).arg(table).arg(ids).arg(vectors).arg(at).arg(out);
         // SAFETY: arguments match embedding_fwd_<E>(EmbedParams, const T*, const u32*, const T*,
         // const u32*, T*); every length was checked against `p`, one block per output row.
@@ -68,7 +68,7 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
         let tokens = p.ids_elems();
         if let Some(d_table) = d_table.filter(|_| tokens > 0) {
             let grid = blocks(tokens, "tokens")?;
-            let mut b = Launch::new("embedding", &symbol::<E>("embedding", "bwd_table"));
+            let mut b = Launch::new("embedding", symbol::<E>("embedding", "bwd_table"));
             b.arg(p).arg(ids).arg(at).arg(d_out).arg(d_table);
             // SAFETY: arguments match embedding_bwd_table_<E>(EmbedParams, const u32*, const u32*,
             // const T*, float*); lengths checked; one block per token, ids >= vocab are skipped.
@@ -79,7 +79,7 @@ impl<E: CudaElem> EmbeddingKernel<E> for Cuda {
             let cols = (p.hidden as usize).div_ceil(PROMPT_BLOCK as usize) as u32;
             let cfg =
                 LaunchConfig { grid_dim: (p.n_prompt, cols, 1), block_dim: (PROMPT_BLOCK, 1, 1), shared_mem_bytes: 0 };
-            let mut b = Launch::new("embedding", &symbol::<E>("embedding", "bwd_prompt"));
+            let mut b = Launch::new("embedding", symbol::<E>("embedding", "bwd_prompt"));
             b.arg(p).arg(at).arg(d_out).arg(d_prompt);
             // SAFETY: arguments match embedding_bwd_prompt_<E>(EmbedParams, const u32*, const T*,
             // float*); lengths checked; threads past `hidden` return before any access.

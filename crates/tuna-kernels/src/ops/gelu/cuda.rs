@@ -13,7 +13,7 @@ const BLOCK: u32 = 256;
 impl<E: CudaElem> GeluKernel<E> for Cuda {
     fn gelu_fwd(&self, kind: GeluKind, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         let p = GeluParams { kind: kind as u32, ..check(x.len(), &[("y", y.len())])? };
-        let mut b = Launch::new("gelu", &symbol::<E>("gelu", "fwd"));
+        let mut b = Launch::new("gelu", symbol::<E>("gelu", "fwd"));
         b.arg(&p).arg(x).arg(y);
         // SAFETY: argument list matches gelu_fwd_<E>(GeluParams, const T*, T*); lengths checked above.
         unsafe { self.launch(b, grid_1d(x.len(), BLOCK)) }?;
@@ -22,7 +22,7 @@ impl<E: CudaElem> GeluKernel<E> for Cuda {
 
     fn gelu_bwd(&self, kind: GeluKind, x: &CudaBuf<E>, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) -> Result<()> {
         let p = GeluParams { kind: kind as u32, ..check(x.len(), &[("dy", dy.len()), ("dx", dx.len())])? };
-        let mut b = Launch::new("gelu", &symbol::<E>("gelu", "bwd"));
+        let mut b = Launch::new("gelu", symbol::<E>("gelu", "bwd"));
         b.arg(&p).arg(x).arg(dy).arg(dx);
         // SAFETY: argument list matches gelu_bwd_<E>(GeluParams, const T*, const T*, T*); lengths checked.
         unsafe { self.launch(b, grid_1d(x.len(), BLOCK)) }?;

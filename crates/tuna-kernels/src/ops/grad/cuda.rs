@@ -23,7 +23,7 @@ impl<E: CudaElem> GradKernel<E> for Cuda {
         if p.n == 0 {
             return Ok(());
         }
-        let mut b = Launch::new("grad", &symbol::<E>("grad", "accumulate"));
+        let mut b = Launch::new("grad", symbol::<E>("grad", "accumulate"));
         b.arg(&p).arg(dst).arg(src);
         // SAFETY: arguments match grad_accumulate_<E>(GradParams, float*, const T*); both buffers
         // have p.n elements (checked); the kernel guards i < n.
@@ -36,7 +36,7 @@ impl<E: CudaElem> GradKernel<E> for Cuda {
         if p.n == 0 {
             return Ok(());
         }
-        let mut b = Launch::new("grad", &symbol::<E>("grad", "cast"));
+        let mut b = Launch::new("grad", symbol::<E>("grad", "cast"));
         b.arg(&p).arg(src).arg(dst);
         // SAFETY: arguments match grad_cast_<E>(GradParams, const float*, T*); both buffers have
         // p.n elements (checked); the kernel guards i < n.

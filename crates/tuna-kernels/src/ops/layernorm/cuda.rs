@@ -56,7 +56,7 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let mut b = Launch::new("layernorm", &symbol::<E>("layernorm", &format!("fwd_{variant}")));
+        let mut b = Launch::new("layernorm", symbol::<E>("layernorm", &format!("fwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(beta).arg(y).arg(mean).arg(rstd);
         // SAFETY: arguments match layernorm_fwd_<variant>_<E>(LayerNormParams, const T* x, gamma, beta,
         // T* y, float* mean, float* rstd); every length was checked against p above, and the kernel
@@ -90,7 +90,7 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let mut b = Launch::new("layernorm", &symbol::<E>("layernorm", &format!("bwd_{variant}")));
+        let mut b = Launch::new("layernorm", symbol::<E>("layernorm", &format!("bwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(mean).arg(rstd).arg(dy).arg(dx);
         // SAFETY: arguments match layernorm_bwd_<variant>_<E>(LayerNormParams, const T* x, gamma,
         // const float* mean, rstd, const T* dy, T* dx); lengths checked against p above.
@@ -103,7 +103,7 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
         let (chunk_rows, chunks) = param_chunks(p.rows);
         let mut part_g = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
         let mut part_b = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
-        let mut b = Launch::new("layernorm", &symbol::<E>("layernorm", "bwd_params"));
+        let mut b = Launch::new("layernorm", symbol::<E>("layernorm", "bwd_params"));
         b.arg(p).arg(&chunk_rows).arg(x).arg(mean).arg(rstd).arg(dy).arg(&mut part_g).arg(&mut part_b);
         // SAFETY: arguments match layernorm_bwd_params_<E>(LayerNormParams, u32 chunk_rows, const T* x,
         // const float* mean, rstd, const T* dy, float* part_g, part_b); the grid has `chunks` rows of

@@ -28,7 +28,7 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let mut b = Launch::new("rmsnorm", &symbol::<E>("rmsnorm", &format!("fwd_{variant}")));
+        let mut b = Launch::new("rmsnorm", symbol::<E>("rmsnorm", &format!("fwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(y).arg(rstd);
         // SAFETY: arguments match rmsnorm_fwd_<variant>_<E>(RmsNormParams, const T* x, gamma, T* y,
         // float* rstd); every length was checked against p above, and the kernel touches rows < p.rows only.
@@ -55,7 +55,7 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
             return Ok(());
         }
         let (variant, cfg) = row_launch(p.rows, p.dim);
-        let mut b = Launch::new("rmsnorm", &symbol::<E>("rmsnorm", &format!("bwd_{variant}")));
+        let mut b = Launch::new("rmsnorm", symbol::<E>("rmsnorm", &format!("bwd_{variant}")));
         b.arg(p).arg(x).arg(gamma).arg(rstd).arg(dy).arg(dx);
         // SAFETY: arguments match rmsnorm_bwd_<variant>_<E>(RmsNormParams, const T* x, gamma,
         // const float* rstd, const T* dy, T* dx); lengths checked against p above.
@@ -66,14 +66,14 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
 
         let (chunk_rows, chunks) = param_chunks(p.rows);
         let mut part = self.zeros::<f32>(chunks as usize * p.dim as usize)?;
-        let mut b = Launch::new("rmsnorm", &symbol::<E>("rmsnorm", "bwd_params"));
+        let mut b = Launch::new("rmsnorm", symbol::<E>("rmsnorm", "bwd_params"));
         b.arg(p).arg(&chunk_rows).arg(x).arg(rstd).arg(dy).arg(&mut part);
         // SAFETY: arguments match rmsnorm_bwd_params_<E>(RmsNormParams, u32 chunk_rows, const T* x,
         // const float* rstd, const T* dy, float* part_g); the grid has `chunks` rows of blocks, each
         // writing row blockIdx.y < chunks of the [chunks, dim] partials.
         unsafe { self.launch(b, partials_launch(p.dim, chunks)) }?;
 
-        let mut b = Launch::new("rmsnorm", &symbol::<f32>("rmsnorm", "bwd_reduce"));
+        let mut b = Launch::new("rmsnorm", symbol::<f32>("rmsnorm", "bwd_reduce"));
         b.arg(p).arg(&chunks).arg(&part).arg(dgamma);
         // SAFETY: arguments match rmsnorm_bwd_reduce_f32(RmsNormParams, u32 chunks, const float* part
         // [chunks, dim], float* grad [dim]); one thread per column j < dim.

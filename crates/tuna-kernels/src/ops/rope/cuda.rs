@@ -36,7 +36,7 @@ fn launch<E: CudaElem>(
         return Err(Error::Unsupported { op: "rope", device: crate::Backend::device_name(dev), msg });
     }
     let cfg: LaunchConfig = grid_rows(p.tokens(), BLOCK, p.head_dim * 4);
-    let mut b = Launch::new("rope", &symbol::<E>("rope", dir));
+    let mut b = Launch::new("rope", symbol::<E>("rope", dir));
     b.arg(p).arg(pos).arg(inp).arg(out);
     // SAFETY: arguments match rope_<dir>_<E>(RopeParams, const u32* pos, const T* in, T* out);
     // pos has batch*seq entries and in/out batch*seq*heads*head_dim (checked by the caller),
