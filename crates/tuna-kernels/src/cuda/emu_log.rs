@@ -1,7 +1,7 @@
 //! The emulated device's launch log, for the test command's report of which kernels ran: with
 //! `TUNA_EMU_LAUNCH_LOG=<file>` every process appends one line per launch configuration it has
 //! not launched before (`<kernel> block=XxYxZ smem=N`; tests run in many processes, so the
-//! report deduplicates), and writes the list of every kernel compiled in to `<file>.kernels`.
+//! report deduplicates), and writes the list of every tuna kernel compiled in to `<file>.kernels`.
 
 use cudarc::driver::LaunchConfig;
 use std::collections::HashSet;
@@ -35,7 +35,9 @@ pub(crate) fn launched(kernel: &str, cfg: &LaunchConfig) {
 /// `<path>.kernels`: every kernel compiled in, one per line (written whole, then renamed, so a
 /// reader never sees half of it).
 fn write_kernel_list(path: &str) {
-    let mut names = super::emu::kernels();
+    // tuna's kernels: the emulator's own test kernels (emu/test_kernels.cu, `emu_test_*`) are
+    // launched directly by its tests, never through a launcher.
+    let mut names: Vec<String> = super::emu::kernels().into_iter().filter(|n| !n.starts_with("emu_test_")).collect();
     names.sort();
     let tmp = format!("{path}.kernels.{}", std::process::id());
     if std::fs::write(&tmp, names.join("\n") + "\n").is_ok() {
