@@ -38,10 +38,16 @@ done
 # own tests and every kernel's CUDA-vs-CPU test. Its own target folder, so the main build is not
 # rebuilt afterwards.
 echo "== emulated CUDA device under ASan + UBSan: emu_core and the kernels' CUDA tests =="
-asan=(env TUNA_EMU_SANITIZE=1 CARGO_TARGET_DIR="$PWD/target/asan"
-  CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/crates/tuna-kernels/emu/asan-run.sh")
-"${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --test emu_core || status=$?
-"${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --lib cuda || status=$?
+host=$(rustc -vV | sed -n 's/^host: //p')
+runner_var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUNNER"
+if [[ "$(${TUNA_EMU_CXX:-c++} -print-file-name=libasan.so 2>/dev/null)" == /* ]]; then
+  asan=(env TUNA_EMU_SANITIZE=1 CARGO_TARGET_DIR="$PWD/target/asan"
+    "$runner_var=$PWD/crates/tuna-kernels/emu/asan-run.sh")
+  "${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --test emu_core || status=$?
+  "${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --lib cuda || status=$?
+else
+  echo "SKIPPED the sanitized emulator run: ${TUNA_EMU_CXX:-c++} has no libasan.so" | tee -a "$TUNA_SKIP_LOG"
+fi
 if [ -f "$TUNA_EMU_LAUNCH_LOG.kernels" ]; then
   total=$(grep -c . "$TUNA_EMU_LAUNCH_LOG.kernels")
   ran=$(cut -d' ' -f1 "$TUNA_EMU_LAUNCH_LOG" | sort -u | grep -c .)

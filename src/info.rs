@@ -24,7 +24,7 @@ pub fn report() -> String {
     );
     if tuna_kernels::cuda::emulation_requested() {
         // --device cuda opens the emulated device, whatever GPUs exist.
-        match tuna_kernels::Cuda::emulated() {
+        match tuna_kernels::Cuda::new(0) {
             Ok(d) => {
                 let _ = writeln!(s, "  cuda: {} (TUNA_CUDA_EMULATE=1: --device cuda runs there)", d.name());
             }

@@ -150,6 +150,8 @@ mod emulator {
     struct Struct {
         name: String,
         fields: Vec<String>,
+        /// Only data members (what a kernel may take by value).
+        plain: bool,
     }
     struct Scan {
         kernels: Vec<Kernel>,
@@ -416,19 +418,21 @@ mod emulator {
                     let end = close(&t, i + 2);
                     let body = &t[i + 3..end];
                     let mut fields = Vec::new();
+                    let mut plain = true;
                     for decl in split(body, ";") {
-                        assert!(
-                            !decl.iter().any(|x| x == "{" || x == "(" || x == ":" || x == "static"),
-                            "emulator: struct {} in {file}: only plain data members are supported",
-                            t[i + 1]
-                        );
+                        // Methods, constructors, bitfields, statics: fine in a struct no kernel
+                        // takes by value (checked below, once the kernels are known).
+                        if decl.iter().any(|x| x == "{" || x == "(" || x == ":" || x == "static") {
+                            plain = false;
+                            continue;
+                        }
                         for d in split(decl, ",") {
                             let upto = d.iter().position(|x| x == "[" || x == "=").unwrap_or(d.len());
                             let name = d[..upto].iter().rev().find(|x| is_ident(x)).expect("field name");
                             fields.push(name.clone());
                         }
                     }
-                    structs.push(Struct { name: t[i + 1].clone(), fields });
+                    structs.push(Struct { name: t[i + 1].clone(), fields, plain });
                     i = end + 1;
                     continue;
                 }
@@ -489,6 +493,9 @@ mod emulator {
         }
         assert!(!kernels.is_empty(), "emulator: no extern \"C\" __global__ kernels found in {file}");
         structs.retain(|s| used.contains(&s.name));
+        for st in &structs {
+            assert!(st.plain, "emulator: struct {} in {file} is passed by value to a kernel: only plain data members are supported", st.name);
+        }
         Scan { kernels, structs }
     }
 

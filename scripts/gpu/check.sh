@@ -21,7 +21,8 @@
 # kernel-cache.tar.gz (the NVRTC cubins compiled during the run; TUNA_KERNEL_CACHE points at
 # <out-dir>/kernel-cache, packed at the end).
 #
-# The dry run writes nothing. It always lists the whole plan, and reports the bundle's missing
+# <out-dir> is resolved from the caller's folder and must be new or empty (the run refuses
+# otherwise: it packs and removes the logs it writes there). The dry run writes nothing. It always lists the whole plan, and reports the bundle's missing
 # files by name; it exits 0 even when files are missing (it is a plan, and the workspace test runs
 # it without a bundle), unless --strict is given (bundle.sh runs it so).
 #
@@ -45,9 +46,11 @@ done
 [ "$strict" = 0 ] || [ "$dry" = 1 ] || usage
 [ "$emulated" = 0 ] || [ "$dry" = 0 ] || usage
 
+# Paths given relative to where the script is called from, before moving to the repo root.
+out="$(realpath -m "$out")"
+[ -z "${TUNA_GPU_BUNDLE:-}" ] || TUNA_GPU_BUNDLE="$(realpath -m "$TUNA_GPU_BUNDLE")"
 cd "$(dirname "$0")/../.." || exit 2
 root="$PWD"
-out="$(realpath -m "$out")"
 bundle="$(realpath -m "${TUNA_GPU_BUNDLE:-$root/gpu-bundle}")" # TUNA_GPU_BUNDLE: another bundle (tests)
 
 # The test binaries: "<log name>|<path in the bundle>|<time cap, s>". bundle.sh writes these names.
@@ -96,8 +99,10 @@ for f in "${required[@]}"; do [ -f "$f" ] || missing+=("${f#"$root/"}"); done
 # ---- the plan: one line per step, "<name>|<cap s>|<log file>|<command>" ----
 q() { local s; s="$(printf '%q ' "$@")"; printf '%s' "${s% }"; }
 STEPS=()
-STEPS+=("nvidia-smi|15|env.txt|nvidia-smi")
-STEPS+=("tuna-info|15|env.txt|$(q "$TUNA" info)")
+if [ "$emulated" = 0 ]; then # the real device's facts
+  STEPS+=("nvidia-smi|15|env.txt|nvidia-smi")
+  STEPS+=("tuna-info|15|env.txt|$(q "$TUNA" info)")
+fi
 # On the emulated device (--emulated) every cap is 6x: kernels run as host C++ on 2 cores.
 scale=$((emulated ? 6 : 1))
 for t in "${TESTS[@]}"; do
@@ -123,7 +128,6 @@ for m in "full|1024" "prompt|1004"; do
 done
 STEPS+=("train-table|10|train.md|$(q "$PY" "$bundle/scripts/train_table.py" "$out/train.log")")
 fi
-[ "$emulated" = 0 ] || STEPS=("${STEPS[@]:2}") # no nvidia-smi, no tuna info steps
 
 if [ "$dry" = 1 ]; then
   echo "GPU check plan (dry run; nothing is run or written)"
@@ -157,6 +161,12 @@ if [ ${#missing[@]} != 0 ]; then
   echo "gpu check: the bundle is incomplete; run 'bash scripts/gpu/bundle.sh' on the build machine and carry gpu-bundle" >&2
   for f in "${missing[@]}"; do echo "  missing: $f" >&2; done
   exit 1
+fi
+# A fresh folder only: the run appends to its logs, reads its verdicts from them and packs and
+# removes them at the end, so it must not meet files it did not write.
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "gpu check: $out is not empty; give a new or empty folder (its logs are packed and removed at the end)" >&2
+  exit 2
 fi
 mkdir -p "$out" || exit 2
 for v in "${ENV_VARS[@]}"; do export "${v?}"; done
@@ -230,5 +240,6 @@ fi
   fi
 } | tee "$out/summary.txt"
 # The device tool brings back at most 8 files: the logs travel as one archive.
-(cd "$out" && tar -czf logs.tar.gz -- $(ls *.log *.md env.txt skipped.txt 2>/dev/null) && rm -f -- *.log *.md env.txt skipped.txt)
+# (The folder was empty at the start: every log, table and env file here is this run's.)
+(cd "$out" && logs=($(ls *.log *.md env.txt skipped.txt 2>/dev/null)) && tar -czf logs.tar.gz -- "${logs[@]}" && rm -f -- "${logs[@]}")
 [ $fails = 0 ]

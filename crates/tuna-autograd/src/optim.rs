@@ -24,6 +24,16 @@ pub fn zero_grad<B: Kernels<E>, E: Float>(params: &[&Tensor<B, E>]) {
 /// The global L2 norm of all accumulated gradients; when it exceeds `max_norm`, every gradient
 /// is scaled by `max_norm / norm` on the device. Returns the norm before clipping (one host read).
 pub fn clip_grad_norm<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>], max_norm: f64) -> Result<f64> {
+    norm_then(params, Some(max_norm))
+}
+
+/// The global L2 norm of all accumulated gradients, without changing them (one host read): a
+/// run that does not clip still learns of a non-finite gradient before applying it.
+pub fn grad_norm<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>]) -> Result<f64> {
+    norm_then(params, None)
+}
+
+fn norm_then<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>], clip: Option<f64>) -> Result<f64> {
     let Some(first) = params.first() else { return Ok(0.0) };
     // A tensor listed twice counts once (and is clipped once).
     let mut seen = std::collections::HashSet::new();
@@ -35,10 +45,12 @@ pub fn clip_grad_norm<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>], ma
             r?;
         }
     }
-    for p in params {
-        if let Some(c) = &p.inner.grad {
-            if let Some(g) = c.buf.borrow_mut().as_mut() {
-                dev.grad_clip(B::buf(&acc), E::c(max_norm), B::buf_mut(g))?;
+    if let Some(max_norm) = clip {
+        for p in params {
+            if let Some(c) = &p.inner.grad {
+                if let Some(g) = c.buf.borrow_mut().as_mut() {
+                    dev.grad_clip(B::buf(&acc), E::c(max_norm), B::buf_mut(g))?;
+                }
             }
         }
     }

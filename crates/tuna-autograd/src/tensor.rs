@@ -209,7 +209,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     pub fn data(&self) -> Ref<'_, B::Owned> {
         self.inner.data.borrow()
     }
-    /// The data as the kernels' buffer type (`[E]` on the CPU, `CudaSlice<E>` on CUDA).
+    /// The data as the kernels' buffer type (`[E]` on the CPU, `CudaBuf<E>` on CUDA).
     pub fn buf(&self) -> Ref<'_, B::Buf<E>> {
         Ref::map(self.inner.data.borrow(), |d| B::buf(d))
     }

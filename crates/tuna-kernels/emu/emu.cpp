@@ -15,8 +15,8 @@
 //   exited), or threads at two different __syncthreads sites, are a fault (error 3).
 // - warp ops (shuffles, votes, __syncwarp): a barrier per warp over the op's mask. Each lane
 //   deposits its value; the last lane of the mask to arrive completes the op and wakes the
-//   others, and each lane reads its result from the deposited values (double-buffered by
-//   generation, so a fast lane's next op never overwrites values a slow lane still reads).
+//   others; the completing lane writes every lane's result into that lane's own slot before any
+//   of them runs again, so a fast lane's next op never overwrites what a slow lane still reads.
 //   Lanes of the mask that do not exist (a partial last warp) are an invalid launch (error 2);
 //   lanes that exited, a lane outside its own mask, a shuffle from a lane outside the mask,
 //   or a different op/mask joining an op in flight are faults (error 3).
@@ -26,6 +26,7 @@
 //   AddressSanitizer sees overruns of either).
 #include "emu.cuh"
 
+#include <cerrno>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -52,7 +53,7 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
-#if !defined(__x86_64__) && !defined(TUNA_EMU_UCONTEXT)
+#if !(defined(__x86_64__) && defined(__ELF__)) && !defined(TUNA_EMU_UCONTEXT)
 #define TUNA_EMU_UCONTEXT 1
 #endif
 #ifdef TUNA_EMU_UCONTEXT
@@ -177,12 +178,20 @@ constexpr size_t DEFAULT_STACK = 64 * 1024;
 #endif
 
 // ---- configuration (environment, read once) --------------------------------------------------
-size_t env_num(const char* name, size_t dflt) {
+// A positive integer setting in [1, max], or `dflt` when unset or empty. Anything else (not a
+// number, 0, negative, above max) is refused by name: the process stops with the reason, since a
+// setting that silently falls back would make a run that is not the one asked for.
+size_t env_num(const char* name, size_t dflt, size_t max) {
     const char* v = getenv(name);
     if (!v || !*v) return dflt;
     char* end = nullptr;
+    errno = 0;
     const unsigned long long n = strtoull(v, &end, 10);
-    return (end && *end == 0 && n > 0) ? size_t(n) : dflt;
+    if (v[0] == '-' || errno || !end || *end || n == 0 || n > max) {
+        fprintf(stderr, "tuna emulator: %s=%s: expected a whole number from 1 to %zu\n", name, v, max);
+        exit(2);
+    }
+    return size_t(n);
 }
 struct Config {
     size_t stack_bytes;
@@ -190,8 +199,8 @@ struct Config {
     bool reverse;
     Config() {
         const size_t page = size_t(sysconf(_SC_PAGESIZE));
-        stack_bytes = (env_num("TUNA_EMU_STACK_KB", DEFAULT_STACK / 1024) * 1024 + page - 1) / page * page;
-        workers = unsigned(std::min<size_t>(env_num("TUNA_EMU_THREADS", 1), 64));
+        stack_bytes = (env_num("TUNA_EMU_STACK_KB", DEFAULT_STACK / 1024, 1 << 20) * 1024 + page - 1) / page * page;
+        workers = unsigned(env_num("TUNA_EMU_THREADS", 1, 64));
         const char* s = getenv("TUNA_EMU_SCHEDULE");
         reverse = s && std::string_view(s) == "reverse";
     }
@@ -444,33 +453,42 @@ void fiber_main(void* p) {
     Thread& t = *static_cast<Thread*>(p);
     Block& b = blk_of(t);
     arrived(b, nullptr);
-    b.L->k->run(b.L->args);
+    // An exception cannot unwind past a fiber's entry (there is no caller frame): one thrown by
+    // the kernel's host code (bad_alloc, ...) becomes this launch's fault instead of terminate().
+    std::string thrown;
+    try {
+        b.L->k->run(b.L->args);
+    } catch (const std::exception& e) {
+        thrown = e.what();
+    } catch (...) {
+        thrown = "a non-standard exception";
+    }
+    if (!thrown.empty()) fail(3, "emulator internal error in a kernel thread: " + thrown);
     thread_exit(t);
     switch_away(t, true);
     __builtin_unreachable();
 }
 
 void* alloc_poisoned(size_t bytes, size_t align) {
+    // At least one byte, so the pointer is always a real (freeable) allocation: malloc(0) may
+    // return null, and a kernel that declares dynamic shared memory may be launched with none.
+    const size_t n = bytes ? bytes : 1;
     void* p = nullptr;
     if (align <= alignof(std::max_align_t)) {
-        p = malloc(bytes);
-    } else if (posix_memalign(&p, align, bytes) != 0) {
+        p = malloc(n);
+    } else if (posix_memalign(&p, align, n) != 0) {
         p = nullptr;
     }
     if (!p) {
-        if (bytes) {
-            fprintf(stderr, "tuna emulator: out of memory allocating %zu bytes of shared memory\n", bytes);
-            abort();
-        }
-        static char empty;
-        return &empty;  // malloc(0) may return null; nothing may be accessed through it anyway
+        fprintf(stderr, "tuna emulator: out of memory allocating %zu bytes of shared memory\n", n);
+        abort();
     }
-    memset(p, 0xff, bytes);
+    memset(p, 0xff, n);
     return p;
 }
 
 void release_smem(Block& b) {
-    if (b.dyn_alloc && b.dyn) free(b.dyn);  // (not the `empty` fallback: dyn_alloc is set by malloc)
+    if (b.dyn_alloc && b.dyn) free(b.dyn);
     b.dyn = nullptr;
     b.dyn_alloc = false;
     for (auto& [tag, p] : b.statics) free(p);
@@ -856,7 +874,7 @@ void* dyn_smem() {
     Block& b = blk_of(t);
     if (!b.dyn) {
         b.dyn = alloc_poisoned(b.L->dyn, 16);
-        b.dyn_alloc = b.L->dyn != 0;
+        b.dyn_alloc = true;
     }
     return b.dyn;
 }

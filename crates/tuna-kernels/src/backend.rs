@@ -2,7 +2,8 @@
 //!
 //! Every op trait is `trait XKernel<E: Elem>: Backend` and is implemented once for [`Cpu`]
 //! (E = f32) and once for [`crate::Cuda`] (E = f32 and bf16). Buffers are `[E]` slices on the
-//! CPU and `CudaSlice<E>` on CUDA, both named `B::Buf<E>` in the traits.
+//! CPU and `CudaBuf<E>` (device memory, or host memory on the emulated device) on CUDA, both
+//! named `B::Buf<E>` in the traits.
 
 use half::bf16;
 
@@ -205,7 +206,7 @@ impl Backend for Cpu {
 }
 
 /// Owned buffers of `E` on a backend: allocation and host transfers (what the autograd crate's
-/// tensors hold). The CPU owns a `Vec<E>`; CUDA a `CudaSlice<E>`.
+/// tensors hold). The CPU owns a `Vec<E>`; CUDA a `CudaBuf<E>`.
 pub trait Alloc<E: Elem>: Backend {
     type Owned;
     fn buf(o: &Self::Owned) -> &Self::Buf<E>;

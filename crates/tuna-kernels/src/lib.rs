@@ -18,7 +18,7 @@
 //! use tuna_kernels::Cpu;
 //! let x = vec![0.5f32, -1.0, 2.0];
 //! let mut y = vec![0.0; 3];
-//! Cpu.gelu_fwd(GeluKind::Tanh, &x, &mut y)?; // the same call on a `Cuda` takes CudaSlices
+//! Cpu.gelu_fwd(GeluKind::Tanh, &x, &mut y)?; // the same call on a `Cuda` takes CudaBufs
 //! let mut dx = vec![0.0; 3];
 //! Cpu.gelu_bwd(GeluKind::Tanh, &x, &[1.0; 3], &mut dx)?; // backward accumulates (+=)
 //! assert!((y[2] - 1.9546).abs() < 1e-3 && dx[2] > 1.0);

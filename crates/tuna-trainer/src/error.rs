@@ -23,9 +23,10 @@ pub enum TrainError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    /// The loss became NaN or infinite; the run stopped before updating any weight.
-    #[error("step {step}: the training loss is {loss} (not finite); stopped without applying this step. The last good checkpoint is kept{where_}")]
-    NonFinite { step: u64, loss: f64, where_: String },
+    /// The loss or the gradient norm became NaN or infinite; the run stopped before updating any
+    /// weight. `what` names which ("training loss" or "gradient norm").
+    #[error("step {step}: the {what} is {value} (not finite); stopped without applying this step. The last good checkpoint is kept{where_}")]
+    NonFinite { step: u64, what: &'static str, value: f64, where_: String },
     /// A setting or input out of its domain.
     #[error("{0}")]
     Invalid(String),

@@ -24,6 +24,8 @@ pub struct ProfileRow {
 pub struct Profile {
     pub steps: u64,
     pub step_ms: f64,
+    /// The step after its forward and backward: clipping and AdamW (on CUDA also the wait for
+    /// the queued forward and backward, which the host only launches).
     pub optimizer_ms: f64,
     pub tokens_per_s: f64,
     /// Sorted by total time, largest first; times per step.

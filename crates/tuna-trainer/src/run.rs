@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use tuna_autograd::ops::elem::scale;
-use tuna_autograd::optim::{clip_grad_norm, AdamW, AdamWParams};
+use tuna_autograd::optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};
 use tuna_autograd::{no_grad, Tensor};
 
 /// The metric early stopping and "best" follow: accuracy (higher) for classification, else loss.
@@ -133,8 +133,8 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         let batch = s.batcher.next_batch(&mut st.cursor);
         let lr = schedule.lr(st.step);
         let out = training_step(&s, &mut opt, cfg, &batch, cfg.seed ^ (st.step << 8), lr)?;
-        if !out.applied(cfg.clip) {
-            let bad = if out.loss.is_finite() { out.grad_norm } else { out.loss };
+        if !out.applied() {
+            let bad = if out.loss.is_finite() { ("gradient norm", out.grad_norm) } else { ("training loss", out.loss) };
             return Err(non_finite(st.step + 1, bad, &ckpts));
         }
         st.step += 1;
@@ -273,12 +273,14 @@ pub(crate) fn accumulate_grads<B: Backend>(
         model.adapt().seed_dropout(seed ^ k as u64);
         let (loss, terms) = spec.loss(model, mb)?;
         let w = terms as f64 / total_terms.max(1) as f64;
+        // The loss's value without its graph (x * 1 is exact), read with the others at the end of
+        // the step; taken before the backward, so a profile charges that copy, not the backward,
+        // to the forward ops.
+        losses.push((no_grad(|| scale(&loss, 1.0))?, w));
         if terms > 0 {
             scale(&loss, w)?.backward()?;
         }
-        // The loss's value without its graph (x * 1 is exact), so the micro-batch's activations
-        // are freed now; read with the others at the end of the step.
-        losses.push((no_grad(|| scale(&loss, 1.0))?, w));
+        drop(loss); // the micro-batch's activations are freed here
         // Profiling: the next forward op is timed from here, not from before this backward.
         tuna_autograd::stats::mark();
     }
@@ -317,16 +319,19 @@ pub(crate) fn optimizer<B: Backend>(cfg: &TrainConfig, params: &[(String, Tensor
 pub(crate) struct StepOutcome {
     /// The batch's mean loss (non-finite: the step stopped before any update).
     pub loss: f64,
-    /// The gradient norm before clipping (NaN without clipping; non-finite with clipping: no update).
+    /// The gradient norm before any clipping (non-finite: no update).
     pub grad_norm: f64,
-    /// Seconds in the forward and backward passes (the rest of the step is the optimizer's).
+    /// Seconds in the forward and backward passes (the rest of the step is the optimizer's). On
+    /// the CPU the work itself; on CUDA the time to queue it (the device's compute lands in the
+    /// rest of the step, which waits for it).
     pub forward_backward_s: f64,
 }
 
 impl StepOutcome {
-    /// Whether the weights were updated (a finite loss, and a finite norm when clipping).
-    pub fn applied(&self, clip: Option<f64>) -> bool {
-        self.loss.is_finite() && (clip.is_none() || self.grad_norm.is_finite())
+    /// Whether the weights were updated: a finite loss and a finite gradient norm (computed
+    /// with or without clipping, so a NaN gradient is never applied).
+    pub fn applied(&self) -> bool {
+        self.loss.is_finite() && self.grad_norm.is_finite()
     }
 }
 
@@ -348,15 +353,15 @@ pub(crate) fn training_step<B: Backend>(
     let forward_backward_s = t0.elapsed().as_secs_f64();
     let refs: Vec<&Tensor<B, f32>> = s.params.iter().map(|(_, t)| t).collect();
     // The step's one wait for the device: the clip's norm read (or, without clipping, the loss's).
-    // A non-finite loss gives non-finite gradients and norm: nothing is updated either way.
+    // A non-finite loss is never applied (`StepOutcome::applied`), whatever the norm.
     let grad_norm = match cfg.clip {
         Some(c) => clip_grad_norm(&refs, c)?,
-        None => f64::NAN,
+        None => grad_norm(&refs)?,
     };
     let loss = pending.read()?;
     let grad_norm = if loss.is_finite() { grad_norm } else { f64::NAN };
     let out = StepOutcome { loss, grad_norm, forward_backward_s };
-    if out.applied(cfg.clip) {
+    if out.applied() {
         opt.hp.lr = lr as f32;
         opt.step()?;
     }
@@ -391,12 +396,12 @@ fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
     v
 }
 
-fn non_finite(step: u64, loss: f64, ckpts: &Checkpoints) -> TrainError {
+fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &Checkpoints) -> TrainError {
     let where_ = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
         Some(s) => format!(" ({})", ckpts.step_dir(s).display()),
         None => " (none was written yet)".into(),
     };
-    TrainError::NonFinite { step, loss, where_ }
+    TrainError::NonFinite { step, what, value, where_ }
 }
 
 #[cfg(test)]

@@ -29,9 +29,16 @@ impl<E> CudaBuf<E> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The device memory, on a real device (`None` on the emulated one); one element long for an
-    /// empty buffer.
+    /// The device memory, on a real device (`None` on the emulated one, and for an empty buffer).
     pub fn as_cuda_slice(&self) -> Option<&CudaSlice<E>> {
+        match &self.mem {
+            Mem::Real(s) if self.len > 0 => Some(s),
+            _ => None,
+        }
+    }
+    /// The allocation behind the buffer, a one-element one for an empty buffer (for launches,
+    /// which never index an empty buffer).
+    pub(crate) fn device_slice(&self) -> Option<&CudaSlice<E>> {
         match &self.mem {
             Mem::Real(s) => Some(s),
             Mem::Emu(_) => None,
@@ -50,7 +57,7 @@ impl<E> CudaBuf<E> {
             Mem::Real(_) => None,
         }
     }
-    pub(crate) fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<E>> {
+    pub(crate) fn device_slice_mut(&mut self) -> Option<&mut CudaSlice<E>> {
         match &mut self.mem {
             Mem::Real(s) => Some(s),
             Mem::Emu(_) => None,

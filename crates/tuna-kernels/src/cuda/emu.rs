@@ -153,7 +153,7 @@ pub unsafe fn try_launch(
         }
         Some(_) => {}
     }
-    let mut err = vec![0u8; 2048];
+    let mut err = vec![0u8; 16 * 1024];
     // SAFETY: name, grid, block and err are valid for the call (err_len is err's length); the
     // args contract is the caller's (above). The emulator reads args[0..nparams] only, with
     // nparams == args.len() as checked above.

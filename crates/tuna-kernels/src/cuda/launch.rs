@@ -31,7 +31,8 @@ const ARG_BYTES: usize = 128;
 #[derive(Clone, Copy)]
 #[repr(C, align(16))]
 pub struct ArgBytes {
-    bytes: [u8; ARG_BYTES],
+    /// The value's bytes; uninitialized past `size` and wherever the value has padding.
+    bytes: [std::mem::MaybeUninit<u8>; ARG_BYTES],
     /// The value's size (what the kernel's parameter must be).
     pub(crate) size: usize,
 }
@@ -44,9 +45,10 @@ impl ArgBytes {
     fn of<T: KernelArg>(v: &T) -> ArgBytes {
         let n = std::mem::size_of::<T>();
         assert!(n <= ARG_BYTES && std::mem::align_of::<T>() <= 16, "kernel argument of {n} bytes");
-        let mut b = ArgBytes { bytes: [0; ARG_BYTES], size: n };
-        // SAFETY: T is plain data (KernelArg) of n <= ARG_BYTES bytes; the regions do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(v as *const T as *const u8, b.bytes.as_mut_ptr(), n) };
+        let mut b = ArgBytes { bytes: [std::mem::MaybeUninit::uninit(); ARG_BYTES], size: n };
+        // SAFETY: T is Copy plain data of n <= ARG_BYTES bytes; the bytes land in MaybeUninit
+        // storage (padding may be uninitialized, which MaybeUninit<u8> may hold); no overlap.
+        unsafe { std::ptr::copy_nonoverlapping(v as *const T as *const std::mem::MaybeUninit<u8>, b.bytes.as_mut_ptr(), n) };
         b
     }
 }

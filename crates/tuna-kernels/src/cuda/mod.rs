@@ -88,9 +88,34 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) {
     }
 }
 
-/// Whether `TUNA_CUDA_EMULATE` asks for the emulated device (`1`, `true` or `yes`).
+/// Whether the driver refused a module image as such (so compiling it again may help).
+fn refused_image(e: &cudarc::driver::DriverError) -> bool {
+    use cudarc::driver::sys::CUresult::*;
+    matches!(
+        e.0,
+        CUDA_ERROR_INVALID_IMAGE
+            | CUDA_ERROR_NO_BINARY_FOR_GPU
+            | CUDA_ERROR_INVALID_SOURCE
+            | CUDA_ERROR_INVALID_PTX
+            | CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+    )
+}
+
+/// What `TUNA_CUDA_EMULATE` asks for: `Ok(true)` for 1/true/yes/on, `Ok(false)` when unset, empty
+/// or 0/false/no/off (any case, spaces trimmed), and the value itself for anything else.
+pub fn emulation_setting() -> std::result::Result<bool, String> {
+    let Ok(v) = std::env::var(EMULATE_ENV) else { return Ok(false) };
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(v),
+    }
+}
+
+/// Whether `TUNA_CUDA_EMULATE` asks for the emulated device (an unrecognized value counts as a
+/// request, so [`Cuda::new`] reports it instead of silently opening a GPU).
 pub fn emulation_requested() -> bool {
-    std::env::var(EMULATE_ENV).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+    emulation_setting() != Ok(false)
 }
 
 /// One CUDA device: real or emulated. Every op runs on its one stream, in order.
@@ -98,6 +123,8 @@ pub struct Cuda {
     ordinal: usize,
     arch: u32,
     name: String,
+    /// The most dynamic shared memory one block may opt in to, in bytes.
+    max_dyn_smem: u32,
     layer: Layer,
 }
 
@@ -127,6 +154,12 @@ impl Cuda {
     /// device ([`Cuda::emulated`]).
     pub fn new(ordinal: usize) -> Result<Cuda> {
         if emulation_requested() {
+            if let Err(v) = emulation_setting() {
+                return Err(Error::NoCuda(format!("{EMULATE_ENV}={v:?}: expected 1 (the emulated device) or 0")));
+            }
+            if ordinal != 0 {
+                return Err(Error::NoCuda(format!("device cuda:{ordinal} requested; the emulated device is cuda:0 only")));
+            }
             return Cuda::emulated();
         }
         let n = probe()?;
@@ -138,8 +171,11 @@ impl Cuda {
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let stream = ctx.default_stream();
         keep_freed_memory(&ctx);
+        // sm_80: 163 KiB, sm_86/89: 99 KiB, sm_90: 227 KiB; 48 KiB where the driver will not say.
+        let optin = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let max_dyn_smem = ctx.attribute(optin).map_or(DEFAULT_DYN_SMEM, |b| (b.max(0) as u32).max(DEFAULT_DYN_SMEM));
         let real = Real { ctx, stream, modules: Mutex::default(), functions: Mutex::default(), blas: OnceLock::new() };
-        Ok(Cuda { ordinal, arch: (ma * 10 + mi) as u32, name, layer: Layer::Real(real) })
+        Ok(Cuda { ordinal, arch: (ma * 10 + mi) as u32, name, max_dyn_smem, layer: Layer::Real(real) })
     }
 
     /// The emulated device: host memory, the kernels compiled as host C++ (one fiber per CUDA
@@ -148,7 +184,8 @@ impl Cuda {
     pub fn emulated() -> Result<Cuda> {
         #[cfg(feature = "emulator")]
         {
-            Ok(Cuda { ordinal: 0, arch: 90, name: "emulated on the CPU".into(), layer: Layer::Emu })
+            let max_dyn_smem = 227 * 1024; // sm_90's
+            Ok(Cuda { ordinal: 0, arch: 90, name: "emulated on the CPU".into(), max_dyn_smem, layer: Layer::Emu })
         }
         #[cfg(not(feature = "emulator"))]
         {
@@ -171,6 +208,10 @@ impl Cuda {
     }
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// The most dynamic shared memory one block may use (after opting in), in bytes.
+    pub fn max_dyn_smem(&self) -> u32 {
+        self.max_dyn_smem
     }
 
     #[cfg_attr(not(feature = "emulator"), allow(unused_variables))]
@@ -234,14 +275,16 @@ impl Cuda {
                 let cubin = compile::cached_cubin(src, self.arch)?;
                 match real.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
                     Ok(m) => m,
-                    // A cached cubin the driver refuses (written by another driver or toolkit, or
-                    // damaged): compile it again, replacing the cache entry, and load that.
-                    Err(first) => {
+                    // A cached cubin the driver refuses as an image (written by another driver or
+                    // toolkit, or damaged): compile it again, replacing the cache entry, and load
+                    // that. Other failures (out of memory, a lost context) are errors as they are.
+                    Err(first) if refused_image(&first) => {
                         let cubin = compile::recompile_cubin(src, self.arch)?;
                         real.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| {
                             Error::cuda(format!("load module {name} (recompiled after: {first:?})"), e)
                         })?
                     }
+                    Err(e) => return Err(Error::cuda(format!("load module {name}"), e)),
                 }
             }
         };

@@ -51,6 +51,17 @@ fn check_supported(dev: &Cuda, p: &AttnParams) -> Result<u32> {
     if p.batch > MAX_GRID_Z || p.heads > MAX_GRID_Z {
         return unsupported(format!("batch {} or heads {} exceeds the grid limit {MAX_GRID_Z}", p.batch, p.heads));
     }
+    // The backward's tiles are the larger; refusing both keeps a forward from running whose
+    // backward cannot (sm_86/89 allow 99 KiB a block: head dims up to 128 there).
+    let need = bwd_smem_bytes(w as usize).max(fwd_smem_bytes(w as usize));
+    if need > dev.max_dyn_smem() {
+        let msg = format!(
+            "head_dim {} needs {need} B of shared memory per block (tile width {w}); this device allows {}",
+            p.head_dim,
+            dev.max_dyn_smem()
+        );
+        return unsupported(msg);
+    }
     Ok(w)
 }
 
@@ -64,8 +75,6 @@ fn grid3(x: usize, y: u32, z: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (x as u32, y, z), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem }
 }
 
-/// Null-safe stand-ins for an absent prefix (the kernels never read them when `prefix_len` is 0)
-/// and an absent mask (never read when `has_mask` is 0).
 /// The key mask, or a 1-element stand-in (never read: `has_mask` is 0) kept alive in `slot`.
 fn mask_or_dummy<'a>(
     dev: &Cuda,
@@ -78,6 +87,7 @@ fn mask_or_dummy<'a>(
     })
 }
 
+/// The prefix keys and values, or the queries standing in for them (never read: `prefix_len` is 0).
 fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaBuf<E>, &'a CudaBuf<E>) {
     x.prefix.unwrap_or((x.q, x.q))
 }

@@ -61,9 +61,9 @@ impl Cuda {
         self.context()?.bind_to_thread().map_err(|e| Error::cuda("bind context", e))?;
         let stream = self.stream()?;
         let on_device = || Error::Invalid { op: "matmul", msg: "an emulated buffer given to a real device".into() };
-        let (py, _gy) = y.0.as_cuda_slice().ok_or_else(on_device)?.device_ptr(stream);
-        let (px, _gx) = x.0.as_cuda_slice().ok_or_else(on_device)?.device_ptr(stream);
-        let (pd, _gd) = dst.as_cuda_slice_mut().ok_or_else(on_device)?.device_ptr_mut(stream);
+        let (py, _gy) = y.0.device_slice().ok_or_else(on_device)?.device_ptr(stream);
+        let (px, _gx) = x.0.device_slice().ok_or_else(on_device)?.device_ptr(stream);
+        let (pd, _gd) = dst.device_slice_mut().ok_or_else(on_device)?.device_ptr_mut(stream);
         // SAFETY: the pointers are live device buffers on this handle's stream whose lengths were
         // checked against the views; alpha/beta are host f32 (default pointer mode); the data
         // types name the buffers' element types.
