@@ -41,6 +41,14 @@ pub struct MethodArgs {
     /// The text a `text` prompt init copies the token embeddings of (repeated or cut to n).
     #[arg(long)]
     pub prompt_init_text: Option<String>,
+    /// Prefix init (prefix, prefix-mlp, ptuning-v2): random (N(0,1), as PEFT), or each layer's own
+    /// keys and values of real tokens run through the frozen model: vocab (random tokens), text
+    /// (--prefix-init-text), labels (the label words). prefix-mlp fits its last layer to them.
+    #[arg(long, default_value = "vocab")]
+    pub prefix_init: String,
+    /// The text a `text` prefix init runs through the model (its tokens repeated or cut to n).
+    #[arg(long)]
+    pub prefix_init_text: Option<String>,
     /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp).
     #[arg(long, default_value_t = 128)]
     pub prefix_hidden: usize,
@@ -66,6 +74,14 @@ pub struct MethodArgs {
 }
 
 impl MethodArgs {
+    /// The init text `name`'s method uses (`--prompt-init-text` or `--prefix-init-text`).
+    pub fn init_text(&self, name: &str) -> Option<String> {
+        match name {
+            "prefix" | "prefix-mlp" | "ptuning-v2" => self.prefix_init_text.clone(),
+            _ => self.prompt_init_text.clone(),
+        }
+    }
+
     /// The method named `name` (full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby, lora), its
     /// settings range-checked.
     pub fn method(&self, name: &str) -> Result<Method> {
@@ -98,21 +114,35 @@ impl MethodArgs {
                 format!("--prompt-init-text is used only with --prompt-init text (not {})", self.prompt_init)
             })?;
         }
+        if matches!(name, "prefix" | "prefix-mlp" | "ptuning-v2") {
+            let needs_text = self.prefix_init == "text";
+            require(!needs_text || self.prefix_init_text.as_deref().is_some_and(|t| !t.trim().is_empty()), || {
+                "--prefix-init text needs --prefix-init-text \"...\" (the words whose keys and values start the prefix)"
+                    .into()
+            })?;
+            require(needs_text || self.prefix_init_text.is_none(), || {
+                format!("--prefix-init-text is used only with --prefix-init text (not {})", self.prefix_init)
+            })?;
+        }
+        let init_of = |flag: &str, v: &str| -> Result<PromptInit> {
+            Ok(match v {
+                "random" => PromptInit::Random,
+                "vocab" => PromptInit::SampleVocab,
+                "text" => PromptInit::Text(Vec::new()),
+                "labels" => PromptInit::ClassLabels(Vec::new()),
+                other => bail!("{flag} {other}: expected random, vocab, text or labels"),
+            })
+        };
         Ok(match name {
             "full" => Method::Full { patterns: list("--train-patterns", &self.train_patterns)? },
-            "prompt" => {
-                let init = match self.prompt_init.as_str() {
-                    "random" => PromptInit::Random,
-                    "vocab" => PromptInit::SampleVocab,
-                    "text" => PromptInit::Text(Vec::new()),
-                    "labels" => PromptInit::ClassLabels(Vec::new()),
-                    other => bail!("--prompt-init {other}: expected random, vocab, text or labels"),
-                };
-                Method::Prompt { n, init }
-            }
-            "prefix" => Method::Prefix { n, projection: None },
-            "prefix-mlp" => Method::Prefix { n, projection: Some(self.prefix_hidden) },
-            "ptuning-v2" => Method::PTuningV2 { n },
+            "prompt" => Method::Prompt { n, init: init_of("--prompt-init", &self.prompt_init)? },
+            "prefix" => Method::Prefix { n, projection: None, init: init_of("--prefix-init", &self.prefix_init)? },
+            "prefix-mlp" => Method::Prefix {
+                n,
+                projection: Some(self.prefix_hidden),
+                init: init_of("--prefix-init", &self.prefix_init)?,
+            },
+            "ptuning-v2" => Method::PTuningV2 { n, init: init_of("--prefix-init", &self.prefix_init)? },
             "houlsby" => Method::Houlsby { bottleneck: self.bottleneck },
             "lora" => Method::Lora(LoraConfig {
                 r: self.lora_r,
@@ -207,6 +237,10 @@ pub struct RunArgs {
     /// Use only the first N evaluation examples.
     #[arg(long)]
     pub max_eval_examples: Option<usize>,
+    /// Hold out the last N training examples: train on the rest and evaluate on them instead of
+    /// --eval (compare --sweep-lr scores its learning rates so, never on the eval data).
+    #[arg(long)]
+    pub holdout: Option<usize>,
     /// Seeds the data order, the new parameters' init and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -238,11 +272,7 @@ impl RunArgs {
         let train = self.train.clone().context("--train is required")?;
         let task: Task = self.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
-        let lr = self.lr.unwrap_or(match method {
-            Method::Full { .. } => 5e-5,
-            Method::Houlsby { .. } | Method::Lora(_) => 1e-3,
-            _ => 3e-2,
-        });
+        let lr = self.lr.unwrap_or(default_lr(&method));
         self.check_ranges(lr)?;
         let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
         let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
@@ -283,6 +313,7 @@ impl RunArgs {
             keep_last: self.keep_last,
             max_train_examples: self.max_train_examples,
             max_eval_examples: self.max_eval_examples,
+            holdout: self.holdout,
             seed: self.seed,
             out: self.out.clone(),
             out_mode,
@@ -327,6 +358,15 @@ impl RunArgs {
     }
 }
 
+/// A method's learning rate when `--lr` is not given.
+pub fn default_lr(method: &Method) -> f64 {
+    match method {
+        Method::Full { .. } => 5e-5,
+        Method::Houlsby { .. } | Method::Lora(_) => 1e-3,
+        _ => 3e-2,
+    }
+}
+
 /// Print a run's summary as aligned rows.
 pub fn print_summary(s: &tuna_trainer::RunSummary) {
     let mut t = tuna_trainer::Summary::new();
@@ -346,6 +386,9 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
     t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
     t.row("checkpoint", format!("{} ({})", s.export, tuna_trainer::human_bytes(s.checkpoint_bytes)));
     print!("{t}");
+    if let Some(h) = &s.hurting {
+        println!("{}", h.warning());
+    }
 }
 
 /// Trainable parameters as a percentage of the base model's.
