@@ -3,8 +3,8 @@
 //! SVG plot of the eval metric against trainable parameters.
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use tuna_trainer::RunSummary;
 
 /// The files a comparison writes in its folder besides one run folder per method.
@@ -14,7 +14,9 @@ pub const FILES: [&str; 3] = ["compare.md", "compare.json", "compare.svg"];
 /// only with `overwrite`.
 pub fn check_out(out: &Path, methods: &[String], overwrite: bool) -> Result<()> {
     let mut found: Vec<String> = FILES.iter().filter(|f| out.join(f).exists()).map(|f| f.to_string()).collect();
-    found.extend(methods.iter().filter(|m| !tuna_trainer::existing_run(&out.join(m)).is_empty()).map(|m| format!("{m}/")));
+    found.extend(
+        methods.iter().filter(|m| !tuna_trainer::existing_run(&out.join(m)).is_empty()).map(|m| format!("{m}/")),
+    );
     if !found.is_empty() && !overwrite {
         bail!(
             "{} already holds a comparison ({}): pass --overwrite to replace it, or choose another --out",
@@ -189,9 +191,9 @@ pub fn table(rows: &[Row]) -> String {
     for row in rows {
         let r = &row.run;
         let m = metric(r).1.map_or("-".into(), |v| format!("{v:.4}"));
-        let hurt = r.hurting.map_or(String::new(), |h| {
-            format!(" (hurting: {:.4} > untrained {:.4})", h.train_loss, h.untrained_loss)
-        });
+        let hurt = r
+            .hurting
+            .map_or(String::new(), |h| format!(" (hurting: {:.4} > untrained {:.4})", h.train_loss, h.untrained_loss));
         let lr = r.lr.map_or("-".into(), |l| format!("{l:.1e}"));
         let sweep = match (&row.sweep, swept) {
             (Some(sw), _) => format!(
@@ -355,8 +357,17 @@ mod tests {
         assert_eq!(rest, v(&["--steps", "9", "--model", "m"]));
         // compare's own flags never reach `tuna train`.
         let p = passthrough_args(v(&[
-            "--methods", "a,b", "--sweep-lr", "--sweep-factors", "1,3", "--sweep-steps=4", "--sweep-holdout", "50",
-            "--overwrite", "--steps", "9",
+            "--methods",
+            "a,b",
+            "--sweep-lr",
+            "--sweep-factors",
+            "1,3",
+            "--sweep-steps=4",
+            "--sweep-holdout",
+            "50",
+            "--overwrite",
+            "--steps",
+            "9",
         ]));
         assert_eq!(p, v(&["--steps", "9"]));
     }

@@ -343,8 +343,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 None
             };
+            // The rate each method's sweep multiplies: --lr, else the method's default for this model.
+            let model = args.iter().enumerate().find_map(|(i, x)| match x.strip_prefix("--model=") {
+                Some(v) => Some(v.to_string()),
+                None => (x == "--model").then(|| args.get(i + 1).cloned()).flatten(),
+            });
+            let decoder = model.is_some_and(|p| tuna::train_cmd::is_decoder(std::path::Path::new(&p)));
             let base_lr = |m: &str| -> anyhow::Result<f64> {
-                Ok(a.run.lr.unwrap_or(tuna::train_cmd::default_lr(&a.method_args.method(m)?)))
+                Ok(a.run.lr.unwrap_or(tuna::train_cmd::default_lr(&a.method_args.method(m)?, decoder)))
             };
             let runs = tuna::compare_cmd::run(&methods, &args, &out, plan.as_ref(), base_lr)?;
             let paths = tuna::compare_cmd::write(&runs, &out)?;

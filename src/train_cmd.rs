@@ -96,7 +96,9 @@ impl MethodArgs {
             "lora" => {
                 positive("--lora-r", self.lora_r)?;
                 let (a, d) = (self.lora_alpha, self.lora_dropout);
-                require(a.is_finite() && a > 0.0 && a <= 1e6, || format!("--lora-alpha {a}: expected 0 < alpha <= 1e6"))?;
+                require(a.is_finite() && a > 0.0 && a <= 1e6, || {
+                    format!("--lora-alpha {a}: expected 0 < alpha <= 1e6")
+                })?;
                 require((0.0..1.0).contains(&d), || format!("--lora-dropout {d}: expected 0 <= p < 1"))?;
             }
             _ => {}
@@ -201,7 +203,9 @@ pub struct RunArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
-    /// Peak learning rate (default: 3e-2 for prompt/prefix methods, 1e-3 for houlsby and lora, 5e-5 for full).
+    /// Peak learning rate. Default, from sweeps on movie-review polarity (README, "Fair defaults"):
+    /// lora 3e-3; houlsby 3e-3 (BERT) or 1e-3 (decoders); prefix and ptuning-v2 3e-2 (BERT) or
+    /// 9e-3 (decoders); prompt and prefix-mlp 3e-2; full 1.5e-4 (BERT) or 5e-5 (decoders).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Linear warmup steps (more than --steps is cut to --steps).
@@ -272,7 +276,7 @@ impl RunArgs {
         let train = self.train.clone().context("--train is required")?;
         let task: Task = self.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
-        let lr = self.lr.unwrap_or(default_lr(&method));
+        let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
         self.check_ranges(lr)?;
         let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
         let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
@@ -358,13 +362,35 @@ impl RunArgs {
     }
 }
 
-/// A method's learning rate when `--lr` is not given.
-pub fn default_lr(method: &Method) -> f64 {
-    match method {
-        Method::Full { .. } => 5e-5,
-        Method::Houlsby { .. } | Method::Lora(_) => 1e-3,
+/// A method's learning rate when `--lr` is not given, for a decoder (GPT-2, Llama: `decoder`) or
+/// an encoder (BERT). Chosen by `compare --sweep-lr` on movie-review polarity (README, "Fair
+/// defaults"): LoRA 3e-3 on both families; Houlsby 3e-3 on MiniLM but 1e-3 on SmolLM2; prefix
+/// methods 3e-2 on MiniLM but 9e-3 on SmolLM2; full fine-tuning 1.5e-4 on MiniLM (5e-5, not
+/// swept, on decoders); prompt tuning 3e-2 (the sweep's 9e-2 did worse in the full run).
+pub fn default_lr(method: &Method, decoder: bool) -> f64 {
+    match (method, decoder) {
+        (Method::Full { .. }, false) => 1.5e-4,
+        (Method::Full { .. }, true) => 5e-5,
+        (Method::Lora(_), _) => 3e-3,
+        (Method::Houlsby { .. }, false) => 3e-3,
+        (Method::Houlsby { .. }, true) => 1e-3,
+        (Method::Prefix { projection: None, .. } | Method::PTuningV2 { .. }, true) => 9e-3,
         _ => 3e-2,
     }
+}
+
+/// Whether `model` is a decoder (a `.gguf`, or a folder whose `config.json` names another
+/// `model_type` than BERT's), for [`default_lr`]; an unreadable config counts as a decoder (the
+/// load reports it).
+pub fn is_decoder(model: &std::path::Path) -> bool {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        return true;
+    }
+    let ty = std::fs::read_to_string(model.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(str::to_string));
+    ty.is_none_or(|t| t != "bert")
 }
 
 /// Print a run's summary as aligned rows.
@@ -423,4 +449,21 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     let rest = (p.step_ms - accounted).max(0.0);
     s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% |\n", rest, pct(rest));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_rates_follow_the_model_family() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/tuna-models/tests/fixtures");
+        assert!(is_decoder(&fixtures.join("llama")) && is_decoder(&fixtures.join("gpt2")));
+        assert!(!is_decoder(&fixtures.join("bert")));
+        assert!(is_decoder(std::path::Path::new("any/model.gguf")));
+        let prefix = Method::Prefix { n: 20, projection: None, init: PromptInit::SampleVocab };
+        assert_eq!((default_lr(&prefix, false), default_lr(&prefix, true)), (3e-2, 9e-3));
+        let houlsby = Method::Houlsby { bottleneck: 32 };
+        assert_eq!((default_lr(&houlsby, false), default_lr(&houlsby, true)), (3e-3, 1e-3));
+    }
 }

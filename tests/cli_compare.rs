@@ -14,14 +14,39 @@ fn sweep_lr_tries_each_rate_on_held_out_training_data_and_runs_the_best() {
     // The eval data's second line holds a label training lacks: the full runs read only the first
     // (--max-eval-examples 1); a sweep run reading the eval file without that limit would fail.
     let eval = d.join("eval.jsonl");
-    std::fs::write(&eval, "{\"text\": \"The cat sat.\", \"label\": \"cat\"}\n{\"text\": \"A zebra.\", \"label\": \"zebra\"}\n")
-        .unwrap();
+    std::fs::write(
+        &eval,
+        "{\"text\": \"The cat sat.\", \"label\": \"cat\"}\n{\"text\": \"A zebra.\", \"label\": \"zebra\"}\n",
+    )
+    .unwrap();
     let out = d.join("cmp");
     let mut args: Vec<String> = [
-        "compare", "--model", &fixture("llama"), "--task", "classify", "--train", &train, "--eval",
-        &eval.display().to_string(), "--max-eval-examples", "1", "--methods", "prefix,lora", "--steps", "4",
-        "--batch-size", "4", "--sweep-lr", "--sweep-factors", "0.1,1", "--sweep-steps", "2", "--sweep-holdout", "4",
-        "--quiet", "--out",
+        "compare",
+        "--model",
+        &fixture("llama"),
+        "--task",
+        "classify",
+        "--train",
+        &train,
+        "--eval",
+        &eval.display().to_string(),
+        "--max-eval-examples",
+        "1",
+        "--methods",
+        "prefix,lora",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--sweep-lr",
+        "--sweep-factors",
+        "0.1,1",
+        "--sweep-steps",
+        "2",
+        "--sweep-holdout",
+        "4",
+        "--quiet",
+        "--out",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -33,7 +58,8 @@ fn sweep_lr_tries_each_rate_on_held_out_training_data_and_runs_the_best() {
     assert!(table.contains("| lr |") && table.contains("lr sweep"), "{table}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
-    for (row, (m, default)) in json.as_array().unwrap().iter().zip([("prefix", 3e-2), ("lora", 1e-3)]) {
+    // The decoders' defaults (the fixture is a Llama).
+    for (row, (m, default)) in json.as_array().unwrap().iter().zip([("prefix", 9e-3), ("lora", 3e-3)]) {
         let sweep = &row["sweep"];
         let lrs: Vec<f64> = sweep["points"].as_array().unwrap().iter().map(|p| p["lr"].as_f64().unwrap()).collect();
         let want = [0.1 * default, default];
@@ -65,8 +91,26 @@ fn a_run_worse_than_the_untrained_model_is_warned_about_and_marked() {
     let out = d.join("cmp");
     // An absurd learning rate for a random prefix: the loss ends far above the untrained model's.
     let args: Vec<String> = [
-        "compare", "--model", &fixture("llama"), "--task", "classify", "--train", &train, "--methods", "prefix",
-        "--prefix-init", "random", "--steps", "12", "--warmup", "0", "--batch-size", "4", "--lr", "30", "--quiet",
+        "compare",
+        "--model",
+        &fixture("llama"),
+        "--task",
+        "classify",
+        "--train",
+        &train,
+        "--methods",
+        "prefix",
+        "--prefix-init",
+        "random",
+        "--steps",
+        "12",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "4",
+        "--lr",
+        "30",
+        "--quiet",
         "--out",
     ]
     .iter()

@@ -202,7 +202,8 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let key_mask = if cached == 0 {
             mask.clone()
         } else {
-            let rows = mask.host().chunks(t.max(1)).flat_map(|r| std::iter::repeat_n(1u8, cached).chain(r.iter().copied()));
+            let rows =
+                mask.host().chunks(t.max(1)).flat_map(|r| std::iter::repeat_n(1u8, cached).chain(r.iter().copied()));
             Ints::new(dev, &[b, cached + t], &rows.collect::<Vec<u8>>())?
         };
         let ad = &self.adapt;

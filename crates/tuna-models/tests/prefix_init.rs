@@ -36,13 +36,18 @@ fn methods(tokens: &[u32]) -> Vec<Method> {
 /// Two content rows of length 5; decoders left-pad row 1 by 2, BERT right-pads it.
 fn content(arch: &str, vocab: usize) -> (Vec<u32>, Vec<u8>) {
     let ids = ids(10, vocab, 7);
-    let mask: Vec<u8> = if arch == "bert" { vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0] } else { vec![1, 1, 1, 1, 1, 0, 0, 1, 1, 1] };
+    let mask: Vec<u8> =
+        if arch == "bert" { vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0] } else { vec![1, 1, 1, 1, 1, 0, 0, 1, 1, 1] };
     (ids, mask)
 }
 
 /// The entries of `out` (`[2, 5, width]`) at real content positions, row by row.
 fn real(out: &[f64], mask: &[u8], width: usize) -> Vec<f64> {
-    mask.iter().enumerate().filter(|(_, &m)| m == 1).flat_map(|(i, _)| out[i * width..(i + 1) * width].to_vec()).collect()
+    mask.iter()
+        .enumerate()
+        .filter(|(_, &m)| m == 1)
+        .flat_map(|(i, _)| out[i * width..(i + 1) * width].to_vec())
+        .collect()
 }
 
 /// The base model's outputs on the content after `tokens` went through a KV cache (both rows).
@@ -54,8 +59,7 @@ fn through_cache(m: &Model<f64>, tokens: &[u32], ids: &[u32], mask: &[u8]) -> Te
     let tpos = Ints::new(&dev, &[2, n], &tuna_models::positions::positions(2, n, 0)).unwrap();
     let c = Ints::new(&dev, &[2, 5], ids).unwrap();
     // Content positions continue after the cached tokens: n + (its own count of real tokens).
-    let pos: Vec<u32> =
-        tuna_models::positions::positions_from_mask(mask, 2, 5).iter().map(|&p| p + n as u32).collect();
+    let pos: Vec<u32> = tuna_models::positions::positions_from_mask(mask, 2, 5).iter().map(|&p| p + n as u32).collect();
     let pos = Ints::new(&dev, &[2, 5], &pos).unwrap();
     let wide: Vec<u8> = mask.chunks(5).flat_map(|r| std::iter::repeat_n(1u8, n).chain(r.iter().copied())).collect();
     let wide = Ints::new(&dev, &[2, n + 5], &wide).unwrap();
@@ -162,7 +166,8 @@ fn vocab_and_label_inits_start_from_real_tokens_and_random_does_not() {
     assert_ne!(kv_of(PromptInit::Random, 1), own);
     // An empty text and an MLP narrower than the prefix are refused by name.
     let mut m: Model<f64> = frozen("llama");
-    let e = m.install(&Method::Prefix { n: N, projection: None, init: PromptInit::Text(vec![]) }, 0, Some("")).unwrap_err();
+    let e =
+        m.install(&Method::Prefix { n: N, projection: None, init: PromptInit::Text(vec![]) }, 0, Some("")).unwrap_err();
     assert!(e.to_string().contains("no tokens"), "{e}");
     let e = m
         .install(&Method::Prefix { n: N, projection: Some(N - 1), init: PromptInit::SampleVocab }, 0, None)

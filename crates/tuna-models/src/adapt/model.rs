@@ -69,9 +69,9 @@ pub trait Adaptable<B: Kernels<E>, E: Float> {
 fn cache_layers<B: Kernels<E>, E: Float>(cache: &KvCache<B, E>) -> Result<Vec<LayerKv<B, E>>> {
     (0..cache.n_layers())
         .map(|i| {
-            let (k, v) = cache.layer(i).ok_or_else(|| {
-                Error::InvalidArgument(format!("prefix init: layer {i} recorded no keys/values"))
-            })?;
+            let (k, v) = cache
+                .layer(i)
+                .ok_or_else(|| Error::InvalidArgument(format!("prefix init: layer {i} recorded no keys/values")))?;
             let s = k.shape()[1..].to_vec();
             Ok((reshape(k, &s)?, reshape(v, &s)?))
         })
