@@ -3,6 +3,7 @@
 //! SVG plot of the eval metric against trainable parameters.
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tuna_trainer::RunSummary;
 
@@ -13,7 +14,9 @@ pub const FILES: [&str; 3] = ["compare.md", "compare.json", "compare.svg"];
 /// only with `overwrite`.
 pub fn check_out(out: &Path, methods: &[String], overwrite: bool) -> Result<()> {
     let mut found: Vec<String> = FILES.iter().filter(|f| out.join(f).exists()).map(|f| f.to_string()).collect();
-    found.extend(methods.iter().filter(|m| !tuna_trainer::existing_run(&out.join(m)).is_empty()).map(|m| format!("{m}/")));
+    found.extend(
+        methods.iter().filter(|m| !tuna_trainer::existing_run(&out.join(m)).is_empty()).map(|m| format!("{m}/")),
+    );
     if !found.is_empty() && !overwrite {
         bail!(
             "{} already holds a comparison ({}): pass --overwrite to replace it, or choose another --out",
@@ -24,31 +27,144 @@ pub fn check_out(out: &Path, methods: &[String], overwrite: bool) -> Result<()> 
     Ok(())
 }
 
-/// Run `methods` with the same `train_args` (everything but `--method` and `--out`), each into
-/// `out/<method>/` (replacing a run there: [`check_out`] has refused that unless asked); returns
-/// the summaries in order.
-pub fn run(methods: &[String], train_args: &[String], out: &Path) -> Result<Vec<RunSummary>> {
+/// `compare --sweep-lr`: each learning rate a short run trained on the training data less its
+/// last `holdout` examples and scored on those (never on the eval data).
+#[derive(Debug, Clone)]
+pub struct SweepPlan {
+    /// Multiples of each method's learning rate (`--lr` or its default) tried.
+    pub factors: Vec<f64>,
+    pub steps: u64,
+    pub holdout: usize,
+}
+
+/// One learning rate of a sweep and its held-out score (accuracy, or minus the loss).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub lr: f64,
+    pub score: f64,
+}
+
+/// A method's sweep: the points tried, the rate chosen, and the wall time it cost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sweep {
+    pub points: Vec<SweepPoint>,
+    pub chosen_lr: f64,
+    pub seconds: f64,
+}
+
+/// One row of a comparison: the method's run summary, and its sweep when there was one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub run: RunSummary,
+    #[serde(default)]
+    pub sweep: Option<Sweep>,
+}
+
+/// `tuna train --method m --out dir` with `args`; its summary.
+fn train_one(m: &str, dir: &Path, args: &[String]) -> Result<RunSummary> {
     let exe = std::env::current_exe().context("locating the tuna binary")?;
+    // A fresh run per method: an old run in the method's folder is replaced (only the files a
+    // run writes), never resumed or mixed in; a run still writing there makes this one fail.
+    let status = std::process::Command::new(&exe)
+        .arg("train")
+        .args(["--method", m, "--overwrite"])
+        .arg("--out")
+        .arg(dir)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {} train", exe.display()))?;
+    if !status.success() {
+        bail!("method {m}: `tuna train` failed ({status}); its output is above");
+    }
+    let p = dir.join("summary.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// `args` without `flags` and their values (`--flag v` and `--flag=v`).
+pub fn without_flags(args: &[String], flags: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if flags.contains(&a.as_str()) {
+            skip = true;
+        } else if !flags.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// The sweep of method `m` around `base_lr`: short runs into `out/sweep/<m>/lr-<lr>/`, scored on
+/// the held-out slice; the best score wins (the lower rate on a tie).
+fn sweep(m: &str, base_lr: f64, args: &[String], plan: &SweepPlan, out: &Path) -> Result<Sweep> {
+    let t0 = std::time::Instant::now();
+    let rest = without_flags(
+        args,
+        &["--lr", "--steps", "--eval", "--max-eval-examples", "--eval-every", "--holdout", "--patience"],
+    );
+    let mut points = Vec::new();
+    for f in &plan.factors {
+        let lr = base_lr * f;
+        eprintln!("== {m}: sweep lr {lr:.1e} ({} steps, {} held-out training examples)", plan.steps, plan.holdout);
+        let mut a = rest.clone();
+        a.extend([
+            "--lr".to_string(),
+            format!("{lr:e}"),
+            "--steps".into(),
+            plan.steps.to_string(),
+            "--eval-every".into(),
+            plan.steps.to_string(),
+            "--holdout".into(),
+            plan.holdout.to_string(),
+        ]);
+        if !a.iter().any(|x| x == "--quiet") {
+            a.push("--quiet".into());
+        }
+        let s = train_one(m, &out.join("sweep").join(m).join(format!("lr-{lr:.1e}")), &a)?;
+        let score = match (s.eval_accuracy, s.eval_loss) {
+            (Some(acc), _) => acc,
+            (None, Some(l)) => -l,
+            (None, None) => bail!("method {m}: the sweep run at lr {lr:e} has no held-out score"),
+        };
+        points.push(SweepPoint { lr, score });
+    }
+    let best = points.iter().fold(None::<&SweepPoint>, |b, p| match b {
+        Some(b) if b.score > p.score || (b.score == p.score && b.lr <= p.lr) => Some(b),
+        _ => Some(p),
+    });
+    let chosen_lr = best.map_or(base_lr, |p| p.lr);
+    Ok(Sweep { points, chosen_lr, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// Run `methods` with the same `train_args` (everything but `--method` and `--out`), each into
+/// `out/<method>/` (replacing a run there: [`check_out`] has refused that unless asked); with a
+/// `plan`, each method's learning rate is first swept (`base_lr` gives the rate its factors
+/// multiply) and the full run takes the best. Returns the rows in order.
+pub fn run(
+    methods: &[String],
+    train_args: &[String],
+    out: &Path,
+    plan: Option<&SweepPlan>,
+    base_lr: impl Fn(&str) -> Result<f64>,
+) -> Result<Vec<Row>> {
     let mut all = Vec::new();
     for m in methods {
-        let dir = out.join(m);
+        let (args, sweep) = match plan {
+            Some(p) => {
+                let sw = sweep(m, base_lr(m)?, train_args, p, out)?;
+                let mut a = without_flags(train_args, &["--lr"]);
+                a.extend(["--lr".to_string(), format!("{:e}", sw.chosen_lr)]);
+                (a, Some(sw))
+            }
+            None => (train_args.to_vec(), None),
+        };
         eprintln!("== {m}");
-        // A fresh run per method: an old run in the method's folder is replaced (only the files a
-        // run writes), never resumed or mixed in; a run still writing there makes this one fail.
-        let status = std::process::Command::new(&exe)
-            .arg("train")
-            .args(["--method", m, "--overwrite"])
-            .arg("--out")
-            .arg(&dir)
-            .args(train_args)
-            .status()
-            .with_context(|| format!("running {} train", exe.display()))?;
-        if !status.success() {
-            bail!("method {m}: `tuna train` failed ({status}); its output is above");
-        }
-        let p = dir.join("summary.json");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        all.push(serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?);
+        all.push(Row { run: train_one(m, &out.join(m), &args)?, sweep });
     }
     Ok(all)
 }
@@ -61,16 +177,35 @@ fn metric(s: &RunSummary) -> (&'static str, Option<f64>) {
     }
 }
 
-/// The trade-off table (markdown).
-pub fn table(runs: &[RunSummary]) -> String {
-    let name = runs.first().map_or("eval metric", |r| metric(r).0);
+/// The trade-off table (markdown). A method whose training loss stayed above the untrained model's
+/// (see [`tuna_trainer::Hurting`]) is marked "(hurting)"; with a sweep, the learning rate column
+/// says so and the sweep's cost is shown.
+pub fn table(rows: &[Row]) -> String {
+    let name = rows.first().map_or("eval metric", |r| metric(&r.run).0);
+    let swept = rows.iter().any(|r| r.sweep.is_some());
     let mut s = format!(
-        "| method | trainable params | % of model | {name} | train loss | tokens/s | peak memory | checkpoint |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | trainable params | % of model | {name} | train loss | lr | {}tokens/s | peak memory | checkpoint |\n|---|---:|---:|---:|---:|---:|{}---:|---:|---:|\n",
+        if swept { "lr sweep | " } else { "" },
+        if swept { "---|" } else { "" },
     );
-    for r in runs {
+    for row in rows {
+        let r = &row.run;
         let m = metric(r).1.map_or("-".into(), |v| format!("{v:.4}"));
+        let hurt = r
+            .hurting
+            .map_or(String::new(), |h| format!(" (hurting: {:.4} > untrained {:.4})", h.train_loss, h.untrained_loss));
+        let lr = r.lr.map_or("-".into(), |l| format!("{l:.1e}"));
+        let sweep = match (&row.sweep, swept) {
+            (Some(sw), _) => format!(
+                "{} tried, {} | ",
+                sw.points.iter().map(|p| format!("{:.1e}: {:.3}", p.lr, p.score)).collect::<Vec<_>>().join(", "),
+                tuna_trainer::human_duration(std::time::Duration::from_secs_f64(sw.seconds))
+            ),
+            (None, true) => "- | ".into(),
+            (None, false) => String::new(),
+        };
         s += &format!(
-            "| {} | {} | {:.3}% | {} | {:.4} | {:.0} | {} | {} |\n",
+            "| {}{hurt} | {} | {:.3}% | {} | {:.4} | {lr} | {sweep}{:.0} | {} | {} |\n",
             r.method,
             r.trainable_params,
             crate::train_cmd::pct(r),
@@ -86,7 +221,8 @@ pub fn table(runs: &[RunSummary]) -> String {
 
 /// An SVG scatter plot: eval metric (y) against trainable parameters (x, log scale), one labelled
 /// point per method.
-pub fn svg(runs: &[RunSummary]) -> String {
+pub fn svg(rows: &[Row]) -> String {
+    let runs: Vec<&RunSummary> = rows.iter().map(|r| &r.run).collect();
     let (w, h, pad) = (640.0, 400.0, 60.0);
     let pts: Vec<(f64, f64, &str)> = runs
         .iter()
@@ -139,7 +275,7 @@ pub fn svg(runs: &[RunSummary]) -> String {
 }
 
 /// Write `compare.json`, `compare.md` and `compare.svg` into `out`; returns their paths.
-pub fn write(runs: &[RunSummary], out: &Path) -> Result<[PathBuf; 3]> {
+pub fn write(runs: &[Row], out: &Path) -> Result<[PathBuf; 3]> {
     std::fs::create_dir_all(out)?;
     let paths = [out.join("compare.json"), out.join("compare.md"), out.join("compare.svg")];
     let json = serde_json::to_string_pretty(runs)?;
@@ -149,25 +285,13 @@ pub fn write(runs: &[RunSummary], out: &Path) -> Result<[PathBuf; 3]> {
     Ok(paths)
 }
 
-/// The command line after `compare` without `--methods` and `--out` (given per method) and the
-/// folder-mode flags (each method's run is new).
+/// The command line after `compare` without `--methods` and `--out` (given per method), the
+/// sweep's flags (compare's own) and the folder-mode flags (each method's run is new).
 pub fn passthrough_args(args: Vec<String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut skip = false;
-    for a in args {
-        if skip {
-            skip = false;
-            continue;
-        }
-        if a == "--methods" || a == "--out" {
-            skip = true;
-        } else if ["--overwrite", "--resume", "--resume-or-start"].contains(&a.as_str()) {
-            // Each method's run is new (see `run`).
-        } else if !(a.starts_with("--methods=") || a.starts_with("--out=")) {
-            out.push(a);
-        }
-    }
-    out
+    let valued = ["--methods", "--out", "--sweep-factors", "--sweep-steps", "--sweep-holdout"];
+    // Each method's run is new (see `run`); the sweep is compare's.
+    let flags = ["--overwrite", "--resume", "--resume-or-start", "--sweep-lr"];
+    without_flags(&args, &valued).into_iter().filter(|a| !flags.contains(&a.as_str())).collect()
 }
 
 /// Where the embedded default takes its assets (fetched by `scripts/fetch-assets.sh`).
@@ -216,4 +340,35 @@ pub fn with_defaults(run: &crate::train_cmd::RunArgs, mut args: Vec<String>) -> 
     }
     d.append(&mut args);
     Ok((d, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_and_their_values_are_removed_in_both_spellings() {
+        let args = v(&["--eval", "e.jsonl", "--lr=3e-2", "--steps", "9", "--model", "m", "--max-eval-examples", "5"]);
+        let rest = without_flags(&args, &["--eval", "--lr", "--max-eval-examples"]);
+        assert_eq!(rest, v(&["--steps", "9", "--model", "m"]));
+        // compare's own flags never reach `tuna train`.
+        let p = passthrough_args(v(&[
+            "--methods",
+            "a,b",
+            "--sweep-lr",
+            "--sweep-factors",
+            "1,3",
+            "--sweep-steps=4",
+            "--sweep-holdout",
+            "50",
+            "--overwrite",
+            "--steps",
+            "9",
+        ]));
+        assert_eq!(p, v(&["--steps", "9"]));
+    }
 }

@@ -65,6 +65,20 @@ struct CompareArgs {
     /// Comma-separated methods.
     #[arg(long, default_value = "full,prompt,prefix,houlsby,lora")]
     methods: String,
+    /// Before each method's run, try a few learning rates (--sweep-factors times its --lr or
+    /// default) in short runs scored on the last --sweep-holdout training examples (never the eval
+    /// data); the full run takes the best.
+    #[arg(long)]
+    sweep_lr: bool,
+    /// Multiples of each method's learning rate the sweep tries (comma-separated).
+    #[arg(long, default_value = "0.3,1,3")]
+    sweep_factors: String,
+    /// Steps of each sweep run (default: a third of --steps, at least 1).
+    #[arg(long)]
+    sweep_steps: Option<u64>,
+    /// Training examples held out to score the sweep (the last ones of --train).
+    #[arg(long, default_value_t = 200)]
+    sweep_holdout: usize,
     #[command(flatten)]
     method_args: tuna::train_cmd::MethodArgs,
     #[command(flatten)]
@@ -205,7 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train(a) => {
             let method = a.method_args.method(&a.method)?;
-            let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
+            let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
                 Device::Cuda(n) => tuna::trainer::train(&Arc::new(Cuda::new(n)?), &cfg)?,
@@ -280,7 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Profile(a) => {
             let method = a.method_args.method(&a.method)?;
-            let cfg = a.run.config(method, a.method_args.prompt_init_text.clone())?;
+            let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
                 anyhow::bail!(
                     "--warmup-steps 0 to 1000000 and --profile-steps 1 to 1000000 (got {} and {})",
@@ -313,7 +327,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::trainer::run_dir::refuse_unsafe_out(&out)?;
             let _lock = tuna::trainer::lock(&out)?;
             tuna::compare_cmd::check_out(&out, &methods, a.run.overwrite)?;
-            let runs = tuna::compare_cmd::run(&methods, &args, &out)?;
+            let plan = if a.sweep_lr {
+                let factors = tuna::train_cmd::list_flag("--sweep-factors", &a.sweep_factors)?
+                    .iter()
+                    .map(|f| match f.parse::<f64>() {
+                        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+                        _ => anyhow::bail!("--sweep-factors {}: `{f}` is not a positive number", a.sweep_factors),
+                    })
+                    .collect::<anyhow::Result<Vec<f64>>>()?;
+                let steps = a.sweep_steps.unwrap_or((a.run.steps / 3).max(1));
+                if steps == 0 || a.sweep_holdout == 0 {
+                    anyhow::bail!("--sweep-steps and --sweep-holdout: expected at least 1");
+                }
+                Some(tuna::compare_cmd::SweepPlan { factors, steps, holdout: a.sweep_holdout })
+            } else {
+                None
+            };
+            // The rate each method's sweep multiplies: --lr, else the method's default for this model.
+            let model = args.iter().enumerate().find_map(|(i, x)| match x.strip_prefix("--model=") {
+                Some(v) => Some(v.to_string()),
+                None => (x == "--model").then(|| args.get(i + 1).cloned()).flatten(),
+            });
+            let decoder = model.is_some_and(|p| tuna::train_cmd::is_decoder(std::path::Path::new(&p)));
+            let base_lr = |m: &str| -> anyhow::Result<f64> {
+                Ok(a.run.lr.unwrap_or(tuna::train_cmd::default_lr(&a.method_args.method(m)?, decoder)))
+            };
+            let runs = tuna::compare_cmd::run(&methods, &args, &out, plan.as_ref(), base_lr)?;
             let paths = tuna::compare_cmd::write(&runs, &out)?;
             println!("{}", tuna::compare_cmd::table(&runs));
             println!("wrote {}, {}, {}", paths[0].display(), paths[1].display(), paths[2].display());

@@ -41,6 +41,14 @@ pub struct MethodArgs {
     /// The text a `text` prompt init copies the token embeddings of (repeated or cut to n).
     #[arg(long)]
     pub prompt_init_text: Option<String>,
+    /// Prefix init (prefix, prefix-mlp, ptuning-v2): random (N(0,1), as PEFT), or each layer's own
+    /// keys and values of real tokens run through the frozen model: vocab (random tokens), text
+    /// (--prefix-init-text), labels (the label words). prefix-mlp fits its last layer to them.
+    #[arg(long, default_value = "vocab")]
+    pub prefix_init: String,
+    /// The text a `text` prefix init runs through the model (its tokens repeated or cut to n).
+    #[arg(long)]
+    pub prefix_init_text: Option<String>,
     /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp).
     #[arg(long, default_value_t = 128)]
     pub prefix_hidden: usize,
@@ -66,6 +74,14 @@ pub struct MethodArgs {
 }
 
 impl MethodArgs {
+    /// The init text `name`'s method uses (`--prompt-init-text` or `--prefix-init-text`).
+    pub fn init_text(&self, name: &str) -> Option<String> {
+        match name {
+            "prefix" | "prefix-mlp" | "ptuning-v2" => self.prefix_init_text.clone(),
+            _ => self.prompt_init_text.clone(),
+        }
+    }
+
     /// The method named `name` (full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby, lora), its
     /// settings range-checked.
     pub fn method(&self, name: &str) -> Result<Method> {
@@ -80,7 +96,9 @@ impl MethodArgs {
             "lora" => {
                 positive("--lora-r", self.lora_r)?;
                 let (a, d) = (self.lora_alpha, self.lora_dropout);
-                require(a.is_finite() && a > 0.0 && a <= 1e6, || format!("--lora-alpha {a}: expected 0 < alpha <= 1e6"))?;
+                require(a.is_finite() && a > 0.0 && a <= 1e6, || {
+                    format!("--lora-alpha {a}: expected 0 < alpha <= 1e6")
+                })?;
                 require((0.0..1.0).contains(&d), || format!("--lora-dropout {d}: expected 0 <= p < 1"))?;
             }
             _ => {}
@@ -98,21 +116,35 @@ impl MethodArgs {
                 format!("--prompt-init-text is used only with --prompt-init text (not {})", self.prompt_init)
             })?;
         }
+        if matches!(name, "prefix" | "prefix-mlp" | "ptuning-v2") {
+            let needs_text = self.prefix_init == "text";
+            require(!needs_text || self.prefix_init_text.as_deref().is_some_and(|t| !t.trim().is_empty()), || {
+                "--prefix-init text needs --prefix-init-text \"...\" (the words whose keys and values start the prefix)"
+                    .into()
+            })?;
+            require(needs_text || self.prefix_init_text.is_none(), || {
+                format!("--prefix-init-text is used only with --prefix-init text (not {})", self.prefix_init)
+            })?;
+        }
+        let init_of = |flag: &str, v: &str| -> Result<PromptInit> {
+            Ok(match v {
+                "random" => PromptInit::Random,
+                "vocab" => PromptInit::SampleVocab,
+                "text" => PromptInit::Text(Vec::new()),
+                "labels" => PromptInit::ClassLabels(Vec::new()),
+                other => bail!("{flag} {other}: expected random, vocab, text or labels"),
+            })
+        };
         Ok(match name {
             "full" => Method::Full { patterns: list("--train-patterns", &self.train_patterns)? },
-            "prompt" => {
-                let init = match self.prompt_init.as_str() {
-                    "random" => PromptInit::Random,
-                    "vocab" => PromptInit::SampleVocab,
-                    "text" => PromptInit::Text(Vec::new()),
-                    "labels" => PromptInit::ClassLabels(Vec::new()),
-                    other => bail!("--prompt-init {other}: expected random, vocab, text or labels"),
-                };
-                Method::Prompt { n, init }
-            }
-            "prefix" => Method::Prefix { n, projection: None },
-            "prefix-mlp" => Method::Prefix { n, projection: Some(self.prefix_hidden) },
-            "ptuning-v2" => Method::PTuningV2 { n },
+            "prompt" => Method::Prompt { n, init: init_of("--prompt-init", &self.prompt_init)? },
+            "prefix" => Method::Prefix { n, projection: None, init: init_of("--prefix-init", &self.prefix_init)? },
+            "prefix-mlp" => Method::Prefix {
+                n,
+                projection: Some(self.prefix_hidden),
+                init: init_of("--prefix-init", &self.prefix_init)?,
+            },
+            "ptuning-v2" => Method::PTuningV2 { n, init: init_of("--prefix-init", &self.prefix_init)? },
             "houlsby" => Method::Houlsby { bottleneck: self.bottleneck },
             "lora" => Method::Lora(LoraConfig {
                 r: self.lora_r,
@@ -171,7 +203,9 @@ pub struct RunArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
-    /// Peak learning rate (default: 3e-2 for prompt/prefix methods, 1e-3 for houlsby and lora, 5e-5 for full).
+    /// Peak learning rate. Default, from sweeps on movie-review polarity (README, "Fair defaults"):
+    /// lora 3e-3; houlsby 3e-3 (BERT) or 1e-3 (decoders); prefix and ptuning-v2 3e-2 (BERT) or
+    /// 9e-3 (decoders); prompt and prefix-mlp 3e-2; full 1.5e-4 (BERT) or 5e-5 (decoders).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Linear warmup steps (more than --steps is cut to --steps).
@@ -207,6 +241,10 @@ pub struct RunArgs {
     /// Use only the first N evaluation examples.
     #[arg(long)]
     pub max_eval_examples: Option<usize>,
+    /// Hold out the last N training examples: train on the rest and evaluate on them instead of
+    /// --eval (compare --sweep-lr scores its learning rates so, never on the eval data).
+    #[arg(long)]
+    pub holdout: Option<usize>,
     /// Seeds the data order, the new parameters' init and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -238,11 +276,7 @@ impl RunArgs {
         let train = self.train.clone().context("--train is required")?;
         let task: Task = self.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
-        let lr = self.lr.unwrap_or(match method {
-            Method::Full { .. } => 5e-5,
-            Method::Houlsby { .. } | Method::Lora(_) => 1e-3,
-            _ => 3e-2,
-        });
+        let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
         self.check_ranges(lr)?;
         let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
         let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
@@ -283,6 +317,7 @@ impl RunArgs {
             keep_last: self.keep_last,
             max_train_examples: self.max_train_examples,
             max_eval_examples: self.max_eval_examples,
+            holdout: self.holdout,
             seed: self.seed,
             out: self.out.clone(),
             out_mode,
@@ -327,6 +362,37 @@ impl RunArgs {
     }
 }
 
+/// A method's learning rate when `--lr` is not given, for a decoder (GPT-2, Llama: `decoder`) or
+/// an encoder (BERT). Chosen by `compare --sweep-lr` on movie-review polarity (README, "Fair
+/// defaults"): LoRA 3e-3 on both families; Houlsby 3e-3 on MiniLM but 1e-3 on SmolLM2; prefix
+/// methods 3e-2 on MiniLM but 9e-3 on SmolLM2; full fine-tuning 1.5e-4 on MiniLM (5e-5, not
+/// swept, on decoders); prompt tuning 3e-2 (the sweep's 9e-2 did worse in the full run).
+pub fn default_lr(method: &Method, decoder: bool) -> f64 {
+    match (method, decoder) {
+        (Method::Full { .. }, false) => 1.5e-4,
+        (Method::Full { .. }, true) => 5e-5,
+        (Method::Lora(_), _) => 3e-3,
+        (Method::Houlsby { .. }, false) => 3e-3,
+        (Method::Houlsby { .. }, true) => 1e-3,
+        (Method::Prefix { projection: None, .. } | Method::PTuningV2 { .. }, true) => 9e-3,
+        _ => 3e-2,
+    }
+}
+
+/// Whether `model` is a decoder (a `.gguf`, or a folder whose `config.json` names another
+/// `model_type` than BERT's), for [`default_lr`]; an unreadable config counts as a decoder (the
+/// load reports it).
+pub fn is_decoder(model: &std::path::Path) -> bool {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        return true;
+    }
+    let ty = std::fs::read_to_string(model.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(str::to_string));
+    ty.is_none_or(|t| t != "bert")
+}
+
 /// Print a run's summary as aligned rows.
 pub fn print_summary(s: &tuna_trainer::RunSummary) {
     let mut t = tuna_trainer::Summary::new();
@@ -346,6 +412,9 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
     t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
     t.row("checkpoint", format!("{} ({})", s.export, tuna_trainer::human_bytes(s.checkpoint_bytes)));
     print!("{t}");
+    if let Some(h) = &s.hurting {
+        println!("{}", h.warning());
+    }
 }
 
 /// Trainable parameters as a percentage of the base model's.
@@ -380,4 +449,21 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     let rest = (p.step_ms - accounted).max(0.0);
     s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% |\n", rest, pct(rest));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_rates_follow_the_model_family() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/tuna-models/tests/fixtures");
+        assert!(is_decoder(&fixtures.join("llama")) && is_decoder(&fixtures.join("gpt2")));
+        assert!(!is_decoder(&fixtures.join("bert")));
+        assert!(is_decoder(std::path::Path::new("any/model.gguf")));
+        let prefix = Method::Prefix { n: 20, projection: None, init: PromptInit::SampleVocab };
+        assert_eq!((default_lr(&prefix, false), default_lr(&prefix, true)), (3e-2, 9e-3));
+        let houlsby = Method::Houlsby { bottleneck: 32 };
+        assert_eq!((default_lr(&houlsby, false), default_lr(&houlsby, true)), (3e-3, 1e-3));
+    }
 }

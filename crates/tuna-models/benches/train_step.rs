@@ -213,7 +213,7 @@ fn method(name: &str, lora_targets: &[&str]) -> Res<Method> {
     Ok(match name {
         "full" => Method::Full { patterns: vec![] },
         "prompt" => Method::Prompt { n: 20, init: PromptInit::Random },
-        "prefix" => Method::Prefix { n: 20, projection: None },
+        "prefix" => Method::Prefix { n: 20, projection: None, init: PromptInit::Random },
         "lora" => Method::Lora(LoraConfig {
             r: 8,
             alpha: 16.0,

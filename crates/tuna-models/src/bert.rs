@@ -6,6 +6,7 @@
 use crate::adapt::{layer_prefix, Adapt};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
+use crate::generate::KvCache;
 use crate::gpt2::{batch_seq, Norm};
 use crate::linear::Linear;
 use crate::params::Loader;
@@ -137,7 +138,37 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
     /// prompt's `n` vectors are inserted before each row's first real token (the output and mask
     /// gain `n` columns) and, with a prompt or prefix, content positions start at `n`.
     pub fn encode(&self, ids: &Ints<B, u32>, attention_mask: &Ints<B, u8>) -> Result<(Tensor<B, E>, Ints<B, u8>)> {
+        self.encode_cached(ids, attention_mask, None)
+    }
+
+    /// [`Bert::encode`] after the tokens held in `cache` (each layer's keys and values of earlier
+    /// tokens, all real): the new tokens take positions after them and attend to them as to each
+    /// other (bidirectionally among the new ones; the cached tokens do not see the new ones), and
+    /// their keys and values are appended. This is what a prefix of those tokens computes, so it
+    /// also records a sequence's own keys and values (an empty cache). A soft prompt is refused
+    /// with a non-empty cache (it would go between the cached tokens and the content).
+    pub fn encode_cached(
+        &self,
+        ids: &Ints<B, u32>,
+        attention_mask: &Ints<B, u8>,
+        mut cache: Option<&mut KvCache<B, E>>,
+    ) -> Result<(Tensor<B, E>, Ints<B, u8>)> {
         let (b, t) = batch_seq(ids)?;
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = &cache {
+            if c.n_layers() != self.layers.len() || c.batch().is_some_and(|cb| cb != b) {
+                return Err(tuna_autograd::Error::Shape {
+                    op: "bert",
+                    what: "cache [layers, batch] vs the model and input",
+                    left: vec![c.n_layers(), c.batch().unwrap_or(b)],
+                    right: vec![self.layers.len(), b],
+                }
+                .into());
+            }
+            if cached > 0 && self.adapt.prompt_len() > 0 {
+                return Err(Error::InvalidArgument("bert: a soft prompt after cached tokens is not supported".into()));
+            }
+        }
         if attention_mask.shape() != [b, t] {
             return Err(tuna_autograd::Error::Shape {
                 op: "bert",
@@ -150,7 +181,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let (hid, heads, d) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.head_dim());
         let eps = self.cfg.layer_norm_eps as f32;
         let dev = self.word.device();
-        let pos = crate::positions::positions(b, t, 0);
+        let pos = crate::positions::positions(b, t, cached as u32);
         let pos = Ints::new(dev, &[b, t], &pos)?;
         let prep = self.adapt.prepare(dev, &pos, Some(attention_mask), 0)?;
         let (pos, mask) = (&prep.positions, prep.mask.clone().expect("a mask was given"));
@@ -167,6 +198,14 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
         let opt = AttnOptions { causal: false, scale: None };
         let prefix = self.adapt.prefix_kv()?;
+        // The keys include the cached tokens (all real): the mask widens by them.
+        let key_mask = if cached == 0 {
+            mask.clone()
+        } else {
+            let rows =
+                mask.host().chunks(t.max(1)).flat_map(|r| std::iter::repeat_n(1u8, cached).chain(r.iter().copied()));
+            Ints::new(dev, &[b, cached + t], &rows.collect::<Vec<u8>>())?
+        };
         let ad = &self.adapt;
         for (i, l) in self.layers.iter().enumerate() {
             let dense = |x: &Tensor<B, E>, dn: &Dense<B, E>| ad.linear(dn, x);
@@ -174,7 +213,11 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
             let q = heads4(dense(&x, &l.query)?)?;
             let k = heads4(dense(&x, &l.key)?)?;
             let v = heads4(dense(&x, &l.value)?)?;
-            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&mask), opt)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&key_mask), opt)?;
             let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
             x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
             let f = gelu(&dense(&x, &l.intermediate)?, GeluKind::Erf)?;

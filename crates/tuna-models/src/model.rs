@@ -122,20 +122,33 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: source.to_path_buf(), dev: dev.clone() })
     }
 
-    /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt init given with
-    /// no tokens takes them from `init_text`.
+    /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt or prefix init
+    /// given with no tokens takes them from `init_text`.
     pub fn install(&mut self, method: &Method, seed: u64, init_text: Option<&str>) -> Result<()> {
         let mut method = self.resolve(method)?;
-        if let Method::Prompt { init: PromptInit::Text(ids) | PromptInit::ClassLabels(ids), .. } = &mut method {
+        if let Some(PromptInit::Text(ids) | PromptInit::ClassLabels(ids)) = method.init_mut() {
             if ids.is_empty() {
                 let text = init_text.ok_or_else(|| {
-                    Error::InvalidArgument("the prompt init needs a text (--prompt-init-text)".into())
+                    Error::InvalidArgument(
+                        "the prompt or prefix init needs a text (--prompt-init-text, --prefix-init-text)".into(),
+                    )
                 })?;
                 *ids = self.encode_plain(text)?;
             }
         }
         each!(&mut self.net, n => method.apply(n, seed))?;
         Ok(())
+    }
+
+    /// `f` on the model with its adaptation set aside (prompt, prefix, adapters and LoRA; a task
+    /// head in `adapt.extra` stays): the untrained model, for a method's baseline. Restored after.
+    pub fn without_adaptation<T>(&mut self, f: impl FnOnce(&Self) -> T) -> T {
+        let a = self.adapt_mut();
+        let saved = (a.prompt.take(), a.prefix.take(), a.houlsby.take(), std::mem::take(&mut a.lora));
+        let out = f(self);
+        let a = self.adapt_mut();
+        (a.prompt, a.prefix, a.houlsby, a.lora) = saved;
+        out
     }
 
     /// Install the adapter saved in `dir` (PEFT's format or tuna's), replacing any adaptation.

@@ -221,9 +221,10 @@ fn gen<M: tuna_models::generate::CausalLm<Cpu, f32>>(m: &M, prompt: &[u32]) -> V
 #[test]
 fn left_padding_keeps_the_soft_prompt_next_to_the_content() {
     for arch in ARCHS {
-        for method in
-            [Method::Prompt { n: 3, init: PromptInit::SampleVocab }, Method::Prefix { n: 3, projection: None }]
-        {
+        for method in [
+            Method::Prompt { n: 3, init: PromptInit::SampleVocab },
+            Method::Prefix { n: 3, projection: None, init: PromptInit::Random },
+        ] {
             let what = label(arch, &method);
             let m = with_method::<f32>(arch, &method, 17);
             perturb(m.adapt(), 0.3);

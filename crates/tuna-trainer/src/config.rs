@@ -44,6 +44,9 @@ pub struct TrainConfig {
     /// Use at most this many examples of each file (the first ones).
     pub max_train_examples: Option<usize>,
     pub max_eval_examples: Option<usize>,
+    /// Hold out the last N training examples (before `max_train_examples` applies): train on the
+    /// rest and evaluate on them instead of `eval` (`compare --sweep-lr` scores its sweep so).
+    pub holdout: Option<usize>,
     pub seed: u64,
     pub out: PathBuf,
     /// A new run, replacing an old one, or resuming one (see [`OutMode`]).
@@ -72,4 +75,35 @@ pub struct RunSummary {
     pub checkpoint_bytes: u64,
     pub stopped_early: bool,
     pub export: String,
+    /// The peak learning rate and warmup steps the run used (absent in older summaries).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    /// Set when the training loss over the last steps after warmup stayed above the untrained
+    /// model's loss on the same batches: the adaptation is hurting.
+    #[serde(default)]
+    pub hurting: Option<Hurting>,
+}
+
+/// A run's training loss against the untrained model's (the method set aside, a task head at its
+/// init) on the same batches: the mean over the last `steps` steps after warmup (fewer in a short
+/// run or a resumed one).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Hurting {
+    pub steps: u64,
+    pub train_loss: f64,
+    pub untrained_loss: f64,
+}
+
+impl Hurting {
+    /// The warning a summary prints.
+    pub fn warning(&self) -> String {
+        format!(
+            "warning: over the last steps after warmup the training loss ({:.4}) stayed above the untrained model's \
+             loss on the same batches ({:.4}): the adaptation is hurting (try a lower --lr, a longer --warmup, or \
+             another init)",
+            self.train_loss, self.untrained_loss
+        )
+    }
 }

@@ -29,7 +29,7 @@ pub use batch::{Batch, BatchConfig, BatchError, Batcher, Cursor, Encoded, PadSid
 pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
 };
-pub use config::{RunSummary, TrainConfig};
+pub use config::{Hurting, RunSummary, TrainConfig};
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
 pub use error::TrainError;
 pub use eval::{describe_eval, eval_file, evaluate, EvalMetrics};

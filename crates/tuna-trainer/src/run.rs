@@ -7,7 +7,7 @@
 
 use crate::batch::{Batch, Batcher, Cursor};
 use crate::checkpoint::{Checkpoints, Direction};
-use crate::config::{RunSummary, TrainConfig};
+use crate::config::{Hurting, RunSummary, TrainConfig};
 use crate::data::{self, Task};
 use crate::error::{Result, TrainError};
 use crate::eval::{batch_config, describe, evaluate, EvalMetrics};
@@ -49,7 +49,19 @@ pub(crate) struct Setup<B: Backend> {
 
 /// Load the data, the model (installing the method) and the task; check the schedule.
 pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
-    let train_records = limit(data::load(&cfg.train, cfg.task, &cfg.fields)?, cfg.max_train_examples);
+    let mut train_records = data::load(&cfg.train, cfg.task, &cfg.fields)?;
+    let held_out = match cfg.holdout {
+        Some(k) if k == 0 || k >= train_records.len() => {
+            return Err(TrainError::Invalid(format!(
+                "--holdout {k}: expected 1 to {} (the training examples of {} but one)",
+                train_records.len().saturating_sub(1),
+                cfg.train.display()
+            )))
+        }
+        Some(k) => Some(train_records.split_off(train_records.len() - k)),
+        None => None,
+    };
+    let train_records = limit(train_records, cfg.max_train_examples);
     // A TEXT init has its text (checked by the CLI); CLASS_LABELS takes the label words.
     let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &cfg.labels) {
         (Some(t), _, _) => t.clone(),
@@ -62,9 +74,10 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
     check_method_size(&cfg.method, model.shape().hidden)?;
     model.install(&cfg.method, cfg.seed, Some(&words))?;
     let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;
-    let eval_set = match &cfg.eval {
-        Some(p) => Some((p.clone(), limit(data::load(p, cfg.task, &cfg.fields)?, cfg.max_eval_examples))),
-        None => None,
+    let eval_set = match (held_out, &cfg.eval) {
+        (Some(h), _) => Some((cfg.train.clone(), h)),
+        (None, Some(p)) => Some((p.clone(), limit(data::load(p, cfg.task, &cfg.fields)?, cfg.max_eval_examples))),
+        (None, None) => None,
     };
     if cfg.task == Task::Classify && !model.is_decoder() {
         model.add_head(spec.labels.as_ref().map_or(2, |l| l.len()), cfg.seed)?;
@@ -116,6 +129,9 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     run_dir::check(&cfg.out, cfg.out_mode, &inputs)?;
     let mut s = setup(dev, cfg)?;
     let schedule = schedule_of(cfg)?;
+    // Before any checkpoint is restored: the base weights are still the untrained ones.
+    let baseline = untrained_losses(&mut s, cfg)?;
+    let mut window: Vec<f64> = Vec::new();
     if cfg.out_mode == OutMode::Overwrite {
         // Only now that the new run's model and data have loaded does the old run go.
         run_dir::clear(&cfg.out)?;
@@ -127,6 +143,8 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     let mut log = MetricsLog::open(&cfg.out.join("metrics.jsonl"), resumed_from)?;
     let mut progress = Progress::new(cfg.steps, cfg.progress);
     let mut stopped_early = false;
+    // The evaluation of the last step, reused by the summary (not computed twice).
+    let mut last_eval: Option<EvalMetrics> = None;
     s.model.adapt().set_training(true);
     while st.step < cfg.steps {
         let t0 = Instant::now();
@@ -138,9 +156,14 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
             return Err(non_finite(st.step + 1, bad, &ckpts));
         }
         st.step += 1;
+        // Only an evaluation after the last update describes the weights the run ends with.
+        last_eval = None;
         st.train_tokens += batch.real_tokens as u64;
         st.train_seconds += t0.elapsed().as_secs_f64();
         st.last_loss = out.loss;
+        if baseline.iter().any(|(step, _)| *step == st.step) {
+            window.push(out.loss);
+        }
         let mut m = Map::new();
         m.insert("loss".into(), json!(out.loss));
         m.insert("lr".into(), json!(lr));
@@ -156,6 +179,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         if let Some(eb) = &s.eval_batcher {
             if st.step.is_multiple_of(cfg.eval_every.max(1)) || last {
                 let e = evaluate(&s.model, &s.spec, eb)?;
+                last_eval = Some(e);
                 log.log(st.step, Split::Eval, &e.as_map())?;
                 progress.println(&format!("step {}: eval {}", st.step, describe(&e)));
                 let v = if dir == Direction::Max { e.accuracy.unwrap_or(0.0) } else { e.loss };
@@ -176,7 +200,62 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     }
     progress.finish();
     s.model.adapt().set_training(false);
-    finish(cfg, &s, &st, stopped_early)
+    let verdict = hurting(&baseline, &window);
+    finish(cfg, &s, &st, stopped_early, verdict, last_eval)
+}
+
+/// Training steps at the end of a run whose loss is compared with the untrained model's on the
+/// same batches (those after warmup among them).
+pub const HURT_WINDOW: u64 = 10;
+
+/// The untrained model's loss (the method set aside; a task head at its init) on each batch of the
+/// last [`HURT_WINDOW`] steps after warmup, by step: the batches are a pure function of the data,
+/// seed and step, so they are replayed here before training.
+fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<Vec<(u64, f64)>> {
+    let first = cfg.warmup.max(cfg.steps.saturating_sub(HURT_WINDOW)) + 1;
+    if first > cfg.steps {
+        return Ok(Vec::new());
+    }
+    let mut cursor = Cursor::default();
+    let mut batches = Vec::new();
+    for step in 1..=cfg.steps {
+        let b = s.batcher.next_batch(&mut cursor);
+        if step >= first {
+            batches.push((step, b));
+        }
+    }
+    let (spec, micro) = (&s.spec, cfg.micro_batch);
+    s.model.without_adaptation(|m| {
+        tuna_autograd::no_grad(|| {
+            batches
+                .iter()
+                .map(|(step, b)| {
+                    let parts = b.split(micro.max(1))?;
+                    let total: usize = parts.iter().map(|p| spec.terms(m, p)).sum();
+                    let mut sum = 0.0;
+                    for p in &parts {
+                        let (loss, terms) = spec.loss(m, p)?;
+                        sum += loss.to_vec()?[0] as f64 * terms as f64 / total.max(1) as f64;
+                    }
+                    Ok((*step, sum))
+                })
+                .collect()
+        })
+    })
+}
+
+/// The mean training and untrained losses over the window's steps this process trained, when the
+/// training loss is the higher: the adaptation is hurting.
+fn hurting(baseline: &[(u64, f64)], window: &[f64]) -> Option<Hurting> {
+    let k = window.len();
+    if k == 0 {
+        return None;
+    }
+    // A resumed run trained only the window's last `k` steps.
+    let base = &baseline[baseline.len() - k..];
+    let train = window.iter().sum::<f64>() / k as f64;
+    let untrained = base.iter().map(|(_, l)| l).sum::<f64>() / k as f64;
+    (train > untrained).then_some(Hurting { steps: k as u64, train_loss: train, untrained_loss: untrained })
 }
 
 /// The state a run starts from: fresh, or (resuming) a checkpoint's, checked and restored into the
@@ -218,10 +297,18 @@ fn start_or_resume<B: Backend>(
 }
 
 /// The end of a run: the final evaluation, the export with its task file, and `summary.json`.
-fn finish<B: Backend>(cfg: &TrainConfig, s: &Setup<B>, st: &State, stopped_early: bool) -> Result<RunSummary> {
-    let final_eval: Option<EvalMetrics> = match &s.eval_batcher {
-        Some(eb) => Some(evaluate(&s.model, &s.spec, eb)?),
-        None => None,
+fn finish<B: Backend>(
+    cfg: &TrainConfig,
+    s: &Setup<B>,
+    st: &State,
+    stopped_early: bool,
+    hurting: Option<Hurting>,
+    last_eval: Option<EvalMetrics>,
+) -> Result<RunSummary> {
+    let final_eval: Option<EvalMetrics> = match (&s.eval_batcher, last_eval) {
+        (Some(_), Some(e)) => Some(e),
+        (Some(eb), None) => Some(evaluate(&s.model, &s.spec, eb)?),
+        (None, _) => None,
     };
     let (export, bytes) = export(&s.model, &cfg.out)?;
     // The task travels with the export, so that `tuna eval` scores classes in training's order.
@@ -249,6 +336,9 @@ fn finish<B: Backend>(cfg: &TrainConfig, s: &Setup<B>, st: &State, stopped_early
         checkpoint_bytes: bytes,
         stopped_early,
         export: export.display().to_string(),
+        lr: Some(cfg.lr),
+        warmup: Some(cfg.warmup),
+        hurting,
     };
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     crate::checkpoint::write_atomic(&cfg.out.join("summary.json"), text.as_bytes())?;

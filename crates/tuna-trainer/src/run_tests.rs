@@ -45,6 +45,7 @@ fn config(task: Task, dir: &Path) -> TrainConfig {
         keep_last: 1,
         max_train_examples: None,
         max_eval_examples: None,
+        holdout: None,
         seed: 5,
         out: dir.join("run"),
         out_mode: OutMode::New,
@@ -98,4 +99,71 @@ fn a_step_is_applied_only_with_a_finite_loss_and_gradient_norm() {
     // A NaN gradient with a finite loss (e.g. overflow in the backward) is not applied, with or
     // without clipping: the norm is computed either way.
     assert!(!out(1.0, f64::NAN).applied());
+}
+
+#[test]
+fn the_untrained_baseline_sets_the_method_aside_on_the_windows_batches() {
+    let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-baseline", std::process::id()));
+    let mut cfg = config(Task::Classify, &dir);
+    (cfg.steps, cfg.warmup, cfg.batch_size, cfg.micro_batch) = (14, 2, 2, 1);
+    // LoRA starts as the identity (B = 0): its loss at init is the untrained model's.
+    let mut lora = setup(&Arc::new(Cpu), &cfg).unwrap();
+    let want = untrained_losses(&mut lora, &cfg).unwrap();
+    // The last HURT_WINDOW steps, all after warmup.
+    assert_eq!(want.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (5..=14).collect::<Vec<u64>>());
+    let mut cursor = Cursor::default();
+    let batches: Vec<Batch> = (0..14).map(|_| lora.batcher.next_batch(&mut cursor)).collect();
+    for (step, l) in &want {
+        let b = &batches[*step as usize - 1];
+        let got = tuna_autograd::no_grad(|| lora.spec.loss(&lora.model, b).unwrap().0.to_vec().unwrap()[0]) as f64;
+        // f32: the baseline sums its micro-batches (1 row each), this the whole batch at once.
+        const F32_SUM: f64 = 1e-5;
+        assert!((got - l).abs() <= F32_SUM * l.abs(), "step {step}: {got} vs {l}");
+    }
+    // A random prefix changes the model's loss, but not its untrained baseline.
+    cfg.method = Method::Prefix { n: 2, projection: None, init: tuna_models::adapt::PromptInit::Random };
+    let mut prefix = setup(&Arc::new(Cpu), &cfg).unwrap();
+    assert_eq!(untrained_losses(&mut prefix, &cfg).unwrap(), want);
+    let b = &batches[13];
+    let with = tuna_autograd::no_grad(|| prefix.spec.loss(&prefix.model, b).unwrap().0.to_vec().unwrap()[0]) as f64;
+    assert!((with - want[9].1).abs() > 1e-4, "the prefix changed nothing: {with}");
+    // A run too short to leave warmup has no window.
+    cfg.warmup = 14;
+    assert!(untrained_losses(&mut prefix, &cfg).unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn hurting_compares_means_over_the_steps_trained() {
+    let base: Vec<(u64, f64)> = (11..=20).map(|s| (s, 0.5)).collect();
+    assert_eq!(hurting(&base, &[0.4; 10]), None);
+    let h = hurting(&base, &[0.6; 10]).unwrap();
+    assert_eq!((h.steps, h.untrained_loss), (10, 0.5));
+    assert!((h.train_loss - 0.6).abs() < 1e-12, "{}", h.train_loss);
+    // A resumed run trained only the window's last steps: compared on those alone (against the
+    // whole window's baseline mean, 0.65, 1.0 would be hurting).
+    let mut tail = base.clone();
+    tail[9].1 = 2.0;
+    assert_eq!(hurting(&tail, &[1.0]), None);
+    assert_eq!(hurting(&tail, &[2.5]).map(|h| (h.steps, h.untrained_loss)), Some((1, 2.0)));
+    assert_eq!(hurting(&base, &[]), None);
+}
+
+#[test]
+fn a_holdout_trains_on_the_rest_and_evaluates_on_it() {
+    let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-holdout", std::process::id()));
+    let mut cfg = config(Task::Classify, &dir);
+    cfg.holdout = Some(1);
+    let s = setup(&Arc::new(Cpu), &cfg).unwrap();
+    assert_eq!(s.batcher.examples().len(), 3);
+    assert_eq!(s.eval_batcher.as_ref().map(|b| b.examples().len()), Some(1));
+    // The held-out example is the file's last ("Hi.", 2 tokens or so), not one trained on.
+    let held = &s.eval_batcher.as_ref().unwrap().examples()[0].ids;
+    assert!(s.batcher.examples().iter().all(|e| &e.ids != held));
+    for k in [0, 4] {
+        cfg.holdout = Some(k);
+        let e = setup(&Arc::new(Cpu), &cfg).err().expect("refused").to_string();
+        assert!(e.contains("--holdout"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

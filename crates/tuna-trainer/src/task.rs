@@ -194,6 +194,10 @@ pub const TASK_FILE: &str = "tuna_task.json";
 impl TaskFile {
     /// The task file in `dir`, `None` when there is none; a malformed one is an error naming it.
     pub fn read(dir: &Path) -> Result<Option<TaskFile>> {
+        // A model given as a file (a `.gguf`) has no folder of its own to hold one.
+        if dir.is_file() {
+            return Ok(None);
+        }
         let path = dir.join(TASK_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,

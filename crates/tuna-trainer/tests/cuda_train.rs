@@ -53,6 +53,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         keep_last: 1,
         max_train_examples: None,
         max_eval_examples: None,
+        holdout: None,
         seed: 3,
         out: dir.join("run"),
         out_mode: tuna_trainer::OutMode::New,
@@ -80,8 +81,8 @@ fn every_method_trains_on_cuda_like_on_the_cpu() {
         vec![
             Method::Full { patterns: vec![] },
             Method::Prompt { n: 3, init: PromptInit::SampleVocab },
-            Method::Prefix { n: 3, projection: None },
-            Method::Prefix { n: 2, projection: Some(8) },
+            Method::Prefix { n: 3, projection: None, init: PromptInit::Random },
+            Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random },
             Method::Houlsby { bottleneck: 4 },
             Method::Lora(LoraConfig {
                 r: 2,

@@ -5,16 +5,18 @@ use crate::error::{Error, Result};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::Float;
 
-/// How a soft prompt starts (PEFT's `prompt_tuning_init`, plus tuna's CLASS_LABELS).
+/// How a soft prompt or a prefix starts (PEFT's `prompt_tuning_init`, plus tuna's CLASS_LABELS).
+/// A prompt copies the tokens' input embeddings; a prefix takes each layer's keys and values of
+/// the tokens run through the frozen model (see `prefix_init`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInit {
-    /// N(0, 1), as PEFT's RANDOM (nn.Embedding's init).
+    /// N(0, 1), as PEFT's RANDOM (nn.Embedding's init); for the prefix MLP, its random init.
     Random,
-    /// Embeddings of `n` tokens drawn uniformly from the vocabulary.
+    /// `n` tokens drawn uniformly from the vocabulary.
     SampleVocab,
-    /// Embeddings of these tokens (a tokenized text), repeated or cut to `n`.
+    /// These tokens (a tokenized text), repeated or cut to `n`.
     Text(Vec<u32>),
-    /// Embeddings of the label words' tokens, repeated or cut to `n`.
+    /// The label words' tokens, repeated or cut to `n`.
     ClassLabels(Vec<u32>),
 }
 
@@ -34,10 +36,12 @@ pub enum Method {
     Prefix {
         n: usize,
         projection: Option<usize>,
+        init: PromptInit,
     },
     /// P-tuning v2: deep prompts (a prefix at every layer), no reparameterization.
     PTuningV2 {
         n: usize,
+        init: PromptInit,
     },
     Houlsby {
         bottleneck: usize,
@@ -50,8 +54,16 @@ impl Method {
     /// methods (PEFT's rule: the content then starts at position `n`), else 0.
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Method::Prompt { n, .. } | Method::Prefix { n, .. } | Method::PTuningV2 { n } => *n,
+            Method::Prompt { n, .. } | Method::Prefix { n, .. } | Method::PTuningV2 { n, .. } => *n,
             _ => 0,
+        }
+    }
+
+    /// The initialization of a prompt or prefix method (`None` for the others).
+    pub fn init_mut(&mut self) -> Option<&mut PromptInit> {
+        match self {
+            Method::Prompt { init, .. } | Method::Prefix { init, .. } | Method::PTuningV2 { init, .. } => Some(init),
+            _ => None,
         }
     }
 
@@ -81,16 +93,10 @@ impl Method {
                 let p = SoftPrompt::init(&dev, *n, init, model.input_embeddings(), seed)?;
                 model.adapt_mut().prompt = Some(p);
             }
-            Method::Prefix { n, projection } => {
-                let dims = (s.layers, s.kv_heads, s.head_dim);
-                let p = PrefixTuning::new(&dev, PrefixKind::Prefix, *n, dims, *projection, seed)?;
-                model.adapt_mut().prefix = Some(p);
+            Method::Prefix { n, projection, init } => {
+                install_prefix(model, PrefixKind::Prefix, *n, *projection, init, seed)?;
             }
-            Method::PTuningV2 { n } => {
-                let dims = (s.layers, s.kv_heads, s.head_dim);
-                let p = PrefixTuning::new(&dev, PrefixKind::PTuningV2, *n, dims, None, seed)?;
-                model.adapt_mut().prefix = Some(p);
-            }
+            Method::PTuningV2 { n, init } => install_prefix(model, PrefixKind::PTuningV2, *n, None, init, seed)?,
             Method::Houlsby { bottleneck } => {
                 if *bottleneck == 0 {
                     return Err(Error::InvalidArgument("houlsby adapters need a bottleneck of at least 1".into()));
@@ -115,6 +121,29 @@ impl Method {
         }
         Ok(())
     }
+}
+
+/// A new prefix on `model`: random (PEFT's init), or each layer's own keys and values of the
+/// tokens `init` names, computed by the frozen model (any other adaptation set aside meanwhile).
+fn install_prefix<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(
+    model: &mut M,
+    kind: PrefixKind,
+    n: usize,
+    projection: Option<usize>,
+    init: &PromptInit,
+    seed: u64,
+) -> Result<()> {
+    let s = model.shape();
+    let dev = model.input_embeddings().device().clone();
+    let mut p = PrefixTuning::new(&dev, kind, n, (s.layers, s.kv_heads, s.head_dim), projection, seed)?;
+    if let Some(ids) = super::prefix_init::init_tokens(init, n, s.vocab, seed)? {
+        let saved = std::mem::take(model.adapt_mut());
+        let kv = model.token_kv(&ids);
+        *model.adapt_mut() = saved;
+        p.start_from(&kv?)?;
+    }
+    model.adapt_mut().prefix = Some(p);
+    Ok(())
 }
 
 /// Which base weights full fine-tuning trains: all when `patterns` is empty, otherwise those whose

@@ -22,6 +22,7 @@ pub mod peft;
 mod peft_fields;
 mod peft_load;
 mod prefix;
+mod prefix_init;
 mod prompt;
 mod targets;
 pub use targets::default_lora_targets;

@@ -1,13 +1,17 @@
 //! What the adaptation methods need to know about a model: its shape, its linears by Hugging Face
 //! module name, its input embeddings, and every base weight by name (for freezing checks, counts
-//! and merged exports).
+//! and merged exports), and its own keys and values of given tokens (activation-based prefix inits).
 
-use super::Adapt;
+use super::{Adapt, LayerKv};
 use crate::bert::Bert;
+use crate::error::{Error, Result};
+use crate::generate::KvCache;
 use crate::gpt2::Gpt2;
 use crate::llama::Llama;
+use std::sync::Arc;
+use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
-use tuna_autograd::{Float, Tensor};
+use tuna_autograd::{no_grad, Float, Ints, Tensor};
 
 /// Model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,30 @@ pub trait Adaptable<B: Kernels<E>, E: Float> {
     fn linears(&self) -> Vec<LinearModule<B, E>>;
     /// Every base weight by its Hugging Face name (tied weights once), in model order.
     fn named_weights(&self) -> Vec<(String, Tensor<B, E>)>;
+    /// Each layer's keys (after RoPE where the model applies it) and values, `[n, kv_heads,
+    /// head_dim]`, of `ids` run as one sequence at positions `0..n` through the model as it is
+    /// (the caller sets any adaptation aside), recording no gradients: what a KV cache holds after
+    /// those tokens.
+    fn token_kv(&self, ids: &[u32]) -> Result<Vec<LayerKv<B, E>>>;
+}
+
+/// Each layer's cached `[1, n, kv_heads, head_dim]` keys and values as `[n, kv_heads, head_dim]`.
+fn cache_layers<B: Kernels<E>, E: Float>(cache: &KvCache<B, E>) -> Result<Vec<LayerKv<B, E>>> {
+    (0..cache.n_layers())
+        .map(|i| {
+            let (k, v) = cache
+                .layer(i)
+                .ok_or_else(|| Error::InvalidArgument(format!("prefix init: layer {i} recorded no keys/values")))?;
+            let s = k.shape()[1..].to_vec();
+            Ok((reshape(k, &s)?, reshape(v, &s)?))
+        })
+        .collect()
+}
+
+/// `ids` as a `[1, n]` batch with positions `0..n`.
+fn one_row<B: Kernels<E>, E: Float>(dev: &Arc<B>, ids: &[u32]) -> Result<(Ints<B, u32>, Ints<B, u32>)> {
+    let n = ids.len();
+    Ok((Ints::new(dev, &[1, n], ids)?, Ints::new(dev, &[1, n], &crate::positions::positions(1, n, 0))?))
 }
 
 impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Llama<B, E> {
@@ -94,6 +122,12 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Llama<B, E> {
             out.push(("lm_head.weight".into(), self.lm_head.clone()));
         }
         out
+    }
+    fn token_kv(&self, ids: &[u32]) -> Result<Vec<LayerKv<B, E>>> {
+        let (t, pos) = one_row(&self.dev, ids)?;
+        let mut cache = KvCache::new(self.layers.len());
+        no_grad(|| self.hidden_states(&t, &pos, None, Some(&mut cache)))?;
+        cache_layers(&cache)
     }
 }
 
@@ -136,6 +170,12 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Gpt2<B, E> {
         out.push((t("ln_f.weight"), self.ln_f.weight.clone()));
         out.push((t("ln_f.bias"), self.ln_f.bias.clone()));
         out
+    }
+    fn token_kv(&self, ids: &[u32]) -> Result<Vec<LayerKv<B, E>>> {
+        let (t, pos) = one_row(self.wte.device(), ids)?;
+        let mut cache = KvCache::new(self.blocks.len());
+        no_grad(|| self.hidden_cached(&t, &pos, None, Some(&mut cache)))?;
+        cache_layers(&cache)
     }
 }
 
@@ -184,5 +224,12 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Bert<B, E> {
             out.extend(p.named_weights());
         }
         out
+    }
+    fn token_kv(&self, ids: &[u32]) -> Result<Vec<LayerKv<B, E>>> {
+        let (t, _) = one_row(self.word.device(), ids)?;
+        let mask = Ints::new(self.word.device(), &[1, ids.len()], &vec![1u8; ids.len()])?;
+        let mut cache = KvCache::new(self.layers.len());
+        no_grad(|| self.encode_cached(&t, &mask, Some(&mut cache)))?;
+        cache_layers(&cache)
     }
 }

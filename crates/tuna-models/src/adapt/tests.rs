@@ -9,9 +9,9 @@ fn methods_name_themselves_and_count_their_virtual_tokens() {
     let cases = [
         (Method::Full { patterns: vec![] }, "full", 0),
         (Method::Prompt { n: 7, init: PromptInit::Random }, "prompt", 7),
-        (Method::Prefix { n: 5, projection: None }, "prefix", 5),
-        (Method::Prefix { n: 3, projection: Some(16) }, "prefix-mlp", 3),
-        (Method::PTuningV2 { n: 2 }, "ptuning-v2", 2),
+        (Method::Prefix { n: 5, projection: None, init: PromptInit::Random }, "prefix", 5),
+        (Method::Prefix { n: 3, projection: Some(16), init: PromptInit::Random }, "prefix-mlp", 3),
+        (Method::PTuningV2 { n: 2, init: PromptInit::Random }, "ptuning-v2", 2),
         (Method::Houlsby { bottleneck: 8 }, "houlsby", 0),
         (lora, "lora", 0),
     ];

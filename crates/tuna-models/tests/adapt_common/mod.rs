@@ -121,9 +121,9 @@ pub fn peft_methods(arch: &str) -> Vec<Method> {
     };
     vec![
         Method::Prompt { n: 3, init: PromptInit::SampleVocab },
-        Method::Prefix { n: 3, projection: None },
-        Method::Prefix { n: 2, projection: Some(8) },
-        Method::PTuningV2 { n: 2 },
+        Method::Prefix { n: 3, projection: None, init: PromptInit::Random },
+        Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random },
+        Method::PTuningV2 { n: 2, init: PromptInit::Random },
         Method::Houlsby { bottleneck: 4 },
         Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets }),
     ]
