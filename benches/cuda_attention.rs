@@ -9,9 +9,9 @@
 
 use half::bf16;
 use std::time::Instant;
+use tuna_kernels::cuda::CudaBuf;
 use tuna_kernels::ops::attention::{AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use tuna_kernels::testing::Rng;
-use tuna_kernels::cuda::CudaBuf;
 use tuna_kernels::Cuda;
 
 /// FLOPs of one forward as FlashAttention counts them: 4 * B * H * T * S * D over the visible

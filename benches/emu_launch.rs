@@ -31,7 +31,8 @@ fn main() {
         let p = LayerNormParams::new(rows, dim, 1e-5);
         let (x, g, b) = (rng.normal_vec(rows * dim, 1.0), rng.normal_vec(dim, 1.0), rng.normal_vec(dim, 1.0));
         let (xd, gd, bd) = (emu.upload(&x).unwrap(), emu.upload(&g).unwrap(), emu.upload(&b).unwrap());
-        let (mut y, mut m, mut r) = (emu.zeros(rows * dim).unwrap(), emu.zeros(rows).unwrap(), emu.zeros(rows).unwrap());
+        let (mut y, mut m, mut r) =
+            (emu.zeros(rows * dim).unwrap(), emu.zeros(rows).unwrap(), emu.zeros(rows).unwrap());
         let te = ms(3, || emu.layernorm_fwd(&p, &xd, &gd, &bd, &mut y, &mut m, &mut r).unwrap());
         let (mut yc, mut mc, mut rc) = (vec![0f32; rows * dim], vec![0f32; rows], vec![0f32; rows]);
         let tc = ms(3, || Cpu.layernorm_fwd(&p, &x, &g, &b, &mut yc, &mut mc, &mut rc).unwrap());
@@ -51,7 +52,8 @@ fn main() {
 
     // Attention forward: shuffle- and barrier-heavy.
     let p = AttnParams::new(1, 8, 8, 256, 64, true);
-    let (q, k, v) = (rng.normal_vec(p.q_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0));
+    let (q, k, v) =
+        (rng.normal_vec(p.q_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0));
     let (qd, kd, vd) = (emu.upload(&q).unwrap(), emu.upload(&k).unwrap(), emu.upload(&v).unwrap());
     let (mut o, mut lse) = (emu.zeros(p.q_elems()).unwrap(), emu.zeros(p.lse_elems()).unwrap());
     let x = AttnInputs::<Cuda, f32> { q: &qd, k: &kd, v: &vd, prefix: None, key_mask: None };

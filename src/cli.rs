@@ -43,7 +43,11 @@ pub fn agree(
 
 /// The task `tuna eval` scores: `--task` when given (it must agree with the task file's), else the
 /// task file's, else classify. An unknown task in the file is an error naming it.
-pub fn eval_task(given: Option<&str>, saved: Option<&tuna_trainer::TaskFile>, dir: &Path) -> Result<tuna_trainer::Task> {
+pub fn eval_task(
+    given: Option<&str>,
+    saved: Option<&tuna_trainer::TaskFile>,
+    dir: &Path,
+) -> Result<tuna_trainer::Task> {
     let file = dir.join(tuna_trainer::TASK_FILE);
     let saved: Option<tuna_trainer::Task> = match saved {
         Some(t) => Some(t.task.parse().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?),

@@ -41,7 +41,9 @@ pub struct SweepPlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepPoint {
     pub lr: f64,
-    pub score: f64,
+    /// The held-out accuracy (or minus the loss); `None`: the run diverged (a non-finite loss or
+    /// gradient stopped it), which is what a sweep is there to find, not a failure of `compare`.
+    pub score: Option<f64>,
 }
 
 /// A method's sweep: the points tried, the rate chosen, and the wall time it cost.
@@ -63,6 +65,12 @@ pub struct Row {
 
 /// `tuna train --method m --out dir` with `args`; its summary.
 fn train_one(m: &str, dir: &Path, args: &[String]) -> Result<RunSummary> {
+    train_or_diverge(m, dir, args)?.with_context(|| format!("method {m}: the run diverged (see its output above)"))
+}
+
+/// [`train_one`], with `Ok(None)` for a run that stopped on a non-finite loss or gradient (its
+/// exit status 3).
+fn train_or_diverge(m: &str, dir: &Path, args: &[String]) -> Result<Option<RunSummary>> {
     let exe = std::env::current_exe().context("locating the tuna binary")?;
     // A fresh run per method: an old run in the method's folder is replaced (only the files a
     // run writes), never resumed or mixed in; a run still writing there makes this one fail.
@@ -74,12 +82,15 @@ fn train_one(m: &str, dir: &Path, args: &[String]) -> Result<RunSummary> {
         .args(args)
         .status()
         .with_context(|| format!("running {} train", exe.display()))?;
+    if status.code() == Some(3) {
+        return Ok(None);
+    }
     if !status.success() {
         bail!("method {m}: `tuna train` failed ({status}); its output is above");
     }
     let p = dir.join("summary.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    serde_json::from_str(&text).map(Some).with_context(|| format!("parsing {}", p.display()))
 }
 
 /// `args` without `flags` and their values (`--flag v` and `--flag=v`).
@@ -125,19 +136,31 @@ fn sweep(m: &str, base_lr: f64, args: &[String], plan: &SweepPlan, out: &Path) -
         if !a.iter().any(|x| x == "--quiet") {
             a.push("--quiet".into());
         }
-        let s = train_one(m, &out.join("sweep").join(m).join(format!("lr-{lr:.1e}")), &a)?;
-        let score = match (s.eval_accuracy, s.eval_loss) {
-            (Some(acc), _) => acc,
-            (None, Some(l)) => -l,
-            (None, None) => bail!("method {m}: the sweep run at lr {lr:e} has no held-out score"),
+        let score = match train_or_diverge(m, &out.join("sweep").join(m).join(format!("lr-{lr:.1e}")), &a)? {
+            None => {
+                eprintln!("== {m}: lr {lr:.1e} diverged; the sweep goes on");
+                None
+            }
+            Some(s) => Some(match (s.eval_accuracy, s.eval_loss) {
+                (Some(acc), _) => acc,
+                (None, Some(l)) => -l,
+                (None, None) => bail!("method {m}: the sweep run at lr {lr:e} has no held-out score"),
+            }),
         };
         points.push(SweepPoint { lr, score });
     }
-    let best = points.iter().fold(None::<&SweepPoint>, |b, p| match b {
-        Some(b) if b.score > p.score || (b.score == p.score && b.lr <= p.lr) => Some(b),
-        _ => Some(p),
-    });
-    let chosen_lr = best.map_or(base_lr, |p| p.lr);
+    // The best score; ties go to the lower rate. A diverged point is never chosen.
+    let best =
+        points.iter().filter_map(|p| p.score.map(|s| (p.lr, s))).fold(None::<(f64, f64)>, |b, (lr, s)| match b {
+            Some((blr, bs)) if bs > s || (bs == s && blr <= lr) => Some((blr, bs)),
+            _ => Some((lr, s)),
+        });
+    let Some((chosen_lr, _)) = best else {
+        bail!(
+            "method {m}: every learning rate of the sweep diverged ({:?}); try lower --sweep-factors or --lr",
+            plan.factors
+        )
+    };
     Ok(Sweep { points, chosen_lr, seconds: t0.elapsed().as_secs_f64() })
 }
 
@@ -198,7 +221,14 @@ pub fn table(rows: &[Row]) -> String {
         let sweep = match (&row.sweep, swept) {
             (Some(sw), _) => format!(
                 "{} tried, {} | ",
-                sw.points.iter().map(|p| format!("{:.1e}: {:.3}", p.lr, p.score)).collect::<Vec<_>>().join(", "),
+                sw.points
+                    .iter()
+                    .map(|p| match p.score {
+                        Some(s) => format!("{:.1e}: {s:.3}", p.lr),
+                        None => format!("{:.1e}: diverged", p.lr),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 tuna_trainer::human_duration(std::time::Duration::from_secs_f64(sw.seconds))
             ),
             (None, true) => "- | ".into(),

@@ -494,7 +494,11 @@ mod emulator {
         assert!(!kernels.is_empty(), "emulator: no extern \"C\" __global__ kernels found in {file}");
         structs.retain(|s| used.contains(&s.name));
         for st in &structs {
-            assert!(st.plain, "emulator: struct {} in {file} is passed by value to a kernel: only plain data members are supported", st.name);
+            assert!(
+                st.plain,
+                "emulator: struct {} in {file} is passed by value to a kernel: only plain data members are supported",
+                st.name
+            );
         }
         Scan { kernels, structs }
     }

@@ -16,7 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: precompile <sm arch, e.g. 90> [more archs]".into());
     }
     if !nvrtc_present() {
-        return Err("libnvrtc not found on the loader path (bash scripts/install-nvrtc.sh, then LD_LIBRARY_PATH)".into());
+        return Err(
+            "libnvrtc not found on the loader path (bash scripts/install-nvrtc.sh, then LD_LIBRARY_PATH)".into()
+        );
     }
     let (ma, mi) = nvrtc_version().ok_or("nvrtcVersion failed")?;
     for arch in archs {

@@ -60,7 +60,10 @@ fn a_damaged_cache_entry_is_replaced_by_recompiling() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true but libnvrtc was not found");
         }
-        tuna_kernels::testing::note_skip("nvrtc_compile::a_damaged_cache_entry_is_replaced_by_recompiling", "libnvrtc not found");
+        tuna_kernels::testing::note_skip(
+            "nvrtc_compile::a_damaged_cache_entry_is_replaced_by_recompiling",
+            "libnvrtc not found",
+        );
         return;
     }
     let dir = std::env::temp_dir().join(format!("tuna-cubin-cache-{}", std::process::id()));

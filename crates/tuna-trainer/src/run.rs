@@ -178,7 +178,11 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         let mut metrics = Map::new();
         if let Some(eb) = &s.eval_batcher {
             if st.step.is_multiple_of(cfg.eval_every.max(1)) || last {
-                let e = evaluate(&s.model, &s.spec, eb)?;
+                // Evaluation without dropout (as `tuna eval` and the summary see the model).
+                s.model.adapt().set_training(false);
+                let e = evaluate(&s.model, &s.spec, eb);
+                s.model.adapt().set_training(true);
+                let e = e?;
                 last_eval = Some(e);
                 log.log(st.step, Split::Eval, &e.as_map())?;
                 progress.println(&format!("step {}: eval {}", st.step, describe(&e)));
@@ -371,7 +375,7 @@ pub(crate) fn accumulate_grads<B: Backend>(
             scale(&loss, w)?.backward()?;
         }
         drop(loss); // the micro-batch's activations are freed here
-        // Profiling: the next forward op is timed from here, not from before this backward.
+                    // Profiling: the next forward op is timed from here, not from before this backward.
         tuna_autograd::stats::mark();
     }
     Ok(PendingLoss { losses })

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tuna_autograd::optim::AdamW;
 use tuna_autograd::Tensor;
+use tuna_models::adapt::Method;
 use tuna_models::io;
 
 /// What `state.json` holds: where the run is and what it ran on.
@@ -52,6 +53,17 @@ impl State {
     }
 }
 
+/// The method's settings as a resumed run compares them: its Debug text, less a prefix's `init`
+/// (the checkpoint replaces the initial table, and a run saved before prefixes had inits recorded
+/// `Prefix { n: 20, projection: None }`, which must still resume).
+fn method_key(m: &Method) -> String {
+    match m {
+        Method::Prefix { n, projection, .. } => format!("Prefix {{ n: {n:?}, projection: {projection:?} }}"),
+        Method::PTuningV2 { n, .. } => format!("PTuningV2 {{ n: {n:?} }}"),
+        other => format!("{other:?}"),
+    }
+}
+
 /// The settings of `cfg` a resumed run must share with the run it continues (the data, seed and
 /// batching are in the batcher's fingerprint; the base model in [`BaseFingerprint`]).
 /// `eval_data` is the evaluation batches' fingerprint (the data and how it is cut), when there is one.
@@ -59,7 +71,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
     let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
     BTreeMap::from([
         ("--eval (its data)".to_string(), eval_data.map_or("none".into(), |f| format!("{f:016x}"))),
-        ("--method and its settings".into(), s(&cfg.method)),
+        ("--method and its settings".into(), method_key(&cfg.method)),
         ("--task".into(), s(&cfg.task)),
         ("--labels".into(), s(&cfg.labels)),
         ("--verbalizers".into(), s(&cfg.verbalizers)),
@@ -237,6 +249,20 @@ pub(crate) fn restore<B: Backend>(
 
 #[cfg(test)]
 mod tests {
+
+    /// Runs saved before prefixes had an init recorded their method as below; they must still
+    /// resume (the init does not matter to a resumed run: the checkpoint replaces the table).
+    #[test]
+    fn a_prefix_runs_settings_leave_out_its_init() {
+        use tuna_models::adapt::{Method, PromptInit};
+        let p = Method::Prefix { n: 20, projection: None, init: PromptInit::SampleVocab };
+        assert_eq!(super::method_key(&p), "Prefix { n: 20, projection: None }");
+        let p = Method::Prefix { n: 8, projection: Some(64), init: PromptInit::Random };
+        assert_eq!(super::method_key(&p), "Prefix { n: 8, projection: Some(64) }");
+        assert_eq!(super::method_key(&Method::PTuningV2 { n: 5, init: PromptInit::Random }), "PTuningV2 { n: 5 }");
+        let prompt = Method::Prompt { n: 3, init: PromptInit::SampleVocab };
+        assert_eq!(super::method_key(&prompt), format!("{prompt:?}"), "prompt tuning keeps its init, as before");
+    }
     use super::*;
     use crate::checkpoint::Direction;
 

@@ -48,7 +48,9 @@ impl ArgBytes {
         let mut b = ArgBytes { bytes: [std::mem::MaybeUninit::uninit(); ARG_BYTES], size: n };
         // SAFETY: T is Copy plain data of n <= ARG_BYTES bytes; the bytes land in MaybeUninit
         // storage (padding may be uninitialized, which MaybeUninit<u8> may hold); no overlap.
-        unsafe { std::ptr::copy_nonoverlapping(v as *const T as *const std::mem::MaybeUninit<u8>, b.bytes.as_mut_ptr(), n) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(v as *const T as *const std::mem::MaybeUninit<u8>, b.bytes.as_mut_ptr(), n)
+        };
         b
     }
 }
@@ -63,7 +65,10 @@ pub trait BufArg {
 }
 
 fn mixed() -> Error {
-    Error::Invalid { op: "cuda launch", msg: "a buffer of the emulated device passed to a real one, or the reverse".into() }
+    Error::Invalid {
+        op: "cuda launch",
+        msg: "a buffer of the emulated device passed to a real one, or the reverse".into(),
+    }
 }
 
 impl<E: CudaElem> BufArg for CudaBuf<E> {

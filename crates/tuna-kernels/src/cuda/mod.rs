@@ -12,10 +12,10 @@ pub mod buf;
 pub mod compile;
 #[cfg(feature = "emulator")]
 pub mod emu;
-pub mod launch;
-pub mod sources;
 #[cfg(feature = "emulator")]
 mod emu_log;
+pub mod launch;
+pub mod sources;
 
 use crate::backend::{Backend, Elem};
 use crate::error::{Error, Result};
@@ -83,7 +83,11 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) {
         if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
             let mut threshold = u64::MAX;
             let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-            let _ = sys::cuMemPoolSetAttribute(pool.assume_init(), attr, &mut threshold as *mut u64 as *mut std::ffi::c_void);
+            let _ = sys::cuMemPoolSetAttribute(
+                pool.assume_init(),
+                attr,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
         }
     }
 }
@@ -158,7 +162,9 @@ impl Cuda {
                 return Err(Error::NoCuda(format!("{EMULATE_ENV}={v:?}: expected 1 (the emulated device) or 0")));
             }
             if ordinal != 0 {
-                return Err(Error::NoCuda(format!("device cuda:{ordinal} requested; the emulated device is cuda:0 only")));
+                return Err(Error::NoCuda(format!(
+                    "device cuda:{ordinal} requested; the emulated device is cuda:0 only"
+                )));
             }
             return Cuda::emulated();
         }
@@ -280,9 +286,9 @@ impl Cuda {
                     // that. Other failures (out of memory, a lost context) are errors as they are.
                     Err(first) if refused_image(&first) => {
                         let cubin = compile::recompile_cubin(src, self.arch)?;
-                        real.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| {
-                            Error::cuda(format!("load module {name} (recompiled after: {first:?})"), e)
-                        })?
+                        real.ctx
+                            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                            .map_err(|e| Error::cuda(format!("load module {name} (recompiled after: {first:?})"), e))?
                     }
                     Err(e) => return Err(Error::cuda(format!("load module {name}"), e)),
                 }

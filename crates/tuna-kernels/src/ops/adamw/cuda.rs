@@ -2,8 +2,8 @@
 
 use super::{check, AdamWKernel, AdamWKernelParams, AdamWParams};
 use crate::cuda::{grid_1d, Cuda};
-use crate::error::Result;
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::Result;
 
 // SAFETY: #[repr(C)] plain-old-data (u64, seven f32, u32 padding) mirrored field by field by
 // `struct AdamWKernelParams` in adamw.cu.

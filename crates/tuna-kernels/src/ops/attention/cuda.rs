@@ -5,8 +5,8 @@
 use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use crate::backend::{Backend, Elem};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data (nine u32 and one f32), mirrored field by field by

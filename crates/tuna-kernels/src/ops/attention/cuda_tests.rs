@@ -6,10 +6,10 @@
 
 use super::tests::{grad_starts, Data, Pad};
 use super::*;
+use crate::cuda::CudaBuf;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Tol};
 use crate::{Cpu, Cuda};
-use crate::cuda::CudaBuf;
 use half::bf16;
 
 /// Gradient names, in the order of `grad_starts`: dq, dk, dv, dpk, dpv.

@@ -6,8 +6,8 @@
 
 use super::{check, CeParams, CrossEntropyKernel};
 use crate::cuda::{grid_rows, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::{Error, Result};
 
 // SAFETY: #[repr(C)] plain-old-data (u32, u32, i32, f32) mirrored field by field by `struct CeParams`
 // in cross_entropy.cu.
@@ -40,13 +40,7 @@ fn launch_rows(p: &CeParams) -> Result<Option<u32>> {
 }
 
 impl<E: CudaElem> CrossEntropyKernel<E> for Cuda {
-    fn ce_fwd(
-        &self,
-        p: &CeParams,
-        logits: &CudaBuf<E>,
-        targets: &CudaBuf<i32>,
-        loss: &mut CudaBuf<f32>,
-    ) -> Result<()> {
+    fn ce_fwd(&self, p: &CeParams, logits: &CudaBuf<E>, targets: &CudaBuf<i32>, loss: &mut CudaBuf<f32>) -> Result<()> {
         check::<Cuda, E>(p, logits, targets, loss)?;
         let Some(rows) = launch_rows(p)? else { return Ok(()) };
         let mut b = Launch::new("cross_entropy", symbol::<E>("cross_entropy", "fwd"));

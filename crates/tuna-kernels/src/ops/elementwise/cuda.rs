@@ -6,8 +6,8 @@
 use super::{check_bias, check_cols, check_flat, check_pool};
 use super::{BiasParams, ColsParams, ElementwiseKernel, FlatParams, PoolParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::Result;
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::Result;
 use cudarc::driver::LaunchConfig;
 
 // SAFETY (all four): #[repr(C)] plain-old-data structs mirrored field by field by the structs of

@@ -4,10 +4,10 @@
 
 use super::tests::mask;
 use super::*;
+use crate::cuda::CudaBuf;
 use crate::cuda::CudaElem;
 use crate::testing::{cuda_or_skip, round_bf16, Rng, Tol};
 use crate::{Cpu, Cuda};
-use crate::cuda::CudaBuf;
 use half::bf16;
 
 /// Inputs as the element type sees them: rounded through bf16 for bf16.

@@ -8,8 +8,8 @@
 
 use super::{check_bwd, check_fwd, EmbedParams, EmbeddingKernel, SoftPrompt};
 use crate::cuda::{grid_rows, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data (six u32) mirrored field by field by `struct EmbedParams` in embedding.cu.

@@ -2,8 +2,8 @@
 
 use super::{check, GeluKernel, GeluKind, GeluParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::Result;
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::Result;
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct GeluParams` in gelu.cu.
 unsafe impl KernelArg for GeluParams {}

@@ -6,8 +6,8 @@
 
 use super::{check_acc, check_accumulate, check_cast, check_clip, GradKernel, GradNormKernel, GradParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::Result;
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::Result;
 use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data (u64, f32, f32) mirrored field by field by `struct GradParams` in grad.cu.

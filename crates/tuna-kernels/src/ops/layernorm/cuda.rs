@@ -3,8 +3,8 @@
 
 use super::{check, Extent, LayerNormKernel, LayerNormParams};
 use crate::cuda::{grid_1d, grid_rows, symbol, Cuda, CudaElem};
-use crate::error::Result;
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::Result;
 use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct LayerNormParams` in layernorm.cu.

@@ -5,10 +5,10 @@
 
 use super::{check, check_bwd, pick, MatmulKernel, MatmulParams, View};
 use crate::backend::Elem;
+use crate::cuda::CudaBuf;
 use crate::cuda::{Cuda, CudaElem};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys as cb;
-use crate::cuda::CudaBuf;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 /// The cuBLAS data type of `E`; only f32 and bf16 have one here (the integer `CudaElem`s must not
@@ -106,7 +106,8 @@ fn emulated_gemm<X: CudaElem, D: CudaElem>(
     accumulate: bool,
 ) -> Result<()> {
     let on_host = || Error::Invalid { op: "matmul", msg: "a real device's buffer given to the emulated one".into() };
-    let widen = |b: &CudaBuf<X>| b.host().map(|h| h.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()).ok_or_else(on_host);
+    let widen =
+        |b: &CudaBuf<X>| b.host().map(|h| h.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()).ok_or_else(on_host);
     let (xf, yf) = (widen(x.0)?, widen(y.0)?);
     let out = dst.host_mut().ok_or_else(on_host)?;
     let mut acc: Vec<f32> = if accumulate { out.iter().map(|v| v.to_f32()).collect() } else { vec![0.0; out.len()] };

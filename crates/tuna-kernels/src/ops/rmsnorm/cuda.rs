@@ -3,10 +3,10 @@
 
 use super::{check, RmsNormKernel, RmsNormParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
+use crate::cuda::{CudaBuf, KernelArg, Launch};
 use crate::error::Result;
 use crate::ops::layernorm::Extent::{Dim, Full, Rows};
 use crate::ops::layernorm::{param_chunks, partials_launch, row_launch};
-use crate::cuda::{CudaBuf, KernelArg, Launch};
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct RmsNormParams` in rmsnorm.cu.
 unsafe impl KernelArg for RmsNormParams {}

@@ -3,8 +3,8 @@
 
 use super::{check, RopeKernel, RopeParams};
 use crate::cuda::{grid_rows, symbol, Cuda, CudaElem};
-use crate::error::{Error, Result};
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct RopeParams` in rope.cu.

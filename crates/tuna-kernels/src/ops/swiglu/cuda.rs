@@ -2,8 +2,8 @@
 
 use super::{check, SwigluKernel, SwigluParams};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
-use crate::error::Result;
 use crate::cuda::{CudaBuf, KernelArg, Launch};
+use crate::error::Result;
 
 // SAFETY: #[repr(C)] plain-old-data mirrored field by field by `struct SwigluParams` in swiglu.cu.
 unsafe impl KernelArg for SwigluParams {}
