@@ -83,6 +83,24 @@ fn order_is_a_pure_function_of_seed_and_epoch() {
     assert_eq!(a.plan(0)[0], [20, 10, 11, 5]);
 }
 
+/// The cursor of step k is epoch (k-1) / batches-per-epoch, index (k-1) % batches-per-epoch: what
+/// the hurting check's replay starts from instead of drawing every earlier batch.
+#[test]
+fn the_cursor_of_a_step_is_computed_without_drawing_the_batches_before_it() {
+    let mut cfg = BatchConfig::new(4);
+    cfg.seed = 7;
+    let mut seq = Batcher::new(corpus(23), cfg).expect("batcher");
+    let mut jump = Batcher::new(corpus(23), cfg).expect("batcher");
+    let per_epoch = seq.batches_per_epoch() as u64;
+    assert_eq!(per_epoch, 6);
+    let mut cursor = Cursor::default();
+    for k in 1..=20u64 {
+        let want = seq.next_batch(&mut cursor);
+        let mut c = Cursor { epoch: (k - 1) / per_epoch, index: ((k - 1) % per_epoch) as usize };
+        assert_eq!(jump.next_batch(&mut c), want, "step {k}");
+    }
+}
+
 #[test]
 fn bucketing_groups_similar_lengths_and_still_covers_everything() {
     let mut cfg = BatchConfig::new(4);

@@ -131,7 +131,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     let schedule = schedule_of(cfg)?;
     // Before any checkpoint is restored: the base weights are still the untrained ones.
     let baseline = untrained_losses(&mut s, cfg)?;
-    let mut window: Vec<f64> = Vec::new();
+    let mut window: Vec<(u64, f64)> = Vec::new();
     if cfg.out_mode == OutMode::Overwrite {
         // Only now that the new run's model and data have loaded does the old run go.
         run_dir::clear(&cfg.out)?;
@@ -162,7 +162,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         st.train_seconds += t0.elapsed().as_secs_f64();
         st.last_loss = out.loss;
         if baseline.iter().any(|(step, _)| *step == st.step) {
-            window.push(out.loss);
+            window.push((st.step, out.loss));
         }
         let mut m = Map::new();
         m.insert("loss".into(), json!(out.loss));
@@ -220,14 +220,13 @@ fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<V
     if first > cfg.steps {
         return Ok(Vec::new());
     }
-    let mut cursor = Cursor::default();
-    let mut batches = Vec::new();
-    for step in 1..=cfg.steps {
-        let b = s.batcher.next_batch(&mut cursor);
-        if step >= first {
-            batches.push((step, b));
-        }
-    }
+    // Step k draws its batch with the cursor after k - 1 batches: epoch (k-1) / per-epoch, index
+    // (k-1) % per-epoch (next_batch rolls over at the end of an epoch), so the replay starts there
+    // instead of drawing every batch before the window.
+    let per_epoch = s.batcher.batches_per_epoch().max(1) as u64;
+    let mut cursor = Cursor { epoch: (first - 1) / per_epoch, index: ((first - 1) % per_epoch) as usize };
+    let batches: Vec<(u64, Batch)> =
+        (first..=cfg.steps).map(|step| (step, s.batcher.next_batch(&mut cursor))).collect();
     let (spec, micro) = (&s.spec, cfg.micro_batch);
     s.model.without_adaptation(|m| {
         tuna_autograd::no_grad(|| {
@@ -248,17 +247,18 @@ fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<V
     })
 }
 
-/// The mean training and untrained losses over the window's steps this process trained, when the
-/// training loss is the higher: the adaptation is hurting.
-fn hurting(baseline: &[(u64, f64)], window: &[f64]) -> Option<Hurting> {
-    let k = window.len();
+/// The mean training and untrained losses over the window's steps this process trained (by step
+/// number: a resumed run trained only the window's last steps, an early stop only its first),
+/// when the training loss is the higher: the adaptation is hurting.
+fn hurting(baseline: &[(u64, f64)], window: &[(u64, f64)]) -> Option<Hurting> {
+    let pairs: Vec<(f64, f64)> =
+        window.iter().filter_map(|(step, l)| baseline.iter().find(|(b, _)| b == step).map(|(_, u)| (*l, *u))).collect();
+    let k = pairs.len();
     if k == 0 {
         return None;
     }
-    // A resumed run trained only the window's last `k` steps.
-    let base = &baseline[baseline.len() - k..];
-    let train = window.iter().sum::<f64>() / k as f64;
-    let untrained = base.iter().map(|(_, l)| l).sum::<f64>() / k as f64;
+    let train = pairs.iter().map(|(l, _)| l).sum::<f64>() / k as f64;
+    let untrained = pairs.iter().map(|(_, u)| u).sum::<f64>() / k as f64;
     (train > untrained).then_some(Hurting { steps: k as u64, train_loss: train, untrained_loss: untrained })
 }
 

@@ -136,16 +136,23 @@ fn the_untrained_baseline_sets_the_method_aside_on_the_windows_batches() {
 #[test]
 fn hurting_compares_means_over_the_steps_trained() {
     let base: Vec<(u64, f64)> = (11..=20).map(|s| (s, 0.5)).collect();
-    assert_eq!(hurting(&base, &[0.4; 10]), None);
-    let h = hurting(&base, &[0.6; 10]).unwrap();
+    let at = |steps: std::ops::RangeInclusive<u64>, l: f64| steps.map(|s| (s, l)).collect::<Vec<_>>();
+    assert_eq!(hurting(&base, &at(11..=20, 0.4)), None);
+    let h = hurting(&base, &at(11..=20, 0.6)).unwrap();
     assert_eq!((h.steps, h.untrained_loss), (10, 0.5));
     assert!((h.train_loss - 0.6).abs() < 1e-12, "{}", h.train_loss);
     // A resumed run trained only the window's last steps: compared on those alone (against the
     // whole window's baseline mean, 0.65, 1.0 would be hurting).
     let mut tail = base.clone();
     tail[9].1 = 2.0;
-    assert_eq!(hurting(&tail, &[1.0]), None);
-    assert_eq!(hurting(&tail, &[2.5]).map(|h| (h.steps, h.untrained_loss)), Some((1, 2.0)));
+    assert_eq!(hurting(&tail, &[(20, 1.0)]), None);
+    assert_eq!(hurting(&tail, &[(20, 2.5)]).map(|h| (h.steps, h.untrained_loss)), Some((1, 2.0)));
+    // An early stop trained only the window's first steps: compared on those (step 11's
+    // baseline, 3.0), not on the window's last.
+    let mut head = base.clone();
+    head[0].1 = 3.0;
+    assert_eq!(hurting(&head, &[(11, 2.5)]), None);
+    assert_eq!(hurting(&head, &[(11, 3.5)]).map(|h| (h.steps, h.untrained_loss)), Some((1, 3.0)));
     assert_eq!(hurting(&base, &[]), None);
 }
 
