@@ -136,7 +136,15 @@ fn sweep(m: &str, base_lr: f64, args: &[String], plan: &SweepPlan, out: &Path) -
         if !a.iter().any(|x| x == "--quiet") {
             a.push("--quiet".into());
         }
-        let score = match train_or_diverge(m, &out.join("sweep").join(m).join(format!("lr-{lr:.1e}")), &a)? {
+        let dir = out.join("sweep").join(m).join(format!("lr-{lr:.1e}"));
+        let run = train_or_diverge(m, &dir, &a).with_context(|| {
+            format!(
+                "method {m}: the sweep's run at lr {lr:.1e} (trained on the training data less its last \
+                 {} examples, --sweep-holdout)",
+                plan.holdout
+            )
+        })?;
+        let score = match run {
             None => {
                 eprintln!("== {m}: lr {lr:.1e} diverged; the sweep goes on");
                 None

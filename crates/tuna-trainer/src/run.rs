@@ -50,6 +50,12 @@ pub(crate) struct Setup<B: Backend> {
 /// Load the data, the model (installing the method) and the task; check the schedule.
 pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
     let mut train_records = data::load(&cfg.train, cfg.task, &cfg.fields)?;
+    // With a held-out slice, the classes come from the whole training file (as a run without one
+    // takes them), so a label only in the slice is one of them, not a data error.
+    let labels = match (&cfg.labels, cfg.holdout, cfg.task) {
+        (None, Some(_), Task::Classify) => Some(data::LabelSet::from_examples(&train_records).labels().to_vec()),
+        _ => cfg.labels.clone(),
+    };
     let held_out = match cfg.holdout {
         Some(k) if k == 0 || k >= train_records.len() => {
             return Err(TrainError::Invalid(format!(
@@ -63,7 +69,7 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
     };
     let train_records = limit(train_records, cfg.max_train_examples);
     // A TEXT init has its text (checked by the CLI); CLASS_LABELS takes the label words.
-    let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &cfg.labels) {
+    let words = match (&cfg.prompt_init_text, &cfg.verbalizers, &labels) {
         (Some(t), _, _) => t.clone(),
         (None, Some(v), _) | (None, None, Some(v)) => v.join(" "),
         _ => crate::data::LabelSet::from_examples(&train_records).labels().join(" "),
@@ -73,7 +79,7 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
     let max_len = resolve_max_len(cfg.max_len, model.max_positions(), cfg.method.virtual_tokens(), min_len(cfg.task))?;
     check_method_size(&cfg.method, model.shape().hidden)?;
     model.install(&cfg.method, cfg.seed, Some(&words))?;
-    let spec = TaskSpec::new(&model, cfg.task, &train_records, cfg.labels.as_deref(), cfg.verbalizers.as_deref())?;
+    let spec = TaskSpec::new(&model, cfg.task, &train_records, labels.as_deref(), cfg.verbalizers.as_deref())?;
     let eval_set = match (held_out, &cfg.eval) {
         (Some(h), _) => Some((cfg.train.clone(), h)),
         (None, Some(p)) => Some((p.clone(), limit(data::load(p, cfg.task, &cfg.fields)?, cfg.max_eval_examples))),

@@ -172,5 +172,15 @@ fn a_holdout_trains_on_the_rest_and_evaluates_on_it() {
         let e = setup(&Arc::new(Cpu), &cfg).err().expect("refused").to_string();
         assert!(e.contains("--holdout"), "{e}");
     }
+    // A label found only in the held-out tail is still a class (the classes come from the whole
+    // training file, as without a hold-out), not a data error.
+    let mut text = std::fs::read_to_string(&cfg.train).unwrap();
+    text.push_str("\n{\"text\": \"A fish swam.\", \"label\": \"fish\"}");
+    std::fs::write(&cfg.train, text).unwrap();
+    cfg.holdout = Some(1);
+    cfg.verbalizers = Some(vec!["cat".into(), "fish".into(), "other".into()]);
+    let s = setup(&Arc::new(Cpu), &cfg).expect("the tail's label is one of the classes");
+    let labels = s.spec.labels.as_ref().map(|l| l.labels().to_vec());
+    assert_eq!(labels, Some(vec!["cat".to_string(), "fish".into(), "other".into()]));
     let _ = std::fs::remove_dir_all(&dir);
 }
