@@ -71,13 +71,13 @@ struct CompareArgs {
     #[arg(long)]
     sweep_lr: bool,
     /// Multiples of each method's learning rate the sweep tries (comma-separated).
-    #[arg(long, default_value = "0.3,1,3")]
+    #[arg(long, default_value = "0.3,1,3", requires = "sweep_lr")]
     sweep_factors: String,
     /// Steps of each sweep run (default: a third of --steps, at least 1).
-    #[arg(long)]
+    #[arg(long, requires = "sweep_lr")]
     sweep_steps: Option<u64>,
     /// Training examples held out to score the sweep (the last ones of --train).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, requires = "sweep_lr")]
     sweep_holdout: usize,
     #[command(flatten)]
     method_args: tuna::train_cmd::MethodArgs,

@@ -351,13 +351,21 @@ impl RunArgs {
         }
         // Checked as the f32 the optimizer computes with.
         let f32_ok = |v: f64| (v as f32).is_finite();
-        require(f32_ok(lr) && lr > 0.0, || format!("--lr {lr:e}: expected a positive number below 3.4e38 (an f32)"))?;
+        // A rate that rounds to zero in f32 would train nothing.
+        require(f32_ok(lr) && lr as f32 > 0.0, || {
+            format!("--lr {lr:e}: expected a positive number from 1.5e-45 to 3.4e38 (an f32)")
+        })?;
         let r = self.min_lr_ratio;
         require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {r}: expected 0 to 1"))?;
         let wd = self.weight_decay;
         require(f32_ok(wd) && wd >= 0.0, || format!("--weight-decay {wd}: expected 0 or more"))?;
         let c = self.clip;
         require(f32_ok(c) && c >= 0.0, || format!("--clip {c}: expected 0 (off) or a positive norm"))?;
+        if let Some(k) = self.holdout {
+            require(self.eval.is_none() && self.max_eval_examples.is_none(), || {
+                format!("--holdout {k} evaluates on the last {k} training examples: --eval and --max-eval-examples do not apply (drop them)")
+            })?;
+        }
         Ok(())
     }
 }

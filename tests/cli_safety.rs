@@ -344,7 +344,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 13] = [
+    let cases: [(&[(&str, &str)], &str); 15] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
@@ -358,6 +358,8 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--method", "prefix-mlp"), ("--prefix-hidden", "0")], "--prefix-hidden 0: expected at least 1"),
         (&[("--lr", "-1")], "--lr -1"),
         (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
+        (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.5e-45"),
+        (&[("--holdout", "2"), ("--max-eval-examples", "3")], "--holdout 2 evaluates on the last 2 training examples"),
     ];
     for (flags, needle) in cases {
         // A negative value is given as `--flag=-1` (clap reads a separate `-1` as a flag).
