@@ -394,11 +394,12 @@ pub fn is_decoder(model: &std::path::Path) -> bool {
     if model.extension().is_some_and(|e| e == "gguf") {
         return true;
     }
-    let ty = std::fs::read_to_string(model.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(str::to_string));
-    ty.is_none_or(|t| t != "bert")
+    // The one config reader; a folder it cannot read picks the decoders' defaults (the run itself
+    // then reports what is wrong with the folder).
+    let path = model.join("config.json");
+    let cfg =
+        std::fs::read_to_string(&path).ok().and_then(|t| tuna_models::config::ModelConfig::from_json(&t, &path).ok());
+    !matches!(cfg, Some(tuna_models::config::ModelConfig::Bert(_)))
 }
 
 /// Print a run's summary as aligned rows.

@@ -239,12 +239,9 @@ fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<V
             batches
                 .iter()
                 .map(|(step, b)| {
-                    let parts = b.split(micro.max(1))?;
-                    let total: usize = parts.iter().map(|p| spec.terms(m, p)).sum();
                     let mut sum = 0.0;
-                    for p in &parts {
-                        let (loss, terms) = spec.loss(m, p)?;
-                        sum += loss.to_vec()?[0] as f64 * terms as f64 / total.max(1) as f64;
+                    for (p, w) in weighted_parts(m, spec, b, micro)? {
+                        sum += spec.loss(m, &p)?.0.to_vec()?[0] as f64 * w;
                     }
                     Ok((*step, sum))
                 })
@@ -366,25 +363,39 @@ pub(crate) fn accumulate_grads<B: Backend>(
     micro: usize,
     seed: u64,
 ) -> Result<PendingLoss<B>> {
-    let micro = batch.split(micro.max(1))?;
-    let total_terms: usize = micro.iter().map(|m| spec.terms(model, m)).sum();
-    let mut losses = Vec::with_capacity(micro.len());
-    for (k, mb) in micro.iter().enumerate() {
+    let parts = weighted_parts(model, spec, batch, micro)?;
+    let mut losses = Vec::with_capacity(parts.len());
+    for (k, (mb, w)) in parts.iter().enumerate() {
         model.adapt().seed_dropout(seed ^ k as u64);
         let (loss, terms) = spec.loss(model, mb)?;
-        let w = terms as f64 / total_terms.max(1) as f64;
         // The loss's value without its graph (x * 1 is exact), read with the others at the end of
         // the step; taken before the backward, so a profile charges that copy, not the backward,
         // to the forward ops.
-        losses.push((no_grad(|| scale(&loss, 1.0))?, w));
+        losses.push((no_grad(|| scale(&loss, 1.0))?, *w));
         if terms > 0 {
-            scale(&loss, w)?.backward()?;
+            scale(&loss, *w)?.backward()?;
         }
-        drop(loss); // the micro-batch's activations are freed here
-                    // Profiling: the next forward op is timed from here, not from before this backward.
+        // The micro-batch's activations are freed here.
+        drop(loss);
+        // Profiling: the next forward op is timed from here, not from before this backward.
         tuna_autograd::stats::mark();
     }
     Ok(PendingLoss { losses })
+}
+
+/// `batch` in micro-batches of `micro` rows, each with its share of the batch's loss terms, so
+/// the weighted micro-batch losses sum to the full batch's mean (training and the untrained
+/// baseline weigh them alike).
+fn weighted_parts<B: Backend>(
+    model: &Model<B>,
+    spec: &TaskSpec,
+    batch: &Batch,
+    micro: usize,
+) -> Result<Vec<(Batch, f64)>> {
+    let parts = batch.split(micro.max(1))?;
+    let terms: Vec<usize> = parts.iter().map(|p| spec.terms(model, p)).collect();
+    let total = terms.iter().sum::<usize>().max(1) as f64;
+    Ok(parts.into_iter().zip(terms).map(|(p, t)| (p, t as f64 / total)).collect())
 }
 
 /// A step's micro-batch losses and weights, still on the device.
