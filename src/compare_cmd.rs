@@ -74,7 +74,27 @@ fn train_or_diverge(m: &str, dir: &Path, args: &[String]) -> Result<Option<RunSu
     let exe = std::env::current_exe().context("locating the tuna binary")?;
     // A fresh run per method: an old run in the method's folder is replaced (only the files a
     // run writes), never resumed or mixed in; a run still writing there makes this one fail.
-    let status = std::process::Command::new(&exe)
+    let mut cmd = std::process::Command::new(&exe);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl and
+        // getppid, which are async-signal-safe; it allocates nothing on its success path.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The run ends when compare does (killed or interrupted), instead of training on
+                // unseen in its folder; its checkpoints are written atomically, so nothing is lost.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                if libc::getppid() as u32 != parent {
+                    // compare died before the prctl took effect.
+                    return Err(std::io::Error::other("compare exited before its run started"));
+                }
+                Ok(())
+            })
+        };
+    }
+    let status = cmd
         .arg("train")
         .args(["--method", m, "--overwrite"])
         .arg("--out")
@@ -91,6 +111,48 @@ fn train_or_diverge(m: &str, dir: &Path, args: &[String]) -> Result<Option<RunSu
     let p = dir.join("summary.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).map(Some).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// The value of `flag` in `args` (`--flag v` or `--flag=v`; the last one given wins, as clap reads it).
+pub fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let eq = format!("{flag}=");
+    args.iter().enumerate().rev().find_map(|(i, x)| match x.strip_prefix(&eq) {
+        Some(v) => Some(v.to_string()),
+        None => (x == flag).then(|| args.get(i + 1).cloned()).flatten(),
+    })
+}
+
+/// `--sweep-factors` at least 1% apart: closer ones would be the same run twice (and share a
+/// sweep folder).
+pub fn check_factors(factors: &[f64], flag_text: &str) -> Result<()> {
+    for (i, a) in factors.iter().enumerate() {
+        if let Some(b) = factors[..i].iter().find(|b| (a / *b).max(*b / a) < 1.01) {
+            bail!("--sweep-factors {flag_text}: {b} and {a} are less than 1% apart (the same learning rate twice)");
+        }
+    }
+    Ok(())
+}
+
+/// The sweep's held-out slice must leave training examples: checked on the training file before
+/// any method runs (its runs would each refuse it).
+pub fn check_holdout(args: &[String], run: &crate::train_cmd::RunArgs, holdout: usize) -> Result<()> {
+    let Some(train) = flag_value(args, "--train") else { return Ok(()) };
+    let task: tuna_trainer::Task = run.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
+    let fields = tuna_trainer::Fields {
+        text: run.text_field.clone(),
+        prompt: run.prompt_field.clone(),
+        completion: run.completion_field.clone(),
+        label: run.label_field.clone(),
+    };
+    let n = tuna_trainer::load(Path::new(&train), task, &fields)?.len();
+    if holdout >= n {
+        bail!(
+            "--sweep-holdout {holdout}: {train} has {n} training examples and the sweep trains on the rest \
+             (at most {})",
+            n.saturating_sub(1)
+        );
+    }
+    Ok(())
 }
 
 /// `args` without `flags` and their values (`--flag v` and `--flag=v`).
@@ -136,7 +198,8 @@ fn sweep(m: &str, base_lr: f64, args: &[String], plan: &SweepPlan, out: &Path) -
         if !a.iter().any(|x| x == "--quiet") {
             a.push("--quiet".into());
         }
-        let dir = out.join("sweep").join(m).join(format!("lr-{lr:.1e}"));
+        // Four significant digits: factors at least 1% apart (check_factors) never share a folder.
+        let dir = out.join("sweep").join(m).join(format!("lr-{lr:.3e}"));
         let run = train_or_diverge(m, &dir, &a).with_context(|| {
             format!(
                 "method {m}: the sweep's run at lr {lr:.1e} (trained on the training data less its last \
@@ -185,14 +248,16 @@ pub fn run(
 ) -> Result<Vec<Row>> {
     let mut all = Vec::new();
     for m in methods {
+        // The method flags of the other methods stay out of this one's run.
+        let margs = without_flags(train_args, &crate::train_cmd::flags_not_for(m));
         let (args, sweep) = match plan {
             Some(p) => {
-                let sw = sweep(m, base_lr(m)?, train_args, p, out)?;
-                let mut a = without_flags(train_args, &["--lr"]);
+                let sw = sweep(m, base_lr(m)?, &margs, p, out)?;
+                let mut a = without_flags(&margs, &["--lr"]);
                 a.extend(["--lr".to_string(), format!("{:e}", sw.chosen_lr)]);
                 (a, Some(sw))
             }
-            None => (train_args.to_vec(), None),
+            None => (margs, None),
         };
         eprintln!("== {m}");
         all.push(Row { run: train_one(m, &out.join(m), &args)?, sweep });

@@ -218,7 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", tuna::generate_cmd::run(&settings)?);
         }
         Command::Train(a) => {
+            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             let method = a.method_args.method(&a.method)?;
+            a.method_args.check_for_task(&a.method, &a.run.task)?;
             let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
@@ -293,7 +295,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {}", a.out.display());
         }
         Command::Profile(a) => {
+            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             let method = a.method_args.method(&a.method)?;
+            a.method_args.check_for_task(&a.method, &a.run.task)?;
             let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
                 anyhow::bail!(
@@ -315,8 +319,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("compare trains every method anew; --resume is for tuna train");
             }
             let methods = tuna::train_cmd::list_flag("--methods", &a.methods)?;
+            // Every method's settings are checked before the first one trains.
+            a.method_args.check_used("--methods", &methods)?;
             for (i, m) in methods.iter().enumerate() {
                 a.method_args.method(m)?;
+                a.method_args.check_for_task(m, &a.run.task)?;
                 if methods[..i].contains(m) {
                     anyhow::bail!("--methods {}: `{m}` is listed twice", a.methods);
                 }
@@ -335,19 +342,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         _ => anyhow::bail!("--sweep-factors {}: `{f}` is not a positive number", a.sweep_factors),
                     })
                     .collect::<anyhow::Result<Vec<f64>>>()?;
+                tuna::compare_cmd::check_factors(&factors, &a.sweep_factors)?;
                 let steps = a.sweep_steps.unwrap_or((a.run.steps / 3).max(1));
                 if steps == 0 || a.sweep_holdout == 0 {
                     anyhow::bail!("--sweep-steps and --sweep-holdout: expected at least 1");
                 }
+                tuna::compare_cmd::check_holdout(&args, &a.run, a.sweep_holdout)?;
                 Some(tuna::compare_cmd::SweepPlan { factors, steps, holdout: a.sweep_holdout })
             } else {
                 None
             };
             // The rate each method's sweep multiplies: --lr, else the method's default for this model.
-            let model = args.iter().enumerate().find_map(|(i, x)| match x.strip_prefix("--model=") {
-                Some(v) => Some(v.to_string()),
-                None => (x == "--model").then(|| args.get(i + 1).cloned()).flatten(),
-            });
+            let model = tuna::compare_cmd::flag_value(&args, "--model");
             let decoder = model.is_some_and(|p| tuna::train_cmd::is_decoder(std::path::Path::new(&p)));
             let base_lr = |m: &str| -> anyhow::Result<f64> {
                 Ok(a.run.lr.unwrap_or(tuna::train_cmd::default_lr(&a.method_args.method(m)?, decoder)))

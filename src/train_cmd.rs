@@ -28,42 +28,45 @@ pub fn list_flag(flag: &str, value: &str) -> Result<Vec<String>> {
     Ok(items)
 }
 
-/// Which adaptation method and its hyperparameters.
+/// Which adaptation method and its hyperparameters. Each is `None` unless given, so that a flag
+/// no chosen method uses is refused ([`MethodArgs::check_used`]) rather than silently ignored; the
+/// defaults are in the accessors below (and in `--help`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct MethodArgs {
-    /// Virtual tokens of prompt tuning, prefix tuning and P-tuning v2.
-    #[arg(long, default_value_t = 20)]
-    pub virtual_tokens: usize,
+    /// Virtual tokens of prompt tuning, prefix tuning and P-tuning v2 [default: 20].
+    #[arg(long)]
+    pub virtual_tokens: Option<usize>,
     /// Prompt tuning init: random (N(0,1), as PEFT), vocab (embeddings of random tokens), text
-    /// (--prompt-init-text), labels (the label words).
-    #[arg(long, default_value = "vocab")]
-    pub prompt_init: String,
+    /// (--prompt-init-text), labels (the label words) [default: vocab].
+    #[arg(long)]
+    pub prompt_init: Option<String>,
     /// The text a `text` prompt init copies the token embeddings of (repeated or cut to n).
     #[arg(long)]
     pub prompt_init_text: Option<String>,
     /// Prefix init (prefix, prefix-mlp, ptuning-v2): random (N(0,1), as PEFT), or each layer's own
     /// keys and values of real tokens run through the frozen model: vocab (random tokens), text
-    /// (--prefix-init-text), labels (the label words). prefix-mlp fits its last layer to them.
-    #[arg(long, default_value = "vocab")]
-    pub prefix_init: String,
+    /// (--prefix-init-text), labels (the label words). prefix-mlp fits its last layer to them
+    /// [default: vocab].
+    #[arg(long)]
+    pub prefix_init: Option<String>,
     /// The text a `text` prefix init runs through the model (its tokens repeated or cut to n).
     #[arg(long)]
     pub prefix_init_text: Option<String>,
-    /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp).
-    #[arg(long, default_value_t = 128)]
-    pub prefix_hidden: usize,
-    /// Houlsby adapters' bottleneck.
-    #[arg(long, default_value_t = 32)]
-    pub bottleneck: usize,
-    /// LoRA's rank.
-    #[arg(long, default_value_t = 8)]
-    pub lora_r: usize,
-    /// LoRA's alpha (the update is scaled by alpha / r).
-    #[arg(long, default_value_t = 16.0)]
-    pub lora_alpha: f64,
-    /// Dropout on LoRA's input during training (0 to below 1).
-    #[arg(long, default_value_t = 0.0)]
-    pub lora_dropout: f32,
+    /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp) [default: 128].
+    #[arg(long)]
+    pub prefix_hidden: Option<usize>,
+    /// Houlsby adapters' bottleneck [default: 32].
+    #[arg(long)]
+    pub bottleneck: Option<usize>,
+    /// LoRA's rank [default: 8].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA's alpha (the update is scaled by alpha / r) [default: 16].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on LoRA's input during training (0 to below 1) [default: 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
     /// Comma-separated module names LoRA adapts (default: the attention query and value).
     #[arg(long)]
     pub lora_targets: Option<String>,
@@ -73,7 +76,108 @@ pub struct MethodArgs {
     pub train_patterns: Option<String>,
 }
 
+/// The prompt and prefix methods (the ones with virtual tokens).
+const VIRTUAL: &[&str] = &["prompt", "prefix", "prefix-mlp", "ptuning-v2"];
+/// The prefix methods (prefix inits).
+const PREFIXES: &[&str] = &["prefix", "prefix-mlp", "ptuning-v2"];
+
+/// Each method flag and the methods that use it.
+pub const METHOD_FLAGS: &[(&str, &[&str])] = &[
+    ("--virtual-tokens", VIRTUAL),
+    ("--prompt-init", &["prompt"]),
+    ("--prompt-init-text", &["prompt"]),
+    ("--prefix-init", PREFIXES),
+    ("--prefix-init-text", PREFIXES),
+    ("--prefix-hidden", &["prefix-mlp"]),
+    ("--bottleneck", &["houlsby"]),
+    ("--lora-r", &["lora"]),
+    ("--lora-alpha", &["lora"]),
+    ("--lora-dropout", &["lora"]),
+    ("--lora-targets", &["lora"]),
+    ("--train-patterns", &["full"]),
+];
+
+/// The method flags method `m` does not use (`compare` leaves them out of that method's run).
+pub fn flags_not_for(m: &str) -> Vec<&'static str> {
+    METHOD_FLAGS.iter().filter(|(_, users)| !users.contains(&m)).map(|(f, _)| *f).collect()
+}
+
 impl MethodArgs {
+    fn n(&self) -> usize {
+        self.virtual_tokens.unwrap_or(20)
+    }
+    fn prompt_init(&self) -> &str {
+        self.prompt_init.as_deref().unwrap_or("vocab")
+    }
+    fn prefix_init(&self) -> &str {
+        self.prefix_init.as_deref().unwrap_or("vocab")
+    }
+    fn prefix_hidden(&self) -> usize {
+        self.prefix_hidden.unwrap_or(128)
+    }
+
+    /// Whether the method flag `flag` was given.
+    fn given(&self, flag: &str) -> bool {
+        match flag {
+            "--virtual-tokens" => self.virtual_tokens.is_some(),
+            "--prompt-init" => self.prompt_init.is_some(),
+            "--prompt-init-text" => self.prompt_init_text.is_some(),
+            "--prefix-init" => self.prefix_init.is_some(),
+            "--prefix-init-text" => self.prefix_init_text.is_some(),
+            "--prefix-hidden" => self.prefix_hidden.is_some(),
+            "--bottleneck" => self.bottleneck.is_some(),
+            "--lora-r" => self.lora_r.is_some(),
+            "--lora-alpha" => self.lora_alpha.is_some(),
+            "--lora-dropout" => self.lora_dropout.is_some(),
+            "--lora-targets" => self.lora_targets.is_some(),
+            "--train-patterns" => self.train_patterns.is_some(),
+            _ => false,
+        }
+    }
+
+    /// A method flag that none of `methods` (given by flag `which`: `--method` or `--methods`) uses
+    /// is an error naming it (it would do nothing).
+    pub fn check_used(&self, which: &str, methods: &[String]) -> Result<()> {
+        for (flag, users) in METHOD_FLAGS {
+            if self.given(flag) && !methods.iter().any(|m| users.contains(&m.as_str())) {
+                bail!(
+                    "{flag} applies to {} only; {which} {} would ignore it (drop it)",
+                    users.join(", "),
+                    methods.join(",")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What method `name` needs of the task and of its other settings, checked before any run
+    /// starts (so that `compare` refuses before its first method trains): a `labels` init takes
+    /// the label words of a classify task; a `prefix-mlp` started from real tokens reproduces them
+    /// only with at least as many hidden units as virtual tokens.
+    pub fn check_for_task(&self, name: &str, task: &str) -> Result<()> {
+        let init = match name {
+            "prompt" => Some(("--prompt-init", self.prompt_init())),
+            n if PREFIXES.contains(&n) => Some(("--prefix-init", self.prefix_init())),
+            _ => None,
+        };
+        if let Some((flag, "labels")) = init {
+            require(task == "classify", || {
+                format!("{flag} labels starts {name} from the label words: it needs --task classify (not {task})")
+            })?;
+        }
+        if name == "prefix-mlp" && self.prefix_init() != "random" {
+            let (h, n) = (self.prefix_hidden(), self.n());
+            require(h >= n, || {
+                format!(
+                    "prefix-mlp with --prefix-init {}: --prefix-hidden {h} must be at least the {n} virtual tokens \
+                     (the MLP's last layer is fitted to reproduce their keys and values); raise it or use --prefix-init random",
+                    self.prefix_init()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// The init text `name`'s method uses (`--prompt-init-text` or `--prefix-init-text`).
     pub fn init_text(&self, name: &str) -> Option<String> {
         match name {
@@ -88,14 +192,14 @@ impl MethodArgs {
         let list = |flag: &str, s: &Option<String>| -> Result<Vec<String>> {
             s.as_deref().map_or(Ok(Vec::new()), |v| list_flag(flag, v))
         };
-        let n = self.virtual_tokens;
+        let n = self.n();
         let positive = |flag: &str, v: usize| require(v > 0, || format!("{flag} {v}: expected at least 1"));
         match name {
             "prompt" | "prefix" | "prefix-mlp" | "ptuning-v2" => positive("--virtual-tokens", n)?,
-            "houlsby" => positive("--bottleneck", self.bottleneck)?,
+            "houlsby" => positive("--bottleneck", self.bottleneck.unwrap_or(32))?,
             "lora" => {
-                positive("--lora-r", self.lora_r)?;
-                let (a, d) = (self.lora_alpha, self.lora_dropout);
+                positive("--lora-r", self.lora_r.unwrap_or(8))?;
+                let (a, d) = (self.lora_alpha.unwrap_or(16.0), self.lora_dropout.unwrap_or(0.0));
                 require(a.is_finite() && a > 0.0 && a <= 1e6, || {
                     format!("--lora-alpha {a}: expected 0 < alpha <= 1e6")
                 })?;
@@ -104,26 +208,26 @@ impl MethodArgs {
             _ => {}
         }
         if name == "prefix-mlp" {
-            positive("--prefix-hidden", self.prefix_hidden)?;
+            positive("--prefix-hidden", self.prefix_hidden())?;
         }
         if name == "prompt" {
-            let needs_text = self.prompt_init == "text";
+            let needs_text = self.prompt_init() == "text";
             require(!needs_text || self.prompt_init_text.as_deref().is_some_and(|t| !t.trim().is_empty()), || {
                 "--prompt-init text needs --prompt-init-text \"...\" (the words whose embeddings start the prompt)"
                     .into()
             })?;
             require(needs_text || self.prompt_init_text.is_none(), || {
-                format!("--prompt-init-text is used only with --prompt-init text (not {})", self.prompt_init)
+                format!("--prompt-init-text is used only with --prompt-init text (not {})", self.prompt_init())
             })?;
         }
         if matches!(name, "prefix" | "prefix-mlp" | "ptuning-v2") {
-            let needs_text = self.prefix_init == "text";
+            let needs_text = self.prefix_init() == "text";
             require(!needs_text || self.prefix_init_text.as_deref().is_some_and(|t| !t.trim().is_empty()), || {
                 "--prefix-init text needs --prefix-init-text \"...\" (the words whose keys and values start the prefix)"
                     .into()
             })?;
             require(needs_text || self.prefix_init_text.is_none(), || {
-                format!("--prefix-init-text is used only with --prefix-init text (not {})", self.prefix_init)
+                format!("--prefix-init-text is used only with --prefix-init text (not {})", self.prefix_init())
             })?;
         }
         let init_of = |flag: &str, v: &str| -> Result<PromptInit> {
@@ -137,19 +241,19 @@ impl MethodArgs {
         };
         Ok(match name {
             "full" => Method::Full { patterns: list("--train-patterns", &self.train_patterns)? },
-            "prompt" => Method::Prompt { n, init: init_of("--prompt-init", &self.prompt_init)? },
-            "prefix" => Method::Prefix { n, projection: None, init: init_of("--prefix-init", &self.prefix_init)? },
+            "prompt" => Method::Prompt { n, init: init_of("--prompt-init", self.prompt_init())? },
+            "prefix" => Method::Prefix { n, projection: None, init: init_of("--prefix-init", self.prefix_init())? },
             "prefix-mlp" => Method::Prefix {
                 n,
-                projection: Some(self.prefix_hidden),
-                init: init_of("--prefix-init", &self.prefix_init)?,
+                projection: Some(self.prefix_hidden()),
+                init: init_of("--prefix-init", self.prefix_init())?,
             },
-            "ptuning-v2" => Method::PTuningV2 { n, init: init_of("--prefix-init", &self.prefix_init)? },
-            "houlsby" => Method::Houlsby { bottleneck: self.bottleneck },
+            "ptuning-v2" => Method::PTuningV2 { n, init: init_of("--prefix-init", self.prefix_init())? },
+            "houlsby" => Method::Houlsby { bottleneck: self.bottleneck.unwrap_or(32) },
             "lora" => Method::Lora(LoraConfig {
-                r: self.lora_r,
-                alpha: self.lora_alpha,
-                dropout: self.lora_dropout,
+                r: self.lora_r.unwrap_or(8),
+                alpha: self.lora_alpha.unwrap_or(16.0),
+                dropout: self.lora_dropout.unwrap_or(0.0),
                 targets: list("--lora-targets", &self.lora_targets)?,
             }),
             other => bail!("unknown method `{other}`: full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora"),

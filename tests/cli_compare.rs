@@ -72,7 +72,7 @@ fn sweep_lr_tries_each_rate_on_held_out_training_data_and_runs_the_best() {
         assert!(sweep["seconds"].as_f64().unwrap() > 0.0);
         for p in sweep["points"].as_array().unwrap() {
             let lr = p["lr"].as_f64().unwrap();
-            let run = out.join("sweep").join(m).join(format!("lr-{lr:.1e}"));
+            let run = out.join("sweep").join(m).join(format!("lr-{lr:.3e}"));
             let s: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
             assert_eq!(s["steps"].as_u64(), Some(2), "{m} {lr}");
@@ -128,8 +128,21 @@ fn a_run_worse_than_the_untrained_model_is_warned_about_and_marked() {
     let h = &s["hurting"];
     assert!(h["train_loss"].as_f64().unwrap() > h["untrained_loss"].as_f64().unwrap(), "{s}");
     assert_eq!(h["steps"].as_u64(), Some(10));
+    // Resuming the finished run trains nothing and keeps the verdict its run wrote.
+    let mut resume: Vec<String> = ["train", "--method", "prefix"].iter().map(|s| s.to_string()).collect();
+    resume.extend(args[1..].iter().filter(|a| *a != "--methods" && *a != "prefix").cloned());
+    let i = resume.iter().position(|a| a == "--out").unwrap();
+    resume[i + 1] = out.join("prefix").display().to_string();
+    resume.push("--resume".into());
+    ok(&tuna(&resume));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("prefix/summary.json")).unwrap()).unwrap();
+    assert_eq!(again["hurting"], s["hurting"], "{again}");
     // The same run at a sane rate with LoRA (the identity at init) is not marked.
-    let mut sane = set(set(set(args.clone(), "--methods", "lora"), "--lr", "1e-2"), "--prefix-init", "vocab");
+    let mut sane = set(set(args.clone(), "--methods", "lora"), "--lr", "1e-2");
+    // --prefix-init would now be refused: LoRA does not use it.
+    let i = sane.iter().position(|x| x == "--prefix-init").unwrap();
+    sane.drain(i..i + 2);
     sane.push("--overwrite".into());
     let o = tuna(&sane);
     ok(&o);

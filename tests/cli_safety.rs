@@ -344,7 +344,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 15] = [
+    let cases: [(&[(&str, &str)], &str); 19] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
@@ -360,6 +360,15 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
         (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.5e-45"),
         (&[("--holdout", "2"), ("--max-eval-examples", "3")], "--holdout 2 evaluates on the last 2 training examples"),
+        // A method flag the method does not use would do nothing.
+        (&[("--bottleneck", "8")], "--bottleneck applies to houlsby only; --method lora would ignore it"),
+        (&[("--prefix-init", "labels")], "--prefix-init applies to prefix, prefix-mlp, ptuning-v2 only"),
+        // Settings that a run would refuse only after loading the model are refused up front.
+        (
+            &[("--method", "prefix-mlp"), ("--prefix-hidden", "4"), ("--virtual-tokens", "8")],
+            "--prefix-hidden 4 must be at least the 8 virtual tokens",
+        ),
+        (&[("--method", "prompt"), ("--prompt-init", "labels"), ("--task", "lm")], "it needs --task classify (not lm)"),
     ];
     for (flags, needle) in cases {
         // A negative value is given as `--flag=-1` (clap reads a separate `-1` as a flag).
@@ -609,4 +618,95 @@ fn a_resume_may_extend_the_steps_but_not_change_its_evaluation_data() {
     // Absurd counts are refused by name, never an arithmetic panic.
     let huge = set(set(base("8"), "--method", "prompt"), "--virtual-tokens", &u64::MAX.to_string());
     fails(&tuna(&set(huge, "--out", &d.join("huge").display().to_string())), "virtual tokens leave");
+}
+
+#[test]
+fn compare_checks_every_method_before_the_first_trains_and_gives_each_only_its_flags() {
+    let d = tmp("compare-upfront");
+    let train = data(&d, "train.jsonl", 8, true);
+    let out = d.join("cmp");
+    let args = |methods: &str, extra: &[&str]| {
+        let base = s(&["compare", "--model", &fixture("llama"), "--task", "classify", "--train", &train]);
+        let run = s(&["--methods", methods, "--steps", "2", "--batch-size", "4", "--quiet", "--overwrite", "--out"]);
+        [base, run, vec![out.display().to_string()], s(extra)].concat()
+    };
+    // The second method's settings are refused before the first (lora) trains.
+    let cases: [(&str, &[&str], &str); 5] = [
+        ("lora,prefix-mlp", &["--prefix-hidden", "4", "--virtual-tokens", "8"], "--prefix-hidden 4 must be at least"),
+        ("lora,prompt", &["--task", "lm", "--prompt-init", "labels"], "it needs --task classify"),
+        ("lora,prompt", &["--bottleneck", "8"], "--bottleneck applies to houlsby only; --methods lora,prompt"),
+        ("lora", &["--sweep-lr", "--sweep-holdout", "8"], "--sweep-holdout 8: "),
+        ("lora", &["--sweep-lr", "--sweep-factors", "1,1.005"], "1 and 1.005 are less than 1% apart"),
+    ];
+    for (methods, extra, needle) in cases {
+        let a = extra.chunks(2).fold(args(methods, &[]), |a, kv| match kv {
+            [f, v] if !v.starts_with("--") => set(a, f, v),
+            _ => [a, kv.iter().map(|x| x.to_string()).collect()].concat(),
+        });
+        fails(&tuna(&a), needle);
+        assert!(!out.join("lora").exists(), "{needle}: lora trained before the refusal");
+    }
+    // Each method's run gets only the method flags it uses: houlsby's bottleneck, lora's rank.
+    ok(&tuna(&args("lora,houlsby", &["--bottleneck", "4", "--lora-r", "2"])));
+    let cfg = |m: &str| std::fs::read_to_string(out.join(m).join("adapter/adapter_config.json")).unwrap();
+    assert!(cfg("houlsby").contains("\"bottleneck_size\": 4"), "{}", cfg("houlsby"));
+    assert!(cfg("lora").contains("\"r\": 2"), "{}", cfg("lora"));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn killing_compare_ends_its_running_method() {
+    let d = tmp("compare-kill");
+    let train = data(&d, "train.jsonl", 8, true);
+    let out = d.join("cmp");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .args(s(&["compare", "--model", &fixture("llama"), "--task", "classify", "--train", &train]))
+        .args(s(&["--methods", "lora", "--steps", "100000000", "--batch-size", "4", "--quiet", "--out"]))
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the method's run to hold its folder's lock (it is training).
+    let lock = out.join("lora").join(".tuna.lock");
+    let t0 = std::time::Instant::now();
+    while !lock.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(lock.exists(), "the method's run never started");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The run died with compare: its folder can be taken over at once (a live run would hold the lock).
+    let t0 = std::time::Instant::now();
+    let again = loop {
+        let o = tuna(&train_args(&out.join("lora"), &train, 1, &["--overwrite"]));
+        if o.status.success() || t0.elapsed() > std::time::Duration::from_secs(20) {
+            break o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    ok(&again);
+}
+
+#[test]
+fn a_resume_compares_a_prompts_init_text_but_not_a_prefixs() {
+    let d = tmp("init-text");
+    let train = data(&d, "train.jsonl", 8, false);
+    for (method, flag, resumes) in [("prefix", "--prefix-init", true), ("prompt", "--prompt-init", false)] {
+        let out = d.join(method);
+        let text = format!("{flag}-text");
+        let a = |steps: u64, words: &str, extra: &[&str]| {
+            let a = train_args(&out, &train, steps, extra);
+            set(set(set(a, "--method", method), flag, "text"), &text, words)
+        };
+        ok(&tuna(&a(2, "the cat", &[])));
+        let o = tuna(&a(3, "a dog", &["--resume"]));
+        if resumes {
+            // The checkpoint replaces the prefix the text started: nothing to compare.
+            ok(&o);
+        } else {
+            fails(&o, "--prompt-init-text was Some(\"the cat\"), now Some(\"a dog\")");
+        }
+    }
 }

@@ -210,7 +210,12 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     }
     progress.finish();
     s.model.adapt().set_training(false);
-    let verdict = hurting(&baseline, &window);
+    // A resumed run that trained none of the window's steps (it had finished them) keeps the
+    // verdict its earlier process wrote.
+    let verdict = match (resumed_from, window.is_empty()) {
+        (Some(_), true) => earlier_verdict(&cfg.out),
+        _ => hurting(&baseline, &window),
+    };
     finish(cfg, &s, &st, stopped_early, verdict, last_eval)
 }
 
@@ -248,6 +253,12 @@ fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<V
                 .collect()
         })
     })
+}
+
+/// The hurting verdict of the summary a finished run left in `out` (none: no summary, or not hurting).
+fn earlier_verdict(out: &Path) -> Option<Hurting> {
+    let text = std::fs::read_to_string(out.join("summary.json")).ok()?;
+    serde_json::from_str::<RunSummary>(&text).ok()?.hurting
 }
 
 /// The mean training and untrained losses over the window's steps this process trained (by step

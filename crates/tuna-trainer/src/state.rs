@@ -69,13 +69,12 @@ fn method_key(m: &Method) -> String {
 /// `eval_data` is the evaluation batches' fingerprint (the data and how it is cut), when there is one.
 pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap<String, String> {
     let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
-    BTreeMap::from([
+    let mut out = BTreeMap::from([
         ("--eval (its data)".to_string(), eval_data.map_or("none".into(), |f| format!("{f:016x}"))),
         ("--method and its settings".into(), method_key(&cfg.method)),
         ("--task".into(), s(&cfg.task)),
         ("--labels".into(), s(&cfg.labels)),
         ("--verbalizers".into(), s(&cfg.verbalizers)),
-        ("--prompt-init-text".into(), s(&cfg.prompt_init_text)),
         ("--micro-batch".into(), s(&cfg.micro_batch)),
         ("--steps".into(), s(&cfg.steps)),
         ("--lr".into(), s(&cfg.lr)),
@@ -87,7 +86,13 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--eval-every".into(), s(&cfg.eval_every)),
         ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),
         ("--patience".into(), s(&cfg.patience)),
-    ])
+    ]);
+    // A prompt's init text is compared under its flag; a prefix's is not (like its init, the
+    // checkpoint replaces what it started from).
+    if !matches!(cfg.method, Method::Prefix { .. } | Method::PTuningV2 { .. }) {
+        out.insert("--prompt-init-text".into(), s(&cfg.prompt_init_text));
+    }
+    out
 }
 
 /// The settings that differ between a checkpoint's run (`saved`) and this one, by flag.
