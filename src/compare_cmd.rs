@@ -113,6 +113,22 @@ fn train_or_diverge(m: &str, dir: &Path, args: &[String]) -> Result<Option<RunSu
     serde_json::from_str(&text).map(Some).with_context(|| format!("parsing {}", p.display()))
 }
 
+/// The baseline's `--shots` when above 0 (its k-shot row and folder `prompt-engineered-<k>-shot`).
+pub fn baseline_shots(args: &[String]) -> Option<usize> {
+    flag_value(args, "--shots").and_then(|v| v.parse().ok()).filter(|&k| k > 0)
+}
+
+/// The run folders of `methods` in a comparison (the baseline's k-shot row has its own).
+pub fn run_folders(methods: &[String], args: &[String]) -> Vec<String> {
+    let mut out = methods.to_vec();
+    if methods.iter().any(|m| m == crate::train_cmd::BASELINE) {
+        if let Some(k) = baseline_shots(args) {
+            out.push(format!("{}-{k}-shot", crate::train_cmd::BASELINE));
+        }
+    }
+    out
+}
+
 /// The value of `flag` in `args` (`--flag v` or `--flag=v`; the last one given wins, as clap reads it).
 pub fn flag_value(args: &[String], flag: &str) -> Option<String> {
     let eq = format!("{flag}=");
@@ -250,6 +266,17 @@ pub fn run(
     for m in methods {
         // The method flags of the other methods stay out of this one's run.
         let margs = without_flags(train_args, &crate::train_cmd::flags_not_for(m));
+        if m == crate::train_cmd::BASELINE {
+            // Nothing to sweep; zero-shot always, and k-shot beside it when --shots asks.
+            eprintln!("== {m} (zero-shot)");
+            let zero = without_flags(&margs, &["--shots"]);
+            all.push(Row { run: train_one(m, &out.join(m), &zero)?, sweep: None });
+            if let Some(k) = baseline_shots(&margs) {
+                eprintln!("== {m} ({k}-shot)");
+                all.push(Row { run: train_one(m, &out.join(format!("{m}-{k}-shot")), &margs)?, sweep: None });
+            }
+            continue;
+        }
         let (args, sweep) = match plan {
             Some(p) => {
                 let sw = sweep(m, base_lr(m)?, &margs, p, out)?;
@@ -308,13 +335,14 @@ pub fn table(rows: &[Row]) -> String {
             (None, false) => String::new(),
         };
         s += &format!(
-            "| {}{hurt} | {} | {:.3}% | {} | {:.4} | {lr} | {sweep}{:.0} | {} | {} |\n",
+            "| {}{hurt} | {} | {:.3}% | {} | {} | {lr} | {sweep}{} | {} | {} |\n",
             r.method,
             r.trainable_params,
             crate::train_cmd::pct(r),
             m,
-            r.final_train_loss,
-            r.tokens_per_s,
+            r.final_train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            // Nothing trained: no training throughput.
+            if r.steps == 0 { "-".into() } else { format!("{:.0}", r.tokens_per_s) },
             tuna_trainer::human_bytes(r.peak_rss_bytes),
             tuna_trainer::human_bytes(r.checkpoint_bytes)
         );

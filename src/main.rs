@@ -51,7 +51,9 @@ struct ProfileArgs {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora.
+    /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora; or prompt-engineered (no
+    /// training: the untrained model scored through --template, zero-shot or with --shots
+    /// examples; the training flags do not apply).
     #[arg(long)]
     method: String,
     #[command(flatten)]
@@ -62,7 +64,8 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct CompareArgs {
-    /// Comma-separated methods.
+    /// Comma-separated methods (prompt-engineered: the untrained model through --template, a
+    /// zero-shot row and with --shots k a k-shot row).
     #[arg(long, default_value = "full,prompt,prefix,houlsby,lora")]
     methods: String,
     /// Before each method's run, try a few learning rates (--sweep-factors times its --lr or
@@ -217,6 +220,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}", tuna::generate_cmd::run(&settings)?);
         }
+        Command::Train(a) if a.method == tuna::train_cmd::BASELINE => {
+            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
+            let cfg = a.run.baseline(&a.method_args)?;
+            let summary = match device(&a.run.device)? {
+                Device::Cpu => tuna::trainer::prompt_engineered(&Arc::new(Cpu), &cfg)?,
+                Device::Cuda(n) => tuna::trainer::prompt_engineered(&Arc::new(Cuda::new(n)?), &cfg)?,
+            };
+            tuna::train_cmd::print_summary(&summary);
+        }
         Command::Train(a) => {
             a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             let method = a.method_args.method(&a.method)?;
@@ -322,8 +334,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Every method's settings are checked before the first one trains.
             a.method_args.check_used("--methods", &methods)?;
             for (i, m) in methods.iter().enumerate() {
-                a.method_args.method(m)?;
-                a.method_args.check_for_task(m, &a.run.task)?;
+                if m == tuna::train_cmd::BASELINE {
+                    if a.run.task != "classify" {
+                        anyhow::bail!("{m} scores classes: it needs --task classify (not {})", a.run.task);
+                    }
+                    if let Some(t) = &a.method_args.template {
+                        tuna::trainer::baseline::parse_template(t)?;
+                    }
+                } else {
+                    a.method_args.method(m)?;
+                    a.method_args.check_for_task(m, &a.run.task)?;
+                }
                 if methods[..i].contains(m) {
                     anyhow::bail!("--methods {}: `{m}` is listed twice", a.methods);
                 }
@@ -333,7 +354,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The comparison's folder is one run: locked while it runs, and replaced only when told.
             tuna::trainer::run_dir::refuse_unsafe_out(&out)?;
             let _lock = tuna::trainer::lock(&out)?;
-            tuna::compare_cmd::check_out(&out, &methods, a.run.overwrite)?;
+            tuna::compare_cmd::check_out(&out, &tuna::compare_cmd::run_folders(&methods, &args), a.run.overwrite)?;
             let plan = if a.sweep_lr {
                 let factors = tuna::train_cmd::list_flag("--sweep-factors", &a.sweep_factors)?
                     .iter()

@@ -74,7 +74,18 @@ pub struct MethodArgs {
     /// (default: all).
     #[arg(long)]
     pub train_patterns: Option<String>,
+    /// prompt-engineered: the written prompt, `{text}` where each example's text goes; `\n`, `\t`
+    /// are escapes [default: "{text}"].
+    #[arg(long)]
+    pub template: Option<String>,
+    /// prompt-engineered: training examples shown before each question (decoders) or averaged
+    /// per class (BERT) [default: 0, zero-shot; compare then also scores zero-shot].
+    #[arg(long)]
+    pub shots: Option<usize>,
 }
+
+/// The baseline method: the untrained model asked through a written template (nothing trains).
+pub const BASELINE: &str = "prompt-engineered";
 
 /// The prompt and prefix methods (the ones with virtual tokens).
 const VIRTUAL: &[&str] = &["prompt", "prefix", "prefix-mlp", "ptuning-v2"];
@@ -95,6 +106,8 @@ pub const METHOD_FLAGS: &[(&str, &[&str])] = &[
     ("--lora-dropout", &["lora"]),
     ("--lora-targets", &["lora"]),
     ("--train-patterns", &["full"]),
+    ("--template", &[BASELINE]),
+    ("--shots", &[BASELINE]),
 ];
 
 /// The method flags method `m` does not use (`compare` leaves them out of that method's run).
@@ -131,6 +144,8 @@ impl MethodArgs {
             "--lora-dropout" => self.lora_dropout.is_some(),
             "--lora-targets" => self.lora_targets.is_some(),
             "--train-patterns" => self.train_patterns.is_some(),
+            "--template" => self.template.is_some(),
+            "--shots" => self.shots.is_some(),
             _ => false,
         }
     }
@@ -374,6 +389,46 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The prompt-engineered baseline's settings (`--task classify` only: it scores classes).
+    pub fn baseline(&self, m: &MethodArgs) -> Result<tuna_trainer::BaselineConfig> {
+        let model = self.model.clone().context("--model is required")?;
+        let train = self.train.clone().context("--train is required")?;
+        require(self.task == "classify", || {
+            format!("{BASELINE} scores classes: it needs --task classify (not {})", self.task)
+        })?;
+        self.check_ranges(1.0)?;
+        let template = tuna_trainer::baseline::parse_template(m.template.as_deref().unwrap_or("{text}"))?;
+        let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
+        let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
+            (true, _, _) => OutMode::Resume,
+            (_, true, _) => OutMode::ResumeOrStart,
+            (_, _, true) => OutMode::Overwrite,
+            _ => OutMode::New,
+        };
+        Ok(tuna_trainer::BaselineConfig {
+            model,
+            fields: Fields {
+                text: self.text_field.clone(),
+                prompt: self.prompt_field.clone(),
+                completion: self.completion_field.clone(),
+                label: self.label_field.clone(),
+            },
+            train,
+            eval: self.eval.clone(),
+            labels: list("--labels", &self.labels)?,
+            verbalizers: list("--verbalizers", &self.verbalizers)?,
+            batch_size: self.batch_size,
+            max_len: self.max_len,
+            max_eval_examples: self.max_eval_examples,
+            holdout: self.holdout,
+            seed: self.seed,
+            out: self.out.clone(),
+            out_mode,
+            template,
+            shots: m.shots.unwrap_or(0),
+        })
+    }
+
     /// The trainer's settings for `method`.
     pub fn config(&self, method: Method, init_text: Option<String>) -> Result<TrainConfig> {
         let model = self.model.clone().context("--model is required")?;
@@ -511,7 +566,9 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
     let mut t = tuna_trainer::Summary::new();
     t.row("method", &s.method).row("steps", s.steps);
     t.row("trainable params", format!("{} ({:.3}% of {})", s.trainable_params, pct(s), s.base_params));
-    t.row("final train loss", format!("{:.4}", s.final_train_loss));
+    if let Some(l) = s.final_train_loss {
+        t.row("final train loss", format!("{l:.4}"));
+    }
     if let Some(l) = s.eval_loss {
         t.row("eval loss", format!("{l:.4}"));
     }
@@ -521,7 +578,9 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
     if let Some(p) = s.eval_perplexity {
         t.row("eval perplexity", format!("{p:.3}"));
     }
-    t.row("throughput", tuna_trainer::tokens_per_s(s.tokens_per_s));
+    if s.steps > 0 {
+        t.row("throughput", tuna_trainer::tokens_per_s(s.tokens_per_s));
+    }
     t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
     t.row("checkpoint", format!("{} ({})", s.export, tuna_trainer::human_bytes(s.checkpoint_bytes)));
     print!("{t}");

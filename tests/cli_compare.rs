@@ -151,3 +151,119 @@ fn a_run_worse_than_the_untrained_model_is_warned_about_and_marked() {
     assert!(s["hurting"].is_null(), "{s}");
     assert!(!String::from_utf8_lossy(&o.stdout).contains("(hurting"));
 }
+
+/// `tuna train --method prompt-engineered` with `args` into `out`.
+fn baseline(out: &std::path::Path, model: &str, train: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--method", "prompt-engineered", "--model", &fixture(model), "--train", train]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["--out".to_string(), out.display().to_string(), "--batch-size".into(), "32".into()]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn the_zero_shot_baseline_is_the_untrained_models_eval_and_shots_change_it() {
+    let d = tmp("baseline");
+    let train = data(&d, "train.jsonl", 16, true);
+    let eval = data(&d, "eval.jsonl", 8, true);
+    // The untrained model's own evaluation...
+    let o = tuna(
+        &["eval", "--model", &fixture("llama"), "--data", &eval, "--task", "classify", "--batch-size", "32"]
+            .map(String::from),
+    );
+    ok(&o);
+    let printed = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // ... is the zero-shot baseline with the plain template.
+    let zero = d.join("zero");
+    ok(&tuna(&baseline(&zero, "llama", &train, &["--eval", &eval])));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(zero.join("summary.json")).unwrap()).unwrap();
+    let mine =
+        format!("loss {:.4} accuracy {:.4}", s["eval_loss"].as_f64().unwrap(), s["eval_accuracy"].as_f64().unwrap());
+    assert_eq!(mine, printed);
+    assert_eq!(s["trainable_params"].as_u64(), Some(0));
+    assert!(s["final_train_loss"].is_null(), "{s}");
+    // Examples before the question change what the model sees (and so its loss); drawn by the seed.
+    for (name, seed) in [("k1", "1"), ("k2", "1"), ("k3", "2")] {
+        let args = ["--eval", &eval, "--template", "Text: {text}\\nLabel:", "--shots", "3", "--seed", seed];
+        ok(&tuna(&baseline(&d.join(name), "llama", &train, &args)));
+    }
+    let read = |n: &str| std::fs::read_to_string(d.join(n).join("prompt.json")).unwrap();
+    let p: serde_json::Value = serde_json::from_str(&read("k1")).unwrap();
+    assert_eq!(p["shots"].as_array().unwrap().len(), 3);
+    assert_eq!(p["template"].as_str(), Some("Text: {text}\nLabel:"));
+    assert_eq!(read("k1"), read("k2"));
+    assert_ne!(read("k1"), read("k3"));
+    let loss = |n: &str| -> f64 {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(n).join("summary.json")).unwrap()).unwrap();
+        s["eval_loss"].as_f64().unwrap()
+    };
+    assert_ne!(loss("k1"), loss("zero"));
+    // BERT (no language-model head) scores by similarity to each class's examples.
+    ok(&tuna(&baseline(&d.join("bert"), "bert", &train, &["--eval", &eval, "--shots", "4"])));
+    // Refused: a template without the text, a task without classes, more shots than examples,
+    // a resume (nothing trained), a training-method flag.
+    for (extra, needle) in [
+        (&["--template", "Label:"][..], "it needs {text}"),
+        (&["--task", "lm"][..], "prompt-engineered scores classes: it needs --task classify"),
+        (&["--shots", "99"][..], "--shots 99: "),
+        (&["--resume"][..], "nothing to resume"),
+        (&["--lora-r", "4"][..], "--lora-r applies to lora only"),
+    ] {
+        let mut a = baseline(&d.join("refused"), "llama", &train, &["--eval", &eval]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        fails(&tuna(&a), needle);
+    }
+    assert!(!d.join("refused").join("summary.json").exists());
+}
+
+#[test]
+fn compare_shows_the_prompt_engineered_rows_beside_the_trained_ones() {
+    let d = tmp("baseline-compare");
+    let train = data(&d, "train.jsonl", 16, true);
+    let eval = data(&d, "eval.jsonl", 8, true);
+    let out = d.join("cmp");
+    let mut args: Vec<String> = [
+        "compare",
+        "--model",
+        &fixture("llama"),
+        "--task",
+        "classify",
+        "--train",
+        &train,
+        "--eval",
+        &eval,
+        "--methods",
+        "prompt-engineered,lora",
+        "--shots",
+        "2",
+        "--template",
+        "Text: {text}\\nLabel:",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(out.display().to_string());
+    let o = tuna(&args);
+    ok(&o);
+    let table = String::from_utf8_lossy(&o.stdout);
+    for row in ["| prompt-engineered 0-shot | 0 |", "| prompt-engineered 2-shot | 0 |", "| lora |"] {
+        assert!(table.contains(row), "{row} missing from:\n{table}");
+    }
+    assert!(out.join("prompt-engineered-2-shot/prompt.json").exists());
+    // A second comparison into the same folder is refused without --overwrite (the k-shot run too).
+    std::fs::remove_dir_all(out.join("prompt-engineered")).unwrap();
+    std::fs::remove_dir_all(out.join("lora")).unwrap();
+    for f in ["compare.md", "compare.json", "compare.svg"] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    fails(&tuna(&args), "prompt-engineered-2-shot/");
+}

@@ -12,15 +12,6 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tuna::models::io;
 
-/// Asserts `out` failed with `needle` in its stderr; returns the stderr.
-fn fails(out: &Output, needle: &str) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected a failure mentioning {needle:?}, got success: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }

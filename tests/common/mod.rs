@@ -109,3 +109,12 @@ pub fn train_lines(out: &Path) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// Asserts `out` failed with `needle` in its stderr; returns the stderr.
+pub fn fails(out: &Output, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected a failure mentioning {needle:?}, got success: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}

@@ -320,6 +320,19 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         }
     }
 
+    /// BERT's mask-weighted mean of the last hidden states, `[batch, hidden]` (what its
+    /// classification head reads); decoders have none (an error).
+    pub fn mean_pooled(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Tensor<B, E>> {
+        let (t, m, _) = self.inputs(ids, mask, batch)?;
+        match &self.net {
+            Net::Bert(b) => {
+                let (h, m) = b.encode(&t, &m)?;
+                Ok(mean_pool(&h, &m)?)
+            }
+            _ => Err(Error::InvalidArgument("mean-pooled states are BERT's; decoders score by their head".into())),
+        }
+    }
+
     /// Add a trainable classification head for BERT (`[classes, hidden]`, small seeded init).
     pub fn add_head(&mut self, classes: usize, seed: u64) -> Result<()> {
         let hidden = self.shape().hidden;

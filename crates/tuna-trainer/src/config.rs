@@ -63,7 +63,8 @@ pub struct RunSummary {
     pub trainable_params: usize,
     pub base_params: usize,
     pub steps: u64,
-    pub final_train_loss: f64,
+    /// The last step's training loss (`None` for the prompt-engineered baseline, which trains nothing).
+    pub final_train_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub eval_accuracy: Option<f64>,
     pub eval_perplexity: Option<f64>,

@@ -4,8 +4,9 @@
 //! ([`progress`]); the model a run trains ([`model`]), tasks and losses ([`task`]); and a run split
 //! by concern: its settings and summary ([`config`]), its output folder ([`run_dir`]), the loop
 //! ([`run`]), its resumable state (`state`), evaluation ([`eval`]), the export ([`mod@export`]) and
-//! profiling ([`mod@profile`]).
+//! profiling ([`mod@profile`]); and the prompt-engineered baseline that trains nothing ([`baseline`]).
 
+pub mod baseline;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod schedule;
 mod state;
 pub mod task;
 
+pub use baseline::{prompt_engineered, BaselineConfig, PromptFile, PROMPT_FILE};
 pub use batch::{Batch, BatchConfig, BatchError, Batcher, Cursor, Encoded, PadSide, Truncate, IGNORE_INDEX};
 pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,

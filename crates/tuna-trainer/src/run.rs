@@ -343,7 +343,7 @@ fn finish<B: Backend>(
         trainable_params: s.params.iter().map(|(_, t)| t.numel()).sum(),
         base_params: s.model.base_param_count(),
         steps: st.step,
-        final_train_loss: st.last_loss,
+        final_train_loss: Some(st.last_loss),
         eval_loss: final_eval.map(|e| e.loss),
         eval_accuracy: final_eval.and_then(|e| e.accuracy),
         eval_perplexity: final_eval.and_then(|e| e.perplexity),
