@@ -8,7 +8,8 @@
 //! that outgrow `max_len` keep their end (the question), losing examples first. BERT has no language
 //! model head (all-MiniLM-L6-v2 carries none): each class is a vector, the mean of the normalized
 //! mean-pooled embeddings of its examples through the template, or without examples the embedding
-//! of its verbalizer word; an example goes to the class of highest cosine similarity.
+//! of its verbalizer word (else its label); an example goes to the class of highest cosine
+//! similarity.
 
 use crate::batch::{Batcher, Encoded, PadSide, Truncate};
 use crate::checkpoint::write_atomic;
@@ -176,7 +177,8 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
         }
         s
     } else {
-        let head = class_vectors(&model, &template, &shots, set, &cfg.train, max_len)?;
+        let words = cfg.verbalizers.clone().unwrap_or_else(|| labels.clone());
+        let head = class_vectors(&model, &template, &shots, set, &words, &cfg.train, max_len)?;
         let (classes, hidden) = (set.len(), model.shape().hidden);
         let extra = &mut model.adapt_mut().extra;
         extra.retain(|(n, _)| !n.starts_with("classifier."));
@@ -242,13 +244,14 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
 }
 
 /// BERT's class vectors `[classes, hidden]`, unit length: the mean of each class's normalized
-/// example embeddings (through the template), or the embedding of its label word where no example
-/// has that class.
+/// example embeddings (through the template), or the embedding of its word (`words`: the
+/// verbalizers, else the labels) where no example has that class.
 fn class_vectors<B: Backend>(
     model: &Model<B>,
     template: &str,
     shots: &[&Record],
     set: &LabelSet,
+    words: &[String],
     train: &Path,
     max_len: usize,
 ) -> Result<Vec<f32>> {
@@ -273,7 +276,10 @@ fn class_vectors<B: Backend>(
         counts[c] += 1;
     }
     let mut out = Vec::with_capacity(set.len() * hidden);
-    for (c, word) in set.labels().iter().enumerate() {
+    if words.len() != set.len() {
+        return Err(TrainError::Invalid(format!("{} verbalizer words for {} labels", words.len(), set.len())));
+    }
+    for (c, word) in words.iter().enumerate() {
         let v = if counts[c] == 0 { embed(word)? } else { sums[c].clone() };
         let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
         out.extend(v.iter().map(|x| (x / n) as f32));
