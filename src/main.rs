@@ -90,7 +90,8 @@ struct CompareArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// The base model: a Hugging Face folder (or a `--merged` export) or a Llama .gguf.
+    /// The base model: a Hugging Face folder (or a `--merged` export), a Llama .gguf, or an id
+    /// (`org/name[@revision]`) in the local Hugging Face cache.
     #[arg(long)]
     model: std::path::PathBuf,
     /// An adapter folder (PEFT format, or a `tuna train` run's `adapter/`).
@@ -132,7 +133,7 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct ExportArgs {
-    /// The base model the adapter was trained on (folder or .gguf).
+    /// The base model the adapter was trained on (folder, .gguf, or a cached hub id).
     #[arg(long)]
     model: std::path::PathBuf,
     /// The adapter folder (e.g. a `tuna train` run's `adapter/`).
@@ -151,7 +152,8 @@ struct ExportArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json) or a .gguf file.
+    /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json), a .gguf file, or an
+    /// id (`org/name[@revision]`) in the local Hugging Face cache.
     #[arg(long)]
     model: std::path::PathBuf,
     /// The prompt text.
@@ -200,8 +202,28 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--model` as a path: given as one, or a Hugging Face id (`org/name[@revision]`) found in the
+/// local hub cache.
+fn hub(p: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    Ok(tuna::models::hub::resolve(p)?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let mut command = cli.command;
+    match &mut command {
+        Command::Info => {}
+        Command::Generate(a) => a.model = hub(&a.model)?,
+        Command::Eval(a) => a.model = hub(&a.model)?,
+        Command::Export(a) => a.model = hub(&a.model)?,
+        Command::Train(TrainArgs { run, .. })
+        | Command::Profile(ProfileArgs { run, .. })
+        | Command::Compare(CompareArgs { run, .. }) => {
+            if let Some(m) = &mut run.model {
+                *m = hub(m)?;
+            }
+        }
+    }
+    match command {
         Command::Info => print!("{}", tuna::info::report()),
         Command::Generate(a) => {
             let sampling = match a.temperature {
@@ -349,7 +371,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("--methods {}: `{m}` is listed twice", a.methods);
                 }
             }
-            let passthrough = tuna::compare_cmd::passthrough_args(std::env::args().skip(2).collect());
+            let mut passthrough = tuna::compare_cmd::passthrough_args(std::env::args().skip(2).collect());
+            if let Some(m) = &a.run.model {
+                // Each method's run loads the model resolved here (a hub id once).
+                passthrough = tuna::compare_cmd::without_flags(&passthrough, &["--model"]);
+                passthrough.extend(["--model".to_string(), m.display().to_string()]);
+            }
             let (args, out) = tuna::compare_cmd::with_defaults(&a.run, passthrough)?;
             // The comparison's folder is one run: locked while it runs, and replaced only when told.
             tuna::trainer::run_dir::refuse_unsafe_out(&out)?;

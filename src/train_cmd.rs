@@ -279,7 +279,9 @@ impl MethodArgs {
 /// Data, task, optimization and output settings shared by `train` and `compare`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
-    /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json) or a Llama .gguf.
+    /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json), a Llama .gguf, or an
+    /// id (`org/name[@revision]`) in the local Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub or
+    /// ~/.cache/huggingface/hub; tuna does not download).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// lm, completion or classify.

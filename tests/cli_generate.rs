@@ -70,3 +70,43 @@ fn every_decoder_is_bounded_by_its_context_before_generating() {
     assert!(stderr.contains("1000000 new tokens exceeds the model's 64 positions"), "{stderr}");
     assert!(t0.elapsed().as_secs() < 30, "refused up front");
 }
+
+#[test]
+fn a_model_id_loads_from_a_hugging_face_cache_layout() {
+    let d = std::env::temp_dir().join(format!("tuna-cli-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let cache = d.join("hub");
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    let snap = repo.join("snapshots/c0ffee12");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee12").unwrap();
+    // As the hub lays it out: the snapshot's files are links into blobs/.
+    for e in std::fs::read_dir(fixture("llama")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        let blob = repo.join("blobs").join(format!("blob-{}", name.to_string_lossy()));
+        std::fs::copy(&p, &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snap.join(&name)).unwrap();
+    }
+    let gen = |model: &str, cache: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_tuna"))
+            .args(["generate", "--model", model, "--prompt", "The cat", "--max-new-tokens", "4"])
+            .env("HF_HUB_CACHE", cache)
+            .output()
+            .unwrap()
+    };
+    let by_path = gen(&fixture("llama"), &cache);
+    let by_id = gen("tiny-org/tiny-llama", &cache);
+    assert!(by_id.status.success(), "{}", String::from_utf8_lossy(&by_id.stderr));
+    assert_eq!(by_id.stdout, by_path.stdout);
+    assert_eq!(gen("tiny-org/tiny-llama@c0ffee12", &cache).stdout, by_path.stdout);
+    // Not cached: the error says where it looked.
+    let missing = gen("tiny-org/other", &cache);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("models--tiny-org--other does not exist"), "{err}");
+    let missing = gen("tiny-org/tiny-llama@v9", &cache);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("refs/v9 does not exist"));
+    std::fs::remove_dir_all(&d).unwrap();
+}

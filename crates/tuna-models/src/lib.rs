@@ -1,5 +1,6 @@
 //! tuna-models: GPT-2, Llama and BERT on tuna's autograd; loading from Hugging Face folders and
-//! GGUF files; tokenizers; generation; adaptation methods.
+//! GGUF files (or by id from the local Hugging Face cache); tokenizers; generation; adaptation
+//! methods.
 
 pub mod adapt;
 pub mod bert;
@@ -9,6 +10,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf;
+pub mod hub;
 pub mod io;
 pub mod linear;
 pub mod llama;
