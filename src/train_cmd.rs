@@ -341,6 +341,10 @@ pub struct RunArgs {
     /// AdamW's decoupled weight decay (0 or more).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// How AdamW stores its two moments: f32 (PyTorch's AdamW), or bf16 (half the optimizer's
+    /// memory: 4 bytes per trainable parameter instead of 8; stochastically rounded each step).
+    #[arg(long, default_value = "f32")]
+    pub optimizer_state: String,
     /// Clip the global gradient norm to this (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
@@ -471,6 +475,7 @@ impl RunArgs {
             decay,
             min_lr_ratio: self.min_lr_ratio,
             weight_decay: self.weight_decay,
+            optimizer_state: self.optimizer_state.parse().map_err(|e| anyhow::anyhow!("--optimizer-state {e}"))?,
             clip: (self.clip > 0.0).then_some(self.clip),
             eval_every: self.eval_every,
             save_every: self.save_every,

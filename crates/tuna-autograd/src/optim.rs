@@ -5,14 +5,49 @@
 use crate::error::{Error, Result};
 use crate::ops::{host, zeros, Kernels};
 use crate::tensor::{Float, Tensor};
-use tuna_kernels::ops::adamw::AdamWKernel;
+use half::bf16;
 pub use tuna_kernels::ops::adamw::AdamWParams;
+use tuna_kernels::ops::adamw::{AdamWBf16Kernel, AdamWKernel};
 use tuna_kernels::ops::grad::GradNormKernel;
 use tuna_kernels::Alloc;
 
 /// Backends with the optimizer kernels for `E`.
-pub trait OptimKernels<E: Float>: Kernels<E> + AdamWKernel<E> + GradNormKernel<E> {}
-impl<B: Kernels<E> + AdamWKernel<E> + GradNormKernel<E>, E: Float> OptimKernels<E> for B {}
+pub trait OptimKernels<E: Float>:
+    Kernels<E> + AdamWKernel<E> + AdamWBf16Kernel<E> + GradNormKernel<E> + Alloc<bf16>
+{
+}
+impl<B: Kernels<E> + AdamWKernel<E> + AdamWBf16Kernel<E> + GradNormKernel<E> + Alloc<bf16>, E: Float> OptimKernels<E>
+    for B
+{
+}
+
+/// How AdamW stores its two moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MomentStorage {
+    /// In the masters' float (f32): PyTorch's AdamW.
+    #[default]
+    Master,
+    /// In bf16 (half the optimizer's memory), stochastically rounded each step
+    /// (`tuna_kernels::ops::adamw::AdamWBf16Kernel`).
+    Bf16,
+}
+
+impl std::str::FromStr for MomentStorage {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(MomentStorage::Master),
+            "bf16" => Ok(MomentStorage::Bf16),
+            other => Err(format!("`{other}`: expected f32 or bf16")),
+        }
+    }
+}
+
+/// One parameter's moments, as stored.
+enum Moments<B: OptimKernels<E>, E: Float> {
+    Master(<B as Alloc<E>>::Owned, <B as Alloc<E>>::Owned),
+    Bf16(<B as Alloc<bf16>>::Owned, <B as Alloc<bf16>>::Owned),
+}
 
 /// Drop every parameter's accumulated gradient.
 pub fn zero_grad<B: Kernels<E>, E: Float>(params: &[&Tensor<B, E>]) {
@@ -58,35 +93,66 @@ fn norm_then<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>], clip: Optio
     Ok(sq.sqrt())
 }
 
-/// AdamW with decoupled weight decay (PyTorch's `AdamW`), its moments kept on the device.
+/// AdamW with decoupled weight decay (PyTorch's `AdamW`), its moments kept on the device, in the
+/// masters' float or in bf16 ([`MomentStorage`]).
 pub struct AdamW<B: OptimKernels<E>, E: Float> {
     pub hp: AdamWParams,
     params: Vec<Tensor<B, E>>,
-    moments: Vec<(<B as Alloc<E>>::Owned, <B as Alloc<E>>::Owned)>,
+    moments: Vec<Moments<B, E>>,
+    storage: MomentStorage,
 }
 
 impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
-    /// An optimizer over `params` (each must be trainable).
+    /// An optimizer over `params` (each must be trainable), moments in the masters' float.
     pub fn new(params: &[&Tensor<B, E>], hp: AdamWParams) -> Result<Self> {
+        Self::with_storage(params, hp, MomentStorage::Master)
+    }
+
+    /// An optimizer over `params` with its moments stored as `storage` says.
+    pub fn with_storage(params: &[&Tensor<B, E>], hp: AdamWParams, storage: MomentStorage) -> Result<Self> {
         let mut moments = Vec::new();
         for p in params {
             if !p.requires_grad() || !p.is_leaf() {
                 return Err(Error::Backward(format!("AdamW: {p:?} is not a trainable leaf")));
             }
-            let dev = p.device();
-            moments.push((zeros::<B, E>(dev, p.numel())?, zeros::<B, E>(dev, p.numel())?));
+            let (dev, n) = (p.device(), p.numel());
+            moments.push(match storage {
+                MomentStorage::Master => Moments::Master(zeros::<B, E>(dev, n)?, zeros::<B, E>(dev, n)?),
+                MomentStorage::Bf16 => {
+                    Moments::Bf16(Alloc::<bf16>::zeros(&**dev, n)?, Alloc::<bf16>::zeros(&**dev, n)?)
+                }
+            });
         }
-        Ok(AdamW { hp: AdamWParams { step: 0, ..hp }, params: params.iter().map(|p| (*p).clone()).collect(), moments })
+        Ok(AdamW {
+            hp: AdamWParams { step: 0, ..hp },
+            params: params.iter().map(|p| (*p).clone()).collect(),
+            moments,
+            storage,
+        })
+    }
+
+    /// How the moments are stored.
+    pub fn storage(&self) -> MomentStorage {
+        self.storage
     }
 
     /// The first and second moments of each parameter, in the order given to [`AdamW::new`]
-    /// (host copies, for checkpoints).
+    /// (host copies in the masters' float, for checkpoints; bf16 moments widen exactly).
     pub fn moments(&self) -> Result<Vec<(Vec<E>, Vec<E>)>> {
         let dev = match self.params.first() {
             Some(p) => p.device().clone(),
             None => return Ok(Vec::new()),
         };
-        self.moments.iter().map(|(m, v)| Ok((dev.to_host(m)?, dev.to_host(v)?))).collect()
+        let widen = |v: Vec<bf16>| v.into_iter().map(|x| E::c(x.to_f64())).collect::<Vec<E>>();
+        self.moments
+            .iter()
+            .map(|mv| match mv {
+                Moments::Master(m, v) => Ok((dev.to_host(m)?, dev.to_host(v)?)),
+                Moments::Bf16(m, v) => {
+                    Ok((widen(Alloc::<bf16>::to_host(&*dev, m)?), widen(Alloc::<bf16>::to_host(&*dev, v)?)))
+                }
+            })
+            .collect()
     }
 
     /// Restore moments saved by [`AdamW::moments`] and the step count (`hp.step`); an error names
@@ -110,7 +176,17 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
                 )));
             }
             let dev = p.device();
-            self.moments[i] = (dev.from_host(m)?, dev.from_host(v)?);
+            self.moments[i] = match self.storage {
+                MomentStorage::Master => Moments::Master(dev.from_host(m)?, dev.from_host(v)?),
+                MomentStorage::Bf16 => {
+                    // Saved from bf16 moments these are exact; from f32 ones, rounded to nearest.
+                    let narrow = |v: &[E]| v.iter().map(|&x| bf16::from_f64(x.into())).collect::<Vec<bf16>>();
+                    Moments::Bf16(
+                        Alloc::<bf16>::from_host(&**dev, &narrow(m))?,
+                        Alloc::<bf16>::from_host(&**dev, &narrow(v))?,
+                    )
+                }
+            };
         }
         self.hp.step = step;
         Ok(())
@@ -119,11 +195,24 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
     /// One update of every parameter that has a gradient, then zero the gradients.
     pub fn step(&mut self) -> Result<()> {
         self.hp.step += 1;
-        for (p, (m, v)) in self.params.iter().zip(self.moments.iter_mut()) {
+        for (i, (p, mv)) in self.params.iter().zip(self.moments.iter_mut()).enumerate() {
             let dev = p.device().clone();
             let hp = self.hp;
-            let r =
-                p.with_grad(|g| dev.adamw_step(&hp, B::buf_mut(&mut *p.data_mut()), g, B::buf_mut(m), B::buf_mut(v)));
+            // The stochastic rounding's draw: per step and per parameter, so runs reproduce.
+            let seed = hp.step.wrapping_mul(0x9e37_79b9) ^ (i as u32).wrapping_mul(0x85eb_ca6b);
+            let r = p.with_grad(|g| match mv {
+                Moments::Master(m, v) => {
+                    dev.adamw_step(&hp, <B as Alloc<E>>::buf_mut(&mut *p.data_mut()), g, B::buf_mut(m), B::buf_mut(v))
+                }
+                Moments::Bf16(m, v) => dev.adamw_step_bf16_moments(
+                    &hp,
+                    seed,
+                    <B as Alloc<E>>::buf_mut(&mut *p.data_mut()),
+                    g,
+                    <B as Alloc<bf16>>::buf_mut(m),
+                    <B as Alloc<bf16>>::buf_mut(v),
+                ),
+            });
             if let Some(r) = r {
                 r?;
             }

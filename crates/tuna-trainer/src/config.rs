@@ -35,6 +35,8 @@ pub struct TrainConfig {
     pub decay: Decay,
     pub min_lr_ratio: f64,
     pub weight_decay: f64,
+    /// How AdamW stores its moments (f32, or bf16 for half the optimizer memory).
+    pub optimizer_state: tuna_autograd::optim::MomentStorage,
     pub clip: Option<f64>,
     pub eval_every: u64,
     pub save_every: u64,

@@ -434,7 +434,7 @@ impl<B: Backend> PendingLoss<B> {
 pub(crate) fn optimizer<B: Backend>(cfg: &TrainConfig, params: &[(String, Tensor<B, f32>)]) -> Result<AdamW<B, f32>> {
     let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
     let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
-    Ok(AdamW::new(&refs, hp)?)
+    Ok(AdamW::with_storage(&refs, hp, cfg.optimizer_state)?)
 }
 
 /// What one training step did.

@@ -1,7 +1,7 @@
 //! AdamW on the CPU: rayon over fixed-size chunks. Generic over the float ([`CpuFloat`]): f32
 //! (the same arithmetic as `adamw.cu`), or f64 for an f64 training loop.
 
-use super::{check, AdamWKernel, AdamWParams};
+use super::{check, stochastic_bf16, AdamWBf16Kernel, AdamWKernel, AdamWParams, SALT_M, SALT_V};
 use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -58,6 +58,41 @@ impl<F: CpuFloat> AdamWKernel<F> for Cpu {
             .for_each(|((x, g), (m, v))| {
                 for (((x, &g), m), v) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                     update(&k, x, g, m, v);
+                }
+            });
+        Ok(())
+    }
+}
+
+impl<F: CpuFloat> AdamWBf16Kernel<F> for Cpu {
+    fn adamw_step_bf16_moments(
+        &self,
+        p: &AdamWParams,
+        seed: u32,
+        params: &mut [F],
+        grads: &[F],
+        m: &mut [half::bf16],
+        v: &mut [half::bf16],
+    ) -> Result<()> {
+        let n = params.len();
+        let detail = || format!("same length as params ({n})");
+        crate::error::check_len("adamw", "grads", grads.len(), n, detail)?;
+        crate::error::check_len("adamw", "m", m.len(), n, detail)?;
+        crate::error::check_len("adamw", "v", v.len(), n, detail)?;
+        p.kernel_params(n)?;
+        let k = Hyper::<F>::new(p);
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .enumerate()
+            .for_each(|(c, ((x, g), (m, v)))| {
+                for (j, (((x, &g), m), v)) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()).enumerate() {
+                    let (mut mf, mut vf) = (F::c(m.to_f64()), F::c(v.to_f64()));
+                    update(&k, x, g, &mut mf, &mut vf);
+                    let i = (c * CHUNK + j) as u64;
+                    *m = stochastic_bf16(mf.to_f32(), seed, i, SALT_M);
+                    *v = stochastic_bf16(vf.to_f32(), seed, i, SALT_V);
                 }
             });
         Ok(())
