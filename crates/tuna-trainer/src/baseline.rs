@@ -96,15 +96,39 @@ fn fill(template: &str, text: &str) -> String {
     template.replace("{text}", text)
 }
 
-/// `k` distinct training examples, drawn with `seed` (a partial Fisher-Yates shuffle).
+/// `k` distinct training examples drawn with `seed`, balanced over the classes (round-robin over
+/// the classes in label order, each class's examples in a seeded shuffle; a class that runs out
+/// leaves its turn to the others), then put in a seeded order. Drawn at random, a few shots are
+/// often all one class, and the model then answers with that class (on SmolLM2 four `fresh`
+/// shots cut accuracy from 0.78 to 0.55).
 fn draw(records: &[Record], k: usize, seed: u64) -> Vec<&Record> {
-    let mut idx: Vec<usize> = (0..records.len()).collect();
     let mut rng = SplitMix64::new(seed ^ 0x5407);
-    for i in 0..k.min(idx.len()) {
-        let j = i + (rng.next_u64() % (idx.len() - i) as u64) as usize;
-        idx.swap(i, j);
+    let mut shuffle = |v: &mut Vec<usize>| {
+        for i in (1..v.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    };
+    let mut by_class: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (i, r) in records.iter().enumerate() {
+        by_class.entry(text_label(r).1).or_default().push(i);
     }
-    idx[..k.min(records.len())].iter().map(|&i| &records[i]).collect()
+    let mut queues: Vec<Vec<usize>> = by_class.into_values().collect();
+    for q in &mut queues {
+        shuffle(q);
+    }
+    let mut picked = Vec::with_capacity(k);
+    while picked.len() < k.min(records.len()) {
+        for q in &mut queues {
+            if picked.len() < k {
+                if let Some(i) = q.pop() {
+                    picked.push(i);
+                }
+            }
+        }
+    }
+    shuffle(&mut picked);
+    picked.into_iter().map(|i| &records[i]).collect()
 }
 
 fn text_label(r: &Record) -> (&str, &str) {
@@ -300,10 +324,29 @@ mod tests {
     }
 
     #[test]
-    fn shots_are_distinct_reproducible_and_bounded() {
+    fn shots_are_distinct_reproducible_bounded_and_balanced() {
+        // Labels a (7 examples), b (2), c (1).
+        let label = |i: usize| {
+            if i < 7 {
+                "a"
+            } else if i < 9 {
+                "b"
+            } else {
+                "c"
+            }
+        };
         let recs: Vec<Record> = (0..10)
-            .map(|i| Record { line: i + 1, ex: Example::Labeled { text: format!("t{i}"), label: "a".into() } })
+            .map(|i| Record { line: i + 1, ex: Example::Labeled { text: format!("t{i}"), label: label(i).into() } })
             .collect();
+        let classes = |k: usize, seed: u64| {
+            let mut c: Vec<&str> = draw(&recs, k, seed).iter().map(|r| text_label(r).1).collect();
+            c.sort();
+            c
+        };
+        assert_eq!(classes(3, 5), ["a", "b", "c"]);
+        // Round robin: a b c, a b, then only a is left.
+        assert_eq!(classes(6, 5), ["a", "a", "a", "b", "b", "c"]);
+        assert_eq!(classes(5, 9), ["a", "a", "b", "b", "c"]);
         let a: Vec<usize> = draw(&recs, 4, 7).iter().map(|r| r.line).collect();
         let b: Vec<usize> = draw(&recs, 4, 7).iter().map(|r| r.line).collect();
         let c: Vec<usize> = draw(&recs, 4, 8).iter().map(|r| r.line).collect();
