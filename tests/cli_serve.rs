@@ -60,7 +60,7 @@ fn adapters() -> &'static PathBuf {
 struct Server {
     child: Child,
     addr: String,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Server {
@@ -80,7 +80,7 @@ impl Server {
             s
         });
         let addr = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("first line: {line:?}"));
-        Server { child, addr: addr.to_string(), stderr }
+        Server { child, addr: addr.to_string(), stderr: Some(stderr) }
     }
 
     fn req(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
@@ -108,7 +108,7 @@ impl Server {
     fn terminate(mut self) -> (i32, String) {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        (code, self.stderr.join().unwrap())
+        (code, self.stderr.take().unwrap().join().unwrap())
     }
 }
 
@@ -283,8 +283,8 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "n": 3}).to_string(), 400, "unsupported"),
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "stop": ["."]}).to_string(), 400, "unsupported"),
         ("/v1/completions", json!({"model": "lora", "prompt": "cat ".repeat(50)}).to_string(), 400, "prompt_too_long"),
-        // 4 virtual tokens + ~30 prompt tokens + 40 new tokens > 64 positions.
-        ("/v1/completions", json!({"model": "prompt", "prompt": "cat ".repeat(30), "max_tokens": 40}).to_string(), 400, "context_length_exceeded"),
+        // 4 virtual tokens + 26 prompt tokens + 40 new tokens > 64 positions.
+        ("/v1/completions", json!({"model": "prompt", "prompt": "cat ".repeat(12), "max_tokens": 40}).to_string(), 400, "context_length_exceeded"),
         ("/v1/chat/completions", json!({"model": "lora", "messages": [{"role": "user", "content": "hi"}]}).to_string(), 400, "no_chat_template"),
         ("/v1/chat/completions", json!({"model": "lora", "messages": "hi"}).to_string(), 400, "invalid_type"),
         ("/v1/classify", json!({"model": "lora", "input": "The cat"}).to_string(), 400, "not_a_classifier"),
