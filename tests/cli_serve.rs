@@ -100,7 +100,8 @@ impl Server {
     fn metric(&self, name: &str) -> f64 {
         let m = self.req("GET", "/metrics", None);
         assert_eq!(m.status, 200);
-        let line = m.body.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {}", m.body));
+        let line =
+            m.body.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {}", m.body));
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
@@ -222,7 +223,8 @@ fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
     });
     // The adapters change the answers (else mix-ups could not show).
     for p in PROMPTS {
-        let distinct: std::collections::HashSet<&String> = models.iter().map(|m| &want[&(m.to_string(), p.to_string())]).collect();
+        let distinct: std::collections::HashSet<&String> =
+            models.iter().map(|m| &want[&(m.to_string(), p.to_string())]).collect();
         assert!(distinct.len() >= 3, "{p}: adapters barely change the output: {distinct:?}");
     }
     let srv = Server::start(Some(dir), &["--max-batch", "8", "--max-queue", "64"]);
@@ -233,7 +235,8 @@ fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
                 s.spawn(move || {
                     for r in 0..rounds {
                         let i = c * rounds + r;
-                        let (m, p, stream) = (models[i % models.len()], PROMPTS[(i / 5) % PROMPTS.len()], i % 3 == 0);
+                        let (m, p, stream) =
+                            (models[i % models.len()], PROMPTS[(i / 5) % PROMPTS.len()], i.is_multiple_of(3));
                         let got = text_of(&srv.post("/v1/completions", &completion(m, p, stream)), stream);
                         assert_eq!(got, want[&(m.to_string(), p.to_string())], "{m} / {p} (stream {stream})");
                     }
@@ -261,7 +264,8 @@ fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
 fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     let dir = adapters();
     // A 5 ms pause per step keeps the streams below in flight when their clients leave.
-    let srv = Server::start(Some(dir), &["--max-new-tokens", "40", "--max-prompt-tokens", "48", "--step-delay-ms", "5"]);
+    let srv =
+        Server::start(Some(dir), &["--max-new-tokens", "40", "--max-prompt-tokens", "48", "--step-delay-ms", "5"]);
     let good = || {
         let r = srv.post("/v1/completions", &completion("lora", "The cat", false));
         assert_eq!(r.status, 200, "{}", r.body);
@@ -273,19 +277,49 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
         ("/v1/completions", json!({"model": "nope", "prompt": "x"}).to_string(), 404, "model_not_found"),
         ("/v1/completions", json!({"prompt": "x"}).to_string(), 400, "missing_field"),
         ("/v1/completions", json!({"model": "lora", "prompt": 5}).to_string(), 400, "invalid_type"),
-        ("/v1/completions", json!({"model": "lora", "prompt": "x", "temperature": 1e9}).to_string(), 400, "invalid_value"),
-        ("/v1/completions", json!({"model": "lora", "prompt": "x", "temperature": -1}).to_string(), 400, "invalid_value"),
+        (
+            "/v1/completions",
+            json!({"model": "lora", "prompt": "x", "temperature": 1e9}).to_string(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "lora", "prompt": "x", "temperature": -1}).to_string(),
+            400,
+            "invalid_value",
+        ),
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "top_p": 7}).to_string(), 400, "invalid_value"),
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "top_k": 0}).to_string(), 400, "invalid_value"),
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "max_tokens": 0}).to_string(), 400, "invalid_value"),
-        ("/v1/completions", json!({"model": "lora", "prompt": "x", "max_tokens": 1e12}).to_string(), 400, "invalid_type"),
-        ("/v1/completions", json!({"model": "lora", "prompt": "x", "max_tokens": 41}).to_string(), 400, "max_tokens_exceeded"),
+        (
+            "/v1/completions",
+            json!({"model": "lora", "prompt": "x", "max_tokens": 1e12}).to_string(),
+            400,
+            "invalid_type",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "lora", "prompt": "x", "max_tokens": 41}).to_string(),
+            400,
+            "max_tokens_exceeded",
+        ),
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "n": 3}).to_string(), 400, "unsupported"),
         ("/v1/completions", json!({"model": "lora", "prompt": "x", "stop": ["."]}).to_string(), 400, "unsupported"),
         ("/v1/completions", json!({"model": "lora", "prompt": "cat ".repeat(50)}).to_string(), 400, "prompt_too_long"),
         // 4 virtual tokens + 26 prompt tokens + 40 new tokens > 64 positions.
-        ("/v1/completions", json!({"model": "prompt", "prompt": "cat ".repeat(12), "max_tokens": 40}).to_string(), 400, "context_length_exceeded"),
-        ("/v1/chat/completions", json!({"model": "lora", "messages": [{"role": "user", "content": "hi"}]}).to_string(), 400, "no_chat_template"),
+        (
+            "/v1/completions",
+            json!({"model": "prompt", "prompt": "cat ".repeat(12), "max_tokens": 40}).to_string(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "lora", "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+            400,
+            "no_chat_template",
+        ),
         ("/v1/chat/completions", json!({"model": "lora", "messages": "hi"}).to_string(), 400, "invalid_type"),
         ("/v1/classify", json!({"model": "lora", "input": "The cat"}).to_string(), 400, "not_a_classifier"),
         ("/v1/classify", json!({"model": "ghost", "input": "The cat"}).to_string(), 404, "model_not_found"),
@@ -325,7 +359,8 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(dir.join("lora/adapter").join(f), corrupt.join(f)).unwrap();
     }
-    std::fs::write(corrupt.join("adapter_model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors").unwrap();
+    std::fs::write(corrupt.join("adapter_model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+        .unwrap();
     let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/tuna-models/tests/fixtures/peft/gpt2_lora");
     for (name, path) in [("c", corrupt.clone()), ("g", gpt2), ("m", bad.join("missing"))] {
         let r = srv.post("/v1/adapters", &json!({"name": name, "path": path}));
@@ -351,7 +386,8 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     assert_eq!(srv.req("DELETE", "/v1/adapters/base", None).status, 400);
 
     // Clients leaving mid-stream: their sequences leave the batch; the others carry on.
-    let body = json!({"model": "houlsby", "prompt": "The", "max_tokens": 40, "temperature": 0.7, "stream": true}).to_string();
+    let body =
+        json!({"model": "houlsby", "prompt": "The", "max_tokens": 40, "temperature": 0.7, "stream": true}).to_string();
     for _ in 0..4 {
         let mut s = TcpStream::connect(&srv.addr).unwrap();
         write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
@@ -403,8 +439,12 @@ fn stream_in_flight(srv: &Server) -> TcpStream {
     let b = json!({"model": "base", "prompt": "The", "max_tokens": 60, "temperature": 1.0, "seed": 1, "stream": true})
         .to_string();
     let mut s = TcpStream::connect(&srv.addr).unwrap();
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{b}", b.len())
-        .unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
     let mut first = [0u8; 16];
     s.read_exact(&mut first).unwrap();
     s

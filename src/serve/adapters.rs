@@ -92,7 +92,8 @@ impl<B: Kernels<f32>> Registry<B> {
                 format!("{}: no {} there (nor in its adapter/ folder)", dir.display(), peft::CONFIG),
             )
         })?;
-        let fail = |msg: String| ApiError::invalid("adapter_load_failed", "path", format!("{}: {msg}", folder.display()));
+        let fail =
+            |msg: String| ApiError::invalid("adapter_load_failed", "path", format!("{}: {msg}", folder.display()));
         let task = tuna_trainer::TaskFile::read(&folder).map_err(|e| fail(e.to_string()))?;
         // The model's own (empty) adaptation is set aside while the adapter loads into it, and
         // put back whatever happens (a load that fails or panics leaves the model as it was).

@@ -96,7 +96,8 @@ pub fn gen_params(o: &Map<String, Value>, limits: &Limits, seed: u64) -> Result<
         return Err(ApiError::invalid("unsupported", "best_of", "best_of is not supported (leave it out or 1)"));
     }
     for k in ["stop", "logit_bias", "suffix", "tools", "functions", "response_format"] {
-        let empty = |v: &Value| v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|m| m.is_empty());
+        let empty =
+            |v: &Value| v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|m| m.is_empty());
         if field(o, k).is_some_and(|v| !empty(v)) {
             return Err(ApiError::invalid("unsupported", k, format!("`{k}` is not supported by this server")));
         }
@@ -125,19 +126,30 @@ pub fn gen_params(o: &Map<String, Value>, limits: &Limits, seed: u64) -> Result<
             return Err(ApiError::invalid(
                 "max_tokens_exceeded",
                 k,
-                format!("`{k}` = {m} exceeds this server's limit of {} new tokens (--max-new-tokens)", limits.max_new_tokens),
+                format!(
+                    "`{k}` = {m} exceeds this server's limit of {} new tokens (--max-new-tokens)",
+                    limits.max_new_tokens
+                ),
             ))
         }
         Some((_, m)) => Some(m as usize),
     };
     let temperature = opt_f64(o, "temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid("invalid_value", "temperature", format!("temperature {temperature}: expected 0 to 2")));
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "temperature",
+            format!("temperature {temperature}: expected 0 to 2"),
+        ));
     }
     let top_p = opt_f64(o, "top_p")?;
     if let Some(p) = top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid("invalid_value", "top_p", format!("top_p {p}: expected more than 0, at most 1")));
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "top_p",
+                format!("top_p {p}: expected more than 0, at most 1"),
+            ));
         }
     }
     let top_k = opt_u64(o, "top_k")?;
@@ -178,8 +190,16 @@ pub fn chatml(o: &Map<String, Value>) -> Result<String, ApiError> {
         let p = format!("messages[{i}]");
         let m = m.as_object().ok_or_else(|| wrong(&p, "an object with role and content", m))?;
         let role = match field(m, "role").and_then(Value::as_str) {
-            Some(r @ ("system" | "user" | "assistant" | "developer")) => if r == "developer" { "system" } else { r },
-            _ => return Err(ApiError::invalid("invalid_value", &format!("{p}.role"), "role: system, user or assistant")),
+            Some(r @ ("system" | "user" | "assistant" | "developer")) => {
+                if r == "developer" {
+                    "system"
+                } else {
+                    r
+                }
+            }
+            _ => {
+                return Err(ApiError::invalid("invalid_value", &format!("{p}.role"), "role: system, user or assistant"))
+            }
         };
         let content = match field(m, "content") {
             Some(Value::String(c)) => c.clone(),
@@ -245,8 +265,10 @@ mod tests {
 
     #[test]
     fn chat_messages_become_chatml() {
-        let o = parse_object(br#"{"messages": [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}"#)
+        let o = parse_object(
+            br#"{"messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}"#,
+        )
         .unwrap();
         assert_eq!(
             chatml(&o).unwrap(),

@@ -24,7 +24,9 @@ use tuna_models::model::AnyModel;
 pub enum GenEvent {
     Token(u32),
     /// `true`: ended on the end-of-sequence token ("stop"); `false`: the token budget ("length").
-    Done { eos: bool },
+    Done {
+        eos: bool,
+    },
     Error(ApiError),
 }
 
@@ -43,11 +45,24 @@ pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 pub enum Command {
     Generate(GenRequest),
     /// Label scores (softmax) of each text through a classify adapter.
-    Classify { adapter: String, texts: Vec<String>, reply: Reply<Vec<Vec<(String, f64)>>> },
-    Load { name: String, path: PathBuf, reply: Reply<AdapterInfo> },
-    Unload { name: String, reply: Reply<AdapterInfo> },
+    Classify {
+        adapter: String,
+        texts: Vec<String>,
+        reply: Reply<Vec<Vec<(String, f64)>>>,
+    },
+    Load {
+        name: String,
+        path: PathBuf,
+        reply: Reply<AdapterInfo>,
+    },
+    Unload {
+        name: String,
+        reply: Reply<AdapterInfo>,
+    },
     /// Stop taking requests; finish those in flight for up to `grace`, then end them with an error.
-    Shutdown { grace: Duration },
+    Shutdown {
+        grace: Duration,
+    },
     /// Nothing: `/health` checks that the engine still takes commands.
     Ping,
 }
@@ -290,9 +305,7 @@ impl<B: Kernels<f32>> Engine<B> {
             let scores = self
                 .registry
                 .with_installed(&mut self.model, Some(slot), |m| {
-                    tuna_autograd::no_grad(|| {
-                        m.class_scores(&ids, &mask, 1, &verbalizer).and_then(|t| Ok(t.to_vec()?))
-                    })
+                    tuna_autograd::no_grad(|| m.class_scores(&ids, &mask, 1, &verbalizer).and_then(|t| Ok(t.to_vec()?)))
                 })
                 .map_err(ApiError::internal)?
                 .map_err(|e| ApiError::internal(e.to_string()))?;

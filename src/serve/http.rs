@@ -102,9 +102,15 @@ impl App {
             }
         };
         if !self.decoder {
-            return Err(ApiError::bad_request("not_a_decoder", "the base model is BERT: it classifies, it does not generate"));
+            return Err(ApiError::bad_request(
+                "not_a_decoder",
+                "the base model is BERT: it classifies, it does not generate",
+            ));
         }
-        let enc = self.tokenizer.encode(text, self.add_special).map_err(|e| ApiError::invalid("tokenizer", "prompt", e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, self.add_special)
+            .map_err(|e| ApiError::invalid("tokenizer", "prompt", e.to_string()))?;
         let prompt = enc.get_ids().to_vec();
         let l = &self.limits;
         if prompt.is_empty() {
@@ -114,7 +120,11 @@ impl App {
             return Err(ApiError::invalid(
                 "prompt_too_long",
                 "prompt",
-                format!("the prompt has {} tokens; this server takes at most {} (--max-prompt-tokens)", prompt.len(), l.max_prompt_tokens),
+                format!(
+                    "the prompt has {} tokens; this server takes at most {} (--max-prompt-tokens)",
+                    prompt.len(),
+                    l.max_prompt_tokens
+                ),
             ));
         }
         // The last new token is never fed back: it may take the position after the last.
@@ -132,7 +142,11 @@ impl App {
             None => default_max.min(room).min(l.max_new_tokens),
         };
         if max_new == 0 {
-            return Err(ApiError::invalid("context_length_exceeded", "prompt", "the prompt fills the model's context: shorten it"));
+            return Err(ApiError::invalid(
+                "context_length_exceeded",
+                "prompt",
+                "the prompt fills the model's context: shorten it",
+            ));
         }
         if !self.shared.metrics.try_enqueue(l.max_queue) {
             return Err(ApiError::queue_full(l.max_queue));
@@ -213,7 +227,9 @@ impl Reply {
 
     fn chunk(&self, delta: Option<&str>, finish: Option<&str>, role: bool) -> Value {
         let choice = match self.kind {
-            Kind::Completion => json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => {
+                json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
             Kind::Chat => {
                 let mut d = serde_json::Map::new();
                 if role {
@@ -231,7 +247,9 @@ impl Reply {
     fn full(&self, text: &str, finish: &str, usage: Value) -> Value {
         let choice = match self.kind {
             Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            }
         };
         let mut v = self.envelope(false, choice);
         v["usage"] = usage;
@@ -286,7 +304,13 @@ async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
 }
 
 /// The whole answer as JSON, or a stream of server-sent events.
-async fn respond(app: &Arc<App>, reply: Reply, p: &GenParams, mut rx: Queued, n_prompt: usize) -> Result<Response, ApiError> {
+async fn respond(
+    app: &Arc<App>,
+    reply: Reply,
+    p: &GenParams,
+    mut rx: Queued,
+    n_prompt: usize,
+) -> Result<Response, ApiError> {
     if p.stream {
         return Ok(stream(app.clone(), reply, rx, n_prompt, p.include_usage));
     }
@@ -319,7 +343,16 @@ fn stream(app: Arc<App>, reply: Reply, rx: Queued, n_prompt: usize, include_usag
     if reply.kind == Kind::Chat {
         pending.push_back(reply.chunk(Some(""), None, true).to_string());
     }
-    let st = Streaming { app, reply, rx, detok: Detok { ids: Vec::new(), sent: String::new() }, pending, ended: false, n_prompt, include_usage };
+    let st = Streaming {
+        app,
+        reply,
+        rx,
+        detok: Detok { ids: Vec::new(), sent: String::new() },
+        pending,
+        ended: false,
+        n_prompt,
+        include_usage,
+    };
     let events = futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(data) = st.pending.pop_front() {
@@ -374,10 +407,20 @@ async fn classify(State(app): State<Arc<App>>, body: Body) -> Response {
             Some(Value::Array(a)) if (1..=64).contains(&a.len()) && a.iter().all(Value::is_string) => {
                 a.iter().filter_map(|v| v.as_str().map(String::from)).collect()
             }
-            _ => return Err(ApiError::invalid("invalid_value", "input", "`input`: a string or a list of 1 to 64 strings")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    "input",
+                    "`input`: a string or a list of 1 to 64 strings",
+                ))
+            }
         };
         if api::adapter_of(&model).is_none() {
-            return Err(ApiError::invalid("not_a_classifier", "model", "the base model has no classes: name a classify adapter"));
+            return Err(ApiError::invalid(
+                "not_a_classifier",
+                "model",
+                "the base model has no classes: name a classify adapter",
+            ));
         }
         let (tx, rx) = oneshot::channel();
         app.send(Command::Classify { adapter: model.clone(), texts, reply: tx })?;

@@ -68,20 +68,65 @@ impl Metrics {
         let active = self.active.load(Relaxed);
         let rows: [(&str, &str, &str, String); 15] = [
             ("tuna_requests_total", "counter", "requests received", self.requests.load(Relaxed).to_string()),
-            ("tuna_requests_refused_total", "counter", "requests refused (4xx)", self.refused.load(Relaxed).to_string()),
-            ("tuna_requests_failed_total", "counter", "requests failed in the engine (5xx)", self.failed.load(Relaxed).to_string()),
-            ("tuna_requests_cancelled_total", "counter", "requests ended early (client gone, shutdown)", self.cancelled.load(Relaxed).to_string()),
-            ("tuna_requests_completed_total", "counter", "requests answered in full", self.completed.load(Relaxed).to_string()),
-            ("tuna_prompt_tokens_total", "counter", "prompt tokens prefilled", self.prompt_tokens.load(Relaxed).to_string()),
-            ("tuna_generated_tokens_total", "counter", "tokens generated", self.generated_tokens.load(Relaxed).to_string()),
+            (
+                "tuna_requests_refused_total",
+                "counter",
+                "requests refused (4xx)",
+                self.refused.load(Relaxed).to_string(),
+            ),
+            (
+                "tuna_requests_failed_total",
+                "counter",
+                "requests failed in the engine (5xx)",
+                self.failed.load(Relaxed).to_string(),
+            ),
+            (
+                "tuna_requests_cancelled_total",
+                "counter",
+                "requests ended early (client gone, shutdown)",
+                self.cancelled.load(Relaxed).to_string(),
+            ),
+            (
+                "tuna_requests_completed_total",
+                "counter",
+                "requests answered in full",
+                self.completed.load(Relaxed).to_string(),
+            ),
+            (
+                "tuna_prompt_tokens_total",
+                "counter",
+                "prompt tokens prefilled",
+                self.prompt_tokens.load(Relaxed).to_string(),
+            ),
+            (
+                "tuna_generated_tokens_total",
+                "counter",
+                "tokens generated",
+                self.generated_tokens.load(Relaxed).to_string(),
+            ),
             ("tuna_decode_steps_total", "counter", "scheduler steps run", self.steps.load(Relaxed).to_string()),
-            ("tuna_tokens_per_second", "gauge", "tokens generated per second over the last 10 s", format!("{:.3}", self.tokens_per_second())),
+            (
+                "tuna_tokens_per_second",
+                "gauge",
+                "tokens generated per second over the last 10 s",
+                format!("{:.3}", self.tokens_per_second()),
+            ),
             ("tuna_queue_depth", "gauge", "requests waiting for a batch slot", self.queued.load(Relaxed).to_string()),
             ("tuna_queue_capacity", "gauge", "--max-queue", max_queue.to_string()),
             ("tuna_batch_active", "gauge", "sequences in the decoding batch", active.to_string()),
-            ("tuna_batch_occupancy", "gauge", "active sequences / --max-batch", format!("{:.3}", active as f64 / max_batch.max(1) as f64)),
+            (
+                "tuna_batch_occupancy",
+                "gauge",
+                "active sequences / --max-batch",
+                format!("{:.3}", active as f64 / max_batch.max(1) as f64),
+            ),
             ("tuna_adapters_loaded", "gauge", "adapters loaded", self.adapters.load(Relaxed).to_string()),
-            ("tuna_shutting_down", "gauge", "1 while shutting down", u8::from(self.shutting_down.load(Relaxed)).to_string()),
+            (
+                "tuna_shutting_down",
+                "gauge",
+                "1 while shutting down",
+                u8::from(self.shutting_down.load(Relaxed)).to_string(),
+            ),
         ];
         let mut s = String::new();
         for (name, kind, help, value) in rows {

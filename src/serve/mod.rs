@@ -182,7 +182,8 @@ fn start<B: Kernels<f32>>(
     let mut registry = adapters::Registry::default();
     if let Some(dir) = dir {
         let entries = std::fs::read_dir(dir).with_context(|| format!("--adapters {}", dir.display()))?;
-        let mut folders: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        let mut folders: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
         folders.sort();
         for f in folders {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -192,11 +193,20 @@ fn start<B: Kernels<f32>>(
             }
             match registry.load(&mut m, &name, &f) {
                 Ok(i) => eprintln!("adapter `{name}`: {} from {}", i.method, i.path.display()),
-                Err(e) => eprintln!("warning: adapter folder {} not loaded (the others are served): {}", f.display(), e.message),
+                Err(e) => eprintln!(
+                    "warning: adapter folder {} not loaded (the others are served): {}",
+                    f.display(),
+                    e.message
+                ),
             }
         }
     }
-    let ready = Ready { tokenizer: m.tokenizer.clone(), add_special: m.add_special, decoder: m.is_decoder(), context: m.max_positions() };
+    let ready = Ready {
+        tokenizer: m.tokenizer.clone(),
+        add_special: m.add_special,
+        decoder: m.is_decoder(),
+        context: m.max_positions(),
+    };
     let mut engine = Engine::new(m, registry, shared, max_batch);
     engine.step_delay = step_delay;
     Ok((ready, Box::new(move |rx| engine.run(rx))))

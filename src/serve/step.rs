@@ -9,8 +9,8 @@
 //! scheduler or the HTTP layer.
 
 use super::adapters::Registry;
-use tuna_autograd::ops::Kernels;
 use tuna_autograd::no_grad;
+use tuna_autograd::ops::Kernels;
 use tuna_kernels::rng::SplitMix64;
 use tuna_models::generate::{argmax, sample, CausalLm, KvCache, Sampling};
 use tuna_models::model::{AnyModel, Net};
