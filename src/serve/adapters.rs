@@ -92,8 +92,12 @@ impl<B: Kernels<f32>> Registry<B> {
                 format!("{}: no {} there (nor in its adapter/ folder)", dir.display(), peft::CONFIG),
             )
         })?;
-        let fail =
-            |msg: String| ApiError::invalid("adapter_load_failed", "path", format!("{}: {msg}", folder.display()));
+        // The models crate's errors usually name the file already; the folder is said once.
+        let fail = |msg: String| {
+            let shown = folder.display().to_string();
+            let msg = if msg.contains(&shown) { msg } else { format!("{shown}: {msg}") };
+            ApiError::invalid("adapter_load_failed", "path", msg)
+        };
         let task = tuna_trainer::TaskFile::read(&folder).map_err(|e| fail(e.to_string()))?;
         // The model's own (empty) adaptation is set aside while the adapter loads into it, and
         // put back whatever happens (a load that fails or panics leaves the model as it was).
