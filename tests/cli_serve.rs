@@ -331,6 +331,8 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
         assert_eq!(r.status, *status, "{path} {body}: {}", r.body);
         assert_eq!(r.error_code(), *code, "{path} {body}");
     }
+    let r = srv.req("GET", "/v1/completions", None);
+    assert_eq!((r.status, r.error_code().as_str()), (405, "method_not_allowed"));
     // Garbage bytes and a lying Content-Length do not take it down either.
     let mut s = TcpStream::connect(&srv.addr).unwrap();
     s.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();

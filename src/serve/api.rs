@@ -76,7 +76,10 @@ pub fn one_string(o: &Map<String, Value>, k: &str) -> Result<String, ApiError> {
         Some(Value::Array(_)) => Err(ApiError::invalid(
             "unsupported",
             k,
-            format!("`{k}` as a list: only one prompt per request (send several requests; they are batched)"),
+            format!(
+                "`{k}` as a list (of prompts or of token ids) is not supported: one string per request (send several \
+                 requests; they are batched)"
+            ),
         )),
         None => Err(ApiError::invalid("missing_field", k, format!("`{k}` is required"))),
         Some(v) => Err(wrong(k, "a string", v)),

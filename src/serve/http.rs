@@ -45,6 +45,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("unknown_route", "no such route (see /v1/models, /health)") })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                ..ApiError::bad_request("method_not_allowed", "this route does not take that method (POST for /v1/*)")
+            }
+        })
         .with_state(app)
 }
 
