@@ -480,3 +480,65 @@ fn sigterm_past_the_grace_period_ends_the_stream_with_an_error_and_exits_0() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert!(text.contains("shut down before this request finished") && !text.contains("[DONE]"), "{text}");
 }
+
+/// The llama fixture with a tokenizer that has ChatML's tokens (`;` and `?` give up their ids 8
+/// and 9 to `<|im_start|>` and `<|im_end|>`): the weights are the fixture's, so its adapters load.
+fn chatml_fixture() -> PathBuf {
+    let d = tmp("serve-chatml").join("llama");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = PathBuf::from(fixture("llama"));
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let mut t: Value = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    assert_eq!((vocab.remove(";"), vocab.remove("?")), (Some(json!(8)), Some(json!(9))));
+    for (id, content) in [(8, "<|im_start|>"), (9, "<|im_end|>")] {
+        t["added_tokens"].as_array_mut().unwrap().push(json!({"id": id, "content": content, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+    }
+    std::fs::write(d.join("tokenizer.json"), t.to_string()).unwrap();
+    d
+}
+
+#[test]
+fn chat_in_chatml_answers_as_tuna_generate_chat_streamed_or_not() {
+    let dir = adapters();
+    let model = chatml_fixture();
+    let mut srv_args = vec!["serve".to_string(), "--model".into(), model.display().to_string(), "--port".into()];
+    srv_args.extend(["0".into(), "--adapters".into(), dir.display().to_string()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tuna")).args(&srv_args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on http://").unwrap().to_string();
+    for m in ["base", "lora", "prefix"] {
+        let mut a = vec!["generate".to_string(), "--model".into(), model.display().to_string(), "--chat".into()];
+        a.extend(["--prompt".into(), "The cat sat".into(), "--max-new-tokens".into(), "12".into()]);
+        if m != "base" {
+            a.extend(["--adapter".into(), dir.join(m).join("adapter").display().to_string()]);
+        }
+        let out = tuna(&a);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let want = String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_string();
+        let body = |stream: bool| {
+            json!({"model": m, "messages": [{"role": "user", "content": "The cat sat"}], "max_tokens": 12,
+                   "temperature": 0, "stream": stream})
+            .to_string()
+        };
+        let r = request(&addr, "POST", "/v1/chat/completions", Some(&body(false)));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(want.as_str()), "{m}: {v}");
+        let r = request(&addr, "POST", "/v1/chat/completions", Some(&body(true)));
+        let ev = r.events();
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+        let chunks: Vec<Value> = ev[..ev.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, want, "{m} streamed");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
