@@ -80,6 +80,15 @@ struct Active<B: Kernels<f32>> {
     events: UnboundedSender<GenEvent>,
 }
 
+/// The per-step model work the scheduler uses: the one place a batched mixed-adapter
+/// implementation of [`Stepper`] replaces [`SwapStepper`].
+fn stepper<'a, B: Kernels<f32>>(
+    model: &'a mut AnyModel<B, f32>,
+    registry: &'a mut Registry<B>,
+) -> impl Stepper<B> + 'a {
+    SwapStepper { model, registry }
+}
+
 pub struct Engine<B: Kernels<f32>> {
     pub model: AnyModel<B, f32>,
     pub registry: Registry<B>,
@@ -210,7 +219,7 @@ impl<B: Kernels<f32>> Engine<B> {
                 },
             };
             m.prompt_tokens.fetch_add(r.prompt.len() as u64, Relaxed);
-            let cache = SwapStepper { model: &mut self.model, registry: &mut self.registry }.new_cache();
+            let cache = stepper(&mut self.model, &mut self.registry).new_cache();
             let seq = Seq::new(slot, r.prompt, r.sampling, cache);
             self.active.push(Active { seq, max_new: r.max_new, events: r.events });
         }
@@ -225,7 +234,7 @@ impl<B: Kernels<f32>> Engine<B> {
         let eos = self.model.eos_id();
         let results = {
             let mut seqs: Vec<&mut Seq<B>> = self.active.iter_mut().map(|a| &mut a.seq).collect();
-            SwapStepper { model: &mut self.model, registry: &mut self.registry }.step(&mut seqs)
+            stepper(&mut self.model, &mut self.registry).step(&mut seqs)
         };
         let m = &self.shared.metrics;
         let mut produced = 0;

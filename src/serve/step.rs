@@ -38,7 +38,7 @@ impl<B: Kernels<f32>> Seq<B> {
     }
 
     /// The ids and positions this step feeds: the prompt at first, then the last new token.
-    fn next_input(&self) -> (Vec<u32>, Vec<u32>) {
+    pub fn next_input(&self) -> (Vec<u32>, Vec<u32>) {
         match self.out.last() {
             None => (self.prompt.clone(), (0..self.prompt.len() as u32).collect()),
             Some(&t) => (vec![t], vec![(self.prompt.len() + self.out.len() - 1) as u32]),
@@ -47,7 +47,7 @@ impl<B: Kernels<f32>> Seq<B> {
 
     /// The next token from `logits`, as [`tuna_models::generate::generate`] picks it (same
     /// order of draws from the same seed, so results match `tuna generate`).
-    fn choose(&mut self, logits: &[f32]) -> u32 {
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
         let scores: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
         (match (&self.sampling, self.rng.as_mut()) {
             (Sampling::Sample { temperature, top_k, top_p, .. }, Some(r)) => {
