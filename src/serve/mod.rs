@@ -140,10 +140,7 @@ async fn serve(s: &ServeSettings, app: Arc<http::App>, tx: mpsc::Sender<Command>
     let (grace, shared) = (s.shutdown_grace, app.shared.clone());
     let (stop2, hard2) = (stop.clone(), hard.clone());
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        futures_util::future::select(std::pin::pin!(term.recv()), std::pin::pin!(int.recv())).await;
         shared.metrics.shutting_down.store(true, Relaxed);
         let m = &shared.metrics;
         eprintln!(
@@ -157,10 +154,15 @@ async fn serve(s: &ServeSettings, app: Arc<http::App>, tx: mpsc::Sender<Command>
         hard2.notify_one();
     });
     let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(async move { stop.notified().await });
-    tokio::select! {
-        r = server => r?,
-        _ = async { hard.notified().await; tokio::time::sleep(grace + Duration::from_secs(5)).await } => {
-            eprintln!("connections still open {:.1} s after the grace period: closing them", 5.0);
+    let overdue = async {
+        hard.notified().await;
+        tokio::time::sleep(grace + Duration::from_secs(5)).await
+    };
+    let server = std::future::IntoFuture::into_future(server);
+    match futures_util::future::select(std::pin::pin!(server), std::pin::pin!(overdue)).await {
+        futures_util::future::Either::Left((r, _)) => r?,
+        futures_util::future::Either::Right(_) => {
+            eprintln!("connections still open 5 s after the grace period: closing them")
         }
     }
     Ok(())
