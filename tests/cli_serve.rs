@@ -263,9 +263,9 @@ fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
 #[test]
 fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     let dir = adapters();
-    // A 5 ms pause per step keeps the streams below in flight when their clients leave.
+    // A 10 ms pause per step keeps the streams below in flight when their clients leave.
     let srv =
-        Server::start(Some(dir), &["--max-new-tokens", "40", "--max-prompt-tokens", "48", "--step-delay-ms", "5"]);
+        Server::start(Some(dir), &["--max-new-tokens", "40", "--max-prompt-tokens", "48", "--step-delay-ms", "10"]);
     let good = || {
         let r = srv.post("/v1/completions", &completion("lora", "The cat", false));
         assert_eq!(r.status, 200, "{}", r.body);
@@ -342,6 +342,22 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     drop(s);
     good();
 
+    // Sampling with a seed draws what `tuna generate` draws with the same settings.
+    let mut a: Vec<String> = ["generate", "--model", &fixture("llama"), "--prompt", "The cat", "--max-new-tokens", "8"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "5"].map(String::from));
+    let out = tuna(&a);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_string();
+    let body = |stream: bool| {
+        json!({"model": "base", "prompt": "The cat", "max_tokens": 8, "temperature": 0.8, "top_k": 20, "top_p": 0.9,
+               "seed": 5, "stream": stream})
+    };
+    for stream in [false, true] {
+        assert_eq!(text_of(&srv.post("/v1/completions", &body(stream)), stream), want, "sampled, stream {stream}");
+    }
     // Classification: each label's probability, summing to one.
     let r = srv.post("/v1/classify", &json!({"model": "cls", "input": ["The cat sat.", "A dog ran."]}));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -462,7 +478,10 @@ fn sigterm_finishes_the_stream_in_flight_then_exits_0() {
     s.read_to_end(&mut rest).unwrap();
     let text = String::from_utf8_lossy(&rest);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("shutting down: 1 active"), "{err}");
+    // In the batch or, just admitted, still counted in the queue: either way in flight, and done.
+    let in_flight =
+        err.contains("shutting down: 1 active and 0 queued") || err.contains("shutting down: 0 active and 1 queued");
+    assert!(in_flight && err.contains("1 completed, 0 cancelled"), "{err}");
     assert!(text.contains("[DONE]") && text.contains("\"finish_reason\":\"length\""), "the stream was cut: {text}");
     assert!(TcpStream::connect(&addr).is_err(), "still listening after exit");
 }
