@@ -4,7 +4,8 @@
 //!
 //! Layout: [`engine`] (the model's thread and the continuous-batching scheduler), [`step`] (the
 //! per-step model work behind one trait), [`adapters`] (the adapter registry), [`http`] (routes),
-//! [`api`] (request checking), [`metrics`], [`error`] (OpenAI-shaped errors).
+//! [`api`] (request checking), [`reply`] (JSON answers and server-sent events), [`metrics`],
+//! [`error`] (OpenAI-shaped errors).
 
 pub mod adapters;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod reply;
 pub mod step;
 
 use anyhow::{anyhow, bail, Context, Result};
