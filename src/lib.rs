@@ -12,4 +12,5 @@ pub mod cli;
 pub mod compare_cmd;
 pub mod generate_cmd;
 pub mod info;
+pub mod serve;
 pub mod train_cmd;

@@ -30,6 +30,47 @@ enum Command {
     /// Time a few training steps per op kind (forward and backward), like `train` but writing
     /// nothing: where a method's step time goes on this model and data.
     Profile(ProfileArgs),
+    /// Serve one base model and its adapters over HTTP: OpenAI-compatible completions and chat
+    /// (streamed by server-sent events), classification, adapters loaded and unloaded at run time.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The base model: a Hugging Face folder, a Llama .gguf file, or a cached hub id (org/name).
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// A folder of adapters: each subfolder holding a PEFT adapter (or a `tuna train` run's
+    /// `adapter/`) is served under the subfolder's name.
+    #[arg(long)]
+    adapters: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port; the address is printed on stdout (`listening on http://...`).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Requests waiting for a batch slot at most; more are refused with 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Prompt tokens at most (default: the model's context).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// New tokens one request may ask for at most.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Seconds requests in flight get to finish after SIGTERM or SIGINT.
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace: f64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Milliseconds to pause after each decoding step: a testing aid that keeps requests in
+    /// flight (shutdown, disconnects); 0 in use.
+    #[arg(long, default_value_t = 0, hide = true)]
+    step_delay_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -215,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => a.model = hub(&a.model)?,
         Command::Eval(a) => a.model = hub(&a.model)?,
         Command::Export(a) => a.model = hub(&a.model)?,
+        Command::Serve(a) => a.model = hub(&a.model)?,
         Command::Train(TrainArgs { run, .. })
         | Command::Profile(ProfileArgs { run, .. })
         | Command::Compare(CompareArgs { run, .. }) => {
@@ -225,6 +267,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match command {
         Command::Info => print!("{}", tuna::info::report()),
+        Command::Serve(a) => {
+            if !(a.shutdown_grace.is_finite() && (0.0..=3600.0).contains(&a.shutdown_grace)) {
+                anyhow::bail!("--shutdown-grace {}: expected 0 to 3600 seconds", a.shutdown_grace);
+            }
+            tuna::serve::run(tuna::serve::ServeSettings {
+                model: a.model,
+                adapters: a.adapters,
+                host: a.host,
+                port: a.port,
+                max_queue: a.max_queue,
+                max_prompt_tokens: a.max_prompt_tokens,
+                max_new_tokens: a.max_new_tokens,
+                max_batch: a.max_batch,
+                shutdown_grace: std::time::Duration::from_secs_f64(a.shutdown_grace),
+                device: device(&a.device)?,
+                step_delay: std::time::Duration::from_millis(a.step_delay_ms.min(10_000)),
+            })?;
+        }
         Command::Generate(a) => {
             let sampling = match a.temperature {
                 None if a.top_k.is_none() && a.top_p.is_none() => Sampling::Greedy,

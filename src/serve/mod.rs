@@ -1,0 +1,217 @@
+//! `tuna serve`: one base model in memory, every adapter folder of `--adapters` (and those loaded
+//! later through the API) served under its folder's name by an HTTP server with OpenAI-compatible
+//! completions and chat, classification, run-time adapter loading, metrics and graceful shutdown.
+//!
+//! Layout: [`engine`] (the model's thread and the continuous-batching scheduler), [`step`] (the
+//! per-step model work behind one trait), [`adapters`] (the adapter registry), [`http`] (routes),
+//! [`api`] (request checking), [`reply`] (JSON answers and server-sent events), [`metrics`],
+//! [`error`] (OpenAI-shaped errors).
+
+pub mod adapters;
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod reply;
+pub mod step;
+
+use anyhow::{anyhow, bail, Context, Result};
+use engine::{Command, Engine, Shared};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::Duration;
+use tuna_autograd::ops::Kernels;
+use tuna_kernels::{Cpu, Cuda, Device};
+use tuna_models::model::AnyModel;
+
+/// `tuna serve`'s settings.
+pub struct ServeSettings {
+    pub model: PathBuf,
+    pub adapters: Option<PathBuf>,
+    pub host: String,
+    pub port: u16,
+    pub max_queue: usize,
+    /// `None`: the model's context.
+    pub max_prompt_tokens: Option<usize>,
+    pub max_new_tokens: usize,
+    pub max_batch: usize,
+    /// How long shutdown waits for requests in flight before ending them with an error.
+    pub shutdown_grace: Duration,
+    pub device: Device,
+    /// A pause after each decoding step (a testing aid; zero in use).
+    pub step_delay: Duration,
+}
+
+/// What the engine thread reports once the model and adapters are loaded.
+struct Ready {
+    tokenizer: tokenizers::Tokenizer,
+    add_special: bool,
+    decoder: bool,
+    context: usize,
+}
+
+/// Run the server until SIGTERM or SIGINT; returns once requests in flight are finished (or
+/// ended after the grace period).
+pub fn run(s: ServeSettings) -> Result<()> {
+    if s.max_batch == 0 || s.max_queue == 0 || s.max_new_tokens == 0 {
+        bail!("--max-batch, --max-queue and --max-new-tokens must be at least 1");
+    }
+    let shared = Arc::new(Shared { metrics: Default::default(), adapters: RwLock::new(Default::default()) });
+    let (tx, rx) = mpsc::channel::<Command>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready>>();
+    let (model, adapters, device, sh) = (s.model.clone(), s.adapters.clone(), s.device, shared.clone());
+    let (max_batch, delay) = (s.max_batch, s.step_delay);
+    let engine = std::thread::Builder::new().name("tuna-engine".into()).spawn(move || {
+        let started = match device {
+            Device::Cpu => start(&Arc::new(Cpu), &model, adapters.as_deref(), sh, max_batch, delay),
+            Device::Cuda(n) => match Cuda::new(n) {
+                Ok(d) => start(&Arc::new(d), &model, adapters.as_deref(), sh, max_batch, delay),
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!("{e}")));
+                    return;
+                }
+            },
+        };
+        match started {
+            Ok((ready, run)) => {
+                let _ = ready_tx.send(Ok(ready));
+                run(rx);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    })?;
+    let ready = ready_rx.recv().map_err(|_| anyhow!("the engine thread stopped while loading"))??;
+    let max_prompt = s.max_prompt_tokens.unwrap_or(ready.context);
+    if max_prompt == 0 || max_prompt > ready.context {
+        bail!("--max-prompt-tokens {max_prompt}: expected 1 to the model's {} positions", ready.context);
+    }
+    let chatml = ["<|im_start|>", "<|im_end|>"].iter().all(|t| ready.tokenizer.token_to_id(t).is_some());
+    let app = Arc::new(http::App {
+        shared: shared.clone(),
+        engine: Mutex::new(tx.clone()),
+        tokenizer: ready.tokenizer,
+        add_special: ready.add_special,
+        decoder: ready.decoder,
+        chatml,
+        limits: api::Limits {
+            max_queue: s.max_queue,
+            max_prompt_tokens: max_prompt,
+            max_new_tokens: s.max_new_tokens,
+            max_batch: s.max_batch,
+            context: ready.context,
+        },
+        counter: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(&s, app, tx.clone()))?;
+    // The server has stopped: the engine ends what is left at once.
+    let _ = tx.send(Command::Shutdown { grace: Duration::ZERO });
+    drop(tx);
+    let t0 = std::time::Instant::now();
+    while !engine.is_finished() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = &shared.metrics;
+    eprintln!(
+        "stopped: {} requests, {} completed, {} cancelled, {} tokens generated",
+        m.requests.load(Relaxed),
+        m.completed.load(Relaxed),
+        m.cancelled.load(Relaxed),
+        m.generated_tokens.load(Relaxed)
+    );
+    Ok(())
+}
+
+/// Bind, print the address on stdout (`listening on http://HOST:PORT`), serve until a signal.
+async fn serve(s: &ServeSettings, app: Arc<http::App>, tx: mpsc::Sender<Command>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind((s.host.as_str(), s.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
+    let addr = listener.local_addr()?;
+    // The handlers are in place before the address is printed: a signal right after it is caught.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    println!("listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    let (stop, hard) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let (grace, shared) = (s.shutdown_grace, app.shared.clone());
+    let (stop2, hard2) = (stop.clone(), hard.clone());
+    tokio::spawn(async move {
+        futures_util::future::select(std::pin::pin!(term.recv()), std::pin::pin!(int.recv())).await;
+        shared.metrics.shutting_down.store(true, Relaxed);
+        let m = &shared.metrics;
+        eprintln!(
+            "shutting down: {} active and {} queued requests get up to {:.1} s to finish",
+            m.active.load(Relaxed),
+            m.queued.load(Relaxed),
+            grace.as_secs_f64()
+        );
+        let _ = tx.send(Command::Shutdown { grace });
+        stop2.notify_one();
+        hard2.notify_one();
+    });
+    let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(async move { stop.notified().await });
+    let overdue = async {
+        hard.notified().await;
+        tokio::time::sleep(grace + Duration::from_secs(5)).await
+    };
+    let server = std::future::IntoFuture::into_future(server);
+    match futures_util::future::select(std::pin::pin!(server), std::pin::pin!(overdue)).await {
+        futures_util::future::Either::Left((r, _)) => r?,
+        futures_util::future::Either::Right(_) => {
+            eprintln!("connections still open 5 s after the grace period: closing them")
+        }
+    }
+    Ok(())
+}
+
+type RunEngine = Box<dyn FnOnce(mpsc::Receiver<Command>)>;
+
+/// Open the model and load the adapters of `dir` (a folder that fails to load is reported on
+/// stderr, naming it, and skipped: the others are served).
+fn start<B: Kernels<f32>>(
+    dev: &Arc<B>,
+    model: &Path,
+    dir: Option<&Path>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+    step_delay: Duration,
+) -> Result<(Ready, RunEngine)> {
+    let mut m = AnyModel::<B, f32>::open(dev, model, |_| false)?;
+    let mut registry = adapters::Registry::default();
+    if let Some(dir) = dir {
+        let entries = std::fs::read_dir(dir).with_context(|| format!("--adapters {}", dir.display()))?;
+        let mut folders: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        folders.sort();
+        for f in folders {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if adapters::adapter_folder(&f).is_none() {
+                eprintln!("skipped {}: no adapter_config.json there (nor in its adapter/ folder)", f.display());
+                continue;
+            }
+            match registry.load(&mut m, &name, &f) {
+                Ok(i) => eprintln!("adapter `{name}`: {} from {}", i.method, i.path.display()),
+                Err(e) => eprintln!(
+                    "warning: adapter folder {} not loaded (the others are served): {}",
+                    f.display(),
+                    e.message
+                ),
+            }
+        }
+    }
+    let ready = Ready {
+        tokenizer: m.tokenizer.clone(),
+        add_special: m.add_special,
+        decoder: m.is_decoder(),
+        context: m.max_positions(),
+    };
+    let mut engine = Engine::new(m, registry, shared, max_batch);
+    engine.step_delay = step_delay;
+    Ok((ready, Box::new(move |rx| engine.run(rx))))
+}
