@@ -12,6 +12,7 @@ pub mod hf;
 pub mod io;
 pub mod linear;
 pub mod llama;
+pub mod mixed_model;
 pub mod model;
 pub mod params;
 pub mod positions;
