@@ -1061,8 +1061,8 @@ fn attention_forward_d32_matches_cpu() {
     Cpu.attn_fwd(&p, inputs, &mut ro, &mut rl).unwrap();
     let mut o = vec![0f32; p.q_elems()];
     let mut lse = vec![0f32; p.lse_elems()];
-    let dummy = [0u8];
-    let args = Args::default().v(p).p(&q).p(&k).p(&v).p(&q).p(&q).p(&dummy).m(&mut o).m(&mut lse);
+    let (dummy, no_rows) = ([0u8], [0u32]);
+    let args = Args::default().v(p).p(&q).p(&k).p(&v).p(&q).p(&q).p(&no_rows).p(&dummy).m(&mut o).m(&mut lse);
     ok("attention_fwd_d32_f32", [2, 4, 2], [256, 1, 1], 4 * 32 * (3 * 32 + 1), args);
     Tol::CUDA_F32.assert_close("attention fwd o vs CPU", &o, &ro);
     Tol::CUDA_F32.assert_close("attention fwd lse vs CPU", &lse, &rl);

@@ -31,6 +31,27 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         Ok(self.adapt_mut().add_to_bank(name, adapter))
     }
 
+    /// Every trainable tensor of the bank's adapters, named `<adapter>/<checkpoint name>` (for an
+    /// optimizer over a multi-task run: a mixed batch's loss sends each row's gradient to its own
+    /// adapter's tensors).
+    pub fn bank_params(&self) -> Vec<(String, Tensor<B, E>)> {
+        let bank = &self.adapt().bank;
+        bank.iter().flat_map(|(n, a)| a.params().into_iter().map(move |(p, t)| (format!("{n}/{p}"), t))).collect()
+    }
+
+    /// Save bank adapter `name` into `dir` as the folder [`AnyModel::save_adapter`] writes.
+    pub fn save_bank_adapter(&mut self, name: &str, dir: &Path, base_name: &str) -> Result<()> {
+        let Some(i) = self.adapt().bank_index(name) else {
+            return Err(Error::InvalidArgument(format!("no adapter {name:?} in the bank")));
+        };
+        let adapter = std::mem::take(&mut self.adapt_mut().bank[i].1);
+        let own = std::mem::replace(self.adapt_mut(), adapter);
+        let saved = self.save_adapter(dir, base_name);
+        let adapter = std::mem::replace(self.adapt_mut(), own);
+        self.adapt_mut().bank[i].1 = adapter;
+        saved
+    }
+
     /// An empty KV cache for this decoder.
     pub fn new_cache(&self) -> Result<KvCache<B, E>> {
         match &self.net {

@@ -19,3 +19,16 @@ fn cuda_mixed_batch_equals_each_row_alone() {
         mixed_common::check_mixed::<Cuda, f32>(&dev, &fixture(arch), arch, SAME_F32, 2, "cuda");
     }
 }
+
+/// f32 gradients summed in another order (atomics, more rows per matmul).
+const GRAD_F32: Tol = Tol::new("cuda mixed-batch gradients vs rows alone (f32)", 2e-4, 5e-3);
+
+/// Training a mixed batch on CUDA: each adapter's gradient is its rows' own gradients, weighted
+/// (the embedding op's scatter-add and the attention backward's per-sequence prefix ranges).
+#[test]
+fn cuda_mixed_batch_gradients_are_the_rows_gradients() {
+    let Some(dev) = cuda_or_skip("cuda_mixed::cuda_mixed_batch_gradients_are_the_rows_gradients") else { return };
+    for arch in ["gpt2", "llama", "bert"] {
+        mixed_common::check_gradients::<Cuda, f32>(&dev, &fixture(arch), arch, GRAD_F32, "cuda");
+    }
+}

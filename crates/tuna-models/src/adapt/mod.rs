@@ -123,9 +123,11 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         self.prefix.as_ref().map_or(0, |p| p.n)
     }
 
-    /// Switch training-only behavior (LoRA dropout) on or off; off after construction.
+    /// Switch training-only behavior (LoRA dropout) on or off; off after construction. The bank's
+    /// adapters follow.
     pub fn set_training(&self, on: bool) {
         self.training.set(on);
+        self.bank.iter().for_each(|(_, a)| a.set_training(on));
     }
 
     pub fn training(&self) -> bool {
@@ -135,6 +137,9 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
     /// Reseed the dropout masks (the trainer does this per step, so a resumed run draws the same).
     pub fn seed_dropout(&self, seed: u64) {
         *self.dropout_rng.borrow_mut() = SplitMix64::new(seed);
+        for (i, (_, a)) in self.bank.iter().enumerate() {
+            a.seed_dropout(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
     }
 
     /// Every trainable tensor of the adaptation, by its checkpoint name (LoRA and prompt names are

@@ -7,14 +7,17 @@
 //! scores (BERT).
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{no_grad, Float, Ints};
 use tuna_kernels::testing::Tol;
 use tuna_models::adapt::{Adapt, LoraConfig, Method, PromptInit};
 use tuna_models::generate::Sampling;
 use tuna_models::model::{AnyModel, Net};
+use tuna_models::IGNORE_INDEX;
 
 /// The adapters of the mixed batch on `arch` (a fixture name, or "llama" for SmolLM2 too).
 pub fn methods(arch: &str) -> Vec<Method> {
@@ -211,4 +214,75 @@ pub fn check_mixed<B: Kernels<E>, E: Float>(
             tol.assert_close(&format!("{tag} bert row {r} class scores"), &scores[r * 3..][..3], &want);
         }
     }
+}
+
+/// Labels of a row: its tokens, the first ignored (so the padded batch and the row alone predict
+/// the same targets), padding ignored.
+fn labels(ids: &[u32], mask: &[u8], seq: usize) -> Vec<i32> {
+    let mut l: Vec<i32> = ids.iter().zip(mask).map(|(&t, &m)| if m == 1 { t as i32 } else { IGNORE_INDEX }).collect();
+    for row in l.chunks_mut(seq) {
+        if let Some(first) = row.iter_mut().find(|x| **x != IGNORE_INDEX) {
+            *first = IGNORE_INDEX;
+        }
+    }
+    l
+}
+
+/// Multi-task training: the mixed batch's loss (the mean over all rows' targets) has, for each
+/// adapter's tensors, the gradient `sum over its rows r of (targets_r / targets) * grad_r`, with
+/// `grad_r` the gradient of row `r`'s own loss alone (decoders: the causal LM loss; BERT:
+/// cross-entropy of each row's own head).
+pub fn check_gradients<B: Kernels<E>, E: Float>(dev: &Arc<B>, path: &Path, arch: &str, tol: Tol, tag: &str) {
+    let methods = methods(arch);
+    let dirs = make_adapters::<B, E>(dev, path, &methods, 0.3, &temp_dir(&format!("grad-{tag}-{arch}")));
+    let mixed = bank_model::<B, E>(dev, path, &dirs);
+    let routes = routes(methods.len());
+    let vocab = mixed.shape().vocab;
+    let rows: Vec<Vec<u32>> = (0..routes.len()).map(|r| row_ids(r, vocab)).collect();
+    let batch = rows.len();
+    let decoder = mixed.is_decoder();
+    let (ids, mask, seq) = pad(&rows, decoder);
+    let classes: Vec<i32> = (0..batch).map(|r| (r % 3) as i32).collect();
+    let loss = |m: &AnyModel<B, E>, ids: &[u32], mask: &[u8], b: usize, seq: usize, cls: &[i32], mixed: bool| {
+        if m.is_decoder() {
+            let l = labels(ids, mask, seq);
+            let r = routes.clone();
+            if mixed { m.lm_loss_mixed(ids, mask, &l, b, &r) } else { m.lm_loss(ids, mask, &l, b) }.unwrap()
+        } else {
+            let s = if mixed {
+                m.class_scores_mixed(ids, mask, b, &[], &routes)
+            } else {
+                m.class_scores(ids, mask, b, &[])
+            };
+            cross_entropy(s.unwrap(), &Ints::new(&m.dev, &[b], cls).unwrap(), IGNORE_INDEX).unwrap()
+        }
+    };
+    loss(&mixed, &ids, &mask, batch, seq, &classes, true).backward().unwrap();
+    // Each row alone, on a model with only its adapter, weighted by its share of the targets.
+    let targets = |r: usize| if decoder { rows[r].len() - 1 } else { 1 };
+    let total: usize = (0..batch).map(targets).sum();
+    let mut want: BTreeMap<(usize, String), Vec<f64>> = BTreeMap::new();
+    for (r, row) in rows.iter().enumerate() {
+        let Some(a) = routes[r] else { continue };
+        let m = alone_model::<B, E>(dev, path, Some(&dirs[a]));
+        let n = row.len();
+        loss(&m, row, &vec![1; n], 1, n, &classes[r..r + 1], false).backward().unwrap();
+        let w = targets(r) as f64 / total as f64;
+        for (name, t) in m.adapt().params() {
+            let g: Vec<f64> =
+                t.grad().unwrap().map_or_else(|| vec![0.0; t.numel()], |g| g.into_iter().map(|x| x.into()).collect());
+            let acc = want.entry((a, name)).or_insert_with(|| vec![0.0; g.len()]);
+            acc.iter_mut().zip(&g).for_each(|(x, y)| *x += w * y);
+        }
+    }
+    let mut checked = 0;
+    for ((a, name), w) in &want {
+        let bank = &mixed.adapt().bank[*a].1;
+        let t = bank.params().into_iter().find(|(n, _)| n == name).unwrap().1;
+        let g: Vec<f64> =
+            t.grad().unwrap().map_or_else(|| vec![0.0; t.numel()], |g| g.into_iter().map(|x| x.into()).collect());
+        tol.assert_close(&format!("{tag} {arch} adapter {a} {name}: mixed-batch gradient vs rows alone"), &g, w);
+        checked += w.iter().any(|x| x.abs() > 1e-9) as usize;
+    }
+    assert!(checked >= methods.len(), "{arch}: only {checked} adapter tensors got a nonzero gradient");
 }
