@@ -176,15 +176,26 @@ pub fn check_mixed<B: Kernels<E>, E: Float>(
     let decoder = mixed.is_decoder();
     let (ids, mask, _) = pad(&rows, decoder);
     let batch = rows.len();
+    // Timed after one warm-up run (thread pool, first allocations).
+    no_grad(|| mixed.forward_mixed(&ids, &mask, batch, &routes)).unwrap();
+    let t0 = std::time::Instant::now();
     let (out, out_mask) = no_grad(|| mixed.forward_mixed(&ids, &mask, batch, &routes)).unwrap();
+    let t_mixed = t0.elapsed();
     let out: Vec<f64> = out.to_vec().unwrap().into_iter().map(|x| x.into()).collect();
     let width = out_mask.len() / batch;
     let feat = out.len() / (batch * width);
     let base = alone_model::<B, E>(dev, path, None);
     let alone: Vec<AnyModel<B, E>> = dirs.iter().map(|d| alone_model(dev, path, Some(d))).collect();
     let model_of = |r: usize| routes[r].map_or(&base, |i| &alone[i]);
+    let t0 = std::time::Instant::now();
+    let wants: Vec<Vec<f64>> = rows.iter().enumerate().map(|(r, row)| alone_outputs(model_of(r), row)).collect();
+    println!(
+        "{tag} {arch}: forward of the mixed batch ({batch} rows) {:.1} ms; the rows alone, one by one, {:.1} ms",
+        t_mixed.as_secs_f64() * 1e3,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     for (r, row) in rows.iter().enumerate() {
-        let want = alone_outputs(model_of(r), row);
+        let want = wants[r].clone();
         let got: Vec<f64> = (0..width)
             .filter(|&c| out_mask[r * width + c] == 1)
             .flat_map(|c| out[(r * width + c) * feat..][..feat].to_vec())
