@@ -48,6 +48,9 @@ fn bad_routes_are_refused() {
     assert!(e.contains("adapter index 3 but the bank holds 1"), "{e}");
     let e = m.forward_mixed(&[5, 6, 7, 8], &[1; 4], 2, &[Some(0)]).unwrap_err().to_string();
     assert!(e.contains("mixed batch") && e.contains("routing rows vs batch"), "{e}");
+    let e = m.mixed_step(&[5, 6], &[1; 3], &[0, 0], 2, &[None, Some(0)], &mut m.new_cache().unwrap());
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("mixed_step") && e.contains("[2, 2, 3]"), "{e}");
     // The routing is cleared after a failed forward: the model's own path works again.
     assert!(m.adapt().routing().is_none());
     let mut own = bank_model::<Cpu, f32>(&dev, &path, &dirs);

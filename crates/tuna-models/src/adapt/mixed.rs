@@ -161,6 +161,9 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         if rows.len() != batch {
             return Err(shape_err("routing rows vs batch", &[rows.len()], &[batch]));
         }
+        if let Some(m) = mask.filter(|m| m.shape().len() != 2 || m.shape()[0] != batch) {
+            return Err(shape_err("mask vs [batch, cached + seq]", m.shape(), &[batch]));
+        }
         let np: Vec<usize> = (0..batch).map(|r| self.row(rows, r).map_or(0, |a| a.prompt_len())).collect();
         let nx: Vec<usize> = (0..batch).map(|r| self.row(rows, r).map_or(0, |a| a.prefix_len())).collect();
         let max_np = np.iter().copied().max().unwrap_or(0);
