@@ -104,6 +104,7 @@ impl Case {
             v: &self.v,
             prefix: None,
             key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
+            prefix_rows: None,
         }
     }
     fn fwd(&self, o: &mut [f32], lse: &mut [f32]) {

@@ -10,9 +10,23 @@
 #include "common.cuh"
 
 struct AttnParams {
-    u32_t batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask;
+    u32_t batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask, has_prefix_rows;
     float scale;
 };
+
+// Sequence b's prefix rows: [*start, *start + *len) of the table (all of it without per-sequence
+// ranges), clamped to the table so a bad range can never read or write outside it.
+__device__ __forceinline__ void attn_prefix_range(const AttnParams& p, const u32_t* prows, int b, int* start,
+                                                  int* len) {
+    if (p.has_prefix_rows) {
+        const u32_t s = min(prows[2 * b], p.prefix_len);
+        *start = (int)s;
+        *len = (int)min(prows[2 * b + 1], p.prefix_len - s);
+    } else {
+        *start = 0;
+        *len = (int)p.prefix_len;
+    }
+}
 
 #define ATTN_TILE 32      // rows per tile: queries and keys alike
 #define ATTN_WARPS 8      // warps per block (256 threads)
@@ -38,7 +52,7 @@ __device__ __forceinline__ void attn_load_tile(float* dst, int pitch, const T* s
 // Shared: Qs[32][D], Ks[32][D+1], Vs[32][D].
 template <typename T, int D>
 __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v, const T* pk,
-                         const T* pv, const u8_t* mask, T* o, float* lse) {
+                         const T* pv, const u32_t* prows, const u8_t* mask, T* o, float* lse) {
     constexpr int C = D / 32;
     TUNA_DYN_SMEM(float, smem);
     float* Qs = smem;
@@ -46,7 +60,9 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
     float* Vs = Ks + ATTN_TILE * (D + 1);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTN_TILE;
-    const int T_ = p.q_len, S = p.kv_len, P = p.prefix_len, off = S - T_;
+    int P, pstart;
+    attn_prefix_range(p, prows, b, &pstart, &P);
+    const int T_ = p.q_len, S = p.kv_len, off = S - T_;
     const int kvh = h / (p.heads / p.kv_heads), HD = p.head_dim;
     const long long qs = (long long)p.heads * HD, ks = (long long)p.kv_heads * HD;
     attn_load_tile<T, D>(Qs, D, q, ((long long)b * T_ + q0) * qs + (long long)h * HD, qs, min(ATTN_TILE, T_ - q0), HD);
@@ -70,7 +86,7 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
         const int nk = min(ATTN_TILE, (pre ? P : S) - k0);
         __syncthreads();  // the previous tile is no longer read
         if (pre) {
-            const long long base = ((long long)k0 * p.kv_heads + kvh) * HD;
+            const long long base = ((long long)(pstart + k0) * p.kv_heads + kvh) * HD;
             attn_load_tile<T, D>(Ks, D + 1, pk, base, ks, nk, HD);
             attn_load_tile<T, D>(Vs, D, pv, base, ks, nk, HD);
         } else {
@@ -162,14 +178,14 @@ __device__ void attn_dq_add(const u64_t n, const float* dq_acc, T* dq) {
 #define ATTN_EMIT_D(T, NAME, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(256) attention_fwd_d##D##_##NAME(                \
         const AttnParams p, const T* q, const T* k, const T* v, const T* pk, const T* pv,         \
-        const u8_t* mask, T* o, float* lse) {                                                     \
-        attn_fwd<T, D>(p, q, k, v, pk, pv, mask, o, lse);                                         \
+        const u32_t* prows, const u8_t* mask, T* o, float* lse) {                                 \
+        attn_fwd<T, D>(p, q, k, v, pk, pv, prows, mask, o, lse);                                  \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) attention_bwd_d##D##_##NAME(                \
         const AttnParams p, const T* q, const T* k, const T* v, const T* pk, const T* pv,         \
-        const u8_t* mask, const T* d_o, const float* lse, const float* delta, float* dq_acc,      \
-        T* dk, T* dv, float* dpk, float* dpv) {                                                   \
-        attn_bwd<T, D>(p, q, k, v, pk, pv, mask, d_o, lse, delta, dq_acc, dk, dv, dpk, dpv);      \
+        const u32_t* prows, const u8_t* mask, const T* d_o, const float* lse, const float* delta, \
+        float* dq_acc, T* dk, T* dv, float* dpk, float* dpv) {                                    \
+        attn_bwd<T, D>(p, q, k, v, pk, pv, prows, mask, d_o, lse, delta, dq_acc, dk, dv, dpk, dpv); \
     }
 
 #define ATTN_EMIT(T, NAME)                                                                        \

@@ -8,13 +8,15 @@
 // in registers (phase 3, warp w owns keys w*4..w*4+3, lane owns columns lane + 32c) and adds
 // dQ = scale * dS K into the f32 scratch dq_acc with atomicAdd (phase 4, warp w owns query rows
 // w*4..w*4+3). At the end content dK/dV are accumulated into dk/dv (this block is their only
-// writer) and prefix dK/dV are added atomically into dpk/dpv (every batch adds into them).
+// writer) and prefix dK/dV are added atomically into dpk/dpv (every batch adds into them). With
+// per-sequence prefix ranges, prefix block x covers rows 32x.. of sequence b's own range; blocks
+// past its length return at once (the whole block, before any barrier).
 //
 // Shared: Ks, Vs, Qs, dOs [32][D+1], Ps, dSs [32][33], lse_s, dl_s [32]; key_ok_s is static.
 
 template <typename T, int D>
 __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v, const T* pk,
-                         const T* pv, const u8_t* mask, const T* d_o, const float* lse,
+                         const T* pv, const u32_t* prows, const u8_t* mask, const T* d_o, const float* lse,
                          const float* delta, float* dq_acc, T* dk, T* dv, float* dpk, float* dpv) {
     constexpr int C = D / 32, DP = D + 1, PP = ATTN_TILE + 1;
     TUNA_DYN_SMEM(float, smem);
@@ -30,10 +32,13 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int b = blockIdx.z, kvh = blockIdx.y;
-    const int T_ = p.q_len, S = p.kv_len, P = p.prefix_len, off = S - T_;
-    const int n_pb = (P + ATTN_TILE - 1) / ATTN_TILE;
+    const int T_ = p.q_len, S = p.kv_len, off = S - T_;
+    const int n_pb = ((int)p.prefix_len + ATTN_TILE - 1) / ATTN_TILE;  // of the whole table
+    int P, pstart;
+    attn_prefix_range(p, prows, b, &pstart, &P);
     const bool pre = (int)blockIdx.x < n_pb;
     const int k0 = (pre ? blockIdx.x : blockIdx.x - n_pb) * ATTN_TILE;
+    if (pre && k0 >= P) return;  // past this sequence's prefix: uniform for the whole block
     const int nk = min(ATTN_TILE, (pre ? P : S) - k0);
     const int group = p.heads / p.kv_heads;
     const int HD = p.head_dim;  // <= D; columns HD..D-1 of the tiles are zero
@@ -41,7 +46,7 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
     const float sl2 = p.scale * ATTN_LOG2E;
 
     {
-        const long long base = pre ? ((long long)k0 * p.kv_heads + kvh) * HD
+        const long long base = pre ? ((long long)(pstart + k0) * p.kv_heads + kvh) * HD
                                    : (((long long)b * S + k0) * p.kv_heads + kvh) * HD;
         attn_load_tile<T, D>(Ks, DP, pre ? pk : k, base, ks, nk, HD);
         attn_load_tile<T, D>(Vs, DP, pre ? pv : v, base, ks, nk, HD);
@@ -150,7 +155,7 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
         if (key >= nk) continue;
         const int j = k0 + key;
         if (pre) {
-            const long long pi = ((long long)j * p.kv_heads + kvh) * HD;
+            const long long pi = ((long long)(pstart + j) * p.kv_heads + kvh) * HD;
 #pragma unroll
             for (int c = 0; c < C; ++c) {
                 if (lane + 32 * c >= HD) continue;

@@ -81,11 +81,45 @@ fn attention_with_prefix_mask_and_gqa() {
     let mask = Ints::new(&cpu(), &[b, s], &[1u8, 1, 1, 1, 1, 0, 0, 1, 1, 1]).unwrap();
     for causal in [false, true] {
         let opt = AttnOptions { causal, scale: None };
-        let f = || reduce(attention(&q, &k, &v, Some(Prefix { k: &pk, v: &pv }), Some(&mask), opt)?, 12);
+        let f = || reduce(attention(&q, &k, &v, Some(Prefix { k: &pk, v: &pv, rows: None }), Some(&mask), opt)?, 12);
         check(&[&q, &k, &v, &pk, &pv], f, H, GRAD_TOL, 40).unwrap();
         let f = || reduce(attention(&q, &k, &v, None, None, opt)?, 13);
         check(&[&q, &k, &v], f, H, GRAD_TOL, 40).unwrap();
     }
+}
+
+/// Per-sequence prefix ranges into one stacked table: sequences 0 and 2 share rows 0..2, sequence 1
+/// sees rows 2..5, sequence 3 none; the shared rows' gradients are the sum over their sequences.
+#[test]
+fn attention_with_per_sequence_prefix_rows() {
+    let mut rng = Rng::new(12);
+    let (b, t, s, h, kvh, d, p) = (4, 3, 4, 4, 2, 8, 5);
+    let q = param(&mut rng, "q", &[b, t, h, d], 0.7);
+    let k = param(&mut rng, "k", &[b, s, kvh, d], 0.7);
+    let v = param(&mut rng, "v", &[b, s, kvh, d], 1.0);
+    let pk = param(&mut rng, "prefix_k", &[p, kvh, d], 0.7);
+    let pv = param(&mut rng, "prefix_v", &[p, kvh, d], 1.0);
+    let mask = Ints::new(&cpu(), &[b, s], &[1u8, 1, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]).unwrap();
+    let rows = Ints::new(&cpu(), &[b, 2], &[0u32, 2, 2, 3, 0, 2, 5, 0]).unwrap();
+    for causal in [false, true] {
+        let opt = AttnOptions { causal, scale: None };
+        let pre = || Some(Prefix { k: &pk, v: &pv, rows: Some(&rows) });
+        let f = || reduce(attention(&q, &k, &v, pre(), Some(&mask), opt)?, 14);
+        check(&[&q, &k, &v, &pk, &pv], f, H, GRAD_TOL, 40).unwrap();
+    }
+    // A range past the table is a shape error naming the op and the offending range.
+    let bad = Ints::new(&cpu(), &[b, 2], &[0u32, 2, 4, 2, 0, 2, 5, 0]).unwrap();
+    let e = attention(
+        &q,
+        &k,
+        &v,
+        Some(Prefix { k: &pk, v: &pv, rows: Some(&bad) }),
+        None,
+        AttnOptions { causal: true, scale: None },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("attention") && e.contains("[4, 2]") && e.contains("prefix rows"), "{e}");
 }
 
 #[test]

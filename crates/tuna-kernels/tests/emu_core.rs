@@ -176,7 +176,19 @@ fn struct_layouts_match_rust() {
     use tuna_kernels::ops::swiglu::SwigluParams;
     let rust = [
         layout!(AdamWKernelParams { n, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, _pad }),
-        layout!(AttnParams { batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask, scale }),
+        layout!(AttnParams {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            prefix_len,
+            head_dim,
+            causal,
+            has_mask,
+            has_prefix_rows,
+            scale
+        }),
         layout!(CeParams { rows, vocab, ignore_index, grad_scale }),
         layout!(FlatParams { n, s, _pad }),
         layout!(BiasParams { rows, cols }),
@@ -849,7 +861,10 @@ fn attention_emu(
     let tile = 32;
     let fs = (4 * tile * (3 * c.d + 1)) as u32;
     let bs = (4 * (4 * tile * (c.d + 1) + 2 * tile * (tile + 1) + 2 * tile)) as u32;
-    let fwd = Args::default().v(p).v(qp).v(kp).v(vp).v(pkp).v(pvp).v(mask_v.as_mut_ptr()).v(op).m(&mut lse);
+    // no per-sequence prefix ranges: a stand-in (never read, has_prefix_rows is 0)
+    let mut rows_v = vec![0u32; 1];
+    let rows_p = rows_v.as_mut_ptr();
+    let fwd = Args::default().v(p).v(qp).v(kp).v(vp).v(pkp).v(pvp).v(rows_p).v(mask_v.as_mut_ptr()).v(op).m(&mut lse);
     ok(
         &format!("attention_fwd_d{}_{dt}", c.d),
         [c.t.div_ceil(32) as u32, c.h as u32, c.b as u32],
@@ -873,6 +888,7 @@ fn attention_emu(
         .v(vp)
         .v(pkp)
         .v(pvp)
+        .v(rows_p)
         .v(mask_v.as_mut_ptr())
         .v(dop)
         .p(&lse)
@@ -928,6 +944,7 @@ fn attention_check(c: AttnCase) {
         head_dim: c.d as u32,
         causal: c.causal as u32,
         has_mask: c.mask as u32,
+        has_prefix_rows: 0,
         scale: 1.0 / (c.d as f32).sqrt(),
     };
     let got = attention_emu(&c, p, [&q, &k, &v, &pk, &pv], &mask, &d_o, [&dq0, &dk0, &dv0, &dpk0, &dpv0]);
@@ -1039,12 +1056,13 @@ fn attention_forward_d32_matches_cpu() {
         (rng.normal_vec(p.q_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0));
     let mut ro = vec![0f32; p.q_elems()];
     let mut rl = vec![0f32; p.lse_elems()];
-    let inputs: AttnInputs<'_, Cpu, f32> = AttnInputs { q: &q, k: &k, v: &v, prefix: None, key_mask: None };
+    let inputs: AttnInputs<'_, Cpu, f32> =
+        AttnInputs { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None };
     Cpu.attn_fwd(&p, inputs, &mut ro, &mut rl).unwrap();
     let mut o = vec![0f32; p.q_elems()];
     let mut lse = vec![0f32; p.lse_elems()];
-    let dummy = [0u8];
-    let args = Args::default().v(p).p(&q).p(&k).p(&v).p(&q).p(&q).p(&dummy).m(&mut o).m(&mut lse);
+    let (dummy, no_rows) = ([0u8], [0u32]);
+    let args = Args::default().v(p).p(&q).p(&k).p(&v).p(&q).p(&q).p(&no_rows).p(&dummy).m(&mut o).m(&mut lse);
     ok("attention_fwd_d32_f32", [2, 4, 2], [256, 1, 1], 4 * 32 * (3 * 32 + 1), args);
     Tol::CUDA_F32.assert_close("attention fwd o vs CPU", &o, &ro);
     Tol::CUDA_F32.assert_close("attention fwd lse vs CPU", &lse, &rl);

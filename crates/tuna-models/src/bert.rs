@@ -165,7 +165,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
                 }
                 .into());
             }
-            if cached > 0 && self.adapt.prompt_len() > 0 {
+            if cached > 0 && self.adapt.prompt_width() > 0 {
                 return Err(Error::InvalidArgument("bert: a soft prompt after cached tokens is not supported".into()));
             }
         }
@@ -197,7 +197,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let x = add(&x, &embedding(&self.token_type, &types, None)?)?;
         let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
         let opt = AttnOptions { causal: false, scale: None };
-        let prefix = self.adapt.prefix_kv()?;
+        let prefix = self.adapt.prefix_layers()?;
         // The keys include the cached tokens (all real): the mask widens by them.
         let key_mask = if cached == 0 {
             mask.clone()

@@ -191,7 +191,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
             }
         }
         let cached = cache.as_ref().map_or(0, |cc| cc.len());
-        let content_cached = cached.saturating_sub(if cached > 0 { self.adapt.prompt_len() } else { 0 });
+        let content_cached = cached.saturating_sub(if cached > 0 { self.adapt.prompt_width() } else { 0 });
         // Checked before any layer appends to the cache, so that an error leaves it as it was.
         for (what, have, want) in [
             ("mask vs [batch, cached + seq]", mask.map(|m| m.shape()), [b, content_cached + t_ids]),
@@ -213,7 +213,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         let tok = self.adapt.embed(&self.wte, ids, &prep)?;
         let mut x = add(&tok, &embedding(&self.wpe, positions, None)?)?;
         let opt = AttnOptions { causal: true, scale: None };
-        let prefix = self.adapt.prefix_kv()?;
+        let prefix = self.adapt.prefix_layers()?;
         let ad = &self.adapt;
         for (l, blk) in self.blocks.iter().enumerate() {
             let qkv = ad.linear(&blk.c_attn, &blk.ln_1.apply(&x, eps)?)?;

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod io;
 pub mod linear;
 pub mod llama;
+pub mod mixed_model;
 pub mod model;
 pub mod params;
 pub mod positions;

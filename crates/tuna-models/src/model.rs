@@ -349,7 +349,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         Ok(())
     }
 
-    fn inputs(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Inputs<B>> {
+    pub(crate) fn inputs(&self, ids: &[u32], mask: &[u8], batch: usize) -> Result<Inputs<B>> {
         let seq = ids.len() / batch.max(1);
         let t = Ints::new(&self.dev, &[batch, seq], ids)?;
         let m = Ints::new(&self.dev, &[batch, seq], mask)?;

@@ -15,10 +15,15 @@ pub struct AttnOptions {
     pub scale: Option<f32>,
 }
 
-/// Per-layer prefix keys and values (`[prefix_len, kv_heads, head_dim]` each), shared by the batch.
+/// Per-layer prefix keys and values (`[prefix_len, kv_heads, head_dim]` each), shared by the batch,
+/// or, with `rows`, a table of several prefixes stacked of which each sequence sees its own slice.
 pub struct Prefix<'a, B: Kernels<E>, E: Float> {
     pub k: &'a Tensor<B, E>,
     pub v: &'a Tensor<B, E>,
+    /// Per-sequence `(start, len)` into the table (`[batch, 2]`; `len` 0: no prefix for that
+    /// sequence). `None`: every sequence sees the whole table. Sequences sharing rows add their
+    /// gradients into them.
+    pub rows: Option<&'a Ints<B, u32>>,
 }
 
 fn dims4(op_what: &'static str, t: &[usize]) -> Result<[usize; 4]> {
@@ -66,10 +71,28 @@ pub fn attention<B: Kernels<E>, E: Float>(
             });
         }
         p.prefix_len = ps[0] as u32;
+        if let Some(r) = pr.rows {
+            let bad = r.host().chunks(2).position(|x| x.len() < 2 || x[0] as usize + x[1] as usize > ps[0]);
+            if r.shape() != [b, 2] || bad.is_some() {
+                return Err(Error::Shape {
+                    op: "attention",
+                    what: "prefix rows vs [batch, 2] (start, len) inside the prefix table [prefix_len]",
+                    left: bad.map_or(r.shape().to_vec(), |i| {
+                        r.host()[2 * i..].iter().take(2).map(|&x| x as usize).collect()
+                    }),
+                    right: vec![b, 2, ps[0]],
+                });
+            }
+            p.has_prefix_rows = 1;
+        }
     }
     // A prefix of zero positions adds no keys: attend without one (the kernels refuse empty
     // prefix buffers, and an empty prefix has no gradient to receive).
     let prefix = prefix.filter(|pr| pr.k.shape()[0] > 0);
+    if prefix.is_none() {
+        p.has_prefix_rows = 0;
+    }
+    let rows = prefix.as_ref().and_then(|pr| pr.rows.cloned());
     if let Some(m) = mask {
         if m.shape() != [b, s] {
             return Err(Error::Shape {
@@ -93,6 +116,7 @@ pub fn attention<B: Kernels<E>, E: Float>(
             v: &*vb,
             prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
             key_mask: mask.map(|m| m.buf()),
+            prefix_rows: rows.as_ref().map(|r| r.buf()),
         };
         dev.attn_fwd(&p, x, B::buf_mut(&mut o), B::buf_mut(&mut lse))?;
     }
@@ -109,6 +133,7 @@ pub fn attention<B: Kernels<E>, E: Float>(
         let os = o_data.save();
         let lse = SavedBuf::new(lse, p.lse_elems() * std::mem::size_of::<E>());
         let mask = mask.cloned();
+        let rows = rows.clone();
         let (cq, ck, cv) = (q.cell(), k.cell(), v.cell());
         let pcells = prefix.as_ref().map(|pr| (pr.k.cell(), pr.v.cell()));
         let dev = dev.clone();
@@ -136,6 +161,7 @@ pub fn attention<B: Kernels<E>, E: Float>(
                 v: &*vb,
                 prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
                 key_mask: mask.as_ref().map(|m| m.buf()),
+                prefix_rows: rows.as_ref().map(|r| r.buf()),
             };
             let o = os.data();
             let grads = AttnGrads { dq, dk, dv, dprefix };

@@ -72,10 +72,18 @@ impl<B: Kernels<E>, E: Float> Houlsby<B, E> {
 
     /// `y + up(gelu(down(y)))` for layer `i` (`ffn`: the feed-forward's adapter).
     pub fn apply(&self, i: usize, ffn: bool, y: Tensor<B, E>) -> Result<Tensor<B, E>> {
-        let Some((attn, ff)) = self.layers.get(i) else { return Ok(y) };
+        match self.delta(i, ffn, &y)? {
+            Some(d) => Ok(add(&y, &d)?),
+            None => Ok(y),
+        }
+    }
+
+    /// `up(gelu(down(y)))` for layer `i`, `None` when the adapter has no layer `i`.
+    pub(crate) fn delta(&self, i: usize, ffn: bool, y: &Tensor<B, E>) -> Result<Option<Tensor<B, E>>> {
+        let Some((attn, ff)) = self.layers.get(i) else { return Ok(None) };
         let blk = if ffn { ff } else { attn };
-        let h = gelu(&linear(&y, &blk.down, WeightLayout::OutIn, Some(&blk.down_bias))?, GeluKind::Tanh)?;
-        Ok(add(&y, &linear(&h, &blk.up, WeightLayout::OutIn, Some(&blk.up_bias))?)?)
+        let h = gelu(&linear(y, &blk.down, WeightLayout::OutIn, Some(&blk.down_bias))?, GeluKind::Tanh)?;
+        Ok(Some(linear(&h, &blk.up, WeightLayout::OutIn, Some(&blk.up_bias))?))
     }
 
     /// Every tensor by its checkpoint name.

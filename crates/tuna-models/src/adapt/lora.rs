@@ -95,11 +95,16 @@ impl<B: Kernels<E>, E: Float> Lora<B, E> {
         if self.merged.get() {
             return Ok(y);
         }
+        Ok(add(&y, &self.update(x, training, rng)?)?)
+    }
+
+    /// The low-rank update alone, `scale * B A dropout(x)` (never merged-aware: the caller checks).
+    pub(crate) fn update(&self, x: &Tensor<B, E>, training: bool, rng: &RefCell<SplitMix64>) -> Result<Tensor<B, E>> {
         let x =
             if training && self.dropout > 0.0 { dropout(x, self.dropout, &mut rng.borrow_mut())? } else { x.clone() };
         let h = linear(&x, &self.a, WeightLayout::OutIn, None)?;
         let d = linear(&h, &self.b, WeightLayout::OutIn, None)?;
-        Ok(add(&y, &scale(&d, self.scale)?)?)
+        Ok(scale(&d, self.scale)?)
     }
 
     /// `W += scale * B A` in place (in the base weight's layout); the update then costs nothing.

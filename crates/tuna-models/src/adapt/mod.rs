@@ -10,6 +10,8 @@
 //!
 //! Positions follow Hugging Face PEFT: with `n` virtual tokens (prompt or prefix) the content
 //! takes positions `n..`; a soft prompt takes `0..n` (after a prefix's, when both are present).
+//! Mixed batches ([`mixed`]): a bank of adapters over one base and a per-row routing; the same
+//! four hooks then dispatch per row (see [`Adapt::set_routing`]).
 //! Checkpoints: [`peft`] reads and writes PEFT's `adapter_config.json` +
 //! `adapter_model.safetensors` (and tuna's documented Houlsby format); every config field is
 //! honored or refused by name (`peft_fields`).
@@ -17,6 +19,7 @@
 mod build;
 mod houlsby;
 mod lora;
+pub mod mixed;
 mod model;
 pub mod peft;
 mod peft_fields;
@@ -60,6 +63,10 @@ pub struct Adapt<B: Kernels<E>, E: Float> {
     pub lora_config: Option<LoraConfig>,
     /// Extra trainable tensors that travel with the adapter (e.g. a classification head), by name.
     pub extra: Vec<(String, Tensor<B, E>)>,
+    /// Named adapters over this same base, for mixed batches (see [`mixed`]).
+    pub bank: Vec<(String, Adapt<B, E>)>,
+    /// The bank adapter of each batch row (`None`: the base) while a mixed forward runs.
+    routing: RefCell<Option<Vec<Option<usize>>>>,
     training: Cell<bool>,
     dropout_rng: RefCell<SplitMix64>,
 }
@@ -73,6 +80,8 @@ impl<B: Kernels<E>, E: Float> Default for Adapt<B, E> {
             lora: BTreeMap::new(),
             lora_config: None,
             extra: Vec::new(),
+            bank: Vec::new(),
+            routing: RefCell::new(None),
             training: Cell::new(false),
             dropout_rng: RefCell::new(SplitMix64::new(0x5eed)),
         }
@@ -86,7 +95,16 @@ pub struct Prepared<B: Kernels<E>, E: Float> {
     pub mask: Option<Ints<B, u8>>,
     /// Insertion column of the soft prompt per row (`None`: nothing inserted in this forward).
     pub at: Option<Ints<B, u32>>,
+    /// A mixed batch's per-row layout (see [`mixed`]).
+    pub(crate) mixed: Option<mixed::MixedPrep>,
     _e: std::marker::PhantomData<E>,
+}
+
+/// Each layer's prefix keys and values for one forward, with the rows each sequence sees of them
+/// (`rows`: `[batch, 2]` (start, len), only in a mixed batch).
+pub struct PrefixKv<B: Kernels<E>, E: Float> {
+    pub layers: Vec<LayerKv<B, E>>,
+    pub rows: Option<Ints<B, u32>>,
 }
 
 impl<B: Kernels<E>, E: Float> Adapt<B, E> {
@@ -105,9 +123,11 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         self.prefix.as_ref().map_or(0, |p| p.n)
     }
 
-    /// Switch training-only behavior (LoRA dropout) on or off; off after construction.
+    /// Switch training-only behavior (LoRA dropout) on or off; off after construction. The bank's
+    /// adapters follow.
     pub fn set_training(&self, on: bool) {
         self.training.set(on);
+        self.bank.iter().for_each(|(_, a)| a.set_training(on));
     }
 
     pub fn training(&self) -> bool {
@@ -117,6 +137,9 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
     /// Reseed the dropout masks (the trainer does this per step, so a resumed run draws the same).
     pub fn seed_dropout(&self, seed: u64) {
         *self.dropout_rng.borrow_mut() = SplitMix64::new(seed);
+        for (i, (_, a)) in self.bank.iter().enumerate() {
+            a.seed_dropout(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
     }
 
     /// Every trainable tensor of the adaptation, by its checkpoint name (LoRA and prompt names are
@@ -151,8 +174,17 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         mask: Option<&Ints<B, u8>>,
         cached: usize,
     ) -> Result<Prepared<B, E>> {
+        if let Some(rows) = self.routing_rows() {
+            return self.mixed_prepare(dev, &rows, positions, mask, cached);
+        }
         let (np, nx) = (self.prompt_len(), self.prefix_len());
-        let none = Prepared { positions: positions.clone(), mask: mask.cloned(), at: None, _e: Default::default() };
+        let none = Prepared {
+            positions: positions.clone(),
+            mask: mask.cloned(),
+            at: None,
+            mixed: None,
+            _e: Default::default(),
+        };
         if np == 0 && nx == 0 {
             return Ok(none);
         }
@@ -193,11 +225,20 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         } else {
             None
         };
-        Ok(Prepared { positions: Ints::new(dev, &[batch, width], &pos)?, mask: new_mask, at, _e: Default::default() })
+        Ok(Prepared {
+            positions: Ints::new(dev, &[batch, width], &pos)?,
+            mask: new_mask,
+            at,
+            mixed: None,
+            _e: Default::default(),
+        })
     }
 
     /// The token embeddings of `ids` with the soft prompt inserted where `prep` says.
     pub fn embed(&self, table: &Tensor<B, E>, ids: &Ints<B, u32>, prep: &Prepared<B, E>) -> Result<Tensor<B, E>> {
+        if let Some(m) = &prep.mixed {
+            return self.mixed_embed(table, ids, m);
+        }
         let prompt = match (&self.prompt, &prep.at) {
             (Some(p), Some(at)) => Some(Prompt { vectors: &p.vectors, at }),
             _ => None,
@@ -208,6 +249,9 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
     /// Labels `[batch, seq]` widened to the prompt-inserted sequence: [`IGNORE_INDEX`] at the
     /// virtual positions (as PEFT extends them).
     pub fn widen_labels(&self, labels: &[i32], batch: usize, prep: &Prepared<B, E>) -> Vec<i32> {
+        if let Some(m) = &prep.mixed {
+            return m.widen_labels(labels);
+        }
         let (Some(at), np) = (&prep.at, self.prompt_len()) else { return labels.to_vec() };
         let seq = labels.len() / batch.max(1);
         let mut out = Vec::with_capacity(labels.len() + batch * np);
@@ -229,8 +273,20 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         }
     }
 
+    /// [`Adapt::prefix_kv`] with the rows each sequence sees (in a mixed batch: the prefixes
+    /// of the adapters in use, stacked once per layer), for [`layer_prefix`].
+    pub fn prefix_layers(&self) -> Result<PrefixKv<B, E>> {
+        if let Some(rows) = self.routing_rows() {
+            return self.mixed_prefix(&rows);
+        }
+        Ok(PrefixKv { layers: self.prefix_kv()?, rows: None })
+    }
+
     /// `x W (+ bias)` of `lin`, plus the LoRA update of the module it names (if any).
     pub fn linear(&self, lin: &crate::linear::Linear<B, E>, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        if let Some(rows) = self.routing_rows() {
+            return self.mixed_linear(&rows, lin, x);
+        }
         let y = lin.apply(x)?;
         if self.lora.is_empty() {
             return Ok(y);
@@ -243,6 +299,9 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
 
     /// A sublayer's output after the layer-`i` adapter (`ffn` false: after attention).
     pub fn sublayer(&self, i: usize, ffn: bool, y: Tensor<B, E>) -> Result<Tensor<B, E>> {
+        if let Some(rows) = self.routing_rows() {
+            return self.mixed_sublayer(&rows, i, ffn, y);
+        }
         match &self.houlsby {
             Some(h) => h.apply(i, ffn, y),
             None => Ok(y),
@@ -250,9 +309,9 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
     }
 }
 
-/// A layer's prefix for the attention op, from [`Adapt::prefix_kv`]'s list.
-pub fn layer_prefix<B: Kernels<E>, E: Float>(kv: &[LayerKv<B, E>], i: usize) -> Option<Prefix<'_, B, E>> {
-    kv.get(i).map(|(k, v)| Prefix { k, v })
+/// A layer's prefix for the attention op, from [`Adapt::prefix_layers`].
+pub fn layer_prefix<B: Kernels<E>, E: Float>(kv: &PrefixKv<B, E>, i: usize) -> Option<Prefix<'_, B, E>> {
+    kv.layers.get(i).map(|(k, v)| Prefix { k, v, rows: kv.rows.as_ref() })
 }
 
 /// Per row, the count of leading zeros of the mask (the left padding; 0 without a mask).

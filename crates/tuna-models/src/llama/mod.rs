@@ -190,7 +190,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         let (heads, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let (eps, theta) = (self.cfg.rms_norm_eps as f32, self.cfg.rope_theta as f32);
         let opt = AttnOptions { causal: true, scale: None };
-        let prefix = self.adapt.prefix_kv()?;
+        let prefix = self.adapt.prefix_layers()?;
         let ad = &self.adapt;
         for (i, l) in self.layers.iter().enumerate() {
             let h = rmsnorm(&x, &l.input_layernorm, eps)?;

@@ -78,7 +78,7 @@ unsafe fn fwd_task<F: CpuFloat>(
     acc.fill(F::zero());
     sc.m[..bq].fill(F::neg_infinity());
     sc.l[..bq].fill(F::zero());
-    for blk in g.prefix_blocks().chain(g.content_blocks(b, i0, bq)) {
+    for blk in g.prefix_blocks(b).chain(g.content_blocks(b, i0, bq)) {
         let n = blk.n;
         let (kp, vp) = x.kv(g, b, blk, kvh);
         let s = &mut sc.s[..bq * n];
@@ -118,7 +118,7 @@ impl<F: CpuFloat> AttentionKernel<F> for Cpu {
         let shape = || format!("{p:?}");
         crate::error::check_len("attention", "o", o.len(), p.q_elems(), shape)?;
         crate::error::check_len("attention", "lse", lse.len(), p.lse_elems(), shape)?;
-        let g = Geo::new(p, x.key_mask);
+        let g = geo(p, &x)?;
         let src = Src::new(&x);
         let (o, lse) = (SharedMut(o.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
         let nqb = g.q_blocks();
@@ -153,6 +153,22 @@ impl<F: CpuFloat> AttentionKernel<F> for Cpu {
     }
 }
 
+/// The geometry of a checked call; per-sequence prefix ranges must lie inside the table.
+fn geo<'a, F: CpuFloat>(p: &AttnParams, x: &AttnInputs<'a, Cpu, F>) -> Result<Geo<'a>> {
+    if let Some(r) = x.prefix_rows {
+        if let Some(b) = (0..p.batch as usize).find(|&b| r[2 * b] as u64 + r[2 * b + 1] as u64 > p.prefix_len as u64) {
+            let msg = format!(
+                "prefix_rows: sequence {b} takes rows {}..+{} of a prefix table of {}",
+                r[2 * b],
+                r[2 * b + 1],
+                p.prefix_len
+            );
+            return Err(crate::error::Error::Invalid { op: "attention", msg });
+        }
+    }
+    Ok(Geo::new(p, x.key_mask, x.prefix_rows))
+}
+
 /// The backward with a chosen task split (tests exercise each).
 pub(super) fn attn_bwd_mode<F: CpuFloat>(
     p: &AttnParams,
@@ -165,7 +181,7 @@ pub(super) fn attn_bwd_mode<F: CpuFloat>(
 ) -> Result<()> {
     check_inputs(p, &x)?;
     check_bwd::<Cpu, F>(p, o, d_o, lse, &grads)?;
-    let g = Geo::new(p, x.key_mask);
+    let g = geo(p, &x)?;
     bwd::backward(&g, Src::new(&x), o, d_o, lse, grads, mode);
     Ok(())
 }

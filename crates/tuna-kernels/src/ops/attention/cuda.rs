@@ -9,7 +9,7 @@ use crate::cuda::{CudaBuf, KernelArg, Launch};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
-// SAFETY: #[repr(C)] plain-old-data (nine u32 and one f32), mirrored field by field by
+// SAFETY: #[repr(C)] plain-old-data (ten u32 and one f32), mirrored field by field by
 // `struct AttnParams` in attention.cu.
 unsafe impl KernelArg for AttnParams {}
 
@@ -87,6 +87,19 @@ fn mask_or_dummy<'a>(
     })
 }
 
+/// The per-sequence prefix ranges, or a 1-element stand-in (never read: `has_prefix_rows` is 0)
+/// kept alive in `slot`.
+fn rows_or_dummy<'a>(
+    dev: &Cuda,
+    rows: Option<&'a CudaBuf<u32>>,
+    slot: &'a mut Option<CudaBuf<u32>>,
+) -> Result<&'a CudaBuf<u32>> {
+    Ok(match rows {
+        Some(r) => r,
+        None => slot.insert(dev.zeros::<u32>(1)?),
+    })
+}
+
 /// The prefix keys and values, or the queries standing in for them (never read: `prefix_len` is 0).
 fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaBuf<E>, &'a CudaBuf<E>) {
     x.prefix.unwrap_or((x.q, x.q))
@@ -111,13 +124,16 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         let smem = fwd_smem_bytes(w as usize);
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
+        let mut dummy_rows = None;
+        let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
         let (pk, pv) = prefix_or(&x);
         let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
         let mut b = tiled::<E>("fwd", w);
-        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask).arg(o).arg(lse);
-        // SAFETY: the arguments match attention_fwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, o,
-        // lse); every length was checked against `p` above, absent prefix/mask are never read
-        // (prefix_len 0, has_mask 0), and `smem` is what the kernel's shared tiles need.
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(o).arg(lse);
+        // SAFETY: the arguments match attention_fwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, prows,
+        // mask, o, lse); every length was checked against `p` above, absent prefix/ranges/mask are
+        // never read (prefix_len 0, has_prefix_rows 0, has_mask 0), the kernel clamps each range
+        // to the table, and `smem` is what the kernel's shared tiles need.
         unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
@@ -195,13 +211,15 @@ impl Cuda {
                 (&mut dummy_k, &mut dummy_v)
             }
         };
+        let mut dummy_rows = None;
+        let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
         let (pk, pv) = prefix_or(&x);
         let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
         let cfg = grid3(blocks, p.kv_heads, p.batch, smem);
         let mut b = tiled::<E>("bwd", w);
-        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(mask);
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask);
         b.arg(d_o).arg(lse).arg(delta).arg(dq_acc).arg(dk).arg(dv).arg(dpk).arg(dpv);
-        // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, mask, d_o, lse,
+        // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, prows, mask, d_o, lse,
         // delta, dq_acc, dk, dv, dpk, dpv); lengths were checked by check_inputs/check_bwd and
         // the scratch buffers were allocated from `p`; absent prefix/mask buffers are never
         // touched (no prefix block exists when prefix_len is 0; has_mask 0 skips the mask).

@@ -32,12 +32,14 @@ fn run_cuda<E: CudaElem>(dev: &Cuda, d: &Data, starts: &[Vec<f32>]) -> Out {
     let (q, k, v, d_o) = (up(&d.q), up(&d.k), up(&d.v), up(&d.d_o));
     let prefix = (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv)));
     let mask = (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap());
+    let rows = (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap());
     let x = AttnInputs::<Cuda, E> {
         q: &q,
         k: &k,
         v: &v,
         prefix: prefix.as_ref().map(|(pk, pv)| (pk, pv)),
         key_mask: mask.as_ref(),
+        prefix_rows: rows.as_ref(),
     };
     let mut o = dev.zeros::<E>(p.q_elems()).unwrap();
     let mut lse = dev.zeros::<f32>(p.lse_elems()).unwrap();
@@ -86,7 +88,7 @@ fn assert_lse(what: &str, tol: Tol, got: &[f32], want: &[f32]) {
 /// rounded through bf16, Tol::CUDA_BF16) and compare with the CPU on the same inputs. The CPU
 /// backward reads the CUDA forward's `o` and `lse` (as a caller passes them to the backward),
 /// so both backwards see identical inputs; the forward outputs are checked separately.
-fn check_case(dev: &Cuda, name: &str, data: Data) {
+pub(super) fn check_case(dev: &Cuda, name: &str, data: Data) {
     for (dtype, tol) in [("f32", Tol::CUDA_F32), ("bf16", Tol::CUDA_BF16)] {
         let mut d = data.clone();
         let mut starts = grad_starts(&d.p, 0xA77E);
@@ -174,7 +176,7 @@ fn cuda_head_dim_257_is_unsupported() {
     let z = |n: usize| dev.zeros::<f32>(n).unwrap();
     let (q, k, v, mut o, mut lse) =
         (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()), z(p.q_elems()), z(p.lse_elems()));
-    let x = AttnInputs::<Cuda, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None };
+    let x = AttnInputs::<Cuda, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None };
     let e = AttentionKernel::<f32>::attn_fwd(&*dev, &p, x, &mut o, &mut lse).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 257"), "{e}");
     let (mut dq, mut dk, mut dv) = (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()));

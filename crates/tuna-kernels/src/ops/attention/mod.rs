@@ -9,6 +9,10 @@
 //! - prefix `pk`, `pv`: `[prefix_len, kv_heads, head_dim]`, one buffer shared by the whole batch,
 //!   read in place (never concatenated into K/V); their gradients `dpk`, `dpv` (`E::Acc`: f32
 //!   for f32/bf16, f64 for f64; same shape) are summed over the batch.
+//! - `prefix_rows` (optional, `has_prefix_rows == 1`): `[batch, 2]` u32, row `b`'s `(start, len)`
+//!   in the prefix table: sequence `b` sees prefix rows `start..start + len` only (`len` 0: no
+//!   prefix), so a batch mixing adapters passes their prefixes stacked once. Without it every
+//!   sequence sees the whole table.
 //! - `key_mask`: `[batch, kv_len]` u8, 1 = attend, 0 = padding. Prefix keys are never masked.
 //! - `lse`: `[batch, heads, q_len]` in `E::Acc`, the natural log-sum-exp of the scaled scores of each
 //!   query row, saved by the forward for the backward.
@@ -46,6 +50,8 @@ pub struct AttnParams {
     pub causal: u32,
     /// 1 = a key padding mask is given.
     pub has_mask: u32,
+    /// 1 = per-sequence prefix ranges are given (`prefix_rows`).
+    pub has_prefix_rows: u32,
     /// Score scale, usually `1/sqrt(head_dim)`.
     pub scale: f32,
 }
@@ -63,6 +69,7 @@ impl AttnParams {
             head_dim: head_dim as u32,
             causal: causal as u32,
             has_mask: 0,
+            has_prefix_rows: 0,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
@@ -89,6 +96,9 @@ impl AttnParams {
 
     /// Validate the parameters themselves.
     pub fn validate(&self) -> Result<()> {
+        if self.has_prefix_rows > 1 || self.has_mask > 1 || self.causal > 1 {
+            return Err(Error::Invalid { op: "attention", msg: format!("flags must be 0 or 1: {self:?}") });
+        }
         let bad = |msg: String| Err(Error::Invalid { op: "attention", msg });
         if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return bad(format!(
@@ -126,6 +136,8 @@ pub struct AttnInputs<'a, B: Backend + ?Sized, E: Elem> {
     pub prefix: Option<PrefixKv<'a, B, E>>,
     /// Key padding mask, present iff `has_mask == 1`.
     pub key_mask: Option<&'a B::Buf<u8>>,
+    /// Per-sequence prefix ranges `[batch, 2]` (start, len), present iff `has_prefix_rows == 1`.
+    pub prefix_rows: Option<&'a B::Buf<u32>>,
 }
 
 impl<B: Backend + ?Sized, E: Elem> Clone for AttnInputs<'_, B, E> {
@@ -191,6 +203,18 @@ pub fn check_inputs<B: Backend + ?Sized, E: Elem>(p: &AttnParams, x: &AttnInputs
         (Some(m), 1) => check_len("attention", "key_mask", B::len(*m), p.batch as usize * p.kv_len as usize, shape)?,
         _ => return Err(Error::Invalid { op: "attention", msg: "key_mask presence and has_mask disagree".into() }),
     }
+    match (&x.prefix_rows, p.has_prefix_rows) {
+        (None, 0) => {}
+        (Some(r), 1) if p.prefix_len > 0 => {
+            check_len("attention", "prefix_rows", B::len(*r), 2 * p.batch as usize, shape)?
+        }
+        _ => {
+            return Err(Error::Invalid {
+                op: "attention",
+                msg: "prefix_rows presence and has_prefix_rows disagree (or no prefix)".into(),
+            })
+        }
+    }
     Ok(())
 }
 
@@ -223,3 +247,5 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
 mod cuda_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rows;

@@ -35,6 +35,8 @@ pub(super) struct Data {
     pub(super) pv: Vec<f32>,
     pub(super) mask: Vec<u8>,
     pub(super) d_o: Vec<f32>,
+    /// Per-sequence prefix ranges `[batch, 2]`, used when `p.has_prefix_rows == 1`.
+    pub(super) prefix_rows: Vec<u32>,
 }
 
 impl Data {
@@ -83,6 +85,7 @@ impl Data {
             pv: rng.normal_vec(p.prefix_elems(), 1.0),
             d_o: rng.normal_vec(p.q_elems(), 1.0),
             mask,
+            prefix_rows: Vec::new(),
             p,
         }
     }
@@ -93,6 +96,7 @@ impl Data {
             v: &self.v,
             prefix: (self.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
             key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
+            prefix_rows: (self.p.has_prefix_rows == 1).then_some(&self.prefix_rows[..]),
         }
     }
     fn reference(&self) -> Ref<'_> {
@@ -130,6 +134,7 @@ impl<F: CpuFloat> Cast<F> {
             v: &self.v,
             prefix: (d.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
             key_mask: (d.p.has_mask == 1).then_some(&d.mask[..]),
+            prefix_rows: (d.p.has_prefix_rows == 1).then_some(&d.prefix_rows[..]),
         }
     }
 }
@@ -411,7 +416,7 @@ fn prefix_equals_concatenated_keys() {
     let (mut o, mut lse) = (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()]);
     let (mut o2, mut lse2) = (o.clone(), lse.clone());
     Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap();
-    let x2 = AttnInputs::<Cpu, f32> { q: &data.q, k: &k2, v: &v2, prefix: None, key_mask: None };
+    let x2 = AttnInputs::<Cpu, f32> { q: &data.q, k: &k2, v: &v2, prefix: None, key_mask: None, prefix_rows: None };
     Cpu.attn_fwd(&p2, x2, &mut o2, &mut lse2).unwrap();
     Tol::F32.assert_close("prefix vs concatenated: o", &o, &o2);
     Tol::F32.assert_close("prefix vs concatenated: lse", &lse, &lse2);

@@ -137,7 +137,8 @@ unsafe fn add_dq<F: CpuFloat>(
     }
 }
 
-/// `dv_t += P^T dO`, `dk_t += scale dS^T Q` into the task-local `sc.dk`, `sc.dv` (`n x d`).
+/// `dv_t += P^T dO`, `dk_t += scale dS^T Q` into the task-local `sc.dk`, `sc.dv` (`n x d`, from
+/// scratch row `row0`).
 #[allow(clippy::too_many_arguments)]
 fn add_dkv_tile<F: CpuFloat>(
     g: &Geo,
@@ -145,17 +146,19 @@ fn add_dkv_tile<F: CpuFloat>(
     b: usize,
     h: usize,
     qb: usize,
-    n: usize,
+    (row0, n): (usize, usize),
     bq: usize,
     sc: &mut Scratch<F>,
 ) {
     let qo = g.q_off(b, g.q_rows(qb).0, h);
     let d = g.d;
-    // SAFETY: dk/dv scratch hold n x d; P and dS are bq x n; query rows lie in q and d_o.
+    // SAFETY: dk/dv scratch hold BK x d and row0 + n <= BK; P and dS are bq x n; query rows lie
+    // in q and d_o.
     unsafe {
         let (do_v, q_v) = (View::rows(a.d_o[qo..].as_ptr(), g.q_rs()), View::rows(a.x.q[qo..].as_ptr(), g.q_rs()));
-        matmul(n, d, bq, sc.dv.as_mut_ptr(), d, true, View::cols(sc.s.as_ptr(), n), do_v, F::one());
-        matmul(n, d, bq, sc.dk.as_mut_ptr(), d, true, View::cols(sc.dp.as_ptr(), n), q_v, F::c(g.scale.into()));
+        let (dv, dk) = (sc.dv.as_mut_ptr().add(row0 * d), sc.dk.as_mut_ptr().add(row0 * d));
+        matmul(n, d, bq, dv, d, true, View::cols(sc.s.as_ptr(), n), do_v, F::one());
+        matmul(n, d, bq, dk, d, true, View::cols(sc.dp.as_ptr(), n), q_v, F::c(g.scale.into()));
     }
 }
 
@@ -195,7 +198,7 @@ unsafe fn content_block<F: CpuFloat>(
     for h in kvh * g.group..(kvh + 1) * g.group {
         for qb in g.first_q_seeing(j0) / BQ..g.q_blocks() {
             let bq = tile_grads(g, a, b, h, qb, blk, sc);
-            add_dkv_tile(g, a, b, h, qb, blk.n, bq, sc);
+            add_dkv_tile(g, a, b, h, qb, (0, blk.n), bq, sc);
             if let Some(dq) = dq {
                 // SAFETY: forwarded from this function's contract.
                 unsafe { add_dq(g, a, b, h, qb, blk, sc, dq) };
@@ -210,7 +213,8 @@ unsafe fn content_block<F: CpuFloat>(
     }
 }
 
-/// Gradients of prefix block `pb` of KV head `kvh`, summed over the batch.
+/// Gradients of prefix block `pb` of KV head `kvh`, summed over the batch (each sequence adds
+/// to the part of the block inside its prefix range).
 ///
 /// # Safety
 /// No concurrent task writes dpk/dpv rows (block, kvh).
@@ -227,10 +231,16 @@ unsafe fn prefix_block<F: CpuFloat>(
     sc.dk[..blk.n * g.d].fill(F::zero());
     sc.dv[..blk.n * g.d].fill(F::zero());
     for b in 0..g.batch {
+        let (start, end) = g.prefix_range(b);
+        let (lo, hi) = (j0.max(start), (j0 + blk.n).min(end));
+        if lo >= hi {
+            continue;
+        }
+        let sub = KvBlock { j0: lo, n: hi - lo, prefix: true };
         for h in kvh * g.group..(kvh + 1) * g.group {
             for qb in 0..g.q_blocks() {
-                let bq = tile_grads(g, a, b, h, qb, blk, sc);
-                add_dkv_tile(g, a, b, h, qb, blk.n, bq, sc);
+                let bq = tile_grads(g, a, b, h, qb, sub, sc);
+                add_dkv_tile(g, a, b, h, qb, (lo - j0, sub.n), bq, sc);
             }
         }
     }
@@ -286,7 +296,7 @@ pub(super) fn backward<F: CpuFloat>(
                 let (b, h) = (bh / g.heads, bh % g.heads);
                 let (i0, bq) = g.q_rows(qb);
                 let content = g.content_blocks(b, i0, bq).filter(|_| !fused);
-                for blk in g.prefix_blocks().chain(content) {
+                for blk in g.prefix_blocks(b).chain(content) {
                     tile_grads(g, a, b, h, qb, blk, sc);
                     // SAFETY: tasks differ in (b, h, qb): disjoint dq rows.
                     unsafe { add_dq(g, a, b, h, qb, blk, sc, dq) };

@@ -28,6 +28,8 @@ pub struct Geo<'a> {
     pub scale: f32,
     pub causal: bool,
     pub mask: Option<&'a [u8]>,
+    /// Per-sequence `(start, len)` in the prefix table (`[batch, 2]`); `None`: all of it.
+    pub prefix_rows: Option<&'a [u32]>,
 }
 
 /// One block of keys: `n` rows starting at `j0`, of the prefix or of the content.
@@ -39,7 +41,7 @@ pub struct KvBlock {
 }
 
 impl<'a> Geo<'a> {
-    pub fn new(p: &AttnParams, mask: Option<&'a [u8]>) -> Self {
+    pub fn new(p: &AttnParams, mask: Option<&'a [u8]>, prefix_rows: Option<&'a [u32]>) -> Self {
         Geo {
             batch: p.batch as usize,
             heads: p.heads as usize,
@@ -52,6 +54,7 @@ impl<'a> Geo<'a> {
             scale: p.scale,
             causal: p.causal == 1,
             mask,
+            prefix_rows,
         }
     }
     /// Row stride of `q`, `o`, `dq`, `d_o`.
@@ -92,10 +95,23 @@ impl<'a> Geo<'a> {
         let i0 = qb * BQ;
         (i0, BQ.min(self.t - i0))
     }
+    /// The prefix rows `start..end` of the table sequence `b` sees (clamped to the table).
     #[inline]
-    pub fn prefix_blocks(&self) -> impl Iterator<Item = KvBlock> {
-        let p = self.p;
-        (0..p).step_by(BK).map(move |j0| KvBlock { j0, n: BK.min(p - j0), prefix: true })
+    pub fn prefix_range(&self, b: usize) -> (usize, usize) {
+        match self.prefix_rows {
+            Some(r) => {
+                let start = (r[2 * b] as usize).min(self.p);
+                (start, start + (r[2 * b + 1] as usize).min(self.p - start))
+            }
+            None => (0, self.p),
+        }
+    }
+    /// Prefix key blocks of sequence `b` (`BK` rows from the start of its range; `j0` absolute
+    /// in the table).
+    #[inline]
+    pub fn prefix_blocks(&self, b: usize) -> impl Iterator<Item = KvBlock> {
+        let (start, end) = self.prefix_range(b);
+        (start..end).step_by(BK).map(move |j0| KvBlock { j0, n: BK.min(end - j0), prefix: true })
     }
     /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all.
     #[inline]
