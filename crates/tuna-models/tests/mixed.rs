@@ -138,3 +138,27 @@ fn multi_task_training_on_mixed_batches() {
     let unused_after: Vec<Vec<f32>> = m.adapt().bank[2].1.params().iter().map(|(_, t)| t.to_vec().unwrap()).collect();
     assert!(unused == unused_after, "an adapter no row used changed");
 }
+
+/// A row without a soft prompt gets extra pads in front of it when another row has one; the pad
+/// right before its first token must not predict that token (the row alone has nothing there to
+/// predict it from). Rows of equal length, every label kept, so each row's target count alone is
+/// exact: the prompt row predicts all 5 tokens, the LoRA row 4.
+#[test]
+fn extra_pads_add_no_targets_to_the_mixed_loss() {
+    let dev = Arc::new(Cpu);
+    let path = fixture("llama");
+    let dirs = make_adapters::<Cpu, f64>(&dev, &path, &methods("llama"), 0.3, &temp_dir("extra-pads"));
+    let mixed = bank_model::<Cpu, f64>(&dev, &path, &dirs);
+    let rows: [Vec<u32>; 2] = [vec![3, 4, 5, 6, 7], vec![8, 9, 10, 11, 12]];
+    let routes = [Some(0), Some(5)]; // prompt (3 virtual tokens), LoRA rank 2
+    let ids: Vec<u32> = rows.concat();
+    let labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    let got: f64 = mixed.lm_loss_mixed(&ids, &[1; 10], &labels, 2, &routes).unwrap().to_vec().unwrap()[0];
+    let mut want = 0.0;
+    for (r, (row, targets)) in rows.iter().zip([5.0, 4.0]).enumerate() {
+        let alone = mixed_common::alone_model::<Cpu, f64>(&dev, &path, Some(&dirs[routes[r].unwrap()]));
+        let l: Vec<i32> = row.iter().map(|&t| t as i32).collect();
+        want += targets / 9.0 * alone.lm_loss(row, &[1; 5], &l, 1).unwrap().to_vec().unwrap()[0];
+    }
+    SAME.assert_close("mixed loss vs the rows alone (first labels kept)", &[got], &[want]);
+}

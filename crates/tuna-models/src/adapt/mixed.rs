@@ -41,16 +41,30 @@ pub(crate) struct MixedPrep {
     batch: usize,
     seq: usize,
     width: usize,
+    /// `src`'s index of the zero row (the extra pads).
+    zero: u32,
 }
 
 impl MixedPrep {
-    /// Labels `[batch, seq]` spread over the widened rows, [`IGNORE_INDEX`] at prompt and pad slots.
+    /// Labels `[batch, seq]` spread over the widened rows, [`IGNORE_INDEX`] at prompt and pad
+    /// slots. A content label right after an extra pad is ignored too: as the next-token target
+    /// of that pad it would be a prediction the row alone never makes (nothing precedes its first
+    /// token there).
     pub(crate) fn widen_labels(&self, labels: &[i32]) -> Vec<i32> {
         if self.src.is_empty() {
             return labels.to_vec();
         }
         let n = self.batch * self.seq;
-        self.src.iter().map(|&s| if (s as usize) < n { labels[s as usize] } else { IGNORE_INDEX }).collect()
+        let mut out: Vec<i32> =
+            self.src.iter().map(|&s| if (s as usize) < n { labels[s as usize] } else { IGNORE_INDEX }).collect();
+        for (row, src) in out.chunks_mut(self.width.max(1)).zip(self.src.chunks(self.width.max(1))) {
+            for c in 1..src.len() {
+                if src[c - 1] == self.zero && (src[c] as usize) < n {
+                    row[c] = IGNORE_INDEX;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -220,7 +234,7 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
             positions: Ints::new(dev, &[batch, width], &pos)?,
             mask: new_mask,
             at: None,
-            mixed: Some(MixedPrep { src, prompts, batch, seq, width }),
+            mixed: Some(MixedPrep { src, prompts, batch, seq, width, zero }),
             _e: Default::default(),
         })
     }
