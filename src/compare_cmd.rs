@@ -80,15 +80,18 @@ fn train_or_diverge(m: &str, dir: &Path, args: &[String]) -> Result<Option<RunSu
         use std::os::unix::process::CommandExt;
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and calls only prctl and
-        // getppid, which are async-signal-safe; it allocates nothing on its success path.
+        // getppid, which are async-signal-safe, and allocates nothing. (PR_SET_PDEATHSIG follows
+        // the spawning thread: compare spawns its runs from its main thread.)
         unsafe {
             cmd.pre_exec(move || {
                 // The run ends when compare does (killed or interrupted), instead of training on
                 // unseen in its folder; its checkpoints are written atomically, so nothing is lost.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::getppid() as u32 != parent {
-                    // compare died before the prctl took effect.
-                    return Err(std::io::Error::other("compare exited before its run started"));
+                    // compare died before the prctl took effect (no allocation in the child).
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             })
@@ -149,10 +152,9 @@ pub fn check_factors(factors: &[f64], flag_text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The sweep's held-out slice must leave training examples: checked on the training file before
-/// any method runs (its runs would each refuse it).
-pub fn check_holdout(args: &[String], run: &crate::train_cmd::RunArgs, holdout: usize) -> Result<()> {
-    let Some(train) = flag_value(args, "--train") else { return Ok(()) };
+/// The number of examples in the training file `args` name (none named: `None`).
+fn training_examples(args: &[String], run: &crate::train_cmd::RunArgs) -> Result<Option<(String, usize)>> {
+    let Some(train) = flag_value(args, "--train") else { return Ok(None) };
     let task: tuna_trainer::Task = run.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
     let fields = tuna_trainer::Fields {
         text: run.text_field.clone(),
@@ -161,6 +163,27 @@ pub fn check_holdout(args: &[String], run: &crate::train_cmd::RunArgs, holdout: 
         label: run.label_field.clone(),
     };
     let n = tuna_trainer::load(Path::new(&train), task, &fields)?.len();
+    Ok(Some((train, n)))
+}
+
+/// The prompt-engineered rows' needs, checked before any method trains: something to score on
+/// (`--eval` or `--holdout`) and enough training examples for `--shots`.
+pub fn check_baseline(args: &[String], run: &crate::train_cmd::RunArgs, shots: usize) -> Result<()> {
+    if flag_value(args, "--eval").is_none() && flag_value(args, "--holdout").is_none() {
+        bail!("{} scores the untrained model on --eval (or --holdout): give one", crate::train_cmd::BASELINE);
+    }
+    if let Some((train, n)) = training_examples(args, run)? {
+        if shots > n {
+            bail!("--shots {shots}: {train} has {n} training examples to draw from");
+        }
+    }
+    Ok(())
+}
+
+/// The sweep's held-out slice must leave training examples: checked on the training file before
+/// any method runs (its runs would each refuse it).
+pub fn check_holdout(args: &[String], run: &crate::train_cmd::RunArgs, holdout: usize) -> Result<()> {
+    let Some((train, n)) = training_examples(args, run)? else { return Ok(()) };
     if holdout >= n {
         bail!(
             "--sweep-holdout {holdout}: {train} has {n} training examples and the sweep trains on the rest \

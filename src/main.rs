@@ -189,6 +189,9 @@ struct ExportArgs {
     /// Write into a non-empty --out (replacing the files the export writes; never the base model's folder).
     #[arg(long)]
     overwrite: bool,
+    /// `--model` as given when it was a Hugging Face id (the adapter config records it).
+    #[arg(skip)]
+    base_name: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -255,13 +258,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info => {}
         Command::Generate(a) => a.model = hub(&a.model)?,
         Command::Eval(a) => a.model = hub(&a.model)?,
-        Command::Export(a) => a.model = hub(&a.model)?,
+        Command::Export(a) => {
+            let resolved = hub(&a.model)?;
+            if resolved != a.model {
+                a.base_name = Some(a.model.display().to_string());
+            }
+            a.model = resolved;
+        }
         Command::Serve(a) => a.model = hub(&a.model)?,
         Command::Train(TrainArgs { run, .. })
         | Command::Profile(ProfileArgs { run, .. })
         | Command::Compare(CompareArgs { run, .. }) => {
             if let Some(m) = &mut run.model {
-                *m = hub(m)?;
+                let resolved = hub(m)?;
+                if resolved != *m {
+                    // Recorded as given (PEFT's configs name the hub id, not a local path).
+                    run.model_name = Some(m.display().to_string());
+                }
+                *m = resolved;
             }
         }
     }
@@ -312,8 +326,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::train_cmd::print_summary(&summary);
         }
         Command::Train(a) => {
-            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
+            // The name first: a mistyped method is named as such, not as ignoring a flag.
             let method = a.method_args.method(&a.method)?;
+            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             a.method_args.check_for_task(&a.method, &a.run.task)?;
             let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             let summary = match device(&a.run.device)? {
@@ -378,7 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.merged {
                 m.save_merged(&a.out).map_err(|e| anyhow::anyhow!("--merged: {e}"))?;
             } else {
-                m.save_adapter(&a.out, &a.model.display().to_string())?;
+                m.save_adapter(&a.out, &a.base_name.clone().unwrap_or_else(|| a.model.display().to_string()))?;
             }
             // Replacing an export of the other kind leaves none of its files to be read as this one.
             tuna::cli::remove_other_export(&a.out, a.merged)?;
@@ -389,8 +404,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {}", a.out.display());
         }
         Command::Profile(a) => {
-            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
+            // The name first: a mistyped method is named as such, not as ignoring a flag.
             let method = a.method_args.method(&a.method)?;
+            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             a.method_args.check_for_task(&a.method, &a.run.task)?;
             let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
@@ -413,7 +429,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("compare trains every method anew; --resume is for tuna train");
             }
             let methods = tuna::train_cmd::list_flag("--methods", &a.methods)?;
-            // Every method's settings are checked before the first one trains.
+            // Every method's settings are checked before the first one trains (names first).
+            for m in &methods {
+                if m != tuna::train_cmd::BASELINE {
+                    a.method_args.method(m)?;
+                }
+            }
             a.method_args.check_used("--methods", &methods)?;
             for (i, m) in methods.iter().enumerate() {
                 if m == tuna::train_cmd::BASELINE {
@@ -431,13 +452,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("--methods {}: `{m}` is listed twice", a.methods);
                 }
             }
-            let mut passthrough = tuna::compare_cmd::passthrough_args(std::env::args().skip(2).collect());
+            let passthrough = tuna::compare_cmd::passthrough_args(std::env::args().skip(2).collect());
+            let mut model_path = None;
             if let Some(m) = &a.run.model {
-                // Each method's run loads the model resolved here (a hub id once).
-                passthrough = tuna::compare_cmd::without_flags(&passthrough, &["--model"]);
-                passthrough.extend(["--model".to_string(), m.display().to_string()]);
+                // Each method's run resolves a hub id itself (and records it as given); compare's
+                // own look at the model (the default learning rates) uses the path resolved here.
+                model_path = Some(m.display().to_string());
             }
             let (args, out) = tuna::compare_cmd::with_defaults(&a.run, passthrough)?;
+            if methods.iter().any(|m| m == tuna::train_cmd::BASELINE) {
+                tuna::compare_cmd::check_baseline(&args, &a.run, a.method_args.shots.unwrap_or(0))?;
+            }
             // The comparison's folder is one run: locked while it runs, and replaced only when told.
             tuna::trainer::run_dir::refuse_unsafe_out(&out)?;
             let _lock = tuna::trainer::lock(&out)?;
@@ -461,7 +486,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None
             };
             // The rate each method's sweep multiplies: --lr, else the method's default for this model.
-            let model = tuna::compare_cmd::flag_value(&args, "--model");
+            let model = model_path.or_else(|| tuna::compare_cmd::flag_value(&args, "--model"));
             let decoder = model.is_some_and(|p| tuna::train_cmd::is_decoder(std::path::Path::new(&p)));
             let base_lr = |m: &str| -> anyhow::Result<f64> {
                 Ok(a.run.lr.unwrap_or(tuna::train_cmd::default_lr(&a.method_args.method(m)?, decoder)))

@@ -284,6 +284,9 @@ pub struct RunArgs {
     /// ~/.cache/huggingface/hub; tuna does not download).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--model` as given when it was a Hugging Face id (`model` then holds its cached snapshot).
+    #[arg(skip)]
+    pub model_name: Option<String>,
     /// lm, completion or classify.
     #[arg(long, default_value = "classify")]
     pub task: String,
@@ -452,6 +455,7 @@ impl RunArgs {
         };
         Ok(TrainConfig {
             model,
+            model_name: self.model_name.clone(),
             method,
             task,
             fields: Fields {

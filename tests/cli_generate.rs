@@ -1,6 +1,9 @@
 //! `tuna generate` end to end on the committed tiny fixtures: a GPT-2 and a Llama Hugging Face
 //! folder each produce text; a missing model path fails with a message naming it, no backtrace.
 
+mod common;
+
+use common::hub_cache;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -75,21 +78,7 @@ fn every_decoder_is_bounded_by_its_context_before_generating() {
 fn a_model_id_loads_from_a_hugging_face_cache_layout() {
     let d = std::env::temp_dir().join(format!("tuna-cli-hub-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    let cache = d.join("hub");
-    let repo = cache.join("models--tiny-org--tiny-llama");
-    let snap = repo.join("snapshots/c0ffee12");
-    std::fs::create_dir_all(&snap).unwrap();
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "c0ffee12").unwrap();
-    // As the hub lays it out: the snapshot's files are links into blobs/.
-    for e in std::fs::read_dir(fixture("llama")).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_name().unwrap().to_owned();
-        let blob = repo.join("blobs").join(format!("blob-{}", name.to_string_lossy()));
-        std::fs::copy(&p, &blob).unwrap();
-        std::os::unix::fs::symlink(&blob, snap.join(&name)).unwrap();
-    }
+    let cache = hub_cache(&d);
     let gen = |model: &str, cache: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_tuna"))
             .args(["generate", "--model", model, "--prompt", "The cat", "--max-new-tokens", "4"])

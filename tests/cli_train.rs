@@ -342,10 +342,39 @@ fn bf16_optimizer_moments_follow_the_f32_loss_curve() {
         assert!((x - y).abs() <= 0.01 * x, "step {}: f32 {x} vs bf16 {y}\n{a:?}\n{b:?}", s + 1);
     }
     assert!(b[29] < 0.8 * b[0], "bf16 moments did not train: {b:?}");
+    // ... and the flag took effect: the rounded moments move the curve, if only slightly.
+    assert!(a.iter().zip(&b).any(|(x, y)| x != y), "bf16 moments gave f32's curve bit for bit");
     // A resume keeps the moments' storage: switching it is refused by name; the same resumes.
     let (o, _) = run("bf16", "f32", 32, &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--optimizer-state was Bf16, now Master"), "{err}");
+    assert!(!o.status.success() && err.contains("--optimizer-state was bf16, now f32"), "{err}");
     let (o, _) = run("bf16", "bf16", 32, &["--resume"]);
     ok(&o);
+}
+
+#[test]
+fn a_hub_id_is_recorded_as_given_in_the_summary_and_the_adapter() {
+    let d = tmp("hub-id");
+    let cache = hub_cache(&d);
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let run = |args: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).env("HF_HUB_CACHE", &cache).output().unwrap()
+    };
+    ok(&run(set(train_args(&out, &train, 2, &[]), "--model", "tiny-org/tiny-llama")));
+    let json = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    // PEFT's configs name the hub id (what `from_pretrained` on another machine needs), not this
+    // machine's snapshot folder.
+    assert_eq!(json(&out.join("summary.json"))["model"], "tiny-org/tiny-llama");
+    assert_eq!(json(&out.join("adapter/adapter_config.json"))["base_model_name_or_path"], "tiny-org/tiny-llama");
+    let exported = d.join("exported");
+    let adapter = out.join("adapter").display().to_string();
+    let args = ["export", "--model", "tiny-org/tiny-llama", "--adapter", &adapter, "--out", exported.to_str().unwrap()];
+    ok(&run(args.iter().map(|s| s.to_string()).collect()));
+    assert_eq!(json(&exported.join("adapter_config.json"))["base_model_name_or_path"], "tiny-org/tiny-llama");
+    // A local folder is recorded as its path.
+    let local = d.join("local");
+    ok(&tuna(&train_args(&local, &train, 2, &[])));
+    assert_eq!(json(&local.join("summary.json"))["model"], fixture("llama"));
+    std::fs::remove_dir_all(&d).unwrap();
 }

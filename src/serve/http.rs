@@ -172,12 +172,14 @@ pub type Queued = UnboundedReceiver<GenEvent>;
 async fn completions(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
         let o = body_object(body)?;
-        let seed = app.counter.load(Relaxed);
+        // One number per request, taken once: its id and its default seed (two requests arriving
+        // together never share a seed).
+        let seed = app.counter.fetch_add(1, Relaxed);
         let p = api::gen_params(&o, &app.limits, seed)?;
         let prompt = api::one_string(&o, "prompt")?;
         // OpenAI's default for completions: 16 new tokens.
         let (rx, n) = app.submit(&p, &prompt, 16)?;
-        respond(&app, Reply::new(&app, Kind::Completion, &p.model), &p, rx, n).await
+        respond(&app, Reply::new(seed, Kind::Completion, &p.model), &p, rx, n).await
     };
     let r = r.await;
     counted(&app, r)
@@ -186,7 +188,9 @@ async fn completions(State(app): State<Arc<App>>, body: Body) -> Response {
 async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
     let r = async {
         let o = body_object(body)?;
-        let seed = app.counter.load(Relaxed);
+        // One number per request, taken once: its id and its default seed (two requests arriving
+        // together never share a seed).
+        let seed = app.counter.fetch_add(1, Relaxed);
         let p = api::gen_params(&o, &app.limits, seed)?;
         let text = api::chatml(&o)?;
         if !app.chatml {
@@ -197,7 +201,7 @@ async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
             ));
         }
         let (rx, n) = app.submit(&p, &text, usize::MAX)?;
-        respond(&app, Reply::new(&app, Kind::Chat, &p.model), &p, rx, n).await
+        respond(&app, Reply::new(seed, Kind::Chat, &p.model), &p, rx, n).await
     };
     let r = r.await;
     counted(&app, r)

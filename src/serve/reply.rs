@@ -11,7 +11,6 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 /// The text of a generation as it streams: each token's addition to the decoded text, held back
@@ -52,8 +51,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn new(app: &App, kind: Kind, model: &str) -> Self {
-        let n = app.counter.fetch_add(1, Relaxed);
+    /// The reply to request number `n` (its id; see `http::completions`).
+    pub fn new(n: u64, kind: Kind, model: &str) -> Self {
         let id = match kind {
             Kind::Completion => format!("cmpl-{n}"),
             Kind::Chat => format!("chatcmpl-{n}"),

@@ -118,3 +118,24 @@ pub fn fails(out: &Output, needle: &str) -> String {
     assert!(!err.contains("panicked"), "{err}");
     err
 }
+
+/// A Hugging Face hub cache under `dir` (`dir/hub`) holding the tiny Llama fixture as
+/// `tiny-org/tiny-llama` at revision `c0ffee12`, laid out as the hub does (`refs/main`, the
+/// snapshot's files linked into `blobs/`). Returns the cache folder (for `HF_HUB_CACHE`).
+pub fn hub_cache(dir: &Path) -> PathBuf {
+    let cache = dir.join("hub");
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    let snap = repo.join("snapshots/c0ffee12");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee12").unwrap();
+    for e in std::fs::read_dir(fixture("llama")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        let blob = repo.join("blobs").join(format!("blob-{}", name.to_string_lossy()));
+        std::fs::copy(&p, &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snap.join(&name)).unwrap();
+    }
+    cache
+}

@@ -32,6 +32,16 @@ pub enum MomentStorage {
     Bf16,
 }
 
+impl std::fmt::Display for MomentStorage {
+    /// As the command line spells it (`f32`, `bf16`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MomentStorage::Master => "f32",
+            MomentStorage::Bf16 => "bf16",
+        })
+    }
+}
+
 impl std::str::FromStr for MomentStorage {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -55,6 +55,9 @@ pub struct AnyModel<B: Kernels<E>, E: Float> {
     /// Base weights that train, by Hugging Face name (empty unless full fine-tuning).
     pub trainable_base: Vec<(String, Tensor<B, E>)>,
     pub source: PathBuf,
+    /// How saved adapters name their base (`base_model_name_or_path`): a Hugging Face id when the
+    /// model was opened by one; `None`: `source`.
+    pub name: Option<String>,
     pub dev: Arc<B>,
 }
 
@@ -119,7 +122,15 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             ModelConfig::Bert(c) => Net::Bert(Bert::load(c, &mut l)?),
         };
         let trainable_base = l.loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        Ok(AnyModel { net, tokenizer, add_special, trainable_base, source: source.to_path_buf(), dev: dev.clone() })
+        Ok(AnyModel {
+            net,
+            tokenizer,
+            add_special,
+            trainable_base,
+            source: source.to_path_buf(),
+            name: None,
+            dev: dev.clone(),
+        })
     }
 
     /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt or prefix init

@@ -1,7 +1,7 @@
 //! The prompt-engineered baseline: the untrained model scoring each class through a written
 //! template, zero-shot or with `k` examples drawn from the training data, so that a comparison shows
 //! what training buys over prompt engineering on the same model. Nothing trains; the run folder
-//! gets `summary.json` and `prompt.json` (the template and the examples used).
+//! gets `summary.json` and `tuna_prompt.json` (the template and the examples used).
 //!
 //! Decoders read `<k examples: template(text) + " " + word + "\n\n">template(text)` and are scored
 //! by the verbalizer words' first tokens at the last position, as trained classification is; rows
@@ -28,7 +28,7 @@ use tuna_autograd::{no_grad, Tensor};
 use tuna_kernels::rng::SplitMix64;
 
 /// The baseline's file in its run folder.
-pub const PROMPT_FILE: &str = "prompt.json";
+pub const PROMPT_FILE: &str = "tuna_prompt.json";
 
 /// What a prompt-engineered run needs (validated by the CLI; see `TrainConfig` for the shared fields).
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub struct BaselineConfig {
     pub shots: usize,
 }
 
-/// `prompt.json`: how the baseline asked.
+/// `tuna_prompt.json`: how the baseline asked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PromptFile {
     pub template: String,
@@ -248,7 +248,8 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
         base_params: model.base_param_count(),
         steps: 0,
         final_train_loss: None,
-        eval_loss: Some(e.loss),
+        // BERT's scores are cosines scaled by each embedding's norm: its loss means nothing.
+        eval_loss: decoder.then_some(e.loss),
         eval_accuracy: e.accuracy,
         eval_perplexity: None,
         train_tokens: 0,

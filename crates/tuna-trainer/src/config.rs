@@ -12,6 +12,9 @@ use tuna_models::adapt::Method;
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     pub model: PathBuf,
+    /// The model as the user named it when that was a Hugging Face id (`model` is then its cached
+    /// snapshot): what the summary and the saved adapter record.
+    pub model_name: Option<String>,
     pub method: Method,
     pub task: Task,
     pub fields: Fields,

@@ -16,7 +16,8 @@ pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)
         (d.clone(), d.join("model.safetensors"))
     } else {
         let d = out.join("adapter");
-        model.save_adapter(&d, &model.source.display().to_string())?;
+        let base = model.name.clone().unwrap_or_else(|| model.source.display().to_string());
+        model.save_adapter(&d, &base)?;
         (d.clone(), d.join(peft::WEIGHTS))
     };
     let extra = std::fs::metadata(dir.join(peft::EXTRA)).map(|m| m.len()).unwrap_or(0);

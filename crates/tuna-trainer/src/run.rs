@@ -75,6 +75,7 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
         _ => crate::data::LabelSet::from_examples(&train_records).labels().join(" "),
     };
     let mut model = Model::open_for(dev, &cfg.model, &cfg.method)?;
+    model.name = cfg.model_name.clone();
     // Lengths against the model's positions before anything is allocated for the method.
     let max_len = resolve_max_len(cfg.max_len, model.max_positions(), cfg.method.virtual_tokens(), min_len(cfg.task))?;
     check_method_size(&cfg.method, model.shape().hidden)?;
@@ -338,7 +339,7 @@ fn finish<B: Backend>(
     .write(&export)?;
     let summary = RunSummary {
         method: cfg.method.name().into(),
-        model: cfg.model.display().to_string(),
+        model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),
         trainable_params: s.params.iter().map(|(_, t)| t.numel()).sum(),
         base_params: s.model.base_param_count(),

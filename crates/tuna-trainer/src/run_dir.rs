@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = ".tuna.lock";
 
 /// What the files of a run are called in its folder (everything `tuna train` writes there).
-/// (`prompt.json`: the prompt-engineered baseline's template and examples.)
-pub const RUN_OUTPUTS: [&str; 6] = ["metrics.jsonl", "summary.json", "checkpoints", "adapter", "model", "prompt.json"];
+/// (`tuna_prompt.json`: the prompt-engineered baseline's template and examples.)
+pub const RUN_OUTPUTS: [&str; 6] =
+    ["metrics.jsonl", "summary.json", "checkpoints", "adapter", "model", "tuna_prompt.json"];
 
 /// What to do with an output folder that already holds a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,6 +21,7 @@ fn config(task: Task, dir: &Path) -> TrainConfig {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures/llama");
     TrainConfig {
         model: fixture,
+        model_name: None,
         method: Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec![] }),
         task,
         fields: Fields::default(),

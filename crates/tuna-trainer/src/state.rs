@@ -82,7 +82,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--decay".into(), s(&cfg.decay)),
         ("--min-lr-ratio".into(), s(&cfg.min_lr_ratio)),
         ("--weight-decay".into(), s(&cfg.weight_decay)),
-        ("--optimizer-state".into(), s(&cfg.optimizer_state)),
+        ("--optimizer-state".into(), cfg.optimizer_state.to_string()),
         ("--clip".into(), s(&cfg.clip)),
         ("--eval-every".into(), s(&cfg.eval_every)),
         ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),

@@ -29,6 +29,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
     std::fs::write(&data, lines.join("\n")).unwrap();
     TrainConfig {
         model: fixture(arch),
+        model_name: None,
         method,
         task: if classify { Task::Classify } else { Task::Lm },
         fields: Fields::default(),
