@@ -71,6 +71,11 @@ struct ServeArgs {
     /// flight (shutdown, disconnects); 0 in use.
     #[arg(long, default_value_t = 0, hide = true)]
     step_delay_ms: u64,
+    /// How a step runs the batch: `mixed` (one forward for every decoding sequence, each row
+    /// through its own adapter) or `swap` (a batch-of-one forward per sequence, its adapter
+    /// swapped in). A testing and benchmarking aid.
+    #[arg(long, default_value = "mixed", hide = true, value_parser = ["mixed", "swap"])]
+    stepper: String,
 }
 
 #[derive(clap::Args)]
@@ -297,6 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_grace: std::time::Duration::from_secs_f64(a.shutdown_grace),
                 device: device(&a.device)?,
                 step_delay: std::time::Duration::from_millis(a.step_delay_ms.min(10_000)),
+                mixed: a.stepper == "mixed",
             })?;
         }
         Command::Generate(a) => {

@@ -93,6 +93,16 @@ fn text_of(r: &Resp, stream: bool) -> String {
 
 #[test]
 fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
+    load_test("mixed");
+}
+
+#[test]
+fn load_test_with_the_swap_stepper() {
+    load_test("swap");
+}
+
+/// 32 clients, 320 requests over the base and every adapter, through `--stepper` `stepper`.
+fn load_test(stepper: &str) {
     let dir = adapters();
     let models: Vec<&str> = std::iter::once("base").chain(METHODS).collect();
     // The single-adapter results, from `tuna generate`.
@@ -110,7 +120,7 @@ fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
             models.iter().map(|m| &want[&(m.to_string(), p.to_string())]).collect();
         assert!(distinct.len() >= 3, "{p}: adapters barely change the output: {distinct:?}");
     }
-    let srv = Server::start(Some(dir), &["--max-batch", "8", "--max-queue", "64"]);
+    let srv = Server::start(Some(dir), &["--max-batch", "8", "--max-queue", "64", "--stepper", stepper]);
     let run = |rounds: usize| {
         std::thread::scope(|s| {
             for c in 0..32 {
@@ -136,9 +146,16 @@ fn load_test_every_answer_matches_its_adapter_and_memory_stays_flat() {
     assert!(secs < 60.0, "320 requests took {secs:.1} s");
     assert_eq!(srv.metric("tuna_requests_completed_total"), 320.0);
     assert_eq!(srv.metric("tuna_queue_depth"), 0.0);
+    // The mixed stepper decoded most token steps in shared forwards (any mix of adapters); the
+    // swap stepper none.
+    let (batched, generated) = (srv.metric("tuna_batched_rows_total"), srv.metric("tuna_generated_tokens_total"));
+    match stepper {
+        "mixed" => assert!(batched > 0.5 * generated, "{batched} of {generated} token steps batched"),
+        _ => assert_eq!(batched, 0.0),
+    }
     // Flat: 4x more requests after warm-up add under 8 MiB (allocator slack), no per-request growth.
     assert!(rss1 < rss0 + 8 * 1024, "RSS grew from {rss0} KiB to {rss1} KiB over 256 requests");
-    eprintln!("load test: 320 requests in {secs:.2} s; RSS {rss0} -> {rss1} KiB");
+    eprintln!("load test ({stepper}): 320 requests in {secs:.2} s, {batched} of {generated} token steps batched; RSS {rss0} -> {rss1} KiB");
     let (code, err) = srv.terminate();
     assert_eq!(code, 0, "{err}");
 }
@@ -241,6 +258,23 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     for stream in [false, true] {
         assert_eq!(text_of(&srv.post("/v1/completions", &body(stream)), stream), want, "sampled, stream {stream}");
     }
+    // The same draws when the sampled sequences share decoding steps with each other and with
+    // greedy ones for other adapters (the mixed stepper batches them).
+    let greedy: Vec<(&str, String)> = ["lora", "prefix"].iter().map(|&m| (m, reference(dir, m, "The cat"))).collect();
+    let batched0 = srv.metric("tuna_batched_rows_total");
+    std::thread::scope(|s| {
+        for stream in [false, true, false] {
+            let (srv, want, body) = (&srv, &want, &body);
+            s.spawn(move || assert_eq!(text_of(&srv.post("/v1/completions", &body(stream)), stream), *want));
+        }
+        for (m, want) in &greedy {
+            let srv = &srv;
+            s.spawn(move || {
+                assert_eq!(text_of(&srv.post("/v1/completions", &completion(m, "The cat", true)), true), *want)
+            });
+        }
+    });
+    assert!(srv.metric("tuna_batched_rows_total") > batched0, "the concurrent requests never shared a step");
     // Classification: each label's probability, summing to one.
     let r = srv.post("/v1/classify", &json!({"model": "cls", "input": ["The cat sat.", "A dog ran."]}));
     assert_eq!(r.status, 200, "{}", r.body);

@@ -188,16 +188,7 @@ impl<B: Kernels<f32>> Registry<B> {
         slot: Option<u64>,
         f: impl FnOnce(&mut AnyModel<B, f32>) -> T,
     ) -> Result<T, String> {
-        let guarded = |model: &mut AnyModel<B, f32>| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(model))).map_err(|p| {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                format!("the model panicked on this request: {what}")
-            })
-        };
+        let guarded = |model: &mut AnyModel<B, f32>| caught(|| f(model));
         match slot {
             None => guarded(model),
             Some(s) => {
@@ -209,4 +200,50 @@ impl<B: Kernels<f32>> Registry<B> {
             }
         }
     }
+
+    /// Whether `slot`'s adaptation can join a mixed-adapter batch (the bank refuses a merged
+    /// LoRA); unknown slots cannot.
+    pub fn mixable(&self, slot: u64) -> bool {
+        self.slots.get(&slot).is_some_and(|l| !l.adapt.lora.values().any(|l| l.is_merged()))
+    }
+
+    /// `f` on `model` with the adaptations of `slots` moved into its bank (bank index `i` =
+    /// `slots[i]`), moved back after: pointer moves, no copy of any weight. A panic in `f` is
+    /// caught (the adaptations still go back) and returned as an error; an unknown slot is an
+    /// error.
+    pub fn with_bank<T>(
+        &mut self,
+        model: &mut AnyModel<B, f32>,
+        slots: &[u64],
+        f: impl FnOnce(&mut AnyModel<B, f32>) -> T,
+    ) -> Result<T, String> {
+        if let Some(s) = slots.iter().find(|s| !self.slots.contains_key(s)) {
+            return Err(format!("adapter slot {s} is gone"));
+        }
+        let bank = slots
+            .iter()
+            .filter_map(|s| self.slots.get_mut(s).map(|l| (l.info.name.clone(), std::mem::take(&mut l.adapt))))
+            .collect();
+        let own = std::mem::replace(&mut model.adapt_mut().bank, bank);
+        let out = caught(|| f(model));
+        let bank = std::mem::replace(&mut model.adapt_mut().bank, own);
+        for (s, (_, a)) in slots.iter().zip(bank) {
+            if let Some(l) = self.slots.get_mut(s) {
+                l.adapt = a;
+            }
+        }
+        out
+    }
+}
+
+/// `f`'s value, or its panic's message as an error.
+fn caught<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("the model panicked on this request: {what}")
+    })
 }

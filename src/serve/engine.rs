@@ -8,6 +8,7 @@
 use super::adapters::{AdapterInfo, Registry};
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::mixed::MixedStepper;
 use super::step::{Seq, Stepper, SwapStepper};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -80,13 +81,18 @@ struct Active<B: Kernels<f32>> {
     events: UnboundedSender<GenEvent>,
 }
 
-/// The per-step model work the scheduler uses: the one place a batched mixed-adapter
-/// implementation of [`Stepper`] replaces [`SwapStepper`].
+/// The per-step model work the scheduler uses: one mixed-adapter forward for the decoding
+/// sequences ([`MixedStepper`], `mixed`), or a batch-of-one forward each ([`SwapStepper`]).
 fn stepper<'a, B: Kernels<f32>>(
     model: &'a mut AnyModel<B, f32>,
     registry: &'a mut Registry<B>,
-) -> impl Stepper<B> + 'a {
-    SwapStepper { model, registry }
+    mixed: bool,
+) -> Box<dyn Stepper<B> + 'a> {
+    if mixed {
+        Box::new(MixedStepper { model, registry, batched: 0 })
+    } else {
+        Box::new(SwapStepper { model, registry })
+    }
 }
 
 pub struct Engine<B: Kernels<f32>> {
@@ -96,6 +102,8 @@ pub struct Engine<B: Kernels<f32>> {
     pub max_batch: usize,
     /// A pause after each step (tests use it to keep requests in flight; 0 otherwise).
     pub step_delay: Duration,
+    /// Which [`Stepper`] runs the steps (see [`stepper`]); mixed unless set otherwise.
+    pub mixed: bool,
     queue: VecDeque<GenRequest>,
     active: Vec<Active<B>>,
     deadline: Option<Instant>,
@@ -109,6 +117,7 @@ impl<B: Kernels<f32>> Engine<B> {
             shared,
             max_batch,
             step_delay: Duration::ZERO,
+            mixed: true,
             queue: VecDeque::new(),
             active: Vec::new(),
             deadline: None,
@@ -219,7 +228,7 @@ impl<B: Kernels<f32>> Engine<B> {
                 },
             };
             m.prompt_tokens.fetch_add(r.prompt.len() as u64, Relaxed);
-            let cache = stepper(&mut self.model, &mut self.registry).new_cache();
+            let cache = stepper(&mut self.model, &mut self.registry, self.mixed).new_cache();
             let seq = Seq::new(slot, r.prompt, r.sampling, cache);
             self.active.push(Active { seq, max_new: r.max_new, events: r.events });
         }
@@ -232,11 +241,13 @@ impl<B: Kernels<f32>> Engine<B> {
             return;
         }
         let eos = self.model.eos_id();
-        let results = {
+        let (results, batched) = {
             let mut seqs: Vec<&mut Seq<B>> = self.active.iter_mut().map(|a| &mut a.seq).collect();
-            stepper(&mut self.model, &mut self.registry).step(&mut seqs)
+            let mut st = stepper(&mut self.model, &mut self.registry, self.mixed);
+            (st.step(&mut seqs), st.batched_rows())
         };
         let m = &self.shared.metrics;
+        m.batched_rows.fetch_add(batched as u64, Relaxed);
         let mut produced = 0;
         let mut keep = Vec::with_capacity(self.active.len());
         for (a, r) in std::mem::take(&mut self.active).into_iter().zip(results) {

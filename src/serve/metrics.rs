@@ -1,6 +1,7 @@
 //! Counters the engine and the HTTP layer share, and `/metrics` in Prometheus' text format:
 //! requests (total, refused, failed, cancelled), tokens (prompt, generated), tokens per second over
-//! the last few seconds, queue depth, active sequences and batch occupancy, loaded adapters.
+//! the last few seconds, queue depth, active sequences and batch occupancy, rows decoded in
+//! batched forwards, loaded adapters.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -23,6 +24,8 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
+    /// Sequence steps decoded in a batched (multi-row, mixed-adapter) forward.
+    pub batched_rows: AtomicU64,
     /// Requests sent to the engine and not yet in its batch.
     pub queued: AtomicUsize,
     pub active: AtomicUsize,
@@ -66,7 +69,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, max_batch: usize, max_queue: usize) -> String {
         let active = self.active.load(Relaxed);
-        let rows: [(&str, &str, &str, String); 15] = [
+        let rows: [(&str, &str, &str, String); 16] = [
             ("tuna_requests_total", "counter", "requests received", self.requests.load(Relaxed).to_string()),
             (
                 "tuna_requests_refused_total",
@@ -105,6 +108,12 @@ impl Metrics {
                 self.generated_tokens.load(Relaxed).to_string(),
             ),
             ("tuna_decode_steps_total", "counter", "scheduler steps run", self.steps.load(Relaxed).to_string()),
+            (
+                "tuna_batched_rows_total",
+                "counter",
+                "sequence steps decoded in one mixed-adapter forward with other sequences",
+                self.batched_rows.load(Relaxed).to_string(),
+            ),
             (
                 "tuna_tokens_per_second",
                 "gauge",

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod mixed;
 pub mod reply;
 pub mod step;
 
@@ -43,6 +44,9 @@ pub struct ServeSettings {
     pub device: Device,
     /// A pause after each decoding step (a testing aid; zero in use).
     pub step_delay: Duration,
+    /// Decode the batch in one mixed-adapter forward ([`mixed::MixedStepper`]); `false`: a
+    /// batch-of-one forward per sequence ([`step::SwapStepper`]).
+    pub mixed: bool,
 }
 
 /// What the engine thread reports once the model and adapters are loaded.
@@ -63,12 +67,12 @@ pub fn run(s: ServeSettings) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready>>();
     let (model, adapters, device, sh) = (s.model.clone(), s.adapters.clone(), s.device, shared.clone());
-    let (max_batch, delay) = (s.max_batch, s.step_delay);
+    let (max_batch, delay, mixed) = (s.max_batch, s.step_delay, s.mixed);
     let engine = std::thread::Builder::new().name("tuna-engine".into()).spawn(move || {
         let started = match device {
-            Device::Cpu => start(&Arc::new(Cpu), &model, adapters.as_deref(), sh, max_batch, delay),
+            Device::Cpu => start(&Arc::new(Cpu), &model, adapters.as_deref(), sh, max_batch, delay, mixed),
             Device::Cuda(n) => match Cuda::new(n) {
-                Ok(d) => start(&Arc::new(d), &model, adapters.as_deref(), sh, max_batch, delay),
+                Ok(d) => start(&Arc::new(d), &model, adapters.as_deref(), sh, max_batch, delay, mixed),
                 Err(e) => {
                     let _ = ready_tx.send(Err(anyhow!("{e}")));
                     return;
@@ -181,6 +185,7 @@ fn start<B: Kernels<f32>>(
     shared: Arc<Shared>,
     max_batch: usize,
     step_delay: Duration,
+    mixed: bool,
 ) -> Result<(Ready, RunEngine)> {
     let mut m = AnyModel::<B, f32>::open(dev, model, |_| false)?;
     let mut registry = adapters::Registry::default();
@@ -213,5 +218,6 @@ fn start<B: Kernels<f32>>(
     };
     let mut engine = Engine::new(m, registry, shared, max_batch);
     engine.step_delay = step_delay;
+    engine.mixed = mixed;
     Ok((ready, Box::new(move |rx| engine.run(rx))))
 }

@@ -1,12 +1,12 @@
 //! The model's side of one scheduler step, behind [`Stepper`]: every active sequence advances by
 //! one token (its first step prefills its prompt), each through its own adapter.
 //!
-//! [`SwapStepper`] is the first implementation: for each sequence in turn it installs the
+//! [`SwapStepper`] is the simple implementation: for each sequence in turn it installs the
 //! sequence's adapter ([`Registry::with_installed`], a swap of pointers) and runs a batch-of-one
 //! forward against the sequence's own KV cache. Sequences join and leave between steps
-//! (continuous batching at the scheduler), but the rows of a step are not yet one batched
-//! forward; a mixed-adapter batched forward can replace this implementation without touching the
-//! scheduler or the HTTP layer.
+//! (continuous batching at the scheduler), but the rows of a step are not one batched
+//! forward; [`super::mixed::MixedStepper`] (the default) runs the decoding rows as one
+//! mixed-adapter forward.
 
 use super::adapters::Registry;
 use tuna_autograd::no_grad;
@@ -67,6 +67,11 @@ pub trait Stepper<B: Kernels<f32>> {
 
     /// An empty KV cache for a new sequence.
     fn new_cache(&self) -> KvCache<B, f32>;
+
+    /// Sequences the last [`Stepper::step`] decoded in one forward with others (0: none).
+    fn batched_rows(&self) -> usize {
+        0
+    }
 }
 
 /// Batch-of-one forwards with the sequence's adapter swapped in (see the module docs).
