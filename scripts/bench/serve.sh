@@ -30,21 +30,24 @@ for _ in $(seq 600); do curl -sf "$url/health" >/dev/null 2>&1 && break; sleep 0
 # About 32 tokens of prompt (SmolLM2's tokenizer); the same text for every request.
 prompt="The history of the city begins with a small fishing village on the river, where traders from the north came each summer to sell furs and buy salt, grain and"
 req() { # adapter
-  curl -sf "$url/v1/completions" -H 'content-type: application/json' \
+  curl -sf -m 600 "$url/v1/completions" -H 'content-type: application/json' \
     -d "{\"model\": \"$1\", \"prompt\": \"$prompt\", \"max_tokens\": $NEW, \"temperature\": 0}" >/dev/null
 }
 metric() { curl -sf "$url/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 req a0 # warm-up
 g0=$(metric tuna_generated_tokens_total) b0=$(metric tuna_batched_rows_total) p0=$(metric tuna_prompt_tokens_total)
 t0=$(date +%s.%N)
+# (`wait` on the clients' pids only: a bare `wait` would also wait for the server.)
 if [ "$MODE" = grouped ]; then
   for ((a = 0; a < N; a++)); do
-    for ((i = a; i < R; i += N)); do req "a$a" & done
-    wait
+    clients=()
+    for ((i = a; i < R; i += N)); do req "a$a" & clients+=($!); done
+    wait "${clients[@]}"
   done
 else
-  for ((i = 0; i < R; i++)); do req "a$((i % N))" & done
-  wait
+  clients=()
+  for ((i = 0; i < R; i++)); do req "a$((i % N))" & clients+=($!); done
+  wait "${clients[@]}"
 fi
 t1=$(date +%s.%N)
 g1=$(metric tuna_generated_tokens_total) b1=$(metric tuna_batched_rows_total) p1=$(metric tuna_prompt_tokens_total)

@@ -12,6 +12,9 @@ Two ways PEFT serves several LoRA adapters:
 Every request has the same prompt length (no padding on either side) and produces exactly
 --new-tokens tokens. Prints one JSON line: tokens/s and the wall time.
 
+With --save DIR it writes the N adapters as PEFT folders DIR/a0 .. DIR/a(N-1) (tuna's side of the
+benchmark, scripts/bench/serve.sh, serves those) and exits.
+
 Run: python scripts/bench/serve_peft.py --adapters 4 --mode switch --requests 32 --batch 16 \
          --prompt-len 32 --new-tokens 32 [--layers L] [--threads 2]
 """
@@ -61,9 +64,14 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, names = build(args)
+    if args.save:
+        # PEFT puts each adapter not named "default" in a folder of its name under the target.
+        model.save_pretrained(args.save, selected_adapters=names)
+        return
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 49152, (args.requests, args.prompt_len), generator=g)
     owner = [names[i % len(names)] for i in range(args.requests)]
