@@ -173,8 +173,19 @@ pub fn check_baseline(args: &[String], run: &crate::train_cmd::RunArgs, shots: u
         bail!("{} scores the untrained model on --eval (or --holdout): give one", crate::train_cmd::BASELINE);
     }
     if let Some((train, n)) = training_examples(args, run)? {
-        if shots > n {
-            bail!("--shots {shots}: {train} has {n} training examples to draw from");
+        // A --holdout slice is scored, not drawn from: the shots come from the rest.
+        let held = match flag_value(args, "--holdout") {
+            None => 0,
+            Some(k) => match k.parse::<usize>() {
+                Ok(k) if k >= 1 && k < n => k,
+                _ => bail!(
+                    "--holdout {k}: expected 1 to {} (the training examples of {train} but one)",
+                    n.saturating_sub(1)
+                ),
+            },
+        };
+        if shots > n - held {
+            bail!("--shots {shots}: {train} has {} training examples to draw from", n - held);
         }
     }
     Ok(())

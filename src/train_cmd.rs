@@ -416,6 +416,7 @@ impl RunArgs {
         };
         Ok(tuna_trainer::BaselineConfig {
             model,
+            model_name: self.model_name.clone(),
             fields: Fields {
                 text: self.text_field.clone(),
                 prompt: self.prompt_field.clone(),

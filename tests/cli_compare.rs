@@ -272,4 +272,14 @@ fn compare_shows_the_prompt_engineered_rows_beside_the_trained_ones() {
         std::fs::remove_file(out.join(f)).unwrap();
     }
     fails(&tuna(&args), "prompt-engineered-2-shot/");
+    // Refused before any method trains (nothing written): no eval set, more shots than the
+    // training examples left after --holdout.
+    let fresh = d.join("cmp2");
+    let args = set(args, "--out", fresh.to_str().unwrap());
+    let no_eval: Vec<String> = args.iter().filter(|a| **a != eval).filter(|a| *a != "--eval").cloned().collect();
+    fails(&tuna(&no_eval), "on --eval (or --holdout)");
+    let held = set(set(no_eval, "--holdout", "15"), "--shots", "2");
+    fails(&tuna(&held), "--shots 2: ");
+    fails(&tuna(&set(held, "--holdout", "16")), "--holdout 16: expected 1 to 15");
+    assert!(!fresh.exists(), "a refused comparison wrote {}", fresh.display());
 }

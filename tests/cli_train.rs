@@ -372,6 +372,16 @@ fn a_hub_id_is_recorded_as_given_in_the_summary_and_the_adapter() {
     let args = ["export", "--model", "tiny-org/tiny-llama", "--adapter", &adapter, "--out", exported.to_str().unwrap()];
     ok(&run(args.iter().map(|s| s.to_string()).collect()));
     assert_eq!(json(&exported.join("adapter_config.json"))["base_model_name_or_path"], "tiny-org/tiny-llama");
+    // A revision goes into PEFT's own field (`from_pretrained` takes no `@`).
+    let pinned = d.join("pinned");
+    let args =
+        ["export", "--model", "tiny-org/tiny-llama@c0ffee12", "--adapter", &adapter, "--out", pinned.to_str().unwrap()];
+    ok(&run(args.iter().map(|s| s.to_string()).collect()));
+    let cfg = json(&pinned.join("adapter_config.json"));
+    assert_eq!(
+        (cfg["base_model_name_or_path"].as_str(), cfg["revision"].as_str()),
+        (Some("tiny-org/tiny-llama"), Some("c0ffee12"))
+    );
     // A local folder is recorded as its path.
     let local = d.join("local");
     ok(&tuna(&train_args(&local, &train, 2, &[])));

@@ -37,17 +37,25 @@ metric() { curl -sf "$url/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 req a0 # warm-up
 g0=$(metric tuna_generated_tokens_total) b0=$(metric tuna_batched_rows_total) p0=$(metric tuna_prompt_tokens_total)
 t0=$(date +%s.%N)
-# (`wait` on the clients' pids only: a bare `wait` would also wait for the server.)
+# Each client's pid waited for by itself (a bare `wait` would also wait for the server), and any
+# failed request fails the run (a partial run's tokens/s would mislead).
+failed=0
+collect() { for p in "$@"; do wait "$p" || failed=$((failed + 1)); done; }
 if [ "$MODE" = grouped ]; then
-  for ((a = 0; a < N; a++)); do
+  for ((a = 0; a < N && a < R; a++)); do
     clients=()
     for ((i = a; i < R; i += N)); do req "a$a" & clients+=($!); done
-    wait "${clients[@]}"
+    collect "${clients[@]}"
   done
 else
   clients=()
   for ((i = 0; i < R; i++)); do req "a$((i % N))" & clients+=($!); done
-  wait "${clients[@]}"
+  collect "${clients[@]}"
+fi
+if [ "$failed" -gt 0 ]; then
+  echo "serve.sh: $failed of $R requests failed; server stderr:" >&2
+  tail -5 "$work/err" >&2
+  exit 1
 fi
 t1=$(date +%s.%N)
 g1=$(metric tuna_generated_tokens_total) b1=$(metric tuna_batched_rows_total) p1=$(metric tuna_prompt_tokens_total)

@@ -25,7 +25,8 @@ TUNA=target/release/tuna
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); threads $THREADS; $(date -u +%F)"
-"$PYTHON" scripts/bench/serve_peft.py --adapters 16 --save "$work/adapters" 2>/dev/null
+"$PYTHON" scripts/bench/serve_peft.py --adapters 16 --save "$work/adapters" 2>"$work/py.err" ||
+  { cat "$work/py.err" >&2; exit 1; }
 export RAYON_NUM_THREADS=$THREADS
 for n in 1 4 16; do
   for mode in mixed grouped swap; do
@@ -33,6 +34,7 @@ for n in 1 4 16; do
   done
   for mode in switch mixed; do
     "$PYTHON" scripts/bench/serve_peft.py --adapters "$n" --mode "$mode" --requests "$R" --batch "$R" \
-      --prompt-len 33 --new-tokens "$NEW" --threads "$THREADS" 2>/dev/null
+      --prompt-len 33 --new-tokens "$NEW" --threads "$THREADS" 2>"$work/py.err" ||
+      { cat "$work/py.err" >&2; exit 1; }
   done
 done

@@ -16,7 +16,9 @@
 //! per layer per step (on the device, no host round trip), on top of the forward itself. A
 //! sequence whose adapter the bank refuses (a merged LoRA) is stepped alone through the swap
 //! path in the same step, as is a batch of a single decoding sequence (nothing to batch).
-//! Sampling is per sequence from its own logits and generator, as in `tuna generate`.
+//! Sampling is per sequence from its own logits and generator, as in `tuna generate`. If the
+//! mixed forward fails, its rows are stepped again alone (the caches are untouched by the failure),
+//! so only a row that fails alone ends its request.
 
 use super::adapters::Registry;
 use super::step::{empty_cache, logits_step, Seq, Stepper};
@@ -63,7 +65,19 @@ impl<B: Kernels<f32>> Stepper<B> for MixedStepper<'_, B> {
                 let r = self.registry.with_bank(self.model, &slots, |m| decode(m, seqs, &batched, &routes));
                 match r.and_then(|r| r) {
                     Ok(rows) => batched.iter().zip(rows).for_each(|(&i, l)| logits[i] = Some(Ok(l))),
-                    Err(e) => batched.iter().for_each(|&i| logits[i] = Some(Err(e.clone()))),
+                    // One row's failure must not end the others: the caches are as they were, so
+                    // each row is stepped alone and only the ones that fail alone fail.
+                    Err(_) => {
+                        self.batched = 0;
+                        for &i in &batched {
+                            let s = &mut seqs[i];
+                            let (ids, pos) = s.next_input();
+                            let r = self
+                                .registry
+                                .with_installed(self.model, s.slot, |m| logits_step(m, &ids, &pos, &mut s.cache));
+                            logits[i] = Some(r.and_then(|r| r));
+                        }
+                    }
                 }
             }
             seqs.iter_mut()

@@ -22,7 +22,7 @@ pub struct Seq<B: Kernels<f32>> {
     pub prompt: Vec<u32>,
     /// Tokens generated so far.
     pub out: Vec<u32>,
-    /// The sequence's own keys and values (prompt and generated tokens; virtual tokens too).
+    /// The sequence's own keys and values (prompt and generated tokens; a soft prompt's columns too; prefix keys and values stay with the adapter).
     pub cache: KvCache<B, f32>,
     pub sampling: Sampling,
     rng: Option<SplitMix64>,

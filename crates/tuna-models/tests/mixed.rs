@@ -53,6 +53,11 @@ fn bad_routes_are_refused() {
     assert!(e.contains("mixed_step") && e.contains("[2, 2, 3]"), "{e}");
     // The routing is cleared after a failed forward: the model's own path works again.
     assert!(m.adapt().routing().is_none());
+    // ... and after a panic inside the routed forward that the caller catches (a server does).
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.adapt().with_routing(&[Some(0)], || -> tuna_models::error::Result<()> { panic!("in the forward") })
+    }));
+    assert!(panicked.is_err() && m.adapt().routing().is_none());
     let mut own = bank_model::<Cpu, f32>(&dev, &path, &dirs);
     own.load_adapter(&dirs[0]).unwrap();
     let e = own.adapt().set_routing(Some(vec![None])).unwrap_err().to_string();

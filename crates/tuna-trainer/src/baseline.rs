@@ -34,6 +34,8 @@ pub const PROMPT_FILE: &str = "tuna_prompt.json";
 #[derive(Debug, Clone)]
 pub struct BaselineConfig {
     pub model: PathBuf,
+    /// The model as named when that was a Hugging Face id (what the summary records).
+    pub model_name: Option<String>,
     pub fields: Fields,
     pub train: PathBuf,
     pub eval: Option<PathBuf>,
@@ -242,7 +244,7 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
     write_atomic(&prompt_path, text.as_bytes())?;
     let summary = RunSummary {
         method: format!("prompt-engineered {}-shot", cfg.shots),
-        model: cfg.model.display().to_string(),
+        model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: Task::Classify.name().to_string(),
         trainable_params: 0,
         base_params: model.base_param_count(),

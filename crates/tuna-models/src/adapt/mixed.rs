@@ -116,12 +116,19 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         Ok(())
     }
 
-    /// `f` with `rows` routed, the routing cleared after (also on error).
+    /// `f` with `rows` routed, the routing cleared after however `f` ends (a value, an error or a
+    /// panic that a caller catches: a server that survives a panicking forward must not leave its
+    /// next plain forward routed).
     pub fn with_routing<T>(&self, rows: &[Option<usize>], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        struct Clear<'a>(&'a std::cell::RefCell<Option<Vec<Option<usize>>>>);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                *self.0.borrow_mut() = None;
+            }
+        }
         self.set_routing(Some(rows.to_vec()))?;
-        let out = f();
-        *self.routing.borrow_mut() = None;
-        out
+        let _clear = Clear(&self.routing);
+        f()
     }
 
     /// The routing in force, if any.

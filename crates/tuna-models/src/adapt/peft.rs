@@ -83,9 +83,17 @@ fn to_peft<B: Kernels<E>, E: Float>(
         ));
     }
     let task = if s.arch == super::Arch::Bert { "FEATURE_EXTRACTION" } else { "CAUSAL_LM" };
+    // A hub id with a revision (`org/name@rev`) is written as PEFT writes it: the id, and the
+    // revision in its own field (`from_pretrained` takes no `@`).
+    let (base, revision) = match crate::hub::parse_id(base_name) {
+        Some((org, name, rev)) if base_name.contains('@') && !std::path::Path::new(base_name).exists() => {
+            (format!("{org}/{name}"), Value::from(rev))
+        }
+        _ => (base_name.to_string(), Value::Null),
+    };
     let common = json!({
-        "auto_mapping": null, "base_model_name_or_path": base_name, "inference_mode": true,
-        "modules_to_save": null, "peft_version": "0.21.2", "revision": null, "task_type": task,
+        "auto_mapping": null, "base_model_name_or_path": base, "inference_mode": true,
+        "modules_to_save": null, "peft_version": "0.21.2", "revision": revision, "task_type": task,
     });
     let mut cfg = common.as_object().cloned().unwrap_or_default();
     let mut tensors = Vec::new();
