@@ -5,6 +5,7 @@
 //! (see [`crate::adapt::mixed`] for how the rows are laid out).
 
 use crate::adapt::mixed::scatter_rows;
+use crate::adapt::{Adapt, Method};
 use crate::error::{Error, Result};
 use crate::generate::{argmax, CausalLm, KvCache};
 use crate::model::{AnyModel, Net};
@@ -29,6 +30,38 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let adapter = std::mem::replace(self.adapt_mut(), own);
         loaded?;
         Ok(self.adapt_mut().add_to_bank(name, adapter))
+    }
+
+    /// Install `method` (seeded, as [`AnyModel::install`] does) as a new adapter in the bank under
+    /// `name` (replacing one of that name); returns its bank index. The model's own adaptation is
+    /// left as it was.
+    pub fn install_bank_adapter(
+        &mut self,
+        name: &str,
+        method: &Method,
+        seed: u64,
+        init_text: Option<&str>,
+    ) -> Result<usize> {
+        let i = self.adapt_mut().add_to_bank(name, Adapt::default());
+        let installed = self.with_bank_adapter(i, |m| m.install(method, seed, init_text));
+        if installed.is_err() {
+            self.adapt_mut().bank.remove(i);
+        }
+        installed.map(|()| i)
+    }
+
+    /// `f` on the model with bank adapter `i` installed as its own adaptation (the model's own,
+    /// bank included, set aside meanwhile); restored after. What `f` adds to the adaptation (a task
+    /// head) stays with the bank adapter. Running a batch of one adapter's rows so computes exactly
+    /// what a model with only that adapter computes (`tuna eval` on its export), task heads and
+    /// the first-token rule of soft prompts included.
+    pub fn with_bank_adapter<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        let adapter = std::mem::take(&mut self.adapt_mut().bank[i].1);
+        let own = std::mem::replace(self.adapt_mut(), adapter);
+        let out = f(self);
+        let adapter = std::mem::replace(self.adapt_mut(), own);
+        self.adapt_mut().bank[i].1 = adapter;
+        out
     }
 
     /// Every trainable tensor of the bank's adapters, named `<adapter>/<checkpoint name>` (for an
