@@ -310,7 +310,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train(TrainArgs { tasks: Some(file), method_args, run, .. }) => {
             tuna::tasks_cmd::check_no_task_flags(&std::env::args().skip(2).collect::<Vec<_>>())?;
-            method_args.check_used("--tasks (set each task's method settings in the tasks file)", &[])?;
+            // Method settings go in the tasks file, per task.
+            method_args.check_used("--tasks (the tasks file sets each task's)", &[])?;
             let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
             let summary = match device(&run.device)? {
                 Device::Cpu => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,

@@ -36,9 +36,9 @@ pub enum TrainError {
     /// Resuming onto a base model other than the one the checkpoint was trained on.
     #[error("{}: the checkpoint was trained on another base model ({what}); resume with the model it was made with", dir.display())]
     OtherBase { dir: std::path::PathBuf, what: String },
-    /// An error in one task of a multi-task run (its name from the tasks file).
-    #[error("task `{name}`: {source}")]
-    InTask { name: String, source: Box<TrainError> },
+    /// An error in one task of a multi-task run (named as in the tasks file `file`).
+    #[error("{}: task `{name}`: {source}", file.display())]
+    InTask { file: std::path::PathBuf, name: String, source: Box<TrainError> },
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -151,9 +151,9 @@ impl Mixer {
     }
 }
 
-/// Attribute an error to task `name`.
-fn in_task(name: &str) -> impl Fn(TrainError) -> TrainError + '_ {
-    move |e| TrainError::InTask { name: name.to_string(), source: Box::new(e) }
+/// Attribute an error to task `name` of the tasks file `file`.
+fn in_task<'a>(file: &'a Path, name: &'a str) -> impl Fn(TrainError) -> TrainError + 'a {
+    move |e| TrainError::InTask { file: file.to_path_buf(), name: name.to_string(), source: Box::new(e) }
 }
 
 /// Load the model, install every task's adapter into its bank and load each task's data.
@@ -215,7 +215,7 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<T
                 schedule: schedule_of(t)?,
             })
         })()
-        .map_err(in_task(name))?;
+        .map_err(in_task(&cfg.tasks_file, name))?;
         tasks.push(task);
     }
     Ok((model, tasks))
@@ -374,7 +374,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
                     }
                     Ok(losses)
                 })
-                .map_err(in_task(&t.name))?;
+                .map_err(in_task(&cfg.tasks_file, &t.name))?;
             pending.push((*k, share, losses));
         }
         let refs: Vec<&Tensor<B, f32>> = tasks.iter().flat_map(|t| t.params.iter().map(|(_, p)| p)).collect();
@@ -429,7 +429,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         let has_eval = tasks.iter().any(|t| t.eval_batcher.is_some());
         if has_eval && (st.step.is_multiple_of(run.eval_every.max(1)) || last) {
             model.adapt().set_training(false);
-            let e = evaluate_all(&mut model, &tasks);
+            let e = evaluate_all(&mut model, &tasks, &cfg.tasks_file);
             model.adapt().set_training(true);
             let e = e?;
             let mean = mean_loss(&e);
@@ -465,18 +465,22 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
     model.adapt().set_training(false);
     let final_eval = match last_eval {
         Some(e) => e,
-        None => evaluate_all(&mut model, &tasks)?,
+        None => evaluate_all(&mut model, &tasks, &cfg.tasks_file)?,
     };
     finish(cfg, &mut model, &tasks, &st, stopped_early, &final_eval)
 }
 
 /// Each task's evaluation (`None`: the task has no eval data), its adapter installed.
-fn evaluate_all<B: Backend>(model: &mut Model<B>, tasks: &[TaskRun<B>]) -> Result<Vec<Option<EvalMetrics>>> {
+fn evaluate_all<B: Backend>(
+    model: &mut Model<B>,
+    tasks: &[TaskRun<B>],
+    file: &Path,
+) -> Result<Vec<Option<EvalMetrics>>> {
     tasks
         .iter()
         .map(|t| match &t.eval_batcher {
             Some(eb) => {
-                model.with_bank_adapter(t.bank, |m| evaluate(m, &t.spec, eb)).map(Some).map_err(in_task(&t.name))
+                model.with_bank_adapter(t.bank, |m| evaluate(m, &t.spec, eb)).map(Some).map_err(in_task(file, &t.name))
             }
             None => Ok(None),
         })
@@ -504,7 +508,7 @@ fn finish<B: Backend>(
     let mut summaries = Vec::new();
     for (t, e) in tasks.iter().zip(evals) {
         let dir = run.out.join("adapters").join(&t.name);
-        model.save_bank_adapter(&t.name, &dir, &base_name).map_err(|e| in_task(&t.name)(e.into()))?;
+        model.save_bank_adapter(&t.name, &dir, &base_name).map_err(|e| in_task(&cfg.tasks_file, &t.name)(e.into()))?;
         // The task travels with the export, so that `tuna eval` scores classes in training's order.
         TaskFile {
             task: t.cfg.task.name().to_string(),
