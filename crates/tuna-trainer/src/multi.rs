@@ -547,3 +547,28 @@ fn finish<B: Backend>(
     crate::checkpoint::write_atomic(&run.out.join("summary.json"), text.as_bytes())?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example of every task once per epoch, tasks mixed in the batches, the order a pure
+    /// function of the seed and epoch (a resumed cursor draws the same rows).
+    #[test]
+    fn the_pool_mixes_tasks_and_sees_each_example_once_per_epoch() {
+        let pool: Vec<(usize, usize)> = (0..3).map(|i| (0, i)).chain((0..9).map(|i| (1, i))).collect();
+        let mut m = Mixer { pool: pool.clone(), batch_size: 4, seed: 5, plan: None };
+        assert_eq!(m.batches_per_epoch(), 3);
+        let mut cursor = Cursor::default();
+        let epoch: Vec<Vec<(usize, usize)>> = (0..3).map(|_| m.next_rows(&mut cursor)).collect();
+        let mut seen: Vec<(usize, usize)> = epoch.concat();
+        seen.sort();
+        assert_eq!(seen, pool);
+        assert!(epoch.iter().any(|b| b.iter().any(|r| r.0 == 0) && b.iter().any(|r| r.0 == 1)), "{epoch:?}");
+        let next = m.next_rows(&mut cursor);
+        assert_eq!(cursor, Cursor { epoch: 1, index: 1 });
+        let mut again = Mixer { pool, batch_size: 4, seed: 5, plan: None };
+        assert_eq!(again.next_rows(&mut Cursor { epoch: 1, index: 0 }), next);
+        assert_ne!(again.plan(1), again.plan(0));
+    }
+}
