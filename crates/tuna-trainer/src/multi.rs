@@ -36,7 +36,7 @@ use crate::progress::Progress;
 use crate::run::{limit, non_finite, nothing_to_resume, schedule_of, weighted_parts};
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
-use crate::state::{self, settings_of, State, OPTIMIZER, TRAINABLE};
+use crate::state::{self, settings_of, Params, State, OPTIMIZER, TRAINABLE};
 use crate::task::{TaskFile, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -117,13 +117,19 @@ struct TaskRun<B: Backend> {
     schedule: Schedule,
 }
 
+/// A batch's rows: `(task, example)`.
+type Rows = Vec<(usize, usize)>;
+
+/// Micro-batch losses (still on the device) and their weights.
+type Pending<B> = Vec<(Tensor<B, f32>, f64)>;
+
 /// The pool of every task's training examples, `(task, example)`, shuffled per epoch by the seed
 /// and cut into batches: a pure function of the seed and epoch, so a cursor resumes it.
 struct Mixer {
     pool: Vec<(usize, usize)>,
     batch_size: usize,
     seed: u64,
-    plan: Option<(u64, Vec<Vec<(usize, usize)>>)>,
+    plan: Option<(u64, Vec<Rows>)>,
 }
 
 impl Mixer {
@@ -131,14 +137,14 @@ impl Mixer {
         self.pool.len().div_ceil(self.batch_size.max(1))
     }
 
-    fn plan(&self, epoch: u64) -> Vec<Vec<(usize, usize)>> {
+    fn plan(&self, epoch: u64) -> Vec<Rows> {
         let mut order = self.pool.clone();
         SplitMix64::for_epoch(self.seed, epoch).shuffle(&mut order);
         order.chunks(self.batch_size.max(1)).map(<[(usize, usize)]>::to_vec).collect()
     }
 
     /// The rows at `cursor`, advancing it (a finished epoch rolls over first).
-    fn next_rows(&mut self, cursor: &mut Cursor) -> Vec<(usize, usize)> {
+    fn next_rows(&mut self, cursor: &mut Cursor) -> Rows {
         if cursor.index >= self.batches_per_epoch() {
             *cursor = Cursor { epoch: cursor.epoch.saturating_add(1), index: 0 };
         }
@@ -326,7 +332,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
             None => nothing_to_resume(&run, &latest.warnings)?,
             Some(ck) => {
                 let saved = state::resumable(&ck, &st)?;
-                let mut groups: Vec<(&[(String, Tensor<B, f32>)], &mut AdamW<B, f32>)> =
+                let mut groups: Vec<(&Params<B>, &mut AdamW<B, f32>)> =
                     tasks.iter().map(|t| &t.params[..]).zip(opts.iter_mut()).collect();
                 state::restore_groups(&ck.dir, ck.file(TRAINABLE)?, ck.file(OPTIMIZER)?, &mut groups, saved.step)?;
                 eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
@@ -353,7 +359,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         }
         groups.sort_by_key(|(k, _)| *k);
         let seed = run.seed ^ (st.step << 8);
-        let mut pending: Vec<(usize, f64, Vec<(Tensor<B, f32>, f64)>)> = Vec::new();
+        let mut pending: Vec<(usize, f64, Pending<B>)> = Vec::new();
         let mut tokens = 0;
         for (k, examples) in &groups {
             let t = &tasks[*k];
@@ -362,7 +368,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
             // The task's share of the step's loss: its rows in the batch.
             let share = examples.len() as f64 / rows.len().max(1) as f64;
             let losses = model
-                .with_bank_adapter(t.bank, |m| -> Result<Vec<(Tensor<B, f32>, f64)>> {
+                .with_bank_adapter(t.bank, |m| -> Result<Pending<B>> {
                     let mut losses = Vec::new();
                     for (j, (mb, w)) in weighted_parts(m, &t.spec, &b, run.micro_batch)?.iter().enumerate() {
                         m.adapt().seed_dropout(seed ^ ((*k as u64) << 32) ^ j as u64);
@@ -449,7 +455,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
             last_eval = Some(e);
         }
         if st.step.is_multiple_of(run.save_every.max(1)) || last || stopped_early || !metrics.is_empty() {
-            let groups: Vec<(&[(String, Tensor<B, f32>)], &AdamW<B, f32>)> =
+            let groups: Vec<(&Params<B>, &AdamW<B, f32>)> =
                 tasks.iter().map(|t| &t.params[..]).zip(opts.iter()).collect();
             state::save_groups(&ckpts, &st, &groups, &metrics)?;
         }

@@ -107,6 +107,9 @@ pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<
         .collect()
 }
 
+/// Named trainable tensors (checkpoint names), as one optimizer's group.
+pub(crate) type Params<B> = [(String, Tensor<B, f32>)];
+
 pub(crate) const TRAINABLE: &str = "trainable.safetensors";
 pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
 pub(crate) const STATE: &str = "state.json";
@@ -194,7 +197,7 @@ pub(crate) fn save<B: Backend>(
 pub(crate) fn save_groups<B: Backend>(
     ckpts: &Checkpoints,
     st: &State,
-    groups: &[(&[(String, Tensor<B, f32>)], &AdamW<B, f32>)],
+    groups: &[(&Params<B>, &AdamW<B, f32>)],
     metrics: &Map<String, Value>,
 ) -> Result<()> {
     let mut weights = Vec::new();
@@ -233,7 +236,7 @@ pub(crate) fn restore_groups<B: Backend>(
     dir: &Path,
     w: &[u8],
     o: &[u8],
-    groups: &mut [(&[(String, Tensor<B, f32>)], &mut AdamW<B, f32>)],
+    groups: &mut [(&Params<B>, &mut AdamW<B, f32>)],
     step: u64,
 ) -> Result<()> {
     let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, io::HostTensor>> {
