@@ -6,13 +6,16 @@
 //! - Batches: every task's training examples form one pool, shuffled per epoch by the seed and cut
 //!   into batches of `batch_size`: a batch holds each task's rows in proportion to its size, and an
 //!   epoch sees every example once (the same rule as a single run over the concatenated files).
-//! - A step: each task present runs its rows (as one sub-batch, in micro-batches) with its adapter
-//!   installed, so its loss is exactly its own (its verbalizers or head, its label set, the
-//!   first-token rule of soft prompts) and equals what `tuna eval` computes on its export. The
-//!   step's loss is the mean of the tasks' mean losses weighted by their rows in the batch.
-//!   (The bank's routed forward, `lm_loss_mixed`, returns one loss for all rows and its class
-//!   scores share one verbalizer or class count across rows, so it cannot give per-task losses or
-//!   classify tasks with different labels.)
+//! - A step: one forward of the mixed batch (in micro-batches), each row routed to its task's
+//!   adapter in the bank (`AnyModel::forward_mixed`: each row's outputs are what it computes alone
+//!   with its adapter installed); from the outputs each task's mean loss over its rows: the causal
+//!   LM loss over its kept targets, or the cross-entropy of its class scores (its verbalizer tokens'
+//!   logits at the last position on decoders, its own head on BERT: tasks may have different label
+//!   sets). The step's loss is the tasks' mean losses weighted by their rows in the batch. (The
+//!   bank's `lm_loss_mixed` gives one loss over all rows and `class_scores_mixed` one class count
+//!   across rows, so the per-task losses are taken from `forward_mixed`'s outputs here.)
+//!   Evaluation runs each task's eval data with its adapter installed: what `tuna eval` computes
+//!   on its export.
 //! - One optimizer update over all tasks' tensors: the gradient norm is clipped over all of them;
 //!   each task's AdamW steps at its own learning rate (the method's default unless given) under
 //!   the run's schedule. A task absent from a batch has no gradient and is not updated.
@@ -33,7 +36,7 @@ use crate::limits::{check_method_size, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
 use crate::model::{Backend, Model};
 use crate::progress::Progress;
-use crate::run::{limit, non_finite, nothing_to_resume, schedule_of, weighted_parts};
+use crate::run::{limit, non_finite, nothing_to_resume, schedule_of};
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
 use crate::state::{self, settings_of, Params, State, OPTIMIZER, TRAINABLE};
@@ -44,11 +47,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use tuna_autograd::ops::elem::scale;
+use tuna_autograd::ops::elem::{add, mean_pool, scale, slice_cols};
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};
-use tuna_autograd::{no_grad, Tensor};
+use tuna_autograd::{no_grad, Ints, Tensor};
 use tuna_kernels::rng::SplitMix64;
+use tuna_models::adapt::mixed::gather_rows;
 use tuna_models::adapt::Method;
+use tuna_models::mixed_model::Route;
+use tuna_models::IGNORE_INDEX;
 
 /// A multi-task run: each task's settings as a single run of it would have them (its method,
 /// task, data, labels, learning rate); the run-wide ones (model, batching, steps, schedule shape,
@@ -120,9 +129,6 @@ struct TaskRun<B: Backend> {
 /// A batch's rows: `(task, example)`.
 type Rows = Vec<(usize, usize)>;
 
-/// Micro-batch losses (still on the device) and their weights.
-type Pending<B> = Vec<(Tensor<B, f32>, f64)>;
-
 /// The pool of every task's training examples, `(task, example)`, shuffled per epoch by the seed
 /// and cut into batches: a pure function of the seed and epoch, so a cursor resumes it.
 struct Mixer {
@@ -175,6 +181,12 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<T
                      several: train it alone (tuna train --method full)"
                         .into(),
                 ));
+            }
+            if t.task != Task::Classify && !model.is_decoder() {
+                return Err(TrainError::Invalid(format!(
+                    "the {} task needs a decoder (GPT-2, Llama); BERT classifies",
+                    t.task.name()
+                )));
             }
             let records = limit(data::load(&t.train, t.task, &t.fields)?, t.max_train_examples);
             let words = match (&t.prompt_init_text, &t.verbalizers, &t.labels) {
@@ -350,54 +362,54 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         let t0 = Instant::now();
         let rows = mixer.next_rows(&mut st.cursor);
         // Each task's rows, in task order (a pure function of the batch: resumes draw the same).
-        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for &(k, i) in &rows {
-            match groups.iter_mut().find(|(j, _)| *j == k) {
-                Some((_, v)) => v.push(i),
-                None => groups.push((k, vec![i])),
-            }
-        }
-        groups.sort_by_key(|(k, _)| *k);
         let seed = run.seed ^ (st.step << 8);
-        let mut pending: Vec<(usize, f64, Pending<B>)> = Vec::new();
-        let mut tokens = 0;
-        for (k, examples) in &groups {
-            let t = &tasks[*k];
-            let b = t.batcher.make_batch(examples);
-            tokens += b.real_tokens;
-            // The task's share of the step's loss: its rows in the batch.
-            let share = examples.len() as f64 / rows.len().max(1) as f64;
-            let losses = model
-                .with_bank_adapter(t.bank, |m| -> Result<Pending<B>> {
-                    let mut losses = Vec::new();
-                    for (j, (mb, w)) in weighted_parts(m, &t.spec, &b, run.micro_batch)?.iter().enumerate() {
-                        m.adapt().seed_dropout(seed ^ ((*k as u64) << 32) ^ j as u64);
-                        let (loss, terms) = t.spec.loss(m, mb)?;
-                        losses.push((no_grad(|| scale(&loss, 1.0))?, *w));
-                        if terms > 0 {
-                            scale(&loss, w * share)?.backward()?;
-                        }
-                    }
-                    Ok(losses)
-                })
-                .map_err(in_task(&cfg.tasks_file, &t.name))?;
-            pending.push((*k, share, losses));
+        // Each task's loss terms in the batch, and its rows: its share of the step's loss.
+        let terms: Vec<usize> = rows.iter().map(|&(k, i)| row_terms(&model, &tasks[k], i)).collect();
+        let (mut task_terms, mut task_rows) = (vec![0usize; tasks.len()], vec![0usize; tasks.len()]);
+        for (&(k, _), &n) in rows.iter().zip(&terms) {
+            task_terms[k] += n;
+            task_rows[k] += 1;
+        }
+        let tokens: usize = rows.iter().map(|&(k, i)| tasks[k].batcher.examples()[i].ids.len()).sum();
+        // Micro-batches of the mixed rows, each one routed forward; a task's loss in a micro-batch
+        // weighs its share of the task's terms in the batch (so the sum is the full batch's).
+        let micro = run.micro_batch.max(1);
+        let mut pending: Vec<(usize, Tensor<B, f32>, f64)> = Vec::new();
+        for (j, (part, part_terms)) in rows.chunks(micro).zip(terms.chunks(micro)).enumerate() {
+            model.adapt().seed_dropout(seed ^ j as u64);
+            let mut sum: Option<Tensor<B, f32>> = None;
+            for (k, loss) in mixed_losses(&model, &tasks, part, &cfg.tasks_file)? {
+                let n: usize = part.iter().zip(part_terms).filter(|((t, _), _)| *t == k).map(|(_, n)| n).sum();
+                if n == 0 {
+                    continue;
+                }
+                let w = n as f64 / task_terms[k] as f64;
+                let share = task_rows[k] as f64 / rows.len() as f64;
+                pending.push((k, no_grad(|| scale(&loss, 1.0))?, w));
+                let weighted = scale(&loss, w * share)?;
+                sum = Some(match sum {
+                    None => weighted,
+                    Some(a) => add(&a, &weighted)?,
+                });
+            }
+            if let Some(total) = sum {
+                total.backward()?;
+            }
         }
         let refs: Vec<&Tensor<B, f32>> = tasks.iter().flat_map(|t| t.params.iter().map(|(_, p)| p)).collect();
         let norm = match run.clip {
             Some(c) => clip_grad_norm(&refs, c)?,
             None => grad_norm(&refs)?,
         };
+        let mut per: BTreeMap<usize, f64> = BTreeMap::new();
+        for (k, l, w) in pending {
+            *per.entry(k).or_default() += l.to_vec()?[0] as f64 * w;
+        }
         let mut loss = 0.0;
         let mut task_losses = Map::new();
-        for (k, share, losses) in pending {
-            let mut l = 0.0;
-            for (t, w) in losses {
-                l += t.to_vec()?[0] as f64 * w;
-            }
-            loss += l * share;
-            let rows = groups.iter().find(|(j, _)| *j == k).map_or(0, |(_, v)| v.len());
-            task_losses.insert(tasks[k].name.clone(), json!({ "loss": l, "rows": rows }));
+        for (&k, &l) in &per {
+            loss += l * task_rows[k] as f64 / rows.len() as f64;
+            task_losses.insert(tasks[k].name.clone(), json!({ "loss": l, "rows": task_rows[k] }));
         }
         if !(loss.is_finite() && norm.is_finite()) {
             let bad = if loss.is_finite() { ("gradient norm", norm) } else { ("training loss", loss) };
@@ -474,6 +486,126 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         None => evaluate_all(&mut model, &tasks, &cfg.tasks_file)?,
     };
     finish(cfg, &mut model, &tasks, &st, stopped_early, &final_eval)
+}
+
+/// Row `i` of task `t`'s unshifted labels: its targets, the first one ignored unless its adapter
+/// has a soft prompt (nothing would precede it: the rule of [`TaskSpec::loss`] for a run of the
+/// task alone).
+fn row_labels<B: Backend>(model: &Model<B>, t: &TaskRun<B>, i: usize) -> Vec<i32> {
+    let mut labels = t.batcher.examples()[i].targets.clone();
+    if model.adapt().bank[t.bank].1.prompt_len() == 0 {
+        if let Some(first) = labels.first_mut() {
+            *first = IGNORE_INDEX;
+        }
+    }
+    labels
+}
+
+/// The loss terms of row `i` of task `t` (what its mean loss divides by): its kept next-token
+/// targets, or 1 for classification.
+fn row_terms<B: Backend>(model: &Model<B>, t: &TaskRun<B>, i: usize) -> usize {
+    if t.cfg.task == Task::Classify {
+        1
+    } else {
+        row_labels(model, t, i).iter().filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// One forward of the mixed batch `rows` (`(task, example)`), each row routed to its task's
+/// adapter in the bank, and each task's mean loss over its rows, in task order: the causal LM loss
+/// over its kept targets (lm, completion), or the cross-entropy of its class scores (decoders: the
+/// logits of its verbalizer tokens at the last position; BERT: its own head over the mean-pooled
+/// states). Row `r`'s outputs are what it computes alone with its adapter installed (see
+/// `tuna_models::adapt::mixed`), so each task's loss is the one a batch of its rows alone has.
+fn mixed_losses<B: Backend>(
+    model: &Model<B>,
+    tasks: &[TaskRun<B>],
+    rows: &[(usize, usize)],
+    file: &Path,
+) -> Result<Vec<(usize, Tensor<B, f32>)>> {
+    let batch = rows.len();
+    let decoder = model.is_decoder();
+    let example = |&(k, i): &(usize, usize)| &tasks[k].batcher.examples()[i];
+    let seq = rows.iter().map(|r| example(r).ids.len()).max().unwrap_or(0);
+    // Padded as a run of one task pads: left for decoders, right for BERT.
+    let (mut ids, mut mask) = (vec![model.pad_id(); batch * seq], vec![0u8; batch * seq]);
+    for (r, row) in rows.iter().enumerate() {
+        let e = example(row);
+        let at = r * seq + if decoder { seq - e.ids.len() } else { 0 };
+        ids[at..at + e.ids.len()].copy_from_slice(&e.ids);
+        mask[at..at + e.ids.len()].fill(1);
+    }
+    let routes: Vec<Route> = rows.iter().map(|&(k, _)| Some(tasks[k].bank)).collect();
+    let (out, out_mask) = model.forward_mixed(&ids, &mask, batch, &routes)?;
+    let width = out_mask.len() / batch.max(1);
+    let pooled = match decoder {
+        true => None,
+        false => Some(mean_pool(&out, &Ints::new(&model.dev, &[batch, width], &out_mask)?)?),
+    };
+    let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+    for (r, &(k, _)) in rows.iter().enumerate() {
+        match groups.iter_mut().find(|(j, _)| *j == k) {
+            Some((_, v)) => v.push(r as u32),
+            None => groups.push((k, vec![r as u32])),
+        }
+    }
+    groups.sort_by_key(|(k, _)| *k);
+    let mut losses = Vec::with_capacity(groups.len());
+    for (k, rs) in &groups {
+        let t = &tasks[*k];
+        let n = rs.len();
+        let classes = |model: &Model<B>| -> Result<Ints<B, i32>> {
+            let c: Vec<i32> = rs.iter().map(|&r| example(&rows[r as usize]).class.unwrap_or(0) as i32).collect();
+            Ok(Ints::new(&model.dev, &[n], &c)?)
+        };
+        let loss = (|| -> Result<Tensor<B, f32>> {
+            Ok(match (t.cfg.task, &pooled) {
+                (Task::Classify, Some(pooled)) => {
+                    let extra = &model.adapt().bank[t.bank].1.extra;
+                    let find = |name: &str| extra.iter().find(|(x, _)| x == name).map(|(_, w)| w.clone());
+                    let (Some(w), Some(b)) = (find("classifier.weight"), find("classifier.bias")) else {
+                        return Err(TrainError::Invalid("no classification head".into()));
+                    };
+                    let scores = linear(&gather_rows(pooled, rs, batch)?, &w, WeightLayout::OutIn, Some(&b))?;
+                    cross_entropy(scores, &classes(model)?, IGNORE_INDEX)?
+                }
+                (Task::Classify, None) => {
+                    // The verbalizer tokens' logits at the last position (the head has no bias):
+                    // what the class scores of a run of the task alone are.
+                    let vocab = out.shape()[2];
+                    let g = reshape(&gather_rows(&out, rs, batch)?, &[n, width * vocab])?;
+                    let last = slice_cols(&g, (width - 1) * vocab, vocab)?;
+                    let mut pick = vec![0f32; t.spec.verbalizer.len() * vocab];
+                    for (c, &tok) in t.spec.verbalizer.iter().enumerate() {
+                        pick[c * vocab + tok as usize] = 1.0;
+                    }
+                    let pick = Tensor::constant(&model.dev, &[t.spec.verbalizer.len(), vocab], &pick)?;
+                    cross_entropy(linear(&last, &pick, WeightLayout::OutIn, None)?, &classes(model)?, IGNORE_INDEX)?
+                }
+                (_, None) => {
+                    // Each row's labels at its content's columns (the last ones: rows are
+                    // left-padded, the soft prompt right before the content), then shifted.
+                    let mut labels = vec![IGNORE_INDEX; n * width];
+                    for (j, &r) in rs.iter().enumerate() {
+                        let l = row_labels(model, t, rows[r as usize].1);
+                        labels[(j + 1) * width - l.len()..(j + 1) * width].copy_from_slice(&l);
+                    }
+                    let targets = tuna_models::positions::next_token_targets(&labels, n, width);
+                    let vocab = out.shape()[2];
+                    let logits = reshape(&gather_rows(&out, rs, batch)?, &[n * width, vocab])?;
+                    cross_entropy(logits, &Ints::new(&model.dev, &[n * width], &targets)?, IGNORE_INDEX)?
+                }
+                (_, Some(_)) => {
+                    return Err(TrainError::Invalid(
+                        "the lm and completion tasks need a decoder (GPT-2, Llama), not BERT".into(),
+                    ))
+                }
+            })
+        })()
+        .map_err(in_task(file, &t.name))?;
+        losses.push((*k, loss));
+    }
+    Ok(losses)
 }
 
 /// Each task's evaluation (`None`: the task has no eval data), its adapter installed.
@@ -557,6 +689,132 @@ fn finish<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Fields;
+    use crate::schedule::Decay;
+    use tuna_kernels::{Alloc, Cpu};
+    use tuna_models::adapt::{LoraConfig, PromptInit};
+
+    /// A task of `method` on `model` (a fixture) over `lines` written to `dir/<name>.jsonl`.
+    fn task(
+        dir: &Path,
+        model: &str,
+        name: &str,
+        method: Method,
+        task: Task,
+        lines: &[String],
+    ) -> (String, TrainConfig) {
+        let train = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&train, lines.join("\n")).unwrap();
+        let cfg = TrainConfig {
+            model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
+            method,
+            task,
+            fields: Fields::default(),
+            train,
+            eval: None,
+            labels: None,
+            verbalizers: None,
+            prompt_init_text: None,
+            batch_size: 8,
+            micro_batch: 8,
+            max_len: Some(32),
+            steps: 1,
+            lr: 1e-2,
+            warmup: 0,
+            decay: Decay::Constant,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            optimizer_state: Default::default(),
+            clip: None,
+            eval_every: 1,
+            save_every: 1,
+            patience: None,
+            keep_last: 1,
+            max_train_examples: None,
+            max_eval_examples: None,
+            holdout: None,
+            seed: 5,
+            out: dir.join("run"),
+            out_mode: OutMode::New,
+            progress: false,
+        };
+        (name.to_string(), cfg)
+    }
+
+    fn texts(labels: &[&str]) -> Vec<String> {
+        let t =
+            ["The cat sat on the mat and the dog ran.", "A dog ran.", "The bird sang a song in the park.", "Hi there."];
+        (0..6).map(|i| format!("{{\"text\": \"{}\", \"label\": \"{}\"}}", t[i % 4], labels[i % labels.len()])).collect()
+    }
+
+    /// The routed forward of a batch mixing every task's rows gives each task the loss of its rows
+    /// run alone with its adapter installed (`TaskSpec::loss`, what a single run computes): soft
+    /// prompts (the first-token rule), prefixes, LoRA; decoders' verbalizers and BERT's heads of
+    /// different class counts.
+    #[test]
+    fn each_tasks_loss_in_a_mixed_batch_is_its_rows_alone() {
+        let dir = std::env::temp_dir().join(format!("tuna-multi-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lora = || Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec![] });
+        let llama = vec![
+            task(
+                &dir,
+                "llama",
+                "p",
+                Method::Prompt { n: 2, init: PromptInit::Random },
+                Task::Classify,
+                &texts(&["cat", "dog"]),
+            ),
+            task(&dir, "llama", "l", lora(), Task::Lm, &texts(&["x"])),
+            task(
+                &dir,
+                "llama",
+                "x",
+                Method::Prefix { n: 3, projection: None, init: PromptInit::Random },
+                Task::Lm,
+                &texts(&["x"]),
+            ),
+        ];
+        let bert = vec![
+            task(&dir, "bert", "two", lora(), Task::Classify, &texts(&["cat", "dog"])),
+            task(&dir, "bert", "three", Method::Houlsby { bottleneck: 4 }, Task::Classify, &texts(&["a", "b", "c"])),
+        ];
+        for tasks in [llama, bert] {
+            let cfg = MultiConfig { tasks_file: dir.join("tasks.json"), tasks };
+            let (mut model, runs) = setup(&Arc::new(Cpu), &cfg).unwrap();
+            // LoRA's B starts at zero: move it, so every adapter changes the outputs.
+            for r in &runs {
+                for (_, t) in &r.params {
+                    let v: Vec<f32> =
+                        t.to_vec().unwrap().iter().enumerate().map(|(i, x)| x + 0.01 * (i % 7) as f32).collect();
+                    *t.data_mut() = t.device().from_host(&v).unwrap();
+                }
+            }
+            // Rows interleaved across the tasks.
+            let mut rows: Vec<(usize, usize)> = Vec::new();
+            for i in 0..6 {
+                rows.extend((0..runs.len()).map(|k| (k, (i * 5 + k) % 6)));
+            }
+            let mixed: Vec<(usize, f64)> = no_grad(|| mixed_losses(&model, &runs, &rows, &cfg.tasks_file))
+                .unwrap()
+                .into_iter()
+                .map(|(k, l)| (k, l.to_vec().unwrap()[0] as f64))
+                .collect();
+            assert_eq!(mixed.len(), runs.len());
+            for (k, got) in mixed {
+                let t = &runs[k];
+                let mine: Vec<usize> = rows.iter().filter(|(j, _)| *j == k).map(|&(_, i)| i).collect();
+                let b = t.batcher.make_batch(&mine);
+                let want = model.with_bank_adapter(t.bank, |m| no_grad(|| t.spec.loss(m, &b))).unwrap().0;
+                let want = want.to_vec().unwrap()[0] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "task {}: mixed {got} vs alone {want}",
+                    t.name
+                );
+            }
+        }
+    }
 
     /// Every example of every task once per epoch, tasks mixed in the batches, the order a pure
     /// function of the seed and epoch (a resumed cursor draws the same rows).
