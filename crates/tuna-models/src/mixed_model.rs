@@ -106,24 +106,51 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         batch: usize,
         rows: &[Route],
     ) -> Result<(Tensor<B, E>, Vec<u8>)> {
+        let (h, mask) = self.hidden_mixed(ids, mask, batch, rows)?;
+        match &self.net {
+            Net::Bert(_) => Ok((h, mask)),
+            _ => Ok((self.lm_head(&h)?, mask)),
+        }
+    }
+
+    /// The last hidden states `[batch, width, hidden]` of a mixed batch with the mask of the
+    /// output columns: [`AnyModel::forward_mixed`] before a decoder's head (a multi-task step
+    /// takes the logits only of the rows that need them, and classification rows' verbalizer
+    /// tokens at the last position, as [`AnyModel::class_scores`] does).
+    pub fn hidden_mixed(
+        &self,
+        ids: &[u32],
+        mask: &[u8],
+        batch: usize,
+        rows: &[Route],
+    ) -> Result<(Tensor<B, E>, Vec<u8>)> {
         let (t, m, pos) = self.inputs(ids, mask, batch)?;
         self.adapt().with_routing(rows, || {
-            let (out, mask) = match &self.net {
+            let (h, mask) = match &self.net {
                 Net::Gpt2(g) => {
                     let (h, prep) = g.hidden_states(&t, &pos, Some(&m), None)?;
-                    (g.head(&h)?, prep.mask)
+                    (h, prep.mask)
                 }
                 Net::Llama(l) => {
                     let (h, prep) = l.hidden_states(&t, &pos, Some(&m), None)?;
-                    (l.head(&h)?, prep.mask)
+                    (h, prep.mask)
                 }
                 Net::Bert(b) => {
                     let (h, mask) = b.encode(&t, &m)?;
                     (h, Some(mask))
                 }
             };
-            Ok((out, mask.map_or_else(|| mask_of(mask_len(ids, batch), batch), |m| m.host().to_vec())))
+            Ok((h, mask.map_or_else(|| mask_of(mask_len(ids, batch), batch), |m| m.host().to_vec())))
         })
+    }
+
+    /// A decoder's LM head over hidden states (`[.., hidden]` -> `[.., vocab]`).
+    pub fn lm_head(&self, h: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        match &self.net {
+            Net::Gpt2(g) => g.head(h),
+            Net::Llama(l) => l.head(h),
+            Net::Bert(_) => Err(not_a_decoder()),
+        }
     }
 
     /// The causal LM loss of a mixed batch (as [`AnyModel::lm_loss`]: the mean over every

@@ -536,7 +536,8 @@ fn mixed_losses<B: Backend>(
         mask[at..at + e.ids.len()].fill(1);
     }
     let routes: Vec<Route> = rows.iter().map(|&(k, _)| Some(tasks[k].bank)).collect();
-    let (out, out_mask) = model.forward_mixed(&ids, &mask, batch, &routes)?;
+    // Hidden states: the head runs only on the rows whose loss needs every position's logits.
+    let (out, out_mask) = model.hidden_mixed(&ids, &mask, batch, &routes)?;
     let width = out_mask.len() / batch.max(1);
     let pooled = match decoder {
         true => None,
@@ -570,17 +571,13 @@ fn mixed_losses<B: Backend>(
                     cross_entropy(scores, &classes(model)?, IGNORE_INDEX)?
                 }
                 (Task::Classify, None) => {
-                    // The verbalizer tokens' logits at the last position (the head has no bias):
-                    // what the class scores of a run of the task alone are.
-                    let vocab = out.shape()[2];
-                    let g = reshape(&gather_rows(&out, rs, batch)?, &[n, width * vocab])?;
-                    let last = slice_cols(&g, (width - 1) * vocab, vocab)?;
-                    let mut pick = vec![0f32; t.spec.verbalizer.len() * vocab];
-                    for (c, &tok) in t.spec.verbalizer.iter().enumerate() {
-                        pick[c * vocab + tok as usize] = 1.0;
-                    }
-                    let pick = Tensor::constant(&model.dev, &[t.spec.verbalizer.len(), vocab], &pick)?;
-                    cross_entropy(linear(&last, &pick, WeightLayout::OutIn, None)?, &classes(model)?, IGNORE_INDEX)?
+                    // The verbalizer tokens' logits at the last position, as a run of the task
+                    // alone scores its classes.
+                    let hidden = out.shape()[2];
+                    let g = reshape(&gather_rows(&out, rs, batch)?, &[n, width * hidden])?;
+                    let last = slice_cols(&g, (width - 1) * hidden, hidden)?;
+                    let scores = model.verbalizer_scores(&last, &t.spec.verbalizer)?;
+                    cross_entropy(scores, &classes(model)?, IGNORE_INDEX)?
                 }
                 (_, None) => {
                     // Each row's labels at its content's columns (the last ones: rows are
@@ -591,8 +588,10 @@ fn mixed_losses<B: Backend>(
                         labels[(j + 1) * width - l.len()..(j + 1) * width].copy_from_slice(&l);
                     }
                     let targets = tuna_models::positions::next_token_targets(&labels, n, width);
-                    let vocab = out.shape()[2];
-                    let logits = reshape(&gather_rows(&out, rs, batch)?, &[n * width, vocab])?;
+                    // No other handle on the logits may live: the cross-entropy then writes its
+                    // gradient over them.
+                    let vocab = model.shape().vocab;
+                    let logits = reshape(&model.lm_head(&gather_rows(&out, rs, batch)?)?, &[n * width, vocab])?;
                     cross_entropy(logits, &Ints::new(&model.dev, &[n * width], &targets)?, IGNORE_INDEX)?
                 }
                 (_, Some(_)) => {
