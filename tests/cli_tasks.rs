@@ -3,7 +3,8 @@
 //! each task's eval loss falling, each exported adapter scored by `tuna eval` as the summary says
 //! and served by `tuna serve --adapters`; two classification tasks with different label sets on
 //! BERT; a SIGKILLed run resuming to the uninterrupted one bit for bit; a changed tasks file
-//! refused on resume by name; and bad tasks files refused naming the file and the entry.
+//! refused on resume by name; micro-batches equal to the full batch; `--overwrite` replacing the
+//! task adapters and nothing else; and bad tasks files refused naming the file and the entry.
 
 mod common;
 #[allow(dead_code)] // the serve tests use the rest
@@ -275,4 +276,39 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
 
 fn existing_run(out: &Path) -> Vec<&'static str> {
     tuna::trainer::existing_run(out)
+}
+
+#[test]
+fn micro_batches_train_as_the_full_batch() {
+    let d = tmp("tasks-micro");
+    let tasks = three_tasks(&d);
+    let (a, b) = (d.join("a"), d.join("b"));
+    ok(&tuna(&tasks_args("llama", &tasks, &a, 4, &[])));
+    ok(&tuna(&tasks_args("llama", &tasks, &b, 4, &["--micro-batch", "2"])));
+    let (sa, sb) = (summary(&a), summary(&b));
+    for k in 0..3 {
+        for key in ["final_train_loss", "eval_loss"] {
+            let (x, y) = (sa["tasks"][k][key].as_f64().unwrap(), sb["tasks"][k][key].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-4 * x.abs().max(1.0), "task {k} {key}: {x} vs {y} with micro-batches");
+        }
+    }
+}
+
+#[test]
+fn overwrite_replaces_the_task_adapters_and_keeps_other_files() {
+    let d = tmp("tasks-overwrite");
+    let tasks = three_tasks(&d);
+    let out = d.join("run");
+    ok(&tuna(&tasks_args("llama", &tasks, &out, 2, &[])));
+    std::fs::write(out.join("adapters/notes.txt"), "mine").unwrap();
+    std::fs::write(out.join("adapters/story/mine.txt"), "mine").unwrap();
+    fails(&tuna(&tasks_args("llama", &tasks, &out, 2, &[])), "already holds a run");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&tasks).unwrap()).unwrap();
+    v.as_array_mut().unwrap().truncate(2);
+    let two = write_tasks(&d, "two.json", &v);
+    ok(&tuna(&tasks_args("llama", &two, &out, 2, &["--overwrite"])));
+    assert!(!out.join("adapters/finish").exists(), "the dropped task's adapter stayed");
+    assert!(out.join("adapters/sentiment/adapter_config.json").is_file());
+    assert_eq!(std::fs::read_to_string(out.join("adapters/notes.txt")).unwrap(), "mine");
+    assert_eq!(std::fs::read_to_string(out.join("adapters/story/mine.txt")).unwrap(), "mine");
 }
