@@ -264,8 +264,12 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
     for (file, text, needle) in &cases {
         let p = d.join(file);
         std::fs::write(&p, text).unwrap();
-        let err = fails(&tuna(&tasks_args("llama", &p, &out, 2, &[])), needle);
+        let o = tuna(&tasks_args("llama", &p, &out, 2, &[]));
+        let err = fails(&o, needle);
         assert!(err.contains(file), "{file}: the error does not name the file: {err}");
+        // Bad data keeps its exit code inside a task (2), as in a single run.
+        let want = if *file == "notinlabels.json" { 2 } else { 1 };
+        assert_eq!(o.status.code(), Some(want), "{file}: {err}");
     }
     let good = d.join("tasks.json");
     fails(&tuna(&tasks_args("llama", &good, &out, 2, &["--train", "lm.jsonl"])), "--train is set per task");
