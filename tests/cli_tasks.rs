@@ -216,6 +216,10 @@ fn a_changed_tasks_file_is_refused_on_resume_naming_the_task() {
     v[2]["name"] = json!("ending");
     let renamed = write_tasks(&d, "renamed.json", &v);
     fails(&tuna(&tasks_args("llama", &renamed, &out, 3, &["--resume"])), "tasks was sentiment, story, finish, now");
+    // Another task's data changed: named by task.
+    std::fs::write(d.join("lm.jsonl"), "{\"text\": \"Another story altogether.\"}\n").unwrap();
+    fails(&tuna(&tasks_args("llama", &tasks, &out, 3, &["--resume"])), "task `story`: --train (its data)");
+    data(&d, "lm.jsonl", 12, false);
     // Unchanged, it resumes (nothing left to train) and leaves the same adapters.
     ok(&tuna(&tasks_args("llama", &tasks, &out, 3, &["--resume"])));
 }

@@ -240,7 +240,9 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<T
 }
 
 /// The run's settings a resumed run must keep: the run-wide ones by flag, each task's own under
-/// `task `<name>`: `, and the task names (a task added, removed or renamed is a change).
+/// `task `<name>`: ` (its training data's fingerprint too, so that changed data is named by task
+/// before the run's fingerprint refuses it), and the task names (a task added, removed or renamed
+/// is a change).
 fn multi_settings<B: Backend>(tasks: &[TaskRun<B>]) -> BTreeMap<String, String> {
     const PER_TASK: [&str; 7] = [
         "--eval (its data)",
@@ -254,6 +256,7 @@ fn multi_settings<B: Backend>(tasks: &[TaskRun<B>]) -> BTreeMap<String, String> 
     let mut out = BTreeMap::new();
     out.insert("tasks".to_string(), tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "));
     for (k, t) in tasks.iter().enumerate() {
+        out.insert(format!("task `{}`: --train (its data)", t.name), format!("{:016x}", t.batcher.fingerprint()));
         for (key, v) in settings_of(&t.cfg, t.eval_batcher.as_ref().map(Batcher::fingerprint)) {
             if PER_TASK.contains(&key.as_str()) {
                 out.insert(format!("task `{}`: {key}", t.name), v);
