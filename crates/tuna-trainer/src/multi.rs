@@ -364,7 +364,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
     while st.step < run.steps {
         let t0 = Instant::now();
         let rows = mixer.next_rows(&mut st.cursor);
-        // Each task's rows, in task order (a pure function of the batch: resumes draw the same).
+        // Dropout is seeded per step and micro-batch, so a resumed run draws the same masks.
         let seed = run.seed ^ (st.step << 8);
         // Each task's loss terms in the batch, and its rows: its share of the step's loss.
         let terms: Vec<usize> = rows.iter().map(|&(k, i)| row_terms(&model, &tasks[k], i)).collect();
