@@ -13,4 +13,5 @@ pub mod compare_cmd;
 pub mod generate_cmd;
 pub mod info;
 pub mod serve;
+pub mod tasks_cmd;
 pub mod train_cmd;

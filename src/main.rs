@@ -18,7 +18,8 @@ enum Command {
     Info,
     /// Generate text from a decoder: a Llama-family or GPT-2 Hugging Face folder, or a Llama .gguf file.
     Generate(GenerateArgs),
-    /// Train one adaptation method on a task: checkpoints, metrics, and a PEFT adapter (or model) at the end.
+    /// Train one adaptation method on a task: checkpoints, metrics, and a PEFT adapter (or model) at
+    /// the end; or with --tasks several tasks at once, each with its own adapter.
     Train(TrainArgs),
     /// Evaluate a model, with an adapter, on a data file (loss, accuracy or perplexity).
     Eval(EvalArgs),
@@ -100,8 +101,13 @@ struct TrainArgs {
     /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora; or prompt-engineered (no
     /// training: the untrained model scored through --template, zero-shot or with --shots
     /// examples; the training flags do not apply).
-    #[arg(long)]
-    method: String,
+    #[arg(long, required_unless_present = "tasks")]
+    method: Option<String>,
+    /// Multi-task training: a JSON list of tasks, each with its name, method and settings, task and
+    /// data (README, "Multi-task training"); batches mix the tasks' rows, each task trains its own
+    /// adapter, written to --out/adapters/<name>/.
+    #[arg(long, conflicts_with = "method")]
+    tasks: Option<std::path::PathBuf>,
     #[command(flatten)]
     method_args: tuna::train_cmd::MethodArgs,
     #[command(flatten)]
@@ -322,8 +328,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}", tuna::generate_cmd::run(&settings)?);
         }
-        Command::Train(a) if a.method == tuna::train_cmd::BASELINE => {
-            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
+        Command::Train(TrainArgs { tasks: Some(file), method_args, run, .. }) => {
+            tuna::tasks_cmd::check_no_task_flags(&std::env::args().skip(2).collect::<Vec<_>>())?;
+            // Method settings go in the tasks file, per task.
+            method_args.check_used("--tasks (the tasks file sets each task's)", &[])?;
+            let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
+            let summary = match device(&run.device)? {
+                Device::Cpu => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
+                Device::Cuda(n) => tuna::trainer::train_multi(&Arc::new(Cuda::new(n)?), &cfg)?,
+            };
+            tuna::train_cmd::print_multi_summary(&summary);
+        }
+        Command::Train(TrainArgs { method: None, .. }) => anyhow::bail!("--method or --tasks is required"),
+        Command::Train(a) if a.method.as_deref() == Some(tuna::train_cmd::BASELINE) => {
+            let method = a.method.clone().unwrap_or_default();
+            a.method_args.check_used("--method", std::slice::from_ref(&method))?;
             let cfg = a.run.baseline(&a.method_args)?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::prompt_engineered(&Arc::new(Cpu), &cfg)?,
@@ -332,11 +351,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::train_cmd::print_summary(&summary);
         }
         Command::Train(a) => {
+            let name = a.method.clone().unwrap_or_default();
             // The name first: a mistyped method is named as such, not as ignoring a flag.
-            let method = a.method_args.method(&a.method)?;
-            a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
-            a.method_args.check_for_task(&a.method, &a.run.task)?;
-            let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
+            let method = a.method_args.method(&name)?;
+            a.method_args.check_used("--method", std::slice::from_ref(&name))?;
+            a.method_args.check_for_task(&name, &a.run.task)?;
+            let cfg = a.run.config(method, a.method_args.init_text(&name))?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
                 Device::Cuda(n) => tuna::trainer::train(&Arc::new(Cuda::new(n)?), &cfg)?,

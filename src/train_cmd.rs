@@ -601,6 +601,37 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
     }
 }
 
+/// Print a multi-task run's summary: the run's rows, then a row per task.
+pub fn print_multi_summary(s: &tuna_trainer::MultiSummary) {
+    let mut t = tuna_trainer::Summary::new();
+    t.row("tasks", s.tasks.len()).row("steps", s.steps);
+    if let Some(l) = s.final_train_loss {
+        t.row("final train loss", format!("{l:.4}"));
+    }
+    if let Some(l) = s.eval_loss {
+        t.row("eval loss (mean)", format!("{l:.4}"));
+    }
+    if s.steps > 0 {
+        t.row("throughput", tuna_trainer::tokens_per_s(s.tokens_per_s));
+    }
+    t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
+    for k in &s.tasks {
+        let mut v = format!("{} {}, {} params, lr {:e}", k.method, k.task, k.trainable_params, k.lr);
+        if let Some(l) = k.final_train_loss {
+            v += &format!(", train loss {l:.4}");
+        }
+        if let Some(l) = k.eval_loss {
+            v += &format!(", eval loss {l:.4}");
+        }
+        if let Some(a) = k.eval_accuracy {
+            v += &format!(", accuracy {a:.4}");
+        }
+        v += &format!(" -> {}", k.export);
+        t.row(&format!("task {}", k.name), v);
+    }
+    print!("{t}");
+}
+
 /// Trainable parameters as a percentage of the base model's.
 pub fn pct(s: &tuna_trainer::RunSummary) -> f64 {
     100.0 * s.trainable_params as f64 / s.base_params.max(1) as f64

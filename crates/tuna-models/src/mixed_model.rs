@@ -5,6 +5,7 @@
 //! (see [`crate::adapt::mixed`] for how the rows are laid out).
 
 use crate::adapt::mixed::scatter_rows;
+use crate::adapt::{Adapt, Method};
 use crate::error::{Error, Result};
 use crate::generate::{argmax, CausalLm, KvCache};
 use crate::model::{AnyModel, Net};
@@ -29,6 +30,38 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let adapter = std::mem::replace(self.adapt_mut(), own);
         loaded?;
         Ok(self.adapt_mut().add_to_bank(name, adapter))
+    }
+
+    /// Install `method` (seeded, as [`AnyModel::install`] does) as a new adapter in the bank under
+    /// `name` (replacing one of that name); returns its bank index. The model's own adaptation is
+    /// left as it was.
+    pub fn install_bank_adapter(
+        &mut self,
+        name: &str,
+        method: &Method,
+        seed: u64,
+        init_text: Option<&str>,
+    ) -> Result<usize> {
+        let i = self.adapt_mut().add_to_bank(name, Adapt::default());
+        let installed = self.with_bank_adapter(i, |m| m.install(method, seed, init_text));
+        if installed.is_err() {
+            self.adapt_mut().bank.remove(i);
+        }
+        installed.map(|()| i)
+    }
+
+    /// `f` on the model with bank adapter `i` installed as its own adaptation (the model's own,
+    /// bank included, set aside meanwhile); restored after. What `f` adds to the adaptation (a task
+    /// head) stays with the bank adapter. Running a batch of one adapter's rows so computes exactly
+    /// what a model with only that adapter computes (`tuna eval` on its export), task heads and
+    /// the first-token rule of soft prompts included.
+    pub fn with_bank_adapter<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        let adapter = std::mem::take(&mut self.adapt_mut().bank[i].1);
+        let own = std::mem::replace(self.adapt_mut(), adapter);
+        let out = f(self);
+        let adapter = std::mem::replace(self.adapt_mut(), own);
+        self.adapt_mut().bank[i].1 = adapter;
+        out
     }
 
     /// Every trainable tensor of the bank's adapters, named `<adapter>/<checkpoint name>` (for an
@@ -73,24 +106,51 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         batch: usize,
         rows: &[Route],
     ) -> Result<(Tensor<B, E>, Vec<u8>)> {
+        let (h, mask) = self.hidden_mixed(ids, mask, batch, rows)?;
+        match &self.net {
+            Net::Bert(_) => Ok((h, mask)),
+            _ => Ok((self.lm_head(&h)?, mask)),
+        }
+    }
+
+    /// The last hidden states `[batch, width, hidden]` of a mixed batch with the mask of the
+    /// output columns: [`AnyModel::forward_mixed`] before a decoder's head (a multi-task step
+    /// takes the logits only of the rows that need them, and classification rows' verbalizer
+    /// tokens at the last position, as [`AnyModel::class_scores`] does).
+    pub fn hidden_mixed(
+        &self,
+        ids: &[u32],
+        mask: &[u8],
+        batch: usize,
+        rows: &[Route],
+    ) -> Result<(Tensor<B, E>, Vec<u8>)> {
         let (t, m, pos) = self.inputs(ids, mask, batch)?;
         self.adapt().with_routing(rows, || {
-            let (out, mask) = match &self.net {
+            let (h, mask) = match &self.net {
                 Net::Gpt2(g) => {
                     let (h, prep) = g.hidden_states(&t, &pos, Some(&m), None)?;
-                    (g.head(&h)?, prep.mask)
+                    (h, prep.mask)
                 }
                 Net::Llama(l) => {
                     let (h, prep) = l.hidden_states(&t, &pos, Some(&m), None)?;
-                    (l.head(&h)?, prep.mask)
+                    (h, prep.mask)
                 }
                 Net::Bert(b) => {
                     let (h, mask) = b.encode(&t, &m)?;
                     (h, Some(mask))
                 }
             };
-            Ok((out, mask.map_or_else(|| mask_of(mask_len(ids, batch), batch), |m| m.host().to_vec())))
+            Ok((h, mask.map_or_else(|| mask_of(mask_len(ids, batch), batch), |m| m.host().to_vec())))
         })
+    }
+
+    /// A decoder's LM head over hidden states (`[.., hidden]` -> `[.., vocab]`).
+    pub fn lm_head(&self, h: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        match &self.net {
+            Net::Gpt2(g) => g.head(h),
+            Net::Llama(l) => l.head(h),
+            Net::Bert(_) => Err(not_a_decoder()),
+        }
     }
 
     /// The causal LM loss of a mixed batch (as [`AnyModel::lm_loss`]: the mean over every

@@ -301,19 +301,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             let (s, hid) = (h.shape()[1], h.shape()[2]);
             Ok(slice_cols(&reshape(&h, &[batch, s * hid])?, (s - 1) * hid, hid)?)
         };
-        let verb = |table: &Tensor<B, E>, h: &Tensor<B, E>| -> Result<Tensor<B, E>> {
-            let ids = Ints::new(&self.dev, &[1, verbalizer.len()], verbalizer)?;
-            let rows = reshape(&embedding(table, &ids, None)?, &[verbalizer.len(), table.shape()[1]])?;
-            Ok(linear(h, &rows, WeightLayout::OutIn, None)?)
-        };
         match &self.net {
             Net::Gpt2(g) => {
                 let (h, _) = g.hidden_states(&t, &pos, Some(&m), None)?;
-                verb(&g.wte, &last(h)?)
+                self.verbalizer_scores(&last(h)?, verbalizer)
             }
             Net::Llama(l) => {
                 let (h, _) = l.hidden_states(&t, &pos, Some(&m), None)?;
-                verb(&l.lm_head, &last(h)?)
+                self.verbalizer_scores(&last(h)?, verbalizer)
             }
             Net::Bert(b) => {
                 let (h, m) = b.encode(&t, &m)?;
@@ -329,6 +324,21 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 Ok(linear(&pooled, &w, WeightLayout::OutIn, Some(&bias))?)
             }
         }
+    }
+
+    /// A decoder's logits of the `verbalizer` tokens from last-position hidden states `h`
+    /// (`[batch, hidden]` -> `[batch, verbalizer.len()]`): the head's rows of those tokens only.
+    pub fn verbalizer_scores(&self, h: &Tensor<B, E>, verbalizer: &[u32]) -> Result<Tensor<B, E>> {
+        let table = match &self.net {
+            Net::Gpt2(g) => &g.wte,
+            Net::Llama(l) => &l.lm_head,
+            Net::Bert(_) => {
+                return Err(Error::InvalidArgument("verbalizer scores are a decoder's; BERT scores by its head".into()))
+            }
+        };
+        let ids = Ints::new(&self.dev, &[1, verbalizer.len()], verbalizer)?;
+        let rows = reshape(&embedding(table, &ids, None)?, &[verbalizer.len(), table.shape()[1]])?;
+        Ok(linear(h, &rows, WeightLayout::OutIn, None)?)
     }
 
     /// BERT's mask-weighted mean of the last hidden states, `[batch, hidden]` (what its

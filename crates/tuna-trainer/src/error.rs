@@ -36,6 +36,9 @@ pub enum TrainError {
     /// Resuming onto a base model other than the one the checkpoint was trained on.
     #[error("{}: the checkpoint was trained on another base model ({what}); resume with the model it was made with", dir.display())]
     OtherBase { dir: std::path::PathBuf, what: String },
+    /// An error in one task of a multi-task run (named as in the tasks file `file`).
+    #[error("{}: task `{name}`: {source}", file.display())]
+    InTask { file: std::path::PathBuf, name: String, source: Box<TrainError> },
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -50,6 +53,7 @@ impl TrainError {
         match self {
             TrainError::Data(_) => 2,
             TrainError::NonFinite { .. } => 3,
+            TrainError::InTask { source, .. } => source.exit_code(),
             _ => 1,
         }
     }

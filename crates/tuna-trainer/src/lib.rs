@@ -3,8 +3,8 @@
 //! ([`checkpoint`]), the metrics log and summary formatting ([`metrics`]) and the progress line
 //! ([`progress`]); the model a run trains ([`model`]), tasks and losses ([`task`]); and a run split
 //! by concern: its settings and summary ([`config`]), its output folder ([`run_dir`]), the loop
-//! ([`run`]), its resumable state (`state`), evaluation ([`eval`]), the export ([`mod@export`]) and
-//! profiling ([`mod@profile`]); and the prompt-engineered baseline that trains nothing ([`baseline`]).
+//! ([`run`]), its resumable state (`state`), evaluation ([`eval`]), the export ([`mod@export`]),
+//! profiling ([`mod@profile`]) and multi-task runs ([`multi`]); and the prompt-engineered baseline that trains nothing ([`baseline`]).
 
 pub mod baseline;
 pub mod batch;
@@ -18,6 +18,7 @@ pub mod fingerprint;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod multi;
 pub mod profile;
 pub mod progress;
 pub mod run;
@@ -38,6 +39,7 @@ pub use eval::{describe_eval, eval_file, evaluate, EvalMetrics};
 pub use export::{export, peak_rss_bytes};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
 pub use model::Model;
+pub use multi::{train_multi, MultiConfig, MultiSummary, TaskSummary};
 pub use profile::{profile, Profile, ProfileRow};
 pub use progress::Progress;
 pub use run::train;

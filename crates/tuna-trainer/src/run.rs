@@ -108,7 +108,7 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
 }
 
 /// The learning-rate schedule `cfg` asks for, checked.
-fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
+pub(crate) fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
     let schedule = Schedule {
         peak_lr: cfg.lr,
         warmup_steps: cfg.warmup,
@@ -296,6 +296,7 @@ fn start_or_resume<B: Backend>(
         last_loss: f64::NAN,
         base: Some(BaseFingerprint::of(&s.model)?),
         settings: Some(settings_of(cfg, s.eval_batcher.as_ref().map(Batcher::fingerprint))),
+        task_losses: None,
     };
     if !matches!(cfg.out_mode, OutMode::Resume | OutMode::ResumeOrStart) {
         return Ok((st, None));
@@ -398,7 +399,7 @@ pub(crate) fn accumulate_grads<B: Backend>(
 /// `batch` in micro-batches of `micro` rows, each with its share of the batch's loss terms, so
 /// the weighted micro-batch losses sum to the full batch's mean (training and the untrained
 /// baseline weigh them alike).
-fn weighted_parts<B: Backend>(
+pub(crate) fn weighted_parts<B: Backend>(
     model: &Model<B>,
     spec: &TaskSpec,
     batch: &Batch,
@@ -493,7 +494,7 @@ pub(crate) fn training_step<B: Backend>(
 
 /// `--resume` found no valid checkpoint: an error, unless `--resume-or-start` and the folder holds
 /// no run (starting anew there would overwrite the old run's log).
-fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result<()> {
+pub(crate) fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result<()> {
     // A run killed before its first checkpoint left only its log: starting anew loses nothing.
     let found: Vec<&str> = run_dir::existing_run(&cfg.out).into_iter().filter(|&n| n != "metrics.jsonl").collect();
     let why = if skipped.is_empty() { "no checkpoint".to_string() } else { format!("{} corrupt", skipped.len()) };
@@ -512,14 +513,14 @@ fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result<()> {
     }
 }
 
-fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
+pub(crate) fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
     if let Some(n) = n {
         v.truncate(n);
     }
     v
 }
 
-fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &Checkpoints) -> TrainError {
+pub(crate) fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &Checkpoints) -> TrainError {
     let where_ = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
         Some(s) => format!(" ({})", ckpts.step_dir(s).display()),
         None => " (none was written yet)".into(),

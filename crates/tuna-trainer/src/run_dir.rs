@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = ".tuna.lock";
 
 /// What the files of a run are called in its folder (everything `tuna train` writes there).
-/// (`tuna_prompt.json`: the prompt-engineered baseline's template and examples.)
-pub const RUN_OUTPUTS: [&str; 6] =
-    ["metrics.jsonl", "summary.json", "checkpoints", "adapter", "model", "tuna_prompt.json"];
+/// (`tuna_prompt.json`: the prompt-engineered baseline's template and examples; `adapters`: a
+/// multi-task run's adapter per task.)
+pub const RUN_OUTPUTS: [&str; 7] =
+    ["metrics.jsonl", "summary.json", "checkpoints", "adapter", "model", "tuna_prompt.json", "adapters"];
 
 /// What to do with an output folder that already holds a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,11 +132,22 @@ pub fn check(dir: &Path, mode: OutMode, inputs: &[&Path]) -> Result<()> {
 /// The files of a checkpoint folder: what the trainer saves and the manifest.
 const CHECKPOINT_FILES: [&str; 4] = ["trainable.safetensors", "optimizer.safetensors", "state.json", "manifest.json"];
 
+/// The files of an adapter export.
+const ADAPTER_FILES: [&str; 5] = [
+    tuna_models::adapt::peft::CONFIG,
+    tuna_models::adapt::peft::WEIGHTS,
+    tuna_models::adapt::peft::BASE,
+    tuna_models::adapt::peft::EXTRA,
+    crate::task::TASK_FILE,
+];
+
 /// Whether `name` inside the run output `output` is something tuna writes there.
 fn written_by_tuna(output: &str, name: &str) -> bool {
     use tuna_models::adapt::peft;
     match output {
-        "adapter" => [peft::CONFIG, peft::WEIGHTS, peft::BASE, peft::EXTRA, crate::task::TASK_FILE].contains(&name),
+        "adapter" => ADAPTER_FILES.contains(&name),
+        // A multi-task run's `adapters/<task>/` folders (their files: [`ADAPTER_FILES`]).
+        "adapters" => !name.starts_with('.'),
         "model" => {
             tuna_models::model::HF_FILES.contains(&name)
                 || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
@@ -232,7 +244,16 @@ pub fn clear(dir: &Path) -> Result<()> {
                 continue;
             }
             let is_dir = std::fs::symlink_metadata(&e).map(|m| m.is_dir()).unwrap_or(false);
-            if is_dir {
+            if name == "adapters" {
+                // A task's adapter folder (never a link or a loose file): the export's files,
+                // then the folder when nothing else is left in it.
+                if is_dir {
+                    for f in ADAPTER_FILES {
+                        let _ = std::fs::remove_file(e.join(f));
+                    }
+                    let _ = std::fs::remove_dir(&e);
+                }
+            } else if is_dir {
                 // A checkpoint's (or a temporary) folder: its files as the checkpoint module
                 // writes them, then the folder when nothing of yours is left in it.
                 for f in CHECKPOINT_FILES {

@@ -35,6 +35,9 @@ pub(crate) struct State {
     /// resumed run keeps them, so it continues as the uninterrupted run would have.
     #[serde(default)]
     pub(crate) settings: Option<BTreeMap<String, String>>,
+    /// A multi-task run's last training loss of each task (from the last step that had its rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) task_losses: Option<BTreeMap<String, f64>>,
 }
 
 impl State {
@@ -103,6 +106,9 @@ pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<
         .map(|(k, v)| format!("{k} was {}, now {v}", saved[k]))
         .collect()
 }
+
+/// Named trainable tensors (checkpoint names), as one optimizer's group.
+pub(crate) type Params<B> = [(String, Tensor<B, f32>)];
 
 pub(crate) const TRAINABLE: &str = "trainable.safetensors";
 pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
@@ -183,12 +189,27 @@ pub(crate) fn save<B: Backend>(
     opt: &AdamW<B, f32>,
     metrics: &Map<String, Value>,
 ) -> Result<()> {
-    let weights: Vec<_> =
-        params.iter().map(|(n, t)| Ok((n.clone(), (t.shape().to_vec(), t.to_vec()?)))).collect::<Result<_>>()?;
+    save_groups(ckpts, st, &[(params, opt)], metrics)
+}
+
+/// [`save`] for a run with several optimizers (a multi-task run: one per task, each at its own
+/// learning rate), each over its own tensors; names are unique across the groups.
+pub(crate) fn save_groups<B: Backend>(
+    ckpts: &Checkpoints,
+    st: &State,
+    groups: &[(&Params<B>, &AdamW<B, f32>)],
+    metrics: &Map<String, Value>,
+) -> Result<()> {
+    let mut weights = Vec::new();
     let mut moments = Vec::new();
-    for ((n, t), (m, v)) in params.iter().zip(opt.moments()?) {
-        moments.push((format!("{n}.m"), (t.shape().to_vec(), m)));
-        moments.push((format!("{n}.v"), (t.shape().to_vec(), v)));
+    for (params, opt) in groups {
+        for (n, t) in params.iter() {
+            weights.push((n.clone(), (t.shape().to_vec(), t.to_vec()?)));
+        }
+        for ((n, t), (m, v)) in params.iter().zip(opt.moments()?) {
+            moments.push((format!("{n}.m"), (t.shape().to_vec(), m)));
+            moments.push((format!("{n}.v"), (t.shape().to_vec(), v)));
+        }
     }
     let w = io::safetensors_bytes(&weights)?;
     let o = io::safetensors_bytes(&moments)?;
@@ -205,6 +226,17 @@ pub(crate) fn restore<B: Backend>(
     o: &[u8],
     params: &[(String, Tensor<B, f32>)],
     opt: &mut AdamW<B, f32>,
+    step: u64,
+) -> Result<()> {
+    restore_groups(dir, w, o, &mut [(params, opt)], step)
+}
+
+/// [`restore`] for a run with several optimizers (see [`save_groups`]).
+pub(crate) fn restore_groups<B: Backend>(
+    dir: &Path,
+    w: &[u8],
+    o: &[u8],
+    groups: &mut [(&Params<B>, &mut AdamW<B, f32>)],
     step: u64,
 ) -> Result<()> {
     let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, io::HostTensor>> {
@@ -224,32 +256,35 @@ pub(crate) fn restore<B: Backend>(
     let weights = read(w, TRAINABLE)?;
     let moments = read(o, OPTIMIZER)?;
     // Every tensor the checkpoint trained must train now: none is dropped silently.
-    if let Some(extra) = weights.keys().find(|k| !params.iter().any(|(n, _)| n == *k)) {
+    let trains = |k: &str| groups.iter().any(|(params, _)| params.iter().any(|(n, _)| n == k));
+    if let Some(extra) = weights.keys().find(|k| !trains(k)) {
         return Err(TrainError::Invalid(format!(
             "{}: the checkpoint trains `{extra}`, which this run does not: it is from another method or model",
             dir.join(TRAINABLE).display()
         )));
     }
-    let mut mom = Vec::new();
-    for (n, t) in params {
-        let get = |k: &str| {
-            weights
-                .get(k)
-                .or_else(|| moments.get(k))
-                .filter(|(s, _)| s == t.shape())
-                .map(|(_, v)| v.clone())
-                .ok_or_else(|| {
-                    TrainError::Invalid(format!(
-                        "{}: no tensor `{k}` of shape {:?}: the checkpoint is from another method or model",
-                        dir.display(),
-                        t.shape()
-                    ))
-                })
-        };
-        *t.data_mut() = t.device().from_host(&get(n)?)?;
-        mom.push((get(&format!("{n}.m"))?, get(&format!("{n}.v"))?));
+    for (params, opt) in groups.iter_mut() {
+        let mut mom = Vec::new();
+        for (n, t) in params.iter() {
+            let get = |k: &str| {
+                weights
+                    .get(k)
+                    .or_else(|| moments.get(k))
+                    .filter(|(s, _)| s == t.shape())
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| {
+                        TrainError::Invalid(format!(
+                            "{}: no tensor `{k}` of shape {:?}: the checkpoint is from another method or model",
+                            dir.display(),
+                            t.shape()
+                        ))
+                    })
+            };
+            *t.data_mut() = t.device().from_host(&get(n)?)?;
+            mom.push((get(&format!("{n}.m"))?, get(&format!("{n}.v"))?));
+        }
+        opt.load_moments(&mom, step as u32)?;
     }
-    opt.load_moments(&mom, step as u32)?;
     Ok(())
 }
 
@@ -295,6 +330,7 @@ mod tests {
             last_loss: 0.0,
             base: None,
             settings: None,
+            task_losses: None,
         };
         assert!(!st.record_eval(0.5, Direction::Max, Some(2)));
         assert!(!st.record_eval(0.4, Direction::Max, Some(2)));

@@ -111,3 +111,41 @@ fn every_method_trains_on_cuda_like_on_the_cpu() {
         }
     }
 }
+
+/// A multi-task run (a soft prompt and a LoRA on the tiny Llama, lm; a LoRA and Houlsby adapters
+/// on BERT, classify) on CUDA: the mixed batches' per-task training and eval losses as on the CPU.
+#[test]
+fn multi_task_training_on_cuda_matches_the_cpu() {
+    let Some(cuda) = cuda_or_skip("tuna-trainer::multi_task_training_on_cuda_matches_the_cpu") else { return };
+    let lora = |t: &[&str]| {
+        Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: t.iter().map(|s| s.to_string()).collect() })
+    };
+    let tol = Tol::new("CUDA vs CPU multi-task losses, 3 steps", 1e-4, 1e-3);
+    for (arch, methods) in [
+        ("llama", vec![Method::Prompt { n: 3, init: PromptInit::Random }, lora(&["q_proj", "v_proj"])]),
+        ("bert", vec![lora(&["query", "value"]), Method::Houlsby { bottleneck: 4 }]),
+    ] {
+        let base = std::env::temp_dir().join(format!("tuna-cuda-multi-{}-{arch}", std::process::id()));
+        let mut got = Vec::new();
+        for side in ["cpu", "cuda"] {
+            let d = base.join(side);
+            std::fs::create_dir_all(&d).unwrap();
+            let tasks: Vec<(String, TrainConfig)> =
+                methods.iter().enumerate().map(|(k, m)| (format!("t{k}"), config(arch, m.clone(), &d))).collect();
+            let cfg = tuna_trainer::MultiConfig { tasks_file: d.join("tasks.json"), tasks };
+            let s = match side {
+                "cpu" => tuna_trainer::train_multi(&Arc::new(Cpu), &cfg).unwrap(),
+                _ => tuna_trainer::train_multi(&cuda, &cfg).unwrap(),
+            };
+            let v: Vec<f32> = s
+                .tasks
+                .iter()
+                .flat_map(|t| [t.final_train_loss.unwrap(), t.eval_loss.unwrap()])
+                .map(|x| x as f32)
+                .collect();
+            got.push(v);
+        }
+        tol.assert_close(arch, &got[1], &got[0]);
+        std::fs::remove_dir_all(&base).ok();
+    }
+}
