@@ -261,6 +261,7 @@ pub(crate) fn launched(kind: &'static str) {
 
 /// A node whose backward is `backward`, after `parents` (a checkpoint's).
 pub(crate) fn node(kind: &'static str, parents: Vec<Rc<Node>>, backward: BackwardFn) -> Rc<Node> {
+    stats::recorded(kind);
     Rc::new(Node { kind, seq: take_seq(), parents, backward: RefCell::new(Some(backward)) })
 }
 
