@@ -352,7 +352,7 @@ pub struct RunArgs {
     /// Activation checkpointing: off, every (every transformer block) or k (every k-th block, from
     /// the first). A checkpointed block keeps only its input and recomputes its forward during the
     /// backward: less activation memory, about one more forward of time, the same numbers.
-    #[arg(long, default_value = "off", value_name = "POLICY")]
+    #[arg(long, default_value = "off", value_name = "POLICY", allow_hyphen_values = true)]
     pub checkpoint_activations: Checkpointing,
     /// Evaluate every N steps (N >= 1; with --eval; also at the end).
     #[arg(long, default_value_t = 50)]
