@@ -613,8 +613,11 @@ pub fn pct(s: &tuna_trainer::RunSummary) -> f64 {
 pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     let pct = |ms: f64| 100.0 * ms / p.step_ms.max(1e-12);
     let mut s = format!(
-        "{} steps measured: {:.1} ms per step, {:.0} tokens/s (times per step; an op's forward time runs from the previous op's end)\n\n",
-        p.steps, p.step_ms, p.tokens_per_s
+        "{} steps measured: {:.1} ms per step, {:.0} tokens/s, peak saved activations {} (times per step; an op's forward time runs from the previous op's end)\n\n",
+        p.steps,
+        p.step_ms,
+        p.tokens_per_s,
+        tuna_trainer::human_bytes(p.peak_saved_bytes as u64)
     );
     s += "| op | forward calls | forward ms | backward calls | backward ms | % of step |\n|---|---:|---:|---:|---:|---:|\n";
     let mut accounted = p.optimizer_ms;
