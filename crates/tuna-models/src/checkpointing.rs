@@ -27,7 +27,7 @@ impl Checkpointing {
     pub fn applies(self, layer: usize) -> bool {
         match self {
             Checkpointing::Off => false,
-            Checkpointing::Every(k) => k > 0 && layer % k == 0,
+            Checkpointing::Every(k) => k > 0 && layer.is_multiple_of(k),
         }
     }
 
