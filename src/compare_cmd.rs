@@ -533,7 +533,10 @@ mod tests {
             "--overwrite",
             "--steps",
             "9",
+            "--checkpoint-activations",
+            "every",
         ]));
-        assert_eq!(p, v(&["--steps", "9"]));
+        // Each method's run checkpoints its activations as asked.
+        assert_eq!(p, v(&["--steps", "9", "--checkpoint-activations", "every"]));
     }
 }

@@ -115,6 +115,12 @@ pub fn multi_config(file: &Path, run: &RunArgs) -> Result<MultiConfig> {
         bail!("{}: the list of tasks is empty", file.display());
     }
     let model = run.model.clone().ok_or_else(|| anyhow::anyhow!("--model is required"))?;
+    if run.checkpoint_activations != tuna_models::checkpointing::Checkpointing::Off {
+        // Mixed-adapter forwards keep every activation: refused rather than silently ignored.
+        bail!(
+            "--checkpoint-activations is not supported with --tasks yet (mixed-adapter batches keep every activation)"
+        );
+    }
     let decoder = is_decoder(&model);
     let base = file.parent().unwrap_or(Path::new("."));
     let mut tasks: Vec<(String, tuna_trainer::TrainConfig)> = Vec::new();

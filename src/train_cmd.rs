@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use tuna_models::adapt::{LoraConfig, Method, PromptInit};
+use tuna_models::checkpointing::Checkpointing;
 use tuna_trainer::{Decay, Fields, OutMode, Task, TrainConfig};
 
 /// The largest `--batch-size` (examples per step) and `--steps` accepted.
@@ -351,6 +352,11 @@ pub struct RunArgs {
     /// Clip the global gradient norm to this (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
+    /// Activation checkpointing: off, every (every transformer block) or k (every k-th block, from
+    /// the first). A checkpointed block keeps only its input and recomputes its forward during the
+    /// backward: less activation memory, about one more forward of time, the same numbers.
+    #[arg(long, default_value = "off", value_name = "POLICY", allow_hyphen_values = true)]
+    pub checkpoint_activations: Checkpointing,
     /// Evaluate every N steps (N >= 1; with --eval; also at the end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -482,6 +488,7 @@ impl RunArgs {
             weight_decay: self.weight_decay,
             optimizer_state: self.optimizer_state.parse().map_err(|e| anyhow::anyhow!("--optimizer-state {e}"))?,
             clip: (self.clip > 0.0).then_some(self.clip),
+            checkpoint_activations: self.checkpoint_activations,
             eval_every: self.eval_every,
             save_every: self.save_every,
             patience: self.patience,
@@ -642,8 +649,11 @@ pub fn pct(s: &tuna_trainer::RunSummary) -> f64 {
 pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     let pct = |ms: f64| 100.0 * ms / p.step_ms.max(1e-12);
     let mut s = format!(
-        "{} steps measured: {:.1} ms per step, {:.0} tokens/s (times per step; an op's forward time runs from the previous op's end)\n\n",
-        p.steps, p.step_ms, p.tokens_per_s
+        "{} steps measured: {:.1} ms per step, {:.0} tokens/s, peak saved activations {} (times per step; an op's forward time runs from the previous op's end)\n\n",
+        p.steps,
+        p.step_ms,
+        p.tokens_per_s,
+        tuna_trainer::human_bytes(p.peak_saved_bytes as u64)
     );
     s += "| op | forward calls | forward ms | backward calls | backward ms | % of step |\n|---|---:|---:|---:|---:|---:|\n";
     let mut accounted = p.optimizer_ms;

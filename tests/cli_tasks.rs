@@ -278,6 +278,8 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
     let good = d.join("tasks.json");
     fails(&tuna(&tasks_args("llama", &good, &out, 2, &["--train", "lm.jsonl"])), "--train is set per task");
     fails(&tuna(&tasks_args("llama", &good, &out, 2, &["--lora-r", "3"])), "--lora-r applies to lora only");
+    let ckpt = ["--checkpoint-activations", "every"];
+    fails(&tuna(&tasks_args("llama", &good, &out, 2, &ckpt)), "--checkpoint-activations is not supported with --tasks");
     fails(&tuna(&tasks_args("llama", &d.join("none.json"), &out, 2, &[])), "none.json");
     assert!(existing_run(&out).is_empty(), "a refused run wrote {:?}", existing_run(&out));
 }

@@ -388,3 +388,55 @@ fn a_hub_id_is_recorded_as_given_in_the_summary_and_the_adapter() {
     assert_eq!(json(&local.join("summary.json"))["model"], fixture("llama"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn checkpointed_activations_give_the_same_loss_curve_and_may_change_on_resume() {
+    let d = tmp("ckpt-activations");
+    let train = data(&d, "train.jsonl", 16, false);
+    // LoRA with dropout: the recompute must draw the masks the forward drew.
+    let run = |name: &str, policy: &str, extra: &[&str]| {
+        let out = d.join(name);
+        let a = set(train_args(&out, &train, 6, extra), "--lora-dropout", "0.1");
+        (tuna(&set(a, "--checkpoint-activations", policy)), out)
+    };
+    let (o, off) = run("off", "off", &[]);
+    ok(&o);
+    let want = train_lines(&off);
+    assert_eq!(want.len(), 6);
+    for policy in ["every", "2"] {
+        let (o, dir) = run(policy, policy, &[]);
+        ok(&o);
+        assert_eq!(train_lines(&dir), want, "--checkpoint-activations {policy}: the losses differ from off");
+    }
+    // Recorded with the run's settings, but a resume may change it (only memory and time differ):
+    // without its last checkpoint, the `every` run resumes from step 5 with the policy off.
+    let every = d.join("every");
+    std::fs::remove_dir_all(every.join("checkpoints/step-000006")).unwrap();
+    let (o, _) = run("every", "off", &["--resume"]);
+    let err = ok(&o);
+    assert!(err.contains("step 5"), "{err}");
+    assert_eq!(train_lines(&every), want);
+    let state = std::fs::read_to_string(every.join("checkpoints/step-000006/state.json")).unwrap();
+    assert!(state.contains("\"--checkpoint-activations\": \"off\""), "{state}");
+}
+
+#[test]
+fn an_invalid_checkpoint_policy_is_an_error_naming_the_flag() {
+    let d = tmp("ckpt-policy");
+    let train = data(&d, "train.jsonl", 4, false);
+    for bad in ["0", "-1", "sometimes", "1.5"] {
+        let a = set(train_args(&d.join("run"), &train, 1, &[]), "--checkpoint-activations", bad);
+        let err = fails(&tuna(&a), "--checkpoint-activations");
+        assert!(err.contains("expected off, every, or a positive integer k"), "{bad}: {err}");
+        for cmd in ["profile", "compare"] {
+            let mut a = a.clone();
+            a[0] = cmd.into();
+            if cmd == "compare" {
+                let i = a.iter().position(|x| x == "--method").unwrap();
+                a[i] = "--methods".into();
+            }
+            fails(&tuna(&a), "--checkpoint-activations");
+        }
+    }
+    assert!(!d.join("run").exists(), "nothing ran");
+}

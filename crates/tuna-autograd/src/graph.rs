@@ -17,12 +17,69 @@ pub(crate) type BackwardFn = Box<dyn FnOnce() -> Result<()>>;
 /// One recorded op (opaque outside the crate).
 pub struct Node {
     pub(crate) kind: &'static str,
+    /// Creation order on this thread: a checkpoint's recompute differentiates only the nodes made
+    /// after it started (see [`run_backward_from`]).
+    pub(crate) seq: u64,
     parents: Vec<Rc<Node>>,
     backward: RefCell<Option<BackwardFn>>,
 }
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    static NEXT_SEQ: Cell<u64> = const { Cell::new(0) };
+    /// While a checkpointed function runs its forward (unrecorded): what it reads that needs a
+    /// gradient (see [`Collected`]).
+    static COLLECT: RefCell<Option<Collected>> = const { RefCell::new(None) };
+}
+
+/// What a checkpointed function's unrecorded forward read that needs a gradient: whether
+/// anything did (else there is nothing to recompute), and the tape nodes of those inputs that
+/// are activations recorded before it (its node's parents, so that the outer backward runs them
+/// after the recompute has added to their gradients).
+#[derive(Default)]
+pub(crate) struct Collected {
+    pub(crate) needs_grad: bool,
+    pub(crate) parents: Vec<Rc<Node>>,
+    seen: HashSet<*const Node>,
+}
+
+impl Collected {
+    fn note(&mut self, inputs: &[&dyn Input]) {
+        for t in inputs.iter().filter(|t| t.needs_grad()) {
+            self.needs_grad = true;
+            if let Some(n) = t.tape_node() {
+                if self.seen.insert(Rc::as_ptr(&n)) {
+                    self.parents.push(n);
+                }
+            }
+        }
+    }
+}
+
+/// Run `f` unrecorded while collecting what it reads that needs a gradient (a checkpoint's
+/// forward). Nested calls collect into their own; the outer collection is restored after.
+pub(crate) fn no_grad_collecting<T>(f: impl FnOnce() -> T) -> (T, Collected) {
+    struct Restore(Option<Collected>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            COLLECT.with(|c| *c.borrow_mut() = outer);
+        }
+    }
+    let restore = Restore(COLLECT.with(|c| c.borrow_mut().replace(Collected::default())));
+    let out = no_grad(f);
+    let got = COLLECT.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    drop(restore);
+    (out, got)
+}
+
+/// The creation number the next node will get.
+pub(crate) fn next_seq() -> u64 {
+    NEXT_SEQ.with(|s| s.get())
+}
+
+fn take_seq() -> u64 {
+    NEXT_SEQ.with(|s| s.replace(s.get() + 1))
 }
 
 /// Whether ops are being recorded on this thread.
@@ -42,6 +99,19 @@ pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Run `f` with recording switched on (a checkpoint's recompute, whatever the caller's mode);
+/// restored afterwards, even on panic.
+pub(crate) fn with_grad<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(true)));
+    f()
+}
+
 /// Anything that can be an input of a recorded op (tensors of any element type).
 pub trait Input {
     fn needs_grad(&self) -> bool;
@@ -58,9 +128,18 @@ impl<B: Alloc<E> + 'static, E: Elem> Input for Tensor<B, E> {
     }
 }
 
-/// Whether an op over `inputs` must record itself.
+/// Whether an op over `inputs` must record itself. Inside a checkpoint's unrecorded forward, the
+/// inputs that need a gradient are noted (see [`Collected`]).
 pub(crate) fn recording(inputs: &[&dyn Input]) -> bool {
-    grad_enabled() && inputs.iter().any(|t| t.needs_grad())
+    if grad_enabled() {
+        return inputs.iter().any(|t| t.needs_grad());
+    }
+    COLLECT.with(|c| {
+        if let Some(c) = c.borrow_mut().as_mut() {
+            c.note(inputs)
+        }
+    });
+    false
 }
 
 /// Build an op's output tensor. When gradients are enabled and an input needs one, the op is
@@ -87,7 +166,7 @@ pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
     let cell = GradCell::new(n);
     let out = OutData { data: data.clone(), bytes: n * std::mem::size_of::<E>() };
     let parents = inputs.iter().filter_map(|t| t.tape_node()).collect();
-    let node = Rc::new(Node { kind, parents, backward: RefCell::new(Some(make(cell.clone(), &out))) });
+    let node = Rc::new(Node { kind, seq: take_seq(), parents, backward: RefCell::new(Some(make(cell.clone(), &out))) });
     Tensor::from_op(dev, shape, data, Some((cell, node)))
 }
 
@@ -107,6 +186,7 @@ pub(crate) fn output_shared<B: Alloc<E> + 'static, E: Elem>(
     let cell = GradCell::new(crate::tensor::numel(&shape));
     let node = Rc::new(Node {
         kind,
+        seq: take_seq(),
         parents: x.node().into_iter().collect(),
         backward: RefCell::new(Some(make(cell.clone()))),
     });
@@ -179,8 +259,24 @@ pub(crate) fn launched(kind: &'static str) {
     stats::launched(kind)
 }
 
+/// A node whose backward is `backward`, after `parents` (a checkpoint's).
+pub(crate) fn node(kind: &'static str, parents: Vec<Rc<Node>>, backward: BackwardFn) -> Rc<Node> {
+    stats::recorded(kind);
+    Rc::new(Node { kind, seq: take_seq(), parents, backward: RefCell::new(Some(backward)) })
+}
+
+/// The kind of a checkpoint's node: its backward is timed by the nodes it recomputes and runs,
+/// not as a whole (which would count that time twice).
+pub(crate) const CHECKPOINT_KIND: &str = "checkpoint";
+
 /// Run the backward closures reachable from `root`, each once, in reverse topological order.
 pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
+    run_backward_from(root, 0)
+}
+
+/// [`run_backward`] over the nodes made since creation number `since` only: a checkpoint's
+/// recomputed graph, whose inputs' nodes (older) the outer backward runs in its own order.
+pub(crate) fn run_backward_from(root: Rc<Node>, since: u64) -> Result<()> {
     if root.backward.borrow().is_none() {
         return Err(Error::Backward(format!(
             "the graph behind this loss (last op `{}`) was already differentiated; build it again",
@@ -196,7 +292,7 @@ pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
         if i < node.parents.len() {
             let child = node.parents[i].clone();
             stack.push((node, i + 1));
-            if seen.insert(Rc::as_ptr(&child)) {
+            if child.seq >= since && seen.insert(Rc::as_ptr(&child)) {
                 stack.push((child, 0));
             }
         } else {
@@ -216,7 +312,7 @@ pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
     for node in order.into_iter().rev() {
         let f = node.backward.borrow_mut().take();
         if let Some(f) = f {
-            let t0 = timed.then(std::time::Instant::now);
+            let t0 = (timed && node.kind != CHECKPOINT_KIND).then(std::time::Instant::now);
             f()?;
             if let Some(t0) = t0 {
                 stats::backward_done(node.kind, t0.elapsed().as_nanos() as u64);

@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod checkpoint;
 pub mod error;
 pub mod gradcheck;
 pub mod graph;
@@ -36,6 +37,7 @@ pub mod optim;
 pub mod stats;
 pub mod tensor;
 
+pub use checkpoint::checkpoint;
 pub use error::{Error, Result};
 pub use graph::{grad_enabled, no_grad};
 pub use ints::Ints;

@@ -3,15 +3,17 @@
 //! mask, GELU (erf); the pooler (dense + tanh of the first token) and sentence-transformers' masked
 //! mean pooling.
 
-use crate::adapt::{layer_prefix, Adapt};
+use crate::adapt::{layer_prefix, owned_prefix, Adapt};
+use crate::checkpointing::{self, BlockAdapt, Checkpointing};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::generate::KvCache;
 use crate::gpt2::{batch_seq, Norm};
 use crate::linear::Linear;
 use crate::params::Loader;
+use tuna_autograd::checkpoint;
 use tuna_autograd::ops::act::{gelu, GeluKind};
-use tuna_autograd::ops::attention::{attention, AttnOptions};
+use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, mean_pool, slice_cols, tanh};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::WeightLayout;
@@ -48,6 +50,8 @@ pub struct Bert<B: Kernels<E>, E: Float> {
     pub path: std::path::PathBuf,
     /// The adaptation method in place (empty: the base model).
     pub adapt: Adapt<B, E>,
+    /// The layers whose activations a recorded forward recomputes in the backward.
+    pub checkpoint: Checkpointing,
 }
 
 /// Tensors BERT checkpoints carry that the encoder does not compute with (see
@@ -79,10 +83,68 @@ fn dense<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize
     })
 }
 
+/// A forward's sizes, as one layer needs them.
+#[derive(Clone, Copy)]
+struct LayerDims {
+    b: usize,
+    t: usize,
+    hid: usize,
+    heads: usize,
+    d: usize,
+    eps: f32,
+}
+
 impl<B: Kernels<E>, E: Float> BertLayer<B, E> {
     /// The layer's dense layers, in order.
     pub fn linears(&self) -> [&Dense<B, E>; 6] {
         [&self.query, &self.key, &self.value, &self.attn_out, &self.intermediate, &self.output]
+    }
+
+    /// Layer `i` over `x` through the adaptation `ad`, with the layer's prefix, the key mask and an
+    /// optional KV cache.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        ad: &Adapt<B, E>,
+        i: usize,
+        x: &Tensor<B, E>,
+        prefix: Option<Prefix<'_, B, E>>,
+        key_mask: &Ints<B, u8>,
+        cache: Option<&mut KvCache<B, E>>,
+        dims: LayerDims,
+    ) -> Result<Tensor<B, E>> {
+        let LayerDims { b, t, hid, heads, d, eps } = dims;
+        let dense = |x: &Tensor<B, E>, dn: &Dense<B, E>| ad.linear(dn, x);
+        let heads4 = |y: Tensor<B, E>| -> Result<Tensor<B, E>> { Ok(reshape(&y, &[b, t, heads, d])?) };
+        let q = heads4(dense(x, &self.query)?)?;
+        let k = heads4(dense(x, &self.key)?)?;
+        let v = heads4(dense(x, &self.value)?)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let a = attention(&q, &k, &v, prefix, Some(key_mask), AttnOptions { causal: false, scale: None })?;
+        let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &self.attn_out)?)?;
+        let x = layernorm(&add(&a, x)?, &self.attn_norm.weight, &self.attn_norm.bias, eps)?;
+        let f = gelu(&dense(&x, &self.intermediate)?, GeluKind::Erf)?;
+        let f = ad.sublayer(i, true, dense(&f, &self.output)?)?;
+        Ok(layernorm(&add(&f, &x)?, &self.out_norm.weight, &self.out_norm.bias, eps)?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Clone for BertLayer<B, E> {
+    /// The same tensors (shared storage): what a checkpointed layer's recompute holds.
+    fn clone(&self) -> Self {
+        BertLayer {
+            query: self.query.clone(),
+            key: self.key.clone(),
+            value: self.value.clone(),
+            attn_out: self.attn_out.clone(),
+            attn_norm: self.attn_norm.clone(),
+            intermediate: self.intermediate.clone(),
+            output: self.output.clone(),
+            out_norm: self.out_norm.clone(),
+        }
     }
 }
 
@@ -124,6 +186,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
             pooler,
             path,
             adapt: Adapt::default(),
+            checkpoint: Checkpointing::Off,
         })
     }
 
@@ -196,7 +259,6 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let x = add(&self.adapt.embed(&self.word, ids, &prep)?, &embedding(&self.position, pos, None)?)?;
         let x = add(&x, &embedding(&self.token_type, &types, None)?)?;
         let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
-        let opt = AttnOptions { causal: false, scale: None };
         let prefix = self.adapt.prefix_layers()?;
         // The keys include the cached tokens (all real): the mask widens by them.
         let key_mask = if cached == 0 {
@@ -207,22 +269,19 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
             Ints::new(dev, &[b, cached + t], &rows.collect::<Vec<u8>>())?
         };
         let ad = &self.adapt;
+        let dims = LayerDims { b, t, hid, heads, d, eps };
+        let ckpt = checkpointing::active(self.checkpoint, ad, cache.is_some());
         for (i, l) in self.layers.iter().enumerate() {
-            let dense = |x: &Tensor<B, E>, dn: &Dense<B, E>| ad.linear(dn, x);
-            let heads4 = |y: Tensor<B, E>| -> Result<Tensor<B, E>> { Ok(reshape(&y, &[b, t, heads, d])?) };
-            let q = heads4(dense(&x, &l.query)?)?;
-            let k = heads4(dense(&x, &l.key)?)?;
-            let v = heads4(dense(&x, &l.value)?)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
+            x = if ckpt && self.checkpoint.applies(i) {
+                let (l, key_mask, kv) = (l.clone(), key_mask.clone(), owned_prefix(&prefix, i));
+                let view = BlockAdapt::new(ad, l.linears().map(|lin| lin.name.as_str()));
+                checkpoint(&[x], move |xs: &[Tensor<B, E>]| {
+                    let p = kv.as_ref().map(|(k, v, rows)| Prefix { k, v, rows: rows.as_ref() });
+                    view.run(|ad| l.forward(ad, i, &xs[0], p, &key_mask, None, dims))
+                })?
+            } else {
+                l.forward(ad, i, &x, layer_prefix(&prefix, i), &key_mask, cache.as_deref_mut(), dims)?
             };
-            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&key_mask), opt)?;
-            let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
-            x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
-            let f = gelu(&dense(&x, &l.intermediate)?, GeluKind::Erf)?;
-            let f = ad.sublayer(i, true, dense(&f, &l.output)?)?;
-            x = layernorm(&add(&f, &x)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;
         }
         Ok((x, mask))
     }

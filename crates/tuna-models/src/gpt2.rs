@@ -10,15 +10,17 @@
 //! With a [`KvCache`], each layer's keys and values are appended to it and new tokens attend to
 //! every cached one; their positions are absolute (learned `wpe` rows), continuing after the cache.
 
-use crate::adapt::{layer_prefix, Adapt, Prepared};
+use crate::adapt::{layer_prefix, owned_prefix, Adapt, Prepared};
+use crate::checkpointing::{self, BlockAdapt, Checkpointing};
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 use crate::generate::{CausalLm, KvCache};
 use crate::linear::Linear;
 use crate::params::Loader;
 use std::sync::Arc;
+use tuna_autograd::checkpoint;
 use tuna_autograd::ops::act::{gelu, GeluKind};
-use tuna_autograd::ops::attention::{attention, AttnOptions};
+use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
@@ -59,6 +61,8 @@ pub struct Gpt2<B: Kernels<E>, E: Float> {
     pub ln_f: Norm<B, E>,
     /// The adaptation method in place (empty: the base model).
     pub adapt: Adapt<B, E>,
+    /// The blocks whose activations a recorded forward recomputes in the backward.
+    pub checkpoint: Checkpointing,
 }
 
 /// Tensors GPT-2 checkpoints carry that the model does not compute with (see
@@ -86,10 +90,68 @@ fn conv<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize,
     })
 }
 
+/// A forward's sizes, as one block needs them.
+#[derive(Clone, Copy)]
+struct BlockDims {
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    d: usize,
+    eps: f32,
+}
+
 impl<B: Kernels<E>, E: Float> Gpt2Block<B, E> {
     /// The block's Conv1D layers, in order.
     pub fn linears(&self) -> [&Conv1D<B, E>; 4] {
         [&self.c_attn, &self.attn_proj, &self.c_fc, &self.mlp_proj]
+    }
+
+    /// Block `l` over `x` through the adaptation `ad`, with the layer's prefix, the key mask and
+    /// an optional KV cache.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        ad: &Adapt<B, E>,
+        l: usize,
+        x: &Tensor<B, E>,
+        prefix: Option<Prefix<'_, B, E>>,
+        mask: Option<&Ints<B, u8>>,
+        cache: Option<&mut KvCache<B, E>>,
+        dims: BlockDims,
+    ) -> Result<Tensor<B, E>> {
+        let BlockDims { b, t, c, h, d, eps } = dims;
+        let qkv = ad.linear(&self.c_attn, &self.ln_1.apply(x, eps)?)?;
+        let split = |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
+        let (k, v) = match cache {
+            Some(cc) => cc.append(l, &split(1)?, &split(2)?)?,
+            None => (split(1)?, split(2)?),
+        };
+        let a = attention(&split(0)?, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None })?;
+        let a = ad.linear(&self.attn_proj, &reshape(&a, &[b, t, c])?)?;
+        let x = add(x, &ad.sublayer(l, false, a)?)?;
+        let f = gelu(&ad.linear(&self.c_fc, &self.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
+        Ok(add(&x, &ad.sublayer(l, true, ad.linear(&self.mlp_proj, &f)?)?)?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Clone for Gpt2Block<B, E> {
+    /// The same tensors (shared storage): what a checkpointed block's recompute holds.
+    fn clone(&self) -> Self {
+        Gpt2Block {
+            ln_1: self.ln_1.clone(),
+            c_attn: self.c_attn.clone(),
+            attn_proj: self.attn_proj.clone(),
+            ln_2: self.ln_2.clone(),
+            c_fc: self.c_fc.clone(),
+            mlp_proj: self.mlp_proj.clone(),
+        }
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Clone for Norm<B, E> {
+    fn clone(&self) -> Self {
+        Norm { weight: self.weight.clone(), bias: self.bias.clone() }
     }
 }
 
@@ -121,7 +183,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         }
         let ln_f = norm(loader, "ln_f", c)?;
         loader.finish(KNOWN_UNUSED)?;
-        Ok(Gpt2 { cfg: cfg.clone(), wte, wpe, blocks, ln_f, adapt: Adapt::default() })
+        Ok(Gpt2 { cfg: cfg.clone(), wte, wpe, blocks, ln_f, adapt: Adapt::default(), checkpoint: Checkpointing::Off })
     }
 
     fn dev(&self) -> &Arc<B> {
@@ -212,22 +274,21 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         }
         let tok = self.adapt.embed(&self.wte, ids, &prep)?;
         let mut x = add(&tok, &embedding(&self.wpe, positions, None)?)?;
-        let opt = AttnOptions { causal: true, scale: None };
+        let dims = BlockDims { b, t, c, h, d, eps };
         let prefix = self.adapt.prefix_layers()?;
         let ad = &self.adapt;
+        let ckpt = checkpointing::active(self.checkpoint, ad, cache.is_some());
         for (l, blk) in self.blocks.iter().enumerate() {
-            let qkv = ad.linear(&blk.c_attn, &blk.ln_1.apply(&x, eps)?)?;
-            let split =
-                |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cc) => cc.append(l, &split(1)?, &split(2)?)?,
-                None => (split(1)?, split(2)?),
+            x = if ckpt && self.checkpoint.applies(l) {
+                let (blk, mask, kv) = (blk.clone(), mask.cloned(), owned_prefix(&prefix, l));
+                let view = BlockAdapt::new(ad, blk.linears().map(|lin| lin.name.as_str()));
+                checkpoint(&[x], move |xs: &[Tensor<B, E>]| {
+                    let p = kv.as_ref().map(|(k, v, rows)| Prefix { k, v, rows: rows.as_ref() });
+                    view.run(|ad| blk.forward(ad, l, &xs[0], p, mask.as_ref(), None, dims))
+                })?
+            } else {
+                blk.forward(ad, l, &x, layer_prefix(&prefix, l), mask, cache.as_deref_mut(), dims)?
             };
-            let a = attention(&split(0)?, &k, &v, layer_prefix(&prefix, l), mask, opt)?;
-            let a = ad.linear(&blk.attn_proj, &reshape(&a, &[b, t, c])?)?;
-            x = add(&x, &ad.sublayer(l, false, a)?)?;
-            let f = gelu(&ad.linear(&blk.c_fc, &blk.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
-            x = add(&x, &ad.sublayer(l, true, ad.linear(&blk.mlp_proj, &f)?)?)?;
         }
         Ok((self.ln_f.apply(&x, eps)?, prep))
     }

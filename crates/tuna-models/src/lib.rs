@@ -4,6 +4,7 @@
 
 pub mod adapt;
 pub mod bert;
+pub mod checkpointing;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -6,6 +6,7 @@
 
 use crate::adapt::{full_finetune_predicate, peft, Adapt, Adaptable, LoraConfig, Method, ModelShape, PromptInit};
 use crate::bert::Bert;
+use crate::checkpointing::Checkpointing;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate, Sampling};
@@ -182,6 +183,21 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             }
             m => m.clone(),
         })
+    }
+
+    /// Checkpoint the transformer blocks `policy` names in every recorded forward from now on
+    /// (see [`Checkpointing`]): the same gradients, less activation memory, a recomputed forward.
+    pub fn set_checkpointing(&mut self, policy: Checkpointing) {
+        match &mut self.net {
+            Net::Gpt2(n) => n.checkpoint = policy,
+            Net::Llama(n) => n.checkpoint = policy,
+            Net::Bert(n) => n.checkpoint = policy,
+        }
+    }
+
+    /// The checkpointing policy in place.
+    pub fn checkpointing(&self) -> Checkpointing {
+        each!(&self.net, n => n.checkpoint)
     }
 
     pub fn shape(&self) -> ModelShape {

@@ -41,6 +41,9 @@ pub struct TrainConfig {
     /// How AdamW stores its moments (f32, or bf16 for half the optimizer memory).
     pub optimizer_state: tuna_autograd::optim::MomentStorage,
     pub clip: Option<f64>,
+    /// The transformer blocks whose activations are recomputed in the backward instead of kept
+    /// (less memory, about one more forward of time; the same numbers).
+    pub checkpoint_activations: tuna_models::checkpointing::Checkpointing,
     pub eval_every: u64,
     pub save_every: u64,
     /// Stop after this many evaluations without improvement.

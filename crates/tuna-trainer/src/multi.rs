@@ -710,6 +710,7 @@ mod tests {
         std::fs::write(&train, lines.join("\n")).unwrap();
         let cfg = TrainConfig {
             model_name: None,
+            checkpoint_activations: Default::default(),
             model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
             method,
             task,

@@ -28,6 +28,10 @@ pub struct Profile {
     /// the queued forward and backward, which the host only launches).
     pub optimizer_ms: f64,
     pub tokens_per_s: f64,
+    /// The most bytes the tape held for backwards at once over the measured steps (activations and
+    /// statistics saved by the forward; what activation checkpointing cuts), beyond what was held
+    /// before them.
+    pub peak_saved_bytes: usize,
     /// Sorted by total time, largest first; times per step.
     pub rows: Vec<ProfileRow>,
 }
@@ -41,9 +45,11 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
     let mut cursor = Cursor::default();
     s.model.adapt().set_training(true);
     let (mut total, mut optimizer_s, mut tokens) = (0.0f64, 0.0f64, 0usize);
+    let mut held_before = 0;
     for i in 0..warmup + steps {
         if i == warmup {
             stats::reset();
+            held_before = stats::snapshot().saved_bytes;
             stats::set_profiling(true);
         }
         let batch = s.batcher.next_batch(&mut cursor);
@@ -81,6 +87,7 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
         step_ms: 1e3 * total / n,
         optimizer_ms: 1e3 * optimizer_s / n,
         tokens_per_s: tokens as f64 / total.max(1e-9),
+        peak_saved_bytes: snap.peak_saved_bytes.saturating_sub(held_before),
         rows,
     })
 }

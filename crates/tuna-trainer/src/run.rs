@@ -80,6 +80,7 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
     let max_len = resolve_max_len(cfg.max_len, model.max_positions(), cfg.method.virtual_tokens(), min_len(cfg.task))?;
     check_method_size(&cfg.method, model.shape().hidden)?;
     model.install(&cfg.method, cfg.seed, Some(&words))?;
+    model.set_checkpointing(cfg.checkpoint_activations);
     let spec = TaskSpec::new(&model, cfg.task, &train_records, labels.as_deref(), cfg.verbalizers.as_deref())?;
     let eval_set = match (held_out, &cfg.eval) {
         (Some(h), _) => Some((cfg.train.clone(), h)),

@@ -40,6 +40,7 @@ fn config(task: Task, dir: &Path) -> TrainConfig {
         min_lr_ratio: 0.1,
         weight_decay: 0.0,
         optimizer_state: Default::default(),
+        checkpoint_activations: Default::default(),
         clip: None,
         eval_every: 1,
         save_every: 1,

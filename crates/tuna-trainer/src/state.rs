@@ -87,6 +87,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--weight-decay".into(), s(&cfg.weight_decay)),
         ("--optimizer-state".into(), cfg.optimizer_state.to_string()),
         ("--clip".into(), s(&cfg.clip)),
+        (CHECKPOINT_ACTIVATIONS.into(), cfg.checkpoint_activations.name()),
         ("--eval-every".into(), s(&cfg.eval_every)),
         ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),
         ("--patience".into(), s(&cfg.patience)),
@@ -98,6 +99,10 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
     }
     out
 }
+
+/// A setting recorded like the others but free to change on resume: recomputing activations
+/// changes memory and time, never the numbers (the gradients are bitwise the same on the CPU).
+const CHECKPOINT_ACTIVATIONS: &str = "--checkpoint-activations";
 
 /// The settings that differ between a checkpoint's run (`saved`) and this one, by flag.
 pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
@@ -138,6 +143,7 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     }
     if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
         let mut changed = changed_settings(old, new);
+        changed.retain(|c| !c.starts_with(&format!("{CHECKPOINT_ACTIVATIONS} ")));
         // Extending (or shortening) a run is allowed, but it is no longer the run it was; the
         // warmup follows (it is cut to the steps when longer).
         let schedule: Vec<String> =

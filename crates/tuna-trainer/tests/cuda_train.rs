@@ -48,6 +48,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         min_lr_ratio: 0.1,
         weight_decay: 0.0,
         optimizer_state: Default::default(),
+        checkpoint_activations: Default::default(),
         clip: Some(1.0),
         eval_every: 3,
         save_every: 3,

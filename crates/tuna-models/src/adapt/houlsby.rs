@@ -38,6 +38,20 @@ pub struct Houlsby<B: Kernels<E>, E: Float> {
     pub layers: Vec<(HoulsbyBlock<B, E>, HoulsbyBlock<B, E>)>,
 }
 
+impl<B: Kernels<E>, E: Float> Clone for HoulsbyBlock<B, E> {
+    fn clone(&self) -> Self {
+        let (down, down_bias) = (self.down.clone(), self.down_bias.clone());
+        HoulsbyBlock { down, down_bias, up: self.up.clone(), up_bias: self.up_bias.clone() }
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Clone for Houlsby<B, E> {
+    /// The same tensors (shared storage).
+    fn clone(&self) -> Self {
+        Houlsby { bottleneck: self.bottleneck, layers: self.layers.clone() }
+    }
+}
+
 /// Standard deviation of the initial weights: small, so each adapter starts near the identity
 /// (measured: a whole tiny model's outputs move by 1e-3 to 2e-3 of their largest value, see
 /// tests/adapt.rs) while both matrices get gradients from the first step.

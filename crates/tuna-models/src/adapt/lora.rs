@@ -46,6 +46,14 @@ pub struct Lora<B: Kernels<E>, E: Float> {
     merged: Cell<bool>,
 }
 
+impl<B: Kernels<E>, E: Float> Clone for Lora<B, E> {
+    /// The same tensors (shared storage) and merge state.
+    fn clone(&self) -> Self {
+        let (a, b, base) = (self.a.clone(), self.b.clone(), self.base.clone());
+        Lora { a, b, scale: self.scale, dropout: self.dropout, base, layout: self.layout, merged: self.merged.clone() }
+    }
+}
+
 impl<B: Kernels<E>, E: Float> Lora<B, E> {
     /// A LoRA update for `base` (`[out, in]` or `[in, out]` as `layout` says) with PEFT's init:
     /// `A` Kaiming-uniform (a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), `B` zero, so the model starts unchanged.

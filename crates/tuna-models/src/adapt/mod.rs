@@ -40,6 +40,7 @@ pub use prompt::SoftPrompt;
 use crate::error::{Error, Result};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use tuna_autograd::ops::attention::Prefix;
 use tuna_autograd::ops::embed::{embedding, Prompt};
@@ -68,7 +69,8 @@ pub struct Adapt<B: Kernels<E>, E: Float> {
     /// The bank adapter of each batch row (`None`: the base) while a mixed forward runs.
     routing: RefCell<Option<Vec<Option<usize>>>>,
     training: Cell<bool>,
-    dropout_rng: RefCell<SplitMix64>,
+    /// Shared with the per-block views of checkpointed blocks (see [`Adapt::block_view`]).
+    dropout_rng: Rc<RefCell<SplitMix64>>,
 }
 
 impl<B: Kernels<E>, E: Float> Default for Adapt<B, E> {
@@ -83,7 +85,7 @@ impl<B: Kernels<E>, E: Float> Default for Adapt<B, E> {
             bank: Vec::new(),
             routing: RefCell::new(None),
             training: Cell::new(false),
-            dropout_rng: RefCell::new(SplitMix64::new(0x5eed)),
+            dropout_rng: Rc::new(RefCell::new(SplitMix64::new(0x5eed))),
         }
     }
 }
@@ -140,6 +142,36 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         for (i, (_, a)) in self.bank.iter().enumerate() {
             a.seed_dropout(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
+    }
+
+    /// The parts of this adaptation one block computes with, owned (for a checkpointed block's
+    /// recompute, which runs after the forward's borrows end): the LoRA updates of the modules
+    /// named `linears`, the Houlsby adapters and the training switch; the dropout generator is
+    /// shared, not copied. No prompt, prefix (the caller passes the layer's), bank or routing.
+    pub(crate) fn block_view<'a>(&self, linears: impl IntoIterator<Item = &'a str>) -> Self {
+        let lora = linears.into_iter().filter_map(|n| self.lora.get(n).map(|l| (n.to_string(), l.clone()))).collect();
+        Adapt {
+            houlsby: self.houlsby.clone(),
+            lora,
+            training: Cell::new(self.training.get()),
+            dropout_rng: self.dropout_rng.clone(),
+            ..Adapt::default()
+        }
+    }
+
+    /// Whether a mixed batch's routing is set (see [`Adapt::set_routing`]).
+    pub(crate) fn is_mixed(&self) -> bool {
+        self.routing_rows().is_some()
+    }
+
+    /// The dropout generator's state.
+    pub(crate) fn dropout_state(&self) -> SplitMix64 {
+        self.dropout_rng.borrow().clone()
+    }
+
+    /// Set the dropout generator's state, returning the one it had.
+    pub(crate) fn replace_dropout_state(&self, state: SplitMix64) -> SplitMix64 {
+        self.dropout_rng.replace(state)
     }
 
     /// Every trainable tensor of the adaptation, by its checkpoint name (LoRA and prompt names are
@@ -312,6 +344,15 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
 /// A layer's prefix for the attention op, from [`Adapt::prefix_layers`].
 pub fn layer_prefix<B: Kernels<E>, E: Float>(kv: &PrefixKv<B, E>, i: usize) -> Option<Prefix<'_, B, E>> {
     kv.layers.get(i).map(|(k, v)| Prefix { k, v, rows: kv.rows.as_ref() })
+}
+
+/// Layer `i`'s prefix keys and values and the rows each sequence sees, owned (for a checkpointed
+/// block's recompute; [`layer_prefix`] borrows them back).
+pub type OwnedPrefix<B, E> = (Tensor<B, E>, Tensor<B, E>, Option<Ints<B, u32>>);
+
+/// [`layer_prefix`], owned: see [`OwnedPrefix`].
+pub fn owned_prefix<B: Kernels<E>, E: Float>(kv: &PrefixKv<B, E>, i: usize) -> Option<OwnedPrefix<B, E>> {
+    kv.layers.get(i).map(|(k, v)| (k.clone(), v.clone(), kv.rows.clone()))
 }
 
 /// Per row, the count of leading zeros of the mask (the left padding; 0 without a mask).

@@ -1,15 +1,17 @@
 //! Llama (SmolLM2 and kin) on tuna's autograd: RMSNorm, RoPE (rotate_half) at explicit per-token
 //! positions, grouped-query causal attention with a key padding mask and a KV cache, SwiGLU MLP.
 
-use crate::adapt::{layer_prefix, Adapt, Prepared};
+use crate::adapt::{layer_prefix, owned_prefix, Adapt, Prepared};
+use crate::checkpointing::{self, BlockAdapt, Checkpointing};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::generate::{CausalLm, KvCache};
 use crate::linear::Linear;
 use crate::params::Loader;
 use std::sync::Arc;
+use tuna_autograd::checkpoint;
 use tuna_autograd::ops::act::swiglu;
-use tuna_autograd::ops::attention::{attention, AttnOptions};
+use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::cross_entropy;
@@ -40,10 +42,75 @@ pub struct LlamaLayer<B: Kernels<E>, E: Float> {
     pub down_proj: Linear<B, E>,
 }
 
+/// A forward's sizes and constants, as one layer needs them.
+#[derive(Clone, Copy)]
+struct LayerDims {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    eps: f32,
+    theta: f32,
+}
+
 impl<B: Kernels<E>, E: Float> LlamaLayer<B, E> {
     /// The layer's linears, in order.
     pub fn linears(&self) -> [&Linear<B, E>; 7] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    /// Layer `i` over `x` through the adaptation `ad`, at `positions`, with the layer's prefix,
+    /// the key mask and an optional KV cache.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        ad: &Adapt<B, E>,
+        i: usize,
+        x: &Tensor<B, E>,
+        positions: &Ints<B, u32>,
+        prefix: Option<Prefix<'_, B, E>>,
+        mask: Option<&Ints<B, u8>>,
+        cache: Option<&mut KvCache<B, E>>,
+        dims: LayerDims,
+    ) -> Result<Tensor<B, E>> {
+        let LayerDims { batch, seq, heads, kvh, hd, eps, theta } = dims;
+        let h = rmsnorm(x, &self.input_layernorm, eps)?;
+        let proj = |w: &Linear<B, E>, n: usize| -> Result<Tensor<B, E>> {
+            Ok(reshape(&ad.linear(w, &h)?, &[batch, seq, n, hd])?)
+        };
+        let q = rope(&proj(&self.q_proj, heads)?, positions, theta)?;
+        let k = rope(&proj(&self.k_proj, kvh)?, positions, theta)?;
+        let v = proj(&self.v_proj, kvh)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(i, &k, &v)?,
+            None => (k, v),
+        };
+        let a = attention(&q, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None })?;
+        let a = reshape(&a, &[batch, seq, heads * hd])?;
+        let x = add(x, &ad.sublayer(i, false, ad.linear(&self.o_proj, &a)?)?)?;
+        let h = rmsnorm(&x, &self.post_attention_layernorm, eps)?;
+        let gate = ad.linear(&self.gate_proj, &h)?;
+        let up = ad.linear(&self.up_proj, &h)?;
+        let down = ad.linear(&self.down_proj, &swiglu(&gate, &up)?)?;
+        Ok(add(&x, &ad.sublayer(i, true, down)?)?)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Clone for LlamaLayer<B, E> {
+    /// The same tensors (shared storage): what a checkpointed layer's recompute holds.
+    fn clone(&self) -> Self {
+        LlamaLayer {
+            input_layernorm: self.input_layernorm.clone(),
+            q_proj: self.q_proj.clone(),
+            k_proj: self.k_proj.clone(),
+            v_proj: self.v_proj.clone(),
+            o_proj: self.o_proj.clone(),
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            gate_proj: self.gate_proj.clone(),
+            up_proj: self.up_proj.clone(),
+            down_proj: self.down_proj.clone(),
+        }
     }
 }
 
@@ -58,6 +125,8 @@ pub struct Llama<B: Kernels<E>, E: Float> {
     pub lm_head: Tensor<B, E>,
     /// The adaptation method in place (empty: the base model).
     pub adapt: Adapt<B, E>,
+    /// The layers whose activations a recorded forward recomputes in the backward.
+    pub checkpoint: Checkpointing,
 }
 
 impl<B: Kernels<E>, E: Float> Llama<B, E> {
@@ -110,6 +179,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
             norm,
             lm_head,
             adapt: Adapt::default(),
+            checkpoint: Checkpointing::Off,
         })
     }
 
@@ -189,29 +259,21 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         }
         let (heads, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let (eps, theta) = (self.cfg.rms_norm_eps as f32, self.cfg.rope_theta as f32);
-        let opt = AttnOptions { causal: true, scale: None };
+        let dims = LayerDims { batch, seq, heads, kvh, hd, eps, theta };
         let prefix = self.adapt.prefix_layers()?;
         let ad = &self.adapt;
+        let ckpt = checkpointing::active(self.checkpoint, ad, cache.is_some());
         for (i, l) in self.layers.iter().enumerate() {
-            let h = rmsnorm(&x, &l.input_layernorm, eps)?;
-            let proj = |w: &Linear<B, E>, n: usize| -> Result<Tensor<B, E>> {
-                Ok(reshape(&ad.linear(w, &h)?, &[batch, seq, n, hd])?)
+            x = if ckpt && self.checkpoint.applies(i) {
+                let (l, pos, mask, kv) = (l.clone(), positions.clone(), mask.cloned(), owned_prefix(&prefix, i));
+                let view = BlockAdapt::new(ad, l.linears().map(|lin| lin.name.as_str()));
+                checkpoint(&[x], move |xs: &[Tensor<B, E>]| {
+                    let p = kv.as_ref().map(|(k, v, rows)| Prefix { k, v, rows: rows.as_ref() });
+                    view.run(|ad| l.forward(ad, i, &xs[0], &pos, p, mask.as_ref(), None, dims))
+                })?
+            } else {
+                l.forward(ad, i, &x, positions, layer_prefix(&prefix, i), mask, cache.as_deref_mut(), dims)?
             };
-            let q = rope(&proj(&l.q_proj, heads)?, positions, theta)?;
-            let k = rope(&proj(&l.k_proj, kvh)?, positions, theta)?;
-            let v = proj(&l.v_proj, kvh)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), mask, opt)?;
-            let a = reshape(&a, &[batch, seq, heads * hd])?;
-            x = add(&x, &ad.sublayer(i, false, ad.linear(&l.o_proj, &a)?)?)?;
-            let h = rmsnorm(&x, &l.post_attention_layernorm, eps)?;
-            let gate = ad.linear(&l.gate_proj, &h)?;
-            let up = ad.linear(&l.up_proj, &h)?;
-            let down = ad.linear(&l.down_proj, &swiglu(&gate, &up)?)?;
-            x = add(&x, &ad.sublayer(i, true, down)?)?;
         }
         Ok(rmsnorm(&x, &self.norm, eps)?)
     }

@@ -1,0 +1,82 @@
+//! Activation checkpointing on CUDA (f32): on the tiny fixtures, LoRA with dropout and prefix
+//! tuning through its MLP give the same loss and gradients with every block checkpointed as
+//! without. Skips by name without a GPU (`TUNA_CUDA_EMULATE=1` runs it on the emulated device).
+
+mod adapt_common;
+mod golden_common;
+
+use adapt_common::{fixture, peft_methods};
+use tuna_kernels::testing::{cuda_or_skip, Tol};
+use tuna_kernels::Cuda;
+use tuna_models::adapt::{LoraConfig, Method, PromptInit};
+use tuna_models::checkpointing::Checkpointing;
+use tuna_models::model::AnyModel;
+
+/// The loss and every trainable gradient of one step on `m` under `policy`.
+fn step(m: &mut AnyModel<Cuda, f32>, policy: Checkpointing) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+    m.set_checkpointing(policy);
+    m.adapt().seed_dropout(99);
+    let (batch, seq) = (2, 6);
+    let vocab = m.shape().vocab;
+    let ids: Vec<u32> = (0..batch * seq).map(|i| (3 + (i * 41 + 5) % (vocab - 3)) as u32).collect();
+    let mask: Vec<u8> = (0..batch * seq).map(|i| u8::from(i != 0)).collect();
+    let loss = if m.is_decoder() {
+        let labels: Vec<i32> = ids.iter().zip(&mask).map(|(&t, &k)| if k == 1 { t as i32 } else { -100 }).collect();
+        m.lm_loss(&ids, &mask, &labels, batch).unwrap()
+    } else {
+        let pooled = m.mean_pooled(&ids, &mask, batch).unwrap();
+        tuna_autograd::ops::loss::cross_entropy(
+            pooled,
+            &tuna_autograd::Ints::new(&m.dev, &[batch], &[1i32, 4]).unwrap(),
+            -100,
+        )
+        .unwrap()
+    };
+    let l = loss.to_vec().unwrap();
+    loss.backward().unwrap();
+    let grads = m
+        .trainable()
+        .into_iter()
+        .map(|(n, t)| {
+            let g = t.grad().unwrap().unwrap_or_else(|| panic!("{n}: no gradient"));
+            t.zero_grad();
+            (n, g)
+        })
+        .collect();
+    (l, grads)
+}
+
+#[test]
+fn cuda_checkpointed_blocks_give_the_plain_gradients() {
+    let Some(dev) = cuda_or_skip("models::cuda_checkpointed_blocks_give_the_plain_gradients") else { return };
+    // The recompute launches the same kernels on the same data in the same order: the emulated
+    // device (sequential) gives the same bits. A real GPU's atomic adds (scatter-add backwards)
+    // may sum in another order, hence a tolerance of a few f32 roundings there.
+    let emulated = tuna_kernels::cuda::emulation_setting() == Ok(true);
+    let tol = if emulated {
+        Tol::new("checkpointed vs plain on the emulated device (bitwise)", 0.0, 0.0)
+    } else {
+        Tol::new("checkpointed vs plain on CUDA (atomic-add order)", 1e-6, 1e-5)
+    };
+    for arch in ["gpt2", "llama", "bert"] {
+        let lora = match peft_methods(arch).pop() {
+            Some(Method::Lora(c)) => Method::Lora(LoraConfig { dropout: 0.2, ..c }),
+            other => panic!("{other:?}"),
+        };
+        let prefix_mlp = Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random };
+        for method in [lora, prefix_mlp] {
+            let what = format!("{arch}/{}", method.name());
+            let mut m = AnyModel::<Cuda, f32>::open(&dev, &fixture(arch), |_| false).unwrap();
+            m.install(&method, 5, None).unwrap();
+            m.adapt().set_training(true);
+            let (loss, plain) = step(&mut m, Checkpointing::Off);
+            for policy in [Checkpointing::Every(1), Checkpointing::Every(2)] {
+                let (l, got) = step(&mut m, policy);
+                tol.assert_close(&format!("{what} loss, checkpointing {policy}"), &l, &loss);
+                for ((n, g), (_, p)) in got.iter().zip(&plain) {
+                    tol.assert_close(&format!("{what} {n}, checkpointing {policy}"), g, p);
+                }
+            }
+        }
+    }
+}
