@@ -196,7 +196,7 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         let x = add(&self.adapt.embed(&self.word, ids, &prep)?, &embedding(&self.position, pos, None)?)?;
         let x = add(&x, &embedding(&self.token_type, &types, None)?)?;
         let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
-        let opt = AttnOptions { causal: false, scale: None };
+        let opt = AttnOptions { causal: false, scale: None, kv_len: None };
         let prefix = self.adapt.prefix_layers()?;
         // The keys include the cached tokens (all real): the mask widens by them.
         let key_mask = if cached == 0 {
@@ -213,11 +213,11 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
             let q = heads4(dense(&x, &l.query)?)?;
             let k = heads4(dense(&x, &l.key)?)?;
             let v = heads4(dense(&x, &l.value)?)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
+            let ((k, v), kv_len) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v).map(|(kv, n)| (kv, Some(n)))?,
+                None => ((k, v), None),
             };
-            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&key_mask), opt)?;
+            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), Some(&key_mask), AttnOptions { kv_len, ..opt })?;
             let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &l.attn_out)?)?;
             x = layernorm(&add(&a, &x)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
             let f = gelu(&dense(&x, &l.intermediate)?, GeluKind::Erf)?;

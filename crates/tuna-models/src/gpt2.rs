@@ -212,18 +212,18 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         }
         let tok = self.adapt.embed(&self.wte, ids, &prep)?;
         let mut x = add(&tok, &embedding(&self.wpe, positions, None)?)?;
-        let opt = AttnOptions { causal: true, scale: None };
+        let opt = AttnOptions { causal: true, scale: None, kv_len: None };
         let prefix = self.adapt.prefix_layers()?;
         let ad = &self.adapt;
         for (l, blk) in self.blocks.iter().enumerate() {
             let qkv = ad.linear(&blk.c_attn, &blk.ln_1.apply(&x, eps)?)?;
             let split =
                 |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cc) => cc.append(l, &split(1)?, &split(2)?)?,
-                None => (split(1)?, split(2)?),
+            let ((k, v), kv_len) = match cache.as_deref_mut() {
+                Some(cc) => cc.append(l, &split(1)?, &split(2)?).map(|(kv, n)| (kv, Some(n)))?,
+                None => ((split(1)?, split(2)?), None),
             };
-            let a = attention(&split(0)?, &k, &v, layer_prefix(&prefix, l), mask, opt)?;
+            let a = attention(&split(0)?, &k, &v, layer_prefix(&prefix, l), mask, AttnOptions { kv_len, ..opt })?;
             let a = ad.linear(&blk.attn_proj, &reshape(&a, &[b, t, c])?)?;
             x = add(&x, &ad.sublayer(l, false, a)?)?;
             let f = gelu(&ad.linear(&blk.c_fc, &blk.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;

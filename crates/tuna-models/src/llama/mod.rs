@@ -189,7 +189,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
         }
         let (heads, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let (eps, theta) = (self.cfg.rms_norm_eps as f32, self.cfg.rope_theta as f32);
-        let opt = AttnOptions { causal: true, scale: None };
+        let opt = AttnOptions { causal: true, scale: None, kv_len: None };
         let prefix = self.adapt.prefix_layers()?;
         let ad = &self.adapt;
         for (i, l) in self.layers.iter().enumerate() {
@@ -200,11 +200,11 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
             let q = rope(&proj(&l.q_proj, heads)?, positions, theta)?;
             let k = rope(&proj(&l.k_proj, kvh)?, positions, theta)?;
             let v = proj(&l.v_proj, kvh)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
+            let ((k, v), kv_len) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v).map(|(kv, n)| (kv, Some(n)))?,
+                None => ((k, v), None),
             };
-            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), mask, opt)?;
+            let a = attention(&q, &k, &v, layer_prefix(&prefix, i), mask, AttnOptions { kv_len, ..opt })?;
             let a = reshape(&a, &[batch, seq, heads * hd])?;
             x = add(&x, &ad.sublayer(i, false, ad.linear(&l.o_proj, &a)?)?)?;
             let h = rmsnorm(&x, &l.post_attention_layernorm, eps)?;
