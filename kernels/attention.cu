@@ -11,6 +11,7 @@
 
 struct AttnParams {
     u32_t batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask, has_prefix_rows;
+    u32_t kv_cap;  // k/v rows per sequence (batch stride), 0 = kv_len; the forward only (see mod.rs)
     float scale;
 };
 
@@ -63,6 +64,7 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
     int P, pstart;
     attn_prefix_range(p, prows, b, &pstart, &P);
     const int T_ = p.q_len, S = p.kv_len, off = S - T_;
+    const long long SR = p.kv_cap ? p.kv_cap : S;  // key rows per sequence in k/v
     const int kvh = h / (p.heads / p.kv_heads), HD = p.head_dim;
     const long long qs = (long long)p.heads * HD, ks = (long long)p.kv_heads * HD;
     attn_load_tile<T, D>(Qs, D, q, ((long long)b * T_ + q0) * qs + (long long)h * HD, qs, min(ATTN_TILE, T_ - q0), HD);
@@ -90,7 +92,7 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
             attn_load_tile<T, D>(Ks, D + 1, pk, base, ks, nk, HD);
             attn_load_tile<T, D>(Vs, D, pv, base, ks, nk, HD);
         } else {
-            const long long base = (((long long)b * S + k0) * p.kv_heads + kvh) * HD;
+            const long long base = (((long long)b * SR + k0) * p.kv_heads + kvh) * HD;
             attn_load_tile<T, D>(Ks, D + 1, k, base, ks, nk, HD);
             attn_load_tile<T, D>(Vs, D, v, base, ks, nk, HD);
         }

@@ -8,7 +8,7 @@
 use super::adapters::{AdapterInfo, Registry};
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::mixed::MixedStepper;
+use super::mixed::{MixedStepper, Stacked};
 use super::step::{Seq, Stepper, SwapStepper};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -87,9 +87,10 @@ fn stepper<'a, B: Kernels<f32>>(
     model: &'a mut AnyModel<B, f32>,
     registry: &'a mut Registry<B>,
     mixed: bool,
+    stacked: &'a mut Option<Stacked<B>>,
 ) -> Box<dyn Stepper<B> + 'a> {
     if mixed {
-        Box::new(MixedStepper { model, registry, batched: 0 })
+        Box::new(MixedStepper { model, registry, stacked, batched: 0, restacked: 0 })
     } else {
         Box::new(SwapStepper { model, registry })
     }
@@ -107,6 +108,8 @@ pub struct Engine<B: Kernels<f32>> {
     queue: VecDeque<GenRequest>,
     active: Vec<Active<B>>,
     deadline: Option<Instant>,
+    /// The mixed stepper's batch cache, kept between steps (see [`Stacked`]).
+    stacked: Option<Stacked<B>>,
 }
 
 impl<B: Kernels<f32>> Engine<B> {
@@ -121,6 +124,7 @@ impl<B: Kernels<f32>> Engine<B> {
             queue: VecDeque::new(),
             active: Vec::new(),
             deadline: None,
+            stacked: None,
         };
         e.publish();
         e
@@ -228,7 +232,9 @@ impl<B: Kernels<f32>> Engine<B> {
                 },
             };
             m.prompt_tokens.fetch_add(r.prompt.len() as u64, Relaxed);
-            let cache = stepper(&mut self.model, &mut self.registry, self.mixed).new_cache();
+            let mut cache = stepper(&mut self.model, &mut self.registry, self.mixed, &mut self.stacked).new_cache();
+            // Room for the whole sequence: its cache's buffers never regrow on the swap path.
+            cache.reserve(r.prompt.len() + r.max_new);
             let seq = Seq::new(slot, r.prompt, r.sampling, cache);
             self.active.push(Active { seq, max_new: r.max_new, events: r.events });
         }
@@ -241,13 +247,14 @@ impl<B: Kernels<f32>> Engine<B> {
             return;
         }
         let eos = self.model.eos_id();
-        let (results, batched) = {
+        let (results, batched, restacked) = {
             let mut seqs: Vec<&mut Seq<B>> = self.active.iter_mut().map(|a| &mut a.seq).collect();
-            let mut st = stepper(&mut self.model, &mut self.registry, self.mixed);
-            (st.step(&mut seqs), st.batched_rows())
+            let mut st = stepper(&mut self.model, &mut self.registry, self.mixed, &mut self.stacked);
+            (st.step(&mut seqs), st.batched_rows(), st.restacked_rows())
         };
         let m = &self.shared.metrics;
         m.batched_rows.fetch_add(batched as u64, Relaxed);
+        m.restacked_rows.fetch_add(restacked as u64, Relaxed);
         let mut produced = 0;
         let mut keep = Vec::with_capacity(self.active.len());
         for (a, r) in std::mem::take(&mut self.active).into_iter().zip(results) {
@@ -270,6 +277,9 @@ impl<B: Kernels<f32>> Engine<B> {
             }
         }
         self.active = keep;
+        if self.active.is_empty() {
+            self.stacked = None; // nobody left to hand the rows back to
+        }
         m.step(produced);
         if !self.step_delay.is_zero() {
             std::thread::sleep(self.step_delay);
@@ -290,6 +300,7 @@ impl<B: Kernels<f32>> Engine<B> {
             let _ = r.events.send(GenEvent::Error(ApiError::unavailable(why)));
         }
         m.active.store(0, Relaxed);
+        self.stacked = None;
     }
 
     /// Label probabilities of each text through classify adapter `name`.

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub steps: AtomicU64,
     /// Sequence steps decoded in a batched (multi-row, mixed-adapter) forward.
     pub batched_rows: AtomicU64,
+    /// Sequence caches copied into a stacked batch cache (the mixed stepper restacks only when
+    /// the set of decoding sequences changes).
+    pub restacked_rows: AtomicU64,
     /// Requests sent to the engine and not yet in its batch.
     pub queued: AtomicUsize,
     pub active: AtomicUsize,
@@ -69,7 +72,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, max_batch: usize, max_queue: usize) -> String {
         let active = self.active.load(Relaxed);
-        let rows: [(&str, &str, &str, String); 16] = [
+        let rows: [(&str, &str, &str, String); 17] = [
             ("tuna_requests_total", "counter", "requests received", self.requests.load(Relaxed).to_string()),
             (
                 "tuna_requests_refused_total",
@@ -113,6 +116,12 @@ impl Metrics {
                 "counter",
                 "sequence steps decoded in one mixed-adapter forward with other sequences",
                 self.batched_rows.load(Relaxed).to_string(),
+            ),
+            (
+                "tuna_restacked_rows_total",
+                "counter",
+                "sequence caches copied into a stacked batch cache (when the decoding batch changes)",
+                self.restacked_rows.load(Relaxed).to_string(),
             ),
             (
                 "tuna_tokens_per_second",

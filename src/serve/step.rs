@@ -17,12 +17,17 @@ use tuna_models::model::{AnyModel, Net};
 
 /// One sequence being decoded.
 pub struct Seq<B: Kernels<f32>> {
+    /// Unique per sequence (a stepper recognizes the sequences it decoded last step by it).
+    pub id: u64,
     /// The adapter's registry slot (`None`: the base model).
     pub slot: Option<u64>,
     pub prompt: Vec<u32>,
     /// Tokens generated so far.
     pub out: Vec<u32>,
-    /// The sequence's own keys and values (prompt and generated tokens; a soft prompt's columns too; prefix keys and values stay with the adapter).
+    /// The sequence's own keys and values (prompt and generated tokens; a soft prompt's columns
+    /// too; prefix keys and values stay with the adapter). Stale while
+    /// [`super::mixed::MixedStepper`] keeps the sequence's row in its stacked batch cache; it
+    /// writes the row back here when the batch changes.
     pub cache: KvCache<B, f32>,
     pub sampling: Sampling,
     rng: Option<SplitMix64>,
@@ -34,7 +39,9 @@ impl<B: Kernels<f32>> Seq<B> {
             Sampling::Sample { seed, .. } => Some(SplitMix64::new(*seed)),
             Sampling::Greedy => None,
         };
-        Seq { slot, prompt, out: Vec::new(), cache, sampling, rng }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Seq { id, slot, prompt, out: Vec::new(), cache, sampling, rng }
     }
 
     /// The ids and positions this step feeds: the prompt at first, then the last new token.
@@ -70,6 +77,12 @@ pub trait Stepper<B: Kernels<f32>> {
 
     /// Sequences the last [`Stepper::step`] decoded in one forward with others (0: none).
     fn batched_rows(&self) -> usize {
+        0
+    }
+
+    /// Sequences whose caches the last [`Stepper::step`] copied into a stacked batch cache (0:
+    /// none, or the batch of the step before was kept as it was).
+    fn restacked_rows(&self) -> usize {
         0
     }
 }

@@ -43,7 +43,7 @@ fn swiglu_of_a_tensor_with_itself() {
 fn attention_with_q_k_v_the_same_tensor() {
     let mut rng = Rng::new(13);
     let x = param(&mut rng, "x", &[1, 3, 2, 4], 1.0);
-    let opt = AttnOptions { causal: true, scale: None };
+    let opt = AttnOptions { causal: true, scale: None, kv_len: None };
     check(&[&x], || ce(attention(&x, &x, &x, None, None, opt)?), H, GRAD_TOL, 64).unwrap();
     let q = param(&mut rng, "q", &[1, 3, 2, 4], 1.0);
     check(&[&q, &x], || ce(attention(&q, &x, &x, None, None, opt)?), H, GRAD_TOL, 64).unwrap();

@@ -80,7 +80,7 @@ fn attention_with_prefix_mask_and_gqa() {
     let pv = param(&mut rng, "prefix_v", &[p, kvh, d], 1.0);
     let mask = Ints::new(&cpu(), &[b, s], &[1u8, 1, 1, 1, 1, 0, 0, 1, 1, 1]).unwrap();
     for causal in [false, true] {
-        let opt = AttnOptions { causal, scale: None };
+        let opt = AttnOptions { causal, scale: None, kv_len: None };
         let f = || reduce(attention(&q, &k, &v, Some(Prefix { k: &pk, v: &pv, rows: None }), Some(&mask), opt)?, 12);
         check(&[&q, &k, &v, &pk, &pv], f, H, GRAD_TOL, 40).unwrap();
         let f = || reduce(attention(&q, &k, &v, None, None, opt)?, 13);
@@ -102,7 +102,7 @@ fn attention_with_per_sequence_prefix_rows() {
     let mask = Ints::new(&cpu(), &[b, s], &[1u8, 1, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]).unwrap();
     let rows = Ints::new(&cpu(), &[b, 2], &[0u32, 2, 2, 3, 0, 2, 5, 0]).unwrap();
     for causal in [false, true] {
-        let opt = AttnOptions { causal, scale: None };
+        let opt = AttnOptions { causal, scale: None, kv_len: None };
         let pre = || Some(Prefix { k: &pk, v: &pv, rows: Some(&rows) });
         let f = || reduce(attention(&q, &k, &v, pre(), Some(&mask), opt)?, 14);
         check(&[&q, &k, &v, &pk, &pv], f, H, GRAD_TOL, 40).unwrap();
@@ -115,7 +115,7 @@ fn attention_with_per_sequence_prefix_rows() {
         &v,
         Some(Prefix { k: &pk, v: &pv, rows: Some(&bad) }),
         None,
-        AttnOptions { causal: true, scale: None },
+        AttnOptions { causal: true, scale: None, kv_len: None },
     )
     .unwrap_err()
     .to_string();

@@ -187,6 +187,7 @@ fn struct_layouts_match_rust() {
             causal,
             has_mask,
             has_prefix_rows,
+            kv_cap,
             scale
         }),
         layout!(CeParams { rows, vocab, ignore_index, grad_scale }),
@@ -945,6 +946,7 @@ fn attention_check(c: AttnCase) {
         causal: c.causal as u32,
         has_mask: c.mask as u32,
         has_prefix_rows: 0,
+        kv_cap: 0,
         scale: 1.0 / (c.d as f32).sqrt(),
     };
     let got = attention_emu(&c, p, [&q, &k, &v, &pk, &pv], &mask, &d_o, [&dq0, &dk0, &dv0, &dpk0, &dpv0]);

@@ -123,11 +123,12 @@ impl<B: Kernels<E>, E: Float> Gpt2Block<B, E> {
         let BlockDims { b, t, c, h, d, eps } = dims;
         let qkv = ad.linear(&self.c_attn, &self.ln_1.apply(x, eps)?)?;
         let split = |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
-        let (k, v) = match cache {
-            Some(cc) => cc.append(l, &split(1)?, &split(2)?)?,
-            None => (split(1)?, split(2)?),
+        // With a cache, `k`/`v` are its preallocated buffers and `kv_len` the rows in use.
+        let ((k, v), kv_len) = match cache {
+            Some(cc) => cc.append(l, &split(1)?, &split(2)?).map(|(kv, n)| (kv, Some(n)))?,
+            None => ((split(1)?, split(2)?), None),
         };
-        let a = attention(&split(0)?, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None })?;
+        let a = attention(&split(0)?, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = ad.linear(&self.attn_proj, &reshape(&a, &[b, t, c])?)?;
         let x = add(x, &ad.sublayer(l, false, a)?)?;
         let f = gelu(&ad.linear(&self.c_fc, &self.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;

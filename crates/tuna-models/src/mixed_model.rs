@@ -289,6 +289,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let pos = positions_from_mask(&mask, batch, len);
         no_grad(|| {
             let mut cache = self.new_cache()?;
+            cache.reserve(len + max_new_tokens);
             let mut out = vec![Vec::new(); batch];
             let mut done = vec![max_new_tokens == 0; batch];
             let mut logits = self.mixed_step(&ids, &mask, &pos, batch, rows, &mut cache)?;

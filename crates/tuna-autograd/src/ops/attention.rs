@@ -13,6 +13,11 @@ pub struct AttnOptions {
     pub causal: bool,
     /// Score scale; `None` means `1/sqrt(head_dim)`.
     pub scale: Option<f32>,
+    /// Keys per sequence: the first `kv_len` rows of each sequence of `k`/`v`, whose second dim
+    /// is then their capacity (a KV cache's preallocated buffer, read in place; the rest is
+    /// never read). `None`: all of them. Forward only: the backward refuses a capacity above the
+    /// length (caches are inference-only).
+    pub kv_len: Option<usize>,
 }
 
 /// Per-layer prefix keys and values (`[prefix_len, kv_heads, head_dim]` each), shared by the batch,
@@ -35,8 +40,9 @@ fn dims4(op_what: &'static str, t: &[usize]) -> Result<[usize; 4]> {
 
 /// `softmax(q k^T * scale + mask) v` over the prefix keys then the content keys.
 ///
-/// `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`: `[batch, kv_len, kv_heads, head_dim]`;
-/// `mask`: `[batch, kv_len]` (1 = attend). Returns `[batch, q_len, heads, head_dim]`.
+/// `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`: `[batch, kv_len, kv_heads, head_dim]` (or
+/// `[batch, capacity, ..]` with [`AttnOptions::kv_len`]); `mask`: `[batch, kv_len]` (1 = attend).
+/// Returns `[batch, q_len, heads, head_dim]`.
 pub fn attention<B: Kernels<E>, E: Float>(
     q: &Tensor<B, E>,
     k: &Tensor<B, E>,
@@ -55,8 +61,21 @@ pub fn attention<B: Kernels<E>, E: Float>(
             right: q.shape().to_vec(),
         });
     }
+    let rows = s;
+    let s = opt.kv_len.unwrap_or(rows);
+    if s > rows || s < t {
+        return Err(Error::Shape {
+            op: "attention",
+            what: "kv_len vs the keys' rows (at most) and q_len (at least)",
+            left: vec![s],
+            right: vec![rows, t],
+        });
+    }
     let mut p = AttnParams::new(b, h, kvh, s, d, opt.causal);
     p.q_len = t as u32;
+    if rows != s {
+        p.kv_cap = rows as u32;
+    }
     if let Some(sc) = opt.scale {
         p.scale = sc;
     }

@@ -1,4 +1,5 @@
-//! Elementwise glue: add, mul, scale, tanh, bias, column slices and concatenation, masked mean pooling.
+//! Elementwise glue: add, mul, scale, tanh, bias, column slices and concatenation, in-place column
+//! writes, masked mean pooling.
 
 use super::{zeros, GradSlot, Kernels};
 use crate::error::{same_shape, Error, Result};
@@ -188,6 +189,31 @@ pub fn concat_cols<B: Kernels<E>, E: Float>(xs: &[&Tensor<B, E>]) -> Result<Tens
             Ok(())
         })
     }))
+}
+
+/// `dst[r, off..off + w] = x[r, ..]` in place, `dst` and `x` viewed as `[n, rest]` by their
+/// first dim (equal): writes into a preallocated buffer instead of building a new one, as a KV
+/// cache appends its new keys without copying the old ones. Not recorded: no gradient flows from
+/// `dst` to `x`, and a recorded op that saved `dst` sees the new columns in its backward (so use
+/// it on buffers no recorded op reads, such as a cache under [`crate::no_grad`]).
+pub fn write_cols<B: Kernels<E>, E: Float>(dst: &Tensor<B, E>, x: &Tensor<B, E>, off: usize) -> Result<()> {
+    let (ds, xs) = (dst.shape(), x.shape());
+    let n = ds.first().copied().unwrap_or(0);
+    let bad = |what: &'static str| Error::Shape { op: "write_cols", what, left: xs.to_vec(), right: ds.to_vec() };
+    if n == 0 || xs.first() != Some(&n) {
+        return Err(bad("x vs dst: equal first dims, not empty"));
+    }
+    let (cols, w) = (dst.numel() / n, x.numel() / n);
+    if off.checked_add(w).is_none_or(|end| end > cols) {
+        return Err(bad("x's columns at the offset run past dst's"));
+    }
+    if std::rc::Rc::ptr_eq(&dst.inner.data, &x.inner.data) {
+        return Err(bad("x shares dst's storage"));
+    }
+    let dev = dst.device();
+    let mut data = dst.data_mut();
+    dev.concat_cols_fwd(&ColsParams::new(n, cols, off, w), &x.buf(), B::buf_mut(&mut *data))?;
+    Ok(())
 }
 
 /// Masked mean over the sequence (sentence-transformers' pooling): `x` `[batch, seq, hidden]`,

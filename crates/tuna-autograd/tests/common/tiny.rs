@@ -174,7 +174,7 @@ impl<B: Kernels<E>, E: Float> Tiny<B, E> {
             )?;
             let v = reshape(&linear(&h, &b.wv, WeightLayout::OutIn, None)?, &[batch, t, KV_HEADS, D])?;
             let prefix = Prefix { k: &b.prefix.0, v: &b.prefix.1, rows: None };
-            let a = attention(&q, &k, &v, Some(prefix), None, AttnOptions { causal: true, scale: None })?;
+            let a = attention(&q, &k, &v, Some(prefix), None, AttnOptions { causal: true, scale: None, kv_len: None })?;
             x = add(&x, &linear(&reshape(&a, &[batch, t, C])?, &b.wo, WeightLayout::OutIn, None)?)?;
             let h = layernorm(&x, &b.ln2.0, &b.ln2.1, 1e-5)?;
             let f = gelu(&linear(&h, &b.w1, WeightLayout::InOut, Some(&b.b1))?, GeluKind::Tanh)?;

@@ -70,10 +70,10 @@ fn cache_layers<B: Kernels<E>, E: Float>(cache: &KvCache<B, E>) -> Result<Vec<La
     (0..cache.n_layers())
         .map(|i| {
             let (k, v) = cache
-                .layer(i)
+                .layer(i)?
                 .ok_or_else(|| Error::InvalidArgument(format!("prefix init: layer {i} recorded no keys/values")))?;
             let s = k.shape()[1..].to_vec();
-            Ok((reshape(k, &s)?, reshape(v, &s)?))
+            Ok((reshape(&k, &s)?, reshape(&v, &s)?))
         })
         .collect()
 }

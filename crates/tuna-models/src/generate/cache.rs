@@ -4,7 +4,7 @@
 //! keeps one cache per sequence and decodes any set of them together.
 
 use crate::error::Result;
-use tuna_autograd::ops::elem::{concat_cols, slice_cols};
+use tuna_autograd::ops::elem::{slice_cols, write_cols};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
@@ -12,22 +12,49 @@ use tuna_autograd::{Float, Tensor};
 /// One layer's cached keys and values.
 pub type KeysValues<B, E> = (Tensor<B, E>, Tensor<B, E>);
 
-/// Per layer, keys and values `[batch, cached, kv_heads, head_dim]`, grown as tokens are appended.
+/// One layer's preallocated buffers `[batch, capacity, kv_heads, head_dim]` and how many of
+/// their columns hold tokens.
+struct Slot<B: Kernels<E>, E: Float> {
+    k: Tensor<B, E>,
+    v: Tensor<B, E>,
+    len: usize,
+}
+
+impl<B: Kernels<E>, E: Float> Slot<B, E> {
+    fn capacity(&self) -> usize {
+        self.k.shape()[1]
+    }
+}
+
+/// Per layer, keys and values in a preallocated buffer `[batch, capacity, kv_heads, head_dim]`
+/// of which the first `len` columns are cached; attention reads the buffer in place
+/// ([`tuna_autograd::ops::attention::AttnOptions::kv_len`]).
 ///
-/// Meant for inference under [`tuna_autograd::no_grad`]. Under a recording graph it stays correct
-/// (the concatenation is differentiable) but keeps every step's graph alive.
+/// Cost: an append writes only the new columns into the buffer (on the device, no host round
+/// trip), so decoding `n` tokens moves `O(n)` key/value bytes per layer. When the buffer is full
+/// it is replaced by one of twice the capacity (or of [`KvCache::reserve`]'s, when larger) and
+/// the cached columns copied over once: `O(n)` amortized. Reserving the prompt plus the tokens to
+/// generate avoids any regrowth.
 ///
-/// Cost: each append copies the layer's whole cache into a new buffer on the device (a
-/// concatenation, no host round trip), so decoding `n` tokens moves `O(n^2)` key/value bytes per
-/// layer. A preallocated buffer written in place would make it `O(n)`; correctness first.
+/// Meant for inference under [`tuna_autograd::no_grad`]: appends are not recorded (no gradient
+/// flows into the cache), and attention's backward refuses a buffer wider than its keys.
 pub struct KvCache<B: Kernels<E>, E: Float> {
-    layers: Vec<Option<KeysValues<B, E>>>,
+    layers: Vec<Option<Slot<B, E>>>,
+    /// The capacity a new or regrown buffer takes at least (0: just what is appended).
+    reserved: usize,
 }
 
 impl<B: Kernels<E>, E: Float> KvCache<B, E> {
     /// An empty cache for a model of `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: (0..n_layers).map(|_| None).collect() }
+        KvCache { layers: (0..n_layers).map(|_| None).collect(), reserved: 0 }
+    }
+
+    /// Make the next buffer allocated hold at least `tokens` columns (the prompt plus the tokens
+    /// to generate, or the model's context): a generation that stays within it appends without
+    /// ever regrowing. Buffers already allocated are kept until they fill.
+    pub fn reserve(&mut self, tokens: usize) {
+        self.reserved = self.reserved.max(tokens);
     }
 
     pub fn n_layers(&self) -> usize {
@@ -36,32 +63,60 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
 
     /// Tokens cached (per row of the batch), read from the first layer.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.shape()[1])
+        self.layer_len(0)
+    }
+
+    /// Tokens cached in layer `i` (0 if none, or no such layer).
+    pub fn layer_len(&self, i: usize) -> usize {
+        self.layers.get(i).and_then(|l| l.as_ref()).map_or(0, |s| s.len)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Columns layer `i`'s buffers hold before they must grow (0 before the first append).
+    pub fn capacity(&self, i: usize) -> usize {
+        self.layers.get(i).and_then(|l| l.as_ref()).map_or(0, |s| s.capacity())
+    }
+
     /// Batch size of the cached tensors (`None` while empty).
     pub fn batch(&self) -> Option<usize> {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.shape()[0])
+        self.layers.first().and_then(|l| l.as_ref()).map(|s| s.k.shape()[0])
     }
 
-    /// Layer `i`'s cached keys and values, if any.
-    pub fn layer(&self, i: usize) -> Option<&KeysValues<B, E>> {
-        self.layers.get(i).and_then(|l| l.as_ref())
+    /// Layer `i`'s whole preallocated buffers `[batch, capacity, kv_heads, head_dim]` (columns
+    /// from [`KvCache::layer_len`] on are not tokens), if any.
+    pub fn buffers(&self, i: usize) -> Option<KeysValues<B, E>> {
+        self.layers.get(i).and_then(|l| l.as_ref()).map(|s| (s.k.clone(), s.v.clone()))
     }
 
-    /// Forget everything cached.
+    /// Layer `i`'s cached keys and values `[batch, len, kv_heads, head_dim]`, if any: the
+    /// buffers themselves when full, else a copy of their first `len` columns.
+    pub fn layer(&self, i: usize) -> Result<Option<KeysValues<B, E>>> {
+        let Some(s) = self.layers.get(i).and_then(|l| l.as_ref()) else { return Ok(None) };
+        Ok(Some((first_cols(&s.k, s.len)?, first_cols(&s.v, s.len)?)))
+    }
+
+    /// Forget everything cached (and the buffers).
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
     }
 
-    /// Append `k`, `v` (`[batch, new, kv_heads, head_dim]`) to layer `i` and return the layer's
-    /// whole keys and values (`[batch, cached + new, kv_heads, head_dim]`).
-    pub fn append(&mut self, i: usize, k: &Tensor<B, E>, v: &Tensor<B, E>) -> Result<KeysValues<B, E>> {
+    /// Forget every column from `len` on, in every layer (the buffers stay): undoes the appends
+    /// of a forward that failed part way through its layers. Columns are only ever written past
+    /// the cached ones, so those before `len` are as they were.
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().flatten().for_each(|sl| sl.len = sl.len.min(len));
+    }
+
+    /// Append `k`, `v` (`[batch, new, kv_heads, head_dim]`) to layer `i`: written in place after
+    /// the cached columns, the buffers grown first when full. Returns the layer's buffers
+    /// `[batch, capacity, kv_heads, head_dim]` and the columns now cached (attention's
+    /// [`tuna_autograd::ops::attention::AttnOptions::kv_len`]).
+    pub fn append(&mut self, i: usize, k: &Tensor<B, E>, v: &Tensor<B, E>) -> Result<(KeysValues<B, E>, usize)> {
         let n_layers = self.layers.len();
+        let reserved = self.reserved;
         let slot = self.layers.get_mut(i).ok_or_else(|| tuna_autograd::Error::Shape {
             op: "kv_cache",
             what: "layer index vs the cache's layer count",
@@ -70,29 +125,69 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
         })?;
         let ks = k.shape();
         let fits = |c: &Tensor<B, E>| c.shape()[0] == ks[0] && c.shape()[2..] == ks[2..];
-        if ks.len() != 4 || v.shape() != ks || slot.as_ref().is_some_and(|(ck, _)| !fits(ck)) {
+        if ks.len() != 4 || v.shape() != ks || slot.as_ref().is_some_and(|s| !fits(&s.k)) {
             return Err(tuna_autograd::Error::Shape {
                 op: "kv_cache",
                 what: "new keys/values vs cached [batch, cached, kv_heads, head_dim]",
                 left: ks.to_vec(),
-                right: slot.as_ref().map_or(vec![], |(ck, _)| ck.shape().to_vec()),
+                right: slot.as_ref().map_or(vec![], |s| s.k.shape().to_vec()),
             }
             .into());
         }
-        let joined = match slot.take() {
-            None => (k.clone(), v.clone()),
-            Some((ck, cv)) => (cat_seq(&ck, k)?, cat_seq(&cv, v)?),
-        };
-        *slot = Some(joined.clone());
-        Ok(joined)
+        let (len, new) = (slot.as_ref().map_or(0, |s| s.len), ks[1]);
+        if slot.as_ref().is_none_or(|s| len + new > s.capacity()) {
+            let cap = (len + new).max(reserved).max(2 * slot.as_ref().map_or(0, |s| s.capacity()));
+            let grown = grow(slot.as_ref(), k, cap)?;
+            *slot = Some(grown);
+        }
+        let s = slot.as_mut().expect("allocated above");
+        let hd = ks[2] * ks[3];
+        write_cols(&s.k, k, len * hd)?;
+        write_cols(&s.v, v, len * hd)?;
+        s.len = len + new;
+        Ok(((s.k.clone(), s.v.clone()), s.len))
     }
+}
+
+/// New zero buffers of `cap` columns for keys like `k` (`[batch, _, kv_heads, head_dim]`),
+/// holding `old`'s cached columns (its whole buffers copied once: `cap` exceeds their capacity).
+fn grow<B: Kernels<E>, E: Float>(old: Option<&Slot<B, E>>, k: &Tensor<B, E>, cap: usize) -> Result<Slot<B, E>> {
+    let ks = k.shape();
+    let shape = [ks[0], cap, ks[2], ks[3]];
+    let (nk, nv) = (Tensor::zeros(k.device(), &shape, false)?, Tensor::zeros(k.device(), &shape, false)?);
+    let len = old.map_or(0, |s| s.len);
+    if let Some(s) = old.filter(|s| s.len > 0) {
+        write_cols(&nk, &s.k, 0)?;
+        write_cols(&nv, &s.v, 0)?;
+    }
+    Ok(Slot { k: nk, v: nv, len })
+}
+
+/// The first `len` columns of a buffer `[batch, capacity, kv_heads, head_dim]` as `[batch, len,
+/// kv_heads, head_dim]`: the buffer itself when full, else a copy.
+fn first_cols<B: Kernels<E>, E: Float>(t: &Tensor<B, E>, len: usize) -> Result<Tensor<B, E>> {
+    let &[n, cap, h, d] = t.shape() else {
+        return Err(tuna_autograd::Error::Shape {
+            op: "kv_cache",
+            what: "not 4-D",
+            left: t.shape().to_vec(),
+            right: vec![],
+        }
+        .into());
+    };
+    if len == cap {
+        return Ok(t.clone());
+    }
+    let part = slice_cols(&reshape(t, &[n, cap * h * d])?, 0, len * h * d)?;
+    Ok(reshape(&part, &[n, len, h, d])?)
 }
 
 impl<B: Kernels<E>, E: Float> KvCache<B, E> {
     /// Batch-of-one caches stacked into one batch: row `r` is `rows[r]` after `pads[r]` zero
-    /// columns (to be masked), every padded row of one length. Copies every row (`O(batch x
-    /// length)` per layer).
-    pub fn stack_rows(rows: &[&KvCache<B, E>], pads: &[usize]) -> Result<Self> {
+    /// columns (to be masked), every padded row of one length, in buffers with `spare` columns of
+    /// room after it (so the next appends write in place). Copies every row (`O(batch x length)`
+    /// per layer).
+    pub fn stack_rows(rows: &[&KvCache<B, E>], pads: &[usize], spare: usize) -> Result<Self> {
         let bad = |what: &'static str, left: Vec<usize>, right: Vec<usize>| -> crate::error::Error {
             tuna_autograd::Error::Shape { op: "kv_cache_stack", what, left, right }.into()
         };
@@ -109,34 +204,35 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
         if let Some(r) = (0..rows.len()).find(|&r| rows[r].len() + pads[r] != width) {
             return Err(bad("padded row lengths", vec![rows[r].len(), pads[r]], vec![width]));
         }
+        let (n, cap) = (rows.len(), width + spare);
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
-            let stack = |pick: fn(&KeysValues<B, E>) -> &Tensor<B, E>| -> Result<Tensor<B, E>> {
-                let mut parts = Vec::with_capacity(2 * rows.len());
-                let mut head = vec![];
-                for (c, &pad) in rows.iter().zip(pads) {
-                    let t = pick(c.layer(i).ok_or_else(|| bad("a layer not cached", vec![i], vec![]))?);
-                    let (s, hd) = (t.shape()[1], t.shape()[2] * t.shape()[3]);
-                    if head.is_empty() {
-                        head = t.shape()[2..].to_vec();
-                    } else if head != t.shape()[2..] {
-                        return Err(bad("heads of the rows", t.shape().to_vec(), head));
+            let mut slot: Option<Slot<B, E>> = None;
+            for (r, (c, &pad)) in rows.iter().zip(pads).enumerate() {
+                let (k, v) = c.layer(i)?.ok_or_else(|| bad("a layer not cached", vec![i], vec![]))?;
+                let &[_, len, h, d] = k.shape() else { return Err(bad("not 4-D", k.shape().to_vec(), vec![])) };
+                let s = match &mut slot {
+                    Some(s) if s.k.shape()[2..] != [h, d] => {
+                        return Err(bad("heads of the rows", k.shape().to_vec(), s.k.shape().to_vec()))
                     }
-                    if pad > 0 {
-                        parts.push(Tensor::zeros(t.device(), &[1, pad * hd], false)?);
+                    Some(s) => s,
+                    None => {
+                        let z = || Tensor::zeros(k.device(), &[n, cap, h, d], false);
+                        slot.insert(Slot { k: z()?, v: z()?, len: width })
                     }
-                    parts.push(reshape(t, &[1, s * hd])?);
-                }
-                let joined = concat_cols(&parts.iter().collect::<Vec<_>>())?;
-                Ok(reshape(&joined, &[rows.len(), width, head[0], head[1]])?)
-            };
-            layers.push(Some((stack(|kv| &kv.0)?, stack(|kv| &kv.1)?)));
+                };
+                // Row r's columns pad..width, in the buffers seen as one row of n * cap columns.
+                let off = (r * cap + pad) * h * d;
+                write_cols(&reshape(&s.k, &[1, n * cap * h * d])?, &reshape(&k, &[1, len * h * d])?, off)?;
+                write_cols(&reshape(&s.v, &[1, n * cap * h * d])?, &reshape(&v, &[1, len * h * d])?, off)?;
+            }
+            layers.push(slot);
         }
-        Ok(KvCache { layers })
+        Ok(KvCache { layers, reserved: 0 })
     }
 
     /// Row `r` of the batch as a batch-of-one cache, without its first `skip` columns (the
-    /// padding [`KvCache::stack_rows`] added). Copies the row.
+    /// padding [`KvCache::stack_rows`] added), in buffers of just its length. Copies the row.
     pub fn row(&self, r: usize, skip: usize) -> Result<Self> {
         let (n, s) = (self.batch().unwrap_or(0), self.len());
         if r >= n || skip >= s {
@@ -148,32 +244,23 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
             }
             .into());
         }
-        let take = |t: &Tensor<B, E>| -> Result<Tensor<B, E>> {
-            let hd = t.shape()[2] * t.shape()[3];
-            let flat = reshape(t, &[1, n * s * hd])?;
-            let row = slice_cols(&flat, (r * s + skip) * hd, (s - skip) * hd)?;
-            Ok(reshape(&row, &[1, s - skip, t.shape()[2], t.shape()[3]])?)
+        let take = |t: &Tensor<B, E>, len: usize| -> Result<Tensor<B, E>> {
+            let &[_, cap, h, d] = t.shape() else { unreachable!("cache buffers are 4-D") };
+            let flat = reshape(t, &[1, n * cap * h * d])?;
+            let row = slice_cols(&flat, (r * cap + skip) * h * d, (len - skip) * h * d)?;
+            Ok(reshape(&row, &[1, len - skip, h, d])?)
         };
-        let layers = self.layers.iter().map(|l| l.as_ref().map(|(k, v)| Ok((take(k)?, take(v)?))).transpose());
-        Ok(KvCache { layers: layers.collect::<Result<_>>()? })
-    }
-}
-
-/// `[b, s, h, d]` and `[b, t, h, d]` joined along the sequence as `[b, s + t, h, d]`: each batch
-/// row is contiguous, so this is a column concatenation of `[b, s*h*d]` and `[b, t*h*d]`.
-fn cat_seq<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Result<Tensor<B, E>> {
-    // Both are 4-D with equal batch and head dims (checked by `append`).
-    let (&[n, s, h, d], t) = (a.shape(), b.shape()[1]) else {
-        return Err(tuna_autograd::Error::Shape {
-            op: "kv_cache",
-            what: "not 4-D",
-            left: a.shape().to_vec(),
-            right: vec![],
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l {
+                Some(sl) if sl.len > skip => {
+                    Some(Slot { k: take(&sl.k, sl.len)?, v: take(&sl.v, sl.len)?, len: sl.len - skip })
+                }
+                _ => None,
+            });
         }
-        .into());
-    };
-    let joined = concat_cols(&[&reshape(a, &[n, s * h * d])?, &reshape(b, &[n, t * h * d])?])?;
-    Ok(reshape(&joined, &[n, s + t, h, d])?)
+        Ok(KvCache { layers, reserved: self.reserved })
+    }
 }
 
 #[cfg(test)]
@@ -198,18 +285,19 @@ mod tests {
     #[test]
     fn stacked_rows_are_left_padded_and_come_back_out() {
         let (a, b) = (one(3, 100.0), one(1, 200.0));
-        let s = KvCache::stack_rows(&[&a, &b], &[1, 3]).unwrap();
+        let s = KvCache::stack_rows(&[&a, &b], &[1, 3], 2).unwrap();
+        assert_eq!(s.capacity(0), 6);
         assert_eq!((s.batch(), s.len()), (Some(2), 4));
-        let k = s.layer(1).unwrap().0.to_vec().unwrap();
+        let k = s.layer(1).unwrap().unwrap().0.to_vec().unwrap();
         assert_eq!(&k[..6], &[0.0; 6]);
         assert_eq!(k[6], 100.0);
         assert_eq!(&k[24..42], &[0.0; 18]);
         assert_eq!(&k[42..], &(0..6).map(|j| 200.0 + j as f64).collect::<Vec<_>>()[..]);
-        assert_eq!(s.layer(0).unwrap().1.to_vec().unwrap()[47], -205.0);
+        assert_eq!(s.layer(0).unwrap().unwrap().1.to_vec().unwrap()[47], -205.0);
         for (r, (c, pad)) in [(&a, 1), (&b, 3)].into_iter().enumerate() {
             let back = s.row(r, pad).unwrap();
             for i in 0..2 {
-                let (l, m) = (back.layer(i).unwrap(), c.layer(i).unwrap());
+                let (l, m) = (back.layer(i).unwrap().unwrap(), c.layer(i).unwrap().unwrap());
                 assert_eq!(l.0.shape(), m.0.shape());
                 assert_eq!(
                     (l.0.to_vec().unwrap(), l.1.to_vec().unwrap()),
@@ -218,11 +306,54 @@ mod tests {
             }
         }
         // Lengths that do not line up, a row out of range, everything skipped: errors.
-        let e = KvCache::stack_rows(&[&a, &b], &[0, 0]).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = KvCache::stack_rows(&[&a, &b], &[0, 0], 0).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("padded row lengths"), "{e}");
-        assert!(KvCache::stack_rows(&[&s], &[0]).is_err());
-        assert!(KvCache::<Cpu, f64>::stack_rows(&[], &[]).is_err());
+        assert!(KvCache::stack_rows(&[&s], &[0], 0).is_err());
+        assert!(KvCache::<Cpu, f64>::stack_rows(&[], &[], 0).is_err());
         assert!(s.row(2, 0).is_err());
         assert!(s.row(0, 4).is_err());
+    }
+
+    #[test]
+    fn appends_write_in_place_and_grow_geometrically() {
+        let dev = Arc::new(Cpu);
+        // Batch 2, 1 head of 2: token j of row r holds (100 r + j, -(100 r + j)).
+        let tok = |r: usize, j: usize| 100.0 * r as f64 + j as f64;
+        let cols = |from: usize, n: usize| -> (Tensor<Cpu, f64>, Tensor<Cpu, f64>) {
+            let k: Vec<f64> =
+                (0..2).flat_map(|r| (from..from + n).flat_map(move |j| [tok(r, j), -tok(r, j)])).collect();
+            let v: Vec<f64> = k.iter().map(|x| x + 0.5).collect();
+            (Tensor::constant(&dev, &[2, n, 1, 2], &k).unwrap(), Tensor::constant(&dev, &[2, n, 1, 2], &v).unwrap())
+        };
+        let mut c = KvCache::<Cpu, f64>::new(1);
+        c.reserve(4);
+        let (k, v) = cols(0, 3);
+        let ((bk, _), n) = c.append(0, &k, &v).unwrap();
+        assert_eq!((n, c.capacity(0), bk.shape()), (3, 4, &[2, 4, 1, 2][..]));
+        let id = bk.id();
+        let (k, v) = cols(3, 1);
+        let ((bk, bv), n) = c.append(0, &k, &v).unwrap();
+        // Within capacity: the same buffers, the new column written in place (no concatenation).
+        assert_eq!((n, bk.id()), (4, id));
+        assert_eq!(c.buffers(0).unwrap().0.id(), id);
+        // Full, so the next append regrows: twice the capacity, the cached columns carried over.
+        let (k, v) = cols(4, 2);
+        let ((gk, gv), n) = c.append(0, &k, &v).unwrap();
+        assert_eq!((n, c.capacity(0)), (6, 8));
+        assert_ne!(gk.id(), id);
+        let want: Vec<f64> = (0..2)
+            .flat_map(|r| (0..8).flat_map(move |j| if j < 6 { [tok(r, j), -tok(r, j)] } else { [0.0; 2] }))
+            .collect();
+        assert_eq!(gk.to_vec().unwrap(), want);
+        assert_eq!(gv.to_vec().unwrap()[2 * 5], tok(0, 5) + 0.5);
+        // The old buffers held what they had (the append wrote nothing outside its columns).
+        assert_eq!(bv.to_vec().unwrap()[8..10], [tok(1, 0) + 0.5, -tok(1, 0) + 0.5]);
+        let (lk, _) = c.layer(0).unwrap().unwrap();
+        assert_eq!((lk.shape(), &lk.to_vec().unwrap()[..12]), (&[2, 6, 1, 2][..], &want[..12]));
+        // A mismatched batch is refused and leaves the layer as it was.
+        let odd = Tensor::constant(&dev, &[1, 1, 1, 2], &[0.0, 0.0]).unwrap();
+        assert!(c.append(0, &odd, &odd).is_err());
+        assert!(c.append(1, &k, &v).is_err());
+        assert_eq!(c.layer_len(0), 6);
     }
 }

@@ -56,6 +56,8 @@ where
     };
     no_grad(|| {
         let mut cache = model.new_cache();
+        // Room for every token up front: the cache's buffers never regrow.
+        cache.reserve(prompt.len() + max_new_tokens);
         let mut out = Vec::with_capacity(max_new_tokens);
         if max_new_tokens == 0 {
             return Ok(out);

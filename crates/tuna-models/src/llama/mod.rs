@@ -82,11 +82,12 @@ impl<B: Kernels<E>, E: Float> LlamaLayer<B, E> {
         let q = rope(&proj(&self.q_proj, heads)?, positions, theta)?;
         let k = rope(&proj(&self.k_proj, kvh)?, positions, theta)?;
         let v = proj(&self.v_proj, kvh)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(i, &k, &v)?,
-            None => (k, v),
+        // With a cache, `k`/`v` are its preallocated buffers and `kv_len` the rows in use.
+        let ((k, v), kv_len) = match cache {
+            Some(c) => c.append(i, &k, &v).map(|(kv, n)| (kv, Some(n)))?,
+            None => ((k, v), None),
         };
-        let a = attention(&q, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None })?;
+        let a = attention(&q, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = reshape(&a, &[batch, seq, heads * hd])?;
         let x = add(x, &ad.sublayer(i, false, ad.linear(&self.o_proj, &a)?)?)?;
         let h = rmsnorm(&x, &self.post_attention_layernorm, eps)?;

@@ -9,7 +9,7 @@ use crate::cuda::{CudaBuf, KernelArg, Launch};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
-// SAFETY: #[repr(C)] plain-old-data (ten u32 and one f32), mirrored field by field by
+// SAFETY: #[repr(C)] plain-old-data (eleven u32 and one f32), mirrored field by field by
 // `struct AttnParams` in attention.cu.
 unsafe impl KernelArg for AttnParams {}
 

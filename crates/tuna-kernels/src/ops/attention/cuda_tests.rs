@@ -184,3 +184,66 @@ fn cuda_head_dim_257_is_unsupported() {
     let e = AttentionKernel::<f32>::attn_bwd(&*dev, &p, x, &o, &o, &lse, g).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 257"), "{e}");
 }
+
+/// The forward reading keys/values in place from buffers of `kv_cap > kv_len` rows per sequence
+/// (a KV cache's preallocated buffer, noise past the keys) equals the CPU's on the contiguous keys,
+/// in f32 and bf16.
+#[test]
+fn cuda_strided_kv_forward_matches_cpu() {
+    let Some(dev) = cuda_or_skip("attention::cuda_strided_kv_forward_matches_cpu") else { return };
+    let mut rows = Data::new(45, 3, 4, 2, 3, 40, 6, 8, true, Pad::Left);
+    rows.p.has_prefix_rows = 1;
+    rows.prefix_rows = vec![0, 6, 2, 3, 0, 0];
+    let cases = [
+        ("decode 1 after 70, gqa6/2, mask", Data::new(44, 2, 6, 2, 1, 70, 0, 64, true, Pad::Scattered), 128),
+        ("3 after 40, prefix rows, left pad", rows, 97),
+        ("prefill 33, mha, prefix", Data::new(46, 1, 2, 2, 33, 33, 3, 32, true, Pad::None), 34),
+    ];
+    for (name, d, cap) in cases {
+        let w = d.strided(cap, 9);
+        assert_eq!(w.k.len(), w.p.kv_elems());
+        let (o_cpu, lse_cpu) = cpu_fwd(&d);
+        for (dtype, tol) in [("f32", Tol::CUDA_F32), ("bf16", Tol::CUDA_BF16)] {
+            let mut w = w.clone();
+            let mut want = (o_cpu.clone(), lse_cpu.clone());
+            if dtype == "bf16" {
+                let mut r = d.clone();
+                for (a, b) in [(&mut w.q, &mut r.q), (&mut w.k, &mut r.k), (&mut w.v, &mut r.v)] {
+                    *a = round_bf16(a);
+                    *b = round_bf16(b);
+                }
+                for (a, b) in [(&mut w.pk, &mut r.pk), (&mut w.pv, &mut r.pv)] {
+                    *a = round_bf16(a);
+                    *b = round_bf16(b);
+                }
+                want = cpu_fwd(&r);
+            }
+            let (o, lse) = if dtype == "f32" { cuda_fwd::<f32>(&dev, &w) } else { cuda_fwd::<bf16>(&dev, &w) };
+            let what = format!("attention strided {name} {dtype} kv_cap {cap}");
+            tol.assert_close(&format!("{what} o"), &o, &want.0);
+            assert_lse(&what, tol, &lse, &want.1);
+        }
+    }
+}
+
+/// The CUDA forward alone in precision `E` (`o`, `lse` as f32).
+fn cuda_fwd<E: CudaElem>(dev: &Cuda, d: &Data) -> (Vec<f32>, Vec<f32>) {
+    let p = d.p;
+    let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
+    let (q, k, v) = (up(&d.q), up(&d.k), up(&d.v));
+    let prefix = (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv)));
+    let mask = (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap());
+    let rows = (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap());
+    let x = AttnInputs::<Cuda, E> {
+        q: &q,
+        k: &k,
+        v: &v,
+        prefix: prefix.as_ref().map(|(pk, pv)| (pk, pv)),
+        key_mask: mask.as_ref(),
+        prefix_rows: rows.as_ref(),
+    };
+    let mut o = dev.zeros::<E>(p.q_elems()).unwrap();
+    let mut lse = dev.zeros::<f32>(p.lse_elems()).unwrap();
+    <Cuda as AttentionKernel<E>>::attn_fwd(dev, &p, x, &mut o, &mut lse).unwrap();
+    (dev.download(&o).unwrap().into_iter().map(E::to_f32).collect(), dev.download(&lse).unwrap())
+}

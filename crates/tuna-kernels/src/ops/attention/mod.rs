@@ -5,7 +5,10 @@
 //! Layouts (row-major):
 //! - `q`, `o`, `dq`, `d_o`: `[batch, q_len, heads, head_dim]`
 //! - `k`, `v`, `dk`, `dv`: `[batch, kv_len, kv_heads, head_dim]`; query head `h` reads KV head
-//!   `h / (heads / kv_heads)`.
+//!   `h / (heads / kv_heads)`. The forward also reads `k`, `v` of `[batch, kv_cap, kv_heads,
+//!   head_dim]` with `kv_cap > kv_len` (a KV cache's preallocated buffer: only the first `kv_len`
+//!   rows of each sequence are keys, the rest is not read); the backward refuses that, since a
+//!   cache is inference-only and its gradients would need the same stride.
 //! - prefix `pk`, `pv`: `[prefix_len, kv_heads, head_dim]`, one buffer shared by the whole batch,
 //!   read in place (never concatenated into K/V); their gradients `dpk`, `dpv` (`E::Acc`: f32
 //!   for f32/bf16, f64 for f64; same shape) are summed over the batch.
@@ -52,6 +55,9 @@ pub struct AttnParams {
     pub has_mask: u32,
     /// 1 = per-sequence prefix ranges are given (`prefix_rows`).
     pub has_prefix_rows: u32,
+    /// Key/value rows per sequence in the `k`/`v` buffers (their batch stride), `>= kv_len`;
+    /// 0 = `kv_len` (contiguous). Lets the forward read a KV cache's preallocated buffer in place.
+    pub kv_cap: u32,
     /// Score scale, usually `1/sqrt(head_dim)`.
     pub scale: f32,
 }
@@ -70,14 +76,24 @@ impl AttnParams {
             causal: causal as u32,
             has_mask: 0,
             has_prefix_rows: 0,
+            kv_cap: 0,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
     pub fn q_elems(&self) -> usize {
         self.batch as usize * self.q_len as usize * self.heads as usize * self.head_dim as usize
     }
+    /// Key/value rows per sequence in the buffers: `kv_cap`, or `kv_len` when it is 0.
+    pub fn kv_rows(&self) -> usize {
+        if self.kv_cap == 0 {
+            self.kv_len as usize
+        } else {
+            self.kv_cap as usize
+        }
+    }
+    /// Elements of `k`, `v` (and `dk`, `dv`): `batch * kv_rows * kv_heads * head_dim`.
     pub fn kv_elems(&self) -> usize {
-        self.batch as usize * self.kv_len as usize * self.kv_heads as usize * self.head_dim as usize
+        self.batch as usize * self.kv_rows() * self.kv_heads as usize * self.head_dim as usize
     }
     pub fn prefix_elems(&self) -> usize {
         self.prefix_len as usize * self.kv_heads as usize * self.head_dim as usize
@@ -111,6 +127,9 @@ impl AttnParams {
         }
         if self.q_len > self.kv_len {
             return bad(format!("q_len {} exceeds kv_len {}", self.q_len, self.kv_len));
+        }
+        if self.kv_cap != 0 && self.kv_cap < self.kv_len {
+            return bad(format!("kv_cap {} below kv_len {}", self.kv_cap, self.kv_len));
         }
         if !self.scale.is_finite() {
             return bad(format!("scale {} is not finite", self.scale));
@@ -226,6 +245,13 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
     lse: &B::Buf<E::Acc>,
     g: &AttnGrads<'_, B, E>,
 ) -> Result<()> {
+    if p.kv_rows() != p.kv_len as usize {
+        let msg = format!(
+            "the backward reads contiguous keys/values: kv_cap {} != kv_len {} (a strided KV cache is inference-only)",
+            p.kv_cap, p.kv_len
+        );
+        return Err(Error::Invalid { op: "attention", msg });
+    }
     let shape = || format!("{p:?}");
     check_len("attention", "o", B::len(o), p.q_elems(), shape)?;
     check_len("attention", "d_o", B::len(d_o), p.q_elems(), shape)?;

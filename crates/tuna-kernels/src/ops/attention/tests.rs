@@ -89,6 +89,20 @@ impl Data {
             p,
         }
     }
+    /// The same case with `k`, `v` in buffers of `cap` rows per sequence (a KV cache's
+    /// preallocated buffer): the keys first, then `cap - kv_len` rows of noise the kernels must
+    /// not read.
+    pub(super) fn strided(&self, cap: usize, seed: u64) -> Self {
+        let mut d = self.clone();
+        let (s, row) = (self.p.kv_len as usize, (self.p.kv_heads * self.p.head_dim) as usize);
+        let mut rng = Rng::new(seed);
+        let widen = |x: &[f32], rng: &mut Rng| -> Vec<f32> {
+            x.chunks(s * row).flat_map(|b| b.iter().copied().chain(rng.normal_vec((cap - s) * row, 1e3))).collect()
+        };
+        (d.k, d.v) = (widen(&self.k, &mut rng), widen(&self.v, &mut rng));
+        d.p.kv_cap = cap as u32;
+        d
+    }
     pub(super) fn inputs(&self) -> AttnInputs<'_, Cpu, f32> {
         AttnInputs {
             q: &self.q,
@@ -479,4 +493,46 @@ fn invalid_params_are_rejected() {
     p.q_len = 5; // q_len > kv_len
     let e = Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e}");
+}
+
+#[test]
+fn strided_kv_forward_equals_contiguous() {
+    // A KV cache's buffer holds `kv_cap` rows per sequence of which the first `kv_len` are keys:
+    // the forward reads them in place and gives bitwise what the contiguous keys give (same
+    // blocks, same order), under masks, GQA, prefixes with per-sequence ranges, and a query block.
+    let mut rows = Data::new(41, 3, 4, 2, 3, 40, 6, 8, true, Pad::Left);
+    rows.p.has_prefix_rows = 1;
+    rows.prefix_rows = vec![0, 6, 2, 3, 0, 0];
+    let cases = [
+        ("decode 1 after 200, gqa, mask", Data::new(40, 2, 6, 2, 1, 200, 0, 16, true, Pad::Scattered)),
+        ("prefill 37 of 37, prefix", Data::new(42, 1, 2, 2, 37, 37, 5, 32, true, Pad::None)),
+        ("3 after 40, prefix rows, left pad", rows),
+        ("bidirectional 9, mask", Data::new(43, 2, 2, 2, 9, 9, 0, 4, false, Pad::Right)),
+    ];
+    for (what, d) in &cases {
+        let run = |d: &Data| {
+            let (mut o, mut lse) = (vec![0.0; d.p.q_elems()], vec![0.0; d.p.lse_elems()]);
+            Cpu.attn_fwd(&d.p, d.inputs(), &mut o, &mut lse).unwrap();
+            (o, lse)
+        };
+        for cap in [d.p.kv_len as usize, d.p.kv_len as usize + 1, 2 * d.p.kv_len as usize + 130] {
+            assert!(run(&d.strided(cap, 7)) == run(d), "{what}: kv_cap {cap} differs from contiguous");
+        }
+    }
+    // Buffers of the contiguous size, a cap below the length, and the backward: errors.
+    let d = &cases[0].1;
+    let mut p = d.p;
+    p.kv_cap = p.kv_len + 3;
+    let (mut o, mut lse) = (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()]);
+    let e = Cpu.attn_fwd(&p, d.inputs(), &mut o, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("`k`"), "{e}");
+    p.kv_cap = p.kv_len - 1;
+    let e = Cpu.attn_fwd(&p, d.inputs(), &mut o, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("kv_cap"), "{e}");
+    let w = d.strided(d.p.kv_len as usize + 3, 7);
+    Cpu.attn_fwd(&w.p, w.inputs(), &mut o, &mut lse).unwrap();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; w.p.q_elems()], vec![0.0; w.p.kv_elems()], vec![0.0; w.p.kv_elems()]);
+    let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: None };
+    let e = Cpu.attn_bwd(&w.p, w.inputs(), &o, &w.d_o, &lse, g).unwrap_err();
+    assert!(e.to_string().contains("inference-only"), "{e}");
 }

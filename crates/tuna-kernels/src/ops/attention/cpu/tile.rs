@@ -23,6 +23,8 @@ pub struct Geo<'a> {
     pub group: usize,
     pub t: usize,
     pub s: usize,
+    /// Key rows per sequence in `k`/`v` (their batch stride in rows; `s` unless a strided cache).
+    pub s_rows: usize,
     pub p: usize,
     pub d: usize,
     pub scale: f32,
@@ -49,6 +51,7 @@ impl<'a> Geo<'a> {
             group: (p.heads / p.kv_heads) as usize,
             t: p.q_len as usize,
             s: p.kv_len as usize,
+            s_rows: p.kv_rows(),
             p: p.prefix_len as usize,
             d: p.head_dim as usize,
             scale: p.scale,
@@ -77,7 +80,7 @@ impl<'a> Geo<'a> {
         if blk.prefix {
             (blk.j0 * self.kv_heads + kvh) * self.d
         } else {
-            ((b * self.s + blk.j0) * self.kv_heads + kvh) * self.d
+            ((b * self.s_rows + blk.j0) * self.kv_heads + kvh) * self.d
         }
     }
     #[inline]
