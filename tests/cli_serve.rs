@@ -487,3 +487,36 @@ fn chat_in_chatml_answers_as_tuna_generate_chat_streamed_or_not() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A queued request keeps the adapter it was checked against: when its name is unloaded and taken
+/// by another adapter (here one with virtual tokens, which would push it past the context) before
+/// the request leaves the queue, it is refused, not answered by the newcomer.
+#[test]
+fn a_queued_request_is_refused_when_its_adapter_is_replaced_under_its_name() {
+    let dir = adapters();
+    let srv = Server::start(None, &["--max-batch", "1", "--step-delay-ms", "40"]);
+    assert_eq!(srv.post("/v1/adapters", &json!({"name": "x", "path": dir.join("lora")})).status, 201);
+    std::thread::scope(|s| {
+        // Holds the only place in the batch for about a second.
+        let (srv, long) = (&srv, json!({"model": "base", "prompt": "The cat", "max_tokens": 30, "temperature": 0}));
+        let hold = s.spawn(move || srv.post("/v1/completions", &long));
+        let t0 = Instant::now();
+        while srv.metric("tuna_batch_active") < 1.0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the first request never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let queued = s.spawn(|| srv.post("/v1/completions", &completion("x", "The cat", false)));
+        while srv.metric("tuna_queue_depth") < 1.0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the second request never queued");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(srv.req("DELETE", "/v1/adapters/x", None).status, 200);
+        assert_eq!(srv.post("/v1/adapters", &json!({"name": "x", "path": dir.join("prompt")})).status, 201);
+        let r = queued.join().unwrap();
+        assert_eq!(r.status, 404, "{}", r.body);
+        assert!(r.body.contains("was unloaded and replaced while this request waited"), "{}", r.body);
+        assert_eq!(hold.join().unwrap().status, 200);
+    });
+    let (code, err) = srv.terminate();
+    assert_eq!(code, 0, "{err}");
+}

@@ -26,6 +26,10 @@ pub struct AdapterInfo {
     pub labels: Option<Vec<String>>,
     /// Positions the adaptation takes before the content (soft prompt, prefix).
     pub virtual_tokens: usize,
+    /// The registry's slot: this load of the adapter, never reused (a name can be unloaded and
+    /// taken by another adapter while a request checked against the first waits in the queue).
+    #[serde(skip)]
+    pub slot: u64,
 }
 
 /// One loaded adapter.
@@ -134,6 +138,7 @@ impl<B: Kernels<f32>> Registry<B> {
             task: task.map(|t| t.task),
             labels,
             virtual_tokens: adapt.prompt_len() + adapt.prefix_len(),
+            slot: self.next,
         };
         let slot = self.next;
         self.next += 1;

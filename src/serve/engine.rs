@@ -33,8 +33,8 @@ pub enum GenEvent {
 
 /// One generation request, checked by the HTTP layer (lengths, sampling).
 pub struct GenRequest {
-    /// The adapter's name, `None` for the base model.
-    pub adapter: Option<String>,
+    /// The adapter's name and the slot it was checked against, `None` for the base model.
+    pub adapter: Option<(String, u64)>,
     pub prompt: Vec<u32>,
     pub max_new: usize,
     pub sampling: Sampling,
@@ -222,8 +222,19 @@ impl<B: Kernels<f32>> Engine<B> {
             m.dequeue();
             let slot = match &r.adapter {
                 None => None,
-                Some(n) => match self.registry.slot(n) {
-                    Some(s) => Some(s),
+                // The adapter the request was checked against (its virtual tokens against the
+                // context), not whatever holds its name now.
+                Some((n, want)) => match self.registry.slot(n) {
+                    Some(s) if s == *want => Some(s),
+                    Some(_) => {
+                        m.refused.fetch_add(1, Relaxed);
+                        let e = ApiError::not_found(
+                            "model_not_found",
+                            format!("adapter `{n}` was unloaded and replaced while this request waited: send it again"),
+                        );
+                        let _ = r.events.send(GenEvent::Error(e));
+                        continue;
+                    }
                     None => {
                         m.refused.fetch_add(1, Relaxed);
                         let _ = r.events.send(GenEvent::Error(ApiError::unknown_model(n, &self.registry.names())));

@@ -92,12 +92,12 @@ impl App {
     fn submit(&self, p: &GenParams, text: &str, default_max: usize) -> Result<(Queued, usize), ApiError> {
         self.refuse_when_stopping()?;
         let adapter = api::adapter_of(&p.model);
-        let virt = match &adapter {
-            None => 0,
+        let (virt, slot) = match &adapter {
+            None => (0, 0),
             Some(n) => {
                 let a = self.shared.adapters.read().map_err(|_| ApiError::internal("adapter table poisoned"))?;
                 match a.get(n) {
-                    Some(info) => info.virtual_tokens,
+                    Some(info) => (info.virtual_tokens, info.slot),
                     None => {
                         let mut known = vec![super::adapters::BASE.to_string()];
                         known.extend(a.keys().cloned());
@@ -158,6 +158,7 @@ impl App {
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let n_prompt = prompt.len();
+        let adapter = adapter.map(|n| (n, slot));
         let req = GenRequest { adapter, prompt, max_new, sampling: p.sampling.clone(), events: tx };
         if let Err(e) = self.send(Command::Generate(req)) {
             self.shared.metrics.dequeue();
