@@ -486,6 +486,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 model_path = Some(m.display().to_string());
             }
             let (args, out) = tuna::compare_cmd::with_defaults(&a.run, passthrough)?;
+            // The run-wide flags every method's run would refuse (--holdout beside --eval, ...),
+            // refused here once before anything trains.
+            a.run.check_ranges(a.run.lr.unwrap_or(1e-3))?;
             if methods.iter().any(|m| m == tuna::train_cmd::BASELINE) {
                 tuna::compare_cmd::check_baseline(&args, &a.run, a.method_args.shots.unwrap_or(0))?;
             }

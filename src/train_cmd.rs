@@ -504,7 +504,7 @@ impl RunArgs {
     }
 
     /// Every numeric flag in its range (`lr`: the learning rate in force, given or default).
-    fn check_ranges(&self, lr: f64) -> Result<()> {
+    pub fn check_ranges(&self, lr: f64) -> Result<()> {
         let at_least_1 = |flag: &str, v: u64| require(v >= 1, || format!("{flag} {v}: expected at least 1"));
         let in_range = |flag: &str, v: u64, max: u64| {
             require((1..=max).contains(&v), || format!("{flag} {v}: expected 1 to {max}"))

@@ -280,6 +280,7 @@ fn compare_shows_the_prompt_engineered_rows_beside_the_trained_ones() {
     fails(&tuna(&no_eval), "on --eval (or --holdout)");
     let held = set(set(no_eval, "--holdout", "15"), "--shots", "2");
     fails(&tuna(&held), "--shots 2: ");
-    fails(&tuna(&set(held, "--holdout", "16")), "--holdout 16: expected 1 to 15");
+    fails(&tuna(&set(held.clone(), "--holdout", "16")), "--holdout 16: expected 1 to 15");
+    fails(&tuna(&set(held, "--eval", &eval)), "--eval and --max-eval-examples do not apply");
     assert!(!fresh.exists(), "a refused comparison wrote {}", fresh.display());
 }

@@ -306,7 +306,13 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     std::fs::write(corrupt.join("adapter_model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
         .unwrap();
     let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/tuna-models/tests/fixtures/peft/gpt2_lora");
-    for (name, path) in [("c", corrupt.clone()), ("g", gpt2), ("m", bad.join("missing"))] {
+    // A pipe where the weights should be: refused at once (reading it would block the engine).
+    let fifo = bad.join("fifo");
+    std::fs::create_dir_all(&fifo).unwrap();
+    std::fs::copy(dir.join("lora/adapter/adapter_config.json"), fifo.join("adapter_config.json")).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(fifo.join("adapter_model.safetensors")).status().unwrap();
+    assert!(made.success());
+    for (name, path) in [("c", corrupt.clone()), ("g", gpt2), ("m", bad.join("missing")), ("f", fifo)] {
         let r = srv.post("/v1/adapters", &json!({"name": name, "path": path}));
         assert_eq!(r.status, 400, "{}", r.body);
         assert!(r.json()["error"]["message"].as_str().unwrap().contains(&path.display().to_string()), "{}", r.body);

@@ -96,6 +96,20 @@ impl<B: Kernels<f32>> Registry<B> {
                 format!("{}: no {} there (nor in its adapter/ folder)", dir.display(), peft::CONFIG),
             )
         })?;
+        // Only regular files are read: a FIFO (or a device) would block the engine's thread, and
+        // with it every sequence's decoding, for as long as nothing writes to it.
+        if let Ok(entries) = std::fs::read_dir(&folder) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if std::fs::metadata(&p).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+                    return Err(ApiError::invalid(
+                        "adapter_load_failed",
+                        "path",
+                        format!("{}: not a regular file (a pipe or a device): refused", p.display()),
+                    ));
+                }
+            }
+        }
         // The models crate's errors usually name the file already; the folder is said once.
         let fail = |msg: String| {
             let shown = folder.display().to_string();

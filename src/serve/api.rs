@@ -160,7 +160,8 @@ pub fn gen_params(o: &Map<String, Value>, limits: &Limits, seed: u64) -> Result<
         return Err(ApiError::invalid("invalid_value", "top_k", "top_k must be at least 1"));
     }
     let seed = opt_u64(o, "seed")?.unwrap_or(seed);
-    let sampling = if temperature == 0.0 {
+    // A temperature too small for f32 (below 1e-45) is 0 there: greedy, its limit.
+    let sampling = if temperature as f32 == 0.0 {
         Sampling::Greedy
     } else {
         Sampling::Sample {
@@ -260,6 +261,8 @@ mod tests {
         assert_eq!(code(r#"{"temperature": 1}"#).code, "missing_field");
         assert_eq!(code("[1]").code, "invalid_json");
         assert_eq!(code("{").code, "invalid_json");
+        let p = params(r#"{"model": "a", "temperature": 1e-300}"#).unwrap();
+        assert_eq!(p.sampling, Sampling::Greedy, "a temperature that is 0 in f32 is greedy");
         let p = params(r#"{"model": "a", "temperature": 0, "max_tokens": 5, "stream": true}"#).unwrap();
         assert_eq!((p.sampling, p.max_tokens, p.stream), (Sampling::Greedy, Some(5), true));
         let p = params(r#"{"model": "a", "top_p": 0.5, "seed": 3}"#).unwrap();
