@@ -244,8 +244,10 @@ impl<B: Kernels<f32>> Engine<B> {
             };
             m.prompt_tokens.fetch_add(r.prompt.len() as u64, Relaxed);
             let mut cache = stepper(&mut self.model, &mut self.registry, self.mixed, &mut self.stacked).new_cache();
-            // Room for the whole sequence: its cache's buffers never regrow on the swap path.
-            cache.reserve(r.prompt.len() + r.max_new);
+            // Room for the whole sequence (a soft prompt's columns too): its cache's buffers never
+            // regrow.
+            let virt = slot.and_then(|s| self.registry.get(s)).map_or(0, |l| l.info.virtual_tokens);
+            cache.reserve(virt + r.prompt.len() + r.max_new);
             let seq = Seq::new(slot, r.prompt, r.sampling, cache);
             self.active.push(Active { seq, max_new: r.max_new, events: r.events });
         }

@@ -22,8 +22,10 @@
 //! sequence whose adapter the bank refuses (a merged LoRA) is stepped alone through the swap
 //! path in the same step, as is a batch of a single decoding sequence (nothing to batch).
 //! Sampling is per sequence from its own logits and generator, as in `tuna generate`. If the
-//! mixed forward fails, its rows are stepped again alone (the caches are untouched by the failure),
-//! so only a row that fails alone ends its request.
+//! mixed forward fails, the batch cache is cut back to before the step, its rows are handed back
+//! and each is stepped again alone, so only a row that fails alone ends its request. While a
+//! sequence's row lives in the batch cache, its own cache is emptied (only its reservation kept),
+//! so its keys and values are not held twice.
 
 use super::adapters::Registry;
 use super::step::{empty_cache, logits_step, Seq, Stepper};
@@ -77,7 +79,12 @@ impl<B: Kernels<f32>> Stepper<B> for MixedStepper<'_, B> {
                 for (r, (id, &pad)) in st.ids.iter().zip(&st.pads).enumerate() {
                     if let Some(i) = seqs.iter().position(|s| s.id == *id) {
                         match st.cache.row(r, pad) {
-                            Ok(c) => seqs[i].cache = c,
+                            Ok(mut c) => {
+                                // The row comes back at its length: the sequence's reservation
+                                // with it, so its next appends do not regrow.
+                                c.reserve(seqs[i].cache.reserved());
+                                seqs[i].cache = c;
+                            }
                             Err(e) => logits[i] = Some(Err(e.to_string())),
                         }
                     }
@@ -111,7 +118,14 @@ impl<B: Kernels<f32>> Stepper<B> for MixedStepper<'_, B> {
                     .registry
                     .with_bank(self.model, &slots, |m| decode(m, seqs, &batched, &routes, stacked, restacked));
                 match r.and_then(|r| r) {
-                    Ok(rows) => batched.iter().zip(rows).for_each(|(&i, l)| logits[i] = Some(Ok(l))),
+                    Ok(rows) => {
+                        for (&i, l) in batched.iter().zip(rows) {
+                            logits[i] = Some(Ok(l));
+                            // Its keys and values live in the batch cache now: not held twice.
+                            let emptied = seqs[i].cache.emptied();
+                            seqs[i].cache = emptied;
+                        }
+                    }
                     // One row's failure must not end the others: each row is stepped again alone
                     // from its cache as it was, and only the ones that fail alone fail.
                     Err(_) => {
@@ -124,7 +138,10 @@ impl<B: Kernels<f32>> Stepper<B> for MixedStepper<'_, B> {
                             for (r, (id, &pad)) in st.ids.iter().zip(&st.pads).enumerate() {
                                 if let Some(i) = seqs.iter().position(|s| s.id == *id) {
                                     match st.cache.row(r, pad) {
-                                        Ok(c) => seqs[i].cache = c,
+                                        Ok(mut c) => {
+                                            c.reserve(seqs[i].cache.reserved());
+                                            seqs[i].cache = c;
+                                        }
                                         Err(e) => logits[i] = Some(Err(e.to_string())),
                                     }
                                 }

@@ -57,6 +57,17 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
         self.reserved = self.reserved.max(tokens);
     }
 
+    /// The capacity [`KvCache::reserve`] asked for (0: none).
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// An empty cache of as many layers, keeping only the reservation: what a sequence holds while
+    /// its keys and values live elsewhere (a server's batch cache), so they are not held twice.
+    pub fn emptied(&self) -> Self {
+        KvCache { layers: (0..self.layers.len()).map(|_| None).collect(), reserved: self.reserved }
+    }
+
     pub fn n_layers(&self) -> usize {
         self.layers.len()
     }
@@ -107,6 +118,9 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
     /// of a forward that failed part way through its layers. Columns are only ever written past
     /// the cached ones, so those before `len` are as they were.
     pub fn truncate(&mut self, len: usize) {
+        if len == 0 {
+            self.clear();
+        }
         self.layers.iter_mut().flatten().for_each(|sl| sl.len = sl.len.min(len));
     }
 
@@ -280,6 +294,32 @@ mod tests {
             c.append(i, &t, &neg).unwrap();
         }
         c
+    }
+
+    /// A forward that failed after some layers appended is undone by `truncate`: every layer back
+    /// to the length before, the columns before it as they were, the next append in their place.
+    #[test]
+    fn truncate_undoes_a_partial_append() {
+        let dev = Arc::new(Cpu);
+        let mut c = one(3, 100.0);
+        c.reserve(8);
+        let before = c.layer(0).unwrap().unwrap().0.to_vec().unwrap();
+        let t = Tensor::constant(&dev, &[1, 1, 2, 3], &[7.0; 6]).unwrap();
+        c.append(0, &t, &t).unwrap(); // layer 0 appended, layer 1 not: a forward failed between
+        assert_eq!((c.layer_len(0), c.layer_len(1)), (4, 3));
+        c.truncate(3);
+        assert_eq!((c.layer_len(0), c.layer_len(1)), (3, 3));
+        assert_eq!(c.layer(0).unwrap().unwrap().0.to_vec().unwrap(), before);
+        let u = Tensor::constant(&dev, &[1, 1, 2, 3], &[9.0; 6]).unwrap();
+        for i in 0..2 {
+            c.append(i, &u, &u).unwrap();
+        }
+        let k = c.layer(0).unwrap().unwrap().0.to_vec().unwrap();
+        assert_eq!((&k[..18], &k[18..]), (&before[..], &[9.0; 6][..]));
+        c.truncate(0);
+        assert!(c.is_empty() && c.batch().is_none(), "truncated to nothing is a fresh cache");
+        let e = c.emptied();
+        assert!(e.is_empty() && e.reserved() == 8 && e.n_layers() == 2);
     }
 
     #[test]
