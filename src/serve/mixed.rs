@@ -45,6 +45,25 @@ pub struct Stacked<B: Kernels<f32>> {
     cache: KvCache<B, f32>,
 }
 
+impl<B: Kernels<f32>> Stacked<B> {
+    /// Each row back into its sequence's own cache (those of `seqs` still here), with the
+    /// sequence's reservation (a row comes back at its length, so its next appends would regrow);
+    /// a row that cannot be taken out fails its sequence in `logits` (never decoded stale).
+    fn hand_back(self, seqs: &mut [&mut Seq<B>], logits: &mut [Option<Result<Vec<f32>, String>>]) {
+        for (r, (id, &pad)) in self.ids.iter().zip(&self.pads).enumerate() {
+            if let Some(i) = seqs.iter().position(|s| s.id == *id) {
+                match self.cache.row(r, pad) {
+                    Ok(mut c) => {
+                        c.reserve(seqs[i].cache.reserved());
+                        seqs[i].cache = c;
+                    }
+                    Err(e) => logits[i] = Some(Err(e.to_string())),
+                }
+            }
+        }
+    }
+}
+
 /// The batched stepper (see the module docs).
 pub struct MixedStepper<'a, B: Kernels<f32>> {
     pub model: &'a mut AnyModel<B, f32>,
@@ -76,20 +95,7 @@ impl<B: Kernels<f32>> Stepper<B> for MixedStepper<'_, B> {
             let ids: Vec<u64> = batched.iter().map(|&i| seqs[i].id).collect();
             if self.stacked.as_ref().is_some_and(|st| st.ids != ids) {
                 let st = self.stacked.take().expect("checked above");
-                for (r, (id, &pad)) in st.ids.iter().zip(&st.pads).enumerate() {
-                    if let Some(i) = seqs.iter().position(|s| s.id == *id) {
-                        match st.cache.row(r, pad) {
-                            Ok(mut c) => {
-                                // The row comes back at its length: the sequence's reservation
-                                // with it, so its next appends do not regrow.
-                                c.reserve(seqs[i].cache.reserved());
-                                seqs[i].cache = c;
-                            }
-                            Err(e) => logits[i] = Some(Err(e.to_string())),
-                        }
-                    }
-                }
-                // (A row that could not be handed back fails its sequence, never decoded stale.)
+                st.hand_back(seqs, &mut logits);
                 batched.retain(|&i| logits[i].is_none());
                 if batched.len() < 2 {
                     batched.clear();
@@ -135,17 +141,7 @@ impl<B: Kernels<f32>> Stepper<B> for MixedStepper<'_, B> {
                         // sequences (a batch cache made this step: their own caches are current).
                         if let (Some(mut st), Some(before)) = (self.stacked.take(), before) {
                             st.cache.truncate(before);
-                            for (r, (id, &pad)) in st.ids.iter().zip(&st.pads).enumerate() {
-                                if let Some(i) = seqs.iter().position(|s| s.id == *id) {
-                                    match st.cache.row(r, pad) {
-                                        Ok(mut c) => {
-                                            c.reserve(seqs[i].cache.reserved());
-                                            seqs[i].cache = c;
-                                        }
-                                        Err(e) => logits[i] = Some(Err(e.to_string())),
-                                    }
-                                }
-                            }
+                            st.hand_back(seqs, &mut logits);
                         }
                         let again: Vec<usize> = batched.iter().copied().filter(|&i| logits[i].is_none()).collect();
                         for i in again {
