@@ -121,6 +121,8 @@ pub fn multi_config(file: &Path, run: &RunArgs) -> Result<MultiConfig> {
             "--checkpoint-activations is not supported with --tasks yet (mixed-adapter batches keep every activation)"
         );
     }
+    // The run-wide flags first, so that their errors name the flag, not the first task.
+    run.check_ranges(run.lr.unwrap_or(1e-3))?;
     let decoder = is_decoder(&model);
     let base = file.parent().unwrap_or(Path::new("."));
     let mut tasks: Vec<(String, tuna_trainer::TrainConfig)> = Vec::new();
@@ -142,6 +144,14 @@ pub fn multi_config(file: &Path, run: &RunArgs) -> Result<MultiConfig> {
             );
         }
         let cfg = task_config(&e, base, run, decoder).map_err(at)?;
+        // Its export folder must be creatable: found now, not after the training.
+        let dest = run.out.join("adapters").join(&e.name);
+        if dest.exists() && !dest.is_dir() {
+            return Err(at(anyhow::anyhow!(
+                "{} exists and is not a folder: the task's adapter is written there (move it away)",
+                dest.display()
+            )));
+        }
         tasks.push((e.name, cfg));
     }
     Ok(MultiConfig { tasks_file: file.to_path_buf(), tasks })

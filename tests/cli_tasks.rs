@@ -278,6 +278,14 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
     let good = d.join("tasks.json");
     fails(&tuna(&tasks_args("llama", &good, &out, 2, &["--train", "lm.jsonl"])), "--train is set per task");
     fails(&tuna(&tasks_args("llama", &good, &out, 2, &["--lora-r", "3"])), "--lora-r applies to lora only");
+    // Run-wide flags are named as such, not blamed on the first task.
+    let err = fails(&tuna(&set(tasks_args("llama", &good, &out, 2, &[]), "--eval-every", "0")), "--eval-every 0");
+    assert!(!err.contains("task 1"), "{err}");
+    // A file where a task's adapter goes is refused before training, not after.
+    std::fs::create_dir_all(out.join("adapters")).unwrap();
+    std::fs::write(out.join("adapters/story"), "x").unwrap();
+    fails(&tuna(&tasks_args("llama", &good, &out, 2, &[])), "exists and is not a folder");
+    std::fs::remove_dir_all(out.join("adapters")).unwrap();
     let ckpt = ["--checkpoint-activations", "every"];
     fails(&tuna(&tasks_args("llama", &good, &out, 2, &ckpt)), "--checkpoint-activations is not supported with --tasks");
     fails(&tuna(&tasks_args("llama", &d.join("none.json"), &out, 2, &[])), "none.json");
