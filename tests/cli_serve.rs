@@ -326,6 +326,15 @@ fn bad_input_gets_a_json_error_and_the_server_carries_on() {
     let models = srv.req("GET", "/v1/models", None).json();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["base", "cls", "houlsby", "lora", "prefix", "prefix2", "prompt"]);
+    // One model, as the openai client's models.retrieve asks for it.
+    let one = srv.req("GET", "/v1/models/prefix2", None);
+    assert_eq!(
+        (one.status, one.json()["id"].as_str(), one.json()["method"].as_str()),
+        (200, Some("prefix2"), Some("prefix"))
+    );
+    assert_eq!(srv.req("GET", "/v1/models/base", None).json()["id"].as_str(), Some("base"));
+    let r = srv.req("GET", "/v1/models/nope", None);
+    assert_eq!((r.status, r.error_code().as_str()), (404, "model_not_found"));
     let a = text_of(&srv.post("/v1/completions", &completion("prefix2", "The cat", false)), false);
     let b = text_of(&srv.post("/v1/completions", &completion("prefix", "The cat", false)), false);
     assert_eq!(a, b);

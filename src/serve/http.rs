@@ -39,6 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/classify", post(classify))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/adapters", get(models).post(load))
         .route("/v1/adapters/{name}", delete(unload))
         .route("/health", get(health))
@@ -251,15 +252,35 @@ async fn classify(State(app): State<Arc<App>>, body: Body) -> Response {
     counted(&app, r)
 }
 
-async fn models(State(app): State<Arc<App>>) -> Response {
+/// Every model the server answers to (the base, then the adapters by name), as OpenAI lists them.
+fn model_entries(app: &App) -> Vec<(String, Value)> {
     let adapters = app.shared.adapters.read().map(|a| a.clone()).unwrap_or_default();
-    let mut data = vec![json!({"id": super::adapters::BASE, "object": "model", "owned_by": "tuna"})];
+    let base = super::adapters::BASE.to_string();
+    let mut data = vec![(base.clone(), json!({"id": base, "object": "model", "owned_by": "tuna"}))];
     for (name, info) in adapters {
-        data.push(json!({"id": name, "object": "model", "owned_by": "tuna", "parent": super::adapters::BASE,
-                         "method": info.method, "task": info.task, "labels": info.labels, "path": info.path,
-                         "virtual_tokens": info.virtual_tokens}));
+        let entry = json!({"id": name, "object": "model", "owned_by": "tuna", "parent": super::adapters::BASE,
+                           "method": info.method, "task": info.task, "labels": info.labels, "path": info.path,
+                           "virtual_tokens": info.virtual_tokens});
+        data.push((name, entry));
     }
+    data
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    let data: Vec<Value> = model_entries(&app).into_iter().map(|(_, e)| e).collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// One model (what the `openai` client's `models.retrieve` asks for); 404 naming the known ones.
+async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    let entries = model_entries(&app);
+    match entries.iter().find(|(n, _)| *n == id) {
+        Some((_, e)) => json_response(StatusCode::OK, e),
+        None => {
+            let known: Vec<String> = entries.into_iter().map(|(n, _)| n).collect();
+            counted(&app, Err(ApiError::unknown_model(&id, &known)))
+        }
+    }
 }
 
 async fn load(State(app): State<Arc<App>>, body: Body) -> Response {
