@@ -259,8 +259,17 @@ fn main() -> std::process::ExitCode {
 
 /// `--model` as a path: given as one, or a Hugging Face id (`org/name[@revision]`) found in the
 /// local hub cache.
+/// `--model` as a path: a folder or file as given, else a Hugging Face id's cached snapshot;
+/// neither is an error here, before any command creates or locks anything.
 fn hub(p: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    Ok(tuna::models::hub::resolve(p)?)
+    let resolved = tuna::models::hub::resolve(p)?;
+    if !resolved.exists() {
+        anyhow::bail!(
+            "--model {}: no such file or folder (nor a model id in the local Hugging Face cache)",
+            p.display()
+        );
+    }
+    Ok(resolved)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

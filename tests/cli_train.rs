@@ -440,3 +440,15 @@ fn an_invalid_checkpoint_policy_is_an_error_naming_the_flag() {
     }
     assert!(!d.join("run").exists(), "nothing ran");
 }
+
+#[test]
+fn a_missing_model_is_refused_before_the_output_folder_is_made() {
+    let d = tmp("missing-model");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let missing = d.join("no-such-model").display().to_string();
+    let err = fails(&tuna(&set(train_args(&out, &train, 2, &[]), "--model", &missing)), "no such file or folder");
+    assert!(err.contains(&missing), "{err}");
+    assert!(!out.exists(), "a refused run made {}", out.display());
+    std::fs::remove_dir_all(&d).unwrap();
+}
