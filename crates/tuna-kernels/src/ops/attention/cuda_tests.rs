@@ -22,33 +22,65 @@ struct Out {
     grads: Vec<Vec<f32>>,
 }
 
-/// Forward on CUDA in precision `E`, then backward from its own `o` and `lse`, accumulating into
-/// gradients that start at `starts`. Prefix buffers are only allocated when present (no
+/// `d`'s inputs on the device in precision `E` (prefix, mask and rows only when present: no
 /// zero-length device allocations).
+struct DevInputs<E: CudaElem> {
+    q: CudaBuf<E>,
+    k: CudaBuf<E>,
+    v: CudaBuf<E>,
+    prefix: Option<(CudaBuf<E>, CudaBuf<E>)>,
+    mask: Option<CudaBuf<u8>>,
+    rows: Option<CudaBuf<u32>>,
+}
+
+impl<E: CudaElem> DevInputs<E> {
+    fn upload(dev: &Cuda, d: &Data) -> Self {
+        let p = d.p;
+        let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
+        DevInputs {
+            q: up(&d.q),
+            k: up(&d.k),
+            v: up(&d.v),
+            prefix: (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv))),
+            mask: (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap()),
+            rows: (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap()),
+        }
+    }
+
+    fn inputs(&self) -> AttnInputs<'_, Cuda, E> {
+        AttnInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            prefix: self.prefix.as_ref().map(|(pk, pv)| (pk, pv)),
+            key_mask: self.mask.as_ref(),
+            prefix_rows: self.rows.as_ref(),
+        }
+    }
+
+    /// The CUDA forward: `o` and `lse` on the device.
+    fn forward(&self, dev: &Cuda, p: &AttnParams) -> (CudaBuf<E>, CudaBuf<f32>) {
+        let mut o = dev.zeros::<E>(p.q_elems()).unwrap();
+        let mut lse = dev.zeros::<f32>(p.lse_elems()).unwrap();
+        <Cuda as AttentionKernel<E>>::attn_fwd(dev, p, self.inputs(), &mut o, &mut lse).unwrap();
+        (o, lse)
+    }
+}
+
+/// Forward on CUDA in precision `E`, then backward from its own `o` and `lse`, accumulating into
+/// gradients that start at `starts`.
 fn run_cuda<E: CudaElem>(dev: &Cuda, d: &Data, starts: &[Vec<f32>]) -> Out {
     let p = d.p;
     let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
     let down = |v: &CudaBuf<E>| dev.download(v).unwrap().into_iter().map(E::to_f32).collect::<Vec<f32>>();
-    let (q, k, v, d_o) = (up(&d.q), up(&d.k), up(&d.v), up(&d.d_o));
-    let prefix = (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv)));
-    let mask = (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap());
-    let rows = (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap());
-    let x = AttnInputs::<Cuda, E> {
-        q: &q,
-        k: &k,
-        v: &v,
-        prefix: prefix.as_ref().map(|(pk, pv)| (pk, pv)),
-        key_mask: mask.as_ref(),
-        prefix_rows: rows.as_ref(),
-    };
-    let mut o = dev.zeros::<E>(p.q_elems()).unwrap();
-    let mut lse = dev.zeros::<f32>(p.lse_elems()).unwrap();
-    <Cuda as AttentionKernel<E>>::attn_fwd(dev, &p, x, &mut o, &mut lse).unwrap();
+    let x = DevInputs::<E>::upload(dev, d);
+    let d_o = up(&d.d_o);
+    let (o, lse) = x.forward(dev, &p);
     let (mut dq, mut dk, mut dv) = (up(&starts[0]), up(&starts[1]), up(&starts[2]));
     let mut dprefix = (p.prefix_len > 0).then(|| (dev.upload(&starts[3]).unwrap(), dev.upload(&starts[4]).unwrap()));
     let g =
         AttnGrads::<Cuda, E> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: dprefix.as_mut().map(|(a, b)| (a, b)) };
-    <Cuda as AttentionKernel<E>>::attn_bwd(dev, &p, x, &o, &d_o, &lse, g).unwrap();
+    <Cuda as AttentionKernel<E>>::attn_bwd(dev, &p, x.inputs(), &o, &d_o, &lse, g).unwrap();
     let (dpk, dpv) = match &dprefix {
         Some((a, b)) => (dev.download(a).unwrap(), dev.download(b).unwrap()),
         None => (Vec::new(), Vec::new()),
@@ -228,22 +260,6 @@ fn cuda_strided_kv_forward_matches_cpu() {
 
 /// The CUDA forward alone in precision `E` (`o`, `lse` as f32).
 fn cuda_fwd<E: CudaElem>(dev: &Cuda, d: &Data) -> (Vec<f32>, Vec<f32>) {
-    let p = d.p;
-    let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
-    let (q, k, v) = (up(&d.q), up(&d.k), up(&d.v));
-    let prefix = (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv)));
-    let mask = (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap());
-    let rows = (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap());
-    let x = AttnInputs::<Cuda, E> {
-        q: &q,
-        k: &k,
-        v: &v,
-        prefix: prefix.as_ref().map(|(pk, pv)| (pk, pv)),
-        key_mask: mask.as_ref(),
-        prefix_rows: rows.as_ref(),
-    };
-    let mut o = dev.zeros::<E>(p.q_elems()).unwrap();
-    let mut lse = dev.zeros::<f32>(p.lse_elems()).unwrap();
-    <Cuda as AttentionKernel<E>>::attn_fwd(dev, &p, x, &mut o, &mut lse).unwrap();
+    let (o, lse) = DevInputs::<E>::upload(dev, d).forward(dev, &d.p);
     (dev.download(&o).unwrap().into_iter().map(E::to_f32).collect(), dev.download(&lse).unwrap())
 }
