@@ -9,7 +9,7 @@
 mod adapt_common;
 mod golden_common;
 
-use adapt_common::{load, peft_methods, perturb, Fixture, Model, ARCHS};
+use adapt_common::{load, peft_methods, perturb, take_grads, Fixture, Model, ARCHS};
 use tuna_autograd::stats;
 use tuna_models::adapt::{LoraConfig, Method};
 use tuna_models::checkpointing::Checkpointing;
@@ -54,15 +54,7 @@ fn loss_and_grads(m: &mut Model<f32>, policy: Checkpointing) -> (u32, Vec<(Strin
     let want = (0..2).filter(|&l| policy.applies(l)).count() as u64;
     assert_eq!(blocks, want, "blocks checkpointed under {policy}");
     loss.backward().unwrap();
-    let grads = m
-        .trainable()
-        .into_iter()
-        .map(|(n, t)| {
-            let g = t.grad().unwrap().unwrap_or_else(|| panic!("{n}: no gradient"));
-            t.zero_grad();
-            (n, g)
-        })
-        .collect();
+    let grads = take_grads(m);
     (value, grads)
 }
 

@@ -5,7 +5,7 @@
 mod adapt_common;
 mod golden_common;
 
-use adapt_common::{fixture, peft_methods};
+use adapt_common::{fixture, peft_methods, take_grads};
 use tuna_kernels::testing::{cuda_or_skip, Tol};
 use tuna_kernels::Cuda;
 use tuna_models::adapt::{LoraConfig, Method, PromptInit};
@@ -34,15 +34,7 @@ fn step(m: &mut AnyModel<Cuda, f32>, policy: Checkpointing) -> (Vec<f32>, Vec<(S
     };
     let l = loss.to_vec().unwrap();
     loss.backward().unwrap();
-    let grads = m
-        .trainable()
-        .into_iter()
-        .map(|(n, t)| {
-            let g = t.grad().unwrap().unwrap_or_else(|| panic!("{n}: no gradient"));
-            t.zero_grad();
-            (n, g)
-        })
-        .collect();
+    let grads = take_grads(m);
     (l, grads)
 }
 

@@ -149,3 +149,15 @@ pub fn perturb<E: Float>(a: &Adapt<Cpu, E>, std: f64) {
 pub fn f64s<E: Float>(v: &[E]) -> Vec<f64> {
     v.iter().map(|&x| x.into()).collect()
 }
+
+/// Each trainable tensor's gradient by name, taken (the gradients are zeroed for the next step).
+pub fn take_grads<B: tuna_autograd::ops::Kernels<E>, E: Float>(m: &AnyModel<B, E>) -> Vec<(String, Vec<E>)> {
+    m.trainable()
+        .into_iter()
+        .map(|(n, t)| {
+            let g = t.grad().unwrap().unwrap_or_else(|| panic!("{n}: no gradient"));
+            t.zero_grad();
+            (n, g)
+        })
+        .collect()
+}
