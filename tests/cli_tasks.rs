@@ -14,7 +14,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// Classification, lm and completion data (12 records each) in `dir`, and a tasks file over them.
 fn three_tasks(dir: &Path) -> PathBuf {
@@ -180,16 +179,7 @@ fn a_killed_multi_task_run_resumes_to_the_uninterrupted_run() {
     let steps = 120;
     ok(&tuna(&tasks_args("llama", &tasks, &a, steps, &[])));
     let want = train_lines(&a);
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_tuna")).args(tasks_args("llama", &tasks, &b, steps, &[])).spawn().unwrap();
-    let start = Instant::now();
-    let logged = || std::fs::read_to_string(b.join("metrics.jsonl")).map_or(0, |s| s.lines().count());
-    while logged() < 5 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no step was logged");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    sigkill_mid_run(&tasks_args("llama", &tasks, &b, steps, &[]), &b);
     let done = train_lines(&b).len();
     assert!(done < steps as usize, "the run finished before it was killed ({done} steps)");
     let err = ok(&tuna(&tasks_args("llama", &tasks, &b, steps, &["--resume"])));

@@ -9,7 +9,6 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 #[test]
 fn sigkill_then_resume_reproduces_the_uninterrupted_losses() {
@@ -22,16 +21,7 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_losses() {
     let want = train_lines(&a);
     assert_eq!(want.len(), steps as usize);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tuna")).args(train_args(&b, &train, steps, &[])).spawn().unwrap();
-    let start = Instant::now();
-    // Kill once a few steps are logged (checkpoints are pruned to the last 3, the log is not).
-    let logged = || std::fs::read_to_string(b.join("metrics.jsonl")).map_or(0, |s| s.lines().count());
-    while logged() < 5 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no step was logged");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    sigkill_mid_run(&train_args(&b, &train, steps, &[]), &b);
     let done = train_lines(&b).len();
     assert!(done < steps as usize, "the run finished before it was killed ({done} steps)");
     let err = ok(&tuna(&train_args(&b, &train, steps, &["--resume"])));

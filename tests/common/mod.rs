@@ -139,3 +139,17 @@ pub fn hub_cache(dir: &Path) -> PathBuf {
     }
     cache
 }
+
+/// `tuna` with `args`, SIGKILLed once its run folder `out` has logged a few metric lines
+/// (checkpoints are pruned to the last few; the log is not), so that the kill lands mid-run.
+pub fn sigkill_mid_run(args: &[String], out: &Path) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).spawn().unwrap();
+    let start = std::time::Instant::now();
+    let logged = || std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |s| s.lines().count());
+    while logged() < 5 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "no step was logged");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
