@@ -469,16 +469,13 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
             stopped_early = st.record_eval(mean, Direction::Min, run.patience);
             last_eval = Some(e);
         }
-        if st.step.is_multiple_of(run.save_every.max(1)) || last || stopped_early || !metrics.is_empty() {
+        if st.save_due(run.save_every, last, stopped_early, !metrics.is_empty()) {
             let groups: Vec<(&Params<B>, &AdamW<B, f32>)> =
                 tasks.iter().map(|t| &t.params[..]).zip(opts.iter()).collect();
             state::save_groups(&ckpts, &st, &groups, &metrics)?;
         }
         if stopped_early {
-            progress.println(&format!(
-                "early stop at step {}: no improvement in {} evaluations",
-                st.step, st.evals_since_best
-            ));
+            progress.println(&st.early_stop_note());
             break;
         }
     }

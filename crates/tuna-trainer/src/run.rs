@@ -199,14 +199,11 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
                 stopped_early = st.record_eval(v, dir, cfg.patience);
             }
         }
-        if st.step.is_multiple_of(cfg.save_every.max(1)) || last || stopped_early || !metrics.is_empty() {
+        if st.save_due(cfg.save_every, last, stopped_early, !metrics.is_empty()) {
             state::save(&ckpts, &st, &s.params, &opt, &metrics)?;
         }
         if stopped_early {
-            progress.println(&format!(
-                "early stop at step {}: no improvement in {} evaluations",
-                st.step, st.evals_since_best
-            ));
+            progress.println(&st.early_stop_note());
             break;
         }
     }

@@ -41,6 +41,17 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Whether this step's state is written: every `save_every` steps, at the last step, at an
+    /// early stop, and at a step that evaluated (its result is part of the state).
+    pub(crate) fn save_due(&self, save_every: u64, last: bool, stopped_early: bool, evaluated: bool) -> bool {
+        self.step.is_multiple_of(save_every.max(1)) || last || stopped_early || evaluated
+    }
+
+    /// What the progress line says when patience runs out.
+    pub(crate) fn early_stop_note(&self) -> String {
+        format!("early stop at step {}: no improvement in {} evaluations", self.step, self.evals_since_best)
+    }
+
     /// Record an evaluation's value `v` of the metric that picks the best (better: higher for
     /// `Max`); returns whether `patience` evaluations without improvement have passed.
     pub(crate) fn record_eval(&mut self, v: f64, dir: crate::checkpoint::Direction, patience: Option<u64>) -> bool {
