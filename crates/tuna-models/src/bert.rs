@@ -120,10 +120,7 @@ impl<B: Kernels<E>, E: Float> BertLayer<B, E> {
         let k = heads4(dense(x, &self.key)?)?;
         let v = heads4(dense(x, &self.value)?)?;
         // With a cache, `k`/`v` are its preallocated buffers and `kv_len` the rows in use.
-        let ((k, v), kv_len) = match cache {
-            Some(c) => c.append(i, &k, &v).map(|(kv, n)| (kv, Some(n)))?,
-            None => ((k, v), None),
-        };
+        let ((k, v), kv_len) = KvCache::through(cache, i, k, v)?;
         let a = attention(&q, &k, &v, prefix, Some(key_mask), AttnOptions { causal: false, scale: None, kv_len })?;
         let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &self.attn_out)?)?;
         let x = layernorm(&add(&a, x)?, &self.attn_norm.weight, &self.attn_norm.bias, eps)?;

@@ -124,10 +124,7 @@ impl<B: Kernels<E>, E: Float> Gpt2Block<B, E> {
         let qkv = ad.linear(&self.c_attn, &self.ln_1.apply(x, eps)?)?;
         let split = |i: usize| -> Result<Tensor<B, E>> { Ok(reshape(&slice_cols(&qkv, i * c, c)?, &[b, t, h, d])?) };
         // With a cache, `k`/`v` are its preallocated buffers and `kv_len` the rows in use.
-        let ((k, v), kv_len) = match cache {
-            Some(cc) => cc.append(l, &split(1)?, &split(2)?).map(|(kv, n)| (kv, Some(n)))?,
-            None => ((split(1)?, split(2)?), None),
-        };
+        let ((k, v), kv_len) = KvCache::through(cache, l, split(1)?, split(2)?)?;
         let a = attention(&split(0)?, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = ad.linear(&self.attn_proj, &reshape(&a, &[b, t, c])?)?;
         let x = add(x, &ad.sublayer(l, false, a)?)?;

@@ -109,6 +109,21 @@ impl<B: Kernels<E>, E: Float> KvCache<B, E> {
         Ok(Some((first_cols(&s.k, s.len)?, first_cols(&s.v, s.len)?)))
     }
 
+    /// A layer's keys and values as attention takes them: with a cache, `k`/`v` appended to layer
+    /// `i` and its buffers returned with the columns in use (attention's `kv_len`); without one,
+    /// `k`/`v` themselves.
+    pub fn through(
+        cache: Option<&mut Self>,
+        i: usize,
+        k: Tensor<B, E>,
+        v: Tensor<B, E>,
+    ) -> Result<(KeysValues<B, E>, Option<usize>)> {
+        match cache {
+            Some(c) => c.append(i, &k, &v).map(|(kv, n)| (kv, Some(n))),
+            None => Ok(((k, v), None)),
+        }
+    }
+
     /// Forget everything cached (and the buffers).
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);

@@ -83,10 +83,7 @@ impl<B: Kernels<E>, E: Float> LlamaLayer<B, E> {
         let k = rope(&proj(&self.k_proj, kvh)?, positions, theta)?;
         let v = proj(&self.v_proj, kvh)?;
         // With a cache, `k`/`v` are its preallocated buffers and `kv_len` the rows in use.
-        let ((k, v), kv_len) = match cache {
-            Some(c) => c.append(i, &k, &v).map(|(kv, n)| (kv, Some(n)))?,
-            None => ((k, v), None),
-        };
+        let ((k, v), kv_len) = KvCache::through(cache, i, k, v)?;
         let a = attention(&q, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = reshape(&a, &[batch, seq, heads * hd])?;
         let x = add(x, &ad.sublayer(i, false, ad.linear(&self.o_proj, &a)?)?)?;
