@@ -48,6 +48,13 @@ where
             parents.push(n);
         }
     }
+    // The parameters the block reads: their gradients complete only after its recompute.
+    let mut leaves = got.leaves;
+    for t in inputs.iter().filter(|t| t.requires_grad() && t.is_leaf()) {
+        if !leaves.contains(&t.id()) {
+            leaves.push(t.id());
+        }
+    }
     let cell = crate::tensor::GradCell::<B, E>::new(y.numel());
     let saved: Vec<Saved<B, E>> = inputs.iter().map(Saved::new).collect();
     let (out_cell, shape) = (cell.clone(), y.shape().to_vec());
@@ -73,7 +80,7 @@ where
         drop(y);
         graph::run_backward_from(n, since)
     });
-    let node = graph::node(graph::CHECKPOINT_KIND, parents, backward);
+    let node = graph::node(graph::CHECKPOINT_KIND, parents, leaves, backward);
     Ok(Tensor::from_op(y.device(), y.shape().to_vec(), y.inner.data.clone(), Some((cell, node))))
 }
 

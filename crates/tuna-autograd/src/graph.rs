@@ -21,6 +21,10 @@ pub struct Node {
     /// after it started (see [`run_backward_from`]).
     pub(crate) seq: u64,
     parents: Vec<Rc<Node>>,
+    /// The ids of the trainable leaves (parameters) among its inputs, each once: the backward adds
+    /// to their gradients, so a parameter's gradient is complete once the last node listing it has
+    /// run (see [`run_backward_updating`]).
+    leaves: Vec<u64>,
     backward: RefCell<Option<BackwardFn>>,
 }
 
@@ -40,6 +44,8 @@ thread_local! {
 pub(crate) struct Collected {
     pub(crate) needs_grad: bool,
     pub(crate) parents: Vec<Rc<Node>>,
+    /// The trainable leaves it read (the checkpoint's node lists them: its recompute adds to them).
+    pub(crate) leaves: Vec<u64>,
     seen: HashSet<*const Node>,
 }
 
@@ -50,6 +56,10 @@ impl Collected {
             if let Some(n) = t.tape_node() {
                 if self.seen.insert(Rc::as_ptr(&n)) {
                     self.parents.push(n);
+                }
+            } else if let Some(id) = t.leaf_id() {
+                if !self.leaves.contains(&id) {
+                    self.leaves.push(id);
                 }
             }
         }
@@ -70,6 +80,17 @@ pub(crate) fn no_grad_collecting<T>(f: impl FnOnce() -> T) -> (T, Collected) {
     let out = no_grad(f);
     let got = COLLECT.with(|c| c.borrow_mut().take()).unwrap_or_default();
     drop(restore);
+    // A checkpoint nested in another: the outer one's recompute runs the inner one's forward, so
+    // the outer node must list the leaves the inner one read too.
+    COLLECT.with(|c| {
+        if let Some(outer) = c.borrow_mut().as_mut() {
+            for &id in &got.leaves {
+                if !outer.leaves.contains(&id) {
+                    outer.leaves.push(id);
+                }
+            }
+        }
+    });
     (out, got)
 }
 
@@ -117,6 +138,9 @@ pub trait Input {
     fn needs_grad(&self) -> bool;
     #[doc(hidden)]
     fn tape_node(&self) -> Option<Rc<Node>>;
+    /// The id of a trainable leaf (a parameter), `None` for anything else.
+    #[doc(hidden)]
+    fn leaf_id(&self) -> Option<u64>;
 }
 
 impl<B: Alloc<E> + 'static, E: Elem> Input for Tensor<B, E> {
@@ -126,6 +150,20 @@ impl<B: Alloc<E> + 'static, E: Elem> Input for Tensor<B, E> {
     fn tape_node(&self) -> Option<Rc<Node>> {
         self.node()
     }
+    fn leaf_id(&self) -> Option<u64> {
+        (self.requires_grad() && self.is_leaf()).then(|| self.id())
+    }
+}
+
+/// The trainable leaves among `inputs`, each once.
+fn leaves_of(inputs: &[&dyn Input]) -> Vec<u64> {
+    let mut v: Vec<u64> = Vec::new();
+    for id in inputs.iter().filter_map(|t| t.leaf_id()) {
+        if !v.contains(&id) {
+            v.push(id);
+        }
+    }
+    v
 }
 
 /// Whether an op over `inputs` must record itself. Inside a checkpoint's unrecorded forward, the
@@ -166,7 +204,13 @@ pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
     let cell = GradCell::new(n);
     let out = OutData { data: data.clone(), bytes: n * std::mem::size_of::<E>() };
     let parents = inputs.iter().filter_map(|t| t.tape_node()).collect();
-    let node = Rc::new(Node { kind, seq: take_seq(), parents, backward: RefCell::new(Some(make(cell.clone(), &out))) });
+    let node = Rc::new(Node {
+        kind,
+        seq: take_seq(),
+        parents,
+        leaves: leaves_of(inputs),
+        backward: RefCell::new(Some(make(cell.clone(), &out))),
+    });
     Tensor::from_op(dev, shape, data, Some((cell, node)))
 }
 
@@ -188,6 +232,7 @@ pub(crate) fn output_shared<B: Alloc<E> + 'static, E: Elem>(
         kind,
         seq: take_seq(),
         parents: x.node().into_iter().collect(),
+        leaves: leaves_of(&[x]),
         backward: RefCell::new(Some(make(cell.clone()))),
     });
     Tensor::from_op(x.device(), shape, data, Some((cell, node)))
@@ -259,10 +304,11 @@ pub(crate) fn launched(kind: &'static str) {
     stats::launched(kind)
 }
 
-/// A node whose backward is `backward`, after `parents` (a checkpoint's).
-pub(crate) fn node(kind: &'static str, parents: Vec<Rc<Node>>, backward: BackwardFn) -> Rc<Node> {
+/// A node whose backward is `backward`, after `parents`, adding to the gradients of the trainable
+/// leaves `leaves` (a checkpoint's).
+pub(crate) fn node(kind: &'static str, parents: Vec<Rc<Node>>, leaves: Vec<u64>, backward: BackwardFn) -> Rc<Node> {
     stats::recorded(kind);
-    Rc::new(Node { kind, seq: take_seq(), parents, backward: RefCell::new(Some(backward)) })
+    Rc::new(Node { kind, seq: take_seq(), parents, leaves, backward: RefCell::new(Some(backward)) })
 }
 
 /// The kind of a checkpoint's node: its backward is timed by the nodes it recomputes and runs,
@@ -274,9 +320,41 @@ pub(crate) fn run_backward(root: Rc<Node>) -> Result<()> {
     run_backward_from(root, 0)
 }
 
+/// [`run_backward`], calling `complete(id)` for each trainable leaf as soon as its gradient is
+/// complete: right after the last node (in the order run) whose inputs list it has run. Nodes
+/// run later never read that leaf (an op that reads a parameter lists it as an input, and a
+/// node using something derived from it runs before the node that derived it), so `complete`
+/// may update the leaf in place and free its gradient (the optimizer in the backward). A
+/// checkpoint's node lists the leaves its block reads, so its recompute sees them unchanged.
+pub(crate) fn run_backward_updating(root: Rc<Node>, complete: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
+    let order = backward_order(&root, 0)?;
+    let mut left: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for n in &order {
+        for &id in &n.leaves {
+            *left.entry(id).or_insert(0) += 1;
+        }
+    }
+    run_nodes(order, |node| {
+        for id in &node.leaves {
+            let n = left.get_mut(id).expect("counted above");
+            *n -= 1;
+            if *n == 0 {
+                complete(*id)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// [`run_backward`] over the nodes made since creation number `since` only: a checkpoint's
 /// recomputed graph, whose inputs' nodes (older) the outer backward runs in its own order.
 pub(crate) fn run_backward_from(root: Rc<Node>, since: u64) -> Result<()> {
+    let order = backward_order(&root, since)?;
+    run_nodes(order, |_| Ok(()))
+}
+
+/// The nodes reachable from `root` made since `since`, inputs before outputs (run them reversed).
+fn backward_order(root: &Rc<Node>, since: u64) -> Result<Vec<Rc<Node>>> {
     if root.backward.borrow().is_none() {
         return Err(Error::Backward(format!(
             "the graph behind this loss (last op `{}`) was already differentiated; build it again",
@@ -284,6 +362,7 @@ pub(crate) fn run_backward_from(root: Rc<Node>, since: u64) -> Result<()> {
         )));
     }
     // Iterative post-order DFS: children (inputs) before parents (outputs).
+    let root = root.clone();
     let mut order: Vec<Rc<Node>> = Vec::new();
     let mut seen: HashSet<*const Node> = HashSet::new();
     let mut stack: Vec<(Rc<Node>, usize)> = vec![(root.clone(), 0)];
@@ -308,6 +387,11 @@ pub(crate) fn run_backward_from(root: Rc<Node>, since: u64) -> Result<()> {
             done.kind
         )));
     }
+    Ok(order)
+}
+
+/// Run `order`'s backward closures last to first, calling `after` with each node once it has run.
+fn run_nodes(order: Vec<Rc<Node>>, mut after: impl FnMut(&Node) -> Result<()>) -> Result<()> {
     let timed = stats::profiling();
     for node in order.into_iter().rev() {
         let f = node.backward.borrow_mut().take();
@@ -317,6 +401,7 @@ pub(crate) fn run_backward_from(root: Rc<Node>, since: u64) -> Result<()> {
             if let Some(t0) = t0 {
                 stats::backward_done(node.kind, t0.elapsed().as_nanos() as u64);
             }
+            after(&node)?;
         }
     }
     Ok(())

@@ -205,29 +205,111 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
     /// One update of every parameter that has a gradient, then zero the gradients.
     pub fn step(&mut self) -> Result<()> {
         self.hp.step += 1;
-        for (i, (p, mv)) in self.params.iter().zip(self.moments.iter_mut()).enumerate() {
-            let dev = p.device().clone();
-            let hp = self.hp;
-            // The stochastic rounding's draw: per step and per parameter, so runs reproduce.
-            let seed = hp.step.wrapping_mul(0x9e37_79b9) ^ (i as u32).wrapping_mul(0x85eb_ca6b);
-            let r = p.with_grad(|g| match mv {
-                Moments::Master(m, v) => {
-                    dev.adamw_step(&hp, <B as Alloc<E>>::buf_mut(&mut *p.data_mut()), g, B::buf_mut(m), B::buf_mut(v))
-                }
-                Moments::Bf16(m, v) => dev.adamw_step_bf16_moments(
-                    &hp,
-                    seed,
-                    <B as Alloc<E>>::buf_mut(&mut *p.data_mut()),
-                    g,
-                    <B as Alloc<bf16>>::buf_mut(m),
-                    <B as Alloc<bf16>>::buf_mut(v),
-                ),
-            });
-            if let Some(r) = r {
-                r?;
-            }
-            p.zero_grad();
+        for i in 0..self.params.len() {
+            self.update(i)?;
         }
         Ok(())
     }
+
+    /// Parameter `i`'s update at the current step (none without a gradient), then its gradient
+    /// is dropped.
+    fn update(&mut self, i: usize) -> Result<()> {
+        let (p, mv) = (&self.params[i], &mut self.moments[i]);
+        let dev = p.device().clone();
+        let hp = self.hp;
+        // The stochastic rounding's draw: per step and per parameter, so runs reproduce.
+        let seed = hp.step.wrapping_mul(0x9e37_79b9) ^ (i as u32).wrapping_mul(0x85eb_ca6b);
+        let r = p.with_grad(|g| match mv {
+            Moments::Master(m, v) => {
+                dev.adamw_step(&hp, <B as Alloc<E>>::buf_mut(&mut *p.data_mut()), g, B::buf_mut(m), B::buf_mut(v))
+            }
+            Moments::Bf16(m, v) => dev.adamw_step_bf16_moments(
+                &hp,
+                seed,
+                <B as Alloc<E>>::buf_mut(&mut *p.data_mut()),
+                g,
+                <B as Alloc<bf16>>::buf_mut(m),
+                <B as Alloc<bf16>>::buf_mut(v),
+            ),
+        });
+        if let Some(r) = r {
+            r?;
+        }
+        p.zero_grad();
+        Ok(())
+    }
+
+    /// The backward of `loss` with the optimizer inside it: each parameter is updated (one
+    /// [`AdamW::step`]'s update, at `hp.lr`) as soon as its gradient is complete, and its gradient
+    /// freed then, so the gradients of the whole model are never held at once. The same numbers as
+    /// `loss.backward()` then [`AdamW::step`] (each parameter's update reads only its own gradient
+    /// and moments), without clipping by a global norm, which needs every gradient first, and for
+    /// one backward per step (gradients accumulated over several would be applied after the
+    /// first).
+    ///
+    /// Each gradient's squared norm is read before its update (one host read per parameter, a wait
+    /// for the device on CUDA): a non-finite one is not applied, and neither is any gradient
+    /// completing after it; the outcome says so, and the parameters updated before it keep their
+    /// update (the caller stops, as after any non-finite gradient, and resumes from a checkpoint).
+    pub fn backward_and_step(&mut self, loss: &Tensor<B, E>) -> Result<InBackward> {
+        self.hp.step += 1;
+        let index: std::collections::HashMap<u64, usize> =
+            self.params.iter().enumerate().map(|(i, p)| (p.id(), i)).collect();
+        let ids: Vec<u64> = self.params.iter().map(|p| p.id()).collect();
+        let mut done = vec![false; self.params.len()];
+        let mut out = InBackward::default();
+        let mut complete = |id: u64| -> Result<()> {
+            let Some(&i) = index.get(&id) else { return Ok(()) };
+            if done[i] || self.params[i].with_grad(|_| ()).is_none() {
+                return Ok(());
+            }
+            done[i] = true;
+            let held: usize = self.params.iter().filter(|p| p.with_grad(|_| ()).is_some()).map(|p| p.bytes()).sum();
+            out.peak_grad_bytes = out.peak_grad_bytes.max(held);
+            if out.non_finite.is_some() {
+                // After a non-finite gradient nothing more is applied.
+                self.params[i].zero_grad();
+                return Ok(());
+            }
+            let sq = norm_then(&[&self.params[i]], None)?.powi(2);
+            if !sq.is_finite() {
+                out.non_finite = Some(self.params[i].name().unwrap_or("(unnamed)").to_string());
+                out.grad_sq_norm = f64::NAN;
+                self.params[i].zero_grad();
+                return Ok(());
+            }
+            out.grad_sq_norm += sq;
+            out.updated += 1;
+            self.update(i)
+        };
+        loss.backward_updating(&mut complete)?;
+        // A gradient the accounting did not see complete (none should be left) is applied last.
+        for id in ids {
+            complete(id)?;
+        }
+        // A parameter that took a gradient after its update (an op that adds to a parameter's
+        // gradient without listing it among its inputs) would have it applied a step late: refuse.
+        if let Some(p) = self.params.iter().zip(&done).find(|(p, d)| **d && p.with_grad(|_| ()).is_some()) {
+            return Err(Error::Backward(format!(
+                "AdamW in the backward: {:?} received gradient after its update (an op that does not list it \
+                 among its inputs adds to its gradient); use backward() then step()",
+                p.0
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// What [`AdamW::backward_and_step`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InBackward {
+    /// Parameters updated.
+    pub updated: usize,
+    /// The sum of the applied gradients' squared norms (NaN after a non-finite one).
+    pub grad_sq_norm: f64,
+    /// The parameter whose gradient was not finite, if one was (it and those completing after it
+    /// were not updated).
+    pub non_finite: Option<String>,
+    /// The most bytes of parameter gradients held at once, as seen each time one completed.
+    pub peak_grad_bytes: usize,
 }

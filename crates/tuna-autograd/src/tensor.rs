@@ -254,6 +254,24 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
 
     /// Differentiate this scalar: every trainable leaf it depends on accumulates its gradient.
     pub fn backward(&self) -> Result<()> {
+        match self.seed_backward()? {
+            None => Ok(()),
+            Some(n) => graph::run_backward(n),
+        }
+    }
+
+    /// [`Tensor::backward`], calling `complete` with each trainable leaf's id as soon as its
+    /// gradient is complete (see [`graph::run_backward_updating`]); a leaf loss's own gradient
+    /// is complete at once.
+    pub(crate) fn backward_updating(&self, complete: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
+        match self.seed_backward()? {
+            None => complete(self.id()),
+            Some(n) => graph::run_backward_updating(n, complete),
+        }
+    }
+
+    /// Seed this scalar's gradient with 1; its tape node, if an op made it.
+    fn seed_backward(&self) -> Result<Option<Rc<Node>>> {
         if self.numel() != 1 {
             return Err(Error::Backward(format!("needs a scalar, got shape {:?}", self.shape())));
         }
@@ -270,10 +288,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
             };
             *g = Some(dev.from_host(&[E::from_f32(prev + 1.0)])?);
         }
-        match self.node() {
-            None => Ok(()),
-            Some(n) => graph::run_backward(n),
-        }
+        Ok(self.node())
     }
 }
 

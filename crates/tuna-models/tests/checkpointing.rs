@@ -36,19 +36,8 @@ fn model(arch: &str, method: &Method, full: bool) -> Model<f32> {
 
 /// Left-padded decoder batches (prompt placement, positions from the mask) or BERT's fixture loss.
 fn loss_and_grads(m: &mut Model<f32>, policy: Checkpointing) -> (u32, Vec<(String, Vec<f32>)>) {
-    m.set_checkpointing(policy);
-    m.adapt().seed_dropout(1234);
     stats::reset();
-    let vocab = m.shape().vocab;
-    let (batch, seq) = (2, 7);
-    let ids: Vec<u32> = (0..batch * seq).map(|i| (3 + (i * 37 + i * i) % (vocab - 3)) as u32).collect();
-    let loss = if m.is_decoder() {
-        let mask: Vec<u8> = (0..batch * seq).map(|i| u8::from(i >= 2)).collect();
-        let labels: Vec<i32> = ids.iter().zip(&mask).map(|(&t, &k)| if k == 1 { t as i32 } else { -100 }).collect();
-        m.lm_loss(&ids, &mask, &labels, batch).unwrap()
-    } else {
-        m.loss(&ids, batch)
-    };
+    let loss = fixture_loss(m, policy);
     let value = loss.to_vec().unwrap()[0].to_bits();
     let blocks = stats::snapshot().recorded.get("checkpoint").copied().unwrap_or(0);
     let want = (0..2).filter(|&l| policy.applies(l)).count() as u64;
@@ -56,6 +45,60 @@ fn loss_and_grads(m: &mut Model<f32>, policy: Checkpointing) -> (u32, Vec<(Strin
     loss.backward().unwrap();
     let grads = take_grads(m);
     (value, grads)
+}
+
+fn fixture_loss(m: &mut Model<f32>, policy: Checkpointing) -> tuna_autograd::Tensor<tuna_kernels::Cpu, f32> {
+    m.set_checkpointing(policy);
+    m.adapt().seed_dropout(1234);
+    let vocab = m.shape().vocab;
+    let (batch, seq) = (2, 7);
+    let ids: Vec<u32> = (0..batch * seq).map(|i| (3 + (i * 37 + i * i) % (vocab - 3)) as u32).collect();
+    if m.is_decoder() {
+        let mask: Vec<u8> = (0..batch * seq).map(|i| u8::from(i >= 2)).collect();
+        let labels: Vec<i32> = ids.iter().zip(&mask).map(|(&t, &k)| if k == 1 { t as i32 } else { -100 }).collect();
+        m.lm_loss(&ids, &mask, &labels, batch).unwrap()
+    } else {
+        m.loss(&ids, batch)
+    }
+}
+
+/// AdamW inside the backward (each parameter updated as soon as its gradient is complete, its
+/// gradient freed then) leaves every method's parameters bitwise where backward-then-step does,
+/// plain and with every block checkpointed (a checkpointed block's recompute reads its parameters,
+/// which must not have been updated yet).
+#[test]
+fn updating_in_the_backward_gives_backward_then_step_bitwise() {
+    use tuna_autograd::optim::{AdamW, AdamWParams};
+    for arch in ARCHS {
+        for (method, full) in methods(arch) {
+            for policy in [Checkpointing::Off, Checkpointing::Every(1)] {
+                let what = format!("{arch}/{}, checkpointing {policy}", method.name());
+                let (mut a, mut b) = (model(arch, &method, full), model(arch, &method, full));
+                let (pa, pb) = (a.trainable(), b.trainable());
+                let hp = AdamWParams { weight_decay: 0.01, ..AdamWParams::new(0.01) };
+                let mut oa = AdamW::new(&pa.iter().map(|(_, t)| t).collect::<Vec<_>>(), hp).unwrap();
+                let mut ob = AdamW::new(&pb.iter().map(|(_, t)| t).collect::<Vec<_>>(), hp).unwrap();
+                for step in 0..2 {
+                    fixture_loss(&mut a, policy).backward().unwrap();
+                    oa.step().unwrap();
+                    let out = ob.backward_and_step(&fixture_loss(&mut b, policy)).unwrap();
+                    assert_eq!(out.updated, pb.len(), "{what}, step {step}: {out:?}");
+                    if full {
+                        // The blocks' gradients complete (and are freed) one block at a time,
+                        // checkpointed blocks included: never all of them at once.
+                        let total: usize = pb.iter().map(|(_, t)| t.bytes()).sum();
+                        let held = out.peak_grad_bytes;
+                        assert!(held < total * 3 / 4, "{what}: {held} of {total} gradient bytes held at once");
+                    }
+                    for ((n, x), (_, y)) in pa.iter().zip(&pb) {
+                        let (x, y) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+                        let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(same, "{what}, step {step}: {n} differs");
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,73 @@
+//! AdamW inside the backward (`AdamW::backward_and_step`): each parameter updated as soon as its
+//! gradient is complete gives bitwise the parameters of `backward()` then `step()`, holds fewer
+//! gradients at once, and applies no non-finite gradient.
+
+mod common;
+use common::cpu;
+use common::tiny::{Tiny, Train};
+use tuna_autograd::ops::elem::scale;
+use tuna_autograd::ops::linear::{linear, WeightLayout};
+use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::optim::{AdamW, AdamWParams, MomentStorage};
+use tuna_autograd::{Ints, Tensor};
+use tuna_kernels::Cpu;
+
+const IDS: [u32; 10] = [1, 4, 2, 9, 3, 7, 7, 0, 10, 5];
+
+fn values(m: &Tiny<Cpu, f32>) -> Vec<(String, Vec<f32>)> {
+    m.trainable().iter().map(|p| (p.name().unwrap().to_string(), p.to_vec().unwrap())).collect()
+}
+
+#[test]
+fn updating_in_the_backward_gives_the_parameters_of_backward_then_step() {
+    for train in [Train::All, Train::PrefixOnly, Train::PromptOnly] {
+        for storage in [MomentStorage::Master, MomentStorage::Bf16] {
+            let (a, b) = (Tiny::<Cpu, f32>::new(&cpu(), 3, train), Tiny::<Cpu, f32>::new(&cpu(), 3, train));
+            let hp = AdamWParams { weight_decay: 0.01, ..AdamWParams::new(0.02) };
+            let mut oa = AdamW::with_storage(&a.trainable(), hp, storage).unwrap();
+            let mut ob = AdamW::with_storage(&b.trainable(), hp, storage).unwrap();
+            let total: usize = b.trainable().iter().map(|p| p.bytes()).sum();
+            for step in 0..4 {
+                a.loss(&IDS, 2).unwrap().backward().unwrap();
+                oa.step().unwrap();
+                let out = ob.backward_and_step(&b.loss(&IDS, 2).unwrap()).unwrap();
+                let what = format!("{train:?}, {storage} moments, step {step}");
+                assert_eq!(out.updated, b.trainable().len(), "{what}: {out:?}");
+                assert!(out.non_finite.is_none() && out.grad_sq_norm.is_finite() && out.grad_sq_norm > 0.0, "{what}");
+                assert_eq!(values(&a), values(&b), "{what}: parameters differ");
+                assert!(b.trainable().iter().all(|p| p.grad().unwrap().is_none()), "{what}: gradients left");
+                if train == Train::All {
+                    // The head completes first and the embedding table last: never all at once.
+                    assert!(
+                        out.peak_grad_bytes < total * 3 / 4,
+                        "{what}: {} of {total} bytes held",
+                        out.peak_grad_bytes
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_gradient_is_not_applied_and_named() {
+    let dev = cpu();
+    // Tiny weights keep the loss finite; huge inputs and a huge loss scale overflow the gradient.
+    let w = Tensor::<Cpu, f32>::param(&dev, "w", &[4, 8], &[1e-12; 32]).unwrap();
+    let x = Tensor::constant(&dev, &[2, 8], &[1e10; 16]).unwrap();
+    let loss = cross_entropy(
+        linear(&x, &w, WeightLayout::OutIn, None).unwrap(),
+        &Ints::new(&dev, &[2], &[0i32, 3]).unwrap(),
+        -100,
+    )
+    .unwrap();
+    let loss = scale(&loss, 1e30).unwrap();
+    assert!(loss.to_vec().unwrap()[0].is_finite());
+    let mut opt = AdamW::new(&[&w], AdamWParams::new(0.1)).unwrap();
+    let out = opt.backward_and_step(&loss).unwrap();
+    assert_eq!(out.non_finite.as_deref(), Some("w"), "{out:?}");
+    assert_eq!(out.updated, 0);
+    assert!(out.grad_sq_norm.is_nan());
+    assert_eq!(w.to_vec().unwrap(), vec![1e-12; 32], "a non-finite gradient was applied");
+    assert!(w.grad().unwrap().is_none(), "the bad gradient is dropped");
+}
