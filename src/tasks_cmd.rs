@@ -121,6 +121,9 @@ pub fn multi_config(file: &Path, run: &RunArgs) -> Result<MultiConfig> {
             "--checkpoint-activations is not supported with --tasks yet (mixed-adapter batches keep every activation)"
         );
     }
+    if run.update_in_backward {
+        bail!("--update-in-backward is not supported with --tasks (one optimizer per task steps after the backward)");
+    }
     // The run-wide flags first, so that their errors name the flag, not the first task.
     run.check_ranges(run.lr.unwrap_or(1e-3))?;
     let decoder = is_decoder(&model);

@@ -357,6 +357,12 @@ pub struct RunArgs {
     /// backward: less activation memory, about one more forward of time, the same numbers.
     #[arg(long, default_value = "off", value_name = "POLICY", allow_hyphen_values = true)]
     pub checkpoint_activations: Checkpointing,
+    /// Run AdamW inside the backward: each trainable tensor is updated, and its gradient freed, as
+    /// soon as its gradient is complete, so the gradients of the whole model are never held at
+    /// once (full fine-tuning's memory). The same numbers; needs one pass per step (no
+    /// --micro-batch below --batch-size) and no global-norm clipping (--clip 0).
+    #[arg(long)]
+    pub update_in_backward: bool,
     /// Evaluate every N steps (N >= 1; with --eval; also at the end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -489,6 +495,7 @@ impl RunArgs {
             optimizer_state: self.optimizer_state.parse().map_err(|e| anyhow::anyhow!("--optimizer-state {e}"))?,
             clip: (self.clip > 0.0).then_some(self.clip),
             checkpoint_activations: self.checkpoint_activations,
+            update_in_backward: self.update_in_backward,
             eval_every: self.eval_every,
             save_every: self.save_every,
             patience: self.patience,
@@ -539,6 +546,18 @@ impl RunArgs {
         require(f32_ok(wd) && wd >= 0.0, || format!("--weight-decay {wd}: expected 0 or more"))?;
         let c = self.clip;
         require(f32_ok(c) && c >= 0.0, || format!("--clip {c}: expected 0 (off) or a positive norm"))?;
+        if self.update_in_backward {
+            // Clipping scales every gradient by the norm of all of them: known only once all exist.
+            require(c == 0.0, || {
+                format!("--update-in-backward applies each gradient as soon as it is complete, before the global norm that --clip {c} scales by is known: add --clip 0")
+            })?;
+            if let Some(m) = self.micro_batch.filter(|&m| m < self.batch_size) {
+                let b = self.batch_size;
+                require(false, || {
+                    format!("--update-in-backward applies each gradient after one backward: --micro-batch {m} would accumulate {} passes per step (use --batch-size {m}, or drop --micro-batch)", b.div_ceil(m))
+                })?;
+            }
+        }
         if let Some(k) = self.holdout {
             require(self.eval.is_none() && self.max_eval_examples.is_none(), || {
                 format!("--holdout {k} evaluates on the last {k} training examples: --eval and --max-eval-examples do not apply (drop them)")

@@ -86,22 +86,30 @@ fn malformed_data_exits_2_naming_file_and_line_and_keeps_checkpoints() {
 fn a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
     let d = tmp("nan");
     let train = data(&d, "train.jsonl", 12, false);
-    let out = d.join("run");
-    // An absurd learning rate drives the weights to infinity within a few steps.
-    let mut a = train_args(&out, &train, 20, &[]);
-    for (f, v) in [("--lr", "1e30"), ("--warmup", "0"), ("--clip", "0"), ("--method", "full")] {
-        a = set(a, f, v);
+    // With the update after the backward, and inside it (where a gradient is applied as it
+    // completes, so the check is per tensor).
+    for (name, inside) in [("run", false), ("inside", true)] {
+        let out = d.join(name);
+        // An absurd learning rate drives the weights to infinity within a few steps.
+        let mut a = train_args(&out, &train, 20, &[]);
+        for (f, v) in [("--lr", "1e30"), ("--warmup", "0"), ("--clip", "0"), ("--method", "full")] {
+            a = set(a, f, v);
+        }
+        if inside {
+            a = set(a, "--micro-batch", "4");
+            a.push("--update-in-backward".into());
+        }
+        let o = tuna(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{name}: {err}");
+        assert!(err.contains("step ") && err.contains("not finite"), "{name}: {err}");
+        let steps = train_lines(&out).len();
+        assert!(steps < 20, "{name}: {err}");
+        assert!(
+            out.join(format!("checkpoints/step-{steps:06}/manifest.json")).exists(),
+            "{name}: last good checkpoint kept: {err}"
+        );
     }
-    let o = tuna(&a);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(err.contains("step ") && err.contains("not finite"), "{err}");
-    let steps = train_lines(&out).len();
-    assert!(steps < 20, "{err}");
-    assert!(
-        out.join(format!("checkpoints/step-{steps:06}/manifest.json")).exists(),
-        "last good checkpoint kept: {err}"
-    );
 }
 
 #[test]
@@ -408,6 +416,36 @@ fn checkpointed_activations_give_the_same_loss_curve_and_may_change_on_resume() 
     assert_eq!(train_lines(&every), want);
     let state = std::fs::read_to_string(every.join("checkpoints/step-000006/state.json")).unwrap();
     assert!(state.contains("\"--checkpoint-activations\": \"off\""), "{state}");
+}
+
+#[test]
+fn updating_in_the_backward_trains_the_same_numbers_and_refuses_what_it_cannot_do() {
+    let d = tmp("update-in-backward");
+    let train = data(&d, "train.jsonl", 16, false);
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.join(name);
+        let a =
+            set(set(set(train_args(&out, &train, 4, extra), "--method", "full"), "--micro-batch", "4"), "--clip", "0");
+        (tuna(&a), out)
+    };
+    let (o, plain) = run("plain", &[]);
+    ok(&o);
+    let (o, inside) = run("inside", &["--update-in-backward", "--checkpoint-activations", "every"]);
+    ok(&o);
+    assert_eq!(train_lines(&inside), train_lines(&plain), "the losses differ");
+    let weights =
+        |dir: &std::path::Path| std::fs::read(dir.join("checkpoints/step-000004/trainable.safetensors")).unwrap();
+    assert!(weights(&inside) == weights(&plain), "the trained weights differ");
+    // Clipping needs every gradient before any update; micro-batches accumulate several passes.
+    let refused = |extra: &[&str], micro: &str, clip: &str, needle: &str| {
+        let out = d.join("refused");
+        let a = set(set(train_args(&out, &train, 1, extra), "--micro-batch", micro), "--clip", clip);
+        let err = fails(&tuna(&a), needle);
+        assert!(!out.exists(), "a refused run made its folder: {err}");
+    };
+    refused(&["--update-in-backward"], "4", "1", "add --clip 0");
+    refused(&["--update-in-backward"], "2", "0", "--micro-batch 2 would accumulate 2 passes");
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub struct TrainConfig {
     /// The transformer blocks whose activations are recomputed in the backward instead of kept
     /// (less memory, about one more forward of time; the same numbers).
     pub checkpoint_activations: tuna_models::checkpointing::Checkpointing,
+    /// AdamW inside the backward: each trainable tensor updated, and its gradient freed, as soon
+    /// as its gradient is complete (one pass per step, no global-norm clipping; the same numbers).
+    pub update_in_backward: bool,
     pub eval_every: u64,
     pub save_every: u64,
     /// Stop after this many evaluations without improvement.

@@ -708,6 +708,7 @@ mod tests {
         let cfg = TrainConfig {
             model_name: None,
             checkpoint_activations: Default::default(),
+            update_in_backward: false,
             model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
             method,
             task,

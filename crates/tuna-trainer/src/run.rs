@@ -468,6 +468,9 @@ pub(crate) fn training_step<B: Backend>(
     seed: u64,
     lr: f64,
 ) -> Result<StepOutcome> {
+    if cfg.update_in_backward {
+        return step_in_backward(s, opt, cfg, batch, seed, lr);
+    }
     let t0 = Instant::now();
     // Profiling: the first forward op is timed from here.
     tuna_autograd::stats::mark();
@@ -488,6 +491,50 @@ pub(crate) fn training_step<B: Backend>(
         opt.step()?;
     }
     Ok(out)
+}
+
+/// [`training_step`] with AdamW inside the backward (`--update-in-backward`): one forward and
+/// backward of the whole batch (the CLI refuses micro-batches and clipping with it), each
+/// trainable tensor updated as soon as its gradient is complete. The loss is read before the
+/// backward (a non-finite loss updates nothing); a non-finite gradient stops the updates where it
+/// shows (the run then stops, as after any non-finite gradient).
+fn step_in_backward<B: Backend>(
+    s: &Setup<B>,
+    opt: &mut AdamW<B, f32>,
+    cfg: &TrainConfig,
+    batch: &Batch,
+    seed: u64,
+    lr: f64,
+) -> Result<StepOutcome> {
+    let t0 = Instant::now();
+    tuna_autograd::stats::mark();
+    let mut parts = weighted_parts(&s.model, &s.spec, batch, cfg.micro_batch)?;
+    if parts.len() != 1 {
+        return Err(TrainError::Invalid(format!(
+            "--update-in-backward needs one pass per step: --micro-batch {} splits the batch of {} into {}",
+            cfg.micro_batch,
+            batch.batch,
+            parts.len()
+        )));
+    }
+    let (mb, w) = parts.pop().expect("one part");
+    s.model.adapt().seed_dropout(seed);
+    let (loss, terms) = s.spec.loss(&s.model, &mb)?;
+    let value = loss.to_vec()?[0] as f64;
+    opt.hp.lr = lr as f32;
+    if !value.is_finite() || terms == 0 {
+        let out = StepOutcome { loss: value, grad_norm: 0.0, forward_backward_s: t0.elapsed().as_secs_f64() };
+        if out.applied() {
+            // Nothing to differentiate: the step still counts (as `training_step`'s would).
+            opt.step()?;
+        }
+        return Ok(out);
+    }
+    let done = opt.backward_and_step(&scale(&loss, w)?)?;
+    drop(loss);
+    tuna_autograd::stats::mark();
+    let grad_norm = if done.non_finite.is_some() { f64::NAN } else { done.grad_sq_norm.sqrt() };
+    Ok(StepOutcome { loss: value, grad_norm, forward_backward_s: t0.elapsed().as_secs_f64() })
 }
 
 /// `--resume` found no valid checkpoint: an error, unless `--resume-or-start` and the folder holds

@@ -41,6 +41,7 @@ fn config(task: Task, dir: &Path) -> TrainConfig {
         weight_decay: 0.0,
         optimizer_state: Default::default(),
         checkpoint_activations: Default::default(),
+        update_in_backward: false,
         clip: None,
         eval_every: 1,
         save_every: 1,

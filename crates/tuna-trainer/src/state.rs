@@ -99,6 +99,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--optimizer-state".into(), cfg.optimizer_state.to_string()),
         ("--clip".into(), s(&cfg.clip)),
         (CHECKPOINT_ACTIVATIONS.into(), cfg.checkpoint_activations.name()),
+        (UPDATE_IN_BACKWARD.into(), cfg.update_in_backward.to_string()),
         ("--eval-every".into(), s(&cfg.eval_every)),
         ("--max-eval-examples".into(), s(&cfg.max_eval_examples)),
         ("--patience".into(), s(&cfg.patience)),
@@ -114,6 +115,9 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
 /// A setting recorded like the others but free to change on resume: recomputing activations
 /// changes memory and time, never the numbers (the gradients are bitwise the same on the CPU).
 const CHECKPOINT_ACTIVATIONS: &str = "--checkpoint-activations";
+
+/// Likewise: the update inside the backward gives bitwise the update after it.
+const UPDATE_IN_BACKWARD: &str = "--update-in-backward";
 
 /// The settings that differ between a checkpoint's run (`saved`) and this one, by flag.
 pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
@@ -154,7 +158,8 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     }
     if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
         let mut changed = changed_settings(old, new);
-        changed.retain(|c| !c.starts_with(&format!("{CHECKPOINT_ACTIVATIONS} ")));
+        changed
+            .retain(|c| ![CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD].iter().any(|f| c.starts_with(&format!("{f} "))));
         // Extending (or shortening) a run is allowed, but it is no longer the run it was; the
         // warmup follows (it is cut to the steps when longer).
         let schedule: Vec<String> =

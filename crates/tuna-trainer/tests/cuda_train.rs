@@ -49,6 +49,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         weight_decay: 0.0,
         optimizer_state: Default::default(),
         checkpoint_activations: Default::default(),
+        update_in_backward: false,
         clip: Some(1.0),
         eval_every: 3,
         save_every: 3,
