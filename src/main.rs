@@ -245,7 +245,12 @@ fn device(s: &str) -> anyhow::Result<Device> {
     Device::parse(s).map_err(|e| anyhow::anyhow!(e))
 }
 
+/// Every allocation counted, so a run reports the heap it held (the memory plan, the summary).
+#[global_allocator]
+static HEAP: tuna::trainer::memory::Counting = tuna::trainer::memory::Counting;
+
 fn main() -> std::process::ExitCode {
+    tuna::trainer::memory::mark_installed();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

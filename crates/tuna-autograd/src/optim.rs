@@ -149,20 +149,18 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
     /// The first and second moments of each parameter, in the order given to [`AdamW::new`]
     /// (host copies in the masters' float, for checkpoints; bf16 moments widen exactly).
     pub fn moments(&self) -> Result<Vec<(Vec<E>, Vec<E>)>> {
-        let dev = match self.params.first() {
-            Some(p) => p.device().clone(),
-            None => return Ok(Vec::new()),
-        };
+        (0..self.params.len()).map(|i| Ok((self.moment(i, false)?, self.moment(i, true)?))).collect()
+    }
+
+    /// Parameter `i`'s first moment (`second` false) or second moment, as [`AdamW::moments`] gives
+    /// it: one host copy at a time (a checkpoint streams them so).
+    pub fn moment(&self, i: usize, second: bool) -> Result<Vec<E>> {
+        let dev = self.params[i].device();
         let widen = |v: Vec<bf16>| v.into_iter().map(|x| E::c(x.to_f64())).collect::<Vec<E>>();
-        self.moments
-            .iter()
-            .map(|mv| match mv {
-                Moments::Master(m, v) => Ok((dev.to_host(m)?, dev.to_host(v)?)),
-                Moments::Bf16(m, v) => {
-                    Ok((widen(Alloc::<bf16>::to_host(&*dev, m)?), widen(Alloc::<bf16>::to_host(&*dev, v)?)))
-                }
-            })
-            .collect()
+        Ok(match (&self.moments[i], second) {
+            (Moments::Master(m, _), false) | (Moments::Master(_, m), true) => dev.to_host(m)?,
+            (Moments::Bf16(m, _), false) | (Moments::Bf16(_, m), true) => widen(Alloc::<bf16>::to_host(&**dev, m)?),
+        })
     }
 
     /// Restore moments saved by [`AdamW::moments`] and the step count (`hp.step`); an error names

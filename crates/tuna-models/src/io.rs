@@ -38,6 +38,52 @@ pub fn safetensors_bytes(tensors: &[(String, HostTensor)]) -> Result<Vec<u8>> {
     safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::InvalidArgument(format!("safetensors: {e}")))
 }
 
+/// f32 tensors written as a safetensors file to `w` one at a time: `tensors` names each tensor and
+/// its shape up front (the header), and `data(i)` gives tensor `i`'s values when its turn comes,
+/// so no more than one tensor's host copy (and 64 KiB of bytes) exists at once. The same file
+/// [`safetensors_bytes`] makes in memory, up to the order of the header's keys and the data.
+pub fn write_safetensors_f32(
+    w: &mut dyn std::io::Write,
+    tensors: &[(String, Vec<usize>)],
+    mut data: impl FnMut(usize) -> Result<Vec<f32>>,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::InvalidArgument(format!("safetensors: writing: {e}"));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (name, shape) in tensors {
+        if name == "__metadata__" || header.contains_key(name) {
+            return Err(Error::InvalidArgument(format!("safetensors: tensor name `{name}` twice or reserved")));
+        }
+        let end = offset + shape.iter().product::<usize>() * 4;
+        header
+            .insert(name.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }));
+        offset = end;
+    }
+    let mut h = serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(format!("safetensors: {e}")))?;
+    // The data starts 8-aligned (as the format's own writer pads, with spaces).
+    h.resize(h.len().next_multiple_of(8), b' ');
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
+    let mut chunk: Vec<u8> = Vec::with_capacity(1 << 16);
+    for (i, (name, shape)) in tensors.iter().enumerate() {
+        let v = data(i)?;
+        let want: usize = shape.iter().product();
+        if v.len() != want {
+            return Err(Error::InvalidArgument(format!(
+                "safetensors: `{name}` has {} values for shape {shape:?} ({want})",
+                v.len()
+            )));
+        }
+        for part in v.chunks(1 << 14) {
+            chunk.clear();
+            chunk.extend(part.iter().flat_map(|x| x.to_le_bytes()));
+            w.write_all(&chunk).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 /// `path` replaced atomically: written to a temporary file in the same folder, synced, renamed,
 /// and the folder synced (so the rename is durable). Readers see the old file or the new one,
 /// never a torn one. The one implementation tuna's crates use.
@@ -82,4 +128,36 @@ pub fn pretty_sorted(v: &Value) -> String {
         }
     }
     serde_json::to_string_pretty(&sort(v)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_safetensors_read_back_as_the_in_memory_ones() {
+        let tensors: Vec<(String, HostTensor)> = vec![
+            ("b.weight".into(), (vec![2, 3], (0..6).map(|i| i as f32 * 0.5 - 1.0).collect())),
+            ("a".into(), (vec![5], vec![f32::MIN_POSITIVE, -0.0, 1e30, 3.25, -7.0])),
+            ("empty".into(), (vec![0, 4], vec![])),
+        ];
+        let names: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
+        let mut streamed = Vec::new();
+        write_safetensors_f32(&mut streamed, &names, |i| Ok(tensors[i].1 .1.clone())).unwrap();
+        let header = u64::from_le_bytes(streamed[..8].try_into().unwrap()) as usize;
+        assert_eq!((header % 8, streamed.len()), (0, 8 + header + 4 * 11), "the data starts 8-aligned");
+        let read = safetensors::SafeTensors::deserialize(&streamed).unwrap();
+        let reference = safetensors_bytes(&tensors).unwrap();
+        let want = safetensors::SafeTensors::deserialize(&reference).unwrap();
+        for (name, _) in &names {
+            let (a, b) = (read.tensor(name).unwrap(), want.tensor(name).unwrap());
+            assert_eq!((a.shape(), a.dtype(), a.data()), (b.shape(), b.dtype(), b.data()), "{name}");
+        }
+        let meta = |b: &[u8]| safetensors::SafeTensors::read_metadata(b).unwrap().1.metadata().clone();
+        assert_eq!(meta(&streamed), meta(&reference));
+        assert_eq!(read.len(), 3);
+        // A tensor whose values disagree with its shape is refused, naming it.
+        let err = write_safetensors_f32(&mut Vec::new(), &names, |_| Ok(vec![1.0])).unwrap_err();
+        assert!(err.to_string().contains("`b.weight` has 1 values"), "{err}");
+    }
 }

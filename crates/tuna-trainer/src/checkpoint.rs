@@ -67,6 +67,43 @@ pub enum CheckpointError {
     NoFile { path: PathBuf, name: String },
 }
 
+/// A checkpoint file's content, written out in pieces: a file of large tensors need not exist in
+/// memory whole (see [`Checkpoints::save_streamed`]).
+pub trait Payload {
+    fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()>;
+}
+
+impl Payload for &[u8] {
+    fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        w.write_all(self)
+    }
+}
+
+impl Payload for Vec<u8> {
+    fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        w.write_all(self)
+    }
+}
+
+/// A writer that counts and checksums what passes through it.
+struct Summing<W: Write> {
+    inner: W,
+    fnv: Fnv64,
+    len: u64,
+}
+
+impl<W: Write> Write for Summing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.fnv.write(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.into(), source }
 }
@@ -135,9 +172,14 @@ fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(path))
+/// Writes `payload` to `path` and syncs it; returns its size and checksum.
+fn write_synced(path: &Path, payload: &dyn Payload) -> Result<(u64, u64), CheckpointError> {
+    let f = File::create(path).map_err(io(path))?;
+    let mut w = Summing { inner: std::io::BufWriter::with_capacity(1 << 20, f), fnv: Fnv64::new(), len: 0 };
+    payload.write_to(&mut w).and_then(|()| w.flush()).map_err(io(path))?;
+    let f = w.inner.into_inner().map_err(|e| CheckpointError::Io { path: path.into(), source: e.into_error() })?;
+    f.sync_all().map_err(io(path))?;
+    Ok((w.len, w.fnv.finish()))
 }
 
 /// Replaces `path` with `bytes` atomically: a temporary file in the same directory, fsync, rename,
@@ -186,6 +228,17 @@ impl Checkpoints {
         files: &[(&str, &[u8])],
         metrics: &Map<String, Value>,
     ) -> Result<PathBuf, CheckpointError> {
+        let files: Vec<(&str, &dyn Payload)> = files.iter().map(|(n, b)| (*n, b as &dyn Payload)).collect();
+        self.save_streamed(step, &files, metrics)
+    }
+
+    /// [`Checkpoints::save`] with each file's content written out in pieces by its [`Payload`].
+    pub fn save_streamed(
+        &self,
+        step: u64,
+        files: &[(&str, &dyn Payload)],
+        metrics: &Map<String, Value>,
+    ) -> Result<PathBuf, CheckpointError> {
         let mut names: Vec<&str> = Vec::new();
         for &(name, _) in files {
             let bad = name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) || name == MANIFEST;
@@ -226,17 +279,13 @@ impl Checkpoints {
         &self,
         tmp: &Path,
         step: u64,
-        files: &[(&str, &[u8])],
+        files: &[(&str, &dyn Payload)],
         metrics: &Map<String, Value>,
     ) -> Result<(), CheckpointError> {
         let mut entries = Vec::new();
-        for &(name, bytes) in files {
-            write_synced(&tmp.join(name), bytes)?;
-            entries.push(FileEntry {
-                name: name.into(),
-                size: bytes.len() as u64,
-                fnv1a64: format!("{:016x}", fnv1a64(bytes)),
-            });
+        for &(name, payload) in files {
+            let (size, fnv) = write_synced(&tmp.join(name), payload)?;
+            entries.push(FileEntry { name: name.into(), size, fnv1a64: format!("{fnv:016x}") });
         }
         let manifest = Manifest { format: FORMAT, step, files: entries, metrics: metrics.clone() };
         let json = serde_json::to_vec_pretty(&manifest)

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod export;
 pub mod fingerprint;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod multi;

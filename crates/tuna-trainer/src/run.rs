@@ -136,9 +136,11 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         [Some(cfg.model.as_path()), Some(cfg.train.as_path()), cfg.eval.as_deref()].into_iter().flatten().collect();
     run_dir::check(&cfg.out, cfg.out_mode, &inputs)?;
     let mut s = setup(dev, cfg)?;
+    crate::memory::trace("model and data loaded");
     let schedule = schedule_of(cfg)?;
     // Before any checkpoint is restored: the base weights are still the untrained ones.
     let baseline = untrained_losses(&mut s, cfg)?;
+    crate::memory::trace("untrained losses");
     let mut window: Vec<(u64, f64)> = Vec::new();
     if cfg.out_mode == OutMode::Overwrite {
         // Only now that the new run's model and data have loaded does the old run go.
@@ -148,6 +150,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     let (metric_name, dir) = best_metric(cfg.task);
     let ckpts = Checkpoints::open(&cfg.out.join("checkpoints"), cfg.keep_last, Some((metric_name, dir)))?;
     let (mut st, resumed_from) = start_or_resume(cfg, &s, &mut opt, &ckpts)?;
+    crate::memory::trace("optimizer");
     let mut log = MetricsLog::open(&cfg.out.join("metrics.jsonl"), resumed_from)?;
     let mut progress = Progress::new(cfg.steps, cfg.progress);
     let mut stopped_early = false;
@@ -164,6 +167,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
             return Err(non_finite(st.step + 1, bad, &ckpts));
         }
         st.step += 1;
+        crate::memory::trace(&format!("step {}", st.step));
         // Only an evaluation after the last update describes the weights the run ends with.
         last_eval = None;
         st.train_tokens += batch.real_tokens as u64;
@@ -201,6 +205,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         }
         if st.save_due(cfg.save_every, last, stopped_early, !metrics.is_empty()) {
             state::save(&ckpts, &st, &s.params, &opt, &metrics)?;
+            crate::memory::trace("checkpoint saved");
         }
         if stopped_early {
             progress.println(&st.early_stop_note());

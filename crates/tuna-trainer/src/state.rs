@@ -222,22 +222,48 @@ pub(crate) fn save_groups<B: Backend>(
     groups: &[(&Params<B>, &AdamW<B, f32>)],
     metrics: &Map<String, Value>,
 ) -> Result<()> {
-    let mut weights = Vec::new();
-    let mut moments = Vec::new();
-    for (params, opt) in groups {
+    // Streamed one tensor at a time: a full fine-tuning checkpoint (weights and both moments,
+    // 12 bytes per parameter) never exists whole in memory.
+    let mut names = Vec::new();
+    let mut moment_names = Vec::new();
+    for (params, _) in groups {
         for (n, t) in params.iter() {
-            weights.push((n.clone(), (t.shape().to_vec(), t.to_vec()?)));
-        }
-        for ((n, t), (m, v)) in params.iter().zip(opt.moments()?) {
-            moments.push((format!("{n}.m"), (t.shape().to_vec(), m)));
-            moments.push((format!("{n}.v"), (t.shape().to_vec(), v)));
+            names.push((n.clone(), t.shape().to_vec()));
+            moment_names.push((format!("{n}.m"), t.shape().to_vec()));
+            moment_names.push((format!("{n}.v"), t.shape().to_vec()));
         }
     }
-    let w = io::safetensors_bytes(&weights)?;
-    let o = io::safetensors_bytes(&moments)?;
+    let tensors: Vec<(&Tensor<B, f32>, &AdamW<B, f32>, usize)> = groups
+        .iter()
+        .flat_map(|(params, opt)| params.iter().enumerate().map(move |(i, (_, t))| (t, *opt, i)))
+        .collect();
+    let w = Streamed { tensors: &names, data: &|k: usize| Ok(tensors[k].0.to_vec()?) };
+    let o = Streamed {
+        tensors: &moment_names,
+        data: &|k: usize| {
+            let (_, opt, i) = tensors[k / 2];
+            Ok(opt.moment(i, k % 2 == 1)?)
+        },
+    };
     let s = serde_json::to_vec_pretty(st).unwrap_or_default();
-    ckpts.save(st.step, &[(TRAINABLE, &w), (OPTIMIZER, &o), (STATE, &s)], metrics)?;
+    ckpts.save_streamed(st.step, &[(TRAINABLE, &w), (OPTIMIZER, &o), (STATE, &s)], metrics)?;
     Ok(())
+}
+
+/// A safetensors file of f32 tensors written one tensor at a time (see
+/// [`io::write_safetensors_f32`]).
+struct Streamed<'a> {
+    tensors: &'a [(String, Vec<usize>)],
+    data: &'a dyn Fn(usize) -> Result<Vec<f32>>,
+}
+
+impl crate::checkpoint::Payload for Streamed<'_> {
+    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        io::write_safetensors_f32(w, self.tensors, |k| {
+            (self.data)(k).map_err(|e| tuna_models::Error::InvalidArgument(e.to_string()))
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))
+    }
 }
 
 /// The trainable tensors and AdamW moments of a checkpoint (its files `w` and `o`) into `params`
