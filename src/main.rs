@@ -264,10 +264,7 @@ fn main() -> std::process::ExitCode {
 fn hub(p: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let resolved = tuna::models::hub::resolve(p)?;
     if !resolved.exists() {
-        anyhow::bail!(
-            "--model {}: no such file or folder (nor a Hugging Face model id, org/name)",
-            p.display()
-        );
+        anyhow::bail!("--model {}: no such file or folder (nor a Hugging Face model id, org/name)", p.display());
     }
     Ok(resolved)
 }

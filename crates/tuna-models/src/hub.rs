@@ -47,9 +47,8 @@ pub fn parse_spec(spec: &str) -> Option<(&str, &str, &str, Option<&str>)> {
         Some((id, pick)) => (id, Some(pick)),
         None => (spec, None),
     };
-    let pick_ok = pick.is_none_or(|p| {
-        !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    });
+    let pick_ok = pick
+        .is_none_or(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
     let (org, name, rev) = parse_id(id)?;
     pick_ok.then_some((org, name, rev, pick))
 }
@@ -89,8 +88,8 @@ pub fn resolve_with(spec: &str, cache: &Path, hub: Option<&Hub>) -> Result<PathB
     };
     let failed = |e: String| {
         Error::InvalidArgument(format!(
-            "{spec}: no such file or folder, not in the Hugging Face cache ({why}), and not downloaded from {}: {e}",
-            hub.endpoint
+            "{spec}: no such file or folder, not in the Hugging Face cache ({why}), and not downloaded: {e} \
+             (HF_ENDPOINT names another hub; HF_HUB_OFFLINE=1 stays offline)"
         ))
     };
     hub.download(cache, org, name, rev, pick).map_err(failed)?;

@@ -1,6 +1,6 @@
 //! Downloads from a hub (`tuna_models::hub::download`) against a loopback HTTP server that serves
 //! the tiny Llama fixture in the hub's URL layout: the API's file list, `resolve/<commit>/<file>`
-//! with its ETag and size, LFS files redirected to a "CDN" path, ranges. The server runs on a thread
+//! with its ETag and size, LFS files redirected to a "CDN" (the same server as `localhost`), ranges. The server runs on a thread
 //! bound to 127.0.0.1:0, answers one request per connection with 5 s socket timeouts, and stops when
 //! its test drops it (or after 60 s whatever happens).
 
@@ -40,7 +40,8 @@ impl Server {
     fn start(routes: HashMap<String, Resp>) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}");
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (stop2, seen2) = (stop.clone(), seen.clone());
@@ -49,7 +50,7 @@ impl Server {
             while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
                 match listener.accept() {
                     Ok((s, _)) => {
-                        let _ = answer(s, &routes, &seen2);
+                        let _ = answer(s, port, &routes, &seen2);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2))
@@ -75,8 +76,10 @@ impl Drop for Server {
     }
 }
 
-/// One request on `s`, answered from `routes` (404 otherwise), then the connection closes.
-fn answer(s: TcpStream, routes: &HashMap<String, Resp>, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
+/// One request on `s`, answered from `routes` (404 otherwise), then the connection closes. `CDN`
+/// in a header stands for this server under another host name (`localhost`, where the hub is
+/// `127.0.0.1`), as the hub's CDN is another host.
+fn answer(s: TcpStream, port: u16, routes: &HashMap<String, Resp>, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -102,8 +105,7 @@ fn answer(s: TcpStream, routes: &HashMap<String, Resp>, seen: &Mutex<Vec<String>
     seen.lock().unwrap().push(format!("{method} {path} range={range} auth={auth}"));
     let mut resp = routes.get(&path).cloned().unwrap_or(Resp { status: 404, ..Resp::default() });
     let mut extra = String::new();
-    if let Some(from) = range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).and_then(|n| n.parse().ok())
-    {
+    if let Some(from) = range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).and_then(|n| n.parse().ok()) {
         let from: usize = from;
         if resp.status == 200 && method == "GET" && from < resp.body.len() {
             extra = format!("Content-Range: bytes {from}-{}/{}\r\n", resp.body.len() - 1, resp.body.len());
@@ -113,9 +115,10 @@ fn answer(s: TcpStream, routes: &HashMap<String, Resp>, seen: &Mutex<Vec<String>
         }
     }
     let mut w = s;
-    let mut head = format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n", resp.status, resp.body.len());
+    let mut head =
+        format!("HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n", resp.status, resp.body.len());
     for (k, v) in &resp.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+        head.push_str(&format!("{k}: {}\r\n", v.replace("CDN", &format!("http://localhost:{port}"))));
     }
     head.push_str(&extra);
     head.push_str("\r\n");
@@ -141,7 +144,7 @@ fn fixture() -> PathBuf {
 }
 
 /// The repository `ORG/name` at `COMMIT` (also as `main`) holding `files`: `.safetensors` and
-/// `.gguf` files are LFS files (the hub's answer is a redirect to `/cdn/<sha256>` carrying
+/// `.gguf` files are LFS files (the hub's answer is a redirect to the CDN's `/cdn/<sha256>` carrying
 /// `X-Linked-Etag`/`X-Linked-Size`; `lfs_etag` overrides the announced etag), the others are
 /// served directly with a git etag. Returns the routes and each file's etag.
 fn repo(
@@ -155,7 +158,8 @@ fn repo(
     let info = serde_json::json!({ "id": format!("{ORG}/{name}"), "sha": COMMIT, "siblings": siblings });
     for rev in ["main", COMMIT] {
         let body = info.to_string().into_bytes();
-        routes.insert(format!("/api/models/{ORG}/{name}/revision/{rev}"), Resp { status: 200, body, ..Resp::default() });
+        routes
+            .insert(format!("/api/models/{ORG}/{name}/revision/{rev}"), Resp { status: 200, body, ..Resp::default() });
     }
     for (i, (f, bytes)) in files.iter().enumerate() {
         let path = format!("/{ORG}/{name}/resolve/{COMMIT}/{f}");
@@ -164,7 +168,7 @@ fn repo(
             let sha = sha256(bytes);
             let etag = lfs_etag.map_or(sha.clone(), str::to_string);
             let headers = vec![
-                ("Location".into(), format!("/cdn/{sha}")),
+                ("Location".into(), format!("CDN/cdn/{sha}")),
                 ("X-Linked-Etag".into(), format!("\"{etag}\"")),
                 ("X-Linked-Size".into(), bytes.len().to_string()),
                 commit,
@@ -238,9 +242,13 @@ fn a_download_lays_out_what_tuna_loads_in_the_cache_and_then_loads_offline() {
     }
     assert_eq!(etags["model.safetensors"], sha256(&fixture_bytes("model.safetensors")));
     assert!(names(&repo_dir.join("blobs")).iter().all(|b| !b.ends_with(".incomplete")));
-    // The token goes to the hub, not to the CDN it redirects to.
+    // The token goes to the hub, not to the CDN (another host) it redirects to.
     let seen = srv.seen();
-    assert!(seen.iter().any(|s| s.starts_with("GET /api/models/tiny-org/tiny-llama/revision/main ") && s.ends_with("auth=Bearer t0k")));
+    assert!(
+        seen.iter()
+            .any(|s| s.starts_with("GET /api/models/tiny-org/tiny-llama/revision/main ")
+                && s.ends_with("auth=Bearer t0k"))
+    );
     let cdn: Vec<_> = seen.iter().filter(|s| s.starts_with("GET /cdn/")).collect();
     assert_eq!(cdn.len(), 1, "{seen:?}");
     assert!(cdn[0].ends_with("auth="), "{}", cdn[0]);
@@ -271,7 +279,10 @@ fn a_broken_download_leaves_no_snapshot_entry_and_the_next_one_resumes() {
     let srv = Server::start(routes);
     let cache = tmp("broken");
     let e = hub(&srv.url).download(&cache, ORG, "tiny-llama", "main", None).unwrap_err();
-    assert!(e.contains("model.safetensors") && e.contains("broke off") && e.contains(&format!("of {len} bytes")), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("broke off") && e.contains(&format!("of {len} bytes")),
+        "{e}"
+    );
     drop(srv);
     let repo_dir = cache.join("models--tiny-org--tiny-llama");
     let snap = repo_dir.join("snapshots").join(COMMIT);
@@ -357,8 +368,13 @@ fn a_sharded_checkpoint_brings_its_index_and_shards() {
     let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
     let shard = "model-00001-of-00001.safetensors";
-    let map: serde_json::Map<String, serde_json::Value> =
-        header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").map(|k| (k.clone(), shard.into())).collect();
+    let map: serde_json::Map<String, serde_json::Value> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .map(|k| (k.clone(), shard.into()))
+        .collect();
     let index = serde_json::json!({ "metadata": {}, "weight_map": map }).to_string().into_bytes();
     let files: Vec<(String, Vec<u8>)> = vec![
         ("config.json".into(), fixture_bytes("config.json")),
@@ -370,7 +386,10 @@ fn a_sharded_checkpoint_brings_its_index_and_shards() {
     let cache = tmp("sharded");
     let snap = hub(&srv.url).download(&cache, ORG, "tiny-sharded", "main", None).unwrap();
     drop(srv);
-    assert_eq!(names(&snap), ["config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.json"]);
+    assert_eq!(
+        names(&snap),
+        ["config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    );
     let dev = Arc::new(Cpu);
     let m = AnyModel::<Cpu, f32>::open(&dev, &snap, |_| false).unwrap();
     let by_path = AnyModel::<Cpu, f32>::open(&dev, &fixture(), |_| false).unwrap();

@@ -51,7 +51,10 @@ impl Hub {
             Some(t.trim().to_string()).filter(|t| !t.is_empty())
         });
         Hub {
-            endpoint: var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()).trim_end_matches('/').to_string(),
+            endpoint: var("HF_ENDPOINT")
+                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+                .trim_end_matches('/')
+                .to_string(),
             token,
             timeout: Duration::from_secs(30),
         }
@@ -127,6 +130,9 @@ impl Hub {
             || self.endpoint.starts_with("http://[::1]");
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // The token follows a redirect on the hub's own https host (a renamed repository), not
+            // one to a CDN.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .timeout_connect(Some(self.timeout))
             .timeout_recv_response(Some(self.timeout))
             .timeout_per_read(Some(self.timeout))
@@ -149,8 +155,11 @@ impl Hub {
             None => req,
         };
         let resp = req.call().map_err(|e| match e {
-            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => {
-                format!("the hub at {} could not be reached ({e}) for {url}", self.endpoint)
+            ureq::Error::Io(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound
+            | ureq::Error::Timeout(_) => {
+                format!("the hub at {} could not be reached ({url}: {e})", self.endpoint)
             }
             e => format!("{url}: {e}"),
         })?;
@@ -183,7 +192,7 @@ impl Hub {
         let meta = self.head(agent, &url)?;
         let blobs = repo.join("blobs");
         let blob = blobs.join(&meta.etag);
-        if std::fs::metadata(&blob).map(|m| m.len()) != Ok(meta.size) {
+        if std::fs::metadata(&blob).ok().map(|m| m.len()) != Some(meta.size) {
             let locks = cache.join(".locks").join(format!("models--{org}--{name}"));
             std::fs::create_dir_all(&locks).map_err(|e| io_err(&locks, e))?;
             std::fs::create_dir_all(&blobs).map_err(|e| io_err(&blobs, e))?;
@@ -191,7 +200,7 @@ impl Hub {
             let lock = std::fs::File::create(&lock_path).map_err(|e| io_err(&lock_path, e))?;
             lock.lock().map_err(|e| io_err(&lock_path, e))?;
             // Another process may have finished it while this one waited.
-            if std::fs::metadata(&blob).map(|m| m.len()) != Ok(meta.size) {
+            if std::fs::metadata(&blob).ok().map(|m| m.len()) != Some(meta.size) {
                 self.download_blob(agent, &url, &blob, &meta)?;
             }
             drop(lock);
@@ -347,10 +356,9 @@ pub fn wanted(siblings: &[String], pick: Option<&str>) -> Result<Vec<String>, St
         (1, _) => Ok(vec![chosen[0].clone()]),
         (0, None) => Err("has neither config.json nor a .gguf file".into()),
         (0, Some(p)) => Err(format!("no .gguf file ends with `{p}.gguf` (it has: {})", list())),
-        (_, None) => Err(format!(
-            "has several .gguf files ({}): pick one by the end of its name, as in `org/name:Q4_1`",
-            list()
-        )),
+        (_, None) => {
+            Err(format!("has several .gguf files ({}): pick one by the end of its name, as in `org/name:Q4_1`", list()))
+        }
         (_, Some(p)) => Err(format!("several .gguf files end with `{p}.gguf` ({})", list())),
     }
 }
