@@ -38,7 +38,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// The base model: a Hugging Face folder, a Llama .gguf file, or a cached hub id (org/name).
+    /// The base model: a Hugging Face folder, a Llama .gguf file, or a hub id (org/name), from the
+    /// local Hugging Face cache or downloaded into it.
     #[arg(long)]
     model: std::path::PathBuf,
     /// A folder of adapters: each subfolder holding a PEFT adapter (or a `tuna train` run's
@@ -143,7 +144,7 @@ struct CompareArgs {
 #[derive(clap::Args)]
 struct EvalArgs {
     /// The base model: a Hugging Face folder (or a `--merged` export), a Llama .gguf, or an id
-    /// (`org/name[@revision]`) in the local Hugging Face cache.
+    /// (`org/name[@revision]`) from the local Hugging Face cache, downloaded into it if not there.
     #[arg(long)]
     model: std::path::PathBuf,
     /// An adapter folder (PEFT format, or a `tuna train` run's `adapter/`).
@@ -208,7 +209,7 @@ struct ExportArgs {
 #[derive(clap::Args)]
 struct GenerateArgs {
     /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json), a .gguf file, or an
-    /// id (`org/name[@revision]`) in the local Hugging Face cache.
+    /// id (`org/name[@revision]`) from the local Hugging Face cache, downloaded into it if not there.
     #[arg(long)]
     model: std::path::PathBuf,
     /// The prompt text.
@@ -262,17 +263,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `--model` as a path: given as one, or a Hugging Face id (`org/name[@revision]`) found in the
-/// local hub cache.
-/// `--model` as a path: a folder or file as given, else a Hugging Face id's cached snapshot;
-/// neither is an error here, before any command creates or locks anything.
+/// `--model` as a path: a folder or file as given, else a Hugging Face id's snapshot (from the local
+/// hub cache, or downloaded into it); neither is an error here, before any command creates or locks
+/// anything.
 fn hub(p: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let resolved = tuna::models::hub::resolve(p)?;
     if !resolved.exists() {
-        anyhow::bail!(
-            "--model {}: no such file or folder (nor a model id in the local Hugging Face cache)",
-            p.display()
-        );
+        anyhow::bail!("--model {}: no such file or folder (nor a Hugging Face model id, org/name)", p.display());
     }
     Ok(resolved)
 }

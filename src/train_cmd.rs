@@ -282,7 +282,8 @@ impl MethodArgs {
 pub struct RunArgs {
     /// A Hugging Face folder (config.json, model.safetensors, tokenizer.json), a Llama .gguf, or an
     /// id (`org/name[@revision]`) in the local Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub or
-    /// ~/.cache/huggingface/hub; tuna does not download).
+    /// ~/.cache/huggingface/hub), downloaded into it from $HF_ENDPOINT when not there (never with
+    /// HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// `--model` as given when it was a Hugging Face id (`model` then holds its cached snapshot).

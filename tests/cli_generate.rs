@@ -79,10 +79,13 @@ fn a_model_id_loads_from_a_hugging_face_cache_layout() {
     let d = std::env::temp_dir().join(format!("tuna-cli-hub-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     let cache = hub_cache(&d);
+    // Offline: these come from the cache or fail (the download is tested against a loopback hub in
+    // tuna-models' hub_download tests, and its unreachable case below).
     let gen = |model: &str, cache: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_tuna"))
             .args(["generate", "--model", model, "--prompt", "The cat", "--max-new-tokens", "4"])
             .env("HF_HUB_CACHE", cache)
+            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap()
     };
@@ -95,7 +98,23 @@ fn a_model_id_loads_from_a_hugging_face_cache_layout() {
     let missing = gen("tiny-org/other", &cache);
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(!missing.status.success() && err.contains("models--tiny-org--other does not exist"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE is set"), "{err}");
     let missing = gen("tiny-org/tiny-llama@v9", &cache);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("refs/v9 does not exist"));
+    // Online, with a hub that does not answer (a port nothing listens on): the error names the
+    // cache folder looked in and the endpoint tried ($HF_ENDPOINT read by the CLI).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .args(["generate", "--model", "tiny-org/other", "--prompt", "The cat", "--max-new-tokens", "4"])
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_ENDPOINT", &endpoint)
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let looked = cache.join("models--tiny-org--other");
+    assert!(!out.status.success() && err.contains(&format!("{} does not exist", looked.display())), "{err}");
+    assert!(err.contains(&format!("the hub at {endpoint} could not be reached")), "{err}");
     std::fs::remove_dir_all(&d).unwrap();
 }

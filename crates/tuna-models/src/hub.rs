@@ -5,10 +5,18 @@
 //! `~/.cache/huggingface/hub`, in the hub's layout: `models--<org>--<name>/refs/<revision>` holds the
 //! commit hash of a branch or tag (`main` by default) and `snapshots/<commit>/` the files (links into
 //! `blobs/`). A snapshot with `config.json` is a Hugging Face folder; one without it and with a
-//! single `.gguf` file is that file. tuna does not download: an id not in the cache is an error that
-//! says where it looked.
+//! single `.gguf` file is that file (among several, `org/name:Q4_1` picks the one whose name ends
+//! with `Q4_1.gguf`).
+//!
+//! An id not in the cache is downloaded into it from the hub ([`download`]; `$HF_ENDPOINT`, default
+//! `https://huggingface.co`, with `$HF_TOKEN`) unless `HF_HUB_OFFLINE` is set; a cached id is used
+//! as it is, without asking the hub for a newer commit. Where neither works, the error names the
+//! cache folder looked in and the endpoint tried.
+
+pub mod download;
 
 use crate::error::{Error, Result};
+use download::Hub;
 use std::path::{Path, PathBuf};
 
 /// The hub cache folder the environment names (see the module doc), if one can be named.
@@ -32,32 +40,72 @@ pub fn parse_id(spec: &str) -> Option<(&str, &str, &str)> {
     (ok(org) && ok(name) && !rev.is_empty() && !rev.contains(['/', '\\'])).then_some((org, name, rev))
 }
 
+/// `org/name[@revision][:pick]` split, when `spec` has that shape: [`parse_id`]'s, and `pick` (id
+/// characters) choosing among a GGUF repository's files.
+pub fn parse_spec(spec: &str) -> Option<(&str, &str, &str, Option<&str>)> {
+    let (id, pick) = match spec.rsplit_once(':') {
+        Some((id, pick)) => (id, Some(pick)),
+        None => (spec, None),
+    };
+    let pick_ok = pick
+        .is_none_or(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
+    let (org, name, rev) = parse_id(id)?;
+    pick_ok.then_some((org, name, rev, pick))
+}
+
 /// `spec` as given when it exists (a folder or a file); otherwise, when it has the shape of a hub id,
-/// the cached snapshot it names (see the module doc); otherwise `spec` unchanged (its load reports
-/// what is missing).
+/// the snapshot it names, from the cache or downloaded into it (see the module doc); otherwise `spec`
+/// unchanged (its load reports what is missing). The environment is read here, and only here.
 pub fn resolve(spec: &Path) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_path_buf());
     }
-    let Some((org, name, rev)) = spec.to_str().and_then(parse_id) else { return Ok(spec.to_path_buf()) };
+    let Some(id) = spec.to_str().filter(|s| parse_spec(s).is_some()) else { return Ok(spec.to_path_buf()) };
     let cache = cache_dir().ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "{}: no such file or folder, and no Hugging Face cache to look in (set HF_HOME or HF_HUB_CACHE)",
-            spec.display()
+            "{id}: no such file or folder, and no Hugging Face cache to look in (set HF_HOME or HF_HUB_CACHE)"
         ))
     })?;
-    resolve_in(&cache, org, name, rev).map_err(|why| {
-        Error::InvalidArgument(format!(
-            "{}: no such file or folder, and not in the Hugging Face cache: {why} (tuna does not download; \
-             `huggingface-cli download {org}/{name}` or transformers' from_pretrained fills that cache)",
-            spec.display()
-        ))
-    })
+    let hub = (!download::offline()).then(Hub::from_env);
+    resolve_with(id, &cache, hub.as_ref())
 }
 
-/// The snapshot of `org/name` at `rev` (a branch or tag under `refs/`, or a commit) in `cache`;
+/// The hub id `spec` (see [`parse_spec`]) from the hub cache folder `cache`; where it is not there,
+/// downloaded into it through `hub` (`None`: offline). The error names the folder looked in and the
+/// endpoint tried.
+pub fn resolve_with(spec: &str, cache: &Path, hub: Option<&Hub>) -> Result<PathBuf> {
+    let (org, name, rev, pick) = parse_spec(spec)
+        .ok_or_else(|| Error::InvalidArgument(format!("{spec}: not a Hugging Face id (org/name[@revision])")))?;
+    let why = match resolve_in(cache, org, name, rev, pick) {
+        Ok(p) => return Ok(p),
+        Err(why) => why,
+    };
+    let Some(hub) = hub else {
+        return Err(Error::InvalidArgument(format!(
+            "{spec}: no such file or folder, and not in the Hugging Face cache: {why} (HF_HUB_OFFLINE is set, \
+             so tuna does not download; `huggingface-cli download {org}/{name}` fills that cache)"
+        )));
+    };
+    let failed = |e: String| {
+        Error::InvalidArgument(format!(
+            "{spec}: no such file or folder, not in the Hugging Face cache ({why}), and not downloaded: {e} \
+             (HF_ENDPOINT names another hub; HF_HUB_OFFLINE=1 stays offline)"
+        ))
+    };
+    hub.download(cache, org, name, rev, pick).map_err(failed)?;
+    resolve_in(cache, org, name, rev, pick).map_err(failed)
+}
+
+/// The snapshot of `org/name` at `rev` (a branch or tag under `refs/`, or a commit) in `cache`, or
+/// for a GGUF repository its `.gguf` file (`pick`: the one whose name ends with `{pick}.gguf`);
 /// `Err` says what was missing.
-pub fn resolve_in(cache: &Path, org: &str, name: &str, rev: &str) -> std::result::Result<PathBuf, String> {
+pub fn resolve_in(
+    cache: &Path,
+    org: &str,
+    name: &str,
+    rev: &str,
+    pick: Option<&str>,
+) -> std::result::Result<PathBuf, String> {
     let repo = cache.join(format!("models--{org}--{name}"));
     if !repo.is_dir() {
         return Err(format!("{} does not exist", repo.display()));
@@ -76,24 +124,19 @@ pub fn resolve_in(cache: &Path, org: &str, name: &str, rev: &str) -> std::result
     if !snap.is_dir() {
         return Err(format!("{} does not exist", snap.display()));
     }
-    if snap.join("config.json").exists() {
+    if pick.is_none() && snap.join("config.json").exists() {
         return Ok(snap);
     }
-    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&snap)
+    let mut names: Vec<String> = std::fs::read_dir(&snap)
         .map_err(|e| format!("{}: {e}", snap.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".gguf") && snap.join(n).exists())
         .collect();
-    ggufs.sort();
-    match ggufs.len() {
-        1 => Ok(ggufs.remove(0)),
-        0 => Err(format!("{} holds neither config.json nor a .gguf file", snap.display())),
-        _ => Err(format!(
-            "{} holds several .gguf files ({}): give the one to load as its path",
-            snap.display(),
-            ggufs.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>().join(", ")
-        )),
-    }
+    names.sort();
+    // The same choice as a download's.
+    download::wanted(&names, pick)
+        .map(|mut f| snap.join(f.remove(0)))
+        .map_err(|e| format!("{} {}", snap.display(), e.replacen("has ", "holds ", 1)))
 }
 
 #[cfg(test)]
@@ -107,6 +150,11 @@ mod tests {
         for bad in ["gpt2", "a/b/c", "/abs", "./x", "a/", "../b", "a/b@", "a/b@x/y", "a b/c"] {
             assert_eq!(parse_id(bad), None, "{bad}");
         }
+        assert_eq!(parse_spec("a/b@v1:Q4_1"), Some(("a", "b", "v1", Some("Q4_1"))));
+        assert_eq!(parse_spec("a/b"), Some(("a", "b", "main", None)));
+        for bad in ["a/b:", "a/b:x/y", "a:b", "a/b@:Q4"] {
+            assert_eq!(parse_spec(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -119,19 +167,23 @@ mod tests {
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "0123abcd\n").unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
-        assert_eq!(resolve_in(&root, "org", "tiny", "main").unwrap(), snap);
-        assert_eq!(resolve_in(&root, "org", "tiny", "0123abcd").unwrap(), snap);
-        let e = resolve_in(&root, "org", "tiny", "v2").unwrap_err();
+        assert_eq!(resolve_in(&root, "org", "tiny", "main", None).unwrap(), snap);
+        assert_eq!(resolve_in(&root, "org", "tiny", "0123abcd", None).unwrap(), snap);
+        let e = resolve_in(&root, "org", "tiny", "v2", None).unwrap_err();
         assert!(e.contains("refs/v2 does not exist"), "{e}");
-        let e = resolve_in(&root, "org", "other", "main").unwrap_err();
+        let e = resolve_in(&root, "org", "other", "main", None).unwrap_err();
         assert!(e.contains("models--org--other does not exist"), "{e}");
         // A GGUF repository: its one .gguf file; two are ambiguous.
         std::fs::remove_file(snap.join("config.json")).unwrap();
         std::fs::write(snap.join("m.Q4_1.gguf"), "").unwrap();
-        assert_eq!(resolve_in(&root, "org", "tiny", "main").unwrap(), snap.join("m.Q4_1.gguf"));
+        assert_eq!(resolve_in(&root, "org", "tiny", "main", None).unwrap(), snap.join("m.Q4_1.gguf"));
         std::fs::write(snap.join("m.Q8_0.gguf"), "").unwrap();
-        let e = resolve_in(&root, "org", "tiny", "main").unwrap_err();
-        assert!(e.contains("several .gguf files (m.Q4_1.gguf, m.Q8_0.gguf)"), "{e}");
+        let e = resolve_in(&root, "org", "tiny", "main", None).unwrap_err();
+        assert!(e.contains("several .gguf files (m.Q4_1.gguf, m.Q8_0.gguf): pick one"), "{e}");
+        // `:pick` chooses by the end of the name, case aside.
+        assert_eq!(resolve_in(&root, "org", "tiny", "main", Some("q8_0")).unwrap(), snap.join("m.Q8_0.gguf"));
+        let e = resolve_in(&root, "org", "tiny", "main", Some("Q5_K")).unwrap_err();
+        assert!(e.contains("no .gguf file ends with `Q5_K.gguf`"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
