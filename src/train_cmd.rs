@@ -364,6 +364,10 @@ pub struct RunArgs {
     /// --micro-batch below --batch-size) and no global-norm clipping (--clip 0).
     #[arg(long)]
     pub update_in_backward: bool,
+    /// Start even when the memory plan (printed before the first step on the CPU) predicts a peak
+    /// above the memory available.
+    #[arg(long)]
+    pub no_memory_check: bool,
     /// Evaluate every N steps (N >= 1; with --eval; also at the end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
@@ -497,6 +501,7 @@ impl RunArgs {
             clip: (self.clip > 0.0).then_some(self.clip),
             checkpoint_activations: self.checkpoint_activations,
             update_in_backward: self.update_in_backward,
+            memory_check: !self.no_memory_check,
             eval_every: self.eval_every,
             save_every: self.save_every,
             patience: self.patience,
@@ -620,7 +625,12 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
     if s.steps > 0 {
         t.row("throughput", tuna_trainer::tokens_per_s(s.tokens_per_s));
     }
-    t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
+    let mut peak = tuna_trainer::human_bytes(s.peak_rss_bytes);
+    if let Some(p) = s.predicted_peak_bytes {
+        let off = (s.peak_rss_bytes as f64 / p.max(1) as f64 - 1.0) * 100.0;
+        peak += &format!(" (the memory plan predicted {}: {off:+.0}%)", tuna_trainer::human_bytes(p));
+    }
+    t.row("peak memory", peak);
     t.row("checkpoint", format!("{} ({})", s.export, tuna_trainer::human_bytes(s.checkpoint_bytes)));
     print!("{t}");
     if let Some(h) = &s.hurting {

@@ -449,6 +449,38 @@ fn updating_in_the_backward_trains_the_same_numbers_and_refuses_what_it_cannot_d
 }
 
 #[test]
+fn the_memory_plan_predicts_the_peak_and_refuses_a_run_that_will_not_fit() {
+    let d = tmp("memory-plan");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let a = set(train_args(&out, &train, 2, &[]), "--method", "full");
+    ok(&tuna(&a));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (predicted, rss, heap) =
+        (s["predicted_peak_bytes"].as_u64(), s["peak_rss_bytes"].as_u64().unwrap(), s["peak_heap_bytes"].as_u64());
+    let (predicted, heap) = (predicted.expect("a CPU run has a plan"), heap.expect("the heap is counted"));
+    assert!(heap > 0 && heap <= rss, "heap {heap}, resident {rss}");
+    // The tiny model's peak is mostly the program itself: the prediction is in its range.
+    assert!(predicted > rss / 2 && predicted < rss * 2, "predicted {predicted}, measured {rss}");
+    // Pretending a smaller machine: refused before anything is replaced, with what would fit.
+    let run = |args: &[String], avail: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tuna"));
+        c.args(args).env("TUNA_MEMORY_AVAILABLE", avail).output().unwrap()
+    };
+    let mut over = a.clone();
+    over.push("--overwrite".into());
+    let err = fails(&run(&over, &(predicted * 9 / 10).to_string()), "the memory plan predicts a peak of");
+    assert!(err.contains("--no-memory-check starts anyway"), "{err}");
+    assert!(out.join("summary.json").exists(), "the refused run replaced the old one: {err}");
+    // Nothing fits 1 KB: no flag is suggested, but a shorter --max-len is.
+    fails(&run(&over, "1000"), "try a shorter --max-len");
+    over.push("--no-memory-check".into());
+    ok(&run(&over, "1000"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn an_invalid_checkpoint_policy_is_an_error_naming_the_flag() {
     let d = tmp("ckpt-policy");
     let train = data(&d, "train.jsonl", 4, false);

@@ -298,6 +298,20 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
     }
 }
 
+/// The backward of `loss` with each parameter's gradient dropped as soon as it is complete: the
+/// memory [`AdamW::backward_and_step`] needs, without updating anything (a memory probe).
+pub fn backward_discarding<B: Kernels<E>, E: Float>(loss: &Tensor<B, E>, params: &[&Tensor<B, E>]) -> Result<()> {
+    let by_id: std::collections::HashMap<u64, &Tensor<B, E>> = params.iter().map(|p| (p.id(), *p)).collect();
+    loss.backward_updating(&mut |id| {
+        if let Some(p) = by_id.get(&id) {
+            p.zero_grad();
+        }
+        Ok(())
+    })?;
+    zero_grad(params);
+    Ok(())
+}
+
 /// What [`AdamW::backward_and_step`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InBackward {

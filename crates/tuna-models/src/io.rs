@@ -88,7 +88,12 @@ pub fn write_safetensors_f32(
 /// and the folder synced (so the rename is durable). Readers see the old file or the new one,
 /// never a torn one. The one implementation tuna's crates use.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+    write_atomic_with(path, |w| w.write_all(bytes).map_err(|e| Error::Io { path: path.to_path_buf(), source: e }))
+}
+
+/// [`write_atomic`] with the content written by `write` (in pieces: a large file need not exist in
+/// memory whole). An error from `write` leaves `path` as it was and no temporary file behind.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn std::io::Write) -> Result<()>) -> Result<()> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |e| Error::Io { path: p, source: e }
@@ -99,10 +104,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .map_err(io(&tmp))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    let written = std::fs::File::create(&tmp).map_err(io(&tmp)).and_then(|f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))
+    });
     if written.is_err() {
         // A full disk or a read-only folder leaves no temporary file behind.
         let _ = std::fs::remove_file(&tmp);

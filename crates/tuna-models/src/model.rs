@@ -448,11 +448,17 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         for l in ad.lora.values() {
             l.merge()?;
         }
-        let weights = self.named_weights().into_iter().map(|(n, t)| Ok((n, host(&t)?))).collect::<Result<Vec<_>>>();
+        // Streamed one tensor at a time: the model is never copied to the host whole.
+        let named = self.named_weights();
+        let shapes: Vec<(String, Vec<usize>)> = named.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect();
+        let written = crate::io::write_atomic_with(&dir.join("model.safetensors"), |w| {
+            crate::io::write_safetensors_f32(w, &shapes, |i| Ok(host(&named[i].1)?.1))
+        });
+        drop(named);
         for l in ad.lora.values() {
             l.unmerge()?;
         }
-        crate::io::write_atomic(&dir.join("model.safetensors"), &crate::io::safetensors_bytes(&weights?)?)?;
+        written?;
         if !ad.extra.is_empty() {
             let e = ad.extra.iter().map(|(n, t)| Ok((n.clone(), host(t)?))).collect::<Result<Vec<_>>>()?;
             crate::io::write_atomic(&dir.join(peft::EXTRA), &crate::io::safetensors_bytes(&e)?)?;

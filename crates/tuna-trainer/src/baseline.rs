@@ -264,6 +264,8 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
         lr: None,
         warmup: None,
         hurting: None,
+        predicted_peak_bytes: None,
+        peak_heap_bytes: crate::memory::peak(),
     };
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     write_atomic(&cfg.out.join("summary.json"), text.as_bytes())?;

@@ -131,6 +131,29 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The first row's last `n` real tokens (fewer if it has fewer) as a batch of one row: the
+    /// end of a row, where a classification's or completion's loss terms are.
+    pub fn row_tail(&self, n: usize) -> Batch {
+        let row = |v: usize| v..v + self.seq;
+        let used: Vec<usize> = (0..self.seq).filter(|&c| self.mask[c] == 1).collect();
+        let hi = used.last().map_or(0, |c| c + 1);
+        let lo = hi.saturating_sub(n).max(used.first().copied().unwrap_or(0));
+        let span = row(0).start + lo..row(0).start + hi;
+        let (ids, mask, targets) =
+            (self.ids[span.clone()].to_vec(), self.mask[span.clone()].to_vec(), self.targets[span].to_vec());
+        Batch {
+            real_tokens: mask.iter().filter(|&&m| m == 1).count(),
+            target_tokens: targets.iter().filter(|&&t| t != IGNORE_INDEX).count(),
+            ids,
+            mask,
+            targets,
+            classes: self.classes.first().map(|&c| vec![c]).unwrap_or_default(),
+            examples: self.examples.first().map(|&e| vec![e]).unwrap_or_default(),
+            batch: 1,
+            seq: hi - lo,
+        }
+    }
+
     /// Splits into micro-batches of at most `micro` rows, each trimmed to its own longest row (the
     /// padding side is kept).
     pub fn split(&self, micro: usize) -> Result<Vec<Batch>, BatchError> {
@@ -231,6 +254,12 @@ impl Batcher {
     /// How many examples were truncated to `max_len` (for a warning).
     pub fn truncated(&self) -> usize {
         self.truncated
+    }
+
+    /// The longest row a batch can have (tokens, after any truncation).
+    pub fn longest(&self) -> usize {
+        let n = self.examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        self.cfg.max_len.map_or(n, |m| n.min(m))
     }
 
     pub fn batches_per_epoch(&self) -> usize {

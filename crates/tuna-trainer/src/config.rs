@@ -47,6 +47,8 @@ pub struct TrainConfig {
     /// AdamW inside the backward: each trainable tensor updated, and its gradient freed, as soon
     /// as its gradient is complete (one pass per step, no global-norm clipping; the same numbers).
     pub update_in_backward: bool,
+    /// Refuse to start when the memory plan's predicted peak exceeds the memory available.
+    pub memory_check: bool,
     pub eval_every: u64,
     pub save_every: u64,
     /// Stop after this many evaluations without improvement.
@@ -96,6 +98,12 @@ pub struct RunSummary {
     /// model's loss on the same batches: the adaptation is hurting.
     #[serde(default)]
     pub hurting: Option<Hurting>,
+    /// The memory plan's predicted peak resident set (CPU runs; absent in older summaries).
+    #[serde(default)]
+    pub predicted_peak_bytes: Option<u64>,
+    /// The heap's measured peak (live allocations), beside `peak_rss_bytes`.
+    #[serde(default)]
+    pub peak_heap_bytes: Option<u64>,
 }
 
 /// A run's training loss against the untrained model's (the method set aside, a task head at its

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod multi;
+pub mod plan;
 pub mod profile;
 pub mod progress;
 pub mod run;

@@ -709,6 +709,7 @@ mod tests {
             model_name: None,
             checkpoint_activations: Default::default(),
             update_in_backward: false,
+            memory_check: true,
             model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
             method,
             task,

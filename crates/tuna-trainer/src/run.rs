@@ -141,6 +141,8 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
     // Before any checkpoint is restored: the base weights are still the untrained ones.
     let baseline = untrained_losses(&mut s, cfg)?;
     crate::memory::trace("untrained losses");
+    // Before anything is replaced or allocated for the optimizer: a run that will not fit says so.
+    let plan = memory_plan(&mut s, cfg, dev)?;
     let mut window: Vec<(u64, f64)> = Vec::new();
     if cfg.out_mode == OutMode::Overwrite {
         // Only now that the new run's model and data have loaded does the old run go.
@@ -220,7 +222,50 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
         (Some(_), true) => earlier_verdict(&cfg.out),
         _ => hurting(&baseline, &window),
     };
-    finish(cfg, &s, &st, stopped_early, verdict, last_eval)
+    finish(cfg, &s, &st, stopped_early, verdict, last_eval, plan.as_ref())
+}
+
+/// The memory plan of a CPU run (printed), checked against the memory available: a run predicted
+/// not to fit is refused with the flags that would make it fit (unless `--no-memory-check`).
+fn memory_plan<B: Backend>(
+    s: &mut Setup<B>,
+    cfg: &TrainConfig,
+    dev: &Arc<B>,
+) -> Result<Option<crate::plan::MemoryPlan>> {
+    if !dev.device_name().starts_with("cpu") {
+        return Ok(None);
+    }
+    let numel: usize = s.params.iter().map(|(_, t)| t.numel()).sum();
+    let per = match cfg.optimizer_state {
+        tuna_autograd::optim::MomentStorage::Master => 8,
+        tuna_autograd::optim::MomentStorage::Bf16 => 4,
+    };
+    let first = s.batcher.next_batch(&mut crate::batch::Cursor::default());
+    let Some(plan) = crate::plan::plan(s, cfg, &first, (numel * per) as u64)? else { return Ok(None) };
+    if cfg.progress || std::env::var_os("TUNA_MEM_TRACE").is_some() {
+        eprintln!("{}", plan.describe());
+    }
+    if let (true, Some(avail)) = (cfg.memory_check, crate::plan::available_bytes()) {
+        if plan.peak() > avail {
+            let fixes = plan.fits_with(cfg, avail);
+            let fixes = if fixes.is_empty() {
+                "no change of --checkpoint-activations, --optimizer-state or --micro-batch alone fits; try a shorter --max-len".to_string()
+            } else {
+                fixes
+                    .iter()
+                    .map(|(f, p)| format!("{f} (peak {})", crate::human_bytes(*p)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(TrainError::Invalid(format!(
+                "the memory plan predicts a peak of {} but {} is available: {fixes}; --no-memory-check starts anyway\n{}",
+                crate::human_bytes(plan.peak()),
+                crate::human_bytes(avail),
+                plan.describe()
+            )));
+        }
+    }
+    Ok(Some(plan))
 }
 
 /// Training steps at the end of a run whose loss is compared with the untrained model's on the
@@ -327,6 +372,7 @@ fn finish<B: Backend>(
     stopped_early: bool,
     hurting: Option<Hurting>,
     last_eval: Option<EvalMetrics>,
+    plan: Option<&crate::plan::MemoryPlan>,
 ) -> Result<RunSummary> {
     let final_eval: Option<EvalMetrics> = match (&s.eval_batcher, last_eval) {
         (Some(_), Some(e)) => Some(e),
@@ -342,6 +388,8 @@ fn finish<B: Backend>(
     }
     .write(&export)?;
     let summary = RunSummary {
+        predicted_peak_bytes: plan.map(|p| p.peak()),
+        peak_heap_bytes: crate::memory::peak(),
         method: cfg.method.name().into(),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),
@@ -580,4 +628,4 @@ pub(crate) fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &
 
 #[cfg(test)]
 #[path = "run_tests.rs"]
-mod tests;
+pub(crate) mod tests;

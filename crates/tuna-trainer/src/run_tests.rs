@@ -7,7 +7,7 @@ use crate::schedule::Decay;
 use tuna_kernels::Cpu;
 use tuna_models::adapt::{LoraConfig, Method};
 
-fn config(task: Task, dir: &Path) -> TrainConfig {
+pub(crate) fn config(task: Task, dir: &Path) -> TrainConfig {
     let data = dir.join("train.jsonl");
     // Ragged rows (left-padded in a batch), two classes.
     let texts = ["The cat sat on the mat and the dog ran.", "A dog ran.", "The bird sang a song in the park.", "Hi."];
@@ -42,6 +42,7 @@ fn config(task: Task, dir: &Path) -> TrainConfig {
         optimizer_state: Default::default(),
         checkpoint_activations: Default::default(),
         update_in_backward: false,
+        memory_check: true,
         clip: None,
         eval_every: 1,
         save_every: 1,
