@@ -233,7 +233,7 @@ pub(crate) fn save_groups<B: Backend>(
             moment_names.push((format!("{n}.v"), t.shape().to_vec()));
         }
     }
-    let tensors: Vec<(&Tensor<B, f32>, &AdamW<B, f32>, usize)> = groups
+    let tensors: Vec<Slot<B>> = groups
         .iter()
         .flat_map(|(params, opt)| params.iter().enumerate().map(move |(i, (_, t))| (t, *opt, i)))
         .collect();
@@ -249,6 +249,9 @@ pub(crate) fn save_groups<B: Backend>(
     ckpts.save_streamed(st.step, &[(TRAINABLE, &w), (OPTIMIZER, &o), (STATE, &s)], metrics)?;
     Ok(())
 }
+
+/// A trainable tensor, its optimizer and its index there.
+type Slot<'a, B> = (&'a Tensor<B, f32>, &'a AdamW<B, f32>, usize);
 
 /// A safetensors file of f32 tensors written one tensor at a time (see
 /// [`io::write_safetensors_f32`]).
