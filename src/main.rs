@@ -532,7 +532,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runs = tuna::compare_cmd::run(&methods, &args, &out, plan.as_ref(), base_lr)?;
             let paths = tuna::compare_cmd::write(&runs, &out)?;
             println!("{}", tuna::compare_cmd::table(&runs));
-            println!("wrote {}, {}, {}", paths[0].display(), paths[1].display(), paths[2].display());
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            println!("wrote {}", names.join(", "));
         }
     }
     Ok(())
