@@ -1,6 +1,8 @@
-//! The README's picture of `tuna compare`'s report: the panels a comparison wrote (compare.svg,
+//! The README's picture of `tuna compare`'s report: the report's panels (compare.svg,
 //! compare-curves.svg, compare-speed.svg, compare-checkpoint.svg), stacked on one white page and
-//! rendered with resvg into a PNG.
+//! rendered with resvg into a PNG. The report is first written again from the folder's
+//! compare.json and run folders with this build's code (so a comparison made by an older tuna,
+//! whose rows name no run folder, gets the panels too: a row's folder is then its method's).
 //!
 //! ```sh
 //! cargo run --example compare_report_png -- runs/compare docs/compare-report.png
@@ -20,6 +22,13 @@ fn main() -> anyhow::Result<()> {
     if fonts == 0 {
         anyhow::bail!("no fonts found: the panels' text could not be drawn");
     }
+    let json = std::path::Path::new(dir).join("compare.json");
+    let text = std::fs::read_to_string(&json).map_err(|e| anyhow::anyhow!("{}: {e}", json.display()))?;
+    let mut rows: Vec<tuna::compare_cmd::Row> = serde_json::from_str(&text)?;
+    for r in rows.iter_mut().filter(|r| r.run_dir.is_none()) {
+        r.run_dir = Some(r.run.method.clone()).filter(|m| std::path::Path::new(dir).join(m).is_dir());
+    }
+    tuna::compare_cmd::write(&rows, std::path::Path::new(dir))?;
     // Each panel at its own size, one under the other, centred on the widest.
     let mut panels = Vec::new();
     for f in PANELS {

@@ -26,7 +26,8 @@ enum Command {
     /// Write an adapter as a PEFT folder, or merged into the base model as a Hugging Face folder.
     Export(ExportArgs),
     /// Train several methods with the same data and budget and print the trade-off table (also
-    /// JSON and SVG). Without --model/--train: all-MiniLM-L6-v2 on movie-review polarity.
+    /// JSON, and a report: compare.html with SVG panels). Without --model/--train: all-MiniLM-L6-v2
+    /// on movie-review polarity.
     Compare(CompareArgs),
     /// Time a few training steps per op kind (forward and backward), like `train` but writing
     /// nothing: where a method's step time goes on this model and data.

@@ -23,7 +23,8 @@ pub fn options() -> (usvg::Options<'static>, usize) {
             db.load_font_data(data);
         }
     }
-    if let Some(family) = db.faces().next().and_then(|f| f.families.first()).map(|f| f.0.clone()) {
+    let first = db.faces().next().and_then(|f| f.families.first()).map(|f| f.0.clone());
+    if let Some(family) = first {
         db.set_sans_serif_family(family);
     }
     (opt, files.len())
