@@ -128,10 +128,18 @@ fn text_w(s: &str) -> f64 {
 /// An axis: where a value falls (0 to 1 along the axis) and the ticks to label.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scale {
-    Linear { lo: f64, hi: f64, step: f64 },
+    Linear {
+        lo: f64,
+        hi: f64,
+        step: f64,
+    },
     /// Decades `10^lo` to `10^hi`; with `zero`, the axis starts with a labelled 0 set apart from
     /// the decades (a log axis has no place for 0 otherwise).
-    Log { lo: i32, hi: i32, zero: bool },
+    Log {
+        lo: i32,
+        hi: i32,
+        zero: bool,
+    },
 }
 
 /// The share of a log axis given to its 0 position (and the gap after it).
@@ -156,10 +164,28 @@ impl Scale {
             let d = if hi == 0.0 { 1.0 } else { hi.abs() * 0.1 };
             (lo, hi) = if from_zero && lo >= 0.0 { (0.0, hi + d) } else { (lo - d, hi + d) };
         }
+        Scale::nice(lo, hi, false)
+    }
+
+    /// A step axis: 0 to `max` (at least 1) with whole-number ticks.
+    pub fn steps(max: f64) -> Scale {
+        Scale::nice(0.0, if max.is_finite() { max.max(1.0) } else { 1.0 }, true)
+    }
+
+    /// `lo` to `hi` widened to round ticks, about five: steps of 1, 2, 2.5 or 5 times a power of
+    /// ten (`whole`: no 2.5 and at least 1).
+    fn nice(lo: f64, hi: f64, whole: bool) -> Scale {
         let raw = (hi - lo) / 5.0;
         let mag = 10f64.powf(raw.log10().floor());
-        let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
-        Scale::Linear { lo: (lo / step).floor() * step, hi: (hi / step).ceil() * step, step }
+        let mults: &[f64] = if whole { &[1.0, 2.0, 5.0, 10.0] } else { &[1.0, 2.0, 2.5, 5.0, 10.0] };
+        let mut step = mults.iter().map(|m| m * mag).find(|s| *s >= raw * (1.0 - 1e-9)).unwrap_or(10.0 * mag);
+        if whole {
+            step = step.max(1.0).round();
+        }
+        // The small tolerance keeps a bound that is a tick (0.8 / 0.02 = 40.000000000000004) one.
+        let lo = ((lo / step) + 1e-9).floor() * step;
+        let hi = ((hi / step) - 1e-9).ceil() * step;
+        Scale::Linear { lo, hi, step }
     }
 
     /// A log axis over the decades around the positive finite `values`; a 0 among them adds the
@@ -201,8 +227,7 @@ impl Scale {
                 (0..=n)
                     .map(|k| {
                         let v = lo + k as f64 * step;
-                        let label =
-                            if v.abs() >= 1000.0 { human(v) } else { trim_zeros(format!("{v:.decimals$}")) };
+                        let label = if v.abs() >= 1000.0 { human(v) } else { trim_zeros(format!("{v:.decimals$}")) };
                         ((v - lo) / (hi - lo), label)
                     })
                     .collect()
@@ -221,7 +246,8 @@ impl Scale {
     }
 }
 
-/// A plot area in pixels and its two scales.
+/// A plot area in pixels and its two scales; the scales span the area less an inset of
+/// [`INSET`] on each side, so that points at the ends of a scale stay off the frame.
 struct Area {
     x: f64,
     y: f64,
@@ -231,19 +257,26 @@ struct Area {
     sy: Scale,
 }
 
+const INSET: f64 = 0.04;
+
+/// A fraction of a scale as a fraction of the plot area.
+fn inset(f: f64) -> f64 {
+    INSET + f * (1.0 - 2.0 * INSET)
+}
+
 impl Area {
     fn px(&self, v: f64) -> Option<f64> {
-        self.sx.frac(v).map(|f| self.x + f * self.w)
+        self.sx.frac(v).map(|f| self.x + inset(f) * self.w)
     }
     fn py(&self, v: f64) -> Option<f64> {
-        self.sy.frac(v).map(|f| self.y + self.h - f * self.h)
+        self.sy.frac(v).map(|f| self.y + self.h - inset(f) * self.h)
     }
 
     /// The frame, grid lines, tick labels and axis titles.
     fn axes(&self, s: &mut String, xtitle: &str, ytitle: &str) {
         let (x, y, w, h) = (self.x, self.y, self.w, self.h);
         for (f, label) in self.sx.ticks() {
-            let px = x + f * w;
+            let px = x + inset(f) * w;
             let _ = writeln!(
                 s,
                 "<line x1=\"{px:.1}\" y1=\"{y:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/>\n<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
@@ -253,7 +286,7 @@ impl Area {
             );
         }
         for (f, label) in self.sy.ticks() {
-            let py = y + h - f * h;
+            let py = y + h - inset(f) * h;
             let _ = writeln!(
                 s,
                 "<line x1=\"{x:.1}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#e5e5e5\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
@@ -269,7 +302,7 @@ impl Area {
         );
         if let Scale::Log { zero: true, .. } = self.sx {
             // The break between 0 and the first decade.
-            let bx = x + ZERO_GAP / 2.0 * w;
+            let bx = x + inset(ZERO_GAP / 2.0) * w;
             let _ = writeln!(
                 s,
                 "<path d=\"M{:.1} {:.1} l6 -8 M{:.1} {:.1} l6 -8\" stroke=\"#333\"/>",
@@ -316,12 +349,7 @@ fn metric(rows: &[Row]) -> (&'static str, bool) {
 }
 
 fn row_metric(r: &Row, accuracy: bool) -> Option<f64> {
-    if accuracy {
-        r.run.eval_accuracy
-    } else {
-        r.run.eval_loss
-    }
-    .filter(|v| v.is_finite())
+    if accuracy { r.run.eval_accuracy } else { r.run.eval_loss }.filter(|v| v.is_finite())
 }
 
 /// Panel 1: the eval metric (y) against trainable parameters (x, log scale with human ticks and a
@@ -329,9 +357,11 @@ fn row_metric(r: &Row, accuracy: bool) -> Option<f64> {
 pub fn accuracy_svg(rows: &[Row]) -> String {
     let (name, acc) = metric(rows);
     let (w, h) = (720.0, 420.0);
-    let pts: Vec<(f64, f64, String)> = rows
+    // (params, metric, label, row index: each method keeps its colour across the panels)
+    let pts: Vec<(f64, f64, String, usize)> = rows
         .iter()
-        .filter_map(|r| row_metric(r, acc).map(|m| (r.run.trainable_params as f64, m, short(&r.run.method))))
+        .enumerate()
+        .filter_map(|(i, r)| row_metric(r, acc).map(|m| (r.run.trainable_params as f64, m, short(&r.run.method), i)))
         .collect();
     let missing: Vec<&str> =
         rows.iter().filter(|r| row_metric(r, acc).is_none()).map(|r| r.run.method.as_str()).collect();
@@ -348,7 +378,7 @@ pub fn accuracy_svg(rows: &[Row]) -> String {
     // Labels right of their point (left near the right edge), moved down or up past the labels
     // already placed.
     let mut placed: Vec<(f64, f64, f64, f64)> = Vec::new();
-    for (i, (x, y, label)) in pts.iter().enumerate() {
+    for (x, y, label, i) in &pts {
         let (Some(px), Some(py)) = (area.px(*x), area.py(*y)) else { continue };
         let color = COLORS[i % COLORS.len()];
         let _ = writeln!(s, "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"5\" fill=\"{color}\"/>");
@@ -386,7 +416,8 @@ fn note(s: &mut String, text: &str, w: f64, y: f64) {
         return;
     }
     let max = ((w - 24.0) / CHAR_W) as usize;
-    let t = if text.chars().count() > max { text.chars().take(max - 1).collect::<String>() + "…" } else { text.into() };
+    let t =
+        if text.chars().count() > max { text.chars().take(max - 1).collect::<String>() + "…" } else { text.into() };
     let _ = writeln!(s, "<text x=\"12\" y=\"{y:.1}\" fill=\"#555\">{}</text>", esc(&t));
 }
 
@@ -395,8 +426,10 @@ fn note(s: &mut String, text: &str, w: f64, y: f64) {
 /// reference line at its eval value.
 pub fn curves_svg(rows: &[Row], curves: &[Curves]) -> String {
     let (_, acc) = metric(rows);
+    // Each plot: its title, its curve, and the value of an untrained row (its reference line).
     type Pick = fn(&Curves) -> &Vec<(f64, f64)>;
-    let mut plots: Vec<(&str, Pick, Option<fn(&Row) -> Option<f64>>)> = Vec::new();
+    type Untrained = Option<fn(&Row) -> Option<f64>>;
+    let mut plots: Vec<(&str, Pick, Untrained)> = Vec::new();
     if acc {
         plots.push(("eval accuracy", |c| &c.eval_accuracy, Some(|r| r.run.eval_accuracy)));
     }
@@ -434,7 +467,7 @@ pub fn curves_svg(rows: &[Row], curves: &[Curves]) -> String {
             y: top,
             w: pw,
             h: ph,
-            sx: Scale::linear(&[0.0, max_step], true),
+            sx: Scale::steps(max_step),
             sy: Scale::linear(&ys, false),
         };
         area.axes(&mut s, "step", title);
@@ -451,8 +484,7 @@ pub fn curves_svg(rows: &[Row], curves: &[Curves]) -> String {
                 }
                 continue;
             }
-            let pts: Vec<(f64, f64)> =
-                pick(c).iter().filter_map(|&(x, y)| Some((area.px(x)?, area.py(y)?))).collect();
+            let pts: Vec<(f64, f64)> = pick(c).iter().filter_map(|&(x, y)| Some((area.px(x)?, area.py(y)?))).collect();
             let width = if *title == "train loss" { 1.0 } else { 2.0 };
             if pts.len() > 1 {
                 let d: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
@@ -510,12 +542,8 @@ impl Bars<'_> {
     fn draw(&self, s: &mut String, value: impl Fn(&Row) -> Option<f64>, label: impl Fn(&Row) -> String) {
         let (x, w, top) = (self.x, self.w * Self::SPAN, self.top);
         let bottom = top + self.rows.len() as f64 * BAR_H;
-        let _ = writeln!(
-            s,
-            "<text x=\"{x:.1}\" y=\"{:.1}\" font-weight=\"bold\">{}</text>",
-            top - 10.0,
-            esc(self.title)
-        );
+        let _ =
+            writeln!(s, "<text x=\"{x:.1}\" y=\"{:.1}\" font-weight=\"bold\">{}</text>", top - 10.0, esc(self.title));
         for (f, t) in self.scale.ticks() {
             let px = x + f * w;
             let _ = writeln!(
@@ -570,7 +598,7 @@ pub fn speed_svg(rows: &[Row]) -> String {
     let w = left + 2.0 * area + 30.0;
     let h = top + rows.len() as f64 * BAR_H + 40.0;
     let tps = |r: &Row| (r.run.steps > 0).then_some(r.run.tokens_per_s).filter(|v| v.is_finite());
-    let mem = |r: &Row| Some(r.run.peak_rss_bytes as f64);
+    let mem = |r: &Row| Some(r.run.peak_rss_bytes as f64 / (1024.0 * 1024.0));
     let mut s = open(w, h, "training speed and memory");
     names(&mut s, rows, left - 8.0, top);
     let speed = Bars {
@@ -591,7 +619,7 @@ pub fn speed_svg(rows: &[Row]) -> String {
         x: left + area + 20.0,
         w: area,
         top,
-        title: "peak memory (bytes)",
+        title: "peak memory (MiB)",
         scale: Scale::linear(&rows.iter().filter_map(mem).collect::<Vec<_>>(), true),
     };
     memory.draw(&mut s, mem, |r| tuna_trainer::human_bytes(r.run.peak_rss_bytes));
@@ -737,6 +765,12 @@ mod tests {
             let s = Scale::linear(v, false);
             let Scale::Linear { lo, hi, .. } = s else { unreachable!() };
             assert!(hi > lo, "{v:?}: {s:?}");
+        }
+        // Steps: whole-number ticks, even for a short run.
+        for max in [1.0, 3.0, 12.0, 60.0, 100.0] {
+            let t = Scale::steps(max).ticks();
+            assert!(t.iter().all(|(_, l)| l.parse::<u64>().is_ok()), "{max}: {t:?}");
+            assert!((2..=7).contains(&t.len()), "{max}: {t:?}");
         }
         let bars = Scale::linear(&[1433.0, 2719.0], true);
         assert_eq!(bars.frac(0.0), Some(0.0));

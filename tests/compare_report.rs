@@ -73,7 +73,12 @@ fn awkward() -> Vec<(&'static str, Vec<Row>, Vec<Curves>)> {
         ("one untrained method", vec![row("prompt-engineered", 0, 0, Some(0.55), 0)], vec![Curves::default()]),
         (
             "NaN, missing, long names",
-            vec![row("prompt-engineered 2-shot", 0, 0, None, 0), nan, no_eval, row("full", 22_713_986, 1, Some(0.6), 9e7 as u64)],
+            vec![
+                row("prompt-engineered 2-shot", 0, 0, None, 0),
+                nan,
+                no_eval,
+                row("full", 22_713_986, 1, Some(0.6), 9e7 as u64),
+            ],
             vec![Curves::default(), Curves::default(), curves(100, 0.7), curves(1, 0.6)],
         ),
         ("eval loss only", loss_only, vec![curves(60, 0.7), Curves::default()]),
@@ -105,7 +110,7 @@ fn estimated_text_boxes(svg: &str) -> Vec<(String, [f64; 4])> {
             Some("end") => x - w,
             _ => x,
         };
-        let mut corners = vec![(x0, y - 0.8 * fs), (x0 + w, y - 0.8 * fs), (x0, y + 0.25 * fs), (x0 + w, y + 0.25 * fs)];
+        let mut corners = [(x0, y - 0.8 * fs), (x0 + w, y - 0.8 * fs), (x0, y + 0.25 * fs), (x0 + w, y + 0.25 * fs)];
         if let Some(t) = attr(tag, "transform") {
             let args: Vec<f64> = t
                 .trim_start_matches("rotate(")
@@ -121,9 +126,11 @@ fn estimated_text_boxes(svg: &str) -> Vec<(String, [f64; 4])> {
                 (*px, *py) = (cx + dx * a.cos() - dy * a.sin(), cy + dx * a.sin() + dy * a.cos());
             }
         }
-        let b = corners.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(px, py)| {
-            [b[0].min(px), b[1].min(py), b[2].max(px), b[3].max(py)]
-        });
+        let b = corners
+            .iter()
+            .fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(px, py)| {
+                [b[0].min(px), b[1].min(py), b[2].max(px), b[3].max(py)]
+            });
         out.push((plain, b));
     }
     out
@@ -144,7 +151,11 @@ fn problems(svg: &str, opt: &resvg::usvg::Options, fonts: bool) -> Vec<String> {
     let mut bad = Vec::new();
     let (w, h) = canvas(svg);
     let (tree, pixmap) = render::render(svg, opt);
-    let inked = pixmap.pixels().iter().filter(|p| p.alpha() > 0 && (p.red() < 240 || p.green() < 240 || p.blue() < 240)).count();
+    let inked = pixmap
+        .pixels()
+        .iter()
+        .filter(|p| p.alpha() > 0 && (p.red() < 240 || p.green() < 240 || p.blue() < 240))
+        .count();
     if inked < 200 {
         bad.push(format!("only {inked} non-white pixels"));
     }
@@ -188,6 +199,7 @@ fn every_panel_renders_with_all_its_text_inside_the_canvas() {
 #[test]
 fn the_checks_fail_on_text_off_the_canvas_and_on_a_blank_panel() {
     let (opt, fonts) = render::options();
+    eprintln!("{fonts} font files loaded");
     let frame = "<rect x=\"10\" y=\"10\" width=\"180\" height=\"80\" fill=\"#1f77b4\"/>";
     let svg = |body: &str| {
         format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"200\" height=\"100\" font-family=\"DejaVu Sans, sans-serif\" font-size=\"12\">{frame}{body}</svg>")
@@ -223,8 +235,7 @@ fn the_accuracy_panel_has_human_log_ticks_and_a_zero_for_the_baseline() {
     assert!(!texts.iter().any(|x| x == "3.8" || x == "4.7"), "{texts:?}");
     assert_eq!(acc.matches("<circle").count(), 6);
     // The baseline (the first row) sits on the axis's 0, left of every trained method.
-    let xs: Vec<f64> =
-        acc.split("<circle cx=\"").skip(1).map(|p| p[..p.find('"').unwrap()].parse().unwrap()).collect();
+    let xs: Vec<f64> = acc.split("<circle cx=\"").skip(1).map(|p| p[..p.find('"').unwrap()].parse().unwrap()).collect();
     assert!(xs[1..].iter().all(|x| *x > xs[0] + 20.0), "{xs:?}");
     // One learning curve per trained method in each plot; the baseline is a dashed reference line.
     assert_eq!(learning.matches("<polyline").count(), 5 * 3);
@@ -247,7 +258,8 @@ fn write_puts_the_report_and_panels_beside_the_table_and_reads_each_runs_curves(
     )
     .unwrap();
     std::fs::create_dir_all(out.join("full")).unwrap();
-    std::fs::write(out.join("full/metrics.jsonl"), "{\"step\":1,\"split\":\"eval\",\"loss\":0.5,\"accuracy\":0.6}\n").unwrap();
+    std::fs::write(out.join("full/metrics.jsonl"), "{\"step\":1,\"split\":\"eval\",\"loss\":0.5,\"accuracy\":0.6}\n")
+        .unwrap();
     let paths = write(&rows, &out).unwrap();
     assert_eq!(paths.len(), FILES.len());
     for (p, f) in paths.iter().zip(FILES) {
@@ -275,7 +287,8 @@ fn write_puts_the_report_and_panels_beside_the_table_and_reads_each_runs_curves(
     assert_eq!(learning.matches("<polyline").count(), 1, "{learning}");
     assert_eq!(learning.matches("(no metrics.jsonl)").count(), 3, "{learning}");
     // The rows' run folders are in compare.json; a row without one (an older comparison) reads no curves.
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
     assert_eq!(json[5]["run_dir"], "lora");
     let mut old = rows.clone();
     old.iter_mut().for_each(|r| r.run_dir = None);

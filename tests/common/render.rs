@@ -16,7 +16,7 @@ pub fn options() -> (usvg::Options<'static>, usize) {
     }
     files.sort();
     // DejaVu Sans first when present (the panels ask for it by name).
-    files.sort_by_key(|p| !p.file_name().is_some_and(|n| n == "DejaVuSans.ttf"));
+    files.sort_by_key(|p| p.file_name().is_none_or(|n| n != "DejaVuSans.ttf"));
     let db = opt.fontdb_mut();
     for f in &files {
         if let Ok(data) = std::fs::read(f) {
