@@ -1,6 +1,6 @@
 //! `tuna compare`: several methods on one task, model, data and budget, each trained in its own
-//! `tuna train` process (so peak memory is per method), then the trade-off table, its JSON and an
-//! SVG plot of the eval metric against trainable parameters.
+//! `tuna train` process (so peak memory is per method), then the trade-off table, its JSON and the
+//! report (`compare.html` and its panels as SVG files: see [`crate::compare_report`]).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -8,7 +8,15 @@ use std::path::{Path, PathBuf};
 use tuna_trainer::RunSummary;
 
 /// The files a comparison writes in its folder besides one run folder per method.
-pub const FILES: [&str; 3] = ["compare.md", "compare.json", "compare.svg"];
+pub const FILES: [&str; 7] = [
+    "compare.md",
+    "compare.json",
+    "compare.html",
+    "compare.svg",
+    "compare-curves.svg",
+    "compare-speed.svg",
+    "compare-checkpoint.svg",
+];
 
 /// A comparison's folder that holds an earlier comparison (its table or a method's run) is replaced
 /// only with `overwrite`.
@@ -61,6 +69,10 @@ pub struct Row {
     pub run: RunSummary,
     #[serde(default)]
     pub sweep: Option<Sweep>,
+    /// The method's run folder in the comparison's folder (its `metrics.jsonl` gives the report's
+    /// learning curves); absent in older comparisons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<String>,
 }
 
 /// `tuna train --method m --out dir` with `args`; its summary.
@@ -304,10 +316,11 @@ pub fn run(
             // Nothing to sweep; zero-shot always, and k-shot beside it when --shots asks.
             eprintln!("== {m} (zero-shot)");
             let zero = without_flags(&margs, &["--shots"]);
-            all.push(Row { run: train_one(m, &out.join(m), &zero)?, sweep: None });
+            all.push(Row { run: train_one(m, &out.join(m), &zero)?, sweep: None, run_dir: Some(m.clone()) });
             if let Some(k) = baseline_shots(&margs) {
                 eprintln!("== {m} ({k}-shot)");
-                all.push(Row { run: train_one(m, &out.join(format!("{m}-{k}-shot")), &margs)?, sweep: None });
+                let dir = format!("{m}-{k}-shot");
+                all.push(Row { run: train_one(m, &out.join(&dir), &margs)?, sweep: None, run_dir: Some(dir) });
             }
             continue;
         }
@@ -321,7 +334,7 @@ pub fn run(
             None => (margs, None),
         };
         eprintln!("== {m}");
-        all.push(Row { run: train_one(m, &out.join(m), &args)?, sweep });
+        all.push(Row { run: train_one(m, &out.join(m), &args)?, sweep, run_dir: Some(m.clone()) });
     }
     Ok(all)
 }
@@ -384,69 +397,28 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
-/// An SVG scatter plot: eval metric (y) against trainable parameters (x, log scale), one labelled
-/// point per method.
-pub fn svg(rows: &[Row]) -> String {
-    let runs: Vec<&RunSummary> = rows.iter().map(|r| &r.run).collect();
-    let (w, h, pad) = (640.0, 400.0, 60.0);
-    let pts: Vec<(f64, f64, &str)> = runs
-        .iter()
-        .filter_map(|r| metric(r).1.map(|m| ((r.trainable_params.max(1) as f64).log10(), m, r.method.as_str())))
-        .collect();
-    let ylabel = runs.first().map_or("eval metric", |r| metric(r).0);
-    let range = |v: Vec<f64>| {
-        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        if !lo.is_finite() {
-            (0.0, 1.0)
-        } else if hi - lo < 1e-9 {
-            (lo - 0.5, hi + 0.5)
-        } else {
-            (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-        }
-    };
-    let (x0, x1) = range(pts.iter().map(|p| p.0).collect());
-    let (y0, y1) = range(pts.iter().map(|p| p.1).collect());
-    let sx = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
-    let sy = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    s += &format!(
-        "<line x1=\"{pad}\" y1=\"{y}\" x2=\"{x2}\" y2=\"{y}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{y}\" stroke=\"black\"/>\n",
-        y = h - pad,
-        x2 = w - pad
-    );
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">trainable parameters (log10)</text>\n",
-        w / 2.0,
-        h - 15.0
-    );
-    s += &format!(
-        "<text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">{ylabel}</text>\n",
-        h / 2.0,
-        h / 2.0
-    );
-    for k in 0..=4 {
-        let (xv, yv) = (x0 + (x1 - x0) * k as f64 / 4.0, y0 + (y1 - y0) * k as f64 / 4.0);
-        s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{:.1}</text>\n", sx(xv), h - pad + 16.0, xv);
-        s += &format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.3}</text>\n", pad - 4.0, sy(yv) + 4.0, yv);
-    }
-    for (x, y, name) in &pts {
-        s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"#1f77b4\"/>\n", sx(*x), sy(*y));
-        s += &format!("<text x=\"{:.1}\" y=\"{:.1}\">{name}</text>\n", sx(*x) + 8.0, sy(*y) - 6.0);
-    }
-    s + "</svg>\n"
-}
-
-/// Write `compare.json`, `compare.md` and `compare.svg` into `out`; returns their paths.
-pub fn write(runs: &[Row], out: &Path) -> Result<[PathBuf; 3]> {
+/// Write `compare.json`, `compare.md`, the report `compare.html` and its panels as SVG files
+/// (see [`FILES`]) into `out`, each atomically; the learning curves are read from each row's run
+/// folder in `out`. Returns the paths in [`FILES`]' order.
+pub fn write(runs: &[Row], out: &Path) -> Result<Vec<PathBuf>> {
+    use crate::compare_report as report;
     std::fs::create_dir_all(out)?;
-    let paths = [out.join("compare.json"), out.join("compare.md"), out.join("compare.svg")];
+    let curves: Vec<report::Curves> = runs
+        .iter()
+        .map(|r| r.run_dir.as_ref().map_or_else(report::Curves::default, |d| report::Curves::read(&out.join(d))))
+        .collect();
+    let md = table(runs);
+    let panels = report::panels(runs, &curves);
     let json = serde_json::to_string_pretty(runs)?;
-    tuna_trainer::write_atomic(&paths[0], json.as_bytes())?;
-    tuna_trainer::write_atomic(&paths[1], table(runs).as_bytes())?;
-    tuna_trainer::write_atomic(&paths[2], svg(runs).as_bytes())?;
+    let html = report::html(runs, &md, &panels);
+    let [acc, learning, speed, ckpt] = panels;
+    let contents = [md, json, html, acc, learning, speed, ckpt];
+    let mut paths = Vec::new();
+    for (name, text) in FILES.iter().zip(contents) {
+        let p = out.join(name);
+        tuna_trainer::write_atomic(&p, text.as_bytes())?;
+        paths.push(p);
+    }
     Ok(paths)
 }
 

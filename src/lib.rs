@@ -10,6 +10,7 @@ pub use tuna_trainer as trainer;
 
 pub mod cli;
 pub mod compare_cmd;
+pub mod compare_report;
 pub mod generate_cmd;
 pub mod info;
 pub mod serve;

@@ -26,7 +26,8 @@ enum Command {
     /// Write an adapter as a PEFT folder, or merged into the base model as a Hugging Face folder.
     Export(ExportArgs),
     /// Train several methods with the same data and budget and print the trade-off table (also
-    /// JSON and SVG). Without --model/--train: all-MiniLM-L6-v2 on movie-review polarity.
+    /// JSON, and a report: compare.html with SVG panels). Without --model/--train: all-MiniLM-L6-v2
+    /// on movie-review polarity.
     Compare(CompareArgs),
     /// Time a few training steps per op kind (forward and backward), like `train` but writing
     /// nothing: where a method's step time goes on this model and data.
@@ -534,7 +535,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runs = tuna::compare_cmd::run(&methods, &args, &out, plan.as_ref(), base_lr)?;
             let paths = tuna::compare_cmd::write(&runs, &out)?;
             println!("{}", tuna::compare_cmd::table(&runs));
-            println!("wrote {}, {}, {}", paths[0].display(), paths[1].display(), paths[2].display());
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            println!("wrote {}", names.join(", "));
         }
     }
     Ok(())

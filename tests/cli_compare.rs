@@ -268,7 +268,7 @@ fn compare_shows_the_prompt_engineered_rows_beside_the_trained_ones() {
     // A second comparison into the same folder is refused without --overwrite (the k-shot run too).
     std::fs::remove_dir_all(out.join("prompt-engineered")).unwrap();
     std::fs::remove_dir_all(out.join("lora")).unwrap();
-    for f in ["compare.md", "compare.json", "compare.svg"] {
+    for f in tuna::compare_cmd::FILES {
         std::fs::remove_file(out.join(f)).unwrap();
     }
     fails(&tuna(&args), "prompt-engineered-2-shot/");

@@ -152,6 +152,12 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
     assert!(json[0]["trainable_params"].as_u64().unwrap() > 0);
     let svg = std::fs::read_to_string(out.join("compare.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.matches("<circle").count() == 4, "{svg}");
+    // The report: the table and the panels, with each method's learning curves from its run.
+    let html = std::fs::read_to_string(out.join("compare.html")).unwrap();
+    assert!(html.contains("<td>lora</td>") && html.matches("<svg ").count() == 4);
+    let curves = std::fs::read_to_string(out.join("compare-curves.svg")).unwrap();
+    // Three steps: a train-loss line per method (evaluated once, at the last step: points, no line).
+    assert_eq!(curves.matches("<polyline").count(), 4, "{curves}");
 
     // Generation with the trained soft prompt and prefix in place (through the KV cache).
     for m in ["prompt", "prefix"] {
