@@ -39,11 +39,12 @@ pub enum Method {
         init: PromptInit,
     },
     /// P-tuning (PEFT's `P_TUNING`): a soft prompt of `n` vectors computed by a prompt encoder
-    /// (`encoder`, hidden size `hidden`) from `n` trainable embeddings.
+    /// (`encoder`, hidden size `hidden`; `None`: the model's hidden size, PEFT's default) from `n`
+    /// trainable embeddings.
     PTuning {
         n: usize,
         encoder: EncoderKind,
-        hidden: usize,
+        hidden: Option<usize>,
     },
     /// P-tuning v2: deep prompts (a prefix at every layer), no reparameterization.
     PTuningV2 {
@@ -109,7 +110,7 @@ impl Method {
                 install_prefix(model, PrefixKind::Prefix, *n, *projection, init, seed)?;
             }
             Method::PTuning { n, encoder, hidden } => {
-                let e = PromptEncoder::new(&dev, *encoder, *n, s.hidden, *hidden, seed)?;
+                let e = PromptEncoder::new(&dev, *encoder, *n, s.hidden, hidden.unwrap_or(s.hidden), seed)?;
                 model.adapt_mut().prompt = Some(SoftPrompt::encoded(e));
             }
             Method::PTuningV2 { n, init } => install_prefix(model, PrefixKind::PTuningV2, *n, None, init, seed)?,

@@ -12,7 +12,7 @@ fn methods_name_themselves_and_count_their_virtual_tokens() {
         (Method::Prefix { n: 5, projection: None, init: PromptInit::Random }, "prefix", 5),
         (Method::Prefix { n: 3, projection: Some(16), init: PromptInit::Random }, "prefix-mlp", 3),
         (Method::PTuningV2 { n: 2, init: PromptInit::Random }, "ptuning-v2", 2),
-        (Method::PTuning { n: 4, encoder: EncoderKind::Lstm, hidden: 8 }, "ptuning", 4),
+        (Method::PTuning { n: 4, encoder: EncoderKind::Lstm, hidden: None }, "ptuning", 4),
         (Method::Houlsby { bottleneck: 8 }, "houlsby", 0),
         (lora, "lora", 0),
     ];

@@ -124,8 +124,8 @@ pub fn peft_methods(arch: &str) -> Vec<Method> {
         Method::Prefix { n: 3, projection: None, init: PromptInit::Random },
         Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random },
         Method::PTuningV2 { n: 2, init: PromptInit::Random },
-        Method::PTuning { n: 2, encoder: EncoderKind::Mlp, hidden: 8 },
-        Method::PTuning { n: 2, encoder: EncoderKind::Lstm, hidden: 4 },
+        Method::PTuning { n: 2, encoder: EncoderKind::Mlp, hidden: Some(8) },
+        Method::PTuning { n: 2, encoder: EncoderKind::Lstm, hidden: Some(4) },
         Method::Houlsby { bottleneck: 4 },
         Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets }),
     ]

@@ -36,7 +36,7 @@ pub fn methods(arch: &str) -> Vec<Method> {
         Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: a }),
         Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: b }),
         Method::Houlsby { bottleneck: 4 },
-        Method::PTuning { n: 2, encoder: EncoderKind::Mlp, hidden: 8 },
+        Method::PTuning { n: 2, encoder: EncoderKind::Mlp, hidden: Some(8) },
     ]
 }
 
