@@ -297,7 +297,9 @@ impl MethodArgs {
                 targets: list("--lora-targets", &self.lora_targets)?,
             }),
             other => {
-                bail!("unknown method `{other}`: full, prompt, ptuning, prefix, prefix-mlp, ptuning-v2, houlsby or lora")
+                bail!(
+                    "unknown method `{other}`: full, prompt, ptuning, prefix, prefix-mlp, ptuning-v2, houlsby or lora"
+                )
             }
         })
     }

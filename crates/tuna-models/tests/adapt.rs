@@ -383,7 +383,11 @@ fn peft_roundtrip_for_every_method() {
             on!(&mut fresh.net, inner => peft::load(inner, &dir)).unwrap_or_else(|e| panic!("{what}: load: {e}"));
             if matches!(method, Method::Prefix { projection: Some(_), .. } | Method::PTuning { .. }) {
                 let names: Vec<String> = fresh.adapt().params().into_iter().map(|(n, _)| n).collect();
-                assert_eq!(names, ["prompt_embeddings"], "{what}: a projected prefix or encoded prompt loads as its table");
+                assert_eq!(
+                    names,
+                    ["prompt_embeddings"],
+                    "{what}: a projected prefix or encoded prompt loads as its table"
+                );
             }
             if let Method::PTuning { encoder, hidden, .. } = &method {
                 let spec = fresh.adapt().prompt.as_ref().and_then(|p| p.ptuning);

@@ -389,7 +389,10 @@ fn ptuning_fields_are_checked() {
     says(&e, r#"`encoder_reparameterization_type` "GRU": expected "MLP" or "LSTM""#);
     says(&err_with("gpt2_ptuning", "encoder_hidden_size", json!(0)), "`encoder_hidden_size` is 0: expected a positive");
     says(&err_with("gpt2_ptuning", "encoder_num_layers", json!(-2)), "`encoder_num_layers` is -2: expected a positive");
-    says(&err_with("bert_ptuning", "prompt_scale", json!(2.0)), "`prompt_scale` 2.0 is not a P_TUNING field tuna knows");
+    says(
+        &err_with("bert_ptuning", "prompt_scale", json!(2.0)),
+        "`prompt_scale` 2.0 is not a P_TUNING field tuna knows",
+    );
     says(&err_with("gpt2_ptuning", "token_dim", json!(64)), "adapter made for a model with hidden size (token_dim) 64");
 }
 

@@ -178,7 +178,8 @@ fn ptuning_encoder_matches_peft() {
         let (n, hidden) = (cfg["num_virtual_tokens"].as_u64().unwrap(), cfg["encoder_hidden_size"].as_u64().unwrap());
         let enc = PromptEncoder::new(&Arc::new(Cpu), kind, n as usize, m.shape().hidden, hidden as usize, 1).unwrap();
         let names: Vec<String> = enc.params().into_iter().map(|(n, _)| n).collect();
-        let peft_names: Vec<String> = g.names().iter().filter_map(|k| k.strip_prefix("param.").map(String::from)).collect();
+        let peft_names: Vec<String> =
+            g.names().iter().filter_map(|k| k.strip_prefix("param.").map(String::from)).collect();
         assert_eq!(names.len(), peft_names.len(), "{case}: tuna's encoder tensors {names:?} vs PEFT's {peft_names:?}");
         for (name, t) in enc.params() {
             let key = format!("param.{}", name.replacen("prompt_encoder.", "prompt_encoder.default.", 1));

@@ -99,8 +99,7 @@ impl<B: Kernels<E>, E: Float> PromptEncoder<B, E> {
             param(dev, "prompt_encoder.embedding.weight", &[n, token_dim], &normal(&mut rng, n * token_dim, 1.0))?;
         let mut uni = |bound_of: usize, shape: &[usize], name: &str| -> Result<Tensor<B, E>> {
             let b = 1.0 / (bound_of as f64).sqrt();
-            let v: Vec<f32> =
-                (0..shape.iter().product()).map(|_| ((rng.next_f64() * 2.0 - 1.0) * b) as f32).collect();
+            let v: Vec<f32> = (0..shape.iter().product()).map(|_| ((rng.next_f64() * 2.0 - 1.0) * b) as f32).collect();
             param(dev, name, shape, &v)
         };
         let mut lstm = Vec::new();
