@@ -83,7 +83,7 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct ProfileArgs {
-    /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora.
+    /// full, prompt, ptuning, prefix, prefix-mlp, ptuning-v2, houlsby or lora.
     #[arg(long)]
     method: String,
     /// Steps run before measuring.
@@ -100,7 +100,7 @@ struct ProfileArgs {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora; or prompt-engineered (no
+    /// full, prompt, ptuning, prefix, prefix-mlp, ptuning-v2, houlsby or lora; or prompt-engineered (no
     /// training: the untrained model scored through --template, zero-shot or with --shots
     /// examples; the training flags do not apply).
     #[arg(long, required_unless_present = "tasks")]

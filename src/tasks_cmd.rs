@@ -52,6 +52,10 @@ struct Entry {
     #[serde(default)]
     prefix_hidden: Option<usize>,
     #[serde(default)]
+    ptuning_encoder: Option<String>,
+    #[serde(default)]
+    ptuning_hidden: Option<usize>,
+    #[serde(default)]
     bottleneck: Option<usize>,
     #[serde(default)]
     lora_r: Option<usize>,
@@ -178,6 +182,8 @@ fn task_config(e: &Entry, base: &Path, run: &RunArgs, decoder: bool) -> Result<t
         prefix_init: e.prefix_init.clone(),
         prefix_init_text: e.prefix_init_text.clone(),
         prefix_hidden: e.prefix_hidden,
+        ptuning_encoder: e.ptuning_encoder.clone(),
+        ptuning_hidden: e.ptuning_hidden,
         bottleneck: e.bottleneck,
         lora_r: e.lora_r,
         lora_alpha: e.lora_alpha,

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use tuna_models::adapt::{LoraConfig, Method, PromptInit};
+use tuna_models::adapt::{EncoderKind, LoraConfig, Method, PromptInit};
 use tuna_models::checkpointing::Checkpointing;
 use tuna_trainer::{Decay, Fields, OutMode, Task, TrainConfig};
 
@@ -34,7 +34,7 @@ pub fn list_flag(flag: &str, value: &str) -> Result<Vec<String>> {
 /// defaults are in the accessors below (and in `--help`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct MethodArgs {
-    /// Virtual tokens of prompt tuning, prefix tuning and P-tuning v2 [default: 20].
+    /// Virtual tokens of prompt tuning, P-tuning, prefix tuning and P-tuning v2 [default: 20].
     #[arg(long)]
     pub virtual_tokens: Option<usize>,
     /// Prompt tuning init: random (N(0,1), as PEFT), vocab (embeddings of random tokens), text
@@ -56,6 +56,14 @@ pub struct MethodArgs {
     /// Hidden size of prefix tuning's reparameterization MLP (method prefix-mlp) [default: 128].
     #[arg(long)]
     pub prefix_hidden: Option<usize>,
+    /// P-tuning's prompt encoder (method ptuning): mlp (PEFT's 3-layer ReLU MLP) or lstm (PEFT's
+    /// 2-layer bidirectional LSTM and MLP head) [default: mlp].
+    #[arg(long)]
+    pub ptuning_encoder: Option<String>,
+    /// Hidden size of P-tuning's prompt encoder (method ptuning) [default: the model's hidden size,
+    /// as PEFT's].
+    #[arg(long)]
+    pub ptuning_hidden: Option<usize>,
     /// Houlsby adapters' bottleneck [default: 32].
     #[arg(long)]
     pub bottleneck: Option<usize>,
@@ -89,7 +97,7 @@ pub struct MethodArgs {
 pub const BASELINE: &str = "prompt-engineered";
 
 /// The prompt and prefix methods (the ones with virtual tokens).
-const VIRTUAL: &[&str] = &["prompt", "prefix", "prefix-mlp", "ptuning-v2"];
+const VIRTUAL: &[&str] = &["prompt", "ptuning", "prefix", "prefix-mlp", "ptuning-v2"];
 /// The prefix methods (prefix inits).
 const PREFIXES: &[&str] = &["prefix", "prefix-mlp", "ptuning-v2"];
 
@@ -101,6 +109,8 @@ pub const METHOD_FLAGS: &[(&str, &[&str])] = &[
     ("--prefix-init", PREFIXES),
     ("--prefix-init-text", PREFIXES),
     ("--prefix-hidden", &["prefix-mlp"]),
+    ("--ptuning-encoder", &["ptuning"]),
+    ("--ptuning-hidden", &["ptuning"]),
     ("--bottleneck", &["houlsby"]),
     ("--lora-r", &["lora"]),
     ("--lora-alpha", &["lora"]),
@@ -139,6 +149,8 @@ impl MethodArgs {
             "--prefix-init" => self.prefix_init.is_some(),
             "--prefix-init-text" => self.prefix_init_text.is_some(),
             "--prefix-hidden" => self.prefix_hidden.is_some(),
+            "--ptuning-encoder" => self.ptuning_encoder.is_some(),
+            "--ptuning-hidden" => self.ptuning_hidden.is_some(),
             "--bottleneck" => self.bottleneck.is_some(),
             "--lora-r" => self.lora_r.is_some(),
             "--lora-alpha" => self.lora_alpha.is_some(),
@@ -202,8 +214,8 @@ impl MethodArgs {
         }
     }
 
-    /// The method named `name` (full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby, lora), its
-    /// settings range-checked.
+    /// The method named `name` (full, prompt, ptuning, prefix, prefix-mlp, ptuning-v2, houlsby,
+    /// lora), its settings range-checked.
     pub fn method(&self, name: &str) -> Result<Method> {
         let list = |flag: &str, s: &Option<String>| -> Result<Vec<String>> {
             s.as_deref().map_or(Ok(Vec::new()), |v| list_flag(flag, v))
@@ -211,7 +223,7 @@ impl MethodArgs {
         let n = self.n();
         let positive = |flag: &str, v: usize| require(v > 0, || format!("{flag} {v}: expected at least 1"));
         match name {
-            "prompt" | "prefix" | "prefix-mlp" | "ptuning-v2" => positive("--virtual-tokens", n)?,
+            "prompt" | "ptuning" | "prefix" | "prefix-mlp" | "ptuning-v2" => positive("--virtual-tokens", n)?,
             "houlsby" => positive("--bottleneck", self.bottleneck.unwrap_or(32))?,
             "lora" => {
                 positive("--lora-r", self.lora_r.unwrap_or(8))?;
@@ -225,6 +237,9 @@ impl MethodArgs {
         }
         if name == "prefix-mlp" {
             positive("--prefix-hidden", self.prefix_hidden())?;
+        }
+        if let (Some(h), "ptuning") = (self.ptuning_hidden, name) {
+            positive("--ptuning-hidden", h)?;
         }
         if name == "prompt" {
             let needs_text = self.prompt_init() == "text";
@@ -264,6 +279,15 @@ impl MethodArgs {
                 projection: Some(self.prefix_hidden()),
                 init: init_of("--prefix-init", self.prefix_init())?,
             },
+            "ptuning" => Method::PTuning {
+                n,
+                encoder: match self.ptuning_encoder.as_deref().unwrap_or("mlp") {
+                    "mlp" => EncoderKind::Mlp,
+                    "lstm" => EncoderKind::Lstm,
+                    other => bail!("--ptuning-encoder {other}: expected mlp or lstm"),
+                },
+                hidden: self.ptuning_hidden,
+            },
             "ptuning-v2" => Method::PTuningV2 { n, init: init_of("--prefix-init", self.prefix_init())? },
             "houlsby" => Method::Houlsby { bottleneck: self.bottleneck.unwrap_or(32) },
             "lora" => Method::Lora(LoraConfig {
@@ -272,7 +296,11 @@ impl MethodArgs {
                 dropout: self.lora_dropout.unwrap_or(0.0),
                 targets: list("--lora-targets", &self.lora_targets)?,
             }),
-            other => bail!("unknown method `{other}`: full, prompt, prefix, prefix-mlp, ptuning-v2, houlsby or lora"),
+            other => {
+                bail!(
+                    "unknown method `{other}`: full, prompt, ptuning, prefix, prefix-mlp, ptuning-v2, houlsby or lora"
+                )
+            }
         })
     }
 }
@@ -331,7 +359,8 @@ pub struct RunArgs {
     pub steps: u64,
     /// Peak learning rate. Default, from sweeps on movie-review polarity (README, "Fair defaults"):
     /// lora 3e-3; houlsby 3e-3 (BERT) or 1e-3 (decoders); prefix and ptuning-v2 3e-2 (BERT) or
-    /// 9e-3 (decoders); prompt and prefix-mlp 3e-2; full 1.5e-4 (BERT) or 5e-5 (decoders).
+    /// 9e-3 (decoders); prompt and prefix-mlp 3e-2; ptuning 3e-2 (not swept); full 1.5e-4 (BERT)
+    /// or 5e-5 (decoders).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Linear warmup steps (more than --steps is cut to --steps).
@@ -577,7 +606,8 @@ impl RunArgs {
 /// an encoder (BERT). Chosen by `compare --sweep-lr` on movie-review polarity (README, "Fair
 /// defaults"): LoRA 3e-3 on both families; Houlsby 3e-3 on MiniLM but 1e-3 on SmolLM2; prefix
 /// methods 3e-2 on MiniLM but 9e-3 on SmolLM2; full fine-tuning 1.5e-4 on MiniLM (5e-5, not
-/// swept, on decoders); prompt tuning 3e-2 (the sweep's 9e-2 did worse in the full run).
+/// swept, on decoders); prompt tuning 3e-2 (the sweep's 9e-2 did worse in the full run); P-tuning
+/// 3e-2, prompt tuning's (not swept).
 pub fn default_lr(method: &Method, decoder: bool) -> f64 {
     match (method, decoder) {
         (Method::Full { .. }, false) => 1.5e-4,

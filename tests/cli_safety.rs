@@ -335,7 +335,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 19] = [
+    let cases: [(&[(&str, &str)], &str); 22] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
@@ -347,6 +347,9 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--eval-every", "0")], "--eval-every 0"),
         (&[("--save-every", "0")], "--save-every 0"),
         (&[("--method", "prefix-mlp"), ("--prefix-hidden", "0")], "--prefix-hidden 0: expected at least 1"),
+        (&[("--method", "ptuning"), ("--ptuning-hidden", "0")], "--ptuning-hidden 0: expected at least 1"),
+        (&[("--method", "ptuning"), ("--ptuning-encoder", "gru")], "--ptuning-encoder gru: expected mlp or lstm"),
+        (&[("--ptuning-encoder", "lstm")], "--ptuning-encoder applies to ptuning only; --method lora would ignore it"),
         (&[("--lr", "-1")], "--lr -1"),
         (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
         (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.5e-45"),

@@ -234,6 +234,42 @@ fn train_eval_export_and_compare_on_a_tiny_model() {
     assert!((loss(&x) - loss(&y)).abs() < 1e-4, "{x} vs {y}");
 }
 
+/// P-tuning with the LSTM encoder: a run resumed from its step-3 checkpoint continues to the
+/// uninterrupted run's losses (the checkpoint holds the encoder's weights, not only the prompt it
+/// computes; constant rate, so the shorter first run has the same schedule), and the adapter is a
+/// PEFT `P_TUNING` folder that `tuna eval` loads.
+#[test]
+fn ptuning_resumes_and_its_adapter_is_peft_p_tuning() {
+    let d = tmp("ptuning");
+    let train = data(&d, "train.jsonl", 12, false);
+    let flags = ["--decay", "constant", "--virtual-tokens", "3", "--ptuning-encoder", "lstm", "--ptuning-hidden", "8"];
+    let run = |out: &Path, steps: u64| set(train_args(out, &train, steps, &flags), "--method", "ptuning");
+    let (a, b) = (d.join("a"), d.join("b"));
+    ok(&tuna(&run(&a, 6)));
+    let want = train_lines(&a);
+    assert_eq!(want.len(), 6);
+    ok(&tuna(&run(&b, 3)));
+    let mut resume = run(&b, 6);
+    resume.push("--resume".into());
+    let err = ok(&tuna(&resume));
+    assert!(err.contains("resuming from"), "{err}");
+    assert_eq!(train_lines(&b), want, "resumed losses differ from the uninterrupted run");
+    let adapter = a.join("adapter");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&cfg["peft_type"], &cfg["encoder_reparameterization_type"], &cfg["encoder_hidden_size"]),
+        (&serde_json::json!("P_TUNING"), &serde_json::json!("LSTM"), &serde_json::json!(8)),
+        "{cfg}"
+    );
+    let o = tuna(
+        &["eval", "--model", &fixture("llama"), "--adapter", &adapter.display().to_string(), "--data", &train]
+            .map(String::from),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("perplexity"), "{out} {}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn bert_classification_head_travels_with_the_export() {
     let d = tmp("bert");

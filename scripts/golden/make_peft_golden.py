@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden fixtures for tuna_models::adapt from Hugging Face PEFT: prompt tuning, prefix tuning and LoRA.
+"""Golden fixtures for tuna_models::adapt from Hugging Face PEFT: prompt tuning, P-tuning, prefix tuning and LoRA.
 
 Loads the committed tiny base models (crates/tuna-models/tests/fixtures/{gpt2,llama,bert}, made by
 make_golden.py; not rebuilt here), wraps them with PEFT, overwrites every trainable adapter parameter with
@@ -38,8 +38,8 @@ import peft
 import safetensors
 import torch
 import transformers
-from peft import (LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType,
-                  get_peft_model)
+from peft import (LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                  TaskType, get_peft_model)
 from safetensors.torch import load_file, save_file
 from transformers import BertModel, DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -76,6 +76,15 @@ def case_configs():
                                                                 encoder_hidden_size=16)),
         "llama_prefix_proj": ("llama", lambda: PrefixTuningConfig(task_type=c, num_virtual_tokens=3, prefix_projection=True,
                                                                   encoder_hidden_size=16)),
+        # P-tuning: PEFT's prompt encoder (MLP, or a 2-layer bidirectional LSTM + MLP head) over the virtual tokens.
+        "gpt2_ptuning": ("gpt2", lambda: PromptEncoderConfig(task_type=c, num_virtual_tokens=3, encoder_hidden_size=8,
+                                                             encoder_reparameterization_type="MLP")),
+        "llama_ptuning": ("llama", lambda: PromptEncoderConfig(task_type=c, num_virtual_tokens=3, encoder_hidden_size=8,
+                                                               encoder_reparameterization_type="MLP")),
+        "bert_ptuning": ("bert", lambda: PromptEncoderConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=3,
+                                                             encoder_hidden_size=8, encoder_reparameterization_type="MLP")),
+        "llama_ptuning_lstm": ("llama", lambda: PromptEncoderConfig(task_type=c, num_virtual_tokens=4, encoder_hidden_size=6,
+                                                                    encoder_reparameterization_type="LSTM")),
         "gpt2_lora": ("gpt2", lambda: LoraConfig(task_type=c, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                                  fan_in_fan_out=True, lora_dropout=0.0, bias="none")),
         "llama_lora": ("llama", lambda: LoraConfig(task_type=c, r=4, lora_alpha=8,
@@ -110,7 +119,7 @@ def randomize_adapter(model, gen):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if "lora_" in name:
                 std = LORA_STD
-            elif ".transform." in name:
+            elif ".transform." in name or ".mlp_head." in name or ".lstm_head." in name:
                 std = MLP_BIAS_STD if name.endswith("bias") else MLP_WEIGHT_STD
             else:  # prompt / prefix embedding
                 std = PROMPT_STD
@@ -162,9 +171,10 @@ def run_case_model(arch, model, input_ids, attention_mask, probe, capture_prefix
     return loss.detach(), {k: v.detach() for k, v in outs.items()}, grads, extra
 
 
-def saved_key(name):
-    """PEFT named_parameters name -> key in adapter_model.safetensors (None: not saved as such)."""
-    if name == "prompt_encoder.default.embedding.weight":
+def saved_key(name, encoded=False):
+    """PEFT named_parameters name -> key in adapter_model.safetensors (None: not saved as such; P-tuning saves only
+    its encoder's output)."""
+    if name == "prompt_encoder.default.embedding.weight" and not encoded:
         return "prompt_embeddings"
     if ".lora_" in name:
         return name.replace(".default.", ".")
@@ -182,12 +192,13 @@ def make_case(case, arch, config_fn, out_dir, checks):
     cfg = model.peft_config["default"]
     randomize_adapter(model, gen)
     n_virtual = cfg.num_virtual_tokens if cfg.is_prompt_learning else 0
-    n_out = n_virtual if cfg.peft_type == "PROMPT_TUNING" else 0  # virtual positions in the output
+    n_out = n_virtual if cfg.peft_type in ("PROMPT_TUNING", "P_TUNING") else 0  # virtual positions in the output
     out_name = "last_hidden_state" if arch == "bert" else "logits"
     probe = None
     if arch == "bert":
         probe = torch.randn(BATCH, n_out + SEQ, 32, generator=gen, dtype=torch.float32)
-    projected = cfg.peft_type == "PREFIX_TUNING" and cfg.prefix_projection
+    # An encoder's output is what PEFT saves: its gradient and the encoder's parameters are recorded too.
+    projected = (cfg.peft_type == "PREFIX_TUNING" and cfg.prefix_projection) or cfg.peft_type == "P_TUNING"
     loss, outs, grads, extra = run_case_model(arch, model, input_ids, attention_mask, probe, projected)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
     effect = float((outs[out_name][:, n_out:] - base_outs[out_name]).abs().max())
@@ -239,6 +250,9 @@ def make_case(case, arch, config_fn, out_dir, checks):
     positions = {
         "PROMPT_TUNING": f"virtual tokens take positions 0..{n_virtual - 1}, content tokens {n_virtual}..{n_virtual + SEQ - 1}; "
                          f"the output has {n_virtual} + {SEQ} positions, the virtual ones first",
+        "P_TUNING": f"as PROMPT_TUNING, with the encoder's output as the prompt: virtual tokens take positions "
+                    f"0..{n_virtual - 1}, content tokens {n_virtual}..{n_virtual + SEQ - 1}; the output has {n_virtual} + "
+                    f"{SEQ} positions, the virtual ones first",
         "PREFIX_TUNING": f"the prefix is a KV cache of {n_virtual} entries used as stored (no RoPE applied to it); "
                          f"content tokens take positions {n_virtual}..{n_virtual + SEQ - 1}; the output has {SEQ} positions",
         "LORA": f"content tokens take positions 0..{SEQ - 1}; the output has {SEQ} positions",
@@ -246,7 +260,7 @@ def make_case(case, arch, config_fn, out_dir, checks):
     if arch == "bert":
         loss_doc = (f"sum over b, t, h of last_hidden_state[b, t, h] * probe[b, t, h], over all {n_out + SEQ} "
                     "positions (virtual ones included); token_type_ids all 0")
-    elif n_virtual and cfg.peft_type == "PROMPT_TUNING":
+    elif n_virtual and cfg.peft_type in ("PROMPT_TUNING", "P_TUNING"):
         loss_doc = (f"HF causal LM loss as PEFT computes it: labels are extended with {n_virtual} x -100 in front, "
                     f"then mean CE of logits[:, t] against extended_labels[:, t + 1]: {SEQ} terms per row, the first "
                     f"being logits at the last virtual position ({n_virtual - 1}) predicting input_ids[:, 0]")
@@ -272,7 +286,7 @@ def make_case(case, arch, config_fn, out_dir, checks):
         "adapter_model_metadata": file_meta,
         "adapter_model_keys": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                                for k, v in saved.items()},
-        "grad_name_to_saved_key": {n: saved_key(n) for n in grads},
+        "grad_name_to_saved_key": {n: saved_key(n, cfg.peft_type == "P_TUNING") for n in grads},
         "inputs": {"input_ids": f"int64 [{BATCH}, {SEQ}], random ids in 3..{VOCAB - 1}, no padding",
                    "attention_mask": f"int64 [{BATCH}, {SEQ}], all ones (PEFT prepends ones for virtual tokens)",
                    **({"labels": "int64, = input_ids (HF convention, unshifted)"} if arch != "bert" else
@@ -283,7 +297,17 @@ def make_case(case, arch, config_fn, out_dir, checks):
         "max_abs_change_of_outputs_by_the_adapter": effect,
         "f32_vs_f64_max_relative_difference": rounding,
     }
-    if projected:
+    if cfg.peft_type == "P_TUNING":
+        meta["encoder"] = (f"{cfg.encoder_reparameterization_type}: prompt_encoder.default.embedding.weight [n, token_dim] "
+                           "-> " + ("mlp_head (Linear token_dim->h, ReLU, Linear h->h, ReLU, Linear h->token_dim)"
+                                    if cfg.encoder_reparameterization_type == "MLP" else
+                                    "lstm_head (bidirectional LSTM, encoder_num_layers layers, hidden h, gates i f g o) -> "
+                                    "mlp_head (Linear 2h->2h, ReLU, Linear 2h->token_dim)") +
+                           f", h = encoder_hidden_size = {cfg.encoder_hidden_size}; run on one row, repeated over the "
+                           "batch; adapter_model.safetensors holds only the encoder's output (= prompt_embeddings); "
+                           "param.<name> are the encoder's parameters; grad_saved.prompt_embeddings is the gradient "
+                           "w.r.t. the encoder's output")
+    elif projected:
         meta["projection"] = ("prompt_encoder.default.embedding.weight [n, token_dim] -> transform.0 (Linear token_dim->"
                               "encoder_hidden_size) -> tanh -> transform.2 (Linear -> num_layers*2*token_dim); "
                               "adapter_model.safetensors holds only the projected output (= prompt_embeddings); "
@@ -355,6 +379,8 @@ MINIMAL = {
                       "num_attention_heads", "num_layers"],
     "PREFIX_TUNING": ["peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
                       "num_attention_heads", "num_layers"],
+    "P_TUNING": ["peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                 "num_attention_heads", "num_layers"],
     "LORA": ["peft_type", "task_type", "r", "lora_alpha", "target_modules", "fan_in_fan_out", "bias"],
 }
 
@@ -461,7 +487,7 @@ def lora_merge_check(arch, out_dir, model, ref, input_ids):
 
 
 def projection_load_check(arch, out_dir, input_ids, ref):
-    """What PEFT does when loading a prefix_projection=True adapter."""
+    """What PEFT does when loading a prefix_projection=True or a P_TUNING adapter (saved: the encoder's output)."""
     res = {}
     out, model = peft_outputs(arch, out_dir, input_ids)
     enc = model.prompt_encoder["default"]
@@ -611,6 +637,10 @@ def main():
                     arch, out_dir, ids, ref)
         elif ptype == "PROMPT_TUNING":
             spec_checks.setdefault("prompt_positions", {})[case] = prompt_positions_check(arch, out_dir, ref, ids)
+        elif ptype == "P_TUNING":
+            # The saved encoder output used as a plain soft prompt, and what loading does with the encoder.
+            spec_checks.setdefault("prompt_positions", {})[case] = prompt_positions_check(arch, out_dir, ref, ids)
+            spec_checks.setdefault("ptuning_load", {})[case] = projection_load_check(arch, out_dir, ids, ref)
         elif ptype == "LORA":
             spec_checks.setdefault("lora_merge", {})[case] = lora_merge_check(arch, out_dir, model, ref, ids)
     spec_checks["bert_prefix_tuning"] = bert_prefix_check()
@@ -625,6 +655,7 @@ def main():
     for case, r in spec_checks["minimal_config"].items():
         print(f"minimal config {case}: {r}")
     print("projection load:", json.dumps(spec_checks.get("prefix_projection_load"), indent=1))
+    print("p-tuning load:", json.dumps(spec_checks.get("ptuning_load"), indent=1))
     print("bert prefix:", spec_checks["bert_prefix_tuning"])
     print("check-tuna self-test:", json.dumps(spec_checks.get("check_tuna_self_test"), indent=1))
     with open(args.out / "checks.json", "w") as f:
@@ -633,7 +664,7 @@ def main():
     # What this script writes (tuna_saved/ is written by tuna's test and only checked here).
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file() and "tuna_saved" not in p.parts)
     print(f"total {total / 1024:.0f} KiB")
-    assert total < 300_000, total
+    assert total < 400_000, total  # 300 000 before the four P-tuning cases (~120 000 with the LSTM)
 
 
 if __name__ == "__main__":

@@ -127,8 +127,12 @@ impl<B: Kernels<f32>> Registry<B> {
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Err(_) => return Err(fail("the adapter could not be read (the loader panicked)".into())),
         }
-        let method = if adapt.prompt.is_some() {
-            "prompt"
+        let method = if let Some(p) = &adapt.prompt {
+            if p.ptuning.is_some() {
+                "ptuning"
+            } else {
+                "prompt"
+            }
         } else if adapt.prefix.is_some() {
             "prefix"
         } else if adapt.houlsby.is_some() {

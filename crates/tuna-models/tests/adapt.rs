@@ -48,7 +48,10 @@ fn with_method<E: Float>(arch: &str, method: &Method, seed: u64) -> Model<E> {
 }
 
 fn label(arch: &str, method: &Method) -> String {
-    format!("{arch}/{}", method.name())
+    match method {
+        Method::PTuning { encoder, .. } => format!("{arch}/{}-{}", method.name(), encoder.peft_name().to_lowercase()),
+        _ => format!("{arch}/{}", method.name()),
+    }
 }
 
 fn lora_of(arch: &str, dropout: f32) -> Method {
@@ -378,9 +381,22 @@ fn peft_roundtrip_for_every_method() {
             on!(&m.net, inner => peft::save(inner, &dir, arch)).unwrap_or_else(|e| panic!("{what}: save: {e}"));
             let mut fresh = frozen::<f32>(arch);
             on!(&mut fresh.net, inner => peft::load(inner, &dir)).unwrap_or_else(|e| panic!("{what}: load: {e}"));
-            if matches!(method, Method::Prefix { projection: Some(_), .. }) {
+            if matches!(method, Method::Prefix { projection: Some(_), .. } | Method::PTuning { .. }) {
                 let names: Vec<String> = fresh.adapt().params().into_iter().map(|(n, _)| n).collect();
-                assert_eq!(names, ["prompt_embeddings"], "{what}: a projected prefix loads as its table");
+                assert_eq!(
+                    names,
+                    ["prompt_embeddings"],
+                    "{what}: a projected prefix or encoded prompt loads as its table"
+                );
+            }
+            if let Method::PTuning { encoder, hidden, .. } = &method {
+                let spec = fresh.adapt().prompt.as_ref().and_then(|p| p.ptuning);
+                let want = hidden.unwrap_or(m.shape().hidden);
+                assert_eq!(spec.map(|s| (s.kind, s.hidden)), Some((*encoder, want)), "{what}: encoder settings kept");
+                let again = root.join(format!("{}_again", what.replace('/', "_")));
+                on!(&fresh.net, inner => peft::save(inner, &again, arch)).unwrap();
+                let cfg = |d: &std::path::Path| std::fs::read_to_string(d.join(peft::CONFIG)).unwrap();
+                assert_eq!(cfg(&again), cfg(&dir), "{what}: a loaded P-tuning adapter saves the same config");
             }
             assert_rel(&format!("{what}: outputs after save/load"), 1e-6, &host(&out_f32(&fresh, &x, 2, None)), &want);
         }

@@ -363,6 +363,39 @@ fn houlsby_fields_are_checked() {
     says(&load("llama", &f.0).err().unwrap(), "`bottleneck_size` is -4: expected a positive integer");
 }
 
+/// P-tuning's encoder fields: kept (PEFT's defaults when absent) and saved again, checked in form;
+/// they do not change the loaded prompt (the saved tensor is the encoder's output).
+#[test]
+fn ptuning_fields_are_checked() {
+    use tuna_models::adapt::{EncoderKind, EncoderSpec};
+    let spec = |m: &Model<f32>| m.adapt().prompt.as_ref().and_then(|p| p.ptuning);
+    let ids: Vec<u32> = (3..13).collect();
+    let out = |m: &Model<f32>| {
+        use adapt_common::Fixture;
+        tuna_autograd::no_grad(|| m.outputs(&ids, 2, None)).to_vec().unwrap()
+    };
+    let m = load("llama", &copy("llama_ptuning_lstm", "pt").0).unwrap();
+    assert_eq!(spec(&m), Some(EncoderSpec { kind: EncoderKind::Lstm, hidden: 6, layers: 2 }));
+    let want = out(&m);
+    let f = copy("llama_ptuning_lstm", "pt-bare")
+        .remove("encoder_reparameterization_type")
+        .remove("encoder_hidden_size")
+        .remove("encoder_num_layers")
+        .set("encoder_dropout", json!(0.3));
+    let bare = load("llama", &f.0).unwrap();
+    assert_eq!(spec(&bare), Some(EncoderSpec { kind: EncoderKind::Mlp, hidden: 32, layers: 2 }), "PEFT's defaults");
+    assert_eq!(out(&bare), want, "the encoder fields do not change the loaded prompt");
+    let e = err_with("llama_ptuning_lstm", "encoder_reparameterization_type", json!("GRU"));
+    says(&e, r#"`encoder_reparameterization_type` "GRU": expected "MLP" or "LSTM""#);
+    says(&err_with("gpt2_ptuning", "encoder_hidden_size", json!(0)), "`encoder_hidden_size` is 0: expected a positive");
+    says(&err_with("gpt2_ptuning", "encoder_num_layers", json!(-2)), "`encoder_num_layers` is -2: expected a positive");
+    says(
+        &err_with("bert_ptuning", "prompt_scale", json!(2.0)),
+        "`prompt_scale` 2.0 is not a P_TUNING field tuna knows",
+    );
+    says(&err_with("gpt2_ptuning", "token_dim", json!(64)), "adapter made for a model with hidden size (token_dim) 64");
+}
+
 #[test]
 fn non_finite_adapter_tensors_are_refused_at_load() {
     let f = copy("gpt2_prompt", "nan").edit_tensor(peft::WEIGHTS, "prompt_embeddings", |(_, v)| {

@@ -1,5 +1,6 @@
-//! tuna against Hugging Face PEFT 0.21.2: adapters PEFT saved (prompt tuning, prefix tuning with
-//! and without the projection, LoRA on Conv1D and nn.Linear, on GPT-2, Llama with GQA and BERT)
+//! tuna against Hugging Face PEFT 0.21.2: adapters PEFT saved (prompt tuning, P-tuning with the
+//! MLP and the LSTM encoder, prefix tuning with and without the projection, LoRA on Conv1D and
+//! nn.Linear, on GPT-2, Llama with GQA and BERT)
 //! load into tuna and give PEFT's outputs, loss and adapter gradients; and adapters tuna saves
 //! load in PEFT (checked by `make_peft_golden.py --check-tuna`, whose verdict is committed).
 
@@ -13,10 +14,12 @@ use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::{Ints, Tensor};
 use tuna_kernels::Cpu;
-use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method, PrefixParams, PromptInit};
+use tuna_models::adapt::{
+    peft, Adaptable, EncoderKind, LoraConfig, Method, PrefixParams, PromptEncoder, PromptInit, PromptParams,
+};
 use tuna_models::io;
 
-const CASES: [(&str, &str); 11] = [
+const CASES: [(&str, &str); 15] = [
     ("gpt2_prompt", "gpt2"),
     ("llama_prompt", "llama"),
     ("bert_prompt", "bert"),
@@ -25,6 +28,10 @@ const CASES: [(&str, &str); 11] = [
     ("bert_prefix", "bert"),
     ("gpt2_prefix_proj", "gpt2"),
     ("llama_prefix_proj", "llama"),
+    ("gpt2_ptuning", "gpt2"),
+    ("llama_ptuning", "llama"),
+    ("bert_ptuning", "bert"),
+    ("llama_ptuning_lstm", "llama"),
     ("gpt2_lora", "gpt2"),
     ("llama_lora", "llama"),
     ("bert_lora", "bert"),
@@ -105,8 +112,9 @@ fn peft_adapters_give_peft_outputs_loss_and_gradients() {
         let l = loss(&m, &g);
         assert_rel(&format!("{case} loss"), 1e-5, &l.to_vec().unwrap(), &g.f32("loss"));
         l.backward().unwrap();
-        if case.ends_with("_proj") {
-            // The saved table is the projection's output: its gradient is PEFT's `grad_saved`.
+        if case.ends_with("_proj") || case.contains("_ptuning") {
+            // The saved table is the projection's (or the prompt encoder's) output: its gradient
+            // is PEFT's `grad_saved`.
             let (_, t) = &m.adapt().params()[0];
             assert_rel(
                 &format!("{case} table grad"),
@@ -152,6 +160,44 @@ fn prefix_projection_mlp_matches_peft() {
     }
 }
 
+/// P-tuning's prompt encoder (MLP and LSTM), rebuilt from PEFT's parameters: outputs, loss and
+/// every encoder gradient. (The adapter file holds only the encoder's output.)
+#[test]
+fn ptuning_encoder_matches_peft() {
+    let cases = [
+        ("gpt2_ptuning", "gpt2", EncoderKind::Mlp),
+        ("llama_ptuning", "llama", EncoderKind::Mlp),
+        ("bert_ptuning", "bert", EncoderKind::Mlp),
+        ("llama_ptuning_lstm", "llama", EncoderKind::Lstm),
+    ];
+    for (case, arch, kind) in cases {
+        let g = Golden::open(&format!("peft/{case}"));
+        let mut m = load_case(case, arch);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(case_dir(case).join(peft::CONFIG)).unwrap()).unwrap();
+        let (n, hidden) = (cfg["num_virtual_tokens"].as_u64().unwrap(), cfg["encoder_hidden_size"].as_u64().unwrap());
+        let enc = PromptEncoder::new(&Arc::new(Cpu), kind, n as usize, m.shape().hidden, hidden as usize, 1).unwrap();
+        let names: Vec<String> = enc.params().into_iter().map(|(n, _)| n).collect();
+        let peft_names: Vec<String> =
+            g.names().iter().filter_map(|k| k.strip_prefix("param.").map(String::from)).collect();
+        assert_eq!(names.len(), peft_names.len(), "{case}: tuna's encoder tensors {names:?} vs PEFT's {peft_names:?}");
+        for (name, t) in enc.params() {
+            let key = format!("param.{}", name.replacen("prompt_encoder.", "prompt_encoder.default.", 1));
+            assert_eq!(t.shape(), g.shape(&key), "{case}: {name} shape");
+            *t.data_mut() = g.f32(&key);
+        }
+        m.adapt_mut().prompt.as_mut().unwrap().params = PromptParams::Encoder(enc);
+        let (ids, b) = ids_of(&g);
+        let out = tuna_autograd::no_grad(|| m.outputs(&ids, b, None));
+        let key = if arch == "bert" { "last_hidden_state" } else { "logits" };
+        assert_rel(&format!("{case} {key} via the encoder"), 1e-5, &out.to_vec().unwrap(), &g.f32(key));
+        let l = loss(&m, &g);
+        assert_rel(&format!("{case} loss via the encoder"), 1e-5, &l.to_vec().unwrap(), &g.f32("loss"));
+        l.backward().unwrap();
+        check_grads(case, &m, &g);
+    }
+}
+
 /// The adapters tuna writes for the PEFT check: every kind PEFT has, on each base, from tuna's
 /// own initializations (perturbed so none is an identity).
 fn tuna_adapters() -> Vec<(&'static str, &'static str, Method)> {
@@ -165,6 +211,8 @@ fn tuna_adapters() -> Vec<(&'static str, &'static str, Method)> {
         ("gpt2_prefix_proj", "gpt2", Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random }),
         ("llama_prefix_proj", "llama", Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random }),
         ("llama_ptuning_v2", "llama", Method::PTuningV2 { n: 3, init: PromptInit::Random }),
+        ("gpt2_ptuning", "gpt2", Method::PTuning { n: 3, encoder: EncoderKind::Mlp, hidden: Some(8) }),
+        ("bert_ptuning_lstm", "bert", Method::PTuning { n: 2, encoder: EncoderKind::Lstm, hidden: Some(4) }),
         ("bert_prefix", "bert", Method::Prefix { n: 2, projection: None, init: PromptInit::Random }),
         ("gpt2_lora", "gpt2", lora(&["c_attn", "c_proj"])),
         ("llama_lora", "llama", lora(&["q_proj", "k_proj", "o_proj", "up_proj"])),

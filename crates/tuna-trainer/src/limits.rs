@@ -15,6 +15,7 @@ pub fn check_method_size(method: &Method, hidden: usize) -> Result<()> {
         Method::Lora(c) => ("--lora-r", c.r, 4 * hidden),
         Method::Houlsby { bottleneck } => ("--bottleneck", *bottleneck, 4 * hidden),
         Method::Prefix { projection: Some(h), .. } => ("--prefix-hidden", *h, 16 * hidden),
+        Method::PTuning { hidden: Some(h), .. } => ("--ptuning-hidden", *h, 16 * hidden),
         _ => return Ok(()),
     };
     if v > max {
@@ -84,5 +85,9 @@ mod tests {
         let lora = Method::Lora(tuna_models::adapt::LoraConfig { r: 1000, alpha: 16.0, dropout: 0.0, targets: vec![] });
         assert!(check_method_size(&lora, 32).unwrap_err().to_string().contains("--lora-r 1000: at most 128"));
         assert!(check_method_size(&Method::Houlsby { bottleneck: 32 }, 32).is_ok());
+        let ptuning = |h| Method::PTuning { n: 4, encoder: tuna_models::adapt::EncoderKind::Lstm, hidden: h };
+        let e = check_method_size(&ptuning(Some(513)), 32).unwrap_err().to_string();
+        assert!(e.contains("--ptuning-hidden 513: at most 512"), "{e}");
+        assert!(check_method_size(&ptuning(Some(512)), 32).is_ok() && check_method_size(&ptuning(None), 32).is_ok());
     }
 }

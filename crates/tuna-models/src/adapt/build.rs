@@ -1,6 +1,6 @@
 //! Choosing a method: [`Method`] describes it, [`Method::apply`] installs it on a model.
 
-use super::{Adaptable, Houlsby, Lora, LoraConfig, PrefixKind, PrefixTuning, SoftPrompt};
+use super::{Adaptable, EncoderKind, Houlsby, Lora, LoraConfig, PrefixKind, PrefixTuning, PromptEncoder, SoftPrompt};
 use crate::error::{Error, Result};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::Float;
@@ -38,6 +38,14 @@ pub enum Method {
         projection: Option<usize>,
         init: PromptInit,
     },
+    /// P-tuning (PEFT's `P_TUNING`): a soft prompt of `n` vectors computed by a prompt encoder
+    /// (`encoder`, hidden size `hidden`; `None`: the model's hidden size, PEFT's default) from `n`
+    /// trainable embeddings.
+    PTuning {
+        n: usize,
+        encoder: EncoderKind,
+        hidden: Option<usize>,
+    },
     /// P-tuning v2: deep prompts (a prefix at every layer), no reparameterization.
     PTuningV2 {
         n: usize,
@@ -54,12 +62,16 @@ impl Method {
     /// methods (PEFT's rule: the content then starts at position `n`), else 0.
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Method::Prompt { n, .. } | Method::Prefix { n, .. } | Method::PTuningV2 { n, .. } => *n,
+            Method::Prompt { n, .. }
+            | Method::Prefix { n, .. }
+            | Method::PTuning { n, .. }
+            | Method::PTuningV2 { n, .. } => *n,
             _ => 0,
         }
     }
 
-    /// The initialization of a prompt or prefix method (`None` for the others).
+    /// The initialization of a prompt or prefix method (`None` for the others, P-tuning included:
+    /// its embeddings start N(0, 1), as PEFT's).
     pub fn init_mut(&mut self) -> Option<&mut PromptInit> {
         match self {
             Method::Prompt { init, .. } | Method::Prefix { init, .. } | Method::PTuningV2 { init, .. } => Some(init),
@@ -74,6 +86,7 @@ impl Method {
             Method::Prompt { .. } => "prompt",
             Method::Prefix { projection: None, .. } => "prefix",
             Method::Prefix { projection: Some(_), .. } => "prefix-mlp",
+            Method::PTuning { .. } => "ptuning",
             Method::PTuningV2 { .. } => "ptuning-v2",
             Method::Houlsby { .. } => "houlsby",
             Method::Lora(_) => "lora",
@@ -95,6 +108,10 @@ impl Method {
             }
             Method::Prefix { n, projection, init } => {
                 install_prefix(model, PrefixKind::Prefix, *n, *projection, init, seed)?;
+            }
+            Method::PTuning { n, encoder, hidden } => {
+                let e = PromptEncoder::new(&dev, *encoder, *n, s.hidden, hidden.unwrap_or(s.hidden), seed)?;
+                model.adapt_mut().prompt = Some(SoftPrompt::encoded(e));
             }
             Method::PTuningV2 { n, init } => install_prefix(model, PrefixKind::PTuningV2, *n, None, init, seed)?,
             Method::Houlsby { bottleneck } => {

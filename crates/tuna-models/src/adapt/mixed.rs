@@ -255,7 +255,7 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         let hidden = table.shape()[1];
         let mut parts = vec![tok];
         for &i in &m.prompts {
-            parts.push(self.bank[i].1.prompt.as_ref().expect("a prompt").vectors.clone());
+            parts.push(self.bank[i].1.prompt.as_ref().expect("a prompt").vectors()?);
         }
         let all = stack_rows(&parts, hidden, true)?;
         let src = Ints::new(table.device(), &[m.batch, m.width], &m.src)?;

@@ -1,6 +1,7 @@
-//! Adaptation methods, hooked into GPT-2, Llama and BERT: soft prompts (prompt tuning), per-layer
-//! prefix keys/values (prefix tuning, P-tuning v2), Houlsby adapters and LoRA; full fine-tuning
-//! is a choice of trainable base weights at load time ([`full_finetune_predicate`]).
+//! Adaptation methods, hooked into GPT-2, Llama and BERT: soft prompts (prompt tuning, and
+//! P-tuning's encoded ones), per-layer prefix keys/values (prefix tuning, P-tuning v2), Houlsby
+//! adapters and LoRA; full fine-tuning is a choice of trainable base weights at load time
+//! ([`full_finetune_predicate`]).
 //!
 //! Every model holds an [`Adapt`] (empty by default) that its forward consults at four points: the
 //! input embeddings (soft prompt inserted next to the content, also under left padding), each
@@ -27,6 +28,7 @@ mod peft_load;
 mod prefix;
 mod prefix_init;
 mod prompt;
+mod ptuning;
 mod targets;
 pub use targets::default_lora_targets;
 
@@ -35,7 +37,8 @@ pub use houlsby::{Houlsby, HoulsbyBlock};
 pub use lora::{Lora, LoraConfig};
 pub use model::{Adaptable, Arch, LinearModule, ModelShape};
 pub use prefix::{PrefixKind, PrefixParams, PrefixTuning};
-pub use prompt::SoftPrompt;
+pub use prompt::{PromptParams, SoftPrompt};
+pub use ptuning::{EncoderKind, EncoderSpec, LstmCell, PromptEncoder, LSTM_LAYERS};
 
 use crate::error::{Error, Result};
 use std::cell::{Cell, RefCell};
@@ -175,11 +178,12 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
     }
 
     /// Every trainable tensor of the adaptation, by its checkpoint name (LoRA and prompt names are
-    /// PEFT's; the prefix MLP keeps its unprojected weights; Houlsby and extras are tuna's).
+    /// PEFT's; the prefix MLP and P-tuning's encoder keep their weights under PEFT's parameter
+    /// names, where PEFT's adapter file holds their output; Houlsby and extras are tuna's).
     pub fn params(&self) -> Vec<(String, Tensor<B, E>)> {
         let mut out = Vec::new();
         if let Some(p) = &self.prompt {
-            out.push(("prompt_embeddings".to_string(), p.vectors.clone()));
+            out.extend(p.params());
         }
         if let Some(p) = &self.prefix {
             out.extend(p.params());
@@ -271,8 +275,12 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
         if let Some(m) = &prep.mixed {
             return self.mixed_embed(table, ids, m);
         }
-        let prompt = match (&self.prompt, &prep.at) {
-            (Some(p), Some(at)) => Some(Prompt { vectors: &p.vectors, at }),
+        let vectors = match (&self.prompt, &prep.at) {
+            (Some(p), Some(_)) => Some(p.vectors()?),
+            _ => None,
+        };
+        let prompt = match (&vectors, &prep.at) {
+            (Some(vectors), Some(at)) => Some(Prompt { vectors, at }),
             _ => None,
         };
         Ok(embedding(table, ids, prompt)?)

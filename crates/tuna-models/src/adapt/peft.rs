@@ -7,7 +7,7 @@
 //! PEFT's config does not say, e.g. the vocabulary) and, when the adaptation has extra tensors
 //! (a classification head), `tuna_extra.safetensors`. PEFT ignores both.
 
-use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING};
+use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING};
 use super::{Adapt, Adaptable, LoraConfig, ModelShape, PrefixParams};
 use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
@@ -79,7 +79,7 @@ fn to_peft<B: Kernels<E>, E: Float>(
     let used = [ad.prompt.is_some(), ad.prefix.is_some(), ad.houlsby.is_some(), !ad.lora.is_empty()];
     if used.iter().filter(|&&u| u).count() != 1 {
         return Err(Error::InvalidArgument(
-            "a PEFT adapter folder holds exactly one method (prompt, prefix, houlsby or lora)".into(),
+            "a PEFT adapter folder holds exactly one method (prompt, p-tuning, prefix, houlsby or lora)".into(),
         ));
     }
     let task = if s.arch == super::Arch::Bert { "FEATURE_EXTRACTION" } else { "CAUSAL_LM" };
@@ -99,16 +99,30 @@ fn to_peft<B: Kernels<E>, E: Float>(
     let mut tensors = Vec::new();
     let put = |cfg: &mut Map<String, Value>, v: Value| cfg.extend(v.as_object().cloned().unwrap_or_default());
     if let Some(p) = &ad.prompt {
-        put(
-            &mut cfg,
-            json!({
-                "peft_type": PROMPT_TUNING, "num_virtual_tokens": p.len(), "token_dim": s.hidden,
-                "num_transformer_submodules": 1, "num_attention_heads": s.heads, "num_layers": s.layers,
-                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": null, "tokenizer_kwargs": null,
-                "tokenizer_name_or_path": null,
-            }),
-        );
-        tensors.push(("prompt_embeddings".to_string(), host(&p.vectors)?));
+        let dims = json!({
+            "num_virtual_tokens": p.len(), "token_dim": s.hidden, "num_transformer_submodules": 1,
+            "num_attention_heads": s.heads, "num_layers": s.layers,
+        });
+        put(&mut cfg, dims);
+        match &p.ptuning {
+            None => put(
+                &mut cfg,
+                json!({
+                    "peft_type": PROMPT_TUNING, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": null,
+                    "tokenizer_kwargs": null, "tokenizer_name_or_path": null,
+                }),
+            ),
+            Some(e) => put(
+                &mut cfg,
+                json!({
+                    "peft_type": P_TUNING, "encoder_reparameterization_type": e.kind.peft_name(),
+                    "encoder_hidden_size": e.hidden, "encoder_num_layers": e.layers, "encoder_dropout": 0.0,
+                }),
+            ),
+        }
+        // P-tuning's is the encoder's output, as PEFT saves it.
+        let vectors = tuna_autograd::no_grad(|| p.vectors())?;
+        tensors.push(("prompt_embeddings".to_string(), host(&vectors)?));
     }
     if let Some(p) = &ad.prefix {
         let token_dim = p.kv_heads * p.head_dim;

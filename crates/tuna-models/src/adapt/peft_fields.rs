@@ -14,6 +14,7 @@ use std::path::Path;
 
 pub(crate) const PROMPT_TUNING: &str = "PROMPT_TUNING";
 pub(crate) const PREFIX_TUNING: &str = "PREFIX_TUNING";
+pub(crate) const P_TUNING: &str = "P_TUNING";
 pub(crate) const LORA: &str = "LORA";
 /// tuna's own adapter type (PEFT has no Houlsby adapters; see [`super::Houlsby`]).
 pub(crate) const HOULSBY: &str = "HOULSBY";
@@ -60,6 +61,20 @@ const PROMPT: &[(&str, Rule)] = &[
     ("prompt_tuning_init_text", Ignored),
     ("tokenizer_name_or_path", Ignored),
     ("tokenizer_kwargs", Ignored),
+];
+
+const PTUNING: &[(&str, Rule)] = &[
+    // The model's own dimensions, unused by a soft prompt (`token_dim` is checked).
+    ("num_attention_heads", Ignored),
+    ("num_layers", Ignored),
+    // The encoder's settings: checked in form and kept (saved again), but the saved
+    // `prompt_embeddings` is already the encoder's output (PEFT saves no encoder), so they change
+    // nothing in what the loaded adapter computes.
+    ("encoder_reparameterization_type", Honored),
+    ("encoder_hidden_size", Honored),
+    ("encoder_num_layers", Honored),
+    // A training setting of the LSTM encoder, which a loaded adapter does not run.
+    ("encoder_dropout", Ignored),
 ];
 
 const PREFIX: &[(&str, Rule)] = &[
@@ -129,6 +144,7 @@ fn tables(peft_type: &str) -> Option<&'static [&'static [(&'static str, Rule)]]>
     Some(match peft_type {
         PROMPT_TUNING => &[COMMON, PROMPT_LEARNING, PROMPT],
         PREFIX_TUNING => &[COMMON, PROMPT_LEARNING, PREFIX],
+        P_TUNING => &[COMMON, PROMPT_LEARNING, PTUNING],
         LORA => &[COMMON, LORA_FIELDS],
         HOULSBY => &[COMMON, HOULSBY_FIELDS],
         _ => return None,

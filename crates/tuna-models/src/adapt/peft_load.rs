@@ -4,10 +4,10 @@
 //! values are refused at load, naming the file and the tensor.
 
 use super::peft::{EXTRA, WEIGHTS};
-use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING};
+use super::peft_fields::{Fields, HOULSBY, LORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING};
 use super::targets::{peft_default, Targets};
 use super::{param, Adapt, Adaptable, Arch, Houlsby, LinearModule, Lora, LoraConfig, ModelShape};
-use super::{PrefixKind, PrefixParams, PrefixTuning, SoftPrompt};
+use super::{EncoderKind, EncoderSpec, PrefixKind, PrefixParams, PrefixTuning, SoftPrompt, LSTM_LAYERS};
 use crate::error::{some_names, Error, Result};
 use crate::io::{read_tensors, HostTensor};
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +37,11 @@ pub(crate) fn adaptation<B: Kernels<E>, E: Float, M: Adaptable<B, E>>(
     let mut ad = Adapt::<B, E>::default();
     match peft_type {
         PROMPT_TUNING => ad.prompt = Some(prompt(f, &s, &mut w, &dev)?),
+        P_TUNING => {
+            let mut p = prompt(f, &s, &mut w, &dev)?;
+            p.ptuning = Some(ptuning_spec(f, s.hidden)?);
+            ad.prompt = Some(p);
+        }
         PREFIX_TUNING => ad.prefix = Some(prefix(f, &s, &mut w, &dev)?),
         LORA => {
             let (lora, cfg) = lora(f, s.arch, &model.linears(), &mut w, &dev)?;
@@ -145,7 +150,22 @@ fn prompt<B: Kernels<E>, E: Float>(
         f.count(key)?;
     }
     let v = w.take("prompt_embeddings", &[n, s.hidden])?;
-    Ok(SoftPrompt { vectors: param(dev, "prompt_embeddings", &[n, s.hidden], &v)? })
+    Ok(SoftPrompt::direct(param(dev, "prompt_embeddings", &[n, s.hidden], &v)?))
+}
+
+/// P-tuning's encoder settings, kept to be saved again: the saved `prompt_embeddings` is the
+/// encoder's output (PEFT saves no encoder and runs none on load), so the adapter loads as
+/// [`prompt`]'s soft prompt. PEFT's defaults where absent: MLP, hidden size = `token_dim`, 2 layers.
+fn ptuning_spec(f: &Fields<'_>, token_dim: usize) -> Result<EncoderSpec> {
+    let kind = match f.text("encoder_reparameterization_type")? {
+        None => EncoderKind::Mlp,
+        Some(t) => EncoderKind::from_peft(t).ok_or_else(|| {
+            f.err(format!("`encoder_reparameterization_type` {t:?}: expected \"MLP\" or \"LSTM\" (PEFT's encoders)"))
+        })?,
+    };
+    let hidden = f.count("encoder_hidden_size")?.unwrap_or(token_dim);
+    let layers = f.count("encoder_num_layers")?.unwrap_or(LSTM_LAYERS);
+    Ok(EncoderSpec { kind, hidden, layers })
 }
 
 fn prefix<B: Kernels<E>, E: Float>(

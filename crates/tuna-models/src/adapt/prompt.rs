@@ -1,5 +1,7 @@
-//! Prompt tuning: `n` trainable virtual-token embeddings inserted before each row's content.
+//! Prompt tuning: `n` trainable virtual-token embeddings inserted before each row's content; and
+//! P-tuning, whose inserted vectors are a prompt encoder's output (see [`super::ptuning`]).
 
+use super::ptuning::{EncoderSpec, PromptEncoder};
 use super::{normal, param, PromptInit};
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -7,14 +9,55 @@ use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
 use tuna_kernels::rng::SplitMix64;
 
-/// A soft prompt: `vectors` `[n, hidden]`.
+/// Where a soft prompt's vectors come from.
+pub enum PromptParams<B: Kernels<E>, E: Float> {
+    /// The vectors `[n, hidden]` themselves, trained directly (prompt tuning, or a P-tuning adapter
+    /// loaded from PEFT's format, which holds the encoder's output only).
+    Direct(Tensor<B, E>),
+    /// P-tuning's prompt encoder, which computes them in every forward.
+    Encoder(PromptEncoder<B, E>),
+}
+
+/// A soft prompt of `n` vectors `[n, hidden]`.
 pub struct SoftPrompt<B: Kernels<E>, E: Float> {
-    pub vectors: Tensor<B, E>,
+    pub params: PromptParams<B, E>,
+    /// P-tuning's encoder settings (`None`: prompt tuning); saved as a `P_TUNING` adapter.
+    pub ptuning: Option<EncoderSpec>,
 }
 
 impl<B: Kernels<E>, E: Float> SoftPrompt<B, E> {
+    /// A prompt-tuning prompt of these vectors.
+    pub fn direct(vectors: Tensor<B, E>) -> Self {
+        SoftPrompt { params: PromptParams::Direct(vectors), ptuning: None }
+    }
+
+    /// A P-tuning prompt computed by `encoder`.
+    pub fn encoded(encoder: PromptEncoder<B, E>) -> Self {
+        let spec = encoder.spec();
+        SoftPrompt { params: PromptParams::Encoder(encoder), ptuning: Some(spec) }
+    }
+
     pub fn len(&self) -> usize {
-        self.vectors.shape()[0]
+        match &self.params {
+            PromptParams::Direct(v) => v.shape()[0],
+            PromptParams::Encoder(e) => e.len(),
+        }
+    }
+
+    /// The vectors `[n, hidden]` (through the encoder, recorded, when there is one).
+    pub fn vectors(&self) -> Result<Tensor<B, E>> {
+        match &self.params {
+            PromptParams::Direct(v) => Ok(v.clone()),
+            PromptParams::Encoder(e) => e.forward(),
+        }
+    }
+
+    /// Trainable tensors by checkpoint name: `prompt_embeddings`, or the encoder's (PEFT's names).
+    pub fn params(&self) -> Vec<(String, Tensor<B, E>)> {
+        match &self.params {
+            PromptParams::Direct(v) => vec![("prompt_embeddings".to_string(), v.clone())],
+            PromptParams::Encoder(e) => e.params(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -54,6 +97,6 @@ impl<B: Kernels<E>, E: Float> SoftPrompt<B, E> {
             PromptInit::Text(ids) => rows_of(ids, "TEXT")?,
             PromptInit::ClassLabels(ids) => rows_of(ids, "CLASS_LABELS")?,
         };
-        Ok(SoftPrompt { vectors: param(dev, "prompt_embeddings", &[n, hidden], &v)? })
+        Ok(SoftPrompt::direct(param(dev, "prompt_embeddings", &[n, hidden], &v)?))
     }
 }

@@ -9,7 +9,7 @@ use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::{Float, Ints, Tensor};
 use tuna_kernels::Cpu;
-use tuna_models::adapt::{Adapt, LoraConfig, Method, PromptInit};
+use tuna_models::adapt::{Adapt, EncoderKind, LoraConfig, Method, PromptInit};
 use tuna_models::generate::{CausalLm, KvCache};
 use tuna_models::model::AnyModel;
 pub use tuna_models::model::Net;
@@ -124,6 +124,8 @@ pub fn peft_methods(arch: &str) -> Vec<Method> {
         Method::Prefix { n: 3, projection: None, init: PromptInit::Random },
         Method::Prefix { n: 2, projection: Some(8), init: PromptInit::Random },
         Method::PTuningV2 { n: 2, init: PromptInit::Random },
+        Method::PTuning { n: 2, encoder: EncoderKind::Mlp, hidden: Some(8) },
+        Method::PTuning { n: 2, encoder: EncoderKind::Lstm, hidden: Some(4) },
         Method::Houlsby { bottleneck: 4 },
         Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets }),
     ]

@@ -14,7 +14,7 @@ use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{no_grad, Float, Ints};
 use tuna_kernels::testing::Tol;
-use tuna_models::adapt::{Adapt, LoraConfig, Method, PromptInit};
+use tuna_models::adapt::{Adapt, EncoderKind, LoraConfig, Method, PromptInit};
 use tuna_models::generate::Sampling;
 use tuna_models::model::{AnyModel, Net};
 use tuna_models::IGNORE_INDEX;
@@ -36,6 +36,7 @@ pub fn methods(arch: &str) -> Vec<Method> {
         Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: a }),
         Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: b }),
         Method::Houlsby { bottleneck: 4 },
+        Method::PTuning { n: 2, encoder: EncoderKind::Mlp, hidden: Some(8) },
     ]
 }
 
