@@ -96,6 +96,8 @@ def build(args):
     elif args.model == "smollm2":
         cfg = smollm2_config(args.layers)
         model = LlamaForCausalLM(cfg)
+        if args.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.method != "full":
             model = get_peft_model(model, peft_config(args.method, TaskType.CAUSAL_LM, ["q_proj", "v_proj"]))
         ids = torch.randint(0, cfg.vocab_size, (b, t))
@@ -122,7 +124,11 @@ def build(args):
         else:
             step_loss = lambda: model(input_ids=dev_ids, labels=dev_ids).loss  # noqa: E731
     model.train()
+    if args.grad_ckpt and args.model != "smollm2":
+        raise ValueError("--grad-ckpt is wired for smollm2 only")
     params = [p for p in model.parameters() if p.requires_grad]
+    if args.grad_ckpt:
+        step_loss()  # a refusal (PEFT's prefix tuning with checkpointing) shows at the first forward
     return model, params, step_loss, layers
 
 
@@ -139,12 +145,19 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="gradient checkpointing on (transformers' non-reentrant; prints the error where PEFT refuses)")
     ap.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
                     help="PyTorch AdamW implementation (default: PyTorch's choice, the for-loop one on CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, params, step_loss, layers = build(args)
+    try:
+        model, params, step_loss, layers = build(args)
+    except Exception as e:  # noqa: BLE001 - the refusal is the result
+        print(json.dumps({"side": "pytorch+peft", "model": args.model, "method": args.method, "batch": args.batch,
+                          "seq": args.seq, "grad_ckpt": args.grad_ckpt, "error": f"{type(e).__name__}: {e}"}))
+        return
     kw = {"foreach": True} if args.adamw == "foreach" else {"fused": True} if args.adamw == "fused" else {}
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **kw)
     fwd = bwd = upd = 0.0
@@ -176,7 +189,7 @@ def main():
         "fwd_ms": round(1e3 * fwd / n, 2), "bwd_ms": round(1e3 * bwd / n, 2), "opt_ms": round(1e3 * upd / n, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "trainable": sum(p.numel() for p in params),
         "threads": torch.get_num_threads(), "loss": round(loss.item(), 5),
-        "attn": "sdpa", "adamw": args.adamw, "device": args.device,
+        "attn": "sdpa", "adamw": args.adamw, "device": args.device, "grad_ckpt": args.grad_ckpt,
     }))
 
 
