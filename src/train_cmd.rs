@@ -715,24 +715,25 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
         p.tokens_per_s,
         tuna_trainer::human_bytes(p.peak_saved_bytes as u64)
     );
-    s += "| op | forward calls | forward ms | backward calls | backward ms | % of step |\n|---|---:|---:|---:|---:|---:|\n";
+    s += "| op | forward calls | forward ms | backward calls | backward ms | % of step | saved at the peak |\n|---|---:|---:|---:|---:|---:|---:|\n";
     let mut accounted = p.optimizer_ms;
     for r in &p.rows {
         let t = r.forward_ms + r.backward_ms;
         accounted += t;
         s += &format!(
-            "| {} | {} | {:.2} | {} | {:.2} | {:.1}% |\n",
+            "| {} | {} | {:.2} | {} | {:.2} | {:.1}% | {} |\n",
             r.kind,
             r.forward_calls,
             r.forward_ms,
             r.backward_calls,
             r.backward_ms,
-            pct(t)
+            pct(t),
+            if r.saved_at_peak > 0 { tuna_trainer::human_bytes(r.saved_at_peak as u64) } else { String::new() }
         );
     }
-    s += &format!("| optimizer (clip, AdamW) | | | | {:.2} | {:.1}% |\n", p.optimizer_ms, pct(p.optimizer_ms));
+    s += &format!("| optimizer (clip, AdamW) | | | | {:.2} | {:.1}% | |\n", p.optimizer_ms, pct(p.optimizer_ms));
     let rest = (p.step_ms - accounted).max(0.0);
-    s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% |\n", rest, pct(rest));
+    s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% | |\n", rest, pct(rest));
     s
 }
 

@@ -56,7 +56,8 @@ where
         }
     }
     let cell = crate::tensor::GradCell::<B, E>::new(y.numel());
-    let saved: Vec<Saved<B, E>> = inputs.iter().map(Saved::new).collect();
+    let saved: Vec<Saved<B, E>> =
+        crate::stats::saving_as(graph::CHECKPOINT_KIND, || inputs.iter().map(Saved::new).collect());
     let (out_cell, shape) = (cell.clone(), y.shape().to_vec());
     let backward = Box::new(move || -> Result<()> {
         // No gradient reached the output: nothing flows into the block either.

@@ -209,7 +209,7 @@ pub(crate) fn output<B: Alloc<E> + 'static, E: Elem>(
         seq: take_seq(),
         parents,
         leaves: leaves_of(inputs),
-        backward: RefCell::new(Some(make(cell.clone(), &out))),
+        backward: RefCell::new(Some(stats::saving_as(kind, || make(cell.clone(), &out)))),
     });
     Tensor::from_op(dev, shape, data, Some((cell, node)))
 }
@@ -233,7 +233,7 @@ pub(crate) fn output_shared<B: Alloc<E> + 'static, E: Elem>(
         seq: take_seq(),
         parents: x.node().into_iter().collect(),
         leaves: leaves_of(&[x]),
-        backward: RefCell::new(Some(make(cell.clone()))),
+        backward: RefCell::new(Some(stats::saving_as(kind, || make(cell.clone())))),
     });
     Tensor::from_op(x.device(), shape, data, Some((cell, node)))
 }

@@ -28,6 +28,11 @@ pub struct Stats {
     pub forward_time: BTreeMap<&'static str, OpTime>,
     /// With profiling on: each backward closure's wall time, by the op kind that recorded it.
     pub backward_time: BTreeMap<&'static str, OpTime>,
+    /// With profiling on: the saved bytes each op kind held when `peak_saved_bytes` was reached
+    /// (who holds the step's peak of saved activations).
+    pub saved_at_peak: BTreeMap<&'static str, usize>,
+    /// Saved bytes held now, by the op kind that saved them.
+    saved_by_kind: BTreeMap<&'static str, usize>,
     profiling: bool,
     last_mark: Option<Instant>,
 }
@@ -61,6 +66,7 @@ pub fn reset() {
         s.forward_time.clear();
         s.backward_time.clear();
         s.peak_saved_bytes = s.saved_bytes;
+        s.saved_at_peak = s.saved_by_kind.clone();
     })
 }
 
@@ -122,23 +128,49 @@ pub(crate) fn recorded(kind: &'static str) {
     STATS.with(|s| *s.borrow_mut().recorded.entry(kind).or_default() += 1)
 }
 
+thread_local! {
+    /// The kind of the op whose backward is being built (what its saved bytes are charged to).
+    static SAVING_KIND: std::cell::Cell<&'static str> = const { std::cell::Cell::new("other") };
+}
+
+/// Run `f` (an op's backward being built) with the bytes it saves charged to `kind`.
+pub(crate) fn saving_as<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
+    let outer = SAVING_KIND.with(|k| k.replace(kind));
+    let out = f();
+    SAVING_KIND.with(|k| k.set(outer));
+    out
+}
+
 /// Held by whatever keeps bytes alive for a backward pass; counts them until dropped.
 #[derive(Debug)]
-pub(crate) struct SavedBytes(usize);
+pub(crate) struct SavedBytes(usize, &'static str);
 
 impl SavedBytes {
     pub(crate) fn new(bytes: usize) -> Self {
+        let kind = SAVING_KIND.with(|k| k.get());
         STATS.with(|s| {
             let mut s = s.borrow_mut();
             s.saved_bytes += bytes;
-            s.peak_saved_bytes = s.peak_saved_bytes.max(s.saved_bytes);
+            *s.saved_by_kind.entry(kind).or_default() += bytes;
+            if s.saved_bytes > s.peak_saved_bytes {
+                s.peak_saved_bytes = s.saved_bytes;
+                if s.profiling {
+                    s.saved_at_peak = s.saved_by_kind.clone();
+                }
+            }
         });
-        SavedBytes(bytes)
+        SavedBytes(bytes, kind)
     }
 }
 
 impl Drop for SavedBytes {
     fn drop(&mut self) {
-        STATS.with(|s| s.borrow_mut().saved_bytes -= self.0);
+        STATS.with(|s| {
+            let mut s = s.borrow_mut();
+            s.saved_bytes -= self.0;
+            if let Some(b) = s.saved_by_kind.get_mut(self.1) {
+                *b -= self.0;
+            }
+        })
     }
 }

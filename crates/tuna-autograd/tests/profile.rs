@@ -38,3 +38,28 @@ fn profiling_charges_every_op_kind_forward_and_backward() {
     }
     assert!(on.backward_time.values().map(|t| t.nanos).sum::<u64>() > 0);
 }
+
+#[test]
+fn the_peak_of_saved_bytes_is_charged_to_the_op_kinds_that_held_it() {
+    let dev = Arc::new(Cpu);
+    let w = Tensor::param(&dev, "w", &[10, 16], &vec![0.1; 160]).unwrap();
+    let x = Tensor::constant(&dev, &[8, 16], &vec![0.5; 128]).unwrap();
+    stats::set_profiling(true);
+    stats::reset();
+    let y = linear(&x, &w, WeightLayout::OutIn, None).unwrap();
+    let h = gelu(&y, GeluKind::Tanh).unwrap();
+    let t = Ints::new(&dev, &[8], &[1, 2, 3, 4, 5, 6, 7, 0]).unwrap();
+    let loss = cross_entropy(h, &t, -100).unwrap();
+    drop(y);
+    loss.backward().unwrap();
+    stats::set_profiling(false);
+    let s = stats::snapshot();
+    // gelu keeps what its backward reads of the matmul's output and cross-entropy its
+    // probabilities; the matmul keeps only x, a caller's tensor (counted as 0).
+    for kind in ["gelu", "cross_entropy"] {
+        assert!(s.saved_at_peak.get(kind).is_some_and(|&b| b >= 8 * 10 * 4), "{kind}: {:?}", s.saved_at_peak);
+    }
+    assert_eq!(s.saved_at_peak.get("matmul").copied().unwrap_or(0), 0, "{:?}", s.saved_at_peak);
+    assert_eq!(s.saved_at_peak.values().sum::<usize>(), s.peak_saved_bytes, "{:?}", s.saved_at_peak);
+    assert_eq!(s.saved_bytes, 0, "freed by the backward");
+}

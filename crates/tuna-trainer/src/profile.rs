@@ -17,6 +17,8 @@ pub struct ProfileRow {
     pub forward_ms: f64,
     pub backward_calls: u64,
     pub backward_ms: f64,
+    /// Bytes this kind's backwards held when the step's saved activations peaked.
+    pub saved_at_peak: usize,
 }
 
 /// Where a training step's time goes, per op kind, averaged over the measured steps.
@@ -66,7 +68,8 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
     stats::set_profiling(false);
     let snap = stats::snapshot();
     let n = steps.max(1) as f64;
-    let mut kinds: Vec<&'static str> = snap.forward_time.keys().chain(snap.backward_time.keys()).copied().collect();
+    let mut kinds: Vec<&'static str> =
+        snap.forward_time.keys().chain(snap.backward_time.keys()).chain(snap.saved_at_peak.keys()).copied().collect();
     kinds.sort();
     kinds.dedup();
     let ms = |t: Option<&stats::OpTime>| t.map_or(0.0, |t| t.nanos as f64 / 1e6 / n);
@@ -79,6 +82,7 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
             forward_ms: ms(snap.forward_time.get(k)),
             backward_calls: calls(snap.backward_time.get(k)),
             backward_ms: ms(snap.backward_time.get(k)),
+            saved_at_peak: snap.saved_at_peak.get(k).copied().unwrap_or(0),
         })
         .collect();
     rows.sort_by(|a, b| (b.forward_ms + b.backward_ms).total_cmp(&(a.forward_ms + a.backward_ms)));
