@@ -731,7 +731,12 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
             if r.saved_at_peak > 0 { tuna_trainer::human_bytes(r.saved_at_peak as u64) } else { String::new() }
         );
     }
-    s += &format!("| optimizer (clip, AdamW) | | | | {:.2} | {:.1}% | |\n", p.optimizer_ms, pct(p.optimizer_ms));
+    // With --update-in-backward the updates run inside the backward (charged to the ops there).
+    s += &format!(
+        "| optimizer (clip, AdamW after the backward) | | | | {:.2} | {:.1}% | |\n",
+        p.optimizer_ms,
+        pct(p.optimizer_ms)
+    );
     let rest = (p.step_ms - accounted).max(0.0);
     s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% | |\n", rest, pct(rest));
     s

@@ -121,7 +121,11 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
     /// An optimizer over `params` with its moments stored as `storage` says.
     pub fn with_storage(params: &[&Tensor<B, E>], hp: AdamWParams, storage: MomentStorage) -> Result<Self> {
         let mut moments = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for p in params {
+            if !seen.insert(p.id()) {
+                return Err(Error::Backward(format!("AdamW: {p:?} is listed twice")));
+            }
             if !p.requires_grad() || !p.is_leaf() {
                 return Err(Error::Backward(format!("AdamW: {p:?} is not a trainable leaf")));
             }

@@ -265,7 +265,7 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
         warmup: None,
         hurting: None,
         predicted_peak_bytes: None,
-        peak_heap_bytes: crate::memory::peak(),
+        peak_heap_bytes: crate::memory::max(),
     };
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     write_atomic(&cfg.out.join("summary.json"), text.as_bytes())?;

@@ -101,7 +101,7 @@ pub struct RunSummary {
     /// The memory plan's predicted peak resident set (CPU runs; absent in older summaries).
     #[serde(default)]
     pub predicted_peak_bytes: Option<u64>,
-    /// The heap's measured peak (live allocations), beside `peak_rss_bytes`.
+    /// The heap's measured peak over the whole run (live allocations), beside `peak_rss_bytes`.
     #[serde(default)]
     pub peak_heap_bytes: Option<u64>,
 }

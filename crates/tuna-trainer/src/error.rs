@@ -25,7 +25,7 @@ pub enum TrainError {
     Metrics(#[from] MetricsError),
     /// The loss or the gradient norm became NaN or infinite; the run stopped before updating any
     /// weight. `what` names which ("training loss" or "gradient norm").
-    #[error("step {step}: the {what} is {value} (not finite); stopped without applying this step. The last good checkpoint is kept{where_}")]
+    #[error("step {step}: the {what} is {value} (not finite); stopped without saving this step (with --update-in-backward, the tensors whose gradients completed before it were updated in memory only). The last good checkpoint is kept{where_}")]
     NonFinite { step: u64, what: &'static str, value: f64, where_: String },
     /// A setting or input out of its domain.
     #[error("{0}")]

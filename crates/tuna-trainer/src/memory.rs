@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static MAX: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// The system allocator, counting live bytes (two relaxed atomic updates per call).
@@ -19,6 +20,7 @@ pub struct Counting;
 fn grew(by: usize) {
     let now = LIVE.fetch_add(by, Relaxed) + by;
     PEAK.fetch_max(now, Relaxed);
+    MAX.fetch_max(now, Relaxed);
 }
 
 unsafe impl GlobalAlloc for Counting {
@@ -76,6 +78,11 @@ pub fn live() -> Option<u64> {
 /// The most [`live`] has been since the start or the last [`reset_peak`].
 pub fn peak() -> Option<u64> {
     installed().then(|| PEAK.load(Relaxed) as u64)
+}
+
+/// The most [`live`] has been since the start ([`reset_peak`] does not change it).
+pub fn max() -> Option<u64> {
+    installed().then(|| MAX.load(Relaxed) as u64)
 }
 
 /// Start a new peak from what is live now.

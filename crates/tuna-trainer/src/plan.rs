@@ -97,12 +97,13 @@ impl MemoryPlan {
                 self.peak_with(self.tokens, self.saved_per_token, self.optimizer / 2),
             ));
         }
-        for r in [rows / 2, rows / 4, 1] {
+        // The optimizer inside the backward needs the whole batch in one pass.
+        for r in [rows / 2, rows / 4, 1].into_iter().filter(|_| !cfg.update_in_backward) {
             if r >= 1 && r < rows && !out.iter().any(|(f, _)| f == &format!("--micro-batch {r}")) {
                 out.push((format!("--micro-batch {r}"), self.peak_with(r * per_row, self.saved_per_token, 0)));
             }
         }
-        if let Some(saved) = ckpt {
+        if let Some(saved) = ckpt.filter(|_| !cfg.update_in_backward) {
             let all = self.peak_with(
                 per_row,
                 saved,
@@ -173,18 +174,18 @@ pub(crate) fn plan<B: Backend>(
     // As the steps run: in training mode (dropout masks count).
     s.model.adapt().set_training(true);
     let probes = probe(s, cfg, &a).and_then(|p1| Ok((p1, probe(s, cfg, &b)?)));
+    let other = match cfg.checkpoint_activations {
+        Checkpointing::Off => Checkpointing::Every(1),
+        _ => Checkpointing::Off,
+    };
+    let others = probes.and_then(|p| Ok((p, saved_forward(s, &a, other)?, saved_forward(s, &b, other)?)));
     s.model.adapt().set_training(false);
-    let ((p1, s1), (p2, s2)) = probes?;
+    let (((p1, s1), (p2, s2)), o1, o2) = others?;
     let dn = (n2 - n1) as f64;
     let saved_per_token = ((s2 - s1) / dn).max(0.0);
     // The saved activations are part of what a token adds (a noisy heap line may say less).
     let per_token = ((p2 - p1) / dn).max(saved_per_token);
     let step_fixed = p1 - per_token * (n1 + virt) as f64;
-    let other = match cfg.checkpoint_activations {
-        Checkpointing::Off => Checkpointing::Every(1),
-        _ => Checkpointing::Off,
-    };
-    let (o1, o2) = (saved_forward(s, &a, other)?, saved_forward(s, &b, other)?);
     let gradients = s.params.iter().map(|(_, t)| t.bytes() as u64).sum();
     let tokens = cfg.micro_batch.max(1) * (s.batcher.longest() + virt);
     let rss = crate::export::rss_bytes();

@@ -241,7 +241,16 @@ fn memory_plan<B: Backend>(
         tuna_autograd::optim::MomentStorage::Bf16 => 4,
     };
     let first = s.batcher.next_batch(&mut crate::batch::Cursor::default());
-    let Some(plan) = crate::plan::plan(s, cfg, &first, (numel * per) as u64)? else { return Ok(None) };
+    // The plan advises: a probe that fails (the run itself will say why, if it fails too) skips it.
+    let plan = match crate::plan::plan(s, cfg, &first, (numel * per) as u64) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            eprintln!("warning: no memory plan (its probe failed: {e})");
+            tuna_autograd::optim::zero_grad(&s.params.iter().map(|(_, t)| t).collect::<Vec<_>>());
+            return Ok(None);
+        }
+    };
     if cfg.progress || std::env::var_os("TUNA_MEM_TRACE").is_some() {
         eprintln!("{}", plan.describe());
     }
@@ -389,7 +398,7 @@ fn finish<B: Backend>(
     .write(&export)?;
     let summary = RunSummary {
         predicted_peak_bytes: plan.map(|p| p.peak()),
-        peak_heap_bytes: crate::memory::peak(),
+        peak_heap_bytes: crate::memory::max(),
         method: cfg.method.name().into(),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),

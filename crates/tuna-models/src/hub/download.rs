@@ -92,7 +92,9 @@ impl Hub {
         let repo = cache.join(format!("models--{org}--{name}"));
         let snap = repo.join("snapshots").join(commit);
         let get = |file: &str| self.fetch(&agent, cache, org, name, commit, file);
-        for f in &files {
+        // config.json last: a snapshot folder with it is taken as complete (`resolve_in`), so a
+        // download that breaks off before the end leaves one without it, which the next run resumes.
+        for f in files.iter().filter(|f| *f != "config.json") {
             get(f)?;
         }
         // A sharded checkpoint: its index names the shards.
@@ -113,6 +115,9 @@ impl Hub {
                 }
                 get(s)?;
             }
+        }
+        if files.iter().any(|f| f == "config.json") {
+            get("config.json")?;
         }
         if rev != commit {
             let refs = repo.join("refs");
@@ -144,15 +149,16 @@ impl Hub {
         config.build().into()
     }
 
-    /// `req` with the token, sent; an error status is an `Err` naming `url`.
+    /// `req` with the token when `url` is on the hub's own origin (never to another host, such as
+    /// a CDN a redirect names), sent; an error status is an `Err` naming `url`.
     fn send(
         &self,
         req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
         url: &str,
     ) -> Result<ureq::http::Response<ureq::Body>, String> {
         let req = match &self.token {
-            Some(t) => req.header("Authorization", format!("Bearer {t}")),
-            None => req,
+            Some(t) if origin(url) == origin(&self.endpoint) => req.header("Authorization", format!("Bearer {t}")),
+            _ => req,
         };
         let resp = req.call().map_err(|e| match e {
             ureq::Error::Io(_)
@@ -266,6 +272,15 @@ impl Hub {
             let mut resp = self.send(req, url)?;
             if resp.status().as_u16() != 206 {
                 have = 0; // The whole file came back: start over.
+            } else {
+                let range = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+                if !range.starts_with(&format!("bytes {have}-")) {
+                    let _ = out.set_len(0);
+                    return Err(format!(
+                        "{url}: asked for the bytes from {have}, the answer holds {range:?}; {} emptied for the next try",
+                        part.display()
+                    ));
+                }
             }
             out.set_len(have).and_then(|()| out.seek(SeekFrom::Start(have))).map_err(|e| io_err(&part, e))?;
             // More than the hub announced is an error too (the limit), not a longer file.
