@@ -345,7 +345,15 @@ fn profile_prints_per_op_times() {
     let o = tuna(&args);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for row in ["| matmul |", "| attention |", "| rmsnorm |", "| optimizer (clip, AdamW) |", "2 steps measured"] {
+    for row in [
+        "| matmul |",
+        "| attention |",
+        "| rmsnorm |",
+        "| optimizer (clip, AdamW after the backward) |",
+        "2 steps measured",
+        "| saved at the peak |",
+        "KiB |",
+    ] {
         assert!(s.contains(row), "{row} missing:\n{s}");
     }
     assert!(!s.contains("wrote"), "profile writes nothing:\n{s}");
