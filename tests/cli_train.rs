@@ -525,6 +525,24 @@ fn the_memory_plan_predicts_the_peak_and_refuses_a_run_that_will_not_fit() {
     assert!(out.join("summary.json").exists(), "the refused run replaced the old one: {err}");
     // Nothing fits 1 KB: no flag is suggested, but a shorter --max-len is.
     fails(&run(&over, "1000"), "try a shorter --max-len");
+    // An amount that is not a number is an error, not a check switched off.
+    for bad in ["garbage", "1GB", "-5", ""] {
+        fails(&run(&over, bad), "TUNA_MEMORY_AVAILABLE");
+    }
+    // A killed export's temporary file (as large as the weights) goes with the next export.
+    let stale = out.join("model/.model.safetensors.tmp-99999");
+    std::fs::write(&stale, b"partial").unwrap();
+    let mut resume = set(a.clone(), "--steps", "3");
+    resume.push("--resume".into());
+    ok(&tuna(&resume));
+    assert!(!stale.exists(), "the stale temporary file is still there");
+    // A run killed in its first save left only a `.tmp-step-*` folder: nothing to resume, and
+    // nothing --resume-or-start would lose by starting.
+    let killed = d.join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints/.tmp-step-000002")).unwrap();
+    let mut start = train_args(&killed, &train, 1, &[]);
+    start.push("--resume-or-start".into());
+    ok(&tuna(&start));
     over.push("--no-memory-check".into());
     ok(&run(&over, "1000"));
     std::fs::remove_dir_all(&d).unwrap();

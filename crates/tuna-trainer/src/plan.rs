@@ -206,10 +206,18 @@ pub(crate) fn plan<B: Backend>(
 /// The memory this process may still use: the system's available memory (or a cgroup's limit,
 /// where lower) plus what it holds now; `TUNA_MEMORY_AVAILABLE` (bytes) pretends another amount
 /// (to see what the plan would refuse on a smaller machine).
-pub fn available_bytes() -> Option<u64> {
+pub fn available_bytes() -> std::result::Result<Option<u64>, String> {
     if let Some(v) = std::env::var_os("TUNA_MEMORY_AVAILABLE") {
-        return v.to_str().and_then(|s| s.trim().parse().ok());
+        return v
+            .to_str()
+            .and_then(|s| s.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(|| format!("TUNA_MEMORY_AVAILABLE={v:?}: expected a whole number of bytes"));
     }
+    Ok(system_available())
+}
+
+fn system_available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb = |key: &str| {
         meminfo.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())

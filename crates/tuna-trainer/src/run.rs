@@ -254,7 +254,8 @@ fn memory_plan<B: Backend>(
     if cfg.progress || std::env::var_os("TUNA_MEM_TRACE").is_some() {
         eprintln!("{}", plan.describe());
     }
-    if let (true, Some(avail)) = (cfg.memory_check, crate::plan::available_bytes()) {
+    let avail = crate::plan::available_bytes().map_err(TrainError::Invalid)?;
+    if let (true, Some(avail)) = (cfg.memory_check, avail) {
         if plan.peak() > avail {
             let fixes = plan.fits_with(cfg, avail);
             let fixes = if fixes.is_empty() {

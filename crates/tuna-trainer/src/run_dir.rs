@@ -84,7 +84,9 @@ pub fn existing_run(dir: &Path) -> Vec<&'static str> {
         .filter(|name| {
             let p = dir.join(name);
             match std::fs::metadata(&p) {
-                Ok(m) if m.is_dir() => std::fs::read_dir(&p).is_ok_and(|mut d| d.next().is_some()),
+                // A killed save's `.tmp-*` folder holds nothing a run could resume from.
+                Ok(m) if m.is_dir() => std::fs::read_dir(&p)
+                    .is_ok_and(|d| d.flatten().any(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))),
                 Ok(m) => m.len() > 0,
                 Err(_) => false,
             }
