@@ -14,13 +14,21 @@ use tuna_models::model::AnyModel;
 
 /// The loss and every trainable gradient of one step on `m` under `policy`.
 fn step(m: &mut AnyModel<Cuda, f32>, policy: Checkpointing) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+    let loss = fixture_loss(m, policy);
+    let l = loss.to_vec().unwrap();
+    loss.backward().unwrap();
+    let grads = take_grads(m);
+    (l, grads)
+}
+
+fn fixture_loss(m: &mut AnyModel<Cuda, f32>, policy: Checkpointing) -> tuna_autograd::Tensor<Cuda, f32> {
     m.set_checkpointing(policy);
     m.adapt().seed_dropout(99);
     let (batch, seq) = (2, 6);
     let vocab = m.shape().vocab;
     let ids: Vec<u32> = (0..batch * seq).map(|i| (3 + (i * 41 + 5) % (vocab - 3)) as u32).collect();
     let mask: Vec<u8> = (0..batch * seq).map(|i| u8::from(i != 0)).collect();
-    let loss = if m.is_decoder() {
+    if m.is_decoder() {
         let labels: Vec<i32> = ids.iter().zip(&mask).map(|(&t, &k)| if k == 1 { t as i32 } else { -100 }).collect();
         m.lm_loss(&ids, &mask, &labels, batch).unwrap()
     } else {
@@ -31,11 +39,43 @@ fn step(m: &mut AnyModel<Cuda, f32>, policy: Checkpointing) -> (Vec<f32>, Vec<(S
             -100,
         )
         .unwrap()
+    }
+}
+
+#[test]
+fn cuda_updating_in_the_backward_gives_backward_then_step() {
+    use tuna_autograd::optim::{AdamW, AdamWParams, MomentStorage};
+    let Some(dev) = cuda_or_skip("models::cuda_updating_in_the_backward_gives_backward_then_step") else { return };
+    // Each parameter's update reads only its own gradient and moments, so the order of updates
+    // changes no bits; the gradients themselves differ on a real GPU only by atomic-add order.
+    let emulated = tuna_kernels::cuda::emulation_setting() == Ok(true);
+    let tol = if emulated {
+        Tol::new("AdamW in the backward vs after it, emulated device (bitwise)", 0.0, 0.0)
+    } else {
+        Tol::new("AdamW in the backward vs after it on CUDA (atomic-add order)", 1e-6, 1e-5)
     };
-    let l = loss.to_vec().unwrap();
-    loss.backward().unwrap();
-    let grads = take_grads(m);
-    (l, grads)
+    for arch in ["gpt2", "llama", "bert"] {
+        for policy in [Checkpointing::Off, Checkpointing::Every(1)] {
+            for storage in [MomentStorage::Master, MomentStorage::Bf16] {
+                let open = || AnyModel::<Cuda, f32>::open(&dev, &fixture(arch), |_| true).unwrap();
+                let (mut a, mut b) = (open(), open());
+                let (pa, pb) = (a.trainable(), b.trainable());
+                let hp = AdamWParams { weight_decay: 0.01, ..AdamWParams::new(1e-3) };
+                let mut oa = AdamW::with_storage(&pa.iter().map(|(_, t)| t).collect::<Vec<_>>(), hp, storage).unwrap();
+                let mut ob = AdamW::with_storage(&pb.iter().map(|(_, t)| t).collect::<Vec<_>>(), hp, storage).unwrap();
+                for s in 0..2 {
+                    fixture_loss(&mut a, policy).backward().unwrap();
+                    oa.step().unwrap();
+                    let out = ob.backward_and_step(&fixture_loss(&mut b, policy)).unwrap();
+                    assert_eq!(out.updated, pb.len(), "{arch} {policy} {storage}: {out:?}");
+                    for ((n, x), (_, y)) in pa.iter().zip(&pb) {
+                        let what = format!("{arch} {n}, checkpointing {policy}, {storage} moments, step {s}");
+                        tol.assert_close(&what, &y.to_vec().unwrap(), &x.to_vec().unwrap());
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]
