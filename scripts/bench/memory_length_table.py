@@ -53,7 +53,7 @@ def table(rows):
 
 def svg(rows):
     """Peak memory (MiB, log) against tokens (log2), one line per method and side."""
-    w, h, left, right, top, bottom = 760, 420, 70, 210, 30, 50
+    w, h, left, right, top, bottom = 820, 420, 70, 240, 30, 50
     pts = [(m, s, side, r["peak_rss_mb"]) for (m, s, side), r in rows.items() if "peak_rss_mb" in r]
     if not pts:
         return ""
