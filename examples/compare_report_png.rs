@@ -7,6 +7,8 @@
 //! ```sh
 //! cargo run --example compare_report_png -- runs/compare docs/compare-report.png
 //! ```
+//!
+//! test.sh: build only (it needs a comparison's folder)
 
 #[path = "../tests/common/render.rs"]
 mod render;
