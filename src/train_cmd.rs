@@ -586,12 +586,10 @@ impl RunArgs {
             require(c == 0.0, || {
                 format!("--update-in-backward applies each gradient as soon as it is complete, before the global norm that --clip {c} scales by is known: add --clip 0")
             })?;
-            if let Some(m) = self.micro_batch.filter(|&m| m < self.batch_size) {
-                let b = self.batch_size;
-                require(false, || {
-                    format!("--update-in-backward applies each gradient after one backward: --micro-batch {m} would accumulate {} passes per step (use --batch-size {m}, or drop --micro-batch)", b.div_ceil(m))
-                })?;
-            }
+            let (m, b) = (self.micro_batch.unwrap_or(self.batch_size), self.batch_size);
+            require(m >= b, || {
+                format!("--update-in-backward applies each gradient after one backward: --micro-batch {m} would accumulate {} passes per step (use --batch-size {m}, or drop --micro-batch)", b.div_ceil(m))
+            })?;
         }
         if let Some(k) = self.holdout {
             require(self.eval.is_none() && self.max_eval_examples.is_none(), || {

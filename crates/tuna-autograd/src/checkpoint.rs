@@ -51,9 +51,7 @@ where
     // The parameters the block reads: their gradients complete only after its recompute.
     let mut leaves = got.leaves;
     for t in inputs.iter().filter(|t| t.requires_grad() && t.is_leaf()) {
-        if !leaves.contains(&t.id()) {
-            leaves.push(t.id());
-        }
+        graph::push_unique(&mut leaves, t.id());
     }
     let cell = crate::tensor::GradCell::<B, E>::new(y.numel());
     let saved: Vec<Saved<B, E>> =

@@ -58,9 +58,7 @@ impl Collected {
                     self.parents.push(n);
                 }
             } else if let Some(id) = t.leaf_id() {
-                if !self.leaves.contains(&id) {
-                    self.leaves.push(id);
-                }
+                push_unique(&mut self.leaves, id);
             }
         }
     }
@@ -80,17 +78,6 @@ pub(crate) fn no_grad_collecting<T>(f: impl FnOnce() -> T) -> (T, Collected) {
     let out = no_grad(f);
     let got = COLLECT.with(|c| c.borrow_mut().take()).unwrap_or_default();
     drop(restore);
-    // A checkpoint nested in another: the outer one's recompute runs the inner one's forward, so
-    // the outer node must list the leaves the inner one read too.
-    COLLECT.with(|c| {
-        if let Some(outer) = c.borrow_mut().as_mut() {
-            for &id in &got.leaves {
-                if !outer.leaves.contains(&id) {
-                    outer.leaves.push(id);
-                }
-            }
-        }
-    });
     (out, got)
 }
 
@@ -159,11 +146,16 @@ impl<B: Alloc<E> + 'static, E: Elem> Input for Tensor<B, E> {
 fn leaves_of(inputs: &[&dyn Input]) -> Vec<u64> {
     let mut v: Vec<u64> = Vec::new();
     for id in inputs.iter().filter_map(|t| t.leaf_id()) {
-        if !v.contains(&id) {
-            v.push(id);
-        }
+        push_unique(&mut v, id);
     }
     v
+}
+
+/// Add leaf `id` to `leaves` unless it is there (a node's few leaves: a scan beats a set).
+pub(crate) fn push_unique(leaves: &mut Vec<u64>, id: u64) {
+    if !leaves.contains(&id) {
+        leaves.push(id);
+    }
 }
 
 /// Whether an op over `inputs` must record itself. Inside a checkpoint's unrecorded forward, the

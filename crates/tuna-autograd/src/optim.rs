@@ -32,6 +32,16 @@ pub enum MomentStorage {
     Bf16,
 }
 
+impl MomentStorage {
+    /// Bytes of the two moments per trainable parameter (f32 masters).
+    pub fn bytes_per_param(self) -> usize {
+        match self {
+            MomentStorage::Master => 8,
+            MomentStorage::Bf16 => 4,
+        }
+    }
+}
+
 impl std::fmt::Display for MomentStorage {
     /// As the command line spells it (`f32`, `bf16`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -262,11 +272,11 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
         let mut out = InBackward::default();
         let mut complete = |id: u64| -> Result<()> {
             let Some(&i) = index.get(&id) else { return Ok(()) };
-            if done[i] || self.params[i].with_grad(|_| ()).is_none() {
+            if done[i] || !self.params[i].has_grad() {
                 return Ok(());
             }
             done[i] = true;
-            let held: usize = self.params.iter().filter(|p| p.with_grad(|_| ()).is_some()).map(|p| p.bytes()).sum();
+            let held: usize = self.params.iter().filter(|p| p.has_grad()).map(|p| p.bytes()).sum();
             out.peak_grad_bytes = out.peak_grad_bytes.max(held);
             if out.non_finite.is_some() {
                 // After a non-finite gradient nothing more is applied.
@@ -291,7 +301,7 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
         }
         // A parameter that took a gradient after its update (an op that adds to a parameter's
         // gradient without listing it among its inputs) would have it applied a step late: refuse.
-        if let Some(p) = self.params.iter().zip(&done).find(|(p, d)| **d && p.with_grad(|_| ()).is_some()) {
+        if let Some(p) = self.params.iter().zip(&done).find(|(p, d)| **d && p.has_grad()) {
             return Err(Error::Backward(format!(
                 "AdamW in the backward: {:?} received gradient after its update (an op that does not list it \
                  among its inputs adds to its gradient); use backward() then step()",

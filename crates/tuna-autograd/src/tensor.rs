@@ -238,6 +238,10 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
             c.take();
         }
     }
+    /// Whether a gradient has been accumulated (and not yet dropped).
+    pub fn has_grad(&self) -> bool {
+        self.inner.grad.as_ref().is_some_and(|c| c.buf.borrow().is_some())
+    }
     /// Run `f` on the gradient buffer, if one has been accumulated.
     pub fn with_grad<T>(&self, f: impl FnOnce(&B::Buf<E>) -> T) -> Option<T> {
         let c = self.inner.grad.as_ref()?;

@@ -42,18 +42,27 @@ fn fixture_loss(m: &mut AnyModel<Cuda, f32>, policy: Checkpointing) -> tuna_auto
     }
 }
 
+/// The tolerance of two runs of the same kernels on the same data: the emulated device
+/// (sequential) gives the same bits; a real GPU's atomic adds (scatter-add backwards) may sum in
+/// another order, hence a few f32 roundings there.
+fn same_kernels_tol(emulated: &'static str, gpu: &'static str) -> Tol {
+    if tuna_kernels::cuda::emulation_setting() == Ok(true) {
+        Tol::new(emulated, 0.0, 0.0)
+    } else {
+        Tol::new(gpu, 1e-6, 1e-5)
+    }
+}
+
 #[test]
 fn cuda_updating_in_the_backward_gives_backward_then_step() {
     use tuna_autograd::optim::{AdamW, AdamWParams, MomentStorage};
     let Some(dev) = cuda_or_skip("models::cuda_updating_in_the_backward_gives_backward_then_step") else { return };
     // Each parameter's update reads only its own gradient and moments, so the order of updates
-    // changes no bits; the gradients themselves differ on a real GPU only by atomic-add order.
-    let emulated = tuna_kernels::cuda::emulation_setting() == Ok(true);
-    let tol = if emulated {
-        Tol::new("AdamW in the backward vs after it, emulated device (bitwise)", 0.0, 0.0)
-    } else {
-        Tol::new("AdamW in the backward vs after it on CUDA (atomic-add order)", 1e-6, 1e-5)
-    };
+    // changes no bits.
+    let tol = same_kernels_tol(
+        "AdamW in the backward vs after it, emulated device (bitwise)",
+        "AdamW in the backward vs after it on CUDA (atomic-add order)",
+    );
     for arch in ["gpt2", "llama", "bert"] {
         for policy in [Checkpointing::Off, Checkpointing::Every(1)] {
             for storage in [MomentStorage::Master, MomentStorage::Bf16] {
@@ -81,15 +90,11 @@ fn cuda_updating_in_the_backward_gives_backward_then_step() {
 #[test]
 fn cuda_checkpointed_blocks_give_the_plain_gradients() {
     let Some(dev) = cuda_or_skip("models::cuda_checkpointed_blocks_give_the_plain_gradients") else { return };
-    // The recompute launches the same kernels on the same data in the same order: the emulated
-    // device (sequential) gives the same bits. A real GPU's atomic adds (scatter-add backwards)
-    // may sum in another order, hence a tolerance of a few f32 roundings there.
-    let emulated = tuna_kernels::cuda::emulation_setting() == Ok(true);
-    let tol = if emulated {
-        Tol::new("checkpointed vs plain on the emulated device (bitwise)", 0.0, 0.0)
-    } else {
-        Tol::new("checkpointed vs plain on CUDA (atomic-add order)", 1e-6, 1e-5)
-    };
+    // The recompute launches the same kernels on the same data in the same order.
+    let tol = same_kernels_tol(
+        "checkpointed vs plain on the emulated device (bitwise)",
+        "checkpointed vs plain on CUDA (atomic-add order)",
+    );
     for arch in ["gpt2", "llama", "bert"] {
         let lora = match peft_methods(arch).pop() {
             Some(Method::Lora(c)) => Method::Lora(LoraConfig { dropout: 0.2, ..c }),

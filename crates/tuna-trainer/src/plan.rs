@@ -47,19 +47,19 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// The predicted peak of the heap.
-    pub fn heap_peak(&self) -> u64 {
-        self.before + (self.step_fixed + self.per_token * self.tokens as f64).max(0.0) as u64
-    }
-    /// The predicted peak resident set (the heap's plus what lies outside it).
+    /// The predicted peak resident set: the heap's (what is held, the step's fixed part, the
+    /// tokens' part) plus what lies outside the heap.
     pub fn peak(&self) -> u64 {
-        self.heap_peak() + self.outside_heap
+        self.peak_with(self.tokens, self.per_token, 0)
     }
-    /// The predicted peak with `tokens` per micro-batch and `saved` saved-activation bytes per
-    /// token instead of the run's, less `saved_fixed` bytes.
-    fn peak_with(&self, tokens: usize, saved: f64, less: u64) -> u64 {
-        let per = self.per_token - self.saved_per_token + saved;
-        (self.before + self.outside_heap + (self.step_fixed + per * tokens as f64).max(0.0) as u64).saturating_sub(less)
+    /// The predicted peak with `tokens` per micro-batch at `per_token` bytes each, less `less`.
+    fn peak_with(&self, tokens: usize, per_token: f64, less: u64) -> u64 {
+        (self.before + self.outside_heap + (self.step_fixed + per_token * tokens as f64).max(0.0) as u64)
+            .saturating_sub(less)
+    }
+    /// Bytes per token with `saved` saved-activation bytes per token instead of the run's.
+    fn per_token_with(&self, saved: f64) -> f64 {
+        self.per_token - self.saved_per_token + saved
     }
 
     /// One line for the log, before the first step.
@@ -87,28 +87,28 @@ impl MemoryPlan {
         let mut out = Vec::new();
         let rows = cfg.micro_batch.max(1);
         let per_row = self.tokens / rows;
-        let ckpt = (self.other_policy.0 != Checkpointing::Off).then_some(self.other_policy.1);
-        if let Some(saved) = ckpt {
-            out.push(("--checkpoint-activations every".to_string(), self.peak_with(self.tokens, saved, 0)));
-        }
-        if cfg.optimizer_state == tuna_autograd::optim::MomentStorage::Master {
-            out.push((
-                "--optimizer-state bf16".into(),
-                self.peak_with(self.tokens, self.saved_per_token, self.optimizer / 2),
-            ));
-        }
+        // What checkpointing every block would save per token, where the run does not already.
+        let ckpt = (self.other_policy.0 != Checkpointing::Off).then(|| self.per_token_with(self.other_policy.1));
+        // bf16 moments halve f32 ones.
+        let bf16 = match cfg.optimizer_state {
+            tuna_autograd::optim::MomentStorage::Master => Some(self.optimizer / 2),
+            tuna_autograd::optim::MomentStorage::Bf16 => None,
+        };
         // The optimizer inside the backward needs the whole batch in one pass.
-        for r in [rows / 2, rows / 4, 1].into_iter().filter(|_| !cfg.update_in_backward) {
+        let smaller_micro = !cfg.update_in_backward;
+        if let Some(per) = ckpt {
+            out.push(("--checkpoint-activations every".to_string(), self.peak_with(self.tokens, per, 0)));
+        }
+        if let Some(less) = bf16 {
+            out.push(("--optimizer-state bf16".into(), self.peak_with(self.tokens, self.per_token, less)));
+        }
+        for r in [rows / 2, rows / 4, 1].into_iter().filter(|_| smaller_micro) {
             if r >= 1 && r < rows && !out.iter().any(|(f, _)| f == &format!("--micro-batch {r}")) {
-                out.push((format!("--micro-batch {r}"), self.peak_with(r * per_row, self.saved_per_token, 0)));
+                out.push((format!("--micro-batch {r}"), self.peak_with(r * per_row, self.per_token, 0)));
             }
         }
-        if let Some(saved) = ckpt.filter(|_| !cfg.update_in_backward) {
-            let all = self.peak_with(
-                per_row,
-                saved,
-                if cfg.optimizer_state == tuna_autograd::optim::MomentStorage::Master { self.optimizer / 2 } else { 0 },
-            );
+        if let Some(per) = ckpt.filter(|_| smaller_micro) {
+            let all = self.peak_with(per_row, per, bf16.unwrap_or(0));
             out.push(("--checkpoint-activations every --optimizer-state bf16 --micro-batch 1".into(), all));
         }
         out.retain(|(_, p)| *p <= limit);

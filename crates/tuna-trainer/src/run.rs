@@ -236,10 +236,7 @@ fn memory_plan<B: Backend>(
         return Ok(None);
     }
     let numel: usize = s.params.iter().map(|(_, t)| t.numel()).sum();
-    let per = match cfg.optimizer_state {
-        tuna_autograd::optim::MomentStorage::Master => 8,
-        tuna_autograd::optim::MomentStorage::Bf16 => 4,
-    };
+    let per = cfg.optimizer_state.bytes_per_param();
     let first = s.batcher.next_batch(&mut crate::batch::Cursor::default());
     // The plan advises: a probe that fails (the run itself will say why, if it fails too) skips it.
     let plan = match crate::plan::plan(s, cfg, &first, (numel * per) as u64) {
