@@ -123,6 +123,18 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn std::io::Write
     Ok(())
 }
 
+/// Remove the temporary files a killed [`write_atomic`] left in `dir` (`.<name>.tmp-<pid>`, as
+/// large as what was being written). For a folder only its owner writes to (a run holding its
+/// lock): any there now are stale.
+pub fn remove_stale_temps(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// JSON with sorted keys and two-space indentation, no trailing newline (as PEFT writes it).
 pub fn pretty_sorted(v: &Value) -> String {
     fn sort(v: &Value) -> Value {

@@ -9,15 +9,9 @@ use tuna_models::adapt::peft;
 /// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
 /// the trained model. Returns its path and the bytes of its weights file.
 pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)> {
-    // A killed export left its temporary files (`.<name>.tmp-<pid>`, as large as the weights): the
-    // run holds the folder's lock, so any there now are stale.
+    // A killed export's temporary files: the run holds the folder's lock, so they are stale.
     for d in [out.join("model"), out.join("adapter")] {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(".tmp-") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        tuna_models::io::remove_stale_temps(&d);
     }
     // Full fine-tuning: nothing but (perhaps) a task head in the adaptation.
     let (dir, file) = if model.adapt().is_empty() {
