@@ -35,7 +35,7 @@ fn gelu_silu_swiglu() {
     let mut rng = Rng::new(1);
     let x = param(&mut rng, "x", &[3, 7], 1.5);
     let u = param(&mut rng, "u", &[3, 7], 1.0);
-    for kind in [GeluKind::Tanh, GeluKind::Erf] {
+    for kind in [GeluKind::Tanh, GeluKind::Erf, GeluKind::Relu] {
         check(&[&x], || reduce(gelu(&x, kind)?, 2), H, GRAD_TOL, 64).unwrap();
     }
     check(&[&x], || reduce(silu(&x)?, 3), H, GRAD_TOL, 64).unwrap();

@@ -6,7 +6,7 @@ use crate::graph::{launched, output, Saved};
 use crate::tensor::{Float, Tensor};
 pub use tuna_kernels::ops::gelu::GeluKind;
 
-/// `gelu(x)`, elementwise.
+/// `gelu(x)`, elementwise (or `max(x, 0)` with [`GeluKind::Relu`]).
 pub fn gelu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, kind: GeluKind) -> Result<Tensor<B, E>> {
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;

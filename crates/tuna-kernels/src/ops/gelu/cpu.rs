@@ -13,6 +13,13 @@ fn fwd<F: CpuFloat>(kind: GeluKind, x: F) -> F {
     match kind {
         GeluKind::Tanh => half * x * (F::one() + (F::c(SQRT_2_OVER_PI) * (x + F::c(GELU_C) * x * x * x)).tanh_fast()),
         GeluKind::Erf => half * x * (F::one() + (x * F::FRAC_1_SQRT_2()).erf()),
+        GeluKind::Relu => {
+            if x > F::zero() {
+                x
+            } else {
+                F::zero()
+            }
+        }
     }
 }
 
@@ -27,6 +34,13 @@ fn grad<F: CpuFloat>(kind: GeluKind, x: F) -> F {
         }
         GeluKind::Erf => {
             half * (one + (x * F::FRAC_1_SQRT_2()).erf()) + x * (-half * x * x).exp_fast() * F::c(FRAC_1_SQRT_2PI)
+        }
+        GeluKind::Relu => {
+            if x > F::zero() {
+                one
+            } else {
+                F::zero()
+            }
         }
     }
 }
@@ -56,6 +70,7 @@ impl<F: CpuFloat> GeluKernel<F> for Cpu {
         match kind {
             GeluKind::Tanh => map(x, y, |x| fwd(GeluKind::Tanh, x)),
             GeluKind::Erf => map(x, y, |x| fwd(GeluKind::Erf, x)),
+            GeluKind::Relu => map(x, y, |x| fwd(GeluKind::Relu, x)),
         }
         Ok(())
     }
@@ -65,6 +80,7 @@ impl<F: CpuFloat> GeluKernel<F> for Cpu {
         match kind {
             GeluKind::Tanh => map_grad(x, dy, dx, |x| grad(GeluKind::Tanh, x)),
             GeluKind::Erf => map_grad(x, dy, dx, |x| grad(GeluKind::Erf, x)),
+            GeluKind::Relu => map_grad(x, dy, dx, |x| grad(GeluKind::Relu, x)),
         }
         Ok(())
     }

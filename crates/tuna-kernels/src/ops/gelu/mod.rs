@@ -14,6 +14,9 @@ pub enum GeluKind {
     Tanh = 0,
     /// `0.5 x (1 + erf(x / sqrt(2)))`, BERT's `gelu`.
     Erf = 1,
+    /// `max(x, 0)` (T5's feed-forward): not a GELU, but the same elementwise kernel. Its
+    /// gradient at 0 is 0, as PyTorch's.
+    Relu = 2,
 }
 
 /// Kernel parameters, mirrored by `struct GeluParams` in `kernels/gelu.cu`.
@@ -61,6 +64,7 @@ mod tests {
                 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
             }
             GeluKind::Erf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            GeluKind::Relu => x.max(0.0),
         }
     }
     fn ref_grad(kind: GeluKind, x: f64) -> f64 {
@@ -75,9 +79,10 @@ mod tests {
                 let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
                 cdf + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
             }
+            GeluKind::Relu => (x > 0.0) as u8 as f64,
         }
     }
-    const KINDS: [GeluKind; 2] = [GeluKind::Tanh, GeluKind::Erf];
+    const KINDS: [GeluKind; 3] = [GeluKind::Tanh, GeluKind::Erf, GeluKind::Relu];
 
     #[test]
     fn reference_gradient_matches_central_differences() {
