@@ -105,6 +105,7 @@ impl Case {
             prefix: None,
             key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
             prefix_rows: None,
+            bias: None,
         }
     }
     fn fwd(&self, o: &mut [f32], lse: &mut [f32]) {
@@ -112,7 +113,7 @@ impl Case {
     }
     fn bwd(&self, o: &[f32], lse: &[f32], g: &mut [Vec<f32>; 3]) {
         let [dq, dk, dv] = g;
-        let grads = AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix: None };
+        let grads = AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix: None, dbias: None };
         Cpu.attn_bwd(&self.p, self.x(), o, &self.d_o, lse, grads).expect("attention backward");
     }
     fn buffers(&self) -> (Vec<f32>, Vec<f32>, [Vec<f32>; 3]) {

@@ -80,7 +80,7 @@ fn case(dev: &Cuda, inp: &Inputs, t: usize, d: usize, causal: bool, prefix: usiz
         let (_, pk, pv) = inp.prefixes.iter().find(|(l, ..)| *l == prefix).expect("a prefix drawn for this length");
         (pk, pv)
     });
-    let x = AttnInputs::<Cuda, bf16> { q, k, v, prefix: pk, key_mask: None, prefix_rows: None };
+    let x = AttnInputs::<Cuda, bf16> { q, k, v, prefix: pk, key_mask: None, prefix_rows: None, bias: None };
     let mut o = dev.zeros::<bf16>(p.q_elems()).expect("alloc");
     let mut lse = dev.zeros::<f32>(p.lse_elems()).expect("alloc");
     let (mut dq, mut dk, mut dv) = (
@@ -100,6 +100,7 @@ fn case(dev: &Cuda, inp: &Inputs, t: usize, d: usize, causal: bool, prefix: usiz
             dk: &mut dk,
             dv: &mut dv,
             dprefix: dp.as_mut().map(|(a, b)| (a, b)),
+            dbias: None,
         };
         <Cuda as AttentionKernel<bf16>>::attn_bwd(dev, &p, x, &o, d_o, &lse, g).expect("attention backward")
     });

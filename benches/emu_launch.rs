@@ -65,10 +65,12 @@ fn main() {
         (rng.normal_vec(p.q_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0), rng.normal_vec(p.kv_elems(), 1.0));
     let (qd, kd, vd) = (emu.upload(&q).unwrap(), emu.upload(&k).unwrap(), emu.upload(&v).unwrap());
     let (mut o, mut lse) = (emu.zeros(p.q_elems()).unwrap(), emu.zeros(p.lse_elems()).unwrap());
-    let x = AttnInputs::<Cuda, f32> { q: &qd, k: &kd, v: &vd, prefix: None, key_mask: None, prefix_rows: None };
+    let x =
+        AttnInputs::<Cuda, f32> { q: &qd, k: &kd, v: &vd, prefix: None, key_mask: None, prefix_rows: None, bias: None };
     let te = ms(2, || AttentionKernel::<f32>::attn_fwd(&emu, &p, x, &mut o, &mut lse).unwrap());
     let (mut oc, mut lc) = (vec![0f32; p.q_elems()], vec![0f32; p.lse_elems()]);
-    let xc = AttnInputs::<Cpu, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None };
+    let xc =
+        AttnInputs::<Cpu, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None, bias: None };
     let tc = ms(2, || AttentionKernel::<f32>::attn_fwd(&Cpu, &p, xc, &mut oc, &mut lc).unwrap());
     println!("{:<52} {te:>8.2}ms {tc:>8.2}ms", "attention fwd B1 H8 T256 D64 causal");
 }

@@ -12,6 +12,7 @@
 struct AttnParams {
     u32_t batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask, has_prefix_rows;
     u32_t kv_cap;  // k/v rows per sequence (batch stride), 0 = kv_len; the forward only (see mod.rs)
+    u32_t has_bias;  // 1 = an additive score bias [heads, q_len, prefix_len + kv_len] is given
     float scale;
 };
 
@@ -47,13 +48,18 @@ __device__ __forceinline__ void attn_load_tile(float* dst, int pitch, const T* s
     }
 }
 
+// Offset of bias[h, i, col] (row stride prefix_len + kv_len: the whole prefix table, then content).
+__device__ __forceinline__ long long attn_bias_off(const AttnParams& p, int h, int i, int col) {
+    return ((long long)h * p.q_len + i) * ((long long)p.prefix_len + p.kv_len) + col;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. Grid (ceil(T/32), heads, batch), 256 threads. Warp w owns query rows w*4..w*4+3 of
 // the block; lane j scores key j of the current tile; lane owns output columns lane + 32c.
 // Shared: Qs[32][D], Ks[32][D+1], Vs[32][D].
 template <typename T, int D>
 __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v, const T* pk,
-                         const T* pv, const u32_t* prows, const u8_t* mask, T* o, float* lse) {
+                         const T* pv, const u32_t* prows, const u8_t* mask, const T* bias, T* o, float* lse) {
     constexpr int C = D / 32;
     TUNA_DYN_SMEM(float, smem);
     float* Qs = smem;
@@ -100,6 +106,7 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
 
         const int j = k0 + lane;
         const bool key_ok = lane < nk && (pre || !p.has_mask || mask[(long long)b * S + j] != 0);
+        const int bcol = pre ? pstart + j : (int)p.prefix_len + j;  // this lane's bias column
         float s[ATTN_RPW];
 #pragma unroll
         for (int r = 0; r < ATTN_RPW; ++r) s[r] = 0.f;
@@ -113,8 +120,9 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
 #pragma unroll
         for (int r = 0; r < ATTN_RPW; ++r) {
             const int i = q0 + warp * ATTN_RPW + r;
-            const bool ok = key_ok && (pre || !p.causal || j <= off + i);
-            const float x = ok ? s[r] * sl2 : TUNA_NEG_INF;
+            const bool ok = key_ok && i < T_ && (pre || !p.causal || j <= off + i);
+            const float bb = ok && p.has_bias ? ld(bias, attn_bias_off(p, h, i, bcol)) * ATTN_LOG2E : 0.f;
+            const float x = ok ? s[r] * sl2 + bb : TUNA_NEG_INF;
             const float mn = fmaxf(m[r], warp_max(x));
             const float mu = mn == TUNA_NEG_INF ? 0.f : mn;  // no key seen yet: avoid -inf - -inf
             const float pr = exp2f(x - mu);
@@ -180,14 +188,15 @@ __device__ void attn_dq_add(const u64_t n, const float* dq_acc, T* dq) {
 #define ATTN_EMIT_D(T, NAME, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(256) attention_fwd_d##D##_##NAME(                \
         const AttnParams p, const T* q, const T* k, const T* v, const T* pk, const T* pv,         \
-        const u32_t* prows, const u8_t* mask, T* o, float* lse) {                                 \
-        attn_fwd<T, D>(p, q, k, v, pk, pv, prows, mask, o, lse);                                  \
+        const u32_t* prows, const u8_t* mask, const T* bias, T* o, float* lse) {                  \
+        attn_fwd<T, D>(p, q, k, v, pk, pv, prows, mask, bias, o, lse);                            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) attention_bwd_d##D##_##NAME(                \
         const AttnParams p, const T* q, const T* k, const T* v, const T* pk, const T* pv,         \
-        const u32_t* prows, const u8_t* mask, const T* d_o, const float* lse, const float* delta, \
-        float* dq_acc, T* dk, T* dv, float* dpk, float* dpv) {                                    \
-        attn_bwd<T, D>(p, q, k, v, pk, pv, prows, mask, d_o, lse, delta, dq_acc, dk, dv, dpk, dpv); \
+        const u32_t* prows, const u8_t* mask, const T* bias, const T* d_o, const float* lse,      \
+        const float* delta, float* dq_acc, T* dk, T* dv, float* dpk, float* dpv, float* dbias) {  \
+        attn_bwd<T, D>(p, q, k, v, pk, pv, prows, mask, bias, d_o, lse, delta, dq_acc, dk, dv, dpk, dpv, \
+                       dbias);                                                                    \
     }
 
 #define ATTN_EMIT(T, NAME)                                                                        \

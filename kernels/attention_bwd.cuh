@@ -10,14 +10,18 @@
 // w*4..w*4+3). At the end content dK/dV are accumulated into dk/dv (this block is their only
 // writer) and prefix dK/dV are added atomically into dpk/dpv (every batch adds into them). With
 // per-sequence prefix ranges, prefix block x covers rows 32x.. of sequence b's own range; blocks
-// past its length return at once (the whole block, before any barrier).
+// past its length return at once (the whole block, before any barrier). With a score bias, phase 2
+// adds it to the scores and phase 3 also adds dS (before scale) into dbias with atomicAdd, one warp
+// per query row and one lane per key (coalesced); every batch adds into the same rows, so dbias,
+// like dpk/dpv and dq_acc, is summed in a nondeterministic order.
 //
 // Shared: Ks, Vs, Qs, dOs [32][D+1], Ps, dSs [32][33], lse_s, dl_s [32]; key_ok_s is static.
 
 template <typename T, int D>
 __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v, const T* pk,
-                         const T* pv, const u32_t* prows, const u8_t* mask, const T* d_o, const float* lse,
-                         const float* delta, float* dq_acc, T* dk, T* dv, float* dpk, float* dpv) {
+                         const T* pv, const u32_t* prows, const u8_t* mask, const T* bias, const T* d_o,
+                         const float* lse, const float* delta, float* dq_acc, T* dk, T* dv, float* dpk, float* dpv,
+                         float* dbias) {
     constexpr int C = D / 32, DP = D + 1, PP = ATTN_TILE + 1;
     TUNA_DYN_SMEM(float, smem);
     float* Ks = smem;
@@ -44,6 +48,7 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
     const int HD = p.head_dim;  // <= D; columns HD..D-1 of the tiles are zero
     const long long qs = (long long)p.heads * HD, ks = (long long)p.kv_heads * HD;
     const float sl2 = p.scale * ATTN_LOG2E;
+    const int bcol0 = pre ? pstart + k0 : (int)p.prefix_len + k0;  // bias column of this block's key 0
 
     {
         const long long base = pre ? ((long long)(pstart + k0) * p.kv_heads + kvh) * HD
@@ -101,12 +106,18 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
                     const int key = warp * ATTN_RPW + kk;
                     // lse = -inf: a row that saw no key (or a row past T) has P = 0
                     const bool ok = key_ok_s[key] && l2 != TUNA_NEG_INF && (pre || !p.causal || k0 + key <= off + i);
-                    const float pr = ok ? exp2f(sc[kk] * sl2 - l2) : 0.f;
+                    const float bb = ok && p.has_bias ? ld(bias, attn_bias_off(p, h, i, bcol0 + key)) * ATTN_LOG2E : 0.f;
+                    const float pr = ok ? exp2f(sc[kk] * sl2 + bb - l2) : 0.f;
                     Ps[lane * PP + key] = pr;
                     dSs[lane * PP + key] = pr * (dp[kk] - dl);
                 }
             }
             __syncthreads();
+
+            // dbias += dS: warp w takes query rows w, w+8, ..; lane = key (dS is 0 where P is)
+            if (p.has_bias && lane < nk)
+                for (int il = warp; il < nq; il += ATTN_WARPS)
+                    atomicAdd(dbias + attn_bias_off(p, h, q0 + il, bcol0 + lane), dSs[il * PP + lane]);
 
             // phase 3: dV += P^T dO, dK += dS^T Q (scale applied at the end)
             for (int i = 0; i < nq; ++i) {

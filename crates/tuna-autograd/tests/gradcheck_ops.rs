@@ -5,7 +5,7 @@ mod common;
 use common::{constant, cpu, param, T64};
 use tuna_autograd::gradcheck::{check, GRAD_TOL};
 use tuna_autograd::ops::act::{gelu, silu, swiglu, GeluKind};
-use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
+use tuna_autograd::ops::attention::{attention, attention_biased, AttnOptions, Prefix};
 use tuna_autograd::ops::embed::{embedding, Prompt};
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::rope::rope;
@@ -120,6 +120,57 @@ fn attention_with_per_sequence_prefix_rows() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("attention") && e.contains("[4, 2]") && e.contains("prefix rows"), "{e}");
+}
+
+/// An additive score bias (T5's relative position bias) `[heads, q_len, prefix_len + kv_len]`:
+/// its gradient (summed over the batch) and every other, causal and not, with a prefix, a padding
+/// mask and GQA; then bidirectional cross-attention with more queries than keys, with the bias a
+/// parameter and a constant.
+#[test]
+fn attention_with_score_bias_and_more_queries_than_keys() {
+    let mut rng = Rng::new(15);
+    let (b, t, s, h, kvh, d, p) = (2, 3, 5, 4, 2, 8, 2);
+    let q = param(&mut rng, "q", &[b, t, h, d], 0.7);
+    let k = param(&mut rng, "k", &[b, s, kvh, d], 0.7);
+    let v = param(&mut rng, "v", &[b, s, kvh, d], 1.0);
+    let pk = param(&mut rng, "prefix_k", &[p, kvh, d], 0.7);
+    let pv = param(&mut rng, "prefix_v", &[p, kvh, d], 1.0);
+    let bias = param(&mut rng, "bias", &[h, t, p + s], 1.0);
+    let mask = Ints::new(&cpu(), &[b, s], &[1u8, 1, 1, 1, 1, 0, 0, 1, 1, 1]).unwrap();
+    for causal in [false, true] {
+        let opt = AttnOptions { causal, scale: None, kv_len: None };
+        let pre = || Some(Prefix { k: &pk, v: &pv, rows: None });
+        let f = || reduce(attention_biased(&q, &k, &v, pre(), Some(&mask), Some(&bias), opt)?, 16);
+        check(&[&q, &k, &v, &pk, &pv, &bias], f, H, GRAD_TOL, 70).unwrap();
+    }
+    // Cross-attention: 7 decoder queries over 3 encoder keys (one padded), no prefix.
+    let (t2, s2) = (7, 3);
+    let q2 = param(&mut rng, "q2", &[b, t2, h, d], 0.7);
+    let k2 = param(&mut rng, "k2", &[b, s2, kvh, d], 0.7);
+    let v2 = param(&mut rng, "v2", &[b, s2, kvh, d], 1.0);
+    let bias2 = param(&mut rng, "bias2", &[h, t2, s2], 1.0);
+    let frozen = constant(&mut rng, &[h, t2, s2], 1.0);
+    let mask2 = Ints::new(&cpu(), &[b, s2], &[1u8, 1, 1, 1, 0, 1]).unwrap();
+    let opt = AttnOptions { causal: false, scale: None, kv_len: None };
+    let f = || reduce(attention_biased(&q2, &k2, &v2, None, Some(&mask2), Some(&bias2), opt)?, 17);
+    check(&[&q2, &k2, &v2, &bias2], f, H, GRAD_TOL, 84).unwrap();
+    let f = || reduce(attention_biased(&q2, &k2, &v2, None, None, Some(&frozen), opt)?, 18);
+    check(&[&q2, &k2, &v2], f, H, GRAD_TOL, 56).unwrap();
+    let f = || reduce(attention(&q2, &k2, &v2, None, Some(&mask2), opt)?, 19);
+    check(&[&q2, &k2, &v2], f, H, GRAD_TOL, 56).unwrap();
+    // The bias alone needing a gradient records the op (the bias is one of its inputs).
+    let (qc, kc) = (constant(&mut rng, &[b, t2, h, d], 0.7), constant(&mut rng, &[b, s2, kvh, d], 0.7));
+    let f = || reduce(attention_biased(&qc, &kc, &kc, None, Some(&mask2), Some(&bias2), opt)?, 20);
+    check(&[&bias2], f, H, GRAD_TOL, 84).unwrap();
+    // Causal attention still needs at least as many keys as queries; a bias of the wrong shape
+    // (here: missing the prefix columns) is a shape error naming it.
+    let causal = AttnOptions { causal: true, ..opt };
+    let e = attention(&q2, &k2, &v2, None, None, causal).unwrap_err().to_string();
+    assert!(e.contains("kv_len") && e.contains("causal"), "{e}");
+    let short = param(&mut rng, "short", &[h, t, s], 1.0);
+    let pre = Some(Prefix { k: &pk, v: &pv, rows: None });
+    let e = attention_biased(&q, &k, &v, pre, None, Some(&short), opt).unwrap_err().to_string();
+    assert!(e.contains("bias") && e.contains("[4, 3, 5]") && e.contains("[4, 3, 7]"), "{e}");
 }
 
 #[test]

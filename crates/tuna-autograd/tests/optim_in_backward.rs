@@ -5,6 +5,7 @@
 mod common;
 use common::cpu;
 use common::tiny::{Tiny, Train};
+use tuna_autograd::ops::attention::{attention_biased, AttnOptions};
 use tuna_autograd::ops::elem::scale;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::cross_entropy;
@@ -70,4 +71,40 @@ fn a_non_finite_gradient_is_not_applied_and_named() {
     assert!(out.grad_sq_norm.is_nan());
     assert_eq!(w.to_vec().unwrap(), vec![1e-12; 32], "a non-finite gradient was applied");
     assert!(w.grad().unwrap().is_none(), "the bad gradient is dropped");
+}
+
+/// The attention node lists its score bias among its trainable inputs, so the bias is updated in
+/// the backward like the queries, keys and values (and bitwise as backward-then-step updates it).
+#[test]
+fn an_attention_score_bias_is_updated_in_the_backward() {
+    let dev = cpu();
+    let (b, t, s, h, d) = (2, 5, 3, 2, 4);
+    let make = || {
+        let mut rng = tuna_kernels::testing::Rng::new(3);
+        let mut p = |name: &str, shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::<Cpu, f32>::param(&dev, name, shape, &rng.normal_vec(n, 0.5)).unwrap()
+        };
+        [p("q", &[b, t, h, d]), p("k", &[b, s, h, d]), p("v", &[b, s, h, d]), p("bias", &[h, t, s])]
+    };
+    let targets = Ints::new(&dev, &[b * t * h], &(0..b * t * h).map(|i| (i % d) as i32).collect::<Vec<_>>()).unwrap();
+    let loss = |[q, k, v, bias]: &[Tensor<Cpu, f32>; 4]| {
+        let opt = AttnOptions { causal: false, scale: None, kv_len: None };
+        cross_entropy(attention_biased(q, k, v, None, None, Some(bias), opt).unwrap(), &targets, -100).unwrap()
+    };
+    let (a, c) = (make(), make());
+    let hp = AdamWParams::new(0.05);
+    let mut oa = AdamW::new(&a.iter().collect::<Vec<_>>(), hp).unwrap();
+    let mut oc = AdamW::new(&c.iter().collect::<Vec<_>>(), hp).unwrap();
+    for step in 0..3 {
+        loss(&a).backward().unwrap();
+        oa.step().unwrap();
+        let out = oc.backward_and_step(&loss(&c)).unwrap();
+        assert_eq!(out.updated, 4, "step {step}: {out:?}");
+        for (x, y) in a.iter().zip(&c) {
+            assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap(), "step {step}: {} differs", x.name().unwrap());
+        }
+    }
+    let first = make();
+    assert_ne!(c[3].to_vec().unwrap(), first[3].to_vec().unwrap(), "the bias was not trained");
 }

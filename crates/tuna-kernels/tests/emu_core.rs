@@ -188,6 +188,7 @@ fn struct_layouts_match_rust() {
             has_mask,
             has_prefix_rows,
             kv_cap,
+            has_bias,
             scale
         }),
         layout!(CeParams { rows, vocab, ignore_index, grad_scale }),
@@ -865,7 +866,10 @@ fn attention_emu(
     // no per-sequence prefix ranges: a stand-in (never read, has_prefix_rows is 0)
     let mut rows_v = vec![0u32; 1];
     let rows_p = rows_v.as_mut_ptr();
-    let fwd = Args::default().v(p).v(qp).v(kp).v(vp).v(pkp).v(pvp).v(rows_p).v(mask_v.as_mut_ptr()).v(op).m(&mut lse);
+    // no bias: q stands in (never read, has_bias is 0), and a 1-float dbias stand-in
+    let mut no_dbias = vec![0f32; 1];
+    let fwd =
+        Args::default().v(p).v(qp).v(kp).v(vp).v(pkp).v(pvp).v(rows_p).v(mask_v.as_mut_ptr()).v(qp).v(op).m(&mut lse);
     ok(
         &format!("attention_fwd_d{}_{dt}", c.d),
         [c.t.div_ceil(32) as u32, c.h as u32, c.b as u32],
@@ -891,6 +895,7 @@ fn attention_emu(
         .v(pvp)
         .v(rows_p)
         .v(mask_v.as_mut_ptr())
+        .v(qp)
         .v(dop)
         .p(&lse)
         .p(&delta)
@@ -898,7 +903,8 @@ fn attention_emu(
         .v(dk.ptr())
         .v(dv.ptr())
         .v(dpkp)
-        .v(dpvp);
+        .v(dpvp)
+        .m(&mut no_dbias);
     let kblocks = (c.p.div_ceil(32) + c.s.div_ceil(32)) as u32;
     ok(&format!("attention_bwd_d{}_{dt}", c.d), [kblocks, c.kvh as u32, c.b as u32], [256, 1, 1], bs, bwd);
     ok(
@@ -947,6 +953,7 @@ fn attention_check(c: AttnCase) {
         has_mask: c.mask as u32,
         has_prefix_rows: 0,
         kv_cap: 0,
+        has_bias: 0,
         scale: 1.0 / (c.d as f32).sqrt(),
     };
     let got = attention_emu(&c, p, [&q, &k, &v, &pk, &pv], &mask, &d_o, [&dq0, &dk0, &dv0, &dpk0, &dpv0]);
@@ -1059,12 +1066,12 @@ fn attention_forward_d32_matches_cpu() {
     let mut ro = vec![0f32; p.q_elems()];
     let mut rl = vec![0f32; p.lse_elems()];
     let inputs: AttnInputs<'_, Cpu, f32> =
-        AttnInputs { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None };
+        AttnInputs { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None, bias: None };
     Cpu.attn_fwd(&p, inputs, &mut ro, &mut rl).unwrap();
     let mut o = vec![0f32; p.q_elems()];
     let mut lse = vec![0f32; p.lse_elems()];
     let (dummy, no_rows) = ([0u8], [0u32]);
-    let args = Args::default().v(p).p(&q).p(&k).p(&v).p(&q).p(&q).p(&no_rows).p(&dummy).m(&mut o).m(&mut lse);
+    let args = Args::default().v(p).p(&q).p(&k).p(&v).p(&q).p(&q).p(&no_rows).p(&dummy).p(&q).m(&mut o).m(&mut lse);
     ok("attention_fwd_d32_f32", [2, 4, 2], [256, 1, 1], 4 * 32 * (3 * 32 + 1), args);
     Tol::CUDA_F32.assert_close("attention fwd o vs CPU", &o, &ro);
     Tol::CUDA_F32.assert_close("attention fwd lse vs CPU", &lse, &rl);

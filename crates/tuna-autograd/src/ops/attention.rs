@@ -1,4 +1,4 @@
-//! Fused attention with optional prefix keys/values and key padding mask.
+//! Fused attention with optional prefix keys/values, key padding mask and additive score bias.
 
 use super::{zeros, GradSlot, Kernels};
 use crate::error::{Error, Result};
@@ -42,13 +42,32 @@ fn dims4(op_what: &'static str, t: &[usize]) -> Result<[usize; 4]> {
 ///
 /// `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`: `[batch, kv_len, kv_heads, head_dim]` (or
 /// `[batch, capacity, ..]` with [`AttnOptions::kv_len`]); `mask`: `[batch, kv_len]` (1 = attend).
-/// Returns `[batch, q_len, heads, head_dim]`.
+/// Returns `[batch, q_len, heads, head_dim]`. Causal attention needs `q_len <= kv_len`;
+/// bidirectional attention (cross-attention) takes any lengths.
 pub fn attention<B: Kernels<E>, E: Float>(
     q: &Tensor<B, E>,
     k: &Tensor<B, E>,
     v: &Tensor<B, E>,
     prefix: Option<Prefix<'_, B, E>>,
     mask: Option<&Ints<B, u8>>,
+    opt: AttnOptions,
+) -> Result<Tensor<B, E>> {
+    attention_biased(q, k, v, prefix, mask, None, opt)
+}
+
+/// [`attention`] with an additive bias on the scaled scores, `softmax(q k^T * scale + bias +
+/// mask) v` (T5's relative position bias).
+///
+/// `bias`: `[heads, q_len, prefix_len + kv_len]`, shared by the batch: row `i` is query `i` of
+/// `q`, columns are the prefix table's rows (all of them, also with [`Prefix::rows`]) then the
+/// content keys. Its gradient (when it needs one) is summed over the batch.
+pub fn attention_biased<B: Kernels<E>, E: Float>(
+    q: &Tensor<B, E>,
+    k: &Tensor<B, E>,
+    v: &Tensor<B, E>,
+    prefix: Option<Prefix<'_, B, E>>,
+    mask: Option<&Ints<B, u8>>,
+    bias: Option<&Tensor<B, E>>,
     opt: AttnOptions,
 ) -> Result<Tensor<B, E>> {
     let [b, t, h, d] = dims4("q must be [batch, q_len, heads, head_dim]", q.shape())?;
@@ -63,10 +82,10 @@ pub fn attention<B: Kernels<E>, E: Float>(
     }
     let rows = s;
     let s = opt.kv_len.unwrap_or(rows);
-    if s > rows || s < t {
+    if s > rows || (opt.causal && s < t) {
         return Err(Error::Shape {
             op: "attention",
-            what: "kv_len vs the keys' rows (at most) and q_len (at least)",
+            what: "kv_len vs the keys' rows (at most) and, when causal, q_len (at least)",
             left: vec![s],
             right: vec![rows, t],
         });
@@ -123,12 +142,25 @@ pub fn attention<B: Kernels<E>, E: Float>(
         }
         p.has_mask = 1;
     }
+    if let Some(bt) = bias {
+        let want = [h, t, p.prefix_len as usize + s];
+        if bt.shape() != want {
+            return Err(Error::Shape {
+                op: "attention",
+                what: "bias vs [heads, q_len, prefix_len + kv_len]",
+                left: bt.shape().to_vec(),
+                right: want.to_vec(),
+            });
+        }
+        p.has_bias = 1;
+    }
     let dev = q.device();
     let mut o = zeros::<B, E>(dev, p.q_elems())?;
     let mut lse = zeros::<B, E>(dev, p.lse_elems())?;
     {
         let (qb, kb, vb) = (q.buf(), k.buf(), v.buf());
         let pkv = prefix.as_ref().map(|pr| (pr.k.buf(), pr.v.buf()));
+        let bb = bias.map(|bt| bt.buf());
         let x = AttnInputs {
             q: &*qb,
             k: &*kb,
@@ -136,6 +168,7 @@ pub fn attention<B: Kernels<E>, E: Float>(
             prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
             key_mask: mask.map(|m| m.buf()),
             prefix_rows: rows.as_ref().map(|r| r.buf()),
+            bias: bb.as_deref(),
         };
         dev.attn_fwd(&p, x, B::buf_mut(&mut o), B::buf_mut(&mut lse))?;
     }
@@ -143,12 +176,17 @@ pub fn attention<B: Kernels<E>, E: Float>(
     if let Some(pr) = &prefix {
         inputs.extend([pr.k as &dyn Input, pr.v as &dyn Input]);
     }
+    if let Some(bt) = bias {
+        inputs.push(bt as &dyn Input);
+    }
     let shape = q.shape().to_vec();
     Ok(output("attention", &inputs, dev, shape, o, |out, o_data| {
         // FlashAttention's backward recomputes the probabilities: it needs q, k, v (and the
-        // prefix), the output, the row log-sum-exps and the mask.
+        // prefix and bias), the output, the row log-sum-exps and the mask.
         let (qs, ks, vs) = (Saved::new(q), Saved::new(k), Saved::new(v));
         let ps = prefix.as_ref().map(|pr| (Saved::new(pr.k), Saved::new(pr.v)));
+        let bs = bias.map(Saved::new);
+        let cb = bias.map(|bt| bt.cell());
         let os = o_data.save();
         let lse = SavedBuf::new(lse, p.lse_elems() * std::mem::size_of::<E>());
         let mask = mask.cloned();
@@ -171,9 +209,16 @@ pub fn attention<B: Kernels<E>, E: Float>(
                 None => None,
             };
             let dprefix = sp.as_mut().map(|(a, b)| (a.buf(), b.buf()));
+            // The bias gradient is in E::Acc, which is E for the autograd's floats.
+            let mut sb = match &cb {
+                Some(c) => Some(GradSlot::new(&*dev, c, p.bias_elems())?),
+                None => None,
+            };
+            let dbias = sb.as_mut().map(|b| b.buf());
             let (dq, dk, dv) = (sq.buf(), sk.buf(), sv.buf());
             let (qb, kb, vb) = (qs.t().buf(), ks.t().buf(), vs.t().buf());
             let pkv = ps.as_ref().map(|(a, b)| (a.t().buf(), b.t().buf()));
+            let bb = bs.as_ref().map(|b| b.t().buf());
             let x = AttnInputs {
                 q: &*qb,
                 k: &*kb,
@@ -181,12 +226,13 @@ pub fn attention<B: Kernels<E>, E: Float>(
                 prefix: pkv.as_ref().map(|(a, b)| (&**a, &**b)),
                 key_mask: mask.as_ref().map(|m| m.buf()),
                 prefix_rows: rows.as_ref().map(|r| r.buf()),
+                bias: bb.as_deref(),
             };
             let o = os.data();
-            let grads = AttnGrads { dq, dk, dv, dprefix };
+            let grads = AttnGrads { dq, dk, dv, dprefix, dbias };
             dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(lse.buf()), grads)?;
-            let (sa, sb) = sp.map_or((None, None), |(a, b)| (Some(a), Some(b)));
-            GradSlot::finish(&*dev, [Some(sq), Some(sk), Some(sv), sa, sb])
+            let (spk, spv) = sp.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+            GradSlot::finish(&*dev, [Some(sq), Some(sk), Some(sv), spk, spv, sb])
         })
     }))
 }

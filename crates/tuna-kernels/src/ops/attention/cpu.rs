@@ -23,6 +23,8 @@ struct Src<'a, F> {
     v: &'a [F],
     pk: &'a [F],
     pv: &'a [F],
+    /// `[heads, q_len, prefix_len + kv_len]`, when the call has a score bias.
+    bias: Option<&'a [F]>,
 }
 
 impl<F> Clone for Src<'_, F> {
@@ -35,7 +37,24 @@ impl<F> Copy for Src<'_, F> {}
 impl<'a, F: CpuFloat> Src<'a, F> {
     fn new(x: &AttnInputs<'a, Cpu, F>) -> Self {
         let (pk, pv) = x.prefix.unwrap_or((&[], &[]));
-        Src { q: x.q, k: x.k, v: x.v, pk, pv }
+        Src { q: x.q, k: x.k, v: x.v, pk, pv, bias: x.bias }
+    }
+    /// The scaled score tile of query rows `(b, i0..i0 + bq, h)` against `blk`, biased and masked.
+    ///
+    /// # Safety
+    /// `s` holds `bq * blk.n` floats; the rows and keys lie in buffers check_inputs verified.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores(&self, g: &Geo, s: &mut [F], b: usize, h: usize, i0: usize, bq: usize, blk: tile::KvBlock) {
+        let (kp, _) = self.kv(g, b, blk, h / g.group);
+        let q = View::rows(self.q[g.q_off(b, i0, h)..].as_ptr(), g.q_rs());
+        // SAFETY: per the contract.
+        unsafe {
+            matmul(bq, blk.n, g.d, s.as_mut_ptr(), blk.n, false, q, View::cols(kp, g.kv_rs()), F::c(g.scale.into()))
+        };
+        if let Some(bias) = self.bias {
+            g.add_bias(s, bias, h, i0, bq, blk);
+        }
+        g.apply_mask(s, b, i0, bq, blk);
     }
     /// Key and value views of block `blk` for KV head `kvh` of batch `b`.
     fn kv(&self, g: &Geo, b: usize, blk: tile::KvBlock, kvh: usize) -> (*const F, *const F) {
@@ -73,18 +92,16 @@ unsafe fn fwd_task<F: CpuFloat>(
 ) {
     let (i0, bq) = g.q_rows(qb);
     let (d, kvh) = (g.d, h / g.group);
-    let q = View::rows(x.q[g.q_off(b, i0, h)..].as_ptr(), g.q_rs());
     let acc = &mut sc.acc[..bq * d];
     acc.fill(F::zero());
     sc.m[..bq].fill(F::neg_infinity());
     sc.l[..bq].fill(F::zero());
     for blk in g.prefix_blocks(b).chain(g.content_blocks(b, i0, bq)) {
         let n = blk.n;
-        let (kp, vp) = x.kv(g, b, blk, kvh);
+        let (_, vp) = x.kv(g, b, blk, kvh);
         let s = &mut sc.s[..bq * n];
         // SAFETY: `s` holds bq x n; q rows i0..i0+bq and key rows j0..j0+n lie in their buffers.
-        unsafe { matmul(bq, n, d, s.as_mut_ptr(), n, false, q, View::cols(kp, g.kv_rs()), F::c(g.scale.into())) };
-        g.apply_mask(s, b, i0, bq, blk);
+        unsafe { x.scores(g, s, b, h, i0, bq, blk) };
         tile::online_softmax(s, n, &mut sc.m[..bq], &mut sc.l[..bq], &mut sc.alpha[..bq]);
         for (row, &a) in acc.chunks_exact_mut(d).zip(&sc.alpha[..bq]) {
             if a != F::one() {

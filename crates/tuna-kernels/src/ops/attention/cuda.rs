@@ -9,7 +9,7 @@ use crate::cuda::{CudaBuf, KernelArg, Launch};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
-// SAFETY: #[repr(C)] plain-old-data (eleven u32 and one f32), mirrored field by field by
+// SAFETY: #[repr(C)] plain-old-data (twelve u32 and one f32), mirrored field by field by
 // `struct AttnParams` in attention.cu.
 unsafe impl KernelArg for AttnParams {}
 
@@ -127,13 +127,15 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         let mut dummy_rows = None;
         let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
         let (pk, pv) = prefix_or(&x);
+        let bias = x.bias.unwrap_or(x.q);
         let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
         let mut b = tiled::<E>("fwd", w);
-        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(o).arg(lse);
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(bias).arg(o).arg(lse);
         // SAFETY: the arguments match attention_fwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, prows,
-        // mask, o, lse); every length was checked against `p` above, absent prefix/ranges/mask are
-        // never read (prefix_len 0, has_prefix_rows 0, has_mask 0), the kernel clamps each range
-        // to the table, and `smem` is what the kernel's shared tiles need.
+        // mask, bias, o, lse); every length was checked against `p` above, absent
+        // prefix/ranges/mask/bias are never read (prefix_len 0, has_prefix_rows 0, has_mask 0,
+        // has_bias 0: q stands in for the bias), the kernel clamps each range to the table, and
+        // `smem` is what the kernel's shared tiles need.
         unsafe { self.launch(b, cfg) }?;
         Ok(())
     }
@@ -156,7 +158,8 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         let mut delta = self.zeros::<f32>(p.lse_elems())?;
         self.launch_bwd_pre::<E>(p, o, d_o, &mut delta)?;
         let mut dq_acc = self.zeros::<f32>(p.q_elems())?;
-        self.launch_bwd_main(p, w, x, d_o, lse, &delta, &mut dq_acc, g.dk, g.dv, g.dprefix)?;
+        let main = BwdMain { dq_acc: &mut dq_acc, dk: g.dk, dv: g.dv, dprefix: g.dprefix, dbias: g.dbias };
+        self.launch_bwd_main(p, w, x, d_o, lse, &delta, main)?;
         let n = p.q_elems() as u64;
         let mut b = Launch::new("attention", symbol::<E>("attention", "dq_add"));
         b.arg(&n).arg(&dq_acc).arg(g.dq);
@@ -165,6 +168,15 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         unsafe { self.launch(b, grid_1d(p.q_elems(), THREADS)) }?;
         Ok(())
     }
+}
+
+/// The buffers the main backward kernel accumulates into.
+struct BwdMain<'a, E: CudaElem> {
+    dq_acc: &'a mut CudaBuf<f32>,
+    dk: &'a mut CudaBuf<E>,
+    dv: &'a mut CudaBuf<E>,
+    dprefix: Option<(&'a mut CudaBuf<f32>, &'a mut CudaBuf<f32>)>,
+    dbias: Option<&'a mut CudaBuf<f32>>,
 }
 
 impl Cuda {
@@ -186,7 +198,8 @@ impl Cuda {
         Ok(())
     }
 
-    /// The key-block kernel: dK, dV (or dpK, dpV) accumulated, dQ added into `dq_acc`.
+    /// The key-block kernel: dK, dV (or dpK, dpV) and dbias accumulated, dQ added into `dq_acc`.
+    #[allow(clippy::too_many_arguments)]
     fn launch_bwd_main<E: CudaElem>(
         &self,
         p: &AttnParams,
@@ -195,34 +208,41 @@ impl Cuda {
         d_o: &CudaBuf<E>,
         lse: &CudaBuf<f32>,
         delta: &CudaBuf<f32>,
-        dq_acc: &mut CudaBuf<f32>,
-        dk: &mut CudaBuf<E>,
-        dv: &mut CudaBuf<E>,
-        dprefix: Option<(&mut CudaBuf<f32>, &mut CudaBuf<f32>)>,
+        g: BwdMain<'_, E>,
     ) -> Result<()> {
         let smem = bwd_smem_bytes(w as usize);
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (mut dummy_k, mut dummy_v);
-        let (dpk, dpv) = match dprefix {
+        let (dpk, dpv) = match g.dprefix {
             Some(pair) => pair,
             None => {
                 (dummy_k, dummy_v) = (self.zeros::<f32>(1)?, self.zeros::<f32>(1)?);
                 (&mut dummy_k, &mut dummy_v)
             }
         };
+        let mut dummy_dbias;
+        let dbias = match g.dbias {
+            Some(d) => d,
+            None => {
+                dummy_dbias = self.zeros::<f32>(1)?;
+                &mut dummy_dbias
+            }
+        };
         let mut dummy_rows = None;
         let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
         let (pk, pv) = prefix_or(&x);
+        let bias = x.bias.unwrap_or(x.q);
         let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
         let cfg = grid3(blocks, p.kv_heads, p.batch, smem);
         let mut b = tiled::<E>("bwd", w);
-        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask);
-        b.arg(d_o).arg(lse).arg(delta).arg(dq_acc).arg(dk).arg(dv).arg(dpk).arg(dpv);
-        // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, prows, mask, d_o, lse,
-        // delta, dq_acc, dk, dv, dpk, dpv); lengths were checked by check_inputs/check_bwd and
-        // the scratch buffers were allocated from `p`; absent prefix/mask buffers are never
-        // touched (no prefix block exists when prefix_len is 0; has_mask 0 skips the mask).
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(bias);
+        b.arg(d_o).arg(lse).arg(delta).arg(g.dq_acc).arg(g.dk).arg(g.dv).arg(dpk).arg(dpv).arg(dbias);
+        // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, prows, mask, bias, d_o,
+        // lse, delta, dq_acc, dk, dv, dpk, dpv, dbias); lengths were checked by check_inputs/check_bwd
+        // and the scratch buffers were allocated from `p`; absent prefix/mask/bias buffers are never
+        // touched (no prefix block exists when prefix_len is 0; has_mask 0 skips the mask; has_bias 0
+        // skips the bias and dbias).
         unsafe { self.launch(b, cfg) }?;
         Ok(())
     }

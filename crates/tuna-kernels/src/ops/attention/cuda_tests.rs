@@ -12,8 +12,8 @@ use crate::testing::{cuda_or_skip, round_bf16, Tol};
 use crate::{Cpu, Cuda};
 use half::bf16;
 
-/// Gradient names, in the order of `grad_starts`: dq, dk, dv, dpk, dpv.
-const GRAD_NAMES: [&str; 5] = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"];
+/// Gradient names, in the order of `grad_starts`: dq, dk, dv, dpk, dpv, dbias.
+const GRAD_NAMES: [&str; 6] = ["dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"];
 
 /// One device's forward outputs and accumulated gradients, as f32 host vectors.
 struct Out {
@@ -31,6 +31,7 @@ struct DevInputs<E: CudaElem> {
     prefix: Option<(CudaBuf<E>, CudaBuf<E>)>,
     mask: Option<CudaBuf<u8>>,
     rows: Option<CudaBuf<u32>>,
+    bias: Option<CudaBuf<E>>,
 }
 
 impl<E: CudaElem> DevInputs<E> {
@@ -44,6 +45,7 @@ impl<E: CudaElem> DevInputs<E> {
             prefix: (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv))),
             mask: (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap()),
             rows: (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap()),
+            bias: (p.has_bias == 1).then(|| up(&d.bias)),
         }
     }
 
@@ -55,6 +57,7 @@ impl<E: CudaElem> DevInputs<E> {
             prefix: self.prefix.as_ref().map(|(pk, pv)| (pk, pv)),
             key_mask: self.mask.as_ref(),
             prefix_rows: self.rows.as_ref(),
+            bias: self.bias.as_ref(),
         }
     }
 
@@ -78,18 +81,25 @@ fn run_cuda<E: CudaElem>(dev: &Cuda, d: &Data, starts: &[Vec<f32>]) -> Out {
     let (o, lse) = x.forward(dev, &p);
     let (mut dq, mut dk, mut dv) = (up(&starts[0]), up(&starts[1]), up(&starts[2]));
     let mut dprefix = (p.prefix_len > 0).then(|| (dev.upload(&starts[3]).unwrap(), dev.upload(&starts[4]).unwrap()));
-    let g =
-        AttnGrads::<Cuda, E> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: dprefix.as_mut().map(|(a, b)| (a, b)) };
+    let mut dbias = (p.has_bias == 1).then(|| dev.upload(&starts[5]).unwrap());
+    let g = AttnGrads::<Cuda, E> {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+        dprefix: dprefix.as_mut().map(|(a, b)| (a, b)),
+        dbias: dbias.as_mut(),
+    };
     <Cuda as AttentionKernel<E>>::attn_bwd(dev, &p, x.inputs(), &o, &d_o, &lse, g).unwrap();
     let (dpk, dpv) = match &dprefix {
         Some((a, b)) => (dev.download(a).unwrap(), dev.download(b).unwrap()),
         None => (Vec::new(), Vec::new()),
     };
-    Out { o: down(&o), lse: dev.download(&lse).unwrap(), grads: vec![down(&dq), down(&dk), down(&dv), dpk, dpv] }
+    let db = dbias.as_ref().map_or(Vec::new(), |b| dev.download(b).unwrap());
+    Out { o: down(&o), lse: dev.download(&lse).unwrap(), grads: vec![down(&dq), down(&dk), down(&dv), dpk, dpv, db] }
 }
 
 /// The CPU forward on `d`.
-fn cpu_fwd(d: &Data) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn cpu_fwd(d: &Data) -> (Vec<f32>, Vec<f32>) {
     let (mut o, mut lse) = (vec![0.0; d.p.q_elems()], vec![0.0; d.p.lse_elems()]);
     <Cpu as AttentionKernel<f32>>::attn_fwd(&Cpu, &d.p, d.inputs(), &mut o, &mut lse).unwrap();
     (o, lse)
@@ -98,15 +108,15 @@ fn cpu_fwd(d: &Data) -> (Vec<f32>, Vec<f32>) {
 /// The CPU backward on `d` from the given forward outputs, accumulating into copies of `starts`.
 fn cpu_bwd(d: &Data, o: &[f32], lse: &[f32], starts: &[Vec<f32>]) -> Vec<Vec<f32>> {
     let mut got = starts.to_vec();
-    let [dq, dk, dv, dpk, dpv] = &mut got[..] else { unreachable!("grad_starts gives five buffers") };
+    let [dq, dk, dv, dpk, dpv, db] = &mut got[..] else { unreachable!("grad_starts gives six buffers") };
     let dprefix = (d.p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..]));
-    let g = AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix };
+    let g = AttnGrads::<Cpu, f32> { dq, dk, dv, dprefix, dbias: (d.p.has_bias == 1).then_some(&mut db[..]) };
     <Cpu as AttentionKernel<f32>>::attn_bwd(&Cpu, &d.p, d.inputs(), o, &d.d_o, lse, g).unwrap();
     got
 }
 
 /// lse: -inf exactly where the CPU's is (rows that see no key), else within `tol`.
-fn assert_lse(what: &str, tol: Tol, got: &[f32], want: &[f32]) {
+pub(super) fn assert_lse(what: &str, tol: Tol, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what} lse length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g == f32::NEG_INFINITY, w == f32::NEG_INFINITY, "{what} lse[{i}]: got {g}, want {w}");
@@ -125,10 +135,10 @@ pub(super) fn check_case(dev: &Cuda, name: &str, data: Data) {
         let mut d = data.clone();
         let mut starts = grad_starts(&d.p, 0xA77E);
         if dtype == "bf16" {
-            for v in [&mut d.q, &mut d.k, &mut d.v, &mut d.pk, &mut d.pv, &mut d.d_o] {
+            for v in [&mut d.q, &mut d.k, &mut d.v, &mut d.pk, &mut d.pv, &mut d.d_o, &mut d.bias] {
                 *v = round_bf16(v);
             }
-            // dq, dk, dv are bf16 on the device; dpk, dpv are always f32.
+            // dq, dk, dv are bf16 on the device; dpk, dpv, dbias are always f32.
             for s in &mut starts[..3] {
                 *s = round_bf16(s);
             }
@@ -208,11 +218,12 @@ fn cuda_head_dim_257_is_unsupported() {
     let z = |n: usize| dev.zeros::<f32>(n).unwrap();
     let (q, k, v, mut o, mut lse) =
         (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()), z(p.q_elems()), z(p.lse_elems()));
-    let x = AttnInputs::<Cuda, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None };
+    let x =
+        AttnInputs::<Cuda, f32> { q: &q, k: &k, v: &v, prefix: None, key_mask: None, prefix_rows: None, bias: None };
     let e = AttentionKernel::<f32>::attn_fwd(&*dev, &p, x, &mut o, &mut lse).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 257"), "{e}");
     let (mut dq, mut dk, mut dv) = (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()));
-    let g = AttnGrads::<Cuda, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: None };
+    let g = AttnGrads::<Cuda, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: None, dbias: None };
     let e = AttentionKernel::<f32>::attn_bwd(&*dev, &p, x, &o, &o, &lse, g).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("head_dim 257"), "{e}");
 }
@@ -259,7 +270,7 @@ fn cuda_strided_kv_forward_matches_cpu() {
 }
 
 /// The CUDA forward alone in precision `E` (`o`, `lse` as f32).
-fn cuda_fwd<E: CudaElem>(dev: &Cuda, d: &Data) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn cuda_fwd<E: CudaElem>(dev: &Cuda, d: &Data) -> (Vec<f32>, Vec<f32>) {
     let (o, lse) = DevInputs::<E>::upload(dev, d).forward(dev, &d.p);
     (dev.download(&o).unwrap().into_iter().map(E::to_f32).collect(), dev.download(&lse).unwrap())
 }

@@ -1,6 +1,7 @@
 //! Fused attention, FlashAttention-2 style (tiled, online softmax, never a full T x S score
 //! matrix), forward and backward, with causal or bidirectional masking, a key padding mask,
-//! grouped-query attention, and prefix-KV injection.
+//! grouped-query attention, prefix-KV injection, and an additive score bias (T5's relative
+//! position bias).
 //!
 //! Layouts (row-major):
 //! - `q`, `o`, `dq`, `d_o`: `[batch, q_len, heads, head_dim]`
@@ -17,15 +18,24 @@
 //!   prefix), so a batch mixing adapters passes their prefixes stacked once. Without it every
 //!   sequence sees the whole table.
 //! - `key_mask`: `[batch, kv_len]` u8, 1 = attend, 0 = padding. Prefix keys are never masked.
-//! - `lse`: `[batch, heads, q_len]` in `E::Acc`, the natural log-sum-exp of the scaled scores of each
-//!   query row, saved by the forward for the backward.
+//! - `bias` (optional, `has_bias == 1`): `[heads, q_len, prefix_len + kv_len]` in `E`, an additive
+//!   bias on the scaled scores (T5's relative position bias), shared by the whole batch: the score
+//!   of query row `i` of this call (row `i` of `q`, also in a KV cache's query block) and key
+//!   column `c` is `q.k * scale + bias[h, i, c]`, where column `c < prefix_len` is prefix row `c`
+//!   of the table (absolute, also under `prefix_rows`) and `prefix_len + j` is content key `j`.
+//!   Masking applies after it. Its gradient `dbias` (same shape, `E::Acc`) is `dS` (the score
+//!   gradient, before `scale`), summed over the batch; GQA heads keep their own query-head rows.
+//! - `lse`: `[batch, heads, q_len]` in `E::Acc`, the natural log-sum-exp of the scaled (and
+//!   biased) scores of each query row, saved by the forward for the backward.
 //!
 //! Masking: query `i` has absolute position `kv_len - q_len + i` (so `q_len < kv_len` is a
-//! query block after a KV cache). Under `causal` it sees content keys `j <= kv_len - q_len + i`;
-//! it always sees every prefix key. A query row that sees no key at all (fully padded, no
-//! prefix) outputs zeros, has `lse = -inf`, and gets zero gradients.
+//! query block after a KV cache). Under `causal` it sees content keys `j <= kv_len - q_len + i`
+//! (and `q_len <= kv_len` is required); without it, it sees every content key, and `q_len` may
+//! exceed `kv_len` (cross-attention of a longer decoder over an encoder). It always sees every
+//! prefix key. A query row that sees no key at all (fully padded, no prefix) outputs zeros, has
+//! `lse = -inf`, and gets zero gradients.
 //!
-//! Backward accumulates (`+=`) into `dq`, `dk`, `dv`, `dpk`, `dpv`.
+//! Backward accumulates (`+=`) into `dq`, `dk`, `dv`, `dpk`, `dpv`, `dbias`.
 
 mod cpu;
 mod cuda;
@@ -44,7 +54,7 @@ pub struct AttnParams {
     pub kv_heads: u32,
     /// Queries per sequence (T).
     pub q_len: u32,
-    /// Content keys per sequence (S >= T).
+    /// Content keys per sequence (S; `S >= T` under `causal`).
     pub kv_len: u32,
     /// Prefix positions (0 = none).
     pub prefix_len: u32,
@@ -58,6 +68,8 @@ pub struct AttnParams {
     /// Key/value rows per sequence in the `k`/`v` buffers (their batch stride), `>= kv_len`;
     /// 0 = `kv_len` (contiguous). Lets the forward read a KV cache's preallocated buffer in place.
     pub kv_cap: u32,
+    /// 1 = an additive score bias `[heads, q_len, prefix_len + kv_len]` is given (`bias`).
+    pub has_bias: u32,
     /// Score scale, usually `1/sqrt(head_dim)`.
     pub scale: f32,
 }
@@ -77,6 +89,7 @@ impl AttnParams {
             has_mask: 0,
             has_prefix_rows: 0,
             kv_cap: 0,
+            has_bias: 0,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
@@ -101,6 +114,10 @@ impl AttnParams {
     pub fn lse_elems(&self) -> usize {
         self.batch as usize * self.heads as usize * self.q_len as usize
     }
+    /// Elements of `bias` and `dbias`: `heads * q_len * (prefix_len + kv_len)`.
+    pub fn bias_elems(&self) -> usize {
+        self.heads as usize * self.q_len as usize * (self.prefix_len as usize + self.kv_len as usize)
+    }
     /// Multiply-adds of the forward pass (QK^T and PV, counting masked blocks too): `2 * 2 * B*H*T*(P+S)*D` FLOPs.
     pub fn fwd_flops(&self) -> f64 {
         4.0 * self.batch as f64
@@ -112,7 +129,7 @@ impl AttnParams {
 
     /// Validate the parameters themselves.
     pub fn validate(&self) -> Result<()> {
-        if self.has_prefix_rows > 1 || self.has_mask > 1 || self.causal > 1 {
+        if self.has_prefix_rows > 1 || self.has_mask > 1 || self.causal > 1 || self.has_bias > 1 {
             return Err(Error::Invalid { op: "attention", msg: format!("flags must be 0 or 1: {self:?}") });
         }
         let bad = |msg: String| Err(Error::Invalid { op: "attention", msg });
@@ -125,8 +142,8 @@ impl AttnParams {
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("heads {} not divisible by kv_heads {}", self.heads, self.kv_heads));
         }
-        if self.q_len > self.kv_len {
-            return bad(format!("q_len {} exceeds kv_len {}", self.q_len, self.kv_len));
+        if self.causal == 1 && self.q_len > self.kv_len {
+            return bad(format!("q_len {} exceeds kv_len {} under causal masking", self.q_len, self.kv_len));
         }
         if self.kv_cap != 0 && self.kv_cap < self.kv_len {
             return bad(format!("kv_cap {} below kv_len {}", self.kv_cap, self.kv_len));
@@ -157,6 +174,8 @@ pub struct AttnInputs<'a, B: Backend + ?Sized, E: Elem> {
     pub key_mask: Option<&'a B::Buf<u8>>,
     /// Per-sequence prefix ranges `[batch, 2]` (start, len), present iff `has_prefix_rows == 1`.
     pub prefix_rows: Option<&'a B::Buf<u32>>,
+    /// Additive score bias `[heads, q_len, prefix_len + kv_len]`, present iff `has_bias == 1`.
+    pub bias: Option<&'a B::Buf<E>>,
 }
 
 impl<B: Backend + ?Sized, E: Elem> Clone for AttnInputs<'_, B, E> {
@@ -173,6 +192,9 @@ pub struct AttnGrads<'a, B: Backend + ?Sized, E: Elem> {
     pub dv: &'a mut B::Buf<E>,
     /// `(dpk, dpv)` in `E::Acc`, present iff `prefix_len > 0`.
     pub dprefix: Option<PrefixGrads<'a, B, E>>,
+    /// The bias gradient `[heads, q_len, prefix_len + kv_len]` in `E::Acc`, summed over the
+    /// batch, present iff `has_bias == 1`.
+    pub dbias: Option<&'a mut B::Buf<E::Acc>>,
 }
 
 /// Fused attention on a device: forward and backward together.
@@ -234,6 +256,11 @@ pub fn check_inputs<B: Backend + ?Sized, E: Elem>(p: &AttnParams, x: &AttnInputs
             })
         }
     }
+    match (&x.bias, p.has_bias) {
+        (None, 0) => {}
+        (Some(b), 1) => check_len("attention", "bias", B::len(*b), p.bias_elems(), shape)?,
+        _ => return Err(Error::Invalid { op: "attention", msg: "bias presence and has_bias disagree".into() }),
+    }
     Ok(())
 }
 
@@ -260,12 +287,22 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
     check_len("attention", "dk", B::len(&*g.dk), p.kv_elems(), shape)?;
     check_len("attention", "dv", B::len(&*g.dv), p.kv_elems(), shape)?;
     match (&g.dprefix, p.prefix_len) {
-        (None, 0) => Ok(()),
+        (None, 0) => {}
         (Some((a, b)), n) if n > 0 => {
             check_len("attention", "dprefix_k", B::len(&**a), p.prefix_elems(), shape)?;
-            check_len("attention", "dprefix_v", B::len(&**b), p.prefix_elems(), shape)
+            check_len("attention", "dprefix_v", B::len(&**b), p.prefix_elems(), shape)?;
         }
-        _ => Err(Error::Invalid { op: "attention", msg: "prefix gradients must be given iff prefix_len > 0".into() }),
+        _ => {
+            return Err(Error::Invalid {
+                op: "attention",
+                msg: "prefix gradients must be given iff prefix_len > 0".into(),
+            })
+        }
+    }
+    match (&g.dbias, p.has_bias) {
+        (None, 0) => Ok(()),
+        (Some(d), 1) => check_len("attention", "dbias", B::len(&**d), p.bias_elems(), shape),
+        _ => Err(Error::Invalid { op: "attention", msg: "the bias gradient must be given iff has_bias == 1".into() }),
     }
 }
 
@@ -273,5 +310,7 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
 mod cuda_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bias;
 #[cfg(test)]
 mod tests_rows;

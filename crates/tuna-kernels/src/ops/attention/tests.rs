@@ -1,6 +1,7 @@
 //! Attention tests: an f64 reference (full score matrix), proven by central differences, and
 //! the CPU kernel against it over a grid of masking, GQA, prefix, KV-cache and ragged shapes,
-//! in f32 and (a subset) in f64.
+//! in f32 and (a subset) in f64. Score-bias and longer-query (q_len > kv_len) cases are in
+//! `tests_bias.rs`.
 //! `Pad`, `Data` and `grad_starts` are shared with `cuda_tests.rs`, which checks CUDA against
 //! the CPU kernel proven here.
 
@@ -37,6 +38,8 @@ pub(super) struct Data {
     pub(super) d_o: Vec<f32>,
     /// Per-sequence prefix ranges `[batch, 2]`, used when `p.has_prefix_rows == 1`.
     pub(super) prefix_rows: Vec<u32>,
+    /// Score bias `[heads, q_len, prefix_len + kv_len]`, used when `p.has_bias == 1`.
+    pub(super) bias: Vec<f32>,
 }
 
 impl Data {
@@ -86,8 +89,22 @@ impl Data {
             d_o: rng.normal_vec(p.q_elems(), 1.0),
             mask,
             prefix_rows: Vec::new(),
+            bias: Vec::new(),
             p,
         }
+    }
+    /// The same case with a seeded random score bias (standard normal, times `amp`).
+    pub(super) fn with_bias(mut self, seed: u64, amp: f32) -> Self {
+        self.p.has_bias = 1;
+        self.bias = Rng::new(seed).normal_vec(self.p.bias_elems(), amp);
+        self
+    }
+    /// The same case with per-sequence prefix ranges `rows[b] = (start, len)`.
+    pub(super) fn with_prefix_rows(mut self, rows: &[(u32, u32)]) -> Self {
+        assert_eq!(rows.len(), self.p.batch as usize);
+        self.p.has_prefix_rows = 1;
+        self.prefix_rows = rows.iter().flat_map(|&(a, n)| [a, n]).collect();
+        self
     }
     /// The same case with `k`, `v` in buffers of `cap` rows per sequence (a KV cache's
     /// preallocated buffer): the keys first, then `cap - kv_len` rows of noise the kernels must
@@ -111,12 +128,15 @@ impl Data {
             prefix: (self.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
             key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
             prefix_rows: (self.p.has_prefix_rows == 1).then_some(&self.prefix_rows[..]),
+            bias: (self.p.has_bias == 1).then_some(&self.bias[..]),
         }
     }
-    fn reference(&self) -> Ref<'_> {
+    pub(super) fn reference(&self) -> Ref<'_> {
         Ref {
             p: self.p,
             mask: &self.mask,
+            rows: &self.prefix_rows,
+            bias: to_f64(&self.bias),
             q: to_f64(&self.q),
             k: to_f64(&self.k),
             v: to_f64(&self.v),
@@ -134,12 +154,13 @@ struct Cast<F> {
     pk: Vec<F>,
     pv: Vec<F>,
     d_o: Vec<F>,
+    bias: Vec<F>,
 }
 
 impl<F: CpuFloat> Cast<F> {
     fn new(d: &Data) -> Self {
         let c = |x: &[f32]| x.iter().map(|&v| F::c(v.into())).collect();
-        Cast { q: c(&d.q), k: c(&d.k), v: c(&d.v), pk: c(&d.pk), pv: c(&d.pv), d_o: c(&d.d_o) }
+        Cast { q: c(&d.q), k: c(&d.k), v: c(&d.v), pk: c(&d.pk), pv: c(&d.pv), d_o: c(&d.d_o), bias: c(&d.bias) }
     }
     fn inputs<'a>(&'a self, d: &'a Data) -> AttnInputs<'a, Cpu, F> {
         AttnInputs {
@@ -149,14 +170,19 @@ impl<F: CpuFloat> Cast<F> {
             prefix: (d.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
             key_mask: (d.p.has_mask == 1).then_some(&d.mask[..]),
             prefix_rows: (d.p.has_prefix_rows == 1).then_some(&d.prefix_rows[..]),
+            bias: (d.p.has_bias == 1).then_some(&self.bias[..]),
         }
     }
 }
 
 /// The f64 reference, over one full score row at a time.
-struct Ref<'a> {
+pub(super) struct Ref<'a> {
     p: AttnParams,
     mask: &'a [u8],
+    /// Per-sequence prefix ranges (read when `p.has_prefix_rows == 1`).
+    rows: &'a [u32],
+    /// `[heads, q_len, prefix_len + kv_len]` (read when `p.has_bias == 1`).
+    bias: Vec<f64>,
     q: Vec<f64>,
     k: Vec<f64>,
     v: Vec<f64>,
@@ -165,12 +191,22 @@ struct Ref<'a> {
 }
 
 /// Gradients from the reference.
-struct RefGrads {
+pub(super) struct RefGrads {
     dq: Vec<f64>,
     dk: Vec<f64>,
     dv: Vec<f64>,
     dpk: Vec<f64>,
     dpv: Vec<f64>,
+    dbias: Vec<f64>,
+}
+
+/// One key a query row sees: prefix or content, the offset of its row in `pk`/`pv` or `k`/`v`,
+/// and its bias column.
+#[derive(Clone, Copy)]
+struct Key {
+    pre: bool,
+    off: usize,
+    col: usize,
 }
 
 impl Ref<'_> {
@@ -178,27 +214,34 @@ impl Ref<'_> {
         let p = &self.p;
         [p.batch, p.heads, p.kv_heads, p.q_len, p.kv_len, p.prefix_len, p.head_dim].map(|x| x as usize)
     }
-    /// Visible keys of query (b, i): `(is_prefix, j, offset of its row in k/v or pk/pv)`.
-    fn keys(&self, b: usize, i: usize, kvh: usize) -> Vec<(bool, usize)> {
+    /// Visible keys of query (b, i) for KV head `kvh`.
+    fn keys(&self, b: usize, i: usize, kvh: usize) -> Vec<Key> {
         let [_, _, kvhs, t, s, pre, d] = self.dims();
-        let mut out: Vec<(bool, usize)> = (0..pre).map(|j| (true, (j * kvhs + kvh) * d)).collect();
+        let (start, end) = if self.p.has_prefix_rows == 1 {
+            let (a, n) = (self.rows[2 * b] as usize, self.rows[2 * b + 1] as usize);
+            (a, a + n)
+        } else {
+            (0, pre)
+        };
+        let mut out: Vec<Key> = (start..end).map(|j| Key { pre: true, off: (j * kvhs + kvh) * d, col: j }).collect();
         for j in 0..s {
-            let causal_ok = self.p.causal == 0 || j <= s - t + i;
+            let causal_ok = self.p.causal == 0 || j + t <= s + i;
             let mask_ok = self.p.has_mask == 0 || self.mask[b * s + j] == 1;
             if causal_ok && mask_ok {
-                out.push((false, ((b * s + j) * kvhs + kvh) * d));
+                out.push(Key { pre: false, off: ((b * s + j) * kvhs + kvh) * d, col: pre + j });
             }
         }
         out
     }
     /// Softmax probabilities and lse of query (b, i, h) over `keys`.
-    fn probs(&self, qoff: usize, keys: &[(bool, usize)]) -> (Vec<f64>, f64) {
-        let d = self.p.head_dim as usize;
+    fn probs(&self, qoff: usize, h: usize, i: usize, keys: &[Key]) -> (Vec<f64>, f64) {
+        let [_, _, _, t, s, pre, d] = self.dims();
         let sc: Vec<f64> = keys
             .iter()
-            .map(|&(pre, off)| {
-                let kk = if pre { &self.pk } else { &self.k };
-                (0..d).map(|c| self.q[qoff + c] * kk[off + c]).sum::<f64>() * self.p.scale as f64
+            .map(|key| {
+                let kk = if key.pre { &self.pk } else { &self.k };
+                let dot = (0..d).map(|c| self.q[qoff + c] * kk[key.off + c]).sum::<f64>() * self.p.scale as f64;
+                dot + if self.p.has_bias == 1 { self.bias[(h * t + i) * (pre + s) + key.col] } else { 0.0 }
             })
             .collect();
         let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -212,7 +255,7 @@ impl Ref<'_> {
             self.v[off + c]
         }
     }
-    fn fwd(&self) -> (Vec<f64>, Vec<f64>) {
+    pub(super) fn fwd(&self) -> (Vec<f64>, Vec<f64>) {
         let [bs, hs, kvhs, t, _, _, d] = self.dims();
         let (mut o, mut lse) = (vec![0.0; self.p.q_elems()], vec![f64::NEG_INFINITY; self.p.lse_elems()]);
         for b in 0..bs {
@@ -223,10 +266,10 @@ impl Ref<'_> {
                         continue;
                     }
                     let qoff = ((b * t + i) * hs + h) * d;
-                    let (pr, l) = self.probs(qoff, &keys);
+                    let (pr, l) = self.probs(qoff, h, i, &keys);
                     lse[(b * hs + h) * t + i] = l;
-                    for (&pj, &(pre, off)) in pr.iter().zip(&keys) {
-                        (0..d).for_each(|c| o[qoff + c] += pj * self.val(pre, off, c));
+                    for (&pj, key) in pr.iter().zip(&keys) {
+                        (0..d).for_each(|c| o[qoff + c] += pj * self.val(key.pre, key.off, c));
                     }
                 }
             }
@@ -234,31 +277,35 @@ impl Ref<'_> {
         (o, lse)
     }
     /// Gradients of `sum(o * d_o)`.
-    fn bwd(&self, d_o: &[f64]) -> RefGrads {
-        let [bs, hs, kvhs, t, _, _, d] = self.dims();
+    pub(super) fn bwd(&self, d_o: &[f64]) -> RefGrads {
+        let [bs, hs, kvhs, t, s, pre, d] = self.dims();
         let mut g = RefGrads {
             dq: vec![0.0; self.q.len()],
             dk: vec![0.0; self.k.len()],
             dv: vec![0.0; self.v.len()],
             dpk: vec![0.0; self.pk.len()],
             dpv: vec![0.0; self.pv.len()],
+            dbias: vec![0.0; self.bias.len()],
         };
         for b in 0..bs {
             for h in 0..hs {
                 for i in 0..t {
                     let keys = self.keys(b, i, h / (hs / kvhs));
                     let qoff = ((b * t + i) * hs + h) * d;
-                    let (pr, _) = self.probs(qoff, &keys);
+                    let (pr, _) = self.probs(qoff, h, i, &keys);
                     let dp: Vec<f64> = keys
                         .iter()
-                        .map(|&(pre, off)| (0..d).map(|c| d_o[qoff + c] * self.val(pre, off, c)).sum())
+                        .map(|key| (0..d).map(|c| d_o[qoff + c] * self.val(key.pre, key.off, c)).sum())
                         .collect();
                     let delta: f64 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
                     let sc = self.p.scale as f64;
-                    for ((&pj, &dpj), &(pre, off)) in pr.iter().zip(&dp).zip(&keys) {
-                        let ds = pj * (dpj - delta) * sc;
+                    for ((&pj, &dpj), key) in pr.iter().zip(&dp).zip(&keys) {
+                        if self.p.has_bias == 1 {
+                            g.dbias[(h * t + i) * (pre + s) + key.col] += pj * (dpj - delta);
+                        }
+                        let (ds, off) = (pj * (dpj - delta) * sc, key.off);
                         let (kk, dk, dv) =
-                            if pre { (&self.pk, &mut g.dpk, &mut g.dpv) } else { (&self.k, &mut g.dk, &mut g.dv) };
+                            if key.pre { (&self.pk, &mut g.dpk, &mut g.dpv) } else { (&self.k, &mut g.dk, &mut g.dv) };
                         for c in 0..d {
                             g.dq[qoff + c] += ds * kk[off + c];
                             dk[off + c] += ds * self.q[qoff + c];
@@ -274,20 +321,31 @@ impl Ref<'_> {
 
 #[test]
 fn reference_gradients_match_central_differences() {
-    let data = Data::new(11, 2, 4, 2, 3, 5, 2, 3, true, Pad::Left);
+    let causal = Data::new(11, 2, 4, 2, 3, 5, 2, 3, true, Pad::Left).with_bias(12, 1.0);
+    // Bidirectional, more queries than keys, per-sequence prefix ranges.
+    let longer = Data::new(13, 2, 4, 2, 6, 4, 3, 3, false, Pad::Scattered).with_bias(14, 1.0);
+    for data in [causal, longer.with_prefix_rows(&[(1, 2), (0, 3)])] {
+        check_reference_gradients(&data);
+    }
+}
+
+/// The reference's analytic gradients (every input, the bias included) against central differences.
+fn check_reference_gradients(data: &Data) {
     let r = data.reference();
     let d_o = to_f64(&data.d_o);
     let g = r.bwd(&d_o);
     let loss = |r: &Ref| r.fwd().0.iter().zip(&d_o).map(|(a, b)| a * b).sum::<f64>();
     let eps = 1e-6;
     type Pick = for<'a, 'b> fn(&'a mut Ref<'b>) -> &'a mut Vec<f64>;
-    let cases: [(&str, Pick, &Vec<f64>); 5] = [
+    let cases: [(&str, Pick, &Vec<f64>); 6] = [
         ("dq", |r| &mut r.q, &g.dq),
         ("dk", |r| &mut r.k, &g.dk),
         ("dv", |r| &mut r.v, &g.dv),
         ("dpk", |r| &mut r.pk, &g.dpk),
         ("dpv", |r| &mut r.pv, &g.dpv),
+        ("dbias", |r| &mut r.bias, &g.dbias),
     ];
+    assert!(g.dbias.iter().any(|&x| x.abs() > 1e-3), "the bias gradient is not exercised");
     for (name, pick, analytic) in cases {
         let mut r = data.reference();
         let numeric: Vec<f64> = (0..analytic.len())
@@ -305,22 +363,24 @@ fn reference_gradients_match_central_differences() {
     }
 }
 
-/// Nonzero starting gradients `[dq, dk, dv, dpk, dpv]` for `p`, since the backward accumulates.
+/// Nonzero starting gradients `[dq, dk, dv, dpk, dpv, dbias]` for `p` (`dbias` empty without a
+/// bias), since the backward accumulates.
 pub(super) fn grad_starts(p: &AttnParams, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = Rng::new(seed);
-    [p.q_elems(), p.kv_elems(), p.kv_elems(), p.prefix_elems(), p.prefix_elems()]
+    let nb = if p.has_bias == 1 { p.bias_elems() } else { 0 };
+    [p.q_elems(), p.kv_elems(), p.kv_elems(), p.prefix_elems(), p.prefix_elems(), nb]
         .iter()
         .map(|&n| rng.vec(n, -1.0, 1.0))
         .collect()
 }
 
 /// Runs the f32 CPU forward and every backward split on `data` and compares with the reference.
-fn check_case(what: &str, data: &Data) {
+pub(super) fn check_case(what: &str, data: &Data) {
     check_case_in::<f32>(what, data, Tol::F32_LONG);
 }
 
 /// [`check_case`] with the kernel computing in `F`, compared with tolerance `tol`.
-fn check_case_in<F: CpuFloat>(what: &str, data: &Data, tol: Tol) {
+pub(super) fn check_case_in<F: CpuFloat>(what: &str, data: &Data, tol: Tol) {
     let what = format!("{what} [{}]", F::NAME);
     let p = data.p;
     let (x, r) = (Cast::<F>::new(data), data.reference());
@@ -337,18 +397,18 @@ fn check_case_in<F: CpuFloat>(what: &str, data: &Data, tol: Tol) {
     }
     let g = r.bwd(&to_f64(&data.d_o));
     let starts = grad_starts(&p, 99);
-    let want: Vec<Vec<f64>> = [&g.dq, &g.dk, &g.dv, &g.dpk, &g.dpv]
+    let want: Vec<Vec<f64>> = [&g.dq, &g.dk, &g.dv, &g.dpk, &g.dpv, &g.dbias]
         .iter()
         .zip(&starts)
         .map(|(grad, s0)| grad.iter().zip(s0).map(|(a, &b)| a + b as f64).collect())
         .collect();
-    let names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"];
+    let names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"];
     let starts: Vec<Vec<F>> = starts.iter().map(|s| s.iter().map(|&v| F::c(v.into())).collect()).collect();
     for mode in [BwdMode::Split, BwdMode::Fused, BwdMode::Auto] {
         let mut got = starts.clone();
-        let [dq, dk, dv, dpk, dpv] = &mut got[..] else { unreachable!() };
-        let grads =
-            AttnGrads::<Cpu, F> { dq, dk, dv, dprefix: (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..])) };
+        let [dq, dk, dv, dpk, dpv, db] = &mut got[..] else { unreachable!() };
+        let dprefix = (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..]));
+        let grads = AttnGrads::<Cpu, F> { dq, dk, dv, dprefix, dbias: (p.has_bias == 1).then_some(&mut db[..]) };
         attn_bwd_mode(&p, x.inputs(data), &o, &x.d_o, &lse, grads, mode).unwrap();
         for ((name, gv), wv) in names.iter().zip(&got).zip(&want) {
             tol.assert_close(&format!("{what} ({mode:?}): {name}"), gv, wv);
@@ -430,7 +490,15 @@ fn prefix_equals_concatenated_keys() {
     let (mut o, mut lse) = (vec![0.0; p.q_elems()], vec![0.0; p.lse_elems()]);
     let (mut o2, mut lse2) = (o.clone(), lse.clone());
     Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap();
-    let x2 = AttnInputs::<Cpu, f32> { q: &data.q, k: &k2, v: &v2, prefix: None, key_mask: None, prefix_rows: None };
+    let x2 = AttnInputs::<Cpu, f32> {
+        q: &data.q,
+        k: &k2,
+        v: &v2,
+        prefix: None,
+        key_mask: None,
+        prefix_rows: None,
+        bias: None,
+    };
     Cpu.attn_fwd(&p2, x2, &mut o2, &mut lse2).unwrap();
     Tol::F32.assert_close("prefix vs concatenated: o", &o, &o2);
     Tol::F32.assert_close("prefix vs concatenated: lse", &lse, &lse2);
@@ -457,7 +525,13 @@ fn backward_is_deterministic() {
     let run = || {
         let (mut dq, mut dk, mut dv) = (vec![0.0; p.q_elems()], vec![0.0; p.kv_elems()], vec![0.0; p.kv_elems()]);
         let (mut dpk, mut dpv) = (vec![0.0; p.prefix_elems()], vec![0.0; p.prefix_elems()]);
-        let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: Some((&mut dpk, &mut dpv)) };
+        let g = AttnGrads::<Cpu, f32> {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+            dprefix: Some((&mut dpk, &mut dpv)),
+            dbias: None,
+        };
         Cpu.attn_bwd(&p, data.inputs(), &o, &data.d_o, &lse, g).unwrap();
         [dq, dk, dv, dpk, dpv]
     };
@@ -477,7 +551,13 @@ fn shape_mismatch_names_the_tensor() {
     assert!(e.to_string().contains("`lse`"), "{e}");
     let (mut dq, mut dk, mut dv) = (vec![0.0; p.q_elems()], vec![0.0; p.kv_elems() + 1], vec![0.0; p.kv_elems()]);
     let (mut dpk, mut dpv) = (vec![0.0; p.prefix_elems()], vec![0.0; p.prefix_elems()]);
-    let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: Some((&mut dpk, &mut dpv)) };
+    let g = AttnGrads::<Cpu, f32> {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+        dprefix: Some((&mut dpk, &mut dpv)),
+        dbias: None,
+    };
     let e = Cpu.attn_bwd(&p, data.inputs(), &o, &data.d_o, &lse, g).unwrap_err();
     assert!(e.to_string().contains("`dk`"), "{e}");
 }
@@ -490,9 +570,15 @@ fn invalid_params_are_rejected() {
     assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("divisible"), "{e}");
     let mut p = data.p;
     p.kv_heads = 2;
-    p.q_len = 5; // q_len > kv_len
+    p.q_len = 5; // q_len > kv_len: fine bidirectionally, refused under causal masking
+    assert!(p.validate().is_ok());
+    p.causal = 1;
     let e = Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap_err();
-    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("causal"), "{e}");
+    p.causal = 0;
+    p.has_bias = 2;
+    let e = p.validate().unwrap_err();
+    assert!(e.to_string().contains("flags"), "{e}");
 }
 
 #[test]
@@ -532,7 +618,7 @@ fn strided_kv_forward_equals_contiguous() {
     let w = d.strided(d.p.kv_len as usize + 3, 7);
     Cpu.attn_fwd(&w.p, w.inputs(), &mut o, &mut lse).unwrap();
     let (mut dq, mut dk, mut dv) = (vec![0.0; w.p.q_elems()], vec![0.0; w.p.kv_elems()], vec![0.0; w.p.kv_elems()]);
-    let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: None };
+    let g = AttnGrads::<Cpu, f32> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix: None, dbias: None };
     let e = Cpu.attn_bwd(&w.p, w.inputs(), &o, &w.d_o, &lse, g).unwrap_err();
     assert!(e.to_string().contains("inference-only"), "{e}");
 }

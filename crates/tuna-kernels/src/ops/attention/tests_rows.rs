@@ -66,6 +66,7 @@ fn run<F: CpuFloat>(data: &Data, mode: BwdMode) -> Vec<Vec<f64>> {
         prefix: (p.prefix_len > 0).then_some((&pk[..], &pv[..])),
         key_mask: (p.has_mask == 1).then_some(&data.mask[..]),
         prefix_rows: (p.has_prefix_rows == 1).then_some(&data.prefix_rows[..]),
+        bias: None,
     };
     let (mut o, mut lse) = (vec![F::zero(); p.q_elems()], vec![F::zero(); p.lse_elems()]);
     Cpu.attn_fwd(&p, x, &mut o, &mut lse).unwrap();
@@ -73,7 +74,7 @@ fn run<F: CpuFloat>(data: &Data, mode: BwdMode) -> Vec<Vec<f64>> {
     let (mut dq, mut dk, mut dv, mut dpk, mut dpv) =
         (z(p.q_elems()), z(p.kv_elems()), z(p.kv_elems()), z(p.prefix_elems()), z(p.prefix_elems()));
     let dprefix = (p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..]));
-    let g = AttnGrads::<Cpu, F> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix };
+    let g = AttnGrads::<Cpu, F> { dq: &mut dq, dk: &mut dk, dv: &mut dv, dprefix, dbias: None };
     attn_bwd_mode(&p, x, &o, &d_o, &lse, g, mode).unwrap();
     let w = |x: &[F]| x.iter().map(|&v| v.into()).collect::<Vec<f64>>();
     vec![w(&o), w(&lse), w(&dq), w(&dk), w(&dv), w(&dpk), w(&dpv)]

@@ -2,6 +2,9 @@
 //! gradient rows it writes; tiles recompute `P = exp(S - lse)` and `dS = P * (dP - delta)`.
 //!
 //! - pass `dq`: rayon over (batch, head, query block), looping over KV blocks: `dq += scale dS K`.
+//!   With a score bias it also adds `dbias += dS`; then its tasks are (head, query block), each
+//!   looping over the whole batch, so one task owns each `dbias` row (the batch sum stays
+//!   race-free and in a fixed order), and it covers the content blocks too (no `Fused` split).
 //! - pass `dkv`: rayon over (batch, kv head, content key block), looping over the group's heads
 //!   and query blocks: `dv += P^T dO`, `dk += scale dS^T Q`.
 //! - pass `dprefix`: rayon over (kv head, prefix block), looping over every batch, group head
@@ -68,23 +71,13 @@ fn tile_grads<F: CpuFloat>(
 ) -> usize {
     let (i0, bq) = g.q_rows(qb);
     let (n, d) = (blk.n, g.d);
-    let (kp, vp) = a.x.kv(g, b, blk, h / g.group);
+    let (_, vp) = a.x.kv(g, b, blk, h / g.group);
     let qo = g.q_off(b, i0, h);
     let (s, dp) = (&mut sc.s[..bq * n], &mut sc.dp[..bq * n]);
     // SAFETY: s and dp hold bq x n; query rows i0..i0+bq of q/d_o and key rows j0..j0+n of
     // k/v (or the prefix) lie inside buffers whose lengths check_inputs/check_bwd verified.
     unsafe {
-        matmul(
-            bq,
-            n,
-            d,
-            s.as_mut_ptr(),
-            n,
-            false,
-            View::rows(a.x.q[qo..].as_ptr(), g.q_rs()),
-            View::cols(kp, g.kv_rs()),
-            F::c(g.scale.into()),
-        );
+        a.x.scores(g, s, b, h, i0, bq, blk);
         matmul(
             bq,
             n,
@@ -97,7 +90,6 @@ fn tile_grads<F: CpuFloat>(
             F::one(),
         );
     }
-    g.apply_mask(s, b, i0, bq, blk);
     let lo = g.lse_off(b, h, i0);
     tile::softmax_grad(s, dp, n, &a.lse[lo..][..bq], &a.delta[lo..][..bq]);
     bq
@@ -282,24 +274,36 @@ pub(super) fn backward<F: CpuFloat>(
         BwdMode::Auto => BwdMode::Split,
         m => m,
     };
-    let fused = mode == BwdMode::Fused;
+    // With a bias the dq pass owns the dbias rows, so it must see every tile: no fused split.
+    let dbias = grads.dbias.map(|db| SharedMut(db.as_mut_ptr()));
+    let fused = mode == BwdMode::Fused && dbias.is_none();
     let dq = SharedMut(grads.dq.as_mut_ptr());
     let dkv = [SharedMut(grads.dk.as_mut_ptr()), SharedMut(grads.dv.as_mut_ptr())];
     let d = g.d;
     let (nqb, nkb) = (g.q_blocks(), g.s.div_ceil(BK));
     // Pass dq: prefix blocks always; content blocks unless the fused dkv pass adds them.
     if g.p > 0 || !fused {
-        (0..g.batch * g.heads * nqb).into_par_iter().for_each_init(
+        // Sequences per task: all of them with a bias (the task owns its dbias rows), else one.
+        let per = if dbias.is_some() { g.batch.max(1) } else { 1 };
+        (0..g.batch.div_ceil(per) * g.heads * nqb).into_par_iter().for_each_init(
             || Scratch::new(d),
             |sc, task| {
                 let (bh, qb) = (task / nqb, task % nqb);
-                let (b, h) = (bh / g.heads, bh % g.heads);
+                let (b0, h) = (bh / g.heads * per, bh % g.heads);
                 let (i0, bq) = g.q_rows(qb);
-                let content = g.content_blocks(b, i0, bq).filter(|_| !fused);
-                for blk in g.prefix_blocks(b).chain(content) {
-                    tile_grads(g, a, b, h, qb, blk, sc);
-                    // SAFETY: tasks differ in (b, h, qb): disjoint dq rows.
-                    unsafe { add_dq(g, a, b, h, qb, blk, sc, dq) };
+                for b in b0..b0 + per {
+                    let content = g.content_blocks(b, i0, bq).filter(|_| !fused);
+                    for blk in g.prefix_blocks(b).chain(content) {
+                        tile_grads(g, a, b, h, qb, blk, sc);
+                        // SAFETY: tasks differ in (b, h, qb) (or, with a bias, in (h, qb) and
+                        // own every sequence): disjoint dq rows and dbias rows (h, i0..i0 + bq).
+                        unsafe {
+                            add_dq(g, a, b, h, qb, blk, sc, dq);
+                            if let Some(db) = dbias {
+                                g.add_dbias(db, &sc.dp, h, i0, bq, blk);
+                            }
+                        }
+                    }
                 }
             },
         );

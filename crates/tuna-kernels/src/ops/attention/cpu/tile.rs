@@ -87,6 +87,17 @@ impl<'a> Geo<'a> {
     pub fn lse_off(&self, b: usize, h: usize, i: usize) -> usize {
         (b * self.heads + h) * self.t + i
     }
+    /// Row stride of `bias` and `dbias`: every prefix row of the table, then every content key.
+    #[inline]
+    pub fn bias_rs(&self) -> usize {
+        self.p + self.s
+    }
+    /// Offset in `bias`/`dbias` of query row `i` of head `h` at the first key of `blk`.
+    #[inline]
+    pub fn bias_off(&self, h: usize, i: usize, blk: KvBlock) -> usize {
+        let col = if blk.prefix { blk.j0 } else { self.p + blk.j0 };
+        (h * self.t + i) * self.bias_rs() + col
+    }
     /// Query blocks per sequence.
     #[inline]
     pub fn q_blocks(&self) -> usize {
@@ -119,6 +130,7 @@ impl<'a> Geo<'a> {
     /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all.
     #[inline]
     pub fn content_blocks(&self, b: usize, i0: usize, bq: usize) -> impl Iterator<Item = KvBlock> + '_ {
+        // Causal calls have t <= s (validated); bidirectional ones may have t > s.
         let end = if self.causal { (self.s - self.t + i0 + bq).min(self.s) } else { self.s };
         (0..end)
             .step_by(BK)
@@ -140,6 +152,38 @@ impl<'a> Geo<'a> {
             j0.saturating_sub(self.s - self.t)
         } else {
             0
+        }
+    }
+
+    /// `tile (bq x blk.n) += bias` rows `(h, i0..i0 + bq)` at the block's columns (before masking).
+    #[inline]
+    pub fn add_bias<F: CpuFloat>(&self, tile: &mut [F], bias: &[F], h: usize, i0: usize, bq: usize, blk: KvBlock) {
+        let n = blk.n;
+        let rows = bias[self.bias_off(h, i0, blk)..].chunks(self.bias_rs());
+        for (row, brow) in tile[..bq * n].chunks_exact_mut(n).zip(rows) {
+            row.iter_mut().zip(&brow[..n]).for_each(|(x, &b)| *x += b);
+        }
+    }
+
+    /// `dbias` rows `(h, i0..i0 + bq)` at the block's columns `+= ds` (`bq x blk.n`).
+    ///
+    /// # Safety
+    /// `dbias` holds `heads * t * bias_rs` floats and no other concurrent task writes those rows.
+    #[inline]
+    pub unsafe fn add_dbias<F: CpuFloat>(
+        &self,
+        dbias: SharedMut<F>,
+        ds: &[F],
+        h: usize,
+        i0: usize,
+        bq: usize,
+        blk: KvBlock,
+    ) {
+        let n = blk.n;
+        for (r, row) in ds[..bq * n].chunks_exact(n).enumerate() {
+            // SAFETY: per the contract; the row's n columns lie inside it.
+            let out = unsafe { std::slice::from_raw_parts_mut(dbias.0.add(self.bias_off(h, i0 + r, blk)), n) };
+            out.iter_mut().zip(row).for_each(|(y, &x)| *y += x);
         }
     }
 
