@@ -104,6 +104,7 @@ pub fn logits_step<B: Kernels<f32>>(
         Net::Llama(l) => l.logits_step(ids, positions, cache),
         Net::Gpt2(g) => g.logits_step(ids, positions, cache),
         Net::Bert(_) => return Err("BERT does not generate".into()),
+        Net::T5(_) => return Err("tuna serve does not run T5 yet".into()),
     };
     r.map_err(|e| e.to_string())
 }
@@ -113,7 +114,7 @@ pub fn empty_cache<B: Kernels<f32>>(model: &AnyModel<B, f32>) -> KvCache<B, f32>
     match &model.net {
         Net::Llama(l) => l.new_cache(),
         Net::Gpt2(g) => g.new_cache(),
-        Net::Bert(_) => KvCache::new(0),
+        Net::Bert(_) | Net::T5(_) => KvCache::new(0),
     }
 }
 

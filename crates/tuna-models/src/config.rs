@@ -60,6 +60,79 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
 }
 
+/// T5 (`model_type: "t5"`): the original T5 (ReLU feed-forward, head tied to the shared
+/// embedding) and T5 v1.1 / flan-T5 (`feed_forward_proj: "gated-gelu"`, a head of its own).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    /// Width of one attention head (`num_heads * d_kv` need not be `d_model`).
+    pub d_kv: usize,
+    pub d_ff: usize,
+    /// Encoder layers.
+    pub num_layers: usize,
+    /// Decoder layers; `None` means `num_layers`.
+    #[serde(default)]
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    #[serde(default = "buckets_32")]
+    pub relative_attention_num_buckets: usize,
+    #[serde(default = "max_distance_128")]
+    pub relative_attention_max_distance: usize,
+    #[serde(default = "eps_1e6")]
+    pub layer_norm_epsilon: f64,
+    /// `"relu"` or `"gated-gelu"` (checked when parsed).
+    #[serde(default = "relu")]
+    pub feed_forward_proj: String,
+    /// Absent or true: the decoder output is scaled by `d_model^-0.5` before the head (original
+    /// T5); false (v1.1 configs): not.
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// transformers 5 writes this beside `tie_word_embeddings: true`; it wins when present.
+    #[serde(default)]
+    pub scale_decoder_outputs: Option<bool>,
+    #[serde(default)]
+    pub decoder_start_token_id: Option<u32>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// The context tuna allows (T5's relative positions have no table; its tokenizers say 512).
+    #[serde(default = "t5_positions")]
+    pub n_positions: usize,
+}
+
+impl T5Config {
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+    /// Whether the feed-forward is gated (`wi_0`, `wi_1`, GELU tanh) rather than ReLU (`wi`).
+    pub fn gated(&self) -> bool {
+        self.feed_forward_proj == "gated-gelu"
+    }
+    /// Whether the decoder output is scaled by `d_model^-0.5` before the head.
+    pub fn scales_output(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings != Some(false))
+    }
+    /// The token the decoder starts from (`decoder_start_token_id`, else the pad id, else 0).
+    pub fn decoder_start(&self) -> u32 {
+        self.decoder_start_token_id.or(self.pad_token_id).unwrap_or(0)
+    }
+}
+
+fn buckets_32() -> usize {
+    32
+}
+fn max_distance_128() -> usize {
+    128
+}
+fn relu() -> String {
+    "relu".into()
+}
+fn t5_positions() -> usize {
+    512
+}
+
 fn eps_1e5() -> f64 {
     1e-5
 }
@@ -109,6 +182,7 @@ pub enum ModelConfig {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
     Bert(BertConfig),
+    T5(T5Config),
 }
 
 impl ModelConfig {
@@ -133,10 +207,11 @@ impl ModelConfig {
                 ModelConfig::Llama(serde_json::from_value(v).map_err(parse_err)?)
             }
             "bert" => ModelConfig::Bert(serde_json::from_value(v.clone()).map_err(parse_err)?),
+            "t5" => ModelConfig::T5(serde_json::from_value(v.clone()).map_err(parse_err)?),
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
-                    what: format!("architecture `model_type: {other}` (tuna runs gpt2, llama, bert)"),
+                    what: format!("architecture `model_type: {other}` (tuna runs gpt2, llama, bert, t5)"),
                 })
             }
         };
@@ -191,6 +266,24 @@ impl ModelConfig {
                 c.hidden_size,
                 false,
             ),
+            ModelConfig::T5(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("d_model", c.d_model),
+                    ("d_kv", c.d_kv),
+                    ("d_ff", c.d_ff),
+                    ("num_layers", c.num_layers),
+                    ("num_decoder_layers", c.decoder_layers()),
+                    ("num_heads", c.num_heads),
+                    ("relative_attention_num_buckets", c.relative_attention_num_buckets),
+                    ("relative_attention_max_distance", c.relative_attention_max_distance),
+                    ("n_positions", c.n_positions),
+                ],
+                c.num_heads,
+                c.num_heads,
+                c.d_model,
+                true,
+            ),
         };
         if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{k}` is 0"));
@@ -227,6 +320,9 @@ const COMPUTATION: &[(&str, &str, &[&str])] = &[
     ("bert", "position_embedding_type", &["\"absolute\""]),
     ("bert", "is_decoder", &["false"]),
     ("bert", "add_cross_attention", &["false"]),
+    ("t5", "feed_forward_proj", &["\"relu\"", "\"gated-gelu\""]),
+    ("t5", "is_decoder", &["false"]),
+    ("t5", "is_encoder_decoder", &["true"]),
 ];
 
 /// Refuse a `config.json` of `ty` whose settings ask for a computation tuna does not implement
@@ -269,8 +365,8 @@ mod tests {
         assert!(matches!(l5, ModelConfig::Llama(ref c) if c.rope_theta == 1e5), "{l5:?}");
         let b = ModelConfig::from_json(r#"{"model_type":"bert","vocab_size":30522,"hidden_size":384,"num_hidden_layers":6,"num_attention_heads":12,"intermediate_size":1536,"max_position_embeddings":512}"#, p).unwrap();
         assert!(matches!(b, ModelConfig::Bert(ref c) if c.layer_norm_eps == 1e-12 && c.head_dim() == 32));
-        let e = ModelConfig::from_json(r#"{"model_type":"t5"}"#, p).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains("t5"), "{e}");
+        let e = ModelConfig::from_json(r#"{"model_type":"bart"}"#, p).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("bart"), "{e}");
         let e = ModelConfig::from_json(r#"{"model_type":"gpt2","n_embd":768}"#, p).unwrap_err().to_string();
         assert!(e.contains("vocab_size"), "{e}");
         assert!(ModelConfig::from_json("{", p).unwrap_err().to_string().contains("invalid JSON"));

@@ -19,6 +19,7 @@ pub mod mixed_model;
 pub mod model;
 pub mod params;
 pub mod positions;
+pub mod t5;
 pub mod tokenizer;
 pub mod weights;
 

@@ -91,6 +91,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Gpt2(g) => Ok(g.new_cache()),
             Net::Llama(l) => Ok(l.new_cache()),
             Net::Bert(_) => Err(not_a_decoder()),
+            Net::T5(_) => Err(no_t5()),
         }
     }
 
@@ -139,6 +140,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                     let (h, mask) = b.encode(&t, &m)?;
                     (h, Some(mask))
                 }
+                Net::T5(_) => return Err(no_t5()),
             };
             Ok((h, mask.map_or_else(|| mask_of(mask_len(ids, batch), batch), |m| m.host().to_vec())))
         })
@@ -150,6 +152,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Gpt2(g) => g.head(h),
             Net::Llama(l) => l.head(h),
             Net::Bert(_) => Err(not_a_decoder()),
+            Net::T5(t) => t.head(h),
         }
     }
 
@@ -253,6 +256,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Gpt2(g) => Ok(g.hidden_states(&ids, &pos, Some(&m), Some(&mut *cache))?.0),
             Net::Llama(l) => Ok(l.hidden_states(&ids, &pos, Some(&m), Some(&mut *cache))?.0),
             Net::Bert(_) => Err(not_a_decoder()),
+            Net::T5(_) => Err(no_t5()),
         })?;
         let (s, hid) = (h.shape()[1], h.shape()[2]);
         let last = slice_cols(&reshape(&h, &[batch, s * hid])?, (s - 1) * hid, hid)?;
@@ -260,6 +264,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Gpt2(g) => g.head(&last),
             Net::Llama(l) => l.head(&last),
             Net::Bert(_) => Err(not_a_decoder()),
+            Net::T5(_) => Err(no_t5()),
         }
     }
 
@@ -329,6 +334,12 @@ fn mask_len(ids: &[u32], batch: usize) -> usize {
 
 fn mask_of(seq: usize, batch: usize) -> Vec<u8> {
     vec![1; seq * batch]
+}
+
+fn no_t5() -> Error {
+    Error::InvalidArgument(
+        "mixed-adapter batches (tuna serve, train --tasks) are built for GPT-2, Llama and BERT, not yet for T5".into(),
+    )
 }
 
 fn not_a_decoder() -> Error {

@@ -16,6 +16,7 @@ use crate::hf::HfCheckpoint;
 use crate::llama::Llama;
 use crate::params::Loader;
 use crate::positions::positions_from_mask;
+use crate::t5::{EncoderState, T5Decoding, T5};
 use crate::weights::WeightSource;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub enum Net<B: Kernels<E>, E: Float> {
     Gpt2(Gpt2<B, E>),
     Llama(Llama<B, E>),
     Bert(Bert<B, E>),
+    T5(T5<B, E>),
 }
 
 macro_rules! each {
@@ -42,6 +44,7 @@ macro_rules! each {
             Net::Gpt2($x) => $body,
             Net::Llama($x) => $body,
             Net::Bert($x) => $body,
+            Net::T5($x) => $body,
         }
     };
 }
@@ -121,6 +124,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             ModelConfig::Gpt2(c) => Net::Gpt2(Gpt2::load(c, &mut l)?),
             ModelConfig::Llama(c) => Net::Llama(Llama::load(c, &mut l)?),
             ModelConfig::Bert(c) => Net::Bert(Bert::load(c, &mut l)?),
+            ModelConfig::T5(c) => Net::T5(T5::load(c, &mut l)?),
         };
         let trainable_base = l.loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
         Ok(AnyModel {
@@ -192,6 +196,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Gpt2(n) => n.checkpoint = policy,
             Net::Llama(n) => n.checkpoint = policy,
             Net::Bert(n) => n.checkpoint = policy,
+            Net::T5(n) => n.checkpoint = policy,
         }
     }
 
@@ -212,8 +217,16 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     pub fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
         each!(&self.net, n => n.named_weights())
     }
+    /// Whether the model generates text and scores classes by verbalizer tokens (GPT-2, Llama,
+    /// T5), rather than by a head over pooled states (BERT).
     pub fn is_decoder(&self) -> bool {
         !matches!(self.net, Net::Bert(_))
+    }
+
+    /// Whether the model is an encoder-decoder (T5): a completion's prompt goes to the encoder and
+    /// its target to the decoder.
+    pub fn is_encoder_decoder(&self) -> bool {
+        matches!(self.net, Net::T5(_))
     }
 
     /// The positions the model has (GPT-2's `n_positions`, `max_position_embeddings` otherwise:
@@ -223,6 +236,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Gpt2(g) => g.cfg.n_positions,
             Net::Llama(l) => l.cfg.max_position_embeddings,
             Net::Bert(b) => b.cfg.max_position_embeddings,
+            Net::T5(t) => t.cfg.n_positions,
         }
     }
 
@@ -295,14 +309,24 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
 
     /// Hugging Face's causal LM loss of `ids` (`[batch, seq]`, left-padded under `mask`) against
     /// `labels` (unshifted, -100 ignored), positions from the mask.
+    ///
+    /// For T5 each row is split: its unlabeled real tokens (the prompt) are the encoder's input,
+    /// its labeled tokens the decoder's targets (Hugging Face's seq2seq loss over them).
     pub fn lm_loss(&self, ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Tensor<B, E>> {
+        if let Net::T5(t5) = &self.net {
+            let (enc_ids, enc_mask, targets, batch) = split_seq2seq(ids, mask, labels, batch)?;
+            let s = enc_ids.len() / batch;
+            let t = Ints::new(&self.dev, &[batch, s], &enc_ids)?;
+            let m = Ints::new(&self.dev, &[batch, s], &enc_mask)?;
+            return t5.loss(&t, &m, &targets);
+        }
         let (t, m, pos) = self.inputs(ids, mask, batch)?;
         Ok(match &self.net {
             Net::Gpt2(g) => g.loss_masked(&t, &pos, Some(&m), labels)?,
             Net::Llama(l) => l.loss_masked(&t, &pos, Some(&m), labels)?,
-            Net::Bert(_) => {
+            Net::Bert(_) | Net::T5(_) => {
                 return Err(Error::InvalidArgument(
-                    "the lm and completion tasks need a decoder (GPT-2, Llama), not BERT".into(),
+                    "the lm and completion tasks need a decoder (GPT-2, Llama, T5), not BERT".into(),
                 ))
             }
         })
@@ -326,6 +350,20 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 let (h, _) = l.hidden_states(&t, &pos, Some(&m), None)?;
                 self.verbalizer_scores(&last(h)?, verbalizer)
             }
+            Net::T5(t5) => {
+                // The decoder's first step (from the start token) over the encoded text.
+                let (out, mask) = t5.encode(&t, &m)?;
+                let enc = EncoderState { out, mask, cross_kv: None };
+                let start = Ints::new(&self.dev, &[batch, 1], &vec![t5.cfg.decoder_start(); batch])?;
+                let h = t5.decode(&start, &enc, None)?;
+                let h = reshape(&h, &[batch, t5.cfg.d_model])?;
+                let h = if t5.cfg.scales_output() {
+                    tuna_autograd::ops::elem::scale(&h, (t5.cfg.d_model as f64).powf(-0.5))?
+                } else {
+                    h
+                };
+                self.verbalizer_scores(&h, verbalizer)
+            }
             Net::Bert(b) => {
                 let (h, m) = b.encode(&t, &m)?;
                 let pooled = mean_pool(&h, &m)?;
@@ -348,6 +386,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let table = match &self.net {
             Net::Gpt2(g) => &g.wte,
             Net::Llama(l) => &l.lm_head,
+            Net::T5(t) => &t.lm_head,
             Net::Bert(_) => {
                 return Err(Error::InvalidArgument("verbalizer scores are a decoder's; BERT scores by its head".into()))
             }
@@ -505,7 +544,16 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         if !self.is_decoder() {
             return Err(not_a_decoder());
         }
-        if virt.saturating_add(prompt.len()).saturating_add(max_new_tokens) > limit.saturating_add(1) {
+        // T5's prompt is the encoder's and its new tokens the decoder's: each has the limit.
+        let total = if self.is_encoder_decoder() {
+            virt.saturating_add(prompt.len()).max(max_new_tokens)
+        } else {
+            virt.saturating_add(prompt.len()).saturating_add(max_new_tokens)
+        };
+        if prompt.is_empty() && self.is_encoder_decoder() {
+            return Err(Error::InvalidArgument("generate: T5 needs a prompt of at least one token".into()));
+        }
+        if total > limit.saturating_add(1) {
             let room = limit.saturating_add(1).saturating_sub(virt.saturating_add(prompt.len()));
             let fix = if room == 0 {
                 "the prompt alone fills the context: shorten it".to_string()
@@ -525,9 +573,66 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         match &self.net {
             Net::Llama(l) => generate(l, prompt, max_new_tokens, sampling, eos),
             Net::Gpt2(g) => generate(g, prompt, max_new_tokens, sampling, eos),
+            Net::T5(t) => {
+                // The encoder runs once; the decoder starts from its start token with a KV cache.
+                let enc = tuna_autograd::no_grad(|| t.encoder_state(prompt))?;
+                let dec = T5Decoding { model: t, enc };
+                let out = generate(&dec, &[t.cfg.decoder_start()], max_new_tokens, sampling, eos)?;
+                Ok(out)
+            }
             Net::Bert(_) => Err(not_a_decoder()),
         }
     }
+}
+
+/// Rows of a decoder batch (`[batch, seq]`, left-padded, labels unshifted with -100 at the prompt)
+/// split for an encoder-decoder: each row's unlabeled real tokens as the encoder input
+/// (left-padded to the longest), its labeled tokens as the decoder targets (right-padded with
+/// -100). Returns `(enc_ids, enc_mask, targets, batch)`; a row without a prompt or without a
+/// target is an error.
+fn split_seq2seq(
+    ids: &[u32],
+    mask: &[u8],
+    labels: &[i32],
+    batch: usize,
+) -> Result<(Vec<u32>, Vec<u8>, Vec<i32>, usize)> {
+    let seq = ids.len() / batch.max(1);
+    if batch == 0 || ids.len() != batch * seq || mask.len() != ids.len() || labels.len() != ids.len() {
+        return Err(Error::InvalidArgument(format!(
+            "seq2seq batch: {} ids, {} mask entries and {} labels for {batch} rows",
+            ids.len(),
+            mask.len(),
+            labels.len()
+        )));
+    }
+    let mut rows = Vec::with_capacity(batch);
+    for r in 0..batch {
+        let span = r * seq..(r + 1) * seq;
+        let (ids, mask, labels) = (&ids[span.clone()], &mask[span.clone()], &labels[span]);
+        let real = || (0..seq).filter(|&c| mask[c] != 0);
+        let enc: Vec<u32> = real().filter(|&c| labels[c] == crate::IGNORE_INDEX).map(|c| ids[c]).collect();
+        let tgt: Vec<i32> = real().filter(|&c| labels[c] != crate::IGNORE_INDEX).map(|c| labels[c]).collect();
+        if enc.is_empty() || tgt.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "T5 row {r}: {} (an encoder-decoder trains on completions: a prompt for the encoder and a target for \
+                 the decoder; the lm task has no prompt)",
+                if enc.is_empty() { "no prompt tokens" } else { "no target tokens" }
+            )));
+        }
+        rows.push((enc, tgt));
+    }
+    let s = rows.iter().map(|(e, _)| e.len()).max().unwrap_or(1);
+    let t = rows.iter().map(|(_, t)| t.len()).max().unwrap_or(1);
+    let (mut e_ids, mut e_mask, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for (enc, tgt) in rows {
+        e_ids.extend(std::iter::repeat_n(0, s - enc.len()));
+        e_mask.extend(std::iter::repeat_n(0u8, s - enc.len()));
+        e_mask.extend(std::iter::repeat_n(1u8, enc.len()));
+        e_ids.extend(enc);
+        targets.extend_from_slice(&tgt);
+        targets.extend(std::iter::repeat_n(crate::IGNORE_INDEX, t - tgt.len()));
+    }
+    Ok((e_ids, e_mask, targets, batch))
 }
 
 /// The Hugging Face files a model folder carries beside its weights, copied by

@@ -22,6 +22,7 @@ macro_rules! on {
             Net::Gpt2($x) => $body,
             Net::Llama($x) => $body,
             Net::Bert($x) => $body,
+            Net::T5($x) => $body,
         }
     };
 }
@@ -202,7 +203,7 @@ fn generation_through_the_kv_cache() {
             let out = match &m.net {
                 Net::Gpt2(g) => gen(g, &x),
                 Net::Llama(l) => gen(l, &x),
-                Net::Bert(_) => unreachable!(),
+                Net::Bert(_) | Net::T5(_) => unreachable!(),
             };
             assert_eq!(out.len(), 4, "{what}: generated {out:?}");
             assert!(out.iter().all(|&t| (t as usize) < vocab), "{what}: generated {out:?}");

@@ -149,7 +149,7 @@ fn prefix_projection_mlp_matches_peft() {
         match &mut m.net {
             Net::Gpt2(x) => x.adapt_mut().prefix.as_mut().unwrap().params = mlp,
             Net::Llama(x) => x.adapt_mut().prefix.as_mut().unwrap().params = mlp,
-            Net::Bert(_) => unreachable!(),
+            Net::Bert(_) | Net::T5(_) => unreachable!(),
         }
         let (ids, b) = ids_of(&g);
         let out = tuna_autograd::no_grad(|| m.outputs(&ids, b, None));

@@ -81,6 +81,7 @@ fn through_cache(m: &Model<f64>, tokens: &[u32], ids: &[u32], mask: &[u8]) -> Te
             b.encode_cached(&t, &ones, Some(&mut cache)).unwrap();
             b.encode_cached(&c, &cmask, Some(&mut cache)).unwrap().0
         }
+        Net::T5(_) => unreachable!("T5 has its own tests (golden_t5, peft_t5)"),
     })
 }
 
@@ -102,6 +103,7 @@ fn in_one_forward(m: &Model<f64>, tokens: &[u32], ids: &[u32], mask: &[u8]) -> V
         Net::Llama(l) => l.forward(&t, &p, Some(&mk), None).unwrap(),
         Net::Gpt2(g) => g.forward_masked(&t, &p, Some(&mk)).unwrap(),
         Net::Bert(_) => unreachable!("BERT's tokens would see the content"),
+        Net::T5(_) => unreachable!("T5 has its own tests (golden_t5, peft_t5)"),
     });
     // Drop the token columns: [2, w, vocab] -> [2, 5, vocab].
     let v = out.to_vec().unwrap();
@@ -186,6 +188,7 @@ impl OwnKv for Model<f64> {
             Net::Gpt2(n) => n.token_kv(ids).unwrap(),
             Net::Llama(n) => n.token_kv(ids).unwrap(),
             Net::Bert(n) => n.token_kv(ids).unwrap(),
+            Net::T5(n) => n.token_kv(ids).unwrap(),
         }
     }
 }

@@ -58,6 +58,7 @@ fn load(f: &Folder) -> Result<(), String> {
         ModelConfig::Gpt2(c) => Gpt2::load(&c, &mut l).map(drop),
         ModelConfig::Llama(c) => Llama::load(&c, &mut l).map(drop),
         ModelConfig::Bert(c) => Bert::load(&c, &mut l).map(drop),
+        ModelConfig::T5(c) => tuna_models::t5::T5::load(&c, &mut l).map(drop),
     };
     r.map_err(|e| e.to_string())
 }

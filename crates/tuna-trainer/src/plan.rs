@@ -155,7 +155,8 @@ fn saved_forward<B: Backend>(s: &mut Setup<B>, b: &crate::Batch, policy: Checkpo
 }
 
 /// The plan for the run `s` is about to start (after its optimizer exists), or `None` where the
-/// heap is not counted or the first row is too short to draw a line through.
+/// heap is not counted, the first row is too short to draw a line through, or the model is an
+/// encoder-decoder.
 pub(crate) fn plan<B: Backend>(
     s: &mut Setup<B>,
     cfg: &TrainConfig,
@@ -163,6 +164,11 @@ pub(crate) fn plan<B: Backend>(
     optimizer: u64,
 ) -> Result<Option<MemoryPlan>> {
     let Some(live) = memory::live() else { return Ok(None) };
+    // The probes cut the first row to its last tokens: an encoder-decoder's row would lose its
+    // prompt (the encoder's input), so T5 runs without a plan.
+    if s.model.is_encoder_decoder() {
+        return Ok(None);
+    }
     let row_len = (0..first.seq).filter(|&c| first.mask[c] == 1).count();
     let n2 = row_len.min(128);
     let n1 = n2 / 2;

@@ -239,7 +239,9 @@ fn class_loss<B: Backend>(model: &Model<B>, b: &Batch, scores: Tensor<B, f32>) -
 /// token ignored when nothing precedes it (no soft prompt): it would be predicted from padding.
 fn lm_labels(model: &Model<impl Backend>, b: &Batch) -> Vec<i32> {
     let mut labels = b.targets.clone();
-    if model.adapt().prompt_len() == 0 {
+    // A decoder's first real token is predicted from padding: no loss there. An encoder-decoder's
+    // targets are the decoder's own (its first one predicted from the start token).
+    if model.adapt().prompt_len() == 0 && !model.is_encoder_decoder() {
         for (row, m) in labels.chunks_mut(b.seq.max(1)).zip(b.mask.chunks(b.seq.max(1))) {
             if let Some(first) = m.iter().position(|&x| x != 0) {
                 row[first] = IGNORE_INDEX;

@@ -110,15 +110,18 @@ impl Method {
                 install_prefix(model, PrefixKind::Prefix, *n, *projection, init, seed)?;
             }
             Method::PTuning { n, encoder, hidden } => {
-                let e = PromptEncoder::new(&dev, *encoder, *n, s.hidden, hidden.unwrap_or(s.hidden), seed)?;
-                model.adapt_mut().prompt = Some(SoftPrompt::encoded(e));
+                // PEFT's encoder-decoder prompt encoder runs over 2n tokens and inserts the first n.
+                let k = super::peft_load::submodules(&s);
+                let e = PromptEncoder::new(&dev, *encoder, k * n, s.hidden, hidden.unwrap_or(s.hidden), seed)?;
+                let p = SoftPrompt::encoded(e);
+                model.adapt_mut().prompt = Some(if k > 1 { p.first(*n) } else { p });
             }
             Method::PTuningV2 { n, init } => install_prefix(model, PrefixKind::PTuningV2, *n, None, init, seed)?,
             Method::Houlsby { bottleneck } => {
                 if *bottleneck == 0 {
                     return Err(Error::InvalidArgument("houlsby adapters need a bottleneck of at least 1".into()));
                 }
-                model.adapt_mut().houlsby = Some(Houlsby::new(&dev, s.layers, s.hidden, *bottleneck, seed)?);
+                model.adapt_mut().houlsby = Some(Houlsby::new(&dev, s.blocks, s.hidden, *bottleneck, seed)?);
             }
             Method::Lora(cfg) => {
                 let targets: Vec<_> = model.linears().into_iter().filter(|m| cfg.targets_module(&m.name)).collect();

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::generate::KvCache;
 use crate::gpt2::Gpt2;
 use crate::llama::Llama;
+use crate::t5::T5;
 use std::sync::Arc;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
@@ -19,6 +20,7 @@ pub enum Arch {
     Gpt2,
     Llama,
     Bert,
+    T5,
 }
 
 impl Arch {
@@ -27,6 +29,7 @@ impl Arch {
             Arch::Gpt2 => "gpt2",
             Arch::Llama => "llama",
             Arch::Bert => "bert",
+            Arch::T5 => "t5",
         }
     }
 }
@@ -41,6 +44,9 @@ pub struct ModelShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub vocab: usize,
+    /// Blocks that carry Houlsby adapters: `layers`, except T5's encoder plus decoder blocks
+    /// (`layers` is its encoder's, as PEFT counts them).
+    pub blocks: usize,
 }
 
 /// A linear layer by its Hugging Face module name (`model.layers.0.self_attn.q_proj`): the layer
@@ -95,6 +101,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Llama<B, E> {
             kv_heads: c.kv_heads(),
             head_dim: c.head_dim(),
             vocab: c.vocab_size,
+            blocks: c.num_hidden_layers,
         }
     }
     fn adapt(&self) -> &Adapt<B, E> {
@@ -142,6 +149,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Gpt2<B, E> {
             kv_heads: c.n_head,
             head_dim: c.head_dim(),
             vocab: c.vocab_size,
+            blocks: c.n_layer,
         }
     }
     fn adapt(&self) -> &Adapt<B, E> {
@@ -190,6 +198,7 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Bert<B, E> {
             kv_heads: c.num_attention_heads,
             head_dim: c.head_dim(),
             vocab: c.vocab_size,
+            blocks: c.num_hidden_layers,
         }
     }
     fn adapt(&self) -> &Adapt<B, E> {
@@ -231,5 +240,72 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for Bert<B, E> {
         let mut cache = KvCache::new(self.layers.len());
         no_grad(|| self.encode_cached(&t, &mask, Some(&mut cache)))?;
         cache_layers(&cache)
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Adaptable<B, E> for T5<B, E> {
+    fn shape(&self) -> ModelShape {
+        let c = &self.cfg;
+        ModelShape {
+            arch: Arch::T5,
+            hidden: c.d_model,
+            layers: c.num_layers,
+            heads: c.num_heads,
+            kv_heads: c.num_heads,
+            head_dim: c.d_kv,
+            vocab: c.vocab_size,
+            blocks: c.num_layers + c.decoder_layers(),
+        }
+    }
+    fn adapt(&self) -> &Adapt<B, E> {
+        &self.adapt
+    }
+    fn adapt_mut(&mut self) -> &mut Adapt<B, E> {
+        &mut self.adapt
+    }
+    fn input_embeddings(&self) -> &Tensor<B, E> {
+        &self.shared
+    }
+    fn linears(&self) -> Vec<LinearModule<B, E>> {
+        let enc = self.encoder.iter().flat_map(|b| b.linears().into_iter().cloned());
+        enc.chain(self.decoder.iter().flat_map(|b| b.linears().into_iter().cloned())).collect()
+    }
+    fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
+        let mut out = vec![("shared.weight".to_string(), self.shared.clone())];
+        for (i, b) in self.encoder.iter().enumerate() {
+            let p = format!("encoder.block.{i}.layer");
+            if i == 0 {
+                out.push((format!("{p}.0.SelfAttention.relative_attention_bias.weight"), self.enc_bias.clone()));
+            }
+            out.push((format!("{p}.0.layer_norm.weight"), b.attn_norm.clone()));
+            out.push((format!("{p}.1.layer_norm.weight"), b.ff_norm.clone()));
+            out.extend(b.linears().iter().flat_map(|m| m.named_weights()));
+        }
+        out.push(("encoder.final_layer_norm.weight".into(), self.enc_norm.clone()));
+        for (i, b) in self.decoder.iter().enumerate() {
+            let p = format!("decoder.block.{i}.layer");
+            if i == 0 {
+                out.push((format!("{p}.0.SelfAttention.relative_attention_bias.weight"), self.dec_bias.clone()));
+            }
+            out.push((format!("{p}.0.layer_norm.weight"), b.self_norm.clone()));
+            out.push((format!("{p}.1.layer_norm.weight"), b.cross_norm.clone()));
+            out.push((format!("{p}.2.layer_norm.weight"), b.ff_norm.clone()));
+            out.extend(b.linears().iter().flat_map(|m| m.named_weights()));
+        }
+        out.push(("decoder.final_layer_norm.weight".into(), self.dec_norm.clone()));
+        if self.lm_head.id() != self.shared.id() {
+            out.push(("lm_head.weight".into(), self.lm_head.clone()));
+        }
+        out
+    }
+    /// The decoder's self-attention keys and values of `ids` run as the decoder's input over an
+    /// empty encoder input... T5's prefix lives in the decoder, so an activation-based init would
+    /// need an encoder input to condition on: refused.
+    fn token_kv(&self, _ids: &[u32]) -> Result<Vec<LayerKv<B, E>>> {
+        Err(Error::InvalidArgument(
+            "a prefix initialized from tokens' keys and values is not available for T5 (its prefix lives in the \
+             decoder, whose keys depend on an encoder input): use the random init"
+                .into(),
+        ))
     }
 }

@@ -82,7 +82,12 @@ fn to_peft<B: Kernels<E>, E: Float>(
             "a PEFT adapter folder holds exactly one method (prompt, p-tuning, prefix, houlsby or lora)".into(),
         ));
     }
-    let task = if s.arch == super::Arch::Bert { "FEATURE_EXTRACTION" } else { "CAUSAL_LM" };
+    let task = match s.arch {
+        super::Arch::Bert => "FEATURE_EXTRACTION",
+        super::Arch::T5 => "SEQ_2_SEQ_LM",
+        _ => "CAUSAL_LM",
+    };
+    let submodules = super::peft_load::submodules(s);
     // A hub id with a revision (`org/name@rev`) is written as PEFT writes it: the id, and the
     // revision in its own field (`from_pretrained` takes no `@`).
     let (base, revision) = match crate::hub::parse_id(base_name) {
@@ -100,7 +105,7 @@ fn to_peft<B: Kernels<E>, E: Float>(
     let put = |cfg: &mut Map<String, Value>, v: Value| cfg.extend(v.as_object().cloned().unwrap_or_default());
     if let Some(p) = &ad.prompt {
         let dims = json!({
-            "num_virtual_tokens": p.len(), "token_dim": s.hidden, "num_transformer_submodules": 1,
+            "num_virtual_tokens": p.len(), "token_dim": s.hidden, "num_transformer_submodules": submodules,
             "num_attention_heads": s.heads, "num_layers": s.layers,
         });
         put(&mut cfg, dims);
@@ -120,9 +125,13 @@ fn to_peft<B: Kernels<E>, E: Float>(
                 }),
             ),
         }
-        // P-tuning's is the encoder's output, as PEFT saves it.
-        let vectors = tuna_autograd::no_grad(|| p.vectors())?;
-        tensors.push(("prompt_embeddings".to_string(), host(&vectors)?));
+        // P-tuning's is the encoder's output, as PEFT saves it. An encoder-decoder's table has a
+        // second set of rows PEFT's forward never reads: written as zeros.
+        let vectors = tuna_autograd::no_grad(|| p.all_vectors())?;
+        let (shape, mut v) = host(&vectors)?;
+        let rows = p.len() * submodules;
+        v.resize(rows * shape[1], 0.0);
+        tensors.push(("prompt_embeddings".to_string(), (vec![rows, shape[1]], v)));
     }
     if let Some(p) = &ad.prefix {
         let token_dim = p.kv_heads * p.head_dim;
@@ -134,7 +143,7 @@ fn to_peft<B: Kernels<E>, E: Float>(
             &mut cfg,
             json!({
                 "peft_type": PREFIX_TUNING, "num_virtual_tokens": p.n, "token_dim": token_dim,
-                "num_transformer_submodules": 1, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
+                "num_transformer_submodules": submodules, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
                 "encoder_hidden_size": enc, "init_weights": null,
                 "prefix_projection": matches!(p.params, PrefixParams::Mlp { .. }),
             }),

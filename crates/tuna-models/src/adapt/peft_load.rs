@@ -126,13 +126,26 @@ fn extra<B: Kernels<E>, E: Float>(path: &Path, dev: &Arc<B>) -> Result<Vec<(Stri
     tensors.iter().map(|(name, (s, v))| Ok((name.clone(), param(dev, name, s, v)?))).collect()
 }
 
-/// `num_transformer_submodules`, when given, is 1 (2 means an encoder-decoder model).
-fn one_submodule(f: &Fields<'_>) -> Result<()> {
+/// `num_transformer_submodules`, when given, is the model's: 1, or 2 for an encoder-decoder
+/// (PEFT's value for T5). Returns the model's.
+fn one_submodule(f: &Fields<'_>, s: &ModelShape) -> Result<usize> {
+    let want = submodules(s);
     match f.count("num_transformer_submodules")? {
-        Some(k) if k != 1 => Err(f.err(format!(
-            "`num_transformer_submodules` is {k}: tuna's models take one (2 is an encoder-decoder model)"
+        Some(k) if k != want => Err(f.err(format!(
+            "`num_transformer_submodules` is {k}: this {} model takes {want} (2 is an encoder-decoder model)",
+            s.arch.name()
         ))),
-        _ => Ok(()),
+        _ => Ok(want),
+    }
+}
+
+/// PEFT's `num_transformer_submodules` of a model: 2 for an encoder-decoder (its prompt tables
+/// hold a second set of rows for the decoder, which PEFT's forward does not read), else 1.
+pub(crate) fn submodules(s: &ModelShape) -> usize {
+    if s.arch == Arch::T5 {
+        2
+    } else {
+        1
     }
 }
 
@@ -143,14 +156,16 @@ fn prompt<B: Kernels<E>, E: Float>(
     dev: &Arc<B>,
 ) -> Result<SoftPrompt<B, E>> {
     let n = f.need_count("num_virtual_tokens")?;
-    one_submodule(f)?;
+    let k = one_submodule(f, s)?;
     f.expect_dim("token_dim", "hidden size", s.hidden)?;
     // The model's dimensions, which a soft prompt does not use: only their form is checked.
     for key in ["num_layers", "num_attention_heads"] {
         f.count(key)?;
     }
-    let v = w.take("prompt_embeddings", &[n, s.hidden])?;
-    Ok(SoftPrompt::direct(param(dev, "prompt_embeddings", &[n, s.hidden], &v)?))
+    // An encoder-decoder's table has `k * n` rows; PEFT's forward prepends the first `n` to the
+    // encoder's input and reads no other.
+    let v = w.take("prompt_embeddings", &[k * n, s.hidden])?;
+    Ok(SoftPrompt::direct(param(dev, "prompt_embeddings", &[n, s.hidden], &v[..n * s.hidden])?))
 }
 
 /// P-tuning's encoder settings, kept to be saved again: the saved `prompt_embeddings` is the
@@ -175,7 +190,7 @@ fn prefix<B: Kernels<E>, E: Float>(
     dev: &Arc<B>,
 ) -> Result<PrefixTuning<B, E>> {
     let n = f.need_count("num_virtual_tokens")?;
-    one_submodule(f)?;
+    one_submodule(f, s)?;
     let token_dim = s.kv_heads * s.head_dim;
     f.expect_dim("num_layers", "layer count", s.layers)?;
     f.expect_dim("token_dim", "key/value width = kv_heads x head_dim", token_dim)?;
@@ -202,14 +217,14 @@ fn houlsby<B: Kernels<E>, E: Float>(
     dev: &Arc<B>,
 ) -> Result<Houlsby<B, E>> {
     let bn = f.need_count("bottleneck_size")?;
-    f.expect_dim("num_layers", "layer count", s.layers)?;
+    f.expect_dim("num_layers", "adapted block count", s.blocks)?;
     f.expect_dim("token_dim", "hidden size", s.hidden)?;
     for (key, tuna) in [("non_linearity", super::houlsby::NON_LINEARITY), ("placement", super::houlsby::PLACEMENT)] {
         if let Some(v) = f.text(key)?.filter(|&v| v != tuna) {
             return Err(f.err(format!("`{key}` {v:?} is not supported by tuna (its Houlsby adapters: {tuna:?})")));
         }
     }
-    let h = Houlsby::<B, E>::new(dev, s.layers, s.hidden, bn, 0)?;
+    let h = Houlsby::<B, E>::new(dev, s.blocks, s.hidden, bn, 0)?;
     for (name, t) in h.params() {
         let v = w.take(&name, t.shape())?;
         *t.data_mut() = dev.from_host(&v.iter().map(|&x| E::from_f32(x)).collect::<Vec<_>>())?;

@@ -5,6 +5,8 @@ use super::ptuning::{EncoderSpec, PromptEncoder};
 use super::{normal, param, PromptInit};
 use crate::error::{Error, Result};
 use std::sync::Arc;
+use tuna_autograd::ops::elem::slice_cols;
+use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
 use tuna_kernels::rng::SplitMix64;
@@ -23,29 +25,56 @@ pub struct SoftPrompt<B: Kernels<E>, E: Float> {
     pub params: PromptParams<B, E>,
     /// P-tuning's encoder settings (`None`: prompt tuning); saved as a `P_TUNING` adapter.
     pub ptuning: Option<EncoderSpec>,
+    /// The rows inserted, when fewer than the encoder computes (`None`: all). PEFT's prompt
+    /// encoder for an encoder-decoder computes `2n` vectors and its forward inserts the first `n`.
+    pub used: Option<usize>,
 }
 
 impl<B: Kernels<E>, E: Float> SoftPrompt<B, E> {
     /// A prompt-tuning prompt of these vectors.
     pub fn direct(vectors: Tensor<B, E>) -> Self {
-        SoftPrompt { params: PromptParams::Direct(vectors), ptuning: None }
+        SoftPrompt { params: PromptParams::Direct(vectors), ptuning: None, used: None }
     }
 
     /// A P-tuning prompt computed by `encoder`.
     pub fn encoded(encoder: PromptEncoder<B, E>) -> Self {
         let spec = encoder.spec();
-        SoftPrompt { params: PromptParams::Encoder(encoder), ptuning: Some(spec) }
+        SoftPrompt { params: PromptParams::Encoder(encoder), ptuning: Some(spec), used: None }
     }
 
+    /// Only the first `n` of the vectors inserted (see [`SoftPrompt::used`]).
+    pub fn first(self, n: usize) -> Self {
+        SoftPrompt { used: Some(n), ..self }
+    }
+
+    /// The vectors inserted.
     pub fn len(&self) -> usize {
+        self.used.unwrap_or_else(|| self.rows())
+    }
+
+    /// The vectors computed (those saved).
+    pub fn rows(&self) -> usize {
         match &self.params {
             PromptParams::Direct(v) => v.shape()[0],
             PromptParams::Encoder(e) => e.len(),
         }
     }
 
-    /// The vectors `[n, hidden]` (through the encoder, recorded, when there is one).
+    /// The vectors inserted, `[len, hidden]` (through the encoder, recorded, when there is one).
     pub fn vectors(&self) -> Result<Tensor<B, E>> {
+        let all = self.all_vectors()?;
+        match self.used {
+            Some(n) if n < self.rows() => {
+                let (rows, h) = (all.shape()[0], all.shape()[1]);
+                let flat = reshape(&all, &[1, rows * h])?;
+                Ok(reshape(&slice_cols(&flat, 0, n * h)?, &[n, h])?)
+            }
+            _ => Ok(all),
+        }
+    }
+
+    /// Every vector computed, `[rows, hidden]` (what PEFT saves).
+    pub fn all_vectors(&self) -> Result<Tensor<B, E>> {
         match &self.params {
             PromptParams::Direct(v) => Ok(v.clone()),
             PromptParams::Encoder(e) => e.forward(),

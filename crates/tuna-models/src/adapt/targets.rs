@@ -88,6 +88,7 @@ pub fn default_lora_targets(arch: Arch) -> &'static [&'static str] {
         Arch::Gpt2 => &["c_attn"],
         Arch::Llama => &["q_proj", "v_proj"],
         Arch::Bert => &["query", "value"],
+        Arch::T5 => &["q", "v"],
     }
 }
 
