@@ -150,7 +150,7 @@ fn prompt_learning_options_tuna_lacks_are_refused_by_name() {
     );
     says(
         &err_with("gpt2_prefix", "num_transformer_submodules", json!(2)),
-        "`num_transformer_submodules` is 2: tuna's models take one",
+        "`num_transformer_submodules` is 2: this gpt2 model takes 1 (2 is an encoder-decoder model)",
     );
 }
 
