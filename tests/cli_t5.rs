@@ -30,7 +30,7 @@ fn compare_on_t5_runs_every_method_and_the_prompt_engineered_rows() {
     let mut args: Vec<String> = [
         "compare",
         "--model",
-        &fixture("t5v11"),
+        &fixture("t5"),
         "--task",
         "classify",
         "--train",
@@ -62,6 +62,7 @@ fn compare_on_t5_runs_every_method_and_the_prompt_engineered_rows() {
         "| full |",
         "| prompt |",
         "| ptuning |",
+        "| prefix |",
         "| houlsby |",
         "| lora |",
     ] {
@@ -187,5 +188,12 @@ fn t5_refuses_what_it_cannot_do_by_name() {
     ]
     .map(String::from)
     .to_vec();
-    fails(&tuna(&base), "no prompt tokens");
+    fails(&tuna(&base), "the lm task has no prompt for T5's encoder");
+    assert!(!out.join("checkpoints").exists(), "refused before training");
+    // PEFT's prefix cannot express T5 v1.1's shape here (3 decoder layers over 2 encoder ones,
+    // heads x d_kv != d_model): refused before training.
+    let cls = data(&d, "cls.jsonl", 8, true);
+    let prefix = set(set(set(base, "--task", "classify"), "--train", &cls), "--method", "prefix");
+    fails(&tuna(&set(prefix, "--model", &fixture("t5v11"))), "more decoder layers (3) than encoder layers (2)");
+    assert!(!out.join("checkpoints").exists());
 }

@@ -142,6 +142,9 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// given with no tokens takes them from `init_text`.
     pub fn install(&mut self, method: &Method, seed: u64, init_text: Option<&str>) -> Result<()> {
         let mut method = self.resolve(method)?;
+        if let (Net::T5(t), Method::Prefix { .. } | Method::PTuningV2 { .. }) = (&self.net, &method) {
+            t.check_prefix()?;
+        }
         if let Some(PromptInit::Text(ids) | PromptInit::ClassLabels(ids)) = method.init_mut() {
             if ids.is_empty() {
                 let text = init_text.ok_or_else(|| {

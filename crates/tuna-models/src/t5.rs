@@ -486,6 +486,29 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
         (2 * j) % self.cfg.num_layers
     }
 
+    /// Whether PEFT's prefix tuning can express this model: refused (naming the reason) when the
+    /// decoder has more layers than the encoder (PEFT's table covers `num_layers` decoder layers)
+    /// or the heads' width `num_heads * d_kv` is not `d_model` (PEFT sizes the prefix by `d_model`).
+    pub fn check_prefix(&self) -> Result<()> {
+        let c = &self.cfg;
+        if c.decoder_layers() > c.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "prefix tuning on T5 with more decoder layers ({}) than encoder layers ({}): PEFT's seq2seq prefix \
+                 covers only num_layers decoder layers",
+                c.decoder_layers(),
+                c.num_layers
+            )));
+        }
+        if c.num_heads * c.d_kv != c.d_model {
+            return Err(Error::InvalidArgument(format!(
+                "prefix tuning on T5 with num_heads x d_kv ({} x {}) != d_model ({}): PEFT sizes the prefix by d_model \
+                 and cannot express it",
+                c.num_heads, c.d_kv, c.d_model
+            )));
+        }
+        Ok(())
+    }
+
     /// The decoder's last hidden states `[batch, t, d]` of `dec_ids` (`[batch, t]`, right-padded:
     /// causal attention keeps the padding out of the real positions) over the encoder state, the
     /// queries after `cache`'s tokens when one is given.
@@ -504,13 +527,8 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
         let cached = cache.as_ref().map_or(0, |c| c.len());
         let kv = self.adapt.prefix_layers()?;
         let n = self.adapt.prefix_len();
-        if n > 0 && self.decoder.len() > self.cfg.num_layers {
-            return Err(Error::InvalidArgument(format!(
-                "prefix tuning on T5 with more decoder layers ({}) than encoder layers ({}): PEFT's seq2seq prefix \
-                 covers only as many decoder layers as num_layers",
-                self.decoder.len(),
-                self.cfg.num_layers
-            )));
+        if n > 0 {
+            self.check_prefix()?;
         }
         // Queries at n + cached + i over the n prefix keys and the cached + t content keys.
         let bias = self.position_bias(&self.dec_bias, t, n + cached + t, n + cached, false)?;

@@ -1,5 +1,5 @@
 //! The models on CUDA (f32) against the CPU on the Hugging Face fixtures: GPT-2 and Llama logits,
-//! BERT hidden states. Skips by name without a GPU.
+//! BERT hidden states, T5 logits, loss and gradients. Skips by name without a GPU.
 
 mod golden_common;
 use golden_common::{fixture, Golden};
@@ -48,5 +48,44 @@ fn cuda_models_match_cpu() {
     let cpu = Arc::new(Cpu);
     for arch in ["gpt2", "llama", "bert"] {
         Tol::CUDA_F32.assert_close(&format!("{arch} on cuda"), &outputs(&dev, arch), &outputs(&cpu, arch));
+    }
+}
+
+/// T5's logits, loss and every gradient (relative-position bias through the attention's score
+/// bias, cross-attention with more decoder positions than encoder ones after padding) on CUDA
+/// against the CPU, for both fixtures.
+#[test]
+fn cuda_t5_matches_cpu() {
+    let Some(dev) = cuda_or_skip("models::cuda_t5_matches_cpu") else { return };
+    fn run<B: Kernels<f32>>(dev: &Arc<B>, arch: &str) -> (Vec<f32>, Vec<f32>) {
+        let ck = HfCheckpoint::open(fixture(arch)).unwrap();
+        let ModelConfig::T5(c) = ck.config() else { panic!("{arch} is not t5") };
+        let g = Golden::open(arch);
+        let mut loader = Loader::<B, f32>::with_trainable(&ck, dev, |_| true);
+        let m = tuna_models::t5::T5::load(c, &mut loader).unwrap();
+        let ids = ints(dev, &g, "input_ids", |v| v as u32);
+        let mask = ints(dev, &g, "attention_mask", |v| v as u8);
+        let dec = ints(dev, &g, "decoder_input_ids", |v| v as u32);
+        let labels: Vec<i32> = g.i64("labels").into_iter().map(|v| v as i32).collect();
+        let logits = no_grad(|| m.forward(&ids, &mask, &dec)).unwrap().to_vec().unwrap();
+        let loss = m.loss(&ids, &mask, &labels).unwrap();
+        let mut out = loss.to_vec().unwrap();
+        loss.backward().unwrap();
+        for (_, p) in &loader.loaded {
+            out.extend(p.grad().unwrap().unwrap());
+        }
+        (logits, out)
+    }
+    let cpu = Arc::new(Cpu);
+    for arch in ["t5", "t5v11"] {
+        let ((lg, gg), (lc, gc)) = (run(&dev, arch), run(&cpu, arch));
+        Tol::CUDA_F32.assert_close(&format!("{arch} logits on cuda"), &lg, &lc);
+        // Gradients through atomics (the bias's, the prefix's) in another order: relative to the largest.
+        let max = gc.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+        Tol::new("t5 grads on cuda", 1e-5 * max, 1e-4).assert_close(
+            &format!("{arch} loss and grads on cuda"),
+            &gg,
+            &gc,
+        );
     }
 }

@@ -28,6 +28,13 @@ impl TaskSpec {
         labels: Option<&[String]>,
         verbalizers: Option<&[String]>,
     ) -> Result<TaskSpec> {
+        if task == Task::Lm && model.is_encoder_decoder() {
+            return Err(TrainError::Invalid(
+                "the lm task has no prompt for T5's encoder: an encoder-decoder trains --task completion (the prompt to \
+                 the encoder, the completion to the decoder) or classify"
+                    .into(),
+            ));
+        }
         if task != Task::Classify {
             return Ok(TaskSpec { task, labels: None, verbalizer: Vec::new() });
         }

@@ -298,14 +298,27 @@ impl<B: Kernels<E>, E: Float> Adaptable<B, E> for T5<B, E> {
         }
         out
     }
-    /// The decoder's self-attention keys and values of `ids` run as the decoder's input over an
-    /// empty encoder input... T5's prefix lives in the decoder, so an activation-based init would
-    /// need an encoder input to condition on: refused.
-    fn token_kv(&self, _ids: &[u32]) -> Result<Vec<LayerKv<B, E>>> {
-        Err(Error::InvalidArgument(
-            "a prefix initialized from tokens' keys and values is not available for T5 (its prefix lives in the \
-             decoder, whose keys depend on an encoder input): use the random init"
-                .into(),
-        ))
+    /// T5's prefix lives in the decoder's self-attention: `ids` run as the encoder's input and,
+    /// teacher-forced, as the decoder's, and each prefix layer takes the keys and values of the
+    /// first decoder layer that reads it under PEFT's mapping ([`T5::decoder_prefix_layer`]; a
+    /// prefix layer no decoder layer reads takes its own index's).
+    fn token_kv(&self, ids: &[u32]) -> Result<Vec<LayerKv<B, E>>> {
+        let (t, _) = one_row(&self.dev, ids)?;
+        let mask = Ints::new(&self.dev, &[1, ids.len()], &vec![1u8; ids.len()])?;
+        let mut cache = KvCache::new(self.decoder.len());
+        no_grad(|| -> Result<()> {
+            let (out, mask) = self.encode(&t, &mask)?;
+            let enc = crate::t5::EncoderState { out, mask, cross_kv: None };
+            self.decode(&t, &enc, Some(&mut cache))?;
+            Ok(())
+        })?;
+        let kv = cache_layers(&cache)?;
+        let (layers, dec) = (self.cfg.num_layers, self.decoder.len());
+        Ok((0..layers)
+            .map(|l| {
+                let j = (0..dec).find(|&j| self.decoder_prefix_layer(j) == l).unwrap_or(l.min(dec - 1));
+                kv[j].clone()
+            })
+            .collect())
     }
 }
