@@ -12,7 +12,7 @@
 struct AttnParams {
     u32_t batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask, has_prefix_rows;
     u32_t kv_cap;  // k/v rows per sequence (batch stride), 0 = kv_len; the forward only (see mod.rs)
-    u32_t has_bias;  // 1 = an additive score bias [heads, q_len, prefix_len + kv_len] is given
+    u32_t has_bias;  // an additive score bias [heads, q_len, prefix_len + kv_len]: 0 none, 1 with dbias, 2 without
     float scale;
 };
 

@@ -115,7 +115,7 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
             __syncthreads();
 
             // dbias += dS: warp w takes query rows w, w+8, ..; lane = key (dS is 0 where P is)
-            if (p.has_bias && lane < nk)
+            if (p.has_bias == 1 && lane < nk)
                 for (int il = warp; il < nq; il += ATTN_WARPS)
                     atomicAdd(dbias + attn_bias_off(p, h, q0 + il, bcol0 + lane), dSs[il * PP + lane]);
 

@@ -13,7 +13,7 @@ struct GeluParams {
 
 __device__ __forceinline__ float gelu_f(u32_t kind, float x) {
     if (kind == 0) return 0.5f * x * (1.f + tanhf(SQRT_2_OVER_PI * (x + GELU_C * x * x * x)));
-    if (kind == 2) return x > 0.f ? x : 0.f;
+    if (kind == 2) return x > 0.f || x != x ? x : 0.f;  // NaN passes through, as PyTorch's
     return 0.5f * x * (1.f + erff(x * 0.7071067812f));
 }
 __device__ __forceinline__ float gelu_grad(u32_t kind, float x) {
@@ -21,7 +21,7 @@ __device__ __forceinline__ float gelu_grad(u32_t kind, float x) {
         float t = tanhf(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
         return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * SQRT_2_OVER_PI * (1.f + 3.f * GELU_C * x * x);
     }
-    if (kind == 2) return x > 0.f ? 1.f : 0.f;
+    if (kind == 2) return x > 0.f ? 1.f : (x != x ? x : 0.f);
     return 0.5f * (1.f + erff(x * 0.7071067812f)) + x * expf(-0.5f * x * x) * FRAC_1_SQRT_2PI;
 }
 

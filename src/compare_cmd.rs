@@ -203,6 +203,22 @@ pub fn check_baseline(args: &[String], run: &crate::train_cmd::RunArgs, shots: u
     Ok(())
 }
 
+/// Methods the model cannot take (PEFT's prefix tuning on a T5 it cannot express), refused before
+/// any method runs; a model folder whose config cannot be read is left to the runs to report.
+pub fn check_model_methods(model: Option<&str>, methods: &[String]) -> Result<()> {
+    let Some(m) = model else { return Ok(()) };
+    let path = Path::new(m).join("config.json");
+    let Ok(tuna_models::config::ModelConfig::T5(c)) = tuna_models::config::ModelConfig::from_file(&path) else {
+        return Ok(());
+    };
+    if let (Some(why), Some(method)) =
+        (c.prefix_refusal(), methods.iter().find(|m| ["prefix", "prefix-mlp", "ptuning-v2"].contains(&m.as_str())))
+    {
+        bail!("--methods {method}: {why} (leave it out of --methods)");
+    }
+    Ok(())
+}
+
 /// The sweep's held-out slice must leave training examples: checked on the training file before
 /// any method runs (its runs would each refuse it).
 pub fn check_holdout(args: &[String], run: &crate::train_cmd::RunArgs, holdout: usize) -> Result<()> {

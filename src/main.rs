@@ -504,6 +504,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if methods.iter().any(|m| m == tuna::train_cmd::BASELINE) {
                 tuna::compare_cmd::check_baseline(&args, &a.run, a.method_args.shots.unwrap_or(0))?;
             }
+            let model_arg = model_path.clone().or_else(|| tuna::compare_cmd::flag_value(&args, "--model"));
+            tuna::compare_cmd::check_model_methods(model_arg.as_deref(), &methods)?;
             // The comparison's folder is one run: locked while it runs, and replaced only when told.
             tuna::trainer::run_dir::refuse_unsafe_out(&out)?;
             let _lock = tuna::trainer::lock(&out)?;

@@ -197,3 +197,80 @@ fn t5_refuses_what_it_cannot_do_by_name() {
     fails(&tuna(&set(prefix, "--model", &fixture("t5v11"))), "more decoder layers (3) than encoder layers (2)");
     assert!(!out.join("checkpoints").exists());
 }
+
+/// The prompt and the completion each get --max-len (the encoder's and the decoder's own): a
+/// long completion no longer cuts its prompt away, and the prompt keeps its end.
+#[test]
+fn prompt_and_completion_have_their_own_budgets() {
+    let d = tmp("t5-budgets");
+    let long: Vec<&str> = std::iter::repeat_n("the cat sat on the mat", 40).collect();
+    let p = d.join("long.jsonl");
+    let rows = [
+        format!("{{\"prompt\": \"A dog ran.\", \"completion\": \"{}\"}}", long.join(" ")),
+        format!("{{\"prompt\": \"{}\", \"completion\": \"The cat.\"}}", long.join(" ")),
+    ];
+    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
+    let out = d.join("run");
+    let args: Vec<String> = [
+        "train",
+        "--model",
+        &fixture("t5"),
+        "--task",
+        "completion",
+        "--train",
+        p.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "8",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    ok(&tuna(&args));
+    assert_eq!(train_lines(&out).len(), 2);
+}
+
+#[test]
+fn serve_compare_and_generate_refuse_what_t5_cannot_take_up_front() {
+    let d = tmp("t5-upfront");
+    // serve: refused before it listens.
+    let o = tuna(&["serve", "--model", &fixture("t5"), "--port", "0"].map(String::from));
+    let err = fails(&o, "T5 is not served yet");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("listening"), "{err}");
+    // compare: a prefix method PEFT cannot express on t5v11 is refused before anything trains.
+    let train = data(&d, "train.jsonl", 8, true);
+    let out = d.join("cmp");
+    let args = [
+        "compare",
+        "--model",
+        &fixture("t5v11"),
+        "--task",
+        "classify",
+        "--train",
+        &train,
+        "--holdout",
+        "2",
+        "--methods",
+        "lora,prefix",
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from);
+    fails(&tuna(&args), "--methods prefix: prefix tuning on T5 with more decoder layers (3)");
+    assert!(!out.join("lora").exists(), "lora trained before the refusal");
+    // generate: the prompt is the encoder's and the new tokens the decoder's, each up to 512.
+    let gen = |n: &str| {
+        tuna(&["generate", "--model", &fixture("t5"), "--prompt", "The cat", "--max-new-tokens", n].map(String::from))
+    };
+    fails(&gen("513"), "513 new tokens exceed the decoder's 512 positions: use --max-new-tokens 512 or less");
+}

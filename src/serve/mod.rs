@@ -188,6 +188,13 @@ fn start<B: Kernels<f32>>(
     mixed: bool,
 ) -> Result<(Ready, RunEngine)> {
     let mut m = AnyModel::<B, f32>::open(dev, model, |_| false)?;
+    if m.is_encoder_decoder() {
+        bail!(
+            "{}: tuna serve batches requests through decoder-only models (GPT-2, Llama) and BERT; T5 is not served yet \
+             (tuna generate runs it)",
+            model.display()
+        );
+    }
     let mut registry = adapters::Registry::default();
     if let Some(dir) = dir {
         let entries = std::fs::read_dir(dir).with_context(|| format!("--adapters {}", dir.display()))?;

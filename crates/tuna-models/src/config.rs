@@ -103,8 +103,55 @@ pub struct T5Config {
 }
 
 impl T5Config {
+    /// Settings the relative positions and the special tokens need: at least 4 buckets (the
+    /// encoder's two directions each need exact and logarithmic ones), a `max_distance` past the
+    /// exact buckets (the logarithmic ones grow from there), and the start and pad tokens inside
+    /// the vocabulary.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let (nb, maxd) = (self.relative_attention_num_buckets, self.relative_attention_max_distance);
+        if nb < 4 {
+            return Err(format!("`relative_attention_num_buckets` {nb}: T5's relative positions need at least 4"));
+        }
+        if maxd <= nb / 2 {
+            return Err(format!(
+                "`relative_attention_max_distance` {maxd} must exceed the {} exact-distance buckets \
+                 (relative_attention_num_buckets / 2) for the logarithmic buckets to grow",
+                nb / 2
+            ));
+        }
+        for (key, id) in [("decoder_start_token_id", self.decoder_start_token_id), ("pad_token_id", self.pad_token_id)]
+        {
+            if let Some(id) = id.filter(|&i| i as usize >= self.vocab_size) {
+                return Err(format!("`{key}` {id} is outside the vocabulary of {}", self.vocab_size));
+            }
+        }
+        Ok(())
+    }
+
     pub fn decoder_layers(&self) -> usize {
         self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// Why PEFT's prefix tuning cannot express this model, if it cannot: a decoder deeper than
+    /// the encoder (PEFT's table covers `num_layers` decoder layers), or heads whose width
+    /// `num_heads * d_kv` is not `d_model` (PEFT sizes the prefix by `d_model`).
+    pub fn prefix_refusal(&self) -> Option<String> {
+        if self.decoder_layers() > self.num_layers {
+            return Some(format!(
+                "prefix tuning on T5 with more decoder layers ({}) than encoder layers ({}): PEFT's seq2seq prefix \
+                 covers only num_layers decoder layers",
+                self.decoder_layers(),
+                self.num_layers
+            ));
+        }
+        if self.num_heads * self.d_kv != self.d_model {
+            return Some(format!(
+                "prefix tuning on T5 with num_heads x d_kv ({} x {}) != d_model ({}): PEFT sizes the prefix by d_model \
+                 and cannot express it",
+                self.num_heads, self.d_kv, self.d_model
+            ));
+        }
+        None
     }
     /// Whether the feed-forward is gated (`wi_0`, `wi_1`, GELU tanh) rather than ReLU (`wi`).
     pub fn gated(&self) -> bool {
@@ -287,6 +334,9 @@ impl ModelConfig {
         };
         if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{k}` is 0"));
+        }
+        if let ModelConfig::T5(c) = self {
+            c.check()?;
         }
         if !explicit_head_dim && width % heads != 0 {
             return Err(format!("the width {width} is not a multiple of the {heads} attention heads"));

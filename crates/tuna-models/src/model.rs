@@ -359,12 +359,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 let enc = EncoderState { out, mask, cross_kv: None };
                 let start = Ints::new(&self.dev, &[batch, 1], &vec![t5.cfg.decoder_start(); batch])?;
                 let h = t5.decode(&start, &enc, None)?;
-                let h = reshape(&h, &[batch, t5.cfg.d_model])?;
-                let h = if t5.cfg.scales_output() {
-                    tuna_autograd::ops::elem::scale(&h, (t5.cfg.d_model as f64).powf(-0.5))?
-                } else {
-                    h
-                };
+                let h = t5.head_input(&reshape(&h, &[batch, t5.cfg.d_model])?)?;
                 self.verbalizer_scores(&h, verbalizer)
             }
             Net::Bert(b) => {
@@ -547,16 +542,29 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         if !self.is_decoder() {
             return Err(not_a_decoder());
         }
-        // T5's prompt is the encoder's and its new tokens the decoder's: each has the limit.
-        let total = if self.is_encoder_decoder() {
-            virt.saturating_add(prompt.len()).max(max_new_tokens)
-        } else {
-            virt.saturating_add(prompt.len()).saturating_add(max_new_tokens)
-        };
-        if prompt.is_empty() && self.is_encoder_decoder() {
-            return Err(Error::InvalidArgument("generate: T5 needs a prompt of at least one token".into()));
-        }
-        if total > limit.saturating_add(1) {
+        if let Net::T5(_) = &self.net {
+            // The prompt (after any soft prompt) is the encoder's; the new tokens (after any
+            // prefix, from the start token) the decoder's: each side has the limit.
+            let (enc_virt, dec_virt) = (self.adapt().prompt_len(), self.adapt().prefix_len());
+            let bad = |msg: String| Err(Error::Format { path: self.source.clone(), msg });
+            if prompt.is_empty() {
+                return Err(Error::InvalidArgument("generate: T5 needs a prompt of at least one token".into()));
+            }
+            if enc_virt.saturating_add(prompt.len()) > limit {
+                return bad(format!(
+                    "a {}-token prompt{} exceeds the encoder's {limit} positions: shorten it",
+                    prompt.len(),
+                    if enc_virt > 0 { format!(" and {enc_virt} virtual tokens") } else { String::new() }
+                ));
+            }
+            if dec_virt.saturating_add(max_new_tokens) > limit {
+                return bad(format!(
+                    "{max_new_tokens} new tokens{} exceed the decoder's {limit} positions: use --max-new-tokens {} or less",
+                    if dec_virt > 0 { format!(" after {dec_virt} prefix positions") } else { String::new() },
+                    limit - dec_virt.min(limit)
+                ));
+            }
+        } else if virt.saturating_add(prompt.len()).saturating_add(max_new_tokens) > limit.saturating_add(1) {
             let room = limit.saturating_add(1).saturating_sub(virt.saturating_add(prompt.len()));
             let fix = if room == 0 {
                 "the prompt alone fills the context: shorten it".to_string()
@@ -588,17 +596,15 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     }
 }
 
+/// An encoder-decoder batch: the encoder's ids and mask, the decoder's targets, the row count.
+type Seq2SeqRows = (Vec<u32>, Vec<u8>, Vec<i32>, usize);
+
 /// Rows of a decoder batch (`[batch, seq]`, left-padded, labels unshifted with -100 at the prompt)
 /// split for an encoder-decoder: each row's unlabeled real tokens as the encoder input
 /// (left-padded to the longest), its labeled tokens as the decoder targets (right-padded with
 /// -100). Returns `(enc_ids, enc_mask, targets, batch)`; a row without a prompt or without a
 /// target is an error.
-fn split_seq2seq(
-    ids: &[u32],
-    mask: &[u8],
-    labels: &[i32],
-    batch: usize,
-) -> Result<(Vec<u32>, Vec<u8>, Vec<i32>, usize)> {
+fn split_seq2seq(ids: &[u32], mask: &[u8], labels: &[i32], batch: usize) -> Result<Seq2SeqRows> {
     let seq = ids.len() / batch.max(1);
     if batch == 0 || ids.len() != batch * seq || mask.len() != ids.len() || labels.len() != ids.len() {
         return Err(Error::InvalidArgument(format!(

@@ -301,10 +301,11 @@ pub fn relative_bucket(rel: i64, bidirectional: bool, num_buckets: usize, max_di
         return (bucket + dist) as u32;
     }
     // f32 throughout, the order transformers uses: log(d / max_exact) / log(max_dist / max_exact) * (nb - max_exact)
-    let ratio = ((dist as f32) / max_exact as f32).ln();
-    let denom = ((max_distance as f64) / max_exact as f64).ln() as f32;
-    let large = max_exact + (ratio / denom * (nb - max_exact) as f32) as i64;
-    (bucket + large.min(nb - 1)) as u32
+    // (a float-to-int cast saturates: the config check keeps this finite and positive).
+    let ratio = ((dist as f32) / max_exact.max(1) as f32).ln();
+    let denom = ((max_distance as f64) / max_exact.max(1) as f64).ln() as f32;
+    let large = max_exact.saturating_add((ratio / denom * (nb - max_exact) as f32) as i64);
+    (bucket + large.clamp(0, (nb - 1).max(0))) as u32
 }
 
 impl<B: Kernels<E>, E: Float> T5<B, E> {
@@ -486,27 +487,13 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
         (2 * j) % self.cfg.num_layers
     }
 
-    /// Whether PEFT's prefix tuning can express this model: refused (naming the reason) when the
-    /// decoder has more layers than the encoder (PEFT's table covers `num_layers` decoder layers)
-    /// or the heads' width `num_heads * d_kv` is not `d_model` (PEFT sizes the prefix by `d_model`).
+    /// Refused (naming the reason) where PEFT's prefix tuning cannot express this model (see
+    /// [`T5Config::prefix_refusal`]).
     pub fn check_prefix(&self) -> Result<()> {
-        let c = &self.cfg;
-        if c.decoder_layers() > c.num_layers {
-            return Err(Error::InvalidArgument(format!(
-                "prefix tuning on T5 with more decoder layers ({}) than encoder layers ({}): PEFT's seq2seq prefix \
-                 covers only num_layers decoder layers",
-                c.decoder_layers(),
-                c.num_layers
-            )));
+        match self.cfg.prefix_refusal() {
+            Some(why) => Err(Error::InvalidArgument(why)),
+            None => Ok(()),
         }
-        if c.num_heads * c.d_kv != c.d_model {
-            return Err(Error::InvalidArgument(format!(
-                "prefix tuning on T5 with num_heads x d_kv ({} x {}) != d_model ({}): PEFT sizes the prefix by d_model \
-                 and cannot express it",
-                c.num_heads, c.d_kv, c.d_model
-            )));
-        }
-        Ok(())
     }
 
     /// The decoder's last hidden states `[batch, t, d]` of `dec_ids` (`[batch, t]`, right-padded:
@@ -556,11 +543,15 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
         Ok(rmsnorm(&x, &self.dec_norm, d.eps)?)
     }
 
-    /// Logits `[.., vocab]` of decoder states `[.., d]` (scaled by `d_model^-0.5` first when the
-    /// config says so).
+    /// Decoder states `[.., d]` as the head reads them: scaled by `d_model^-0.5` when the config
+    /// says so (the original T5's tied head).
+    pub fn head_input(&self, h: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        Ok(if self.cfg.scales_output() { scale(h, (self.cfg.d_model as f64).powf(-0.5))? } else { h.clone() })
+    }
+
+    /// Logits `[.., vocab]` of decoder states `[.., d]`.
     pub fn head(&self, h: &Tensor<B, E>) -> Result<Tensor<B, E>> {
-        let h = if self.cfg.scales_output() { scale(h, (self.cfg.d_model as f64).powf(-0.5))? } else { h.clone() };
-        Ok(linear(&h, &self.lm_head, WeightLayout::OutIn, None)?)
+        Ok(linear(&self.head_input(h)?, &self.lm_head, WeightLayout::OutIn, None)?)
     }
 
     /// The decoder input for `labels` (`[batch, t]`, -100 ignored): labels shifted right after the
@@ -580,7 +571,7 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
     /// (`[batch, t]`, unshifted, -100 ignored) given the encoder input `ids`/`mask` (`[batch, s]`).
     pub fn loss(&self, ids: &Ints<B, u32>, mask: &Ints<B, u8>, labels: &[i32]) -> Result<Tensor<B, E>> {
         let batch = ids.shape()[0];
-        if labels.is_empty() || labels.len() % batch.max(1) != 0 {
+        if labels.is_empty() || !labels.len().is_multiple_of(batch.max(1)) {
             return Err(Error::InvalidArgument(format!("t5 loss: {} labels for a batch of {batch}", labels.len())));
         }
         let t = labels.len() / batch;
@@ -666,5 +657,30 @@ mod tests {
         assert_eq!(relative_bucket(5, false, 32, 128), 0);
         assert_eq!(relative_bucket(-15, false, 32, 128), 15);
         assert_eq!(relative_bucket(-1000, false, 32, 128), 31);
+    }
+
+    #[test]
+    fn configs_whose_buckets_cannot_grow_are_refused_by_name() {
+        let p = std::path::Path::new("config.json");
+        let cfg = |extra: &str| {
+            let text = format!(
+                r#"{{"model_type":"t5","vocab_size":96,"d_model":32,"d_kv":8,"d_ff":48,"num_layers":2,"num_heads":4{extra}}}"#
+            );
+            crate::config::ModelConfig::from_json(&text, p).map(drop).map_err(|e| e.to_string())
+        };
+        assert!(cfg("").is_ok());
+        for (extra, needle) in [
+            (r#","relative_attention_max_distance":2"#, "`relative_attention_max_distance` 2 must exceed"),
+            (r#","relative_attention_max_distance":16"#, "`relative_attention_max_distance` 16 must exceed"),
+            (r#","relative_attention_num_buckets":2"#, "`relative_attention_num_buckets` 2"),
+            (r#","decoder_start_token_id":500"#, "`decoder_start_token_id` 500 is outside"),
+        ] {
+            let e = cfg(extra).unwrap_err();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        // Every distance of the smallest accepted setting has a bucket inside the table.
+        for rel in -300..=300 {
+            assert!(relative_bucket(rel, true, 4, 3) < 4 && relative_bucket(rel, false, 4, 3) < 4);
+        }
     }
 }

@@ -51,9 +51,9 @@ fn cuda_models_match_cpu() {
     }
 }
 
-/// T5's logits, loss and every gradient (relative-position bias through the attention's score
-/// bias, cross-attention with more decoder positions than encoder ones after padding) on CUDA
-/// against the CPU, for both fixtures.
+/// T5's logits, loss and every gradient (the relative-position bias through the attention's score
+/// bias and its gradient, cross-attention over a padded encoder) on CUDA against the CPU, for both
+/// fixtures. (More queries than keys is the kernel tests' `cuda_more_queries_than_keys_match_cpu`.)
 #[test]
 fn cuda_t5_matches_cpu() {
     let Some(dev) = cuda_or_skip("models::cuda_t5_matches_cpu") else { return };

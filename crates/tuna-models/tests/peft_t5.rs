@@ -132,7 +132,7 @@ fn ptuning_matches_peft() {
         assert_eq!(t.shape(), g.shape(&key), "{name} shape");
         *t.data_mut() = g.f32(&key);
     }
-    let spec = m.adapt().prompt.as_ref().unwrap().ptuning.clone();
+    let spec = m.adapt().prompt.as_ref().unwrap().ptuning;
     let mut p = SoftPrompt::encoded(enc).first(3);
     p.ptuning = spec;
     m.adapt_mut().prompt = Some(p);

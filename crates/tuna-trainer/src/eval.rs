@@ -88,9 +88,12 @@ pub(crate) fn batch_config<B: Backend>(
     shuffle: bool,
     seed: u64,
 ) -> BatchConfig {
+    // An encoder-decoder's completion row is its encoder input then its decoder targets, each
+    // already cut to `max_len` (see `TaskSpec::encode`).
+    let seq2seq = model.is_encoder_decoder() && task == Task::Completion;
     BatchConfig {
         batch_size,
-        max_len: Some(max_len),
+        max_len: Some(if seq2seq { 2 * max_len } else { max_len }),
         truncate: Truncate::for_task(task),
         pad_side: if model.is_decoder() { PadSide::Left } else { PadSide::Right },
         pad_id: model.pad_id(),

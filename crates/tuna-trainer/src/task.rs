@@ -108,6 +108,25 @@ impl TaskSpec {
                         }
                         Encoded { targets: ids.iter().map(|&i| i as i32).collect(), ids, class: None }
                     }
+                    (Example::Completion { prompt, completion }, Task::Completion) if model.is_encoder_decoder() => {
+                        // The prompt goes to the encoder and the completion to the decoder: each
+                        // gets `max_len` (the prompt keeps its end, the completion its start), and
+                        // the batcher leaves the row whole (see `eval::batch_config`).
+                        let mut p = model.encode_window(prompt, max_len, true)?;
+                        p.drain(..p.len().saturating_sub(max_len));
+                        let mut c = model.encode_window(completion, max_len, false)?;
+                        c.truncate(max_len);
+                        if p.is_empty() || c.is_empty() {
+                            return Err(empty(if p.is_empty() {
+                                "prompt has no tokens"
+                            } else {
+                                "completion has no tokens"
+                            }));
+                        }
+                        let mut targets = vec![IGNORE_INDEX; p.len()];
+                        targets.extend(c.iter().map(|&i| i as i32));
+                        Encoded { ids: [p, c].concat(), targets, class: None }
+                    }
                     (Example::Completion { prompt, completion }, Task::Completion) => {
                         let p = model.encode_window(prompt, max_len, true)?;
                         let c = model.encode_window(completion, max_len, true)?;

@@ -11,11 +11,13 @@ pub fn gelu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, kind: GeluKind) -> Result
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
     dev.gelu_fwd(kind, &x.buf(), B::buf_mut(&mut y))?;
-    Ok(output("gelu", &[x], dev, x.shape().to_vec(), y, |out, _| {
+    // Profiles name ReLU as what it is, though it runs on the GELU kernel.
+    let (name, bwd) = if kind == GeluKind::Relu { ("relu", "relu.bwd") } else { ("gelu", "gelu.bwd") };
+    Ok(output(name, &[x], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, cx) = (Saved::new(x), x.cell().expect("recorded: x needs a gradient"));
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
-            launched("gelu.bwd");
+            launched(bwd);
             let dev = xs.t().device();
             cx.accumulate(dev, |dx| Ok(dev.gelu_bwd(kind, &xs.t().buf(), B::buf(&g), dx)?))
         })

@@ -152,7 +152,18 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
                 right: want.to_vec(),
             });
         }
-        p.has_bias = 1;
+        if prefix.as_ref().is_some_and(|pr| pr.rows.is_some()) {
+            // The bias's prefix columns are the table's absolute rows, shared by the batch: with
+            // per-sequence ranges a sequence's prefix would take another's positions.
+            return Err(Error::Shape {
+                op: "attention",
+                what: "a score bias with per-sequence prefix rows (mixed batches) is not supported",
+                left: bt.shape().to_vec(),
+                right: vec![],
+            });
+        }
+        // 2: the bias needs no gradient (a frozen position table), so the backward makes none.
+        p.has_bias = if bt.requires_grad() { 1 } else { 2 };
     }
     let dev = q.device();
     let mut o = zeros::<B, E>(dev, p.q_elems())?;
@@ -211,8 +222,8 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
             let dprefix = sp.as_mut().map(|(a, b)| (a.buf(), b.buf()));
             // The bias gradient is in E::Acc, which is E for the autograd's floats.
             let mut sb = match &cb {
-                Some(c) => Some(GradSlot::new(&*dev, c, p.bias_elems())?),
-                None => None,
+                Some(c) if p.has_bias == 1 => Some(GradSlot::new(&*dev, c, p.bias_elems())?),
+                _ => None,
             };
             let dbias = sb.as_mut().map(|b| b.buf());
             let (dq, dk, dv) = (sq.buf(), sk.buf(), sv.buf());

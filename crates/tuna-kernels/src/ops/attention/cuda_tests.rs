@@ -45,7 +45,7 @@ impl<E: CudaElem> DevInputs<E> {
             prefix: (p.prefix_len > 0).then(|| (up(&d.pk), up(&d.pv))),
             mask: (p.has_mask == 1).then(|| dev.upload(&d.mask).unwrap()),
             rows: (p.has_prefix_rows == 1).then(|| dev.upload(&d.prefix_rows).unwrap()),
-            bias: (p.has_bias == 1).then(|| up(&d.bias)),
+            bias: (p.has_bias != 0).then(|| up(&d.bias)),
         }
     }
 

@@ -18,7 +18,7 @@
 //!   prefix), so a batch mixing adapters passes their prefixes stacked once. Without it every
 //!   sequence sees the whole table.
 //! - `key_mask`: `[batch, kv_len]` u8, 1 = attend, 0 = padding. Prefix keys are never masked.
-//! - `bias` (optional, `has_bias == 1`): `[heads, q_len, prefix_len + kv_len]` in `E`, an additive
+//! - `bias` (optional, `has_bias` 1, or 2 when no gradient is wanted for it): `[heads, q_len, prefix_len + kv_len]` in `E`, an additive
 //!   bias on the scaled scores (T5's relative position bias), shared by the whole batch: the score
 //!   of query row `i` of this call (row `i` of `q`, also in a KV cache's query block) and key
 //!   column `c` is `q.k * scale + bias[h, i, c]`, where column `c < prefix_len` is prefix row `c`
@@ -68,7 +68,9 @@ pub struct AttnParams {
     /// Key/value rows per sequence in the `k`/`v` buffers (their batch stride), `>= kv_len`;
     /// 0 = `kv_len` (contiguous). Lets the forward read a KV cache's preallocated buffer in place.
     pub kv_cap: u32,
-    /// 1 = an additive score bias `[heads, q_len, prefix_len + kv_len]` is given (`bias`).
+    /// An additive score bias `[heads, q_len, prefix_len + kv_len]` (`bias`): 0 = none, 1 = given
+    /// and the backward adds its gradient into `dbias`, 2 = given, no gradient wanted (no `dbias`:
+    /// the CPU keeps its parallel split, CUDA skips the atomics).
     pub has_bias: u32,
     /// Score scale, usually `1/sqrt(head_dim)`.
     pub scale: f32,
@@ -129,8 +131,11 @@ impl AttnParams {
 
     /// Validate the parameters themselves.
     pub fn validate(&self) -> Result<()> {
-        if self.has_prefix_rows > 1 || self.has_mask > 1 || self.causal > 1 || self.has_bias > 1 {
-            return Err(Error::Invalid { op: "attention", msg: format!("flags must be 0 or 1: {self:?}") });
+        if self.has_prefix_rows > 1 || self.has_mask > 1 || self.causal > 1 || self.has_bias > 2 {
+            return Err(Error::Invalid {
+                op: "attention",
+                msg: format!("flags must be 0 or 1 (has_bias 0 to 2): {self:?}"),
+            });
         }
         let bad = |msg: String| Err(Error::Invalid { op: "attention", msg });
         if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
@@ -258,7 +263,7 @@ pub fn check_inputs<B: Backend + ?Sized, E: Elem>(p: &AttnParams, x: &AttnInputs
     }
     match (&x.bias, p.has_bias) {
         (None, 0) => {}
-        (Some(b), 1) => check_len("attention", "bias", B::len(*b), p.bias_elems(), shape)?,
+        (Some(b), 1 | 2) => check_len("attention", "bias", B::len(*b), p.bias_elems(), shape)?,
         _ => return Err(Error::Invalid { op: "attention", msg: "bias presence and has_bias disagree".into() }),
     }
     Ok(())
@@ -302,6 +307,7 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
     match (&g.dbias, p.has_bias) {
         (None, 0) => Ok(()),
         (Some(d), 1) => check_len("attention", "dbias", B::len(&**d), p.bias_elems(), shape),
+        (None, 2) => Ok(()),
         _ => Err(Error::Invalid { op: "attention", msg: "the bias gradient must be given iff has_bias == 1".into() }),
     }
 }

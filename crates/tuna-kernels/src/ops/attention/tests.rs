@@ -128,7 +128,7 @@ impl Data {
             prefix: (self.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
             key_mask: (self.p.has_mask == 1).then_some(&self.mask[..]),
             prefix_rows: (self.p.has_prefix_rows == 1).then_some(&self.prefix_rows[..]),
-            bias: (self.p.has_bias == 1).then_some(&self.bias[..]),
+            bias: (self.p.has_bias != 0).then_some(&self.bias[..]),
         }
     }
     pub(super) fn reference(&self) -> Ref<'_> {
@@ -170,7 +170,7 @@ impl<F: CpuFloat> Cast<F> {
             prefix: (d.p.prefix_len > 0).then_some((&self.pk[..], &self.pv[..])),
             key_mask: (d.p.has_mask == 1).then_some(&d.mask[..]),
             prefix_rows: (d.p.has_prefix_rows == 1).then_some(&d.prefix_rows[..]),
-            bias: (d.p.has_bias == 1).then_some(&self.bias[..]),
+            bias: (d.p.has_bias != 0).then_some(&self.bias[..]),
         }
     }
 }
@@ -241,7 +241,7 @@ impl Ref<'_> {
             .map(|key| {
                 let kk = if key.pre { &self.pk } else { &self.k };
                 let dot = (0..d).map(|c| self.q[qoff + c] * kk[key.off + c]).sum::<f64>() * self.p.scale as f64;
-                dot + if self.p.has_bias == 1 { self.bias[(h * t + i) * (pre + s) + key.col] } else { 0.0 }
+                dot + if self.p.has_bias != 0 { self.bias[(h * t + i) * (pre + s) + key.col] } else { 0.0 }
             })
             .collect();
         let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -576,7 +576,7 @@ fn invalid_params_are_rejected() {
     let e = Cpu.attn_fwd(&p, data.inputs(), &mut o, &mut lse).unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("causal"), "{e}");
     p.causal = 0;
-    p.has_bias = 2;
+    p.has_bias = 3;
     let e = p.validate().unwrap_err();
     assert!(e.to_string().contains("flags"), "{e}");
 }

@@ -30,6 +30,24 @@ fn bias_cpu_matches_reference_with_prefix() {
     check_case("bias prefix rows causal", &rows.with_bias(7, 1.0));
 }
 
+/// `has_bias` 2: the bias without its gradient (a frozen position table). The forward and the
+/// other gradients are the reference's, no `dbias` is asked for, and the backward keeps its
+/// parallel split (the fused one included).
+#[test]
+fn a_bias_without_its_gradient_matches_reference() {
+    let frozen = |d: Data| {
+        let mut d = d;
+        d.p.has_bias = 2;
+        d
+    };
+    let causal = Data::new(90, 3, 4, 2, 37, 37, 5, 32, true, Pad::Left).with_bias(40, 1.0);
+    check_case("frozen bias gqa prefix causal", &frozen(causal));
+    let cross = Data::new(91, 2, 4, 4, 45, 9, 0, 16, false, Pad::Scattered).with_bias(41, 1.0);
+    check_case("frozen bias t45 s9 bidir", &frozen(cross));
+    let bad = AttnParams { has_bias: 3, ..Data::new(92, 1, 1, 1, 2, 2, 0, 8, false, Pad::None).p };
+    assert!(bad.validate().unwrap_err().to_string().contains("has_bias 0 to 2"));
+}
+
 #[test]
 fn bias_cpu_matches_reference_kv_cache() {
     // The bias rows are the query block's (q_len rows), its columns every key of the cache.
@@ -174,6 +192,10 @@ fn cuda_bias_matches_cpu() {
     let rows = Data::new(83, 3, 4, 2, 9, 9, 40, 8, true, Pad::Left).with_prefix_rows(&[(0, 35), (35, 0), (30, 10)]);
     check_case(&dev, "bias d8 prefix rows causal", rows.with_bias(33, 1.0));
     check_case(&dev, "bias d24 q_len 1", Data::new(84, 2, 2, 2, 1, 40, 0, 24, true, Pad::None).with_bias(34, 1.0));
+    // has_bias 2: read, no dbias (the atomics skipped).
+    let mut frozen = Data::new(89, 2, 4, 2, 37, 37, 3, 32, true, Pad::Scattered).with_bias(38, 1.0);
+    frozen.p.has_bias = 2;
+    check_case(&dev, "frozen bias d32 prefix3 causal", frozen);
 }
 
 #[test]

@@ -13,8 +13,9 @@ fn fwd<F: CpuFloat>(kind: GeluKind, x: F) -> F {
     match kind {
         GeluKind::Tanh => half * x * (F::one() + (F::c(SQRT_2_OVER_PI) * (x + F::c(GELU_C) * x * x * x)).tanh_fast()),
         GeluKind::Erf => half * x * (F::one() + (x * F::FRAC_1_SQRT_2()).erf()),
+        // NaN passes through (as PyTorch's), so a diverged run still shows it.
         GeluKind::Relu => {
-            if x > F::zero() {
+            if x > F::zero() || x.is_nan() {
                 x
             } else {
                 F::zero()
@@ -38,6 +39,8 @@ fn grad<F: CpuFloat>(kind: GeluKind, x: F) -> F {
         GeluKind::Relu => {
             if x > F::zero() {
                 one
+            } else if x.is_nan() {
+                x
             } else {
                 F::zero()
             }

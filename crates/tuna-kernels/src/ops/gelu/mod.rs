@@ -165,6 +165,22 @@ mod tests {
     }
 
     #[test]
+    fn relu_passes_nan_through() {
+        let (x, mut y, mut dx) = ([f32::NAN, -1.0, 2.0], [0.0; 3], [0.0; 3]);
+        Cpu.gelu_fwd(GeluKind::Relu, &x, &mut y).unwrap();
+        Cpu.gelu_bwd(GeluKind::Relu, &x, &[1.0; 3], &mut dx).unwrap();
+        assert!(y[0].is_nan() && y[1..] == [0.0, 2.0], "{y:?}");
+        assert!(dx[0].is_nan() && dx[1..] == [0.0, 1.0], "{dx:?}");
+        if let Some(dev) = cuda_or_skip("gelu::relu_passes_nan_through (cuda)") {
+            let xd = dev.upload(&x).unwrap();
+            let mut yd = dev.zeros::<f32>(3).unwrap();
+            GeluKernel::<f32>::gelu_fwd(&*dev, GeluKind::Relu, &xd, &mut yd).unwrap();
+            let y = dev.download(&yd).unwrap();
+            assert!(y[0].is_nan() && y[1..] == [0.0, 2.0], "cuda {y:?}");
+        }
+    }
+
+    #[test]
     fn shape_mismatch_is_an_error() {
         let e = Cpu.gelu_fwd(GeluKind::Erf, &[0.0; 3], &mut [0.0; 4]).unwrap_err();
         assert!(e.to_string().contains("gelu") && e.to_string().contains("`y`"), "{e}");
