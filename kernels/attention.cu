@@ -151,13 +151,15 @@ __device__ void attn_fwd(const AttnParams p, const T* q, const T* k, const T* v,
     for (int r = 0; r < ATTN_RPW; ++r) {
         const int i = q0 + warp * ATTN_RPW + r;
         if (i >= T_) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that saw no key outputs zeros
+        // a row that saw no key outputs zeros; a NaN sum (a NaN score) a NaN row
+        const bool seen = l[r] > 0.f || l[r] != l[r];
+        const float inv = seen ? 1.f / l[r] : 0.f;
         const long long ob = (((long long)b * T_ + i) * p.heads + h) * HD;
 #pragma unroll
         for (int c = 0; c < C; ++c)
             if (lane + 32 * c < HD) st(o, ob + lane + 32 * c, acc[r][c] * inv);
         if (lane == 0)
-            lse[((long long)b * p.heads + h) * T_ + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) / ATTN_LOG2E : TUNA_NEG_INF;
+            lse[((long long)b * p.heads + h) * T_ + i] = seen ? (m[r] + log2f(l[r])) / ATTN_LOG2E : TUNA_NEG_INF;
     }
 }
 

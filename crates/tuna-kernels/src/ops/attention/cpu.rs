@@ -115,7 +115,8 @@ unsafe fn fwd_task<F: CpuFloat>(
     }
     for r in 0..bq {
         let (m, l) = (sc.m[r], sc.l[r]);
-        let seen = l > F::zero();
+        // A NaN sum (a NaN score) gives a NaN row and lse; a row that saw no key gives zeros.
+        let seen = l > F::zero() || l.is_nan();
         let inv = if seen { F::one() / l } else { F::zero() };
         // SAFETY: row (b, i0 + r, h) of `o` and entry (b, h, i0 + r) of `lse` are this task's
         // alone (see the contract) and in bounds.

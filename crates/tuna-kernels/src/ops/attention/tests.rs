@@ -147,7 +147,7 @@ impl Data {
 }
 
 /// The float inputs of a [`Data`] in the kernel's type `F` (exact: every f32 is an f64).
-struct Cast<F> {
+pub(super) struct Cast<F> {
     q: Vec<F>,
     k: Vec<F>,
     v: Vec<F>,
@@ -158,11 +158,11 @@ struct Cast<F> {
 }
 
 impl<F: CpuFloat> Cast<F> {
-    fn new(d: &Data) -> Self {
+    pub(super) fn new(d: &Data) -> Self {
         let c = |x: &[f32]| x.iter().map(|&v| F::c(v.into())).collect();
         Cast { q: c(&d.q), k: c(&d.k), v: c(&d.v), pk: c(&d.pk), pv: c(&d.pv), d_o: c(&d.d_o), bias: c(&d.bias) }
     }
-    fn inputs<'a>(&'a self, d: &'a Data) -> AttnInputs<'a, Cpu, F> {
+    pub(super) fn inputs<'a>(&'a self, d: &'a Data) -> AttnInputs<'a, Cpu, F> {
         AttnInputs {
             q: &self.q,
             k: &self.k,

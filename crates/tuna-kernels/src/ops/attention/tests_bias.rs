@@ -220,3 +220,47 @@ fn cuda_bias_strided_forward_matches_cpu() {
     Tol::CUDA_F32.assert_close("bias strided o", &o, &o_cpu);
     assert_lse("bias strided", Tol::CUDA_F32, &lse, &lse_cpu);
 }
+
+/// A NaN score (a NaN query, key or bias) makes its row's output and lse NaN, never the zeros of
+/// a row that saw no key: a diverged run must show NaN downstream. Rows without NaN scores are
+/// untouched. CPU in f32 (the vectorized path) and f64, and CUDA.
+#[test]
+fn a_nan_score_gives_a_nan_row_not_zeros() {
+    // Query row 3 of head 1 (batch 0) holds a NaN: every score of that row is NaN.
+    let mut d = Data::new(95, 2, 2, 2, 9, 9, 0, 8, true, Pad::None);
+    let (h, d_) = (d.p.heads as usize, d.p.head_dim as usize);
+    d.q[(3 * h + 1) * d_] = f32::NAN;
+    // One bias entry NaN (row 5 of head 0, key 2): that row only.
+    let mut biased = Data::new(96, 1, 2, 2, 9, 9, 0, 8, false, Pad::None).with_bias(42, 1.0);
+    biased.bias[5 * 9 + 2] = f32::NAN;
+    let check = |what: &str, o: &[f32], lse: &[f32], bad: &[(usize, usize, usize)], p: &AttnParams| {
+        let (t, h, dd) = (p.q_len as usize, p.heads as usize, p.head_dim as usize);
+        for b in 0..p.batch as usize {
+            for hh in 0..h {
+                for i in 0..t {
+                    let row = &o[((b * t + i) * h + hh) * dd..][..dd];
+                    let l = lse[(b * h + hh) * t + i];
+                    if bad.contains(&(b, hh, i)) {
+                        assert!(row.iter().all(|x| x.is_nan()) && l.is_nan(), "{what}: row {b},{hh},{i}: {row:?} {l}");
+                    } else {
+                        assert!(row.iter().all(|x| x.is_finite()) && l.is_finite(), "{what}: row {b},{hh},{i} got NaN");
+                    }
+                }
+            }
+        }
+    };
+    for (what, data, bad) in [("nan q", &d, vec![(0, 1, 3)]), ("nan bias", &biased, vec![(0, 0, 5)])] {
+        let (o, lse) = fwd(data);
+        check(&format!("{what} f32"), &o, &lse, &bad, &data.p);
+        let x = super::tests::Cast::<f64>::new(data);
+        let (mut o, mut lse) = (vec![0f64; data.p.q_elems()], vec![0f64; data.p.lse_elems()]);
+        Cpu.attn_fwd(&data.p, x.inputs(data), &mut o, &mut lse).unwrap();
+        let (o, lse): (Vec<f32>, Vec<f32>) =
+            (o.iter().map(|&v| v as f32).collect(), lse.iter().map(|&v| v as f32).collect());
+        check(&format!("{what} f64"), &o, &lse, &bad, &data.p);
+        if let Some(dev) = crate::testing::cuda_or_skip("attention::a_nan_score_gives_a_nan_row_not_zeros (cuda)") {
+            let (o, lse) = super::cuda_tests::cuda_fwd::<f32>(&dev, data);
+            check(&format!("{what} cuda"), &o, &lse, &bad, &data.p);
+        }
+    }
+}

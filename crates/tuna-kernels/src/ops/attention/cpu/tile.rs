@@ -389,7 +389,12 @@ fn online_softmax_impl<F: CpuFloat>(
     for (r, row) in tile.chunks_exact_mut(n).enumerate() {
         let m_new = m[r].max(row_max(row));
         if m_new == F::neg_infinity() {
-            row.fill(F::zero()); // nothing visible to this row yet
+            // Nothing visible to this row yet, or only NaN scores (the max skips NaN): a NaN
+            // poisons the row's sum, so the output says NaN rather than "saw nothing".
+            if row.iter().any(|x| x.is_nan()) {
+                l[r] = F::nan();
+            }
+            row.fill(F::zero());
             alpha[r] = F::one();
             continue;
         }
