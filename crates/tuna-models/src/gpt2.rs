@@ -24,7 +24,7 @@ use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
-use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::loss::linear_cross_entropy;
 use tuna_autograd::ops::norm::layernorm;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
@@ -339,7 +339,7 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         mask: Option<&Ints<B, u8>>,
         labels: &[i32],
     ) -> Result<Tensor<B, E>> {
-        let ((b, t), v) = (batch_seq(ids)?, self.cfg.vocab_size);
+        let (b, t) = batch_seq(ids)?;
         if labels.len() != b * t {
             return Err(shape_error("labels vs ids [batch, seq]", &[labels.len()], &[b, t]));
         }
@@ -347,10 +347,10 @@ impl<B: Kernels<E>, E: Float> Gpt2<B, E> {
         // With a soft prompt the sequence is longer by its virtual tokens (labels ignored there).
         let labels = self.adapt.widen_labels(labels, b, &prep);
         let t = labels.len() / b.max(1usize);
-        // No other handle on the logits may live: cross_entropy then writes its gradient over them.
-        let logits = reshape(&self.head(&hid)?, &[b * t, v])?;
-        let targets = Ints::new(self.dev(), &[b * t], &crate::positions::next_token_targets(&labels, b, t))?;
-        Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
+        // The head and the loss fused: only the positions with a target, chunked, never the
+        // [tokens, vocab] logits.
+        let targets = crate::positions::next_token_targets(&labels, b, t);
+        Ok(linear_cross_entropy(&hid, &self.wte, &targets, IGNORE_INDEX, None)?)
     }
 }
 

@@ -28,7 +28,7 @@ use tuna_autograd::ops::attention::{attention_biased, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, mul, scale, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, matmul, MatmulParams, WeightLayout};
-use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::loss::linear_cross_entropy;
 use tuna_autograd::ops::norm::rmsnorm;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
@@ -579,10 +579,8 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
         let enc = EncoderState { out, mask, cross_kv: None };
         let dec = Ints::new(&self.dev, &[batch, t], &self.shift_right(labels, batch))?;
         let h = self.decode(&dec, &enc, None)?;
-        let logits = reshape(&self.head(&h)?, &[batch * t, self.cfg.vocab_size])?;
-        let targets: Vec<i32> = labels.to_vec();
-        let targets = Ints::new(&self.dev, &[batch * t], &targets)?;
-        Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
+        // The head and the loss fused: only the positions with a target, never the logits whole.
+        Ok(linear_cross_entropy(&self.head_input(&h)?, &self.lm_head, labels, IGNORE_INDEX, None)?)
     }
 
     /// The logits `[batch, t, vocab]` of the decoder input `dec_ids` over the encoder input.

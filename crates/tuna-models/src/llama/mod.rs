@@ -14,7 +14,7 @@ use tuna_autograd::ops::act::swiglu;
 use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::linear::{linear, WeightLayout};
-use tuna_autograd::ops::loss::cross_entropy;
+use tuna_autograd::ops::loss::linear_cross_entropy;
 use tuna_autograd::ops::norm::rmsnorm;
 use tuna_autograd::ops::rope::rope;
 use tuna_autograd::ops::shape::reshape;
@@ -309,16 +309,14 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
                 labels.len()
             )));
         }
-        let vocab = self.cfg.vocab_size;
         let (h, prep) = self.hidden_states(ids, positions, mask, None)?;
         // With a soft prompt the sequence is longer by its virtual tokens (labels ignored there).
         let labels = self.adapt.widen_labels(labels, batch, &prep);
         let seq = labels.len() / batch.max(1usize);
-        // No other handle on the logits may live: cross_entropy then writes its gradient over them.
-        let logits = reshape(&self.head(&h)?, &[batch * seq, vocab])?;
+        // The head and the loss fused: only the positions with a target, chunked, never the
+        // [tokens, vocab] logits.
         let targets = crate::positions::next_token_targets(&labels, batch, seq);
-        let targets = Ints::new(&self.dev, &[batch * seq], &targets)?;
-        Ok(cross_entropy(logits, &targets, IGNORE_INDEX)?)
+        Ok(linear_cross_entropy(&h, &self.lm_head, &targets, IGNORE_INDEX, None)?)
     }
 }
 
