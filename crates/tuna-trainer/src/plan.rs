@@ -187,11 +187,23 @@ pub(crate) fn plan<B: Backend>(
     let others = probes.and_then(|p| Ok((p, saved_forward(s, &a, other)?, saved_forward(s, &b, other)?)));
     s.model.adapt().set_training(false);
     let (((p1, s1), (p2, s2)), o1, o2) = others?;
+    // The fused head and loss holds one chunk of logits, `min(targets, chunk rows)` rows: the
+    // short probes see it grow with their targets, a long row holds a full chunk. Taken out of the
+    // slope, and into the fixed part at the run's size.
+    let (lce1, lce2, lce_run) = if cfg.task == crate::Task::Classify {
+        (0.0, 0.0, 0.0)
+    } else {
+        let (vocab, esize) = (s.model.shape().vocab, std::mem::size_of::<f32>());
+        let chunk = tuna_autograd::ops::loss::lce_chunk_rows(vocab);
+        let held = |targets: usize| (targets.min(chunk) * vocab * esize) as f64;
+        (held(a.target_tokens), held(b.target_tokens), held(cfg.micro_batch.max(1) * s.batcher.longest()))
+    };
+    let (p1, p2) = (p1 - lce1, p2 - lce2);
     let dn = (n2 - n1) as f64;
     let saved_per_token = ((s2 - s1) / dn).max(0.0);
     // The saved activations are part of what a token adds (a noisy heap line may say less).
     let per_token = ((p2 - p1) / dn).max(saved_per_token);
-    let step_fixed = p1 - per_token * (n1 + virt) as f64;
+    let step_fixed = p1 - per_token * (n1 + virt) as f64 + lce_run;
     let gradients = s.params.iter().map(|(_, t)| t.bytes() as u64).sum();
     let tokens = cfg.micro_batch.max(1) * (s.batcher.longest() + virt);
     let rss = crate::export::rss_bytes();

@@ -82,6 +82,11 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
 /// (16 MiB of f32 logits), at least one.
 pub const LCE_CHUNK_ELEMS: usize = 1 << 22;
 
+/// The rows of one chunk of [`linear_cross_entropy`] at `vocab` (its default chunking).
+pub fn lce_chunk_rows(vocab: usize) -> usize {
+    (LCE_CHUNK_ELEMS / vocab.max(1)).max(1)
+}
+
 /// `cross_entropy(linear(h, w), targets)` without the `[rows, vocab]` logits: the mean
 /// cross-entropy of `h W^T` (`h` `[.., hidden]`, `w` `[vocab, hidden]`, an `nn.Linear` weight or a
 /// tied embedding) against `targets` (one per row of `h`, on the host), over the rows whose target
@@ -139,7 +144,7 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     let idx = Ints::new(&dev, &[1, valid], &active)?;
     let x = reshape(&embedding(&hr, &idx, None)?, &[valid, hidden])?;
     let tg: Vec<i32> = active.iter().map(|&r| targets[r as usize]).collect();
-    let chunk = chunk_rows.unwrap_or(LCE_CHUNK_ELEMS / vocab.max(1)).max(1);
+    let chunk = chunk_rows.unwrap_or_else(|| lce_chunk_rows(vocab)).max(1);
     let recording = crate::graph::recording(&[&x, w]);
     let want_w = recording && w.requires_grad();
     let dh = if recording { Some(Tensor::zeros(&dev, &[1, valid * hidden], false)?) } else { None };
