@@ -212,7 +212,7 @@ pub fn check_model_methods(model: Option<&str>, methods: &[String]) -> Result<()
         return Ok(());
     };
     if let (Some(why), Some(method)) =
-        (c.prefix_refusal(), methods.iter().find(|m| ["prefix", "prefix-mlp", "ptuning-v2"].contains(&m.as_str())))
+        (c.prefix_refusal(), methods.iter().find(|m| crate::train_cmd::PREFIXES.contains(&m.as_str())))
     {
         bail!("--methods {method}: {why} (leave it out of --methods)");
     }

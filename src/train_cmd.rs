@@ -99,7 +99,7 @@ pub const BASELINE: &str = "prompt-engineered";
 /// The prompt and prefix methods (the ones with virtual tokens).
 const VIRTUAL: &[&str] = &["prompt", "ptuning", "prefix", "prefix-mlp", "ptuning-v2"];
 /// The prefix methods (prefix inits).
-const PREFIXES: &[&str] = &["prefix", "prefix-mlp", "ptuning-v2"];
+pub(crate) const PREFIXES: &[&str] = &["prefix", "prefix-mlp", "ptuning-v2"];
 
 /// Each method flag and the methods that use it.
 pub const METHOD_FLAGS: &[(&str, &[&str])] = &[

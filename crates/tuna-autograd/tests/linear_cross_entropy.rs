@@ -25,13 +25,11 @@ fn targets() -> Vec<i32> {
     t
 }
 
+/// Loss, dh (empty when `h` needs none) and dw (when `w` trains) of one run.
+type Run<E> = (Vec<E>, Vec<E>, Option<Vec<E>>);
+
 /// Loss, dh and dw of the unfused ops and of the fused one (at `chunk`).
-fn both<B: Kernels<E>, E: Float>(
-    h: &Tensor<B, E>,
-    w: &Tensor<B, E>,
-    t: &[i32],
-    chunk: Option<usize>,
-) -> [(Vec<E>, Vec<E>, Option<Vec<E>>); 2] {
+fn both<B: Kernels<E>, E: Float>(h: &Tensor<B, E>, w: &Tensor<B, E>, t: &[i32], chunk: Option<usize>) -> [Run<E>; 2] {
     let dev = h.device().clone();
     let run = |fused: bool| {
         h.zero_grad();
@@ -70,6 +68,12 @@ fn fused_equals_unfused_for_every_chunk_size() {
             }
         }
     }
+    // Only the head trains (h is an input): its gradient alone, the same.
+    let x = constant(&mut rng, &[ROWS, HIDDEN], 1.0);
+    let [(lu, _, wu), (lf, hf, wf)] = both(&x, &w_train, &targets(), Some(2));
+    f64_pair(Tol::F64, "head only: loss", &lf, &lu);
+    assert!(hf.is_empty(), "a gradient for an input");
+    f64_pair(Tol::F64, "head only: dw", &wf.unwrap(), &wu.unwrap());
     // Every row ignored: 0, and no gradient anywhere.
     let none = vec![-100; ROWS];
     let [(lu, _, _), (lf, hf, wf)] = both(&h, &w_train, &none, None);

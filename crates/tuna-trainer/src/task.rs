@@ -115,7 +115,15 @@ impl TaskSpec {
                         let mut p = model.encode_window(prompt, max_len, true)?;
                         p.drain(..p.len().saturating_sub(max_len));
                         let mut c = model.encode_window(completion, max_len, false)?;
-                        c.truncate(max_len);
+                        // Cut at its end, keeping the closing `</s>` the tokenizer added (as a
+                        // truncating Hugging Face tokenizer does).
+                        if c.len() > max_len {
+                            let last = c[c.len() - 1];
+                            c.truncate(max_len);
+                            if model.eos_id() == Some(last) {
+                                c[max_len - 1] = last;
+                            }
+                        }
                         if p.is_empty() || c.is_empty() {
                             return Err(empty(if p.is_empty() {
                                 "prompt has no tokens"

@@ -146,8 +146,8 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     let tg: Vec<i32> = active.iter().map(|&r| targets[r as usize]).collect();
     let chunk = chunk_rows.unwrap_or_else(|| lce_chunk_rows(vocab)).max(1);
     let recording = crate::graph::recording(&[&x, w]);
-    let want_w = recording && w.requires_grad();
-    let dh = if recording { Some(Tensor::zeros(&dev, &[1, valid * hidden], false)?) } else { None };
+    let (want_h, want_w) = (recording && x.requires_grad(), recording && w.requires_grad());
+    let dh = if want_h { Some(Tensor::zeros(&dev, &[1, valid * hidden], false)?) } else { None };
     let mut dw = if want_w { Some(zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
     let mut sum = 0.0f64;
     crate::graph::no_grad(|| -> Result<()> {
@@ -163,13 +163,16 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
             let p = CeParams::new(c, vocab).with_ignore_index(ignore_index);
             let t = Ints::new(&dev, &[c], &tg[r0..r0 + c])?;
             let mut loss_rows = zeros::<B, E>(&dev, c)?;
-            match &dh {
-                Some(dh) => {
+            match (&dh, want_w) {
+                (None, false) => dev.ce_fwd(&p, &logits.buf(), t.buf(), B::buf_mut(&mut loss_rows))?,
+                (dh, _) => {
                     // The logits become their gradient (scale 1; the mean's 1/valid is the backward's).
                     dev.ce_fwd_bwd(&p, B::buf_mut(&mut *logits.data_mut()), t.buf(), B::buf_mut(&mut loss_rows))?;
-                    // dh rows r0.. = dlogits W ([c, vocab] x [vocab, hidden]).
-                    let dhc = matmul(&logits, w, MatmulParams::new(c, hidden, vocab))?;
-                    write_cols(dh, &reshape(&dhc, &[1, c * hidden])?, r0 * hidden)?;
+                    if let Some(dh) = dh {
+                        // dh rows r0.. = dlogits W ([c, vocab] x [vocab, hidden]).
+                        let dhc = matmul(&logits, w, MatmulParams::new(c, hidden, vocab))?;
+                        write_cols(dh, &reshape(&dhc, &[1, c * hidden])?, r0 * hidden)?;
+                    }
                     if let Some(dw) = dw.as_mut() {
                         // dw += dlogits^T x ([vocab, c] x [c, hidden]).
                         let mp =
@@ -177,7 +180,6 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                         dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), B::buf_mut(dw))?;
                     }
                 }
-                None => dev.ce_fwd(&p, &logits.buf(), t.buf(), B::buf_mut(&mut loss_rows))?,
             }
             sum += host::<B, E>(&dev, &loss_rows)?.into_iter().map(Into::<f64>::into).sum::<f64>();
         }
