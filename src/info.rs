@@ -22,6 +22,8 @@ pub fn report() -> String {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         if avx512() { "yes" } else { "no" }
     );
+    let _ = writeln!(s, "  cpu model: {}", cpu_model());
+    let _ = writeln!(s, "  cpu matrix instructions: {}", matrix_line());
     if tuna_kernels::cuda::emulation_requested() {
         // --device cuda opens the emulated device, whatever GPUs exist.
         match tuna_kernels::Cuda::new(0) {
@@ -93,6 +95,38 @@ fn rayon_threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or "unknown".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The matrix instructions found at run time, and the path `--base-precision bf16|int8` takes.
+pub fn matrix_line() -> String {
+    use tuna_kernels::ops::lowp::{matrix_path, CpuMatrixFeatures, MatrixPath};
+    let f = CpuMatrixFeatures::detect();
+    let names = f.names();
+    let found =
+        if names.is_empty() { "none of avx2+fma, avx512, vnni, bf16, amx".to_string() } else { names.join(", ") };
+    let path = match matrix_path() {
+        MatrixPath::WidenF32 => "bf16/int8 base: widened to f32 per block, f32 FMA",
+        MatrixPath::Avx512Vnni => "bf16/int8 base: AVX-512 VNNI",
+        MatrixPath::AvxVnni => "bf16/int8 base: AVX-VNNI",
+        MatrixPath::Amx => "bf16/int8 base: AMX tiles",
+    };
+    let unused = if f.best() != matrix_path() {
+        format!(" (this CPU offers {:?}; no kernel for it yet)", f.best())
+    } else {
+        String::new()
+    };
+    format!("{found}; {path}{unused}")
 }
 
 fn avx512() -> bool {

@@ -393,6 +393,12 @@ pub struct RunArgs {
     /// --micro-batch below --batch-size) and no global-norm clipping (--clip 0).
     #[arg(long)]
     pub update_in_backward: bool,
+    /// How the frozen weights of the transformer blocks are held: f32 (as loaded), bf16 (half the
+    /// memory) or int8 (a quarter: one f32 scale per output channel). CPU only, for the
+    /// parameter-efficient methods (full fine-tuning trains those weights); embeddings, norms,
+    /// heads and everything that trains stay f32.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|int8")]
+    pub base_precision: tuna_models::model::BasePrecision,
     /// Start even when the memory plan (printed before the first step on the CPU) predicts a peak
     /// above the memory available.
     #[arg(long)]
@@ -489,6 +495,18 @@ impl RunArgs {
     pub fn config(&self, method: Method, init_text: Option<String>) -> Result<TrainConfig> {
         let model = self.model.clone().context("--model is required")?;
         let train = self.train.clone().context("--train is required")?;
+        let bp = self.base_precision;
+        if bp != tuna_models::model::BasePrecision::F32 {
+            require(!matches!(method, Method::Full { .. }), || {
+                format!("--base-precision {bp} holds the frozen base weights in {bp}; full fine-tuning trains them (use f32, or a parameter-efficient method)")
+            })?;
+            require(!self.device.starts_with("cuda"), || {
+                format!(
+                    "--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32",
+                    self.device
+                )
+            })?;
+        }
         let task: Task = self.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
         let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
@@ -530,6 +548,7 @@ impl RunArgs {
             clip: (self.clip > 0.0).then_some(self.clip),
             checkpoint_activations: self.checkpoint_activations,
             update_in_backward: self.update_in_backward,
+            base_precision: self.base_precision,
             memory_check: !self.no_memory_check,
             eval_every: self.eval_every,
             save_every: self.save_every,

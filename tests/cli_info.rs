@@ -11,6 +11,15 @@ fn info_reports_devices_and_kernels() {
     assert!(s.contains("cpu:"), "{s}");
     assert!(s.contains("cuda"), "{s}");
     assert!(s.contains("gelu"), "kernel list missing: {s}");
+    // The matrix instructions, as detected at run time, and the path the low-precision base takes.
+    let matrix = s.lines().find_map(|l| l.trim().strip_prefix("cpu matrix instructions: ")).expect("matrix line");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        assert_eq!(matrix.contains("avx2+fma"), has!("avx2") && has!("fma"), "{s}");
+        assert_eq!(matrix.contains("avx512f"), has!("avx512f"), "{s}");
+    }
+    assert!(matrix.contains("bf16/int8 base: "), "{s}");
     // the build section, compiled in by build.rs
     let build = s.split("\nbuild:\n").nth(1).unwrap_or_else(|| panic!("no build section: {s}"));
     let value = |label: &str| {

@@ -16,6 +16,14 @@ pub enum Error {
     /// Data whose length does not match the shape it was given.
     #[error("tensor `{name}`: {len} values for shape {shape:?} ({expected} expected)")]
     Data { name: String, len: usize, shape: Vec<usize>, expected: usize },
+    /// A tensor whose storage was released (a frozen weight held packed in low precision).
+    #[error(
+        "tensor `{0}`: its f32 storage was released (the weight is held packed: --base-precision); it cannot be read"
+    )]
+    Released(String),
+    /// A request no tensor can satisfy, said in words.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -218,9 +218,29 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     pub fn data_mut(&self) -> RefMut<'_, B::Owned> {
         self.inner.data.borrow_mut()
     }
-    /// A host copy of the data.
+    /// A host copy of the data. A released tensor ([`Tensor::release_storage`]) is an error.
     pub fn to_vec(&self) -> Result<Vec<E>> {
+        if self.is_released() {
+            return Err(Error::Released(self.name().unwrap_or("unnamed").to_string()));
+        }
         Ok(self.inner.dev.to_host(&self.data())?)
+    }
+    /// Frees the data, keeping the shape: for a frozen weight now held elsewhere (packed in low
+    /// precision). Reading it afterwards ([`Tensor::to_vec`]) is an error, and a kernel given it
+    /// sees an empty buffer and refuses it by length. Refused for a tensor that trains.
+    pub fn release_storage(&self) -> Result<()> {
+        if self.requires_grad() {
+            return Err(Error::Invalid(format!(
+                "tensor `{}` trains: its storage cannot be released",
+                self.name().unwrap_or("unnamed")
+            )));
+        }
+        *self.data_mut() = self.inner.dev.zeros(0)?;
+        Ok(())
+    }
+    /// Whether the data was released ([`Tensor::release_storage`]).
+    pub fn is_released(&self) -> bool {
+        self.numel() > 0 && B::len(&*self.buf()) == 0
     }
     /// A host copy of the accumulated gradient; `None` where none has flowed here yet.
     pub fn grad(&self) -> Result<Option<Vec<E>>> {

@@ -232,3 +232,25 @@ fn linear_matmul_and_norms() {
     check(&[&x], || reduce(layernorm(&x, &g0, &b0, 1e-5)?, 29), H, GRAD_TOL, 30).unwrap();
     check(&[&x], || reduce(rmsnorm(&x, &g0, 1e-5)?, 30), H, GRAD_TOL, 30).unwrap();
 }
+
+/// A frozen weight packed in bf16 or int8 (`--base-precision`): the product is linear in `x` with
+/// the packed weight's values, so central differences check `dx` (and the bias) exactly as for an
+/// f32 weight; nothing is kept for a `dW`.
+#[test]
+fn linear_over_a_packed_weight() {
+    use std::sync::Arc;
+    use tuna_autograd::ops::lowp::{linear_packed, BasePrecision, PackedWeight};
+    let mut rng = Rng::new(29);
+    let x = param(&mut rng, "x", &[2, 3, 5], 1.0);
+    let bias = param(&mut rng, "bias", &[4], 0.5);
+    let w: Vec<f32> = (0..20).map(|i| ((i * 7 % 11) as f32 - 5.0) / 9.0).collect();
+    for (p, in_out) in [(BasePrecision::Bf16, false), (BasePrecision::Int8, true)] {
+        let pw = Arc::new(PackedWeight::pack("w", &w, 4, 5, in_out, p).unwrap());
+        check(&[&x, &bias], || reduce(linear_packed(&x, &pw, Some(&bias))?, 30), H, GRAD_TOL, 30).unwrap();
+    }
+    // A shape that does not meet the weight's input is refused by name.
+    let pw = Arc::new(PackedWeight::pack("w", &w, 4, 5, false, BasePrecision::Bf16).unwrap());
+    let bad = param(&mut rng, "bad", &[2, 4], 1.0);
+    let e = linear_packed(&bad, &pw, None).unwrap_err().to_string();
+    assert!(e.contains("linear_packed") && e.contains("input dim"), "{e}");
+}

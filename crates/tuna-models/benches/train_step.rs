@@ -4,7 +4,8 @@
 //! `scripts/bench/train_step.py` (same JSON); `scripts/bench/train_step.sh` runs both.
 //!
 //! Run: `cargo bench -p tuna-models --bench train_step -- --model minilm --method lora
-//! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S] [--device cpu|cuda]`.
+//! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S] [--device cpu|cuda]
+//! [--base-precision f32|bf16|int8]`.
 //! `--model gpt2` is GPT-2 small (the GPU check's training-step shape, `--device cuda`).
 //!
 //! MiniLM is a sequence classifier (mean-pooled encoder output, a trainable 2-class linear head,
@@ -26,7 +27,7 @@ use tuna_kernels::testing::Rng;
 use tuna_kernels::{Cpu, Cuda};
 use tuna_models::adapt::{LoraConfig, Method, PromptInit};
 use tuna_models::config::{BertConfig, Gpt2Config, LlamaConfig, ModelConfig};
-use tuna_models::model::AnyModel;
+use tuna_models::model::{AnyModel, BasePrecision};
 use tuna_models::weights::WeightSource;
 
 type Res<T> = std::result::Result<T, Box<dyn Error>>;
@@ -43,6 +44,8 @@ struct Args {
     layers: Option<usize>,
     seed: u64,
     device: String,
+    /// How the frozen block weights are held (f32, bf16, int8): `--base-precision`.
+    base_precision: BasePrecision,
 }
 
 fn parse_args() -> Res<Args> {
@@ -56,6 +59,7 @@ fn parse_args() -> Res<Args> {
         layers: None,
         seed: 0,
         device: "cpu".into(),
+        base_precision: BasePrecision::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -73,6 +77,7 @@ fn parse_args() -> Res<Args> {
             "--layers" => a.layers = Some(v.parse()?),
             "--seed" => a.seed = v.parse()?,
             "--device" => a.device = v,
+            "--base-precision" => a.base_precision = v.parse()?,
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -242,11 +247,14 @@ fn open<B: OptimKernels<f32>>(
     weights: RandomWeights,
     method: &Method,
     seed: u64,
+    base: BasePrecision,
 ) -> Res<AnyModel<B, f32>> {
     let weights = Box::leak(Box::new(weights));
     let full = matches!(method, Method::Full { .. });
     let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
-    let mut model = AnyModel::from_source(dev, &cfg, &*weights, weights.path(), tokenizer, false, move |_| full)?;
+    // A low-precision base is packed as it loads: the f32 model never exists whole.
+    let mut model =
+        AnyModel::from_source_with(dev, &cfg, &*weights, weights.path(), tokenizer, false, move |_| full, base)?;
     model.install(method, seed, None)?;
     Ok(model)
 }
@@ -256,7 +264,7 @@ fn minilm_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let m = method(&a.method, &["query", "value"])?;
     let weights = bert_weights(&cfg, a.seed);
     let vocab = cfg.vocab_size;
-    let mut model = open(dev, ModelConfig::Bert(cfg), weights, &m, a.seed)?;
+    let mut model = open(dev, ModelConfig::Bert(cfg), weights, &m, a.seed, a.base_precision)?;
     // the classification head trains in every method
     model.add_head(2, a.seed)?;
     let params: Vec<T32<B>> = model.trainable().into_iter().map(|(_, t)| t).collect();
@@ -286,7 +294,7 @@ fn smollm2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = smollm2_cfg(a.layers);
     let m = method(&a.method, &["q_proj", "v_proj"])?;
     let (weights, vocab) = (llama_weights(&cfg, a.seed), cfg.vocab_size);
-    lm_job(open(dev, ModelConfig::Llama(cfg), weights, &m, a.seed)?, a, vocab, a.seed ^ 0x70c5)
+    lm_job(open(dev, ModelConfig::Llama(cfg), weights, &m, a.seed, a.base_precision)?, a, vocab, a.seed ^ 0x70c5)
 }
 
 /// GPT-2 small (124M): 12 layers, width 768, 12 heads, 1024 positions, tied head.
@@ -329,7 +337,7 @@ fn gpt2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let cfg = gpt2_cfg(a.layers);
     let m = method(&a.method, &["c_attn"])?;
     let (weights, vocab) = (gpt2_weights(&cfg, a.seed), cfg.vocab_size);
-    lm_job(open(dev, ModelConfig::Gpt2(cfg), weights, &m, a.seed)?, a, vocab, a.seed ^ 0x6972)
+    lm_job(open(dev, ModelConfig::Gpt2(cfg), weights, &m, a.seed, a.base_precision)?, a, vocab, a.seed ^ 0x6972)
 }
 
 /// VmHWM (peak resident set) in MiB, from /proc/self/status.
@@ -394,7 +402,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
     println!(
         "{{\"side\":\"tuna\",\"model\":\"{}\",\"method\":\"{}\",\"layers\":{layers},\"batch\":{},\"seq\":{},\"steps\":{},\
 \"tokens_per_s\":{:.1},\"step_ms\":{:.2},\"fwd_ms\":{:.2},\"bwd_ms\":{:.2},\"opt_ms\":{:.2},\"peak_rss_mb\":{:.1},\
-\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"loss\":{last_loss:.5}}}",
+\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"loss\":{last_loss:.5}}}",
         a.model,
         a.method,
         a.batch,
@@ -408,6 +416,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
         peak_rss_mb(),
         rayon::current_num_threads(),
         a.device,
+        a.base_precision,
     );
     Ok(())
 }

@@ -75,12 +75,18 @@ fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize)
 
 /// Dense `name` (bare or under `bert.` in the file), named as `BertModel`'s module.
 fn dense<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Dense<B, E>> {
-    Ok(Linear {
-        name: name.to_string(),
-        weight: load(l, &format!("{name}.weight"), &[o, i])?,
-        bias: Some(load(l, &format!("{name}.bias"), &[o])?),
-        layout: WeightLayout::OutIn,
-    })
+    Ok(Linear::new(
+        name.to_string(),
+        load(l, &format!("{name}.weight"), &[o, i])?,
+        Some(load(l, &format!("{name}.bias"), &[o])?),
+        WeightLayout::OutIn,
+    ))
+}
+
+/// A block's Dense: as [`dense`], its frozen weight packed when the loader asks (the pooler is not).
+fn block<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Dense<B, E>> {
+    let d = dense(l, name, i, o)?;
+    l.linear(d)
 }
 
 /// A forward's sizes, as one layer needs them.
@@ -160,13 +166,13 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             layers.push(BertLayer {
-                query: dense(loader, &format!("{p}.attention.self.query"), h, h)?,
-                key: dense(loader, &format!("{p}.attention.self.key"), h, h)?,
-                value: dense(loader, &format!("{p}.attention.self.value"), h, h)?,
-                attn_out: dense(loader, &format!("{p}.attention.output.dense"), h, h)?,
+                query: block(loader, &format!("{p}.attention.self.query"), h, h)?,
+                key: block(loader, &format!("{p}.attention.self.key"), h, h)?,
+                value: block(loader, &format!("{p}.attention.self.value"), h, h)?,
+                attn_out: block(loader, &format!("{p}.attention.output.dense"), h, h)?,
                 attn_norm: norm(loader, &format!("{p}.attention.output.LayerNorm"), h)?,
-                intermediate: dense(loader, &format!("{p}.intermediate.dense"), h, ff)?,
-                output: dense(loader, &format!("{p}.output.dense"), ff, h)?,
+                intermediate: block(loader, &format!("{p}.intermediate.dense"), h, ff)?,
+                output: block(loader, &format!("{p}.output.dense"), ff, h)?,
                 out_norm: norm(loader, &format!("{p}.output.LayerNorm"), h)?,
             });
         }

@@ -82,12 +82,13 @@ fn norm<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, c: usize)
 /// Conv1D `name` (bare or prefixed in the file), named `transformer.<name>` as GPT2LMHeadModel's
 /// modules are.
 fn conv<B: Kernels<E>, E: Float>(l: &mut Loader<'_, B, E>, name: &str, i: usize, o: usize) -> Result<Conv1D<B, E>> {
-    Ok(Linear {
-        name: format!("transformer.{name}"),
-        weight: load(l, &format!("{name}.weight"), &[i, o])?,
-        bias: Some(load(l, &format!("{name}.bias"), &[o])?),
-        layout: WeightLayout::InOut,
-    })
+    let lin = Linear::new(
+        format!("transformer.{name}"),
+        load(l, &format!("{name}.weight"), &[i, o])?,
+        Some(load(l, &format!("{name}.bias"), &[o])?),
+        WeightLayout::InOut,
+    );
+    l.linear(lin)
 }
 
 /// A forward's sizes, as one block needs them.

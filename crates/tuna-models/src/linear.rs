@@ -4,7 +4,11 @@
 //! and read by the forward's LoRA lookup, `named_weights` and saving.
 
 use crate::error::Result;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
 use tuna_autograd::ops::linear::WeightLayout;
+use tuna_autograd::ops::lowp::PackedWeight;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
 
@@ -16,15 +20,66 @@ pub struct Linear<B: Kernels<E>, E: Float> {
     pub bias: Option<Tensor<B, E>>,
     /// `OutIn` (`nn.Linear`) or `InOut` (GPT-2's Conv1D).
     pub layout: WeightLayout,
+    /// The frozen weight held in low precision (`--base-precision`), shared by every clone of this
+    /// layer: when set, the forward uses it and `weight`'s f32 storage has been released (its
+    /// shape stays; reading its values is an error).
+    pub packed: Rc<RefCell<Option<Arc<PackedWeight>>>>,
 }
 
 impl<B: Kernels<E>, E: Float> Clone for Linear<B, E> {
     fn clone(&self) -> Self {
-        Linear { name: self.name.clone(), weight: self.weight.clone(), bias: self.bias.clone(), layout: self.layout }
+        Linear {
+            name: self.name.clone(),
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            layout: self.layout,
+            packed: self.packed.clone(),
+        }
     }
 }
 
 impl<B: Kernels<E>, E: Float> Linear<B, E> {
+    /// A layer as loaded (f32, not packed).
+    pub fn new(name: String, weight: Tensor<B, E>, bias: Option<Tensor<B, E>>, layout: WeightLayout) -> Self {
+        Linear { name, weight, bias, layout, packed: Rc::new(RefCell::new(None)) }
+    }
+
+    /// The packed low-precision weight, when the layer holds one.
+    pub fn packed(&self) -> Option<Arc<PackedWeight>> {
+        self.packed.borrow().clone()
+    }
+
+    /// `(out, in)` features, whatever the layout.
+    pub fn out_in(&self) -> (usize, usize) {
+        let s = self.weight.shape();
+        match self.layout {
+            WeightLayout::OutIn => (s[0], s[1]),
+            WeightLayout::InOut => (s[1], s[0]),
+        }
+    }
+
+    /// Holds the (frozen) weight in `p` from now on and releases its f32 storage; returns the
+    /// bytes released and the bytes the packed weight holds. Refuses a weight that trains.
+    pub fn pack(&self, p: tuna_autograd::ops::lowp::BasePrecision) -> Result<(usize, usize)> {
+        if self.weight.requires_grad() {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "{}.weight trains: only a frozen weight can be held in {p}",
+                self.name
+            )));
+        }
+        if self.packed.borrow().is_some() {
+            return Err(crate::error::Error::InvalidArgument(format!("{}.weight is already packed", self.name)));
+        }
+        let (out, inp) = self.out_in();
+        let host: Vec<f32> = self.weight.to_vec()?.into_iter().map(|v| v.to_f32()).collect();
+        let name = format!("{}.weight", self.name);
+        let pw = PackedWeight::pack(&name, &host, out, inp, self.layout == WeightLayout::InOut, p)?;
+        let (before, after) = (self.weight.bytes(), pw.bytes());
+        self.weight.release_storage()?;
+        *self.packed.borrow_mut() = Some(Arc::new(pw));
+        Ok((before, after))
+    }
+
     /// `name.weight` and (when there is one) `name.bias`.
     pub fn named_weights(&self) -> Vec<(String, Tensor<B, E>)> {
         let mut v = vec![(format!("{}.weight", self.name), self.weight.clone())];
@@ -36,6 +91,9 @@ impl<B: Kernels<E>, E: Float> Linear<B, E> {
 
     /// `x W (+ bias)`, without any adaptation.
     pub fn apply(&self, x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
+        if let Some(pw) = self.packed.borrow().as_ref() {
+            return Ok(tuna_autograd::ops::lowp::linear_packed(x, pw, self.bias.as_ref())?);
+        }
         Ok(tuna_autograd::ops::linear::linear(x, &self.weight, self.layout, self.bias.as_ref())?)
     }
 }

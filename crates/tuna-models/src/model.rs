@@ -23,9 +23,29 @@ use std::sync::Arc;
 use tuna_autograd::ops::elem::{mean_pool, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
+pub use tuna_autograd::ops::lowp::BasePrecision;
+use tuna_autograd::ops::lowp::PackedWeight;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
+
+/// What [`AnyModel::set_base_precision`] did: the layers packed and the bytes before and after.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BasePacking {
+    pub precision: BasePrecision,
+    pub layers: usize,
+    pub f32_bytes: usize,
+    pub packed_bytes: usize,
+}
+
+/// Whether `dev` has the low-precision products: one is tried on a 1 x 1 weight before anything
+/// is released (CUDA says it has none).
+fn check_lowp_device<B: Kernels<E>, E: Float>(dev: &Arc<B>, p: BasePrecision) -> Result<()> {
+    let probe = Arc::new(PackedWeight::pack("probe", &[1.0], 1, 1, false, p)?);
+    let x = Tensor::constant(dev, &[1, 1], &[E::from_f32(1.0)])?;
+    tuna_autograd::ops::lowp::linear_packed(&x, &probe, None)?;
+    Ok(())
+}
 
 /// A batch's ids, mask and positions on the device.
 type Inputs<B> = (Ints<B, u32>, Ints<B, u8>, Ints<B, u32>);
@@ -69,15 +89,33 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`), training the base weights
     /// `method` says (full fine-tuning); the method itself is installed by [`AnyModel::install`].
     pub fn open_for(dev: &Arc<B>, path: &Path, method: &Method) -> Result<Self> {
+        Self::open_for_with(dev, path, method, BasePrecision::F32)
+    }
+
+    /// [`AnyModel::open_for`] with the frozen block weights held in `base` as they load
+    /// ([`AnyModel::open_with`]).
+    pub fn open_for_with(dev: &Arc<B>, path: &Path, method: &Method, base: BasePrecision) -> Result<Self> {
         match method {
-            Method::Full { patterns } => Self::open(dev, path, full_finetune_predicate(patterns)),
-            _ => Self::open(dev, path, |_| false),
+            Method::Full { patterns } => Self::open_with(dev, path, full_finetune_predicate(patterns), base),
+            _ => Self::open_with(dev, path, |_| false, base),
         }
     }
 
     /// Load `path` (a Hugging Face folder or a Llama `.gguf`) with its tokenizer; the base weights
     /// named as `trainable` says train. No adaptation is installed.
     pub fn open(dev: &Arc<B>, path: &Path, trainable: impl Fn(&str) -> bool + 'static) -> Result<Self> {
+        Self::open_with(dev, path, trainable, BasePrecision::F32)
+    }
+
+    /// [`AnyModel::open`], each frozen linear weight of the transformer blocks packed in `base`
+    /// (bf16 or int8, CPU; see [`AnyModel::set_base_precision`]) as soon as it is loaded, so the
+    /// f32 model never exists whole: the peak while loading is the packed model and one f32 tensor.
+    pub fn open_with(
+        dev: &Arc<B>,
+        path: &Path,
+        trainable: impl Fn(&str) -> bool + 'static,
+        base: BasePrecision,
+    ) -> Result<Self> {
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
                 return Err(Error::Format {
@@ -87,14 +125,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             }
             let g = GgufFile::open(path)?;
             let cfg = ModelConfig::Llama(g.llama_config()?);
-            Self::from_source(dev, &cfg, &g, path, g.build_tokenizer()?, false, trainable)
+            Self::from_source_with(dev, &cfg, &g, path, g.build_tokenizer()?, false, trainable, base)
         } else if path.is_dir() {
             let ck = HfCheckpoint::open(path)?;
             let tok = crate::tokenizer::Tokenizer::from_file(path.join("tokenizer.json"))?
                 .without_padding_and_truncation()
                 .inner()
                 .clone();
-            Self::from_source(dev, &ck.config().clone(), &ck, path, tok, true, trainable)
+            Self::from_source_with(dev, &ck.config().clone(), &ck, path, tok, true, trainable, base)
         } else {
             Err(Error::Format {
                 path: path.to_path_buf(),
@@ -119,7 +157,26 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         add_special: bool,
         trainable: impl Fn(&str) -> bool + 'static,
     ) -> Result<Self> {
+        Self::from_source_with(dev, cfg, src, source, tokenizer, add_special, trainable, BasePrecision::F32)
+    }
+
+    /// [`AnyModel::from_source`] with the frozen block weights packed in `base` as they load.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_source_with(
+        dev: &Arc<B>,
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        source: &Path,
+        tokenizer: tokenizers::Tokenizer,
+        add_special: bool,
+        trainable: impl Fn(&str) -> bool + 'static,
+        base: BasePrecision,
+    ) -> Result<Self> {
+        if base != BasePrecision::F32 {
+            check_lowp_device(dev, base)?;
+        }
         let mut l = Loader::with_trainable(src, dev, trainable);
+        l.pack = base;
         let net = match cfg {
             ModelConfig::Gpt2(c) => Net::Gpt2(Gpt2::load(c, &mut l)?),
             ModelConfig::Llama(c) => Net::Llama(Llama::load(c, &mut l)?),
@@ -127,7 +184,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             ModelConfig::T5(c) => Net::T5(T5::load(c, &mut l)?),
         };
         let trainable_base = l.loaded.into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        Ok(AnyModel {
+        let model = AnyModel {
             net,
             tokenizer,
             add_special,
@@ -135,7 +192,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             source: source.to_path_buf(),
             name: None,
             dev: dev.clone(),
-        })
+        };
+        if base != BasePrecision::F32 && model.base_precision() != base {
+            return Err(Error::InvalidArgument(format!(
+                "--base-precision {base}: no frozen block weight to hold in {base} (full fine-tuning trains them all; the \
+                 low-precision base is for the parameter-efficient methods)"
+            )));
+        }
+        Ok(model)
     }
 
     /// Install `method`'s new parameters (seeded). A TEXT or CLASS_LABELS prompt or prefix init
@@ -201,6 +265,50 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             Net::Bert(n) => n.checkpoint = policy,
             Net::T5(n) => n.checkpoint = policy,
         }
+    }
+
+    /// Holds every frozen linear weight of the transformer blocks in `p` from now on (bf16, or
+    /// int8 per output channel; `--base-precision`), releasing their f32 storage: the products run
+    /// on the packed weights (CPU only). Embeddings, norms, heads and everything that trains stay
+    /// f32. Call after the method is installed (LoRA keeps only the base weight's shape) and after
+    /// anything that reads the base weights' values (the checkpoint fingerprint). `F32` changes
+    /// nothing. Refused on a device without the low-precision products, and when no block weight
+    /// is frozen (full fine-tuning trains them all).
+    pub fn set_base_precision(&mut self, p: BasePrecision) -> Result<BasePacking> {
+        let mut done = BasePacking { precision: p, ..Default::default() };
+        if p == BasePrecision::F32 {
+            return Ok(done);
+        }
+        check_lowp_device(&self.dev, p)?;
+        let linears = each!(&self.net, n => Adaptable::linears(n));
+        for l in linears.iter().filter(|l| !l.weight.requires_grad() && l.packed().is_none()) {
+            let (before, after) = l.pack(p)?;
+            done.layers += 1;
+            done.f32_bytes += before;
+            done.packed_bytes += after;
+        }
+        if done.layers == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "--base-precision {p}: no frozen block weight to hold in {p} (full fine-tuning trains them all; the \
+                 low-precision base is for the parameter-efficient methods)"
+            )));
+        }
+        Ok(done)
+    }
+
+    /// The packed weight behind base weight `name` (`<module>.weight`), when it is held packed.
+    pub fn packed_weight(&self, name: &str) -> Option<Arc<PackedWeight>> {
+        let linears = each!(&self.net, n => Adaptable::linears(n));
+        linears
+            .iter()
+            .find(|l| l.name.len() + 7 == name.len() && name.starts_with(&l.name) && name.ends_with(".weight"))
+            .and_then(|l| l.packed())
+    }
+
+    /// The precision the blocks' frozen weights are held in (`F32` unless packed).
+    pub fn base_precision(&self) -> BasePrecision {
+        let linears = each!(&self.net, n => Adaptable::linears(n));
+        linears.iter().find_map(|l| l.packed().map(|p| p.precision())).unwrap_or_default()
     }
 
     /// The checkpointing policy in place.

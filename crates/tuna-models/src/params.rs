@@ -23,6 +23,8 @@ pub struct Loader<'a, B: Kernels<E>, E: Float> {
     pub loaded: Vec<(String, Tensor<B, E>)>,
     /// The source's names (as [`WeightSource::names`] lists them) of the tensors loaded.
     taken: BTreeSet<String>,
+    /// How [`Loader::linear`] holds a frozen linear weight (`--base-precision`; f32: as loaded).
+    pub pack: tuna_autograd::ops::lowp::BasePrecision,
 }
 
 impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
@@ -33,7 +35,23 @@ impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
 
     /// A loader where the weights named as `trainable` says train (full fine-tuning: `|_| true`).
     pub fn with_trainable(src: &'a dyn WeightSource, dev: &Arc<B>, trainable: impl Fn(&str) -> bool + 'static) -> Self {
-        Loader { src, dev: dev.clone(), trainable: Box::new(trainable), loaded: Vec::new(), taken: BTreeSet::new() }
+        Loader {
+            src,
+            dev: dev.clone(),
+            trainable: Box::new(trainable),
+            loaded: Vec::new(),
+            taken: BTreeSet::new(),
+            pack: Default::default(),
+        }
+    }
+
+    /// A block's linear layer as loaded: its frozen weight packed now when [`Loader::pack`] asks
+    /// for a low precision (its f32 storage released before the next tensor loads).
+    pub fn linear(&mut self, lin: crate::linear::Linear<B, E>) -> Result<crate::linear::Linear<B, E>> {
+        if self.pack != tuna_autograd::ops::lowp::BasePrecision::F32 && !lin.weight.requires_grad() {
+            lin.pack(self.pack)?;
+        }
+        Ok(lin)
     }
 
     /// Tensor `name` with exactly `shape` (error naming the tensor, expected and found shapes).

@@ -318,7 +318,7 @@ impl<B: Kernels<E>, E: Float> T5<B, E> {
         let shared = loader.load_any(&["shared.weight", "encoder.embed_tokens.weight"], &[cfg.vocab_size, d])?;
         let lin = |l: &mut Loader<'_, B, E>, name: String, out: usize, inp: usize| -> Result<Linear<B, E>> {
             let weight = l.load(&format!("{name}.weight"), &[out, inp])?;
-            Ok(Linear { name, weight, bias: None, layout: WeightLayout::OutIn })
+            l.linear(Linear::new(name, weight, None, WeightLayout::OutIn))
         };
         let attn = |l: &mut Loader<'_, B, E>, p: &str| -> Result<T5Attention<B, E>> {
             Ok(T5Attention {

@@ -47,6 +47,9 @@ pub struct TrainConfig {
     /// AdamW inside the backward: each trainable tensor updated, and its gradient freed, as soon
     /// as its gradient is complete (one pass per step, no global-norm clipping; the same numbers).
     pub update_in_backward: bool,
+    /// How the frozen weights of the blocks are held (f32, bf16, or int8 per output channel; CPU,
+    /// parameter-efficient methods): less memory, products on the packed weights.
+    pub base_precision: tuna_models::model::BasePrecision,
     /// Refuse to start when the memory plan's predicted peak exceeds the memory available.
     pub memory_check: bool,
     pub eval_every: u64,

@@ -36,9 +36,13 @@ impl BaseFingerprint {
             names.write(format!("{n}:{:?};", t.shape()).as_bytes());
         }
         let mut content = Fnv64::new();
-        for (_, t) in &weights {
-            // One tensor on the host at a time (a copy), so the peak stays one tensor's size.
-            let v = t.to_vec()?;
+        for (n, t) in &weights {
+            // One tensor on the host at a time (a copy), so the peak stays one tensor's size. A
+            // weight held packed (--base-precision) is read as the packed values, [out, in].
+            let v = match model.packed_weight(n) {
+                Some(p) if t.is_released() => p.to_f32(),
+                _ => t.to_vec()?,
+            };
             let stride = (v.len() / SAMPLES_PER_TENSOR).max(1);
             for x in v.iter().step_by(stride) {
                 content.write(&x.to_bits().to_le_bytes());

@@ -171,7 +171,7 @@ fn in_task<'a>(file: &'a Path, name: &'a str) -> impl Fn(TrainError) -> TrainErr
 /// Load the model, install every task's adapter into its bank and load each task's data.
 fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<TaskRun<B>>)> {
     let run = cfg.run();
-    let mut model = Model::open(dev, &run.model, |_| false)?;
+    let mut model = Model::open_with(dev, &run.model, |_| false, run.base_precision)?;
     if model.is_encoder_decoder() {
         return Err(TrainError::Invalid(
             "multi-task training (--tasks) runs mixed-adapter batches, built for GPT-2, Llama and BERT, not yet for \
@@ -309,6 +309,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
     }
     run_dir::check(&run.out, run.out_mode, &inputs)?;
     let (mut model, tasks) = setup(dev, cfg)?;
+    let base = BaseFingerprint::of(&model)?;
     if run.out_mode == OutMode::Overwrite {
         run_dir::clear(&run.out)?;
     }
@@ -340,7 +341,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         train_tokens: 0,
         train_seconds: 0.0,
         last_loss: f64::NAN,
-        base: Some(BaseFingerprint::of(&model)?),
+        base: Some(base),
         settings: Some(multi_settings(&tasks)),
         task_losses: Some(BTreeMap::new()),
     };
@@ -716,6 +717,7 @@ mod tests {
             model_name: None,
             checkpoint_activations: Default::default(),
             update_in_backward: false,
+            base_precision: Default::default(),
             memory_check: true,
             model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
             method,

@@ -45,6 +45,8 @@ pub(crate) struct Setup<B: Backend> {
     pub(crate) batcher: Batcher,
     pub(crate) eval_batcher: Option<Batcher>,
     pub(crate) params: Vec<(String, Tensor<B, f32>)>,
+    /// The base weights' fingerprint, taken as loaded (before `--base-precision` packs them).
+    pub(crate) base: BaseFingerprint,
 }
 
 /// Load the data, the model (installing the method) and the task; check the schedule.
@@ -74,7 +76,8 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
         (None, Some(v), _) | (None, None, Some(v)) => v.join(" "),
         _ => crate::data::LabelSet::from_examples(&train_records).labels().join(" "),
     };
-    let mut model = Model::open_for(dev, &cfg.model, &cfg.method)?;
+    // With --base-precision the frozen block weights are packed as they load.
+    let mut model = Model::open_for_with(dev, &cfg.model, &cfg.method, cfg.base_precision)?;
     model.name = cfg.model_name.clone();
     // Lengths against the model's positions before anything is allocated for the method.
     let max_len = resolve_max_len(cfg.max_len, model.max_positions(), cfg.method.virtual_tokens(), min_len(cfg.task))?;
@@ -105,7 +108,8 @@ pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup
     if params.is_empty() {
         return Err(TrainError::Invalid("nothing to train: the method and patterns select no tensor".into()));
     }
-    Ok(Setup { model, spec, batcher, eval_batcher, params })
+    let base = BaseFingerprint::of(&model)?;
+    Ok(Setup { model, spec, batcher, eval_batcher, params, base })
 }
 
 /// The learning-rate schedule `cfg` asks for, checked.
@@ -349,7 +353,7 @@ fn start_or_resume<B: Backend>(
         train_tokens: 0,
         train_seconds: 0.0,
         last_loss: f64::NAN,
-        base: Some(BaseFingerprint::of(&s.model)?),
+        base: Some(s.base.clone()),
         settings: Some(settings_of(cfg, s.eval_batcher.as_ref().map(Batcher::fingerprint))),
         task_losses: None,
     };

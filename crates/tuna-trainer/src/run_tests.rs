@@ -42,6 +42,7 @@ pub(crate) fn config(task: Task, dir: &Path) -> TrainConfig {
         optimizer_state: Default::default(),
         checkpoint_activations: Default::default(),
         update_in_backward: false,
+        base_precision: Default::default(),
         memory_check: true,
         clip: None,
         eval_every: 1,

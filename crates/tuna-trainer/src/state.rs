@@ -97,6 +97,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--min-lr-ratio".into(), s(&cfg.min_lr_ratio)),
         ("--weight-decay".into(), s(&cfg.weight_decay)),
         ("--optimizer-state".into(), cfg.optimizer_state.to_string()),
+        ("--base-precision".into(), cfg.base_precision.to_string()),
         ("--clip".into(), s(&cfg.clip)),
         (CHECKPOINT_ACTIVATIONS.into(), cfg.checkpoint_activations.name()),
         (UPDATE_IN_BACKWARD.into(), cfg.update_in_backward.to_string()),
@@ -140,6 +141,18 @@ pub(crate) const STATE: &str = "state.json";
 pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     let saved: State = serde_json::from_slice(ck.file(STATE)?)
         .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
+    // The fingerprint samples the base as held, so a switched --base-precision would read as
+    // another base model: name the flag instead.
+    let precision = |st: &State| st.settings.as_ref().and_then(|s| s.get("--base-precision")).cloned();
+    if let (Some(old), Some(new)) = (precision(&saved), precision(now)) {
+        if old != new {
+            return Err(TrainError::Invalid(format!(
+                "{}: a resumed run keeps the settings it started with; changed: --base-precision was {old}, now {new}. \
+                 Resume with --base-precision {old}, or start a new run (--overwrite or another --out)",
+                ck.dir.display()
+            )));
+        }
+    }
     match (&saved.base, &now.base) {
         (Some(b), Some(base)) => {
             if let Some(what) = b.difference(base) {

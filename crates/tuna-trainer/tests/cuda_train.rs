@@ -50,6 +50,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         optimizer_state: Default::default(),
         checkpoint_activations: Default::default(),
         update_in_backward: false,
+        base_precision: Default::default(),
         memory_check: true,
         clip: Some(1.0),
         eval_every: 3,

@@ -11,6 +11,7 @@ pub mod elem;
 pub mod embed;
 pub mod linear;
 pub mod loss;
+pub mod lowp;
 pub mod norm;
 pub mod rope;
 pub mod shape;
@@ -24,6 +25,7 @@ use tuna_kernels::ops::embedding::EmbeddingKernel;
 use tuna_kernels::ops::gelu::GeluKernel;
 use tuna_kernels::ops::grad::GradKernel;
 use tuna_kernels::ops::layernorm::LayerNormKernel;
+use tuna_kernels::ops::lowp::LowpKernel;
 use tuna_kernels::ops::matmul::MatmulKernel;
 use tuna_kernels::ops::rmsnorm::RmsNormKernel;
 use tuna_kernels::ops::rope::RopeKernel;
@@ -44,6 +46,7 @@ pub trait Kernels<E: Float>:
     + GeluKernel<E>
     + GradKernel<E>
     + LayerNormKernel<E>
+    + LowpKernel<E>
     + MatmulKernel<E>
     + RmsNormKernel<E>
     + RopeKernel<E>
@@ -64,9 +67,7 @@ impl<B, E: Float> Kernels<E> for B where
         + GeluKernel<E>
         + GradKernel<E>
         + LayerNormKernel<E>
-        + MatmulKernel<E>
-        + RmsNormKernel<E>
-        + LayerNormKernel<E>
+        + LowpKernel<E>
         + MatmulKernel<E>
         + RmsNormKernel<E>
         + RopeKernel<E>

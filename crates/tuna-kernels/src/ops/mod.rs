@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod gelu;
 pub mod grad;
 pub mod layernorm;
+pub mod lowp;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;

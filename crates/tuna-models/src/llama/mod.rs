@@ -151,7 +151,7 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
             let lin = |l: &mut Loader<'_, B, E>, name: &str, out: usize, inp: usize| -> Result<Linear<B, E>> {
                 let name = format!("{p}.{name}");
                 let weight = l.load(&format!("{name}.weight"), &[out, inp])?;
-                Ok(Linear { name, weight, bias: None, layout: WeightLayout::OutIn })
+                l.linear(Linear::new(name, weight, None, WeightLayout::OutIn))
             };
             layers.push(LlamaLayer {
                 input_layernorm: norm(loader, "input_layernorm")?,

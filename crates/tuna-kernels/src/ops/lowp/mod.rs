@@ -1,0 +1,328 @@
+//! A frozen linear weight held in low precision (`--base-precision bf16|int8`): the two products
+//! a frozen weight takes part in, `y = x W^T` (forward) and `dx += dy W` (input gradient). A
+//! frozen weight has no `dW`, so nothing else ever reads it.
+//!
+//! Storage: bf16 (round to nearest even, NaN kept: half the bytes of f32), or int8 symmetric per
+//! output channel (`w = q * scale[row]`, `scale = max|w_row| / 127`: a quarter of the bytes, plus
+//! one f32 per row). The weight is packed once, at load, as `[out, in]` whatever the file's layout
+//! (GPT-2's Conv1D is transposed then).
+//!
+//! Compute, CPU: the instruction path [`matrix_path`] picks at run time. On every x86-64 CPU here
+//! today the path is [`MatrixPath::WidenF32`]: a block of rows is widened (bf16) or dequantized
+//! (int8) into a per-thread f32 scratch (reused from call to call: a step allocates nothing after
+//! the first), and the `gemm` crate's runtime-dispatched f32 microkernels run on it. Activations
+//! and gradients stay f32, so the only error is the weight's rounding. The int8 instruction paths
+//! (AVX-512 VNNI `vpdpbusd`, AMX tiles) are named by [`matrix_path`] but have no kernel yet.
+//!
+//! Error bounds (tested against an f64 product with the original f32 weight, `tests.rs`): per
+//! output element `|y - y_ref| <= e_w * sum_k |x_k| |w_k| + f32 rounding`, with `e_w = 2^-8`
+//! relative for bf16 (`|w - bf16(w)| <= 2^-9 |w|`, doubled for slack), and for int8 the absolute
+//! weight error `max|w_row| / 254` in place of `e_w |w_k|`. CUDA has no low-precision base here:
+//! its frozen weights go bf16 through the mixed-precision design instead.
+
+mod cpu;
+mod cuda;
+#[cfg(test)]
+mod tests;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use half::bf16;
+
+/// How a frozen base's linear weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BasePrecision {
+    /// f32, as loaded: the ordinary matmul.
+    #[default]
+    F32,
+    /// bf16 storage.
+    Bf16,
+    /// int8, symmetric, one f32 scale per output channel.
+    Int8,
+}
+
+impl BasePrecision {
+    pub const ALL: [BasePrecision; 3] = [BasePrecision::F32, BasePrecision::Bf16, BasePrecision::Int8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BasePrecision::F32 => "f32",
+            BasePrecision::Bf16 => "bf16",
+            BasePrecision::Int8 => "int8",
+        }
+    }
+
+    /// Bytes per weight element, not counting int8's per-row scales.
+    pub fn bytes_per_weight(self) -> usize {
+        match self {
+            BasePrecision::F32 => 4,
+            BasePrecision::Bf16 => 2,
+            BasePrecision::Int8 => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for BasePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BasePrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(BasePrecision::F32),
+            "bf16" => Ok(BasePrecision::Bf16),
+            "int8" => Ok(BasePrecision::Int8),
+            "q4" => Err("base precision `q4` is not built yet (expected f32, bf16 or int8)".into()),
+            other => Err(format!("unknown base precision `{other}` (expected f32, bf16 or int8)")),
+        }
+    }
+}
+
+/// The matrix instructions a low-precision product can use on this CPU, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixPath {
+    /// AMX tiles (bf16 and int8), Sapphire Rapids and later.
+    Amx,
+    /// AVX-512 VNNI (`vpdpbusd`) and, where present, AVX512_BF16.
+    Avx512Vnni,
+    /// AVX-VNNI on 256-bit registers (Alder Lake, Zen 5).
+    AvxVnni,
+    /// No integer or bf16 dot-product instruction: widen to f32, f32 FMA.
+    WidenF32,
+}
+
+/// What this CPU offers for matrix products, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuMatrixFeatures {
+    pub avx2_fma: bool,
+    pub avx512f: bool,
+    pub avx512_vnni: bool,
+    pub avx512_bf16: bool,
+    pub avx_vnni: bool,
+    pub amx_tile: bool,
+    pub amx_bf16: bool,
+    pub amx_int8: bool,
+}
+
+impl CpuMatrixFeatures {
+    /// Run-time detection (cpuid through `is_x86_feature_detected!`); all false off x86-64.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            // AMX's detection macro is unstable: cpuid leaf 7 directly (EDX bits 22, 24, 25:
+            // AMX-BF16, AMX-TILE, AMX-INT8), what the CPU offers; using the tiles would also need
+            // the kernel's permission (arch_prctl ARCH_REQ_XCOMP_PERM).
+            // cpuid is on every x86-64 CPU; leaf 7 exists when leaf 0 says so.
+            let amx = {
+                let max_leaf = std::arch::x86_64::__cpuid(0).eax;
+                if max_leaf >= 7 {
+                    let d = std::arch::x86_64::__cpuid_count(7, 0).edx;
+                    (d & (1 << 22) != 0, d & (1 << 24) != 0, d & (1 << 25) != 0)
+                } else {
+                    (false, false, false)
+                }
+            };
+            CpuMatrixFeatures {
+                avx2_fma: has!("avx2") && has!("fma"),
+                avx512f: has!("avx512f"),
+                avx512_vnni: has!("avx512vnni"),
+                avx512_bf16: has!("avx512bf16"),
+                avx_vnni: has!("avxvnni"),
+                amx_tile: amx.1,
+                amx_bf16: amx.0,
+                amx_int8: amx.2,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuMatrixFeatures {
+                avx2_fma: false,
+                avx512f: false,
+                avx512_vnni: false,
+                avx512_bf16: false,
+                avx_vnni: false,
+                amx_tile: false,
+                amx_bf16: false,
+                amx_int8: false,
+            }
+        }
+    }
+
+    /// The matrix instructions found, by their usual names (`tuna info`).
+    pub fn names(&self) -> Vec<&'static str> {
+        let all = [
+            (self.avx2_fma, "avx2+fma"),
+            (self.avx512f, "avx512f"),
+            (self.avx512_vnni, "avx512-vnni"),
+            (self.avx512_bf16, "avx512-bf16"),
+            (self.avx_vnni, "avx-vnni"),
+            (self.amx_tile, "amx-tile"),
+            (self.amx_bf16, "amx-bf16"),
+            (self.amx_int8, "amx-int8"),
+        ];
+        all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
+    }
+
+    /// The best path the instructions allow.
+    pub fn best(&self) -> MatrixPath {
+        if self.amx_tile && (self.amx_int8 || self.amx_bf16) {
+            MatrixPath::Amx
+        } else if self.avx512_vnni {
+            MatrixPath::Avx512Vnni
+        } else if self.avx_vnni {
+            MatrixPath::AvxVnni
+        } else {
+            MatrixPath::WidenF32
+        }
+    }
+}
+
+/// The path low-precision products take on this CPU: the widen-to-f32 path, the only one with a
+/// kernel today, whatever [`CpuMatrixFeatures::best`] says is available.
+pub fn matrix_path() -> MatrixPath {
+    MatrixPath::WidenF32
+}
+
+#[derive(Clone)]
+enum Store {
+    Bf16(Vec<bf16>),
+    Int8 { q: Vec<i8>, scale: Vec<f32> },
+}
+
+/// A frozen weight `[out, in]` in bf16 or int8, packed once.
+#[derive(Clone)]
+pub struct PackedWeight {
+    out: usize,
+    inp: usize,
+    store: Store,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight {{ {} [{}, {}] }}", self.precision(), self.out, self.inp)
+    }
+}
+
+impl PackedWeight {
+    /// Packs an f32 weight of `out * inp` elements, stored `[out, in]` or, when `in_out`,
+    /// `[in, out]` (GPT-2's Conv1D). `name` only labels errors. int8 refuses a row holding a
+    /// non-finite value (its scale would be meaningless); bf16 keeps NaN and infinities.
+    pub fn pack(name: &str, w: &[f32], out: usize, inp: usize, in_out: bool, p: BasePrecision) -> Result<Self> {
+        let invalid = |msg: String| Error::Invalid { op: "pack_weight", msg: format!("{name}: {msg}") };
+        if out == 0 || inp == 0 {
+            return Err(invalid(format!("empty weight [{out}, {inp}]")));
+        }
+        if w.len() != out * inp {
+            return Err(invalid(format!("{} elements, expected {out} x {inp}", w.len())));
+        }
+        let at = |o: usize, i: usize| if in_out { w[i * out + o] } else { w[o * inp + i] };
+        let store = match p {
+            BasePrecision::F32 => return Err(invalid("f32 is not a packed precision (keep the f32 tensor)".into())),
+            BasePrecision::Bf16 => {
+                let mut v = Vec::with_capacity(out * inp);
+                for o in 0..out {
+                    v.extend((0..inp).map(|i| bf16::from_f32(at(o, i))));
+                }
+                Store::Bf16(v)
+            }
+            BasePrecision::Int8 => {
+                let mut q = Vec::with_capacity(out * inp);
+                let mut scale = Vec::with_capacity(out);
+                for o in 0..out {
+                    let mut amax = 0f32;
+                    for i in 0..inp {
+                        let v = at(o, i);
+                        if !v.is_finite() {
+                            return Err(invalid(format!("row {o} holds {v} at column {i}: int8 needs finite weights")));
+                        }
+                        amax = amax.max(v.abs());
+                    }
+                    let s = amax / 127.0;
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    q.extend((0..inp).map(|i| (at(o, i) * inv).round().clamp(-127.0, 127.0) as i8));
+                    scale.push(s);
+                }
+                Store::Int8 { q, scale }
+            }
+        };
+        Ok(PackedWeight { out, inp, store })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+    pub fn precision(&self) -> BasePrecision {
+        match self.store {
+            Store::Bf16(_) => BasePrecision::Bf16,
+            Store::Int8 { .. } => BasePrecision::Int8,
+        }
+    }
+    /// Bytes held (weights and scales).
+    pub fn bytes(&self) -> usize {
+        match &self.store {
+            Store::Bf16(v) => v.len() * 2,
+            Store::Int8 { q, scale } => q.len() + scale.len() * 4,
+        }
+    }
+
+    /// Rows `r0..r0 + dst.len() / in` of the weight as `F`, row-major `[rows, in]`.
+    pub fn widen_rows<F: crate::CpuFloat>(&self, r0: usize, dst: &mut [F]) {
+        let inp = self.inp;
+        debug_assert_eq!(dst.len() % inp, 0);
+        let rows = dst.len() / inp;
+        debug_assert!(r0 + rows <= self.out);
+        match &self.store {
+            Store::Bf16(v) => {
+                for (d, s) in dst.iter_mut().zip(&v[r0 * inp..(r0 + rows) * inp]) {
+                    *d = F::c(s.to_f32() as f64);
+                }
+            }
+            Store::Int8 { q, scale } => {
+                for (r, d) in dst.chunks_exact_mut(inp).enumerate() {
+                    let s = scale[r0 + r];
+                    for (d, &qv) in d.iter_mut().zip(&q[(r0 + r) * inp..(r0 + r + 1) * inp]) {
+                        *d = F::c((qv as f32 * s) as f64);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole weight as f32 `[out, in]` (what the products compute with).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.out * self.inp];
+        self.widen_rows(0, &mut v);
+        v
+    }
+}
+
+/// The two products of a frozen low-precision weight, on a device.
+pub trait LowpKernel<E: crate::Elem>: Backend {
+    /// `y[m, out] = x[m, in] W^T` (overwrites `y`).
+    fn lowp_linear_fwd(&self, w: &PackedWeight, m: usize, x: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
+    /// `dx[m, in] += dy[m, out] W`.
+    fn lowp_linear_bwd(&self, w: &PackedWeight, m: usize, dy: &Self::Buf<E>, dx: &mut Self::Buf<E>) -> Result<()>;
+}
+
+pub(crate) fn check(
+    w: &PackedWeight,
+    m: usize,
+    xs: (&'static str, usize),
+    ys: (&'static str, usize),
+    fwd: bool,
+) -> Result<()> {
+    if m == 0 {
+        return Err(Error::Invalid { op: "lowp_linear", msg: "no rows (m = 0)".into() });
+    }
+    let (a, b) = if fwd { (w.inp, w.out) } else { (w.out, w.inp) };
+    let d = || format!("m={m} weight {} [{}, {}]", w.precision(), w.out, w.inp);
+    crate::error::check_len("lowp_linear", xs.0, xs.1, m * a, d)?;
+    crate::error::check_len("lowp_linear", ys.0, ys.1, m * b, d)
+}

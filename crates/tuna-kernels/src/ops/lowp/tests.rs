@@ -1,0 +1,218 @@
+use super::*;
+use crate::backend::Cpu;
+use crate::rng::SplitMix64 as Rng;
+
+fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
+}
+
+/// `y[m, out] = x w^T` in f64 with the original f32 weight `[out, in]`, and the bound on each
+/// element: `sum_k |x_k| * err(w_row, k)`.
+fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrecision) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0f64; m * out];
+    let mut bound = vec![0f64; m * out];
+    for o in 0..out {
+        let row = &w[o * inp..(o + 1) * inp];
+        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+        for r in 0..m {
+            let (mut acc, mut b, mut mag) = (0f64, 0f64, 0f64);
+            for k in 0..inp {
+                let (xv, wv) = (x[r * inp + k] as f64, row[k] as f64);
+                acc += xv * wv;
+                mag += (xv * wv).abs();
+                b += xv.abs()
+                    * match p {
+                        BasePrecision::Bf16 => wv.abs() / 256.0,
+                        BasePrecision::Int8 => amax / 254.0,
+                        BasePrecision::F32 => 0.0,
+                    };
+            }
+            y[r * out + o] = acc;
+            // f32 accumulation over `inp` terms: a generous 4 * inp * 2^-24 of the magnitudes.
+            bound[r * out + o] = b + mag * 4.0 * inp as f64 * f32::EPSILON as f64 / 2.0 + 1e-30;
+        }
+    }
+    (y, bound)
+}
+
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = w[r * cols + c];
+        }
+    }
+    t
+}
+
+#[test]
+fn forward_within_the_documented_bound() {
+    let mut rng = Rng::new(7);
+    // The last shape has more rows than one widened block (4 MiB / (2048 * 4) = 512), so three
+    // blocks run; the others are one block, with odd sizes for the microkernels' edges.
+    for &(m, out, inp) in &[(1, 1, 1), (5, 7, 3), (33, 65, 47), (64, 96, 384), (3, 1100, 2048)] {
+        let x = rand(&mut rng, m * inp, 1.0);
+        let w = rand(&mut rng, out * inp, 0.2);
+        for p in [BasePrecision::Bf16, BasePrecision::Int8] {
+            let pw = PackedWeight::pack("w", &w, out, inp, false, p).unwrap();
+            let mut y = vec![f32::NAN; m * out];
+            LowpKernel::<f32>::lowp_linear_fwd(&Cpu, &pw, m, &x, &mut y).unwrap();
+            let (r, b) = reference(&x, &w, m, out, inp, p);
+            for i in 0..m * out {
+                let err = (y[i] as f64 - r[i]).abs();
+                assert!(
+                    err <= b[i],
+                    "{p} m={m} out={out} in={inp} [{i}]: {} vs {} (err {err:e} > bound {:e})",
+                    y[i],
+                    r[i],
+                    b[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_accumulates_within_the_bound() {
+    let mut rng = Rng::new(11);
+    for &(m, out, inp) in &[(1, 1, 1), (9, 13, 5), (40, 70, 33), (3, 1100, 2048)] {
+        let dy = rand(&mut rng, m * out, 1.0);
+        let w = rand(&mut rng, out * inp, 0.2);
+        let before = rand(&mut rng, m * inp, 1.0);
+        // dx = dy w = (w^T dy^T)^T: the forward's reference with the transposed weight.
+        let wt = transpose(&w, out, inp);
+        for p in [BasePrecision::Bf16, BasePrecision::Int8] {
+            let pw = PackedWeight::pack("w", &w, out, inp, false, p).unwrap();
+            let mut dx = before.clone();
+            LowpKernel::<f32>::lowp_linear_bwd(&Cpu, &pw, m, &dy, &mut dx).unwrap();
+            // The bound for int8 is per weight row (output channel), which is the contraction
+            // here: use the largest row's amax for every term.
+            let amax = w.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+            for r in 0..m {
+                for k in 0..inp {
+                    let (mut acc, mut b) = (before[r * inp + k] as f64, 1e-30);
+                    for o in 0..out {
+                        let (g, wv) = (dy[r * out + o] as f64, wt[k * out + o] as f64);
+                        acc += g * wv;
+                        b += g.abs()
+                            * match p {
+                                BasePrecision::Bf16 => wv.abs() / 256.0,
+                                _ => amax / 254.0,
+                            }
+                            + (g * wv).abs() * 4.0 * out as f64 * f32::EPSILON as f64;
+                    }
+                    let got = dx[r * inp + k] as f64;
+                    assert!((got - acc).abs() <= b, "{p} m={m} out={out} in={inp} [{r},{k}]: {got} vs {acc}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f64_products_are_exact_against_the_stored_weight() {
+    // In f64 the only difference from an f64 product with the dequantized weight is f64 rounding:
+    // the path the gradient checks use.
+    let mut rng = Rng::new(3);
+    let (m, out, inp) = (6, 10, 12);
+    let w = rand(&mut rng, out * inp, 0.5);
+    let x: Vec<f64> = rand(&mut rng, m * inp, 1.0).into_iter().map(f64::from).collect();
+    for p in [BasePrecision::Bf16, BasePrecision::Int8] {
+        let pw = PackedWeight::pack("w", &w, out, inp, false, p).unwrap();
+        let wd = pw.to_f32();
+        let mut y = vec![0f64; m * out];
+        LowpKernel::<f64>::lowp_linear_fwd(&Cpu, &pw, m, &x, &mut y).unwrap();
+        for r in 0..m {
+            for o in 0..out {
+                let want: f64 = (0..inp).map(|k| x[r * inp + k] * wd[o * inp + k] as f64).sum();
+                assert!((y[r * out + o] - want).abs() < 1e-12, "{p} [{r},{o}]");
+            }
+        }
+    }
+}
+
+#[test]
+fn packing_rounds_as_documented() {
+    let w = [1.0f32, -2.5, 3.0e-3, 0.0, 1.0 + 1.0 / 512.0, f32::NAN];
+    let pw = PackedWeight::pack("w", &w, 2, 3, false, BasePrecision::Bf16).unwrap();
+    let v = pw.to_f32();
+    assert_eq!(&v[..2], &[1.0, -2.5]);
+    assert_eq!(v[3], 0.0);
+    // 1 + 2^-9 is a tie between 1 and 1 + 2^-7: nearest even is 1.
+    assert_eq!(v[4], 1.0);
+    assert!(v[5].is_nan());
+    assert!((v[2] - 3.0e-3).abs() <= 3.0e-3 / 256.0);
+    assert_eq!(pw.bytes(), 12);
+
+    let w = [0.5f32, -1.0, 0.25, 0.0, 0.0, 0.0];
+    let pw = PackedWeight::pack("w", &w, 2, 3, false, BasePrecision::Int8).unwrap();
+    let v = pw.to_f32();
+    // Row 0: scale 1/127, so -1 and 0.5 (63.5 -> 64) come back within half a step.
+    assert_eq!(v[1], -1.0);
+    assert!((v[0] - 0.5).abs() <= 0.5 / 127.0 && (v[2] - 0.25).abs() <= 0.5 / 127.0);
+    // An all-zero row has scale 0 and stays zero.
+    assert_eq!(&v[3..], &[0.0, 0.0, 0.0]);
+    assert_eq!(pw.bytes(), 6 + 2 * 4);
+}
+
+#[test]
+fn in_out_layout_is_transposed_at_packing() {
+    let mut rng = Rng::new(5);
+    let (out, inp) = (7, 4);
+    let w = rand(&mut rng, out * inp, 1.0);
+    let t = transpose(&w, out, inp); // [in, out], GPT-2's Conv1D
+    for p in [BasePrecision::Bf16, BasePrecision::Int8] {
+        let a = PackedWeight::pack("w", &w, out, inp, false, p).unwrap().to_f32();
+        let b = PackedWeight::pack("w", &t, out, inp, true, p).unwrap().to_f32();
+        assert_eq!(a, b, "{p}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_by_name() {
+    let err = PackedWeight::pack("layer.3.fc", &[1.0, f32::INFINITY], 1, 2, false, BasePrecision::Int8).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("layer.3.fc") && msg.contains("row 0") && msg.contains("column 1"), "{msg}");
+    assert!(PackedWeight::pack("w", &[1.0; 5], 2, 3, false, BasePrecision::Bf16)
+        .unwrap_err()
+        .to_string()
+        .contains("5 elements"));
+    assert!(PackedWeight::pack("w", &[], 0, 3, false, BasePrecision::Bf16).is_err());
+    assert!(PackedWeight::pack("w", &[1.0; 6], 2, 3, false, BasePrecision::F32).is_err());
+
+    let pw = PackedWeight::pack("w", &[1.0; 6], 2, 3, false, BasePrecision::Bf16).unwrap();
+    let mut y = vec![0f32; 4];
+    let e = LowpKernel::<f32>::lowp_linear_fwd(&Cpu, &pw, 2, &[0.0; 5], &mut y).unwrap_err().to_string();
+    assert!(e.contains("`x`") && e.contains("expected 6"), "{e}");
+    let e = LowpKernel::<f32>::lowp_linear_bwd(&Cpu, &pw, 2, &[0.0; 4], &mut [0.0; 5]).unwrap_err().to_string();
+    assert!(e.contains("`dx`") && e.contains("expected 6"), "{e}");
+    assert!(LowpKernel::<f32>::lowp_linear_fwd(&Cpu, &pw, 0, &[], &mut []).is_err());
+}
+
+#[test]
+fn precision_names_parse_back() {
+    for p in BasePrecision::ALL {
+        assert_eq!(p.name().parse::<BasePrecision>().unwrap(), p);
+    }
+    assert!("q4".parse::<BasePrecision>().unwrap_err().contains("not built"));
+    assert!("fp8".parse::<BasePrecision>().unwrap_err().contains("expected f32, bf16 or int8"));
+}
+
+#[test]
+fn the_best_path_follows_the_features() {
+    let none = CpuMatrixFeatures {
+        avx2_fma: true,
+        avx512f: false,
+        avx512_vnni: false,
+        avx512_bf16: false,
+        avx_vnni: false,
+        amx_tile: false,
+        amx_bf16: false,
+        amx_int8: false,
+    };
+    assert_eq!(none.best(), MatrixPath::WidenF32);
+    assert_eq!(none.names(), vec!["avx2+fma"]);
+    assert_eq!(CpuMatrixFeatures { avx512_vnni: true, ..none }.best(), MatrixPath::Avx512Vnni);
+    assert_eq!(CpuMatrixFeatures { avx_vnni: true, ..none }.best(), MatrixPath::AvxVnni);
+    assert_eq!(CpuMatrixFeatures { amx_tile: true, amx_int8: true, avx512_vnni: true, ..none }.best(), MatrixPath::Amx);
+}
