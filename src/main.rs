@@ -183,6 +183,10 @@ struct EvalArgs {
     /// Tokens per example at most (default: 128, or what the model's positions leave room for).
     #[arg(long)]
     max_len: Option<usize>,
+    /// How the frozen weights of the transformer blocks are held (f32, bf16 or int8), as for
+    /// `tuna train`: evaluate an adapter on the base it trained on.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|int8")]
+    base_precision: tuna::models::model::BasePrecision,
 }
 
 #[derive(clap::Args)]
@@ -390,7 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !(1..=tuna::train_cmd::MAX_BATCH as usize).contains(&a.batch_size) {
                 anyhow::bail!("--batch-size {}: expected 1 to {}", a.batch_size, tuna::train_cmd::MAX_BATCH);
             }
-            let m = tuna::models::model::AnyModel::open_adapted(&Arc::new(Cpu), &a.model, a.adapter.as_deref())?;
+            let m = tuna::models::model::AnyModel::open_adapted_with(
+                &Arc::new(Cpu),
+                &a.model,
+                a.adapter.as_deref(),
+                a.base_precision,
+            )?;
             let given =
                 |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();
             let labels = tuna::cli::agree(

@@ -607,6 +607,17 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
         assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{p} gave f32's curve bit for bit: the flag did nothing");
         assert!(b[11] < b[0], "{p} did not train: {b:?}");
     }
+    // The adapter evaluates on the base it trained on, and on the f32 base, to about the same loss.
+    let eval = |p: &str| {
+        let adapter = d.join("bf16").join("adapter").display().to_string();
+        let a = ["eval", "--model", &fixture("llama"), "--adapter", &adapter, "--data", &train, "--base-precision", p];
+        let o = tuna(&a.map(String::from));
+        ok(&o);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("no loss in: {out}"))
+    };
+    let (lb, lf) = (eval("bf16"), eval("f32"));
+    assert!((lb - lf).abs() <= 0.02 * lf, "eval loss on the bf16 base {lb} vs the f32 base {lf}");
     let (o, _) = run("bf16", "int8", 14, &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--base-precision was bf16, now int8"), "{err}");

@@ -547,7 +547,12 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// tuna's) installed, nothing trainable. Without an adapter, a fully fine-tuned model's task
     /// head (`tuna_extra.safetensors` beside it) is installed.
     pub fn open_adapted(dev: &Arc<B>, model: &Path, adapter: Option<&Path>) -> Result<Self> {
-        let mut m = Self::open(dev, model, |_| false)?;
+        Self::open_adapted_with(dev, model, adapter, BasePrecision::F32)
+    }
+
+    /// [`AnyModel::open_adapted`] with the frozen block weights packed in `base` as they load.
+    pub fn open_adapted_with(dev: &Arc<B>, model: &Path, adapter: Option<&Path>, base: BasePrecision) -> Result<Self> {
+        let mut m = Self::open_with(dev, model, |_| false, base)?;
         let head = model.join(peft::EXTRA);
         if adapter.is_none() && head.exists() {
             for (name, (s, v)) in crate::io::read_tensors(&head)? {
