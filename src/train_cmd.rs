@@ -732,30 +732,45 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
         p.tokens_per_s,
         tuna_trainer::human_bytes(p.peak_saved_bytes as u64)
     );
-    s += "| op | forward calls | forward ms | backward calls | backward ms | % of step | saved at the peak |\n|---|---:|---:|---:|---:|---:|---:|\n";
+    match p.peak_gflops {
+        Some(peak) => {
+            s += &format!(
+                "GFLOP/s: achieved by the counted ops (matrix products and attention; 2 per multiply-add), with the share of this CPU's f32 GEMM rate, {peak:.0} GFLOP/s (a 1024^3 product measured before the steps: the f32 path's practical peak; the low-precision base widens to f32 and runs on it)\n\n"
+            );
+        }
+        None => s += "GFLOP/s: achieved by the counted ops (matrix products and attention)\n\n",
+    }
+    s += "| op | forward calls | forward ms | fwd GFLOP/s | backward calls | backward ms | bwd GFLOP/s | % of step | saved at the peak |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    let rate = |g: Option<f64>| match (g, p.peak_gflops) {
+        (Some(g), Some(peak)) => format!("{g:.1} ({:.0}%)", 100.0 * g / peak),
+        (Some(g), None) => format!("{g:.1}"),
+        (None, _) => String::new(),
+    };
     let mut accounted = p.optimizer_ms;
     for r in &p.rows {
         let t = r.forward_ms + r.backward_ms;
         accounted += t;
         s += &format!(
-            "| {} | {} | {:.2} | {} | {:.2} | {:.1}% | {} |\n",
+            "| {} | {} | {:.2} | {} | {} | {:.2} | {} | {:.1}% | {} |\n",
             r.kind,
             r.forward_calls,
             r.forward_ms,
+            rate(r.forward_gflops),
             r.backward_calls,
             r.backward_ms,
+            rate(r.backward_gflops),
             pct(t),
             if r.saved_at_peak > 0 { tuna_trainer::human_bytes(r.saved_at_peak as u64) } else { String::new() }
         );
     }
     // With --update-in-backward the updates run inside the backward (charged to the ops there).
     s += &format!(
-        "| optimizer (clip, AdamW after the backward) | | | | {:.2} | {:.1}% | |\n",
+        "| optimizer (clip, AdamW after the backward) | | | | | {:.2} | | {:.1}% | |\n",
         p.optimizer_ms,
         pct(p.optimizer_ms)
     );
     let rest = (p.step_ms - accounted).max(0.0);
-    s += &format!("| other (batching, tape bookkeeping) | | | | {:.2} | {:.1}% | |\n", rest, pct(rest));
+    s += &format!("| other (batching, tape bookkeeping) | | | | | {:.2} | | {:.1}% | |\n", rest, pct(rest));
     s
 }
 

@@ -357,6 +357,20 @@ fn profile_prints_per_op_times() {
         assert!(s.contains(row), "{row} missing:\n{s}");
     }
     assert!(!s.contains("wrote"), "profile writes nothing:\n{s}");
+    // Achieved GFLOP/s for the counted ops, against this CPU's measured f32 GEMM rate.
+    assert!(s.contains("f32 GEMM rate"), "{s}");
+    for op in ["| matmul |", "| attention |"] {
+        let row = s.lines().find(|l| l.starts_with(op)).unwrap();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for cell in [cells[4], cells[7]] {
+            let g: f64 = cell.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(-1.0);
+            assert!(g > 0.0 && cell.ends_with("%)"), "{op}: GFLOP/s cell {cell:?} in:\n{s}");
+        }
+    }
+    // The low-precision base profiles too (its products are the matmul row's).
+    let o = tuna(&set(args, "--base-precision", "int8"));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && s.contains("| matmul |"), "{s}{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// The training losses of the run in `dir`, by step.

@@ -31,6 +31,11 @@ pub struct Stats {
     /// With profiling on: the saved bytes each op kind held when `peak_saved_bytes` was reached
     /// (who holds the step's peak of saved activations).
     pub saved_at_peak: BTreeMap<&'static str, usize>,
+    /// With profiling on: floating-point operations the forward of each op kind did (matrix
+    /// products and attention; 2 per multiply-add), for its achieved GFLOP/s.
+    pub forward_flops: BTreeMap<&'static str, u64>,
+    /// Likewise for the backward closures, by the op kind that recorded them.
+    pub backward_flops: BTreeMap<&'static str, u64>,
     /// Saved bytes held now, by the op kind that saved them.
     saved_by_kind: BTreeMap<&'static str, usize>,
     profiling: bool,
@@ -65,6 +70,8 @@ pub fn reset() {
         s.recorded.clear();
         s.forward_time.clear();
         s.backward_time.clear();
+        s.forward_flops.clear();
+        s.backward_flops.clear();
         s.peak_saved_bytes = s.saved_bytes;
         s.saved_at_peak = s.saved_by_kind.clone();
     })
@@ -118,6 +125,18 @@ pub(crate) fn profiling() -> bool {
 /// A backward closure of an op of `kind` took `nanos`.
 pub(crate) fn backward_done(kind: &'static str, nanos: u64) {
     STATS.with(|s| add(&mut s.borrow_mut().backward_time, kind, nanos))
+}
+
+/// With profiling on, an op of `kind` did `n` floating-point operations in its forward (or, with
+/// `backward`, in a backward closure).
+pub(crate) fn flops(kind: &'static str, backward: bool, n: f64) {
+    STATS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.profiling {
+            let map = if backward { &mut s.backward_flops } else { &mut s.forward_flops };
+            *map.entry(kind).or_default() += n as u64;
+        }
+    })
 }
 
 pub(crate) fn launched(kind: &'static str) {

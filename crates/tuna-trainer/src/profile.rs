@@ -19,6 +19,10 @@ pub struct ProfileRow {
     pub backward_ms: f64,
     /// Bytes this kind's backwards held when the step's saved activations peaked.
     pub saved_at_peak: usize,
+    /// Achieved GFLOP/s of the forward and of the backward, for the kinds whose work is counted
+    /// (matrix products and attention).
+    pub forward_gflops: Option<f64>,
+    pub backward_gflops: Option<f64>,
 }
 
 /// Where a training step's time goes, per op kind, averaged over the measured steps.
@@ -36,6 +40,27 @@ pub struct Profile {
     pub peak_saved_bytes: usize,
     /// Sorted by total time, largest first; times per step.
     pub rows: Vec<ProfileRow>,
+    /// On the CPU: the f32 matrix-product rate this machine reaches (a 1024^3 product through the
+    /// same GEMM, best of three, measured before the steps), the ceiling the rows are read against.
+    pub peak_gflops: Option<f64>,
+}
+
+/// The f32 GEMM rate of this CPU with the threads the run has: `C = A B` at 1024^3, best of three.
+pub fn cpu_gemm_gflops() -> f64 {
+    use tuna_kernels::ops::matmul::{MatmulKernel, MatmulParams};
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
+    let mut c = vec![0f32; n * n];
+    let p = MatmulParams::new(n, n, n);
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        if MatmulKernel::<f32>::matmul_fwd(&tuna_kernels::Cpu, &p, &a, &a, &mut c).is_err() {
+            return f64::NAN;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    p.flops() / best / 1e9
 }
 
 /// Run `warmup` then `steps` training steps of `cfg` (no checkpoints, nothing written) with
@@ -43,6 +68,7 @@ pub struct Profile {
 pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: u64) -> Result<Profile> {
     use tuna_autograd::stats;
     let mut s: Setup<B> = setup(dev, cfg)?;
+    let peak_gflops = dev.device_name().starts_with("cpu").then(cpu_gemm_gflops);
     let mut opt = optimizer(cfg, &s.params)?;
     let mut cursor = Cursor::default();
     s.model.adapt().set_training(true);
@@ -74,6 +100,10 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
     kinds.dedup();
     let ms = |t: Option<&stats::OpTime>| t.map_or(0.0, |t| t.nanos as f64 / 1e6 / n);
     let calls = |t: Option<&stats::OpTime>| t.map_or(0, |t| t.calls / steps.max(1));
+    let rate = |f: Option<&u64>, t: Option<&stats::OpTime>| match (f, t) {
+        (Some(&f), Some(t)) if t.nanos > 0 && f > 0 => Some(f as f64 / t.nanos as f64),
+        _ => None,
+    };
     let mut rows: Vec<ProfileRow> = kinds
         .into_iter()
         .map(|k| ProfileRow {
@@ -83,6 +113,8 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
             backward_calls: calls(snap.backward_time.get(k)),
             backward_ms: ms(snap.backward_time.get(k)),
             saved_at_peak: snap.saved_at_peak.get(k).copied().unwrap_or(0),
+            forward_gflops: rate(snap.forward_flops.get(k), snap.forward_time.get(k)),
+            backward_gflops: rate(snap.backward_flops.get(k), snap.backward_time.get(k)),
         })
         .collect();
     rows.sort_by(|a, b| (b.forward_ms + b.backward_ms).total_cmp(&(a.forward_ms + a.backward_ms)));
@@ -93,5 +125,6 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
         tokens_per_s: tokens as f64 / total.max(1e-9),
         peak_saved_bytes: snap.peak_saved_bytes.saturating_sub(held_before),
         rows,
+        peak_gflops,
     })
 }

@@ -183,6 +183,8 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
         };
         dev.attn_fwd(&p, x, B::buf_mut(&mut o), B::buf_mut(&mut lse))?;
     }
+    let fwd_flops = attention_flops(&p);
+    crate::stats::flops("attention", false, fwd_flops);
     let mut inputs: Vec<&dyn Input> = vec![q, k, v];
     if let Some(pr) = &prefix {
         inputs.extend([pr.k as &dyn Input, pr.v as &dyn Input]);
@@ -208,6 +210,8 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
             launched("attention.bwd");
+            // FlashAttention's count: the backward's five products against the forward's two.
+            crate::stats::flops("attention", true, 2.5 * fwd_flops);
             // The kernel writes dq, dk, dv (and the prefix gradients when there is a prefix);
             // a scratch buffer stands in for an input that needs no gradient.
             let mut sq = GradSlot::new(&*dev, &cq, p.q_elems())?;
@@ -246,4 +250,19 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
             GradSlot::finish(&*dev, [Some(sq), Some(sk), Some(sv), spk, spv, sb])
         })
     }))
+}
+
+/// The forward's floating-point operations: `QK^T` and `PV` over the (query, key) pairs a query
+/// sees (prefix keys, then content keys up to its own position when causal; padding counted), 2
+/// per multiply-add.
+fn attention_flops(p: &AttnParams) -> f64 {
+    let (t, s, pre) = (p.q_len as u64, p.kv_len as u64, p.prefix_len as u64);
+    let content: u64 = if p.causal != 0 {
+        // The queries are the last t of the s positions: query i sees s - t + i + 1 keys.
+        (0..t).map(|i| (s.saturating_sub(t) + i + 1).min(s)).sum()
+    } else {
+        t * s
+    };
+    let pairs = (pre * t + content) as f64;
+    4.0 * p.batch as f64 * p.heads as f64 * pairs * p.head_dim as f64
 }

@@ -76,6 +76,7 @@ fn product<B: Kernels<E>, E: Float>(
     let dev = a.device();
     let mut c = zeros::<B, E>(dev, p.m * p.n)?;
     dev.matmul_fwd(&MatmulParams { accumulate: false, ..p }, &a.buf(), &b.buf(), B::buf_mut(&mut c))?;
+    crate::stats::flops("matmul", false, p.flops());
     Ok(output("matmul", &[a, b], dev, shape, c, |out, _| {
         let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
         // dA needs B, dB needs A: keep only what a wanted gradient reads.
@@ -86,10 +87,12 @@ fn product<B: Kernels<E>, E: Float>(
             let (ab, bb) = (a_s.as_ref().map(|s| s.t().buf()), b_s.as_ref().map(|s| s.t().buf()));
             if let Some(ca) = &ca {
                 launched(kinds.0);
+                crate::stats::flops("matmul", true, p.flops());
                 ca.accumulate(&dev, |da| Ok(dev.matmul_bwd(&p, None, bb.as_deref(), B::buf(&g), Some(da), None)?))?;
             }
             if let Some(cb) = &cb {
                 launched(kinds.1);
+                crate::stats::flops("matmul", true, p.flops());
                 cb.accumulate(&dev, |db| Ok(dev.matmul_bwd(&p, ab.as_deref(), None, B::buf(&g), None, Some(db))?))?;
             }
             Ok(())

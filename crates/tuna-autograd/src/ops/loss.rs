@@ -178,6 +178,7 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                         let mp =
                             MatmulParams { trans_a: true, accumulate: true, ..MatmulParams::new(vocab, hidden, c) };
                         dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), B::buf_mut(dw))?;
+                        crate::stats::flops("linear_cross_entropy", false, mp.flops());
                     }
                 }
             }

@@ -32,12 +32,15 @@ pub fn linear_packed<B: Kernels<E>, E: Float>(
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, m * out)?;
     dev.lowp_linear_fwd(w, m, &x.buf(), B::buf_mut(&mut y))?;
+    let flops = 2.0 * (m * out * inp) as f64;
+    crate::stats::flops("matmul", false, flops);
     let y = output("matmul", &[x], dev, shape, y, |g_out, _| {
         let (cx, dev, w) = (x.cell(), dev.clone(), w.clone());
         Box::new(move || {
             let Some(g) = g_out.take() else { return Ok(()) };
             if let Some(cx) = &cx {
                 launched("linear.dX");
+                crate::stats::flops("matmul", true, flops);
                 cx.accumulate(&dev, |dx| Ok(dev.lowp_linear_bwd(&w, m, B::buf(&g), dx)?))?;
             }
             Ok(())
