@@ -6,10 +6,14 @@ initialized Hugging Face models at MiniLM (BertModel + a 2-class nn.Linear head 
 output, cross-entropy) or SmolLM2-135M shape (LlamaForCausalLM with labels = input ids), f32 on
 the CPU, SDPA attention (transformers' default), dropout 0 (tuna's models have none), AdamW
 (lr 1e-4, weight decay 0.01, PyTorch's default implementation unless --adamw says otherwise).
-Prints one JSON line in the same format as the tuna bench.
+`--autocast bf16` runs the forward pass and the loss under `torch.autocast(device, dtype=bfloat16)`,
+PyTorch's CPU mixed precision as its users run it: master weights, gradients and AdamW stay f32,
+autocast-eligible ops (matmuls, linear layers, SDPA) compute in bf16 with per-forward weight casts.
+Prints one JSON line in the same format as the tuna bench, plus "precision" ("f32" or
+"bf16-autocast").
 
 Run: python scripts/bench/train_step.py --model minilm --method lora --batch 16 --seq 64 \
-         --steps 10 --warmup 2 [--layers L] [--threads 2]
+         --steps 10 --warmup 2 [--layers L] [--threads 2] [--autocast bf16]
 """
 import argparse
 import json
@@ -147,39 +151,55 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="gradient checkpointing on (transformers' non-reentrant; prints the error where PEFT refuses)")
+    ap.add_argument("--autocast", choices=["off", "bf16"], default="off",
+                    help="bf16: forward and loss under torch.autocast(dtype=bfloat16); weights stay f32")
     ap.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
                     help="PyTorch AdamW implementation (default: PyTorch's choice, the for-loop one on CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    precision = "bf16-autocast" if args.autocast == "bf16" else "f32"
     try:
         model, params, step_loss, layers = build(args)
+        if args.autocast == "bf16":
+            plain_loss = step_loss
+
+            def step_loss():
+                with torch.autocast(args.device, dtype=torch.bfloat16):
+                    return plain_loss()
     except Exception as e:  # noqa: BLE001 - the refusal is the result
         print(json.dumps({"side": "pytorch+peft", "model": args.model, "method": args.method, "batch": args.batch,
-                          "seq": args.seq, "grad_ckpt": args.grad_ckpt, "error": f"{type(e).__name__}: {e}"}))
+                          "seq": args.seq, "grad_ckpt": args.grad_ckpt, "precision": precision,
+                          "error": f"{type(e).__name__}: {e}"}))
         return
     kw = {"foreach": True} if args.adamw == "foreach" else {"fused": True} if args.adamw == "fused" else {}
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **kw)
     fwd = bwd = upd = 0.0
     start = time.perf_counter()
     loss = None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            fwd = bwd = upd = 0.0
-            start = time.perf_counter()
-        t0 = time.perf_counter()
-        loss = step_loss()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if args.device == "cuda":
-            loss.item()  # as the tuna side, each step ends reading the loss back
-        t3 = time.perf_counter()
-        fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
+    try:
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                fwd = bwd = upd = 0.0
+                start = time.perf_counter()
+            t0 = time.perf_counter()
+            loss = step_loss()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                loss.item()  # as the tuna side, each step ends reading the loss back
+            t3 = time.perf_counter()
+            fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
+    except Exception as e:  # noqa: BLE001 - e.g. an op autocast cannot run: the row shows the error
+        print(json.dumps({"side": "pytorch+peft", "model": args.model, "method": args.method, "batch": args.batch,
+                          "seq": args.seq, "grad_ckpt": args.grad_ckpt, "precision": precision,
+                          "error": f"{type(e).__name__}: {e}"}))
+        return
     secs = time.perf_counter() - start
     n = args.steps
     print(json.dumps({
@@ -189,7 +209,8 @@ def main():
         "fwd_ms": round(1e3 * fwd / n, 2), "bwd_ms": round(1e3 * bwd / n, 2), "opt_ms": round(1e3 * upd / n, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "trainable": sum(p.numel() for p in params),
         "threads": torch.get_num_threads(), "loss": round(loss.item(), 5),
-        "attn": "sdpa", "adamw": args.adamw, "device": args.device, "grad_ckpt": args.grad_ckpt,
+        "attn": "sdpa", "adamw": args.adamw, "precision": precision, "device": args.device,
+        "grad_ckpt": args.grad_ckpt,
     }))
 
 
