@@ -113,8 +113,11 @@ pub fn matrix_line() -> String {
     use tuna_kernels::ops::lowp::{matrix_path, CpuMatrixFeatures, MatrixPath};
     let f = CpuMatrixFeatures::detect();
     let names = f.names();
-    let found =
-        if names.is_empty() { "none of avx2+fma, avx512, vnni, bf16, amx".to_string() } else { names.join(", ") };
+    let found = if names.is_empty() {
+        "none found (looked for avx2 with fma, avx512, vnni, bf16, amx)".to_string()
+    } else {
+        names.join(", ")
+    };
     let path = match matrix_path() {
         MatrixPath::WidenF32 => "bf16/int8 base: widened to f32 per block, f32 FMA",
         MatrixPath::Avx512Vnni => "bf16/int8 base: AVX-512 VNNI",

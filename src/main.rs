@@ -484,6 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             a.method_args.check_used("--methods", &methods)?;
             for (i, m) in methods.iter().enumerate() {
+                a.run.check_base_precision(m)?;
                 if m == tuna::train_cmd::BASELINE {
                     if a.run.task != "classify" {
                         anyhow::bail!("{m} scores classes: it needs --task classify (not {})", a.run.task);

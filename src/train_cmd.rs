@@ -451,7 +451,28 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The prompt-engineered baseline's settings (`--task classify` only: it scores classes).
+    /// `--base-precision` other than f32 where it cannot apply, refused by name: full fine-tuning
+    /// (it trains those weights), the prompt-engineered baseline (it scores the f32 model, training
+    /// nothing) and CUDA (the low-precision base is CPU-only). `compare` asks for every method
+    /// before the first one trains.
+    pub fn check_base_precision(&self, method: &str) -> Result<()> {
+        let bp = self.base_precision;
+        if bp == tuna_models::model::BasePrecision::F32 {
+            return Ok(());
+        }
+        require(method != "full", || {
+            format!("--base-precision {bp} holds the frozen base weights in {bp}; full fine-tuning trains them (use f32, or a parameter-efficient method)")
+        })?;
+        require(method != BASELINE, || {
+            format!("--base-precision {bp}: {BASELINE} scores the f32 model and trains nothing (drop the flag, or the method)")
+        })?;
+        require(!self.device.starts_with("cuda"), || {
+            format!("--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32", self.device)
+        })
+    }
+
     pub fn baseline(&self, m: &MethodArgs) -> Result<tuna_trainer::BaselineConfig> {
+        self.check_base_precision(BASELINE)?;
         let model = self.model.clone().context("--model is required")?;
         let train = self.train.clone().context("--train is required")?;
         require(self.task == "classify", || {
@@ -495,18 +516,7 @@ impl RunArgs {
     pub fn config(&self, method: Method, init_text: Option<String>) -> Result<TrainConfig> {
         let model = self.model.clone().context("--model is required")?;
         let train = self.train.clone().context("--train is required")?;
-        let bp = self.base_precision;
-        if bp != tuna_models::model::BasePrecision::F32 {
-            require(!matches!(method, Method::Full { .. }), || {
-                format!("--base-precision {bp} holds the frozen base weights in {bp}; full fine-tuning trains them (use f32, or a parameter-efficient method)")
-            })?;
-            require(!self.device.starts_with("cuda"), || {
-                format!(
-                    "--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32",
-                    self.device
-                )
-            })?;
-        }
+        self.check_base_precision(method.name())?;
         let task: Task = self.task.parse().map_err(|e| anyhow::anyhow!("--task: {e}"))?;
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
         let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
@@ -678,6 +688,9 @@ pub fn print_summary(s: &tuna_trainer::RunSummary) {
         peak += &format!(" (the memory plan predicted {}: {off:+.0}%)", tuna_trainer::human_bytes(p));
     }
     t.row("peak memory", peak);
+    if let Some(p) = s.base_precision.as_deref().filter(|p| *p != "f32") {
+        t.row("base precision", format!("{p} (the frozen block weights; --base-precision)"));
+    }
     t.row("checkpoint", format!("{} ({})", s.export, tuna_trainer::human_bytes(s.checkpoint_bytes)));
     print!("{t}");
     if let Some(h) = &s.hurting {

@@ -367,10 +367,12 @@ fn profile_prints_per_op_times() {
             assert!(g > 0.0 && cell.ends_with("%)"), "{op}: GFLOP/s cell {cell:?} in:\n{s}");
         }
     }
-    // The low-precision base profiles too (its products are the matmul row's).
+    // The low-precision base's products have their own row (the head's stay `matmul`).
     let o = tuna(&set(args, "--base-precision", "int8"));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && s.contains("| matmul |"), "{s}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let row = s.lines().find(|l| l.starts_with("| matmul (int8 base) |")).unwrap_or_else(|| panic!("{s}"));
+    assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{row}");
 }
 
 /// The training losses of the run in `dir`, by step.
@@ -632,6 +634,7 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
     };
     let (lb, lf) = (eval("bf16"), eval("f32"));
     assert!((lb - lf).abs() <= 0.02 * lf, "eval loss on the bf16 base {lb} vs the f32 base {lf}");
+    assert_ne!(lb, lf, "eval's --base-precision changed nothing");
     let (o, _) = run("bf16", "int8", 14, &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--base-precision was bf16, now int8"), "{err}");
@@ -645,6 +648,35 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
     };
     refused("--method", "full", "full fine-tuning trains them");
     refused("--device", "cuda", "runs on the CPU only");
+    // The summary says which base the run trained on.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("bf16").join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["base_precision"], "bf16");
+    // compare refuses a method the flag cannot apply to before anything trains or is written,
+    // wherever it is listed; so does the prompt-engineered baseline.
+    for methods in ["lora,full", "full,lora", "prompt,prompt-engineered"] {
+        let out = d.join("cmp");
+        let a = [
+            "compare",
+            "--model",
+            &fixture("llama"),
+            "--task",
+            "classify",
+            "--train",
+            &train,
+            "--methods",
+            methods,
+            "--steps",
+            "1",
+            "--base-precision",
+            "bf16",
+            "--out",
+            &out.display().to_string(),
+        ];
+        let needle = if methods.contains("full") { "full fine-tuning trains them" } else { "scores the f32 model" };
+        let err = fails(&tuna(&a.map(String::from)), needle);
+        assert!(!out.exists(), "{methods}: a refused comparison made its folder: {err}");
+    }
     let out = d.join("refused");
     fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "q4")), "not built yet");
     fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "fp8")), "unknown base precision");

@@ -40,6 +40,8 @@ pub struct Stats {
     saved_by_kind: BTreeMap<&'static str, usize>,
     profiling: bool,
     last_mark: Option<Instant>,
+    /// Inside [`composite`]: the ops run there charge neither time nor FLOPs of their own.
+    composite_depth: u32,
 }
 
 impl Stats {
@@ -103,11 +105,21 @@ fn add(map: &mut BTreeMap<&'static str, OpTime>, kind: &'static str, nanos: u64)
     t.nanos += nanos;
 }
 
+/// Runs `f`, an op built of other ops (the fused head and loss), so that the ops inside charge
+/// nothing: their time and FLOPs go to the op that records itself after `f` (which counts its
+/// own FLOPs).
+pub(crate) fn composite<T>(f: impl FnOnce() -> T) -> T {
+    STATS.with(|s| s.borrow_mut().composite_depth += 1);
+    let r = f();
+    STATS.with(|s| s.borrow_mut().composite_depth -= 1);
+    r
+}
+
 /// An op of `kind` has just produced its output: charge it the time since the last mark.
 pub(crate) fn forward_done(kind: &'static str) {
     STATS.with(|s| {
         let mut s = s.borrow_mut();
-        if !s.profiling {
+        if !s.profiling || s.composite_depth > 0 {
             return;
         }
         let now = Instant::now();
@@ -132,7 +144,7 @@ pub(crate) fn backward_done(kind: &'static str, nanos: u64) {
 pub(crate) fn flops(kind: &'static str, backward: bool, n: f64) {
     STATS.with(|s| {
         let mut s = s.borrow_mut();
-        if s.profiling {
+        if s.profiling && s.composite_depth == 0 {
             let map = if backward { &mut s.backward_flops } else { &mut s.forward_flops };
             *map.entry(kind).or_default() += n as u64;
         }

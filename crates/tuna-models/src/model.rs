@@ -109,7 +109,8 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
 
     /// [`AnyModel::open`], each frozen linear weight of the transformer blocks packed in `base`
     /// (bf16 or int8, CPU; see [`AnyModel::set_base_precision`]) as soon as it is loaded, so the
-    /// f32 model never exists whole: the peak while loading is the packed model and one f32 tensor.
+    /// f32 model never exists whole: the peak while loading is the packed model and one f32
+    /// tensor's copies (the source's values, the tensor, its host copy for packing).
     pub fn open_with(
         dev: &Arc<B>,
         path: &Path,
@@ -270,10 +271,10 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// Holds every frozen linear weight of the transformer blocks in `p` from now on (bf16, or
     /// int8 per output channel; `--base-precision`), releasing their f32 storage: the products run
     /// on the packed weights (CPU only). Embeddings, norms, heads and everything that trains stay
-    /// f32. Call after the method is installed (LoRA keeps only the base weight's shape) and after
-    /// anything that reads the base weights' values (the checkpoint fingerprint). `F32` changes
-    /// nothing. Refused on a device without the low-precision products, and when no block weight
-    /// is frozen (full fine-tuning trains them all).
+    /// f32. LoRA needs only the base weight's shape, so the method may be installed before or after;
+    /// [`AnyModel::open_with`] packs as the weights load instead (no f32 model in memory at all).
+    /// `F32` changes nothing. Refused on a device without the low-precision products, on a base
+    /// already packed, and when no block weight is frozen (full fine-tuning trains them all).
     pub fn set_base_precision(&mut self, p: BasePrecision) -> Result<BasePacking> {
         let mut done = BasePacking { precision: p, ..Default::default() };
         if p == BasePrecision::F32 {
@@ -281,6 +282,12 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         }
         check_lowp_device(&self.dev, p)?;
         let linears = each!(&self.net, n => Adaptable::linears(n));
+        if let Some(held) = linears.iter().find_map(|l| l.packed()) {
+            return Err(Error::InvalidArgument(format!(
+                "--base-precision {p}: the base is already held in {} (load the model anew for another precision)",
+                held.precision()
+            )));
+        }
         for l in linears.iter().filter(|l| !l.weight.requires_grad() && l.packed().is_none()) {
             let (before, after) = l.pack(p)?;
             done.layers += 1;

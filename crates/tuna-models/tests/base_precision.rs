@@ -105,9 +105,9 @@ fn a_packed_weight_is_released_and_cannot_be_read() {
     // Embeddings and norms stay f32.
     let emb = m.named_weights().into_iter().find(|(n, _)| n == "model.embed_tokens.weight").unwrap().1;
     assert!(!emb.is_released() && emb.to_vec().is_ok());
-    // Packing twice, or packing anew, changes nothing and is not an error for the model.
+    // Packing again is refused, naming what the base is held in; the model is unchanged.
     let again = m.set_base_precision(BasePrecision::Int8).unwrap_err().to_string();
-    assert!(again.contains("no frozen block weight"), "{again}");
+    assert!(again.contains("already held in bf16"), "{again}");
     assert_eq!(m.base_precision(), BasePrecision::Bf16);
     // f32 is the loaded model: nothing to do.
     let mut f = model("gpt2", &peft_methods("gpt2")[0]);

@@ -107,6 +107,10 @@ pub struct RunSummary {
     /// The heap's measured peak over the whole run (live allocations), beside `peak_rss_bytes`.
     #[serde(default)]
     pub peak_heap_bytes: Option<u64>,
+    /// How the frozen block weights were held (`--base-precision`: f32, bf16, int8; absent in
+    /// older summaries, which were f32).
+    #[serde(default)]
+    pub base_precision: Option<String>,
 }
 
 /// A run's training loss against the untrained model's (the method set aside, a task head at its

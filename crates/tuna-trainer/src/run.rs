@@ -45,7 +45,8 @@ pub(crate) struct Setup<B: Backend> {
     pub(crate) batcher: Batcher,
     pub(crate) eval_batcher: Option<Batcher>,
     pub(crate) params: Vec<(String, Tensor<B, f32>)>,
-    /// The base weights' fingerprint, taken as loaded (before `--base-precision` packs them).
+    /// The base weights' fingerprint, taken as loaded (a weight packed by `--base-precision` is
+    /// read as its packed values; a resume checks the precision by name first).
     pub(crate) base: BaseFingerprint,
 }
 
@@ -401,6 +402,7 @@ fn finish<B: Backend>(
     let summary = RunSummary {
         predicted_peak_bytes: plan.map(|p| p.peak()),
         peak_heap_bytes: crate::memory::max(),
+        base_precision: Some(cfg.base_precision.to_string()),
         method: cfg.method.name().into(),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),

@@ -143,7 +143,9 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
         .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
     // The fingerprint samples the base as held, so a switched --base-precision would read as
     // another base model: name the flag instead.
-    let precision = |st: &State| st.settings.as_ref().and_then(|s| s.get("--base-precision")).cloned();
+    // A checkpoint from before the flag was recorded was made on an f32 base.
+    let precision =
+        |st: &State| st.settings.as_ref().map(|s| s.get("--base-precision").cloned().unwrap_or_else(|| "f32".into()));
     if let (Some(old), Some(new)) = (precision(&saved), precision(now)) {
         if old != new {
             return Err(TrainError::Invalid(format!(

@@ -150,42 +150,50 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     let dh = if want_h { Some(Tensor::zeros(&dev, &[1, valid * hidden], false)?) } else { None };
     let mut dw = if want_w { Some(zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
     let mut sum = 0.0f64;
-    crate::graph::no_grad(|| -> Result<()> {
-        let flat = reshape(&x, &[1, valid * hidden])?;
-        for r0 in (0..valid).step_by(chunk) {
-            let c = chunk.min(valid - r0);
-            let xc = if c == valid {
-                x.clone()
-            } else {
-                reshape(&slice_cols(&flat, r0 * hidden, c * hidden)?, &[c, hidden])?
-            };
-            let logits = matmul(&xc, w, MatmulParams::linear(c, vocab, hidden))?;
-            let p = CeParams::new(c, vocab).with_ignore_index(ignore_index);
-            let t = Ints::new(&dev, &[c], &tg[r0..r0 + c])?;
-            let mut loss_rows = zeros::<B, E>(&dev, c)?;
-            match (&dh, want_w) {
-                (None, false) => dev.ce_fwd(&p, &logits.buf(), t.buf(), B::buf_mut(&mut loss_rows))?,
-                (dh, _) => {
-                    // The logits become their gradient (scale 1; the mean's 1/valid is the backward's).
-                    dev.ce_fwd_bwd(&p, B::buf_mut(&mut *logits.data_mut()), t.buf(), B::buf_mut(&mut loss_rows))?;
-                    if let Some(dh) = dh {
-                        // dh rows r0.. = dlogits W ([c, vocab] x [vocab, hidden]).
-                        let dhc = matmul(&logits, w, MatmulParams::new(c, hidden, vocab))?;
-                        write_cols(dh, &reshape(&dhc, &[1, c * hidden])?, r0 * hidden)?;
-                    }
-                    if let Some(dw) = dw.as_mut() {
-                        // dw += dlogits^T x ([vocab, c] x [c, hidden]).
-                        let mp =
-                            MatmulParams { trans_a: true, accumulate: true, ..MatmulParams::new(vocab, hidden, c) };
-                        dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), B::buf_mut(dw))?;
-                        crate::stats::flops("linear_cross_entropy", false, mp.flops());
+    // Every product of the chunks (logits, dh, dw) is this op's: its time and FLOPs land on the
+    // `linear_cross_entropy` row of a profile, not on the inner ops'.
+    let mut flops = 0.0f64;
+    crate::stats::composite(|| {
+        crate::graph::no_grad(|| -> Result<()> {
+            let flat = reshape(&x, &[1, valid * hidden])?;
+            for r0 in (0..valid).step_by(chunk) {
+                let c = chunk.min(valid - r0);
+                let xc = if c == valid {
+                    x.clone()
+                } else {
+                    reshape(&slice_cols(&flat, r0 * hidden, c * hidden)?, &[c, hidden])?
+                };
+                let logits = matmul(&xc, w, MatmulParams::linear(c, vocab, hidden))?;
+                flops += MatmulParams::linear(c, vocab, hidden).flops();
+                let p = CeParams::new(c, vocab).with_ignore_index(ignore_index);
+                let t = Ints::new(&dev, &[c], &tg[r0..r0 + c])?;
+                let mut loss_rows = zeros::<B, E>(&dev, c)?;
+                match (&dh, want_w) {
+                    (None, false) => dev.ce_fwd(&p, &logits.buf(), t.buf(), B::buf_mut(&mut loss_rows))?,
+                    (dh, _) => {
+                        // The logits become their gradient (scale 1; the mean's 1/valid is the backward's).
+                        dev.ce_fwd_bwd(&p, B::buf_mut(&mut *logits.data_mut()), t.buf(), B::buf_mut(&mut loss_rows))?;
+                        if let Some(dh) = dh {
+                            // dh rows r0.. = dlogits W ([c, vocab] x [vocab, hidden]).
+                            let dhc = matmul(&logits, w, MatmulParams::new(c, hidden, vocab))?;
+                            flops += MatmulParams::new(c, hidden, vocab).flops();
+                            write_cols(dh, &reshape(&dhc, &[1, c * hidden])?, r0 * hidden)?;
+                        }
+                        if let Some(dw) = dw.as_mut() {
+                            // dw += dlogits^T x ([vocab, c] x [c, hidden]).
+                            let mp =
+                                MatmulParams { trans_a: true, accumulate: true, ..MatmulParams::new(vocab, hidden, c) };
+                            dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), B::buf_mut(dw))?;
+                            flops += mp.flops();
+                        }
                     }
                 }
+                sum += host::<B, E>(&dev, &loss_rows)?.into_iter().map(Into::<f64>::into).sum::<f64>();
             }
-            sum += host::<B, E>(&dev, &loss_rows)?.into_iter().map(Into::<f64>::into).sum::<f64>();
-        }
-        Ok(())
+            Ok(())
+        })
     })?;
+    crate::stats::flops("linear_cross_entropy", false, flops);
     let value = upload::<B, E>(&dev, &[E::c(sum / valid as f64)])?;
     let dh_bytes = valid * hidden * std::mem::size_of::<E>();
     let dw_bytes = vocab * hidden * std::mem::size_of::<E>();

@@ -11,7 +11,8 @@ use std::sync::Arc;
 pub use tuna_kernels::ops::lowp::{BasePrecision, CpuMatrixFeatures, LowpKernel, MatrixPath, PackedWeight};
 
 /// `x W^T (+ bias)` over the last dim of `x` (`[.., in] -> [.., out]`) with a packed frozen weight.
-/// Backward kind: `linear.dX` (as a frozen f32 linear's, so profiles line up), and `add_bias.*`.
+/// Op kind `matmul (bf16 base)` or `matmul (int8 base)` (its own row in `tuna profile`); backward
+/// kind `linear.dX` (as a frozen f32 linear's), and `add_bias.*`.
 pub fn linear_packed<B: Kernels<E>, E: Float>(
     x: &Tensor<B, E>,
     w: &Arc<PackedWeight>,
@@ -32,15 +33,20 @@ pub fn linear_packed<B: Kernels<E>, E: Float>(
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, m * out)?;
     dev.lowp_linear_fwd(w, m, &x.buf(), B::buf_mut(&mut y))?;
+    let kind = match w.precision() {
+        BasePrecision::Bf16 => "matmul (bf16 base)",
+        BasePrecision::Int8 => "matmul (int8 base)",
+        BasePrecision::F32 => "matmul",
+    };
     let flops = 2.0 * (m * out * inp) as f64;
-    crate::stats::flops("matmul", false, flops);
-    let y = output("matmul", &[x], dev, shape, y, |g_out, _| {
+    crate::stats::flops(kind, false, flops);
+    let y = output(kind, &[x], dev, shape, y, |g_out, _| {
         let (cx, dev, w) = (x.cell(), dev.clone(), w.clone());
         Box::new(move || {
             let Some(g) = g_out.take() else { return Ok(()) };
             if let Some(cx) = &cx {
                 launched("linear.dX");
-                crate::stats::flops("matmul", true, flops);
+                crate::stats::flops(kind, true, flops);
                 cx.accumulate(&dev, |dx| Ok(dev.lowp_linear_bwd(&w, m, B::buf(&g), dx)?))?;
             }
             Ok(())

@@ -16,8 +16,9 @@
 //!
 //! Error bounds (tested against an f64 product with the original f32 weight, `tests.rs`): per
 //! output element `|y - y_ref| <= e_w * sum_k |x_k| |w_k| + f32 rounding`, with `e_w = 2^-8`
-//! relative for bf16 (`|w - bf16(w)| <= 2^-9 |w|`, doubled for slack), and for int8 the absolute
-//! weight error `max|w_row| / 254` in place of `e_w |w_k|`. CUDA has no low-precision base here:
+//! relative for bf16 (round to nearest even with 8 significant bits: `|w - bf16(w)| <= 2^-8 |w|`,
+//! the bound itself), and for int8 the absolute weight error `max|w_row| / 254` in place of
+//! `e_w |w_k|`. CUDA has no low-precision base here:
 //! its frozen weights go bf16 through the mixed-precision design instead.
 
 mod cpu;
@@ -242,8 +243,10 @@ impl PackedWeight {
                         amax = amax.max(v.abs());
                     }
                     let s = amax / 127.0;
-                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                    q.extend((0..inp).map(|i| (at(o, i) * inv).round().clamp(-127.0, 127.0) as i8));
+                    // Divided, not multiplied by 1/s: for a row of tiny (subnormal) weights 1/s
+                    // overflows. A row so small that s underflows to 0 stores zeros.
+                    let q_of = |v: f32| if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i8 } else { 0 };
+                    q.extend((0..inp).map(|i| q_of(at(o, i))));
                     scale.push(s);
                 }
                 Store::Int8 { q, scale }

@@ -133,15 +133,18 @@ fn f64_products_are_exact_against_the_stored_weight() {
 
 #[test]
 fn packing_rounds_as_documented() {
-    let w = [1.0f32, -2.5, 3.0e-3, 0.0, 1.0 + 1.0 / 512.0, f32::NAN];
+    // bf16 keeps 8 significant bits: between 1 and 2 its step is 2^-7.
+    let w = [1.0f32, -2.5, 3.0e-3, 1.0 + 3.0 / 256.0, 1.0 + 1.0 / 256.0, f32::NAN];
     let pw = PackedWeight::pack("w", &w, 2, 3, false, BasePrecision::Bf16).unwrap();
     let v = pw.to_f32();
     assert_eq!(&v[..2], &[1.0, -2.5]);
-    assert_eq!(v[3], 0.0);
-    // 1 + 2^-9 is a tie between 1 and 1 + 2^-7: nearest even is 1.
+    assert!((v[2] - 3.0e-3).abs() <= 3.0e-3 / 256.0);
+    // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): nearest even is up,
+    // where truncation would give 1 + 2^-7.
+    assert_eq!(v[3], 1.0 + 1.0 / 64.0);
+    // 1 + 2^-8 is halfway between 1 (even) and 1 + 2^-7: nearest even is 1.
     assert_eq!(v[4], 1.0);
     assert!(v[5].is_nan());
-    assert!((v[2] - 3.0e-3).abs() <= 3.0e-3 / 256.0);
     assert_eq!(pw.bytes(), 12);
 
     let w = [0.5f32, -1.0, 0.25, 0.0, 0.0, 0.0];
@@ -153,6 +156,12 @@ fn packing_rounds_as_documented() {
     // An all-zero row has scale 0 and stays zero.
     assert_eq!(&v[3..], &[0.0, 0.0, 0.0]);
     assert_eq!(pw.bytes(), 6 + 2 * 4);
+    // A row of subnormal weights (1/scale would overflow) keeps the bound.
+    let tiny = [1.0e-39f32, -3.0e-39, 2.0e-39];
+    let v = PackedWeight::pack("w", &tiny, 1, 3, false, BasePrecision::Int8).unwrap().to_f32();
+    for (a, b) in v.iter().zip(&tiny) {
+        assert!((a - b).abs() <= 3.0e-39 / 254.0 * 1.01, "{a:e} vs {b:e}");
+    }
 }
 
 #[test]
