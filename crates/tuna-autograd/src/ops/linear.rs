@@ -30,7 +30,8 @@ pub fn matmul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>, p: Ma
 /// to the bias and the product accumulates onto them (one write pass instead of `add_bias`'s
 /// read and write of the whole output); a device without that broadcast kernel (CUDA) adds the
 /// bias after the product, as `add_bias` does. Either way the backward hands the output's
-/// gradient to `dX`/`dW` as it is (no `dx += dy` copy) and sums its rows into the bias's.
+/// gradient to `dX`/`dW` as it is (no `dx += dy` copy) and sums its rows into the bias's. The
+/// bias's time is the `matmul` op's in `tuna profile` (no `add_bias` op of its own).
 pub fn linear<B: Kernels<E>, E: Float>(
     x: &Tensor<B, E>,
     w: &Tensor<B, E>,
