@@ -231,6 +231,11 @@ fn linear_matmul_and_norms() {
     let (g0, b0) = (constant(&mut rng, &[5], 1.0), constant(&mut rng, &[5], 1.0));
     check(&[&x], || reduce(layernorm(&x, &g0, &b0, 1e-5)?, 29), H, GRAD_TOL, 30).unwrap();
     check(&[&x], || reduce(rmsnorm(&x, &g0, 1e-5)?, 30), H, GRAD_TOL, 30).unwrap();
+    // the fused bias: only the bias trains (x and the weight frozen), or the bias is frozen
+    let (xc, wc) = (constant(&mut rng, &[2, 3, 5], 1.0), constant(&mut rng, &[4, 5], 0.5));
+    check(&[&bias], || reduce(linear(&xc, &wc, WeightLayout::OutIn, Some(&bias))?, 31), H, GRAD_TOL, 30).unwrap();
+    let bc = constant(&mut rng, &[4], 0.5);
+    check(&[&x, &w_io], || reduce(linear(&x, &w_io, WeightLayout::InOut, Some(&bc))?, 32), H, GRAD_TOL, 30).unwrap();
 }
 
 /// A frozen weight packed in bf16 or int8 (`--base-precision`): the product is linear in `x` with

@@ -1,11 +1,11 @@
 //! Matrix products: `matmul` and the `linear` layer built on it. A frozen weight costs no `dW`
 //! product, and its input is not kept for one.
 
-use super::elem::add_bias;
 use super::{zeros, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Saved};
 use crate::tensor::{Float, Tensor};
+use tuna_kernels::ops::elementwise::BiasParams;
 pub use tuna_kernels::ops::matmul::MatmulParams;
 
 /// How a linear layer's weight is stored.
@@ -20,11 +20,16 @@ pub enum WeightLayout {
 /// `alpha * op(a) op(b)` as `[m, n]`, the operands' buffers read as `p` says (their own shapes
 /// only need the right element counts). Backward kinds: `matmul.dA`, `matmul.dB`.
 pub fn matmul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>, p: MatmulParams) -> Result<Tensor<B, E>> {
-    product(a, b, p, vec![p.m, p.n], ("matmul.dA", "matmul.dB"))
+    product(a, b, None, p, vec![p.m, p.n], ("matmul.dA", "matmul.dB"))
 }
 
 /// `x W^T (+ bias)` over the last dim of `x` (`[.., in] -> [.., out]`). Backward kinds:
-/// `linear.dX` and `linear.dW` (and `add_bias.*` for the bias).
+/// `linear.dX` and `linear.dW` (and `add_bias.bwd_bias` for the bias).
+///
+/// The bias is part of the product's op, one op on the tape: the forward adds it after the product
+/// (as `add_bias` did, the same bits), and the backward hands the output's gradient to `dX`/`dW`
+/// as it is (no `dx += dy` copy) and sums its rows into the bias's. The bias's time is the
+/// `matmul` op's in `tuna profile` (no `add_bias` op of its own).
 pub fn linear<B: Kernels<E>, E: Float>(
     x: &Tensor<B, E>,
     w: &Tensor<B, E>,
@@ -51,16 +56,24 @@ pub fn linear<B: Kernels<E>, E: Float>(
     let p = MatmulParams { trans_b: layout == WeightLayout::OutIn, ..MatmulParams::new(m, out, inp) };
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("checked non-empty") = out;
-    let y = product(x, w, p, shape, ("linear.dX", "linear.dW"))?;
-    match bias {
-        Some(b) => add_bias(&y, b),
-        None => Ok(y),
+    if let Some(b) = bias {
+        if b.shape() != [out] {
+            return Err(Error::Shape {
+                op: "linear",
+                what: "bias vs the weight's output dim",
+                left: b.shape().to_vec(),
+                right: w.shape().to_vec(),
+            });
+        }
     }
+    product(x, w, bias, p, shape, ("linear.dX", "linear.dW"))
 }
 
+/// `op(a) op(b) (+ bias)`: `bias` (`[n]`, checked by the caller) is added to every row.
 fn product<B: Kernels<E>, E: Float>(
     a: &Tensor<B, E>,
     b: &Tensor<B, E>,
+    bias: Option<&Tensor<B, E>>,
     p: MatmulParams,
     shape: Vec<usize>,
     kinds: (&'static str, &'static str),
@@ -74,11 +87,23 @@ fn product<B: Kernels<E>, E: Float>(
         });
     }
     let dev = a.device();
+    let bp = BiasParams::new(p.m, p.n);
     let mut c = zeros::<B, E>(dev, p.m * p.n)?;
+    // The product, then the bias added (the order of the unfused ops, so the same bits as before:
+    // presetting the rows to the bias and accumulating onto them, `bias_rows_fwd`, measured as
+    // fast here but rounds differently, which moves saved adapters' last bits).
     dev.matmul_fwd(&MatmulParams { accumulate: false, ..p }, &a.buf(), &b.buf(), B::buf_mut(&mut c))?;
     crate::stats::flops("matmul", false, p.flops());
-    Ok(output("matmul", &[a, b], dev, shape, c, |out, _| {
+    if let Some(bias) = bias {
+        let mut y = zeros::<B, E>(dev, p.m * p.n)?;
+        dev.add_bias_fwd(&bp, B::buf(&c), &bias.buf(), B::buf_mut(&mut y))?;
+        c = y;
+    }
+    let mut inputs: Vec<&dyn crate::graph::Input> = vec![a, b];
+    inputs.extend(bias.map(|t| t as &dyn crate::graph::Input));
+    Ok(output("matmul", &inputs, dev, shape, c, |out, _| {
         let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
+        let cbias = bias.and_then(|t| t.cell());
         // dA needs B, dB needs A: keep only what a wanted gradient reads.
         let a_s = cb.is_some().then(|| Saved::new(a));
         let b_s = ca.is_some().then(|| Saved::new(b));
@@ -94,6 +119,10 @@ fn product<B: Kernels<E>, E: Float>(
                 launched(kinds.1);
                 crate::stats::flops("matmul", true, p.flops());
                 cb.accumulate(&dev, |db| Ok(dev.matmul_bwd(&p, ab.as_deref(), None, B::buf(&g), None, Some(db))?))?;
+            }
+            if let Some(cbias) = &cbias {
+                launched("add_bias.bwd_bias");
+                cbias.accumulate(&dev, |db| Ok(dev.bias_grad(&bp, B::buf(&g), db)?))?;
             }
             Ok(())
         })

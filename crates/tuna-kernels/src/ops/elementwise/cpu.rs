@@ -144,6 +144,14 @@ impl<F: CpuFloat<Acc = F>> ElementwiseKernel<F> for Cpu {
             return Ok(());
         }
         acc_scaled(F::one(), dy, dx);
+        self.bias_grad(p, dy, dbias)
+    }
+
+    fn bias_grad(&self, p: &BiasParams, dy: &[F], dbias: &mut [F]) -> Result<()> {
+        check_bias(p, &[("dy", dy.len(), false), ("dbias", dbias.len(), true)])?;
+        if dy.is_empty() {
+            return Ok(());
+        }
         let cols = p.cols as usize;
         // Fixed chunks of whole rows: the partials, and so the sum, do not depend on the threads.
         let rows_per_chunk = (CHUNK / cols).max(1);
@@ -161,6 +169,21 @@ impl<F: CpuFloat<Acc = F>> ElementwiseKernel<F> for Cpu {
             dbias.iter_mut().zip(part).for_each(|(g, s)| *g += s);
         }
         Ok(())
+    }
+
+    fn bias_rows_fwd(&self, p: &BiasParams, bias: &[F], y: &mut [F]) -> Result<bool> {
+        check_bias(p, &[("bias", bias.len(), true), ("y", y.len(), false)])?;
+        if y.is_empty() {
+            return Ok(true);
+        }
+        let cols = p.cols as usize;
+        let rows_per_chunk = (CHUNK / cols).max(1);
+        y.par_chunks_mut(rows_per_chunk * cols).for_each(|block| {
+            for row in block.chunks_mut(cols) {
+                row.copy_from_slice(bias);
+            }
+        });
+        Ok(true)
     }
 
     fn slice_cols_fwd(&self, p: &ColsParams, x: &[F], y: &mut [F]) -> Result<()> {

@@ -91,7 +91,7 @@ impl Cuda {
     }
 
     /// `dbias += sum_rows dy`: partials per chunk of rows, then the chunks in order.
-    fn bias_grad<E: CudaElem>(&self, p: &BiasParams, dy: &CudaBuf<E>, dbias: &mut CudaBuf<f32>) -> Result<()> {
+    fn bias_grad_launch<E: CudaElem>(&self, p: &BiasParams, dy: &CudaBuf<E>, dbias: &mut CudaBuf<f32>) -> Result<()> {
         let (chunk_rows, chunks) = bias_chunks(p.rows);
         let mut part = self.zeros::<f32>(chunks as usize * p.cols as usize)?;
         let mut b = Launch::new("elementwise", symbol::<E>("add_bias", "bwd_partials"));
@@ -237,7 +237,21 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
         }
         // dx += dy is scale's backward with s = 1 (exact).
         self.launch_flat("scale", "bwd", flat(dy.len(), 1.0), &[dy], &mut [dx])?;
-        self.bias_grad(p, dy, dbias)
+        self.bias_grad_launch(p, dy, dbias)
+    }
+
+    fn bias_grad(&self, p: &BiasParams, dy: &CudaBuf<E>, dbias: &mut CudaBuf<f32>) -> Result<()> {
+        check_bias(p, &[("dy", dy.len(), false), ("dbias", dbias.len(), true)])?;
+        if dy.is_empty() {
+            return Ok(());
+        }
+        self.bias_grad_launch(p, dy, dbias)
+    }
+
+    /// No broadcast kernel on CUDA yet: `linear` adds the bias after the product here.
+    fn bias_rows_fwd(&self, p: &BiasParams, bias: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<bool> {
+        check_bias(p, &[("bias", bias.len(), true), ("y", y.len(), false)])?;
+        Ok(false)
     }
 
     fn slice_cols_fwd(&self, p: &ColsParams, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {

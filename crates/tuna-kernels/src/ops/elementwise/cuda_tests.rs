@@ -108,6 +108,15 @@ fn add_bias_case<E: CudaElem>(dev: &Cuda, rows: usize, cols: usize) {
     let (mut dxd, mut dbd) = (up::<E>(dev, &g0x), dev.upload(&g0b).unwrap());
     ElementwiseKernel::<E>::add_bias_bwd(dev, &p, &dyd, &mut dxd, &mut dbd).unwrap();
     assert_eq!(dev.download(&dbd).unwrap(), got, "add_bias cuda {name}: dbias not reproducible");
+    // bias_grad: add_bias_bwd's dbias alone, the same bits
+    let mut dbd = dev.upload(&g0b).unwrap();
+    ElementwiseKernel::<E>::bias_grad(dev, &p, &dyd, &mut dbd).unwrap();
+    assert_eq!(dev.download(&dbd).unwrap(), got, "bias_grad cuda {name} vs add_bias_bwd's dbias");
+    // no broadcast kernel on CUDA: bias_rows_fwd says so and leaves y as it was
+    let held: Vec<f32> = down(dev, &dxd);
+    let wrote = ElementwiseKernel::<E>::bias_rows_fwd(dev, &p, &bd, &mut dxd).unwrap();
+    assert!(!wrote, "bias_rows_fwd cuda {name}");
+    assert_eq!(down(dev, &dxd), held, "bias_rows_fwd cuda {name} wrote y");
 }
 
 #[test]

@@ -202,6 +202,16 @@ fn add_bias<F: CpuFloat<Acc = F>>(tol: Tol, rows: usize, cols: usize) {
     Cpu.add_bias_bwd(&p, &cast::<F>(&dy), &mut dx, &mut dbias).unwrap();
     tol.assert_close("add_bias bwd dx", &dx, &plus(&g0x, &f64s(&dy)));
     tol.assert_close("add_bias bwd dbias", &dbias, &plus(&g0b, &ref_dbias(&f64s(&dy), cols)));
+    // bias_grad: the dbias half alone, the same bits as add_bias_bwd's
+    let mut dbias_only = cast::<F>(&g0b);
+    Cpu.bias_grad(&p, &cast::<F>(&dy), &mut dbias_only).unwrap();
+    let exact = dbias_only.iter().zip(&dbias).all(|(&a, &b)| Into::<f64>::into(a) == b.into());
+    assert!(exact, "bias_grad differs from add_bias_bwd's dbias");
+    // bias_rows_fwd: every row the bias, whatever y held
+    let mut rows_y = cast::<F>(&x);
+    assert!(Cpu.bias_rows_fwd(&p, &cast::<F>(&bias), &mut rows_y).unwrap(), "the CPU writes the rows");
+    let want: Vec<f64> = (0..rows * cols).map(|i| f64s(&bias)[i % cols]).collect();
+    Tol::F64.assert_close("bias_rows_fwd", &rows_y, &want);
 }
 
 #[test]

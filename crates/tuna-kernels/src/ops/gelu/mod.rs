@@ -2,6 +2,7 @@
 
 mod cpu;
 mod cuda;
+mod fast;
 
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Result};
@@ -41,6 +42,46 @@ fn check(n: usize, others: &[(&'static str, usize)]) -> Result<GeluParams> {
         check_len("gelu", name, len, n, || format!("same length as x ({n})"))?;
     }
     Ok(GeluParams { n: n as u64, kind: 0, _pad: 0 })
+}
+
+/// The f32 CPU GELU's vector path on this CPU: `Some("avx2+fma")`, or `None` where it runs the
+/// portable scalar path (see `ops/gelu/fast.rs` for both and their measured error).
+pub fn cpu_f32_simd() -> Option<&'static str> {
+    fast::has_avx2_fma().then_some("avx2+fma")
+}
+
+/// Benchmark hooks: the f32 CPU GELU on a chosen path, in parallel chunks as the kernel runs.
+/// `Generic` is the code f32 ran before the vector path (f64's generic code instantiated for f32;
+/// its f32 `gelu(-inf)` is NaN for Tanh and -inf for Erf, its gradient at +inf is inf), `Scalar` the
+/// portable fallback, `Simd` the AVX2 path where the CPU has it (else `Scalar`).
+#[doc(hidden)]
+pub mod bench {
+    use super::GeluKind;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Path {
+        Generic,
+        Scalar,
+        Simd,
+    }
+
+    /// `y = gelu(x)` on `path`.
+    pub fn fwd(path: Path, kind: GeluKind, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), y.len());
+        match path {
+            Path::Generic => super::cpu::generic_fwd(kind, x, y),
+            _ => super::cpu::fwd_f32_path(kind, x, y, path == Path::Simd),
+        }
+    }
+
+    /// `dx += dy * gelu'(x)` on `path`.
+    pub fn bwd(path: Path, kind: GeluKind, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        assert!(x.len() == dy.len() && x.len() == dx.len());
+        match path {
+            Path::Generic => super::cpu::generic_bwd(kind, x, dy, dx),
+            _ => super::cpu::bwd_f32_path(kind, x, dy, dx, path == Path::Simd),
+        }
+    }
 }
 
 /// `sqrt(2/pi)`; rounds to the f32 `0.797_884_6` the f32 kernels always used.
