@@ -184,9 +184,9 @@ struct EvalArgs {
     #[arg(long)]
     max_len: Option<usize>,
     /// How the frozen weights of the transformer blocks are held (f32, bf16 or int8), as for
-    /// `tuna train`: evaluate an adapter on the base it trained on.
-    #[arg(long, default_value = "f32", value_name = "f32|bf16|int8")]
-    base_precision: tuna::models::model::BasePrecision,
+    /// `tuna train` (default: what the adapter's tuna_task.json says it trained on, else f32).
+    #[arg(long, value_name = "f32|bf16|int8")]
+    base_precision: Option<tuna::models::model::BasePrecision>,
 }
 
 #[derive(clap::Args)]
@@ -394,11 +394,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !(1..=tuna::train_cmd::MAX_BATCH as usize).contains(&a.batch_size) {
                 anyhow::bail!("--batch-size {}: expected 1 to {}", a.batch_size, tuna::train_cmd::MAX_BATCH);
             }
+            let trained_on = match saved.as_ref().and_then(|t| t.base_precision.as_deref()) {
+                Some(p) => p
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{}: tuna_task.json: base_precision: {e}", saved_in.display()))?,
+                None => tuna::models::model::BasePrecision::F32,
+            };
             let m = tuna::models::model::AnyModel::open_adapted_with(
                 &Arc::new(Cpu),
                 &a.model,
                 a.adapter.as_deref(),
-                a.base_precision,
+                a.base_precision.unwrap_or(trained_on),
             )?;
             let given =
                 |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();

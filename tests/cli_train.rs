@@ -624,17 +624,21 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
         assert!(b[11] < b[0], "{p} did not train: {b:?}");
     }
     // The adapter evaluates on the base it trained on, and on the f32 base, to about the same loss.
-    let eval = |p: &str| {
+    // The adapter's task file records the base it trained on, so eval scores there by default.
+    let eval = |p: Option<&str>| {
         let adapter = d.join("bf16").join("adapter").display().to_string();
-        let a = ["eval", "--model", &fixture("llama"), "--adapter", &adapter, "--data", &train, "--base-precision", p];
-        let o = tuna(&a.map(String::from));
+        let mut a: Vec<String> =
+            ["eval", "--model", &fixture("llama"), "--adapter", &adapter, "--data", &train].map(String::from).to_vec();
+        a.extend(p.map(|p| ["--base-precision".to_string(), p.to_string()]).into_iter().flatten());
+        let o = tuna(&a);
         ok(&o);
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         out.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("no loss in: {out}"))
     };
-    let (lb, lf) = (eval("bf16"), eval("f32"));
+    let (lb, lf, ld) = (eval(Some("bf16")), eval(Some("f32")), eval(None));
     assert!((lb - lf).abs() <= 0.02 * lf, "eval loss on the bf16 base {lb} vs the f32 base {lf}");
     assert_ne!(lb, lf, "eval's --base-precision changed nothing");
+    assert_eq!(ld, lb, "eval without the flag did not score on the base the adapter trained on");
     let (o, _) = run("bf16", "int8", 14, &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--base-precision was bf16, now int8"), "{err}");

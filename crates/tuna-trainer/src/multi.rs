@@ -660,6 +660,7 @@ fn finish<B: Backend>(
             task: t.cfg.task.name().to_string(),
             labels: t.spec.labels.as_ref().map(|l| l.labels().to_vec()),
             verbalizers: t.cfg.verbalizers.clone(),
+            base_precision: (run.base_precision != Default::default()).then(|| run.base_precision.to_string()),
         }
         .write(&dir)?;
         summaries.push(TaskSummary {

@@ -397,6 +397,7 @@ fn finish<B: Backend>(
         task: cfg.task.name().to_string(),
         labels: s.spec.labels.as_ref().map(|l| l.labels().to_vec()),
         verbalizers: cfg.verbalizers.clone(),
+        base_precision: (cfg.base_precision != Default::default()).then(|| cfg.base_precision.to_string()),
     }
     .write(&export)?;
     let summary = RunSummary {

@@ -220,6 +220,10 @@ pub struct TaskFile {
     pub labels: Option<Vec<String>>,
     #[serde(default, deserialize_with = "list_or_csv")]
     pub verbalizers: Option<Vec<String>>,
+    /// The precision the base's frozen block weights were held in while training (absent: f32):
+    /// `tuna eval` scores on that base unless told otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_precision: Option<String>,
 }
 
 /// The task file's name.
@@ -307,6 +311,7 @@ mod tests {
             task: "classify".into(),
             labels: Some(vec!["a, b".into(), " padded ".into()]),
             verbalizers: Some(vec!["yes".into(), "no".into()]),
+            base_precision: Some("int8".into()),
         };
         f.write(&d).unwrap();
         assert_eq!(TaskFile::read(&d).unwrap(), Some(f));
