@@ -303,6 +303,13 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         Ok(done)
     }
 
+    /// f32 bytes of the frozen, not yet packed linear weights of the blocks: what
+    /// `--base-precision` would hold smaller (0 when packed already, or when they train).
+    pub fn packable_bytes(&self) -> usize {
+        let linears = each!(&self.net, n => Adaptable::linears(n));
+        linears.iter().filter(|l| !l.weight.requires_grad() && l.packed().is_none()).map(|l| l.weight.bytes()).sum()
+    }
+
     /// The packed weight behind base weight `name` (`<module>.weight`), when it is held packed.
     pub fn packed_weight(&self, name: &str) -> Option<Arc<PackedWeight>> {
         let linears = each!(&self.net, n => Adaptable::linears(n));

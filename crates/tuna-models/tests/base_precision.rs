@@ -66,7 +66,9 @@ fn every_method_trains_on_a_packed_base_close_to_f32() {
             for p in [BasePrecision::Bf16, BasePrecision::Int8] {
                 let what = format!("{arch}/{} on a {p} base", method.name());
                 let mut m = model(arch, &method);
+                let packable = m.packable_bytes();
                 let done = m.set_base_precision(p).unwrap();
+                assert_eq!((packable, m.packable_bytes()), (done.f32_bytes, 0), "{what}: what the memory plan counts");
                 assert_eq!(m.base_precision(), p, "{what}");
                 // Two layers of 4 (GPT-2), 6 (BERT) or 7 (Llama) linears each.
                 let per_layer = match arch {

@@ -261,7 +261,7 @@ fn memory_plan<B: Backend>(
         if plan.peak() > avail {
             let fixes = plan.fits_with(cfg, avail);
             let fixes = if fixes.is_empty() {
-                "no change of --checkpoint-activations, --optimizer-state or --micro-batch alone fits; try a shorter --max-len".to_string()
+                "no change of --checkpoint-activations, --optimizer-state, --base-precision or --micro-batch alone fits; try a shorter --max-len".to_string()
             } else {
                 fixes
                     .iter()
