@@ -62,45 +62,54 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
+/// Runs `f(r0, rows, block)` over the weight's blocks of rows in order, each widened into this
+/// thread's scratch as `[rows, in]`.
+fn each_block<F: CpuFloat>(w: &PackedWeight, mut f: impl FnMut(usize, usize, &[F])) {
+    let (out, inp) = (w.out_features(), w.in_features());
+    let nb = block_rows::<F>(w);
+    with_scratch::<F, _>(nb * inp, |scratch| {
+        let mut r0 = 0;
+        while r0 < out {
+            let rows = nb.min(out - r0);
+            let s = &mut scratch[..rows * inp];
+            widen(w, r0, s);
+            f(r0, rows, s);
+            r0 += rows;
+        }
+    })
+}
+
 impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
     fn lowp_linear_fwd(&self, w: &PackedWeight, m: usize, x: &[F], y: &mut [F]) -> Result<()> {
         check(w, m, ("x", x.len()), ("y", y.len()), true)?;
         let (out, inp) = (w.out_features(), w.in_features());
-        let nb = block_rows::<F>(w);
-        with_scratch::<F, _>(nb * inp, |scratch| {
-            let mut r0 = 0;
-            while r0 < out {
-                let rows = nb.min(out - r0);
-                let s = &mut scratch[..rows * inp];
-                widen(w, r0, s);
-                // y[:, r0..r0+rows] = x[m, inp] s^T, s stored [rows, inp].
-                // SAFETY: y holds m * out elements (checked) and the block's columns r0..r0+rows
-                // lie inside each row (row stride `out`); x holds m * inp (checked), s rows * inp;
-                // y is a distinct &mut, aliasing neither.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        rows,
-                        inp,
-                        y.as_mut_ptr().add(r0),
-                        1,
-                        out as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        inp as isize,
-                        s.as_ptr(),
-                        inp as isize,
-                        1,
-                        F::zero(),
-                        F::one(),
-                        false,
-                        false,
-                        false,
-                        parallelism(m, rows, inp),
-                    )
-                }
-                r0 += rows;
+        each_block::<F>(w, |r0, rows, s| {
+            // y[:, r0..r0+rows] = x[m, inp] s^T, s stored [rows, inp].
+            // SAFETY: y holds m * out elements (checked) and the block's columns r0..r0+rows lie
+            // inside each row (row stride `out`); x holds m * inp (checked), s rows * inp; y is a
+            // distinct &mut, aliasing neither.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    inp,
+                    y.as_mut_ptr().add(r0),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    s.as_ptr(),
+                    inp as isize,
+                    1,
+                    F::zero(),
+                    F::one(),
+                    false,
+                    false,
+                    false,
+                    parallelism(m, rows, inp),
+                )
             }
         });
         Ok(())
@@ -109,40 +118,32 @@ impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
     fn lowp_linear_bwd(&self, w: &PackedWeight, m: usize, dy: &[F], dx: &mut [F]) -> Result<()> {
         check(w, m, ("dy", dy.len()), ("dx", dx.len()), false)?;
         let (out, inp) = (w.out_features(), w.in_features());
-        let nb = block_rows::<F>(w);
-        with_scratch::<F, _>(nb * inp, |scratch| {
-            let mut r0 = 0;
-            while r0 < out {
-                let rows = nb.min(out - r0);
-                let s = &mut scratch[..rows * inp];
-                widen(w, r0, s);
-                // dx[m, inp] += dy[:, r0..r0+rows] s, s stored [rows, inp].
-                // SAFETY: dy holds m * out elements (checked): columns r0..r0+rows of each row (row
-                // stride `out`) are inside it; dx holds m * inp, s rows * inp; dx aliases neither.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        inp,
-                        rows,
-                        dx.as_mut_ptr(),
-                        1,
-                        inp as isize,
-                        true,
-                        dy.as_ptr().add(r0),
-                        1,
-                        out as isize,
-                        s.as_ptr(),
-                        1,
-                        inp as isize,
-                        F::one(),
-                        F::one(),
-                        false,
-                        false,
-                        false,
-                        parallelism(m, inp, rows),
-                    )
-                }
-                r0 += rows;
+        each_block::<F>(w, |r0, rows, s| {
+            // dx[m, inp] += dy[:, r0..r0+rows] s, s stored [rows, inp].
+            // SAFETY: dy holds m * out elements (checked): columns r0..r0+rows of each row (row
+            // stride `out`) are inside it; dx holds m * inp, s rows * inp; dx aliases neither.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    inp,
+                    rows,
+                    dx.as_mut_ptr(),
+                    1,
+                    inp as isize,
+                    true,
+                    dy.as_ptr().add(r0),
+                    1,
+                    out as isize,
+                    s.as_ptr(),
+                    1,
+                    inp as isize,
+                    F::one(),
+                    F::one(),
+                    false,
+                    false,
+                    false,
+                    parallelism(m, inp, rows),
+                )
             }
         });
         Ok(())

@@ -225,3 +225,23 @@ fn the_best_path_follows_the_features() {
     assert_eq!(CpuMatrixFeatures { avx_vnni: true, ..none }.best(), MatrixPath::AvxVnni);
     assert_eq!(CpuMatrixFeatures { amx_tile: true, amx_int8: true, avx512_vnni: true, ..none }.best(), MatrixPath::Amx);
 }
+
+/// CUDA has no low-precision base: both products refuse, naming the flag, after the same length
+/// checks as the CPU's (on the emulated device here; skipped by name without one).
+#[test]
+fn cuda_refuses_the_low_precision_products_by_name() {
+    let Some(dev) = crate::testing::cuda_or_skip("lowp::cuda_refuses_the_low_precision_products_by_name") else {
+        return;
+    };
+    let pw = PackedWeight::pack("w", &[0.5; 6], 2, 3, false, BasePrecision::Int8).unwrap();
+    let x = dev.upload(&[1.0f32; 6]).unwrap();
+    let mut y = dev.upload(&[0.0f32; 4]).unwrap();
+    let e = LowpKernel::<f32>::lowp_linear_fwd(&*dev, &pw, 2, &x, &mut y).unwrap_err().to_string();
+    assert!(e.contains("CPU-only") && e.contains("--base-precision"), "{e}");
+    let mut dx = dev.upload(&[0.0f32; 6]).unwrap();
+    let e = LowpKernel::<f32>::lowp_linear_bwd(&*dev, &pw, 2, &y, &mut dx).unwrap_err().to_string();
+    assert!(e.contains("CPU-only"), "{e}");
+    // A wrong length is still a shape error first.
+    let e = LowpKernel::<f32>::lowp_linear_fwd(&*dev, &pw, 3, &x, &mut y).unwrap_err().to_string();
+    assert!(e.contains("`x`"), "{e}");
+}
