@@ -22,20 +22,8 @@ use tuna_kernels::ops::elementwise::{BiasParams, ElementwiseKernel};
 use tuna_kernels::ops::gelu::bench::{bwd as gelu_bwd, fwd as gelu_fwd, Path};
 use tuna_kernels::ops::gelu::{cpu_f32_simd, GeluKind};
 use tuna_kernels::ops::matmul::{MatmulKernel, MatmulParams};
-use tuna_kernels::testing::Rng;
+use tuna_kernels::testing::{best_time, cpu_model, Rng};
 use tuna_kernels::Cpu;
-
-fn time<F: FnMut()>(mut f: F) -> f64 {
-    f(); // warm up
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    while start.elapsed().as_secs_f64() < 1.0 {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    best
-}
 
 /// The best time of each of `fs`, run in turns for about `secs` in all: variants compared on a
 /// busy machine see the same conditions.
@@ -51,17 +39,6 @@ fn time_turns(secs: f64, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
         }
     }
     best
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 const CHUNK: usize = 16 * 1024;
@@ -82,7 +59,7 @@ fn main() {
     let x = rng.vec(n, -6.0, 6.0);
     let dy = rng.vec(n, -1.0, 1.0);
     let mut y = vec![0.0f32; n];
-    let copy = time(|| {
+    let copy = best_time(|| {
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
     });
     let bw = 2.0 * 4.0 * n as f64 / copy; // bytes/s, read + write

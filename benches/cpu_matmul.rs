@@ -4,22 +4,9 @@
 //! Peak: 2 cores x 2 AVX-512 FMA units x 16 lanes x 2 FLOPs x clock; `TUNA_PEAK_GFLOPS`
 //! overrides the default 300 (2 threads at ~2.3 GHz sustained AVX-512 clock).
 
-use std::time::Instant;
 use tuna_kernels::ops::matmul::{MatmulKernel, MatmulParams};
-use tuna_kernels::testing::Rng;
+use tuna_kernels::testing::{best_time, Rng};
 use tuna_kernels::Cpu;
-
-fn time<F: FnMut()>(mut f: F) -> f64 {
-    f(); // warm up
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    while start.elapsed().as_secs_f64() < 1.0 {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    best
-}
 
 fn main() {
     let peak: f64 = std::env::var("TUNA_PEAK_GFLOPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300.0);
@@ -36,7 +23,7 @@ fn main() {
         let p = MatmulParams { trans_b: tb, ..MatmulParams::new(n, n, n) };
         let (a, b) = (rng.vec(n * n, -1.0, 1.0), rng.vec(n * n, -1.0, 1.0));
         let mut c = vec![0.0; n * n];
-        let secs = time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
+        let secs = best_time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
         let g = p.flops() / secs / 1e9;
         println!("| {name} | fwd | {n} x {n} x {n} | {:.2} | {g:.1} | {:.0}% |", secs * 1e3, 100.0 * g / peak);
     }
@@ -53,8 +40,9 @@ fn main() {
         let (a, b, dc) = (rng.vec(m * k, -1.0, 1.0), rng.vec(n * k, -1.0, 1.0), rng.vec(m * n, -1.0, 1.0));
         let mut c = vec![0.0; m * n];
         let (mut da, mut db) = (vec![0.0; m * k], vec![0.0; n * k]);
-        let fwd = time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
-        let bwd = time(|| Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap());
+        let fwd = best_time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
+        let bwd =
+            best_time(|| Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap());
         for (what, secs, flops) in [("fwd", fwd, p.flops()), ("bwd dX+dW", bwd, 2.0 * p.flops())] {
             let g = flops / secs / 1e9;
             println!("| {name} | {what} | {m} x {n} x {k} | {:.2} | {g:.1} | {:.0}% |", secs * 1e3, 100.0 * g / peak);

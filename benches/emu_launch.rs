@@ -23,13 +23,7 @@ fn ms(reps: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let emu = Cuda::emulated().expect("the emulated device (build with --features emulator)");
     // The machine, beside the table (speeds are only comparable within one run).
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = tuna_kernels::testing::cpu_model();
     println!("cpu: {cpu}, {} rayon threads", rayon::current_num_threads());
     let mut rng = Rng::new(1);
     println!("{:<52} {:>10} {:>10}", "launch", "emulated", "cpu op");

@@ -22,7 +22,7 @@ pub fn report() -> String {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         if avx512() { "yes" } else { "no" }
     );
-    let _ = writeln!(s, "  cpu model: {}", cpu_model());
+    let _ = writeln!(s, "  cpu model: {}", tuna_kernels::testing::cpu_model());
     let _ = writeln!(s, "  cpu matrix instructions: {}", matrix_line());
     if tuna_kernels::cuda::emulation_requested() {
         // --device cuda opens the emulated device, whatever GPUs exist.
@@ -95,17 +95,6 @@ fn rayon_threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-}
-
-/// The CPU's model name (`/proc/cpuinfo`), or "unknown".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The matrix instructions found at run time, and the path `--base-precision bf16|int8` takes.

@@ -140,3 +140,29 @@ pub fn note_skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// The CPU's model name from `/proc/cpuinfo` ("unknown CPU" where there is none): benchmarks and
+/// `tuna info` print it beside their numbers.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The best time in seconds of `f` over about one second of repetitions, after one warm-up call
+/// (the benchmarks' clock).
+pub fn best_time(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut best = f64::INFINITY;
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs_f64() < 1.0 {
+        let t = std::time::Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}

@@ -49,6 +49,11 @@ impl<B: Kernels<E>, E: Float> Linear<B, E> {
         self.packed.borrow().clone()
     }
 
+    /// Whether `--base-precision` can pack this layer: its weight is frozen and not packed yet.
+    pub fn is_packable(&self) -> bool {
+        !self.weight.requires_grad() && self.packed.borrow().is_none()
+    }
+
     /// `(out, in)` features, whatever the layout.
     pub fn out_in(&self) -> (usize, usize) {
         let s = self.weight.shape();

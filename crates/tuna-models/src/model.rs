@@ -47,6 +47,14 @@ fn check_lowp_device<B: Kernels<E>, E: Float>(dev: &Arc<B>, p: BasePrecision) ->
     Ok(())
 }
 
+/// `--base-precision p` on a model whose block weights all train (full fine-tuning).
+fn nothing_to_pack(p: BasePrecision) -> Error {
+    Error::InvalidArgument(format!(
+        "--base-precision {p}: no frozen block weight to hold in {p} (full fine-tuning trains them all; the \
+         low-precision base is for the parameter-efficient methods)"
+    ))
+}
+
 /// A batch's ids, mask and positions on the device.
 type Inputs<B> = (Ints<B, u32>, Ints<B, u8>, Ints<B, u32>);
 
@@ -195,10 +203,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             dev: dev.clone(),
         };
         if base != BasePrecision::F32 && model.base_precision() != base {
-            return Err(Error::InvalidArgument(format!(
-                "--base-precision {base}: no frozen block weight to hold in {base} (full fine-tuning trains them all; the \
-                 low-precision base is for the parameter-efficient methods)"
-            )));
+            return Err(nothing_to_pack(base));
         }
         Ok(model)
     }
@@ -288,17 +293,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 held.precision()
             )));
         }
-        for l in linears.iter().filter(|l| !l.weight.requires_grad() && l.packed().is_none()) {
+        for l in linears.iter().filter(|l| l.is_packable()) {
             let (before, after) = l.pack(p)?;
             done.layers += 1;
             done.f32_bytes += before;
             done.packed_bytes += after;
         }
         if done.layers == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "--base-precision {p}: no frozen block weight to hold in {p} (full fine-tuning trains them all; the \
-                 low-precision base is for the parameter-efficient methods)"
-            )));
+            return Err(nothing_to_pack(p));
         }
         Ok(done)
     }
@@ -307,16 +309,13 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// `--base-precision` would hold smaller (0 when packed already, or when they train).
     pub fn packable_bytes(&self) -> usize {
         let linears = each!(&self.net, n => Adaptable::linears(n));
-        linears.iter().filter(|l| !l.weight.requires_grad() && l.packed().is_none()).map(|l| l.weight.bytes()).sum()
+        linears.iter().filter(|l| l.is_packable()).map(|l| l.weight.bytes()).sum()
     }
 
     /// The packed weight behind base weight `name` (`<module>.weight`), when it is held packed.
     pub fn packed_weight(&self, name: &str) -> Option<Arc<PackedWeight>> {
         let linears = each!(&self.net, n => Adaptable::linears(n));
-        linears
-            .iter()
-            .find(|l| l.name.len() + 7 == name.len() && name.starts_with(&l.name) && name.ends_with(".weight"))
-            .and_then(|l| l.packed())
+        linears.iter().find(|l| name.strip_suffix(".weight") == Some(l.name.as_str())).and_then(|l| l.packed())
     }
 
     /// The precision the blocks' frozen weights are held in (`F32` unless packed).

@@ -48,7 +48,7 @@ impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
     /// A block's linear layer as loaded: its frozen weight packed now when [`Loader::pack`] asks
     /// for a low precision (its f32 storage released before the next tensor loads).
     pub fn linear(&mut self, lin: crate::linear::Linear<B, E>) -> Result<crate::linear::Linear<B, E>> {
-        if self.pack != tuna_autograd::ops::lowp::BasePrecision::F32 && !lin.weight.requires_grad() {
+        if self.pack != tuna_autograd::ops::lowp::BasePrecision::F32 && lin.is_packable() {
             lin.pack(self.pack)?;
         }
         Ok(lin)

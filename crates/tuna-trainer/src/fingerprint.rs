@@ -39,9 +39,10 @@ impl BaseFingerprint {
         for (n, t) in &weights {
             // One tensor on the host at a time (a copy), so the peak stays one tensor's size. A
             // weight held packed (--base-precision) is read as the packed values, [out, in].
-            let v = match model.packed_weight(n) {
-                Some(p) if t.is_released() => p.to_f32(),
-                _ => t.to_vec()?,
+            let packed = if t.is_released() { model.packed_weight(n) } else { None };
+            let v = match packed {
+                Some(p) => p.to_f32(),
+                None => t.to_vec()?,
             };
             let stride = (v.len() / SAMPLES_PER_TENSOR).max(1);
             for x in v.iter().step_by(stride) {

@@ -120,14 +120,9 @@ fn tanh_parts(x: f32) -> (f32, f32) {
     let e = exp(-z.clamp(-TANH_BIG, TANH_BIG));
     let s = 1.0 / (1.0 + e);
     let (y, g) = (x * s, s * (1.0 + (x * dz) * (e * s)));
-    if z.abs() > TANH_BIG {
-        if x > 0.0 {
-            (x, 1.0)
-        } else {
-            (0.0, 0.0)
-        }
-    } else if x.is_nan() {
-        (x, x)
+    // Past the cut-off GELU is ReLU, whose NaN also passes through.
+    if z.abs() > TANH_BIG || x.is_nan() {
+        relu_parts(x)
     } else {
         (y, g)
     }
@@ -146,14 +141,8 @@ fn erf_parts(x: f32) -> (f32, f32) {
     // gelu' = phi + x e c = [x > 0] + e (x c -+ R/2): the sum of small terms first
     let g = e * (x * FRAC_1_SQRT_2PI + if pos { -hr } else { hr }) + if pos { 1.0 } else { 0.0 };
     let (y, g) = (x * phi, g);
-    if u > ERF_BIG {
-        if x > 0.0 {
-            (x, 1.0)
-        } else {
-            (0.0, 0.0)
-        }
-    } else if x.is_nan() {
-        (x, x)
+    if u > ERF_BIG || x.is_nan() {
+        relu_parts(x)
     } else {
         (y, g)
     }

@@ -96,7 +96,7 @@ pub enum MatrixPath {
 }
 
 /// What this CPU offers for matrix products, detected once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuMatrixFeatures {
     pub avx2_fma: bool,
     pub avx512f: bool,
@@ -140,16 +140,7 @@ impl CpuMatrixFeatures {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            CpuMatrixFeatures {
-                avx2_fma: false,
-                avx512f: false,
-                avx512_vnni: false,
-                avx512_bf16: false,
-                avx_vnni: false,
-                amx_tile: false,
-                amx_bf16: false,
-                amx_int8: false,
-            }
+            CpuMatrixFeatures::default()
         }
     }
 

@@ -209,16 +209,7 @@ fn precision_names_parse_back() {
 
 #[test]
 fn the_best_path_follows_the_features() {
-    let none = CpuMatrixFeatures {
-        avx2_fma: true,
-        avx512f: false,
-        avx512_vnni: false,
-        avx512_bf16: false,
-        avx_vnni: false,
-        amx_tile: false,
-        amx_bf16: false,
-        amx_int8: false,
-    };
+    let none = CpuMatrixFeatures { avx2_fma: true, ..Default::default() };
     assert_eq!(none.best(), MatrixPath::WidenF32);
     assert_eq!(none.names(), vec!["avx2+fma"]);
     assert_eq!(CpuMatrixFeatures { avx512_vnni: true, ..none }.best(), MatrixPath::Avx512Vnni);
