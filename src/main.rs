@@ -257,6 +257,9 @@ static HEAP: tuna::trainer::memory::Counting = tuna::trainer::memory::Counting;
 
 fn main() -> std::process::ExitCode {
     tuna::trainer::memory::mark_installed();
+    // Every command allocates the same large buffers again and again (steps, eval batches,
+    // generation): keep freed pages in the heap instead of mapping fresh ones each time.
+    tuna::kernels::heap::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

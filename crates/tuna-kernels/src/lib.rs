@@ -31,6 +31,7 @@ pub mod backend;
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod heap;
 pub mod ops;
 pub mod rng;
 pub mod testing;
