@@ -34,6 +34,10 @@ fn main() {
         ("GPT-2 small mlp down (8x128 tok)", 1024, 3072, 768),
         ("MiniLM qkv (16x128 tok)", 2048, 384, 1152),
         ("MiniLM mlp up (16x128 tok)", 2048, 384, 1536),
+        // prompt tuning's step: 32 x (64 + 20 virtual) tokens, q/k/v/o separate
+        ("MiniLM q|k|v|o (32x84 tok)", 2688, 384, 384),
+        ("MiniLM mlp up (32x84 tok)", 2688, 384, 1536),
+        ("MiniLM mlp down (32x84 tok)", 2688, 1536, 384),
     ];
     for (name, m, k, n) in shapes {
         let p = MatmulParams::linear(m, n, k);
@@ -43,7 +47,11 @@ fn main() {
         let fwd = best_time(|| Cpu.matmul_fwd(&p, &a, &b, &mut c).unwrap());
         let bwd =
             best_time(|| Cpu.matmul_bwd(&p, Some(&a[..]), Some(&b[..]), &dc, Some(&mut da), Some(&mut db)).unwrap());
-        for (what, secs, flops) in [("fwd", fwd, p.flops()), ("bwd dX+dW", bwd, 2.0 * p.flops())] {
+        // a frozen weight (parameter-efficient methods): the input's gradient only
+        let bwd_dx = best_time(|| Cpu.matmul_bwd(&p, None, Some(&b[..]), &dc, Some(&mut da), None).unwrap());
+        for (what, secs, flops) in
+            [("fwd", fwd, p.flops()), ("bwd dX+dW", bwd, 2.0 * p.flops()), ("bwd dX only", bwd_dx, p.flops())]
+        {
             let g = flops / secs / 1e9;
             println!("| {name} | {what} | {m} x {n} x {k} | {:.2} | {g:.1} | {:.0}% |", secs * 1e3, 100.0 * g / peak);
         }

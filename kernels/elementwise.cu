@@ -195,6 +195,10 @@ __device__ void masked_mean_bwd(const PoolParams p, const u8_t* mask, const T* d
     extern "C" __global__ void add_bias_fwd_##NAME(const BiasParams p, const T* x, const T* bias, T* y) {      \
         add_bias_fwd(p, x, bias, y);                                                                           \
     }                                                                                                          \
+    /* y += bias in place: add_bias_fwd with x = y (each thread reads, then writes, its own) */               \
+    extern "C" __global__ void add_bias_inplace_##NAME(const BiasParams p, const T* bias, T* y) {              \
+        add_bias_fwd(p, y, bias, y);                                                                           \
+    }                                                                                                          \
     extern "C" __global__ void add_bias_bwd_partials_##NAME(const BiasParams p, u64_t chunk_rows, const T* dy, \
                                                             float* part) {                                     \
         add_bias_bwd_partials(p, chunk_rows, dy, part);                                                        \

@@ -17,6 +17,7 @@ Run: python scripts/bench/train_step.py --model minilm --method lora --batch 16 
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -155,6 +156,9 @@ def main():
                     help="bf16: forward and loss under torch.autocast(dtype=bfloat16); weights stay f32")
     ap.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
                     help="PyTorch AdamW implementation (default: PyTorch's choice, the for-loop one on CPU)")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="also run torch.profiler over the measured steps and print its per-op table (self CPU "
+                         "time, top 20) to stderr: the peer of `tuna profile`")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -177,10 +181,14 @@ def main():
     fwd = bwd = upd = 0.0
     start = time.perf_counter()
     loss = None
+    prof = None
     try:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 fwd = bwd = upd = 0.0
+                if args.profile_ops:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    prof.__enter__()
                 start = time.perf_counter()
             t0 = time.perf_counter()
             loss = step_loss()
@@ -202,6 +210,11 @@ def main():
         return
     secs = time.perf_counter() - start
     n = args.steps
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        print(f"torch.profiler, {n} steps (times are totals over them; the profiler's own overhead included):",
+              file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
     print(json.dumps({
         "side": "pytorch+peft", "model": args.model, "method": args.method, "layers": layers,
         "batch": args.batch, "seq": args.seq, "steps": n,

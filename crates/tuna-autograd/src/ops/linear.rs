@@ -89,15 +89,13 @@ fn product<B: Kernels<E>, E: Float>(
     let dev = a.device();
     let bp = BiasParams::new(p.m, p.n);
     let mut c = zeros::<B, E>(dev, p.m * p.n)?;
-    // The product, then the bias added (the order of the unfused ops, so the same bits as before:
-    // presetting the rows to the bias and accumulating onto them, `bias_rows_fwd`, measured as
-    // fast here but rounds differently, which moves saved adapters' last bits).
+    // The product, then the bias added in place (the order of the unfused ops, so the same bits
+    // as add_bias gave; presetting the rows to the bias and accumulating onto them rounds
+    // differently, which moves saved adapters' last bits).
     dev.matmul_fwd(&MatmulParams { accumulate: false, ..p }, &a.buf(), &b.buf(), B::buf_mut(&mut c))?;
     crate::stats::flops("matmul", false, p.flops());
     if let Some(bias) = bias {
-        let mut y = zeros::<B, E>(dev, p.m * p.n)?;
-        dev.add_bias_fwd(&bp, B::buf(&c), &bias.buf(), B::buf_mut(&mut y))?;
-        c = y;
+        dev.add_bias_inplace(&bp, &bias.buf(), B::buf_mut(&mut c))?;
     }
     let mut inputs: Vec<&dyn crate::graph::Input> = vec![a, b];
     inputs.extend(bias.map(|t| t as &dyn crate::graph::Input));

@@ -171,19 +171,21 @@ impl<F: CpuFloat<Acc = F>> ElementwiseKernel<F> for Cpu {
         Ok(())
     }
 
-    fn bias_rows_fwd(&self, p: &BiasParams, bias: &[F], y: &mut [F]) -> Result<bool> {
+    fn add_bias_inplace(&self, p: &BiasParams, bias: &[F], y: &mut [F]) -> Result<()> {
         check_bias(p, &[("bias", bias.len(), true), ("y", y.len(), false)])?;
         if y.is_empty() {
-            return Ok(true);
+            return Ok(());
         }
         let cols = p.cols as usize;
         let rows_per_chunk = (CHUNK / cols).max(1);
         y.par_chunks_mut(rows_per_chunk * cols).for_each(|block| {
             for row in block.chunks_mut(cols) {
-                row.copy_from_slice(bias);
+                for (y, &b) in row.iter_mut().zip(bias) {
+                    *y = *y + b;
+                }
             }
         });
-        Ok(true)
+        Ok(())
     }
 
     fn slice_cols_fwd(&self, p: &ColsParams, x: &[F], y: &mut [F]) -> Result<()> {

@@ -249,9 +249,17 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
     }
 
     /// No broadcast kernel on CUDA yet: `linear` adds the bias after the product here.
-    fn bias_rows_fwd(&self, p: &BiasParams, bias: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<bool> {
+    fn add_bias_inplace(&self, p: &BiasParams, bias: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         check_bias(p, &[("bias", bias.len(), true), ("y", y.len(), false)])?;
-        Ok(false)
+        if y.is_empty() {
+            return Ok(());
+        }
+        let mut b = Launch::new("elementwise", symbol::<E>("add_bias", "inplace"));
+        b.arg(p).arg(bias).arg(y);
+        // SAFETY: matches add_bias_inplace_<E>(BiasParams, const T* bias, T* y); lengths checked
+        // above; each thread reads and then writes its own elements of y only.
+        unsafe { self.launch(b, grid_cols_rows(p.cols, p.rows, MAX_GRID_X)) }?;
+        Ok(())
     }
 
     fn slice_cols_fwd(&self, p: &ColsParams, x: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {

@@ -132,11 +132,9 @@ pub trait ElementwiseKernel<E: Elem>: Backend {
     /// `dbias += sum_rows dy`: `add_bias_bwd`'s bias half alone (the same deterministic reduction),
     /// for an op that adds the bias itself (`linear` with a bias) and passes `dy` on as it is.
     fn bias_grad(&self, p: &BiasParams, dy: &Self::Buf<E>, dbias: &mut Self::Buf<E::Acc>) -> Result<()>;
-    /// `y[r, c] = bias[c]` (every row of `y` set to the bias), so that a product accumulating
-    /// into `y` gives `x W^T + bias` with one pass over `y` instead of a second read and write.
-    /// Returns `Ok(true)` having written `y`; a device without this kernel (CUDA, today) returns
-    /// `Ok(false)` and leaves `y` as it was: the caller then adds the bias after the product.
-    fn bias_rows_fwd(&self, p: &BiasParams, bias: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<bool>;
+    /// `y[r, c] += bias[c]` in place: `add_bias_fwd` with `x = y` (the same bits), so a product's
+    /// output takes its bias without a second buffer (one read and write of `y`, no allocation).
+    fn add_bias_inplace(&self, p: &BiasParams, bias: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
 
     /// `y[r, 0..width] = x[r, off..off+width]`; `x: [rows, cols]`, `y: [rows, width]`.
     fn slice_cols_fwd(&self, p: &ColsParams, x: &Self::Buf<E>, y: &mut Self::Buf<E>) -> Result<()>;
