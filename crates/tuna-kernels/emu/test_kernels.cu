@@ -142,9 +142,10 @@ extern "C" __global__ void emu_test_trap(float* out) {
 extern "C" __global__ void __launch_bounds__(64) emu_test_bounds(float* out) { out[threadIdx.x] = 1.f; }
 // Reads dynamic shared memory one float past its end (only AddressSanitizer sees this; the test
 // runs it only when TUNA_EMU_EXPECT_ASAN_ABORT is set, expecting the process to abort).
+// (u32_t as in emu_test_smem: NVRTC wants every extern __shared__ `dyn` of a module to agree)
 extern "C" __global__ void emu_test_smem_overrun(u32_t n, float* out) {
-    TUNA_DYN_SMEM(float, dyn);
-    if (threadIdx.x == 0) out[0] = dyn[n];
+    TUNA_DYN_SMEM(u32_t, dyn);
+    if (threadIdx.x == 0) out[0] = __uint_as_float(dyn[n]);
 }
 
 // ---- tensor-core primitives (kernels/mma.cuh) -----------------------------------------------------
