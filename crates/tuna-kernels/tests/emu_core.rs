@@ -1255,7 +1255,8 @@ fn mma_gemm_kernel_matches_a_double_reference() {
     let (a_bits, a) = rand_bf16(&mut rng, m * k);
     let (b_bits, b) = rand_bf16(&mut rng, n * k);
     let mut c = vec![f32::NAN; m * n];
-    let args = |c: &mut Vec<f32>, kk: usize| Args::default().p(&a_bits).p(&b_bits).m(c).v(m as i32).v(n as i32).v(kk as i32);
+    let args =
+        |c: &mut Vec<f32>, kk: usize| Args::default().p(&a_bits).p(&b_bits).m(c).v(m as i32).v(n as i32).v(kk as i32);
     ok("mma_gemm_bf16_nt", [(n / 64) as u32, (m / 64) as u32, 1], [128, 1, 1], 0, args(&mut c, k));
     for i in 0..m {
         for j in 0..n {

@@ -97,7 +97,8 @@ fn emulator_test_kernels_compile_with_nvrtc() {
         return;
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let kdir = ["kernels", "../../kernels"].iter().map(|d| dir.join(d)).find(|d| d.join("common.cuh").is_file()).unwrap();
+    let kdir =
+        ["kernels", "../../kernels"].iter().map(|d| dir.join(d)).find(|d| d.join("common.cuh").is_file()).unwrap();
     // `#include "x.cuh"` inlined from kernels/, as build.rs does for the embedded sources
     let mut src = String::new();
     for line in std::fs::read_to_string(dir.join("emu/test_kernels.cu")).unwrap().lines() {
@@ -107,7 +108,8 @@ fn emulator_test_kernels_compile_with_nvrtc() {
         }
         src.push('\n');
     }
-    let k = KernelSource { name: "emu_test_kernels", src: Box::leak(src.into_boxed_str()), hash: 0, precompiled_ptx: &[] };
+    let k =
+        KernelSource { name: "emu_test_kernels", src: Box::leak(src.into_boxed_str()), hash: 0, precompiled_ptx: &[] };
     for arch in [80u32, 90] {
         let c = compile(&k, arch, true).unwrap_or_else(|e| panic!("emu/test_kernels.cu for sm_{arch}: {e}"));
         println!("sm_{arch}:\n{}", c.log);
