@@ -62,13 +62,13 @@ __device__ __forceinline__ void cp_async_wait_all() { ::tuna_emu::cp_async_wait(
 #else
 
 // The 32-bit .shared address of a generic pointer into shared memory.
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
+__device__ __forceinline__ unsigned tuna_smem_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
 // The .global address of a generic pointer into global memory.
-__device__ __forceinline__ unsigned long long gmem_addr(const void* p) {
+__device__ __forceinline__ unsigned long long tuna_gmem_addr(const void* p) {
     unsigned long long a;
     asm("cvta.to.global.u64 %0, %1;" : "=l"(a) : "l"(p));
     return a;
@@ -85,47 +85,59 @@ __device__ __forceinline__ void mma_m16n8k16_bf16_f32(float d[4], const unsigned
 }
 
 __device__ __forceinline__ void ldmatrix_x1(unsigned r[1], const void* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(smem_addr(row)) : "memory");
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];"
+                 : "=r"(r[0])
+                 : "r"(tuna_smem_addr(row))
+                 : "memory");
 }
 __device__ __forceinline__ void ldmatrix_x2(unsigned r[2], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
                  : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(row))
+                 : "r"(tuna_smem_addr(row))
                  : "memory");
 }
 __device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(row))
+                 : "r"(tuna_smem_addr(row))
                  : "memory");
 }
 __device__ __forceinline__ void ldmatrix_x1_trans(unsigned r[1], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];"
                  : "=r"(r[0])
-                 : "r"(smem_addr(row))
+                 : "r"(tuna_smem_addr(row))
                  : "memory");
 }
 __device__ __forceinline__ void ldmatrix_x2_trans(unsigned r[2], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                  : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(row))
+                 : "r"(tuna_smem_addr(row))
                  : "memory");
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(row))
+                 : "r"(tuna_smem_addr(row))
                  : "memory");
 }
 
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(gmem_addr(src)) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
+                 :
+                 : "r"(tuna_smem_addr(dst)), "l"(tuna_gmem_addr(src))
+                 : "memory");
 }
 __device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(gmem_addr(src)) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;"
+                 :
+                 : "r"(tuna_smem_addr(dst)), "l"(tuna_gmem_addr(src))
+                 : "memory");
 }
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(gmem_addr(src)) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 :
+                 : "r"(tuna_smem_addr(dst)), "l"(tuna_gmem_addr(src))
+                 : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
