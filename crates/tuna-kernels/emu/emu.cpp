@@ -31,11 +31,13 @@
 //     another variant is a fault, a partial warp an invalid launch). Each lane deposits a pointer
 //     to its operands on its own stack; the lane completing the op gathers the fragments into
 //     whole matrices by the manual's layouts and writes every lane's result back.
-//   * mma: D = A*B + C with the bf16 products exact (8-bit significands) and the 16 products plus
-//     C summed in double, then rounded once to f32 (nearest even): exact unless the terms span
-//     more than about 29 binades, and then within a double ulp. The device's tensor cores do not
-//     document their internal rounding (they are not an IEEE f32 sequence of adds either), so
-//     device and emulator agree to a few f32 ulp of the largest term, not bitwise.
+//   * mma: D = A*B + C with the bf16 products exact (8-bit significands, exact in f32 and double)
+//     and the 16 products plus C summed in double in k order, then rounded once to f32 (nearest
+//     even). The double sum is exact while the terms lie within about 2^24 of each other in
+//     magnitude, and otherwise off by a few double ulps of the largest term, far below f32's: in
+//     effect the exact sum rounded once. The device's tensor cores do not document their internal
+//     rounding (not an IEEE f32 sequence of adds either), so device and emulator agree to a few
+//     f32 ulps of the largest term, not bitwise: compare against the device with a tolerance.
 //   * ldmatrix: lanes 0..8*num-1 each give one 16-byte row (8 b16 values) of matrix lane/8; the
 //     address must be 16-byte aligned and inside the block's shared memory (else a fault naming
 //     the lane). Lane l receives, per matrix, the b16 pair (row l/4, cols 2*(l%4), +1), low half
