@@ -24,6 +24,31 @@
 // - Shared memory: per block, a fresh malloc of exactly the launch's dyn_smem bytes and one per
 //   static __shared__ declaration, filled with 0xff (NaN), freed when the block ends (so
 //   AddressSanitizer sees overruns of either).
+// - Tensor-core primitives (kernels/mma.cuh), from the PTX ISA manual:
+//   * mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 and ldmatrix.sync.aligned.m8n8.x{1,2,4}
+//     {.trans}.shared.b16 are warp ops (as above) over the full warp (.sync.aligned: every lane,
+//     at the same call site, with the same variant; a lane that exited, waits elsewhere or runs
+//     another variant is a fault, a partial warp an invalid launch). Each lane deposits a pointer
+//     to its operands on its own stack; the lane completing the op gathers the fragments into
+//     whole matrices by the manual's layouts and writes every lane's result back.
+//   * mma: D = A*B + C with the bf16 products exact (8-bit significands, exact in f32 and double)
+//     and the 16 products plus C summed in double in k order, then rounded once to f32 (nearest
+//     even). The double sum is exact while the terms lie within about 2^24 of each other in
+//     magnitude, and otherwise off by a few double ulps of the largest term, far below f32's: in
+//     effect the exact sum rounded once. The device's tensor cores do not document their internal
+//     rounding (not an IEEE f32 sequence of adds either), so device and emulator agree to a few
+//     f32 ulps of the largest term, not bitwise: compare against the device with a tolerance.
+//   * ldmatrix: lanes 0..8*num-1 each give one 16-byte row (8 b16 values) of matrix lane/8; the
+//     address must be 16-byte aligned and inside the block's shared memory (else a fault naming
+//     the lane). Lane l receives, per matrix, the b16 pair (row l/4, cols 2*(l%4), +1), low half
+//     first; with .trans the pair (rows 2*(l%4), +1; col l/4).
+//   * cp.async (per thread, not collective): 4/8/16 bytes (.cg: 16 only), source and destination
+//     aligned to the size, destination inside the block's shared memory, source outside it (else a
+//     fault). The source is read at the call, the destination filled with 0xff (NaN) at once, and
+//     the data written only when this thread's cp.async.wait_group/wait_all completes its group:
+//     reading the destination before the matching wait (or, from another thread, before that
+//     wait and a barrier) sees NaN, as a kernel that forgets the wait would see stale data on the
+//     device. Copies still pending when the thread exits are dropped.
 #include "emu.cuh"
 
 #include <cerrno>
@@ -272,6 +297,15 @@ struct Thread : ThreadCtx {
     Stack stack;
     St st = St::Fresh;
     uint64_t result = 0;         // of the last warp op
+    // cp.async: copies issued and not yet completed (in issue order), and commit_groups so far;
+    // a copy belongs to group `committed` at issue (the next group to be committed).
+    struct AsyncCopy {
+        void* dst;
+        unsigned bytes, group;
+        unsigned char data[16];
+    };
+    std::vector<AsyncCopy> async;
+    unsigned committed = 0;
     const char* site = nullptr;  // where it waits
     void* fake = nullptr;        // ASan's fake stack while switched out
 };
@@ -302,7 +336,12 @@ struct Block : BlockCtx {
     const char* bar_site = nullptr;
     void* dyn = nullptr;
     bool dyn_alloc = false;
-    std::vector<std::pair<const void*, void*>> statics;
+    struct Static {
+        const void* tag;
+        void* p;
+        size_t bytes;
+    };
+    std::vector<Static> statics;
     size_t static_bytes = 0;
     Context sched;
     void* sched_fake = nullptr;
@@ -360,6 +399,8 @@ const char* op_name(int kind) {
         case OP_ANY: return "__any_sync";
         case OP_ALL: return "__all_sync";
         case OP_SYNCWARP: return "__syncwarp";
+        case OP_MMA_BF16: return "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+        case OP_LDMATRIX: return "ldmatrix.sync.aligned.m8n8";
         default: return "warp op";
     }
 }
@@ -491,7 +532,7 @@ void release_smem(Block& b) {
     if (b.dyn_alloc && b.dyn) free(b.dyn);
     b.dyn = nullptr;
     b.dyn_alloc = false;
-    for (auto& [tag, p] : b.statics) free(p);
+    for (auto& st : b.statics) free(st.p);
     b.statics.clear();
     b.static_bytes = 0;
 }
@@ -554,6 +595,8 @@ void setup_block(Block& b, Launch& L, unsigned long long idx) {
                 t.site = nullptr;
                 t.fake = nullptr;
                 t.stack = Stack{};
+                t.async.clear();
+                t.committed = 0;
             }
     b.rq_head = b.rq_len = 0;
     for (unsigned k = 0; k < n; ++k) b.push(config().reverse ? n - 1 - k : k);
@@ -731,6 +774,85 @@ int launch(const char* name, const unsigned grid[3], const unsigned block[3], un
     return 0;
 }
 
+// ---- tensor-core primitives (see the top of this file) ---------------------------------------------
+std::string ldmatrix_variant(int kind, unsigned param) {
+    if (kind != OP_LDMATRIX) return "";
+    return fmt(".x%u%s.shared.b16", param & 7u, (param & 16u) ? ".trans" : "");
+}
+
+// [p, p + n) inside one of the block's shared-memory allocations (dynamic, or a static array)
+bool in_shared(const Block& b, const void* p, size_t n) {
+    const auto inside = [&](const void* base, size_t bytes) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(p), lo = reinterpret_cast<uintptr_t>(base);
+        return base && a >= lo && a - lo <= bytes && n <= bytes - (a - lo);
+    };
+    if (b.dyn && inside(b.dyn, b.L->dyn)) return true;
+    for (const auto& st : b.statics)
+        if (inside(st.p, st.bytes)) return true;
+    return false;
+}
+
+float bf16_half(uint32_t reg, unsigned hi) { return std::bit_cast<float>((hi ? reg >> 16 : reg & 0xffffu) << 16); }
+
+// mma.m16n8k16 .bf16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"): groupID = lane >> 2, threadID_in_group = lane % 4;
+//   A (16x16) a0..a7, two per register, low half first: row = groupID (+8 for a2,a3,a6,a7),
+//     col = threadID_in_group * 2 + (i & 1) (+8 for a4..a7);
+//   B (16x8)  b0..b3: row = threadID_in_group * 2 + (i & 1) (+8 for b2,b3), col = groupID;
+//   C, D (16x8) c0..c3: row = groupID (+8 for c2,c3), col = threadID_in_group * 2 + (i & 1).
+void mma_complete(const PendingOp& op) {
+    MmaIo* io[32];
+    for (unsigned l = 0; l < 32; ++l) io[l] = reinterpret_cast<MmaIo*>(static_cast<uintptr_t>(op.val[l]));
+    float A[16][16], B[16][8], C[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, tg = l & 3;
+        for (unsigned i = 0; i < 8; ++i)
+            A[g + ((i & 2) ? 8 : 0)][tg * 2 + (i & 1) + (i >= 4 ? 8 : 0)] = bf16_half(io[l]->a[i >> 1], i & 1);
+        for (unsigned i = 0; i < 4; ++i) {
+            B[tg * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = bf16_half(io[l]->b[i >> 1], i & 1);
+            C[g + (i >= 2 ? 8 : 0)][tg * 2 + (i & 1)] = io[l]->c[i];
+        }
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, tg = l & 3;
+        for (unsigned i = 0; i < 4; ++i) {
+            const unsigned row = g + (i >= 2 ? 8 : 0), col = tg * 2 + (i & 1);
+            double s = C[row][col];
+            for (unsigned k = 0; k < 16; ++k) s += double(A[row][k]) * double(B[k][col]);
+            io[l]->d[i] = float(s);
+        }
+    }
+}
+
+// ldmatrix.m8n8.x{1,2,4}{.trans}.b16: lane 8*m + r gives row r of matrix m.
+void ldmatrix_complete(Block& b, unsigned wi, const PendingOp& op, unsigned param) {
+    const unsigned num = param & 7u;
+    const bool trans = param & 16u;
+    uint16_t M[4][8][8];
+    for (unsigned l = 0; l < 8 * num; ++l) {
+        const void* row = reinterpret_cast<const LdmatrixIo*>(static_cast<uintptr_t>(op.val[l]))->row;
+        const Thread& o = b.th[wi * 32 + l];
+        if (reinterpret_cast<uintptr_t>(row) % 16) {
+            fail(3, fmt("%s: %s%s (%s): lane %u's row address %p is not 16-byte aligned", where(b, o).c_str(),
+                        op_name(OP_LDMATRIX), ldmatrix_variant(OP_LDMATRIX, param).c_str(), op.site, l, row));
+        }
+        if (!in_shared(b, row, 16)) {
+            fail(3, fmt("%s: %s%s (%s): lane %u's row address %p (16 bytes) is not inside the block's shared memory",
+                        where(b, o).c_str(), op_name(OP_LDMATRIX), ldmatrix_variant(OP_LDMATRIX, param).c_str(),
+                        op.site, l, row));
+        }
+        memcpy(M[l / 8][l % 8], row, 16);
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+        LdmatrixIo* io = reinterpret_cast<LdmatrixIo*>(static_cast<uintptr_t>(op.val[l]));
+        const unsigned g = l >> 2, c = (l & 3) * 2;
+        for (unsigned m = 0; m < num; ++m) {
+            const uint32_t lo = trans ? M[m][c][g] : M[m][g][c], hi = trans ? M[m][c + 1][g] : M[m][g][c + 1];
+            io->r[m] = lo | hi << 16;
+        }
+    }
+}
+
 }  // namespace
 
 // ---- entry points of kernel code (emu.cuh) ------------------------------------------------------------
@@ -794,6 +916,14 @@ uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned
                         "divergent warp ops",
                         where(b, t).c_str(), op_name(kind), site, mask, op->arrived, op_name(op->kind), op->site));
         }
+        // .aligned matrix ops: every lane executes the same instruction (site and variant)
+        const unsigned first_param = op->param[op->first & 31];
+        if ((kind == OP_MMA_BF16 || kind == OP_LDMATRIX) && (!same_site(site, op->site) || param != first_param)) {
+            fail(3, fmt("%s: %s%s (%s) while lanes 0x%08x of its warp wait at %s%s (%s): a .sync.aligned op must be the "
+                        "same instruction in every lane of the warp",
+                        where(b, t).c_str(), op_name(kind), ldmatrix_variant(kind, param).c_str(), site, op->arrived,
+                        op_name(op->kind), ldmatrix_variant(kind, first_param).c_str(), op->site));
+        }
     } else {
         if (w.nops == MAX_WARP_OPS) {
             fail(3, fmt("%s: %s (%s) with mask 0x%08x: more than %u warp ops with different masks in flight in one warp "
@@ -818,6 +948,8 @@ uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned
         return t.result;  // written by the lane that completed the op
     }
     // Complete: every lane's result, then wake the others.
+    if (kind == OP_MMA_BF16) mma_complete(*op);
+    if (kind == OP_LDMATRIX) ldmatrix_complete(b, wi, *op, param);
     unsigned votes = 0;
     for (unsigned l = 0; l < 32; ++l)
         if ((mask >> l & 1u) && op->val[l]) votes |= 1u << l;
@@ -837,7 +969,9 @@ uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned
             case OP_BALLOT: o.result = votes; break;
             case OP_ANY: o.result = votes != 0; break;
             case OP_ALL: o.result = votes == mask; break;
-            case OP_SYNCWARP: o.result = 0; break;
+            case OP_SYNCWARP:
+            case OP_MMA_BF16:
+            case OP_LDMATRIX: o.result = 0; break;  // (the matrix ops wrote their lanes' outputs)
             default:
                 if (!(mask >> src & 1u)) {
                     fail(3, fmt("%s: %s (%s) reads lane %u, which is not in mask 0x%08x (undefined on the device)",
@@ -856,6 +990,50 @@ uint64_t warp_op(const char* site, int kind, unsigned mask, uint64_t v, unsigned
     if (op != &w.ops[w.nops - 1]) *op = w.ops[w.nops - 1];  // remove (the others' order does not matter)
     --w.nops;
     return t.result;
+}
+
+void cp_async(const char* site, void* dst, const void* src, unsigned bytes, bool cg) {
+    Thread& t = self();
+    Block& b = blk_of(t);
+    const char* name = cg ? "cp.async.cg.shared.global" : "cp.async.ca.shared.global";
+    if (!(bytes == 4 || bytes == 8 || bytes == 16) || (cg && bytes != 16))
+        fail(3, fmt("%s: %s (%s): %u bytes (.ca: 4, 8 or 16; .cg: 16)", where(b, t).c_str(), name, site, bytes));
+    if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes) {
+        fail(3, fmt("%s: %s (%s) of %u bytes: destination %p and source %p must both be %u-byte aligned",
+                    where(b, t).c_str(), name, site, bytes, dst, src, bytes));
+    }
+    if (!in_shared(b, dst, bytes)) {
+        fail(3, fmt("%s: %s (%s): destination %p (%u bytes) is not inside the block's shared memory", where(b, t).c_str(),
+                    name, site, dst, bytes));
+    }
+    if (in_shared(b, src, 1))
+        fail(3, fmt("%s: %s (%s): source %p is in shared memory (it must be global)", where(b, t).c_str(), name, site, src));
+    Thread::AsyncCopy c;
+    c.dst = dst;
+    c.bytes = bytes;
+    c.group = t.committed;
+    memcpy(c.data, src, bytes);
+    t.async.push_back(c);
+    memset(dst, 0xff, bytes);  // undefined until the wait: NaN
+}
+
+void cp_async_commit() { ++self().committed; }
+
+void cp_async_wait(int n) {
+    Thread& t = self();
+    if (n < 0) {  // wait_all: commit_group, then wait_group 0
+        ++t.committed;
+        n = 0;
+    }
+    // committed groups are 0 .. committed-1; all but the newest n complete
+    const unsigned done_below = t.committed > unsigned(n) ? t.committed - unsigned(n) : 0;
+    size_t keep = 0;
+    for (size_t i = 0; i < t.async.size(); ++i) {
+        const Thread::AsyncCopy& c = t.async[i];
+        if (c.group < done_below) memcpy(c.dst, c.data, c.bytes);
+        else t.async[keep++] = c;
+    }
+    t.async.resize(keep);
 }
 
 unsigned activemask() {
@@ -882,8 +1060,8 @@ void* dyn_smem() {
 void* static_smem(const void* tag, size_t bytes, size_t align, const char* name, const char* site) {
     Thread& t = self();
     Block& b = blk_of(t);
-    for (const auto& [k, p] : b.statics)
-        if (k == tag) return p;
+    for (const auto& st : b.statics)
+        if (st.tag == tag) return st.p;
     if (b.static_bytes + bytes > MAX_STATIC_SMEM || b.static_bytes + bytes + b.L->dyn > MAX_DYN_SMEM) {
         fail(2, fmt("invalid launch: %s: __shared__ %s (%s, %zu bytes) brings static shared memory to %zu bytes (limit "
                     "%zu) with %zu dynamic bytes (limit %zu together)",
@@ -891,7 +1069,7 @@ void* static_smem(const void* tag, size_t bytes, size_t align, const char* name,
                     MAX_DYN_SMEM));
     }
     void* p = alloc_poisoned(bytes, align);
-    b.statics.emplace_back(tag, p);
+    b.statics.push_back({tag, p, bytes});
     b.static_bytes += bytes;
     return p;
 }

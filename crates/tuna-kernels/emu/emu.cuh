@@ -17,6 +17,8 @@
 // - threadIdx, blockIdx, blockDim, gridDim (per fiber, read-only), warpSize.
 // - __syncthreads, __syncwarp, __shfl{,_xor,_down,_up}_sync, __ballot_sync, __any_sync,
 //   __all_sync, __activemask: each call site passes its file:line for error messages.
+// - the tensor-core primitives of kernels/mma.cuh (mma.sync m16n8k16 bf16, ldmatrix, cp.async):
+//   mma and ldmatrix are warp ops over the full warp, cp.async a per-thread queue (emu.cpp).
 // - shared memory: TUNA_SHARED(T, name, dims) (a static __shared__ array, one fresh allocation per
 //   block) and TUNA_DYN_SMEM(T, name) (extern __shared__ T name[]: the launch's dyn_smem bytes,
 //   one fresh allocation per block); both are filled with 0xFF bytes (NaN floats) at block start.
@@ -80,7 +82,21 @@ struct ThreadCtx {
 extern __thread ThreadCtx* cur;
 
 // ---- runtime entry points (emu.cpp) ----------------------------------------------------------
-enum WarpOpKind : int { OP_SHFL_IDX = 1, OP_SHFL_XOR, OP_SHFL_DOWN, OP_SHFL_UP, OP_BALLOT, OP_ANY, OP_ALL, OP_SYNCWARP };
+enum WarpOpKind : int {
+    OP_SHFL_IDX = 1,
+    OP_SHFL_XOR,
+    OP_SHFL_DOWN,
+    OP_SHFL_UP,
+    OP_BALLOT,
+    OP_ANY,
+    OP_ALL,
+    OP_SYNCWARP,
+    // warp-collective matrix ops (kernels/mma.cuh): the value is a pointer to the lane's own
+    // MmaIo/LdmatrixIo (on its fiber stack, alive while it waits); the lane completing the op
+    // computes every lane's outputs in place.
+    OP_MMA_BF16,
+    OP_LDMATRIX,
+};
 void syncthreads(const char* site);
 // Joins the warp op `kind` over `mask` with this lane's value and parameter (source lane, lane
 // mask or delta; width); returns this lane's result once every lane of mask has joined.
@@ -131,6 +147,36 @@ inline int any(const char* site, unsigned mask, int pred) { return int(warp_op(s
 inline int all(const char* site, unsigned mask, int pred) { return int(warp_op(site, OP_ALL, mask, pred != 0, 0, 32)); }
 inline void syncwarp(const char* site, unsigned mask = 0xffffffffu) { (void)warp_op(site, OP_SYNCWARP, mask, 0, 0, 32); }
 unsigned activemask();
+
+// ---- tensor-core primitives (kernels/mma.cuh maps the device spellings onto these) -------------
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}
+// .shared.b16 and cp.async.{ca,cg}.shared.global; semantics and checks in emu.cpp.
+struct MmaIo {
+    uint32_t a[4], b[2];
+    float c[4], d[4];
+};
+struct LdmatrixIo {
+    const void* row;  // this lane's row address (used by lanes 0..8*num-1)
+    uint32_t r[4];
+};
+inline void mma_m16n8k16_bf16_f32(const char* site, float* d, const unsigned* a, const unsigned* b, const float* c) {
+    MmaIo io;
+    for (int i = 0; i < 4; ++i) io.a[i] = a[i], io.c[i] = c[i];
+    io.b[0] = b[0], io.b[1] = b[1];
+    (void)warp_op(site, OP_MMA_BF16, 0xffffffffu, reinterpret_cast<uintptr_t>(&io), 0, 32);
+    for (int i = 0; i < 4; ++i) d[i] = io.d[i];  // after reading c: d may be c
+}
+inline void ldmatrix(const char* site, unsigned num, bool trans, unsigned* r, const void* row) {
+    LdmatrixIo io;
+    io.row = row;
+    (void)warp_op(site, OP_LDMATRIX, 0xffffffffu, reinterpret_cast<uintptr_t>(&io), num | (trans ? 16u : 0u), 32);
+    for (unsigned i = 0; i < num; ++i) r[i] = io.r[i];
+}
+// cp.async of `bytes` (4, 8 or 16; `cg`: the .cg variant, 16 only) from global `src` to shared
+// `dst`; commit_group; wait_group(n) (n < 0: wait_all, i.e. commit + wait_group 0).
+void cp_async(const char* site, void* dst, const void* src, unsigned bytes, bool cg);
+void cp_async_commit();
+void cp_async_wait(int n);
 
 // Storage of a static __shared__ array: one per block and declaration (keyed by `tag`).
 template <class A>

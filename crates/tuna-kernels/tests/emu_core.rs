@@ -1106,3 +1106,172 @@ fn launches_from_many_threads_at_once() {
     }
     assert!(emu::launches("layernorm_fwd_block_f32") >= before + 12);
 }
+
+// ---- tensor-core primitives (kernels/mma.cuh) ----------------------------------------------------
+
+/// Random bf16 values (normal, scale 1), as raw bits and as f32.
+fn rand_bf16(rng: &mut Rng, n: usize) -> (Vec<u16>, Vec<f32>) {
+    let v: Vec<f32> = rng.normal_vec(n, 1.0).iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+    (v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect(), v)
+}
+
+#[test]
+fn mma_m16n8k16_bf16_matches_a_double_reference() {
+    let mut rng = Rng::new(1616);
+    let warps = 2;
+    let (a_bits, a) = rand_bf16(&mut rng, warps * 256);
+    let (b_bits, b) = rand_bf16(&mut rng, warps * 128);
+    let c = rng.normal_vec(warps * 128, 4.0);
+    let mut d = vec![0f32; warps * 128];
+    ok("emu_test_mma", [1, 1, 1], [32 * warps as u32, 1, 1], 0, Args::default().p(&a_bits).p(&b_bits).p(&c).m(&mut d));
+    for w in 0..warps {
+        for i in 0..16 {
+            for j in 0..8 {
+                let mut s = c[w * 128 + i * 8 + j] as f64;
+                for k in 0..16 {
+                    s += a[w * 256 + i * 16 + k] as f64 * b[w * 128 + k * 8 + j] as f64;
+                }
+                let got = d[w * 128 + i * 8 + j] as f64;
+                // the emulator's model: the exact sum rounded once to f32
+                assert!(
+                    (got - s).abs() <= s.abs() * 6e-8 + 1e-30,
+                    "warp {w} D[{i}][{j}]: got {got:e}, want {s:e} (f32 {:e})",
+                    s as f32
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ldmatrix_follows_the_fragment_layout() {
+    let mut rng = Rng::new(88);
+    let src: Vec<u16> = (0..256).map(|_| rng.next_u64() as u16).collect();
+    let mut out = vec![0u32; 6 * 32 * 4];
+    ok("emu_test_ldmatrix", [1, 1, 1], [32, 1, 1], 0, Args::default().p(&src).m(&mut out));
+    for v in 0..6 {
+        let (num, trans) = (1usize << (v % 3), v >= 3);
+        for lane in 0..32 {
+            let (g, c) = (lane / 4, 2 * (lane % 4));
+            for i in 0..4 {
+                let got = out[(v * 32 + lane) * 4 + i];
+                let want = if i < num {
+                    let m = |r: usize, col: usize| src[i * 64 + r * 8 + col] as u32;
+                    if trans {
+                        m(c, g) | m(c + 1, g) << 16
+                    } else {
+                        m(g, c) | m(g, c + 1) << 16
+                    }
+                } else {
+                    0xdead_beef // not written by this variant
+                };
+                assert_eq!(got, want, "variant x{num}{} lane {lane} register {i}", if trans { ".trans" } else { "" });
+            }
+        }
+    }
+}
+
+#[test]
+fn cp_async_lands_at_the_wait_and_reads_nan_before() {
+    let mut rng = Rng::new(4);
+    let src = rng.normal_vec(256, 1.0);
+    let mut out = vec![0f32; 512];
+    ok("emu_test_cp_async", [1, 1, 1], [32, 1, 1], 0, Args::default().p(&src).m(&mut out).v(0i32));
+    assert_eq!(&out[..128], &src[..128], "group 0 after wait_group 1");
+    assert!(out[128..256].iter().all(|x| x.is_nan()), "group 1 is still pending after wait_group 1: NaN");
+    for lane in 0..32 {
+        let n = ((lane + 1) % 32) * 4;
+        for i in 0..4 {
+            assert_eq!(out[256 + lane * 4 + i], src[n + i], "lane {lane} reads its neighbour's group 0");
+            assert_eq!(out[384 + lane * 4 + i], src[128 + n + i], "lane {lane} reads its neighbour's group 1");
+        }
+    }
+    // The classic bug: no wait before reading the destination.
+    let mut out = vec![0f32; 512];
+    ok("emu_test_cp_async", [1, 1, 1], [32, 1, 1], 0, Args::default().p(&src).m(&mut out).v(1i32));
+    assert!(out[..128].iter().all(|x| x.is_nan()), "read before cp.async.wait_group must see the NaN fill");
+    // Misaligned source, destination outside shared memory.
+    let mut out = vec![0f32; 512];
+    let a = |o: &mut Vec<f32>, mode: i32| Args::default().p(&src).m(o).v(mode);
+    expect_err(
+        3,
+        "emu_test_cp_async",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        a(&mut out, 2),
+        &["emu_test_cp_async", "cp.async.cg.shared.global", "16-byte aligned", "test_kernels.cu:"],
+    );
+    expect_err(
+        3,
+        "emu_test_cp_async",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        a(&mut out, 3),
+        &["cp.async.cg.shared.global", "not inside the block's shared memory", "test_kernels.cu:"],
+    );
+}
+
+#[test]
+fn misused_warp_matrix_ops_are_faults() {
+    let mut out = vec![0f32; 64];
+    let a = |o: &mut Vec<f32>, mode: i32| Args::default().v(mode).m(o);
+    let k = "emu_test_mma_misuse";
+    let mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+    // a lane that exits instead of joining the mma
+    expect_err(3, k, [1, 1, 1], [32, 1, 1], 0, a(&mut out, 0), &[k, "thread (5,0,0) exited", mma, "test_kernels.cu:"]);
+    // lanes at two different mma call sites
+    expect_err(3, k, [1, 1, 1], [32, 1, 1], 0, a(&mut out, 1), &[k, mma, "same instruction", "test_kernels.cu:"]);
+    // half the warp at __syncthreads: reported as a deadlock, not a hang
+    expect_err(3, k, [1, 1, 1], [32, 1, 1], 0, a(&mut out, 2), &["deadlock", k, mma, "__syncthreads"]);
+    // ldmatrix rows: misaligned, not in shared memory
+    expect_err(
+        3,
+        k,
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        a(&mut out, 3),
+        &[k, "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "lane 3", "not 16-byte aligned", "test_kernels.cu:"],
+    );
+    expect_err(
+        3,
+        k,
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        a(&mut out, 4),
+        &[k, "ldmatrix.sync.aligned.m8n8.x2.shared.b16", "lane 9", "not inside the block's shared memory"],
+    );
+    // a partial warp cannot run an mma: an invalid launch
+    expect_err(2, k, [1, 1, 1], [16, 1, 1], 0, a(&mut out, 0), &[k, mma, "multiple of 32"]);
+}
+
+#[test]
+fn mma_gemm_kernel_matches_a_double_reference() {
+    let mut rng = Rng::new(6464);
+    let (m, n, k) = (128usize, 128usize, 96usize); // 2 x 2 blocks, 3 K chunks (both buffers, odd count)
+    let (a_bits, a) = rand_bf16(&mut rng, m * k);
+    let (b_bits, b) = rand_bf16(&mut rng, n * k);
+    let mut c = vec![f32::NAN; m * n];
+    let args =
+        |c: &mut Vec<f32>, kk: usize| Args::default().p(&a_bits).p(&b_bits).m(c).v(m as i32).v(n as i32).v(kk as i32);
+    ok("mma_gemm_bf16_nt", [(n / 64) as u32, (m / 64) as u32, 1], [128, 1, 1], 0, args(&mut c, k));
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut mag) = (0f64, 0f64);
+            for kk in 0..k {
+                let p = a[i * k + kk] as f64 * b[j * k + kk] as f64;
+                s += p;
+                mag += p.abs();
+            }
+            // one f32 rounding of the running sum per k16 step (6 here)
+            let got = c[i * n + j] as f64;
+            assert!((got - s).abs() <= mag * 1e-6, "C[{i}][{j}]: got {got:e}, want {s:e}");
+        }
+    }
+    // k not a multiple of 32: the kernel refuses (traps)
+    let mut c2 = vec![0f32; m * n];
+    expect_err(3, "mma_gemm_bf16_nt", [2, 2, 1], [128, 1, 1], 0, args(&mut c2, 80), &["mma_gemm_bf16_nt", "__trap()"]);
+}

@@ -78,3 +78,44 @@ fn a_damaged_cache_entry_is_replaced_by_recompiling() {
     assert_eq!(cubin_in(&dir, k, 90, true).unwrap(), fresh);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The emulator's test kernels (`emu/test_kernels.cu`, never embedded for the device) compile with
+/// NVRTC too: they use every primitive of `kernels/mma.cuh` (mma, all six ldmatrix variants,
+/// cp.async of 4, 8 and 16 bytes, commit, wait_group, wait_all), so ptxas checks all of its PTX,
+/// not only what `kernels/mma_gemm.cu` uses.
+#[test]
+fn emulator_test_kernels_compile_with_nvrtc() {
+    use tuna_kernels::cuda::sources::KernelSource;
+    if !nvrtc_present() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but libnvrtc was not found");
+        }
+        tuna_kernels::testing::note_skip(
+            "nvrtc_compile::emulator_test_kernels_compile_with_nvrtc",
+            "libnvrtc not found",
+        );
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kdir =
+        ["kernels", "../../kernels"].iter().map(|d| dir.join(d)).find(|d| d.join("common.cuh").is_file()).unwrap();
+    // `#include "x.cuh"` inlined from kernels/, as build.rs does for the embedded sources
+    let mut src = String::new();
+    for line in std::fs::read_to_string(dir.join("emu/test_kernels.cu")).unwrap().lines() {
+        match line.trim_start().strip_prefix("#include \"").and_then(|r| r.split('"').next()) {
+            Some(inc) => src += &std::fs::read_to_string(kdir.join(inc)).unwrap(),
+            None => src += line,
+        }
+        src.push('\n');
+    }
+    let k =
+        KernelSource { name: "emu_test_kernels", src: Box::leak(src.into_boxed_str()), hash: 0, precompiled_ptx: &[] };
+    for arch in [80u32, 90] {
+        let c = compile(&k, arch, true).unwrap_or_else(|e| panic!("emu/test_kernels.cu for sm_{arch}: {e}"));
+        println!("sm_{arch}:\n{}", c.log);
+        let funcs: Vec<String> = parse_ptxas_log(&c.log).into_iter().map(|r| r.function).collect();
+        for f in ["emu_test_mma", "emu_test_ldmatrix", "emu_test_cp_async", "emu_test_mma_misuse"] {
+            assert!(funcs.iter().any(|x| x == f), "sm_{arch}: {f} not in ptxas' report: {funcs:?}");
+        }
+    }
+}
