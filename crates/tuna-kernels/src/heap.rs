@@ -10,7 +10,8 @@
 //! tuning (32 x 64, `tuna profile`): minor page faults over the run fell 3.5x and the step time
 //! by about a tenth; peak resident memory did not change (the README has the numbers).
 //!
-//! Only glibc is tuned (other C libraries and platforms: a no-op returning `false`). Where the
+//! The CPU backend calls it at its first large allocation (so any program training on it gets
+//! it); the `tuna` binary calls it at start. Only glibc is tuned (other C libraries and platforms: a no-op returning `false`). Where the
 //! user already tunes malloc (`GLIBC_TUNABLES` names `glibc.malloc`), nothing is changed.
 
 use std::sync::OnceLock;
