@@ -81,6 +81,8 @@ __device__ void tanh_bwd(const FlatParams p, const T* y, const T* dy, T* dx) {
 }
 
 // ---- add_bias: x over columns, y over rows (grid-stride: gridDim.y is capped at 65535) ----
+// add_bias_inplace calls it with x = y: each element is read, then written, by one thread, so
+// x and y must stay plain pointers (no __restrict__, and ld() must never become __ldg / ld.nc).
 template <typename T>
 __device__ void add_bias_fwd(const BiasParams p, const T* x, const T* bias, T* y) {
     const u64_t c = gtid();

@@ -34,15 +34,16 @@ __device__ __forceinline__ void mma_gemm_load(bf16_t (*as)[MMA_GEMM_LD], bf16_t 
 }
 
 // c[m][n] = sum_k a[m][k] * b[n][k] (f32): a is m x k, b is n x k, both row-major bf16, c is m x n
-// row-major f32. Grid (n / 64, m / 64), block 128. m and n must be multiples of 64, k of 32, and a,
-// b 16-byte aligned (anything else traps).
+// row-major f32. Grid (n / 64, m / 64), block 128. m and n must be multiples of 64, k of 32, a and
+// b 16-byte aligned, and the grid no larger than the matrices (anything else traps).
 extern "C" __global__ void __launch_bounds__(128)
     mma_gemm_bf16_nt(const bf16_t* a, const bf16_t* b, float* c, int m, int n, int k) {
     TUNA_SHARED(MmaGemmSmem, sm, [1]);
     bf16_t(*as)[MMA_GEMM_BM][MMA_GEMM_LD] = sm[0].a;
     bf16_t(*bs)[MMA_GEMM_BN][MMA_GEMM_LD] = sm[0].b;
     if (m % MMA_GEMM_BM || n % MMA_GEMM_BN || k % MMA_GEMM_BK || ((unsigned long long)a | (unsigned long long)b) % 16 ||
-        blockDim.x != 128)
+        blockDim.x != 128 || blockDim.y != 1 || blockDim.z != 1 || gridDim.x * MMA_GEMM_BN > (unsigned)n ||
+        gridDim.y * MMA_GEMM_BM > (unsigned)m || gridDim.z != 1)
         __trap();
     const int m0 = blockIdx.y * MMA_GEMM_BM, n0 = blockIdx.x * MMA_GEMM_BN;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -257,10 +257,14 @@ static HEAP: tuna::trainer::memory::Counting = tuna::trainer::memory::Counting;
 
 fn main() -> std::process::ExitCode {
     tuna::trainer::memory::mark_installed();
-    // Every command allocates the same large buffers again and again (steps, eval batches,
-    // generation): keep freed pages in the heap instead of mapping fresh ones each time.
-    tuna::kernels::heap::keep_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // A training-like command frees and allocates the same large buffers step after step: keep
+    // freed pages in the heap instead of mapping fresh ones each time (before any other thread
+    // allocates). Not `serve`, a long-lived process whose heap should shrink after a burst.
+    if !matches!(cli.command, Command::Serve(_)) {
+        tuna::kernels::heap::keep_freed_memory();
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", tuna::cli::error_chain(&e));

@@ -223,7 +223,7 @@ def main():
         "peak_rss_mb": round(peak_rss_mb(), 1), "trainable": sum(p.numel() for p in params),
         "threads": torch.get_num_threads(), "loss": round(loss.item(), 5),
         "attn": "sdpa", "adamw": args.adamw, "precision": precision, "device": args.device,
-        "grad_ckpt": args.grad_ckpt,
+        "grad_ckpt": args.grad_ckpt, "profiled": prof is not None,
     }))
 
 

@@ -230,18 +230,15 @@ impl<E: Elem> Alloc<E> for Cpu {
     }
     /// Large buffers are zeroed by all rayon threads: an op's output or gradient buffer is
     /// written over megabytes, and one core's stores alone take a tenth of the product that
-    /// fills it. (`vec![0; n]`'s calloc is free only for pages fresh from the kernel, which the
-    /// tuned heap no longer hands out step after step.) The first large buffer tunes the heap
-    /// ([`crate::heap::keep_freed_memory`]), so every program on the CPU backend gets it.
+    /// fills it. (`vec![0; n]`'s calloc is free only for pages fresh from the kernel, which a
+    /// heap tuned by [`crate::heap::keep_freed_memory`] no longer hands out step after step;
+    /// above its mmap threshold they still are, and calloc is left to do it.)
     fn zeros(&self, n: usize) -> crate::Result<Vec<E>> {
         use rayon::prelude::*;
         const PAR_MIN: usize = 1 << 18;
         const CHUNK: usize = 1 << 16;
-        if n < PAR_MIN {
-            return Ok(vec![E::default(); n]);
-        }
-        crate::heap::keep_freed_memory();
-        if rayon::current_num_threads() < 2 {
+        let bytes = n.saturating_mul(std::mem::size_of::<E>());
+        if n < PAR_MIN || bytes > crate::heap::MMAP_THRESHOLD || rayon::current_num_threads() < 2 {
             return Ok(vec![E::default(); n]);
         }
         let mut v = Vec::with_capacity(n);

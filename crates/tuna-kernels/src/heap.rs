@@ -7,12 +7,17 @@
 //! step faults in fresh zeroed pages, one 4 KiB page at a time. [`keep_freed_memory`] fixes both
 //! thresholds (blocks up to 32 MiB come from the heap, freed memory stays in it), so after the
 //! first step a step's buffers reuse the pages of the step before. Measured on MiniLM prompt
-//! tuning (32 x 64, `tuna profile`): minor page faults over the run fell 3.5x and the step time
-//! by about a tenth; peak resident memory did not change (the README has the numbers).
+//! tuning (32 x 64, `tuna profile`, README "Training steps vs PyTorch + PEFT"): minor page faults
+//! over the run fell 3.5x and the step time by about a sixth; peak resident memory did not change.
 //!
-//! The CPU backend calls it at its first large allocation (so any program training on it gets
-//! it); the `tuna` binary calls it at start. Only glibc is tuned (other C libraries and platforms: a no-op returning `false`). Where the
-//! user already tunes malloc (`GLIBC_TUNABLES` names `glibc.malloc`), nothing is changed.
+//! What it costs: memory a program frees stays resident (in the arena that freed it) until the
+//! program ends or calls [`release_free_memory`]; glibc still unmaps a thread arena's extra heap
+//! once all of it is free. So it is for training processes, not long-lived servers: the trainer
+//! (`tuna_trainer`'s train, profile and multi-task setup) and the `tuna` binary's training
+//! commands call it; a program training on the lower crates should call it first thing in
+//! `main`. Only glibc is tuned (elsewhere a no-op returning `false`), and nothing is changed where
+//! the user set either threshold (`GLIBC_TUNABLES` with `mmap_threshold` / `trim_threshold`, or
+//! `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`).
 
 use std::sync::OnceLock;
 
@@ -21,22 +26,39 @@ use std::sync::OnceLock;
 pub const MMAP_THRESHOLD: usize = 32 << 20;
 
 /// Keep freed memory in the process's heap for reuse (see the module docs). Idempotent and
-/// cheap after the first call; returns whether the heap is tuned (false off glibc, when
-/// `GLIBC_TUNABLES` sets malloc's own, or if glibc refused a setting).
+/// cheap after the first call; returns whether the heap is tuned (false off glibc, where the user
+/// set a threshold, or if glibc refused a setting). Call it early, before other threads allocate:
+/// glibc's `mallopt` is not thread-safe against concurrent allocation (a later call is a no-op).
 pub fn keep_freed_memory() -> bool {
     static DONE: OnceLock<bool> = OnceLock::new();
-    *DONE.get_or_init(|| {
-        if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc")) {
-            return false;
-        }
-        tune()
-    })
+    *DONE.get_or_init(|| !user_tuned() && tune())
+}
+
+/// Whether the environment sets glibc's mmap or trim threshold itself.
+fn user_tuned() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some();
+    set("MALLOC_MMAP_THRESHOLD_")
+        || set("MALLOC_TRIM_THRESHOLD_")
+        || std::env::var("GLIBC_TUNABLES")
+            .is_ok_and(|t| t.contains("glibc.malloc.mmap_threshold") || t.contains("glibc.malloc.trim_threshold"))
+}
+
+/// Give the heap's free memory back to the kernel now (glibc `malloc_trim(0)`: the free top of
+/// every arena and the free pages inside it), e.g. before reading the resident size to tell the
+/// heap's live bytes from memory outside it. A no-op off glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes each arena's lock; it only returns free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune() -> bool {
-    // SAFETY: mallopt only changes malloc's parameters; it is thread-safe (it takes each arena's
-    // lock) and these two values are within glibc's documented ranges.
+    // SAFETY: mallopt changes malloc's parameters (the values are within glibc's documented
+    // ranges); glibc marks it MT-unsafe, so the caller runs it before other threads allocate (a
+    // race would only let one allocation see a half-updated threshold pair).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
@@ -63,25 +85,57 @@ mod tests {
         }
     }
 
+    const CHILD: &str = "TUNA_HEAP_TEST_CHILD";
+
     /// On glibc the setting takes, and a freed 8 MiB block is handed out again from the heap with
     /// its pages resident: writing a second one faults (almost) nothing, where glibc's defaults
-    /// in a fresh process map a new block and fault in all 2,048 pages again (nextest runs each
-    /// test in its own process). Off glibc: a no-op that says so.
+    /// map a new block and fault in all 2,048 pages again. The measurement runs in a fresh child
+    /// process (this test binary re-run on this test alone), so no earlier test has warmed the
+    /// heap whatever the runner, with transparent huge pages off (they would fault 2 MiB at once).
+    /// Off glibc: a no-op that says so.
     #[test]
     fn freed_blocks_are_reused_without_page_faults() {
-        let tuned = keep_freed_memory();
         #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
         {
-            assert!(!tuned);
+            assert!(!keep_freed_memory());
             eprintln!("SKIPPED heap::freed_blocks_are_reused_without_page_faults: not glibc");
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         {
-            if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc")) {
-                assert!(!tuned, "GLIBC_TUNABLES sets malloc's parameters: they must be left alone");
+            let Some(mode) = std::env::var_os(CHILD) else {
+                // (child mode, extra environment, what its output must say)
+                let runs = [
+                    ("measure", None, "faults: first"),
+                    // a threshold the user set is left alone
+                    ("user", Some(("MALLOC_TRIM_THRESHOLD_", "1000000")), "left alone"),
+                    ("user", Some(("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")), "left alone"),
+                ];
+                for (mode, env, says) in runs {
+                    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+                    cmd.args(["--exact", "heap::tests::freed_blocks_are_reused_without_page_faults", "--nocapture"])
+                        .args(["--test-threads", "1"])
+                        .env(CHILD, mode)
+                        .env_remove("GLIBC_TUNABLES")
+                        .env_remove("MALLOC_MMAP_THRESHOLD_")
+                        .env_remove("MALLOC_TRIM_THRESHOLD_");
+                    if let Some((k, v)) = env {
+                        cmd.env(k, v);
+                    }
+                    let out = cmd.output().unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+                    assert!(out.status.success() && text.contains("1 passed"), "the {mode} child failed:\n{text}");
+                    assert!(text.contains(says), "the {mode} child did not say {says:?}:\n{text}");
+                }
+                return;
+            };
+            if mode == "user" {
+                assert!(!keep_freed_memory(), "a user-set threshold was overridden");
+                println!("left alone");
                 return;
             }
-            assert!(tuned, "glibc refused mallopt");
+            // SAFETY: prctl(PR_SET_THP_DISABLE) only changes this (child) process's THP policy.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) }, 0);
+            assert!(keep_freed_memory(), "glibc refused mallopt");
             assert!(keep_freed_memory(), "a second call reports the same");
             let n = 2 << 20; // 8 MiB of f32
             let before = thread_faults();
@@ -91,6 +145,7 @@ mod tests {
             let b = std::hint::black_box(vec![2.0f32; n]);
             let second = thread_faults() - before;
             assert_eq!(b[n - 1], 2.0);
+            println!("faults: first {first}, second {second}");
             assert!(first >= 1024, "the first 8 MiB block faulted only {first} pages: is the measure broken?");
             assert!(second < 64, "writing a reused 8 MiB block faulted {second} pages (the first: {first})");
         }

@@ -350,6 +350,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() -> Res<()> {
+    // a training binary: freed activation buffers stay in the heap for the next step
+    tuna_kernels::heap::keep_freed_memory();
     let a = parse_args()?;
     match a.device.as_str() {
         "cpu" => run(&a, &Arc::new(Cpu)),

@@ -170,6 +170,8 @@ fn in_task<'a>(file: &'a Path, name: &'a str) -> impl Fn(TrainError) -> TrainErr
 
 /// Load the model, install every task's adapter into its bank and load each task's data.
 fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<TaskRun<B>>)> {
+    // A step frees and reallocates the same buffers: keep freed pages for the next step.
+    tuna_kernels::heap::keep_freed_memory();
     let run = cfg.run();
     let mut model = Model::open_with(dev, &run.model, |_| false, run.base_precision)?;
     if model.is_encoder_decoder() {

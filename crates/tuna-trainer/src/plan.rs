@@ -215,6 +215,9 @@ pub(crate) fn plan<B: Backend>(
     let step_fixed = p1 - per_token * (n1 + virt) as f64 + lce_run;
     let gradients = s.params.iter().map(|(_, t)| t.bytes() as u64).sum();
     let tokens = cfg.micro_batch.max(1) * (s.batcher.longest() + virt);
+    // Freed heap memory stays resident (tuna_kernels::heap): give it back before reading the
+    // resident size, or it would count as memory outside the heap on top of the peak.
+    tuna_kernels::heap::release_free_memory();
     let rss = crate::export::rss_bytes();
     memory::reset_peak();
     Ok(Some(MemoryPlan {

@@ -52,6 +52,8 @@ pub(crate) struct Setup<B: Backend> {
 
 /// Load the data, the model (installing the method) and the task; check the schedule.
 pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
+    // A step frees and reallocates the same buffers: keep freed pages for the next step.
+    tuna_kernels::heap::keep_freed_memory();
     let mut train_records = data::load(&cfg.train, cfg.task, &cfg.fields)?;
     // With a held-out slice, the classes come from the whole training file (as a run without one
     // takes them), so a label only in the slice is one of them, not a data error.

@@ -248,7 +248,6 @@ impl<E: CudaElem> ElementwiseKernel<E> for Cuda {
         self.bias_grad_launch(p, dy, dbias)
     }
 
-    /// No broadcast kernel on CUDA yet: `linear` adds the bias after the product here.
     fn add_bias_inplace(&self, p: &BiasParams, bias: &CudaBuf<E>, y: &mut CudaBuf<E>) -> Result<()> {
         check_bias(p, &[("bias", bias.len(), true), ("y", y.len(), false)])?;
         if y.is_empty() {
