@@ -27,11 +27,6 @@ __device__ __forceinline__ void attn_load_tile(float* dst, int pitch, const T* s
     }
 }
 
-// Offset of bias[h, i, col] (row stride prefix_len + kv_len: the whole prefix table, then content).
-__device__ __forceinline__ long long attn_bias_off(const AttnParams& p, int h, int i, int col) {
-    return ((long long)h * p.q_len + i) * ((long long)p.prefix_len + p.kv_len) + col;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward. Grid (ceil(T/32), heads, batch), 256 threads. Warp w owns query rows w*4..w*4+3 of
 // the block; lane j scores key j of the current tile; lane owns output columns lane + 32c.

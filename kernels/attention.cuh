@@ -1,7 +1,7 @@
 // attention.cuh: what the SIMT attention kernels (attention.cu) and the tensor-core forward
 // (attention_tc.cu) share: the parameter struct (mirrored by `AttnParams` in
 // crates/tuna-kernels/src/ops/attention/mod.rs, where the layouts and masking rules are) and the
-// per-sequence prefix range.
+// per-sequence prefix range and the score bias offset.
 #pragma once
 
 #define ATTN_LOG2E 1.4426950408889634f
@@ -27,3 +27,7 @@ __device__ __forceinline__ void attn_prefix_range(const AttnParams& p, const u32
     }
 }
 
+// Offset of bias[h, i, col] (row stride prefix_len + kv_len: the whole prefix table, then content).
+__device__ __forceinline__ long long attn_bias_off(const AttnParams& p, int h, int i, int col) {
+    return ((long long)h * p.q_len + i) * ((long long)p.prefix_len + p.kv_len) + col;
+}

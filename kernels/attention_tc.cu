@@ -3,9 +3,9 @@
 // layouts, masking rules and outputs as attention.cu's forward (o in bf16, lse in f32, natural
 // log, -inf for a row that sees no key), so attention.cu's backward consumes its lse. Covered: the
 // key padding mask, GQA, prefix keys/values from their own buffer (whole table or per-sequence
-// ranges), the KV-cache offset and a strided KV cache (kv_cap). Not covered (the launcher keeps
-// those calls on attention.cu, and the kernel traps if handed one): a score bias, other head dims,
-// buffers not 16-byte aligned.
+// ranges), the KV-cache offset, a strided KV cache (kv_cap) and the additive score bias (read from
+// global memory per score). Not covered (the launcher keeps those calls on attention.cu, and the
+// kernel traps if handed one): other head dims, buffers not 16-byte aligned.
 //
 // Block: 4 warps, 64 query rows (warp w owns rows 16w..16w+15), grid (ceil(T/64), heads, batch).
 // Keys stream in tiles of 64: the prefix tiles of the sequence's range first, then content tiles up
@@ -84,15 +84,15 @@ __device__ __forceinline__ void tc_load_kv(const AttnParams& p, bf16_t* Kd, bf16
 
 template <int D>
 __device__ void attn_fwd_tc(const AttnParams p, const bf16_t* q, const bf16_t* k, const bf16_t* v,
-                            const bf16_t* pk, const bf16_t* pv, const u32_t* prows, const u8_t* mask, bf16_t* o,
-                            float* lse) {
+                            const bf16_t* pk, const bf16_t* pv, const u32_t* prows, const u8_t* mask,
+                            const bf16_t* bias, bf16_t* o, float* lse) {
     static_assert(D % 16 == 0 && D >= 32, "head dims in k16 chunks, two n8 tiles per ldmatrix.x4");
     constexpr int LD = D + TC_PAD, KC = D / 16, NT = D / 8;
     TUNA_DYN_SMEM(TcChunk, smem);
     bf16_t* Qs = reinterpret_cast<bf16_t*>(smem);  // [64][LD]
     bf16_t* Ks = Qs + TC_ROWS * LD;                // [2][64][LD]
     bf16_t* Vs = Ks + 2 * TC_KEYS * LD;            // [2][64][LD]
-    if (p.head_dim != D || p.has_bias || blockDim.x != TC_THREADS ||
+    if (p.head_dim != D || blockDim.x != TC_THREADS ||
         ((unsigned long long)q | (unsigned long long)k | (unsigned long long)v | (unsigned long long)pk |
          (unsigned long long)pv | (unsigned long long)o) % 16)
         __trap();
@@ -173,7 +173,10 @@ __device__ void attn_fwd_tc(const AttnParams p, const bf16_t* q, const bf16_t* k
                 const int c = j * 8 + 2 * t + (e & 1), kj = k0 + c, i = row0 + (e >> 1) * 8;
                 const bool ok = c < nk && (pre || ((!p.has_mask || mask[(long long)b * S + kj] != 0) &&
                                                    (!p.causal || kj <= off + i)));
-                s[j][e] = ok ? s[j][e] * sl2 : TUNA_NEG_INF;
+                float x = ok ? s[j][e] * sl2 : TUNA_NEG_INF;
+                if (ok && p.has_bias && i < T_)  // bias column: the table's row, or prefix_len + key
+                    x += ld(bias, attn_bias_off(p, h, i, pre ? pstart + kj : (int)p.prefix_len + kj)) * ATTN_LOG2E;
+                s[j][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
             }
         float mu[2];
@@ -233,8 +236,8 @@ __device__ void attn_fwd_tc(const AttnParams p, const bf16_t* q, const bf16_t* k
 #define ATTN_TC_EMIT(D)                                                                                        \
     extern "C" __global__ void __launch_bounds__(TC_THREADS) attention_tc_fwd_d##D##_bf16(                     \
         const AttnParams p, const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* pk,               \
-        const bf16_t* pv, const u32_t* prows, const u8_t* mask, bf16_t* o, float* lse) {                       \
-        attn_fwd_tc<D>(p, q, k, v, pk, pv, prows, mask, o, lse);                                               \
+        const bf16_t* pv, const u32_t* prows, const u8_t* mask, const bf16_t* bias, bf16_t* o, float* lse) {   \
+        attn_fwd_tc<D>(p, q, k, v, pk, pv, prows, mask, bias, o, lse);                                         \
     }
 ATTN_TC_EMIT(32)
 ATTN_TC_EMIT(64)

@@ -91,8 +91,6 @@ pub fn tc_fwd_refusal(dev: &Cuda, p: &AttnParams) -> Option<&'static str> {
         Some("mma.sync bf16 needs sm_80 or newer")
     } else if !TC_HEAD_DIMS.contains(&p.head_dim) {
         Some("head_dim not 32, 64 or 128")
-    } else if p.has_bias != 0 {
-        Some("score bias")
     } else if tc_fwd_smem_bytes(p.head_dim as usize) > dev.max_dyn_smem() {
         Some("shared memory")
     } else {
@@ -274,12 +272,13 @@ impl Cuda {
             shared_mem_bytes: smem,
         };
         let mut b = Launch::new("attention_tc", format!("attention_tc_fwd_d{}_bf16", p.head_dim));
-        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(o).arg(lse);
+        let bias = x.bias.unwrap_or(x.q);
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(bias).arg(o).arg(lse);
         // SAFETY: the arguments match attention_tc_fwd_d<D>_bf16(AttnParams, q, k, v, pk, pv, prows,
-        // mask, o, lse) with E = bf16 (the caller's check) and D = head_dim (one of TC_HEAD_DIMS);
+        // mask, bias, o, lse) with E = bf16 (the caller's check) and D = head_dim (one of TC_HEAD_DIMS);
         // lengths were checked against `p` by attn_fwd, the buffers are 16-byte aligned (checked),
-        // absent prefix/ranges/mask are never read (prefix_len 0, has_prefix_rows 0, has_mask 0),
-        // has_bias is 0, and `smem` is what the kernel's shared tiles need.
+        // absent prefix/ranges/mask/bias are never read (prefix_len 0, has_prefix_rows 0, has_mask 0,
+        // has_bias 0: q stands in for the bias), and `smem` is what the kernel's shared tiles need.
         unsafe { self.launch(b, cfg) }?;
         Ok(())
     }

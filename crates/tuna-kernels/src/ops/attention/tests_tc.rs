@@ -2,8 +2,8 @@
 //! f32 copies of the same bf16 inputs, for every head dim it has (32, 64, 128), causal and not,
 //! query/key lengths that are not multiples of its 64-row tiles (1, 17, 80, 130), a key padding
 //! mask with fully masked rows, GQA, a KV-cache offset (and a strided cache), prefix keys/values
-//! (whole table and per-sequence ranges); each case asserts that the tensor-core path ran. Calls
-//! it does not cover (head dim 48, a score bias, f32) run on the SIMT kernel, say so, and match too.
+//! (whole table and per-sequence ranges), a score bias; each case asserts that the tensor-core path
+//! ran. Calls it does not cover (head dim 48, f32) run on the SIMT kernel, say so, and match too.
 //!
 //! Tolerance (`TC`: atol 1e-2, rtol 1e-2 on `o`; `TC_LSE`: atol 4e-3, rtol 1e-3 on `lse`): the
 //! scores are exact bf16 products summed in f32 (errors ~1e-6), but the probabilities are rounded
@@ -106,6 +106,19 @@ fn tc_fwd_prefix_rows_and_strided_cache_match_cpu() {
     assert_lse("attention tc strided cache", TC_LSE, &lse, &lse_want);
 }
 
+/// An additive score bias (T5's relative positions) over prefix and content columns, with
+/// per-sequence prefix ranges, GQA, a mask and a KV offset.
+#[test]
+fn tc_fwd_score_bias_matches_cpu() {
+    let Some(dev) = cuda_or_skip("attention::tc_fwd_score_bias_matches_cpu") else { return };
+    let d = Data::new(481, 2, 4, 2, 80, 80, 0, 64, true, Pad::Scattered).with_bias(5, 0.5);
+    tc_case(&dev, "d64 causal 80 gqa4/2 mask bias", d);
+    let d = Data::new(482, 2, 2, 1, 17, 70, 90, 32, false, Pad::Right)
+        .with_prefix_rows(&[(10, 80), (0, 3)])
+        .with_bias(6, 1.0);
+    tc_case(&dev, "d32 bidir 17 after 70 prefix rows bias", d);
+}
+
 /// Calls the tensor-core kernel does not take still run (on the SIMT kernel), say why, and match.
 #[test]
 fn tc_fwd_uncovered_calls_fall_back_to_simt() {
@@ -113,8 +126,6 @@ fn tc_fwd_uncovered_calls_fall_back_to_simt() {
     let d48 = Data::new(480, 1, 2, 1, 17, 17, 0, 48, true, Pad::None);
     assert_eq!(tc_fwd_refusal(&dev, &d48.p), Some("head_dim not 32, 64 or 128"));
     check_fwd(&dev, "d48", d48, FwdPath::Simt("head_dim not 32, 64 or 128"), Tol::CUDA_BF16, Tol::CUDA_BF16);
-    let biased = Data::new(481, 1, 2, 2, 17, 17, 0, 64, true, Pad::None).with_bias(5, 0.5);
-    check_fwd(&dev, "d64 bias", biased, FwdPath::Simt("score bias"), Tol::CUDA_BF16, Tol::CUDA_BF16);
     // f32 stays on SIMT
     let d = Data::new(482, 1, 2, 2, 17, 17, 0, 64, true, Pad::None);
     let (o, lse) = cuda_fwd::<f32>(&dev, &d);
@@ -131,4 +142,7 @@ fn tc_fwd_feeds_the_backward() {
     let Some(dev) = cuda_or_skip("attention::tc_fwd_feeds_the_backward") else { return };
     check_case(&dev, "tc fwd d64 causal prefix mask", Data::new(77, 2, 2, 1, 40, 40, 6, 64, true, Pad::Scattered));
     assert_eq!(last_fwd_path(), Some(FwdPath::TensorCore), "check_case's bf16 forward (its last) ran on tensor cores");
+    let biased = Data::new(78, 2, 2, 2, 17, 40, 0, 128, true, Pad::None).with_bias(7, 0.5);
+    check_case(&dev, "tc fwd d128 causal kv-offset bias", biased);
+    assert_eq!(last_fwd_path(), Some(FwdPath::TensorCore));
 }
