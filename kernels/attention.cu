@@ -8,32 +8,11 @@
 // score phase) and blocks are 8 warps. Shared tiles are f32 (bf16 is widened on load) and padded
 // to D+1 floats per row where lanes read down a column, so those reads are free of bank conflicts.
 #include "common.cuh"
-
-struct AttnParams {
-    u32_t batch, heads, kv_heads, q_len, kv_len, prefix_len, head_dim, causal, has_mask, has_prefix_rows;
-    u32_t kv_cap;  // k/v rows per sequence (batch stride), 0 = kv_len; the forward only (see mod.rs)
-    u32_t has_bias;  // an additive score bias [heads, q_len, prefix_len + kv_len]: 0 none, 1 with dbias, 2 without
-    float scale;
-};
-
-// Sequence b's prefix rows: [*start, *start + *len) of the table (all of it without per-sequence
-// ranges), clamped to the table so a bad range can never read or write outside it.
-__device__ __forceinline__ void attn_prefix_range(const AttnParams& p, const u32_t* prows, int b, int* start,
-                                                  int* len) {
-    if (p.has_prefix_rows) {
-        const u32_t s = min(prows[2 * b], p.prefix_len);
-        *start = (int)s;
-        *len = (int)min(prows[2 * b + 1], p.prefix_len - s);
-    } else {
-        *start = 0;
-        *len = (int)p.prefix_len;
-    }
-}
+#include "attention.cuh"
 
 #define ATTN_TILE 32      // rows per tile: queries and keys alike
 #define ATTN_WARPS 8      // warps per block (256 threads)
 #define ATTN_RPW 4        // rows per warp: ATTN_TILE / ATTN_WARPS
-#define ATTN_LOG2E 1.4426950408889634f
 static_assert(ATTN_RPW * ATTN_WARPS == ATTN_TILE, "each warp owns ATTN_RPW of the tile's rows");
 
 // Copy 32 rows of `hd` elements (global row r at src[base + r*stride]) into shared dst, D columns
@@ -46,11 +25,6 @@ __device__ __forceinline__ void attn_load_tile(float* dst, int pitch, const T* s
         const int r = idx / D, d = idx % D;
         dst[r * pitch + d] = r < nvalid && d < hd ? ld(src, base + r * stride + d) : 0.f;
     }
-}
-
-// Offset of bias[h, i, col] (row stride prefix_len + kv_len: the whole prefix table, then content).
-__device__ __forceinline__ long long attn_bias_off(const AttnParams& p, int h, int i, int col) {
-    return ((long long)h * p.q_len + i) * ((long long)p.prefix_len + p.kv_len) + col;
 }
 
 // ---------------------------------------------------------------------------------------------

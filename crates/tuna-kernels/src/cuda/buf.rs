@@ -63,6 +63,15 @@ impl<E> CudaBuf<E> {
             Mem::Emu(_) => None,
         }
     }
+    /// Whether the buffer's first element is 16-byte aligned (vector loads, cp.async): always on a
+    /// real device (the driver's allocations are 256-byte aligned), the host address on the
+    /// emulated one.
+    pub fn aligned16(&self) -> bool {
+        match &self.mem {
+            Mem::Real(_) => true,
+            Mem::Emu(v) => (v.as_ptr() as usize).is_multiple_of(16),
+        }
+    }
     /// Whether this buffer lives on the emulated device.
     pub fn is_emulated(&self) -> bool {
         matches!(self.mem, Mem::Emu(_))

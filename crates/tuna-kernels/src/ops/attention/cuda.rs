@@ -1,6 +1,9 @@
 //! Fused attention on CUDA: launch glue for `kernels/attention.cu` (shared-memory-tiled SIMT
 //! FlashAttention-2 forward; backward as delta preprocess, key-block main kernel, dq add), for
-//! every head dim up to 256 on the tile widths of [`TILE_WIDTHS`].
+//! every head dim up to 256 on the tile widths of [`TILE_WIDTHS`]) and `kernels/attention_tc.cu`
+//! (the tensor-core forward for bf16 at head dims [`TC_HEAD_DIMS`]). A bf16 forward the
+//! tensor-core kernel covers runs there, every other forward on the SIMT kernel; the path the
+//! last forward of the calling thread took is [`last_fwd_path`].
 
 use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use crate::backend::{Backend, Elem};
@@ -38,6 +41,61 @@ pub fn fwd_smem_bytes(w: usize) -> u32 {
 /// [32][33], lse and delta [32], in f32.
 pub fn bwd_smem_bytes(w: usize) -> u32 {
     (4 * (4 * TILE * (w + 1) + 2 * TILE * (TILE + 1) + 2 * TILE)) as u32
+}
+
+/// Head dims with a tensor-core forward (`attention_tc_fwd_d<D>_bf16`): exactly these, no padding.
+pub const TC_HEAD_DIMS: [u32; 3] = [32, 64, 128];
+/// Query rows per block and threads per block of the tensor-core forward (4 warps x 16 rows).
+const TC_ROWS: usize = 64;
+const TC_THREADS: u32 = 128;
+
+/// Dynamic shared bytes of the tensor-core forward at head dim `d`: Q [64][d+8] and two buffers
+/// each of K and V [64][d+8], in bf16.
+pub fn tc_fwd_smem_bytes(d: usize) -> u32 {
+    (2 * 5 * TC_ROWS * (d + 8)) as u32
+}
+
+/// Which kernel a CUDA attention forward ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FwdPath {
+    /// `kernels/attention_tc.cu`: bf16 mma.sync with ldmatrix and cp.async.
+    TensorCore,
+    /// `kernels/attention.cu`'s SIMT forward, and why the tensor-core kernel did not take the call.
+    Simt(&'static str),
+}
+
+impl std::fmt::Display for FwdPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FwdPath::TensorCore => f.write_str("tensor cores (mma.sync bf16)"),
+            FwdPath::Simt(why) => write!(f, "SIMT ({why})"),
+        }
+    }
+}
+
+thread_local! {
+    static LAST_FWD: std::cell::Cell<Option<FwdPath>> = const { std::cell::Cell::new(None) };
+}
+
+/// The path the last CUDA attention forward launched from this thread took (`None` before the
+/// first). Launches are synchronous with the calling thread's op, so a test or a profiler reads
+/// it right after the call.
+pub fn last_fwd_path() -> Option<FwdPath> {
+    LAST_FWD.with(|c| c.get())
+}
+
+/// Whether the tensor-core forward takes this bf16 call, else why not (shape and features; the
+/// buffers' alignment is checked at launch).
+pub fn tc_fwd_refusal(dev: &Cuda, p: &AttnParams) -> Option<&'static str> {
+    if dev.arch() < 80 {
+        Some("mma.sync bf16 needs sm_80 or newer")
+    } else if !TC_HEAD_DIMS.contains(&p.head_dim) {
+        Some("head_dim not 32, 64 or 128")
+    } else if tc_fwd_smem_bytes(p.head_dim as usize) > dev.max_dyn_smem() {
+        Some("shared memory")
+    } else {
+        None
+    }
 }
 
 /// The tile width for `p`; head dims above the largest width, and batches beyond the grid's z
@@ -121,12 +179,24 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         if p.lse_elems() == 0 {
             return Ok(());
         }
+        let mut path = if E::NAME == "bf16" {
+            tc_fwd_refusal(self, p).map_or(FwdPath::TensorCore, FwdPath::Simt)
+        } else {
+            FwdPath::Simt("f32 elements")
+        };
+        let (pk, pv) = prefix_or(&x);
+        if path == FwdPath::TensorCore && ![x.q, x.k, x.v, pk, pv, &*o].iter().all(|b| b.aligned16()) {
+            path = FwdPath::Simt("buffers not 16-byte aligned");
+        }
+        LAST_FWD.with(|c| c.set(Some(path)));
+        if path == FwdPath::TensorCore {
+            return self.launch_fwd_tc(p, x, o, lse);
+        }
         let smem = fwd_smem_bytes(w as usize);
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let mut dummy_rows = None;
         let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
-        let (pk, pv) = prefix_or(&x);
         let bias = x.bias.unwrap_or(x.q);
         let cfg = grid3((p.q_len as usize).div_ceil(TILE), p.heads, p.batch, smem);
         let mut b = tiled::<E>("fwd", w);
@@ -180,6 +250,39 @@ struct BwdMain<'a, E: CudaElem> {
 }
 
 impl Cuda {
+    /// The tensor-core forward (`attention_tc_fwd_d<D>_bf16`) of a call [`tc_fwd_refusal`]
+    /// accepted, with 16-byte-aligned buffers.
+    fn launch_fwd_tc<E: CudaElem>(
+        &self,
+        p: &AttnParams,
+        x: AttnInputs<'_, Self, E>,
+        o: &mut CudaBuf<E>,
+        lse: &mut CudaBuf<f32>,
+    ) -> Result<()> {
+        debug_assert_eq!(E::NAME, "bf16");
+        let mut dummy_mask = None;
+        let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
+        let mut dummy_rows = None;
+        let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
+        let (pk, pv) = prefix_or(&x);
+        let smem = tc_fwd_smem_bytes(p.head_dim as usize);
+        let cfg = LaunchConfig {
+            grid_dim: ((p.q_len as usize).div_ceil(TC_ROWS) as u32, p.heads, p.batch),
+            block_dim: (TC_THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut b = Launch::new("attention_tc", format!("attention_tc_fwd_d{}_bf16", p.head_dim));
+        let bias = x.bias.unwrap_or(x.q);
+        b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(bias).arg(o).arg(lse);
+        // SAFETY: the arguments match attention_tc_fwd_d<D>_bf16(AttnParams, q, k, v, pk, pv, prows,
+        // mask, bias, o, lse) with E = bf16 (the caller's check) and D = head_dim (one of TC_HEAD_DIMS);
+        // lengths were checked against `p` by attn_fwd, the buffers are 16-byte aligned (checked),
+        // absent prefix/ranges/mask/bias are never read (prefix_len 0, has_prefix_rows 0, has_mask 0,
+        // has_bias 0: q stands in for the bias), and `smem` is what the kernel's shared tiles need.
+        unsafe { self.launch(b, cfg) }?;
+        Ok(())
+    }
+
     /// delta[b,h,i] = sum_d dO * O, one warp per query row.
     fn launch_bwd_pre<E: CudaElem>(
         &self,

@@ -40,6 +40,8 @@
 mod cpu;
 mod cuda;
 
+pub use cuda::{last_fwd_path, tc_fwd_refusal, FwdPath, TC_HEAD_DIMS};
+
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};
 
@@ -320,3 +322,5 @@ mod tests;
 mod tests_bias;
 #[cfg(test)]
 mod tests_rows;
+#[cfg(test)]
+mod tests_tc;

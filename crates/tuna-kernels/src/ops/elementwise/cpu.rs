@@ -181,7 +181,7 @@ impl<F: CpuFloat<Acc = F>> ElementwiseKernel<F> for Cpu {
         y.par_chunks_mut(rows_per_chunk * cols).for_each(|block| {
             for row in block.chunks_mut(cols) {
                 for (y, &b) in row.iter_mut().zip(bias) {
-                    *y = *y + b;
+                    *y += b;
                 }
             }
         });
