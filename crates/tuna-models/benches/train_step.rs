@@ -46,6 +46,9 @@ struct Args {
     device: String,
     /// How the frozen block weights are held (f32, bf16, int8): `--base-precision`.
     base_precision: BasePrecision,
+    /// `--profile-ops`: per-op times of the timed steps on stderr (tuna_autograd::stats), the
+    /// peer of train_step.py's torch.profiler table on the same workload.
+    profile_ops: bool,
 }
 
 fn parse_args() -> Res<Args> {
@@ -60,11 +63,16 @@ fn parse_args() -> Res<Args> {
         seed: 0,
         device: "cpu".into(),
         base_precision: BasePrecision::F32,
+        profile_ops: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--bench" {
             continue; // cargo bench passes it
+        }
+        if k == "--profile-ops" {
+            a.profile_ops = true;
+            continue;
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
         match k.as_str() {
@@ -349,6 +357,26 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// `--profile-ops`: each op's forward and backward milliseconds per step (an op's forward time
+/// runs from the previous op's end, as in `tuna profile`), sorted by total, on stderr.
+fn print_op_table(step_s: f64, steps: f64) {
+    let s = tuna_autograd::stats::snapshot();
+    let mut rows: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for (k, t) in &s.forward_time {
+        rows.entry(k).or_default().0 += t.nanos as f64 / 1e6 / steps;
+    }
+    for (k, t) in &s.backward_time {
+        rows.entry(k).or_default().1 += t.nanos as f64 / 1e6 / steps;
+    }
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    rows.sort_by(|a, b| (b.1 .0 + b.1 .1).total_cmp(&(a.1 .0 + a.1 .1)));
+    eprintln!("tuna per-op times, ms per step (step {:.1} ms):", step_s * 1e3);
+    eprintln!("| op | fwd ms | bwd ms | % of step |\n|---|---:|---:|---:|");
+    for (k, (f, b)) in rows {
+        eprintln!("| {k} | {f:.1} | {b:.1} | {:.1}% |", 100.0 * (f + b) / (step_s * 1e3));
+    }
+}
+
 fn main() -> Res<()> {
     // a training binary: freed activation buffers stay in the heap for the next step
     tuna_kernels::heap::keep_freed_memory();
@@ -379,9 +407,14 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
     for step in 0..a.warmup + a.steps {
         if step == a.warmup {
             (fwd, bwd, upd) = (0.0, 0.0, 0.0);
+            if a.profile_ops {
+                tuna_autograd::stats::reset();
+                tuna_autograd::stats::set_profiling(true);
+            }
             start = Instant::now();
         }
         let t0 = Instant::now();
+        tuna_autograd::stats::mark(); // the first op's forward time starts here, not at the last op
         let loss = (job.loss)()?;
         let t1 = Instant::now();
         loss.backward()?;
@@ -395,6 +428,10 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     let n = a.steps as f64;
+    if a.profile_ops {
+        tuna_autograd::stats::set_profiling(false);
+        print_op_table(secs / n, n);
+    }
     let tokens = (a.batch * a.seq * a.steps) as f64;
     let layers = match a.model.as_str() {
         "minilm" => minilm_cfg().num_hidden_layers,
