@@ -344,9 +344,13 @@ fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64) {
     let run = |p: &str| {
         let out = d.join(p);
         let mut a = train_args(&out, &train, steps, &[]);
-        for (f, v) in
-            [("--model", gguf.as_str()), ("--batch-size", "2"), ("--micro-batch", "2"), ("--warmup", "0"), ("--base-precision", p)]
-        {
+        for (f, v) in [
+            ("--model", gguf.as_str()),
+            ("--batch-size", "2"),
+            ("--micro-batch", "2"),
+            ("--warmup", "0"),
+            ("--base-precision", p),
+        ] {
             a = set(a, f, v);
         }
         ok(&tuna(&a));
@@ -364,8 +368,9 @@ fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64) {
     assert_eq!(summary["base_precision"], "q4");
     let eval = |p: Option<&str>| {
         let adapter = q.join("adapter").display().to_string();
-        let mut v: Vec<String> =
-            ["eval", "--task", "lm", "--data", &train, "--model", &gguf, "--adapter", &adapter].map(String::from).to_vec();
+        let mut v: Vec<String> = ["eval", "--task", "lm", "--data", &train, "--model", &gguf, "--adapter", &adapter]
+            .map(String::from)
+            .to_vec();
         v.extend(p.map(|p| ["--base-precision".to_string(), p.to_string()]).into_iter().flatten());
         let o = tuna(&v);
         ok(&o);

@@ -183,9 +183,15 @@ pub fn matrix_path() -> MatrixPath {
 #[derive(Clone)]
 enum Store {
     Bf16(Vec<bf16>),
-    Int8 { q: Vec<i8>, scale: Vec<f32> },
+    Int8 {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+    },
     /// `out` rows of `in / 32` blocks each, the file's bytes unchanged.
-    Q4 { fmt: Q4Format, blocks: Vec<u8> },
+    Q4 {
+        fmt: Q4Format,
+        blocks: Vec<u8>,
+    },
 }
 
 /// A frozen weight `[out, in]` in bf16, int8 or q4, packed once.

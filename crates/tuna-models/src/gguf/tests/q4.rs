@@ -129,8 +129,11 @@ fn q4_is_refused_where_no_block_weight_is_q4() {
     let tmp = q4_llama(2).temp("q4-none");
     let all_f32 = {
         let kv = KV_HEADS * HEAD_DIM;
-        llama_writer(&[ramp(HIDDEN * HIDDEN, 0), ramp(HIDDEN * HIDDEN, 1)], &[ramp(kv * HIDDEN, 2), ramp(kv * HIDDEN, 3)])
-            .temp("q4-all-f32")
+        llama_writer(
+            &[ramp(HIDDEN * HIDDEN, 0), ramp(HIDDEN * HIDDEN, 1)],
+            &[ramp(kv * HIDDEN, 2), ramp(kv * HIDDEN, 3)],
+        )
+        .temp("q4-all-f32")
     };
     let e = open(&all_f32.0, BasePrecision::Q4).err().expect("refused").to_string();
     assert!(e.contains("q4-all-f32") && e.contains("Q4_0 or Q4_1") && e.contains("bf16 and int8"), "{e}");
