@@ -13,8 +13,8 @@ pub use tuna_kernels::ops::lowp::{
 };
 
 /// `x W^T (+ bias)` over the last dim of `x` (`[.., in] -> [.., out]`) with a packed frozen weight.
-/// Op kind `matmul (bf16 base)`, `matmul (int8 base)` or `matmul (q4 base)` (its own row in `tuna profile`); backward
-/// kind `linear.dX` (as a frozen f32 linear's), and `add_bias.*`.
+/// Op kind `matmul (bf16 base)`, `matmul (int8 base)` or `matmul (q4 base)` (its own row in
+/// `tuna profile`); backward kind `linear.dX` (as a frozen f32 linear's), and `add_bias.*`.
 pub fn linear_packed<B: Kernels<E>, E: Float>(
     x: &Tensor<B, E>,
     w: &Arc<PackedWeight>,
