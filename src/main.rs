@@ -183,9 +183,10 @@ struct EvalArgs {
     /// Tokens per example at most (default: 128, or what the model's positions leave room for).
     #[arg(long)]
     max_len: Option<usize>,
-    /// How the frozen weights of the transformer blocks are held (f32, bf16 or int8), as for
-    /// `tuna train` (default: what the adapter's tuna_task.json says it trained on, else f32).
-    #[arg(long, value_name = "f32|bf16|int8")]
+    /// How the frozen weights of the transformer blocks are held (f32, bf16, int8, or q4 for a
+    /// Q4_0 / Q4_1 GGUF), as for `tuna train` (default: what the adapter's tuna_task.json says it
+    /// trained on, else f32).
+    #[arg(long, value_name = "f32|bf16|int8|q4")]
     base_precision: Option<tuna::models::model::BasePrecision>,
 }
 

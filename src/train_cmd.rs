@@ -394,10 +394,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub update_in_backward: bool,
     /// How the frozen weights of the transformer blocks are held: f32 (as loaded), bf16 (half the
-    /// memory) or int8 (a quarter: one f32 scale per output channel). CPU only, for the
-    /// parameter-efficient methods (full fine-tuning trains those weights); embeddings, norms,
-    /// heads and everything that trains stay f32.
-    #[arg(long, default_value = "f32", value_name = "f32|bf16|int8")]
+    /// memory), int8 (a quarter: one f32 scale per output channel) or q4 (a GGUF's own Q4_0 /
+    /// Q4_1 blocks kept as stored, 18 or 20 bytes per 32 weights; only for such a .gguf). CPU
+    /// only, for the parameter-efficient methods (full fine-tuning trains those weights);
+    /// embeddings, norms, heads and everything that trains stay f32.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|int8|q4")]
     pub base_precision: tuna_models::model::BasePrecision,
     /// Start even when the memory plan (printed before the first step on the CPU) predicts a peak
     /// above the memory available.

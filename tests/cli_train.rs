@@ -332,6 +332,80 @@ fn smollm2_gguf_lora_exports_a_merged_hugging_face_folder() {
     assert!((x - y).abs() < 1e-3 * x.abs(), "base + adapter {x} vs merged {y}");
 }
 
+/// `--base-precision q4` on a Q4 GGUF: LoRA trains on the file's own blocks with the loss curve
+/// of the f32 base dequantized at load (the same weights: only the order of f32 sums differs),
+/// `summary.json` says q4, and the adapter evaluates on the q4 base by default.
+fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64) {
+    // One line six times: every batch the same, so the loss must fall as LoRA trains.
+    let train = d.join("train.jsonl");
+    std::fs::write(&train, "{\"text\": \"The cat sat on the mat.\"}\n".repeat(6)).unwrap();
+    let train = train.display().to_string();
+    let gguf = gguf.display().to_string();
+    let run = |p: &str| {
+        let out = d.join(p);
+        let mut a = train_args(&out, &train, steps, &[]);
+        for (f, v) in [
+            ("--model", gguf.as_str()),
+            ("--batch-size", "2"),
+            ("--micro-batch", "2"),
+            ("--warmup", "0"),
+            ("--base-precision", p),
+        ] {
+            a = set(a, f, v);
+        }
+        ok(&tuna(&a));
+        out
+    };
+    let (f, q) = (run("f32"), run("q4"));
+    let (a, b) = (train_losses(&f), train_losses(&q));
+    assert_eq!((a.len(), b.len()), (steps as usize, steps as usize));
+    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-4 * x, "step {}: f32 base {x} vs q4 base {y}\n{a:?}\n{b:?}", s + 1);
+    }
+    assert!(b[steps as usize - 1] < b[0], "q4 did not train: {b:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["base_precision"], "q4");
+    let eval = |p: Option<&str>| {
+        let adapter = q.join("adapter").display().to_string();
+        let mut v: Vec<String> = ["eval", "--task", "lm", "--data", &train, "--model", &gguf, "--adapter", &adapter]
+            .map(String::from)
+            .to_vec();
+        v.extend(p.map(|p| ["--base-precision".to_string(), p.to_string()]).into_iter().flatten());
+        let o = tuna(&v);
+        ok(&o);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.split_whitespace().nth(1).and_then(|x| x.parse::<f64>().ok()).unwrap_or_else(|| panic!("no loss in: {out}"))
+    };
+    let (ld, lq, lf) = (eval(None), eval(Some("q4")), eval(Some("f32")));
+    assert_eq!(ld, lq, "eval without the flag did not score on the q4 base the adapter trained on");
+    assert!((lq - lf).abs() <= 1e-4 * lf, "eval on the q4 base {lq} vs dequantized at load {lf}");
+}
+
+/// q4 on a tiny Q4_0 GGUF written by the test (always runs).
+#[test]
+fn a_q4_base_trains_like_dequant_at_load_and_evaluates_on_it() {
+    let d = tmp("q4-tiny");
+    q4_trains_like_dequant_at_load(&tiny_q4_gguf(&d), &d, 4);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// q4 on the real SmolLM2 Q4_1 GGUF (asset; skipped by name when absent).
+#[test]
+fn smollm2_q4_base_trains_like_dequant_at_load() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(".assets/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        tuna_kernels::testing::note_skip(
+            "cli_train::smollm2_q4_base_trains_like_dequant_at_load",
+            "asset absent (scripts/fetch-assets.sh)",
+        );
+        return;
+    }
+    let d = tmp("smol-q4");
+    q4_trains_like_dequant_at_load(&gguf, &d, 2);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn profile_prints_per_op_times() {
     let d = tmp("profile");
@@ -681,8 +755,10 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
         let err = fails(&tuna(&a.map(String::from)), needle);
         assert!(!out.exists(), "{methods}: a refused comparison made its folder: {err}");
     }
+    // q4 keeps a GGUF's Q4_0 / Q4_1 blocks: a Hugging Face folder has none, and says so by name.
     let out = d.join("refused");
-    fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "q4")), "not built yet");
+    let err = fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "q4")), "Q4_0 or Q4_1");
+    assert!(err.contains(&fixture("llama")) && err.contains("bf16 and int8 work on any model"), "{err}");
     fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "fp8")), "unknown base precision");
     std::fs::remove_dir_all(&d).unwrap();
 }

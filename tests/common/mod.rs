@@ -153,3 +153,83 @@ pub fn sigkill_mid_run(args: &[String], out: &Path) {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 }
+
+/// The GGUF reader's test writer (`crates/tuna-models/src/gguf/tests/writer.rs`), shared.
+#[path = "../../crates/tuna-models/src/gguf/tests/writer.rs"]
+pub mod gguf_writer;
+pub use tuna_models::gguf::MetaValue;
+
+/// A tiny Llama GGUF in `dir` whose block linear weights are random Q4_0 blocks (everything else
+/// F32), with a byte-level BPE vocabulary of the 256 byte symbols and two specials: a model
+/// `--base-precision q4` can train on, in a fraction of a second per step.
+pub fn tiny_q4_gguf(dir: &Path) -> PathBuf {
+    use gguf_writer::{f16_bytes, s, strs, Writer};
+    let (hidden, heads, kv_heads, ffn, layers) = (64usize, 4usize, 2usize, 128usize, 2usize);
+    let kv = kv_heads * hidden / heads;
+    let mut alphabet: Vec<String> =
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().map(String::from).collect();
+    alphabet.sort();
+    let mut tokens = vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string()];
+    tokens.extend(alphabet);
+    let vocab = tokens.len();
+    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let mut w = Writer::new();
+    w.kv("general.architecture", s("llama"))
+        .kv("llama.embedding_length", MetaValue::U32(hidden as u32))
+        .kv("llama.block_count", MetaValue::U32(layers as u32))
+        .kv("llama.feed_forward_length", MetaValue::U32(ffn as u32))
+        .kv("llama.attention.head_count", MetaValue::U32(heads as u32))
+        .kv("llama.attention.head_count_kv", MetaValue::U32(kv_heads as u32))
+        .kv("llama.rope.freq_base", MetaValue::F32(10000.0))
+        .kv("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
+        .kv("llama.context_length", MetaValue::U32(256))
+        .kv("tokenizer.ggml.model", s("gpt2"))
+        .kv("tokenizer.ggml.pre", s("smollm"))
+        .kv("tokenizer.ggml.tokens", strs(&token_refs))
+        .kv("tokenizer.ggml.merges", strs(&[]))
+        .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+        .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(0))
+        .kv(
+            "tokenizer.ggml.token_type",
+            MetaValue::Array([3, 3].into_iter().chain(std::iter::repeat_n(1, vocab - 2)).map(MetaValue::I32).collect()),
+        );
+    // A fixed xorshift: the same file every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut uniform = move || (next() >> 40) as f32 / (1u64 << 24) as f32;
+    let emb: Vec<f32> = (0..vocab * hidden).map(|_| uniform() * 0.2 - 0.1).collect();
+    w.f32("token_embd.weight", &[vocab, hidden], &emb);
+    let mut q4_0 = |rows: usize, cols: usize| -> Vec<u8> {
+        let mut b = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            b.extend(f16_bytes(0.01 + uniform() * 0.02));
+            b.extend((0..16).map(|_| (uniform() * 256.0) as u8));
+        }
+        b
+    };
+    for l in 0..layers {
+        for (part, rows, cols) in [
+            ("attn_q", hidden, hidden),
+            ("attn_k", kv, hidden),
+            ("attn_v", kv, hidden),
+            ("attn_output", hidden, hidden),
+            ("ffn_gate", ffn, hidden),
+            ("ffn_up", ffn, hidden),
+            ("ffn_down", hidden, ffn),
+        ] {
+            // ggml type 2: Q4_0; dims innermost first.
+            w.tensor(&format!("blk.{l}.{part}.weight"), &[cols as u64, rows as u64], 2, q4_0(rows, cols));
+        }
+        w.f32(&format!("blk.{l}.attn_norm.weight"), &[hidden], &vec![1.0; hidden]);
+        w.f32(&format!("blk.{l}.ffn_norm.weight"), &[hidden], &vec![1.0; hidden]);
+    }
+    w.f32("output_norm.weight", &[hidden], &vec![1.0; hidden]);
+    let p = dir.join("tiny-q4_0.gguf");
+    std::fs::write(&p, w.bytes()).unwrap();
+    p
+}

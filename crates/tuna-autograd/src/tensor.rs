@@ -238,6 +238,11 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
         *self.data_mut() = self.inner.dev.zeros(0)?;
         Ok(())
     }
+    /// A frozen tensor of `shape` whose data is held elsewhere from the start (a weight kept
+    /// packed as it loads, never materialised): as a tensor after [`Tensor::release_storage`].
+    pub fn released(dev: &Arc<B>, shape: &[usize]) -> Result<Self> {
+        Ok(Self::build(dev.clone(), shape.to_vec(), dev.zeros(0)?, false, None))
+    }
     /// Whether the data was released ([`Tensor::release_storage`]).
     pub fn is_released(&self) -> bool {
         self.numel() > 0 && B::len(&*self.buf()) == 0

@@ -44,6 +44,18 @@ impl<B: Kernels<E>, E: Float> Linear<B, E> {
         Linear { name, weight, bias, layout, packed: Rc::new(RefCell::new(None)) }
     }
 
+    /// A layer whose frozen weight is held packed from the start (`--base-precision q4`: a GGUF's
+    /// blocks): `weight` carries the shape only ([`Tensor::released`]).
+    pub fn with_packed(
+        name: String,
+        weight: Tensor<B, E>,
+        bias: Option<Tensor<B, E>>,
+        layout: WeightLayout,
+        pw: PackedWeight,
+    ) -> Self {
+        Linear { name, weight, bias, layout, packed: Rc::new(RefCell::new(Some(Arc::new(pw)))) }
+    }
+
     /// The packed low-precision weight, when the layer holds one.
     pub fn packed(&self) -> Option<Arc<PackedWeight>> {
         self.packed.borrow().clone()

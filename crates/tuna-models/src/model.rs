@@ -24,7 +24,7 @@ use tuna_autograd::ops::elem::{mean_pool, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 pub use tuna_autograd::ops::lowp::BasePrecision;
-use tuna_autograd::ops::lowp::PackedWeight;
+use tuna_autograd::ops::lowp::{PackedWeight, Q4Format, Q4_BLOCK};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
@@ -41,8 +41,15 @@ pub struct BasePacking {
 /// Whether `dev` has the low-precision products: one is tried on a 1 x 1 weight before anything
 /// is released (CUDA says it has none).
 fn check_lowp_device<B: Kernels<E>, E: Float>(dev: &Arc<B>, p: BasePrecision) -> Result<()> {
-    let probe = Arc::new(PackedWeight::pack("probe", &[1.0], 1, 1, false, p)?);
-    let x = Tensor::constant(dev, &[1, 1], &[E::from_f32(1.0)])?;
+    let (probe, inp) = match p {
+        BasePrecision::Q4 => {
+            let block = vec![0u8; Q4Format::Q4_0.block_bytes()];
+            (PackedWeight::from_q4("probe", Q4Format::Q4_0, block, 1, Q4_BLOCK)?, Q4_BLOCK)
+        }
+        _ => (PackedWeight::pack("probe", &[1.0], 1, 1, false, p)?, 1),
+    };
+    let probe = Arc::new(probe);
+    let x = Tensor::constant(dev, &[1, inp], &vec![E::from_f32(1.0); inp])?;
     tuna_autograd::ops::lowp::linear_packed(&x, &probe, None)?;
     Ok(())
 }
@@ -52,6 +59,15 @@ fn nothing_to_pack(p: BasePrecision) -> Error {
     Error::InvalidArgument(format!(
         "--base-precision {p}: no frozen block weight to hold in {p} (full fine-tuning trains them all; the \
          low-precision base is for the parameter-efficient methods)"
+    ))
+}
+
+/// `--base-precision q4` on a model `path` whose block weights are not held in Q4_0 / Q4_1.
+fn q4_needs_q4_gguf(path: &Path) -> Error {
+    Error::InvalidArgument(format!(
+        "--base-precision q4 keeps a GGUF file's Q4_0 / Q4_1 weights as they are stored, and {} holds no \
+         transformer-block weight in Q4_0 or Q4_1: q4 needs such a .gguf (bf16 and int8 work on any model)",
+        path.display()
     ))
 }
 
@@ -119,6 +135,11 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     /// (bf16 or int8, CPU; see [`AnyModel::set_base_precision`]) as soon as it is loaded, so the
     /// f32 model never exists whole: the peak while loading is the packed model and one f32
     /// tensor's copies (the source's values, the tensor, its host copy for packing).
+    ///
+    /// `q4` keeps a GGUF's Q4_0 / Q4_1 block weights as their blocks (copied from the file, never
+    /// dequantized); block weights the file stores otherwise (F32, F16, Q8_0, ...) load as f32, as
+    /// do embeddings, norms and the head. A model with no block weight in Q4 is refused, naming
+    /// the file (a Hugging Face folder before anything loads).
     pub fn open_with(
         dev: &Arc<B>,
         path: &Path,
@@ -181,6 +202,9 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         trainable: impl Fn(&str) -> bool + 'static,
         base: BasePrecision,
     ) -> Result<Self> {
+        if base == BasePrecision::Q4 && !src.names().iter().any(|n| src.q4_format(n).is_some()) {
+            return Err(q4_needs_q4_gguf(src.path()));
+        }
         if base != BasePrecision::F32 {
             check_lowp_device(dev, base)?;
         }
@@ -203,7 +227,13 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             dev: dev.clone(),
         };
         if base != BasePrecision::F32 && model.base_precision() != base {
-            return Err(nothing_to_pack(base));
+            // q4 with full fine-tuning trains every block weight: the general refusal says so.
+            let none_trains = model.trainable_base.is_empty();
+            return Err(if base == BasePrecision::Q4 && none_trains {
+                q4_needs_q4_gguf(src.path())
+            } else {
+                nothing_to_pack(base)
+            });
         }
         Ok(model)
     }
@@ -284,6 +314,13 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let mut done = BasePacking { precision: p, ..Default::default() };
         if p == BasePrecision::F32 {
             return Ok(done);
+        }
+        if p == BasePrecision::Q4 {
+            return Err(Error::InvalidArgument(
+                "--base-precision q4 keeps a GGUF's Q4_0 / Q4_1 blocks as the model loads (AnyModel::open_with); \
+                 f32 weights already loaded are not made q4 (bf16 and int8 pack them)"
+                    .into(),
+            ));
         }
         check_lowp_device(&self.dev, p)?;
         let linears = each!(&self.net, n => Adaptable::linears(n));

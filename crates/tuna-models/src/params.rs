@@ -46,12 +46,41 @@ impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
     }
 
     /// A block's linear layer as loaded: its frozen weight packed now when [`Loader::pack`] asks
-    /// for a low precision (its f32 storage released before the next tensor loads).
+    /// for bf16 or int8 (its f32 storage released before the next tensor loads). q4 packs nothing
+    /// here: a weight the source holds in Q4 came through [`Loader::load_q4`] already packed, and
+    /// one stored otherwise (F32, F16, Q8_0, ...) stays f32, as loaded.
     pub fn linear(&mut self, lin: crate::linear::Linear<B, E>) -> Result<crate::linear::Linear<B, E>> {
-        if self.pack != tuna_autograd::ops::lowp::BasePrecision::F32 && lin.is_packable() {
+        use tuna_autograd::ops::lowp::BasePrecision;
+        if !matches!(self.pack, BasePrecision::F32 | BasePrecision::Q4) && lin.is_packable() {
             lin.pack(self.pack)?;
         }
         Ok(lin)
+    }
+
+    /// A block's frozen linear weight `name` of `shape` (`[out, in]`) kept in the source's own
+    /// Q4_0 / Q4_1 blocks, never dequantized: when [`Loader::pack`] is q4, the weight does not
+    /// train, and the source stores it in Q4 with this shape. Returns a tensor of the shape with
+    /// no data ([`Tensor::released`]), recorded as [`Loader::load`] records, and the packed
+    /// weight; `None` when the weight loads as any other ([`Loader::load`]).
+    pub fn load_q4(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<(Tensor<B, E>, tuna_autograd::ops::lowp::PackedWeight)>> {
+        use tuna_autograd::ops::lowp::{BasePrecision, PackedWeight};
+        if self.pack != BasePrecision::Q4 || (self.trainable)(name) || shape.len() != 2 {
+            return Ok(None);
+        }
+        if self.src.shape(name).as_deref() != Some(shape) {
+            return Ok(None);
+        }
+        let Some(blocks) = self.src.q4_blocks(name) else { return Ok(None) };
+        let (fmt, bytes) = blocks?;
+        let pw = PackedWeight::from_q4(name, fmt, bytes.into_owned(), shape[0], shape[1])?;
+        let t = Tensor::released(&self.dev, shape)?;
+        self.loaded.push((name.to_string(), t.clone()));
+        self.taken.extend(self.src.stored_name(name));
+        Ok(Some((t, pw)))
     }
 
     /// Tensor `name` with exactly `shape` (error naming the tensor, expected and found shapes).

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use std::borrow::Cow;
 use std::path::Path;
+use tuna_kernels::ops::lowp::Q4Format;
 
 /// A source of named tensors, converted to f32 (dequantized where quantized). Names are Hugging
 /// Face's (e.g. `model.layers.0.self_attn.q_proj.weight`), whatever the file format.
@@ -17,6 +18,22 @@ pub trait WeightSource {
     /// The values of `name` as f32: borrowed from the memory map where the file holds aligned
     /// f32 (zero-copy), converted otherwise. `None` if absent.
     fn get(&self, name: &str) -> Option<Result<Cow<'_, [f32]>>>;
+
+    /// The ggml 4-bit block format `name` is stored in (a GGUF's Q4_0 / Q4_1), if any: such a
+    /// tensor can be kept as its blocks (`--base-precision q4`). `None` for every other storage.
+    fn q4_format(&self, name: &str) -> Option<Q4Format> {
+        let _ = name;
+        None
+    }
+
+    /// The stored blocks of a tensor [`WeightSource::q4_format`] names, rows in the order
+    /// [`WeightSource::get`] gives them (row `r` of the `[out, in]` weight is bytes
+    /// `r * in / 32 * block_bytes..`), exactly the values `get` dequantizes. `None` if absent or
+    /// not stored in Q4.
+    fn q4_blocks(&self, name: &str) -> Option<Result<(Q4Format, Cow<'_, [u8]>)>> {
+        let _ = name;
+        None
+    }
 
     /// The name, as [`WeightSource::names`] lists it, that a lookup of `name` reads (`None` if
     /// absent). Sources that resolve names (a Hugging Face folder's optional base prefix) say which

@@ -161,3 +161,21 @@ fn packing_at_load_is_packing_after_load() {
         assert!(e.contains("full fine-tuning"), "{arch}: {e}");
     }
 }
+
+/// q4 keeps a GGUF's own Q4_0 / Q4_1 blocks: a Hugging Face folder has none, and is refused
+/// before anything loads, naming the folder and what would work.
+#[test]
+fn q4_is_refused_on_a_hugging_face_folder_by_name() {
+    use std::sync::Arc;
+    use tuna_kernels::Cpu;
+    use tuna_models::model::AnyModel;
+    for arch in ARCHS {
+        let path = golden_common::fixture(arch);
+        let e = AnyModel::<Cpu, f32>::open_with(&Arc::new(Cpu), &path, |_| false, BasePrecision::Q4)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(&path.display().to_string()), "{arch}: {e}");
+        assert!(e.contains("Q4_0 or Q4_1") && e.contains("bf16 and int8 work on any model"), "{arch}: {e}");
+    }
+}

@@ -1,4 +1,4 @@
-//! A linear layer over a frozen low-precision weight ([`PackedWeight`]: bf16 or int8, CPU): the
+//! A linear layer over a frozen low-precision weight ([`PackedWeight`]: bf16, int8 or q4, CPU): the
 //! forward `x W^T` and, when `x` needs a gradient, the backward `dx += dy W`. The weight is a
 //! constant, so nothing is saved but a handle to it: no activation is kept for this product.
 
@@ -8,11 +8,13 @@ use crate::error::{Error, Result};
 use crate::graph::{launched, output};
 use crate::tensor::{Float, Tensor};
 use std::sync::Arc;
-pub use tuna_kernels::ops::lowp::{BasePrecision, CpuMatrixFeatures, LowpKernel, MatrixPath, PackedWeight};
+pub use tuna_kernels::ops::lowp::{
+    BasePrecision, CpuMatrixFeatures, LowpKernel, MatrixPath, PackedWeight, Q4Format, Q4_BLOCK,
+};
 
 /// `x W^T (+ bias)` over the last dim of `x` (`[.., in] -> [.., out]`) with a packed frozen weight.
-/// Op kind `matmul (bf16 base)` or `matmul (int8 base)` (its own row in `tuna profile`); backward
-/// kind `linear.dX` (as a frozen f32 linear's), and `add_bias.*`.
+/// Op kind `matmul (bf16 base)`, `matmul (int8 base)` or `matmul (q4 base)` (its own row in
+/// `tuna profile`); backward kind `linear.dX` (as a frozen f32 linear's), and `add_bias.*`.
 pub fn linear_packed<B: Kernels<E>, E: Float>(
     x: &Tensor<B, E>,
     w: &Arc<PackedWeight>,
@@ -36,6 +38,7 @@ pub fn linear_packed<B: Kernels<E>, E: Float>(
     let kind = match w.precision() {
         BasePrecision::Bf16 => "matmul (bf16 base)",
         BasePrecision::Int8 => "matmul (int8 base)",
+        BasePrecision::Q4 => "matmul (q4 base)",
         BasePrecision::F32 => "matmul",
     };
     let flops = 2.0 * (m * out * inp) as f64;

@@ -2,6 +2,7 @@
 //! (F32, F16, BF16, Q8_0, Q4_0, Q4_1), written from ggml's block layouts.
 
 use half::{bf16, f16};
+use tuna_kernels::ops::lowp::{q4, Q4Format};
 
 /// Elements per block of the legacy quantizations (`QK4_0`, `QK4_1`, `QK8_0`).
 pub const QK: usize = 32;
@@ -95,6 +96,15 @@ impl GgmlType {
         matches!(self, GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64)
     }
 
+    /// The kernels' q4 block format of this type (`Q4_0`, `Q4_1`), for `--base-precision q4`.
+    pub fn q4_format(self) -> Option<Q4Format> {
+        match self {
+            GgmlType::Q4_0 => Some(Q4Format::Q4_0),
+            GgmlType::Q4_1 => Some(Q4Format::Q4_1),
+            _ => None,
+        }
+    }
+
     /// Whether [`dequantize`] handles this type.
     pub fn is_supported(self) -> bool {
         use GgmlType::*;
@@ -169,22 +179,13 @@ fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// `block_q4_0 { f16 d; u8 qs[16]; }`: element `j` is the low nibble of `qs[j]`, element `j + 16`
-/// its high nibble; `y = (q - 8) * d`.
+/// its high nibble; `y = (q - 8) * d`. The kernels' q4 dequantization, so that a weight kept in
+/// Q4 (`--base-precision q4`) computes with exactly these values.
 fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let (lo, hi) = y.split_at_mut(QK / 2);
-    for (j, &q) in b[2..2 + QK / 2].iter().enumerate() {
-        lo[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
-        hi[j] = ((q >> 4) as i32 - 8) as f32 * d;
-    }
+    q4::dequant_block(Q4Format::Q4_0, b, y);
 }
 
 /// `block_q4_1 { f16 d; f16 m; u8 qs[16]; }`: nibbles as in Q4_0; `y = q * d + m`.
 fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    let (lo, hi) = y.split_at_mut(QK / 2);
-    for (j, &q) in b[4..4 + QK / 2].iter().enumerate() {
-        lo[j] = (q & 0x0f) as f32 * d + m;
-        hi[j] = (q >> 4) as f32 * d + m;
-    }
+    q4::dequant_block(Q4Format::Q4_1, b, y);
 }

@@ -48,14 +48,15 @@ pub fn hf_name(gguf: &str) -> Option<(String, Option<Permuted>)> {
 
 /// Undo llama.cpp's Q/K row interleaving in place of a row-major `[rows, cols]` matrix:
 /// `w.reshape(heads, rows/heads/2, 2, cols).swapaxes(1, 2).reshape(rows, cols)`. Within each
-/// head, stored row `2i + j` becomes row `j * half + i`.
-pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, String> {
+/// head, stored row `2i + j` becomes row `j * half + i`. Rows move whole, so this serves f32
+/// values and the bytes of quantized rows (`cols` = bytes per row) alike.
+pub fn unpermute_rows<T: Copy + Default>(w: &[T], rows: usize, cols: usize, heads: usize) -> Result<Vec<T>, String> {
     if heads == 0 || !rows.is_multiple_of(2 * heads) || w.len() != rows * cols {
         return Err(format!("cannot un-permute {rows}x{cols} (len {}) over {heads} heads", w.len()));
     }
     let head_rows = rows / heads;
     let half = head_rows / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {

@@ -245,6 +245,28 @@ impl WeightSource for GgufFile {
         self.by_name.get(name).map(|&(i, _)| self.tensors[i].shape())
     }
 
+    fn q4_format(&self, name: &str) -> Option<tuna_kernels::ops::lowp::Q4Format> {
+        self.by_name.get(name).and_then(|&(i, _)| self.tensors[i].ty.q4_format())
+    }
+
+    fn q4_blocks(&self, name: &str) -> Option<Result<(tuna_kernels::ops::lowp::Q4Format, Cow<'_, [u8]>)>> {
+        let &(i, perm) = self.by_name.get(name)?;
+        let t = &self.tensors[i];
+        let fmt = t.ty.q4_format()?;
+        Some(self.bytes_of(t).and_then(|b| match perm {
+            None => Ok((fmt, Cow::Borrowed(b))),
+            Some(which) => {
+                // Rows (output channels) are whole runs of blocks: un-permuting them moves bytes.
+                let heads = self.permute_heads(which)?;
+                let rows = t.shape()[0];
+                let row_bytes = b.len() / rows.max(1);
+                unpermute_rows(b, rows, row_bytes, heads)
+                    .map(|v| (fmt, Cow::Owned(v)))
+                    .map_err(|m| self.format_err(format!("tensor `{}`: {m}", t.name)))
+            }
+        }))
+    }
+
     fn get(&self, name: &str) -> Option<Result<Cow<'_, [f32]>>> {
         let &(i, perm) = self.by_name.get(name)?;
         let t = &self.tensors[i];

@@ -150,6 +150,9 @@ impl<B: Kernels<E>, E: Float> Llama<B, E> {
             let norm = |l: &mut Loader<'_, B, E>, name: &str| l.load(&format!("{p}.{name}.weight"), &[hidden]);
             let lin = |l: &mut Loader<'_, B, E>, name: &str, out: usize, inp: usize| -> Result<Linear<B, E>> {
                 let name = format!("{p}.{name}");
+                if let Some((weight, pw)) = l.load_q4(&format!("{name}.weight"), &[out, inp])? {
+                    return Ok(Linear::with_packed(name, weight, None, WeightLayout::OutIn, pw));
+                }
                 let weight = l.load(&format!("{name}.weight"), &[out, inp])?;
                 l.linear(Linear::new(name, weight, None, WeightLayout::OutIn))
             };

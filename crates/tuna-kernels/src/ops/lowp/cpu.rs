@@ -1,5 +1,5 @@
 //! The low-precision products on the CPU, widen-to-f32 path: blocks of weight rows are widened
-//! (bf16) or dequantized (int8) into a per-thread scratch of `F`, then the `gemm` crate multiplies
+//! (bf16) or dequantized (int8, q4) into a per-thread scratch of `F`, then the `gemm` crate multiplies
 //! (its f32/f64 microkernels, dispatched at run time, rayon across the threads).
 
 use super::{check, LowpKernel, PackedWeight};

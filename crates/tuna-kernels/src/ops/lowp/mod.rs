@@ -1,15 +1,17 @@
-//! A frozen linear weight held in low precision (`--base-precision bf16|int8`): the two products
+//! A frozen linear weight held in low precision (`--base-precision bf16|int8|q4`): the two products
 //! a frozen weight takes part in, `y = x W^T` (forward) and `dx += dy W` (input gradient). A
 //! frozen weight has no `dW`, so nothing else ever reads it.
 //!
 //! Storage: bf16 (round to nearest even, NaN kept: half the bytes of f32), or int8 symmetric per
 //! output channel (`w = q * scale[row]`, `scale = max|w_row| / 127`: a quarter of the bytes, plus
 //! one f32 per row). The weight is packed once, at load, as `[out, in]` whatever the file's layout
-//! (GPT-2's Conv1D is transposed then).
+//! (GPT-2's Conv1D is transposed then). q4 is not packed from f32: it keeps a GGUF file's own
+//! Q4_0 / Q4_1 blocks ([`q4`]; 18 or 20 bytes per 32 weights, 5/32 of f32's bytes for Q4_1),
+//! taken as they are by [`PackedWeight::from_q4`], rows `[out]` of blocks along `in`.
 //!
 //! Compute, CPU: the instruction path [`matrix_path`] picks at run time. On every x86-64 CPU here
 //! today the path is [`MatrixPath::WidenF32`]: a block of rows is widened (bf16) or dequantized
-//! (int8) into a per-thread f32 scratch (reused from call to call: a step allocates nothing after
+//! (int8, q4) into a per-thread f32 scratch (reused from call to call: a step allocates nothing after
 //! the first), and the `gemm` crate's runtime-dispatched f32 microkernels run on it. Activations
 //! and gradients stay f32, so the only error is the weight's rounding. The int8 instruction paths
 //! (AVX-512 VNNI `vpdpbusd`, AMX tiles) are named by [`matrix_path`] but have no kernel yet.
@@ -18,17 +20,21 @@
 //! output element `|y - y_ref| <= e_w * sum_k |x_k| |w_k| + f32 rounding`, with `e_w = 2^-8`
 //! relative for bf16 (round to nearest even with 8 significant bits: `|w - bf16(w)| <= 2^-8 |w|`,
 //! the bound itself), and for int8 the absolute weight error `max|w_row| / 254` in place of
-//! `e_w |w_k|`. CUDA has no low-precision base here:
+//! `e_w |w_k|`. q4 has no rounding of its own here (the weight *is* the file's blocks): its
+//! products equal f32 products with the blocks dequantized (the same f32 numbers the GGUF
+//! reader's dequant-at-load gives) up to f32 summation order. CUDA has no low-precision base here:
 //! its frozen weights go bf16 through the mixed-precision design instead.
 
 mod cpu;
 mod cuda;
+pub mod q4;
 #[cfg(test)]
 mod tests;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use half::bf16;
+pub use q4::{Q4Format, Q4_BLOCK};
 
 /// How a frozen base's linear weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,25 +46,20 @@ pub enum BasePrecision {
     Bf16,
     /// int8, symmetric, one f32 scale per output channel.
     Int8,
+    /// ggml's Q4_0 / Q4_1 blocks as a GGUF file holds them (read, never made from f32).
+    Q4,
 }
 
 impl BasePrecision {
-    pub const ALL: [BasePrecision; 3] = [BasePrecision::F32, BasePrecision::Bf16, BasePrecision::Int8];
+    pub const ALL: [BasePrecision; 4] =
+        [BasePrecision::F32, BasePrecision::Bf16, BasePrecision::Int8, BasePrecision::Q4];
 
     pub fn name(self) -> &'static str {
         match self {
             BasePrecision::F32 => "f32",
             BasePrecision::Bf16 => "bf16",
             BasePrecision::Int8 => "int8",
-        }
-    }
-
-    /// Bytes per weight element, not counting int8's per-row scales.
-    pub fn bytes_per_weight(self) -> usize {
-        match self {
-            BasePrecision::F32 => 4,
-            BasePrecision::Bf16 => 2,
-            BasePrecision::Int8 => 1,
+            BasePrecision::Q4 => "q4",
         }
     }
 }
@@ -76,8 +77,8 @@ impl std::str::FromStr for BasePrecision {
             "f32" => Ok(BasePrecision::F32),
             "bf16" => Ok(BasePrecision::Bf16),
             "int8" => Ok(BasePrecision::Int8),
-            "q4" => Err("base precision `q4` is not built yet (expected f32, bf16 or int8)".into()),
-            other => Err(format!("unknown base precision `{other}` (expected f32, bf16 or int8)")),
+            "q4" => Ok(BasePrecision::Q4),
+            other => Err(format!("unknown base precision `{other}` (expected f32, bf16, int8 or q4)")),
         }
     }
 }
@@ -182,10 +183,18 @@ pub fn matrix_path() -> MatrixPath {
 #[derive(Clone)]
 enum Store {
     Bf16(Vec<bf16>),
-    Int8 { q: Vec<i8>, scale: Vec<f32> },
+    Int8 {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+    },
+    /// `out` rows of `in / 32` blocks each, the file's bytes unchanged.
+    Q4 {
+        fmt: Q4Format,
+        blocks: Vec<u8>,
+    },
 }
 
-/// A frozen weight `[out, in]` in bf16 or int8, packed once.
+/// A frozen weight `[out, in]` in bf16, int8 or q4, packed once.
 #[derive(Clone)]
 pub struct PackedWeight {
     out: usize,
@@ -202,7 +211,8 @@ impl std::fmt::Debug for PackedWeight {
 impl PackedWeight {
     /// Packs an f32 weight of `out * inp` elements, stored `[out, in]` or, when `in_out`,
     /// `[in, out]` (GPT-2's Conv1D). `name` only labels errors. int8 refuses a row holding a
-    /// non-finite value (its scale would be meaningless); bf16 keeps NaN and infinities.
+    /// non-finite value (its scale would be meaningless); bf16 keeps NaN and infinities. q4 is
+    /// refused: it is only read from a GGUF file's blocks ([`PackedWeight::from_q4`]).
     pub fn pack(name: &str, w: &[f32], out: usize, inp: usize, in_out: bool, p: BasePrecision) -> Result<Self> {
         let invalid = |msg: String| Error::Invalid { op: "pack_weight", msg: format!("{name}: {msg}") };
         if out == 0 || inp == 0 {
@@ -214,6 +224,13 @@ impl PackedWeight {
         let at = |o: usize, i: usize| if in_out { w[i * out + o] } else { w[o * inp + i] };
         let store = match p {
             BasePrecision::F32 => return Err(invalid("f32 is not a packed precision (keep the f32 tensor)".into())),
+            BasePrecision::Q4 => {
+                return Err(invalid(
+                    "q4 keeps a GGUF file's Q4_0 / Q4_1 blocks as they are; it is not made from f32 weights \
+                     (bf16 and int8 pack any weight)"
+                        .into(),
+                ))
+            }
             BasePrecision::Bf16 => {
                 let mut v = Vec::with_capacity(out * inp);
                 for o in 0..out {
@@ -246,6 +263,28 @@ impl PackedWeight {
         Ok(PackedWeight { out, inp, store })
     }
 
+    /// A weight `[out, in]` held as ggml `fmt` blocks: `blocks` is `out` rows of `in / 32` blocks
+    /// (a GGUF tensor of dims `[in, out]`, its bytes as stored), kept as they are. Refuses rows
+    /// that are not whole blocks and a byte count that is not `out` such rows. `name` labels
+    /// errors.
+    pub fn from_q4(name: &str, fmt: Q4Format, blocks: Vec<u8>, out: usize, inp: usize) -> Result<Self> {
+        let invalid = |msg: String| Error::Invalid { op: "pack_weight", msg: format!("{name}: {msg}") };
+        if out == 0 || inp == 0 {
+            return Err(invalid(format!("empty weight [{out}, {inp}]")));
+        }
+        if !inp.is_multiple_of(Q4_BLOCK) {
+            return Err(invalid(format!(
+                "rows of {inp} weights are not whole {fmt} blocks of {Q4_BLOCK}: q4 needs an input dimension that \
+                 is a multiple of {Q4_BLOCK}"
+            )));
+        }
+        let want = out * (inp / Q4_BLOCK) * fmt.block_bytes();
+        if blocks.len() != want {
+            return Err(invalid(format!("{} bytes of {fmt} blocks, expected {want} for [{out}, {inp}]", blocks.len())));
+        }
+        Ok(PackedWeight { out, inp, store: Store::Q4 { fmt, blocks } })
+    }
+
     pub fn out_features(&self) -> usize {
         self.out
     }
@@ -256,6 +295,15 @@ impl PackedWeight {
         match self.store {
             Store::Bf16(_) => BasePrecision::Bf16,
             Store::Int8 { .. } => BasePrecision::Int8,
+            Store::Q4 { .. } => BasePrecision::Q4,
+        }
+    }
+
+    /// The ggml block format of a q4 weight (`None` for bf16 and int8).
+    pub fn q4_format(&self) -> Option<Q4Format> {
+        match self.store {
+            Store::Q4 { fmt, .. } => Some(fmt),
+            _ => None,
         }
     }
     /// Bytes held (weights and scales).
@@ -263,6 +311,7 @@ impl PackedWeight {
         match &self.store {
             Store::Bf16(v) => v.len() * 2,
             Store::Int8 { q, scale } => q.len() + scale.len() * 4,
+            Store::Q4 { blocks, .. } => blocks.len(),
         }
     }
 
@@ -283,6 +332,17 @@ impl PackedWeight {
                     let s = scale[r0 + r];
                     for (d, &qv) in d.iter_mut().zip(&q[(r0 + r) * inp..(r0 + r + 1) * inp]) {
                         *d = F::c((qv as f32 * s) as f64);
+                    }
+                }
+            }
+            Store::Q4 { fmt, blocks } => {
+                let row_bytes = inp / Q4_BLOCK * fmt.block_bytes();
+                let src = &blocks[r0 * row_bytes..(r0 + rows) * row_bytes];
+                let mut tmp = [0f32; Q4_BLOCK];
+                for (b, d) in src.chunks_exact(fmt.block_bytes()).zip(dst.chunks_exact_mut(Q4_BLOCK)) {
+                    q4::dequant_block(*fmt, b, &mut tmp);
+                    for (d, &v) in d.iter_mut().zip(&tmp) {
+                        *d = F::c(v as f64);
                     }
                 }
             }

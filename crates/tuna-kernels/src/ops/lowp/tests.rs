@@ -24,7 +24,7 @@ fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrec
                     * match p {
                         BasePrecision::Bf16 => wv.abs() / 256.0,
                         BasePrecision::Int8 => amax / 254.0,
-                        BasePrecision::F32 => 0.0,
+                        BasePrecision::F32 | BasePrecision::Q4 => 0.0,
                     };
             }
             y[r * out + o] = acc;
@@ -203,8 +203,8 @@ fn precision_names_parse_back() {
     for p in BasePrecision::ALL {
         assert_eq!(p.name().parse::<BasePrecision>().unwrap(), p);
     }
-    assert!("q4".parse::<BasePrecision>().unwrap_err().contains("not built"));
-    assert!("fp8".parse::<BasePrecision>().unwrap_err().contains("expected f32, bf16 or int8"));
+    assert_eq!("q4".parse::<BasePrecision>().unwrap(), BasePrecision::Q4);
+    assert!("fp8".parse::<BasePrecision>().unwrap_err().contains("expected f32, bf16, int8 or q4"));
 }
 
 #[test]
@@ -235,4 +235,128 @@ fn cuda_refuses_the_low_precision_products_by_name() {
     // A wrong length is still a shape error first.
     let e = LowpKernel::<f32>::lowp_linear_fwd(&*dev, &pw, 3, &x, &mut y).unwrap_err().to_string();
     assert!(e.contains("`x`"), "{e}");
+}
+
+/// `out` rows of `inp / 32` random `fmt` blocks: scales and minimums exact in f16, every nibble.
+fn q4_blocks(rng: &mut Rng, fmt: Q4Format, out: usize, inp: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(out * inp / Q4_BLOCK * fmt.block_bytes());
+    for _ in 0..out * inp / Q4_BLOCK {
+        let d = half::f16::from_f32(rng.next_f64() as f32 * 0.02 + 1e-3);
+        b.extend(d.to_le_bytes());
+        if fmt == Q4Format::Q4_1 {
+            b.extend(half::f16::from_f32(-(rng.next_f64() as f32) * 0.15).to_le_bytes());
+        }
+        b.extend((0..Q4_BLOCK / 2).map(|_| (rng.next_f64() * 256.0) as u8));
+    }
+    b
+}
+
+/// q4's products against f64 products with the dequantized weight (the f32 numbers the kernel
+/// computes with). The only difference is f32 arithmetic: each f32 product and sum of `n` terms
+/// in any order is within `n * 2^-24` (relative, to first order; Higham's gamma_n) of the sum of
+/// the terms' magnitudes. The bound below is exactly that, with `n` = the terms summed (the
+/// contraction, plus the accumulated `dx` in the backward) and 1% for the second-order term.
+#[test]
+fn q4_products_are_the_f32_products_of_the_dequantized_blocks() {
+    let mut rng = Rng::new(17);
+    let u = f32::EPSILON as f64 / 2.0;
+    // Several blocks per row throughout; the last shape's rows do not divide into the widened
+    // block of 4 MiB / (2048 * 4) = 512 rows: blocks of 512, 512 and 76 rows.
+    for &(m, out, inp) in &[(1, 1, 32), (5, 7, 64), (33, 65, 96), (64, 96, 384), (3, 1100, 2048)] {
+        for fmt in [Q4Format::Q4_0, Q4Format::Q4_1] {
+            let blocks = q4_blocks(&mut rng, fmt, out, inp);
+            let mut w = vec![0f32; out * inp];
+            q4::dequant_blocks(fmt, &blocks, &mut w);
+            let pw = PackedWeight::from_q4("w", fmt, blocks, out, inp).unwrap();
+            assert_eq!(pw.precision(), BasePrecision::Q4);
+            assert_eq!(pw.q4_format(), Some(fmt));
+            assert_eq!(pw.bytes(), out * inp / 32 * fmt.block_bytes());
+            assert_eq!(pw.to_f32(), w, "{fmt}: widened rows are the dequantized blocks");
+
+            let x = rand(&mut rng, m * inp, 1.0);
+            let mut y = vec![f32::NAN; m * out];
+            LowpKernel::<f32>::lowp_linear_fwd(&Cpu, &pw, m, &x, &mut y).unwrap();
+            for r in 0..m {
+                for o in 0..out {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for k in 0..inp {
+                        let t = x[r * inp + k] as f64 * w[o * inp + k] as f64;
+                        want += t;
+                        mag += t.abs();
+                    }
+                    let got = y[r * out + o] as f64;
+                    let bound = 1.01 * (inp + 1) as f64 * u * mag;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{fmt} fwd m={m} out={out} in={inp} [{r},{o}]: {got} vs {want} (> {bound:e})"
+                    );
+                }
+            }
+
+            let dy = rand(&mut rng, m * out, 1.0);
+            let before = rand(&mut rng, m * inp, 1.0);
+            let mut dx = before.clone();
+            LowpKernel::<f32>::lowp_linear_bwd(&Cpu, &pw, m, &dy, &mut dx).unwrap();
+            for r in 0..m {
+                for k in 0..inp {
+                    let (mut want, mut mag) = (before[r * inp + k] as f64, (before[r * inp + k] as f64).abs());
+                    for o in 0..out {
+                        let t = dy[r * out + o] as f64 * w[o * inp + k] as f64;
+                        want += t;
+                        mag += t.abs();
+                    }
+                    let got = dx[r * inp + k] as f64;
+                    let bound = 1.01 * (out + 2) as f64 * u * mag;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{fmt} bwd m={m} out={out} in={inp} [{r},{k}]: {got} vs {want} (> {bound:e})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_blocks_dequantize_as_ggml_lays_them_out() {
+    // Codes 0..15 in the low nibbles (elements 0..15), 15..0 in the high ones (16..31).
+    let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+    let h = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    let b0: Vec<u8> = h(0.25).into_iter().chain(qs.iter().copied()).collect();
+    let b1: Vec<u8> = h(0.5).into_iter().chain(h(-1.0)).chain(qs.iter().copied()).collect();
+    let mut y = [0f32; 32];
+    q4::dequant_block(Q4Format::Q4_0, &b0, &mut y);
+    for j in 0..16 {
+        assert_eq!((y[j], y[j + 16]), ((j as f32 - 8.0) * 0.25, (7.0 - j as f32) * 0.25), "Q4_0 {j}");
+    }
+    q4::dequant_block(Q4Format::Q4_1, &b1, &mut y);
+    for j in 0..16 {
+        assert_eq!((y[j], y[j + 16]), (j as f32 * 0.5 - 1.0, (15 - j) as f32 * 0.5 - 1.0), "Q4_1 {j}");
+    }
+    // Two rows of two blocks: rows are whole runs of blocks, in order.
+    let mut bytes: Vec<u8> = [&b0, &b0, &b0, &b0].into_iter().flatten().copied().collect();
+    bytes[18 * 3] = h(1.0)[0];
+    bytes[18 * 3 + 1] = h(1.0)[1];
+    let pw = PackedWeight::from_q4("w", Q4Format::Q4_0, bytes, 2, 64).unwrap();
+    let v = pw.to_f32();
+    assert_eq!((v[0], v[63], v[64], v[96], v[127]), (-2.0, -2.0, -2.0, -8.0, -8.0));
+    // In f64 the products are the dequantized weight's to f64 rounding.
+    let x: Vec<f64> = (0..64).map(|i| i as f64 * 0.01 - 0.3).collect();
+    let mut y = vec![0f64; 2];
+    LowpKernel::<f64>::lowp_linear_fwd(&Cpu, &pw, 1, &x, &mut y).unwrap();
+    for o in 0..2 {
+        let want: f64 = (0..64).map(|k| x[k] * v[o * 64 + k] as f64).sum();
+        assert!((y[o] - want).abs() < 1e-12, "row {o}: {} vs {want}", y[o]);
+    }
+}
+
+#[test]
+fn q4_refuses_what_ggml_cannot_hold_by_name() {
+    let e = PackedWeight::from_q4("blk.0.ffn_down", Q4Format::Q4_1, vec![0; 20], 1, 33).unwrap_err().to_string();
+    assert!(e.contains("blk.0.ffn_down") && e.contains("multiple of 32"), "{e}");
+    let e = PackedWeight::from_q4("w", Q4Format::Q4_0, vec![0; 20], 1, 32).unwrap_err().to_string();
+    assert!(e.contains("20 bytes") && e.contains("expected 18"), "{e}");
+    assert!(PackedWeight::from_q4("w", Q4Format::Q4_0, vec![], 0, 32).is_err());
+    let e = PackedWeight::pack("w", &[1.0; 32], 1, 32, false, BasePrecision::Q4).unwrap_err().to_string();
+    assert!(e.contains("Q4_0 / Q4_1") && e.contains("not made from f32"), "{e}");
 }

@@ -2,14 +2,14 @@
 
 use super::*;
 
-const HIDDEN: usize = 32;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = HIDDEN / HEADS;
-const FFN: usize = 64;
-const LAYERS: usize = 2;
+pub(super) const HIDDEN: usize = 32;
+pub(super) const HEADS: usize = 4;
+pub(super) const KV_HEADS: usize = 2;
+pub(super) const HEAD_DIM: usize = HIDDEN / HEADS;
+pub(super) const FFN: usize = 64;
+pub(super) const LAYERS: usize = 2;
 
-fn tokens() -> Vec<&'static str> {
+pub(super) fn tokens() -> Vec<&'static str> {
     vec![
         "<|endoftext|>",
         "<|im_start|>",
@@ -32,15 +32,15 @@ fn tokens() -> Vec<&'static str> {
 }
 
 /// Distinct values, so any misplaced row shows.
-fn ramp(n: usize, seed: usize) -> Vec<f32> {
+pub(super) fn ramp(n: usize, seed: usize) -> Vec<f32> {
     (0..n).map(|i| (i * 7 + seed * 1000) as f32 * 0.001).collect()
 }
 
 /// llama.cpp's converter, as its numpy reads: `w.reshape(heads, 2, rows/heads/2, cols)
 /// .swapaxes(1, 2).reshape(rows, cols)`: (h, j, i) -> stored (h, i, j).
-fn llama_cpp_permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub(super) fn llama_cpp_permute<T: Copy + Default>(w: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
     let half = rows / heads / 2;
-    let mut out = vec![0.0; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for j in 0..2 {
             for i in 0..half {
@@ -53,7 +53,7 @@ fn llama_cpp_permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f
     out
 }
 
-fn llama_writer(hf_q: &[Vec<f32>], hf_k: &[Vec<f32>]) -> Writer {
+pub(super) fn llama_writer(hf_q: &[Vec<f32>], hf_k: &[Vec<f32>]) -> Writer {
     let mut w = Writer::new();
     w.kv("general.architecture", s("llama"))
         .kv("llama.embedding_length", MetaValue::U32(HIDDEN as u32))

@@ -3,6 +3,7 @@
 
 mod corrupt;
 mod llama;
+mod q4;
 mod real;
 mod writer;
 

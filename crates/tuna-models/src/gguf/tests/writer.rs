@@ -1,7 +1,8 @@
 //! A tiny GGUF writer for tests (not the library): metadata of any type, tensors of any ggml
-//! type from raw bytes, and knobs that corrupt the header.
+//! type from raw bytes, and knobs that corrupt the header. The CLI tests include it too
+//! (`tests/common`), so it names `MetaValue` through its parent module.
 
-use crate::gguf::MetaValue;
+use super::MetaValue;
 use half::f16;
 use std::path::PathBuf;
 
