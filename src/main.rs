@@ -413,7 +413,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &a.model,
                 a.adapter.as_deref(),
                 a.base_precision.unwrap_or(trained_on),
-            )?;
+            )
+            .map_err(|e| match a.base_precision {
+                // the precision came from the adapter: say so, and how to override it
+                None if trained_on != tuna::models::model::BasePrecision::F32 => anyhow::anyhow!(
+                    "{e} (the base precision {trained_on} is the one {}/tuna_task.json records as trained on; \
+                     --base-precision f32 evaluates on an f32 base)",
+                    saved_in.display()
+                ),
+                _ => e.into(),
+            })?;
             let given =
                 |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();
             let labels = tuna::cli::agree(
@@ -458,8 +467,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Replacing an export of the other kind leaves none of its files to be read as this one.
             tuna::cli::remove_other_export(&a.out, a.merged)?;
-            // The task file (class order, verbalizers) travels on.
-            if let Some(t) = tuna::trainer::TaskFile::read(&a.adapter)? {
+            // The task file (class order, verbalizers) travels on; a merged model is a plain f32
+            // folder, so the base precision the adapter trained on does not (eval would ask it of
+            // a folder that has no packed or Q4 weights).
+            if let Some(mut t) = tuna::trainer::TaskFile::read(&a.adapter)? {
+                if a.merged {
+                    t.base_precision = None;
+                }
                 t.write(&a.out)?;
             }
             println!("wrote {}", a.out.display());

@@ -469,6 +469,16 @@ impl RunArgs {
         })?;
         require(!self.device.starts_with("cuda"), || {
             format!("--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32", self.device)
+        })?;
+        // q4 keeps a GGUF's blocks: a Hugging Face folder is refused before anything is created
+        // (whether a .gguf holds Q4 block weights is checked as it opens).
+        let folder = self.model.as_deref().filter(|m| bp == tuna_models::model::BasePrecision::Q4 && m.is_dir());
+        require(folder.is_none(), || {
+            format!(
+                "--base-precision q4 keeps a GGUF file's Q4_0 or Q4_1 weights as they are stored; {} is a Hugging \
+                 Face folder (q4 needs a .gguf; bf16 and int8 work on any model)",
+                folder.map(|m| m.display().to_string()).unwrap_or_default()
+            )
         })
     }
 

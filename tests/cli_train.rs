@@ -335,7 +335,7 @@ fn smollm2_gguf_lora_exports_a_merged_hugging_face_folder() {
 /// `--base-precision q4` on a Q4 GGUF: LoRA trains on the file's own blocks with the loss curve
 /// of the f32 base dequantized at load (the same weights: only the order of f32 sums differs),
 /// `summary.json` says q4, and the adapter evaluates on the q4 base by default.
-fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64) {
+fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64, check_merged: bool) {
     // One line six times: every batch the same, so the loss must fall as LoRA trains.
     let train = d.join("train.jsonl");
     std::fs::write(&train, "{\"text\": \"The cat sat on the mat.\"}\n".repeat(6)).unwrap();
@@ -380,13 +380,28 @@ fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64) {
     let (ld, lq, lf) = (eval(None), eval(Some("q4")), eval(Some("f32")));
     assert_eq!(ld, lq, "eval without the flag did not score on the q4 base the adapter trained on");
     assert!((lq - lf).abs() <= 1e-4 * lf, "eval on the q4 base {lq} vs dequantized at load {lf}");
+    if !check_merged {
+        return;
+    }
+    // A merged export is a plain f32 folder: its task file no longer asks for q4, and it scores
+    // as the adapter on the dequantized base did, without any flag.
+    let merged = d.join("q4-merged");
+    let adapter = q.join("adapter").display().to_string();
+    let m = merged.display().to_string();
+    ok(&tuna(&["export", "--model", &gguf, "--adapter", &adapter, "--out", &m, "--merged"].map(String::from)));
+    let o = tuna(&["eval", "--task", "lm", "--data", &train, "--model", &m].map(String::from));
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lm: f64 =
+        out.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("no loss in: {out}"));
+    assert!((lm - lf).abs() <= 1e-3 * lf, "the merged export scores {lm}, the adapter on an f32 base {lf}");
 }
 
 /// q4 on a tiny Q4_0 GGUF written by the test (always runs).
 #[test]
 fn a_q4_base_trains_like_dequant_at_load_and_evaluates_on_it() {
     let d = tmp("q4-tiny");
-    q4_trains_like_dequant_at_load(&tiny_q4_gguf(&d), &d, 4);
+    q4_trains_like_dequant_at_load(&tiny_q4_gguf(&d), &d, 4, true);
     std::fs::remove_dir_all(&d).unwrap();
 }
 
@@ -402,7 +417,7 @@ fn smollm2_q4_base_trains_like_dequant_at_load() {
         return;
     }
     let d = tmp("smol-q4");
-    q4_trains_like_dequant_at_load(&gguf, &d, 2);
+    q4_trains_like_dequant_at_load(&gguf, &d, 2, false);
     std::fs::remove_dir_all(&d).unwrap();
 }
 
@@ -759,6 +774,28 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
     let out = d.join("refused");
     let err = fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "q4")), "Q4_0 or Q4_1");
     assert!(err.contains(&fixture("llama")) && err.contains("bf16 and int8 work on any model"), "{err}");
+    assert!(!out.exists(), "a refused q4 run made its folder: {err}");
+    // compare too, before any method's folder
+    let cmp = d.join("refused-compare");
+    let a = [
+        "compare",
+        "--model",
+        &fixture("llama"),
+        "--task",
+        "classify",
+        "--train",
+        &train,
+        "--methods",
+        "lora,prompt",
+        "--steps",
+        "1",
+        "--base-precision",
+        "q4",
+        "--out",
+        &cmp.display().to_string(),
+    ];
+    let err = fails(&tuna(&a.map(String::from)), "Q4_0 or Q4_1");
+    assert!(!cmp.exists(), "a refused q4 comparison made its folder: {err}");
     fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "fp8")), "unknown base precision");
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -202,7 +202,9 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         trainable: impl Fn(&str) -> bool + 'static,
         base: BasePrecision,
     ) -> Result<Self> {
-        if base == BasePrecision::Q4 && !src.names().iter().any(|n| src.q4_format(n).is_some()) {
+        // Only a block weight counts (a file whose embedding alone is Q4 is refused before loading).
+        let q4_block = |n: &String| n.contains(".layers.") && src.q4_format(n).is_some();
+        if base == BasePrecision::Q4 && !src.names().iter().any(q4_block) {
             return Err(q4_needs_q4_gguf(src.path()));
         }
         if base != BasePrecision::F32 {
@@ -640,6 +642,14 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
                 "only LoRA merges into the base weights; prompt, prefix and adapter methods stay an adapter folder"
                     .into(),
             ));
+        }
+        // A packed base holds no f32 weights to merge into (and writing it would widen it):
+        // merge from a model opened in f32 (`tuna export --merged` does).
+        let p = self.base_precision();
+        if p != BasePrecision::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "the base weights are held packed ({p}): open the model with an f32 base to merge LoRA into them"
+            )));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
         let host = |t: &Tensor<B, E>| -> Result<crate::io::HostTensor> {

@@ -117,6 +117,24 @@ fn a_packed_weight_is_released_and_cannot_be_read() {
     assert_eq!(f.base_precision(), BasePrecision::F32);
 }
 
+/// LoRA cannot be merged into a packed base (it holds no f32 weights): refused by name, nothing
+/// written; the same adapter merges from an f32 base.
+#[test]
+fn merging_lora_into_a_packed_base_is_refused() {
+    let lora = peft_methods("llama").into_iter().find(|m| matches!(m, Method::Lora(_))).expect("a LoRA method");
+    let dir = std::env::temp_dir().join(format!("tuna-merge-packed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut m = model("llama", &lora);
+    m.set_base_precision(BasePrecision::Int8).unwrap();
+    let e = m.save_merged(&dir).unwrap_err().to_string();
+    assert!(e.contains("packed (int8)") && e.contains("f32 base"), "{e}");
+    assert!(!dir.exists(), "a refused merge wrote {}", dir.display());
+    let f = model("llama", &lora);
+    f.save_merged(&dir).unwrap();
+    assert!(dir.join("config.json").exists() || std::fs::read_dir(&dir).unwrap().next().is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn full_fine_tuning_has_no_frozen_base_to_pack() {
     for arch in ARCHS {

@@ -230,7 +230,13 @@ pub(crate) fn plan<B: Backend>(
         other_policy: (other, ((o2 - o1) / dn).max(0.0)),
         tokens,
         outside_heap: rss.saturating_sub(live),
-        packable: s.model.packable_bytes() as u64,
+        // Suggested only from an f32 base: from q4 (whose other block weights stay f32), bf16 or
+        // int8 would widen every Q4 weight too, so the peak could rise.
+        packable: if cfg.base_precision == tuna_models::model::BasePrecision::F32 {
+            s.model.packable_bytes() as u64
+        } else {
+            0
+        },
     }))
 }
 
