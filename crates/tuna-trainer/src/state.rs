@@ -305,25 +305,29 @@ pub(crate) fn restore_groups<B: Backend>(
     groups: &mut [(&Params<B>, &mut AdamW<B, f32>)],
     step: u64,
 ) -> Result<()> {
-    let read = |bytes: &[u8], what: &str| -> Result<std::collections::BTreeMap<String, io::HostTensor>> {
+    // The files are parsed in place (views into their bytes) and each tensor is decoded only as
+    // it is restored: a full fine-tuning checkpoint is the model three times over (weights and
+    // two moments), and a decoded copy of all of it on top of the bytes tripled a resume's peak.
+    fn read<'a>(dir: &Path, bytes: &'a [u8], what: &str) -> Result<safetensors::SafeTensors<'a>> {
         let bad = |e: String| TrainError::Invalid(format!("{}: {e}", dir.join(what).display()));
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        st.tensors()
-            .into_iter()
-            .map(|(n, v)| {
-                if v.dtype() != safetensors::Dtype::F32 {
-                    return Err(bad(format!("tensor `{n}` is {:?}, not F32", v.dtype())));
-                }
-                let f = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                Ok((n, (v.shape().to_vec(), f)))
-            })
-            .collect()
+        for (n, v) in st.tensors() {
+            if v.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!("tensor `{n}` is {:?}, not F32", v.dtype())));
+            }
+        }
+        Ok(st)
+    }
+    let weights = read(dir, w, TRAINABLE)?;
+    let moments = read(dir, o, OPTIMIZER)?;
+    let decode = |v: safetensors::tensor::TensorView<'_>| -> Vec<f32> {
+        v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     };
-    let weights = read(w, TRAINABLE)?;
-    let moments = read(o, OPTIMIZER)?;
     // Every tensor the checkpoint trained must train now: none is dropped silently.
     let trains = |k: &str| groups.iter().any(|(params, _)| params.iter().any(|(n, _)| n == k));
-    if let Some(extra) = weights.keys().find(|k| !trains(k)) {
+    let mut trained = weights.names();
+    trained.sort();
+    if let Some(extra) = trained.into_iter().find(|k| !trains(k)) {
         return Err(TrainError::Invalid(format!(
             "{}: the checkpoint trains `{extra}`, which this run does not: it is from another method or model",
             dir.join(TRAINABLE).display()
@@ -334,10 +338,11 @@ pub(crate) fn restore_groups<B: Backend>(
         for (n, t) in params.iter() {
             let get = |k: &str| {
                 weights
-                    .get(k)
-                    .or_else(|| moments.get(k))
-                    .filter(|(s, _)| s == t.shape())
-                    .map(|(_, v)| v.clone())
+                    .tensor(k)
+                    .or_else(|_| moments.tensor(k))
+                    .ok()
+                    .filter(|v| v.shape() == t.shape())
+                    .map(decode)
                     .ok_or_else(|| {
                         TrainError::Invalid(format!(
                             "{}: no tensor `{k}` of shape {:?}: the checkpoint is from another method or model",
