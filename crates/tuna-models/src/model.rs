@@ -351,6 +351,25 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         linears.iter().filter(|l| l.is_packable()).map(|l| l.weight.bytes()).sum()
     }
 
+    /// f32 bytes and Q4 bytes of the frozen, not yet packed block linear weights that the model's
+    /// `.gguf` stores as Q4_0 / Q4_1: what `--base-precision q4` would hold as the file's blocks
+    /// instead. `(0, 0)` for a Hugging Face folder, a packed base, or a file that cannot be read.
+    pub fn q4_convertible_bytes(&self) -> (usize, usize) {
+        if !self.source.is_file() {
+            return (0, 0);
+        }
+        let Ok(g) = GgufFile::open(&self.source) else { return (0, 0) };
+        let linears = each!(&self.net, n => Adaptable::linears(n));
+        let mut sum = (0, 0);
+        for l in linears.iter().filter(|l| l.is_packable()) {
+            if let Some(fmt) = g.q4_format(&format!("{}.weight", l.name)) {
+                sum.0 += l.weight.bytes();
+                sum.1 += l.weight.numel() / Q4_BLOCK * fmt.block_bytes();
+            }
+        }
+        sum
+    }
+
     /// The packed weight behind base weight `name` (`<module>.weight`), when it is held packed.
     pub fn packed_weight(&self, name: &str) -> Option<Arc<PackedWeight>> {
         let linears = each!(&self.net, n => Adaptable::linears(n));

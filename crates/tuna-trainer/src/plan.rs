@@ -47,6 +47,9 @@ pub struct MemoryPlan {
     /// f32 bytes of the frozen block weights `--base-precision` could pack (0 when packed already,
     /// or when they train).
     pub packable: u64,
+    /// Bytes `--base-precision q4` would save: the f32 bytes of the block weights the model's
+    /// `.gguf` stores as Q4_0 / Q4_1, less their blocks' bytes (0 for other models).
+    pub q4_saves: u64,
 }
 
 impl MemoryPlan {
@@ -110,6 +113,9 @@ impl MemoryPlan {
             for (flag, less) in [("bf16", self.packable / 2), ("int8", self.packable / 4 * 3)] {
                 out.push((format!("--base-precision {flag}"), self.peak_with(self.tokens, self.per_token, less)));
             }
+        }
+        if self.q4_saves > 0 {
+            out.push(("--base-precision q4".into(), self.peak_with(self.tokens, self.per_token, self.q4_saves)));
         }
         for r in [rows / 2, rows / 4, 1].into_iter().filter(|_| smaller_micro) {
             if r >= 1 && r < rows && !out.iter().any(|(f, _)| f == &format!("--micro-batch {r}")) {
@@ -219,6 +225,7 @@ pub(crate) fn plan<B: Backend>(
     // resident size, or it would count as memory outside the heap on top of the peak.
     tuna_kernels::heap::release_free_memory();
     let rss = crate::export::rss_bytes();
+    let f32_base = cfg.base_precision == tuna_models::model::BasePrecision::F32;
     memory::reset_peak();
     Ok(Some(MemoryPlan {
         before: live + optimizer,
@@ -232,8 +239,10 @@ pub(crate) fn plan<B: Backend>(
         outside_heap: rss.saturating_sub(live),
         // Suggested only from an f32 base: from q4 (whose other block weights stay f32), bf16 or
         // int8 would widen every Q4 weight too, so the peak could rise.
-        packable: if cfg.base_precision == tuna_models::model::BasePrecision::F32 {
-            s.model.packable_bytes() as u64
+        packable: if f32_base { s.model.packable_bytes() as u64 } else { 0 },
+        q4_saves: if f32_base {
+            let (f32_bytes, q4_bytes) = s.model.q4_convertible_bytes();
+            f32_bytes.saturating_sub(q4_bytes) as u64
         } else {
             0
         },
@@ -286,6 +295,7 @@ mod tests {
             tokens: 8 * 1024,
             outside_heap: 50 * MB,
             packable: 0,
+            q4_saves: 0,
         }
     }
 
@@ -317,5 +327,11 @@ mod tests {
         let peak = |f: &str| fixes.iter().find(|(g, _)| g == f).map(|(_, p)| *p);
         assert_eq!(peak("--base-precision bf16"), Some(q.peak() - 200 * MB));
         assert_eq!(peak("--base-precision int8"), Some(q.peak() - 300 * MB));
+        assert_eq!(peak("--base-precision q4"), None, "no Q4 weights in the file: no q4");
+        // A .gguf storing 400 MB (f32) of them as Q4_1 (20 bytes per 32 weights): q4 saves 27/32.
+        let g = MemoryPlan { packable: 400 * MB, q4_saves: 400 * MB / 32 * 27, ..plan() };
+        let fixes = g.fits_with(&cfg, u64::MAX);
+        let peak = |f: &str| fixes.iter().find(|(g, _)| g == f).map(|(_, p)| *p);
+        assert_eq!(peak("--base-precision q4"), Some(g.peak() - 400 * MB / 32 * 27));
     }
 }

@@ -109,6 +109,9 @@ fn q4_keeps_the_blocks_and_computes_what_dequant_at_load_does() {
         assert_eq!(packed * 128, full * block_bytes, "type {ty}");
         // Nothing left to pack; the f32 ones are the layers the file did not hold in Q4.
         assert_eq!(q.packable_bytes(), HIDDEN * FFN * 4);
+        // What the memory plan offers the f32 model: exactly the weights q4 holds as blocks.
+        assert_eq!(f.q4_convertible_bytes(), (full, packed), "type {ty}");
+        assert_eq!(q.q4_convertible_bytes(), (0, 0), "type {ty}: packed already");
 
         let ids = [1u32, 13, 14, 5, 8, 4, 9, 2];
         let (a, b) = (logits(&f, &ids), logits(&q, &ids));
@@ -172,6 +175,7 @@ fn smollm2_q4_matches_dequant_at_load() {
     assert!(n > 0);
     // Q4_1 throughout the blocks: exactly 20 / 128 = 5 / 32.
     assert_eq!(packed * 32, full * 5);
+    assert_eq!(f.q4_convertible_bytes(), (full, packed));
     let ids = q.encode_plain("<|im_start|>user\nWhat is the capital of France?<|im_end|>").unwrap();
     let (a, b) = (logits(&f, &ids), logits(&q, &ids));
     let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
