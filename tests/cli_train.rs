@@ -293,18 +293,24 @@ fn bert_classification_head_travels_with_the_export() {
     assert!(o.status.success() && s.contains("accuracy"), "{s} {}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The SmolLM2 Q4_1 GGUF asset, or `None` with test `name` noted as skipped (the asset comes from
+/// scripts/fetch-assets.sh).
+fn smollm2_gguf_or_skip(name: &str) -> Option<std::path::PathBuf> {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(".assets/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        tuna_kernels::testing::note_skip(name, "asset absent (scripts/fetch-assets.sh)");
+        return None;
+    }
+    Some(gguf)
+}
+
 /// LoRA on the real SmolLM2 GGUF (asset): a merged export is a Hugging Face folder (config and
 /// tokenizer written from the GGUF) that evaluates like base + adapter.
 #[test]
 fn smollm2_gguf_lora_exports_a_merged_hugging_face_folder() {
-    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(".assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        tuna_kernels::testing::note_skip(
-            "cli_train::smollm2_gguf_lora_exports_a_merged_hugging_face_folder",
-            "asset absent (scripts/fetch-assets.sh)",
-        );
+    let Some(gguf) = smollm2_gguf_or_skip("cli_train::smollm2_gguf_lora_exports_a_merged_hugging_face_folder") else {
         return;
-    }
+    };
     let d = tmp("smol");
     let train = data(&d, "train.jsonl", 4, false);
     let out = d.join("run");
@@ -408,14 +414,7 @@ fn a_q4_base_trains_like_dequant_at_load_and_evaluates_on_it() {
 /// q4 on the real SmolLM2 Q4_1 GGUF (asset; skipped by name when absent).
 #[test]
 fn smollm2_q4_base_trains_like_dequant_at_load() {
-    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(".assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        tuna_kernels::testing::note_skip(
-            "cli_train::smollm2_q4_base_trains_like_dequant_at_load",
-            "asset absent (scripts/fetch-assets.sh)",
-        );
-        return;
-    }
+    let Some(gguf) = smollm2_gguf_or_skip("cli_train::smollm2_q4_base_trains_like_dequant_at_load") else { return };
     let d = tmp("smol-q4");
     q4_trains_like_dequant_at_load(&gguf, &d, 2, false);
     std::fs::remove_dir_all(&d).unwrap();
