@@ -408,6 +408,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}: tuna_task.json: base_precision: {e}", saved_in.display()))?,
                 None => tuna::models::model::BasePrecision::F32,
             };
+            if let Some(p) = a.base_precision.filter(|&p| p != trained_on && saved.is_some()) {
+                // Allowed (an adapter may be scored on another base), but the numbers will not be
+                // the ones its run reported.
+                eprintln!(
+                    "note: --base-precision {p}: the adapter was trained on a {trained_on} base ({}/tuna_task.json)",
+                    saved_in.display()
+                );
+            }
             let m = tuna::models::model::AnyModel::open_adapted_with(
                 &Arc::new(Cpu),
                 &a.model,
@@ -453,10 +461,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => {
             // Where the export goes, checked before any work: one writer at a time (the lock is
             // taken first, so two exports cannot both find the folder empty), never the base
-            // model's folder (or the adapter's), a non-empty folder only with --overwrite.
+            // model's folder (or the adapter's), a non-empty folder only with --overwrite. The
+            // folder itself is locked: no lock file travels with the export.
             tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
             tuna::trainer::run_dir::refuse_export_into_run(&a.out)?;
-            let _lock = tuna::trainer::lock(&a.out)?;
+            let _lock = tuna::trainer::run_dir::lock_folder(&a.out)?;
             tuna::cli::check_export_empty(&a.out, a.overwrite)?;
             let m =
                 tuna::models::model::AnyModel::<Cpu, f32>::open_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;

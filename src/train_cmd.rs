@@ -613,7 +613,7 @@ impl RunArgs {
         let f32_ok = |v: f64| (v as f32).is_finite();
         // A rate that rounds to zero in f32 would train nothing.
         require(f32_ok(lr) && lr as f32 > 0.0, || {
-            format!("--lr {lr:e}: expected a positive number from 1.5e-45 to 3.4e38 (an f32)")
+            format!("--lr {}: expected a positive number from 1.5e-45 to 3.4e38 (an f32)", show_number(lr))
         })?;
         let r = self.min_lr_ratio;
         require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {r}: expected 0 to 1"))?;
@@ -798,6 +798,16 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     s
 }
 
+/// `v` as a user would write it: plain (`0`, `0.001`, `-3`) from 1e-4 to 1e6, else in exponent
+/// form (`1e-45`, `3.5e38`), never Rust's `0e0`.
+pub fn show_number(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() || (1e-4..1e6).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,5 +822,14 @@ mod tests {
         assert_eq!((default_lr(&prefix, false), default_lr(&prefix, true)), (3e-2, 9e-3));
         let houlsby = Method::Houlsby { bottleneck: 32 };
         assert_eq!((default_lr(&houlsby, false), default_lr(&houlsby, true)), (3e-3, 1e-3));
+    }
+
+    #[test]
+    fn numbers_are_echoed_as_written() {
+        for (v, want) in
+            [(0.0, "0"), (1e-3, "0.001"), (2.5, "2.5"), (1e-300, "1e-300"), (3.5e38, "3.5e38"), (-1e-9, "-1e-9")]
+        {
+            assert_eq!(show_number(v), want);
+        }
     }
 }

@@ -152,8 +152,16 @@ fn export_never_overwrites_the_base_model_or_a_folder_unasked() {
     ok(&export(&dest.display().to_string(), &["--merged", "--overwrite"]));
     assert!(dest.join("model.safetensors").exists());
     assert_eq!(std::fs::read_to_string(dest.join("keep.txt")).unwrap(), "x");
-    // An empty or missing folder needs nothing.
-    ok(&export(&d.join("fresh").display().to_string(), &[]));
+    // An empty or missing folder needs nothing; the export carries no lock file (the folder
+    // itself was locked), only what PEFT reads and the task file.
+    let fresh = d.join("fresh");
+    ok(&export(&fresh.display().to_string(), &[]));
+    assert!(!fresh.join(".tuna.lock").exists());
+    assert!(!dest.join(".tuna.lock").exists());
+    // A refused export leaves no folder it made.
+    let none = d.join("never");
+    fails(&export(&none.display().to_string(), &["--adapter", &base]), "");
+    assert!(!none.exists(), "a refused export left {}", none.display());
 }
 
 #[test]
@@ -335,7 +343,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 22] = [
+    let cases: [(&[(&str, &str)], &str); 23] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
@@ -350,7 +358,8 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--method", "ptuning"), ("--ptuning-hidden", "0")], "--ptuning-hidden 0: expected at least 1"),
         (&[("--method", "ptuning"), ("--ptuning-encoder", "gru")], "--ptuning-encoder gru: expected mlp or lstm"),
         (&[("--ptuning-encoder", "lstm")], "--ptuning-encoder applies to ptuning only; --method lora would ignore it"),
-        (&[("--lr", "-1")], "--lr -1"),
+        (&[("--lr", "-1")], "--lr -1: expected"),
+        (&[("--lr", "0")], "--lr 0: expected a positive number"),
         (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
         (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.5e-45"),
         (&[("--holdout", "2"), ("--max-eval-examples", "3")], "--holdout 2 evaluates on the last 2 training examples"),

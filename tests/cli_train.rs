@@ -685,6 +685,23 @@ fn a_missing_model_is_refused_before_the_output_folder_is_made() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// A run refused after it took its output folder (data found malformed while loading) leaves
+/// no folder and no lock file behind; a folder that was there stays, as empty as it was.
+#[test]
+fn a_run_refused_while_loading_leaves_no_output_folder() {
+    let d = tmp("refused-loading");
+    let bad = d.join("bad.jsonl");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(&bad, "{\"text\": \"ok\"}\n{\"text\": \"broken\n").unwrap();
+    let out = d.join("run");
+    fails(&tuna(&train_args(&out, &bad.display().to_string(), 2, &[])), "bad.jsonl:2:");
+    assert!(!out.exists(), "a refused run left {}", out.display());
+    std::fs::create_dir_all(&out).unwrap();
+    fails(&tuna(&train_args(&out, &bad.display().to_string(), 2, &[])), "bad.jsonl:2:");
+    assert!(std::fs::read_dir(&out).unwrap().next().is_none(), "a refused run wrote into {}", out.display());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// `--base-precision bf16|int8`: LoRA trains on a packed frozen base, its loss curve close to the
 /// f32 base's; a resume keeps the precision (a switch is refused by name); full fine-tuning and a
 /// CUDA device are refused before anything is written.
@@ -720,6 +737,10 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
         a.extend(p.map(|p| ["--base-precision".to_string(), p.to_string()]).into_iter().flatten());
         let o = tuna(&a);
         ok(&o);
+        // Scoring on another base than the one trained on is allowed, and said.
+        let err = String::from_utf8_lossy(&o.stderr);
+        let noted = err.contains("note: --base-precision f32: the adapter was trained on a bf16 base");
+        assert_eq!(noted, p == Some("f32"), "{p:?}: {err}");
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         out.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("no loss in: {out}"))
     };

@@ -31,10 +31,63 @@ pub enum OutMode {
 }
 
 /// An exclusive advisory lock on a folder, held until dropped (or the process ends, however it ends).
+/// Dropped while the folder holds nothing but what the lock made (a run refused before it wrote
+/// anything), the lock leaves no trace: its lock file is removed, and the folder too if the lock
+/// created it.
 #[derive(Debug)]
 pub struct FolderLock {
     _file: File,
+    /// The lock file (the folder itself for [`lock_folder`]).
     pub path: PathBuf,
+    dir: PathBuf,
+    made_dir: bool,
+    made_file: bool,
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        // Still holding the lock: nobody else can have started writing here.
+        let only_ours = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().all(|e| self.made_file && e.file_name() == LOCK_FILE))
+            .unwrap_or(false);
+        if !only_ours {
+            return;
+        }
+        if self.made_file {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        if self.made_dir {
+            // Fails, harmlessly, if anything appeared meanwhile.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// Create `dir` if needed (whether this call created it), refusing a path that is not a folder.
+fn make_dir(dir: &Path) -> Result<bool> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(TrainError::Invalid(format!("{}: not a folder", dir.display())));
+    }
+    let made = !dir.exists();
+    std::fs::create_dir_all(dir).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
+    Ok(made)
+}
+
+/// Lock the folder `dir` itself (created if needed) for a writer that leaves no lock file behind:
+/// `tuna export`, whose folder is handed to other tools as it is. Another holder is an error (the
+/// folder's lock carries no PID). Same release rules as [`lock`].
+pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
+    let made_dir = make_dir(dir)?;
+    let io = |source| TrainError::Io { path: dir.to_path_buf(), source };
+    let file = File::open(dir).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(TrainError::Locked { dir: dir.to_path_buf(), holder: "another process".into() })
+        }
+        Err(TryLockError::Error(e)) => return Err(io(e)),
+    }
+    Ok(FolderLock { _file: file, path: dir.to_path_buf(), dir: dir.to_path_buf(), made_dir, made_file: false })
 }
 
 /// Lock `dir` (created if needed) for this process. Another holder (another `tuna` writing the same
@@ -45,17 +98,27 @@ pub fn lock(dir: &Path) -> Result<FolderLock> {
         let p = p.to_path_buf();
         move |source| TrainError::Io { path: p, source }
     };
-    if dir.exists() && !dir.is_dir() {
-        return Err(TrainError::Invalid(format!("{}: not a folder", dir.display())));
-    }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let made_dir = make_dir(dir)?;
     let path = dir.join(LOCK_FILE);
     if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
         // Never write a PID through a link into someone else's file.
         return Err(TrainError::Invalid(format!("{}: not a plain file (a link?): remove it", path.display())));
     }
-    let mut file =
-        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+    let open = |create_new: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if create_new {
+            o.create_new(true);
+        } else {
+            o.create(true).truncate(false);
+        }
+        o.open(&path)
+    };
+    let (mut file, made_file) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (open(false).map_err(io(&path))?, false),
+        Err(e) => return Err(io(&path)(e)),
+    };
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -72,7 +135,7 @@ pub fn lock(dir: &Path) -> Result<FolderLock> {
         file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
         file.flush()
     });
-    Ok(FolderLock { _file: file, path })
+    Ok(FolderLock { _file: file, path, dir: dir.to_path_buf(), made_dir, made_file })
 }
 
 /// The outputs of an earlier run that `dir` holds (names from [`RUN_OUTPUTS`]), empty for a fresh
@@ -295,6 +358,46 @@ mod tests {
         assert!(err.contains(&d.display().to_string()), "{err}");
         drop(first);
         lock(&d).unwrap();
+    }
+
+    #[test]
+    fn a_lock_dropped_before_anything_was_written_leaves_no_trace() {
+        let parent = tmp("trace");
+        // A folder the lock made: gone again.
+        let d = parent.join("new");
+        drop(lock(&d).unwrap());
+        assert!(!d.exists());
+        // A folder that was there (empty): left as it was, without the lock file.
+        std::fs::create_dir_all(&d).unwrap();
+        drop(lock(&d).unwrap());
+        assert!(d.is_dir() && std::fs::read_dir(&d).unwrap().next().is_none());
+        // Once a run wrote something, the folder and its lock file stay.
+        let l = lock(&d).unwrap();
+        std::fs::write(d.join("metrics.jsonl"), b"{}\n").unwrap();
+        drop(l);
+        assert!(d.join(LOCK_FILE).is_file());
+        // A lock file from an earlier run stays too.
+        std::fs::remove_file(d.join("metrics.jsonl")).unwrap();
+        drop(lock(&d).unwrap());
+        assert!(d.join(LOCK_FILE).is_file());
+    }
+
+    #[test]
+    fn a_folder_lock_writes_no_file_and_refuses_a_second_holder() {
+        let parent = tmp("folder-lock");
+        let d = parent.join("export");
+        let first = lock_folder(&d).unwrap();
+        let err = lock_folder(&d).unwrap_err().to_string();
+        assert!(err.contains("in use by another process"), "{err}");
+        std::fs::write(d.join("adapter_config.json"), b"{}").unwrap();
+        drop(first);
+        let names: Vec<_> = std::fs::read_dir(&d).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["adapter_config.json"]);
+        // Freed on drop; a folder it made and nothing was written to is removed.
+        drop(lock_folder(&d).unwrap());
+        let e = parent.join("empty");
+        drop(lock_folder(&e).unwrap());
+        assert!(!e.exists());
     }
 
     #[test]
