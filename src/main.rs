@@ -252,6 +252,13 @@ fn device(s: &str) -> anyhow::Result<Device> {
     Device::parse(s).map_err(|e| anyhow::anyhow!(e))
 }
 
+/// CUDA device `n`, its f32 products in TF32 when `tf32` (`--tf32`).
+fn cuda(n: usize, tf32: bool) -> anyhow::Result<Arc<Cuda>> {
+    let dev = Cuda::new(n)?;
+    dev.set_tf32(tf32);
+    Ok(Arc::new(dev))
+}
+
 /// Every allocation counted, so a run reports the heap it held (the memory plan, the summary).
 #[global_allocator]
 static HEAP: tuna::trainer::memory::Counting = tuna::trainer::memory::Counting;
@@ -359,7 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
             let summary = match device(&run.device)? {
                 Device::Cpu => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
-                Device::Cuda(n) => tuna::trainer::train_multi(&Arc::new(Cuda::new(n)?), &cfg)?,
+                Device::Cuda(n) => tuna::trainer::train_multi(&cuda(n, run.tf32)?, &cfg)?,
             };
             tuna::train_cmd::print_multi_summary(&summary);
         }
@@ -370,7 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = a.run.baseline(&a.method_args)?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::prompt_engineered(&Arc::new(Cpu), &cfg)?,
-                Device::Cuda(n) => tuna::trainer::prompt_engineered(&Arc::new(Cuda::new(n)?), &cfg)?,
+                Device::Cuda(n) => tuna::trainer::prompt_engineered(&cuda(n, a.run.tf32)?, &cfg)?,
             };
             tuna::train_cmd::print_summary(&summary);
         }
@@ -383,7 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = a.run.config(method, a.method_args.init_text(&name))?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
-                Device::Cuda(n) => tuna::trainer::train(&Arc::new(Cuda::new(n)?), &cfg)?,
+                Device::Cuda(n) => tuna::trainer::train(&cuda(n, a.run.tf32)?, &cfg)?,
             };
             tuna::train_cmd::print_summary(&summary);
         }
@@ -503,7 +510,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let p = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::profile(&Arc::new(Cpu), &cfg, a.warmup_steps, a.profile_steps)?,
                 Device::Cuda(n) => {
-                    tuna::trainer::profile(&Arc::new(Cuda::new(n)?), &cfg, a.warmup_steps, a.profile_steps)?
+                    tuna::trainer::profile(&cuda(n, a.run.tf32)?, &cfg, a.warmup_steps, a.profile_steps)?
                 }
             };
             print!("{}", tuna::train_cmd::profile_table(&p));

@@ -448,6 +448,10 @@ pub struct RunArgs {
     /// cpu, cuda or cuda:N (CUDA training is f32, tested on the emulated CUDA device but not yet on a GPU: see the README).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// On CUDA: f32 matrix products on the tensor cores in TF32 (each operand rounded to 10
+    /// mantissa bits, the sums in f32; what PyTorch calls allow_tf32). Off: f32 throughout.
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl RunArgs {
@@ -587,6 +591,9 @@ impl RunArgs {
 
     /// Every numeric flag in its range (`lr`: the learning rate in force, given or default).
     pub fn check_ranges(&self, lr: f64) -> Result<()> {
+        require(!self.tf32 || self.device.starts_with("cuda"), || {
+            format!("--tf32 applies to CUDA's matrix products; --device {} has no TF32", self.device)
+        })?;
         let at_least_1 = |flag: &str, v: u64| require(v >= 1, || format!("{flag} {v}: expected at least 1"));
         let in_range = |flag: &str, v: u64, max: u64| {
             require((1..=max).contains(&v), || format!("{flag} {v}: expected 1 to {max}"))

@@ -343,7 +343,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 23] = [
+    let cases: [(&[(&str, &str)], &str); 24] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
@@ -360,6 +360,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--ptuning-encoder", "lstm")], "--ptuning-encoder applies to ptuning only; --method lora would ignore it"),
         (&[("--lr", "-1")], "--lr -1: expected"),
         (&[("--lr", "0")], "--lr 0: expected a positive number"),
+        (&[("--tf32", "")], "--tf32 applies to CUDA's matrix products; --device cpu has no TF32"),
         (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
         (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.5e-45"),
         (&[("--holdout", "2"), ("--max-eval-examples", "3")], "--holdout 2 evaluates on the last 2 training examples"),
@@ -374,9 +375,12 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--method", "prompt"), ("--prompt-init", "labels"), ("--task", "lm")], "it needs --task classify (not lm)"),
     ];
     for (flags, needle) in cases {
-        // A negative value is given as `--flag=-1` (clap reads a separate `-1` as a flag).
+        // A negative value is given as `--flag=-1` (clap reads a separate `-1` as a flag); an
+        // empty one is a switch given alone.
         let a = flags.iter().fold(cls.clone(), |a, (f, v)| {
-            if v.starts_with('-') {
+            if v.is_empty() {
+                [a, vec![f.to_string()]].concat()
+            } else if v.starts_with('-') {
                 let mut a = a;
                 if let Some(i) = a.iter().position(|x| x == f) {
                     a.drain(i..i + 2);

@@ -685,6 +685,31 @@ fn a_missing_model_is_refused_before_the_output_folder_is_made() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// `--tf32` reaches the device's products: `tuna train --device cuda --tf32` (the emulated device
+/// in the test command) logs other losses than the same run in f32, close to them. Skips by name
+/// where this binary has no CUDA device.
+#[test]
+fn tf32_reaches_the_cuda_products() {
+    if tuna_kernels::testing::cuda_or_skip("cli_train::tf32_reaches_the_cuda_products").is_none() {
+        return;
+    }
+    let d = tmp("tf32");
+    let train = data(&d, "train.jsonl", 8, false);
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.join(name);
+        let a = set(train_args(&out, &train, 3, extra), "--device", "cuda");
+        ok(&tuna(&a));
+        train_losses(&out)
+    };
+    let (f, t) = (run("f32", &[]), run("tf32", &["--tf32"]));
+    assert_eq!((f.len(), t.len()), (3, 3));
+    assert_ne!(f, t, "--tf32 changed nothing");
+    for (a, b) in f.iter().zip(&t) {
+        assert!((a - b).abs() <= 2e-3 * a.abs().max(1.0), "f32 {f:?} vs tf32 {t:?}");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// A run refused after it took its output folder (data found malformed while loading) leaves
 /// no folder and no lock file behind; a folder that was there stays, as empty as it was.
 #[test]

@@ -156,10 +156,18 @@ def main():
                     help="bf16: forward and loss under torch.autocast(dtype=bfloat16); weights stay f32")
     ap.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
                     help="PyTorch AdamW implementation (default: PyTorch's choice, the for-loop one on CPU)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: f32 matmuls on the tensor cores in TF32 (torch.backends.cuda.matmul.allow_tf32), "
+                         "the peer of tuna's --tf32")
     ap.add_argument("--profile-ops", action="store_true",
                     help="also run torch.profiler over the measured steps and print its per-op table (self CPU "
                          "time, top 20) to stderr: the peer of `tuna profile`")
     args = ap.parse_args()
+    if args.tf32 and args.device != "cuda":
+        ap.error("--tf32 needs --device cuda")
+    # Explicitly either way: PyTorch's default for matmuls has changed between releases.
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     precision = "bf16-autocast" if args.autocast == "bf16" else "f32"
@@ -223,7 +231,7 @@ def main():
         "peak_rss_mb": round(peak_rss_mb(), 1), "trainable": sum(p.numel() for p in params),
         "threads": torch.get_num_threads(), "loss": round(loss.item(), 5),
         "attn": "sdpa", "adamw": args.adamw, "precision": precision, "device": args.device,
-        "grad_ckpt": args.grad_ckpt, "profiled": prof is not None,
+        "grad_ckpt": args.grad_ckpt, "profiled": prof is not None, "tf32": args.tf32,
     }))
 
 

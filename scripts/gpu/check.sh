@@ -120,11 +120,16 @@ STEPS+=("bench-attention-sdpa|40|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.
 STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.py" "$out/bench.log" "$out/bench.log")")
 # Training steps of a GPT-2-small-shaped model (random weights), 8 x 1024 tokens, tuna against
 # PyTorch + PEFT eager (f32 on both sides): full fine-tuning, and prompt tuning at 8 x 1004 (the 20
-# virtual tokens fill the 1024 learned positions). JSON lines into train.log, then the table.
-for m in "full|1024" "prompt|1004"; do
-  IFS='|' read -r meth seq <<<"$m"
-  STEPS+=("bench-train-tuna-$meth|40|train.log|$(q "$bundle/bin/train_step" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2)")
-  STEPS+=("bench-train-peft-$meth|40|train.log|$(q "$PY" "$bundle/scripts/train_step.py" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2)")
+# virtual tokens fill the 1024 learned positions); then full fine-tuning with TF32 matmuls on both
+# sides (`--tf32`; shorter caps, to keep the plan inside one device call). JSON lines into
+# train.log, then the table.
+for m in "full|1024|40|" "prompt|1004|40|" "full|1024|30|--tf32"; do
+  IFS='|' read -r meth seq cap tf <<<"$m"
+  sfx=${tf:+-tf32}
+  # shellcheck disable=SC2086 # $tf is empty or one switch
+  STEPS+=("bench-train-tuna-$meth$sfx|$cap|train.log|$(q "$bundle/bin/train_step" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2 $tf)")
+  # shellcheck disable=SC2086
+  STEPS+=("bench-train-peft-$meth$sfx|$cap|train.log|$(q "$PY" "$bundle/scripts/train_step.py" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2 $tf)")
 done
 STEPS+=("train-table|10|train.md|$(q "$PY" "$bundle/scripts/train_table.py" "$out/train.log")")
 fi

@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo bench -p tuna-models --bench train_step -- --model minilm --method lora
 //! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S] [--device cpu|cuda]
-//! [--base-precision f32|bf16|int8]`.
+//! [--base-precision f32|bf16|int8] [--tf32]` (`--tf32`: CUDA's f32 products in TF32).
 //! `--model gpt2` is GPT-2 small (the GPU check's training-step shape, `--device cuda`).
 //!
 //! MiniLM is a sequence classifier (mean-pooled encoder output, a trainable 2-class linear head,
@@ -49,6 +49,7 @@ struct Args {
     /// `--profile-ops`: per-op times of the timed steps on stderr (tuna_autograd::stats), the
     /// peer of train_step.py's torch.profiler table on the same workload.
     profile_ops: bool,
+    tf32: bool,
 }
 
 fn parse_args() -> Res<Args> {
@@ -64,6 +65,7 @@ fn parse_args() -> Res<Args> {
         device: "cpu".into(),
         base_precision: BasePrecision::F32,
         profile_ops: false,
+        tf32: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -72,6 +74,10 @@ fn parse_args() -> Res<Args> {
         }
         if k == "--profile-ops" {
             a.profile_ops = true;
+            continue;
+        }
+        if k == "--tf32" {
+            a.tf32 = true;
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
@@ -381,9 +387,16 @@ fn main() -> Res<()> {
     // a training binary: freed activation buffers stay in the heap for the next step
     tuna_kernels::heap::keep_freed_memory();
     let a = parse_args()?;
+    if a.tf32 && a.device != "cuda" {
+        return Err("--tf32 needs --device cuda".into());
+    }
     match a.device.as_str() {
         "cpu" => run(&a, &Arc::new(Cpu)),
-        "cuda" => run(&a, &Arc::new(Cuda::new(0)?)),
+        "cuda" => {
+            let dev = Cuda::new(0)?;
+            dev.set_tf32(a.tf32);
+            run(&a, &Arc::new(dev))
+        }
         other => Err(format!("unknown device {other} (cpu|cuda)").into()),
     }
 }
@@ -441,7 +454,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
     println!(
         "{{\"side\":\"tuna\",\"model\":\"{}\",\"method\":\"{}\",\"layers\":{layers},\"batch\":{},\"seq\":{},\"steps\":{},\
 \"tokens_per_s\":{:.1},\"step_ms\":{:.2},\"fwd_ms\":{:.2},\"bwd_ms\":{:.2},\"opt_ms\":{:.2},\"peak_rss_mb\":{:.1},\
-\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"loss\":{last_loss:.5}}}",
+\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"tf32\":{},\"loss\":{last_loss:.5}}}",
         a.model,
         a.method,
         a.batch,
@@ -456,6 +469,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
         rayon::current_num_threads(),
         a.device,
         a.base_precision,
+        a.tf32,
     );
     Ok(())
 }

@@ -116,6 +116,34 @@ fn every_method_trains_on_cuda_like_on_the_cpu() {
     }
 }
 
+/// `--tf32` (`Cuda::set_tf32`): full fine-tuning and LoRA on the tiny Llama with f32 products in
+/// TF32 follow the f32 CUDA run's losses to TF32's precision (operands rounded to 2^-11 relative:
+/// products off by ~1e-3 relative at worst, the loss by far less after averaging), and are not
+/// f32's bit for bit (the flag took effect).
+#[test]
+fn tf32_training_follows_f32_to_its_precision() {
+    let Some(_) = cuda_or_skip("tuna-trainer::tf32_training_follows_f32_to_its_precision") else { return };
+    let tol = Tol::new("TF32 vs f32 CUDA training losses, 3 steps", 2e-3, 2e-3);
+    let lora =
+        Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into()] });
+    for m in [Method::Full { patterns: vec![] }, lora] {
+        let base = std::env::temp_dir().join(format!("tuna-cuda-tf32-{}-{}", std::process::id(), m.name()));
+        let run = |tf32: bool| {
+            // A device of its own per run: the flag belongs to the device.
+            let dev = tuna_kernels::Cuda::new(0).unwrap();
+            dev.set_tf32(tf32);
+            let d = base.join(if tf32 { "tf32" } else { "f32" });
+            std::fs::create_dir_all(&d).unwrap();
+            tuna_trainer::train(&Arc::new(dev), &config("llama", m.clone(), &d)).unwrap();
+            losses(&d)
+        };
+        let (f, t) = (run(false), run(true));
+        tol.assert_close(&format!("llama {}", m.name()), &t, &f);
+        assert_ne!(t, f, "llama {}: TF32 gave f32's losses exactly", m.name());
+        std::fs::remove_dir_all(&base).ok();
+    }
+}
+
 /// A multi-task run (a soft prompt and a LoRA on the tiny Llama, lm; a LoRA and Houlsby adapters
 /// on BERT, classify) on CUDA: the mixed batches' per-task training and eval losses as on the CPU.
 #[test]

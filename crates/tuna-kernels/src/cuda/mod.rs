@@ -129,6 +129,8 @@ pub struct Cuda {
     name: String,
     /// The most dynamic shared memory one block may opt in to, in bytes.
     max_dyn_smem: u32,
+    /// Whether f32 products may run on the tensor cores in TF32 ([`Cuda::set_tf32`]).
+    tf32: std::sync::atomic::AtomicBool,
     layer: Layer,
 }
 
@@ -181,7 +183,14 @@ impl Cuda {
         let optin = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let max_dyn_smem = ctx.attribute(optin).map_or(DEFAULT_DYN_SMEM, |b| (b.max(0) as u32).max(DEFAULT_DYN_SMEM));
         let real = Real { ctx, stream, modules: Mutex::default(), functions: Mutex::default(), blas: OnceLock::new() };
-        Ok(Cuda { ordinal, arch: (ma * 10 + mi) as u32, name, max_dyn_smem, layer: Layer::Real(real) })
+        Ok(Cuda {
+            ordinal,
+            arch: (ma * 10 + mi) as u32,
+            name,
+            max_dyn_smem,
+            tf32: false.into(),
+            layer: Layer::Real(real),
+        })
     }
 
     /// The emulated device: host memory, the kernels compiled as host C++ (one fiber per CUDA
@@ -191,7 +200,8 @@ impl Cuda {
         #[cfg(feature = "emulator")]
         {
             let max_dyn_smem = 227 * 1024; // sm_90's
-            Ok(Cuda { ordinal: 0, arch: 90, name: "emulated on the CPU".into(), max_dyn_smem, layer: Layer::Emu })
+            let name = "emulated on the CPU".into();
+            Ok(Cuda { ordinal: 0, arch: 90, name, max_dyn_smem, tf32: false.into(), layer: Layer::Emu })
         }
         #[cfg(not(feature = "emulator"))]
         {
@@ -199,6 +209,20 @@ impl Cuda {
                 "{EMULATE_ENV} is set but this build has no emulated device (build with the `emulator` feature)"
             )))
         }
+    }
+
+    /// Let products of f32 operands run on the tensor cores in TF32 (cuBLAS
+    /// `CUBLAS_COMPUTE_32F_FAST_TF32`: each operand rounded to 10 mantissa bits, products summed
+    /// in f32), or not (the default: `CUBLAS_COMPUTE_32F`, f32 throughout). bf16 operands are not
+    /// affected. The emulated device rounds the operands the same way (to nearest, ties to even)
+    /// before its f32 product. What PyTorch calls `allow_tf32`.
+    pub fn set_tf32(&self, on: bool) {
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether f32 products run in TF32 ([`Cuda::set_tf32`]).
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether this is the emulated device.

@@ -1,7 +1,8 @@
 //! Matmul on CUDA through cuBLAS `cublasGemmEx`: f32 or bf16 operands, f32 or E output, fp32
-//! compute (`CUBLAS_COMPUTE_32F`, no TF32, so f32 results track the CPU closely). On the emulated
-//! device the same product runs on the CPU in f32 (the operands widened, the result rounded to
-//! the output type once, as cuBLAS does).
+//! compute (`CUBLAS_COMPUTE_32F`, no TF32 unless [`Cuda::set_tf32`] asks for it, so f32 results
+//! track the CPU closely). On the emulated device the same product runs on the CPU in f32 (the
+//! operands widened, TF32 operands rounded to 10 mantissa bits first, the result rounded to the
+//! output type once, as cuBLAS does).
 
 use super::{check, check_bwd, pick, MatmulKernel, MatmulParams, View};
 use crate::backend::Elem;
@@ -49,9 +50,15 @@ impl Cuda {
             return Err(Error::Invalid { op: "matmul", msg: format!("dimension over i32 in {m}x{n}x{k}") });
         }
         let (tx, td) = (dtype::<X>(self)?, dtype::<D>(self)?);
+        let tf32 = self.tf32() && X::NAME == "f32";
         if self.is_emulated() {
-            return emulated_gemm(dst, x, y, alpha, accumulate);
+            return emulated_gemm(dst, x, y, alpha, accumulate, tf32);
         }
+        let compute = if tf32 {
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
         let (op_y, ld_y) = op_ld(y.1);
         let (op_x, ld_x) = op_ld(x.1);
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
@@ -86,7 +93,7 @@ impl Cuda {
                 pd as *mut _,
                 td,
                 n as i32,
-                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
@@ -97,17 +104,32 @@ impl Cuda {
     }
 }
 
-/// The emulated device's product: `dst = alpha * x y (+ dst)` in f32 on the host.
+/// `x` rounded to TF32 (8 exponent bits, 10 mantissa bits: the low 13 bits of an f32's mantissa
+/// dropped, to nearest, ties to even); infinities and NaN pass unchanged.
+pub(crate) fn round_tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    let b = x.to_bits();
+    let lsb = (b >> 13) & 1;
+    f32::from_bits(b.wrapping_add(0xfff + lsb) & !0x1fff)
+}
+
+/// The emulated device's product: `dst = alpha * x y (+ dst)` in f32 on the host (the operands
+/// rounded to TF32 first when `tf32`).
 fn emulated_gemm<X: CudaElem, D: CudaElem>(
     dst: &mut CudaBuf<D>,
     x: (&CudaBuf<X>, View),
     y: (&CudaBuf<X>, View),
     alpha: f32,
     accumulate: bool,
+    tf32: bool,
 ) -> Result<()> {
     let on_host = || Error::Invalid { op: "matmul", msg: "a real device's buffer given to the emulated one".into() };
-    let widen =
-        |b: &CudaBuf<X>| b.host().map(|h| h.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()).ok_or_else(on_host);
+    let round = |v: f32| if tf32 { round_tf32(v) } else { v };
+    let widen = |b: &CudaBuf<X>| {
+        b.host().map(|h| h.iter().map(|v| round(v.to_f32())).collect::<Vec<f32>>()).ok_or_else(on_host)
+    };
     let (xf, yf) = (widen(x.0)?, widen(y.0)?);
     let out = dst.host_mut().ok_or_else(on_host)?;
     let mut acc: Vec<f32> = if accumulate { out.iter().map(|v| v.to_f32()).collect() } else { vec![0.0; out.len()] };

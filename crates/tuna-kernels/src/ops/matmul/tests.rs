@@ -328,3 +328,102 @@ fn cuda_rejects_integer_elements() {
     let e = MatmulKernel::<u8>::matmul_fwd(&*dev, &p, &a, &b, &mut c).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }
+
+#[test]
+fn tf32_rounding_keeps_10_mantissa_bits_to_nearest_even() {
+    use super::cuda::round_tf32;
+    let one = 1.0f32;
+    let ulp = f32::from_bits(one.to_bits() + (1 << 13)) - one; // TF32's step at 1: 2^-10
+    assert_eq!(ulp, 2f32.powi(-10));
+    for (x, want) in [
+        (one, one),
+        (one + ulp / 4.0, one),             // below half a step: down
+        (one + 0.75 * ulp, one + ulp),      // above half: up
+        (one + ulp / 2.0, one),             // a tie to the even (1.0's last kept bit is 0)
+        (one + 1.5 * ulp, one + 2.0 * ulp), // a tie to the even, upwards
+        (-(one + 0.75 * ulp), -(one + ulp)),
+        (f32::INFINITY, f32::INFINITY),
+        (0.0, 0.0),
+    ] {
+        assert_eq!(round_tf32(x), want, "{x}");
+    }
+    assert!(round_tf32(f32::NAN).is_nan());
+    // Every result has its low 13 mantissa bits clear, and lies within half a step of x.
+    let mut rng = Rng::new(3);
+    for x in rng.vec(1000, -100.0, 100.0) {
+        let r = round_tf32(x);
+        assert_eq!(r.to_bits() & 0x1fff, 0, "{x}");
+        assert!((r - x).abs() <= x.abs() * 2f32.powi(-11), "{x} -> {r}");
+    }
+}
+
+/// TF32 products ([`Cuda::set_tf32`]): f32 operands rounded to 10 mantissa bits, the products
+/// summed in f32. The forward and both gradients lie within TF32's bound of the f64 reference
+/// (each operand off by less than 2^-10 relative where the hardware truncates, 2^-11 where it
+/// rounds, which cuBLAS does not document: each product by at most 2^-9, plus f32 summation:
+/// `(2^-9 + k 2^-23) sum |x||y|` per element) and differ from the f32 results (the mode took
+/// effect); on the emulated device they equal the f64 product of the rounded operands to f32's
+/// tolerance (both operands were rounded). bf16 operands are untouched by the flag, and turning
+/// it off gives f32's results again.
+#[test]
+fn cuda_tf32_products_round_f32_operands_to_10_bits() {
+    let Some(shared) = cuda_or_skip("matmul::cuda_tf32_products_round_f32_operands_to_10_bits") else { return };
+    // A device of its own: the flag is per device, and the shared one serves other tests.
+    let dev = Cuda::new(0).unwrap();
+    assert!(!dev.tf32() && !shared.tf32(), "TF32 must be off by default");
+    let f = crate::testing::to_f64;
+    let abs = |v: &[f32]| v.iter().map(|x| x.abs() as f64).collect::<Vec<f64>>();
+    let tf = |v: &[f32]| v.iter().map(|&x| super::cuda::round_tf32(x)).collect::<Vec<f32>>();
+    let within = |what: &str, got: &[f32], want: &[f64], mag: &[f64], k: usize| {
+        let slack = 2f64.powi(-9) + k as f64 * 2f64.powi(-23);
+        for (i, ((g, w), m)) in got.iter().zip(want).zip(mag).enumerate() {
+            assert!((*g as f64 - w).abs() <= slack * m + 1e-30, "{what}[{i}]: {g} vs {w} (bound {})", slack * m);
+        }
+    };
+    let mut rng = Rng::new(21);
+    for (m, n, k) in [(37, 53, 29), (130, 97, 71)] {
+        for (ta, tb) in TRANS {
+            let p = params(m, n, k, ta, tb);
+            let ((a, b, dc), _) = case(&mut rng, &p);
+            let what = format!("tf32 matmul {m}x{n}x{k} ta={ta} tb={tb}");
+            let (ad, bd, dcd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&dc).unwrap());
+            let run = |tf32: bool| {
+                dev.set_tf32(tf32);
+                let mut cd = dev.zeros::<f32>(m * n).unwrap();
+                let (mut dad, mut dbd) = (dev.zeros::<f32>(a.len()).unwrap(), dev.zeros::<f32>(b.len()).unwrap());
+                MatmulKernel::<f32>::matmul_fwd(&dev, &p, &ad, &bd, &mut cd).unwrap();
+                MatmulKernel::<f32>::matmul_bwd(&dev, &p, Some(&ad), Some(&bd), &dcd, Some(&mut dad), Some(&mut dbd))
+                    .unwrap();
+                [cd, dad, dbd].map(|x| dev.download(&x).unwrap())
+            };
+            let [c, da, db] = run(true);
+            let [c32, da32, db32] = run(false);
+            let (want_c, (want_da, want_db)) = (ref_fwd(&p, &f(&a), &f(&b)), ref_bwd(&p, &f(&a), &f(&b), &f(&dc)));
+            let (mag_c, (mag_da, mag_db)) =
+                (ref_fwd(&p, &abs(&a), &abs(&b)), ref_bwd(&p, &abs(&a), &abs(&b), &abs(&dc)));
+            within(&format!("{what} fwd"), &c, &want_c, &mag_c, k);
+            within(&format!("{what} dA"), &da, &want_da, &mag_da, n);
+            within(&format!("{what} dB"), &db, &want_db, &mag_db, m);
+            for (name, t, f32_) in [("fwd", &c, &c32), ("dA", &da, &da32), ("dB", &db, &db32)] {
+                assert!(t.iter().zip(f32_).any(|(x, y)| x != y), "{what} {name}: TF32 gave f32's exact results");
+            }
+            let f32_ref = ref_fwd(&p, &f(&a), &f(&b));
+            let f32_ref: Vec<f32> = f32_ref.iter().map(|&v| v as f32).collect();
+            Tol::CUDA_F32.assert_close(&format!("{what} off again"), &c32, &f32_ref);
+            if dev.is_emulated() {
+                let want: Vec<f32> = ref_fwd(&p, &f(&tf(&a)), &f(&tf(&b))).iter().map(|&v| v as f32).collect();
+                Tol::CUDA_F32.assert_close(&format!("{what} = the rounded operands' product"), &c, &want);
+            }
+            // bf16 operands: the flag changes nothing.
+            let tb16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+            let (ab, bb) = (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap());
+            let bf = |tf32: bool| {
+                dev.set_tf32(tf32);
+                let mut cb = dev.zeros::<bf16>(m * n).unwrap();
+                <Cuda as MatmulKernel<bf16>>::matmul_fwd(&dev, &p, &ab, &bb, &mut cb).unwrap();
+                dev.download(&cb).unwrap()
+            };
+            assert_eq!(bf(true), bf(false), "{what}: bf16 operands changed by the TF32 flag");
+        }
+    }
+}
