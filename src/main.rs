@@ -469,10 +469,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Where the export goes, checked before any work: one writer at a time (the lock is
             // taken first, so two exports cannot both find the folder empty), never the base
             // model's folder (or the adapter's), a non-empty folder only with --overwrite. The
-            // folder itself is locked: no lock file travels with the export.
+            // lock is a run's (the two exclude each other); its file goes when the export ends.
             tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
             tuna::trainer::run_dir::refuse_export_into_run(&a.out)?;
-            let _lock = tuna::trainer::run_dir::lock_folder(&a.out)?;
+            let _lock = tuna::trainer::run_dir::lock_export(&a.out)?;
             tuna::cli::check_export_empty(&a.out, a.overwrite)?;
             let m =
                 tuna::models::model::AnyModel::<Cpu, f32>::open_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;

@@ -158,9 +158,11 @@ fn export_never_overwrites_the_base_model_or_a_folder_unasked() {
     ok(&export(&fresh.display().to_string(), &[]));
     assert!(!fresh.join(".tuna.lock").exists());
     assert!(!dest.join(".tuna.lock").exists());
-    // A refused export leaves no folder it made.
+    // A refused export (the "adapter" is a model folder: found only once loading) leaves no
+    // folder it made.
     let none = d.join("never");
-    fails(&export(&none.display().to_string(), &["--adapter", &base]), "");
+    let a = s(&["export", "--model", &base, "--adapter", &base, "--out", &none.display().to_string()]);
+    fails(&tuna(&a), "adapter_config.json");
     assert!(!none.exists(), "a refused export left {}", none.display());
 }
 

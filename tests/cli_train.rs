@@ -686,13 +686,14 @@ fn a_missing_model_is_refused_before_the_output_folder_is_made() {
 }
 
 /// `--tf32` reaches the device's products: `tuna train --device cuda --tf32` (the emulated device
-/// in the test command) logs other losses than the same run in f32, close to them. Skips by name
+/// in the test command) logs other losses than the same run in f32 (on the emulated device), close
+/// to them. Skips by name
 /// where this binary has no CUDA device.
 #[test]
 fn tf32_reaches_the_cuda_products() {
-    if tuna_kernels::testing::cuda_or_skip("cli_train::tf32_reaches_the_cuda_products").is_none() {
+    let Some(dev) = tuna_kernels::testing::cuda_or_skip("cli_train::tf32_reaches_the_cuda_products") else {
         return;
-    }
+    };
     let d = tmp("tf32");
     let train = data(&d, "train.jsonl", 8, false);
     let run = |name: &str, extra: &[&str]| {
@@ -703,7 +704,9 @@ fn tf32_reaches_the_cuda_products() {
     };
     let (f, t) = (run("f32", &[]), run("tf32", &["--tf32"]));
     assert_eq!((f.len(), t.len()), (3, 3));
-    assert_ne!(f, t, "--tf32 changed nothing");
+    // (A GPU's cuBLAS may keep the tiny model's shapes on f32 kernels: the change is certain only
+    // where the operands are known to be rounded.)
+    assert!(f != t || !dev.is_emulated(), "--tf32 changed nothing");
     for (a, b) in f.iter().zip(&t) {
         assert!((a - b).abs() <= 2e-3 * a.abs().max(1.0), "f32 {f:?} vs tf32 {t:?}");
     }

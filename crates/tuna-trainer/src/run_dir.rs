@@ -8,7 +8,9 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// The lock file inside an output folder (it stays after the run; only the lock on it matters).
+/// The lock file inside an output folder: a run's stays after the run (it marks the folder as a
+/// run's); a run refused before writing anything, and an export, leave none. Only the lock on it
+/// matters (see [`lock`]).
 pub const LOCK_FILE: &str = ".tuna.lock";
 
 /// What the files of a run are called in its folder (everything `tuna train` writes there).
@@ -32,110 +34,147 @@ pub enum OutMode {
 
 /// An exclusive advisory lock on a folder, held until dropped (or the process ends, however it ends).
 /// Dropped while the folder holds nothing but what the lock made (a run refused before it wrote
-/// anything), the lock leaves no trace: its lock file is removed, and the folder too if the lock
-/// created it.
+/// anything), the lock leaves no trace: its lock file is removed, and the folders it created too.
+/// An export's lock ([`lock_export`]) removes its lock file in any case.
 #[derive(Debug)]
 pub struct FolderLock {
     _file: File,
-    /// The lock file (the folder itself for [`lock_folder`]).
+    /// The lock file.
     pub path: PathBuf,
     dir: PathBuf,
-    made_dir: bool,
+    /// The outermost folder this lock created (`dir` or an ancestor), if any.
+    made_dir: Option<PathBuf>,
     made_file: bool,
+    /// Remove the lock file on drop whatever else the folder holds (an export's).
+    remove_file: bool,
 }
 
 impl Drop for FolderLock {
     fn drop(&mut self) {
-        // Still holding the lock: nobody else can have started writing here.
+        // Still holding the lock: nobody else can be writing here. Removing the lock file is safe
+        // for a process waiting on it: `lock` checks, once it holds a lock, that its file is still
+        // the one at the path, and starts over if not.
         let only_ours = std::fs::read_dir(&self.dir)
             .map(|d| d.flatten().all(|e| self.made_file && e.file_name() == LOCK_FILE))
             .unwrap_or(false);
-        if !only_ours {
-            return;
-        }
-        if self.made_file {
+        if only_ours || self.remove_file {
             let _ = std::fs::remove_file(&self.path);
         }
-        if self.made_dir {
-            // Fails, harmlessly, if anything appeared meanwhile.
-            let _ = std::fs::remove_dir(&self.dir);
+        if let (true, Some(top)) = (only_ours, &self.made_dir) {
+            // Innermost first; stops at the first folder that is not empty (anything that appeared
+            // meanwhile stays).
+            for d in self.dir.ancestors() {
+                if std::fs::remove_dir(d).is_err() || d == top {
+                    break;
+                }
+            }
         }
     }
 }
 
-/// Create `dir` if needed (whether this call created it), refusing a path that is not a folder.
-fn make_dir(dir: &Path) -> Result<bool> {
+/// Create `dir` and any missing ancestors, refusing a path that is not a folder: the outermost
+/// folder this call created, if any.
+fn make_dir(dir: &Path) -> Result<Option<PathBuf>> {
     if dir.exists() && !dir.is_dir() {
         return Err(TrainError::Invalid(format!("{}: not a folder", dir.display())));
     }
-    let made = !dir.exists();
+    let top = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).last().map(Path::to_path_buf);
     std::fs::create_dir_all(dir).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
-    Ok(made)
-}
-
-/// Lock the folder `dir` itself (created if needed) for a writer that leaves no lock file behind:
-/// `tuna export`, whose folder is handed to other tools as it is. Another holder is an error (the
-/// folder's lock carries no PID). Same release rules as [`lock`].
-pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
-    let made_dir = make_dir(dir)?;
-    let io = |source| TrainError::Io { path: dir.to_path_buf(), source };
-    let file = File::open(dir).map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            return Err(TrainError::Locked { dir: dir.to_path_buf(), holder: "another process".into() })
-        }
-        Err(TryLockError::Error(e)) => return Err(io(e)),
-    }
-    Ok(FolderLock { _file: file, path: dir.to_path_buf(), dir: dir.to_path_buf(), made_dir, made_file: false })
+    Ok(top)
 }
 
 /// Lock `dir` (created if needed) for this process. Another holder (another `tuna` writing the same
-/// folder) is an error naming its PID; the lock is released by the OS when the holder exits, so a
-/// killed run never leaves a stale lock.
+/// folder: `train`, `compare` or `export`) is an error naming its PID; the lock is released by the
+/// OS when the holder exits, so a killed run never leaves a stale lock.
 pub fn lock(dir: &Path) -> Result<FolderLock> {
+    take(dir, false)
+}
+
+/// [`lock`] for `tuna export`: the same lock (an export and a run exclude each other), whose lock
+/// file is removed when it is dropped, so the export folder carries none.
+pub fn lock_export(dir: &Path) -> Result<FolderLock> {
+    take(dir, true)
+}
+
+/// Whether `file` is still the file at `path` (not unlinked or replaced since it was opened).
+fn still_at(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::symlink_metadata(path)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        path.is_file()
+    }
+}
+
+fn take(dir: &Path, remove_file: bool) -> Result<FolderLock> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| TrainError::Io { path: p, source }
     };
-    let made_dir = make_dir(dir)?;
     let path = dir.join(LOCK_FILE);
-    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
-        // Never write a PID through a link into someone else's file.
-        return Err(TrainError::Invalid(format!("{}: not a plain file (a link?): remove it", path.display())));
-    }
-    let open = |create_new: bool| {
-        let mut o = OpenOptions::new();
-        o.read(true).write(true);
-        if create_new {
-            o.create_new(true);
-        } else {
-            o.create(true).truncate(false);
+    let mut made_dir = None;
+    // A holder drops its lock file while holding the lock (a refused run, an export): a process
+    // that opened that file meanwhile gets the lock on a file no longer in the folder, and starts
+    // over (a few times at most: each round needs another process to finish in between).
+    for _ in 0..16 {
+        made_dir = made_dir.or(make_dir(dir)?);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            // Never write a PID through a link into someone else's file.
+            return Err(TrainError::Invalid(format!("{}: not a plain file (a link?): remove it", path.display())));
         }
-        o.open(&path)
-    };
-    let (mut file, made_file) = match open(true) {
-        Ok(f) => (f, true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (open(false).map_err(io(&path))?, false),
-        Err(e) => return Err(io(&path)(e)),
-    };
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let who = if holder.is_empty() { "another process".to_string() } else { format!("process {holder}") };
-            return Err(TrainError::Locked { dir: dir.to_path_buf(), holder: who });
+        let open = |create_new: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            if create_new {
+                o.create_new(true);
+            } else {
+                o.create(true).truncate(false);
+            }
+            o.open(&path)
+        };
+        let (mut file, made_file) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match open(false) {
+                Ok(f) => (f, false),
+                // The folder went with its holder's lock file: make it again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&path)(e)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() { "another process".to_string() } else { format!("process {holder}") };
+                return Err(TrainError::Locked { dir: dir.to_path_buf(), holder: who });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(&path)(e)),
         }
-        Err(TryLockError::Error(e)) => return Err(io(&path)(e)),
+        if !still_at(&file, &path) {
+            continue;
+        }
+        // The holder's PID, for the message a second run prints (best effort: the lock is what counts).
+        let _ = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0))).and_then(|_| {
+            file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+            file.flush()
+        });
+        return Ok(FolderLock { _file: file, path, dir: dir.to_path_buf(), made_dir, made_file, remove_file });
     }
-    // The holder's PID, for the message a second run prints (best effort: the lock is what counts).
-    let _ = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0))).and_then(|_| {
-        file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
-        file.flush()
-    });
-    Ok(FolderLock { _file: file, path, dir: dir.to_path_buf(), made_dir, made_file })
+    Err(TrainError::Invalid(format!(
+        "{}: its lock file kept being replaced while this process took it: try again",
+        path.display()
+    )))
 }
 
 /// The outputs of an earlier run that `dir` holds (names from [`RUN_OUTPUTS`]), empty for a fresh
@@ -383,21 +422,58 @@ mod tests {
     }
 
     #[test]
-    fn a_folder_lock_writes_no_file_and_refuses_a_second_holder() {
-        let parent = tmp("folder-lock");
+    fn an_export_lock_excludes_a_run_and_leaves_no_lock_file() {
+        let parent = tmp("export-lock");
         let d = parent.join("export");
-        let first = lock_folder(&d).unwrap();
-        let err = lock_folder(&d).unwrap_err().to_string();
-        assert!(err.contains("in use by another process"), "{err}");
+        let first = lock_export(&d).unwrap();
+        // A run (or a second export) on the same folder is refused while the export holds it.
+        let err = lock(&d).unwrap_err().to_string();
+        assert!(err.contains(&format!("process {}", std::process::id())), "{err}");
+        assert!(lock_export(&d).is_err());
         std::fs::write(d.join("adapter_config.json"), b"{}").unwrap();
         drop(first);
         let names: Vec<_> = std::fs::read_dir(&d).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(names, ["adapter_config.json"]);
-        // Freed on drop; a folder it made and nothing was written to is removed.
-        drop(lock_folder(&d).unwrap());
-        let e = parent.join("empty");
-        drop(lock_folder(&e).unwrap());
-        assert!(!e.exists());
+        // And an export waits for a run's lock the same way.
+        let run = lock(&d).unwrap();
+        assert!(lock_export(&d).is_err());
+        drop(run);
+    }
+
+    /// A process that opened the lock file before its holder removed it (a refused run) gets the
+    /// lock on a file no longer in the folder: it must notice and take the lock on the folder's
+    /// current file, so that it and a third process cannot both hold "the" lock.
+    #[test]
+    fn a_lock_on_a_removed_lock_file_is_taken_again() {
+        let parent = tmp("stale-file");
+        let d = parent.join("run");
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join(LOCK_FILE);
+        // The state the race leaves: this process holds a lock on an unlinked file.
+        let old = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        old.try_lock().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!still_at(&old, &path));
+        drop(old);
+        // What `take` does next: a lock on the folder's own (new) file, which excludes a third.
+        let l = lock(&d).unwrap();
+        assert!(still_at(&l._file, &path));
+        assert!(lock(&d).is_err());
+        drop(l);
+    }
+
+    #[test]
+    fn a_refused_run_removes_the_folders_it_made_and_only_those() {
+        let parent = tmp("nested");
+        let d = parent.join("a/b/c");
+        drop(lock(&d).unwrap());
+        assert!(!parent.join("a").exists(), "left {}", parent.join("a").display());
+        assert!(parent.is_dir());
+        // A sibling appearing in a made folder stops the removal there.
+        let l = lock(&d).unwrap();
+        std::fs::write(parent.join("a/keep.txt"), b"x").unwrap();
+        drop(l);
+        assert!(!parent.join("a/b").exists() && parent.join("a/keep.txt").is_file());
     }
 
     #[test]

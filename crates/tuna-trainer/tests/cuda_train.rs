@@ -119,10 +119,13 @@ fn every_method_trains_on_cuda_like_on_the_cpu() {
 /// `--tf32` (`Cuda::set_tf32`): full fine-tuning and LoRA on the tiny Llama with f32 products in
 /// TF32 follow the f32 CUDA run's losses to TF32's precision (operands rounded to 2^-11 relative:
 /// products off by ~1e-3 relative at worst, the loss by far less after averaging), and are not
-/// f32's bit for bit (the flag took effect).
+/// f32's bit for bit on the emulated device (the flag took effect; a GPU's cuBLAS may keep these
+/// tiny shapes on f32 kernels).
 #[test]
-fn tf32_training_follows_f32_to_its_precision() {
-    let Some(_) = cuda_or_skip("tuna-trainer::tf32_training_follows_f32_to_its_precision") else { return };
+fn tf32_training_on_cuda_follows_f32_to_its_precision() {
+    let Some(shared) = cuda_or_skip("tuna-trainer::tf32_training_on_cuda_follows_f32_to_its_precision") else {
+        return;
+    };
     let tol = Tol::new("TF32 vs f32 CUDA training losses, 3 steps", 2e-3, 2e-3);
     let lora =
         Method::Lora(LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into()] });
@@ -139,7 +142,7 @@ fn tf32_training_follows_f32_to_its_precision() {
         };
         let (f, t) = (run(false), run(true));
         tol.assert_close(&format!("llama {}", m.name()), &t, &f);
-        assert_ne!(t, f, "llama {}: TF32 gave f32's losses exactly", m.name());
+        assert!(t != f || !shared.is_emulated(), "llama {}: TF32 gave f32's losses exactly", m.name());
         std::fs::remove_dir_all(&base).ok();
     }
 }

@@ -361,9 +361,10 @@ fn tf32_rounding_keeps_10_mantissa_bits_to_nearest_even() {
 /// summed in f32. The forward and both gradients lie within TF32's bound of the f64 reference
 /// (each operand off by less than 2^-10 relative where the hardware truncates, 2^-11 where it
 /// rounds, which cuBLAS does not document: each product by at most 2^-9, plus f32 summation:
-/// `(2^-9 + k 2^-23) sum |x||y|` per element) and differ from the f32 results (the mode took
-/// effect); on the emulated device they equal the f64 product of the rounded operands to f32's
-/// tolerance (both operands were rounded). bf16 operands are untouched by the flag, and turning
+/// `(2^-9 + k 2^-23) sum |x||y|` per element); on the emulated device they also differ from the
+/// f32 results (the mode took effect) and equal the f64 product of the rounded operands to f32's
+/// tolerance (both operands were rounded). (A GPU's cuBLAS may run these small odd shapes on an
+/// f32 kernel: TF32 is allowed there, not forced.) bf16 operands are untouched by the flag, and turning
 /// it off gives f32's results again.
 #[test]
 fn cuda_tf32_products_round_f32_operands_to_10_bits() {
@@ -404,8 +405,11 @@ fn cuda_tf32_products_round_f32_operands_to_10_bits() {
             within(&format!("{what} fwd"), &c, &want_c, &mag_c, k);
             within(&format!("{what} dA"), &da, &want_da, &mag_da, n);
             within(&format!("{what} dB"), &db, &want_db, &mag_db, m);
+            // cuBLAS may keep a small or odd shape on an f32 kernel (TF32 is allowed, not forced):
+            // that the flag took effect is checked where the rounding is known.
             for (name, t, f32_) in [("fwd", &c, &c32), ("dA", &da, &da32), ("dB", &db, &db32)] {
-                assert!(t.iter().zip(f32_).any(|(x, y)| x != y), "{what} {name}: TF32 gave f32's exact results");
+                let differs = t.iter().zip(f32_).any(|(x, y)| x != y);
+                assert!(differs || !dev.is_emulated(), "{what} {name}: TF32 gave f32's exact results");
             }
             let f32_ref = ref_fwd(&p, &f(&a), &f(&b));
             let f32_ref: Vec<f32> = f32_ref.iter().map(|&v| v as f32).collect();
