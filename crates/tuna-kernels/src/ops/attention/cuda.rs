@@ -1,9 +1,12 @@
 //! Fused attention on CUDA: launch glue for `kernels/attention.cu` (shared-memory-tiled SIMT
 //! FlashAttention-2 forward; backward as delta preprocess, key-block main kernel, dq add), for
 //! every head dim up to 256 on the tile widths of [`TILE_WIDTHS`]) and `kernels/attention_tc.cu`
-//! (the tensor-core forward for bf16 at head dims [`TC_HEAD_DIMS`]). A bf16 forward the
-//! tensor-core kernel covers runs there, every other forward on the SIMT kernel; the path the
-//! last forward of the calling thread took is [`last_fwd_path`].
+//! (the tensor-core forward for bf16 at head dims [`TC_HEAD_DIMS`]) and
+//! `kernels/attention_tc_bwd.cu` (the tensor-core backward's main kernel, same head dims). A bf16
+//! forward the tensor-core kernel covers runs there, every other forward on the SIMT kernel; the
+//! path the last forward of the calling thread took is [`last_fwd_path`]. Likewise the backward's
+//! main (key-block) kernel, [`tc_bwd_refusal`] and [`last_bwd_path`]; its delta preprocess and dq
+//! add are attention.cu's on both paths.
 
 use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use crate::backend::{Backend, Elem};
@@ -55,14 +58,28 @@ pub fn tc_fwd_smem_bytes(d: usize) -> u32 {
     (2 * 5 * TC_ROWS * (d + 8)) as u32
 }
 
-/// Which kernel a CUDA attention forward ran on.
+/// Query rows per query tile and keys per block of the tensor-core backward (4 warps x 16 keys).
+const TC_BWD_KEYS: usize = 64;
+
+/// Dynamic shared bytes of the tensor-core backward at head dim `d`: K, V [64][d+8] and two
+/// buffers each of Q and dO [64][d+8], dS^T [64][72], in bf16; two buffers each of lse and delta
+/// [64] in f32.
+pub fn tc_bwd_smem_bytes(d: usize) -> u32 {
+    (2 * (6 * TC_BWD_KEYS * (d + 8) + TC_BWD_KEYS * 72) + 4 * 4 * TC_BWD_KEYS) as u32
+}
+
+/// Which kernel a CUDA attention forward (or the backward's main kernel) ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FwdPath {
-    /// `kernels/attention_tc.cu`: bf16 mma.sync with ldmatrix and cp.async.
+    /// `kernels/attention_tc.cu` (`attention_tc_bwd.cu` for the backward): bf16 mma.sync with
+    /// ldmatrix and cp.async.
     TensorCore,
-    /// `kernels/attention.cu`'s SIMT forward, and why the tensor-core kernel did not take the call.
+    /// `kernels/attention.cu`'s SIMT kernel, and why the tensor-core kernel did not take the call.
     Simt(&'static str),
 }
+
+/// The backward's path: the same two kernels' kinds as the forward's.
+pub type BwdPath = FwdPath;
 
 impl std::fmt::Display for FwdPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,6 +92,7 @@ impl std::fmt::Display for FwdPath {
 
 thread_local! {
     static LAST_FWD: std::cell::Cell<Option<FwdPath>> = const { std::cell::Cell::new(None) };
+    static LAST_BWD: std::cell::Cell<Option<BwdPath>> = const { std::cell::Cell::new(None) };
 }
 
 /// The path the last CUDA attention forward launched from this thread took (`None` before the
@@ -92,6 +110,27 @@ pub fn tc_fwd_refusal(dev: &Cuda, p: &AttnParams) -> Option<&'static str> {
     } else if !TC_HEAD_DIMS.contains(&p.head_dim) {
         Some("head_dim not 32, 64 or 128")
     } else if tc_fwd_smem_bytes(p.head_dim as usize) > dev.max_dyn_smem() {
+        Some("shared memory")
+    } else {
+        None
+    }
+}
+
+/// The path the last CUDA attention backward launched from this thread took for its main kernel
+/// (`None` before the first), as [`last_fwd_path`] for the forward.
+pub fn last_bwd_path() -> Option<BwdPath> {
+    LAST_BWD.with(|c| c.get())
+}
+
+/// Whether the tensor-core backward takes this bf16 call, else why not (shape and features; the
+/// buffers' alignment is checked at launch). It covers what the SIMT backward does at these head
+/// dims: causal or not, mask, GQA, prefix (table or per-sequence ranges), KV offset, score bias.
+pub fn tc_bwd_refusal(dev: &Cuda, p: &AttnParams) -> Option<&'static str> {
+    if dev.arch() < 80 {
+        Some("mma.sync bf16 needs sm_80 or newer")
+    } else if !TC_HEAD_DIMS.contains(&p.head_dim) {
+        Some("head_dim not 32, 64 or 128")
+    } else if tc_bwd_smem_bytes(p.head_dim as usize) > dev.max_dyn_smem() {
         Some("shared memory")
     } else {
         None
@@ -225,11 +264,25 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         if p.q_elems() == 0 {
             return Ok(()); // no query, no gradient: nothing to add
         }
+        let mut path = if E::NAME == "bf16" {
+            tc_bwd_refusal(self, p).map_or(BwdPath::TensorCore, BwdPath::Simt)
+        } else {
+            BwdPath::Simt("f32 elements")
+        };
+        let (pk, pv) = prefix_or(&x);
+        if path == BwdPath::TensorCore && ![x.q, x.k, x.v, pk, pv, d_o].iter().all(|b| b.aligned16()) {
+            path = BwdPath::Simt("buffers not 16-byte aligned");
+        }
+        LAST_BWD.with(|c| c.set(Some(path)));
         let mut delta = self.zeros::<f32>(p.lse_elems())?;
         self.launch_bwd_pre::<E>(p, o, d_o, &mut delta)?;
         let mut dq_acc = self.zeros::<f32>(p.q_elems())?;
         let main = BwdMain { dq_acc: &mut dq_acc, dk: g.dk, dv: g.dv, dprefix: g.dprefix, dbias: g.dbias };
-        self.launch_bwd_main(p, w, x, d_o, lse, &delta, main)?;
+        let kernel = match path {
+            BwdPath::TensorCore => BwdKernel::TensorCore,
+            BwdPath::Simt(_) => BwdKernel::Simt(w),
+        };
+        self.launch_bwd_main(p, kernel, x, d_o, lse, &delta, main)?;
         let n = p.q_elems() as u64;
         let mut b = Launch::new("attention", symbol::<E>("attention", "dq_add"));
         b.arg(&n).arg(&dq_acc).arg(g.dq);
@@ -238,6 +291,14 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         unsafe { self.launch(b, grid_1d(p.q_elems(), THREADS)) }?;
         Ok(())
     }
+}
+
+/// The main backward kernel to launch: the tensor-core one (bf16, head dim one of
+/// [`TC_HEAD_DIMS`], 16-byte-aligned buffers) or the SIMT one of tile width `w`.
+#[derive(Clone, Copy)]
+enum BwdKernel {
+    TensorCore,
+    Simt(u32),
 }
 
 /// The buffers the main backward kernel accumulates into.
@@ -301,19 +362,19 @@ impl Cuda {
         Ok(())
     }
 
-    /// The key-block kernel: dK, dV (or dpK, dpV) and dbias accumulated, dQ added into `dq_acc`.
+    /// The key-block kernel (SIMT, or tensor-core for a call [`tc_bwd_refusal`] accepted with
+    /// 16-byte-aligned buffers): dK, dV (or dpK, dpV) and dbias accumulated, dQ added into `dq_acc`.
     #[allow(clippy::too_many_arguments)]
     fn launch_bwd_main<E: CudaElem>(
         &self,
         p: &AttnParams,
-        w: u32,
+        kernel: BwdKernel,
         x: AttnInputs<'_, Self, E>,
         d_o: &CudaBuf<E>,
         lse: &CudaBuf<f32>,
         delta: &CudaBuf<f32>,
         g: BwdMain<'_, E>,
     ) -> Result<()> {
-        let smem = bwd_smem_bytes(w as usize);
         let mut dummy_mask = None;
         let mask = mask_or_dummy(self, x.key_mask, &mut dummy_mask)?;
         let (mut dummy_k, mut dummy_v);
@@ -336,13 +397,28 @@ impl Cuda {
         let rows = rows_or_dummy(self, x.prefix_rows, &mut dummy_rows)?;
         let (pk, pv) = prefix_or(&x);
         let bias = x.bias.unwrap_or(x.q);
-        let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
-        let cfg = grid3(blocks, p.kv_heads, p.batch, smem);
-        let mut b = tiled::<E>("bwd", w);
+        let (cfg, mut b) = match kernel {
+            BwdKernel::Simt(w) => {
+                let blocks = (p.prefix_len as usize).div_ceil(TILE) + (p.kv_len as usize).div_ceil(TILE);
+                (grid3(blocks, p.kv_heads, p.batch, bwd_smem_bytes(w as usize)), tiled::<E>("bwd", w))
+            }
+            BwdKernel::TensorCore => {
+                debug_assert_eq!(E::NAME, "bf16");
+                let blocks = (p.prefix_len as usize).div_ceil(TC_BWD_KEYS) + (p.kv_len as usize).div_ceil(TC_BWD_KEYS);
+                let cfg = LaunchConfig {
+                    grid_dim: (blocks as u32, p.kv_heads, p.batch),
+                    block_dim: (TC_THREADS, 1, 1),
+                    shared_mem_bytes: tc_bwd_smem_bytes(p.head_dim as usize),
+                };
+                (cfg, Launch::new("attention_tc_bwd", format!("attention_tc_bwd_d{}_bf16", p.head_dim)))
+            }
+        };
         b.arg(p).arg(x.q).arg(x.k).arg(x.v).arg(pk).arg(pv).arg(rows).arg(mask).arg(bias);
         b.arg(d_o).arg(lse).arg(delta).arg(g.dq_acc).arg(g.dk).arg(g.dv).arg(dpk).arg(dpv).arg(dbias);
-        // SAFETY: matches attention_bwd_d<D>_<E>(AttnParams, q, k, v, pk, pv, prows, mask, bias, d_o,
-        // lse, delta, dq_acc, dk, dv, dpk, dpv, dbias); lengths were checked by check_inputs/check_bwd
+        // SAFETY: matches attention_bwd_d<D>_<E> and attention_tc_bwd_d<D>_bf16 (AttnParams, q, k, v,
+        // pk, pv, prows, mask, bias, d_o, lse, delta, dq_acc, dk, dv, dpk, dpv, dbias), the latter only
+        // with E = bf16, D = head_dim one of TC_HEAD_DIMS and 16-byte-aligned q, k, v, pk, pv, d_o
+        // (attn_bwd's checks); `smem` is what the chosen kernel's shared tiles need; lengths were checked by check_inputs/check_bwd
         // and the scratch buffers were allocated from `p`; absent prefix/mask/bias buffers are never
         // touched (no prefix block exists when prefix_len is 0; has_mask 0 skips the mask; has_bias 0
         // skips the bias and dbias).

@@ -13,13 +13,13 @@ use crate::{Cpu, Cuda};
 use half::bf16;
 
 /// Gradient names, in the order of `grad_starts`: dq, dk, dv, dpk, dpv, dbias.
-const GRAD_NAMES: [&str; 6] = ["dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"];
+pub(super) const GRAD_NAMES: [&str; 6] = ["dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"];
 
 /// One device's forward outputs and accumulated gradients, as f32 host vectors.
-struct Out {
-    o: Vec<f32>,
-    lse: Vec<f32>,
-    grads: Vec<Vec<f32>>,
+pub(super) struct Out {
+    pub(super) o: Vec<f32>,
+    pub(super) lse: Vec<f32>,
+    pub(super) grads: Vec<Vec<f32>>,
 }
 
 /// `d`'s inputs on the device in precision `E` (prefix, mask and rows only when present: no
@@ -72,7 +72,7 @@ impl<E: CudaElem> DevInputs<E> {
 
 /// Forward on CUDA in precision `E`, then backward from its own `o` and `lse`, accumulating into
 /// gradients that start at `starts`.
-fn run_cuda<E: CudaElem>(dev: &Cuda, d: &Data, starts: &[Vec<f32>]) -> Out {
+pub(super) fn run_cuda<E: CudaElem>(dev: &Cuda, d: &Data, starts: &[Vec<f32>]) -> Out {
     let p = d.p;
     let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
     let down = |v: &CudaBuf<E>| dev.download(v).unwrap().into_iter().map(E::to_f32).collect::<Vec<f32>>();
@@ -106,7 +106,7 @@ pub(super) fn cpu_fwd(d: &Data) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The CPU backward on `d` from the given forward outputs, accumulating into copies of `starts`.
-fn cpu_bwd(d: &Data, o: &[f32], lse: &[f32], starts: &[Vec<f32>]) -> Vec<Vec<f32>> {
+pub(super) fn cpu_bwd(d: &Data, o: &[f32], lse: &[f32], starts: &[Vec<f32>]) -> Vec<Vec<f32>> {
     let mut got = starts.to_vec();
     let [dq, dk, dv, dpk, dpv, db] = &mut got[..] else { unreachable!("grad_starts gives six buffers") };
     let dprefix = (d.p.prefix_len > 0).then_some((&mut dpk[..], &mut dpv[..]));

@@ -40,7 +40,7 @@
 mod cpu;
 mod cuda;
 
-pub use cuda::{last_fwd_path, tc_fwd_refusal, FwdPath, TC_HEAD_DIMS};
+pub use cuda::{last_bwd_path, last_fwd_path, tc_bwd_refusal, tc_fwd_refusal, BwdPath, FwdPath, TC_HEAD_DIMS};
 
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};
@@ -324,3 +324,5 @@ mod tests_bias;
 mod tests_rows;
 #[cfg(test)]
 mod tests_tc;
+#[cfg(test)]
+mod tests_tc_bwd;

@@ -135,13 +135,15 @@ fn tc_fwd_uncovered_calls_fall_back_to_simt() {
     assert_lse("attention f32", Tol::CUDA_F32, &lse, &lse_cpu);
 }
 
-/// The SIMT backward from the tensor-core forward's `o` and `lse` matches the CPU backward on the
-/// same inputs (check_case runs the bf16 forward on tensor cores for these head dims).
+/// The backward from the tensor-core forward's `o` and `lse` matches the CPU backward on the same
+/// inputs (check_case runs the bf16 forward, and the bf16 backward, on tensor cores for these head
+/// dims; its f32 run goes through the SIMT kernels).
 #[test]
 fn tc_fwd_feeds_the_backward() {
     let Some(dev) = cuda_or_skip("attention::tc_fwd_feeds_the_backward") else { return };
     check_case(&dev, "tc fwd d64 causal prefix mask", Data::new(77, 2, 2, 1, 40, 40, 6, 64, true, Pad::Scattered));
     assert_eq!(last_fwd_path(), Some(FwdPath::TensorCore), "check_case's bf16 forward (its last) ran on tensor cores");
+    assert_eq!(last_bwd_path(), Some(BwdPath::TensorCore), "and its bf16 backward");
     let biased = Data::new(78, 2, 2, 2, 17, 40, 0, 128, true, Pad::None).with_bias(7, 0.5);
     check_case(&dev, "tc fwd d128 causal kv-offset bias", biased);
     assert_eq!(last_fwd_path(), Some(FwdPath::TensorCore));
