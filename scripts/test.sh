@@ -52,6 +52,8 @@ if [[ "$(${TUNA_EMU_CXX:-c++} -print-file-name=libasan.so 2>/dev/null)" == /* ]]
     "$runner_var=$PWD/crates/tuna-kernels/emu/asan-run.sh")
   "${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --test emu_core || status=$?
   "${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --lib cuda || status=$?
+  # The tensor-core attention kernels' tests (named tc_*, not *cuda*).
+  "${asan[@]}" cargo test -q -p tuna-kernels "${features[@]}" --lib tc_ || status=$?
 else
   echo "SKIPPED the sanitized emulator run: ${TUNA_EMU_CXX:-c++} has no libasan.so" | tee -a "$TUNA_SKIP_LOG"
 fi
