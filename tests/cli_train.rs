@@ -456,11 +456,19 @@ fn profile_prints_per_op_times() {
         }
     }
     // The low-precision base's products have their own row (the head's stay `matmul`).
-    let o = tuna(&set(args, "--base-precision", "int8"));
+    let o = tuna(&set(args.clone(), "--base-precision", "int8"));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let row = s.lines().find(|l| l.starts_with("| matmul (int8 base) |")).unwrap_or_else(|| panic!("{s}"));
     assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{row}");
+    // On CUDA (the emulated device in the test command) the attention row names the kernels the
+    // calls took: the tape is f32, so SIMT (the tensor-core kernels are bf16).
+    if tuna_kernels::testing::cuda_or_skip("cli_train::profile_prints_per_op_times (cuda)").is_some() {
+        let o = tuna(&set(args, "--device", "cuda"));
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(s.contains("| attention (SIMT) |") && !s.contains("| attention |"), "{s}");
+    }
 }
 
 /// The training losses of the run in `dir`, by step.

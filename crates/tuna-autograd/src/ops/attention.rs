@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::graph::{launched, output, Input, Saved, SavedBuf};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
-use tuna_kernels::ops::attention::{AttnGrads, AttnInputs, AttnParams};
+use tuna_kernels::ops::attention::{AttentionKernel, AttnGrads, AttnInputs, AttnParams, FwdPath};
 
 /// Options of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -184,7 +184,8 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
         dev.attn_fwd(&p, x, B::buf_mut(&mut o), B::buf_mut(&mut lse))?;
     }
     let fwd_flops = attention_flops(&p);
-    crate::stats::flops("attention", false, fwd_flops);
+    let kind = op_kind(AttentionKernel::<E>::attn_paths(&**dev, &p));
+    crate::stats::flops(kind, false, fwd_flops);
     let mut inputs: Vec<&dyn Input> = vec![q, k, v];
     if let Some(pr) = &prefix {
         inputs.extend([pr.k as &dyn Input, pr.v as &dyn Input]);
@@ -193,7 +194,7 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
         inputs.push(bt as &dyn Input);
     }
     let shape = q.shape().to_vec();
-    Ok(output("attention", &inputs, dev, shape, o, |out, o_data| {
+    Ok(output(kind, &inputs, dev, shape, o, |out, o_data| {
         // FlashAttention's backward recomputes the probabilities: it needs q, k, v (and the
         // prefix and bias), the output, the row log-sum-exps and the mask.
         let (qs, ks, vs) = (Saved::new(q), Saved::new(k), Saved::new(v));
@@ -211,7 +212,7 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
             let Some(g) = out.take() else { return Ok(()) };
             launched("attention.bwd");
             // FlashAttention's count: the backward's five products against the forward's two.
-            crate::stats::flops("attention", true, 2.5 * fwd_flops);
+            crate::stats::flops(kind, true, 2.5 * fwd_flops);
             // The kernel writes dq, dk, dv (and the prefix gradients when there is a prefix);
             // a scratch buffer stands in for an input that needs no gradient.
             let mut sq = GradSlot::new(&*dev, &cq, p.q_elems())?;
@@ -265,4 +266,17 @@ fn attention_flops(p: &AttnParams) -> f64 {
     };
     let pairs = (pre * t + content) as f64;
     4.0 * p.batch as f64 * p.heads as f64 * pairs * p.head_dim as f64
+}
+
+/// The op's kind on the tape and in `tuna profile`: `attention`, or where the device has more than
+/// one kernel, which ones the call takes (e.g. `attention (SIMT)` for f32 on CUDA).
+fn op_kind(paths: Option<(FwdPath, FwdPath)>) -> &'static str {
+    use FwdPath::{Simt, TensorCore};
+    match paths {
+        None => "attention",
+        Some((TensorCore, TensorCore)) => "attention (tensor cores)",
+        Some((Simt(_), Simt(_))) => "attention (SIMT)",
+        Some((TensorCore, Simt(_))) => "attention (tensor-core fwd, SIMT bwd)",
+        Some((Simt(_), TensorCore)) => "attention (SIMT fwd, tensor-core bwd)",
+    }
 }

@@ -202,7 +202,24 @@ fn prefix_or<'a, E: Elem>(x: &AttnInputs<'a, Cuda, E>) -> (&'a CudaBuf<E>, &'a C
     x.prefix.unwrap_or((x.q, x.q))
 }
 
+impl Cuda {
+    /// The kernels a call with `p` on `E`s takes, forward and backward, before the launch-time
+    /// alignment check.
+    fn planned<E: Elem>(&self, p: &AttnParams) -> (FwdPath, BwdPath) {
+        let path = |refusal: Option<&'static str>| match (E::NAME, refusal) {
+            ("bf16", None) => FwdPath::TensorCore,
+            ("bf16", Some(why)) => FwdPath::Simt(why),
+            _ => FwdPath::Simt("f32 elements"),
+        };
+        (path(tc_fwd_refusal(self, p)), path(tc_bwd_refusal(self, p)))
+    }
+}
+
 impl<E: CudaElem> AttentionKernel<E> for Cuda {
+    fn attn_paths(&self, p: &AttnParams) -> Option<(FwdPath, BwdPath)> {
+        Some(self.planned::<E>(p))
+    }
+
     fn attn_fwd(
         &self,
         p: &AttnParams,
@@ -218,11 +235,7 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         if p.lse_elems() == 0 {
             return Ok(());
         }
-        let mut path = if E::NAME == "bf16" {
-            tc_fwd_refusal(self, p).map_or(FwdPath::TensorCore, FwdPath::Simt)
-        } else {
-            FwdPath::Simt("f32 elements")
-        };
+        let (mut path, _) = self.planned::<E>(p);
         let (pk, pv) = prefix_or(&x);
         if path == FwdPath::TensorCore && ![x.q, x.k, x.v, pk, pv, &*o].iter().all(|b| b.aligned16()) {
             path = FwdPath::Simt("buffers not 16-byte aligned");
@@ -264,11 +277,7 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         if p.q_elems() == 0 {
             return Ok(()); // no query, no gradient: nothing to add
         }
-        let mut path = if E::NAME == "bf16" {
-            tc_bwd_refusal(self, p).map_or(BwdPath::TensorCore, BwdPath::Simt)
-        } else {
-            BwdPath::Simt("f32 elements")
-        };
+        let (_, mut path) = self.planned::<E>(p);
         let (pk, pv) = prefix_or(&x);
         if path == BwdPath::TensorCore && ![x.q, x.k, x.v, pk, pv, d_o].iter().all(|b| b.aligned16()) {
             path = BwdPath::Simt("buffers not 16-byte aligned");

@@ -224,6 +224,12 @@ pub trait AttentionKernel<E: Elem>: Backend {
         lse: &Self::Buf<E::Acc>,
         g: AttnGrads<'_, Self, E>,
     ) -> Result<()>;
+    /// Which kernels a call with `p` takes, forward and backward, where a device has more than one
+    /// (`tuna profile` names its rows by them); `None` where there is one (the CPU). The buffers'
+    /// alignment, checked at launch, can still send a call to the SIMT kernel.
+    fn attn_paths(&self, _p: &AttnParams) -> Option<(FwdPath, BwdPath)> {
+        None
+    }
 }
 
 /// Check the parameters and every input's length; shared by both devices.

@@ -148,3 +148,23 @@ fn tc_fwd_feeds_the_backward() {
     check_case(&dev, "tc fwd d128 causal kv-offset bias", biased);
     assert_eq!(last_fwd_path(), Some(FwdPath::TensorCore));
 }
+
+/// The paths a call will take, as `tuna profile` names them: both tensor-core kernels for bf16 at
+/// their head dims, SIMT (with the reason) for other head dims and for f32; the CPU has one path.
+#[test]
+fn planned_paths_name_the_kernels_a_call_takes() {
+    let Some(dev) = cuda_or_skip("attention::planned_paths_name_the_kernels_a_call_takes") else { return };
+    let p = |head_dim: u32| AttnParams::new(2, 4, 2, 70, head_dim as usize, true);
+    for d in TC_HEAD_DIMS {
+        let want =
+            if dev.arch() >= 80 { FwdPath::TensorCore } else { FwdPath::Simt("mma.sync bf16 needs sm_80 or newer") };
+        let got = AttentionKernel::<bf16>::attn_paths(&*dev, &p(d)).unwrap();
+        // (A GPU with too little shared memory for d128 keeps its backward on SIMT.)
+        assert!(got.0 == want && (got.1 == want || d == 128), "head dim {d}: {got:?}");
+    }
+    let simt = AttentionKernel::<bf16>::attn_paths(&*dev, &p(48)).unwrap();
+    assert_eq!(simt, (FwdPath::Simt("head_dim not 32, 64 or 128"), FwdPath::Simt("head_dim not 32, 64 or 128")));
+    let f32_paths = AttentionKernel::<f32>::attn_paths(&*dev, &p(64)).unwrap();
+    assert_eq!(f32_paths, (FwdPath::Simt("f32 elements"), FwdPath::Simt("f32 elements")));
+    assert_eq!(AttentionKernel::<f32>::attn_paths(&crate::Cpu, &p(64)), None);
+}
