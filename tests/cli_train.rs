@@ -660,6 +660,52 @@ fn the_memory_plan_predicts_the_peak_and_refuses_a_run_that_will_not_fit() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// A resume reads its checkpoint a tensor at a time into the run's own buffers: what it holds
+/// beyond them (the heap's peak over what is live once the optimizer is restored, as
+/// TUNA_MEM_TRACE's "optimizer" line gives it) is under the checkpoint's two tensor files
+/// together, which a resume once held whole (and then a decoded copy of the moments on top). The
+/// memory plan counts what a restore holds.
+#[test]
+fn a_resume_holds_no_whole_checkpoint() {
+    let d = tmp("resume-heap");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let a = set(train_args(&out, &train, 3, &[]), "--method", "full");
+    ok(&tuna(&a));
+    let ck = out.join("checkpoints/step-000002");
+    let files: u64 = ["trainable.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|f| std::fs::metadata(ck.join(f)).unwrap().len())
+        .sum();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000003")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .args([a, vec!["--resume".into()]].concat())
+        .env("TUNA_MEM_TRACE", "1")
+        .output()
+        .unwrap();
+    let err = ok(&o);
+    assert!(err.contains("resuming from") && err.contains("step 2"), "{err}");
+    // The plan's figure for it, to a tenth of its unit.
+    let planned = err.split("restoring the checkpoint holds ").nth(1).and_then(|r| r.split(" more").next());
+    let planned = planned.expect("the plan counts the restore");
+    let (x, unit) = planned.split_once(' ').unwrap();
+    let scale = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        _ => panic!("{planned}"),
+    };
+    let planned = (x.parse::<f64>().unwrap() + 0.05) * scale;
+    let line = err.lines().find(|l| l.starts_with("memory: optimizer:")).expect("the optimizer's trace");
+    let bytes = line.rsplit_once('(').and_then(|(_, b)| b.strip_suffix(" bytes)")).expect(line);
+    let (live, peak) =
+        bytes.split_once(" / ").map(|(l, p)| (l.parse::<u64>().unwrap(), p.parse::<u64>().unwrap())).unwrap();
+    let held = peak - live;
+    assert!(held < files, "the restore held {held} bytes over the run's {live}: the checkpoint's files are {files}");
+    assert!(held as f64 <= planned, "the restore held {held} bytes, the plan counted {planned}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn an_invalid_checkpoint_policy_is_an_error_naming_the_flag() {
     let d = tmp("ckpt-policy");

@@ -197,20 +197,42 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
                     p.numel()
                 )));
             }
-            let dev = p.device();
-            self.moments[i] = match self.storage {
-                MomentStorage::Master => Moments::Master(dev.from_host(m)?, dev.from_host(v)?),
-                MomentStorage::Bf16 => {
-                    // Saved from bf16 moments these are exact; from f32 ones, rounded to nearest.
-                    let narrow = |v: &[E]| v.iter().map(|&x| bf16::from_f64(x.into())).collect::<Vec<bf16>>();
-                    Moments::Bf16(
-                        Alloc::<bf16>::from_host(&**dev, &narrow(m))?,
-                        Alloc::<bf16>::from_host(&**dev, &narrow(v))?,
-                    )
-                }
-            };
+        }
+        for (i, (m, v)) in moments.iter().enumerate() {
+            self.load_moment(i, false, m)?;
+            self.load_moment(i, true, v)?;
         }
         self.hp.step = step;
+        Ok(())
+    }
+
+    /// Restore parameter `i`'s first moment (`second` false) or second moment, as
+    /// [`AdamW::moment`] gave it, over the one held (in place where the device can: one moment at
+    /// a time, a resume holds no second copy of the optimizer). The step count is the caller's to
+    /// set (`hp.step`). An error names the parameter whose length disagrees.
+    pub fn load_moment(&mut self, i: usize, second: bool, saved: &[E]) -> Result<()> {
+        let n = self.params.len();
+        let p = self.params.get(i).ok_or_else(|| Error::Backward(format!("AdamW: no parameter #{i} of {n}")))?;
+        if saved.len() != p.numel() {
+            return Err(Error::Backward(format!(
+                "AdamW: the saved {} moment of parameter #{i} ({:?}) has {} values, the parameter {}",
+                if second { "second" } else { "first" },
+                p.name(),
+                saved.len(),
+                p.numel()
+            )));
+        }
+        let dev = p.device();
+        match (&mut self.moments[i], second) {
+            (Moments::Master(m, _), false) | (Moments::Master(_, m), true) => {
+                Alloc::<E>::copy_from_host(&**dev, m, saved)?;
+            }
+            (Moments::Bf16(m, _), false) | (Moments::Bf16(_, m), true) => {
+                // Saved from bf16 moments these are exact; from f32 ones, rounded to nearest.
+                let narrow: Vec<bf16> = saved.iter().map(|&x| bf16::from_f64(x.into())).collect();
+                Alloc::<bf16>::copy_from_host(&**dev, m, &narrow)?;
+            }
+        }
         Ok(())
     }
 

@@ -108,3 +108,28 @@ fn an_attention_score_bias_is_updated_in_the_backward() {
     let first = make();
     assert_ne!(c[3].to_vec().unwrap(), first[3].to_vec().unwrap(), "the bias was not trained");
 }
+
+/// One moment at a time (as a resume restores them): each lands where `moment` reads it, bf16
+/// moments rounded to bf16, and a length that disagrees is an error naming the parameter.
+#[test]
+fn moments_load_one_at_a_time() {
+    let dev = cpu();
+    let a = Tensor::<Cpu, f32>::param(&dev, "a", &[2, 3], &[0.0; 6]).unwrap();
+    let b = Tensor::<Cpu, f32>::param(&dev, "b", &[4], &[0.0; 4]).unwrap();
+    for storage in [MomentStorage::Master, MomentStorage::Bf16] {
+        let mut opt = AdamW::with_storage(&[&a, &b], AdamWParams::new(0.1), storage).unwrap();
+        let m: Vec<f32> = (0..4).map(|i| 0.25 * i as f32).collect();
+        opt.load_moment(1, false, &m).unwrap();
+        opt.load_moment(0, true, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        assert_eq!(opt.moment(1, false).unwrap(), m, "{storage}");
+        assert_eq!(opt.moment(0, true).unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "{storage}");
+        assert_eq!(opt.moment(0, false).unwrap(), [0.0; 6], "{storage}: the others untouched");
+        let err = opt.load_moment(1, true, &[1.0; 3]).unwrap_err().to_string();
+        assert!(err.contains("second moment") && err.contains("\"b\"") && err.contains("3 values"), "{err}");
+        assert!(opt.load_moment(2, false, &[]).is_err(), "no parameter #2");
+        // bf16 storage keeps 8 significant bits: 1 + 2^-9 rounds to 1.
+        opt.load_moment(1, true, &[1.0 + 1.0 / 512.0; 4]).unwrap();
+        let want = if storage == MomentStorage::Bf16 { 1.0 } else { 1.0 + 1.0 / 512.0 };
+        assert_eq!(opt.moment(1, true).unwrap(), [want; 4], "{storage}");
+    }
+}

@@ -218,6 +218,12 @@ pub trait Alloc<E: Elem>: Backend {
     fn from_host(&self, host: &[E]) -> crate::Result<Self::Owned>;
     /// A host copy (synchronizes a device).
     fn to_host(&self, o: &Self::Owned) -> crate::Result<Vec<E>>;
+    /// Replaces the contents of `o` with a host slice: in place where the lengths agree and the
+    /// backend can (the CPU: no second buffer while it is done), else by a fresh copy.
+    fn copy_from_host(&self, o: &mut Self::Owned, host: &[E]) -> crate::Result<()> {
+        *o = self.from_host(host)?;
+        Ok(())
+    }
 }
 
 impl<E: Elem> Alloc<E> for Cpu {
@@ -256,5 +262,13 @@ impl<E: Elem> Alloc<E> for Cpu {
     }
     fn to_host(&self, o: &Vec<E>) -> crate::Result<Vec<E>> {
         Ok(o.clone())
+    }
+    fn copy_from_host(&self, o: &mut Vec<E>, host: &[E]) -> crate::Result<()> {
+        if o.len() == host.len() {
+            o.copy_from_slice(host);
+        } else {
+            *o = host.to_vec();
+        }
+        Ok(())
     }
 }

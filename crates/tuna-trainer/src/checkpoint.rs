@@ -7,9 +7,8 @@
 //! into place and fsyncs `dir`; a killed save leaves only a `.tmp-*` directory, which readers ignore
 //! and the next save deletes. One run writes to a directory at a time.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -132,28 +131,134 @@ pub struct Manifest {
     pub metrics: Map<String, Value>,
 }
 
-/// A verified checkpoint with its files' bytes.
+/// A checkpoint whose files verified (sizes and checksums) when it was loaded. Their bytes are not
+/// held: each is read again as it is used ([`Loaded::file`] whole, [`Loaded::reader`] in pieces),
+/// and that read is checked against the manifest again, so a file changed since it verified reads
+/// as an error naming it, never as other data.
 #[derive(Clone, Debug)]
 pub struct Loaded {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    files: BTreeMap<String, Vec<u8>>,
 }
 
 impl Loaded {
     pub fn step(&self) -> u64 {
         self.manifest.step
     }
-    /// The bytes of file `name`.
-    pub fn file(&self, name: &str) -> Result<&[u8], CheckpointError> {
-        self.files
-            .get(name)
-            .map(Vec::as_slice)
-            .ok_or_else(|| CheckpointError::NoFile { path: self.dir.clone(), name: name.into() })
+    /// The bytes of file `name`, whole (for a small file; read a large one with [`Loaded::reader`]).
+    pub fn file(&self, name: &str) -> Result<Vec<u8>, CheckpointError> {
+        let mut r = self.reader(name)?;
+        let size = usize::try_from(r.size())
+            .map_err(|_| CheckpointError::Corrupt { path: r.path.clone(), msg: "too large to read whole".into() })?;
+        let mut bytes = vec![0; size];
+        r.read_exact(&mut bytes)?;
+        r.finish()?;
+        Ok(bytes)
     }
-    /// The files by name.
-    pub fn files(&self) -> &BTreeMap<String, Vec<u8>> {
-        &self.files
+    /// File `name`, to read from start to end in pieces (see [`FileReader`]).
+    pub fn reader(&self, name: &str) -> Result<FileReader, CheckpointError> {
+        let entry = self
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| CheckpointError::NoFile { path: self.dir.clone(), name: name.into() })?;
+        FileReader::open(self.dir.join(name), entry)
+    }
+}
+
+/// Bytes read at a time by [`FileReader::read_chunks`] (a multiple of 8: a chunk of a tensor of
+/// 4- or 8-byte values holds whole values).
+pub(crate) const READ_CHUNK: usize = 64 << 10;
+
+/// A checkpoint file read from its start to its end with plain reads (no memory map: a file
+/// truncated or rewritten meanwhile cannot fault the process), checked against its manifest entry
+/// as it goes: reading past the listed size, or a file that ends early, is an error naming it, and
+/// [`FileReader::finish`] checks that nothing follows and that the checksum of everything read
+/// agrees. What it gave before a failed check was read from a file that has changed since it
+/// verified: the caller must treat it as unusable (an error, never a resumed run).
+pub struct FileReader {
+    path: PathBuf,
+    file: File,
+    fnv: Fnv64,
+    pos: u64,
+    size: u64,
+    fnv1a64: String,
+}
+
+impl FileReader {
+    fn open(path: PathBuf, entry: &FileEntry) -> Result<FileReader, CheckpointError> {
+        let file =
+            File::open(&path).map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+        Ok(FileReader { path, file, fnv: Fnv64::new(), pos: 0, size: entry.size, fnv1a64: entry.fnv1a64.clone() })
+    }
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The file's size as the manifest lists it.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+    fn corrupt(&self, msg: String) -> CheckpointError {
+        CheckpointError::Corrupt { path: self.path.clone(), msg }
+    }
+    /// Fills `buf` with the file's next bytes.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), CheckpointError> {
+        let end = self.pos.saturating_add(buf.len() as u64);
+        if end > self.size {
+            return Err(self.corrupt(format!("reading to byte {end}, past the {} bytes the manifest lists", self.size)));
+        }
+        self.file.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => self.corrupt(format!(
+                "ends before byte {end}, though the manifest lists {} bytes: it changed after it verified",
+                self.size
+            )),
+            _ => self.corrupt(e.to_string()),
+        })?;
+        self.fnv.write(buf);
+        self.pos = end;
+        Ok(())
+    }
+    /// Reads the next `n` bytes, handing them to `f` in pieces of at most 64 KiB (the pieces of a
+    /// read that starts at a multiple of 8 start at multiples of 8).
+    pub fn read_chunks(&mut self, n: u64, mut f: impl FnMut(&[u8])) -> Result<(), CheckpointError> {
+        let mut buf = vec![0u8; n.min(READ_CHUNK as u64) as usize];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(READ_CHUNK as u64) as usize;
+            self.read_exact(&mut buf[..k])?;
+            f(&buf[..k]);
+            left -= k as u64;
+        }
+        Ok(())
+    }
+    /// Checks the file read whole: every byte the manifest lists read, nothing after them, and
+    /// their checksum the manifest's.
+    pub fn finish(mut self) -> Result<(), CheckpointError> {
+        if self.pos != self.size {
+            return Err(self.corrupt(format!("{} of its {} bytes read", self.pos, self.size)));
+        }
+        let mut more = [0u8; 1];
+        match self.file.read(&mut more) {
+            Ok(0) => {}
+            Ok(_) => {
+                return Err(self.corrupt(format!(
+                    "longer than the {} bytes the manifest lists: it changed after it verified",
+                    self.size
+                )))
+            }
+            Err(e) => return Err(self.corrupt(e.to_string())),
+        }
+        let sum = format!("{:016x}", self.fnv.finish());
+        if sum != self.fnv1a64 {
+            return Err(self.corrupt(format!("checksum {sum}, manifest says {}", self.fnv1a64)));
+        }
+        Ok(())
     }
 }
 
@@ -335,25 +440,24 @@ impl Checkpoints {
         Ok(m)
     }
 
-    /// Loads checkpoint `step`, checking every file's size and checksum against the manifest.
+    /// Loads checkpoint `step`, checking every file's size and checksum against the manifest (each
+    /// file read in pieces: none is held whole).
     pub fn load(&self, step: u64) -> Result<Loaded, CheckpointError> {
         let manifest = self.read_manifest(step)?;
         let dir = self.step_dir(step);
-        let mut files = BTreeMap::new();
         for f in &manifest.files {
             let path = dir.join(&f.name);
-            let corrupt = |msg: String| CheckpointError::Corrupt { path: path.clone(), msg };
-            let bytes = fs::read(&path).map_err(|e| corrupt(e.to_string()))?;
-            if bytes.len() as u64 != f.size {
-                return Err(corrupt(format!("{} bytes, manifest says {}", bytes.len(), f.size)));
+            let len = fs::metadata(&path)
+                .map_err(|e| CheckpointError::Corrupt { path: path.clone(), msg: e.to_string() })?
+                .len();
+            if len != f.size {
+                return Err(CheckpointError::Corrupt { path, msg: format!("{len} bytes, manifest says {}", f.size) });
             }
-            let sum = format!("{:016x}", fnv1a64(&bytes));
-            if sum != f.fnv1a64 {
-                return Err(corrupt(format!("checksum {sum}, manifest says {}", f.fnv1a64)));
-            }
-            files.insert(f.name.clone(), bytes);
+            let mut r = FileReader::open(path, f)?;
+            r.read_chunks(f.size, |_| ())?;
+            r.finish()?;
         }
-        Ok(Loaded { dir, manifest, files })
+        Ok(Loaded { dir, manifest })
     }
 
     /// The newest checkpoint that verifies; newer ones that do not are skipped with a warning each and

@@ -55,6 +55,41 @@ fn roundtrip() {
     let _ = fs::remove_dir_all(&d);
 }
 
+/// A loaded checkpoint holds no file's bytes: each read checks them against the manifest again, so
+/// a file changed after it verified is an error naming it.
+#[test]
+fn a_file_changed_after_it_verified_reads_as_an_error_naming_it() {
+    let d = tmpdir("changed");
+    let c = Checkpoints::open(&d, 0, None).expect("open");
+    save(&c, 7, 1.0);
+    let l = c.load(7).expect("load");
+    let path = d.join("step-000007/weights.bin");
+    let err = |l: &Loaded| l.file("weights.bin").expect_err("changed").to_string();
+    fs::write(&path, vec![8u8; 1007]).unwrap();
+    let e = err(&l);
+    assert!(e.contains(&path.display().to_string()) && e.contains("checksum"), "{e}");
+    fs::write(&path, vec![7u8; 1000]).unwrap();
+    let e = err(&l);
+    assert!(e.contains("weights.bin") && e.contains("ends before byte 1007"), "{e}");
+    fs::write(&path, vec![7u8; 1008]).unwrap();
+    assert!(err(&l).contains("longer than the 1007 bytes"), "{}", err(&l));
+    fs::write(&path, vec![7u8; 1007]).unwrap();
+    assert_eq!(l.file("weights.bin").expect("as saved"), vec![7u8; 1007]);
+    // In pieces: the checksum is checked at the end.
+    let mut r = l.reader("weights.bin").expect("reader");
+    let mut n = 0;
+    r.read_chunks(1007, |c| n += c.len()).expect("read");
+    assert_eq!((n, r.position(), r.size()), (1007, 1007, 1007));
+    r.finish().expect("whole and unchanged");
+    let mut r = l.reader("weights.bin").expect("reader");
+    let mut buf = [0u8; 10];
+    r.read_exact(&mut buf).expect("the start");
+    assert!(r.finish().expect_err("not read whole").to_string().contains("10 of its 1007 bytes read"));
+    let mut r = l.reader("weights.bin").expect("reader");
+    assert!(r.read_chunks(1008, |_| ()).expect_err("past the end").to_string().contains("past the 1007 bytes"));
+    let _ = fs::remove_dir_all(&d);
+}
+
 #[test]
 fn pruning_keeps_the_last_k_and_the_best() {
     let d = tmpdir("prune");

@@ -32,7 +32,8 @@ pub mod task;
 pub use baseline::{prompt_engineered, BaselineConfig, PromptFile, PROMPT_FILE};
 pub use batch::{Batch, BatchConfig, BatchError, Batcher, Cursor, Encoded, PadSide, Truncate, IGNORE_INDEX};
 pub use checkpoint::{
-    fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, Fnv64, LatestValid, Loaded, Manifest,
+    fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, FileReader, Fnv64, LatestValid, Loaded,
+    Manifest,
 };
 pub use config::{Hurting, RunSummary, TrainConfig};
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};

@@ -95,7 +95,11 @@ pub fn reset_peak() {
 pub fn trace(what: &str) {
     if std::env::var_os("TUNA_MEM_TRACE").is_some() {
         if let (Some(l), Some(p)) = (live(), peak()) {
-            eprintln!("memory: {what}: live {}, peak {}", crate::human_bytes(l), crate::human_bytes(p));
+            eprintln!(
+                "memory: {what}: live {}, peak {} ({l} / {p} bytes)",
+                crate::human_bytes(l),
+                crate::human_bytes(p)
+            );
         }
     }
 }

@@ -39,7 +39,7 @@ use crate::progress::Progress;
 use crate::run::{limit, non_finite, nothing_to_resume, schedule_of};
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
-use crate::state::{self, settings_of, Params, State, OPTIMIZER, TRAINABLE};
+use crate::state::{self, settings_of, Params, State};
 use crate::task::{TaskFile, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -359,7 +359,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
                 let saved = state::resumable(&ck, &st)?;
                 let mut groups: Vec<(&Params<B>, &mut AdamW<B, f32>)> =
                     tasks.iter().map(|t| &t.params[..]).zip(opts.iter_mut()).collect();
-                state::restore_groups(&ck.dir, ck.file(TRAINABLE)?, ck.file(OPTIMIZER)?, &mut groups, saved.step)?;
+                state::restore_groups(&ck, &mut groups, saved.step)?;
                 eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
                 resumed_from = Some(saved.step);
                 st = State { base: st.base, settings: st.settings, ..saved };

@@ -50,6 +50,11 @@ pub struct MemoryPlan {
     /// Bytes `--base-precision q4` would save: the f32 bytes of the block weights the model's
     /// `.gguf` stores as Q4_0 / Q4_1, less their blocks' bytes (0 for other models).
     pub q4_saves: u64,
+    /// What restoring a checkpoint holds beyond [`MemoryPlan::before`] while it runs (one host
+    /// copy of the largest trainable tensor and a read buffer), for a run that may resume; 0 for
+    /// one that starts fresh. It is over before the first step, so the peak counts the larger of
+    /// it and a step's part.
+    pub restore: u64,
 }
 
 impl MemoryPlan {
@@ -60,8 +65,8 @@ impl MemoryPlan {
     }
     /// The predicted peak with `tokens` per micro-batch at `per_token` bytes each, less `less`.
     fn peak_with(&self, tokens: usize, per_token: f64, less: u64) -> u64 {
-        (self.before + self.outside_heap + (self.step_fixed + per_token * tokens as f64).max(0.0) as u64)
-            .saturating_sub(less)
+        let step = (self.step_fixed + per_token * tokens as f64).max(0.0) as u64;
+        (self.before + self.outside_heap + step.max(self.restore)).saturating_sub(less)
     }
     /// Bytes per token with `saved` saved-activation bytes per token instead of the run's.
     fn per_token_with(&self, saved: f64) -> f64 {
@@ -71,9 +76,17 @@ impl MemoryPlan {
     /// One line for the log, before the first step.
     pub fn describe(&self) -> String {
         let h = |b: f64| crate::human_bytes(b.max(0.0) as u64);
+        let step = (self.step_fixed + self.per_token * self.tokens as f64).max(0.0);
+        let restore = match self.restore {
+            0 => String::new(),
+            r if r as f64 > step => {
+                format!("; restoring the checkpoint holds {} more, in place of a step's", h(r as f64))
+            }
+            r => format!("; restoring the checkpoint holds {} more, under a step's", h(r as f64)),
+        };
         format!(
             "memory plan: peak {} predicted = {} held now (weights, data, optimizer {}) + {} per step \
-             (gradients {}) + {}/token x {} tokens (saved activations {}/token; {} with checkpointing {}) + {} outside the heap",
+             (gradients {}) + {}/token x {} tokens (saved activations {}/token; {} with checkpointing {}) + {} outside the heap{restore}",
             crate::human_bytes(self.peak()),
             h(self.before as f64),
             h(self.optimizer as f64),
@@ -169,14 +182,16 @@ fn saved_forward<B: Backend>(s: &mut Setup<B>, b: &crate::Batch, policy: Checkpo
     Ok(saved)
 }
 
-/// The plan for the run `s` is about to start (after its optimizer exists), or `None` where the
-/// heap is not counted, the first row is too short to draw a line through, or the model is an
+/// The plan for the run `s` is about to start (after its optimizer exists, and `restore` bytes
+/// held while a checkpoint is restored, 0 for a fresh run), or `None` where the heap is not
+/// counted, the first row is too short to draw a line through, or the model is an
 /// encoder-decoder.
 pub(crate) fn plan<B: Backend>(
     s: &mut Setup<B>,
     cfg: &TrainConfig,
     first: &crate::Batch,
     optimizer: u64,
+    restore: u64,
 ) -> Result<Option<MemoryPlan>> {
     let Some(live) = memory::live() else { return Ok(None) };
     // The probes cut the first row to its last tokens: an encoder-decoder's row would lose its
@@ -246,6 +261,7 @@ pub(crate) fn plan<B: Backend>(
         } else {
             0
         },
+        restore,
     }))
 }
 
@@ -296,6 +312,7 @@ mod tests {
             outside_heap: 50 * MB,
             packable: 0,
             q4_saves: 0,
+            restore: 0,
         }
     }
 
@@ -333,5 +350,32 @@ mod tests {
         let fixes = g.fits_with(&cfg, u64::MAX);
         let peak = |f: &str| fixes.iter().find(|(g, _)| g == f).map(|(_, p)| *p);
         assert_eq!(peak("--base-precision q4"), Some(g.peak() - 400 * MB / 32 * 27));
+    }
+
+    /// A resume's restore is over before the first step: the peak counts the larger of it and a
+    /// step's part, so a resume whose restore will not fit is refused like a step that will not.
+    #[test]
+    fn a_resume_counts_its_restore_where_it_exceeds_a_step() {
+        let p = plan();
+        let step = p.peak() - p.before - p.outside_heap;
+        let under = MemoryPlan { restore: step - MB, ..plan() };
+        assert_eq!(under.peak(), p.peak(), "a restore under a step's part is not on top of it");
+        assert!(under.describe().contains("under a step's"), "{}", under.describe());
+        let r = MemoryPlan { restore: step + 300 * MB, ..plan() };
+        assert_eq!(r.peak(), p.peak() + 300 * MB);
+        assert!(r.describe().contains("in place of a step's"), "{}", r.describe());
+        assert!(!p.describe().contains("restoring"), "a fresh run has no restore: {}", p.describe());
+        let dir = std::env::temp_dir().join(format!("tuna-plan-restore-{}", std::process::id()));
+        let mut cfg = crate::run::tests::config(crate::Task::Classify, &dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        cfg.micro_batch = 8;
+        // Just under the restore's peak: shrinking a step (checkpointing, fewer rows) does not
+        // help; bf16 moments (200 MB less held throughout) do, alone or with the others.
+        let fixes: Vec<String> = r.fits_with(&cfg, r.peak() - MB).into_iter().map(|(f, _)| f).collect();
+        assert!(fixes.contains(&"--optimizer-state bf16".to_string()), "{fixes:?}");
+        assert!(fixes.iter().all(|f| f.contains("--optimizer-state bf16")), "{fixes:?}");
+        for (f, peak) in r.fits_with(&cfg, u64::MAX) {
+            assert!(peak >= r.before + r.outside_heap + r.restore - 200 * MB, "{f}: {peak} is under the restore's");
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::model::{Backend, Model};
 use crate::progress::Progress;
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
-use crate::state::{self, settings_of, State, OPTIMIZER, TRAINABLE};
+use crate::state::{self, settings_of, State};
 use crate::task::{TaskFile, TaskSpec};
 use serde_json::{json, Map};
 use std::path::Path;
@@ -245,8 +245,16 @@ fn memory_plan<B: Backend>(
     let numel: usize = s.params.iter().map(|(_, t)| t.numel()).sum();
     let per = cfg.optimizer_state.bytes_per_param();
     let first = s.batcher.next_batch(&mut crate::batch::Cursor::default());
+    // A run that may resume counts what restoring its checkpoint holds (the plan is made before).
+    let restore = match cfg.out_mode {
+        OutMode::Resume | OutMode::ResumeOrStart => {
+            let bf16 = cfg.optimizer_state == tuna_autograd::optim::MomentStorage::Bf16;
+            state::restore_transient(s.params.iter().map(|(_, t)| t.numel()), bf16)
+        }
+        _ => 0,
+    };
     // The plan advises: a probe that fails (the run itself will say why, if it fails too) skips it.
-    let plan = match crate::plan::plan(s, cfg, &first, (numel * per) as u64) {
+    let plan = match crate::plan::plan(s, cfg, &first, (numel * per) as u64, restore) {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(None),
         Err(e) => {
@@ -372,7 +380,7 @@ fn start_or_resume<B: Backend>(
         return Ok((st, None));
     };
     let saved = state::resumable(&ck, &st)?;
-    state::restore(&ck.dir, ck.file(TRAINABLE)?, ck.file(OPTIMIZER)?, &s.params, opt, saved.step)?;
+    state::restore(&ck, &s.params, opt, saved.step)?;
     eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
     let step = saved.step;
     Ok((State { base: st.base, settings: st.settings, ..saved }, Some(step)))

@@ -3,7 +3,7 @@
 //! tensors and the AdamW moments; saving them, and checking and restoring a run from them.
 
 use crate::batch::Cursor;
-use crate::checkpoint::{Checkpoints, Loaded};
+use crate::checkpoint::{Checkpoints, FileReader, Loaded, READ_CHUNK};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::fingerprint::BaseFingerprint;
@@ -11,9 +11,9 @@ use crate::model::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
 use tuna_autograd::optim::AdamW;
 use tuna_autograd::Tensor;
+use tuna_kernels::Alloc;
 use tuna_models::adapt::Method;
 use tuna_models::io;
 
@@ -139,7 +139,7 @@ pub(crate) const STATE: &str = "state.json";
 /// that agrees with its checkpoint's step, the same settings (a changed `--steps` only warns) and
 /// the same data and batching.
 pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
-    let saved: State = serde_json::from_slice(ck.file(STATE)?)
+    let saved: State = serde_json::from_slice(&ck.file(STATE)?)
         .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
     // The fingerprint samples the base as held, so a switched --base-precision would read as
     // another base model: name the flag instead.
@@ -284,79 +284,204 @@ impl crate::checkpoint::Payload for Streamed<'_> {
     }
 }
 
-/// The trainable tensors and AdamW moments of a checkpoint (its files `w` and `o`) into `params`
-/// and `opt`; a tensor the checkpoint trains that `params` lacks is an error.
+/// The trainable tensors and AdamW moments of checkpoint `ck` into `params` and `opt`; a tensor
+/// the checkpoint trains that `params` lacks is an error.
 pub(crate) fn restore<B: Backend>(
-    dir: &Path,
-    w: &[u8],
-    o: &[u8],
+    ck: &Loaded,
     params: &[(String, Tensor<B, f32>)],
     opt: &mut AdamW<B, f32>,
     step: u64,
 ) -> Result<()> {
-    restore_groups(dir, w, o, &mut [(params, opt)], step)
+    restore_groups(ck, &mut [(params, opt)], step)
 }
 
 /// [`restore`] for a run with several optimizers (see [`save_groups`]).
+///
+/// A full fine-tuning checkpoint is the model three times over (weights and two moments), so
+/// nothing of it is held whole: each file is read front to back in the order its tensors lie
+/// (their headers first, checked before anything is replaced), each tensor decoded into one host
+/// buffer and copied over the tensor or moment it restores. What a restore holds beyond the run
+/// is the largest trainable tensor once and a read buffer ([`restore_transient`]). The bytes are
+/// checked against the manifest's checksum as they are read, so a file changed since the
+/// checkpoint verified is an error naming it (the run stops; nothing trains on what it read).
 pub(crate) fn restore_groups<B: Backend>(
-    dir: &Path,
-    w: &[u8],
-    o: &[u8],
+    ck: &Loaded,
     groups: &mut [(&Params<B>, &mut AdamW<B, f32>)],
     step: u64,
 ) -> Result<()> {
-    // The files are parsed in place (views into their bytes) and each tensor is decoded only as
-    // it is restored: a full fine-tuning checkpoint is the model three times over (weights and
-    // two moments), and a decoded copy of all of it on top of the bytes tripled a resume's peak.
-    fn read<'a>(dir: &Path, bytes: &'a [u8], what: &str) -> Result<safetensors::SafeTensors<'a>> {
-        let bad = |e: String| TrainError::Invalid(format!("{}: {e}", dir.join(what).display()));
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        for (n, v) in st.tensors() {
-            if v.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(format!("tensor `{n}` is {:?}, not F32", v.dtype())));
-            }
+    let mut weights = TensorFile::open(ck, TRAINABLE)?;
+    let mut moments = TensorFile::open(ck, OPTIMIZER)?;
+    // Each trainable tensor by name: its group and its index there (and in the group's optimizer).
+    let mut at: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for (g, (params, _)) in groups.iter().enumerate() {
+        for (i, (n, _)) in params.iter().enumerate() {
+            at.insert(n, (g, i));
         }
-        Ok(st)
     }
-    let weights = read(dir, w, TRAINABLE)?;
-    let moments = read(dir, o, OPTIMIZER)?;
-    let decode = |v: safetensors::tensor::TensorView<'_>| -> Vec<f32> {
-        v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    };
     // Every tensor the checkpoint trained must train now: none is dropped silently.
-    let trains = |k: &str| groups.iter().any(|(params, _)| params.iter().any(|(n, _)| n == k));
-    let mut trained = weights.names();
+    let mut trained = weights.names.clone();
     trained.sort();
-    if let Some(extra) = trained.into_iter().find(|k| !trains(k)) {
-        return Err(TrainError::Invalid(format!(
-            "{}: the checkpoint trains `{extra}`, which this run does not: it is from another method or model",
-            dir.join(TRAINABLE).display()
+    if let Some(extra) = trained.into_iter().find(|k| !at.contains_key(k.as_str())) {
+        return Err(weights.invalid(format!(
+            "the checkpoint trains `{extra}`, which this run does not: it is from another method or model"
         )));
     }
-    for (params, opt) in groups.iter_mut() {
-        let mut mom = Vec::new();
+    // Everything checked before anything is replaced.
+    for (params, _) in groups.iter() {
         for (n, t) in params.iter() {
-            let get = |k: &str| {
-                weights
-                    .tensor(k)
-                    .or_else(|_| moments.tensor(k))
-                    .ok()
-                    .filter(|v| v.shape() == t.shape())
-                    .map(decode)
-                    .ok_or_else(|| {
-                        TrainError::Invalid(format!(
-                            "{}: no tensor `{k}` of shape {:?}: the checkpoint is from another method or model",
-                            dir.display(),
-                            t.shape()
-                        ))
-                    })
-            };
-            *t.data_mut() = t.device().from_host(&get(n)?)?;
-            mom.push((get(&format!("{n}.m"))?, get(&format!("{n}.v"))?));
+            weights.expect(n, t.shape())?;
+            moments.expect(&format!("{n}.m"), t.shape())?;
+            moments.expect(&format!("{n}.v"), t.shape())?;
         }
-        opt.load_moments(&mom, step as u32)?;
+    }
+    for k in 0..weights.names.len() {
+        let (g, i) = at[weights.names[k].as_str()];
+        let v = weights.read(k)?;
+        let t = &groups[g].0[i].1;
+        Alloc::<f32>::copy_from_host(&**t.device(), &mut *t.data_mut(), &v)?;
+    }
+    weights.finish()?;
+    for k in 0..moments.names.len() {
+        let name = moments.names[k].as_str();
+        let moment = [(".m", false), (".v", true)]
+            .into_iter()
+            .find_map(|(suffix, second)| Some((*at.get(name.strip_suffix(suffix)?)?, second)));
+        match moment {
+            Some(((g, i), second)) => {
+                let v = moments.read(k)?;
+                groups[g].1.load_moment(i, second, &v)?;
+            }
+            // Moments of a tensor this run does not train (its weights were not saved): read
+            // past, for the checksum.
+            None => moments.skip(k)?,
+        }
+    }
+    moments.finish()?;
+    for (_, opt) in groups.iter_mut() {
+        opt.hp.step = step as u32;
     }
     Ok(())
+}
+
+/// Heap bytes a resume holds beyond the run's own while it finds and restores its checkpoint (what
+/// the memory plan adds for a run that may resume), for trainable tensors of `numel` values each:
+/// the larger of verifying the files (a read buffer of up to [`READ_CHUNK`] bytes) and restoring
+/// them (one host copy of the largest tensor, its read buffer and, with bf16 moments, a moment
+/// narrowed to bf16), plus the files' parsed headers (three entries a tensor: it and its two
+/// moments; 512 bytes each is generous: a MiniLM full fine-tune's come to ~270).
+pub(crate) fn restore_transient(numel: impl Iterator<Item = usize>, bf16_moments: bool) -> u64 {
+    let (mut largest, mut total, mut tensors) = (0u64, 0u64, 0u64);
+    for n in numel {
+        largest = largest.max(n as u64);
+        total += n as u64;
+        tensors += 1;
+    }
+    let chunk = READ_CHUNK as u64;
+    // The optimizer's file is the larger: two moments of each tensor.
+    let verify = (total * 8).min(chunk);
+    let restore = largest * 4 + (largest * 4).min(chunk) + if bf16_moments { largest * 2 } else { 0 };
+    verify.max(restore) + tensors * 3 * 512
+}
+
+/// A checkpoint's safetensors file of f32 tensors, read front to back: its header parsed and
+/// checked when opened, then each tensor's bytes in the order they lie.
+struct TensorFile {
+    r: FileReader,
+    meta: safetensors::tensor::Metadata,
+    /// The tensors' names in file order.
+    names: Vec<String>,
+    /// Where the tensors' data starts (the header's end).
+    data_start: u64,
+}
+
+impl TensorFile {
+    fn open(ck: &Loaded, file: &str) -> Result<TensorFile> {
+        let mut r = ck.reader(file)?;
+        let invalid = |r: &FileReader, msg: String| TrainError::Invalid(format!("{}: {msg}", r.path().display()));
+        let mut len = [0u8; 8];
+        r.read_exact(&mut len)?;
+        let n = u64::from_le_bytes(len);
+        // The safetensors crate's own limit on a header (100 MB).
+        if n > 100_000_000 || n > r.size() - 8 {
+            return Err(invalid(&r, format!("a safetensors header of {n} bytes in a file of {}", r.size())));
+        }
+        let mut header = vec![0u8; n as usize];
+        r.read_exact(&mut header)?;
+        // Parsing checks the offsets: the tensors lie one after another from the header's end,
+        // each of the size its dtype and shape give.
+        let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+            .map_err(|e| invalid(&r, format!("not a safetensors file: its header: {e}")))?;
+        drop(header);
+        let data_start = 8 + n;
+        if data_start + meta.data_len() as u64 != r.size() {
+            return Err(invalid(
+                &r,
+                format!(
+                    "its header lists {} bytes of tensors, the file holds {}",
+                    meta.data_len(),
+                    r.size() - data_start
+                ),
+            ));
+        }
+        let names = meta.offset_keys();
+        for k in &names {
+            let dtype = meta.info(k).map(|i| i.dtype);
+            if dtype != Some(safetensors::Dtype::F32) {
+                return Err(invalid(&r, format!("tensor `{k}` is {dtype:?}, not F32")));
+            }
+        }
+        Ok(TensorFile { r, meta, names, data_start })
+    }
+
+    fn invalid(&self, msg: String) -> TrainError {
+        TrainError::Invalid(format!("{}: {msg}", self.r.path().display()))
+    }
+
+    /// Checks that the file holds tensor `name` of `shape`.
+    fn expect(&self, name: &str, shape: &[usize]) -> Result<()> {
+        match self.meta.info(name) {
+            Some(i) if i.shape == shape => Ok(()),
+            Some(i) => Err(self.invalid(format!(
+                "tensor `{name}` has shape {:?}, this run's {shape:?}: the checkpoint is from another method or model",
+                i.shape
+            ))),
+            None => Err(self.invalid(format!(
+                "no tensor `{name}` of shape {shape:?}: the checkpoint is from another method or model"
+            ))),
+        }
+    }
+
+    /// Where tensor `k`'s data lies in the file, checked to be where the reading is.
+    fn span(&self, k: usize) -> Result<u64> {
+        let info =
+            self.meta.info(&self.names[k]).ok_or_else(|| self.invalid(format!("no tensor `{}`", self.names[k])))?;
+        let (start, end) = info.data_offsets;
+        if self.data_start + start as u64 != self.r.position() {
+            return Err(self.invalid(format!("tensor `{}` does not follow the one before it", self.names[k])));
+        }
+        Ok((end - start) as u64)
+    }
+
+    /// Tensor `k` (in file order; the next one), decoded.
+    fn read(&mut self, k: usize) -> Result<Vec<f32>> {
+        let len = self.span(k)?;
+        let mut v = Vec::with_capacity(len as usize / 4);
+        self.r.read_chunks(len, |c| {
+            v.extend(c.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        })?;
+        Ok(v)
+    }
+
+    /// Reads past tensor `k` (the next one).
+    fn skip(&mut self, k: usize) -> Result<()> {
+        let len = self.span(k)?;
+        Ok(self.r.read_chunks(len, |_| ())?)
+    }
+
+    /// Checks that the whole file was read and is the one that verified.
+    fn finish(self) -> Result<()> {
+        Ok(self.r.finish()?)
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +511,87 @@ mod tests {
         b.insert("--lr".into(), "0.5".into());
         b.insert("--new-flag".into(), "x".into()); // unknown to an older checkpoint: not a change
         assert_eq!(changed_settings(&a, &b), ["--lr was 0.01, now 0.5"]);
+    }
+
+    /// A restore puts back the tensors and both moments a checkpoint saved. A file changed after
+    /// the checkpoint verified (altered in place, cut short, grown, its header garbled) and a
+    /// tensor of another shape are errors naming the file, never a panic or a resumed run.
+    #[test]
+    fn a_restore_reads_back_what_was_saved_and_refuses_files_changed_after_they_verified() {
+        use crate::run::{optimizer, setup};
+        use std::sync::Arc;
+        use tuna_kernels::Cpu;
+        let dir = std::env::temp_dir().join(format!("tuna-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = crate::run::tests::config(crate::Task::Lm, &dir);
+        let dev = Arc::new(Cpu);
+        let s = setup(&dev, &cfg).unwrap();
+        let mut opt = optimizer(&cfg, &s.params).unwrap();
+        for (i, (_, t)) in s.params.iter().enumerate() {
+            let n = t.numel();
+            *t.data_mut() = (0..n).map(|j| (i * 1000 + j) as f32 * 1e-3).collect();
+            opt.load_moment(i, false, &vec![i as f32 + 0.5; n]).unwrap();
+            opt.load_moment(i, true, &(0..n).map(|j| j as f32).collect::<Vec<_>>()).unwrap();
+        }
+        let ckpts = Checkpoints::open(&dir.join("ck"), 0, None).unwrap();
+        let st = State {
+            step: 3,
+            cursor: Cursor::default(),
+            fingerprint: 0,
+            best: None,
+            evals_since_best: 0,
+            train_tokens: 0,
+            train_seconds: 0.0,
+            last_loss: 0.0,
+            base: None,
+            settings: None,
+            task_losses: None,
+        };
+        save(&ckpts, &st, &s.params, &opt, &Map::new()).unwrap();
+        let weights = |p: &Params<Cpu>| p.iter().map(|(_, t)| t.to_vec().unwrap()).collect::<Vec<_>>();
+        let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
+        let restored = || {
+            let fresh = setup(&dev, &cfg).unwrap();
+            let mut o = optimizer(&cfg, &fresh.params).unwrap();
+            restore(&ck, &fresh.params, &mut o, 3).map(|()| (weights(&fresh.params), o.moments().unwrap(), o.hp.step))
+        };
+        let (w, m, step) = restored().unwrap();
+        assert_eq!(w, weights(&s.params));
+        assert_eq!(m, opt.moments().unwrap());
+        assert_eq!(step, 3);
+
+        let (wf, of) = (ck.dir.join(TRAINABLE), ck.dir.join(OPTIMIZER));
+        type Change = fn(&mut Vec<u8>);
+        let cases: [(&std::path::Path, Change, &str); 6] = [
+            (&wf, |b| *b.last_mut().unwrap() ^= 1, "checksum"),
+            (&of, |b| b.truncate(b.len() - 100), "ends before byte"),
+            (&of, |b| b.push(0), "longer than"),
+            (&wf, |b| b.truncate(4), "ends before byte 8"),
+            (&wf, |b| b[8] = b'x', "not a safetensors file"),
+            (&of, |b| b[0..8].copy_from_slice(&u64::MAX.to_le_bytes()), "header of"),
+        ];
+        for (file, change, needle) in cases {
+            let before = std::fs::read(file).unwrap();
+            let mut bytes = before.clone();
+            change(&mut bytes);
+            std::fs::write(file, &bytes).unwrap();
+            let err = restored().expect_err("an error").to_string();
+            assert!(err.contains(&file.display().to_string()) && err.contains(needle), "{needle}: {err}");
+            std::fs::write(file, &before).unwrap();
+        }
+        assert!(restored().is_ok(), "the files as saved restore again");
+
+        // Another LoRA rank: the same tensors, other shapes.
+        let mut other = cfg.clone();
+        if let tuna_models::adapt::Method::Lora(l) = &mut other.method {
+            l.r = 4;
+        }
+        let fresh = setup(&dev, &other).unwrap();
+        let mut o = optimizer(&other, &fresh.params).unwrap();
+        let err = restore(&ck, &fresh.params, &mut o, 3).unwrap_err().to_string();
+        let first = &fresh.params[0].0;
+        assert!(err.contains(&wf.display().to_string()) && err.contains(&format!("`{first}` has shape")), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
