@@ -415,11 +415,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}: tuna_task.json: base_precision: {e}", saved_in.display()))?,
                 None => tuna::models::model::BasePrecision::F32,
             };
-            if let Some(p) = a.base_precision.filter(|&p| p != trained_on && saved.is_some()) {
+            // (A merged export has no adapter and its task file no precision: nothing to note.)
+            if let Some(p) = a.base_precision.filter(|&p| p != trained_on && saved.is_some() && a.adapter.is_some()) {
                 // Allowed (an adapter may be scored on another base), but the numbers will not be
                 // the ones its run reported.
                 eprintln!(
-                    "note: --base-precision {p}: the adapter was trained on a {trained_on} base ({}/tuna_task.json)",
+                    "note: --base-precision {p}: the adapter was trained with --base-precision {trained_on} ({}/tuna_task.json)",
                     saved_in.display()
                 );
             }

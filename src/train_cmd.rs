@@ -228,8 +228,9 @@ impl MethodArgs {
             "lora" => {
                 positive("--lora-r", self.lora_r.unwrap_or(8))?;
                 let (a, d) = (self.lora_alpha.unwrap_or(16.0), self.lora_dropout.unwrap_or(0.0));
-                require(a.is_finite() && a > 0.0 && a <= 1e6, || {
-                    format!("--lora-alpha {a}: expected 0 < alpha <= 1e6")
+                // (an alpha that is 0 as the f32 the scale is computed in would train nothing)
+                require(a.is_finite() && a as f32 > 0.0 && a <= 1e6, || {
+                    format!("--lora-alpha {}: expected 0 < alpha <= 1e6 (and nonzero as an f32)", show_number(a))
                 })?;
                 require((0.0..1.0).contains(&d), || format!("--lora-dropout {d}: expected 0 <= p < 1"))?;
             }
@@ -620,14 +621,17 @@ impl RunArgs {
         let f32_ok = |v: f64| (v as f32).is_finite();
         // A rate that rounds to zero in f32 would train nothing.
         require(f32_ok(lr) && lr as f32 > 0.0, || {
-            format!("--lr {}: expected a positive number from 1.5e-45 to 3.4e38 (an f32)", show_number(lr))
+            format!("--lr {}: expected a positive number from 1.4e-45 to 3.4e38 (an f32)", show_number(lr))
         })?;
         let r = self.min_lr_ratio;
-        require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {r}: expected 0 to 1"))?;
+        require((0.0..=1.0).contains(&r), || format!("--min-lr-ratio {}: expected 0 to 1", show_number(r)))?;
         let wd = self.weight_decay;
-        require(f32_ok(wd) && wd >= 0.0, || format!("--weight-decay {wd}: expected 0 or more"))?;
+        require(f32_ok(wd) && wd >= 0.0, || format!("--weight-decay {}: expected 0 or more", show_number(wd)))?;
         let c = self.clip;
-        require(f32_ok(c) && c >= 0.0, || format!("--clip {c}: expected 0 (off) or a positive norm"))?;
+        // A norm that is 0 as an f32 but not 0 would clip every gradient to nothing.
+        require(f32_ok(c) && c >= 0.0 && (c == 0.0 || c as f32 > 0.0), || {
+            format!("--clip {}: expected 0 (off) or a positive norm (nonzero as an f32)", show_number(c))
+        })?;
         if self.update_in_backward {
             // Clipping scales every gradient by the norm of all of them: known only once all exist.
             require(c == 0.0, || {

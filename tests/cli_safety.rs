@@ -345,7 +345,7 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 24] = [
+    let cases: [(&[(&str, &str)], &str); 27] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
@@ -363,8 +363,11 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
         (&[("--lr", "-1")], "--lr -1: expected"),
         (&[("--lr", "0")], "--lr 0: expected a positive number"),
         (&[("--tf32", "")], "--tf32 applies to CUDA's matrix products; --device cpu has no TF32"),
+        (&[("--clip", "1e-300")], "--clip 1e-300: expected 0 (off) or a positive norm"),
+        (&[("--lora-alpha", "1e-300")], "--lora-alpha 1e-300: expected 0 < alpha <= 1e6"),
+        (&[("--weight-decay", "-1e-300")], "--weight-decay -1e-300: expected 0 or more"),
         (&[("--min-lr-ratio", "2")], "--min-lr-ratio 2"),
-        (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.5e-45"),
+        (&[("--lr", "1e-300")], "--lr 1e-300: expected a positive number from 1.4e-45"),
         (&[("--holdout", "2"), ("--max-eval-examples", "3")], "--holdout 2 evaluates on the last 2 training examples"),
         // A method flag the method does not use would do nothing.
         (&[("--bottleneck", "8")], "--bottleneck applies to houlsby only; --method lora would ignore it"),

@@ -821,7 +821,7 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
         ok(&o);
         // Scoring on another base than the one trained on is allowed, and said.
         let err = String::from_utf8_lossy(&o.stderr);
-        let noted = err.contains("note: --base-precision f32: the adapter was trained on a bf16 base");
+        let noted = err.contains("note: --base-precision f32: the adapter was trained with --base-precision bf16");
         assert_eq!(noted, p == Some("f32"), "{p:?}: {err}");
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         out.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("no loss in: {out}"))

@@ -33,8 +33,9 @@ pub enum OutMode {
 }
 
 /// An exclusive advisory lock on a folder, held until dropped (or the process ends, however it ends).
-/// Dropped while the folder holds nothing but what the lock made (a run refused before it wrote
-/// anything), the lock leaves no trace: its lock file is removed, and the folders it created too.
+/// Dropped while the folder holds nothing it did not hold when the lock was taken (a run refused
+/// before it wrote anything), the lock leaves no trace: its lock file is removed (if it made it),
+/// and the folders it created too.
 /// An export's lock ([`lock_export`]) removes its lock file in any case.
 #[derive(Debug)]
 pub struct FolderLock {
@@ -47,6 +48,9 @@ pub struct FolderLock {
     made_file: bool,
     /// Remove the lock file on drop whatever else the folder holds (an export's).
     remove_file: bool,
+    /// What the folder held when the lock was taken: a drop finding nothing else (but the lock
+    /// file) knows the holder wrote nothing.
+    before: Vec<std::ffi::OsString>,
 }
 
 impl Drop for FolderLock {
@@ -54,13 +58,13 @@ impl Drop for FolderLock {
         // Still holding the lock: nobody else can be writing here. Removing the lock file is safe
         // for a process waiting on it: `lock` checks, once it holds a lock, that its file is still
         // the one at the path, and starts over if not.
-        let only_ours = std::fs::read_dir(&self.dir)
-            .map(|d| d.flatten().all(|e| self.made_file && e.file_name() == LOCK_FILE))
+        let wrote_nothing = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().all(|e| e.file_name() == LOCK_FILE || self.before.contains(&e.file_name())))
             .unwrap_or(false);
-        if only_ours || self.remove_file {
+        if (self.made_file && wrote_nothing) || self.remove_file {
             let _ = std::fs::remove_file(&self.path);
         }
-        if let (true, Some(top)) = (only_ours, &self.made_dir) {
+        if let (true, Some(top)) = (wrote_nothing, &self.made_dir) {
             // Innermost first; stops at the first folder that is not empty (anything that appeared
             // meanwhile stays).
             for d in self.dir.ancestors() {
@@ -169,7 +173,10 @@ fn take(dir: &Path, remove_file: bool) -> Result<FolderLock> {
             file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
             file.flush()
         });
-        return Ok(FolderLock { _file: file, path, dir: dir.to_path_buf(), made_dir, made_file, remove_file });
+        let before = std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| n != LOCK_FILE).collect())
+            .unwrap_or_default();
+        return Ok(FolderLock { _file: file, path, dir: dir.to_path_buf(), made_dir, made_file, remove_file, before });
     }
     Err(TrainError::Invalid(format!(
         "{}: its lock file kept being replaced while this process took it: try again",
@@ -415,6 +422,14 @@ mod tests {
         std::fs::write(d.join("metrics.jsonl"), b"{}\n").unwrap();
         drop(l);
         assert!(d.join(LOCK_FILE).is_file());
+        // A folder holding the user's own files: the lock file this lock made goes again, the
+        // files stay.
+        let u = parent.join("user");
+        std::fs::create_dir_all(&u).unwrap();
+        std::fs::write(u.join("notes.txt"), b"mine").unwrap();
+        drop(lock(&u).unwrap());
+        let names: Vec<_> = std::fs::read_dir(&u).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["notes.txt"]);
         // A lock file from an earlier run stays too.
         std::fs::remove_file(d.join("metrics.jsonl")).unwrap();
         drop(lock(&d).unwrap());
