@@ -229,7 +229,7 @@ __device__ void attn_bwd_tc(const AttnParams p, const bf16_t* q, const bf16_t* k
                     const float pr = ok ? exp2f(s[j][e] * sl2 + bb - l2) : 0.f;
                     s[j][e] = pr;
                     dp[j][e] = pr * (dp[j][e] - Db[c]);
-                    if (p.has_bias == 1 && i < T_ && kr < nk)  // dbias += dS (f32, unrounded; 0 where P is)
+                    if (p.has_bias == 1 && ok && i < T_ && kr < nk)  // dbias += dS (f32, unrounded; 0 where !ok)
                         atomicAdd(dbias + attn_bias_off(p, h, i, bcol0 + kr), dp[j][e]);
                 }
 

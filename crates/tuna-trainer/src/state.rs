@@ -315,7 +315,9 @@ pub(crate) fn restore_groups<B: Backend>(
     let mut at: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for (g, (params, _)) in groups.iter().enumerate() {
         for (i, (n, _)) in params.iter().enumerate() {
-            at.insert(n, (g, i));
+            if at.insert(n, (g, i)).is_some() {
+                return Err(weights.invalid(format!("this run trains two tensors named `{n}`")));
+            }
         }
     }
     // Every tensor the checkpoint trained must train now: none is dropped silently.
@@ -338,6 +340,15 @@ pub(crate) fn restore_groups<B: Backend>(
         let (g, i) = at[weights.names[k].as_str()];
         let v = weights.read(k)?;
         let t = &groups[g].0[i].1;
+        if v.len() != t.numel() {
+            // (the header's shape was checked above; the bytes must agree with it)
+            return Err(weights.invalid(format!(
+                "`{}`: {} values read, its shape holds {}",
+                weights.names[k],
+                v.len(),
+                t.numel()
+            )));
+        }
         Alloc::<f32>::copy_from_host(&**t.device(), &mut *t.data_mut(), &v)?;
     }
     weights.finish()?;
