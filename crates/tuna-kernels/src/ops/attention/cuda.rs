@@ -93,6 +93,15 @@ impl std::fmt::Display for FwdPath {
 thread_local! {
     static LAST_FWD: std::cell::Cell<Option<FwdPath>> = const { std::cell::Cell::new(None) };
     static LAST_BWD: std::cell::Cell<Option<BwdPath>> = const { std::cell::Cell::new(None) };
+    static FORCE_SIMT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Keep this thread's attention calls on the SIMT kernels (`on`), as a device the tensor-core
+/// kernels do not cover would (sm_86/89 at head dim 128: too little shared memory). For tests: the
+/// emulated device (sm_90, 227 KiB) would otherwise never launch the SIMT bf16 kernels those
+/// devices run.
+pub fn force_simt(on: bool) {
+    FORCE_SIMT.with(|c| c.set(on));
 }
 
 /// The path the last CUDA attention forward launched from this thread took (`None` before the
@@ -206,7 +215,9 @@ impl Cuda {
     /// The kernels a call with `p` on `E`s takes, forward and backward, before the launch-time
     /// alignment check.
     fn planned<E: Elem>(&self, p: &AttnParams) -> (FwdPath, BwdPath) {
+        let forced = FORCE_SIMT.with(|c| c.get());
         let path = |refusal: Option<&'static str>| match (E::NAME, refusal) {
+            ("bf16", None) if forced => FwdPath::Simt("forced (ops::attention::force_simt)"),
             ("bf16", None) => FwdPath::TensorCore,
             ("bf16", Some(why)) => FwdPath::Simt(why),
             _ => FwdPath::Simt("f32 elements"),

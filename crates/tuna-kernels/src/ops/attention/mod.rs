@@ -40,7 +40,9 @@
 mod cpu;
 mod cuda;
 
-pub use cuda::{last_bwd_path, last_fwd_path, tc_bwd_refusal, tc_fwd_refusal, BwdPath, FwdPath, TC_HEAD_DIMS};
+pub use cuda::{
+    force_simt, last_bwd_path, last_fwd_path, tc_bwd_refusal, tc_fwd_refusal, BwdPath, FwdPath, TC_HEAD_DIMS,
+};
 
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};

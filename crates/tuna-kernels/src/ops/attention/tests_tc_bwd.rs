@@ -158,3 +158,21 @@ fn tc_bwd_uncovered_calls_fall_back_to_simt() {
         Tol::CUDA_F32.assert_close(&format!("attention f32 bwd {gname}"), got, want);
     }
 }
+
+/// The SIMT bf16 kernels at the tensor cores' head dims, which a device without enough shared
+/// memory for the tensor-core kernels runs (sm_86/89 at d128) and the emulated device otherwise
+/// never launches: forced onto them, forward and backward match the CPU to the SIMT bf16 tolerance.
+#[test]
+fn the_simt_bf16_kernels_at_tensor_core_head_dims_still_match_cpu() {
+    let Some(dev) = cuda_or_skip("attention::the_simt_bf16_kernels_at_tensor_core_head_dims_still_match_cpu") else {
+        return;
+    };
+    let forced = FwdPath::Simt("forced (ops::attention::force_simt)");
+    force_simt(true);
+    for (seed, hd, causal, prefix) in [(12800, 128, true, 0), (12801, 128, false, 5), (6400, 64, true, 0)] {
+        let d = Data::new(seed, 2, 2, 1, 40, 40, prefix, hd, causal, Pad::Scattered);
+        check_bwd(&dev, &format!("forced SIMT d{hd}"), d, forced, Tol::CUDA_BF16);
+        assert_eq!(last_fwd_path(), Some(forced), "d{hd}: the forward took the tensor cores");
+    }
+    force_simt(false);
+}
