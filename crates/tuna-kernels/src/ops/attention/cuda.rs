@@ -114,11 +114,17 @@ pub fn last_fwd_path() -> Option<FwdPath> {
 /// Whether the tensor-core forward takes this bf16 call, else why not (shape and features; the
 /// buffers' alignment is checked at launch).
 pub fn tc_fwd_refusal(dev: &Cuda, p: &AttnParams) -> Option<&'static str> {
+    tc_refusal(dev, p, tc_fwd_smem_bytes(p.head_dim as usize))
+}
+
+/// Why a tensor-core kernel needing `smem` bytes of shared memory does not take a bf16 call with
+/// `p` on `dev`, if it does not.
+fn tc_refusal(dev: &Cuda, p: &AttnParams, smem: u32) -> Option<&'static str> {
     if dev.arch() < 80 {
         Some("mma.sync bf16 needs sm_80 or newer")
     } else if !TC_HEAD_DIMS.contains(&p.head_dim) {
         Some("head_dim not 32, 64 or 128")
-    } else if tc_fwd_smem_bytes(p.head_dim as usize) > dev.max_dyn_smem() {
+    } else if smem > dev.max_dyn_smem() {
         Some("shared memory")
     } else {
         None
@@ -135,15 +141,7 @@ pub fn last_bwd_path() -> Option<BwdPath> {
 /// buffers' alignment is checked at launch). It covers what the SIMT backward does at these head
 /// dims: causal or not, mask, GQA, prefix (table or per-sequence ranges), KV offset, score bias.
 pub fn tc_bwd_refusal(dev: &Cuda, p: &AttnParams) -> Option<&'static str> {
-    if dev.arch() < 80 {
-        Some("mma.sync bf16 needs sm_80 or newer")
-    } else if !TC_HEAD_DIMS.contains(&p.head_dim) {
-        Some("head_dim not 32, 64 or 128")
-    } else if tc_bwd_smem_bytes(p.head_dim as usize) > dev.max_dyn_smem() {
-        Some("shared memory")
-    } else {
-        None
-    }
+    tc_refusal(dev, p, tc_bwd_smem_bytes(p.head_dim as usize))
 }
 
 /// The tile width for `p`; head dims above the largest width, and batches beyond the grid's z
