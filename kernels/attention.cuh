@@ -1,7 +1,7 @@
 // attention.cuh: what the SIMT attention kernels (attention.cu) and the tensor-core forward
 // (attention_tc.cu) share: the parameter struct (mirrored by `AttnParams` in
 // crates/tuna-kernels/src/ops/attention/mod.rs, where the layouts and masking rules are) and the
-// per-sequence prefix range and the score bias offset.
+// per-sequence prefix range, the keys a backward block owns and the score bias offset.
 #pragma once
 
 #define ATTN_LOG2E 1.4426950408889634f
@@ -25,6 +25,27 @@ __device__ __forceinline__ void attn_prefix_range(const AttnParams& p, const u32
         *start = 0;
         *len = (int)p.prefix_len;
     }
+}
+
+// The keys backward block `blk` owns, in blocks of `tile`: the prefix table's ceil(prefix_len/tile)
+// blocks first, then the content's. `pre`: prefix keys (rows k0.. of sequence b's prefix range,
+// which starts at table row `pstart`), else content keys k0..; `nk` of them, 0 for a prefix block
+// past this sequence's range (nothing to do); `bcol0`: the score bias column of key 0.
+struct AttnKeyBlock {
+    bool pre;
+    int k0, nk, pstart, bcol0;
+};
+__device__ __forceinline__ AttnKeyBlock attn_key_block(const AttnParams& p, const u32_t* prows, int b, int blk,
+                                                       int tile) {
+    AttnKeyBlock kb;
+    int P;
+    attn_prefix_range(p, prows, b, &kb.pstart, &P);
+    const int n_pb = ((int)p.prefix_len + tile - 1) / tile;  // of the whole table
+    kb.pre = blk < n_pb;
+    kb.k0 = (kb.pre ? blk : blk - n_pb) * tile;
+    kb.nk = kb.pre && kb.k0 >= P ? 0 : min(tile, (kb.pre ? P : (int)p.kv_len) - kb.k0);
+    kb.bcol0 = kb.pre ? kb.pstart + kb.k0 : (int)p.prefix_len + kb.k0;
+    return kb;
 }
 
 // Offset of bias[h, i, col] (row stride prefix_len + kv_len: the whole prefix table, then content).

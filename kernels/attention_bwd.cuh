@@ -37,18 +37,14 @@ __device__ void attn_bwd(const AttnParams p, const T* q, const T* k, const T* v,
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int T_ = p.q_len, S = p.kv_len, off = S - T_;
-    const int n_pb = ((int)p.prefix_len + ATTN_TILE - 1) / ATTN_TILE;  // of the whole table
-    int P, pstart;
-    attn_prefix_range(p, prows, b, &pstart, &P);
-    const bool pre = (int)blockIdx.x < n_pb;
-    const int k0 = (pre ? blockIdx.x : blockIdx.x - n_pb) * ATTN_TILE;
-    if (pre && k0 >= P) return;  // past this sequence's prefix: uniform for the whole block
-    const int nk = min(ATTN_TILE, (pre ? P : S) - k0);
+    const AttnKeyBlock kb = attn_key_block(p, prows, b, (int)blockIdx.x, ATTN_TILE);
+    if (kb.nk == 0) return;  // past this sequence's prefix: uniform for the whole block
+    const bool pre = kb.pre;
+    const int k0 = kb.k0, nk = kb.nk, pstart = kb.pstart, bcol0 = kb.bcol0;
     const int group = p.heads / p.kv_heads;
     const int HD = p.head_dim;  // <= D; columns HD..D-1 of the tiles are zero
     const long long qs = (long long)p.heads * HD, ks = (long long)p.kv_heads * HD;
     const float sl2 = p.scale * ATTN_LOG2E;
-    const int bcol0 = pre ? pstart + k0 : (int)p.prefix_len + k0;  // bias column of this block's key 0
 
     {
         const long long base = pre ? ((long long)(pstart + k0) * p.kv_heads + kvh) * HD

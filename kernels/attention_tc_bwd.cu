@@ -123,16 +123,12 @@ __device__ void attn_bwd_tc(const AttnParams p, const bf16_t* q, const bf16_t* k
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int T_ = p.q_len, S = p.kv_len, off = S - T_;
-    const int n_pb = ((int)p.prefix_len + TCB_KEYS - 1) / TCB_KEYS;  // of the whole table
-    int P, pstart;
-    attn_prefix_range(p, prows, b, &pstart, &P);
-    const bool pre = (int)blockIdx.x < n_pb;
-    const int k0 = (pre ? (int)blockIdx.x : (int)blockIdx.x - n_pb) * TCB_KEYS;
-    if (pre && k0 >= P) return;  // past this sequence's prefix: uniform for the whole block
-    const int nk = min(TCB_KEYS, (pre ? P : S) - k0);
+    const AttnKeyBlock kb = attn_key_block(p, prows, b, (int)blockIdx.x, TCB_KEYS);
+    if (kb.nk == 0) return;  // past this sequence's prefix: uniform for the whole block
+    const bool pre = kb.pre;
+    const int k0 = kb.k0, nk = kb.nk, pstart = kb.pstart, bcol0 = kb.bcol0;
     const int group = p.heads / p.kv_heads;
     const long long ks = (long long)p.kv_heads * D;
-    const int bcol0 = pre ? pstart + k0 : (int)p.prefix_len + k0;  // bias column of the block's key 0
 
     // causal: query i sees content key j iff j <= off + i, so tiles before this one see nothing
     const int qb_first = (pre || !p.causal) ? 0 : max(0, k0 - off) / TCB_ROWS;
