@@ -335,17 +335,12 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         plan: None,
     };
     let mut st = State {
-        step: 0,
-        cursor: Cursor::default(),
         fingerprint: fingerprint(&tasks, run.batch_size, run.seed),
-        best: None,
-        evals_since_best: 0,
-        train_tokens: 0,
-        train_seconds: 0.0,
         last_loss: f64::NAN,
         base: Some(base),
         settings: Some(multi_settings(&tasks)),
         task_losses: Some(BTreeMap::new()),
+        ..State::default()
     };
     let mut resumed_from = None;
     if matches!(run.out_mode, OutMode::Resume | OutMode::ResumeOrStart) {

@@ -356,17 +356,11 @@ fn start_or_resume<B: Backend>(
     ckpts: &Checkpoints,
 ) -> Result<(State, Option<u64>)> {
     let st = State {
-        step: 0,
-        cursor: Cursor::default(),
         fingerprint: s.batcher.fingerprint(),
-        best: None,
-        evals_since_best: 0,
-        train_tokens: 0,
-        train_seconds: 0.0,
         last_loss: f64::NAN,
         base: Some(s.base.clone()),
         settings: Some(settings_of(cfg, s.eval_batcher.as_ref().map(Batcher::fingerprint))),
-        task_losses: None,
+        ..State::default()
     };
     if !matches!(cfg.out_mode, OutMode::Resume | OutMode::ResumeOrStart) {
         return Ok((st, None));

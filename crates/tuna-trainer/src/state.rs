@@ -17,8 +17,9 @@ use tuna_kernels::Alloc;
 use tuna_models::adapt::Method;
 use tuna_models::io;
 
-/// What `state.json` holds: where the run is and what it ran on.
-#[derive(Serialize, Deserialize)]
+/// What `state.json` holds: where the run is and what it ran on. (`Default`: step 0, nothing
+/// recorded yet.)
+#[derive(Default, Serialize, Deserialize)]
 pub(crate) struct State {
     pub(crate) step: u64,
     pub(crate) cursor: Cursor,
@@ -545,19 +546,7 @@ mod tests {
             opt.load_moment(i, true, &(0..n).map(|j| j as f32).collect::<Vec<_>>()).unwrap();
         }
         let ckpts = Checkpoints::open(&dir.join("ck"), 0, None).unwrap();
-        let st = State {
-            step: 3,
-            cursor: Cursor::default(),
-            fingerprint: 0,
-            best: None,
-            evals_since_best: 0,
-            train_tokens: 0,
-            train_seconds: 0.0,
-            last_loss: 0.0,
-            base: None,
-            settings: None,
-            task_losses: None,
-        };
+        let st = State { step: 3, ..State::default() };
         save(&ckpts, &st, &s.params, &opt, &Map::new()).unwrap();
         let weights = |p: &Params<Cpu>| p.iter().map(|(_, t)| t.to_vec().unwrap()).collect::<Vec<_>>();
         let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
@@ -607,19 +596,7 @@ mod tests {
 
     #[test]
     fn evaluations_track_the_best_and_the_patience() {
-        let mut st = State {
-            step: 0,
-            cursor: Cursor::default(),
-            fingerprint: 0,
-            best: None,
-            evals_since_best: 0,
-            train_tokens: 0,
-            train_seconds: 0.0,
-            last_loss: 0.0,
-            base: None,
-            settings: None,
-            task_losses: None,
-        };
+        let mut st = State::default();
         assert!(!st.record_eval(0.5, Direction::Max, Some(2)));
         assert!(!st.record_eval(0.4, Direction::Max, Some(2)));
         assert!(st.record_eval(0.5, Direction::Max, Some(2)), "two evaluations without improvement");
