@@ -3,21 +3,25 @@
 //! passes by construction; [`zero_grad`] is the optimizer step's zeroing.
 
 use crate::error::{Error, Result};
-use crate::ops::{host, zeros, Kernels};
+use crate::ops::Kernels;
+use crate::tensor::AccOwned;
 use crate::tensor::{Float, Tensor};
 use half::bf16;
 pub use tuna_kernels::ops::adamw::AdamWParams;
 use tuna_kernels::ops::adamw::{AdamWBf16Kernel, AdamWKernel};
 use tuna_kernels::ops::grad::GradNormKernel;
-use tuna_kernels::Alloc;
+use tuna_kernels::{Alloc, Elem};
 
-/// Backends with the optimizer kernels for `E`.
+/// Backends with the optimizer kernels for `E`: the update runs on the masters (`E::Acc`: the
+/// parameters themselves for f32/f64, the f32 masters of bf16 ones) with `E::Acc` gradients.
 pub trait OptimKernels<E: Float>:
-    Kernels<E> + AdamWKernel<E> + AdamWBf16Kernel<E> + GradNormKernel<E> + Alloc<bf16>
+    Kernels<E> + AdamWKernel<E::Acc> + AdamWBf16Kernel<E::Acc> + GradNormKernel<E::Acc> + Alloc<bf16>
 {
 }
-impl<B: Kernels<E> + AdamWKernel<E> + AdamWBf16Kernel<E> + GradNormKernel<E> + Alloc<bf16>, E: Float> OptimKernels<E>
-    for B
+impl<
+        B: Kernels<E> + AdamWKernel<E::Acc> + AdamWBf16Kernel<E::Acc> + GradNormKernel<E::Acc> + Alloc<bf16>,
+        E: Float,
+    > OptimKernels<E> for B
 {
 }
 
@@ -65,7 +69,7 @@ impl std::str::FromStr for MomentStorage {
 
 /// One parameter's moments, as stored.
 enum Moments<B: OptimKernels<E>, E: Float> {
-    Master(<B as Alloc<E>>::Owned, <B as Alloc<E>>::Owned),
+    Master(AccOwned<B, E>, AccOwned<B, E>),
     Bf16(<B as Alloc<bf16>>::Owned, <B as Alloc<bf16>>::Owned),
 }
 
@@ -94,22 +98,21 @@ fn norm_then<B: OptimKernels<E>, E: Float>(params: &[&Tensor<B, E>], clip: Optio
     let mut seen = std::collections::HashSet::new();
     let params: Vec<_> = params.iter().filter(|p| seen.insert(p.id())).collect();
     let dev = first.device().clone();
-    let mut acc = zeros::<B, E>(&dev, 1)?;
+    let mut acc: AccOwned<B, E> = Alloc::<E::Acc>::zeros(&*dev, 1)?;
     for p in &params {
-        if let Some(r) = p.with_grad(|g| dev.grad_sq_norm_acc(g, B::buf_mut(&mut acc))) {
+        if let Some(r) = p.with_grad(|g| dev.grad_sq_norm_acc(g, <B as Alloc<E::Acc>>::buf_mut(&mut acc)))? {
             r?;
         }
     }
     if let Some(max_norm) = clip {
+        let max_norm = <E::Acc as Elem>::from_f64(max_norm);
         for p in params {
-            if let Some(c) = &p.inner.grad {
-                if let Some(g) = c.buf.borrow_mut().as_mut() {
-                    dev.grad_clip(B::buf(&acc), E::c(max_norm), B::buf_mut(g))?;
-                }
+            if let Some(r) = p.with_grad(|g| dev.grad_clip(<B as Alloc<E::Acc>>::buf(&acc), max_norm, g))? {
+                r?;
             }
         }
     }
-    let sq: f64 = host::<B, E>(&dev, &acc)?[0].into();
+    let sq: f64 = Alloc::<E::Acc>::to_host(&*dev, &acc)?[0].to_f64();
     Ok(sq.sqrt())
 }
 
@@ -141,7 +144,9 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
             }
             let (dev, n) = (p.device(), p.numel());
             moments.push(match storage {
-                MomentStorage::Master => Moments::Master(zeros::<B, E>(dev, n)?, zeros::<B, E>(dev, n)?),
+                MomentStorage::Master => {
+                    Moments::Master(Alloc::<E::Acc>::zeros(&**dev, n)?, Alloc::<E::Acc>::zeros(&**dev, n)?)
+                }
                 MomentStorage::Bf16 => {
                     Moments::Bf16(Alloc::<bf16>::zeros(&**dev, n)?, Alloc::<bf16>::zeros(&**dev, n)?)
                 }
@@ -162,24 +167,24 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
 
     /// The first and second moments of each parameter, in the order given to [`AdamW::new`]
     /// (host copies in the masters' float, for checkpoints; bf16 moments widen exactly).
-    pub fn moments(&self) -> Result<Vec<(Vec<E>, Vec<E>)>> {
+    pub fn moments(&self) -> Result<Vec<(Vec<E::Acc>, Vec<E::Acc>)>> {
         (0..self.params.len()).map(|i| Ok((self.moment(i, false)?, self.moment(i, true)?))).collect()
     }
 
     /// Parameter `i`'s first moment (`second` false) or second moment, as [`AdamW::moments`] gives
     /// it: one host copy at a time (a checkpoint streams them so).
-    pub fn moment(&self, i: usize, second: bool) -> Result<Vec<E>> {
+    pub fn moment(&self, i: usize, second: bool) -> Result<Vec<E::Acc>> {
         let dev = self.params[i].device();
-        let widen = |v: Vec<bf16>| v.into_iter().map(|x| E::c(x.to_f64())).collect::<Vec<E>>();
+        let widen = |v: Vec<bf16>| v.into_iter().map(|x| <E::Acc as Elem>::from_f64(x.to_f64())).collect::<Vec<_>>();
         Ok(match (&self.moments[i], second) {
-            (Moments::Master(m, _), false) | (Moments::Master(_, m), true) => dev.to_host(m)?,
+            (Moments::Master(m, _), false) | (Moments::Master(_, m), true) => Alloc::<E::Acc>::to_host(&**dev, m)?,
             (Moments::Bf16(m, _), false) | (Moments::Bf16(_, m), true) => widen(Alloc::<bf16>::to_host(&**dev, m)?),
         })
     }
 
     /// Restore moments saved by [`AdamW::moments`] and the step count (`hp.step`); an error names
     /// the parameter whose length disagrees.
-    pub fn load_moments(&mut self, moments: &[(Vec<E>, Vec<E>)], step: u32) -> Result<()> {
+    pub fn load_moments(&mut self, moments: &[(Vec<E::Acc>, Vec<E::Acc>)], step: u32) -> Result<()> {
         if moments.len() != self.params.len() {
             return Err(Error::Backward(format!(
                 "AdamW: {} saved moment pairs for {} parameters",
@@ -210,7 +215,7 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
     /// [`AdamW::moment`] gave it, over the one held (in place where the device can: one moment at
     /// a time, a resume holds no second copy of the optimizer). The step count is the caller's to
     /// set (`hp.step`). An error names the parameter whose length disagrees.
-    pub fn load_moment(&mut self, i: usize, second: bool, saved: &[E]) -> Result<()> {
+    pub fn load_moment(&mut self, i: usize, second: bool, saved: &[E::Acc]) -> Result<()> {
         let n = self.params.len();
         let p = self.params.get(i).ok_or_else(|| Error::Backward(format!("AdamW: no parameter #{i} of {n}")))?;
         if saved.len() != p.numel() {
@@ -225,11 +230,11 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
         let dev = p.device();
         match (&mut self.moments[i], second) {
             (Moments::Master(m, _), false) | (Moments::Master(_, m), true) => {
-                Alloc::<E>::copy_from_host(&**dev, m, saved)?;
+                Alloc::<E::Acc>::copy_from_host(&**dev, m, saved)?;
             }
             (Moments::Bf16(m, _), false) | (Moments::Bf16(_, m), true) => {
                 // Saved from bf16 moments these are exact; from f32 ones, rounded to nearest.
-                let narrow: Vec<bf16> = saved.iter().map(|&x| bf16::from_f64(x.into())).collect();
+                let narrow: Vec<bf16> = saved.iter().map(|&x| bf16::from_f64(x.to_f64())).collect();
                 Alloc::<bf16>::copy_from_host(&**dev, m, &narrow)?;
             }
         }
@@ -253,21 +258,33 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
         let hp = self.hp;
         // The stochastic rounding's draw: per step and per parameter, so runs reproduce.
         let seed = hp.step.wrapping_mul(0x9e37_79b9) ^ (i as u32).wrapping_mul(0x85eb_ca6b);
-        let r = p.with_grad(|g| match mv {
-            Moments::Master(m, v) => {
-                dev.adamw_step(&hp, <B as Alloc<E>>::buf_mut(&mut *p.data_mut()), g, B::buf_mut(m), B::buf_mut(v))
-            }
-            Moments::Bf16(m, v) => dev.adamw_step_bf16_moments(
-                &hp,
-                seed,
-                <B as Alloc<E>>::buf_mut(&mut *p.data_mut()),
-                g,
-                <B as Alloc<bf16>>::buf_mut(m),
-                <B as Alloc<bf16>>::buf_mut(v),
-            ),
-        });
-        if let Some(r) = r {
-            r?;
+        // The update runs on the master (the parameter itself for f32/f64), which then writes the
+        // parameter's data.
+        let grad = p.inner.grad.as_ref().filter(|_| p.has_grad());
+        if grad.is_some() {
+            p.update_master(|master| {
+                let r = p.with_grad(|g| match mv {
+                    Moments::Master(m, v) => dev.adamw_step(
+                        &hp,
+                        master,
+                        g,
+                        <B as Alloc<E::Acc>>::buf_mut(m),
+                        <B as Alloc<E::Acc>>::buf_mut(v),
+                    ),
+                    Moments::Bf16(m, v) => dev.adamw_step_bf16_moments(
+                        &hp,
+                        seed,
+                        master,
+                        g,
+                        <B as Alloc<bf16>>::buf_mut(m),
+                        <B as Alloc<bf16>>::buf_mut(v),
+                    ),
+                })?;
+                if let Some(r) = r {
+                    r?;
+                }
+                Ok(())
+            })?;
         }
         p.zero_grad();
         Ok(())
@@ -298,7 +315,7 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
                 return Ok(());
             }
             done[i] = true;
-            let held: usize = self.params.iter().filter(|p| p.has_grad()).map(|p| p.bytes()).sum();
+            let held: usize = self.params.iter().filter(|p| p.has_grad()).map(|p| p.grad_bytes()).sum();
             out.peak_grad_bytes = out.peak_grad_bytes.max(held);
             if out.non_finite.is_some() {
                 // After a non-finite gradient nothing more is applied.

@@ -2,32 +2,95 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{self, Node};
+use crate::ops::Kernels;
+use std::any::Any;
 use std::cell::{Ref, RefCell, RefMut};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tuna_kernels::{Alloc, CpuFloat, Elem};
+use tuna_kernels::ops::elementwise::ElementwiseKernel;
+use tuna_kernels::{Alloc, Elem};
 
-/// Element types a differentiable tensor can hold: its gradient has the same type
-/// (f32 and f64; f64 on the CPU is for gradient checks).
-pub trait Float: CpuFloat {}
-impl Float for f32 {}
-impl Float for f64 {}
+/// Element types a differentiable tensor can hold: f32 and f64 (f64 on the CPU is for gradient
+/// checks), whose gradients, masters and optimizer moments are their own type, and bf16 (CUDA's
+/// mixed precision), whose activations and activation gradients are bf16 while a trainable leaf
+/// keeps an f32 master copy and accumulates an f32 gradient (`E::Acc`): the optimizer updates the
+/// master and writes the bf16 copy the ops read ([`Tensor::master`]).
+pub trait Float: Elem {
+    /// A constant, rounded to this type.
+    fn c(x: f64) -> Self;
+    /// Whether `Self::Acc` is `Self` (f32, f64): a leaf then keeps no master and accumulates its
+    /// gradient in its own type.
+    const ACC_IS_SELF: bool;
+}
+impl Float for f32 {
+    fn c(x: f64) -> Self {
+        x as f32
+    }
+    const ACC_IS_SELF: bool = true;
+}
+impl Float for f64 {
+    fn c(x: f64) -> Self {
+        x
+    }
+    const ACC_IS_SELF: bool = true;
+}
+impl Float for half::bf16 {
+    fn c(x: f64) -> Self {
+        half::bf16::from_f64(x)
+    }
+    const ACC_IS_SELF: bool = false;
+}
 
-/// A gradient buffer, allocated (zeroed) at first accumulation.
+/// `x` as a `U` when `T` and `U` are one type (an `E` buffer as its `E::Acc` buffer where
+/// `E::ACC_IS_SELF`); `None` otherwise.
+pub(crate) fn same_mut<T: 'static, U: 'static>(x: &mut T) -> Option<&mut U> {
+    (x as &mut dyn Any).downcast_mut::<U>()
+}
+/// [`same_mut`] for shared references.
+pub(crate) fn same_ref<T: 'static, U: 'static>(x: &T) -> Option<&U> {
+    (x as &dyn Any).downcast_ref::<U>()
+}
+/// [`same_mut`] by value.
+pub(crate) fn same_owned<T: 'static, U: 'static>(x: T) -> std::result::Result<U, T> {
+    let b: Box<dyn Any> = Box::new(x);
+    match b.downcast::<U>() {
+        Ok(u) => Ok(*u),
+        Err(b) => Err(*b.downcast::<T>().expect("boxed just above")),
+    }
+}
+
+/// `E` values as `E::Acc`: a copy (exact widening for bf16; the same values for f32/f64).
+pub(crate) fn widen<E: Float>(v: &[E]) -> Vec<E::Acc> {
+    v.iter().map(|&x| <E::Acc as Elem>::from_f32(x.to_f32())).collect()
+}
+
+/// `E::Acc` values as `E` (round to nearest even for bf16; the same values for f32/f64).
+pub(crate) fn narrow<E: Float>(v: &[E::Acc]) -> Vec<E> {
+    match same_ref::<Vec<E::Acc>, Vec<E>>(&v.to_vec()) {
+        Some(same) => same.clone(),
+        None => v.iter().map(|&x| E::from_f32(x.to_f32())).collect(),
+    }
+}
+
+/// A gradient buffer, allocated (zeroed) at first accumulation: in `E` for an activation (and a
+/// leaf of f32/f64), in `E::Acc` for a trainable leaf whose `E` is not its own accumulator (a bf16
+/// parameter's f32 gradient, held type-erased as `<B as Alloc<E::Acc>>::Owned`).
 pub(crate) struct GradCell<B: Alloc<E>, E: Elem> {
     pub(crate) buf: RefCell<Option<B::Owned>>,
+    /// The `E::Acc` gradient of a mixed-precision leaf; `acc_mode` says whether this cell uses it.
+    pub(crate) acc: RefCell<Option<Box<dyn Any>>>,
+    pub(crate) acc_mode: bool,
     pub(crate) len: usize,
 }
 
 impl<B: Alloc<E>, E: Elem> GradCell<B, E> {
     pub(crate) fn new(len: usize) -> Rc<Self> {
-        Rc::new(GradCell { buf: RefCell::new(None), len })
+        Rc::new(GradCell { buf: RefCell::new(None), acc: RefCell::new(None), acc_mode: false, len })
     }
-    /// Run `f` on the gradient buffer (zeroed first if absent); kernels accumulate into it.
-    pub(crate) fn accumulate(&self, dev: &B, f: impl FnOnce(&mut B::Buf<E>) -> Result<()>) -> Result<()> {
-        let mut g = self.buf.borrow_mut();
-        f(B::buf_mut(self.ensure(dev, &mut g)?))
+    /// A leaf's cell: in `E::Acc` when `acc_mode`.
+    pub(crate) fn new_leaf(len: usize, acc_mode: bool) -> Rc<Self> {
+        Rc::new(GradCell { buf: RefCell::new(None), acc: RefCell::new(None), acc_mode, len })
     }
     /// The gradient buffer behind `g` (this cell's, borrowed), allocated zeroed if absent.
     pub(crate) fn ensure<'g>(&self, dev: &B, g: &'g mut Option<B::Owned>) -> Result<&'g mut B::Owned> {
@@ -36,27 +99,121 @@ impl<B: Alloc<E>, E: Elem> GradCell<B, E> {
         }
         Ok(g.as_mut().expect("just set"))
     }
-    /// Add a whole gradient `g` (of this cell's length): moved in when the cell is empty (no
-    /// zeroing, no copy), added with `add` otherwise.
-    pub(crate) fn accumulate_owned(
-        &self,
-        g: B::Owned,
-        add: impl FnOnce(&mut B::Buf<E>, &B::Buf<E>) -> Result<()>,
-    ) -> Result<()> {
+    /// Take the buffer out (frees a non-leaf gradient once its node has used it; drops a leaf's).
+    pub(crate) fn take(&self) -> Option<B::Owned> {
+        self.acc.borrow_mut().take();
+        self.buf.borrow_mut().take()
+    }
+    /// Whether a gradient has been accumulated.
+    pub(crate) fn is_some(&self) -> bool {
+        if self.acc_mode {
+            self.acc.borrow().is_some()
+        } else {
+            self.buf.borrow().is_some()
+        }
+    }
+}
+
+impl<B: Kernels<E>, E: Float> GradCell<B, E> {
+    /// Run `f` on the `E::Acc` gradient of a mixed-precision leaf (zeroed first if absent).
+    fn with_acc<T>(&self, dev: &B, f: impl FnOnce(&mut AccOwned<B, E>) -> Result<T>) -> Result<T> {
+        debug_assert!(self.acc_mode);
+        let mut a = self.acc.borrow_mut();
+        if a.is_none() {
+            *a = Some(Box::new(Alloc::<E::Acc>::zeros(dev, self.len)?));
+        }
+        let owned = a.as_mut().expect("just set").downcast_mut::<AccOwned<B, E>>().expect("an E::Acc buffer");
+        f(owned)
+    }
+
+    /// Run `f` on the gradient buffer (zeroed first if absent); kernels accumulate into it. For a
+    /// mixed-precision leaf `f` writes a zeroed `E` scratch that is then added to its `E::Acc`
+    /// gradient.
+    pub(crate) fn accumulate(&self, dev: &B, f: impl FnOnce(&mut B::Buf<E>) -> Result<()>) -> Result<()> {
+        if self.acc_mode {
+            let mut s = Alloc::<E>::zeros(dev, self.len)?;
+            f(<B as Alloc<E>>::buf_mut(&mut s))?;
+            return self.add_owned(dev, s);
+        }
+        let mut g = self.buf.borrow_mut();
+        f(<B as Alloc<E>>::buf_mut(self.ensure(dev, &mut g)?))
+    }
+
+    /// Run `f` on the gradient as an `E::Acc` buffer (the parameter gradients the kernels keep in
+    /// `E::Acc`: norm weights, biases, embedding tables, prefix keys/values): directly where the
+    /// gradient is in `E::Acc` (a mixed-precision leaf, or any f32/f64 tensor), else through a
+    /// zeroed `E::Acc` scratch rounded to `E` and added (a bf16 activation).
+    pub(crate) fn accumulate_acc(&self, dev: &B, f: impl FnOnce(&mut AccBuf<B, E>) -> Result<()>) -> Result<()> {
+        if self.acc_mode {
+            return self.with_acc(dev, |a| f(<B as Alloc<E::Acc>>::buf_mut(a)));
+        }
+        if E::ACC_IS_SELF {
+            let mut g = self.buf.borrow_mut();
+            let owned = self.ensure(dev, &mut g)?;
+            let owned = same_mut::<EOwned<B, E>, AccOwned<B, E>>(owned).expect("E::Acc is E");
+            return f(<B as Alloc<E::Acc>>::buf_mut(owned));
+        }
+        let mut s = Alloc::<E::Acc>::zeros(dev, self.len)?;
+        f(<B as Alloc<E::Acc>>::buf_mut(&mut s))?;
+        self.add_acc_owned(dev, s)
+    }
+
+    /// Add a whole gradient `g` (of this cell's length): moved in when an `E` cell is empty (no
+    /// zeroing, no copy), added otherwise (widened into a mixed-precision leaf's `E::Acc`).
+    pub(crate) fn add_owned(&self, dev: &B, g: <B as Alloc<E>>::Owned) -> Result<()> {
+        if self.acc_mode {
+            let one = <E::Acc as Elem>::from_f32(1.0);
+            return self.with_acc(dev, |a| {
+                Ok(dev.grad_accumulate(<B as Alloc<E::Acc>>::buf_mut(a), <B as Alloc<E>>::buf(&g), one)?)
+            });
+        }
         let mut cur = self.buf.borrow_mut();
         match cur.as_mut() {
             None => {
                 *cur = Some(g);
                 Ok(())
             }
-            Some(c) => add(B::buf_mut(c), B::buf(&g)),
+            Some(c) => Ok(dev.scale_bwd(1.0, <B as Alloc<E>>::buf(&g), <B as Alloc<E>>::buf_mut(c))?),
         }
     }
-    /// Take the buffer out (frees a non-leaf gradient once its node has used it).
-    pub(crate) fn take(&self) -> Option<B::Owned> {
-        self.buf.borrow_mut().take()
+
+    /// [`GradCell::add_owned`] for a gradient in `E::Acc` (rounded to `E` for a bf16 activation).
+    pub(crate) fn add_acc_owned(&self, dev: &B, g: AccOwned<B, E>) -> Result<()> {
+        if self.acc_mode {
+            let mut a = self.acc.borrow_mut();
+            return match a.as_mut() {
+                None => {
+                    *a = Some(Box::new(g));
+                    Ok(())
+                }
+                Some(cur) => {
+                    let cur = cur.downcast_mut::<AccOwned<B, E>>().expect("an E::Acc buffer");
+                    Ok(ElementwiseKernel::<E::Acc>::scale_bwd(
+                        dev,
+                        1.0,
+                        <B as Alloc<E::Acc>>::buf(&g),
+                        <B as Alloc<E::Acc>>::buf_mut(cur),
+                    )?)
+                }
+            };
+        }
+        match same_owned::<AccOwned<B, E>, EOwned<B, E>>(g) {
+            Ok(e) => self.add_owned(dev, e),
+            Err(g) => {
+                let mut e = Alloc::<E>::zeros(dev, self.len)?;
+                dev.cast(<B as Alloc<E::Acc>>::buf(&g), <B as Alloc<E>>::buf_mut(&mut e))?;
+                self.add_owned(dev, e)
+            }
+        }
     }
 }
+
+/// A backend's owned buffer of `E`.
+pub(crate) type EOwned<B, E> = <B as Alloc<E>>::Owned;
+/// A backend's owned buffer of `E::Acc`.
+pub(crate) type AccOwned<B, E> = <B as Alloc<<E as Elem>::Acc>>::Owned;
+/// A backend's buffer of `E::Acc`, as the kernels take it.
+pub(crate) type AccBuf<B, E> = <B as tuna_kernels::Backend>::Buf<<E as Elem>::Acc>;
 
 pub(crate) struct Inner<B: Alloc<E>, E: Elem> {
     pub(crate) id: u64,
@@ -70,6 +227,9 @@ pub(crate) struct Inner<B: Alloc<E>, E: Elem> {
     pub(crate) node: Option<Rc<Node>>,
     /// Produced by an op (recorded or not), as opposed to created by the caller (weights, inputs).
     pub(crate) activation: bool,
+    /// A mixed-precision trainable leaf's master copy (`<B as Alloc<E::Acc>>::Owned`, type-erased):
+    /// the optimizer updates it and writes `data` from it.
+    pub(crate) master: Option<RefCell<Box<dyn Any>>>,
 }
 
 /// A tensor on backend `B` holding `E`s. Cloning is cheap (shared storage).
@@ -106,8 +266,9 @@ pub(crate) fn numel(shape: &[usize]) -> usize {
 }
 
 impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
-    fn build(dev: Arc<B>, shape: Vec<usize>, data: B::Owned, grad: bool, node: Option<Rc<Node>>) -> Self {
-        let g = grad.then(|| GradCell::new(numel(&shape)));
+    /// A leaf; `grad` is `Some(acc_mode)` for a trainable one.
+    fn build(dev: Arc<B>, shape: Vec<usize>, data: B::Owned, grad: Option<bool>, node: Option<Rc<Node>>) -> Self {
+        let g = grad.map(|acc| GradCell::new_leaf(numel(&shape), acc));
         Tensor {
             inner: Rc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -118,6 +279,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 grad: g,
                 node,
                 activation: false,
+                master: None,
             }),
         }
     }
@@ -125,20 +287,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     /// A tensor that needs no gradient (inputs, frozen weights).
     pub fn constant(dev: &Arc<B>, shape: &[usize], values: &[E]) -> Result<Self> {
         check_len(None, shape, values.len())?;
-        Ok(Self::build(dev.clone(), shape.to_vec(), dev.from_host(values)?, false, None))
-    }
-
-    /// A trainable leaf: its gradient accumulates across backward passes until [`Tensor::zero_grad`].
-    pub fn param(dev: &Arc<B>, name: &str, shape: &[usize], values: &[E]) -> Result<Self> {
-        check_len(Some(name), shape, values.len())?;
-        let mut t = Self::build(dev.clone(), shape.to_vec(), dev.from_host(values)?, true, None);
-        Rc::get_mut(&mut t.inner).expect("fresh tensor").name = Some(name.into());
-        Ok(t)
-    }
-
-    /// A zero tensor, trainable or not.
-    pub fn zeros(dev: &Arc<B>, shape: &[usize], requires_grad: bool) -> Result<Self> {
-        Ok(Self::build(dev.clone(), shape.to_vec(), dev.zeros(numel(shape))?, requires_grad, None))
+        Ok(Self::build(dev.clone(), shape.to_vec(), dev.from_host(values)?, None, None))
     }
 
     /// A copy of the data as a leaf that needs no gradient (cuts the graph). The copy goes through
@@ -168,6 +317,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 grad,
                 node,
                 activation: true,
+                master: None,
             }),
         }
     }
@@ -241,21 +391,11 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     /// A frozen tensor of `shape` whose data is held elsewhere from the start (a weight kept
     /// packed as it loads, never materialised): as a tensor after [`Tensor::release_storage`].
     pub fn released(dev: &Arc<B>, shape: &[usize]) -> Result<Self> {
-        Ok(Self::build(dev.clone(), shape.to_vec(), dev.zeros(0)?, false, None))
+        Ok(Self::build(dev.clone(), shape.to_vec(), dev.zeros(0)?, None, None))
     }
     /// Whether the data was released ([`Tensor::release_storage`]).
     pub fn is_released(&self) -> bool {
         self.numel() > 0 && B::len(&*self.buf()) == 0
-    }
-    /// A host copy of the accumulated gradient; `None` where none has flowed here yet.
-    pub fn grad(&self) -> Result<Option<Vec<E>>> {
-        match &self.inner.grad {
-            None => Ok(None),
-            Some(c) => match &*c.buf.borrow() {
-                None => Ok(None),
-                Some(g) => Ok(Some(self.inner.dev.to_host(g)?)),
-            },
-        }
     }
     /// Drop the accumulated gradient (the optimizer step's zeroing).
     pub fn zero_grad(&self) {
@@ -265,13 +405,12 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     }
     /// Whether a gradient has been accumulated (and not yet dropped).
     pub fn has_grad(&self) -> bool {
-        self.inner.grad.as_ref().is_some_and(|c| c.buf.borrow().is_some())
+        self.inner.grad.as_ref().is_some_and(|c| c.is_some())
     }
-    /// Run `f` on the gradient buffer, if one has been accumulated.
-    pub fn with_grad<T>(&self, f: impl FnOnce(&B::Buf<E>) -> T) -> Option<T> {
-        let c = self.inner.grad.as_ref()?;
-        let g = c.buf.borrow();
-        g.as_ref().map(|g| f(B::buf(g)))
+    /// Whether this is a mixed-precision trainable leaf: an `E::Acc` master and gradient beside
+    /// its `E` data.
+    pub fn has_master(&self) -> bool {
+        self.inner.master.is_some()
     }
 
     pub(crate) fn cell(&self) -> Option<Rc<GradCell<B, E>>> {
@@ -279,6 +418,166 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     }
     pub(crate) fn node(&self) -> Option<Rc<Node>> {
         self.inner.node.clone()
+    }
+}
+
+impl<B: Kernels<E>, E: Float> Tensor<B, E> {
+    /// A trainable leaf: its gradient accumulates across backward passes until [`Tensor::zero_grad`].
+    /// A bf16 leaf keeps an f32 master of `values` (widened exactly) and accumulates an f32 gradient.
+    pub fn param(dev: &Arc<B>, name: &str, shape: &[usize], values: &[E]) -> Result<Self> {
+        check_len(Some(name), shape, values.len())?;
+        let mut t = Self::trainable(dev, shape, Alloc::<E>::from_host(&**dev, values)?)?;
+        Rc::get_mut(&mut t.inner).expect("fresh tensor").name = Some(name.into());
+        Ok(t)
+    }
+
+    /// A trainable leaf from its master values (`E::Acc`): for bf16, the f32 master keeps them
+    /// exactly and the data is their rounding (a checkpoint's or an initializer's f32 values).
+    pub fn param_from_master(dev: &Arc<B>, name: &str, shape: &[usize], values: &[E::Acc]) -> Result<Self> {
+        check_len(Some(name), shape, values.len())?;
+        let t = Self::param(dev, name, shape, &narrow::<E>(values))?;
+        if t.has_master() {
+            t.load_master(values)?;
+        }
+        Ok(t)
+    }
+
+    /// A zero tensor, trainable or not.
+    pub fn zeros(dev: &Arc<B>, shape: &[usize], requires_grad: bool) -> Result<Self> {
+        let data = Alloc::<E>::zeros(&**dev, numel(shape))?;
+        if requires_grad {
+            Self::trainable(dev, shape, data)
+        } else {
+            Ok(Self::build(dev.clone(), shape.to_vec(), data, None, None))
+        }
+    }
+
+    /// A trainable leaf holding `data`, with a master copy where `E` is not its own accumulator.
+    fn trainable(dev: &Arc<B>, shape: &[usize], data: <B as Alloc<E>>::Owned) -> Result<Self> {
+        let mut t = Self::build(dev.clone(), shape.to_vec(), data, Some(!E::ACC_IS_SELF), None);
+        if !E::ACC_IS_SELF {
+            let host = widen::<E>(&Alloc::<E>::to_host(&**dev, &t.data())?);
+            let m: AccOwned<B, E> = Alloc::<E::Acc>::from_host(&**dev, &host)?;
+            Rc::get_mut(&mut t.inner).expect("fresh tensor").master = Some(RefCell::new(Box::new(m)));
+        }
+        Ok(t)
+    }
+
+    /// The values the optimizer updates, as `E::Acc`: the master of a mixed-precision leaf, the
+    /// data itself otherwise (f32, f64), or the widened data of a frozen bf16 tensor.
+    pub fn master_to_vec(&self) -> Result<Vec<E::Acc>> {
+        if let Some(m) = &self.inner.master {
+            let m = m.borrow();
+            let m = m.downcast_ref::<AccOwned<B, E>>().expect("an E::Acc master");
+            return Ok(Alloc::<E::Acc>::to_host(&**self.device(), m)?);
+        }
+        let v = self.to_vec()?;
+        Ok(match same_owned::<Vec<E>, Vec<E::Acc>>(v) {
+            Ok(same) => same,
+            Err(v) => widen::<E>(&v),
+        })
+    }
+
+    /// Replace the values from `E::Acc` ones (a checkpoint's): the master and its rounding into the
+    /// data for a mixed-precision leaf, the data otherwise (rounded to `E` for a frozen bf16 one);
+    /// in place where the device can. The length must match.
+    pub fn load_master(&self, host: &[E::Acc]) -> Result<()> {
+        if host.len() != self.numel() {
+            return Err(Error::Data {
+                name: self.name().unwrap_or("unnamed").into(),
+                len: host.len(),
+                shape: self.shape().to_vec(),
+                expected: self.numel(),
+            });
+        }
+        let dev = self.device().clone();
+        if let Some(m) = &self.inner.master {
+            let mut m = m.borrow_mut();
+            let m = m.downcast_mut::<AccOwned<B, E>>().expect("an E::Acc master");
+            Alloc::<E::Acc>::copy_from_host(&*dev, m, host)?;
+            dev.cast(<B as Alloc<E::Acc>>::buf(m), <B as Alloc<E>>::buf_mut(&mut self.data_mut()))?;
+            return Ok(());
+        }
+        Ok(Alloc::<E>::copy_from_host(&*dev, &mut self.data_mut(), &narrow::<E>(host))?)
+    }
+
+    /// Run `f` on the values the optimizer updates as an `E::Acc` buffer (the master, or the data
+    /// where `E` is its own accumulator), then write the data from the master where there is one.
+    pub fn update_master<T>(&self, f: impl FnOnce(&mut AccBuf<B, E>) -> Result<T>) -> Result<T> {
+        let dev = self.device().clone();
+        if let Some(m) = &self.inner.master {
+            let mut m = m.borrow_mut();
+            let m = m.downcast_mut::<AccOwned<B, E>>().expect("an E::Acc master");
+            let out = f(<B as Alloc<E::Acc>>::buf_mut(m))?;
+            dev.cast(<B as Alloc<E::Acc>>::buf(m), <B as Alloc<E>>::buf_mut(&mut self.data_mut()))?;
+            return Ok(out);
+        }
+        let mut d = self.data_mut();
+        match same_mut::<EOwned<B, E>, AccOwned<B, E>>(&mut *d) {
+            Some(a) => f(<B as Alloc<E::Acc>>::buf_mut(a)),
+            None => Err(Error::Invalid(format!(
+                "tensor `{}` holds {} without a master: not a trainable leaf",
+                self.name().unwrap_or("unnamed"),
+                E::NAME
+            ))),
+        }
+    }
+
+    /// A host copy of the accumulated gradient, in `E::Acc` (a mixed-precision leaf's f32
+    /// gradient as it is; an activation's widened); `None` where none has flowed here yet.
+    pub fn grad(&self) -> Result<Option<Vec<E::Acc>>> {
+        let Some(c) = &self.inner.grad else { return Ok(None) };
+        let dev = &**self.device();
+        if c.acc_mode {
+            let a = c.acc.borrow();
+            return match a.as_ref() {
+                None => Ok(None),
+                Some(b) => {
+                    let o = b.downcast_ref::<AccOwned<B, E>>().expect("an E::Acc buffer");
+                    Ok(Some(Alloc::<E::Acc>::to_host(dev, o)?))
+                }
+            };
+        }
+        let g = c.buf.borrow();
+        let Some(g) = g.as_ref() else { return Ok(None) };
+        let v = Alloc::<E>::to_host(dev, g)?;
+        Ok(Some(match same_owned::<Vec<E>, Vec<E::Acc>>(v) {
+            Ok(same) => same,
+            Err(v) => widen::<E>(&v),
+        }))
+    }
+
+    /// Run `f` on the accumulated gradient as an `E::Acc` buffer, if there is one: a trainable
+    /// leaf's (or any f32/f64 tensor's). A bf16 activation's gradient is refused.
+    pub fn with_grad<T>(&self, f: impl FnOnce(&mut AccBuf<B, E>) -> T) -> Result<Option<T>> {
+        let Some(c) = &self.inner.grad else { return Ok(None) };
+        if c.acc_mode {
+            let mut a = c.acc.borrow_mut();
+            return Ok(a.as_mut().map(|b| {
+                f(<B as Alloc<E::Acc>>::buf_mut(b.downcast_mut::<AccOwned<B, E>>().expect("an E::Acc buffer")))
+            }));
+        }
+        let mut g = c.buf.borrow_mut();
+        let Some(g) = g.as_mut() else { return Ok(None) };
+        match same_mut::<EOwned<B, E>, AccOwned<B, E>>(g) {
+            Some(a) => Ok(Some(f(<B as Alloc<E::Acc>>::buf_mut(a)))),
+            None => Err(Error::Invalid(format!(
+                "the gradient of {} tensor `{}` is held in {}: not a trainable leaf",
+                E::NAME,
+                self.name().unwrap_or("unnamed"),
+                E::NAME
+            ))),
+        }
+    }
+
+    /// Bytes of this tensor's data and, for a mixed-precision leaf, its master.
+    pub fn bytes_with_master(&self) -> usize {
+        self.bytes() + if self.has_master() { self.numel() * std::mem::size_of::<E::Acc>() } else { 0 }
+    }
+
+    /// Bytes of an accumulated gradient of this tensor (in `E::Acc` for a mixed-precision leaf).
+    pub fn grad_bytes(&self) -> usize {
+        self.numel() * if self.has_master() { std::mem::size_of::<E::Acc>() } else { std::mem::size_of::<E>() }
     }
 
     /// Differentiate this scalar: every trainable leaf it depends on accumulates its gradient.
@@ -299,7 +598,8 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
         }
     }
 
-    /// Seed this scalar's gradient with 1; its tape node, if an op made it.
+    /// Seed this scalar's gradient with 1 (added to what a leaf loss already holds); its tape
+    /// node, if an op made it.
     fn seed_backward(&self) -> Result<Option<Rc<Node>>> {
         if self.numel() != 1 {
             return Err(Error::Backward(format!("needs a scalar, got shape {:?}", self.shape())));
@@ -307,16 +607,8 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
         let cell = self
             .cell()
             .ok_or_else(|| Error::Backward("the loss does not depend on any tensor that needs a gradient".into()))?;
-        {
-            // Seed: d loss / d loss = 1 (added to what a leaf loss already holds).
-            let dev = &self.inner.dev;
-            let mut g = cell.buf.borrow_mut();
-            let prev = match g.take() {
-                Some(old) => dev.to_host(&old)?[0].to_f32(),
-                None => 0.0,
-            };
-            *g = Some(dev.from_host(&[E::from_f32(prev + 1.0)])?);
-        }
+        let one: EOwned<B, E> = Alloc::<E>::from_host(&**self.device(), &[E::from_f32(1.0)])?;
+        cell.add_owned(self.device(), one)?;
         Ok(self.node())
     }
 }

@@ -29,7 +29,12 @@ fn targets() -> Vec<i32> {
 type Run<E> = (Vec<E>, Vec<E>, Option<Vec<E>>);
 
 /// Loss, dh and dw of the unfused ops and of the fused one (at `chunk`).
-fn both<B: Kernels<E>, E: Float>(h: &Tensor<B, E>, w: &Tensor<B, E>, t: &[i32], chunk: Option<usize>) -> [Run<E>; 2] {
+fn both<B: Kernels<E>, E: Float + tuna_kernels::CpuFloat>(
+    h: &Tensor<B, E>,
+    w: &Tensor<B, E>,
+    t: &[i32],
+    chunk: Option<usize>,
+) -> [Run<E>; 2] {
     let dev = h.device().clone();
     let run = |fused: bool| {
         h.zero_grad();

@@ -16,6 +16,15 @@ pub trait Elem: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
     type Acc: Elem;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// The value as an f64 (exact for the float types).
+    fn to_f64(self) -> f64 {
+        self.to_f32() as f64
+    }
+    /// `x` rounded to this type (through f32 except for f64 itself, which is exact; f64 -> f32
+    /// -> bf16 rounds as f64 -> bf16 would only where no tie is involved).
+    fn from_f64(x: f64) -> Self {
+        Self::from_f32(x as f32)
+    }
 }
 
 impl Elem for f32 {
@@ -34,6 +43,12 @@ impl Elem for f32 {
 impl Elem for f64 {
     const NAME: &'static str = "f64";
     type Acc = f64;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
@@ -47,6 +62,9 @@ impl Elem for f64 {
 impl Elem for bf16 {
     const NAME: &'static str = "bf16";
     type Acc = f32;
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -208,7 +226,7 @@ impl Backend for Cpu {
 /// Owned buffers of `E` on a backend: allocation and host transfers (what the autograd crate's
 /// tensors hold). The CPU owns a `Vec<E>`; CUDA a `CudaBuf<E>`.
 pub trait Alloc<E: Elem>: Backend {
-    type Owned;
+    type Owned: 'static;
     fn buf(o: &Self::Owned) -> &Self::Buf<E>;
     fn buf_mut(o: &mut Self::Owned) -> &mut Self::Buf<E>;
     /// `n` zeros.

@@ -300,7 +300,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             let mut logits = self.mixed_step(&ids, &mask, &pos, batch, rows, &mut cache)?;
             let mut width = len;
             while !done.iter().all(|&d| d) {
-                let v: Vec<f64> = logits.to_vec()?.into_iter().map(|x| x.into()).collect();
+                let v: Vec<f64> = logits.to_vec()?.into_iter().map(|x| x.to_f64()).collect();
                 let vocab = v.len() / batch;
                 let next: Vec<u32> = v.chunks(vocab).map(|s| argmax(s) as u32).collect();
                 for r in 0..batch {

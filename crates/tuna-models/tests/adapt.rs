@@ -6,10 +6,10 @@
 mod adapt_common;
 mod golden_common;
 
-use adapt_common::{frozen, ids, load, peft_methods, perturb, Fixture, Model, Net, ARCHS};
+use adapt_common::{frozen, ids, load, peft_methods, perturb, CpuTape, Fixture, Model, Net, ARCHS};
 use std::sync::Arc;
 use tuna_autograd::optim::{AdamW, AdamWParams};
-use tuna_autograd::{no_grad, Float, Ints, Tensor};
+use tuna_autograd::{no_grad, Ints, Tensor};
 use tuna_kernels::testing::Tol;
 use tuna_kernels::Cpu;
 use tuna_models::adapt::{peft, Adaptable, LoraConfig, Method, PrefixKind, PrefixParams, PrefixTuning, PromptInit};
@@ -34,7 +34,7 @@ fn assert_rel(what: &str, rel: f64, got: &[f32], want: &[f32]) {
     Tol::new("relative to max |ref|", rel * max.max(1e-30), rel).assert_close(what, got, want);
 }
 
-fn host<E: Float>(t: &Tensor<Cpu, E>) -> Vec<E> {
+fn host<E: CpuTape>(t: &Tensor<Cpu, E>) -> Vec<E> {
     t.to_vec().unwrap()
 }
 
@@ -42,7 +42,7 @@ fn out_f32(m: &Model<f32>, x: &[u32], batch: usize, mask: Option<&[u8]>) -> Tens
     no_grad(|| m.outputs(x, batch, mask))
 }
 
-fn with_method<E: Float>(arch: &str, method: &Method, seed: u64) -> Model<E> {
+fn with_method<E: CpuTape>(arch: &str, method: &Method, seed: u64) -> Model<E> {
     let mut m = frozen::<E>(arch);
     m.apply(method, seed);
     m

@@ -1,11 +1,13 @@
 //! Fused attention with optional prefix keys/values, key padding mask and additive score bias.
 
-use super::{zeros, GradSlot, Kernels};
+use super::{finish_slots, zeros, AccSlot, GradSlot, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Input, Saved, SavedBuf};
 use crate::ints::Ints;
+use crate::tensor::AccOwned;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::attention::{AttentionKernel, AttnGrads, AttnInputs, AttnParams, FwdPath};
+use tuna_kernels::Alloc;
 
 /// Options of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +169,7 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
     }
     let dev = q.device();
     let mut o = zeros::<B, E>(dev, p.q_elems())?;
-    let mut lse = zeros::<B, E>(dev, p.lse_elems())?;
+    let mut lse: AccOwned<B, E> = Alloc::<E::Acc>::zeros(&**dev, p.lse_elems())?;
     {
         let (qb, kb, vb) = (q.buf(), k.buf(), v.buf());
         let pkv = prefix.as_ref().map(|pr| (pr.k.buf(), pr.v.buf()));
@@ -181,7 +183,7 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
             prefix_rows: rows.as_ref().map(|r| r.buf()),
             bias: bb.as_deref(),
         };
-        dev.attn_fwd(&p, x, B::buf_mut(&mut o), B::buf_mut(&mut lse))?;
+        dev.attn_fwd(&p, x, <B as Alloc<E>>::buf_mut(&mut o), <B as Alloc<E::Acc>>::buf_mut(&mut lse))?;
     }
     let fwd_flops = attention_flops(&p);
     let kind = op_kind(AttentionKernel::<E>::attn_paths(&**dev, &p));
@@ -202,7 +204,7 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
         let bs = bias.map(Saved::new);
         let cb = bias.map(|bt| bt.cell());
         let os = o_data.save();
-        let lse = SavedBuf::new(lse, p.lse_elems() * std::mem::size_of::<E>());
+        let lse = SavedBuf::new(lse, p.lse_elems() * std::mem::size_of::<E::Acc>());
         let mask = mask.cloned();
         let rows = rows.clone();
         let (cq, ck, cv) = (q.cell(), k.cell(), v.cell());
@@ -220,14 +222,14 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
             let mut sv = GradSlot::new(&*dev, &cv, p.kv_elems())?;
             let mut sp = match &pcells {
                 Some((a, b)) => {
-                    Some((GradSlot::new(&*dev, a, p.prefix_elems())?, GradSlot::new(&*dev, b, p.prefix_elems())?))
+                    Some((AccSlot::new(&*dev, a, p.prefix_elems())?, AccSlot::new(&*dev, b, p.prefix_elems())?))
                 }
                 None => None,
             };
             let dprefix = sp.as_mut().map(|(a, b)| (a.buf(), b.buf()));
-            // The bias gradient is in E::Acc, which is E for the autograd's floats.
+            // The prefix and bias gradients are in E::Acc.
             let mut sb = match &cb {
-                Some(c) if p.has_bias == 1 => Some(GradSlot::new(&*dev, c, p.bias_elems())?),
+                Some(c) if p.has_bias == 1 => Some(AccSlot::new(&*dev, c, p.bias_elems())?),
                 _ => None,
             };
             let dbias = sb.as_mut().map(|b| b.buf());
@@ -246,9 +248,16 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
             };
             let o = os.data();
             let grads = AttnGrads { dq, dk, dv, dprefix, dbias };
-            dev.attn_bwd(&p, x, B::buf(&*o), B::buf(&g), B::buf(lse.buf()), grads)?;
+            dev.attn_bwd(
+                &p,
+                x,
+                <B as Alloc<E>>::buf(&*o),
+                <B as Alloc<E>>::buf(&g),
+                <B as Alloc<E::Acc>>::buf(lse.buf()),
+                grads,
+            )?;
             let (spk, spv) = sp.map_or((None, None), |(a, b)| (Some(a), Some(b)));
-            GradSlot::finish(&*dev, [Some(sq), Some(sk), Some(sv), spk, spv, sb])
+            finish_slots(&*dev, [Some(sq), Some(sk), Some(sv)], [spk, spv, sb])
         })
     }))
 }

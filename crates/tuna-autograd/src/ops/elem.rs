@@ -1,7 +1,7 @@
 //! Elementwise glue: add, mul, scale, tanh, bias, column slices and concatenation, in-place column
 //! writes, masked mean pooling.
 
-use super::{zeros, GradSlot, Kernels};
+use super::{finish_slots, zeros, AccSlot, GradSlot, Kernels};
 use crate::error::{same_shape, Error, Result};
 use crate::graph::{launched, output, Input, Saved};
 use crate::ints::Ints;
@@ -110,9 +110,9 @@ pub fn add_bias<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, bias: &Tensor<B, E>) 
                 Some(_) => {
                     launched("add_bias.bwd_bias");
                     let mut sx = GradSlot::new(&*dev, &cx, n)?;
-                    let mut sb = GradSlot::new(&*dev, &cb, cols)?;
+                    let mut sb = AccSlot::new(&*dev, &cb, cols)?;
                     dev.add_bias_bwd(&p, B::buf(&g), sx.buf(), sb.buf())?;
-                    GradSlot::finish(&*dev, [Some(sx), Some(sb)])
+                    finish_slots(&*dev, [Some(sx)], [Some(sb)])
                 }
                 None => {
                     let cx = cx.as_ref().expect("recorded: x or bias needs a gradient");

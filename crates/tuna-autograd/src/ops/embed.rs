@@ -1,6 +1,6 @@
 //! Embedding lookup with soft-prompt injection.
 
-use super::{zeros, GradSlot, Kernels};
+use super::{finish_slots, zeros, AccSlot, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Input};
 use crate::ints::Ints;
@@ -81,11 +81,11 @@ pub fn embedding<B: Kernels<E>, E: Float>(
         Box::new(move || {
             let Some(g) = out_cell.take() else { return Ok(()) };
             launched("embedding.bwd");
-            let mut st = GradSlot::optional(&*dev, &ct, p.table_elems())?;
-            let mut sp = GradSlot::optional(&*dev, &cp, p.prompt_elems())?;
+            let mut st = AccSlot::optional(&*dev, &ct, p.table_elems())?;
+            let mut sp = AccSlot::optional(&*dev, &cp, p.prompt_elems())?;
             let (dt, dp) = (st.as_mut().map(|s| s.buf()), sp.as_mut().map(|s| s.buf()));
             dev.embed_bwd(&p, ids.buf(), at.as_ref().map(|a| a.buf()), B::buf(&g), dt, dp)?;
-            GradSlot::finish(&*dev, [st, sp])
+            finish_slots(&*dev, std::iter::empty(), [st, sp])
         })
     }))
 }

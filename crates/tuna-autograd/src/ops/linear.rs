@@ -5,7 +5,7 @@ use super::{zeros, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Saved};
 use crate::tensor::{Float, Tensor};
-use tuna_kernels::ops::elementwise::BiasParams;
+use tuna_kernels::ops::elementwise::{BiasParams, ElementwiseKernel};
 pub use tuna_kernels::ops::matmul::MatmulParams;
 
 /// How a linear layer's weight is stored.
@@ -116,11 +116,13 @@ fn product<B: Kernels<E>, E: Float>(
             if let Some(cb) = &cb {
                 launched(kinds.1);
                 crate::stats::flops("matmul", true, p.flops());
-                cb.accumulate(&dev, |db| Ok(dev.matmul_bwd(&p, ab.as_deref(), None, B::buf(&g), None, Some(db))?))?;
+                cb.accumulate_acc(&dev, |db| {
+                    Ok(dev.matmul_bwd(&p, ab.as_deref(), None, B::buf(&g), None, Some(db))?)
+                })?;
             }
             if let Some(cbias) = &cbias {
                 launched("add_bias.bwd_bias");
-                cbias.accumulate(&dev, |db| Ok(dev.bias_grad(&bp, B::buf(&g), db)?))?;
+                cbias.accumulate_acc(&dev, |db| Ok(ElementwiseKernel::<E>::bias_grad(&*dev, &bp, B::buf(&g), db)?))?;
             }
             Ok(())
         })

@@ -4,12 +4,13 @@ use super::elem::{slice_cols, write_cols};
 use super::embed::embedding;
 use super::linear::{matmul, MatmulParams};
 use super::shape::reshape;
-use super::{host, upload, zeros, Kernels};
+use super::{acc_zeros, host, upload, zeros, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Saved, SavedBuf};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::cross_entropy::{count_valid, validate_targets, CeParams};
+use tuna_kernels::{Alloc, Elem};
 
 /// Mean cross-entropy of `logits` (`[rows, vocab]`, or any shape whose last dim is the vocab)
 /// against `targets` (`[rows]`), over the rows whose target is not `ignore_index` (0 if none).
@@ -39,7 +40,7 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     // accumulate, in E's own precision.
     let p = CeParams::new(rows, vocab).with_ignore_index(ignore_index);
     let dev = logits.device().clone();
-    let mut loss_rows = zeros::<B, E>(&dev, rows)?;
+    let mut loss_rows = acc_zeros::<B, E>(&dev, rows)?;
     let recording = crate::graph::recording(&[&logits]);
     let grad_holder = if recording {
         // In place only where nothing else can see the logits: no other clone of the tensor and
@@ -51,13 +52,18 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
             launched("cross_entropy.copy");
             logits.detach()?
         };
-        dev.ce_fwd_bwd(&p, B::buf_mut(&mut *holder.data_mut()), targets.buf(), B::buf_mut(&mut loss_rows))?;
+        dev.ce_fwd_bwd(
+            &p,
+            <B as Alloc<E>>::buf_mut(&mut *holder.data_mut()),
+            targets.buf(),
+            <B as Alloc<E::Acc>>::buf_mut(&mut loss_rows),
+        )?;
         Some(holder)
     } else {
-        dev.ce_fwd(&p, &logits.buf(), targets.buf(), B::buf_mut(&mut loss_rows))?;
+        dev.ce_fwd(&p, &logits.buf(), targets.buf(), <B as Alloc<E::Acc>>::buf_mut(&mut loss_rows))?;
         None
     };
-    let sum: f64 = host::<B, E>(&dev, &loss_rows)?.into_iter().map(Into::<f64>::into).sum();
+    let sum: f64 = Alloc::<E::Acc>::to_host(&*dev, &loss_rows)?.into_iter().map(Elem::to_f64).sum();
     let mean = if valid == 0 { 0.0 } else { sum / valid as f64 };
     let value = upload::<B, E>(&dev, &[E::c(mean)])?;
     Ok(output("cross_entropy", &[&logits], &dev, vec![], value, |out, _| {
@@ -71,9 +77,9 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
                 return Ok(());
             }
             launched("cross_entropy.bwd");
-            let upstream = host::<B, E>(&dev2, &g)?[0];
-            let scale = upstream / E::c(valid as f64);
-            cl.accumulate(&dev2, |dl| Ok(dev2.grad_accumulate(dl, &holder.t().buf(), scale)?))
+            // In E::Acc (f32 for f32 and bf16: f64's quotient rounded once to f32 is f32's own).
+            let scale = <E::Acc as Elem>::from_f64(host::<B, E>(&dev2, &g)?[0].to_f64() / valid as f64);
+            cl.accumulate_acc(&dev2, |dl| Ok(dev2.grad_accumulate(dl, &holder.t().buf(), scale)?))
         })
     }))
 }
@@ -167,12 +173,19 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                 flops += MatmulParams::linear(c, vocab, hidden).flops();
                 let p = CeParams::new(c, vocab).with_ignore_index(ignore_index);
                 let t = Ints::new(&dev, &[c], &tg[r0..r0 + c])?;
-                let mut loss_rows = zeros::<B, E>(&dev, c)?;
+                let mut loss_rows = acc_zeros::<B, E>(&dev, c)?;
                 match (&dh, want_w) {
-                    (None, false) => dev.ce_fwd(&p, &logits.buf(), t.buf(), B::buf_mut(&mut loss_rows))?,
+                    (None, false) => {
+                        dev.ce_fwd(&p, &logits.buf(), t.buf(), <B as Alloc<E::Acc>>::buf_mut(&mut loss_rows))?
+                    }
                     (dh, _) => {
                         // The logits become their gradient (scale 1; the mean's 1/valid is the backward's).
-                        dev.ce_fwd_bwd(&p, B::buf_mut(&mut *logits.data_mut()), t.buf(), B::buf_mut(&mut loss_rows))?;
+                        dev.ce_fwd_bwd(
+                            &p,
+                            <B as Alloc<E>>::buf_mut(&mut *logits.data_mut()),
+                            t.buf(),
+                            <B as Alloc<E::Acc>>::buf_mut(&mut loss_rows),
+                        )?;
                         if let Some(dh) = dh {
                             // dh rows r0.. = dlogits W ([c, vocab] x [vocab, hidden]).
                             let dhc = matmul(&logits, w, MatmulParams::new(c, hidden, vocab))?;
@@ -183,12 +196,12 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                             // dw += dlogits^T x ([vocab, c] x [c, hidden]).
                             let mp =
                                 MatmulParams { trans_a: true, accumulate: true, ..MatmulParams::new(vocab, hidden, c) };
-                            dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), B::buf_mut(dw))?;
+                            dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), <B as Alloc<E>>::buf_mut(dw))?;
                             flops += mp.flops();
                         }
                     }
                 }
-                sum += host::<B, E>(&dev, &loss_rows)?.into_iter().map(Into::<f64>::into).sum::<f64>();
+                sum += Alloc::<E::Acc>::to_host(&*dev, &loss_rows)?.into_iter().map(Elem::to_f64).sum::<f64>();
             }
             Ok(())
         })
@@ -204,14 +217,14 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
         let (cx, cw, dev2) = (x.cell(), w.cell(), dev.clone());
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
-            let scale = host::<B, E>(&dev2, &g)?[0] / E::c(valid as f64);
+            let scale = <E::Acc as Elem>::from_f64(host::<B, E>(&dev2, &g)?[0].to_f64() / valid as f64);
             if let (Some(cx), Some(dh)) = (&cx, &dh) {
                 launched("linear_cross_entropy.dh");
-                cx.accumulate(&dev2, |d| Ok(dev2.grad_accumulate(d, &dh.buf().buf(), scale)?))?;
+                cx.accumulate_acc(&dev2, |d| Ok(dev2.grad_accumulate(d, &dh.buf().buf(), scale)?))?;
             }
             if let (Some(cw), Some(dw)) = (&cw, &dw) {
                 launched("linear_cross_entropy.dw");
-                cw.accumulate(&dev2, |d| Ok(dev2.grad_accumulate(d, B::buf(dw.buf()), scale)?))?;
+                cw.accumulate_acc(&dev2, |d| Ok(dev2.grad_accumulate(d, <B as Alloc<E>>::buf(dw.buf()), scale)?))?;
             }
             Ok(())
         })

@@ -1,11 +1,12 @@
 //! LayerNorm and RMSNorm over the last dim. Frozen weights get no parameter-gradient kernel.
 
-use super::{zeros, GradSlot, Kernels};
+use super::{acc_zeros, finish_slots, zeros, AccSlot, GradSlot, Kernels};
 use crate::error::{same_shape, Result};
 use crate::graph::{launched, output, Saved, SavedBuf};
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::layernorm::LayerNormParams;
 use tuna_kernels::ops::rmsnorm::RmsNormParams;
+use tuna_kernels::Alloc;
 
 fn rows_dim<B: Kernels<E>, E: Float>(
     op: &'static str,
@@ -29,19 +30,19 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
     let p = LayerNormParams::new(rows, dim, eps);
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
-    let (mut mean, mut rstd) = (zeros::<B, E>(dev, rows)?, zeros::<B, E>(dev, rows)?);
+    let (mut mean, mut rstd) = (acc_zeros::<B, E>(dev, rows)?, acc_zeros::<B, E>(dev, rows)?);
     dev.layernorm_fwd(
         &p,
         &x.buf(),
         &gamma.buf(),
         &beta.buf(),
-        B::buf_mut(&mut y),
-        B::buf_mut(&mut mean),
-        B::buf_mut(&mut rstd),
+        <B as Alloc<E>>::buf_mut(&mut y),
+        <B as Alloc<E::Acc>>::buf_mut(&mut mean),
+        <B as Alloc<E::Acc>>::buf_mut(&mut rstd),
     )?;
     Ok(output("layernorm", &[x, gamma, beta], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, gs) = (Saved::new(x), Saved::new(gamma));
-        let stats = SavedBuf::new((mean, rstd), 2 * rows * std::mem::size_of::<E>());
+        let stats = SavedBuf::new((mean, rstd), 2 * rows * std::mem::size_of::<E::Acc>());
         let (cx, cg, cb, dev) = (x.cell(), gamma.cell(), beta.cell(), dev.clone());
         let n = x.numel();
         Box::new(move || {
@@ -51,22 +52,22 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
                 launched("layernorm.dW");
             }
             let mut sx = GradSlot::new(&*dev, &cx, n)?;
-            let mut sg = GradSlot::optional(&*dev, &cg, dim)?;
-            let mut sb = GradSlot::optional(&*dev, &cb, dim)?;
+            let mut sg = AccSlot::optional(&*dev, &cg, dim)?;
+            let mut sb = AccSlot::optional(&*dev, &cb, dim)?;
             let (dgamma, dbeta) = (sg.as_mut().map(|s| s.buf()), sb.as_mut().map(|s| s.buf()));
             let (mean, rstd) = stats.buf();
             dev.layernorm_bwd(
                 &p,
                 &xs.t().buf(),
                 &gs.t().buf(),
-                B::buf(mean),
-                B::buf(rstd),
-                B::buf(&g),
+                <B as Alloc<E::Acc>>::buf(mean),
+                <B as Alloc<E::Acc>>::buf(rstd),
+                <B as Alloc<E>>::buf(&g),
                 sx.buf(),
                 dgamma,
                 dbeta,
             )?;
-            GradSlot::finish(&*dev, [Some(sx), sg, sb])
+            finish_slots(&*dev, [Some(sx)], [sg, sb])
         })
     }))
 }
@@ -77,11 +78,17 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
     let p = RmsNormParams::new(rows, dim, eps);
     let dev = x.device();
     let mut y = zeros::<B, E>(dev, x.numel())?;
-    let mut rstd = zeros::<B, E>(dev, rows)?;
-    dev.rmsnorm_fwd(&p, &x.buf(), &gamma.buf(), B::buf_mut(&mut y), B::buf_mut(&mut rstd))?;
+    let mut rstd = acc_zeros::<B, E>(dev, rows)?;
+    dev.rmsnorm_fwd(
+        &p,
+        &x.buf(),
+        &gamma.buf(),
+        <B as Alloc<E>>::buf_mut(&mut y),
+        <B as Alloc<E::Acc>>::buf_mut(&mut rstd),
+    )?;
     Ok(output("rmsnorm", &[x, gamma], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, gs) = (Saved::new(x), Saved::new(gamma));
-        let rstd = SavedBuf::new(rstd, rows * std::mem::size_of::<E>());
+        let rstd = SavedBuf::new(rstd, rows * std::mem::size_of::<E::Acc>());
         let (cx, cg, dev) = (x.cell(), gamma.cell(), dev.clone());
         let n = x.numel();
         Box::new(move || {
@@ -91,10 +98,18 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
                 launched("rmsnorm.dW");
             }
             let mut sx = GradSlot::new(&*dev, &cx, n)?;
-            let mut sg = GradSlot::optional(&*dev, &cg, dim)?;
+            let mut sg = AccSlot::optional(&*dev, &cg, dim)?;
             let dgamma = sg.as_mut().map(|s| s.buf());
-            dev.rmsnorm_bwd(&p, &xs.t().buf(), &gs.t().buf(), B::buf(rstd.buf()), B::buf(&g), sx.buf(), dgamma)?;
-            GradSlot::finish(&*dev, [Some(sx), sg])
+            dev.rmsnorm_bwd(
+                &p,
+                &xs.t().buf(),
+                &gs.t().buf(),
+                <B as Alloc<E::Acc>>::buf(rstd.buf()),
+                <B as Alloc<E>>::buf(&g),
+                sx.buf(),
+                dgamma,
+            )?;
+            finish_slots(&*dev, [Some(sx)], [sg])
         })
     }))
 }

@@ -4,7 +4,6 @@ use super::Kernels;
 use crate::error::{Error, Result};
 use crate::graph::{launched, output_shared};
 use crate::tensor::{numel, Float, Tensor};
-use tuna_kernels::CpuFloat;
 
 /// The same data under another shape (same element count). Shares the storage; its gradient
 /// flows back unchanged.
@@ -23,7 +22,7 @@ pub fn reshape<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, shape: &[usize]) -> Re
             let Some(g) = out.take() else { return Ok(()) };
             launched("reshape.bwd");
             // The gradient buffer moves to the input when it has none yet (the usual case).
-            cx.accumulate_owned(g, |dx, g| Ok(dev.grad_accumulate(dx, g, <E as CpuFloat>::c(1.0))?))
+            cx.add_owned(&dev, g)
         })
     }))
 }

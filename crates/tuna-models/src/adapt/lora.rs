@@ -140,12 +140,12 @@ impl<B: Kernels<E>, E: Float> Lora<B, E> {
         let mut d = vec![0.0f64; out * inp];
         for o in 0..out {
             for k in 0..r {
-                let bk: f64 = b[o * r + k].into();
+                let bk: f64 = b[o * r + k].to_f64();
                 if bk == 0.0 {
                     continue;
                 }
                 for i in 0..inp {
-                    let ak: f64 = a[k * inp + i].into();
+                    let ak: f64 = a[k * inp + i].to_f64();
                     d[o * inp + i] += bk * ak;
                 }
             }
@@ -164,7 +164,7 @@ impl<B: Kernels<E>, E: Float> Lora<B, E> {
                     WeightLayout::OutIn => o * inp + i,
                     WeightLayout::InOut => i * out + o,
                 };
-                let v: f64 = w[idx].into();
+                let v: f64 = w[idx].to_f64();
                 w[idx] = E::c(v + sign * d[o * inp + i]);
             }
         }

@@ -20,6 +20,7 @@ use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Tensor};
 use tuna_kernels::rng::SplitMix64;
+use tuna_kernels::Elem;
 
 /// The `n` token ids a non-random init runs the model over: `None` for [`PromptInit::Random`];
 /// sampled uniformly from the vocabulary (seeded), or the given ids repeated or cut to `n`.
@@ -94,7 +95,7 @@ impl<B: Kernels<E>, E: Float> PrefixTuning<B, E> {
                     )));
                 }
                 let h = tanh(&linear(emb, w1, WeightLayout::OutIn, Some(b1))?)?;
-                let f64s = |v: Vec<E>| v.into_iter().map(Into::into).collect::<Vec<f64>>();
+                let f64s = |v: Vec<E>| v.into_iter().map(Elem::to_f64).collect::<Vec<f64>>();
                 let target = f64s(target);
                 let (w, b) = fit_last_layer(&f64s(h.to_vec()?), &target, n, enc, width)?;
                 let dev = w2.device().clone();

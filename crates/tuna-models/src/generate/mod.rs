@@ -65,7 +65,7 @@ where
         let positions: Vec<u32> = (0..prompt.len() as u32).collect();
         let mut logits = model.logits_step(prompt, &positions, &mut cache)?;
         loop {
-            let scores: Vec<f64> = logits.iter().map(|&x| x.into()).collect();
+            let scores: Vec<f64> = logits.iter().map(|&x| x.to_f64()).collect();
             let next = match (sampling, rng.as_mut()) {
                 (Sampling::Sample { temperature, top_k, top_p, .. }, Some(r)) => {
                     sample(&scores, *temperature, *top_k, *top_p, r)

@@ -9,6 +9,10 @@ use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::{Float, Ints, Tensor};
 use tuna_kernels::Cpu;
+
+/// The floats the CPU tape runs on (f32, f64): their own accumulators.
+pub trait CpuTape: Float + tuna_kernels::CpuFloat {}
+impl<T: Float + tuna_kernels::CpuFloat> CpuTape for T {}
 use tuna_models::adapt::{Adapt, EncoderKind, LoraConfig, Method, PromptInit};
 use tuna_models::generate::{CausalLm, KvCache};
 use tuna_models::model::AnyModel;
@@ -23,17 +27,17 @@ pub use crate::golden_common::fixture;
 pub type Model<E> = AnyModel<Cpu, E>;
 
 /// The fixture model of `arch`, frozen (or with base weights trainable as `trainable` says).
-pub fn load<E: Float>(arch: &str, trainable: impl Fn(&str) -> bool + 'static) -> Model<E> {
+pub fn load<E: CpuTape>(arch: &str, trainable: impl Fn(&str) -> bool + 'static) -> Model<E> {
     AnyModel::open(&Arc::new(Cpu), &fixture(arch), trainable).unwrap()
 }
 
-pub fn frozen<E: Float>(arch: &str) -> Model<E> {
+pub fn frozen<E: CpuTape>(arch: &str) -> Model<E> {
     load(arch, |_| false)
 }
 
 /// What the adaptation tests compute on a fixture model beyond the model interface: outputs per
 /// position, a loss per architecture, and the KV cache's last logits.
-pub trait Fixture<E: Float> {
+pub trait Fixture<E: CpuTape> {
     /// Install `method` (seeded).
     fn apply(&mut self, method: &Method, seed: u64);
     fn outputs(&self, ids: &[u32], batch: usize, mask: Option<&[u8]>) -> Tensor<Cpu, E>;
@@ -41,7 +45,7 @@ pub trait Fixture<E: Float> {
     fn cached_last_logits(&self, ids: &[u32]) -> Vec<E>;
 }
 
-impl<E: Float> Fixture<E> for Model<E> {
+impl<E: CpuTape> Fixture<E> for Model<E> {
     fn apply(&mut self, method: &Method, seed: u64) {
         self.install(method, seed, None).unwrap()
     }
@@ -82,7 +86,7 @@ impl<E: Float> Fixture<E> for Model<E> {
                 let (h, mask) = m.encode(&t, &mask).unwrap();
                 let pooled = mean_pool(&h, &mask).unwrap();
                 let hid = m.cfg.hidden_size;
-                let w: Vec<E> = (0..3 * hid).map(|i| E::c(((i * 7919) % 13) as f64 / 13.0 - 0.5)).collect();
+                let w: Vec<E> = (0..3 * hid).map(|i| <E as Float>::c(((i * 7919) % 13) as f64 / 13.0 - 0.5)).collect();
                 let w = Tensor::constant(&dev, &[3, hid], &w).unwrap();
                 let logits = reshape(&linear(&pooled, &w, WeightLayout::OutIn, None).unwrap(), &[batch, 3]).unwrap();
                 let classes: Vec<i32> = (0..batch).map(|r| (ids[r * seq] % 3) as i32).collect();
@@ -95,7 +99,7 @@ impl<E: Float> Fixture<E> for Model<E> {
     /// Logits of the last position after feeding `ids` (one sequence) through the KV cache in
     /// two steps (prefill of all but the last token, then the last).
     fn cached_last_logits(&self, ids: &[u32]) -> Vec<E> {
-        fn run<E: Float, M: CausalLm<Cpu, E>>(m: &M, ids: &[u32]) -> Vec<E> {
+        fn run<E: CpuTape, M: CausalLm<Cpu, E>>(m: &M, ids: &[u32]) -> Vec<E> {
             let mut cache: KvCache<Cpu, E> = m.new_cache();
             let n = ids.len();
             let pos: Vec<u32> = (0..n as u32).collect();
@@ -140,23 +144,23 @@ pub fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Add seeded noise of `std` to every adapter tensor, so no method sits at an identity init.
-pub fn perturb<E: Float>(a: &Adapt<Cpu, E>, std: f64) {
+pub fn perturb<E: CpuTape>(a: &Adapt<Cpu, E>, std: f64) {
     for (k, (_, t)) in a.params().iter().enumerate() {
         let mut v = t.to_vec().unwrap();
         for (i, x) in v.iter_mut().enumerate() {
             let r = ((i as u64 * 2654435761 + k as u64 * 97) % 1000) as f64 / 1000.0 - 0.5;
-            *x = E::c((*x).into() + 2.0 * std * r);
+            *x = <E as Float>::c((*x).into() + 2.0 * std * r);
         }
         *t.data_mut() = v;
     }
 }
 
-pub fn f64s<E: Float>(v: &[E]) -> Vec<f64> {
+pub fn f64s<E: CpuTape>(v: &[E]) -> Vec<f64> {
     v.iter().map(|&x| x.into()).collect()
 }
 
 /// Each trainable tensor's gradient by name, taken (the gradients are zeroed for the next step).
-pub fn take_grads<B: tuna_autograd::ops::Kernels<E>, E: Float>(m: &AnyModel<B, E>) -> Vec<(String, Vec<E>)> {
+pub fn take_grads<B: tuna_autograd::ops::Kernels<E>, E: CpuTape>(m: &AnyModel<B, E>) -> Vec<(String, Vec<E>)> {
     m.trainable()
         .into_iter()
         .map(|(n, t)| {

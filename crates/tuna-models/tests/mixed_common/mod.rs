@@ -14,6 +14,10 @@ use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{no_grad, Float, Ints};
 use tuna_kernels::testing::Tol;
+
+/// The floats these checks run on (f32, f64): their own accumulators.
+pub trait CpuTape: Float + tuna_kernels::CpuFloat {}
+impl<T: Float + tuna_kernels::CpuFloat> CpuTape for T {}
 use tuna_models::adapt::{Adapt, EncoderKind, LoraConfig, Method, PromptInit};
 use tuna_models::generate::Sampling;
 use tuna_models::model::{AnyModel, Net};
@@ -49,12 +53,12 @@ pub fn routes(n_adapters: usize) -> Vec<Option<usize>> {
 }
 
 /// Add seeded noise of `std` to every adapter tensor (LoRA's B starts at zero).
-pub fn perturb<B: Kernels<E>, E: Float>(a: &Adapt<B, E>, std: f64, seed: u64) {
+pub fn perturb<B: Kernels<E>, E: CpuTape>(a: &Adapt<B, E>, std: f64, seed: u64) {
     for (k, (_, t)) in a.params().iter().enumerate() {
         let mut v = t.to_vec().unwrap();
         for (i, x) in v.iter_mut().enumerate() {
             let r = ((i as u64 * 2654435761 + k as u64 * 97 + seed * 7919) % 1000) as f64 / 1000.0 - 0.5;
-            *x = E::c((*x).into() + 2.0 * std * r);
+            *x = <E as Float>::c((*x).into() + 2.0 * std * r);
         }
         *t.data_mut() = t.device().from_host(&v).unwrap();
     }
@@ -70,7 +74,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Install each of `methods` on a fresh model from `path`, perturb it, give BERT a head, and save
 /// it under `dir/<k>`.
-pub fn make_adapters<B: Kernels<E>, E: Float>(
+pub fn make_adapters<B: Kernels<E>, E: CpuTape>(
     dev: &Arc<B>,
     path: &Path,
     methods: &[Method],
@@ -96,7 +100,7 @@ pub fn make_adapters<B: Kernels<E>, E: Float>(
 }
 
 /// The model from `path` with `adapter` installed the ordinary way (BERT's base: a fixed head).
-pub fn alone_model<B: Kernels<E>, E: Float>(dev: &Arc<B>, path: &Path, adapter: Option<&Path>) -> AnyModel<B, E> {
+pub fn alone_model<B: Kernels<E>, E: CpuTape>(dev: &Arc<B>, path: &Path, adapter: Option<&Path>) -> AnyModel<B, E> {
     let mut m = AnyModel::open(dev, path, |_| false).unwrap();
     match adapter {
         Some(a) => m.load_adapter(a).unwrap(),
@@ -107,7 +111,7 @@ pub fn alone_model<B: Kernels<E>, E: Float>(dev: &Arc<B>, path: &Path, adapter: 
 }
 
 /// The model from `path` with every adapter of `dirs` in its bank (BERT's base: the same head).
-pub fn bank_model<B: Kernels<E>, E: Float>(dev: &Arc<B>, path: &Path, dirs: &[PathBuf]) -> AnyModel<B, E> {
+pub fn bank_model<B: Kernels<E>, E: CpuTape>(dev: &Arc<B>, path: &Path, dirs: &[PathBuf]) -> AnyModel<B, E> {
     let mut m = alone_model(dev, path, None);
     for (k, d) in dirs.iter().enumerate() {
         assert_eq!(m.load_bank_adapter(&format!("a{k}"), d).unwrap(), k);
@@ -116,7 +120,7 @@ pub fn bank_model<B: Kernels<E>, E: Float>(dev: &Arc<B>, path: &Path, dirs: &[Pa
 }
 
 /// Outputs per position of one unpadded row through the single-adapter path.
-pub fn alone_outputs<B: Kernels<E>, E: Float>(m: &AnyModel<B, E>, ids: &[u32]) -> Vec<f64> {
+pub fn alone_outputs<B: Kernels<E>, E: CpuTape>(m: &AnyModel<B, E>, ids: &[u32]) -> Vec<f64> {
     let n = ids.len();
     let t = Ints::new(&m.dev, &[1, n], ids).unwrap();
     let pos = Ints::new(&m.dev, &[1, n], &(0..n as u32).collect::<Vec<_>>()).unwrap();
@@ -161,7 +165,7 @@ pub fn tail_diff(a: &[f64], b: &[f64], n: usize) -> f64 {
 
 /// The whole check on `path` (architecture `arch`) on `dev`: outputs per position, greedy tokens
 /// (`new_tokens` of them) or class scores, each row of the mixed batch against the row alone.
-pub fn check_mixed<B: Kernels<E>, E: Float>(
+pub fn check_mixed<B: Kernels<E>, E: CpuTape>(
     dev: &Arc<B>,
     path: &Path,
     arch: &str,
@@ -245,7 +249,7 @@ fn labels(ids: &[u32], mask: &[u8], seq: usize) -> Vec<i32> {
 /// adapter's tensors, the gradient `sum over its rows r of (targets_r / targets) * grad_r`, with
 /// `grad_r` the gradient of row `r`'s own loss alone (decoders: the causal LM loss; BERT:
 /// cross-entropy of each row's own head).
-pub fn check_gradients<B: Kernels<E>, E: Float>(dev: &Arc<B>, path: &Path, arch: &str, tol: Tol, tag: &str) {
+pub fn check_gradients<B: Kernels<E>, E: CpuTape>(dev: &Arc<B>, path: &Path, arch: &str, tol: Tol, tag: &str) {
     let methods = methods(arch);
     let dirs = make_adapters::<B, E>(dev, path, &methods, 0.3, &temp_dir(&format!("grad-{tag}-{arch}")));
     let mixed = bank_model::<B, E>(dev, path, &dirs);
