@@ -109,6 +109,8 @@ fn a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
             out.join(format!("checkpoints/step-{steps:06}/manifest.json")).exists(),
             "{name}: last good checkpoint kept: {err}"
         );
+        // The message names the checkpoint kept (only when there is one).
+        assert!(err.contains(&format!("The newest checkpoint, step {steps}, is kept")), "{name}: {err}");
     }
 }
 

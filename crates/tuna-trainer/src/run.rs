@@ -637,11 +637,14 @@ pub(crate) fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
 }
 
 pub(crate) fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &Checkpoints) -> TrainError {
-    let where_ = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
-        Some(s) => format!(" ({})", ckpts.step_dir(s).display()),
-        None => " (none was written yet)".into(),
+    let kept = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
+        Some(s) => format!("The newest checkpoint, step {s}, is kept ({})", ckpts.step_dir(s).display()),
+        None => format!(
+            "No checkpoint has been saved yet ({} holds none): there is nothing to resume",
+            ckpts.dir().display()
+        ),
     };
-    TrainError::NonFinite { step, what, value, where_ }
+    TrainError::NonFinite { step, what, value, kept }
 }
 
 #[cfg(test)]
