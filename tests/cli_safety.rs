@@ -397,8 +397,10 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 27] = [
+    let cases: [(&[(&str, &str)], &str); 28] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
+        // 1 as the f32 dropout runs in: refused, echoed as written (not as `1`).
+        (&[("--lora-dropout", "0.99999999999")], "--lora-dropout 0.99999999999: expected 0 <= p < 1"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
         (&[("--weight-decay", "-5")], "--weight-decay -5"),
