@@ -580,6 +580,7 @@ impl RunArgs {
             checkpoint_activations: self.checkpoint_activations,
             update_in_backward: self.update_in_backward,
             base_precision: self.base_precision,
+            tf32: self.tf32,
             memory_check: !self.no_memory_check,
             eval_every: self.eval_every,
             save_every: self.save_every,

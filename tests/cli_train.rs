@@ -769,6 +769,27 @@ fn tf32_reaches_the_cuda_products() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// A resumed run keeps `--tf32` as it keeps `--base-precision`: resuming with the other setting is
+/// refused naming the flag (the state logic: `state::tests::a_resume_that_switches_tf32_is_refused_naming_the_flag`).
+/// CUDA only (`--tf32` is refused on the CPU); skips by name where this binary has no CUDA device.
+#[test]
+fn a_resume_that_switches_tf32_is_refused() {
+    if tuna_kernels::testing::cuda_or_skip("cli_train::a_resume_that_switches_tf32_is_refused").is_none() {
+        return;
+    }
+    let d = tmp("tf32-resume");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let args = |steps: u64, extra: &[&str]| set(train_args(&out, &train, steps, extra), "--device", "cuda");
+    ok(&tuna(&args(2, &[])));
+    let o = tuna(&args(4, &["--resume", "--tf32"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--tf32 was off, now on"), "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["tf32"], false, "{s}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// A run refused after it took its output folder (data found malformed while loading) leaves
 /// no folder and no lock file behind; a folder that was there stays, as empty as it was.
 #[test]

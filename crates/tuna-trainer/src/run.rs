@@ -408,6 +408,7 @@ fn finish<B: Backend>(
         predicted_peak_bytes: plan.map(|p| p.peak()),
         peak_heap_bytes: crate::memory::max(),
         base_precision: Some(cfg.base_precision.to_string()),
+        tf32: Some(cfg.tf32),
         method: cfg.method.name().into(),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),

@@ -43,6 +43,7 @@ pub(crate) fn config(task: Task, dir: &Path) -> TrainConfig {
         checkpoint_activations: Default::default(),
         update_in_backward: false,
         base_precision: Default::default(),
+        tf32: false,
         memory_check: true,
         clip: None,
         eval_every: 1,
