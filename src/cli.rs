@@ -106,20 +106,6 @@ pub fn check_export_empty(out: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// The files of an export of the kind `tuna export` is not writing now (an adapter's when `merged`,
-/// a merged model's weights otherwise), removed so the folder holds one kind.
-pub fn remove_other_export(out: &Path, merged: bool) -> Result<()> {
-    use tuna_models::adapt::peft;
-    let other: &[&str] = if merged { &[peft::CONFIG, peft::WEIGHTS, peft::BASE] } else { &["model.safetensors"] };
-    for f in other {
-        let p = out.join(f);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -474,25 +474,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
             tuna::trainer::run_dir::refuse_export_into_run(&a.out)?;
             let _lock = tuna::trainer::run_dir::lock_export(&a.out)?;
+            // A killed export's temporary files (its names only, its process gone) are litter,
+            // not contents: gone before the folder is judged empty.
+            tuna::trainer::export::remove_stale_export_temps(&a.out);
             tuna::cli::check_export_empty(&a.out, a.overwrite)?;
             let m =
                 tuna::models::model::AnyModel::<Cpu, f32>::open_adapted(&Arc::new(Cpu), &a.model, Some(&a.adapter))?;
-            if a.merged {
-                m.save_merged(&a.out).map_err(|e| anyhow::anyhow!("--merged: {e}"))?;
-            } else {
-                m.save_adapter(&a.out, &a.base_name.clone().unwrap_or_else(|| a.model.display().to_string()))?;
-            }
-            // Replacing an export of the other kind leaves none of its files to be read as this one.
-            tuna::cli::remove_other_export(&a.out, a.merged)?;
+            let base = a.base_name.clone().unwrap_or_else(|| a.model.display().to_string());
             // The task file (class order, verbalizers) travels on; a merged model is a plain f32
             // folder, so the base precision the adapter trained on does not (eval would ask it of
             // a folder that has no packed or Q4 weights).
-            if let Some(mut t) = tuna::trainer::TaskFile::read(&a.adapter)? {
+            let task = tuna::trainer::TaskFile::read(&a.adapter)?;
+            // All or nothing: every file is written aside and moved in only once all are written
+            // (a full disk leaves the folder as it was), and an earlier export's files this one
+            // does not write go (the other kind's), so the folder holds exactly one export.
+            tuna::trainer::export::write_staged(&a.out, |stage| -> anyhow::Result<()> {
                 if a.merged {
-                    t.base_precision = None;
+                    m.save_merged(stage).map_err(|e| anyhow::anyhow!("--merged: {e}"))?;
+                } else {
+                    m.save_adapter(stage, &base)?;
                 }
-                t.write(&a.out)?;
-            }
+                if let Some(mut t) = task {
+                    if a.merged {
+                        t.base_precision = None;
+                    }
+                    t.write(stage)?;
+                }
+                Ok(())
+            })?;
             println!("wrote {}", a.out.display());
         }
         Command::Profile(a) => {

@@ -62,7 +62,7 @@ struct Entry {
     #[serde(default)]
     lora_alpha: Option<f64>,
     #[serde(default)]
-    lora_dropout: Option<f32>,
+    lora_dropout: Option<f64>,
     #[serde(default)]
     lora_targets: Option<Vec<String>>,
 }

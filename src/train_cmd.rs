@@ -74,8 +74,9 @@ pub struct MethodArgs {
     #[arg(long)]
     pub lora_alpha: Option<f64>,
     /// Dropout on LoRA's input during training (0 to below 1) [default: 0].
+    /// (Read as written and checked as the f32 it trains with: a value that rounds to 1 is refused.)
     #[arg(long)]
-    pub lora_dropout: Option<f32>,
+    pub lora_dropout: Option<f64>,
     /// Comma-separated module names LoRA adapts (default: the attention query and value).
     #[arg(long)]
     pub lora_targets: Option<String>,
@@ -232,7 +233,11 @@ impl MethodArgs {
                 require(a.is_finite() && a as f32 > 0.0 && a <= 1e6, || {
                     format!("--lora-alpha {}: expected 0 < alpha <= 1e6 (and nonzero as an f32)", show_number(a))
                 })?;
-                require((0.0..1.0).contains(&d), || format!("--lora-dropout {d}: expected 0 <= p < 1"))?;
+                // Checked as the f32 dropout is applied in (0.99999999999 is 1 there: nothing would
+                // pass), echoed as written.
+                require((0.0..1.0).contains(&d) && (d as f32) < 1.0, || {
+                    format!("--lora-dropout {}: expected 0 <= p < 1 (and below 1 as an f32)", show_number(d))
+                })?;
             }
             _ => {}
         }
@@ -294,7 +299,7 @@ impl MethodArgs {
             "lora" => Method::Lora(LoraConfig {
                 r: self.lora_r.unwrap_or(8),
                 alpha: self.lora_alpha.unwrap_or(16.0),
-                dropout: self.lora_dropout.unwrap_or(0.0),
+                dropout: self.lora_dropout.unwrap_or(0.0) as f32,
                 targets: list("--lora-targets", &self.lora_targets)?,
             }),
             other => {
@@ -575,6 +580,7 @@ impl RunArgs {
             checkpoint_activations: self.checkpoint_activations,
             update_in_backward: self.update_in_backward,
             base_precision: self.base_precision,
+            tf32: self.tf32,
             memory_check: !self.no_memory_check,
             eval_every: self.eval_every,
             save_every: self.save_every,
@@ -833,6 +839,29 @@ mod tests {
         assert_eq!((default_lr(&prefix, false), default_lr(&prefix, true)), (3e-2, 9e-3));
         let houlsby = Method::Houlsby { bottleneck: 32 };
         assert_eq!((default_lr(&houlsby, false), default_lr(&houlsby, true)), (3e-3, 1e-3));
+    }
+
+    #[test]
+    fn a_lora_dropout_that_is_1_as_an_f32_is_refused_as_written() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            m: MethodArgs,
+        }
+        let dropout = |v: &str| {
+            let a = <Args as clap::Parser>::try_parse_from(["tuna".into(), format!("--lora-dropout={v}")]).unwrap();
+            a.m.method("lora").map(|m| match m {
+                Method::Lora(c) => c.dropout,
+                other => panic!("{other:?}"),
+            })
+        };
+        for v in ["0.99999999999", "0.99999999", "1", "1.5", "-0.1", "NaN"] {
+            let e = dropout(v).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--lora-dropout {v}: expected 0 <= p < 1")), "{v}: {e}");
+        }
+        // The largest f32 below 1 (0.99999994) and plain values still train.
+        assert_eq!(dropout("0.99999994").unwrap(), 0.99999994_f32);
+        assert_eq!(dropout("0.1").unwrap(), 0.1_f32);
     }
 
     #[test]

@@ -166,6 +166,58 @@ fn export_never_overwrites_the_base_model_or_a_folder_unasked() {
     assert!(!none.exists(), "a refused export left {}", none.display());
 }
 
+/// `tuna export --overwrite` into a folder leaves exactly one export there: a killed export's
+/// temporary files (its own names, its process gone) are removed, and so are the files of an
+/// earlier export of the other kind (merged model <-> PEFT adapter); the user's files stay.
+#[test]
+fn an_export_overwrite_leaves_one_export_and_no_killed_exports_temps() {
+    let d = tmp("export-switch");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    ok(&tuna(&train_args(&out, &train, 2, &[])));
+    let adapter = out.join("adapter").display().to_string();
+    let dest = d.join("dest");
+    let export = |extra: &[&str]| {
+        let mut v = s(&["export", "--model", &fixture("llama"), "--adapter", &adapter, "--out"]);
+        v.push(dest.display().to_string());
+        v.extend(s(extra));
+        ok(&tuna(&v));
+    };
+    let names = || {
+        let mut v: Vec<String> =
+            std::fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    export(&["--merged"]);
+    let merged = names();
+    assert!(merged.contains(&"model.safetensors".to_string()) && merged.contains(&"config.json".to_string()));
+    // What a killed export leaves (a PID no process has), beside the user's own files.
+    let dead = 999_999_999;
+    let stale = [format!(".model.safetensors.tmp-{dead}"), format!(".tmp-export-{dead}")];
+    std::fs::write(dest.join(&stale[0]), "half a model").unwrap();
+    std::fs::create_dir_all(dest.join(&stale[1])).unwrap();
+    std::fs::write(dest.join(&stale[1]).join("adapter_config.json"), "{}").unwrap();
+    let mine = ["notes.txt".to_string(), format!(".notes.txt.tmp-{dead}")];
+    for f in &mine {
+        std::fs::write(dest.join(f), "mine").unwrap();
+    }
+    // Merged -> PEFT: no model weights, config or tokenizer files left to be read as a model.
+    export(&["--overwrite"]);
+    let mut want = s(&["adapter_config.json", "adapter_model.safetensors", "tuna_base.json", "tuna_task.json"]);
+    want.extend(mine.iter().cloned());
+    want.sort();
+    assert_eq!(names(), want);
+    // PEFT -> merged: no adapter files left.
+    export(&["--merged", "--overwrite"]);
+    let mut want = [merged, mine.to_vec()].concat();
+    want.sort();
+    assert_eq!(names(), want);
+    for f in &mine {
+        assert_eq!(std::fs::read_to_string(dest.join(f)).unwrap(), "mine");
+    }
+}
+
 #[test]
 fn resuming_onto_another_base_model_is_refused_saying_what_differs() {
     let d = tmp("other-base");
@@ -345,8 +397,10 @@ fn flags_out_of_range_are_refused_by_name_before_anything_is_written() {
     let train = data(&d, "train.jsonl", 8, true);
     let out = d.join("run");
     let cls = set(train_args(&out, &train, 2, &[]), "--task", "classify");
-    let cases: [(&[(&str, &str)], &str); 27] = [
+    let cases: [(&[(&str, &str)], &str); 28] = [
         (&[("--lora-dropout", "2")], "--lora-dropout 2"),
+        // 1 as the f32 dropout runs in: refused, echoed as written (not as `1`).
+        (&[("--lora-dropout", "0.99999999999")], "--lora-dropout 0.99999999999: expected 0 <= p < 1"),
         (&[("--clip", "NaN")], "--clip NaN"),
         (&[("--clip", "-1")], "--clip -1"),
         (&[("--weight-decay", "-5")], "--weight-decay -5"),

@@ -109,6 +109,8 @@ fn a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
             out.join(format!("checkpoints/step-{steps:06}/manifest.json")).exists(),
             "{name}: last good checkpoint kept: {err}"
         );
+        // The message names the checkpoint kept (only when there is one).
+        assert!(err.contains(&format!("The newest checkpoint, step {steps}, is kept")), "{name}: {err}");
     }
 }
 
@@ -764,6 +766,27 @@ fn tf32_reaches_the_cuda_products() {
     for (a, b) in f.iter().zip(&t) {
         assert!((a - b).abs() <= 2e-3 * a.abs().max(1.0), "f32 {f:?} vs tf32 {t:?}");
     }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A resumed run keeps `--tf32` as it keeps `--base-precision`: resuming with the other setting is
+/// refused naming the flag (the state logic: `state::tests::a_resume_that_switches_tf32_is_refused_naming_the_flag`).
+/// CUDA only (`--tf32` is refused on the CPU); skips by name where this binary has no CUDA device.
+#[test]
+fn a_resume_that_switches_tf32_is_refused() {
+    if tuna_kernels::testing::cuda_or_skip("cli_train::a_resume_that_switches_tf32_is_refused").is_none() {
+        return;
+    }
+    let d = tmp("tf32-resume");
+    let train = data(&d, "train.jsonl", 8, false);
+    let out = d.join("run");
+    let args = |steps: u64, extra: &[&str]| set(train_args(&out, &train, steps, extra), "--device", "cuda");
+    ok(&tuna(&args(2, &[])));
+    let o = tuna(&args(4, &["--resume", "--tf32"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--tf32 was off, now on"), "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["tf32"], false, "{s}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

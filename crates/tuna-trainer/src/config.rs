@@ -50,6 +50,9 @@ pub struct TrainConfig {
     /// How the frozen weights of the blocks are held (f32, bf16, or int8 per output channel; CPU,
     /// parameter-efficient methods): less memory, products on the packed weights.
     pub base_precision: tuna_models::model::BasePrecision,
+    /// `--tf32`: the CUDA device's f32 products in TF32 (set on the device by the caller; recorded
+    /// here so that a resumed run keeps it, and in the summary).
+    pub tf32: bool,
     /// Refuse to start when the memory plan's predicted peak exceeds the memory available.
     pub memory_check: bool,
     pub eval_every: u64,
@@ -111,6 +114,10 @@ pub struct RunSummary {
     /// older summaries, which were f32).
     #[serde(default)]
     pub base_precision: Option<String>,
+    /// Whether the f32 products ran in TF32 (`--tf32`, CUDA; absent in older summaries, which
+    /// were without it, and for the prompt-engineered baseline).
+    #[serde(default)]
+    pub tf32: Option<bool>,
 }
 
 /// A run's training loss against the untrained model's (the method set aside, a task head at its

@@ -24,9 +24,10 @@ pub enum TrainError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     /// The loss or the gradient norm became NaN or infinite; the run stopped before updating any
-    /// weight. `what` names which ("training loss" or "gradient norm").
-    #[error("step {step}: the {what} is {value} (not finite); stopped without saving this step (with --update-in-backward, the tensors whose gradients completed before it were updated in memory only). The last good checkpoint is kept{where_}")]
-    NonFinite { step: u64, what: &'static str, value: f64, where_: String },
+    /// weight. `what` names which ("training loss" or "gradient norm"); `kept` says what is on
+    /// disk to resume from: the newest checkpoint's step and folder, or that none was saved yet.
+    #[error("step {step}: the {what} is {value} (not finite); stopped without saving this step (with --update-in-backward, the tensors whose gradients completed before it were updated in memory only). {kept}")]
+    NonFinite { step: u64, what: &'static str, value: f64, kept: String },
     /// A setting or input out of its domain.
     #[error("{0}")]
     Invalid(String),

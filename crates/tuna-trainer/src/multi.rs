@@ -716,6 +716,7 @@ mod tests {
             checkpoint_activations: Default::default(),
             update_in_backward: false,
             base_precision: Default::default(),
+            tf32: false,
             memory_check: true,
             model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
             method,

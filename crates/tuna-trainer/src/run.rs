@@ -408,6 +408,7 @@ fn finish<B: Backend>(
         predicted_peak_bytes: plan.map(|p| p.peak()),
         peak_heap_bytes: crate::memory::max(),
         base_precision: Some(cfg.base_precision.to_string()),
+        tf32: Some(cfg.tf32),
         method: cfg.method.name().into(),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),
@@ -637,11 +638,14 @@ pub(crate) fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
 }
 
 pub(crate) fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &Checkpoints) -> TrainError {
-    let where_ = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
-        Some(s) => format!(" ({})", ckpts.step_dir(s).display()),
-        None => " (none was written yet)".into(),
+    let kept = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
+        Some(s) => format!("The newest checkpoint, step {s}, is kept ({})", ckpts.step_dir(s).display()),
+        None => format!(
+            "No checkpoint has been saved yet ({} holds none): there is nothing to resume",
+            ckpts.dir().display()
+        ),
     };
-    TrainError::NonFinite { step, what, value, where_ }
+    TrainError::NonFinite { step, what, value, kept }
 }
 
 #[cfg(test)]

@@ -256,12 +256,14 @@ const ADAPTER_FILES: [&str; 5] = [
 fn written_by_tuna(output: &str, name: &str) -> bool {
     use tuna_models::adapt::peft;
     match output {
-        "adapter" => ADAPTER_FILES.contains(&name),
+        // (And a killed export's temporary files and staging folder.)
+        "adapter" => ADAPTER_FILES.contains(&name) || crate::export::export_temp_pid(name).is_some(),
         // A multi-task run's `adapters/<task>/` folders (their files: [`ADAPTER_FILES`]).
         "adapters" => !name.starts_with('.'),
         "model" => {
             tuna_models::model::HF_FILES.contains(&name)
                 || ["model.safetensors", peft::EXTRA, crate::task::TASK_FILE].contains(&name)
+                || crate::export::export_temp_pid(name).is_some()
         }
         "checkpoints" => {
             // `step-NNNNNN` exactly as the checkpoint module names them, its temporary and

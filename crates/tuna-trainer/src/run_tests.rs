@@ -43,6 +43,7 @@ pub(crate) fn config(task: Task, dir: &Path) -> TrainConfig {
         checkpoint_activations: Default::default(),
         update_in_backward: false,
         base_precision: Default::default(),
+        tf32: false,
         memory_check: true,
         clip: None,
         eval_every: 1,
@@ -188,5 +189,30 @@ fn a_holdout_trains_on_the_rest_and_evaluates_on_it() {
     let s = setup(&Arc::new(Cpu), &cfg).expect("the tail's label is one of the classes");
     let labels = s.spec.labels.as_ref().map(|l| l.labels().to_vec());
     assert_eq!(labels, Some(vec!["cat".to_string(), "fish".into(), "other".into()]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A non-finite loss says what is on disk to resume from: the newest checkpoint's step, or that
+/// none was saved yet (a NaN at step 1, or before the first --save-every), never "the last good
+/// checkpoint is kept" when there is none.
+#[test]
+fn a_non_finite_loss_says_which_checkpoint_is_kept_or_that_none_is() {
+    let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-non-finite", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ckpts = Checkpoints::open(&dir.join("checkpoints"), 0, None).unwrap();
+    let none = non_finite(1, ("training loss", f64::NAN), &ckpts).to_string();
+    assert!(none.contains("step 1: the training loss is NaN"), "{none}");
+    assert!(none.contains("No checkpoint has been saved yet") && !none.contains("is kept"), "{none}");
+    std::fs::create_dir_all(dir.join("checkpoints/step-000003")).unwrap();
+    std::fs::create_dir_all(dir.join("checkpoints/step-000006")).unwrap();
+    let kept = non_finite(7, ("gradient norm", f64::INFINITY), &ckpts).to_string();
+    assert!(kept.contains("The newest checkpoint, step 6, is kept"), "{kept}");
+    assert!(kept.contains(&dir.join("checkpoints/step-000006").display().to_string()), "{kept}");
+    // Through a run: an absurd learning rate makes step 2's loss non-finite, before the first save.
+    let mut cfg = config(Task::Classify, &dir.join("run-dir"));
+    cfg.method = Method::Full { patterns: vec![] };
+    (cfg.lr, cfg.steps, cfg.save_every, cfg.eval_every) = (1e30, 20, 100, 100);
+    let e = train(&Arc::new(Cpu), &cfg).expect_err("a non-finite loss").to_string();
+    assert!(e.contains("not finite") && e.contains("No checkpoint has been saved yet"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

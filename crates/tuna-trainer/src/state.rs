@@ -99,6 +99,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--weight-decay".into(), s(&cfg.weight_decay)),
         ("--optimizer-state".into(), cfg.optimizer_state.to_string()),
         ("--base-precision".into(), cfg.base_precision.to_string()),
+        (TF32.into(), if cfg.tf32 { "on" } else { "off" }.into()),
         ("--clip".into(), s(&cfg.clip)),
         (CHECKPOINT_ACTIVATIONS.into(), cfg.checkpoint_activations.name()),
         (UPDATE_IN_BACKWARD.into(), cfg.update_in_backward.to_string()),
@@ -113,6 +114,14 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
     }
     out
 }
+
+/// `--tf32`: recorded as `on` or `off`.
+const TF32: &str = "--tf32";
+
+/// Settings recorded only from some version on, with what a checkpoint from before meant (an f32
+/// base, no TF32): compared even against such a checkpoint, where a setting it lacks would
+/// otherwise pass unchecked.
+const LATER_SETTINGS: [(&str, &str); 2] = [("--base-precision", "f32"), (TF32, "off")];
 
 /// A setting recorded like the others but free to change on resume: recomputing activations
 /// changes memory and time, never the numbers (the gradients are bitwise the same on the CPU).
@@ -143,17 +152,23 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     let saved: State = serde_json::from_slice(&ck.file(STATE)?)
         .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
     // The fingerprint samples the base as held, so a switched --base-precision would read as
-    // another base model: name the flag instead.
-    // A checkpoint from before the flag was recorded was made on an f32 base.
-    let precision =
-        |st: &State| st.settings.as_ref().map(|s| s.get("--base-precision").cloned().unwrap_or_else(|| "f32".into()));
-    if let (Some(old), Some(new)) = (precision(&saved), precision(now)) {
-        if old != new {
-            return Err(TrainError::Invalid(format!(
-                "{}: a resumed run keeps the settings it started with; changed: --base-precision was {old}, now {new}. \
-                 Resume with --base-precision {old}, or start a new run (--overwrite or another --out)",
-                ck.dir.display()
-            )));
+    // another base model: name the flag instead (first). A checkpoint from before a flag was
+    // recorded was made with its old default (an f32 base, TF32 off).
+    for (flag, before) in LATER_SETTINGS {
+        let value = |st: &State| st.settings.as_ref().map(|s| s.get(flag).cloned().unwrap_or_else(|| before.into()));
+        if let (Some(old), Some(new)) = (value(&saved), value(now)) {
+            if old != new {
+                let with = match (flag, old.as_str()) {
+                    (TF32, "on") => format!("with {TF32}"),
+                    (TF32, _) => format!("without {TF32}"),
+                    _ => format!("with {flag} {old}"),
+                };
+                return Err(TrainError::Invalid(format!(
+                    "{}: a resumed run keeps the settings it started with; changed: {flag} was {old}, now {new}. \
+                     Resume {with}, or start a new run (--overwrite or another --out)",
+                    ck.dir.display()
+                )));
+            }
         }
     }
     match (&saved.base, &now.base) {
@@ -591,6 +606,45 @@ mod tests {
         let err = restore(&ck, &fresh.params, &mut o, 3).unwrap_err().to_string();
         let first = &fresh.params[0].0;
         assert!(err.contains(&wf.display().to_string()) && err.contains(&format!("`{first}` has shape")), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--tf32` is kept by a resumed run like `--base-precision`: switching it either way is an
+    /// error naming the flag, and a checkpoint from before it was recorded counts as TF32 off.
+    #[test]
+    fn a_resume_that_switches_tf32_is_refused_naming_the_flag() {
+        let dir = std::env::temp_dir().join(format!("tuna-tf32-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = crate::run::tests::config(crate::Task::Lm, &dir);
+        cfg.steps = 10;
+        let ckpts = Checkpoints::open(&dir.join("ck"), 0, None).unwrap();
+        // A state at step 2 with `--tf32` on or off, or (`None`) from before it was recorded.
+        let state = |tf32: Option<bool>| {
+            let mut c = cfg.clone();
+            c.tf32 = tf32.unwrap_or(false);
+            let mut s = settings_of(&c, None);
+            if tf32.is_none() {
+                s.remove(TF32);
+            }
+            State { step: 2, settings: Some(s), ..State::default() }
+        };
+        let resume = |saved: Option<bool>, now: bool| {
+            ckpts.save(2, &[(STATE, &serde_json::to_vec(&state(saved)).unwrap())], &Map::new()).unwrap();
+            let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
+            resumable(&ck, &state(Some(now))).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(settings_of(&cfg, None)[TF32], "off");
+        for same in [false, true] {
+            resume(Some(same), same).unwrap();
+        }
+        let e = resume(Some(false), true).unwrap_err();
+        assert!(e.contains("changed: --tf32 was off, now on. Resume without --tf32"), "{e}");
+        let e = resume(Some(true), false).unwrap_err();
+        assert!(e.contains("changed: --tf32 was on, now off. Resume with --tf32,"), "{e}");
+        // A checkpoint from before the flag was recorded: TF32 was off.
+        resume(None, false).unwrap();
+        let e = resume(None, true).unwrap_err();
+        assert!(e.contains("--tf32 was off, now on"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

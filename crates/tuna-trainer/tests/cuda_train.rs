@@ -51,6 +51,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         checkpoint_activations: Default::default(),
         update_in_backward: false,
         base_precision: Default::default(),
+        tf32: false,
         memory_check: true,
         clip: Some(1.0),
         eval_every: 3,
