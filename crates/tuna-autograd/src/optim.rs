@@ -67,6 +67,9 @@ impl std::str::FromStr for MomentStorage {
     }
 }
 
+/// One parameter's first and second moments as host copies in the masters' float (`E::Acc`).
+pub type MomentPair<E> = (Vec<<E as tuna_kernels::Elem>::Acc>, Vec<<E as tuna_kernels::Elem>::Acc>);
+
 /// One parameter's moments, as stored.
 enum Moments<B: OptimKernels<E>, E: Float> {
     Master(AccOwned<B, E>, AccOwned<B, E>),
@@ -167,7 +170,7 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
 
     /// The first and second moments of each parameter, in the order given to [`AdamW::new`]
     /// (host copies in the masters' float, for checkpoints; bf16 moments widen exactly).
-    pub fn moments(&self) -> Result<Vec<(Vec<E::Acc>, Vec<E::Acc>)>> {
+    pub fn moments(&self) -> Result<Vec<MomentPair<E>>> {
         (0..self.params.len()).map(|i| Ok((self.moment(i, false)?, self.moment(i, true)?))).collect()
     }
 
@@ -184,7 +187,7 @@ impl<B: OptimKernels<E>, E: Float> AdamW<B, E> {
 
     /// Restore moments saved by [`AdamW::moments`] and the step count (`hp.step`); an error names
     /// the parameter whose length disagrees.
-    pub fn load_moments(&mut self, moments: &[(Vec<E::Acc>, Vec<E::Acc>)], step: u32) -> Result<()> {
+    pub fn load_moments(&mut self, moments: &[MomentPair<E>], step: u32) -> Result<()> {
         if moments.len() != self.params.len() {
             return Err(Error::Backward(format!(
                 "AdamW: {} saved moment pairs for {} parameters",

@@ -86,10 +86,12 @@ impl<'a, B: Kernels<E>, E: Float> Loader<'a, B, E> {
     /// Tensor `name` with exactly `shape` (error naming the tensor, expected and found shapes).
     pub fn load(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B, E>> {
         let values = self.src.require(name, shape)?;
-        let host: Vec<E> = values.iter().map(|&v| E::from_f32(v)).collect();
         let t = if (self.trainable)(name) {
-            Tensor::param(&self.dev, name, shape, &host)?
+            // A bf16 model's trainable weight keeps the checkpoint's f32 values in its master.
+            let host: Vec<E::Acc> = values.iter().map(|&v| <E::Acc as tuna_kernels::Elem>::from_f32(v)).collect();
+            Tensor::param_from_master(&self.dev, name, shape, &host)?
         } else {
+            let host: Vec<E> = values.iter().map(|&v| E::from_f32(v)).collect();
             Tensor::constant(&self.dev, shape, &host)?
         };
         self.loaded.push((name.to_string(), t.clone()));

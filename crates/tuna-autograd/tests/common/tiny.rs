@@ -129,8 +129,8 @@ impl<B: Kernels<E>, E: Float> Tiny<B, E> {
         Tiny { dev: dev.clone(), table, prompt, blocks, lnf, head }
     }
 
-    /// Every trainable tensor.
-    pub fn trainable(&self) -> Vec<&Tensor<B, E>> {
+    /// Every tensor, trainable or not, in a fixed order.
+    pub fn tensors(&self) -> Vec<&Tensor<B, E>> {
         let mut v = vec![&self.table, &self.prompt];
         for b in &self.blocks {
             v.extend([
@@ -150,7 +150,12 @@ impl<B: Kernels<E>, E: Float> Tiny<B, E> {
             ]);
         }
         v.extend([&self.lnf.0, &self.lnf.1, &self.head]);
-        v.into_iter().filter(|t| t.requires_grad()).collect()
+        v
+    }
+
+    /// Every trainable tensor.
+    pub fn trainable(&self) -> Vec<&Tensor<B, E>> {
+        self.tensors().into_iter().filter(|t| t.requires_grad()).collect()
     }
 
     /// Mean next-token loss of `ids` (`[batch, seq]`), the prompt first, targets shifted by one.

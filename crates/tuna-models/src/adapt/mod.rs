@@ -385,15 +385,15 @@ pub(crate) fn normal(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
         .collect()
 }
 
-/// A trainable tensor from f32 host values.
+/// A trainable tensor from f32 host values (kept exactly in a bf16 tensor's f32 master).
 pub(crate) fn param<B: Kernels<E>, E: Float>(
     dev: &Arc<B>,
     name: &str,
     shape: &[usize],
     v: &[f32],
 ) -> Result<Tensor<B, E>> {
-    let host: Vec<E> = v.iter().map(|&x| E::from_f32(x)).collect();
-    Ok(Tensor::param(dev, name, shape, &host)?)
+    let host: Vec<E::Acc> = v.iter().map(|&x| <E::Acc as tuna_kernels::Elem>::from_f32(x)).collect();
+    Ok(Tensor::param_from_master(dev, name, shape, &host)?)
 }
 
 #[cfg(test)]
