@@ -591,10 +591,9 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
         let hidden = self.shape().hidden;
         let mut rng = tuna_kernels::rng::SplitMix64::new(seed ^ 0x4ead);
         let bound = 1.0 / (hidden as f64).sqrt();
-        let w: Vec<E> =
-            (0..classes * hidden).map(|_| E::from_f32(((rng.next_f64() * 2.0 - 1.0) * bound) as f32)).collect();
-        let w = Tensor::param(&self.dev, "classifier.weight", &[classes, hidden], &w)?;
-        let b = Tensor::param(&self.dev, "classifier.bias", &[classes], &vec![E::from_f32(0.0); classes])?;
+        let w: Vec<f32> = (0..classes * hidden).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let w = crate::adapt::param(&self.dev, "classifier.weight", &[classes, hidden], &w)?;
+        let b = crate::adapt::param(&self.dev, "classifier.bias", &[classes], &vec![0.0; classes])?;
         let extra = &mut self.adapt_mut().extra;
         extra.retain(|(n, _)| !n.starts_with("classifier."));
         extra.push(("classifier.weight".into(), w));

@@ -121,3 +121,52 @@ fn every_method_trains_in_bf16_on_cuda_and_follows_f32() {
         }
     }
 }
+
+/// A saved adapter of every method loads into a bf16 model with the saved f32 values in its
+/// masters (the data their rounding), so training it goes on from what was saved.
+#[test]
+fn a_saved_adapter_loads_into_a_bf16_model_with_its_f32_values_in_the_masters() {
+    let Some(dev) =
+        cuda_or_skip("tuna-models::a_saved_adapter_loads_into_a_bf16_model_with_its_f32_values_in_the_masters")
+    else {
+        return;
+    };
+    for arch in ["gpt2", "llama", "bert"] {
+        for method in methods(arch).into_iter().filter(|m| !matches!(m, Method::Full { .. })) {
+            let what = format!("{arch} {}", method.name());
+            let dir =
+                std::env::temp_dir().join(format!("tuna-bf16-load-{}-{arch}-{}", std::process::id(), method.name()));
+            // Trained a few steps in f32 so that the values are nothing an initializer gives.
+            let (_, m) = train::<f32>(&dev, arch, &method, 2);
+            m.save_adapter(&dir, arch).unwrap();
+            let saved: Vec<(String, Vec<f32>)> =
+                m.trainable().into_iter().map(|(n, t)| (n, t.master_to_vec().unwrap())).collect();
+            let mut b = AnyModel::<Cuda, bf16>::open(&dev, &golden_common::fixture(arch), |_| false).unwrap();
+            b.load_adapter(&dir).unwrap();
+            let loaded: Vec<(String, Tensor<Cuda, bf16>)> = b.trainable();
+            if matches!(method, Method::Prefix { projection: Some(_), .. } | Method::PTuning { .. }) {
+                // Saved as PEFT does, the encoder's output (the prefix or prompt it computes): the
+                // loaded table is that output, f32 values off bf16's grid, in the master.
+                for (name, t) in &loaded {
+                    let (mv, d) = (t.master_to_vec().unwrap(), t.to_vec().unwrap());
+                    assert!(mv.iter().any(|&x| bf16::from_f32(x).to_f32() != x), "{what}: {name} master is bf16");
+                    assert!(mv.iter().zip(&d).all(|(&w, &d)| bf16::from_f32(w) == d), "{what}: {name} data");
+                }
+                std::fs::remove_dir_all(&dir).ok();
+                continue;
+            }
+            assert_eq!(loaded.len(), saved.len(), "{what}: trainable tensors");
+            for ((name, want), (lname, t)) in saved.iter().zip(&loaded) {
+                assert_eq!(name, lname, "{what}");
+                assert!(t.has_master(), "{what}: {name} has no master");
+                assert_eq!(&t.master_to_vec().unwrap(), want, "{what}: {name}'s master is not the saved values");
+                let d = t.to_vec().unwrap();
+                assert!(
+                    want.iter().zip(&d).all(|(&w, &d)| bf16::from_f32(w) == d),
+                    "{what}: {name} data != bf16(saved)"
+                );
+            }
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+}

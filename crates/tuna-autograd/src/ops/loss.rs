@@ -10,6 +10,7 @@ use crate::graph::{launched, output, Saved, SavedBuf};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::cross_entropy::{count_valid, validate_targets, CeParams};
+use tuna_kernels::ops::elementwise::ElementwiseKernel;
 use tuna_kernels::{Alloc, Elem};
 
 /// Mean cross-entropy of `logits` (`[rows, vocab]`, or any shape whose last dim is the vocab)
@@ -154,7 +155,10 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     let recording = crate::graph::recording(&[&x, w]);
     let (want_h, want_w) = (recording && x.requires_grad(), recording && w.requires_grad());
     let dh = if want_h { Some(Tensor::zeros(&dev, &[1, valid * hidden], false)?) } else { None };
-    let mut dw = if want_w { Some(zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
+    // w's gradient over the chunks: in E where E is its own accumulator (f32, f64), in E::Acc
+    // otherwise (bf16: f32, as the unfused product's dW), never summed in bf16.
+    let mut dw = if want_w && E::ACC_IS_SELF { Some(zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
+    let mut dw_acc = if want_w && !E::ACC_IS_SELF { Some(acc_zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
     let mut sum = 0.0f64;
     // Every product of the chunks (logits, dh, dw) is this op's: its time and FLOPs land on the
     // `linear_cross_entropy` row of a profile, not on the inner ops'.
@@ -199,6 +203,14 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                             dev.matmul_fwd(&mp, &logits.buf(), &xc.buf(), <B as Alloc<E>>::buf_mut(dw))?;
                             flops += mp.flops();
                         }
+                        if let Some(dw) = dw_acc.as_mut() {
+                            // The same product as dW of the logits' product, written in E::Acc.
+                            let mp = MatmulParams::linear(c, vocab, hidden);
+                            let dl = logits.buf();
+                            let db = <B as Alloc<E::Acc>>::buf_mut(dw);
+                            dev.matmul_bwd(&mp, Some(&*xc.buf()), None, &dl, None, Some(db))?;
+                            flops += mp.flops();
+                        }
                     }
                 }
                 sum += Alloc::<E::Acc>::to_host(&*dev, &loss_rows)?.into_iter().map(Elem::to_f64).sum::<f64>();
@@ -209,11 +221,13 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     crate::stats::flops("linear_cross_entropy", false, flops);
     let value = upload::<B, E>(&dev, &[E::c(sum / valid as f64)])?;
     let dh_bytes = valid * hidden * std::mem::size_of::<E>();
-    let dw_bytes = vocab * hidden * std::mem::size_of::<E>();
+    let dw_bytes =
+        vocab * hidden * if E::ACC_IS_SELF { std::mem::size_of::<E>() } else { std::mem::size_of::<E::Acc>() };
     Ok(output("linear_cross_entropy", &[&x, w], &dev, vec![], value, |out, _| {
         // The gradients, computed in the forward; counted as saved until the backward used them.
         let dh = dh.map(|t| SavedBuf::new(t, dh_bytes));
         let dw = dw.map(|b| SavedBuf::new(b, dw_bytes));
+        let dw_acc = dw_acc.map(|b| SavedBuf::new(b, dw_bytes));
         let (cx, cw, dev2) = (x.cell(), w.cell(), dev.clone());
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
@@ -225,6 +239,13 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
             if let (Some(cw), Some(dw)) = (&cw, &dw) {
                 launched("linear_cross_entropy.dw");
                 cw.accumulate_acc(&dev2, |d| Ok(dev2.grad_accumulate(d, <B as Alloc<E>>::buf(dw.buf()), scale)?))?;
+            }
+            if let (Some(cw), Some(dw)) = (&cw, &dw_acc) {
+                launched("linear_cross_entropy.dw");
+                let s = scale.to_f64();
+                cw.accumulate_acc(&dev2, |d| {
+                    Ok(ElementwiseKernel::<E::Acc>::scale_bwd(&*dev2, s, <B as Alloc<E::Acc>>::buf(dw.buf()), d)?)
+                })?;
             }
             Ok(())
         })

@@ -227,7 +227,8 @@ fn houlsby<B: Kernels<E>, E: Float>(
     let h = Houlsby::<B, E>::new(dev, s.blocks, s.hidden, bn, 0)?;
     for (name, t) in h.params() {
         let v = w.take(&name, t.shape())?;
-        *t.data_mut() = dev.from_host(&v.iter().map(|&x| E::from_f32(x)).collect::<Vec<_>>())?;
+        // The master too, for a bf16 model (the f32 values exactly; the data their rounding).
+        t.load_master(&v.iter().map(|&x| <E::Acc as tuna_kernels::Elem>::from_f32(x)).collect::<Vec<_>>())?;
     }
     Ok(h)
 }

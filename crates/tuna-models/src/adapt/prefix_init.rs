@@ -99,9 +99,10 @@ impl<B: Kernels<E>, E: Float> PrefixTuning<B, E> {
                 let target = f64s(target);
                 let (w, b) = fit_last_layer(&f64s(h.to_vec()?), &target, n, enc, width)?;
                 let dev = w2.device().clone();
-                let to_e = |v: &[f64]| v.iter().map(|&x| E::c(x)).collect::<Vec<E>>();
-                *w2 = Tensor::param(&dev, "prompt_encoder.transform.2.weight", &[width, enc], &to_e(&w))?;
-                *b2 = Tensor::param(&dev, "prompt_encoder.transform.2.bias", &[width], &to_e(&b))?;
+                // In the masters' float (a bf16 model's f32 masters keep the fit unrounded).
+                let to_m = |v: &[f64]| v.iter().map(|&x| <E::Acc as Elem>::from_f64(x)).collect::<Vec<_>>();
+                *w2 = Tensor::param_from_master(&dev, "prompt_encoder.transform.2.weight", &[width, enc], &to_m(&w))?;
+                *b2 = Tensor::param_from_master(&dev, "prompt_encoder.transform.2.bias", &[width], &to_m(&b))?;
             }
         }
         Ok(())
