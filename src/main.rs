@@ -363,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::tasks_cmd::check_no_task_flags(&std::env::args().skip(2).collect::<Vec<_>>())?;
             // Method settings go in the tasks file, per task.
             method_args.check_used("--tasks (the tasks file sets each task's)", &[])?;
+            run.check_precision_for("`tuna train --tasks`")?;
             let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
             let summary = match device(&run.device)? {
                 Device::Cpu => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
@@ -374,6 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) if a.method.as_deref() == Some(tuna::train_cmd::BASELINE) => {
             let method = a.method.clone().unwrap_or_default();
             a.method_args.check_used("--method", std::slice::from_ref(&method))?;
+            a.run.check_precision_for("the prompt-engineered baseline")?;
             let cfg = a.run.baseline(&a.method_args)?;
             let summary = match device(&a.run.device)? {
                 Device::Cpu => tuna::trainer::prompt_engineered(&Arc::new(Cpu), &cfg)?,
@@ -388,9 +390,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             a.method_args.check_used("--method", std::slice::from_ref(&name))?;
             a.method_args.check_for_task(&name, &a.run.task)?;
             let cfg = a.run.config(method, a.method_args.init_text(&name))?;
-            let summary = match device(&a.run.device)? {
-                Device::Cpu => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
-                Device::Cuda(n) => tuna::trainer::train(&cuda(n, a.run.tf32)?, &cfg)?,
+            let summary = match (device(&a.run.device)?, cfg.precision) {
+                (Device::Cpu, _) => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
+                (Device::Cuda(n), tuna::trainer::Precision::F32) => tuna::trainer::train(&cuda(n, a.run.tf32)?, &cfg)?,
+                (Device::Cuda(n), tuna::trainer::Precision::Bf16) => {
+                    tuna::trainer::train_as::<Cuda, half::bf16>(&cuda(n, false)?, &cfg)?
+                }
             };
             tuna::train_cmd::print_summary(&summary);
         }
@@ -424,7 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     saved_in.display()
                 );
             }
-            let m = tuna::models::model::AnyModel::open_adapted_with(
+            let m = tuna::models::model::AnyModel::<_, f32>::open_adapted_with(
                 &Arc::new(Cpu),
                 &a.model,
                 a.adapter.as_deref(),
@@ -509,6 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let method = a.method_args.method(&a.method)?;
             a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             a.method_args.check_for_task(&a.method, &a.run.task)?;
+            a.run.check_precision_for("`tuna profile`")?;
             let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
                 anyhow::bail!(
@@ -529,6 +535,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.run.resume || a.run.resume_or_start {
                 anyhow::bail!("compare trains every method anew; --resume is for tuna train");
             }
+            a.run.check_precision_for("`tuna compare`")?;
             let methods = tuna::train_cmd::list_flag("--methods", &a.methods)?;
             // Every method's settings are checked before the first one trains (names first).
             for m in &methods {

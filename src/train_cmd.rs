@@ -458,6 +458,11 @@ pub struct RunArgs {
     /// mantissa bits, the sums in f32; what PyTorch calls allow_tf32). Off: f32 throughout.
     #[arg(long)]
     pub tf32: bool,
+    /// What the run computes in: f32, or bf16 mixed precision (CUDA, `tuna train`): bf16
+    /// activations and frozen weights, f32 master weights, gradients and AdamW moments for what
+    /// trains. The CPU computes in f32 (its bf16 frozen base is --base-precision bf16).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub precision: tuna_trainer::Precision,
 }
 
 impl RunArgs {
@@ -581,6 +586,7 @@ impl RunArgs {
             update_in_backward: self.update_in_backward,
             base_precision: self.base_precision,
             tf32: self.tf32,
+            precision: self.precision,
             memory_check: !self.no_memory_check,
             eval_every: self.eval_every,
             save_every: self.save_every,
@@ -596,10 +602,29 @@ impl RunArgs {
         })
     }
 
+    /// `--precision bf16` where it is not built yet (every command but `tuna train --method`),
+    /// refused by name before anything is written.
+    pub fn check_precision_for(&self, what: &str) -> Result<()> {
+        require(self.precision == tuna_trainer::Precision::F32, || {
+            format!("--precision bf16 is built for `tuna train --method ...` on CUDA; {what} computes in f32 so far")
+        })
+    }
+
     /// Every numeric flag in its range (`lr`: the learning rate in force, given or default).
     pub fn check_ranges(&self, lr: f64) -> Result<()> {
         require(!self.tf32 || self.device.starts_with("cuda"), || {
             format!("--tf32 applies to CUDA's matrix products; --device {} has no TF32", self.device)
+        })?;
+        let bf16 = self.precision == tuna_trainer::Precision::Bf16;
+        require(!bf16 || self.device.starts_with("cuda"), || {
+            format!(
+                "--precision bf16 is CUDA's mixed precision; --device {} computes in f32 (a bf16 frozen base on the \
+                 CPU is --base-precision bf16)",
+                self.device
+            )
+        })?;
+        require(!(bf16 && self.tf32), || {
+            "--tf32 rounds f32 products; --precision bf16 has none (its products take bf16 operands)".to_string()
         })?;
         let at_least_1 = |flag: &str, v: u64| require(v >= 1, || format!("{flag} {v}: expected at least 1"));
         let in_range = |flag: &str, v: u64, max: u64| {

@@ -924,3 +924,64 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
     fails(&tuna(&set(train_args(&out, &train, 1, &[]), "--base-precision", "fp8")), "unknown base precision");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `--precision bf16` (CUDA's mixed precision; the emulated device in the test command): losses
+/// close to the same run in f32 and not equal to them; the exported adapter holds the f32 masters
+/// (values off bf16's grid); a run stopped after 2 steps and resumed gives the uninterrupted run's
+/// losses exactly; a resume that switches the precision is refused naming the flag; and on the
+/// CPU the flag is refused by name before anything is written. Skips by name where this binary
+/// has no CUDA device (the CPU refusal is checked in any case).
+#[test]
+fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
+    let d = tmp("bf16");
+    let train = data(&d, "train.jsonl", 8, false);
+    let cpu_out = d.join("cpu");
+    let o = tuna(&train_args(&cpu_out, &train, 2, &["--precision", "bf16"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--precision bf16 is CUDA's mixed precision"), "{err}");
+    assert!(!cpu_out.exists(), "a refused run wrote {}", cpu_out.display());
+    if tuna_kernels::testing::cuda_or_skip("cli_train::bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda")
+        .is_none()
+    {
+        std::fs::remove_dir_all(&d).unwrap();
+        return;
+    }
+    let args = |out: &Path, steps: u64, extra: &[&str]| set(train_args(out, &train, steps, extra), "--device", "cuda");
+    let run = |name: &str, steps: u64, extra: &[&str]| {
+        let out = d.join(name);
+        ok(&tuna(&args(&out, steps, extra)));
+        train_losses(&out)
+    };
+    let f = run("f32", 4, &[]);
+    let b = run("bf16", 4, &["--precision", "bf16"]);
+    assert_eq!((f.len(), b.len()), (4, 4));
+    eprintln!("losses f32 {f:?}\n      bf16 {b:?}");
+    assert!(f != b, "--precision bf16 changed nothing: {f:?}");
+    // The losses themselves are bf16 values (2^-6 apart near 5) on a bf16-rounded model: measured
+    // within 0.3% of the first loss.
+    for (a, c) in f.iter().zip(&b) {
+        assert!((a - c).abs() <= 0.01 * f[0].abs(), "f32 {f:?} vs bf16 {b:?}");
+    }
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("bf16").join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["precision"], "bf16", "{s}");
+    // The exported adapter holds the f32 masters: values bf16 cannot hold.
+    let adapter = std::fs::read(d.join("bf16").join("adapter").join("adapter_model.safetensors")).unwrap();
+    // safetensors: an 8-byte header length, the JSON header, then the (here all f32) data.
+    let header = u64::from_le_bytes(adapter[..8].try_into().unwrap()) as usize;
+    let off_grid = adapter[8 + header..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .any(|x| half::bf16::from_f32(x).to_f32() != x);
+    assert!(off_grid, "the exported adapter holds only bf16 values");
+    // Stopped after 2 steps, resumed to 4: the uninterrupted run's losses exactly.
+    let r = d.join("resumed");
+    ok(&tuna(&args(&r, 2, &["--precision", "bf16"])));
+    ok(&tuna(&args(&r, 4, &["--precision", "bf16", "--resume"])));
+    assert_eq!(train_losses(&r), b, "a resumed bf16 run");
+    // A resume in f32 is refused naming the flag.
+    let o = tuna(&args(&r, 6, &["--resume"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--precision was bf16, now f32"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

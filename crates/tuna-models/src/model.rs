@@ -670,8 +670,9 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+        // A bf16 model's trainable weights by their f32 masters.
         let host = |t: &Tensor<B, E>| -> Result<crate::io::HostTensor> {
-            Ok((t.shape().to_vec(), t.to_vec()?.into_iter().map(|x| x.to_f32()).collect()))
+            Ok((t.shape().to_vec(), t.master_to_vec()?.into_iter().map(tuna_kernels::Elem::to_f32).collect()))
         };
         for l in ad.lora.values() {
             l.merge()?;

@@ -268,6 +268,7 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
         peak_heap_bytes: crate::memory::max(),
         base_precision: Some("f32".into()),
         tf32: None,
+        precision: None,
     };
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     write_atomic(&cfg.out.join("summary.json"), text.as_bytes())?;

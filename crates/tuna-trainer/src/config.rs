@@ -50,6 +50,10 @@ pub struct TrainConfig {
     /// How the frozen weights of the blocks are held (f32, bf16, or int8 per output channel; CPU,
     /// parameter-efficient methods): less memory, products on the packed weights.
     pub base_precision: tuna_models::model::BasePrecision,
+    /// `--precision`: the element type the run computes in (f32; bf16 mixed precision on CUDA:
+    /// bf16 activations and frozen weights, f32 masters, gradients and moments). The caller runs
+    /// [`crate::train_as`] with the matching type; recorded so that a resumed run keeps it.
+    pub precision: Precision,
     /// `--tf32`: the CUDA device's f32 products in TF32 (set on the device by the caller; recorded
     /// here so that a resumed run keeps it, and in the summary).
     pub tf32: bool,
@@ -114,6 +118,10 @@ pub struct RunSummary {
     /// older summaries, which were f32).
     #[serde(default)]
     pub base_precision: Option<String>,
+    /// The element type the run computed in (`f32`, `bf16`; absent in older summaries, which were
+    /// f32, and for the prompt-engineered baseline).
+    #[serde(default)]
+    pub precision: Option<String>,
     /// Whether the f32 products ran in TF32 (`--tf32`, CUDA; absent in older summaries, which
     /// were without it, and for the prompt-engineered baseline).
     #[serde(default)]
@@ -139,5 +147,37 @@ impl Hurting {
              another init)",
             self.train_loss, self.untrained_loss
         )
+    }
+}
+
+/// What a run computes in (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 mixed precision (CUDA): bf16 activations and frozen weights; f32 masters, gradients
+    /// and optimizer moments for what trains.
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    /// As the command line spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("`{other}`: expected f32 or bf16")),
+        }
     }
 }

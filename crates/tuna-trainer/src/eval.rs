@@ -5,7 +5,7 @@ use crate::batch::{BatchConfig, Batcher, PadSide, Truncate};
 use crate::data::{self, Fields, Task};
 use crate::error::{Result, TrainError};
 use crate::limits::{min_len, resolve_max_len};
-use crate::model::{Backend, Model};
+use crate::model::{Backend, Model, RunFloat};
 use crate::task::TaskSpec;
 use std::path::Path;
 
@@ -33,7 +33,7 @@ impl EvalMetrics {
 }
 
 /// Mean loss (and accuracy, perplexity) over `eb`'s examples in order, under no_grad.
-pub fn evaluate<B: Backend>(model: &Model<B>, spec: &TaskSpec, eb: &Batcher) -> Result<EvalMetrics> {
+pub fn evaluate<B: Backend<E>, E: RunFloat>(model: &Model<B, E>, spec: &TaskSpec, eb: &Batcher) -> Result<EvalMetrics> {
     let (mut sum, mut n, mut correct, mut rows) = (0.0, 0usize, 0usize, 0usize);
     for rows_idx in eb.plan(0) {
         let b = eb.make_batch(&rows_idx);
@@ -61,8 +61,8 @@ pub fn evaluate<B: Backend>(model: &Model<B>, spec: &TaskSpec, eb: &Batcher) -> 
 
 /// Evaluate `model` (adapted) on `data` for `task`: what `tuna eval` prints.
 #[allow(clippy::too_many_arguments)]
-pub fn eval_file(
-    model: &Model<impl Backend>,
+pub fn eval_file<E: RunFloat>(
+    model: &Model<impl Backend<E>, E>,
     task: Task,
     data_path: &Path,
     fields: &Fields,
@@ -80,8 +80,8 @@ pub fn eval_file(
 
 /// How a run's batches are made: shuffled and bucketed by length for training, in order for
 /// evaluation; padded on the side the architecture expects.
-pub(crate) fn batch_config<B: Backend>(
-    model: &Model<B>,
+pub(crate) fn batch_config<B: Backend<E>, E: RunFloat>(
+    model: &Model<B, E>,
     task: Task,
     batch_size: usize,
     max_len: usize,

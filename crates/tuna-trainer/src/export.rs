@@ -2,14 +2,14 @@
 //! fine-tuned model), and the process's peak memory for the summary.
 
 use crate::error::{Result, TrainError};
-use crate::model::{Backend, Model};
+use crate::model::{Backend, Model, RunFloat};
 use std::path::{Path, PathBuf};
 use tuna_models::adapt::peft;
 
 /// Write the final export: a PEFT adapter folder, or for full fine-tuning a Hugging Face folder of
 /// the trained model. Returns its path and the bytes of its weights file. Written all or nothing
 /// (see [`write_staged`]).
-pub fn export<B: Backend>(model: &Model<B>, out: &Path) -> Result<(PathBuf, u64)> {
+pub fn export<B: Backend<E>, E: RunFloat>(model: &Model<B, E>, out: &Path) -> Result<(PathBuf, u64)> {
     // Full fine-tuning: nothing but (perhaps) a task head in the adaptation.
     let (dir, file) = if model.adapt().is_empty() {
         let d = out.join("model");

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::Fnv64;
 use crate::error::Result;
-use crate::model::{Backend, Model};
+use crate::model::{Backend, Model, RunFloat};
 use serde::{Deserialize, Serialize};
 
 /// Values the content hash reads from each tensor, evenly strided over it.
@@ -28,7 +28,7 @@ pub struct BaseFingerprint {
 
 impl BaseFingerprint {
     /// The fingerprint of `model`'s base weights as loaded (call before any training step).
-    pub fn of<B: Backend>(model: &Model<B>) -> Result<BaseFingerprint> {
+    pub fn of<B: Backend<E>, E: RunFloat>(model: &Model<B, E>) -> Result<BaseFingerprint> {
         let s = model.shape();
         let weights = model.named_weights();
         let mut names = Fnv64::new();
@@ -42,7 +42,7 @@ impl BaseFingerprint {
             let packed = if t.is_released() { model.packed_weight(n) } else { None };
             let v = match packed {
                 Some(p) => p.to_f32(),
-                None => t.to_vec()?,
+                None => t.master_to_vec()?,
             };
             let stride = (v.len() / SAMPLES_PER_TENSOR).max(1);
             for x in v.iter().step_by(stride) {

@@ -35,17 +35,17 @@ pub use checkpoint::{
     fnv1a64, write_atomic, CheckpointError, Checkpoints, Direction, FileEntry, FileReader, Fnv64, LatestValid, Loaded,
     Manifest,
 };
-pub use config::{Hurting, RunSummary, TrainConfig};
+pub use config::{Hurting, Precision, RunSummary, TrainConfig};
 pub use data::{load, DataError, Example, FieldProblem, Fields, LabelSet, Record, Task};
 pub use error::TrainError;
 pub use eval::{describe_eval, eval_file, evaluate, EvalMetrics};
 pub use export::{export, peak_rss_bytes};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
-pub use model::Model;
+pub use model::{Backend, Model, RunFloat};
 pub use multi::{train_multi, MultiConfig, MultiSummary, TaskSummary};
 pub use profile::{profile, Profile, ProfileRow};
 pub use progress::Progress;
-pub use run::train;
+pub use run::{train, train_as};
 pub use run_dir::{existing_run, lock, FolderLock, OutMode};
 pub use schedule::{Decay, Schedule};
 pub use task::{TaskFile, TaskSpec, TASK_FILE};

@@ -717,6 +717,7 @@ mod tests {
             update_in_backward: false,
             base_precision: Default::default(),
             tf32: false,
+            precision: crate::Precision::F32,
             memory_check: true,
             model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures").join(model),
             method,

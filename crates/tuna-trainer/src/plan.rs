@@ -14,7 +14,7 @@
 
 use crate::error::Result;
 use crate::memory;
-use crate::model::Backend;
+use crate::model::{Backend, RunFloat};
 use crate::run::Setup;
 use crate::TrainConfig;
 use tuna_autograd::optim::{backward_discarding, zero_grad};
@@ -146,8 +146,8 @@ impl MemoryPlan {
 
 /// One probe: heap bytes a forward and backward of `b` adds at its peak, and the tape's peak saved
 /// activations in it; the gradients are dropped.
-fn probe<B: Backend>(s: &Setup<B>, cfg: &TrainConfig, b: &crate::Batch) -> Result<(f64, f64)> {
-    let params: Vec<&Tensor<B, f32>> = s.params.iter().map(|(_, t)| t).collect();
+fn probe<B: Backend<E>, E: RunFloat>(s: &Setup<B, E>, cfg: &TrainConfig, b: &crate::Batch) -> Result<(f64, f64)> {
+    let params: Vec<&Tensor<B, E>> = s.params.iter().map(|(_, t)| t).collect();
     let live = memory::live().unwrap_or(0);
     memory::reset_peak();
     stats::reset();
@@ -169,7 +169,11 @@ fn probe<B: Backend>(s: &Setup<B>, cfg: &TrainConfig, b: &crate::Batch) -> Resul
 }
 
 /// Saved activations of a forward of `b` (no backward) under `policy`.
-fn saved_forward<B: Backend>(s: &mut Setup<B>, b: &crate::Batch, policy: Checkpointing) -> Result<f64> {
+fn saved_forward<B: Backend<E>, E: RunFloat>(
+    s: &mut Setup<B, E>,
+    b: &crate::Batch,
+    policy: Checkpointing,
+) -> Result<f64> {
     let run_policy = s.model.checkpointing();
     s.model.set_checkpointing(policy);
     stats::reset();
@@ -186,8 +190,8 @@ fn saved_forward<B: Backend>(s: &mut Setup<B>, b: &crate::Batch, policy: Checkpo
 /// held while a checkpoint is restored, 0 for a fresh run), or `None` where the heap is not
 /// counted, the first row is too short to draw a line through, or the model is an
 /// encoder-decoder.
-pub(crate) fn plan<B: Backend>(
-    s: &mut Setup<B>,
+pub(crate) fn plan<B: Backend<E>, E: RunFloat>(
+    s: &mut Setup<B, E>,
     cfg: &TrainConfig,
     first: &crate::Batch,
     optimizer: u64,

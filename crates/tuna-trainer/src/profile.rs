@@ -67,7 +67,7 @@ pub fn cpu_gemm_gflops() -> f64 {
 /// per-op timing on (see [`tuna_autograd::stats::set_profiling`]) and report where the time went.
 pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: u64) -> Result<Profile> {
     use tuna_autograd::stats;
-    let mut s: Setup<B> = setup(dev, cfg)?;
+    let mut s: Setup<B, f32> = setup(dev, cfg)?;
     let peak_gflops = dev.device_name().starts_with("cpu").then(cpu_gemm_gflops);
     let mut opt = optimizer(cfg, &s.params)?;
     let mut cursor = Cursor::default();

@@ -15,7 +15,7 @@ use crate::export::{export, peak_rss_bytes};
 use crate::fingerprint::BaseFingerprint;
 use crate::limits::{check_method_size, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
-use crate::model::{Backend, Model};
+use crate::model::{Backend, Model, RunFloat};
 use crate::progress::Progress;
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
@@ -39,19 +39,19 @@ fn best_metric(task: Task) -> (&'static str, Direction) {
 }
 
 /// What a run works on: the model with its method installed, the task, the batches.
-pub(crate) struct Setup<B: Backend> {
-    pub(crate) model: Model<B>,
+pub(crate) struct Setup<B: Backend<E>, E: RunFloat> {
+    pub(crate) model: Model<B, E>,
     pub(crate) spec: TaskSpec,
     pub(crate) batcher: Batcher,
     pub(crate) eval_batcher: Option<Batcher>,
-    pub(crate) params: Vec<(String, Tensor<B, f32>)>,
+    pub(crate) params: Vec<(String, Tensor<B, E>)>,
     /// The base weights' fingerprint, taken as loaded (a weight packed by `--base-precision` is
     /// read as its packed values; a resume checks the precision by name first).
     pub(crate) base: BaseFingerprint,
 }
 
 /// Load the data, the model (installing the method) and the task; check the schedule.
-pub(crate) fn setup<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B>> {
+pub(crate) fn setup<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<Setup<B, E>> {
     // A step frees and reallocates the same buffers: keep freed pages for the next step.
     tuna_kernels::heap::keep_freed_memory();
     let mut train_records = data::load(&cfg.train, cfg.task, &cfg.fields)?;
@@ -128,8 +128,21 @@ pub(crate) fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
     Ok(schedule)
 }
 
-/// Train as `cfg` says; returns the summary (also written to `out/summary.json`).
+/// Train as `cfg` says, in f32; returns the summary (also written to `out/summary.json`).
 pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
+    train_as::<B, f32>(dev, cfg)
+}
+
+/// [`train`] in element type `E`: f32, or bf16 mixed precision on CUDA (bf16 activations and
+/// frozen weights, f32 masters, gradients and moments).
+pub fn train_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
+    if E::NAME != cfg.precision.to_string() {
+        return Err(TrainError::Invalid(format!(
+            "the run is configured for --precision {} but was started in {} (the caller picks the type)",
+            cfg.precision,
+            E::NAME
+        )));
+    }
     // The folder first: a second run on it, or a new run over an old one, fails before any work.
     if cfg.out_mode == OutMode::Resume && !cfg.out.is_dir() {
         return Err(TrainError::Invalid(format!(
@@ -234,8 +247,8 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
 
 /// The memory plan of a CPU run (printed), checked against the memory available: a run predicted
 /// not to fit is refused with the flags that would make it fit (unless `--no-memory-check`).
-fn memory_plan<B: Backend>(
-    s: &mut Setup<B>,
+fn memory_plan<B: Backend<E>, E: RunFloat>(
+    s: &mut Setup<B, E>,
     cfg: &TrainConfig,
     dev: &Arc<B>,
 ) -> Result<Option<crate::plan::MemoryPlan>> {
@@ -297,7 +310,7 @@ pub const HURT_WINDOW: u64 = 10;
 /// The untrained model's loss (the method set aside; a task head at its init) on each batch of the
 /// last [`HURT_WINDOW`] steps after warmup, by step: the batches are a pure function of the data,
 /// seed and step, so they are replayed here before training.
-fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<Vec<(u64, f64)>> {
+fn untrained_losses<B: Backend<E>, E: RunFloat>(s: &mut Setup<B, E>, cfg: &TrainConfig) -> Result<Vec<(u64, f64)>> {
     let first = cfg.warmup.max(cfg.steps.saturating_sub(HURT_WINDOW)) + 1;
     if first > cfg.steps {
         return Ok(Vec::new());
@@ -317,7 +330,7 @@ fn untrained_losses<B: Backend>(s: &mut Setup<B>, cfg: &TrainConfig) -> Result<V
                 .map(|(step, b)| {
                     let mut sum = 0.0;
                     for (p, w) in weighted_parts(m, spec, b, micro)? {
-                        sum += spec.loss(m, &p)?.0.to_vec()?[0] as f64 * w;
+                        sum += spec.loss(m, &p)?.0.to_vec()?[0].to_f64() * w;
                     }
                     Ok((*step, sum))
                 })
@@ -349,10 +362,10 @@ fn hurting(baseline: &[(u64, f64)], window: &[(u64, f64)]) -> Option<Hurting> {
 
 /// The state a run starts from: fresh, or (resuming) a checkpoint's, checked and restored into the
 /// parameters and the optimizer; with the step resumed from.
-fn start_or_resume<B: Backend>(
+fn start_or_resume<B: Backend<E>, E: RunFloat>(
     cfg: &TrainConfig,
-    s: &Setup<B>,
-    opt: &mut AdamW<B, f32>,
+    s: &Setup<B, E>,
+    opt: &mut AdamW<B, E>,
     ckpts: &Checkpoints,
 ) -> Result<(State, Option<u64>)> {
     let st = State {
@@ -381,9 +394,9 @@ fn start_or_resume<B: Backend>(
 }
 
 /// The end of a run: the final evaluation, the export with its task file, and `summary.json`.
-fn finish<B: Backend>(
+fn finish<B: Backend<E>, E: RunFloat>(
     cfg: &TrainConfig,
-    s: &Setup<B>,
+    s: &Setup<B, E>,
     st: &State,
     stopped_early: bool,
     hurting: Option<Hurting>,
@@ -409,6 +422,7 @@ fn finish<B: Backend>(
         peak_heap_bytes: crate::memory::max(),
         base_precision: Some(cfg.base_precision.to_string()),
         tf32: Some(cfg.tf32),
+        precision: Some(cfg.precision.to_string()),
         method: cfg.method.name().into(),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: cfg.task.name().to_string(),
@@ -439,13 +453,13 @@ fn finish<B: Backend>(
 /// share of the batch's loss terms (so the accumulated gradients are the full batch's). The losses
 /// stay on the device until [`PendingLoss::read`], so a step waits for the device once, not once
 /// per micro-batch. Dropout is seeded per micro-batch from `seed`.
-pub(crate) fn accumulate_grads<B: Backend>(
-    model: &Model<B>,
+pub(crate) fn accumulate_grads<B: Backend<E>, E: RunFloat>(
+    model: &Model<B, E>,
     spec: &TaskSpec,
     batch: &Batch,
     micro: usize,
     seed: u64,
-) -> Result<PendingLoss<B>> {
+) -> Result<PendingLoss<B, E>> {
     let parts = weighted_parts(model, spec, batch, micro)?;
     let mut losses = Vec::with_capacity(parts.len());
     for (k, (mb, w)) in parts.iter().enumerate() {
@@ -469,8 +483,8 @@ pub(crate) fn accumulate_grads<B: Backend>(
 /// `batch` in micro-batches of `micro` rows, each with its share of the batch's loss terms, so
 /// the weighted micro-batch losses sum to the full batch's mean (training and the untrained
 /// baseline weigh them alike).
-pub(crate) fn weighted_parts<B: Backend>(
-    model: &Model<B>,
+pub(crate) fn weighted_parts<B: Backend<E>, E: RunFloat>(
+    model: &Model<B, E>,
     spec: &TaskSpec,
     batch: &Batch,
     micro: usize,
@@ -482,17 +496,17 @@ pub(crate) fn weighted_parts<B: Backend>(
 }
 
 /// A step's micro-batch losses and weights, still on the device.
-pub(crate) struct PendingLoss<B: Backend> {
-    losses: Vec<(Tensor<B, f32>, f64)>,
+pub(crate) struct PendingLoss<B: Backend<E>, E: RunFloat> {
+    losses: Vec<(Tensor<B, E>, f64)>,
 }
 
-impl<B: Backend> PendingLoss<B> {
+impl<B: Backend<E>, E: RunFloat> PendingLoss<B, E> {
     /// The batch's mean loss (the weighted sum, in f64, in micro-batch order), or the first
     /// non-finite micro-batch loss. The first read waits for the device; the others are ready.
     pub(crate) fn read(self) -> Result<f64> {
         let mut sum = 0.0f64;
         for (loss, w) in self.losses {
-            let l = loss.to_vec()?[0] as f64;
+            let l = loss.to_vec()?[0].to_f64();
             if !l.is_finite() {
                 return Ok(l);
             }
@@ -503,8 +517,11 @@ impl<B: Backend> PendingLoss<B> {
 }
 
 /// AdamW over `params` with `cfg`'s learning rate and weight decay.
-pub(crate) fn optimizer<B: Backend>(cfg: &TrainConfig, params: &[(String, Tensor<B, f32>)]) -> Result<AdamW<B, f32>> {
-    let refs: Vec<&Tensor<B, f32>> = params.iter().map(|(_, t)| t).collect();
+pub(crate) fn optimizer<B: Backend<E>, E: RunFloat>(
+    cfg: &TrainConfig,
+    params: &[(String, Tensor<B, E>)],
+) -> Result<AdamW<B, E>> {
+    let refs: Vec<&Tensor<B, E>> = params.iter().map(|(_, t)| t).collect();
     let hp = AdamWParams { weight_decay: cfg.weight_decay as f32, ..AdamWParams::new(cfg.lr as f32) };
     Ok(AdamW::with_storage(&refs, hp, cfg.optimizer_state)?)
 }
@@ -532,9 +549,9 @@ impl StepOutcome {
 /// One training step, the same for `train` and `profile`: forward and backward of `batch` in
 /// micro-batches (see [`accumulate_grads`]), then clipping and the AdamW update at `lr`, unless
 /// the loss or the clipped norm is not finite (then nothing is updated).
-pub(crate) fn training_step<B: Backend>(
-    s: &Setup<B>,
-    opt: &mut AdamW<B, f32>,
+pub(crate) fn training_step<B: Backend<E>, E: RunFloat>(
+    s: &Setup<B, E>,
+    opt: &mut AdamW<B, E>,
     cfg: &TrainConfig,
     batch: &Batch,
     seed: u64,
@@ -548,7 +565,7 @@ pub(crate) fn training_step<B: Backend>(
     tuna_autograd::stats::mark();
     let pending = accumulate_grads(&s.model, &s.spec, batch, cfg.micro_batch, seed)?;
     let forward_backward_s = t0.elapsed().as_secs_f64();
-    let refs: Vec<&Tensor<B, f32>> = s.params.iter().map(|(_, t)| t).collect();
+    let refs: Vec<&Tensor<B, E>> = s.params.iter().map(|(_, t)| t).collect();
     // The step's one wait for the device: the clip's norm read (or, without clipping, the loss's).
     // A non-finite loss is never applied (`StepOutcome::applied`), whatever the norm.
     let grad_norm = match cfg.clip {
@@ -570,9 +587,9 @@ pub(crate) fn training_step<B: Backend>(
 /// trainable tensor updated as soon as its gradient is complete. The loss is read before the
 /// backward (a non-finite loss updates nothing); a non-finite gradient stops the updates where it
 /// shows (the run then stops, as after any non-finite gradient).
-fn step_in_backward<B: Backend>(
-    s: &Setup<B>,
-    opt: &mut AdamW<B, f32>,
+fn step_in_backward<B: Backend<E>, E: RunFloat>(
+    s: &Setup<B, E>,
+    opt: &mut AdamW<B, E>,
     cfg: &TrainConfig,
     batch: &Batch,
     seed: u64,
@@ -592,7 +609,7 @@ fn step_in_backward<B: Backend>(
     let (mb, w) = parts.pop().expect("one part");
     s.model.adapt().seed_dropout(seed);
     let (loss, terms) = s.spec.loss(&s.model, &mb)?;
-    let value = loss.to_vec()?[0] as f64;
+    let value = loss.to_vec()?[0].to_f64();
     opt.hp.lr = lr as f32;
     if !value.is_finite() || terms == 0 {
         let out = StepOutcome { loss: value, grad_norm: 0.0, forward_backward_s: t0.elapsed().as_secs_f64() };

@@ -44,6 +44,7 @@ pub(crate) fn config(task: Task, dir: &Path) -> TrainConfig {
         update_in_backward: false,
         base_precision: Default::default(),
         tf32: false,
+        precision: crate::Precision::F32,
         memory_check: true,
         clip: None,
         eval_every: 1,
@@ -65,7 +66,7 @@ pub(crate) fn config(task: Task, dir: &Path) -> TrainConfig {
 fn grads(task: Task, micro: usize) -> (f64, Vec<Vec<f32>>) {
     let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-{task:?}-{micro}", std::process::id()));
     let cfg = config(task, &dir);
-    let mut s = setup(&Arc::new(Cpu), &cfg).unwrap();
+    let mut s = setup::<_, f32>(&Arc::new(Cpu), &cfg).unwrap();
     for (i, (_, t)) in s.params.iter().enumerate() {
         let v: Vec<f32> = (0..t.numel()).map(|j| ((i * 31 + j * 7) % 11) as f32 / 50.0 - 0.1).collect();
         *t.data_mut() = v;
@@ -114,7 +115,7 @@ fn the_untrained_baseline_sets_the_method_aside_on_the_windows_batches() {
     let mut cfg = config(Task::Classify, &dir);
     (cfg.steps, cfg.warmup, cfg.batch_size, cfg.micro_batch) = (14, 2, 2, 1);
     // LoRA starts as the identity (B = 0): its loss at init is the untrained model's.
-    let mut lora = setup(&Arc::new(Cpu), &cfg).unwrap();
+    let mut lora = setup::<_, f32>(&Arc::new(Cpu), &cfg).unwrap();
     let want = untrained_losses(&mut lora, &cfg).unwrap();
     // The last HURT_WINDOW steps, all after warmup.
     assert_eq!(want.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (5..=14).collect::<Vec<u64>>());
@@ -129,7 +130,7 @@ fn the_untrained_baseline_sets_the_method_aside_on_the_windows_batches() {
     }
     // A random prefix changes the model's loss, but not its untrained baseline.
     cfg.method = Method::Prefix { n: 2, projection: None, init: tuna_models::adapt::PromptInit::Random };
-    let mut prefix = setup(&Arc::new(Cpu), &cfg).unwrap();
+    let mut prefix = setup::<_, f32>(&Arc::new(Cpu), &cfg).unwrap();
     assert_eq!(untrained_losses(&mut prefix, &cfg).unwrap(), want);
     let b = &batches[13];
     let with = tuna_autograd::no_grad(|| prefix.spec.loss(&prefix.model, b).unwrap().0.to_vec().unwrap()[0]) as f64;
@@ -168,7 +169,7 @@ fn a_holdout_trains_on_the_rest_and_evaluates_on_it() {
     let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-holdout", std::process::id()));
     let mut cfg = config(Task::Classify, &dir);
     cfg.holdout = Some(1);
-    let s = setup(&Arc::new(Cpu), &cfg).unwrap();
+    let s = setup::<_, f32>(&Arc::new(Cpu), &cfg).unwrap();
     assert_eq!(s.batcher.examples().len(), 3);
     assert_eq!(s.eval_batcher.as_ref().map(|b| b.examples().len()), Some(1));
     // The held-out example is the file's last ("Hi.", 2 tokens or so), not one trained on.
@@ -176,7 +177,7 @@ fn a_holdout_trains_on_the_rest_and_evaluates_on_it() {
     assert!(s.batcher.examples().iter().all(|e| &e.ids != held));
     for k in [0, 4] {
         cfg.holdout = Some(k);
-        let e = setup(&Arc::new(Cpu), &cfg).err().expect("refused").to_string();
+        let e = setup::<_, f32>(&Arc::new(Cpu), &cfg).err().expect("refused").to_string();
         assert!(e.contains("--holdout"), "{e}");
     }
     // A label found only in the held-out tail is still a class (the classes come from the whole
@@ -186,7 +187,7 @@ fn a_holdout_trains_on_the_rest_and_evaluates_on_it() {
     std::fs::write(&cfg.train, text).unwrap();
     cfg.holdout = Some(1);
     cfg.verbalizers = Some(vec!["cat".into(), "fish".into(), "other".into()]);
-    let s = setup(&Arc::new(Cpu), &cfg).expect("the tail's label is one of the classes");
+    let s = setup::<_, f32>(&Arc::new(Cpu), &cfg).expect("the tail's label is one of the classes");
     let labels = s.spec.labels.as_ref().map(|l| l.labels().to_vec());
     assert_eq!(labels, Some(vec!["cat".to_string(), "fish".into(), "other".into()]));
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,13 +7,12 @@ use crate::checkpoint::{Checkpoints, FileReader, Loaded, READ_CHUNK};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::fingerprint::BaseFingerprint;
-use crate::model::Backend;
+use crate::model::{Backend, RunFloat};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use tuna_autograd::optim::AdamW;
 use tuna_autograd::Tensor;
-use tuna_kernels::Alloc;
 use tuna_models::adapt::Method;
 use tuna_models::io;
 
@@ -100,6 +99,7 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
         ("--optimizer-state".into(), cfg.optimizer_state.to_string()),
         ("--base-precision".into(), cfg.base_precision.to_string()),
         (TF32.into(), if cfg.tf32 { "on" } else { "off" }.into()),
+        (PRECISION.into(), cfg.precision.to_string()),
         ("--clip".into(), s(&cfg.clip)),
         (CHECKPOINT_ACTIVATIONS.into(), cfg.checkpoint_activations.name()),
         (UPDATE_IN_BACKWARD.into(), cfg.update_in_backward.to_string()),
@@ -117,11 +117,13 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
 
 /// `--tf32`: recorded as `on` or `off`.
 const TF32: &str = "--tf32";
+/// `--precision`: recorded as `f32` or `bf16`.
+const PRECISION: &str = "--precision";
 
 /// Settings recorded only from some version on, with what a checkpoint from before meant (an f32
 /// base, no TF32): compared even against such a checkpoint, where a setting it lacks would
 /// otherwise pass unchecked.
-const LATER_SETTINGS: [(&str, &str); 2] = [("--base-precision", "f32"), (TF32, "off")];
+const LATER_SETTINGS: [(&str, &str); 3] = [("--base-precision", "f32"), (TF32, "off"), (PRECISION, "f32")];
 
 /// A setting recorded like the others but free to change on resume: recomputing activations
 /// changes memory and time, never the numbers (the gradients are bitwise the same on the CPU).
@@ -139,7 +141,11 @@ pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<
 }
 
 /// Named trainable tensors (checkpoint names), as one optimizer's group.
-pub(crate) type Params<B> = [(String, Tensor<B, f32>)];
+pub(crate) type Params<B, E = f32> = [(String, Tensor<B, E>)];
+/// One group of a checkpoint: parameters and their optimizer (a multi-task run saves several).
+pub(crate) type Group<'a, B, E> = (&'a Params<B, E>, &'a AdamW<B, E>);
+/// [`Group`] with its optimizer to restore into.
+pub(crate) type GroupMut<'a, B, E> = (&'a Params<B, E>, &'a mut AdamW<B, E>);
 
 pub(crate) const TRAINABLE: &str = "trainable.safetensors";
 pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
@@ -235,11 +241,11 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
 }
 
 /// Checkpoint `st`, the trainable tensors and the AdamW moments (with `metrics` in the manifest).
-pub(crate) fn save<B: Backend>(
+pub(crate) fn save<B: Backend<E>, E: RunFloat>(
     ckpts: &Checkpoints,
     st: &State,
-    params: &[(String, Tensor<B, f32>)],
-    opt: &AdamW<B, f32>,
+    params: &[(String, Tensor<B, E>)],
+    opt: &AdamW<B, E>,
     metrics: &Map<String, Value>,
 ) -> Result<()> {
     save_groups(ckpts, st, &[(params, opt)], metrics)
@@ -247,10 +253,10 @@ pub(crate) fn save<B: Backend>(
 
 /// [`save`] for a run with several optimizers (a multi-task run: one per task, each at its own
 /// learning rate), each over its own tensors; names are unique across the groups.
-pub(crate) fn save_groups<B: Backend>(
+pub(crate) fn save_groups<B: Backend<E>, E: RunFloat>(
     ckpts: &Checkpoints,
     st: &State,
-    groups: &[(&Params<B>, &AdamW<B, f32>)],
+    groups: &[Group<'_, B, E>],
     metrics: &Map<String, Value>,
 ) -> Result<()> {
     // Streamed one tensor at a time: a full fine-tuning checkpoint (weights and both moments,
@@ -264,11 +270,11 @@ pub(crate) fn save_groups<B: Backend>(
             moment_names.push((format!("{n}.v"), t.shape().to_vec()));
         }
     }
-    let tensors: Vec<Slot<B>> = groups
+    let tensors: Vec<Slot<B, E>> = groups
         .iter()
         .flat_map(|(params, opt)| params.iter().enumerate().map(move |(i, (_, t))| (t, *opt, i)))
         .collect();
-    let w = Streamed { tensors: &names, data: &|k: usize| Ok(tensors[k].0.to_vec()?) };
+    let w = Streamed { tensors: &names, data: &|k: usize| Ok(tensors[k].0.master_to_vec()?) };
     let o = Streamed {
         tensors: &moment_names,
         data: &|k: usize| {
@@ -282,7 +288,7 @@ pub(crate) fn save_groups<B: Backend>(
 }
 
 /// A trainable tensor, its optimizer and its index there.
-type Slot<'a, B> = (&'a Tensor<B, f32>, &'a AdamW<B, f32>, usize);
+type Slot<'a, B, E> = (&'a Tensor<B, E>, &'a AdamW<B, E>, usize);
 
 /// A safetensors file of f32 tensors written one tensor at a time (see
 /// [`io::write_safetensors_f32`]).
@@ -302,10 +308,10 @@ impl crate::checkpoint::Payload for Streamed<'_> {
 
 /// The trainable tensors and AdamW moments of checkpoint `ck` into `params` and `opt`; a tensor
 /// the checkpoint trains that `params` lacks is an error.
-pub(crate) fn restore<B: Backend>(
+pub(crate) fn restore<B: Backend<E>, E: RunFloat>(
     ck: &Loaded,
-    params: &[(String, Tensor<B, f32>)],
-    opt: &mut AdamW<B, f32>,
+    params: &[(String, Tensor<B, E>)],
+    opt: &mut AdamW<B, E>,
     step: u64,
 ) -> Result<()> {
     restore_groups(ck, &mut [(params, opt)], step)
@@ -320,9 +326,9 @@ pub(crate) fn restore<B: Backend>(
 /// is the largest trainable tensor once and a read buffer ([`restore_transient`]). The bytes are
 /// checked against the manifest's checksum as they are read, so a file changed since the
 /// checkpoint verified is an error naming it (the run stops; nothing trains on what it read).
-pub(crate) fn restore_groups<B: Backend>(
+pub(crate) fn restore_groups<B: Backend<E>, E: RunFloat>(
     ck: &Loaded,
-    groups: &mut [(&Params<B>, &mut AdamW<B, f32>)],
+    groups: &mut [GroupMut<'_, B, E>],
     step: u64,
 ) -> Result<()> {
     let mut weights = TensorFile::open(ck, TRAINABLE)?;
@@ -365,7 +371,8 @@ pub(crate) fn restore_groups<B: Backend>(
                 t.numel()
             )));
         }
-        Alloc::<f32>::copy_from_host(&**t.device(), &mut *t.data_mut(), &v)?;
+        // In place; a bf16 parameter's master takes the f32 values and its data their rounding.
+        t.load_master(&v)?;
     }
     weights.finish()?;
     for k in 0..moments.names.len() {
@@ -601,7 +608,7 @@ mod tests {
         if let tuna_models::adapt::Method::Lora(l) = &mut other.method {
             l.r = 4;
         }
-        let fresh = setup(&dev, &other).unwrap();
+        let fresh = setup::<_, f32>(&dev, &other).unwrap();
         let mut o = optimizer(&other, &fresh.params).unwrap();
         let err = restore(&ck, &fresh.params, &mut o, 3).unwrap_err().to_string();
         let first = &fresh.params[0].0;

@@ -4,7 +4,7 @@
 use crate::batch::{Batch, Encoded, IGNORE_INDEX};
 use crate::data::{Example, LabelSet, Record, Task};
 use crate::error::{Result, TrainError};
-use crate::model::{Backend, Model};
+use crate::model::{Backend, Model, RunFloat};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tuna_autograd::ops::loss::cross_entropy;
@@ -21,8 +21,8 @@ pub struct TaskSpec {
 impl TaskSpec {
     /// The task's spec for `model`: classes from `labels` (or the training records), verbalizer
     /// tokens from `verbalizers` (comma-separated words, default the labels) with a leading space.
-    pub fn new(
-        model: &Model<impl Backend>,
+    pub fn new<E: RunFloat>(
+        model: &Model<impl Backend<E>, E>,
         task: Task,
         records: &[Record],
         labels: Option<&[String]>,
@@ -89,9 +89,9 @@ impl TaskSpec {
     /// Token ids and targets of each record (`path` for errors naming a record's line). Rows are
     /// cut to `max_len` later by the batcher (the start kept, or the end for `completion`); only
     /// the part of a long text that can survive that cut is tokenized.
-    pub fn encode(
+    pub fn encode<E: RunFloat>(
         &self,
-        model: &Model<impl Backend>,
+        model: &Model<impl Backend<E>, E>,
         records: &[Record],
         path: &Path,
         max_len: usize,
@@ -168,7 +168,7 @@ impl TaskSpec {
 
     /// The loss of `b` (a mean over its targets or rows) and its weight in the full batch's
     /// mean: `(loss, terms)`.
-    pub fn loss<B: Backend>(&self, model: &Model<B>, b: &Batch) -> Result<(Tensor<B, f32>, usize)> {
+    pub fn loss<B: Backend<E>, E: RunFloat>(&self, model: &Model<B, E>, b: &Batch) -> Result<(Tensor<B, E>, usize)> {
         match self.task {
             Task::Classify => {
                 let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
@@ -183,7 +183,7 @@ impl TaskSpec {
     }
 
     /// Loss terms of a batch (what [`TaskSpec::loss`] returns as the weight), without running it.
-    pub fn terms(&self, model: &Model<impl Backend>, b: &Batch) -> usize {
+    pub fn terms<E: RunFloat>(&self, model: &Model<impl Backend<E>, E>, b: &Batch) -> usize {
         match self.task {
             Task::Classify => b.batch,
             _ => lm_labels(model, b).iter().filter(|&&l| l != IGNORE_INDEX).count(),
@@ -191,19 +191,23 @@ impl TaskSpec {
     }
 
     /// `(summed loss, terms, correct)` of a batch under no_grad (correct: classification only).
-    pub fn eval_batch(&self, model: &Model<impl Backend>, b: &Batch) -> Result<(f64, usize, usize)> {
+    pub fn eval_batch<B: Backend<E>, E: RunFloat>(
+        &self,
+        model: &Model<B, E>,
+        b: &Batch,
+    ) -> Result<(f64, usize, usize)> {
         tuna_autograd::no_grad(|| {
             if self.task == Task::Classify {
                 let scores = model.class_scores(&b.ids, &b.mask, b.batch, &self.verbalizer)?;
-                let s = scores.to_vec()?;
+                let s: Vec<f32> = scores.to_vec()?.into_iter().map(|x| x.to_f32()).collect();
                 let c = s.len() / b.batch.max(1);
                 let correct = s.chunks(c.max(1)).zip(&b.classes).filter(|(row, &k)| argmax(row) == k as usize).count();
                 // The loss from the same scores: one forward per batch.
                 let loss = class_loss(model, b, scores)?;
-                Ok((loss.to_vec()?[0] as f64 * b.batch as f64, b.batch, correct))
+                Ok((loss.to_vec()?[0].to_f64() * b.batch as f64, b.batch, correct))
             } else {
                 let (loss, n) = self.loss(model, b)?;
-                Ok((loss.to_vec()?[0] as f64 * n as f64, n, 0))
+                Ok((loss.to_vec()?[0].to_f64() * n as f64, n, 0))
             }
         })
     }
@@ -267,7 +271,11 @@ fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Op
 }
 
 /// Mean cross-entropy of class `scores` (`[batch, classes]`) against the batch's classes.
-fn class_loss<B: Backend>(model: &Model<B>, b: &Batch, scores: Tensor<B, f32>) -> Result<Tensor<B, f32>> {
+fn class_loss<B: Backend<E>, E: RunFloat>(
+    model: &Model<B, E>,
+    b: &Batch,
+    scores: Tensor<B, E>,
+) -> Result<Tensor<B, E>> {
     let classes: Vec<i32> = b.classes.iter().map(|&c| c as i32).collect();
     let t = Ints::new(&model.dev, &[b.batch], &classes)?;
     Ok(cross_entropy(scores, &t, IGNORE_INDEX)?)
@@ -275,7 +283,7 @@ fn class_loss<B: Backend>(model: &Model<B>, b: &Batch, scores: Tensor<B, f32>) -
 
 /// Unshifted causal-LM labels of a batch: the targets, with each left-padded row's first real
 /// token ignored when nothing precedes it (no soft prompt): it would be predicted from padding.
-fn lm_labels(model: &Model<impl Backend>, b: &Batch) -> Vec<i32> {
+fn lm_labels<E: RunFloat>(model: &Model<impl Backend<E>, E>, b: &Batch) -> Vec<i32> {
     let mut labels = b.targets.clone();
     // A decoder's first real token is predicted from padding: no loss there. An encoder-decoder's
     // targets are the decoder's own (its first one predicted from the start token).

@@ -52,6 +52,7 @@ fn config(arch: &str, method: Method, dir: &std::path::Path) -> TrainConfig {
         update_in_backward: false,
         base_precision: Default::default(),
         tf32: false,
+        precision: tuna_trainer::Precision::F32,
         memory_check: true,
         clip: Some(1.0),
         eval_every: 3,

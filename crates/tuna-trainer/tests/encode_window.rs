@@ -21,7 +21,7 @@ fn texts() -> Vec<String> {
 fn windows_keep_the_whole_texts_tokens() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuna-models/tests/fixtures");
     for arch in ["gpt2", "llama", "bert"] {
-        let m = Model::open(&Arc::new(Cpu), &root.join(arch), |_| false).unwrap();
+        let m = Model::<Cpu>::open(&Arc::new(Cpu), &root.join(arch), |_| false).unwrap();
         for (i, t) in texts().iter().enumerate() {
             let full = m.encode(t).unwrap();
             for keep in [4, 16, 40] {

@@ -231,6 +231,7 @@ fn check_base(dir: &Path, s: &ModelShape) -> Result<()> {
     Ok(())
 }
 
+/// A tensor's values as saved: a bf16 model's trainable tensors by their f32 masters.
 fn host<B: Kernels<E>, E: Float>(t: &Tensor<B, E>) -> Result<HostTensor> {
-    Ok((t.shape().to_vec(), t.to_vec()?.into_iter().map(|x| tuna_kernels::Elem::to_f32(x)).collect()))
+    Ok((t.shape().to_vec(), t.master_to_vec()?.into_iter().map(tuna_kernels::Elem::to_f32).collect()))
 }
