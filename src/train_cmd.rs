@@ -451,7 +451,7 @@ pub struct RunArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
-    /// cpu, cuda or cuda:N (CUDA training is f32, tested on the emulated CUDA device but not yet on a GPU: see the README).
+    /// cpu, cuda or cuda:N (CUDA training is f32, or bf16 with --precision; tested on the emulated CUDA device but not yet on a GPU: see the README).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// On CUDA: f32 matrix products on the tensor cores in TF32 (each operand rounded to 10
@@ -547,6 +547,15 @@ impl RunArgs {
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
         let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
         self.check_ranges(lr)?;
+        if let Method::Full { patterns } = &method {
+            // The weights a pattern leaves frozen are held in bf16 only: the exported model would
+            // carry them rounded.
+            require(self.precision == tuna_trainer::Precision::F32 || patterns.is_empty(), || {
+                "--precision bf16 with --train-patterns: the frozen weights would be exported rounded to bf16; \
+                 train every weight, or use a parameter-efficient method"
+                    .to_string()
+            })?;
+        }
         let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
         let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
             (true, _, _) => OutMode::Resume,

@@ -47,10 +47,6 @@ impl Float for half::bf16 {
 pub(crate) fn same_mut<T: 'static, U: 'static>(x: &mut T) -> Option<&mut U> {
     (x as &mut dyn Any).downcast_mut::<U>()
 }
-/// [`same_mut`] for shared references.
-pub(crate) fn same_ref<T: 'static, U: 'static>(x: &T) -> Option<&U> {
-    (x as &dyn Any).downcast_ref::<U>()
-}
 /// [`same_mut`] by value.
 pub(crate) fn same_owned<T: 'static, U: 'static>(x: T) -> std::result::Result<U, T> {
     let b: Box<dyn Any> = Box::new(x);
@@ -67,9 +63,19 @@ pub(crate) fn widen<E: Float>(v: &[E]) -> Vec<E::Acc> {
 
 /// `E::Acc` values as `E` (round to nearest even for bf16; the same values for f32/f64).
 pub(crate) fn narrow<E: Float>(v: &[E::Acc]) -> Vec<E> {
-    match same_ref::<Vec<E::Acc>, Vec<E>>(&v.to_vec()) {
-        Some(same) => same.clone(),
+    match same_slice::<E::Acc, E>(v) {
+        Some(same) => same.to_vec(),
         None => v.iter().map(|&x| E::from_f32(x.to_f32())).collect(),
+    }
+}
+
+/// `x` as a `[U]` when `T` and `U` are one type (no copy); `None` otherwise.
+pub(crate) fn same_slice<T: 'static, U: 'static>(x: &[T]) -> Option<&[U]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>() {
+        // SAFETY: T and U are the same type, so the slice's memory holds Us.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const U, x.len()) })
+    } else {
+        None
     }
 }
 
@@ -498,7 +504,11 @@ impl<B: Kernels<E>, E: Float> Tensor<B, E> {
             dev.cast(<B as Alloc<E::Acc>>::buf(m), <B as Alloc<E>>::buf_mut(&mut self.data_mut()))?;
             return Ok(());
         }
-        Ok(Alloc::<E>::copy_from_host(&*dev, &mut self.data_mut(), &narrow::<E>(host))?)
+        // f32/f64: the values themselves, in place (no host copy: a resume holds one tensor once).
+        match same_slice::<E::Acc, E>(host) {
+            Some(same) => Ok(Alloc::<E>::copy_from_host(&*dev, &mut self.data_mut(), same)?),
+            None => Ok(Alloc::<E>::copy_from_host(&*dev, &mut self.data_mut(), &narrow::<E>(host))?),
+        }
     }
 
     /// Run `f` on the values the optimizer updates as an `E::Acc` buffer (the master, or the data

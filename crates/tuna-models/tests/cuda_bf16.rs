@@ -90,7 +90,7 @@ where
 // network, not by a training difference. Measured worst over every arch and method: the first loss
 // 1.6% (BERT P-tuning), a later one 1.8% of the first loss (Llama P-tuning, step 1), measured
 // against the first loss since the later ones near 0 (BERT full fine-tuning reaches 0.01); the
-// bf16 loss is itself a bf16 value (2^-6 apart near 5). Bounds at about twice.
+// bf16 loss is itself a bf16 value (2^-5 apart near 5). Bounds at about twice.
 const FIRST_TOL: f64 = 0.03;
 const CURVE_TOL: f64 = 0.04;
 
