@@ -42,6 +42,10 @@ pub const EXPORT_FILES: [&str; 10] = [
     "special_tokens_map.json",
 ];
 
+/// A PEFT adapter folder's files (the other names of [`EXPORT_FILES`] are a merged model's, and the
+/// task file).
+const PEFT_FILES: [&str; 4] = [peft::CONFIG, peft::WEIGHTS, peft::BASE, peft::EXTRA];
+
 /// The files that make a folder read as an export (PEFT's config, a model's config): removed first
 /// and put in place last, so that an export stopped part way never looks like a whole one.
 const MARKERS: [&str; 2] = [peft::CONFIG, "config.json"];
@@ -97,8 +101,11 @@ pub fn remove_stale_export_temps(dir: &Path) {
 
 /// Write an export into `out` (created if needed) all or nothing: `write` writes every file into a
 /// staging folder inside `out`; only once it has succeeded are the files renamed into place, and the
-/// files of an earlier export there that this one did not write (names from [`EXPORT_FILES`] only,
-/// nothing else) removed, so that `out` holds exactly one export. An error from `write` (a full
+/// files of an earlier export of the other kind removed (a PEFT adapter's files before a merged
+/// model; a merged model's files before an adapter only where a tuna export's task file is, since a
+/// user's own model folder holds none; never a name of this export's kind it does not write), so
+/// that `out` holds one export. A folder at a name the export writes is refused before anything
+/// is removed. An error from `write` (a full
 /// disk) leaves `out` as it was, without the staging folder. A killed export's temporary files are
 /// removed first. Returns the names written. The caller holds `out`'s lock.
 pub fn write_staged<E: From<TrainError>>(
@@ -138,9 +145,36 @@ pub fn write_staged<E: From<TrainError>>(
         }
     };
     let commit = || -> Result<()> {
+        // A folder where this export writes a file: refused before anything is removed.
+        for n in &names {
+            let p = out.join(n);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                return Err(TrainError::Invalid(format!("{}: a folder where the export writes a file", p.display())));
+            }
+        }
+        // What goes besides the files replaced: the other kind of export's files only, never a
+        // name of this kind this export does not write (a user's own tokenizer file stays). A
+        // model's files go only where a tuna export's task file says an export put them there (a
+        // user's model folder holds none).
+        let peft_kind = names.iter().any(|n| n == peft::CONFIG);
+        let tuna_export_here = out.join(crate::task::TASK_FILE).is_file();
+        let other: Vec<&str> = EXPORT_FILES
+            .iter()
+            .copied()
+            .filter(|f| !names.iter().any(|n| n == f))
+            .filter(|f| {
+                let is_peft = PEFT_FILES.contains(f);
+                if peft_kind {
+                    !is_peft && tuna_export_here
+                } else {
+                    is_peft
+                }
+            })
+            .collect();
         // The old export's markers first (a stop from here on leaves no whole-looking export),
-        // then what this export does not write, then the new files, the markers last.
-        for f in MARKERS.iter().chain(EXPORT_FILES.iter().filter(|f| !names.iter().any(|n| n == *f))) {
+        // then the other kind's files, then the new files, the markers last.
+        let replaced_markers = MARKERS.iter().copied().filter(|m| names.iter().any(|n| n == m) || other.contains(m));
+        for f in replaced_markers.chain(other.iter().copied()) {
             let p = out.join(f);
             if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
                 std::fs::remove_file(&p).map_err(io(&p))?;
@@ -346,5 +380,59 @@ mod tests {
         })
         .unwrap();
         assert_eq!(listing(&d), with_mine(&merged[..2]));
+    }
+
+    /// The probe's data-loss cases: an adapter exported over a user's own model folder (no tuna task
+    /// file) leaves the model's files; a merged export over a tuna merged export leaves a file of its
+    /// kind it does not write (the user's); a folder at a name the export writes is refused with the
+    /// folder as it was.
+    #[test]
+    fn an_export_removes_no_file_it_cannot_know_an_export_wrote() {
+        let d = tmp("users-model");
+        let model = [("model.safetensors", "m"), ("config.json", "c"), ("tokenizer.json", "t")];
+        put(&d, &model);
+        let adapter = [(peft::CONFIG, "a"), (peft::WEIGHTS, "w")];
+        write_staged(&d, |s| -> Result<()> {
+            put(s, &adapter);
+            Ok(())
+        })
+        .unwrap();
+        let mut want: Vec<(String, String)> =
+            model.iter().chain(&adapter).map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        want.sort();
+        assert_eq!(listing(&d), want, "a user's model folder lost files to an adapter export");
+
+        let d = tmp("users-tokenizer");
+        let merged = [("model.safetensors", "m"), ("config.json", "c"), (crate::task::TASK_FILE, "task")];
+        write_staged(&d, |s| -> Result<()> {
+            put(s, &merged);
+            Ok(())
+        })
+        .unwrap();
+        put(&d, &[("tokenizer_config.json", "mine")]);
+        write_staged(&d, |s| -> Result<()> {
+            put(s, &merged);
+            Ok(())
+        })
+        .unwrap();
+        assert!(d.join("tokenizer_config.json").is_file(), "a merged export removed the user's tokenizer file");
+
+        let d = tmp("dir-at-name");
+        write_staged(&d, |s| -> Result<()> {
+            put(s, &adapter);
+            Ok(())
+        })
+        .unwrap();
+        std::fs::create_dir(d.join("config.json")).unwrap();
+        let before = listing(&d);
+        let e = write_staged(&d, |s| -> Result<()> {
+            put(s, &merged);
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a folder where the export writes a file"), "{e}");
+        assert_eq!(listing(&d), before, "a refused export changed the folder");
+        assert!(d.join("config.json").is_dir());
     }
 }
