@@ -580,11 +580,6 @@ impl<B: Kernels<E>, E: Float> Tensor<B, E> {
         }
     }
 
-    /// Bytes of this tensor's data and, for a mixed-precision leaf, its master.
-    pub fn bytes_with_master(&self) -> usize {
-        self.bytes() + if self.has_master() { self.numel() * std::mem::size_of::<E::Acc>() } else { 0 }
-    }
-
     /// Bytes of an accumulated gradient of this tensor (in `E::Acc` for a mixed-precision leaf).
     pub fn grad_bytes(&self) -> usize {
         self.numel() * if self.has_master() { std::mem::size_of::<E::Acc>() } else { std::mem::size_of::<E>() }
