@@ -514,7 +514,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let method = a.method_args.method(&a.method)?;
             a.method_args.check_used("--method", std::slice::from_ref(&a.method))?;
             a.method_args.check_for_task(&a.method, &a.run.task)?;
-            a.run.check_precision_for("`tuna profile`")?;
             let cfg = a.run.config(method, a.method_args.init_text(&a.method))?;
             if a.warmup_steps > 1_000_000 || !(1..=1_000_000).contains(&a.profile_steps) {
                 anyhow::bail!(
@@ -523,10 +522,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     a.profile_steps
                 );
             }
-            let p = match device(&a.run.device)? {
-                Device::Cpu => tuna::trainer::profile(&Arc::new(Cpu), &cfg, a.warmup_steps, a.profile_steps)?,
-                Device::Cuda(n) => {
-                    tuna::trainer::profile(&cuda(n, a.run.tf32)?, &cfg, a.warmup_steps, a.profile_steps)?
+            let (warmup, steps) = (a.warmup_steps, a.profile_steps);
+            let p = match (device(&a.run.device)?, cfg.precision) {
+                (Device::Cpu, _) => tuna::trainer::profile(&Arc::new(Cpu), &cfg, warmup, steps)?,
+                (Device::Cuda(n), tuna::trainer::Precision::F32) => {
+                    tuna::trainer::profile(&cuda(n, a.run.tf32)?, &cfg, warmup, steps)?
+                }
+                (Device::Cuda(n), tuna::trainer::Precision::Bf16) => {
+                    tuna::trainer::profile_as::<Cuda, half::bf16>(&cuda(n, false)?, &cfg, warmup, steps)?
                 }
             };
             print!("{}", tuna::train_cmd::profile_table(&p));
@@ -535,7 +538,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.run.resume || a.run.resume_or_start {
                 anyhow::bail!("compare trains every method anew; --resume is for tuna train");
             }
-            a.run.check_precision_for("`tuna compare`")?;
             let methods = tuna::train_cmd::list_flag("--methods", &a.methods)?;
             // Every method's settings are checked before the first one trains (names first).
             for m in &methods {
@@ -547,6 +549,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (i, m) in methods.iter().enumerate() {
                 a.run.check_base_precision(m)?;
                 if m == tuna::train_cmd::BASELINE {
+                    a.run.check_precision_for("the prompt-engineered baseline")?;
                     if a.run.task != "classify" {
                         anyhow::bail!("{m} scores classes: it needs --task classify (not {})", a.run.task);
                     }

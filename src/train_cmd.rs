@@ -611,11 +611,11 @@ impl RunArgs {
         })
     }
 
-    /// `--precision bf16` where it is not built yet (every command but `tuna train --method`),
+    /// `--precision bf16` where it is not built yet (`--tasks` and the prompt-engineered baseline),
     /// refused by name before anything is written.
     pub fn check_precision_for(&self, what: &str) -> Result<()> {
         require(self.precision == tuna_trainer::Precision::F32, || {
-            format!("--precision bf16 is built for `tuna train --method ...` on CUDA; {what} computes in f32 so far")
+            format!("--precision bf16 is built for `tuna train --method`, `tuna profile` and `tuna compare` on CUDA; {what} computes in f32 so far")
         })
     }
 
@@ -801,8 +801,9 @@ pub fn pct(s: &tuna_trainer::RunSummary) -> f64 {
 pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     let pct = |ms: f64| 100.0 * ms / p.step_ms.max(1e-12);
     let mut s = format!(
-        "{} steps measured: {:.1} ms per step, {:.0} tokens/s, peak saved activations {} (times per step; an op's forward time runs from the previous op's end)\n\n",
+        "{} steps measured{}: {:.1} ms per step, {:.0} tokens/s, peak saved activations {} (times per step; an op's forward time runs from the previous op's end)\n\n",
         p.steps,
+        if p.precision == "f32" { String::new() } else { format!(" in {} mixed precision", p.precision) },
         p.step_ms,
         p.tokens_per_s,
         tuna_trainer::human_bytes(p.peak_saved_bytes as u64)

@@ -57,6 +57,22 @@ fn dry_run_lists_the_whole_plan_without_a_bundle() {
     let (tuna_train, peft_train, train_table) =
         (pos("bin/train_step --device cuda"), pos("train_step.py --device cuda"), pos("train_table.py"));
     assert!(table < tuna_train && tuna_train < peft_train && peft_train < train_table, "{stdout}");
+    // bf16 rows: tuna's mixed precision beside PyTorch's autocast, for both methods.
+    for m in ["full", "prompt"] {
+        let method = format!("--method {m} ");
+        let has =
+            |side: &str, flag: &str| steps.iter().any(|l| l.contains(side) && l.contains(&method) && l.ends_with(flag));
+        assert!(has("bin/train_step --device cuda", "--precision bf16"), "no tuna bf16 {m} row:\n{stdout}");
+        assert!(has("train_step.py --device cuda", "--autocast bf16"), "no PyTorch bf16 {m} row:\n{stdout}");
+    }
+    // Every step's cap together stays under one device call's 600 s.
+    let caps: u64 = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split_once("(cap ").and_then(|(_, r)| r.split_once('s')).and_then(|(n, _)| n.parse::<u64>().ok())
+        })
+        .sum();
+    assert!(caps > 0 && caps <= 590, "the plan's caps sum to {caps} s:\n{stdout}");
     for var in [
         "TUNA_REQUIRE_CUDA=1".to_string(),
         format!("TUNA_KERNEL_CACHE={}/kernel-cache", out.display()),

@@ -55,10 +55,10 @@ bundle="$(realpath -m "${TUNA_GPU_BUNDLE:-$root/gpu-bundle}")" # TUNA_GPU_BUNDLE
 
 # The test binaries: "<log name>|<path in the bundle>|<time cap, s>". bundle.sh writes these names.
 TESTS=(
-  "tuna-kernels-lib|tests/tuna-kernels-lib|90"
-  "tuna-autograd-cuda|tests/tuna-autograd-cuda|45"
-  "tuna-models-cuda_models|tests/tuna-models-cuda_models|45"
-  "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|45"
+  "tuna-kernels-lib|tests/tuna-kernels-lib|75"
+  "tuna-autograd-cuda|tests/tuna-autograd-cuda|40"
+  "tuna-models-cuda_models|tests/tuna-models-cuda_models|40"
+  "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|40"
 )
 TUNA="$bundle/bin/tuna"
 # PyTorch's Python on the GPU machine (TUNA_PYTHON overrides).
@@ -115,21 +115,25 @@ done
 # Attention against PyTorch SDPA (bf16; FlashAttention-2 backend without a prefix): JSON lines into
 # bench.log, then the joined table (also appended to summary.txt).
 if [ "$emulated" = 0 ]; then # the benchmarks: a real GPU only
-STEPS+=("bench-attention-tuna|45|bench.log|$(q "$bundle/bin/cuda_attention")")
-STEPS+=("bench-attention-sdpa|40|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
+STEPS+=("bench-attention-tuna|40|bench.log|$(q "$bundle/bin/cuda_attention")")
+STEPS+=("bench-attention-sdpa|35|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
 STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.py" "$out/bench.log" "$out/bench.log")")
 # Training steps of a GPT-2-small-shaped model (random weights), 8 x 1024 tokens, tuna against
 # PyTorch + PEFT eager (f32 on both sides): full fine-tuning, and prompt tuning at 8 x 1004 (the 20
 # virtual tokens fill the 1024 learned positions); then full fine-tuning with TF32 matmuls on both
 # sides (`--tf32`); the caps keep the whole plan under the device's 600 s a call. JSON lines into
 # train.log, then the table.
-for m in "full|1024|40|" "prompt|1004|35|" "full|1024|25|--tf32"; do
-  IFS='|' read -r meth seq cap tf <<<"$m"
-  sfx=${tf:+-tf32}
-  # shellcheck disable=SC2086 # $tf is empty or one switch
-  STEPS+=("bench-train-tuna-$meth$sfx|$cap|train.log|$(q "$bundle/bin/train_step" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2 $tf)")
-  # shellcheck disable=SC2086
-  STEPS+=("bench-train-peft-$meth$sfx|$cap|train.log|$(q "$PY" "$bundle/scripts/train_step.py" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2 $tf)")
+# Then both methods in bf16 mixed precision: tuna's --precision bf16 (bf16 activations and frozen
+# weights, f32 masters) beside PyTorch's bf16 autocast.
+for m in "full|1024|30|f32" "prompt|1004|30|f32" "full|1024|20|tf32" "full|1024|20|bf16" "prompt|1004|20|bf16"; do
+  IFS='|' read -r meth seq cap kind <<<"$m"
+  sfx="" tuna_flags=() peft_flags=()
+  case "$kind" in
+    tf32) sfx=-tf32 tuna_flags=(--tf32) peft_flags=(--tf32) ;;
+    bf16) sfx=-bf16 tuna_flags=(--precision bf16) peft_flags=(--autocast bf16) ;;
+  esac
+  STEPS+=("bench-train-tuna-$meth$sfx|$cap|train.log|$(q "$bundle/bin/train_step" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2 "${tuna_flags[@]}")")
+  STEPS+=("bench-train-peft-$meth$sfx|$cap|train.log|$(q "$PY" "$bundle/scripts/train_step.py" --device cuda --model gpt2 --method "$meth" --batch 8 --seq "$seq" --steps 5 --warmup 2 "${peft_flags[@]}")")
 done
 STEPS+=("train-table|10|train.md|$(q "$PY" "$bundle/scripts/train_table.py" "$out/train.log")")
 fi

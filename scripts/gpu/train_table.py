@@ -3,13 +3,21 @@
 train_step.rs and scripts/bench/train_step.py, both --device cuda --model gpt2) joined by method:
 tokens/s, their ratio, and for full fine-tuning the model FLOPs utilization as llm.c counts it
 (6N + 6*L*C*T FLOPs per token, N = trainable parameters, L = 12, C = 768, T = the sequence) against
-the card's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s); rows in f32 and with TF32 matmuls
-(`--tf32` on both sides).
+the card's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s); rows in f32, with TF32 matmuls (`--tf32`
+on both sides), and in bf16 (tuna's `--precision bf16` mixed precision beside PyTorch's bf16
+autocast).
 
 Usage: python3 scripts/gpu/train_table.py train.log [peak_tflops]
 """
 import json
 import sys
+
+
+def kind_of(r):
+    """What a row's matrix products compute in: "f32", "TF32" or "bf16"."""
+    if r.get("tf32", False):
+        return "TF32"
+    return "bf16" if r.get("precision", "f32") in ("bf16", "bf16-autocast") else "f32"
 
 
 def main():
@@ -19,11 +27,11 @@ def main():
         for line in f:
             if line.startswith("{"):
                 r = json.loads(line)
-                rows[(r["method"], r.get("tf32", False), r["side"])] = r
+                rows[(r["method"], kind_of(r), r["side"])] = r
     print(f"| method | matmuls | batch x seq | tuna tok/s | PyTorch+PEFT tok/s | ratio | tuna MFU | PyTorch MFU |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for method, tf32 in [(m, tf) for m in ("full", "prompt", "prefix", "lora") for tf in (False, True)]:
-        t, p = rows.get((method, tf32, "tuna")), rows.get((method, tf32, "pytorch+peft"))
+    for method, kind in [(m, k) for m in ("full", "prompt", "prefix", "lora") for k in ("f32", "TF32", "bf16")]:
+        t, p = rows.get((method, kind, "tuna")), rows.get((method, kind, "pytorch+peft"))
         if not t and not p:
             continue
         r = t or p
@@ -36,7 +44,6 @@ def main():
             return f"{100 * per_token * x['tokens_per_s'] / (peak * 1e12):.1f}%"
 
         tok = lambda x: f"{x['tokens_per_s']:.0f}" if x else "-"  # noqa: E731
-        kind = "TF32" if tf32 else "f32"
         print(f"| {method} | {kind} | {r['batch']} x {r['seq']} | {tok(t)} | {tok(p)} | {ratio} | {mfu(t)} | {mfu(p)} |")
 
 

@@ -236,6 +236,9 @@ pub(crate) struct Inner<B: Alloc<E>, E: Elem> {
     /// A mixed-precision trainable leaf's master copy (`<B as Alloc<E::Acc>>::Owned`, type-erased):
     /// the optimizer updates it and writes `data` from it.
     pub(crate) master: Option<RefCell<Box<dyn Any>>>,
+    /// A loss op's value as computed (in f64 on the host) before it was rounded to `E`: what
+    /// [`Tensor::value`] reports, rounded to `E::Acc`.
+    pub(crate) exact: std::cell::Cell<Option<f64>>,
 }
 
 /// A tensor on backend `B` holding `E`s. Cloning is cheap (shared storage).
@@ -286,6 +289,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 node,
                 activation: false,
                 master: None,
+                exact: Default::default(),
             }),
         }
     }
@@ -324,6 +328,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
                 node,
                 activation: true,
                 master: None,
+                exact: Default::default(),
             }),
         }
     }
@@ -374,6 +379,11 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
     pub fn data_mut(&self) -> RefMut<'_, B::Owned> {
         self.inner.data.borrow_mut()
     }
+    /// Records the value a loss op computed before rounding it to `E` (see [`Tensor::value`]).
+    pub(crate) fn set_exact(&self, v: f64) {
+        self.inner.exact.set(Some(v));
+    }
+
     /// A host copy of the data. A released tensor ([`Tensor::release_storage`]) is an error.
     pub fn to_vec(&self) -> Result<Vec<E>> {
         if self.is_released() {
@@ -428,6 +438,30 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
 }
 
 impl<B: Kernels<E>, E: Float> Tensor<B, E> {
+    /// The value of a one-element tensor (a loss) as f64. A loss op's output reports the mean it
+    /// computed rounded once to `E::Acc` (the same bits as its element for f32 and f64; for bf16
+    /// the f32 mean, where the element itself is the bf16 rounding, 2^-7 apart near 3); any other
+    /// tensor reports its element. An error for a tensor that is not one element.
+    pub fn value(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::Invalid(format!(
+                "value() of `{}`: a one-element tensor, not shape {:?}",
+                self.name().unwrap_or("unnamed"),
+                self.shape()
+            )));
+        }
+        match self.computed_value() {
+            Some(v) => Ok(v),
+            None => Ok(self.to_vec()?[0].to_f64()),
+        }
+    }
+
+    /// The value a loss op computed on the host, rounded once to `E::Acc`, when this tensor is a
+    /// loss op's output ([`Tensor::value`] without a read of the device); `None` otherwise.
+    pub fn computed_value(&self) -> Option<f64> {
+        self.inner.exact.get().map(|v| <E::Acc as Elem>::from_f64(v).to_f64())
+    }
+
     /// A trainable leaf: its gradient accumulates across backward passes until [`Tensor::zero_grad`].
     /// A bf16 leaf keeps an f32 master of `values` (widened exactly) and accumulates an f32 gradient.
     pub fn param(dev: &Arc<B>, name: &str, shape: &[usize], values: &[E]) -> Result<Self> {

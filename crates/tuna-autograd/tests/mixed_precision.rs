@@ -250,3 +250,57 @@ fn linear_cross_entropy_sums_a_bf16_weight_gradient_in_f32_over_its_chunks() {
     assert!(ew < 1e-4, "dw over 64 chunks vs one: {ew:.3e} relative to its largest element");
     assert!(eh < 1e-4, "dh over 64 chunks vs one: {eh:.3e} relative to its largest element");
 }
+
+/// Both cross-entropies on `(rows, vocab)` logits drawn from seed 5 (as `E`): the unfused loss on
+/// the logits, and the fused one on `h W^T` with the logits' values as `h` and an identity `W`.
+fn ce_losses<B: Kernels<E>, E: Float>(dev: &std::sync::Arc<B>) -> (Vec<f32>, [Tensor<B, E>; 2]) {
+    use tuna_autograd::ops::loss::linear_cross_entropy;
+    let (rows, vocab) = (37, 13);
+    let mut rng = Rng::new(5);
+    let logits: Vec<E> = (0..rows * vocab).map(|_| E::from_f32(3.0 * rng.normal())).collect();
+    let targets: Vec<i32> = (0..rows as i32).map(|r| (r * 5) % vocab as i32).collect();
+    let x = Tensor::param(dev, "logits", &[rows, vocab], &logits).unwrap();
+    let t = Ints::new(dev, &[rows], &targets).unwrap();
+    let eye: Vec<E> = (0..vocab * vocab).map(|i| E::from_f32(if i % (vocab + 1) == 0 { 1.0 } else { 0.0 })).collect();
+    let w = Tensor::constant(dev, &[vocab, vocab], &eye).unwrap();
+    let fused = linear_cross_entropy(&x, &w, &targets, -100, Some(8)).unwrap();
+    let widened: Vec<f32> = logits.iter().map(|v| v.to_f32()).collect();
+    (widened, [cross_entropy(x.clone(), &t, -100).unwrap(), fused])
+}
+
+/// The mean cross-entropy of `logits` in f64 (`ce_losses`' targets).
+fn ce_f64(logits: &[f32], vocab: usize) -> f64 {
+    let rows = logits.len() / vocab;
+    let mut sum = 0.0;
+    for (r, row) in logits.chunks(vocab).enumerate() {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        sum += lse - row[(r * 5) % vocab] as f64;
+    }
+    sum / rows as f64
+}
+
+/// A loss's `value()`: on a bf16 tape the f32 mean the op computed (the loss tensor's own bf16
+/// element is 2^-7 apart near 3), matching the f64 loss of the same bf16 logits to f32 accuracy;
+/// on an f32 tape exactly the tensor's element (what the trainer logged before). Both the unfused
+/// and the chunked fused cross-entropy. The f32 part runs anywhere; the bf16 part skips by name
+/// without CUDA.
+#[test]
+fn a_loss_value_is_its_f32_mean_on_a_bf16_tape() {
+    for t in ce_losses::<Cpu, f32>(&cpu()).1 {
+        assert_eq!(t.value().unwrap().to_bits(), (t.to_vec().unwrap()[0] as f64).to_bits());
+    }
+    let Some(dev) = cuda_or_skip("autograd::a_loss_value_is_its_f32_mean_on_a_bf16_tape") else { return };
+    let (logits, losses) = ce_losses::<Cuda, bf16>(&dev);
+    let want = ce_f64(&logits, 13);
+    for t in losses {
+        let (v, elem) = (t.value().unwrap(), t.to_vec().unwrap()[0].to_f32() as f64);
+        eprintln!("bf16 loss: value {v} element {elem} f64 {want}");
+        assert!((v - want).abs() <= 1e-5 * want.abs(), "value {v} vs the f64 loss {want}");
+        assert_eq!(v, v as f32 as f64, "value {v} is not an f32");
+        assert!(!is_bf16(v as f32), "value {v} is the bf16 element's, not the f32 mean");
+        assert_eq!(bf16::from_f64(v).to_f32() as f64, elem, "the element is value's bf16 rounding");
+    }
+    let one = Tensor::<Cuda, bf16>::constant(&dev, &[2], &[bf16::ONE; 2]).unwrap();
+    assert!(one.value().is_err(), "value() of a two-element tensor");
+}

@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench -p tuna-models --bench train_step -- --model minilm --method lora
 //! --batch 16 --seq 64 --steps 10 --warmup 2 [--layers L] [--seed S] [--device cpu|cuda]
-//! [--base-precision f32|bf16|int8] [--tf32]` (`--tf32`: CUDA's f32 products in TF32).
+//! [--base-precision f32|bf16|int8] [--tf32] [--precision f32|bf16]` (`--tf32`: CUDA's f32
+//! products in TF32; `--precision bf16`: CUDA's bf16 mixed precision).
 //! `--model gpt2` is GPT-2 small (the GPU check's training-step shape, `--device cuda`).
 //!
 //! MiniLM is a sequence classifier (mean-pooled encoder output, a trainable 2-class linear head,
@@ -31,7 +32,11 @@ use tuna_models::model::{AnyModel, BasePrecision};
 use tuna_models::weights::WeightSource;
 
 type Res<T> = std::result::Result<T, Box<dyn Error>>;
-type T32<B> = Tensor<B, f32>;
+/// The element type a run computes in: f32, or bf16 mixed precision (CUDA: bf16 activations and
+/// frozen weights, f32 masters, gradients and moments).
+trait RunE: tuna_autograd::Float<Acc = f32> {}
+impl<T: tuna_autograd::Float<Acc = f32>> RunE for T {}
+type T32<B, E> = Tensor<B, E>;
 
 /// Parsed command line.
 struct Args {
@@ -50,6 +55,8 @@ struct Args {
     /// peer of train_step.py's torch.profiler table on the same workload.
     profile_ops: bool,
     tf32: bool,
+    /// `--precision f32|bf16`: what the step computes in (bf16: CUDA's mixed precision).
+    precision: String,
 }
 
 fn parse_args() -> Res<Args> {
@@ -66,6 +73,7 @@ fn parse_args() -> Res<Args> {
         base_precision: BasePrecision::F32,
         profile_ops: false,
         tf32: false,
+        precision: "f32".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -92,6 +100,7 @@ fn parse_args() -> Res<Args> {
             "--seed" => a.seed = v.parse()?,
             "--device" => a.device = v,
             "--base-precision" => a.base_precision = v.parse()?,
+            "--precision" => a.precision = v,
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -244,9 +253,9 @@ fn method(name: &str, lora_targets: &[&str]) -> Res<Method> {
 }
 
 /// What one step needs: the trainable tensors and a closure computing the loss.
-struct Job<B: OptimKernels<f32>> {
-    params: Vec<T32<B>>,
-    loss: Box<dyn Fn() -> Res<T32<B>>>,
+struct Job<B: OptimKernels<E>, E: RunE> {
+    params: Vec<T32<B, E>>,
+    loss: Box<dyn Fn() -> Res<T32<B, E>>>,
 }
 
 fn random_ids(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
@@ -255,14 +264,14 @@ fn random_ids(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
 
 /// The bench's model through the one model interface: `cfg` with `weights`, `method` installed
 /// (a full fine-tune trains every base weight). No text is tokenized, so the tokenizer is empty.
-fn open<B: OptimKernels<f32>>(
+fn open<B: OptimKernels<E>, E: RunE>(
     dev: &Arc<B>,
     cfg: ModelConfig,
     weights: RandomWeights,
     method: &Method,
     seed: u64,
     base: BasePrecision,
-) -> Res<AnyModel<B, f32>> {
+) -> Res<AnyModel<B, E>> {
     let weights = Box::leak(Box::new(weights));
     let full = matches!(method, Method::Full { .. });
     let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
@@ -273,7 +282,7 @@ fn open<B: OptimKernels<f32>>(
     Ok(model)
 }
 
-fn minilm_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
+fn minilm_job<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<Job<B, E>> {
     let cfg = minilm_cfg();
     let m = method(&a.method, &["query", "value"])?;
     let weights = bert_weights(&cfg, a.seed);
@@ -281,30 +290,31 @@ fn minilm_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
     let mut model = open(dev, ModelConfig::Bert(cfg), weights, &m, a.seed, a.base_precision)?;
     // the classification head trains in every method
     model.add_head(2, a.seed)?;
-    let params: Vec<T32<B>> = model.trainable().into_iter().map(|(_, t)| t).collect();
+    let params: Vec<T32<B, E>> = model.trainable().into_iter().map(|(_, t)| t).collect();
     let mut rng = Rng::new(a.seed ^ 0x4ead);
     let (b, t) = (a.batch, a.seq);
     let ids = random_ids(&mut rng, b * t, vocab);
     let mask = vec![1u8; b * t];
     let targets: Vec<i32> = (0..b).map(|_| rng.below(2) as i32).collect();
     let targets = Ints::new(dev, &[b], &targets)?;
-    let loss = move || -> Res<T32<B>> { Ok(cross_entropy(model.class_scores(&ids, &mask, b, &[])?, &targets, -100)?) };
+    let loss =
+        move || -> Res<T32<B, E>> { Ok(cross_entropy(model.class_scores(&ids, &mask, b, &[])?, &targets, -100)?) };
     Ok(Job { params, loss: Box::new(loss) })
 }
 
 /// A causal LM job (labels = input ids) on `model`.
-fn lm_job<B: OptimKernels<f32>>(model: AnyModel<B, f32>, a: &Args, vocab: usize, seed: u64) -> Res<Job<B>> {
-    let params: Vec<T32<B>> = model.trainable().into_iter().map(|(_, t)| t).collect();
+fn lm_job<B: OptimKernels<E>, E: RunE>(model: AnyModel<B, E>, a: &Args, vocab: usize, seed: u64) -> Res<Job<B, E>> {
+    let params: Vec<T32<B, E>> = model.trainable().into_iter().map(|(_, t)| t).collect();
     let mut rng = Rng::new(seed);
     let (b, t) = (a.batch, a.seq);
     let ids = random_ids(&mut rng, b * t, vocab);
     let labels: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let mask = vec![1u8; b * t];
-    let loss = move || -> Res<T32<B>> { Ok(model.lm_loss(&ids, &mask, &labels, b)?) };
+    let loss = move || -> Res<T32<B, E>> { Ok(model.lm_loss(&ids, &mask, &labels, b)?) };
     Ok(Job { params, loss: Box::new(loss) })
 }
 
-fn smollm2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
+fn smollm2_job<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<Job<B, E>> {
     let cfg = smollm2_cfg(a.layers);
     let m = method(&a.method, &["q_proj", "v_proj"])?;
     let (weights, vocab) = (llama_weights(&cfg, a.seed), cfg.vocab_size);
@@ -347,7 +357,7 @@ fn gpt2_weights(cfg: &Gpt2Config, seed: u64) -> RandomWeights {
 }
 
 /// GPT-2 small as a causal LM (labels = input ids), the GPU issue's training-step shape.
-fn gpt2_job<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<Job<B>> {
+fn gpt2_job<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<Job<B, E>> {
     let cfg = gpt2_cfg(a.layers);
     let m = method(&a.method, &["c_attn"])?;
     let (weights, vocab) = (gpt2_weights(&cfg, a.seed), cfg.vocab_size);
@@ -390,12 +400,22 @@ fn main() -> Res<()> {
     if a.tf32 && a.device != "cuda" {
         return Err("--tf32 needs --device cuda".into());
     }
+    let bf16 = match a.precision.as_str() {
+        "f32" => false,
+        "bf16" if a.device == "cuda" && !a.tf32 => true,
+        "bf16" => return Err("--precision bf16 needs --device cuda and no --tf32".into()),
+        other => return Err(format!("unknown precision {other} (f32|bf16)").into()),
+    };
     match a.device.as_str() {
-        "cpu" => run(&a, &Arc::new(Cpu)),
+        "cpu" => run::<Cpu, f32>(&a, &Arc::new(Cpu)),
         "cuda" => {
             let dev = Cuda::new(0)?;
             dev.set_tf32(a.tf32);
-            run(&a, &Arc::new(dev))
+            if bf16 {
+                run::<Cuda, half::bf16>(&a, &Arc::new(dev))
+            } else {
+                run::<Cuda, f32>(&a, &Arc::new(dev))
+            }
         }
         other => Err(format!("unknown device {other} (cpu|cuda)").into()),
     }
@@ -403,7 +423,7 @@ fn main() -> Res<()> {
 
 /// Warmup and timed steps on `dev`. On CUDA the per-phase times are host-side (launches are
 /// asynchronous); the step time is exact, as each step ends reading the loss back.
-fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
+fn run<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<()> {
     let job = match a.model.as_str() {
         "minilm" => minilm_job(a, dev)?,
         "smollm2" => smollm2_job(a, dev)?,
@@ -411,7 +431,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
         other => return Err(format!("unknown model {other} (minilm|smollm2|gpt2)").into()),
     };
     let trainable: usize = job.params.iter().map(|t| t.numel()).sum();
-    let refs: Vec<&T32<B>> = job.params.iter().collect();
+    let refs: Vec<&T32<B, E>> = job.params.iter().collect();
     let mut opt = AdamW::new(&refs, AdamWParams::new(1e-4))?;
     // per-phase seconds over the timed steps: forward, backward, optimizer
     let (mut fwd, mut bwd, mut upd) = (0.0f64, 0.0f64, 0.0f64);
@@ -434,7 +454,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
         let t2 = Instant::now();
         opt.step()?;
         let t3 = Instant::now();
-        last_loss = loss.to_vec()?[0];
+        last_loss = loss.to_vec()?[0].to_f64() as f32;
         fwd += (t1 - t0).as_secs_f64();
         bwd += (t2 - t1).as_secs_f64();
         upd += (t3 - t2).as_secs_f64();
@@ -454,7 +474,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
     println!(
         "{{\"side\":\"tuna\",\"model\":\"{}\",\"method\":\"{}\",\"layers\":{layers},\"batch\":{},\"seq\":{},\"steps\":{},\
 \"tokens_per_s\":{:.1},\"step_ms\":{:.2},\"fwd_ms\":{:.2},\"bwd_ms\":{:.2},\"opt_ms\":{:.2},\"peak_rss_mb\":{:.1},\
-\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"tf32\":{},\"loss\":{last_loss:.5}}}",
+\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"tf32\":{},\"precision\":\"{}\",\"loss\":{last_loss:.5}}}",
         a.model,
         a.method,
         a.batch,
@@ -470,6 +490,7 @@ fn run<B: OptimKernels<f32>>(a: &Args, dev: &Arc<B>) -> Res<()> {
         a.device,
         a.base_precision,
         a.tf32,
+        a.precision,
     );
     Ok(())
 }

@@ -43,7 +43,7 @@ pub use export::{export, peak_rss_bytes};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
 pub use model::{Backend, Model, RunFloat};
 pub use multi::{train_multi, MultiConfig, MultiSummary, TaskSummary};
-pub use profile::{profile, Profile, ProfileRow};
+pub use profile::{profile, profile_as, Profile, ProfileRow};
 pub use progress::Progress;
 pub use run::{train, train_as};
 pub use run_dir::{existing_run, lock, FolderLock, OutMode};

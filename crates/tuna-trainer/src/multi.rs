@@ -411,7 +411,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         };
         let mut per: BTreeMap<usize, f64> = BTreeMap::new();
         for (k, l, w) in pending {
-            *per.entry(k).or_default() += l.to_vec()?[0] as f64 * w;
+            *per.entry(k).or_default() += l.value()? * w;
         }
         let mut loss = 0.0;
         let mut task_losses = Map::new();

@@ -3,7 +3,7 @@
 use crate::batch::Cursor;
 use crate::config::TrainConfig;
 use crate::error::Result;
-use crate::model::Backend;
+use crate::model::{Backend, RunFloat};
 use crate::run::{optimizer, setup, training_step, Setup};
 use serde::Serialize;
 use std::sync::Arc;
@@ -28,6 +28,9 @@ pub struct ProfileRow {
 /// Where a training step's time goes, per op kind, averaged over the measured steps.
 #[derive(Debug, Clone, Serialize)]
 pub struct Profile {
+    /// What the step computed in: `f32`, or `bf16` (mixed precision: bf16 activations and frozen
+    /// weights, f32 masters, gradients and moments).
+    pub precision: String,
     pub steps: u64,
     pub step_ms: f64,
     /// The step after its forward and backward: clipping and AdamW (on CUDA also the wait for
@@ -66,8 +69,19 @@ pub fn cpu_gemm_gflops() -> f64 {
 /// Run `warmup` then `steps` training steps of `cfg` (no checkpoints, nothing written) with
 /// per-op timing on (see [`tuna_autograd::stats::set_profiling`]) and report where the time went.
 pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: u64) -> Result<Profile> {
+    profile_as::<B, f32>(dev, cfg, warmup, steps)
+}
+
+/// [`profile`] in element type `E` (bf16 mixed precision on CUDA: `cfg.precision` must name `E`).
+pub fn profile_as<B: Backend<E>, E: RunFloat>(
+    dev: &Arc<B>,
+    cfg: &TrainConfig,
+    warmup: u64,
+    steps: u64,
+) -> Result<Profile> {
     use tuna_autograd::stats;
-    let mut s: Setup<B, f32> = setup(dev, cfg)?;
+    crate::run::check_precision::<E>(cfg)?;
+    let mut s: Setup<B, E> = setup(dev, cfg)?;
     let peak_gflops = dev.device_name().starts_with("cpu").then(cpu_gemm_gflops);
     let mut opt = optimizer(cfg, &s.params)?;
     let mut cursor = Cursor::default();
@@ -119,6 +133,7 @@ pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: 
         .collect();
     rows.sort_by(|a, b| (b.forward_ms + b.backward_ms).total_cmp(&(a.forward_ms + a.backward_ms)));
     Ok(Profile {
+        precision: E::NAME.to_string(),
         steps,
         step_ms: 1e3 * total / n,
         optimizer_ms: 1e3 * optimizer_s / n,

@@ -128,6 +128,18 @@ pub(crate) fn schedule_of(cfg: &TrainConfig) -> Result<Schedule> {
     Ok(schedule)
 }
 
+/// `cfg.precision` names `E`, the element type the caller started the run in.
+pub(crate) fn check_precision<E: RunFloat>(cfg: &TrainConfig) -> Result<()> {
+    if E::NAME != cfg.precision.to_string() {
+        return Err(TrainError::Invalid(format!(
+            "the run is configured for --precision {} but was started in {} (the caller picks the type)",
+            cfg.precision,
+            E::NAME
+        )));
+    }
+    Ok(())
+}
+
 /// Train as `cfg` says, in f32; returns the summary (also written to `out/summary.json`).
 pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
     train_as::<B, f32>(dev, cfg)
@@ -136,13 +148,7 @@ pub fn train<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> 
 /// [`train`] in element type `E`: f32, or bf16 mixed precision on CUDA (bf16 activations and
 /// frozen weights, f32 masters, gradients and moments).
 pub fn train_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &TrainConfig) -> Result<RunSummary> {
-    if E::NAME != cfg.precision.to_string() {
-        return Err(TrainError::Invalid(format!(
-            "the run is configured for --precision {} but was started in {} (the caller picks the type)",
-            cfg.precision,
-            E::NAME
-        )));
-    }
+    check_precision::<E>(cfg)?;
     // The folder first: a second run on it, or a new run over an old one, fails before any work.
     if cfg.out_mode == OutMode::Resume && !cfg.out.is_dir() {
         return Err(TrainError::Invalid(format!(
@@ -330,7 +336,7 @@ fn untrained_losses<B: Backend<E>, E: RunFloat>(s: &mut Setup<B, E>, cfg: &Train
                 .map(|(step, b)| {
                     let mut sum = 0.0;
                     for (p, w) in weighted_parts(m, spec, b, micro)? {
-                        sum += spec.loss(m, &p)?.0.to_vec()?[0].to_f64() * w;
+                        sum += spec.loss(m, &p)?.0.value()? * w;
                     }
                     Ok((*step, sum))
                 })
@@ -465,10 +471,15 @@ pub(crate) fn accumulate_grads<B: Backend<E>, E: RunFloat>(
     for (k, (mb, w)) in parts.iter().enumerate() {
         model.adapt().seed_dropout(seed ^ k as u64);
         let (loss, terms) = spec.loss(model, mb)?;
-        // The loss's value without its graph (x * 1 is exact), read with the others at the end of
-        // the step; taken before the backward, so a profile charges that copy, not the backward,
-        // to the forward ops.
-        losses.push((no_grad(|| scale(&loss, 1.0))?, *w));
+        // The loss's value: the one the loss op computed (in f32 on a bf16 tape, whose element is
+        // coarser), else the tensor without its graph (x * 1 is exact), read with the others at
+        // the end of the step; taken before the backward, so a profile charges that copy, not the
+        // backward, to the forward ops.
+        let value = match loss.computed_value() {
+            Some(v) => LossValue::Known(v),
+            None => LossValue::OnDevice(no_grad(|| scale(&loss, 1.0))?),
+        };
+        losses.push((value, *w));
         if terms > 0 {
             scale(&loss, *w)?.backward()?;
         }
@@ -495,9 +506,15 @@ pub(crate) fn weighted_parts<B: Backend<E>, E: RunFloat>(
     Ok(parts.into_iter().zip(terms).map(|(p, t)| (p, t as f64 / total)).collect())
 }
 
+/// One micro-batch's loss: known on the host already, or still on the device.
+enum LossValue<B: Backend<E>, E: RunFloat> {
+    Known(f64),
+    OnDevice(Tensor<B, E>),
+}
+
 /// A step's micro-batch losses and weights, still on the device.
 pub(crate) struct PendingLoss<B: Backend<E>, E: RunFloat> {
-    losses: Vec<(Tensor<B, E>, f64)>,
+    losses: Vec<(LossValue<B, E>, f64)>,
 }
 
 impl<B: Backend<E>, E: RunFloat> PendingLoss<B, E> {
@@ -506,7 +523,10 @@ impl<B: Backend<E>, E: RunFloat> PendingLoss<B, E> {
     pub(crate) fn read(self) -> Result<f64> {
         let mut sum = 0.0f64;
         for (loss, w) in self.losses {
-            let l = loss.to_vec()?[0].to_f64();
+            let l = match loss {
+                LossValue::Known(v) => v,
+                LossValue::OnDevice(t) => t.value()?,
+            };
             if !l.is_finite() {
                 return Ok(l);
             }
@@ -609,7 +629,7 @@ fn step_in_backward<B: Backend<E>, E: RunFloat>(
     let (mb, w) = parts.pop().expect("one part");
     s.model.adapt().seed_dropout(seed);
     let (loss, terms) = s.spec.loss(&s.model, &mb)?;
-    let value = loss.to_vec()?[0].to_f64();
+    let value = loss.value()?;
     opt.hp.lr = lr as f32;
     if !value.is_finite() || terms == 0 {
         let out = StepOutcome { loss: value, grad_norm: 0.0, forward_backward_s: t0.elapsed().as_secs_f64() };

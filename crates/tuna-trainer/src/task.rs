@@ -204,10 +204,10 @@ impl TaskSpec {
                 let correct = s.chunks(c.max(1)).zip(&b.classes).filter(|(row, &k)| argmax(row) == k as usize).count();
                 // The loss from the same scores: one forward per batch.
                 let loss = class_loss(model, b, scores)?;
-                Ok((loss.to_vec()?[0].to_f64() * b.batch as f64, b.batch, correct))
+                Ok((loss.value()? * b.batch as f64, b.batch, correct))
             } else {
                 let (loss, n) = self.loss(model, b)?;
-                Ok((loss.to_vec()?[0].to_f64() * n as f64, n, 0))
+                Ok((loss.value()? * n as f64, n, 0))
             }
         })
     }

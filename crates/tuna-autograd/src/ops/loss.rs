@@ -67,7 +67,7 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     let sum: f64 = Alloc::<E::Acc>::to_host(&*dev, &loss_rows)?.into_iter().map(Elem::to_f64).sum();
     let mean = if valid == 0 { 0.0 } else { sum / valid as f64 };
     let value = upload::<B, E>(&dev, &[E::c(mean)])?;
-    Ok(output("cross_entropy", &[&logits], &dev, vec![], value, |out, _| {
+    let out = output("cross_entropy", &[&logits], &dev, vec![], value, |out, _| {
         // The gradient, computed in the forward; counted as saved until the backward has used it.
         let holder = Saved::new(&grad_holder.expect("recorded"));
         let cl = logits.cell().expect("recorded");
@@ -82,7 +82,9 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
             let scale = <E::Acc as Elem>::from_f64(host::<B, E>(&dev2, &g)?[0].to_f64() / valid as f64);
             cl.accumulate_acc(&dev2, |dl| Ok(dev2.grad_accumulate(dl, &holder.t().buf(), scale)?))
         })
-    }))
+    });
+    out.set_exact(mean);
+    Ok(out)
 }
 
 /// Logits one chunk of [`linear_cross_entropy`] holds at most: `LCE_CHUNK_ELEMS / vocab` rows
@@ -223,7 +225,7 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     let dh_bytes = valid * hidden * std::mem::size_of::<E>();
     let dw_bytes =
         vocab * hidden * if E::ACC_IS_SELF { std::mem::size_of::<E>() } else { std::mem::size_of::<E::Acc>() };
-    Ok(output("linear_cross_entropy", &[&x, w], &dev, vec![], value, |out, _| {
+    let out = output("linear_cross_entropy", &[&x, w], &dev, vec![], value, |out, _| {
         // The gradients, computed in the forward; counted as saved until the backward used them.
         let dh = dh.map(|t| SavedBuf::new(t, dh_bytes));
         let dw = dw.map(|b| SavedBuf::new(b, dw_bytes));
@@ -249,5 +251,7 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
             }
             Ok(())
         })
-    }))
+    });
+    out.set_exact(sum / valid as f64);
+    Ok(out)
 }
