@@ -363,11 +363,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tuna::tasks_cmd::check_no_task_flags(&std::env::args().skip(2).collect::<Vec<_>>())?;
             // Method settings go in the tasks file, per task.
             method_args.check_used("--tasks (the tasks file sets each task's)", &[])?;
-            run.check_precision_for("`tuna train --tasks`")?;
             let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
-            let summary = match device(&run.device)? {
-                Device::Cpu => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
-                Device::Cuda(n) => tuna::trainer::train_multi(&cuda(n, run.tf32)?, &cfg)?,
+            let summary = match (device(&run.device)?, run.precision) {
+                (Device::Cpu, _) => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
+                (Device::Cuda(n), tuna::trainer::Precision::F32) => {
+                    tuna::trainer::train_multi(&cuda(n, run.tf32)?, &cfg)?
+                }
+                (Device::Cuda(n), tuna::trainer::Precision::Bf16) => {
+                    tuna::trainer::train_multi_as::<Cuda, half::bf16>(&cuda(n, false)?, &cfg)?
+                }
             };
             tuna::train_cmd::print_multi_summary(&summary);
         }

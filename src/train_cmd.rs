@@ -611,11 +611,13 @@ impl RunArgs {
         })
     }
 
-    /// `--precision bf16` where it is not built yet (`--tasks` and the prompt-engineered baseline),
+    /// `--precision bf16` where it does not apply (the prompt-engineered baseline, which trains nothing),
     /// refused by name before anything is written.
     pub fn check_precision_for(&self, what: &str) -> Result<()> {
         require(self.precision == tuna_trainer::Precision::F32, || {
-            format!("--precision bf16 is built for `tuna train --method`, `tuna profile` and `tuna compare` on CUDA; {what} computes in f32 so far")
+            format!(
+                "--precision bf16 is is CUDA's mixed precision for training; {what} trains nothing and scores in f32"
+            )
         })
     }
 

@@ -42,7 +42,7 @@ pub use eval::{describe_eval, eval_file, evaluate, EvalMetrics};
 pub use export::{export, peak_rss_bytes};
 pub use metrics::{human_bytes, human_duration, read_log, si, tokens_per_s, MetricsError, MetricsLog, Split, Summary};
 pub use model::{Backend, Model, RunFloat};
-pub use multi::{train_multi, MultiConfig, MultiSummary, TaskSummary};
+pub use multi::{train_multi, train_multi_as, MultiConfig, MultiSummary, TaskSummary};
 pub use profile::{profile, profile_as, Profile, ProfileRow};
 pub use progress::Progress;
 pub use run::{train, train_as};

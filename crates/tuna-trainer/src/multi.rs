@@ -34,12 +34,12 @@ use crate::export::peak_rss_bytes;
 use crate::fingerprint::BaseFingerprint;
 use crate::limits::{check_method_size, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
-use crate::model::{Backend, Model};
+use crate::model::{Backend, Model, RunFloat};
 use crate::progress::Progress;
 use crate::run::{limit, non_finite, nothing_to_resume, schedule_of};
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
-use crate::state::{self, settings_of, Params, State};
+use crate::state::{self, settings_of, State};
 use crate::task::{TaskFile, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -99,6 +99,8 @@ pub struct TaskSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MultiSummary {
     pub model: String,
+    /// What the run computed in: `f32`, or `bf16` mixed precision (`--precision`).
+    pub precision: String,
     pub tasks: Vec<TaskSummary>,
     pub base_params: usize,
     pub steps: u64,
@@ -114,7 +116,7 @@ pub struct MultiSummary {
 }
 
 /// One task of the run: its adapter's bank index, its spec, examples and tensors.
-struct TaskRun<B: Backend> {
+struct TaskRun<B: Backend<E>, E: RunFloat> {
     name: String,
     cfg: TrainConfig,
     bank: usize,
@@ -122,9 +124,12 @@ struct TaskRun<B: Backend> {
     /// Its training examples (truncated to its length); batches are cut from them by row.
     batcher: Batcher,
     eval_batcher: Option<Batcher>,
-    params: Vec<(String, Tensor<B, f32>)>,
+    params: Vec<(String, Tensor<B, E>)>,
     schedule: Schedule,
 }
+
+/// A loss's value the op computed on the host, or the loss still on the device.
+type LossOrTensor<B, E> = std::result::Result<f64, Tensor<B, E>>;
 
 /// A batch's rows: `(task, example)`.
 type Rows = Vec<(usize, usize)>;
@@ -169,7 +174,10 @@ fn in_task<'a>(file: &'a Path, name: &'a str) -> impl Fn(TrainError) -> TrainErr
 }
 
 /// Load the model, install every task's adapter into its bank and load each task's data.
-fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<TaskRun<B>>)> {
+/// The model and every task of a run.
+type Loaded<B, E> = (Model<B, E>, Vec<TaskRun<B, E>>);
+
+fn setup<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<Loaded<B, E>> {
     // A step frees and reallocates the same buffers: keep freed pages for the next step.
     tuna_kernels::heap::keep_freed_memory();
     let run = cfg.run();
@@ -183,7 +191,7 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<T
     }
     let mut tasks = Vec::with_capacity(cfg.tasks.len());
     for (k, (name, t)) in cfg.tasks.iter().enumerate() {
-        let task = (|| -> Result<TaskRun<B>> {
+        let task = (|| -> Result<TaskRun<B, E>> {
             if let Method::Full { .. } = t.method {
                 return Err(TrainError::Invalid(
                     "full fine-tuning changes the base model the other tasks share, so it cannot be one task of \
@@ -226,7 +234,7 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<T
                 }
                 None => None,
             };
-            let params: Vec<(String, Tensor<B, f32>)> =
+            let params: Vec<(String, Tensor<B, E>)> =
                 model.adapt().bank[bank].1.params().into_iter().map(|(p, t)| (format!("{name}/{p}"), t)).collect();
             if params.is_empty() {
                 return Err(TrainError::Invalid("nothing to train: the method selects no tensor".into()));
@@ -252,7 +260,7 @@ fn setup<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<(Model<B>, Vec<T
 /// `task `<name>`: ` (its training data's fingerprint too, so that changed data is named by task
 /// before the run's fingerprint refuses it), and the task names (a task added, removed or renamed
 /// is a change).
-fn multi_settings<B: Backend>(tasks: &[TaskRun<B>]) -> BTreeMap<String, String> {
+fn multi_settings<B: Backend<E>, E: RunFloat>(tasks: &[TaskRun<B, E>]) -> BTreeMap<String, String> {
     const PER_TASK: [&str; 7] = [
         "--eval (its data)",
         "--method and its settings",
@@ -279,7 +287,7 @@ fn multi_settings<B: Backend>(tasks: &[TaskRun<B>]) -> BTreeMap<String, String> 
 
 /// The fingerprint of the run's batches: each task's examples (after truncation), names, and the
 /// batch size and seed.
-fn fingerprint<B: Backend>(tasks: &[TaskRun<B>], batch_size: usize, seed: u64) -> u64 {
+fn fingerprint<B: Backend<E>, E: RunFloat>(tasks: &[TaskRun<B, E>], batch_size: usize, seed: u64) -> u64 {
     let mut h = Fnv64::new();
     h.write(&(batch_size as u64).to_le_bytes());
     h.write(&seed.to_le_bytes());
@@ -290,12 +298,19 @@ fn fingerprint<B: Backend>(tasks: &[TaskRun<B>], batch_size: usize, seed: u64) -
     h.finish()
 }
 
-/// Train the tasks of `cfg` together; returns the summary (also `out/summary.json`).
+/// Train the tasks of `cfg` together in f32; returns the summary (also `out/summary.json`).
 pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiSummary> {
+    train_multi_as::<B, f32>(dev, cfg)
+}
+
+/// [`train_multi`] in element type `E` (bf16 mixed precision on CUDA: the run-wide
+/// `precision` must name `E`).
+pub fn train_multi_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiSummary> {
     if cfg.tasks.is_empty() {
         return Err(TrainError::Invalid(format!("{}: no task", cfg.tasks_file.display())));
     }
     let run = cfg.run().clone();
+    crate::run::check_precision::<E>(&run)?;
     if run.out_mode == OutMode::Resume && !run.out.is_dir() {
         return Err(TrainError::Invalid(format!(
             "--resume: {}: no such folder (nothing to resume)",
@@ -315,10 +330,10 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
     if run.out_mode == OutMode::Overwrite {
         run_dir::clear(&run.out)?;
     }
-    let mut opts: Vec<AdamW<B, f32>> = tasks
+    let mut opts: Vec<AdamW<B, E>> = tasks
         .iter()
         .map(|t| {
-            let refs: Vec<&Tensor<B, f32>> = t.params.iter().map(|(_, p)| p).collect();
+            let refs: Vec<&Tensor<B, E>> = t.params.iter().map(|(_, p)| p).collect();
             let hp = AdamWParams { weight_decay: run.weight_decay as f32, ..AdamWParams::new(t.cfg.lr as f32) };
             Ok(AdamW::with_storage(&refs, hp, run.optimizer_state)?)
         })
@@ -352,7 +367,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
             None => nothing_to_resume(&run, &latest.warnings)?,
             Some(ck) => {
                 let saved = state::resumable(&ck, &st)?;
-                let mut groups: Vec<(&Params<B>, &mut AdamW<B, f32>)> =
+                let mut groups: Vec<state::GroupMut<'_, B, E>> =
                     tasks.iter().map(|t| &t.params[..]).zip(opts.iter_mut()).collect();
                 state::restore_groups(&ck, &mut groups, saved.step)?;
                 eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
@@ -382,10 +397,11 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
         // Micro-batches of the mixed rows, each one routed forward; a task's loss in a micro-batch
         // weighs its share of the task's terms in the batch (so the sum is the full batch's).
         let micro = run.micro_batch.max(1);
-        let mut pending: Vec<(usize, Tensor<B, f32>, f64)> = Vec::new();
+        // (task, its loss: known, or on the device; its weight)
+        let mut pending: Vec<(usize, LossOrTensor<B, E>, f64)> = Vec::new();
         for (j, (part, part_terms)) in rows.chunks(micro).zip(terms.chunks(micro)).enumerate() {
             model.adapt().seed_dropout(seed ^ j as u64);
-            let mut sum: Option<Tensor<B, f32>> = None;
+            let mut sum: Option<Tensor<B, E>> = None;
             for (k, loss) in mixed_losses(&model, &tasks, part, &cfg.tasks_file)? {
                 let n: usize = part.iter().zip(part_terms).filter(|((t, _), _)| *t == k).map(|(_, n)| n).sum();
                 if n == 0 {
@@ -393,7 +409,12 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
                 }
                 let w = n as f64 / task_terms[k] as f64;
                 let share = task_rows[k] as f64 / rows.len() as f64;
-                pending.push((k, no_grad(|| scale(&loss, 1.0))?, w));
+                // The loss op's own value (f32 on a bf16 tape), else the tensor without its graph.
+                let value = match loss.computed_value() {
+                    Some(v) => Ok(v),
+                    None => Err(no_grad(|| scale(&loss, 1.0))?),
+                };
+                pending.push((k, value, w));
                 let weighted = scale(&loss, w * share)?;
                 sum = Some(match sum {
                     None => weighted,
@@ -404,14 +425,18 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
                 total.backward()?;
             }
         }
-        let refs: Vec<&Tensor<B, f32>> = tasks.iter().flat_map(|t| t.params.iter().map(|(_, p)| p)).collect();
+        let refs: Vec<&Tensor<B, E>> = tasks.iter().flat_map(|t| t.params.iter().map(|(_, p)| p)).collect();
         let norm = match run.clip {
             Some(c) => clip_grad_norm(&refs, c)?,
             None => grad_norm(&refs)?,
         };
         let mut per: BTreeMap<usize, f64> = BTreeMap::new();
         for (k, l, w) in pending {
-            *per.entry(k).or_default() += l.value()? * w;
+            let l = match l {
+                Ok(v) => v,
+                Err(t) => t.value()?,
+            };
+            *per.entry(k).or_default() += l * w;
         }
         let mut loss = 0.0;
         let mut task_losses = Map::new();
@@ -475,8 +500,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
             last_eval = Some(e);
         }
         if st.save_due(run.save_every, last, stopped_early, !metrics.is_empty()) {
-            let groups: Vec<(&Params<B>, &AdamW<B, f32>)> =
-                tasks.iter().map(|t| &t.params[..]).zip(opts.iter()).collect();
+            let groups: Vec<state::Group<'_, B, E>> = tasks.iter().map(|t| &t.params[..]).zip(opts.iter()).collect();
             state::save_groups(&ckpts, &st, &groups, &metrics)?;
         }
         if stopped_early {
@@ -496,7 +520,7 @@ pub fn train_multi<B: Backend>(dev: &Arc<B>, cfg: &MultiConfig) -> Result<MultiS
 /// Row `i` of task `t`'s unshifted labels: its targets, the first one ignored unless its adapter
 /// has a soft prompt (nothing would precede it: the rule of [`TaskSpec::loss`] for a run of the
 /// task alone).
-fn row_labels<B: Backend>(model: &Model<B>, t: &TaskRun<B>, i: usize) -> Vec<i32> {
+fn row_labels<B: Backend<E>, E: RunFloat>(model: &Model<B, E>, t: &TaskRun<B, E>, i: usize) -> Vec<i32> {
     let mut labels = t.batcher.examples()[i].targets.clone();
     if model.adapt().bank[t.bank].1.prompt_len() == 0 {
         if let Some(first) = labels.first_mut() {
@@ -508,7 +532,7 @@ fn row_labels<B: Backend>(model: &Model<B>, t: &TaskRun<B>, i: usize) -> Vec<i32
 
 /// The loss terms of row `i` of task `t` (what its mean loss divides by): its kept next-token
 /// targets, or 1 for classification.
-fn row_terms<B: Backend>(model: &Model<B>, t: &TaskRun<B>, i: usize) -> usize {
+fn row_terms<B: Backend<E>, E: RunFloat>(model: &Model<B, E>, t: &TaskRun<B, E>, i: usize) -> usize {
     if t.cfg.task == Task::Classify {
         1
     } else {
@@ -522,12 +546,12 @@ fn row_terms<B: Backend>(model: &Model<B>, t: &TaskRun<B>, i: usize) -> usize {
 /// logits of its verbalizer tokens at the last position; BERT: its own head over the mean-pooled
 /// states). Row `r`'s outputs are what it computes alone with its adapter installed (see
 /// `tuna_models::adapt::mixed`), so each task's loss is the one a batch of its rows alone has.
-fn mixed_losses<B: Backend>(
-    model: &Model<B>,
-    tasks: &[TaskRun<B>],
+fn mixed_losses<B: Backend<E>, E: RunFloat>(
+    model: &Model<B, E>,
+    tasks: &[TaskRun<B, E>],
     rows: &[(usize, usize)],
     file: &Path,
-) -> Result<Vec<(usize, Tensor<B, f32>)>> {
+) -> Result<Vec<(usize, Tensor<B, E>)>> {
     let batch = rows.len();
     let decoder = model.is_decoder();
     let example = |&(k, i): &(usize, usize)| &tasks[k].batcher.examples()[i];
@@ -560,11 +584,11 @@ fn mixed_losses<B: Backend>(
     for (k, rs) in &groups {
         let t = &tasks[*k];
         let n = rs.len();
-        let classes = |model: &Model<B>| -> Result<Ints<B, i32>> {
+        let classes = |model: &Model<B, E>| -> Result<Ints<B, i32>> {
             let c: Vec<i32> = rs.iter().map(|&r| example(&rows[r as usize]).class.unwrap_or(0) as i32).collect();
             Ok(Ints::new(&model.dev, &[n], &c)?)
         };
-        let loss = (|| -> Result<Tensor<B, f32>> {
+        let loss = (|| -> Result<Tensor<B, E>> {
             Ok(match (t.cfg.task, &pooled) {
                 (Task::Classify, Some(pooled)) => {
                     let extra = &model.adapt().bank[t.bank].1.extra;
@@ -613,9 +637,9 @@ fn mixed_losses<B: Backend>(
 }
 
 /// Each task's evaluation (`None`: the task has no eval data), its adapter installed.
-fn evaluate_all<B: Backend>(
-    model: &mut Model<B>,
-    tasks: &[TaskRun<B>],
+fn evaluate_all<B: Backend<E>, E: RunFloat>(
+    model: &mut Model<B, E>,
+    tasks: &[TaskRun<B, E>],
     file: &Path,
 ) -> Result<Vec<Option<EvalMetrics>>> {
     tasks
@@ -637,10 +661,10 @@ fn mean_loss(e: &[Option<EvalMetrics>]) -> f64 {
 
 /// The end of a run: each task's adapter with its task file under `adapters/<name>/`, and
 /// `summary.json`.
-fn finish<B: Backend>(
+fn finish<B: Backend<E>, E: RunFloat>(
     cfg: &MultiConfig,
-    model: &mut Model<B>,
-    tasks: &[TaskRun<B>],
+    model: &mut Model<B, E>,
+    tasks: &[TaskRun<B, E>],
     st: &State,
     stopped_early: bool,
     evals: &[Option<EvalMetrics>],
@@ -676,6 +700,7 @@ fn finish<B: Backend>(
     }
     let summary = MultiSummary {
         model: run.model_name.clone().unwrap_or_else(|| run.model.display().to_string()),
+        precision: E::NAME.to_string(),
         tasks: summaries,
         base_params: model.base_param_count(),
         steps: st.step,
