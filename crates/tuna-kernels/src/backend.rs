@@ -206,6 +206,13 @@ pub trait Backend {
     fn len<E: Elem>(buf: &Self::Buf<E>) -> usize;
     /// Human-readable device name for errors.
     fn device_name(&self) -> String;
+    /// How many elements of an intermediate a chunked op (the fused language-model head and loss)
+    /// makes at once by default: 2^22 (16 MiB of f32) here, where a chunk should stay near the
+    /// caches and the memory plan counts it; a GPU takes more (fewer, larger products and fewer
+    /// passes over what the chunks accumulate into).
+    fn chunk_elems(&self) -> usize {
+        1 << 22
+    }
 }
 
 /// The CPU backend: rayon across rows/tiles, `gemm` for matrix products. Computes in f32, or in

@@ -91,9 +91,16 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
 /// (16 MiB of f32 logits), at least one.
 pub const LCE_CHUNK_ELEMS: usize = 1 << 22;
 
-/// The rows of one chunk of [`linear_cross_entropy`] at `vocab` (its default chunking).
+/// The rows of one chunk of [`linear_cross_entropy`] at `vocab` on the CPU (its default chunking
+/// there; what the memory plan counts).
 pub fn lce_chunk_rows(vocab: usize) -> usize {
     (LCE_CHUNK_ELEMS / vocab.max(1)).max(1)
+}
+
+/// The rows of one chunk of [`linear_cross_entropy`] at `vocab` on `dev` by default:
+/// [`Backend::chunk_elems`] / vocab, at least one ([`lce_chunk_rows`] on the CPU).
+pub fn lce_chunk_rows_on<B: tuna_kernels::Backend + ?Sized>(dev: &B, vocab: usize) -> usize {
+    (dev.chunk_elems() / vocab.max(1)).max(1)
 }
 
 /// `cross_entropy(linear(h, w), targets)` without the `[rows, vocab]` logits: the mean
@@ -102,7 +109,8 @@ pub fn lce_chunk_rows(vocab: usize) -> usize {
 /// is not `ignore_index` (0 if none).
 ///
 /// Only the rows with a target are multiplied (a completion's prompt and a padded position cost
-/// nothing), `chunk_rows` of them at a time (`None`: [`LCE_CHUNK_ELEMS`] / vocab). When recorded,
+/// nothing), `chunk_rows` of them at a time (`None`: the device's default, [`lce_chunk_rows_on`]:
+/// [`LCE_CHUNK_ELEMS`] / vocab on the CPU, 8x that on CUDA). When recorded,
 /// each chunk's logits are made, turned into their gradient by the fused cross-entropy kernel,
 /// multiplied back into the gradient of those rows of `h` (`dlogits W`) and, when `w` trains, of
 /// `w` (`dlogits^T h`, added over the chunks), and dropped. The backward keeps `[targets, hidden]`
@@ -153,7 +161,7 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     let idx = Ints::new(&dev, &[1, valid], &active)?;
     let x = reshape(&embedding(&hr, &idx, None)?, &[valid, hidden])?;
     let tg: Vec<i32> = active.iter().map(|&r| targets[r as usize]).collect();
-    let chunk = chunk_rows.unwrap_or_else(|| lce_chunk_rows(vocab)).max(1);
+    let chunk = chunk_rows.unwrap_or_else(|| lce_chunk_rows_on(&*dev, vocab)).max(1);
     let recording = crate::graph::recording(&[&x, w]);
     let (want_h, want_w) = (recording && x.requires_grad(), recording && w.requires_grad());
     let dh = if want_h { Some(Tensor::zeros(&dev, &[1, valid * hidden], false)?) } else { None };
@@ -161,7 +169,9 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     // otherwise (bf16: f32, as the unfused product's dW), never summed in bf16.
     let mut dw = if want_w && E::ACC_IS_SELF { Some(zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
     let mut dw_acc = if want_w && !E::ACC_IS_SELF { Some(acc_zeros::<B, E>(&dev, vocab * hidden)?) } else { None };
-    let mut sum = 0.0f64;
+    // Each chunk's per-row losses, read once all chunks are queued (a device waits once, not per
+    // chunk), then summed in chunk order.
+    let mut chunk_losses = Vec::with_capacity(valid.div_ceil(chunk));
     // Every product of the chunks (logits, dh, dw) is this op's: its time and FLOPs land on the
     // `linear_cross_entropy` row of a profile, not on the inner ops'.
     let mut flops = 0.0f64;
@@ -215,11 +225,16 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                         }
                     }
                 }
-                sum += Alloc::<E::Acc>::to_host(&*dev, &loss_rows)?.into_iter().map(Elem::to_f64).sum::<f64>();
+                chunk_losses.push(loss_rows);
             }
             Ok(())
         })
     })?;
+    let mut sum = 0.0f64;
+    for loss_rows in &chunk_losses {
+        sum += Alloc::<E::Acc>::to_host(&*dev, loss_rows)?.into_iter().map(Elem::to_f64).sum::<f64>();
+    }
+    drop(chunk_losses);
     crate::stats::flops("linear_cross_entropy", false, flops);
     let value = upload::<B, E>(&dev, &[E::c(sum / valid as f64)])?;
     let dh_bytes = valid * hidden * std::mem::size_of::<E>();
