@@ -400,7 +400,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub update_in_backward: bool,
     /// How the frozen weights of the transformer blocks are held: f32 (as loaded), bf16 (half the
-    /// memory), int8 (a quarter: one f32 scale per output channel) or q4 (a GGUF's own Q4_0 /
+    /// memory), int8 (1.0625 bytes a weight: one f32 scale per 64 inputs of an output channel) or q4 (a GGUF's own Q4_0 /
     /// Q4_1 blocks kept as stored, 18 or 20 bytes per 32 weights; only for such a .gguf). CPU
     /// only, for the parameter-efficient methods (full fine-tuning trains those weights);
     /// embeddings, norms, heads and everything that trains stay f32.

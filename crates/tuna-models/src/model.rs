@@ -306,7 +306,7 @@ impl<B: Kernels<E>, E: Float> AnyModel<B, E> {
     }
 
     /// Holds every frozen linear weight of the transformer blocks in `p` from now on (bf16, or
-    /// int8 per output channel; `--base-precision`), releasing their f32 storage: the products run
+    /// int8 with a scale per 64 inputs of an output channel; `--base-precision`), releasing their f32 storage: the products run
     /// on the packed weights (CPU only). Embeddings, norms, heads and everything that trains stay
     /// f32. LoRA needs only the base weight's shape, so the method may be installed before or after;
     /// [`AnyModel::open_with`] packs as the weights load instead (no f32 model in memory at all).

@@ -3,8 +3,10 @@
 //! frozen weight has no `dW`, so nothing else ever reads it.
 //!
 //! Storage: bf16 (round to nearest even, NaN kept: half the bytes of f32), or int8 symmetric per
-//! output channel (`w = q * scale[row]`, `scale = max|w_row| / 127`: a quarter of the bytes, plus
-//! one f32 per row). The weight is packed once, at load, as `[out, in]` whatever the file's layout
+//! group of [`INT8_GROUP`] weights along the input of each output channel (`w = q * scale[row,
+//! group]`, `scale = max|w_group| / 127`: a quarter of the bytes, plus one f32 per 64 weights,
+//! 1.0625 bytes a weight; as GGUF's Q8_0 groups by 32, so that one large weight scales only its
+//! own group, not its whole row). The weight is packed once, at load, as `[out, in]` whatever the file's layout
 //! (GPT-2's Conv1D is transposed then). q4 is not packed from f32: it keeps a GGUF file's own
 //! Q4_0 / Q4_1 blocks ([`q4`]; 18 or 20 bytes per 32 weights, 5/32 of f32's bytes for Q4_1),
 //! taken as they are by [`PackedWeight::from_q4`], rows `[out]` of blocks along `in`.
@@ -19,8 +21,8 @@
 //! Error bounds (tested against an f64 product with the original f32 weight, `tests.rs`): per
 //! output element `|y - y_ref| <= e_w * sum_k |x_k| |w_k| + f32 rounding`, with `e_w = 2^-8`
 //! relative for bf16 (round to nearest even with 8 significant bits: `|w - bf16(w)| <= 2^-8 |w|`,
-//! the bound itself), and for int8 the absolute weight error `max|w_row| / 254` in place of
-//! `e_w |w_k|`. q4 has no rounding of its own here (the weight *is* the file's blocks): its
+//! the bound itself), and for int8 the absolute weight error `max|w_group| / 254` (the group
+//! holding `w_k`) in place of `e_w |w_k|`. q4 has no rounding of its own here (the weight *is* the file's blocks): its
 //! products equal f32 products with the blocks dequantized (the same f32 numbers the GGUF
 //! reader's dequant-at-load gives) up to f32 summation order. CUDA has no low-precision base here:
 //! its frozen weights go bf16 through the mixed-precision design instead.
@@ -44,7 +46,7 @@ pub enum BasePrecision {
     F32,
     /// bf16 storage.
     Bf16,
-    /// int8, symmetric, one f32 scale per output channel.
+    /// int8, symmetric, one f32 scale per group of [`INT8_GROUP`] inputs of an output channel.
     Int8,
     /// ggml's Q4_0 / Q4_1 blocks as a GGUF file holds them (read, never made from f32).
     Q4,
@@ -180,9 +182,14 @@ pub fn matrix_path() -> MatrixPath {
     MatrixPath::WidenF32
 }
 
+/// Weights per int8 scale: each output channel's inputs in groups of 64 (the last one shorter
+/// where the input dimension is not a multiple), one f32 scale each.
+pub const INT8_GROUP: usize = 64;
+
 #[derive(Clone)]
 enum Store {
     Bf16(Vec<bf16>),
+    /// `q` `[out, in]`; `scale` `[out, in.div_ceil(INT8_GROUP)]`.
     Int8 {
         q: Vec<i8>,
         scale: Vec<f32>,
@@ -240,22 +247,27 @@ impl PackedWeight {
             }
             BasePrecision::Int8 => {
                 let mut q = Vec::with_capacity(out * inp);
-                let mut scale = Vec::with_capacity(out);
+                let mut scale = Vec::with_capacity(out * inp.div_ceil(INT8_GROUP));
                 for o in 0..out {
-                    let mut amax = 0f32;
-                    for i in 0..inp {
-                        let v = at(o, i);
-                        if !v.is_finite() {
-                            return Err(invalid(format!("row {o} holds {v} at column {i}: int8 needs finite weights")));
+                    for g0 in (0..inp).step_by(INT8_GROUP) {
+                        let cols = g0..(g0 + INT8_GROUP).min(inp);
+                        let mut amax = 0f32;
+                        for i in cols.clone() {
+                            let v = at(o, i);
+                            if !v.is_finite() {
+                                return Err(invalid(format!(
+                                    "row {o} holds {v} at column {i}: int8 needs finite weights"
+                                )));
+                            }
+                            amax = amax.max(v.abs());
                         }
-                        amax = amax.max(v.abs());
+                        let s = amax / 127.0;
+                        // Divided, not multiplied by 1/s: for a group of tiny (subnormal) weights
+                        // 1/s overflows. A group so small that s underflows to 0 stores zeros.
+                        let q_of = |v: f32| if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i8 } else { 0 };
+                        q.extend(cols.map(|i| q_of(at(o, i))));
+                        scale.push(s);
                     }
-                    let s = amax / 127.0;
-                    // Divided, not multiplied by 1/s: for a row of tiny (subnormal) weights 1/s
-                    // overflows. A row so small that s underflows to 0 stores zeros.
-                    let q_of = |v: f32| if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i8 } else { 0 };
-                    q.extend((0..inp).map(|i| q_of(at(o, i))));
-                    scale.push(s);
                 }
                 Store::Int8 { q, scale }
             }
@@ -328,10 +340,14 @@ impl PackedWeight {
                 }
             }
             Store::Int8 { q, scale } => {
+                let groups = inp.div_ceil(INT8_GROUP);
                 for (r, d) in dst.chunks_exact_mut(inp).enumerate() {
-                    let s = scale[r0 + r];
-                    for (d, &qv) in d.iter_mut().zip(&q[(r0 + r) * inp..(r0 + r + 1) * inp]) {
-                        *d = F::c((qv as f32 * s) as f64);
+                    let (row, scales) = (r0 + r, &scale[(r0 + r) * groups..(r0 + r + 1) * groups]);
+                    let src = &q[row * inp..(row + 1) * inp];
+                    for ((d, src), &s) in d.chunks_mut(INT8_GROUP).zip(src.chunks(INT8_GROUP)).zip(scales) {
+                        for (d, &qv) in d.iter_mut().zip(src) {
+                            *d = F::c((qv as f32 * s) as f64);
+                        }
                     }
                 }
             }

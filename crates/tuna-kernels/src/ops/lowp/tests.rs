@@ -13,7 +13,11 @@ fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrec
     let mut bound = vec![0f64; m * out];
     for o in 0..out {
         let row = &w[o * inp..(o + 1) * inp];
-        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+        // int8's scale is per group of INT8_GROUP inputs: the largest weight of k's group.
+        let amax = |k: usize| {
+            let g0 = k / super::INT8_GROUP * super::INT8_GROUP;
+            row[g0..(g0 + super::INT8_GROUP).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
+        };
         for r in 0..m {
             let (mut acc, mut b, mut mag) = (0f64, 0f64, 0f64);
             for k in 0..inp {
@@ -23,7 +27,7 @@ fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrec
                 b += xv.abs()
                     * match p {
                         BasePrecision::Bf16 => wv.abs() / 256.0,
-                        BasePrecision::Int8 => amax / 254.0,
+                        BasePrecision::Int8 => amax(k) / 254.0,
                         BasePrecision::F32 | BasePrecision::Q4 => 0.0,
                     };
             }
@@ -161,6 +165,27 @@ fn packing_rounds_as_documented() {
     let v = PackedWeight::pack("w", &tiny, 1, 3, false, BasePrecision::Int8).unwrap().to_f32();
     for (a, b) in v.iter().zip(&tiny) {
         assert!((a - b).abs() <= 3.0e-39 / 254.0 * 1.01, "{a:e} vs {b:e}");
+    }
+}
+
+/// One large weight scales only its own group of INT8_GROUP: the small weights of the row's
+/// other groups keep their own step (a per-row scale would round them all to 0), a partial last
+/// group included; one f32 scale per group.
+#[test]
+fn int8_scales_each_group_of_a_row_apart() {
+    use super::INT8_GROUP;
+    let inp = 2 * INT8_GROUP + 5;
+    let mut w: Vec<f32> = (0..inp).map(|i| 0.01 * ((i % 7) as f32 - 3.0)).collect();
+    w[3] = 100.0;
+    let pw = PackedWeight::pack("w", &w, 1, inp, false, BasePrecision::Int8).unwrap();
+    assert_eq!(pw.bytes(), inp + 3 * 4, "one scale per group, the partial one too");
+    let v = pw.to_f32();
+    for (k, (&got, &want)) in v.iter().zip(&w).enumerate() {
+        let amax = if k < INT8_GROUP { 100.0 } else { 0.03 };
+        assert!((got - want).abs() <= amax / 254.0 * 1.0001, "[{k}]: {got} vs {want}");
+        if k >= INT8_GROUP && want != 0.0 {
+            assert!(got != 0.0, "[{k}]: {want} rounded to 0: the large weight's scale reached its group");
+        }
     }
 }
 
