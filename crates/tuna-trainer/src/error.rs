@@ -25,14 +25,15 @@ pub enum TrainError {
     Metrics(#[from] MetricsError),
     /// The loss or the gradient norm became NaN or infinite; the run stopped before updating any
     /// weight. `what` names which ("training loss" or "gradient norm"); `kept` says what is on
-    /// disk to resume from: the newest checkpoint's step and folder, or that none was saved yet.
-    #[error("step {step}: the {what} is {value} (not finite); stopped without saving this step (with --update-in-backward, the tensors whose gradients completed before it were updated in memory only). {kept}")]
-    NonFinite { step: u64, what: &'static str, value: f64, kept: String },
+    /// disk to resume from: the newest checkpoint's step and folder, or that none was saved yet;
+    /// `in_backward`: the run updates inside the backward (`--update-in-backward`).
+    #[error("step {step}: the {what} is {value} (not finite); stopped without saving this step{}. {kept}", if *in_backward { " (with --update-in-backward, the tensors whose gradients completed before it were updated in memory only)" } else { "" })]
+    NonFinite { step: u64, what: &'static str, value: f64, kept: String, in_backward: bool },
     /// A setting or input out of its domain.
     #[error("{0}")]
     Invalid(String),
     /// The output folder is locked by another running process (named by its PID).
-    #[error("{}: in use by {holder} (another tuna run writing this folder): wait for it to finish or choose another --out", dir.display())]
+    #[error("{}: in use by {holder} (another tuna train, compare or export writing this folder): wait for it to finish or choose another --out", dir.display())]
     Locked { dir: std::path::PathBuf, holder: String },
     /// Resuming onto a base model other than the one the checkpoint was trained on.
     #[error("{}: the checkpoint was trained on another base model ({what}); resume with the model it was made with", dir.display())]

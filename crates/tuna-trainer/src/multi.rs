@@ -446,7 +446,7 @@ pub fn train_multi_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfi
         }
         if !(loss.is_finite() && norm.is_finite()) {
             let bad = if loss.is_finite() { ("gradient norm", norm) } else { ("training loss", loss) };
-            return Err(non_finite(st.step + 1, bad, &ckpts));
+            return Err(non_finite(st.step + 1, bad, &ckpts, false));
         }
         let mut lrs = Map::new();
         for (t, opt) in tasks.iter().zip(opts.iter_mut()) {

@@ -192,7 +192,7 @@ pub fn train_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &TrainConfig) -> 
         let out = training_step(&s, &mut opt, cfg, &batch, cfg.seed ^ (st.step << 8), lr)?;
         if !out.applied() {
             let bad = if out.loss.is_finite() { ("gradient norm", out.grad_norm) } else { ("training loss", out.loss) };
-            return Err(non_finite(st.step + 1, bad, &ckpts));
+            return Err(non_finite(st.step + 1, bad, &ckpts, cfg.update_in_backward));
         }
         st.step += 1;
         crate::memory::trace(&format!("step {}", st.step));
@@ -674,7 +674,12 @@ pub(crate) fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
     v
 }
 
-pub(crate) fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &Checkpoints) -> TrainError {
+pub(crate) fn non_finite(
+    step: u64,
+    (what, value): (&'static str, f64),
+    ckpts: &Checkpoints,
+    in_backward: bool,
+) -> TrainError {
     let kept = match ckpts.steps().ok().and_then(|s| s.last().copied()) {
         Some(s) => format!("The newest checkpoint, step {s}, is kept ({})", ckpts.step_dir(s).display()),
         None => format!(
@@ -682,7 +687,7 @@ pub(crate) fn non_finite(step: u64, (what, value): (&'static str, f64), ckpts: &
             ckpts.dir().display()
         ),
     };
-    TrainError::NonFinite { step, what, value, kept }
+    TrainError::NonFinite { step, what, value, kept, in_backward }
 }
 
 #[cfg(test)]

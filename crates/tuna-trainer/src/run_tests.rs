@@ -201,12 +201,15 @@ fn a_non_finite_loss_says_which_checkpoint_is_kept_or_that_none_is() {
     let dir = std::env::temp_dir().join(format!("tuna-run-tests-{}-non-finite", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ckpts = Checkpoints::open(&dir.join("checkpoints"), 0, None).unwrap();
-    let none = non_finite(1, ("training loss", f64::NAN), &ckpts).to_string();
+    let none = non_finite(1, ("training loss", f64::NAN), &ckpts, false).to_string();
     assert!(none.contains("step 1: the training loss is NaN"), "{none}");
+    assert!(!none.contains("--update-in-backward"), "a run without it: {none}");
+    let inside = non_finite(1, ("training loss", f64::NAN), &ckpts, true).to_string();
+    assert!(inside.contains("with --update-in-backward, the tensors whose gradients completed"), "{inside}");
     assert!(none.contains("No checkpoint has been saved yet") && !none.contains("is kept"), "{none}");
     std::fs::create_dir_all(dir.join("checkpoints/step-000003")).unwrap();
     std::fs::create_dir_all(dir.join("checkpoints/step-000006")).unwrap();
-    let kept = non_finite(7, ("gradient norm", f64::INFINITY), &ckpts).to_string();
+    let kept = non_finite(7, ("gradient norm", f64::INFINITY), &ckpts, false).to_string();
     assert!(kept.contains("The newest checkpoint, step 6, is kept"), "{kept}");
     assert!(kept.contains(&dir.join("checkpoints/step-000006").display().to_string()), "{kept}");
     // Through a run: an absurd learning rate makes step 2's loss non-finite, before the first save.

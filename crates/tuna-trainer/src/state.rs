@@ -160,22 +160,46 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     // The fingerprint samples the base as held, so a switched --base-precision would read as
     // another base model: name the flag instead (first). A checkpoint from before a flag was
     // recorded was made with its old default (an f32 base, TF32 off).
+    // Every such flag that changed is named at once (following the advice for one must not meet
+    // the refusal of the next).
+    let (mut changed, mut with) = (Vec::new(), Vec::new());
     for (flag, before) in LATER_SETTINGS {
         let value = |st: &State| st.settings.as_ref().map(|s| s.get(flag).cloned().unwrap_or_else(|| before.into()));
         if let (Some(old), Some(new)) = (value(&saved), value(now)) {
             if old != new {
-                let with = match (flag, old.as_str()) {
+                with.push(match (flag, old.as_str()) {
                     (TF32, "on") => format!("with {TF32}"),
                     (TF32, _) => format!("without {TF32}"),
                     _ => format!("with {flag} {old}"),
-                };
-                return Err(TrainError::Invalid(format!(
-                    "{}: a resumed run keeps the settings it started with; changed: {flag} was {old}, now {new}. \
-                     Resume {with}, or start a new run (--overwrite or another --out)",
-                    ck.dir.display()
-                )));
+                });
+                changed.push(format!("{flag} was {old}, now {new}"));
             }
         }
+    }
+    if !changed.is_empty() {
+        // The other recorded settings that changed too (checked after the base below otherwise).
+        if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
+            let free = |c: &String| {
+                LATER_SETTINGS
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .chain([CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD, "--steps", "--warmup"])
+                    .any(|f| c.starts_with(&format!("{f} ")))
+            };
+            for c in changed_settings(old, new) {
+                if !free(&c) {
+                    with.push(format!("with the same {}", c.split(" was ").next().unwrap_or(&c)));
+                    changed.push(c);
+                }
+            }
+        }
+        return Err(TrainError::Invalid(format!(
+            "{}: a resumed run keeps the settings it started with; changed: {}. Resume {}, or start a new run \
+             (--overwrite or another --out)",
+            ck.dir.display(),
+            changed.join("; "),
+            with.join(" and ")
+        )));
     }
     match (&saved.base, &now.base) {
         (Some(b), Some(base)) => {
@@ -652,6 +676,20 @@ mod tests {
         resume(None, false).unwrap();
         let e = resume(None, true).unwrap_err();
         assert!(e.contains("--tf32 was off, now on"), "{e}");
+        // Two recorded flags switched at once: both named in one refusal, with what to resume with.
+        let mut both = cfg.clone();
+        both.tf32 = true;
+        both.precision = crate::Precision::Bf16;
+        both.lr *= 2.0;
+        let now = State { step: 2, settings: Some(settings_of(&both, None)), ..State::default() };
+        ckpts.save(2, &[(STATE, &serde_json::to_vec(&state(Some(false))).unwrap())], &Map::new()).unwrap();
+        let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
+        let e = resumable(&ck, &now).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("--tf32 was off, now on; --precision was f32, now bf16; --lr was")
+                && e.contains("Resume without --tf32 and with --precision f32 and with the same --lr,"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
