@@ -482,6 +482,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // lock is a run's (the two exclude each other); its file goes when the export ends.
             tuna::cli::check_export_target(&a.out, &a.model, &a.adapter)?;
             tuna::trainer::run_dir::refuse_export_into_run(&a.out)?;
+            // Into a run's own folder (its adapter/): that run's lock first, so the two exclude
+            // each other (a training run rewrites it when it ends).
+            let _run_lock = tuna::trainer::run_dir::lock_enclosing_run(&a.out)?;
             let _lock = tuna::trainer::run_dir::lock_export(&a.out)?;
             // A killed export's temporary files (its names only, its process gone) are litter,
             // not contents: gone before the folder is judged empty.

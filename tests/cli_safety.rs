@@ -90,6 +90,19 @@ fn a_second_run_on_a_locked_folder_is_refused_naming_the_holder() {
     for extra in [&["--resume"][..], &["--overwrite"], &[]] {
         fails(&tuna(&train_args(&out, &train, 5000, extra)), &holder);
     }
+    // An export into the training run's own adapter folder (which the run rewrites when it ends)
+    // is refused naming it too, and writes nothing there.
+    let adapter = d.join("adapter");
+    ok(&tuna(&train_args(&adapter, &train, 1, &[])));
+    let into = out.join("adapter");
+    let export = |to: &Path| {
+        let v = ["export", "--model", &fixture("llama"), "--adapter", &adapter.join("adapter").display().to_string()];
+        let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        v.extend(["--out".to_string(), to.display().to_string(), "--overwrite".to_string()]);
+        tuna(&v)
+    };
+    fails(&export(&into), &holder);
+    assert!(!into.join("adapter_model.safetensors").exists(), "the refused export wrote into the run");
     first.kill().unwrap();
     first.wait().unwrap();
     // The kill released the lock: the run resumes (for one more step than its newest checkpoint).
@@ -100,6 +113,9 @@ fn a_second_run_on_a_locked_folder_is_refused_naming_the_holder() {
         .expect("a checkpoint");
     let err = ok(&tuna(&train_args(&out, &train, newest + 1, &["--resume-or-start"])));
     assert!(err.contains("resuming from"), "{err}");
+    // With the run over, the export may replace its adapter, and leaves no lock file there.
+    ok(&export(&into));
+    assert!(into.join("adapter_model.safetensors").is_file() && !into.join(".tuna.lock").exists());
 }
 
 #[test]

@@ -320,6 +320,18 @@ pub fn refuse_export_into_run(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// For an export into a folder inside a run's folder (its own `adapter/`, a task's
+/// `adapters/<name>/`): that run's lock too, taken before the export's, so an export and the run
+/// that would rewrite the folder when it ends exclude each other (refused while it trains, naming
+/// its process). `None` where no enclosing folder holds a run's lock file.
+pub fn lock_enclosing_run(dir: &Path) -> Result<Option<FolderLock>> {
+    let Some(canon) = canonical_to_be(dir) else { return Ok(None) };
+    match canon.ancestors().skip(1).find(|a| a.join(LOCK_FILE).is_file()) {
+        Some(run) => Ok(Some(take(run, false)?)),
+        None => Ok(None),
+    }
+}
+
 /// `dir` made absolute with its links resolved, through its nearest existing ancestor when it does
 /// not exist yet (the folder a run is about to create).
 fn canonical_to_be(dir: &Path) -> Option<PathBuf> {
