@@ -564,7 +564,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         tuna::trainer::baseline::parse_template(t)?;
                     }
                 } else {
-                    a.method_args.method(m)?;
+                    a.run.check_precision_method(&a.method_args.method(m)?)?;
                     a.method_args.check_for_task(m, &a.run.task)?;
                 }
                 if methods[..i].contains(m) {

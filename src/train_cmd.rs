@@ -458,7 +458,7 @@ pub struct RunArgs {
     /// mantissa bits, the sums in f32; what PyTorch calls allow_tf32). Off: f32 throughout.
     #[arg(long)]
     pub tf32: bool,
-    /// What the run computes in: f32, or bf16 mixed precision (CUDA, `tuna train`): bf16
+    /// What the run computes in: f32, or bf16 mixed precision (CUDA: train, profile, compare): bf16
     /// activations and frozen weights, f32 master weights, gradients and AdamW moments for what
     /// trains. The CPU computes in f32 (its bf16 frozen base is --base-precision bf16).
     #[arg(long, default_value = "f32", value_name = "f32|bf16")]
@@ -482,7 +482,7 @@ impl RunArgs {
         require(method != BASELINE, || {
             format!("--base-precision {bp}: {BASELINE} scores the f32 model and trains nothing (drop the flag, or the method)")
         })?;
-        require(!self.device.starts_with("cuda"), || {
+        require(!self.on_cuda()?, || {
             format!("--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32", self.device)
         })?;
         // q4 keeps a GGUF's blocks: a Hugging Face folder is refused before anything is created
@@ -538,6 +538,22 @@ impl RunArgs {
         })
     }
 
+    /// `--precision` against `method`: bf16 with full fine-tuning of some weights only is refused
+    /// (the weights a pattern leaves frozen are held in bf16 only: the exported model would carry
+    /// them rounded). `compare` asks for every method before the first one trains.
+    pub fn check_precision_method(&self, method: &Method) -> Result<()> {
+        match method {
+            Method::Full { patterns } => {
+                require(self.precision == tuna_trainer::Precision::F32 || patterns.is_empty(), || {
+                    "--precision bf16 with --train-patterns: the frozen weights would be exported rounded to bf16; \
+                     train every weight, or use a parameter-efficient method"
+                        .to_string()
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The trainer's settings for `method`.
     pub fn config(&self, method: Method, init_text: Option<String>) -> Result<TrainConfig> {
         let model = self.model.clone().context("--model is required")?;
@@ -547,15 +563,7 @@ impl RunArgs {
         let decay: Decay = self.decay.parse().map_err(|e| anyhow::anyhow!("--decay: {e}"))?;
         let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
         self.check_ranges(lr)?;
-        if let Method::Full { patterns } = &method {
-            // The weights a pattern leaves frozen are held in bf16 only: the exported model would
-            // carry them rounded.
-            require(self.precision == tuna_trainer::Precision::F32 || patterns.is_empty(), || {
-                "--precision bf16 with --train-patterns: the frozen weights would be exported rounded to bf16; \
-                 train every weight, or use a parameter-efficient method"
-                    .to_string()
-            })?;
-        }
+        self.check_precision_method(&method)?;
         let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
         let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
             (true, _, _) => OutMode::Resume,
@@ -615,19 +623,25 @@ impl RunArgs {
     /// refused by name before anything is written.
     pub fn check_precision_for(&self, what: &str) -> Result<()> {
         require(self.precision == tuna_trainer::Precision::F32, || {
-            format!(
-                "--precision bf16 is is CUDA's mixed precision for training; {what} trains nothing and scores in f32"
-            )
+            format!("--precision bf16 is CUDA's mixed precision for training; {what} trains nothing and scores in f32")
         })
+    }
+
+    /// Whether `--device` names a CUDA device (`cuda`, `cuda:N`, `gpu`, or `auto` where one is
+    /// found); an unknown device is the error naming it.
+    pub fn on_cuda(&self) -> Result<bool> {
+        let d = tuna_kernels::Device::parse(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        Ok(matches!(d, tuna_kernels::Device::Cuda(_)))
     }
 
     /// Every numeric flag in its range (`lr`: the learning rate in force, given or default).
     pub fn check_ranges(&self, lr: f64) -> Result<()> {
-        require(!self.tf32 || self.device.starts_with("cuda"), || {
+        let cuda = self.on_cuda()?;
+        require(!self.tf32 || cuda, || {
             format!("--tf32 applies to CUDA's matrix products; --device {} has no TF32", self.device)
         })?;
         let bf16 = self.precision == tuna_trainer::Precision::Bf16;
-        require(!bf16 || self.device.starts_with("cuda"), || {
+        require(!bf16 || cuda, || {
             format!(
                 "--precision bf16 is CUDA's mixed precision; --device {} computes in f32 (a bf16 frozen base on the \
                  CPU is --base-precision bf16)",

@@ -1073,5 +1073,11 @@ fn compare_in_bf16_trains_every_method_in_bf16() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("the prompt-engineered baseline trains nothing"), "{err}");
     assert!(!d.join("with-baseline").exists(), "a refused compare wrote its folder");
+    // Full fine-tuning of some weights only, in bf16: refused before LoRA (listed first) trains.
+    let a = [compare(&d.join("patterns"), "lora,full"), vec!["--train-patterns".into(), "layers.1".into()]].concat();
+    let o = tuna(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--precision bf16 with --train-patterns"), "{err}");
+    assert!(!d.join("patterns").exists(), "a refused compare wrote its folder");
     std::fs::remove_dir_all(&d).unwrap();
 }

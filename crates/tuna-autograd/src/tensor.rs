@@ -440,7 +440,7 @@ impl<B: Alloc<E> + 'static, E: Elem> Tensor<B, E> {
 impl<B: Kernels<E>, E: Float> Tensor<B, E> {
     /// The value of a one-element tensor (a loss) as f64. A loss op's output reports the mean it
     /// computed rounded once to `E::Acc` (the same bits as its element for f32 and f64; for bf16
-    /// the f32 mean, where the element itself is the bf16 rounding, 2^-7 apart near 3); any other
+    /// the f32 mean, where the element itself is the bf16 rounding, 2^-6 apart near 3); any other
     /// tensor reports its element. An error for a tensor that is not one element.
     pub fn value(&self) -> Result<f64> {
         if self.numel() != 1 {

@@ -281,7 +281,7 @@ fn ce_f64(logits: &[f32], vocab: usize) -> f64 {
 }
 
 /// A loss's `value()`: on a bf16 tape the f32 mean the op computed (the loss tensor's own bf16
-/// element is 2^-7 apart near 3), matching the f64 loss of the same bf16 logits to f32 accuracy;
+/// element is 2^-6 apart near 3), matching the f64 loss of the same bf16 logits to f32 accuracy;
 /// on an f32 tape exactly the tensor's element (what the trainer logged before). Both the unfused
 /// and the chunked fused cross-entropy. The f32 part runs anywhere; the bf16 part skips by name
 /// without CUDA.

@@ -454,7 +454,7 @@ fn run<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<()> {
         let t2 = Instant::now();
         opt.step()?;
         let t3 = Instant::now();
-        last_loss = loss.to_vec()?[0].to_f64() as f32;
+        last_loss = loss.value()? as f32;
         fwd += (t1 - t0).as_secs_f64();
         bwd += (t2 - t1).as_secs_f64();
         upd += (t3 - t2).as_secs_f64();

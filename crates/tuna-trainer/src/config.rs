@@ -47,7 +47,7 @@ pub struct TrainConfig {
     /// AdamW inside the backward: each trainable tensor updated, and its gradient freed, as soon
     /// as its gradient is complete (one pass per step, no global-norm clipping; the same numbers).
     pub update_in_backward: bool,
-    /// How the frozen weights of the blocks are held (f32, bf16, or int8 per output channel; CPU,
+    /// How the frozen weights of the blocks are held (f32, bf16, int8 with a scale per 64 weights, or q4; CPU,
     /// parameter-efficient methods): less memory, products on the packed weights.
     pub base_precision: tuna_models::model::BasePrecision,
     /// `--precision`: the element type the run computes in (f32; bf16 mixed precision on CUDA:

@@ -192,7 +192,10 @@ pub fn train_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &TrainConfig) -> 
         let out = training_step(&s, &mut opt, cfg, &batch, cfg.seed ^ (st.step << 8), lr)?;
         if !out.applied() {
             let bad = if out.loss.is_finite() { ("gradient norm", out.grad_norm) } else { ("training loss", out.loss) };
-            return Err(non_finite(st.step + 1, bad, &ckpts, cfg.update_in_backward));
+            // Inside the backward, a non-finite loss stops before any update; a non-finite gradient norm
+            // is found after some tensors were updated.
+            let updated = cfg.update_in_backward && bad.0 == "gradient norm";
+            return Err(non_finite(st.step + 1, bad, &ckpts, updated));
         }
         st.step += 1;
         crate::memory::trace(&format!("step {}", st.step));
@@ -512,7 +515,7 @@ enum LossValue<B: Backend<E>, E: RunFloat> {
     OnDevice(Tensor<B, E>),
 }
 
-/// A step's micro-batch losses and weights, still on the device.
+/// A step's micro-batch losses and weights (each known, or still on the device).
 pub(crate) struct PendingLoss<B: Backend<E>, E: RunFloat> {
     losses: Vec<(LossValue<B, E>, f64)>,
 }

@@ -112,8 +112,15 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
     if !matches!(cfg.method, Method::Prefix { .. } | Method::PTuningV2 { .. }) {
         out.insert("--prompt-init-text".into(), s(&cfg.prompt_init_text));
     }
+    if cfg.base_precision == tuna_models::model::BasePrecision::Int8 {
+        out.insert(INT8_SCALES.into(), "per 64 weights".into());
+    }
     out
 }
+
+/// How an int8 base is scaled, recorded for int8 runs since int8 took one scale per 64 weights;
+/// an int8 checkpoint without it was trained on per-row scales.
+const INT8_SCALES: &str = "int8 scales";
 
 /// `--tf32`: recorded as `on` or `off`.
 const TF32: &str = "--tf32";
@@ -160,6 +167,18 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     // The fingerprint samples the base as held, so a switched --base-precision would read as
     // another base model: name the flag instead (first). A checkpoint from before a flag was
     // recorded was made with its old default (an f32 base, TF32 off).
+    // An int8 run from before the group scales trained on weights this build cannot hold: say so
+    // (the base's fingerprint would call it another model).
+    let int8 =
+        |st: &State| st.settings.as_ref().is_some_and(|s| s.get("--base-precision").is_some_and(|p| p == "int8"));
+    if int8(&saved) && int8(now) && saved.settings.as_ref().is_some_and(|s| !s.contains_key(INT8_SCALES)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: trained on an int8 base with one scale per weight row, by a tuna from before int8 took one \
+             scale per 64 weights; this one cannot hold those weights, so the run cannot resume: start a new run \
+             (--overwrite or another --out), or finish it with the tuna that started it",
+            ck.dir.display()
+        )));
+    }
     // Every such flag that changed is named at once (following the advice for one must not meet
     // the refusal of the next).
     let (mut changed, mut with) = (Vec::new(), Vec::new());
@@ -170,6 +189,9 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
                 with.push(match (flag, old.as_str()) {
                     (TF32, "on") => format!("with {TF32}"),
                     (TF32, _) => format!("without {TF32}"),
+                    // Where each can run, so the advice can be followed as given.
+                    (PRECISION, "bf16") => format!("with {flag} {old} (on a CUDA device)"),
+                    ("--base-precision", p) if p != "f32" => format!("with {flag} {old} (on the CPU)"),
                     _ => format!("with {flag} {old}"),
                 });
                 changed.push(format!("{flag} was {old}, now {new}"));
@@ -178,19 +200,28 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     }
     if !changed.is_empty() {
         // The other recorded settings that changed too (checked after the base below otherwise).
+        // The same rules as below: `--steps` may change (not below the step reached), and
+        // `--warmup` with it.
         if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
+            let others = changed_settings(old, new);
+            let steps_changed = others.iter().any(|c| c.starts_with("--steps "));
             let free = |c: &String| {
-                LATER_SETTINGS
-                    .iter()
-                    .map(|(f, _)| *f)
-                    .chain([CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD, "--steps", "--warmup"])
-                    .any(|f| c.starts_with(&format!("{f} ")))
+                let mut flags = LATER_SETTINGS.iter().map(|(f, _)| *f).chain([
+                    CHECKPOINT_ACTIVATIONS,
+                    UPDATE_IN_BACKWARD,
+                    "--steps",
+                ]);
+                flags.any(|f| c.starts_with(&format!("{f} "))) || (steps_changed && c.starts_with("--warmup "))
             };
-            for c in changed_settings(old, new) {
+            for c in others {
                 if !free(&c) {
                     with.push(format!("with the same {}", c.split(" was ").next().unwrap_or(&c)));
                     changed.push(c);
                 }
+            }
+            if let Some(steps) = new.get("--steps").and_then(|s| s.parse::<u64>().ok()).filter(|&n| n < saved.step) {
+                changed.push(format!("--steps {steps} is below the step the run reached, {}", saved.step));
+                with.push(format!("with --steps {} or more", saved.step));
             }
         }
         return Err(TrainError::Invalid(format!(

@@ -175,6 +175,12 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
     // Every product of the chunks (logits, dh, dw) is this op's: its time and FLOPs land on the
     // `linear_cross_entropy` row of a profile, not on the inner ops'.
     let mut flops = 0.0f64;
+    // Every chunk's targets uploaded before the first product is queued: an upload from pageable
+    // host memory waits for the device's queued work, so one inside the loop would wait per chunk.
+    let chunk_targets = (0..valid)
+        .step_by(chunk)
+        .map(|r0| Ints::new(&dev, &[chunk.min(valid - r0)], &tg[r0..(r0 + chunk).min(valid)]))
+        .collect::<Result<Vec<_>>>()?;
     crate::stats::composite(|| {
         crate::graph::no_grad(|| -> Result<()> {
             let flat = reshape(&x, &[1, valid * hidden])?;
@@ -188,7 +194,7 @@ pub fn linear_cross_entropy<B: Kernels<E>, E: Float>(
                 let logits = matmul(&xc, w, MatmulParams::linear(c, vocab, hidden))?;
                 flops += MatmulParams::linear(c, vocab, hidden).flops();
                 let p = CeParams::new(c, vocab).with_ignore_index(ignore_index);
-                let t = Ints::new(&dev, &[c], &tg[r0..r0 + c])?;
+                let t = &chunk_targets[r0 / chunk];
                 let mut loss_rows = acc_zeros::<B, E>(&dev, c)?;
                 match (&dh, want_w) {
                     (None, false) => {

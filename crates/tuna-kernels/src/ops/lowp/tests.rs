@@ -52,9 +52,10 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[test]
 fn forward_within_the_documented_bound() {
     let mut rng = Rng::new(7);
-    // The last shape has more rows than one widened block (4 MiB / (2048 * 4) = 512), so three
-    // blocks run; the others are one block, with odd sizes for the microkernels' edges.
-    for &(m, out, inp) in &[(1, 1, 1), (5, 7, 3), (33, 65, 47), (64, 96, 384), (3, 1100, 2048)] {
+    // The last two shapes have more rows than one widened block (4 MiB / (2048 * 4) = 512), so
+    // three blocks run, the last with a partial int8 group (2085 = 32 x 64 + 37) in blocks that
+    // start past row 0; the others are one block, with odd sizes for the microkernels' edges.
+    for &(m, out, inp) in &[(1, 1, 1), (5, 7, 3), (33, 65, 47), (64, 96, 384), (3, 1100, 2048), (3, 1100, 2085)] {
         let x = rand(&mut rng, m * inp, 1.0);
         let w = rand(&mut rng, out * inp, 0.2);
         for p in [BasePrecision::Bf16, BasePrecision::Int8] {
@@ -79,7 +80,7 @@ fn forward_within_the_documented_bound() {
 #[test]
 fn backward_accumulates_within_the_bound() {
     let mut rng = Rng::new(11);
-    for &(m, out, inp) in &[(1, 1, 1), (9, 13, 5), (40, 70, 33), (3, 1100, 2048)] {
+    for &(m, out, inp) in &[(1, 1, 1), (9, 13, 5), (40, 70, 33), (3, 1100, 2048), (3, 1100, 2085)] {
         let dy = rand(&mut rng, m * out, 1.0);
         let w = rand(&mut rng, out * inp, 0.2);
         let before = rand(&mut rng, m * inp, 1.0);
@@ -89,9 +90,13 @@ fn backward_accumulates_within_the_bound() {
             let pw = PackedWeight::pack("w", &w, out, inp, false, p).unwrap();
             let mut dx = before.clone();
             LowpKernel::<f32>::lowp_linear_bwd(&Cpu, &pw, m, &dy, &mut dx).unwrap();
-            // The bound for int8 is per weight row (output channel), which is the contraction
-            // here: use the largest row's amax for every term.
-            let amax = w.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+            // The bound for int8 is per group of INT8_GROUP inputs of a weight row: w[o, k]'s
+            // error is at most its group's amax / 254 (the contraction here runs over o).
+            let g = super::INT8_GROUP;
+            let amax = |o: usize, k: usize| {
+                let g0 = k / g * g;
+                w[o * inp + g0..o * inp + (g0 + g).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
+            };
             for r in 0..m {
                 for k in 0..inp {
                     let (mut acc, mut b) = (before[r * inp + k] as f64, 1e-30);
@@ -101,7 +106,7 @@ fn backward_accumulates_within_the_bound() {
                         b += g.abs()
                             * match p {
                                 BasePrecision::Bf16 => wv.abs() / 256.0,
-                                _ => amax / 254.0,
+                                _ => amax(o, k) / 254.0,
                             }
                             + (g * wv).abs() * 4.0 * out as f64 * f32::EPSILON as f64;
                     }
