@@ -34,14 +34,22 @@ fn gradcheck_f64() {
     let bias = param(&mut rng, "bias", &[4], 0.5);
     let r = constant(&mut rng, &[2, 3, 4], 1.0);
     let g = Activation::GeluTanh;
-    let f = |w: &Tensor<Cpu, f64>, layout, b: Option<&Tensor<Cpu, f64>>| weighted_sum(&linear_act(&x, w, layout, b, g)?, &r);
+    let f = |w: &Tensor<Cpu, f64>, layout, b: Option<&Tensor<Cpu, f64>>| {
+        weighted_sum(&linear_act(&x, w, layout, b, g)?, &r)
+    };
     check(&[&x, &w_oi, &bias], || f(&w_oi, WeightLayout::OutIn, Some(&bias)), 1e-5, GRAD_TOL, 30).unwrap();
     check(&[&x, &w_io, &bias], || f(&w_io, WeightLayout::InOut, Some(&bias)), 1e-5, GRAD_TOL, 30).unwrap();
     check(&[&x, &w_io], || f(&w_io, WeightLayout::InOut, None), 1e-5, GRAD_TOL, 30).unwrap();
     // frozen weight and input: only the bias trains; frozen weight: only x
     let (xc, wc) = (constant(&mut rng, &[2, 3, 5], 1.0), constant(&mut rng, &[5, 4], 0.7));
-    check(&[&bias], || weighted_sum(&linear_act(&xc, &wc, WeightLayout::InOut, Some(&bias), g)?, &r), 1e-5, GRAD_TOL, 30)
-        .unwrap();
+    check(
+        &[&bias],
+        || weighted_sum(&linear_act(&xc, &wc, WeightLayout::InOut, Some(&bias), g)?, &r),
+        1e-5,
+        GRAD_TOL,
+        30,
+    )
+    .unwrap();
     check(&[&x], || weighted_sum(&linear_act(&x, &wc, WeightLayout::InOut, Some(&bias), g)?, &r), 1e-5, GRAD_TOL, 30)
         .unwrap();
 }

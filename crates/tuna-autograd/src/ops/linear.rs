@@ -138,16 +138,21 @@ pub fn linear_act<B: Kernels<E>, E: Float>(
             if let Some(cx) = &cx {
                 launched("linear.dX");
                 crate::stats::flops(kind, true, p.flops());
-                cx.accumulate(&dev, |dx| Ok(dev.matmul_bwd(&p, None, wb.as_deref(), B::buf(&dpre), Some(dx), None)?))?;
+                cx.accumulate(&dev, |dx| {
+                    Ok(dev.matmul_bwd(&p, None, wb.as_deref(), B::buf(&dpre), Some(dx), None)?)
+                })?;
             }
             if let Some(cw) = &cw {
                 launched("linear.dW");
                 crate::stats::flops(kind, true, p.flops());
-                cw.accumulate_acc(&dev, |dw| Ok(dev.matmul_bwd(&p, xb.as_deref(), None, B::buf(&dpre), None, Some(dw))?))?;
+                cw.accumulate_acc(&dev, |dw| {
+                    Ok(dev.matmul_bwd(&p, xb.as_deref(), None, B::buf(&dpre), None, Some(dw))?)
+                })?;
             }
             if let Some(cbias) = &cbias {
                 launched("add_bias.bwd_bias");
-                cbias.accumulate_acc(&dev, |db| Ok(ElementwiseKernel::<E>::bias_grad(&*dev, &bp, B::buf(&dpre), db)?))?;
+                cbias
+                    .accumulate_acc(&dev, |db| Ok(ElementwiseKernel::<E>::bias_grad(&*dev, &bp, B::buf(&dpre), db)?))?;
             }
             Ok(())
         })

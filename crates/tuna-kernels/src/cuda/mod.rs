@@ -207,7 +207,14 @@ impl Cuda {
         // sm_80: 163 KiB, sm_86/89: 99 KiB, sm_90: 227 KiB; 48 KiB where the driver will not say.
         let optin = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let max_dyn_smem = ctx.attribute(optin).map_or(DEFAULT_DYN_SMEM, |b| (b.max(0) as u32).max(DEFAULT_DYN_SMEM));
-        let real = Real { ctx, stream, modules: Mutex::default(), functions: Mutex::default(), blas: OnceLock::new(), lt: OnceLock::new() };
+        let real = Real {
+            ctx,
+            stream,
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+            blas: OnceLock::new(),
+            lt: OnceLock::new(),
+        };
         Ok(Cuda {
             ordinal,
             arch: (ma * 10 + mi) as u32,

@@ -47,8 +47,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use tuna_autograd::ops::act::{gelu, GeluKind};
 use tuna_autograd::ops::attention::Prefix;
-use tuna_autograd::ops::linear::{linear_act, Activation};
 use tuna_autograd::ops::embed::{embedding, Prompt};
+use tuna_autograd::ops::linear::{linear_act, Activation};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
 use tuna_kernels::rng::SplitMix64;
@@ -343,7 +343,12 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
     /// GELU-tanh on the fused kernel) where nothing adapts the layer's output: no LoRA on `lin`,
     /// not a mixed-adapter batch, the weight not packed (`--base-precision`), and the tanh GELU
     /// (the only one with an epilogue). Otherwise the two ops, as before.
-    pub fn linear_gelu(&self, lin: &crate::linear::Linear<B, E>, x: &Tensor<B, E>, kind: GeluKind) -> Result<Tensor<B, E>> {
+    pub fn linear_gelu(
+        &self,
+        lin: &crate::linear::Linear<B, E>,
+        x: &Tensor<B, E>,
+        kind: GeluKind,
+    ) -> Result<Tensor<B, E>> {
         let plain = kind == GeluKind::Tanh
             && self.routing_rows().is_none()
             && !self.lora.contains_key(&lin.name)

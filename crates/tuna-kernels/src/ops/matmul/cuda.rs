@@ -339,12 +339,23 @@ impl Cuda {
         let dt = lt_dtype::<E>();
         // D^T = A' B' with A' = op(b) read as [n, k] and B' = op(a) read as [k, m].
         let (wa, wb) = (lt_layout(p.view_b()), lt_layout(p.view_a()));
-        let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T as i32 } else { cb::cublasOperation_t::CUBLAS_OP_N as i32 };
+        let op = |t: bool| {
+            if t {
+                cb::cublasOperation_t::CUBLAS_OP_T as i32
+            } else {
+                cb::cublasOperation_t::CUBLAS_OP_N as i32
+            }
+        };
         use lts::cublasLtMatmulDescAttributes_t as D;
-        let desc = Guard(lt::create_matmul_desc(compute, lts::cudaDataType::CUDA_R_32F).map_err(failed("cublasLtMatmulDescCreate"))?, lt::destroy_matmul_desc);
+        let desc = Guard(
+            lt::create_matmul_desc(compute, lts::cudaDataType::CUDA_R_32F)
+                .map_err(failed("cublasLtMatmulDescCreate"))?,
+            lt::destroy_matmul_desc,
+        );
         // SAFETY: each attribute is given a value of the type and size cuBLASLt documents for it
         // (int32 ops, uint32 epilogue, pointers, int32 data type, int64 ld).
-        let set = |attr: D, v: *const c_void, size: usize| unsafe { lt::set_matmul_desc_attribute(desc.0, attr, v, size) };
+        let set =
+            |attr: D, v: *const c_void, size: usize| unsafe { lt::set_matmul_desc_attribute(desc.0, attr, v, size) };
         let (ta, tb, epi) = (op(wa.3), op(wb.3), epilogue as u32);
         set(D::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as *const c_void, 4).map_err(failed("TRANSA"))?;
         set(D::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as *const c_void, 4).map_err(failed("TRANSB"))?;
@@ -353,21 +364,34 @@ impl Cuda {
             let ptr = *q as *const c_void;
             // The bias's type is D's (bf16 for a bf16 product): set explicitly, not left to the default.
             let bt = dt as i32;
-            set(D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr as *const *const c_void as *const c_void, std::mem::size_of::<*const c_void>())
-                .map_err(failed("BIAS_POINTER"))?;
-            set(D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt as *const i32 as *const c_void, 4).map_err(failed("BIAS_DATA_TYPE"))?;
+            set(
+                D::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &ptr as *const *const c_void as *const c_void,
+                std::mem::size_of::<*const c_void>(),
+            )
+            .map_err(failed("BIAS_POINTER"))?;
+            set(D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt as *const i32 as *const c_void, 4)
+                .map_err(failed("BIAS_DATA_TYPE"))?;
         }
         if let Some((q, _)) = &aux_ptr {
             let (ptr, ld) = (*q as *mut c_void, n as i64);
-            set(D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &ptr as *const *mut c_void as *const c_void, std::mem::size_of::<*mut c_void>())
-                .map_err(failed("EPILOGUE_AUX_POINTER"))?;
-            set(D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld as *const i64 as *const c_void, 8).map_err(failed("EPILOGUE_AUX_LD"))?;
+            set(
+                D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                &ptr as *const *mut c_void as *const c_void,
+                std::mem::size_of::<*mut c_void>(),
+            )
+            .map_err(failed("EPILOGUE_AUX_POINTER"))?;
+            set(D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld as *const i64 as *const c_void, 8)
+                .map_err(failed("EPILOGUE_AUX_LD"))?;
         }
         let layout = |(r, c, ld, _): (u64, u64, i64, bool)| {
-            lt::create_matrix_layout(dt, r, c, ld).map(|l| Guard(l, lt::destroy_matrix_layout)).map_err(failed("cublasLtMatrixLayoutCreate"))
+            lt::create_matrix_layout(dt, r, c, ld)
+                .map(|l| Guard(l, lt::destroy_matrix_layout))
+                .map_err(failed("cublasLtMatrixLayoutCreate"))
         };
         let (la, lb, ld) = (layout(wa)?, layout(wb)?, layout((n as u64, m as u64, n as i64, false))?);
-        let pref = Guard(lt::create_matmul_pref().map_err(failed("cublasLtMatmulPreferenceCreate"))?, lt::destroy_matmul_pref);
+        let pref =
+            Guard(lt::create_matmul_pref().map_err(failed("cublasLtMatmulPreferenceCreate"))?, lt::destroy_matmul_pref);
         let ws_bytes = crate::cuda::LT_WORKSPACE as u64;
         // SAFETY: a uint64 attribute, its size.
         unsafe {

@@ -171,9 +171,15 @@ pub(crate) fn check_epilogue(
     aux: Option<usize>,
 ) -> Result<()> {
     let (mn, n) = (p.m * p.n, p.n);
-    check_lens(p, [("a", Some(a), p.m * p.k), ("b", Some(b), p.k * p.n), ("y", Some(y), mn), ("bias", bias, n), ("aux", aux, mn)])?;
+    check_lens(
+        p,
+        [("a", Some(a), p.m * p.k), ("b", Some(b), p.k * p.n), ("y", Some(y), mn), ("bias", bias, n), ("aux", aux, mn)],
+    )?;
     if p.accumulate {
-        return Err(Error::Invalid { op: "matmul", msg: "the fused epilogue overwrites y: accumulate must be false".into() });
+        return Err(Error::Invalid {
+            op: "matmul",
+            msg: "the fused epilogue overwrites y: accumulate must be false".into(),
+        });
     }
     if aux.is_some() && act == Activation::None {
         return Err(Error::Invalid { op: "matmul", msg: "aux is the pre-activation: it needs an activation".into() });

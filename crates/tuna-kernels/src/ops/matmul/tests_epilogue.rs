@@ -17,7 +17,13 @@ const SHAPES: [(usize, usize, usize); 4] = [(1, 24, 13), (5, 20, 17), (37, 520, 
 const ACTS: [Activation; 2] = [Activation::None, Activation::GeluTanh];
 
 /// The unfused CPU ops in turn: `pre = op(a) op(b) (+ bias)`, `y = act(pre)`.
-fn unfused<F: CpuFloat<Acc = F>>(p: &MatmulParams, act: Activation, a: &[F], b: &[F], bias: Option<&[F]>) -> (Vec<F>, Vec<F>)
+fn unfused<F: CpuFloat<Acc = F>>(
+    p: &MatmulParams,
+    act: Activation,
+    a: &[F],
+    b: &[F],
+    bias: Option<&[F]>,
+) -> (Vec<F>, Vec<F>)
 where
     Cpu: MatmulKernel<F> + ElementwiseKernel<F> + GeluKernel<F>,
 {
@@ -51,7 +57,8 @@ where
     for (m, n, k) in SHAPES {
         for tb in [false, true] {
             let p = MatmulParams { trans_b: tb, ..MatmulParams::new(m, n, k) };
-            let (a, b, bias) = (conv(&rng.vec(m * k, -2.0, 2.0)), conv(&rng.vec(k * n, -1.0, 1.0)), conv(&rng.vec(n, -1.0, 1.0)));
+            let (a, b, bias) =
+                (conv(&rng.vec(m * k, -2.0, 2.0)), conv(&rng.vec(k * n, -1.0, 1.0)), conv(&rng.vec(n, -1.0, 1.0)));
             for act in ACTS {
                 for with_bias in [false, true] {
                     let bias = with_bias.then_some(&bias[..]);
@@ -90,9 +97,11 @@ fn cpu_f64_matches_formula() {
     let gelu = |x: f64| 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh());
     for (m, n, k) in SHAPES {
         let p = MatmulParams::linear(m, n, k); // w [n, k]
-        let (a, w, bias) = (to_f64(&rng.vec(m * k, -2.0, 2.0)), to_f64(&rng.vec(n * k, -1.0, 1.0)), to_f64(&rng.vec(n, -1.0, 1.0)));
-        let pre: Vec<f64> =
-            (0..m * n).map(|i| (0..k).map(|l| a[i / n * k + l] * w[i % n * k + l]).sum::<f64>() + bias[i % n]).collect();
+        let (a, w, bias) =
+            (to_f64(&rng.vec(m * k, -2.0, 2.0)), to_f64(&rng.vec(n * k, -1.0, 1.0)), to_f64(&rng.vec(n, -1.0, 1.0)));
+        let pre: Vec<f64> = (0..m * n)
+            .map(|i| (0..k).map(|l| a[i / n * k + l] * w[i % n * k + l]).sum::<f64>() + bias[i % n])
+            .collect();
         let (mut y, mut aux) = (vec![0.0; m * n], vec![0.0; m * n]);
         Cpu.matmul_epilogue_fwd(&p, Activation::GeluTanh, &a, &w, Some(&bias), &mut y, Some(&mut aux)).unwrap();
         Tol::F64.assert_close("fused f64 aux", &aux, &pre);
@@ -134,8 +143,10 @@ fn cuda_matches_cpu() {
                         let what = format!("{m}x{n}x{k} tb={tb} {act:?} bias={with_bias} forced={forced}");
                         let want_aux = act != Activation::None;
                         // f32
-                        let (ad, bd, biasd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&bias).unwrap());
-                        let (mut yd, mut auxd) = (dev.upload(&vec![7.0f32; m * n]).unwrap(), dev.zeros::<f32>(m * n).unwrap());
+                        let (ad, bd, biasd) =
+                            (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&bias).unwrap());
+                        let (mut yd, mut auxd) =
+                            (dev.upload(&vec![7.0f32; m * n]).unwrap(), dev.zeros::<f32>(m * n).unwrap());
                         let biasd = with_bias.then_some(&biasd);
                         MatmulKernel::<f32>::matmul_epilogue_fwd(
                             &*dev,
@@ -154,7 +165,11 @@ fn cuda_matches_cpu() {
                             Tol::CUDA_F32.assert_close(&format!("{what} f32 aux"), &dev.download(&auxd).unwrap(), &pre);
                         }
                         // bf16
-                        let (ab, bb, biasb) = (dev.upload(&tb16(&a)).unwrap(), dev.upload(&tb16(&b)).unwrap(), dev.upload(&tb16(&bias)).unwrap());
+                        let (ab, bb, biasb) = (
+                            dev.upload(&tb16(&a)).unwrap(),
+                            dev.upload(&tb16(&b)).unwrap(),
+                            dev.upload(&tb16(&bias)).unwrap(),
+                        );
                         let (mut yb, mut auxb) = (dev.zeros::<bf16>(m * n).unwrap(), dev.zeros::<bf16>(m * n).unwrap());
                         let biasb = with_bias.then_some(&biasb);
                         <Cuda as MatmulKernel<bf16>>::matmul_epilogue_fwd(
@@ -200,11 +215,21 @@ fn cuda_emulated_epilogue_rounds_once() {
     let tb16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
     let bias: Vec<f32> = (1..=8).map(|j| 0.5 + j as f32 * 2f32.powi(-8)).collect();
     assert_eq!(round_bf16(&bias), bias);
-    let (ad, wd, biasd) = (dev.upload(&tb16(&[1.0])).unwrap(), dev.upload(&tb16(&[1.0; 8])).unwrap(), dev.upload(&tb16(&bias)).unwrap());
+    let (ad, wd, biasd) =
+        (dev.upload(&tb16(&[1.0])).unwrap(), dev.upload(&tb16(&[1.0; 8])).unwrap(), dev.upload(&tb16(&bias)).unwrap());
     let mut yd = dev.zeros::<bf16>(8).unwrap();
     force_epilogue_fallback(false);
-    <Cuda as MatmulKernel<bf16>>::matmul_epilogue_fwd(&dev, &p, Activation::GeluTanh, &ad, &wd, Some(&biasd), &mut yd, None)
-        .unwrap();
+    <Cuda as MatmulKernel<bf16>>::matmul_epilogue_fwd(
+        &dev,
+        &p,
+        Activation::GeluTanh,
+        &ad,
+        &wd,
+        Some(&biasd),
+        &mut yd,
+        None,
+    )
+    .unwrap();
     assert_eq!(last_epilogue_path(), Some(EpiloguePath::Emulated));
     let y = dev.download(&yd).unwrap();
     let c = (2.0f32 / std::f32::consts::PI).sqrt();
@@ -240,10 +265,28 @@ fn checks_name_the_buffer() {
     if let Some(dev) = cuda_or_skip("matmul::epilogue checks_name_the_buffer (cuda)") {
         let (ad, bd, biasd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap(), dev.upload(&bias[..7]).unwrap());
         let mut yd = dev.zeros::<f32>(16).unwrap();
-        let e = err(MatmulKernel::<f32>::matmul_epilogue_fwd(&*dev, &p, Activation::GeluTanh, &ad, &bd, Some(&biasd), &mut yd, None));
+        let e = err(MatmulKernel::<f32>::matmul_epilogue_fwd(
+            &*dev,
+            &p,
+            Activation::GeluTanh,
+            &ad,
+            &bd,
+            Some(&biasd),
+            &mut yd,
+            None,
+        ));
         assert!(e.contains("`bias`"), "cuda: {e}");
         let mut auxd = dev.zeros::<f32>(15).unwrap();
-        let e = err(MatmulKernel::<f32>::matmul_epilogue_fwd(&*dev, &p, Activation::GeluTanh, &ad, &bd, None, &mut yd, Some(&mut auxd)));
+        let e = err(MatmulKernel::<f32>::matmul_epilogue_fwd(
+            &*dev,
+            &p,
+            Activation::GeluTanh,
+            &ad,
+            &bd,
+            None,
+            &mut yd,
+            Some(&mut auxd),
+        ));
         assert!(e.contains("`aux`"), "cuda: {e}");
     }
 }
