@@ -5,6 +5,7 @@
 
 use tuna_kernels::ops::elementwise::{BiasParams, ElementwiseKernel};
 use tuna_kernels::ops::gelu::{GeluKernel, GeluKind};
+use tuna_kernels::ops::matmul::bench::cpu_epilogue_f32;
 use tuna_kernels::ops::matmul::{Activation, MatmulKernel, MatmulParams};
 use tuna_kernels::testing::{cpu_model, Rng};
 use tuna_kernels::Cpu;
@@ -50,4 +51,25 @@ fn main() {
     let fused =
         best_of_5(|| Cpu.matmul_epilogue_fwd(&p, Activation::GeluTanh, &x, &w, Some(&b), &mut y, None).unwrap());
     println!("| fused, no aux (inference) | {fused:.2} |");
+    // The epilogue alone, on the product computed once (each run first restores it: the same copy
+    // on both sides).
+    Cpu.matmul_fwd(&p, &x, &w, &mut pre).unwrap();
+    let prod = pre.clone();
+    let mut aux = vec![0.0f32; m * n];
+    let passes = best_of_5(|| {
+        pre.copy_from_slice(&prod);
+        Cpu.add_bias_inplace(&bp, &b, &mut pre).unwrap();
+        Cpu.gelu_fwd(GeluKind::Tanh, &pre, &mut y).unwrap();
+    });
+    println!("| epilogue only: add_bias_inplace + gelu_fwd passes | {passes:.2} |");
+    let one = best_of_5(|| {
+        y.copy_from_slice(&prod);
+        cpu_epilogue_f32(n, Activation::GeluTanh, Some(&b), &mut y, Some(&mut aux));
+    });
+    println!("| epilogue only: fused pass, with aux | {one:.2} |");
+    let one_noaux = best_of_5(|| {
+        y.copy_from_slice(&prod);
+        cpu_epilogue_f32(n, Activation::GeluTanh, Some(&b), &mut y, None);
+    });
+    println!("| epilogue only: fused pass, no aux | {one_noaux:.2} |");
 }

@@ -70,15 +70,26 @@ fn add_bias_run<F: CpuFloat>(start: usize, n: usize, bias: &[F], c: &mut [F]) {
     }
 }
 
+/// Elements per block of the epilogue inside one GELU chunk: a multiple of 8 (the f32 GELU's vector
+/// width, so the vector/scalar split, and the bits, are the chunk's), small enough for L1.
+const SUB: usize = 2048;
+
 /// The fused forward's epilogue over the product in `y` (`[m, n]`, `n` columns): in one parallel
-/// pass over blocks of [`CPU_CHUNK`] elements (the GELU kernel's own chunks, so the same bits as
-/// `add_bias_inplace` then `gelu_fwd`), add the bias, keep the pre-activation in `aux` when given,
-/// and apply `act` in place.
+/// pass over [`CPU_CHUNK`]-element chunks (the GELU kernel's own), each in L1-sized blocks, add the
+/// bias, keep the pre-activation in `aux` when given, and apply `act`. The same bits as
+/// `add_bias_inplace` then `gelu_fwd`: every block but a chunk's last is a multiple of 8 long, so
+/// the f32 GELU's vector/scalar split falls where the kernel's one call per chunk puts it.
 pub(crate) fn epilogue<F: CpuFloat>(n: usize, act: Activation, bias: Option<&[F]>, y: &mut [F], aux: Option<&mut [F]>) {
     let add = |start: usize, c: &mut [F]| {
         if let Some(bias) = bias {
             add_bias_run(start, n, bias, c)
         }
+    };
+    // One block at flat offset `start`: `pre = y + bias`, `y = gelu(pre)`.
+    let block = |start: usize, yb: &mut [F], pre: &mut [F]| {
+        pre.copy_from_slice(yb);
+        add(start, pre);
+        cpu_fwd_chunk(GeluKind::Tanh, pre, yb);
     };
     match (act, aux) {
         (Activation::None, _) => {
@@ -88,19 +99,19 @@ pub(crate) fn epilogue<F: CpuFloat>(n: usize, act: Activation, bias: Option<&[F]
         }
         (Activation::GeluTanh, Some(aux)) => {
             y.par_chunks_mut(CPU_CHUNK).zip(aux.par_chunks_mut(CPU_CHUNK)).enumerate().for_each(|(i, (yc, pre))| {
-                pre.copy_from_slice(yc);
-                add(i * CPU_CHUNK, pre);
-                cpu_fwd_chunk(GeluKind::Tanh, pre, yc);
+                for (b, (yb, pb)) in yc.chunks_mut(SUB).zip(pre.chunks_mut(SUB)).enumerate() {
+                    block(i * CPU_CHUNK + b * SUB, yb, pb);
+                }
             })
         }
-        (Activation::GeluTanh, None) => {
-            y.par_chunks_mut(CPU_CHUNK).enumerate().for_each_init(Vec::new, |pre, (i, yc)| {
-                pre.clear();
-                pre.extend_from_slice(yc);
-                add(i * CPU_CHUNK, pre);
-                cpu_fwd_chunk(GeluKind::Tanh, pre, yc);
-            })
-        }
+        (Activation::GeluTanh, None) => y.par_chunks_mut(CPU_CHUNK).enumerate().for_each_init(
+            || vec![F::zero(); SUB],
+            |scratch, (i, yc)| {
+                for (b, yb) in yc.chunks_mut(SUB).enumerate() {
+                    block(i * CPU_CHUNK + b * SUB, yb, &mut scratch[..yb.len()]);
+                }
+            },
+        ),
     }
 }
 

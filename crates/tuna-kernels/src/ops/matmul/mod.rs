@@ -15,6 +15,21 @@ mod tests_epilogue;
 
 pub use cuda::{force_epilogue_fallback, last_epilogue_path, EpiloguePath};
 
+/// Benchmark hook: the CPU fused forward's epilogue alone, over a product already in `y`
+/// (`[rows, n]`): bias, `aux` (the pre-activation) when given, activation.
+#[doc(hidden)]
+pub mod bench {
+    pub fn cpu_epilogue_f32(
+        n: usize,
+        act: super::Activation,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        aux: Option<&mut [f32]>,
+    ) {
+        super::cpu::epilogue(n, act, bias, y, aux)
+    }
+}
+
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};
 
