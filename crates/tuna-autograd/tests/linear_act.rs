@@ -77,7 +77,7 @@ fn run<B: Kernels<E>, E: Float>(
         gelu(&linear(&x, &w, layout, Some(&b)).unwrap(), GeluKind::Tanh).unwrap()
     };
     weighted_sum(&y, &r).unwrap().backward().unwrap();
-    let acc = |v: Vec<E::Acc>| v.into_iter().map(|a| tuna_kernels::Elem::to_f32(a)).collect::<Vec<f32>>();
+    let acc = |v: Vec<E::Acc>| v.into_iter().map(tuna_kernels::Elem::to_f32).collect::<Vec<f32>>();
     let grads = [&x, &w, &b].iter().map(|t| acc(t.grad().unwrap().unwrap())).collect();
     (y.to_vec().unwrap().into_iter().map(|a| a.to_f32()).collect(), grads)
 }

@@ -148,7 +148,7 @@ struct Real {
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: OnceLock<Result<cudarc::cublas::CudaBlas, String>>,
     /// cuBLASLt and its workspace, created at the first fused product (`ops::matmul`).
-    lt: OnceLock<Result<LtState, String>>,
+    lt: OnceLock<Result<Box<LtState>, String>>,
 }
 
 /// A cuBLASLt handle and the workspace its matmuls may use (one per device, [`LT_WORKSPACE`]
@@ -327,9 +327,10 @@ impl Cuda {
                         return Err(format!("cuBLASLt workspace: {e:?}"));
                     }
                 };
-                Ok(LtState { handle, workspace: Mutex::new(workspace), _stream: real.stream.clone() })
+                Ok(Box::new(LtState { handle, workspace: Mutex::new(workspace), _stream: real.stream.clone() }))
             })
             .as_ref()
+            .map(|b| &**b)
             .map_err(|e| Error::Cuda { context: "cuBLASLt".into(), msg: e.clone() })
     }
 
