@@ -3,6 +3,11 @@
 //! track the CPU closely). On the emulated device the same product runs on the CPU in f32 (the
 //! operands widened, TF32 operands rounded to 10 mantissa bits first, the result rounded to the
 //! output type once, as cuBLAS does).
+//!
+//! The fused forward (`matmul_epilogue_fwd`) calls `cublasLtMatmul` with a bias / GELU epilogue;
+//! a call cuBLASLt's rules exclude takes the unfused path (`cublasGemmEx`, then the bias and GELU
+//! kernels), and so does every call after any cuBLASLt error in the process. That cuBLASLt call
+//! has not run on a GPU: only the emulated device's semantics and the fallback are tested.
 
 use super::{check, check_bwd, check_epilogue, pick, Activation, MatmulKernel, MatmulParams, View};
 use crate::backend::Elem;

@@ -5,6 +5,11 @@
 //! stored `[k, n]`, or `[n, k]` when `trans_b` (a Hugging Face `nn.Linear` weight `[out, in]` is
 //! `trans_b`; GPT-2's Conv1D `[in, out]` is not). The backward computes only the gradients asked
 //! for, so a frozen weight costs no `dW` product.
+//!
+//! [`MatmulKernel::matmul_epilogue_fwd`] is the forward with a fused epilogue, `act(op(A) op(B) +
+//! bias)` (act none or GELU-tanh, the pre-activation kept when asked): CPU the GEMM and one pass;
+//! CUDA cuBLASLt's bias / GELU-aux-bias epilogues, falling back to `cublasGemmEx` and the bias and
+//! GELU kernels ([`last_epilogue_path`]).
 
 mod cpu;
 mod cuda;
