@@ -19,7 +19,7 @@ use crate::linear::Linear;
 use crate::params::Loader;
 use std::sync::Arc;
 use tuna_autograd::checkpoint;
-use tuna_autograd::ops::act::{gelu, GeluKind};
+use tuna_autograd::ops::act::GeluKind;
 use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::embed::embedding;
@@ -129,7 +129,8 @@ impl<B: Kernels<E>, E: Float> Gpt2Block<B, E> {
         let a = attention(&split(0)?, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = ad.linear(&self.attn_proj, &reshape(&a, &[b, t, c])?)?;
         let x = add(x, &ad.sublayer(l, false, a)?)?;
-        let f = gelu(&ad.linear(&self.c_fc, &self.ln_2.apply(&x, eps)?)?, GeluKind::Tanh)?;
+        // One fused op (product, bias, GELU) unless an adapter acts on c_fc (see `linear_gelu`).
+        let f = ad.linear_gelu(&self.c_fc, &self.ln_2.apply(&x, eps)?, GeluKind::Tanh)?;
         Ok(add(&x, &ad.sublayer(l, true, ad.linear(&self.mlp_proj, &f)?)?)?)
     }
 }

@@ -3,10 +3,11 @@
 
 use super::{zeros, Kernels};
 use crate::error::{Error, Result};
-use crate::graph::{launched, output, Saved};
+use crate::graph::{launched, output, recording, Saved, SavedBuf};
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::elementwise::{BiasParams, ElementwiseKernel};
-pub use tuna_kernels::ops::matmul::MatmulParams;
+use tuna_kernels::ops::gelu::GeluKind;
+pub use tuna_kernels::ops::matmul::{Activation, MatmulParams};
 
 /// How a linear layer's weight is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,17 @@ pub fn linear<B: Kernels<E>, E: Float>(
     layout: WeightLayout,
     bias: Option<&Tensor<B, E>>,
 ) -> Result<Tensor<B, E>> {
+    let (p, shape) = linear_params(x, w, layout, bias)?;
+    product(x, w, bias, p, shape, ("linear.dX", "linear.dW"))
+}
+
+/// The product's parameters and output shape for `linear(x, w, layout, bias)`, after its checks.
+fn linear_params<B: Kernels<E>, E: Float>(
+    x: &Tensor<B, E>,
+    w: &Tensor<B, E>,
+    layout: WeightLayout,
+    bias: Option<&Tensor<B, E>>,
+) -> Result<(MatmulParams, Vec<usize>)> {
     let [r, c] = *w.shape() else {
         return Err(Error::Shape { op: "linear", what: "weight must be 2-D", left: w.shape().to_vec(), right: vec![] });
     };
@@ -66,7 +78,85 @@ pub fn linear<B: Kernels<E>, E: Float>(
             });
         }
     }
-    product(x, w, bias, p, shape, ("linear.dX", "linear.dW"))
+    Ok((p, shape))
+}
+
+/// `act(x W^T + bias)`: [`linear`] and the activation in one op on the fused kernel
+/// (`matmul_epilogue_fwd`: on the CPU the GEMM and one pass adding the bias and applying GELU, the
+/// same bits as `linear` then `gelu`; on CUDA a cuBLASLt epilogue, or its fallback). With
+/// [`Activation::GeluTanh`] the op is `gelu(linear(x, w, layout, bias), GeluKind::Tanh)`, and while
+/// recording it keeps the pre-activation for its backward (as the unfused pair keeps `gelu`'s
+/// input); the backward is `d_pre = dy * gelu'(pre)` (the GELU backward kernel), then `linear`'s.
+/// Profile kind `linear+gelu` (flops the product's); backward kinds `gelu.bwd`, `linear.dX`,
+/// `linear.dW`, `add_bias.bwd_bias`, as the unfused pair. With [`Activation::None`] it is `linear`.
+pub fn linear_act<B: Kernels<E>, E: Float>(
+    x: &Tensor<B, E>,
+    w: &Tensor<B, E>,
+    layout: WeightLayout,
+    bias: Option<&Tensor<B, E>>,
+    act: Activation,
+) -> Result<Tensor<B, E>> {
+    let (p, shape) = linear_params(x, w, layout, bias)?;
+    if act == Activation::None {
+        return product(x, w, bias, p, shape, ("linear.dX", "linear.dW"));
+    }
+    let kind = "linear+gelu";
+    let dev = x.device();
+    let mn = p.m * p.n;
+    let mut inputs: Vec<&dyn crate::graph::Input> = vec![x, w];
+    inputs.extend(bias.map(|t| t as &dyn crate::graph::Input));
+    let mut y = zeros::<B, E>(dev, mn)?;
+    // The pre-activation only when a backward will read it.
+    let mut aux = if recording(&inputs) { Some(zeros::<B, E>(dev, mn)?) } else { None };
+    {
+        let bias_buf = bias.map(|t| t.buf());
+        dev.matmul_epilogue_fwd(
+            &p,
+            act,
+            &x.buf(),
+            &w.buf(),
+            bias_buf.as_deref(),
+            B::buf_mut(&mut y),
+            aux.as_mut().map(|a| B::buf_mut(a)),
+        )?;
+    }
+    crate::stats::flops(kind, false, p.flops());
+    Ok(output(kind, &inputs, dev, shape, y, |out, _| {
+        let (cx, cw, dev) = (x.cell(), w.cell(), dev.clone());
+        let cbias = bias.and_then(|t| t.cell());
+        let x_s = cw.is_some().then(|| Saved::new(x));
+        let w_s = cx.is_some().then(|| Saved::new(w));
+        let pre = SavedBuf::new(aux.expect("recorded: the pre-activation was kept"), mn * std::mem::size_of::<E>());
+        let bp = BiasParams::new(p.m, p.n);
+        Box::new(move || {
+            let Some(g) = out.take() else { return Ok(()) };
+            launched("gelu.bwd");
+            let mut dpre = zeros::<B, E>(&*dev, mn)?;
+            dev.gelu_bwd(GeluKind::Tanh, B::buf(pre.buf()), B::buf(&g), B::buf_mut(&mut dpre))?;
+            drop((pre, g));
+            let (xb, wb) = (x_s.as_ref().map(|s| s.t().buf()), w_s.as_ref().map(|s| s.t().buf()));
+            if let Some(cx) = &cx {
+                launched("linear.dX");
+                crate::stats::flops(kind, true, p.flops());
+                cx.accumulate(&dev, |dx| {
+                    Ok(dev.matmul_bwd(&p, None, wb.as_deref(), B::buf(&dpre), Some(dx), None)?)
+                })?;
+            }
+            if let Some(cw) = &cw {
+                launched("linear.dW");
+                crate::stats::flops(kind, true, p.flops());
+                cw.accumulate_acc(&dev, |dw| {
+                    Ok(dev.matmul_bwd(&p, xb.as_deref(), None, B::buf(&dpre), None, Some(dw))?)
+                })?;
+            }
+            if let Some(cbias) = &cbias {
+                launched("add_bias.bwd_bias");
+                cbias
+                    .accumulate_acc(&dev, |db| Ok(ElementwiseKernel::<E>::bias_grad(&*dev, &bp, B::buf(&dpre), db)?))?;
+            }
+            Ok(())
+        })
+    }))
 }
 
 /// `op(a) op(b) (+ bias)`: `bias` (`[n]`, checked by the caller) is added to every row.

@@ -147,6 +147,31 @@ struct Real {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: OnceLock<Result<cudarc::cublas::CudaBlas, String>>,
+    /// cuBLASLt and its workspace, created at the first fused product (`ops::matmul`).
+    lt: OnceLock<Result<Box<LtState>, String>>,
+}
+
+/// A cuBLASLt handle and the workspace its matmuls may use (one per device, [`LT_WORKSPACE`]
+/// bytes). Holds the stream so the context outlives the handle.
+pub(crate) struct LtState {
+    pub(crate) handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    pub(crate) workspace: Mutex<cudarc::driver::CudaSlice<u8>>,
+    _stream: Arc<CudaStream>,
+}
+
+/// The cuBLASLt workspace: 32 MiB (NVIDIA's recommendation for Hopper; more than enough before).
+pub(crate) const LT_WORKSPACE: usize = 32 << 20;
+
+// SAFETY: the handle is an opaque pointer cuBLASLt allows any thread to use (calls on it are
+// serialized by the workspace's mutex in `ops::matmul`); it is destroyed once, in Drop.
+unsafe impl Send for LtState {}
+unsafe impl Sync for LtState {}
+
+impl Drop for LtState {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtCreate in `Cuda::lt`, destroyed only here.
+        let _ = unsafe { cudarc::cublaslt::result::destroy_handle(self.handle) };
+    }
 }
 
 impl std::fmt::Debug for Cuda {
@@ -182,7 +207,14 @@ impl Cuda {
         // sm_80: 163 KiB, sm_86/89: 99 KiB, sm_90: 227 KiB; 48 KiB where the driver will not say.
         let optin = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let max_dyn_smem = ctx.attribute(optin).map_or(DEFAULT_DYN_SMEM, |b| (b.max(0) as u32).max(DEFAULT_DYN_SMEM));
-        let real = Real { ctx, stream, modules: Mutex::default(), functions: Mutex::default(), blas: OnceLock::new() };
+        let real = Real {
+            ctx,
+            stream,
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+            blas: OnceLock::new(),
+            lt: OnceLock::new(),
+        };
         Ok(Cuda {
             ordinal,
             arch: (ma * 10 + mi) as u32,
@@ -273,6 +305,33 @@ impl Cuda {
             .get_or_init(|| cudarc::cublas::CudaBlas::new(real.stream.clone()).map_err(|e| format!("{e:?}")))
             .as_ref()
             .map_err(|e| Error::Cuda { context: "cublasCreate".into(), msg: e.clone() })
+    }
+
+    /// cuBLASLt on this device with its workspace, created at first use (a real device only). An
+    /// error (no libcublasLt, a failed create or allocation) is kept: later calls return it too.
+    pub(crate) fn lt(&self) -> Result<&LtState> {
+        let real = self.real("cuBLASLt")?;
+        real.lt
+            .get_or_init(|| {
+                // SAFETY: only tries to open the library (cudarc's loader would panic without it).
+                if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+                    return Err("libcublasLt not found".into());
+                }
+                real.ctx.bind_to_thread().map_err(|e| format!("bind context: {e:?}"))?;
+                let handle = cudarc::cublaslt::result::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
+                let workspace = match real.stream.alloc_zeros::<u8>(LT_WORKSPACE) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        // SAFETY: just created, not shared.
+                        let _ = unsafe { cudarc::cublaslt::result::destroy_handle(handle) };
+                        return Err(format!("cuBLASLt workspace: {e:?}"));
+                    }
+                };
+                Ok(Box::new(LtState { handle, workspace: Mutex::new(workspace), _stream: real.stream.clone() }))
+            })
+            .as_ref()
+            .map(|b| &**b)
+            .map_err(|e| Error::Cuda { context: "cuBLASLt".into(), msg: e.clone() })
     }
 
     /// Kernel `function` of `kernels/<module>.cu` on the real device, compiling/loading the module

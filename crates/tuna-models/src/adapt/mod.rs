@@ -45,8 +45,10 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use tuna_autograd::ops::act::{gelu, GeluKind};
 use tuna_autograd::ops::attention::Prefix;
 use tuna_autograd::ops::embed::{embedding, Prompt};
+use tuna_autograd::ops::linear::{linear_act, Activation};
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
 use tuna_kernels::rng::SplitMix64;
@@ -335,6 +337,26 @@ impl<B: Kernels<E>, E: Float> Adapt<B, E> {
             Some(l) => l.add_update(y, x, self.training.get(), &self.dropout_rng),
             None => Ok(y),
         }
+    }
+
+    /// `gelu(self.linear(lin, x), kind)`, as one fused op (`linear_act`: the product, bias and
+    /// GELU-tanh on the fused kernel) where nothing adapts the layer's output: no LoRA on `lin`,
+    /// not a mixed-adapter batch, the weight not packed (`--base-precision`), and the tanh GELU
+    /// (the only one with an epilogue). Otherwise the two ops, as before.
+    pub fn linear_gelu(
+        &self,
+        lin: &crate::linear::Linear<B, E>,
+        x: &Tensor<B, E>,
+        kind: GeluKind,
+    ) -> Result<Tensor<B, E>> {
+        let plain = kind == GeluKind::Tanh
+            && self.routing_rows().is_none()
+            && !self.lora.contains_key(&lin.name)
+            && lin.packed().is_none();
+        if plain {
+            return Ok(linear_act(x, &lin.weight, lin.layout, lin.bias.as_ref(), Activation::GeluTanh)?);
+        }
+        Ok(gelu(&self.linear(lin, x)?, kind)?)
     }
 
     /// A sublayer's output after the layer-`i` adapter (`ffn` false: after attention).

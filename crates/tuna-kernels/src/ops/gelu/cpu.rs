@@ -8,7 +8,22 @@ use crate::error::Result;
 use rayon::prelude::*;
 use std::any::TypeId;
 
-const CHUNK: usize = 16 * 1024;
+/// Elements per parallel chunk. A fused caller applying the GELU chunk by chunk over the same
+/// boundaries ([`fwd_chunk`]) gets the kernel's bits (the f32 vector path's tail is per chunk).
+pub(crate) const CHUNK: usize = 16 * 1024;
+
+/// `y = gelu(x)` on one chunk, serially, on the path [`GeluKernel::gelu_fwd`] takes for each of
+/// its chunks (f32: `fast.rs`; f64: the generic code).
+pub(crate) fn fwd_chunk<F: CpuFloat>(kind: GeluKind, x: &[F], y: &mut [F]) {
+    match (as_f32(x), as_f32_mut(y)) {
+        (Some(x), Some(y)) => super::fast::fwd(kind, x, y),
+        _ => {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = fwd(kind, x);
+            }
+        }
+    }
+}
 
 #[inline]
 fn fwd<F: CpuFloat>(kind: GeluKind, x: F) -> F {

@@ -4,6 +4,8 @@ mod cpu;
 mod cuda;
 mod fast;
 
+pub(crate) use cpu::{fwd_chunk as cpu_fwd_chunk, CHUNK as CPU_CHUNK};
+
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Result};
 

@@ -5,11 +5,35 @@
 //! stored `[k, n]`, or `[n, k]` when `trans_b` (a Hugging Face `nn.Linear` weight `[out, in]` is
 //! `trans_b`; GPT-2's Conv1D `[in, out]` is not). The backward computes only the gradients asked
 //! for, so a frozen weight costs no `dW` product.
+//!
+//! [`MatmulKernel::matmul_epilogue_fwd`] is the forward with a fused epilogue, `act(op(A) op(B) +
+//! bias)` (act none or GELU-tanh, the pre-activation kept when asked): CPU the GEMM and one pass;
+//! CUDA cuBLASLt's bias / GELU-aux-bias epilogues, falling back to `cublasGemmEx` and the bias and
+//! GELU kernels ([`last_epilogue_path`]).
 
 mod cpu;
 mod cuda;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_epilogue;
+
+pub use cuda::{force_epilogue_fallback, last_epilogue_path, EpiloguePath};
+
+/// Benchmark hook: the CPU fused forward's epilogue alone, over a product already in `y`
+/// (`[rows, n]`): bias, `aux` (the pre-activation) when given, activation.
+#[doc(hidden)]
+pub mod bench {
+    pub fn cpu_epilogue_f32(
+        n: usize,
+        act: super::Activation,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        aux: Option<&mut [f32]>,
+    ) {
+        super::cpu::epilogue(n, act, bias, y, aux)
+    }
+}
 
 use crate::backend::{Backend, Elem};
 use crate::error::{check_len, Error, Result};
@@ -131,6 +155,66 @@ pub trait MatmulKernel<E: Elem>: Backend {
         da: Option<&mut Self::Buf<E>>,
         db: Option<&mut Self::Buf<E::Acc>>,
     ) -> Result<()>;
+
+    /// The product with a fused epilogue: `y = act(alpha * op(a) op(b) + bias)`, the bias (`[n]`)
+    /// added to every row, and `aux = alpha * op(a) op(b) + bias` (the pre-activation, which the
+    /// backward reads) when `aux` is given. `p.accumulate` must be false; `aux` needs an activation.
+    ///
+    /// CPU: the GEMM, then one parallel pass over the output in blocks adding the bias and applying
+    /// the activation (the same bits as `matmul_fwd`, `add_bias_inplace` and `gelu_fwd` in turn).
+    /// CUDA: `cublasLtMatmul` with a bias / GELU-aux-bias epilogue where cuBLASLt takes the call,
+    /// else (and for the rest of the process after any cuBLASLt error) `cublasGemmEx` and the
+    /// bias and GELU kernels; [`last_epilogue_path`] says which ran. The emulated device computes
+    /// the epilogue on the f32 accumulator and rounds once to `E`, as cuBLASLt does.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_epilogue_fwd(
+        &self,
+        p: &MatmulParams,
+        act: Activation,
+        a: &Self::Buf<E>,
+        b: &Self::Buf<E>,
+        bias: Option<&Self::Buf<E>>,
+        y: &mut Self::Buf<E>,
+        aux: Option<&mut Self::Buf<E>>,
+    ) -> Result<()>;
+}
+
+/// The fused forward's checks, shared by both devices: the product's buffers, `bias` (`[n]`) and
+/// `aux` (`[m, n]`) by name, no accumulation, and `aux` only with an activation.
+pub(crate) fn check_epilogue(
+    p: &MatmulParams,
+    act: Activation,
+    a: usize,
+    b: usize,
+    bias: Option<usize>,
+    y: usize,
+    aux: Option<usize>,
+) -> Result<()> {
+    let (mn, n) = (p.m * p.n, p.n);
+    check_lens(
+        p,
+        [("a", Some(a), p.m * p.k), ("b", Some(b), p.k * p.n), ("y", Some(y), mn), ("bias", bias, n), ("aux", aux, mn)],
+    )?;
+    if p.accumulate {
+        return Err(Error::Invalid {
+            op: "matmul",
+            msg: "the fused epilogue overwrites y: accumulate must be false".into(),
+        });
+    }
+    if aux.is_some() && act == Activation::None {
+        return Err(Error::Invalid { op: "matmul", msg: "aux is the pre-activation: it needs an activation".into() });
+    }
+    Ok(())
+}
+
+/// The activation a fused product applies after its bias ([`MatmulKernel::matmul_epilogue_fwd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// None: `y = op(a) op(b) + bias`.
+    None,
+    /// GELU, tanh approximation: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (GPT-2's
+    /// `gelu_new`; what cuBLASLt's GELU epilogue computes). BERT's erf GELU has no epilogue.
+    GeluTanh,
 }
 
 pub(crate) fn check(p: &MatmulParams, a: usize, b: usize, c: usize) -> Result<()> {
