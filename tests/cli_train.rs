@@ -953,6 +953,10 @@ fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision bf16 is CUDA's mixed precision"), "{err}");
     assert!(!cpu_out.exists(), "a refused run wrote {}", cpu_out.display());
+    // An unknown device is named as such, before any precision rule.
+    let o = tuna(&set(train_args(&cpu_out, &train, 2, &["--precision", "bf16"]), "--device", "gpu:0"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unknown device `gpu:0`"), "{err}");
     if tuna_kernels::testing::cuda_or_skip("cli_train::bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda")
         .is_none()
     {
@@ -1013,10 +1017,12 @@ fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
     ));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision bf16 with --train-patterns"), "{err}");
-    // A resume in f32 is refused naming the flag.
+    // A resume in f32 is refused naming the flag, and where it runs; `--device gpu` is CUDA too.
     let o = tuna(&args(&r, 6, &["--resume"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision was bf16, now f32"), "{err}");
+    assert!(err.contains("Resume with --precision bf16 (on a CUDA device)"), "{err}");
+    ok(&tuna(&set(args(&r, 5, &["--precision", "bf16", "--resume"]), "--device", "gpu")));
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -26,7 +26,7 @@ impl Device {
             "auto" => Ok(Device::auto()),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => Err(format!("unknown device `{s}`: expected cpu, cuda, cuda:N or auto")),
+                _ => Err(format!("unknown device `{s}`: expected cpu, cuda, cuda:N, gpu or auto")),
             },
         }
     }

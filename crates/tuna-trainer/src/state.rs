@@ -712,15 +712,34 @@ mod tests {
         both.tf32 = true;
         both.precision = crate::Precision::Bf16;
         both.lr *= 2.0;
+        both.warmup += 1; // --warmup may change only with --steps: named too
         let now = State { step: 2, settings: Some(settings_of(&both, None)), ..State::default() };
         ckpts.save(2, &[(STATE, &serde_json::to_vec(&state(Some(false))).unwrap())], &Map::new()).unwrap();
         let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
         let e = resumable(&ck, &now).map(|_| ()).unwrap_err().to_string();
         assert!(
             e.contains("--tf32 was off, now on; --precision was f32, now bf16; --lr was")
-                && e.contains("Resume without --tf32 and with --precision f32 and with the same --lr,"),
+                && e.contains("--warmup was")
+                && e.contains(
+                    "Resume without --tf32 and with --precision f32 and with the same --lr and with the same --warmup,"
+                ),
             "{e}"
         );
+        // An int8 checkpoint from before the group scales (no record of them) cannot resume.
+        let mut int8 = cfg.clone();
+        int8.base_precision = tuna_models::model::BasePrecision::Int8;
+        let new_int8 = settings_of(&int8, None);
+        assert_eq!(new_int8[INT8_SCALES], "per 64 weights");
+        let mut old_int8 = new_int8.clone();
+        old_int8.remove(INT8_SCALES);
+        let at = |settings: BTreeMap<String, String>| State { step: 2, settings: Some(settings), ..State::default() };
+        ckpts.save(2, &[(STATE, &serde_json::to_vec(&at(old_int8)).unwrap())], &Map::new()).unwrap();
+        let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
+        let e = resumable(&ck, &at(new_int8.clone())).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("one scale per weight row") && e.contains("cannot resume"), "{e}");
+        ckpts.save(2, &[(STATE, &serde_json::to_vec(&at(new_int8.clone())).unwrap())], &Map::new()).unwrap();
+        let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
+        resumable(&ck, &at(new_int8)).expect("a group-scaled int8 checkpoint resumes");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
