@@ -3,8 +3,8 @@
 # scripts/gpu/check.sh, into the ignored folder gpu-bundle/:
 #   bin/tuna                              the release CLI
 #   tests/tuna-kernels-lib                tuna-kernels' lib tests (every kernel's CUDA-vs-CPU test)
-#   tests/tuna-autograd-cuda              tuna-autograd --test cuda
-#   tests/tuna-models-cuda_models         tuna-models --test cuda_models
+#   tests/tuna-autograd-cuda              tuna-autograd --test cuda (with the bf16 tape's tests)
+#   tests/tuna-models-cuda_models         tuna-models --test cuda_models (with every method in bf16)
 #   tests/tuna-trainer-cuda_train         tuna-trainer --test cuda_train (training, every method)
 #   bin/cuda_attention                    the attention benchmark (benches/cuda_attention.rs)
 #   bin/train_step                        the training-step benchmark (crates/tuna-models/benches/train_step.rs)
@@ -14,7 +14,7 @@
 #   kernel-cache/                         every kernel compiled here by NVRTC 13.0 for sm_90 (the GPU
 #                                         machines' arch and NVRTC), so the device compiles nothing
 #   MANIFEST.txt                          commit, build date, files and sizes
-# Release builds, debug info stripped, so the bundle stays well under the device tool's 64 MiB
+# Release builds, symbols and debug info stripped (strip --strip-all), so the bundle stays well under the device tool's 64 MiB
 # carry limit (checked: the script fails above it). The binaries carry the emulated CUDA device too
 # (feature tuna-kernels/emulator; off unless TUNA_CUDA_EMULATE=1), and before it finishes the script
 # runs the bundle's own CUDA test binaries and generate steps on it (check.sh --emulated), so a
@@ -43,7 +43,7 @@ print(exes[0])
 ')"
   echo "$name <- ${exe#"$PWD/"}"
   cp "$exe" "$B/$name"
-  strip --strip-debug "$B/$name"
+  strip --strip-all "$B/$name"
 }
 
 build bin/tuna                      build -p tuna --bin tuna

@@ -53,12 +53,14 @@ cd "$(dirname "$0")/../.." || exit 2
 root="$PWD"
 bundle="$(realpath -m "${TUNA_GPU_BUNDLE:-$root/gpu-bundle}")" # TUNA_GPU_BUNDLE: another bundle (tests)
 
-# The test binaries: "<log name>|<path in the bundle>|<time cap, s>". bundle.sh writes these names.
+# The test binaries: "<log name>|<path in the bundle>|<time cap, s>", each run with the filter
+# `cuda` (its CUDA tests; the bf16 tape's and bf16 models' tests are modules named cuda_* of the
+# autograd and models binaries). bundle.sh writes these names.
 TESTS=(
-  "tuna-kernels-lib|tests/tuna-kernels-lib|75"
-  "tuna-autograd-cuda|tests/tuna-autograd-cuda|40"
-  "tuna-models-cuda_models|tests/tuna-models-cuda_models|40"
-  "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|40"
+  "tuna-kernels-lib|tests/tuna-kernels-lib|70"
+  "tuna-autograd-cuda|tests/tuna-autograd-cuda|45"
+  "tuna-models-cuda_models|tests/tuna-models-cuda_models|55"
+  "tuna-trainer-cuda_train|tests/tuna-trainer-cuda_train|35"
 )
 TUNA="$bundle/bin/tuna"
 # PyTorch's Python on the GPU machine (TUNA_PYTHON overrides).
@@ -115,8 +117,8 @@ done
 # Attention against PyTorch SDPA (bf16; FlashAttention-2 backend without a prefix): JSON lines into
 # bench.log, then the joined table (also appended to summary.txt).
 if [ "$emulated" = 0 ]; then # the benchmarks: a real GPU only
-STEPS+=("bench-attention-tuna|40|bench.log|$(q "$bundle/bin/cuda_attention")")
-STEPS+=("bench-attention-sdpa|35|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
+STEPS+=("bench-attention-tuna|35|bench.log|$(q "$bundle/bin/cuda_attention")")
+STEPS+=("bench-attention-sdpa|30|bench.log|$(q "$PY" "$bundle/scripts/attn_sdpa.py")")
 STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.py" "$out/bench.log" "$out/bench.log")")
 # Training steps of a GPT-2-small-shaped model (random weights), 8 x 1024 tokens, tuna against
 # PyTorch + PEFT eager (f32 on both sides): full fine-tuning, and prompt tuning at 8 x 1004 (the 20
@@ -125,7 +127,7 @@ STEPS+=("attention-table|10|attention.md|$(q "$PY" "$bundle/scripts/attn_table.p
 # train.log, then the table.
 # Then both methods in bf16 mixed precision: tuna's --precision bf16 (bf16 activations and frozen
 # weights, f32 masters) beside PyTorch's bf16 autocast.
-for m in "full|1024|30|f32" "prompt|1004|30|f32" "full|1024|20|tf32" "full|1024|20|bf16" "prompt|1004|20|bf16"; do
+for m in "full|1024|25|f32" "prompt|1004|25|f32" "full|1024|20|tf32" "full|1024|20|bf16" "prompt|1004|20|bf16"; do
   IFS='|' read -r meth seq cap kind <<<"$m"
   sfx="" tuna_flags=() peft_flags=()
   case "$kind" in

@@ -2,6 +2,9 @@
 //! CPU (f32), for each trainable set. Skips by name without a GPU.
 
 mod common;
+// The bf16 tape: in this binary, so the GPU check's bundle carries it.
+#[path = "bf16/cuda_mixed_precision.rs"]
+mod cuda_mixed_precision;
 use common::cpu;
 use common::tiny::{Tiny, Train};
 use tuna_autograd::optim::OptimKernels;

@@ -2,6 +2,9 @@
 //! BERT hidden states, T5 logits, loss and gradients. Skips by name without a GPU.
 
 mod golden_common;
+// bf16 mixed precision on the fixture models: in this binary, so the GPU check's bundle carries it.
+#[path = "bf16/cuda_bf16.rs"]
+mod cuda_bf16;
 use golden_common::{fixture, Golden};
 use std::sync::Arc;
 use tuna_autograd::ops::Kernels;

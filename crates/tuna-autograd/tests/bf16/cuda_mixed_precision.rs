@@ -3,9 +3,8 @@
 //! trainable leaves. Checked against the f32 tape on the CPU running the same (bf16-rounded)
 //! values. Skips by name without CUDA.
 
-mod common;
-use common::cpu;
-use common::tiny::{Tiny, Train};
+use crate::common::cpu;
+use crate::common::tiny::{Tiny, Train};
 use half::bf16;
 use tuna_autograd::ops::elem::{add, scale};
 use tuna_autograd::ops::linear::{linear, matmul, MatmulParams, WeightLayout};

@@ -1,8 +1,9 @@
 //! bf16 mixed precision on the fixture models (GPT-2, Llama, BERT), on CUDA (the emulated device
 //! without a GPU): every method trains with bf16 activations and frozen weights, f32 masters,
 //! gradients and moments, and follows the f32 run on the same device. Skips by name without CUDA.
+//! A module of the `cuda_models` test binary (one binary: the GPU check carries it).
 
-mod golden_common;
+use crate::golden_common;
 
 use half::bf16;
 use std::sync::Arc;
