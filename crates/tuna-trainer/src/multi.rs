@@ -36,7 +36,7 @@ use crate::limits::{check_method_size, min_len, resolve_max_len};
 use crate::metrics::{MetricsLog, Split};
 use crate::model::{Backend, Model, RunFloat};
 use crate::progress::Progress;
-use crate::run::{limit, non_finite, nothing_to_resume, schedule_of};
+use crate::run::{limit, non_finite, nothing_to_resume, schedule_of, LossValue};
 use crate::run_dir::{self, OutMode};
 use crate::schedule::Schedule;
 use crate::state::{self, settings_of, State};
@@ -52,7 +52,7 @@ use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::cross_entropy;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};
-use tuna_autograd::{no_grad, Ints, Tensor};
+use tuna_autograd::{Ints, Tensor};
 use tuna_kernels::rng::SplitMix64;
 use tuna_models::adapt::mixed::gather_rows;
 use tuna_models::adapt::Method;
@@ -127,9 +127,6 @@ struct TaskRun<B: Backend<E>, E: RunFloat> {
     params: Vec<(String, Tensor<B, E>)>,
     schedule: Schedule,
 }
-
-/// A loss's value the op computed on the host, or the loss still on the device.
-type LossOrTensor<B, E> = std::result::Result<f64, Tensor<B, E>>;
 
 /// A batch's rows: `(task, example)`.
 type Rows = Vec<(usize, usize)>;
@@ -398,7 +395,7 @@ pub fn train_multi_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfi
         // weighs its share of the task's terms in the batch (so the sum is the full batch's).
         let micro = run.micro_batch.max(1);
         // (task, its loss: known, or on the device; its weight)
-        let mut pending: Vec<(usize, LossOrTensor<B, E>, f64)> = Vec::new();
+        let mut pending: Vec<(usize, LossValue<B, E>, f64)> = Vec::new();
         for (j, (part, part_terms)) in rows.chunks(micro).zip(terms.chunks(micro)).enumerate() {
             model.adapt().seed_dropout(seed ^ j as u64);
             let mut sum: Option<Tensor<B, E>> = None;
@@ -409,12 +406,7 @@ pub fn train_multi_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfi
                 }
                 let w = n as f64 / task_terms[k] as f64;
                 let share = task_rows[k] as f64 / rows.len() as f64;
-                // The loss op's own value (f32 on a bf16 tape), else the tensor without its graph.
-                let value = match loss.computed_value() {
-                    Some(v) => Ok(v),
-                    None => Err(no_grad(|| scale(&loss, 1.0))?),
-                };
-                pending.push((k, value, w));
+                pending.push((k, LossValue::of(&loss)?, w));
                 let weighted = scale(&loss, w * share)?;
                 sum = Some(match sum {
                     None => weighted,
@@ -432,11 +424,7 @@ pub fn train_multi_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfi
         };
         let mut per: BTreeMap<usize, f64> = BTreeMap::new();
         for (k, l, w) in pending {
-            let l = match l {
-                Ok(v) => v,
-                Err(t) => t.value()?,
-            };
-            *per.entry(k).or_default() += l * w;
+            *per.entry(k).or_default() += l.read()? * w;
         }
         let mut loss = 0.0;
         let mut task_losses = Map::new();
@@ -722,6 +710,7 @@ mod tests {
     use super::*;
     use crate::data::Fields;
     use crate::schedule::Decay;
+    use tuna_autograd::no_grad;
     use tuna_kernels::{Alloc, Cpu};
     use tuna_models::adapt::{LoraConfig, PromptInit};
 

@@ -478,11 +478,7 @@ pub(crate) fn accumulate_grads<B: Backend<E>, E: RunFloat>(
         // coarser), else the tensor without its graph (x * 1 is exact), read with the others at
         // the end of the step; taken before the backward, so a profile charges that copy, not the
         // backward, to the forward ops.
-        let value = match loss.computed_value() {
-            Some(v) => LossValue::Known(v),
-            None => LossValue::OnDevice(no_grad(|| scale(&loss, 1.0))?),
-        };
-        losses.push((value, *w));
+        losses.push((LossValue::of(&loss)?, *w));
         if terms > 0 {
             scale(&loss, *w)?.backward()?;
         }
@@ -510,9 +506,28 @@ pub(crate) fn weighted_parts<B: Backend<E>, E: RunFloat>(
 }
 
 /// One micro-batch's loss: known on the host already, or still on the device.
-enum LossValue<B: Backend<E>, E: RunFloat> {
+pub(crate) enum LossValue<B: Backend<E>, E: RunFloat> {
     Known(f64),
     OnDevice(Tensor<B, E>),
+}
+
+impl<B: Backend<E>, E: RunFloat> LossValue<B, E> {
+    /// The value `loss`'s op computed (in f32 on a bf16 tape, whose element is coarser), else the
+    /// tensor without its graph (x * 1 is exact), to read later.
+    pub(crate) fn of(loss: &Tensor<B, E>) -> Result<Self> {
+        Ok(match loss.computed_value() {
+            Some(v) => LossValue::Known(v),
+            None => LossValue::OnDevice(no_grad(|| scale(loss, 1.0))?),
+        })
+    }
+
+    /// The value (waiting for the device where it is still there).
+    pub(crate) fn read(self) -> Result<f64> {
+        Ok(match self {
+            LossValue::Known(v) => v,
+            LossValue::OnDevice(t) => t.value()?,
+        })
+    }
 }
 
 /// A step's micro-batch losses and weights (each known, or still on the device).
@@ -526,10 +541,7 @@ impl<B: Backend<E>, E: RunFloat> PendingLoss<B, E> {
     pub(crate) fn read(self) -> Result<f64> {
         let mut sum = 0.0f64;
         for (loss, w) in self.losses {
-            let l = match loss {
-                LossValue::Known(v) => v,
-                LossValue::OnDevice(t) => t.value()?,
-            };
+            let l = loss.read()?;
             if !l.is_finite() {
                 return Ok(l);
             }
