@@ -211,9 +211,12 @@ pub trait Backend {
     /// caches and the memory plan counts it; a GPU takes more (fewer, larger products and fewer
     /// passes over what the chunks accumulate into).
     fn chunk_elems(&self) -> usize {
-        1 << 22
+        CPU_CHUNK_ELEMS
     }
 }
+
+/// [`Backend::chunk_elems`] on the CPU (and any device that does not say otherwise): 2^22.
+pub const CPU_CHUNK_ELEMS: usize = 1 << 22;
 
 /// The CPU backend: rayon across rows/tiles, `gemm` for matrix products. Computes in f32, or in
 /// f64 for gradient checks ([`CpuFloat`]).

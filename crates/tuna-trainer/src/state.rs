@@ -158,15 +158,29 @@ pub(crate) const TRAINABLE: &str = "trainable.safetensors";
 pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
 pub(crate) const STATE: &str = "state.json";
 
+/// The recorded settings that changed between `old` and `new` and refuse a resume, and the
+/// schedule changes a resume allows with a warning: extending (or shortening) a run is allowed,
+/// but it is no longer the run it was, and the warmup follows (cut to the steps when longer), so
+/// `--steps` and, with it, `--warmup`. Recomputing activations and the update inside the backward
+/// change nothing of the numbers and are free; [`LATER_SETTINGS`] are checked apart, first.
+fn resume_changes(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> (Vec<String>, Vec<String>) {
+    let free = LATER_SETTINGS.iter().map(|(f, _)| *f).chain([CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD]);
+    let free: Vec<String> = free.map(|f| format!("{f} ")).collect();
+    let changed: Vec<String> =
+        changed_settings(old, new).into_iter().filter(|c| !free.iter().any(|f| c.starts_with(f))).collect();
+    if changed.iter().any(|c| c.starts_with("--steps ")) {
+        changed.into_iter().partition(|c| !(c.starts_with("--steps ") || c.starts_with("--warmup ")))
+    } else {
+        (changed, Vec::new())
+    }
+}
+
 /// The state of checkpoint `ck`, checked against this run (`now`): the same base model, a state
 /// that agrees with its checkpoint's step, the same settings (a changed `--steps` only warns) and
 /// the same data and batching.
 pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     let saved: State = serde_json::from_slice(&ck.file(STATE)?)
         .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
-    // The fingerprint samples the base as held, so a switched --base-precision would read as
-    // another base model: name the flag instead (first). A checkpoint from before a flag was
-    // recorded was made with its old default (an f32 base, TF32 off).
     // An int8 run from before the group scales trained on weights this build cannot hold: say so
     // (the base's fingerprint would call it another model).
     let int8 =
@@ -179,8 +193,10 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
             ck.dir.display()
         )));
     }
-    // Every such flag that changed is named at once (following the advice for one must not meet
-    // the refusal of the next).
+    // The fingerprint samples the base as held, so a switched --base-precision would read as
+    // another base model: name the flag instead (first). A checkpoint from before a flag was
+    // recorded was made with its old default (an f32 base, TF32 off). Every such flag that changed
+    // is named at once (following the advice for one must not meet the refusal of the next).
     let (mut changed, mut with) = (Vec::new(), Vec::new());
     for (flag, before) in LATER_SETTINGS {
         let value = |st: &State| st.settings.as_ref().map(|s| s.get(flag).cloned().unwrap_or_else(|| before.into()));
@@ -199,25 +215,12 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
         }
     }
     if !changed.is_empty() {
-        // The other recorded settings that changed too (checked after the base below otherwise).
-        // The same rules as below: `--steps` may change (not below the step reached), and
-        // `--warmup` with it.
+        // The other recorded settings that changed too (checked after the base below otherwise),
+        // by the same rules.
         if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
-            let others = changed_settings(old, new);
-            let steps_changed = others.iter().any(|c| c.starts_with("--steps "));
-            let free = |c: &String| {
-                let mut flags = LATER_SETTINGS.iter().map(|(f, _)| *f).chain([
-                    CHECKPOINT_ACTIVATIONS,
-                    UPDATE_IN_BACKWARD,
-                    "--steps",
-                ]);
-                flags.any(|f| c.starts_with(&format!("{f} "))) || (steps_changed && c.starts_with("--warmup "))
-            };
-            for c in others {
-                if !free(&c) {
-                    with.push(format!("with the same {}", c.split(" was ").next().unwrap_or(&c)));
-                    changed.push(c);
-                }
+            for c in resume_changes(old, new).0 {
+                with.push(format!("with the same {}", c.split(" was ").next().unwrap_or(&c)));
+                changed.push(c);
             }
             if let Some(steps) = new.get("--steps").and_then(|s| s.parse::<u64>().ok()).filter(|&n| n < saved.step) {
                 changed.push(format!("--steps {steps} is below the step the run reached, {}", saved.step));
@@ -249,15 +252,8 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
         )));
     }
     if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
-        let mut changed = changed_settings(old, new);
-        changed
-            .retain(|c| ![CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD].iter().any(|f| c.starts_with(&format!("{f} "))));
-        // Extending (or shortening) a run is allowed, but it is no longer the run it was; the
-        // warmup follows (it is cut to the steps when longer).
-        let schedule: Vec<String> =
-            changed.iter().filter(|c| c.starts_with("--steps ") || c.starts_with("--warmup ")).cloned().collect();
-        if schedule.iter().any(|c| c.starts_with("--steps ")) {
-            changed.retain(|c| !schedule.contains(c));
+        let (changed, schedule) = resume_changes(old, new);
+        if !schedule.is_empty() {
             eprintln!(
                 "warning: {}: the learning-rate schedule changes from here on, so the run no longer matches an \
                  uninterrupted one",

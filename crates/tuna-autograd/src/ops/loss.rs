@@ -87,14 +87,14 @@ pub fn cross_entropy<B: Kernels<E>, E: Float>(
     Ok(out)
 }
 
-/// Logits one chunk of [`linear_cross_entropy`] holds at most: `LCE_CHUNK_ELEMS / vocab` rows
-/// (16 MiB of f32 logits), at least one.
-pub const LCE_CHUNK_ELEMS: usize = 1 << 22;
+/// Logits one chunk of [`linear_cross_entropy`] holds at most on the CPU: `LCE_CHUNK_ELEMS / vocab`
+/// rows (16 MiB of f32 logits), at least one (the CPU's [`tuna_kernels::Backend::chunk_elems`]).
+pub const LCE_CHUNK_ELEMS: usize = tuna_kernels::backend::CPU_CHUNK_ELEMS;
 
 /// The rows of one chunk of [`linear_cross_entropy`] at `vocab` on the CPU (its default chunking
 /// there; what the memory plan counts).
 pub fn lce_chunk_rows(vocab: usize) -> usize {
-    (LCE_CHUNK_ELEMS / vocab.max(1)).max(1)
+    lce_chunk_rows_on(&tuna_kernels::Cpu, vocab)
 }
 
 /// The rows of one chunk of [`linear_cross_entropy`] at `vocab` on `dev` by default:
