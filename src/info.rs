@@ -97,9 +97,9 @@ fn rayon_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-/// The matrix instructions found at run time, and the path `--base-precision bf16|int8` takes.
+/// The matrix instructions found at run time, and the path each low-precision base takes.
 pub fn matrix_line() -> String {
-    use tuna_kernels::ops::lowp::{matrix_path, CpuMatrixFeatures, MatrixPath};
+    use tuna_kernels::ops::lowp::{matrix_path_checked, CpuMatrixFeatures, MatrixPath, MATRIX_ENV};
     let f = CpuMatrixFeatures::detect();
     let names = f.names();
     let found = if names.is_empty() {
@@ -107,18 +107,23 @@ pub fn matrix_line() -> String {
     } else {
         names.join(", ")
     };
-    let path = match matrix_path() {
-        MatrixPath::WidenF32 => "bf16/int8 base: widened to f32 per block, f32 FMA",
-        MatrixPath::Avx512Vnni => "bf16/int8 base: AVX-512 VNNI",
-        MatrixPath::AvxVnni => "bf16/int8 base: AVX-VNNI",
-        MatrixPath::Amx => "bf16/int8 base: AMX tiles",
+    let int8 = match matrix_path_checked() {
+        Ok(MatrixPath::WidenF32) => "int8 base: widened to f32 per block, f32 FMA (no integer dot-product instructions)".to_string(),
+        Ok(MatrixPath::Emulated) => format!(
+            "int8 base: integer dot products computed in portable Rust ({MATRIX_ENV}=emulated: the hardware paths' numbers, far slower)"
+        ),
+        Ok(p) => format!(
+            "int8 base: integer dot products on {} ({})",
+            match p {
+                MatrixPath::Amx => "AMX tiles",
+                MatrixPath::Avx512Vnni => "AVX-512 VNNI",
+                _ => "AVX-VNNI",
+            },
+            if p == MatrixPath::Amx { "tdpbusd" } else { "vpdpbusd" }
+        ),
+        Err(e) => format!("int8 base: refused: {e}"),
     };
-    let unused = if f.best() != matrix_path() {
-        format!(" (this CPU offers {:?}; no kernel for it yet)", f.best())
-    } else {
-        String::new()
-    };
-    format!("{found}; {path}{unused}")
+    format!("{found}; {int8}; bf16 and q4 base: widened to f32 per block")
 }
 
 fn avx512() -> bool {

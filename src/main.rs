@@ -296,6 +296,11 @@ fn hub(p: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut command = cli.command;
+    // TUNA_CPU_MATRIX naming a path this CPU cannot run is refused before any work (`info` says
+    // it in its report).
+    if !matches!(command, Command::Info) {
+        tuna::kernels::ops::lowp::matrix_path_checked().map_err(anyhow::Error::msg)?;
+    }
     match &mut command {
         Command::Info => {}
         Command::Generate(a) => a.model = hub(&a.model)?,

@@ -827,16 +827,34 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     match p.peak_gflops {
         Some(peak) => {
             s += &format!(
-                "GFLOP/s: achieved by the counted ops (matrix products and attention; 2 per multiply-add), with the share of this CPU's f32 GEMM rate, {peak:.0} GFLOP/s (a 1024^3 product measured before the steps: the f32 path's practical peak; the low-precision base widens to f32 and runs on it)\n\n"
+                "GFLOP/s: achieved by the counted ops (matrix products and attention; 2 per multiply-add), with the share of this CPU's f32 GEMM rate, {peak:.0} GFLOP/s (a 1024^3 product measured before the steps: the f32 path's practical peak)"
             );
+            match (&p.int8_path, p.int8_peak_gops) {
+                (Some(path), Some(int8)) => {
+                    s += &format!(
+                        "; the int8 base's products run on integer dot products ({path}) and are read against that path's rate, {int8:.0} GOP/s (a 1024^3 product, quantizing the activations included)"
+                    )
+                }
+                (Some(path), None) => {
+                    s += &format!("; the int8 base's products widen to f32 ({path}: no integer dot-product instructions) and run on it")
+                }
+                _ => s += "; a low-precision base widens to f32 and runs on it",
+            }
+            s += "\n\n";
         }
         None => s += "GFLOP/s: achieved by the counted ops (matrix products and attention)\n\n",
     }
     s += "| op | forward calls | forward ms | fwd GFLOP/s | backward calls | backward ms | bwd GFLOP/s | % of step | saved at the peak |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    let rate = |g: Option<f64>| match (g, p.peak_gflops) {
-        (Some(g), Some(peak)) => format!("{g:.1} ({:.0}%)", 100.0 * g / peak),
-        (Some(g), None) => format!("{g:.1}"),
-        (None, _) => String::new(),
+    let rate = |kind: &str, g: Option<f64>| {
+        let peak = match p.int8_peak_gops {
+            Some(int8) if kind == "matmul (int8 base)" => Some(int8),
+            _ => p.peak_gflops,
+        };
+        match (g, peak) {
+            (Some(g), Some(peak)) => format!("{g:.1} ({:.0}%)", 100.0 * g / peak),
+            (Some(g), None) => format!("{g:.1}"),
+            (None, _) => String::new(),
+        }
     };
     let mut accounted = p.optimizer_ms;
     for r in &p.rows {
@@ -847,10 +865,10 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
             r.kind,
             r.forward_calls,
             r.forward_ms,
-            rate(r.forward_gflops),
+            rate(&r.kind, r.forward_gflops),
             r.backward_calls,
             r.backward_ms,
-            rate(r.backward_gflops),
+            rate(&r.kind, r.backward_gflops),
             pct(t),
             if r.saved_at_peak > 0 { tuna_trainer::human_bytes(r.saved_at_peak as u64) } else { String::new() }
         );

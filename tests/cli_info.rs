@@ -19,7 +19,17 @@ fn info_reports_devices_and_kernels() {
         assert_eq!(matrix.contains("avx2+fma"), has!("avx2") && has!("fma"), "{s}");
         assert_eq!(matrix.contains("avx512f"), has!("avx512f"), "{s}");
     }
-    assert!(matrix.contains("bf16/int8 base: "), "{s}");
+    let path = tuna_kernels::ops::lowp::matrix_path();
+    let int8 = matrix.split("; ").find_map(|p| p.strip_prefix("int8 base: ")).unwrap_or_else(|| panic!("{s}"));
+    let want = match path.name() {
+        "widen" => "widened to f32",
+        "emulated" => "portable Rust",
+        "amx" => "AMX tiles",
+        "avx512-vnni" => "AVX-512 VNNI",
+        _ => "AVX-VNNI",
+    };
+    assert!(int8.contains(want), "{path:?}: {s}");
+    assert!(matrix.contains("bf16 and q4 base: widened to f32"), "{s}");
     // the build section, compiled in by build.rs
     let build = s.split("\nbuild:\n").nth(1).unwrap_or_else(|| panic!("no build section: {s}"));
     let value = |label: &str| {
@@ -45,5 +55,36 @@ fn info_reports_devices_and_kernels() {
         assert!(emulated || s.contains("this build has no emulated device"), "{s}");
     } else if tuna_kernels::cuda::probe().is_err() {
         assert!(s.contains("cuda: none") && s.contains("default device (auto): cpu"), "{s}");
+    }
+}
+
+/// `TUNA_CPU_MATRIX` picks the int8 base's path; `info` reports the choice, a name this CPU cannot
+/// run is reported by `info` and refused by every other command before it does anything.
+#[test]
+fn the_int8_path_follows_tuna_cpu_matrix() {
+    let tuna = |env: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", env).args(args).output().expect("run tuna")
+    };
+    let out = tuna("emulated", &["info"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && s.contains("int8 base: integer dot products computed in portable Rust"), "{s}");
+    let out = tuna("widen", &["info"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("int8 base: widened to f32"));
+    let out = tuna("fp8-tiles", &["info"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("int8 base: refused: TUNA_CPU_MATRIX=fp8-tiles: unknown path (expected one of: amx, avx512-vnni, avx-vnni, emulated, widen"), "{s}");
+    let dir = std::env::temp_dir().join(format!("tuna-matrix-env-{}", std::process::id()));
+    let out = tuna(
+        "fp8-tiles",
+        &["train", "--model", "nowhere", "--task", "lm", "--method", "lora", "--out", dir.to_str().unwrap()],
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("TUNA_CPU_MATRIX=fp8-tiles: unknown path"), "{e}");
+    assert!(!dir.exists(), "nothing is written");
+    // A path this CPU lacks (checked where it lacks one).
+    if let Some(p) = tuna_kernels::ops::lowp::MatrixPath::ALL.into_iter().find(|p| !p.available()) {
+        let out = tuna(p.name(), &["train", "--model", "nowhere", "--task", "lm", "--method", "lora"]);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(&format!("TUNA_CPU_MATRIX={}: this CPU cannot run that path (it runs: ", p.name())), "{e}");
     }
 }

@@ -463,6 +463,21 @@ fn profile_prints_per_op_times() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let row = s.lines().find(|l| l.starts_with("| matmul (int8 base) |")).unwrap_or_else(|| panic!("{s}"));
     assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{row}");
+    // On the int8 dot-product path (here its portable twin, chosen by TUNA_CPU_MATRIX) the
+    // header names the path and the int8 row is read against that path's measured rate.
+    let o = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .env("TUNA_CPU_MATRIX", "emulated")
+        .args(set(args.clone(), "--base-precision", "int8"))
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        s.contains("the int8 base's products run on integer dot products (emulated)") && s.contains("GOP/s"),
+        "{s}"
+    );
+    let row = s.lines().find(|l| l.starts_with("| matmul (int8 base) |")).unwrap_or_else(|| panic!("{s}"));
+    assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{row}");
     // On CUDA (the emulated device in the test command) the attention row names the kernels the
     // calls took: the tape is f32, so SIMT (the tensor-core kernels are bf16).
     if tuna_kernels::testing::cuda_or_skip("cli_train::profile_prints_per_op_times (cuda)").is_some() {
@@ -484,6 +499,46 @@ fn profile_prints_per_op_times() {
             assert!(s.contains(row), "{row} missing:\n{s}");
         }
     }
+}
+
+/// The int8 base on the integer dot-product path (its portable twin, which computes the hardware
+/// paths' numbers) trains like the widen path: the same curve within the activations' rounding,
+/// not the same bits (the path ran), and a killed run resumes to the same bits.
+#[test]
+fn int8_dot_path_trains_like_the_widen_path() {
+    let d = tmp("int8-dot");
+    let train = data(&d, "train.jsonl", 16, false);
+    let run = |path: &str, name: &str, steps: u64| {
+        let out = d.join(name);
+        let a = set(
+            train_args(&out, &train, steps, &["--base-precision", "int8", "--decay", "constant"]),
+            "--method",
+            "lora",
+        );
+        let o = Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", path).args(a).output().unwrap();
+        ok(&o);
+        out
+    };
+    let widen = train_losses(&run("widen", "widen", 8));
+    let dot = run("emulated", "dot", 8);
+    let dotl = train_losses(&dot);
+    assert_eq!((widen.len(), dotl.len()), (8, 8));
+    for (s, (a, b)) in widen.iter().zip(&dotl).enumerate() {
+        assert!((a - b).abs() <= 0.01 * a, "step {}: widen {a} vs dot {b}\n{widen:?}\n{dotl:?}", s + 1);
+    }
+    assert_ne!(widen, dotl, "the dot path rounds the activations: its losses cannot be the widen path's bits");
+    // Stopped at 4 and resumed to 8 (a constant rate after the warmup: the schedule does not
+    // depend on --steps): the uninterrupted run's losses exactly.
+    let half = run("emulated", "half", 4);
+    let a = set(
+        train_args(&half, &train, 8, &["--base-precision", "int8", "--decay", "constant", "--resume"]),
+        "--method",
+        "lora",
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", "emulated").args(a).output().unwrap();
+    ok(&o);
+    assert_eq!(train_losses(&half), dotl);
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// The training losses of the run in `dir`, by step.

@@ -46,6 +46,30 @@ pub struct Profile {
     /// On the CPU: the f32 matrix-product rate this machine reaches (a 1024^3 product through the
     /// same GEMM, best of three, measured before the steps), the ceiling the rows are read against.
     pub peak_gflops: Option<f64>,
+    /// On the CPU with an int8 base: the path its products take (`TUNA_CPU_MATRIX`'s names:
+    /// `amx`, `avx512-vnni`, `avx-vnni`, `emulated`, `widen`).
+    pub int8_path: Option<String>,
+    /// With an int8 base on an integer dot-product path: that path's rate on a 1024^3 product
+    /// (GOP/s, 2 per multiply-add, activation quantization included), the ceiling its
+    /// `matmul (int8 base)` row is read against (the widen path's is the f32 GEMM rate).
+    pub int8_peak_gops: Option<f64>,
+}
+
+/// The int8 dot-product path's rate with the threads the run has: `x W^T` at 1024^3 through
+/// `path` (quantizing `x` included), best of three.
+pub fn cpu_int8_gops(isa: tuna_kernels::ops::lowp::DotIsa) -> f64 {
+    use tuna_kernels::ops::lowp::{dot, BasePrecision, PackedWeight};
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
+    let Ok(w) = PackedWeight::pack("peak", &a, n, n, false, BasePrecision::Int8) else { return f64::NAN };
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dot::linear_fwd(isa, &w, n, &a, &mut c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
 }
 
 /// The f32 GEMM rate of this CPU with the threads the run has: `C = A B` at 1024^3, best of three.
@@ -82,7 +106,11 @@ pub fn profile_as<B: Backend<E>, E: RunFloat>(
     use tuna_autograd::stats;
     crate::run::check_precision::<E>(cfg)?;
     let mut s: Setup<B, E> = setup(dev, cfg)?;
-    let peak_gflops = dev.device_name().starts_with("cpu").then(cpu_gemm_gflops);
+    let on_cpu = dev.device_name().starts_with("cpu");
+    let peak_gflops = on_cpu.then(cpu_gemm_gflops);
+    let int8_path = (on_cpu && cfg.base_precision == tuna_models::model::BasePrecision::Int8)
+        .then(tuna_kernels::ops::lowp::matrix_path);
+    let int8_peak_gops = int8_path.and_then(|p| p.dot_isa()).map(cpu_int8_gops);
     let mut opt = optimizer(cfg, &s.params)?;
     let mut cursor = Cursor::default();
     s.model.adapt().set_training(true);
@@ -141,5 +169,7 @@ pub fn profile_as<B: Backend<E>, E: RunFloat>(
         peak_saved_bytes: snap.peak_saved_bytes.saturating_sub(held_before),
         rows,
         peak_gflops,
+        int8_path: int8_path.map(|p| p.name().to_string()),
+        int8_peak_gops,
     })
 }

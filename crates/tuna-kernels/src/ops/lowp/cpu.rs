@@ -1,8 +1,10 @@
-//! The low-precision products on the CPU, widen-to-f32 path: blocks of weight rows are widened
-//! (bf16) or dequantized (int8, q4) into a per-thread scratch of `F`, then the `gemm` crate multiplies
-//! (its f32/f64 microkernels, dispatched at run time, rayon across the threads).
+//! The low-precision products on the CPU. An int8 weight in f32 products takes the dot-product
+//! path [`matrix_path`] picks ([`super::dot`]) where there is one; everything else the widen-to-f32
+//! path: blocks of weight rows are widened (bf16) or dequantized (int8, q4) into a per-thread
+//! scratch of `F`, then the `gemm` crate multiplies (its f32/f64 microkernels, dispatched at run
+//! time, rayon across the threads).
 
-use super::{check, LowpKernel, PackedWeight};
+use super::{check, dot, matrix_path, BasePrecision, DotIsa, LowpKernel, PackedWeight};
 use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -79,9 +81,35 @@ fn each_block<F: CpuFloat>(w: &PackedWeight, mut f: impl FnMut(usize, usize, &[F
     })
 }
 
+/// The dot-product instructions for an int8 weight in `F` products on this CPU, if any (f32 only:
+/// f64 products stay exact against the stored weight).
+fn dot_isa<F: 'static>(w: &PackedWeight) -> Option<DotIsa> {
+    if w.precision() != BasePrecision::Int8 || std::any::TypeId::of::<F>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    matrix_path().dot_isa()
+}
+
+/// `s` as f32 (`F` is f32: checked by [`dot_isa`]).
+fn as_f32<F: 'static>(s: &[F]) -> &[f32] {
+    assert_eq!(std::any::TypeId::of::<F>(), std::any::TypeId::of::<f32>());
+    // SAFETY: F is f32 (asserted): same layout, same length.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
+}
+
+fn as_f32_mut<F: 'static>(s: &mut [F]) -> &mut [f32] {
+    assert_eq!(std::any::TypeId::of::<F>(), std::any::TypeId::of::<f32>());
+    // SAFETY: as in `as_f32`, and the borrow is `s`'s.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
+}
+
 impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
     fn lowp_linear_fwd(&self, w: &PackedWeight, m: usize, x: &[F], y: &mut [F]) -> Result<()> {
         check(w, m, ("x", x.len()), ("y", y.len()), true)?;
+        if let Some(isa) = dot_isa::<F>(w) {
+            dot::linear_fwd(isa, w, m, as_f32(x), as_f32_mut(y));
+            return Ok(());
+        }
         let (out, inp) = (w.out_features(), w.in_features());
         each_block::<F>(w, |r0, rows, s| {
             // y[:, r0..r0+rows] = x[m, inp] s^T, s stored [rows, inp].
@@ -117,6 +145,10 @@ impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
 
     fn lowp_linear_bwd(&self, w: &PackedWeight, m: usize, dy: &[F], dx: &mut [F]) -> Result<()> {
         check(w, m, ("dy", dy.len()), ("dx", dx.len()), false)?;
+        if let Some(isa) = dot_isa::<F>(w).filter(|_| w.out_features() <= dot::MAX_OUT) {
+            dot::linear_bwd(isa, w, m, as_f32(dy), as_f32_mut(dx));
+            return Ok(());
+        }
         let (out, inp) = (w.out_features(), w.in_features());
         each_block::<F>(w, |r0, rows, s| {
             // dx[m, inp] += dy[:, r0..r0+rows] s, s stored [rows, inp].

@@ -11,30 +11,36 @@
 //! Q4_0 / Q4_1 blocks ([`q4`]; 18 or 20 bytes per 32 weights, 5/32 of f32's bytes for Q4_1),
 //! taken as they are by [`PackedWeight::from_q4`], rows `[out]` of blocks along `in`.
 //!
-//! Compute, CPU: the instruction path [`matrix_path`] picks at run time. On every x86-64 CPU here
-//! today the path is [`MatrixPath::WidenF32`]: a block of rows is widened (bf16) or dequantized
-//! (int8, q4) into a per-thread f32 scratch (reused from call to call: a step allocates nothing after
-//! the first), and the `gemm` crate's runtime-dispatched f32 microkernels run on it. Activations
-//! and gradients stay f32, so the only error is the weight's rounding. The int8 instruction paths
-//! (AVX-512 VNNI `vpdpbusd`, AMX tiles) are named by [`matrix_path`] but have no kernel yet.
+//! Compute, CPU, int8: the instruction path [`matrix_path`] picks at run time. Where the CPU has
+//! integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`) the
+//! products run in integers ([`dot`]: activations and output gradients quantized per row on the
+//! fly, i32 sums per weight group, f32 after); otherwise, and for bf16 and q4 on every CPU, the
+//! widen path ([`MatrixPath::WidenF32`]): a block of rows is widened (bf16) or dequantized (int8,
+//! q4) into a per-thread f32 scratch (reused from call to call: a step allocates nothing after the
+//! first), and the `gemm` crate's runtime-dispatched f32 microkernels run on it, so the only error
+//! is the weight's rounding. f64 products always take the widen path.
 //!
 //! Error bounds (tested against an f64 product with the original f32 weight, `tests.rs`): per
 //! output element `|y - y_ref| <= e_w * sum_k |x_k| |w_k| + f32 rounding`, with `e_w = 2^-8`
 //! relative for bf16 (round to nearest even with 8 significant bits: `|w - bf16(w)| <= 2^-8 |w|`,
 //! the bound itself), and for int8 the absolute weight error `max|w_group| / 254` (the group
-//! holding `w_k`) in place of `e_w |w_k|`. q4 has no rounding of its own here (the weight *is* the file's blocks): its
+//! holding `w_k`) in place of `e_w |w_k|`; the dot path adds the activation's rounding ([`dot`]). q4 has no rounding of its own here (the weight *is* the file's blocks): its
 //! products equal f32 products with the blocks dequantized (the same f32 numbers the GGUF
 //! reader's dequant-at-load gives) up to f32 summation order. CUDA has no low-precision base here:
 //! its frozen weights go bf16 through the mixed-precision design instead.
 
 mod cpu;
 mod cuda;
+pub mod dot;
 pub mod q4;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_dot;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+pub use dot::DotIsa;
 use half::bf16;
 pub use q4::{Q4Format, Q4_BLOCK};
 
@@ -85,17 +91,52 @@ impl std::str::FromStr for BasePrecision {
     }
 }
 
-/// The matrix instructions a low-precision product can use on this CPU, best first.
+/// The instructions an int8 base's products use, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatrixPath {
-    /// AMX tiles (bf16 and int8), Sapphire Rapids and later.
+    /// AMX tiles (`tdpbusd`), Sapphire Rapids and later.
     Amx,
-    /// AVX-512 VNNI (`vpdpbusd`) and, where present, AVX512_BF16.
+    /// AVX-512 VNNI (`vpdpbusd` on 512-bit registers).
     Avx512Vnni,
-    /// AVX-VNNI on 256-bit registers (Alder Lake, Zen 5).
+    /// AVX-VNNI (`vpdpbusd` on 256-bit registers: Alder Lake, Zen 5).
     AvxVnni,
-    /// No integer or bf16 dot-product instruction: widen to f32, f32 FMA.
+    /// The int8 dot-product path with its instructions computed in portable Rust: the same
+    /// numbers as the three above (see [`dot`]), far slower; chosen only by `TUNA_CPU_MATRIX`.
+    Emulated,
+    /// No integer dot-product instruction: widen a block of weights to f32, f32 FMA.
     WidenF32,
+}
+
+impl MatrixPath {
+    pub const ALL: [MatrixPath; 5] =
+        [MatrixPath::Amx, MatrixPath::Avx512Vnni, MatrixPath::AvxVnni, MatrixPath::Emulated, MatrixPath::WidenF32];
+
+    /// The name `TUNA_CPU_MATRIX` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatrixPath::Amx => "amx",
+            MatrixPath::Avx512Vnni => "avx512-vnni",
+            MatrixPath::AvxVnni => "avx-vnni",
+            MatrixPath::Emulated => "emulated",
+            MatrixPath::WidenF32 => "widen",
+        }
+    }
+
+    /// The dot-product instructions of this path (`None` for the widen path).
+    pub fn dot_isa(self) -> Option<DotIsa> {
+        match self {
+            MatrixPath::Amx => Some(DotIsa::Amx),
+            MatrixPath::Avx512Vnni => Some(DotIsa::Avx512Vnni),
+            MatrixPath::AvxVnni => Some(DotIsa::AvxVnni),
+            MatrixPath::Emulated => Some(DotIsa::Emulated),
+            MatrixPath::WidenF32 => None,
+        }
+    }
+
+    /// Whether this CPU (and, for AMX, the operating system) can run it.
+    pub fn available(self) -> bool {
+        self.dot_isa().is_none_or(DotIsa::available)
+    }
 }
 
 /// What this CPU offers for matrix products, detected once.
@@ -162,9 +203,10 @@ impl CpuMatrixFeatures {
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
 
-    /// The best path the instructions allow.
+    /// The best int8 path the instructions allow (AMX also needs the operating system's leave:
+    /// [`MatrixPath::available`]).
     pub fn best(&self) -> MatrixPath {
-        if self.amx_tile && (self.amx_int8 || self.amx_bf16) {
+        if self.amx_tile && self.amx_int8 {
             MatrixPath::Amx
         } else if self.avx512_vnni {
             MatrixPath::Avx512Vnni
@@ -176,10 +218,43 @@ impl CpuMatrixFeatures {
     }
 }
 
-/// The path low-precision products take on this CPU: the widen-to-f32 path, the only one with a
-/// kernel today, whatever [`CpuMatrixFeatures::best`] says is available.
+/// The environment variable that picks the int8 base's path by [`MatrixPath::name`] (tests and
+/// benchmarks; unset: the best this CPU has).
+pub const MATRIX_ENV: &str = "TUNA_CPU_MATRIX";
+
+/// The path an int8 base's products take in this process: `TUNA_CPU_MATRIX` if set, otherwise the
+/// best this CPU runs (AMX, then AVX-512 VNNI, then AVX-VNNI, then the widen path). An unknown or
+/// unavailable name is an error naming the variable and the paths this CPU has. bf16 and q4 bases
+/// take the widen path on every CPU (no AVX512_BF16 or AMX-BF16 kernel yet).
+pub fn matrix_path_checked() -> std::result::Result<MatrixPath, String> {
+    static PATH: std::sync::OnceLock<std::result::Result<MatrixPath, String>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let here: Vec<&str> = MatrixPath::ALL.iter().filter(|p| p.available()).map(|p| p.name()).collect();
+        match std::env::var(MATRIX_ENV) {
+            Ok(v) if !v.is_empty() => match MatrixPath::ALL.iter().find(|p| p.name() == v) {
+                Some(p) if p.available() => Ok(*p),
+                Some(_) => {
+                    Err(format!("{MATRIX_ENV}={v}: this CPU cannot run that path (it runs: {})", here.join(", ")))
+                }
+                None => Err(format!(
+                    "{MATRIX_ENV}={v}: unknown path (expected one of: {}; this CPU runs: {})",
+                    MatrixPath::ALL.map(|p| p.name()).join(", "),
+                    here.join(", ")
+                )),
+            },
+            _ => Ok([MatrixPath::Amx, MatrixPath::Avx512Vnni, MatrixPath::AvxVnni]
+                .into_iter()
+                .find(|p| p.available())
+                .unwrap_or(MatrixPath::WidenF32)),
+        }
+    })
+    .clone()
+}
+
+/// [`matrix_path_checked`], with the widen path where `TUNA_CPU_MATRIX` names a path this CPU
+/// cannot take (the command line refuses that before any product runs).
 pub fn matrix_path() -> MatrixPath {
-    MatrixPath::WidenF32
+    matrix_path_checked().unwrap_or(MatrixPath::WidenF32)
 }
 
 /// Weights per int8 scale: each output channel's inputs in groups of 64 (the last one shorter

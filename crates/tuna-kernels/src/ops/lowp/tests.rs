@@ -7,8 +7,23 @@ fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// `y[m, out] = x w^T` in f64 with the original f32 weight `[out, in]`, and the bound on each
-/// element: `sum_k |x_k| * err(w_row, k)`.
+/// element: `sum_k |x_k| * err(w_row, k)`, plus, where int8 products take a dot-product path
+/// (this CPU's [`matrix_path`]), the activation's rounding `max|x_row| / 254 * sum_k |w~_k|`.
 fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrecision) -> (Vec<f64>, Vec<f64>) {
+    let act = p == BasePrecision::Int8 && matrix_path().dot_isa().is_some();
+    reference_on(x, w, m, out, inp, p, act)
+}
+
+/// [`reference`], with the activation's rounding in the bound when `act`.
+pub(super) fn reference_on(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    out: usize,
+    inp: usize,
+    p: BasePrecision,
+    act: bool,
+) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0f64; m * out];
     let mut bound = vec![0f64; m * out];
     for o in 0..out {
@@ -20,16 +35,21 @@ fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrec
         };
         for r in 0..m {
             let (mut acc, mut b, mut mag) = (0f64, 0f64, 0f64);
+            let ex = if act {
+                x[r * inp..(r + 1) * inp].iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0
+            } else {
+                0.0
+            };
             for k in 0..inp {
                 let (xv, wv) = (x[r * inp + k] as f64, row[k] as f64);
                 acc += xv * wv;
                 mag += (xv * wv).abs();
-                b += xv.abs()
-                    * match p {
-                        BasePrecision::Bf16 => wv.abs() / 256.0,
-                        BasePrecision::Int8 => amax(k) / 254.0,
-                        BasePrecision::F32 | BasePrecision::Q4 => 0.0,
-                    };
+                let ew = match p {
+                    BasePrecision::Bf16 => wv.abs() / 256.0,
+                    BasePrecision::Int8 => amax(k) / 254.0,
+                    BasePrecision::F32 | BasePrecision::Q4 => 0.0,
+                };
+                b += xv.abs() * ew + ex * (wv.abs() + ew) * (1.0 + 1e-6);
             }
             y[r * out + o] = acc;
             // f32 accumulation over `inp` terms: a generous 4 * inp * 2^-24 of the magnitudes.
@@ -97,9 +117,13 @@ fn backward_accumulates_within_the_bound() {
                 let g0 = k / g * g;
                 w[o * inp + g0..o * inp + (g0 + g).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
             };
+            let act = p == BasePrecision::Int8 && matrix_path().dot_isa().is_some();
             for r in 0..m {
                 for k in 0..inp {
                     let (mut acc, mut b) = (before[r * inp + k] as f64, 1e-30);
+                    if act {
+                        b += super::tests_dot::dy_rounding(&dy[r * out..(r + 1) * out], &w, out, inp, k);
+                    }
                     for o in 0..out {
                         let (g, wv) = (dy[r * out + o] as f64, wt[k * out + o] as f64);
                         acc += g * wv;

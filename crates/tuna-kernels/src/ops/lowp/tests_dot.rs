@@ -1,0 +1,207 @@
+//! The int8 dot-product path ([`super::dot`]): each instruction path against an f64 reference
+//! within the documented bound, the hardware paths against the emulated one bit for bit, and the
+//! integer tiles against a plain integer product. A path this CPU cannot run is skipped by name.
+
+use super::dot::{self, DotIsa};
+use super::tests::reference_on;
+use super::*;
+use crate::rng::SplitMix64 as Rng;
+use crate::testing::note_skip;
+
+fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
+}
+
+/// The paths this CPU runs; each one it cannot run is skipped by name for `test`.
+fn runnable(test: &str, isas: &[DotIsa]) -> Vec<DotIsa> {
+    isas.iter()
+        .copied()
+        .filter(|isa| {
+            let ok = isa.available();
+            if !ok {
+                note_skip(&format!("{test}[{}]", isa.name()), &format!("this CPU cannot run {}", isa.name()));
+            }
+            ok
+        })
+        .collect()
+}
+
+/// The bound on `dx[r, k]`'s error from quantizing `dy`'s row `r` for `k`'s group: the rows of
+/// `z = dy * sw[:, g]` are rounded to `max|z| / 254`, and each meets `|q[o, k]| = |w~[o, k]| / sw[o, g]`.
+pub(super) fn dy_rounding(dy: &[f32], w: &[f32], out: usize, inp: usize, k: usize) -> f64 {
+    let g0 = k / INT8_GROUP * INT8_GROUP;
+    let sw: Vec<f64> = (0..out)
+        .map(|o| {
+            w[o * inp + g0..o * inp + (g0 + INT8_GROUP).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
+                / 127.0
+        })
+        .collect();
+    let ez = (0..out).map(|o| (dy[o] as f64 * sw[o]).abs()).fold(0f64, f64::max) / 254.0;
+    let q: f64 = (0..out).filter(|&o| sw[o] > 0.0).map(|o| (w[o * inp + k].abs() as f64 + sw[o] / 2.0) / sw[o]).sum();
+    ez * q * (1.0 + 1e-6)
+}
+
+const SHAPES: [(usize, usize, usize); 7] =
+    [(1, 1, 1), (5, 7, 3), (17, 33, 65), (16, 16, 64), (33, 70, 130), (40, 100, 200), (3, 150, 2085)];
+
+#[test]
+fn every_dot_path_is_within_the_documented_bound() {
+    let test = "lowp::every_dot_path_is_within_the_documented_bound";
+    let mut rng = Rng::new(21);
+    for isa in runnable(test, &DotIsa::ALL) {
+        for &(m, out, inp) in &SHAPES {
+            let x = rand(&mut rng, m * inp, 1.0);
+            let w = rand(&mut rng, out * inp, 0.2);
+            let pw = PackedWeight::pack("w", &w, out, inp, false, BasePrecision::Int8).unwrap();
+            let mut y = vec![f32::NAN; m * out];
+            dot::linear_fwd(isa, &pw, m, &x, &mut y);
+            let (r, b) = reference_on(&x, &w, m, out, inp, BasePrecision::Int8, true);
+            for i in 0..m * out {
+                let err = (y[i] as f64 - r[i]).abs();
+                assert!(
+                    err <= b[i],
+                    "{} fwd m={m} out={out} in={inp} [{i}]: {} vs {} (err {err:e} > {:e})",
+                    isa.name(),
+                    y[i],
+                    r[i],
+                    b[i]
+                );
+            }
+
+            let dy = rand(&mut rng, m * out, 1.0);
+            let before = rand(&mut rng, m * inp, 1.0);
+            let mut dx = before.clone();
+            dot::linear_bwd(isa, &pw, m, &dy, &mut dx);
+            for rr in 0..m {
+                for k in 0..inp {
+                    let g0 = k / INT8_GROUP * INT8_GROUP;
+                    let (mut acc, mut bound) = (before[rr * inp + k] as f64, 1e-30);
+                    bound += dy_rounding(&dy[rr * out..(rr + 1) * out], &w, out, inp, k);
+                    for o in 0..out {
+                        let (g, wv) = (dy[rr * out + o] as f64, w[o * inp + k] as f64);
+                        let amax = w[o * inp + g0..o * inp + (g0 + INT8_GROUP).min(inp)]
+                            .iter()
+                            .fold(0f32, |a, v| a.max(v.abs())) as f64;
+                        acc += g * wv;
+                        bound += g.abs() * amax / 254.0 + (g * wv).abs() * 4.0 * out as f64 * f32::EPSILON as f64;
+                    }
+                    let got = dx[rr * inp + k] as f64;
+                    assert!(
+                        (got - acc).abs() <= bound,
+                        "{} bwd m={m} out={out} in={inp} [{rr},{k}]: {got} vs {acc} (bound {bound:e})",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn hardware_dot_paths_give_the_emulated_bits() {
+    let test = "lowp::hardware_dot_paths_give_the_emulated_bits";
+    let mut rng = Rng::new(5);
+    for isa in runnable(test, &[DotIsa::AvxVnni, DotIsa::Avx512Vnni, DotIsa::Amx]) {
+        for &(m, out, inp) in SHAPES.iter().chain(&[(70, 300, 576)]) {
+            let x = rand(&mut rng, m * inp, 3.0);
+            let w = rand(&mut rng, out * inp, 0.1);
+            let pw = PackedWeight::pack("w", &w, out, inp, false, BasePrecision::Int8).unwrap();
+            let (mut y0, mut y1) = (vec![0f32; m * out], vec![0f32; m * out]);
+            dot::linear_fwd(DotIsa::Emulated, &pw, m, &x, &mut y0);
+            dot::linear_fwd(isa, &pw, m, &x, &mut y1);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y0), bits(&y1), "{} fwd m={m} out={out} in={inp}", isa.name());
+            let dy = rand(&mut rng, m * out, 1.0);
+            let (mut d0, mut d1) = (x.clone(), x.clone());
+            dot::linear_bwd(DotIsa::Emulated, &pw, m, &dy, &mut d0);
+            dot::linear_bwd(isa, &pw, m, &dy, &mut d1);
+            assert_eq!(bits(&d0), bits(&d1), "{} bwd m={m} out={out} in={inp}", isa.name());
+        }
+    }
+}
+
+#[test]
+fn integer_tiles_are_the_plain_integer_products() {
+    // Every byte value, both signs of B at their extremes (-128 included), sums of several
+    // chunks, a row stride wider than the chunks read.
+    let test = "lowp::integer_tiles_are_the_plain_integer_products";
+    let mut rng = Rng::new(9);
+    let (per, sums, stride) = (3, 2, 64 * 6 + 32);
+    let a: Vec<u8> = (0..16 * stride).map(|_| rng.next_u64() as u8).collect();
+    let b: Vec<i8> = (0..1024 * per * sums).map(|_| rng.next_u64() as i8).collect();
+    let mut want = vec![0i32; 256 * sums];
+    for t in 0..sums {
+        for j in t * per..(t + 1) * per {
+            for r in 0..16 {
+                for c in 0..16 {
+                    for k in 0..64 {
+                        let bv = b[j * 1024 + (k / 4) * 64 + c * 4 + k % 4] as i32;
+                        want[t * 256 + r * 16 + c] += a[r * stride + 64 * j + k] as i32 * bv;
+                    }
+                }
+            }
+        }
+    }
+    for isa in runnable(test, &DotIsa::ALL) {
+        let mut c = vec![7i32; 256 * sums];
+        dot::tiles(isa, &a, stride, &b, per, sums, &mut c);
+        assert_eq!(c, want, "{}", isa.name());
+    }
+}
+
+#[test]
+fn dot_paths_keep_zero_rows_zero_and_non_finite_rows_non_finite() {
+    let test = "lowp::dot_paths_keep_zero_rows_zero_and_non_finite_rows_non_finite";
+    let mut rng = Rng::new(13);
+    let (m, out, inp) = (20, 24, 70);
+    let w = rand(&mut rng, out * inp, 0.3);
+    let pw = PackedWeight::pack("w", &w, out, inp, false, BasePrecision::Int8).unwrap();
+    for isa in runnable(test, &DotIsa::ALL) {
+        let mut x = rand(&mut rng, m * inp, 1.0);
+        x[3 * inp..4 * inp].fill(0.0);
+        let mut clean = vec![0f32; m * out];
+        dot::linear_fwd(isa, &pw, m, &x, &mut clean);
+        assert!(clean[3 * out..4 * out].iter().all(|&v| v == 0.0), "{}", isa.name());
+        x[5 * inp + 7] = f32::NAN;
+        x[9 * inp + 1] = f32::INFINITY;
+        let mut y = vec![0f32; m * out];
+        dot::linear_fwd(isa, &pw, m, &x, &mut y);
+        for r in 0..m {
+            let row = &y[r * out..(r + 1) * out];
+            if r == 5 || r == 9 {
+                assert!(row.iter().all(|v| v.is_nan()), "{} row {r}: {row:?}", isa.name());
+            } else {
+                // A row's quantization is its own: the other rows are unchanged.
+                assert_eq!(row, &clean[r * out..(r + 1) * out], "{} row {r}", isa.name());
+            }
+        }
+        let mut dy = rand(&mut rng, m * out, 1.0);
+        dy[2 * out + 3] = f32::NAN;
+        let mut dx = vec![0f32; m * inp];
+        dot::linear_bwd(isa, &pw, m, &dy, &mut dx);
+        for r in 0..m {
+            let row = &dx[r * inp..(r + 1) * inp];
+            assert_eq!(row.iter().all(|v| v.is_nan()), r == 2, "{} dx row {r}", isa.name());
+            assert!(r == 2 || row.iter().all(|v| v.is_finite()), "{} dx row {r}", isa.name());
+        }
+    }
+}
+
+#[test]
+fn the_chosen_path_is_one_this_cpu_runs() {
+    // Unset, TUNA_CPU_MATRIX leaves the choice to the CPU: the best path it runs. (CI may set it
+    // to test another path; then that path must be runnable here.)
+    let p = matrix_path_checked().expect("TUNA_CPU_MATRIX names a path this CPU runs");
+    assert!(p.available(), "{p:?}");
+    if std::env::var(MATRIX_ENV).is_err() {
+        let best = [MatrixPath::Amx, MatrixPath::Avx512Vnni, MatrixPath::AvxVnni]
+            .into_iter()
+            .find(|p| p.available())
+            .unwrap_or(MatrixPath::WidenF32);
+        assert_eq!(p, best);
+    }
+    for p in MatrixPath::ALL {
+        assert_eq!(MatrixPath::ALL.iter().filter(|q| q.name() == p.name()).count(), 1);
+        assert_eq!(p.dot_isa().is_none(), p == MatrixPath::WidenF32);
+    }
+}
