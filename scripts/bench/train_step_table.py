@@ -83,9 +83,12 @@ def main():
     div = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     tps = lambda r: r["tokens_per_s"] if r else None  # noqa: E731
 
+    int8_paths = sorted({r.get("int8_path") or "widen" for r in rows.values()
+                         if r.get("side") == "tuna" and r.get("base_precision") == "int8"})
     print(f"threads {any_row['threads']}; tokens/s count content tokens only (batch x seq per step); "
           f"ratios are against PyTorch + PEFT f32; tuna bf16/int8 = frozen block weights held in bf16 / int8 "
-          f"per output channel (full fine-tuning is f32 only)\n")
+          f"(one scale per 64 inputs of an output channel; full fine-tuning is f32 only); "
+          f"int8 products on: {', '.join(int8_paths) or '—'} (TUNA_CPU_MATRIX's names; widen = f32 FMA)\n")
     print("| model | method | batch x seq | PyTorch f32 tok/s | PyTorch bf16-autocast tok/s "
           "| tuna f32 tok/s | ratio | tuna bf16 tok/s | ratio | tuna int8 tok/s | ratio "
           "| PyTorch f32 peak MiB | tuna f32 MiB | tuna bf16 MiB | tuna int8 MiB | best tuna / PyTorch mem "

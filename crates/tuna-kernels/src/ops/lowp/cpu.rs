@@ -145,7 +145,7 @@ impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
 
     fn lowp_linear_bwd(&self, w: &PackedWeight, m: usize, dy: &[F], dx: &mut [F]) -> Result<()> {
         check(w, m, ("dy", dy.len()), ("dx", dx.len()), false)?;
-        if let Some(isa) = dot_isa::<F>(w).filter(|_| w.out_features() <= dot::MAX_OUT) {
+        if let Some(isa) = dot_isa::<F>(w) {
             dot::linear_bwd(isa, w, m, as_f32(dy), as_f32_mut(dx));
             return Ok(());
         }

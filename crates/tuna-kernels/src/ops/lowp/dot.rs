@@ -8,10 +8,11 @@
 //! integer sum `I = sum_{k in g} qx_k q_k` is exact in i32, and
 //! `y = sx * sum_g f32(I_g) * sw_g` (f32, groups in order).
 //!
-//! **Input gradient**, `dx += dy W`: the reduction runs over the output channels, whose scales
-//! differ from group to group of the inputs, so for each group `g` of `dx`'s columns the rows of
-//! `z = dy * sw[:, g]` are quantized (one scale per row and group) and
-//! `dx[:, g] += sz * f32(sum_o qz_o q_o)`.
+//! **Input gradient**, `dx += dy W`: the same product with the roles turned. Its reduction runs
+//! over the output channels, whose int8 scales differ from one input group to the next, so the
+//! stored weight `w~ = q * sw` is requantized per call for it: `W^T`, one scale per 64 output
+//! channels of each input column (the forward's grouping, along this product's reduction). The rows
+//! of `dy` are quantized per row as `x`'s are, and `dx += sdy * sum_g f32(I_g) * st_g`.
 //!
 //! The instructions multiply unsigned by signed bytes, so the quantized activations are stored
 //! shifted by 128 (`u = q + 128`, in 1..=255) and `128 * sum q_w` is taken off the integer sum
@@ -23,12 +24,11 @@
 //! **Error bound** (tested against an f64 product with the original f32 weight): per output
 //! element `|y - y_ref| <= sum_k (|x_k| e_w(k) + e_x |w~_k|) + f32 rounding`, where `e_w(k) =
 //! max|w_group(k)| / 254` (the weight's rounding), `e_x = max|x_row| / 254` (the activation's)
-//! and `w~` the stored weight; for `dx` the same with `dy`'s rows per group in place of `x`'s.
+//! and `w~` the stored weight; for `dx` the same with `dy`'s row, plus the requantization's
+//! `|dy_o| max|w~_(group of o, column k)| / 254`.
 //!
-//! **Limits**: the input gradient's integer sum runs over all output channels in i32, so the dot
-//! path takes weights of at most [`MAX_OUT`] output channels (the widen path takes larger ones).
-//! The packed layouts are made per call from the int8 base (one pass over its bytes, shared by
-//! the threads), not held: holding them would add a byte per weight for each product.
+//! The packed layouts are made per call from the int8 base (one pass over its bytes, shared by the
+//! threads), not held: holding them would add a byte per weight for each product.
 
 use super::{PackedWeight, Store, INT8_GROUP};
 use rayon::prelude::*;
@@ -88,10 +88,6 @@ const CH: usize = 64;
 const _: () = assert!(INT8_GROUP == CH, "the dot path takes one int8 group per 64-byte chunk");
 /// Bytes of one B chunk: 64 reduction values x 16 columns.
 const BCH: usize = CH * T;
-
-/// Most output channels the dot path's input gradient takes: its i32 sum over them of products of
-/// at most 255 x 127 stays below 2^31.
-pub const MAX_OUT: usize = 65536;
 
 /// `c[t] = sum_{j in t*per..(t+1)*per} A_j B_j` for `t in 0..sums` (each `c[t]` a 16 x 16 i32
 /// tile, row-major): `A_j` is 16 rows of 64 unsigned bytes at `a[r * a_stride + 64 j..]`, `B_j`
@@ -261,71 +257,129 @@ mod amx {
 }
 
 thread_local! {
-    /// Per-thread buffers kept from call to call: quantized rows, integer tiles.
+    /// Per-thread buffers kept from call to call: quantized rows, integer tiles, f32 row scales
+    /// and accumulators.
     static ROWS: RefCell<(Vec<u8>, Vec<i32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-}
-
-thread_local! {
     /// The calling thread's packed weight layout, kept from call to call.
     static PACK: RefCell<(Vec<i8>, Vec<i32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// Runs `f` with this thread's kept packing buffers, zeroed, of the lengths asked (fresh ones if
-/// they are in use further up this thread's stack).
-fn with_pack<R>(nb: usize, ni: usize, nf: usize, f: impl FnOnce(&mut [i8], &mut [i32], &mut [f32]) -> R) -> R {
-    PACK.with(|cell| match cell.try_borrow_mut() {
+type Bufs<A, B, C> = RefCell<(Vec<A>, Vec<B>, Vec<C>)>;
+
+/// Runs `f` on `cell`'s buffers (fresh ones if they are in use further up this thread's stack),
+/// grown to the lengths asked and zeroed.
+fn with_bufs<A: Copy + Default, B: Copy + Default, C: Copy + Default, R>(
+    cell: &'static std::thread::LocalKey<Bufs<A, B, C>>,
+    (na, nb, nc): (usize, usize, usize),
+    f: impl FnOnce(&mut [A], &mut [B], &mut [C]) -> R,
+) -> R {
+    cell.with(|cell| match cell.try_borrow_mut() {
         Ok(mut v) => {
-            let (b, i, s) = &mut *v;
-            b.resize(b.len().max(nb), 0);
-            i.resize(i.len().max(ni), 0);
-            s.resize(s.len().max(nf), 0.0);
-            let (b, i, s) = (&mut b[..nb], &mut i[..ni], &mut s[..nf]);
-            b.fill(0);
-            i.fill(0);
-            s.fill(0.0);
-            f(b, i, s)
+            let (a, b, c) = &mut *v;
+            a.resize(a.len().max(na), A::default());
+            b.resize(b.len().max(nb), B::default());
+            c.resize(c.len().max(nc), C::default());
+            let (a, b, c) = (&mut a[..na], &mut b[..nb], &mut c[..nc]);
+            a.fill(A::default());
+            b.fill(B::default());
+            c.fill(C::default());
+            f(a, b, c)
         }
-        Err(_) => f(&mut vec![0; nb], &mut vec![0; ni], &mut vec![0.0; nf]),
+        Err(_) => f(&mut vec![A::default(); na], &mut vec![B::default(); nb], &mut vec![C::default(); nc]),
     })
 }
 
-/// Runs `f` with this thread's kept buffers grown to the lengths asked (fresh ones if they are
-/// in use by a caller further up this thread's stack).
-fn with_rows<R>(nu: usize, ni: usize, nf: usize, f: impl FnOnce(&mut [u8], &mut [i32], &mut [f32]) -> R) -> R {
-    ROWS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            let (u, i, s) = &mut *v;
-            u.resize(u.len().max(nu), 0);
-            i.resize(i.len().max(ni), 0);
-            s.resize(s.len().max(nf), 0.0);
-            f(&mut u[..nu], &mut i[..ni], &mut s[..nf])
-        }
-        Err(_) => f(&mut vec![0; nu], &mut vec![0; ni], &mut vec![0.0; nf]),
-    })
+/// `v` rounded to the nearest integer, ties to even, for `|v| <= 2^22` (adding and taking off
+/// 1.5 * 2^23 leaves no fraction bits; plain arithmetic, so it vectorizes where `round` is a call).
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const M: f32 = 12_582_912.0;
+    (v + M) - M
 }
 
-/// Quantizes `src` (one row, `len` values) to `dst` shifted by 128 (`dst.len() >= len`; the rest
-/// is set to 128, a zero) and returns the row's scale: NaN when the row holds a non-finite value,
-/// so that its outputs are NaN as an f32 product's would be; 0 for a row of zeros.
-fn quantize_row(src: impl Iterator<Item = f32> + Clone, dst: &mut [u8]) -> f32 {
-    let mut amax = 0f32;
-    for v in src.clone() {
-        if !v.is_finite() {
-            dst.fill(128);
-            return f32::NAN;
-        }
+/// Quantizes `src` to `dst` shifted by 128 (`dst.len() >= src.len()`; the rest is set to 128, a
+/// zero) and returns the row's scale: NaN when the row holds a non-finite value, so that its
+/// outputs are NaN as an f32 product's would be; 0 for a row of zeros.
+fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
+    let (mut amax, mut finite) = (0f32, true);
+    for &v in src {
+        finite &= v.is_finite();
         amax = amax.max(v.abs());
     }
-    let s = amax / 127.0;
-    let mut n = 0;
-    for (d, v) in dst.iter_mut().zip(src) {
-        // Divided, not multiplied by 1/s (1/s overflows for a row of subnormals).
-        let q = if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i32 } else { 0 };
-        *d = (q + 128) as u8;
-        n += 1;
+    if !finite {
+        dst.fill(128);
+        return f32::NAN;
     }
-    dst[n..].fill(128);
+    let s = amax / 127.0;
+    if s > 0.0 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            // Divided, not multiplied by 1/s (1/s overflows for a row of subnormals); |v / s| <= 127.
+            *d = (round_even(v / s).clamp(-127.0, 127.0) as i32 + 128) as u8;
+        }
+    } else {
+        dst[..src.len()].fill(128);
+    }
+    dst[src.len()..].fill(128);
     s
+}
+
+/// A weight laid out for [`tiles`]: `n` output columns in blocks of 16, each block `groups` chunks
+/// of 64 reduction values (`b`, 1024 bytes a chunk), with each (block, group, column)'s sum of
+/// weights `cs` (for the 128 shift) and scale `s`, both `[block][group][16]`.
+struct Packed<'a> {
+    b: &'a [i8],
+    cs: &'a [i32],
+    s: &'a [f32],
+    n: usize,
+    groups: usize,
+}
+
+/// `y[m, n] = x[m, k] B` (or `+=` when `accumulate`), `x` quantized per row, over the packed `B`
+/// (its reduction `k <= 64 groups`).
+fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32], accumulate: bool) {
+    let (n, groups) = (p.n, p.groups);
+    let (kp, nb) = (groups * CH, n.div_ceil(T));
+    assert!(k <= kp && x.len() >= m * k && y.len() >= m * n);
+    assert!(p.b.len() >= nb * groups * BCH && p.cs.len() >= nb * groups * T && p.s.len() >= nb * groups * T);
+    y[..m * n].par_chunks_mut(T * n).enumerate().for_each(|(rb, yb)| {
+        let rows = yb.len() / n;
+        with_bufs(&ROWS, (T * kp, groups * T * T, T + T * T), |a, c, f| {
+            let (sx, acc) = f.split_at_mut(T);
+            for r in 0..T {
+                let dst = &mut a[r * kp..(r + 1) * kp];
+                if r < rows {
+                    let row = rb * T + r;
+                    sx[r] = quantize_row(&x[row * k..(row + 1) * k], dst);
+                } else {
+                    dst.fill(128);
+                }
+            }
+            for cb in 0..nb {
+                tiles(isa, a, kp, &p.b[cb * groups * BCH..(cb + 1) * groups * BCH], 1, groups, c);
+                acc.fill(0.0);
+                for g in 0..groups {
+                    let (cg, at) = (&c[g * T * T..(g + 1) * T * T], (cb * groups + g) * T);
+                    let (cs, s) = (&p.cs[at..at + T], &p.s[at..at + T]);
+                    for (accr, cr) in acc.chunks_exact_mut(T).zip(cg.chunks_exact(T)) {
+                        for col in 0..T {
+                            accr[col] += (cr[col] - 128 * cs[col]) as f32 * s[col];
+                        }
+                    }
+                }
+                let cols = T.min(n - cb * T);
+                for r in 0..rows {
+                    let (dst, src) = (&mut yb[r * n + cb * T..r * n + cb * T + cols], &acc[r * T..r * T + cols]);
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        if accumulate {
+                            *d += v * sx[r];
+                        } else {
+                            *d = v * sx[r];
+                        }
+                    }
+                }
+            }
+        })
+    });
 }
 
 fn int8_parts(w: &PackedWeight) -> (&[i8], &[f32]) {
@@ -339,148 +393,71 @@ fn int8_parts(w: &PackedWeight) -> (&[i8], &[f32]) {
 pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f32]) {
     let (out, inp) = (w.out_features(), w.in_features());
     let (q, scale) = int8_parts(w);
-    let groups = inp.div_ceil(CH);
-    let ncb = out.div_ceil(T);
-    assert!(x.len() >= m * inp && y.len() >= m * out);
-    // B: per block of 16 output channels, per group, the chunk in vpdpbusd's layout; with each
-    // (channel, group)'s sum of weights (for the 128 shift) and scale. Padding channels and
-    // inputs are zero weights.
-    with_pack(ncb * groups * BCH, ncb * T * groups, ncb * T * groups, |b, cs, sw| {
+    let (groups, nb) = (inp.div_ceil(CH), out.div_ceil(T));
+    // B = W^T: per block of 16 output channels, per input group, the stored int8 values and scale.
+    with_bufs(&PACK, (nb * groups * BCH, nb * groups * T, nb * groups * T), |b, cs, s| {
         b.par_chunks_mut(groups * BCH)
-            .zip(cs.par_chunks_mut(T * groups))
-            .zip(sw.par_chunks_mut(T * groups))
+            .zip(cs.par_chunks_mut(groups * T))
+            .zip(s.par_chunks_mut(groups * T))
             .enumerate()
-            .for_each(|(cb, ((b, cs), sw))| {
+            .for_each(|(cb, ((b, cs), s))| {
                 for col in 0..T.min(out - cb * T) {
                     let o = cb * T + col;
-                    let row = &q[o * inp..(o + 1) * inp];
-                    for (g, grp) in row.chunks(CH).enumerate() {
+                    for (g, grp) in q[o * inp..(o + 1) * inp].chunks(CH).enumerate() {
                         let bg = &mut b[g * BCH..(g + 1) * BCH];
                         for (k, &v) in grp.iter().enumerate() {
                             bg[(k / 4) * 4 * T + col * 4 + k % 4] = v;
                         }
-                        cs[col * groups + g] = grp.iter().map(|&v| v as i32).sum();
-                        sw[col * groups + g] = scale[o * groups + g];
+                        cs[g * T + col] = grp.iter().map(|&v| v as i32).sum();
+                        s[g * T + col] = scale[o * groups + g];
                     }
                 }
             });
-        fwd_rows(isa, (out, inp, groups), m, x, y, b, cs, sw)
+        product(isa, x, m, inp, &Packed { b, cs, s, n: out, groups }, y, false)
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fwd_rows(
-    isa: DotIsa,
-    (out, inp, groups): (usize, usize, usize),
-    m: usize,
-    x: &[f32],
-    y: &mut [f32],
-    b: &[i8],
-    cs: &[i32],
-    sw: &[f32],
-) {
-    let (kp, ncb) = (groups * CH, out.div_ceil(T));
-    y[..m * out].par_chunks_mut(T * out).enumerate().for_each(|(rb, yb)| {
-        let rows = yb.len() / out;
-        with_rows(T * kp, groups * T * T, T, |a, c, sx| {
-            for r in 0..T {
-                let dst = &mut a[r * kp..(r + 1) * kp];
-                sx[r] = if r < rows {
-                    let row = rb * T + r;
-                    quantize_row(x[row * inp..(row + 1) * inp].iter().copied(), dst)
-                } else {
-                    dst.fill(128);
-                    0.0
-                };
-            }
-            for cb in 0..ncb {
-                tiles(isa, a, kp, &b[cb * groups * BCH..(cb + 1) * groups * BCH], 1, groups, c);
-                let cols = T.min(out - cb * T);
-                for r in 0..rows {
-                    for col in 0..cols {
-                        let (cs, sw) = (&cs[(cb * T + col) * groups..], &sw[(cb * T + col) * groups..]);
-                        let mut acc = 0f32;
-                        for g in 0..groups {
-                            let i = c[g * T * T + r * T + col] - 128 * cs[g];
-                            acc += i as f32 * sw[g];
-                        }
-                        yb[r * out + cb * T + col] = acc * sx[r];
-                    }
-                }
-            }
-        })
-    });
-}
-
-/// `dx[m, in] += dy[m, out] W` on `isa`. `out` must be at most [`MAX_OUT`].
+/// `dx[m, in] += dy[m, out] W` on `isa`.
 pub fn linear_bwd(isa: DotIsa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut [f32]) {
     let (out, inp) = (w.out_features(), w.in_features());
-    assert!(out <= MAX_OUT, "the dot path's input gradient takes at most {MAX_OUT} output channels");
-    assert!(dy.len() >= m * out && dx.len() >= m * inp);
     let (q, scale) = int8_parts(w);
-    let groups = inp.div_ceil(CH);
-    let chunks = out.div_ceil(CH);
-    let nkb = groups * (CH / T);
-    // B: per block of 16 input columns, the reduction over the output channels in chunks of 64,
-    // vpdpbusd's layout; with each column's sum of weights (for the 128 shift).
-    with_pack(nkb * chunks * BCH, nkb * T, 0, |b, cs, _| {
-        b.par_chunks_mut(chunks * BCH).zip(cs.par_chunks_mut(T)).enumerate().for_each(|(kb, (b, cs))| {
-            let cols = T.min(inp.saturating_sub(kb * T));
-            if cols == 0 {
-                return;
-            }
-            for o in 0..out {
-                let (bo, src) = (&mut b[(o / CH) * BCH + ((o % CH) / 4) * 4 * T + o % 4..], &q[o * inp + kb * T..]);
-                for (col, &v) in src[..cols].iter().enumerate() {
-                    bo[col * 4] = v;
-                    cs[col] += v as i32;
-                }
-            }
-        });
-        bwd_rows(isa, (out, inp, groups, chunks), m, dy, dx, b, cs, scale)
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn bwd_rows(
-    isa: DotIsa,
-    (out, inp, groups, chunks): (usize, usize, usize, usize),
-    m: usize,
-    dy: &[f32],
-    dx: &mut [f32],
-    b: &[i8],
-    cs: &[i32],
-    scale: &[f32],
-) {
-    let op = chunks * CH;
-    dx[..m * inp].par_chunks_mut(T * inp).enumerate().for_each(|(rb, db)| {
-        let rows = db.len() / inp;
-        with_rows(T * op, T * T, T, |a, c, sz| {
-            for g in 0..groups {
-                for r in 0..T {
-                    let dst = &mut a[r * op..(r + 1) * op];
-                    sz[r] = if r < rows {
-                        let row = &dy[(rb * T + r) * out..(rb * T + r + 1) * out];
-                        quantize_row(row.iter().enumerate().map(|(o, &v)| v * scale[o * groups + g]), dst)
-                    } else {
-                        dst.fill(128);
-                        0.0
-                    };
-                }
-                for sub in 0..CH / T {
-                    let kb = g * (CH / T) + sub;
-                    if kb * T >= inp {
-                        break;
-                    }
-                    tiles(isa, a, op, &b[kb * chunks * BCH..(kb + 1) * chunks * BCH], chunks, 1, c);
-                    for r in 0..rows {
-                        for col in 0..T.min(inp - kb * T) {
-                            let i = c[r * T + col].wrapping_sub(128 * cs[kb * T + col]);
-                            db[r * inp + kb * T + col] += i as f32 * sz[r];
+    let wgroups = inp.div_ceil(CH);
+    let (groups, nb) = (out.div_ceil(CH), inp.div_ceil(T));
+    // B = W: per block of 16 input columns, per group of 64 output channels, the stored weight
+    // `q * sw` requantized with one scale per (group, column).
+    with_bufs(&PACK, (nb * groups * BCH, nb * groups * T, nb * groups * T), |b, cs, s| {
+        b.par_chunks_mut(groups * BCH)
+            .zip(cs.par_chunks_mut(groups * T))
+            .zip(s.par_chunks_mut(groups * T))
+            .enumerate()
+            .for_each(|(kb, ((b, cs), s))| {
+                let (k0, cols) = (kb * T, T.min(inp - kb * T));
+                let wt = |o: usize, col: usize| q[o * inp + k0 + col] as f32 * scale[o * wgroups + (k0 + col) / CH];
+                for g in 0..groups {
+                    let os = g * CH..(g * CH + CH).min(out);
+                    let mut amax = [0f32; T];
+                    for o in os.clone() {
+                        for (col, a) in amax[..cols].iter_mut().enumerate() {
+                            *a = a.max(wt(o, col).abs());
                         }
                     }
+                    let st: [f32; T] = std::array::from_fn(|col| amax[col] / 127.0);
+                    let bg = &mut b[g * BCH..(g + 1) * BCH];
+                    for o in os {
+                        let ol = o - g * CH;
+                        for col in 0..cols {
+                            let v = if st[col] > 0.0 {
+                                round_even(wt(o, col) / st[col]).clamp(-127.0, 127.0) as i8
+                            } else {
+                                0
+                            };
+                            bg[(ol / 4) * 4 * T + col * 4 + ol % 4] = v;
+                            cs[g * T + col] += v as i32;
+                        }
+                    }
+                    s[g * T..g * T + T].copy_from_slice(&st);
                 }
-            }
-        })
-    });
+            });
+        product(isa, dy, m, out, &Packed { b, cs, s, n: inp, groups }, dx, true)
+    })
 }

@@ -26,19 +26,26 @@ fn runnable(test: &str, isas: &[DotIsa]) -> Vec<DotIsa> {
         .collect()
 }
 
-/// The bound on `dx[r, k]`'s error from quantizing `dy`'s row `r` for `k`'s group: the rows of
-/// `z = dy * sw[:, g]` are rounded to `max|z| / 254`, and each meets `|q[o, k]| = |w~[o, k]| / sw[o, g]`.
+/// What the dot path adds to the bound on `dx[r, k]` (beyond the int8 weight's own rounding):
+/// the requantization of the stored weight per 64 output channels of column `k`
+/// (`|dy_o| max_(o' in o's 64) |w~[o', k]| / 254`) and `dy`'s row rounding (`max|dy| / 254` times
+/// `sum_o |w^[o, k]|`, the requantized weight).
 pub(super) fn dy_rounding(dy: &[f32], w: &[f32], out: usize, inp: usize, k: usize) -> f64 {
     let g0 = k / INT8_GROUP * INT8_GROUP;
-    let sw: Vec<f64> = (0..out)
-        .map(|o| {
-            w[o * inp + g0..o * inp + (g0 + INT8_GROUP).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
-                / 127.0
-        })
-        .collect();
-    let ez = (0..out).map(|o| (dy[o] as f64 * sw[o]).abs()).fold(0f64, f64::max) / 254.0;
-    let q: f64 = (0..out).filter(|&o| sw[o] > 0.0).map(|o| (w[o * inp + k].abs() as f64 + sw[o] / 2.0) / sw[o]).sum();
-    ez * q * (1.0 + 1e-6)
+    // The stored weight: within its group's amax / 254 of w.
+    let ew = |o: usize| {
+        w[o * inp + g0..o * inp + (g0 + INT8_GROUP).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0
+    };
+    let edy = dy.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0;
+    let mut b = 0.0;
+    for og in (0..out).step_by(64) {
+        let os = og..(og + 64).min(out);
+        let et = os.clone().map(|o| w[o * inp + k].abs() as f64 + ew(o)).fold(0f64, f64::max) / 254.0;
+        for o in os {
+            b += dy[o].abs() as f64 * et + edy * (w[o * inp + k].abs() as f64 + ew(o) + et);
+        }
+    }
+    b * (1.0 + 1e-5)
 }
 
 const SHAPES: [(usize, usize, usize); 7] =
