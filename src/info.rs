@@ -99,7 +99,9 @@ fn rayon_threads() -> usize {
 
 /// The matrix instructions found at run time, and the path each low-precision base takes.
 pub fn matrix_line() -> String {
-    use tuna_kernels::ops::lowp::{matrix_path_checked, CpuMatrixFeatures, MatrixPath, MATRIX_ENV};
+    use tuna_kernels::ops::lowp::{
+        bf16_path_checked, matrix_path_checked, Bf16Isa, CpuMatrixFeatures, MatrixPath, MATRIX_BF16_ENV, MATRIX_ENV,
+    };
     let f = CpuMatrixFeatures::detect();
     let names = f.names();
     let found = if names.is_empty() {
@@ -123,7 +125,16 @@ pub fn matrix_line() -> String {
         ),
         Err(e) => format!("int8 base: refused: {e}"),
     };
-    format!("{found}; {int8}; bf16 and q4 base: widened to f32 per block")
+    let bf16 = match bf16_path_checked() {
+        Ok(None) => "bf16 base: widened to f32 per block (no bf16 dot-product instructions)".to_string(),
+        Ok(Some(Bf16Isa::Emulated)) => {
+            format!("bf16 base: bf16 dot products computed in portable Rust ({MATRIX_BF16_ENV}=emulated, far slower)")
+        }
+        Ok(Some(Bf16Isa::Amx)) => "bf16 base: bf16 dot products on AMX tiles (tdpbf16ps)".to_string(),
+        Ok(Some(Bf16Isa::Avx512Bf16)) => "bf16 base: bf16 dot products on AVX512_BF16 (vdpbf16ps)".to_string(),
+        Err(e) => format!("bf16 base: refused: {e}"),
+    };
+    format!("{found}; {int8}; {bf16}; q4 base: widened to f32 per block")
 }
 
 fn avx512() -> bool {

@@ -296,10 +296,11 @@ fn hub(p: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut command = cli.command;
-    // TUNA_CPU_MATRIX naming a path this CPU cannot run is refused before any work (`info` says
-    // it in its report).
+    // TUNA_CPU_MATRIX(_BF16) naming a path this CPU cannot run is refused before any work (`info`
+    // says it in its report).
     if !matches!(command, Command::Info) {
         tuna::kernels::ops::lowp::matrix_path_checked().map_err(anyhow::Error::msg)?;
+        tuna::kernels::ops::lowp::bf16_path_checked().map_err(anyhow::Error::msg)?;
     }
     match &mut command {
         Command::Info => {}

@@ -829,14 +829,18 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
             s += &format!(
                 "GFLOP/s: achieved by the counted ops (matrix products and attention; 2 per multiply-add), with the share of this CPU's f32 GEMM rate, {peak:.0} GFLOP/s (a 1024^3 product measured before the steps: the f32 path's practical peak)"
             );
-            match (&p.int8_path, p.int8_peak_gops) {
-                (Some(path), Some(int8)) => {
+            let base = p.rows.iter().find_map(|r| {
+                r.kind.strip_prefix("matmul (").and_then(|k| k.strip_suffix(" base)")).filter(|k| *k != "q4")
+            });
+            match (base, &p.base_path, p.base_peak_gops) {
+                (Some(b), Some(path), Some(peak)) => {
                     s += &format!(
-                        "; the int8 base's products run on integer dot products ({path}) and are read against that path's rate, {int8:.0} GOP/s (a 1024^3 product, quantizing the activations included)"
+                        "; the {b} base's products run on {b} dot products ({path}) and are read against that path's rate, {peak:.0} GOP/s (a 1024^3 product, the activations' {} included)",
+                        if b == "int8" { "quantization" } else { "rounding" }
                     )
                 }
-                (Some(path), None) => {
-                    s += &format!("; the int8 base's products widen to f32 ({path}: no integer dot-product instructions) and run on it")
+                (Some(b), Some(path), None) => {
+                    s += &format!("; the {b} base's products widen to f32 ({path}: no {b} dot-product instructions) and run on it")
                 }
                 _ => s += "; a low-precision base widens to f32 and runs on it",
             }
@@ -846,8 +850,8 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     }
     s += "| op | forward calls | forward ms | fwd GFLOP/s | backward calls | backward ms | bwd GFLOP/s | % of step | saved at the peak |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let rate = |kind: &str, g: Option<f64>| {
-        let peak = match p.int8_peak_gops {
-            Some(int8) if kind == "matmul (int8 base)" => Some(int8),
+        let peak = match p.base_peak_gops {
+            Some(lowp) if kind == "matmul (int8 base)" || kind == "matmul (bf16 base)" => Some(lowp),
             _ => p.peak_gflops,
         };
         match (g, peak) {

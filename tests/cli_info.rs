@@ -29,7 +29,15 @@ fn info_reports_devices_and_kernels() {
         _ => "AVX-VNNI",
     };
     assert!(int8.contains(want), "{path:?}: {s}");
-    assert!(matrix.contains("bf16 and q4 base: widened to f32"), "{s}");
+    let bf16 = matrix.split("; ").find_map(|p| p.strip_prefix("bf16 base: ")).unwrap_or_else(|| panic!("{s}"));
+    let want = match tuna_kernels::ops::lowp::bf16_path() {
+        None => "widened to f32",
+        Some(p) if p.name() == "emulated" => "portable Rust",
+        Some(p) if p.name() == "amx" => "AMX tiles",
+        Some(_) => "AVX512_BF16",
+    };
+    assert!(bf16.contains(want), "{s}");
+    assert!(matrix.contains("q4 base: widened to f32"), "{s}");
     // the build section, compiled in by build.rs
     let build = s.split("\nbuild:\n").nth(1).unwrap_or_else(|| panic!("no build section: {s}"));
     let value = |label: &str| {
@@ -58,7 +66,7 @@ fn info_reports_devices_and_kernels() {
     }
 }
 
-/// `TUNA_CPU_MATRIX` picks the int8 base's path; `info` reports the choice, a name this CPU cannot
+/// `TUNA_CPU_MATRIX` picks the int8 base's path (`TUNA_CPU_MATRIX_BF16` the bf16 base's); `info` reports the choice, a name this CPU cannot
 /// run is reported by `info` and refused by every other command before it does anything.
 #[test]
 fn the_int8_path_follows_tuna_cpu_matrix() {
@@ -70,6 +78,23 @@ fn the_int8_path_follows_tuna_cpu_matrix() {
     assert!(out.status.success() && s.contains("int8 base: integer dot products computed in portable Rust"), "{s}");
     let out = tuna("widen", &["info"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("int8 base: widened to f32"));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX_BF16", "emulated").arg("info").output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("bf16 base: bf16 dot products computed in portable Rust"), "{s}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .env("TUNA_CPU_MATRIX_BF16", "avx512-vnni")
+        .args(["train", "--model", "nowhere", "--task", "lm", "--method", "lora"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && e.contains(
+                "TUNA_CPU_MATRIX_BF16=avx512-vnni: unknown path (expected one of: amx, avx512-bf16, emulated, widen"
+            ),
+        "{e}"
+    );
     let out = tuna("fp8-tiles", &["info"]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("int8 base: refused: TUNA_CPU_MATRIX=fp8-tiles: unknown path (expected one of: amx, avx512-vnni, avx-vnni, emulated, widen"), "{s}");

@@ -472,10 +472,7 @@ fn profile_prints_per_op_times() {
         .unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        s.contains("the int8 base's products run on integer dot products (emulated)") && s.contains("GOP/s"),
-        "{s}"
-    );
+    assert!(s.contains("the int8 base's products run on int8 dot products (emulated)") && s.contains("GOP/s"), "{s}");
     let row = s.lines().find(|l| l.starts_with("| matmul (int8 base) |")).unwrap_or_else(|| panic!("{s}"));
     assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{row}");
     // On CUDA (the emulated device in the test command) the attention row names the kernels the
@@ -499,6 +496,63 @@ fn profile_prints_per_op_times() {
             assert!(s.contains(row), "{row} missing:\n{s}");
         }
     }
+}
+
+/// The bf16 base on the bf16 dot-product path (its portable twin): the widen path's curve within
+/// the activations' bf16 rounding, not its bits, and a resume to the same bits.
+#[test]
+fn bf16_dot_path_trains_like_the_widen_path() {
+    let d = tmp("bf16-dot");
+    let train = data(&d, "train.jsonl", 16, false);
+    let run = |path: &str, name: &str, steps: u64, resume: bool| {
+        let out = d.join(name);
+        let mut extra = vec!["--base-precision", "bf16", "--decay", "constant"];
+        if resume {
+            extra.push("--resume");
+        }
+        let a = set(train_args(&out, &train, steps, &extra), "--method", "prefix");
+        let o = Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX_BF16", path).args(a).output().unwrap();
+        ok(&o);
+        out
+    };
+    let widen = train_losses(&run("widen", "widen", 8, false));
+    let dot = train_losses(&run("emulated", "dot", 8, false));
+    assert_eq!((widen.len(), dot.len()), (8, 8));
+    for (s, (a, b)) in widen.iter().zip(&dot).enumerate() {
+        assert!((a - b).abs() <= 0.01 * a, "step {}: widen {a} vs dot {b}\n{widen:?}\n{dot:?}", s + 1);
+    }
+    assert_ne!(widen, dot, "the dot path rounds the activations: its losses cannot be the widen path's bits");
+    let half = run("emulated", "half", 4, false);
+    run("emulated", "half", 8, true);
+    assert_eq!(train_losses(&half), dot);
+    // The profile names the path and reads the bf16 row against its rate.
+    let o = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .env("TUNA_CPU_MATRIX_BF16", "emulated")
+        .args([
+            "profile",
+            "--method",
+            "lora",
+            "--model",
+            &fixture("llama"),
+            "--task",
+            "lm",
+            "--train",
+            &train,
+            "--batch-size",
+            "4",
+            "--profile-steps",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--base-precision",
+            "bf16",
+        ])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(s.contains("the bf16 base's products run on bf16 dot products (emulated)"), "{s}");
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 /// The int8 base on the integer dot-product path (its portable twin, which computes the hardware

@@ -83,12 +83,14 @@ def main():
     div = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     tps = lambda r: r["tokens_per_s"] if r else None  # noqa: E731
 
-    int8_paths = sorted({r.get("int8_path") or "widen" for r in rows.values()
-                         if r.get("side") == "tuna" and r.get("base_precision") == "int8"})
+    paths = {prec: sorted({r.get("lowp_path") or "widen" for r in rows.values()
+                           if r.get("side") == "tuna" and r.get("base_precision") == prec}) or ["—"]
+             for prec in ("bf16", "int8")}
     print(f"threads {any_row['threads']}; tokens/s count content tokens only (batch x seq per step); "
           f"ratios are against PyTorch + PEFT f32; tuna bf16/int8 = frozen block weights held in bf16 / int8 "
           f"(one scale per 64 inputs of an output channel; full fine-tuning is f32 only); "
-          f"int8 products on: {', '.join(int8_paths) or '—'} (TUNA_CPU_MATRIX's names; widen = f32 FMA)\n")
+          f"bf16 products on: {', '.join(paths['bf16'])}; int8 products on: {', '.join(paths['int8'])} "
+          f"(TUNA_CPU_MATRIX_BF16's / TUNA_CPU_MATRIX's names; widen = f32 FMA)\n")
     print("| model | method | batch x seq | PyTorch f32 tok/s | PyTorch bf16-autocast tok/s "
           "| tuna f32 tok/s | ratio | tuna bf16 tok/s | ratio | tuna int8 tok/s | ratio "
           "| PyTorch f32 peak MiB | tuna f32 MiB | tuna bf16 MiB | tuna int8 MiB | best tuna / PyTorch mem "

@@ -474,7 +474,7 @@ fn run<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<()> {
     println!(
         "{{\"side\":\"tuna\",\"model\":\"{}\",\"method\":\"{}\",\"layers\":{layers},\"batch\":{},\"seq\":{},\"steps\":{},\
 \"tokens_per_s\":{:.1},\"step_ms\":{:.2},\"fwd_ms\":{:.2},\"bwd_ms\":{:.2},\"opt_ms\":{:.2},\"peak_rss_mb\":{:.1},\
-\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"int8_path\":\"{}\",\"tf32\":{},\"precision\":\"{}\",\"loss\":{last_loss:.5}}}",
+\"trainable\":{trainable},\"threads\":{},\"device\":\"{}\",\"base_precision\":\"{}\",\"lowp_path\":\"{}\",\"tf32\":{},\"precision\":\"{}\",\"loss\":{last_loss:.5}}}",
         a.model,
         a.method,
         a.batch,
@@ -489,7 +489,11 @@ fn run<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<()> {
         rayon::current_num_threads(),
         a.device,
         a.base_precision,
-        if a.base_precision == BasePrecision::Int8 { tuna_kernels::ops::lowp::matrix_path().name() } else { "" },
+        match a.base_precision {
+            BasePrecision::Int8 => tuna_kernels::ops::lowp::matrix_path().name(),
+            BasePrecision::Bf16 => tuna_kernels::ops::lowp::bf16_path().map_or("widen", |p| p.name()),
+            _ => "",
+        },
         a.tf32,
         a.precision,
     );

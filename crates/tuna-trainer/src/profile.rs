@@ -46,30 +46,14 @@ pub struct Profile {
     /// On the CPU: the f32 matrix-product rate this machine reaches (a 1024^3 product through the
     /// same GEMM, best of three, measured before the steps), the ceiling the rows are read against.
     pub peak_gflops: Option<f64>,
-    /// On the CPU with an int8 base: the path its products take (`TUNA_CPU_MATRIX`'s names:
-    /// `amx`, `avx512-vnni`, `avx-vnni`, `emulated`, `widen`).
-    pub int8_path: Option<String>,
-    /// With an int8 base on an integer dot-product path: that path's rate on a 1024^3 product
-    /// (GOP/s, 2 per multiply-add, activation quantization included), the ceiling its
-    /// `matmul (int8 base)` row is read against (the widen path's is the f32 GEMM rate).
-    pub int8_peak_gops: Option<f64>,
-}
-
-/// The int8 dot-product path's rate with the threads the run has: `x W^T` at 1024^3 through
-/// `path` (quantizing `x` included), best of three.
-pub fn cpu_int8_gops(isa: tuna_kernels::ops::lowp::DotIsa) -> f64 {
-    use tuna_kernels::ops::lowp::{dot, BasePrecision, PackedWeight};
-    let n = 1024;
-    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
-    let Ok(w) = PackedWeight::pack("peak", &a, n, n, false, BasePrecision::Int8) else { return f64::NAN };
-    let mut c = vec![0f32; n * n];
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let t = Instant::now();
-        dot::linear_fwd(isa, &w, n, &a, &mut c);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    2.0 * (n * n * n) as f64 / best / 1e9
+    /// On the CPU with an int8 or bf16 base: the path its products take (`TUNA_CPU_MATRIX`'s or
+    /// `TUNA_CPU_MATRIX_BF16`'s names: `amx`, `avx512-vnni`, `avx-vnni`, `avx512-bf16`,
+    /// `emulated`, `widen`).
+    pub base_path: Option<String>,
+    /// On a dot-product path: that path's rate on a 1024^3 product (GOP/s, 2 per multiply-add,
+    /// quantizing or rounding the activations included), the ceiling the base's `matmul (int8
+    /// base)` / `matmul (bf16 base)` row is read against (the widen path's is the f32 GEMM rate).
+    pub base_peak_gops: Option<f64>,
 }
 
 /// The f32 GEMM rate of this CPU with the threads the run has: `C = A B` at 1024^3, best of three.
@@ -90,6 +74,27 @@ pub fn cpu_gemm_gflops() -> f64 {
     p.flops() / best / 1e9
 }
 
+/// A low-precision base's dot-product path: `x W^T` at 1024^3 through it (activations quantized
+/// or rounded included), best of three, in GOP/s.
+pub fn cpu_lowp_gops(p: tuna_kernels::ops::lowp::BasePrecision) -> Option<f64> {
+    use tuna_kernels::ops::lowp::{bf16_path, dot, dot_bf16, matrix_path, BasePrecision, PackedWeight};
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
+    let w = PackedWeight::pack("peak", &a, n, n, false, p).ok()?;
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        match p {
+            BasePrecision::Int8 => dot::linear_fwd(matrix_path().dot_isa()?, &w, n, &a, &mut c),
+            BasePrecision::Bf16 => dot_bf16::linear_fwd(bf16_path()?, &w, n, &a, &mut c),
+            _ => return None,
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Some(2.0 * (n * n * n) as f64 / best / 1e9)
+}
+
 /// Run `warmup` then `steps` training steps of `cfg` (no checkpoints, nothing written) with
 /// per-op timing on (see [`tuna_autograd::stats::set_profiling`]) and report where the time went.
 pub fn profile<B: Backend>(dev: &Arc<B>, cfg: &TrainConfig, warmup: u64, steps: u64) -> Result<Profile> {
@@ -108,9 +113,14 @@ pub fn profile_as<B: Backend<E>, E: RunFloat>(
     let mut s: Setup<B, E> = setup(dev, cfg)?;
     let on_cpu = dev.device_name().starts_with("cpu");
     let peak_gflops = on_cpu.then(cpu_gemm_gflops);
-    let int8_path = (on_cpu && cfg.base_precision == tuna_models::model::BasePrecision::Int8)
-        .then(tuna_kernels::ops::lowp::matrix_path);
-    let int8_peak_gops = int8_path.and_then(|p| p.dot_isa()).map(cpu_int8_gops);
+    let base_path = match cfg.base_precision {
+        tuna_models::model::BasePrecision::Int8 if on_cpu => Some(tuna_kernels::ops::lowp::matrix_path().name()),
+        tuna_models::model::BasePrecision::Bf16 if on_cpu => {
+            Some(tuna_kernels::ops::lowp::bf16_path().map_or("widen", |p| p.name()))
+        }
+        _ => None,
+    };
+    let base_peak_gops = base_path.and_then(|_| cpu_lowp_gops(cfg.base_precision));
     let mut opt = optimizer(cfg, &s.params)?;
     let mut cursor = Cursor::default();
     s.model.adapt().set_training(true);
@@ -169,7 +179,7 @@ pub fn profile_as<B: Backend<E>, E: RunFloat>(
         peak_saved_bytes: snap.peak_saved_bytes.saturating_sub(held_before),
         rows,
         peak_gflops,
-        int8_path: int8_path.map(|p| p.name().to_string()),
-        int8_peak_gops,
+        base_path: base_path.map(str::to_string),
+        base_peak_gops,
     })
 }

@@ -4,7 +4,7 @@
 //! scratch of `F`, then the `gemm` crate multiplies (its f32/f64 microkernels, dispatched at run
 //! time, rayon across the threads).
 
-use super::{check, dot, matrix_path, BasePrecision, DotIsa, LowpKernel, PackedWeight};
+use super::{bf16_path, check, dot, dot_bf16, matrix_path, BasePrecision, Bf16Isa, DotIsa, LowpKernel, PackedWeight};
 use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -90,6 +90,15 @@ fn dot_isa<F: 'static>(w: &PackedWeight) -> Option<DotIsa> {
     matrix_path().dot_isa()
 }
 
+/// The bf16 dot-product instructions for a bf16 weight in `F` products on this CPU, if any (f32
+/// only).
+fn bf16_isa<F: 'static>(w: &PackedWeight) -> Option<Bf16Isa> {
+    if w.precision() != BasePrecision::Bf16 || std::any::TypeId::of::<F>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    bf16_path()
+}
+
 /// `s` as f32 (`F` is f32: checked by [`dot_isa`]).
 fn as_f32<F: 'static>(s: &[F]) -> &[f32] {
     assert_eq!(std::any::TypeId::of::<F>(), std::any::TypeId::of::<f32>());
@@ -108,6 +117,10 @@ impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
         check(w, m, ("x", x.len()), ("y", y.len()), true)?;
         if let Some(isa) = dot_isa::<F>(w) {
             dot::linear_fwd(isa, w, m, as_f32(x), as_f32_mut(y));
+            return Ok(());
+        }
+        if let Some(isa) = bf16_isa::<F>(w) {
+            dot_bf16::linear_fwd(isa, w, m, as_f32(x), as_f32_mut(y));
             return Ok(());
         }
         let (out, inp) = (w.out_features(), w.in_features());
@@ -147,6 +160,10 @@ impl<F: CpuFloat<Acc = F>> LowpKernel<F> for Cpu {
         check(w, m, ("dy", dy.len()), ("dx", dx.len()), false)?;
         if let Some(isa) = dot_isa::<F>(w) {
             dot::linear_bwd(isa, w, m, as_f32(dy), as_f32_mut(dx));
+            return Ok(());
+        }
+        if let Some(isa) = bf16_isa::<F>(w) {
+            dot_bf16::linear_bwd(isa, w, m, as_f32(dy), as_f32_mut(dx));
             return Ok(());
         }
         let (out, inp) = (w.out_features(), w.in_features());

@@ -209,6 +209,9 @@ unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use amx::{permitted as amx_permitted, Config as AmxConfig};
+
+#[cfg(target_arch = "x86_64")]
 mod amx {
     use super::{BCH, CH, T};
     use std::sync::OnceLock;
@@ -216,7 +219,7 @@ mod amx {
     /// Linux hands a process the AMX tile state only when asked (`arch_prctl(ARCH_REQ_XCOMP_PERM,
     /// XFEATURE_XTILEDATA)`); asked once, the answer kept. `false` where the kernel refuses
     /// (too old, or the state disabled), and the tiles are then not used.
-    pub(super) fn permitted() -> bool {
+    pub(crate) fn permitted() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| {
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -229,25 +232,32 @@ mod amx {
 
     /// The tile configuration: palette 1; tmm0 the i32 accumulator, tmm1 the A chunk (16 rows of
     /// 64 bytes), tmm2 the B chunk (16 rows of 64 bytes: four reduction values x 16 columns).
+    /// (The bf16 path's tiles have the same shapes: 16 rows of 64 bytes.)
     #[repr(C, align(64))]
-    struct Config([u8; 64]);
+    pub(crate) struct Config([u8; 64]);
 
-    fn config() -> Config {
-        let mut c = [0u8; 64];
-        c[0] = 1;
-        for tmm in 0..3 {
-            c[16 + 2 * tmm..18 + 2 * tmm].copy_from_slice(&(CH as u16).to_le_bytes());
-            c[48 + tmm] = T as u8;
+    impl Config {
+        pub(crate) fn new() -> Config {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            for tmm in 0..3 {
+                c[16 + 2 * tmm..18 + 2 * tmm].copy_from_slice(&(CH as u16).to_le_bytes());
+                c[48 + tmm] = T as u8;
+            }
+            Config(c)
         }
-        Config(c)
+
+        pub(crate) fn as_ptr(&self) -> *const u8 {
+            self.0.as_ptr()
+        }
     }
 
     /// # Safety
     /// The CPU has AMX-TILE and AMX-INT8, [`permitted`] returned true, and the pointers cover
     /// what [`super::tiles`] asserts.
     pub(super) unsafe fn tiles(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
-        let cfg = config();
-        std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let cfg = Config::new();
+        std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
         for t in 0..sums {
             std::arch::asm!("tilezero tmm0", options(nostack, nomem));
             for j in t * per..(t + 1) * per {

@@ -32,15 +32,19 @@
 mod cpu;
 mod cuda;
 pub mod dot;
+pub mod dot_bf16;
 pub mod q4;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_dot;
+#[cfg(test)]
+mod tests_dot_bf16;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 pub use dot::DotIsa;
+pub use dot_bf16::Bf16Isa;
 use half::bf16;
 pub use q4::{Q4Format, Q4_BLOCK};
 
@@ -255,6 +259,43 @@ pub fn matrix_path_checked() -> std::result::Result<MatrixPath, String> {
 /// cannot take (the command line refuses that before any product runs).
 pub fn matrix_path() -> MatrixPath {
     matrix_path_checked().unwrap_or(MatrixPath::WidenF32)
+}
+
+/// The environment variable that picks the bf16 base's path: `amx`, `avx512-bf16`, `emulated` or
+/// `widen` (unset: the best this CPU has).
+pub const MATRIX_BF16_ENV: &str = "TUNA_CPU_MATRIX_BF16";
+
+/// The path a bf16 base's products take in this process: `Some(isa)` for a bf16 dot-product path
+/// (`TUNA_CPU_MATRIX_BF16` if set, otherwise AMX-BF16, then AVX512_BF16), `None` for the widen
+/// path. An unknown or unavailable name is an error naming the variable.
+pub fn bf16_path_checked() -> std::result::Result<Option<Bf16Isa>, String> {
+    static PATH: std::sync::OnceLock<std::result::Result<Option<Bf16Isa>, String>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let here: Vec<&str> =
+            Bf16Isa::ALL.iter().filter(|p| p.available()).map(|p| p.name()).chain(["widen"]).collect();
+        match std::env::var(MATRIX_BF16_ENV) {
+            Ok(v) if v == "widen" => Ok(None),
+            Ok(v) if !v.is_empty() => match Bf16Isa::ALL.iter().find(|p| p.name() == v) {
+                Some(p) if p.available() => Ok(Some(*p)),
+                Some(_) => {
+                    Err(format!("{MATRIX_BF16_ENV}={v}: this CPU cannot run that path (it runs: {})", here.join(", ")))
+                }
+                None => Err(format!(
+                    "{MATRIX_BF16_ENV}={v}: unknown path (expected one of: amx, avx512-bf16, emulated, widen; this CPU \
+                     runs: {})",
+                    here.join(", ")
+                )),
+            },
+            _ => Ok([Bf16Isa::Amx, Bf16Isa::Avx512Bf16].into_iter().find(|p| p.available())),
+        }
+    })
+    .clone()
+}
+
+/// [`bf16_path_checked`], with the widen path where `TUNA_CPU_MATRIX_BF16` names a path this CPU
+/// cannot take (the command line refuses that before any product runs).
+pub fn bf16_path() -> Option<Bf16Isa> {
+    bf16_path_checked().unwrap_or(None)
 }
 
 /// Weights per int8 scale: each output channel's inputs in groups of 64 (the last one shorter

@@ -10,11 +10,16 @@ fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 /// element: `sum_k |x_k| * err(w_row, k)`, plus, where int8 products take a dot-product path
 /// (this CPU's [`matrix_path`]), the activation's rounding `max|x_row| / 254 * sum_k |w~_k|`.
 fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrecision) -> (Vec<f64>, Vec<f64>) {
-    let act = p == BasePrecision::Int8 && matrix_path().dot_isa().is_some();
+    let act = match p {
+        BasePrecision::Int8 => matrix_path().dot_isa().is_some(),
+        BasePrecision::Bf16 => bf16_path().is_some(),
+        _ => false,
+    };
     reference_on(x, w, m, out, inp, p, act)
 }
 
-/// [`reference`], with the activation's rounding in the bound when `act`.
+/// [`reference`], with the activation's rounding in the bound when `act` (int8: the row's
+/// `max|x| / 254` against `|w~_k|`; bf16: `2^-8 |x_k|` against `|w_k|` and its rounding).
 pub(super) fn reference_on(
     x: &[f32],
     w: &[f32],
@@ -35,11 +40,12 @@ pub(super) fn reference_on(
         };
         for r in 0..m {
             let (mut acc, mut b, mut mag) = (0f64, 0f64, 0f64);
-            let ex = if act {
+            let ex = if act && p == BasePrecision::Int8 {
                 x[r * inp..(r + 1) * inp].iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0
             } else {
                 0.0
             };
+            let bf = if act && p == BasePrecision::Bf16 { (1.0 / 256.0 + 1.0 / 65536.0) * (1.0 + 1e-6) } else { 0.0 };
             for k in 0..inp {
                 let (xv, wv) = (x[r * inp + k] as f64, row[k] as f64);
                 acc += xv * wv;
@@ -49,7 +55,7 @@ pub(super) fn reference_on(
                     BasePrecision::Int8 => amax(k) / 254.0,
                     BasePrecision::F32 | BasePrecision::Q4 => 0.0,
                 };
-                b += xv.abs() * ew + ex * (wv.abs() + ew) * (1.0 + 1e-6);
+                b += xv.abs() * ew + ex * (wv.abs() + ew) * (1.0 + 1e-6) + bf * (xv * wv).abs();
             }
             y[r * out + o] = acc;
             // f32 accumulation over `inp` terms: a generous 4 * inp * 2^-24 of the magnitudes.
@@ -118,6 +124,7 @@ fn backward_accumulates_within_the_bound() {
                 w[o * inp + g0..o * inp + (g0 + g).min(inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
             };
             let act = p == BasePrecision::Int8 && matrix_path().dot_isa().is_some();
+            let bf = if p == BasePrecision::Bf16 && bf16_path().is_some() { 1.0 / 256.0 + 1.0 / 65536.0 } else { 0.0 };
             for r in 0..m {
                 for k in 0..inp {
                     let (mut acc, mut b) = (before[r * inp + k] as f64, 1e-30);
@@ -132,7 +139,7 @@ fn backward_accumulates_within_the_bound() {
                                 BasePrecision::Bf16 => wv.abs() / 256.0,
                                 _ => amax(o, k) / 254.0,
                             }
-                            + (g * wv).abs() * 4.0 * out as f64 * f32::EPSILON as f64;
+                            + (g * wv).abs() * (4.0 * out as f64 * f32::EPSILON as f64 + bf * (1.0 + 1e-6));
                     }
                     let got = dx[r * inp + k] as f64;
                     assert!((got - acc).abs() <= b, "{p} m={m} out={out} in={inp} [{r},{k}]: {got} vs {acc}");
