@@ -236,7 +236,7 @@ impl MethodArgs {
                 // Checked as the f32 dropout is applied in (0.99999999999 is 1 there: nothing would
                 // pass), echoed as written.
                 require((0.0..1.0).contains(&d) && (d as f32) < 1.0, || {
-                    format!("--lora-dropout {}: expected 0 <= p < 1 (and below 1 as an f32)", show_number(d))
+                    format!("--lora-dropout {}: expected 0 <= p < 1 (and below 1 as an f32)", show_fraction(d))
                 })?;
             }
             _ => {}
@@ -876,6 +876,16 @@ pub fn show_number(v: f64) -> String {
     }
 }
 
+/// A fraction (a probability) as [`show_number`] shows it, a whole one with a decimal: `1.0`,
+/// not the count-like `1`.
+pub fn show_fraction(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e6 {
+        format!("{v:.1}")
+    } else {
+        show_number(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -906,10 +916,13 @@ mod tests {
                 other => panic!("{other:?}"),
             })
         };
-        for v in ["0.99999999999", "0.99999999", "1", "1.5", "-0.1", "NaN"] {
+        for v in ["0.99999999999", "0.99999999", "1.0", "1.5", "-0.1", "NaN"] {
             let e = dropout(v).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--lora-dropout {v}: expected 0 <= p < 1")), "{v}: {e}");
         }
+        // An integral value is echoed with a decimal (it is a probability, not a count).
+        let e = dropout("1").unwrap_err().to_string();
+        assert!(e.starts_with("--lora-dropout 1.0: expected 0 <= p < 1"), "{e}");
         // The largest f32 below 1 (0.99999994) and plain values still train.
         assert_eq!(dropout("0.99999994").unwrap(), 0.99999994_f32);
         assert_eq!(dropout("0.1").unwrap(), 0.1_f32);

@@ -244,6 +244,28 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
         ),
         ("name.json", json!([lm("../x", "lora")]).to_string(), "name \"../x\""),
         (
+            "folder.json",
+            json!([{"name": "a", "method": "lora", "task": "lm", "train": "."}]).to_string(),
+            "task 1 (`a`): train file ",
+        ),
+        (
+            "nolabels.json",
+            json!([{"name": "a", "method": "prompt", "train": "cls.jsonl", "labels": []}]).to_string(),
+            "task 1 (`a`): labels is an empty list: list at least 2 labels",
+        ),
+        (
+            "onelabel.json",
+            json!([{"name": "a", "method": "prompt", "train": "cls.jsonl", "labels": ["cat"]}]).to_string(),
+            "task 1 (`a`): labels lists one label (cat): list at least 2",
+        ),
+        (
+            "twice.json",
+            r#"[{"name": "a", "method": "lora", "task": "lm", "train": "lm.jsonl", "lr": 0.1, "lr": 0.2}]"#.into(),
+            "task 1 (`a`): the key `lr` is given twice",
+        ),
+        // A byte-order mark is skipped: the file reads as JSON (and fails on its second task).
+        ("bom.json", format!("\u{feff}{}", json!([lm("a", "lora"), lm("b", "lorax")])), "task 2 (`b`): unknown method"),
+        (
             "labels.json",
             json!([{"name": "a", "method": "prompt", "train": "cls.jsonl", "labels": ["cat", "other"], "verbalizers": ["x"]}])
                 .to_string(),
@@ -261,6 +283,9 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
         let o = tuna(&tasks_args("llama", &p, &out, 2, &[]));
         let err = fails(&o, needle);
         assert!(err.contains(file), "{file}: the error does not name the file: {err}");
+        if *file == "folder.json" {
+            assert!(err.contains("a directory; give the data file") && !err.contains("no such file"), "{err}");
+        }
         // Bad data keeps its exit code inside a task (2), as in a single run.
         let want = if *file == "notinlabels.json" { 2 } else { 1 };
         assert_eq!(o.status.code(), Some(want), "{file}: {err}");
