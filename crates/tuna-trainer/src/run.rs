@@ -395,7 +395,8 @@ fn start_or_resume<B: Backend<E>, E: RunFloat>(
         nothing_to_resume(cfg, &latest.warnings)?;
         return Ok((st, None));
     };
-    let saved = state::resumable(&ck, &st)?;
+    let data = format!("the training data ({})", cfg.train.display());
+    let saved = state::resumable(&ck, &st, &data)?;
     state::restore(&ck, &s.params, opt, saved.step)?;
     eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
     let step = saved.step;
