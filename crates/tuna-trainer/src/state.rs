@@ -194,7 +194,8 @@ fn change_text(key: &str, old: &str, new: &str) -> String {
 /// methods, else 0.
 fn virtual_tokens(method: &str) -> usize {
     let n = fields(method).into_iter().find(|(k, _)| *k == "n").and_then(|(_, v)| v.parse().ok());
-    n.filter(|_| method.starts_with('P')).unwrap_or(0)
+    let variant = method.split([' ', '(', '{']).next().unwrap_or(method);
+    n.filter(|_| matches!(variant, "Prompt" | "Prefix" | "PTuning" | "PTuningV2")).unwrap_or(0)
 }
 
 /// A recorded setting's value (Rust's debug text, kept as recorded so that older checkpoints still
@@ -833,6 +834,10 @@ mod tests {
     /// named once, as the setting; a task's data that changed alone is named as its data.
     #[test]
     fn a_tasks_changed_virtual_tokens_are_not_also_changed_data() {
+        assert_eq!(virtual_tokens("PTuningV2 { n: 5 }"), 5);
+        assert_eq!(virtual_tokens("PTuning { n: 3, encoder: Mlp, hidden: None }"), 3);
+        assert_eq!(virtual_tokens("Lora(LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: [] })"), 0);
+        assert_eq!(virtual_tokens("Houlsby { bottleneck: 32 }"), 0);
         let t = |n: u32, data: &str| -> BTreeMap<String, String> {
             BTreeMap::from([
                 ("task `a`: --method and its settings".into(), format!("Prompt {{ n: {n}, init: SampleVocab }}")),
