@@ -428,7 +428,7 @@ pub fn write(runs: &[Row], out: &Path) -> Result<Vec<PathBuf>> {
     let json = serde_json::to_string_pretty(runs)?;
     let html = report::html(runs, &md, &panels);
     let [acc, learning, speed, ckpt] = panels;
-    let contents = [md, json, html, acc, learning, speed, ckpt];
+    let contents = [report::markdown(runs, &md), json, html, acc, learning, speed, ckpt];
     let mut paths = Vec::new();
     for (name, text) in FILES.iter().zip(contents) {
         let p = out.join(name);

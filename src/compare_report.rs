@@ -676,12 +676,31 @@ fn html_table(md: &str) -> String {
     s + "</tbody>\n</table>\n"
 }
 
-/// `compare.html`: a heading naming the model and task, the table, and the panels inline (no
-/// network resources).
+/// What the comparison ran: the model, the task, the steps and the precision (`--precision`, and
+/// `--base-precision` where not f32; a summary from before they were recorded names none).
+pub fn heading(rows: &[Row]) -> String {
+    let Some(r) = rows.first() else { return String::new() };
+    let steps = rows.iter().map(|r| r.run.steps).max().unwrap_or(0);
+    let mut s = format!("{}, task {}, {steps} steps", r.run.model, r.run.task);
+    // The trained methods' (the baseline trains nothing, but records the same).
+    if let Some(p) = rows.iter().find_map(|r| r.run.precision.as_deref()) {
+        let _ = write!(s, ", precision {p}");
+    }
+    if let Some(b) = rows.iter().find_map(|r| r.run.base_precision.as_deref()).filter(|b| *b != "f32") {
+        let _ = write!(s, ", base precision {b}");
+    }
+    s
+}
+
+/// `compare.md`: the heading (see [`heading`]) above the table.
+pub fn markdown(rows: &[Row], table_md: &str) -> String {
+    format!("# tuna compare\n\n{}\n\n{table_md}", heading(rows))
+}
+
+/// `compare.html`: a heading naming the model, task and precision, the table, and the panels
+/// inline (no network resources).
 pub fn html(rows: &[Row], table_md: &str, panels: &[String]) -> String {
-    let what = rows.first().map_or(String::new(), |r| {
-        format!("{}, task {}, {} steps", r.run.model, r.run.task, rows.iter().map(|r| r.run.steps).max().unwrap_or(0))
-    });
+    let what = heading(rows);
     let mut s = String::from(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>tuna compare</title>\n<style>\n\
          body { font-family: \"DejaVu Sans\", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }\n\

@@ -446,12 +446,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 a.base_precision.unwrap_or(trained_on),
             )
             .map_err(|e| match a.base_precision {
-                // the precision came from the adapter: say so, and how to override it
-                None if trained_on != tuna::models::model::BasePrecision::F32 => anyhow::anyhow!(
-                    "{e} (the base precision {trained_on} is the one {}/tuna_task.json records as trained on; \
+                // the precision came from the adapter: say so, and how to override it (unless the
+                // model itself is not the adapter's: then the precision is beside the point)
+                None if trained_on != tuna::models::model::BasePrecision::F32
+                    && !e.to_string().contains(tuna::models::adapt::peft::OTHER_MODEL) =>
+                {
+                    anyhow::anyhow!(
+                        "{e} (the base precision {trained_on} is the one {}/tuna_task.json records as trained on; \
                      --base-precision f32 evaluates on an f32 base)",
-                    saved_in.display()
-                ),
+                        saved_in.display()
+                    )
+                }
                 _ => e.into(),
             })?;
             let given =

@@ -67,6 +67,60 @@ struct Entry {
     lora_targets: Option<Vec<String>>,
 }
 
+/// A JSON value, read for the first key that one of its objects (at any depth) gives twice.
+struct Unique(Option<String>);
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Unique;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<Unique, E> {
+                Ok(Unique(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<Unique, E> {
+                Ok(Unique(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<Unique, E> {
+                Ok(Unique(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Unique, E> {
+                Ok(Unique(None))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<Unique, E> {
+                Ok(Unique(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Unique, E> {
+                Ok(Unique(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> std::result::Result<Unique, A::Error> {
+                let mut first = None;
+                while let Some(Unique(k)) = a.next_element()? {
+                    first = first.or(k);
+                }
+                Ok(Unique(first))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> std::result::Result<Unique, A::Error> {
+                let (mut keys, mut first) = (std::collections::HashSet::new(), None);
+                while let Some(k) = a.next_key::<String>()? {
+                    let Unique(inner) = a.next_value()?;
+                    if first.is_none() && keys.contains(&k) {
+                        first = Some(k);
+                    } else {
+                        first = first.or(inner);
+                        keys.insert(k);
+                    }
+                }
+                Ok(Unique(first))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The flags that are per task in a tasks file (refused beside `--tasks`: they would be ignored).
 pub const PER_TASK_FLAGS: &[&str] = &[
     "--method",
@@ -112,9 +166,14 @@ fn check_name(name: &str) -> Result<()> {
 /// Read and check `file`; the run-wide settings from `run` (its per-task flags unset).
 pub fn multi_config(file: &Path, run: &RunArgs) -> Result<MultiConfig> {
     let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("--tasks {}: {e}", file.display()))?;
-    let list: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+    // A byte-order mark (some editors write one) is not JSON: skipped, as in the data files.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let list: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| {
         anyhow::anyhow!("{}: not a JSON list of tasks ({e}); see the README, \"Multi-task training\"", file.display())
     })?;
+    // A key given twice in a task would keep only its last value, silently: found here (the
+    // parsed list has lost it), task by task.
+    let repeated: Vec<Unique> = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     if list.is_empty() {
         bail!("{}: the list of tasks is empty", file.display());
     }
@@ -139,6 +198,9 @@ pub fn multi_config(file: &Path, run: &RunArgs) -> Result<MultiConfig> {
             .and_then(|n| n.as_str())
             .map_or(format!("task {}", i + 1), |n| format!("task {} (`{n}`)", i + 1));
         let at = |e: anyhow::Error| anyhow::anyhow!("{}: {label}: {}", file.display(), crate::cli::error_chain(&e));
+        if let Some(k) = repeated.get(i).and_then(|u| u.0.as_ref()) {
+            return Err(at(anyhow::anyhow!("the key `{k}` is given twice (only one value can count): give it once")));
+        }
         let e: Entry = serde_json::from_value(v).map_err(|e| at(e.into()))?;
         check_name(&e.name).map_err(at)?;
         if let Some(j) = tasks.iter().position(|(n, _)| *n == e.name) {
@@ -202,11 +264,25 @@ fn task_config(e: &Entry, base: &Path, run: &RunArgs, decoder: bool) -> Result<t
     }
     let data = |p: &Path, what: &str| -> Result<PathBuf> {
         let p = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        if p.is_dir() {
+            bail!("{what} file {}: a directory; give the data file (.jsonl or .csv), not its folder", p.display());
+        }
         if !p.is_file() {
             bail!("{what} file {}: no such file", p.display());
         }
         Ok(p)
     };
+    // (Checked here, where the message can name the key: classification needs two classes.)
+    if let Some(l) = e.labels.as_ref().filter(|l| l.len() < 2) {
+        match l.first() {
+            None => {
+                bail!("labels is an empty list: list at least 2 labels, or leave labels out to take them from the data")
+            }
+            Some(one) => {
+                bail!("labels lists one label ({one}): list at least 2, or leave labels out to take them from the data")
+            }
+        }
+    }
     let mut args = run.clone();
     args.task = task;
     args.train = Some(data(&e.train, "train")?);

@@ -236,7 +236,7 @@ impl MethodArgs {
                 // Checked as the f32 dropout is applied in (0.99999999999 is 1 there: nothing would
                 // pass), echoed as written.
                 require((0.0..1.0).contains(&d) && (d as f32) < 1.0, || {
-                    format!("--lora-dropout {}: expected 0 <= p < 1 (and below 1 as an f32)", show_number(d))
+                    format!("--lora-dropout {}: expected 0 <= p < 1 (and below 1 as an f32)", show_fraction(d))
                 })?;
             }
             _ => {}
@@ -482,8 +482,32 @@ impl RunArgs {
         require(method != BASELINE, || {
             format!("--base-precision {bp}: {BASELINE} scores the f32 model and trains nothing (drop the flag, or the method)")
         })?;
-        require(!self.on_cuda()?, || {
-            format!("--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32", self.device)
+        // The advice must be one the other checks let through: --precision bf16 and --tf32 are CUDA's.
+        let bf16 = self.precision == tuna_trainer::Precision::Bf16;
+        let cuda_only: Vec<&str> = [(bf16, "--precision bf16"), (self.tf32, "--tf32")]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| f)
+            .collect();
+        require(!self.on_cuda()?, || match (bp, cuda_only.as_slice()) {
+            (tuna_models::model::BasePrecision::Bf16, ["--precision bf16", ..]) => format!(
+                "--base-precision bf16 applies to the CPU; on CUDA (--device {}), --precision bf16 already stores the \
+                 frozen weights in bf16: drop --base-precision",
+                self.device
+            ),
+            (_, []) => {
+                format!(
+                    "--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32",
+                    self.device
+                )
+            }
+            (_, flags) => format!(
+                "--base-precision {bp} runs on the CPU only (--device {}), and {} on CUDA only: drop --base-precision \
+                 to train on CUDA, or drop {} to train on the CPU (--device cpu)",
+                self.device,
+                flags.join(" and "),
+                flags.join(" and ")
+            ),
         })?;
         // q4 keeps a GGUF's blocks: a Hugging Face folder is refused before anything is created
         // (whether a .gguf holds Q4 block weights is checked as it opens).
@@ -898,6 +922,16 @@ pub fn show_number(v: f64) -> String {
     }
 }
 
+/// A fraction (a probability) as [`show_number`] shows it, a whole one with a decimal: `1.0`,
+/// not the count-like `1`.
+pub fn show_fraction(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e6 {
+        format!("{v:.1}")
+    } else {
+        show_number(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -928,13 +962,45 @@ mod tests {
                 other => panic!("{other:?}"),
             })
         };
-        for v in ["0.99999999999", "0.99999999", "1", "1.5", "-0.1", "NaN"] {
+        for v in ["0.99999999999", "0.99999999", "1.0", "1.5", "-0.1", "NaN"] {
             let e = dropout(v).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--lora-dropout {v}: expected 0 <= p < 1")), "{v}: {e}");
         }
+        // An integral value is echoed with a decimal (it is a probability, not a count).
+        let e = dropout("1").unwrap_err().to_string();
+        assert!(e.starts_with("--lora-dropout 1.0: expected 0 <= p < 1"), "{e}");
         // The largest f32 below 1 (0.99999994) and plain values still train.
         assert_eq!(dropout("0.99999994").unwrap(), 0.99999994_f32);
         assert_eq!(dropout("0.1").unwrap(), 0.1_f32);
+    }
+
+    /// A low-precision base on CUDA is refused with advice the other checks let through: not
+    /// `--device cpu` beside `--precision bf16` or `--tf32` (both CUDA's).
+    #[test]
+    fn a_base_precision_on_cuda_is_refused_with_advice_that_can_be_followed() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            r: RunArgs,
+        }
+        let refusal = |extra: &[&str]| {
+            let argv = ["tuna", "--device", "cuda"].iter().chain(extra).map(|s| s.to_string());
+            let a = <Args as clap::Parser>::try_parse_from(argv).unwrap();
+            a.r.check_base_precision("lora").unwrap_err().to_string()
+        };
+        let e = refusal(&["--precision", "bf16", "--base-precision", "bf16"]);
+        assert_eq!(
+            e,
+            "--base-precision bf16 applies to the CPU; on CUDA (--device cuda), --precision bf16 already stores the \
+             frozen weights in bf16: drop --base-precision"
+        );
+        assert!(!e.contains("--device cpu"), "{e}");
+        let e = refusal(&["--precision", "bf16", "--base-precision", "int8"]);
+        assert!(e.contains("and --precision bf16 on CUDA only: drop --base-precision to train on CUDA, or drop --precision bf16 to train on the CPU (--device cpu)"), "{e}");
+        let e = refusal(&["--tf32", "--base-precision", "bf16"]);
+        assert!(e.contains("or drop --tf32 to train on the CPU"), "{e}");
+        let e = refusal(&["--base-precision", "bf16"]);
+        assert!(e.contains("runs on the CPU only (--device cuda): use --device cpu, or f32"), "{e}");
     }
 
     #[test]

@@ -201,14 +201,28 @@ fn a_changed_tasks_file_is_refused_on_resume_naming_the_task() {
     v[1]["lora_r"] = json!(2);
     let changed = write_tasks(&d, "changed.json", &v);
     let err = fails(&tuna(&tasks_args("llama", &changed, &out, 3, &["--resume"])), "task `story`: --method");
-    assert!(err.contains("r: 4") && err.contains("r: 2"), "{err}");
+    assert!(err.contains("was lora (--lora-r 4, --lora-alpha 16.0") && err.contains("now lora (--lora-r 2,"), "{err}");
     v[1]["lora_r"] = json!(4);
+    // Other virtual tokens cut the task's examples otherwise: one change, the setting, not also its data.
+    v[0]["virtual_tokens"] = json!(5);
+    let vt = write_tasks(&d, "tokens.json", &v);
+    let err = fails(
+        &tuna(&tasks_args("llama", &vt, &out, 3, &["--resume"])),
+        "task `sentiment`: --method and its settings was prompt (--virtual-tokens 4, --prompt-init vocab), now \
+         prompt (--virtual-tokens 5,",
+    );
+    assert!(!err.contains("data"), "{err}");
+    v[0]["virtual_tokens"] = json!(4);
     v[2]["name"] = json!("ending");
     let renamed = write_tasks(&d, "renamed.json", &v);
     fails(&tuna(&tasks_args("llama", &renamed, &out, 3, &["--resume"])), "tasks was sentiment, story, finish, now");
     // Another task's data changed: named by task.
     std::fs::write(d.join("lm.jsonl"), "{\"text\": \"Another story altogether.\"}\n").unwrap();
-    fails(&tuna(&tasks_args("llama", &tasks, &out, 3, &["--resume"])), "task `story`: --train (its data)");
+    let err = fails(
+        &tuna(&tasks_args("llama", &tasks, &out, 3, &["--resume"])),
+        "task `story`: the training data (its train file) changed since the run began",
+    );
+    assert!(!err.contains("(its data) was"), "{err}");
     data(&d, "lm.jsonl", 12, false);
     // Unchanged, it resumes (nothing left to train) and leaves the same adapters.
     ok(&tuna(&tasks_args("llama", &tasks, &out, 3, &["--resume"])));
@@ -244,6 +258,28 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
         ),
         ("name.json", json!([lm("../x", "lora")]).to_string(), "name \"../x\""),
         (
+            "folder.json",
+            json!([{"name": "a", "method": "lora", "task": "lm", "train": "."}]).to_string(),
+            "task 1 (`a`): train file ",
+        ),
+        (
+            "nolabels.json",
+            json!([{"name": "a", "method": "prompt", "train": "cls.jsonl", "labels": []}]).to_string(),
+            "task 1 (`a`): labels is an empty list: list at least 2 labels",
+        ),
+        (
+            "onelabel.json",
+            json!([{"name": "a", "method": "prompt", "train": "cls.jsonl", "labels": ["cat"]}]).to_string(),
+            "task 1 (`a`): labels lists one label (cat): list at least 2",
+        ),
+        (
+            "twice.json",
+            r#"[{"name": "a", "method": "lora", "task": "lm", "train": "lm.jsonl", "lr": 0.1, "lr": 0.2}]"#.into(),
+            "task 1 (`a`): the key `lr` is given twice",
+        ),
+        // A byte-order mark is skipped: the file reads as JSON (and fails on its second task).
+        ("bom.json", format!("\u{feff}{}", json!([lm("a", "lora"), lm("b", "lorax")])), "task 2 (`b`): unknown method"),
+        (
             "labels.json",
             json!([{"name": "a", "method": "prompt", "train": "cls.jsonl", "labels": ["cat", "other"], "verbalizers": ["x"]}])
                 .to_string(),
@@ -261,6 +297,9 @@ fn bad_tasks_files_are_refused_naming_the_file_and_the_entry() {
         let o = tuna(&tasks_args("llama", &p, &out, 2, &[]));
         let err = fails(&o, needle);
         assert!(err.contains(file), "{file}: the error does not name the file: {err}");
+        if *file == "folder.json" {
+            assert!(err.contains("a directory; give the data file") && !err.contains("no such file"), "{err}");
+        }
         // Bad data keeps its exit code inside a task (2), as in a single run.
         let want = if *file == "notinlabels.json" { 2 } else { 1 };
         assert_eq!(o.status.code(), Some(want), "{file}: {err}");

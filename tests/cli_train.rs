@@ -988,6 +988,12 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
     };
     refused("--method", "full", "full fine-tuning trains them");
     refused("--device", "cuda", "runs on the CPU only");
+    // An int8-base adapter against another model: the model is the problem, not the precision (no
+    // hint about the base precision the adapter records).
+    let adapter = d.join("int8").join("adapter").display().to_string();
+    let a = ["eval", "--model", &fixture("gpt2"), "--adapter", &adapter, "--data", &train].map(String::from);
+    let err = fails(&tuna(&a), "adapter made for a llama model, this model is gpt2");
+    assert!(!err.contains("base precision") && !err.contains("--base-precision"), "{err}");
     // The summary says which base the run trained on.
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("bf16").join("summary.json")).unwrap()).unwrap();

@@ -271,6 +271,19 @@ fn write_puts_the_report_and_panels_beside_the_table_and_reads_each_runs_curves(
     }
     let html = std::fs::read_to_string(out.join("compare.html")).unwrap();
     assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<table>") && html.contains("<td>houlsby</td>"));
+    // The header says what ran (the precision where the summaries record it).
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.starts_with("# tuna compare\n\nall-MiniLM-L6-v2, task classify, 100 steps\n\n| method |"), "{md}");
+    let mut bf16 = rows.clone();
+    for r in &mut bf16 {
+        r.run.precision = Some("bf16".into());
+    }
+    write(&bf16, &out).unwrap();
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.starts_with("# tuna compare\n\nall-MiniLM-L6-v2, task classify, 100 steps, precision bf16\n"), "{md}");
+    let html_bf16 = std::fs::read_to_string(out.join("compare.html")).unwrap();
+    assert!(html_bf16.contains("<p>all-MiniLM-L6-v2, task classify, 100 steps, precision bf16</p>"), "{html_bf16}");
+    write(&rows, &out).unwrap();
     assert_eq!(html.matches("<svg ").count(), 4);
     // Self-contained: nothing fetched (the only URL is the SVG namespace).
     let no_ns = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");

@@ -368,6 +368,15 @@ mod tests {
         assert!(matches!(load(&p, Task::Classify, &Fields::default()), Err(DataError::BadCsv { line: 3, .. })));
     }
 
+    /// A UTF-8 byte-order mark (some editors write one) before the first line is skipped.
+    #[test]
+    fn a_jsonl_file_with_a_byte_order_mark_loads() {
+        let d = tmpdir("bom");
+        let p = write(&d, "bom.jsonl", "\u{feff}{\"text\": \"a\"}\n{\"text\": \"b\"}\n");
+        let r = load(&p, Task::Lm, &Fields::default()).expect("load");
+        assert_eq!(r[0], Record { line: 1, ex: Example::Text("a".into()) });
+    }
+
     #[test]
     fn label_sets() {
         let recs: Vec<Record> = ["pos", "neg", "pos"]

@@ -69,24 +69,54 @@ pub fn export_temp_pid(name: &str) -> Option<u32> {
     }
 }
 
-/// Whether process `pid` is running (this process is). Where /proc is unavailable, no other
-/// process is taken for running: the caller holds the folder's lock, so no other tuna writes there.
-fn alive(pid: u32) -> bool {
-    pid == std::process::id() || (Path::new("/proc/self").exists() && Path::new("/proc").join(pid.to_string()).exists())
+/// Whether process `pid` may have written `path`, named by its PID: it is this process, or it is
+/// running and started before `path` last changed (a process started since, one that was given a
+/// dead export's PID again, cannot have written it). Where /proc is unavailable, no other process
+/// is taken for running: the caller holds the folder's lock, so no other tuna writes there.
+fn may_have_written(pid: u32, path: &Path) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if !Path::new("/proc/self").exists() || !Path::new("/proc").join(pid.to_string()).exists() {
+        return false;
+    }
+    let changed = std::fs::symlink_metadata(path).and_then(|m| m.modified()).ok();
+    match (process_start(pid), changed) {
+        // (The start is known to a second: boot time is.)
+        (Some(started), Some(changed)) => started <= changed + std::time::Duration::from_secs(2),
+        // Running, its start unknown: taken for the writer.
+        _ => true,
+    }
+}
+
+/// When process `pid` started: field 22 of `/proc/<pid>/stat` (clock ticks since boot, at Linux's
+/// fixed 100 a second for /proc) after `/proc/stat`'s boot time. `None` where it cannot be read.
+fn process_start(pid: u32) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces and parentheses) come the
+    // fields from the 3rd on: the 22nd is the 20th of those.
+    let ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(boot) + std::time::Duration::from_millis(ticks * 10))
 }
 
 /// Remove from `dir` the temporary files and staging folders of tuna exports (their names only,
-/// see [`export_temp_pid`]) whose process is no longer running: what a killed export left. Of a
+/// see [`export_temp_pid`]) whose process is no longer running (or is another process given its
+/// PID again, started after the name last changed): what a killed export left. Of a
 /// staging folder only the export's files (and their temporary files) are removed, then the folder
 /// if that leaves it empty. For the holder of `dir`'s lock.
 pub fn remove_stale_export_temps(dir: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = export_temp_pid(&name) else { continue };
-        if alive(pid) {
+        let p = e.path();
+        if may_have_written(pid, &p) {
             continue;
         }
-        let p = e.path();
         if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
             for f in EXPORT_FILES {
                 let _ = std::fs::remove_file(p.join(f));
@@ -312,6 +342,31 @@ mod tests {
             ]
         );
         assert_eq!(listing(&stage2), [("mine.txt".to_string(), "mine".to_string())]);
+    }
+
+    /// A killed export's staging folder whose PID now belongs to another live process, one started
+    /// after the folder last changed, is stale all the same (it blocked a plain export); one whose
+    /// process started before it (it may be the writer) is kept.
+    #[test]
+    fn a_staging_folder_whose_pid_was_given_to_a_later_process_is_stale() {
+        let d = tmp("reused");
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let reused = d.join(format!(".tmp-export-{}", child.id()));
+        std::fs::create_dir_all(&reused).unwrap();
+        put(&reused, &[(peft::CONFIG, "{}")]);
+        std::fs::File::open(&reused).unwrap().set_modified(hour_ago).unwrap();
+        // PID 1 started before this folder was made: it could be the writer.
+        let kept = d.join(".tmp-export-1");
+        std::fs::create_dir_all(&kept).unwrap();
+        assert!(process_start(child.id()).is_some_and(|t| t > hour_ago), "the child's start time");
+        assert!(!may_have_written(child.id(), &reused) && may_have_written(1, &kept));
+        remove_stale_export_temps(&d);
+        let _ = child.kill();
+        let _ = child.wait();
+        let names: Vec<String> = listing(&d).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, [".tmp-export-1"]);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -363,7 +363,8 @@ pub fn train_multi_as<B: Backend<E>, E: RunFloat>(dev: &Arc<B>, cfg: &MultiConfi
         match latest.checkpoint {
             None => nothing_to_resume(&run, &latest.warnings)?,
             Some(ck) => {
-                let saved = state::resumable(&ck, &st)?;
+                let data = format!("the tasks' training data (the train files of {})", cfg.tasks_file.display());
+                let saved = state::resumable(&ck, &st, &data)?;
                 let mut groups: Vec<state::GroupMut<'_, B, E>> =
                     tasks.iter().map(|t| &t.params[..]).zip(opts.iter_mut()).collect();
                 state::restore_groups(&ck, &mut groups, saved.step)?;

@@ -395,7 +395,8 @@ fn start_or_resume<B: Backend<E>, E: RunFloat>(
         nothing_to_resume(cfg, &latest.warnings)?;
         return Ok((st, None));
     };
-    let saved = state::resumable(&ck, &st)?;
+    let data = format!("the training data ({})", cfg.train.display());
+    let saved = state::resumable(&ck, &st, &data)?;
     state::restore(&ck, &s.params, opt, saved.step)?;
     eprintln!("resuming from {} (step {})", ck.dir.display(), saved.step);
     let step = saved.step;
@@ -666,7 +667,16 @@ fn step_in_backward<B: Backend<E>, E: RunFloat>(
 pub(crate) fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result<()> {
     // A run killed before its first checkpoint left only its log: starting anew loses nothing.
     let found: Vec<&str> = run_dir::existing_run(&cfg.out).into_iter().filter(|&n| n != "metrics.jsonl").collect();
-    let why = if skipped.is_empty() { "no checkpoint".to_string() } else { format!("{} corrupt", skipped.len()) };
+    let why = if skipped.is_empty() {
+        "no checkpoint was saved".to_string()
+    } else {
+        let n = skipped.len();
+        if n == 1 {
+            "its one checkpoint is corrupt; see the warning above".into()
+        } else {
+            format!("all {n} checkpoints are corrupt; see the warnings above")
+        }
+    };
     match cfg.out_mode {
         OutMode::ResumeOrStart if found.is_empty() => Ok(()),
         OutMode::ResumeOrStart => Err(TrainError::Invalid(format!(
@@ -674,10 +684,15 @@ pub(crate) fn nothing_to_resume(cfg: &TrainConfig, skipped: &[String]) -> Result
             cfg.out.display(),
             found.join(", ")
         ))),
-        _ => Err(TrainError::Invalid(format!(
-            "{}: nothing to resume ({why}; see the warnings above): --resume-or-start starts a new run where \
-             there is none, --overwrite replaces the folder's run",
+        // The advice that can be followed: --resume-or-start refuses a folder that holds more than a log.
+        _ if found.is_empty() => Err(TrainError::Invalid(format!(
+            "{}: nothing to resume ({why}): --overwrite (or --resume-or-start) starts a new run there",
             cfg.out.display()
+        ))),
+        _ => Err(TrainError::Invalid(format!(
+            "{}: nothing to resume ({why}): --overwrite starts a new run there (replacing the folder's run: {})",
+            cfg.out.display(),
+            found.join(", ")
         ))),
     }
 }

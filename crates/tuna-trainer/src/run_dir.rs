@@ -231,6 +231,17 @@ pub fn check(dir: &Path, mode: OutMode, inputs: &[&Path]) -> Result<()> {
         }
     }
     match mode {
+        // A run stopped (a non-finite loss, a kill) before its first checkpoint: --resume would
+        // find nothing to resume, so it is not the advice.
+        OutMode::New if !found.is_empty() && !found.contains(&"checkpoints") => {
+            let anew = if found == ["metrics.jsonl"] { "--overwrite (or --resume-or-start)" } else { "--overwrite" };
+            Err(TrainError::Invalid(format!(
+                "{} holds a run that saved no checkpoint ({}), so there is nothing to resume: {anew} starts a new \
+                 run there, or choose another --out",
+                dir.display(),
+                found.join(", ")
+            )))
+        }
         OutMode::New if !found.is_empty() => Err(TrainError::Invalid(format!(
             "{} already holds a run ({}): pass --resume to continue it, --overwrite to replace it, or choose another --out",
             dir.display(),

@@ -218,5 +218,23 @@ fn a_non_finite_loss_says_which_checkpoint_is_kept_or_that_none_is() {
     (cfg.lr, cfg.steps, cfg.save_every, cfg.eval_every) = (1e30, 20, 100, 100);
     let e = train(&Arc::new(Cpu), &cfg).expect_err("a non-finite loss").to_string();
     assert!(e.contains("not finite") && e.contains("No checkpoint has been saved yet"), "{e}");
+    // Run again there: a new run is told there is no checkpoint to resume (not to pass --resume),
+    // and --resume says the same, both advising what starts anew.
+    let again = train(&Arc::new(Cpu), &cfg).expect_err("a run is there").to_string();
+    assert!(
+        again.contains(
+            "holds a run that saved no checkpoint (metrics.jsonl), so there is nothing to resume: \
+             --overwrite (or --resume-or-start) starts a new run there"
+        ) && !again.contains("pass --resume"),
+        "{again}"
+    );
+    cfg.out_mode = OutMode::Resume;
+    let resume = train(&Arc::new(Cpu), &cfg).expect_err("nothing to resume").to_string();
+    assert!(
+        resume.ends_with(
+            "nothing to resume (no checkpoint was saved): --overwrite (or --resume-or-start) starts a new run there"
+        ),
+        "{resume}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -139,12 +139,168 @@ const CHECKPOINT_ACTIVATIONS: &str = "--checkpoint-activations";
 /// Likewise: the update inside the backward gives bitwise the update after it.
 const UPDATE_IN_BACKWARD: &str = "--update-in-backward";
 
-/// The settings that differ between a checkpoint's run (`saved`) and this one, by flag.
-pub(crate) fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+/// The settings that differ between a checkpoint's run (`saved`) and this one, by key, each with
+/// how it reads to the user (`--clip was 1.0, now 0 (off)`; a data fingerprint as the data that
+/// changed). A task's data is not named beside its changed virtual tokens (they change how its
+/// examples are cut, so its data's fingerprint: one change, the setting's).
+fn changes(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<Change> {
+    let differs = |k: &str| now.get(k).is_some_and(|v| saved.get(k).is_some_and(|s| s != v));
+    let virtual_tokens_differ = |prefix: &str| {
+        let k = format!("{prefix}{METHOD}");
+        let n = |m: &BTreeMap<String, String>| m.get(&k).map(|v| virtual_tokens(v));
+        n(saved) != n(now)
+    };
     now.iter()
-        .filter(|(k, v)| saved.get(*k).is_some_and(|s| s != *v))
-        .map(|(k, v)| format!("{k} was {}, now {v}", saved[k]))
+        .filter(|(k, _)| differs(k))
+        .filter(|(k, _)| match k.strip_suffix(TRAIN_DATA).or_else(|| k.strip_suffix(EVAL_DATA)) {
+            Some(prefix) => !virtual_tokens_differ(prefix),
+            None => true,
+        })
+        .map(|(k, v)| (k.clone(), change_text(k, &saved[k], v)))
         .collect()
+}
+
+/// A changed setting: its key and how the change reads.
+type Change = (String, String);
+
+/// Key of the method's settings.
+const METHOD: &str = "--method and its settings";
+/// Key of the evaluation batches' fingerprint (`none` without evaluation data).
+const EVAL_DATA: &str = "--eval (its data)";
+/// Key of a task's training batches' fingerprint (a multi-task run's).
+const TRAIN_DATA: &str = "--train (its data)";
+
+/// A change of setting `key` from `old` to `new`, as the user reads it.
+fn change_text(key: &str, old: &str, new: &str) -> String {
+    // A multi-task run's per-task key is `task `<name>`: <flag>`.
+    let (prefix, flag) = match key.rfind(": ") {
+        Some(i) => key.split_at(i + 2),
+        None => ("", key),
+    };
+    match (flag, old, new) {
+        (EVAL_DATA, "none", _) => format!("{prefix}--eval was not given, now it is"),
+        (EVAL_DATA, _, "none") => format!("{prefix}--eval was given, now it is not"),
+        (EVAL_DATA, _, _) => {
+            format!("{prefix}the evaluation data (--eval) changed since the run began (or how it is cut into batches)")
+        }
+        (TRAIN_DATA, _, _) => format!(
+            "{prefix}the training data (its train file) changed since the run began (or how it is cut into batches)"
+        ),
+        _ => format!("{key} was {}, now {}", shown(flag, old), shown(flag, new)),
+    }
+}
+
+/// The virtual tokens of a method as recorded (its debug text): the `n` of the prompt and prefix
+/// methods, else 0.
+fn virtual_tokens(method: &str) -> usize {
+    let n = fields(method).into_iter().find(|(k, _)| *k == "n").and_then(|(_, v)| v.parse().ok());
+    let variant = method.split([' ', '(', '{']).next().unwrap_or(method);
+    n.filter(|_| matches!(variant, "Prompt" | "Prefix" | "PTuning" | "PTuningV2")).unwrap_or(0)
+}
+
+/// A recorded setting's value (Rust's debug text, kept as recorded so that older checkpoints still
+/// compare) as the user gives it: `none` for `None`, a list as `a,b`, the method with its flags.
+fn shown(flag: &str, v: &str) -> String {
+    match flag {
+        "--clip" if v == "None" => "0 (off)".into(),
+        METHOD => method_shown(v),
+        _ => plain(v),
+    }
+}
+
+/// A debug value as typed: `None` is `none`, `Some(x)` is `x`, a list `["a", "b"]` is `a,b`, a
+/// name (`Lm`, `Cosine`, `SampleVocab`) in lower case (`vocab` for the sampled init); numbers and
+/// quoted text as they are.
+fn plain(v: &str) -> String {
+    if v == "None" {
+        return "none".into();
+    }
+    if let Some(inner) = v.strip_prefix("Some(").and_then(|x| x.strip_suffix(')')) {
+        return plain(inner);
+    }
+    if let Some(items) = v.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+        let items: Vec<String> =
+            split_top(items).into_iter().map(|x| x.trim_matches('"').to_string()).filter(|x| !x.is_empty()).collect();
+        return if items.is_empty() { "none".into() } else { items.join(",") };
+    }
+    let name = v.split('(').next().unwrap_or(v);
+    if name.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && name.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return match name {
+            "SampleVocab" => "vocab".into(),
+            "ClassLabels" => "labels".into(),
+            n => n.to_ascii_lowercase(),
+        };
+    }
+    v.to_string()
+}
+
+/// `s` split at its top-level `, ` (not inside brackets, parentheses, braces or quotes).
+fn split_top(s: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut quoted, mut start) = (Vec::new(), 0i32, false, 0);
+    let b = s.as_bytes();
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'"' if i == 0 || b[i - 1] != b'\\' => quoted = !quoted,
+            b'(' | b'[' | b'{' if !quoted => depth += 1,
+            b')' | b']' | b'}' if !quoted => depth -= 1,
+            b',' if !quoted && depth == 0 => {
+                out.push(s[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !s[start..].trim().is_empty() {
+        out.push(s[start..].trim());
+    }
+    out
+}
+
+/// The `name: value` fields of a debug struct text (`Name { a: 1, b: [] }`, or one wrapped in a
+/// variant: `Lora(LoraConfig { .. })`).
+fn fields(v: &str) -> Vec<(&str, &str)> {
+    let body = match (v.find('{'), v.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &v[a + 1..b],
+        _ => return Vec::new(),
+    };
+    split_top(body).into_iter().filter_map(|f| f.split_once(": ")).collect()
+}
+
+/// The method's recorded text as its `--method` and flags: `lora (--lora-r 8, --lora-alpha 16.0,
+/// --lora-dropout 0.0)`; a setting left at none is left out. Text of another form is kept.
+fn method_shown(v: &str) -> String {
+    let f = fields(v);
+    let get = |k: &str| f.iter().find(|(n, _)| *n == k).map(|(_, v)| plain(v)).filter(|v| v != "none");
+    let variant = v.split([' ', '(', '{']).next().unwrap_or(v);
+    let (name, flags): (&str, &[(&str, &str)]) = match variant {
+        "Full" => ("full", &[("patterns", "--train-patterns")]),
+        "Prompt" => ("prompt", &[("n", "--virtual-tokens"), ("init", "--prompt-init")]),
+        "Prefix" if get("projection").is_some() => {
+            ("prefix-mlp", &[("n", "--virtual-tokens"), ("projection", "--prefix-hidden")])
+        }
+        "Prefix" => ("prefix", &[("n", "--virtual-tokens")]),
+        "PTuning" => {
+            ("ptuning", &[("n", "--virtual-tokens"), ("encoder", "--ptuning-encoder"), ("hidden", "--ptuning-hidden")])
+        }
+        "PTuningV2" => ("ptuning-v2", &[("n", "--virtual-tokens")]),
+        "Houlsby" => ("houlsby", &[("bottleneck", "--bottleneck")]),
+        "Lora" => (
+            "lora",
+            &[
+                ("r", "--lora-r"),
+                ("alpha", "--lora-alpha"),
+                ("dropout", "--lora-dropout"),
+                ("targets", "--lora-targets"),
+            ],
+        ),
+        _ => return v.to_string(),
+    };
+    let set: Vec<String> = flags.iter().filter_map(|(k, flag)| get(k).map(|v| format!("{flag} {v}"))).collect();
+    if set.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} ({})", set.join(", "))
+    }
 }
 
 /// Named trainable tensors (checkpoint names), as one optimizer's group.
@@ -163,22 +319,30 @@ pub(crate) const STATE: &str = "state.json";
 /// but it is no longer the run it was, and the warmup follows (cut to the steps when longer), so
 /// `--steps` and, with it, `--warmup`. Recomputing activations and the update inside the backward
 /// change nothing of the numbers and are free; [`LATER_SETTINGS`] are checked apart, first.
-fn resume_changes(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> (Vec<String>, Vec<String>) {
-    let free = LATER_SETTINGS.iter().map(|(f, _)| *f).chain([CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD]);
-    let free: Vec<String> = free.map(|f| format!("{f} ")).collect();
-    let changed: Vec<String> =
-        changed_settings(old, new).into_iter().filter(|c| !free.iter().any(|f| c.starts_with(f))).collect();
-    if changed.iter().any(|c| c.starts_with("--steps ")) {
-        changed.into_iter().partition(|c| !(c.starts_with("--steps ") || c.starts_with("--warmup ")))
+fn resume_changes(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> (Vec<Change>, Vec<Change>) {
+    let free: Vec<&str> =
+        LATER_SETTINGS.iter().map(|(f, _)| *f).chain([CHECKPOINT_ACTIVATIONS, UPDATE_IN_BACKWARD]).collect();
+    let changed: Vec<Change> = changes(old, new).into_iter().filter(|(k, _)| !free.contains(&k.as_str())).collect();
+    if changed.iter().any(|(k, _)| k == "--steps") {
+        changed.into_iter().partition(|(k, _)| !(k == "--steps" || k == "--warmup"))
     } else {
         (changed, Vec::new())
     }
 }
 
+/// What a resume with the same `key` as before takes: the flag (a data fingerprint's, the data).
+fn same(key: &str) -> String {
+    match key.strip_suffix(EVAL_DATA).or_else(|| key.strip_suffix(TRAIN_DATA)) {
+        Some(prefix) if key.ends_with(EVAL_DATA) => format!("{prefix}the same evaluation data"),
+        Some(prefix) => format!("{prefix}the same training data"),
+        None => format!("the same {key}"),
+    }
+}
+
 /// The state of checkpoint `ck`, checked against this run (`now`): the same base model, a state
 /// that agrees with its checkpoint's step, the same settings (a changed `--steps` only warns) and
-/// the same data and batching.
-pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
+/// the same data and batching (`data`: what the training data is, to name it when it changed).
+pub(crate) fn resumable(ck: &Loaded, now: &State, data: &str) -> Result<State> {
     let saved: State = serde_json::from_slice(&ck.file(STATE)?)
         .map_err(|e| TrainError::Invalid(format!("{}: {STATE}: {e}", ck.dir.display())))?;
     // An int8 run from before the group scales trained on weights this build cannot hold: say so
@@ -218,8 +382,8 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
         // The other recorded settings that changed too (checked after the base below otherwise),
         // by the same rules.
         if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
-            for c in resume_changes(old, new).0 {
-                with.push(format!("with the same {}", c.split(" was ").next().unwrap_or(&c)));
+            for (k, c) in resume_changes(old, new).0 {
+                with.push(format!("with {}", same(&k)));
                 changed.push(c);
             }
             if let Some(steps) = new.get("--steps").and_then(|s| s.parse::<u64>().ok()).filter(|&n| n < saved.step) {
@@ -253,6 +417,8 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     }
     if let (Some(old), Some(new)) = (&saved.settings, &now.settings) {
         let (changed, schedule) = resume_changes(old, new);
+        let text = |v: Vec<Change>| v.into_iter().map(|(_, c)| c).collect::<Vec<_>>();
+        let (changed, schedule) = (text(changed), text(schedule));
         if !schedule.is_empty() {
             eprintln!(
                 "warning: {}: the learning-rate schedule changes from here on, so the run no longer matches an \
@@ -281,11 +447,9 @@ pub(crate) fn resumable(ck: &Loaded, now: &State) -> Result<State> {
     }
     if saved.fingerprint != now.fingerprint {
         return Err(TrainError::Invalid(format!(
-            "{}: the checkpoint was made with other data or batching settings (fingerprint {:x} vs {:x}): resume \
-             with the same data and flags",
+            "{}: {data} changed since the run began, or how it is read and cut into batches (--batch-size, \
+             --seed, --max-len, --max-train-examples, --holdout, the field names): resume with the same data and flags",
             ck.dir.display(),
-            saved.fingerprint,
-            now.fingerprint
         )));
     }
     Ok(saved)
@@ -588,6 +752,10 @@ mod tests {
     use super::*;
     use crate::checkpoint::Direction;
 
+    fn changed_settings(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+        changes(saved, now).into_iter().map(|(_, text)| text).collect()
+    }
+
     #[test]
     fn changed_settings_name_the_flag_and_both_values() {
         let a = BTreeMap::from([("--lr".to_string(), "0.01".to_string()), ("--clip".into(), "Some(1.0)".into())]);
@@ -596,6 +764,100 @@ mod tests {
         b.insert("--lr".into(), "0.5".into());
         b.insert("--new-flag".into(), "x".into()); // unknown to an older checkpoint: not a change
         assert_eq!(changed_settings(&a, &b), ["--lr was 0.01, now 0.5"]);
+    }
+
+    /// Recorded values (Rust's debug text) read as the user types them: no `Some(..)`, no struct
+    /// dumps, no hashes.
+    #[test]
+    fn changed_settings_read_as_typed() {
+        let map = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lora = |r: u32, targets: &str| {
+            format!("Lora(LoraConfig {{ r: {r}, alpha: 16.0, dropout: 0.1, targets: [{targets}] }})")
+        };
+        let a: BTreeMap<String, String> = map(&[
+            ("--clip", "Some(1.0)"),
+            ("--max-eval-examples", "None"),
+            ("--task", "Lm"),
+            ("--decay", "Cosine"),
+            ("--labels", "Some([\"cat\", \"other\"])"),
+            ("--prompt-init-text", "Some(\"the cat\")"),
+            (METHOD, &lora(8, "")),
+            (EVAL_DATA, "none"),
+        ]);
+        let b: BTreeMap<String, String> = map(&[
+            ("--clip", "None"),
+            ("--max-eval-examples", "Some(3)"),
+            ("--task", "Classify"),
+            ("--decay", "Linear"),
+            ("--labels", "None"),
+            ("--prompt-init-text", "Some(\"a dog\")"),
+            (METHOD, &lora(4, "\"q_proj\", \"v_proj\"")),
+            (EVAL_DATA, "039344c01409fc2b"),
+        ]);
+        let got = changed_settings(&a, &b).join("; ");
+        assert_eq!(
+            got,
+            "--clip was 1.0, now 0 (off); \
+             --decay was cosine, now linear; \
+             --eval was not given, now it is; \
+             --labels was cat,other, now none; \
+             --max-eval-examples was none, now 3; \
+             --method and its settings was lora (--lora-r 8, --lora-alpha 16.0, --lora-dropout 0.1), \
+             now lora (--lora-r 4, --lora-alpha 16.0, --lora-dropout 0.1, --lora-targets q_proj,v_proj); \
+             --prompt-init-text was \"the cat\", now \"a dog\"; \
+             --task was lm, now classify"
+        );
+        assert!(!got.contains("Some(") && !got.contains("LoraConfig") && !got.contains("0393"), "{got}");
+        let c: BTreeMap<String, String> = map(&[(EVAL_DATA, "1111111111111111")]);
+        let d: BTreeMap<String, String> = map(&[(EVAL_DATA, "2222222222222222")]);
+        assert_eq!(
+            changed_settings(&c, &d),
+            ["the evaluation data (--eval) changed since the run began (or how it is cut into batches)"]
+        );
+        // Each method as its flags.
+        for (debug, typed) in [
+            ("Prompt { n: 20, init: SampleVocab }", "prompt (--virtual-tokens 20, --prompt-init vocab)"),
+            ("Prompt { n: 4, init: Text([5, 6]) }", "prompt (--virtual-tokens 4, --prompt-init text)"),
+            ("Prefix { n: 20, projection: None }", "prefix (--virtual-tokens 20)"),
+            ("Prefix { n: 8, projection: Some(64) }", "prefix-mlp (--virtual-tokens 8, --prefix-hidden 64)"),
+            ("PTuning { n: 3, encoder: Lstm, hidden: None }", "ptuning (--virtual-tokens 3, --ptuning-encoder lstm)"),
+            ("PTuningV2 { n: 5 }", "ptuning-v2 (--virtual-tokens 5)"),
+            ("Houlsby { bottleneck: 32 }", "houlsby (--bottleneck 32)"),
+            ("Full { patterns: [] }", "full"),
+            ("Full { patterns: [\"*.q_proj.*\"] }", "full (--train-patterns *.q_proj.*)"),
+        ] {
+            assert_eq!(method_shown(debug), typed);
+        }
+    }
+
+    /// A task's changed virtual tokens change how its examples are cut, so its data's fingerprint:
+    /// named once, as the setting; a task's data that changed alone is named as its data.
+    #[test]
+    fn a_tasks_changed_virtual_tokens_are_not_also_changed_data() {
+        assert_eq!(virtual_tokens("PTuningV2 { n: 5 }"), 5);
+        assert_eq!(virtual_tokens("PTuning { n: 3, encoder: Mlp, hidden: None }"), 3);
+        assert_eq!(virtual_tokens("Lora(LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: [] })"), 0);
+        assert_eq!(virtual_tokens("Houlsby { bottleneck: 32 }"), 0);
+        let t = |n: u32, data: &str| -> BTreeMap<String, String> {
+            BTreeMap::from([
+                ("task `a`: --method and its settings".into(), format!("Prompt {{ n: {n}, init: SampleVocab }}")),
+                ("task `a`: --train (its data)".into(), data.into()),
+                ("task `a`: --eval (its data)".into(), data.into()),
+            ])
+        };
+        assert_eq!(
+            changed_settings(&t(4, "aaaa"), &t(6, "bbbb")),
+            ["task `a`: --method and its settings was prompt (--virtual-tokens 4, --prompt-init vocab), \
+              now prompt (--virtual-tokens 6, --prompt-init vocab)"]
+        );
+        assert_eq!(
+            changed_settings(&t(4, "aaaa"), &t(4, "bbbb")),
+            [
+                "task `a`: the evaluation data (--eval) changed since the run began (or how it is cut into batches)",
+                "task `a`: the training data (its train file) changed since the run began (or how it is cut into \
+                 batches)"
+            ]
+        );
     }
 
     /// A restore puts back the tensors and both moments a checkpoint saved. A file changed after
@@ -689,7 +951,7 @@ mod tests {
         let resume = |saved: Option<bool>, now: bool| {
             ckpts.save(2, &[(STATE, &serde_json::to_vec(&state(saved)).unwrap())], &Map::new()).unwrap();
             let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
-            resumable(&ck, &state(Some(now))).map(|_| ()).map_err(|e| e.to_string())
+            resumable(&ck, &state(Some(now)), "the training data").map(|_| ()).map_err(|e| e.to_string())
         };
         assert_eq!(settings_of(&cfg, None)[TF32], "off");
         for same in [false, true] {
@@ -712,7 +974,7 @@ mod tests {
         let now = State { step: 2, settings: Some(settings_of(&both, None)), ..State::default() };
         ckpts.save(2, &[(STATE, &serde_json::to_vec(&state(Some(false))).unwrap())], &Map::new()).unwrap();
         let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
-        let e = resumable(&ck, &now).map(|_| ()).unwrap_err().to_string();
+        let e = resumable(&ck, &now, "the training data").map(|_| ()).unwrap_err().to_string();
         assert!(
             e.contains("--tf32 was off, now on; --precision was f32, now bf16; --lr was")
                 && e.contains("--warmup was")
@@ -731,11 +993,11 @@ mod tests {
         let at = |settings: BTreeMap<String, String>| State { step: 2, settings: Some(settings), ..State::default() };
         ckpts.save(2, &[(STATE, &serde_json::to_vec(&at(old_int8)).unwrap())], &Map::new()).unwrap();
         let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
-        let e = resumable(&ck, &at(new_int8.clone())).map(|_| ()).unwrap_err().to_string();
+        let e = resumable(&ck, &at(new_int8.clone()), "the training data").map(|_| ()).unwrap_err().to_string();
         assert!(e.contains("one scale per weight row") && e.contains("cannot resume"), "{e}");
         ckpts.save(2, &[(STATE, &serde_json::to_vec(&at(new_int8.clone())).unwrap())], &Map::new()).unwrap();
         let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
-        resumable(&ck, &at(new_int8)).expect("a group-scaled int8 checkpoint resumes");
+        resumable(&ck, &at(new_int8), "the training data").expect("a group-scaled int8 checkpoint resumes");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

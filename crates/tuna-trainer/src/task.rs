@@ -45,7 +45,11 @@ impl TaskSpec {
         if set.len() < 2 {
             return Err(TrainError::Invalid(format!(
                 "classification needs at least 2 classes; {} ({}): give --labels to list the others",
-                if labels.is_some() { "--labels lists one" } else { "the data has one" },
+                match (labels.is_some(), set.len()) {
+                    (true, 0) => "--labels lists none",
+                    (true, _) => "--labels lists one",
+                    (false, _) => "the data has one",
+                },
                 set.labels().join(", ")
             )));
         }

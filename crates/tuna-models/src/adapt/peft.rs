@@ -21,6 +21,9 @@ use crate::io::{pretty_sorted, safetensors_bytes, write_atomic};
 pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 pub const BASE: &str = "tuna_base.json";
+/// How an adapter refused for another model (architecture or dimensions) begins its message, so
+/// that a caller can tell it from other errors (`tuna eval` then leaves out its precision hint).
+pub const OTHER_MODEL: &str = "adapter made for a ";
 pub const EXTRA: &str = "tuna_extra.safetensors";
 
 /// Write `model`'s adaptation into `dir` (created if needed; each file replaced atomically).
@@ -208,10 +211,7 @@ fn check_base(dir: &Path, s: &ModelShape) -> Result<()> {
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::Format { path: path.clone(), msg: format!("invalid JSON: {e}") })?;
     if let Some(a) = v.get("arch").and_then(Value::as_str).filter(|&a| a != s.arch.name()) {
-        return Err(Error::Format {
-            path,
-            msg: format!("adapter made for a {a} model, this model is {}", s.arch.name()),
-        });
+        return Err(Error::Format { path, msg: format!("{OTHER_MODEL}{a} model, this model is {}", s.arch.name()) });
     }
     for (k, have) in [
         ("hidden_size", s.hidden),
@@ -224,7 +224,7 @@ fn check_base(dir: &Path, s: &ModelShape) -> Result<()> {
         if let Some(want) = v.get(k).and_then(Value::as_u64).filter(|&w| w as usize != have) {
             return Err(Error::Format {
                 path,
-                msg: format!("adapter made for a model with {k} {want}, but this model has {have}"),
+                msg: format!("{OTHER_MODEL}model with {k} {want}, but this model has {have}"),
             });
         }
     }

@@ -261,9 +261,8 @@ impl<'a> Fields<'a> {
     /// An optional dimension field that, when given, must equal the model's `have`.
     pub fn expect_dim(&self, key: &str, what: &str, have: usize) -> Result<()> {
         match self.count(key)? {
-            Some(d) if d != have => {
-                Err(self.err(format!("adapter made for a model with {what} ({key}) {d}, but this model has {have}")))
-            }
+            Some(d) if d != have => Err(self
+                .err(format!("{}model with {what} ({key}) {d}, but this model has {have}", super::peft::OTHER_MODEL))),
             _ => Ok(()),
         }
     }
