@@ -2,17 +2,19 @@
 //! integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`), or on a
 //! portable Rust twin of them ([`DotIsa::Emulated`]) that computes the same integers.
 //!
-//! **Forward**, `y = x W^T`: each row of `x` is quantized on the fly, symmetric, one f32 scale per
-//! row (`sx = max|x_row| / 127`, `qx = round(x / sx)` in [-127, 127]); the weight is the int8 base
-//! as packed (one scale per [`INT8_GROUP`] inputs of an output channel). For each group `g` the
+//! **Forward**, `y = x W^T`: `x` is quantized on the fly, symmetric, one f32 scale per row and
+//! group of [`INT8_GROUP`] inputs (`sx = max|x_group| / 127`, `qx = round(x / sx)` in [-127, 127]:
+//! an outlier coarsens only its own 64 values, as in the weight); the weight is the int8 base as
+//! packed (one scale per [`INT8_GROUP`] inputs of an output channel). For each group `g` the
 //! integer sum `I = sum_{k in g} qx_k q_k` is exact in i32, and
-//! `y = sx * sum_g f32(I_g) * sw_g` (f32, groups in order).
+//! `y = sum_g f32(I_g) * sw_g * sx_g` (f32, groups in order).
 //!
 //! **Input gradient**, `dx += dy W`: the same product with the roles turned. Its reduction runs
 //! over the output channels, whose int8 scales differ from one input group to the next, so the
 //! stored weight `w~ = q * sw` is requantized per call for it: `W^T`, one scale per 64 output
-//! channels of each input column (the forward's grouping, along this product's reduction). The rows
-//! of `dy` are quantized per row as `x`'s are, and `dx += sdy * sum_g f32(I_g) * st_g`.
+//! channels of each input column (the forward's grouping, along this product's reduction). `dy` is
+//! quantized per row and group of 64 output channels as `x` is, and
+//! `dx += sum_g f32(I_g) * st_g * sdy_g`.
 //!
 //! The instructions multiply unsigned by signed bytes, so the quantized activations are stored
 //! shifted by 128 (`u = q + 128`, in 1..=255) and `128 * sum q_w` is taken off the integer sum
@@ -23,8 +25,8 @@
 //!
 //! **Error bound** (tested against an f64 product with the original f32 weight): per output
 //! element `|y - y_ref| <= sum_k (|x_k| e_w(k) + e_x |w~_k|) + f32 rounding`, where `e_w(k) =
-//! max|w_group(k)| / 254` (the weight's rounding), `e_x = max|x_row| / 254` (the activation's)
-//! and `w~` the stored weight; for `dx` the same with `dy`'s row, plus the requantization's
+//! max|w_group(k)| / 254` (the weight's rounding), `e_x = max|x_group(k)| / 254` (the activation's)
+//! and `w~` the stored weight; for `dx` the same with `dy`'s groups, plus the requantization's
 //! `|dy_o| max|w~_(group of o, column k)| / 254`.
 //!
 //! The packed layouts are made per call from the int8 base (one pass over its bytes, shared by the
@@ -70,7 +72,7 @@ impl DotIsa {
                 DotIsa::Avx512Vnni => has!("avx512f") && has!("avx512vnni"),
                 DotIsa::Amx => {
                     let f = super::CpuMatrixFeatures::detect();
-                    f.amx_tile && f.amx_int8 && amx::permitted()
+                    f.amx_tile && f.amx_int8 && amx_permitted()
                 }
             }
         }
@@ -95,7 +97,7 @@ const BCH: usize = CH * T;
 /// (`b[k4 * 64 + col * 4 + i]` = B[4 k4 + i, col]), as `vpdpbusd` and AMX take them.
 pub(super) fn tiles(isa: DotIsa, a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c: &mut [i32]) {
     assert!(a_stride >= CH * sums * per && a.len() >= (T - 1) * a_stride + CH * sums * per);
-    assert!(b.len() >= BCH * sums * per && c.len() >= T * T * sums);
+    assert!(b.len() >= BCH * sums * per && c.len() >= T * T * sums && per >= 1);
     match isa {
         DotIsa::Emulated => emulated(a, a_stride, b, per, sums, c),
         #[cfg(target_arch = "x86_64")]
@@ -105,11 +107,11 @@ pub(super) fn tiles(isa: DotIsa, a: &[u8], a_stride: usize, b: &[i8], per: usize
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         DotIsa::Avx512Vnni => unsafe { vnni512(a.as_ptr(), a_stride, b.as_ptr(), per, sums, c.as_mut_ptr()) },
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // SAFETY: as above (and `available()` asked the kernel for the tile state).
-        DotIsa::Amx => unsafe { amx::tiles(a.as_ptr(), a_stride, b.as_ptr(), per, sums, c.as_mut_ptr()) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the emulated path exists off x86-64"),
+        DotIsa::Amx => unsafe { amx_tiles(a.as_ptr(), a_stride, b.as_ptr(), per, sums, c.as_mut_ptr()) },
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("{} is not available on this target", isa.name()),
     }
 }
 
@@ -183,12 +185,13 @@ unsafe fn vnni512(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
 #[target_feature(enable = "avx2,avxvnni")]
 unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
     use std::arch::x86_64::*;
-    // Eight rows at a time: 8 rows x 2 registers of 8 columns = 16 accumulators.
+    // Four rows at a time: 4 rows x 2 registers of 8 columns = 8 accumulators, with the two B
+    // registers and the broadcast inside the 16 ymm registers (8 rows spilled).
     for t in 0..sums {
-        for half in 0..2 {
-            let mut acc = [[_mm256_setzero_si256(); 2]; 8];
+        for quarter in 0..4 {
+            let mut acc = [[_mm256_setzero_si256(); 2]; 4];
             for j in t * per..(t + 1) * per {
-                let (aj, bj) = (a.add(CH * j + 8 * half * a_stride), b.add(BCH * j));
+                let (aj, bj) = (a.add(CH * j + 4 * quarter * a_stride), b.add(BCH * j));
                 for k4 in 0..CH / 4 {
                     let b0 = _mm256_loadu_si256(bj.add(k4 * 4 * T).cast());
                     let b1 = _mm256_loadu_si256(bj.add(k4 * 4 * T + 32).cast());
@@ -200,7 +203,7 @@ unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                let dst = c.add(t * T * T + (8 * half + r) * T);
+                let dst = c.add(t * T * T + (4 * quarter + r) * T);
                 _mm256_storeu_si256(dst.cast(), acc[0]);
                 _mm256_storeu_si256(dst.add(8).cast(), acc[1]);
             }
@@ -208,17 +211,26 @@ unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use amx::{permitted as amx_permitted, Config as AmxConfig};
+/// Whether Linux granted this process the AMX tile state (asked once); false off Linux x86-64.
+pub(crate) fn amx_permitted() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        amx::permitted()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
 
-#[cfg(target_arch = "x86_64")]
-mod amx {
-    use super::{BCH, CH, T};
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(crate) mod amx {
     use std::sync::OnceLock;
 
     /// Linux hands a process the AMX tile state only when asked (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-    /// XFEATURE_XTILEDATA)`); asked once, the answer kept. `false` where the kernel refuses
-    /// (too old, or the state disabled), and the tiles are then not used.
+    /// XFEATURE_XTILEDATA)`, process-wide: every thread, created before or after); asked once,
+    /// the answer kept. `false` where the kernel refuses (too old, or the state disabled), and the
+    /// tiles are then not used.
     pub(crate) fn permitted() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| {
@@ -230,57 +242,100 @@ mod amx {
         })
     }
 
-    /// The tile configuration: palette 1; tmm0 the i32 accumulator, tmm1 the A chunk (16 rows of
-    /// 64 bytes), tmm2 the B chunk (16 rows of 64 bytes: four reduction values x 16 columns).
-    /// (The bf16 path's tiles have the same shapes: 16 rows of 64 bytes.)
+    /// The tile configuration, palette 1: tmm0 the accumulator (16 rows of 16 four-byte values),
+    /// tmm1 the A chunk (16 rows of 64 bytes), tmm2 the B chunk (16 rows of 64 bytes: four int8
+    /// or two bf16 reduction values x 16 columns).
     #[repr(C, align(64))]
-    pub(crate) struct Config([u8; 64]);
+    struct Config([u8; 64]);
 
     impl Config {
-        pub(crate) fn new() -> Config {
+        fn new() -> Config {
             let mut c = [0u8; 64];
             c[0] = 1;
             for tmm in 0..3 {
-                c[16 + 2 * tmm..18 + 2 * tmm].copy_from_slice(&(CH as u16).to_le_bytes());
-                c[48 + tmm] = T as u8;
+                c[16 + 2 * tmm..18 + 2 * tmm].copy_from_slice(&64u16.to_le_bytes());
+                c[48 + tmm] = 16;
             }
             Config(c)
         }
-
-        pub(crate) fn as_ptr(&self) -> *const u8 {
-            self.0.as_ptr()
-        }
     }
 
+    /// Loads the tile configuration on this thread (it also zeroes the tiles).
+    ///
     /// # Safety
-    /// The CPU has AMX-TILE and AMX-INT8, [`permitted`] returned true, and the pointers cover
-    /// what [`super::tiles`] asserts.
-    pub(super) unsafe fn tiles(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
+    /// The CPU has AMX-TILE and [`permitted`] returned true; [`release`] follows on this thread.
+    pub(crate) unsafe fn configure() {
         let cfg = Config::new();
-        std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
-        for t in 0..sums {
-            std::arch::asm!("tilezero tmm0", options(nostack, nomem));
-            for j in t * per..(t + 1) * per {
+        std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    }
+
+    /// Returns the tiles to their initial state (no tile data to save on a context switch).
+    ///
+    /// # Safety
+    /// After [`configure`] on this thread.
+    pub(crate) unsafe fn release() {
+        std::arch::asm!("tilerelease", out("tmm0") _, out("tmm1") _, out("tmm2") _, options(nostack, nomem));
+    }
+
+    macro_rules! tile_sum {
+        ($(#[$doc:meta])* $name:ident, $ins:literal) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// After [`configure`] on this thread; the CPU has the instruction; `chunks >= 1`; `a`
+            /// covers 16 rows of `64 chunks` bytes `a_stride` apart, `b` `1024 chunks` bytes, `c`
+            /// 1024 bytes.
+            pub(crate) unsafe fn $name(a: *const u8, a_stride: usize, b: *const u8, chunks: usize, c: *mut u8) {
+                // One block per tile (the tile registers, unknown to the compiler, are declared
+                // clobbered; none is live between blocks): the chunks are summed in tmm0.
                 std::arch::asm!(
+                    "tilezero tmm0",
+                    "2:",
                     "tileloadd tmm1, [{a} + {sa}*1]",
                     "tileloadd tmm2, [{b} + {sb}*1]",
-                    "tdpbusd tmm0, tmm1, tmm2",
-                    a = in(reg) a.add(CH * j),
+                    concat!($ins, " tmm0, tmm1, tmm2"),
+                    "add {a}, 64",
+                    "add {b}, 1024",
+                    "dec {n}",
+                    "jnz 2b",
+                    "tilestored [{c} + {sb}*1], tmm0",
+                    a = inout(reg) a => _,
+                    b = inout(reg) b => _,
+                    n = inout(reg) chunks => _,
                     sa = in(reg) a_stride,
-                    b = in(reg) b.add(BCH * j),
-                    sb = in(reg) 4 * T,
-                    options(nostack, readonly),
+                    sb = in(reg) 64usize,
+                    c = in(reg) c,
+                    out("tmm0") _,
+                    out("tmm1") _,
+                    out("tmm2") _,
+                    options(nostack),
                 );
             }
-            std::arch::asm!(
-                "tilestored [{c} + {sc}*1], tmm0",
-                c = in(reg) c.add(t * T * T),
-                sc = in(reg) 4 * T,
-                options(nostack),
-            );
-        }
-        std::arch::asm!("tilerelease", options(nostack, nomem));
+        };
     }
+
+    tile_sum!(
+        /// `c (16 x 16 i32) = sum over the chunks of A (u8) B (i8)`: `tdpbusd`.
+        dpbusd,
+        "tdpbusd"
+    );
+    tile_sum!(
+        /// `c (16 x 16 f32) = sum over the chunks of A (bf16) B (bf16)`: `tdpbf16ps`.
+        dpbf16ps,
+        "tdpbf16ps"
+    );
+}
+
+/// # Safety
+/// The CPU has AMX-TILE and AMX-INT8, [`amx_permitted`] returned true, and the pointers cover what
+/// [`tiles`] asserts.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn amx_tiles(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
+    amx::configure();
+    for t in 0..sums {
+        amx::dpbusd(a.add(CH * t * per), a_stride, b.add(BCH * t * per).cast(), per, c.add(t * T * T).cast());
+    }
+    amx::release();
 }
 
 thread_local! {
@@ -294,7 +349,8 @@ thread_local! {
 type Bufs<A, B, C> = RefCell<(Vec<A>, Vec<B>, Vec<C>)>;
 
 /// Runs `f` on `cell`'s buffers (fresh ones if they are in use further up this thread's stack),
-/// grown to the lengths asked and zeroed.
+/// grown to the lengths asked; what they hold is whatever the last call left (callers write
+/// before they read).
 fn with_bufs<A: Copy + Default, B: Copy + Default, C: Copy + Default, R>(
     cell: &'static std::thread::LocalKey<Bufs<A, B, C>>,
     (na, nb, nc): (usize, usize, usize),
@@ -306,11 +362,7 @@ fn with_bufs<A: Copy + Default, B: Copy + Default, C: Copy + Default, R>(
             a.resize(a.len().max(na), A::default());
             b.resize(b.len().max(nb), B::default());
             c.resize(c.len().max(nc), C::default());
-            let (a, b, c) = (&mut a[..na], &mut b[..nb], &mut c[..nc]);
-            a.fill(A::default());
-            b.fill(B::default());
-            c.fill(C::default());
-            f(a, b, c)
+            f(&mut a[..na], &mut b[..nb], &mut c[..nc])
         }
         Err(_) => f(&mut vec![A::default(); na], &mut vec![B::default(); nb], &mut vec![C::default(); nc]),
     })
@@ -370,13 +422,17 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
     assert!(p.b.len() >= nb * groups * BCH && p.cs.len() >= nb * groups * T && p.s.len() >= nb * groups * T);
     y[..m * n].par_chunks_mut(T * n).enumerate().for_each(|(rb, yb)| {
         let rows = yb.len() / n;
-        with_bufs(&ROWS, (T * kp, groups * T * T, T + T * T), |a, c, f| {
-            let (sx, acc) = f.split_at_mut(T);
+        with_bufs(&ROWS, (T * kp, groups * T * T, T * groups + T * T), |a, c, f| {
+            // One scale per row and 64-value group of `x` (`sx[r * groups + g]`): an outlier
+            // coarsens only its own group, as the weight's group scales do.
+            let (sx, acc) = f.split_at_mut(T * groups);
             for r in 0..T {
                 let dst = &mut a[r * kp..(r + 1) * kp];
                 if r < rows {
-                    let row = rb * T + r;
-                    sx[r] = quantize_row(&x[row * k..(row + 1) * k], dst);
+                    let row = &x[(rb * T + r) * k..(rb * T + r + 1) * k];
+                    for (g, (d, src)) in dst.chunks_exact_mut(CH).zip(row.chunks(CH)).enumerate() {
+                        sx[r * groups + g] = quantize_row(src, d);
+                    }
                 } else {
                     dst.fill(128);
                 }
@@ -387,9 +443,10 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
                 for g in 0..groups {
                     let (cg, at) = (&c[g * T * T..(g + 1) * T * T], (cb * groups + g) * T);
                     let (cs, s) = (&p.cs[at..at + T], &p.s[at..at + T]);
-                    for (accr, cr) in acc.chunks_exact_mut(T).zip(cg.chunks_exact(T)) {
+                    for (r, (accr, cr)) in acc.chunks_exact_mut(T).zip(cg.chunks_exact(T)).enumerate() {
+                        let sxg = sx[r * groups + g];
                         for col in 0..T {
-                            accr[col] += (cr[col] - 128 * cs[col]) as f32 * s[col];
+                            accr[col] += (cr[col] - 128 * cs[col]) as f32 * s[col] * sxg;
                         }
                     }
                 }
@@ -398,9 +455,9 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
                     let (dst, src) = (&mut yb[r * n + cb * T..r * n + cb * T + cols], &acc[r * T..r * T + cols]);
                     for (d, &v) in dst.iter_mut().zip(src) {
                         if accumulate {
-                            *d += v * sx[r];
+                            *d += v;
                         } else {
-                            *d = v * sx[r];
+                            *d = v;
                         }
                     }
                 }
@@ -417,7 +474,11 @@ fn int8_parts(w: &PackedWeight) -> (&[i8], &[f32]) {
 }
 
 /// `y[m, out] = x[m, in] W^T` (overwrites `y`) on `isa`.
+///
+/// # Panics
+/// Where this CPU cannot run `isa` ([`DotIsa::available`]).
 pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f32]) {
+    assert!(isa.available(), "this CPU cannot run the {} dot-product path", isa.name());
     let (out, inp) = (w.out_features(), w.in_features());
     let (q, scale) = int8_parts(w);
     let (groups, nb) = (inp.div_ceil(CH), out.div_ceil(T));
@@ -428,6 +489,10 @@ pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f
             .zip(s.par_chunks_mut(groups * T))
             .enumerate()
             .for_each(|(cb, ((b, cs), s))| {
+                // Zeroed here, in parallel: padding channels and inputs are zero weights.
+                b.fill(0);
+                cs.fill(0);
+                s.fill(0.0);
                 for col in 0..T.min(out - cb * T) {
                     let o = cb * T + col;
                     for (g, grp) in q[o * inp..(o + 1) * inp].chunks(CH).enumerate() {
@@ -445,7 +510,11 @@ pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f
 }
 
 /// `dx[m, in] += dy[m, out] W` on `isa`.
+///
+/// # Panics
+/// Where this CPU cannot run `isa` ([`DotIsa::available`]).
 pub fn linear_bwd(isa: DotIsa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut [f32]) {
+    assert!(isa.available(), "this CPU cannot run the {} dot-product path", isa.name());
     let (out, inp) = (w.out_features(), w.in_features());
     let (q, scale) = int8_parts(w);
     let wgroups = inp.div_ceil(CH);
@@ -458,6 +527,9 @@ pub fn linear_bwd(isa: DotIsa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut 
             .zip(s.par_chunks_mut(groups * T))
             .enumerate()
             .for_each(|(kb, ((b, cs), s))| {
+                b.fill(0);
+                cs.fill(0);
+                s.fill(0.0);
                 let (k0, cols) = (kb * T, T.min(inp - kb * T));
                 let wt = |o: usize, col: usize| q[o * inp + k0 + col] as f32 * scale[o * wgroups + (k0 + col) / CH];
                 for g in 0..groups {

@@ -17,8 +17,7 @@
 //! portable twin keeps them; the hardware paths are tested against the portable one within the
 //! f32 rounding of the sum, and each against the bound.
 
-#[cfg(target_arch = "x86_64")]
-use super::dot::{amx_permitted, AmxConfig};
+use super::dot::amx_permitted;
 use super::{PackedWeight, Store};
 use half::bf16;
 use rayon::prelude::*;
@@ -79,18 +78,18 @@ const BCH: usize = CH * T;
 /// values at a time (`b[k2 * 32 + col * 2 + i]` = B[2 k2 + i, col]), as `vdpbf16ps` and AMX take them.
 pub(super) fn tiles(isa: Bf16Isa, a: &[u16], a_stride: usize, b: &[u16], chunks: usize, c: &mut [f32]) {
     assert!(a_stride >= CH * chunks && a.len() >= (T - 1) * a_stride + CH * chunks);
-    assert!(b.len() >= BCH * chunks && c.len() >= T * T);
+    assert!(b.len() >= BCH * chunks && c.len() >= T * T && chunks >= 1);
     match isa {
         Bf16Isa::Emulated => emulated(a, a_stride, b, chunks, c),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the callers choose a hardware path only when `available()` said the CPU has
         // it; the slices' lengths are asserted above for every address the kernels touch.
         Bf16Isa::Avx512Bf16 => unsafe { avx512(a.as_ptr(), a_stride, b.as_ptr(), chunks, c.as_mut_ptr()) },
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // SAFETY: as above (and `available()` asked the kernel for the tile state).
         Bf16Isa::Amx => unsafe { amx(a.as_ptr(), a_stride, b.as_ptr(), chunks, c.as_mut_ptr()) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only the emulated path exists off x86-64"),
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("{} is not available on this target", isa.name()),
     }
 }
 
@@ -140,25 +139,12 @@ unsafe fn avx512(a: *const u16, a_stride: usize, b: *const u16, chunks: usize, c
 /// # Safety
 /// The CPU has AMX-TILE and AMX-BF16, [`amx_permitted`] returned true, and the pointers cover what
 /// [`tiles`] asserts.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 unsafe fn amx(a: *const u16, a_stride: usize, b: *const u16, chunks: usize, c: *mut f32) {
-    let cfg = AmxConfig::new();
-    std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
-    std::arch::asm!("tilezero tmm0", options(nostack, nomem));
-    for j in 0..chunks {
-        std::arch::asm!(
-            "tileloadd tmm1, [{a} + {sa}*1]",
-            "tileloadd tmm2, [{b} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm1, tmm2",
-            a = in(reg) a.add(CH * j),
-            sa = in(reg) 2 * a_stride,
-            b = in(reg) b.add(BCH * j),
-            sb = in(reg) 4 * T,
-            options(nostack, readonly),
-        );
-    }
-    std::arch::asm!("tilestored [{c} + {sc}*1], tmm0", c = in(reg) c, sc = in(reg) 4 * T, options(nostack));
-    std::arch::asm!("tilerelease", options(nostack, nomem));
+    use super::dot::amx;
+    amx::configure();
+    amx::dpbf16ps(a.cast(), 2 * a_stride, b.cast(), chunks, c.cast());
+    amx::release();
 }
 
 thread_local! {
@@ -224,27 +210,30 @@ fn bf16_weight(w: &PackedWeight) -> &[bf16] {
     }
 }
 
-/// Runs `f` on this thread's kept packing buffer of `len` zeros (a fresh one if it is in use
-/// further up this thread's stack).
+/// Runs `f` on this thread's kept packing buffer of `len` values (a fresh one if it is in use
+/// further up this thread's stack); the callers zero it, in parallel, chunk by chunk.
 fn with_pack<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     PACK.with(|cell| match cell.try_borrow_mut() {
         Ok(mut v) => {
             let grown = v.len().max(len);
             v.resize(grown, 0);
-            let b = &mut v[..len];
-            b.fill(0);
-            f(b)
+            f(&mut v[..len])
         }
         Err(_) => f(&mut vec![0; len]),
     })
 }
 
 /// `y[m, out] = x[m, in] W^T` (overwrites `y`) on `isa`.
+///
+/// # Panics
+/// Where this CPU cannot run `isa` ([`Bf16Isa::available`]).
 pub fn linear_fwd(isa: Bf16Isa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f32]) {
+    assert!(isa.available(), "this CPU cannot run the {} bf16 dot-product path", isa.name());
     let (out, inp, wv) = (w.out_features(), w.in_features(), bf16_weight(w));
     let (chunks, nb) = (inp.div_ceil(CH), out.div_ceil(T));
     with_pack(nb * chunks * BCH, |b| {
         b.par_chunks_mut(chunks * BCH).enumerate().for_each(|(cb, b)| {
+            b.fill(0);
             for col in 0..T.min(out - cb * T) {
                 let o = cb * T + col;
                 for (k, v) in wv[o * inp..(o + 1) * inp].iter().enumerate() {
@@ -257,11 +246,16 @@ pub fn linear_fwd(isa: Bf16Isa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [
 }
 
 /// `dx[m, in] += dy[m, out] W` on `isa`.
+///
+/// # Panics
+/// Where this CPU cannot run `isa` ([`Bf16Isa::available`]).
 pub fn linear_bwd(isa: Bf16Isa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut [f32]) {
+    assert!(isa.available(), "this CPU cannot run the {} bf16 dot-product path", isa.name());
     let (out, inp, wv) = (w.out_features(), w.in_features(), bf16_weight(w));
     let (chunks, nb) = (out.div_ceil(CH), inp.div_ceil(T));
     with_pack(nb * chunks * BCH, |b| {
         b.par_chunks_mut(chunks * BCH).enumerate().for_each(|(kb, b)| {
+            b.fill(0);
             let cols = T.min(inp - kb * T);
             for o in 0..out {
                 let at = (o / CH) * BCH + ((o % CH) / 2) * 2 * T + o % 2;

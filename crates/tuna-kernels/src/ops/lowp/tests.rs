@@ -7,8 +7,9 @@ fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// `y[m, out] = x w^T` in f64 with the original f32 weight `[out, in]`, and the bound on each
-/// element: `sum_k |x_k| * err(w_row, k)`, plus, where int8 products take a dot-product path
-/// (this CPU's [`matrix_path`]), the activation's rounding `max|x_row| / 254 * sum_k |w~_k|`.
+/// element: `sum_k |x_k| * err(w_row, k)`, plus, where the products take a dot-product path
+/// (this CPU's [`matrix_path`] / [`bf16_path`]), the activation's rounding (int8: `max|x_group(k)|
+/// / 254 * |w~_k|`; bf16: `2^-8 |x_k w_k|`).
 fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrecision) -> (Vec<f64>, Vec<f64>) {
     let act = match p {
         BasePrecision::Int8 => matrix_path().dot_isa().is_some(),
@@ -18,8 +19,7 @@ fn reference(x: &[f32], w: &[f32], m: usize, out: usize, inp: usize, p: BasePrec
     reference_on(x, w, m, out, inp, p, act)
 }
 
-/// [`reference`], with the activation's rounding in the bound when `act` (int8: the row's
-/// `max|x| / 254` against `|w~_k|`; bf16: `2^-8 |x_k|` against `|w_k|` and its rounding).
+/// [`reference`], with the activation's rounding in the bound when `act`.
 pub(super) fn reference_on(
     x: &[f32],
     w: &[f32],
@@ -40,10 +40,15 @@ pub(super) fn reference_on(
         };
         for r in 0..m {
             let (mut acc, mut b, mut mag) = (0f64, 0f64, 0f64);
-            let ex = if act && p == BasePrecision::Int8 {
-                x[r * inp..(r + 1) * inp].iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0
-            } else {
-                0.0
+            // int8's activation scale is per row and group of INT8_GROUP inputs.
+            let ex = |k: usize| {
+                if act && p == BasePrecision::Int8 {
+                    let g0 = r * inp + k / super::INT8_GROUP * super::INT8_GROUP;
+                    x[g0..(g0 + super::INT8_GROUP).min((r + 1) * inp)].iter().fold(0f32, |a, v| a.max(v.abs())) as f64
+                        / 254.0
+                } else {
+                    0.0
+                }
             };
             let bf = if act && p == BasePrecision::Bf16 { (1.0 / 256.0 + 1.0 / 65536.0) * (1.0 + 1e-6) } else { 0.0 };
             for k in 0..inp {
@@ -55,7 +60,7 @@ pub(super) fn reference_on(
                     BasePrecision::Int8 => amax(k) / 254.0,
                     BasePrecision::F32 | BasePrecision::Q4 => 0.0,
                 };
-                b += xv.abs() * ew + ex * (wv.abs() + ew) * (1.0 + 1e-6) + bf * (xv * wv).abs();
+                b += xv.abs() * ew + ex(k) * (wv.abs() + ew) * (1.0 + 1e-5) + bf * (xv * wv).abs();
             }
             y[r * out + o] = acc;
             // f32 accumulation over `inp` terms: a generous 4 * inp * 2^-24 of the magnitudes.
