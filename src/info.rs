@@ -110,7 +110,12 @@ pub fn matrix_line() -> String {
         names.join(", ")
     };
     let int8 = match matrix_path_checked() {
-        Ok(MatrixPath::WidenF32) => "int8 base: widened to f32 per block, f32 FMA (no integer dot-product instructions)".to_string(),
+        Ok(MatrixPath::WidenF32) if std::env::var_os(MATRIX_ENV).is_some_and(|v| !v.is_empty()) => {
+            format!("int8 base: widened to f32 per block, f32 FMA ({MATRIX_ENV}=widen)")
+        }
+        Ok(MatrixPath::WidenF32) => {
+            "int8 base: widened to f32 per block, f32 FMA (no integer dot-product instructions)".to_string()
+        }
         Ok(MatrixPath::Emulated) => format!(
             "int8 base: integer dot products computed in portable Rust ({MATRIX_ENV}=emulated: the hardware paths' numbers, far slower)"
         ),
@@ -126,6 +131,9 @@ pub fn matrix_line() -> String {
         Err(e) => format!("int8 base: refused: {e}"),
     };
     let bf16 = match bf16_path_checked() {
+        Ok(None) if std::env::var_os(MATRIX_BF16_ENV).is_some_and(|v| !v.is_empty()) => {
+            format!("bf16 base: widened to f32 per block ({MATRIX_BF16_ENV}=widen)")
+        }
         Ok(None) => "bf16 base: widened to f32 per block (no bf16 dot-product instructions)".to_string(),
         Ok(Some(Bf16Isa::Emulated)) => {
             format!("bf16 base: bf16 dot products computed in portable Rust ({MATRIX_BF16_ENV}=emulated, far slower)")

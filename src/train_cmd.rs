@@ -864,7 +864,7 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
                     )
                 }
                 (Some(b), Some(path), None) => {
-                    s += &format!("; the {b} base's products widen to f32 ({path}: no {b} dot-product instructions) and run on it")
+                    s += &format!("; the {b} base's products widen to f32 ({path}) and run on it")
                 }
                 _ => s += "; a low-precision base widens to f32 and runs on it",
             }

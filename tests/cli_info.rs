@@ -77,7 +77,20 @@ fn the_int8_path_follows_tuna_cpu_matrix() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && s.contains("int8 base: integer dot products computed in portable Rust"), "{s}");
     let out = tuna("widen", &["info"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("int8 base: widened to f32"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("int8 base: widened to f32 per block, f32 FMA (TUNA_CPU_MATRIX=widen)"));
+    // A value that is not UTF-8 is refused too, not taken for unset.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let out = Command::new(env!("CARGO_BIN_EXE_tuna"))
+            .env("TUNA_CPU_MATRIX", std::ffi::OsStr::from_bytes(b"amx\xff"))
+            .args(["train", "--model", "nowhere", "--task", "lm", "--method", "lora"])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && e.contains("TUNA_CPU_MATRIX=\"amx\\xFF\": unknown path"), "{e}");
+    }
     let out =
         Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX_BF16", "emulated").arg("info").output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
@@ -91,25 +104,25 @@ fn the_int8_path_follows_tuna_cpu_matrix() {
     assert!(
         !out.status.success()
             && e.contains(
-                "TUNA_CPU_MATRIX_BF16=avx512-vnni: unknown path (expected one of: amx, avx512-bf16, emulated, widen"
+                "TUNA_CPU_MATRIX_BF16=\"avx512-vnni\": unknown path (expected one of: amx, avx512-bf16, emulated, widen"
             ),
         "{e}"
     );
     let out = tuna("fp8-tiles", &["info"]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("int8 base: refused: TUNA_CPU_MATRIX=fp8-tiles: unknown path (expected one of: amx, avx512-vnni, avx-vnni, emulated, widen"), "{s}");
+    assert!(s.contains("int8 base: refused: TUNA_CPU_MATRIX=\"fp8-tiles\": unknown path (expected one of: amx, avx512-vnni, avx-vnni, emulated, widen"), "{s}");
     let dir = std::env::temp_dir().join(format!("tuna-matrix-env-{}", std::process::id()));
     let out = tuna(
         "fp8-tiles",
         &["train", "--model", "nowhere", "--task", "lm", "--method", "lora", "--out", dir.to_str().unwrap()],
     );
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && e.contains("TUNA_CPU_MATRIX=fp8-tiles: unknown path"), "{e}");
+    assert!(!out.status.success() && e.contains("TUNA_CPU_MATRIX=\"fp8-tiles\": unknown path"), "{e}");
     assert!(!dir.exists(), "nothing is written");
     // A path this CPU lacks (checked where it lacks one).
     if let Some(p) = tuna_kernels::ops::lowp::MatrixPath::ALL.into_iter().find(|p| !p.available()) {
         let out = tuna(p.name(), &["train", "--model", "nowhere", "--task", "lm", "--method", "lora"]);
         let e = String::from_utf8_lossy(&out.stderr);
-        assert!(e.contains(&format!("TUNA_CPU_MATRIX={}: this CPU cannot run that path (it runs: ", p.name())), "{e}");
+        assert!(e.contains(&format!("TUNA_CPU_MATRIX={:?}: ", p.name())) && e.contains("(it runs: "), "{e}");
     }
 }

@@ -589,9 +589,24 @@ fn int8_dot_path_trains_like_the_widen_path() {
         "--method",
         "lora",
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", "emulated").args(a).output().unwrap();
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", "emulated").args(a.clone()).output().unwrap();
     ok(&o);
     assert_eq!(train_losses(&half), dotl);
+    // The products are recorded: the summary names them, and a resume on the other path (another
+    // CPU, or the variable) is refused saying how to continue, before anything is written.
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dot.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["base_products"], "int8 dot products", "{summary}");
+    let a = set(a, "--steps", "10");
+    let o = Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", "widen").args(a).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("the base's products was int8 dot products, now widened to f32")
+            && e.contains("Resume with TUNA_CPU_MATRIX=emulated"),
+        "{e}"
+    );
+    assert_eq!(train_losses(&half), dotl, "the refused resume wrote nothing");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

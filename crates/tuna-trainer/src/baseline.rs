@@ -243,6 +243,7 @@ pub fn prompt_engineered<B: Backend>(dev: &Arc<B>, cfg: &BaselineConfig) -> Resu
     let prompt_path = cfg.out.join(PROMPT_FILE);
     write_atomic(&prompt_path, text.as_bytes())?;
     let summary = RunSummary {
+        base_products: None,
         method: format!("prompt-engineered {}-shot", cfg.shots),
         model: cfg.model_name.clone().unwrap_or_else(|| cfg.model.display().to_string()),
         task: Task::Classify.name().to_string(),

@@ -126,6 +126,11 @@ pub struct RunSummary {
     /// were without it, and for the prompt-engineered baseline).
     #[serde(default)]
     pub tf32: Option<bool>,
+    /// How a bf16 or int8 base's products ran on the CPU: `widened to f32`, `int8 dot products`
+    /// or `bf16 dot products (<path>)` (absent for other bases and in older summaries, which
+    /// widened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_products: Option<String>,
 }
 
 /// A run's training loss against the untrained model's (the method set aside, a task head at its

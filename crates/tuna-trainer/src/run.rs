@@ -428,6 +428,7 @@ fn finish<B: Backend<E>, E: RunFloat>(
     }
     .write(&export)?;
     let summary = RunSummary {
+        base_products: crate::state::base_products(cfg.base_precision),
         predicted_peak_bytes: plan.map(|p| p.peak()),
         peak_heap_bytes: crate::memory::max(),
         base_precision: Some(cfg.base_precision.to_string()),

@@ -115,8 +115,34 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
     if cfg.base_precision == tuna_models::model::BasePrecision::Int8 {
         out.insert(INT8_SCALES.into(), "per 64 weights".into());
     }
+    if let Some(p) = base_products(cfg.base_precision) {
+        out.insert(BASE_PRODUCTS.into(), p);
+    }
     out
 }
+
+/// How a bf16 or int8 base's products run in this process (`None` for other bases): widened to
+/// f32, or on dot products, which round the activations too, so a run resumes bit for bit only on
+/// the products it started with. Every int8 dot-product path gives the same bits; the bf16 ones
+/// differ in their f32 rounding, so each is named.
+pub(crate) fn base_products(p: tuna_models::model::BasePrecision) -> Option<String> {
+    use tuna_kernels::ops::lowp::{bf16_path, matrix_path};
+    use tuna_models::model::BasePrecision;
+    match p {
+        BasePrecision::Int8 => {
+            Some(matrix_path().dot_isa().map_or(WIDENED.to_string(), |_| "int8 dot products".to_string()))
+        }
+        BasePrecision::Bf16 => {
+            Some(bf16_path().map_or(WIDENED.to_string(), |isa| format!("bf16 dot products ({})", isa.name())))
+        }
+        _ => None,
+    }
+}
+
+/// A bf16 or int8 base's products, recorded for such runs since the dot-product paths (before,
+/// they widened to f32).
+const BASE_PRODUCTS: &str = "the base's products";
+const WIDENED: &str = "widened to f32";
 
 /// How an int8 base is scaled, recorded for int8 runs since int8 took one scale per 64 weights;
 /// an int8 checkpoint without it was trained on per-row scales.
@@ -130,7 +156,8 @@ const PRECISION: &str = "--precision";
 /// Settings recorded only from some version on, with what a checkpoint from before meant (an f32
 /// base, no TF32): compared even against such a checkpoint, where a setting it lacks would
 /// otherwise pass unchecked.
-const LATER_SETTINGS: [(&str, &str); 3] = [("--base-precision", "f32"), (TF32, "off"), (PRECISION, "f32")];
+const LATER_SETTINGS: [(&str, &str); 4] =
+    [("--base-precision", "f32"), (TF32, "off"), (PRECISION, "f32"), (BASE_PRODUCTS, WIDENED)];
 
 /// A setting recorded like the others but free to change on resume: recomputing activations
 /// changes memory and time, never the numbers (the gradients are bitwise the same on the CPU).
@@ -372,6 +399,21 @@ pub(crate) fn resumable(ck: &Loaded, now: &State, data: &str) -> Result<State> {
                     // Where each can run, so the advice can be followed as given.
                     (PRECISION, "bf16") => format!("with {flag} {old} (on a CUDA device)"),
                     ("--base-precision", p) if p != "f32" => format!("with {flag} {old} (on the CPU)"),
+                    // The products follow the CPU, or the variable that picks them.
+                    (BASE_PRODUCTS, p) if p.starts_with("int8 dot") => {
+                        "with TUNA_CPU_MATRIX=emulated (or on a CPU with AMX, AVX-512 VNNI or AVX-VNNI: the same numbers)".into()
+                    }
+                    (BASE_PRODUCTS, p) if p.starts_with("bf16 dot") => format!(
+                        "with TUNA_CPU_MATRIX_BF16={} (on a CPU that runs it)",
+                        p.trim_start_matches("bf16 dot products (").trim_end_matches(')')
+                    ),
+                    (BASE_PRODUCTS, _) => {
+                        let var = match now.settings.as_ref().and_then(|s| s.get("--base-precision")) {
+                            Some(p) if p == "bf16" => "TUNA_CPU_MATRIX_BF16",
+                            _ => "TUNA_CPU_MATRIX",
+                        };
+                        format!("with {var}=widen")
+                    }
                     _ => format!("with {flag} {old}"),
                 });
                 changed.push(format!("{flag} was {old}, now {new}"));

@@ -237,15 +237,17 @@ pub fn matrix_path_checked() -> std::result::Result<MatrixPath, String> {
         match std::env::var(MATRIX_ENV) {
             Ok(v) if !v.is_empty() => match MatrixPath::ALL.iter().find(|p| p.name() == v) {
                 Some(p) if p.available() => Ok(*p),
-                Some(_) => {
-                    Err(format!("{MATRIX_ENV}={v}: this CPU cannot run that path (it runs: {})", here.join(", ")))
-                }
+                Some(p) => Err(format!("{MATRIX_ENV}={v:?}: {} (it runs: {})", cannot(p.name()), here.join(", "))),
                 None => Err(format!(
-                    "{MATRIX_ENV}={v}: unknown path (expected one of: {}; this CPU runs: {})",
+                    "{MATRIX_ENV}={v:?}: unknown path (expected one of: {}; this CPU runs: {})",
                     MatrixPath::ALL.map(|p| p.name()).join(", "),
                     here.join(", ")
                 )),
             },
+            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
+                "{MATRIX_ENV}={v:?}: unknown path (expected one of: {})",
+                MatrixPath::ALL.map(|p| p.name()).join(", ")
+            )),
             _ => Ok([MatrixPath::Amx, MatrixPath::Avx512Vnni, MatrixPath::AvxVnni]
                 .into_iter()
                 .find(|p| p.available())
@@ -253,6 +255,16 @@ pub fn matrix_path_checked() -> std::result::Result<MatrixPath, String> {
         }
     })
     .clone()
+}
+
+/// Why a known path cannot run here: the CPU lacks it, or (AMX) Linux refused the tile state.
+fn cannot(name: &str) -> String {
+    let f = CpuMatrixFeatures::detect();
+    if name == "amx" && f.amx_tile && !dot::amx_permitted() {
+        "the CPU has AMX but the operating system refused this process the tile state (arch_prctl)".into()
+    } else {
+        "this CPU cannot run that path".into()
+    }
 }
 
 /// [`matrix_path_checked`], with the widen path where `TUNA_CPU_MATRIX` names a path this CPU
@@ -277,15 +289,16 @@ pub fn bf16_path_checked() -> std::result::Result<Option<Bf16Isa>, String> {
             Ok(v) if v == "widen" => Ok(None),
             Ok(v) if !v.is_empty() => match Bf16Isa::ALL.iter().find(|p| p.name() == v) {
                 Some(p) if p.available() => Ok(Some(*p)),
-                Some(_) => {
-                    Err(format!("{MATRIX_BF16_ENV}={v}: this CPU cannot run that path (it runs: {})", here.join(", ")))
-                }
+                Some(p) => Err(format!("{MATRIX_BF16_ENV}={v:?}: {} (it runs: {})", cannot(p.name()), here.join(", "))),
                 None => Err(format!(
-                    "{MATRIX_BF16_ENV}={v}: unknown path (expected one of: amx, avx512-bf16, emulated, widen; this CPU \
-                     runs: {})",
+                    "{MATRIX_BF16_ENV}={v:?}: unknown path (expected one of: amx, avx512-bf16, emulated, widen; this \
+                     CPU runs: {})",
                     here.join(", ")
                 )),
             },
+            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
+                "{MATRIX_BF16_ENV}={v:?}: unknown path (expected one of: amx, avx512-bf16, emulated, widen)"
+            )),
             _ => Ok([Bf16Isa::Amx, Bf16Isa::Avx512Bf16].into_iter().find(|p| p.available())),
         }
     })
