@@ -50,15 +50,29 @@ fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
 /// larger share of each product than in a real model): bf16 loss 5.7e-3, gradients 5.5e-2 (cosine
 /// 0.9991); int8 loss 9.3e-3, gradients 0.17 (cosine 0.988, LoRA's A on Llama; P-tuning's LSTM
 /// biases on GPT-2). The bounds leave under 2x room above them.
+///
+/// Where the products take a dot-product path (an int8 base on AMX / VNNI, a bf16 base on AMX-BF16
+/// / AVX512_BF16, or their portable twins by `TUNA_CPU_MATRIX(_BF16)=emulated`), the activations
+/// and output gradients are rounded too: measured there, on the portable twins (which give the
+/// int8 hardware paths' bits): bf16 loss 5.8e-3, gradients 3.5e-2 (cosine 0.9995: the bf16
+/// bounds hold); int8 loss 1.7e-2, gradients 0.30 (cosine 0.957, P-tuning's MLP on GPT-2: with
+/// fan-in 16 to 64 one group is a whole row, so an activation's rounding is coarse).
 fn bounds(p: BasePrecision) -> (f64, f64, f64) {
-    match p {
-        BasePrecision::Bf16 => (1e-2, 0.1, 0.998),
-        _ => (2e-2, 0.3, 0.975),
+    let dot = match p {
+        BasePrecision::Int8 => tuna_kernels::ops::lowp::matrix_path().dot_isa().is_some(),
+        BasePrecision::Bf16 => tuna_kernels::ops::lowp::bf16_path().is_some(),
+        _ => false,
+    };
+    match (p, dot) {
+        (BasePrecision::Bf16, _) => (1e-2, 0.1, 0.998),
+        (_, false) => (2e-2, 0.3, 0.975),
+        (_, true) => (3e-2, 0.5, 0.92),
     }
 }
 
 #[test]
 fn every_method_trains_on_a_packed_base_close_to_f32() {
+    let (mut worst, mut failures) = (std::collections::BTreeMap::new(), Vec::new());
     for arch in ARCHS {
         for method in peft_methods(arch) {
             let reference = model(arch, &method);
@@ -83,17 +97,33 @@ fn every_method_trains_on_a_packed_base_close_to_f32() {
                     _ => assert!(ratio > 0.25 && ratio < 0.30, "{what}: int8 holds {ratio:.3} of f32"),
                 }
                 let (l1, g1) = loss_and_grads(&m);
-                let (loss_tol, grad_tol, cos_min) = bounds(p);
                 let rel = (l1 - l0).abs() / l0.abs();
-                assert!(rel <= loss_tol, "{what}: loss {l1} vs f32 {l0} (relative {rel:e} > {loss_tol:e})");
+                let w = worst.entry(p.name()).or_insert((0f64, 0f64, 1f64, String::new()));
+                w.0 = w.0.max(rel);
                 assert_eq!(g0.len(), g1.len(), "{what}");
                 for ((n, a), (_, b)) in g0.iter().zip(&g1) {
                     let (cos, d) = compare(a, b);
-                    assert!(d <= grad_tol && cos >= cos_min, "{what}: {n}: cosine {cos}, relative diff {d:e}");
+                    w.1 = w.1.max(d);
+                    if cos < w.2 {
+                        (w.2, w.3) = (cos, format!("{what}: {n}"));
+                    }
+                    failures.extend(
+                        (d > bounds(p).1 || cos < bounds(p).2)
+                            .then(|| format!("{what}: {n}: cosine {cos}, relative diff {d:e}")),
+                    );
                 }
+                failures
+                    .extend((rel > bounds(p).0).then(|| format!("{what}: loss {l1} vs f32 {l0} (relative {rel:e})")));
             }
         }
     }
+    // The worst of every method and fixture, printed (`--no-capture`) beside the bounds.
+    for (p, (l, g, c, at)) in &worst {
+        println!(
+            "{p} base: loss relative error {l:.2e}, gradient relative error {g:.3}, cosine at least {c:.4} ({at})"
+        );
+    }
+    assert!(failures.is_empty(), "beyond the bounds:\n{}", failures.join("\n"));
 }
 
 #[test]
