@@ -29,8 +29,9 @@
 //! and `w~` the stored weight; for `dx` the same with `dy`'s groups, plus the requantization's
 //! `|dy_o| max|w~_(group of o, column k)| / 254`.
 //!
-//! The packed layouts are made per call from the int8 base (one pass over its bytes, shared by the
-//! threads), not held: holding them would add a byte per weight for each product.
+//! The packed layouts are made per call from the int8 base (one parallel pass over its bytes) into
+//! a buffer the calling thread keeps from call to call: the largest layer's layout (about 1.1 bytes
+//! a weight) stays allocated, rather than every layer's (a byte a weight per product, held).
 
 use super::{PackedWeight, Store, INT8_GROUP};
 use rayon::prelude::*;
@@ -413,8 +414,8 @@ struct Packed<'a> {
     groups: usize,
 }
 
-/// `y[m, n] = x[m, k] B` (or `+=` when `accumulate`), `x` quantized per row, over the packed `B`
-/// (its reduction `k <= 64 groups`).
+/// `y[m, n] = x[m, k] B` (or `+=` when `accumulate`), `x` quantized per row and group of 64, over
+/// the packed `B` (`k` reduction values in `groups` chunks of 64, the last one padded).
 fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32], accumulate: bool) {
     let (n, groups) = (p.n, p.groups);
     let (kp, nb) = (groups * CH, n.div_ceil(T));
