@@ -863,8 +863,8 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
                         if b == "int8" { "quantization" } else { "rounding" }
                     )
                 }
-                (Some(b), Some(path), None) => {
-                    s += &format!("; the {b} base's products widen to f32 ({path}) and run on it")
+                (Some(b), Some(_), None) => {
+                    s += &format!("; the {b} base's products widen to f32 and run on it (no {b} dot-product path here, or {}=widen)", if b == "int8" { "TUNA_CPU_MATRIX" } else { "TUNA_CPU_MATRIX_BF16" })
                 }
                 _ => s += "; a low-precision base widens to f32 and runs on it",
             }

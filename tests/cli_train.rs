@@ -602,7 +602,7 @@ fn int8_dot_path_trains_like_the_widen_path() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{e}");
     assert!(
-        e.contains("the base's products was int8 dot products, now widened to f32")
+        e.contains("the base's product path was int8 dot products, now widened to f32")
             && e.contains("Resume with TUNA_CPU_MATRIX=emulated"),
         "{e}"
     );

@@ -141,7 +141,7 @@ pub(crate) fn base_products(p: tuna_models::model::BasePrecision) -> Option<Stri
 
 /// A bf16 or int8 base's products, recorded for such runs since the dot-product paths (before,
 /// they widened to f32).
-const BASE_PRODUCTS: &str = "the base's products";
+const BASE_PRODUCTS: &str = "the base's product path";
 const WIDENED: &str = "widened to f32";
 
 /// How an int8 base is scaled, recorded for int8 runs since int8 took one scale per 64 weights;
@@ -389,7 +389,14 @@ pub(crate) fn resumable(ck: &Loaded, now: &State, data: &str) -> Result<State> {
     // recorded was made with its old default (an f32 base, TF32 off). Every such flag that changed
     // is named at once (following the advice for one must not meet the refusal of the next).
     let (mut changed, mut with) = (Vec::new(), Vec::new());
+    let precision =
+        |st: &State| st.settings.as_ref().map(|s| s.get("--base-precision").cloned().unwrap_or_else(|| "f32".into()));
     for (flag, before) in LATER_SETTINGS {
+        // The products are those of one base precision: a switched --base-precision explains
+        // them alone.
+        if flag == BASE_PRODUCTS && precision(&saved) != precision(now) {
+            continue;
+        }
         let value = |st: &State| st.settings.as_ref().map(|s| s.get(flag).cloned().unwrap_or_else(|| before.into()));
         if let (Some(old), Some(new)) = (value(&saved), value(now)) {
             if old != new {
@@ -403,13 +410,14 @@ pub(crate) fn resumable(ck: &Loaded, now: &State, data: &str) -> Result<State> {
                     (BASE_PRODUCTS, p) if p.starts_with("int8 dot") => {
                         "with TUNA_CPU_MATRIX=emulated (or on a CPU with AMX, AVX-512 VNNI or AVX-VNNI: the same numbers)".into()
                     }
-                    (BASE_PRODUCTS, p) if p.starts_with("bf16 dot") => format!(
-                        "with TUNA_CPU_MATRIX_BF16={} (on a CPU that runs it)",
-                        p.trim_start_matches("bf16 dot products (").trim_end_matches(')')
-                    ),
+                    (BASE_PRODUCTS, p) if p.starts_with("bf16 dot") => {
+                        let path = p.trim_start_matches("bf16 dot products (").trim_end_matches(')');
+                        let on = if path == "emulated" { "" } else { " (on a CPU that runs it)" };
+                        format!("with TUNA_CPU_MATRIX_BF16={path}{on}")
+                    }
                     (BASE_PRODUCTS, _) => {
-                        let var = match now.settings.as_ref().and_then(|s| s.get("--base-precision")) {
-                            Some(p) if p == "bf16" => "TUNA_CPU_MATRIX_BF16",
+                        let var = match precision(&saved).as_deref() {
+                            Some("bf16") => "TUNA_CPU_MATRIX_BF16",
                             _ => "TUNA_CPU_MATRIX",
                         };
                         format!("with {var}=widen")
@@ -1040,6 +1048,44 @@ mod tests {
         ckpts.save(2, &[(STATE, &serde_json::to_vec(&at(new_int8.clone())).unwrap())], &Map::new()).unwrap();
         let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
         resumable(&ck, &at(new_int8), "the training data").expect("a group-scaled int8 checkpoint resumes");
+        // The base's product path: compared within one base precision only, and the advice names
+        // the variable of the saved run's precision.
+        let with = |precision: &str, products: Option<&str>| {
+            let mut s = settings_of(&cfg, None);
+            s.insert("--base-precision".into(), precision.into());
+            if precision == "int8" {
+                s.insert(INT8_SCALES.into(), "per 64 weights".into());
+            }
+            s.remove(BASE_PRODUCTS);
+            if let Some(p) = products {
+                s.insert(BASE_PRODUCTS.into(), p.into());
+            }
+            at(s)
+        };
+        let refusal = |saved: State, now: State| {
+            ckpts.save(2, &[(STATE, &serde_json::to_vec(&saved).unwrap())], &Map::new()).unwrap();
+            let ck = ckpts.latest_valid().unwrap().checkpoint.expect("the checkpoint");
+            resumable(&ck, &now, "the training data").map(|_| ()).err().map(|e| e.to_string())
+        };
+        assert_eq!(refusal(with("f32", None), with("f32", None)), None, "f32 runs record no product path");
+        let e = refusal(with("f32", None), with("bf16", Some("bf16 dot products (amx)"))).unwrap();
+        assert!(e.contains("--base-precision was f32, now bf16") && !e.contains("product path"), "{e}");
+        let e = refusal(with("bf16", None), with("bf16", Some("bf16 dot products (amx)"))).unwrap();
+        assert!(
+            e.contains("the base's product path was widened to f32, now bf16 dot products (amx)")
+                && e.contains("Resume with TUNA_CPU_MATRIX_BF16=widen,"),
+            "an older bf16 checkpoint widened: {e}"
+        );
+        let e = refusal(
+            with("bf16", Some("bf16 dot products (amx)")),
+            with("bf16", Some("bf16 dot products (avx512-bf16)")),
+        )
+        .unwrap();
+        assert!(e.contains("Resume with TUNA_CPU_MATRIX_BF16=amx (on a CPU that runs it),"), "{e}");
+        let e = refusal(with("bf16", Some(WIDENED)), with("int8", Some("int8 dot products"))).unwrap();
+        assert!(e.contains("--base-precision was bf16, now int8") && !e.contains("TUNA_CPU_MATRIX"), "{e}");
+        let e = refusal(with("int8", Some("int8 dot products")), with("int8", Some(WIDENED))).unwrap();
+        assert!(e.contains("Resume with TUNA_CPU_MATRIX=emulated (or on a CPU with AMX"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -187,7 +187,7 @@ unsafe fn vnni512(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
 unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
     use std::arch::x86_64::*;
     // Four rows at a time: 4 rows x 2 registers of 8 columns = 8 accumulators, with the two B
-    // registers and the broadcast inside the 16 ymm registers (8 rows spilled).
+    // registers and the broadcast inside the 16 ymm registers (eight rows at a time would spill).
     for t in 0..sums {
         for quarter in 0..4 {
             let mut acc = [[_mm256_setzero_si256(); 2]; 4];
@@ -436,6 +436,7 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
                     }
                 } else {
                     dst.fill(128);
+                    sx[r * groups..(r + 1) * groups].fill(0.0);
                 }
             }
             for cb in 0..nb {

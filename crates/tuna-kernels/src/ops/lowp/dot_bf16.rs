@@ -1,6 +1,7 @@
 //! The bf16 dot-product path of a bf16 frozen base: both products with bf16 inputs and f32 sums,
 //! on AMX tiles (`tdpbf16ps`) or AVX512_BF16 (`vdpbf16ps`), or on a portable Rust twin
-//! ([`Bf16Isa::Emulated`]) that follows the instructions' definition.
+//! ([`Bf16Isa::Emulated`]) that follows `vdpbf16ps`'s definition (AMX's `tdpbf16ps` sums in
+//! another order: the paths differ in the f32 rounding).
 //!
 //! **Forward**, `y = x W^T`: each row of `x` is rounded to bf16 (to nearest even, as PyTorch's bf16
 //! autocast does before a product), the weight is the bf16 base as packed, and the products are
@@ -17,7 +18,6 @@
 //! portable twin keeps them; the hardware paths are tested against the portable one within the
 //! f32 rounding of the sum, and each against the bound.
 
-use super::dot::amx_permitted;
 use super::{PackedWeight, Store};
 use half::bf16;
 use rayon::prelude::*;
@@ -26,7 +26,7 @@ use std::cell::RefCell;
 /// Which instructions compute the bf16 tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Isa {
-    /// Portable Rust: each pair of products added to the f32 sum in the instructions' order.
+    /// Portable Rust: each pair of products added to the f32 sum in `vdpbf16ps`'s order.
     Emulated,
     /// AVX512_BF16 `vdpbf16ps` on 512-bit registers.
     Avx512Bf16,
@@ -55,7 +55,7 @@ impl Bf16Isa {
                 Bf16Isa::Avx512Bf16 => has!("avx512f") && has!("avx512bf16"),
                 Bf16Isa::Amx => {
                     let f = super::CpuMatrixFeatures::detect();
-                    f.amx_tile && f.amx_bf16 && amx_permitted()
+                    f.amx_tile && f.amx_bf16 && super::dot::amx_permitted()
                 }
             }
         }
@@ -137,7 +137,7 @@ unsafe fn avx512(a: *const u16, a_stride: usize, b: *const u16, chunks: usize, c
 }
 
 /// # Safety
-/// The CPU has AMX-TILE and AMX-BF16, [`amx_permitted`] returned true, and the pointers cover what
+/// The CPU has AMX-TILE and AMX-BF16, [`super::dot::amx_permitted`] returned true, and the pointers cover what
 /// [`tiles`] asserts.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 unsafe fn amx(a: *const u16, a_stride: usize, b: *const u16, chunks: usize, c: *mut f32) {
