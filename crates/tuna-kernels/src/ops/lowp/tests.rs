@@ -2,7 +2,7 @@ use super::*;
 use crate::backend::Cpu;
 use crate::rng::SplitMix64 as Rng;
 
-fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+pub(super) fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
 }
 
@@ -68,6 +68,29 @@ pub(super) fn reference_on(
         }
     }
     (y, bound)
+}
+
+/// The paths of `isas` this CPU runs; each one it cannot run is skipped by name for `test`
+/// (`available` and `name` of the path type: int8's `DotIsa`, bf16's `Bf16Isa`).
+pub(super) fn runnable<I: Copy>(
+    test: &str,
+    isas: &[I],
+    available: fn(I) -> bool,
+    name: fn(I) -> &'static str,
+) -> Vec<I> {
+    isas.iter()
+        .copied()
+        .filter(|&isa| {
+            let ok = available(isa);
+            if !ok {
+                crate::testing::note_skip(
+                    &format!("{test}[{}]", name(isa)),
+                    &format!("this CPU cannot run {}", name(isa)),
+                );
+            }
+            ok
+        })
+        .collect()
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -3,27 +3,13 @@
 //! integer tiles against a plain integer product. A path this CPU cannot run is skipped by name.
 
 use super::dot::{self, DotIsa};
-use super::tests::reference_on;
+use super::tests::{rand, reference_on};
 use super::*;
 use crate::rng::SplitMix64 as Rng;
-use crate::testing::note_skip;
 
-fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
-}
-
-/// The paths this CPU runs; each one it cannot run is skipped by name for `test`.
+/// The paths of `isas` this CPU runs (the others skipped by name).
 fn runnable(test: &str, isas: &[DotIsa]) -> Vec<DotIsa> {
-    isas.iter()
-        .copied()
-        .filter(|isa| {
-            let ok = isa.available();
-            if !ok {
-                note_skip(&format!("{test}[{}]", isa.name()), &format!("this CPU cannot run {}", isa.name()));
-            }
-            ok
-        })
-        .collect()
+    super::tests::runnable(test, isas, DotIsa::available, DotIsa::name)
 }
 
 /// What the dot path adds to the bound on `dx[r, k]` (beyond the int8 weight's own rounding):

@@ -4,26 +4,13 @@
 //! cannot run is skipped by name.
 
 use super::dot_bf16::{self, Bf16Isa};
-use super::tests::reference_on;
+use super::tests::{rand, reference_on};
 use super::*;
 use crate::rng::SplitMix64 as Rng;
-use crate::testing::note_skip;
 
-fn rand(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect()
-}
-
+/// The paths of `isas` this CPU runs (the others skipped by name).
 fn runnable(test: &str, isas: &[Bf16Isa]) -> Vec<Bf16Isa> {
-    isas.iter()
-        .copied()
-        .filter(|isa| {
-            let ok = isa.available();
-            if !ok {
-                note_skip(&format!("{test}[{}]", isa.name()), &format!("this CPU cannot run {}", isa.name()));
-            }
-            ok
-        })
-        .collect()
+    super::tests::runnable(test, isas, Bf16Isa::available, Bf16Isa::name)
 }
 
 const SHAPES: [(usize, usize, usize); 7] =
