@@ -489,11 +489,7 @@ fn run<B: OptimKernels<E>, E: RunE>(a: &Args, dev: &Arc<B>) -> Res<()> {
         rayon::current_num_threads(),
         a.device,
         a.base_precision,
-        match a.base_precision {
-            BasePrecision::Int8 => tuna_kernels::ops::lowp::matrix_path().name(),
-            BasePrecision::Bf16 => tuna_kernels::ops::lowp::bf16_path().map_or("widen", |p| p.name()),
-            _ => "",
-        },
+        tuna_kernels::ops::lowp::base_path_name(a.base_precision).unwrap_or(""),
         a.tf32,
         a.precision,
     );

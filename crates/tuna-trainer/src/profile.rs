@@ -113,13 +113,7 @@ pub fn profile_as<B: Backend<E>, E: RunFloat>(
     let mut s: Setup<B, E> = setup(dev, cfg)?;
     let on_cpu = dev.device_name().starts_with("cpu");
     let peak_gflops = on_cpu.then(cpu_gemm_gflops);
-    let base_path = match cfg.base_precision {
-        tuna_models::model::BasePrecision::Int8 if on_cpu => Some(tuna_kernels::ops::lowp::matrix_path().name()),
-        tuna_models::model::BasePrecision::Bf16 if on_cpu => {
-            Some(tuna_kernels::ops::lowp::bf16_path().map_or("widen", |p| p.name()))
-        }
-        _ => None,
-    };
+    let base_path = tuna_kernels::ops::lowp::base_path_name(cfg.base_precision).filter(|_| on_cpu);
     let base_peak_gops = base_path.and_then(|_| cpu_lowp_gops(cfg.base_precision));
     let mut opt = optimizer(cfg, &s.params)?;
     let mut cursor = Cursor::default();

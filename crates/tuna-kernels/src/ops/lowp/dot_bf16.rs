@@ -35,7 +35,8 @@ pub enum Bf16Isa {
 }
 
 impl Bf16Isa {
-    pub const ALL: [Bf16Isa; 3] = [Bf16Isa::Emulated, Bf16Isa::Avx512Bf16, Bf16Isa::Amx];
+    /// Best first (the default takes the first this CPU runs, the portable twin never).
+    pub const ALL: [Bf16Isa; 3] = [Bf16Isa::Amx, Bf16Isa::Avx512Bf16, Bf16Isa::Emulated];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -112,6 +112,8 @@ pub enum MatrixPath {
 }
 
 impl MatrixPath {
+    /// Best first, the widen path (every CPU) last: the default takes the first this CPU runs,
+    /// the portable twin never.
     pub const ALL: [MatrixPath; 5] =
         [MatrixPath::Amx, MatrixPath::Avx512Vnni, MatrixPath::AvxVnni, MatrixPath::Emulated, MatrixPath::WidenF32];
 
@@ -233,28 +235,32 @@ pub const MATRIX_ENV: &str = "TUNA_CPU_MATRIX";
 pub fn matrix_path_checked() -> std::result::Result<MatrixPath, String> {
     static PATH: std::sync::OnceLock<std::result::Result<MatrixPath, String>> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
-        let here: Vec<&str> = MatrixPath::ALL.iter().filter(|p| p.available()).map(|p| p.name()).collect();
-        match std::env::var(MATRIX_ENV) {
-            Ok(v) if !v.is_empty() => match MatrixPath::ALL.iter().find(|p| p.name() == v) {
-                Some(p) if p.available() => Ok(*p),
-                Some(p) => Err(format!("{MATRIX_ENV}={v:?}: {} (it runs: {})", cannot(p.name()), here.join(", "))),
-                None => Err(format!(
-                    "{MATRIX_ENV}={v:?}: unknown path (expected one of: {}; this CPU runs: {})",
-                    MatrixPath::ALL.map(|p| p.name()).join(", "),
-                    here.join(", ")
-                )),
-            },
-            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
-                "{MATRIX_ENV}={v:?}: unknown path (expected one of: {})",
-                MatrixPath::ALL.map(|p| p.name()).join(", ")
-            )),
-            _ => Ok([MatrixPath::Amx, MatrixPath::Avx512Vnni, MatrixPath::AvxVnni]
-                .into_iter()
-                .find(|p| p.available())
-                .unwrap_or(MatrixPath::WidenF32)),
-        }
+        let paths = MatrixPath::ALL.map(|p| (p.name(), p, p.available()));
+        choose_path(MATRIX_ENV, &paths)
     })
     .clone()
+}
+
+/// The path the environment variable `var` names among `paths` (name, path, whether this CPU
+/// runs it; best first, a fallback every CPU runs last); unset or empty, the first this CPU runs
+/// other than `emulated`. A name unknown, not UTF-8, or of a path this CPU cannot run is an error
+/// naming the variable, its value and the paths this CPU runs.
+fn choose_path<P: Copy>(var: &str, paths: &[(&'static str, P, bool)]) -> std::result::Result<P, String> {
+    let names = paths.iter().map(|(n, ..)| *n).collect::<Vec<_>>().join(", ");
+    let here = paths.iter().filter(|(.., ok)| *ok).map(|(n, ..)| *n).collect::<Vec<_>>().join(", ");
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => match paths.iter().find(|(n, ..)| *n == v) {
+            Some(&(_, p, true)) => Ok(p),
+            Some((n, ..)) => Err(format!("{var}={v:?}: {} (it runs: {here})", cannot(n))),
+            None => Err(format!("{var}={v:?}: unknown path (expected one of: {names}; this CPU runs: {here})")),
+        },
+        Err(std::env::VarError::NotUnicode(v)) => Err(format!("{var}={v:?}: unknown path (expected one of: {names})")),
+        _ => Ok(paths
+            .iter()
+            .find(|(n, _, ok)| *ok && *n != "emulated")
+            .map(|&(_, p, _)| p)
+            .expect("the last path runs on every CPU")),
+    }
 }
 
 /// Why a known path cannot run here: the CPU lacks it, or (AMX) Linux refused the tile state.
@@ -283,26 +289,21 @@ pub const MATRIX_BF16_ENV: &str = "TUNA_CPU_MATRIX_BF16";
 pub fn bf16_path_checked() -> std::result::Result<Option<Bf16Isa>, String> {
     static PATH: std::sync::OnceLock<std::result::Result<Option<Bf16Isa>, String>> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
-        let here: Vec<&str> =
-            Bf16Isa::ALL.iter().filter(|p| p.available()).map(|p| p.name()).chain(["widen"]).collect();
-        match std::env::var(MATRIX_BF16_ENV) {
-            Ok(v) if v == "widen" => Ok(None),
-            Ok(v) if !v.is_empty() => match Bf16Isa::ALL.iter().find(|p| p.name() == v) {
-                Some(p) if p.available() => Ok(Some(*p)),
-                Some(p) => Err(format!("{MATRIX_BF16_ENV}={v:?}: {} (it runs: {})", cannot(p.name()), here.join(", "))),
-                None => Err(format!(
-                    "{MATRIX_BF16_ENV}={v:?}: unknown path (expected one of: amx, avx512-bf16, emulated, widen; this \
-                     CPU runs: {})",
-                    here.join(", ")
-                )),
-            },
-            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
-                "{MATRIX_BF16_ENV}={v:?}: unknown path (expected one of: amx, avx512-bf16, emulated, widen)"
-            )),
-            _ => Ok([Bf16Isa::Amx, Bf16Isa::Avx512Bf16].into_iter().find(|p| p.available())),
-        }
+        let mut paths: Vec<_> = Bf16Isa::ALL.iter().map(|&p| (p.name(), Some(p), p.available())).collect();
+        paths.push(("widen", None, true));
+        choose_path(MATRIX_BF16_ENV, &paths)
     })
     .clone()
+}
+
+/// The name (`TUNA_CPU_MATRIX`'s or `TUNA_CPU_MATRIX_BF16`'s) of the path a base of precision `p`
+/// takes in this process: `Some` for int8 and bf16 only.
+pub fn base_path_name(p: BasePrecision) -> Option<&'static str> {
+    match p {
+        BasePrecision::Int8 => Some(matrix_path().name()),
+        BasePrecision::Bf16 => Some(bf16_path().map_or("widen", Bf16Isa::name)),
+        BasePrecision::F32 | BasePrecision::Q4 => None,
+    }
 }
 
 /// [`bf16_path_checked`], with the widen path where `TUNA_CPU_MATRIX_BF16` names a path this CPU

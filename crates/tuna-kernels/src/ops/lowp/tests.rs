@@ -93,7 +93,15 @@ pub(super) fn runnable<I: Copy>(
         .collect()
 }
 
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// Every `got[i]` within `bound[i]` of `want[i]`; the first that is not named with `what`.
+pub(super) fn assert_within(what: &str, got: &[f32], want: &[f64], bound: &[f64]) {
+    for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err <= b, "{what} [{i}]: {g} vs {w} (err {err:e} > bound {b:e})");
+    }
+}
+
+pub(super) fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; w.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -117,16 +125,7 @@ fn forward_within_the_documented_bound() {
             let mut y = vec![f32::NAN; m * out];
             LowpKernel::<f32>::lowp_linear_fwd(&Cpu, &pw, m, &x, &mut y).unwrap();
             let (r, b) = reference(&x, &w, m, out, inp, p);
-            for i in 0..m * out {
-                let err = (y[i] as f64 - r[i]).abs();
-                assert!(
-                    err <= b[i],
-                    "{p} m={m} out={out} in={inp} [{i}]: {} vs {} (err {err:e} > bound {:e})",
-                    y[i],
-                    r[i],
-                    b[i]
-                );
-            }
+            assert_within(&format!("{p} m={m} out={out} in={inp}"), &y, &r, &b);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! integer tiles against a plain integer product. A path this CPU cannot run is skipped by name.
 
 use super::dot::{self, DotIsa};
-use super::tests::{rand, reference_on};
+use super::tests::{assert_within, rand, reference_on};
 use super::*;
 use crate::rng::SplitMix64 as Rng;
 
@@ -49,17 +49,7 @@ fn every_dot_path_is_within_the_documented_bound() {
             let mut y = vec![f32::NAN; m * out];
             dot::linear_fwd(isa, &pw, m, &x, &mut y);
             let (r, b) = reference_on(&x, &w, m, out, inp, BasePrecision::Int8, true);
-            for i in 0..m * out {
-                let err = (y[i] as f64 - r[i]).abs();
-                assert!(
-                    err <= b[i],
-                    "{} fwd m={m} out={out} in={inp} [{i}]: {} vs {} (err {err:e} > {:e})",
-                    isa.name(),
-                    y[i],
-                    r[i],
-                    b[i]
-                );
-            }
+            assert_within(&format!("{} fwd m={m} out={out} in={inp}", isa.name()), &y, &r, &b);
 
             let dy = rand(&mut rng, m * out, 1.0);
             let before = rand(&mut rng, m * inp, 1.0);
@@ -192,6 +182,11 @@ fn the_chosen_path_is_one_this_cpu_runs() {
             .find(|p| p.available())
             .unwrap_or(MatrixPath::WidenF32);
         assert_eq!(p, best);
+    }
+    // Likewise the bf16 base's: AMX-BF16, then AVX512_BF16, else widen (`None`).
+    let b = bf16_path_checked().expect("TUNA_CPU_MATRIX_BF16 names a path this CPU runs");
+    if std::env::var(MATRIX_BF16_ENV).is_err() {
+        assert_eq!(b, [Bf16Isa::Amx, Bf16Isa::Avx512Bf16].into_iter().find(|p| p.available()));
     }
     for p in MatrixPath::ALL {
         assert_eq!(MatrixPath::ALL.iter().filter(|q| q.name() == p.name()).count(), 1);

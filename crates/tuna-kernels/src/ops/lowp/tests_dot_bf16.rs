@@ -4,7 +4,7 @@
 //! cannot run is skipped by name.
 
 use super::dot_bf16::{self, Bf16Isa};
-use super::tests::{rand, reference_on};
+use super::tests::{assert_within, rand, reference_on, transpose};
 use super::*;
 use crate::rng::SplitMix64 as Rng;
 
@@ -28,28 +28,13 @@ fn every_bf16_dot_path_is_within_the_documented_bound() {
             let mut y = vec![f32::NAN; m * out];
             dot_bf16::linear_fwd(isa, &pw, m, &x, &mut y);
             let (r, b) = reference_on(&x, &w, m, out, inp, BasePrecision::Bf16, true);
-            for i in 0..m * out {
-                let err = (y[i] as f64 - r[i]).abs();
-                assert!(
-                    err <= b[i],
-                    "{} fwd m={m} out={out} in={inp} [{i}]: {} vs {} (err {err:e} > {:e})",
-                    isa.name(),
-                    y[i],
-                    r[i],
-                    b[i]
-                );
-            }
+            assert_within(&format!("{} fwd m={m} out={out} in={inp}", isa.name()), &y, &r, &b);
             // The backward: dx = before + dy w, the forward's reference with w transposed.
             let dy = rand(&mut rng, m * out, 1.0);
             let before = rand(&mut rng, m * inp, 1.0);
             let mut dx = before.clone();
             dot_bf16::linear_bwd(isa, &pw, m, &dy, &mut dx);
-            let mut wt = vec![0f32; w.len()];
-            for o in 0..out {
-                for k in 0..inp {
-                    wt[k * out + o] = w[o * inp + k];
-                }
-            }
+            let wt = transpose(&w, out, inp);
             let (r, b) = reference_on(&dy, &wt, m, inp, out, BasePrecision::Bf16, true);
             for i in 0..m * inp {
                 let want = r[i] + before[i] as f64;
