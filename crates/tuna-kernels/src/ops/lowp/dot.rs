@@ -347,12 +347,13 @@ thread_local! {
     static PACK: RefCell<(Vec<i8>, Vec<i32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-type Bufs<A, B, C> = RefCell<(Vec<A>, Vec<B>, Vec<C>)>;
+/// Up to three kept buffers of a thread (`()` for one not needed).
+pub(super) type Bufs<A, B, C> = RefCell<(Vec<A>, Vec<B>, Vec<C>)>;
 
 /// Runs `f` on `cell`'s buffers (fresh ones if they are in use further up this thread's stack),
 /// grown to the lengths asked; what they hold is whatever the last call left (callers write
 /// before they read).
-fn with_bufs<A: Copy + Default, B: Copy + Default, C: Copy + Default, R>(
+pub(super) fn with_bufs<A: Copy + Default, B: Copy + Default, C: Copy + Default, R>(
     cell: &'static std::thread::LocalKey<Bufs<A, B, C>>,
     (na, nb, nc): (usize, usize, usize),
     f: impl FnOnce(&mut [A], &mut [B], &mut [C]) -> R,

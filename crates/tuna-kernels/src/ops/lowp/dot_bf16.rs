@@ -18,6 +18,7 @@
 //! portable twin keeps them; the hardware paths are tested against the portable one within the
 //! f32 rounding of the sum, and each against the bound.
 
+use super::dot::{with_bufs, Bufs};
 use super::{PackedWeight, Store};
 use half::bf16;
 use rayon::prelude::*;
@@ -150,9 +151,10 @@ unsafe fn amx(a: *const u16, a_stride: usize, b: *const u16, chunks: usize, c: *
 
 thread_local! {
     /// Per-thread rounded rows and the tile, kept from call to call.
-    static ROWS: RefCell<(Vec<u16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-    /// The calling thread's packed weight layout, kept from call to call.
-    static PACK: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static ROWS: Bufs<u16, f32, ()> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// The calling thread's packed weight layout, kept from call to call (the callers zero it, in
+    /// parallel, chunk by chunk).
+    static PACK: Bufs<u16, (), ()> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// `y[m, n] = x[m, k] B` (or `+=` when `accumulate`), `x`'s rows rounded to bf16, over `b`: `n`
@@ -192,15 +194,7 @@ fn product(isa: Bf16Isa, x: &[f32], m: usize, k: usize, b: &[u16], n: usize, y: 
                 }
             }
         };
-        ROWS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut v) => {
-                let (a, c) = &mut *v;
-                a.resize(a.len().max(T * kp), 0);
-                c.resize(c.len().max(T * T), 0.0);
-                run(&mut a[..T * kp], &mut c[..T * T])
-            }
-            Err(_) => run(&mut vec![0; T * kp], &mut vec![0.0; T * T]),
-        })
+        with_bufs(&ROWS, (T * kp, T * T, 0), |a, c, _| run(a, c))
     });
 }
 
@@ -211,19 +205,6 @@ fn bf16_weight(w: &PackedWeight) -> &[bf16] {
     }
 }
 
-/// Runs `f` on this thread's kept packing buffer of `len` values (a fresh one if it is in use
-/// further up this thread's stack); the callers zero it, in parallel, chunk by chunk.
-fn with_pack<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
-    PACK.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            let grown = v.len().max(len);
-            v.resize(grown, 0);
-            f(&mut v[..len])
-        }
-        Err(_) => f(&mut vec![0; len]),
-    })
-}
-
 /// `y[m, out] = x[m, in] W^T` (overwrites `y`) on `isa`.
 ///
 /// # Panics
@@ -232,7 +213,7 @@ pub fn linear_fwd(isa: Bf16Isa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [
     assert!(isa.available(), "this CPU cannot run the {} bf16 dot-product path", isa.name());
     let (out, inp, wv) = (w.out_features(), w.in_features(), bf16_weight(w));
     let (chunks, nb) = (inp.div_ceil(CH), out.div_ceil(T));
-    with_pack(nb * chunks * BCH, |b| {
+    with_bufs(&PACK, (nb * chunks * BCH, 0, 0), |b, _, _| {
         b.par_chunks_mut(chunks * BCH).enumerate().for_each(|(cb, b)| {
             b.fill(0);
             for col in 0..T.min(out - cb * T) {
@@ -254,7 +235,7 @@ pub fn linear_bwd(isa: Bf16Isa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut
     assert!(isa.available(), "this CPU cannot run the {} bf16 dot-product path", isa.name());
     let (out, inp, wv) = (w.out_features(), w.in_features(), bf16_weight(w));
     let (chunks, nb) = (out.div_ceil(CH), inp.div_ceil(T));
-    with_pack(nb * chunks * BCH, |b| {
+    with_bufs(&PACK, (nb * chunks * BCH, 0, 0), |b, _, _| {
         b.par_chunks_mut(chunks * BCH).enumerate().for_each(|(kb, b)| {
             b.fill(0);
             let cols = T.min(inp - kb * T);
