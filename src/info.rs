@@ -142,7 +142,13 @@ pub fn matrix_line() -> String {
         Ok(Some(Bf16Isa::Avx512Bf16)) => "bf16 base: bf16 dot products on AVX512_BF16 (vdpbf16ps)".to_string(),
         Err(e) => format!("bf16 base: refused: {e}"),
     };
-    format!("{found}; {int8}; {bf16}; q4 base: widened to f32 per block")
+    // q4 follows the int8 base's path, its blocks requantized to int8 per 64 weights.
+    let q4 = match matrix_path_checked() {
+        Ok(MatrixPath::WidenF32) => "q4 base: widened to f32 per block".to_string(),
+        Ok(p) => format!("q4 base: blocks requantized to int8 per 64 weights, then as the int8 base ({})", p.name()),
+        Err(_) => format!("q4 base: refused (as the int8 base, by {MATRIX_ENV})"),
+    };
+    format!("{found}; {int8}; {bf16}; {q4}")
 }
 
 fn avx512() -> bool {

@@ -853,18 +853,21 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
             s += &format!(
                 "GFLOP/s: achieved by the counted ops (matrix products and attention; 2 per multiply-add), with the share of this CPU's f32 GEMM rate, {peak:.0} GFLOP/s (a 1024^3 product measured before the steps: the f32 path's practical peak)"
             );
-            let base = p.rows.iter().find_map(|r| {
-                r.kind.strip_prefix("matmul (").and_then(|k| k.strip_suffix(" base)")).filter(|k| *k != "q4")
-            });
+            let base =
+                p.rows.iter().find_map(|r| r.kind.strip_prefix("matmul (").and_then(|k| k.strip_suffix(" base)")));
+            // q4 takes the int8 path (its blocks requantized to int8 as the product packs them).
+            let on = |b: &str| if b == "bf16" { "bf16" } else { "int8" };
             match (base, &p.base_path, p.base_peak_gops) {
                 (Some(b), Some(path), Some(peak)) => {
                     s += &format!(
-                        "; the {b} base's products run on {b} dot products ({path}) and are read against that path's rate, {peak:.0} GOP/s (a 1024^3 product, the activations' {} included)",
-                        if b == "int8" { "quantization" } else { "rounding" }
+                        "; the {b} base's products run on {} dot products ({path}{}) and are read against that path's rate, {peak:.0} GOP/s (a 1024^3 product, the activations' {} included)",
+                        on(b),
+                        if b == "q4" { ", its blocks requantized to int8 per product" } else { "" },
+                        if b == "bf16" { "rounding" } else { "quantization" }
                     )
                 }
                 (Some(b), Some(_), None) => {
-                    s += &format!("; the {b} base's products widen to f32 and run on it (no {b} dot-product path here, or {}=widen)", if b == "int8" { "TUNA_CPU_MATRIX" } else { "TUNA_CPU_MATRIX_BF16" })
+                    s += &format!("; the {b} base's products widen to f32 and run on it (no {} dot-product path here, or {}=widen)", on(b), if b == "bf16" { "TUNA_CPU_MATRIX_BF16" } else { "TUNA_CPU_MATRIX" })
                 }
                 _ => s += "; a low-precision base widens to f32 and runs on it",
             }
@@ -875,7 +878,7 @@ pub fn profile_table(p: &tuna_trainer::Profile) -> String {
     s += "| op | forward calls | forward ms | fwd GFLOP/s | backward calls | backward ms | bwd GFLOP/s | % of step | saved at the peak |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let rate = |kind: &str, g: Option<f64>| {
         let peak = match p.base_peak_gops {
-            Some(lowp) if kind == "matmul (int8 base)" || kind == "matmul (bf16 base)" => Some(lowp),
+            Some(lowp) if kind.starts_with("matmul (") && kind.ends_with(" base)") => Some(lowp),
             _ => p.peak_gflops,
         };
         match (g, peak) {

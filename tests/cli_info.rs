@@ -37,7 +37,11 @@ fn info_reports_devices_and_kernels() {
         Some(_) => "AVX512_BF16",
     };
     assert!(bf16.contains(want), "{s}");
-    assert!(matrix.contains("q4 base: widened to f32"), "{s}");
+    let q4 = matrix.split("; ").find_map(|p| p.strip_prefix("q4 base: ")).unwrap_or_else(|| panic!("{s}"));
+    match tuna_kernels::ops::lowp::matrix_path() {
+        tuna_kernels::ops::lowp::MatrixPath::WidenF32 => assert!(q4.starts_with("widened to f32"), "{s}"),
+        p => assert!(q4.contains("requantized to int8") && q4.contains(&format!("({})", p.name())), "{s}"),
+    }
     // the build section, compiled in by build.rs
     let build = s.split("\nbuild:\n").nth(1).unwrap_or_else(|| panic!("no build section: {s}"));
     let value = |label: &str| {
@@ -76,9 +80,11 @@ fn the_int8_path_follows_tuna_cpu_matrix() {
     let out = tuna("emulated", &["info"]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && s.contains("int8 base: integer dot products computed in portable Rust"), "{s}");
+    assert!(s.contains("q4 base: blocks requantized to int8 per 64 weights, then as the int8 base (emulated)"), "{s}");
     let out = tuna("widen", &["info"]);
-    assert!(String::from_utf8_lossy(&out.stdout)
-        .contains("int8 base: widened to f32 per block, f32 FMA (TUNA_CPU_MATRIX=widen)"));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("int8 base: widened to f32 per block, f32 FMA (TUNA_CPU_MATRIX=widen)"), "{s}");
+    assert!(s.contains("q4 base: widened to f32 per block"), "{s}");
     // A value that is not UTF-8 is refused too, not taken for unset.
     #[cfg(unix)]
     {

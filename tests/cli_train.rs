@@ -340,10 +340,12 @@ fn smollm2_gguf_lora_exports_a_merged_hugging_face_folder() {
     assert!((x - y).abs() < 1e-3 * x.abs(), "base + adapter {x} vs merged {y}");
 }
 
-/// `--base-precision q4` on a Q4 GGUF: LoRA trains on the file's own blocks with the loss curve
-/// of the f32 base dequantized at load (the same weights: only the order of f32 sums differs),
-/// `summary.json` says q4, and the adapter evaluates on the q4 base by default.
+/// `--base-precision q4` on a Q4 GGUF, its products widened (`TUNA_CPU_MATRIX=widen`; the dot
+/// path has its own test): LoRA trains on the file's own blocks with the loss curve of the f32 base
+/// dequantized at load (the same weights: only the order of f32 sums differs), `summary.json` says
+/// q4, and the adapter evaluates on the q4 base by default.
 fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64, check_merged: bool) {
+    let tuna = |a: &[String]| tuna_on("widen", a);
     // One line six times: every batch the same, so the loss must fall as LoRA trains.
     let train = d.join("train.jsonl");
     std::fs::write(&train, "{\"text\": \"The cat sat on the mat.\"}\n".repeat(6)).unwrap();
@@ -410,6 +412,60 @@ fn q4_trains_like_dequant_at_load(gguf: &Path, d: &Path, steps: u64, check_merge
 fn a_q4_base_trains_like_dequant_at_load_and_evaluates_on_it() {
     let d = tmp("q4-tiny");
     q4_trains_like_dequant_at_load(&tiny_q4_gguf(&d), &d, 4, true);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// q4 on the int8 dot path (its blocks requantized to int8 per 64 weights; the portable twin, the
+/// hardware paths' numbers): the widen path's loss curve within 1% (not its bits: the activations
+/// and the requantized weight round), the products recorded, and a resume on the widen path
+/// refused before anything is written.
+#[test]
+fn a_q4_base_on_the_int8_dot_path_trains_like_the_widen_path() {
+    let d = tmp("q4-dot");
+    let gguf = tiny_q4_gguf(&d).display().to_string();
+    let train = data(&d, "train.jsonl", 16, false);
+    let args = |name: &str, steps: u64, extra: &[&str]| {
+        let mut a = train_args(
+            &d.join(name),
+            &train,
+            steps,
+            &[&["--base-precision", "q4", "--decay", "constant"], extra].concat(),
+        );
+        a = set(a, "--model", &gguf);
+        a
+    };
+    let widen = train_losses(&{
+        ok(&tuna_on("widen", &args("widen", 8, &[])));
+        d.join("widen")
+    });
+    ok(&tuna_on("emulated", &args("dot", 8, &[])));
+    let dot = train_losses(&d.join("dot"));
+    assert_eq!((widen.len(), dot.len()), (8, 8));
+    for (s, (a, b)) in widen.iter().zip(&dot).enumerate() {
+        assert!((a - b).abs() <= 0.01 * a, "step {}: widen {a} vs dot {b}\n{widen:?}\n{dot:?}", s + 1);
+    }
+    assert_ne!(widen, dot, "the dot path rounds: its losses cannot be the widen path's bits");
+    assert!(dot[7] < dot[0], "q4 on the dot path did not train: {dot:?}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("dot").join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (summary["base_precision"].as_str(), summary["base_products"].as_str()),
+        (Some("q4"), Some("int8 dot products"))
+    );
+    // Stopped at 4, resumed to 8 on the same path: the uninterrupted losses; on the widen path:
+    // refused, naming the variable, nothing written.
+    ok(&tuna_on("emulated", &args("half", 4, &[])));
+    ok(&tuna_on("emulated", &args("half", 8, &["--resume"])));
+    assert_eq!(train_losses(&d.join("half")), dot);
+    let o = tuna_on("widen", &args("half", 10, &["--resume"]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("the base's product path was int8 dot products, now widened to f32")
+            && e.contains("Resume with TUNA_CPU_MATRIX=emulated"),
+        "{e}"
+    );
+    assert_eq!(train_losses(&d.join("half")), dot, "the refused resume wrote nothing");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

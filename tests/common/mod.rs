@@ -94,6 +94,11 @@ pub fn tuna(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).output().expect("run tuna")
 }
 
+/// [`tuna`] with `TUNA_CPU_MATRIX=path` (the int8 and q4 bases' product path).
+pub fn tuna_on(path: &str, args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tuna")).env("TUNA_CPU_MATRIX", path).args(args).output().expect("run tuna")
+}
+
 pub fn ok(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {err}", out.status.code());

@@ -80,13 +80,23 @@ pub fn cpu_lowp_gops(p: tuna_kernels::ops::lowp::BasePrecision) -> Option<f64> {
     use tuna_kernels::ops::lowp::{bf16_path, dot, dot_bf16, matrix_path, BasePrecision, PackedWeight};
     let n = 1024;
     let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
-    let w = PackedWeight::pack("peak", &a, n, n, false, p).ok()?;
+    let w = match p {
+        // Q4_0 blocks of every code at a scale of 1/64: the rate includes their requantization.
+        BasePrecision::Q4 => {
+            let fmt = tuna_kernels::ops::lowp::Q4Format::Q4_0;
+            // f16 1/64 = 2^-6: biased exponent 9, no mantissa bits, little-endian.
+            let block: Vec<u8> = [0x00, 0x24].into_iter().chain((0..16u8).map(|j| j * 17)).collect();
+            let blocks = block.repeat(n * n / tuna_kernels::ops::lowp::Q4_BLOCK);
+            PackedWeight::from_q4("peak", fmt, blocks, n, n).ok()?
+        }
+        _ => PackedWeight::pack("peak", &a, n, n, false, p).ok()?,
+    };
     let mut c = vec![0f32; n * n];
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
         match p {
-            BasePrecision::Int8 => dot::linear_fwd(matrix_path().dot_isa()?, &w, n, &a, &mut c),
+            BasePrecision::Int8 | BasePrecision::Q4 => dot::linear_fwd(matrix_path().dot_isa()?, &w, n, &a, &mut c),
             BasePrecision::Bf16 => dot_bf16::linear_fwd(bf16_path()?, &w, n, &a, &mut c),
             _ => return None,
         }

@@ -121,15 +121,15 @@ pub(crate) fn settings_of(cfg: &TrainConfig, eval_data: Option<u64>) -> BTreeMap
     out
 }
 
-/// How a bf16 or int8 base's products run in this process (`None` for other bases): widened to
-/// f32, or on dot products, which round the activations too, so a run resumes bit for bit only on
-/// the products it started with. Every int8 dot-product path gives the same bits; the bf16 ones
-/// differ in their f32 rounding, so each is named.
+/// How a bf16, int8 or q4 base's products run in this process (`None` for f32): widened to f32, or
+/// on dot products, which round the activations too, so a run resumes bit for bit only on the
+/// products it started with. Every int8 dot-product path gives the same bits (q4 takes it, its
+/// blocks requantized to int8); the bf16 ones differ in their f32 rounding, so each is named.
 pub(crate) fn base_products(p: tuna_models::model::BasePrecision) -> Option<String> {
     use tuna_kernels::ops::lowp::{bf16_path, matrix_path};
     use tuna_models::model::BasePrecision;
     match p {
-        BasePrecision::Int8 => {
+        BasePrecision::Int8 | BasePrecision::Q4 => {
             Some(matrix_path().dot_isa().map_or(WIDENED.to_string(), |_| "int8 dot products".to_string()))
         }
         BasePrecision::Bf16 => {
@@ -139,8 +139,8 @@ pub(crate) fn base_products(p: tuna_models::model::BasePrecision) -> Option<Stri
     }
 }
 
-/// A bf16 or int8 base's products, recorded for such runs since the dot-product paths (before,
-/// they widened to f32).
+/// A bf16, int8 or q4 base's products, recorded for such runs since the dot-product paths (before,
+/// they widened to f32; q4 since it takes the int8 path).
 const BASE_PRODUCTS: &str = "the base's product path";
 const WIDENED: &str = "widened to f32";
 

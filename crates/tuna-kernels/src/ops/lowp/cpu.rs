@@ -1,5 +1,5 @@
-//! The low-precision products on the CPU. An int8 weight in f32 products takes the dot-product
-//! path [`matrix_path`] picks ([`super::dot`]) where there is one; everything else the widen-to-f32
+//! The low-precision products on the CPU. An int8 or q4 weight in f32 products takes the
+//! dot-product path [`matrix_path`] picks ([`super::dot`]) where there is one; everything else the widen-to-f32
 //! path: blocks of weight rows are widened (bf16) or dequantized (int8, q4) into a per-thread
 //! scratch of `F`, then the `gemm` crate multiplies (its f32/f64 microkernels, dispatched at run
 //! time, rayon across the threads).
@@ -81,10 +81,12 @@ fn each_block<F: CpuFloat>(w: &PackedWeight, mut f: impl FnMut(usize, usize, &[F
     })
 }
 
-/// The dot-product instructions for an int8 weight in `F` products on this CPU, if any (f32 only:
-/// f64 products stay exact against the stored weight).
+/// The dot-product instructions for an int8 or q4 weight in `F` products on this CPU, if any (f32
+/// only: f64 products stay exact against the stored weight).
 fn dot_isa<F: 'static>(w: &PackedWeight) -> Option<DotIsa> {
-    if w.precision() != BasePrecision::Int8 || std::any::TypeId::of::<F>() != std::any::TypeId::of::<f32>() {
+    if !matches!(w.precision(), BasePrecision::Int8 | BasePrecision::Q4)
+        || std::any::TypeId::of::<F>() != std::any::TypeId::of::<f32>()
+    {
         return None;
     }
     matrix_path().dot_isa()

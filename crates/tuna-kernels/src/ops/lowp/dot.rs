@@ -1,4 +1,4 @@
-//! The int8 dot-product path of an int8 frozen base: both products in integers, on the CPU's
+//! The int8 dot-product path of an int8 (or q4) frozen base: both products in integers, on the CPU's
 //! integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`), or on a
 //! portable Rust twin of them ([`DotIsa::Emulated`]) that computes the same integers.
 //!
@@ -29,11 +29,20 @@
 //! and `w~` the stored weight; for `dx` the same with `dy`'s groups, plus the requantization's
 //! `|dy_o| max|w~_(group of o, column k)| / 254`.
 //!
+//! **q4** (a GGUF file's Q4_0 / Q4_1 blocks of 32) takes the same path: its two blocks in each
+//! group of 64 inputs, dequantized, are requantized to int8 with one scale when the product packs
+//! them (per call; memory keeps the blocks), and the input gradient requantizes them as it does the
+//! int8 base. The bounds above hold with `w~` the dequantized blocks (the reference q4 is tested
+//! against: the file's weights as the widen path multiplies by them) and `e_w(k) =
+//! max|w~_group(k)| / 254`, the requantization's rounding: about 1/16 of the blocks' own 4-bit
+//! step, which the reference does not count. A block whose scale is not finite makes its group's
+//! products NaN, as the widen path's are.
+//!
 //! The packed layouts are made per call from the int8 base (one parallel pass over its bytes) into
 //! a buffer the calling thread keeps from call to call: the largest layer's layout (about 1.1 bytes
 //! a weight) stays allocated, rather than every layer's (a byte a weight per product, held).
 
-use super::{PackedWeight, Store, INT8_GROUP};
+use super::{q4, BasePrecision, PackedWeight, Q4Format, Store, INT8_GROUP, Q4_BLOCK};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -469,23 +478,98 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
     });
 }
 
-fn int8_parts(w: &PackedWeight) -> (&[i8], &[f32]) {
-    match &w.store {
-        Store::Int8 { q, scale } => (q, scale),
-        _ => unreachable!("the dot path takes int8 weights only"),
+/// The stored weight as the dot path reads it.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The int8 base as packed: `q` `[out, in]`, one scale per [`INT8_GROUP`] inputs of a row.
+    Int8 { q: &'a [i8], scale: &'a [f32] },
+    /// A GGUF file's 4-bit blocks, requantized to int8 per call where the product needs them.
+    Q4 { fmt: Q4Format, blocks: &'a [u8] },
+}
+
+impl Source<'_> {
+    fn of(w: &PackedWeight) -> Source<'_> {
+        match &w.store {
+            Store::Int8 { q, scale } => Source::Int8 { q, scale },
+            Store::Q4 { fmt, blocks } => Source::Q4 { fmt: *fmt, blocks },
+            Store::Bf16(_) => panic!("the int8 dot path takes int8 and q4 weights, not bf16"),
+        }
+    }
+
+    /// The stored weights `(o, k0..k0 + dst.len())` as f32: the numbers the widen path multiplies
+    /// by (`q * scale` for int8, the blocks dequantized for q4).
+    fn values(self, inp: usize, o: usize, k0: usize, dst: &mut [f32]) {
+        match self {
+            Source::Int8 { q, scale } => {
+                let groups = inp.div_ceil(CH);
+                for (i, d) in dst.iter_mut().enumerate() {
+                    let k = k0 + i;
+                    *d = q[o * inp + k] as f32 * scale[o * groups + k / CH];
+                }
+            }
+            Source::Q4 { fmt, blocks } => {
+                let bb = fmt.block_bytes();
+                let row = &blocks[o * (inp / Q4_BLOCK) * bb..(o + 1) * (inp / Q4_BLOCK) * bb];
+                let (mut tmp, end) = ([0f32; Q4_BLOCK], k0 + dst.len());
+                let mut k = k0;
+                while k < end {
+                    let b = k / Q4_BLOCK;
+                    q4::dequant_block(fmt, &row[b * bb..(b + 1) * bb], &mut tmp);
+                    let stop = ((b + 1) * Q4_BLOCK).min(end);
+                    dst[k - k0..stop - k0].copy_from_slice(&tmp[k - b * Q4_BLOCK..stop - b * Q4_BLOCK]);
+                    k = stop;
+                }
+            }
+        }
     }
 }
 
-/// `y[m, out] = x[m, in] W^T` (overwrites `y`) on `isa`.
+/// The int8 scale of `vals` (symmetric: `max|v| / 127`), or NaN where one of them is not finite
+/// (every product the group enters is then NaN, as an f32 product with the weight would be).
+fn requant_scale(vals: impl Iterator<Item = f32>) -> f32 {
+    let (mut amax, mut finite) = (0f32, true);
+    for v in vals {
+        finite &= v.is_finite();
+        amax = amax.max(v.abs());
+    }
+    if finite {
+        amax / 127.0
+    } else {
+        f32::NAN
+    }
+}
+
+/// `v` in int8 at scale `s` (0 where `s` is 0 or NaN: a group of zeros, or a non-finite one whose
+/// NaN scale carries it).
+#[inline]
+fn requant(v: f32, s: f32) -> i8 {
+    if s > 0.0 {
+        round_even(v / s).clamp(-127.0, 127.0) as i8
+    } else {
+        0
+    }
+}
+
+fn check_weight(isa: DotIsa, w: &PackedWeight) {
+    assert!(isa.available(), "this CPU cannot run the {} dot-product path", isa.name());
+    assert!(
+        matches!(w.precision(), BasePrecision::Int8 | BasePrecision::Q4),
+        "the int8 dot path takes int8 and q4 weights, not {}",
+        w.precision()
+    );
+}
+
+/// `y[m, out] = x[m, in] W^T` (overwrites `y`) on `isa`, for an int8 or q4 weight.
 ///
 /// # Panics
-/// Where this CPU cannot run `isa` ([`DotIsa::available`]).
+/// Where this CPU cannot run `isa` ([`DotIsa::available`]), or the weight is bf16.
 pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f32]) {
-    assert!(isa.available(), "this CPU cannot run the {} dot-product path", isa.name());
+    check_weight(isa, w);
     let (out, inp) = (w.out_features(), w.in_features());
-    let (q, scale) = int8_parts(w);
+    let src = Source::of(w);
     let (groups, nb) = (inp.div_ceil(CH), out.div_ceil(T));
-    // B = W^T: per block of 16 output channels, per input group, the stored int8 values and scale.
+    // B = W^T: per block of 16 output channels, per input group, the int8 values and scale (the
+    // int8 base's own; q4's two blocks of the group requantized with one scale).
     with_bufs(&PACK, (nb * groups * BCH, nb * groups * T, nb * groups * T), |b, cs, s| {
         b.par_chunks_mut(groups * BCH)
             .zip(cs.par_chunks_mut(groups * T))
@@ -496,15 +580,32 @@ pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f
                 b.fill(0);
                 cs.fill(0);
                 s.fill(0.0);
+                let mut vals = [0f32; CH];
                 for col in 0..T.min(out - cb * T) {
                     let o = cb * T + col;
-                    for (g, grp) in q[o * inp..(o + 1) * inp].chunks(CH).enumerate() {
+                    for g in 0..groups {
                         let bg = &mut b[g * BCH..(g + 1) * BCH];
-                        for (k, &v) in grp.iter().enumerate() {
+                        let (k0, len) = (g * CH, CH.min(inp - g * CH));
+                        let mut put = |k: usize, v: i8| {
                             bg[(k / 4) * 4 * T + col * 4 + k % 4] = v;
+                            cs[g * T + col] += v as i32;
+                        };
+                        match src {
+                            Source::Int8 { q, scale } => {
+                                for (k, &v) in q[o * inp + k0..o * inp + k0 + len].iter().enumerate() {
+                                    put(k, v);
+                                }
+                                s[g * T + col] = scale[o * groups + g];
+                            }
+                            Source::Q4 { .. } => {
+                                src.values(inp, o, k0, &mut vals[..len]);
+                                let sg = requant_scale(vals[..len].iter().copied());
+                                for (k, &v) in vals[..len].iter().enumerate() {
+                                    put(k, requant(v, sg));
+                                }
+                                s[g * T + col] = sg;
+                            }
                         }
-                        cs[g * T + col] = grp.iter().map(|&v| v as i32).sum();
-                        s[g * T + col] = scale[o * groups + g];
                     }
                 }
             });
@@ -512,18 +613,17 @@ pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f
     })
 }
 
-/// `dx[m, in] += dy[m, out] W` on `isa`.
+/// `dx[m, in] += dy[m, out] W` on `isa`, for an int8 or q4 weight.
 ///
 /// # Panics
-/// Where this CPU cannot run `isa` ([`DotIsa::available`]).
+/// Where this CPU cannot run `isa` ([`DotIsa::available`]), or the weight is bf16.
 pub fn linear_bwd(isa: DotIsa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut [f32]) {
-    assert!(isa.available(), "this CPU cannot run the {} dot-product path", isa.name());
+    check_weight(isa, w);
     let (out, inp) = (w.out_features(), w.in_features());
-    let (q, scale) = int8_parts(w);
-    let wgroups = inp.div_ceil(CH);
+    let src = Source::of(w);
     let (groups, nb) = (out.div_ceil(CH), inp.div_ceil(T));
     // B = W: per block of 16 input columns, per group of 64 output channels, the stored weight
-    // `q * sw` requantized with one scale per (group, column).
+    // (`q * sw`, or q4's blocks dequantized) requantized with one scale per (group, column).
     with_bufs(&PACK, (nb * groups * BCH, nb * groups * T, nb * groups * T), |b, cs, s| {
         b.par_chunks_mut(groups * BCH)
             .zip(cs.par_chunks_mut(groups * T))
@@ -534,25 +634,24 @@ pub fn linear_bwd(isa: DotIsa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut 
                 cs.fill(0);
                 s.fill(0.0);
                 let (k0, cols) = (kb * T, T.min(inp - kb * T));
-                let wt = |o: usize, col: usize| q[o * inp + k0 + col] as f32 * scale[o * wgroups + (k0 + col) / CH];
+                let mut vals = [[0f32; T]; CH];
                 for g in 0..groups {
                     let os = g * CH..(g * CH + CH).min(out);
-                    let mut amax = [0f32; T];
                     for o in os.clone() {
-                        for (col, a) in amax[..cols].iter_mut().enumerate() {
-                            *a = a.max(wt(o, col).abs());
-                        }
+                        src.values(inp, o, k0, &mut vals[o - g * CH][..cols]);
                     }
-                    let st: [f32; T] = std::array::from_fn(|col| amax[col] / 127.0);
+                    let n = os.len();
+                    let st: [f32; T] = std::array::from_fn(|col| {
+                        if col < cols {
+                            requant_scale(vals[..n].iter().map(|r| r[col]))
+                        } else {
+                            0.0
+                        }
+                    });
                     let bg = &mut b[g * BCH..(g + 1) * BCH];
-                    for o in os {
-                        let ol = o - g * CH;
+                    for (ol, row) in vals[..n].iter().enumerate() {
                         for col in 0..cols {
-                            let v = if st[col] > 0.0 {
-                                round_even(wt(o, col) / st[col]).clamp(-127.0, 127.0) as i8
-                            } else {
-                                0
-                            };
+                            let v = requant(row[col], st[col]);
                             bg[(ol / 4) * 4 * T + col * 4 + ol % 4] = v;
                             cs[g * T + col] += v as i32;
                         }

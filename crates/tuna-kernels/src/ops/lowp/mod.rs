@@ -11,10 +11,12 @@
 //! Q4_0 / Q4_1 blocks ([`q4`]; 18 or 20 bytes per 32 weights, 5/32 of f32's bytes for Q4_1),
 //! taken as they are by [`PackedWeight::from_q4`], rows `[out]` of blocks along `in`.
 //!
-//! Compute, CPU, int8: the instruction path [`matrix_path`] picks at run time. Where the CPU has
-//! integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`) the
-//! products run in integers ([`dot`]: activations and output gradients quantized per row on the
-//! fly, i32 sums per weight group, f32 after); otherwise, and for bf16 and q4 on every CPU, the
+//! Compute, CPU, int8 and q4: the instruction path [`matrix_path`] picks at run time. Where the CPU
+//! has integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`) the
+//! products run in integers ([`dot`]: activations and output gradients quantized per row and group
+//! on the fly, i32 sums per weight group, f32 after; q4's blocks requantized to int8 per group of 64
+//! as the product packs them); bf16 likewise on bf16 dot products where the CPU has them
+//! ([`dot_bf16`]); otherwise the
 //! widen path ([`MatrixPath::WidenF32`]): a block of rows is widened (bf16) or dequantized (int8,
 //! q4) into a per-thread f32 scratch (reused from call to call: a step allocates nothing after the
 //! first), and the `gemm` crate's runtime-dispatched f32 microkernels run on it, so the only error
@@ -24,9 +26,10 @@
 //! output element `|y - y_ref| <= e_w * sum_k |x_k| |w_k| + f32 rounding`, with `e_w = 2^-8`
 //! relative for bf16 (round to nearest even with 8 significant bits: `|w - bf16(w)| <= 2^-8 |w|`,
 //! the bound itself), and for int8 the absolute weight error `max|w_group| / 254` (the group
-//! holding `w_k`) in place of `e_w |w_k|`; the dot path adds the activation's rounding ([`dot`]). q4 has no rounding of its own here (the weight *is* the file's blocks): its
-//! products equal f32 products with the blocks dequantized (the same f32 numbers the GGUF
-//! reader's dequant-at-load gives) up to f32 summation order. CUDA has no low-precision base here:
+//! holding `w_k`) in place of `e_w |w_k|`; the dot path adds the activation's rounding ([`dot`]). q4 has no rounding of its own on the widen path (the weight
+//! *is* the file's blocks): its products equal f32 products with the blocks dequantized (the same
+//! f32 numbers the GGUF reader's dequant-at-load gives) up to f32 summation order; the dot path
+//! adds int8's bounds with the dequantized blocks as the weight. CUDA has no low-precision base here:
 //! its frozen weights go bf16 through the mixed-precision design instead.
 
 mod cpu;
@@ -228,10 +231,10 @@ impl CpuMatrixFeatures {
 /// benchmarks; unset: the best this CPU has).
 pub const MATRIX_ENV: &str = "TUNA_CPU_MATRIX";
 
-/// The path an int8 base's products take in this process: `TUNA_CPU_MATRIX` if set, otherwise the
-/// best this CPU runs (AMX, then AVX-512 VNNI, then AVX-VNNI, then the widen path). An unknown or
-/// unavailable name is an error naming the variable and the paths this CPU has. bf16 and q4 bases
-/// take the widen path on every CPU (no AVX512_BF16 or AMX-BF16 kernel yet).
+/// The path an int8 or q4 base's products take in this process: `TUNA_CPU_MATRIX` if set,
+/// otherwise the best this CPU runs (AMX, then AVX-512 VNNI, then AVX-VNNI, then the widen path).
+/// An unknown or unavailable name is an error naming the variable and the paths this CPU has. A
+/// bf16 base's path is [`bf16_path`]'s.
 pub fn matrix_path_checked() -> std::result::Result<MatrixPath, String> {
     static PATH: std::sync::OnceLock<std::result::Result<MatrixPath, String>> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
@@ -297,12 +300,12 @@ pub fn bf16_path_checked() -> std::result::Result<Option<Bf16Isa>, String> {
 }
 
 /// The name (`TUNA_CPU_MATRIX`'s or `TUNA_CPU_MATRIX_BF16`'s) of the path a base of precision `p`
-/// takes in this process: `Some` for int8 and bf16 only.
+/// takes in this process: `None` for f32.
 pub fn base_path_name(p: BasePrecision) -> Option<&'static str> {
     match p {
-        BasePrecision::Int8 => Some(matrix_path().name()),
+        BasePrecision::Int8 | BasePrecision::Q4 => Some(matrix_path().name()),
         BasePrecision::Bf16 => Some(bf16_path().map_or("widen", Bf16Isa::name)),
-        BasePrecision::F32 | BasePrecision::Q4 => None,
+        BasePrecision::F32 => None,
     }
 }
 

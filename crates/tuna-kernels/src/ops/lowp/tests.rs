@@ -326,7 +326,7 @@ fn cuda_refuses_the_low_precision_products_by_name() {
 }
 
 /// `out` rows of `inp / 32` random `fmt` blocks: scales and minimums exact in f16, every nibble.
-fn q4_blocks(rng: &mut Rng, fmt: Q4Format, out: usize, inp: usize) -> Vec<u8> {
+pub(super) fn q4_blocks(rng: &mut Rng, fmt: Q4Format, out: usize, inp: usize) -> Vec<u8> {
     let mut b = Vec::with_capacity(out * inp / Q4_BLOCK * fmt.block_bytes());
     for _ in 0..out * inp / Q4_BLOCK {
         let d = half::f16::from_f32(rng.next_f64() as f32 * 0.02 + 1e-3);
@@ -364,7 +364,15 @@ fn q4_products_are_the_f32_products_of_the_dequantized_blocks() {
             let x = rand(&mut rng, m * inp, 1.0);
             let mut y = vec![f32::NAN; m * out];
             LowpKernel::<f32>::lowp_linear_fwd(&Cpu, &pw, m, &x, &mut y).unwrap();
-            for r in 0..m {
+            // On an int8 dot path (TUNA_CPU_MATRIX, or the CPU's default) the blocks are
+            // requantized to int8 and the activations quantized: int8's bounds, with the
+            // dequantized blocks as the weight.
+            let dot = matrix_path().dot_isa().is_some();
+            if dot {
+                let (r, b) = reference_on(&x, &w, m, out, inp, BasePrecision::Int8, true);
+                assert_within(&format!("{fmt} fwd on the dot path m={m} out={out} in={inp}"), &y, &r, &b);
+            }
+            for r in (0..m).filter(|_| !dot) {
                 for o in 0..out {
                     let (mut want, mut mag) = (0f64, 0f64);
                     for k in 0..inp {
@@ -388,13 +396,26 @@ fn q4_products_are_the_f32_products_of_the_dequantized_blocks() {
             for r in 0..m {
                 for k in 0..inp {
                     let (mut want, mut mag) = (before[r * inp + k] as f64, (before[r * inp + k] as f64).abs());
+                    let mut bound = 0.0;
+                    if dot {
+                        // The dot path's requantizations (int8's backward bound; the blocks have
+                        // no rounding of their own against `w`, so the int8 terms only loosen it).
+                        bound += super::tests_dot::dy_rounding(&dy[r * out..(r + 1) * out], &w, out, inp, k);
+                        for o in 0..out {
+                            let g0 = k / super::INT8_GROUP * super::INT8_GROUP;
+                            let amax = w[o * inp + g0..o * inp + (g0 + super::INT8_GROUP).min(inp)]
+                                .iter()
+                                .fold(0f32, |a, v| a.max(v.abs())) as f64;
+                            bound += (dy[r * out + o] as f64).abs() * amax / 254.0;
+                        }
+                    }
                     for o in 0..out {
                         let t = dy[r * out + o] as f64 * w[o * inp + k] as f64;
                         want += t;
                         mag += t.abs();
                     }
                     let got = dx[r * inp + k] as f64;
-                    let bound = 1.01 * (out + 2) as f64 * u * mag;
+                    let bound = bound + 1.01 * (out + 2) as f64 * u * mag;
                     assert!(
                         (got - want).abs() <= bound,
                         "{fmt} bwd m={m} out={out} in={inp} [{r},{k}]: {got} vs {want} (> {bound:e})"

@@ -36,44 +36,70 @@ pub(super) fn dy_rounding(dy: &[f32], w: &[f32], out: usize, inp: usize, k: usiz
 
 const SHAPES: [(usize, usize, usize); 7] =
     [(1, 1, 1), (5, 7, 3), (17, 33, 65), (16, 16, 64), (33, 70, 130), (40, 100, 200), (3, 150, 2085)];
+/// q4's rows are whole blocks of 32: one block (half a group), one and a half groups, several.
+const Q4_SHAPES: [(usize, usize, usize); 5] = [(1, 1, 32), (5, 7, 96), (17, 33, 64), (33, 70, 160), (3, 150, 2080)];
+
+/// The weights the dot path takes: int8 packed from `w` (returned as the reference: the bound
+/// counts int8's rounding of it), or ggml blocks (the reference their dequantized values, which
+/// the dot path requantizes to int8 per group of 64: the same bound).
+fn weights(rng: &mut Rng, fmt: Option<Q4Format>, out: usize, inp: usize, scale: f32) -> (PackedWeight, Vec<f32>) {
+    match fmt {
+        None => {
+            let w = rand(rng, out * inp, scale);
+            (PackedWeight::pack("w", &w, out, inp, false, BasePrecision::Int8).unwrap(), w)
+        }
+        Some(fmt) => {
+            let blocks = super::tests::q4_blocks(rng, fmt, out, inp);
+            let mut w = vec![0f32; out * inp];
+            q4::dequant_blocks(fmt, &blocks, &mut w);
+            (PackedWeight::from_q4("w", fmt, blocks, out, inp).unwrap(), w)
+        }
+    }
+}
+
+/// int8, then q4 in both formats, each with its shapes.
+fn kinds() -> Vec<(Option<Q4Format>, &'static [(usize, usize, usize)])> {
+    vec![(None, &SHAPES[..]), (Some(Q4Format::Q4_0), &Q4_SHAPES[..]), (Some(Q4Format::Q4_1), &Q4_SHAPES[..])]
+}
 
 #[test]
 fn every_dot_path_is_within_the_documented_bound() {
     let test = "lowp::every_dot_path_is_within_the_documented_bound";
     let mut rng = Rng::new(21);
     for isa in runnable(test, &DotIsa::ALL) {
-        for &(m, out, inp) in &SHAPES {
-            let x = rand(&mut rng, m * inp, 1.0);
-            let w = rand(&mut rng, out * inp, 0.2);
-            let pw = PackedWeight::pack("w", &w, out, inp, false, BasePrecision::Int8).unwrap();
-            let mut y = vec![f32::NAN; m * out];
-            dot::linear_fwd(isa, &pw, m, &x, &mut y);
-            let (r, b) = reference_on(&x, &w, m, out, inp, BasePrecision::Int8, true);
-            assert_within(&format!("{} fwd m={m} out={out} in={inp}", isa.name()), &y, &r, &b);
+        for (fmt, shapes) in kinds() {
+            for &(m, out, inp) in shapes {
+                let x = rand(&mut rng, m * inp, 1.0);
+                let (pw, w) = weights(&mut rng, fmt, out, inp, 0.2);
+                let isa_name = format!("{} {}", isa.name(), fmt.map_or("int8", Q4Format::name));
+                let mut y = vec![f32::NAN; m * out];
+                dot::linear_fwd(isa, &pw, m, &x, &mut y);
+                let (r, b) = reference_on(&x, &w, m, out, inp, BasePrecision::Int8, true);
+                assert_within(&format!("{isa_name} fwd m={m} out={out} in={inp}"), &y, &r, &b);
 
-            let dy = rand(&mut rng, m * out, 1.0);
-            let before = rand(&mut rng, m * inp, 1.0);
-            let mut dx = before.clone();
-            dot::linear_bwd(isa, &pw, m, &dy, &mut dx);
-            for rr in 0..m {
-                for k in 0..inp {
-                    let g0 = k / INT8_GROUP * INT8_GROUP;
-                    let (mut acc, mut bound) = (before[rr * inp + k] as f64, 1e-30);
-                    bound += dy_rounding(&dy[rr * out..(rr + 1) * out], &w, out, inp, k);
-                    for o in 0..out {
-                        let (g, wv) = (dy[rr * out + o] as f64, w[o * inp + k] as f64);
-                        let amax = w[o * inp + g0..o * inp + (g0 + INT8_GROUP).min(inp)]
-                            .iter()
-                            .fold(0f32, |a, v| a.max(v.abs())) as f64;
-                        acc += g * wv;
-                        bound += g.abs() * amax / 254.0 + (g * wv).abs() * 4.0 * out as f64 * f32::EPSILON as f64;
+                let dy = rand(&mut rng, m * out, 1.0);
+                let before = rand(&mut rng, m * inp, 1.0);
+                let mut dx = before.clone();
+                dot::linear_bwd(isa, &pw, m, &dy, &mut dx);
+                for rr in 0..m {
+                    for k in 0..inp {
+                        let g0 = k / INT8_GROUP * INT8_GROUP;
+                        let (mut acc, mut bound) = (before[rr * inp + k] as f64, 1e-30);
+                        bound += dy_rounding(&dy[rr * out..(rr + 1) * out], &w, out, inp, k);
+                        for o in 0..out {
+                            let (g, wv) = (dy[rr * out + o] as f64, w[o * inp + k] as f64);
+                            let amax = w[o * inp + g0..o * inp + (g0 + INT8_GROUP).min(inp)]
+                                .iter()
+                                .fold(0f32, |a, v| a.max(v.abs())) as f64;
+                            acc += g * wv;
+                            bound += g.abs() * amax / 254.0 + (g * wv).abs() * 4.0 * out as f64 * f32::EPSILON as f64;
+                        }
+                        let got = dx[rr * inp + k] as f64;
+                        assert!(
+                            (got - acc).abs() <= bound,
+                            "{isa_name} bwd m={m} out={out} in={inp} [{rr},{k}]: {got} vs {acc} (bound {bound:e})",
+                        );
                     }
-                    let got = dx[rr * inp + k] as f64;
-                    assert!(
-                        (got - acc).abs() <= bound,
-                        "{} bwd m={m} out={out} in={inp} [{rr},{k}]: {got} vs {acc} (bound {bound:e})",
-                        isa.name()
-                    );
                 }
             }
         }
@@ -85,20 +111,21 @@ fn hardware_dot_paths_give_the_emulated_bits() {
     let test = "lowp::hardware_dot_paths_give_the_emulated_bits";
     let mut rng = Rng::new(5);
     for isa in runnable(test, &[DotIsa::AvxVnni, DotIsa::Avx512Vnni, DotIsa::Amx]) {
-        for &(m, out, inp) in SHAPES.iter().chain(&[(70, 300, 576)]) {
-            let x = rand(&mut rng, m * inp, 3.0);
-            let w = rand(&mut rng, out * inp, 0.1);
-            let pw = PackedWeight::pack("w", &w, out, inp, false, BasePrecision::Int8).unwrap();
-            let (mut y0, mut y1) = (vec![0f32; m * out], vec![0f32; m * out]);
-            dot::linear_fwd(DotIsa::Emulated, &pw, m, &x, &mut y0);
-            dot::linear_fwd(isa, &pw, m, &x, &mut y1);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&y0), bits(&y1), "{} fwd m={m} out={out} in={inp}", isa.name());
-            let dy = rand(&mut rng, m * out, 1.0);
-            let (mut d0, mut d1) = (x.clone(), x.clone());
-            dot::linear_bwd(DotIsa::Emulated, &pw, m, &dy, &mut d0);
-            dot::linear_bwd(isa, &pw, m, &dy, &mut d1);
-            assert_eq!(bits(&d0), bits(&d1), "{} bwd m={m} out={out} in={inp}", isa.name());
+        for (fmt, shapes) in kinds() {
+            for &(m, out, inp) in shapes.iter().chain(&[(70, 300, 576)]) {
+                let x = rand(&mut rng, m * inp, 3.0);
+                let (pw, _) = weights(&mut rng, fmt, out, inp, 0.1);
+                let (mut y0, mut y1) = (vec![0f32; m * out], vec![0f32; m * out]);
+                dot::linear_fwd(DotIsa::Emulated, &pw, m, &x, &mut y0);
+                dot::linear_fwd(isa, &pw, m, &x, &mut y1);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y0), bits(&y1), "{} {fmt:?} fwd m={m} out={out} in={inp}", isa.name());
+                let dy = rand(&mut rng, m * out, 1.0);
+                let (mut d0, mut d1) = (x.clone(), x.clone());
+                dot::linear_bwd(DotIsa::Emulated, &pw, m, &dy, &mut d0);
+                dot::linear_bwd(isa, &pw, m, &dy, &mut d1);
+                assert_eq!(bits(&d0), bits(&d1), "{} {fmt:?} bwd m={m} out={out} in={inp}", isa.name());
+            }
         }
     }
 }
@@ -214,5 +241,88 @@ fn an_activation_outlier_coarsens_only_its_own_group() {
         dot::linear_fwd(isa, &pw, m, &x, &mut y);
         dot::linear_fwd(isa, &pw, m, &xo, &mut yo);
         assert_eq!(y, yo, "{}", isa.name());
+    }
+}
+
+#[test]
+fn a_q4_block_with_a_non_finite_scale_makes_its_products_nan_as_the_widen_path_does() {
+    // Output channel 2's second block (inputs 32..64) has a NaN scale: the widen path gives NaN in
+    // that channel for every row and in those 32 input gradients' columns; so must the dot path,
+    // and everything else finite. An infinite scale the same.
+    let test = "lowp::a_q4_block_with_a_non_finite_scale_makes_its_products_nan_as_the_widen_path_does";
+    let mut rng = Rng::new(29);
+    let (m, out, inp) = (5, 6, 96);
+    for (fmt, bad) in [(Q4Format::Q4_0, half::f16::NAN), (Q4Format::Q4_1, half::f16::INFINITY)] {
+        let mut blocks = super::tests::q4_blocks(&mut rng, fmt, out, inp);
+        let at = (2 * (inp / Q4_BLOCK) + 1) * fmt.block_bytes();
+        blocks[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+        let pw = PackedWeight::from_q4("w", fmt, blocks, out, inp).unwrap();
+        let x = rand(&mut rng, m * inp, 1.0);
+        let dy = rand(&mut rng, m * out, 1.0);
+        for isa in runnable(test, &DotIsa::ALL) {
+            let mut y = vec![0f32; m * out];
+            dot::linear_fwd(isa, &pw, m, &x, &mut y);
+            for (i, v) in y.iter().enumerate() {
+                assert_eq!(v.is_nan(), i % out == 2, "{} {fmt} y[{i}] = {v}", isa.name());
+            }
+            let mut dx = vec![0f32; m * inp];
+            dot::linear_bwd(isa, &pw, m, &dy, &mut dx);
+            for (i, v) in dx.iter().enumerate() {
+                assert_eq!(v.is_nan(), (32..64).contains(&(i % inp)), "{} {fmt} dx[{i}] = {v}", isa.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn each_weight_the_products_use_is_the_stored_one_within_half_a_step() {
+    // One-hot rows are quantized exactly (127 at scale 1/127), so `x = I` reads back the weight
+    // the forward multiplies by, element by element, and `dy = I` the backward's: the stored
+    // weight `w~` (what the widen path multiplies by) exactly for int8's forward, within half a
+    // requantization step (`max|w~ group| / 254`) for q4's forward (groups of 64 inputs of a row)
+    // and every backward (groups of 64 output channels of a column). Tighter than the products'
+    // bounds, which add errors of both signs.
+    let test = "lowp::each_weight_the_products_use_is_the_stored_one_within_half_a_step";
+    let mut rng = Rng::new(31);
+    for isa in runnable(test, &DotIsa::ALL) {
+        for (fmt, (out, inp)) in
+            [(None, (70, 130)), (Some(Q4Format::Q4_0), (70, 160)), (Some(Q4Format::Q4_1), (130, 96))]
+        {
+            let (pw, _) = weights(&mut rng, fmt, out, inp, 0.3);
+            let ws = pw.to_f32();
+            let name = format!("{} {}", isa.name(), fmt.map_or("int8", Q4Format::name));
+            let amax = |vals: &mut dyn Iterator<Item = f32>| vals.fold(0f32, |a, v| a.max(v.abs())) / 254.0;
+            let eye = |n: usize| (0..n * n).map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+            let mut y = vec![0f32; inp * out];
+            dot::linear_fwd(isa, &pw, inp, &eye(inp), &mut y);
+            for o in 0..out {
+                for k in 0..inp {
+                    let (g0, w) = (k / 64 * 64, ws[o * inp + k]);
+                    let step = if fmt.is_none() {
+                        0.0
+                    } else {
+                        amax(&mut ws[o * inp + g0..o * inp + (g0 + 64).min(inp)].iter().copied())
+                    };
+                    let got = y[k * out + o];
+                    assert!(
+                        (got - w).abs() <= step * 1.00001 + 4.0 * f32::EPSILON * w.abs(),
+                        "{name} fwd [{o},{k}]: {got} vs {w} (half step {step:e})"
+                    );
+                }
+            }
+            let mut dx = vec![0f32; out * inp];
+            dot::linear_bwd(isa, &pw, out, &eye(out), &mut dx);
+            for o in 0..out {
+                for k in 0..inp {
+                    let (o0, w) = (o / 64 * 64, ws[o * inp + k]);
+                    let step = amax(&mut (o0..(o0 + 64).min(out)).map(|o| ws[o * inp + k]));
+                    let got = dx[o * inp + k];
+                    assert!(
+                        (got - w).abs() <= step * 1.00001 + 4.0 * f32::EPSILON * w.abs(),
+                        "{name} bwd [{o},{k}]: {got} vs {w} (half step {step:e})"
+                    );
+                }
+            }
+        }
     }
 }

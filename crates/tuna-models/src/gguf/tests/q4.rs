@@ -94,6 +94,17 @@ fn same_weights(q: &Model, f: &Model) -> (usize, usize, usize) {
     (packed, full, n)
 }
 
+/// The largest |f32 - q4| logit difference allowed, relative to the largest |logit|: `widened`
+/// where the products widen the blocks to f32, `dot` where they take an int8 dot path
+/// (`TUNA_CPU_MATRIX`, or the CPU's default).
+fn q4_logit_bound(widened: f32, dot: f32) -> f32 {
+    if tuna_kernels::ops::lowp::matrix_path().dot_isa().is_some() {
+        dot
+    } else {
+        widened
+    }
+}
+
 #[test]
 fn q4_keeps_the_blocks_and_computes_what_dequant_at_load_does() {
     for (ty, block_bytes) in [(2u32, 18usize), (3, 20)] {
@@ -116,11 +127,15 @@ fn q4_keeps_the_blocks_and_computes_what_dequant_at_load_does() {
         let ids = [1u32, 13, 14, 5, 8, 4, 9, 2];
         let (a, b) = (logits(&f, &ids), logits(&q, &ids));
         assert_eq!(a.len(), b.len());
-        // The same f32 weights and activations: only the order of f32 sums may differ (the
-        // packed product runs over blocks of rows).
+        // Widened: the same f32 weights and activations, only the order of f32 sums may differ
+        // (the packed product runs over blocks of rows). On an int8 dot path the blocks are
+        // requantized to int8 and the activations quantized: the bound measured there, with room.
         let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let (bound, worst) =
+            (q4_logit_bound(1e-5, 1e-3), a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max));
+        println!("type {ty}: max |f32 - q4| logit {worst:e} (max |logit| {scale}; bound {bound} of it)");
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= 1e-5 * scale, "type {ty} logit {i}: f32 {x} vs q4 {y}");
+            assert!((x - y).abs() <= bound * scale, "type {ty} logit {i}: f32 {x} vs q4 {y}");
         }
         assert!(a.iter().any(|v| *v != a[0]), "degenerate logits");
     }
@@ -180,6 +195,9 @@ fn smollm2_q4_matches_dequant_at_load() {
     let (a, b) = (logits(&f, &ids), logits(&q, &ids));
     let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
     let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    println!("{} logits, max |f32 - q4| {worst:e} (max |logit| {scale})", a.len());
-    assert!(worst <= 1e-4 * scale, "max |f32 - q4| logit {worst} (max |logit| {scale})");
+    // The dot path, measured on the portable twin (2026-12-07): 1.37 / 33.3 = 0.041 of the largest
+    // logit over 540,672 logits (30 layers of quantized activations); the tiny file's 1.3e-5.
+    let bound = q4_logit_bound(1e-4, 0.08);
+    println!("{} logits, max |f32 - q4| {worst:e} (max |logit| {scale}; bound {bound} of it)", a.len());
+    assert!(worst <= bound * scale, "max |f32 - q4| logit {worst} (max |logit| {scale})");
 }
