@@ -79,6 +79,12 @@ struct ServeArgs {
     /// swapped in). A testing and benchmarking aid.
     #[arg(long, default_value = "mixed", hide = true, value_parser = ["mixed", "swap"])]
     stepper: String,
+    /// How the base's frozen block weights are held (f32, bf16, int8, or q4 for a Q4_0 / Q4_1
+    /// GGUF; CPU), for every adapter (default: the one every adapter of --adapters records in its
+    /// tuna_task.json as trained on, else f32). An adapter trained on another is served, with a
+    /// note on stderr.
+    #[arg(long, value_name = "f32|bf16|int8|q4")]
+    base_precision: Option<tuna::models::model::BasePrecision>,
 }
 
 #[derive(clap::Args)]
@@ -245,6 +251,11 @@ struct GenerateArgs {
     /// An adapter folder (PEFT's format, or a `tuna train` run's `adapter/`).
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
+    /// How the frozen weights of the transformer blocks are held (f32, bf16, int8, or q4 for a
+    /// Q4_0 / Q4_1 GGUF; CPU), as for `tuna train` (default: what the adapter's tuna_task.json says
+    /// it trained on, else f32).
+    #[arg(long, value_name = "f32|bf16|int8|q4")]
+    base_precision: Option<tuna::models::model::BasePrecision>,
 }
 
 /// `--device`, parsed.
@@ -346,6 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: device(&a.device)?,
                 step_delay: std::time::Duration::from_millis(a.step_delay_ms.min(10_000)),
                 mixed: a.stepper == "mixed",
+                base_precision: a.base_precision,
             })?;
         }
         Command::Generate(a) => {
@@ -362,6 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 chat: a.chat,
                 adapter: a.adapter,
                 device: Device::parse(&a.device).map_err(|e| anyhow::anyhow!(e))?,
+                base_precision: a.base_precision,
             };
             println!("{}", tuna::generate_cmd::run(&settings)?);
         }
@@ -424,41 +437,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !(1..=tuna::train_cmd::MAX_BATCH as usize).contains(&a.batch_size) {
                 anyhow::bail!("--batch-size {}: expected 1 to {}", a.batch_size, tuna::train_cmd::MAX_BATCH);
             }
-            let trained_on = match saved.as_ref().and_then(|t| t.base_precision.as_deref()) {
-                Some(p) => p
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("{}: tuna_task.json: base_precision: {e}", saved_in.display()))?,
-                None => tuna::models::model::BasePrecision::F32,
-            };
             // (A merged export has no adapter and its task file no precision: nothing to note.)
-            if let Some(p) = a.base_precision.filter(|&p| p != trained_on && saved.is_some() && a.adapter.is_some()) {
-                // Allowed (an adapter may be scored on another base), but the numbers will not be
-                // the ones its run reported.
-                eprintln!(
-                    "note: --base-precision {p}: the adapter was trained with --base-precision {trained_on} ({}/tuna_task.json)",
-                    saved_in.display()
-                );
+            let base = tuna::cli::BaseChoice::new(a.base_precision, saved.as_ref(), saved_in, a.adapter.is_some())?;
+            if let Some(n) = base.note() {
+                eprintln!("{n}");
             }
             let m = tuna::models::model::AnyModel::<_, f32>::open_adapted_with(
                 &Arc::new(Cpu),
                 &a.model,
                 a.adapter.as_deref(),
-                a.base_precision.unwrap_or(trained_on),
+                base.precision,
             )
-            .map_err(|e| match a.base_precision {
-                // the precision came from the adapter: say so, and how to override it (unless the
-                // model itself is not the adapter's: then the precision is beside the point)
-                None if trained_on != tuna::models::model::BasePrecision::F32
-                    && !e.to_string().contains(tuna::models::adapt::peft::OTHER_MODEL) =>
-                {
-                    anyhow::anyhow!(
-                        "{e} (the base precision {trained_on} is the one {}/tuna_task.json records as trained on; \
-                     --base-precision f32 evaluates on an f32 base)",
-                        saved_in.display()
-                    )
-                }
-                _ => e.into(),
-            })?;
+            .map_err(|e| base.explain(e, "evaluates"))?;
             let given =
                 |flag: &str, v: &Option<String>| v.as_deref().map(|v| tuna::train_cmd::list_flag(flag, v)).transpose();
             let labels = tuna::cli::agree(

@@ -814,6 +814,9 @@ pub fn print_multi_summary(s: &tuna_trainer::MultiSummary) {
         t.row("throughput", tuna_trainer::tokens_per_s(s.tokens_per_s));
     }
     t.row("peak memory", tuna_trainer::human_bytes(s.peak_rss_bytes));
+    if let Some(p) = s.base_precision.as_deref().filter(|p| *p != "f32") {
+        t.row("base precision", format!("{p} (the frozen block weights; --base-precision)"));
+    }
     for k in &s.tasks {
         let mut v = format!("{} {}, {} params, lr {:e}", k.method, k.task, k.trainable_params, k.lr);
         if let Some(l) = k.final_train_loss {

@@ -139,6 +139,36 @@ fn three_tasks_train_together_and_each_adapter_evaluates_and_serves_as_the_summa
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// A multi-task run on an int8 base records it as a single-task run does: `summary.json`'s
+/// `base_precision` and `base_products` (none for an f32 base), the printed summary, and each
+/// task's `tuna_task.json` (which `tuna eval`, `generate` and `serve` follow).
+#[test]
+fn a_multi_task_run_on_a_low_precision_base_records_it_and_its_products() {
+    let d = tmp("tasks-int8");
+    let tasks = three_tasks(&d);
+    for (p, products) in [("int8", Some("int8 dot products")), ("f32", None)] {
+        let out = d.join(p);
+        // The emulated dot path: the same products on every CPU.
+        let o = Command::new(env!("CARGO_BIN_EXE_tuna"))
+            .env("TUNA_CPU_MATRIX", "emulated")
+            .args(tasks_args("llama", &tasks, &out, 2, &["--base-precision", p]))
+            .output()
+            .unwrap();
+        ok(&o);
+        let s = summary(&out);
+        assert_eq!(s["base_precision"], p, "{s}");
+        assert_eq!(s.get("base_products").and_then(Value::as_str), products, "{s}");
+        let printed = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(printed.contains("base precision"), p != "f32", "{printed}");
+        for name in ["sentiment", "story", "finish"] {
+            let file = out.join("adapters").join(name).join("tuna_task.json");
+            let t: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            assert_eq!(t.get("base_precision").and_then(Value::as_str), (p != "f32").then_some(p), "{t}");
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn classification_tasks_with_different_label_sets_train_together_on_bert() {
     let d = tmp("tasks-bert");

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tuna_autograd::ops::Kernels;
 use tuna_models::adapt::{peft, Adapt};
-use tuna_models::model::AnyModel;
+use tuna_models::model::{AnyModel, BasePrecision};
 
 /// The name the base model answers to (no adapter).
 pub const BASE: &str = "base";
@@ -26,6 +26,9 @@ pub struct AdapterInfo {
     pub labels: Option<Vec<String>>,
     /// Positions the adaptation takes before the content (soft prompt, prefix).
     pub virtual_tokens: usize,
+    /// The base precision its run trained on (`tuna_task.json`'s; f32 when it records none).
+    #[serde(serialize_with = "precision_name")]
+    pub base_precision: BasePrecision,
     /// The registry's slot: this load of the adapter, never reused (a name can be unloaded and
     /// taken by another adapter while a request checked against the first waits in the queue).
     #[serde(skip)]
@@ -59,6 +62,34 @@ impl<B: Kernels<f32>> Default for Registry<B> {
 /// `dir/adapter`; `None` when neither holds an `adapter_config.json`.
 pub fn adapter_folder(dir: &Path) -> Option<PathBuf> {
     [dir.to_path_buf(), dir.join("adapter")].into_iter().find(|d| d.join(peft::CONFIG).is_file())
+}
+
+fn precision_name<S: serde::Serializer>(p: &BasePrecision, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.name())
+}
+
+/// The base precision the adapter folder `dir` (a PEFT folder or a tuna run's) records in its
+/// `tuna_task.json` as trained on; `None` when it has no adapter or its task file cannot be read
+/// (loading it reports why).
+pub fn recorded_precision(dir: &Path) -> Option<BasePrecision> {
+    let folder = adapter_folder(dir)?;
+    let task = tuna_trainer::TaskFile::read(&folder).ok()?;
+    crate::cli::recorded_base_precision(task.as_ref(), &folder).ok()
+}
+
+/// The `note:` line for an adapter trained on another base precision than the `served` one: it
+/// is served (an adapter may run on another base), but its answers are not the ones its run
+/// measured, which must not go unsaid.
+pub fn precision_note(info: &AdapterInfo, served: BasePrecision) -> Option<String> {
+    (info.base_precision != served).then(|| {
+        format!(
+            "note: adapter `{}` was trained with --base-precision {} ({}) and is served on the {served} base \
+             (--base-precision {served}): its answers will not be the ones its run measured",
+            info.name,
+            info.base_precision,
+            info.path.join(tuna_trainer::TASK_FILE).display()
+        )
+    })
 }
 
 /// A name is 1 to 64 of `[A-Za-z0-9._-]`, and not the base's.
@@ -117,6 +148,8 @@ impl<B: Kernels<f32>> Registry<B> {
             ApiError::invalid("adapter_load_failed", "path", msg)
         };
         let task = tuna_trainer::TaskFile::read(&folder).map_err(|e| fail(e.to_string()))?;
+        let base_precision =
+            crate::cli::recorded_base_precision(task.as_ref(), &folder).map_err(|e| fail(e.to_string()))?;
         // The model's own (empty) adaptation is set aside while the adapter loads into it, and
         // put back whatever happens (a load that fails or panics leaves the model as it was).
         let saved = std::mem::take(model.adapt_mut());
@@ -156,6 +189,7 @@ impl<B: Kernels<f32>> Registry<B> {
             task: task.map(|t| t.task),
             labels,
             virtual_tokens: adapt.prompt_len() + adapt.prefix_len(),
+            base_precision,
             slot: self.next,
         };
         let slot = self.next;

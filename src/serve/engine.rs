@@ -177,6 +177,12 @@ impl<B: Kernels<f32>> Engine<B> {
             }
             Command::Load { name, path, reply } => {
                 let r = self.registry.load(&mut self.model, &name, &path);
+                // Served on another base than it trained on: allowed, but said (as at startup).
+                if let Some(n) =
+                    r.as_ref().ok().and_then(|i| super::adapters::precision_note(i, self.model.base_precision()))
+                {
+                    eprintln!("{n}");
+                }
                 self.publish();
                 let _ = reply.send(r);
             }

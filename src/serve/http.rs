@@ -31,6 +31,8 @@ pub struct App {
     pub chatml: bool,
     pub limits: Limits,
     pub counter: AtomicU64,
+    /// How the base's frozen block weights are held (`--base-precision`, or the adapters').
+    pub base_precision: tuna_models::model::BasePrecision,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -256,11 +258,14 @@ async fn classify(State(app): State<Arc<App>>, body: Body) -> Response {
 fn model_entries(app: &App) -> Vec<(String, Value)> {
     let adapters = app.shared.adapters.read().map(|a| a.clone()).unwrap_or_default();
     let base = super::adapters::BASE.to_string();
-    let mut data = vec![(base.clone(), json!({"id": base, "object": "model", "owned_by": "tuna"}))];
+    let mut data = vec![(
+        base.clone(),
+        json!({"id": base, "object": "model", "owned_by": "tuna", "base_precision": app.base_precision.name()}),
+    )];
     for (name, info) in adapters {
         let entry = json!({"id": name, "object": "model", "owned_by": "tuna", "parent": super::adapters::BASE,
                            "method": info.method, "task": info.task, "labels": info.labels, "path": info.path,
-                           "virtual_tokens": info.virtual_tokens});
+                           "virtual_tokens": info.virtual_tokens, "base_precision": info.base_precision.name()});
         data.push((name, entry));
     }
     data

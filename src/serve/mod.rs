@@ -26,9 +26,10 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
 use tuna_autograd::ops::Kernels;
 use tuna_kernels::{Cpu, Cuda, Device};
-use tuna_models::model::AnyModel;
+use tuna_models::model::{AnyModel, BasePrecision};
 
 /// `tuna serve`'s settings.
+#[derive(Clone)]
 pub struct ServeSettings {
     pub model: PathBuf,
     pub adapters: Option<PathBuf>,
@@ -47,6 +48,9 @@ pub struct ServeSettings {
     /// Decode the batch in one mixed-adapter forward ([`mixed::MixedStepper`]); `false`: a
     /// batch-of-one forward per sequence ([`step::SwapStepper`]).
     pub mixed: bool,
+    /// `--base-precision` as given; `None`: the one every adapter of `adapters` records as
+    /// trained on ([`agreed_precision`]), else f32.
+    pub base_precision: Option<BasePrecision>,
 }
 
 /// What the engine thread reports once the model and adapters are loaded.
@@ -55,6 +59,7 @@ struct Ready {
     add_special: bool,
     decoder: bool,
     context: usize,
+    base_precision: BasePrecision,
 }
 
 /// Run the server until SIGTERM or SIGINT; returns once requests in flight are finished (or
@@ -66,13 +71,12 @@ pub fn run(s: ServeSettings) -> Result<()> {
     let shared = Arc::new(Shared { metrics: Default::default(), adapters: RwLock::new(Default::default()) });
     let (tx, rx) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready>>();
-    let (model, adapters, device, sh) = (s.model.clone(), s.adapters.clone(), s.device, shared.clone());
-    let (max_batch, delay, mixed) = (s.max_batch, s.step_delay, s.mixed);
+    let (settings, sh) = (s.clone(), shared.clone());
     let engine = std::thread::Builder::new().name("tuna-engine".into()).spawn(move || {
-        let started = match device {
-            Device::Cpu => start(&Arc::new(Cpu), &model, adapters.as_deref(), sh, max_batch, delay, mixed),
+        let started = match settings.device {
+            Device::Cpu => start(&Arc::new(Cpu), &settings, sh),
             Device::Cuda(n) => match Cuda::new(n) {
-                Ok(d) => start(&Arc::new(d), &model, adapters.as_deref(), sh, max_batch, delay, mixed),
+                Ok(d) => start(&Arc::new(d), &settings, sh),
                 Err(e) => {
                     let _ = ready_tx.send(Err(anyhow!("{e}")));
                     return;
@@ -110,6 +114,7 @@ pub fn run(s: ServeSettings) -> Result<()> {
             context: ready.context,
         },
         counter: AtomicU64::new(0),
+        base_precision: ready.base_precision,
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(serve(&s, app, tx.clone()))?;
@@ -176,18 +181,46 @@ async fn serve(s: &ServeSettings, app: Arc<http::App>, tx: mpsc::Sender<Command>
 
 type RunEngine = Box<dyn FnOnce(mpsc::Receiver<Command>)>;
 
-/// Open the model and load the adapters of `dir` (a folder that fails to load is reported on
-/// stderr, naming it, and skipped: the others are served).
-fn start<B: Kernels<f32>>(
-    dev: &Arc<B>,
-    model: &Path,
-    dir: Option<&Path>,
-    shared: Arc<Shared>,
-    max_batch: usize,
-    step_delay: Duration,
-    mixed: bool,
-) -> Result<(Ready, RunEngine)> {
-    let mut m = AnyModel::<B, f32>::open(dev, model, |_| false)?;
+/// The base precision every one of `recorded` (the adapters' task files') is, when they agree;
+/// `None` for none or a mix.
+pub fn agreed_precision(recorded: &[BasePrecision]) -> Option<BasePrecision> {
+    let first = *recorded.first()?;
+    recorded.iter().all(|&p| p == first).then_some(first)
+}
+
+/// Open the model and load the adapters of `--adapters` (a folder that fails to load is reported
+/// on stderr, naming it, and skipped: the others are served). The base is held in
+/// `--base-precision`, else in the precision every adapter there trained on (else f32); each
+/// adapter trained on another is served with a `note:` on stderr.
+fn start<B: Kernels<f32>>(dev: &Arc<B>, s: &ServeSettings, shared: Arc<Shared>) -> Result<(Ready, RunEngine)> {
+    let model = s.model.as_path();
+    // The adapters' folders first: the base's precision may follow them.
+    let mut folders: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = &s.adapters {
+        let entries = std::fs::read_dir(dir).with_context(|| format!("--adapters {}", dir.display()))?;
+        folders = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        folders.sort();
+    }
+    let recorded: Vec<BasePrecision> = folders.iter().filter_map(|f| adapters::recorded_precision(f)).collect();
+    let agreed = agreed_precision(&recorded).filter(|&p| p != BasePrecision::F32 && s.base_precision.is_none());
+    let (adapters_dir, base) = (s.adapters.as_deref().unwrap_or(Path::new("")), s.base_precision.or(agreed));
+    if let Some(p) = agreed {
+        eprintln!(
+            "base precision {p}: the one every adapter of {} was trained with (their tuna_task.json); \
+             --base-precision f32 serves an f32 base",
+            adapters_dir.display()
+        );
+    }
+    // Held in the adapters' precision and failing: say where the precision came from.
+    let explain = |e: tuna_models::Error| match agreed {
+        Some(p) => anyhow!(
+            "{e} (the base precision {p} is the one every adapter of {} records as trained on; --base-precision f32 \
+             serves an f32 base)",
+            adapters_dir.display()
+        ),
+        None => e.into(),
+    };
+    let mut m = AnyModel::<B, f32>::open_with(dev, model, |_| false, base.unwrap_or_default()).map_err(explain)?;
     if m.is_encoder_decoder() {
         bail!(
             "{}: tuna serve batches requests through decoder-only models (GPT-2, Llama) and BERT; T5 is not served yet \
@@ -196,24 +229,21 @@ fn start<B: Kernels<f32>>(
         );
     }
     let mut registry = adapters::Registry::default();
-    if let Some(dir) = dir {
-        let entries = std::fs::read_dir(dir).with_context(|| format!("--adapters {}", dir.display()))?;
-        let mut folders: Vec<PathBuf> =
-            entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-        folders.sort();
-        for f in folders {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if adapters::adapter_folder(&f).is_none() {
-                eprintln!("skipped {}: no adapter_config.json there (nor in its adapter/ folder)", f.display());
-                continue;
+    for f in folders {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if adapters::adapter_folder(&f).is_none() {
+            eprintln!("skipped {}: no adapter_config.json there (nor in its adapter/ folder)", f.display());
+            continue;
+        }
+        match registry.load(&mut m, &name, &f) {
+            Ok(i) => {
+                eprintln!("adapter `{name}`: {} from {}", i.method, i.path.display());
+                if let Some(n) = adapters::precision_note(&i, m.base_precision()) {
+                    eprintln!("{n}");
+                }
             }
-            match registry.load(&mut m, &name, &f) {
-                Ok(i) => eprintln!("adapter `{name}`: {} from {}", i.method, i.path.display()),
-                Err(e) => eprintln!(
-                    "warning: adapter folder {} not loaded (the others are served): {}",
-                    f.display(),
-                    e.message
-                ),
+            Err(e) => {
+                eprintln!("warning: adapter folder {} not loaded (the others are served): {}", f.display(), e.message)
             }
         }
     }
@@ -222,9 +252,25 @@ fn start<B: Kernels<f32>>(
         add_special: m.add_special,
         decoder: m.is_decoder(),
         context: m.max_positions(),
+        base_precision: m.base_precision(),
     };
-    let mut engine = Engine::new(m, registry, shared, max_batch);
-    engine.step_delay = step_delay;
-    engine.mixed = mixed;
+    let mut engine = Engine::new(m, registry, shared, s.max_batch);
+    engine.step_delay = s.step_delay;
+    engine.mixed = s.mixed;
     Ok((ready, Box::new(move |rx| engine.run(rx))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_base_follows_the_adapters_only_when_they_all_agree() {
+        use BasePrecision::*;
+        assert_eq!(agreed_precision(&[]), None);
+        assert_eq!(agreed_precision(&[Int8]), Some(Int8));
+        assert_eq!(agreed_precision(&[Bf16, Bf16, Bf16]), Some(Bf16));
+        assert_eq!(agreed_precision(&[Int8, F32]), None);
+        assert_eq!(agreed_precision(&[F32, F32]), Some(F32));
+    }
 }

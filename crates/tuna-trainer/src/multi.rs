@@ -113,6 +113,14 @@ pub struct MultiSummary {
     pub tokens_per_s: f64,
     pub peak_rss_bytes: u64,
     pub stopped_early: bool,
+    /// How the frozen block weights were held (`--base-precision`: f32, bf16, int8, q4; absent in
+    /// older summaries, which were f32).
+    #[serde(default)]
+    pub base_precision: Option<String>,
+    /// How a bf16 or int8 base's products ran on the CPU, as in a single-task run's summary
+    /// (absent for other bases and in older summaries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_products: Option<String>,
 }
 
 /// One task of the run: its adapter's bank index, its spec, examples and tensors.
@@ -700,6 +708,8 @@ fn finish<B: Backend<E>, E: RunFloat>(
         tokens_per_s: st.train_tokens as f64 / st.train_seconds.max(1e-9),
         peak_rss_bytes: peak_rss_bytes(),
         stopped_early,
+        base_precision: Some(run.base_precision.to_string()),
+        base_products: crate::state::base_products(run.base_precision),
     };
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     crate::checkpoint::write_atomic(&run.out.join("summary.json"), text.as_bytes())?;
