@@ -117,7 +117,7 @@ pub struct MultiSummary {
     /// older summaries, which were f32).
     #[serde(default)]
     pub base_precision: Option<String>,
-    /// How a bf16 or int8 base's products ran on the CPU, as in a single-task run's summary
+    /// How a bf16, int8 or q4 base's products ran on the CPU, as in a single-task run's summary
     /// (absent for other bases and in older summaries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_products: Option<String>,

@@ -57,8 +57,11 @@ fn weights(rng: &mut Rng, fmt: Option<Q4Format>, out: usize, inp: usize, scale: 
     }
 }
 
+/// Shapes `(m, out, in)`.
+type Shapes = &'static [(usize, usize, usize)];
+
 /// int8, then q4 in both formats, each with its shapes.
-fn kinds() -> Vec<(Option<Q4Format>, &'static [(usize, usize, usize)])> {
+fn kinds() -> Vec<(Option<Q4Format>, Shapes)> {
     vec![(None, &SHAPES[..]), (Some(Q4Format::Q4_0), &Q4_SHAPES[..]), (Some(Q4Format::Q4_1), &Q4_SHAPES[..])]
 }
 
