@@ -40,6 +40,19 @@ for f in examples/*.rs; do
   echo "== cargo run --example $ex =="
   cargo run --quiet "${features[@]}" --example "$ex" || { echo "FAILED: example $ex"; status=1; }
 done
+# The low-precision bases' dot-product paths as a CPU with VNNI / AMX / AVX512_BF16 takes them by
+# default, on their portable twins (the int8 twin gives the hardware paths' bits): the suites whose
+# bounds depend on the path, again (on such a CPU, the run above took those paths already).
+echo "== the low-precision suites on the dot-product paths' portable twins (TUNA_CPU_MATRIX=emulated) =="
+lowp_env=(env TUNA_CPU_MATRIX=emulated TUNA_CPU_MATRIX_BF16=emulated)
+if cargo nextest --version >/dev/null 2>&1; then
+  "${lowp_env[@]}" cargo nextest run "${features[@]}" -p tuna-kernels -p tuna-models --no-fail-fast \
+    -E 'test(/lowp::|q4/) | binary(base_precision)' || status=$?
+else
+  "${lowp_env[@]}" cargo test "${features[@]}" -p tuna-kernels --lib lowp:: || status=$?
+  "${lowp_env[@]}" cargo test "${features[@]}" -p tuna-models q4 || status=$?
+  "${lowp_env[@]}" cargo test "${features[@]}" -p tuna-models --test base_precision || status=$?
+fi
 # The emulated device again under AddressSanitizer and UBSan (emulator objects built with
 # -fsanitize=address,undefined, the test binaries run with ASan's runtime preloaded): the emulator's
 # own tests and every kernel's CUDA-vs-CPU test. Its own target folder, so the main build is not

@@ -130,10 +130,17 @@ fn complete(srv: &Server, model: &str) -> String {
     r.json()["choices"][0]["text"].as_str().unwrap().to_string()
 }
 
-/// Each listed model's id and `base_precision` (the base's: served; an adapter's: trained on).
+/// Each listed model's id and precision: the base's `base_precision` (served), an adapter's
+/// `trained_base_precision` (and no `base_precision`, which would read as the served one).
 fn precisions(listed: &serde_json::Value) -> Vec<(String, String)> {
     let data = listed["data"].as_array().unwrap_or_else(|| panic!("{listed}"));
-    data.iter().map(|m| (m["id"].as_str().unwrap().into(), m["base_precision"].as_str().unwrap().into())).collect()
+    data.iter()
+        .map(|m| {
+            let key = if m["id"] == "base" { "base_precision" } else { "trained_base_precision" };
+            assert!(m["id"] == "base" || m.get("base_precision").is_none(), "{m}");
+            (m["id"].as_str().unwrap().into(), m[key].as_str().unwrap_or_else(|| panic!("{m}")).into())
+        })
+        .collect()
 }
 
 /// `tuna generate`'s text as `tuna serve` answers it (no trailing newline).
@@ -174,7 +181,7 @@ fn serve_holds_the_base_its_adapters_trained_on_and_notes_any_adapter_on_another
     // Loaded at run time on this f32 base: noted too (an f32 adapter is not).
     let r = srv.post("/v1/adapters", &json!({"name": "late", "path": dir.join("int8")}));
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.json()["adapter"]["base_precision"], "int8", "{}", r.body);
+    assert_eq!(r.json()["adapter"]["trained_base_precision"], "int8", "{}", r.body);
     let r = srv.post("/v1/adapters", &json!({"name": "plain", "path": adapter("f32")}));
     assert_eq!(r.status, 201, "{}", r.body);
     let (code, err) = srv.terminate();

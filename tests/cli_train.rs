@@ -469,6 +469,35 @@ fn a_q4_base_on_the_int8_dot_path_trains_like_the_widen_path() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// On a dot-product path the activations' rounding would turn a padded row's last-bit differences
+/// into whole quantization steps; the attention gives a left-padded row the unpadded row's bits, so
+/// `tuna eval`'s loss does not depend on the batch size (which changes the padding). (It prints
+/// four decimals; `attention::tests_rows::a_left_padded_row_attends_to_the_bits_of_the_unpadded_row`
+/// checks the bits.)
+#[test]
+fn eval_on_the_dot_paths_does_not_depend_on_the_batch_size() {
+    let d = tmp("dot-eval-batch");
+    let data = data(&d, "eval.jsonl", 6, false);
+    for (var, precision) in [("TUNA_CPU_MATRIX", "int8"), ("TUNA_CPU_MATRIX_BF16", "bf16")] {
+        let eval = |bs: &str| {
+            let o = Command::new(env!("CARGO_BIN_EXE_tuna"))
+                .env(var, "emulated")
+                .args(["eval", "--model", &fixture("llama"), "--task", "lm", "--data", &data])
+                .args(["--base-precision", precision, "--batch-size", bs])
+                .output()
+                .unwrap();
+            ok(&o);
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let one = eval("1");
+        assert!(one.starts_with("loss "), "{one}");
+        for bs in ["2", "6"] {
+            assert_eq!(eval(bs), one, "{precision} on the dot path: --batch-size {bs} vs 1");
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// q4 on the real SmolLM2 Q4_1 GGUF (asset; skipped by name when absent).
 #[test]
 fn smollm2_q4_base_trains_like_dequant_at_load() {
@@ -531,6 +560,23 @@ fn profile_prints_per_op_times() {
     assert!(s.contains("the int8 base's products run on int8 dot products (emulated)") && s.contains("GOP/s"), "{s}");
     let row = s.lines().find(|l| l.starts_with("| matmul (int8 base) |")).unwrap_or_else(|| panic!("{s}"));
     assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{row}");
+    // A q4 base (a Q4 GGUF's blocks) takes the same path, read against its own measured rate (the
+    // blocks' requantization included); widened, against the f32 GEMM rate.
+    let q4 = tiny_q4_gguf(&d).display().to_string();
+    let q4_args = set(set(args.clone(), "--model", &q4), "--base-precision", "q4");
+    for path in ["emulated", "widen"] {
+        let o = tuna_on(path, &q4_args);
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let header = if path == "emulated" {
+            "the q4 base's products run on int8 dot products (emulated, its blocks requantized to int8 per product) and are read against that path's rate"
+        } else {
+            "the q4 base's products widen to f32 and run on it (no int8 dot-product path here, or TUNA_CPU_MATRIX=widen)"
+        };
+        assert!(s.contains(header), "{path}: {s}");
+        let row = s.lines().find(|l| l.starts_with("| matmul (q4 base) |")).unwrap_or_else(|| panic!("{s}"));
+        assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{path}: {row}");
+    }
     // On CUDA (the emulated device in the test command) the attention row names the kernels the
     // calls took: the tape is f32, so SIMT (the tensor-core kernels are bf16).
     if tuna_kernels::testing::cuda_or_skip("cli_train::profile_prints_per_op_times (cuda)").is_some() {

@@ -26,8 +26,9 @@ pub struct AdapterInfo {
     pub labels: Option<Vec<String>>,
     /// Positions the adaptation takes before the content (soft prompt, prefix).
     pub virtual_tokens: usize,
-    /// The base precision its run trained on (`tuna_task.json`'s; f32 when it records none).
-    #[serde(serialize_with = "precision_name")]
+    /// The base precision its run trained on (`tuna_task.json`'s; f32 when it records none),
+    /// named apart from the served base's `base_precision` in the API.
+    #[serde(rename = "trained_base_precision", serialize_with = "precision_name")]
     pub base_precision: BasePrecision,
     /// The registry's slot: this load of the adapter, never reused (a name can be unloaded and
     /// taken by another adapter while a request checked against the first waits in the queue).
@@ -82,12 +83,16 @@ pub fn recorded_precision(dir: &Path) -> Option<BasePrecision> {
 /// measured, which must not go unsaid.
 pub fn precision_note(info: &AdapterInfo, served: BasePrecision) -> Option<String> {
     (info.base_precision != served).then(|| {
+        let file = info.path.join(tuna_trainer::TASK_FILE);
+        let trained = if file.is_file() {
+            format!("was trained with --base-precision {} ({})", info.base_precision, file.display())
+        } else {
+            format!("has no {} (taken as trained on an f32 base)", file.display())
+        };
         format!(
-            "note: adapter `{}` was trained with --base-precision {} ({}) and is served on the {served} base \
-             (--base-precision {served}): its answers will not be the ones its run measured",
-            info.name,
-            info.base_precision,
-            info.path.join(tuna_trainer::TASK_FILE).display()
+            "note: adapter `{}` {trained} and is served on the {served} base: its answers will not be the ones \
+             its run measured",
+            info.name
         )
     })
 }

@@ -265,7 +265,8 @@ fn model_entries(app: &App) -> Vec<(String, Value)> {
     for (name, info) in adapters {
         let entry = json!({"id": name, "object": "model", "owned_by": "tuna", "parent": super::adapters::BASE,
                            "method": info.method, "task": info.task, "labels": info.labels, "path": info.path,
-                           "virtual_tokens": info.virtual_tokens, "base_precision": info.base_precision.name()});
+                           "virtual_tokens": info.virtual_tokens,
+                           "trained_base_precision": info.base_precision.name()});
         data.push((name, entry));
     }
     data

@@ -46,13 +46,13 @@ pub struct Profile {
     /// On the CPU: the f32 matrix-product rate this machine reaches (a 1024^3 product through the
     /// same GEMM, best of three, measured before the steps), the ceiling the rows are read against.
     pub peak_gflops: Option<f64>,
-    /// On the CPU with an int8 or bf16 base: the path its products take (`TUNA_CPU_MATRIX`'s or
+    /// On the CPU with a bf16, int8 or q4 base: the path its products take (`TUNA_CPU_MATRIX`'s or
     /// `TUNA_CPU_MATRIX_BF16`'s names: `amx`, `avx512-vnni`, `avx-vnni`, `avx512-bf16`,
     /// `emulated`, `widen`).
     pub base_path: Option<String>,
     /// On a dot-product path: that path's rate on a 1024^3 product (GOP/s, 2 per multiply-add,
     /// quantizing or rounding the activations included), the ceiling the base's `matmul (int8
-    /// base)` / `matmul (bf16 base)` row is read against (the widen path's is the f32 GEMM rate).
+    /// base)` / `matmul (q4 base)` / `matmul (bf16 base)` row is read against (the widen path's is the f32 GEMM rate).
     pub base_peak_gops: Option<f64>,
 }
 

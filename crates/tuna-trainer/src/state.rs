@@ -392,13 +392,19 @@ pub(crate) fn resumable(ck: &Loaded, now: &State, data: &str) -> Result<State> {
     let precision =
         |st: &State| st.settings.as_ref().map(|s| s.get("--base-precision").cloned().unwrap_or_else(|| "f32".into()));
     for (flag, before) in LATER_SETTINGS {
-        // The products are those of one base precision: a switched --base-precision explains
-        // them alone.
-        if flag == BASE_PRODUCTS && precision(&saved) != precision(now) {
-            continue;
-        }
         let value = |st: &State| st.settings.as_ref().map(|s| s.get(flag).cloned().unwrap_or_else(|| before.into()));
-        if let (Some(old), Some(new)) = (value(&saved), value(now)) {
+        // The products are those of one base precision: with --base-precision switched, the saved
+        // products are compared with what the saved precision would take in this process (going
+        // back to it must not meet a second refusal), and the new precision's are not named.
+        let now_value = if flag == BASE_PRODUCTS && precision(&saved) != precision(now) {
+            match precision(&saved).and_then(|p| p.parse::<tuna_models::model::BasePrecision>().ok()) {
+                Some(p) => base_products(p),
+                None => continue,
+            }
+        } else {
+            value(now)
+        };
+        if let (Some(old), Some(new)) = (value(&saved), now_value) {
             if old != new {
                 with.push(match (flag, old.as_str()) {
                     (TF32, "on") => format!("with {TF32}"),
@@ -1070,6 +1076,20 @@ mod tests {
         assert_eq!(refusal(with("f32", None), with("f32", None)), None, "f32 runs record no product path");
         let e = refusal(with("f32", None), with("bf16", Some("bf16 dot products (amx)"))).unwrap();
         assert!(e.contains("--base-precision was f32, now bf16") && !e.contains("product path"), "{e}");
+        // Switched precision and a saved path this process would not take for the saved precision:
+        // both named at once (following the first advice must not meet the second refusal).
+        let here = base_products(tuna_models::model::BasePrecision::Int8).unwrap();
+        let other = if here == WIDENED { "int8 dot products" } else { WIDENED };
+        let e = refusal(with("int8", Some(other)), with("bf16", Some(WIDENED))).unwrap();
+        assert!(
+            e.contains("--base-precision was int8, now bf16")
+                && e.contains(&format!("the base's product path was {other}, now {here}"))
+                && e.contains("Resume with --base-precision int8 (on the CPU)")
+                && e.contains("TUNA_CPU_MATRIX="),
+            "{e}"
+        );
+        let e = refusal(with("int8", Some(&here)), with("bf16", Some(WIDENED))).unwrap();
+        assert!(!e.contains("product path"), "the saved path is the one int8 takes here: {e}");
         let e = refusal(with("bf16", None), with("bf16", Some("bf16 dot products (amx)"))).unwrap();
         assert!(
             e.contains("the base's product path was widened to f32, now bf16 dot products (amx)")
@@ -1085,6 +1105,15 @@ mod tests {
         let e = refusal(with("bf16", Some(WIDENED)), with("int8", Some("int8 dot products"))).unwrap();
         assert!(e.contains("--base-precision was bf16, now int8") && !e.contains("TUNA_CPU_MATRIX"), "{e}");
         let e = refusal(with("int8", Some("int8 dot products")), with("int8", Some(WIDENED))).unwrap();
+        assert!(e.contains("Resume with TUNA_CPU_MATRIX=emulated (or on a CPU with AMX"), "{e}");
+        // A q4 checkpoint from before q4 took the dot path (no key: widened), on a CPU with one.
+        let e = refusal(with("q4", None), with("q4", Some("int8 dot products"))).unwrap();
+        assert!(
+            e.contains("the base's product path was widened to f32, now int8 dot products")
+                && e.contains("Resume with TUNA_CPU_MATRIX=widen,"),
+            "{e}"
+        );
+        let e = refusal(with("q4", Some("int8 dot products")), with("q4", Some(WIDENED))).unwrap();
         assert!(e.contains("Resume with TUNA_CPU_MATRIX=emulated (or on a CPU with AMX"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -74,7 +74,7 @@ struct FwdScratch<F> {
     alpha: Vec<F>,
 }
 
-/// Forward of query block `qb` of head `h`, batch `b`: writes its rows of `o` and `lse`.
+/// Forward of query block `qb` of head `h`, batch `b` (blocks from `Geo::q_shift`): writes its rows of `o` and `lse`.
 ///
 /// # Safety
 /// `o` and `lse` point to buffers of `q_elems` and `lse_elems` floats whose rows
@@ -90,7 +90,10 @@ unsafe fn fwd_task<F: CpuFloat>(
     o: SharedMut<F>,
     lse: SharedMut<F>,
 ) {
-    let (i0, bq) = g.q_rows(qb);
+    let (i0, bq) = g.q_rows_from(qb, g.q_shift(b));
+    if bq == 0 {
+        return;
+    }
     let (d, kvh) = (g.d, h / g.group);
     let acc = &mut sc.acc[..bq * d];
     acc.fill(F::zero());
@@ -139,7 +142,8 @@ impl<F: CpuFloat> AttentionKernel<F> for Cpu {
         let g = geo(p, &x)?;
         let src = Src::new(&x);
         let (o, lse) = (SharedMut(o.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-        let nqb = g.q_blocks();
+        // One block more than the rows need: blocks start where each sequence's real rows do.
+        let nqb = g.q_blocks() + 1;
         (0..g.batch * g.heads * nqb).into_par_iter().for_each_init(
             || FwdScratch {
                 s: vec![F::zero(); BQ * BK],

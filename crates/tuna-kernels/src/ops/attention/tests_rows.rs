@@ -145,3 +145,55 @@ fn cuda_prefix_rows_match_cpu() {
     check_case(&dev, "rows d24 mha kv-cache left-pad", cache);
     check_case(&dev, "rows d64 bidir", ranged(42, (2, 1), (33, 33), 64, false, Pad::None, 35, &[(2, 33), (0, 2)]));
 }
+
+/// Sequence 0 of `data` (no mask) with `pad` keys and queries of left padding before it (junk
+/// values, masked out).
+fn left_padded(data: &Data, pad: usize) -> Data {
+    let p = data.p;
+    let (t, h, kvh, dd) = (p.q_len as usize, p.heads as usize, p.kv_heads as usize, p.head_dim as usize);
+    let junk = |n: usize| (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 3.0).collect::<Vec<f32>>();
+    let mut out = data.clone();
+    out.p.q_len = (t + pad) as u32;
+    out.p.kv_len = (t + pad) as u32;
+    out.p.has_mask = 1;
+    out.mask = [vec![0u8; pad], vec![1u8; t]].concat();
+    out.q = [junk(pad * h * dd), data.q.clone()].concat();
+    out.d_o = [junk(pad * h * dd), data.d_o.clone()].concat();
+    out.k = [junk(pad * kvh * dd), data.k.clone()].concat();
+    out.v = [junk(pad * kvh * dd), data.v.clone()].concat();
+    out
+}
+
+#[test]
+fn a_left_padded_row_attends_to_the_bits_of_the_unpadded_row() {
+    // The low-precision bases round activations, so a last-bit difference between a row padded in
+    // a batch and the same row alone grows into whole quantization steps over the layers: the
+    // padded row's output and log-sum-exp must be the unpadded row's, bit for bit (f32, the CPU's
+    // training type), whatever the padding (within a key block, across one, several), with and
+    // without a prefix, GQA.
+    for (seed, (h, kvh), t, pre, d) in [(1, (2, 2), 70, 0, 16), (2, (4, 2), 200, 5, 32), (3, (2, 1), 129, 0, 64)] {
+        let data = Data::new(seed, 1, h, kvh, t, t, pre, d, true, Pad::None);
+        let plain = run::<f32>(&data, BwdMode::Split);
+        for pad in [1, 5, 127, 128, 131] {
+            let padded = run::<f32>(&left_padded(&data, pad), BwdMode::Split);
+            let qn = h * d;
+            let bits = |v: &[f64]| v.iter().map(|x| (*x as f32).to_bits()).collect::<Vec<u32>>();
+            let what = format!("t={t} h={h}/{kvh} prefix {pre} d={d} pad {pad}");
+            let (got, want) = (bits(&padded[0][pad * qn..]), bits(&plain[0]));
+            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                first.is_none(),
+                "{what}: o differs first at row {:?} ({} rows differ)",
+                first.map(|i| i / qn),
+                (0..t).filter(|r| got[r * qn..(r + 1) * qn] != want[r * qn..(r + 1) * qn]).count()
+            );
+            // lse is [batch, heads, q_len]: the real rows of each head.
+            let lse_rows = |v: &[f64], rows: usize, skip: usize| -> Vec<u32> {
+                (0..h)
+                    .flat_map(|hh| v[hh * rows + skip..(hh + 1) * rows].iter().map(|x| (*x as f32).to_bits()))
+                    .collect()
+            };
+            assert_eq!(lse_rows(&padded[1], t + pad, pad), lse_rows(&plain[1], t, 0), "{what}: lse");
+        }
+    }
+}

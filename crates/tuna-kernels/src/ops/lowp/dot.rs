@@ -34,11 +34,12 @@
 //! them (per call; memory keeps the blocks), and the input gradient requantizes them as it does the
 //! int8 base. The bounds above hold with `w~` the dequantized blocks (the reference q4 is tested
 //! against: the file's weights as the widen path multiplies by them) and `e_w(k) =
-//! max|w~_group(k)| / 254`, the requantization's rounding: about 1/16 of the blocks' own 4-bit
-//! step, which the reference does not count. A block whose scale is not finite makes its group's
+//! max|w~_group(k)| / 254`, the requantization's rounding, which the reference does not count
+//! (typically 1/16 to 1/8 of a block's own half step; up to about 1.5 times it where a group's two
+//! block scales differ widely or a Q4_1 minimum sits far from zero). A block whose scale is not finite makes its group's
 //! products NaN, as the widen path's are.
 //!
-//! The packed layouts are made per call from the int8 base (one parallel pass over its bytes) into
+//! The packed layouts are made per call from the int8 base or q4's blocks (one parallel pass) into
 //! a buffer the calling thread keeps from call to call: the largest layer's layout (about 1.1 bytes
 //! a weight) stays allocated, rather than every layer's (a byte a weight per product, held).
 

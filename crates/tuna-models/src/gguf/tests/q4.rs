@@ -1,5 +1,6 @@
 //! `--base-precision q4`: a GGUF's Q4_0 / Q4_1 block weights kept as their blocks. The model it
-//! loads computes with exactly the weights dequant-at-load gives (Q/K un-permuted alike), holds
+//! loads computes with exactly the weights dequant-at-load gives (Q/K un-permuted alike) on the
+//! widen path, within int8's requantization and activation rounding on a dot path, holds
 //! 18 or 20 bytes per 32 of them, and a file with no Q4 block weight is refused by name. A tiny
 //! synthetic Llama (always), and the real SmolLM2 Q4_1 file (skipped by name when absent).
 

@@ -109,6 +109,38 @@ impl<'a> Geo<'a> {
         let i0 = qb * BQ;
         (i0, BQ.min(self.t - i0))
     }
+    /// The first key of sequence `b` its mask keeps (0 without a mask, or if it keeps none).
+    #[inline]
+    pub fn first_kept(&self, b: usize) -> usize {
+        self.mask.map_or(0, |m| m[b * self.s..(b + 1) * self.s].iter().position(|&x| x != 0).unwrap_or(0))
+    }
+    /// Where the forward's query blocks of sequence `b` start: its first query row that sees its
+    /// first kept key, modulo [`BQ`] (0 where nothing is padded on the left). Blocks that start
+    /// there put a left-padded sequence's rows into the blocks they fill without the padding, so
+    /// each row's tile products have the unpadded row's shapes (the matrix kernels' rounding
+    /// depends on them).
+    #[inline]
+    pub fn q_shift(&self, b: usize) -> usize {
+        if self.t > self.s {
+            return 0;
+        }
+        self.first_kept(b).saturating_sub(self.s - self.t) % BQ
+    }
+    /// Rows `(i0, bq)` of the forward's query block `qb` when blocks start at `shift` (block 0 is
+    /// then `[0, shift)`); `bq == 0` past the last row. `q_blocks() + 1` blocks cover every row.
+    #[inline]
+    pub fn q_rows_from(&self, qb: usize, shift: usize) -> (usize, usize) {
+        let i0 = match (shift, qb) {
+            (0, _) => qb * BQ,
+            (_, 0) => return (0, shift.min(self.t)),
+            _ => shift + (qb - 1) * BQ,
+        };
+        if i0 >= self.t {
+            (self.t, 0)
+        } else {
+            (i0, BQ.min(self.t - i0))
+        }
+    }
     /// The prefix rows `start..end` of the table sequence `b` sees (clamped to the table).
     #[inline]
     pub fn prefix_range(&self, b: usize) -> (usize, usize) {
@@ -127,12 +159,17 @@ impl<'a> Geo<'a> {
         let (start, end) = self.prefix_range(b);
         (start..end).step_by(BK).map(move |j0| KvBlock { j0, n: BK.min(end - j0), prefix: true })
     }
-    /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all.
+    /// Content key blocks that query rows `[i0, i0 + bq)` of batch `b` can see at all, from the
+    /// first key the mask keeps: the keys after a run of left padding fall into the blocks they
+    /// fill without it, so a padded row's online softmax rounds as the unpadded row's does (the
+    /// skipped keys are padding, which adds exactly nothing). A row's bits then do not depend on
+    /// how much padding the batch gave it, which the low-precision bases' activation rounding
+    /// would otherwise amplify.
     #[inline]
     pub fn content_blocks(&self, b: usize, i0: usize, bq: usize) -> impl Iterator<Item = KvBlock> + '_ {
         // Causal calls have t <= s (validated); bidirectional ones may have t > s.
         let end = if self.causal { (self.s - self.t + i0 + bq).min(self.s) } else { self.s };
-        (0..end)
+        (self.first_kept(b).min(end)..end)
             .step_by(BK)
             .map(move |j0| KvBlock { j0, n: BK.min(self.s - j0), prefix: false })
             .filter(move |blk| !self.all_padded(b, *blk))
