@@ -1102,8 +1102,12 @@ mod tests {
         )
         .unwrap();
         assert!(e.contains("Resume with TUNA_CPU_MATRIX_BF16=amx (on a CPU that runs it),"), "{e}");
+        // A widened bf16 run switched to int8: the bf16 path is named only where bf16 would take
+        // a dot path here (AVX512_BF16 / AMX-BF16, or the variable); int8's never.
         let e = refusal(with("bf16", Some(WIDENED)), with("int8", Some("int8 dot products"))).unwrap();
-        assert!(e.contains("--base-precision was bf16, now int8") && !e.contains("TUNA_CPU_MATRIX"), "{e}");
+        let bf16_here = base_products(tuna_models::model::BasePrecision::Bf16).unwrap();
+        assert!(e.contains("--base-precision was bf16, now int8") && !e.contains("TUNA_CPU_MATRIX="), "{e}");
+        assert_eq!(e.contains("TUNA_CPU_MATRIX_BF16=widen"), bf16_here != WIDENED, "{e}");
         let e = refusal(with("int8", Some("int8 dot products")), with("int8", Some(WIDENED))).unwrap();
         assert!(e.contains("Resume with TUNA_CPU_MATRIX=emulated (or on a CPU with AMX"), "{e}");
         // A q4 checkpoint from before q4 took the dot path (no key: widened), on a CPU with one.

@@ -114,14 +114,14 @@ impl<'a> Geo<'a> {
     pub fn first_kept(&self, b: usize) -> usize {
         self.mask.map_or(0, |m| m[b * self.s..(b + 1) * self.s].iter().position(|&x| x != 0).unwrap_or(0))
     }
-    /// Where the forward's query blocks of sequence `b` start: its first query row that sees its
-    /// first kept key, modulo [`BQ`] (0 where nothing is padded on the left). Blocks that start
-    /// there put a left-padded sequence's rows into the blocks they fill without the padding, so
-    /// each row's tile products have the unpadded row's shapes (the matrix kernels' rounding
-    /// depends on them).
+    /// Where the forward's query blocks of sequence `b` start, for causal calls: the query row at
+    /// its first kept key, modulo [`BQ`] (0 where nothing is padded on the left, and for
+    /// bidirectional calls, whose queries are not the keys' rows). Blocks that start there put a
+    /// left-padded sequence's rows into the blocks they fill without the padding, so each row's
+    /// tile products have the unpadded row's shapes (the matrix kernels' rounding depends on them).
     #[inline]
     pub fn q_shift(&self, b: usize) -> usize {
-        if self.t > self.s {
+        if !self.causal || self.t > self.s {
             return 0;
         }
         self.first_kept(b).saturating_sub(self.s - self.t) % BQ
