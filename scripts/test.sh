@@ -46,7 +46,8 @@ done
 echo "== the low-precision suites on the dot-product paths' portable twins (TUNA_CPU_MATRIX=emulated) =="
 lowp_env=(env TUNA_CPU_MATRIX=emulated TUNA_CPU_MATRIX_BF16=emulated)
 if cargo nextest --version >/dev/null 2>&1; then
-  "${lowp_env[@]}" cargo nextest run "${features[@]}" -p tuna-kernels -p tuna-models --no-fail-fast \
+  # --workspace, as above: the same build, nothing recompiled.
+  "${lowp_env[@]}" cargo nextest run --workspace "${features[@]}" --no-fail-fast \
     -E 'test(/lowp::|q4/) | binary(base_precision)' || status=$?
 else
   "${lowp_env[@]}" cargo test "${features[@]}" -p tuna-kernels --lib lowp:: || status=$?
