@@ -392,23 +392,10 @@ fn round_even(v: f32) -> f32 {
 /// zero) and returns the row's scale: NaN when the row holds a non-finite value, so that its
 /// outputs are NaN as an f32 product's would be; 0 for a row of zeros.
 fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
-    let (mut amax, mut finite) = (0f32, true);
-    for &v in src {
-        finite &= v.is_finite();
-        amax = amax.max(v.abs());
-    }
-    if !finite {
-        dst.fill(128);
-        return f32::NAN;
-    }
-    let s = amax / 127.0;
-    if s > 0.0 {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            // Divided, not multiplied by 1/s (1/s overflows for a row of subnormals); |v / s| <= 127.
-            *d = (round_even(v / s).clamp(-127.0, 127.0) as i32 + 128) as u8;
-        }
-    } else {
-        dst[..src.len()].fill(128);
+    // A NaN scale (a non-finite value) or a zero one stores zeros (128): the scale carries the NaN.
+    let s = requant_scale(src.iter().copied());
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = (requant(v, s) as i32 + 128) as u8;
     }
     dst[src.len()..].fill(128);
     s
@@ -544,6 +531,7 @@ fn requant_scale(vals: impl Iterator<Item = f32>) -> f32 {
 /// NaN scale carries it).
 #[inline]
 fn requant(v: f32, s: f32) -> i8 {
+    // Divided, not multiplied by 1/s (1/s overflows for a group of subnormals); |v / s| <= 127.
     if s > 0.0 {
         round_even(v / s).clamp(-127.0, 127.0) as i8
     } else {
