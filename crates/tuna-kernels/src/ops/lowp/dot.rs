@@ -16,9 +16,10 @@
 //! quantized per row and group of 64 output channels as `x` is, and
 //! `dx += sum_g f32(I_g) * st_g * sdy_g`.
 //!
-//! The instructions multiply unsigned by signed bytes, so the quantized activations are stored
-//! shifted by 128 (`u = q + 128`, in 1..=255) and `128 * sum q_w` is taken off the integer sum
-//! (exact). Every integer is exact on every path, and the f32 work after it is the same Rust code
+//! The instructions multiply unsigned by signed bytes: the weights are laid out shifted by 128
+//! (`u = q + 128`, in 1..=255) and the activations stay signed, so that each instruction takes its
+//! activation bytes as a memory broadcast (`{1to16}`, the signed operand's place); `128 * sum qx`
+//! over each row's group is taken off the integer sum (exact). Every integer is exact on every path, and the f32 work after it is the same Rust code
 //! for all of them, so all paths give the same bits: the emulated path *is* the hardware paths'
 //! arithmetic, which is how they are tested on a CPU that lacks the instructions (and, where the
 //! CPU has them, each is tested against the emulated path bit for bit).
@@ -103,10 +104,11 @@ const _: () = assert!(INT8_GROUP == CH, "the dot path takes one int8 group per 6
 const BCH: usize = CH * T;
 
 /// `c[t] = sum_{j in t*per..(t+1)*per} A_j B_j` for `t in 0..sums` (each `c[t]` a 16 x 16 i32
-/// tile, row-major): `A_j` is 16 rows of 64 unsigned bytes at `a[r * a_stride + 64 j..]`, `B_j`
-/// the 1024 signed bytes at `b[1024 j..]`, laid out four reduction values at a time
-/// (`b[k4 * 64 + col * 4 + i]` = B[4 k4 + i, col]), as `vpdpbusd` and AMX take them.
-pub(super) fn tiles(isa: DotIsa, a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c: &mut [i32]) {
+/// tile, row-major): `A_j` is 16 rows of 64 signed bytes at `a[r * a_stride + 64 j..]`, `B_j`
+/// the 1024 unsigned bytes at `b[1024 j..]`, laid out four reduction values at a time
+/// (`b[k4 * 64 + col * 4 + i]` = B[4 k4 + i, col]), as `vpdpbusd` (B its unsigned operand, A's
+/// four bytes broadcast as its signed one) and AMX `tdpbsud` take them.
+pub(super) fn tiles(isa: DotIsa, a: &[i8], a_stride: usize, b: &[u8], per: usize, sums: usize, c: &mut [i32]) {
     assert!(a_stride >= CH * sums * per && a.len() >= (T - 1) * a_stride + CH * sums * per);
     assert!(b.len() >= BCH * sums * per && c.len() >= T * T * sums && per >= 1);
     match isa {
@@ -126,9 +128,9 @@ pub(super) fn tiles(isa: DotIsa, a: &[u8], a_stride: usize, b: &[i8], per: usize
     }
 }
 
-/// The instructions' arithmetic in Rust: u8 x i8 products summed in i32, wrapping as they do
+/// The instructions' arithmetic in Rust: i8 x u8 products summed in i32, wrapping as they do
 /// (compiled for AVX2 where the CPU has it: the same integers, twice the lanes).
-fn emulated(a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c: &mut [i32]) {
+fn emulated(a: &[i8], a_stride: usize, b: &[u8], per: usize, sums: usize, c: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
@@ -139,12 +141,12 @@ fn emulated(a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c: &mu
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn emulated_avx2(a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c: &mut [i32]) {
+unsafe fn emulated_avx2(a: &[i8], a_stride: usize, b: &[u8], per: usize, sums: usize, c: &mut [i32]) {
     emulated_body(a, a_stride, b, per, sums, c)
 }
 
 #[inline(always)]
-fn emulated_body(a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c: &mut [i32]) {
+fn emulated_body(a: &[i8], a_stride: usize, b: &[u8], per: usize, sums: usize, c: &mut [i32]) {
     // B chunk unpacked to [col][k] so each dot product reads both operands contiguously.
     let mut bt = [[0i16; CH]; T];
     for t in 0..sums {
@@ -172,7 +174,7 @@ fn emulated_body(a: &[u8], a_stride: usize, b: &[i8], per: usize, sums: usize, c
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn vnni512(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
+unsafe fn vnni512(a: *const i8, a_stride: usize, b: *const u8, per: usize, sums: usize, c: *mut i32) {
     use std::arch::x86_64::*;
     for t in 0..sums {
         let mut acc = [_mm512_setzero_si512(); T];
@@ -182,7 +184,9 @@ unsafe fn vnni512(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
                 let bv = _mm512_loadu_si512(bj.add(k4 * 4 * T).cast());
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_epi32(aj.add(r * a_stride + 4 * k4).cast::<i32>().read_unaligned());
-                    *acc = _mm512_dpbusd_epi32(*acc, av, bv);
+                    // B unsigned, A's broadcast signed: it folds into the instruction's memory
+                    // operand (`{1to16}`), one load fewer than a separate broadcast.
+                    *acc = _mm512_dpbusd_epi32(*acc, bv, av);
                 }
             }
         }
@@ -194,7 +198,7 @@ unsafe fn vnni512(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avxvnni")]
-unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
+unsafe fn vnni256(a: *const i8, a_stride: usize, b: *const u8, per: usize, sums: usize, c: *mut i32) {
     use std::arch::x86_64::*;
     // Four rows at a time: 4 rows x 2 registers of 8 columns = 8 accumulators, with the two B
     // registers and the broadcast inside the 16 ymm registers (eight rows at a time would spill).
@@ -208,8 +212,8 @@ unsafe fn vnni256(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums:
                     let b1 = _mm256_loadu_si256(bj.add(k4 * 4 * T + 32).cast());
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av = _mm256_set1_epi32(aj.add(r * a_stride + 4 * k4).cast::<i32>().read_unaligned());
-                        acc[0] = _mm256_dpbusd_avx_epi32(acc[0], av, b0);
-                        acc[1] = _mm256_dpbusd_avx_epi32(acc[1], av, b1);
+                        acc[0] = _mm256_dpbusd_avx_epi32(acc[0], b0, av);
+                        acc[1] = _mm256_dpbusd_avx_epi32(acc[1], b1, av);
                     }
                 }
             }
@@ -326,9 +330,9 @@ pub(crate) mod amx {
     }
 
     tile_sum!(
-        /// `c (16 x 16 i32) = sum over the chunks of A (u8) B (i8)`: `tdpbusd`.
-        dpbusd,
-        "tdpbusd"
+        /// `c (16 x 16 i32) = sum over the chunks of A (i8) B (u8)`: `tdpbsud`.
+        dpbsud,
+        "tdpbsud"
     );
     tile_sum!(
         /// `c (16 x 16 f32) = sum over the chunks of A (bf16) B (bf16)`: `tdpbf16ps`.
@@ -341,20 +345,72 @@ pub(crate) mod amx {
 /// The CPU has AMX-TILE and AMX-INT8, [`amx_permitted`] returned true, and the pointers cover what
 /// [`tiles`] asserts.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-unsafe fn amx_tiles(a: *const u8, a_stride: usize, b: *const i8, per: usize, sums: usize, c: *mut i32) {
+unsafe fn amx_tiles(a: *const i8, a_stride: usize, b: *const u8, per: usize, sums: usize, c: *mut i32) {
     amx::configure();
     for t in 0..sums {
-        amx::dpbusd(a.add(CH * t * per), a_stride, b.add(BCH * t * per).cast(), per, c.add(t * T * T).cast());
+        amx::dpbsud(a.add(CH * t * per).cast(), a_stride, b.add(BCH * t * per), per, c.add(t * T * T).cast());
     }
     amx::release();
 }
 
 thread_local! {
-    /// Per-thread buffers kept from call to call: quantized rows, integer tiles, f32 row scales
-    /// and accumulators.
-    static ROWS: RefCell<(Vec<u8>, Vec<i32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-    /// The calling thread's packed weight layout, kept from call to call.
-    static PACK: RefCell<(Vec<i8>, Vec<i32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread buffers kept from call to call: quantized rows, an integer tile and the rows'
+    /// group sums, f32 row scales.
+    static ROWS: RefCell<(Vec<i8>, Vec<i32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// The calling thread's packed weight layout and scales, kept from call to call.
+    static PACK: Bufs<u8, (), f32> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// `$vis fn $name(args)`: calls `$body(args)` (an `#[inline(always)]` function) compiled for the
+/// widest vector instructions this CPU has (AVX-512, else AVX2 + FMA, else the build's baseline).
+/// The quantization, epilogue and weight layout of the products are plain Rust, which the crate's
+/// baseline target (SSE2) runs four lanes at a time. The operations and their order are the same
+/// at every width (Rust never contracts `a * b + c` into an FMA, and the maxima and integer sums
+/// are exact), so the bits are too.
+macro_rules! widened {
+    ($(#[$m:meta])* $vis:vis fn $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn v4($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn v3($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            match $crate::ops::lowp::dot::wide_level() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: wide_level() said the CPU has v4's features.
+                2 => unsafe { v4($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: wide_level() said the CPU has v3's features.
+                1 => unsafe { v3($($arg),*) },
+                _ => $body($($arg),*),
+            }
+        }
+    };
+}
+pub(super) use widened;
+
+/// 2 where the CPU has AVX-512 (F, BW, DQ, VL), 1 where it has AVX2 and FMA, else 0 (see
+/// [`widened`]).
+pub(crate) fn wide_level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+            return 2;
+        }
+        if has!("avx2") && has!("fma") {
+            return 1;
+        }
+    }
+    0
 }
 
 /// Up to three kept buffers of a thread (`()` for one not needed).
@@ -388,25 +444,34 @@ fn round_even(v: f32) -> f32 {
     (v + M) - M
 }
 
-/// Quantizes `src` to `dst` shifted by 128 (`dst.len() >= src.len()`; the rest is set to 128, a
-/// zero) and returns the row's scale: NaN when the row holds a non-finite value, so that its
-/// outputs are NaN as an f32 product's would be; 0 for a row of zeros.
-fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
-    // A NaN scale (a non-finite value) or a zero one stores zeros (128): the scale carries the NaN.
-    let s = requant_scale(src.iter().copied());
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = (requant(v, s) as i32 + 128) as u8;
+/// Quantizes `src` to `dst` (`dst.len() >= src.len()`; the rest is set to 0) and returns the
+/// row's scale, NaN when the row holds a non-finite value (so that its outputs are NaN, as an f32
+/// product's would be) and 0 for a row of zeros, and the sum of the quantized values.
+#[inline(always)]
+fn quantize_row(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    // A NaN scale (a non-finite value) or a zero one stores zeros: the scale carries the NaN.
+    let s = requant_scale(src);
+    dst[src.len()..].fill(0);
+    let mut sum = 0i32;
+    if s > 0.0 {
+        // requant's arithmetic through i32 (a clamped value converts exactly; a saturating
+        // conversion to i8 would not vectorize)
+        for (d, &v) in dst.iter_mut().zip(src) {
+            let q = round_even(v / s).clamp(-127.0, 127.0) as i32;
+            sum += q;
+            *d = q as i8;
+        }
+    } else {
+        dst[..src.len()].fill(0);
     }
-    dst[src.len()..].fill(128);
-    s
+    (s, sum)
 }
 
 /// A weight laid out for [`tiles`]: `n` output columns in blocks of 16, each block `groups` chunks
-/// of 64 reduction values (`b`, 1024 bytes a chunk), with each (block, group, column)'s sum of
-/// weights `cs` (for the 128 shift) and scale `s`, both `[block][group][16]`.
+/// of 64 reduction values (`b`, 1024 bytes a chunk, each weight shifted by 128), with each (block,
+/// group, column)'s scale `s`, `[block][group][16]`.
 struct Packed<'a> {
-    b: &'a [i8],
-    cs: &'a [i32],
+    b: &'a [u8],
     s: &'a [f32],
     n: usize,
     groups: usize,
@@ -418,52 +483,87 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
     let (n, groups) = (p.n, p.groups);
     let (kp, nb) = (groups * CH, n.div_ceil(T));
     assert!(k <= kp && x.len() >= m * k && y.len() >= m * n);
-    assert!(p.b.len() >= nb * groups * BCH && p.cs.len() >= nb * groups * T && p.s.len() >= nb * groups * T);
+    assert!(p.b.len() >= nb * groups * BCH && p.s.len() >= nb * groups * T);
     y[..m * n].par_chunks_mut(T * n).enumerate().for_each(|(rb, yb)| {
-        let rows = yb.len() / n;
-        with_bufs(&ROWS, (T * kp, groups * T * T, T * groups + T * T), |a, c, f| {
-            // One scale per row and 64-value group of `x` (`sx[r * groups + g]`): an outlier
-            // coarsens only its own group, as the weight's group scales do.
-            let (sx, acc) = f.split_at_mut(T * groups);
-            for r in 0..T {
-                let dst = &mut a[r * kp..(r + 1) * kp];
-                if r < rows {
-                    let row = &x[(rb * T + r) * k..(rb * T + r + 1) * k];
-                    for (g, (d, src)) in dst.chunks_exact_mut(CH).zip(row.chunks(CH)).enumerate() {
-                        sx[r * groups + g] = quantize_row(src, d);
-                    }
-                } else {
-                    dst.fill(128);
-                    sx[r * groups..(r + 1) * groups].fill(0.0);
-                }
-            }
-            for cb in 0..nb {
-                tiles(isa, a, kp, &p.b[cb * groups * BCH..(cb + 1) * groups * BCH], 1, groups, c);
-                acc.fill(0.0);
-                for g in 0..groups {
-                    let (cg, at) = (&c[g * T * T..(g + 1) * T * T], (cb * groups + g) * T);
-                    let (cs, s) = (&p.cs[at..at + T], &p.s[at..at + T]);
-                    for (r, (accr, cr)) in acc.chunks_exact_mut(T).zip(cg.chunks_exact(T)).enumerate() {
-                        let sxg = sx[r * groups + g];
-                        for col in 0..T {
-                            accr[col] += (cr[col] - 128 * cs[col]) as f32 * s[col] * sxg;
-                        }
-                    }
-                }
-                let cols = T.min(n - cb * T);
-                for r in 0..rows {
-                    let (dst, src) = (&mut yb[r * n + cb * T..r * n + cb * T + cols], &acc[r * T..r * T + cols]);
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        if accumulate {
-                            *d += v;
-                        } else {
-                            *d = v;
-                        }
-                    }
-                }
-            }
+        with_bufs(&ROWS, (T * kp, T * T + T * groups, T * groups), |a, c, f| {
+            product_rows_wide(isa, x, k, p, rb, yb, accumulate, a, c, f)
         })
     });
+}
+
+widened! {
+    /// [`product_rows`], widened.
+    #[allow(clippy::too_many_arguments)]
+    fn product_rows_wide => product_rows(
+        isa: DotIsa, x: &[f32], k: usize, p: &Packed, rb: usize, yb: &mut [f32], accumulate: bool,
+        a: &mut [i8], c: &mut [i32], f: &mut [f32],
+    )
+}
+
+/// Rows `16 rb..` of [`product`] into `yb` (at most 16 rows of `y`), on a thread's buffers: `a`
+/// the quantized rows, `c` one group's tile and the rows' sums per group, `f` their scales.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn product_rows(
+    isa: DotIsa,
+    x: &[f32],
+    k: usize,
+    p: &Packed,
+    rb: usize,
+    yb: &mut [f32],
+    accumulate: bool,
+    a: &mut [i8],
+    c: &mut [i32],
+    f: &mut [f32],
+) {
+    let (n, groups) = (p.n, p.groups);
+    let (kp, nb) = (groups * CH, n.div_ceil(T));
+    let rows = yb.len() / n;
+    // One scale per row and 64-value group of `x` (`sx[r * groups + g]`): an outlier
+    // coarsens only its own group, as the weight's group scales do.
+    let sx = &mut f[..T * groups];
+    // The rows' sums of quantized values per group (`128 rsum` comes off each integer sum).
+    let (c, rsum) = c.split_at_mut(T * T);
+    for r in 0..T {
+        let dst = &mut a[r * kp..(r + 1) * kp];
+        if r < rows {
+            let row = &x[(rb * T + r) * k..(rb * T + r + 1) * k];
+            for (g, (d, src)) in dst.chunks_exact_mut(CH).zip(row.chunks(CH)).enumerate() {
+                (sx[r * groups + g], rsum[r * groups + g]) = quantize_row(src, d);
+            }
+        } else {
+            dst.fill(0);
+            sx[r * groups..(r + 1) * groups].fill(0.0);
+            rsum[r * groups..(r + 1) * groups].fill(0);
+        }
+    }
+    for cb in 0..nb {
+        // Group by group, each tile's epilogue while the tile is in the L1 cache; each output's
+        // sum over the groups added in group order.
+        let mut acc = [[0f32; T]; T];
+        for g in 0..groups {
+            let at = (cb * groups + g) * T;
+            tiles(isa, &a[g * CH..], kp, &p.b[at * CH..(at + T) * CH], 1, 1, c);
+            let s = &p.s[at..at + T];
+            for (r, (accr, cr)) in acc[..rows].iter_mut().zip(c.chunks_exact(T)).enumerate() {
+                let (sxg, shift) = (sx[r * groups + g], 128 * rsum[r * groups + g]);
+                for col in 0..T {
+                    accr[col] += (cr[col] - shift) as f32 * s[col] * sxg;
+                }
+            }
+        }
+        let cols = T.min(n - cb * T);
+        for (r, accr) in acc[..rows].iter().enumerate() {
+            let dst = &mut yb[r * n + cb * T..r * n + cb * T + cols];
+            if accumulate {
+                for (d, &v) in dst.iter_mut().zip(accr) {
+                    *d += v;
+                }
+            } else {
+                dst.copy_from_slice(&accr[..cols]);
+            }
+        }
+    }
 }
 
 /// The stored weight as the dot path reads it.
@@ -486,6 +586,7 @@ impl Source<'_> {
 
     /// The stored weights `(o, k0..k0 + dst.len())` as f32: the numbers the widen path multiplies
     /// by (`q * scale` for int8, the blocks dequantized for q4).
+    #[inline(always)]
     fn values(self, inp: usize, o: usize, k0: usize, dst: &mut [f32]) {
         match self {
             Source::Int8 { q, scale } => {
@@ -514,12 +615,27 @@ impl Source<'_> {
 
 /// The int8 scale of `vals` (symmetric: `max|v| / 127`), or NaN where one of them is not finite
 /// (every product the group enters is then NaN, as an f32 product with the weight would be).
-fn requant_scale(vals: impl Iterator<Item = f32>) -> f32 {
-    let (mut amax, mut finite) = (0f32, true);
-    for v in vals {
-        finite &= v.is_finite();
-        amax = amax.max(v.abs());
+#[inline(always)]
+fn requant_scale(vals: &[f32]) -> f32 {
+    // Sixteen lanes, so that it vectorizes (a maximum is exact in any order).
+    let (mut amax, mut bad) = ([0f32; 16], [false; 16]);
+    let mut chunks = vals.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            amax[i] = amax[i].max(c[i].abs());
+            bad[i] |= !c[i].is_finite();
+        }
     }
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        amax[i] = amax[i].max(v.abs());
+        bad[i] |= !v.is_finite();
+    }
+    scale_of(amax.iter().fold(0f32, |m, &v| m.max(v)), !bad.contains(&true))
+}
+
+/// `amax / 127`, or NaN where the values were not all finite.
+#[inline(always)]
+fn scale_of(amax: f32, finite: bool) -> f32 {
     if finite {
         amax / 127.0
     } else {
@@ -529,13 +645,99 @@ fn requant_scale(vals: impl Iterator<Item = f32>) -> f32 {
 
 /// `v` in int8 at scale `s` (0 where `s` is 0 or NaN: a group of zeros, or a non-finite one whose
 /// NaN scale carries it).
-#[inline]
+#[inline(always)]
 fn requant(v: f32, s: f32) -> i8 {
     // Divided, not multiplied by 1/s (1/s overflows for a group of subnormals); |v / s| <= 127.
     if s > 0.0 {
-        round_even(v / s).clamp(-127.0, 127.0) as i8
+        round_even(v / s).clamp(-127.0, 127.0) as i32 as i8
     } else {
         0
+    }
+}
+
+widened! {
+    /// [`pack_fwd`], widened.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_fwd_wide => pack_fwd(
+        src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &mut [u8], s: &mut [f32],
+    )
+}
+
+/// Block `cb` of 16 output channels of `W^T` for [`product`]: per input group, the int8 values
+/// (shifted by 128) and the scale (the int8 base's own; q4's two blocks of the group requantized with one scale).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_fwd(src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &mut [u8], s: &mut [f32]) {
+    // Set here, in parallel. A padding input meets a zero activation and a padding channel's
+    // output is not read, so their bytes need only be set.
+    b.fill(128);
+    s.fill(0.0);
+    let mut vals = [0f32; CH];
+    for col in 0..T.min(out - cb * T) {
+        let o = cb * T + col;
+        for g in 0..groups {
+            let bg = &mut b[g * BCH..(g + 1) * BCH];
+            let (k0, len) = (g * CH, CH.min(inp - g * CH));
+            let mut put = |k: usize, v: i8| bg[(k / 4) * 4 * T + col * 4 + k % 4] = (v as i32 + 128) as u8;
+            match src {
+                Source::Int8 { q, scale } => {
+                    for (k, &v) in q[o * inp + k0..o * inp + k0 + len].iter().enumerate() {
+                        put(k, v);
+                    }
+                    s[g * T + col] = scale[o * groups + g];
+                }
+                Source::Q4 { .. } => {
+                    src.values(inp, o, k0, &mut vals[..len]);
+                    let sg = requant_scale(&vals[..len]);
+                    for (k, &v) in vals[..len].iter().enumerate() {
+                        put(k, requant(v, sg));
+                    }
+                    s[g * T + col] = sg;
+                }
+            }
+        }
+    }
+}
+
+widened! {
+    /// [`pack_bwd`], widened.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_bwd_wide => pack_bwd(
+        src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &mut [u8], s: &mut [f32],
+    )
+}
+
+/// Block `kb` of 16 input columns of `W` for [`product`]: per group of 64 output channels, the
+/// stored weight requantized with one scale per (group, column), the values' sums and the scales.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_bwd(src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &mut [u8], s: &mut [f32]) {
+    b.fill(128);
+    s.fill(0.0);
+    let (k0, cols) = (kb * T, T.min(inp - kb * T));
+    let mut vals = [[0f32; T]; CH];
+    for g in 0..groups {
+        let os = g * CH..(g * CH + CH).min(out);
+        for o in os.clone() {
+            src.values(inp, o, k0, &mut vals[o - g * CH][..cols]);
+        }
+        let n = os.len();
+        // Each column's scale, the columns as lanes (see requant_scale).
+        let (mut amax, mut bad) = ([0f32; T], [false; T]);
+        for row in &vals[..n] {
+            for col in 0..T {
+                amax[col] = amax[col].max(row[col].abs());
+                bad[col] |= !row[col].is_finite();
+            }
+        }
+        let st: [f32; T] = std::array::from_fn(|col| if col < cols { scale_of(amax[col], !bad[col]) } else { 0.0 });
+        let bg = &mut b[g * BCH..(g + 1) * BCH];
+        for (ol, row) in vals[..n].iter().enumerate() {
+            for col in 0..cols {
+                bg[(ol / 4) * 4 * T + col * 4 + ol % 4] = (requant(row[col], st[col]) as i32 + 128) as u8;
+            }
+        }
+        s[g * T..g * T + T].copy_from_slice(&st);
     }
 }
 
@@ -559,46 +761,12 @@ pub fn linear_fwd(isa: DotIsa, w: &PackedWeight, m: usize, x: &[f32], y: &mut [f
     let (groups, nb) = (inp.div_ceil(CH), out.div_ceil(T));
     // B = W^T: per block of 16 output channels, per input group, the int8 values and scale (the
     // int8 base's own; q4's two blocks of the group requantized with one scale).
-    with_bufs(&PACK, (nb * groups * BCH, nb * groups * T, nb * groups * T), |b, cs, s| {
+    with_bufs(&PACK, (nb * groups * BCH, 0, nb * groups * T), |b, _, s| {
         b.par_chunks_mut(groups * BCH)
-            .zip(cs.par_chunks_mut(groups * T))
             .zip(s.par_chunks_mut(groups * T))
             .enumerate()
-            .for_each(|(cb, ((b, cs), s))| {
-                // Zeroed here, in parallel: padding channels and inputs are zero weights.
-                b.fill(0);
-                cs.fill(0);
-                s.fill(0.0);
-                let mut vals = [0f32; CH];
-                for col in 0..T.min(out - cb * T) {
-                    let o = cb * T + col;
-                    for g in 0..groups {
-                        let bg = &mut b[g * BCH..(g + 1) * BCH];
-                        let (k0, len) = (g * CH, CH.min(inp - g * CH));
-                        let mut put = |k: usize, v: i8| {
-                            bg[(k / 4) * 4 * T + col * 4 + k % 4] = v;
-                            cs[g * T + col] += v as i32;
-                        };
-                        match src {
-                            Source::Int8 { q, scale } => {
-                                for (k, &v) in q[o * inp + k0..o * inp + k0 + len].iter().enumerate() {
-                                    put(k, v);
-                                }
-                                s[g * T + col] = scale[o * groups + g];
-                            }
-                            Source::Q4 { .. } => {
-                                src.values(inp, o, k0, &mut vals[..len]);
-                                let sg = requant_scale(vals[..len].iter().copied());
-                                for (k, &v) in vals[..len].iter().enumerate() {
-                                    put(k, requant(v, sg));
-                                }
-                                s[g * T + col] = sg;
-                            }
-                        }
-                    }
-                }
-            });
-        product(isa, x, m, inp, &Packed { b, cs, s, n: out, groups }, y, false)
+            .for_each(|(cb, (b, s))| pack_fwd_wide(src, inp, out, groups, cb, b, s));
+        product(isa, x, m, inp, &Packed { b, s, n: out, groups }, y, false)
     })
 }
 
@@ -613,41 +781,11 @@ pub fn linear_bwd(isa: DotIsa, w: &PackedWeight, m: usize, dy: &[f32], dx: &mut 
     let (groups, nb) = (out.div_ceil(CH), inp.div_ceil(T));
     // B = W: per block of 16 input columns, per group of 64 output channels, the stored weight
     // (`q * sw`, or q4's blocks dequantized) requantized with one scale per (group, column).
-    with_bufs(&PACK, (nb * groups * BCH, nb * groups * T, nb * groups * T), |b, cs, s| {
+    with_bufs(&PACK, (nb * groups * BCH, 0, nb * groups * T), |b, _, s| {
         b.par_chunks_mut(groups * BCH)
-            .zip(cs.par_chunks_mut(groups * T))
             .zip(s.par_chunks_mut(groups * T))
             .enumerate()
-            .for_each(|(kb, ((b, cs), s))| {
-                b.fill(0);
-                cs.fill(0);
-                s.fill(0.0);
-                let (k0, cols) = (kb * T, T.min(inp - kb * T));
-                let mut vals = [[0f32; T]; CH];
-                for g in 0..groups {
-                    let os = g * CH..(g * CH + CH).min(out);
-                    for o in os.clone() {
-                        src.values(inp, o, k0, &mut vals[o - g * CH][..cols]);
-                    }
-                    let n = os.len();
-                    let st: [f32; T] = std::array::from_fn(|col| {
-                        if col < cols {
-                            requant_scale(vals[..n].iter().map(|r| r[col]))
-                        } else {
-                            0.0
-                        }
-                    });
-                    let bg = &mut b[g * BCH..(g + 1) * BCH];
-                    for (ol, row) in vals[..n].iter().enumerate() {
-                        for col in 0..cols {
-                            let v = requant(row[col], st[col]);
-                            bg[(ol / 4) * 4 * T + col * 4 + ol % 4] = v;
-                            cs[g * T + col] += v as i32;
-                        }
-                    }
-                    s[g * T..g * T + T].copy_from_slice(&st);
-                }
-            });
-        product(isa, dy, m, out, &Packed { b, cs, s, n: inp, groups }, dx, true)
+            .for_each(|(kb, (b, s))| pack_bwd_wide(src, inp, out, groups, kb, b, s));
+        product(isa, dy, m, out, &Packed { b, s, n: inp, groups }, dx, true)
     })
 }

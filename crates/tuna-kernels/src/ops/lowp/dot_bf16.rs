@@ -18,7 +18,7 @@
 //! portable twin keeps them; the hardware paths are tested against the portable one within the
 //! f32 rounding of the sum, and each against the bound.
 
-use super::dot::{with_bufs, Bufs};
+use super::dot::{widened, with_bufs, Bufs};
 use super::{PackedWeight, Store};
 use half::bf16;
 use rayon::prelude::*;
@@ -129,7 +129,10 @@ unsafe fn avx512(a: *const u16, a_stride: usize, b: *const u16, chunks: usize, c
             for (r, acc) in acc.iter_mut().enumerate() {
                 let pair = aj.add(r * a_stride + 2 * k2).cast::<i32>().read_unaligned();
                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                // Broadcast operand last: it folds into the instruction as a memory broadcast
+                // (`{1to16}`), one load fewer. The products are exact and their pairs the same
+                // either way round, so the sums are the same bits.
+                *acc = _mm512_dpbf16_ps(*acc, bv, av);
             }
         }
     }
@@ -165,37 +168,63 @@ fn product(isa: Bf16Isa, x: &[f32], m: usize, k: usize, b: &[u16], n: usize, y: 
     let (kp, nb) = (chunks * CH, n.div_ceil(T));
     assert!(x.len() >= m * k && y.len() >= m * n && b.len() >= nb * chunks * BCH);
     y[..m * n].par_chunks_mut(T * n).enumerate().for_each(|(rb, yb)| {
-        let rows = yb.len() / n;
-        let mut run = |a: &mut [u16], c: &mut [f32]| {
-            for r in 0..T {
-                let dst = &mut a[r * kp..(r + 1) * kp];
-                if r < rows {
-                    let src = &x[(rb * T + r) * k..(rb * T + r + 1) * k];
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = bf16::from_f32(v).to_bits();
-                    }
-                    dst[k..].fill(0);
-                } else {
-                    dst.fill(0);
-                }
-            }
-            for cb in 0..nb {
-                tiles(isa, a, kp, &b[cb * chunks * BCH..(cb + 1) * chunks * BCH], chunks, c);
-                let cols = T.min(n - cb * T);
-                for r in 0..rows {
-                    let (dst, src) = (&mut yb[r * n + cb * T..r * n + cb * T + cols], &c[r * T..r * T + cols]);
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        if accumulate {
-                            *d += v;
-                        } else {
-                            *d = v;
-                        }
-                    }
-                }
-            }
-        };
-        with_bufs(&ROWS, (T * kp, T * T, 0), |a, c, _| run(a, c))
+        with_bufs(&ROWS, (T * kp, T * T, 0), |a, c, _| rows_wide(isa, x, k, b, n, rb, yb, accumulate, a, c))
     });
+}
+
+widened! {
+    /// [`rows`], widened.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_wide => rows(
+        isa: Bf16Isa, x: &[f32], k: usize, b: &[u16], n: usize, rb: usize, yb: &mut [f32], accumulate: bool,
+        a: &mut [u16], c: &mut [f32],
+    )
+}
+
+/// Rows `16 rb..` of [`product`] into `yb` (at most 16 rows of `y`), on a thread's buffers: `a`
+/// the rounded rows, `c` the tile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    isa: Bf16Isa,
+    x: &[f32],
+    k: usize,
+    b: &[u16],
+    n: usize,
+    rb: usize,
+    yb: &mut [f32],
+    accumulate: bool,
+    a: &mut [u16],
+    c: &mut [f32],
+) {
+    let (chunks, rows) = (k.div_ceil(CH), yb.len() / n);
+    let (kp, nb) = (chunks * CH, n.div_ceil(T));
+    for r in 0..T {
+        let dst = &mut a[r * kp..(r + 1) * kp];
+        if r < rows {
+            let src = &x[(rb * T + r) * k..(rb * T + r + 1) * k];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = bf16::from_f32(v).to_bits();
+            }
+            dst[k..].fill(0);
+        } else {
+            dst.fill(0);
+        }
+    }
+    for cb in 0..nb {
+        tiles(isa, a, kp, &b[cb * chunks * BCH..(cb + 1) * chunks * BCH], chunks, c);
+        let cols = T.min(n - cb * T);
+        for r in 0..rows {
+            let (dst, src) = (&mut yb[r * n + cb * T..r * n + cb * T + cols], &c[r * T..r * T + cols]);
+            for (d, &v) in dst.iter_mut().zip(src) {
+                if accumulate {
+                    *d += v;
+                } else {
+                    *d = v;
+                }
+            }
+        }
+    }
 }
 
 fn bf16_weight(w: &PackedWeight) -> &[bf16] {

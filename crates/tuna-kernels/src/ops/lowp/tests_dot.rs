@@ -135,13 +135,13 @@ fn hardware_dot_paths_give_the_emulated_bits() {
 
 #[test]
 fn integer_tiles_are_the_plain_integer_products() {
-    // Every byte value, both signs of B at their extremes (-128 included), sums of several
-    // chunks, a row stride wider than the chunks read.
+    // Every byte value, both signs of A at their extremes (-128 included), B from 0 to 255, sums
+    // of several chunks, a row stride wider than the chunks read.
     let test = "lowp::integer_tiles_are_the_plain_integer_products";
     let mut rng = Rng::new(9);
     let (per, sums, stride) = (3, 2, 64 * 6 + 32);
-    let a: Vec<u8> = (0..16 * stride).map(|_| rng.next_u64() as u8).collect();
-    let b: Vec<i8> = (0..1024 * per * sums).map(|_| rng.next_u64() as i8).collect();
+    let a: Vec<i8> = (0..16 * stride).map(|_| rng.next_u64() as i8).collect();
+    let b: Vec<u8> = (0..1024 * per * sums).map(|_| rng.next_u64() as u8).collect();
     let mut want = vec![0i32; 256 * sums];
     for t in 0..sums {
         for j in t * per..(t + 1) * per {
