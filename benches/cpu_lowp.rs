@@ -5,11 +5,13 @@
 //! quantizing (int8) or rounding (bf16) the activations, and laying the stored weight out for the
 //! instructions. Run: `cargo bench -p tuna-kernels --bench cpu_lowp`.
 //!
-//! Floors (printed): `TUNA_PEAK_GFLOPS` (f32, default 300), `TUNA_PEAK_INT8_GOPS` (default 4x the
-//! f32 peak: `vpdpbusd` does 64 multiply-adds per 512-bit instruction where an f32 FMA does 16) and
-//! `TUNA_PEAK_BF16_GFLOPS` (default 2x: `vdpbf16ps` does 32). Set them for the machine at hand.
+//! Peaks, for the "% of peak" columns (printed; set them for the machine at hand):
+//! `TUNA_PEAK_GFLOPS` (f32, default 300), `TUNA_PEAK_INT8_GOPS` and `TUNA_PEAK_BF16_GFLOPS`, whose
+//! defaults scale the f32 peak by the path's multiply-adds per instruction against a 512-bit FMA's
+//! 16, at the same issue rate (which not every core sustains): int8 `vpdpbusd` 4x on 512-bit
+//! registers, 2x on 256-bit (AVX-VNNI), AMX `tdpbsud` 32x; bf16 `vdpbf16ps` 2x, AMX 16x.
 
-use tuna_kernels::ops::lowp::{bf16_path, dot, dot_bf16, matrix_path, BasePrecision, PackedWeight};
+use tuna_kernels::ops::lowp::{bf16_path, dot, dot_bf16, matrix_path, BasePrecision, Bf16Isa, DotIsa, PackedWeight};
 use tuna_kernels::ops::matmul::{MatmulKernel, MatmulParams};
 use tuna_kernels::testing::{best_time, cpu_model, Rng};
 use tuna_kernels::Cpu;
@@ -20,14 +22,19 @@ fn env_f64(name: &str) -> Option<f64> {
 
 fn main() {
     let peak = env_f64("TUNA_PEAK_GFLOPS").unwrap_or(300.0);
-    let peak_i8 = env_f64("TUNA_PEAK_INT8_GOPS").unwrap_or(4.0 * peak);
-    let peak_bf = env_f64("TUNA_PEAK_BF16_GFLOPS").unwrap_or(2.0 * peak);
     let int8 = matrix_path().dot_isa();
     let bf = bf16_path();
+    let i8_scale = match int8 {
+        Some(DotIsa::Amx) => 32.0,
+        Some(DotIsa::AvxVnni) => 2.0,
+        _ => 4.0,
+    };
+    let peak_i8 = env_f64("TUNA_PEAK_INT8_GOPS").unwrap_or(i8_scale * peak);
+    let peak_bf = env_f64("TUNA_PEAK_BF16_GFLOPS").unwrap_or(if bf == Some(Bf16Isa::Amx) { 16.0 } else { 2.0 } * peak);
     println!("CPU: {}, {} rayon threads", cpu_model(), rayon::current_num_threads());
     println!(
-        "int8 path: {}; bf16 path: {}; peaks (floors): f32 {peak} GFLOP/s, int8 {peak_i8} GOP/s, bf16 {peak_bf} \
-         GFLOP/s (TUNA_PEAK_*); best of repeated runs over 1 s\n",
+        "int8 path: {}; bf16 path: {}; peaks for the % columns: f32 {peak} GFLOP/s, int8 {peak_i8} GOP/s, bf16 \
+         {peak_bf} GFLOP/s (TUNA_PEAK_*; nominal); best of repeated runs over 1 s\n",
         int8.map_or("none (widened to f32; nothing to measure here)", |i| i.name()),
         bf.map_or("none (widened to f32; nothing to measure here)", |i| i.name()),
     );
@@ -36,11 +43,11 @@ fn main() {
     // (name, tokens, in, out): y[tokens, out] = x[tokens, in] W^T
     let shapes = [
         ("square", 1024, 1024, 1024),
-        ("MiniLM q|k|v|o (32x84 tok)", 2688, 384, 384),
+        ("MiniLM q/k/v/o (32x84 tok)", 2688, 384, 384),
         ("MiniLM mlp up (32x84 tok)", 2688, 384, 1536),
         ("MiniLM mlp down (32x84 tok)", 2688, 1536, 384),
-        ("SmolLM2 q|o (4x148 tok)", 592, 576, 576),
-        ("SmolLM2 mlp gate|up (4x148 tok)", 592, 576, 1536),
+        ("SmolLM2 q/o (4x148 tok)", 592, 576, 576),
+        ("SmolLM2 mlp gate/up (4x148 tok)", 592, 576, 1536),
         ("SmolLM2 mlp down (4x148 tok)", 592, 1536, 576),
     ];
     let mut rng = Rng::new(7);

@@ -126,7 +126,7 @@ pub fn matrix_line() -> String {
                 MatrixPath::Avx512Vnni => "AVX-512 VNNI",
                 _ => "AVX-VNNI",
             },
-            if p == MatrixPath::Amx { "tdpbusd" } else { "vpdpbusd" }
+            if p == MatrixPath::Amx { "tdpbsud" } else { "vpdpbusd" }
         ),
         Err(e) => format!("int8 base: refused: {e}"),
     };

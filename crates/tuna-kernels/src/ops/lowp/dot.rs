@@ -1,5 +1,5 @@
 //! The int8 dot-product path of an int8 (or q4) frozen base: both products in integers, on the CPU's
-//! integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`), or on a
+//! integer dot-product instructions (AMX `tdpbsud`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`), or on a
 //! portable Rust twin of them ([`DotIsa::Emulated`]) that computes the same integers.
 //!
 //! **Forward**, `y = x W^T`: `x` is quantized on the fly, symmetric, one f32 scale per row and
@@ -16,11 +16,12 @@
 //! quantized per row and group of 64 output channels as `x` is, and
 //! `dx += sum_g f32(I_g) * st_g * sdy_g`.
 //!
-//! The instructions multiply unsigned by signed bytes: the weights are laid out shifted by 128
-//! (`u = q + 128`, in 1..=255) and the activations stay signed, so that each instruction takes its
-//! activation bytes as a memory broadcast (`{1to16}`, the signed operand's place); `128 * sum qx`
-//! over each row's group is taken off the integer sum (exact). Every integer is exact on every path, and the f32 work after it is the same Rust code
-//! for all of them, so all paths give the same bits: the emulated path *is* the hardware paths'
+//! `vpdpbusd` multiplies unsigned by signed bytes (AMX's `tdpbsud` signed by unsigned): the
+//! weights are laid out shifted by 128 (`u = q + 128`, in 1..=255) and the activations stay
+//! signed, so that on AVX-512 each instruction takes a row's four activation bytes as its memory
+//! broadcast (`{1to16}`, only the signed operand's place has one); `128 * sum qx` over each row's
+//! group is taken off the integer sum (exact). Every integer is exact on every path, and the f32
+//! work after it is the same Rust code for all of them, so all paths give the same bits: the emulated path *is* the hardware paths'
 //! arithmetic, which is how they are tested on a CPU that lacks the instructions (and, where the
 //! CPU has them, each is tested against the emulated path bit for bit).
 //!
@@ -57,7 +58,7 @@ pub enum DotIsa {
     AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` on 512-bit registers.
     Avx512Vnni,
-    /// AMX tiles, `tdpbusd`.
+    /// AMX tiles, `tdpbsud`.
     Amx,
 }
 
@@ -108,7 +109,71 @@ const BCH: usize = CH * T;
 /// the 1024 unsigned bytes at `b[1024 j..]`, laid out four reduction values at a time
 /// (`b[k4 * 64 + col * 4 + i]` = B[4 k4 + i, col]), as `vpdpbusd` (B its unsigned operand, A's
 /// four bytes broadcast as its signed one) and AMX `tdpbsud` take them.
+/// (The tests' entry; the products run in a [`TileSession`] through [`tiles_in`].)
+#[cfg(test)]
 pub(super) fn tiles(isa: DotIsa, a: &[i8], a_stride: usize, b: &[u8], per: usize, sums: usize, c: &mut [i32]) {
+    tiles_on(isa, a, a_stride, b, per, sums, c, false)
+}
+
+/// AMX's tile configuration loaded on this thread while the session lives (nothing on the other
+/// paths), so that a run of [`tiles_in`] calls loads it once, not around every tile.
+struct TileSession {
+    amx: bool,
+}
+
+impl TileSession {
+    fn begin(isa: DotIsa) -> TileSession {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if isa == DotIsa::Amx {
+            assert!(isa.available(), "this CPU cannot run amx");
+            // SAFETY: the CPU has AMX and Linux granted the tile state (checked above); `drop`
+            // releases it on this thread (the session is not Send).
+            unsafe { amx::configure() };
+            return TileSession { amx: true };
+        }
+        let _ = isa;
+        TileSession { amx: false }
+    }
+}
+
+impl Drop for TileSession {
+    fn drop(&mut self) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.amx {
+            // SAFETY: `begin` loaded the configuration on this thread.
+            unsafe { amx::release() };
+        }
+    }
+}
+
+/// [`tiles`] inside a [`TileSession`] of the same `isa`.
+#[allow(clippy::too_many_arguments)]
+fn tiles_in(
+    session: &TileSession,
+    isa: DotIsa,
+    a: &[i8],
+    a_stride: usize,
+    b: &[u8],
+    per: usize,
+    sums: usize,
+    c: &mut [i32],
+) {
+    tiles_on(isa, a, a_stride, b, per, sums, c, session.amx)
+}
+
+/// [`tiles`]; `configured`: AMX's configuration is already loaded on this thread.
+#[allow(clippy::too_many_arguments)]
+fn tiles_on(
+    isa: DotIsa,
+    a: &[i8],
+    a_stride: usize,
+    b: &[u8],
+    per: usize,
+    sums: usize,
+    c: &mut [i32],
+    configured: bool,
+) {
+    let _ = configured;
     assert!(a_stride >= CH * sums * per && a.len() >= (T - 1) * a_stride + CH * sums * per);
     assert!(b.len() >= BCH * sums * per && c.len() >= T * T * sums && per >= 1);
     match isa {
@@ -122,7 +187,7 @@ pub(super) fn tiles(isa: DotIsa, a: &[i8], a_stride: usize, b: &[u8], per: usize
         DotIsa::Avx512Vnni => unsafe { vnni512(a.as_ptr(), a_stride, b.as_ptr(), per, sums, c.as_mut_ptr()) },
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // SAFETY: as above (and `available()` asked the kernel for the tile state).
-        DotIsa::Amx => unsafe { amx_tiles(a.as_ptr(), a_stride, b.as_ptr(), per, sums, c.as_mut_ptr()) },
+        DotIsa::Amx => unsafe { amx_tiles(a.as_ptr(), a_stride, b.as_ptr(), per, sums, c.as_mut_ptr(), configured) },
         #[allow(unreachable_patterns)]
         _ => unreachable!("{} is not available on this target", isa.name()),
     }
@@ -330,7 +395,7 @@ pub(crate) mod amx {
     }
 
     tile_sum!(
-        /// `c (16 x 16 i32) = sum over the chunks of A (i8) B (u8)`: `tdpbsud`.
+        /// `c (16 x 16 i32) = sum over the chunks of A (i8, passed as bytes) B (u8)`: `tdpbsud`.
         dpbsud,
         "tdpbsud"
     );
@@ -342,15 +407,27 @@ pub(crate) mod amx {
 }
 
 /// # Safety
-/// The CPU has AMX-TILE and AMX-INT8, [`amx_permitted`] returned true, and the pointers cover what
-/// [`tiles`] asserts.
+/// The CPU has AMX-TILE and AMX-INT8, [`amx_permitted`] returned true, the pointers cover what
+/// [`tiles`] asserts, and where `configured` the tile configuration is loaded on this thread.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-unsafe fn amx_tiles(a: *const i8, a_stride: usize, b: *const u8, per: usize, sums: usize, c: *mut i32) {
-    amx::configure();
+unsafe fn amx_tiles(
+    a: *const i8,
+    a_stride: usize,
+    b: *const u8,
+    per: usize,
+    sums: usize,
+    c: *mut i32,
+    configured: bool,
+) {
+    if !configured {
+        amx::configure();
+    }
     for t in 0..sums {
         amx::dpbsud(a.add(CH * t * per).cast(), a_stride, b.add(BCH * t * per), per, c.add(t * T * T).cast());
     }
-    amx::release();
+    if !configured {
+        amx::release();
+    }
 }
 
 thread_local! {
@@ -367,7 +444,7 @@ thread_local! {
 /// baseline target (SSE2) runs four lanes at a time. The operations and their order are the same
 /// at every width (Rust never contracts `a * b + c` into an FMA, and the maxima and integer sums
 /// are exact), so the bits are too.
-macro_rules! widened {
+macro_rules! vectorized {
     ($(#[$m:meta])* $vis:vis fn $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
@@ -395,15 +472,15 @@ macro_rules! widened {
         }
     };
 }
-pub(super) use widened;
+pub(super) use vectorized;
 
 /// 2 where the CPU has AVX-512 (F, BW, DQ, VL), 1 where it has AVX2 and FMA, else 0 (see
-/// [`widened`]).
+/// [`vectorized`]).
 pub(crate) fn wide_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") && has!("avx2") && has!("fma") {
             return 2;
         }
         if has!("avx2") && has!("fma") {
@@ -454,12 +531,9 @@ fn quantize_row(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     dst[src.len()..].fill(0);
     let mut sum = 0i32;
     if s > 0.0 {
-        // requant's arithmetic through i32 (a clamped value converts exactly; a saturating
-        // conversion to i8 would not vectorize)
         for (d, &v) in dst.iter_mut().zip(src) {
-            let q = round_even(v / s).clamp(-127.0, 127.0) as i32;
-            sum += q;
-            *d = q as i8;
+            *d = requant(v, s);
+            sum += *d as i32;
         }
     } else {
         dst[..src.len()].fill(0);
@@ -491,8 +565,8 @@ fn product(isa: DotIsa, x: &[f32], m: usize, k: usize, p: &Packed, y: &mut [f32]
     });
 }
 
-widened! {
-    /// [`product_rows`], widened.
+vectorized! {
+    /// [`product_rows`], vectorized.
     #[allow(clippy::too_many_arguments)]
     fn product_rows_wide => product_rows(
         isa: DotIsa, x: &[f32], k: usize, p: &Packed, rb: usize, yb: &mut [f32], accumulate: bool,
@@ -537,13 +611,14 @@ fn product_rows(
             rsum[r * groups..(r + 1) * groups].fill(0);
         }
     }
+    let session = TileSession::begin(isa);
     for cb in 0..nb {
         // Group by group, each tile's epilogue while the tile is in the L1 cache; each output's
         // sum over the groups added in group order.
         let mut acc = [[0f32; T]; T];
         for g in 0..groups {
             let at = (cb * groups + g) * T;
-            tiles(isa, &a[g * CH..], kp, &p.b[at * CH..(at + T) * CH], 1, 1, c);
+            tiles_in(&session, isa, &a[g * CH..], kp, &p.b[at * CH..(at + T) * CH], 1, 1, c);
             let s = &p.s[at..at + T];
             for (r, (accr, cr)) in acc[..rows].iter_mut().zip(c.chunks_exact(T)).enumerate() {
                 let (sxg, shift) = (sx[r * groups + g], 128 * rsum[r * groups + g]);
@@ -649,14 +724,16 @@ fn scale_of(amax: f32, finite: bool) -> f32 {
 fn requant(v: f32, s: f32) -> i8 {
     // Divided, not multiplied by 1/s (1/s overflows for a group of subnormals); |v / s| <= 127.
     if s > 0.0 {
+        // through i32: a clamped value converts exactly, and a saturating conversion to i8 would
+        // not vectorize
         round_even(v / s).clamp(-127.0, 127.0) as i32 as i8
     } else {
         0
     }
 }
 
-widened! {
-    /// [`pack_fwd`], widened.
+vectorized! {
+    /// [`pack_fwd`], vectorized.
     #[allow(clippy::too_many_arguments)]
     fn pack_fwd_wide => pack_fwd(
         src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &mut [u8], s: &mut [f32],
@@ -699,8 +776,8 @@ fn pack_fwd(src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &m
     }
 }
 
-widened! {
-    /// [`pack_bwd`], widened.
+vectorized! {
+    /// [`pack_bwd`], vectorized.
     #[allow(clippy::too_many_arguments)]
     fn pack_bwd_wide => pack_bwd(
         src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &mut [u8], s: &mut [f32],
@@ -708,7 +785,7 @@ widened! {
 }
 
 /// Block `kb` of 16 input columns of `W` for [`product`]: per group of 64 output channels, the
-/// stored weight requantized with one scale per (group, column), the values' sums and the scales.
+/// stored weight requantized with one scale per (group, column) (shifted by 128) and the scales.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pack_bwd(src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &mut [u8], s: &mut [f32]) {

@@ -18,7 +18,7 @@
 //! portable twin keeps them; the hardware paths are tested against the portable one within the
 //! f32 rounding of the sum, and each against the bound.
 
-use super::dot::{widened, with_bufs, Bufs};
+use super::dot::{vectorized, with_bufs, Bufs};
 use super::{PackedWeight, Store};
 use half::bf16;
 use rayon::prelude::*;
@@ -172,8 +172,8 @@ fn product(isa: Bf16Isa, x: &[f32], m: usize, k: usize, b: &[u16], n: usize, y: 
     });
 }
 
-widened! {
-    /// [`rows`], widened.
+vectorized! {
+    /// [`rows`], vectorized.
     #[allow(clippy::too_many_arguments)]
     fn rows_wide => rows(
         isa: Bf16Isa, x: &[f32], k: usize, b: &[u16], n: usize, rb: usize, yb: &mut [f32], accumulate: bool,

@@ -12,7 +12,7 @@
 //! taken as they are by [`PackedWeight::from_q4`], rows `[out]` of blocks along `in`.
 //!
 //! Compute, CPU, int8 and q4: the instruction path [`matrix_path`] picks at run time. Where the CPU
-//! has integer dot-product instructions (AMX `tdpbusd`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`) the
+//! has integer dot-product instructions (AMX `tdpbsud`, AVX-512 VNNI or AVX-VNNI `vpdpbusd`) the
 //! products run in integers ([`dot`]: activations and output gradients quantized per row and group
 //! on the fly, i32 sums per weight group, f32 after; q4's blocks requantized to int8 per group of 64
 //! as the product packs them); bf16 likewise on bf16 dot products where the CPU has them
@@ -101,7 +101,7 @@ impl std::str::FromStr for BasePrecision {
 /// The instructions an int8 base's products use, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatrixPath {
-    /// AMX tiles (`tdpbusd`), Sapphire Rapids and later.
+    /// AMX tiles (`tdpbsud`), Sapphire Rapids and later.
     Amx,
     /// AVX-512 VNNI (`vpdpbusd` on 512-bit registers).
     Avx512Vnni,

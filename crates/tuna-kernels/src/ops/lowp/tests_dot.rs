@@ -329,3 +329,32 @@ fn each_weight_the_products_use_is_the_stored_one_within_half_a_step() {
         }
     }
 }
+
+#[test]
+fn the_int8_products_keep_their_bits() {
+    // A fingerprint of the portable path's forward and input-gradient bits (int8, Q4_0, Q4_1; odd
+    // shapes, partial groups and blocks). Every path gives these bits (tested above), so a change to
+    // the shared arithmetic that moves a single bit shows here. Recorded from d66f238 and unchanged
+    // since; if a change is meant to move them, check it against the bounds above and record anew.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (seed, (m, out, inp)) in
+        [(1u64, (37usize, 50usize, 224usize)), (2, (16, 16, 64)), (3, (70, 130, 96)), (4, (5, 64, 1536))]
+    {
+        for fmt in [None, Some(Q4Format::Q4_0), Some(Q4Format::Q4_1)] {
+            let mut rng = Rng::new(seed);
+            let (pw, _) = weights(&mut rng, fmt, out, inp, 0.3);
+            let (x, dy) = (rand(&mut rng, m * inp, 1.0), rand(&mut rng, m * out, 1.0));
+            let (mut y, mut dx) = (vec![0f32; m * out], rand(&mut rng, m * inp, 0.1));
+            dot::linear_fwd(DotIsa::Emulated, &pw, m, &x, &mut y);
+            dot::linear_bwd(DotIsa::Emulated, &pw, m, &dy, &mut dx);
+            for v in y.iter().chain(&dx) {
+                h = (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    assert_eq!(h, GOLDEN, "the int8 dot path's bits moved: {h:#018x}");
+}
+
+/// [`the_int8_products_keep_their_bits`]: recorded from d66f238 (before the per-group epilogue,
+/// the vectorized quantization and the signed-activation layout, which kept them).
+const GOLDEN: u64 = 0x91f3_443b_f2b8_4b46;
