@@ -21,9 +21,10 @@
 //! signed, so that on AVX-512 each instruction takes a row's four activation bytes as its memory
 //! broadcast (`{1to16}`, only the signed operand's place has one); `128 * sum qx` over each row's
 //! group is taken off the integer sum (exact). Every integer is exact on every path, and the f32
-//! work after it is the same Rust code for all of them, so all paths give the same bits: the emulated path *is* the hardware paths'
-//! arithmetic, which is how they are tested on a CPU that lacks the instructions (and, where the
-//! CPU has them, each is tested against the emulated path bit for bit).
+//! work after it is the same Rust code for all of them, so all paths give the same bits: the
+//! emulated path *is* the hardware paths' arithmetic, which is how they are tested on a CPU that
+//! lacks the instructions (and, where the CPU has them, each is tested against the emulated path
+//! bit for bit; `the_int8_products_keep_their_bits` pins the bits themselves).
 //!
 //! **Error bound** (tested against an f64 product with the original f32 weight): per output
 //! element `|y - y_ref| <= sum_k (|x_k| e_w(k) + e_x |w~_k|) + f32 rounding`, where `e_w(k) =
@@ -119,6 +120,8 @@ pub(super) fn tiles(isa: DotIsa, a: &[i8], a_stride: usize, b: &[u8], per: usize
 /// paths), so that a run of [`tiles_in`] calls loads it once, not around every tile.
 struct TileSession {
     amx: bool,
+    /// Not `Send`: the configuration belongs to the thread that loaded it.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl TileSession {
@@ -127,12 +130,12 @@ impl TileSession {
         if isa == DotIsa::Amx {
             assert!(isa.available(), "this CPU cannot run amx");
             // SAFETY: the CPU has AMX and Linux granted the tile state (checked above); `drop`
-            // releases it on this thread (the session is not Send).
+            // releases it on this thread (the session is not `Send`).
             unsafe { amx::configure() };
-            return TileSession { amx: true };
+            return TileSession { amx: true, _thread: std::marker::PhantomData };
         }
         let _ = isa;
-        TileSession { amx: false }
+        TileSession { amx: false, _thread: std::marker::PhantomData }
     }
 }
 
@@ -741,7 +744,8 @@ vectorized! {
 }
 
 /// Block `cb` of 16 output channels of `W^T` for [`product`]: per input group, the int8 values
-/// (shifted by 128) and the scale (the int8 base's own; q4's two blocks of the group requantized with one scale).
+/// (shifted by 128) and the scale (the int8 base's own; q4's two blocks of the group requantized
+/// with one scale).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pack_fwd(src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &mut [u8], s: &mut [f32]) {
