@@ -668,10 +668,16 @@ impl Source<'_> {
     fn values(self, inp: usize, o: usize, k0: usize, dst: &mut [f32]) {
         match self {
             Source::Int8 { q, scale } => {
-                let groups = inp.div_ceil(CH);
-                for (i, d) in dst.iter_mut().enumerate() {
-                    let k = k0 + i;
-                    *d = q[o * inp + k] as f32 * scale[o * groups + k / CH];
+                // A group's stretch at a time, its scale hoisted (so that the loop vectorizes).
+                let (groups, end) = (inp.div_ceil(CH), k0 + dst.len());
+                let mut k = k0;
+                while k < end {
+                    let (g, stop) = (k / CH, ((k / CH + 1) * CH).min(end));
+                    let sc = scale[o * groups + g];
+                    for (d, &v) in dst[k - k0..stop - k0].iter_mut().zip(&q[o * inp + k..o * inp + stop]) {
+                        *d = v as f32 * sc;
+                    }
+                    k = stop;
                 }
             }
             Source::Q4 { fmt, blocks } => {
@@ -812,10 +818,24 @@ fn pack_bwd(src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &m
             }
         }
         let st: [f32; T] = std::array::from_fn(|col| if col < cols { scale_of(amax[col], !bad[col]) } else { 0.0 });
+        // Four channels at a time: each column's four bytes lie together. Every column is written
+        // (past `cols` the values and scales are 0, so the bytes are the zero weight's 128), which
+        // keeps the loops' bounds fixed so that they vectorize.
         let bg = &mut b[g * BCH..(g + 1) * BCH];
-        for (ol, row) in vals[..n].iter().enumerate() {
-            for col in 0..cols {
-                bg[(ol / 4) * 4 * T + col * 4 + ol % 4] = (requant(row[col], st[col]) as i32 + 128) as u8;
+        for (c4, out4) in bg.chunks_exact_mut(4 * T).enumerate().take(n.div_ceil(4)) {
+            let mut q = [[0i8; T]; 4];
+            for (i, qi) in q.iter_mut().enumerate() {
+                if 4 * c4 + i < n {
+                    let row = &vals[4 * c4 + i];
+                    for col in 0..T {
+                        qi[col] = requant(row[col], st[col]);
+                    }
+                }
+            }
+            for col in 0..T {
+                for i in 0..4 {
+                    out4[col * 4 + i] = (q[i][col] as i32 + 128) as u8;
+                }
             }
         }
         s[g * T..g * T + T].copy_from_slice(&st);
