@@ -763,24 +763,29 @@ fn pack_fwd(src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &m
     for col in 0..T.min(out - cb * T) {
         let o = cb * T + col;
         for g in 0..groups {
-            let bg = &mut b[g * BCH..(g + 1) * BCH];
             let (k0, len) = (g * CH, CH.min(inp - g * CH));
-            let mut put = |k: usize, v: i8| bg[(k / 4) * 4 * T + col * 4 + k % 4] = (v as i32 + 128) as u8;
+            // The group's 64 bytes first (past `len`, the zero weight's 128), then four at a time
+            // into their places.
+            let mut qb = [128u8; CH];
             match src {
                 Source::Int8 { q, scale } => {
-                    for (k, &v) in q[o * inp + k0..o * inp + k0 + len].iter().enumerate() {
-                        put(k, v);
+                    for (d, &v) in qb.iter_mut().zip(&q[o * inp + k0..o * inp + k0 + len]) {
+                        *d = (v as i32 + 128) as u8;
                     }
                     s[g * T + col] = scale[o * groups + g];
                 }
                 Source::Q4 { .. } => {
                     src.values(inp, o, k0, &mut vals[..len]);
                     let sg = requant_scale(&vals[..len]);
-                    for (k, &v) in vals[..len].iter().enumerate() {
-                        put(k, requant(v, sg));
+                    for (d, &v) in qb.iter_mut().zip(&vals[..len]) {
+                        *d = (requant(v, sg) as i32 + 128) as u8;
                     }
                     s[g * T + col] = sg;
                 }
+            }
+            let bg = &mut b[g * BCH..(g + 1) * BCH];
+            for (k4, four) in qb.chunks_exact(4).enumerate() {
+                bg[k4 * 4 * T + col * 4..k4 * 4 * T + col * 4 + 4].copy_from_slice(four);
             }
         }
     }

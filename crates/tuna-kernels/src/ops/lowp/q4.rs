@@ -47,12 +47,13 @@ impl std::fmt::Display for Q4Format {
     }
 }
 
+#[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Dequantizes one block `b` (exactly [`Q4Format::block_bytes`] bytes) into `y` (32 values).
-#[inline]
+#[inline(always)]
 pub fn dequant_block(fmt: Q4Format, b: &[u8], y: &mut [f32]) {
     debug_assert_eq!(b.len(), fmt.block_bytes());
     let (lo, hi) = y[..Q4_BLOCK].split_at_mut(Q4_BLOCK / 2);
