@@ -741,6 +741,12 @@ fn requant(v: f32, s: f32) -> i8 {
     }
 }
 
+/// A weight byte as the tiles take it: `q + 128`, in 1..=255 for the int8 range (128 is zero).
+#[inline(always)]
+fn shifted(q: i8) -> u8 {
+    (q as i32 + 128) as u8
+}
+
 vectorized! {
     /// [`pack_fwd`], vectorized.
     #[allow(clippy::too_many_arguments)]
@@ -770,7 +776,7 @@ fn pack_fwd(src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &m
             match src {
                 Source::Int8 { q, scale } => {
                     for (d, &v) in qb.iter_mut().zip(&q[o * inp + k0..o * inp + k0 + len]) {
-                        *d = (v as i32 + 128) as u8;
+                        *d = shifted(v);
                     }
                     s[g * T + col] = scale[o * groups + g];
                 }
@@ -778,7 +784,7 @@ fn pack_fwd(src: Source, inp: usize, out: usize, groups: usize, cb: usize, b: &m
                     src.values(inp, o, k0, &mut vals[..len]);
                     let sg = requant_scale(&vals[..len]);
                     for (d, &v) in qb.iter_mut().zip(&vals[..len]) {
-                        *d = (requant(v, sg) as i32 + 128) as u8;
+                        *d = shifted(requant(v, sg));
                     }
                     s[g * T + col] = sg;
                 }
@@ -839,7 +845,7 @@ fn pack_bwd(src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &m
             }
             for col in 0..T {
                 for i in 0..4 {
-                    out4[col * 4 + i] = (q[i][col] as i32 + 128) as u8;
+                    out4[col * 4 + i] = shifted(q[i][col]);
                 }
             }
         }
