@@ -632,14 +632,22 @@ fn product_rows(
         }
         let cols = T.min(n - cb * T);
         for (r, accr) in acc[..rows].iter().enumerate() {
-            let dst = &mut yb[r * n + cb * T..r * n + cb * T + cols];
-            if accumulate {
-                for (d, &v) in dst.iter_mut().zip(accr) {
-                    *d += v;
-                }
-            } else {
-                dst.copy_from_slice(&accr[..cols]);
-            }
+            store(&mut yb[r * n + cb * T..r * n + cb * T + cols], accr, accumulate);
+        }
+    }
+}
+
+/// `dst = src[..dst.len()]`, or `+=` when `accumulate`: a tile row into the product's output.
+#[inline(always)]
+pub(super) fn store(dst: &mut [f32], src: &[f32], accumulate: bool) {
+    if accumulate {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += v;
+        }
+    } else {
+        // a loop, not copy_from_slice: at 16 values a memcpy call costs more than the copy
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v;
         }
     }
 }
@@ -697,24 +705,52 @@ impl Source<'_> {
     }
 }
 
+/// `max|v|` and whether any `v` was not finite, kept in 16 lanes: a maximum is exact in any
+/// order, so the lanes let the loops vectorize without changing a result.
+struct AbsMax {
+    amax: [f32; T],
+    bad: [bool; T],
+}
+
+impl AbsMax {
+    #[inline(always)]
+    fn new() -> AbsMax {
+        AbsMax { amax: [0.0; T], bad: [false; T] }
+    }
+
+    /// Takes in `v` (at most 16 values), `v[i]` into lane `i`.
+    #[inline(always)]
+    fn add(&mut self, v: &[f32]) {
+        for ((m, b), &v) in self.amax.iter_mut().zip(&mut self.bad).zip(v) {
+            *m = m.max(v.abs());
+            *b |= !v.is_finite();
+        }
+    }
+
+    /// Lane `i`'s int8 scale ([`scale_of`]).
+    #[inline(always)]
+    fn lane_scale(&self, i: usize) -> f32 {
+        scale_of(self.amax[i], !self.bad[i])
+    }
+
+    /// The int8 scale of everything taken in ([`scale_of`]).
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        scale_of(self.amax.iter().fold(0f32, |m, &v| m.max(v)), !self.bad.contains(&true))
+    }
+}
+
 /// The int8 scale of `vals` (symmetric: `max|v| / 127`), or NaN where one of them is not finite
 /// (every product the group enters is then NaN, as an f32 product with the weight would be).
 #[inline(always)]
 fn requant_scale(vals: &[f32]) -> f32 {
-    // Sixteen lanes, so that it vectorizes (a maximum is exact in any order).
-    let (mut amax, mut bad) = ([0f32; 16], [false; 16]);
-    let mut chunks = vals.chunks_exact(16);
+    let mut m = AbsMax::new();
+    let mut chunks = vals.chunks_exact(T);
     for c in &mut chunks {
-        for i in 0..16 {
-            amax[i] = amax[i].max(c[i].abs());
-            bad[i] |= !c[i].is_finite();
-        }
+        m.add(c);
     }
-    for (i, &v) in chunks.remainder().iter().enumerate() {
-        amax[i] = amax[i].max(v.abs());
-        bad[i] |= !v.is_finite();
-    }
-    scale_of(amax.iter().fold(0f32, |m, &v| m.max(v)), !bad.contains(&true))
+    m.add(chunks.remainder());
+    m.scale()
 }
 
 /// `amax / 127`, or NaN where the values were not all finite.
@@ -820,15 +856,12 @@ fn pack_bwd(src: Source, inp: usize, out: usize, groups: usize, kb: usize, b: &m
             src.values(inp, o, k0, &mut vals[o - g * CH][..cols]);
         }
         let n = os.len();
-        // Each column's scale, the columns as lanes (see requant_scale).
-        let (mut amax, mut bad) = ([0f32; T], [false; T]);
+        // Each column's scale, the columns as lanes.
+        let mut m = AbsMax::new();
         for row in &vals[..n] {
-            for col in 0..T {
-                amax[col] = amax[col].max(row[col].abs());
-                bad[col] |= !row[col].is_finite();
-            }
+            m.add(row);
         }
-        let st: [f32; T] = std::array::from_fn(|col| if col < cols { scale_of(amax[col], !bad[col]) } else { 0.0 });
+        let st: [f32; T] = std::array::from_fn(|col| if col < cols { m.lane_scale(col) } else { 0.0 });
         // Four channels at a time: each column's four bytes lie together. Every column is written
         // (past `cols` the values and scales are 0, so the bytes are the zero weight's 128), which
         // keeps the loops' bounds fixed so that they vectorize.

@@ -18,7 +18,7 @@
 //! portable twin keeps them; the hardware paths are tested against the portable one within the
 //! f32 rounding of the sum, and each against the bound.
 
-use super::dot::{vectorized, with_bufs, Bufs};
+use super::dot::{store, vectorized, with_bufs, Bufs};
 use super::{PackedWeight, Store};
 use half::bf16;
 use rayon::prelude::*;
@@ -215,14 +215,7 @@ fn rows(
         tiles(isa, a, kp, &b[cb * chunks * BCH..(cb + 1) * chunks * BCH], chunks, c);
         let cols = T.min(n - cb * T);
         for r in 0..rows {
-            let (dst, src) = (&mut yb[r * n + cb * T..r * n + cb * T + cols], &c[r * T..r * T + cols]);
-            for (d, &v) in dst.iter_mut().zip(src) {
-                if accumulate {
-                    *d += v;
-                } else {
-                    *d = v;
-                }
-            }
+            store(&mut yb[r * n + cb * T..r * n + cb * T + cols], &c[r * T..(r + 1) * T], accumulate);
         }
     }
 }
