@@ -2,7 +2,8 @@
 //   fwd: mean = sum(x)/D, rstd = 1/sqrt(sum((x-mean)^2)/D + eps), y = (x-mean)*rstd*gamma + beta
 //   bwd: xhat = (x-mean)*rstd, g = dy*gamma,
 //        dx += rstd * (g - mean(g) - xhat * mean(g*xhat)); dgamma += sum_rows dy*xhat; dbeta += sum_rows dy
-// Symbols: layernorm_{fwd,bwd}_{warp,block}_<T> (row kernels, see norm.cuh), layernorm_bwd_params_<T>
+// Symbols: layernorm_{fwd,bwd}_{warp,block}_<T> and add_layernorm_fwd_{warp,block}_<T> (row
+// kernels, see norm.cuh; the add variant writes h = x + r and normalizes it), layernorm_bwd_params_<T>
 // (per-chunk partials of dgamma/dbeta) and layernorm_bwd_reduce_f32 (partials into dgamma/dbeta).
 #include "common.cuh"
 #include "norm.cuh"
@@ -13,16 +14,12 @@ struct LayerNormParams {
     float eps;
 };
 
+// The forward of one row `xr` whose threads' partial sums `s` of the row are already taken (the
+// caller's first pass): the mean, then the variance and y from second and third passes over xr.
 template <typename T, bool WARP>
-__device__ void layernorm_fwd(const LayerNormParams p, const T* x, const T* gamma, const T* beta, T* y,
-                              float* mean, float* rstd) {
-    TUNA_SHARED(float, scratch, [32]);
-    const NormLane l = norm_lane<WARP>();
-    if (l.row >= p.rows) return;  // uniform across the warp (WARP) or the block
-    const T* xr = x + l.row * p.dim;
-    T* yr = y + l.row * p.dim;
-    float s = 0.f;
-    for (u32_t i = l.t; i < p.dim; i += l.stride) s += ld(xr, i);
+__device__ __forceinline__ void layernorm_row(const LayerNormParams p, const NormLane l, const T* xr, float s,
+                                              const T* gamma, const T* beta, T* yr, float* mean, float* rstd,
+                                              float* scratch) {
     const float mu = norm_row_sum<WARP>(s, scratch) / (float)p.dim;
     float v = 0.f;
     for (u32_t i = l.t; i < p.dim; i += l.stride) {
@@ -35,6 +32,37 @@ __device__ void layernorm_fwd(const LayerNormParams p, const T* x, const T* gamm
         mean[l.row] = mu;
         rstd[l.row] = rs;
     }
+}
+
+template <typename T, bool WARP>
+__device__ void layernorm_fwd(const LayerNormParams p, const T* x, const T* gamma, const T* beta, T* y,
+                              float* mean, float* rstd) {
+    TUNA_SHARED(float, scratch, [32]);
+    const NormLane l = norm_lane<WARP>();
+    if (l.row >= p.rows) return;  // uniform across the warp (WARP) or the block
+    const T* xr = x + l.row * p.dim;
+    float s = 0.f;
+    for (u32_t i = l.t; i < p.dim; i += l.stride) s += ld(xr, i);
+    layernorm_row<T, WARP>(p, l, xr, s, gamma, beta, y + l.row * p.dim, mean, rstd, scratch);
+}
+
+// h = x + r (stored as T, as add_fwd stores it), then the forward of h: bitwise add_fwd then
+// layernorm_fwd. Each thread reads back only the elements of h it wrote itself (the same
+// i = t, t + stride, ... in every pass), so no barrier separates the add from the norm.
+template <typename T, bool WARP>
+__device__ void add_layernorm_fwd(const LayerNormParams p, const T* x, const T* r, const T* gamma, const T* beta,
+                                  T* h, T* y, float* mean, float* rstd) {
+    TUNA_SHARED(float, scratch, [32]);
+    const NormLane l = norm_lane<WARP>();
+    if (l.row >= p.rows) return;
+    const u64_t off = l.row * p.dim;
+    T* hr = h + off;
+    float s = 0.f;
+    for (u32_t i = l.t; i < p.dim; i += l.stride) {
+        st(hr, i, ld(x, off + i) + ld(r, off + i));
+        s += ld(hr, i);
+    }
+    layernorm_row<T, WARP>(p, l, hr, s, gamma, beta, y + off, mean, rstd, scratch);
 }
 
 // dx only; dgamma/dbeta come from layernorm_bwd_params + layernorm_bwd_reduce.
@@ -69,6 +97,16 @@ __device__ void layernorm_bwd(const LayerNormParams p, const T* x, const T* gamm
     extern "C" __global__ void layernorm_fwd_block_##NAME(const LayerNormParams p, const T* x, const T* gamma,\
                                                           const T* beta, T* y, float* mean, float* rstd) {     \
         layernorm_fwd<T, false>(p, x, gamma, beta, y, mean, rstd);                                             \
+    }                                                                                                          \
+    extern "C" __global__ void add_layernorm_fwd_warp_##NAME(const LayerNormParams p, const T* x, const T* r, \
+                                                             const T* gamma, const T* beta, T* h, T* y,        \
+                                                             float* mean, float* rstd) {                       \
+        add_layernorm_fwd<T, true>(p, x, r, gamma, beta, h, y, mean, rstd);                                    \
+    }                                                                                                          \
+    extern "C" __global__ void add_layernorm_fwd_block_##NAME(const LayerNormParams p, const T* x, const T* r,\
+                                                              const T* gamma, const T* beta, T* h, T* y,       \
+                                                              float* mean, float* rstd) {                      \
+        add_layernorm_fwd<T, false>(p, x, r, gamma, beta, h, y, mean, rstd);                                  \
     }                                                                                                          \
     extern "C" __global__ void layernorm_bwd_warp_##NAME(const LayerNormParams p, const T* x, const T* gamma, \
                                                          const float* mean, const float* rstd, const T* dy,    \

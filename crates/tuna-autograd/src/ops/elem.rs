@@ -7,6 +7,7 @@ use crate::graph::{launched, output, Input, Saved};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::elementwise::{BiasParams, ColsParams, PoolParams};
+use tuna_kernels::Alloc;
 
 /// `a + b` (same shapes).
 pub fn add<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Result<Tensor<B, E>> {
@@ -14,7 +15,18 @@ pub fn add<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
     let dev = a.device();
     let mut y = zeros::<B, E>(dev, a.numel())?;
     dev.add_fwd(&a.buf(), &b.buf(), B::buf_mut(&mut y))?;
-    Ok(output("add", &[a, b], dev, a.shape().to_vec(), y, |out, _| {
+    Ok(add_output(a, b, y))
+}
+
+/// The output tensor of `a + b` whose data `y` is already computed (by `add` or a fused kernel),
+/// with add's backward: the output's gradient accumulated into each input's.
+pub(crate) fn add_output<B: Kernels<E>, E: Float>(
+    a: &Tensor<B, E>,
+    b: &Tensor<B, E>,
+    y: <B as Alloc<E>>::Owned,
+) -> Tensor<B, E> {
+    let dev = a.device();
+    output("add", &[a, b], dev, a.shape().to_vec(), y, |out, _| {
         let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
@@ -24,7 +36,7 @@ pub fn add<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
             }
             Ok(())
         })
-    }))
+    })
 }
 
 /// `a * b` elementwise (same shapes).

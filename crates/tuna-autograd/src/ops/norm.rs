@@ -1,8 +1,11 @@
-//! LayerNorm and RMSNorm over the last dim. Frozen weights get no parameter-gradient kernel.
+//! LayerNorm and RMSNorm over the last dim, alone or behind the residual add that feeds them (one
+//! kernel pass). Frozen weights get no parameter-gradient kernel.
 
+use super::elem::add_output;
 use super::{acc_zeros, finish_slots, zeros, AccSlot, GradSlot, Kernels};
 use crate::error::{same_shape, Result};
 use crate::graph::{launched, output, Saved, SavedBuf};
+use crate::stats;
 use crate::tensor::{Float, Tensor};
 use tuna_kernels::ops::layernorm::LayerNormParams;
 use tuna_kernels::ops::rmsnorm::RmsNormParams;
@@ -40,7 +43,61 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
         <B as Alloc<E::Acc>>::buf_mut(&mut mean),
         <B as Alloc<E::Acc>>::buf_mut(&mut rstd),
     )?;
-    Ok(output("layernorm", &[x, gamma, beta], dev, x.shape().to_vec(), y, |out, _| {
+    Ok(layernorm_output(p, x, gamma, beta, y, (mean, rstd)))
+}
+
+/// `h = x + r` and `y = layernorm(h, gamma, beta)` from one kernel pass over the rows (the
+/// residual add and the norm that reads it): returns `(h, y)`. The values and gradients are those
+/// of [`add`](super::elem::add) then [`layernorm`] (the kernel gives their bits; the tape records
+/// the same two ops, with their backwards: kinds `add.bwd`, `layernorm.bwd`, `layernorm.dW`).
+/// Profile kind `add+layernorm` for the forward.
+pub fn add_layernorm<B: Kernels<E>, E: Float>(
+    x: &Tensor<B, E>,
+    r: &Tensor<B, E>,
+    gamma: &Tensor<B, E>,
+    beta: &Tensor<B, E>,
+    eps: f32,
+) -> Result<(Tensor<B, E>, Tensor<B, E>)> {
+    same_shape("add_layernorm", "r vs x", r.shape(), x.shape())?;
+    let (rows, dim) = rows_dim("layernorm", x, gamma)?;
+    same_shape("layernorm", "beta vs gamma", beta.shape(), gamma.shape())?;
+    let p = LayerNormParams::new(rows, dim, eps);
+    let dev = x.device();
+    let (mut h, mut y) = (zeros::<B, E>(dev, x.numel())?, zeros::<B, E>(dev, x.numel())?);
+    let (mut mean, mut rstd) = (acc_zeros::<B, E>(dev, rows)?, acc_zeros::<B, E>(dev, rows)?);
+    dev.add_layernorm_fwd(
+        &p,
+        &x.buf(),
+        &r.buf(),
+        &gamma.buf(),
+        &beta.buf(),
+        <B as Alloc<E>>::buf_mut(&mut h),
+        <B as Alloc<E>>::buf_mut(&mut y),
+        <B as Alloc<E::Acc>>::buf_mut(&mut mean),
+        <B as Alloc<E::Acc>>::buf_mut(&mut rstd),
+    )?;
+    stats::forward_done("add+layernorm");
+    // the two tape ops charge no forward time of their own: the kernel's went to the pair
+    Ok(stats::composite(|| {
+        let h = add_output(x, r, h);
+        let y = layernorm_output(p, &h, gamma, beta, y, (mean, rstd));
+        (h, y)
+    }))
+}
+
+/// The output tensor of `layernorm(x, gamma, beta)` whose data `y` and row statistics are already
+/// computed, with layernorm's backward.
+fn layernorm_output<B: Kernels<E>, E: Float>(
+    p: LayerNormParams,
+    x: &Tensor<B, E>,
+    gamma: &Tensor<B, E>,
+    beta: &Tensor<B, E>,
+    y: <B as Alloc<E>>::Owned,
+    (mean, rstd): (<B as Alloc<E::Acc>>::Owned, <B as Alloc<E::Acc>>::Owned),
+) -> Tensor<B, E> {
+    let (rows, dim) = (p.rows as usize, p.dim as usize);
+    let dev = x.device();
+    output("layernorm", &[x, gamma, beta], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, gs) = (Saved::new(x), Saved::new(gamma));
         let stats = SavedBuf::new((mean, rstd), 2 * rows * std::mem::size_of::<E::Acc>());
         let (cx, cg, cb, dev) = (x.cell(), gamma.cell(), beta.cell(), dev.clone());
@@ -69,7 +126,7 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
             )?;
             finish_slots(&*dev, [Some(sx)], [sg, sb])
         })
-    }))
+    })
 }
 
 /// `x / sqrt(mean(x^2) + eps) * gamma` per row (Llama).
@@ -86,7 +143,54 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
         <B as Alloc<E>>::buf_mut(&mut y),
         <B as Alloc<E::Acc>>::buf_mut(&mut rstd),
     )?;
-    Ok(output("rmsnorm", &[x, gamma], dev, x.shape().to_vec(), y, |out, _| {
+    Ok(rmsnorm_output(p, x, gamma, y, rstd))
+}
+
+/// `h = x + r` and `y = rmsnorm(h, gamma)` from one kernel pass over the rows: returns `(h, y)`,
+/// the values and gradients of [`add`](super::elem::add) then [`rmsnorm`] (the kernel gives their
+/// bits; the tape records the two ops: backward kinds `add.bwd`, `rmsnorm.bwd`, `rmsnorm.dW`).
+/// Profile kind `add+rmsnorm` for the forward.
+pub fn add_rmsnorm<B: Kernels<E>, E: Float>(
+    x: &Tensor<B, E>,
+    r: &Tensor<B, E>,
+    gamma: &Tensor<B, E>,
+    eps: f32,
+) -> Result<(Tensor<B, E>, Tensor<B, E>)> {
+    same_shape("add_rmsnorm", "r vs x", r.shape(), x.shape())?;
+    let (rows, dim) = rows_dim("rmsnorm", x, gamma)?;
+    let p = RmsNormParams::new(rows, dim, eps);
+    let dev = x.device();
+    let (mut h, mut y) = (zeros::<B, E>(dev, x.numel())?, zeros::<B, E>(dev, x.numel())?);
+    let mut rstd = acc_zeros::<B, E>(dev, rows)?;
+    dev.add_rmsnorm_fwd(
+        &p,
+        &x.buf(),
+        &r.buf(),
+        &gamma.buf(),
+        <B as Alloc<E>>::buf_mut(&mut h),
+        <B as Alloc<E>>::buf_mut(&mut y),
+        <B as Alloc<E::Acc>>::buf_mut(&mut rstd),
+    )?;
+    stats::forward_done("add+rmsnorm");
+    Ok(stats::composite(|| {
+        let h = add_output(x, r, h);
+        let y = rmsnorm_output(p, &h, gamma, y, rstd);
+        (h, y)
+    }))
+}
+
+/// The output tensor of `rmsnorm(x, gamma)` whose data `y` and `rstd` are already computed, with
+/// rmsnorm's backward.
+fn rmsnorm_output<B: Kernels<E>, E: Float>(
+    p: RmsNormParams,
+    x: &Tensor<B, E>,
+    gamma: &Tensor<B, E>,
+    y: <B as Alloc<E>>::Owned,
+    rstd: <B as Alloc<E::Acc>>::Owned,
+) -> Tensor<B, E> {
+    let (rows, dim) = (p.rows as usize, p.dim as usize);
+    let dev = x.device();
+    output("rmsnorm", &[x, gamma], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, gs) = (Saved::new(x), Saved::new(gamma));
         let rstd = SavedBuf::new(rstd, rows * std::mem::size_of::<E::Acc>());
         let (cx, cg, dev) = (x.cell(), gamma.cell(), dev.clone());
@@ -111,5 +215,5 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
             )?;
             finish_slots(&*dev, [Some(sx)], [sg])
         })
-    }))
+    })
 }

@@ -75,6 +75,32 @@ impl<F: CpuFloat<Acc = F>> LayerNormKernel<F> for Cpu {
         Ok(())
     }
 
+    fn add_layernorm_fwd(
+        &self,
+        p: &LayerNormParams,
+        x: &[F],
+        r: &[F],
+        gamma: &[F],
+        beta: &[F],
+        h: &mut [F],
+        y: &mut [F],
+        mean: &mut [F],
+        rstd: &mut [F],
+    ) -> Result<()> {
+        use Extent::*;
+        check(p, &[("x", Full, x.len()), ("r", Full, r.len()), ("h", Full, h.len())])?;
+        check(p, &[("gamma", Dim, gamma.len()), ("beta", Dim, beta.len()), ("y", Full, y.len())])?;
+        check(p, &[("mean", Rows, mean.len()), ("rstd", Rows, rstd.len())])?;
+        let d = p.dim as usize;
+        let (outs, ins) = (h.par_chunks_mut(d).zip(y.par_chunks_mut(d)), x.par_chunks(d).zip(r.par_chunks(d)));
+        outs.zip(ins).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(|(((h, y), (x, r)), (m, s))| {
+            // the row of h is written and then normalized while it is in L1
+            h.iter_mut().zip(x).zip(r).for_each(|((h, &x), &r)| *h = x + r);
+            (*m, *s) = fwd_row(h, gamma, beta, F::c(p.eps as f64), y);
+        });
+        Ok(())
+    }
+
     fn layernorm_bwd(
         &self,
         p: &LayerNormParams,

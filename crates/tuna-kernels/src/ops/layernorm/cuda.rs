@@ -65,6 +65,35 @@ impl<E: CudaElem> LayerNormKernel<E> for Cuda {
         Ok(())
     }
 
+    fn add_layernorm_fwd(
+        &self,
+        p: &LayerNormParams,
+        x: &CudaBuf<E>,
+        r: &CudaBuf<E>,
+        gamma: &CudaBuf<E>,
+        beta: &CudaBuf<E>,
+        h: &mut CudaBuf<E>,
+        y: &mut CudaBuf<E>,
+        mean: &mut CudaBuf<f32>,
+        rstd: &mut CudaBuf<f32>,
+    ) -> Result<()> {
+        use Extent::*;
+        check(p, &[("x", Full, x.len()), ("r", Full, r.len()), ("h", Full, h.len())])?;
+        check(p, &[("gamma", Dim, gamma.len()), ("beta", Dim, beta.len()), ("y", Full, y.len())])?;
+        check(p, &[("mean", Rows, mean.len()), ("rstd", Rows, rstd.len())])?;
+        if p.rows == 0 {
+            return Ok(());
+        }
+        let (variant, cfg) = row_launch(p.rows, p.dim);
+        let mut b = Launch::new("layernorm", symbol::<E>("add_layernorm", &format!("fwd_{variant}")));
+        b.arg(p).arg(x).arg(r).arg(gamma).arg(beta).arg(h).arg(y).arg(mean).arg(rstd);
+        // SAFETY: arguments match add_layernorm_fwd_<variant>_<E>(LayerNormParams, const T* x, r, gamma,
+        // beta, T* h, y, float* mean, rstd); every length was checked against p above, and the kernel
+        // touches rows < p.rows only.
+        unsafe { self.launch(b, cfg) }?;
+        Ok(())
+    }
+
     fn layernorm_bwd(
         &self,
         p: &LayerNormParams,

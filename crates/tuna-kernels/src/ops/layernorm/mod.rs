@@ -10,6 +10,12 @@
 //!   `dx += rstd * (g - mean(g) - xhat*mean(g*xhat))`, `dgamma += sum_rows dy*xhat`,
 //!   `dbeta += sum_rows dy`.
 //!
+//! - add + forward (`add_layernorm_fwd`): `h = x + r`, then the forward of `h`, in one pass over
+//!   each row: the residual add and the norm that reads it (a pre-norm block's second norm, a
+//!   post-norm block's both). `h` is an output (the residual stream, and the input the backward
+//!   reads); the results are bitwise `add_fwd` then `layernorm_fwd`. There is no fused backward:
+//!   the pair's backward is the two ops' own.
+//!
 //! `dgamma` and `dbeta` are each optional (a frozen parameter): with both `None` no
 //! parameter-gradient work runs at all (CPU: no partial sums; CUDA: no partials or reduction
 //! launch); with one `None` only the other is reduced.
@@ -69,6 +75,21 @@ pub trait LayerNormKernel<E: Elem>: Backend {
         x: &Self::Buf<E>,
         gamma: &Self::Buf<E>,
         beta: &Self::Buf<E>,
+        y: &mut Self::Buf<E>,
+        mean: &mut Self::Buf<E::Acc>,
+        rstd: &mut Self::Buf<E::Acc>,
+    ) -> Result<()>;
+    /// Writes `h = x + r` and the forward of `h` (`y`, `mean`, `rstd`) in one pass: bitwise
+    /// `add_fwd(x, r, h)` then `layernorm_fwd(h, ..)`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_layernorm_fwd(
+        &self,
+        p: &LayerNormParams,
+        x: &Self::Buf<E>,
+        r: &Self::Buf<E>,
+        gamma: &Self::Buf<E>,
+        beta: &Self::Buf<E>,
+        h: &mut Self::Buf<E>,
         y: &mut Self::Buf<E>,
         mean: &mut Self::Buf<E::Acc>,
         rstd: &mut Self::Buf<E::Acc>,

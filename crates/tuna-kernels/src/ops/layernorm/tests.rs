@@ -296,3 +296,118 @@ fn cuda_block_per_row_matches_cpu() {
         &[(13, 1025, 1e-12), (70, 2077, 1e-5), (3, 4096, 1e-5)],
     );
 }
+
+// ---- add + layernorm ----------------------------------------------------------------------------
+
+/// The fused pass's outputs `(h, y, mean, rstd)` on the CPU, or those of `add_fwd` then
+/// `layernorm_fwd` (`fused` false).
+fn cpu_add_norm<F: CpuFloat<Acc = F>>(
+    p: &LayerNormParams,
+    fused: bool,
+    x: &[F],
+    r: &[F],
+    g: &[F],
+    b: &[F],
+) -> [Vec<F>; 4] {
+    use crate::ops::elementwise::ElementwiseKernel;
+    let (n, rows) = (x.len(), p.rows as usize);
+    let (mut h, mut y, mut mean, mut rstd) =
+        (vec![F::zero(); n], vec![F::zero(); n], vec![F::zero(); rows], vec![F::zero(); rows]);
+    if fused {
+        Cpu.add_layernorm_fwd(p, x, r, g, b, &mut h, &mut y, &mut mean, &mut rstd).unwrap();
+    } else {
+        Cpu.add_fwd(x, r, &mut h).unwrap();
+        Cpu.layernorm_fwd(p, &h, g, b, &mut y, &mut mean, &mut rstd).unwrap();
+    }
+    [h, y, mean, rstd]
+}
+
+/// The fused add + layernorm gives the bits of the two ops it replaces, f32 and f64, at the
+/// shapes of the row tests (one element, odd dims, above 1024).
+#[test]
+fn cpu_add_layernorm_is_bitwise_add_then_layernorm() {
+    fn run<F: CpuFloat<Acc = F>>(seed: u64) {
+        let mut rng = Rng::new(seed);
+        let fv = |v: &[f32]| v.iter().map(|&a| F::c(a as f64)).collect::<Vec<F>>();
+        for (rows, dim, eps) in [(37, 1, 1e-5), (19, 33, 1e-12), (64, 769, 1e-5), (5, 2077, 1e-5)] {
+            let p = LayerNormParams::new(rows, dim, eps);
+            let (x, g, b, r) = inputs(&mut rng, rows, dim);
+            let (x, g, b, r) = (fv(&x), fv(&g), fv(&b), fv(&r));
+            let fused = cpu_add_norm(&p, true, &x, &r, &g, &b);
+            let pair = cpu_add_norm(&p, false, &x, &r, &g, &b);
+            for (name, f, u) in
+                ["h", "y", "mean", "rstd"].into_iter().zip(&fused).zip(&pair).map(|((n, f), u)| (n, f, u))
+            {
+                assert!(f == u, "add_layernorm {} [{rows}, {dim}] {name}: not the bits of add then layernorm", F::NAME);
+            }
+        }
+    }
+    run::<f32>(21);
+    run::<f64>(22);
+}
+
+#[test]
+fn add_layernorm_names_a_mismatched_buffer() {
+    let p = LayerNormParams::new(2, 3, 1e-5);
+    let (x, g, b) = (vec![0.0f32; 6], vec![1.0f32; 3], vec![0.0f32; 3]);
+    let (mut h, mut y, mut m, mut s) = (vec![0.0f32; 6], vec![0.0f32; 6], vec![0.0f32; 2], vec![0.0f32; 2]);
+    let e = Cpu.add_layernorm_fwd(&p, &x, &[0.0; 5], &g, &b, &mut h, &mut y, &mut m, &mut s).unwrap_err();
+    assert!(e.to_string().contains("layernorm") && e.to_string().contains("`r`"), "{e}");
+    let e = Cpu.add_layernorm_fwd(&p, &x, &x, &g, &b, &mut [0.0; 7], &mut y, &mut m, &mut s).unwrap_err();
+    assert!(e.to_string().contains("`h`"), "{e}");
+}
+
+/// CUDA's fused kernel (warp- and block-per-row, f32 and bf16) against the two CUDA kernels it
+/// replaces, bit for bit, and against the CPU within the norm's tolerance.
+#[test]
+fn cuda_add_layernorm_is_bitwise_add_then_layernorm() {
+    use crate::ops::elementwise::ElementwiseKernel;
+    let test = "layernorm::cuda_add_layernorm_is_bitwise_add_then_layernorm";
+    let Some(dev) = cuda_or_skip(test) else { return };
+    fn run<E: CudaElem>(dev: &Cuda, p: &LayerNormParams, v: [&[f32]; 4], fused: bool) -> [Vec<f32>; 4]
+    where
+        Cuda: LayerNormKernel<E> + ElementwiseKernel<E>,
+    {
+        let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
+        let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+        let (n, rows) = (p.elems(), p.rows as usize);
+        let [x, r, g, b] = v.map(up);
+        let (mut h, mut y) = (dev.zeros::<E>(n).unwrap(), dev.zeros::<E>(n).unwrap());
+        let (mut m, mut s) = (dev.zeros::<f32>(rows).unwrap(), dev.zeros::<f32>(rows).unwrap());
+        if fused {
+            dev.add_layernorm_fwd(p, &x, &r, &g, &b, &mut h, &mut y, &mut m, &mut s).unwrap();
+        } else {
+            dev.add_fwd(&x, &r, &mut h).unwrap();
+            dev.layernorm_fwd(p, &h, &g, &b, &mut y, &mut m, &mut s).unwrap();
+        }
+        [down(&h), down(&y), dev.download(&m).unwrap(), dev.download(&s).unwrap()]
+    }
+    let mut rng = Rng::new(23);
+    for (rows, dim, eps) in [(37, 1, 1e-5), (300, 33, 1e-12), (61, 769, 1e-5), (13, 1025, 1e-12), (3, 2077, 1e-5)] {
+        let p = LayerNormParams::new(rows, dim, eps);
+        let (x, g, b, r) = inputs(&mut rng, rows, dim);
+        let cpu = cpu_add_norm(&p, true, &x, &r, &g, &b);
+        for bf in [false, true] {
+            let v = if bf {
+                [round_bf16(&x), round_bf16(&r), round_bf16(&g), round_bf16(&b)]
+            } else {
+                [x.clone(), r.clone(), g.clone(), b.clone()]
+            };
+            let v = [&v[0][..], &v[1], &v[2], &v[3]];
+            let (fused, pair) = if bf {
+                (run::<bf16>(&dev, &p, v, true), run::<bf16>(&dev, &p, v, false))
+            } else {
+                (run::<f32>(&dev, &p, v, true), run::<f32>(&dev, &p, v, false))
+            };
+            let what = format!("add_layernorm cuda [{rows}, {dim}] {}", if bf { "bf16" } else { "f32" });
+            for (name, (f, u)) in ["h", "y", "mean", "rstd"].into_iter().zip(fused.iter().zip(&pair)) {
+                let (fb, ub): (Vec<u32>, Vec<u32>) =
+                    (f.iter().map(|v| v.to_bits()).collect(), u.iter().map(|v| v.to_bits()).collect());
+                assert!(fb == ub, "{what} {name}: not the bits of add_fwd then layernorm_fwd");
+            }
+            if !bf {
+                Tol::CUDA_F32.assert_close(&format!("{what} y vs cpu"), &fused[1], &cpu[1]);
+            }
+        }
+    }
+}

@@ -53,6 +53,28 @@ impl<F: CpuFloat<Acc = F>> RmsNormKernel<F> for Cpu {
         Ok(())
     }
 
+    fn add_rmsnorm_fwd(
+        &self,
+        p: &RmsNormParams,
+        x: &[F],
+        r: &[F],
+        gamma: &[F],
+        h: &mut [F],
+        y: &mut [F],
+        rstd: &mut [F],
+    ) -> Result<()> {
+        check(p, &[("x", Full, x.len()), ("r", Full, r.len()), ("h", Full, h.len())])?;
+        check(p, &[("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())])?;
+        let d = p.dim as usize;
+        let (outs, ins) = (h.par_chunks_mut(d).zip(y.par_chunks_mut(d)), x.par_chunks(d).zip(r.par_chunks(d)));
+        outs.zip(ins).zip(rstd.par_iter_mut()).for_each(|(((h, y), (x, r)), s)| {
+            // the row of h is written and then normalized while it is in L1
+            h.iter_mut().zip(x).zip(r).for_each(|((h, &x), &r)| *h = x + r);
+            *s = fwd_row(h, gamma, F::c(p.eps as f64), y);
+        });
+        Ok(())
+    }
+
     fn rmsnorm_bwd(
         &self,
         p: &RmsNormParams,

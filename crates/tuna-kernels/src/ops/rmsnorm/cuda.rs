@@ -36,6 +36,31 @@ impl<E: CudaElem> RmsNormKernel<E> for Cuda {
         Ok(())
     }
 
+    fn add_rmsnorm_fwd(
+        &self,
+        p: &RmsNormParams,
+        x: &CudaBuf<E>,
+        r: &CudaBuf<E>,
+        gamma: &CudaBuf<E>,
+        h: &mut CudaBuf<E>,
+        y: &mut CudaBuf<E>,
+        rstd: &mut CudaBuf<f32>,
+    ) -> Result<()> {
+        check(p, &[("x", Full, x.len()), ("r", Full, r.len()), ("h", Full, h.len())])?;
+        check(p, &[("gamma", Dim, gamma.len()), ("y", Full, y.len()), ("rstd", Rows, rstd.len())])?;
+        if p.rows == 0 {
+            return Ok(());
+        }
+        let (variant, cfg) = row_launch(p.rows, p.dim);
+        let mut b = Launch::new("rmsnorm", symbol::<E>("add_rmsnorm", &format!("fwd_{variant}")));
+        b.arg(p).arg(x).arg(r).arg(gamma).arg(h).arg(y).arg(rstd);
+        // SAFETY: arguments match add_rmsnorm_fwd_<variant>_<E>(RmsNormParams, const T* x, r, gamma,
+        // T* h, y, float* rstd); every length was checked against p above, and the kernel touches
+        // rows < p.rows only.
+        unsafe { self.launch(b, cfg) }?;
+        Ok(())
+    }
+
     fn rmsnorm_bwd(
         &self,
         p: &RmsNormParams,

@@ -7,6 +7,9 @@
 //! - forward: `rstd = 1/sqrt(mean(x^2) + eps)`, `y = x*rstd*gamma`.
 //! - backward, with `xhat = x*rstd` and `g = dy*gamma`: `dx += rstd * (g - xhat*mean(g*xhat))`,
 //!   `dgamma += sum_rows dy*xhat`.
+//! - add + forward (`add_rmsnorm_fwd`): `h = x + r`, then the forward of `h`, in one pass over
+//!   each row (a pre-norm block's residual add and the norm that reads it); bitwise `add_fwd` then
+//!   `rmsnorm_fwd`. No fused backward: the pair's backward is the two ops' own.
 //!
 //! `dgamma` is optional (a frozen gamma): with `None` no parameter-gradient work runs (CPU: no
 //! partial sums; CUDA: no partials or reduction launch).
@@ -58,6 +61,19 @@ pub trait RmsNormKernel<E: Elem>: Backend {
         p: &RmsNormParams,
         x: &Self::Buf<E>,
         gamma: &Self::Buf<E>,
+        y: &mut Self::Buf<E>,
+        rstd: &mut Self::Buf<E::Acc>,
+    ) -> Result<()>;
+    /// Writes `h = x + r` and the forward of `h` (`y`, `rstd`) in one pass: bitwise
+    /// `add_fwd(x, r, h)` then `rmsnorm_fwd(h, ..)`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm_fwd(
+        &self,
+        p: &RmsNormParams,
+        x: &Self::Buf<E>,
+        r: &Self::Buf<E>,
+        gamma: &Self::Buf<E>,
+        h: &mut Self::Buf<E>,
         y: &mut Self::Buf<E>,
         rstd: &mut Self::Buf<E::Acc>,
     ) -> Result<()>;

@@ -245,3 +245,101 @@ fn cuda_warp_per_row_matches_cpu() {
 fn cuda_block_per_row_matches_cpu() {
     cuda_cases("rmsnorm::cuda_block_per_row_matches_cpu", 123, &[(13, 1025, 1e-6), (70, 2077, 1e-5), (3, 4096, 1e-5)]);
 }
+
+// ---- add + rmsnorm ------------------------------------------------------------------------------
+
+/// The fused pass's outputs `(h, y, rstd)` on the CPU, or those of `add_fwd` then `rmsnorm_fwd`
+/// (`fused` false).
+fn cpu_add_norm<F: CpuFloat<Acc = F>>(p: &RmsNormParams, fused: bool, x: &[F], r: &[F], g: &[F]) -> [Vec<F>; 3] {
+    use crate::ops::elementwise::ElementwiseKernel;
+    let (n, rows) = (x.len(), p.rows as usize);
+    let (mut h, mut y, mut rstd) = (vec![F::zero(); n], vec![F::zero(); n], vec![F::zero(); rows]);
+    if fused {
+        Cpu.add_rmsnorm_fwd(p, x, r, g, &mut h, &mut y, &mut rstd).unwrap();
+    } else {
+        Cpu.add_fwd(x, r, &mut h).unwrap();
+        Cpu.rmsnorm_fwd(p, &h, g, &mut y, &mut rstd).unwrap();
+    }
+    [h, y, rstd]
+}
+
+/// The fused add + rmsnorm gives the bits of the two ops it replaces, f32 and f64.
+#[test]
+fn cpu_add_rmsnorm_is_bitwise_add_then_rmsnorm() {
+    fn run<F: CpuFloat<Acc = F>>(seed: u64) {
+        let mut rng = Rng::new(seed);
+        let fv = |v: &[f32]| v.iter().map(|&a| F::c(a as f64)).collect::<Vec<F>>();
+        for (rows, dim, eps) in [(37, 1, 1e-5), (19, 33, 1e-6), (64, 769, 1e-5), (5, 2077, 1e-6)] {
+            let p = RmsNormParams::new(rows, dim, eps);
+            let (x, g, r) = inputs(&mut rng, rows, dim);
+            let (x, g, r) = (fv(&x), fv(&g), fv(&r));
+            let (fused, pair) = (cpu_add_norm(&p, true, &x, &r, &g), cpu_add_norm(&p, false, &x, &r, &g));
+            for (name, (f, u)) in ["h", "y", "rstd"].into_iter().zip(fused.iter().zip(&pair)) {
+                assert!(f == u, "add_rmsnorm {} [{rows}, {dim}] {name}: not the bits of add then rmsnorm", F::NAME);
+            }
+        }
+    }
+    run::<f32>(31);
+    run::<f64>(32);
+}
+
+#[test]
+fn add_rmsnorm_names_a_mismatched_buffer() {
+    let p = RmsNormParams::new(2, 3, 1e-5);
+    let (x, g) = (vec![0.0f32; 6], vec![1.0f32; 3]);
+    let (mut h, mut y, mut s) = (vec![0.0f32; 6], vec![0.0f32; 6], vec![0.0f32; 2]);
+    let e = Cpu.add_rmsnorm_fwd(&p, &x, &[0.0; 5], &g, &mut h, &mut y, &mut s).unwrap_err();
+    assert!(e.to_string().contains("rmsnorm") && e.to_string().contains("`r`"), "{e}");
+    let e = Cpu.add_rmsnorm_fwd(&p, &x, &x, &g, &mut [0.0; 7], &mut y, &mut s).unwrap_err();
+    assert!(e.to_string().contains("`h`"), "{e}");
+}
+
+/// CUDA's fused kernel (warp- and block-per-row, f32 and bf16) against the two CUDA kernels it
+/// replaces, bit for bit, and against the CPU within the norm's tolerance.
+#[test]
+fn cuda_add_rmsnorm_is_bitwise_add_then_rmsnorm() {
+    use crate::ops::elementwise::ElementwiseKernel;
+    let test = "rmsnorm::cuda_add_rmsnorm_is_bitwise_add_then_rmsnorm";
+    let Some(dev) = cuda_or_skip(test) else { return };
+    fn run<E: CudaElem>(dev: &Cuda, p: &RmsNormParams, v: [&[f32]; 3], fused: bool) -> [Vec<f32>; 3]
+    where
+        Cuda: RmsNormKernel<E> + ElementwiseKernel<E>,
+    {
+        let up = |v: &[f32]| dev.upload(&v.iter().map(|&a| E::from_f32(a)).collect::<Vec<E>>()).unwrap();
+        let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
+        let (n, rows) = (p.rows as usize * p.dim as usize, p.rows as usize);
+        let [x, r, g] = v.map(up);
+        let (mut h, mut y, mut s) = (dev.zeros::<E>(n).unwrap(), dev.zeros::<E>(n).unwrap(), dev.zeros(rows).unwrap());
+        if fused {
+            dev.add_rmsnorm_fwd(p, &x, &r, &g, &mut h, &mut y, &mut s).unwrap();
+        } else {
+            dev.add_fwd(&x, &r, &mut h).unwrap();
+            dev.rmsnorm_fwd(p, &h, &g, &mut y, &mut s).unwrap();
+        }
+        [down(&h), down(&y), dev.download(&s).unwrap()]
+    }
+    let mut rng = Rng::new(33);
+    for (rows, dim, eps) in [(37, 1, 1e-5), (300, 33, 1e-6), (61, 769, 1e-5), (13, 1025, 1e-6), (3, 2077, 1e-5)] {
+        let p = RmsNormParams::new(rows, dim, eps);
+        let (x, g, r) = inputs(&mut rng, rows, dim);
+        let cpu = cpu_add_norm(&p, true, &x, &r, &g);
+        for bf in [false, true] {
+            let v =
+                if bf { [round_bf16(&x), round_bf16(&r), round_bf16(&g)] } else { [x.clone(), r.clone(), g.clone()] };
+            let v = [&v[0][..], &v[1], &v[2]];
+            let (fused, pair) = if bf {
+                (run::<bf16>(&dev, &p, v, true), run::<bf16>(&dev, &p, v, false))
+            } else {
+                (run::<f32>(&dev, &p, v, true), run::<f32>(&dev, &p, v, false))
+            };
+            let what = format!("add_rmsnorm cuda [{rows}, {dim}] {}", if bf { "bf16" } else { "f32" });
+            for (name, (f, u)) in ["h", "y", "rstd"].into_iter().zip(fused.iter().zip(&pair)) {
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+                assert!(bits(f) == bits(u), "{what} {name}: not the bits of add_fwd then rmsnorm_fwd");
+            }
+            if !bf {
+                Tol::CUDA_F32.assert_close(&format!("{what} y vs cpu"), &fused[1], &cpu[1]);
+            }
+        }
+    }
+}
