@@ -17,7 +17,7 @@ use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, mean_pool, slice_cols, tanh};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::WeightLayout;
-use tuna_autograd::ops::norm::layernorm;
+use tuna_autograd::ops::norm::add_layernorm;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
@@ -129,10 +129,12 @@ impl<B: Kernels<E>, E: Float> BertLayer<B, E> {
         let ((k, v), kv_len) = KvCache::through(cache, i, k, v)?;
         let a = attention(&q, &k, &v, prefix, Some(key_mask), AttnOptions { causal: false, scale: None, kv_len })?;
         let a = ad.sublayer(i, false, dense(&reshape(&a, &[b, t, hid])?, &self.attn_out)?)?;
-        let x = layernorm(&add(&a, x)?, &self.attn_norm.weight, &self.attn_norm.bias, eps)?;
+        // Post-norm: each residual add and the norm of its sum in one pass (the sum is only the
+        // norm's input).
+        let x = add_layernorm(&a, x, &self.attn_norm.weight, &self.attn_norm.bias, eps)?.1;
         let f = gelu(&dense(&x, &self.intermediate)?, GeluKind::Erf)?;
         let f = ad.sublayer(i, true, dense(&f, &self.output)?)?;
-        Ok(layernorm(&add(&f, &x)?, &self.out_norm.weight, &self.out_norm.bias, eps)?)
+        Ok(add_layernorm(&f, &x, &self.out_norm.weight, &self.out_norm.bias, eps)?.1)
     }
 }
 
@@ -261,8 +263,8 @@ impl<B: Kernels<E>, E: Float> Bert<B, E> {
         }
         let types = Ints::new(dev, &[b, t], &vec![0u32; b * t])?;
         let x = add(&self.adapt.embed(&self.word, ids, &prep)?, &embedding(&self.position, pos, None)?)?;
-        let x = add(&x, &embedding(&self.token_type, &types, None)?)?;
-        let mut x = layernorm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
+        let ty = embedding(&self.token_type, &types, None)?;
+        let mut x = add_layernorm(&x, &ty, &self.emb_norm.weight, &self.emb_norm.bias, eps)?.1;
         let prefix = self.adapt.prefix_layers()?;
         // The keys include the cached tokens (all real): the mask widens by them.
         let key_mask = if cached == 0 {

@@ -25,7 +25,7 @@ use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::linear_cross_entropy;
-use tuna_autograd::ops::norm::layernorm;
+use tuna_autograd::ops::norm::{add_layernorm, layernorm};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
@@ -128,9 +128,10 @@ impl<B: Kernels<E>, E: Float> Gpt2Block<B, E> {
         let ((k, v), kv_len) = KvCache::through(cache, l, split(1)?, split(2)?)?;
         let a = attention(&split(0)?, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = ad.linear(&self.attn_proj, &reshape(&a, &[b, t, c])?)?;
-        let x = add(x, &ad.sublayer(l, false, a)?)?;
+        // The residual add and ln_2 in one pass (h = x + a, and ln_2(h)).
+        let (x, n2) = self.ln_2.add_apply(x, &ad.sublayer(l, false, a)?, eps)?;
         // One fused op (product, bias, GELU) unless an adapter acts on c_fc (see `linear_gelu`).
-        let f = ad.linear_gelu(&self.c_fc, &self.ln_2.apply(&x, eps)?, GeluKind::Tanh)?;
+        let f = ad.linear_gelu(&self.c_fc, &n2, GeluKind::Tanh)?;
         Ok(add(&x, &ad.sublayer(l, true, ad.linear(&self.mlp_proj, &f)?)?)?)
     }
 }
@@ -158,6 +159,11 @@ impl<B: Kernels<E>, E: Float> Clone for Norm<B, E> {
 impl<B: Kernels<E>, E: Float> Norm<B, E> {
     fn apply(&self, x: &Tensor<B, E>, eps: f32) -> Result<Tensor<B, E>> {
         Ok(layernorm(x, &self.weight, &self.bias, eps)?)
+    }
+
+    /// `(x + r, norm(x + r))` from one kernel pass.
+    fn add_apply(&self, x: &Tensor<B, E>, r: &Tensor<B, E>, eps: f32) -> Result<(Tensor<B, E>, Tensor<B, E>)> {
+        Ok(add_layernorm(x, r, &self.weight, &self.bias, eps)?)
     }
 }
 

@@ -29,7 +29,7 @@ use tuna_autograd::ops::elem::{add, mul, scale, slice_cols};
 use tuna_autograd::ops::embed::embedding;
 use tuna_autograd::ops::linear::{linear, matmul, MatmulParams, WeightLayout};
 use tuna_autograd::ops::loss::linear_cross_entropy;
-use tuna_autograd::ops::norm::rmsnorm;
+use tuna_autograd::ops::norm::{add_rmsnorm, rmsnorm};
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
 use tuna_autograd::{Float, Ints, Tensor};
@@ -228,8 +228,8 @@ impl<B: Kernels<E>, E: Float> T5EncoderBlock<B, E> {
     ) -> Result<Tensor<B, E>> {
         let h = rmsnorm(x, &self.attn_norm, d.eps)?;
         let a = self.attn.forward(ad, &h, KvSource::Own(None, 0), None, Some(mask), Some(bias), false, d)?;
-        let x = add(x, &ad.sublayer(i, false, a)?)?;
-        let f = self.ff.forward(ad, &rmsnorm(&x, &self.ff_norm, d.eps)?)?;
+        let (x, h) = add_rmsnorm(x, &ad.sublayer(i, false, a)?, &self.ff_norm, d.eps)?;
+        let f = self.ff.forward(ad, &h)?;
         Ok(add(&x, &ad.sublayer(i, true, f)?)?)
     }
 }
@@ -267,15 +267,14 @@ impl<B: Kernels<E>, E: Float> T5DecoderBlock<B, E> {
     ) -> Result<Tensor<B, E>> {
         let h = rmsnorm(x, &self.self_norm, d.eps)?;
         let a = self.self_attn.forward(ad, &h, KvSource::Own(cache, j), prefix, None, Some(bias), true, d)?;
-        let x = add(x, &ad.sublayer(hi, false, a)?)?;
-        let h = rmsnorm(&x, &self.cross_norm, d.eps)?;
+        let (x, h) = add_rmsnorm(x, &ad.sublayer(hi, false, a)?, &self.cross_norm, d.eps)?;
         let src = match &enc.cross_kv {
             Some(kv) => KvSource::Ready(&kv[j].0, &kv[j].1),
             None => KvSource::Other(&enc.out),
         };
         let c = self.cross.forward(ad, &h, src, None, Some(&enc.mask), None, false, d)?;
-        let x = add(&x, &c)?;
-        let f = self.ff.forward(ad, &rmsnorm(&x, &self.ff_norm, d.eps)?)?;
+        let (x, h) = add_rmsnorm(&x, &c, &self.ff_norm, d.eps)?;
+        let f = self.ff.forward(ad, &h)?;
         Ok(add(&x, &ad.sublayer(hi, true, f)?)?)
     }
 }

@@ -15,7 +15,7 @@ use tuna_autograd::ops::attention::{attention, AttnOptions, Prefix};
 use tuna_autograd::ops::elem::{add, slice_cols};
 use tuna_autograd::ops::linear::{linear, WeightLayout};
 use tuna_autograd::ops::loss::linear_cross_entropy;
-use tuna_autograd::ops::norm::rmsnorm;
+use tuna_autograd::ops::norm::{add_rmsnorm, rmsnorm};
 use tuna_autograd::ops::rope::rope;
 use tuna_autograd::ops::shape::reshape;
 use tuna_autograd::ops::Kernels;
@@ -86,8 +86,9 @@ impl<B: Kernels<E>, E: Float> LlamaLayer<B, E> {
         let ((k, v), kv_len) = KvCache::through(cache, i, k, v)?;
         let a = attention(&q, &k, &v, prefix, mask, AttnOptions { causal: true, scale: None, kv_len })?;
         let a = reshape(&a, &[batch, seq, heads * hd])?;
-        let x = add(x, &ad.sublayer(i, false, ad.linear(&self.o_proj, &a)?)?)?;
-        let h = rmsnorm(&x, &self.post_attention_layernorm, eps)?;
+        // The residual add and the post-attention norm in one pass.
+        let (x, h) =
+            add_rmsnorm(x, &ad.sublayer(i, false, ad.linear(&self.o_proj, &a)?)?, &self.post_attention_layernorm, eps)?;
         let gate = ad.linear(&self.gate_proj, &h)?;
         let up = ad.linear(&self.up_proj, &h)?;
         let down = ad.linear(&self.down_proj, &swiglu(&gate, &up)?)?;
