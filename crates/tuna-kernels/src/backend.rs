@@ -241,6 +241,13 @@ pub trait Alloc<E: Elem>: Backend {
     fn buf_mut(o: &mut Self::Owned) -> &mut Self::Buf<E>;
     /// `n` zeros.
     fn zeros(&self, n: usize) -> crate::Result<Self::Owned>;
+    /// `n` elements with no promised contents: an output buffer its kernel writes in full
+    /// before anything reads it (never a gradient or accumulator, which `+=`). A backend may skip
+    /// the zeroing pass: CUDA does (no memset; the emulated device fills every byte with 0xFF, so
+    /// an unwritten element shows as NaN); the CPU zeroes, since Rust reads only initialized memory.
+    fn unfilled(&self, n: usize) -> crate::Result<Self::Owned> {
+        self.zeros(n)
+    }
     /// A copy of a host slice (a method: the device does the allocating).
     #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, host: &[E]) -> crate::Result<Self::Owned>;

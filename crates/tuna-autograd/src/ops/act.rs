@@ -1,6 +1,6 @@
 //! Activations: GELU (tanh, erf), SiLU, SwiGLU.
 
-use super::{zeros, GradSlot, Kernels};
+use super::{unfilled, GradSlot, Kernels};
 use crate::error::{same_shape, Result};
 use crate::graph::{launched, output, Saved};
 use crate::tensor::{Float, Tensor};
@@ -9,7 +9,7 @@ pub use tuna_kernels::ops::gelu::GeluKind;
 /// `gelu(x)`, elementwise (or `max(x, 0)` with [`GeluKind::Relu`]).
 pub fn gelu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, kind: GeluKind) -> Result<Tensor<B, E>> {
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
     dev.gelu_fwd(kind, &x.buf(), B::buf_mut(&mut y))?;
     // Profiles name ReLU as what it is, though it runs on the GELU kernel.
     let (name, bwd) = if kind == GeluKind::Relu { ("relu", "relu.bwd") } else { ("gelu", "gelu.bwd") };
@@ -27,7 +27,7 @@ pub fn gelu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, kind: GeluKind) -> Result
 /// `silu(x) = x * sigmoid(x)`, elementwise.
 pub fn silu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
     dev.silu_fwd(&x.buf(), B::buf_mut(&mut y))?;
     Ok(output("silu", &[x], dev, x.shape().to_vec(), y, |out, _| {
         let (xs, cx) = (Saved::new(x), x.cell().expect("recorded: x needs a gradient"));
@@ -44,7 +44,7 @@ pub fn silu<B: Kernels<E>, E: Float>(x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
 pub fn swiglu<B: Kernels<E>, E: Float>(gate: &Tensor<B, E>, up: &Tensor<B, E>) -> Result<Tensor<B, E>> {
     same_shape("swiglu", "gate vs up", gate.shape(), up.shape())?;
     let dev = gate.device();
-    let mut y = zeros::<B, E>(dev, gate.numel())?;
+    let mut y = unfilled::<B, E>(dev, gate.numel())?;
     dev.swiglu_fwd(&gate.buf(), &up.buf(), B::buf_mut(&mut y))?;
     Ok(output("swiglu", &[gate, up], dev, gate.shape().to_vec(), y, |out, _| {
         // Both inputs are read by either gradient (dgate needs up, dup needs gate).

@@ -1,6 +1,6 @@
 //! Fused attention with optional prefix keys/values, key padding mask and additive score bias.
 
-use super::{finish_slots, zeros, AccSlot, GradSlot, Kernels};
+use super::{finish_slots, unfilled, AccSlot, GradSlot, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Input, Saved, SavedBuf};
 use crate::ints::Ints;
@@ -168,7 +168,8 @@ pub fn attention_biased<B: Kernels<E>, E: Float>(
         p.has_bias = if bt.requires_grad() { 1 } else { 2 };
     }
     let dev = q.device();
-    let mut o = zeros::<B, E>(dev, p.q_elems())?;
+    // every output row is written (a row that sees no key as zeros)
+    let mut o = unfilled::<B, E>(dev, p.q_elems())?;
     let mut lse: AccOwned<B, E> = Alloc::<E::Acc>::zeros(&**dev, p.lse_elems())?;
     {
         let (qb, kb, vb) = (q.buf(), k.buf(), v.buf());

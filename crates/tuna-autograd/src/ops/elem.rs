@@ -1,7 +1,7 @@
 //! Elementwise glue: add, mul, scale, tanh, bias, column slices and concatenation, in-place column
 //! writes, masked mean pooling.
 
-use super::{finish_slots, zeros, AccSlot, GradSlot, Kernels};
+use super::{finish_slots, unfilled, AccSlot, GradSlot, Kernels};
 use crate::error::{same_shape, Error, Result};
 use crate::graph::{launched, output, Input, Saved};
 use crate::ints::Ints;
@@ -13,7 +13,7 @@ use tuna_kernels::Alloc;
 pub fn add<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Result<Tensor<B, E>> {
     same_shape("add", "a vs b", a.shape(), b.shape())?;
     let dev = a.device();
-    let mut y = zeros::<B, E>(dev, a.numel())?;
+    let mut y = unfilled::<B, E>(dev, a.numel())?;
     dev.add_fwd(&a.buf(), &b.buf(), B::buf_mut(&mut y))?;
     Ok(add_output(a, b, y))
 }
@@ -43,7 +43,7 @@ pub(crate) fn add_output<B: Kernels<E>, E: Float>(
 pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Result<Tensor<B, E>> {
     same_shape("mul", "a vs b", a.shape(), b.shape())?;
     let dev = a.device();
-    let mut y = zeros::<B, E>(dev, a.numel())?;
+    let mut y = unfilled::<B, E>(dev, a.numel())?;
     dev.mul_fwd(&a.buf(), &b.buf(), B::buf_mut(&mut y))?;
     Ok(output("mul", &[a, b], dev, a.shape().to_vec(), y, |out, _| {
         let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
@@ -56,7 +56,7 @@ pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
             if let (Some(ca), Some(bs)) = (&ca, &b_s) {
                 launched("mul.bwd");
                 ca.accumulate(&dev, |da| {
-                    let mut tmp = zeros::<B, E>(&dev, n)?;
+                    let mut tmp = unfilled::<B, E>(&dev, n)?;
                     dev.mul_fwd(B::buf(&g), &bs.t().buf(), B::buf_mut(&mut tmp))?;
                     Ok(dev.scale_bwd(1.0, B::buf(&tmp), da)?)
                 })?;
@@ -64,7 +64,7 @@ pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
             if let (Some(cb), Some(as_)) = (&cb, &a_s) {
                 launched("mul.bwd");
                 cb.accumulate(&dev, |db| {
-                    let mut tmp = zeros::<B, E>(&dev, n)?;
+                    let mut tmp = unfilled::<B, E>(&dev, n)?;
                     dev.mul_fwd(B::buf(&g), &as_.t().buf(), B::buf_mut(&mut tmp))?;
                     Ok(dev.scale_bwd(1.0, B::buf(&tmp), db)?)
                 })?;
@@ -77,7 +77,7 @@ pub fn mul<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
 /// `s * a`.
 pub fn scale<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, s: f64) -> Result<Tensor<B, E>> {
     let dev = a.device();
-    let mut y = zeros::<B, E>(dev, a.numel())?;
+    let mut y = unfilled::<B, E>(dev, a.numel())?;
     dev.scale_fwd(s, &a.buf(), B::buf_mut(&mut y))?;
     Ok(output("scale", &[a], dev, a.shape().to_vec(), y, |out, _| {
         let (ca, dev) = (a.cell().expect("recorded"), dev.clone());
@@ -92,7 +92,7 @@ pub fn scale<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, s: f64) -> Result<Tensor
 /// `tanh(x)`, elementwise (BERT's pooler). The backward reads the output, not `x`.
 pub fn tanh<B: Kernels<E>, E: Float>(x: &Tensor<B, E>) -> Result<Tensor<B, E>> {
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
     dev.tanh_fwd(&x.buf(), B::buf_mut(&mut y))?;
     Ok(output("tanh", &[x], dev, x.shape().to_vec(), y, |out, y_data| {
         let (cx, dev, ys) = (x.cell().expect("recorded"), dev.clone(), y_data.save());
@@ -111,7 +111,7 @@ pub fn add_bias<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, bias: &Tensor<B, E>) 
     same_shape("add_bias", "bias vs x's last dim", bias.shape(), &[cols])?;
     let p = BiasParams::new(x.numel() / cols.max(1), cols);
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
     dev.add_bias_fwd(&p, &x.buf(), &bias.buf(), B::buf_mut(&mut y))?;
     Ok(output("add_bias", &[x, bias], dev, x.shape().to_vec(), y, |out, _| {
         let (cx, cb, dev) = (x.cell(), bias.cell(), dev.clone());
@@ -142,7 +142,7 @@ pub fn slice_cols<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, off: usize, width: 
     let rows = x.numel() / cols.max(1);
     let p = ColsParams::new(rows, cols, off, width);
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, rows * width)?;
+    let mut y = unfilled::<B, E>(dev, rows * width)?;
     dev.slice_cols_fwd(&p, &x.buf(), B::buf_mut(&mut y))?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().ok_or_else(|| Error::Shape {
@@ -174,7 +174,7 @@ pub fn concat_cols<B: Kernels<E>, E: Float>(xs: &[&Tensor<B, E>]) -> Result<Tens
         cols += s.last().copied().unwrap_or(0);
     }
     let dev = first.device();
-    let mut y = zeros::<B, E>(dev, rows * cols)?;
+    let mut y = unfilled::<B, E>(dev, rows * cols)?;
     let mut params = Vec::with_capacity(xs.len());
     let mut off = 0;
     for x in xs {
@@ -242,7 +242,7 @@ pub fn mean_pool<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, mask: &Ints<B, u8>) 
     same_shape("mean_pool", "mask vs [batch, seq]", mask.shape(), &[b, s])?;
     let p = PoolParams::new(b, s, h);
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, b * h)?;
+    let mut y = unfilled::<B, E>(dev, b * h)?;
     dev.sum_rows_masked_mean_fwd(&p, &x.buf(), mask.buf(), B::buf_mut(&mut y))?;
     Ok(output("mean_pool", &[x], dev, vec![b, h], y, |out, _| {
         let (cx, dev, mask) = (x.cell().expect("recorded"), dev.clone(), mask.clone());

@@ -1,6 +1,6 @@
 //! Embedding lookup with soft-prompt injection.
 
-use super::{finish_slots, zeros, AccSlot, Kernels};
+use super::{finish_slots, unfilled, AccSlot, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, Input};
 use crate::ints::Ints;
@@ -60,7 +60,7 @@ pub fn embedding<B: Kernels<E>, E: Float>(
         p = p.with_prompt(pr.vectors.shape()[0]);
     }
     let dev = table.device();
-    let mut out = zeros::<B, E>(dev, p.out_elems())?;
+    let mut out = unfilled::<B, E>(dev, p.out_elems())?;
     {
         let vectors = prompt.as_ref().map(|pr| pr.vectors.buf());
         let sp = match (&prompt, &vectors) {

@@ -1,7 +1,7 @@
 //! Matrix products: `matmul` and the `linear` layer built on it. A frozen weight costs no `dW`
 //! product, and its input is not kept for one.
 
-use super::{zeros, Kernels};
+use super::{unfilled, zeros, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, recording, Saved, SavedBuf};
 use crate::tensor::{Float, Tensor};
@@ -105,9 +105,9 @@ pub fn linear_act<B: Kernels<E>, E: Float>(
     let mn = p.m * p.n;
     let mut inputs: Vec<&dyn crate::graph::Input> = vec![x, w];
     inputs.extend(bias.map(|t| t as &dyn crate::graph::Input));
-    let mut y = zeros::<B, E>(dev, mn)?;
+    let mut y = unfilled::<B, E>(dev, mn)?;
     // The pre-activation only when a backward will read it.
-    let mut aux = if recording(&inputs) { Some(zeros::<B, E>(dev, mn)?) } else { None };
+    let mut aux = if recording(&inputs) { Some(unfilled::<B, E>(dev, mn)?) } else { None };
     {
         let bias_buf = bias.map(|t| t.buf());
         dev.matmul_epilogue_fwd(
@@ -178,7 +178,8 @@ fn product<B: Kernels<E>, E: Float>(
     }
     let dev = a.device();
     let bp = BiasParams::new(p.m, p.n);
-    let mut c = zeros::<B, E>(dev, p.m * p.n)?;
+    // written in full: the product does not accumulate (cuBLAS with beta 0 never reads it)
+    let mut c = unfilled::<B, E>(dev, p.m * p.n)?;
     // The product, then the bias added in place (the order of the unfused ops, so the same bits
     // as add_bias gave; presetting the rows to the bias and accumulating onto them rounds
     // differently, which moves saved adapters' last bits).

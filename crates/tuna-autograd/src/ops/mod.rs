@@ -85,6 +85,18 @@ pub(crate) fn zeros<B: Alloc<E>, E: Float>(dev: &B, n: usize) -> Result<B::Owned
     Ok(dev.zeros(n)?)
 }
 
+/// An output buffer of `n` elements that its forward kernel writes in full before anything reads
+/// it ([`Alloc::unfilled`]: CUDA skips the zeroing pass; the CPU still zeroes). Never for a
+/// gradient or anything a kernel accumulates into.
+pub(crate) fn unfilled<B: Alloc<E>, E: Float>(dev: &B, n: usize) -> Result<B::Owned> {
+    Ok(dev.unfilled(n)?)
+}
+
+/// [`unfilled`] in `E::Acc` (row statistics a forward writes for every row).
+pub(crate) fn acc_unfilled<B: Kernels<E>, E: Float>(dev: &B, n: usize) -> Result<AccOwned<B, E>> {
+    Ok(Alloc::<E::Acc>::unfilled(dev, n)?)
+}
+
 /// `n` zeros of `E::Acc` on `dev` (statistics, parameter gradients).
 pub(crate) fn acc_zeros<B: Kernels<E>, E: Float>(dev: &B, n: usize) -> Result<AccOwned<B, E>> {
     Ok(Alloc::<E::Acc>::zeros(dev, n)?)

@@ -2,7 +2,7 @@
 //! kernel pass). Frozen weights get no parameter-gradient kernel.
 
 use super::elem::add_output;
-use super::{acc_zeros, finish_slots, zeros, AccSlot, GradSlot, Kernels};
+use super::{acc_unfilled, finish_slots, unfilled, AccSlot, GradSlot, Kernels};
 use crate::error::{same_shape, Result};
 use crate::graph::{launched, output, Saved, SavedBuf};
 use crate::stats;
@@ -32,8 +32,8 @@ pub fn layernorm<B: Kernels<E>, E: Float>(
     same_shape("layernorm", "beta vs gamma", beta.shape(), gamma.shape())?;
     let p = LayerNormParams::new(rows, dim, eps);
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
-    let (mut mean, mut rstd) = (acc_zeros::<B, E>(dev, rows)?, acc_zeros::<B, E>(dev, rows)?);
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
+    let (mut mean, mut rstd) = (acc_unfilled::<B, E>(dev, rows)?, acc_unfilled::<B, E>(dev, rows)?);
     dev.layernorm_fwd(
         &p,
         &x.buf(),
@@ -63,8 +63,8 @@ pub fn add_layernorm<B: Kernels<E>, E: Float>(
     same_shape("layernorm", "beta vs gamma", beta.shape(), gamma.shape())?;
     let p = LayerNormParams::new(rows, dim, eps);
     let dev = x.device();
-    let (mut h, mut y) = (zeros::<B, E>(dev, x.numel())?, zeros::<B, E>(dev, x.numel())?);
-    let (mut mean, mut rstd) = (acc_zeros::<B, E>(dev, rows)?, acc_zeros::<B, E>(dev, rows)?);
+    let (mut h, mut y) = (unfilled::<B, E>(dev, x.numel())?, unfilled::<B, E>(dev, x.numel())?);
+    let (mut mean, mut rstd) = (acc_unfilled::<B, E>(dev, rows)?, acc_unfilled::<B, E>(dev, rows)?);
     dev.add_layernorm_fwd(
         &p,
         &x.buf(),
@@ -134,8 +134,8 @@ pub fn rmsnorm<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, gamma: &Tensor<B, E>, 
     let (rows, dim) = rows_dim("rmsnorm", x, gamma)?;
     let p = RmsNormParams::new(rows, dim, eps);
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
-    let mut rstd = acc_zeros::<B, E>(dev, rows)?;
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
+    let mut rstd = acc_unfilled::<B, E>(dev, rows)?;
     dev.rmsnorm_fwd(
         &p,
         &x.buf(),
@@ -160,8 +160,8 @@ pub fn add_rmsnorm<B: Kernels<E>, E: Float>(
     let (rows, dim) = rows_dim("rmsnorm", x, gamma)?;
     let p = RmsNormParams::new(rows, dim, eps);
     let dev = x.device();
-    let (mut h, mut y) = (zeros::<B, E>(dev, x.numel())?, zeros::<B, E>(dev, x.numel())?);
-    let mut rstd = acc_zeros::<B, E>(dev, rows)?;
+    let (mut h, mut y) = (unfilled::<B, E>(dev, x.numel())?, unfilled::<B, E>(dev, x.numel())?);
+    let mut rstd = acc_unfilled::<B, E>(dev, rows)?;
     dev.add_rmsnorm_fwd(
         &p,
         &x.buf(),

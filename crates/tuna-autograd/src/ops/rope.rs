@@ -1,6 +1,6 @@
 //! Rotary position embedding (Hugging Face's `rotate_half`), by per-token positions.
 
-use super::{zeros, Kernels};
+use super::{unfilled, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output};
 use crate::ints::Ints;
@@ -28,7 +28,7 @@ pub fn rope<B: Kernels<E>, E: Float>(x: &Tensor<B, E>, pos: &Ints<B, u32>, theta
     }
     let p = RopeParams::new(b, t, h, d, theta);
     let dev = x.device();
-    let mut y = zeros::<B, E>(dev, x.numel())?;
+    let mut y = unfilled::<B, E>(dev, x.numel())?;
     dev.rope_fwd(&p, pos.buf(), &x.buf(), B::buf_mut(&mut y))?;
     Ok(output("rope", &[x], dev, x.shape().to_vec(), y, |out, _| {
         // The backward is the inverse rotation of dy: it needs the positions, not x.

@@ -128,4 +128,24 @@ mod tests {
         dev.add_fwd(&x, &y, &mut z).unwrap();
         assert!(dev.download(&z).unwrap().is_empty());
     }
+
+    /// An unfilled buffer (an output its kernel overwrites) holds no zeros: on the emulated device
+    /// every byte is 0xFF, so an element a kernel skipped reads as NaN (f32, bf16) or the largest
+    /// integer; a kernel's write replaces it all. On a GPU its contents are whatever was there.
+    #[test]
+    fn cuda_unfilled_buffers_are_poisoned_on_the_emulated_device_and_overwritten_by_a_kernel() {
+        let test = "cuda::buf::cuda_unfilled_buffers_are_poisoned_on_the_emulated_device_and_overwritten_by_a_kernel";
+        let Some(dev) = cuda_or_skip(test) else { return };
+        let (x, y) = (dev.upload(&[1.0f32, 2.0, 3.0]).unwrap(), dev.upload(&[0.5f32, 0.25, -1.0]).unwrap());
+        let mut z = dev.unfilled::<f32>(3).unwrap();
+        if dev.is_emulated() {
+            assert!(dev.download(&z).unwrap().iter().all(|v| v.is_nan()));
+            let b = dev.download(&dev.unfilled::<half::bf16>(5).unwrap()).unwrap();
+            assert!(b.iter().all(|v| v.is_nan()), "{b:?}");
+            assert_eq!(dev.download(&dev.unfilled::<u32>(2).unwrap()).unwrap(), [u32::MAX; 2]);
+            assert_eq!(dev.unfilled::<f32>(0).unwrap().len(), 0);
+        }
+        dev.add_fwd(&x, &y, &mut z).unwrap();
+        assert_eq!(dev.download(&z).unwrap(), [1.5, 2.25, 2.0]);
+    }
 }

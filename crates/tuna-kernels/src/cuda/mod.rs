@@ -496,6 +496,27 @@ impl Cuda {
         };
         Ok(CudaBuf { mem, len: n })
     }
+    /// A device buffer of `n` elements with no defined contents, for an output its kernel writes
+    /// in full before anything reads it: no memset pass. On the emulated device every byte is
+    /// 0xFF (NaN for f32 and bf16, the largest value for the integers), so an element a kernel
+    /// leaves unwritten shows in the tests that compare its output.
+    pub fn unfilled<E: CudaElem>(&self, n: usize) -> Result<CudaBuf<E>> {
+        let mem = match &self.layer {
+            // SAFETY: cudarc's alloc leaves device memory unset; a CudaSlice of plain-old-data
+            // elements (CudaElem: f32, bf16, u8, u32, i32) is valid with any bytes, and the callers
+            // write every element before reading it.
+            Layer::Real(r) => Mem::Real(unsafe { r.stream.alloc::<E>(n.max(1)) }.map_err(|e| Error::cuda("alloc", e))?),
+            #[cfg(feature = "emulator")]
+            Layer::Emu => {
+                let mut v = vec![E::default(); n];
+                // SAFETY: the elements are plain-old-data types for which every bit pattern is a
+                // value (see CudaElem), and the byte count is the vector's own.
+                unsafe { std::ptr::write_bytes(v.as_mut_ptr() as *mut u8, 0xFF, n * std::mem::size_of::<E>()) };
+                Mem::Emu(v)
+            }
+        };
+        Ok(CudaBuf { mem, len: n })
+    }
     /// Set every element of `buf` to zero, in stream order.
     pub fn memset_zeros<E: CudaElem>(&self, buf: &mut CudaBuf<E>) -> Result<()> {
         match (&self.layer, &mut buf.mem) {
@@ -544,6 +565,9 @@ impl<E: CudaElem> crate::backend::Alloc<E> for Cuda {
     }
     fn zeros(&self, n: usize) -> Result<CudaBuf<E>> {
         Cuda::zeros(self, n)
+    }
+    fn unfilled(&self, n: usize) -> Result<CudaBuf<E>> {
+        Cuda::unfilled(self, n)
     }
     fn from_host(&self, host: &[E]) -> Result<CudaBuf<E>> {
         self.upload(host)
