@@ -10,11 +10,45 @@ use rayon::prelude::*;
 /// Elements per backward task (the rows of a chunk are a function of `dim` only).
 const CHUNK_ELEMS: usize = 16 * 1024;
 
+/// Partial sums of [`lane_sum`].
+const LANES: usize = 16;
+
+/// `sum_i f(a[i], b[i], c[i])` over a row (`b` and `c` at least as long as `a`), as `LANES`
+/// interleaved partial sums (element `i` into lane `i % LANES`) folded pairwise at the end. The
+/// order is fixed, so the bits are the same on every CPU; the lanes are independent, so the
+/// compiler makes vector adds of them, where one running sum is a chain of dependent adds (one
+/// element per add latency, which bounded the norms' forward: see the README's add + norm table).
+/// Shared with rmsnorm.
+#[inline(always)]
+pub(crate) fn lane_sum<F: CpuFloat>(a: &[F], b: &[F], c: &[F], f: impl Fn(F, F, F) -> F) -> F {
+    let n = a.len();
+    let (b, c) = (&b[..n], &c[..n]);
+    let full = n - n % LANES;
+    let mut acc = [F::zero(); LANES];
+    let lanes = a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)).zip(c[..full].chunks_exact(LANES));
+    for ((a, b), c) in lanes {
+        for j in 0..LANES {
+            acc[j] += f(a[j], b[j], c[j]);
+        }
+    }
+    for i in full..n {
+        acc[i - full] += f(a[i], b[i], c[i]);
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            acc[j] = acc[j] + acc[j + w];
+        }
+    }
+    acc[0]
+}
+
 /// Normalize one row: writes `y` and returns `(mean, rstd)`.
 fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], beta: &[F], eps: F, y: &mut [F]) -> (F, F) {
     let n = F::c(x.len() as f64);
-    let mean = x.iter().copied().sum::<F>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() / n;
+    let mean = lane_sum(x, x, x, |v, _, _| v) / n;
+    let var = lane_sum(x, x, x, |v, _, _| (v - mean) * (v - mean)) / n;
     let rstd = F::one() / (var + eps).sqrt();
     for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
         *y = (x - mean) * rstd * g + b;
@@ -25,12 +59,8 @@ fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], beta: &[F], eps: F, y: &mut [F]) -
 /// One row of the input gradient: `dx += rstd * (g - mean(g) - xhat*mean(g*xhat))`.
 fn dx_row<F: CpuFloat>(x: &[F], gamma: &[F], mean: F, rstd: F, dy: &[F], dx: &mut [F]) {
     let n = F::c(x.len() as f64);
-    let (mut sg, mut sgx) = (F::zero(), F::zero());
-    for ((&x, &g), &dy) in x.iter().zip(gamma).zip(dy) {
-        let gy = dy * g;
-        sg += gy;
-        sgx += gy * ((x - mean) * rstd);
-    }
+    let sg = lane_sum(dy, gamma, x, |dy, g, _| dy * g);
+    let sgx = lane_sum(dy, gamma, x, |dy, g, x| dy * g * ((x - mean) * rstd));
     let (mg, mgx) = (sg / n, sgx / n);
     for i in 0..x.len() {
         let xh = (x[i] - mean) * rstd;

@@ -31,6 +31,7 @@ mod cuda;
 mod tests;
 
 // The launch scheme is shared with rmsnorm, whose kernels use the same `kernels/norm.cuh`.
+pub(crate) use cpu::lane_sum;
 pub(crate) use cuda::{param_chunks, partials_launch, row_launch};
 
 use crate::backend::{Backend, Elem};

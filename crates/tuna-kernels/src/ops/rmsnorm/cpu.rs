@@ -5,6 +5,7 @@
 use super::{check, RmsNormKernel, RmsNormParams};
 use crate::backend::{Cpu, CpuFloat};
 use crate::error::Result;
+use crate::ops::layernorm::lane_sum;
 use crate::ops::layernorm::Extent::{Dim, Full, Rows};
 use rayon::prelude::*;
 
@@ -13,7 +14,7 @@ const CHUNK_ELEMS: usize = 16 * 1024;
 
 /// Normalize one row: writes `y` and returns `rstd`.
 fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], eps: F, y: &mut [F]) -> F {
-    let ms = x.iter().map(|&v| v * v).sum::<F>() / F::c(x.len() as f64);
+    let ms = lane_sum(x, x, x, |v, _, _| v * v) / F::c(x.len() as f64);
     let rstd = F::one() / (ms + eps).sqrt();
     for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
         *y = x * rstd * g;
@@ -23,7 +24,7 @@ fn fwd_row<F: CpuFloat>(x: &[F], gamma: &[F], eps: F, y: &mut [F]) -> F {
 
 /// One row of the input gradient: `dx += rstd * (g - xhat*mean(g*xhat))`.
 fn dx_row<F: CpuFloat>(x: &[F], gamma: &[F], rstd: F, dy: &[F], dx: &mut [F]) {
-    let sgx: F = x.iter().zip(gamma).zip(dy).map(|((&x, &g), &dy)| dy * g * (x * rstd)).sum();
+    let sgx = lane_sum(dy, gamma, x, |dy, g, x| dy * g * (x * rstd));
     let mgx = sgx / F::c(x.len() as f64);
     for i in 0..x.len() {
         let xh = x[i] * rstd;
