@@ -3,7 +3,7 @@
 # scripts/gpu/check.sh, into the ignored folder gpu-bundle/:
 #   bin/tuna                              the release CLI
 #   tests/tuna-kernels-lib                tuna-kernels' lib tests (every kernel's CUDA-vs-CPU test)
-#   tests/tuna-autograd-cuda              tuna-autograd --test cuda (with the bf16 tape's tests)
+#   tests/tuna-autograd-cuda              tuna-autograd --test cuda (with the bf16 tape's tests and the fused add + norm)
 #   tests/tuna-models-cuda_models         tuna-models --test cuda_models (with every method in bf16)
 #   tests/tuna-trainer-cuda_train         tuna-trainer --test cuda_train (training, every method)
 #   bin/cuda_attention                    the attention benchmark (benches/cuda_attention.rs)

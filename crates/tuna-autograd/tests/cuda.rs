@@ -5,6 +5,9 @@ mod common;
 // The bf16 tape: in this binary, so the GPU check's bundle carries it.
 #[path = "bf16/cuda_mixed_precision.rs"]
 mod cuda_mixed_precision;
+// The fused residual add + norm on the device (its CPU tests are tests/add_norm.rs).
+#[path = "bf16/cuda_add_norm.rs"]
+mod cuda_add_norm;
 use common::cpu;
 use common::tiny::{Tiny, Train};
 use tuna_autograd::optim::OptimKernels;

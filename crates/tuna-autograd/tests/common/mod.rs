@@ -1,6 +1,7 @@
 //! Helpers shared by the autograd tests.
 #![allow(dead_code)]
 
+pub mod add_norm;
 pub mod tiny;
 
 use std::sync::Arc;

@@ -38,7 +38,7 @@ pub(crate) fn lane_sum<F: CpuFloat>(a: &[F], b: &[F], c: &[F], f: impl Fn(F, F, 
     while w > 1 {
         w /= 2;
         for j in 0..w {
-            acc[j] = acc[j] + acc[j + w];
+            acc[j] += acc[j + w];
         }
     }
     acc[0]
