@@ -109,10 +109,17 @@ fn add(map: &mut BTreeMap<&'static str, OpTime>, kind: &'static str, nanos: u64)
 /// nothing: their time and FLOPs go to the op that records itself after `f` (which counts its
 /// own FLOPs).
 pub(crate) fn composite<T>(f: impl FnOnce() -> T) -> T {
+    /// Lowers the depth again however `f` ends (a panic unwinding through it included), so a
+    /// failed composite does not silence the later ops' timings.
+    struct Depth;
+    impl Drop for Depth {
+        fn drop(&mut self) {
+            STATS.with(|s| s.borrow_mut().composite_depth -= 1);
+        }
+    }
     STATS.with(|s| s.borrow_mut().composite_depth += 1);
-    let r = f();
-    STATS.with(|s| s.borrow_mut().composite_depth -= 1);
-    r
+    let _depth = Depth;
+    f()
 }
 
 /// An op of `kind` has just produced its output: charge it the time since the last mark.

@@ -10,7 +10,7 @@ use tuna_autograd::ops::elem::{add, add_bias, mul};
 use tuna_autograd::ops::embed::{embedding, Prompt};
 use tuna_autograd::ops::linear::{matmul, MatmulParams};
 use tuna_autograd::ops::loss::cross_entropy;
-use tuna_autograd::ops::norm::layernorm;
+use tuna_autograd::ops::norm::{add_layernorm, add_rmsnorm, layernorm};
 use tuna_autograd::{Ints, Result};
 use tuna_kernels::testing::Rng;
 
@@ -56,6 +56,18 @@ fn layernorm_with_gamma_as_beta_and_bias_as_input() {
     let g = param(&mut rng, "g", &[5], 1.0);
     check(&[&x, &g], || ce(layernorm(&x, &g, &g, 1e-5)?), H, GRAD_TOL, 64).unwrap();
     check(&[&g], || ce(add_bias(&g, &g)?), H, GRAD_TOL, 64).unwrap();
+}
+
+/// The fused residual add + norm with the residual and the stream the same tensor (`h = 2x`), and
+/// both outputs in the loss: x's gradient gets the add's two contributions and the norm's.
+#[test]
+fn add_norm_of_a_tensor_with_itself() {
+    let mut rng = Rng::new(15);
+    let x = param(&mut rng, "x", &[3, 5], 1.0);
+    let g = param(&mut rng, "g", &[5], 1.0);
+    let both = |(h, y): (T64, T64)| ce(add(&mul(&h, &h)?, &y)?);
+    check(&[&x, &g], || both(add_layernorm(&x, &x, &g, &g, 1e-5)?), H, GRAD_TOL, 64).unwrap();
+    check(&[&x, &g], || both(add_rmsnorm(&x, &x, &g, 1e-6)?), H, GRAD_TOL, 64).unwrap();
 }
 
 #[test]

@@ -61,10 +61,11 @@ impl<E: CudaElem> DevInputs<E> {
         }
     }
 
-    /// The CUDA forward: `o` and `lse` on the device.
+    /// The CUDA forward: `o` and `lse` on the device, into unfilled buffers (NaN on the emulated
+    /// device), as the autograd op allocates them: a row the kernel skipped shows.
     fn forward(&self, dev: &Cuda, p: &AttnParams) -> (CudaBuf<E>, CudaBuf<f32>) {
-        let mut o = dev.zeros::<E>(p.q_elems()).unwrap();
-        let mut lse = dev.zeros::<f32>(p.lse_elems()).unwrap();
+        let mut o = dev.unfilled::<E>(p.q_elems()).unwrap();
+        let mut lse = dev.unfilled::<f32>(p.lse_elems()).unwrap();
         <Cuda as AttentionKernel<E>>::attn_fwd(dev, p, self.inputs(), &mut o, &mut lse).unwrap();
         (o, lse)
     }

@@ -338,7 +338,12 @@ fn cpu_add_layernorm_is_bitwise_add_then_layernorm() {
             for (name, f, u) in
                 ["h", "y", "mean", "rstd"].into_iter().zip(&fused).zip(&pair).map(|((n, f), u)| (n, f, u))
             {
-                assert!(f == u, "add_layernorm {} [{rows}, {dim}] {name}: not the bits of add then layernorm", F::NAME);
+                let bits = |v: &[F]| v.iter().map(|&a| Into::<f64>::into(a).to_bits()).collect::<Vec<u64>>();
+                assert!(
+                    bits(f) == bits(u),
+                    "add_layernorm {} [{rows}, {dim}] {name}: not the bits of add then layernorm",
+                    F::NAME
+                );
             }
         }
     }
@@ -372,8 +377,9 @@ fn cuda_add_layernorm_is_bitwise_add_then_layernorm() {
         let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
         let (n, rows) = (p.elems(), p.rows as usize);
         let [x, r, g, b] = v.map(up);
-        let (mut h, mut y) = (dev.zeros::<E>(n).unwrap(), dev.zeros::<E>(n).unwrap());
-        let (mut m, mut s) = (dev.zeros::<f32>(rows).unwrap(), dev.zeros::<f32>(rows).unwrap());
+        // unfilled (NaN on the emulated device): an element or row statistic left unwritten shows
+        let (mut h, mut y) = (dev.unfilled::<E>(n).unwrap(), dev.unfilled::<E>(n).unwrap());
+        let (mut m, mut s) = (dev.unfilled::<f32>(rows).unwrap(), dev.unfilled::<f32>(rows).unwrap());
         if fused {
             dev.add_layernorm_fwd(p, &x, &r, &g, &b, &mut h, &mut y, &mut m, &mut s).unwrap();
         } else {
@@ -409,5 +415,35 @@ fn cuda_add_layernorm_is_bitwise_add_then_layernorm() {
                 Tol::CUDA_F32.assert_close(&format!("{what} y vs cpu"), &fused[1], &cpu[1]);
             }
         }
+    }
+}
+
+/// `lane_sum` against its definition written out: element `i` into lane `i % 16` in order, then
+/// the lanes folded pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1), bit for bit, at lengths around the lane
+/// count; and it is the sum within rounding.
+#[test]
+fn lane_sum_is_its_fixed_order() {
+    use super::lane_sum;
+    let mut rng = Rng::new(24);
+    for n in [0usize, 1, 2, 15, 16, 17, 31, 33, 100, 384] {
+        let (a, b) = (rng.vec(n, -2.0, 2.0), rng.vec(n, -2.0, 2.0));
+        let mut lanes = [0f32; 16];
+        for i in 0..n {
+            lanes[i % 16] += a[i] * b[i];
+        }
+        let mut w = 16;
+        while w > 1 {
+            w /= 2;
+            for j in 0..w {
+                lanes[j] += lanes[j + w];
+            }
+        }
+        let got = lane_sum(&a, &b, &a, |x, y, _| x * y);
+        assert_eq!(got.to_bits(), lanes[0].to_bits(), "n = {n}");
+        let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        assert!(
+            (got as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * n.max(1) as f64,
+            "n = {n}: {got} vs {exact}"
+        );
     }
 }

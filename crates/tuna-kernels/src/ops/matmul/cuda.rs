@@ -471,7 +471,7 @@ impl Cuda {
                 let pre = match aux {
                     Some(x) => x,
                     None => {
-                        scratch = self.zeros::<E>(p.m * p.n)?;
+                        scratch = self.unfilled::<E>(p.m * p.n)?; // GemmEx with beta 0 writes it all
                         &mut scratch
                     }
                 };

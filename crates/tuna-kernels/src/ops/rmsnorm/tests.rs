@@ -275,7 +275,12 @@ fn cpu_add_rmsnorm_is_bitwise_add_then_rmsnorm() {
             let (x, g, r) = (fv(&x), fv(&g), fv(&r));
             let (fused, pair) = (cpu_add_norm(&p, true, &x, &r, &g), cpu_add_norm(&p, false, &x, &r, &g));
             for (name, (f, u)) in ["h", "y", "rstd"].into_iter().zip(fused.iter().zip(&pair)) {
-                assert!(f == u, "add_rmsnorm {} [{rows}, {dim}] {name}: not the bits of add then rmsnorm", F::NAME);
+                let bits = |v: &[F]| v.iter().map(|&a| Into::<f64>::into(a).to_bits()).collect::<Vec<u64>>();
+                assert!(
+                    bits(f) == bits(u),
+                    "add_rmsnorm {} [{rows}, {dim}] {name}: not the bits of add then rmsnorm",
+                    F::NAME
+                );
             }
         }
     }
@@ -309,7 +314,9 @@ fn cuda_add_rmsnorm_is_bitwise_add_then_rmsnorm() {
         let down = |d: &crate::cuda::CudaBuf<E>| dev.download(d).unwrap().iter().map(|v| v.to_f32()).collect();
         let (n, rows) = (p.rows as usize * p.dim as usize, p.rows as usize);
         let [x, r, g] = v.map(up);
-        let (mut h, mut y, mut s) = (dev.zeros::<E>(n).unwrap(), dev.zeros::<E>(n).unwrap(), dev.zeros(rows).unwrap());
+        // unfilled (NaN on the emulated device): an element or row statistic left unwritten shows
+        let (mut h, mut y, mut s) =
+            (dev.unfilled::<E>(n).unwrap(), dev.unfilled::<E>(n).unwrap(), dev.unfilled(rows).unwrap());
         if fused {
             dev.add_rmsnorm_fwd(p, &x, &r, &g, &mut h, &mut y, &mut s).unwrap();
         } else {
