@@ -6,7 +6,7 @@ use crate::error::{same_shape, Error, Result};
 use crate::graph::{launched, output, Input, Saved};
 use crate::ints::Ints;
 use crate::tensor::{Float, Tensor};
-use tuna_kernels::ops::elementwise::{BiasParams, ColsParams, PoolParams};
+use tuna_kernels::ops::elementwise::{BiasParams, ColsParams, ElementwiseKernel, PoolParams};
 use tuna_kernels::Alloc;
 
 /// `a + b` (same shapes).
@@ -28,13 +28,27 @@ pub(crate) fn add_output<B: Kernels<E>, E: Float>(
     let dev = a.device();
     output("add", &[a, b], dev, a.shape().to_vec(), y, |out, _| {
         let (ca, cb, dev) = (a.cell(), b.cell(), dev.clone());
+        let n = a.numel();
         Box::new(move || {
             let Some(g) = out.take() else { return Ok(()) };
-            for c in [&ca, &cb].into_iter().flatten() {
+            // Each input's gradient is g itself: the first of two gets a copy, the last g, each
+            // moved into an empty gradient (no zeroed scratch and no accumulating pass over it) or
+            // added to one already there (the same `+=` as before).
+            let cells: Vec<_> = [ca, cb].into_iter().flatten().collect();
+            let Some((last, rest)) = cells.split_last() else { return Ok(()) };
+            for c in rest {
                 launched("add.bwd");
-                c.accumulate(&dev, |d| Ok(dev.scale_bwd(1.0, B::buf(&g), d)?))?;
+                let mut copy = unfilled::<B, E>(&*dev, n)?;
+                ElementwiseKernel::<E>::scale_fwd(
+                    &*dev,
+                    1.0,
+                    <B as Alloc<E>>::buf(&g),
+                    <B as Alloc<E>>::buf_mut(&mut copy),
+                )?;
+                c.add_owned(&dev, copy)?;
             }
-            Ok(())
+            launched("add.bwd");
+            last.add_owned(&dev, g)
         })
     })
 }
