@@ -241,8 +241,8 @@ pub trait Alloc<E: Elem>: Backend {
     fn buf_mut(o: &mut Self::Owned) -> &mut Self::Buf<E>;
     /// `n` zeros.
     fn zeros(&self, n: usize) -> crate::Result<Self::Owned>;
-    /// `n` elements with no promised contents: an output buffer its kernel writes in full
-    /// before anything reads it (never a gradient or accumulator, which `+=`). A backend may skip
+    /// `n` elements with no promised contents: a buffer one kernel writes in full before anything
+    /// reads it (never one a kernel accumulates into with `+=`). A backend may skip
     /// the zeroing pass: CUDA does (no memset; the emulated device fills every byte with 0xFF, so
     /// an unwritten element shows as NaN); the CPU zeroes, since Rust reads only initialized memory.
     fn unfilled(&self, n: usize) -> crate::Result<Self::Owned> {

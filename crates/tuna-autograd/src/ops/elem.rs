@@ -19,7 +19,8 @@ pub fn add<B: Kernels<E>, E: Float>(a: &Tensor<B, E>, b: &Tensor<B, E>) -> Resul
 }
 
 /// The output tensor of `a + b` whose data `y` is already computed (by `add` or a fused kernel),
-/// with add's backward: the output's gradient accumulated into each input's.
+/// with add's backward: the output's gradient passed on to each input's (moved into an empty one,
+/// added to a full one; a copy for the first of two).
 pub(crate) fn add_output<B: Kernels<E>, E: Float>(
     a: &Tensor<B, E>,
     b: &Tensor<B, E>,

@@ -85,9 +85,9 @@ pub(crate) fn zeros<B: Alloc<E>, E: Float>(dev: &B, n: usize) -> Result<B::Owned
     Ok(dev.zeros(n)?)
 }
 
-/// An output buffer of `n` elements that its forward kernel writes in full before anything reads
-/// it ([`Alloc::unfilled`]: CUDA skips the zeroing pass; the CPU still zeroes). Never for a
-/// gradient or anything a kernel accumulates into.
+/// A buffer of `n` elements that one kernel writes in full before anything reads it (a forward's
+/// output, or a copy made to be handed on as a gradient): [`Alloc::unfilled`], CUDA skips the
+/// zeroing pass, the CPU still zeroes. Never for anything a kernel accumulates (`+=`) into.
 pub(crate) fn unfilled<B: Alloc<E>, E: Float>(dev: &B, n: usize) -> Result<B::Owned> {
     Ok(dev.unfilled(n)?)
 }
