@@ -145,6 +145,27 @@ impl<B: Kernels<E>, E: Float> GradCell<B, E> {
         f(<B as Alloc<E>>::buf_mut(self.ensure(dev, &mut g)?))
     }
 
+    /// The gradient as `write` makes it, when this cell has none yet (and is not a mixed-precision
+    /// leaf's): `write` fills a fresh buffer in full ([`Alloc::unfilled`]: no zeroing pass), which
+    /// becomes the gradient. Otherwise `add` accumulates into the gradient, as
+    /// [`GradCell::accumulate`] runs it. Both must compute the same values (`write`'s `x` where `add`
+    /// makes `g + x`).
+    pub(crate) fn write_or_accumulate(
+        &self,
+        dev: &B,
+        write: impl FnOnce(&mut B::Buf<E>) -> Result<()>,
+        add: impl FnOnce(&mut B::Buf<E>) -> Result<()>,
+    ) -> Result<()> {
+        let empty = !self.acc_mode && self.buf.borrow().is_none();
+        if !empty {
+            return self.accumulate(dev, add);
+        }
+        let mut g = Alloc::<E>::unfilled(dev, self.len)?;
+        write(<B as Alloc<E>>::buf_mut(&mut g))?;
+        *self.buf.borrow_mut() = Some(g);
+        Ok(())
+    }
+
     /// Run `f` on the gradient as an `E::Acc` buffer (the parameter gradients the kernels keep in
     /// `E::Acc`: norm weights, biases, embedding tables, prefix keys/values): directly where the
     /// gradient is in `E::Acc` (a mixed-precision leaf, or any f32/f64 tensor), else through a

@@ -138,7 +138,11 @@ pub fn linear_act<B: Kernels<E>, E: Float>(
             if let Some(cx) = &cx {
                 launched("linear.dX");
                 crate::stats::flops(kind, true, p.flops());
-                cx.accumulate(&dev, |dx| {
+                let over = |dx: &mut B::Buf<E>| match wb.as_deref() {
+                    Some(w) => Ok(dev.matmul_bwd_a_overwrite(&p, w, B::buf(&dpre), dx)?),
+                    None => Ok(dev.matmul_bwd(&p, None, None, B::buf(&dpre), Some(dx), None)?), // refused by name
+                };
+                cx.write_or_accumulate(&dev, over, |dx| {
                     Ok(dev.matmul_bwd(&p, None, wb.as_deref(), B::buf(&dpre), Some(dx), None)?)
                 })?;
             }
@@ -202,7 +206,14 @@ fn product<B: Kernels<E>, E: Float>(
             if let Some(ca) = &ca {
                 launched(kinds.0);
                 crate::stats::flops("matmul", true, p.flops());
-                ca.accumulate(&dev, |da| Ok(dev.matmul_bwd(&p, None, bb.as_deref(), B::buf(&g), Some(da), None)?))?;
+                // written straight into a gradient that has no value yet (no zeroing, no read)
+                let over = |da: &mut B::Buf<E>| match bb.as_deref() {
+                    Some(b) => Ok(dev.matmul_bwd_a_overwrite(&p, b, B::buf(&g), da)?),
+                    None => Ok(dev.matmul_bwd(&p, None, None, B::buf(&g), Some(da), None)?), // refused by name
+                };
+                ca.write_or_accumulate(&dev, over, |da| {
+                    Ok(dev.matmul_bwd(&p, None, bb.as_deref(), B::buf(&g), Some(da), None)?)
+                })?;
             }
             if let Some(cb) = &cb {
                 launched(kinds.1);

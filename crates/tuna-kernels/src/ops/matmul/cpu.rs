@@ -149,6 +149,14 @@ impl<F: CpuFloat<Acc = F>> MatmulKernel<F> for Cpu {
         Ok(())
     }
 
+    fn matmul_bwd_a_overwrite(&self, p: &MatmulParams, b: &[F], dc: &[F], da: &mut [F]) -> Result<()> {
+        check_bwd(p, None, Some(b.len()), dc.len(), Some(da.len()), None)?;
+        let pr = p.grad_a();
+        let (x, y) = (pick(pr.x.0, None, Some(b), dc)?, pick(pr.y.0, None, Some(b), dc)?);
+        gemm_views(da, (x, pr.x.1), (y, pr.y.1), F::c(p.alpha as f64), false, true);
+        Ok(())
+    }
+
     fn matmul_epilogue_fwd(
         &self,
         p: &MatmulParams,

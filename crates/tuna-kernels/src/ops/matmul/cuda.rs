@@ -512,6 +512,19 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
         Ok(())
     }
 
+    fn matmul_bwd_a_overwrite(
+        &self,
+        p: &MatmulParams,
+        b: &CudaBuf<E>,
+        dc: &CudaBuf<E>,
+        da: &mut CudaBuf<E>,
+    ) -> Result<()> {
+        check_bwd(p, None, Some(b.len()), dc.len(), Some(da.len()), None)?;
+        let pr = p.grad_a();
+        let (x, y) = (pick(pr.x.0, None, Some(b), dc)?, pick(pr.y.0, None, Some(b), dc)?);
+        self.gemm_ex(da, (x, pr.x.1), (y, pr.y.1), p.alpha, false)
+    }
+
     fn matmul_epilogue_fwd(
         &self,
         p: &MatmulParams,

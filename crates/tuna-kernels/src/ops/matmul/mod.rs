@@ -156,6 +156,18 @@ pub trait MatmulKernel<E: Elem>: Backend {
         db: Option<&mut Self::Buf<E::Acc>>,
     ) -> Result<()>;
 
+    /// `da = alpha * dop(A)` written over `da`, whatever it holds: [`MatmulKernel::matmul_bwd`]'s
+    /// `da` product for a gradient that has no value yet, without zeroing it first or reading it
+    /// (cuBLAS beta 0). The same bits as `matmul_bwd` into zeros, but for the sign of an exact
+    /// zero (`0 + x` is `+0` where `x` is `-0`).
+    fn matmul_bwd_a_overwrite(
+        &self,
+        p: &MatmulParams,
+        b: &Self::Buf<E>,
+        dc: &Self::Buf<E>,
+        da: &mut Self::Buf<E>,
+    ) -> Result<()>;
+
     /// The product with a fused epilogue: `y = act(alpha * op(a) op(b) + bias)`, the bias (`[n]`)
     /// added to every row, and `aux = alpha * op(a) op(b) + bias` (the pre-activation, which the
     /// backward reads) when `aux` is given. `p.accumulate` must be false; `aux` needs an activation.

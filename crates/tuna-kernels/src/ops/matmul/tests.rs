@@ -431,3 +431,42 @@ fn cuda_tf32_products_round_f32_operands_to_10_bits() {
         }
     }
 }
+
+/// Bits with the sign of zero dropped (`0 + x` turns a `-0` product into `+0`).
+fn bits_no_neg_zero(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|&x| if x == 0.0 { 0 } else { x.to_bits() }).collect()
+}
+
+/// `matmul_bwd_a_overwrite` writes `dA` over whatever its buffer holds (NaN here) with the bits
+/// of `matmul_bwd` accumulating into zeros, for every transpose combination and a scaled product,
+/// on the CPU and on CUDA (there into an unfilled buffer, NaN on the emulated device), f32.
+#[test]
+fn the_overwriting_da_is_the_accumulating_one_into_zeros() {
+    let mut rng = Rng::new(77);
+    let dev = cuda_or_skip("matmul::the_overwriting_da_is_the_accumulating_one_into_zeros");
+    for (m, n, k) in [(37, 23, 19), (1, 5, 3), (70, 96, 130)] {
+        for (ta, tb) in TRANS {
+            let p = MatmulParams { alpha: 0.75, ..params(m, n, k, ta, tb) };
+            let ((_, b, dc), _) = case(&mut rng, &p);
+            let what = format!("[{m}, {n}, {k}] ta={ta} tb={tb}");
+            let mut acc = vec![0.0f32; m * k];
+            Cpu.matmul_bwd(&p, None, Some(&b[..]), &dc, Some(&mut acc), None).unwrap();
+            let mut over = vec![f32::NAN; m * k];
+            Cpu.matmul_bwd_a_overwrite(&p, &b, &dc, &mut over).unwrap();
+            assert_eq!(bits_no_neg_zero(&over), bits_no_neg_zero(&acc), "cpu {what}");
+            if let Some(dev) = &dev {
+                let (bd, dcd) = (dev.upload(&b).unwrap(), dev.upload(&dc).unwrap());
+                let mut acc_d = dev.zeros::<f32>(m * k).unwrap();
+                dev.matmul_bwd(&p, None, Some(&bd), &dcd, Some(&mut acc_d), None).unwrap();
+                let mut over_d = dev.unfilled::<f32>(m * k).unwrap();
+                dev.matmul_bwd_a_overwrite(&p, &bd, &dcd, &mut over_d).unwrap();
+                let (a, o) = (dev.download(&acc_d).unwrap(), dev.download(&over_d).unwrap());
+                assert_eq!(bits_no_neg_zero(&o), bits_no_neg_zero(&a), "cuda {what}");
+            }
+        }
+    }
+    // the length checks are matmul_bwd's
+    let p = params(4, 3, 2, false, false);
+    let e = Cpu.matmul_bwd_a_overwrite(&p, &[0.0; 6], &[0.0; 12], &mut [0.0; 7]).unwrap_err();
+    assert!(e.to_string().contains("matmul"), "{e}");
+}
