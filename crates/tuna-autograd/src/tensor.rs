@@ -146,8 +146,8 @@ impl<B: Kernels<E>, E: Float> GradCell<B, E> {
     }
 
     /// The gradient as `write` makes it, when this cell has none yet (and is not a mixed-precision
-    /// leaf's): `write` fills a fresh buffer in full ([`Alloc::unfilled`]: no zeroing pass), which
-    /// becomes the gradient. Otherwise `add` accumulates into the gradient, as
+    /// leaf's): `write` fills a fresh buffer in full ([`Alloc::unfilled`]: no zeroing pass on CUDA;
+    /// the CPU zeroes it, and only the product's read of it is saved), which becomes the gradient. Otherwise `add` accumulates into the gradient, as
     /// [`GradCell::accumulate`] runs it. Both must compute the same values (`write`'s `x` where `add`
     /// makes `g + x`).
     pub(crate) fn write_or_accumulate(

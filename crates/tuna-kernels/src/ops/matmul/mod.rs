@@ -158,8 +158,10 @@ pub trait MatmulKernel<E: Elem>: Backend {
 
     /// `da = alpha * dop(A)` written over `da`, whatever it holds: [`MatmulKernel::matmul_bwd`]'s
     /// `da` product for a gradient that has no value yet, without zeroing it first or reading it
-    /// (cuBLAS beta 0). The same bits as `matmul_bwd` into zeros, but for the sign of an exact
-    /// zero (`0 + x` is `+0` where `x` is `-0`).
+    /// (cuBLAS beta 0). On the CPU and the emulated device the same bits as `matmul_bwd` into
+    /// zeros, but for the sign of an exact zero (`0 + x` is `+0` where `x` is `-0`); on a GPU
+    /// cuBLAS may pick another algorithm for beta 0 than for beta 1, so there the same product
+    /// within its rounding.
     fn matmul_bwd_a_overwrite(
         &self,
         p: &MatmulParams,
