@@ -46,9 +46,7 @@ __device__ void layernorm_fwd(const LayerNormParams p, const T* x, const T* gamm
     layernorm_row<T, WARP>(p, l, xr, s, gamma, beta, y + l.row * p.dim, mean, rstd, scratch);
 }
 
-// h = x + r (stored as T, as add_fwd stores it), then the forward of h: bitwise add_fwd then
-// layernorm_fwd. Each thread reads back only the elements of h it wrote itself (the same
-// i = t, t + stride, ... in every pass), so no barrier separates the add from the norm.
+// h = x + r, then the forward of h: bitwise add_fwd then layernorm_fwd (see norm_add_row).
 template <typename T, bool WARP>
 __device__ void add_layernorm_fwd(const LayerNormParams p, const T* x, const T* r, const T* gamma, const T* beta,
                                   T* h, T* y, float* mean, float* rstd) {
@@ -56,13 +54,8 @@ __device__ void add_layernorm_fwd(const LayerNormParams p, const T* x, const T* 
     const NormLane l = norm_lane<WARP>();
     if (l.row >= p.rows) return;
     const u64_t off = l.row * p.dim;
-    T* hr = h + off;
-    float s = 0.f;
-    for (u32_t i = l.t; i < p.dim; i += l.stride) {
-        st(hr, i, ld(x, off + i) + ld(r, off + i));
-        s += ld(hr, i);
-    }
-    layernorm_row<T, WARP>(p, l, hr, s, gamma, beta, y + off, mean, rstd, scratch);
+    const float s = norm_add_row<T, false>(l, p.dim, x, r, h);
+    layernorm_row<T, WARP>(p, l, h + off, s, gamma, beta, y + off, mean, rstd, scratch);
 }
 
 // dx only; dgamma/dbeta come from layernorm_bwd_params + layernorm_bwd_reduce.

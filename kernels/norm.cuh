@@ -45,6 +45,22 @@ __device__ __forceinline__ float norm_row_sum(float v, float* scratch) {
     }
 }
 
+// The first pass of a fused residual add + norm over one row: h = x + r stored as T (as add_fwd
+// stores it), returning this thread's partial sum of h (SQUARES: of h^2) read back from what it
+// stored. A thread reads back only the elements of h it wrote itself (i = t, t + stride, ...,
+// the same indices every later pass uses), so no barrier separates the add from the norm.
+template <typename T, bool SQUARES>
+__device__ __forceinline__ float norm_add_row(const NormLane l, u32_t dim, const T* x, const T* r, T* h) {
+    const u64_t off = l.row * dim;
+    float s = 0.f;
+    for (u32_t i = l.t; i < dim; i += l.stride) {
+        st(h, off + i, ld(x, off + i) + ld(r, off + i));
+        const float v = ld(h, off + i);
+        s += SQUARES ? v * v : v;
+    }
+    return s;
+}
+
 // Grid (ceil(dim / 32), chunks), block (32, 8). Block (cx, cy) sums rows
 // [cy * chunk_rows, min((cy + 1) * chunk_rows, rows)) of columns [32 cx, 32 cx + 32):
 //   part_g[cy, j] = sum_r dy[r, j] * xhat[r, j],  xhat = (x - mean[r]) * rstd[r]  (mean = 0 unless CENTERED)

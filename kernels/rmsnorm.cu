@@ -37,8 +37,7 @@ __device__ void rmsnorm_fwd(const RmsNormParams p, const T* x, const T* gamma, T
     rmsnorm_row<T, WARP>(p, l, xr, s, gamma, y + l.row * p.dim, rstd, scratch);
 }
 
-// h = x + r (stored as T, as add_fwd stores it), then the forward of h: bitwise add_fwd then
-// rmsnorm_fwd. Each thread reads back only the elements of h it wrote itself, so no barrier.
+// h = x + r, then the forward of h: bitwise add_fwd then rmsnorm_fwd (see norm_add_row).
 template <typename T, bool WARP>
 __device__ void add_rmsnorm_fwd(const RmsNormParams p, const T* x, const T* r, const T* gamma, T* h, T* y,
                                 float* rstd) {
@@ -46,14 +45,8 @@ __device__ void add_rmsnorm_fwd(const RmsNormParams p, const T* x, const T* r, c
     const NormLane l = norm_lane<WARP>();
     if (l.row >= p.rows) return;
     const u64_t off = l.row * p.dim;
-    T* hr = h + off;
-    float s = 0.f;
-    for (u32_t i = l.t; i < p.dim; i += l.stride) {
-        st(hr, i, ld(x, off + i) + ld(r, off + i));
-        const float v = ld(hr, i);
-        s += v * v;
-    }
-    rmsnorm_row<T, WARP>(p, l, hr, s, gamma, y + off, rstd, scratch);
+    const float s = norm_add_row<T, true>(l, p.dim, x, r, h);
+    rmsnorm_row<T, WARP>(p, l, h + off, s, gamma, y + off, rstd, scratch);
 }
 
 // dx only; dgamma comes from rmsnorm_bwd_params + rmsnorm_bwd_reduce.
