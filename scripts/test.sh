@@ -16,6 +16,12 @@ export TUNA_KERNEL_REPORT="$PWD/target/kernel-report.txt"
 export TUNA_CUDA_EMULATE="${TUNA_CUDA_EMULATE:-1}"
 export TUNA_EMU_LAUNCH_LOG="$PWD/target/emu-launches.txt"
 rm -f "$TUNA_SKIP_LOG" "$TUNA_KERNEL_REPORT" "$TUNA_EMU_LAUNCH_LOG" "$TUNA_EMU_LAUNCH_LOG.kernels"
+# The tests' scratch folders (runs, exports, model copies: about 1 GB a full run, one folder per
+# test process, kept for a look after a failure) go under target/test-tmp, emptied here at the
+# start of each run, instead of piling up in /tmp.
+export TMPDIR="$PWD/target/test-tmp"
+rm -rf "$TMPDIR"
+mkdir -p "$TMPDIR"
 features=(--features tuna-kernels/emulator)
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
