@@ -4,7 +4,7 @@
 use super::{unfilled, zeros, Kernels};
 use crate::error::{Error, Result};
 use crate::graph::{launched, output, recording, Saved, SavedBuf};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, GradCell, Tensor};
 use tuna_kernels::ops::elementwise::{BiasParams, ElementwiseKernel};
 use tuna_kernels::ops::gelu::GeluKind;
 pub use tuna_kernels::ops::matmul::{Activation, MatmulParams};
@@ -138,13 +138,7 @@ pub fn linear_act<B: Kernels<E>, E: Float>(
             if let Some(cx) = &cx {
                 launched("linear.dX");
                 crate::stats::flops(kind, true, p.flops());
-                let over = |dx: &mut B::Buf<E>| match wb.as_deref() {
-                    Some(w) => Ok(dev.matmul_bwd_a_overwrite(&p, w, B::buf(&dpre), dx)?),
-                    None => Ok(dev.matmul_bwd(&p, None, None, B::buf(&dpre), Some(dx), None)?), // refused by name
-                };
-                cx.write_or_accumulate(&dev, over, |dx| {
-                    Ok(dev.matmul_bwd(&p, None, wb.as_deref(), B::buf(&dpre), Some(dx), None)?)
-                })?;
+                grad_a(&*dev, cx, &p, wb.as_deref(), B::buf(&dpre))?;
             }
             if let Some(cw) = &cw {
                 launched("linear.dW");
@@ -161,6 +155,23 @@ pub fn linear_act<B: Kernels<E>, E: Float>(
             Ok(())
         })
     }))
+}
+
+/// A product's `dA` (from `b` and `dc`) into `cell`: written straight into a gradient that has no
+/// value yet (no zeroing, no read of it), else accumulated. A missing `b` is `matmul_bwd`'s error
+/// naming it.
+fn grad_a<B: Kernels<E>, E: Float>(
+    dev: &B,
+    cell: &GradCell<B, E>,
+    p: &MatmulParams,
+    b: Option<&B::Buf<E>>,
+    dc: &B::Buf<E>,
+) -> Result<()> {
+    let write = |da: &mut B::Buf<E>| match b {
+        Some(b) => Ok(dev.matmul_bwd_a_overwrite(p, b, dc, da)?),
+        None => Ok(dev.matmul_bwd(p, None, None, dc, Some(da), None)?),
+    };
+    cell.write_or_accumulate(dev, write, |da| Ok(dev.matmul_bwd(p, None, b, dc, Some(da), None)?))
 }
 
 /// `op(a) op(b) (+ bias)`: `bias` (`[n]`, checked by the caller) is added to every row.
@@ -206,14 +217,7 @@ fn product<B: Kernels<E>, E: Float>(
             if let Some(ca) = &ca {
                 launched(kinds.0);
                 crate::stats::flops("matmul", true, p.flops());
-                // written straight into a gradient that has no value yet (no zeroing, no read)
-                let over = |da: &mut B::Buf<E>| match bb.as_deref() {
-                    Some(b) => Ok(dev.matmul_bwd_a_overwrite(&p, b, B::buf(&g), da)?),
-                    None => Ok(dev.matmul_bwd(&p, None, None, B::buf(&g), Some(da), None)?), // refused by name
-                };
-                ca.write_or_accumulate(&dev, over, |da| {
-                    Ok(dev.matmul_bwd(&p, None, bb.as_deref(), B::buf(&g), Some(da), None)?)
-                })?;
+                grad_a(&*dev, ca, &p, bb.as_deref(), B::buf(&g))?;
             }
             if let Some(cb) = &cb {
                 launched(kinds.1);
