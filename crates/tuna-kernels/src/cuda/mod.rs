@@ -131,6 +131,8 @@ pub struct Cuda {
     max_dyn_smem: u32,
     /// Whether f32 products may run on the tensor cores in TF32 ([`Cuda::set_tf32`]).
     tf32: std::sync::atomic::AtomicBool,
+    /// The tensor-core attention's check on this device (`ops::attention::self_check`).
+    attn_check: crate::ops::attention::self_check::CheckState,
     layer: Layer,
 }
 
@@ -221,6 +223,7 @@ impl Cuda {
             name,
             max_dyn_smem,
             tf32: false.into(),
+            attn_check: Default::default(),
             layer: Layer::Real(real),
         })
     }
@@ -233,7 +236,8 @@ impl Cuda {
         {
             let max_dyn_smem = 227 * 1024; // sm_90's
             let name = "emulated on the CPU".into();
-            Ok(Cuda { ordinal: 0, arch: 90, name, max_dyn_smem, tf32: false.into(), layer: Layer::Emu })
+            let attn_check = Default::default();
+            Ok(Cuda { ordinal: 0, arch: 90, name, max_dyn_smem, tf32: false.into(), attn_check, layer: Layer::Emu })
         }
         #[cfg(not(feature = "emulator"))]
         {
@@ -255,6 +259,11 @@ impl Cuda {
     /// Whether f32 products run in TF32 ([`Cuda::set_tf32`]).
     pub fn tf32(&self) -> bool {
         self.tf32.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The attention check's state (`ops::attention::self_check`).
+    pub(crate) fn attention_check_state(&self) -> &crate::ops::attention::self_check::CheckState {
+        &self.attn_check
     }
 
     /// Whether this is the emulated device.

@@ -8,6 +8,7 @@
 //! main (key-block) kernel, [`tc_bwd_refusal`] and [`last_bwd_path`]; its delta preprocess and dq
 //! add are attention.cu's on both paths.
 
+use super::self_check::{self, Verdict};
 use super::{check_bwd, check_inputs, AttentionKernel, AttnGrads, AttnInputs, AttnParams};
 use crate::backend::{Backend, Elem};
 use crate::cuda::{grid_1d, symbol, Cuda, CudaElem};
@@ -102,6 +103,11 @@ thread_local! {
 /// devices run.
 pub fn force_simt(on: bool) {
     FORCE_SIMT.with(|c| c.set(on));
+}
+
+/// Whether [`force_simt`] is on for this thread.
+pub fn simt_forced() -> bool {
+    FORCE_SIMT.with(|c| c.get())
 }
 
 /// The path the last CUDA attention forward launched from this thread took (`None` before the
@@ -214,13 +220,36 @@ impl Cuda {
     /// alignment check.
     fn planned<E: Elem>(&self, p: &AttnParams) -> (FwdPath, BwdPath) {
         let forced = FORCE_SIMT.with(|c| c.get());
+        let failed = matches!(self.attention_checked(), Some(Verdict::Simt { .. }));
         let path = |refusal: Option<&'static str>| match (E::NAME, refusal) {
             ("bf16", None) if forced => FwdPath::Simt("forced (ops::attention::force_simt)"),
+            ("bf16", None) if failed => FwdPath::Simt("the tensor-core kernels failed this device's check"),
             ("bf16", None) => FwdPath::TensorCore,
             ("bf16", Some(why)) => FwdPath::Simt(why),
             _ => FwdPath::Simt("f32 elements"),
         };
         (path(tc_fwd_refusal(self, p)), path(tc_bwd_refusal(self, p)))
+    }
+
+    /// The kernels a call with `p` takes after the device's attention check ([`Cuda::attention_check`]),
+    /// which the first call that would take the tensor cores runs (`fwd`: this call's direction is
+    /// the forward); an error where the check refused attention on this device.
+    fn checked_plan<E: Elem>(&self, p: &AttnParams, fwd: bool) -> Result<(FwdPath, BwdPath)> {
+        if self_check::in_check() {
+            return Ok(self.planned::<E>(p));
+        }
+        let plan = self.planned::<E>(p);
+        let tc = if fwd { plan.0 } else { plan.1 } == FwdPath::TensorCore;
+        let verdict = match self.attention_checked() {
+            Some(v) => Some(v),
+            None if tc => Some(self.attention_check()?),
+            None => None,
+        };
+        match verdict {
+            Some(Verdict::Refused { why }) => Err(self_check::refused(self, why)),
+            Some(_) => Ok(self.planned::<E>(p)),
+            None => Ok(plan),
+        }
     }
 }
 
@@ -244,7 +273,7 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         if p.lse_elems() == 0 {
             return Ok(());
         }
-        let (mut path, _) = self.planned::<E>(p);
+        let (mut path, _) = self.checked_plan::<E>(p, true)?;
         let (pk, pv) = prefix_or(&x);
         if path == FwdPath::TensorCore && ![x.q, x.k, x.v, pk, pv, &*o].iter().all(|b| b.aligned16()) {
             path = FwdPath::Simt("buffers not 16-byte aligned");
@@ -286,7 +315,7 @@ impl<E: CudaElem> AttentionKernel<E> for Cuda {
         if p.q_elems() == 0 {
             return Ok(()); // no query, no gradient: nothing to add
         }
-        let (_, mut path) = self.planned::<E>(p);
+        let (_, mut path) = self.checked_plan::<E>(p, false)?;
         let (pk, pv) = prefix_or(&x);
         if path == BwdPath::TensorCore && ![x.q, x.k, x.v, pk, pv, d_o].iter().all(|b| b.aligned16()) {
             path = BwdPath::Simt("buffers not 16-byte aligned");

@@ -324,10 +324,13 @@ pub fn check_bwd<B: Backend + ?Sized, E: Elem>(
 
 #[cfg(test)]
 mod cuda_tests;
+pub mod self_check;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_bias;
+#[cfg(test)]
+mod tests_check;
 #[cfg(test)]
 mod tests_rows;
 #[cfg(test)]
