@@ -682,9 +682,20 @@ pub fn heading(rows: &[Row]) -> String {
     let Some(r) = rows.first() else { return String::new() };
     let steps = rows.iter().map(|r| r.run.steps).max().unwrap_or(0);
     let mut s = format!("{}, task {}, {steps} steps", r.run.model, r.run.task);
-    // The trained methods' (the baseline trains nothing, but records the same).
-    if let Some(p) = rows.iter().find_map(|r| r.run.precision.as_deref()) {
-        let _ = write!(s, ", precision {p}");
+    // The trained methods' (the baseline trains nothing and records none). Without --precision,
+    // CUDA's default (bf16) leaves full fine-tuning with --train-patterns in f32: then each
+    // method's is named.
+    let given: Vec<(&str, &str)> =
+        rows.iter().filter_map(|r| Some((r.run.method.as_str(), r.run.precision.as_deref()?))).collect();
+    match given.first() {
+        Some((_, p)) if given.iter().all(|(_, q)| q == p) => {
+            let _ = write!(s, ", precision {p}");
+        }
+        Some(_) => {
+            let each: Vec<String> = given.iter().map(|(m, p)| format!("{m} {p}")).collect();
+            let _ = write!(s, ", precision {}", each.join(" / "));
+        }
+        None => {}
     }
     if let Some(b) = rows.iter().find_map(|r| r.run.base_precision.as_deref()).filter(|b| *b != "f32") {
         let _ = write!(s, ", base precision {b}");

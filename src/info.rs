@@ -29,6 +29,7 @@ pub fn report() -> String {
         match tuna_kernels::Cuda::new(0) {
             Ok(d) => {
                 let _ = writeln!(s, "  cuda: {} (TUNA_CUDA_EMULATE=1: --device cuda runs there)", d.name());
+                attention_line(&mut s, &d);
             }
             Err(e) => {
                 let _ = writeln!(s, "  cuda: none: {e}");
@@ -162,6 +163,15 @@ fn avx512() -> bool {
     }
 }
 
+/// The device's attention check (run here if no call has run it): what bf16 attention runs on.
+fn attention_line(s: &mut String, d: &tuna_kernels::Cuda) {
+    let line = match d.attention_check() {
+        Ok(v) => v.describe(),
+        Err(e) => format!("the tensor-core attention's check could not run: {e}"),
+    };
+    let _ = writeln!(s, "    attention: {line}");
+}
+
 /// One line per CUDA device the driver reports, or why there is none.
 fn cuda_devices(s: &mut String) {
     match probe() {
@@ -170,6 +180,7 @@ fn cuda_devices(s: &mut String) {
                 match tuna_kernels::Cuda::new(i) {
                     Ok(d) => {
                         let _ = writeln!(s, "  cuda:{i}: {} (sm_{})", d.name(), d.arch());
+                        attention_line(s, &d);
                     }
                     Err(e) => {
                         let _ = writeln!(s, "  cuda:{i}: present but cannot be opened: {e}");

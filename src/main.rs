@@ -383,7 +383,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Method settings go in the tasks file, per task.
             method_args.check_used("--tasks (the tasks file sets each task's)", &[])?;
             let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
-            let summary = match (device(&run.device)?, run.precision) {
+            let summary = match (device(&run.device)?, run.precision_for(None)?) {
                 (Device::Cpu, _) => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
                 (Device::Cuda(n), tuna::trainer::Precision::F32) => {
                     tuna::trainer::train_multi(&cuda(n, run.tf32)?, &cfg)?

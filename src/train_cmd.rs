@@ -460,9 +460,11 @@ pub struct RunArgs {
     pub tf32: bool,
     /// What the run computes in: f32, or bf16 mixed precision (CUDA: train, profile, compare): bf16
     /// activations and frozen weights, f32 master weights, gradients and AdamW moments for what
-    /// trains. The CPU computes in f32 (its bf16 frozen base is --base-precision bf16).
-    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
-    pub precision: tuna_trainer::Precision,
+    /// trains. The CPU computes in f32 (its bf16 frozen base is --base-precision bf16). Default: bf16
+    /// on CUDA (f32 with --tf32, for the prompt-engineered baseline and for --train-patterns), f32 on
+    /// the CPU; a resumed run continues in the precision its checkpoint was trained in.
+    #[arg(long, value_name = "f32|bf16")]
+    pub precision: Option<tuna_trainer::Precision>,
 }
 
 impl RunArgs {
@@ -483,7 +485,7 @@ impl RunArgs {
             format!("--base-precision {bp}: {BASELINE} scores the f32 model and trains nothing (drop the flag, or the method)")
         })?;
         // The advice must be one the other checks let through: --precision bf16 and --tf32 are CUDA's.
-        let bf16 = self.precision == tuna_trainer::Precision::Bf16;
+        let bf16 = self.precision == Some(tuna_trainer::Precision::Bf16);
         let cuda_only: Vec<&str> = [(bf16, "--precision bf16"), (self.tf32, "--tf32")]
             .into_iter()
             .filter(|(on, _)| *on)
@@ -568,7 +570,7 @@ impl RunArgs {
     pub fn check_precision_method(&self, method: &Method) -> Result<()> {
         match method {
             Method::Full { patterns } => {
-                require(self.precision == tuna_trainer::Precision::F32 || patterns.is_empty(), || {
+                require(self.precision != Some(tuna_trainer::Precision::Bf16) || patterns.is_empty(), || {
                     "--precision bf16 with --train-patterns: the frozen weights would be exported rounded to bf16; \
                      train every weight, or use a parameter-efficient method"
                         .to_string()
@@ -588,6 +590,7 @@ impl RunArgs {
         let lr = self.lr.unwrap_or_else(|| default_lr(&method, is_decoder(&model)));
         self.check_ranges(lr)?;
         self.check_precision_method(&method)?;
+        let precision = self.precision_for(Some(&method))?;
         let list = |flag: &str, v: &Option<String>| v.as_deref().map(|v| list_flag(flag, v)).transpose();
         let out_mode = match (self.resume, self.resume_or_start, self.overwrite) {
             (true, _, _) => OutMode::Resume,
@@ -627,7 +630,7 @@ impl RunArgs {
             update_in_backward: self.update_in_backward,
             base_precision: self.base_precision,
             tf32: self.tf32,
-            precision: self.precision,
+            precision,
             memory_check: !self.no_memory_check,
             eval_every: self.eval_every,
             save_every: self.save_every,
@@ -646,9 +649,28 @@ impl RunArgs {
     /// `--precision bf16` where it does not apply (the prompt-engineered baseline, which trains nothing),
     /// refused by name before anything is written.
     pub fn check_precision_for(&self, what: &str) -> Result<()> {
-        require(self.precision == tuna_trainer::Precision::F32, || {
+        require(self.precision != Some(tuna_trainer::Precision::Bf16), || {
             format!("--precision bf16 is CUDA's mixed precision for training; {what} trains nothing and scores in f32")
         })
+    }
+
+    /// The precision a run of `method` (`None`: a multi-task run) computes in: `--precision` as
+    /// given; else, resuming, the one the run's newest checkpoint was trained in; else bf16 on a
+    /// CUDA device, except with `--tf32` (f32 products), for the prompt-engineered baseline (it
+    /// trains nothing) and for full fine-tuning with `--train-patterns` (its frozen weights would
+    /// be exported rounded): f32 there and on the CPU.
+    pub fn precision_for(&self, method: Option<&Method>) -> Result<tuna_trainer::Precision> {
+        use tuna_trainer::Precision;
+        if let Some(p) = self.precision {
+            return Ok(p);
+        }
+        if self.resume || self.resume_or_start {
+            if let Some(p) = tuna_trainer::saved_precision(&self.out) {
+                return Ok(p);
+            }
+        }
+        let f32_only = self.tf32 || matches!(method, Some(Method::Full { patterns }) if !patterns.is_empty());
+        Ok(if self.on_cuda()? && !f32_only { Precision::Bf16 } else { Precision::F32 })
     }
 
     /// Whether `--device` names a CUDA device (`cuda`, `cuda:N`, `gpu`, or `auto` where one is
@@ -664,7 +686,7 @@ impl RunArgs {
         require(!self.tf32 || cuda, || {
             format!("--tf32 applies to CUDA's matrix products; --device {} has no TF32", self.device)
         })?;
-        let bf16 = self.precision == tuna_trainer::Precision::Bf16;
+        let bf16 = self.precision == Some(tuna_trainer::Precision::Bf16);
         require(!bf16 || cuda, || {
             format!(
                 "--precision bf16 is CUDA's mixed precision; --device {} computes in f32 (a bf16 frozen base on the \

@@ -422,7 +422,7 @@ fn multi_task_training_in_bf16_follows_f32_and_exports_masters() {
     }
     let d = tmp("tasks-bf16");
     let tasks = three_tasks(&d);
-    let cuda = ["--device", "cuda"];
+    let cuda = ["--device", "cuda", "--precision", "f32"];
     let bf16 = ["--device", "cuda", "--precision", "bf16"];
     let (f, b, r) = (d.join("f32"), d.join("bf16"), d.join("resumed"));
     ok(&tuna(&tasks_args("llama", &tasks, &f, 6, &cuda)));
@@ -462,7 +462,7 @@ fn multi_task_training_in_bf16_follows_f32_and_exports_masters() {
         let file = |o: &Path| std::fs::read(o.join("adapters").join(name).join("adapter_model.safetensors")).unwrap();
         assert!(file(&r) == file(&b), "{name}: the resumed bf16 run's adapter differs");
     }
-    let o = tuna(&tasks_args("llama", &tasks, &r, 8, &["--device", "cuda", "--resume"]));
+    let o = tuna(&tasks_args("llama", &tasks, &r, 8, &["--device", "cuda", "--precision", "f32", "--resume"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision was bf16, now f32"), "{err}");
     std::fs::remove_dir_all(&d).unwrap();

@@ -578,24 +578,27 @@ fn profile_prints_per_op_times() {
         assert!(row.split('|').nth(4).is_some_and(|c| c.trim().ends_with("%)")), "{path}: {row}");
     }
     // On CUDA (the emulated device in the test command) the attention row names the kernels the
-    // calls took: the tape is f32, so SIMT (the tensor-core kernels are bf16).
+    // calls took: in f32, SIMT (the tensor-core kernels are bf16).
     if tuna_kernels::testing::cuda_or_skip("cli_train::profile_prints_per_op_times (cuda)").is_some() {
         let cuda = set(args, "--device", "cuda");
-        let o = tuna(&cuda);
+        let o = tuna(&set(cuda.clone(), "--precision", "f32"));
         let s = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(s.contains("| attention (SIMT) |") && !s.contains("| attention |"), "{s}");
         assert!(!s.contains("mixed precision"), "an f32 profile says it is mixed:\n{s}");
-        // In bf16 mixed precision: the same rows, and the header says what the step computed in
-        // (the fixture's head dim, 8, is below the tensor-core kernels' 32: SIMT still).
-        let o = tuna(&set(cuda, "--precision", "bf16"));
-        let s = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(s.contains("2 steps measured in bf16 mixed precision"), "{s}");
-        for row in
-            ["| matmul |", "| attention (SIMT) |", "| rmsnorm |", "| optimizer (clip, AdamW after the backward) |"]
-        {
-            assert!(s.contains(row), "{row} missing:\n{s}");
+        // In bf16 mixed precision, CUDA's default: the same rows, and the header says what the
+        // step computed in (the fixture's head dim, 8, is below the tensor-core kernels' 32: SIMT
+        // still).
+        for a in [cuda.clone(), set(cuda, "--precision", "bf16")] {
+            let o = tuna(&a);
+            let s = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(s.contains("2 steps measured in bf16 mixed precision"), "{a:?}: {s}");
+            for row in
+                ["| matmul |", "| attention (SIMT) |", "| rmsnorm |", "| optimizer (clip, AdamW after the backward) |"]
+            {
+                assert!(s.contains(row), "{row} missing:\n{s}");
+            }
         }
     }
 }
@@ -997,7 +1000,7 @@ fn tf32_reaches_the_cuda_products() {
         ok(&tuna(&a));
         train_losses(&out)
     };
-    let (f, t) = (run("f32", &[]), run("tf32", &["--tf32"]));
+    let (f, t) = (run("f32", &["--precision", "f32"]), run("tf32", &["--tf32"]));
     assert_eq!((f.len(), t.len()), (3, 3));
     // (A GPU's cuBLAS may keep the tiny model's shapes on f32 kernels: the change is certain only
     // where the operands are known to be rounded.)
@@ -1020,7 +1023,7 @@ fn a_resume_that_switches_tf32_is_refused() {
     let train = data(&d, "train.jsonl", 8, false);
     let out = d.join("run");
     let args = |steps: u64, extra: &[&str]| set(train_args(&out, &train, steps, extra), "--device", "cuda");
-    ok(&tuna(&args(2, &[])));
+    ok(&tuna(&args(2, &["--precision", "f32"])));
     let o = tuna(&args(4, &["--resume", "--tf32"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--tf32 was off, now on"), "{err}");
@@ -1201,9 +1204,11 @@ fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
         ok(&tuna(&args(&out, steps, extra)));
         train_losses(&out)
     };
-    let f = run("f32", 4, &[]);
+    let f = run("f32", 4, &["--precision", "f32"]);
     let b = run("bf16", 4, &["--precision", "bf16"]);
     assert_eq!((f.len(), b.len()), (4, 4));
+    // bf16 is CUDA's default.
+    assert_eq!(run("default", 4, &[]), b, "--device cuda without --precision");
     eprintln!("losses f32 {f:?}\n      bf16 {b:?}");
     assert!(f != b, "--precision bf16 changed nothing: {f:?}");
     // Measured within 0.09% of the first loss (0.3% when the logged losses were the loss tensor's
@@ -1250,11 +1255,17 @@ fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision bf16 with --train-patterns"), "{err}");
     // A resume in f32 is refused naming the flag, and where it runs; `--device gpu` is CUDA too.
-    let o = tuna(&args(&r, 6, &["--resume"]));
+    let o = tuna(&args(&r, 6, &["--precision", "f32", "--resume"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision was bf16, now f32"), "{err}");
     assert!(err.contains("Resume with --precision bf16 (on a CUDA device)"), "{err}");
     ok(&tuna(&set(args(&r, 5, &["--precision", "bf16", "--resume"]), "--device", "gpu")));
+    // Without --precision a resume continues in the precision its checkpoint trained in (an f32
+    // run is not switched to CUDA's default, bf16).
+    let rf = d.join("resumed-f32");
+    ok(&tuna(&args(&rf, 2, &["--precision", "f32"])));
+    ok(&tuna(&args(&rf, 4, &["--resume"])));
+    assert_eq!(train_losses(&rf), f, "an f32 run resumed without --precision");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

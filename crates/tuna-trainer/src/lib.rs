@@ -48,4 +48,5 @@ pub use progress::Progress;
 pub use run::{train, train_as};
 pub use run_dir::{existing_run, lock, FolderLock, OutMode};
 pub use schedule::{Decay, Schedule};
+pub use state::saved_precision;
 pub use task::{TaskFile, TaskSpec, TASK_FILE};

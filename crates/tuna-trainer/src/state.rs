@@ -153,6 +153,23 @@ const TF32: &str = "--tf32";
 /// `--precision`: recorded as `f32` or `bf16`.
 const PRECISION: &str = "--precision";
 
+/// The `--precision` the newest checkpoint of the run in `out` that looks whole was trained in
+/// (one from before the flag was recorded: f32); `None` where there is none, or its state does not
+/// read (the resume itself then says why). `tuna train` continues a resumed run in it when
+/// `--precision` is not given, so a default that depends on the device never refuses a resume.
+pub fn saved_precision(out: &std::path::Path) -> Option<crate::Precision> {
+    let dir = out.join("checkpoints");
+    if !dir.is_dir() {
+        return None; // `Checkpoints::open` would create it
+    }
+    let ckpts = crate::checkpoint::Checkpoints::open(&dir, 0, None).ok()?;
+    let step = ckpts.steps().ok()?.into_iter().rev().find(|&s| ckpts.looks_valid(s))?;
+    let bytes = std::fs::read(ckpts.step_dir(step).join(STATE)).ok()?;
+    let saved: State = serde_json::from_slice(&bytes).ok()?;
+    let p = saved.settings?.get(PRECISION).cloned().unwrap_or_else(|| "f32".into());
+    p.parse().ok()
+}
+
 /// Settings recorded only from some version on, with what a checkpoint from before meant (an f32
 /// base, no TF32): compared even against such a checkpoint, where a setting it lacks would
 /// otherwise pass unchecked.

@@ -45,6 +45,11 @@ impl Verdict {
     /// One line for `tuna info` and the warning.
     pub fn describe(&self) -> String {
         match self {
+            Verdict::TensorCores { cases: 0 } => {
+                "no tensor-core attention on this device (it needs sm_80 or newer and the shared memory): bf16 \
+                 attention runs on the SIMT kernels"
+                    .into()
+            }
             Verdict::TensorCores { cases } => {
                 format!("tensor-core attention checked against the CPU on this device ({cases} cases, forward and backward): agrees")
             }
