@@ -451,7 +451,7 @@ pub struct RunArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
-    /// cpu, cuda, cuda:N, gpu (cuda) or auto (CUDA where a device is found, else the CPU) (CUDA training is f32, or bf16 with --precision; tested on the emulated CUDA device but not yet on a GPU: see the README).
+    /// cpu, cuda, cuda:N, gpu (cuda) or auto (CUDA where a device is found, else the CPU) (CUDA training is bf16 mixed precision by default, or f32 with --precision; tested on the emulated CUDA device but not yet on a GPU: see the README).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// On CUDA: f32 matrix products on the tensor cores in TF32 (each operand rounded to 10
