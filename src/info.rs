@@ -163,13 +163,19 @@ fn avx512() -> bool {
     }
 }
 
-/// The device's attention check (run here if no call has run it): what bf16 attention runs on.
+/// The device's attention and product checks (run here if no call has run them): what bf16
+/// attention and the products run on.
 fn attention_line(s: &mut String, d: &tuna_kernels::Cuda) {
     let line = match d.attention_check() {
         Ok(v) => v.describe(),
         Err(e) => format!("the tensor-core attention's check could not run: {e}"),
     };
     let _ = writeln!(s, "    attention: {line}");
+    let line = match d.product_check() {
+        Ok(v) => v.describe(),
+        Err(e) => format!("the products' check could not run: {e}"),
+    };
+    let _ = writeln!(s, "    products: {line}");
 }
 
 /// One line per CUDA device the driver reports, or why there is none.

@@ -383,7 +383,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Method settings go in the tasks file, per task.
             method_args.check_used("--tasks (the tasks file sets each task's)", &[])?;
             let cfg = tuna::tasks_cmd::multi_config(&file, &run)?;
-            let summary = match (device(&run.device)?, run.precision_for(None)?) {
+            let precision = run.precision_for(None)?;
+            if let Some(note) = run.precision_note(precision) {
+                eprintln!("{note}");
+            }
+            let summary = match (device(&run.device)?, precision) {
                 (Device::Cpu, _) => tuna::trainer::train_multi(&Arc::new(Cpu), &cfg)?,
                 (Device::Cuda(n), tuna::trainer::Precision::F32) => {
                     tuna::trainer::train_multi(&cuda(n, run.tf32)?, &cfg)?
@@ -413,6 +417,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             a.method_args.check_used("--method", std::slice::from_ref(&name))?;
             a.method_args.check_for_task(&name, &a.run.task)?;
             let cfg = a.run.config(method, a.method_args.init_text(&name))?;
+            if let Some(note) = a.run.precision_note(cfg.precision) {
+                eprintln!("{note}");
+            }
             let summary = match (device(&a.run.device)?, cfg.precision) {
                 (Device::Cpu, _) => tuna::trainer::train(&Arc::new(Cpu), &cfg)?,
                 (Device::Cuda(n), tuna::trainer::Precision::F32) => tuna::trainer::train(&cuda(n, a.run.tf32)?, &cfg)?,

@@ -497,6 +497,11 @@ impl RunArgs {
                  frozen weights in bf16: drop --base-precision",
                 self.device
             ),
+            (tuna_models::model::BasePrecision::Bf16, []) if self.precision.is_none() => format!(
+                "--base-precision bf16 applies to the CPU; on CUDA (--device {}), training is bf16 mixed precision by \
+                 default, which already stores the frozen weights in bf16: drop --base-precision",
+                self.device
+            ),
             (_, []) => {
                 format!(
                     "--base-precision {bp} runs on the CPU only (--device {}): use --device cpu, or f32",
@@ -655,22 +660,36 @@ impl RunArgs {
     }
 
     /// The precision a run of `method` (`None`: a multi-task run) computes in: `--precision` as
-    /// given; else, resuming, the one the run's newest checkpoint was trained in; else bf16 on a
-    /// CUDA device, except with `--tf32` (f32 products), for the prompt-engineered baseline (it
-    /// trains nothing) and for full fine-tuning with `--train-patterns` (its frozen weights would
-    /// be exported rounded): f32 there and on the CPU.
+    /// given; else f32 on the CPU, with `--tf32` (f32 products) and for full fine-tuning with
+    /// `--train-patterns` (its frozen weights would be exported rounded); else, resuming, the one
+    /// the run's newest checkpoint was trained in; else bf16 (CUDA's default). A resume these
+    /// rules put in another precision than its checkpoint's (a bf16 run resumed on the CPU, or
+    /// with `--tf32`) is refused by name. (The prompt-engineered baseline trains nothing and
+    /// scores in f32.)
     pub fn precision_for(&self, method: Option<&Method>) -> Result<tuna_trainer::Precision> {
         use tuna_trainer::Precision;
         if let Some(p) = self.precision {
             return Ok(p);
+        }
+        let cuda = self.on_cuda()?;
+        if !cuda || self.tf32 || matches!(method, Some(Method::Full { patterns }) if !patterns.is_empty()) {
+            return Ok(Precision::F32);
         }
         if self.resume || self.resume_or_start {
             if let Some(p) = tuna_trainer::saved_precision(&self.out) {
                 return Ok(p);
             }
         }
-        let f32_only = self.tf32 || matches!(method, Some(Method::Full { patterns }) if !patterns.is_empty());
-        Ok(if self.on_cuda()? && !f32_only { Precision::Bf16 } else { Precision::F32 })
+        Ok(Precision::Bf16)
+    }
+
+    /// The `note:` for a run in `p` that `--precision` did not ask for, where it is bf16 (CUDA's
+    /// default, which a user of f32 runs may not expect): what it is and how to have f32.
+    pub fn precision_note(&self, p: tuna_trainer::Precision) -> Option<String> {
+        (self.precision.is_none() && p == tuna_trainer::Precision::Bf16).then(|| {
+            "note: training in bf16 mixed precision, CUDA's default (or the resumed run's): --precision f32 for f32"
+                .to_string()
+        })
     }
 
     /// Whether `--device` names a CUDA device (`cuda`, `cuda:N`, `gpu`, or `auto` where one is

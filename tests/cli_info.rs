@@ -66,8 +66,11 @@ fn info_reports_devices_and_kernels() {
         let emulated = s.contains("cuda: emulated on the CPU (TUNA_CUDA_EMULATE=1");
         assert!(emulated || s.contains("this build has no emulated device"), "{s}");
         // The device's attention check ran, and the tensor-core kernels passed it there.
-        let checked = "attention: tensor-core attention checked against the CPU on this device (6 cases";
+        let checked = "attention: tensor-core attention checked against the CPU on this device (9 cases";
         assert!(!emulated || s.contains(checked), "{s}");
+        let products =
+            "products: cublasGemmEx and the fused cuBLASLt epilogues checked against the host on this device (21";
+        assert!(!emulated || s.contains(products), "{s}");
     } else if tuna_kernels::cuda::probe().is_err() {
         assert!(s.contains("cuda: none") && s.contains("default device (auto): cpu"), "{s}");
     }

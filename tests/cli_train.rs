@@ -1002,6 +1002,13 @@ fn tf32_reaches_the_cuda_products() {
     };
     let (f, t) = (run("f32", &["--precision", "f32"]), run("tf32", &["--tf32"]));
     assert_eq!((f.len(), t.len()), (3, 3));
+    let precision = |name: &str| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(d.join(name).join("summary.json")).unwrap()).unwrap()
+            ["precision"]
+            .clone()
+    };
+    // --tf32 alone keeps the run in f32 (CUDA's default, bf16, has no f32 products to round).
+    assert_eq!((precision("f32"), precision("tf32")), ("f32".into(), "f32".into()));
     // (A GPU's cuBLAS may keep the tiny model's shapes on f32 kernels: the change is certain only
     // where the operands are known to be rounded.)
     assert!(f != t || !dev.is_emulated(), "--tf32 changed nothing");
@@ -1107,7 +1114,8 @@ fn a_low_precision_base_trains_close_to_f32_and_resumes_only_as_itself() {
         assert!(!out.exists(), "a refused run made its folder: {err}");
     };
     refused("--method", "full", "full fine-tuning trains them");
-    refused("--device", "cuda", "runs on the CPU only");
+    // On CUDA, whose default bf16 mixed precision already holds the frozen weights in bf16.
+    refused("--device", "cuda", "training is bf16 mixed precision by default, which already stores the frozen weights");
     // An int8-base adapter against another model: the model is the problem, not the precision (no
     // hint about the base precision the adapter records).
     let adapter = d.join("int8").join("adapter").display().to_string();
@@ -1207,8 +1215,15 @@ fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
     let f = run("f32", 4, &["--precision", "f32"]);
     let b = run("bf16", 4, &["--precision", "bf16"]);
     assert_eq!((f.len(), b.len()), (4, 4));
-    // bf16 is CUDA's default.
-    assert_eq!(run("default", 4, &[]), b, "--device cuda without --precision");
+    // bf16 is CUDA's default, and the run says so (not where --precision asked for it).
+    let o = tuna(&args(&d.join("default"), 4, &[]));
+    ok(&o);
+    assert_eq!(train_losses(&d.join("default")), b, "--device cuda without --precision");
+    let note = "note: training in bf16 mixed precision, CUDA's default";
+    assert!(String::from_utf8_lossy(&o.stderr).contains(note), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tuna(&args(&d.join("explicit"), 1, &["--precision", "bf16"]));
+    ok(&o);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(note), "{}", String::from_utf8_lossy(&o.stderr));
     eprintln!("losses f32 {f:?}\n      bf16 {b:?}");
     assert!(f != b, "--precision bf16 changed nothing: {f:?}");
     // Measured within 0.09% of the first loss (0.3% when the logged losses were the loss tensor's
@@ -1254,11 +1269,19 @@ fn bf16_mixed_precision_trains_exports_masters_and_resumes_on_cuda() {
     ));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--precision bf16 with --train-patterns"), "{err}");
-    // A resume in f32 is refused naming the flag, and where it runs; `--device gpu` is CUDA too.
-    let o = tuna(&args(&r, 6, &["--precision", "f32", "--resume"]));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--precision was bf16, now f32"), "{err}");
-    assert!(err.contains("Resume with --precision bf16 (on a CUDA device)"), "{err}");
+    // Not asked for, such a run is f32 (CUDA's default, bf16, does not apply to it).
+    let patterns = d.join("patterns-default");
+    ok(&tuna(&set(set(args(&patterns, 2, &[]), "--method", "full"), "--train-patterns", "layers.1")));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(patterns.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["precision"], "f32", "{s}");
+    // A resume in f32 is refused naming the flag, and where it runs (asked for, or on the CPU,
+    // which computes in f32); `--device gpu` is CUDA too.
+    for (device, extra) in [("cuda", &["--precision", "f32", "--resume"][..]), ("cpu", &["--resume"])] {
+        let o = tuna(&set(args(&r, 6, extra), "--device", device));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--precision was bf16, now f32"), "{extra:?}: {err}");
+        assert!(err.contains("Resume with --precision bf16 (on a CUDA device)"), "{err}");
+    }
     ok(&tuna(&set(args(&r, 5, &["--precision", "bf16", "--resume"]), "--device", "gpu")));
     // Without --precision a resume continues in the precision its checkpoint trained in (an f32
     // run is not switched to CUDA's default, bf16).

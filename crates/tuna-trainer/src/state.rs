@@ -153,9 +153,9 @@ const TF32: &str = "--tf32";
 /// `--precision`: recorded as `f32` or `bf16`.
 const PRECISION: &str = "--precision";
 
-/// The `--precision` the newest checkpoint of the run in `out` that looks whole was trained in
-/// (one from before the flag was recorded: f32); `None` where there is none, or its state does not
-/// read (the resume itself then says why). `tuna train` continues a resumed run in it when
+/// The `--precision` the newest checkpoint of the run in `out` that looks whole and whose state
+/// reads was trained in (one from before the flag was recorded: f32); `None` where there is none
+/// (the resume itself then says why). `tuna train` continues a resumed run in it when
 /// `--precision` is not given, so a default that depends on the device never refuses a resume.
 pub fn saved_precision(out: &std::path::Path) -> Option<crate::Precision> {
     let dir = out.join("checkpoints");
@@ -163,10 +163,12 @@ pub fn saved_precision(out: &std::path::Path) -> Option<crate::Precision> {
         return None; // `Checkpoints::open` would create it
     }
     let ckpts = crate::checkpoint::Checkpoints::open(&dir, 0, None).ok()?;
-    let step = ckpts.steps().ok()?.into_iter().rev().find(|&s| ckpts.looks_valid(s))?;
-    let bytes = std::fs::read(ckpts.step_dir(step).join(STATE)).ok()?;
-    let saved: State = serde_json::from_slice(&bytes).ok()?;
-    let p = saved.settings?.get(PRECISION).cloned().unwrap_or_else(|| "f32".into());
+    // The newest whose state reads, as the resume passes over the ones that do not.
+    let saved = ckpts.steps().ok()?.into_iter().rev().filter(|&s| ckpts.looks_valid(s)).find_map(|step| {
+        let bytes = std::fs::read(ckpts.step_dir(step).join(STATE)).ok()?;
+        serde_json::from_slice::<State>(&bytes).ok()
+    })?;
+    let p = saved.settings.as_ref().and_then(|s| s.get(PRECISION).cloned()).unwrap_or_else(|| "f32".into());
     p.parse().ok()
 }
 

@@ -132,7 +132,9 @@ pub struct Cuda {
     /// Whether f32 products may run on the tensor cores in TF32 ([`Cuda::set_tf32`]).
     tf32: std::sync::atomic::AtomicBool,
     /// The tensor-core attention's check on this device (`ops::attention::self_check`).
-    attn_check: crate::ops::attention::self_check::CheckState,
+    attn_check: DeviceCheck<crate::ops::attention::self_check::Verdict>,
+    /// The products' check on this device (`ops::matmul::self_check`).
+    product_check: DeviceCheck<crate::ops::matmul::self_check::ProductVerdict>,
     layer: Layer,
 }
 
@@ -182,6 +184,40 @@ impl std::fmt::Debug for Cuda {
     }
 }
 
+/// A check a device runs once, before the first call that needs it: its verdict, computed by the
+/// first caller while later ones wait.
+pub struct DeviceCheck<V> {
+    verdict: OnceLock<V>,
+    running: Mutex<()>,
+}
+
+impl<V> Default for DeviceCheck<V> {
+    fn default() -> Self {
+        DeviceCheck { verdict: OnceLock::new(), running: Mutex::new(()) }
+    }
+}
+
+impl<V> DeviceCheck<V> {
+    /// The verdict, if the check has run.
+    pub fn get(&self) -> Option<&V> {
+        self.verdict.get()
+    }
+
+    /// The verdict, running `check` first if no caller has (an error is returned and not kept:
+    /// the next caller runs the check again). `check` must not wait for this same check.
+    pub fn get_or_run(&self, check: impl FnOnce() -> Result<V>) -> Result<&V> {
+        if let Some(v) = self.verdict.get() {
+            return Ok(v);
+        }
+        let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = self.verdict.get() {
+            return Ok(v);
+        }
+        let v = check()?;
+        Ok(self.verdict.get_or_init(|| v))
+    }
+}
+
 impl Cuda {
     /// Open device `ordinal`, or say why not. With `TUNA_CUDA_EMULATE=1` this is the emulated
     /// device ([`Cuda::emulated`]).
@@ -224,6 +260,7 @@ impl Cuda {
             max_dyn_smem,
             tf32: false.into(),
             attn_check: Default::default(),
+            product_check: Default::default(),
             layer: Layer::Real(real),
         })
     }
@@ -236,8 +273,9 @@ impl Cuda {
         {
             let max_dyn_smem = 227 * 1024; // sm_90's
             let name = "emulated on the CPU".into();
-            let attn_check = Default::default();
-            Ok(Cuda { ordinal: 0, arch: 90, name, max_dyn_smem, tf32: false.into(), attn_check, layer: Layer::Emu })
+            let (attn_check, product_check) = Default::default();
+            let tf32 = false.into();
+            Ok(Cuda { ordinal: 0, arch: 90, name, max_dyn_smem, tf32, attn_check, product_check, layer: Layer::Emu })
         }
         #[cfg(not(feature = "emulator"))]
         {
@@ -262,8 +300,13 @@ impl Cuda {
     }
 
     /// The attention check's state (`ops::attention::self_check`).
-    pub(crate) fn attention_check_state(&self) -> &crate::ops::attention::self_check::CheckState {
+    pub(crate) fn attention_check_state(&self) -> &DeviceCheck<crate::ops::attention::self_check::Verdict> {
         &self.attn_check
+    }
+
+    /// The products' check state (`ops::matmul::self_check`).
+    pub(crate) fn product_check_state(&self) -> &DeviceCheck<crate::ops::matmul::self_check::ProductVerdict> {
+        &self.product_check
     }
 
     /// Whether this is the emulated device.

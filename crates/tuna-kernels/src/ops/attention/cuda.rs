@@ -110,6 +110,13 @@ pub fn simt_forced() -> bool {
     FORCE_SIMT.with(|c| c.get())
 }
 
+/// Set what [`last_fwd_path`] and [`last_bwd_path`] report (the device check puts back the
+/// caller's after its own calls).
+pub(super) fn set_last_paths(fwd: Option<FwdPath>, bwd: Option<BwdPath>) {
+    LAST_FWD.with(|c| c.set(fwd));
+    LAST_BWD.with(|c| c.set(bwd));
+}
+
 /// The path the last CUDA attention forward launched from this thread took (`None` before the
 /// first). Launches are synchronous with the calling thread's op, so a test or a profiler reads
 /// it right after the call.

@@ -41,7 +41,8 @@ mod cpu;
 mod cuda;
 
 pub use cuda::{
-    force_simt, last_bwd_path, last_fwd_path, tc_bwd_refusal, tc_fwd_refusal, BwdPath, FwdPath, TC_HEAD_DIMS,
+    force_simt, last_bwd_path, last_fwd_path, simt_forced, tc_bwd_refusal, tc_fwd_refusal, BwdPath, FwdPath,
+    TC_HEAD_DIMS,
 };
 
 use crate::backend::{Backend, Elem};

@@ -6,7 +6,7 @@
 //! faults stay in it.
 
 use super::cuda_tests::{cpu_fwd, run_cuda};
-use super::self_check::{inject_fault, Fault, Verdict};
+use super::self_check::{case_count, inject_fault, Fault, Verdict};
 use super::tests::{grad_starts, Data, Pad};
 use super::*;
 use crate::testing::{cuda_or_skip, round_bf16, Tol};
@@ -36,9 +36,41 @@ fn the_check_passes_on_the_emulated_device_and_bf16_calls_take_the_tensor_cores(
     run_cuda::<f32>(&dev, &d, &grad_starts(&d.p, 1));
     assert_eq!(dev.attention_checked(), None);
     let out = run_cuda::<bf16>(&dev, &d, &grad_starts(&d.p, 1));
-    assert_eq!(dev.attention_checked(), Some(&Verdict::TensorCores { cases: 6 }));
+    // Three cases at each of the head dims 32, 64, 128 on the emulated device (sm_90).
+    let n = case_count(&dev);
+    assert!(n > 0 && (!dev.is_emulated() || n == 9), "{n} cases");
+    assert_eq!(dev.attention_checked(), Some(&Verdict::TensorCores { cases: n }));
     assert_eq!((last_fwd_path(), last_bwd_path()), (Some(FwdPath::TensorCore), Some(BwdPath::TensorCore)));
     Tol::new("tc-bf16", 1e-2, 1e-2).assert_close("o", &out.o, &cpu_fwd(&d).0);
+}
+
+#[test]
+fn the_check_runs_the_tensor_cores_on_a_forced_simt_thread_and_restores_its_settings() {
+    let Some(dev) = fresh_device("attention::the_check_runs_the_tensor_cores_on_a_forced_simt_thread") else {
+        return;
+    };
+    let d = case();
+    force_simt(true);
+    run_cuda::<bf16>(&dev, &d, &grad_starts(&d.p, 1));
+    let forced = FwdPath::Simt("forced (ops::attention::force_simt)");
+    assert_eq!(last_fwd_path(), Some(forced));
+    assert_eq!(dev.attention_checked(), None, "a forced-SIMT call needs no check");
+    // Asked directly, the check still runs the tensor cores (it confirms each call's path), and
+    // the thread's setting and last paths are as they were.
+    assert!(matches!(dev.attention_check().unwrap(), Verdict::TensorCores { cases } if *cases > 0));
+    assert!(simt_forced());
+    assert_eq!((last_fwd_path(), last_bwd_path()), (Some(forced), Some(forced)));
+    force_simt(false);
+}
+
+#[test]
+fn a_wrong_tensor_core_backward_fails_the_check_too() {
+    let Some(dev) = fresh_device("attention::a_wrong_tensor_core_backward_fails_the_check_too") else { return };
+    inject_fault(Fault::TensorCoreBackward);
+    let v = dev.attention_check().unwrap().clone();
+    inject_fault(Fault::None);
+    let Verdict::Simt { why } = v else { panic!("expected the SIMT fallback, got {v:?}") };
+    assert!(why.contains(": dk["), "{why}");
 }
 
 #[test]

@@ -7,8 +7,10 @@
 //! The fused forward (`matmul_epilogue_fwd`) calls `cublasLtMatmul` with a bias / GELU epilogue;
 //! a call cuBLASLt's rules exclude takes the unfused path (`cublasGemmEx`, then the bias and GELU
 //! kernels), and so does every call after any cuBLASLt error in the process. That cuBLASLt call
-//! has not run on a GPU: only the emulated device's semantics and the fallback are tested.
+//! has not run on a GPU: only the emulated device's semantics and the fallback are tested; each
+//! device checks both calls against a host reference before its first product (`self_check.rs`).
 
+use super::self_check::ProductVerdict;
 use super::{check, check_bwd, check_epilogue, pick, Activation, MatmulKernel, MatmulParams, View};
 use crate::backend::Elem;
 use crate::cuda::CudaBuf;
@@ -47,7 +49,7 @@ fn op_ld(v: View) -> (cb::cublasOperation_t, i32) {
 
 impl Cuda {
     /// Row-major `dst[M,N] = alpha * x y (+ dst)`, computed column-major as `dst^T = y^T x^T`.
-    fn gemm_ex<X: CudaElem, D: CudaElem>(
+    pub(super) fn gemm_ex<X: CudaElem, D: CudaElem>(
         &self,
         dst: &mut CudaBuf<D>,
         x: (&CudaBuf<X>, View),
@@ -228,6 +230,15 @@ thread_local! {
 /// Set once any cuBLASLt call fails: every later fused product of the process takes the unfused
 /// path (a wrong cuBLASLt call costs speed, never a result).
 static LT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Remember a cuBLASLt failure for the process, saying so once.
+fn lt_failed(msg: &str) {
+    if !LT_FAILED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "tuna: cuBLASLt fused matmul failed ({msg}); using cublasGemmEx and separate bias/GELU kernels from now on"
+        );
+    }
+}
 
 /// The path the calling thread's last CUDA fused product took (`None` before the first).
 pub fn last_epilogue_path() -> Option<EpiloguePath> {
@@ -444,6 +455,39 @@ impl Cuda {
         .map_err(failed(format!("cublasLtMatmul {m}x{n}x{k}")))
     }
 
+    /// The fused product on this device's fused path (cuBLASLt; on the emulated device its host
+    /// computation of cuBLASLt's semantics), for the device's check: `Ok(true)` where it ran,
+    /// `Ok(false)` where cuBLASLt refused or failed the call (such calls take the unfused path
+    /// anyway; a failure is remembered for the process as in `matmul_epilogue_fwd`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fused_for_check<E: CudaElem>(
+        &self,
+        p: &MatmulParams,
+        act: Activation,
+        a: &CudaBuf<E>,
+        b: &CudaBuf<E>,
+        bias: Option<&CudaBuf<E>>,
+        y: &mut CudaBuf<E>,
+        aux: Option<&mut CudaBuf<E>>,
+    ) -> Result<bool> {
+        let tf32 = self.tf32() && E::NAME == "f32";
+        if self.is_emulated() {
+            emulated_epilogue(p, act, a, b, bias, y, aux, tf32)?;
+            return Ok(true);
+        }
+        if LT_FAILED.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.lt_epilogue(p, act, a, b, bias, y, aux, tf32) {
+            Ok(()) => Ok(true),
+            Err(LtMiss::Refused(_)) => Ok(false),
+            Err(LtMiss::Failed(msg)) => {
+                lt_failed(&msg);
+                Ok(false)
+            }
+        }
+    }
+
     /// The fallback: `cublasGemmEx` (or the emulated GEMM), then the bias and GELU kernels.
     #[allow(clippy::too_many_arguments)]
     fn epilogue_unfused<E: CudaElem>(
@@ -485,6 +529,7 @@ impl Cuda {
 impl<E: CudaElem> MatmulKernel<E> for Cuda {
     fn matmul_fwd(&self, p: &MatmulParams, a: &CudaBuf<E>, b: &CudaBuf<E>, c: &mut CudaBuf<E>) -> Result<()> {
         check(p, a.len(), b.len(), c.len())?;
+        self.checked_products()?;
         self.gemm_ex(c, (a, p.view_a()), (b, p.view_b()), p.alpha, p.accumulate)
     }
 
@@ -499,6 +544,7 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
     ) -> Result<()> {
         let (la, lb) = (a.map(CudaBuf::len), b.map(CudaBuf::len));
         check_bwd(p, la, lb, dc.len(), da.as_deref().map(CudaBuf::len), db.as_deref().map(CudaBuf::len))?;
+        self.checked_products()?;
         if let Some(da) = da {
             let pr = p.grad_a();
             let (x, y) = (pick(pr.x.0, a, b, dc)?, pick(pr.y.0, a, b, dc)?);
@@ -520,6 +566,7 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
         da: &mut CudaBuf<E>,
     ) -> Result<()> {
         check_bwd(p, None, Some(b.len()), dc.len(), Some(da.len()), None)?;
+        self.checked_products()?;
         let pr = p.grad_a();
         let (x, y) = (pick(pr.x.0, None, Some(b), dc)?, pick(pr.y.0, None, Some(b), dc)?);
         self.gemm_ex(da, (x, pr.x.1), (y, pr.y.1), p.alpha, false)
@@ -547,6 +594,9 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
         if FORCE_FALLBACK.with(|c| c.get()) {
             return unfused("forced", y, aux);
         }
+        if let ProductVerdict::Unfused { .. } = self.checked_products()? {
+            return unfused("the fused path failed this device's check", y, aux);
+        }
         if self.is_emulated() {
             record(EpiloguePath::Emulated);
             return emulated_epilogue(p, act, a, b, bias, y, aux, tf32);
@@ -563,9 +613,7 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
             }
             Err(LtMiss::Refused(why)) => unfused(why, y, aux),
             Err(LtMiss::Failed(msg)) => {
-                if !LT_FAILED.swap(true, Ordering::Relaxed) {
-                    eprintln!("tuna: cuBLASLt fused matmul failed ({msg}); using cublasGemmEx and separate bias/GELU kernels from now on");
-                }
+                lt_failed(&msg);
                 unfused("cuBLASLt failed", y, aux)
             }
         }

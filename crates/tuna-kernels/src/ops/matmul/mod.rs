@@ -13,8 +13,11 @@
 
 mod cpu;
 mod cuda;
+pub mod self_check;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_check;
 #[cfg(test)]
 mod tests_epilogue;
 
