@@ -1046,7 +1046,12 @@ mod tests {
         assert!(e.contains("and --precision bf16 on CUDA only: drop --base-precision to train on CUDA, or drop --precision bf16 to train on the CPU (--device cpu)"), "{e}");
         let e = refusal(&["--tf32", "--base-precision", "bf16"]);
         assert!(e.contains("or drop --tf32 to train on the CPU"), "{e}");
+        // Not asked for, CUDA's bf16 mixed precision is the default: the advice says so.
         let e = refusal(&["--base-precision", "bf16"]);
+        assert!(e.contains("on CUDA (--device cuda), training is bf16 mixed precision by default"), "{e}");
+        let e = refusal(&["--precision", "f32", "--base-precision", "bf16"]);
+        assert!(e.contains("runs on the CPU only (--device cuda): use --device cpu, or f32"), "{e}");
+        let e = refusal(&["--base-precision", "int8"]);
         assert!(e.contains("runs on the CPU only (--device cuda): use --device cpu, or f32"), "{e}");
     }
 

@@ -32,10 +32,17 @@ fn the_product_check_passes_on_the_emulated_device_and_fused_products_stay_fused
     let Some(dev) = fresh_device("matmul::the_product_check_passes_on_the_emulated_device") else { return };
     assert_eq!(dev.product_check_state().get(), None);
     let (got, want) = fused_linear(&dev).unwrap();
-    // 15 cublasGemmEx cases (f32, bf16, bf16 into f32) and 6 fused ones (f32, bf16).
+    // 15 cublasGemmEx cases (f32, bf16, bf16 into f32) and 6 fused ones (f32, bf16); on a GPU
+    // cuBLASLt may refuse or fail the fused ones (they then run unfused, and are not counted).
     let v = dev.product_check_state().get().cloned();
-    assert!(matches!(v, Some(ProductVerdict::Agrees { cases: 21, fused: true })), "{v:?}");
-    assert_eq!(last_epilogue_path(), Some(EpiloguePath::Emulated));
+    let Some(ProductVerdict::Agrees { cases, fused }) = v else { panic!("expected agreement, got {v:?}") };
+    let path = last_epilogue_path();
+    if dev.is_emulated() {
+        assert_eq!((cases, fused, path), (21, true, Some(EpiloguePath::Emulated)));
+    } else {
+        assert!(cases >= 15 && (!fused || cases == 21), "{cases} cases, fused {fused}");
+        assert!(!fused || path == Some(EpiloguePath::CublasLt), "{path:?}");
+    }
     Tol::CUDA_F32.assert_close("y", &got, &want);
 }
 
@@ -47,6 +54,14 @@ fn a_failed_fused_product_check_sends_fused_products_to_the_unfused_path() {
     inject_product_fault(ProductFault::Fused);
     let v = dev.product_check().unwrap().clone();
     inject_product_fault(ProductFault::None);
+    if let ProductVerdict::Agrees { fused: false, .. } = v {
+        // A GPU whose cuBLASLt took none of the fused cases: nothing for the fault to corrupt.
+        crate::testing::note_skip(
+            "matmul::a_failed_fused_product_check_sends_fused_products_unfused",
+            "cuBLASLt ran none of the check's fused products on this device",
+        );
+        return;
+    }
     let ProductVerdict::Unfused { why } = v else { panic!("expected the unfused fallback, got {v:?}") };
     assert!(why.starts_with("fused 37x24x29 f32 (x W^T) + bias: y: [5] = "), "{why}");
     let (got, want) = fused_linear(&dev).unwrap();
