@@ -29,7 +29,7 @@ pub fn report() -> String {
         match tuna_kernels::Cuda::new(0) {
             Ok(d) => {
                 let _ = writeln!(s, "  cuda: {} (TUNA_CUDA_EMULATE=1: --device cuda runs there)", d.name());
-                attention_line(&mut s, &d);
+                check_lines(&mut s, &d);
             }
             Err(e) => {
                 let _ = writeln!(s, "  cuda: none: {e}");
@@ -165,7 +165,7 @@ fn avx512() -> bool {
 
 /// The device's attention and product checks (run here if no call has run them): what bf16
 /// attention and the products run on.
-fn attention_line(s: &mut String, d: &tuna_kernels::Cuda) {
+fn check_lines(s: &mut String, d: &tuna_kernels::Cuda) {
     let line = match d.attention_check() {
         Ok(v) => v.describe(),
         Err(e) => format!("the tensor-core attention's check could not run: {e}"),
@@ -186,7 +186,7 @@ fn cuda_devices(s: &mut String) {
                 match tuna_kernels::Cuda::new(i) {
                     Ok(d) => {
                         let _ = writeln!(s, "  cuda:{i}: {} (sm_{})", d.name(), d.arch());
-                        attention_line(s, &d);
+                        check_lines(s, &d);
                     }
                     Err(e) => {
                         let _ = writeln!(s, "  cuda:{i}: present but cannot be opened: {e}");
