@@ -462,7 +462,8 @@ pub struct RunArgs {
     /// activations and frozen weights, f32 master weights, gradients and AdamW moments for what
     /// trains. The CPU computes in f32 (its bf16 frozen base is --base-precision bf16). Default: bf16
     /// on CUDA (f32 with --tf32, for the prompt-engineered baseline and for --train-patterns), f32 on
-    /// the CPU; a resumed run continues in the precision its checkpoint was trained in.
+    /// the CPU; a run resumed on CUDA without --tf32 continues in the precision its checkpoint was
+    /// trained in (a bf16 run resumed on the CPU or with --tf32 is refused by name).
     #[arg(long, value_name = "f32|bf16")]
     pub precision: Option<tuna_trainer::Precision>,
 }

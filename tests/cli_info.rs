@@ -69,7 +69,7 @@ fn info_reports_devices_and_kernels() {
         let checked = "attention: tensor-core attention checked against the CPU on this device (9 cases";
         assert!(!emulated || s.contains(checked), "{s}");
         let products =
-            "products: cublasGemmEx and the fused cuBLASLt epilogues checked against the host on this device (21";
+            "products: cublasGemmEx and the fused cuBLASLt epilogues checked against the host on this device (27";
         assert!(!emulated || s.contains(products), "{s}");
     } else if tuna_kernels::cuda::probe().is_err() {
         assert!(s.contains("cuda: none") && s.contains("default device (auto): cpu"), "{s}");

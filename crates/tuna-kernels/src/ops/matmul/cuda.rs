@@ -457,8 +457,8 @@ impl Cuda {
 
     /// The fused product on this device's fused path (cuBLASLt; on the emulated device its host
     /// computation of cuBLASLt's semantics), for the device's check: `Ok(true)` where it ran,
-    /// `Ok(false)` where cuBLASLt refused or failed the call (such calls take the unfused path
-    /// anyway; a failure is remembered for the process as in `matmul_epilogue_fwd`).
+    /// `Ok(false)` where cuBLASLt refused or failed the call (not remembered for the process: the
+    /// check's verdict then keeps the device's fused products on the unfused path).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fused_for_check<E: CudaElem>(
         &self,
@@ -478,14 +478,7 @@ impl Cuda {
         if LT_FAILED.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        match self.lt_epilogue(p, act, a, b, bias, y, aux, tf32) {
-            Ok(()) => Ok(true),
-            Err(LtMiss::Refused(_)) => Ok(false),
-            Err(LtMiss::Failed(msg)) => {
-                lt_failed(&msg);
-                Ok(false)
-            }
-        }
+        Ok(self.lt_epilogue(p, act, a, b, bias, y, aux, tf32).is_ok())
     }
 
     /// The fallback: `cublasGemmEx` (or the emulated GEMM), then the bias and GELU kernels.
@@ -591,11 +584,13 @@ impl<E: CudaElem> MatmulKernel<E> for Cuda {
             record(EpiloguePath::Unfused(why));
             self.epilogue_unfused(p, act, a, b, bias, y, aux)
         };
-        if FORCE_FALLBACK.with(|c| c.get()) {
-            return unfused("forced", y, aux);
-        }
-        if let ProductVerdict::Unfused { .. } = self.checked_products()? {
-            return unfused("the fused path failed this device's check", y, aux);
+        match self.checked_products()? {
+            _ if FORCE_FALLBACK.with(|c| c.get()) => return unfused("forced", y, aux),
+            ProductVerdict::Unfused { .. } => return unfused("the fused path failed this device's check", y, aux),
+            ProductVerdict::Agrees { fused: false, .. } => {
+                return unfused("cuBLASLt did not run this device's check", y, aux)
+            }
+            _ => {}
         }
         if self.is_emulated() {
             record(EpiloguePath::Emulated);

@@ -9,7 +9,8 @@
 //! [`MatmulKernel::matmul_epilogue_fwd`] is the forward with a fused epilogue, `act(op(A) op(B) +
 //! bias)` (act none or GELU-tanh, the pre-activation kept when asked): CPU the GEMM and one pass;
 //! CUDA cuBLASLt's bias / GELU-aux-bias epilogues, falling back to `cublasGemmEx` and the bias and
-//! GELU kernels ([`last_epilogue_path`]).
+//! GELU kernels ([`last_epilogue_path`]). Each CUDA device checks both against a host reference
+//! before its first product ([`self_check`]).
 
 mod cpu;
 mod cuda;
@@ -180,8 +181,9 @@ pub trait MatmulKernel<E: Elem>: Backend {
     /// CPU: the GEMM, then one parallel pass over the output in blocks adding the bias and applying
     /// the activation (the same bits as `matmul_fwd`, `add_bias_inplace` and `gelu_fwd` in turn).
     /// CUDA: `cublasLtMatmul` with a bias / GELU-aux-bias epilogue where cuBLASLt takes the call,
-    /// else (and for the rest of the process after any cuBLASLt error) `cublasGemmEx` and the
-    /// bias and GELU kernels; [`last_epilogue_path`] says which ran. The emulated device computes
+    /// else (for the rest of the process after any cuBLASLt error, and on a device whose check
+    /// found the fused path wrong or could not run it) `cublasGemmEx` and the bias and GELU
+    /// kernels; [`last_epilogue_path`] says which ran. The emulated device computes
     /// the epilogue on the f32 accumulator and rounds once to `E`, as cuBLASLt does.
     #[allow(clippy::too_many_arguments)]
     fn matmul_epilogue_fwd(

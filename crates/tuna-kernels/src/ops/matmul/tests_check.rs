@@ -2,7 +2,7 @@
 //! are the host semantics it checks) and leaves fused products on the fused path; with the fused
 //! results corrupted (`ProductFault::Fused`), fused products take the unfused path and still match
 //! the CPU; with `cublasGemmEx`'s corrupted, every product on the device is refused. Each test
-//! opens its own device (the verdict is per device) and runs in its own process (nextest).
+//! opens its own device (the verdict is per device); the faults are the calling thread's.
 
 use super::self_check::{inject_product_fault, ProductFault, ProductVerdict};
 use super::*;
@@ -32,16 +32,18 @@ fn the_product_check_passes_on_the_emulated_device_and_fused_products_stay_fused
     let Some(dev) = fresh_device("matmul::the_product_check_passes_on_the_emulated_device") else { return };
     assert_eq!(dev.product_check_state().get(), None);
     let (got, want) = fused_linear(&dev).unwrap();
-    // 15 cublasGemmEx cases (f32, bf16, bf16 into f32) and 6 fused ones (f32, bf16); on a GPU
-    // cuBLASLt may refuse or fail the fused ones (they then run unfused, and are not counted).
+    // 15 cublasGemmEx cases (f32, bf16, bf16 into f32) and 12 fused ones (f32, bf16; both weight
+    // layouts); on a GPU cuBLASLt may refuse or fail fused ones (not counted; fused products
+    // then run unfused).
     let v = dev.product_check_state().get().cloned();
     let Some(ProductVerdict::Agrees { cases, fused }) = v else { panic!("expected agreement, got {v:?}") };
     let path = last_epilogue_path();
     if dev.is_emulated() {
-        assert_eq!((cases, fused, path), (21, true, Some(EpiloguePath::Emulated)));
+        assert_eq!((cases, fused, path), (27, true, Some(EpiloguePath::Emulated)));
     } else {
-        assert!(cases >= 15 && (!fused || cases == 21), "{cases} cases, fused {fused}");
-        assert!(!fused || path == Some(EpiloguePath::CublasLt), "{path:?}");
+        assert!(cases >= 15 && (!fused || cases == 27), "{cases} cases, fused {fused}");
+        let unfused = EpiloguePath::Unfused("cuBLASLt did not run this device's check");
+        assert_eq!(path, Some(if fused { EpiloguePath::CublasLt } else { unfused }));
     }
     Tol::CUDA_F32.assert_close("y", &got, &want);
 }
@@ -63,7 +65,7 @@ fn a_failed_fused_product_check_sends_fused_products_to_the_unfused_path() {
         return;
     }
     let ProductVerdict::Unfused { why } = v else { panic!("expected the unfused fallback, got {v:?}") };
-    assert!(why.starts_with("fused 37x24x29 f32 (x W^T) + bias: y: [5] = "), "{why}");
+    assert!(why.starts_with("fused 37x24x40 f32 (x W^T, W [out, in]) + bias: y: [5] = "), "{why}");
     let (got, want) = fused_linear(&dev).unwrap();
     assert_eq!(last_epilogue_path(), Some(EpiloguePath::Unfused("the fused path failed this device's check")));
     Tol::CUDA_F32.assert_close("y", &got, &want);
@@ -78,7 +80,7 @@ fn products_are_refused_where_cublas_gemm_ex_fails_the_check() {
     let e = fused_linear(&dev).unwrap_err().to_string();
     inject_product_fault(ProductFault::None);
     assert!(
-        e.contains("the device's product check failed: cublasGemmEx 37x24x29 f32 into f32, A B, alpha 1: [5]"),
+        e.contains("the device's product check failed: cublasGemmEx 37x24x40 f32 into f32, A B, alpha 1: [5]"),
         "{e}"
     );
     // Every product is refused from then on, the plain ones too.
