@@ -242,21 +242,17 @@ impl Cuda {
     /// which the first call that would take the tensor cores runs (`fwd`: this call's direction is
     /// the forward); an error where the check refused attention on this device.
     fn checked_plan<E: Elem>(&self, p: &AttnParams, fwd: bool) -> Result<(FwdPath, BwdPath)> {
-        if self_check::in_check() {
-            return Ok(self.planned::<E>(p));
+        // (`attention_checked` is `None` while this thread runs the check: its calls pass.)
+        if !self_check::in_check() && self.attention_checked().is_none() {
+            let (f, b) = self.planned::<E>(p);
+            if if fwd { f } else { b } == FwdPath::TensorCore {
+                self.attention_check()?;
+            }
         }
-        let plan = self.planned::<E>(p);
-        let tc = if fwd { plan.0 } else { plan.1 } == FwdPath::TensorCore;
-        let verdict = match self.attention_checked() {
-            Some(v) => Some(v),
-            None if tc => Some(self.attention_check()?),
-            None => None,
-        };
-        match verdict {
-            Some(Verdict::Refused { why }) => Err(self_check::refused(self, why)),
-            Some(_) => Ok(self.planned::<E>(p)),
-            None => Ok(plan),
+        if let Some(Verdict::Refused { why }) = self.attention_checked() {
+            return Err(self_check::refused(self, why));
         }
+        Ok(self.planned::<E>(p))
     }
 }
 
